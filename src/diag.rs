@@ -1,0 +1,154 @@
+//! Diagnostics for configuration and policy files: every problem at once, each as
+//! `file:line:col: message`, nothing applied partially.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A loaded source file, kept so byte spans can be turned into `line:col`.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub path: Arc<Path>,
+    pub text: Arc<str>,
+    line_starts: Arc<[usize]>,
+}
+
+impl Source {
+    pub fn new(path: impl Into<PathBuf>, text: impl Into<Arc<str>>) -> Self {
+        let text: Arc<str> = text.into();
+        let line_starts =
+            std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        Self { path: Arc::from(path.into()), text, line_starts }
+    }
+
+    /// Reads a file. An unreadable file becomes a diagnostic at `1:1`.
+    pub fn read(path: &Path) -> Result<Self, Diagnostic> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Ok(Self::new(path, text)),
+            Err(e) => Err(Diagnostic::at_path(path, format!("cannot read file: {e}"))),
+        }
+    }
+
+    /// 1-based line and column (in characters) of a byte offset.
+    pub fn line_col(&self, offset: usize) -> (u32, u32) {
+        let offset = offset.min(self.text.len());
+        let line = match self.line_starts.binary_search(&offset) {
+            Ok(i) => i,
+            Err(i) => i.saturating_sub(1),
+        };
+        let start = self.line_starts.get(line).copied().unwrap_or(0);
+        let col = self.text.get(start..offset).map_or(0, |s| s.chars().count());
+        (line as u32 + 1, col as u32 + 1)
+    }
+
+    /// A diagnostic pointing at the start of `span`.
+    pub fn error(&self, span: Option<Range<usize>>, message: impl Into<String>) -> Diagnostic {
+        let (line, col) = span.map_or((1, 1), |s| self.line_col(s.start));
+        Diagnostic { file: self.path.clone(), line, col, message: message.into() }
+    }
+
+    /// The diagnostic for a TOML syntax or shape error from the `toml` crate.
+    pub fn toml_error(&self, err: &toml::de::Error) -> Diagnostic {
+        // The toml crate appends a rendered snippet to its Display; keep only the message.
+        self.error(err.span(), err.message().trim().to_string())
+    }
+}
+
+/// One problem in one file, at one place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: Arc<Path>,
+    pub line: u32,
+    pub col: u32,
+    pub message: String,
+}
+
+impl Diagnostic {
+    pub fn at_path(path: &Path, message: impl Into<String>) -> Self {
+        Self { file: Arc::from(path), line: 1, col: 1, message: message.into() }
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)
+    }
+}
+
+/// Collects every diagnostic; compilation succeeds only when none were pushed.
+#[derive(Debug, Default)]
+pub struct Diagnostics {
+    items: Vec<Diagnostic>,
+}
+
+impl Diagnostics {
+    pub fn push(&mut self, d: Diagnostic) {
+        self.items.push(d);
+    }
+    pub fn extend(&mut self, other: Diagnostics) {
+        self.items.extend(other.items);
+    }
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.items.iter()
+    }
+    /// Sorted by file, line, column, so output is stable and reads top to bottom.
+    pub fn into_sorted(mut self) -> Vec<Diagnostic> {
+        self.items.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
+        self.items.dedup();
+        self.items
+    }
+}
+
+/// The error returned when loading failed: every diagnostic, sorted.
+#[derive(Debug, thiserror::Error)]
+#[error("{} problem(s):\n{}", .0.len(), DisplayList(.0))]
+pub struct LoadError(pub Vec<Diagnostic>);
+
+struct DisplayList<'a>(&'a [Diagnostic]);
+impl fmt::Display for DisplayList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for d in self.0 {
+            writeln!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_from_one_and_in_chars() {
+        let s = Source::new("a.toml", "x = 1\ny = \"é\" z\n");
+        assert_eq!(s.line_col(0), (1, 1));
+        assert_eq!(s.line_col(4), (1, 5));
+        assert_eq!(s.line_col(6), (2, 1));
+        // 'z' comes after a two-byte character: column counts characters, not bytes.
+        let z = s.text.find('z').unwrap_or(0);
+        assert_eq!(s.line_col(z), (2, 10));
+        assert_eq!(s.error(Some(6..7), "bad").to_string(), "a.toml:2:1: bad");
+    }
+
+    #[test]
+    fn toml_errors_point_at_the_offending_key() {
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct T {
+            a: u32,
+        }
+        let s = Source::new("t.toml", "a = 1\naudiance = 2\n");
+        let err = toml::from_str::<T>(&s.text).err();
+        let d = err.map(|e| s.toml_error(&e));
+        let d = d.map(|d| (d.line, d.col, d.message.contains("audiance")));
+        assert_eq!(d, Some((2, 1, true)));
+    }
+}

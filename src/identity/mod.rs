@@ -1,0 +1,324 @@
+//! Who is calling: credential extraction, issuer registry, JWKS cache, JWT verification.
+//!
+//! The output of this module is an [`Identity`]: verified, typed, with CI claims of
+//! Bitbucket Pipelines, GitHub Actions and GitLab CI normalized into one [`CiContext`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// The configured name of an issuer (`[issuers.NAME]`), not its URL.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct IssuerId(pub Arc<str>);
+
+impl IssuerId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for IssuerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What kind of principal a token speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrincipalKind {
+    Human,
+    Pipeline,
+    Service,
+}
+
+/// Which provider's claim vocabulary an issuer speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    BitbucketPipelines,
+    GithubActions,
+    GitlabCi,
+    /// Any other OpenID provider (Okta, Google, Entra, Keycloak, oidc-provider, ...).
+    Oidc,
+}
+
+impl Preset {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "bitbucket-pipelines" => Preset::BitbucketPipelines,
+            "github-actions" => Preset::GithubActions,
+            "gitlab-ci" => Preset::GitlabCi,
+            "oidc" => Preset::Oidc,
+            _ => return None,
+        })
+    }
+    pub const fn name(self) -> &'static str {
+        match self {
+            Preset::BitbucketPipelines => "bitbucket-pipelines",
+            Preset::GithubActions => "github-actions",
+            Preset::GitlabCi => "gitlab-ci",
+            Preset::Oidc => "oidc",
+        }
+    }
+    /// Whether anyone on the platform can mint a token from this issuer, so that a rule
+    /// must pin a repository, workspace or owner (V22). Every CI preset is: GitHub and
+    /// gitlab.com are shared by everyone, a Bitbucket workspace issuer by every
+    /// repository in the workspace, and a self-managed GitLab by every project on it.
+    pub const fn is_shared(self) -> bool {
+        !matches!(self, Preset::Oidc)
+    }
+    pub const fn default_kind(self) -> PrincipalKind {
+        match self {
+            Preset::Oidc => PrincipalKind::Human,
+            _ => PrincipalKind::Pipeline,
+        }
+    }
+}
+
+/// Which kind of JWT an issuer's tokens must be (RFC 8725 §3.11, RFC 9068).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TokenType {
+    /// ID tokens and CI tokens: `typ` absent or `JWT`; `at+jwt` rejected.
+    Id,
+    /// RFC 9068 access tokens: `typ` must be `at+jwt`.
+    Access,
+}
+
+/// JWS algorithms the proxy can verify. `none` and `HS*` are unrepresentable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum Algorithm {
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    PS384,
+    PS512,
+    ES256,
+    ES384,
+    EdDSA,
+}
+
+impl Algorithm {
+    /// Exact, case-sensitive (V4).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "RS256" => Algorithm::RS256,
+            "RS384" => Algorithm::RS384,
+            "RS512" => Algorithm::RS512,
+            "PS256" => Algorithm::PS256,
+            "PS384" => Algorithm::PS384,
+            "PS512" => Algorithm::PS512,
+            "ES256" => Algorithm::ES256,
+            "ES384" => Algorithm::ES384,
+            "EdDSA" => Algorithm::EdDSA,
+            _ => return None,
+        })
+    }
+    pub const fn name(self) -> &'static str {
+        match self {
+            Algorithm::RS256 => "RS256",
+            Algorithm::RS384 => "RS384",
+            Algorithm::RS512 => "RS512",
+            Algorithm::PS256 => "PS256",
+            Algorithm::PS384 => "PS384",
+            Algorithm::PS512 => "PS512",
+            Algorithm::ES256 => "ES256",
+            Algorithm::ES384 => "ES384",
+            Algorithm::EdDSA => "EdDSA",
+        }
+    }
+    /// The JWK `kty` this algorithm's keys must have (V5).
+    pub const fn key_type(self) -> &'static str {
+        match self {
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512 => "RSA",
+            Algorithm::ES256 | Algorithm::ES384 => "EC",
+            Algorithm::EdDSA => "OKP",
+        }
+    }
+}
+
+/// An issuer as configured, compiled from `[issuers.NAME]`. Plain data; the
+/// [`Verifier`](verify::Verifier) owns the live key state.
+#[derive(Debug, Clone)]
+pub struct IssuerSettings {
+    pub id: IssuerId,
+    pub preset: Preset,
+    /// The exact `iss` value (V6, V13).
+    pub issuer: String,
+    /// Where the discovery document lives; default `<issuer>/.well-known/openid-configuration`.
+    pub discovery_url: String,
+    /// At least one must be in the token's `aud` (V14).
+    pub audiences: Vec<String>,
+    /// Allowlist (V4); never empty.
+    pub algorithms: Vec<Algorithm>,
+    /// Clock skew tolerance (V19); at most 300 s.
+    pub leeway: Duration,
+    /// Reject tokens whose `iat` is older than this (V18).
+    pub max_token_age: Option<Duration>,
+    pub kind: PrincipalKind,
+    pub token_type: TokenType,
+    /// For human ID tokens: `azp`, when present, must equal this (V15).
+    pub client_id: Option<String>,
+    /// Google Workspace: require `hd` == this and `email_verified` == true (V24).
+    pub hosted_domain: Option<String>,
+    /// Claim holding group names (default `groups`).
+    pub groups_claim: String,
+    /// Extra trust anchors for the discovery and JWKS fetches (PEM file).
+    pub ca_file: Option<PathBuf>,
+    /// Allow `http://` discovery/JWKS URLs; only honoured for loopback hosts.
+    pub insecure_http: bool,
+    /// Serve the last good key set this long after fetches start failing (§11.7).
+    pub stale_window: Duration,
+    /// At most one refresh per this interval on an unknown `kid` (§11.3).
+    pub refresh_cooldown: Duration,
+}
+
+/// A verified caller. Built only by the verifier (or the session layer), never from
+/// unverified input.
+#[derive(Debug, Clone, Serialize)]
+pub struct Identity {
+    /// The configured issuer name.
+    pub issuer: IssuerId,
+    pub subject: String,
+    pub kind: PrincipalKind,
+    pub email: Option<String>,
+    /// `email_verified == true` in the token (typed, never coerced; V21).
+    pub email_verified: bool,
+    pub groups: Vec<String>,
+    /// False when the provider signalled group overage (Entra `_claim_names`; V25):
+    /// group rules then fail closed with `groups-unknown`.
+    pub groups_known: bool,
+    /// Unix seconds.
+    pub expires_at: u64,
+    pub issued_at: Option<u64>,
+    pub ci: Option<CiContext>,
+    /// Every verified payload claim, for `claims = { ... }` policy matchers.
+    #[serde(skip)]
+    pub claims: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Identity {
+    /// `issuer/subject`: the namespaced principal id used in logs.
+    pub fn principal(&self) -> String {
+        format!("{}/{}", self.issuer, self.subject)
+    }
+}
+
+/// CI claims of all three providers in one vocabulary, so one audit schema and one
+/// policy language cover them. Raw claims stay matchable through `claims`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CiContext {
+    pub provider: &'static str,
+    /// Bitbucket `workspaceUuid`, GitHub `repository_owner`, GitLab `namespace_path`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
+    /// Immutable owner id: Bitbucket `workspaceUuid`, GitHub `repository_owner_id`,
+    /// GitLab `namespace_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workspace_id: Option<String>,
+    /// Bitbucket `repositoryUuid`, GitHub `repository` (`owner/name`), GitLab `project_path`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// Immutable repository id: Bitbucket `repositoryUuid`, GitHub `repository_id`,
+    /// GitLab `project_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repository_id: Option<String>,
+    /// Branch name when the ref is a branch (`main`, not `refs/heads/main`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// Tag name when the ref is a tag.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Full git ref (`refs/heads/main`).
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    /// Bitbucket `deploymentEnvironmentUuid`, GitHub/GitLab `environment`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// Bitbucket `pipelineUuid`, GitHub `workflow_ref`, GitLab `ci_config_ref_uri`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<String>,
+    /// Bitbucket `pipelineRunUuid`, GitHub `run_id`-`run_attempt`, GitLab `pipeline_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+    /// Bitbucket `stepUuid`, GitHub `job_workflow_ref`, GitLab `job_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// GitHub `actor`, GitLab `user_login`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+}
+
+impl CiContext {
+    /// The normalized field names policy `ci = { ... }` matchers may use.
+    pub const FIELDS: &'static [&'static str] = &[
+        "workspace",
+        "workspace_id",
+        "repository",
+        "repository_id",
+        "branch",
+        "tag",
+        "ref",
+        "environment",
+        "commit",
+        "pipeline",
+        "run",
+        "step",
+        "actor",
+    ];
+
+    /// A normalized field by name (one of [`CiContext::FIELDS`]).
+    pub fn field(&self, name: &str) -> Option<&str> {
+        match name {
+            "workspace" => self.workspace.as_deref(),
+            "workspace_id" => self.workspace_id.as_deref(),
+            "repository" => self.repository.as_deref(),
+            "repository_id" => self.repository_id.as_deref(),
+            "branch" => self.branch.as_deref(),
+            "tag" => self.tag.as_deref(),
+            "ref" => self.git_ref.as_deref(),
+            "environment" => self.environment.as_deref(),
+            "commit" => self.commit.as_deref(),
+            "pipeline" => self.pipeline.as_deref(),
+            "run" => self.run.as_deref(),
+            "step" => self.step.as_deref(),
+            "actor" => self.actor.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// A rejected credential: the stable reason for responses and metrics, and a detail
+/// for the log only. The detail never contains the token or any part of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthError {
+    pub reason: crate::reason::Reason,
+    pub detail: std::borrow::Cow<'static, str>,
+}
+
+impl AuthError {
+    pub fn new(
+        reason: crate::reason::Reason,
+        detail: impl Into<std::borrow::Cow<'static, str>>,
+    ) -> Self {
+        Self { reason, detail: detail.into() }
+    }
+}
+
+impl std::fmt::Display for AuthError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason, self.detail)
+    }
+}

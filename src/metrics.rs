@@ -1,0 +1,222 @@
+//! Process-wide counters, exposed in Prometheus text format by the admin listener.
+//!
+//! Plain atomics: a counter increment on the request path is one relaxed `fetch_add`.
+//! Labelled families keep a small map behind a read-mostly lock, keyed by `Copy` data
+//! so a lookup allocates nothing.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::RwLock;
+
+/// A labelled counter family.
+#[derive(Debug)]
+pub struct Family<K: Eq + Hash + Clone> {
+    map: RwLock<HashMap<K, Arc<AtomicU64>>>,
+}
+
+impl<K: Eq + Hash + Clone> Default for Family<K> {
+    fn default() -> Self {
+        Self { map: RwLock::new(HashMap::new()) }
+    }
+}
+
+impl<K: Eq + Hash + Clone> Family<K> {
+    pub fn inc(&self, key: &K) {
+        self.add(key, 1);
+    }
+    pub fn add(&self, key: &K, n: u64) {
+        if let Some(c) = self.map.read().get(key) {
+            c.fetch_add(n, Ordering::Relaxed);
+            return;
+        }
+        self.map.write().entry(key.clone()).or_default().fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self, key: &K) -> u64 {
+        self.map.read().get(key).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+    pub fn snapshot(&self) -> Vec<(K, u64)> {
+        self.map.read().iter().map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed))).collect()
+    }
+}
+
+/// Latency buckets in seconds (upper bounds), chosen around a proxy's sub-millisecond
+/// overhead and typical upstream latencies.
+pub const LATENCY_BUCKETS: [f64; 12] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+/// A fixed-bucket histogram.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Labels of `portcullis_requests_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RequestKey {
+    pub route: Arc<str>,
+    pub decision: &'static str,
+    pub reason: &'static str,
+    pub status: u16,
+}
+
+/// Every metric the proxy exports.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub requests: Family<RequestKey>,
+    pub latency: RwLock<HashMap<Arc<str>, Arc<Histogram>>>,
+    /// Token verifications by result reason code (`allowed` = verified).
+    pub token_verifications: Family<&'static str>,
+    pub token_cache_hits: AtomicU64,
+    /// JWKS fetches by (issuer, outcome: ok|error).
+    pub jwks_refreshes: Family<(Arc<str>, &'static str)>,
+    /// Config reloads by outcome (ok|error).
+    pub config_reloads: Family<&'static str>,
+    /// Shadow-policy disagreements by route.
+    pub shadow_disagreements: Family<Arc<str>>,
+    pub connections_open: AtomicU64,
+}
+
+impl Metrics {
+    pub fn latency_for(&self, route: &Arc<str>) -> Arc<Histogram> {
+        if let Some(h) = self.latency.read().get(route) {
+            return h.clone();
+        }
+        self.latency.write().entry(route.clone()).or_default().clone()
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let _ = writeln!(
+            out,
+            "# HELP portcullis_requests_total Requests by route, decision, reason and status."
+        );
+        let _ = writeln!(out, "# TYPE portcullis_requests_total counter");
+        let mut reqs = self.requests.snapshot();
+        reqs.sort_by(|a, b| {
+            (&a.0.route, a.0.status, a.0.reason).cmp(&(&b.0.route, b.0.status, b.0.reason))
+        });
+        for (k, v) in reqs {
+            let _ = writeln!(
+                out,
+                "portcullis_requests_total{{route=\"{}\",decision=\"{}\",reason=\"{}\",status=\"{}\"}} {v}",
+                escape(&k.route), k.decision, k.reason, k.status
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP portcullis_request_duration_seconds Time from request head to response head."
+        );
+        let _ = writeln!(out, "# TYPE portcullis_request_duration_seconds histogram");
+        let mut lat: Vec<_> =
+            self.latency.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        lat.sort_by(|a, b| a.0.cmp(&b.0));
+        for (route, h) in lat {
+            let route = escape(&route);
+            let mut cum = 0;
+            for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+                cum += h.buckets[i].load(Ordering::Relaxed);
+                let _ = writeln!(out, "portcullis_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {cum}");
+            }
+            let count = h.count.load(Ordering::Relaxed);
+            let _ = writeln!(out, "portcullis_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {count}");
+            let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+            let _ =
+                writeln!(out, "portcullis_request_duration_seconds_sum{{route=\"{route}\"}} {sum}");
+            let _ = writeln!(
+                out,
+                "portcullis_request_duration_seconds_count{{route=\"{route}\"}} {count}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP portcullis_token_verifications_total Bearer token verifications by result."
+        );
+        let _ = writeln!(out, "# TYPE portcullis_token_verifications_total counter");
+        let mut tv = self.token_verifications.snapshot();
+        tv.sort();
+        for (k, v) in tv {
+            let _ = writeln!(out, "portcullis_token_verifications_total{{result=\"{k}\"}} {v}");
+        }
+        let _ = writeln!(out, "# HELP portcullis_token_cache_hits_total Requests served from the verified-token cache.");
+        let _ = writeln!(out, "# TYPE portcullis_token_cache_hits_total counter");
+        let _ = writeln!(
+            out,
+            "portcullis_token_cache_hits_total {}",
+            self.token_cache_hits.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP portcullis_jwks_refreshes_total JWKS fetches by issuer and outcome."
+        );
+        let _ = writeln!(out, "# TYPE portcullis_jwks_refreshes_total counter");
+        let mut jr = self.jwks_refreshes.snapshot();
+        jr.sort();
+        for ((iss, outcome), v) in jr {
+            let _ = writeln!(
+                out,
+                "portcullis_jwks_refreshes_total{{issuer=\"{}\",outcome=\"{outcome}\"}} {v}",
+                escape(&iss)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP portcullis_config_reloads_total Configuration reloads by outcome."
+        );
+        let _ = writeln!(out, "# TYPE portcullis_config_reloads_total counter");
+        for outcome in ["ok", "error"] {
+            let _ = writeln!(
+                out,
+                "portcullis_config_reloads_total{{outcome=\"{outcome}\"}} {}",
+                self.config_reloads.get(&outcome)
+            );
+        }
+        let _ = writeln!(out, "# HELP portcullis_shadow_disagreements_total Requests where the shadow policy decided differently.");
+        let _ = writeln!(out, "# TYPE portcullis_shadow_disagreements_total counter");
+        let mut sd = self.shadow_disagreements.snapshot();
+        sd.sort();
+        for (route, v) in sd {
+            let _ = writeln!(
+                out,
+                "portcullis_shadow_disagreements_total{{route=\"{}\"}} {v}",
+                escape(&route)
+            );
+        }
+        let _ =
+            writeln!(out, "# HELP portcullis_connections_open Client connections currently open.");
+        let _ = writeln!(out, "# TYPE portcullis_connections_open gauge");
+        let _ = writeln!(
+            out,
+            "portcullis_connections_open {}",
+            self.connections_open.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The process-wide registry.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::default)
+}

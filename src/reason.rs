@@ -1,0 +1,196 @@
+//! Stable reason codes: one closed enum used in responses, audit events and metrics.
+//!
+//! The *code* (kebab-case) is precise and goes to the log. The *public code* is what a
+//! client may learn: coarse enough that a rejected caller cannot probe which check failed.
+
+use http::StatusCode;
+
+/// Why a request was allowed or rejected. Codes never change once published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// A policy rule allowed the request.
+    Allowed,
+    /// Served by the proxy itself (JWKS of the upstream assertion, for example).
+    Internal,
+    /// No route matches host + path (+ method).
+    NoRoute,
+    /// TLS SNI names a different host than the request's authority.
+    MisdirectedRequest,
+    /// The path is ambiguous: encoded slash or backslash, `..` or `.` segment, `..;`, NUL.
+    AmbiguousPath,
+    /// The request is malformed in a way that is not about the path.
+    BadRequest,
+    /// More than one credential was presented (two Authorization headers, cookie + bearer).
+    AmbiguousCredentials,
+    /// No bearer token on a route that needs one.
+    MissingToken,
+    /// Not a compact JWS, bad base64url, bad JSON, duplicate members, oversized.
+    MalformedToken,
+    /// The header names an algorithm outside the issuer's allowlist (or `none`/`HS*`).
+    DisallowedAlgorithm,
+    /// The header carries something the proxy refuses: `crit`, `jku`, `x5u`, `jwk`, `x5c`, `cty`.
+    ForbiddenHeader,
+    /// `typ` says this is the wrong kind of token for the issuer (e.g. `at+jwt` as an ID token).
+    WrongTokenType,
+    /// `iss` matches no configured issuer. Nothing is fetched.
+    UnknownIssuer,
+    /// The issuer's keys are not loaded (never fetched, or stale beyond the window).
+    IssuerUnavailable,
+    /// No key with the token's `kid`, even after one refresh.
+    UnknownKey,
+    /// The signature does not verify.
+    InvalidSignature,
+    /// `exp` is in the past (beyond leeway).
+    TokenExpired,
+    /// `nbf` is in the future (beyond leeway).
+    TokenNotYetValid,
+    /// `iat` is in the future, or older than the issuer's max token age.
+    TokenIssuedAt,
+    /// `aud` does not contain a configured audience.
+    AudienceMismatch,
+    /// `azp` is wrong or missing where required.
+    AuthorizedPartyMismatch,
+    /// A required claim is missing or has the wrong JSON type.
+    InvalidClaims,
+    /// The token was already used on a route that demands single use.
+    TokenReplayed,
+    /// Explicitly denied by a `deny` rule.
+    DeniedByRule,
+    /// No allow rule matched (default deny).
+    PolicyDenied,
+    /// A group rule could not be evaluated because the token signals group overage.
+    GroupsUnknown,
+    /// The request body exceeded the route's limit.
+    PayloadTooLarge,
+    /// The upstream could not be reached or failed mid-response.
+    UpstreamUnavailable,
+    /// The upstream did not answer within the route's timeout.
+    UpstreamTimeout,
+    /// The proxy failed in a way that is its own fault.
+    InternalError,
+}
+
+impl Reason {
+    /// The precise, stable kebab-case code used in logs and metrics.
+    pub const fn code(self) -> &'static str {
+        match self {
+            Reason::Allowed => "allowed",
+            Reason::Internal => "internal",
+            Reason::NoRoute => "no-route",
+            Reason::MisdirectedRequest => "misdirected-request",
+            Reason::AmbiguousPath => "ambiguous-path",
+            Reason::BadRequest => "bad-request",
+            Reason::AmbiguousCredentials => "ambiguous-credentials",
+            Reason::MissingToken => "missing-token",
+            Reason::MalformedToken => "malformed-token",
+            Reason::DisallowedAlgorithm => "disallowed-algorithm",
+            Reason::ForbiddenHeader => "forbidden-header",
+            Reason::WrongTokenType => "wrong-token-type",
+            Reason::UnknownIssuer => "unknown-issuer",
+            Reason::IssuerUnavailable => "issuer-unavailable",
+            Reason::UnknownKey => "unknown-key",
+            Reason::InvalidSignature => "invalid-signature",
+            Reason::TokenExpired => "token-expired",
+            Reason::TokenNotYetValid => "token-not-yet-valid",
+            Reason::TokenIssuedAt => "token-issued-at",
+            Reason::AudienceMismatch => "audience-mismatch",
+            Reason::AuthorizedPartyMismatch => "authorized-party-mismatch",
+            Reason::InvalidClaims => "invalid-claims",
+            Reason::TokenReplayed => "token-replayed",
+            Reason::DeniedByRule => "denied-by-rule",
+            Reason::PolicyDenied => "policy-denied",
+            Reason::GroupsUnknown => "groups-unknown",
+            Reason::PayloadTooLarge => "payload-too-large",
+            Reason::UpstreamUnavailable => "upstream-unavailable",
+            Reason::UpstreamTimeout => "upstream-timeout",
+            Reason::InternalError => "internal-error",
+        }
+    }
+
+    /// The code a client sees. Every token problem collapses into `invalid-token` so a
+    /// caller cannot probe which check failed; the log keeps [`Reason::code`].
+    pub const fn public_code(self) -> &'static str {
+        match self {
+            Reason::MalformedToken
+            | Reason::DisallowedAlgorithm
+            | Reason::ForbiddenHeader
+            | Reason::WrongTokenType
+            | Reason::UnknownIssuer
+            | Reason::IssuerUnavailable
+            | Reason::UnknownKey
+            | Reason::InvalidSignature
+            | Reason::TokenExpired
+            | Reason::TokenNotYetValid
+            | Reason::TokenIssuedAt
+            | Reason::AudienceMismatch
+            | Reason::AuthorizedPartyMismatch
+            | Reason::InvalidClaims
+            | Reason::TokenReplayed => "invalid-token",
+            Reason::DeniedByRule | Reason::PolicyDenied | Reason::GroupsUnknown => "policy-denied",
+            other => other.code(),
+        }
+    }
+
+    /// The HTTP status for a rejection with this reason.
+    pub const fn status(self) -> StatusCode {
+        match self {
+            Reason::Allowed | Reason::Internal => StatusCode::OK,
+            Reason::NoRoute => StatusCode::NOT_FOUND,
+            Reason::MisdirectedRequest => StatusCode::MISDIRECTED_REQUEST,
+            Reason::AmbiguousPath | Reason::BadRequest | Reason::AmbiguousCredentials => {
+                StatusCode::BAD_REQUEST
+            }
+            Reason::MissingToken
+            | Reason::MalformedToken
+            | Reason::DisallowedAlgorithm
+            | Reason::ForbiddenHeader
+            | Reason::WrongTokenType
+            | Reason::UnknownIssuer
+            | Reason::IssuerUnavailable
+            | Reason::UnknownKey
+            | Reason::InvalidSignature
+            | Reason::TokenExpired
+            | Reason::TokenNotYetValid
+            | Reason::TokenIssuedAt
+            | Reason::AudienceMismatch
+            | Reason::AuthorizedPartyMismatch
+            | Reason::InvalidClaims
+            | Reason::TokenReplayed => StatusCode::UNAUTHORIZED,
+            Reason::DeniedByRule | Reason::PolicyDenied | Reason::GroupsUnknown => {
+                StatusCode::FORBIDDEN
+            }
+            Reason::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Reason::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Reason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Reason::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Whether this reason comes from the credential (→ `WWW-Authenticate: Bearer error=...`).
+    pub const fn is_token_problem(self) -> bool {
+        matches!(self.status(), StatusCode::UNAUTHORIZED) && !matches!(self, Reason::MissingToken)
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_problems_share_one_public_code() {
+        for r in [Reason::TokenExpired, Reason::InvalidSignature, Reason::UnknownIssuer] {
+            assert_eq!(r.public_code(), "invalid-token");
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+            assert!(r.is_token_problem());
+        }
+        assert!(!Reason::MissingToken.is_token_problem());
+        assert_eq!(Reason::DeniedByRule.public_code(), "policy-denied");
+        assert_eq!(Reason::NoRoute.public_code(), "no-route");
+    }
+}
