@@ -1,1 +1,4 @@
-//! TODO: being written.
+//! Development helpers: the embedded OIDC issuer and its signing keys, used by
+//! `portcullis demo`, `portcullis dev token` and the tests.
+
+pub mod signer;
