@@ -1,1 +1,65 @@
-//! TODO: being written.
+//! The admin listener (loopback by default): `/healthz`, `/readyz`, `/metrics`, and the
+//! assertion JWKS for upstreams that prefer to fetch it out of band.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::http::proxy::{Shared, JWKS_PATH};
+
+/// Answers one admin request.
+pub fn respond<B>(shared: &Arc<Shared>, draining: bool, req: &Request<B>) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match req.uri().path() {
+        "/healthz" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
+        "/readyz" => {
+            let rt = shared.runtime.load();
+            let issuers: serde_json::Map<String, serde_json::Value> = rt
+                .verifier
+                .issuer_status()
+                .into_iter()
+                .map(|(id, ok)| (id.to_string(), serde_json::Value::Bool(ok)))
+                .collect();
+            let ready = !draining && rt.verifier.ready();
+            let body = serde_json::json!({
+                "ready": ready,
+                "draining": draining,
+                "generation": rt.generation,
+                "policy_revision": &*rt.revision,
+                "issuers_keys_loaded": issuers,
+            });
+            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            (status, "application/json", Bytes::from(body.to_string()))
+        }
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            Bytes::from(crate::metrics::global().render()),
+        ),
+        JWKS_PATH => (StatusCode::OK, "application/json", shared.signer.jwks()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"not found\n")),
+    };
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Serves the admin endpoints on an accepted connection.
+pub async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    shared: Arc<Shared>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let r = respond(&shared, draining.load(Ordering::Relaxed), &req);
+        async move { Ok::<_, Infallible>(r) }
+    });
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+}

@@ -1,1 +1,877 @@
-//! TODO: being written.
+//! Configuration: `portcullis.toml` parsed into [`raw`] types, then compiled into
+//! typed values that cannot be invalid. Every problem is reported at once as
+//! `file:line:col: message`; nothing is applied partially.
+
+pub mod raw;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+use serde::de::DeserializeOwned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::Spanned;
+
+use crate::diag::{Diagnostic, Diagnostics, LoadError, Source};
+use crate::identity::{Algorithm, IssuerId, IssuerSettings, Preset, PrincipalKind, TokenType};
+use crate::policy::{Catalog, Policy};
+
+/// The compiled configuration. Cheap to clone (`Arc`s inside).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub listen: Listen,
+    pub tls: Option<TlsSettings>,
+    pub server: ServerSettings,
+    pub assertion: AssertionSettings,
+    pub audit: AuditOutput,
+    pub issuers: Vec<IssuerSettings>,
+    pub routes: Vec<Arc<RouteSettings>>,
+    /// Every file this configuration was built from (config, policies, certificates):
+    /// the reload watcher polls them.
+    pub files: Vec<PathBuf>,
+    /// Policy lint warnings (errors fail the load); printed by `check` and at start-up.
+    pub warnings: Vec<Diagnostic>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Listen {
+    pub https: Option<SocketAddr>,
+    pub insecure_http: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub sni: Vec<SniCert>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SniCert {
+    pub server_names: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// How long SIGTERM waits for in-flight requests before closing connections.
+    pub shutdown_grace: Duration,
+    /// Poll config and policy files and reload on change (SIGHUP always works).
+    pub watch: bool,
+    pub policy_dir: PathBuf,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AssertionSettings {
+    /// `iss` of the signed identity assertion sent upstream.
+    pub issuer: String,
+    pub ttl: Duration,
+    /// PKCS#8 PEM of a P-256 key; generated at start-up when absent (then each replica
+    /// has its own key, which upstreams discover through the JWKS endpoint).
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditOutput {
+    Stdout,
+    File(PathBuf),
+}
+
+/// Where a route forwards to.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// `http` or `https`.
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    /// Prefix prepended to the forwarded path ("" when the URL has none).
+    pub base_path: String,
+    /// HTTP/2 with prior knowledge over plain TCP (`h2c://`).
+    pub h2c: bool,
+    pub ca: Option<PathBuf>,
+    /// The URL as written, for logs.
+    pub display: Arc<str>,
+}
+
+/// Which requests a route takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Any,
+    Exact(String),
+    /// `*.example.com` → `.example.com`: one or more labels before the suffix.
+    Suffix(String),
+}
+
+impl HostMatch {
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Any => true,
+            HostMatch::Exact(h) => h.eq_ignore_ascii_case(host),
+            HostMatch::Suffix(s) => {
+                host.len() > s.len()
+                    && host.get(host.len() - s.len()..).is_some_and(|t| t.eq_ignore_ascii_case(s))
+            }
+        }
+    }
+    /// Higher is more specific; routes are tried most specific first.
+    pub fn specificity(&self) -> usize {
+        match self {
+            HostMatch::Any => 0,
+            HostMatch::Suffix(s) => 1 + s.len(),
+            HostMatch::Exact(h) => 10_000 + h.len(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct RouteSettings {
+    pub name: Arc<str>,
+    pub host: HostMatch,
+    /// Always starts with `/`; matches on a segment boundary.
+    pub path_prefix: String,
+    pub methods: Option<Vec<Method>>,
+    pub upstream: Upstream,
+    pub policy: Arc<Policy>,
+    pub shadow_policy: Option<Arc<Policy>>,
+    pub forward_token: bool,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_request_body: u64,
+    pub preserve_host: bool,
+    pub strip_headers: Vec<HeaderName>,
+    pub single_use_tokens: bool,
+}
+
+impl RouteSettings {
+    pub fn matches(&self, host: &str, path: &str, method: &Method) -> bool {
+        self.host.matches(host)
+            && path_has_prefix(path, &self.path_prefix)
+            && self.methods.as_ref().is_none_or(|m| m.contains(method))
+    }
+}
+
+/// `/api` matches `/api`, `/api/` and `/api/x`, not `/apix`.
+pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    let p = prefix.strip_suffix('/').unwrap_or(prefix);
+    path.strip_prefix(p).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// An IPv4 or IPv6 network in CIDR form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    pub fn parse(s: &str) -> Option<IpNet> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max)?,
+            None => max,
+        };
+        Some(IpNet { addr, prefix })
+    }
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(i)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(i) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(i)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(i) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+const DEFAULT_BODY_LIMIT: u64 = 10 * 1024 * 1024;
+const MAX_LEEWAY: Duration = Duration::from_secs(300);
+const TOP_LEVEL: &[&str] = &["listen", "tls", "server", "assertion", "audit", "issuers", "routes"];
+
+impl Config {
+    /// Loads and compiles a configuration and every policy it names.
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let source = Source::read(path).map_err(|d| LoadError(vec![d]))?;
+        Self::compile(&source)
+    }
+
+    /// Compiles configuration text. Policies and certificates are read relative to the
+    /// configuration file's directory.
+    pub fn compile(source: &Source) -> Result<Config, LoadError> {
+        let mut diags = Diagnostics::default();
+        let cfg = Compiler { source, diags: &mut diags, base: base_dir(&source.path) }.run();
+        match cfg {
+            Some(c) if diags.is_empty() => Ok(c),
+            _ => Err(LoadError(diags.into_sorted())),
+        }
+    }
+
+    /// The route for a request: most specific host first, then longest path prefix,
+    /// then configuration order.
+    pub fn route(&self, host: &str, path: &str, method: &Method) -> Option<&Arc<RouteSettings>> {
+        self.routes.iter().find(|r| r.matches(host, path, method))
+    }
+
+    pub fn issuer(&self, id: &str) -> Option<&IssuerSettings> {
+        self.issuers.iter().find(|i| i.id.as_str() == id)
+    }
+}
+
+fn base_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+struct Compiler<'a> {
+    source: &'a Source,
+    diags: &'a mut Diagnostics,
+    base: PathBuf,
+}
+
+impl Compiler<'_> {
+    fn err(&mut self, span: std::ops::Range<usize>, msg: impl Into<String>) {
+        let d = self.source.error(Some(span), msg);
+        self.diags.push(d);
+    }
+
+    /// Deserializes one section on its own, so a mistake in one issuer or route does not
+    /// hide the mistakes in the others.
+    fn section<T: DeserializeOwned>(&mut self, value: Spanned<DeValue<'_>>) -> Option<T> {
+        match T::deserialize(ValueDeserializer::from(value)) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let d = self.source.toml_error(&e);
+                self.diags.push(d);
+                None
+            }
+        }
+    }
+
+    fn run(mut self) -> Option<Config> {
+        let text = self.source.text.clone();
+        let (doc, errors) = DeTable::parse_recoverable(&text);
+        if !errors.is_empty() {
+            for e in &errors {
+                let d = self.source.toml_error(e);
+                self.diags.push(d);
+            }
+            return None;
+        }
+        let mut listen = raw::Listen::default();
+        let mut tls = None;
+        let mut server = raw::Server::default();
+        let mut assertion = raw::Assertion::default();
+        let mut audit = raw::Audit::default();
+        let mut issuers: Vec<(Spanned<String>, raw::Issuer)> = Vec::new();
+        let mut routes: Vec<raw::Route> = Vec::new();
+        let mut saw_routes = false;
+
+        for (key, value) in doc.into_inner() {
+            let span = key.span();
+            match key.get_ref().as_ref() {
+                "listen" => listen = self.section(value).unwrap_or_default(),
+                "tls" => tls = self.section::<raw::Tls>(value),
+                "server" => server = self.section(value).unwrap_or_default(),
+                "assertion" => assertion = self.section(value).unwrap_or_default(),
+                "audit" => audit = self.section(value).unwrap_or_default(),
+                "issuers" => {
+                    let vspan = value.span();
+                    match value.into_inner() {
+                        DeValue::Table(t) => {
+                            for (name, v) in t {
+                                let name = Spanned::new(name.span(), name.get_ref().to_string());
+                                if let Some(i) = self.section::<raw::Issuer>(v) {
+                                    issuers.push((name, i));
+                                }
+                            }
+                        }
+                        _ => self.err(vspan, "`issuers` must be a table of [issuers.NAME]"),
+                    }
+                }
+                "routes" => {
+                    saw_routes = true;
+                    let vspan = value.span();
+                    match value.into_inner() {
+                        DeValue::Array(a) => {
+                            for v in a {
+                                if let Some(r) = self.section::<raw::Route>(v) {
+                                    routes.push(r);
+                                }
+                            }
+                        }
+                        _ => self.err(vspan, "`routes` must be an array of [[routes]]"),
+                    }
+                }
+                other => self.err(
+                    span,
+                    format!("unknown key `{other}`, expected one of: {}", TOP_LEVEL.join(", ")),
+                ),
+            }
+        }
+        if !saw_routes {
+            self.err(0..0, "no [[routes]]: a proxy with no routes rejects everything");
+        }
+
+        let listen = self.listen(listen);
+        let tls = tls.map(|t| self.tls(t));
+        if listen.https.is_some() && tls.is_none() {
+            self.err(0..0, "`listen.https` is set but there is no [tls] section");
+        }
+        if listen.https.is_none() && listen.insecure_http.is_none() {
+            self.err(0..0, "no listener: set `listen.https` (or `listen.insecure_http`)");
+        }
+        let server = self.server(server);
+        let assertion = self.assertion(assertion);
+        let audit = match audit.output {
+            None => AuditOutput::Stdout,
+            Some(o) if o.get_ref() == "stdout" => AuditOutput::Stdout,
+            Some(o) => AuditOutput::File(self.path(o.get_ref())),
+        };
+
+        let mut seen = HashSet::new();
+        let mut compiled_issuers = Vec::new();
+        for (name, raw) in issuers {
+            if !seen.insert(name.get_ref().clone()) {
+                self.err(name.span(), format!("duplicate issuer `{}`", name.get_ref()));
+            }
+            if let Some(i) = self.issuer(&name, raw) {
+                compiled_issuers.push(i);
+            }
+        }
+        let catalog = Catalog {
+            issuers: compiled_issuers
+                .iter()
+                .map(|i| (i.id.as_str().to_string(), i.preset))
+                .collect::<BTreeMap<_, _>>(),
+        };
+
+        let mut files = vec![self.source.path.to_path_buf()];
+        let mut warnings = Vec::new();
+        let mut policies: BTreeMap<PathBuf, Option<Arc<Policy>>> = BTreeMap::new();
+        let mut compiled_routes = Vec::new();
+        let mut route_names = HashSet::new();
+        for (order, r) in routes.into_iter().enumerate() {
+            if !route_names.insert(r.name.get_ref().clone()) {
+                self.err(r.name.span(), format!("duplicate route name `{}`", r.name.get_ref()));
+            }
+            if let Some(route) =
+                self.route(r, &server.policy_dir, &catalog, &mut policies, &mut warnings)
+            {
+                compiled_routes.push((order, route));
+            }
+        }
+        files.extend(policies.keys().cloned());
+        if let Some(t) = &tls {
+            files.push(t.cert.clone());
+            files.push(t.key.clone());
+            for s in &t.sni {
+                files.push(s.cert.clone());
+                files.push(s.key.clone());
+            }
+        }
+        // Most specific host first, then longest prefix, then configuration order.
+        compiled_routes.sort_by(|(oa, a), (ob, b)| {
+            (b.host.specificity(), b.path_prefix.len(), *oa).cmp(&(
+                a.host.specificity(),
+                a.path_prefix.len(),
+                *ob,
+            ))
+        });
+        Some(Config {
+            path: self.source.path.to_path_buf(),
+            listen,
+            tls,
+            server,
+            assertion,
+            audit,
+            issuers: compiled_issuers,
+            routes: compiled_routes.into_iter().map(|(_, r)| Arc::new(r)).collect(),
+            files,
+            warnings,
+        })
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn addr(&mut self, s: &Spanned<String>) -> Option<SocketAddr> {
+        match s.get_ref().parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(s.span(), format!("`{}` is not an IP:port address", s.get_ref()));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, s: &Spanned<String>) -> Option<Duration> {
+        match humantime::parse_duration(s.get_ref()) {
+            Ok(d) => Some(d),
+            Err(_) => {
+                self.err(s.span(), format!("`{}` is not a duration (e.g. \"30s\")", s.get_ref()));
+                None
+            }
+        }
+    }
+
+    fn listen(&mut self, l: raw::Listen) -> Listen {
+        let mut out = Listen {
+            https: l.https.as_ref().and_then(|a| self.addr(a)),
+            insecure_http: l.insecure_http.as_ref().and_then(|a| self.addr(a)),
+            admin: l.admin.as_ref().and_then(|a| self.addr(a)),
+            trusted_proxies: Vec::new(),
+        };
+        for p in l.trusted_proxies.unwrap_or_default() {
+            match IpNet::parse(p.get_ref()) {
+                Some(n) => out.trusted_proxies.push(n),
+                None => self.err(p.span(), format!("`{}` is not an IP or CIDR", p.get_ref())),
+            }
+        }
+        out
+    }
+
+    fn existing_file(&mut self, s: &Spanned<String>) -> PathBuf {
+        let p = self.path(s.get_ref());
+        if !p.is_file() {
+            self.err(s.span(), format!("file `{}` does not exist", p.display()));
+        }
+        p
+    }
+
+    fn tls(&mut self, t: raw::Tls) -> TlsSettings {
+        let cert = self.existing_file(&t.cert);
+        let key = self.existing_file(&t.key);
+        let mut sni = Vec::new();
+        for s in t.sni {
+            if s.server_names.get_ref().is_empty() {
+                self.err(s.server_names.span(), "`server_names` must not be empty");
+            }
+            sni.push(SniCert {
+                server_names: s
+                    .server_names
+                    .into_inner()
+                    .into_iter()
+                    .map(|n| n.into_inner().to_ascii_lowercase())
+                    .collect(),
+                cert: self.existing_file(&s.cert),
+                key: self.existing_file(&s.key),
+            });
+        }
+        TlsSettings { cert, key, sni }
+    }
+
+    fn server(&mut self, s: raw::Server) -> ServerSettings {
+        let max_connections = match s.max_connections {
+            Some(m) if *m.get_ref() < 1 => {
+                self.err(m.span(), "`max_connections` must be at least 1");
+                1
+            }
+            Some(m) => usize::try_from(*m.get_ref()).unwrap_or(usize::MAX),
+            None => 10_000,
+        };
+        ServerSettings {
+            shutdown_grace: s
+                .shutdown_grace
+                .as_ref()
+                .and_then(|d| self.duration(d))
+                .unwrap_or(Duration::from_secs(30)),
+            watch: s.watch.unwrap_or(true),
+            policy_dir: self.path(s.policy_dir.as_ref().map_or("policies", |p| p.get_ref())),
+            max_connections,
+        }
+    }
+
+    fn assertion(&mut self, a: raw::Assertion) -> AssertionSettings {
+        AssertionSettings {
+            issuer: a.issuer.map_or_else(|| "portcullis".to_string(), |s| s.into_inner()),
+            ttl: a
+                .ttl
+                .as_ref()
+                .and_then(|d| self.duration(d))
+                .unwrap_or(Duration::from_secs(60)),
+            key_file: a.key.as_ref().map(|k| self.existing_file(k)),
+        }
+    }
+
+    fn issuer(&mut self, name: &Spanned<String>, r: raw::Issuer) -> Option<IssuerSettings> {
+        let start = self.diags.len();
+        let preset = match &r.preset {
+            None => Preset::Oidc,
+            Some(p) => Preset::parse(p.get_ref()).unwrap_or_else(|| {
+                self.err(
+                    p.span(),
+                    format!(
+                        "unknown preset `{}`, expected bitbucket-pipelines, github-actions, gitlab-ci or oidc",
+                        p.get_ref()
+                    ),
+                );
+                Preset::Oidc
+            }),
+        };
+        let issuer = r.issuer.get_ref().clone();
+        let insecure_http = r.insecure_http.unwrap_or(false);
+        self.check_url(&r.issuer, insecure_http);
+        if issuer.ends_with('/') && preset != Preset::Oidc {
+            self.err(r.issuer.span(), "issuer must not end with `/`: `iss` is compared exactly");
+        }
+        let discovery_url = match &r.discovery_url {
+            Some(u) => {
+                self.check_url(u, insecure_http);
+                u.get_ref().clone()
+            }
+            None => format!("{}/.well-known/openid-configuration", issuer.trim_end_matches('/')),
+        };
+        if r.audiences.get_ref().is_empty() {
+            self.err(r.audiences.span(), "`audiences` must name at least one audience (V14)");
+        }
+        for a in r.audiences.get_ref() {
+            if a.get_ref().trim().is_empty() {
+                self.err(a.span(), "empty audience");
+            }
+            if preset == Preset::BitbucketPipelines && a.get_ref().starts_with("ari:cloud:bitbucket::") {
+                self.err(
+                    a.span(),
+                    "the Bitbucket workspace ARI is shared by every OIDC consumer in the workspace; \
+                     configure a proxy-specific audience (step `oidc: audiences:`) instead (V23)",
+                );
+            }
+        }
+        let mut algorithms = Vec::new();
+        match &r.algorithms {
+            None => algorithms.push(Algorithm::RS256),
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    self.err(list.span(), "`algorithms` must not be empty");
+                }
+                for a in list.get_ref() {
+                    match Algorithm::parse(a.get_ref()) {
+                        Some(alg) => algorithms.push(alg),
+                        None if a.get_ref().eq_ignore_ascii_case("none")
+                            || a.get_ref().to_ascii_uppercase().starts_with("HS") =>
+                        {
+                            self.err(
+                                a.span(),
+                                format!("algorithm `{}` is never allowed: `none` and HMAC algorithms let anyone forge tokens (V4)", a.get_ref()),
+                            )
+                        }
+                        None => self.err(
+                            a.span(),
+                            format!("unknown algorithm `{}` (names are case-sensitive: RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA)", a.get_ref()),
+                        ),
+                    }
+                }
+            }
+        }
+        let leeway = r.leeway.as_ref().and_then(|d| self.duration(d)).unwrap_or(Duration::from_secs(60));
+        if leeway > MAX_LEEWAY {
+            if let Some(l) = &r.leeway {
+                self.err(l.span(), "`leeway` is capped at 300s (V19)");
+            }
+        }
+        let kind = match &r.kind {
+            None => preset.default_kind(),
+            Some(k) => match k.get_ref().as_str() {
+                "human" => PrincipalKind::Human,
+                "pipeline" => PrincipalKind::Pipeline,
+                "service" => PrincipalKind::Service,
+                other => {
+                    self.err(k.span(), format!("unknown kind `{other}`, expected human, pipeline or service"));
+                    preset.default_kind()
+                }
+            },
+        };
+        let token_type = match &r.token_type {
+            None => TokenType::Id,
+            Some(t) => match t.get_ref().as_str() {
+                "id" => TokenType::Id,
+                "access" => TokenType::Access,
+                other => {
+                    self.err(t.span(), format!("unknown token_type `{other}`, expected id or access"));
+                    TokenType::Id
+                }
+            },
+        };
+        let settings = IssuerSettings {
+            id: IssuerId(Arc::from(name.get_ref().as_str())),
+            preset,
+            issuer,
+            discovery_url,
+            audiences: r.audiences.into_inner().into_iter().map(Spanned::into_inner).collect(),
+            algorithms,
+            leeway: leeway.min(MAX_LEEWAY),
+            max_token_age: r.max_token_age.as_ref().and_then(|d| self.duration(d)),
+            kind,
+            token_type,
+            client_id: r.client_id.map(Spanned::into_inner),
+            hosted_domain: r.hosted_domain.map(Spanned::into_inner),
+            groups_claim: r.groups_claim.map_or_else(|| "groups".to_string(), Spanned::into_inner),
+            ca_file: r.ca.as_ref().map(|c| self.existing_file(c)),
+            insecure_http,
+            stale_window: r
+                .stale_window
+                .as_ref()
+                .and_then(|d| self.duration(d))
+                .unwrap_or(Duration::from_secs(24 * 3600)),
+            refresh_cooldown: r
+                .refresh_cooldown
+                .as_ref()
+                .and_then(|d| self.duration(d))
+                .unwrap_or(Duration::from_secs(30)),
+        };
+        (self.diags.len() == start).then_some(settings)
+    }
+
+    /// HTTPS only; `http://` only when the issuer opts in and the host is loopback.
+    fn check_url(&mut self, u: &Spanned<String>, insecure_http: bool) {
+        let Ok(uri) = u.get_ref().parse::<http::Uri>() else {
+            self.err(u.span(), format!("`{}` is not a URL", u.get_ref()));
+            return;
+        };
+        if uri.query().is_some() || u.get_ref().contains('#') {
+            self.err(u.span(), "issuer URLs must not have a query or fragment");
+        }
+        match uri.scheme_str() {
+            Some("https") => {}
+            Some("http") if insecure_http && is_loopback_host(uri.host().unwrap_or("")) => {}
+            Some("http") => self.err(
+                u.span(),
+                "issuer and discovery URLs must be https (`insecure_http = true` allows http on loopback only)",
+            ),
+            _ => self.err(u.span(), format!("`{}` is not an https URL", u.get_ref())),
+        }
+    }
+
+    fn route(
+        &mut self,
+        r: raw::Route,
+        policy_dir: &Path,
+        catalog: &Catalog,
+        policies: &mut BTreeMap<PathBuf, Option<Arc<Policy>>>,
+        warnings: &mut Vec<Diagnostic>,
+    ) -> Option<RouteSettings> {
+        let start = self.diags.len();
+        let name = r.name.get_ref().clone();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            self.err(r.name.span(), "route names use letters, digits, `-`, `_` and `.`");
+        }
+        let host = match &r.matcher.host {
+            None => HostMatch::Any,
+            Some(h) => {
+                let v = h.get_ref().to_ascii_lowercase();
+                if v == "*" {
+                    HostMatch::Any
+                } else if let Some(s) = v.strip_prefix("*.") {
+                    if s.is_empty() || s.contains('*') {
+                        self.err(h.span(), "a wildcard host is `*.example.com`");
+                    }
+                    HostMatch::Suffix(format!(".{s}"))
+                } else {
+                    if v.contains('*') || v.contains('/') || v.contains(':') {
+                        self.err(h.span(), "`host` is a DNS name without port, `*.suffix`, or `*`");
+                    }
+                    HostMatch::Exact(v)
+                }
+            }
+        };
+        let path_prefix = match &r.matcher.path_prefix {
+            None => "/".to_string(),
+            Some(p) => {
+                let v = p.get_ref();
+                if !v.starts_with('/') || v.contains("..") || v.contains('%') || v.contains('*') {
+                    self.err(p.span(), "`path_prefix` is a literal path starting with `/` (no `..`, `%`, `*`)");
+                }
+                v.clone()
+            }
+        };
+        let methods = r.matcher.methods.as_ref().map(|ms| {
+            ms.get_ref()
+                .iter()
+                .filter_map(|m| match Method::from_bytes(m.get_ref().as_bytes()) {
+                    Ok(method) if m.get_ref().chars().all(|c| c.is_ascii_uppercase()) => Some(method),
+                    _ => {
+                        self.err(m.span(), format!("`{}` is not an HTTP method (upper case)", m.get_ref()));
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        });
+        let upstream = self.upstream(&r.upstream, r.upstream_ca.as_ref());
+        let policy = self.policy(&r.policy, policy_dir, catalog, policies, warnings);
+        let shadow_policy =
+            r.shadow_policy.as_ref().map(|s| self.policy(s, policy_dir, catalog, policies, warnings));
+        let max_request_body = match &r.max_request_body {
+            None => DEFAULT_BODY_LIMIT,
+            Some(v) => parse_size(v.get_ref()).unwrap_or_else(|| {
+                self.err(v.span(), "`max_request_body` is bytes (integer) or a size like \"10MiB\"");
+                DEFAULT_BODY_LIMIT
+            }),
+        };
+        let mut strip_headers = Vec::new();
+        for h in r.strip_headers.unwrap_or_default() {
+            match HeaderName::from_bytes(h.get_ref().as_bytes()) {
+                Ok(n) => strip_headers.push(n),
+                Err(_) => self.err(h.span(), format!("`{}` is not a header name", h.get_ref())),
+            }
+        }
+        let route = RouteSettings {
+            name: Arc::from(name.as_str()),
+            host,
+            path_prefix,
+            methods,
+            upstream: upstream?,
+            policy: policy?,
+            shadow_policy: match shadow_policy {
+                Some(Some(p)) => Some(p),
+                Some(None) => return None,
+                None => None,
+            },
+            forward_token: r.forward_token.unwrap_or(false),
+            timeout: r.timeout.as_ref().and_then(|d| self.duration(d)).unwrap_or(Duration::from_secs(30)),
+            connect_timeout: r
+                .connect_timeout
+                .as_ref()
+                .and_then(|d| self.duration(d))
+                .unwrap_or(Duration::from_secs(5)),
+            max_request_body,
+            preserve_host: r.preserve_host.unwrap_or(false),
+            strip_headers,
+            single_use_tokens: r.single_use_tokens.unwrap_or(false),
+        };
+        (self.diags.len() == start).then_some(route)
+    }
+
+    fn upstream(&mut self, u: &Spanned<String>, ca: Option<&Spanned<String>>) -> Option<Upstream> {
+        let bad = |c: &mut Self, msg: &str| {
+            c.err(u.span(), format!("upstream `{}`: {msg}", u.get_ref()));
+            None
+        };
+        let Ok(uri) = u.get_ref().parse::<http::Uri>() else {
+            return bad(self, "not a URL");
+        };
+        let (scheme, h2c) = match uri.scheme_str() {
+            Some("http") => (http::uri::Scheme::HTTP, false),
+            Some("https") => (http::uri::Scheme::HTTPS, false),
+            Some("h2c") => (http::uri::Scheme::HTTP, true),
+            _ => return bad(self, "scheme must be http, https or h2c"),
+        };
+        let Some(authority) = uri.authority().cloned() else {
+            return bad(self, "missing host");
+        };
+        if uri.query().is_some() {
+            return bad(self, "must not have a query");
+        }
+        let ca = ca.map(|c| self.existing_file(c));
+        if ca.is_some() && scheme != http::uri::Scheme::HTTPS {
+            self.err(u.span(), "`upstream_ca` only applies to https upstreams");
+        }
+        Some(Upstream {
+            scheme,
+            authority,
+            base_path: uri.path().trim_end_matches('/').to_string(),
+            h2c,
+            ca,
+            display: Arc::from(u.get_ref().as_str()),
+        })
+    }
+
+    /// `policy = "deploy-api"` → `<policy_dir>/deploy-api.toml`; a value with `/` or
+    /// ending in `.toml` is a path relative to the configuration file.
+    fn policy(
+        &mut self,
+        p: &Spanned<String>,
+        policy_dir: &Path,
+        catalog: &Catalog,
+        policies: &mut BTreeMap<PathBuf, Option<Arc<Policy>>>,
+        warnings: &mut Vec<Diagnostic>,
+    ) -> Option<Arc<Policy>> {
+        let v = p.get_ref();
+        let path = if v.contains('/') || v.ends_with(".toml") {
+            self.path(v)
+        } else {
+            policy_dir.join(format!("{v}.toml"))
+        };
+        if let Some(done) = policies.get(&path) {
+            return done.clone();
+        }
+        if !path.is_file() {
+            self.err(p.span(), format!("policy file `{}` does not exist", path.display()));
+            policies.insert(path, None);
+            return None;
+        }
+        let loaded = match Policy::load(&path, catalog) {
+            Ok(policy) => {
+                warnings.extend(policy.warnings().iter().cloned());
+                Some(Arc::new(policy))
+            }
+            Err(d) => {
+                self.diags.extend(d);
+                None
+            }
+        };
+        policies.insert(path, loaded.clone());
+        loaded
+    }
+}
+
+pub fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost") || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `1048576`, `"512KiB"`, `"10MiB"`, `"1GiB"`, `"10MB"`.
+pub fn parse_size(v: &toml::Value) -> Option<u64> {
+    match v {
+        toml::Value::Integer(i) => u64::try_from(*i).ok(),
+        toml::Value::String(s) => {
+            let s = s.trim();
+            let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+            let (num, unit) = s.split_at(split);
+            let n: u64 = num.parse().ok()?;
+            let mult: u64 = match unit.trim() {
+                "" | "B" => 1,
+                "KB" => 1000,
+                "KiB" => 1 << 10,
+                "MB" => 1_000_000,
+                "MiB" => 1 << 20,
+                "GB" => 1_000_000_000,
+                "GiB" => 1 << 30,
+                _ => return None,
+            };
+            n.checked_mul(mult)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,501 @@
-//! TODO: being written.
+//! Listeners, accept loops, reload orchestration and graceful shutdown.
+//!
+//! A [`Runtime`] is one generation of compiled configuration with its verifier and
+//! upstream clients. Requests load the current generation once and keep it until they
+//! finish, so a reload never changes the rules under an in-flight request, and the old
+//! generation is dropped only when its last request is done.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::audit::{AuditSink, TlsInfo};
+use crate::config::{AuditOutput, Config};
+use crate::http::assertion::AssertionSigner;
+use crate::http::proxy::Shared;
+use crate::http::upstream::{client_for, UpstreamClient};
+use crate::http::{stack, ConnInfo};
+use crate::identity::verify::Verifier;
+
+/// One generation of configuration, ready to serve.
+pub struct Runtime {
+    pub config: Config,
+    pub verifier: Arc<Verifier>,
+    /// Index-aligned with `config.routes`.
+    pub clients: Vec<UpstreamClient>,
+    pub revision: Arc<str>,
+    pub generation: u64,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("generation", &self.generation).finish()
+    }
+}
+
+impl Runtime {
+    /// Builds a generation. Key state of unchanged issuers is carried over from
+    /// `previous`, so a reload neither refetches every JWKS nor blips readiness.
+    pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Result<Runtime, String> {
+        let verifier = Verifier::new(config.issuers.clone())?;
+        if let Some(p) = previous {
+            verifier.adopt_keys_from(&p.verifier);
+        }
+        let verifier = Arc::new(verifier);
+        let clients = config.routes.iter().map(|r| client_for(r)).collect::<Result<Vec<_>, _>>()?;
+        let revision: Arc<str> = Arc::from(policy_revision(&config));
+        verifier.start();
+        Ok(Runtime { config, verifier, clients, revision, generation })
+    }
+}
+
+/// The revision of the policies in force: the git commit of the policy directory when
+/// it is a clean checkout, otherwise a hash of the policy files' contents.
+pub fn policy_revision(config: &Config) -> String {
+    let mut policies: Vec<&crate::policy::Policy> = Vec::new();
+    for r in &config.routes {
+        policies.push(&r.policy);
+        if let Some(s) = &r.shadow_policy {
+            policies.push(s);
+        }
+    }
+    policies.sort_by(|a, b| a.file().cmp(b.file()));
+    policies.dedup_by(|a, b| a.file() == b.file());
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for p in &policies {
+        ctx.update(p.file().to_string_lossy().as_bytes());
+        ctx.update(p.content_hash().as_bytes());
+    }
+    let hash: String = ctx.finish().as_ref().iter().take(6).map(|b| format!("{b:02x}")).collect();
+    let dir = &config.server.policy_dir;
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short=12", "HEAD"]) {
+        Some(commit) if !commit.is_empty() => match git(&["status", "--porcelain", "--", "."]) {
+            Some(s) if s.is_empty() => format!("git:{commit}"),
+            _ => format!("git:{commit}+dirty.{hash}"),
+        },
+        _ => format!("sha256:{hash}"),
+    }
+}
+
+/// Builds the rustls server configuration from `[tls]`.
+pub fn tls_config(cfg: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+    let Some(t) = &cfg.tls else { return Ok(None) };
+    let default = crate::tls::CertifiedKeySource::Files { cert: t.cert.clone(), key: t.key.clone() };
+    let mut sni = Vec::new();
+    for s in &t.sni {
+        for name in &s.server_names {
+            sni.push((name.clone(), crate::tls::CertifiedKeySource::Files { cert: s.cert.clone(), key: s.key.clone() }));
+        }
+    }
+    crate::tls::server_config(default, sni).map(Some).map_err(|e| e.to_string())
+}
+
+/// Bound addresses of a running server (useful when the config asked for port 0).
+#[derive(Debug, Clone, Default)]
+pub struct Bound {
+    pub https: Option<SocketAddr>,
+    pub insecure_http: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+/// A running server: reload it, or shut it down and wait for the drain.
+pub struct Server {
+    pub bound: Bound,
+    pub shared: Arc<Shared>,
+    pub sink: AuditSink,
+    state: Arc<State>,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("bound", &self.bound).finish()
+    }
+}
+
+struct State {
+    config_path: PathBuf,
+    shared: Arc<Shared>,
+    tls: ArcSwap<Option<Arc<rustls::ServerConfig>>>,
+    generation: AtomicU64,
+    draining: Arc<AtomicBool>,
+    reload_lock: tokio::sync::Mutex<()>,
+    sink: AuditSink,
+}
+
+/// Options that are not in the configuration file.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Write audit events here instead of the config's `[audit]` output (tests).
+    pub sink: Option<AuditSink>,
+}
+
+impl Server {
+    /// Binds every listener and starts serving.
+    pub async fn start(config: Config, opts: Options) -> Result<Server, String> {
+        let sink = match (opts.sink, &config.audit) {
+            (Some(s), _) => s,
+            (None, AuditOutput::Stdout) => AuditSink::stdout(),
+            (None, AuditOutput::File(p)) => {
+                AuditSink::file(p).map_err(|e| format!("audit output {}: {e}", p.display()))?
+            }
+        };
+        let signer = match &config.assertion.key_file {
+            Some(p) => AssertionSigner::from_file(p, config.assertion.issuer.clone(), config.assertion.ttl),
+            None => AssertionSigner::generate(config.assertion.issuer.clone(), config.assertion.ttl),
+        }
+        .map_err(|e| e.to_string())?;
+        let tls = tls_config(&config)?;
+        let config_path = config.path.clone();
+        let listen = config.listen.clone();
+        let max_conns = config.server.max_connections;
+        let grace = config.server.shutdown_grace;
+        let watch_files = config.server.watch;
+        for w in &config.warnings {
+            tracing::warn!(target: "portcullis::config", "{w}");
+        }
+        let runtime = Runtime::build(config, None, 1)?;
+        let shared = Arc::new(Shared {
+            runtime: ArcSwap::from_pointee(runtime),
+            signer: Arc::new(signer),
+            replay: Default::default(),
+        });
+        let state = Arc::new(State {
+            config_path,
+            shared: shared.clone(),
+            tls: ArcSwap::from_pointee(tls),
+            generation: AtomicU64::new(1),
+            draining: Arc::new(AtomicBool::new(false)),
+            reload_lock: tokio::sync::Mutex::new(()),
+            sink: sink.clone(),
+        });
+
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut bound = Bound::default();
+        let limit = Arc::new(Semaphore::new(max_conns));
+        let graceful = Arc::new(GracefulShutdown::new());
+
+        let bind = |a: SocketAddr| async move {
+            TcpListener::bind(a).await.map_err(|e| format!("cannot listen on {a}: {e}"))
+        };
+        if let Some(a) = listen.https {
+            let l = bind(a).await?;
+            bound.https = l.local_addr().ok();
+            tasks.spawn(accept_loop(l, true, state.clone(), listen.trusted_proxies.clone(), limit.clone(), graceful.clone(), shutdown_rx.clone()));
+        }
+        if let Some(a) = listen.insecure_http {
+            let l = bind(a).await?;
+            bound.insecure_http = l.local_addr().ok();
+            tracing::warn!(addr = %a, "plain-HTTP listener enabled (insecure_http): only run it behind a TLS-terminating load balancer");
+            tasks.spawn(accept_loop(l, false, state.clone(), listen.trusted_proxies.clone(), limit.clone(), graceful.clone(), shutdown_rx.clone()));
+        }
+        if let Some(a) = listen.admin {
+            let l = bind(a).await?;
+            bound.admin = l.local_addr().ok();
+            tasks.spawn(admin_loop(l, state.clone(), shutdown_rx.clone()));
+        }
+        if watch_files {
+            tasks.spawn(watch_loop(state.clone(), shutdown_rx.clone()));
+        }
+        // The drain task: when shutdown is signalled, wait for in-flight connections.
+        let mut rx = shutdown_rx.clone();
+        let g = graceful.clone();
+        tasks.spawn(async move {
+            let _ = rx.wait_for(|s| *s).await;
+            if let Some(g) = Arc::into_inner(g) {
+                if tokio::time::timeout(grace, g.shutdown()).await.is_err() {
+                    tracing::warn!(grace = ?grace, "shutdown grace period over; closing remaining connections");
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        drop(graceful);
+        Ok(Server { bound, shared, sink, state, shutdown_tx, tasks })
+    }
+
+    /// Reloads configuration and policies from disk; on any problem the running
+    /// generation stays and every diagnostic is logged.
+    pub async fn reload(&self) -> bool {
+        reload(&self.state).await
+    }
+
+    pub fn is_ready(&self) -> bool {
+        !self.state.draining.load(Ordering::Relaxed) && self.shared.runtime.load().verifier.ready()
+    }
+
+    /// Stops accepting, drains in-flight requests (up to the grace period), flushes
+    /// the audit log.
+    pub async fn shutdown(mut self) {
+        self.state.draining.store(true, Ordering::Relaxed);
+        let _ = self.shutdown_tx.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        self.sink.flush();
+    }
+
+    /// Runs until SIGTERM/SIGINT (drain, then return), reloading on SIGHUP.
+    pub async fn run_until_signalled(self) -> Result<(), String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => { self.reload().await; }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        tracing::info!("shutting down: draining in-flight requests");
+        self.shutdown().await;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+async fn reload(state: &State) -> bool {
+    let _guard = state.reload_lock.lock().await;
+    let m = crate::metrics::global();
+    let config = match Config::load(&state.config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            for d in &e.0 {
+                tracing::error!(target: "portcullis::config", "{d}");
+            }
+            tracing::error!(problems = e.0.len(), "reload rejected; the previous configuration keeps serving");
+            m.config_reloads.inc(&"error");
+            return false;
+        }
+    };
+    let old = state.shared.runtime.load_full();
+    if config.listen.https != old.config.listen.https
+        || config.listen.insecure_http != old.config.listen.insecure_http
+        || config.listen.admin != old.config.listen.admin
+    {
+        tracing::warn!("listener addresses changed: they take effect on restart, not on reload");
+    }
+    let tls = match tls_config(&config) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "reload rejected: TLS; the previous configuration keeps serving");
+            m.config_reloads.inc(&"error");
+            return false;
+        }
+    };
+    let generation = state.generation.fetch_add(1, Ordering::Relaxed) + 1;
+    for w in &config.warnings {
+        tracing::warn!(target: "portcullis::config", "{w}");
+    }
+    let runtime = match Runtime::build(config, Some(&old), generation) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "reload rejected; the previous configuration keeps serving");
+            m.config_reloads.inc(&"error");
+            return false;
+        }
+    };
+    let changed: Vec<&str> = runtime
+        .config
+        .routes
+        .iter()
+        .filter(|r| {
+            old.config.routes.iter().find(|o| o.name == r.name).is_none_or(|o| {
+                o.policy.content_hash() != r.policy.content_hash()
+                    || o.host != r.host
+                    || o.path_prefix != r.path_prefix
+                    || o.methods != r.methods
+            })
+        })
+        .map(|r| &*r.name)
+        .chain(
+            old.config
+                .routes
+                .iter()
+                .filter(|o| !runtime.config.routes.iter().any(|r| r.name == o.name))
+                .map(|o| &*o.name),
+        )
+        .collect();
+    state.sink.emit(&serde_json::json!({
+        "ts": crate::audit::now_rfc3339(),
+        "kind": "reload",
+        "generation": generation,
+        "old_policy_revision": &*old.revision,
+        "new_policy_revision": &*runtime.revision,
+        "routes_changed": changed,
+    }));
+    tracing::info!(generation, revision = %runtime.revision, "configuration reloaded");
+    state.shared.runtime.store(Arc::new(runtime));
+    state.tls.store(Arc::new(tls));
+    m.config_reloads.inc(&"ok");
+    true
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: bool,
+    state: Arc<State>,
+    trusted: Vec<crate::config::IpNet>,
+    limit: Arc<Semaphore>,
+    graceful: Arc<GracefulShutdown>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // Slow-loris: a client gets this long to send its request head.
+        .header_read_timeout(Duration::from_secs(30))
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    let builder = Arc::new(builder);
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let trusted_peer = trusted.iter().any(|n| n.contains(peer.ip()));
+        let shared = state.shared.clone();
+        let sink = state.sink.clone();
+        let builder = builder.clone();
+        let tls_cfg = if tls { (**state.tls.load()).clone() } else { None };
+        let graceful = graceful.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let m = crate::metrics::global();
+            m.connections_open.fetch_add(1, Ordering::Relaxed);
+            match tls_cfg {
+                Some(cfg) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                    let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            m.connections_open.fetch_sub(1, Ordering::Relaxed);
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            m.connections_open.fetch_sub(1, Ordering::Relaxed);
+                            return;
+                        }
+                    };
+                    let (_, sess) = stream.get_ref();
+                    let info = TlsInfo {
+                        version: match sess.protocol_version() {
+                            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+                            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+                            _ => "unknown",
+                        },
+                        sni: sess.server_name().map(|s| Arc::from(s.to_ascii_lowercase())),
+                    };
+                    let conn = ConnInfo { peer, tls: Some(Arc::new(info)), trusted_peer };
+                    let svc = TowerToHyperService::new(stack::service(shared, sink, conn));
+                    let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    let _ = graceful.watch(c.into_owned()).await;
+                }
+                None => {
+                    let conn = ConnInfo { peer, tls: None, trusted_peer };
+                    let svc = TowerToHyperService::new(stack::service(shared, sink, conn));
+                    let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    let _ = graceful.watch(c.into_owned()).await;
+                }
+            }
+            m.connections_open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        tokio::spawn(crate::admin::serve_connection(stream, state.shared.clone(), state.draining.clone()));
+    }
+}
+
+/// Polls the configuration's files and reloads when any changed. Polling (once a
+/// second, content-hashed) works the same on every filesystem, including the
+/// symlink swaps Kubernetes does for mounted ConfigMaps.
+async fn watch_loop(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+    let fingerprint = |files: &[PathBuf]| -> Vec<u8> {
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        for f in files {
+            ctx.update(f.to_string_lossy().as_bytes());
+            match std::fs::read(f) {
+                Ok(b) => ctx.update(&b),
+                Err(_) => ctx.update(b"\0missing"),
+            }
+        }
+        ctx.finish().as_ref().to_vec()
+    };
+    let files = |s: &State| -> Vec<PathBuf> {
+        let mut f = s.shared.runtime.load().config.files.clone();
+        f.push(s.config_path.clone());
+        f
+    };
+    let mut last = fingerprint(&files(&state));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let now = fingerprint(&files(&state));
+        if now != last {
+            // Let an editor or `git checkout` finish writing every file.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            tracing::info!("configuration files changed; reloading");
+            reload(&state).await;
+            last = fingerprint(&files(&state));
+        }
+    }
+}
+
+/// Loads a configuration, printing every diagnostic; for the CLI.
+pub fn load_or_report(path: &Path) -> Result<Config, usize> {
+    match Config::load(path) {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            for d in &e.0 {
+                eprintln!("{d}");
+            }
+            Err(e.0.len())
+        }
+    }
+}

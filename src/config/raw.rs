@@ -1,0 +1,108 @@
+//! Raw configuration as written in `portcullis.toml`: serde types that reject unknown
+//! keys and keep spans on everything resolved later, so a diagnostic can point at it.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub type S<T> = Spanned<T>;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub https: Option<S<String>>,
+    /// Plain HTTP, for deployments behind a TLS-terminating load balancer.
+    pub insecure_http: Option<S<String>>,
+    pub admin: Option<S<String>>,
+    /// Addresses (CIDR) whose `X-Forwarded-*` headers are trusted. None by default.
+    pub trusted_proxies: Option<Vec<S<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub cert: S<String>,
+    pub key: S<String>,
+    #[serde(default)]
+    pub sni: Vec<Sni>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sni {
+    pub server_names: S<Vec<S<String>>>,
+    pub cert: S<String>,
+    pub key: S<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub shutdown_grace: Option<S<String>>,
+    pub watch: Option<bool>,
+    pub policy_dir: Option<S<String>>,
+    pub max_connections: Option<S<i64>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Assertion {
+    pub issuer: Option<S<String>>,
+    pub ttl: Option<S<String>>,
+    pub key: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    pub output: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Issuer {
+    pub preset: Option<S<String>>,
+    pub issuer: S<String>,
+    pub discovery_url: Option<S<String>>,
+    pub audiences: S<Vec<S<String>>>,
+    pub algorithms: Option<S<Vec<S<String>>>>,
+    pub leeway: Option<S<String>>,
+    pub max_token_age: Option<S<String>>,
+    pub kind: Option<S<String>>,
+    pub token_type: Option<S<String>>,
+    pub client_id: Option<S<String>>,
+    pub hosted_domain: Option<S<String>>,
+    pub groups_claim: Option<S<String>>,
+    pub ca: Option<S<String>>,
+    pub insecure_http: Option<bool>,
+    pub stale_window: Option<S<String>>,
+    pub refresh_cooldown: Option<S<String>>,
+    /// Browser login settings; accepted here so a config can carry them, used by SSO.
+    pub login: Option<S<toml::Table>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: S<String>,
+    #[serde(rename = "match")]
+    pub matcher: Match,
+    pub upstream: S<String>,
+    pub upstream_ca: Option<S<String>>,
+    pub policy: S<String>,
+    pub shadow_policy: Option<S<String>>,
+    pub forward_token: Option<bool>,
+    pub timeout: Option<S<String>>,
+    pub connect_timeout: Option<S<String>>,
+    pub max_request_body: Option<S<toml::Value>>,
+    pub preserve_host: Option<bool>,
+    pub strip_headers: Option<Vec<S<String>>>,
+    pub single_use_tokens: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    pub host: Option<S<String>>,
+    pub path_prefix: Option<S<String>>,
+    pub methods: Option<S<Vec<S<String>>>>,
+}

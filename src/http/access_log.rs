@@ -1,0 +1,197 @@
+//! The access log layer: exactly one audit event per request, rejections included,
+//! emitted when the response body ends (or is dropped, if the client went away), so
+//! `bytes_out` and `duration_ms` cover the whole exchange.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tower::{Layer, Service};
+
+use super::body::ProxyBody;
+use super::proxy::Outcome;
+use super::{ConnInfo, RequestId};
+use crate::audit::{AuditSink, HttpEvent, IdentitySummary, ShadowSummary};
+use crate::metrics::{self, RequestKey};
+
+#[derive(Debug, Clone)]
+pub struct AccessLogLayer {
+    sink: AuditSink,
+    conn: ConnInfo,
+}
+
+impl AccessLogLayer {
+    pub fn new(sink: AuditSink, conn: ConnInfo) -> Self {
+        Self { sink, conn }
+    }
+}
+
+impl<S> Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+    fn layer(&self, inner: S) -> AccessLog<S> {
+        AccessLog { inner, sink: self.sink.clone(), conn: self.conn.clone() }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AccessLog<S> {
+    inner: S,
+    sink: AuditSink,
+    conn: ConnInfo,
+}
+
+impl<S> Service<Request<Incoming>> for AccessLog<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<AuditBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<AuditBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        let start = Instant::now();
+        let rid = super::next_request_id();
+        req.extensions_mut().insert(RequestId(rid.clone()));
+        let method = req.method().clone();
+        // The raw authority for the log (validated or not); never the query string.
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| req.headers().get(http::header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string))
+            .unwrap_or_default();
+        let fut = self.inner.call(req);
+        let sink = self.sink.clone();
+        let conn = self.conn.clone();
+        Box::pin(async move {
+            let resp = match fut.await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            };
+            let (mut parts, body) = resp.into_parts();
+            let outcome = parts.extensions.remove::<Outcome>();
+            let pending = Pending { start, rid, method, host, status: parts.status.as_u16(), outcome, conn, sink };
+            Ok(Response::from_parts(parts, AuditBody { inner: body, bytes_out: 0, pending: Some(pending) }))
+        })
+    }
+}
+
+struct Pending {
+    start: Instant,
+    rid: Arc<str>,
+    method: Method,
+    host: String,
+    status: u16,
+    outcome: Option<Outcome>,
+    conn: ConnInfo,
+    sink: AuditSink,
+}
+
+impl Pending {
+    fn emit(self, bytes_out: u64) {
+        let duration = self.start.elapsed();
+        let o = self.outcome.as_ref();
+        let reason = o.map_or(crate::reason::Reason::InternalError, |o| o.reason);
+        let decision = o.map_or("error", |o| o.decision);
+        let route: Arc<str> = o.and_then(|o| o.route.clone()).unwrap_or_else(|| Arc::from("-"));
+        let m = metrics::global();
+        m.requests.inc(&RequestKey { route: route.clone(), decision, reason: reason.code(), status: self.status });
+        m.latency_for(&route).observe(duration);
+        let identity = o.and_then(|o| o.identity.as_deref());
+        let shadow = o.and_then(|o| o.shadow.as_ref()).map(|s| ShadowSummary {
+            decision: if s.allowed { "allow" } else { "deny" },
+            reason: s.reason.code(),
+            rule: s.rule.as_deref(),
+        });
+        let ev = HttpEvent {
+            ts: crate::audit::now_rfc3339(),
+            request_id: &self.rid,
+            kind: "http",
+            client_addr: self.conn.peer,
+            tls: self.conn.tls.as_deref(),
+            method: self.method.as_str(),
+            host: &self.host,
+            path: o.and_then(|o| o.path.as_deref()).unwrap_or("-"),
+            route: o.and_then(|o| o.route.as_deref()),
+            decision,
+            reason: reason.code(),
+            detail: o.and_then(|o| o.detail.as_deref()),
+            rule: o.and_then(|o| o.rule.as_deref()),
+            shadow,
+            policy_revision: o.and_then(|o| o.revision.as_deref()),
+            identity: identity.map(IdentitySummary::of),
+            ci: identity.and_then(|i| i.ci.as_ref()),
+            upstream: o.and_then(|o| if o.decision == "deny" { None } else { o.upstream.as_deref() }),
+            status: self.status,
+            bytes_in: o.map_or(0, |o| o.bytes_in.load(Ordering::Relaxed)),
+            bytes_out,
+            duration_ms: duration.as_secs_f64() * 1000.0,
+        };
+        self.sink.emit(&ev);
+    }
+}
+
+/// The response body, counted; the event is emitted when it ends or is dropped.
+pub struct AuditBody {
+    inner: ProxyBody,
+    bytes_out: u64,
+    pending: Option<Pending>,
+}
+
+impl AuditBody {
+    fn done(&mut self) {
+        if let Some(p) = self.pending.take() {
+            p.emit(self.bytes_out);
+        }
+    }
+}
+
+impl Drop for AuditBody {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+impl Body for AuditBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes_out += d.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.done();
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.done(),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,250 @@
+//! The signed identity assertion sent upstream (`X-Portcullis-Assertion`): a short-lived
+//! ES256 JWT an upstream can verify against `/.well-known/portcullis/jwks.json`, so it
+//! need not trust plain headers (which anyone who reaches the upstream directly could
+//! send).
+//!
+//! Signing costs tens of microseconds, so an assertion is reused for the same verified
+//! token and route until half its lifetime has passed: a pipeline's repeated calls pay
+//! for one signature, not one per request.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use bytes::Bytes;
+use http::HeaderValue;
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::identity::{CiContext, Identity, PrincipalKind};
+
+const CACHE_LIMIT: usize = 65_536;
+
+/// Signs assertions; holds the proxy's ES256 key.
+pub struct AssertionSigner {
+    key: EcdsaKeyPair,
+    rng: SystemRandom,
+    kid: String,
+    issuer: String,
+    ttl: Duration,
+    jwks: Bytes,
+    header_b64: String,
+    cache: Mutex<HashMap<(usize, usize), Cached>>,
+}
+
+impl std::fmt::Debug for AssertionSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AssertionSigner").field("kid", &self.kid).finish()
+    }
+}
+
+struct Cached {
+    // Holding the Arc keeps the pointer in the key from being reused by another identity.
+    _identity: Arc<Identity>,
+    value: HeaderValue,
+    refresh_after: u64,
+}
+
+#[derive(Serialize)]
+struct Claims<'a> {
+    iss: &'a str,
+    aud: &'a str,
+    sub: String,
+    iat: u64,
+    exp: u64,
+    issuer: &'a str,
+    kind: PrincipalKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    groups: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ci: Option<&'a CiContext>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AssertionKeyError {
+    #[error("{path}: {msg}")]
+    File { path: String, msg: String },
+    #[error("cannot generate the assertion key")]
+    Generate,
+}
+
+impl AssertionSigner {
+    /// A fresh P-256 key (each replica then has its own; upstreams fetch the JWKS).
+    pub fn generate(issuer: String, ttl: Duration) -> Result<Self, AssertionKeyError> {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .map_err(|_| AssertionKeyError::Generate)?;
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
+            .map_err(|_| AssertionKeyError::Generate)?;
+        Ok(Self::with_key(key, issuer, ttl))
+    }
+
+    /// A P-256 key from a PKCS#8 PEM file, so replicas can share one key.
+    pub fn from_file(path: &Path, issuer: String, ttl: Duration) -> Result<Self, AssertionKeyError> {
+        use rustls_pki_types::pem::PemObject;
+        let err = |msg: String| AssertionKeyError::File { path: path.display().to_string(), msg };
+        let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_file(path)
+            .map_err(|e| err(format!("no PKCS#8 private key: {e}")))?;
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.secret_pkcs8_der())
+            .map_err(|e| err(format!("not a P-256 key: {e}")))?;
+        Ok(Self::with_key(key, issuer, ttl))
+    }
+
+    fn with_key(key: EcdsaKeyPair, issuer: String, ttl: Duration) -> Self {
+        let point = key.public_key().as_ref();
+        // Uncompressed point: 0x04 || X (32) || Y (32).
+        let (x, y) = match point.get(1..33).zip(point.get(33..65)) {
+            Some((x, y)) => (URL_SAFE_NO_PAD.encode(x), URL_SAFE_NO_PAD.encode(y)),
+            None => (String::new(), String::new()),
+        };
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, point);
+        let kid = URL_SAFE_NO_PAD.encode(&digest.as_ref()[..12]);
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": kid, "alg": "ES256", "use": "sig"
+        }]});
+        let header = serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": kid});
+        Self {
+            key,
+            rng: SystemRandom::new(),
+            header_b64: URL_SAFE_NO_PAD.encode(header.to_string()),
+            kid,
+            issuer,
+            ttl,
+            jwks: Bytes::from(jwks.to_string()),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The JWKS document served at `/.well-known/portcullis/jwks.json`.
+    pub fn jwks(&self) -> Bytes {
+        self.jwks.clone()
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The assertion for `identity` on `route` (audience = route name), reused while
+    /// more than half of its lifetime remains.
+    pub fn assertion(&self, identity: &Arc<Identity>, route: &Arc<str>, now: u64) -> HeaderValue {
+        let key = (Arc::as_ptr(identity) as usize, Arc::as_ptr(route) as *const u8 as usize);
+        if let Some(c) = self.cache.lock().get(&key) {
+            if now < c.refresh_after {
+                return c.value.clone();
+            }
+        }
+        let ttl = self.ttl.as_secs().max(1);
+        // Never outlive the credential it vouches for.
+        let exp = (now + ttl).min(identity.expires_at.max(now + 1));
+        let value = self.sign(identity, route, now, exp);
+        let mut cache = self.cache.lock();
+        if cache.len() >= CACHE_LIMIT {
+            cache.retain(|_, c| now < c.refresh_after);
+            if cache.len() >= CACHE_LIMIT {
+                cache.clear();
+            }
+        }
+        cache.insert(
+            key,
+            Cached { _identity: identity.clone(), value: value.clone(), refresh_after: now + (exp - now) / 2 },
+        );
+        value
+    }
+
+    fn sign(&self, id: &Identity, route: &str, now: u64, exp: u64) -> HeaderValue {
+        let claims = Claims {
+            iss: &self.issuer,
+            aud: route,
+            sub: id.principal(),
+            iat: now,
+            exp,
+            issuer: id.issuer.as_str(),
+            kind: id.kind,
+            email: id.email.as_deref().filter(|_| id.email_verified),
+            groups: &id.groups,
+            ci: id.ci.as_ref(),
+        };
+        let payload = serde_json::to_vec(&claims).unwrap_or_default();
+        let mut jwt = String::with_capacity(self.header_b64.len() + payload.len() * 2 + 100);
+        jwt.push_str(&self.header_b64);
+        jwt.push('.');
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut jwt);
+        match self.key.sign(&self.rng, jwt.as_bytes()) {
+            Ok(sig) => {
+                jwt.push('.');
+                URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut jwt);
+                HeaderValue::from_str(&jwt).unwrap_or_else(|_| HeaderValue::from_static(""))
+            }
+            Err(_) => HeaderValue::from_static(""),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::IssuerId;
+    use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
+
+    fn identity() -> Arc<Identity> {
+        Arc::new(Identity {
+            issuer: IssuerId(Arc::from("corp")),
+            subject: "alice".into(),
+            kind: PrincipalKind::Human,
+            email: Some("alice@example.com".into()),
+            email_verified: true,
+            groups: vec!["sre".into()],
+            groups_known: true,
+            expires_at: 2_000_000_000,
+            issued_at: None,
+            ci: None,
+            claims: Default::default(),
+        })
+    }
+
+    #[test]
+    fn assertion_verifies_against_the_published_jwks_and_is_reused() {
+        let s = AssertionSigner::generate("portcullis".into(), Duration::from_secs(60));
+        let s = match s {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        let id = identity();
+        let route: Arc<str> = Arc::from("api");
+        let a = s.assertion(&id, &route, 1_000);
+        let b = s.assertion(&id, &route, 1_010);
+        assert_eq!(a, b, "reused within half the lifetime");
+        let c = s.assertion(&id, &route, 1_031);
+        assert_ne!(a, c, "re-signed after half the lifetime");
+
+        let jwt = a.to_str().unwrap_or_default();
+        let parts: Vec<&str> = jwt.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        let jwks: serde_json::Value = serde_json::from_slice(&s.jwks()).unwrap_or_default();
+        let k = &jwks["keys"][0];
+        let x = URL_SAFE_NO_PAD.decode(k["x"].as_str().unwrap_or_default()).unwrap_or_default();
+        let y = URL_SAFE_NO_PAD.decode(k["y"].as_str().unwrap_or_default()).unwrap_or_default();
+        let mut point = vec![4u8];
+        point.extend(x);
+        point.extend(y);
+        let sig = URL_SAFE_NO_PAD.decode(parts[2]).unwrap_or_default();
+        let msg = format!("{}.{}", parts[0], parts[1]);
+        assert!(UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
+            .verify(msg.as_bytes(), &sig)
+            .is_ok());
+        let claims: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap_or_default())
+                .unwrap_or_default();
+        assert_eq!(claims["sub"], "corp/alice");
+        assert_eq!(claims["aud"], "api");
+        assert_eq!(claims["exp"], 1_060);
+        assert_eq!(claims["groups"][0], "sre");
+    }
+}

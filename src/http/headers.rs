@@ -1,0 +1,275 @@
+//! Header hygiene: what a client may not send upstream, and what the proxy adds.
+//!
+//! Order matters and is fixed: strip hop-by-hop, strip every client-supplied identity
+//! header, strip credentials, then add the proxy's own headers. Nothing the client sent
+//! can survive under a name the upstream trusts.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+
+use crate::identity::Identity;
+
+/// Prefix of every header the proxy sets for the upstream.
+pub const PREFIX: &str = "x-portcullis-";
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+pub static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub static ASSERTION: HeaderName = HeaderName::from_static("x-portcullis-assertion");
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-portcullis-request-id");
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in
+/// `Connection`. `keep_upgrade` keeps `Upgrade`/`Connection: upgrade` for a WebSocket
+/// handshake that will be tunnelled only if the upstream answers 101.
+pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::PROXY_AUTHORIZATION,
+        &header::PROXY_AUTHENTICATE,
+    ] {
+        h.remove(n);
+    }
+    if keep_upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::UPGRADE);
+    }
+}
+
+/// Removes every `X-Portcullis-*` header and the route's configured extra names.
+pub fn strip_identity_headers(h: &mut HeaderMap, extra: &[HeaderName]) {
+    let ours: Vec<HeaderName> =
+        h.keys().filter(|k| k.as_str().starts_with(PREFIX)).cloned().collect();
+    for n in ours.iter().chain(extra) {
+        h.remove(n);
+    }
+}
+
+/// Removes the proxy's own cookies (`_portcullis*`), keeping the application's.
+pub fn strip_proxy_cookies(h: &mut HeaderMap) {
+    if !h.contains_key(header::COOKIE) {
+        return;
+    }
+    let kept: Vec<String> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !c.starts_with("_portcullis"))
+        .map(str::to_string)
+        .collect();
+    h.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            h.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// Sets `X-Forwarded-For/Proto/Host`. Client-supplied values are kept (and appended to)
+/// only when the peer is a configured trusted proxy; otherwise they are replaced, and
+/// `Forwarded`/`X-Real-IP` from untrusted peers are dropped.
+pub fn set_forwarded(h: &mut HeaderMap, peer: IpAddr, trusted: bool, proto: &'static str, host: &str) {
+    let peer_s = peer.to_string();
+    if trusted {
+        let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_s}"),
+            _ => peer_s,
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            h.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        if !h.contains_key(&X_FORWARDED_PROTO) {
+            h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+        }
+        if !h.contains_key(&X_FORWARDED_HOST) {
+            if let Ok(v) = HeaderValue::from_str(host) {
+                h.insert(X_FORWARDED_HOST.clone(), v);
+            }
+        }
+    } else {
+        h.remove(&FORWARDED);
+        h.remove(&X_REAL_IP);
+        if let Ok(v) = HeaderValue::from_str(&peer_s) {
+            h.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+        match HeaderValue::from_str(host) {
+            Ok(v) => {
+                h.insert(X_FORWARDED_HOST.clone(), v);
+            }
+            Err(_) => {
+                h.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+}
+
+/// Characters escaped in identity header values: controls, non-ASCII, `%` itself and
+/// `,` (the list separator of `X-Portcullis-Groups`).
+const HEADER_ESCAPE: &AsciiSet = &CONTROLS.add(b'%').add(b',').add(b'"');
+
+/// A header value from untrusted-but-verified text: percent-encoded so it is always
+/// valid and cannot smuggle a separator.
+pub fn value(s: &str) -> HeaderValue {
+    let enc: String = utf8_percent_encode(s, HEADER_ESCAPE).collect();
+    HeaderValue::from_str(&enc).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Adds the plain identity headers (the signed assertion is added separately).
+pub fn add_identity(h: &mut HeaderMap, id: &Identity, request_id: &str) {
+    let mut put = |name: &'static str, v: HeaderValue| {
+        h.insert(HeaderName::from_static(name), v);
+    };
+    put("x-portcullis-request-id", value(request_id));
+    put("x-portcullis-issuer", value(id.issuer.as_str()));
+    put("x-portcullis-subject", value(&id.subject));
+    put(
+        "x-portcullis-kind",
+        HeaderValue::from_static(match id.kind {
+            crate::identity::PrincipalKind::Human => "human",
+            crate::identity::PrincipalKind::Pipeline => "pipeline",
+            crate::identity::PrincipalKind::Service => "service",
+        }),
+    );
+    if let (Some(e), true) = (&id.email, id.email_verified) {
+        put("x-portcullis-email", value(e));
+    }
+    if !id.groups.is_empty() {
+        let joined: Vec<String> =
+            id.groups.iter().map(|g| utf8_percent_encode(g, HEADER_ESCAPE).to_string()).collect();
+        if let Ok(v) = HeaderValue::from_str(&joined.join(",")) {
+            put("x-portcullis-groups", v);
+        }
+    }
+    if let Some(ci) = &id.ci {
+        put("x-portcullis-ci-provider", HeaderValue::from_static(ci.provider));
+        let fields: [(&'static str, &Option<String>); 8] = [
+            ("x-portcullis-ci-repository", &ci.repository),
+            ("x-portcullis-ci-workspace", &ci.workspace),
+            ("x-portcullis-ci-branch", &ci.branch),
+            ("x-portcullis-ci-ref", &ci.git_ref),
+            ("x-portcullis-ci-environment", &ci.environment),
+            ("x-portcullis-ci-commit", &ci.commit),
+            ("x-portcullis-ci-run", &ci.run),
+            ("x-portcullis-ci-step", &ci.step),
+        ];
+        for (name, v) in fields {
+            if let Some(v) = v {
+                put(name, value(v));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap_or(header::ACCEPT),
+                HeaderValue::from_str(v).unwrap_or(HeaderValue::from_static("")),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_go() {
+        let mut h = map(&[
+            ("connection", "close, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Bearer t"),
+            ("accept", "*/*"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        assert_eq!(names, vec!["accept"]);
+    }
+
+    #[test]
+    fn websocket_upgrade_survives_when_asked() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("upgrade").map(|v| v.as_bytes()), Some(&b"websocket"[..]));
+        assert_eq!(h.get("connection").map(|v| v.as_bytes()), Some(&b"upgrade"[..]));
+    }
+
+    #[test]
+    fn spoofed_identity_headers_are_removed() {
+        let mut h = map(&[
+            ("x-portcullis-subject", "admin"),
+            ("X-Portcullis-Groups", "root"),
+            ("x-user", "admin"),
+            ("x-other", "1"),
+        ]);
+        strip_identity_headers(&mut h, &[HeaderName::from_static("x-user")]);
+        let names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        assert_eq!(names, vec!["x-other"]);
+    }
+
+    #[test]
+    fn only_proxy_cookies_are_stripped() {
+        let mut h = map(&[("cookie", "_portcullis=abc; app=1"), ("cookie", "_portcullis_1=x")]);
+        strip_proxy_cookies(&mut h);
+        assert_eq!(h.get_all("cookie").iter().count(), 1);
+        assert_eq!(h.get("cookie").map(|v| v.as_bytes()), Some(&b"app=1"[..]));
+        let mut h = map(&[("cookie", "_portcullis=abc")]);
+        strip_proxy_cookies(&mut h);
+        assert!(h.get("cookie").is_none());
+    }
+
+    #[test]
+    fn forwarded_headers_trust_only_trusted_peers() {
+        let peer: IpAddr = [10, 0, 0, 9].into();
+        let mut h = map(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "http"),
+            ("forwarded", "for=1.2.3.4"),
+        ]);
+        set_forwarded(&mut h, peer, false, "https", "api.example.com");
+        assert_eq!(h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()), Some(&b"10.0.0.9"[..]));
+        assert_eq!(h.get(&X_FORWARDED_PROTO).map(|v| v.as_bytes()), Some(&b"https"[..]));
+        assert!(h.get(&FORWARDED).is_none());
+        let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "https")]);
+        set_forwarded(&mut h, peer, true, "http", "api.example.com");
+        assert_eq!(h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()), Some(&b"1.2.3.4, 10.0.0.9"[..]));
+        assert_eq!(h.get(&X_FORWARDED_PROTO).map(|v| v.as_bytes()), Some(&b"https"[..]));
+    }
+
+    #[test]
+    fn values_cannot_smuggle_separators_or_controls() {
+        assert_eq!(value("a,b").as_bytes(), b"a%2Cb");
+        assert_eq!(value("x\r\ny: z").as_bytes(), b"x%0D%0Ay: z");
+        assert_eq!(value("é").as_bytes(), b"%C3%A9");
+    }
+}

@@ -1,0 +1,333 @@
+//! The proxy's phases, in the order every request meets them. Each phase either hands
+//! the request on or returns a rejection; nothing is forwarded unless every phase said
+//! yes (fail closed).
+//!
+//! 1. own endpoints (`/.well-known/portcullis/jwks.json`)
+//! 2. authority + path: SNI/Host agreement, canonical path (ambiguous → 400)
+//! 3. route: host + path (+ method) → 404
+//! 4. authenticate: bearer token → verified identity → 401
+//! 5. authorize: the route's policy → 403 (a shadow policy is evaluated alongside)
+//! 6. forward: header hygiene, identity headers + signed assertion, streaming, timeouts
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use tower::Service;
+
+use super::assertion::AssertionSigner;
+use super::body::{ProxyBody, RequestBody};
+use super::{headers, path, reject, ConnInfo, RequestId};
+use crate::identity::{extract_bearer, CredentialSource, Identity};
+use crate::policy::{Decision, RequestFacts, RuleRef};
+use crate::reason::Reason;
+use crate::server::Runtime;
+
+/// The path of the assertion JWKS, served on every host before routing.
+pub const JWKS_PATH: &str = "/.well-known/portcullis/jwks.json";
+
+/// What the proxy decided, handed to the access log through response extensions.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub path: Option<String>,
+    pub route: Option<Arc<str>>,
+    pub reason: Reason,
+    pub detail: Option<Cow<'static, str>>,
+    pub rule: Option<Arc<RuleRef>>,
+    pub shadow: Option<Decision>,
+    pub identity: Option<Arc<Identity>>,
+    pub upstream: Option<Arc<str>>,
+    pub revision: Option<Arc<str>>,
+    pub bytes_in: Arc<AtomicU64>,
+    /// Whether the request reached the upstream (allow) or was refused (deny) or
+    /// failed on the way (error).
+    pub decision: &'static str,
+}
+
+impl Outcome {
+    fn new(revision: Arc<str>) -> Self {
+        Self {
+            path: None,
+            route: None,
+            reason: Reason::InternalError,
+            detail: None,
+            rule: None,
+            shadow: None,
+            identity: None,
+            upstream: None,
+            revision: Some(revision),
+            bytes_in: Arc::new(AtomicU64::new(0)),
+            decision: "error",
+        }
+    }
+}
+
+/// State shared by every connection; the runtime is swapped atomically on reload.
+pub struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    pub signer: Arc<AssertionSigner>,
+    pub replay: super::replay::ReplayCache,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shared")
+    }
+}
+
+/// The innermost service: runs the phases for one request.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+}
+
+impl Proxy {
+    pub fn new(shared: Arc<Shared>, conn: ConnInfo) -> Self {
+        Self { shared, conn }
+    }
+}
+
+impl Service<Request<Incoming>> for Proxy {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let shared = self.shared.clone();
+        let conn = self.conn.clone();
+        Box::pin(async move { Ok(handle(shared, conn, req).await) })
+    }
+}
+
+fn finish(mut resp: Response<ProxyBody>, outcome: Outcome) -> Response<ProxyBody> {
+    resp.extensions_mut().insert(outcome);
+    resp
+}
+
+fn rejection(mut outcome: Outcome, reason: Reason, detail: impl Into<Cow<'static, str>>, rid: &str) -> Response<ProxyBody> {
+    outcome.reason = reason;
+    outcome.detail = Some(detail.into());
+    outcome.decision = match reason.status() {
+        s if s.is_server_error() => "error",
+        _ => "deny",
+    };
+    finish(reject::response(reason, rid), outcome)
+}
+
+/// The request's authority, lower-cased and without port: `:authority` (HTTP/2) or Host.
+fn authority(req: &Request<Incoming>) -> Option<String> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.host().to_string(),
+        None => {
+            let h = req.headers().get(header::HOST)?.to_str().ok()?;
+            let a: http::uri::Authority = h.parse().ok()?;
+            a.host().to_string()
+        }
+    };
+    let host = raw.trim_end_matches('.').to_ascii_lowercase();
+    (!host.is_empty()).then_some(host)
+}
+
+pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let rt = shared.runtime.load_full();
+    let rid = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_else(super::next_request_id);
+    let mut out = Outcome::new(rt.revision.clone());
+
+    // 1. Our own endpoints.
+    if req.uri().path() == JWKS_PATH && req.method() == http::Method::GET {
+        out.reason = Reason::Internal;
+        out.decision = "allow";
+        out.path = Some(JWKS_PATH.to_string());
+        let mut resp = Response::new(ProxyBody::full(shared.signer.jwks()));
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+        return finish(resp, out);
+    }
+
+    // 2. Authority and path.
+    let Some(host) = authority(&req) else {
+        return rejection(out, Reason::BadRequest, "missing or invalid Host", &rid);
+    };
+    if let Some(sni) = conn.tls.as_ref().and_then(|t| t.sni.as_deref()) {
+        // A client must not use a connection made for one name to reach another route.
+        if !sni.eq_ignore_ascii_case(&host) {
+            return rejection(out, Reason::MisdirectedRequest, "TLS SNI and Host differ", &rid);
+        }
+    }
+    let norm = match path::normalize(req.uri().path()) {
+        Ok(p) => p,
+        Err(e) => return rejection(out, Reason::AmbiguousPath, e.detail(), &rid),
+    };
+    out.path = Some(norm.clone());
+
+    // 3. Route.
+    let Some((idx, route)) =
+        rt.config.routes.iter().enumerate().find(|(_, r)| r.matches(&host, &norm, req.method()))
+    else {
+        return rejection(out, Reason::NoRoute, "no route for host and path", &rid);
+    };
+    out.route = Some(route.name.clone());
+    out.upstream = Some(route.upstream.display.clone());
+
+    // 4. Authenticate.
+    let (token, source) = match extract_bearer(req.headers()) {
+        Ok(Some(t)) => t,
+        Ok(None) => return rejection(out, Reason::MissingToken, "no bearer token", &rid),
+        Err(e) => return rejection(out, e.reason, e.detail, &rid),
+    };
+    let identity = match rt.verifier.verify(token).await {
+        Ok(id) => id,
+        Err(e) => return rejection(out, e.reason, e.detail, &rid),
+    };
+    out.identity = Some(identity.clone());
+    if route.single_use_tokens && !shared.replay.first_use(token, identity.expires_at) {
+        return rejection(out, Reason::TokenReplayed, "token already used on a single-use route", &rid);
+    }
+
+    // 5. Authorize the canonical path: the same string that is forwarded.
+    let facts = RequestFacts { method: req.method(), path: &norm, database: None, role: None };
+    let decision = route.policy.evaluate(&identity, &facts);
+    if let Some(shadow) = &route.shadow_policy {
+        let s = shadow.evaluate(&identity, &facts);
+        if s.allowed != decision.allowed {
+            crate::metrics::global().shadow_disagreements.inc(&route.name);
+            out.shadow = Some(s);
+        }
+    }
+    out.rule = decision.rule.clone();
+    if !decision.allowed {
+        return rejection(out, decision.reason, "denied by policy", &rid);
+    }
+    out.reason = Reason::Allowed;
+
+    // 6. Forward.
+    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+        if len > route.max_request_body {
+            return rejection(out, Reason::PayloadTooLarge, "content-length over the route's limit", &rid);
+        }
+    }
+    let websocket = is_websocket(&req);
+    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+
+    let mut target = String::with_capacity(route.upstream.base_path.len() + norm.len() + 64);
+    target.push_str(&route.upstream.base_path);
+    target.push_str(&norm);
+    if let Some(q) = req.uri().query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    let uri = match Uri::builder()
+        .scheme(route.upstream.scheme.clone())
+        .authority(route.upstream.authority.clone())
+        .path_and_query(target)
+        .build()
+    {
+        Ok(u) => u,
+        Err(_) => return rejection(out, Reason::BadRequest, "cannot build the upstream URI", &rid),
+    };
+
+    let (mut parts, body) = req.into_parts();
+    let h = &mut parts.headers;
+    headers::strip_hop_by_hop(h, websocket);
+    headers::strip_identity_headers(h, &route.strip_headers);
+    headers::strip_proxy_cookies(h);
+    if source == CredentialSource::Authorization && !route.forward_token {
+        h.remove(header::AUTHORIZATION);
+    }
+    headers::set_forwarded(h, conn.peer.ip(), conn.trusted_peer, conn.proto(), &host);
+    if !route.preserve_host {
+        if let Ok(v) = HeaderValue::from_str(route.upstream.authority.as_str()) {
+            h.insert(header::HOST, v);
+        }
+    }
+    headers::add_identity(h, &identity, &rid);
+    h.insert(headers::ASSERTION.clone(), shared.signer.assertion(&identity, &route.name, crate::util::unix_now()));
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    let upstream_req = Request::from_parts(parts, RequestBody::new(body, route.max_request_body, out.bytes_in.clone()));
+
+    let Some(client) = rt.clients.get(idx) else {
+        return rejection(out, Reason::InternalError, "no client for route", &rid);
+    };
+    let mut resp = match tokio::time::timeout(route.timeout, client.request(upstream_req)).await {
+        Err(_) => return rejection(out, Reason::UpstreamTimeout, "upstream response timed out", &rid),
+        Ok(Err(e)) => {
+            let too_large = out.bytes_in.load(std::sync::atomic::Ordering::Relaxed) > route.max_request_body;
+            if too_large {
+                return rejection(out, Reason::PayloadTooLarge, "request body over the route's limit", &rid);
+            }
+            let detail = format!("upstream request failed: {e}{}", source_chain(&e));
+            return rejection(out, Reason::UpstreamUnavailable, detail, &rid);
+        }
+        Ok(Ok(r)) => r,
+    };
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        match client_upgrade {
+            Some(client_upgrade) => {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+            }
+            None => {
+                return rejection(out, Reason::UpstreamUnavailable, "upstream switched protocols unasked", &rid);
+            }
+        }
+    }
+    let keep_upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, keep_upgrade);
+    out.decision = "allow";
+    finish(Response::from_parts(parts, ProxyBody::Upstream(body)), out)
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = String::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn is_websocket(req: &Request<Incoming>) -> bool {
+    let h = req.headers();
+    let upgrade = h.get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let conn_upgrade = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    upgrade && conn_upgrade && req.version() == http::Version::HTTP_11
+}
+
+/// Copies bytes both ways once both sides have switched protocols.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (c, u) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "websocket upgrade did not complete");
+            return;
+        }
+    };
+    let mut c = hyper_util::rt::TokioIo::new(c);
+    let mut u = hyper_util::rt::TokioIo::new(u);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+        tracing::debug!(error = %e, "websocket tunnel closed with an error");
+    }
+}

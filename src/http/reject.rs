@@ -1,0 +1,62 @@
+//! Rejections become responses here and only here: a fixed public body, the precise
+//! cause kept for the log.
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{HeaderValue, Response};
+
+use super::body::ProxyBody;
+use crate::reason::Reason;
+
+/// The response for a rejection: `{"error": CODE, "request_id": ID}`.
+///
+/// 401s carry `WWW-Authenticate` per RFC 6750 §3: no error code when no credential was
+/// sent, `error="invalid_token"` when one was sent and refused.
+pub fn response(reason: Reason, request_id: &str) -> Response<ProxyBody> {
+    let body = format!(r#"{{"error":"{}","request_id":"{}"}}"#, reason.public_code(), request_id);
+    let mut resp = Response::new(ProxyBody::Full(Some(Bytes::from(body))));
+    *resp.status_mut() = reason.status();
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if reason == Reason::MissingToken {
+        h.insert(WWW_AUTHENTICATE, HeaderValue::from_static(r#"Bearer realm="portcullis""#));
+    } else if reason.is_token_problem() {
+        h.insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static(r#"Bearer realm="portcullis", error="invalid_token""#),
+        );
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    #[test]
+    fn rejections_have_fixed_bodies_and_rfc6750_challenges() {
+        let r = response(Reason::TokenExpired, "abc");
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            r.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()),
+            Some(r#"Bearer realm="portcullis", error="invalid_token""#)
+        );
+        match r.body() {
+            ProxyBody::Full(Some(b)) => {
+                assert_eq!(&b[..], br#"{"error":"invalid-token","request_id":"abc"}"#)
+            }
+            _ => panic!("expected a full body"),
+        }
+        let r = response(Reason::MissingToken, "abc");
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            r.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()),
+            Some(r#"Bearer realm="portcullis""#)
+        );
+        let r = response(Reason::DeniedByRule, "abc");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(r.headers().get(WWW_AUTHENTICATE).is_none());
+    }
+}

@@ -1,0 +1,35 @@
+//! The HTTP service stack, outermost layer first. Each line says why it is there.
+
+use std::sync::Arc;
+
+use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
+use tower::ServiceBuilder;
+use tower_http::sensitive_headers::{SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer};
+
+use super::access_log::AccessLogLayer;
+use super::proxy::{Proxy, Shared};
+use super::ConnInfo;
+use crate::audit::AuditSink;
+
+/// Builds the per-connection service.
+pub fn service(
+    shared: Arc<Shared>,
+    sink: AuditSink,
+    conn: ConnInfo,
+) -> impl tower::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<super::access_log::AuditBody>,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone {
+    ServiceBuilder::new()
+        // Credentials are marked sensitive first, so no layer's Debug or trace output
+        // can ever print a token or cookie.
+        .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE]))
+        .layer(SetSensitiveResponseHeadersLayer::new([SET_COOKIE]))
+        // Exactly one audit event per request, rejections included; it sees the final
+        // status and counts the response body to its end.
+        .layer(AccessLogLayer::new(sink, conn.clone()))
+        // The phases: own endpoints → path → route → authenticate → authorize → forward.
+        .service(Proxy::new(shared, conn))
+}
