@@ -1,42 +1,81 @@
 //! Per-route policies: TOML files compiled once at load into typed rules, evaluated per
 //! request into a [`Decision`] that names the deciding rule and its `file:line`.
 //!
-//! Work in progress: this skeleton fixes the public shape so other modules can build.
+//! The language is documented in `policies/README.md`. In short:
+//!
+//! - default deny;
+//! - any matching `deny` rule beats every `allow` (deny wins);
+//! - among allows, the first matching in file order decides;
+//! - group overage (`groups_known == false`): allows with a group condition do not
+//!   match, denies with one still apply (fail closed), and a request that only such an
+//!   allow would have let through is denied with [`Reason::GroupsUnknown`].
+//!
+//! Loading goes [`raw`] (serde, spans) → [`compile`] (typed rules) → [`lint`]; every
+//! problem of all three stages is reported at once. Evaluation compares precompiled
+//! values only and allocates nothing beyond the `Arc` clone of the deciding rule.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
+use serde::ser::SerializeStruct;
 use serde::Serialize;
 
 use crate::diag::{Diagnostic, Diagnostics, Source};
 use crate::identity::{Identity, Preset};
 use crate::reason::Reason;
 
-/// The issuers a configuration declares (`[issuers.NAME]`) and their presets.
+mod claims;
+mod compile;
+mod explain;
+mod glob;
+mod lint;
+pub mod raw;
+mod rule;
+mod testcase;
+
+pub use explain::{Explanation, RuleTrace, TraceOutcome};
+pub use glob::{Glob, GlobError};
+pub use lint::{lint, Lint, Severity};
+pub use rule::{Condition, Effect, Loc, Rule};
+pub use testcase::{run_tests, TestCase, TestOutcome, TestRequest};
+
+use rule::Outcome;
+
+/// The issuers a configuration declares (`[issuers.NAME]`) and their presets: what a
+/// policy may name in `issuer = ...` and which claim vocabulary applies.
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
     pub issuers: BTreeMap<String, Preset>,
 }
 
-/// A compiled policy file.
+/// A compiled policy file. Immutable; share it behind an `Arc`.
 #[derive(Debug)]
 pub struct Policy {
+    name: Arc<str>,
     file: Arc<Path>,
+    sha256: [u8; 32],
+    rules: Vec<Rule>,
+    tests: Vec<TestCase>,
+    /// Lint warnings, each message prefixed with `warning: `.
     warnings: Vec<Diagnostic>,
 }
 
-/// What the proxy knows about the request being authorized.
+/// What the proxy knows about the request being authorized. For a PostgreSQL session
+/// `database` (and usually `role`) is set; `method` and `path` are then ignored, and
+/// `methods`/`paths` conditions never match.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestFacts<'a> {
     pub method: &'a http::Method,
+    /// The normalized path that is forwarded.
     pub path: &'a str,
     pub database: Option<&'a str>,
     pub role: Option<&'a str>,
 }
 
-/// Where a rule lives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Where a rule lives: its id and the `file:line` of its `[[rule]]` header.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct RuleRef {
     pub id: Arc<str>,
     pub file: Arc<Path>,
@@ -44,36 +83,156 @@ pub struct RuleRef {
 }
 
 /// The outcome of evaluating a policy.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub allowed: bool,
+    /// [`Reason::Allowed`], [`Reason::DeniedByRule`], [`Reason::PolicyDenied`] or
+    /// [`Reason::GroupsUnknown`].
     pub reason: Reason,
+    /// The deciding rule: the allow or the deny that matched; for `groups-unknown`
+    /// the first allow skipped for unknown groups; `None` for the default deny.
     pub rule: Option<Arc<RuleRef>>,
 }
 
+// === impl Policy ===
+
 impl Policy {
+    /// Reads and compiles a policy file.
     pub fn load(path: &Path, catalog: &Catalog) -> Result<Policy, Diagnostics> {
         let source = Source::read(path).map_err(|d| {
-            let mut ds = Diagnostics::default();
-            ds.push(d);
-            ds
+            let mut diags = Diagnostics::default();
+            diags.push(d);
+            diags
         })?;
         Self::parse(&source, catalog)
     }
 
-    pub fn parse(source: &Source, _catalog: &Catalog) -> Result<Policy, Diagnostics> {
-        Ok(Policy { file: source.path.clone(), warnings: Vec::new() })
+    /// Compiles policy text (tests, `policy diff` of git revisions). Fails with every
+    /// error at once: syntax, shape, meaning and error-level lints.
+    pub fn parse(source: &Source, catalog: &Catalog) -> Result<Policy, Diagnostics> {
+        let mut diags = Diagnostics::default();
+        let doc = raw::parse(source, &mut diags);
+        let mut compiler = compile::Compiler::new(source, catalog);
+        let rules = compiler.rules(&doc.rules);
+        let ids: Vec<&str> = doc
+            .rules
+            .iter()
+            .filter_map(|r| r.get_ref().id.as_ref())
+            .map(|i| i.get_ref().as_str())
+            .collect();
+        let tests = compiler.tests(&doc.tests, &ids);
+        diags.extend(compiler.diags);
+
+        let mut warnings = Vec::new();
+        for l in lint::lint_rules(&source.path, &rules, catalog) {
+            match l.severity {
+                Severity::Error => diags.push(l.diagnostic),
+                Severity::Warning => warnings.push(l.into_labelled()),
+            }
+        }
+        if !diags.is_empty() {
+            return Err(diags);
+        }
+        let name =
+            source.path.file_stem().map_or_else(|| "policy".into(), |s| s.to_string_lossy().into());
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, source.text.as_bytes());
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(digest.as_ref());
+        Ok(Policy { name, file: source.path.clone(), sha256, rules, tests, warnings })
     }
 
-    pub fn evaluate(&self, _identity: &Identity, _request: &RequestFacts<'_>) -> Decision {
-        Decision { allowed: false, reason: Reason::PolicyDenied, rule: None }
+    /// The decision for one request. The hot path: no allocation beyond an `Arc` clone.
+    pub fn evaluate(&self, identity: &Identity, request: &RequestFacts<'_>) -> Decision {
+        // Deny wins: any matching deny decides, wherever it is in the file.
+        for rule in self.rules.iter().filter(|r| r.effect == Effect::Deny) {
+            if rule.outcome(identity, request) == Outcome::Matched {
+                return Decision::new(false, Reason::DeniedByRule, Some(rule));
+            }
+        }
+        let mut skipped: Option<&Rule> = None;
+        for rule in self.rules.iter().filter(|r| r.effect == Effect::Allow) {
+            match rule.outcome(identity, request) {
+                Outcome::Matched => return Decision::new(true, Reason::Allowed, Some(rule)),
+                Outcome::GroupsUnknown => {
+                    skipped.get_or_insert(rule);
+                }
+                Outcome::Failed(_) => {}
+            }
+        }
+        match skipped {
+            Some(rule) => Decision::new(false, Reason::GroupsUnknown, Some(rule)),
+            None => Decision::new(false, Reason::PolicyDenied, None),
+        }
     }
 
+    /// The file's stem (`deploy-api` for `policies/deploy-api.toml`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
     pub fn file(&self) -> &Path {
         &self.file
     }
-
+    pub(crate) fn file_arc(&self) -> &Arc<Path> {
+        &self.file
+    }
+    /// Rules in file order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+    /// `[[test]]` cases in file order.
+    pub fn tests(&self) -> &[TestCase] {
+        &self.tests
+    }
+    /// Lint warnings (errors fail the load), messages prefixed with `warning: `.
     pub fn warnings(&self) -> &[Diagnostic] {
         &self.warnings
     }
+    /// SHA-256 of the source text, lower-case hex: identifies the revision in logs.
+    pub fn content_hash(&self) -> String {
+        self.sha256.iter().fold(String::with_capacity(64), |mut s, b| {
+            use fmt::Write as _;
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    }
 }
+
+// === impl RequestFacts ===
+
+impl<'a> RequestFacts<'a> {
+    pub fn http(method: &'a http::Method, path: &'a str) -> Self {
+        Self { method, path, database: None, role: None }
+    }
+
+    /// A PostgreSQL session request.
+    pub fn database(database: &'a str, role: Option<&'a str>) -> Self {
+        static UNUSED: http::Method = http::Method::CONNECT;
+        Self { method: &UNUSED, path: "", database: Some(database), role }
+    }
+
+    /// Whether this is a database session rather than an HTTP request.
+    pub fn is_database(&self) -> bool {
+        self.database.is_some() || self.role.is_some()
+    }
+}
+
+// === impl Decision ===
+
+impl Decision {
+    fn new(allowed: bool, reason: Reason, rule: Option<&Rule>) -> Self {
+        Decision { allowed, reason, rule: rule.map(|r| r.rule_ref.clone()) }
+    }
+}
+
+impl Serialize for Decision {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("Decision", 3)?;
+        st.serialize_field("allowed", &self.allowed)?;
+        st.serialize_field("reason", self.reason.code())?;
+        st.serialize_field("rule", &self.rule)?;
+        st.end()
+    }
+}
+
+#[cfg(test)]
+mod tests;

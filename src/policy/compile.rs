@@ -1,0 +1,678 @@
+//! Raw → compiled: gives every key its meaning, reporting every problem with the
+//! `file:line:col` of the offending key or value. A rule with problems is left out of
+//! the result (so lints do not pile noise on it), but its siblings are still checked.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use http::Method;
+use serde_json::{Map, Value};
+use toml::Spanned;
+
+use super::claims;
+use super::raw::{self, OneOrMany};
+use super::rule::{ClaimValue, Condition, Effect, Loc, Matcher, Rule};
+use super::testcase::{TestCase, TestRequest};
+use super::{Catalog, Glob, RuleRef};
+use crate::diag::{Diagnostics, Source};
+use crate::identity::{CiContext, Identity, IssuerId, Preset};
+
+/// The methods a rule may name. Extension methods are refused: a misspelt `PSOT`
+/// would otherwise be a valid token that silently matches nothing.
+const METHODS: &[&str] =
+    &["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"];
+
+pub(crate) struct Compiler<'a> {
+    pub source: &'a Source,
+    pub catalog: &'a Catalog,
+    pub diags: Diagnostics,
+}
+
+impl<'a> Compiler<'a> {
+    pub fn new(source: &'a Source, catalog: &'a Catalog) -> Self {
+        Self { source, catalog, diags: Diagnostics::default() }
+    }
+
+    fn err(&mut self, span: Range<usize>, message: impl Into<String>) {
+        self.diags.push(self.source.error(Some(span), message));
+    }
+
+    fn loc(&self, span: &Range<usize>) -> Loc {
+        let (line, col) = self.source.line_col(span.start);
+        Loc { line, col }
+    }
+
+    // === rules ===
+
+    pub fn rules(&mut self, raw: &[Spanned<raw::Rule>]) -> Vec<Rule> {
+        let mut seen: HashMap<&str, u32> = HashMap::new();
+        let mut rules = Vec::new();
+        for r in raw {
+            if let Some(id) = &r.get_ref().id {
+                let line = self.loc(&id.span()).line;
+                if let Some(first) = seen.insert(id.get_ref(), line) {
+                    self.err(
+                        id.span(),
+                        format!(
+                            "duplicate rule id `{}` (first defined on line {first})",
+                            id.get_ref()
+                        ),
+                    );
+                    // Keep the first definition's line for any later duplicate.
+                    seen.insert(id.get_ref(), first);
+                }
+            }
+            if let Some(rule) = self.rule(r) {
+                rules.push(rule);
+            }
+        }
+        rules
+    }
+
+    fn rule(&mut self, spanned: &Spanned<raw::Rule>) -> Option<Rule> {
+        let before = self.diags.len();
+        let r = spanned.get_ref();
+        let header = spanned.span();
+
+        let id = match &r.id {
+            None => {
+                self.err(header.clone(), "rule is missing `id`");
+                None
+            }
+            Some(id) if !valid_id(id.get_ref()) => {
+                self.err(
+                    id.span(),
+                    format!(
+                        "rule id `{}` must be non-empty and use only letters, digits, `-`, `_` and `.`",
+                        id.get_ref()
+                    ),
+                );
+                None
+            }
+            Some(id) => Some(id),
+        };
+        let effect = match &r.effect {
+            None => {
+                self.err(header.clone(), "rule is missing `effect` (\"allow\" or \"deny\")");
+                None
+            }
+            Some(e) => match e.get_ref().as_str() {
+                "allow" => Some(Effect::Allow),
+                "deny" => Some(Effect::Deny),
+                other => {
+                    self.err(
+                        e.span(),
+                        format!("unknown effect `{other}`: expected \"allow\" or \"deny\""),
+                    );
+                    None
+                }
+            },
+        };
+
+        let mut conditions = Vec::new();
+        let mut groups = Vec::new();
+        match &r.issuer {
+            None => {
+                self.err(header.clone(), "rule is missing `issuer` (a name from `[issuers.NAME]`)")
+            }
+            Some(v) => {
+                let ids = self.issuers(v);
+                conditions.push(self.condition("issuer", v.span(), Matcher::Issuer(ids)));
+            }
+        }
+        // Request conditions first: they are the cheapest to compare.
+        if let Some(v) = &r.methods {
+            let methods = self.methods(v);
+            conditions.push(self.condition("methods", v.span(), Matcher::Methods(methods)));
+        }
+        if let Some(v) = &r.paths {
+            let globs = self.globs(v, "paths", |p| {
+                (!p.starts_with('/')).then(|| format!("path `{p}` must start with `/`"))
+            });
+            conditions.push(self.condition("paths", v.span(), Matcher::Paths(globs)));
+        }
+        if let Some(v) = &r.databases {
+            let globs = self.globs(v, "databases", |_| None);
+            conditions.push(self.condition("databases", v.span(), Matcher::Databases(globs)));
+        }
+        if let Some(v) = &r.roles {
+            let globs = self.globs(v, "roles", |_| None);
+            conditions.push(self.condition("roles", v.span(), Matcher::Roles(globs)));
+        }
+        if let Some(v) = &r.subject {
+            let globs = self.globs(v, "subject", |_| None);
+            conditions.push(self.condition("subject", v.span(), Matcher::Subject(globs)));
+        }
+        if let Some(v) = &r.email {
+            let globs = self.globs(v, "email", |_| None);
+            conditions.push(self.condition("email", v.span(), Matcher::Email(globs)));
+        }
+        if let Some(v) = &r.email_domain {
+            let domains = self.strings(v, "email_domain", |d| {
+                if d.contains('@') {
+                    Some(format!("`email_domain` takes a domain, not an address: write `{}`", d.rsplit('@').next().unwrap_or(d)))
+                } else if d.contains(['*', '?']) {
+                    Some(format!("`email_domain` is exact; `{d}` looks like a glob (use `email = \"*@{d}\"`)"))
+                } else if d.is_empty() || d.contains(char::is_whitespace) {
+                    Some(format!("`{d}` is not a domain"))
+                } else {
+                    None
+                }
+            });
+            conditions.push(self.condition(
+                "email_domain",
+                v.span(),
+                Matcher::EmailDomain(domains),
+            ));
+        }
+        if let Some(claims) = &r.claims {
+            if claims.get_ref().is_empty() {
+                self.err(claims.span(), "`claims` is empty: remove it or name a claim");
+            }
+            for (name, value) in claims.get_ref() {
+                let values = self.claim_values(name.get_ref(), value);
+                let label = format!("claims.{}", name.get_ref());
+                let matcher = Matcher::Claim { name: name.get_ref().as_str().into(), values };
+                conditions.push(self.condition(&label, name.span(), matcher));
+            }
+        }
+        if let Some(ci) = &r.ci {
+            if ci.get_ref().is_empty() {
+                self.err(ci.span(), "`ci` is empty: remove it or name a field");
+            }
+            for (name, value) in ci.get_ref() {
+                let Some(field) = CiContext::FIELDS.iter().find(|f| **f == name.get_ref().as_str())
+                else {
+                    let hint = raw::suggest(name.get_ref(), CiContext::FIELDS)
+                        .map_or_else(String::new, |s| format!("; did you mean `{s}`?"));
+                    self.err(
+                        name.span(),
+                        format!(
+                            "unknown ci field `{}`{hint} (fields: {})",
+                            name.get_ref(),
+                            CiContext::FIELDS.join(", ")
+                        ),
+                    );
+                    continue;
+                };
+                let label = format!("ci.{field}");
+                let globs = self.globs(value, &label, |_| None);
+                conditions.push(self.condition(&label, name.span(), Matcher::Ci { field, globs }));
+            }
+        }
+        if let Some(v) = &r.groups_any {
+            let names = self.strings(v, "groups_any", |_| None);
+            groups.push(self.condition("groups_any", v.span(), Matcher::GroupsAny(names)));
+        }
+        if let Some(v) = &r.groups_all {
+            let names = self.strings(v, "groups_all", |_| None);
+            groups.push(self.condition("groups_all", v.span(), Matcher::GroupsAll(names)));
+        }
+        let upstream_role = match &r.upstream_role {
+            Some(u) if u.get_ref().trim().is_empty() => {
+                self.err(u.span(), "`upstream_role` is empty");
+                None
+            }
+            Some(u) => Some(u.get_ref().as_str().into()),
+            None => None,
+        };
+        let description = r.description.as_ref().map(|d| d.get_ref().as_str().into());
+
+        let (id, effect) = (id?, effect?);
+        if self.diags.len() != before {
+            return None;
+        }
+        let id_at = self.loc(&id.span());
+        let rule_ref = Arc::new(RuleRef {
+            id: Arc::from(id.get_ref().as_str()),
+            file: self.source.path.clone(),
+            line: self.loc(&header).line,
+        });
+        Some(Rule {
+            rule_ref,
+            id_at,
+            effect,
+            description,
+            upstream_role,
+            conditions: conditions.into_boxed_slice(),
+            groups: groups.into_boxed_slice(),
+        })
+    }
+
+    fn condition(&self, label: &str, span: Range<usize>, matcher: Matcher) -> Condition {
+        Condition { label: label.into(), at: self.loc(&span), matcher }
+    }
+
+    /// Every string of a list, checked by `check`; an empty list is an error because
+    /// it either matches nothing (any-of) or everything (all-of), never what was meant.
+    fn strings(
+        &mut self,
+        v: &Spanned<OneOrMany>,
+        key: &str,
+        check: impl Fn(&str) -> Option<String>,
+    ) -> Box<[Box<str>]> {
+        let items = OneOrMany::items(v);
+        if items.is_empty() {
+            self.err(
+                v.span(),
+                format!("`{key}` is an empty list: remove it or give at least one value"),
+            );
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (s, span) in items {
+            if let Some(msg) = check(s) {
+                self.err(span, msg);
+            } else if s.is_empty() {
+                self.err(span, format!("empty string in `{key}`"));
+            } else {
+                out.push(s.into());
+            }
+        }
+        out.into_boxed_slice()
+    }
+
+    fn globs(
+        &mut self,
+        v: &Spanned<OneOrMany>,
+        key: &str,
+        check: impl Fn(&str) -> Option<String>,
+    ) -> Box<[Glob]> {
+        let items = OneOrMany::items(v);
+        if items.is_empty() {
+            self.err(
+                v.span(),
+                format!("`{key}` is an empty list: remove it or give at least one value"),
+            );
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (s, span) in items {
+            match Glob::new(s) {
+                Err(e) => self.err(span, format!("bad pattern {s:?} in `{key}`: {e}")),
+                Ok(g) => match check(s) {
+                    Some(msg) => self.err(span, msg),
+                    None => out.push(g),
+                },
+            }
+        }
+        out.into_boxed_slice()
+    }
+
+    fn issuers(&mut self, v: &Spanned<OneOrMany>) -> Box<[IssuerId]> {
+        let known: Vec<&str> = self.catalog.issuers.keys().map(String::as_str).collect();
+        let names = self.strings(v, "issuer", |name| {
+            if known.contains(&name) {
+                return None;
+            }
+            let hint = raw::suggest(name, &known)
+                .map_or_else(String::new, |s| format!("; did you mean `{s}`?"));
+            Some(format!(
+                "issuer `{name}` is not declared in the configuration{hint} (declared: {})",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ))
+        });
+        names.iter().map(|n| IssuerId(Arc::from(&**n))).collect()
+    }
+
+    fn methods(&mut self, v: &Spanned<OneOrMany>) -> Box<[Method]> {
+        let names = self.strings(v, "methods", |m| {
+            if METHODS.contains(&m) {
+                return None;
+            }
+            let upper = m.to_ascii_uppercase();
+            let hint = if METHODS.contains(&upper.as_str()) {
+                format!("; methods are upper case: `{upper}`")
+            } else {
+                raw::suggest(&upper, METHODS)
+                    .map_or_else(String::new, |s| format!("; did you mean `{s}`?"))
+            };
+            Some(format!("unknown HTTP method `{m}`{hint}"))
+        });
+        names.iter().filter_map(|m| Method::from_bytes(m.as_bytes()).ok()).collect()
+    }
+
+    fn claim_values(&mut self, name: &str, value: &Spanned<toml::Value>) -> Box<[ClaimValue]> {
+        let mut out = Vec::new();
+        match value.get_ref() {
+            toml::Value::Array(items) => {
+                if items.is_empty() {
+                    self.err(value.span(), format!("`claims.{name}` is an empty list"));
+                }
+                for item in items {
+                    if let Some(v) = self.claim_scalar(name, item, value.span()) {
+                        out.push(v);
+                    }
+                }
+            }
+            scalar => {
+                if let Some(v) = self.claim_scalar(name, scalar, value.span()) {
+                    out.push(v);
+                }
+            }
+        }
+        out.into_boxed_slice()
+    }
+
+    fn claim_scalar(
+        &mut self,
+        name: &str,
+        v: &toml::Value,
+        span: Range<usize>,
+    ) -> Option<ClaimValue> {
+        match v {
+            toml::Value::String(s) => match Glob::new(s) {
+                Ok(g) => Some(ClaimValue::Str(g)),
+                Err(e) => {
+                    self.err(span, format!("bad pattern {s:?} in `claims.{name}`: {e}"));
+                    None
+                }
+            },
+            toml::Value::Boolean(b) => Some(ClaimValue::Bool(*b)),
+            toml::Value::Integer(i) => Some(ClaimValue::Int(*i)),
+            other => {
+                self.err(
+                    span,
+                    format!(
+                        "`claims.{name}` must be a string, boolean, integer or a list of them, not {}",
+                        other.type_str()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    // === tests ===
+
+    pub fn tests(&mut self, raw: &[Spanned<raw::Test>], rule_ids: &[&str]) -> Vec<TestCase> {
+        let mut names: HashMap<&str, u32> = HashMap::new();
+        let mut out = Vec::new();
+        for t in raw {
+            if let Some(n) = &t.get_ref().name {
+                let line = self.loc(&n.span()).line;
+                if let Some(first) = names.insert(n.get_ref(), line) {
+                    self.err(
+                        n.span(),
+                        format!("duplicate test name `{}` (first on line {first})", n.get_ref()),
+                    );
+                    names.insert(n.get_ref(), first);
+                }
+            }
+            if let Some(tc) = self.test(t, rule_ids) {
+                out.push(tc);
+            }
+        }
+        out
+    }
+
+    fn test(&mut self, spanned: &Spanned<raw::Test>, rule_ids: &[&str]) -> Option<TestCase> {
+        let before = self.diags.len();
+        let t = spanned.get_ref();
+        let header = spanned.span();
+        let name = match &t.name {
+            Some(n) if !n.get_ref().trim().is_empty() => Some(n.get_ref().clone()),
+            Some(n) => {
+                self.err(n.span(), "test `name` is empty");
+                None
+            }
+            None => {
+                self.err(header.clone(), "test is missing `name`");
+                None
+            }
+        };
+        let expect = match &t.expect {
+            None => {
+                self.err(header.clone(), "test is missing `expect` (\"allow\" or \"deny\")");
+                None
+            }
+            Some(e) => match e.get_ref().as_str() {
+                "allow" => Some(Effect::Allow),
+                "deny" => Some(Effect::Deny),
+                other => {
+                    self.err(
+                        e.span(),
+                        format!("unknown expect `{other}`: expected \"allow\" or \"deny\""),
+                    );
+                    None
+                }
+            },
+        };
+        let request = self.test_request(t, &header);
+        let identity = match &t.identity {
+            None => {
+                self.err(header.clone(), "test is missing `identity`");
+                None
+            }
+            Some(i) => self.test_identity(i),
+        };
+        if let Some(r) = &t.rule {
+            if !rule_ids.contains(&r.get_ref().as_str()) {
+                let hint = raw::suggest(r.get_ref(), rule_ids)
+                    .map_or_else(String::new, |s| format!("; did you mean `{s}`?"));
+                self.err(
+                    r.span(),
+                    format!(
+                        "test expects rule `{}`, which this file does not define{hint}",
+                        r.get_ref()
+                    ),
+                );
+            }
+        }
+        let (name, expect, request, identity) = (name?, expect?, request?, identity?);
+        if self.diags.len() != before {
+            return None;
+        }
+        Some(TestCase {
+            name,
+            line: self.loc(&header).line,
+            identity,
+            request,
+            expect,
+            rule: t.rule.as_ref().map(|r| r.get_ref().clone()),
+        })
+    }
+
+    fn test_request(&mut self, t: &raw::Test, header: &Range<usize>) -> Option<TestRequest> {
+        match (&t.request, &t.database) {
+            (Some(r), None) => {
+                if let Some(role) = &t.role {
+                    self.err(
+                        role.span(),
+                        "`role` belongs to database tests (`database = ...`), not to `request`",
+                    );
+                }
+                let text = r.get_ref().trim();
+                let Some((method, path)) = text.split_once(' ') else {
+                    self.err(r.span(), format!("bad request {text:?}: expected \"METHOD /path\", e.g. \"POST /deploy/42\""));
+                    return None;
+                };
+                let path = path.trim();
+                if !METHODS.contains(&method) {
+                    self.err(
+                        r.span(),
+                        format!("bad request {text:?}: unknown HTTP method `{method}`"),
+                    );
+                    return None;
+                }
+                if !path.starts_with('/')
+                    || path.contains(char::is_whitespace)
+                    || path.contains(['?', '#'])
+                {
+                    self.err(
+                        r.span(),
+                        format!("bad request {text:?}: the path must start with `/` and have no spaces, query or fragment"),
+                    );
+                    return None;
+                }
+                let method = Method::from_bytes(method.as_bytes()).ok()?;
+                Some(TestRequest::Http { method, path: path.to_string() })
+            }
+            (None, Some(db)) => Some(TestRequest::Database {
+                database: db.get_ref().clone(),
+                role: t.role.as_ref().map(|r| r.get_ref().clone()),
+            }),
+            (Some(r), Some(_)) => {
+                self.err(
+                    r.span(),
+                    "a test has either `request` (HTTP) or `database` (PostgreSQL), not both",
+                );
+                None
+            }
+            (None, None) => {
+                self.err(
+                    header.clone(),
+                    "test is missing `request = \"METHOD /path\"` (or `database = ...`)",
+                );
+                None
+            }
+        }
+    }
+
+    fn test_identity(&mut self, spanned: &Spanned<raw::TestIdentity>) -> Option<Identity> {
+        let i = spanned.get_ref();
+        let preset_of = |name: &str| self.catalog.issuers.get(name).copied();
+        let named_preset = match &i.preset {
+            None => None,
+            Some(p) => match Preset::parse(p.get_ref()) {
+                Some(preset) => Some((preset, p.span())),
+                None => {
+                    self.err(
+                        p.span(),
+                        format!(
+                            "unknown preset `{}` (bitbucket-pipelines, github-actions, gitlab-ci, oidc)",
+                            p.get_ref()
+                        ),
+                    );
+                    return None;
+                }
+            },
+        };
+        let (issuer, preset) = match (&i.issuer, named_preset) {
+            (Some(iss), named) => {
+                let Some(preset) = preset_of(iss.get_ref()) else {
+                    self.err(
+                        iss.span(),
+                        format!("issuer `{}` is not declared in the configuration", iss.get_ref()),
+                    );
+                    return None;
+                };
+                if let Some((p, span)) = named {
+                    if p != preset {
+                        self.err(
+                            span,
+                            format!(
+                                "issuer `{}` has preset `{}`, not `{}`",
+                                iss.get_ref(),
+                                preset.name(),
+                                p.name()
+                            ),
+                        );
+                        return None;
+                    }
+                }
+                (iss.get_ref().clone(), preset)
+            }
+            (None, Some((p, span))) => {
+                let candidates: Vec<&String> =
+                    self.catalog.issuers.iter().filter(|(_, q)| **q == p).map(|(n, _)| n).collect();
+                match candidates.as_slice() {
+                    [one] => ((*one).clone(), p),
+                    [] => {
+                        self.err(
+                            span,
+                            format!("no issuer in the configuration has preset `{}`", p.name()),
+                        );
+                        return None;
+                    }
+                    _ => {
+                        self.err(
+                            span,
+                            format!(
+                                "several issuers have preset `{}`: name one with `issuer = ...`",
+                                p.name()
+                            ),
+                        );
+                        return None;
+                    }
+                }
+            }
+            (None, None) => {
+                self.err(spanned.span(), "test identity needs `issuer` (or `preset`)");
+                return None;
+            }
+        };
+
+        // A preset starts from a plausible token of that provider; `claims` overrides it.
+        let mut claims: Map<String, Value> =
+            if i.preset.is_some() { claims::template(preset) } else { Map::new() };
+        if let Some(c) = &i.claims {
+            for (k, v) in c.get_ref() {
+                match toml_to_json(v.get_ref()) {
+                    Some(json) => {
+                        claims.insert(k.get_ref().clone(), json);
+                    }
+                    None => self.err(
+                        v.span(),
+                        format!("claim `{}` cannot be a TOML date-time", k.get_ref()),
+                    ),
+                }
+            }
+        }
+        let claim_str = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_string);
+        let subject = i
+            .subject
+            .as_ref()
+            .map(|s| s.get_ref().clone())
+            .or_else(|| claim_str("sub"))
+            .unwrap_or_else(|| "test-subject".to_string());
+        let email = i.email.as_ref().map(|s| s.get_ref().clone()).or_else(|| claim_str("email"));
+        let email_verified = i
+            .email_verified
+            .as_ref()
+            .map(|b| *b.get_ref())
+            .or_else(|| claims.get("email_verified").and_then(Value::as_bool))
+            .unwrap_or(false);
+        let groups = match &i.groups {
+            Some(g) => g.get_ref().iter().map(|s| s.get_ref().clone()).collect(),
+            None => claims
+                .get("groups")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                .unwrap_or_default(),
+        };
+        let groups_known = i.groups_known.as_ref().is_none_or(|b| *b.get_ref());
+        let ci = claims::ci_context(preset, &claims);
+        Some(Identity {
+            issuer: IssuerId(Arc::from(issuer.as_str())),
+            subject,
+            kind: preset.default_kind(),
+            email,
+            email_verified,
+            groups,
+            groups_known,
+            // Far in the future: test identities never expire mid-run.
+            expires_at: u64::from(u32::MAX),
+            issued_at: None,
+            ci,
+            claims,
+        })
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn toml_to_json(v: &toml::Value) -> Option<Value> {
+    Some(match v {
+        toml::Value::String(s) => Value::String(s.clone()),
+        toml::Value::Integer(i) => Value::from(*i),
+        toml::Value::Float(f) => Value::from(*f),
+        toml::Value::Boolean(b) => Value::Bool(*b),
+        toml::Value::Datetime(_) => return None,
+        toml::Value::Array(a) => Value::Array(a.iter().map(toml_to_json).collect::<Option<_>>()?),
+        toml::Value::Table(t) => Value::Object(
+            t.iter().map(|(k, v)| Some((k.clone(), toml_to_json(v)?))).collect::<Option<_>>()?,
+        ),
+    })
+}

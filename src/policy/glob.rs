@@ -1,0 +1,392 @@
+//! Glob patterns for policy values: compiled once, matched without allocation.
+//!
+//! - `*` matches any run of characters except `/` (possibly empty);
+//! - `**` matches any run of characters, `/` included (possibly empty);
+//! - `?` matches exactly one character except `/`;
+//! - every other character matches itself, case-sensitively.
+//!
+//! Three or more stars in a row, an empty pattern and control characters are
+//! rejected: they are typos far more often than intent.
+
+use std::fmt;
+
+/// A compiled glob pattern. See the module docs for the syntax.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Glob {
+    source: Box<str>,
+    kind: Kind,
+}
+
+/// Why a pattern was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GlobError {
+    #[error("empty pattern")]
+    Empty,
+    #[error("`***` is not a pattern: use `*` (one path segment) or `**` (any depth)")]
+    TooManyStars,
+    #[error("control character in pattern")]
+    ControlCharacter,
+}
+
+/// Shapes worth a fast path: most policy values are literals or `prefix**`.
+#[derive(Clone, PartialEq, Eq)]
+enum Kind {
+    Literal,
+    /// `prefix**`: everything that starts with the prefix.
+    Prefix(Box<str>),
+    General(Box<[Token]>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    Literal(Box<str>),
+    /// `*`: does not cross `/`.
+    Star,
+    /// `**`: crosses `/`.
+    DoubleStar,
+    /// `?`: one character, not `/`.
+    Question,
+}
+
+/// Result of matching a token suffix; the two abort values prune the search the way
+/// git's wildmatch does, which keeps backtracking polynomial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Match,
+    NoMatch,
+    /// The text ran out: no later start position can match either.
+    AbortAll,
+    /// A `*` hit a `/`: only an enclosing `**` may still succeed.
+    AbortToDoubleStar,
+}
+
+// === impl Glob ===
+
+impl Glob {
+    /// Compiles a pattern.
+    pub fn new(pattern: &str) -> Result<Glob, GlobError> {
+        if pattern.is_empty() {
+            return Err(GlobError::Empty);
+        }
+        if pattern.contains("***") {
+            return Err(GlobError::TooManyStars);
+        }
+        if pattern.chars().any(char::is_control) {
+            return Err(GlobError::ControlCharacter);
+        }
+        let mut tokens = Vec::new();
+        let mut literal = String::new();
+        let mut chars = pattern.chars().peekable();
+        while let Some(c) = chars.next() {
+            let token = match c {
+                '*' if chars.peek() == Some(&'*') => {
+                    chars.next();
+                    Token::DoubleStar
+                }
+                '*' => Token::Star,
+                '?' => Token::Question,
+                other => {
+                    literal.push(other);
+                    continue;
+                }
+            };
+            if !literal.is_empty() {
+                tokens.push(Token::Literal(std::mem::take(&mut literal).into_boxed_str()));
+            }
+            tokens.push(token);
+        }
+        if !literal.is_empty() {
+            tokens.push(Token::Literal(literal.into_boxed_str()));
+        }
+        let kind = match tokens.as_slice() {
+            [Token::Literal(_)] => Kind::Literal,
+            [Token::DoubleStar] => Kind::Prefix("".into()),
+            [Token::Literal(p), Token::DoubleStar] => Kind::Prefix(p.clone()),
+            _ => Kind::General(tokens.into_boxed_slice()),
+        };
+        Ok(Glob { source: pattern.into(), kind })
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// True when the pattern has no wildcard at all.
+    pub fn is_literal(&self) -> bool {
+        matches!(self.kind, Kind::Literal)
+    }
+
+    /// True for `**`, which matches every string.
+    pub fn matches_everything(&self) -> bool {
+        matches!(&self.kind, Kind::Prefix(p) if p.is_empty())
+    }
+
+    /// The characters every match must start with (the text before the first wildcard).
+    pub fn literal_prefix(&self) -> &str {
+        let end = self.source.find(['*', '?']).unwrap_or(self.source.len());
+        &self.source[..end]
+    }
+
+    /// Whether `text` matches. Never allocates.
+    pub fn matches(&self, text: &str) -> bool {
+        match &self.kind {
+            Kind::Literal => *self.source == *text,
+            Kind::Prefix(p) => text.starts_with(&**p),
+            Kind::General(tokens) => match_tokens(tokens, text) == Step::Match,
+        }
+    }
+
+    /// Conservatively, whether every string `other` matches is also matched by `self`.
+    /// `false` means "not known to cover", not "does not cover"; used by lints only.
+    pub fn covers(&self, other: &Glob) -> bool {
+        if self.source == other.source {
+            return true;
+        }
+        match &self.kind {
+            Kind::Prefix(p) => other.literal_prefix().starts_with(&**p),
+            _ => other.is_literal() && self.matches(other.as_str()),
+        }
+    }
+}
+
+impl fmt::Debug for Glob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Glob({:?})", self.source)
+    }
+}
+
+impl fmt::Display for Glob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+impl std::str::FromStr for Glob {
+    type Err = GlobError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Glob::new(s)
+    }
+}
+
+/// Matches `tokens` against `text`, recursing only at stars (git wildmatch's scheme).
+fn match_tokens(tokens: &[Token], mut text: &str) -> Step {
+    for (i, token) in tokens.iter().enumerate() {
+        match token {
+            Token::Literal(lit) => {
+                if let Some(rest) = text.strip_prefix(&**lit) {
+                    text = rest;
+                } else if text.len() < lit.len() {
+                    return Step::AbortAll;
+                } else {
+                    return Step::NoMatch;
+                }
+            }
+            Token::Question => {
+                let mut chars = text.chars();
+                match chars.next() {
+                    None => return Step::AbortAll,
+                    Some('/') => return Step::NoMatch,
+                    Some(_) => text = chars.as_str(),
+                }
+            }
+            Token::Star | Token::DoubleStar => {
+                let crosses = matches!(token, Token::DoubleStar);
+                let rest = &tokens[i + 1..];
+                if rest.is_empty() {
+                    return if crosses || !text.contains('/') {
+                        Step::Match
+                    } else {
+                        Step::AbortToDoubleStar
+                    };
+                }
+                let mut at = text;
+                loop {
+                    match match_tokens(rest, at) {
+                        Step::NoMatch => {}
+                        Step::AbortToDoubleStar if crosses => {}
+                        other => return other,
+                    }
+                    let mut chars = at.chars();
+                    match chars.next() {
+                        None => return Step::AbortAll,
+                        Some('/') if !crosses => return Step::AbortToDoubleStar,
+                        Some(_) => at = chars.as_str(),
+                    }
+                }
+            }
+        }
+    }
+    if text.is_empty() {
+        Step::Match
+    } else {
+        Step::NoMatch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slow, obviously correct reference: dynamic programming over (pattern, text).
+    fn reference(pattern: &str, text: &str) -> bool {
+        let p: Vec<char> = pattern.chars().collect();
+        let t: Vec<char> = text.chars().collect();
+        fn go(p: &[char], t: &[char]) -> bool {
+            match p {
+                [] => t.is_empty(),
+                ['*', '*', rest @ ..] => (0..=t.len()).any(|k| go(rest, &t[k..])),
+                ['*', rest @ ..] => (0..=t.len())
+                    .take_while(|&k| k == 0 || t[k - 1] != '/')
+                    .any(|k| go(rest, &t[k..])),
+                ['?', rest @ ..] => t.first().is_some_and(|&c| c != '/') && go(rest, &t[1..]),
+                [c, rest @ ..] => t.first() == Some(c) && go(rest, &t[1..]),
+            }
+        }
+        go(&p, &t)
+    }
+
+    #[test]
+    fn table() {
+        #[rustfmt::skip]
+        let cases: &[(&str, &str, bool)] = &[
+            // literals are exact and case-sensitive
+            ("main", "main", true),
+            ("main", "Main", false),
+            ("main", "main2", false),
+            ("main", "mai", false),
+            ("/deploy", "/deploy/", false),
+            // `*` stays within a segment
+            ("release/*", "release/1.2", true),
+            ("release/*", "release/", true),
+            ("release/*", "release/a/b", false),
+            ("release/*", "release", false),
+            ("*", "", true),
+            ("*", "abc", true),
+            ("*", "a/b", false),
+            ("/deploy/*", "/deploy/42", true),
+            ("/deploy/*", "/deploy/42/logs", false),
+            ("/deploy/*/logs", "/deploy/42/logs", true),
+            ("/deploy/*/logs", "/deploy/4/2/logs", false),
+            ("*@acme.example", "jane@acme.example", true),
+            ("*@acme.example", "jane@acme.example.evil", false),
+            ("*@acme.example", "jane@evil.acme.example", false),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "aXbYcZ", false),
+            ("a*b*c", "a/b/c", false),
+            // `**` crosses segments
+            ("**", "", true),
+            ("**", "a/b/c", true),
+            ("/api/**", "/api/", true),
+            ("/api/**", "/api/v1/x", true),
+            ("/api/**", "/api", false),
+            ("/api/**", "/apix", false),
+            ("/**/x", "/a/b/x", true),
+            ("/**/x", "//x", true),
+            ("/**/x", "/x", false),
+            ("repo:acme/**", "repo:acme/api:ref:refs/heads/main", true),
+            ("repo:acme/*", "repo:acme/api:ref:refs/heads/main", false),
+            ("repo:acme/*", "repo:acme/api:environment:production", true),
+            ("**.json", "a/b.json", true),
+            ("**/*.json", "a/b/c.json", true),
+            ("**/*.json", "c.json", false),
+            ("a**b*c", "a/x/b/c", false),
+            ("a**b*c", "a/x/bzc", true),
+            // `?` is one character, never `/`
+            ("v?", "v1", true),
+            ("v?", "v", false),
+            ("v?", "v12", false),
+            ("a?b", "a/b", false),
+            ("?", "é", true),
+            ("??", "é", false),
+            // other characters are literal
+            ("{2e9e}", "{2e9e}", true),
+            ("[ab]", "[ab]", true),
+            ("[ab]", "a", false),
+            ("a.b", "axb", false),
+        ];
+        for &(pattern, text, want) in cases {
+            let g = Glob::new(pattern);
+            let got = g.as_ref().map(|g| g.matches(text));
+            assert_eq!(got, Ok(want), "{pattern:?} vs {text:?}");
+            assert_eq!(reference(pattern, text), want, "reference: {pattern:?} vs {text:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_patterns() {
+        assert_eq!(Glob::new(""), Err(GlobError::Empty));
+        assert_eq!(Glob::new("***"), Err(GlobError::TooManyStars));
+        assert_eq!(Glob::new("/a/***/b"), Err(GlobError::TooManyStars));
+        assert_eq!(Glob::new("a\nb"), Err(GlobError::ControlCharacter));
+        assert_eq!(Glob::new("a\0"), Err(GlobError::ControlCharacter));
+    }
+
+    #[test]
+    fn agrees_with_the_reference_exhaustively() {
+        // Every pattern over a small alphabet, against every text over it, up to a length.
+        let palette = ["a", "b", "/", "*", "**", "?"];
+        let texts_alpha = ['a', 'b', '/'];
+        let mut patterns = vec![String::new()];
+        for _ in 0..4 {
+            let mut next = Vec::new();
+            for p in &patterns {
+                for piece in palette {
+                    next.push(format!("{p}{piece}"));
+                }
+            }
+            patterns.extend(next);
+        }
+        patterns.sort();
+        patterns.dedup();
+        let mut texts = vec![String::new()];
+        let mut frontier = vec![String::new()];
+        for _ in 0..5 {
+            let mut next = Vec::new();
+            for t in &frontier {
+                for c in texts_alpha {
+                    next.push(format!("{t}{c}"));
+                }
+            }
+            texts.extend(next.iter().cloned());
+            frontier = next;
+        }
+        let mut checked = 0usize;
+        for p in &patterns {
+            let Ok(g) = Glob::new(p) else { continue };
+            for t in &texts {
+                assert_eq!(g.matches(t), reference(p, t), "{p:?} vs {t:?}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 100_000, "{checked}");
+    }
+
+    #[test]
+    fn pathological_patterns_stay_fast() {
+        let g = Glob::new("*a*a*a*a*a*a*a*a*a*b").ok();
+        let text = "a".repeat(64);
+        let start = std::time::Instant::now();
+        assert_eq!(g.map(|g| g.matches(&text)), Some(false));
+        let g = Glob::new("**a**a**a**a**a**a**a**b").ok();
+        assert_eq!(g.map(|g| g.matches(&text)), Some(false));
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn covers_is_conservative() {
+        let g = |s: &str| Glob::new(s).ok();
+        let covers = |a: &str, b: &str| g(a).zip(g(b)).is_some_and(|(a, b)| a.covers(&b));
+        assert!(covers("**", "/anything/**"));
+        assert!(covers("/api/**", "/api/v1/*"));
+        assert!(covers("/deploy/*", "/deploy/42"));
+        assert!(covers("main", "main"));
+        assert!(!covers("/deploy/*", "/deploy/**"));
+        assert!(!covers("main", "*"));
+        assert!(!covers("/api/**", "/ap*"));
+        assert_eq!(g("release/*").map(|g| g.literal_prefix().to_string()), Some("release/".into()));
+        assert!(g("**").is_some_and(|g| g.matches_everything()));
+        assert!(g("main").is_some_and(|g| g.is_literal()));
+    }
+}

@@ -1,0 +1,356 @@
+//! Lints: rules that parse but are dangerous or dead. Errors fail the load (and
+//! `portcullis check`); warnings are printed and the policy still loads.
+//!
+//! | lint | severity |
+//! |---|---|
+//! | allow on a shared CI issuer without a repository/owner pin (V22) | error |
+//! | claim name the issuer's preset never emits | error |
+//! | contradictory conditions (HTTP + database, branch + tag, `ci` on a human issuer, ...) | error |
+//! | allow shadowed by a broader deny (deny wins, so it can never decide) | warning |
+//! | deploy-style allow on a CI issuer without a branch/ref/environment restriction | warning |
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use http::Method;
+
+use super::claims::{self, PIN_CI_FIELDS, PIN_CLAIMS, REF_CI_FIELDS, REF_CLAIMS};
+use super::raw;
+use super::rule::{ClaimValue, Condition, Effect, Loc, Matcher, Rule};
+use super::{Catalog, Glob, Policy};
+use crate::diag::Diagnostic;
+use crate::identity::Preset;
+
+/// How bad a lint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// A diagnostic with a severity. [`Diagnostic`] itself has none, so the policy module
+/// keeps the pairing here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lint {
+    pub severity: Severity,
+    pub diagnostic: Diagnostic,
+}
+
+impl Lint {
+    /// The diagnostic with `warning: ` in front of the message for warnings, for
+    /// output that carries no severity of its own.
+    pub fn into_labelled(self) -> Diagnostic {
+        match self.severity {
+            Severity::Error => self.diagnostic,
+            Severity::Warning => Diagnostic {
+                message: format!("warning: {}", self.diagnostic.message),
+                ..self.diagnostic
+            },
+        }
+    }
+}
+
+impl fmt::Display for Lint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = &self.diagnostic;
+        let sev = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(f, "{}:{}:{}: {sev}: {}", d.file.display(), d.line, d.col, d.message)
+    }
+}
+
+/// Every lint of a compiled policy, errors and warnings, in file order.
+pub fn lint(policy: &Policy, catalog: &Catalog) -> Vec<Lint> {
+    lint_rules(policy.file_arc(), policy.rules(), catalog)
+}
+
+pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) -> Vec<Lint> {
+    let mut out = Lints { file, items: Vec::new() };
+    for rule in rules {
+        let presets: Vec<(&str, Preset)> = rule
+            .issuers()
+            .iter()
+            .filter_map(|i| catalog.issuers.get(i.as_str()).map(|p| (i.as_str(), *p)))
+            .collect();
+        unknown_claims(&mut out, rule, &presets);
+        contradictions(&mut out, rule, &presets);
+        if rule.effect == Effect::Allow {
+            unpinned(&mut out, rule, &presets);
+            deploy_without_ref(&mut out, rule, &presets);
+            shadowed(&mut out, rule, rules);
+        }
+    }
+    out.items.sort_by_key(|l| (l.diagnostic.line, l.diagnostic.col));
+    out.items
+}
+
+struct Lints<'a> {
+    file: &'a Arc<Path>,
+    items: Vec<Lint>,
+}
+
+impl Lints<'_> {
+    fn push(&mut self, severity: Severity, at: Loc, message: String) {
+        let diagnostic =
+            Diagnostic { file: self.file.clone(), line: at.line, col: at.col, message };
+        self.items.push(Lint { severity, diagnostic });
+    }
+}
+
+/// A misspelt claim matches nothing: in an allow that is a dead rule, in a deny it is
+/// a hole.
+fn unknown_claims(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    for c in rule.conditions() {
+        let Matcher::Claim { name, .. } = c.matcher() else { continue };
+        for (issuer, preset) in presets {
+            if claims::is_known(*preset, name) {
+                continue;
+            }
+            let vocabulary = claims::vocabulary(*preset).unwrap_or_default();
+            let hint = raw::suggest(name, &vocabulary)
+                .map_or_else(String::new, |s| format!("; did you mean `{s}`?"));
+            out.push(
+                Severity::Error,
+                c.loc(),
+                format!(
+                    "`{name}` is not a claim of {} tokens (issuer `{issuer}`){hint}",
+                    preset.name()
+                ),
+            );
+        }
+    }
+}
+
+/// V22: anyone on GitHub, gitlab.com or in a Bitbucket workspace can mint a token with
+/// our audience, so an allow must pin a repository or owner by something immutable.
+fn unpinned(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    for (issuer, preset) in presets {
+        if !preset.is_shared() || pinned(rule, *preset) {
+            continue;
+        }
+        let how = match preset {
+            Preset::BitbucketPipelines => "ci.repository / ci.workspace, or claims.repositoryUuid / claims.workspaceUuid",
+            Preset::GithubActions => {
+                "claims.repository_owner_id / claims.repository_id, ci.workspace_id / ci.repository_id, or subject = \"repo:OWNER/...\""
+            }
+            Preset::GitlabCi => "claims.namespace_id / claims.project_id, or ci.workspace_id / ci.repository_id",
+            Preset::Oidc => "",
+        };
+        let at = rule.conditions.first().map_or(rule.id_at, Condition::loc);
+        out.push(
+            Severity::Error,
+            at,
+            format!(
+                "allow rule `{}` does not pin a repository or owner, so any {} token with this audience matches (issuer `{issuer}` is shared); add {how} (V22)",
+                rule.id(),
+                preset.name()
+            ),
+        );
+    }
+}
+
+fn pinned(rule: &Rule, preset: Preset) -> bool {
+    rule.conditions().any(|c| match c.matcher() {
+        Matcher::Ci { field, globs } => PIN_CI_FIELDS.contains(field) && globs.iter().all(pins),
+        Matcher::Claim { name, values } => {
+            PIN_CLAIMS.contains(&&**name)
+                && claims::is_known(preset, name)
+                && values.iter().all(|v| match v {
+                    ClaimValue::Str(g) => pins(g),
+                    ClaimValue::Int(_) => true,
+                    ClaimValue::Bool(_) => false,
+                })
+        }
+        Matcher::Subject(globs) => globs.iter().all(|g| subject_pins(preset, g)),
+        _ => false,
+    })
+}
+
+/// A pattern pins when it is literal, or fixes everything up to an owner's `/`.
+fn pins(g: &Glob) -> bool {
+    g.is_literal() || g.literal_prefix().find('/').is_some_and(|i| i > 0)
+}
+
+fn subject_pins(preset: Preset, g: &Glob) -> bool {
+    let prefix = g.literal_prefix();
+    let owner = |p: &str| {
+        prefix
+            .strip_prefix(p)
+            .and_then(|rest| rest.split_once('/'))
+            .is_some_and(|(o, _)| !o.is_empty())
+    };
+    match preset {
+        Preset::GithubActions => owner("repo:"),
+        Preset::GitlabCi => owner("project_path:"),
+        // `{repositoryUuid}:{stepUuid}` or `{repositoryUuid}:{environmentUuid}:{stepUuid}`.
+        Preset::BitbucketPipelines => prefix.starts_with('{') && prefix.contains('}'),
+        Preset::Oidc => false,
+    }
+}
+
+/// A CI allow that can write, from any branch: a feature branch can deploy.
+fn deploy_without_ref(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let Some((issuer, preset)) = presets.iter().find(|(_, p)| *p != Preset::Oidc) else { return };
+    let methods = rule.conditions().find_map(|c| match c.matcher() {
+        Matcher::Methods(m) => Some((c, m)),
+        _ => None,
+    });
+    let writes =
+        methods.is_none_or(|(_, m)| m.iter().any(|m| *m != Method::GET && *m != Method::HEAD));
+    if !writes {
+        return;
+    }
+    let restricted = rule.conditions().any(|c| match c.matcher() {
+        Matcher::Ci { field, globs } => {
+            REF_CI_FIELDS.contains(field) && !globs.iter().any(Glob::matches_everything)
+        }
+        Matcher::Claim { name, .. } => REF_CLAIMS.contains(&&**name),
+        Matcher::Subject(globs) => globs.iter().all(|g| {
+            g.literal_prefix().contains(":ref:") || g.literal_prefix().contains(":environment:")
+        }),
+        _ => false,
+    });
+    if restricted {
+        return;
+    }
+    let at = methods.map_or(rule.id_at, |(c, _)| c.loc());
+    let what = if methods.is_some() { "write methods" } else { "any method" };
+    out.push(
+        Severity::Warning,
+        at,
+        format!(
+            "allow rule `{}` lets {} tokens (issuer `{issuer}`) use {what} from any branch; restrict it with ci.branch, ci.ref, ci.tag or ci.environment",
+            rule.id(),
+            preset.name()
+        ),
+    );
+}
+
+/// Conditions that cannot all hold at once.
+fn contradictions(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let find = |pred: &dyn Fn(&Matcher) -> bool| rule.conditions().find(|c| pred(c.matcher()));
+    let mut never = |at: Loc, why: String| {
+        let kind = match rule.effect {
+            Effect::Allow => "allow",
+            Effect::Deny => "deny",
+        };
+        out.push(
+            Severity::Error,
+            at,
+            format!("{kind} rule `{}` can never match: {why}", rule.id()),
+        );
+    };
+    let http = find(&|m| matches!(m, Matcher::Methods(_) | Matcher::Paths(_)));
+    let db = find(&|m| matches!(m, Matcher::Databases(_) | Matcher::Roles(_)));
+    if let (Some(h), Some(d)) = (http, db) {
+        never(
+            d.loc(),
+            format!(
+                "`{}` applies to HTTP requests and `{}` to database sessions",
+                h.label(),
+                d.label()
+            ),
+        );
+    }
+    let branch = find(&|m| matches!(m, Matcher::Ci { field: "branch", .. }));
+    let tag = find(&|m| matches!(m, Matcher::Ci { field: "tag", .. }));
+    if let (Some(_), Some(t)) = (branch, tag) {
+        never(
+            t.loc(),
+            "a ref is either a branch or a tag, so `ci.branch` and `ci.tag` never both hold".into(),
+        );
+    }
+    if !presets.is_empty() && presets.iter().all(|(_, p)| *p == Preset::Oidc) {
+        if let Some(c) = find(&|m| matches!(m, Matcher::Ci { .. })) {
+            never(
+                c.loc(),
+                format!("`{}` needs a CI token, but the rule's issuers use the `oidc` preset (no CI context)", c.label()),
+            );
+        }
+    }
+    let email = rule.conditions().find_map(|c| match c.matcher() {
+        Matcher::Email(g) => Some((c, g)),
+        _ => None,
+    });
+    let domains = rule.conditions().find_map(|c| match c.matcher() {
+        Matcher::EmailDomain(d) => Some(d),
+        _ => None,
+    });
+    if let (Some((c, globs)), Some(domains)) = (email, domains) {
+        let literal_domains: Option<Vec<&str>> = globs
+            .iter()
+            .map(|g| {
+                g.as_str().rsplit_once('@').map(|(_, d)| d).filter(|d| !d.contains(['*', '?']))
+            })
+            .collect();
+        if let Some(ds) = literal_domains {
+            if !ds.iter().any(|d| domains.iter().any(|w| w.eq_ignore_ascii_case(d))) {
+                never(c.loc(), "no `email` pattern is in any `email_domain`".into());
+            }
+        }
+    }
+}
+
+/// An allow that a deny fully covers never decides anything, because deny wins.
+fn shadowed(out: &mut Lints<'_>, allow: &Rule, rules: &[Rule]) {
+    let Some(deny) = rules.iter().find(|d| d.effect == Effect::Deny && covers(d, allow)) else {
+        return;
+    };
+    out.push(
+        Severity::Warning,
+        allow.id_at,
+        format!(
+            "allow rule `{}` can never match: deny rule `{}` (line {}) matches every request it does, and deny wins",
+            allow.id(),
+            deny.id(),
+            deny.line()
+        ),
+    );
+}
+
+/// Conservatively: whether every (identity, request) that `allow` matches also
+/// matches `deny`. False negatives are fine (no lint); false positives are not.
+fn covers(deny: &Rule, allow: &Rule) -> bool {
+    let issuers_ok = allow.issuers().iter().all(|i| deny.issuers().contains(i));
+    issuers_ok
+        && deny
+            .conditions()
+            .filter(|c| !matches!(c.matcher(), Matcher::Issuer(_)))
+            .all(|d| allow.conditions().any(|a| narrower(a.matcher(), d.matcher())))
+}
+
+/// Whether condition `a` implies condition `d`.
+fn narrower(a: &Matcher, d: &Matcher) -> bool {
+    let globs = |a: &[Glob], d: &[Glob]| a.iter().all(|x| d.iter().any(|y| y.covers(x)));
+    let subset = |a: &[Box<str>], d: &[Box<str>]| a.iter().all(|x| d.contains(x));
+    match (a, d) {
+        (Matcher::Subject(a), Matcher::Subject(d))
+        | (Matcher::Email(a), Matcher::Email(d))
+        | (Matcher::Paths(a), Matcher::Paths(d))
+        | (Matcher::Databases(a), Matcher::Databases(d))
+        | (Matcher::Roles(a), Matcher::Roles(d)) => globs(a, d),
+        (Matcher::Ci { field: fa, globs: a }, Matcher::Ci { field: fd, globs: d }) => {
+            fa == fd && globs(a, d)
+        }
+        (Matcher::Methods(a), Matcher::Methods(d)) => a.iter().all(|m| d.contains(m)),
+        (Matcher::EmailDomain(a), Matcher::EmailDomain(d)) => {
+            a.iter().all(|x| d.iter().any(|y| y.eq_ignore_ascii_case(x)))
+        }
+        (Matcher::GroupsAny(a), Matcher::GroupsAny(d)) => subset(a, d),
+        (Matcher::GroupsAll(a), Matcher::GroupsAll(d)) => subset(d, a),
+        (Matcher::GroupsAll(a), Matcher::GroupsAny(d)) => a.iter().any(|x| d.contains(x)),
+        (Matcher::Claim { name: na, values: a }, Matcher::Claim { name: nd, values: d }) => {
+            na == nd
+                && a.iter().all(|x| {
+                    d.iter().any(|y| match (x, y) {
+                        (ClaimValue::Str(x), ClaimValue::Str(y)) => y.covers(x),
+                        (x, y) => x == y,
+                    })
+                })
+        }
+        _ => false,
+    }
+}

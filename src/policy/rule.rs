@@ -1,0 +1,298 @@
+//! Compiled rules and their matchers. Everything here is checked and typed at load;
+//! matching only compares, it never parses or allocates.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::Method;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{Glob, RequestFacts, RuleRef};
+use crate::identity::{Identity, IssuerId};
+
+/// What a matching rule does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+/// A 1-based position in the policy file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Loc {
+    pub line: u32,
+    pub col: u32,
+}
+
+/// One compiled `[[rule]]`.
+#[derive(Debug)]
+pub struct Rule {
+    pub(crate) rule_ref: Arc<RuleRef>,
+    pub(crate) id_at: Loc,
+    pub(crate) effect: Effect,
+    pub(crate) description: Option<Box<str>>,
+    pub(crate) upstream_role: Option<Box<str>>,
+    /// Identity and request conditions, cheapest first; the issuer is always first.
+    pub(crate) conditions: Box<[Condition]>,
+    /// Group conditions, evaluated last because group overage changes their meaning.
+    pub(crate) groups: Box<[Condition]>,
+}
+
+/// One condition of a rule (`methods = [...]`, `ci.branch = ...`, ...).
+#[derive(Debug)]
+pub struct Condition {
+    /// How the condition is written: `methods`, `ci.branch`, `claims.runner_id`.
+    pub(crate) label: Box<str>,
+    pub(crate) at: Loc,
+    pub(crate) matcher: Matcher,
+}
+
+#[derive(Debug)]
+pub(crate) enum Matcher {
+    Issuer(Box<[IssuerId]>),
+    Subject(Box<[Glob]>),
+    /// Matches only a verified email.
+    Email(Box<[Glob]>),
+    /// Exact domain of a verified email, ASCII case-insensitive (DNS names are).
+    EmailDomain(Box<[Box<str>]>),
+    GroupsAny(Box<[Box<str>]>),
+    GroupsAll(Box<[Box<str>]>),
+    Claim {
+        name: Box<str>,
+        values: Box<[ClaimValue]>,
+    },
+    Ci {
+        field: &'static str,
+        globs: Box<[Glob]>,
+    },
+    Methods(Box<[Method]>),
+    Paths(Box<[Glob]>),
+    Databases(Box<[Glob]>),
+    Roles(Box<[Glob]>),
+}
+
+/// A typed claim value: strings match strings (exactly, or as a glob), booleans match
+/// booleans, integers match integers. `"true"` never matches `true` (V21).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ClaimValue {
+    Str(Glob),
+    Bool(bool),
+    Int(i64),
+}
+
+/// How one rule fared against one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Matched,
+    /// The index into `conditions` followed by `groups` of the first failed condition.
+    Failed(usize),
+    /// An allow rule whose other conditions matched, skipped because the token's
+    /// groups are unknown (overage).
+    GroupsUnknown,
+}
+
+// === impl Rule ===
+
+impl Rule {
+    pub fn id(&self) -> &str {
+        &self.rule_ref.id
+    }
+    pub fn rule_ref(&self) -> &Arc<RuleRef> {
+        &self.rule_ref
+    }
+    pub fn line(&self) -> u32 {
+        self.rule_ref.line
+    }
+    pub fn effect(&self) -> Effect {
+        self.effect
+    }
+    pub fn description(&self) -> Option<&str> {
+        self.description.as_deref()
+    }
+    /// PostgreSQL routes: the upstream role this rule grants.
+    pub fn upstream_role(&self) -> Option<&str> {
+        self.upstream_role.as_deref()
+    }
+    /// The issuers this rule applies to.
+    pub fn issuers(&self) -> &[IssuerId] {
+        self.conditions
+            .iter()
+            .find_map(|c| match &c.matcher {
+                Matcher::Issuer(i) => Some(&**i),
+                _ => None,
+            })
+            .unwrap_or(&[])
+    }
+    /// Every condition in evaluation order (group conditions last).
+    pub fn conditions(&self) -> impl Iterator<Item = &Condition> {
+        self.conditions.iter().chain(self.groups.iter())
+    }
+    pub(crate) fn condition(&self, index: usize) -> Option<&Condition> {
+        self.conditions().nth(index)
+    }
+
+    pub(crate) fn outcome(&self, identity: &Identity, request: &RequestFacts<'_>) -> Outcome {
+        for (i, c) in self.conditions.iter().enumerate() {
+            if !c.matcher.matches(identity, request) {
+                return Outcome::Failed(i);
+            }
+        }
+        if self.groups.is_empty() {
+            return Outcome::Matched;
+        }
+        if !identity.groups_known {
+            // Overage (V25): fail closed. A deny still applies; an allow cannot.
+            return match self.effect {
+                Effect::Deny => Outcome::Matched,
+                Effect::Allow => Outcome::GroupsUnknown,
+            };
+        }
+        for (i, c) in self.groups.iter().enumerate() {
+            if !c.matcher.matches(identity, request) {
+                return Outcome::Failed(self.conditions.len() + i);
+            }
+        }
+        Outcome::Matched
+    }
+}
+
+// === impl Condition ===
+
+impl Condition {
+    /// How the condition is written in the file (`ci.branch`).
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+    pub fn loc(&self) -> Loc {
+        self.at
+    }
+    pub(crate) fn matcher(&self) -> &Matcher {
+        &self.matcher
+    }
+
+    /// What the caller presented for this condition, for `explain` only.
+    pub(crate) fn actual(&self, identity: &Identity, request: &RequestFacts<'_>) -> String {
+        let q = |s: Option<&str>| s.map_or_else(|| "absent".to_string(), |s| format!("{s:?}"));
+        match &self.matcher {
+            Matcher::Issuer(_) => q(Some(identity.issuer.as_str())),
+            Matcher::Subject(_) => q(Some(&identity.subject)),
+            Matcher::Email(_) | Matcher::EmailDomain(_) => {
+                match (&identity.email, identity.email_verified) {
+                    (Some(e), true) => q(Some(e)),
+                    (Some(e), false) => format!("{e:?} (not verified)"),
+                    (None, _) => q(None),
+                }
+            }
+            Matcher::GroupsAny(_) | Matcher::GroupsAll(_) => format!("{:?}", identity.groups),
+            Matcher::Claim { name, .. } => {
+                identity.claims.get(&**name).map_or_else(|| "absent".to_string(), Value::to_string)
+            }
+            Matcher::Ci { field, .. } => q(identity.ci.as_ref().and_then(|c| c.field(field))),
+            Matcher::Methods(_) | Matcher::Paths(_) if request.is_database() => {
+                "a database request".to_string()
+            }
+            Matcher::Methods(_) => q(Some(request.method.as_str())),
+            Matcher::Paths(_) => q(Some(request.path)),
+            Matcher::Databases(_) => q(request.database),
+            Matcher::Roles(_) => q(request.role),
+        }
+    }
+}
+
+impl fmt::Display for Condition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} = ", self.label)?;
+        let list = |f: &mut fmt::Formatter<'_>, items: &mut dyn Iterator<Item = String>| {
+            let items: Vec<String> = items.collect();
+            write!(f, "[{}]", items.join(", "))
+        };
+        match &self.matcher {
+            Matcher::Issuer(v) => list(f, &mut v.iter().map(|s| format!("{:?}", s.as_str()))),
+            Matcher::Subject(v)
+            | Matcher::Email(v)
+            | Matcher::Paths(v)
+            | Matcher::Databases(v)
+            | Matcher::Roles(v)
+            | Matcher::Ci { globs: v, .. } => {
+                list(f, &mut v.iter().map(|g| format!("{:?}", g.as_str())))
+            }
+            Matcher::EmailDomain(v) | Matcher::GroupsAny(v) | Matcher::GroupsAll(v) => {
+                list(f, &mut v.iter().map(|s| format!("{s:?}")))
+            }
+            Matcher::Claim { values, .. } => list(
+                f,
+                &mut values.iter().map(|v| match v {
+                    ClaimValue::Str(g) => format!("{:?}", g.as_str()),
+                    ClaimValue::Bool(b) => b.to_string(),
+                    ClaimValue::Int(i) => i.to_string(),
+                }),
+            ),
+            Matcher::Methods(v) => list(f, &mut v.iter().map(|m| format!("{:?}", m.as_str()))),
+        }
+    }
+}
+
+// === impl Matcher ===
+
+impl Matcher {
+    pub(crate) fn matches(&self, identity: &Identity, request: &RequestFacts<'_>) -> bool {
+        match self {
+            Matcher::Issuer(ids) => ids.iter().any(|i| *i == identity.issuer),
+            Matcher::Subject(globs) => any_glob(globs, &identity.subject),
+            Matcher::Email(globs) => verified_email(identity).is_some_and(|e| any_glob(globs, e)),
+            Matcher::EmailDomain(domains) => verified_email(identity)
+                .and_then(|e| e.rsplit_once('@'))
+                .is_some_and(|(_, d)| domains.iter().any(|want| want.eq_ignore_ascii_case(d))),
+            Matcher::GroupsAny(want) => {
+                want.iter().any(|g| identity.groups.iter().any(|h| h == &**g))
+            }
+            Matcher::GroupsAll(want) => {
+                want.iter().all(|g| identity.groups.iter().any(|h| h == &**g))
+            }
+            Matcher::Claim { name, values } => {
+                identity.claims.get(&**name).is_some_and(|claim| claim_matches(values, claim))
+            }
+            Matcher::Ci { field, globs } => identity
+                .ci
+                .as_ref()
+                .and_then(|c| c.field(field))
+                .is_some_and(|v| any_glob(globs, v)),
+            // HTTP conditions never match a database request, and the reverse: a rule
+            // written for one protocol must not leak onto the other.
+            Matcher::Methods(methods) => {
+                !request.is_database() && methods.iter().any(|m| m == request.method)
+            }
+            Matcher::Paths(globs) => !request.is_database() && any_glob(globs, request.path),
+            Matcher::Databases(globs) => request.database.is_some_and(|d| any_glob(globs, d)),
+            Matcher::Roles(globs) => request.role.is_some_and(|r| any_glob(globs, r)),
+        }
+    }
+}
+
+fn any_glob(globs: &[Glob], text: &str) -> bool {
+    globs.iter().any(|g| g.matches(text))
+}
+
+fn verified_email(identity: &Identity) -> Option<&str> {
+    identity.email.as_deref().filter(|_| identity.email_verified)
+}
+
+/// A claim matches when it equals (with its own JSON type) one of the values; an array
+/// claim (`aud`, `groups_direct`) matches when any element does.
+fn claim_matches(values: &[ClaimValue], claim: &Value) -> bool {
+    match claim {
+        Value::Array(items) => items.iter().any(|item| scalar_matches(values, item)),
+        other => scalar_matches(values, other),
+    }
+}
+
+fn scalar_matches(values: &[ClaimValue], claim: &Value) -> bool {
+    values.iter().any(|v| match (v, claim) {
+        (ClaimValue::Str(g), Value::String(s)) => g.matches(s),
+        (ClaimValue::Bool(b), Value::Bool(c)) => b == c,
+        (ClaimValue::Int(i), Value::Number(n)) => n.as_i64() == Some(*i),
+        _ => false,
+    })
+}

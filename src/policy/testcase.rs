@@ -1,0 +1,146 @@
+//! `[[test]]` cases: example callers with the expected decision, run by
+//! `portcullis policy test` and `portcullis check`.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use http::Method;
+
+use super::rule::Effect;
+use super::{Decision, Policy, RequestFacts};
+use crate::identity::Identity;
+
+/// A compiled `[[test]]`.
+#[derive(Debug, Clone)]
+pub struct TestCase {
+    pub name: String,
+    /// Line of the `[[test]]` header.
+    pub line: u32,
+    pub identity: Identity,
+    pub request: TestRequest,
+    pub expect: Effect,
+    /// The rule expected to decide, if the test names one.
+    pub rule: Option<String>,
+}
+
+/// The request of a test case.
+#[derive(Debug, Clone)]
+pub enum TestRequest {
+    Http { method: Method, path: String },
+    Database { database: String, role: Option<String> },
+}
+
+/// The result of one test case.
+#[derive(Debug, Clone)]
+pub struct TestOutcome {
+    pub name: String,
+    pub file: Arc<Path>,
+    pub line: u32,
+    pub decision: Decision,
+    /// `None` when the test passed; otherwise what went wrong.
+    pub failure: Option<String>,
+}
+
+// === impl TestRequest ===
+
+/// Database requests carry no HTTP method; this one fills the field and is never
+/// compared, because HTTP conditions do not match database requests.
+static DATABASE_METHOD: Method = Method::CONNECT;
+
+impl TestRequest {
+    pub fn facts(&self) -> RequestFacts<'_> {
+        match self {
+            TestRequest::Http { method, path } => {
+                RequestFacts { method, path, database: None, role: None }
+            }
+            TestRequest::Database { database, role } => RequestFacts {
+                method: &DATABASE_METHOD,
+                path: "",
+                database: Some(database),
+                role: role.as_deref(),
+            },
+        }
+    }
+}
+
+impl fmt::Display for TestRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TestRequest::Http { method, path } => write!(f, "{method} {path}"),
+            TestRequest::Database { database, role: Some(role) } => {
+                write!(f, "database {database:?} as role {role:?}")
+            }
+            TestRequest::Database { database, role: None } => write!(f, "database {database:?}"),
+        }
+    }
+}
+
+// === impl TestOutcome ===
+
+impl TestOutcome {
+    pub fn passed(&self) -> bool {
+        self.failure.is_none()
+    }
+}
+
+impl fmt::Display for TestOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let at = format!("{}:{}", self.file.display(), self.line);
+        match &self.failure {
+            None => write!(f, "{at}: ok: {}", self.name),
+            Some(why) => write!(f, "{at}: FAILED: {}: {why}", self.name),
+        }
+    }
+}
+
+/// Runs every `[[test]]` of a policy, in file order.
+pub fn run_tests(policy: &Policy) -> Vec<TestOutcome> {
+    policy
+        .tests()
+        .iter()
+        .map(|t| {
+            let decision = policy.evaluate(&t.identity, &t.request.facts());
+            let got = if decision.allowed { Effect::Allow } else { Effect::Deny };
+            let by = match &decision.rule {
+                Some(r) => format!("rule `{}` ({}:{})", r.id, r.file.display(), r.line),
+                None => "no rule".to_string(),
+            };
+            let failure = if got != t.expect {
+                Some(format!(
+                    "expected {}, got {} ({}) by {by} for {}",
+                    effect_name(t.expect),
+                    effect_name(got),
+                    decision.reason,
+                    t.request
+                ))
+            } else {
+                match &t.rule {
+                    Some(want)
+                        if decision.rule.as_ref().is_none_or(|r| &*r.id != want.as_str()) =>
+                    {
+                        Some(format!(
+                            "expected rule `{want}` to decide, but {} was decided by {by}",
+                            effect_name(got)
+                        ))
+                    }
+                    _ => None,
+                }
+            };
+            TestOutcome {
+                name: t.name.clone(),
+                file: Arc::from(policy.file()),
+                line: t.line,
+                decision,
+                failure,
+            }
+        })
+        .collect()
+}
+
+fn effect_name(e: Effect) -> &'static str {
+    match e {
+        Effect::Allow => "allow",
+        Effect::Deny => "deny",
+    }
+}
