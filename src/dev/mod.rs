@@ -1,4 +1,5 @@
 //! Development helpers: the embedded OIDC issuer and its signing keys, used by
 //! `portcullis demo`, `portcullis dev token` and the tests.
 
+pub mod echo;
 pub mod signer;

@@ -161,7 +161,8 @@ async fn alpn_prefers_h2_then_http11() {
     let server = server_config(src, vec![]).unwrap();
     let roots = ca.roots();
 
-    let cases: [(&[&[u8]], Option<&[u8]>); 4] = [
+    type Case = (&'static [&'static [u8]], Option<&'static [u8]>);
+    let cases: [Case; 4] = [
         (&[b"h2", b"http/1.1"], Some(b"h2")),
         (&[b"http/1.1", b"h2"], Some(b"h2")),
         (&[b"http/1.1"], Some(b"http/1.1")),
