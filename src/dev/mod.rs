@@ -2,4 +2,5 @@
 //! `portcullis demo`, `portcullis dev token` and the tests.
 
 pub mod echo;
+pub mod issuer;
 pub mod signer;
