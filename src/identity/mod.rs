@@ -9,6 +9,17 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+mod cache;
+pub mod ci;
+mod jwks;
+#[cfg(test)]
+mod tests;
+mod token;
+pub mod verify;
+
+pub use token::{MAX_KID_LEN, MAX_TOKEN_LEN};
+pub use verify::{extract_bearer, CredentialSource, Verifier, MAX_LEEWAY};
+
 /// The configured name of an issuer (`[issuers.NAME]`), not its URL.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
@@ -36,7 +47,7 @@ pub enum PrincipalKind {
 }
 
 /// Which provider's claim vocabulary an issuer speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
     BitbucketPipelines,

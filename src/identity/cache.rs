@@ -1,0 +1,142 @@
+//! Verified-token cache: a token seen before is answered with its [`Identity`]
+//! without parsing JSON or verifying a signature again.
+//!
+//! Keyed by the SHA-256 of the whole token, so a hit requires the exact bytes that
+//! were verified. An entry is honoured only inside the time window in which the token
+//! itself was valid (exp/nbf/iat with leeway), and only while the issuer still
+//! publishes the key that signed it (checked by the verifier on every hit).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use aws_lc_rs::digest;
+use parking_lot::RwLock;
+
+use super::Identity;
+
+/// Bounded so a flood of distinct valid tokens cannot grow memory without limit.
+pub(crate) const DEFAULT_CAPACITY: usize = 65_536;
+
+pub(crate) type TokenHash = [u8; 32];
+
+pub(crate) fn hash(token: &str) -> TokenHash {
+    let d = digest::digest(&digest::SHA256, token.as_bytes());
+    let mut out = [0; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub identity: Arc<Identity>,
+    /// Index of the issuer in the verifier, and the key that verified the token.
+    pub issuer: usize,
+    pub kid: Arc<str>,
+    /// The token is valid for `valid_from <= now < valid_until` (Unix seconds,
+    /// leeway and max token age already applied).
+    pub valid_from: u64,
+    pub valid_until: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct TokenCache {
+    map: RwLock<HashMap<TokenHash, Entry>>,
+    capacity: usize,
+}
+
+// === impl TokenCache ===
+
+impl TokenCache {
+    pub fn new(capacity: usize) -> Self {
+        Self { map: RwLock::new(HashMap::new()), capacity: capacity.max(1) }
+    }
+
+    /// The entry for `key` if the token is still inside its validity window at `now`.
+    pub fn get(&self, key: &TokenHash, now: u64) -> Option<Entry> {
+        let map = self.map.read();
+        let entry = map.get(key)?;
+        (entry.valid_from <= now && now < entry.valid_until).then(|| entry.clone())
+    }
+
+    pub fn insert(&self, key: TokenHash, entry: Entry, now: u64) {
+        let mut map = self.map.write();
+        if map.len() >= self.capacity && !map.contains_key(&key) {
+            // Expired entries go first; if that frees nothing, drop an arbitrary eighth
+            // so eviction work is amortized over many inserts.
+            map.retain(|_, e| now < e.valid_until);
+            if map.len() >= self.capacity {
+                let excess = map.len() + 1 - self.capacity;
+                let drop = excess.max(self.capacity / 8);
+                let victims: Vec<TokenHash> = map.keys().take(drop).copied().collect();
+                for victim in victims {
+                    map.remove(&victim);
+                }
+            }
+        }
+        map.insert(key, entry);
+    }
+
+    pub fn remove(&self, key: &TokenHash) {
+        self.map.write().remove(key);
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.map.read().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{IssuerId, PrincipalKind};
+
+    fn entry(from: u64, until: u64) -> Entry {
+        let identity = Identity {
+            issuer: IssuerId("i".into()),
+            subject: "s".into(),
+            kind: PrincipalKind::Human,
+            email: None,
+            email_verified: false,
+            groups: vec![],
+            groups_known: true,
+            expires_at: until,
+            issued_at: None,
+            ci: None,
+            claims: serde_json::Map::new(),
+        };
+        Entry {
+            identity: Arc::new(identity),
+            issuer: 0,
+            kid: "k".into(),
+            valid_from: from,
+            valid_until: until,
+        }
+    }
+
+    #[test]
+    fn honours_the_validity_window_and_stays_bounded() {
+        let cache = TokenCache::new(16);
+        let key = hash("a.b.c");
+        assert_ne!(key, hash("a.b.d"));
+        cache.insert(key, entry(100, 200), 150);
+        assert!(cache.get(&key, 99).is_none());
+        assert!(cache.get(&key, 100).is_some());
+        assert!(cache.get(&key, 199).is_some());
+        assert!(cache.get(&key, 200).is_none());
+
+        for i in 0..100u32 {
+            cache.insert(hash(&i.to_string()), entry(0, 1_000), 150);
+            assert!(cache.len() <= 16);
+        }
+        // Expired entries are evicted before live ones.
+        let cache = TokenCache::new(2);
+        cache.insert(hash("old"), entry(0, 10), 5);
+        cache.insert(hash("live"), entry(0, 1_000), 5);
+        cache.insert(hash("new"), entry(0, 1_000), 50);
+        assert!(cache.get(&hash("live"), 50).is_some());
+        assert!(cache.get(&hash("new"), 50).is_some());
+        cache.remove(&hash("new"));
+        assert!(cache.get(&hash("new"), 50).is_none());
+    }
+}

@@ -1,0 +1,596 @@
+//! Per-issuer key state: OIDC discovery, JWKS fetching, parsing, caching and refresh
+//! (jwt-validation.md §11).
+//!
+//! Keys are parsed once per fetch into [`ParsedPublicKey`]s and kept by `kid`. A
+//! refresh replaces the whole set, so a key the provider removes stops verifying.
+//! Reads are lock-free (`ArcSwap`); fetches are single-flight behind an async mutex.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use aws_lc_rs::signature::{self, ParsedPublicKey, RsaParameters, RsaPublicKeyComponents};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, Request, StatusCode, Uri};
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use parking_lot::Mutex;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::CertificateDer;
+use serde_json::{Map, Value};
+
+use super::token::MAX_KID_LEN;
+use super::{Algorithm, IssuerSettings};
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// Timings and limits of the key machinery. The defaults are §11's; tests shrink
+/// them so the stale window can be crossed in milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    /// JWKS `Cache-Control: max-age` is clamped to `[min_ttl, max_ttl]`.
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
+    /// TTL when the response has no max-age (panva/jose's 10 min).
+    pub default_ttl: Duration,
+    /// Whole request, connect to last body byte (jose's 5 s).
+    pub fetch_timeout: Duration,
+    pub max_body: usize,
+    /// Retry backoff after failed fetches: doubles from `retry_min` to `retry_max`.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            min_ttl: Duration::from_secs(5 * 60),
+            max_ttl: Duration::from_secs(24 * 60 * 60),
+            default_ttl: Duration::from_secs(10 * 60),
+            fetch_timeout: Duration::from_secs(5),
+            max_body: 1024 * 1024,
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One JWK, parsed for each algorithm it may be used with (V5: one key, one
+/// algorithm when the JWK names it; otherwise the allowlisted ones of its type).
+pub(crate) struct VerifyKey {
+    by_alg: Vec<(Algorithm, ParsedPublicKey)>,
+}
+
+impl VerifyKey {
+    pub fn for_alg(&self, alg: Algorithm) -> Option<&ParsedPublicKey> {
+        self.by_alg.iter().find(|(a, _)| *a == alg).map(|(_, k)| k)
+    }
+}
+
+/// A complete key set as fetched at one time.
+pub(crate) struct KeySet {
+    pub keys: HashMap<Arc<str>, Arc<VerifyKey>>,
+    pub fetched_at: Instant,
+    pub ttl: Duration,
+}
+
+impl KeySet {
+    pub fn get(&self, kid: &str) -> Option<(&Arc<str>, &Arc<VerifyKey>)> {
+        self.keys.get_key_value(kid)
+    }
+}
+
+/// The live key state of one configured issuer.
+pub(crate) struct IssuerKeys {
+    pub settings: IssuerSettings,
+    label: Arc<str>,
+    client: HttpClient,
+    timing: Timing,
+    /// From discovery; cleared when a JWKS fetch fails so the next try rediscovers.
+    jwks_uri: Mutex<Option<Uri>>,
+    keys: ArcSwapOption<KeySet>,
+    /// Single flight: at most one fetch per issuer at a time.
+    refresh_lock: tokio::sync::Mutex<()>,
+    /// When an unknown `kid` last caused a fetch (§11.3 cooldown).
+    last_kid_refresh: Mutex<Option<Instant>>,
+    /// Fetch attempts (discovery + JWKS as one), for tests and logs.
+    pub fetches: AtomicU64,
+}
+
+// === impl IssuerKeys ===
+
+impl IssuerKeys {
+    /// No network: only the TLS client is built (reading `ca_file`) and URLs checked.
+    pub fn new(settings: IssuerSettings, timing: Timing) -> Result<Self, String> {
+        let id = settings.id.clone();
+        check_fetch_url(&settings.discovery_url, settings.insecure_http)
+            .map_err(|e| format!("issuer {id}: discovery_url {e}"))?;
+        let client = http_client(&settings).map_err(|e| format!("issuer {id}: {e}"))?;
+        if settings.insecure_http {
+            tracing::warn!(issuer = %id, "insecure_http: discovery/JWKS may use plain http on loopback");
+        }
+        Ok(Self {
+            label: id.0.clone(),
+            settings,
+            client,
+            timing,
+            jwks_uri: Mutex::new(None),
+            keys: ArcSwapOption::empty(),
+            refresh_lock: tokio::sync::Mutex::new(()),
+            last_kid_refresh: Mutex::new(None),
+            fetches: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether `self` may take over `old`'s keys on reload: the same keys would be
+    /// fetched from the same place with the same trust.
+    pub fn same_source(&self, old: &IssuerKeys) -> bool {
+        let (a, b) = (&self.settings, &old.settings);
+        a.issuer == b.issuer
+            && a.discovery_url == b.discovery_url
+            && a.ca_file == b.ca_file
+            && a.insecure_http == b.insecure_http
+            // Keys are filtered and parsed against the allowlist.
+            && a.algorithms == b.algorithms
+    }
+
+    pub fn adopt(&self, old: &IssuerKeys) {
+        self.keys.store(old.keys.load_full());
+        *self.jwks_uri.lock() = old.jwks_uri.lock().clone();
+    }
+
+    /// The key set if it may be used now: loaded, and not older than its TTL plus
+    /// the stale window (§11.7). After that the issuer fails closed.
+    pub fn usable(&self) -> Option<Arc<KeySet>> {
+        let set = self.keys.load_full()?;
+        let deadline = set.fetched_at + set.ttl + self.settings.stale_window;
+        (Instant::now() < deadline).then_some(set)
+    }
+
+    pub fn loaded(&self) -> bool {
+        self.keys.load().is_some()
+    }
+
+    /// On an unknown `kid`: one single-flight fetch at most once per cooldown, then
+    /// the key if it appeared (§11.3).
+    pub async fn refresh_for_kid(&self, kid: &str) -> Option<(Arc<str>, Arc<VerifyKey>)> {
+        let _flight = self.refresh_lock.lock().await;
+        // Whoever held the lock before may just have fetched the key.
+        let lookup = |set: Option<Arc<KeySet>>| {
+            set.and_then(|s| s.get(kid).map(|(k, v)| (k.clone(), v.clone())))
+        };
+        if let Some(found) = lookup(self.usable()) {
+            return Some(found);
+        }
+        {
+            let mut last = self.last_kid_refresh.lock();
+            if last.is_some_and(|t| t.elapsed() < self.settings.refresh_cooldown) {
+                return None;
+            }
+            *last = Some(Instant::now());
+        }
+        tracing::debug!(issuer = %self.label, "unknown kid: refreshing JWKS");
+        let _ = self.fetch_and_install().await;
+        lookup(self.usable())
+    }
+
+    /// Background loop: load, then refresh when the TTL runs out; retry with backoff
+    /// while fetches fail (forever, so a recovered issuer comes back by itself).
+    pub async fn run(self: Arc<Self>) {
+        let mut backoff = self.timing.retry_min;
+        loop {
+            if let Some(set) = self.keys.load_full() {
+                tokio::time::sleep_until((set.fetched_at + set.ttl).into()).await;
+            }
+            let result = {
+                let _flight = self.refresh_lock.lock().await;
+                // An unknown-kid refresh may have run meanwhile; then wait for its TTL.
+                match self.keys.load_full() {
+                    Some(set) if set.fetched_at + set.ttl > Instant::now() => continue,
+                    _ => self.fetch_and_install().await,
+                }
+            };
+            match result {
+                Ok(()) => backoff = self.timing.retry_min,
+                Err(()) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.timing.retry_max);
+                }
+            }
+        }
+    }
+
+    /// One fetch (discovery when needed, then JWKS); installs the set on success.
+    /// Callers hold `refresh_lock`.
+    async fn fetch_and_install(&self) -> Result<(), ()> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        let metrics = &crate::metrics::global().jwks_refreshes;
+        match self.fetch().await {
+            Ok(set) => {
+                tracing::debug!(issuer = %self.label, keys = set.keys.len(), ttl = ?set.ttl, "JWKS loaded");
+                self.keys.store(Some(Arc::new(set)));
+                metrics.inc(&(self.label.clone(), "ok"));
+                Ok(())
+            }
+            Err(e) => {
+                let stale = self.loaded();
+                tracing::warn!(issuer = %self.label, error = %e, serving_stale = stale, "JWKS refresh failed");
+                metrics.inc(&(self.label.clone(), "error"));
+                Err(())
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<KeySet, String> {
+        let cached = self.jwks_uri.lock().clone();
+        let jwks_uri = match cached {
+            Some(uri) => uri,
+            None => {
+                let uri = self.discover().await?;
+                *self.jwks_uri.lock() = Some(uri.clone());
+                uri
+            }
+        };
+        let result = async {
+            let (body, headers) = self.get(&jwks_uri).await?;
+            let doc: Value =
+                serde_json::from_slice(&body).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+            let keys = parse_jwks(&doc, &self.settings.algorithms, &self.label)?;
+            Ok(KeySet { keys, fetched_at: Instant::now(), ttl: ttl(&headers, &self.timing) })
+        }
+        .await;
+        if result.is_err() {
+            // The jwks_uri may have moved: ask discovery again next time.
+            *self.jwks_uri.lock() = None;
+        }
+        result
+    }
+
+    /// §11.1: the document must name exactly our issuer; its jwks_uri must be https.
+    async fn discover(&self) -> Result<Uri, String> {
+        let url = check_fetch_url(&self.settings.discovery_url, self.settings.insecure_http)?;
+        let (body, _) = self.get(&url).await?;
+        let doc: Value =
+            serde_json::from_slice(&body).map_err(|e| format!("discovery is not JSON: {e}"))?;
+        match doc.get("issuer") {
+            Some(Value::String(iss)) if *iss == self.settings.issuer => {}
+            _ => return Err("discovery `issuer` differs from the configured issuer".into()),
+        }
+        let Some(Value::String(jwks_uri)) = doc.get("jwks_uri") else {
+            return Err("discovery has no `jwks_uri` string".into());
+        };
+        check_fetch_url(jwks_uri, self.settings.insecure_http).map_err(|e| format!("jwks_uri {e}"))
+    }
+
+    /// A bare GET: no cookies, no credentials, no redirects followed, bounded in time
+    /// and size (§11.6).
+    async fn get(&self, uri: &Uri) -> Result<(Bytes, http::HeaderMap), String> {
+        let request = Request::get(uri.clone())
+            .header(header::ACCEPT, "application/json")
+            .body(Empty::new())
+            .map_err(|e| e.to_string())?;
+        let max = self.timing.max_body;
+        let exchange = async {
+            let response = self.client.request(request).await.map_err(|e| chain(&e))?;
+            if response.status() != StatusCode::OK {
+                return Err(format!("{uri} answered {}", response.status()));
+            }
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, max)
+                .collect()
+                .await
+                .map_err(|e| format!("{uri}: body: {e}"))?
+                .to_bytes();
+            Ok((body, parts.headers))
+        };
+        tokio::time::timeout(self.timing.fetch_timeout, exchange)
+            .await
+            .map_err(|_| format!("{uri} timed out"))?
+    }
+
+    /// Install a key set from a JWKS document without fetching (tests, benches).
+    pub fn install(&self, doc: &Value, ttl: Duration) -> Result<usize, String> {
+        let keys = parse_jwks(doc, &self.settings.algorithms, &self.label)?;
+        let n = keys.len();
+        self.keys.store(Some(Arc::new(KeySet { keys, fetched_at: Instant::now(), ttl })));
+        Ok(n)
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// https anywhere; plain http only with `insecure_http` and a loopback host. No
+/// userinfo: credentials never travel to an issuer.
+pub(crate) fn check_fetch_url(url: &str, insecure_http: bool) -> Result<Uri, String> {
+    let uri: Uri = url.parse().map_err(|_| format!("`{url}` is not a URL"))?;
+    let Some(authority) = uri.authority() else {
+        return Err(format!("`{url}` has no host"));
+    };
+    if authority.as_str().contains('@') {
+        return Err(format!("`{url}` carries credentials"));
+    }
+    match uri.scheme_str() {
+        Some("https") => Ok(uri),
+        Some("http") if insecure_http && is_loopback(authority.host()) => Ok(uri),
+        Some("http") if insecure_http => {
+            Err(format!("`{url}`: insecure_http only allows loopback hosts"))
+        }
+        _ => Err(format!("`{url}` is not https")),
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Public web PKI roots plus the issuer's `ca_file`; aws-lc-rs as the provider.
+fn http_client(settings: &IssuerSettings) -> Result<HttpClient, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &settings.ca_file {
+        let shown = path.display();
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("ca_file {shown}: {e}"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("ca_file {shown}: {e}"))?;
+        if certs.is_empty() {
+            return Err(format!("ca_file {shown}: no certificates"));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| format!("ca_file {shown}: {e}"))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+/// `Cache-Control: max-age` clamped (§11.2); the default when absent.
+fn ttl(headers: &http::HeaderMap, timing: &Timing) -> Duration {
+    let max_age = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|directive| {
+            let (name, value) = directive.split_once('=')?;
+            if !name.trim().eq_ignore_ascii_case("max-age") {
+                return None;
+            }
+            value.trim().trim_matches('"').parse::<u64>().ok()
+        });
+    max_age.map_or(timing.default_ttl, |s| {
+        Duration::from_secs(s).clamp(timing.min_ttl, timing.max_ttl)
+    })
+}
+
+/// §11.5: keep only signing keys with a `kid`, a supported `kty` and an allowlisted
+/// algorithm. Fails when nothing usable is left, so a broken publication keeps the
+/// last good set (within the stale window) instead of wiping it.
+pub(crate) fn parse_jwks(
+    doc: &Value,
+    allowlist: &[Algorithm],
+    issuer: &str,
+) -> Result<HashMap<Arc<str>, Arc<VerifyKey>>, String> {
+    let Some(Value::Array(entries)) = doc.get("keys") else {
+        return Err("JWKS has no `keys` array".into());
+    };
+    let mut keys = HashMap::new();
+    for entry in entries {
+        let Value::Object(jwk) = entry else { continue };
+        match parse_jwk(jwk, allowlist) {
+            Ok((kid, key)) => {
+                if keys.contains_key(kid.as_str()) {
+                    tracing::warn!(issuer, kid = %kid, "JWKS repeats a kid; keeping the first");
+                    continue;
+                }
+                keys.insert(Arc::from(kid), Arc::new(key));
+            }
+            Err(why) => tracing::debug!(issuer, why, "JWK skipped"),
+        }
+    }
+    if keys.is_empty() {
+        return Err("JWKS holds no usable signing key".into());
+    }
+    Ok(keys)
+}
+
+fn parse_jwk(
+    jwk: &Map<String, Value>,
+    allowlist: &[Algorithm],
+) -> Result<(String, VerifyKey), &'static str> {
+    let text = |name: &str| match jwk.get(name) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        Some(_) => Err("member is not a string"),
+    };
+    let kid = match text("kid")? {
+        Some(k) if !k.is_empty() && k.len() <= MAX_KID_LEN => k.to_owned(),
+        _ => return Err("no usable kid"),
+    };
+    if text("use")?.is_some_and(|u| u != "sig") {
+        return Err("use is not sig");
+    }
+    let named = match text("alg")? {
+        Some(a) => Some(Algorithm::parse(a).ok_or("alg not supported")?),
+        None => None,
+    };
+    if named.is_some_and(|a| !allowlist.contains(&a)) {
+        return Err("alg not in the allowlist");
+    }
+    let bytes = |name: &str| -> Result<Vec<u8>, &'static str> {
+        URL_SAFE_NO_PAD
+            .decode(text(name)?.ok_or("missing key member")?)
+            .map_err(|_| "bad base64url")
+    };
+    let kty = text("kty")?.ok_or("no kty")?;
+    // The algorithms this key may serve: the one it names, else the allowlisted ones
+    // its type and curve fit (V5).
+    let candidates: Vec<Algorithm> = allowlist
+        .iter()
+        .copied()
+        .filter(|a| a.key_type() == kty && named.is_none_or(|n| n == *a))
+        .collect();
+    let mut by_alg = Vec::new();
+    match kty {
+        "RSA" => {
+            let (n, e) = (bytes("n")?, bytes("e")?);
+            let components = RsaPublicKeyComponents { n: strip_zeros(&n), e: strip_zeros(&e) };
+            for alg in candidates {
+                let params = rsa_params(alg).ok_or("not an RSA algorithm")?;
+                let key = components.to_parsed_public_key(params).map_err(|_| "bad RSA key")?;
+                by_alg.push((alg, key));
+            }
+        }
+        "EC" => {
+            let (alg, verify, len): (_, &'static signature::EcdsaVerificationAlgorithm, _) =
+                match text("crv")? {
+                    Some("P-256") => (Algorithm::ES256, &signature::ECDSA_P256_SHA256_FIXED, 32),
+                    Some("P-384") => (Algorithm::ES384, &signature::ECDSA_P384_SHA384_FIXED, 48),
+                    _ => return Err("EC curve not supported"),
+                };
+            let (x, y) = (bytes("x")?, bytes("y")?);
+            if x.len() != len || y.len() != len {
+                return Err("EC coordinates of the wrong length");
+            }
+            if candidates.contains(&alg) {
+                let point = [&[4u8][..], &x, &y].concat();
+                by_alg.push((alg, ParsedPublicKey::new(verify, point).map_err(|_| "bad EC key")?));
+            }
+        }
+        "OKP" => {
+            if text("crv")? != Some("Ed25519") {
+                return Err("OKP curve not supported");
+            }
+            let x = bytes("x")?;
+            if x.len() != 32 {
+                return Err("Ed25519 key of the wrong length");
+            }
+            if candidates.contains(&Algorithm::EdDSA) {
+                let key =
+                    ParsedPublicKey::new(&signature::ED25519, x).map_err(|_| "bad Ed25519 key")?;
+                by_alg.push((Algorithm::EdDSA, key));
+            }
+        }
+        _ => return Err("kty not supported"),
+    }
+    if by_alg.is_empty() {
+        return Err("no allowlisted algorithm fits this key");
+    }
+    Ok((kid, VerifyKey { by_alg }))
+}
+
+/// JWK integers are minimal big-endian, but some publishers pad; aws-lc wants none.
+fn strip_zeros(b: &[u8]) -> &[u8] {
+    let first = b.iter().position(|&x| x != 0).unwrap_or(b.len());
+    &b[first..]
+}
+
+fn rsa_params(alg: Algorithm) -> Option<&'static RsaParameters> {
+    // 2048 bits minimum: smaller RSA keys are refused at verification.
+    Some(match alg {
+        Algorithm::RS256 => &signature::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::RS384 => &signature::RSA_PKCS1_2048_8192_SHA384,
+        Algorithm::RS512 => &signature::RSA_PKCS1_2048_8192_SHA512,
+        Algorithm::PS256 => &signature::RSA_PSS_2048_8192_SHA256,
+        Algorithm::PS384 => &signature::RSA_PSS_2048_8192_SHA384,
+        Algorithm::PS512 => &signature::RSA_PSS_2048_8192_SHA512,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dev::signer::{self, DevSigner};
+    use serde_json::json;
+
+    #[test]
+    fn ttl_honours_max_age_within_bounds() {
+        let t = Timing::default();
+        let mut h = http::HeaderMap::new();
+        assert_eq!(ttl(&h, &t), Duration::from_secs(600));
+        h.insert(header::CACHE_CONTROL, http::HeaderValue::from_static("public, max-age=3600"));
+        assert_eq!(ttl(&h, &t), Duration::from_secs(3600));
+        h.insert(header::CACHE_CONTROL, http::HeaderValue::from_static("max-age=10"));
+        assert_eq!(ttl(&h, &t), Duration::from_secs(300));
+        h.insert(header::CACHE_CONTROL, http::HeaderValue::from_static("MAX-AGE=999999"));
+        assert_eq!(ttl(&h, &t), Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn fetch_urls_must_be_https_unless_insecure_loopback() {
+        assert!(check_fetch_url("https://idp.example/x", false).is_ok());
+        assert!(check_fetch_url("http://idp.example/x", false).is_err());
+        assert!(check_fetch_url("http://idp.example/x", true).is_err());
+        assert!(check_fetch_url("http://127.0.0.1:9/x", true).is_ok());
+        assert!(check_fetch_url("http://[::1]:9/x", true).is_ok());
+        assert!(check_fetch_url("http://localhost:9/x", true).is_ok());
+        assert!(check_fetch_url("http://127.0.0.1:9/x", false).is_err());
+        assert!(check_fetch_url("https://user:pw@idp.example/x", false).is_err());
+        assert!(check_fetch_url("file:///etc/passwd", true).is_err());
+    }
+
+    #[test]
+    fn jwks_parsing_skips_unusable_entries() -> Result<(), Box<dyn std::error::Error>> {
+        let rsa = DevSigner::generate_rs256("rsa")?;
+        let ec = DevSigner::generate_es256("ec")?;
+        let mut no_kid = rsa.public_jwk();
+        no_kid.as_object_mut().map(|m| m.remove("kid"));
+        let mut enc = rsa.public_jwk();
+        enc["use"] = json!("enc");
+        enc["kid"] = json!("enc");
+        let mut hs = json!({"kty": "oct", "k": "c2VjcmV0", "kid": "hs", "alg": "HS256"});
+        hs["use"] = json!("sig");
+        let mut no_alg = rsa.public_jwk();
+        no_alg.as_object_mut().map(|m| m.remove("alg"));
+        no_alg["kid"] = json!("no-alg");
+        let doc = json!({"keys": [rsa.public_jwk(), ec.public_jwk(), no_kid, enc, hs, no_alg]});
+
+        let only_rs = parse_jwks(&doc, &[Algorithm::RS256], "t")?;
+        let mut kids: Vec<&str> = only_rs.keys().map(|k| &**k).collect();
+        kids.sort_unstable();
+        assert_eq!(kids, ["no-alg", "rsa"]);
+        let both = parse_jwks(&doc, &[Algorithm::RS256, Algorithm::PS256, Algorithm::ES256], "t")?;
+        assert_eq!(both.len(), 3);
+        // A JWK naming RS256 serves only RS256; one naming nothing serves its family.
+        let named = both.get("rsa").map(|k| {
+            (k.for_alg(Algorithm::RS256).is_some(), k.for_alg(Algorithm::PS256).is_some())
+        });
+        assert_eq!(named, Some((true, false)));
+        let unnamed = both.get("no-alg").map(|k| k.for_alg(Algorithm::PS256).is_some());
+        assert_eq!(unnamed, Some(true));
+        assert!(parse_jwks(&signer::jwks(&[&ec]), &[Algorithm::RS256], "t").is_err());
+        assert!(parse_jwks(&json!({"keys": {}}), &[Algorithm::RS256], "t").is_err());
+        Ok(())
+    }
+}

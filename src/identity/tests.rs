@@ -1,0 +1,990 @@
+//! Verifier tests.
+//!
+//! Rule tests: each token breaks exactly one rule of jwt-validation.md §10 (V-number in
+//! the test name) and must be rejected with exactly that reason; keys are installed
+//! offline so these run without a network. Preset tests: the claim shapes of
+//! `shared/reference/tokens/*.json`. JWKS tests: discovery + JWKS from a real
+//! [`DevIssuer`] on loopback (HTTPS with a private CA, or `insecure_http`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::jwks::Timing;
+use super::*;
+use crate::dev::issuer::{DevIssuer, Failure};
+use crate::dev::signer::{self, DevSigner};
+use crate::reason::Reason;
+
+/// 100 s after the reference tokens' `iat`.
+const NOW: u64 = 1_767_225_700;
+const OKTA: &str = "https://acme.okta.com/oauth2/default";
+const OKTA_CLIENT: &str = "0oaexampleclientid123";
+
+fn rsa() -> &'static DevSigner {
+    static K: OnceLock<DevSigner> = OnceLock::new();
+    K.get_or_init(|| DevSigner::generate_rs256("rsa-1").unwrap())
+}
+fn ec() -> &'static DevSigner {
+    static K: OnceLock<DevSigner> = OnceLock::new();
+    K.get_or_init(|| DevSigner::generate_es256("ec-1").unwrap())
+}
+/// Another RSA key under the same `kid` as [`rsa`]: a forger's key.
+fn forger() -> &'static DevSigner {
+    static K: OnceLock<DevSigner> = OnceLock::new();
+    K.get_or_init(|| DevSigner::generate_rs256("rsa-1").unwrap())
+}
+
+fn settings(id: &str, preset: Preset, issuer: &str, audience: &str) -> IssuerSettings {
+    IssuerSettings {
+        id: IssuerId(id.into()),
+        preset,
+        issuer: issuer.to_owned(),
+        discovery_url: format!("{issuer}/.well-known/openid-configuration"),
+        audiences: vec![audience.to_owned()],
+        algorithms: vec![Algorithm::RS256, Algorithm::ES256],
+        leeway: Duration::from_secs(60),
+        max_token_age: None,
+        kind: preset.default_kind(),
+        token_type: TokenType::Id,
+        client_id: None,
+        hosted_domain: None,
+        groups_claim: "groups".into(),
+        ca_file: None,
+        insecure_http: false,
+        stale_window: Duration::from_secs(3600),
+        refresh_cooldown: Duration::from_secs(60),
+    }
+}
+
+fn okta_settings() -> IssuerSettings {
+    let mut s = settings("corp", Preset::Oidc, OKTA, OKTA_CLIENT);
+    s.client_id = Some(OKTA_CLIENT.into());
+    s
+}
+
+/// A verifier whose issuers already hold the [`rsa`] and [`ec`] keys.
+fn offline(issuers: Vec<IssuerSettings>) -> Verifier {
+    let ids: Vec<IssuerId> = issuers.iter().map(|s| s.id.clone()).collect();
+    let v = Verifier::new(issuers).unwrap();
+    for id in ids {
+        let n = v.install_jwks(&id, &signer::jwks(&[rsa(), ec()]), Duration::from_secs(600));
+        assert_eq!(n, Ok(2));
+    }
+    v
+}
+
+fn okta_header() -> Value {
+    json!({"alg": "RS256", "kid": "rsa-1"})
+}
+
+/// `reference/tokens/okta.json`.
+fn okta_payload() -> Value {
+    json!({
+        "ver": 1, "sub": "00uid4BxXw6I6TV4m0g3", "iss": OKTA, "aud": OKTA_CLIENT,
+        "iat": 1767225600, "exp": 1767229200, "jti": "ID.4eAWJOCMB3SX8XewDfVR",
+        "amr": ["pwd", "mfa"], "idp": "00ok1u7AsAkrwdZL3z0g3", "nonce": "n-0S6_WzA2Mj",
+        "auth_time": 1767225590, "at_hash": "cpqKfdQA5eH891Ff5oJr_Q", "name": "Jane Doe",
+        "preferred_username": "jane.doe@acme.example", "email": "jane.doe@acme.example",
+        "email_verified": true, "groups": ["Everyone", "platform-admins", "sre"]
+    })
+}
+
+fn with(mut base: Value, key: &str, value: Value) -> Value {
+    base[key] = value;
+    base
+}
+
+fn without(mut base: Value, key: &str) -> Value {
+    base.as_object_mut().unwrap().remove(key);
+    base
+}
+
+async fn reason(v: &Verifier, token: &str) -> Option<Reason> {
+    v.verify_at(token, NOW).await.err().map(|e| e.reason)
+}
+
+/// An okta token with `header` / `payload` changed; must fail with `expected` and,
+/// for pre-signature rules, without any signature work.
+async fn rejects(header: Value, payload: Value, expected: Reason) {
+    let v = offline(vec![okta_settings()]);
+    let token = rsa().sign(&header, &payload);
+    assert_eq!(reason(&v, &token).await, Some(expected), "{header} {payload}");
+    let after_signature = matches!(
+        expected,
+        Reason::InvalidSignature
+            | Reason::AuthorizedPartyMismatch
+            | Reason::WrongTokenType
+            | Reason::InvalidClaims
+    );
+    if !after_signature {
+        assert_eq!(v.signature_checks(), 0, "{expected:?} must cost no signature");
+    }
+}
+
+// === the baseline ===
+
+#[tokio::test]
+async fn okta_human_id_token_is_accepted() {
+    let v = offline(vec![okta_settings()]);
+    let token = rsa().sign(&okta_header(), &okta_payload());
+    let id = v.verify_at(&token, NOW).await.unwrap();
+    assert_eq!(id.issuer.as_str(), "corp");
+    assert_eq!(id.subject, "00uid4BxXw6I6TV4m0g3");
+    assert_eq!(id.kind, PrincipalKind::Human);
+    assert_eq!(id.email.as_deref(), Some("jane.doe@acme.example"));
+    assert!(id.email_verified && id.groups_known);
+    assert_eq!(id.groups, ["Everyone", "platform-admins", "sre"]);
+    assert_eq!((id.expires_at, id.issued_at), (1767229200, Some(1767225600)));
+    assert!(id.ci.is_none());
+    assert_eq!(id.claims.get("ver"), Some(&json!(1)));
+    assert_eq!(v.signature_checks(), 1);
+}
+
+// === V1: credential extraction ===
+
+fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    h
+}
+
+#[test]
+fn v1_bearer_extraction() {
+    use CredentialSource::*;
+    let ok = |pairs: &[(&str, &str)]| {
+        extract_bearer(&headers(pairs))
+            .map(|t| t.map(|(token, source)| (token.to_owned(), source)))
+            .map_err(|e| e.reason)
+    };
+    let some = |t: &str, s| Ok(Some((t.to_owned(), s)));
+    let err = |pairs: &[(&str, &str)]| extract_bearer(&headers(pairs)).err().map(|e| e.reason);
+    assert_eq!(ok(&[]), Ok(None));
+    assert_eq!(ok(&[("authorization", "Bearer a.b.c")]), some("a.b.c", Authorization));
+    assert_eq!(ok(&[("authorization", "bEaReR a.b.c")]), some("a.b.c", Authorization));
+    assert_eq!(ok(&[("proxy-authorization", "Bearer a.b.c")]), some("a.b.c", ProxyAuthorization));
+    // The application's own Authorization stays the application's.
+    assert_eq!(ok(&[("authorization", "Basic dXNlcjpwdw==")]), Ok(None));
+    assert_eq!(
+        ok(&[("authorization", "Basic dXNlcjpwdw=="), ("proxy-authorization", "Bearer t")]),
+        some("t", ProxyAuthorization)
+    );
+    let ambiguous = Some(Reason::AmbiguousCredentials);
+    assert_eq!(
+        err(&[("authorization", "Bearer a"), ("proxy-authorization", "Bearer b")]),
+        ambiguous
+    );
+    assert_eq!(err(&[("authorization", "Bearer a"), ("authorization", "Bearer a")]), ambiguous);
+    assert_eq!(err(&[("authorization", "Basic x"), ("authorization", "Bearer a")]), ambiguous);
+    assert_eq!(
+        err(&[("proxy-authorization", "Bearer a"), ("proxy-authorization", "Bearer b")]),
+        ambiguous
+    );
+    let malformed = Some(Reason::MalformedToken);
+    assert_eq!(err(&[("authorization", "Bearer ")]), malformed);
+    assert_eq!(err(&[("authorization", "Bearer a b")]), malformed);
+    assert_eq!(err(&[("authorization", "Bearer a=b")]), malformed);
+    assert_eq!(err(&[("proxy-authorization", "Basic x")]), malformed);
+    let big = format!("Bearer {}", "a".repeat(token::MAX_TOKEN_LEN + 1));
+    assert_eq!(err(&[("authorization", big.as_str())]), malformed);
+    let max = format!("Bearer {}", "a".repeat(token::MAX_TOKEN_LEN));
+    assert!(ok(&[("authorization", max.as_str())]).is_ok());
+}
+
+#[tokio::test]
+async fn v1_oversized_token_is_rejected_before_parsing() {
+    let v = offline(vec![okta_settings()]);
+    let padded = with(okta_payload(), "pad", json!("x".repeat(token::MAX_TOKEN_LEN)));
+    let token = rsa().sign(&okta_header(), &padded);
+    assert_eq!(reason(&v, &token).await, Some(Reason::MalformedToken));
+}
+
+// === V2, V3: format ===
+
+#[tokio::test]
+async fn v2_only_compact_jws_with_three_segments() {
+    let v = offline(vec![okta_settings()]);
+    let good = rsa().sign(&okta_header(), &okta_payload());
+    let (hp, _) = good.rsplit_once('.').unwrap();
+    let jwe = format!("{good}.AAAA.BBBB");
+    let json_serialization = json!({"payload": "x", "signatures": []}).to_string();
+    for bad in [hp.to_owned(), jwe, json_serialization, format!("{good}.")] {
+        assert_eq!(reason(&v, &bad).await, Some(Reason::MalformedToken), "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn v3_duplicate_members_in_header_are_rejected() {
+    let v = offline(vec![okta_settings()]);
+    let payload = okta_payload().to_string();
+    let token = rsa().sign_raw(r#"{"alg":"RS256","kid":"rsa-1","kid":"rsa-1"}"#, &payload);
+    assert_eq!(reason(&v, &token).await, Some(Reason::MalformedToken));
+}
+
+#[tokio::test]
+async fn v3_duplicate_members_in_payload_are_rejected() {
+    let v = offline(vec![okta_settings()]);
+    // A second `aud` a lenient parser might pick: must not matter which.
+    let payload = okta_payload().to_string();
+    let dup = payload.replacen('{', r#"{"aud":"someone-else","#, 1);
+    let token = rsa().sign_raw(&okta_header().to_string(), &dup);
+    assert_eq!(reason(&v, &token).await, Some(Reason::MalformedToken));
+}
+
+#[tokio::test]
+async fn v3_non_object_roots_bad_json_and_padding_are_rejected() {
+    let v = offline(vec![okta_settings()]);
+    let h = okta_header().to_string();
+    for payload in ["[1,2]", "\"s\"", "{\"iss\":", "{} {}"] {
+        let token = rsa().sign_raw(&h, payload);
+        assert_eq!(reason(&v, &token).await, Some(Reason::MalformedToken), "{payload}");
+    }
+    let token = rsa().sign_raw("[]", &okta_payload().to_string());
+    assert_eq!(reason(&v, &token).await, Some(Reason::MalformedToken));
+    // Same bytes, standard-alphabet padding appended to the header segment.
+    let good = rsa().sign(&okta_header(), &okta_payload());
+    let (h64, rest) = good.split_once('.').unwrap();
+    let padded = format!("{h64}==.{rest}");
+    assert_eq!(reason(&v, &padded).await, Some(Reason::MalformedToken));
+}
+
+// === V4, V5: algorithms ===
+
+#[tokio::test]
+async fn v4_alg_none_hs256_and_wrong_case_are_rejected() {
+    for alg in ["none", "HS256", "rs256", "RS256 ", ""] {
+        rejects(
+            with(okta_header(), "alg", json!(alg)),
+            okta_payload(),
+            Reason::DisallowedAlgorithm,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn v4_alg_outside_the_issuer_allowlist_is_rejected() {
+    let mut only_rs = okta_settings();
+    only_rs.algorithms = vec![Algorithm::RS256];
+    let v = Verifier::new(vec![only_rs]).unwrap();
+    v.install_jwks(&IssuerId("corp".into()), &signer::jwks(&[rsa()]), Duration::from_secs(600))
+        .unwrap();
+    let token = ec().sign(&json!({"alg": "ES256", "kid": "ec-1"}), &okta_payload());
+    assert_eq!(reason(&v, &token).await, Some(Reason::DisallowedAlgorithm));
+    assert_eq!(v.signature_checks(), 0);
+}
+
+#[tokio::test]
+async fn v5_key_is_bound_to_its_algorithm() {
+    // ES256 is allowlisted, but kid rsa-1 is an RSA key: no cross-type use.
+    let header = json!({"alg": "ES256", "kid": "rsa-1"});
+    let v = offline(vec![okta_settings()]);
+    let token = ec().sign(&header, &okta_payload());
+    assert_eq!(reason(&v, &token).await, Some(Reason::DisallowedAlgorithm));
+    // PS256 allowlisted, but the JWK says alg RS256: one key, one algorithm.
+    let mut ps = okta_settings();
+    ps.algorithms.push(Algorithm::PS256);
+    let v = offline(vec![ps]);
+    let ps_signer =
+        DevSigner::from_pkcs8_der(Algorithm::PS256, "rsa-1", &rsa().pkcs8_der()).unwrap();
+    let token = ps_signer.sign(&json!({"alg": "PS256", "kid": "rsa-1"}), &okta_payload());
+    assert_eq!(reason(&v, &token).await, Some(Reason::DisallowedAlgorithm));
+    assert_eq!(v.signature_checks(), 0);
+}
+
+// === V6, V13: issuer ===
+
+#[tokio::test]
+async fn v6_unknown_or_near_miss_issuer_is_rejected() {
+    for iss in [
+        "https://evil.example",
+        "https://acme.okta.com/oauth2/default/",
+        "HTTPS://acme.okta.com/oauth2/default",
+    ] {
+        rejects(okta_header(), with(okta_payload(), "iss", json!(iss)), Reason::UnknownIssuer)
+            .await;
+    }
+    rejects(okta_header(), with(okta_payload(), "iss", json!(1)), Reason::InvalidClaims).await;
+}
+
+// === V7, V8, V9, V10, V11: header ===
+
+#[tokio::test]
+async fn v7_kid_is_required_and_bounded() {
+    rejects(without(okta_header(), "kid"), okta_payload(), Reason::MalformedToken).await;
+    rejects(with(okta_header(), "kid", json!("")), okta_payload(), Reason::MalformedToken).await;
+    rejects(with(okta_header(), "kid", json!(7)), okta_payload(), Reason::MalformedToken).await;
+    let long = "k".repeat(token::MAX_KID_LEN + 1);
+    rejects(with(okta_header(), "kid", json!(long)), okta_payload(), Reason::MalformedToken).await;
+    // At the cap it is merely unknown (and only looked up, never used as a path).
+    let at_cap = "../".repeat(85) + "k";
+    rejects(with(okta_header(), "kid", json!(at_cap)), okta_payload(), Reason::UnknownKey).await;
+}
+
+#[tokio::test]
+async fn v8_token_supplied_keys_and_key_urls_are_rejected() {
+    let jwk = rsa().public_jwk();
+    for (name, value) in [
+        ("jku", json!("https://evil.example/jwks.json")),
+        ("x5u", json!("https://evil.example/cert.pem")),
+        ("jwk", jwk),
+        ("x5c", json!(["MIIB"])),
+    ] {
+        rejects(with(okta_header(), name, value), okta_payload(), Reason::ForbiddenHeader).await;
+    }
+}
+
+#[tokio::test]
+async fn v9_any_crit_is_rejected_even_empty() {
+    for crit in [json!(["exp"]), json!([]), json!("b64")] {
+        rejects(with(okta_header(), "crit", crit), okta_payload(), Reason::ForbiddenHeader).await;
+    }
+}
+
+#[tokio::test]
+async fn v10_nested_jwt_cty_is_rejected() {
+    rejects(with(okta_header(), "cty", json!("JWT")), okta_payload(), Reason::ForbiddenHeader)
+        .await;
+}
+
+#[tokio::test]
+async fn v11_typ_must_fit_the_token_type() {
+    for typ in ["at+jwt", "application/at+jwt", "JOSE", "secevent+jwt"] {
+        rejects(with(okta_header(), "typ", json!(typ)), okta_payload(), Reason::WrongTokenType)
+            .await;
+    }
+    let v = offline(vec![okta_settings()]);
+    for typ in ["JWT", "jwt", "application/JWT"] {
+        let token = rsa().sign(&with(okta_header(), "typ", json!(typ)), &okta_payload());
+        assert!(v.verify_at(&token, NOW).await.is_ok(), "{typ}");
+    }
+    // An RFC 9068 access-token issuer requires at+jwt.
+    let mut access = okta_settings();
+    access.token_type = TokenType::Access;
+    access.client_id = None;
+    let v = offline(vec![access]);
+    let plain = rsa().sign(&with(okta_header(), "typ", json!("JWT")), &okta_payload());
+    assert_eq!(reason(&v, &plain).await, Some(Reason::WrongTokenType));
+    let at = rsa().sign(&with(okta_header(), "typ", json!("at+jwt")), &okta_payload());
+    assert!(v.verify_at(&at, NOW).await.is_ok());
+}
+
+// === V12: signature ===
+
+#[tokio::test]
+async fn v12_signature_must_verify_with_the_issuers_key() {
+    let v = offline(vec![okta_settings()]);
+    let forged = forger().sign(&okta_header(), &okta_payload());
+    assert_eq!(reason(&v, &forged).await, Some(Reason::InvalidSignature));
+    // A valid signature moved onto other claims.
+    let good = rsa().sign(&okta_header(), &okta_payload());
+    let other = rsa().sign(&okta_header(), &with(okta_payload(), "sub", json!("admin")));
+    let (hp, _) = other.rsplit_once('.').unwrap();
+    let (_, sig) = good.rsplit_once('.').unwrap();
+    assert_eq!(reason(&v, &format!("{hp}.{sig}")).await, Some(Reason::InvalidSignature));
+}
+
+// === V14, V15: audience and authorized party ===
+
+#[tokio::test]
+async fn v14_audience_must_contain_a_configured_one() {
+    let other = with(okta_payload(), "aud", json!("another-client"));
+    rejects(okta_header(), other, Reason::AudienceMismatch).await;
+    rejects(okta_header(), without(okta_payload(), "aud"), Reason::AudienceMismatch).await;
+    let empty = with(okta_payload(), "aud", json!([]));
+    rejects(okta_header(), empty, Reason::InvalidClaims).await;
+    let mixed = with(okta_payload(), "aud", json!([OKTA_CLIENT, 5]));
+    rejects(okta_header(), mixed, Reason::InvalidClaims).await;
+}
+
+#[tokio::test]
+async fn v15_azp_must_be_our_client() {
+    let wrong = with(okta_payload(), "azp", json!("another-client"));
+    rejects(okta_header(), wrong, Reason::AuthorizedPartyMismatch).await;
+    let multi = with(okta_payload(), "aud", json!([OKTA_CLIENT, "another-client"]));
+    rejects(okta_header(), multi.clone(), Reason::AuthorizedPartyMismatch).await;
+    let v = offline(vec![okta_settings()]);
+    let token = rsa().sign(&okta_header(), &with(multi, "azp", json!(OKTA_CLIENT)));
+    assert!(v.verify_at(&token, NOW).await.is_ok());
+}
+
+// === V16–V19: time ===
+
+#[tokio::test]
+async fn v16_exp_is_required_and_enforced_with_leeway() {
+    let expired = with(okta_payload(), "exp", json!(NOW - 61));
+    rejects(okta_header(), expired, Reason::TokenExpired).await;
+    rejects(okta_header(), without(okta_payload(), "exp"), Reason::InvalidClaims).await;
+    let v = offline(vec![okta_settings()]);
+    let in_leeway = rsa().sign(&okta_header(), &with(okta_payload(), "exp", json!(NOW - 59)));
+    assert!(v.verify_at(&in_leeway, NOW).await.is_ok());
+    // now >= exp + leeway is expired: the boundary itself is out.
+    let boundary = rsa().sign(&okta_header(), &with(okta_payload(), "exp", json!(NOW - 60)));
+    assert_eq!(reason(&v, &boundary).await, Some(Reason::TokenExpired));
+}
+
+#[tokio::test]
+async fn v17_nbf_in_the_future_is_rejected_but_nbf_before_iat_is_fine() {
+    let future = with(okta_payload(), "nbf", json!(NOW + 61));
+    rejects(okta_header(), future, Reason::TokenNotYetValid).await;
+    let v = offline(vec![okta_settings()]);
+    let github_like = rsa().sign(&okta_header(), &with(okta_payload(), "nbf", json!(1767225000)));
+    assert!(v.verify_at(&github_like, NOW).await.is_ok());
+}
+
+#[tokio::test]
+async fn v18_iat_in_the_future_or_too_old_is_rejected() {
+    let future = with(okta_payload(), "iat", json!(NOW + 61));
+    rejects(okta_header(), future, Reason::TokenIssuedAt).await;
+
+    let mut aged = okta_settings();
+    aged.max_token_age = Some(Duration::from_secs(30));
+    let v = offline(vec![aged]);
+    let token = rsa().sign(&okta_header(), &okta_payload()); // iat = NOW - 100
+    assert_eq!(reason(&v, &token).await, Some(Reason::TokenIssuedAt));
+    assert!(v.verify_at(&token, NOW - 10).await.is_ok());
+    // Max age also bounds the cached entry.
+    assert_eq!(reason(&v, &token).await, Some(Reason::TokenIssuedAt));
+}
+
+#[test]
+fn v19_leeway_is_capped() {
+    let mut s = okta_settings();
+    s.leeway = Duration::from_secs(301);
+    assert!(Verifier::new(vec![s]).is_err());
+}
+
+// === V20, V21: profiles and claim types ===
+
+#[tokio::test]
+async fn v20_access_token_markers_on_an_id_token_issuer_are_rejected() {
+    for (name, value) in [("scp", json!(["openid"])), ("cid", json!(OKTA_CLIENT))] {
+        rejects(okta_header(), with(okta_payload(), name, value), Reason::WrongTokenType).await;
+    }
+    // Keycloak: payload typ "Bearer" is an access token.
+    rejects(okta_header(), with(okta_payload(), "typ", json!("Bearer")), Reason::WrongTokenType)
+        .await;
+}
+
+#[tokio::test]
+async fn v20_ci_tokens_need_their_provider_claims() {
+    let v = offline(vec![github_settings()]);
+    let token = rsa().sign(&github_header(), &without(github_payload(), "repository_id"));
+    assert_eq!(reason(&v, &token).await, Some(Reason::InvalidClaims));
+}
+
+#[tokio::test]
+async fn v21_claims_are_type_checked_never_coerced() {
+    for (name, value) in [
+        ("exp", json!("1767229200")),
+        ("nbf", json!("0")),
+        ("iat", json!(true)),
+        ("sub", json!(42)),
+        ("email", json!(["jane@acme.example"])),
+        ("email_verified", json!("true")),
+        ("groups", json!(["sre", 7])),
+        ("groups", json!("sre")),
+        ("azp", json!([OKTA_CLIENT])),
+    ] {
+        rejects(okta_header(), with(okta_payload(), name, value), Reason::InvalidClaims).await;
+    }
+    let v = offline(vec![github_settings()]);
+    let token = rsa().sign(&github_header(), &with(github_payload(), "repository_id", json!(74)));
+    assert_eq!(reason(&v, &token).await, Some(Reason::InvalidClaims));
+}
+
+#[test]
+fn v23_bitbucket_workspace_ari_is_not_a_proxy_audience() {
+    let ari = "ari:cloud:bitbucket::workspace/7baee083-4f25-4a97-8a9a-0fde1b623b45";
+    let s = settings("bb", Preset::BitbucketPipelines, BITBUCKET, ari);
+    assert!(Verifier::new(vec![s]).is_err());
+}
+
+#[tokio::test]
+async fn v24_hosted_domain_needs_hd_and_verified_email() {
+    let v = offline(vec![google_settings()]);
+    let ok = rsa().sign(&google_header(), &google_payload());
+    assert!(v.verify_at(&ok, NOW).await.unwrap().email_verified);
+    for payload in [
+        with(google_payload(), "hd", json!("evil.example")),
+        without(google_payload(), "hd"),
+        with(google_payload(), "email_verified", json!(false)),
+    ] {
+        let token = rsa().sign(&google_header(), &payload);
+        assert_eq!(reason(&v, &token).await, Some(Reason::InvalidClaims));
+    }
+}
+
+#[tokio::test]
+async fn v25_group_overage_makes_groups_unknown() {
+    let v = offline(vec![okta_settings()]);
+    let hasgroups = with(okta_payload(), "hasgroups", json!(true));
+    let id = v.verify_at(&rsa().sign(&okta_header(), &hasgroups), NOW).await.unwrap();
+    assert!(!id.groups_known && id.groups.is_empty());
+}
+
+#[tokio::test]
+async fn unrelated_issuers_do_not_share_keys_or_tokens() {
+    // A token for okta presented at a verifier that only knows GitHub.
+    let v = offline(vec![github_settings()]);
+    let token = rsa().sign(&okta_header(), &okta_payload());
+    assert_eq!(reason(&v, &token).await, Some(Reason::UnknownIssuer));
+}
+
+#[test]
+fn duplicate_issuer_and_bad_urls_are_config_errors() {
+    assert!(Verifier::new(vec![okta_settings(), okta_settings()]).is_err());
+    let mut http = okta_settings();
+    http.discovery_url = "http://acme.okta.com/.well-known/openid-configuration".into();
+    assert!(Verifier::new(vec![http]).is_err());
+    let mut ca = okta_settings();
+    ca.ca_file = Some("/nonexistent/ca.pem".into());
+    assert!(Verifier::new(vec![ca]).is_err());
+    let mut empty = okta_settings();
+    empty.algorithms.clear();
+    assert!(Verifier::new(vec![empty]).is_err());
+}
+
+// === presets: reference claim shapes ===
+
+const BITBUCKET: &str =
+    "https://api.bitbucket.org/2.0/workspaces/acme/pipelines-config/identity/oidc";
+const GITHUB: &str = "https://token.actions.githubusercontent.com";
+const GITLAB: &str = "https://gitlab.example.com";
+const ENTRA: &str = "https://login.microsoftonline.com/9122040d-6c67-4c5b-b112-36a304b66dad/v2.0";
+const GOOGLE: &str = "https://accounts.google.com";
+const KEYCLOAK: &str = "https://sso.acme.example/realms/acme";
+const PROXY: &str = "https://proxy.example.com";
+
+fn github_settings() -> IssuerSettings {
+    settings("github", Preset::GithubActions, GITHUB, PROXY)
+}
+fn github_header() -> Value {
+    json!({"typ": "JWT", "alg": "RS256", "x5t": "synthetic-x5t-thumbprint", "kid": "rsa-1"})
+}
+fn github_payload() -> Value {
+    json!({
+        "jti": "6f4762ed-0758-4ccb-808d-ee3af5d723a8", "sub": "repo:acme/api:environment:production",
+        "aud": PROXY, "iss": GITHUB, "nbf": 1767225000, "iat": 1767225600, "exp": 1767225900,
+        "environment": "production", "ref": "refs/heads/main", "ref_type": "branch",
+        "sha": "714a629c0b401fdce83e847fc9589983fc6f46bc", "repository": "acme/api",
+        "repository_id": "74", "repository_owner": "acme", "repository_owner_id": "65",
+        "repository_visibility": "private", "actor": "octocat", "actor_id": "12",
+        "run_id": "9876543210", "run_number": "10", "run_attempt": "1",
+        "runner_environment": "github-hosted", "workflow": "deploy",
+        "workflow_ref": "acme/api/.github/workflows/deploy.yml@refs/heads/main",
+        "job_workflow_ref": "acme/automation/.github/workflows/oidc.yml@refs/heads/main",
+        "head_ref": "", "base_ref": "", "event_name": "workflow_dispatch",
+        "enterprise": "acme-corp", "enterprise_id": "2"
+    })
+}
+
+fn google_settings() -> IssuerSettings {
+    let client = "1234987819200.apps.googleusercontent.com";
+    let mut s = settings("google", Preset::Oidc, GOOGLE, client);
+    s.client_id = Some(client.into());
+    s.hosted_domain = Some("acme.example".into());
+    s
+}
+fn google_header() -> Value {
+    json!({"alg": "RS256", "kid": "rsa-1"})
+}
+fn google_payload() -> Value {
+    json!({
+        "iss": GOOGLE, "azp": "1234987819200.apps.googleusercontent.com",
+        "aud": "1234987819200.apps.googleusercontent.com", "sub": "10769150350006150715113082367",
+        "at_hash": "HK6E_P6Dh8Y93mRNtsDB1Q", "hd": "acme.example", "email": "jane.doe@acme.example",
+        "email_verified": true, "name": "Jane Doe", "iat": 1767225600, "exp": 1767229200,
+        "nonce": "0394852-3190485-2490358"
+    })
+}
+
+#[tokio::test]
+async fn preset_bitbucket_with_audience_array() {
+    let v = offline(vec![settings("bb", Preset::BitbucketPipelines, BITBUCKET, PROXY)]);
+    let payload = json!({
+        "iss": BITBUCKET,
+        "aud": ["ari:cloud:bitbucket::workspace/7baee083-4f25-4a97-8a9a-0fde1b623b45", PROXY],
+        "sub": "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}:{5c1f3d0a-1111-4a2b-9c3d-0e1f2a3b4c5d}:{9f8e7d6c-2222-4b3a-8d2c-1f0e9d8c7b6a}",
+        "iat": 1767225600, "exp": 1767229200,
+        "workspaceUuid": "{7baee083-4f25-4a97-8a9a-0fde1b623b45}",
+        "repositoryUuid": "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}",
+        "pipelineUuid": "{0a1b2c3d-3333-4c4d-8e5f-6a7b8c9d0e1f}",
+        "pipelineRunUuid": "{1b2c3d4e-4444-4d5e-9f60-7a8b9c0d1e2f}",
+        "stepUuid": "{9f8e7d6c-2222-4b3a-8d2c-1f0e9d8c7b6a}",
+        "deploymentEnvironmentUuid": "{5c1f3d0a-1111-4a2b-9c3d-0e1f2a3b4c5d}",
+        "branchName": "main"
+    });
+    let token = rsa().sign(&json!({"alg": "RS256", "kid": "rsa-1"}), &payload);
+    let id = v.verify_at(&token, NOW).await.unwrap();
+    assert_eq!(id.kind, PrincipalKind::Pipeline);
+    let ci = id.ci.clone().unwrap();
+    assert_eq!(ci.provider, "bitbucket");
+    assert_eq!(ci.field("repository_id"), Some("{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}"));
+    assert_eq!(ci.field("workspace_id"), Some("{7baee083-4f25-4a97-8a9a-0fde1b623b45}"));
+    assert_eq!((ci.field("branch"), ci.field("ref")), (Some("main"), Some("refs/heads/main")));
+    assert_eq!(ci.field("run"), Some("{1b2c3d4e-4444-4d5e-9f60-7a8b9c0d1e2f}"));
+    assert_eq!(ci.field("step"), Some("{9f8e7d6c-2222-4b3a-8d2c-1f0e9d8c7b6a}"));
+    // V18: CI tokens must carry iat.
+    let token = rsa().sign(&json!({"alg": "RS256", "kid": "rsa-1"}), &without(payload, "iat"));
+    assert_eq!(reason(&v, &token).await, Some(Reason::TokenIssuedAt));
+}
+
+#[tokio::test]
+async fn preset_github_actions() {
+    let v = offline(vec![github_settings()]);
+    let id = v.verify_at(&rsa().sign(&github_header(), &github_payload()), NOW).await.unwrap();
+    let ci = id.ci.clone().unwrap();
+    assert_eq!(ci.provider, "github");
+    assert_eq!((ci.field("branch"), ci.field("tag")), (Some("main"), None));
+    assert_eq!(ci.field("ref"), Some("refs/heads/main"));
+    assert_eq!(ci.field("run"), Some("9876543210-1"));
+    assert_eq!(ci.field("repository"), Some("acme/api"));
+    assert_eq!((ci.field("workspace"), ci.field("workspace_id")), (Some("acme"), Some("65")));
+    assert_eq!(ci.field("environment"), Some("production"));
+    assert_eq!(ci.field("commit"), Some("714a629c0b401fdce83e847fc9589983fc6f46bc"));
+    assert_eq!(ci.field("actor"), Some("octocat"));
+    assert_eq!(id.principal(), "github/repo:acme/api:environment:production");
+    // GitHub tokens live 5 minutes: 301 s after iat plus leeway they are gone.
+    let late = rsa().sign(&github_header(), &github_payload());
+    assert_eq!(
+        v.verify_at(&late, 1767225900 + 60).await.err().map(|e| e.reason),
+        Some(Reason::TokenExpired)
+    );
+}
+
+#[tokio::test]
+async fn preset_gitlab_ci() {
+    let v = offline(vec![settings("gitlab", Preset::GitlabCi, GITLAB, PROXY)]);
+    let payload = json!({
+        "iss": GITLAB, "aud": PROXY, "sub": "project_path:acme/platform/api:ref_type:branch:ref:main",
+        "jti": "235b3a54-b797-45c7-ae9a-f72d7bc6ef5b", "iat": 1767225600, "nbf": 1767225595,
+        "exp": 1767229200, "namespace_id": "72", "namespace_path": "acme/platform",
+        "project_id": "20", "project_path": "acme/platform/api", "user_id": "1",
+        "user_login": "sample-user", "user_email": "sample-user@example.com",
+        "user_identities": [{"provider": "github", "extern_uid": "2435223452345"}],
+        "pipeline_id": "574", "pipeline_source": "push", "job_id": "302", "ref": "main",
+        "ref_type": "branch", "ref_path": "refs/heads/main", "ref_protected": "true",
+        "groups_direct": ["acme/platform", "acme/security"], "environment": "production",
+        "environment_protected": "true", "runner_id": 1, "runner_environment": "gitlab-hosted",
+        "sha": "714a629c0b401fdce83e847fc9589983fc6f46bc", "project_visibility": "private",
+        "ci_config_ref_uri": "gitlab.example.com/acme/platform/api//.gitlab-ci.yml@refs/heads/main",
+        "ci_config_sha": "714a629c0b401fdce83e847fc9589983fc6f46bc"
+    });
+    let header = json!({"kid": "rsa-1", "typ": "JWT", "alg": "RS256"});
+    let id = v.verify_at(&rsa().sign(&header, &payload), NOW).await.unwrap();
+    let ci = id.ci.clone().unwrap();
+    assert_eq!(ci.provider, "gitlab");
+    assert_eq!((ci.field("branch"), ci.field("ref")), (Some("main"), Some("refs/heads/main")));
+    assert_eq!(
+        (ci.field("repository"), ci.field("repository_id")),
+        (Some("acme/platform/api"), Some("20"))
+    );
+    assert_eq!(
+        (ci.field("workspace"), ci.field("workspace_id")),
+        (Some("acme/platform"), Some("72"))
+    );
+    assert_eq!((ci.field("run"), ci.field("step")), (Some("574"), Some("302")));
+    assert_eq!(ci.field("actor"), Some("sample-user"));
+    // The raw string boolean stays a string for claim matchers; never coerced.
+    assert_eq!(id.claims.get("ref_protected"), Some(&json!("true")));
+}
+
+#[tokio::test]
+async fn preset_entra_overage_leaves_groups_unknown() {
+    let client = "6cb04018-a3f5-46a7-b995-940c78f5aef3";
+    let v = offline(vec![settings("entra", Preset::Oidc, ENTRA, client)]);
+    let payload = json!({
+        "aud": client, "iss": ENTRA, "iat": 1767225600, "nbf": 1767225600, "exp": 1767229500,
+        "name": "Jane Doe", "oid": "00000000-0000-0000-66f3-3332eca7ea81",
+        "preferred_username": "jane.doe@acme.example", "roles": ["Proxy.Admin"],
+        "sub": "AAAAAAAAAAAAAAAAAAAAAIkzqFVrSaSaFHy782bbtaQ",
+        "tid": "9122040d-6c67-4c5b-b112-36a304b66dad", "ver": "2.0",
+        "_claim_names": {"groups": "src1"},
+        "_claim_sources": {"src1": {"endpoint": "https://graph.windows.net/x/getMemberObjects"}}
+    });
+    let header = json!({"typ": "JWT", "alg": "RS256", "kid": "rsa-1"});
+    let id = v.verify_at(&rsa().sign(&header, &payload), NOW).await.unwrap();
+    assert!(!id.groups_known);
+    assert!(id.groups.is_empty());
+    assert_eq!(id.kind, PrincipalKind::Human);
+}
+
+#[tokio::test]
+async fn preset_google_hosted_domain() {
+    let v = offline(vec![google_settings()]);
+    let id = v.verify_at(&rsa().sign(&google_header(), &google_payload()), NOW).await.unwrap();
+    assert_eq!(id.claims.get("hd"), Some(&json!("acme.example")));
+    assert!(id.groups_known && id.groups.is_empty());
+}
+
+#[tokio::test]
+async fn preset_keycloak_id_token_with_payload_typ() {
+    let mut s = settings("kc", Preset::Oidc, KEYCLOAK, "edge-proxy");
+    s.client_id = Some("edge-proxy".into());
+    let v = offline(vec![s]);
+    let payload = json!({
+        "exp": 1767225900, "iat": 1767225600, "iss": KEYCLOAK, "aud": "edge-proxy",
+        "sub": "6cd55704-eb42-4697-b55e-59046efc7b46", "typ": "ID", "azp": "edge-proxy",
+        "email_verified": true, "email": "jane.doe@acme.example",
+        "groups": ["/engineering/sre", "/engineering/platform"]
+    });
+    let header = json!({"alg": "ES256", "typ": "JWT", "kid": "ec-1"});
+    let id = v.verify_at(&ec().sign(&header, &payload), NOW).await.unwrap();
+    assert_eq!(id.groups, ["/engineering/sre", "/engineering/platform"]);
+}
+
+// === verified-token cache ===
+
+#[tokio::test]
+async fn cache_hit_skips_signature_and_honours_exp() {
+    let v = offline(vec![okta_settings()]);
+    let token = rsa().sign(&okta_header(), &okta_payload());
+    let hits =
+        || crate::metrics::global().token_cache_hits.load(std::sync::atomic::Ordering::SeqCst);
+    let first = v.verify_at(&token, NOW).await.unwrap();
+    let before = hits();
+    let second = v.verify_at(&token, NOW + 1).await.unwrap();
+    assert!(Arc::ptr_eq(&first, &second));
+    assert_eq!(v.signature_checks(), 1);
+    assert!(hits() > before);
+    // Past exp + leeway the entry is not honoured and the full check says expired.
+    assert_eq!(
+        v.verify_at(&token, 1767229200 + 60).await.err().map(|e| e.reason),
+        Some(Reason::TokenExpired)
+    );
+    // Before nbf/iat - leeway (a clock going backwards) neither.
+    assert_eq!(
+        v.verify_at(&token, 1767225600 - 61).await.err().map(|e| e.reason),
+        Some(Reason::TokenIssuedAt)
+    );
+    let allowed = crate::metrics::global().token_verifications.get(&"allowed");
+    assert!(allowed >= 2);
+}
+
+// === JWKS over the network ===
+
+fn fast_timing() -> Timing {
+    Timing {
+        min_ttl: Duration::ZERO,
+        retry_min: Duration::from_millis(50),
+        retry_max: Duration::from_millis(200),
+        ..Timing::default()
+    }
+}
+
+async fn dev_issuer() -> DevIssuer {
+    DevIssuer::start(SocketAddr::from(([127, 0, 0, 1], 0)), None).await.unwrap()
+}
+
+/// Okta-like settings for an issuer served by `dev` at `path`, over plain loopback http.
+fn dev_settings(dev: &DevIssuer, path: &str) -> IssuerSettings {
+    let url = dev.issuer_url(path).unwrap();
+    let mut s = okta_settings();
+    s.id = IssuerId(path.trim_start_matches('/').into());
+    s.discovery_url = format!("{url}/.well-known/openid-configuration");
+    s.issuer = url;
+    s.insecure_http = true;
+    s
+}
+
+fn token_for(signer: &DevSigner, issuer: &str) -> String {
+    let header = json!({"alg": signer.alg().name(), "kid": signer.kid()});
+    signer.sign(&header, &with(okta_payload(), "iss", json!(issuer)))
+}
+
+#[tokio::test]
+async fn jwks_over_https_with_a_private_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &*ca)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let dev =
+        DevIssuer::start(SocketAddr::from(([127, 0, 0, 1], 0)), Some(Arc::new(tls))).await.unwrap();
+    let url = dev.add_issuer("/human", &[rsa()]);
+    assert!(url.starts_with("https://"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let mut s = dev_settings(&dev, "/human");
+    s.insecure_http = false;
+    s.ca_file = Some(ca_file);
+    let v = Arc::new(Verifier::new(vec![s.clone()]).unwrap());
+    v.start();
+    assert!(v.wait_ready(Duration::from_secs(10)).await);
+    assert!(v.verify_at(&token_for(rsa(), &url), NOW).await.is_ok());
+    assert_eq!((dev.discovery_fetches("/human"), dev.jwks_fetches("/human")), (1, 1));
+
+    // Without the private CA the issuer's certificate is not trusted.
+    s.ca_file = None;
+    let untrusted = Arc::new(Verifier::new(vec![s]).unwrap());
+    untrusted.start();
+    assert!(!untrusted.wait_ready(Duration::from_millis(300)).await);
+    assert_eq!(reason(&untrusted, &token_for(rsa(), &url)).await, Some(Reason::IssuerUnavailable));
+}
+
+#[tokio::test]
+async fn unknown_kid_refreshes_once_per_cooldown_even_when_concurrent() {
+    let dev = dev_issuer().await;
+    let k1 = DevSigner::generate_es256("k1").unwrap();
+    let url = dev.add_issuer("/human", &[&k1]);
+    let v =
+        Arc::new(Verifier::with_timing(vec![dev_settings(&dev, "/human")], fast_timing()).unwrap());
+    v.start();
+    assert!(v.wait_ready(Duration::from_secs(5)).await);
+    assert_eq!(dev.jwks_fetches("/human"), 1);
+
+    // Rotation: the provider publishes k2 and starts using it.
+    let k2 = DevSigner::generate_es256("k2").unwrap();
+    dev.set_keys("/human", &[&k1, &k2]);
+    let token = token_for(&k2, &url);
+    let results = futures_util::future::join_all((0..8).map(|_| v.verify_at(&token, NOW))).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(dev.jwks_fetches("/human"), 2, "concurrent unknown kids share one fetch");
+
+    // Within the cooldown another unknown kid costs no fetch.
+    let k3 = DevSigner::generate_es256("k3").unwrap();
+    dev.set_keys("/human", &[&k1, &k2, &k3]);
+    for _ in 0..3 {
+        assert_eq!(reason(&v, &token_for(&k3, &url)).await, Some(Reason::UnknownKey));
+    }
+    assert_eq!(dev.jwks_fetches("/human"), 2);
+}
+
+#[tokio::test]
+async fn rotation_removes_keys_on_refresh() {
+    let dev = dev_issuer().await;
+    let k1 = DevSigner::generate_es256("k1").unwrap();
+    let k2 = DevSigner::generate_es256("k2").unwrap();
+    let url = dev.add_issuer("/human", &[&k1, &k2]);
+    dev.set_cache_control("/human", Some("max-age=0"));
+    let mut s = dev_settings(&dev, "/human");
+    s.refresh_cooldown = Duration::from_secs(3600);
+    let timing = Timing { min_ttl: Duration::from_millis(100), ..fast_timing() };
+    let v = Arc::new(Verifier::with_timing(vec![s], timing).unwrap());
+    v.start();
+    assert!(v.wait_ready(Duration::from_secs(5)).await);
+    let old = token_for(&k1, &url);
+    assert!(v.verify_at(&old, NOW).await.is_ok());
+
+    dev.set_keys("/human", &[&k2]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match reason(&v, &old).await {
+            Some(Reason::UnknownKey) => break,
+            other => assert_eq!(other, None, "only success or unknown-key expected"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "removed key still verifies");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The cached identity of the old token went with its key; k2 still works.
+    assert!(v.verify_at(&token_for(&k2, &url), NOW).await.is_ok());
+}
+
+#[tokio::test]
+async fn stale_window_then_fail_closed_then_recover() {
+    let dev = dev_issuer().await;
+    let k1 = DevSigner::generate_es256("k1").unwrap();
+    let url = dev.add_issuer("/human", &[&k1]);
+    dev.set_cache_control("/human", Some("max-age=0"));
+    let mut s = dev_settings(&dev, "/human");
+    s.stale_window = Duration::from_millis(600);
+    let timing = Timing { min_ttl: Duration::from_millis(200), ..fast_timing() };
+    let v = Arc::new(Verifier::with_timing(vec![s], timing).unwrap());
+    v.start();
+    assert!(v.wait_ready(Duration::from_secs(5)).await);
+    let token = token_for(&k1, &url);
+    assert!(v.verify_at(&token, NOW).await.is_ok());
+
+    dev.set_failure("/human", Failure::ServerError);
+    // Past the TTL, inside the stale window: the last good set still serves.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(v.verify_at(&token, NOW).await.is_ok(), "stale keys serve within the window");
+    // Past TTL + stale window: fail closed, cache included.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(reason(&v, &token).await, Some(Reason::IssuerUnavailable));
+    assert!(!v.ready());
+    assert_eq!(v.issuer_status(), vec![(IssuerId("human".into()), false)]);
+
+    dev.set_failure("/human", Failure::Close);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!v.ready());
+    dev.set_failure("/human", Failure::None);
+    assert!(v.wait_ready(Duration::from_secs(5)).await, "recovers once the issuer answers");
+    assert!(v.verify_at(&token, NOW).await.is_ok());
+}
+
+#[tokio::test]
+async fn discovery_issuer_mismatch_is_rejected() {
+    let dev = dev_issuer().await;
+    let url = dev.add_issuer("/human", &[rsa()]);
+    dev.set_advertised_issuer("/human", Some("https://evil.example"));
+    let v =
+        Arc::new(Verifier::with_timing(vec![dev_settings(&dev, "/human")], fast_timing()).unwrap());
+    v.start();
+    assert!(!v.wait_ready(Duration::from_millis(300)).await);
+    assert!(dev.discovery_fetches("/human") >= 1);
+    assert_eq!(dev.jwks_fetches("/human"), 0, "no JWKS from an issuer that is not ours");
+    assert_eq!(reason(&v, &token_for(rsa(), &url)).await, Some(Reason::IssuerUnavailable));
+}
+
+#[tokio::test]
+async fn unknown_issuer_causes_no_fetch_and_adoption_reuses_keys() {
+    let dev = dev_issuer().await;
+    let url = dev.add_issuer("/human", &[rsa()]);
+    let other = dev.add_issuer("/other", &[rsa()]);
+    let v =
+        Arc::new(Verifier::with_timing(vec![dev_settings(&dev, "/human")], fast_timing()).unwrap());
+    v.start();
+    assert!(v.wait_ready(Duration::from_secs(5)).await);
+    let before = (dev.discovery_fetches("/human"), dev.jwks_fetches("/human"));
+    for _ in 0..5 {
+        assert_eq!(reason(&v, &token_for(rsa(), &other)).await, Some(Reason::UnknownIssuer));
+    }
+    assert_eq!((dev.discovery_fetches("/other"), dev.jwks_fetches("/other")), (0, 0));
+    assert_eq!((dev.discovery_fetches("/human"), dev.jwks_fetches("/human")), before);
+    assert_eq!(v.fetches(0), 1);
+
+    // Reload with the same source: keys carry over, nothing is fetched.
+    let reloaded =
+        Arc::new(Verifier::with_timing(vec![dev_settings(&dev, "/human")], fast_timing()).unwrap());
+    reloaded.adopt_keys_from(&v);
+    assert!(reloaded.ready());
+    drop(v);
+    reloaded.start();
+    assert!(reloaded.verify_at(&token_for(rsa(), &url), NOW).await.is_ok());
+    assert_eq!(dev.jwks_fetches("/human"), before.1);
+    assert_eq!(reloaded.issuers().count(), 1);
+    // A different trust setting is a different source.
+    let mut changed = dev_settings(&dev, "/human");
+    changed.ca_file = None;
+    changed.discovery_url.push_str("?v=2");
+    let fresh = Verifier::with_timing(vec![changed], fast_timing()).unwrap();
+    fresh.adopt_keys_from(&reloaded);
+    assert!(!fresh.ready());
+}

@@ -1,0 +1,585 @@
+//! Bearer-token verification: the V1–V27 checklist of jwt-validation.md §10, ordered
+//! so that everything that can reject a token without a key runs first.
+//!
+//! ```text
+//! cache hit? ── yes ─> Identity (no parse, no signature)
+//!   │ no
+//! V1 size ─ V2/V3 strict parse ─ V8/V9/V10/V4/V7 header ─ V6 iss lookup (no fetch)
+//!   ─ V4 allowlist ─ V11 typ ─ V16–V19 times ─ V14 aud
+//!   ─ key by kid (one single-flight refresh per cooldown) ─ V5 key↔alg ─ V12 signature
+//!   ─ V15 azp ─ V20 profile ─ V21 claim types ─ V24 hd ─ V25 overage ─> Identity
+//! ```
+//!
+//! Claims are used unverified only to reject; an Identity is built only from a
+//! payload whose signature verified.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{AUTHORIZATION, PROXY_AUTHORIZATION};
+use parking_lot::Mutex;
+use serde_json::{Map, Value};
+use tokio::task::JoinHandle;
+
+use super::cache::{self, Entry, TokenCache};
+use super::jwks::{IssuerKeys, Timing};
+use super::token::{self, MAX_TOKEN_LEN};
+use super::{AuthError, Identity, IssuerId, IssuerSettings, Preset, TokenType};
+use crate::reason::Reason;
+
+/// The largest leeway an issuer may configure (V19).
+pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
+
+/// Verifies bearer tokens against the configured issuers. Cheap to share in an `Arc`;
+/// background key refresh runs after [`Verifier::start`] and ends when it is dropped.
+pub struct Verifier {
+    issuers: Vec<Arc<IssuerKeys>>,
+    /// Exact `iss` string → index into `issuers` (V6).
+    by_iss: HashMap<String, usize>,
+    cache: TokenCache,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Signatures checked, so tests can prove a cache hit or an early rejection
+    /// did no signature work.
+    signature_checks: AtomicU64,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier").field("issuers", &self.issuer_status()).finish()
+    }
+}
+
+/// Which header carried the bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialSource {
+    Authorization,
+    ProxyAuthorization,
+}
+
+/// The bearer token of a request (V1). `Ok(None)`: no credential for the proxy.
+///
+/// `Authorization: Bearer` or `Proxy-Authorization: Bearer` (scheme case-insensitive).
+/// Both, or either header repeated, is ambiguous. `Proxy-Authorization` is addressed to
+/// the proxy, so any other scheme there is malformed; another `Authorization` scheme
+/// (e.g. `Basic`) belongs to the application and is ignored.
+pub fn extract_bearer(
+    headers: &http::HeaderMap,
+) -> Result<Option<(&str, CredentialSource)>, AuthError> {
+    let single = |name: http::HeaderName| -> Result<Option<&http::HeaderValue>, AuthError> {
+        let mut values = headers.get_all(&name).iter();
+        let first = values.next();
+        if values.next().is_some() {
+            return Err(AuthError::new(
+                Reason::AmbiguousCredentials,
+                format!("`{name}` header repeated"),
+            ));
+        }
+        Ok(first)
+    };
+    let authorization = single(AUTHORIZATION)?.map(bearer).transpose()?.flatten();
+    let proxy = match single(PROXY_AUTHORIZATION)? {
+        None => None,
+        Some(value) => Some(bearer(value)?.ok_or_else(|| {
+            AuthError::new(Reason::MalformedToken, "Proxy-Authorization is not Bearer")
+        })?),
+    };
+    match (authorization, proxy) {
+        (Some(_), Some(_)) => Err(AuthError::new(
+            Reason::AmbiguousCredentials,
+            "bearer tokens in both Authorization and Proxy-Authorization",
+        )),
+        (Some(t), None) => Ok(Some((t, CredentialSource::Authorization))),
+        (None, Some(t)) => Ok(Some((t, CredentialSource::ProxyAuthorization))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// `Bearer <token68>` → the token; another scheme → `None`.
+fn bearer(value: &http::HeaderValue) -> Result<Option<&str>, AuthError> {
+    let malformed = |d: &'static str| AuthError::new(Reason::MalformedToken, d);
+    let text = value.to_str().map_err(|_| malformed("credentials are not visible ASCII"))?;
+    let (scheme, rest) = text.split_once(' ').unwrap_or((text, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Ok(None);
+    }
+    let token = rest.trim_start_matches(' ');
+    if token.is_empty() {
+        return Err(malformed("empty bearer token"));
+    }
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(malformed("bearer token larger than 16 KiB"));
+    }
+    // RFC 6750 b64token / RFC 9110 token68: the alphabet, then only trailing '='.
+    let body = token.trim_end_matches('=');
+    let ok = !body.is_empty()
+        && body.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b));
+    if !ok {
+        return Err(malformed("bearer token is not token68"));
+    }
+    Ok(Some(token))
+}
+
+/// Checked claims that go into the cache entry.
+struct Window {
+    valid_from: u64,
+    valid_until: u64,
+    exp: u64,
+    iat: Option<u64>,
+}
+
+// === impl Verifier ===
+
+impl Verifier {
+    /// Build the verifier. No network; fails on a bad issuer setting (unreadable
+    /// `ca_file`, non-https discovery URL, duplicate `issuer`, leeway over 300 s, ...).
+    pub fn new(issuers: Vec<IssuerSettings>) -> Result<Verifier, String> {
+        Self::with_timing(issuers, Timing::default())
+    }
+
+    pub(crate) fn with_timing(
+        issuers: Vec<IssuerSettings>,
+        timing: Timing,
+    ) -> Result<Verifier, String> {
+        let mut by_iss = HashMap::new();
+        let mut keys = Vec::with_capacity(issuers.len());
+        for settings in issuers {
+            check_settings(&settings)?;
+            if by_iss.insert(settings.issuer.clone(), keys.len()).is_some() {
+                return Err(format!(
+                    "issuer {}: `{}` is configured twice; `iss` must pick one issuer",
+                    settings.id, settings.issuer
+                ));
+            }
+            keys.push(Arc::new(IssuerKeys::new(settings, timing)?));
+        }
+        Ok(Verifier {
+            issuers: keys,
+            by_iss,
+            cache: TokenCache::new(cache::DEFAULT_CAPACITY),
+            tasks: Mutex::new(Vec::new()),
+            signature_checks: AtomicU64::new(0),
+        })
+    }
+
+    /// Spawn one discovery + JWKS task per issuer (needs a tokio runtime). The tasks
+    /// are aborted when the verifier is dropped. Calling it twice does nothing.
+    pub fn start(self: &Arc<Self>) {
+        let mut tasks = self.tasks.lock();
+        if !tasks.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!("Verifier::start called outside a tokio runtime; keys will not load");
+            return;
+        };
+        tasks.extend(self.issuers.iter().map(|issuer| runtime.spawn(issuer.clone().run())));
+    }
+
+    /// Verify a bearer token now.
+    pub async fn verify(&self, token: &str) -> Result<Arc<Identity>, AuthError> {
+        self.verify_at(token, crate::util::unix_now()).await
+    }
+
+    /// Verify a bearer token as of `now` (Unix seconds).
+    pub async fn verify_at(&self, token: &str, now: u64) -> Result<Arc<Identity>, AuthError> {
+        let result = self.verify_inner(token, now).await;
+        let code = match &result {
+            Ok(_) => Reason::Allowed.code(),
+            Err(e) => e.reason.code(),
+        };
+        crate::metrics::global().token_verifications.inc(&code);
+        result
+    }
+
+    /// Every issuer has a usable key set.
+    pub fn ready(&self) -> bool {
+        self.issuers.iter().all(|i| i.usable().is_some())
+    }
+
+    /// Each issuer and whether it has a usable key set.
+    pub fn issuer_status(&self) -> Vec<(IssuerId, bool)> {
+        self.issuers.iter().map(|i| (i.settings.id.clone(), i.usable().is_some())).collect()
+    }
+
+    /// Wait until [`Verifier::ready`], at most `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.ready() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// On reload, take over the key state of issuers that fetch the same keys from
+    /// the same place with the same trust, so a reload neither refetches nor has a
+    /// window without keys. Call before [`Verifier::start`].
+    pub fn adopt_keys_from(&self, old: &Verifier) {
+        for new in &self.issuers {
+            let same = old.issuers.iter().find(|o| new.same_source(o));
+            if let Some(old) = same {
+                new.adopt(old);
+            }
+        }
+    }
+
+    pub fn issuers(&self) -> impl Iterator<Item = &IssuerSettings> {
+        self.issuers.iter().map(|i| &i.settings)
+    }
+
+    /// Load an issuer's keys from a JWKS document instead of fetching them (benches,
+    /// tests, offline tools). Returns how many keys are usable.
+    pub fn install_jwks(
+        &self,
+        issuer: &IssuerId,
+        jwks: &Value,
+        ttl: Duration,
+    ) -> Result<usize, String> {
+        let keys = self
+            .issuers
+            .iter()
+            .find(|i| &i.settings.id == issuer)
+            .ok_or_else(|| format!("no issuer {issuer}"))?;
+        keys.install(jwks, ttl)
+    }
+
+    async fn verify_inner(&self, token: &str, now: u64) -> Result<Arc<Identity>, AuthError> {
+        let hash = cache::hash(token);
+        if let Some(hit) = self.cache.get(&hash, now) {
+            // The key that verified the token must still be published and usable.
+            let issuer = self.issuers.get(hit.issuer);
+            let live = issuer.and_then(|i| i.usable()).is_some_and(|s| s.get(&hit.kid).is_some());
+            if live {
+                crate::metrics::global().token_cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(hit.identity);
+            }
+            self.cache.remove(&hash);
+        }
+
+        // V1–V3.
+        let parsed = token::parse(token)?;
+        // V8, V9, V10, V4 (supported at all), V7.
+        let header = token::check_header(&parsed.header)?;
+        // V6: exact iss; an unknown issuer never causes a fetch.
+        let iss = match parsed.payload.get("iss") {
+            Some(Value::String(iss)) => iss,
+            Some(_) => return Err(claims("`iss` is not a string")),
+            None => return Err(claims("token has no `iss`")),
+        };
+        let Some(&index) = self.by_iss.get(iss.as_str()) else {
+            return Err(AuthError::new(Reason::UnknownIssuer, "`iss` is not a configured issuer"));
+        };
+        let issuer = &self.issuers[index];
+        let settings = &issuer.settings;
+        // V4: per-issuer allowlist.
+        if !settings.algorithms.contains(&header.alg) {
+            return Err(AuthError::new(
+                Reason::DisallowedAlgorithm,
+                format!("{} is not allowed for issuer {}", header.alg.name(), settings.id),
+            ));
+        }
+        check_typ(header.typ, settings.token_type)?;
+        // V16–V19.
+        let window = check_times(&parsed.payload, settings, now)?;
+        // V14.
+        let audiences = audiences(&parsed.payload)?;
+        let audience_count = audiences.len();
+        if !audiences.iter().any(|a| settings.audiences.iter().any(|c| c == a)) {
+            return Err(AuthError::new(
+                Reason::AudienceMismatch,
+                "`aud` has no configured audience",
+            ));
+        }
+
+        // Keys: fail closed when the issuer has no usable set (§11.7).
+        let Some(set) = issuer.usable() else {
+            return Err(AuthError::new(
+                Reason::IssuerUnavailable,
+                format!("no usable keys for issuer {}", settings.id),
+            ));
+        };
+        let found = set.get(header.kid).map(|(k, v)| (k.clone(), v.clone()));
+        drop(set);
+        let (kid, key) = match found {
+            Some(found) => found,
+            None => issuer.refresh_for_kid(header.kid).await.ok_or_else(|| {
+                AuthError::new(Reason::UnknownKey, "no key with the token's `kid`")
+            })?,
+        };
+        // V5: the key must be for exactly this algorithm.
+        let Some(public) = key.for_alg(header.alg) else {
+            return Err(AuthError::new(
+                Reason::DisallowedAlgorithm,
+                "the key named by `kid` is not for the header's `alg`",
+            ));
+        };
+        // V12: from here on the payload is the issuer's word.
+        self.signature_checks.fetch_add(1, Ordering::Relaxed);
+        public
+            .verify_sig(parsed.signing_input.as_bytes(), &parsed.signature)
+            .map_err(|_| AuthError::new(Reason::InvalidSignature, "signature does not verify"))?;
+
+        let identity = Arc::new(build_identity(settings, parsed.payload, audience_count, &window)?);
+        let entry = Entry {
+            identity: identity.clone(),
+            issuer: index,
+            kid,
+            valid_from: window.valid_from,
+            valid_until: window.valid_until,
+        };
+        self.cache.insert(hash, entry, now);
+        Ok(identity)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn fetches(&self, issuer: usize) -> u64 {
+        self.issuers.get(issuer).map_or(0, |i| i.fetches.load(Ordering::SeqCst))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn signature_checks(&self) -> u64 {
+        self.signature_checks.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        for task in self.tasks.lock().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+fn check_settings(s: &IssuerSettings) -> Result<(), String> {
+    let id = &s.id;
+    if s.leeway > MAX_LEEWAY {
+        return Err(format!("issuer {id}: leeway over 300 s"));
+    }
+    if s.algorithms.is_empty() {
+        return Err(format!("issuer {id}: empty algorithm allowlist"));
+    }
+    if s.audiences.is_empty() {
+        return Err(format!("issuer {id}: no audiences"));
+    }
+    // V23: the default Bitbucket audience is shared by every consumer in the workspace.
+    if s.preset == Preset::BitbucketPipelines
+        && s.audiences.iter().any(|a| a.starts_with("ari:cloud:bitbucket::workspace/"))
+    {
+        return Err(format!(
+            "issuer {id}: the workspace ARI is shared by every consumer; configure a proxy-specific audience"
+        ));
+    }
+    Ok(())
+}
+
+fn claims(detail: &'static str) -> AuthError {
+    AuthError::new(Reason::InvalidClaims, detail)
+}
+
+/// V11: ID and CI tokens: `typ` absent or `JWT`; access tokens: `at+jwt`.
+fn check_typ(typ: Option<&Value>, expected: TokenType) -> Result<(), AuthError> {
+    let typ = match typ {
+        None => None,
+        Some(Value::String(t)) => {
+            // RFC 7515 §4.1.9: the "application/" prefix may be omitted.
+            let t = t.as_str();
+            let bare = match t.get(..12) {
+                Some(p) if p.eq_ignore_ascii_case("application/") => &t[12..],
+                _ => t,
+            };
+            Some(bare)
+        }
+        Some(_) => return Err(AuthError::new(Reason::WrongTokenType, "`typ` is not a string")),
+    };
+    let ok = match expected {
+        TokenType::Id => typ.is_none_or(|t| t.eq_ignore_ascii_case("jwt")),
+        TokenType::Access => typ.is_some_and(|t| t.eq_ignore_ascii_case("at+jwt")),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(AuthError::new(Reason::WrongTokenType, "`typ` does not fit the issuer's token type"))
+    }
+}
+
+/// A NumericDate (V21): a JSON number, never a string.
+fn numeric_date(
+    payload: &Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<f64>, AuthError> {
+    match payload.get(name) {
+        None => Ok(None),
+        Some(Value::Number(n)) => n.as_f64().map(Some).ok_or_else(|| claims("bad NumericDate")),
+        Some(_) => Err(AuthError::new(
+            Reason::InvalidClaims,
+            format!("`{name}` is not a NumericDate number"),
+        )),
+    }
+}
+
+/// Seconds as u64 for a finite NumericDate (negative → 0, huge → u64::MAX).
+fn secs(v: f64) -> u64 {
+    if v <= 0.0 {
+        0
+    } else if v >= u64::MAX as f64 {
+        u64::MAX
+    } else {
+        v as u64
+    }
+}
+
+/// V16 exp, V17 nbf, V18 iat/max age, with the issuer's leeway (V19).
+fn check_times(
+    payload: &Map<String, Value>,
+    s: &IssuerSettings,
+    now: u64,
+) -> Result<Window, AuthError> {
+    let leeway = s.leeway.min(MAX_LEEWAY).as_secs();
+    let exp = numeric_date(payload, "exp")?.ok_or_else(|| claims("token has no `exp`"))?;
+    let nbf = numeric_date(payload, "nbf")?;
+    let iat = numeric_date(payload, "iat")?;
+    let (nowf, leewayf) = (now as f64, leeway as f64);
+    if nowf >= exp + leewayf {
+        return Err(AuthError::new(Reason::TokenExpired, "token expired"));
+    }
+    let mut valid_from = 0u64;
+    let mut valid_until = secs(exp).saturating_add(leeway);
+    if let Some(nbf) = nbf {
+        if nowf < nbf - leewayf {
+            return Err(AuthError::new(Reason::TokenNotYetValid, "`nbf` is in the future"));
+        }
+        valid_from = valid_from.max(secs((nbf - leewayf).ceil()));
+    }
+    // CI tokens must say when they were minted; so must any token whose age matters.
+    if iat.is_none() && (s.preset != Preset::Oidc || s.max_token_age.is_some()) {
+        return Err(AuthError::new(Reason::TokenIssuedAt, "token has no `iat`"));
+    }
+    if let Some(iat) = iat {
+        if iat > nowf + leewayf {
+            return Err(AuthError::new(Reason::TokenIssuedAt, "`iat` is in the future"));
+        }
+        valid_from = valid_from.max(secs((iat - leewayf).ceil()));
+        if let Some(max_age) = s.max_token_age {
+            let max_age = max_age.as_secs() as f64;
+            if nowf - iat > max_age + leewayf {
+                return Err(AuthError::new(Reason::TokenIssuedAt, "token older than max age"));
+            }
+            valid_until = valid_until.min(secs((iat + max_age + leewayf).floor()) + 1);
+        }
+    }
+    Ok(Window { valid_from, valid_until, exp: secs(exp), iat: iat.map(secs) })
+}
+
+/// V14: `aud` is a string or a non-empty array of strings.
+fn audiences(payload: &Map<String, Value>) -> Result<Vec<&str>, AuthError> {
+    match payload.get("aud") {
+        Some(Value::String(a)) => Ok(vec![a.as_str()]),
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(|v| v.as_str().ok_or_else(|| claims("`aud` holds a non-string")))
+            .collect(),
+        Some(_) => Err(claims("`aud` is neither a string nor an array of strings")),
+        None => Err(AuthError::new(Reason::AudienceMismatch, "token has no `aud`")),
+    }
+}
+
+/// After the signature: profile checks (V15, V20, V21, V24, V25) and the Identity.
+fn build_identity(
+    s: &IssuerSettings,
+    payload: Map<String, Value>,
+    audience_count: usize,
+    window: &Window,
+) -> Result<Identity, AuthError> {
+    let human_id_token = s.preset == Preset::Oidc && s.token_type == TokenType::Id;
+    if human_id_token {
+        // V15: azp names the client the token was issued to.
+        let expected = s.client_id.as_deref();
+        match payload.get("azp") {
+            Some(Value::String(azp)) => {
+                let fits = match expected {
+                    Some(client) => azp == client,
+                    None => s.audiences.iter().any(|a| a == azp),
+                };
+                if !fits {
+                    return Err(AuthError::new(
+                        Reason::AuthorizedPartyMismatch,
+                        "`azp` is not our client",
+                    ));
+                }
+            }
+            Some(_) => return Err(claims("`azp` is not a string")),
+            None if audience_count > 1 => {
+                return Err(AuthError::new(
+                    Reason::AuthorizedPartyMismatch,
+                    "several audiences but no `azp`",
+                ))
+            }
+            None => {}
+        }
+        // V20: access-token markers on an ID-token issuer (Okta `cid`/`scp`, Entra
+        // `scp`), and Keycloak's payload `typ`.
+        if payload.contains_key("scp") || payload.contains_key("cid") {
+            return Err(AuthError::new(
+                Reason::WrongTokenType,
+                "access-token claims (`scp`/`cid`) on an ID-token issuer",
+            ));
+        }
+        if payload.get("typ").is_some_and(|t| t.as_str() != Some("ID")) {
+            return Err(AuthError::new(Reason::WrongTokenType, "payload `typ` is not \"ID\""));
+        }
+    }
+
+    // V21: every claim the proxy acts on has its documented type.
+    let subject = match payload.get("sub") {
+        Some(Value::String(sub)) if !sub.is_empty() => sub.clone(),
+        Some(Value::String(_)) | None => return Err(claims("token has no `sub`")),
+        Some(_) => return Err(claims("`sub` is not a string")),
+    };
+    let email = super::ci::string_claim(&payload, "email")?;
+    let email_verified = match payload.get("email_verified") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(claims("`email_verified` is not a boolean")),
+    };
+    // V24: `hd` is authoritative only together with a verified email.
+    if let Some(domain) = &s.hosted_domain {
+        let hd = super::ci::string_claim(&payload, "hd")?;
+        if hd.as_deref() != Some(domain.as_str()) || !email_verified {
+            return Err(claims("hosted domain or email_verified does not match"));
+        }
+    }
+    // V25: overage means membership is unknown; `_claim_sources` is never fetched.
+    let overage = payload.get("hasgroups").is_some_and(|v| *v != Value::Bool(false))
+        || payload.get("_claim_names").and_then(Value::as_object).is_some_and(|names| {
+            names.contains_key(&s.groups_claim) || names.contains_key("groups")
+        });
+    let groups = match payload.get(&s.groups_claim) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|g| g.as_str().map(str::to_owned).ok_or_else(|| claims("a group is not a string")))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(claims("groups claim is not an array")),
+    };
+    // V20 for CI presets: the provider's repository id must be there.
+    let ci = super::ci::normalize(s.preset, &payload)?;
+    Ok(Identity {
+        issuer: s.id.clone(),
+        subject,
+        kind: s.kind,
+        email,
+        email_verified,
+        groups: if overage { Vec::new() } else { groups },
+        groups_known: !overage,
+        expires_at: window.exp,
+        issued_at: window.iat,
+        ci,
+        claims: payload,
+    })
+}
