@@ -1,1 +1,219 @@
-fn main() {}
+//! The `portcullis` command line. The only place that uses `anyhow`; exit codes:
+//! 0 success, 1 failure (or a failed test/expectation), 2 bad configuration or input.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "An identity-aware reverse proxy",
+    propagate_version = true
+)]
+struct Cli {
+    /// Diagnostics format on stderr (audit events always go to their own output as JSON).
+    #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy with a configuration file.
+    Serve {
+        #[arg(short, long, default_value = "portcullis.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration and every policy it names; print every problem.
+    Check {
+        #[arg(short, long, default_value = "portcullis.toml")]
+        config: PathBuf,
+        #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+        format: String,
+    },
+    /// Start a complete local set-up: dev issuer, echo upstream and the proxy.
+    Demo(DemoArgs),
+    /// Development helpers.
+    #[command(subcommand)]
+    Dev(DevCommand),
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Where the proxy listens (HTTPS).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    listen: std::net::SocketAddr,
+    /// Admin listener (/healthz, /readyz, /metrics).
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin: std::net::SocketAddr,
+    /// Also listen on plain HTTP here (for load tests behind a TLS terminator).
+    #[arg(long)]
+    insecure_http: Option<std::net::SocketAddr>,
+    /// Forward to this upstream instead of the built-in echo server.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Allow binding non-loopback addresses (the demo's keys are public!).
+    #[arg(long)]
+    insecure_bind_any: bool,
+    /// Where the demo keeps its generated config, keys and certificates.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum DevCommand {
+    /// Print a token the running demo accepts.
+    Token {
+        /// bitbucket-pipelines | github-actions | gitlab-ci | human
+        #[arg(long, default_value = "bitbucket-pipelines")]
+        preset: String,
+        /// Override a claim: key=value (string) or key:=json (typed; key:=null removes).
+        #[arg(long = "claim")]
+        claims: Vec<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 900)]
+        ttl: u64,
+        /// Print this many distinct tokens, one per line (load tests).
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Regenerate the committed development certificates.
+    Certs {
+        #[arg(long, default_value = "certs/dev")]
+        out: PathBuf,
+    },
+}
+
+fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match cli.command {
+        Command::Check { config, format } => check(&config, &format),
+        Command::Serve { config } => {
+            let cfg = match portcullis::server::load_or_report(&config) {
+                Ok(c) => c,
+                Err(_) => return ExitCode::from(2),
+            };
+            runtime(|| async move {
+                let server = portcullis::server::Server::start(cfg, Default::default()).await?;
+                tracing::info!(bound = ?server.bound, "serving");
+                server.run_until_signalled().await
+            })
+        }
+        Command::Demo(a) => {
+            let opts = portcullis::dev::demo::DemoOptions {
+                listen: a.listen,
+                admin: a.admin,
+                insecure_http: a.insecure_http,
+                upstream: a.upstream,
+                insecure_bind_any: a.insecure_bind_any,
+                state_dir: a.state_dir.unwrap_or_else(portcullis::dev::demo::default_state_dir),
+            };
+            runtime(|| portcullis::dev::demo::run(opts))
+        }
+        Command::Dev(DevCommand::Token { preset, claims, ttl, count, state_dir }) => {
+            let dir = state_dir.unwrap_or_else(portcullis::dev::demo::default_state_dir);
+            let (state, signer) = match portcullis::dev::token::DemoState::load(&dir) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let now = portcullis::util::unix_now();
+            for _ in 0..count.max(1) {
+                match portcullis::dev::token::mint(&state, &signer, &preset, &claims, now, ttl) {
+                    Ok(t) => println!("{t}"),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Dev(DevCommand::Certs { out }) => match portcullis::tls::write_dev_certs(&out) {
+            Ok(pki) => {
+                println!("wrote {} (CA {})", out.display(), pki.ca_path().display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn runtime<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `check`: every problem at once; errors exit 2, warnings alone exit 0.
+fn check(path: &std::path::Path, format: &str) -> ExitCode {
+    let (errors, warnings) = match portcullis::config::Config::load(path) {
+        Ok(c) => (Vec::new(), c.warnings),
+        Err(e) => (e.0, Vec::new()),
+    };
+    if format == "json" {
+        let item = |d: &portcullis::diag::Diagnostic, sev: &str| serde_json::json!({"file": d.file, "line": d.line, "col": d.col, "severity": sev, "message": d.message});
+        let all: Vec<_> = errors
+            .iter()
+            .map(|d| item(d, "error"))
+            .chain(warnings.iter().map(|d| item(d, "warning")))
+            .collect();
+        println!("{}", serde_json::json!({"ok": errors.is_empty(), "problems": all}));
+    } else {
+        for d in &errors {
+            eprintln!("{d}");
+        }
+        for d in &warnings {
+            eprintln!("{}:{}:{}: warning: {}", d.file.display(), d.line, d.col, d.message);
+        }
+        if errors.is_empty() {
+            println!("{}: ok ({} warning(s))", path.display(), warnings.len());
+        } else {
+            eprintln!("{}: {} problem(s)", path.display(), errors.len());
+        }
+    }
+    if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
+}

@@ -136,30 +136,31 @@ impl AuditSink {
     fn spawn(out: Box<dyn Write + Send>, memory: Option<Arc<Mutex<Vec<String>>>>) -> Self {
         let (tx, rx) = mpsc::channel::<Msg>();
         let mem = memory.clone();
-        let spawned = std::thread::Builder::new().name("portcullis-audit".into()).spawn(move || {
-            let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-            while let Ok(msg) = rx.recv() {
-                let mut next = Some(msg);
-                // Drain whatever is queued, then flush once: one write syscall per batch.
-                while let Some(m) = next.take() {
-                    match m {
-                        Msg::Line(l) => {
-                            if let Some(mem) = &mem {
-                                mem.lock().push(String::from_utf8_lossy(&l).into_owned());
+        let spawned =
+            std::thread::Builder::new().name("portcullis-audit".into()).spawn(move || {
+                let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+                while let Ok(msg) = rx.recv() {
+                    let mut next = Some(msg);
+                    // Drain whatever is queued, then flush once: one write syscall per batch.
+                    while let Some(m) = next.take() {
+                        match m {
+                            Msg::Line(l) => {
+                                if let Some(mem) = &mem {
+                                    mem.lock().push(String::from_utf8_lossy(&l).into_owned());
+                                }
+                                let _ = out.write_all(&l);
                             }
-                            let _ = out.write_all(&l);
+                            Msg::Flush(ack) => {
+                                let _ = out.flush();
+                                let _ = ack.send(());
+                            }
                         }
-                        Msg::Flush(ack) => {
-                            let _ = out.flush();
-                            let _ = ack.send(());
-                        }
+                        next = rx.try_recv().ok();
                     }
-                    next = rx.try_recv().ok();
+                    let _ = out.flush();
                 }
                 let _ = out.flush();
-            }
-            let _ = out.flush();
-        });
+            });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the audit writer thread");
         }

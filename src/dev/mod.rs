@@ -2,5 +2,7 @@
 //! `portcullis demo`, `portcullis dev token` and the tests.
 
 pub mod echo;
+pub mod demo;
 pub mod issuer;
 pub mod signer;
+pub mod token;

@@ -71,7 +71,12 @@ where
             .uri()
             .authority()
             .map(|a| a.as_str().to_string())
-            .or_else(|| req.headers().get(http::header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string))
+            .or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            })
             .unwrap_or_default();
         let fut = self.inner.call(req);
         let sink = self.sink.clone();
@@ -83,8 +88,20 @@ where
             };
             let (mut parts, body) = resp.into_parts();
             let outcome = parts.extensions.remove::<Outcome>();
-            let pending = Pending { start, rid, method, host, status: parts.status.as_u16(), outcome, conn, sink };
-            Ok(Response::from_parts(parts, AuditBody { inner: body, bytes_out: 0, pending: Some(pending) }))
+            let pending = Pending {
+                start,
+                rid,
+                method,
+                host,
+                status: parts.status.as_u16(),
+                outcome,
+                conn,
+                sink,
+            };
+            Ok(Response::from_parts(
+                parts,
+                AuditBody { inner: body, bytes_out: 0, pending: Some(pending) },
+            ))
         })
     }
 }
@@ -108,7 +125,12 @@ impl Pending {
         let decision = o.map_or("error", |o| o.decision);
         let route: Arc<str> = o.and_then(|o| o.route.clone()).unwrap_or_else(|| Arc::from("-"));
         let m = metrics::global();
-        m.requests.inc(&RequestKey { route: route.clone(), decision, reason: reason.code(), status: self.status });
+        m.requests.inc(&RequestKey {
+            route: route.clone(),
+            decision,
+            reason: reason.code(),
+            status: self.status,
+        });
         m.latency_for(&route).observe(duration);
         let identity = o.and_then(|o| o.identity.as_deref());
         let shadow = o.and_then(|o| o.shadow.as_ref()).map(|s| ShadowSummary {
@@ -134,7 +156,8 @@ impl Pending {
             policy_revision: o.and_then(|o| o.revision.as_deref()),
             identity: identity.map(IdentitySummary::of),
             ci: identity.and_then(|i| i.ci.as_ref()),
-            upstream: o.and_then(|o| if o.decision == "deny" { None } else { o.upstream.as_deref() }),
+            upstream: o
+                .and_then(|o| if o.decision == "deny" { None } else { o.upstream.as_deref() }),
             status: self.status,
             bytes_in: o.map_or(0, |o| o.bytes_in.load(Ordering::Relaxed)),
             bytes_out,
@@ -169,7 +192,10 @@ impl Body for AuditBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         match &r {

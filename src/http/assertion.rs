@@ -87,13 +87,18 @@ impl AssertionSigner {
     }
 
     /// A P-256 key from a PKCS#8 PEM file, so replicas can share one key.
-    pub fn from_file(path: &Path, issuer: String, ttl: Duration) -> Result<Self, AssertionKeyError> {
+    pub fn from_file(
+        path: &Path,
+        issuer: String,
+        ttl: Duration,
+    ) -> Result<Self, AssertionKeyError> {
         use rustls_pki_types::pem::PemObject;
         let err = |msg: String| AssertionKeyError::File { path: path.display().to_string(), msg };
         let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_file(path)
             .map_err(|e| err(format!("no PKCS#8 private key: {e}")))?;
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.secret_pkcs8_der())
-            .map_err(|e| err(format!("not a P-256 key: {e}")))?;
+        let key =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.secret_pkcs8_der())
+                .map_err(|e| err(format!("not a P-256 key: {e}")))?;
         Ok(Self::with_key(key, issuer, ttl))
     }
 
@@ -153,7 +158,11 @@ impl AssertionSigner {
         }
         cache.insert(
             key,
-            Cached { _identity: identity.clone(), value: value.clone(), refresh_after: now + (exp - now) / 2 },
+            Cached {
+                _identity: identity.clone(),
+                value: value.clone(),
+                refresh_after: now + (exp - now) / 2,
+            },
         );
         value
     }

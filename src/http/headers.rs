@@ -92,7 +92,13 @@ pub fn strip_proxy_cookies(h: &mut HeaderMap) {
 /// Sets `X-Forwarded-For/Proto/Host`. Client-supplied values are kept (and appended to)
 /// only when the peer is a configured trusted proxy; otherwise they are replaced, and
 /// `Forwarded`/`X-Real-IP` from untrusted peers are dropped.
-pub fn set_forwarded(h: &mut HeaderMap, peer: IpAddr, trusted: bool, proto: &'static str, host: &str) {
+pub fn set_forwarded(
+    h: &mut HeaderMap,
+    peer: IpAddr,
+    trusted: bool,
+    proto: &'static str,
+    host: &str,
+) {
     let peer_s = peer.to_string();
     if trusted {
         let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {

@@ -117,7 +117,12 @@ fn finish(mut resp: Response<ProxyBody>, outcome: Outcome) -> Response<ProxyBody
     resp
 }
 
-fn rejection(mut outcome: Outcome, reason: Reason, detail: impl Into<Cow<'static, str>>, rid: &str) -> Response<ProxyBody> {
+fn rejection(
+    mut outcome: Outcome,
+    reason: Reason,
+    detail: impl Into<Cow<'static, str>>,
+    rid: &str,
+) -> Response<ProxyBody> {
     outcome.reason = reason;
     outcome.detail = Some(detail.into());
     outcome.decision = match reason.status() {
@@ -141,9 +146,17 @@ fn authority(req: &Request<Incoming>) -> Option<String> {
     (!host.is_empty()).then_some(host)
 }
 
-pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, mut req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let rt = shared.runtime.load_full();
-    let rid = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_else(super::next_request_id);
+    let rid = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_else(super::next_request_id);
     let mut out = Outcome::new(rt.revision.clone());
 
     // 1. Our own endpoints.
@@ -152,8 +165,10 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, mut req: Request<Incomi
         out.decision = "allow";
         out.path = Some(JWKS_PATH.to_string());
         let mut resp = Response::new(ProxyBody::full(shared.signer.jwks()));
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
         return finish(resp, out);
     }
 
@@ -194,7 +209,12 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, mut req: Request<Incomi
     };
     out.identity = Some(identity.clone());
     if route.single_use_tokens && !shared.replay.first_use(token, identity.expires_at) {
-        return rejection(out, Reason::TokenReplayed, "token already used on a single-use route", &rid);
+        return rejection(
+            out,
+            Reason::TokenReplayed,
+            "token already used on a single-use route",
+            &rid,
+        );
     }
 
     // 5. Authorize the canonical path: the same string that is forwarded.
@@ -214,9 +234,19 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, mut req: Request<Incomi
     out.reason = Reason::Allowed;
 
     // 6. Forward.
-    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         if len > route.max_request_body {
-            return rejection(out, Reason::PayloadTooLarge, "content-length over the route's limit", &rid);
+            return rejection(
+                out,
+                Reason::PayloadTooLarge,
+                "content-length over the route's limit",
+                &rid,
+            );
         }
     }
     let websocket = is_websocket(&req);
@@ -254,20 +284,34 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, mut req: Request<Incomi
         }
     }
     headers::add_identity(h, &identity, &rid);
-    h.insert(headers::ASSERTION.clone(), shared.signer.assertion(&identity, &route.name, crate::util::unix_now()));
+    h.insert(
+        headers::ASSERTION.clone(),
+        shared.signer.assertion(&identity, &route.name, crate::util::unix_now()),
+    );
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, RequestBody::new(body, route.max_request_body, out.bytes_in.clone()));
+    let upstream_req = Request::from_parts(
+        parts,
+        RequestBody::new(body, route.max_request_body, out.bytes_in.clone()),
+    );
 
     let Some(client) = rt.clients.get(idx) else {
         return rejection(out, Reason::InternalError, "no client for route", &rid);
     };
     let mut resp = match tokio::time::timeout(route.timeout, client.request(upstream_req)).await {
-        Err(_) => return rejection(out, Reason::UpstreamTimeout, "upstream response timed out", &rid),
+        Err(_) => {
+            return rejection(out, Reason::UpstreamTimeout, "upstream response timed out", &rid)
+        }
         Ok(Err(e)) => {
-            let too_large = out.bytes_in.load(std::sync::atomic::Ordering::Relaxed) > route.max_request_body;
+            let too_large =
+                out.bytes_in.load(std::sync::atomic::Ordering::Relaxed) > route.max_request_body;
             if too_large {
-                return rejection(out, Reason::PayloadTooLarge, "request body over the route's limit", &rid);
+                return rejection(
+                    out,
+                    Reason::PayloadTooLarge,
+                    "request body over the route's limit",
+                    &rid,
+                );
             }
             let detail = format!("upstream request failed: {e}{}", source_chain(&e));
             return rejection(out, Reason::UpstreamUnavailable, detail, &rid);
@@ -282,7 +326,12 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, mut req: Request<Incomi
                 tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
             }
             None => {
-                return rejection(out, Reason::UpstreamUnavailable, "upstream switched protocols unasked", &rid);
+                return rejection(
+                    out,
+                    Reason::UpstreamUnavailable,
+                    "upstream switched protocols unasked",
+                    &rid,
+                );
             }
         }
     }
@@ -306,7 +355,10 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 
 fn is_websocket(req: &Request<Incoming>) -> bool {
     let h = req.headers();
-    let upgrade = h.get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let upgrade = h
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     let conn_upgrade = h
         .get_all(header::CONNECTION)
         .iter()

@@ -20,13 +20,20 @@ pub fn client_for(route: &RouteSettings) -> Result<UpstreamClient, String> {
     http.set_nodelay(true);
     http.set_connect_timeout(Some(route.connect_timeout));
     http.set_keepalive(Some(std::time::Duration::from_secs(60)));
-    let tls = crate::tls::client_config(route.upstream.ca.as_deref(), true)
+    let tls = crate::tls::client_config(route.upstream.ca.as_deref(), false)
         .map_err(|e| format!("route `{}`: {e}", route.name))?;
+    // hyper-rustls sets ALPN itself from the enabled protocols.
+    let mut tls = Arc::unwrap_or_clone(tls);
+    tls.alpn_protocols.clear();
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(Arc::unwrap_or_clone(tls))
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1();
-    let connector = if route.upstream.h2c { builder.wrap_connector(http) } else { builder.enable_http2().wrap_connector(http) };
+    let connector = if route.upstream.h2c {
+        builder.wrap_connector(http)
+    } else {
+        builder.enable_http2().wrap_connector(http)
+    };
     let mut b = Client::builder(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())

@@ -46,7 +46,11 @@ impl std::fmt::Debug for Runtime {
 impl Runtime {
     /// Builds a generation. Key state of unchanged issuers is carried over from
     /// `previous`, so a reload neither refetches every JWKS nor blips readiness.
-    pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Result<Runtime, String> {
+    pub fn build(
+        config: Config,
+        previous: Option<&Runtime>,
+        generation: u64,
+    ) -> Result<Runtime, String> {
         let verifier = Verifier::new(config.issuers.clone())?;
         if let Some(p) = previous {
             verifier.adopt_keys_from(&p.verifier);
@@ -101,11 +105,15 @@ pub fn policy_revision(config: &Config) -> String {
 /// Builds the rustls server configuration from `[tls]`.
 pub fn tls_config(cfg: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
     let Some(t) = &cfg.tls else { return Ok(None) };
-    let default = crate::tls::CertifiedKeySource::Files { cert: t.cert.clone(), key: t.key.clone() };
+    let default =
+        crate::tls::CertifiedKeySource::Files { cert: t.cert.clone(), key: t.key.clone() };
     let mut sni = Vec::new();
     for s in &t.sni {
         for name in &s.server_names {
-            sni.push((name.clone(), crate::tls::CertifiedKeySource::Files { cert: s.cert.clone(), key: s.key.clone() }));
+            sni.push((
+                name.clone(),
+                crate::tls::CertifiedKeySource::Files { cert: s.cert.clone(), key: s.key.clone() },
+            ));
         }
     }
     crate::tls::server_config(default, sni).map(Some).map_err(|e| e.to_string())
@@ -163,8 +171,12 @@ impl Server {
             }
         };
         let signer = match &config.assertion.key_file {
-            Some(p) => AssertionSigner::from_file(p, config.assertion.issuer.clone(), config.assertion.ttl),
-            None => AssertionSigner::generate(config.assertion.issuer.clone(), config.assertion.ttl),
+            Some(p) => {
+                AssertionSigner::from_file(p, config.assertion.issuer.clone(), config.assertion.ttl)
+            }
+            None => {
+                AssertionSigner::generate(config.assertion.issuer.clone(), config.assertion.ttl)
+            }
         }
         .map_err(|e| e.to_string())?;
         let tls = tls_config(&config)?;
@@ -204,13 +216,29 @@ impl Server {
         if let Some(a) = listen.https {
             let l = bind(a).await?;
             bound.https = l.local_addr().ok();
-            tasks.spawn(accept_loop(l, true, state.clone(), listen.trusted_proxies.clone(), limit.clone(), graceful.clone(), shutdown_rx.clone()));
+            tasks.spawn(accept_loop(
+                l,
+                true,
+                state.clone(),
+                listen.trusted_proxies.clone(),
+                limit.clone(),
+                graceful.clone(),
+                shutdown_rx.clone(),
+            ));
         }
         if let Some(a) = listen.insecure_http {
             let l = bind(a).await?;
             bound.insecure_http = l.local_addr().ok();
             tracing::warn!(addr = %a, "plain-HTTP listener enabled (insecure_http): only run it behind a TLS-terminating load balancer");
-            tasks.spawn(accept_loop(l, false, state.clone(), listen.trusted_proxies.clone(), limit.clone(), graceful.clone(), shutdown_rx.clone()));
+            tasks.spawn(accept_loop(
+                l,
+                false,
+                state.clone(),
+                listen.trusted_proxies.clone(),
+                limit.clone(),
+                graceful.clone(),
+                shutdown_rx.clone(),
+            ));
         }
         if let Some(a) = listen.admin {
             let l = bind(a).await?;
@@ -224,7 +252,7 @@ impl Server {
         let mut rx = shutdown_rx.clone();
         let g = graceful.clone();
         tasks.spawn(async move {
-            let _ = rx.wait_for(|s| *s).await;
+            stopped(&mut rx).await;
             if let Some(g) = Arc::into_inner(g) {
                 if tokio::time::timeout(grace, g.shutdown()).await.is_err() {
                     tracing::warn!(grace = ?grace, "shutdown grace period over; closing remaining connections");
@@ -285,7 +313,10 @@ async fn reload(state: &State) -> bool {
             for d in &e.0 {
                 tracing::error!(target: "portcullis::config", "{d}");
             }
-            tracing::error!(problems = e.0.len(), "reload rejected; the previous configuration keeps serving");
+            tracing::error!(
+                problems = e.0.len(),
+                "reload rejected; the previous configuration keeps serving"
+            );
             m.config_reloads.inc(&"error");
             return false;
         }
@@ -374,7 +405,7 @@ async fn accept_loop(
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = stopped(&mut shutdown) => return,
         };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -385,7 +416,7 @@ async fn accept_loop(
                     continue;
                 }
             },
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = stopped(&mut shutdown) => return,
         };
         let _ = stream.set_nodelay(true);
         let trusted_peer = trusted.iter().any(|n| n.contains(peer.ip()));
@@ -401,7 +432,12 @@ async fn accept_loop(
             match tls_cfg {
                 Some(cfg) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-                    let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    let stream = match tokio::time::timeout(
+                        Duration::from_secs(10),
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -444,9 +480,13 @@ async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watc
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = stopped(&mut shutdown) => return,
         };
-        tokio::spawn(crate::admin::serve_connection(stream, state.shared.clone(), state.draining.clone()));
+        tokio::spawn(crate::admin::serve_connection(
+            stream,
+            state.shared.clone(),
+            state.draining.clone(),
+        ));
     }
 }
 
@@ -474,7 +514,7 @@ async fn watch_loop(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = stopped(&mut shutdown) => return,
         }
         let now = fingerprint(&files(&state));
         if now != last {
@@ -485,6 +525,12 @@ async fn watch_loop(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
             last = fingerprint(&files(&state));
         }
     }
+}
+
+/// Resolves once shutdown has been signalled. (The guard `wait_for` returns is not
+/// `Send`; dropping it here keeps the accept loops `Send`.)
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await.map(|_| ());
 }
 
 /// Loads a configuration, printing every diagnostic; for the CLI.

@@ -1,0 +1,264 @@
+//! `portcullis dev token`: tokens shaped exactly like each provider's (claim names and
+//! JSON types from the providers' documentation), signed by the demo's dev issuer.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use super::signer::DevSigner;
+use crate::identity::Algorithm;
+
+/// Demo values the demo policy (`policies/demo.toml`) is written against.
+pub const DEMO_AUDIENCE: &str = "portcullis-demo";
+pub const DEMO_BB_WORKSPACE: &str = "{0c0ffee0-1234-4abc-8def-0123456789ab}";
+pub const DEMO_BB_REPOSITORY: &str = "{7f3c1e2a-5b4d-4c8e-9a1f-2d3e4f5a6b7c}";
+pub const DEMO_GH_OWNER_ID: &str = "1001";
+pub const DEMO_GL_NAMESPACE_ID: &str = "2001";
+
+/// The presets `dev token --preset` knows.
+pub const PRESETS: &[&str] = &["bitbucket-pipelines", "github-actions", "gitlab-ci", "human"];
+
+/// What `portcullis demo` writes for `dev token` to find its issuer and key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DemoState {
+    /// Preset name → issuer URL.
+    pub issuers: std::collections::BTreeMap<String, String>,
+    pub audience: String,
+    pub kid: String,
+    /// PKCS#8 DER of the RS256 signing key, relative to the state directory.
+    pub key_file: String,
+    pub proxy_url: String,
+    pub ca_file: PathBuf,
+}
+
+impl DemoState {
+    pub const FILE: &'static str = "demo.json";
+
+    pub fn load(dir: &Path) -> Result<(DemoState, DevSigner), String> {
+        let p = dir.join(Self::FILE);
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| format!("{}: {e} (start `portcullis demo` first)", p.display()))?;
+        let state: DemoState =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+        let kp = dir.join(&state.key_file);
+        let der = std::fs::read(&kp).map_err(|e| format!("{}: {e}", kp.display()))?;
+        let signer = DevSigner::from_pkcs8_der(Algorithm::RS256, state.kid.clone(), &der)
+            .map_err(|e| format!("{}: {e}", kp.display()))?;
+        Ok((state, signer))
+    }
+}
+
+/// Deterministic-looking but fresh UUID-ish values, so every token has its own run/step.
+fn uuid(braced: bool) -> String {
+    let mut b = [0u8; 16];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let u = format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]);
+    if braced {
+        format!("{{{u}}}")
+    } else {
+        u
+    }
+}
+
+/// The header and payload of a preset token, before overrides.
+pub fn preset_claims(
+    preset: &str,
+    issuer: &str,
+    audience: &str,
+    now: u64,
+    ttl: u64,
+) -> Option<(Value, Value)> {
+    let exp = now + ttl;
+    let sha = "714a629c0b401fdce83e847fc9589983fc6f46bc";
+    Some(match preset {
+        "bitbucket-pipelines" => {
+            let step = uuid(true);
+            (
+                json!({"alg": "RS256"}),
+                json!({
+                    "iss": issuer,
+                    "aud": [format!("ari:cloud:bitbucket::workspace/{}", DEMO_BB_WORKSPACE.trim_matches(|c| c == '{' || c == '}')), audience],
+                    "sub": format!("{DEMO_BB_REPOSITORY}:{step}"),
+                    "iat": now,
+                    "exp": exp,
+                    "workspaceUuid": DEMO_BB_WORKSPACE,
+                    "repositoryUuid": DEMO_BB_REPOSITORY,
+                    "pipelineUuid": uuid(true),
+                    "pipelineRunUuid": uuid(true),
+                    "stepUuid": step,
+                    "branchName": "main",
+                }),
+            )
+        }
+        "github-actions" => (
+            json!({"typ": "JWT", "alg": "RS256"}),
+            json!({
+                "jti": uuid(false),
+                "sub": "repo:demo-org/demo-api:ref:refs/heads/main",
+                "aud": audience,
+                "iss": issuer,
+                "nbf": now.saturating_sub(600),
+                "iat": now,
+                "exp": exp,
+                "ref": "refs/heads/main",
+                "ref_type": "branch",
+                "sha": sha,
+                "repository": "demo-org/demo-api",
+                "repository_id": "1002",
+                "repository_owner": "demo-org",
+                "repository_owner_id": DEMO_GH_OWNER_ID,
+                "repository_visibility": "private",
+                "actor": "octocat",
+                "actor_id": "12",
+                "run_id": "9876543210",
+                "run_number": "10",
+                "run_attempt": "1",
+                "runner_environment": "github-hosted",
+                "workflow": "deploy",
+                "workflow_ref": "demo-org/demo-api/.github/workflows/deploy.yml@refs/heads/main",
+                "workflow_sha": sha,
+                "job_workflow_ref": "demo-org/demo-api/.github/workflows/deploy.yml@refs/heads/main",
+                "event_name": "push",
+                "head_ref": "",
+                "base_ref": "",
+            }),
+        ),
+        "gitlab-ci" => (
+            json!({"typ": "JWT", "alg": "RS256"}),
+            json!({
+                "iss": issuer,
+                "aud": audience,
+                "sub": "project_path:demo-group/demo-api:ref_type:branch:ref:main",
+                "jti": uuid(false),
+                "iat": now,
+                "nbf": now.saturating_sub(5),
+                "exp": exp,
+                "namespace_id": DEMO_GL_NAMESPACE_ID,
+                "namespace_path": "demo-group",
+                "project_id": "2002",
+                "project_path": "demo-group/demo-api",
+                "user_id": "1",
+                "user_login": "demo-user",
+                "pipeline_id": "574",
+                "pipeline_source": "push",
+                "job_id": "302",
+                "ref": "main",
+                "ref_type": "branch",
+                "ref_path": "refs/heads/main",
+                "ref_protected": "true",
+                "runner_id": 1,
+                "runner_environment": "gitlab-hosted",
+                "sha": sha,
+                "project_visibility": "private",
+            }),
+        ),
+        "human" => (
+            json!({"typ": "JWT", "alg": "RS256"}),
+            json!({
+                "iss": issuer,
+                "aud": audience,
+                "azp": audience,
+                "sub": "demo-user",
+                "iat": now,
+                "exp": exp,
+                "auth_time": now,
+                "email": "dev@demo.example",
+                "email_verified": true,
+                "name": "Demo Engineer",
+                "preferred_username": "dev",
+                "groups": ["engineering"],
+            }),
+        ),
+        _ => return None,
+    })
+}
+
+/// Applies `key=value` (string) and `key:=json` (typed; `key:=null` removes) overrides.
+pub fn apply_overrides(payload: &mut Value, overrides: &[String]) -> Result<(), String> {
+    let Some(map) = payload.as_object_mut() else { return Err("payload is not an object".into()) };
+    for o in overrides {
+        if let Some((k, v)) = o.split_once(":=") {
+            let v: Value =
+                serde_json::from_str(v).map_err(|e| format!("--claim {k}:=…: not JSON: {e}"))?;
+            if v.is_null() {
+                map.remove(k);
+            } else {
+                map.insert(k.to_string(), v);
+            }
+        } else if let Some((k, v)) = o.split_once('=') {
+            map.insert(k.to_string(), Value::String(v.to_string()));
+        } else {
+            return Err(format!("--claim `{o}`: expected key=value or key:=json"));
+        }
+    }
+    Ok(())
+}
+
+/// Mints one token for a preset from the demo state.
+pub fn mint(
+    state: &DemoState,
+    signer: &DevSigner,
+    preset: &str,
+    overrides: &[String],
+    now: u64,
+    ttl: u64,
+) -> Result<String, String> {
+    let issuer = state.issuers.get(preset).ok_or_else(|| {
+        format!("unknown preset `{preset}`, expected one of: {}", PRESETS.join(", "))
+    })?;
+    let (mut header, mut payload) = preset_claims(preset, issuer, &state.audience, now, ttl)
+        .ok_or_else(|| format!("unknown preset `{preset}`"))?;
+    if let Some(h) = header.as_object_mut() {
+        h.insert("kid".into(), Value::String(signer.kid().to_string()));
+    }
+    apply_overrides(&mut payload, overrides)?;
+    Ok(signer.sign(&header, &payload))
+}
+
+/// The claims of a preset as a map (for `policy explain --preset`).
+pub fn preset_payload(preset: &str) -> Option<Map<String, Value>> {
+    preset_claims(preset, "", DEMO_AUDIENCE, 0, 0).and_then(|(_, p)| p.as_object().cloned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_are_strings_unless_typed() {
+        let mut p = json!({"branchName": "main", "runner_id": 1});
+        let r = apply_overrides(
+            &mut p,
+            &[
+                "branchName=feature/x".into(),
+                "runner_id:=2".into(),
+                "x:=true".into(),
+                "runner_id:=null".into(),
+            ],
+        );
+        assert_eq!(r, Ok(()));
+        assert_eq!(p, json!({"branchName": "feature/x", "x": true}));
+        assert!(apply_overrides(&mut p, &["nonsense".into()]).is_err());
+    }
+
+    #[test]
+    fn presets_follow_the_provider_shapes() {
+        let (_, bb) = preset_claims("bitbucket-pipelines", "https://i/bb", "aud", 100, 60)
+            .unwrap_or_default();
+        assert_eq!(bb["repositoryUuid"], DEMO_BB_REPOSITORY);
+        assert!(bb["aud"].is_array(), "bitbucket aud is an array once a custom audience is set");
+        let (h, gh) =
+            preset_claims("github-actions", "https://i/gh", "aud", 1000, 300).unwrap_or_default();
+        assert_eq!(h["typ"], "JWT");
+        assert!(gh["repository_id"].is_string(), "GitHub ids are strings");
+        assert_eq!(gh["nbf"], 400);
+        let (_, gl) =
+            preset_claims("gitlab-ci", "https://i/gl", "aud", 100, 60).unwrap_or_default();
+        assert!(gl["runner_id"].is_number() && gl["ref_protected"].is_string());
+        assert!(preset_claims("nope", "", "", 0, 0).is_none());
+    }
+}

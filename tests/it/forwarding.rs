@@ -1,0 +1,280 @@
+//! What reaches the upstream, and how: header hygiene, identity headers and the signed
+//! assertion, streaming bodies, WebSocket, HTTP/2, timeouts and upstream failures.
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+
+use crate::support::*;
+
+#[tokio::test]
+async fn spoofed_identity_and_hop_by_hop_headers_never_reach_the_upstream() {
+    let w = World::with(Setup {
+        route_extra: "strip_headers = [\"X-User\"]".into(),
+        ..Setup::default()
+    })
+    .await;
+    let t = w.token("bb", &[]);
+    let auth = format!("Bearer {t}");
+    let r = w
+        .send(
+            Method::GET,
+            "/h",
+            &[
+                ("authorization", auth.as_str()),
+                ("x-portcullis-subject", "admin"),
+                ("X-Portcullis-Groups", "root"),
+                ("x-portcullis-assertion", "forged"),
+                ("x-user", "admin"),
+                ("x-forwarded-for", "6.6.6.6"),
+                ("x-forwarded-host", "evil.test"),
+                ("forwarded", "for=6.6.6.6"),
+                ("connection", "x-drop-me"),
+                ("x-drop-me", "1"),
+                ("cookie", "_portcullis=sess; _portcullis_1=chunk; app=1"),
+                ("x-app", "kept"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let j = r.json();
+    let h = &j["headers"];
+    assert!(h.get("authorization").is_none(), "the caller's token is not forwarded by default");
+    assert!(h.get("x-user").is_none());
+    assert!(h.get("forwarded").is_none());
+    assert!(h.get("x-drop-me").is_none());
+    assert_eq!(h["x-portcullis-subject"].as_array().map(|a| a.len()), Some(1));
+    assert_ne!(r.upstream_header("x-portcullis-subject").as_deref(), Some("admin"));
+    assert_eq!(
+        r.upstream_header("x-portcullis-groups"),
+        None,
+        "pipelines have no groups; the spoofed one is gone"
+    );
+    assert_ne!(r.upstream_header("x-portcullis-assertion").as_deref(), Some("forged"));
+    assert_eq!(r.upstream_header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.upstream_header("x-forwarded-proto").as_deref(), Some("https"));
+    assert_eq!(r.upstream_header("x-forwarded-host").as_deref(), Some("localhost"));
+    assert_eq!(r.upstream_header("cookie").as_deref(), Some("app=1"));
+    assert_eq!(r.upstream_header("x-app").as_deref(), Some("kept"));
+    assert_eq!(r.upstream_header("x-portcullis-ci-branch").as_deref(), Some("main"));
+    assert_eq!(r.upstream_header("x-portcullis-kind").as_deref(), Some("pipeline"));
+}
+
+#[tokio::test]
+async fn routes_may_opt_in_to_forwarding_the_token() {
+    let w =
+        World::with(Setup { route_extra: "forward_token = true".into(), ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    let r = w.get("/h", Some(&t)).await;
+    assert_eq!(r.upstream_header("authorization"), Some(format!("Bearer {t}")));
+}
+
+#[tokio::test]
+async fn the_signed_assertion_verifies_with_the_published_key() {
+    let w = World::start().await;
+    let r = w.get("/h", Some(&w.token("corp", &[]))).await;
+    let jwt = r.upstream_header("x-portcullis-assertion").unwrap_or_default();
+    let parts: Vec<&str> = jwt.split('.').collect();
+    assert_eq!(parts.len(), 3);
+    let jwks = w.get("/.well-known/portcullis/jwks.json", None).await.json();
+    let k = &jwks["keys"][0];
+    let mut point = vec![4u8];
+    for c in ["x", "y"] {
+        point.extend(URL_SAFE_NO_PAD.decode(k[c].as_str().unwrap_or_default()).unwrap_or_default());
+    }
+    let sig = URL_SAFE_NO_PAD.decode(parts[2]).unwrap_or_default();
+    let ok = aws_lc_rs::signature::UnparsedPublicKey::new(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED,
+        &point,
+    )
+    .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+    .is_ok();
+    assert!(ok, "assertion signature verifies against the JWKS");
+    let claims: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap_or_default())
+            .unwrap_or_default();
+    assert_eq!(claims["sub"], "corp/demo-user");
+    assert_eq!(claims["aud"], "api");
+    assert_eq!(claims["email"], "dev@demo.example");
+    assert_eq!(claims["groups"][0], "engineering");
+    let now = portcullis::util::unix_now();
+    let exp = claims["exp"].as_u64().unwrap_or(0);
+    assert!(exp > now && exp <= now + 61, "short-lived: {exp} vs {now}");
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways() {
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    // 32 MiB up and back, produced lazily: the proxy never holds it whole.
+    const CHUNK: usize = 64 * 1024;
+    const N: usize = 512;
+    let chunks = futures_util::stream::iter((0..N).map(|i| {
+        Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(vec![(i % 251) as u8; CHUNK])))
+    }));
+    let body = StreamBody::new(chunks);
+    let client: hyper_util::client::legacy::Client<_, StreamBody<_>> = {
+        let tls = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map(|b| b.with_root_certificates(w.pki.root_store()).with_no_client_auth())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let conn = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .build();
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(conn)
+    };
+    let req = http::Request::post(w.url("/echo-body"))
+        .header("authorization", format!("Bearer {t}"))
+        .body(body)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = client.request(req).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut total = 0usize;
+    let mut ok = true;
+    while let Some(f) = body.frame().await {
+        let f = f.unwrap_or_else(|e| panic!("{e}"));
+        if let Some(d) = f.data_ref() {
+            for (j, b) in d.iter().enumerate() {
+                ok &= *b == (((total + j) / CHUNK) % 251) as u8;
+            }
+            total += d.len();
+        }
+    }
+    assert_eq!(total, CHUNK * N);
+    assert!(ok, "bytes arrive intact and in order");
+    let ev = w.last_event().await;
+    assert_eq!(ev["bytes_in"], (CHUNK * N) as u64);
+    assert_eq!(ev["bytes_out"], (CHUNK * N) as u64);
+}
+
+#[tokio::test]
+async fn request_size_limit_is_enforced() {
+    let w = World::with(Setup {
+        route_extra: "max_request_body = \"1KiB\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let t = format!("Bearer {}", w.token("bb", &[]));
+    let r = w
+        .send(Method::POST, "/echo-body", &[("authorization", &t)], Bytes::from(vec![0u8; 2048]))
+        .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.json()["error"], "payload-too-large");
+    let r = w
+        .send(Method::POST, "/echo-body", &[("authorization", &t)], Bytes::from(vec![0u8; 512]))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn websocket_is_tunnelled_after_101() {
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let tls = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(w.pki.root_store()).with_no_client_auth())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let connector = tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(tls));
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("wss://localhost:{}/ws", w.https.port()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {t}").parse().unwrap_or_else(|e| panic!("{e:?}")));
+    let (mut ws, resp) =
+        tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector))
+            .await
+            .unwrap_or_else(|e| panic!("ws connect: {e}"));
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws.send(tokio_tungstenite::tungstenite::Message::text("hello"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.ok().flatten();
+    assert_eq!(
+        m.and_then(|m| m.ok()).map(|m| m.into_text().map(|t| t.to_string()).unwrap_or_default()),
+        Some("hello".to_string())
+    );
+    // Without a token the handshake is refused before reaching the upstream.
+    let req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("wss://localhost:{}/ws", w.https.port()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let tls = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(w.pki.root_store()).with_no_client_auth())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let connector = tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(tls));
+    let err = tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector))
+        .await
+        .err();
+    assert!(
+        matches!(err, Some(tokio_tungstenite::tungstenite::Error::Http(ref r)) if r.status() == StatusCode::UNAUTHORIZED),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn http2_clients_and_h2c_upstreams() {
+    let routes = r#"
+[[routes]]
+name = "h2c"
+match = { path_prefix = "/h2c" }
+upstream = "h2c://{echo}"
+policy = "api"
+"#;
+    let w = World::with(Setup { routes: routes.into(), ..Setup::default() }).await;
+    let c = client(&w.pki, true);
+    let t = format!("Bearer {}", w.token("bb", &[]));
+    let r =
+        send_with(&c, Method::GET, &w.url("/h2c/x"), &[("authorization", &t)], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["version"], "HTTP/2.0", "h2c upstream");
+    let r =
+        send_with(&c, Method::GET, &w.url("/plain"), &[("authorization", &t)], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["version"], "HTTP/1.1");
+    let ev = w.last_event().await;
+    assert_eq!(ev["status"], 200);
+}
+
+#[tokio::test]
+async fn upstream_failures_are_502_and_504() {
+    let routes = r#"
+[[routes]]
+name = "down"
+match = { path_prefix = "/down" }
+upstream = "http://127.0.0.1:9"
+policy = "api"
+"#;
+    let w = World::with(Setup {
+        routes: routes.into(),
+        route_extra: "timeout = \"300ms\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let t = w.token("bb", &[]);
+    let r = w.get("/down/x", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.json()["error"], "upstream-unavailable");
+    let ev = w.event_for(&request_id(&r)).await;
+    assert_eq!(ev["decision"], "error");
+    assert!(
+        ev["detail"].as_str().unwrap_or("").contains("upstream"),
+        "the precise cause is logged: {ev}"
+    );
+    let r = w.get("/slow/2000", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(r.json()["error"], "upstream-timeout");
+    let r = w.get("/close", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+}

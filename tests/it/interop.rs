@@ -1,0 +1,179 @@
+//! Interop with a real, OpenID Certified provider: npm `oidc-provider` (tests/node),
+//! issuing RFC 9068 JWT access tokens by client credentials. The proxy must accept them
+//! through discovery + JWKS alone, and follow a key rotation at the provider.
+//!
+//! Needs `npm ci --prefix tests/node` (the test command does it). Without it the test
+//! says so and passes, unless `PORTCULLIS_REQUIRE_INTEROP=1` (set by the test command),
+//! where it fails: CI can never skip it silently.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use portcullis::config::Config;
+use portcullis::server::{Options, Server};
+
+use crate::support::*;
+
+fn node_ready(root: &Path) -> bool {
+    root.join("tests/node/node_modules/oidc-provider").is_dir()
+        && Command::new("node").arg("--version").output().is_ok()
+}
+
+#[tokio::test]
+async fn oidc_provider_access_tokens_and_key_rotation() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if !node_ready(root) {
+        assert!(
+            std::env::var("PORTCULLIS_REQUIRE_INTEROP").is_err(),
+            "tests/node is not installed but PORTCULLIS_REQUIRE_INTEROP is set"
+        );
+        eprintln!("SKIPPED: oidc-provider interop (run `npm ci --prefix tests/node`)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let pki =
+        portcullis::tls::DevPki::load_or_create(dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let mut child = Command::new("node")
+        .arg(root.join("tests/node/provider.mjs"))
+        .args([
+            "--cert",
+            &pki.cert_path().to_string_lossy(),
+            "--key",
+            &pki.key_path().to_string_lossy(),
+        ])
+        .args([
+            "--port",
+            "0",
+            "--control-port",
+            "0",
+            "--audience",
+            "https://portcullis.interop",
+            "--stdin-control",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("node: {e}"));
+    let mut stdin = child.stdin.take().unwrap_or_else(|| panic!("stdin"));
+    let mut lines = BufReader::new(child.stdout.take().unwrap_or_else(|| panic!("stdout"))).lines();
+    let mut issuer = String::new();
+    for line in lines.by_ref().map_while(Result::ok) {
+        if let Some(i) = line.strip_prefix("ready ") {
+            issuer = i.trim().to_string();
+            break;
+        }
+    }
+    assert!(issuer.starts_with("https://127.0.0.1:"), "provider did not start");
+
+    let echo = portcullis::dev::echo::EchoServer::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir_all(dir.path().join("policies")).ok();
+    write(
+        &dir.path().join("policies/api.toml"),
+        r#"
+[[rule]]
+id = "ci-client-writes"
+effect = "allow"
+issuer = "op"
+subject = "ci-client"
+claims = { scope = "*api:write*" }
+"#,
+    );
+    let cfg = format!(
+        r#"
+[listen]
+https = "127.0.0.1:0"
+[tls]
+cert = {cert:?}
+key = {key:?}
+[server]
+watch = false
+[issuers.op]
+issuer = {issuer:?}
+audiences = ["https://portcullis.interop"]
+token_type = "access"
+kind = "service"
+ca = {ca:?}
+refresh_cooldown = "1s"
+[[routes]]
+name = "api"
+upstream = "http://{echo}"
+policy = "api"
+match = {{}}
+"#,
+        cert = pki.cert_path().to_string_lossy(),
+        key = pki.key_path().to_string_lossy(),
+        ca = pki.ca_path().to_string_lossy(),
+        echo = echo.addr(),
+    );
+    let path = dir.path().join("portcullis.toml");
+    write(&path, &cfg);
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let sink = portcullis::audit::AuditSink::memory();
+    let server = Server::start(config, Options { sink: Some(sink.clone()) })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        server.shared.runtime.load().verifier.wait_ready(Duration::from_secs(15)).await,
+        "discovery + JWKS from oidc-provider"
+    );
+    let proxy = format!("https://localhost:{}/api/x", server.bound.https.map_or(0, |a| a.port()));
+    let c = client(&pki, false);
+
+    let token = || async {
+        let r = send_with(
+            &c,
+            Method::POST,
+            &format!("{issuer}/token"),
+            &[("authorization", "Basic Y2ktY2xpZW50OmNpLXNlY3JldA=="), ("content-type", "application/x-www-form-urlencoded")],
+            Bytes::from("grant_type=client_credentials&scope=api:read%20api:write&resource=https%3A%2F%2Fportcullis.interop"),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "token endpoint: {}", r.text());
+        r.json()["access_token"].as_str().unwrap_or_default().to_string()
+    };
+
+    let t1 = token().await;
+    let r = send_with(
+        &c,
+        Method::GET,
+        &proxy,
+        &[("authorization", &format!("Bearer {t1}"))],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.upstream_header("x-portcullis-subject").as_deref(), Some("ci-client"));
+    assert_eq!(r.upstream_header("x-portcullis-kind").as_deref(), Some("service"));
+
+    // Rotate and retire the old key at the provider: a token under the new kid is
+    // accepted after one JWKS refetch.
+    writeln!(stdin, "rotate-retire").ok();
+    stdin.flush().ok();
+    let _ = lines.next();
+    let t2 = token().await;
+    assert_ne!(t1.split('.').next(), t2.split('.').next(), "new kid in the header");
+    let r = send_with(
+        &c,
+        Method::GET,
+        &proxy,
+        &[("authorization", &format!("Bearer {t2}"))],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "after rotation: {}", r.text());
+
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    server.shutdown().await;
+    for line in sink.lines() {
+        assert!(!line.contains(t1.split('.').nth(2).unwrap_or("x")));
+    }
+}

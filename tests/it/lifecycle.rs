@@ -1,0 +1,89 @@
+//! Reload (explicit and by file watcher), graceful drain, readiness.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::support::*;
+
+const ONLY_MAIN: &str = r#"
+[[rule]]
+id = "bb-main-only"
+effect = "allow"
+issuer = "bb"
+ci = { repository = "{7f3c1e2a-5b4d-4c8e-9a1f-2d3e4f5a6b7c}", branch = "main" }
+"#;
+
+const FEATURE_TOO: &str = r#"
+[[rule]]
+id = "bb-any-branch"
+effect = "allow"
+issuer = "bb"
+ci = { repository = "{7f3c1e2a-5b4d-4c8e-9a1f-2d3e4f5a6b7c}", branch = ["main", "feature/*"] }
+"#;
+
+#[tokio::test]
+async fn reload_applies_a_good_policy_and_rejects_a_bad_one() {
+    let w =
+        World::with(Setup { policies: vec![("api".into(), ONLY_MAIN.into())], ..Setup::default() })
+            .await;
+    let feature = w.token("bb", &["branchName=feature/x"]);
+    assert_eq!(w.get("/x", Some(&feature)).await.status, StatusCode::FORBIDDEN);
+
+    write(&w.policy_path("api"), FEATURE_TOO);
+    assert!(w.server().reload().await);
+    let r = w.get("/x", Some(&feature)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let reload_ev = w.events().into_iter().find(|e| e["kind"] == "reload").unwrap_or_default();
+    assert_eq!(reload_ev["routes_changed"][0], "api");
+    assert_ne!(reload_ev["old_policy_revision"], reload_ev["new_policy_revision"]);
+
+    // A broken policy (unknown key, bad glob) is refused; the last good one keeps serving.
+    write(
+        &w.policy_path("api"),
+        "[[rule]]\nid = \"x\"\neffect = \"allow\"\nissuer = \"bb\"\naudiance = \"oops\"\n",
+    );
+    assert!(!w.server().reload().await);
+    assert_eq!(w.get("/x", Some(&feature)).await.status, StatusCode::OK);
+    // So is a broken config.
+    let good_config = std::fs::read_to_string(w.config_path()).unwrap_or_default();
+    write(&w.config_path(), &format!("{good_config}\n[bogus]\n"));
+    assert!(!w.server().reload().await);
+    assert_eq!(w.get("/x", Some(&feature)).await.status, StatusCode::OK);
+    let m = w.admin_get("/metrics").await.text();
+    assert!(m.contains("portcullis_config_reloads_total{outcome=\"error\"}"));
+}
+
+#[tokio::test]
+async fn in_flight_requests_finish_during_a_reload_and_a_drain() {
+    let mut w = World::start().await;
+    let t = w.token("bb", &[]);
+    let url = w.url("/slow/800");
+    let c = w.client.clone();
+    let auth = format!("Bearer {t}");
+    let slow = tokio::spawn(async move {
+        send_with(&c, http::Method::GET, &url, &[("authorization", &auth)], bytes::Bytes::new())
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(w.server().reload().await, "reload while a request is in flight");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let server = w.server.take().unwrap_or_else(|| panic!("server"));
+    let drained = tokio::spawn(server.shutdown());
+    let r = slow.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status, StatusCode::OK, "the in-flight request completes");
+    tokio::time::timeout(Duration::from_secs(10), drained).await.ok();
+    // After shutdown nothing listens any more.
+    let refused = tokio::net::TcpStream::connect(w.https).await;
+    assert!(refused.is_err(), "listener closed after drain");
+}
+
+#[tokio::test]
+async fn readiness_reflects_issuer_keys() {
+    let w = World::start().await;
+    let r = w.admin_get("/readyz").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["issuers_keys_loaded"]["bb"], true);
+    assert_eq!(w.admin_get("/healthz").await.status, StatusCode::OK);
+    assert_eq!(w.admin_get("/nope").await.status, StatusCode::NOT_FOUND);
+}

@@ -1,0 +1,321 @@
+//! Routing, authentication, authorization, rejection responses and audit events.
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+
+use crate::support::*;
+
+#[tokio::test]
+async fn no_token_is_401_with_a_bearer_challenge_and_fixed_body() {
+    let w = World::start().await;
+    let r = w.get("/hello", None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers["www-authenticate"], r#"Bearer realm="portcullis""#);
+    assert_eq!(r.json()["error"], "missing-token");
+    let ev = w.event_for(&request_id(&r)).await;
+    assert_eq!(ev["decision"], "deny");
+    assert_eq!(ev["reason"], "missing-token");
+    assert_eq!(ev["status"], 401);
+    assert_eq!(ev["route"], "api");
+}
+
+#[tokio::test]
+async fn each_preset_reaches_the_upstream_with_its_identity() {
+    let w = World::start().await;
+    for (issuer, rule, subject_has) in [
+        ("bb", "bb-main", "{7f3c1e2a"),
+        ("gh", "gh-main", "repo:demo-org/demo-api"),
+        ("gl", "gl-main", "project_path:demo-group"),
+        ("corp", "engineers", "demo-user"),
+    ] {
+        let r = w.get("/hello?x=1", Some(&w.token(issuer, &[]))).await;
+        assert_eq!(r.status, StatusCode::OK, "{issuer}: {}", r.text());
+        assert_eq!(r.upstream_header("x-portcullis-issuer").as_deref(), Some(issuer));
+        let sub = r.upstream_header("x-portcullis-subject").unwrap_or_default();
+        assert!(
+            sub.contains(&subject_has.replace('{', "%7B")) || sub.contains(subject_has),
+            "{sub}"
+        );
+        let rid = r.upstream_header("x-portcullis-request-id").unwrap_or_default();
+        let ev = w.event_for(&rid).await;
+        assert_eq!(ev["decision"], "allow", "{ev}");
+        assert_eq!(ev["reason"], "allowed");
+        assert_eq!(ev["rule"]["id"], rule);
+        assert!(ev["rule"]["line"].as_u64().unwrap_or(0) > 0);
+        assert!(ev["rule"]["file"].as_str().unwrap_or("").ends_with("api.toml"));
+        assert_eq!(ev["identity"]["issuer"], issuer);
+        assert_eq!(ev["path"], "/hello", "the query string is never logged");
+        assert_eq!(ev["tls"]["version"], "TLSv1.3");
+        assert_eq!(ev["tls"]["sni"], "localhost");
+        assert!(ev["bytes_out"].as_u64().unwrap_or(0) > 0);
+        assert!(ev["policy_revision"].as_str().unwrap_or("").starts_with("sha256:"));
+    }
+}
+
+#[tokio::test]
+async fn pipeline_events_carry_the_ci_context() {
+    let w = World::start().await;
+    let r = w
+        .get("/deploy", Some(&w.token("bb", &["pipelineRunUuid={run-1}", "stepUuid={step-1}"])))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let ev = w.last_event().await;
+    assert_eq!(ev["ci"]["provider"], "bitbucket");
+    assert_eq!(ev["ci"]["repository"], "{7f3c1e2a-5b4d-4c8e-9a1f-2d3e4f5a6b7c}");
+    assert_eq!(ev["ci"]["branch"], "main");
+    assert_eq!(ev["ci"]["run"], "{run-1}");
+    assert_eq!(ev["ci"]["step"], "{step-1}");
+    assert_eq!(ev["identity"]["kind"], "pipeline");
+}
+
+#[tokio::test]
+async fn feature_branch_is_403_with_the_reason_code() {
+    let w = World::start().await;
+    let r = w.get("/hello", Some(&w.token("bb", &["branchName=feature/x"]))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.json()["error"], "policy-denied");
+    assert!(r.headers.get("www-authenticate").is_none());
+    let ev = w.event_for(&request_id(&r)).await;
+    assert_eq!(ev["reason"], "policy-denied");
+    assert_eq!(ev["ci"]["branch"], "feature/x");
+    // release/* is allowed by glob.
+    let r = w.get("/hello", Some(&w.token("bb", &["branchName=release/1.2"]))).await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn deny_rules_win_and_name_their_rule() {
+    let w = World::start().await;
+    let r = w.get("/admin/users", Some(&w.token("gh", &[]))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let ev = w.event_for(&request_id(&r)).await;
+    assert_eq!(ev["reason"], "denied-by-rule");
+    assert_eq!(ev["rule"]["id"], "no-admin-from-ci");
+    // A human is not covered by the deny rule.
+    let r = w.get("/admin/users", Some(&w.token("corp", &[]))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    // `//admin` is the same path after normalization: still denied.
+    let r = w.get("//admin//users", Some(&w.token("gh", &[]))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn humans_outside_the_group_are_denied() {
+    let w = World::start().await;
+    let r = w.get("/x", Some(&w.token("corp", &["groups:=[\"sales\"]"]))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = w.get("/x", Some(&w.token("corp", &["groups:=[\"sales\",\"engineering\"]"]))).await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn routes_match_host_path_and_method_most_specific_first() {
+    let routes = r#"
+[[routes]]
+name = "reports"
+match = { host = "localhost", path_prefix = "/reports", methods = ["GET"] }
+upstream = "http://{echo}/base"
+policy = "open-humans"
+
+[[routes]]
+name = "wild"
+match = { host = "*.example.test", path_prefix = "/" }
+upstream = "http://{echo}"
+policy = "open-humans"
+"#;
+    let humans = r#"
+[[rule]]
+id = "any-engineer"
+effect = "allow"
+issuer = "corp"
+groups_any = ["engineering"]
+"#;
+    let w = World::with(Setup {
+        routes: routes.into(),
+        policies: vec![
+            ("api".into(), ALLOW_ALL_PRESETS.into()),
+            ("open-humans".into(), humans.into()),
+        ],
+        ..Setup::default()
+    })
+    .await;
+    let t = w.token("corp", &[]);
+    let r = w.get("/reports/q1", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["path"], "/base/reports/q1", "upstream base path is prepended");
+    assert_eq!(w.last_event().await["route"], "reports");
+    // Same prefix, other method: falls through to the catch-all route.
+    let r = w
+        .send(
+            Method::POST,
+            "/reports/q1",
+            &[("authorization", &format!("Bearer {t}"))],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["path"], "/reports/q1");
+    // `/reportsx` is not under `/reports`.
+    let r = w.get("/reportsx", Some(&t)).await;
+    assert_eq!(r.json()["path"], "/reportsx");
+}
+
+#[tokio::test]
+async fn no_route_is_404() {
+    let routes = r#"
+[[routes]]
+name = "only"
+match = { host = "api.example.test", path_prefix = "/v1" }
+upstream = "http://{echo}"
+policy = "api"
+"#;
+    let w = World::with(Setup { routes: routes.into(), default_route: false, ..Setup::default() })
+        .await;
+    let r = w.get("/v1/x", Some(&w.token("bb", &[]))).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.json()["error"], "no-route");
+    let ev = w.event_for(&request_id(&r)).await;
+    assert_eq!(ev["reason"], "no-route");
+    assert!(ev.get("identity").is_none(), "routing happens before authentication");
+}
+
+#[tokio::test]
+async fn ambiguous_paths_are_400_before_anything_else() {
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    for p in ["/a/%2e%2e/admin", "/a/..;/admin", "/a%2fb", "/a/../b", "/x%5cy", "/a/%2E/b"] {
+        let r = w.get(p, Some(&t)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{p}");
+        assert_eq!(r.json()["error"], "ambiguous-path");
+    }
+}
+
+#[tokio::test]
+async fn sni_and_host_must_agree() {
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    // Connect with SNI `localhost` but ask for another host.
+    let r = w
+        .send(
+            Method::GET,
+            "/x",
+            &[("authorization", &format!("Bearer {t}")), ("host", "other.example.test")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::MISDIRECTED_REQUEST);
+}
+
+#[tokio::test]
+async fn tokens_in_the_url_are_never_accepted() {
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let r = w.get(&format!("/x?access_token={t}"), None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn proxy_authorization_carries_the_token_and_authorization_stays_the_apps() {
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let r = w
+        .send(
+            Method::GET,
+            "/x",
+            &[
+                ("proxy-authorization", &format!("Bearer {t}")),
+                ("authorization", "Basic YXBwOnNlY3JldA=="),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.upstream_header("authorization").as_deref(), Some("Basic YXBwOnNlY3JldA=="));
+    assert_eq!(r.upstream_header("proxy-authorization"), None);
+    // Two bearer credentials are ambiguous.
+    let r = w
+        .send(
+            Method::GET,
+            "/x",
+            &[
+                ("proxy-authorization", &format!("Bearer {t}")),
+                ("authorization", &format!("Bearer {t}")),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn the_assertion_jwks_is_served() {
+    let w = World::start().await;
+    let r = w.get("/.well-known/portcullis/jwks.json", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["keys"][0]["alg"], "ES256");
+    let a = w.admin_get("/.well-known/portcullis/jwks.json").await;
+    assert_eq!(a.json(), r.json());
+}
+
+#[tokio::test]
+async fn no_token_or_cookie_value_ever_reaches_a_log_line() {
+    let w = World::start().await;
+    let good = w.token("bb", &[]);
+    let bad_branch = w.token("bb", &["branchName=feature/x"]);
+    let expired = w.token("bb", &["exp:=1000", "iat:=900"]);
+    let (h, p) = w.parts("bb", &[]);
+    let forged = {
+        let t = w.signer.sign(&h, &p);
+        let mut parts: Vec<&str> = t.split('.').collect();
+        let fake_sig = "A".repeat(parts[2].len());
+        parts[2] = &fake_sig;
+        parts.join(".")
+    };
+    let cookie = "_portcullis=c2VjcmV0LWNvb2tpZS12YWx1ZQ; app_session=topsecretcookievalue";
+    for t in [&good, &bad_branch, &expired, &forged] {
+        w.send(
+            Method::GET,
+            "/x?token=querysecretvalue",
+            &[("authorization", &format!("Bearer {t}")), ("cookie", cookie)],
+            Bytes::new(),
+        )
+        .await;
+    }
+    w.send(
+        Method::GET,
+        "/x",
+        &[("authorization", "Bearer not.a.jwt"), ("cookie", cookie)],
+        Bytes::new(),
+    )
+    .await;
+    let lines = w.sink.lines();
+    assert!(lines.len() >= 5);
+    for line in &lines {
+        for t in [&good, &bad_branch, &expired, &forged] {
+            for part in t.split('.') {
+                assert!(!line.contains(part), "token material in log line: {line}");
+            }
+        }
+        for secret in
+            ["c2VjcmV0LWNvb2tpZS12YWx1ZQ", "topsecretcookievalue", "querysecretvalue", "not.a.jwt"]
+        {
+            assert!(!line.contains(secret), "secret in log line: {line}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_requests_decisions_and_verifications() {
+    let w = World::start().await;
+    let t = w.token("gl", &[]);
+    w.get("/m", Some(&t)).await;
+    w.get("/m", Some(&t)).await;
+    w.get("/m", None).await;
+    let m = w.admin_get("/metrics").await.text();
+    assert!(m.contains("portcullis_requests_total{route=\"api\",decision=\"allow\",reason=\"allowed\",status=\"200\"}"), "{m}");
+    assert!(m.contains("reason=\"missing-token\",status=\"401\""));
+    assert!(m.contains("portcullis_token_cache_hits_total"));
+    assert!(m.contains("portcullis_request_duration_seconds_bucket{route=\"api\",le=\"+Inf\"}"));
+    assert!(m.contains("portcullis_jwks_refreshes_total{issuer=\"gl\",outcome=\"ok\"}"));
+    assert!(m.contains("portcullis_token_verifications_total{result=\"allowed\"}"));
+}

@@ -1,0 +1,405 @@
+//! The test world: a dev issuer over TLS, the echo upstream, the proxy, and a client
+//! that trusts the dev CA. Everything on 127.0.0.1 with ports picked by the OS.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use portcullis::audit::AuditSink;
+use portcullis::config::Config;
+use portcullis::dev::echo::EchoServer;
+use portcullis::dev::issuer::DevIssuer;
+use portcullis::dev::signer::DevSigner;
+use portcullis::dev::token::{apply_overrides, preset_claims};
+use portcullis::server::{Options, Server};
+use portcullis::tls::DevPki;
+use serde_json::Value;
+
+pub const AUD: &str = "portcullis-test";
+
+/// A response, fully read.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+    /// The header values the echo upstream says it received.
+    pub fn upstream_header(&self, name: &str) -> Option<String> {
+        self.json()["headers"][name].get(0).and_then(|v| v.as_str()).map(str::to_string)
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub type TestClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// A client trusting the dev CA, HTTP/1.1 only or HTTP/2 only.
+pub fn client(pki: &DevPki, h2: bool) -> TestClient {
+    let tls = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(pki.root_store()).with_no_client_auth());
+    let tls = match tls {
+        Ok(t) => t,
+        Err(e) => panic!("client TLS: {e}"),
+    };
+    let b = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+    let conn = if h2 { b.enable_http2().build() } else { b.enable_http1().build() };
+    Client::builder(TokioExecutor::new()).http2_only(h2).build(conn)
+}
+
+/// The issuers every test world declares, with their dev-issuer paths.
+pub const ISSUERS: &[(&str, &str, &str)] = &[
+    ("bb", "bitbucket-pipelines", "/bitbucket"),
+    ("gh", "github-actions", "/github"),
+    ("gl", "gitlab-ci", "/gitlab"),
+    ("corp", "human", "/human"),
+];
+
+/// A policy allowing the demo identities of every preset.
+pub const ALLOW_ALL_PRESETS: &str = r#"
+[[rule]]
+id = "bb-main"
+effect = "allow"
+issuer = "bb"
+ci = { repository = "{7f3c1e2a-5b4d-4c8e-9a1f-2d3e4f5a6b7c}", branch = ["main", "release/*"] }
+
+[[rule]]
+id = "gh-main"
+effect = "allow"
+issuer = "gh"
+ci = { workspace_id = "1001", ref = "refs/heads/main" }
+
+[[rule]]
+id = "gl-main"
+effect = "allow"
+issuer = "gl"
+ci = { workspace_id = "2001", branch = "main" }
+
+[[rule]]
+id = "engineers"
+effect = "allow"
+issuer = "corp"
+groups_any = ["engineering"]
+
+[[rule]]
+id = "no-admin-from-ci"
+effect = "deny"
+issuer = ["bb", "gh", "gl"]
+paths = ["/admin/**"]
+"#;
+
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub pki: DevPki,
+    pub issuer: DevIssuer,
+    pub signer: DevSigner,
+    pub echo: EchoServer,
+    pub server: Option<Server>,
+    pub sink: AuditSink,
+    pub urls: BTreeMap<String, String>,
+    pub https: SocketAddr,
+    pub admin: SocketAddr,
+    pub client: TestClient,
+}
+
+/// How to build a world.
+pub struct Setup {
+    /// Extra `[[routes]]` TOML appended after the default route; `{echo}` is replaced.
+    pub routes: String,
+    /// Policy files: name → text. `api` is the default route's policy.
+    pub policies: Vec<(String, String)>,
+    /// Extra keys for every issuer table.
+    pub issuer_extra: String,
+    /// Settings for the default route.
+    pub route_extra: String,
+    /// Extra top-level TOML (e.g. `[listen]` additions go in `listen_extra`).
+    pub listen_extra: String,
+    pub default_route: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            routes: String::new(),
+            policies: vec![("api".into(), ALLOW_ALL_PRESETS.into())],
+            issuer_extra: String::new(),
+            route_extra: String::new(),
+            listen_extra: String::new(),
+            default_route: true,
+        }
+    }
+}
+
+fn q(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+impl World {
+    pub async fn start() -> World {
+        Self::with(Setup::default()).await
+    }
+
+    pub async fn with(setup: Setup) -> World {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("tempdir: {e}"),
+        };
+        let pki = match DevPki::load_or_create(&dir.path().join("pki"), &[]) {
+            Ok(p) => p,
+            Err(e) => panic!("pki: {e}"),
+        };
+        let signer = match DevSigner::generate_rs256("test-key-1") {
+            Ok(s) => s,
+            Err(e) => panic!("signer: {e}"),
+        };
+        let tls = match portcullis::tls::server_config(pki.key_source(), vec![]) {
+            Ok(t) => t,
+            Err(e) => panic!("tls: {e}"),
+        };
+        let issuer = match DevIssuer::start(SocketAddr::from(([127, 0, 0, 1], 0)), Some(tls)).await
+        {
+            Ok(i) => i,
+            Err(e) => panic!("issuer: {e}"),
+        };
+        let mut urls = BTreeMap::new();
+        for (name, _, path) in ISSUERS {
+            urls.insert(name.to_string(), issuer.add_issuer(path, &[&signer]));
+        }
+        let echo = match EchoServer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await {
+            Ok(e) => e,
+            Err(e) => panic!("echo: {e}"),
+        };
+        let config = World::config_text(&dir, &pki, &urls, &echo, &setup);
+        std::fs::create_dir_all(dir.path().join("policies")).ok();
+        for (name, text) in &setup.policies {
+            std::fs::write(dir.path().join("policies").join(format!("{name}.toml")), text).ok();
+        }
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, config).ok();
+        let cfg = match Config::load(&path) {
+            Ok(c) => c,
+            Err(e) => panic!("test config does not load:\n{e}"),
+        };
+        let sink = AuditSink::memory();
+        let server = match Server::start(cfg, Options { sink: Some(sink.clone()) }).await {
+            Ok(s) => s,
+            Err(e) => panic!("server: {e}"),
+        };
+        let ready = server.shared.runtime.load().verifier.wait_ready(Duration::from_secs(10)).await;
+        assert!(ready, "issuer keys did not load");
+        let https = server.bound.https.unwrap_or_else(|| panic!("no https listener"));
+        let admin = server.bound.admin.unwrap_or_else(|| panic!("no admin listener"));
+        let client = client(&pki, false);
+        World {
+            dir,
+            pki,
+            issuer,
+            signer,
+            echo,
+            server: Some(server),
+            sink,
+            urls,
+            https,
+            admin,
+            client,
+        }
+    }
+
+    fn config_text(
+        dir: &tempfile::TempDir,
+        pki: &DevPki,
+        urls: &BTreeMap<String, String>,
+        echo: &EchoServer,
+        setup: &Setup,
+    ) -> String {
+        let mut c = format!(
+            "[listen]\nhttps = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{}\n[tls]\ncert = {}\nkey = {}\n\n[server]\nshutdown_grace = \"5s\"\nwatch = false\n\n",
+            setup.listen_extra,
+            q(&pki.cert_path().to_string_lossy()),
+            q(&pki.key_path().to_string_lossy()),
+        );
+        for (name, preset, _) in ISSUERS {
+            c.push_str(&format!("[issuers.{name}]\n"));
+            if *preset != "human" {
+                c.push_str(&format!("preset = {}\n", q(preset)));
+            } else {
+                c.push_str(&format!("client_id = {}\n", q(AUD)));
+            }
+            c.push_str(&format!(
+                "issuer = {}\naudiences = [{}]\nca = {}\nrefresh_cooldown = \"1s\"\n{}\n\n",
+                q(&urls[*name]),
+                q(AUD),
+                q(&pki.ca_path().to_string_lossy()),
+                setup.issuer_extra
+            ));
+        }
+        if setup.default_route {
+            c.push_str(&format!(
+                "[[routes]]\nname = \"api\"\nmatch = {{ path_prefix = \"/\" }}\nupstream = \"http://{}\"\npolicy = \"api\"\n{}\n\n",
+                echo.addr(),
+                setup.route_extra
+            ));
+        }
+        c.push_str(&setup.routes.replace("{echo}", &echo.addr().to_string()));
+        let _ = dir;
+        c
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("portcullis.toml")
+    }
+
+    pub fn policy_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join("policies").join(format!("{name}.toml"))
+    }
+
+    pub fn server(&self) -> &Server {
+        match &self.server {
+            Some(s) => s,
+            None => panic!("server already shut down"),
+        }
+    }
+
+    /// A token for a preset (`bb`, `gh`, `gl`, `corp`), with overrides applied
+    /// (`key=value` strings, `key:=json` typed).
+    pub fn token(&self, issuer: &str, overrides: &[&str]) -> String {
+        let (header, payload) = self.parts(issuer, overrides);
+        self.signer.sign(&header, &payload)
+    }
+
+    /// Header and payload of a preset token, for tests that break one thing.
+    pub fn parts(&self, issuer: &str, overrides: &[&str]) -> (Value, Value) {
+        let preset = ISSUERS.iter().find(|i| i.0 == issuer).map(|i| i.1).unwrap_or("human");
+        let now = portcullis::util::unix_now();
+        let (mut header, mut payload) = preset_claims(preset, &self.urls[issuer], AUD, now, 600)
+            .unwrap_or_else(|| panic!("preset {preset}"));
+        header["kid"] = Value::String(self.signer.kid().to_string());
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        if let Err(e) = apply_overrides(&mut payload, &o) {
+            panic!("{e}");
+        }
+        (header, payload)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.https.port())
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Resp {
+        let mut h = vec![];
+        let auth;
+        if let Some(t) = token {
+            auth = format!("Bearer {t}");
+            h.push(("authorization", auth.as_str()));
+        }
+        self.send(Method::GET, path, &h, Bytes::new()).await
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Resp {
+        send_with(&self.client, method, &self.url(path), headers, body).await
+    }
+
+    /// Audit events so far, parsed.
+    pub fn events(&self) -> Vec<Value> {
+        self.sink.lines().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// The last HTTP audit event.
+    pub async fn last_event(&self) -> Value {
+        // The event is written when the response body ends; give the writer a moment.
+        for _ in 0..50 {
+            if let Some(e) = self.events().into_iter().rev().find(|e| e["kind"] == "http") {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Value::Null
+    }
+
+    /// The audit event of a request id (from a rejection body or upstream header).
+    pub async fn event_for(&self, request_id: &str) -> Value {
+        for _ in 0..100 {
+            if let Some(e) = self.events().into_iter().find(|e| e["request_id"] == request_id) {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Value::Null
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Resp {
+        let c: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        send_with(&c, Method::GET, &format!("http://{}{path}", self.admin), &[], Bytes::new()).await
+    }
+}
+
+pub async fn send_with<C>(
+    client: &Client<C, Full<Bytes>>,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Resp
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = match b.body(Full::new(body)) {
+        Ok(r) => r,
+        Err(e) => panic!("request: {e}"),
+    };
+    let resp = match tokio::time::timeout(Duration::from_secs(20), client.request(req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => panic!("request to {url} failed: {e:?}"),
+        Err(_) => panic!("request to {url} timed out"),
+    };
+    let (parts, body) = resp.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => panic!("body: {e}"),
+    };
+    Resp { status: parts.status, headers: parts.headers, body }
+}
+
+/// The request id of a rejection body.
+pub fn request_id(r: &Resp) -> String {
+    r.json()["request_id"].as_str().unwrap_or_default().to_string()
+}
+
+pub fn write(path: &Path, text: &str) {
+    if let Err(e) = std::fs::write(path, text) {
+        panic!("write {}: {e}", path.display());
+    }
+}
+
+pub fn arc<T>(t: T) -> Arc<T> {
+    Arc::new(t)
+}
