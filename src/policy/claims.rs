@@ -227,7 +227,6 @@ pub fn ci_context(preset: Preset, claims: &Map<String, Value>) -> Option<CiConte
                 step: s("job_workflow_ref"),
                 actor: s("actor"),
                 git_ref,
-                ..CiContext::default()
             }
         }
         Preset::GitlabCi => {
@@ -248,7 +247,6 @@ pub fn ci_context(preset: Preset, claims: &Map<String, Value>) -> Option<CiConte
                 run: s("pipeline_id"),
                 step: s("job_id"),
                 actor: s("user_login"),
-                ..CiContext::default()
             }
         }
     };

@@ -256,12 +256,21 @@ pub fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     if let Some(exact) = candidates.iter().find(|c| fold(c) == folded) {
         return Some(exact);
     }
-    candidates
+    let close = candidates
         .iter()
         .map(|c| (edit_distance(word, c), *c))
         .filter(|(d, c)| *d <= 2.max(c.len() / 4))
         .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
+        .map(|(_, c)| c);
+    // `branchName` for `branch`, `repositoryUuid` for `repository`: the word extends a
+    // candidate (the longest such, so `repository_id` wins over `repository`).
+    close.or_else(|| {
+        candidates
+            .iter()
+            .filter(|c| c.len() >= 3 && folded.starts_with(&fold(c)))
+            .max_by_key(|c| c.len())
+            .copied()
+    })
 }
 
 /// Case and separator folding: `branch_name`, `branchName` and `BRANCH-NAME` agree.

@@ -239,7 +239,7 @@ impl fmt::Display for Condition {
 impl Matcher {
     pub(crate) fn matches(&self, identity: &Identity, request: &RequestFacts<'_>) -> bool {
         match self {
-            Matcher::Issuer(ids) => ids.iter().any(|i| *i == identity.issuer),
+            Matcher::Issuer(ids) => ids.contains(&identity.issuer),
             Matcher::Subject(globs) => any_glob(globs, &identity.subject),
             Matcher::Email(globs) => verified_email(identity).is_some_and(|e| any_glob(globs, e)),
             Matcher::EmailDomain(domains) => verified_email(identity)

@@ -1,1 +1,731 @@
+//! Table-driven tests: evaluation, every diagnostic and lint, `[[test]]` runner.
+
 use super::*;
+use crate::identity::{CiContext, IssuerId, PrincipalKind};
+use serde_json::{json, Map, Value};
+
+const BB_REPO: &str = "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}";
+
+fn catalog() -> Catalog {
+    let mut issuers = BTreeMap::new();
+    issuers.insert("bitbucket".to_string(), Preset::BitbucketPipelines);
+    issuers.insert("github".to_string(), Preset::GithubActions);
+    issuers.insert("gitlab".to_string(), Preset::GitlabCi);
+    issuers.insert("corp".to_string(), Preset::Oidc);
+    Catalog { issuers }
+}
+
+fn parse(text: &str) -> Result<Policy, Vec<String>> {
+    let source = Source::new("p.toml", text);
+    Policy::parse(&source, &catalog())
+        .map_err(|d| d.into_sorted().iter().map(|d| d.to_string()).collect())
+}
+
+fn must_parse(text: &str) -> Policy {
+    match parse(text) {
+        Ok(p) => p,
+        Err(e) => panic!("policy should compile:\n{}", e.join("\n")),
+    }
+}
+
+// === identities ===
+
+fn identity(issuer: &str, preset: Preset, claims: Value) -> Identity {
+    let claims: Map<String, Value> = match claims {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    let str_claim = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_string);
+    Identity {
+        issuer: IssuerId(Arc::from(issuer)),
+        subject: str_claim("sub").unwrap_or_else(|| "someone".into()),
+        kind: preset.default_kind(),
+        email: str_claim("email"),
+        email_verified: claims.get("email_verified") == Some(&Value::Bool(true)),
+        groups: claims
+            .get("groups")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+            .unwrap_or_default(),
+        groups_known: claims.get("_overage").is_none(),
+        expires_at: u64::MAX,
+        issued_at: None,
+        ci: claims::ci_context(preset, &claims),
+        claims,
+    }
+}
+
+fn human(claims: Value) -> Identity {
+    identity("corp", Preset::Oidc, claims)
+}
+
+fn bitbucket(repo: &str, branch: &str) -> Identity {
+    identity(
+        "bitbucket",
+        Preset::BitbucketPipelines,
+        json!({ "sub": format!("{repo}:{{step}}"), "repositoryUuid": repo, "workspaceUuid": "{ws}", "branchName": branch }),
+    )
+}
+
+fn gitlab(claims: Value) -> Identity {
+    identity("gitlab", Preset::GitlabCi, claims)
+}
+
+fn github(claims: Value) -> Identity {
+    identity("github", Preset::GithubActions, claims)
+}
+
+// === evaluation ===
+
+const EVAL_POLICY: &str = r#"
+[[rule]]
+id = "humans-read"
+effect = "allow"
+issuer = "corp"
+email_domain = ["acme.example"]
+methods = ["GET", "HEAD"]
+
+[[rule]]
+id = "sre-all"
+effect = "allow"
+issuer = "corp"
+groups_any = ["sre"]
+
+[[rule]]
+id = "release-managers"
+effect = "allow"
+issuer = "corp"
+groups_all = ["release", "oncall"]
+paths = ["/release/**"]
+
+[[rule]]
+id = "contractor-docs"
+effect = "allow"
+issuer = "corp"
+email = "*@contractors.example"
+paths = ["/docs/*"]
+
+[[rule]]
+id = "alice"
+effect = "allow"
+issuer = "corp"
+subject = "00u-alice"
+paths = ["/alice/**"]
+
+[[rule]]
+id = "bb-deploy"
+effect = "allow"
+issuer = "bitbucket"
+methods = ["POST"]
+paths = ["/deploy/*"]
+ci = { repository = "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}", branch = ["main", "release/*"] }
+
+[[rule]]
+id = "gl-protected"
+effect = "allow"
+issuer = "gitlab"
+claims = { namespace_id = "72", ref_protected = "true", runner_id = 1 }
+paths = ["/gitlab/**"]
+
+[[rule]]
+id = "gh-production"
+effect = "allow"
+issuer = "github"
+claims = { repository_owner_id = ["65", "66"] }
+ci = { environment = "production" }
+paths = ["/gh/**"]
+
+[[rule]]
+id = "no-deletes-from-ci"
+effect = "deny"
+issuer = ["bitbucket", "github", "gitlab"]
+methods = ["DELETE"]
+
+[[rule]]
+id = "no-admin-for-interns"
+effect = "deny"
+issuer = "corp"
+groups_any = ["interns"]
+paths = ["/admin/**"]
+
+[[rule]]
+id = "db-migrate"
+effect = "allow"
+issuer = "bitbucket"
+databases = ["app*"]
+roles = ["migrator"]
+ci = { repository = "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}", branch = "main" }
+upstream_role = "migrator"
+"#;
+
+enum Req {
+    Http(&'static str, &'static str),
+    Db(&'static str, Option<&'static str>),
+}
+
+#[test]
+fn evaluation_table() {
+    let policy = must_parse(EVAL_POLICY);
+    assert!(policy.warnings().is_empty(), "{:?}", policy.warnings());
+    let acme = |extra: Value| {
+        let mut base =
+            json!({ "sub": "00u-jane", "email": "jane@acme.example", "email_verified": true });
+        if let (Some(b), Value::Object(e)) = (base.as_object_mut(), extra) {
+            b.extend(e);
+        }
+        human(base)
+    };
+    use Reason::{Allowed, DeniedByRule, GroupsUnknown, PolicyDenied};
+    use Req::{Db, Http};
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Identity, Req, Reason, Option<&str>)> = vec![
+        ("verified domain may read", acme(json!({})), Http("GET", "/x"), Allowed, Some("humans-read")),
+        ("HEAD is listed too", acme(json!({})), Http("HEAD", "/x"), Allowed, Some("humans-read")),
+        ("but may not write", acme(json!({})), Http("POST", "/x"), PolicyDenied, None),
+        ("unverified email never matches", acme(json!({ "email_verified": false })), Http("GET", "/x"), PolicyDenied, None),
+        ("email_verified must be a real boolean", acme(json!({ "email_verified": "true" })), Http("GET", "/x"), PolicyDenied, None),
+        ("email_domain is exact", acme(json!({ "email": "jane@sub.acme.example" })), Http("GET", "/x"), PolicyDenied, None),
+        ("email_domain ignores ASCII case", acme(json!({ "email": "jane@ACME.example" })), Http("GET", "/x"), Allowed, Some("humans-read")),
+        ("groups_any", acme(json!({ "groups": ["x", "sre"] })), Http("POST", "/x"), Allowed, Some("sre-all")),
+        ("groups_all needs every group", acme(json!({ "groups": ["release"] })), Http("POST", "/release/1"), PolicyDenied, None),
+        ("groups_all satisfied", acme(json!({ "groups": ["oncall", "release"] })), Http("POST", "/release/1/x"), Allowed, Some("release-managers")),
+        ("overage: allow without groups still matches", acme(json!({ "_overage": true })), Http("GET", "/x"), Allowed, Some("humans-read")),
+        ("overage: allow with groups is skipped", acme(json!({ "_overage": true, "groups": ["sre"] })), Http("POST", "/x"), GroupsUnknown, Some("sre-all")),
+        ("overage: deny with groups applies", acme(json!({ "_overage": true })), Http("GET", "/admin/users"), DeniedByRule, Some("no-admin-for-interns")),
+        ("deny wins over an earlier allow", acme(json!({ "groups": ["sre", "interns"] })), Http("GET", "/admin/users"), DeniedByRule, Some("no-admin-for-interns")),
+        ("deny needs its other conditions", acme(json!({ "groups": ["sre", "interns"] })), Http("GET", "/adminx"), Allowed, Some("humans-read")),
+        ("email glob", human(json!({ "email": "bob@contractors.example", "email_verified": true })), Http("PUT", "/docs/a"), Allowed, Some("contractor-docs")),
+        ("email glob, * stops at /", human(json!({ "email": "bob@contractors.example", "email_verified": true })), Http("PUT", "/docs/a/b"), PolicyDenied, None),
+        ("email glob, unverified", human(json!({ "email": "bob@contractors.example" })), Http("PUT", "/docs/a"), PolicyDenied, None),
+        ("subject exact", human(json!({ "sub": "00u-alice" })), Http("DELETE", "/alice/a/b"), Allowed, Some("alice")),
+        ("subject exact, not prefix", human(json!({ "sub": "00u-alicex" })), Http("DELETE", "/alice/a/b"), PolicyDenied, None),
+        ("bitbucket main deploys", bitbucket(BB_REPO, "main"), Http("POST", "/deploy/42"), Allowed, Some("bb-deploy")),
+        ("bitbucket release/* deploys", bitbucket(BB_REPO, "release/1.2"), Http("POST", "/deploy/42"), Allowed, Some("bb-deploy")),
+        ("bitbucket release/a/b does not", bitbucket(BB_REPO, "release/a/b"), Http("POST", "/deploy/42"), PolicyDenied, None),
+        ("bitbucket feature branch does not", bitbucket(BB_REPO, "feature/x"), Http("POST", "/deploy/42"), PolicyDenied, None),
+        ("other repository does not", bitbucket("{other}", "main"), Http("POST", "/deploy/42"), PolicyDenied, None),
+        ("method must match", bitbucket(BB_REPO, "main"), Http("GET", "/deploy/42"), PolicyDenied, None),
+        ("path * is one segment", bitbucket(BB_REPO, "main"), Http("POST", "/deploy/42/x"), PolicyDenied, None),
+        ("CI deletes are denied", bitbucket(BB_REPO, "main"), Http("DELETE", "/deploy/42"), DeniedByRule, Some("no-deletes-from-ci")),
+        ("a human is not a pipeline", human(json!({ "sub": "x", "repositoryUuid": BB_REPO, "branchName": "main" })), Http("POST", "/deploy/42"), PolicyDenied, None),
+        ("typed claims: string, string, integer", gitlab(json!({ "namespace_id": "72", "ref_protected": "true", "runner_id": 1 })), Http("GET", "/gitlab/x"), Allowed, Some("gl-protected")),
+        ("typed claims: true is not \"true\"", gitlab(json!({ "namespace_id": "72", "ref_protected": true, "runner_id": 1 })), Http("GET", "/gitlab/x"), PolicyDenied, None),
+        ("typed claims: \"1\" is not 1", gitlab(json!({ "namespace_id": "72", "ref_protected": "true", "runner_id": "1" })), Http("GET", "/gitlab/x"), PolicyDenied, None),
+        ("typed claims: 72 is not \"72\"", gitlab(json!({ "namespace_id": 72, "ref_protected": "true", "runner_id": 1 })), Http("GET", "/gitlab/x"), PolicyDenied, None),
+        ("absent claim never matches", gitlab(json!({ "namespace_id": "72", "runner_id": 1 })), Http("GET", "/gitlab/x"), PolicyDenied, None),
+        ("claim list is any-of", github(json!({ "repository_owner_id": "66", "environment": "production" })), Http("POST", "/gh/x"), Allowed, Some("gh-production")),
+        ("claim list, none matches", github(json!({ "repository_owner_id": "67", "environment": "production" })), Http("POST", "/gh/x"), PolicyDenied, None),
+        ("absent ci field never matches", github(json!({ "repository_owner_id": "65" })), Http("POST", "/gh/x"), PolicyDenied, None),
+        ("database and role", bitbucket(BB_REPO, "main"), Db("app_prod", Some("migrator")), Allowed, Some("db-migrate")),
+        ("database glob", bitbucket(BB_REPO, "main"), Db("other", Some("migrator")), PolicyDenied, None),
+        ("role must match", bitbucket(BB_REPO, "main"), Db("app", Some("admin")), PolicyDenied, None),
+        ("role required when the rule names roles", bitbucket(BB_REPO, "main"), Db("app", None), PolicyDenied, None),
+        ("HTTP rules never match database sessions", acme(json!({})), Db("app", Some("reader")), PolicyDenied, None),
+        ("database rules never match HTTP", bitbucket(BB_REPO, "main"), Http("POST", "/app"), PolicyDenied, None),
+        ("rules without request conditions match databases", acme(json!({ "groups": ["sre"] })), Db("app", Some("x")), Allowed, Some("sre-all")),
+    ];
+    for (name, id, req, reason, rule) in cases {
+        let method;
+        let facts = match req {
+            Http(m, path) => {
+                method = http::Method::from_bytes(m.as_bytes()).unwrap_or_default();
+                RequestFacts::http(&method, path)
+            }
+            Db(db, role) => RequestFacts::database(db, role),
+        };
+        let d = policy.evaluate(&id, &facts);
+        assert_eq!(d.reason, reason, "{name}");
+        assert_eq!(d.allowed, reason == Allowed, "{name}");
+        assert_eq!(d.rule.as_ref().map(|r| &*r.id), rule, "{name}");
+        // explain agrees with evaluate and covers every rule.
+        let e = policy.explain(&id, &facts);
+        assert_eq!(e.decision, d, "{name}");
+        assert_eq!(e.rules.len(), policy.rules().len(), "{name}");
+    }
+}
+
+#[test]
+fn default_deny_with_no_rules() {
+    let p = must_parse("");
+    let d = p.evaluate(&human(json!({})), &RequestFacts::http(&http::Method::GET, "/"));
+    assert_eq!((d.allowed, d.reason, d.rule), (false, Reason::PolicyDenied, None));
+}
+
+#[test]
+fn first_matching_allow_decides() {
+    let p = must_parse(
+        r#"
+[[rule]]
+id = "a"
+effect = "allow"
+issuer = "corp"
+paths = ["/x/**"]
+
+[[rule]]
+id = "b"
+effect = "allow"
+issuer = "corp"
+"#,
+    );
+    let id = human(json!({}));
+    let get = http::Method::GET;
+    assert_eq!(
+        p.evaluate(&id, &RequestFacts::http(&get, "/x/1")).rule.map(|r| r.id.clone()),
+        Some("a".into())
+    );
+    assert_eq!(
+        p.evaluate(&id, &RequestFacts::http(&get, "/y")).rule.map(|r| r.id.clone()),
+        Some("b".into())
+    );
+}
+
+#[test]
+fn rule_refs_carry_file_and_line_and_serialize() {
+    let p = must_parse(EVAL_POLICY);
+    let id = bitbucket(BB_REPO, "main");
+    let post = http::Method::POST;
+    let d = p.evaluate(&id, &RequestFacts::http(&post, "/deploy/1"));
+    let r = d.rule.clone().unwrap_or_else(|| {
+        Arc::new(RuleRef { id: "".into(), file: Arc::from(Path::new("")), line: 0 })
+    });
+    assert_eq!((&*r.id, r.line), ("bb-deploy", 36));
+    assert_eq!(r.file.to_str(), Some("p.toml"));
+    let json = serde_json::to_value(&d).unwrap_or_default();
+    assert_eq!(
+        json,
+        json!({ "allowed": true, "reason": "allowed", "rule": { "id": "bb-deploy", "file": "p.toml", "line": 36 } })
+    );
+}
+
+#[test]
+fn explain_names_the_first_failed_condition() {
+    let p = must_parse(EVAL_POLICY);
+    let id = bitbucket(BB_REPO, "feature/x");
+    let post = http::Method::POST;
+    let e = p.explain(&id, &RequestFacts::http(&post, "/deploy/42"));
+    let bb = e.rules.iter().find(|t| &*t.rule.id == "bb-deploy");
+    match bb.map(|t| &t.outcome) {
+        Some(TraceOutcome::NotMatched { condition, line, col, expected, actual }) => {
+            assert_eq!(condition, "ci.branch");
+            assert_eq!((*line, *col), (42, 63));
+            assert_eq!(expected, "ci.branch = [\"main\", \"release/*\"]");
+            assert_eq!(actual, "\"feature/x\"");
+        }
+        other => panic!("{other:?}"),
+    }
+    let text = e.to_string();
+    assert!(text.starts_with("decision: deny (policy-denied)"), "{text}");
+    assert!(text.contains("p.toml:36: allow `bb-deploy`: no match at 42:63"), "{text}");
+    // Overage shows as such.
+    let id = human(json!({ "_overage": true }));
+    let e = p.explain(&id, &RequestFacts::http(&post, "/x"));
+    let sre = e.rules.iter().find(|t| &*t.rule.id == "sre-all").map(|t| &t.outcome);
+    assert!(matches!(sre, Some(TraceOutcome::GroupsUnknown)), "{sre:?}");
+    assert_eq!(e.decision.reason, Reason::GroupsUnknown);
+}
+
+#[test]
+fn accessors() {
+    let p = must_parse(EVAL_POLICY);
+    assert_eq!(p.name(), "p");
+    assert_eq!(p.file(), Path::new("p.toml"));
+    assert_eq!(p.rules().len(), 11);
+    let db = &p.rules()[10];
+    assert_eq!(
+        (db.id(), db.effect(), db.upstream_role()),
+        ("db-migrate", Effect::Allow, Some("migrator"))
+    );
+    assert_eq!(db.issuers(), &[IssuerId(Arc::from("bitbucket"))]);
+    let hash = p.content_hash();
+    assert_eq!(hash.len(), 64);
+    assert!(hash.chars().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(
+        must_parse("").content_hash(),
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Policy>();
+}
+
+// === diagnostics ===
+
+/// Each case: a policy, and one `file:line:col: message` that must be among its errors.
+#[test]
+fn every_error_points_at_its_cause() {
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &str)] = &[
+        ("toml syntax",
+         "[[rule]\nid = 1\n",
+         "p.toml:1:8: "),
+        ("unknown key with suggestion",
+         "[[rule]]\nid = \"a\"\nefect = \"allow\"\neffect = \"allow\"\nissuer = \"corp\"\n",
+         "p.toml:3:1: unknown key `efect` in rule; did you mean `effect`?"),
+        ("unknown top-level key",
+         "[[rules]]\nid = \"a\"\n",
+         "p.toml:1:3: unknown key `rules`: a policy file holds `[[rule]]` and `[[test]]` tables; did you mean `[[rule]]`?"),
+        ("rule as a single table",
+         "[rule]\nid = \"a\"\n",
+         "p.toml:1:2: `rule` must be an array of tables: write `[[rule]]`"),
+        ("wrong value type",
+         "[[rule]]\nid = \"a\"\neffect = 1\nissuer = \"corp\"\n",
+         "p.toml:3:10: invalid type: integer `1`, expected a string"),
+        ("missing id",
+         "[[rule]]\neffect = \"allow\"\nissuer = \"corp\"\n",
+         "p.toml:1:1: rule is missing `id`"),
+        ("missing effect",
+         "[[rule]]\nid = \"a\"\nissuer = \"corp\"\n",
+         "p.toml:1:1: rule is missing `effect` (\"allow\" or \"deny\")"),
+        ("missing issuer",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\n",
+         "p.toml:1:1: rule is missing `issuer` (a name from `[issuers.NAME]`)"),
+        ("bad id",
+         "[[rule]]\nid = \"a b\"\neffect = \"deny\"\nissuer = \"corp\"\n",
+         "p.toml:2:6: rule id `a b` must be non-empty and use only letters, digits, `-`, `_` and `.`"),
+        ("duplicate id",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\n[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\n",
+         "p.toml:6:6: duplicate rule id `a` (first defined on line 2)"),
+        ("unknown effect",
+         "[[rule]]\nid = \"a\"\neffect = \"permit\"\nissuer = \"corp\"\n",
+         "p.toml:3:10: unknown effect `permit`: expected \"allow\" or \"deny\""),
+        ("undeclared issuer",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = [\"corp\", \"corpp\"]\n",
+         "p.toml:4:19: issuer `corpp` is not declared in the configuration; did you mean `corp`? (declared: bitbucket, corp, github, gitlab)"),
+        ("empty glob",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\nsubject = [\"\"]\n",
+         "p.toml:5:12: bad pattern \"\" in `subject`: empty pattern"),
+        ("triple star",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\npaths = \"/a/***\"\n",
+         "p.toml:5:9: bad pattern \"/a/***\" in `paths`: `***` is not a pattern"),
+        ("unknown ci field",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"bitbucket\"\nci = { branchName = \"main\" }\n",
+         "p.toml:5:8: unknown ci field `branchName`; did you mean `branch`?"),
+        ("lower-case method",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\nmethods = [\"GET\", \"post\"]\n",
+         "p.toml:5:19: unknown HTTP method `post`; methods are upper case: `POST`"),
+        ("unknown method",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\nmethods = \"PSOT\"\n",
+         "p.toml:5:11: unknown HTTP method `PSOT`; did you mean `POST`?"),
+        ("relative path",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\npaths = [\"deploy/*\"]\n",
+         "p.toml:5:10: path `deploy/*` must start with `/`"),
+        ("empty list",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\ngroups_all = []\n",
+         "p.toml:5:14: `groups_all` is an empty list: remove it or give at least one value"),
+        ("empty claims table",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\nclaims = {}\n",
+         "p.toml:5:10: `claims` is empty"),
+        ("float claim",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\nclaims = { ver = 1.0 }\n",
+         "p.toml:5:18: `claims.ver` must be a string, boolean, integer or a list of them, not float"),
+        ("email_domain with @",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\nemail_domain = [\"@acme.example\"]\n",
+         "p.toml:5:17: `email_domain` takes a domain, not an address: write `acme.example`"),
+        ("test: bad request",
+         "[[test]]\nname = \"t\"\nidentity = { issuer = \"corp\" }\nrequest = \"/deploy\"\nexpect = \"deny\"\n",
+         "p.toml:4:11: bad request \"/deploy\": expected \"METHOD /path\""),
+        ("test: bad method",
+         "[[test]]\nname = \"t\"\nidentity = { issuer = \"corp\" }\nrequest = \"FETCH /x\"\nexpect = \"deny\"\n",
+         "p.toml:4:11: bad request \"FETCH /x\": unknown HTTP method `FETCH`"),
+        ("test: unknown expect",
+         "[[test]]\nname = \"t\"\nidentity = { issuer = \"corp\" }\nrequest = \"GET /\"\nexpect = \"denied\"\n",
+         "p.toml:5:10: unknown expect `denied`: expected \"allow\" or \"deny\""),
+        ("test: unknown rule",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\n[[test]]\nname = \"t\"\nidentity = { issuer = \"corp\" }\nrequest = \"GET /\"\nexpect = \"deny\"\nrule = \"b\"\n",
+         "p.toml:10:8: test expects rule `b`, which this file does not define"),
+        ("test: unknown identity key",
+         "[[test]]\nname = \"t\"\nidentity = { issuer = \"corp\", claim = {} }\nrequest = \"GET /\"\nexpect = \"deny\"\n",
+         "p.toml:3:31: unknown key `claim` in test identity; did you mean `claims`?"),
+        ("test: undeclared issuer",
+         "[[test]]\nname = \"t\"\nidentity = { issuer = \"nope\" }\nrequest = \"GET /\"\nexpect = \"deny\"\n",
+         "p.toml:3:23: issuer `nope` is not declared in the configuration"),
+        ("test: preset mismatch",
+         "[[test]]\nname = \"t\"\nidentity = { issuer = \"corp\", preset = \"gitlab-ci\" }\nrequest = \"GET /\"\nexpect = \"deny\"\n",
+         "p.toml:3:40: issuer `corp` has preset `oidc`, not `gitlab-ci`"),
+        ("test: missing request",
+         "[[test]]\nname = \"t\"\nidentity = { issuer = \"corp\" }\nexpect = \"deny\"\n",
+         "p.toml:1:1: test is missing `request = \"METHOD /path\"` (or `database = ...`)"),
+        // Lints that are errors.
+        ("V22: shared issuer without a pin",
+         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = \"GET\"\n",
+         "p.toml:4:10: allow rule `a` does not pin a repository or owner, so any bitbucket-pipelines token with this audience matches (issuer `bitbucket` is shared)"),
+        ("V22: a glob is not a pin",
+         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nclaims = { repository_owner_id = \"*\" }\n",
+         "p.toml:4:10: allow rule `a` does not pin a repository or owner"),
+        ("V22: subject without an owner is not a pin",
+         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nsubject = \"repo:*\"\n",
+         "p.toml:4:10: allow rule `a` does not pin a repository or owner"),
+        ("unknown claim with suggestion",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"bitbucket\"\nclaims = { branch_name = \"main\" }\n",
+         "p.toml:5:12: `branch_name` is not a claim of bitbucket-pipelines tokens (issuer `bitbucket`); did you mean `branchName`?"),
+        ("claim of another provider",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"bitbucket\"\nclaims = { repository_owner_id = \"1\" }\n",
+         "p.toml:5:12: `repository_owner_id` is not a claim of bitbucket-pipelines tokens"),
+        ("contradiction: HTTP and database",
+         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\nmethods = \"GET\"\ndatabases = \"app\"\n",
+         "p.toml:6:13: allow rule `a` can never match: `methods` applies to HTTP requests and `databases` to database sessions"),
+        ("contradiction: branch and tag",
+         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"gitlab\"\nci = { branch = \"main\", tag = \"v1\" }\n",
+         "p.toml:5:25: deny rule `a` can never match: a ref is either a branch or a tag"),
+        ("contradiction: ci on a human issuer",
+         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\nci = { branch = \"main\" }\n",
+         "p.toml:5:8: allow rule `a` can never match: `ci.branch` needs a CI token"),
+        ("contradiction: email outside email_domain",
+         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\nemail = \"*@a.example\"\nemail_domain = \"b.example\"\n",
+         "p.toml:5:9: allow rule `a` can never match: no `email` pattern is in any `email_domain`"),
+    ];
+    // Collect every miss so one run shows them all.
+    let mut misses = Vec::new();
+    for (name, text, want) in cases {
+        match parse(text) {
+            Ok(_) => misses.push(format!("{name}: compiled, expected {want}")),
+            Err(errors) if !errors.iter().any(|e| e.starts_with(want)) => {
+                misses.push(format!("{name}: want {want:?}, got:\n{}", errors.join("\n")))
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(misses.is_empty(), "{}", misses.join("\n\n"));
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = r#"
+[[rule]]
+id = "a"
+effect = "alow"
+issuer = "corp"
+methds = ["GET"]
+
+[[rule]]
+id = "b"
+effect = "allow"
+issuer = "nope"
+paths = ["x"]
+
+[[rule]]
+id = "c"
+effect = "allow"
+issuer = "bitbucket"
+
+[[test]]
+name = "t"
+identity = { issuer = "corp" }
+request = "GET"
+expect = "maybe"
+"#;
+    let errors = parse(text).err().unwrap_or_default();
+    let locs: Vec<&str> = errors.iter().filter_map(|e| e.split(": ").next()).collect();
+    assert_eq!(
+        locs,
+        [
+            "p.toml:4:10",
+            "p.toml:6:1",
+            "p.toml:11:10",
+            "p.toml:12:10",
+            "p.toml:17:10",
+            "p.toml:22:11",
+            "p.toml:23:10"
+        ],
+        "{}",
+        errors.join("\n")
+    );
+}
+
+#[test]
+fn clean_files_have_no_diagnostics() {
+    // Each near-miss of a case above, written correctly.
+    #[rustfmt::skip]
+    let clean = [
+        "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\nmethods = [\"GET\", \"POST\"]\npaths = [\"/deploy/**\"]\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = \"GET\"\nci = { repository = \"{r}\" }\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = \"GET\"\nclaims = { workspaceUuid = \"{w}\" }\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nsubject = \"repo:acme/*\"\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nci = { repository = \"acme/*\" }\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"GET\"\nclaims = { project_id = \"20\" }\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nclaims = { namespace_id = \"72\", ref_protected = \"true\" }\n",
+        "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"bitbucket\"\nmethods = \"DELETE\"\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\nemail = \"*@a.example\"\nemail_domain = \"A.example\"\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\nclaims = { anything = true, n = [1, 2], s = \"x*\" }\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\ndatabases = \"app\"\nroles = [\"r*\"]\nupstream_role = \"r\"\n",
+        "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\ngroups_any = \"x\"\n[[rule]]\nid = \"b\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = \"y\"\n",
+        EVAL_POLICY,
+    ];
+    for text in clean {
+        match parse(text) {
+            Ok(p) => assert!(p.warnings().is_empty(), "{text}\n{:?}", p.warnings()),
+            Err(e) => panic!("{text}\n{}", e.join("\n")),
+        }
+    }
+}
+
+#[test]
+fn warnings_do_not_fail_the_load() {
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &str)] = &[
+        ("deploy-style allow without a branch restriction",
+         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = [\"GET\", \"POST\"]\nci = { repository = \"{r}\" }\n",
+         "p.toml:5:11: warning: allow rule `a` lets bitbucket-pipelines tokens (issuer `bitbucket`) use write methods from any branch"),
+        ("no method restriction at all",
+         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nclaims = { repository_owner_id = \"65\" }\n",
+         "p.toml:2:6: warning: allow rule `a` lets github-actions tokens (issuer `github`) use any method from any branch"),
+        ("a branch of `**` restricts nothing",
+         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nclaims = { project_id = \"1\" }\nci = { branch = \"**\" }\n",
+         "p.toml:2:6: warning: allow rule `a` lets gitlab-ci tokens"),
+        ("allow shadowed by a broader deny",
+         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\nmethods = \"DELETE\"\npaths = \"/x/*\"\n[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = [\"corp\", \"github\"]\npaths = \"/x/**\"\n",
+         "p.toml:2:6: warning: allow rule `a` can never match: deny rule `d` (line 7) matches every request it does, and deny wins"),
+        ("shadowed through groups",
+         "[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"corp\"\ngroups_any = [\"x\", \"y\"]\n[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_all = [\"y\", \"z\"]\n",
+         "p.toml:7:6: warning: allow rule `a` can never match: deny rule `d` (line 1)"),
+    ];
+    for (name, text, want) in cases {
+        match parse(text) {
+            Err(e) => panic!("{name}: {}", e.join("\n")),
+            Ok(p) => {
+                let warnings: Vec<String> = p.warnings().iter().map(|d| d.to_string()).collect();
+                assert!(
+                    warnings.iter().any(|w| w.starts_with(want)),
+                    "{name}: want {want:?}, got {warnings:?}"
+                );
+                // `lint` reports the same with a severity.
+                let lints = lint(&p, &catalog());
+                assert!(lints.iter().all(|l| l.severity == Severity::Warning), "{name}");
+                assert!(lints.iter().any(|l| l.to_string().starts_with(want)), "{name}: {lints:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn not_shadowed_when_the_deny_is_narrower() {
+    let p = must_parse(
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\npaths = \"/x/**\"\n[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"corp\"\npaths = \"/x/*\"\n",
+    );
+    assert!(p.warnings().is_empty(), "{:?}", p.warnings());
+}
+
+// === [[test]] ===
+
+const TESTED: &str = r#"
+[[rule]]
+id = "main-deploys"
+effect = "allow"
+issuer = "bitbucket"
+methods = ["POST"]
+ci = { repository = "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}", branch = "main" }
+
+[[rule]]
+id = "no-deletes"
+effect = "deny"
+issuer = "bitbucket"
+methods = ["DELETE"]
+
+[[test]]
+name = "main deploys"
+identity = { issuer = "bitbucket", claims = { repositoryUuid = "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}", branchName = "main" } }
+request = "POST /deploy/42"
+expect = "allow"
+rule = "main-deploys"
+
+[[test]]
+name = "preset plus overrides"
+identity = { preset = "bitbucket-pipelines", claims = { repositoryUuid = "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}", branchName = "feature/x" } }
+request = "POST /deploy/42"
+expect = "deny"
+
+[[test]]
+name = "wrong expectation"
+identity = { issuer = "bitbucket", claims = { repositoryUuid = "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}", branchName = "main" } }
+request = "POST /deploy/42"
+expect = "deny"
+
+[[test]]
+name = "wrong rule"
+identity = { issuer = "bitbucket", claims = { repositoryUuid = "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}", branchName = "main" } }
+request = "DELETE /deploy/42"
+expect = "deny"
+rule = "main-deploys"
+
+[[test]]
+name = "database test"
+identity = { issuer = "corp", groups = ["dba"], groups_known = false, email = "a@b", email_verified = true }
+database = "app"
+role = "migrator"
+expect = "deny"
+"#;
+
+#[test]
+fn run_tests_reports_passes_and_failures() {
+    let p = must_parse(TESTED);
+    let outcomes = run_tests(&p);
+    let summary: Vec<(&str, u32, bool)> =
+        outcomes.iter().map(|o| (o.name.as_str(), o.line, o.passed())).collect();
+    assert_eq!(
+        summary,
+        [
+            ("main deploys", 15, true),
+            ("preset plus overrides", 22, true),
+            ("wrong expectation", 28, false),
+            ("wrong rule", 34, false),
+            ("database test", 41, true),
+        ]
+    );
+    assert_eq!(
+        outcomes[2].to_string(),
+        "p.toml:28: FAILED: wrong expectation: expected deny, got allow (allowed) by rule `main-deploys` (p.toml:2) for POST /deploy/42"
+    );
+    assert_eq!(
+        outcomes[3].to_string(),
+        "p.toml:34: FAILED: wrong rule: expected rule `main-deploys` to decide, but deny was decided by rule `no-deletes` (p.toml:9)"
+    );
+    assert_eq!(outcomes[0].to_string(), "p.toml:15: ok: main deploys");
+    // The test identity is built like a verified one.
+    let t = &p.tests()[1];
+    assert_eq!(t.identity.kind, PrincipalKind::Pipeline);
+    let ci = t.identity.ci.clone().unwrap_or_default();
+    assert_eq!(
+        (ci.field("branch"), ci.field("ref")),
+        (Some("feature/x"), Some("refs/heads/feature/x"))
+    );
+    assert_eq!(ci.field("workspace_id"), Some("{00000000-0000-4000-8000-000000000010}"));
+    let h = &p.tests()[4].identity;
+    assert_eq!((h.groups_known, h.email_verified, h.ci.is_none()), (false, true, true));
+    let _ = CiContext::FIELDS;
+}
+
+// === shipped policies ===
+
+#[test]
+fn demo_policy_compiles_cleanly_and_its_tests_pass() {
+    let mut issuers = BTreeMap::new();
+    issuers.insert("demo-bitbucket".to_string(), Preset::BitbucketPipelines);
+    issuers.insert("demo-github".to_string(), Preset::GithubActions);
+    issuers.insert("demo-gitlab".to_string(), Preset::GitlabCi);
+    issuers.insert("demo-human".to_string(), Preset::Oidc);
+    let catalog = Catalog { issuers };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/demo.toml");
+    let policy = match Policy::load(&path, &catalog) {
+        Ok(p) => p,
+        Err(d) => panic!(
+            "{}",
+            d.into_sorted().iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n")
+        ),
+    };
+    assert!(policy.warnings().is_empty(), "{:?}", policy.warnings());
+    assert!(lint(&policy, &catalog).is_empty());
+    let outcomes = run_tests(&policy);
+    assert!(outcomes.len() >= 10);
+    for o in &outcomes {
+        assert!(o.passed(), "{o}");
+    }
+    assert!(outcomes.iter().any(|o| o.name.contains("feature/x") && !o.decision.allowed));
+}
+
+#[test]
+fn load_reports_an_unreadable_file() {
+    let err = Policy::load(Path::new("/nonexistent/p.toml"), &catalog()).err();
+    let msgs: Vec<String> =
+        err.map(|d| d.into_sorted().iter().map(|d| d.to_string()).collect()).unwrap_or_default();
+    assert_eq!(msgs.len(), 1);
+    assert!(msgs[0].starts_with("/nonexistent/p.toml:1:1: cannot read file"), "{msgs:?}");
+}
