@@ -1,0 +1,150 @@
+use super::*;
+
+fn compile(dir: &std::path::Path, text: &str) -> Result<Config, Vec<String>> {
+    std::fs::create_dir_all(dir.join("policies")).ok();
+    std::fs::write(
+        dir.join("policies/p.toml"),
+        "[[rule]]\nid = \"h\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"sre\"]\n",
+    )
+    .ok();
+    let src = Source::new(dir.join("portcullis.toml"), text.to_string());
+    Config::compile(&src).map_err(|e| e.0.iter().map(|d| format!("{}:{} {}", d.line, d.col, d.message)).collect())
+}
+
+const BASE: &str = r#"[listen]
+insecure_http = "127.0.0.1:8080"
+
+[issuers.corp]
+issuer = "https://idp.example.com"
+audiences = ["portcullis"]
+
+[[routes]]
+name = "api"
+match = { host = "api.example.com", path_prefix = "/v1" }
+upstream = "http://127.0.0.1:9000"
+policy = "p"
+"#;
+
+#[test]
+fn a_valid_config_compiles_with_defaults() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let c = compile(dir.path(), BASE).unwrap_or_else(|e| panic!("{e:?}"));
+    let i = &c.issuers[0];
+    assert_eq!(i.discovery_url, "https://idp.example.com/.well-known/openid-configuration");
+    assert_eq!(i.algorithms, vec![Algorithm::RS256]);
+    assert_eq!(i.leeway, Duration::from_secs(60));
+    assert_eq!(i.kind, PrincipalKind::Human);
+    let r = &c.routes[0];
+    assert_eq!(r.host, HostMatch::Exact("api.example.com".into()));
+    assert_eq!(r.max_request_body, 10 * 1024 * 1024);
+    assert_eq!(r.timeout, Duration::from_secs(30));
+    assert!(!r.forward_token);
+    assert!(c.route("api.example.com", "/v1/x", &Method::GET).is_some());
+    assert!(c.route("api.example.com", "/v2", &Method::GET).is_none());
+    assert!(c.route("API.example.com", "/v1", &Method::GET).is_some());
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_its_position() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let text = r#"[listen]
+insecure_http = "not-an-address"
+trusted_proxies = ["10.0.0.0/33"]
+
+[issuers.corp]
+issuer = "http://idp.example.com"
+audiences = []
+algorithms = ["none", "HS256", "rs256"]
+leeway = "forever"
+
+[issuers.gh]
+preset = "github-action"
+issuer = "https://token.actions.githubusercontent.com"
+audiences = ["x"]
+
+[[routes]]
+name = "api"
+match = { host = "a*b", path_prefix = "v1", methods = ["get"] }
+upstream = "ftp://x"
+policy = "missing"
+max_request_body = "lots"
+
+[[routes]]
+name = "api"
+match = {}
+upstream = "http://127.0.0.1:1"
+policy = "p"
+timout = "1s"
+
+[extra]
+"#;
+    let errs = compile(dir.path(), text).err().unwrap_or_default();
+    let want = [
+        "2:17 ",  // bad address
+        "3:20 ",  // bad CIDR
+        "6:10 ",  // http issuer
+        "7:13 ",  // empty audiences
+        "8:15 ",  // none
+        "8:23 ",  // HS256
+        "8:32 ",  // case-sensitive alg
+        "9:10 ",  // bad duration
+        "12:10 ", // unknown preset
+        "18:18 ", // bad wildcard host
+        "18:39 ", // path prefix without /
+        "18:56 ", // lower-case method
+        "19:12 ", // bad scheme
+        "20:10 ", // missing policy
+        "21:20 ", // bad size
+        "28:1 ",  // unknown key `timout`
+        "30:2 ",  // unknown top-level table
+    ];
+    for w in want {
+        assert!(errs.iter().any(|e| e.starts_with(w)), "missing {w:?} in {errs:#?}");
+    }
+}
+
+#[test]
+fn bitbucket_workspace_ari_alone_is_refused() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let text = BASE.replace(
+        "[[routes]]",
+        "[issuers.bb]\npreset = \"bitbucket-pipelines\"\nissuer = \"https://api.bitbucket.org/2.0/workspaces/acme/pipelines-config/identity/oidc\"\naudiences = [\"ari:cloud:bitbucket::workspace/7baee083\"]\n\n[[routes]]",
+    );
+    let errs = compile(dir.path(), &text).err().unwrap_or_default();
+    assert!(errs.iter().any(|e| e.contains("V23")), "{errs:?}");
+}
+
+#[test]
+fn routes_sort_most_specific_first() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let text = format!(
+        "{BASE}\n[[routes]]\nname = \"any\"\nmatch = {{}}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"p\"\n\n[[routes]]\nname = \"wild\"\nmatch = {{ host = \"*.example.com\" }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"p\"\n\n[[routes]]\nname = \"deep\"\nmatch = {{ host = \"api.example.com\", path_prefix = \"/v1/admin\" }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"p\"\n"
+    );
+    let c = compile(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
+    let pick = |h: &str, p: &str| c.route(h, p, &Method::GET).map(|r| r.name.to_string());
+    assert_eq!(pick("api.example.com", "/v1/admin/x").as_deref(), Some("deep"));
+    assert_eq!(pick("api.example.com", "/v1/x").as_deref(), Some("api"));
+    assert_eq!(pick("web.example.com", "/v1/x").as_deref(), Some("wild"));
+    assert_eq!(pick("example.com", "/").as_deref(), Some("any"), "a wildcard needs a label before the suffix");
+    assert_eq!(pick("other.test", "/").as_deref(), Some("any"));
+}
+
+#[test]
+fn helpers() {
+    assert!(path_has_prefix("/api", "/api"));
+    assert!(path_has_prefix("/api/x", "/api/"));
+    assert!(!path_has_prefix("/apix", "/api"));
+    assert!(path_has_prefix("/anything", "/"));
+    let n = IpNet::parse("10.0.0.0/8").unwrap_or_else(|| panic!("cidr"));
+    assert!(n.contains("10.1.2.3".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))));
+    assert!(!n.contains("11.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))));
+    assert!(n.contains("::ffff:10.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))), "v4-mapped");
+    assert_eq!(IpNet::parse("::1").map(|n| n.prefix), Some(128));
+    assert!(IpNet::parse("1.2.3.4/40").is_none());
+    assert_eq!(parse_size(&toml::Value::String("10MiB".into())), Some(10 << 20));
+    assert_eq!(parse_size(&toml::Value::Integer(5)), Some(5));
+    assert_eq!(parse_size(&toml::Value::Integer(-5)), None);
+    assert_eq!(parse_size(&toml::Value::String("5 parsecs".into())), None);
+    assert!(is_loopback_host("127.0.0.1") && is_loopback_host("[::1]") && is_loopback_host("localhost"));
+    assert!(!is_loopback_host("example.com"));
+}
