@@ -151,8 +151,10 @@ impl IssuerKeys {
     /// the stale window (§11.7). After that the issuer fails closed.
     pub fn usable(&self) -> Option<Arc<KeySet>> {
         let set = self.keys.load_full()?;
-        let deadline = set.fetched_at + set.ttl + self.settings.stale_window;
-        (Instant::now() < deadline).then_some(set)
+        // Saturating: a configured stale window of "forever" must not overflow.
+        let grace = set.ttl.saturating_add(self.settings.stale_window);
+        let usable = set.fetched_at.checked_add(grace).is_none_or(|end| Instant::now() < end);
+        usable.then_some(set)
     }
 
     pub fn loaded(&self) -> bool {

@@ -127,6 +127,16 @@ async fn rejects(header: Value, payload: Value, expected: Reason) {
 
 // === the baseline ===
 
+#[test]
+fn verifier_and_its_futures_can_cross_threads() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: &T) {}
+    let v = offline(vec![okta_settings()]);
+    send_sync(&v);
+    send(&v.verify_at("t", NOW));
+    send(&v.wait_ready(Duration::ZERO));
+}
+
 #[tokio::test]
 async fn okta_human_id_token_is_accepted() {
     let v = offline(vec![okta_settings()]);
@@ -913,7 +923,7 @@ async fn stale_window_then_fail_closed_then_recover() {
     let url = dev.add_issuer("/human", &[&k1]);
     dev.set_cache_control("/human", Some("max-age=0"));
     let mut s = dev_settings(&dev, "/human");
-    s.stale_window = Duration::from_millis(600);
+    s.stale_window = Duration::from_millis(1500);
     let timing = Timing { min_ttl: Duration::from_millis(200), ..fast_timing() };
     let v = Arc::new(Verifier::with_timing(vec![s], timing).unwrap());
     v.start();
@@ -922,12 +932,26 @@ async fn stale_window_then_fail_closed_then_recover() {
     assert!(v.verify_at(&token, NOW).await.is_ok());
 
     dev.set_failure("/human", Failure::ServerError);
-    // Past the TTL, inside the stale window: the last good set still serves.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let failing_since = tokio::time::Instant::now();
+    let fetched = dev.jwks_fetches("/human");
+    // Past the 200 ms TTL, refreshes fail, yet the last good set still serves.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(dev.jwks_fetches("/human") > fetched, "refreshes were attempted");
     assert!(v.verify_at(&token, NOW).await.is_ok(), "stale keys serve within the window");
-    // Past TTL + stale window: fail closed, cache included.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(reason(&v, &token).await, Some(Reason::IssuerUnavailable));
+    // The last success was less than one TTL before the failure began, so the set
+    // must stay usable for at least the stale window, then fail closed (cache too).
+    loop {
+        match reason(&v, &token).await {
+            None => {}
+            Some(r) => {
+                assert_eq!(r, Reason::IssuerUnavailable);
+                break;
+            }
+        }
+        assert!(failing_since.elapsed() < Duration::from_secs(5), "never failed closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failing_since.elapsed() >= Duration::from_millis(1400), "failed closed too early");
     assert!(!v.ready());
     assert_eq!(v.issuer_status(), vec![(IssuerId("human".into()), false)]);
 

@@ -205,12 +205,12 @@ impl Verifier {
 
     /// Wait until [`Verifier::ready`], at most `timeout`.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let start = tokio::time::Instant::now();
         loop {
             if self.ready() {
                 return true;
             }
-            if tokio::time::Instant::now() >= deadline {
+            if start.elapsed() >= timeout {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
