@@ -159,7 +159,7 @@ impl Algorithm {
 }
 
 /// An issuer as configured, compiled from `[issuers.NAME]`. Plain data; the
-/// [`Verifier`](verify::Verifier) owns the live key state.
+/// [`Verifier`] owns the live key state.
 #[derive(Debug, Clone)]
 pub struct IssuerSettings {
     pub id: IssuerId,
