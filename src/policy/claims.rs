@@ -1,14 +1,10 @@
 //! What the policy compiler knows about each preset's claims: the claim vocabulary
 //! (to catch misspelt claim names), the immutable ids that pin a repository or owner
-//! (V22), and a small claim → [`CiContext`] builder for `[[test]]` identities.
-//!
-//! The builder mirrors the normalization documented on [`CiContext`]; once
-//! `identity::ci` exposes its own normalizer, `[[test]]` identities should switch to it
-//! so tests exercise exactly what production does.
+//! (V22), and plausible base claims for `[[test]]` identities written with `preset`.
 
 use serde_json::{Map, Value};
 
-use crate::identity::{CiContext, Preset};
+use crate::identity::Preset;
 
 /// Claims every JWT may carry.
 const REGISTERED: &[&str] = &["iss", "sub", "aud", "exp", "nbf", "iat", "jti"];
@@ -183,76 +179,6 @@ pub fn template(preset: Preset) -> Map<String, Value> {
     pairs.iter().map(|(k, v)| ((*k).to_string(), Value::String((*v).to_string()))).collect()
 }
 
-/// Normalizes CI claims into a [`CiContext`] (`None` for `oidc`).
-pub fn ci_context(preset: Preset, claims: &Map<String, Value>) -> Option<CiContext> {
-    let s = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_string);
-    let ctx = match preset {
-        Preset::Oidc => return None,
-        Preset::BitbucketPipelines => {
-            let branch = s("branchName");
-            CiContext {
-                provider: "bitbucket",
-                workspace: s("workspaceUuid"),
-                workspace_id: s("workspaceUuid"),
-                repository: s("repositoryUuid"),
-                repository_id: s("repositoryUuid"),
-                git_ref: branch.as_ref().map(|b| format!("refs/heads/{b}")),
-                branch,
-                environment: s("deploymentEnvironmentUuid"),
-                pipeline: s("pipelineUuid"),
-                run: s("pipelineRunUuid"),
-                step: s("stepUuid"),
-                ..CiContext::default()
-            }
-        }
-        Preset::GithubActions => {
-            let git_ref = s("ref");
-            let strip =
-                |p: &str| git_ref.as_deref().and_then(|r| r.strip_prefix(p)).map(str::to_string);
-            CiContext {
-                provider: "github",
-                workspace: s("repository_owner"),
-                workspace_id: s("repository_owner_id"),
-                repository: s("repository"),
-                repository_id: s("repository_id"),
-                branch: strip("refs/heads/"),
-                tag: strip("refs/tags/"),
-                environment: s("environment"),
-                commit: s("sha"),
-                pipeline: s("workflow_ref"),
-                run: s("run_id").map(|id| match s("run_attempt") {
-                    Some(a) => format!("{id}-{a}"),
-                    None => id,
-                }),
-                step: s("job_workflow_ref"),
-                actor: s("actor"),
-                git_ref,
-            }
-        }
-        Preset::GitlabCi => {
-            let name = s("ref");
-            let kind = s("ref_type");
-            CiContext {
-                provider: "gitlab",
-                workspace: s("namespace_path"),
-                workspace_id: s("namespace_id"),
-                repository: s("project_path"),
-                repository_id: s("project_id"),
-                branch: name.clone().filter(|_| kind.as_deref() == Some("branch")),
-                tag: name.filter(|_| kind.as_deref() == Some("tag")),
-                git_ref: s("ref_path"),
-                environment: s("environment"),
-                commit: s("sha"),
-                pipeline: s("ci_config_ref_uri"),
-                run: s("pipeline_id"),
-                step: s("job_id"),
-                actor: s("user_login"),
-            }
-        }
-    };
-    Some(ctx)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,21 +201,18 @@ mod tests {
     }
 
     #[test]
-    fn normalizes_each_provider() {
-        let gh = template(Preset::GithubActions);
-        let ci = ci_context(Preset::GithubActions, &gh).unwrap_or_default();
-        assert_eq!(ci.field("branch"), Some("main"));
-        assert_eq!(ci.field("ref"), Some("refs/heads/main"));
-        assert_eq!(ci.field("workspace_id"), Some("1"));
-        assert_eq!(ci.field("run"), Some("1-1"));
-        let gl = template(Preset::GitlabCi);
-        let ci = ci_context(Preset::GitlabCi, &gl).unwrap_or_default();
-        assert_eq!((ci.field("branch"), ci.field("tag")), (Some("main"), None));
-        assert_eq!(ci.field("ref"), Some("refs/heads/main"));
-        let bb = template(Preset::BitbucketPipelines);
-        let ci = ci_context(Preset::BitbucketPipelines, &bb).unwrap_or_default();
-        assert_eq!(ci.field("ref"), Some("refs/heads/main"));
-        assert_eq!(ci.field("repository"), ci.field("repository_id"));
-        assert!(ci_context(Preset::Oidc, &Map::new()).is_none());
+    fn templates_are_tokens_the_verifier_accepts() {
+        for preset in
+            [Preset::BitbucketPipelines, Preset::GithubActions, Preset::GitlabCi, Preset::Oidc]
+        {
+            let ci = crate::identity::ci::normalize(preset, &template(preset));
+            assert!(
+                matches!(ci, Ok(ref c) if c.is_some() == preset.is_shared()),
+                "{preset:?}: {ci:?}"
+            );
+            for name in template(preset).keys() {
+                assert!(is_known(preset, name), "{preset:?}: {name}");
+            }
+        }
     }
 }

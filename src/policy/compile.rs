@@ -641,7 +641,22 @@ impl<'a> Compiler<'a> {
                 .unwrap_or_default(),
         };
         let groups_known = i.groups_known.as_ref().is_none_or(|b| *b.get_ref());
-        let ci = claims::ci_context(preset, &claims);
+        // The verifier's own normalization, so a test sees exactly what a request would,
+        // and a claim set the verifier would reject is reported here instead.
+        let ci = match crate::identity::ci::normalize(preset, &claims) {
+            Ok(ci) => ci,
+            Err(e) => {
+                self.err(
+                    spanned.span(),
+                    format!(
+                        "test identity is not a {} token the proxy would accept: {}",
+                        preset.name(),
+                        e.detail
+                    ),
+                );
+                return None;
+            }
+        };
         Some(Identity {
             issuer: IssuerId(Arc::from(issuer.as_str())),
             subject,

@@ -31,10 +31,15 @@ fn must_parse(text: &str) -> Policy {
 // === identities ===
 
 fn identity(issuer: &str, preset: Preset, claims: Value) -> Identity {
-    let claims: Map<String, Value> = match claims {
+    let mut claims: Map<String, Value> = match claims {
         Value::Object(m) => m,
         _ => Map::new(),
     };
+    // The verifier requires each CI preset's repository id (V20); tests that do not
+    // care about it get a placeholder.
+    if let Some(required) = crate::identity::ci::required_claim(preset) {
+        claims.entry(required).or_insert_with(|| Value::String("1".into()));
+    }
     let str_claim = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_string);
     Identity {
         issuer: IssuerId(Arc::from(issuer)),
@@ -50,7 +55,7 @@ fn identity(issuer: &str, preset: Preset, claims: Value) -> Identity {
         groups_known: claims.get("_overage").is_none(),
         expires_at: u64::MAX,
         issued_at: None,
-        ci: claims::ci_context(preset, &claims),
+        ci: crate::identity::ci::normalize(preset, &claims).ok().flatten(),
         claims,
     }
 }
@@ -441,6 +446,9 @@ fn every_error_points_at_its_cause() {
         ("test: preset mismatch",
          "[[test]]\nname = \"t\"\nidentity = { issuer = \"corp\", preset = \"gitlab-ci\" }\nrequest = \"GET /\"\nexpect = \"deny\"\n",
          "p.toml:3:40: issuer `corp` has preset `oidc`, not `gitlab-ci`"),
+        ("test: a claim set the verifier would reject",
+         "[[test]]\nname = \"t\"\nidentity = { issuer = \"github\", claims = { repository_owner_id = \"1\" } }\nrequest = \"GET /\"\nexpect = \"deny\"\n",
+         "p.toml:3:12: test identity is not a github-actions token the proxy would accept: github-actions token without `repository_id`"),
         ("test: missing request",
          "[[test]]\nname = \"t\"\nidentity = { issuer = \"corp\" }\nexpect = \"deny\"\n",
          "p.toml:1:1: test is missing `request = \"METHOD /path\"` (or `database = ...`)"),
