@@ -354,20 +354,19 @@ impl Compiler<'_> {
 
         let mut seen = HashSet::new();
         let mut compiled_issuers = Vec::new();
+        // Every declared issuer goes into the catalog, even one with errors of its own,
+        // so its policies are still checked (and not drowned in "not declared" noise).
+        let mut catalog = Catalog { issuers: BTreeMap::new() };
         for (name, raw) in issuers {
             if !seen.insert(name.get_ref().clone()) {
                 self.err(name.span(), format!("duplicate issuer `{}`", name.get_ref()));
             }
+            let preset = raw.preset.as_ref().and_then(|p| Preset::parse(p.get_ref())).unwrap_or(Preset::Oidc);
+            catalog.issuers.insert(name.get_ref().clone(), preset);
             if let Some(i) = self.issuer(&name, raw) {
                 compiled_issuers.push(i);
             }
         }
-        let catalog = Catalog {
-            issuers: compiled_issuers
-                .iter()
-                .map(|i| (i.id.as_str().to_string(), i.preset))
-                .collect::<BTreeMap<_, _>>(),
-        };
 
         let mut files = vec![self.source.path.to_path_buf()];
         let mut warnings = Vec::new();

@@ -14,7 +14,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -208,7 +207,6 @@ impl Server {
         let mut tasks = tokio::task::JoinSet::new();
         let mut bound = Bound::default();
         let limit = Arc::new(Semaphore::new(max_conns));
-        let graceful = Arc::new(GracefulShutdown::new());
 
         let bind = |a: SocketAddr| async move {
             TcpListener::bind(a).await.map_err(|e| format!("cannot listen on {a}: {e}"))
@@ -222,7 +220,6 @@ impl Server {
                 state.clone(),
                 listen.trusted_proxies.clone(),
                 limit.clone(),
-                graceful.clone(),
                 shutdown_rx.clone(),
             ));
         }
@@ -236,7 +233,6 @@ impl Server {
                 state.clone(),
                 listen.trusted_proxies.clone(),
                 limit.clone(),
-                graceful.clone(),
                 shutdown_rx.clone(),
             ));
         }
@@ -248,20 +244,17 @@ impl Server {
         if watch_files {
             tasks.spawn(watch_loop(state.clone(), shutdown_rx.clone()));
         }
-        // The drain task: when shutdown is signalled, wait for in-flight connections.
+        // The drain task: when shutdown is signalled, wait until every connection has
+        // given its permit back (each holds one for its lifetime), up to the grace period.
         let mut rx = shutdown_rx.clone();
-        let g = graceful.clone();
+        let all = u32::try_from(max_conns).unwrap_or(u32::MAX);
+        let drain_limit = limit.clone();
         tasks.spawn(async move {
             stopped(&mut rx).await;
-            if let Some(g) = Arc::into_inner(g) {
-                if tokio::time::timeout(grace, g.shutdown()).await.is_err() {
-                    tracing::warn!(grace = ?grace, "shutdown grace period over; closing remaining connections");
-                }
-            } else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+            if tokio::time::timeout(grace, drain_limit.acquire_many(all)).await.is_err() {
+                tracing::warn!(grace = ?grace, "shutdown grace period over; closing remaining connections");
             }
         });
-        drop(graceful);
         Ok(Server { bound, shared, sink, state, shutdown_tx, tasks })
     }
 
@@ -390,7 +383,6 @@ async fn accept_loop(
     state: Arc<State>,
     trusted: Vec<crate::config::IpNet>,
     limit: Arc<Semaphore>,
-    graceful: Arc<GracefulShutdown>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -424,7 +416,7 @@ async fn accept_loop(
         let sink = state.sink.clone();
         let builder = builder.clone();
         let tls_cfg = if tls { (**state.tls.load()).clone() } else { None };
-        let graceful = graceful.clone();
+        let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let m = crate::metrics::global();
@@ -462,13 +454,13 @@ async fn accept_loop(
                     let conn = ConnInfo { peer, tls: Some(Arc::new(info)), trusted_peer };
                     let svc = TowerToHyperService::new(stack::service(shared, sink, conn));
                     let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    let _ = graceful.watch(c.into_owned()).await;
+                    drive(c, &mut stop).await;
                 }
                 None => {
                     let conn = ConnInfo { peer, tls: None, trusted_peer };
                     let svc = TowerToHyperService::new(stack::service(shared, sink, conn));
                     let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    let _ = graceful.watch(c.into_owned()).await;
+                    drive(c, &mut stop).await;
                 }
             }
             m.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -523,6 +515,22 @@ async fn watch_loop(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
             tracing::info!("configuration files changed; reloading");
             reload(&state).await;
             last = fingerprint(&files(&state));
+        }
+    }
+}
+
+/// Serves one connection; on shutdown it stops taking new requests (HTTP/1.1 closes
+/// after the current response, HTTP/2 sends GOAWAY) and finishes those in flight.
+async fn drive<C>(conn: C, stop: &mut watch::Receiver<bool>)
+where
+    C: std::future::Future + hyper_util::server::graceful::GracefulConnection,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stopped(stop) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         }
     }
 }

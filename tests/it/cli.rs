@@ -91,13 +91,14 @@ issuer = "nobody"
     assert_eq!(code, 2, "{err}");
     let lines: Vec<&str> = err.lines().filter(|l| l.contains(".toml:")).collect();
     for needle in [
-        "portcullis.toml:8:22",  // HS256
-        "portcullis.toml:9:10",  // leeway over the cap
-        "portcullis.toml:14:14", // bitbucket ARI audience (V23)
+        "portcullis.toml:8:24",  // HS256 is never allowed (V4)
+        "portcullis.toml:9:10",  // leeway over the cap (V19)
         "portcullis.toml:15:1",  // unknown key `audiance`
         "portcullis.toml:20:12", // bad upstream scheme
-        "portcullis.toml:25:10", // missing policy file
-        "api.toml:1:1",          // shared issuer without a pin (V22) — at the rule
+        "portcullis.toml:26:10", // missing policy file
+        "api.toml:4:10",         // shared issuer without a pin (V22)
+        "api.toml:8:10",         // unknown effect
+        "api.toml:9:10",         // undeclared issuer
     ] {
         assert!(lines.iter().any(|l| l.contains(needle)), "missing {needle} in:\n{err}");
     }
@@ -164,7 +165,7 @@ fn start_demo(dir: &Path, port: u16) -> (Killed, String) {
     while std::time::Instant::now() < deadline {
         if let Ok(s) = rx.recv_timeout(Duration::from_millis(200)) {
             seen = s;
-            if seen.lines().any(|l| l.starts_with("ready ")) && seen.contains("curl") {
+            if seen.lines().any(|l| l.starts_with("ready ")) && seen.contains("other presets") {
                 break;
             }
         }

@@ -110,7 +110,7 @@ async fn the_signed_assertion_verifies_with_the_published_key() {
 
 #[tokio::test]
 async fn large_bodies_stream_both_ways() {
-    let w = World::start().await;
+    let w = World::with(Setup { route_extra: "max_request_body = \"64MiB\"".into(), ..Setup::default() }).await;
     let t = w.token("bb", &[]);
     // 32 MiB up and back, produced lazily: the proxy never holds it whole.
     const CHUNK: usize = 64 * 1024;
@@ -176,47 +176,49 @@ async fn request_size_limit_is_enforced() {
     assert_eq!(r.status, StatusCode::OK);
 }
 
+/// Opens TLS to the proxy (HTTP/1.1 only, as WebSocket needs) and does the handshake.
+async fn ws_connect(
+    w: &World,
+    token: Option<&str>,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    tokio_tungstenite::tungstenite::Error,
+> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut tls = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(w.pki.root_store()).with_no_client_auth())
+        .unwrap_or_else(|e| panic!("{e}"));
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(w.https).await.unwrap_or_else(|e| panic!("{e}"));
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut req = format!("wss://localhost:{}/ws", w.https.port()).into_client_request()?;
+    if let Some(t) = token {
+        req.headers_mut().insert("authorization", format!("Bearer {t}").parse().unwrap_or_else(|e| panic!("{e:?}")));
+    }
+    tokio_tungstenite::client_async(req, stream).await.map(|(ws, resp)| {
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        ws
+    })
+}
+
 #[tokio::test]
 async fn websocket_is_tunnelled_after_101() {
     let w = World::start().await;
     let t = w.token("bb", &[]);
-    let tls = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(w.pki.root_store()).with_no_client_auth())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let connector = tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(tls));
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        format!("wss://localhost:{}/ws", w.https.port()),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {t}").parse().unwrap_or_else(|e| panic!("{e:?}")));
-    let (mut ws, resp) =
-        tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector))
-            .await
-            .unwrap_or_else(|e| panic!("ws connect: {e}"));
-    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
-    ws.send(tokio_tungstenite::tungstenite::Message::text("hello"))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.ok().flatten();
-    assert_eq!(
-        m.and_then(|m| m.ok()).map(|m| m.into_text().map(|t| t.to_string()).unwrap_or_default()),
-        Some("hello".to_string())
-    );
+    let mut ws = ws_connect(&w, Some(&t)).await.unwrap_or_else(|e| panic!("ws connect: {e}"));
+    for msg in ["hello", "again"] {
+        ws.send(tokio_tungstenite::tungstenite::Message::text(msg)).await.unwrap_or_else(|e| panic!("{e}"));
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.ok().flatten();
+        let text = m.and_then(|m| m.ok()).and_then(|m| m.into_text().ok()).map(|t| t.to_string());
+        assert_eq!(text.as_deref(), Some(msg));
+    }
     // Without a token the handshake is refused before reaching the upstream.
-    let req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        format!("wss://localhost:{}/ws", w.https.port()),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let tls = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(w.pki.root_store()).with_no_client_auth())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let connector = tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(tls));
-    let err = tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector))
-        .await
-        .err();
+    let err = ws_connect(&w, None).await.err();
     assert!(
         matches!(err, Some(tokio_tungstenite::tungstenite::Error::Http(ref r)) if r.status() == StatusCode::UNAUTHORIZED),
         "{err:?}"
