@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian machine, and nothing when it is
+# already there. Called by tests/run.sh (the README's test command) and so by CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_updated=0
+need_apt() { # need_apt PACKAGE... : install the Debian packages that are missing
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  if [ $apt_updated -eq 0 ]; then $sudo apt-get update -qq; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+# Node.js + npm for the real OpenID provider (oidc-provider) and the browser driver.
+command -v node >/dev/null && command -v npm >/dev/null || need_apt nodejs npm
+if [ ! -d tests/node/node_modules/oidc-provider ] || [ tests/node/package-lock.json -nt tests/node/node_modules/.package-lock.json ]; then
+  npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+fi
