@@ -184,11 +184,28 @@ where
     }
 }
 
-/// `check`: every problem at once; errors exit 2, warnings alone exit 0.
+/// `check`: every problem at once, then the policies' inline `[[test]]` cases.
+/// Exit 2 on configuration or policy errors, 1 when a test case fails, else 0
+/// (warnings alone do not fail).
 fn check(path: &std::path::Path, format: &str) -> ExitCode {
-    let (errors, warnings) = match portcullis::config::Config::load(path) {
-        Ok(c) => (Vec::new(), c.warnings),
-        Err(e) => (e.0, Vec::new()),
+    let (errors, warnings, failures) = match portcullis::config::Config::load(path) {
+        Ok(c) => {
+            let mut seen = std::collections::BTreeSet::new();
+            let mut failures = Vec::new();
+            for r in &c.routes {
+                for p in std::iter::once(&r.policy).chain(r.shadow_policy.as_ref()) {
+                    if seen.insert(p.file().to_path_buf()) {
+                        failures.extend(
+                            portcullis::policy::run_tests(p)
+                                .into_iter()
+                                .filter(|o| o.failure.is_some()),
+                        );
+                    }
+                }
+            }
+            (Vec::new(), c.warnings, failures)
+        }
+        Err(e) => (e.0, Vec::new(), Vec::new()),
     };
     if format == "json" {
         let item = |d: &portcullis::diag::Diagnostic, sev: &str| serde_json::json!({"file": d.file, "line": d.line, "col": d.col, "severity": sev, "message": d.message});
@@ -197,7 +214,17 @@ fn check(path: &std::path::Path, format: &str) -> ExitCode {
             .map(|d| item(d, "error"))
             .chain(warnings.iter().map(|d| item(d, "warning")))
             .collect();
-        println!("{}", serde_json::json!({"ok": errors.is_empty(), "problems": all}));
+        let failed: Vec<_> = failures
+            .iter()
+            .map(|o| {
+                serde_json::json!({"file": o.file, "line": o.line, "test": o.name,
+                    "failure": o.failure, "decision": o.decision})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"ok": errors.is_empty() && failures.is_empty(), "problems": all, "failed_tests": failed})
+        );
     } else {
         for d in &errors {
             eprintln!("{d}");
@@ -205,15 +232,28 @@ fn check(path: &std::path::Path, format: &str) -> ExitCode {
         for d in &warnings {
             eprintln!("{}:{}:{}: warning: {}", d.file.display(), d.line, d.col, d.message);
         }
-        if errors.is_empty() {
-            println!("{}: ok ({} warning(s))", path.display(), warnings.len());
-        } else {
+        for o in &failures {
+            eprintln!(
+                "{}:{}: test failed: {}: {}",
+                o.file.display(),
+                o.line,
+                o.name,
+                o.failure.as_deref().unwrap_or("")
+            );
+        }
+        if !errors.is_empty() {
             eprintln!("{}: {} problem(s)", path.display(), errors.len());
+        } else if !failures.is_empty() {
+            eprintln!("{}: {} policy test(s) failed", path.display(), failures.len());
+        } else {
+            println!("{}: ok ({} warning(s))", path.display(), warnings.len());
         }
     }
-    if errors.is_empty() {
-        ExitCode::SUCCESS
-    } else {
+    if !errors.is_empty() {
         ExitCode::from(2)
+    } else if !failures.is_empty() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
     }
 }

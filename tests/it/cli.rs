@@ -379,3 +379,24 @@ effect = "allow"
 issuer = "bb"
 ci = { repository = "{7f3c1e2a-5b4d-4c8e-9a1f-2d3e4f5a6b7c}", branch = ["main", "feature/*"] }
 "#;
+
+#[test]
+fn check_runs_inline_policy_tests_and_exits_1_on_a_failure() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let p = dir.path();
+    std::fs::create_dir_all(p.join("policies")).ok();
+    write(
+        &p.join("portcullis.toml"),
+        "[listen]\ninsecure_http = \"127.0.0.1:0\"\n[issuers.corp]\nissuer = \"https://idp.example.com\"\naudiences = [\"x\"]\n[[routes]]\nname = \"api\"\nupstream = \"http://127.0.0.1:1\"\npolicy = \"api\"\nmatch = {}\n",
+    );
+    let policy = "[[rule]]\nid = \"sre\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"sre\"]\n\n[[test]]\nname = \"sre may\"\nidentity = { issuer = \"corp\", claims = { sub = \"a\", groups = [\"sre\"] } }\nrequest = \"GET /\"\nexpect = \"allow\"\n";
+    write(&p.join("policies/api.toml"), policy);
+    let cfg = p.join("portcullis.toml").to_string_lossy().to_string();
+    let (code, out, err) = run(&["check", "-c", &cfg]);
+    assert_eq!(code, 0, "{out}{err}");
+    // The same case expecting the opposite fails, naming the test's file:line.
+    write(&p.join("policies/api.toml"), &policy.replace("expect = \"allow\"", "expect = \"deny\""));
+    let (code, _, err) = run(&["check", "-c", &cfg]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("api.toml:7: test failed: sre may"), "{err}");
+}
