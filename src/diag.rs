@@ -133,7 +133,7 @@ mod tests {
         assert_eq!(s.line_col(6), (2, 1));
         // 'z' comes after a two-byte character: column counts characters, not bytes.
         let z = s.text.find('z').unwrap_or(0);
-        assert_eq!(s.line_col(z), (2, 10));
+        assert_eq!(s.line_col(z), (2, 9));
         assert_eq!(s.error(Some(6..7), "bad").to_string(), "a.toml:2:1: bad");
     }
 
