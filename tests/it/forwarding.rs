@@ -290,3 +290,53 @@ policy = "api"
     let r = w.get("/close", Some(&t)).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
 }
+
+/// An HTTPS upstream with a private CA: the proxy verifies it with `upstream_ca` and
+/// negotiates HTTP/2 by ALPN.
+#[tokio::test]
+async fn https_upstreams_use_their_ca_and_alpn() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let pki =
+        portcullis::tls::DevPki::load_or_create(dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let tls =
+        portcullis::tls::server_config(pki.key_source(), vec![]).unwrap_or_else(|e| panic!("{e}"));
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let server = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(s) = acceptor.accept(s).await else { return };
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let v = format!("{:?}", req.version());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(Bytes::from(v)),
+                        ))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let routes = format!(
+        "[[routes]]\nname = \"tls-up\"\nmatch = {{ path_prefix = \"/tls\" }}\nupstream = \"https://localhost:{}\"\nupstream_ca = {:?}\npolicy = \"api\"\n\n[[routes]]\nname = \"tls-untrusted\"\nmatch = {{ path_prefix = \"/untrusted\" }}\nupstream = \"https://localhost:{}\"\npolicy = \"api\"\n",
+        addr.port(),
+        pki.ca_path().to_string_lossy(),
+        addr.port()
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    let r = w.get("/tls/x", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.text(), "HTTP/2.0");
+    // Without the CA the upstream's certificate is not trusted: 502, never a silent downgrade.
+    let r = w.get("/untrusted/x", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    server.abort();
+}
