@@ -451,7 +451,13 @@ impl Compiler<'_> {
         let mut out = Listen {
             https: l.https.as_ref().and_then(|a| self.addr(a)),
             insecure_http: l.insecure_http.as_ref().and_then(|a| self.addr(a)),
-            admin: l.admin.as_ref().and_then(|a| self.addr(a)),
+            // Loopback by default so /metrics and /readyz exist without exposing them;
+            // `admin = "off"` turns the listener off.
+            admin: match &l.admin {
+                None => Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+                Some(a) if a.get_ref() == "off" => None,
+                Some(a) => self.addr(a),
+            },
             trusted_proxies: Vec::new(),
         };
         for p in l.trusted_proxies.unwrap_or_default() {

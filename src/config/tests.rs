@@ -158,3 +158,13 @@ fn helpers() {
     );
     assert!(!is_loopback_host("example.com"));
 }
+
+#[test]
+fn the_admin_listener_defaults_to_loopback_and_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let c = compile(dir.path(), BASE).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(c.listen.admin, Some(SocketAddr::from(([127, 0, 0, 1], 9090))));
+    let off = BASE.replace("[listen]\n", "[listen]\nadmin = \"off\"\n");
+    let c = compile(dir.path(), &off).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(c.listen.admin, None);
+}

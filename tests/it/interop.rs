@@ -89,6 +89,7 @@ claims = { scope = "*api:write*" }
         r#"
 [listen]
 https = "127.0.0.1:0"
+admin = "127.0.0.1:0"
 [tls]
 cert = {cert:?}
 key = {key:?}
