@@ -340,3 +340,82 @@ async fn https_upstreams_use_their_ca_and_alpn() {
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     server.abort();
 }
+
+/// The listener picks the certificate by SNI, and the request then routes by Host.
+#[tokio::test]
+async fn sni_selects_the_certificate_and_the_route() {
+    use hyper_util::rt::TokioIo;
+    let extra = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let other =
+        portcullis::tls::DevPki::load_or_create(extra.path(), &["api.example.test".to_string()])
+            .unwrap_or_else(|e| panic!("{e}"));
+    let routes = "[[routes]]\nname = \"named\"\nmatch = { host = \"api.example.test\" }\nupstream = \"http://{echo}/named\"\npolicy = \"api\"\n";
+    let mut setup = Setup { routes: routes.into(), ..Setup::default() };
+    // [[tls.sni]] must follow [tls]; the harness puts listen_extra before [tls], so the
+    // SNI table is appended through the route text instead.
+    setup.routes.push_str(&format!(
+        "\n[[tls.sni]]\nserver_names = [\"api.example.test\"]\ncert = {:?}\nkey = {:?}\n",
+        other.cert_path().to_string_lossy(),
+        other.key_path().to_string_lossy()
+    ));
+    let w = World::with(setup).await;
+    let handshake = |name: &'static str, roots: rustls::RootCertStore| {
+        let addr = w.https;
+        async move {
+            let mut cfg = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+                .unwrap_or_else(|e| panic!("{e}"));
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("{e}"));
+            let sn = rustls_pki_types::ServerName::try_from(name).unwrap_or_else(|e| panic!("{e}"));
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(sn, tcp).await
+        }
+    };
+    // The default certificate does not cover api.example.test; the SNI one does.
+    assert!(
+        handshake("api.example.test", w.pki.root_store()).await.is_err(),
+        "default cert is not served for the SNI name"
+    );
+    let tls = handshake("api.example.test", other.root_store())
+        .await
+        .unwrap_or_else(|e| panic!("SNI cert: {e}"));
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(conn);
+    let req = http::Request::get("/x")
+        .header("host", "api.example.test")
+        .header("authorization", format!("Bearer {}", w.token("bb", &[])))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = send.send_request(req).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    assert_eq!(v["path"], "/named/x", "routed by Host to the named route");
+}
+
+/// Forwarded headers from a configured trusted proxy are kept and appended to.
+#[tokio::test]
+async fn trusted_proxies_keep_their_forwarded_headers() {
+    let w = World::with(Setup {
+        listen_extra: "trusted_proxies = [\"127.0.0.0/8\"]".into(),
+        ..Setup::default()
+    })
+    .await;
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let r = w
+        .send(
+            Method::GET,
+            "/x",
+            &[
+                ("authorization", &auth),
+                ("x-forwarded-for", "203.0.113.7"),
+                ("x-forwarded-proto", "https"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.upstream_header("x-forwarded-for").as_deref(), Some("203.0.113.7, 127.0.0.1"));
+}
