@@ -269,6 +269,7 @@ pub async fn handle(
         Err(_) => return rejection(out, Reason::BadRequest, "cannot build the upstream URI", &rid),
     };
 
+    let authority_header = req.uri().authority().map(|a| a.as_str().to_string());
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
     headers::strip_hop_by_hop(h, websocket);
@@ -280,6 +281,11 @@ pub async fn handle(
     headers::set_forwarded(h, conn.peer.ip(), conn.trusted_peer, conn.proto(), &host);
     if !route.preserve_host {
         if let Ok(v) = HeaderValue::from_str(route.upstream.authority.as_str()) {
+            h.insert(header::HOST, v);
+        }
+    } else if !h.contains_key(header::HOST) {
+        // An HTTP/2 client sends `:authority`, not Host: carry it over.
+        if let Some(v) = authority_header.and_then(|a| HeaderValue::from_str(&a).ok()) {
             h.insert(header::HOST, v);
         }
     }

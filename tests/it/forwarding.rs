@@ -419,3 +419,17 @@ async fn trusted_proxies_keep_their_forwarded_headers() {
         .await;
     assert_eq!(r.upstream_header("x-forwarded-for").as_deref(), Some("203.0.113.7, 127.0.0.1"));
 }
+
+#[tokio::test]
+async fn preserve_host_forwards_the_clients_authority_for_http1_and_http2() {
+    let w =
+        World::with(Setup { route_extra: "preserve_host = true".into(), ..Setup::default() }).await;
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let want = format!("localhost:{}", w.https.port());
+    let r = w.send(Method::GET, "/x", &[("authorization", &auth)], Bytes::new()).await;
+    assert_eq!(r.upstream_header("host"), Some(want.clone()));
+    let c = client(&w.pki, true);
+    let r =
+        send_with(&c, Method::GET, &w.url("/x"), &[("authorization", &auth)], Bytes::new()).await;
+    assert_eq!(r.upstream_header("host"), Some(want));
+}
