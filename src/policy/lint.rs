@@ -311,6 +311,13 @@ fn shadowed(out: &mut Lints<'_>, allow: &Rule, rules: &[Rule]) {
     );
 }
 
+/// Conservatively: whether every (identity, request) that `narrow` matches also
+/// matches `broad` (used by `policy diff` to tell a narrowed rule from a widened one).
+/// `false` means "not provably", never "provably not".
+pub fn rule_covers(broad: &Rule, narrow: &Rule) -> bool {
+    covers(broad, narrow)
+}
+
 /// Conservatively: whether every (identity, request) that `allow` matches also
 /// matches `deny`. False negatives are fine (no lint); false positives are not.
 fn covers(deny: &Rule, allow: &Rule) -> bool {
