@@ -80,18 +80,19 @@ impl RuleSummary {
     pub fn who_phrase(&self) -> String {
         let issuers = join_or(&self.issuers);
         if self.who.is_empty() {
-            format!("any token of {issuers}")
+            format!("all {issuers}")
         } else {
             format!("{issuers} whose {}", self.who.join(" and "))
         }
     }
 
-    /// "what" in one phrase: `POST on paths matching `/deploy/*``, or `any request`.
+    /// "what" in one phrase: `` `POST` requests to paths matching `/deploy/*` ``, or
+    /// `any request`.
     pub fn what_phrase(&self) -> String {
-        if self.what.is_empty() {
-            "any request".to_string()
-        } else {
-            self.what.join(", ")
+        match self.what.first() {
+            None => "any request".to_string(),
+            Some(first) if first.ends_with("requests") => self.what.join(" "),
+            Some(_) => format!("requests {}", self.what.join(" ")),
         }
     }
 }
@@ -149,13 +150,15 @@ impl Condition {
                 format!("claim `{name}` {}", join_or(&v))
             }
             Matcher::Ci { field, globs: g } => format!("CI {field} {}", globs(g)),
+            // Request conditions read as one phrase when joined with spaces:
+            // "`POST` requests to paths matching `/deploy/*`".
             Matcher::Methods(m) => {
-                let v: Vec<String> = m.iter().map(|m| m.as_str().to_string()).collect();
-                format!("methods {}", v.join(", "))
+                let v: Vec<String> = m.iter().map(|m| format!("`{m}`")).collect();
+                format!("{} requests", join_or(&v))
             }
-            Matcher::Paths(g) => format!("path {}", globs(g)),
-            Matcher::Databases(g) => format!("database {}", globs(g)),
-            Matcher::Roles(g) => format!("database role {}", globs(g)),
+            Matcher::Paths(g) => format!("to paths {}", plural(g)),
+            Matcher::Databases(g) => format!("to databases {}", plural(g)),
+            Matcher::Roles(g) => format!("as roles {}", plural(g)),
         }
     }
 }
@@ -176,6 +179,13 @@ fn glob_word(g: &Glob) -> String {
     } else {
         format!("matches `{}`", g.as_str())
     }
+}
+
+/// `matching `/a/*` or `/b``, for several things.
+fn plural(g: &[Glob]) -> String {
+    let v: Vec<String> = g.iter().map(|g| format!("`{}`", g.as_str())).collect();
+    let exact = g.iter().all(Glob::is_literal);
+    format!("{} {}", if exact { "named" } else { "matching" }, join_or(&v))
 }
 
 fn globs(g: &[Glob]) -> String {
