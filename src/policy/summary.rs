@@ -73,6 +73,22 @@ impl Rule {
     }
 }
 
+impl super::Policy {
+    /// Whether two policies grant exactly the same access to every caller: the same
+    /// rules, effects and conditions in the same order. Ids, descriptions, comments,
+    /// `[[test]]`s and layout may differ. The reload audit event lists the routes
+    /// for which this is false.
+    pub fn same_access(&self, other: &super::Policy) -> bool {
+        let shape = |r: &Rule| {
+            let mut c: Vec<String> = r.conditions().map(Condition::to_string).collect();
+            c.sort();
+            (r.effect(), c, r.upstream_role().map(str::to_string))
+        };
+        self.rules().len() == other.rules().len()
+            && self.rules().iter().zip(other.rules()).all(|(a, b)| shape(a) == shape(b))
+    }
+}
+
 // === impl RuleSummary ===
 
 impl RuleSummary {
