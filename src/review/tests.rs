@@ -615,3 +615,30 @@ fn diff_follows_real_commits() {
     });
     assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
 }
+
+#[test]
+fn every_matcher_example_in_the_reference_compiles() {
+    let readme = include_str!("../../policies/README.md");
+    let start = readme.find("### Every matcher, by example").unwrap_or(0);
+    let end = readme[start..].find("### `claims`").map_or(readme.len(), |e| start + e);
+    let mut catalog = Catalog::default();
+    for (name, preset) in [
+        ("corp", crate::identity::Preset::Oidc),
+        ("bitbucket", crate::identity::Preset::BitbucketPipelines),
+        ("github", crate::identity::Preset::GithubActions),
+        ("gitlab", crate::identity::Preset::GitlabCi),
+    ] {
+        catalog.issuers.insert(name.into(), preset);
+    }
+    let blocks: Vec<&str> = readme[start..end]
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .collect();
+    assert!(blocks.len() >= 11, "one example per matcher: {}", blocks.len());
+    for b in blocks {
+        if let Err(d) = Policy::parse(&Source::new("README.md", b), &catalog) {
+            panic!("{b}\n{:?}", d.into_sorted());
+        }
+    }
+}
