@@ -361,11 +361,7 @@ impl Compiler<'_> {
             if !seen.insert(name.get_ref().clone()) {
                 self.err(name.span(), format!("duplicate issuer `{}`", name.get_ref()));
             }
-            let preset = raw
-                .preset
-                .as_ref()
-                .and_then(|p| Preset::parse(p.get_ref()))
-                .unwrap_or(Preset::Oidc);
+            let preset = raw.preset.as_ref().and_then(|p| Preset::parse(p.get_ref())).unwrap_or(Preset::Oidc);
             catalog.issuers.insert(name.get_ref().clone(), preset);
             if let Some(i) = self.issuer(&name, raw) {
                 compiled_issuers.push(i);
@@ -517,7 +513,11 @@ impl Compiler<'_> {
     fn assertion(&mut self, a: raw::Assertion) -> AssertionSettings {
         AssertionSettings {
             issuer: a.issuer.map_or_else(|| "portcullis".to_string(), |s| s.into_inner()),
-            ttl: a.ttl.as_ref().and_then(|d| self.duration(d)).unwrap_or(Duration::from_secs(60)),
+            ttl: a
+                .ttl
+                .as_ref()
+                .and_then(|d| self.duration(d))
+                .unwrap_or(Duration::from_secs(60)),
             key_file: a.key.as_ref().map(|k| self.existing_file(k)),
         }
     }
@@ -557,9 +557,7 @@ impl Compiler<'_> {
             if a.get_ref().trim().is_empty() {
                 self.err(a.span(), "empty audience");
             }
-            if preset == Preset::BitbucketPipelines
-                && a.get_ref().starts_with("ari:cloud:bitbucket::")
-            {
+            if preset == Preset::BitbucketPipelines && a.get_ref().starts_with("ari:cloud:bitbucket::") {
                 self.err(
                     a.span(),
                     "the Bitbucket workspace ARI is shared by every OIDC consumer in the workspace; \
@@ -593,8 +591,7 @@ impl Compiler<'_> {
                 }
             }
         }
-        let leeway =
-            r.leeway.as_ref().and_then(|d| self.duration(d)).unwrap_or(Duration::from_secs(60));
+        let leeway = r.leeway.as_ref().and_then(|d| self.duration(d)).unwrap_or(Duration::from_secs(60));
         if leeway > MAX_LEEWAY {
             if let Some(l) = &r.leeway {
                 self.err(l.span(), "`leeway` is capped at 300s (V19)");
@@ -607,10 +604,7 @@ impl Compiler<'_> {
                 "pipeline" => PrincipalKind::Pipeline,
                 "service" => PrincipalKind::Service,
                 other => {
-                    self.err(
-                        k.span(),
-                        format!("unknown kind `{other}`, expected human, pipeline or service"),
-                    );
+                    self.err(k.span(), format!("unknown kind `{other}`, expected human, pipeline or service"));
                     preset.default_kind()
                 }
             },
@@ -621,10 +615,7 @@ impl Compiler<'_> {
                 "id" => TokenType::Id,
                 "access" => TokenType::Access,
                 other => {
-                    self.err(
-                        t.span(),
-                        format!("unknown token_type `{other}`, expected id or access"),
-                    );
+                    self.err(t.span(), format!("unknown token_type `{other}`, expected id or access"));
                     TokenType::Id
                 }
             },
@@ -689,8 +680,7 @@ impl Compiler<'_> {
     ) -> Option<RouteSettings> {
         let start = self.diags.len();
         let name = r.name.get_ref().clone();
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             self.err(r.name.span(), "route names use letters, digits, `-`, `_` and `.`");
         }
         let host = match &r.matcher.host {
@@ -717,10 +707,7 @@ impl Compiler<'_> {
             Some(p) => {
                 let v = p.get_ref();
                 if !v.starts_with('/') || v.contains("..") || v.contains('%') || v.contains('*') {
-                    self.err(
-                        p.span(),
-                        "`path_prefix` is a literal path starting with `/` (no `..`, `%`, `*`)",
-                    );
+                    self.err(p.span(), "`path_prefix` is a literal path starting with `/` (no `..`, `%`, `*`)");
                 }
                 v.clone()
             }
@@ -729,14 +716,9 @@ impl Compiler<'_> {
             ms.get_ref()
                 .iter()
                 .filter_map(|m| match Method::from_bytes(m.get_ref().as_bytes()) {
-                    Ok(method) if m.get_ref().chars().all(|c| c.is_ascii_uppercase()) => {
-                        Some(method)
-                    }
+                    Ok(method) if m.get_ref().chars().all(|c| c.is_ascii_uppercase()) => Some(method),
                     _ => {
-                        self.err(
-                            m.span(),
-                            format!("`{}` is not an HTTP method (upper case)", m.get_ref()),
-                        );
+                        self.err(m.span(), format!("`{}` is not an HTTP method (upper case)", m.get_ref()));
                         None
                     }
                 })
@@ -744,17 +726,12 @@ impl Compiler<'_> {
         });
         let upstream = self.upstream(&r.upstream, r.upstream_ca.as_ref());
         let policy = self.policy(&r.policy, policy_dir, catalog, policies, warnings);
-        let shadow_policy = r
-            .shadow_policy
-            .as_ref()
-            .map(|s| self.policy(s, policy_dir, catalog, policies, warnings));
+        let shadow_policy =
+            r.shadow_policy.as_ref().map(|s| self.policy(s, policy_dir, catalog, policies, warnings));
         let max_request_body = match &r.max_request_body {
             None => DEFAULT_BODY_LIMIT,
             Some(v) => parse_size(v.get_ref()).unwrap_or_else(|| {
-                self.err(
-                    v.span(),
-                    "`max_request_body` is bytes (integer) or a size like \"10MiB\"",
-                );
+                self.err(v.span(), "`max_request_body` is bytes (integer) or a size like \"10MiB\"");
                 DEFAULT_BODY_LIMIT
             }),
         };
@@ -778,11 +755,7 @@ impl Compiler<'_> {
                 None => None,
             },
             forward_token: r.forward_token.unwrap_or(false),
-            timeout: r
-                .timeout
-                .as_ref()
-                .and_then(|d| self.duration(d))
-                .unwrap_or(Duration::from_secs(30)),
+            timeout: r.timeout.as_ref().and_then(|d| self.duration(d)).unwrap_or(Duration::from_secs(30)),
             connect_timeout: r
                 .connect_timeout
                 .as_ref()

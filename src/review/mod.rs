@@ -8,7 +8,7 @@
 //! request line, a git revision that does not exist).
 //!
 //! - [`snapshot`]: routes and compiled policies, from the working tree or a git revision.
-//! - [`test`]: `policy test`, the `[[test]]` cases of every policy plus extra test files.
+//! - [`test`](mod@test): `policy test`, the `[[test]]` cases of every policy plus extra test files.
 //! - [`explain`]: `policy explain`, one caller and one request, every rule's fate.
 //! - [`who`]: `policy who`, who can reach a route, in words.
 //! - [`diff`]: `policy diff`, access gained and lost between two git revisions.
