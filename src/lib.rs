@@ -33,6 +33,7 @@ pub mod identity;
 pub mod metrics;
 pub mod policy;
 pub mod reason;
+pub mod review;
 pub mod server;
 pub mod tls;
 pub mod util;

@@ -35,11 +35,89 @@ enum Command {
         #[arg(long, value_parser = ["text", "json"], default_value = "text")]
         format: String,
     },
+    /// Review policies: run their tests, explain a decision, list who can reach a
+    /// route, compare access between git revisions.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Start a complete local set-up: dev issuer, echo upstream and the proxy.
     Demo(DemoArgs),
     /// Development helpers.
     #[command(subcommand)]
     Dev(DevCommand),
+}
+
+/// `portcullis policy ...`: thin wrappers around `portcullis::review`.
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Run every [[test]] case of the policies (and of extra test files).
+    Test {
+        #[arg(short, long, default_value = "portcullis.toml")]
+        config: PathBuf,
+        /// A directory of extra test files; `NAME.toml` tests the policy (or route) NAME.
+        #[arg(long = "tests")]
+        tests: Vec<PathBuf>,
+        /// List passing cases too.
+        #[arg(short, long)]
+        verbose: bool,
+        #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+        format: String,
+    },
+    /// Explain the decision for one caller and one request, rule by rule.
+    Explain {
+        #[arg(short, long, default_value = "portcullis.toml")]
+        config: PathBuf,
+        /// A JWT (decoded; verified when the issuer is reachable). Never printed.
+        #[arg(long, group = "caller", env = "PORTCULLIS_EXPLAIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// A JSON file of claims.
+        #[arg(long, group = "caller")]
+        claims: Option<PathBuf>,
+        /// A `dev token` preset: bitbucket-pipelines | github-actions | gitlab-ci | human.
+        #[arg(long, group = "caller")]
+        preset: Option<String>,
+        /// Override a preset claim: key=value (string) or key:=json (typed).
+        #[arg(long = "claim", requires = "preset")]
+        claim: Vec<String>,
+        /// The configured issuer name, when the token's `iss` or the preset is ambiguous.
+        #[arg(long)]
+        issuer: Option<String>,
+        /// "METHOD https://host/path".
+        #[arg(long)]
+        request: String,
+        /// Explain the token's claims without checking its signature.
+        #[arg(long)]
+        no_verify: bool,
+        /// Exit 1 unless the decision is this.
+        #[arg(long, value_parser = ["allow", "deny"])]
+        expect: Option<String>,
+        #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+        format: String,
+    },
+    /// Who can reach a route (or the route of a request), in plain words.
+    Who {
+        #[arg(short, long, default_value = "portcullis.toml")]
+        config: PathBuf,
+        #[arg(long, conflicts_with = "request")]
+        route: Option<String>,
+        /// "METHOD https://host/path": only the rules that apply to this request.
+        #[arg(long)]
+        request: Option<String>,
+        #[arg(long, value_parser = ["text", "json", "markdown"], default_value = "text")]
+        format: String,
+    },
+    /// Access gained and lost between two git revisions (default: merge-base with the
+    /// default branch vs the working tree).
+    Diff {
+        from: Option<String>,
+        to: Option<String>,
+        #[arg(short, long, default_value = "portcullis.toml")]
+        config: PathBuf,
+        /// A directory of extra test files, read at each revision.
+        #[arg(long = "tests")]
+        tests: Vec<PathBuf>,
+        #[arg(long, value_parser = ["text", "json", "markdown"], default_value = "text")]
+        format: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -118,6 +196,7 @@ fn main() -> ExitCode {
                 server.run_until_signalled().await
             })
         }
+        Command::Policy(cmd) => policy(cmd),
         Command::Demo(a) => {
             let opts = portcullis::dev::demo::DemoOptions {
                 listen: a.listen,
@@ -256,4 +335,75 @@ fn check(path: &std::path::Path, format: &str) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// `policy ...`: parse flags, call the library, print its report, exit with its code.
+fn policy(cmd: PolicyCommand) -> ExitCode {
+    use portcullis::review::{self, Format};
+    let fmt = |f: &str| f.parse::<Format>().unwrap_or(Format::Text);
+    let report = match cmd {
+        PolicyCommand::Test { config, tests, verbose, format } => {
+            review::test::run(&review::test::TestArgs {
+                config,
+                tests,
+                format: fmt(&format),
+                verbose,
+            })
+        }
+        PolicyCommand::Explain {
+            config,
+            token,
+            claims,
+            preset,
+            claim,
+            issuer,
+            request,
+            no_verify,
+            expect,
+            format,
+        } => {
+            use review::explain::{Caller, ExplainArgs};
+            let caller = match (token, claims, preset) {
+                (Some(t), _, _) => Caller::Token(t),
+                (_, Some(c), _) => Caller::Claims(c),
+                (_, _, Some(name)) => Caller::Preset { name, overrides: claim },
+                _ => {
+                    eprintln!("error: give the caller as --token, --claims or --preset");
+                    return ExitCode::from(review::EXIT_BAD_INPUT);
+                }
+            };
+            let expect = expect.map(|e| {
+                if e == "allow" {
+                    portcullis::policy::Effect::Allow
+                } else {
+                    portcullis::policy::Effect::Deny
+                }
+            });
+            review::explain::run(&ExplainArgs {
+                config,
+                caller,
+                issuer,
+                request,
+                no_verify,
+                expect,
+                format: fmt(&format),
+                verify_timeout: std::time::Duration::from_secs(5),
+            })
+        }
+        PolicyCommand::Who { config, route, request, format } => {
+            review::who::run(&review::who::WhoArgs { config, route, request, format: fmt(&format) })
+        }
+        PolicyCommand::Diff { from, to, config, tests, format } => {
+            review::diff::run(&review::diff::DiffArgs {
+                config,
+                from,
+                to,
+                tests,
+                format: fmt(&format),
+            })
+        }
+    };
+    print!("{}", report.stdout);
+    eprint!("{}", report.stderr);
+    ExitCode::from(report.code)
 }

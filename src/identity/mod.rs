@@ -18,7 +18,7 @@ mod token;
 pub mod verify;
 
 pub use token::{MAX_KID_LEN, MAX_TOKEN_LEN};
-pub use verify::{extract_bearer, CredentialSource, Verifier, MAX_LEEWAY};
+pub use verify::{extract_bearer, unverified_identity, CredentialSource, Verifier, MAX_LEEWAY};
 
 /// The configured name of an issuer (`[issuers.NAME]`), not its URL.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

@@ -7,6 +7,7 @@
 //! | claim name the issuer's preset never emits | error |
 //! | contradictory conditions (HTTP + database, branch + tag, `ci` on a human issuer, ...) | error |
 //! | allow shadowed by a broader deny (deny wins, so it can never decide) | warning |
+//! | allow covered by an earlier allow (the earlier one always decides) | warning |
 //! | deploy-style allow on a CI issuer without a branch/ref/environment restriction | warning |
 
 use std::fmt;
@@ -81,6 +82,7 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
             unpinned(&mut out, rule, &presets);
             deploy_without_ref(&mut out, rule, &presets);
             shadowed(&mut out, rule, rules);
+            redundant(&mut out, rule, rules);
         }
     }
     out.items.sort_by_key(|l| (l.diagnostic.line, l.diagnostic.col));
@@ -309,6 +311,35 @@ fn shadowed(out: &mut Lints<'_>, allow: &Rule, rules: &[Rule]) {
             deny.line()
         ),
     );
+}
+
+/// An allow that an earlier allow fully covers never decides anything either: the
+/// first matching allow decides, and it is always the earlier one. Usually a rule
+/// left behind after a broader one was added, and a reviewer reading the later rule
+/// would think it is what grants the access.
+fn redundant(out: &mut Lints<'_>, allow: &Rule, rules: &[Rule]) {
+    let earlier = rules.iter().take_while(|r| !std::ptr::eq(*r, allow));
+    let Some(first) = earlier.filter(|r| r.effect == Effect::Allow).find(|r| covers(r, allow))
+    else {
+        return;
+    };
+    out.push(
+        Severity::Warning,
+        allow.id_at,
+        format!(
+            "allow rule `{}` never decides: the earlier allow rule `{}` (line {}) matches every request it does",
+            allow.id(),
+            first.id(),
+            first.line()
+        ),
+    );
+}
+
+/// Conservatively: whether every (identity, request) that `narrow` matches also
+/// matches `broad` (used by `policy diff` to tell a narrowed rule from a widened one).
+/// `false` means "not provably", never "provably not".
+pub fn rule_covers(broad: &Rule, narrow: &Rule) -> bool {
+    covers(broad, narrow)
 }
 
 /// Conservatively: whether every (identity, request) that `allow` matches also

@@ -33,13 +33,15 @@ mod glob;
 mod lint;
 pub mod raw;
 mod rule;
+mod summary;
 mod testcase;
 
 pub use explain::{Explanation, RuleTrace, TraceOutcome};
 pub use glob::{Glob, GlobError};
-pub use lint::{lint, Lint, Severity};
+pub use lint::{lint, rule_covers, Lint, Severity};
 pub use rule::{Condition, Effect, Loc, Rule};
-pub use testcase::{run_tests, TestCase, TestOutcome, TestRequest};
+pub use summary::RuleSummary;
+pub use testcase::{run_cases, run_tests, TestCase, TestOutcome, TestRequest};
 
 use rule::Outcome;
 
@@ -139,6 +141,36 @@ impl Policy {
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(digest.as_ref());
         Ok(Policy { name, file: source.path.clone(), sha256, rules, tests, warnings })
+    }
+
+    /// Compiles a file of `[[test]]` cases kept apart from the policy (a security
+    /// team's own expectations) against `policy`: `rule = ...` must name one of its
+    /// rules, and the file may hold no `[[rule]]` of its own.
+    pub fn parse_tests(
+        &self,
+        source: &Source,
+        catalog: &Catalog,
+    ) -> Result<Vec<TestCase>, Diagnostics> {
+        let mut diags = Diagnostics::default();
+        let doc = raw::parse(source, &mut diags);
+        for r in &doc.rules {
+            diags.push(source.error(
+                Some(r.span()),
+                format!(
+                    "a test file holds only `[[test]]`; rules belong in the policy `{}`",
+                    self.file.display()
+                ),
+            ));
+        }
+        let ids: Vec<&str> = self.rules.iter().map(Rule::id).collect();
+        let mut compiler = compile::Compiler::new(source, catalog);
+        let tests = compiler.tests(&doc.tests, &ids);
+        diags.extend(compiler.diags);
+        if diags.is_empty() {
+            Ok(tests)
+        } else {
+            Err(diags)
+        }
     }
 
     /// The decision for one request. The hot path: no allocation beyond an `Arc` clone.

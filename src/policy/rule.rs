@@ -133,6 +133,12 @@ impl Rule {
         self.conditions().nth(index)
     }
 
+    /// Whether the rule's request conditions (`methods`, `paths`, `databases`,
+    /// `roles`) admit `request`, whoever asks: `policy who --request`.
+    pub fn admits_request(&self, request: &RequestFacts<'_>) -> bool {
+        self.conditions().all(|c| c.matcher.matches_request(request))
+    }
+
     pub(crate) fn outcome(&self, identity: &Identity, request: &RequestFacts<'_>) -> Outcome {
         for (i, c) in self.conditions.iter().enumerate() {
             if !c.matcher.matches(identity, request) {
@@ -259,6 +265,15 @@ impl Matcher {
                 .as_ref()
                 .and_then(|c| c.field(field))
                 .is_some_and(|v| any_glob(globs, v)),
+            Matcher::Methods(_) | Matcher::Paths(_) | Matcher::Databases(_) | Matcher::Roles(_) => {
+                self.matches_request(request)
+            }
+        }
+    }
+
+    /// Request conditions only; any identity condition holds here.
+    fn matches_request(&self, request: &RequestFacts<'_>) -> bool {
+        match self {
             // HTTP conditions never match a database request, and the reverse: a rule
             // written for one protocol must not leak onto the other.
             Matcher::Methods(methods) => {
@@ -267,6 +282,7 @@ impl Matcher {
             Matcher::Paths(globs) => !request.is_database() && any_glob(globs, request.path),
             Matcher::Databases(globs) => request.database.is_some_and(|d| any_glob(globs, d)),
             Matcher::Roles(globs) => request.role.is_some_and(|r| any_glob(globs, r)),
+            _ => true,
         }
     }
 }

@@ -96,8 +96,13 @@ impl fmt::Display for TestOutcome {
 
 /// Runs every `[[test]]` of a policy, in file order.
 pub fn run_tests(policy: &Policy) -> Vec<TestOutcome> {
-    policy
-        .tests()
+    run_cases(policy, policy.file_arc(), policy.tests())
+}
+
+/// Runs `cases`, written in `file`, against `policy` (a separate test file, or the
+/// tests of another revision in `policy diff`).
+pub fn run_cases(policy: &Policy, file: &Arc<Path>, cases: &[TestCase]) -> Vec<TestOutcome> {
+    cases
         .iter()
         .map(|t| {
             let decision = policy.evaluate(&t.identity, &t.request.facts());
@@ -129,7 +134,7 @@ pub fn run_tests(policy: &Policy) -> Vec<TestOutcome> {
             };
             TestOutcome {
                 name: t.name.clone(),
-                file: Arc::from(policy.file()),
+                file: file.clone(),
                 line: t.line,
                 decision,
                 failure,

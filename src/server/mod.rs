@@ -347,7 +347,7 @@ async fn reload(state: &State) -> bool {
         .iter()
         .filter(|r| {
             old.config.routes.iter().find(|o| o.name == r.name).is_none_or(|o| {
-                o.policy.content_hash() != r.policy.content_hash()
+                !o.policy.same_access(&r.policy)
                     || o.host != r.host
                     || o.path_prefix != r.path_prefix
                     || o.methods != r.methods

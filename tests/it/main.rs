@@ -9,6 +9,8 @@
 //!   WebSocket, HTTP/2 both sides, timeouts, upstream failures, size limits.
 //! - `lifecycle`: reload (good, bad, via file watcher), graceful drain, readiness, metrics.
 //! - `cli`: the real binary: `check` diagnostics, and the README's demo flow.
+//! - `review`: shadow policies through the proxy, policy revisions in audit events,
+//!   and `portcullis policy test/explain/who/diff` as a pipeline runs them.
 //! - `interop`: a real OpenID provider (npm `oidc-provider`) issuing JWT access tokens,
 //!   key rotation included.
 
@@ -18,4 +20,5 @@ mod forwarding;
 mod interop;
 mod lifecycle;
 mod proxy;
+mod review;
 mod support;

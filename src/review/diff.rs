@@ -1,0 +1,462 @@
+//! `portcullis policy diff [FROM [TO]] -c FILE`: the access a change adds and removes.
+//!
+//! Both sides are read from git (`git show REV:path`; the working tree when `TO` is
+//! omitted), never checked out. Routes are matched by name (so a renamed policy file
+//! is still the same route) and rules by id. For each route the output lists the
+//! access gained and lost as `who` summaries, and every `[[test]]` case (of either
+//! side) whose decision flips between the two sides.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::json;
+
+use super::git;
+use super::snapshot::{RouteView, Snapshot, TestSet, Tree};
+use super::who::bullet;
+use super::{Format, Report, EXIT_OK};
+use crate::policy::{rule_covers, Decision, Effect, Policy, Rule, RuleSummary, TestCase};
+
+#[derive(Debug, Clone)]
+pub struct DiffArgs {
+    pub config: PathBuf,
+    /// Default: the merge-base of `HEAD` with the default branch.
+    pub from: Option<String>,
+    /// Default: the working tree.
+    pub to: Option<String>,
+    /// Directories of extra test files, read at each side.
+    pub tests: Vec<PathBuf>,
+    pub format: Format,
+}
+
+/// Whether a change gives access or takes it away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Access {
+    Gained,
+    Lost,
+    /// A rule changed in a way that may both add and remove access.
+    Changed,
+}
+
+/// One rule that differs.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleChange {
+    pub access: Access,
+    /// `added`, `removed`, `narrowed`, `widened`, `changed`, `effect-changed`.
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub before: Option<RuleSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<RuleSummary>,
+}
+
+/// A test whose decision differs between the two sides.
+#[derive(Debug, Clone, Serialize)]
+pub struct Flip {
+    pub name: String,
+    /// Where the case is written (on the side it was taken from).
+    pub file: Arc<Path>,
+    pub line: u32,
+    pub request: String,
+    pub caller: String,
+    pub before: Decision,
+    pub after: Decision,
+}
+
+/// Everything that changed for one route.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteDiff {
+    pub route: String,
+    /// `added`, `removed` or `changed`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_before: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_after: Option<PathBuf>,
+    /// Host, prefix or method filter of the route changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub match_changed: Option<(String, String)>,
+    pub rules: Vec<RuleChange>,
+    pub flipped_tests: Vec<Flip>,
+}
+
+/// The whole comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyDiff {
+    pub from: String,
+    pub to: String,
+    pub routes: Vec<RouteDiff>,
+}
+
+pub fn run(args: &DiffArgs) -> Report {
+    match compute(args) {
+        Ok(d) => Report::new(EXIT_OK, render(&d, args.format)),
+        Err(p) => Report::bad_input(args.format, &p),
+    }
+}
+
+/// Reads both sides and compares them.
+pub fn compute(args: &DiffArgs) -> Result<PolicyDiff, Vec<String>> {
+    let one = |e: String| vec![e];
+    let config_dir = match args.config.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let root = git::toplevel(&config_dir).map_err(one)?;
+    let root = std::fs::canonicalize(&root).unwrap_or(root);
+    let rel = |p: &Path| -> Result<PathBuf, Vec<String>> {
+        let abs = absolute(p);
+        abs.strip_prefix(&root).map(Path::to_path_buf).map_err(|_| {
+            vec![format!("{} is outside the repository {}", p.display(), root.display())]
+        })
+    };
+    let config = rel(&args.config)?;
+    let tests: Vec<PathBuf> = args.tests.iter().map(|d| rel(d)).collect::<Result<_, _>>()?;
+    let from = match &args.from {
+        Some(r) => r.clone(),
+        None => git::default_base(&root).map_err(one)?,
+    };
+    let side = |rev: Option<&String>| -> Result<(Snapshot, Vec<TestSet>), Vec<String>> {
+        let tree = Tree { root: root.clone(), rev: rev.cloned() };
+        let label = match rev {
+            Some(r) => git::short(&root, r).map_err(one)?,
+            None => "working tree".to_string(),
+        };
+        let snap = Snapshot::load(&tree, &config, label)?;
+        let sets = snap.test_sets(&tree, &tests)?;
+        Ok((snap, sets))
+    };
+    let (old, old_tests) = side(Some(&from))?;
+    let (new, new_tests) = side(args.to.as_ref())?;
+    Ok(compare(&old, &old_tests, &new, &new_tests))
+}
+
+/// The comparison itself, on two loaded snapshots.
+pub fn compare(
+    old: &Snapshot,
+    old_tests: &[TestSet],
+    new: &Snapshot,
+    new_tests: &[TestSet],
+) -> PolicyDiff {
+    let mut routes = Vec::new();
+    let mut names: Vec<&str> = new.routes.iter().map(|r| r.name.as_str()).collect();
+    names.extend(old.routes.iter().map(|r| r.name.as_str()).filter(|n| new.route(n).is_none()));
+    for name in names {
+        let d = match (old.route(name), new.route(name)) {
+            (None, Some(n)) => RouteDiff {
+                route: name.into(),
+                status: "added",
+                policy_before: None,
+                policy_after: Some(n.policy.file().to_path_buf()),
+                match_changed: None,
+                rules: rule_changes(None, Some(&n.policy), old, new),
+                flipped_tests: Vec::new(),
+            },
+            (Some(o), None) => RouteDiff {
+                route: name.into(),
+                status: "removed",
+                policy_before: Some(o.policy.file().to_path_buf()),
+                policy_after: None,
+                match_changed: None,
+                rules: rule_changes(Some(&o.policy), None, old, new),
+                flipped_tests: Vec::new(),
+            },
+            (Some(o), Some(n)) => {
+                let rules = rule_changes(Some(&o.policy), Some(&n.policy), old, new);
+                let flipped_tests = flips(name, o, n, old_tests, new_tests);
+                let match_changed =
+                    (o.describe() != n.describe()).then(|| (o.describe(), n.describe()));
+                let renamed = o.policy.file() != n.policy.file();
+                if rules.is_empty()
+                    && flipped_tests.is_empty()
+                    && match_changed.is_none()
+                    && !renamed
+                {
+                    continue;
+                }
+                RouteDiff {
+                    route: name.into(),
+                    status: "changed",
+                    policy_before: Some(o.policy.file().to_path_buf()),
+                    policy_after: Some(n.policy.file().to_path_buf()),
+                    match_changed,
+                    rules,
+                    flipped_tests,
+                }
+            }
+            (None, None) => continue,
+        };
+        routes.push(d);
+    }
+    PolicyDiff { from: old.label.clone(), to: new.label.clone(), routes }
+}
+
+fn rule_changes(
+    old: Option<&Arc<Policy>>,
+    new: Option<&Arc<Policy>>,
+    os: &Snapshot,
+    ns: &Snapshot,
+) -> Vec<RuleChange> {
+    let before: &[Rule] = old.map_or(&[], |p| p.rules());
+    let after: &[Rule] = new.map_or(&[], |p| p.rules());
+    let mut out = Vec::new();
+    for a in after {
+        match before.iter().find(|b| b.id() == a.id()) {
+            None => {
+                let access =
+                    if a.effect() == Effect::Allow { Access::Gained } else { Access::Lost };
+                out.push(RuleChange {
+                    access,
+                    kind: "added",
+                    before: None,
+                    after: Some(a.summary(&ns.catalog)),
+                });
+            }
+            Some(b) => {
+                let (sb, sa) = (b.summary(&os.catalog), a.summary(&ns.catalog));
+                if sb.canonical == sa.canonical
+                    && sb.effect == sa.effect
+                    && sb.issuers == sa.issuers
+                {
+                    continue;
+                }
+                let (access, kind) = if b.effect() != a.effect() {
+                    let access =
+                        if a.effect() == Effect::Allow { Access::Gained } else { Access::Lost };
+                    (access, "effect-changed")
+                } else {
+                    let narrowed = rule_covers(b, a) && !rule_covers(a, b);
+                    let widened = rule_covers(a, b) && !rule_covers(b, a);
+                    let allow = a.effect() == Effect::Allow;
+                    match (narrowed, widened) {
+                        (true, _) => {
+                            (if allow { Access::Lost } else { Access::Gained }, "narrowed")
+                        }
+                        (_, true) => (if allow { Access::Gained } else { Access::Lost }, "widened"),
+                        _ => (Access::Changed, "changed"),
+                    }
+                };
+                out.push(RuleChange { access, kind, before: Some(sb), after: Some(sa) });
+            }
+        }
+    }
+    for b in before {
+        if !after.iter().any(|a| a.id() == b.id()) {
+            let access = if b.effect() == Effect::Allow { Access::Lost } else { Access::Gained };
+            out.push(RuleChange {
+                access,
+                kind: "removed",
+                before: Some(b.summary(&os.catalog)),
+                after: None,
+            });
+        }
+    }
+    out
+}
+
+/// Every test of the route's live policy, from either side (the newer version of a
+/// case when both sides have it), whose decision differs between the two policies.
+fn flips(
+    route: &str,
+    old: &RouteView,
+    new: &RouteView,
+    old_tests: &[TestSet],
+    new_tests: &[TestSet],
+) -> Vec<Flip> {
+    let for_route = |sets: &[TestSet]| -> Vec<(Arc<Path>, TestCase)> {
+        sets.iter()
+            .filter(|s| s.route.as_deref() == Some(route))
+            .flat_map(|s| s.cases.iter().map(|c| (s.file.clone(), c.clone())))
+            .collect()
+    };
+    let newer = for_route(new_tests);
+    let names: BTreeSet<&str> = newer.iter().map(|(_, c)| c.name.as_str()).collect();
+    let older = for_route(old_tests);
+    let cases = newer.iter().chain(older.iter().filter(|(_, c)| !names.contains(c.name.as_str())));
+    let mut out = Vec::new();
+    for (file, case) in cases {
+        let facts = case.request.facts();
+        let before = old.policy.evaluate(&case.identity, &facts);
+        let after = new.policy.evaluate(&case.identity, &facts);
+        if before.allowed != after.allowed {
+            out.push(Flip {
+                name: case.name.clone(),
+                file: file.clone(),
+                line: case.line,
+                request: case.request.to_string(),
+                caller: case.identity.principal(),
+                before,
+                after,
+            });
+        }
+    }
+    out
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    // The file itself may be gone from the working tree (diffing its deletion), so
+    // canonicalize the directory and keep the name.
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+    };
+    if let Ok(c) = std::fs::canonicalize(&abs) {
+        return c;
+    }
+    match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir).map_or(abs.clone(), |d| d.join(name)),
+        _ => abs,
+    }
+}
+
+// === rendering ===
+
+fn decision_word(d: &Decision) -> String {
+    let verdict = if d.allowed { "allow" } else { "deny" };
+    match &d.rule {
+        Some(r) => format!("{verdict} (`{}`, {}:{})", r.id, r.file.display(), r.line),
+        None => format!("{verdict} ({})", d.reason),
+    }
+}
+
+pub fn render(d: &PolicyDiff, format: Format) -> String {
+    match format {
+        Format::Json => super::json(&json!(d)),
+        Format::Text => text(d),
+        Format::Markdown => markdown(d),
+    }
+}
+
+fn text(d: &PolicyDiff) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "policy access changes: {} -> {}", d.from, d.to);
+    if d.routes.is_empty() {
+        let _ = writeln!(o, "no access changes");
+        return o;
+    }
+    for r in &d.routes {
+        let _ = writeln!(o, "\nroute `{}` ({})", r.route, r.status);
+        if let (Some(b), Some(a)) = (&r.policy_before, &r.policy_after) {
+            if b != a {
+                let _ = writeln!(o, "  policy file renamed: {} -> {}", b.display(), a.display());
+            }
+        }
+        if let Some((b, a)) = &r.match_changed {
+            let _ = writeln!(o, "  route match changed: {b} -> {a}");
+        }
+        for (access, title) in [
+            (Access::Gained, "access gained"),
+            (Access::Lost, "access lost"),
+            (Access::Changed, "changed (may gain and lose access)"),
+        ] {
+            let items: Vec<&RuleChange> = r.rules.iter().filter(|c| c.access == access).collect();
+            if items.is_empty() {
+                continue;
+            }
+            let _ = writeln!(o, "  {title}:");
+            for c in items {
+                let _ = writeln!(o, "    {}", change_line(c, false));
+            }
+        }
+        if !r.flipped_tests.is_empty() {
+            let _ = writeln!(o, "  tests whose decision flips:");
+            for f in &r.flipped_tests {
+                let _ = writeln!(
+                    o,
+                    "    {}:{}: {:?} ({} {}): {} -> {}",
+                    f.file.display(),
+                    f.line,
+                    f.name,
+                    f.caller,
+                    f.request,
+                    decision_word(&f.before),
+                    decision_word(&f.after)
+                );
+            }
+        }
+    }
+    o
+}
+
+fn change_line(c: &RuleChange, md: bool) -> String {
+    let verb = |s: &RuleSummary| match s.effect {
+        Effect::Allow => "allow",
+        Effect::Deny => "deny",
+    };
+    let (nl, indent) = if md { ("<br>", "") } else { ("\n", "      ") };
+    match (&c.before, &c.after) {
+        (None, Some(a)) => format!("{} {} {}", c.kind, verb(a), bullet(a)),
+        (Some(b), None) => format!("{} {} {}", c.kind, verb(b), bullet(b)),
+        (Some(b), Some(a)) => format!(
+            "{} {} `{}`:{nl}{indent}before: {} {}{nl}{indent}after:  {} {}",
+            c.kind,
+            verb(a),
+            a.rule.id,
+            verb(b),
+            bullet(b),
+            verb(a),
+            bullet(a)
+        ),
+        (None, None) => c.kind.to_string(),
+    }
+}
+
+fn markdown(d: &PolicyDiff) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "## Policy access changes: `{}` → `{}`\n", d.from, d.to);
+    if d.routes.is_empty() {
+        let _ = writeln!(o, "No access changes.");
+        return o;
+    }
+    for r in &d.routes {
+        let _ = writeln!(o, "### Route `{}` ({})\n", r.route, r.status);
+        if let (Some(b), Some(a)) = (&r.policy_before, &r.policy_after) {
+            if b != a {
+                let _ = writeln!(o, "Policy file renamed: `{}` → `{}`\n", b.display(), a.display());
+            }
+        }
+        if let Some((b, a)) = &r.match_changed {
+            let _ = writeln!(o, "Route match changed: {b} → {a}\n");
+        }
+        for (access, title) in [
+            (Access::Gained, ":unlock: **Access gained**"),
+            (Access::Lost, ":lock: **Access lost**"),
+            (Access::Changed, ":warning: **Changed** (may gain and lose access)"),
+        ] {
+            let items: Vec<&RuleChange> = r.rules.iter().filter(|c| c.access == access).collect();
+            if items.is_empty() {
+                continue;
+            }
+            let _ = writeln!(o, "{title}\n");
+            for c in items {
+                let _ = writeln!(o, "- {}", change_line(c, true));
+            }
+            let _ = writeln!(o);
+        }
+        if !r.flipped_tests.is_empty() {
+            let _ = writeln!(o, "**Tests whose decision flips**\n");
+            let _ = writeln!(o, "| test | caller | request | before | after |");
+            let _ = writeln!(o, "|---|---|---|---|---|");
+            for f in &r.flipped_tests {
+                let _ = writeln!(
+                    o,
+                    "| {} (`{}:{}`) | `{}` | `{}` | {} | {} |",
+                    f.name.replace('|', "\\|"),
+                    f.file.display(),
+                    f.line,
+                    f.caller,
+                    f.request,
+                    decision_word(&f.before),
+                    decision_word(&f.after)
+                );
+            }
+            let _ = writeln!(o);
+        }
+    }
+    o
+}

@@ -1,0 +1,427 @@
+//! `portcullis policy explain -c FILE (--token JWT | --claims FILE | --preset NAME
+//! --claim k=v...) --request "GET https://host/path"`: the route, the decision, and
+//! every rule with the condition that failed or the fact that it matched.
+//!
+//! A token is decoded and, when its issuer's keys can be fetched, verified exactly as
+//! the proxy would; otherwise (or with `--no-verify`) its claims are explained and the
+//! output says "signature NOT verified". The token itself is never printed.
+
+use std::fmt::{self, Write as _};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use http::Method;
+use serde_json::{json, Map, Value};
+
+use super::{Format, Report, EXIT_FAILED, EXIT_OK};
+use crate::config::Config;
+use crate::identity::{unverified_identity, Identity, IssuerSettings, Preset, Verifier};
+use crate::policy::{Effect, Explanation, RequestFacts};
+use crate::reason::Reason;
+
+/// Who is asking.
+#[derive(Clone)]
+pub enum Caller {
+    /// A compact JWT (never printed).
+    Token(String),
+    /// A JSON file of claims.
+    Claims(PathBuf),
+    /// A `dev token` preset with `key=value` / `key:=json` overrides.
+    Preset { name: String, overrides: Vec<String> },
+}
+
+impl fmt::Debug for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Caller::Token(_) => f.write_str("Token(<redacted>)"),
+            Caller::Claims(p) => f.debug_tuple("Claims").field(p).finish(),
+            Caller::Preset { name, overrides } => {
+                f.debug_struct("Preset").field("name", name).field("overrides", overrides).finish()
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ExplainArgs {
+    pub config: PathBuf,
+    pub caller: Caller,
+    /// The configured issuer name, when `iss` (or the preset) does not single one out.
+    pub issuer: Option<String>,
+    /// `METHOD URL`, e.g. `POST https://deploy.example.com/deploy/42`.
+    pub request: String,
+    pub no_verify: bool,
+    /// With an expectation, exit 1 when the decision differs (scripts, CI).
+    pub expect: Option<Effect>,
+    pub format: Format,
+    /// How long to wait for the issuer's keys before explaining unverified.
+    pub verify_timeout: Duration,
+}
+
+/// A parsed `METHOD URL` (or `METHOD /path`, which only host-less routes take).
+#[derive(Debug, Clone)]
+pub struct RequestLine {
+    pub method: Method,
+    pub host: String,
+    /// Normalized as the proxy normalizes it before routing and authorizing.
+    pub path: String,
+}
+
+/// How the claims were obtained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Verification {
+    Verified,
+    /// The token was checked and rejected: the proxy would answer with this reason.
+    Rejected {
+        reason: Reason,
+        detail: String,
+    },
+    NotVerified(String),
+}
+
+// === impl RequestLine ===
+
+impl RequestLine {
+    pub fn parse(line: &str) -> Result<RequestLine, String> {
+        let bad = |why: &str| format!("bad request {line:?}: {why}");
+        let (method, target) = line
+            .trim()
+            .split_once(' ')
+            .ok_or_else(|| bad("expected \"METHOD https://host/path\""))?;
+        let method = Method::from_bytes(method.as_bytes())
+            .ok()
+            .filter(|_| method.chars().all(|c| c.is_ascii_uppercase()))
+            .ok_or_else(|| bad("unknown method (upper case, e.g. GET)"))?;
+        let target = target.trim();
+        let (host, raw_path) = if target.starts_with('/') {
+            (String::new(), target.to_string())
+        } else {
+            let uri: http::Uri = target.parse().map_err(|_| bad("not a URL"))?;
+            let host = uri.host().ok_or_else(|| bad("the URL has no host"))?.to_ascii_lowercase();
+            (host, uri.path().to_string())
+        };
+        let raw_path = raw_path.split(['?', '#']).next().unwrap_or("/").to_string();
+        let path = crate::http::path::normalize(&raw_path).map_err(|e| {
+            bad(&format!("the proxy rejects this path as `ambiguous-path`: {}", e.detail()))
+        })?;
+        Ok(RequestLine { method, host, path })
+    }
+
+    pub fn facts(&self) -> RequestFacts<'_> {
+        RequestFacts::http(&self.method, &self.path)
+    }
+}
+
+impl fmt::Display for RequestLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.is_empty() {
+            write!(f, "{} {}", self.method, self.path)
+        } else {
+            write!(f, "{} https://{}{}", self.method, self.host, self.path)
+        }
+    }
+}
+
+// === the command ===
+
+pub fn run(args: &ExplainArgs) -> Report {
+    let bad = |p: String| Report::bad_input(args.format, &[p]);
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            let p: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+            return Report::bad_input(args.format, &p);
+        }
+    };
+    let req = match RequestLine::parse(&args.request) {
+        Ok(r) => r,
+        Err(e) => return bad(e),
+    };
+    let (settings, identity, verification) = match caller_identity(&config, args) {
+        Ok(x) => x,
+        Err(e) => return bad(e),
+    };
+    let route = config.route(&req.host, &req.path, &req.method);
+    let explanation = route.map(|r| r.policy.explain(&identity, &req.facts()));
+    let (allowed, reason) = match (&verification, &explanation) {
+        (Verification::Rejected { reason, .. }, _) => (false, *reason),
+        (_, Some(e)) => (e.decision.allowed, e.decision.reason),
+        (_, None) => (false, Reason::NoRoute),
+    };
+    let code = match args.expect {
+        Some(want) if (want == Effect::Allow) != allowed => EXIT_FAILED,
+        _ => EXIT_OK,
+    };
+    let route_name = route.map(|r| r.name.to_string());
+    let policy_file = route.map(|r| r.policy.file().display().to_string());
+    let out = match args.format {
+        Format::Json => super::json(&json!({
+            "request": req.to_string(),
+            "route": route_name,
+            "policy": policy_file,
+            "issuer": settings.id,
+            "verified": verification == Verification::Verified,
+            "verification": verification.to_string(),
+            "identity": identity,
+            "claims": identity.claims,
+            "decision": { "allowed": allowed, "reason": reason.code() },
+            "deciding_rule": explanation.as_ref().and_then(|e| e.decision.rule.clone()),
+            "rules": explanation.as_ref().map(|e| &e.rules),
+            "expectation_met": code == EXIT_OK,
+        })),
+        Format::Text | Format::Markdown => text(
+            &req,
+            route_name.as_deref(),
+            policy_file.as_deref(),
+            &settings,
+            &identity,
+            &verification,
+            explanation.as_ref(),
+            (allowed, reason),
+        ),
+    };
+    let mut report = Report::new(code, out);
+    if code == EXIT_FAILED {
+        report.stderr = format!(
+            "expected {}, got {}\n",
+            if args.expect == Some(Effect::Allow) { "allow" } else { "deny" },
+            if allowed { "allow" } else { "deny" }
+        );
+    }
+    report
+}
+
+#[allow(clippy::too_many_arguments)]
+fn text(
+    req: &RequestLine,
+    route: Option<&str>,
+    policy: Option<&str>,
+    settings: &IssuerSettings,
+    identity: &Identity,
+    verification: &Verification,
+    explanation: Option<&Explanation>,
+    (allowed, reason): (bool, Reason),
+) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "caller: {} (issuer `{}`, {})",
+        identity.principal(),
+        settings.id,
+        settings.preset.name()
+    );
+    let _ = writeln!(o, "  {verification}");
+    if let Some(e) = &identity.email {
+        let v = if identity.email_verified { "verified" } else { "NOT verified" };
+        let _ = writeln!(o, "  email: {e} ({v})");
+    }
+    if !identity.groups.is_empty() || !identity.groups_known {
+        let known = if identity.groups_known { "" } else { " (overage: membership unknown)" };
+        let _ = writeln!(o, "  groups: {}{known}", identity.groups.join(", "));
+    }
+    if let Some(ci) = &identity.ci {
+        let fields: Vec<String> = crate::identity::CiContext::FIELDS
+            .iter()
+            .filter_map(|f| ci.field(f).map(|v| format!("{f}={v}")))
+            .collect();
+        let _ = writeln!(o, "  ci ({}): {}", ci.provider, fields.join(" "));
+    }
+    let _ = writeln!(o, "request: {req}");
+    match (route, policy) {
+        (Some(r), Some(p)) => {
+            let _ = writeln!(o, "route: `{r}` (policy {p})");
+        }
+        _ => {
+            let _ = writeln!(o, "route: none takes this request");
+        }
+    }
+    match (verification, explanation) {
+        (Verification::Rejected { reason, detail }, e) => {
+            let _ = writeln!(
+                o,
+                "decision: deny ({reason}): the token is rejected before any policy: {detail}"
+            );
+            if let Some(e) = e {
+                let _ = writeln!(o, "what the policy would decide for these (unverified) claims:");
+                let _ = write!(o, "{e}");
+            }
+        }
+        (_, Some(e)) => {
+            let _ = write!(o, "{e}");
+        }
+        (_, None) => {
+            let _ = writeln!(o, "decision: deny ({reason})");
+        }
+    }
+    let _ = allowed;
+    o
+}
+
+impl fmt::Display for Verification {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verification::Verified => f.write_str("signature verified against the issuer's keys"),
+            Verification::Rejected { reason, detail } => {
+                write!(f, "token REJECTED by the verifier ({reason}): {detail}")
+            }
+            Verification::NotVerified(why) => write!(f, "signature NOT verified: {why}"),
+        }
+    }
+}
+
+/// The issuer, the identity and how far it could be checked.
+fn caller_identity(
+    config: &Config,
+    args: &ExplainArgs,
+) -> Result<(IssuerSettings, Identity, Verification), String> {
+    let by_name = |name: &str| {
+        config.issuer(name).cloned().ok_or_else(|| {
+            let names: Vec<String> = config.issuers.iter().map(|i| i.id.to_string()).collect();
+            format!("no issuer `{name}` in the configuration (issuers: {})", names.join(", "))
+        })
+    };
+    let by_iss = |claims: &Map<String, Value>| -> Result<IssuerSettings, String> {
+        if let Some(name) = &args.issuer {
+            return by_name(name);
+        }
+        let iss = claims.get("iss").and_then(Value::as_str).unwrap_or_default();
+        config.issuers.iter().find(|i| i.issuer == iss).cloned().ok_or_else(|| {
+            format!("no configured issuer has `iss` {iss:?}; name one with --issuer")
+        })
+    };
+    match &args.caller {
+        Caller::Claims(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("{}: cannot read claims: {e}", path.display()))?;
+            let claims: Map<String, Value> = serde_json::from_str(&text)
+                .map_err(|e| format!("{}: not a JSON object of claims: {e}", path.display()))?;
+            let settings = by_iss(&claims)?;
+            let identity = unverified(&settings, claims)?;
+            let why = "claims given directly, not a signed token".to_string();
+            Ok((settings, identity, Verification::NotVerified(why)))
+        }
+        Caller::Preset { name, overrides } => {
+            let preset = match name.as_str() {
+                "human" | "oidc" => Preset::Oidc,
+                other => Preset::parse(other).ok_or_else(|| {
+                    format!(
+                        "unknown preset `{other}`, expected one of: {}",
+                        crate::dev::token::PRESETS.join(", ")
+                    )
+                })?,
+            };
+            let settings = match &args.issuer {
+                Some(n) => by_name(n)?,
+                None => {
+                    let matching: Vec<&IssuerSettings> =
+                        config.issuers.iter().filter(|i| i.preset == preset).collect();
+                    match matching.as_slice() {
+                        [one] => (*one).clone(),
+                        [] => {
+                            return Err(format!(
+                                "no issuer in the configuration has preset `{}`",
+                                preset.name()
+                            ))
+                        }
+                        _ => {
+                            return Err(format!(
+                                "several issuers have preset `{}`: name one with --issuer",
+                                preset.name()
+                            ))
+                        }
+                    }
+                }
+            };
+            let dev_name = if preset == Preset::Oidc { "human" } else { preset.name() };
+            let audience = settings
+                .client_id
+                .clone()
+                .or_else(|| settings.audiences.first().cloned())
+                .unwrap_or_default();
+            let now = crate::util::unix_now();
+            let (_, mut payload) =
+                crate::dev::token::preset_claims(dev_name, &settings.issuer, &audience, now, 600)
+                    .ok_or_else(|| format!("unknown preset `{name}`"))?;
+            crate::dev::token::apply_overrides(&mut payload, overrides)?;
+            let Value::Object(claims) = payload else {
+                return Err("preset claims are not an object".into());
+            };
+            let identity = unverified(&settings, claims)?;
+            let why = format!("claims built from preset `{name}`, not a signed token");
+            Ok((settings, identity, Verification::NotVerified(why)))
+        }
+        Caller::Token(token) => {
+            let claims = decode_payload(token)?;
+            let settings = by_iss(&claims)?;
+            let identity = unverified(&settings, claims)?;
+            if args.no_verify {
+                let why = "--no-verify: the claims are explained as they are".to_string();
+                return Ok((settings, identity, Verification::NotVerified(why)));
+            }
+            let verification = verify(&settings, token, args.verify_timeout);
+            // A verified identity is the one the proxy would build; prefer it.
+            Ok(match verification {
+                Ok(verified) => (settings, verified, Verification::Verified),
+                Err(v) => (settings, identity, v),
+            })
+        }
+    }
+}
+
+fn unverified(settings: &IssuerSettings, claims: Map<String, Value>) -> Result<Identity, String> {
+    unverified_identity(settings, claims).map_err(|e| {
+        format!(
+            "the proxy would reject these claims for issuer `{}` ({}): {}",
+            settings.id, e.reason, e.detail
+        )
+    })
+}
+
+/// The payload of a compact JWS, without checking anything.
+fn decode_payload(token: &str) -> Result<Map<String, Value>, String> {
+    let mut parts = token.trim().split('.');
+    let (Some(_), Some(payload), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("--token is not a compact JWT (three base64url parts)".into());
+    };
+    let bytes = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| "--token: the payload is not base64url".to_string())?;
+    serde_json::from_slice(&bytes).map_err(|_| "--token: the payload is not a JSON object".into())
+}
+
+/// Verifies with the issuer's live keys when they can be fetched in time.
+fn verify(
+    settings: &IssuerSettings,
+    token: &str,
+    timeout: Duration,
+) -> Result<Identity, Verification> {
+    let not = |why: String| Verification::NotVerified(why);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| not(format!("cannot start a runtime: {e}")))?;
+    rt.block_on(async {
+        let verifier = Verifier::new(vec![settings.clone()]).map_err(not)?;
+        let verifier = Arc::new(verifier);
+        verifier.start();
+        if !verifier.wait_ready(timeout).await {
+            return Err(not(format!(
+                "the keys of issuer `{}` could not be fetched from {} within {}s",
+                settings.id,
+                settings.discovery_url,
+                timeout.as_secs()
+            )));
+        }
+        match verifier.verify(token).await {
+            Ok(id) => Ok((*id).clone()),
+            Err(e) => {
+                Err(Verification::Rejected { reason: e.reason, detail: e.detail.into_owned() })
+            }
+        }
+    })
+}

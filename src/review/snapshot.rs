@@ -1,0 +1,382 @@
+//! The routes of a configuration and their compiled policies, read from the working
+//! tree (through [`Config::load`], exactly as `serve` reads them) or from a git
+//! revision (config and policy text from `git show`, compiled with
+//! [`Policy::parse`]), plus the `[[test]]` sets that go with them.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::git;
+use crate::config::{Config, HostMatch};
+use crate::diag::{Diagnostic, Source};
+use crate::identity::Preset;
+use crate::policy::{Catalog, Policy, TestCase};
+
+/// Routes and policies at one point in history.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// `working tree`, or the short commit.
+    pub label: String,
+    pub catalog: Catalog,
+    /// In routing order: most specific host, then longest prefix, then file order.
+    pub routes: Vec<RouteView>,
+}
+
+/// One route, as far as access is concerned.
+#[derive(Debug, Clone)]
+pub struct RouteView {
+    pub name: String,
+    /// `*`, `api.example.com` or `*.example.com`.
+    pub host: String,
+    pub path_prefix: String,
+    /// The route's own method filter, if any.
+    pub methods: Option<Vec<String>>,
+    pub policy: Arc<Policy>,
+    pub shadow: Option<Arc<Policy>>,
+}
+
+/// `[[test]]` cases and the policy they run against.
+#[derive(Debug, Clone)]
+pub struct TestSet {
+    /// The route whose live policy this is; `None` for a policy that is only ever a
+    /// shadow policy.
+    pub route: Option<String>,
+    pub policy: Arc<Policy>,
+    /// Where the cases are written (the policy itself, or an extra test file).
+    pub file: Arc<Path>,
+    pub cases: Vec<TestCase>,
+}
+
+/// Where files come from: the disk (paths relative to `root`), or git at `rev`.
+#[derive(Debug, Clone)]
+pub struct Tree {
+    pub root: PathBuf,
+    pub rev: Option<String>,
+}
+
+// === impl Tree ===
+
+impl Tree {
+    pub fn disk(root: impl Into<PathBuf>) -> Self {
+        Tree { root: root.into(), rev: None }
+    }
+
+    fn read(&self, path: &Path) -> Result<String, String> {
+        match &self.rev {
+            None => std::fs::read_to_string(self.root.join(path))
+                .map_err(|e| format!("cannot read file: {e}")),
+            Some(rev) => git::show(&self.root, rev, path)
+                .map_err(|_| format!("does not exist at revision `{rev}`")),
+        }
+    }
+
+    /// `*.toml` files directly in `dir`, sorted; none when `dir` does not exist.
+    fn toml_files(&self, dir: &Path) -> Result<Vec<PathBuf>, String> {
+        let mut out: Vec<PathBuf> = match &self.rev {
+            None => match std::fs::read_dir(self.root.join(dir)) {
+                Ok(entries) => entries
+                    .filter_map(Result::ok)
+                    .map(|e| dir.join(e.file_name()))
+                    .filter(|p| self.root.join(p).is_file())
+                    .collect(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(format!("{}: {e}", dir.display())),
+            },
+            Some(rev) => git::ls(&self.root, rev, dir)?,
+        };
+        out.retain(|p| p.extension().is_some_and(|e| e == "toml"));
+        out.sort();
+        Ok(out)
+    }
+}
+
+// === impl Snapshot ===
+
+impl Snapshot {
+    /// The routes of a loaded configuration.
+    pub fn from_config(config: &Config) -> Snapshot {
+        let catalog = Catalog {
+            issuers: config.issuers.iter().map(|i| (i.id.to_string(), i.preset)).collect(),
+        };
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| RouteView {
+                name: r.name.to_string(),
+                host: match &r.host {
+                    HostMatch::Any => "*".to_string(),
+                    HostMatch::Exact(h) => h.clone(),
+                    HostMatch::Suffix(s) => format!("*{s}"),
+                },
+                path_prefix: r.path_prefix.clone(),
+                methods: r
+                    .methods
+                    .as_ref()
+                    .map(|m| m.iter().map(|m| m.as_str().to_string()).collect()),
+                policy: r.policy.clone(),
+                shadow: r.shadow_policy.clone(),
+            })
+            .collect();
+        Snapshot { label: "working tree".into(), catalog, routes }
+    }
+
+    /// Reads the configuration at `config` (relative to `tree.root`) and every policy
+    /// its routes name. Only what access depends on is read (issuers and their
+    /// presets, routes, `server.policy_dir`), so a revision whose certificates are
+    /// elsewhere still compares. Fails with every problem at once.
+    pub fn load(tree: &Tree, config: &Path, label: String) -> Result<Snapshot, Vec<String>> {
+        let at = |p: &Path| match &tree.rev {
+            Some(rev) => format!("{}@{rev}", p.display()),
+            None => p.display().to_string(),
+        };
+        let text = tree.read(config).map_err(|e| vec![format!("{}: {e}", at(config))])?;
+        let raw: LenientConfig =
+            toml::from_str(&text).map_err(|e| vec![format!("{}: {}", at(config), e.message())])?;
+        let mut problems = Vec::new();
+        let mut catalog = Catalog::default();
+        for (name, issuer) in &raw.issuers {
+            let preset = match issuer.preset.as_deref() {
+                None => Preset::Oidc,
+                Some(p) => Preset::parse(p).unwrap_or_else(|| {
+                    problems.push(format!("{}: issuer `{name}`: unknown preset `{p}`", at(config)));
+                    Preset::Oidc
+                }),
+            };
+            catalog.issuers.insert(name.clone(), preset);
+        }
+        let base = config.parent().map(Path::to_path_buf).unwrap_or_default();
+        let policy_dir = base.join(raw.server.policy_dir.as_deref().unwrap_or("policies"));
+        let mut compiled: BTreeMap<PathBuf, Option<Arc<Policy>>> = BTreeMap::new();
+        let mut load = |name: &str, problems: &mut Vec<String>| -> Option<Arc<Policy>> {
+            let path = if name.contains('/') || name.ends_with(".toml") {
+                normalize(&base.join(name))
+            } else {
+                normalize(&policy_dir.join(format!("{name}.toml")))
+            };
+            if let Some(done) = compiled.get(&path) {
+                return done.clone();
+            }
+            let policy = match tree.read(&path) {
+                Err(e) => {
+                    problems.push(format!("{}: {e}", at(&path)));
+                    None
+                }
+                Ok(text) => match Policy::parse(&Source::new(path.clone(), text), &catalog) {
+                    Ok(p) => Some(Arc::new(p)),
+                    Err(d) => {
+                        problems.extend(d.into_sorted().iter().map(|d| match &tree.rev {
+                            Some(rev) => format!("{d} (at {rev})"),
+                            None => d.to_string(),
+                        }));
+                        None
+                    }
+                },
+            };
+            compiled.insert(path, policy.clone());
+            policy
+        };
+        let mut routes = Vec::new();
+        for (order, r) in raw.routes.iter().enumerate() {
+            let policy = load(&r.policy, &mut problems);
+            let shadow = r.shadow_policy.as_deref().map(|s| load(s, &mut problems));
+            let (Some(policy), Some(shadow)) = (policy, shadow.map_or(Some(None), |s| s.map(Some)))
+            else {
+                continue;
+            };
+            let host = r.matcher.host.clone().unwrap_or_else(|| "*".into()).to_ascii_lowercase();
+            let view = RouteView {
+                name: r.name.clone(),
+                host,
+                path_prefix: r.matcher.path_prefix.clone().unwrap_or_else(|| "/".into()),
+                methods: r.matcher.methods.clone(),
+                policy,
+                shadow,
+            };
+            routes.push((order, view));
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let specificity = |h: &str| match h {
+            "*" => 0,
+            s if s.starts_with("*.") => s.len(),
+            s => 10_000 + s.len(),
+        };
+        routes.sort_by(|(oa, a), (ob, b)| {
+            (specificity(&b.host), b.path_prefix.len(), *oa).cmp(&(
+                specificity(&a.host),
+                a.path_prefix.len(),
+                *ob,
+            ))
+        });
+        Ok(Snapshot { label, catalog, routes: routes.into_iter().map(|(_, r)| r).collect() })
+    }
+
+    pub fn route(&self, name: &str) -> Option<&RouteView> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+
+    /// Every distinct policy file: live policies first, then shadow-only ones.
+    pub fn policies(&self) -> Vec<(Option<&RouteView>, Arc<Policy>)> {
+        let mut out: Vec<(Option<&RouteView>, Arc<Policy>)> = Vec::new();
+        for r in &self.routes {
+            if !out.iter().any(|(_, p)| p.file() == r.policy.file()) {
+                out.push((Some(r), r.policy.clone()));
+            }
+        }
+        for r in &self.routes {
+            if let Some(s) = &r.shadow {
+                if !out.iter().any(|(_, p)| p.file() == s.file()) {
+                    out.push((None, s.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The `[[test]]` sets: each policy's own, then every `*.toml` in `dirs` (an
+    /// extra test file `NAME.toml` runs against the policy named `NAME`, or else the
+    /// live policy of route `NAME`). Fails with every problem at once.
+    pub fn test_sets(&self, tree: &Tree, dirs: &[PathBuf]) -> Result<Vec<TestSet>, Vec<String>> {
+        let mut sets: Vec<TestSet> = self
+            .policies()
+            .into_iter()
+            .map(|(route, policy)| TestSet {
+                route: route.map(|r| r.name.clone()),
+                file: Arc::from(policy.file()),
+                cases: policy.tests().to_vec(),
+                policy,
+            })
+            .collect();
+        let mut problems = Vec::new();
+        for dir in dirs {
+            let files = match tree.toml_files(dir) {
+                Ok(f) => f,
+                Err(e) => {
+                    problems.push(e);
+                    continue;
+                }
+            };
+            if files.is_empty() && tree.rev.is_none() && !tree.root.join(dir).is_dir() {
+                problems.push(format!("{}: test directory does not exist", dir.display()));
+            }
+            for file in files {
+                let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned());
+                let stem = stem.unwrap_or_default();
+                let target = self
+                    .policies()
+                    .into_iter()
+                    .find(|(_, p)| p.name() == stem)
+                    .map(|(r, p)| (r.map(|r| r.name.clone()), p))
+                    .or_else(|| {
+                        self.route(&stem).map(|r| (Some(r.name.clone()), r.policy.clone()))
+                    });
+                let Some((route, policy)) = target else {
+                    let names: Vec<&str> = self.routes.iter().map(|r| r.name.as_str()).collect();
+                    problems.push(format!(
+                        "{}:1:1: no policy or route is named `{stem}`: an extra test file is named after the policy it tests (routes: {})",
+                        file.display(),
+                        names.join(", ")
+                    ));
+                    continue;
+                };
+                let text = match tree.read(&file) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        problems.push(format!("{}: {e}", file.display()));
+                        continue;
+                    }
+                };
+                let shown = match &tree.rev {
+                    None if tree.root.as_os_str().is_empty() => file.clone(),
+                    None => tree.root.join(&file),
+                    Some(_) => file.clone(),
+                };
+                match policy.parse_tests(&Source::new(shown.clone(), text), &self.catalog) {
+                    Ok(cases) => {
+                        sets.push(TestSet { route, policy, file: Arc::from(shown), cases })
+                    }
+                    Err(d) => problems.extend(d.into_sorted().iter().map(Diagnostic::to_string)),
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(sets)
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+// === impl RouteView ===
+
+impl RouteView {
+    /// `host api.example.com, paths under /v1, methods GET, HEAD`.
+    pub fn describe(&self) -> String {
+        let host =
+            if self.host == "*" { "any host".to_string() } else { format!("host {}", self.host) };
+        let methods = match &self.methods {
+            None => "any method".to_string(),
+            Some(m) => format!("methods {}", m.join(", ")),
+        };
+        format!("{host}, paths under {}, {methods}", self.path_prefix)
+    }
+}
+
+/// `a/./b/../c` → `a/c`, lexically: git paths have no `.` or `..`.
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Only the parts of `portcullis.toml` that access depends on; everything else is
+/// ignored here (`check` is where unknown keys are errors).
+#[derive(Debug, Deserialize)]
+struct LenientConfig {
+    #[serde(default)]
+    server: LenientServer,
+    #[serde(default)]
+    issuers: BTreeMap<String, LenientIssuer>,
+    #[serde(default)]
+    routes: Vec<LenientRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct LenientServer {
+    policy_dir: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LenientIssuer {
+    preset: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LenientRoute {
+    name: String,
+    #[serde(rename = "match", default)]
+    matcher: LenientMatch,
+    policy: String,
+    shadow_policy: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct LenientMatch {
+    host: Option<String>,
+    path_prefix: Option<String>,
+    methods: Option<Vec<String>>,
+}

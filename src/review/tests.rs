@@ -1,0 +1,644 @@
+//! The review commands against real files: lints (one policy that must trigger each,
+//! one that must not), `policy test`, `explain`, `who`, and `diff` on a temporary git
+//! repository with real commits.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::diff::{Access, DiffArgs};
+use super::explain::{Caller, ExplainArgs};
+use super::test::TestArgs;
+use super::who::WhoArgs;
+use super::*;
+use crate::config::Config;
+use crate::diag::Source;
+use crate::policy::{Catalog, Effect, Policy};
+
+const REPO: &str = "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}";
+
+const CONFIG: &str = r#"[listen]
+insecure_http = "127.0.0.1:0"
+
+[issuers.corp]
+issuer = "https://idp.example.com"
+audiences = ["portcullis"]
+
+[issuers.bb]
+preset = "bitbucket-pipelines"
+issuer = "https://api.bitbucket.org/2.0/workspaces/acme/pipelines-config/identity/oidc"
+audiences = ["https://proxy.example.com"]
+
+[issuers.gh]
+preset = "github-actions"
+issuer = "https://token.actions.githubusercontent.com"
+audiences = ["https://proxy.example.com"]
+
+[[routes]]
+name = "api"
+match = { host = "api.example.com" }
+upstream = "http://127.0.0.1:1"
+policy = "api"
+"#;
+
+/// Line numbers matter: `explain` and `test` output is checked against them.
+const API: &str = r#"[[rule]]
+id = "engineers"
+effect = "allow"
+issuer = "corp"
+groups_any = ["engineering"]
+
+[[rule]]
+id = "deploys"
+effect = "allow"
+issuer = "bb"
+methods = ["POST"]
+paths = ["/deploy/*"]
+ci = { repository = "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}", branch = ["main", "release/*"] }
+
+[[rule]]
+id = "no-deletes-from-ci"
+effect = "deny"
+issuer = ["bb", "gh"]
+methods = ["DELETE"]
+
+[[test]]
+name = "main deploys"
+identity = { preset = "bitbucket-pipelines", claims = { repositoryUuid = "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}", branchName = "main" } }
+request = "POST /deploy/1"
+expect = "allow"
+rule = "deploys"
+"#;
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"))
+}
+
+fn write(path: &Path, text: &str) {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    if let Err(e) = std::fs::write(path, text) {
+        panic!("write {}: {e}", path.display());
+    }
+}
+
+/// A configuration with the `api` policy `policy` in a fresh directory.
+fn setup(policy: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempdir();
+    write(&dir.path().join("portcullis.toml"), CONFIG);
+    write(&dir.path().join("policies/api.toml"), policy);
+    let cfg = dir.path().join("portcullis.toml");
+    (dir, cfg)
+}
+
+fn catalog() -> Catalog {
+    let mut c = Catalog::default();
+    c.issuers.insert("corp".into(), crate::identity::Preset::Oidc);
+    c.issuers.insert("bb".into(), crate::identity::Preset::BitbucketPipelines);
+    c.issuers.insert("gh".into(), crate::identity::Preset::GithubActions);
+    c.issuers.insert("gl".into(), crate::identity::Preset::GitlabCi);
+    c
+}
+
+// === lints ===
+
+/// Every message a policy produces: errors, then warnings.
+fn policy_messages(text: &str) -> Vec<String> {
+    match Policy::parse(&Source::new("p.toml", text), &catalog()) {
+        Ok(p) => p.warnings().iter().map(ToString::to_string).collect(),
+        Err(d) => d.into_sorted().iter().map(ToString::to_string).collect(),
+    }
+}
+
+fn rule(effect: &str, id: &str, body: &str) -> String {
+    format!("[[rule]]\nid = \"{id}\"\neffect = \"{effect}\"\n{body}\n\n")
+}
+
+#[test]
+fn each_policy_lint_triggers_and_has_a_near_miss() {
+    let pin = format!("ci = {{ repository = \"{REPO}\", branch = \"main\" }}");
+    #[rustfmt::skip]
+    let cases: Vec<(&str, String, String, &str)> = vec![
+        ("V22: GitHub rule without an owner pin",
+            rule("allow", "a", "issuer = \"gh\"\nci = { branch = \"main\" }"),
+            rule("allow", "a", "issuer = \"gh\"\nclaims = { repository_owner_id = \"42\" }\nci = { branch = \"main\" }"),
+            "does not pin a repository or owner"),
+        ("V22: gitlab.com rule without a namespace pin",
+            rule("allow", "a", "issuer = \"gl\"\nci = { branch = \"main\" }"),
+            rule("allow", "a", "issuer = \"gl\"\nclaims = { namespace_id = \"7\" }\nci = { branch = \"main\" }"),
+            "does not pin a repository or owner"),
+        ("V22: Bitbucket rule without a repository or workspace pin",
+            rule("allow", "a", "issuer = \"bb\"\nci = { branch = \"main\" }"),
+            rule("allow", "a", &format!("issuer = \"bb\"\n{pin}")),
+            "does not pin a repository or owner"),
+        ("unknown claim name for the preset",
+            rule("allow", "a", &format!("issuer = \"bb\"\n{pin}\nclaims = {{ branch_name = \"main\" }}")),
+            rule("allow", "a", &format!("issuer = \"bb\"\n{pin}\nclaims = {{ branchName = \"main\" }}")),
+            "is not a claim of bitbucket-pipelines tokens"),
+        ("contradiction: HTTP and database conditions",
+            rule("allow", "a", "issuer = \"corp\"\npaths = [\"/x\"]\ndatabases = [\"app\"]"),
+            rule("allow", "a", "issuer = \"corp\"\npaths = [\"/x\"]"),
+            "can never match"),
+        ("contradiction: branch and tag",
+            rule("allow", "a", &format!("issuer = \"bb\"\nci = {{ repository = \"{REPO}\", branch = \"main\", tag = \"v1\" }}")),
+            rule("allow", "a", &format!("issuer = \"bb\"\nci = {{ repository = \"{REPO}\", branch = \"main\" }}")),
+            "can never match"),
+        ("contradiction: CI condition on a human issuer",
+            rule("allow", "a", "issuer = \"corp\"\nci = { branch = \"main\" }"),
+            rule("allow", "a", "issuer = \"corp\"\nsubject = \"00u-alice\""),
+            "can never match"),
+        ("contradiction: email outside email_domain",
+            rule("allow", "a", "issuer = \"corp\"\nemail = \"bob@other.example\"\nemail_domain = \"acme.example\""),
+            rule("allow", "a", "issuer = \"corp\"\nemail = \"bob@acme.example\"\nemail_domain = \"acme.example\""),
+            "can never match"),
+        ("allow shadowed by an earlier deny",
+            rule("deny", "d", "issuer = \"corp\"\npaths = [\"/admin/**\"]") + &rule("allow", "a", "issuer = \"corp\"\npaths = [\"/admin/users\"]"),
+            rule("deny", "d", "issuer = \"corp\"\npaths = [\"/admin/secrets\"]") + &rule("allow", "a", "issuer = \"corp\"\npaths = [\"/admin/**\"]"),
+            "deny wins"),
+        ("allow covered by an earlier allow",
+            rule("allow", "broad", "issuer = \"corp\"\ngroups_any = [\"sre\"]") + &rule("allow", "a", "issuer = \"corp\"\ngroups_any = [\"sre\"]\nmethods = [\"GET\"]"),
+            rule("allow", "narrow", "issuer = \"corp\"\ngroups_any = [\"sre\"]\nmethods = [\"GET\"]") + &rule("allow", "a", "issuer = \"corp\"\ngroups_any = [\"sre\"]"),
+            "never decides: the earlier allow rule `broad`"),
+        ("deploy-style rule reachable from any branch",
+            rule("allow", "a", &format!("issuer = \"bb\"\nmethods = [\"POST\"]\nci = {{ repository = \"{REPO}\" }}")),
+            rule("allow", "a", &format!("issuer = \"bb\"\nmethods = [\"POST\"]\n{pin}")),
+            "from any branch"),
+        ("duplicate rule ids",
+            rule("allow", "a", "issuer = \"corp\"\nmethods = [\"GET\"]") + &rule("allow", "a", "issuer = \"corp\"\nmethods = [\"POST\"]"),
+            rule("allow", "a", "issuer = \"corp\"\nmethods = [\"GET\"]") + &rule("allow", "b", "issuer = \"corp\"\nmethods = [\"POST\"]"),
+            "duplicate rule id `a`"),
+    ];
+    for (name, bad, good, needle) in cases {
+        let got = policy_messages(&bad);
+        assert!(got.iter().any(|m| m.contains(needle)), "{name}: expected {needle:?} in {got:#?}");
+        let got = policy_messages(&good);
+        assert!(!got.iter().any(|m| m.contains(needle)), "{name}: near miss triggers: {got:#?}");
+    }
+}
+
+#[test]
+fn each_configuration_lint_triggers_and_has_a_near_miss() {
+    let ari = "ari:cloud:bitbucket::workspace/7baee083-4f25-4a97-8a9a-0fde1b623b45";
+    #[rustfmt::skip]
+    let cases: Vec<(&str, String, String, &str)> = vec![
+        ("Bitbucket issuer whose only audience is the workspace ARI",
+            CONFIG.replace("audiences = [\"https://proxy.example.com\"]\n\n[issuers.gh]", &format!("audiences = [\"{ari}\"]\n\n[issuers.gh]")),
+            CONFIG.to_string(),
+            "workspace ARI"),
+        ("route with no policy",
+            CONFIG.replace("policy = \"api\"\n", ""),
+            CONFIG.to_string(),
+            "missing field `policy`"),
+    ];
+    for (name, bad, good, needle) in cases {
+        let dir = tempdir();
+        write(&dir.path().join("policies/api.toml"), API);
+        let load = |text: &str| -> Vec<String> {
+            let path = dir.path().join("portcullis.toml");
+            write(&path, text);
+            match Config::load(&path) {
+                Ok(c) => c.warnings.iter().map(ToString::to_string).collect(),
+                Err(e) => e.0.iter().map(ToString::to_string).collect(),
+            }
+        };
+        let got = load(&bad);
+        assert!(got.iter().any(|m| m.contains(needle)), "{name}: expected {needle:?} in {got:#?}");
+        assert!(load(&good).is_empty(), "{name}: near miss has problems: {:#?}", load(&good));
+    }
+}
+
+// === policy test ===
+
+fn test_args(cfg: &Path, tests: Vec<PathBuf>, format: Format) -> TestArgs {
+    TestArgs { config: cfg.to_path_buf(), tests, format, verbose: true }
+}
+
+#[test]
+fn policy_test_passes_and_fails_with_file_line_and_deciding_rule() {
+    let (_dir, cfg) = setup(API);
+    let r = test::run(&test_args(&cfg, vec![], Format::Text));
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    assert!(r.stdout.contains("policies/api.toml:21: ok: main deploys"), "{}", r.stdout);
+    assert!(r.stdout.contains("1 passed, 0 failed"), "{}", r.stdout);
+
+    let failing = format!(
+        "{API}
+[[test]]
+name = \"feature deploys\"
+identity = {{ preset = \"bitbucket-pipelines\", claims = {{ repositoryUuid = \"{REPO}\", branchName = \"feature/x\" }} }}
+request = \"POST /deploy/1\"
+expect = \"allow\"
+
+[[test]]
+name = \"wrong rule\"
+identity = {{ preset = \"bitbucket-pipelines\", claims = {{ repositoryUuid = \"{REPO}\", branchName = \"main\" }} }}
+request = \"DELETE /deploy/1\"
+expect = \"deny\"
+rule = \"deploys\"
+"
+    );
+    let (_dir, cfg) = setup(&failing);
+    let r = test::run(&test_args(&cfg, vec![], Format::Text));
+    assert_eq!(r.code, EXIT_FAILED, "{r:?}");
+    // The failing test's file:line, the decision, and the deciding rule's file:line.
+    assert!(
+        r.stdout.contains("policies/api.toml:28: FAILED: feature deploys: expected allow, got deny (policy-denied) by no rule"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("policies/api.toml:34: FAILED: wrong rule: expected rule `deploys` to decide, but deny was decided by rule `no-deletes-from-ci`"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("policies/api.toml:15)"), "deciding rule's line: {}", r.stdout);
+    assert!(r.stdout.contains("1 passed, 2 failed"), "{}", r.stdout);
+
+    let r = test::run(&test_args(&cfg, vec![], Format::Json));
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+    assert_eq!(
+        (v["ok"].as_bool(), v["passed"].as_u64(), v["failed"].as_u64()),
+        (Some(false), Some(1), Some(2))
+    );
+    assert_eq!(v["results"][2]["decision"]["rule"]["id"], "no-deletes-from-ci");
+    assert_eq!(v["results"][2]["decision"]["rule"]["line"], 15);
+}
+
+#[test]
+fn policy_test_runs_extra_test_files_named_after_their_policy() {
+    let (dir, cfg) = setup(API);
+    let extra = dir.path().join("security");
+    write(
+        &extra.join("api.toml"),
+        "[[test]]\nname = \"other repository\"\nidentity = { preset = \"bitbucket-pipelines\", claims = { repositoryUuid = \"{99999999-9999-4999-8999-999999999999}\", branchName = \"main\" } }\nrequest = \"POST /deploy/1\"\nexpect = \"allow\"\n",
+    );
+    let r = test::run(&test_args(&cfg, vec![extra.clone()], Format::Text));
+    assert_eq!(r.code, EXIT_FAILED, "{r:?}");
+    assert!(r.stdout.contains("security/api.toml:1: FAILED: other repository"), "{}", r.stdout);
+    assert!(r.stdout.contains("1 passed, 1 failed (2 test file(s))"), "{}", r.stdout);
+
+    // A rule id the policy does not define, a rule in a test file, an unknown name:
+    // bad input, each with its file:line.
+    write(&extra.join("api.toml"), "[[test]]\nname = \"x\"\nidentity = { issuer = \"corp\" }\nrequest = \"GET /\"\nexpect = \"deny\"\nrule = \"nope\"\n\n[[rule]]\nid = \"r\"\neffect = \"allow\"\nissuer = \"corp\"\n");
+    write(&extra.join("nothing-by-this-name.toml"), "");
+    let r = test::run(&test_args(&cfg, vec![extra.clone()], Format::Text));
+    assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+    assert!(r.stderr.contains("security/api.toml:6:8: test expects rule `nope`"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("security/api.toml:8:1: a test file holds only `[[test]]`"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("nothing-by-this-name.toml:1:1: no policy or route is named"),
+        "{}",
+        r.stderr
+    );
+
+    let r = test::run(&test_args(&cfg, vec![dir.path().join("missing")], Format::Text));
+    assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+    let r = test::run(&test_args(&dir.path().join("nope.toml"), vec![], Format::Json));
+    assert_eq!(r.code, EXIT_BAD_INPUT);
+    assert!(r.stdout.contains("\"ok\":false"), "{}", r.stdout);
+}
+
+// === explain ===
+
+fn explain_args(cfg: &Path, caller: Caller, request: &str) -> ExplainArgs {
+    ExplainArgs {
+        config: cfg.to_path_buf(),
+        caller,
+        issuer: None,
+        request: request.into(),
+        no_verify: false,
+        expect: None,
+        format: Format::Text,
+        verify_timeout: Duration::from_secs(2),
+    }
+}
+
+fn preset(name: &str, overrides: &[&str]) -> Caller {
+    Caller::Preset {
+        name: name.into(),
+        overrides: overrides.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+#[test]
+fn explain_names_every_rule_with_its_line_and_first_failed_condition() {
+    let (_dir, cfg) = setup(API);
+    let caller =
+        preset("bitbucket-pipelines", &[&format!("repositoryUuid={REPO}"), "branchName=feature/x"]);
+    let r = explain::run(&explain_args(&cfg, caller, "POST https://api.example.com/deploy/1"));
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    let o = &r.stdout;
+    assert!(o.contains("signature NOT verified: claims built from preset"), "{o}");
+    assert!(o.contains("route: `api`"), "{o}");
+    assert!(o.contains("decision: deny (policy-denied)"), "{o}");
+    assert!(
+        o.contains(
+            "api.toml:1: allow `engineers`: no match at 4:10: issuer = [\"corp\"], got \"bb\""
+        ),
+        "{o}"
+    );
+    assert!(o.contains("api.toml:7: allow `deploys`: no match at 13:63: ci.branch = [\"main\", \"release/*\"], got \"feature/x\""), "{o}");
+    assert!(o.contains("api.toml:15: deny  `no-deletes-from-ci`: no match at 19:11: methods = [\"DELETE\"], got \"POST\""), "{o}");
+
+    let caller = preset("bitbucket-pipelines", &[&format!("repositoryUuid={REPO}")]);
+    let mut args = explain_args(&cfg, caller, "POST https://api.example.com/deploy/1");
+    args.expect = Some(Effect::Allow);
+    let r = explain::run(&args);
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    assert!(r.stdout.contains("decision: allow (allowed) by rule `deploys` at"), "{}", r.stdout);
+    assert!(r.stdout.contains("api.toml:7"), "{}", r.stdout);
+    args.expect = Some(Effect::Deny);
+    assert_eq!(explain::run(&args).code, EXIT_FAILED);
+
+    // People, from a claims file; JSON for tools.
+    let dir = tempdir();
+    let claims = dir.path().join("alice.json");
+    write(
+        &claims,
+        r#"{"iss": "https://idp.example.com", "aud": "portcullis", "sub": "alice", "groups": ["engineering"]}"#,
+    );
+    let mut args =
+        explain_args(&cfg, Caller::Claims(claims), "DELETE https://api.example.com/anything");
+    args.format = Format::Json;
+    let r = explain::run(&args);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+    assert_eq!(v["decision"]["allowed"], true, "{}", r.stdout);
+    assert_eq!(v["deciding_rule"]["id"], "engineers");
+    assert_eq!(v["deciding_rule"]["line"], 1);
+    assert_eq!(v["verified"], false);
+    assert_eq!(v["rules"][0]["outcome"]["result"], "matched");
+    assert_eq!(v["rules"][1]["outcome"]["condition"], "issuer");
+    assert_eq!(v["rules"][1]["outcome"]["actual"], "\"corp\"");
+
+    // No route, bad request, unknown preset: said plainly.
+    let r =
+        explain::run(&explain_args(&cfg, preset("human", &[]), "GET https://other.example.com/"));
+    assert!(r.stdout.contains("decision: deny (no-route)"), "{}", r.stdout);
+    let r = explain::run(&explain_args(
+        &cfg,
+        preset("human", &[]),
+        "GET https://api.example.com/a/../admin",
+    ));
+    assert_eq!(r.code, EXIT_BAD_INPUT);
+    assert!(r.stderr.contains("ambiguous-path"), "{}", r.stderr);
+    assert_eq!(
+        explain::run(&explain_args(&cfg, preset("nope", &[]), "GET /")).code,
+        EXIT_BAD_INPUT
+    );
+}
+
+#[test]
+fn explain_decodes_a_token_but_never_prints_it() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    let (_dir, cfg) = setup(API);
+    let enc = |v: serde_json::Value| URL_SAFE_NO_PAD.encode(v.to_string());
+    let payload = serde_json::json!({
+        "iss": "https://idp.example.com", "aud": "portcullis", "sub": "alice",
+        "exp": 4_000_000_000u64, "groups": ["engineering"]
+    });
+    let token =
+        format!("{}.{}.{}", enc(serde_json::json!({"alg": "RS256"})), enc(payload), "c2lnbmF0dXJl");
+    let mut args = explain_args(&cfg, Caller::Token(token.clone()), "GET https://api.example.com/");
+    args.no_verify = true;
+    let r = explain::run(&args);
+    assert!(r.stdout.contains("signature NOT verified: --no-verify"), "{}", r.stdout);
+    assert!(r.stdout.contains("decision: allow (allowed) by rule `engineers`"), "{}", r.stdout);
+    assert!(!r.stdout.contains(&token) && !r.stderr.contains(&token));
+    assert!(!format!("{:?}", args.caller).contains(&token));
+
+    // Without --no-verify the issuer (example.com) is unreachable here: said so.
+    args.no_verify = false;
+    args.verify_timeout = Duration::from_millis(300);
+    let r = explain::run(&args);
+    assert!(
+        r.stdout.contains("signature NOT verified: the keys of issuer `corp` could not be fetched"),
+        "{}",
+        r.stdout
+    );
+    assert!(!r.stdout.contains(&token));
+
+    let r = explain::run(&explain_args(&cfg, Caller::Token("not-a-jwt".into()), "GET /"));
+    assert_eq!(r.code, EXIT_BAD_INPUT);
+}
+
+// === who ===
+
+#[test]
+fn who_summarizes_each_rule_in_words() {
+    let (_dir, cfg) = setup(API);
+    let args = |route: Option<&str>, request: Option<&str>, format| WhoArgs {
+        config: cfg.clone(),
+        route: route.map(str::to_string),
+        request: request.map(str::to_string),
+        format,
+    };
+    let r = who::run(&args(Some("api"), None, Format::Text));
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    let o = &r.stdout;
+    assert!(o.contains("route `api`: host api.example.com, paths under /, any method"), "{o}");
+    assert!(o.contains("`engineers` (") && o.contains("api.toml:1): people and services of `corp` (oidc) whose groups include `engineering`; any request"), "{o}");
+    assert!(o.contains("api.toml:7): pipelines of `bb` (bitbucket-pipelines) whose CI branch is `main` or matches `release/*` and CI repository is `{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}`; `POST` requests to paths matching `/deploy/*`"), "{o}");
+    assert!(o.contains("always denied"), "{o}");
+    assert!(o.contains("api.toml:15): all pipelines of `bb` (bitbucket-pipelines) or pipelines of `gh` (github-actions); `DELETE` requests"), "{o}");
+
+    // For one request, only the rules that apply to it.
+    let r = who::run(&args(None, Some("GET https://api.example.com/deploy/1"), Format::Text));
+    assert!(r.stdout.contains("`engineers`") && !r.stdout.contains("`deploys`"), "{}", r.stdout);
+    assert!(!r.stdout.contains("no-deletes-from-ci"), "{}", r.stdout);
+
+    let r = who::run(&args(Some("api"), None, Format::Json));
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+    assert_eq!(v[0]["allow"][1]["rule"]["id"], "deploys");
+    assert_eq!(v[0]["deny"][0]["what"][0], "`DELETE` requests");
+
+    assert_eq!(who::run(&args(Some("nope"), None, Format::Text)).code, EXIT_BAD_INPUT);
+    assert_eq!(
+        who::run(&args(None, Some("GET https://nowhere.example/"), Format::Text)).code,
+        EXIT_BAD_INPUT
+    );
+}
+
+// === diff ===
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=Test",
+            "-c",
+            "user.email=test@example.com",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("git: {e}"));
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn commit(dir: &Path, msg: &str) -> String {
+    git(dir, &["add", "-A"]);
+    git(dir, &["commit", "-q", "-m", msg]);
+    git(dir, &["rev-parse", "HEAD"])
+}
+
+fn diff_of(cfg: &Path, from: Option<&str>, to: Option<&str>) -> diff::PolicyDiff {
+    let args = DiffArgs {
+        config: cfg.to_path_buf(),
+        from: from.map(str::to_string),
+        to: to.map(str::to_string),
+        tests: vec![],
+        format: Format::Text,
+    };
+    match diff::compute(&args) {
+        Ok(d) => d,
+        Err(e) => panic!("diff: {e:?}"),
+    }
+}
+
+fn changes(d: &diff::PolicyDiff) -> Vec<(String, Access, &'static str, String)> {
+    d.routes
+        .iter()
+        .flat_map(|r| {
+            r.rules.iter().map(|c| {
+                let id = c.after.as_ref().or(c.before.as_ref()).map(|s| s.rule.id.to_string());
+                (r.route.clone(), c.access, c.kind, id.unwrap_or_default())
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn diff_follows_real_commits() {
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let api = root.join("policies/api.toml");
+
+    // 1. A rule added: access gained.
+    let added = format!("{API}\n[[rule]]\nid = \"sre\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"sre\"]\n");
+    write(&api, &added);
+    let c2 = commit(root, "add sre");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    assert_eq!(changes(&d), vec![("api".into(), Access::Gained, "added", "sre".into())]);
+    assert_eq!(d.from, git(root, &["rev-parse", "--short=12", &c1]));
+
+    // 2. A rule narrowed (release branches dropped): access lost, and the test of a
+    // release branch flips.
+    let narrowed = added.replace("branch = [\"main\", \"release/*\"]", "branch = [\"main\"]")
+        + &format!("\n[[test]]\nname = \"release deploys\"\nidentity = {{ preset = \"bitbucket-pipelines\", claims = {{ repositoryUuid = \"{REPO}\", branchName = \"release/1\" }} }}\nrequest = \"POST /deploy/1\"\nexpect = \"deny\"\n");
+    write(&api, &narrowed);
+    let c3 = commit(root, "narrow deploys");
+    let d = diff_of(&cfg, Some(&c2), Some(&c3));
+    assert_eq!(changes(&d), vec![("api".into(), Access::Lost, "narrowed", "deploys".into())]);
+    let flips = &d.routes[0].flipped_tests;
+    assert_eq!(flips.len(), 1, "{flips:?}");
+    assert_eq!(flips[0].name, "release deploys");
+    assert!(flips[0].before.allowed && !flips[0].after.allowed);
+    assert_eq!(flips[0].before.rule.as_ref().map(|r| r.id.to_string()), Some("deploys".into()));
+    let md = diff::render(&d, Format::Markdown);
+    assert!(md.contains(":lock: **Access lost**"), "{md}");
+    assert!(md.contains("| release deploys (`policies/api.toml:"), "{md}");
+    assert!(
+        md.contains("| allow (`deploys`, policies/api.toml:7) | deny (policy-denied) |"),
+        "{md}"
+    );
+
+    // 3. A rule removed: access lost; the deny removed: access gained.
+    let removed = narrowed.replace("[[rule]]\nid = \"engineers\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"engineering\"]\n", "")
+        .replace("[[rule]]\nid = \"no-deletes-from-ci\"\neffect = \"deny\"\nissuer = [\"bb\", \"gh\"]\nmethods = [\"DELETE\"]\n", "");
+    write(&api, &removed);
+    let c4 = commit(root, "remove engineers and the delete ban");
+    let mut got = changes(&diff_of(&cfg, Some(&c3), Some(&c4)));
+    got.sort_by(|a, b| a.3.cmp(&b.3));
+    assert_eq!(
+        got,
+        vec![
+            ("api".into(), Access::Lost, "removed", "engineers".into()),
+            ("api".into(), Access::Gained, "removed", "no-deletes-from-ci".into()),
+        ]
+    );
+
+    // 4. The policy file renamed (and the route pointed at it): the same route, no
+    // access change, the rename reported.
+    git(root, &["mv", "policies/api.toml", "policies/public-api.toml"]);
+    write(&cfg, &CONFIG.replace("policy = \"api\"", "policy = \"public-api\""));
+    let c5 = commit(root, "rename");
+    let d = diff_of(&cfg, Some(&c4), Some(&c5));
+    assert_eq!(d.routes.len(), 1, "{d:?}");
+    assert!(d.routes[0].rules.is_empty() && d.routes[0].flipped_tests.is_empty(), "{d:?}");
+    assert_eq!(d.routes[0].policy_after.as_deref(), Some(Path::new("policies/public-api.toml")));
+    assert!(diff::render(&d, Format::Text)
+        .contains("policy file renamed: policies/api.toml -> policies/public-api.toml"));
+
+    // Nothing changed between a revision and itself; the working tree is the default
+    // TO, read without committing; the default FROM is the merge-base with main.
+    assert!(diff_of(&cfg, Some(&c5), Some(&c5)).routes.is_empty());
+    git(root, &["checkout", "-q", "-b", "feature"]);
+    let renamed = root.join("policies/public-api.toml");
+    let text = std::fs::read_to_string(&renamed).unwrap_or_default();
+    write(&renamed, &text.replace("groups_any = [\"sre\"]", "groups_any = [\"sre\", \"interns\"]"));
+    let d = diff_of(&cfg, None, None);
+    assert_eq!(d.to, "working tree");
+    assert_eq!(d.from, git(root, &["rev-parse", "--short=12", &c5]));
+    assert_eq!(changes(&d), vec![("api".into(), Access::Gained, "widened", "sre".into())]);
+    // Nothing was checked out over the work in progress.
+    assert!(std::fs::read_to_string(&renamed).unwrap_or_default().contains("interns"));
+
+    // Bad input: an unknown revision, a directory outside git.
+    let r = diff::run(&DiffArgs {
+        config: cfg.clone(),
+        from: Some("no-such-rev".into()),
+        to: None,
+        tests: vec![],
+        format: Format::Text,
+    });
+    assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+    let (_other, outside) = setup(API);
+    let r = diff::run(&DiffArgs {
+        config: outside,
+        from: Some("HEAD".into()),
+        to: None,
+        tests: vec![],
+        format: Format::Json,
+    });
+    assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+}
+
+#[test]
+fn every_matcher_example_in_the_reference_compiles() {
+    let readme = include_str!("../../policies/README.md");
+    let start = readme.find("### Every matcher, by example").unwrap_or(0);
+    let end = readme[start..].find("### `claims`").map_or(readme.len(), |e| start + e);
+    let mut catalog = Catalog::default();
+    for (name, preset) in [
+        ("corp", crate::identity::Preset::Oidc),
+        ("bitbucket", crate::identity::Preset::BitbucketPipelines),
+        ("github", crate::identity::Preset::GithubActions),
+        ("gitlab", crate::identity::Preset::GitlabCi),
+    ] {
+        catalog.issuers.insert(name.into(), preset);
+    }
+    let blocks: Vec<&str> = readme[start..end]
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .collect();
+    assert!(blocks.len() >= 11, "one example per matcher: {}", blocks.len());
+    for b in blocks {
+        if let Err(d) = Policy::parse(&Source::new("README.md", b), &catalog) {
+            panic!("{b}\n{:?}", d.into_sorted());
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! `portcullis policy who -c FILE [--route NAME | --request "GET https://host/path"]`:
+//! who can reach a route, rule by rule, in words a reviewer can check against intent.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use super::explain::RequestLine;
+use super::snapshot::{RouteView, Snapshot};
+use super::{Format, Report, EXIT_OK};
+use crate::config::Config;
+use crate::policy::{Effect, Policy, RuleSummary};
+
+#[derive(Debug, Clone)]
+pub struct WhoArgs {
+    pub config: PathBuf,
+    /// One route by name; with neither this nor `request`, every route.
+    pub route: Option<String>,
+    /// `METHOD URL`: the route that takes it, and only the rules that apply to it.
+    pub request: Option<String>,
+    pub format: Format,
+}
+
+/// Who can reach one route (for one request, if given).
+#[derive(Debug, Clone)]
+pub struct RouteAccess {
+    pub route: RouteView,
+    pub request: Option<String>,
+    pub allows: Vec<RuleSummary>,
+    pub denies: Vec<RuleSummary>,
+}
+
+pub fn run(args: &WhoArgs) -> Report {
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            let p: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+            return Report::bad_input(args.format, &p);
+        }
+    };
+    let snapshot = Snapshot::from_config(&config);
+    let mut access = Vec::new();
+    match (&args.route, &args.request) {
+        (Some(_), Some(_)) => {
+            return Report::bad_input(args.format, &["give --route or --request, not both".into()])
+        }
+        (Some(name), None) => match snapshot.route(name) {
+            Some(r) => access.push(route_access(&snapshot, r, None)),
+            None => return unknown_route(args.format, &snapshot, name),
+        },
+        (None, Some(line)) => {
+            let req = match RequestLine::parse(line) {
+                Ok(r) => r,
+                Err(e) => return Report::bad_input(args.format, &[e]),
+            };
+            let Some(r) = config.route(&req.host, &req.path, &req.method) else {
+                return Report::bad_input(
+                    args.format,
+                    &[format!("no route takes {line} (the proxy answers `no-route`)")],
+                );
+            };
+            let Some(view) = snapshot.route(&r.name) else {
+                return Report::bad_input(args.format, &[format!("route `{}` vanished", r.name)]);
+            };
+            access.push(route_access(&snapshot, view, Some(&req)));
+        }
+        (None, None) => {
+            access.extend(snapshot.routes.iter().map(|r| route_access(&snapshot, r, None)));
+        }
+    }
+    let out = match args.format {
+        Format::Json => super::json(&json!(access.iter().map(to_json).collect::<Vec<_>>())),
+        Format::Text => access.iter().map(text).collect::<Vec<_>>().join("\n"),
+        Format::Markdown => access.iter().map(markdown).collect::<Vec<_>>().join("\n"),
+    };
+    Report::new(EXIT_OK, out)
+}
+
+fn unknown_route(format: Format, snapshot: &Snapshot, name: &str) -> Report {
+    let names: Vec<&str> = snapshot.routes.iter().map(|r| r.name.as_str()).collect();
+    Report::bad_input(format, &[format!("no route `{name}` (routes: {})", names.join(", "))])
+}
+
+/// The summaries of a route's live policy; with a request, only the rules whose
+/// request conditions admit it.
+pub fn route_access(
+    snapshot: &Snapshot,
+    route: &RouteView,
+    req: Option<&RequestLine>,
+) -> RouteAccess {
+    let (allows, denies) = summaries(&route.policy, snapshot, req);
+    RouteAccess { route: route.clone(), request: req.map(|r| r.to_string()), allows, denies }
+}
+
+fn summaries(
+    policy: &Policy,
+    snapshot: &Snapshot,
+    req: Option<&RequestLine>,
+) -> (Vec<RuleSummary>, Vec<RuleSummary>) {
+    let rules = policy.rules().iter().filter(|r| req.is_none_or(|q| r.admits_request(&q.facts())));
+    let all: Vec<RuleSummary> = rules.map(|r| r.summary(&snapshot.catalog)).collect();
+    all.into_iter().partition(|s| s.effect == Effect::Allow)
+}
+
+fn to_json(a: &RouteAccess) -> serde_json::Value {
+    json!({
+        "route": a.route.name,
+        "match": { "host": a.route.host, "path_prefix": a.route.path_prefix, "methods": a.route.methods },
+        "policy": a.route.policy.file(),
+        "shadow_policy": a.route.shadow.as_ref().map(|s| s.file()),
+        "request": a.request,
+        "allow": a.allows,
+        "deny": a.denies,
+        "default": "deny",
+    })
+}
+
+/// A bullet for a rule: `` `id` (file:line): who; what ``.
+pub fn bullet(s: &RuleSummary) -> String {
+    let mut b = format!(
+        "`{}` ({}:{}): {}; {}",
+        s.rule.id,
+        s.rule.file.display(),
+        s.rule.line,
+        s.who_phrase(),
+        s.what_phrase()
+    );
+    if let Some(r) = &s.upstream_role {
+        let _ = write!(b, "; as upstream role `{r}`");
+    }
+    if let Some(d) = &s.description {
+        let _ = write!(b, " — \"{d}\"");
+    }
+    b
+}
+
+fn text(a: &RouteAccess) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "route `{}`: {}", a.route.name, a.route.describe());
+    let _ = writeln!(o, "  policy: {}", a.route.policy.file().display());
+    if let Some(s) = &a.route.shadow {
+        let _ = writeln!(o, "  shadow policy (evaluated, not enforced): {}", s.file().display());
+    }
+    if let Some(r) = &a.request {
+        let _ = writeln!(o, "  only rules that apply to: {r}");
+    }
+    if a.allows.is_empty() {
+        let _ = writeln!(o, "  nobody is allowed: no allow rule applies");
+    } else {
+        let _ = writeln!(o, "  allowed (the first matching allow decides):");
+        for s in &a.allows {
+            let _ = writeln!(o, "    - {}", bullet(s));
+        }
+    }
+    if !a.denies.is_empty() {
+        let _ = writeln!(o, "  always denied, whatever the allows say (deny wins):");
+        for s in &a.denies {
+            let _ = writeln!(o, "    - {}", bullet(s));
+        }
+    }
+    let _ = writeln!(o, "  everyone else: denied (default deny)");
+    o
+}
+
+fn markdown(a: &RouteAccess) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "### Route `{}`\n", a.route.name);
+    let _ = writeln!(o, "{}; policy `{}`\n", a.route.describe(), a.route.policy.file().display());
+    if let Some(r) = &a.request {
+        let _ = writeln!(o, "Only rules that apply to `{r}`.\n");
+    }
+    let _ = writeln!(o, "**Allowed** (the first matching allow decides):\n");
+    if a.allows.is_empty() {
+        let _ = writeln!(o, "- nobody");
+    }
+    for s in &a.allows {
+        let _ = writeln!(o, "- {}", bullet(s));
+    }
+    if !a.denies.is_empty() {
+        let _ = writeln!(o, "\n**Always denied** (deny wins):\n");
+        for s in &a.denies {
+            let _ = writeln!(o, "- {}", bullet(s));
+        }
+    }
+    let _ = writeln!(o, "\nEveryone else is denied.");
+    o
+}
