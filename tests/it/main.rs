@@ -9,6 +9,7 @@
 //!   WebSocket, HTTP/2 both sides, timeouts, upstream failures, size limits.
 //! - `lifecycle`: reload (good, bad, via file watcher), graceful drain, readiness, metrics.
 //! - `cli`: the real binary: `check` diagnostics, and the README's demo flow.
+//! - `sso`: browser sign-in with a cookie-keeping client against the dev issuer.
 //! - `interop`: a real OpenID provider (npm `oidc-provider`) issuing JWT access tokens,
 //!   key rotation included.
 
@@ -18,4 +19,5 @@ mod forwarding;
 mod interop;
 mod lifecycle;
 mod proxy;
+mod sso;
 mod support;
