@@ -9,10 +9,12 @@
 //!   WebSocket, HTTP/2 both sides, timeouts, upstream failures, size limits.
 //! - `lifecycle`: reload (good, bad, via file watcher), graceful drain, readiness, metrics.
 //! - `cli`: the real binary: `check` diagnostics, and the README's demo flow.
+//! - `browser`: headless Chromium signs in at npm `oidc-provider` through the proxy.
 //! - `sso`: browser sign-in with a cookie-keeping client against the dev issuer.
 //! - `interop`: a real OpenID provider (npm `oidc-provider`) issuing JWT access tokens,
 //!   key rotation included.
 
+mod browser;
 mod checklist;
 mod cli;
 mod forwarding;
