@@ -37,6 +37,8 @@ impl std::fmt::Debug for DevLogin {
     }
 }
 
+type RefreshGrant = (String, Vec<String>, String);
+
 struct Grant {
     user: String,
     groups: Vec<String>,
@@ -65,7 +67,8 @@ struct Inner {
     client_secret: String,
     signer: DevSigner,
     codes: Mutex<HashMap<String, Grant>>,
-    refresh: Mutex<HashMap<String, (String, Vec<String>, String)>>,
+    /// Refresh token → (user, groups, access token).
+    refresh: Mutex<HashMap<String, RefreshGrant>>,
     hooks: Mutex<Hooks>,
     code_exchanges: AtomicU64,
     refreshes: AtomicU64,

@@ -131,12 +131,15 @@ pub struct Answer {
     pub identity: Option<Arc<Identity>>,
 }
 
+/// One refresh in flight (or just done), shared by requests with the same token.
+type Flight = (Instant, Arc<tokio::sync::OnceCell<Option<SessionData>>>);
+
 /// Session state of one configuration generation.
 pub struct Sessions {
     pub settings: SessionSettings,
     sealer: Sealer,
     providers: Vec<Arc<Provider>>,
-    flights: Mutex<HashMap<[u8; 32], (Instant, Arc<tokio::sync::OnceCell<Option<SessionData>>>)>>,
+    flights: Mutex<HashMap<[u8; 32], Flight>>,
     /// Refresh-token exchanges made (tests assert single flight with it).
     pub refreshes: AtomicU64,
 }

@@ -49,7 +49,7 @@ pub fn rejection(
         escape(request_id)
     );
     if let Some(link) = sign_in {
-        let _ = write!(b, "<p><a class=\"button\" href=\"{}\">Sign in</a></p>\n", escape(link));
+        let _ = writeln!(b, "<p><a class=\"button\" href=\"{}\">Sign in</a></p>", escape(link));
     }
     b.push_str("<p>If you think you should have access, send the request id to the team that runs this service.</p>");
     page(title, &b)

@@ -83,7 +83,13 @@ impl Browser {
 
     /// From a protected URL to the provider's form, submit it, and stop at the
     /// callback URL (not yet followed).
-    async fn to_callback(&mut self, w: &World, path: &str, user: &str, groups: &[&str]) -> String {
+    async fn through_provider(
+        &mut self,
+        w: &World,
+        path: &str,
+        user: &str,
+        groups: &[&str],
+    ) -> String {
         let r = self.get(w, &w.url(path)).await;
         assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
         let authorize = location(&r);
@@ -101,7 +107,7 @@ impl Browser {
 
     /// The whole sign-in; returns the final response of the protected URL.
     async fn sign_in(&mut self, w: &World, path: &str, user: &str, groups: &[&str]) -> Resp {
-        let callback = self.to_callback(w, path, user, groups).await;
+        let callback = self.through_provider(w, path, user, groups).await;
         let r = self.get(w, &callback).await;
         assert_eq!(r.status, StatusCode::FOUND, "callback: {}", r.text());
         let back = location(&r);
@@ -153,7 +159,7 @@ async fn browser_signs_in_and_reuses_the_session() {
     }
 
     let mut b = Browser::new();
-    let callback = b.to_callback(&w, "/app/page?x=1", "alice", &["engineering"]).await;
+    let callback = b.through_provider(&w, "/app/page?x=1", "alice", &["engineering"]).await;
     let r = b.get(&w, &callback).await;
     assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
     assert_eq!(location(&r), w.url("/app/page?x=1"));
@@ -253,7 +259,7 @@ async fn tampered_tossed_or_unknown_key_cookies_are_refused() {
 async fn wrong_state_missing_login_cookie_and_replayed_code_fail() {
     let w = sso_world("").await;
     let mut b = Browser::new();
-    let callback = b.to_callback(&w, "/", "alice", &["engineering"]).await;
+    let callback = b.through_provider(&w, "/", "alice", &["engineering"]).await;
     // Forged state (CSRF): the callback's state has no sign-in cookie.
     let forged = callback.replace("state=", "state=AAAAAAAAAAAAAAAAAAAA");
     let r = b.get(&w, &forged).await;
@@ -283,7 +289,7 @@ async fn nonce_mismatch_creates_no_session() {
     let w = sso_world("").await;
     login(&w).set_nonce_override(Some("not-the-nonce"));
     let mut b = Browser::new();
-    let callback = b.to_callback(&w, "/", "alice", &["engineering"]).await;
+    let callback = b.through_provider(&w, "/", "alice", &["engineering"]).await;
     let r = b.get(&w, &callback).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(b.session_cookie().is_none());
@@ -499,7 +505,7 @@ async fn large_sessions_are_chunked_and_reassembled() {
 async fn nothing_secret_reaches_the_audit_log() {
     let w = sso_world("").await;
     let mut b = Browser::new();
-    let callback = b.to_callback(&w, "/", "alice", &["engineering"]).await;
+    let callback = b.through_provider(&w, "/", "alice", &["engineering"]).await;
     let login_cookie = b.jar.values().next().cloned().unwrap_or_default();
     let r = b.get(&w, &callback).await;
     assert_eq!(r.status, StatusCode::FOUND);
