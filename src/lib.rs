@@ -14,6 +14,7 @@
 //!   normalization, header hygiene, forwarding, the upstream identity assertion.
 //! - [`identity`]: credential extraction, issuer registry, JWKS cache, JWT verification,
 //!   [`identity::Identity`] and its normalized [`identity::CiContext`].
+//! - [`session`]: browser SSO: OpenID Connect login, sealed session cookies, refresh.
 //! - [`policy`]: per-route TOML policies compiled once, evaluated per request into a
 //!   [`policy::Decision`] that names the deciding rule and its `file:line`.
 //! - [`audit`]: the one JSON event per request, written off the hot path.
@@ -35,5 +36,6 @@ pub mod policy;
 pub mod reason;
 pub mod review;
 pub mod server;
+pub mod session;
 pub mod tls;
 pub mod util;

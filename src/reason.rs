@@ -68,6 +68,18 @@ pub enum Reason {
     UpstreamTimeout,
     /// The proxy failed in a way that is its own fault.
     InternalError,
+    /// A browser without a session was sent to sign in (302), or an API caller on a
+    /// sign-in route was told to.
+    LoginRequired,
+    /// The sign-in callback failed: state, code exchange or ID-token checks.
+    LoginFailed,
+    /// The session cookie is tampered, sealed with an unknown key, duplicated, or its
+    /// issuer is not accepted here.
+    SessionInvalid,
+    /// The session passed its absolute or idle lifetime, or could not be refreshed.
+    SessionExpired,
+    /// A return or post-logout target that is not a host this proxy serves.
+    InvalidRedirect,
 }
 
 impl Reason {
@@ -104,6 +116,11 @@ impl Reason {
             Reason::UpstreamUnavailable => "upstream-unavailable",
             Reason::UpstreamTimeout => "upstream-timeout",
             Reason::InternalError => "internal-error",
+            Reason::LoginRequired => "login-required",
+            Reason::LoginFailed => "login-failed",
+            Reason::SessionInvalid => "invalid-session",
+            Reason::SessionExpired => "session-expired",
+            Reason::InvalidRedirect => "invalid-redirect",
         }
     }
 
@@ -137,8 +154,13 @@ impl Reason {
             Reason::Allowed | Reason::Internal => StatusCode::OK,
             Reason::NoRoute => StatusCode::NOT_FOUND,
             Reason::MisdirectedRequest => StatusCode::MISDIRECTED_REQUEST,
-            Reason::AmbiguousPath | Reason::BadRequest | Reason::AmbiguousCredentials => {
-                StatusCode::BAD_REQUEST
+            Reason::AmbiguousPath
+            | Reason::BadRequest
+            | Reason::AmbiguousCredentials
+            | Reason::LoginFailed
+            | Reason::InvalidRedirect => StatusCode::BAD_REQUEST,
+            Reason::LoginRequired | Reason::SessionInvalid | Reason::SessionExpired => {
+                StatusCode::UNAUTHORIZED
             }
             Reason::MissingToken
             | Reason::MalformedToken
@@ -168,7 +190,14 @@ impl Reason {
 
     /// Whether this reason comes from the credential (→ `WWW-Authenticate: Bearer error=...`).
     pub const fn is_token_problem(self) -> bool {
-        matches!(self.status(), StatusCode::UNAUTHORIZED) && !matches!(self, Reason::MissingToken)
+        matches!(self.status(), StatusCode::UNAUTHORIZED)
+            && !matches!(
+                self,
+                Reason::MissingToken
+                    | Reason::LoginRequired
+                    | Reason::SessionInvalid
+                    | Reason::SessionExpired
+            )
     }
 }
 

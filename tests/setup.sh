@@ -14,6 +14,9 @@ need_apt() { # need_apt PACKAGE... : install the Debian packages that are missin
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 
+# Chromium for the browser SSO test (tests/e2e/browser.mjs drives it with playwright-core).
+need_apt chromium
+
 # Node.js + npm for the real OpenID provider (oidc-provider) and the browser driver.
 command -v node >/dev/null && command -v npm >/dev/null || need_apt nodejs npm
 if [ ! -d tests/node/node_modules/oidc-provider ] || [ tests/node/package-lock.json -nt tests/node/node_modules/.package-lock.json ]; then

@@ -35,7 +35,72 @@ pub struct Config {
     pub files: Vec<PathBuf>,
     /// Policy lint warnings (errors fail the load); printed by `check` and at start-up.
     pub warnings: Vec<Diagnostic>,
+    /// `[session]`: present whenever an issuer has `login`.
+    pub session: Option<SessionSettings>,
+    /// Issuers the proxy can sign browsers in with (`[issuers.NAME] login = {...}`).
+    pub logins: Vec<LoginSettings>,
 }
+
+/// Where a secret comes from. Resolved when a server starts, never at `check`, so a
+/// config can be checked where the secret does not exist (CI).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Env(String),
+    File(PathBuf),
+}
+
+impl SecretSource {
+    /// The secret's text, trimmed. The error names the source, never the value.
+    pub fn read(&self) -> Result<String, String> {
+        let v = match self {
+            SecretSource::Env(name) => std::env::var(name)
+                .map_err(|_| format!("environment variable `{name}` is not set"))?,
+            SecretSource::File(p) => std::fs::read_to_string(p)
+                .map_err(|e| format!("secret file `{}`: {e}", p.display()))?,
+        };
+        let v = v.trim().to_string();
+        if v.is_empty() {
+            return Err(format!("{} is empty", self.describe()));
+        }
+        Ok(v)
+    }
+    pub fn describe(&self) -> String {
+        match self {
+            SecretSource::Env(name) => format!("environment variable `{name}`"),
+            SecretSource::File(p) => format!("secret file `{}`", p.display()),
+        }
+    }
+}
+
+/// The proxy as an OpenID relying party of one issuer.
+#[derive(Debug, Clone)]
+pub struct LoginSettings {
+    pub issuer: IssuerId,
+    pub client_id: String,
+    pub client_secret: SecretSource,
+    /// Always contains `openid`.
+    pub scopes: Vec<String>,
+    /// The callback path on every host (default `/.portcullis/callback`).
+    pub redirect_path: String,
+    pub extra_params: Vec<(String, String)>,
+    pub post_logout_redirect: Option<String>,
+}
+
+/// `[session]`, compiled.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    /// Starts with `_portcullis`, so header hygiene strips it before forwarding.
+    pub cookie_name: String,
+    pub cookie_domain: Option<String>,
+    /// Base64 AES-256 keys, one per line or comma-separated; the first seals.
+    pub keys: SecretSource,
+    pub absolute_lifetime: Duration,
+    pub idle_lifetime: Duration,
+    pub refresh_before: Duration,
+}
+
+/// The default callback path; under `/.portcullis/` with the other endpoints.
+pub const DEFAULT_REDIRECT_PATH: &str = "/.portcullis/callback";
 
 #[derive(Debug, Clone, Default)]
 pub struct Listen {
@@ -147,6 +212,15 @@ pub struct RouteSettings {
     pub preserve_host: bool,
     pub strip_headers: Vec<HeaderName>,
     pub single_use_tokens: bool,
+    /// Issuers whose credentials the route accepts; `None`: every issuer.
+    pub issuers: Option<Vec<IssuerId>>,
+}
+
+impl RouteSettings {
+    /// Whether the route takes credentials from this issuer.
+    pub fn accepts(&self, issuer: &IssuerId) -> bool {
+        self.issuers.as_ref().is_none_or(|list| list.contains(issuer))
+    }
 }
 
 impl RouteSettings {
@@ -208,7 +282,8 @@ impl IpNet {
 
 const DEFAULT_BODY_LIMIT: u64 = 10 * 1024 * 1024;
 const MAX_LEEWAY: Duration = Duration::from_secs(300);
-const TOP_LEVEL: &[&str] = &["listen", "tls", "server", "assertion", "audit", "issuers", "routes"];
+const TOP_LEVEL: &[&str] =
+    &["listen", "tls", "server", "assertion", "audit", "session", "issuers", "routes"];
 
 impl Config {
     /// Loads and compiles a configuration and every policy it names.
@@ -236,6 +311,16 @@ impl Config {
 
     pub fn issuer(&self, id: &str) -> Option<&IssuerSettings> {
         self.issuers.iter().find(|i| i.id.as_str() == id)
+    }
+
+    /// The login settings of an issuer, if browsers can sign in with it.
+    pub fn login(&self, id: &IssuerId) -> Option<&LoginSettings> {
+        self.logins.iter().find(|l| &l.issuer == id)
+    }
+
+    /// The issuers a browser may sign in with on a route, in configuration order.
+    pub fn login_issuers(&self, route: &RouteSettings) -> Vec<&LoginSettings> {
+        self.logins.iter().filter(|l| route.accepts(&l.issuer)).collect()
     }
 }
 
@@ -286,6 +371,7 @@ impl Compiler<'_> {
         let mut server = raw::Server::default();
         let mut assertion = raw::Assertion::default();
         let mut audit = raw::Audit::default();
+        let mut session: Option<(std::ops::Range<usize>, raw::Session)> = None;
         let mut issuers: Vec<(Spanned<String>, raw::Issuer)> = Vec::new();
         let mut routes: Vec<raw::Route> = Vec::new();
         let mut saw_routes = false;
@@ -298,6 +384,10 @@ impl Compiler<'_> {
                 "server" => server = self.section(value).unwrap_or_default(),
                 "assertion" => assertion = self.section(value).unwrap_or_default(),
                 "audit" => audit = self.section(value).unwrap_or_default(),
+                "session" => {
+                    let vspan = value.span();
+                    session = self.section(value).map(|s| (vspan, s));
+                }
                 "issuers" => {
                     let vspan = value.span();
                     match value.into_inner() {
@@ -357,7 +447,9 @@ impl Compiler<'_> {
         // Every declared issuer goes into the catalog, even one with errors of its own,
         // so its policies are still checked (and not drowned in "not declared" noise).
         let mut catalog = Catalog { issuers: BTreeMap::new() };
-        for (name, raw) in issuers {
+        let mut logins = Vec::new();
+        let mut first_login_span = None;
+        for (name, mut raw) in issuers {
             if !seen.insert(name.get_ref().clone()) {
                 self.err(name.span(), format!("duplicate issuer `{}`", name.get_ref()));
             }
@@ -367,10 +459,24 @@ impl Compiler<'_> {
                 .and_then(|p| Preset::parse(p.get_ref()))
                 .unwrap_or(Preset::Oidc);
             catalog.issuers.insert(name.get_ref().clone(), preset);
+            if let Some(login) = raw.login.take() {
+                first_login_span.get_or_insert(login.span());
+                if let Some(l) = self.login(&name, preset, login) {
+                    logins.push(l);
+                }
+            }
             if let Some(i) = self.issuer(&name, raw) {
                 compiled_issuers.push(i);
             }
         }
+        let session = match (session, first_login_span) {
+            (Some((span, s)), _) => self.session(span, s),
+            (None, Some(span)) => {
+                self.err(span, "`login` needs a [session] section (cookie keys, lifetimes)");
+                None
+            }
+            (None, None) => None,
+        };
 
         let mut files = vec![self.source.path.to_path_buf()];
         let mut warnings = Vec::new();
@@ -415,6 +521,8 @@ impl Compiler<'_> {
             routes: compiled_routes.into_iter().map(|(_, r)| Arc::new(r)).collect(),
             files,
             warnings,
+            session,
+            logins,
         })
     }
 
@@ -665,6 +773,205 @@ impl Compiler<'_> {
         (self.diags.len() == start).then_some(settings)
     }
 
+    fn secret(
+        &mut self,
+        what: &str,
+        span: std::ops::Range<usize>,
+        env: Option<&Spanned<String>>,
+        file: Option<&Spanned<String>>,
+    ) -> Option<SecretSource> {
+        match (env, file) {
+            (Some(e), None) => {
+                let name = e.get_ref();
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    self.err(e.span(), format!("`{name}` is not an environment variable name"));
+                }
+                Some(SecretSource::Env(name.clone()))
+            }
+            (None, Some(f)) => Some(SecretSource::File(self.path(f.get_ref()))),
+            (Some(e), Some(_)) => {
+                self.err(e.span(), format!("set one of `{what}_env` and `{what}_file`, not both"));
+                None
+            }
+            (None, None) => {
+                self.err(span, format!("missing `{what}_env` or `{what}_file`"));
+                None
+            }
+        }
+    }
+
+    fn login(
+        &mut self,
+        name: &Spanned<String>,
+        preset: Preset,
+        login: Spanned<raw::Login>,
+    ) -> Option<LoginSettings> {
+        let start = self.diags.len();
+        let span = login.span();
+        let l = login.into_inner();
+        if preset != Preset::Oidc {
+            self.err(
+                span.clone(),
+                "`login` is for OpenID providers people sign in with, not CI presets",
+            );
+        }
+        if l.client_id.get_ref().trim().is_empty() {
+            self.err(l.client_id.span(), "empty `client_id`");
+        }
+        if let Some(inline) = &l.client_secret {
+            self.err(
+                inline.span(),
+                "client secrets never go into the config file (it lives in git): use `client_secret_env` or `client_secret_file`",
+            );
+        }
+        let client_secret = self.secret(
+            "client_secret",
+            span.clone(),
+            l.client_secret_env.as_ref(),
+            l.client_secret_file.as_ref(),
+        );
+        let scopes: Vec<String> = match &l.scopes {
+            None => vec!["openid".into(), "email".into(), "profile".into()],
+            Some(list) => {
+                let v: Vec<String> = list.get_ref().iter().map(|s| s.get_ref().clone()).collect();
+                if !v.iter().any(|s| s == "openid") {
+                    self.err(list.span(), "`scopes` must include \"openid\"");
+                }
+                for s in list.get_ref() {
+                    if s.get_ref().is_empty()
+                        || s.get_ref().chars().any(|c| c.is_whitespace() || c == '"' || c == '\\')
+                    {
+                        self.err(s.span(), "a scope is one token without spaces or quotes");
+                    }
+                }
+                v
+            }
+        };
+        let redirect_path = match &l.redirect_path {
+            None => DEFAULT_REDIRECT_PATH.to_string(),
+            Some(p) => {
+                let v = p.get_ref();
+                if !v.starts_with("/.portcullis/")
+                    || v.contains("..")
+                    || v.contains(['?', '#', '%', '\\'])
+                {
+                    self.err(p.span(), "`redirect_path` is a literal path under `/.portcullis/` (e.g. \"/.portcullis/callback\")");
+                }
+                v.clone()
+            }
+        };
+        let mut extra_params = Vec::new();
+        if let Some(extra) = &l.extra_params {
+            for (k, v) in extra.get_ref() {
+                const RESERVED: &[&str] = &[
+                    "response_type",
+                    "client_id",
+                    "redirect_uri",
+                    "scope",
+                    "state",
+                    "nonce",
+                    "code_challenge",
+                    "code_challenge_method",
+                ];
+                if RESERVED.contains(&k.as_str()) {
+                    self.err(
+                        extra.span(),
+                        format!("`{k}` is set by the proxy and cannot be overridden"),
+                    );
+                }
+                extra_params.push((k.clone(), v.get_ref().clone()));
+            }
+        }
+        if let Some(p) = &l.post_logout_redirect {
+            let ok = p.get_ref().starts_with("https://")
+                || (p.get_ref().starts_with('/') && !p.get_ref().starts_with("//"));
+            if !ok {
+                self.err(
+                    p.span(),
+                    "`post_logout_redirect` is an https URL or a path starting with `/`",
+                );
+            }
+        }
+        let settings = LoginSettings {
+            issuer: IssuerId(Arc::from(name.get_ref().as_str())),
+            client_id: l.client_id.get_ref().clone(),
+            client_secret: client_secret?,
+            scopes,
+            redirect_path,
+            extra_params,
+            post_logout_redirect: l.post_logout_redirect.map(Spanned::into_inner),
+        };
+        (self.diags.len() == start).then_some(settings)
+    }
+
+    fn session(
+        &mut self,
+        span: std::ops::Range<usize>,
+        s: raw::Session,
+    ) -> Option<SessionSettings> {
+        let start = self.diags.len();
+        let cookie_name = match &s.cookie_name {
+            None => "_portcullis".to_string(),
+            Some(n) => {
+                let v = n.get_ref();
+                if !v.starts_with("_portcullis")
+                    || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    self.err(
+                        n.span(),
+                        "`cookie_name` starts with `_portcullis` (so it is never forwarded upstream) and uses letters, digits, `_`, `-`",
+                    );
+                }
+                if v.starts_with("_portcullis_login") {
+                    self.err(
+                        n.span(),
+                        "`_portcullis_login*` is the sign-in cookie; pick another name",
+                    );
+                }
+                v.clone()
+            }
+        };
+        let cookie_domain = s.cookie_domain.as_ref().map(|d| {
+            let v = d.get_ref().trim_start_matches('.').to_ascii_lowercase();
+            if v.is_empty()
+                || !v.contains('.') && v != "localhost"
+                || v.contains(['/', ':', ' ', ';', '*'])
+            {
+                self.err(
+                    d.span(),
+                    "`cookie_domain` is a DNS name like `example.com` (covers its subdomains)",
+                );
+            }
+            v
+        });
+        let keys = self.secret("keys", span, s.keys_env.as_ref(), s.keys_file.as_ref());
+        let dur = |c: &mut Self, d: &Option<Spanned<String>>, default: u64| {
+            d.as_ref().and_then(|d| c.duration(d)).unwrap_or(Duration::from_secs(default))
+        };
+        let absolute_lifetime = dur(self, &s.absolute_lifetime, 12 * 3600);
+        let idle_lifetime = dur(self, &s.idle_lifetime, 3600);
+        let refresh_before = dur(self, &s.refresh_before, 60);
+        if idle_lifetime > absolute_lifetime {
+            if let Some(i) = &s.idle_lifetime {
+                self.err(i.span(), "`idle_lifetime` is longer than `absolute_lifetime`");
+            }
+        }
+        if absolute_lifetime.is_zero() || idle_lifetime.is_zero() {
+            if let Some(a) = s.absolute_lifetime.as_ref().or(s.idle_lifetime.as_ref()) {
+                self.err(a.span(), "session lifetimes must be longer than zero");
+            }
+        }
+        let settings = SessionSettings {
+            cookie_name,
+            cookie_domain,
+            keys: keys?,
+            absolute_lifetime,
+            idle_lifetime,
+            refresh_before,
+        };
+        (self.diags.len() == start).then_some(settings)
+    }
+
     /// HTTPS only; `http://` only when the issuer opts in and the host is loopback.
     fn check_url(&mut self, u: &Spanned<String>, insecure_http: bool) {
         let Ok(uri) = u.get_ref().parse::<http::Uri>() else {
@@ -798,6 +1105,27 @@ impl Compiler<'_> {
             preserve_host: r.preserve_host.unwrap_or(false),
             strip_headers,
             single_use_tokens: r.single_use_tokens.unwrap_or(false),
+            issuers: r.issuers.as_ref().map(|list| {
+                if list.get_ref().is_empty() {
+                    self.err(
+                        list.span(),
+                        "`issuers` must name at least one issuer (or be left out)",
+                    );
+                }
+                list.get_ref()
+                    .iter()
+                    .filter_map(|i| {
+                        if !catalog.issuers.contains_key(i.get_ref()) {
+                            self.err(
+                                i.span(),
+                                format!("issuer `{}` is not declared in [issuers]", i.get_ref()),
+                            );
+                            return None;
+                        }
+                        Some(IssuerId(Arc::from(i.get_ref().as_str())))
+                    })
+                    .collect()
+            }),
         };
         (self.diags.len() == start).then_some(route)
     }

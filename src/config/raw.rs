@@ -76,8 +76,39 @@ pub struct Issuer {
     pub insecure_http: Option<bool>,
     pub stale_window: Option<S<String>>,
     pub refresh_cooldown: Option<S<String>>,
-    /// Browser login settings; accepted here so a config can carry them, used by SSO.
-    pub login: Option<S<toml::Table>>,
+    /// Browser login (OpenID Connect authorization code + PKCE) with this issuer.
+    pub login: Option<S<Login>>,
+}
+
+/// `[issuers.NAME] login = { ... }`: the proxy as an OpenID relying party.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    pub client_id: S<String>,
+    /// Accepted only to say why it is refused: secrets never live in the config file.
+    pub client_secret: Option<S<String>>,
+    pub client_secret_env: Option<S<String>>,
+    pub client_secret_file: Option<S<String>>,
+    pub scopes: Option<S<Vec<S<String>>>>,
+    pub redirect_path: Option<S<String>>,
+    /// Extra authorization request parameters (Google `access_type = "offline"`, ...).
+    pub extra_params: Option<S<std::collections::BTreeMap<String, S<String>>>>,
+    /// Where the provider sends the browser after RP-initiated logout (default `/` on
+    /// the host the logout came from).
+    pub post_logout_redirect: Option<S<String>>,
+}
+
+/// `[session]`: sealed browser session cookies.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Session {
+    pub cookie_name: Option<S<String>>,
+    pub cookie_domain: Option<S<String>>,
+    pub keys_env: Option<S<String>>,
+    pub keys_file: Option<S<String>>,
+    pub absolute_lifetime: Option<S<String>>,
+    pub idle_lifetime: Option<S<String>>,
+    pub refresh_before: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +128,9 @@ pub struct Route {
     pub preserve_host: Option<bool>,
     pub strip_headers: Option<Vec<S<String>>>,
     pub single_use_tokens: Option<bool>,
+    /// Issuers whose credentials this route accepts (all when absent); the human ones
+    /// are offered on the sign-in page.
+    pub issuers: Option<S<Vec<S<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]

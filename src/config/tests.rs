@@ -168,3 +168,50 @@ fn the_admin_listener_defaults_to_loopback_and_can_be_turned_off() {
     let c = compile(dir.path(), &off).unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(c.listen.admin, None);
 }
+
+#[test]
+fn login_and_session_compile_with_defaults() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let text = BASE.replace(
+        "audiences = [\"portcullis\"]\n",
+        "audiences = [\"portcullis\"]\nlogin = { client_id = \"portcullis\", client_secret_env = \"OKTA_SECRET\", scopes = [\"openid\", \"email\", \"groups\"] }\n",
+    ) + "issuers = [\"corp\"]\n\n[session]\nkeys_file = \"keys\"\ncookie_domain = \".example.com\"\n";
+    let c = compile(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
+    let s = c.session.as_ref().unwrap_or_else(|| panic!("session"));
+    assert_eq!(s.cookie_name, "_portcullis");
+    assert_eq!(s.cookie_domain.as_deref(), Some("example.com"));
+    assert_eq!(s.absolute_lifetime, Duration::from_secs(12 * 3600));
+    assert_eq!(s.idle_lifetime, Duration::from_secs(3600));
+    assert_eq!(s.keys, SecretSource::File(dir.path().join("keys")));
+    let l = &c.logins[0];
+    assert_eq!(l.redirect_path, DEFAULT_REDIRECT_PATH);
+    assert_eq!(l.client_secret, SecretSource::Env("OKTA_SECRET".into()));
+    assert_eq!(c.routes[0].issuers.as_ref().map(Vec::len), Some(1));
+    assert_eq!(c.login_issuers(&c.routes[0]).len(), 1);
+}
+
+#[test]
+fn login_and_session_mistakes_are_reported_with_positions() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let text = BASE.replace(
+        "audiences = [\"portcullis\"]\n",
+        "audiences = [\"portcullis\"]\nlogin = { client_id = \"p\", client_secret = \"hunter2\", scopes = [\"email\"], redirect_path = \"/cb\" }\n",
+    ) + "issuers = [\"nobody\"]\n";
+    let e = compile(dir.path(), &text).err().unwrap_or_default();
+    let all = e.join("\n");
+    assert!(all.contains("never go into the config file"), "{all}");
+    assert!(all.contains("missing `client_secret_env` or `client_secret_file`"), "{all}");
+    assert!(all.contains("must include \"openid\""), "{all}");
+    assert!(all.contains("`redirect_path`"), "{all}");
+    assert!(all.contains("issuer `nobody` is not declared"), "{all}");
+    assert!(all.contains("needs a [session] section"), "{all}");
+    assert!(!all.contains("hunter2"), "the secret is not echoed");
+    assert!(e.iter().all(|d| !d.starts_with("0:")), "positions: {all}");
+
+    let text = BASE.to_string()
+        + "\n[session]\ncookie_name = \"session\"\nkeys_env = \"K\"\nkeys_file = \"f\"\nidle_lifetime = \"2h\"\nabsolute_lifetime = \"1h\"\n";
+    let all = compile(dir.path(), &text).err().unwrap_or_default().join("\n");
+    assert!(all.contains("starts with `_portcullis`"), "{all}");
+    assert!(all.contains("not both"), "{all}");
+    assert!(all.contains("longer than `absolute_lifetime`"), "{all}");
+}

@@ -47,6 +47,26 @@ pub fn check_bind(addrs: &[SocketAddr], insecure_bind_any: bool) -> Result<(), S
     Ok(())
 }
 
+/// Files the demo generates for browser sign-in (mode 0600).
+const SESSION_KEYS_FILE: &str = "session-keys";
+const CLIENT_SECRET_FILE: &str = "client-secret";
+
+/// A random secret in `dir/name` unless one is there; returns it.
+fn load_or_create_secret(dir: &Path, name: &str) -> Result<String, String> {
+    let path = dir.join(name);
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        if !s.trim().is_empty() {
+            return Ok(s.trim().to_string());
+        }
+    }
+    let mut b = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut b).map_err(|_| "no randomness".to_string())?;
+    use base64::Engine as _;
+    let s = base64::engine::general_purpose::STANDARD.encode(b);
+    write_private(&path, format!("{s}\n").as_bytes())?;
+    Ok(s)
+}
+
 fn load_or_create_key(dir: &Path) -> Result<DevSigner, String> {
     let path = dir.join("issuer-key.pk8");
     if let Ok(der) = std::fs::read(&path) {
@@ -98,6 +118,11 @@ pub fn demo_config(
         "[assertion]\nissuer = {}\n\n",
         toml_str(&format!("https://{}", opts.listen))
     ));
+    // Browser sign-in: sealed session cookies; the key is generated into the state dir.
+    c.push_str(&format!(
+        "[session]\nkeys_file = {}\nabsolute_lifetime = \"8h\"\nidle_lifetime = \"1h\"\n\n",
+        toml_str(&opts.state_dir.join(SESSION_KEYS_FILE).to_string_lossy())
+    ));
     let ca = pki.ca_path();
     for (preset, name) in [
         ("bitbucket-pipelines", "demo-bitbucket"),
@@ -111,6 +136,11 @@ pub fn demo_config(
             c.push_str(&format!("preset = {}\n", toml_str(preset)));
         } else {
             c.push_str(&format!("client_id = {}\n", toml_str(DEMO_AUDIENCE)));
+            c.push_str(&format!(
+                "login = {{ client_id = {}, client_secret_file = {}, scopes = [\"openid\", \"email\", \"profile\", \"groups\"] }}\n",
+                toml_str(DEMO_AUDIENCE),
+                toml_str(&opts.state_dir.join(CLIENT_SECRET_FILE).to_string_lossy())
+            ));
         }
         c.push_str(&format!("issuer = {}\n", toml_str(url)));
         c.push_str(&format!("audiences = [{}]\n", toml_str(DEMO_AUDIENCE)));
@@ -151,6 +181,12 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     ] {
         urls.insert(preset.to_string(), issuer.add_issuer(path, &[&signer]));
     }
+    // The human issuer also signs browsers in: a form with any name and chosen groups.
+    load_or_create_secret(dir, SESSION_KEYS_FILE)?;
+    let client_secret = load_or_create_secret(dir, CLIENT_SECRET_FILE)?;
+    let _login =
+        super::login::DevLogin::install(&issuer, "/human", &signer, DEMO_AUDIENCE, &client_secret)
+            .ok_or("dev sign-in: no /human issuer")?;
 
     let (upstream, _echo) = match &opts.upstream {
         Some(u) => (u.clone(), None),
@@ -219,6 +255,15 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
         "  curl -si --cacert {ca} -H \"Authorization: Bearer $({exe} dev token{dir_flag} --claim branchName=feature/x)\" {url}/hello"
     );
     let _ = writeln!(out, "  # other presets: --preset github-actions | gitlab-ci | human");
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Or open {url}/ in a browser (trust the CA above, or accept the warning): sign in with any name;"
+    );
+    let _ = writeln!(
+        out,
+        "the demo policy admits the engineering group, and the upstream echoes who you are. Sign out: {url}/.portcullis/logout"
+    );
     let _ = writeln!(out);
     let _ = out.flush();
     drop(out);

@@ -4,5 +4,6 @@
 pub mod demo;
 pub mod echo;
 pub mod issuer;
+pub mod login;
 pub mod signer;
 pub mod token;

@@ -5,7 +5,9 @@
 //! 1. own endpoints (`/.well-known/portcullis/jwks.json`)
 //! 2. authority + path: SNI/Host agreement, canonical path (ambiguous → 400)
 //! 3. route: host + path (+ method) → 404
-//! 4. authenticate: bearer token → verified identity → 401
+//! 4. authenticate: bearer token or session cookie → verified identity → 401 (a
+//!    browser without a session is sent to sign in instead; cookie + bearer → 400).
+//!    The sign-in endpoints (`/.portcullis/...`) are served here, before routing.
 //! 5. authorize: the route's policy → 403 (a shadow policy is evaluated alongside)
 //! 6. forward: header hygiene, identity headers + signed assertion, streaming, timeouts
 
@@ -117,11 +119,20 @@ fn finish(mut resp: Response<ProxyBody>, outcome: Outcome) -> Response<ProxyBody
     resp
 }
 
+/// How to word a rejection for this request.
+struct RejectCtx {
+    rid: Arc<str>,
+    /// The client is a browser (`Accept: text/html`): an HTML page instead of JSON.
+    html: bool,
+    /// Where a browser can sign in and come back here, when sessions are configured.
+    sign_in: Option<String>,
+}
+
 fn rejection(
     mut outcome: Outcome,
     reason: Reason,
     detail: impl Into<Cow<'static, str>>,
-    rid: &str,
+    rc: &RejectCtx,
 ) -> Response<ProxyBody> {
     outcome.reason = reason;
     outcome.detail = Some(detail.into());
@@ -129,7 +140,24 @@ fn rejection(
         s if s.is_server_error() => "error",
         _ => "deny",
     };
-    finish(reject::response(reason, rid), outcome)
+    let resp = if rc.html {
+        reject::html_response(reason, &rc.rid, rc.sign_in.as_deref())
+    } else {
+        reject::response(reason, &rc.rid)
+    };
+    finish(resp, outcome)
+}
+
+/// The request's `host[:port]` as the browser wrote it (for redirect URIs).
+fn authority_with_port(req: &Request<Incoming>) -> Option<String> {
+    match req.uri().authority() {
+        Some(a) => Some(a.as_str().to_ascii_lowercase()),
+        None => {
+            let h = req.headers().get(header::HOST)?.to_str().ok()?;
+            let a: http::uri::Authority = h.parse().ok()?;
+            Some(a.as_str().to_ascii_lowercase())
+        }
+    }
 }
 
 /// The request's authority, lower-cased and without port: `:authority` (HTTP/2) or Host.
@@ -158,6 +186,9 @@ pub async fn handle(
         .map(|r| r.0.clone())
         .unwrap_or_else(super::next_request_id);
     let mut out = Outcome::new(rt.revision.clone());
+    let sessions = rt.sessions.clone();
+    let mut rc =
+        RejectCtx { rid: rid.clone(), html: reject::wants_html(req.headers()), sign_in: None };
 
     // 1. Our own endpoints.
     if req.uri().path() == JWKS_PATH && req.method() == http::Method::GET {
@@ -174,48 +205,149 @@ pub async fn handle(
 
     // 2. Authority and path.
     let Some(host) = authority(&req) else {
-        return rejection(out, Reason::BadRequest, "missing or invalid Host", &rid);
+        return rejection(out, Reason::BadRequest, "missing or invalid Host", &rc);
     };
     if let Some(sni) = conn.tls.as_ref().and_then(|t| t.sni.as_deref()) {
         // A client must not use a connection made for one name to reach another route.
         if !sni.eq_ignore_ascii_case(&host) {
-            return rejection(out, Reason::MisdirectedRequest, "TLS SNI and Host differ", &rid);
+            return rejection(out, Reason::MisdirectedRequest, "TLS SNI and Host differ", &rc);
         }
     }
     let norm = match path::normalize(req.uri().path()) {
         Ok(p) => p,
-        Err(e) => return rejection(out, Reason::AmbiguousPath, e.detail(), &rid),
+        Err(e) => return rejection(out, Reason::AmbiguousPath, e.detail(), &rc),
     };
     out.path = Some(norm.clone());
+    let full_authority = authority_with_port(&req).unwrap_or_else(|| host.clone());
+    let here = match req.uri().query() {
+        Some(q) => format!("https://{full_authority}{norm}?{q}"),
+        None => format!("https://{full_authority}{norm}"),
+    };
+    if sessions.is_some() {
+        rc.sign_in = Some(crate::session::sign_in_link(&here));
+    }
+
+    // 3a. Sign-in endpoints, on any host a route serves.
+    if let Some(s) = sessions.as_deref().filter(|s| s.is_endpoint(&norm)) {
+        if !rt.config.routes.iter().any(|r| r.host.matches(&host)) {
+            return rejection(out, Reason::NoRoute, "no route for host", &rc);
+        }
+        let a = s
+            .endpoint(&rt.config, req.method(), req.uri(), req.headers(), &full_authority, &rid)
+            .await;
+        out.reason = a.reason;
+        out.detail = Some(a.detail);
+        out.identity = a.identity;
+        out.decision = if a.response.status().is_client_error() {
+            "deny"
+        } else if a.response.status().is_server_error() {
+            "error"
+        } else {
+            "allow"
+        };
+        return finish(a.response, out);
+    }
 
     // 3. Route.
     let Some((idx, route)) =
         rt.config.routes.iter().enumerate().find(|(_, r)| r.matches(&host, &norm, req.method()))
     else {
-        return rejection(out, Reason::NoRoute, "no route for host and path", &rid);
+        return rejection(out, Reason::NoRoute, "no route for host and path", &rc);
     };
+    let route: Arc<crate::config::RouteSettings> = route.clone();
     out.route = Some(route.name.clone());
     out.upstream = Some(route.upstream.display.clone());
 
-    // 4. Authenticate.
-    let (token, source) = match extract_bearer(req.headers()) {
-        Ok(Some(t)) => t,
-        Ok(None) => return rejection(out, Reason::MissingToken, "no bearer token", &rid),
-        Err(e) => return rejection(out, e.reason, e.detail, &rid),
+    // 4. Authenticate: a bearer token or a session cookie, never both.
+    let bearer = match extract_bearer(req.headers()) {
+        Ok(b) => b,
+        Err(e) => return rejection(out, e.reason, e.detail, &rc),
     };
-    let identity = match rt.verifier.verify(token).await {
-        Ok(id) => id,
-        Err(e) => return rejection(out, e.reason, e.detail, &rid),
+    let has_session = sessions.as_deref().is_some_and(|s| s.cookie_present(req.headers()));
+    // A browser on a route people sign in to is sent to the provider, not refused.
+    let can_sign_in = sessions.is_some() && !rt.config.login_issuers(&route).is_empty();
+    let navigation = can_sign_in && crate::session::is_navigation(req.method(), req.headers());
+    let mut set_cookies: Vec<HeaderValue> = Vec::new();
+    let mut source = None;
+    let identity = match (bearer, sessions.as_deref().filter(|_| has_session)) {
+        (Some(_), Some(_)) => {
+            return rejection(
+                out,
+                Reason::AmbiguousCredentials,
+                "both a session cookie and a bearer token",
+                &rc,
+            )
+        }
+        (Some((token, src)), None) => {
+            let identity = match rt.verifier.verify(token).await {
+                Ok(id) => id,
+                Err(e) => return rejection(out, e.reason, e.detail, &rc),
+            };
+            out.identity = Some(identity.clone());
+            if !route.accepts(&identity.issuer) {
+                return rejection(
+                    out,
+                    Reason::UnknownIssuer,
+                    "the route does not accept this issuer",
+                    &rc,
+                );
+            }
+            if route.single_use_tokens && !shared.replay.first_use(token, identity.expires_at) {
+                return rejection(
+                    out,
+                    Reason::TokenReplayed,
+                    "token already used on a single-use route",
+                    &rc,
+                );
+            }
+            source = Some(src);
+            identity
+        }
+        (None, Some(s)) => {
+            match s.authenticate(&route, req.headers(), crate::util::unix_now()).await {
+                crate::session::Lookup::Valid { identity, set_cookie } => {
+                    set_cookies = set_cookie;
+                    identity
+                }
+                crate::session::Lookup::Invalid { reason, detail, clear } => {
+                    let mut resp = if navigation {
+                        out.reason = Reason::LoginRequired;
+                        out.detail = Some(Cow::Owned(format!("{detail}; sent to sign in")));
+                        out.decision = "deny";
+                        finish(
+                            sign_in_redirect(s, &rt.config, &route, &full_authority, &here).await,
+                            out,
+                        )
+                    } else {
+                        rejection(out, reason, detail, &rc)
+                    };
+                    for c in clear {
+                        resp.headers_mut().append(header::SET_COOKIE, c);
+                    }
+                    return resp;
+                }
+                crate::session::Lookup::None => {
+                    return rejection(out, Reason::InternalError, "session cookie vanished", &rc)
+                }
+            }
+        }
+        (None, None) => {
+            if navigation {
+                if let Some(s) = sessions.as_deref() {
+                    out.reason = Reason::LoginRequired;
+                    out.detail = Some(Cow::Borrowed("no session; sent to sign in"));
+                    out.decision = "deny";
+                    return finish(
+                        sign_in_redirect(s, &rt.config, &route, &full_authority, &here).await,
+                        out,
+                    );
+                }
+            }
+            let reason = if can_sign_in { Reason::LoginRequired } else { Reason::MissingToken };
+            return rejection(out, reason, "no bearer token or session", &rc);
+        }
     };
     out.identity = Some(identity.clone());
-    if route.single_use_tokens && !shared.replay.first_use(token, identity.expires_at) {
-        return rejection(
-            out,
-            Reason::TokenReplayed,
-            "token already used on a single-use route",
-            &rid,
-        );
-    }
 
     // 5. Authorize the canonical path: the same string that is forwarded.
     let facts = RequestFacts { method: req.method(), path: &norm, database: None, role: None };
@@ -229,7 +361,7 @@ pub async fn handle(
     }
     out.rule = decision.rule.clone();
     if !decision.allowed {
-        return rejection(out, decision.reason, "denied by policy", &rid);
+        return rejection(out, decision.reason, "denied by policy", &rc);
     }
     out.reason = Reason::Allowed;
 
@@ -245,7 +377,7 @@ pub async fn handle(
                 out,
                 Reason::PayloadTooLarge,
                 "content-length over the route's limit",
-                &rid,
+                &rc,
             );
         }
     }
@@ -266,7 +398,7 @@ pub async fn handle(
         .build()
     {
         Ok(u) => u,
-        Err(_) => return rejection(out, Reason::BadRequest, "cannot build the upstream URI", &rid),
+        Err(_) => return rejection(out, Reason::BadRequest, "cannot build the upstream URI", &rc),
     };
 
     let authority_header = req.uri().authority().map(|a| a.as_str().to_string());
@@ -275,7 +407,7 @@ pub async fn handle(
     headers::strip_hop_by_hop(h, websocket);
     headers::strip_identity_headers(h, &route.strip_headers);
     headers::strip_proxy_cookies(h);
-    if source == CredentialSource::Authorization && !route.forward_token {
+    if source == Some(CredentialSource::Authorization) && !route.forward_token {
         h.remove(header::AUTHORIZATION);
     }
     headers::set_forwarded(h, conn.peer.ip(), conn.trusted_peer, conn.proto(), &host);
@@ -302,11 +434,11 @@ pub async fn handle(
     );
 
     let Some(client) = rt.clients.get(idx) else {
-        return rejection(out, Reason::InternalError, "no client for route", &rid);
+        return rejection(out, Reason::InternalError, "no client for route", &rc);
     };
     let mut resp = match tokio::time::timeout(route.timeout, client.request(upstream_req)).await {
         Err(_) => {
-            return rejection(out, Reason::UpstreamTimeout, "upstream response timed out", &rid)
+            return rejection(out, Reason::UpstreamTimeout, "upstream response timed out", &rc)
         }
         Ok(Err(e)) => {
             let too_large =
@@ -316,11 +448,11 @@ pub async fn handle(
                     out,
                     Reason::PayloadTooLarge,
                     "request body over the route's limit",
-                    &rid,
+                    &rc,
                 );
             }
             let detail = format!("upstream request failed: {e}{}", source_chain(&e));
-            return rejection(out, Reason::UpstreamUnavailable, detail, &rid);
+            return rejection(out, Reason::UpstreamUnavailable, detail, &rc);
         }
         Ok(Ok(r)) => r,
     };
@@ -336,7 +468,7 @@ pub async fn handle(
                     out,
                     Reason::UpstreamUnavailable,
                     "upstream switched protocols unasked",
-                    &rid,
+                    &rc,
                 );
             }
         }
@@ -344,8 +476,36 @@ pub async fn handle(
     let keep_upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, keep_upgrade);
+    // A refreshed or touched session goes back to the browser with the response.
+    for c in set_cookies {
+        parts.headers.append(header::SET_COOKIE, c);
+    }
     out.decision = "allow";
     finish(Response::from_parts(parts, ProxyBody::Upstream(body)), out)
+}
+
+/// Where a browser without a usable session goes: straight to the provider when the
+/// route has one human issuer, to the chooser when it has several.
+async fn sign_in_redirect(
+    s: &crate::session::Sessions,
+    config: &crate::config::Config,
+    route: &crate::config::RouteSettings,
+    authority: &str,
+    here: &str,
+) -> Response<ProxyBody> {
+    let issuers = config.login_issuers(route);
+    if let [only] = issuers.as_slice() {
+        if let Ok(resp) = s.start_login(&only.issuer, authority, here).await {
+            return resp;
+        }
+    }
+    let mut resp = Response::new(ProxyBody::empty());
+    *resp.status_mut() = StatusCode::FOUND;
+    if let Ok(v) = HeaderValue::from_str(&crate::session::sign_in_link(here)) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {

@@ -30,6 +30,57 @@ pub fn response(reason: Reason, request_id: &str) -> Response<ProxyBody> {
     resp
 }
 
+/// Whether the client asked for HTML (a browser): its `Accept` names `text/html`.
+pub fn wants_html(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().to_ascii_lowercase().starts_with("text/html"))
+}
+
+/// The rejection for a browser: a small HTML page with the public reason code, the
+/// request id and, when signing in could help, a sign-in link. Same status as JSON.
+pub fn html_response(
+    reason: Reason,
+    request_id: &str,
+    sign_in: Option<&str>,
+) -> Response<ProxyBody> {
+    let status = reason.status();
+    let title = match status.as_u16() {
+        400 => "Bad request",
+        401 => "Sign-in required",
+        403 => "Access denied",
+        404 => "Not found",
+        s if s >= 500 => "Service unavailable",
+        _ => "Request refused",
+    };
+    let link = match status.as_u16() {
+        400 | 401 | 403 => sign_in,
+        _ => None,
+    };
+    let body = crate::session::pages::rejection(
+        status.as_u16(),
+        title,
+        reason.public_code(),
+        request_id,
+        link,
+    );
+    let mut resp = Response::new(ProxyBody::Full(Some(Bytes::from(body))));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+    );
+    resp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -346,6 +346,19 @@ fn is_loopback(host: &str) -> bool {
 
 /// Public web PKI roots plus the issuer's `ca_file`; aws-lc-rs as the provider.
 fn http_client(settings: &IssuerSettings) -> Result<HttpClient, String> {
+    let tls = issuer_tls(settings)?;
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+/// The client TLS configuration for talking to an issuer (discovery, JWKS, and the
+/// browser login's token endpoint).
+pub(crate) fn issuer_tls(settings: &IssuerSettings) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = &settings.ca_file {
@@ -362,18 +375,11 @@ fn http_client(settings: &IssuerSettings) -> Result<HttpClient, String> {
         }
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .build();
-    Ok(Client::builder(TokioExecutor::new()).build(connector))
+        .with_no_client_auth())
 }
 
 /// `Cache-Control: max-age` clamped (§11.2); the default when absent.

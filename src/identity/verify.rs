@@ -24,6 +24,7 @@ use serde_json::{Map, Value};
 use tokio::task::JoinHandle;
 
 use super::cache::{self, Entry, TokenCache};
+pub(crate) use super::jwks::{check_fetch_url, issuer_tls};
 use super::jwks::{IssuerKeys, Timing};
 use super::token::{self, MAX_TOKEN_LEN};
 use super::{AuthError, Identity, IssuerId, IssuerSettings, Preset, TokenType};
@@ -502,6 +503,22 @@ pub fn unverified_identity(
     let window = Window { valid_from: 0, valid_until: exp, exp, iat: num("iat") };
     let audience_count = audiences(&payload).map_or(1, |a| a.len());
     build_identity(settings, payload, audience_count, &window)
+}
+
+/// The Identity of an ID token whose signature, `iss`, `aud`, `azp`, nonce and `exp`
+/// were verified by the browser login (`session::oidc`): the same profile checks as a
+/// bearer ID token (V15, V20, V21, V24, V25), so a session and a bearer token of one
+/// person give one identity.
+pub(crate) fn identity_from_verified(
+    s: &IssuerSettings,
+    payload: Map<String, Value>,
+) -> Result<Identity, AuthError> {
+    let audience_count = audiences(&payload)?.len();
+    let exp =
+        numeric_date(&payload, "exp")?.map(secs).ok_or_else(|| claims("token has no `exp`"))?;
+    let iat = numeric_date(&payload, "iat")?.map(secs);
+    let window = Window { valid_from: 0, valid_until: exp, exp, iat };
+    build_identity(s, payload, audience_count, &window)
 }
 
 /// After the signature: profile checks (V15, V20, V21, V24, V25) and the Identity.

@@ -34,6 +34,8 @@ pub struct Runtime {
     pub clients: Vec<UpstreamClient>,
     pub revision: Arc<str>,
     pub generation: u64,
+    /// Browser sessions, when an issuer has `login`.
+    pub sessions: Option<Arc<crate::session::Sessions>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -57,8 +59,9 @@ impl Runtime {
         let verifier = Arc::new(verifier);
         let clients = config.routes.iter().map(|r| client_for(r)).collect::<Result<Vec<_>, _>>()?;
         let revision: Arc<str> = Arc::from(policy_revision(&config));
+        let sessions = crate::session::Sessions::build(&config)?.map(Arc::new);
         verifier.start();
-        Ok(Runtime { config, verifier, clients, revision, generation })
+        Ok(Runtime { config, verifier, clients, revision, generation, sessions })
     }
 }
 

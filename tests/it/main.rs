@@ -11,9 +11,12 @@
 //! - `cli`: the real binary: `check` diagnostics, and the README's demo flow.
 //! - `review`: shadow policies through the proxy, policy revisions in audit events,
 //!   and `portcullis policy test/explain/who/diff` as a pipeline runs them.
+//! - `browser`: headless Chromium signs in at npm `oidc-provider` through the proxy.
+//! - `sso`: browser sign-in with a cookie-keeping client against the dev issuer.
 //! - `interop`: a real OpenID provider (npm `oidc-provider`) issuing JWT access tokens,
 //!   key rotation included.
 
+mod browser;
 mod checklist;
 mod cli;
 mod forwarding;
@@ -21,4 +24,5 @@ mod interop;
 mod lifecycle;
 mod proxy;
 mod review;
+mod sso;
 mod support;

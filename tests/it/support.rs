@@ -18,6 +18,7 @@ use portcullis::audit::AuditSink;
 use portcullis::config::Config;
 use portcullis::dev::echo::EchoServer;
 use portcullis::dev::issuer::DevIssuer;
+use portcullis::dev::login::DevLogin;
 use portcullis::dev::signer::DevSigner;
 use portcullis::dev::token::{apply_overrides, preset_claims};
 use portcullis::server::{Options, Server};
@@ -119,7 +120,14 @@ pub struct World {
     pub https: SocketAddr,
     pub admin: SocketAddr,
     pub client: TestClient,
+    /// The dev sign-in on `/human`, when the world has browser SSO.
+    pub login: Option<DevLogin>,
 }
+
+/// The client secret the SSO worlds' dev sign-in expects.
+pub const SSO_SECRET: &str = "dev-web-secret";
+/// The session key of the SSO worlds (base64 of 32 bytes).
+pub const SSO_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 
 /// How to build a world.
 pub struct Setup {
@@ -134,6 +142,8 @@ pub struct Setup {
     /// Extra top-level TOML (e.g. `[listen]` additions go in `listen_extra`).
     pub listen_extra: String,
     pub default_route: bool,
+    /// Browser SSO: `corp` gets `login`, and these lines go into `[session]`.
+    pub sso: Option<String>,
 }
 
 impl Default for Setup {
@@ -145,6 +155,7 @@ impl Default for Setup {
             route_extra: String::new(),
             listen_extra: String::new(),
             default_route: true,
+            sso: None,
         }
     }
 }
@@ -184,6 +195,14 @@ impl World {
         for (name, _, path) in ISSUERS {
             urls.insert(name.to_string(), issuer.add_issuer(path, &[&signer]));
         }
+        let login = match &setup.sso {
+            Some(_) => {
+                std::fs::write(dir.path().join("client-secret"), SSO_SECRET).ok();
+                std::fs::write(dir.path().join("session-keys"), format!("{SSO_KEY}\n")).ok();
+                DevLogin::install(&issuer, "/human", &signer, AUD, SSO_SECRET)
+            }
+            None => None,
+        };
         let echo = match EchoServer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await {
             Ok(e) => e,
             Err(e) => panic!("echo: {e}"),
@@ -221,6 +240,7 @@ impl World {
             https,
             admin,
             client,
+            login,
         }
     }
 
@@ -237,12 +257,25 @@ impl World {
             q(&pki.cert_path().to_string_lossy()),
             q(&pki.key_path().to_string_lossy()),
         );
+        if let Some(extra) = &setup.sso {
+            c.push_str(&format!(
+                "[session]\nkeys_file = {}\n{extra}\n\n",
+                q(&dir.path().join("session-keys").to_string_lossy())
+            ));
+        }
         for (name, preset, _) in ISSUERS {
             c.push_str(&format!("[issuers.{name}]\n"));
             if *preset != "human" {
                 c.push_str(&format!("preset = {}\n", q(preset)));
             } else {
                 c.push_str(&format!("client_id = {}\n", q(AUD)));
+                if setup.sso.is_some() {
+                    c.push_str(&format!(
+                        "login = {{ client_id = {}, client_secret_file = {}, scopes = [\"openid\", \"email\", \"groups\"] }}\n",
+                        q(AUD),
+                        q(&dir.path().join("client-secret").to_string_lossy())
+                    ));
+                }
             }
             c.push_str(&format!(
                 "issuer = {}\naudiences = [{}]\nca = {}\nrefresh_cooldown = \"1s\"\n{}\n\n",

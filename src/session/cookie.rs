@@ -1,0 +1,130 @@
+//! Request cookies in, `Set-Cookie` out, and splitting a sealed value over several
+//! cookies when it would not fit in one (browsers keep at most ~4 KB per cookie).
+//!
+//! Layout: a value that fits is `NAME=<sealed>`. A larger one is `NAME=c<N>` plus
+//! `NAME_0` … `NAME_<N-1>` holding the pieces in order. A sealed value starts with its
+//! version digit, so the `c` marker cannot be mistaken for one.
+
+use http::header::{HeaderMap, HeaderValue, COOKIE};
+
+/// Room for one cookie's value, leaving space for its name and attributes under 4096.
+pub const CHUNK: usize = 3800;
+/// At most this many chunks (about 30 KB of session).
+pub const MAX_CHUNKS: usize = 8;
+
+/// The request's cookies as `(name, value)` pairs, in order.
+pub fn parse(headers: &HeaderMap) -> Vec<(&str, &str)> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| {
+            let (n, v) = pair.trim().split_once('=')?;
+            Some((n.trim(), v.trim()))
+        })
+        .collect()
+}
+
+/// Whether the request carries the named cookie or any of its chunks.
+pub fn present(cookies: &[(&str, &str)], name: &str) -> bool {
+    cookies.iter().any(|(n, _)| *n == name || is_chunk_of(n, name))
+}
+
+fn is_chunk_of(candidate: &str, name: &str) -> bool {
+    candidate
+        .strip_prefix(name)
+        .and_then(|r| r.strip_prefix('_'))
+        .is_some_and(|i| !i.is_empty() && i.len() <= 2 && i.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Reassemble a possibly chunked value. `None` when absent, duplicated (cookie
+/// tossing from a sibling domain sends a second cookie of the same name: refuse to
+/// guess which is ours), or incomplete.
+pub fn read(cookies: &[(&str, &str)], name: &str) -> Option<Result<String, ()>> {
+    let mut heads = cookies.iter().filter(|(n, _)| *n == name);
+    let head = heads.next()?.1;
+    if heads.next().is_some() {
+        return Some(Err(()));
+    }
+    let Some(count) = head.strip_prefix('c') else {
+        return Some(Ok(head.to_string()));
+    };
+    let Ok(count) = count.parse::<usize>() else { return Some(Err(())) };
+    if count == 0 || count > MAX_CHUNKS {
+        return Some(Err(()));
+    }
+    let mut out = String::with_capacity(count * CHUNK);
+    for i in 0..count {
+        let chunk_name = format!("{name}_{i}");
+        let mut parts = cookies.iter().filter(|(n, _)| *n == chunk_name);
+        let (Some(part), None) = (parts.next(), parts.next()) else { return Some(Err(())) };
+        out.push_str(part.1);
+    }
+    Some(Ok(out))
+}
+
+/// Cookie attributes shared by every cookie the proxy sets.
+#[derive(Debug, Clone)]
+pub struct Attrs<'a> {
+    pub domain: Option<&'a str>,
+    /// Seconds; 0 deletes.
+    pub max_age: u64,
+}
+
+/// `Set-Cookie: NAME=VALUE; Path=/; Secure; HttpOnly; SameSite=Lax[; Domain=..]; Max-Age=..`
+pub fn set_cookie(name: &str, value: &str, attrs: &Attrs<'_>) -> Option<HeaderValue> {
+    let mut s = format!(
+        "{name}={value}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={}",
+        attrs.max_age
+    );
+    if let Some(d) = attrs.domain {
+        s.push_str("; Domain=");
+        s.push_str(d);
+    }
+    HeaderValue::from_str(&s).ok()
+}
+
+/// The `Set-Cookie` headers that store `value` under `name`, chunked when needed, and
+/// delete stale chunks the request still carried. `None` if it is too large.
+pub fn write(
+    cookies: &[(&str, &str)],
+    name: &str,
+    value: &str,
+    attrs: &Attrs<'_>,
+) -> Option<Vec<HeaderValue>> {
+    let mut out = Vec::new();
+    let used = if value.len() <= CHUNK {
+        out.push(set_cookie(name, value, attrs)?);
+        0
+    } else {
+        // Sealed values are ASCII (base64url), so byte chunks are char boundaries.
+        let pieces: Vec<&str> =
+            value.as_bytes().chunks(CHUNK).filter_map(|c| std::str::from_utf8(c).ok()).collect();
+        if pieces.len() > MAX_CHUNKS {
+            return None;
+        }
+        out.push(set_cookie(name, &format!("c{}", pieces.len()), attrs)?);
+        for (i, p) in pieces.iter().enumerate() {
+            out.push(set_cookie(&format!("{name}_{i}"), p, attrs)?);
+        }
+        pieces.len()
+    };
+    let deleted = Attrs { domain: attrs.domain, max_age: 0 };
+    for (n, _) in cookies.iter().filter(|(n, _)| is_chunk_of(n, name)) {
+        let idx: usize = n.rsplit('_').next().and_then(|i| i.parse().ok()).unwrap_or(usize::MAX);
+        if idx >= used {
+            out.push(set_cookie(n, "", &deleted)?);
+        }
+    }
+    Some(out)
+}
+
+/// Delete the named cookie and every chunk of it the request carried.
+pub fn clear(cookies: &[(&str, &str)], name: &str, domain: Option<&str>) -> Vec<HeaderValue> {
+    let deleted = Attrs { domain, max_age: 0 };
+    let mut names: Vec<&str> = vec![name];
+    names.extend(cookies.iter().map(|(n, _)| *n).filter(|n| is_chunk_of(n, name)));
+    names.dedup();
+    names.into_iter().filter_map(|n| set_cookie(n, "", &deleted)).collect()
+}

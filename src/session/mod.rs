@@ -1,0 +1,801 @@
+//! Browser single sign-on: the proxy as an OpenID Connect relying party.
+//!
+//! ```text
+//! browser ─GET /app──> no session ─302──> provider /authorize (PKCE S256, state, nonce)
+//!         <──────────── sign-in ─────────  sealed `_portcullis_login_<state>` cookie
+//! browser ─GET /.portcullis/callback?code&state──> check state, exchange code, verify
+//!         ID token ──> sealed session cookie ──302──> /app (only to a host we serve)
+//! browser ─GET /app + session cookie──> open (AES-256-GCM) ──> Identity ──> policy
+//! ```
+//!
+//! No server-side store: the session is a sealed cookie holding only what policy and
+//! headers need, so every replica with the same key serves every user. Per request
+//! the cost is opening the cookie (one AEAD), never JWT verification.
+//!
+//! - [`seal`]: AES-256-GCM with a key rotation list (first key seals, all open).
+//! - [`cookie`]: request cookies, `Set-Cookie`, chunking over 4 KB.
+//! - [`oidc`]: discovery, authorization URL, code exchange, refresh, ID-token checks.
+//! - [`redirect`]: where a browser may be sent back to (open-redirect defence).
+//! - [`pages`]: the small HTML pages (rejection, sign-in chooser, signed out).
+
+pub mod cookie;
+pub mod oidc;
+pub mod pages;
+pub mod redirect;
+pub mod seal;
+#[cfg(test)]
+mod tests;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Response, StatusCode};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use self::oidc::Provider;
+use self::seal::{Purpose, Sealer};
+use crate::config::{Config, RouteSettings, SessionSettings};
+use crate::http::body::ProxyBody;
+use crate::identity::{Identity, IssuerId, PrincipalKind};
+use crate::reason::Reason;
+
+/// The sign-in chooser (and start of a login with `?issuer=`).
+pub const SIGN_IN_PATH: &str = "/.portcullis/sign_in";
+pub const LOGOUT_PATH: &str = "/.portcullis/logout";
+/// Every proxy endpoint lives under this prefix, served before routing.
+pub const PREFIX: &str = "/.portcullis/";
+/// Prefix of the per-login cookie (`_portcullis_login_<first 16 chars of state>`).
+pub const LOGIN_COOKIE: &str = "_portcullis_login_";
+/// How long a browser has to come back from the provider.
+const LOGIN_TTL: u64 = 600;
+/// A refresh result is reused this long for requests still carrying the old cookie.
+const FLIGHT_TTL: Duration = Duration::from_secs(120);
+
+/// What a session cookie holds: only what policy and identity headers need.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionData {
+    #[serde(rename = "i")]
+    pub issuer: String,
+    #[serde(rename = "s")]
+    pub subject: String,
+    #[serde(rename = "e", default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(rename = "v", default)]
+    pub email_verified: bool,
+    #[serde(rename = "g", default)]
+    pub groups: Vec<String>,
+    /// False after Entra group overage: group rules fail closed (`groups-unknown`).
+    #[serde(rename = "k")]
+    pub groups_known: bool,
+    /// Unix seconds: sign-in time (absolute lifetime), last use (idle lifetime),
+    /// expiry of the ID token (refresh before it).
+    #[serde(rename = "c")]
+    pub created: u64,
+    #[serde(rename = "l")]
+    pub last_seen: u64,
+    #[serde(rename = "x")]
+    pub expires: u64,
+    #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<String>,
+}
+
+/// A sign-in in progress, sealed into the `_portcullis_login_*` cookie.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LoginState {
+    #[serde(rename = "i")]
+    issuer: String,
+    #[serde(rename = "s")]
+    state: String,
+    #[serde(rename = "n")]
+    nonce: String,
+    #[serde(rename = "p")]
+    pkce: String,
+    /// Where to go afterwards (absolute, already checked once).
+    #[serde(rename = "r")]
+    return_to: String,
+    #[serde(rename = "u")]
+    redirect_uri: String,
+    #[serde(rename = "x")]
+    expires: u64,
+}
+
+/// The result of looking at a request's session cookie.
+#[derive(Debug)]
+pub enum Lookup {
+    /// No session cookie.
+    None,
+    Valid {
+        identity: Arc<Identity>,
+        set_cookie: Vec<HeaderValue>,
+    },
+    /// A session cookie that cannot be used; `clear` deletes it.
+    Invalid {
+        reason: Reason,
+        detail: &'static str,
+        clear: Vec<HeaderValue>,
+    },
+}
+
+/// What an endpoint (`/.portcullis/...`) answered, for the access log.
+#[derive(Debug)]
+pub struct Answer {
+    pub response: Response<ProxyBody>,
+    pub reason: Reason,
+    pub detail: Cow<'static, str>,
+    pub identity: Option<Arc<Identity>>,
+}
+
+/// One refresh in flight (or just done), shared by requests with the same token.
+type Flight = (Instant, Arc<tokio::sync::OnceCell<Option<SessionData>>>);
+
+/// Session state of one configuration generation.
+pub struct Sessions {
+    pub settings: SessionSettings,
+    sealer: Sealer,
+    providers: Vec<Arc<Provider>>,
+    flights: Mutex<HashMap<[u8; 32], Flight>>,
+    /// Refresh-token exchanges made (tests assert single flight with it).
+    pub refreshes: AtomicU64,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions").field("providers", &self.providers).finish()
+    }
+}
+
+/// Whether a request is a browser navigation that may be redirected to sign in: GET or
+/// HEAD, no `Authorization`, and an `Accept` that asks for HTML.
+pub fn is_navigation(method: &Method, headers: &HeaderMap) -> bool {
+    (method == Method::GET || method == Method::HEAD)
+        && !headers.contains_key(header::AUTHORIZATION)
+        && crate::http::reject::wants_html(headers)
+}
+
+/// `/.portcullis/sign_in?rd=<url>`.
+pub fn sign_in_link(return_to: &str) -> String {
+    format!("{SIGN_IN_PATH}?rd={}", encode(return_to))
+}
+
+fn encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    let q = query?;
+    let mut found = None;
+    for pair in q.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == name {
+            if found.is_some() {
+                // A repeated parameter is ambiguous; refuse to pick one.
+                return None;
+            }
+            let v = v.replace('+', " ");
+            found = Some(percent_encoding::percent_decode_str(&v).decode_utf8_lossy().into_owned());
+        }
+    }
+    found
+}
+
+fn html(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::full(body));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+    );
+    r
+}
+
+fn redirect(location: &str, cookies: Vec<HeaderValue>) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::empty());
+    *r.status_mut() = StatusCode::FOUND;
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(location) {
+        h.insert(header::LOCATION, v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    for c in cookies {
+        h.append(header::SET_COOKIE, c);
+    }
+    r
+}
+
+fn sha256(s: &str) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+// === impl SessionData ===
+
+impl SessionData {
+    /// The identity policy sees. `claims` holds only what the session keeps.
+    pub fn identity(&self, issuer: IssuerId, expires_at: u64) -> Identity {
+        let mut claims = Map::new();
+        claims.insert("sub".into(), Value::String(self.subject.clone()));
+        if let Some(e) = &self.email {
+            claims.insert("email".into(), Value::String(e.clone()));
+        }
+        claims.insert("email_verified".into(), Value::Bool(self.email_verified));
+        claims.insert(
+            "groups".into(),
+            Value::Array(self.groups.iter().cloned().map(Value::String).collect()),
+        );
+        Identity {
+            issuer,
+            subject: self.subject.clone(),
+            kind: PrincipalKind::Human,
+            email: self.email.clone(),
+            email_verified: self.email_verified,
+            groups: self.groups.clone(),
+            groups_known: self.groups_known,
+            expires_at,
+            issued_at: Some(self.created),
+            ci: None,
+            claims,
+        }
+    }
+}
+
+// === impl Sessions ===
+
+impl Sessions {
+    /// Sessions for a configuration: `None` when no issuer has `login`. Reads the
+    /// session keys and client secrets (errors name the source, never the value).
+    pub fn build(config: &Config) -> Result<Option<Sessions>, String> {
+        let Some(settings) = config.session.clone() else { return Ok(None) };
+        let keys = settings.keys.read().map_err(|e| format!("[session] keys: {e}"))?;
+        let sealer = Sealer::from_text(&keys).map_err(|e| format!("[session] keys: {e}"))?;
+        let mut providers = Vec::new();
+        for login in &config.logins {
+            let Some(issuer) = config.issuer(login.issuer.as_str()) else { continue };
+            let mut issuer = issuer.clone();
+            // azp/aud of the login's ID tokens name the login client.
+            issuer.client_id = Some(login.client_id.clone());
+            providers.push(Arc::new(Provider::new(issuer, login.clone())?));
+        }
+        Ok(Some(Sessions {
+            settings,
+            sealer,
+            providers,
+            flights: Mutex::new(HashMap::new()),
+            refreshes: AtomicU64::new(0),
+        }))
+    }
+
+    /// A sessions value from parts (tests and benches; no providers).
+    pub fn with_sealer(settings: SessionSettings, sealer: Sealer) -> Sessions {
+        Sessions {
+            settings,
+            sealer,
+            providers: Vec::new(),
+            flights: Mutex::new(HashMap::new()),
+            refreshes: AtomicU64::new(0),
+        }
+    }
+
+    fn provider(&self, id: &str) -> Option<&Arc<Provider>> {
+        self.providers.iter().find(|p| p.settings.id.as_str() == id)
+    }
+
+    /// Whether `path` is one of the proxy's own endpoints.
+    pub fn is_endpoint(&self, path: &str) -> bool {
+        path == SIGN_IN_PATH
+            || path == LOGOUT_PATH
+            || self.providers.iter().any(|p| p.login.redirect_path == path)
+    }
+
+    /// The request carries a session cookie (or a chunk of one).
+    pub fn cookie_present(&self, headers: &HeaderMap) -> bool {
+        cookie::present(&cookie::parse(headers), &self.settings.cookie_name)
+    }
+
+    fn attrs(&self, max_age: u64) -> cookie::Attrs<'_> {
+        cookie::Attrs { domain: self.settings.cookie_domain.as_deref(), max_age }
+    }
+
+    /// Seal a session into its `Set-Cookie` headers (chunked when large).
+    pub fn seal_session(
+        &self,
+        data: &SessionData,
+        request_cookies: &[(&str, &str)],
+    ) -> Result<Vec<HeaderValue>, String> {
+        let json = serde_json::to_vec(data).map_err(|e| e.to_string())?;
+        let sealed = self.sealer.seal(Purpose::Session, &json)?;
+        let deadline = data.created + self.settings.absolute_lifetime.as_secs();
+        let max_age = deadline.saturating_sub(crate::util::unix_now()).max(1);
+        cookie::write(request_cookies, &self.settings.cookie_name, &sealed, &self.attrs(max_age))
+            .ok_or_else(|| "session too large for cookies (over 8 chunks)".to_string())
+    }
+
+    /// Open the session cookie, without any lifetime checks.
+    pub fn open_session(
+        &self,
+        cookies: &[(&str, &str)],
+    ) -> Result<Option<SessionData>, &'static str> {
+        let sealed = match cookie::read(cookies, &self.settings.cookie_name) {
+            None => return Ok(None),
+            Some(Err(())) => return Err("duplicate or incomplete session cookie"),
+            Some(Ok(s)) => s,
+        };
+        let plain = self.sealer.open(Purpose::Session, &sealed).map_err(|e| match e {
+            seal::OpenError::Malformed => "session cookie is malformed",
+            seal::OpenError::UnknownKey => "session cookie sealed with an unknown key",
+            seal::OpenError::Tampered => "session cookie failed authentication",
+        })?;
+        serde_json::from_slice(&plain).map(Some).map_err(|_| "session cookie content")
+    }
+
+    /// The session of a request, checked, refreshed when due, for `route`.
+    pub async fn authenticate(
+        &self,
+        route: &RouteSettings,
+        headers: &HeaderMap,
+        now: u64,
+    ) -> Lookup {
+        let cookies = cookie::parse(headers);
+        let name = &self.settings.cookie_name;
+        if !cookie::present(&cookies, name) {
+            return Lookup::None;
+        }
+        let invalid = |reason, detail| Lookup::Invalid {
+            reason,
+            detail,
+            clear: cookie::clear(&cookies, name, self.settings.cookie_domain.as_deref()),
+        };
+        let mut data = match self.open_session(&cookies) {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                return invalid(Reason::SessionInvalid, "session cookie chunks without their head")
+            }
+            Err(detail) => return invalid(Reason::SessionInvalid, detail),
+        };
+        let Some(provider) = self.provider(&data.issuer).cloned() else {
+            return invalid(
+                Reason::SessionInvalid,
+                "session issuer no longer has login configured",
+            );
+        };
+        if !route.accepts(&provider.settings.id) {
+            return invalid(
+                Reason::SessionInvalid,
+                "the route does not accept the session's issuer",
+            );
+        }
+        let s = &self.settings;
+        let deadline = data.created.saturating_add(s.absolute_lifetime.as_secs());
+        if now >= deadline {
+            return invalid(Reason::SessionExpired, "absolute session lifetime reached");
+        }
+        if now >= data.last_seen.saturating_add(s.idle_lifetime.as_secs()) {
+            return invalid(Reason::SessionExpired, "idle session lifetime reached");
+        }
+        let mut changed = false;
+        if now.saturating_add(s.refresh_before.as_secs()) >= data.expires {
+            match &data.refresh {
+                Some(_) => match self.refresh(&provider, &data, now).await {
+                    Some(new) => {
+                        data = new;
+                        changed = true;
+                    }
+                    None => return invalid(Reason::SessionExpired, "refresh failed"),
+                },
+                None if now >= data.expires => {
+                    return invalid(
+                        Reason::SessionExpired,
+                        "ID token expired and there is no refresh token",
+                    )
+                }
+                None => {}
+            }
+        }
+        // Idle tracking costs a Set-Cookie now and then, not on every request.
+        let touch = (s.idle_lifetime.as_secs() / 8).clamp(1, 300);
+        if now.saturating_sub(data.last_seen) >= touch {
+            data.last_seen = now;
+            changed = true;
+        }
+        let set_cookie = if changed {
+            match self.seal_session(&data, &cookies) {
+                Ok(c) => c,
+                Err(_) => return invalid(Reason::SessionInvalid, "cannot re-seal the session"),
+            }
+        } else {
+            Vec::new()
+        };
+        let expires_at = data.expires.min(deadline);
+        Lookup::Valid {
+            identity: Arc::new(data.identity(provider.settings.id.clone(), expires_at)),
+            set_cookie,
+        }
+    }
+
+    /// One refresh per session at a time: requests carrying the same refresh token
+    /// share one exchange and its result (kept briefly for late requests with the old
+    /// cookie, since providers that rotate refresh tokens refuse the old one).
+    async fn refresh(
+        &self,
+        provider: &Arc<Provider>,
+        data: &SessionData,
+        now: u64,
+    ) -> Option<SessionData> {
+        let rt = data.refresh.as_deref()?;
+        let cell = {
+            let mut flights = self.flights.lock();
+            flights.retain(|_, (at, _)| at.elapsed() < FLIGHT_TTL);
+            flights
+                .entry(sha256(rt))
+                .or_insert_with(|| (Instant::now(), Arc::new(tokio::sync::OnceCell::new())))
+                .1
+                .clone()
+        };
+        cell.get_or_init(|| async {
+            self.refreshes.fetch_add(1, Ordering::Relaxed);
+            let v = match provider.refresh(rt).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::info!(issuer = %provider.settings.id, error = %e.0, "session refresh failed");
+                    return None;
+                }
+            };
+            let mut new = data.clone();
+            new.expires = v.id_token_exp;
+            new.refresh = v.refresh_token;
+            new.last_seen = now;
+            if !v.claims.is_empty() {
+                let id = match crate::identity::verify::identity_from_verified(&provider.settings, v.claims) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        tracing::info!(issuer = %provider.settings.id, reason = %e.reason, "refreshed ID token refused");
+                        return None;
+                    }
+                };
+                if id.subject != data.subject {
+                    tracing::warn!(issuer = %provider.settings.id, "refreshed ID token names another subject");
+                    return None;
+                }
+                new.email = id.email;
+                new.email_verified = id.email_verified;
+                new.groups = id.groups;
+                new.groups_known = id.groups_known;
+            }
+            Some(new)
+        })
+        .await
+        .clone()
+    }
+
+    /// Start a sign-in with `issuer`: a sealed login cookie and a 302 to the provider.
+    pub async fn start_login(
+        &self,
+        issuer: &IssuerId,
+        authority: &str,
+        return_to: &str,
+    ) -> Result<Response<ProxyBody>, (Reason, String)> {
+        let provider = self
+            .provider(issuer.as_str())
+            .ok_or_else(|| (Reason::BadRequest, format!("issuer {issuer} has no login")))?;
+        let redirect_uri = format!("https://{authority}{}", provider.login.redirect_path);
+        let auth = provider
+            .authorize(&redirect_uri)
+            .await
+            .map_err(|e| (Reason::IssuerUnavailable, format!("sign-in with {issuer}: {}", e.0)))?;
+        let state = LoginState {
+            issuer: issuer.as_str().to_string(),
+            state: auth.state.clone(),
+            nonce: auth.nonce,
+            pkce: auth.pkce_verifier,
+            return_to: return_to.to_string(),
+            redirect_uri,
+            expires: crate::util::unix_now() + LOGIN_TTL,
+        };
+        let json =
+            serde_json::to_vec(&state).map_err(|e| (Reason::InternalError, e.to_string()))?;
+        let sealed =
+            self.sealer.seal(Purpose::Login, &json).map_err(|e| (Reason::InternalError, e))?;
+        let name = format!("{LOGIN_COOKIE}{}", &auth.state[..16]);
+        // Host-only (no Domain): the callback comes back to this host.
+        let c =
+            cookie::set_cookie(&name, &sealed, &cookie::Attrs { domain: None, max_age: LOGIN_TTL })
+                .ok_or_else(|| (Reason::InternalError, "login cookie".to_string()))?;
+        Ok(redirect(&auth.url, vec![c]))
+    }
+
+    /// The human issuers a browser may pick from for a return target.
+    fn choices<'a>(&'a self, cfg: &'a Config, return_to: &str) -> Vec<&'a Arc<Provider>> {
+        let route = http::Uri::try_from(return_to).ok().and_then(|u| {
+            let host = u.host()?.to_ascii_lowercase();
+            cfg.routes.iter().find(|r| r.matches(&host, u.path(), &Method::GET)).cloned()
+        });
+        self.providers
+            .iter()
+            .filter(|p| route.as_ref().is_none_or(|r| r.accepts(&p.settings.id)))
+            .collect()
+    }
+
+    /// Serve `/.portcullis/sign_in`, `/.portcullis/logout` and the callback.
+    pub async fn endpoint(
+        &self,
+        cfg: &Config,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+        authority: &str,
+        rid: &str,
+    ) -> Answer {
+        let path = uri.path();
+        let query = uri.query();
+        let fail = |reason: Reason, detail: Cow<'static, str>, clear: Vec<HeaderValue>| {
+            let mut response =
+                crate::http::reject::html_response(reason, rid, Some(&sign_in_link("/")));
+            for c in clear {
+                response.headers_mut().append(header::SET_COOKIE, c);
+            }
+            Answer { response, reason, detail, identity: None }
+        };
+        if path == LOGOUT_PATH {
+            if method != Method::GET && method != Method::POST {
+                return fail(Reason::BadRequest, "logout is GET or POST".into(), vec![]);
+            }
+            return self.logout(cfg, query, headers, authority, rid).await;
+        }
+        if method != Method::GET && method != Method::HEAD {
+            return fail(Reason::BadRequest, "sign-in endpoints are GET".into(), vec![]);
+        }
+        if path == SIGN_IN_PATH {
+            let rd = query_param(query, "rd").unwrap_or_else(|| "/".into());
+            let return_to = match redirect::check(&rd, authority, cfg) {
+                Ok(r) => r,
+                Err(why) => return fail(Reason::InvalidRedirect, why.into(), vec![]),
+            };
+            let choices = self.choices(cfg, &return_to);
+            let picked = match query_param(query, "issuer") {
+                Some(i) => choices.iter().find(|p| p.settings.id.as_str() == i).copied(),
+                None if choices.len() == 1 => choices.first().copied(),
+                None => None,
+            };
+            if let Some(p) = picked {
+                return match self.start_login(&p.settings.id, authority, &return_to).await {
+                    Ok(response) => Answer {
+                        response,
+                        reason: Reason::LoginRequired,
+                        detail: "redirected to the provider".into(),
+                        identity: None,
+                    },
+                    Err((reason, detail)) => fail(reason, detail.into(), vec![]),
+                };
+            }
+            if choices.is_empty() {
+                return fail(
+                    Reason::BadRequest,
+                    "no issuer to sign in with for this target".into(),
+                    vec![],
+                );
+            }
+            let links: Vec<(String, String)> = choices
+                .iter()
+                .map(|p| {
+                    (
+                        format!("Sign in with {}", p.settings.id),
+                        format!(
+                            "{SIGN_IN_PATH}?issuer={}&rd={}",
+                            encode(p.settings.id.as_str()),
+                            encode(&return_to)
+                        ),
+                    )
+                })
+                .collect();
+            return Answer {
+                response: html(StatusCode::OK, pages::chooser(&links)),
+                reason: Reason::Internal,
+                detail: "sign-in chooser".into(),
+                identity: None,
+            };
+        }
+        self.callback(cfg, path, query, headers, authority, rid).await
+    }
+
+    async fn callback(
+        &self,
+        cfg: &Config,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+        authority: &str,
+        rid: &str,
+    ) -> Answer {
+        let cookies = cookie::parse(headers);
+        let mut clear = Vec::new();
+        let fail = |detail: Cow<'static, str>, clear: Vec<HeaderValue>| {
+            let mut response = crate::http::reject::html_response(
+                Reason::LoginFailed,
+                rid,
+                Some(&sign_in_link("/")),
+            );
+            for c in clear {
+                response.headers_mut().append(header::SET_COOKIE, c);
+            }
+            Answer { response, reason: Reason::LoginFailed, detail, identity: None }
+        };
+        let Some(state) = query_param(query, "state") else {
+            return fail("callback without state".into(), clear);
+        };
+        if state.len() < 16
+            || !state.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return fail("callback state is malformed".into(), clear);
+        }
+        let cookie_name = format!("{LOGIN_COOKIE}{}", &state[..16]);
+        clear.extend(cookie::set_cookie(
+            &cookie_name,
+            "",
+            &cookie::Attrs { domain: None, max_age: 0 },
+        ));
+        let sealed: Vec<&str> =
+            cookies.iter().filter(|(n, _)| *n == cookie_name).map(|(_, v)| *v).collect();
+        let [sealed] = sealed.as_slice() else {
+            return fail(
+                "no sign-in in progress for this state (forged, replayed or expired)".into(),
+                clear,
+            );
+        };
+        let Ok(plain) = self.sealer.open(Purpose::Login, sealed) else {
+            return fail("sign-in cookie failed authentication".into(), clear);
+        };
+        let Ok(login) = serde_json::from_slice::<LoginState>(&plain) else {
+            return fail("sign-in cookie content".into(), clear);
+        };
+        if !seal::same(&login.state, &state) {
+            return fail("state does not match the sign-in in progress".into(), clear);
+        }
+        if crate::util::unix_now() >= login.expires {
+            return fail("sign-in took longer than 10 minutes".into(), clear);
+        }
+        let Some(provider) = self.provider(&login.issuer).cloned() else {
+            return fail("issuer of the sign-in is no longer configured".into(), clear);
+        };
+        if provider.login.redirect_path != path
+            || login.redirect_uri != format!("https://{authority}{path}")
+        {
+            return fail("callback on another path or host than the sign-in started".into(), clear);
+        }
+        if let Some(err) = query_param(query, "error") {
+            let code: String =
+                err.chars().filter(|c| c.is_ascii_lowercase() || *c == '_').take(40).collect();
+            return fail(format!("provider answered error `{code}`").into(), clear);
+        }
+        // RFC 9207: when the provider names itself, it must be the one we asked.
+        if let Some(iss) = query_param(query, "iss") {
+            if iss != provider.settings.issuer {
+                return fail("`iss` of the authorization response is another issuer".into(), clear);
+            }
+        }
+        // Checked again before any session exists (the config may have changed).
+        let return_to = match redirect::check(&login.return_to, authority, cfg) {
+            Ok(r) => r,
+            Err(why) => {
+                let mut a = fail(format!("return target refused: {why}").into(), clear);
+                a.reason = Reason::InvalidRedirect;
+                return a;
+            }
+        };
+        let Some(code) = query_param(query, "code").filter(|c| !c.is_empty()) else {
+            return fail("callback without code".into(), clear);
+        };
+        let verified =
+            match provider.exchange(code, login.pkce, &login.nonce, &login.redirect_uri).await {
+                Ok(v) => v,
+                Err(e) => return fail(e.0.into(), clear),
+            };
+        let identity = match crate::identity::verify::identity_from_verified(
+            &provider.settings,
+            verified.claims,
+        ) {
+            Ok(id) => id,
+            Err(e) => return fail(format!("ID token refused: {}", e.reason).into(), clear),
+        };
+        let now = crate::util::unix_now();
+        let data = SessionData {
+            issuer: login.issuer.clone(),
+            subject: identity.subject.clone(),
+            email: identity.email.clone(),
+            email_verified: identity.email_verified,
+            groups: identity.groups.clone(),
+            groups_known: identity.groups_known,
+            created: now,
+            last_seen: now,
+            expires: verified.id_token_exp,
+            refresh: verified.refresh_token,
+        };
+        let mut set = match self.seal_session(&data, &cookies) {
+            Ok(c) => c,
+            Err(e) => return fail(e.into(), clear),
+        };
+        set.extend(clear);
+        let deadline = now + self.settings.absolute_lifetime.as_secs();
+        Answer {
+            response: redirect(&return_to, set),
+            reason: Reason::Internal,
+            detail: "signed in".into(),
+            identity: Some(Arc::new(
+                data.identity(provider.settings.id.clone(), data.expires.min(deadline)),
+            )),
+        }
+    }
+
+    async fn logout(
+        &self,
+        cfg: &Config,
+        query: Option<&str>,
+        headers: &HeaderMap,
+        authority: &str,
+        rid: &str,
+    ) -> Answer {
+        let cookies = cookie::parse(headers);
+        let clear = cookie::clear(
+            &cookies,
+            &self.settings.cookie_name,
+            self.settings.cookie_domain.as_deref(),
+        );
+        let session = self.open_session(&cookies).ok().flatten();
+        let provider = session.as_ref().and_then(|s| self.provider(&s.issuer)).cloned();
+        let target = query_param(query, "rd")
+            .or_else(|| provider.as_ref().and_then(|p| p.login.post_logout_redirect.clone()))
+            .unwrap_or_else(|| "/".into());
+        let target = match redirect::check(&target, authority, cfg) {
+            Ok(t) => t,
+            Err(why) => {
+                let mut response =
+                    crate::http::reject::html_response(Reason::InvalidRedirect, rid, None);
+                for c in clear {
+                    response.headers_mut().append(header::SET_COOKIE, c);
+                }
+                return Answer {
+                    response,
+                    reason: Reason::InvalidRedirect,
+                    detail: why.into(),
+                    identity: None,
+                };
+            }
+        };
+        let identity = session
+            .as_ref()
+            .zip(provider.as_ref())
+            .map(|(s, p)| Arc::new(s.identity(p.settings.id.clone(), s.expires)));
+        if let Some(p) = &provider {
+            if let Some(end) = p.end_session_endpoint().await {
+                let sep = if end.contains('?') { '&' } else { '?' };
+                let url = format!(
+                    "{end}{sep}client_id={}&post_logout_redirect_uri={}",
+                    encode(&p.login.client_id),
+                    encode(&target)
+                );
+                return Answer {
+                    response: redirect(&url, clear),
+                    reason: Reason::Internal,
+                    detail: "signed out; RP-initiated logout at the provider".into(),
+                    identity,
+                };
+            }
+        }
+        let mut response = html(StatusCode::OK, pages::signed_out(&sign_in_link(&target)));
+        for c in clear {
+            response.headers_mut().append(header::SET_COOKIE, c);
+        }
+        Answer { response, reason: Reason::Internal, detail: "signed out".into(), identity }
+    }
+}

@@ -1,0 +1,412 @@
+//! The proxy as an OpenID relying party of one provider, on `openidconnect`: discovery
+//! (with `end_session_endpoint`), the authorization URL (PKCE S256, state, nonce), the
+//! code exchange, refresh, and ID-token verification (signature, `iss`, `aud`, `azp`,
+//! nonce, `exp`, `at_hash`). HTTP goes through our own hyper client (aws-lc-rs rustls):
+//! no reqwest, no ring, no redirects followed, bounded in time and size.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use openidconnect::core::{
+    CoreAuthDisplay, CoreAuthenticationFlow, CoreClaimName, CoreClaimType, CoreClient,
+    CoreClientAuthMethod, CoreGrantType, CoreJsonWebKey, CoreJweContentEncryptionAlgorithm,
+    CoreJweKeyManagementAlgorithm, CoreResponseMode, CoreResponseType, CoreSubjectIdentifierType,
+    CoreTokenResponse,
+};
+use openidconnect::{
+    AccessTokenHash, AdditionalProviderMetadata, AuthorizationCode, ClientId, ClientSecret,
+    CsrfToken, EndSessionUrl, EndpointMaybeSet, EndpointNotSet, EndpointSet, JsonWebKeySet, Nonce,
+    OAuth2TokenResponse as _, PkceCodeChallenge, PkceCodeVerifier, ProviderMetadata, RedirectUrl,
+    RefreshToken, Scope, TokenResponse as _,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::config::LoginSettings;
+use crate::identity::IssuerSettings;
+
+/// Discovery metadata is reused this long before it is fetched again.
+const METADATA_TTL: Duration = Duration::from_secs(10 * 60);
+/// Whole exchange with the provider, connect to last byte.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_BODY: usize = 1024 * 1024;
+
+/// The one discovery member beyond the core set that the proxy uses.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LogoutMetadata {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_session_endpoint: Option<EndSessionUrl>,
+}
+impl AdditionalProviderMetadata for LogoutMetadata {}
+
+pub type Metadata = ProviderMetadata<
+    LogoutMetadata,
+    CoreAuthDisplay,
+    CoreClientAuthMethod,
+    CoreClaimName,
+    CoreClaimType,
+    CoreGrantType,
+    CoreJweContentEncryptionAlgorithm,
+    CoreJweKeyManagementAlgorithm,
+    CoreJsonWebKey,
+    CoreResponseMode,
+    CoreResponseType,
+    CoreSubjectIdentifierType,
+>;
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A client built from discovery: authorization endpoint set, token endpoint maybe.
+type LoginClient = CoreClient<
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointMaybeSet,
+    EndpointMaybeSet,
+>;
+
+/// An HTTP failure talking to the provider. Never carries a body (it may hold tokens).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HttpError(String);
+
+/// The `openidconnect` HTTP client: our hyper client, with a boxed `Send` future so
+/// the proxy's request future stays `Send`.
+struct Http<'p>(&'p Provider);
+
+impl<'c> openidconnect::AsyncHttpClient<'c> for Http<'_> {
+    type Error = HttpError;
+    type Future = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<openidconnect::HttpResponse, HttpError>>
+                + Send
+                + 'c,
+        >,
+    >;
+    fn call(&'c self, request: openidconnect::HttpRequest) -> Self::Future {
+        Box::pin(self.0.call(request))
+    }
+}
+
+/// A login that failed; `detail` is safe to log (no code, token or state).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginError(pub String);
+
+/// What a verified token response gives the session.
+#[derive(Debug)]
+pub struct Verified {
+    /// The ID token payload (signature already verified).
+    pub claims: Map<String, Value>,
+    pub id_token_exp: u64,
+    pub refresh_token: Option<String>,
+}
+
+/// What the browser is sent to, and what must be remembered to finish the login.
+#[derive(Debug)]
+pub struct AuthRequest {
+    pub url: String,
+    pub state: String,
+    pub nonce: String,
+    pub pkce_verifier: String,
+}
+
+/// One provider browsers sign in with.
+pub struct Provider {
+    pub settings: IssuerSettings,
+    pub login: LoginSettings,
+    secret: String,
+    http: HttpClient,
+    metadata: tokio::sync::Mutex<Option<(Arc<Metadata>, Instant)>>,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider").field("issuer", &self.settings.id).finish()
+    }
+}
+
+// === impl Provider ===
+
+impl Provider {
+    pub fn new(settings: IssuerSettings, login: LoginSettings) -> Result<Provider, String> {
+        let secret = login
+            .client_secret
+            .read()
+            .map_err(|e| format!("issuer {}: client secret: {e}", settings.id))?;
+        let tls = crate::identity::verify::issuer_tls(&settings)?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        let http = Client::builder(TokioExecutor::new()).build(connector);
+        Ok(Provider { settings, login, secret, http, metadata: tokio::sync::Mutex::new(None) })
+    }
+
+    /// One request to the provider: refuses non-https (unless the issuer allows loopback
+    /// http), follows no redirects, bounded in time and size.
+    async fn call(
+        &self,
+        req: openidconnect::HttpRequest,
+    ) -> Result<openidconnect::HttpResponse, HttpError> {
+        let uri = req.uri().to_string();
+        crate::identity::verify::check_fetch_url(&uri, self.settings.insecure_http)
+            .map_err(HttpError)?;
+        let (parts, body) = req.into_parts();
+        let req = http::Request::from_parts(parts, Full::new(Bytes::from(body)));
+        let exchange = async {
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| HttpError(format!("request to the provider failed: {e}")))?;
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, MAX_BODY)
+                .collect()
+                .await
+                .map_err(|_| HttpError("provider response body failed or too large".into()))?
+                .to_bytes();
+            Ok(http::Response::from_parts(parts, body.to_vec()))
+        };
+        tokio::time::timeout(HTTP_TIMEOUT, exchange)
+            .await
+            .map_err(|_| HttpError("provider did not answer in time".into()))?
+    }
+
+    /// Discovery + JWKS, cached for [`METADATA_TTL`]; `force` fetches again (an unknown
+    /// signing key after a rotation).
+    pub async fn metadata(&self, force: bool) -> Result<Arc<Metadata>, LoginError> {
+        let mut slot = self.metadata.lock().await;
+        if let Some((m, at)) = slot.as_ref() {
+            if !force && at.elapsed() < METADATA_TTL {
+                return Ok(m.clone());
+            }
+        }
+        let http = Http(self);
+        let req = http::Request::get(self.settings.discovery_url.as_str())
+            .header(http::header::ACCEPT, "application/json")
+            .body(Vec::new())
+            .map_err(|_| LoginError("bad discovery URL".into()))?;
+        let resp = self.call(req).await.map_err(|e| LoginError(format!("discovery: {e}")))?;
+        if resp.status() != http::StatusCode::OK {
+            return Err(LoginError(format!("discovery answered {}", resp.status())));
+        }
+        let meta: Metadata = serde_json::from_slice(resp.body())
+            .map_err(|e| LoginError(format!("discovery document: {e}")))?;
+        // OIDC Discovery §4.3: the document's issuer is exactly the configured one.
+        if meta.issuer().as_str() != self.settings.issuer {
+            return Err(LoginError("discovery `issuer` differs from the configured issuer".into()));
+        }
+        let jwks = JsonWebKeySet::fetch_async(meta.jwks_uri(), &http)
+            .await
+            .map_err(|e| LoginError(format!("JWKS: {e}")))?;
+        let meta = Arc::new(meta.set_jwks(jwks));
+        *slot = Some((meta.clone(), Instant::now()));
+        Ok(meta)
+    }
+
+    fn client(
+        &self,
+        meta: &Metadata,
+        redirect_uri: Option<&str>,
+    ) -> Result<LoginClient, LoginError> {
+        // `from_provider_metadata` wants the core metadata type; rebuild it from ours.
+        let core: openidconnect::core::CoreProviderMetadata = serde_json::to_value(meta)
+            .and_then(serde_json::from_value)
+            .map_err(|e| LoginError(format!("metadata: {e}")))?;
+        let core = core.set_jwks(meta.jwks().clone());
+        let client = CoreClient::from_provider_metadata(
+            core,
+            ClientId::new(self.login.client_id.clone()),
+            Some(ClientSecret::new(self.secret.clone())),
+        );
+        Ok(match redirect_uri {
+            Some(r) => client.set_redirect_uri(
+                RedirectUrl::new(r.to_string())
+                    .map_err(|_| LoginError("bad redirect URI".into()))?,
+            ),
+            None => client,
+        })
+    }
+
+    /// The provider's end-session endpoint, if it advertises one.
+    pub async fn end_session_endpoint(&self) -> Option<String> {
+        let meta = self.metadata(false).await.ok()?;
+        meta.additional_metadata().end_session_endpoint.as_ref().map(|u| u.url().to_string())
+    }
+
+    /// The authorization request: code flow, PKCE S256, fresh state and nonce.
+    pub async fn authorize(&self, redirect_uri: &str) -> Result<AuthRequest, LoginError> {
+        let meta = self.metadata(false).await?;
+        let client = self.client(&meta, Some(redirect_uri))?;
+        let rnd = || super::seal::random_token().map_err(LoginError);
+        let (state, nonce, verifier) = (rnd()?, rnd()?, rnd()?);
+        let challenge =
+            PkceCodeChallenge::from_code_verifier_sha256(&PkceCodeVerifier::new(verifier.clone()));
+        let (s2, n2) = (state.clone(), nonce.clone());
+        let mut req = client
+            .authorize_url(
+                CoreAuthenticationFlow::AuthorizationCode,
+                move || CsrfToken::new(s2),
+                move || Nonce::new(n2),
+            )
+            .set_pkce_challenge(challenge);
+        for scope in self.login.scopes.iter().filter(|s| *s != "openid") {
+            req = req.add_scope(Scope::new(scope.clone()));
+        }
+        for (k, v) in &self.login.extra_params {
+            req = req.add_extra_param(k.clone(), v.clone());
+        }
+        let (url, _, _) = req.url();
+        Ok(AuthRequest { url: url.to_string(), state, nonce, pkce_verifier: verifier })
+    }
+
+    /// Exchange the code and verify the ID token against `nonce`.
+    pub async fn exchange(
+        &self,
+        code: String,
+        pkce_verifier: String,
+        nonce: &str,
+        redirect_uri: &str,
+    ) -> Result<Verified, LoginError> {
+        let meta = self.metadata(false).await?;
+        let client = self.client(&meta, Some(redirect_uri))?;
+        let http = Http(self);
+        let response = client
+            .exchange_code(AuthorizationCode::new(code))
+            .map_err(|_| LoginError("provider has no token endpoint".into()))?
+            .set_pkce_verifier(PkceCodeVerifier::new(pkce_verifier))
+            .request_async(&http)
+            .await
+            .map_err(token_error)?;
+        let nonce = Nonce::new(nonce.to_string());
+        match self.verify(&client, &response, Some(&nonce)) {
+            Err(e) if e.0.contains("signing key") => {
+                // The provider rotated its keys: fetch them once more and retry.
+                let meta = self.metadata(true).await?;
+                let client = self.client(&meta, Some(redirect_uri))?;
+                self.verify(&client, &response, Some(&nonce))
+            }
+            other => other,
+        }
+    }
+
+    /// Use a refresh token. The new ID token, when the provider sends one, is verified
+    /// like the first (no nonce: OIDC Core §12.2).
+    pub async fn refresh(&self, refresh_token: &str) -> Result<Verified, LoginError> {
+        let meta = self.metadata(false).await?;
+        let client = self.client(&meta, None)?;
+        let http = Http(self);
+        let rt = RefreshToken::new(refresh_token.to_string());
+        let response = client
+            .exchange_refresh_token(&rt)
+            .map_err(|_| LoginError("provider has no token endpoint".into()))?
+            .request_async(&http)
+            .await
+            .map_err(token_error)?;
+        let refresh = response.refresh_token().map(|t| t.secret().clone());
+        if response.id_token().is_none() {
+            // Some providers answer a refresh without a new ID token: the session keeps
+            // its claims for as long as the access token lives.
+            let ttl = response.expires_in().unwrap_or(Duration::from_secs(300)).as_secs();
+            return Ok(Verified {
+                claims: Map::new(),
+                id_token_exp: crate::util::unix_now() + ttl,
+                refresh_token: refresh.or_else(|| Some(refresh_token.to_string())),
+            });
+        }
+        let mut v = self.verify(&client, &response, None)?;
+        v.refresh_token = v.refresh_token.or_else(|| Some(refresh_token.to_string()));
+        Ok(v)
+    }
+
+    fn verify(
+        &self,
+        client: &LoginClient,
+        response: &CoreTokenResponse,
+        nonce: Option<&Nonce>,
+    ) -> Result<Verified, LoginError> {
+        let id_token = response
+            .id_token()
+            .ok_or_else(|| LoginError("no ID token in the token response".into()))?;
+        let verifier = client.id_token_verifier();
+        let claims = match nonce {
+            Some(n) => id_token.claims(&verifier, n),
+            None => id_token.claims(&verifier, |_: Option<&Nonce>| Ok(())),
+        }
+        .map_err(|e| LoginError(format!("ID token: {}", claims_error(&e))))?;
+        // at_hash binds the access token to the ID token (OIDC Core §3.1.3.8).
+        if let Some(expected) = claims.access_token_hash() {
+            let alg = id_token.signing_alg().map_err(|_| LoginError("ID token: no alg".into()))?;
+            let key = id_token
+                .signing_key(&verifier)
+                .map_err(|_| LoginError("ID token: no signing key for at_hash".into()))?;
+            let actual = AccessTokenHash::from_token(response.access_token(), alg, key)
+                .map_err(|_| LoginError("ID token: at_hash algorithm".into()))?;
+            if !super::seal::same(actual.as_str(), expected.as_str()) {
+                return Err(LoginError("ID token: at_hash does not match the access token".into()));
+            }
+        }
+        let exp = claims.expiration().timestamp().max(0) as u64;
+        // The raw payload (now verified) carries the provider's own claims: groups,
+        // hd, _claim_names. They go through the same profile checks as bearer tokens.
+        let payload = id_token
+            .to_string()
+            .split('.')
+            .nth(1)
+            .and_then(|p| {
+                use base64::Engine as _;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).ok()
+            })
+            .and_then(|b| serde_json::from_slice::<Map<String, Value>>(&b).ok())
+            .ok_or_else(|| LoginError("ID token payload".into()))?;
+        Ok(Verified {
+            claims: payload,
+            id_token_exp: exp,
+            refresh_token: response.refresh_token().map(|t| t.secret().clone()),
+        })
+    }
+}
+
+/// Token endpoint errors, without bodies (they can echo the code).
+fn token_error<E: std::error::Error + 'static>(
+    e: openidconnect::RequestTokenError<
+        E,
+        openidconnect::StandardErrorResponse<openidconnect::core::CoreErrorResponseType>,
+    >,
+) -> LoginError {
+    use openidconnect::RequestTokenError as R;
+    LoginError(match e {
+        R::ServerResponse(r) => format!("token endpoint refused: {}", r.error().as_ref()),
+        R::Request(e) => format!("token endpoint: {e}"),
+        R::Parse(_, _) => "token endpoint answer did not parse".into(),
+        R::Other(_) => "token endpoint: unexpected answer".into(),
+    })
+}
+
+/// Claim verification errors, by kind (their messages can quote token values).
+fn claims_error(e: &openidconnect::ClaimsVerificationError) -> &'static str {
+    use openidconnect::ClaimsVerificationError as C;
+    match e {
+        C::Expired(_) => "expired",
+        C::InvalidAudience(_) => "audience or azp is not our client_id (or untrusted audiences)",
+        C::InvalidAuthTime(_) => "auth_time",
+        C::InvalidIssuer(_) => "issuer mismatch",
+        C::InvalidNonce(_) => "nonce mismatch",
+        C::InvalidSubject(_) => "subject",
+        C::SignatureVerification(openidconnect::SignatureVerificationError::NoMatchingKey) => {
+            "no matching signing key"
+        }
+        C::SignatureVerification(_) => "signature does not verify",
+        C::Unsupported(_) => "unsupported",
+        _ => "invalid",
+    }
+}

@@ -1,0 +1,86 @@
+//! Where a browser may be sent after signing in or out: only back to this proxy.
+//!
+//! A target is either a path on the current host (`/x?y`) or an `https://` URL whose
+//! host is the current host or one that a route names explicitly (an exact or
+//! `*.suffix` host; a catch-all `*` route does not make every host on the Internet a
+//! valid target). Everything else is refused before a session is created: other
+//! hosts, scheme-relative `//evil`, `/\evil` (browsers read `\` as `/`), userinfo
+//! tricks (`https://ok@evil`), control characters, and all of these percent-encoded.
+
+use crate::config::{Config, HostMatch};
+
+/// Longest return URL accepted.
+pub const MAX_LEN: usize = 2048;
+
+/// Why a target was refused (for the log; the response says `invalid-redirect`).
+pub type Refused = &'static str;
+
+/// Check `target` and return the absolute URL to redirect to. `authority` is the
+/// request's own `host[:port]`, already validated.
+pub fn check(target: &str, authority: &str, cfg: &Config) -> Result<String, Refused> {
+    if target.is_empty() || target.len() > MAX_LEN {
+        return Err("empty or overlong target");
+    }
+    suspicious(target)?;
+    // Encoded variants: decode a few times and apply the same checks.
+    let mut decoded = target.to_string();
+    for _ in 0..3 {
+        let next = percent_encoding::percent_decode_str(&decoded).decode_utf8_lossy().into_owned();
+        if next == decoded {
+            break;
+        }
+        suspicious(&next)?;
+        decoded = next;
+    }
+    if let Some(rest) = target.strip_prefix('/') {
+        if rest.starts_with('/') {
+            return Err("scheme-relative target");
+        }
+        return Ok(format!("https://{authority}{target}"));
+    }
+    let Some(rest) = target.strip_prefix("https://") else {
+        return Err("not https and not a path");
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let auth = &rest[..end];
+    if auth.is_empty() || auth.contains('@') {
+        return Err("userinfo or empty host");
+    }
+    let parsed: http::uri::Authority = auth.parse().map_err(|_| "bad host")?;
+    let host = parsed.host().trim_end_matches('.').to_ascii_lowercase();
+    let own = authority
+        .parse::<http::uri::Authority>()
+        .map(|a| a.host().trim_end_matches('.').to_ascii_lowercase())
+        .unwrap_or_default();
+    if host != own && !served(&host, cfg) {
+        return Err("host is not served by any route");
+    }
+    let path = &rest[end..];
+    if !(path.is_empty() || path.starts_with('/') || path.starts_with('?')) {
+        return Err("fragment-only target");
+    }
+    Ok(format!(
+        "https://{}{}",
+        parsed.as_str().to_ascii_lowercase(),
+        if path.is_empty() { "/" } else { path }
+    ))
+}
+
+fn suspicious(s: &str) -> Result<(), Refused> {
+    if s.chars().any(|c| c.is_control() || c.is_whitespace() || c == '\\') {
+        return Err("control character, space or backslash");
+    }
+    if s.starts_with("//") || s.starts_with("/\\") {
+        return Err("scheme-relative target");
+    }
+    let lower = s.to_ascii_lowercase();
+    if lower.starts_with("javascript:") || lower.starts_with("data:") {
+        return Err("script scheme");
+    }
+    Ok(())
+}
+
+/// A route names this host explicitly.
+fn served(host: &str, cfg: &Config) -> bool {
+    cfg.routes.iter().any(|r| !matches!(r.host, HostMatch::Any) && r.host.matches(host))
+}

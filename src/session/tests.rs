@@ -1,0 +1,201 @@
+use std::time::Duration;
+
+use super::*;
+use crate::config::SecretSource;
+
+fn settings() -> SessionSettings {
+    SessionSettings {
+        cookie_name: "_portcullis".into(),
+        cookie_domain: Some("example.com".into()),
+        keys: SecretSource::Env("UNUSED".into()),
+        absolute_lifetime: Duration::from_secs(3600),
+        idle_lifetime: Duration::from_secs(600),
+        refresh_before: Duration::from_secs(60),
+    }
+}
+
+fn data(groups: usize) -> SessionData {
+    SessionData {
+        issuer: "corp".into(),
+        subject: "alice".into(),
+        email: Some("alice@example.com".into()),
+        email_verified: true,
+        groups: (0..groups).map(|i| format!("00000000-0000-4000-8000-{i:012}")).collect(),
+        groups_known: true,
+        created: crate::util::unix_now(),
+        last_seen: crate::util::unix_now(),
+        expires: crate::util::unix_now() + 300,
+        refresh: Some("rt".into()),
+    }
+}
+
+fn headers(set_cookies: &[HeaderValue]) -> HeaderMap {
+    let cookie = set_cookies
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter(|v| !v.contains("Max-Age=0"))
+        .filter_map(|v| v.split(';').next())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut h = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        h.insert(header::COOKIE, v);
+    }
+    h
+}
+
+#[test]
+fn seal_and_open_with_rotation_and_purpose_binding() -> Result<(), String> {
+    let old = Sealer::from_keys(&[[1; 32]])?;
+    let rotated = Sealer::from_keys(&[[2; 32], [1; 32]])?;
+    let sealed_old = old.seal(Purpose::Session, b"hello")?;
+    // New key seals, old keys still open.
+    assert_eq!(rotated.open(Purpose::Session, &sealed_old).ok(), Some(b"hello".to_vec()));
+    let sealed_new = rotated.seal(Purpose::Session, b"hello")?;
+    assert_eq!(old.open(Purpose::Session, &sealed_new), Err(seal::OpenError::UnknownKey));
+    // A login value is not a session value.
+    assert_eq!(rotated.open(Purpose::Login, &sealed_new), Err(seal::OpenError::Tampered));
+    // Any flipped bit fails.
+    let mut b = sealed_new.clone().into_bytes();
+    let i = b.len() - 5;
+    b[i] = if b[i] == b'A' { b'B' } else { b'A' };
+    let flipped = String::from_utf8(b).map_err(|e| e.to_string())?;
+    assert!(rotated.open(Purpose::Session, &flipped).is_err());
+    assert_eq!(rotated.open(Purpose::Session, "2abc"), Err(seal::OpenError::Malformed));
+    assert_eq!(rotated.open(Purpose::Session, ""), Err(seal::OpenError::Malformed));
+    // Nonces are random: the same plaintext seals differently.
+    assert_ne!(rotated.seal(Purpose::Session, b"x")?, rotated.seal(Purpose::Session, b"x")?);
+    Ok(())
+}
+
+#[test]
+fn key_text_parsing_rejects_bad_keys_without_echoing_them() {
+    assert!(Sealer::from_text("# comment\nMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").is_ok());
+    let e = Sealer::from_text("c2hvcnQ=").err().unwrap_or_default();
+    assert!(e.contains("32 bytes") && !e.contains("c2hvcnQ"), "{e}");
+    let e = Sealer::from_text("not base64 !!").err().unwrap_or_default();
+    assert!(e.contains("not base64"), "{e}");
+    assert!(Sealer::from_text("\n# only a comment\n").is_err());
+}
+
+#[test]
+fn large_sessions_are_chunked_and_reassembled() -> Result<(), String> {
+    let s = Sessions::with_sealer(settings(), Sealer::from_keys(&[[7; 32]])?);
+    // 200 Entra-style group GUIDs: about 9 KB sealed.
+    let big = data(200);
+    let set = s.seal_session(&big, &[])?;
+    assert!(set.len() > 2, "chunked into {} cookies", set.len());
+    for v in &set {
+        let v = v.to_str().map_err(|e| e.to_string())?;
+        assert!(v.len() < 4096, "each cookie under 4 KB");
+        for attr in ["Secure", "HttpOnly", "SameSite=Lax", "Domain=example.com", "Path=/"] {
+            assert!(v.contains(attr), "{attr} in {v}");
+        }
+    }
+    let h = headers(&set);
+    let back = s.open_session(&cookie::parse(&h)).map_err(str::to_string)?;
+    assert_eq!(back.as_ref(), Some(&big));
+    // Going back to one cookie deletes the stale chunks.
+    let small = s.seal_session(&data(1), &cookie::parse(&h))?;
+    let deleted =
+        small.iter().filter_map(|v| v.to_str().ok()).filter(|v| v.contains("Max-Age=0")).count();
+    assert_eq!(deleted, set.len() - 1);
+    // A missing chunk is refused, not half-read.
+    let mut partial = h.clone();
+    let text =
+        partial.get(header::COOKIE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let without: Vec<&str> =
+        text.split("; ").filter(|c| !c.starts_with("_portcullis_1=")).collect();
+    partial.insert(
+        header::COOKIE,
+        HeaderValue::from_str(&without.join("; ")).map_err(|e| e.to_string())?,
+    );
+    assert!(s.open_session(&cookie::parse(&partial)).is_err());
+    Ok(())
+}
+
+#[test]
+fn cookie_parsing_finds_chunks_but_not_lookalikes() {
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::COOKIE,
+        HeaderValue::from_static("app=1; _portcullis_login_abc=x; _portcullisx=1"),
+    );
+    let c = cookie::parse(&h);
+    assert!(!cookie::present(&c, "_portcullis"));
+    h.insert(header::COOKIE, HeaderValue::from_static("app=1; _portcullis_3=x"));
+    assert!(cookie::present(&cookie::parse(&h), "_portcullis"));
+}
+
+#[test]
+fn navigation_detection() {
+    let mut h = HeaderMap::new();
+    h.insert(header::ACCEPT, HeaderValue::from_static("text/html,application/xhtml+xml"));
+    assert!(is_navigation(&Method::GET, &h));
+    assert!(is_navigation(&Method::HEAD, &h));
+    assert!(!is_navigation(&Method::POST, &h));
+    h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic eDp5"));
+    assert!(!is_navigation(&Method::GET, &h));
+    let mut api = HeaderMap::new();
+    api.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    assert!(!is_navigation(&Method::GET, &api));
+    assert!(!is_navigation(&Method::GET, &HeaderMap::new()));
+}
+
+#[test]
+fn query_params_decode_and_refuse_repeats() {
+    assert_eq!(query_param(Some("rd=%2Fa%3Fb%3D1&x=2"), "rd").as_deref(), Some("/a?b=1"));
+    assert_eq!(query_param(Some("state=a&state=b"), "state"), None);
+    assert_eq!(query_param(None, "rd"), None);
+}
+
+#[test]
+fn redirect_targets() -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(dir.path().join("policies")).map_err(|e| e.to_string())?;
+    std::fs::write(
+        dir.path().join("policies/p.toml"),
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"x\"]\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let text = "[listen]\ninsecure_http = \"127.0.0.1:1\"\n[issuers.corp]\nissuer = \"https://idp.example.com\"\naudiences = [\"a\"]\n\
+[[routes]]\nname = \"a\"\nmatch = { host = \"app.example.com\" }\nupstream = \"http://127.0.0.1:2\"\npolicy = \"p\"\n\
+[[routes]]\nname = \"b\"\nmatch = { host = \"*.internal.example.com\" }\nupstream = \"http://127.0.0.1:2\"\npolicy = \"p\"\n\
+[[routes]]\nname = \"c\"\nmatch = { host = \"*\" }\nupstream = \"http://127.0.0.1:2\"\npolicy = \"p\"\n";
+    let src = crate::diag::Source::new(dir.path().join("portcullis.toml"), text.to_string());
+    let cfg = Config::compile(&src).map_err(|e| e.to_string())?;
+    let here = "app.example.com:8443";
+    let ok = |t: &str| redirect::check(t, here, &cfg);
+    assert_eq!(ok("/x?y=1").as_deref(), Ok("https://app.example.com:8443/x?y=1"));
+    assert_eq!(
+        ok("https://grafana.internal.example.com/d").as_deref(),
+        Ok("https://grafana.internal.example.com/d")
+    );
+    assert_eq!(ok("https://APP.example.com").as_deref(), Ok("https://app.example.com/"));
+    for bad in [
+        "https://evil.example/",
+        "//evil.example",
+        "/\\evil.example",
+        "/%5Cevil.example",
+        "%2F%2Fevil.example",
+        "%252F%252Fevil.example",
+        "https://app.example.com@evil.example/",
+        "https://evil.example\\@app.example.com/",
+        "http://app.example.com/",
+        "javascript:alert(1)",
+        "/a\nb",
+        "https://internal.example.com.evil.example/",
+        "",
+    ] {
+        assert!(ok(bad).is_err(), "{bad} must be refused");
+    }
+    Ok(())
+}
+
+#[test]
+fn html_pages_escape_everything() {
+    let p = pages::rejection(403, "Access denied", "policy-denied", "<script>", Some("/x?a=\"b\""));
+    assert!(!p.contains("<script>") && p.contains("&lt;script&gt;") && p.contains("&quot;b&quot;"));
+    let c = pages::chooser(&[("Sign in with <b>".into(), "/s?issuer=a&rd=b".into())]);
+    assert!(c.contains("&lt;b&gt;") && c.contains("issuer=a&amp;rd=b"));
+}
