@@ -68,6 +68,19 @@ pub enum Reason {
     UpstreamTimeout,
     /// The proxy failed in a way that is its own fault.
     InternalError,
+    /// PostgreSQL: the client started a session without TLS; it is never asked for a token.
+    PlaintextRefused,
+    /// PostgreSQL: the client broke the wire protocol (bad lengths, unexpected messages,
+    /// unencrypted data after SSLRequest, startup not finished in time).
+    ProtocolViolation,
+    /// PostgreSQL: the token that opened the session expired (or `max_session` passed);
+    /// the session was terminated.
+    SessionExpired,
+    /// PostgreSQL: a reload changed the policy (or route, or issuer) so that this identity
+    /// may no longer hold the session; it was terminated.
+    AccessRevoked,
+    /// The server is shutting down and the grace period is over.
+    ShuttingDown,
 }
 
 impl Reason {
@@ -104,6 +117,11 @@ impl Reason {
             Reason::UpstreamUnavailable => "upstream-unavailable",
             Reason::UpstreamTimeout => "upstream-timeout",
             Reason::InternalError => "internal-error",
+            Reason::PlaintextRefused => "plaintext-refused",
+            Reason::ProtocolViolation => "protocol-violation",
+            Reason::SessionExpired => "session-expired",
+            Reason::AccessRevoked => "access-revoked",
+            Reason::ShuttingDown => "shutting-down",
         }
     }
 
@@ -163,6 +181,11 @@ impl Reason {
             Reason::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Reason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
+            Reason::PlaintextRefused => StatusCode::UPGRADE_REQUIRED,
+            Reason::ProtocolViolation => StatusCode::BAD_REQUEST,
+            Reason::SessionExpired => StatusCode::UNAUTHORIZED,
+            Reason::AccessRevoked => StatusCode::FORBIDDEN,
+            Reason::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
