@@ -11,6 +11,9 @@
 //! - `cli`: the real binary: `check` diagnostics, and the README's demo flow.
 //! - `review`: shadow policies through the proxy, policy revisions in audit events,
 //!   and `portcullis policy test/explain/who/diff` as a pipeline runs them.
+//! - `pg`: PostgreSQL routes against a real PostgreSQL server (initdb in a temp dir) with
+//!   `psql`, `pgbench` and `tokio-postgres`: roles per rule, denials, plaintext and bad
+//!   input, extended protocol, COPY, cancel, notifications, expiry, revocation, drain.
 //! - `interop`: a real OpenID provider (npm `oidc-provider`) issuing JWT access tokens,
 //!   key rotation included.
 
@@ -19,6 +22,7 @@ mod cli;
 mod forwarding;
 mod interop;
 mod lifecycle;
+mod pg;
 mod proxy;
 mod review;
 mod support;
