@@ -501,10 +501,10 @@ async fn establish(
     }
     let ignored: Vec<&str> =
         params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.as_str()).collect();
-    if minor > 0 || !ignored.is_empty() {
-        if client.write_all(&proto::negotiate_protocol_version(&ignored)).await.is_err() {
-            return Outcome::Silent;
-        }
+    if (minor > 0 || !ignored.is_empty())
+        && client.write_all(&proto::negotiate_protocol_version(&ignored)).await.is_err()
+    {
+        return Outcome::Silent;
     }
     let forwarded: Vec<(String, String)> = params
         .iter()
@@ -1046,11 +1046,9 @@ fn audit_message(
                 known.as_ref().is_some_and(|(_, t)| *t),
             );
         }
-        b'C' => {
-            if c.body.first() == Some(&b'S') {
-                if let Some(end) = c.body[1..].iter().position(|&x| x == 0) {
-                    prepared.remove(String::from_utf8_lossy(&c.body[1..1 + end]).as_ref());
-                }
+        b'C' if c.body.first() == Some(&b'S') => {
+            if let Some(end) = c.body[1..].iter().position(|&x| x == 0) {
+                prepared.remove(String::from_utf8_lossy(&c.body[1..1 + end]).as_ref());
             }
         }
         _ => {}

@@ -147,3 +147,89 @@ fn secrets_do_not_debug_print() {
     let db = test_db(dir.path());
     assert!(!format!("{db:?}").contains("pw\""));
 }
+
+// === `[[databases]]` in the configuration ===
+
+fn compile_db(
+    dir: &std::path::Path,
+    db: &str,
+    policy: &str,
+) -> Result<crate::config::Config, Vec<String>> {
+    std::fs::create_dir_all(dir.join("policies")).ok();
+    std::fs::write(dir.join("policies/db.toml"), policy).ok();
+    std::fs::write(dir.join("pw"), "s3cret-from-file\n").ok();
+    let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/dev");
+    let text = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\n\n[issuers.corp]\nissuer = \"https://idp.example.com\"\naudiences = [\"portcullis\"]\n\n{db}",
+        certs.join("server.pem").to_string_lossy(),
+        certs.join("server-key.pem").to_string_lossy(),
+    );
+    let src = crate::diag::Source::new(dir.join("portcullis.toml"), text);
+    crate::config::Config::compile(&src)
+        .map_err(|e| e.0.iter().map(|d| format!("{}:{} {}", d.line, d.col, d.message)).collect())
+}
+
+const DB_POLICY: &str = "[[rule]]\nid = \"eng\"\neffect = \"allow\"\nissuer = \"corp\"\ndatabases = \"app\"\nupstream_role = \"readonly\"\n";
+
+#[test]
+fn a_database_only_config_compiles_without_an_http_listener() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let c = compile_db(
+        dir.path(),
+        "[[databases]]\nname = \"app\"\nlisten = \"127.0.0.1:6432\"\nupstream = \"postgres://db.internal:5433\"\nupstream_tls = \"verify-full\"\nupstream_user = \"portcullis\"\npassword_file = \"pw\"\npolicy = \"db\"\nmax_session = \"8h\"\n[databases.upstream_roles.readonly]\npassword_file = \"pw\"\n",
+        DB_POLICY,
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let d = &c.databases[0];
+    assert_eq!((d.host.as_str(), d.port), ("db.internal", 5433));
+    assert_eq!(d.upstream_tls, crate::config::UpstreamTls::VerifyFull);
+    assert_eq!(d.password.expose(), "s3cret-from-file");
+    assert_eq!(d.password_for("readonly").map(|s| s.expose()), Some("s3cret-from-file"));
+    assert!(d.password_for("postgres").is_none());
+    assert_eq!(d.max_session, Some(std::time::Duration::from_secs(8 * 3600)));
+    assert_eq!(d.startup_timeout, std::time::Duration::from_secs(10));
+    assert!(c.listen.https.is_none());
+    assert!(!format!("{c:?}").contains("s3cret"), "Debug never prints a password");
+    assert!(c.files.iter().any(|f| f.ends_with("pw")), "password files are watched for reload");
+}
+
+#[test]
+fn database_mistakes_are_all_reported_with_their_position() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let errors = compile_db(
+        dir.path(),
+        "[[databases]]\nname = \"app\"\nlisten = \"127.0.0.1:6432\"\nupstream = \"postgres://u:p@db:5432\"\nupstream_user = \"portcullis\"\npassword_env = \"PORTCULLIS_TEST_SURELY_UNSET_VAR\"\npolicy = \"db\"\n\n[[databases]]\nname = \"two\"\nlisten = \"127.0.0.1:6433\"\nupstream = \"postgres://db\"\nupstream_tls = \"sometimes\"\nupstream_user = \"portcullis\"\npassword_env = \"X\"\npassword_file = \"pw\"\npolicy = \"db\"\n\n[[databases]]\nname = \"three\"\nlisten = \"127.0.0.1:6434\"\nupstream = \"postgres://db\"\nupstream_user = \"portcullis\"\npassword = \"inline\"\npolicy = \"db\"\n",
+        DB_POLICY,
+    )
+    .err()
+    .unwrap_or_default();
+    let has = |pos: &str, text: &str| errors.iter().any(|e| e.starts_with(pos) && e.contains(text));
+    assert!(has("12:12", "must not carry credentials"), "{errors:?}");
+    assert!(has("14:16", "`PORTCULLIS_TEST_SURELY_UNSET_VAR` is not set"), "{errors:?}");
+    assert!(has("15:10", "grants upstream_role `readonly`"), "{errors:?}");
+    assert!(has("21:16", "unknown upstream_tls `sometimes`"), "{errors:?}");
+    assert!(has("24:17", "either `password_env` or `password_file`"), "{errors:?}");
+    assert!(has("32:1", "unknown field `password`"), "{errors:?}");
+    assert!(!errors.iter().any(|e| e.contains("inline")), "never echo a value");
+}
+
+#[test]
+fn databases_need_tls() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir_all(dir.path().join("policies")).ok();
+    std::fs::write(
+        dir.path().join("policies/db.toml"),
+        DB_POLICY.replace("upstream_role = \"readonly\"\n", ""),
+    )
+    .ok();
+    std::fs::write(dir.path().join("pw"), "x").ok();
+    let src = crate::diag::Source::new(
+        dir.path().join("portcullis.toml"),
+        "[issuers.corp]\nissuer = \"https://idp.example.com\"\naudiences = [\"p\"]\n\n[[databases]]\nname = \"app\"\nlisten = \"127.0.0.1:6432\"\nupstream = \"postgres://db\"\nupstream_user = \"u\"\npassword_file = \"pw\"\npolicy = \"db\"\n",
+    );
+    let errors = crate::config::Config::compile(&src).err().map(|e| e.0).unwrap_or_default();
+    assert!(
+        errors.iter().any(|d| d.line == 6 && d.message.contains("need a [tls] section")),
+        "{errors:?}"
+    );
+}
