@@ -8,7 +8,8 @@ fn compile(dir: &std::path::Path, text: &str) -> Result<Config, Vec<String>> {
     )
     .ok();
     let src = Source::new(dir.join("portcullis.toml"), text.to_string());
-    Config::compile(&src).map_err(|e| e.0.iter().map(|d| format!("{}:{} {}", d.line, d.col, d.message)).collect())
+    Config::compile(&src)
+        .map_err(|e| e.0.iter().map(|d| format!("{}:{} {}", d.line, d.col, d.message)).collect())
 }
 
 const BASE: &str = r#"[listen]
@@ -125,7 +126,11 @@ fn routes_sort_most_specific_first() {
     assert_eq!(pick("api.example.com", "/v1/admin/x").as_deref(), Some("deep"));
     assert_eq!(pick("api.example.com", "/v1/x").as_deref(), Some("api"));
     assert_eq!(pick("web.example.com", "/v1/x").as_deref(), Some("wild"));
-    assert_eq!(pick("example.com", "/").as_deref(), Some("any"), "a wildcard needs a label before the suffix");
+    assert_eq!(
+        pick("example.com", "/").as_deref(),
+        Some("any"),
+        "a wildcard needs a label before the suffix"
+    );
     assert_eq!(pick("other.test", "/").as_deref(), Some("any"));
 }
 
@@ -138,14 +143,19 @@ fn helpers() {
     let n = IpNet::parse("10.0.0.0/8").unwrap_or_else(|| panic!("cidr"));
     assert!(n.contains("10.1.2.3".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))));
     assert!(!n.contains("11.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))));
-    assert!(n.contains("::ffff:10.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))), "v4-mapped");
+    assert!(
+        n.contains("::ffff:10.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))),
+        "v4-mapped"
+    );
     assert_eq!(IpNet::parse("::1").map(|n| n.prefix), Some(128));
     assert!(IpNet::parse("1.2.3.4/40").is_none());
     assert_eq!(parse_size(&toml::Value::String("10MiB".into())), Some(10 << 20));
     assert_eq!(parse_size(&toml::Value::Integer(5)), Some(5));
     assert_eq!(parse_size(&toml::Value::Integer(-5)), None);
     assert_eq!(parse_size(&toml::Value::String("5 parsecs".into())), None);
-    assert!(is_loopback_host("127.0.0.1") && is_loopback_host("[::1]") && is_loopback_host("localhost"));
+    assert!(
+        is_loopback_host("127.0.0.1") && is_loopback_host("[::1]") && is_loopback_host("localhost")
+    );
     assert!(!is_loopback_host("example.com"));
 }
 

@@ -1,8 +1,8 @@
 //! Development helpers: the embedded OIDC issuer and its signing keys, used by
 //! `portcullis demo`, `portcullis dev token` and the tests.
 
-pub mod echo;
 pub mod demo;
+pub mod echo;
 pub mod issuer;
 pub mod signer;
 pub mod token;

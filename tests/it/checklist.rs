@@ -86,7 +86,14 @@ async fn header_rules_v4_to_v11() {
         b64(&p.to_string())
     );
     expect(&w, "V4 alg none, no signature", &unsigned, u, "malformed-token").await;
-    expect(&w, "V4 alg none, signed anyway", &with("alg", json!("none")), u, "disallowed-algorithm").await;
+    expect(
+        &w,
+        "V4 alg none, signed anyway",
+        &with("alg", json!("none")),
+        u,
+        "disallowed-algorithm",
+    )
+    .await;
     expect(&w, "V4 alg noNE", &with("alg", json!("noNE")), u, "disallowed-algorithm").await;
     expect(&w, "V4 alg HS256", &with("alg", json!("HS256")), u, "disallowed-algorithm").await;
     expect(&w, "V4 alg rs256", &with("alg", json!("rs256")), u, "disallowed-algorithm").await;

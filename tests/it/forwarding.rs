@@ -110,7 +110,11 @@ async fn the_signed_assertion_verifies_with_the_published_key() {
 
 #[tokio::test]
 async fn large_bodies_stream_both_ways() {
-    let w = World::with(Setup { route_extra: "max_request_body = \"64MiB\"".into(), ..Setup::default() }).await;
+    let w = World::with(Setup {
+        route_extra: "max_request_body = \"64MiB\"".into(),
+        ..Setup::default()
+    })
+    .await;
     let t = w.token("bb", &[]);
     // 32 MiB up and back, produced lazily: the proxy never holds it whole.
     const CHUNK: usize = 64 * 1024;
@@ -191,14 +195,18 @@ async fn ws_connect(
         .unwrap_or_else(|e| panic!("{e}"));
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(w.https).await.unwrap_or_else(|e| panic!("{e}"));
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
+    let name =
+        rustls_pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
     let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
         .connect(name, tcp)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let mut req = format!("wss://localhost:{}/ws", w.https.port()).into_client_request()?;
     if let Some(t) = token {
-        req.headers_mut().insert("authorization", format!("Bearer {t}").parse().unwrap_or_else(|e| panic!("{e:?}")));
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {t}").parse().unwrap_or_else(|e| panic!("{e:?}")),
+        );
     }
     tokio_tungstenite::client_async(req, stream).await.map(|(ws, resp)| {
         assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
@@ -212,7 +220,9 @@ async fn websocket_is_tunnelled_after_101() {
     let t = w.token("bb", &[]);
     let mut ws = ws_connect(&w, Some(&t)).await.unwrap_or_else(|e| panic!("ws connect: {e}"));
     for msg in ["hello", "again"] {
-        ws.send(tokio_tungstenite::tungstenite::Message::text(msg)).await.unwrap_or_else(|e| panic!("{e}"));
+        ws.send(tokio_tungstenite::tungstenite::Message::text(msg))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.ok().flatten();
         let text = m.and_then(|m| m.ok()).and_then(|m| m.into_text().ok()).map(|t| t.to_string());
         assert_eq!(text.as_deref(), Some(msg));
