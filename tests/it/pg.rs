@@ -1039,3 +1039,81 @@ async fn pgbench_initializes_and_runs_through_the_proxy() {
     assert!(n >= 200 + 80 * 7, "every statement audited ({n})");
     assert_no_secrets(&w, &[&token]);
 }
+
+/// The README flow: `portcullis demo --postgres URL`, a token from `portcullis dev token`,
+/// and stock `psql` with `sslmode=require`.
+#[tokio::test]
+async fn the_demo_serves_a_database_route_for_psql() {
+    let Some(pg) = pg() else { return };
+    const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (https, admin, db) = (free_port(), free_port(), free_port());
+    let url = format!("postgres://app:{APP_PW}@127.0.0.1:{}/appdb", pg.port);
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "demo",
+            "--listen",
+            &format!("127.0.0.1:{https}"),
+            "--admin",
+            &format!("127.0.0.1:{admin}"),
+        ])
+        .args([
+            "--postgres-listen",
+            &format!("127.0.0.1:{db}"),
+            "--state-dir",
+            &dir.path().to_string_lossy(),
+        ])
+        .env("PORTCULLIS_DEMO_POSTGRES", &url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("demo: {e}"));
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("stdout"));
+    let mut lines = tokio::io::BufReader::new(stdout);
+    let mut banner = String::new();
+    let ready = tokio::time::timeout(Duration::from_secs(60), async {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        while lines.read_line(&mut line).await.unwrap_or(0) > 0 {
+            banner.push_str(&line);
+            if line.contains("sslmode=require") {
+                return true;
+            }
+            line.clear();
+        }
+        false
+    })
+    .await;
+    assert!(matches!(ready, Ok(true)), "demo banner: {banner}");
+    assert!(!banner.contains(APP_PW), "the banner never shows the upstream password");
+    let config = std::fs::read_to_string(dir.path().join("portcullis.toml")).unwrap_or_default();
+    assert!(config.contains("[[databases]]") && !config.contains(APP_PW), "{config}");
+    let token = Command::new(BIN)
+        .args(["dev", "token", "--state-dir", &dir.path().to_string_lossy()])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let psql = |user: &'static str| {
+        let conn = format!("host=127.0.0.1 port={db} sslmode=require dbname=appdb user={user}");
+        tokio::process::Command::new(pg.bin.join("psql"))
+            .env("PGPASSWORD", &token)
+            .args(["-X", "-A", "-t", "-w", &conn, "-c", "select 1"])
+            .output()
+    };
+    let out = tokio::time::timeout(Duration::from_secs(30), psql("app")).await;
+    let out = out.unwrap_or_else(|_| panic!("psql hung")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tokio::time::timeout(Duration::from_secs(30), psql("postgres")).await;
+    let out = out.unwrap_or_else(|_| panic!("psql hung")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("policy-denied"),
+        "the demo policy keeps everyone off the postgres role"
+    );
+    let _ = child.kill().await;
+}
