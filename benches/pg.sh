@@ -4,6 +4,8 @@
 #   - pgbench default (TPC-B-like), 16 clients
 #   - session set-up latency p50/p99 (pgbench -C: a new connection per transaction,
 #     i.e. TLS + token check + upstream SCRAM through portcullis)
+# The first baseline is plaintext loopback (no TLS at all); the second is the server
+# itself doing TLS, which is what the client pays for in both cases through portcullis.
 # Bounded: about 2 minutes. Needs a release build (cargo build --release) and the
 # postgresql package. Usage: bash benches/pg.sh [seconds-per-run]
 set -euo pipefail
@@ -42,6 +44,10 @@ fsync = off
 synchronous_commit = off
 CONF
 printf 'local all postgres trust\nhost all all 127.0.0.1/32 scram-sha-256\n' > "$WORK/data/pg_hba.conf"
+# TLS on the server too, for a second baseline: direct with sslmode=require.
+cp certs/dev/server.pem "$WORK/data/server.crt"; cp certs/dev/server-key.pem "$WORK/data/server.key"
+chmod 600 "$WORK/data/server.key"; [ "$(id -u)" = 0 ] && chown postgres:postgres "$WORK/data/server.crt" "$WORK/data/server.key"
+printf "ssl = on\n" >> "$WORK/data/postgresql.conf"
 run_as_pg "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/server.log" -w start >/dev/null
 "$PGBIN/psql" -X -q -h "$WORK" -p "$PGPORT_DIRECT" -U postgres -c "create role app login password '$PW'"
 "$PGBIN/psql" -X -q -h "$WORK" -p "$PGPORT_DIRECT" -U postgres -c "create database bench owner app"
@@ -56,6 +62,7 @@ for _ in $(seq 100); do grep -q "sslmode=require" "$WORK/audit.jsonl" 2>/dev/nul
 TOKEN=$("$BIN" dev token --state-dir "$WORK/demo" --ttl 3600)
 
 tps() { grep -Eo 'tps = [0-9.]+' | head -1 | awk '{print $3}'; }
+direct_tls() { PGPASSWORD=$PW PGSSLMODE=require "$PGBIN/pgbench" -h 127.0.0.1 -p "$PGPORT_DIRECT" -U app "$@" bench 2>&1; }
 direct() { PGPASSWORD=$PW PGSSLMODE=disable "$PGBIN/pgbench" -h 127.0.0.1 -p "$PGPORT_DIRECT" -U app "$@" bench 2>&1; }
 proxied() { PGPASSWORD=$TOKEN PGSSLMODE=require "$PGBIN/pgbench" -h 127.0.0.1 -p "$PROXY_PORT" -U app "$@" bench 2>&1; }
 
@@ -69,6 +76,7 @@ setup_latency() { # setup_latency direct|proxied -> "p50 p99" in ms
 
 echo "== pgbench -S, 16 clients, ${T}s each"
 S_DIRECT=$(direct -n -S -c 16 -j 2 -T "$T" | tps)
+S_DIRECT_TLS=$(direct_tls -n -S -c 16 -j 2 -T "$T" | tps)
 S_PROXY=$(proxied -n -S -c 16 -j 2 -T "$T" | tps)
 echo "== pgbench TPC-B-like, 16 clients, ${T}s each"
 B_DIRECT=$(direct -n -c 16 -j 2 -T "$T" | tps)
@@ -80,6 +88,7 @@ STATEMENTS=$(grep -c '"kind":"pg.statement"' "$WORK/audit.jsonl" || true)
 
 printf '\n| workload | direct | through portcullis | ratio |\n|---|---|---|---|\n'
 printf '| pgbench -S, 16 clients (tps) | %s | %s | %.2f |\n' "$S_DIRECT" "$S_PROXY" "$(echo "$S_PROXY / $S_DIRECT" | bc -l)"
+printf '| pgbench -S, 16 clients, direct also over TLS (tps) | %s | %s | %.2f |\n' "$S_DIRECT_TLS" "$S_PROXY" "$(echo "$S_PROXY / $S_DIRECT_TLS" | bc -l)"
 printf '| pgbench TPC-B, 16 clients (tps) | %s | %s | %.2f |\n' "$B_DIRECT" "$B_PROXY" "$(echo "$B_PROXY / $B_DIRECT" | bc -l)"
 printf '| session set-up p50 / p99 (ms) | %s / %s | %s / %s | |\n' $L_DIRECT $L_PROXY
 echo "(audit: $STATEMENTS pg.statement events written during the run)"
