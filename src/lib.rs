@@ -17,6 +17,8 @@
 //! - [`session`]: browser SSO: OpenID Connect login, sealed session cookies, refresh.
 //! - [`policy`]: per-route TOML policies compiled once, evaluated per request into a
 //!   [`policy::Decision`] that names the deciding rule and its `file:line`.
+//! - [`postgres`]: database routes: PostgreSQL wire protocol, token as password over TLS,
+//!   upstream SCRAM with credentials only the proxy holds, per-statement audit.
 //! - [`audit`]: the one JSON event per request, written off the hot path.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on a separate listener.
 //! - [`config`]: raw serde types, compilation into typed values, `file:line:col` diagnostics.
@@ -33,6 +35,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
+pub mod postgres;
 pub mod reason;
 pub mod review;
 pub mod server;

@@ -140,6 +140,13 @@ struct DemoArgs {
     /// Where the demo keeps its generated config, keys and certificates.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Also serve a PostgreSQL route to this server: postgres://user:password@host:port/db.
+    /// portcullis keeps these credentials; clients log in with a token.
+    #[arg(long, env = "PORTCULLIS_DEMO_POSTGRES", hide_env_values = true)]
+    postgres: Option<String>,
+    /// Where the PostgreSQL route listens.
+    #[arg(long, default_value = "127.0.0.1:6432")]
+    postgres_listen: std::net::SocketAddr,
 }
 
 #[derive(Subcommand, Debug)]
@@ -205,6 +212,8 @@ fn main() -> ExitCode {
                 upstream: a.upstream,
                 insecure_bind_any: a.insecure_bind_any,
                 state_dir: a.state_dir.unwrap_or_else(portcullis::dev::demo::default_state_dir),
+                postgres: a.postgres,
+                postgres_listen: a.postgres_listen,
             };
             runtime(|| portcullis::dev::demo::run(opts))
         }

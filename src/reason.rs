@@ -76,10 +76,22 @@ pub enum Reason {
     /// The session cookie is tampered, sealed with an unknown key, duplicated, or its
     /// issuer is not accepted here.
     SessionInvalid,
-    /// The session passed its absolute or idle lifetime, or could not be refreshed.
+    /// A browser session passed its absolute or idle lifetime or could not be refreshed;
+    /// or (PostgreSQL) the token that opened a database session expired, or
+    /// `max_session` passed, and the session was terminated.
     SessionExpired,
     /// A return or post-logout target that is not a host this proxy serves.
     InvalidRedirect,
+    /// PostgreSQL: the client started a session without TLS; it is never asked for a token.
+    PlaintextRefused,
+    /// PostgreSQL: the client broke the wire protocol (bad lengths, unexpected messages,
+    /// unencrypted data after SSLRequest, startup not finished in time).
+    ProtocolViolation,
+    /// PostgreSQL: a reload changed the policy (or route, or issuer) so that this identity
+    /// may no longer hold the session; it was terminated.
+    AccessRevoked,
+    /// The server is shutting down and the grace period is over.
+    ShuttingDown,
 }
 
 impl Reason {
@@ -121,6 +133,10 @@ impl Reason {
             Reason::SessionInvalid => "invalid-session",
             Reason::SessionExpired => "session-expired",
             Reason::InvalidRedirect => "invalid-redirect",
+            Reason::PlaintextRefused => "plaintext-refused",
+            Reason::ProtocolViolation => "protocol-violation",
+            Reason::AccessRevoked => "access-revoked",
+            Reason::ShuttingDown => "shutting-down",
         }
     }
 
@@ -185,6 +201,10 @@ impl Reason {
             Reason::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Reason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
+            Reason::PlaintextRefused => StatusCode::UPGRADE_REQUIRED,
+            Reason::ProtocolViolation => StatusCode::BAD_REQUEST,
+            Reason::AccessRevoked => StatusCode::FORBIDDEN,
+            Reason::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

@@ -22,3 +22,8 @@ command -v node >/dev/null && command -v npm >/dev/null || need_apt nodejs npm
 if [ ! -d tests/node/node_modules/oidc-provider ] || [ tests/node/package-lock.json -nt tests/node/node_modules/.package-lock.json ]; then
   npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 fi
+
+# PostgreSQL server, psql and pgbench for the database-route tests (tests/it/pg.rs) and
+# benches/pg.sh. pgbench ships in postgresql-contrib on older Debian releases.
+command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt postgresql
+ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 || need_apt postgresql-contrib

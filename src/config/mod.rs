@@ -2,6 +2,7 @@
 //! typed values that cannot be invalid. Every problem is reported at once as
 //! `file:line:col: message`; nothing is applied partially.
 
+mod database;
 pub mod raw;
 
 use std::collections::{BTreeMap, HashSet};
@@ -19,6 +20,8 @@ use crate::diag::{Diagnostic, Diagnostics, LoadError, Source};
 use crate::identity::{Algorithm, IssuerId, IssuerSettings, Preset, PrincipalKind, TokenType};
 use crate::policy::{Catalog, Policy};
 
+pub use database::{DatabaseSettings, Secret, UpstreamTls};
+
 /// The compiled configuration. Cheap to clone (`Arc`s inside).
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -30,6 +33,8 @@ pub struct Config {
     pub audit: AuditOutput,
     pub issuers: Vec<IssuerSettings>,
     pub routes: Vec<Arc<RouteSettings>>,
+    /// PostgreSQL routes (`[[databases]]`), in configuration order.
+    pub databases: Vec<Arc<DatabaseSettings>>,
     /// Every file this configuration was built from (config, policies, certificates):
     /// the reload watcher polls them.
     pub files: Vec<PathBuf>,
@@ -283,7 +288,7 @@ impl IpNet {
 const DEFAULT_BODY_LIMIT: u64 = 10 * 1024 * 1024;
 const MAX_LEEWAY: Duration = Duration::from_secs(300);
 const TOP_LEVEL: &[&str] =
-    &["listen", "tls", "server", "assertion", "audit", "session", "issuers", "routes"];
+    &["listen", "tls", "server", "assertion", "audit", "session", "issuers", "routes", "databases"];
 
 impl Config {
     /// Loads and compiles a configuration and every policy it names.
@@ -375,6 +380,7 @@ impl Compiler<'_> {
         let mut issuers: Vec<(Spanned<String>, raw::Issuer)> = Vec::new();
         let mut routes: Vec<raw::Route> = Vec::new();
         let mut saw_routes = false;
+        let mut databases: Vec<raw::Database> = Vec::new();
 
         for (key, value) in doc.into_inner() {
             let span = key.span();
@@ -416,13 +422,26 @@ impl Compiler<'_> {
                         _ => self.err(vspan, "`routes` must be an array of [[routes]]"),
                     }
                 }
+                "databases" => {
+                    let vspan = value.span();
+                    match value.into_inner() {
+                        DeValue::Array(a) => {
+                            for v in a {
+                                if let Some(d) = self.section::<raw::Database>(v) {
+                                    databases.push(d);
+                                }
+                            }
+                        }
+                        _ => self.err(vspan, "`databases` must be an array of [[databases]]"),
+                    }
+                }
                 other => self.err(
                     span,
                     format!("unknown key `{other}`, expected one of: {}", TOP_LEVEL.join(", ")),
                 ),
             }
         }
-        if !saw_routes {
+        if !saw_routes && databases.is_empty() {
             self.err(0..0, "no [[routes]]: a proxy with no routes rejects everything");
         }
 
@@ -431,8 +450,21 @@ impl Compiler<'_> {
         if listen.https.is_some() && tls.is_none() {
             self.err(0..0, "`listen.https` is set but there is no [tls] section");
         }
-        if listen.https.is_none() && listen.insecure_http.is_none() {
+        // A configuration with only database routes needs no HTTP listener.
+        if listen.https.is_none() && listen.insecure_http.is_none() && databases.is_empty() {
             self.err(0..0, "no listener: set `listen.https` (or `listen.insecure_http`)");
+        }
+        if saw_routes && listen.https.is_none() && listen.insecure_http.is_none() {
+            self.err(
+                0..0,
+                "[[routes]] need a listener: set `listen.https` (or `listen.insecure_http`)",
+            );
+        }
+        if !databases.is_empty() && tls.is_none() {
+            self.err(
+                databases[0].name.span(),
+                "[[databases]] need a [tls] section: clients send their token as a password, so only over TLS",
+            );
         }
         let server = self.server(server);
         let assertion = self.assertion(assertion);
@@ -493,6 +525,36 @@ impl Compiler<'_> {
                 compiled_routes.push((order, route));
             }
         }
+        let mut compiled_databases = Vec::new();
+        let mut db_names = HashSet::new();
+        let mut db_listens: Vec<SocketAddr> =
+            [listen.https, listen.insecure_http, listen.admin].into_iter().flatten().collect();
+        for d in databases {
+            if !db_names.insert(d.name.get_ref().clone()) {
+                self.err(
+                    d.name.span(),
+                    format!("duplicate database route name `{}`", d.name.get_ref()),
+                );
+            }
+            let listen_span = d.listen.span();
+            if let Some(db) = self.database(
+                d,
+                &server.policy_dir,
+                &catalog,
+                &mut policies,
+                &mut warnings,
+                &mut files,
+            ) {
+                if db.listen.port() != 0 && db_listens.contains(&db.listen) {
+                    self.err(
+                        listen_span,
+                        format!("`{}` is already used by another listener", db.listen),
+                    );
+                }
+                db_listens.push(db.listen);
+                compiled_databases.push(Arc::new(db));
+            }
+        }
         files.extend(policies.keys().cloned());
         if let Some(t) = &tls {
             files.push(t.cert.clone());
@@ -519,6 +581,7 @@ impl Compiler<'_> {
             audit,
             issuers: compiled_issuers,
             routes: compiled_routes.into_iter().map(|(_, r)| Arc::new(r)).collect(),
+            databases: compiled_databases,
             files,
             warnings,
             session,

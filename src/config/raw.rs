@@ -140,3 +140,31 @@ pub struct Match {
     pub path_prefix: Option<S<String>>,
     pub methods: Option<S<Vec<S<String>>>>,
 }
+
+/// `[[databases]]`: a PostgreSQL route (see `docs/postgres.md`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    pub name: S<String>,
+    pub listen: S<String>,
+    pub upstream: S<String>,
+    pub upstream_tls: Option<S<String>>,
+    pub upstream_ca: Option<S<String>>,
+    pub upstream_user: S<String>,
+    pub password_env: Option<S<String>>,
+    pub password_file: Option<S<String>>,
+    /// Extra upstream roles a policy rule may grant with `upstream_role`.
+    pub upstream_roles: Option<S<std::collections::BTreeMap<String, UpstreamRole>>>,
+    pub policy: S<String>,
+    pub max_session: Option<S<String>>,
+    pub startup_timeout: Option<S<String>>,
+    pub connect_timeout: Option<S<String>>,
+}
+
+/// `[databases.upstream_roles.NAME]`: where that role's password comes from.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamRole {
+    pub password_env: Option<S<String>>,
+    pub password_file: Option<S<String>>,
+}

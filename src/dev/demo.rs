@@ -25,6 +25,82 @@ pub struct DemoOptions {
     pub upstream: Option<String>,
     pub insecure_bind_any: bool,
     pub state_dir: PathBuf,
+    /// `--postgres postgres://user:pass@host:port/db`: also serve a database route.
+    pub postgres: Option<String>,
+    /// Where that database route listens.
+    pub postgres_listen: SocketAddr,
+}
+
+/// The parts of a `postgres://user:pass@host:port/db` URL the demo needs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresUrl {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub database: Option<String>,
+}
+
+impl std::fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresUrl")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses `postgres://user:pass@host[:port][/db]` (user and password percent-decoded).
+/// Errors never repeat the password.
+pub fn parse_postgres_url(url: &str) -> Result<PostgresUrl, String> {
+    let rest = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+        .ok_or("--postgres: expected postgres://user:password@host:port/database")?;
+    let (creds, rest) = rest.rsplit_once('@').ok_or(
+        "--postgres: the URL needs user:password@ (portcullis holds the upstream credentials)",
+    )?;
+    let (user, password) = creds.split_once(':').ok_or("--postgres: the URL needs a password")?;
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| "--postgres: user or password is not UTF-8".to_string())
+    };
+    let (authority, database) = match rest.split_once('/') {
+        Some((a, d)) => {
+            (a, Some(d.split('?').next().unwrap_or(d).to_string()).filter(|d| !d.is_empty()))
+        }
+        None => (rest, None),
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| "--postgres: bad port".to_string())?),
+        None => (authority, 5432),
+    };
+    if host.is_empty() || user.is_empty() {
+        return Err("--postgres: missing host or user".into());
+    }
+    Ok(PostgresUrl {
+        host: host.to_string(),
+        port,
+        user: decode(user)?,
+        password: decode(password)?,
+        database,
+    })
+}
+
+/// The `[[databases]]` route the demo adds for `--postgres`; the password is in a file
+/// next to the configuration (mode 0600), never in it.
+pub fn demo_database_config(listen: SocketAddr, pg: &PostgresUrl, password_file: &str) -> String {
+    format!(
+        "\n[[databases]]\nname = \"demo-db\"\nlisten = {}\nupstream = {}\nupstream_user = {}\npassword_file = {}\npolicy = \"demo\"\n",
+        toml_str(&listen.to_string()),
+        toml_str(&format!("postgres://{}:{}", pg.host, pg.port)),
+        toml_str(&pg.user),
+        toml_str(password_file),
+    )
 }
 
 /// Where the demo keeps its generated files unless told otherwise.
@@ -154,6 +230,10 @@ pub fn demo_config(
 /// Runs the demo until SIGTERM/SIGINT.
 pub async fn run(opts: DemoOptions) -> Result<(), String> {
     let mut binds = vec![opts.listen, opts.admin];
+    let postgres = opts.postgres.as_deref().map(parse_postgres_url).transpose()?;
+    if postgres.is_some() {
+        binds.push(opts.postgres_listen);
+    }
     binds.extend(opts.insecure_http);
     check_bind(&binds, opts.insecure_bind_any)?;
     let dir = &opts.state_dir;
@@ -199,7 +279,12 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     };
 
     let config_path = dir.join("portcullis.toml");
-    std::fs::write(&config_path, demo_config(&opts, &urls, &upstream, &pki))
+    let mut config_text = demo_config(&opts, &urls, &upstream, &pki);
+    if let Some(pg) = &postgres {
+        write_private(&dir.join("pg-password"), pg.password.as_bytes())?;
+        config_text.push_str(&demo_database_config(opts.postgres_listen, pg, "pg-password"));
+    }
+    std::fs::write(&config_path, config_text)
         .map_err(|e| format!("{}: {e}", config_path.display()))?;
     let policy_path = dir.join("policies").join("demo.toml");
     std::fs::write(&policy_path, DEMO_POLICY)
@@ -255,6 +340,21 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
         "  curl -si --cacert {ca} -H \"Authorization: Bearer $({exe} dev token{dir_flag} --claim branchName=feature/x)\" {url}/hello"
     );
     let _ = writeln!(out, "  # other presets: --preset github-actions | gitlab-ci | human");
+    if let Some(pg) = &postgres {
+        let db = pg.database.clone().unwrap_or_else(|| pg.user.clone());
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "PostgreSQL on {} -> {}:{} as {} (the client never sees that password):",
+            opts.postgres_listen, pg.host, pg.port, pg.user
+        );
+        let _ = writeln!(
+            out,
+            "  PGPASSWORD=$({exe} dev token{dir_flag}) psql \"host={} port={} sslmode=require dbname={db} user=app\" -c 'select 1'",
+            opts.postgres_listen.ip(),
+            opts.postgres_listen.port()
+        );
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -284,6 +384,33 @@ fn shell_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postgres_urls_parse_and_never_echo_the_password() {
+        let u = parse_postgres_url("postgres://app:p%40ss@127.0.0.1:5433/appdb")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((u.host.as_str(), u.port, u.user.as_str()), ("127.0.0.1", 5433, "app"));
+        assert_eq!(u.password, "p@ss");
+        assert_eq!(u.database.as_deref(), Some("appdb"));
+        assert!(!format!("{u:?}").contains("p@ss"));
+        let d = parse_postgres_url("postgresql://a:b@db").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((d.port, d.database), (5432, None));
+        for bad in [
+            "http://a:b@h/d",
+            "postgres://h:5432/d",
+            "postgres://a@h/d",
+            "postgres://a:secretpw@h:x/d",
+        ] {
+            let e = parse_postgres_url(bad).err().unwrap_or_default();
+            assert!(!e.is_empty() && !e.contains("secretpw"), "{bad}: {e}");
+        }
+        let cfg = demo_database_config(([127, 0, 0, 1], 6432).into(), &u, "pg-password");
+        assert!(
+            cfg.contains("listen = \"127.0.0.1:6432\"")
+                && cfg.contains("upstream = \"postgres://127.0.0.1:5433\"")
+        );
+        assert!(!cfg.contains("p@ss"), "the password goes to a file, not the config");
+    }
 
     #[test]
     fn non_loopback_binds_need_the_insecure_flag() {

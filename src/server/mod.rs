@@ -75,6 +75,9 @@ pub fn policy_revision(config: &Config) -> String {
             policies.push(s);
         }
     }
+    for d in &config.databases {
+        policies.push(&d.policy);
+    }
     policies.sort_by(|a, b| a.file().cmp(b.file()));
     policies.dedup_by(|a, b| a.file() == b.file());
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
@@ -127,6 +130,8 @@ pub struct Bound {
     pub https: Option<SocketAddr>,
     pub insecure_http: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// Each `[[databases]]` route and where it listens.
+    pub databases: crate::postgres::BoundDatabases,
 }
 
 /// A running server: reload it, or shut it down and wait for the drain.
@@ -134,6 +139,8 @@ pub struct Server {
     pub bound: Bound,
     pub shared: Arc<Shared>,
     pub sink: AuditSink,
+    /// Database sessions: open-session count, reload re-evaluation.
+    pub postgres: Arc<crate::postgres::Hub>,
     state: Arc<State>,
     shutdown_tx: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<()>,
@@ -153,6 +160,7 @@ struct State {
     draining: Arc<AtomicBool>,
     reload_lock: tokio::sync::Mutex<()>,
     sink: AuditSink,
+    pg: Arc<crate::postgres::Hub>,
 }
 
 /// Options that are not in the configuration file.
@@ -182,6 +190,12 @@ impl Server {
         }
         .map_err(|e| e.to_string())?;
         let tls = tls_config(&config)?;
+        let pg_prepared = crate::postgres::prepare(&config)?;
+        for w in crate::postgres::warnings(&config) {
+            tracing::warn!("{w}");
+        }
+        let databases: Vec<(Arc<str>, SocketAddr)> =
+            config.databases.iter().map(|d| (d.name.clone(), d.listen)).collect();
         let config_path = config.path.clone();
         let listen = config.listen.clone();
         let max_conns = config.server.max_connections;
@@ -196,8 +210,10 @@ impl Server {
             signer: Arc::new(signer),
             replay: Default::default(),
         });
+        let pg = crate::postgres::Hub::new(shared.clone(), sink.clone(), pg_prepared, 1);
         let state = Arc::new(State {
             config_path,
+            pg: pg.clone(),
             shared: shared.clone(),
             tls: ArcSwap::from_pointee(tls),
             generation: AtomicU64::new(1),
@@ -244,6 +260,11 @@ impl Server {
             bound.admin = l.local_addr().ok();
             tasks.spawn(admin_loop(l, state.clone(), shutdown_rx.clone()));
         }
+        for (name, a) in databases {
+            let l = bind(a).await?;
+            bound.databases.push((name.clone(), l.local_addr().unwrap_or(a)));
+            tasks.spawn(pg.clone().serve(l, name, limit.clone(), shutdown_rx.clone()));
+        }
         if watch_files {
             tasks.spawn(watch_loop(state.clone(), shutdown_rx.clone()));
         }
@@ -258,7 +279,7 @@ impl Server {
                 tracing::warn!(grace = ?grace, "shutdown grace period over; closing remaining connections");
             }
         });
-        Ok(Server { bound, shared, sink, state, shutdown_tx, tasks })
+        Ok(Server { bound, shared, sink, postgres: pg, state, shutdown_tx, tasks })
     }
 
     /// Reloads configuration and policies from disk; on any problem the running
@@ -344,6 +365,19 @@ async fn reload(state: &State) -> bool {
             return false;
         }
     };
+    let pg = match crate::postgres::prepare(&runtime.config) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "reload rejected: database TLS; the previous configuration keeps serving");
+            m.config_reloads.inc(&"error");
+            return false;
+        }
+    };
+    let listens =
+        |c: &Config| c.databases.iter().map(|d| (d.name.clone(), d.listen)).collect::<Vec<_>>();
+    if listens(&runtime.config) != listens(&old.config) {
+        tracing::warn!("database routes added, removed or moved: their listeners change on restart, not on reload");
+    }
     let changed: Vec<&str> = runtime
         .config
         .routes
@@ -364,6 +398,26 @@ async fn reload(state: &State) -> bool {
                 .filter(|o| !runtime.config.routes.iter().any(|r| r.name == o.name))
                 .map(|o| &*o.name),
         )
+        .chain(
+            runtime
+                .config
+                .databases
+                .iter()
+                .filter(|d| {
+                    old.config.databases.iter().find(|o| o.name == d.name).is_none_or(|o| {
+                        o.policy.content_hash() != d.policy.content_hash()
+                            || o.upstream_display != d.upstream_display
+                    })
+                })
+                .map(|d| &*d.name),
+        )
+        .chain(
+            old.config
+                .databases
+                .iter()
+                .filter(|o| !runtime.config.databases.iter().any(|d| d.name == o.name))
+                .map(|o| &*o.name),
+        )
         .collect();
     state.sink.emit(&serde_json::json!({
         "ts": crate::audit::now_rfc3339(),
@@ -376,6 +430,8 @@ async fn reload(state: &State) -> bool {
     tracing::info!(generation, revision = %runtime.revision, "configuration reloaded");
     state.shared.runtime.store(Arc::new(runtime));
     state.tls.store(Arc::new(tls));
+    // After the swap: open database sessions re-evaluate against the new generation.
+    state.pg.reloaded(pg, generation);
     m.config_reloads.inc(&"ok");
     true
 }

@@ -13,6 +13,9 @@
 //!   and `portcullis policy test/explain/who/diff` as a pipeline runs them.
 //! - `browser`: headless Chromium signs in at npm `oidc-provider` through the proxy.
 //! - `sso`: browser sign-in with a cookie-keeping client against the dev issuer.
+//! - `pg`: PostgreSQL routes against a real PostgreSQL server (initdb in a temp dir) with
+//!   `psql`, `pgbench` and `tokio-postgres`: roles per rule, denials, plaintext and bad
+//!   input, extended protocol, COPY, cancel, notifications, expiry, revocation, drain.
 //! - `interop`: a real OpenID provider (npm `oidc-provider`) issuing JWT access tokens,
 //!   key rotation included.
 
@@ -22,6 +25,7 @@ mod cli;
 mod forwarding;
 mod interop;
 mod lifecycle;
+mod pg;
 mod proxy;
 mod review;
 mod sso;

@@ -1,0 +1,286 @@
+//! `[[databases]]`: PostgreSQL routes, compiled with the same diagnostics as `[[routes]]`.
+//!
+//! Upstream passwords never appear in the file: each comes from an environment variable
+//! (`password_env`) or a file (`password_file`), read at load and held in a [`Secret`]
+//! whose `Debug` is redacted.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::{raw, Compiler};
+use crate::diag::Diagnostic;
+use crate::policy::{Catalog, Policy};
+
+/// A credential: shown as `[redacted]` by `Debug`, never serialized.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    pub fn new(s: impl Into<Arc<str>>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself; callers must not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// How portcullis talks to the upstream server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamTls {
+    /// Plain TCP (loopback or a trusted network only).
+    Disable,
+    /// TLS without certificate verification (libpq's `sslmode=require`): protects against
+    /// passive eavesdropping only. Logged as a warning at start-up.
+    Require,
+    /// TLS, chain verified against `upstream_ca` (or the public roots), name checked.
+    VerifyFull,
+}
+
+/// A compiled `[[databases]]` entry.
+#[derive(Debug)]
+pub struct DatabaseSettings {
+    pub name: Arc<str>,
+    pub listen: SocketAddr,
+    pub host: String,
+    pub port: u16,
+    /// `host:port`, for logs.
+    pub upstream_display: Arc<str>,
+    pub upstream_tls: UpstreamTls,
+    pub upstream_ca: Option<PathBuf>,
+    /// The role used when the deciding rule grants no `upstream_role`.
+    pub upstream_user: String,
+    pub password: Secret,
+    /// Roles rules may grant, with their passwords.
+    pub upstream_roles: BTreeMap<String, Secret>,
+    pub policy: Arc<Policy>,
+    /// Sessions end after this long whatever the token's lifetime.
+    pub max_session: Option<Duration>,
+    /// From TCP accept to an authenticated session (TLS, startup, token, upstream auth).
+    pub startup_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl DatabaseSettings {
+    /// The password of an upstream role, if this route holds one.
+    pub fn password_for(&self, role: &str) -> Option<&Secret> {
+        if role == self.upstream_user {
+            Some(&self.password)
+        } else {
+            self.upstream_roles.get(role)
+        }
+    }
+}
+
+impl Compiler<'_> {
+    pub(super) fn database(
+        &mut self,
+        d: raw::Database,
+        policy_dir: &Path,
+        catalog: &Catalog,
+        policies: &mut BTreeMap<PathBuf, Option<Arc<Policy>>>,
+        warnings: &mut Vec<Diagnostic>,
+        files: &mut Vec<PathBuf>,
+    ) -> Option<DatabaseSettings> {
+        let start = self.diags.len();
+        let name = d.name.get_ref().clone();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            self.err(d.name.span(), "database route names use letters, digits, `-`, `_` and `.`");
+        }
+        let listen = self.addr(&d.listen);
+        let (host, port) = self.pg_upstream(&d.upstream).unwrap_or_default();
+        let upstream_tls = match d.upstream_tls.as_ref().map(|t| (t, t.get_ref().as_str())) {
+            None | Some((_, "disable")) => UpstreamTls::Disable,
+            Some((_, "require")) => UpstreamTls::Require,
+            Some((_, "verify-full")) => UpstreamTls::VerifyFull,
+            Some((t, other)) => {
+                self.err(
+                    t.span(),
+                    format!(
+                        "unknown upstream_tls `{other}`, expected disable, require or verify-full"
+                    ),
+                );
+                UpstreamTls::Disable
+            }
+        };
+        let upstream_ca = d.upstream_ca.as_ref().map(|c| {
+            if upstream_tls != UpstreamTls::VerifyFull {
+                self.err(
+                    c.span(),
+                    "`upstream_ca` only applies with upstream_tls = \"verify-full\"",
+                );
+            }
+            let p = self.existing_file(c);
+            files.push(p.clone());
+            p
+        });
+        let user = d.upstream_user.get_ref().clone();
+        if user.is_empty() || user.contains('\0') {
+            self.err(d.upstream_user.span(), "`upstream_user` must be a role name");
+        }
+        let password =
+            self.database_secret(&d.name, d.password_env.as_ref(), d.password_file.as_ref(), files);
+        let mut upstream_roles = BTreeMap::new();
+        if let Some(roles) = &d.upstream_roles {
+            for (role, r) in roles.get_ref() {
+                if role.is_empty() || role.contains('\0') {
+                    self.err(roles.span(), format!("`{role}` is not a role name"));
+                }
+                let s = self.database_secret(
+                    &d.name,
+                    r.password_env.as_ref(),
+                    r.password_file.as_ref(),
+                    files,
+                );
+                if let Some(s) = s {
+                    upstream_roles.insert(role.clone(), s);
+                }
+            }
+        }
+        let policy = self.policy(&d.policy, policy_dir, catalog, policies, warnings);
+        if let Some(p) = &policy {
+            for rule in p.rules() {
+                if let Some(role) = rule.upstream_role() {
+                    if role != user && !upstream_roles.contains_key(role) {
+                        self.err(
+                            d.policy.span(),
+                            format!(
+                                "rule `{}` ({}:{}) grants upstream_role `{role}`, but database route `{name}` has no credentials for it: add [databases.upstream_roles.{role}]",
+                                rule.id(),
+                                p.file().display(),
+                                rule.line(),
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        let dur = |c: &mut Self, v: &Option<Spanned<String>>, default: Duration| {
+            v.as_ref().and_then(|d| c.duration(d)).unwrap_or(default)
+        };
+        let settings = DatabaseSettings {
+            name: Arc::from(name.as_str()),
+            listen: listen?,
+            upstream_display: Arc::from(format!("{host}:{port}")),
+            host,
+            port,
+            upstream_tls,
+            upstream_ca,
+            upstream_user: user,
+            password: password?,
+            upstream_roles,
+            policy: policy?,
+            max_session: d.max_session.as_ref().and_then(|m| self.duration(m)),
+            startup_timeout: dur(self, &d.startup_timeout, Duration::from_secs(10)),
+            connect_timeout: dur(self, &d.connect_timeout, Duration::from_secs(5)),
+        };
+        (self.diags.len() == start).then_some(settings)
+    }
+
+    /// `postgres://host:port` (or `postgresql://`); no user, password, path or query: the
+    /// database comes from the client, the credentials from `password_env`/`password_file`.
+    fn pg_upstream(&mut self, u: &Spanned<String>) -> Option<(String, u16)> {
+        let v = u.get_ref();
+        let Some(rest) = v.strip_prefix("postgres://").or_else(|| v.strip_prefix("postgresql://"))
+        else {
+            self.err(u.span(), format!("upstream `{v}`: expected postgres://host:port"));
+            return None;
+        };
+        if rest.contains('@') {
+            self.err(
+                u.span(),
+                "upstream URLs must not carry credentials: use upstream_user with password_env or password_file",
+            );
+            return None;
+        }
+        let authority = rest.trim_end_matches('/');
+        if authority.contains('/') || authority.contains('?') {
+            self.err(
+                u.span(),
+                format!("upstream `{v}`: no path or query (the client names the database)"),
+            );
+            return None;
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+                Ok(p) if p > 0 => (h, p),
+                _ => {
+                    self.err(u.span(), format!("upstream `{v}`: bad port"));
+                    return None;
+                }
+            },
+            _ => (authority, 5432),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            self.err(u.span(), format!("upstream `{v}`: missing host"));
+            return None;
+        }
+        Some((host.to_string(), port))
+    }
+
+    /// Exactly one of `password_env` / `password_file`, read now (so a missing secret fails
+    /// the load, not the first session). Diagnostics never contain the value.
+    fn database_secret(
+        &mut self,
+        at: &Spanned<String>,
+        env: Option<&Spanned<String>>,
+        file: Option<&Spanned<String>>,
+        files: &mut Vec<PathBuf>,
+    ) -> Option<Secret> {
+        let value = match (env, file) {
+            (Some(_), Some(f)) => {
+                self.err(f.span(), "set either `password_env` or `password_file`, not both");
+                return None;
+            }
+            (None, None) => {
+                self.err(
+                    at.span(),
+                    "no upstream password: set `password_env` or `password_file` (never inline)",
+                );
+                return None;
+            }
+            (Some(e), None) => match std::env::var(e.get_ref()) {
+                Ok(v) => v,
+                Err(_) => {
+                    self.err(
+                        e.span(),
+                        format!("environment variable `{}` is not set", e.get_ref()),
+                    );
+                    return None;
+                }
+            },
+            (None, Some(f)) => {
+                let p = self.path(f.get_ref());
+                match std::fs::read_to_string(&p) {
+                    Ok(v) => {
+                        files.push(p);
+                        v.trim_end_matches(['\r', '\n']).to_string()
+                    }
+                    Err(e) => {
+                        self.err(f.span(), format!("cannot read `{}`: {e}", p.display()));
+                        return None;
+                    }
+                }
+            }
+        };
+        if value.is_empty() || value.contains('\0') {
+            let span = env.or(file).map_or(at.span(), Spanned::span);
+            self.err(span, "the upstream password is empty or contains NUL");
+            return None;
+        }
+        Some(Secret::new(value))
+    }
+}

@@ -1,0 +1,98 @@
+//! Audit events of database sessions: `pg.session` (open, refused, close), `pg.statement`
+//! and `pg.cancel`. Like the HTTP event, no type here has a field that could hold a token,
+//! a password, SCRAM material or a bind parameter value.
+
+use std::net::SocketAddr;
+
+use serde::Serialize;
+
+use crate::audit::{IdentitySummary, TlsInfo};
+use crate::identity::CiContext;
+use crate::policy::RuleRef;
+
+/// A session opened, was refused, or closed.
+#[derive(Debug, Serialize)]
+pub struct SessionEvent<'a> {
+    pub ts: String,
+    pub kind: &'static str,
+    /// `open`, `refused` or `close`.
+    pub event: &'static str,
+    pub session_id: &'a str,
+    pub route: &'a str,
+    pub client_addr: SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<&'a TlsInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<&'a str>,
+    /// The role the client asked for (`user=` in the connection string).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'a str>,
+    /// The role portcullis authenticated as upstream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_role: Option<&'a str>,
+    pub upstream: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub application_name: Option<&'a str>,
+    /// `allow` or `deny` (open/refused); on close, how it ended.
+    pub decision: &'static str,
+    pub reason: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<&'a RuleRef>,
+    pub policy_revision: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentitySummary<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ci: Option<&'a CiContext>,
+    /// Close only: who ended the session (`client`, `upstream`, `portcullis`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_by: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_in: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_out: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statements: Option<u64>,
+}
+
+/// One statement sent for execution: a simple Query, or a Bind of a parsed statement.
+#[derive(Debug, Serialize)]
+pub struct StatementEvent<'a> {
+    pub ts: String,
+    pub kind: &'static str,
+    pub session_id: &'a str,
+    pub route: &'a str,
+    pub database: &'a str,
+    pub upstream_role: &'a str,
+    /// 1, 2, ... within the session.
+    pub seq: u64,
+    /// `simple` (Query) or `extended` (Parse/Bind).
+    pub protocol: &'static str,
+    /// The prepared statement's name (extended protocol, named statements).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statement: Option<&'a str>,
+    /// The SQL text (up to 64 KiB); absent when the statement was never seen parsed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    pub identity: IdentitySummary<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ci: Option<&'a CiContext>,
+}
+
+/// A CancelRequest arrived.
+#[derive(Debug, Serialize)]
+pub struct CancelEvent<'a> {
+    pub ts: String,
+    pub kind: &'static str,
+    pub route: &'a str,
+    pub client_addr: SocketAddr,
+    /// The session it cancelled, when the key matched one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<&'a str>,
+    pub forwarded: bool,
+}

@@ -1,0 +1,245 @@
+//! PostgreSQL through portcullis: stock clients (`psql`, libpq, any driver) present their
+//! OIDC token as the password; portcullis verifies it exactly as for HTTP, asks the
+//! database route's policy, and authenticates upstream with credentials only it holds.
+//!
+//! # The session state machine
+//!
+//! ```text
+//! accept ─┬─ first byte 0x16 ───────────────────────────────> TLS (direct, ALPN `postgresql`)
+//!         └─ packet ─┬─ SSLRequest ── 'S' ──────────────────> TLS
+//!                    ├─ GSSENCRequest ── 'N' ── next packet
+//!                    ├─ CancelRequest ── forward by key, close
+//!                    ├─ StartupMessage (plaintext) ── FATAL 28000 plaintext-refused
+//!                    └─ anything else ── FATAL 08P01 protocol-violation
+//! TLS ── StartupMessage ── AuthenticationCleartextPassword ── PasswordMessage = token
+//!     ── verify (28P01 on failure) ── policy(database, role) (28000 on deny)
+//!     ── upstream: TCP (+TLS) ── StartupMessage as the granted role ── SCRAM / md5
+//!     ── AuthenticationOk to the client ── ParameterStatus… ── BackendKeyData (ours,
+//!        mapped to the backend's) ── ReadyForQuery
+//!     ── RELAY ─┬─ client closes / Terminate ─────────────────> close (audit)
+//!               ├─ upstream closes ───────────────────────────> close (audit)
+//!               └─ control fires: token exp, max_session, reload revokes access,
+//!                  shutdown grace over, client protocol violation
+//!                  ── finish the message in flight ── FATAL 57P01 ── Terminate upstream
+//! ```
+//!
+//! Everything before RELAY runs under the route's `startup_timeout`. Every connection
+//! ends in exactly one `pg.session` event with `event = "refused"` or one `open` and one
+//! `close`; each statement in between is one `pg.statement` event.
+//!
+//! The relay never reassembles messages. It reads up to 64 KiB, forwards it, and walks the
+//! message headers in what it forwarded ([`proto::Scanner`]); only Query, Parse, Bind and
+//! Close bodies from the client are looked into, and only as far as their text and names.
+//! Bind parameter values and the password message never reach the audit log.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::audit::AuditSink;
+use crate::config::{Config, UpstreamTls};
+use crate::http::proxy::Shared;
+
+pub mod cancel;
+pub mod events;
+pub mod proto;
+pub mod scram;
+mod session;
+pub mod upstream;
+
+#[cfg(test)]
+mod tests;
+
+/// The ALPN id of PostgreSQL (direct TLS, PostgreSQL 17+ clients).
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
+/// What every database listener and session shares, across reloads.
+pub struct Hub {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) sink: AuditSink,
+    tls: ArcSwap<Option<Arc<rustls::ServerConfig>>>,
+    /// Route name → TLS client configuration for its upstream (routes with TLS only).
+    upstream_tls: ArcSwap<HashMap<Arc<str>, Arc<rustls::ClientConfig>>>,
+    /// The generation in force; sessions re-check their access when it changes.
+    generation: watch::Sender<u64>,
+    pub(crate) cancels: Arc<cancel::CancelMap>,
+    pub(crate) keys: scram::KeyCache,
+    grace: ArcSwap<Duration>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("postgres::Hub").field("sessions", &self.cancels.len()).finish()
+    }
+}
+
+/// TLS material for a generation, built before it is swapped in.
+#[derive(Debug)]
+pub struct Prepared {
+    tls: Option<Arc<rustls::ServerConfig>>,
+    upstream_tls: HashMap<Arc<str>, Arc<rustls::ClientConfig>>,
+    grace: Duration,
+}
+
+/// Builds the listener and upstream TLS configurations of a configuration.
+pub fn prepare(config: &Config) -> Result<Prepared, String> {
+    let mut upstream_tls = HashMap::new();
+    for db in &config.databases {
+        if let Some(c) = upstream::client_config(db)? {
+            upstream_tls.insert(db.name.clone(), c);
+        }
+    }
+    let tls = match (&config.tls, config.databases.is_empty()) {
+        (Some(t), false) => {
+            let default =
+                crate::tls::CertifiedKeySource::Files { cert: t.cert.clone(), key: t.key.clone() };
+            let mut sni = Vec::new();
+            for s in &t.sni {
+                for name in &s.server_names {
+                    sni.push((
+                        name.clone(),
+                        crate::tls::CertifiedKeySource::Files {
+                            cert: s.cert.clone(),
+                            key: s.key.clone(),
+                        },
+                    ));
+                }
+            }
+            Some(
+                crate::tls::server_config_with_alpn(default, sni, vec![ALPN_POSTGRESQL.to_vec()])
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+        _ => None,
+    };
+    Ok(Prepared { tls, upstream_tls, grace: config.server.shutdown_grace })
+}
+
+impl Hub {
+    pub fn new(
+        shared: Arc<Shared>,
+        sink: AuditSink,
+        prepared: Prepared,
+        generation: u64,
+    ) -> Arc<Hub> {
+        let (tx, _) = watch::channel(generation);
+        Arc::new(Hub {
+            shared,
+            sink,
+            tls: ArcSwap::from_pointee(prepared.tls),
+            upstream_tls: ArcSwap::from_pointee(prepared.upstream_tls),
+            generation: tx,
+            cancels: Arc::default(),
+            keys: scram::KeyCache::default(),
+            grace: ArcSwap::from_pointee(prepared.grace),
+        })
+    }
+
+    /// Called after a reload swapped the runtime in: new TLS material, and every open
+    /// session re-evaluates its identity against the new policy.
+    pub fn reloaded(&self, prepared: Prepared, generation: u64) {
+        self.tls.store(Arc::new(prepared.tls));
+        self.upstream_tls.store(Arc::new(prepared.upstream_tls));
+        self.grace.store(Arc::new(prepared.grace));
+        // Passwords may have changed; derived SCRAM keys are keyed by password anyway,
+        // but nothing derived from an old secret should outlive its configuration.
+        self.keys.clear();
+        self.generation.send_replace(generation);
+    }
+
+    /// Open sessions (those that got a cancel key).
+    pub fn open_sessions(&self) -> usize {
+        self.cancels.len()
+    }
+
+    pub(crate) fn server_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        (**self.tls.load()).clone()
+    }
+
+    pub(crate) fn upstream_tls(&self, route: &str) -> Option<Arc<rustls::ClientConfig>> {
+        self.upstream_tls.load().get(route).cloned()
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    pub(crate) fn grace(&self) -> Duration {
+        **self.grace.load()
+    }
+
+    /// Accepts sessions for one database route until shutdown, then waits for them to
+    /// end (each terminates itself when the grace period is over).
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        route: Arc<str>,
+        limit: Arc<Semaphore>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut sessions = tokio::task::JoinSet::new();
+        loop {
+            let permit = tokio::select! {
+                p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = stopped(&mut shutdown) => break,
+            };
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stopped(&mut shutdown) => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let hub = self.clone();
+            let route = route.clone();
+            let stop = shutdown.clone();
+            sessions.spawn(async move {
+                let _permit = permit;
+                session::run(hub, route, stream, peer, stop).await;
+            });
+            // Reap finished sessions so the set does not grow without bound.
+            while sessions.try_join_next().is_some() {}
+        }
+        drop(listener);
+        let limit = self.grace() + Duration::from_secs(5);
+        if tokio::time::timeout(limit, async { while sessions.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            tracing::warn!(route = %route, "database sessions still open after the grace period; aborting them");
+            sessions.abort_all();
+        }
+    }
+}
+
+/// Warnings for settings that weaken security, logged at start-up.
+pub fn warnings(config: &Config) -> Vec<String> {
+    config
+        .databases
+        .iter()
+        .filter(|d| d.upstream_tls == UpstreamTls::Require)
+        .map(|d| {
+            format!(
+                "database route `{}`: upstream_tls = \"require\" encrypts but does not authenticate the upstream server; use \"verify-full\" with upstream_ca",
+                d.name
+            )
+        })
+        .collect()
+}
+
+/// Bound address of each database route.
+pub type BoundDatabases = Vec<(Arc<str>, SocketAddr)>;
+
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}

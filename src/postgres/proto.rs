@@ -1,0 +1,361 @@
+//! PostgreSQL wire protocol v3: the few messages portcullis builds or reads itself, and
+//! the streaming [`Scanner`] that finds message boundaries while bytes are relayed.
+//!
+//! Only startup-phase messages are read whole (they are small and bounded). Relayed
+//! traffic is never reassembled: the scanner looks at each message's type and length and,
+//! for the few messages audit needs (`Q`, `P`, `B`, `C` from the client), keeps a bounded
+//! prefix of the body.
+
+use std::collections::BTreeMap;
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Protocol 3.0.
+pub const PROTOCOL_3_0: u32 = 196_608;
+pub const SSL_REQUEST: u32 = 80_877_103;
+pub const GSSENC_REQUEST: u32 = 80_877_104;
+pub const CANCEL_REQUEST: u32 = 80_877_102;
+/// PostgreSQL's own limit for startup packets.
+pub const MAX_STARTUP_LEN: usize = 10_000;
+/// A password message carries a token (16 KiB at most) plus a NUL.
+pub const MAX_PASSWORD_LEN: usize = 16 * 1024 + 16;
+/// Any other message read whole during startup (authentication, parameter status...).
+pub const MAX_STARTUP_MESSAGE_LEN: usize = 64 * 1024;
+/// Relayed messages: PostgreSQL's own ceiling (1 GiB - 1).
+pub const MAX_RELAY_MESSAGE_LEN: usize = 0x3FFF_FFFF;
+
+/// Why reading from a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Protocol(&'static str),
+}
+
+/// The first packet of a connection (or the first one inside TLS).
+#[derive(Debug)]
+pub enum Initial {
+    Ssl,
+    GssEnc,
+    Cancel { pid: u32, secret: u32 },
+    Startup { minor: u16, params: Vec<(String, String)> },
+}
+
+/// Reads one untyped startup-phase packet (length-prefixed, no type byte).
+pub async fn read_initial<R: AsyncRead + Unpin>(r: &mut R) -> Result<Initial, ReadError> {
+    let mut len = [0u8; 4];
+    read_exact_or_closed(r, &mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if !(8..=MAX_STARTUP_LEN).contains(&len) {
+        return Err(ReadError::Protocol("invalid length of startup packet"));
+    }
+    let mut body = vec![0u8; len - 4];
+    read_exact_or_closed(r, &mut body).await?;
+    let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    let rest = &body[4..];
+    match code {
+        SSL_REQUEST if rest.is_empty() => Ok(Initial::Ssl),
+        GSSENC_REQUEST if rest.is_empty() => Ok(Initial::GssEnc),
+        CANCEL_REQUEST if rest.len() == 8 => Ok(Initial::Cancel {
+            pid: u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]),
+            secret: u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]),
+        }),
+        SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => {
+            Err(ReadError::Protocol("malformed special request packet"))
+        }
+        v if v >> 16 == 3 => {
+            let params = parse_params(rest)?;
+            Ok(Initial::Startup { minor: (v & 0xFFFF) as u16, params })
+        }
+        _ => Err(ReadError::Protocol("unsupported frontend protocol")),
+    }
+}
+
+/// `name\0value\0...\0`: names unique, terminated by an empty name.
+fn parse_params(mut b: &[u8]) -> Result<Vec<(String, String)>, ReadError> {
+    let bad = ReadError::Protocol("invalid startup packet layout");
+    let mut out: Vec<(String, String)> = Vec::new();
+    loop {
+        let (name, rest) = cstr(b).ok_or(ReadError::Protocol("invalid startup packet layout"))?;
+        if name.is_empty() {
+            return if rest.is_empty() { Ok(out) } else { Err(bad) };
+        }
+        let (value, rest) =
+            cstr(rest).ok_or(ReadError::Protocol("invalid startup packet layout"))?;
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(ReadError::Protocol("duplicate parameter in startup packet"));
+        }
+        out.push((name.to_string(), value.to_string()));
+        b = rest;
+    }
+}
+
+/// A NUL-terminated UTF-8 string and what follows it.
+pub fn cstr(b: &[u8]) -> Option<(&str, &[u8])> {
+    let end = b.iter().position(|&c| c == 0)?;
+    let s = std::str::from_utf8(&b[..end]).ok()?;
+    Some((s, &b[end + 1..]))
+}
+
+/// Reads one typed message whole (startup phase only): type byte and body.
+pub async fn read_message<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<(u8, Vec<u8>), ReadError> {
+    let mut hdr = [0u8; 5];
+    read_exact_or_closed(r, &mut hdr).await?;
+    let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
+    if len < 4 {
+        return Err(ReadError::Protocol("invalid message length"));
+    }
+    if len - 4 > max {
+        return Err(ReadError::Protocol("message too large"));
+    }
+    let mut body = vec![0u8; len - 4];
+    read_exact_or_closed(r, &mut body).await?;
+    Ok((hdr[0], body))
+}
+
+async fn read_exact_or_closed<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+) -> Result<(), ReadError> {
+    match r.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(ReadError::Closed),
+        Err(e) => Err(ReadError::Io(e)),
+    }
+}
+
+// === building messages ===
+
+/// A typed message: `type`, length, body.
+pub fn message(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(body.len() + 5);
+    m.push(kind);
+    m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// An untyped startup-phase packet.
+pub fn startup_packet(code: u32, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(body.len() + 8);
+    m.extend_from_slice(&(body.len() as u32 + 8).to_be_bytes());
+    m.extend_from_slice(&code.to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+pub fn startup_message(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (k, v) in params {
+        b.extend_from_slice(k.as_bytes());
+        b.push(0);
+        b.extend_from_slice(v.as_bytes());
+        b.push(0);
+    }
+    b.push(0);
+    startup_packet(PROTOCOL_3_0, &b)
+}
+
+pub fn cancel_request(pid: u32, secret: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(8);
+    b.extend_from_slice(&pid.to_be_bytes());
+    b.extend_from_slice(&secret.to_be_bytes());
+    startup_packet(CANCEL_REQUEST, &b)
+}
+
+/// `R` with an authentication code and payload.
+pub fn auth(code: u32, payload: &[u8]) -> Vec<u8> {
+    let mut b = code.to_be_bytes().to_vec();
+    b.extend_from_slice(payload);
+    message(b'R', &b)
+}
+
+pub fn backend_key_data(pid: u32, secret: u32) -> Vec<u8> {
+    let mut b = pid.to_be_bytes().to_vec();
+    b.extend_from_slice(&secret.to_be_bytes());
+    message(b'K', &b)
+}
+
+/// `v`: the newest minor version portcullis speaks, and the `_pq_.` options it ignored.
+pub fn negotiate_protocol_version(options: &[&str]) -> Vec<u8> {
+    let mut b = 0u32.to_be_bytes().to_vec();
+    b.extend_from_slice(&(options.len() as u32).to_be_bytes());
+    for o in options {
+        b.extend_from_slice(o.as_bytes());
+        b.push(0);
+    }
+    message(b'v', &b)
+}
+
+/// Severity of an ErrorResponse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+/// `E` with severity, SQLSTATE and message.
+pub fn error_response(severity: Severity, code: &str, text: &str) -> Vec<u8> {
+    let sev = match severity {
+        Severity::Error => "ERROR",
+        Severity::Fatal => "FATAL",
+    };
+    let mut b = BytesMut::with_capacity(64 + text.len());
+    for (field, value) in [(b'S', sev), (b'V', sev), (b'C', code), (b'M', text)] {
+        b.put_u8(field);
+        b.put_slice(value.replace('\0', " ").as_bytes());
+        b.put_u8(0);
+    }
+    b.put_u8(0);
+    message(b'E', &b)
+}
+
+/// Fields of an ErrorResponse or NoticeResponse body, by field code.
+pub fn parse_fields(body: &[u8]) -> BTreeMap<u8, String> {
+    let mut out = BTreeMap::new();
+    let mut b = body;
+    while let Some((&code, rest)) = b.split_first() {
+        if code == 0 {
+            break;
+        }
+        let end = rest.iter().position(|&c| c == 0).unwrap_or(rest.len());
+        out.insert(code, String::from_utf8_lossy(&rest[..end]).into_owned());
+        b = rest.get(end + 1..).unwrap_or(&[]);
+    }
+    out
+}
+
+// === the streaming scanner ===
+
+/// How much of a statement's text audit keeps.
+pub const MAX_AUDIT_TEXT: usize = 64 * 1024;
+/// Enough of a Bind body for the portal and statement names.
+const BIND_PREFIX: usize = 256;
+
+/// A message the scanner was asked to keep: its type, the kept prefix of its body, and
+/// whether the body was longer than that.
+#[derive(Debug)]
+pub struct Captured {
+    pub kind: u8,
+    pub body: Vec<u8>,
+    pub truncated: bool,
+}
+
+/// Finds message boundaries in a byte stream fed in arbitrary chunks.
+#[derive(Debug)]
+pub struct Scanner {
+    /// Header bytes collected so far (0..5).
+    hdr: [u8; 5],
+    hdr_len: usize,
+    /// Body bytes of the current message still to come.
+    remaining: usize,
+    capture: Option<Captured>,
+    capture_left: usize,
+    /// Which message types to capture, and how much of each.
+    capture_for: fn(u8) -> usize,
+}
+
+impl Scanner {
+    /// A scanner that keeps up to `capture_for(type)` bytes of each message's body.
+    pub fn new(capture_for: fn(u8) -> usize) -> Self {
+        Scanner {
+            hdr: [0; 5],
+            hdr_len: 0,
+            remaining: 0,
+            capture: None,
+            capture_left: 0,
+            capture_for,
+        }
+    }
+
+    /// Client → server: statements and their names.
+    pub fn client() -> Self {
+        Scanner::new(|k| match k {
+            b'Q' | b'P' => MAX_AUDIT_TEXT + 256,
+            b'B' | b'C' => BIND_PREFIX,
+            _ => 0,
+        })
+    }
+
+    /// Server → client: boundaries only.
+    pub fn server() -> Self {
+        Scanner::new(|_| 0)
+    }
+
+    /// At a message boundary: nothing of a next message seen yet.
+    pub fn at_boundary(&self) -> bool {
+        self.hdr_len == 0 && self.remaining == 0 && self.capture.is_none()
+    }
+
+    /// Bytes needed to reach the next message boundary as far as is known now: the rest
+    /// of a partial header, or the rest of the current body.
+    pub fn needed(&self) -> usize {
+        if self.hdr_len > 0 {
+            5 - self.hdr_len
+        } else {
+            self.remaining
+        }
+    }
+
+    /// Type of each completed message is reported through `done` (captured ones with their
+    /// prefix). Fails on a length below 4 or above [`MAX_RELAY_MESSAGE_LEN`].
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+        mut done: impl FnMut(u8, Option<Captured>),
+    ) -> Result<(), &'static str> {
+        while !data.is_empty() {
+            if self.remaining == 0 {
+                if self.hdr_len < 5 {
+                    let take = (5 - self.hdr_len).min(data.len());
+                    self.hdr[self.hdr_len..self.hdr_len + take].copy_from_slice(&data[..take]);
+                    self.hdr_len += take;
+                    data = &data[take..];
+                    if self.hdr_len < 5 {
+                        return Ok(());
+                    }
+                }
+                let len = u32::from_be_bytes([self.hdr[1], self.hdr[2], self.hdr[3], self.hdr[4]])
+                    as usize;
+                if !(4..=MAX_RELAY_MESSAGE_LEN).contains(&len) {
+                    return Err("invalid message length");
+                }
+                let kind = self.hdr[0];
+                self.hdr_len = 0;
+                self.remaining = len - 4;
+                let want = (self.capture_for)(kind);
+                if want > 0 {
+                    self.capture = Some(Captured {
+                        kind,
+                        body: Vec::with_capacity(self.remaining.min(want)),
+                        truncated: self.remaining > want,
+                    });
+                    self.capture_left = want;
+                }
+                if self.remaining == 0 {
+                    done(kind, self.capture.take());
+                    continue;
+                }
+            }
+            let take = self.remaining.min(data.len());
+            if let Some(c) = &mut self.capture {
+                let keep = take.min(self.capture_left);
+                c.body.extend_from_slice(&data[..keep]);
+                self.capture_left -= keep;
+            }
+            self.remaining -= take;
+            data = &data[take..];
+            if self.remaining == 0 {
+                done(self.hdr[0], self.capture.take());
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1082 @@
+//! One client connection, from accept to close: the front end (TLS, startup, token,
+//! policy), the upstream leg, the relay, and the control that ends a session early.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use super::cancel::{CancelGuard, CancelTarget};
+use super::events::{CancelEvent, SessionEvent, StatementEvent};
+use super::proto::{self, Initial, ReadError, Scanner, Severity};
+use super::upstream::{self, UpstreamError, UpstreamStream};
+use super::{Hub, ALPN_POSTGRESQL};
+use crate::audit::{now_rfc3339, IdentitySummary, TlsInfo};
+use crate::config::{is_loopback_host, DatabaseSettings};
+use crate::identity::Identity;
+use crate::policy::{RequestFacts, RuleRef};
+use crate::reason::Reason;
+use crate::server::Runtime;
+
+/// The client connection, before and after TLS.
+enum Client {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Client {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Client::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Client {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Client::Plain(s) => Pin::new(s).poll_write(cx, b),
+            Client::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, b),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(s) => Pin::new(s).poll_flush(cx),
+            Client::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Client::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// What is known about a connection so far, for its audit events.
+#[derive(Default)]
+struct Facts {
+    tls: Option<TlsInfo>,
+    database: Option<String>,
+    role: Option<String>,
+    application_name: Option<String>,
+    identity: Option<Arc<Identity>>,
+    rule: Option<Arc<RuleRef>>,
+    upstream_role: Option<String>,
+}
+
+/// Why the front end did not produce a session.
+struct Refusal {
+    reason: Reason,
+    detail: String,
+}
+
+fn refusal(reason: Reason, detail: impl Into<String>) -> Refusal {
+    Refusal { reason, detail: detail.into() }
+}
+
+/// An authenticated session, ready to relay.
+struct Established {
+    client: Client,
+    upstream: UpstreamStream,
+    db: Arc<DatabaseSettings>,
+    _cancel: CancelGuard,
+}
+
+enum Outcome {
+    Session(Established),
+    Refused(Refusal),
+    /// A CancelRequest (audited on its own), or a connection that sent nothing at all.
+    Silent,
+}
+
+pub(super) async fn run(
+    hub: Arc<Hub>,
+    route: Arc<str>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+) {
+    // Subscribe before loading the runtime: a reload in between is then seen as a change.
+    let mut generation = hub.subscribe();
+    generation.borrow_and_update();
+    let rt = hub.shared.runtime.load_full();
+    let sid = crate::http::next_request_id();
+    let started = Instant::now();
+    let mut facts = Facts::default();
+    let Some(db) = rt.config.databases.iter().find(|d| d.name == route).cloned() else {
+        let mut tcp = tcp;
+        let _ = tcp
+            .write_all(&proto::error_response(
+                Severity::Fatal,
+                "08004",
+                &format!(
+                    "portcullis: no-route: database route `{route}` was removed (request id {sid})"
+                ),
+            ))
+            .await;
+        emit_refused(
+            &hub,
+            &rt,
+            &route,
+            "",
+            peer,
+            &sid,
+            &facts,
+            &refusal(Reason::NoRoute, "database route removed by a reload"),
+        );
+        return;
+    };
+    let outcome = match tokio::time::timeout(
+        db.startup_timeout,
+        establish(&hub, &rt, &db, tcp, peer, &sid, &mut facts),
+    )
+    .await
+    {
+        Ok(o) => o,
+        Err(_) => Outcome::Refused(refusal(
+            Reason::ProtocolViolation,
+            format!("session set-up not finished within {:?}", db.startup_timeout),
+        )),
+    };
+    let est = match outcome {
+        Outcome::Session(e) => e,
+        Outcome::Refused(r) => {
+            emit_refused(&hub, &rt, &route, &db.upstream_display, peer, &sid, &facts, &r);
+            return;
+        }
+        Outcome::Silent => return,
+    };
+    let (Some(identity), Some(database), Some(upstream_role)) =
+        (facts.identity.clone(), facts.database.clone(), facts.upstream_role.clone())
+    else {
+        return;
+    };
+    hub.sink.emit(&SessionEvent {
+        ts: now_rfc3339(),
+        kind: "pg.session",
+        event: "open",
+        session_id: &sid,
+        route: &route,
+        client_addr: peer,
+        tls: facts.tls.as_ref(),
+        database: Some(&database),
+        role: facts.role.as_deref(),
+        upstream_role: Some(&upstream_role),
+        upstream: &db.upstream_display,
+        application_name: facts.application_name.as_deref(),
+        decision: "allow",
+        reason: Reason::Allowed.code(),
+        detail: None,
+        rule: facts.rule.as_deref(),
+        policy_revision: &rt.revision,
+        identity: Some(IdentitySummary::of(&identity)),
+        ci: identity.ci.as_ref(),
+        ended_by: None,
+        duration_ms: None,
+        bytes_in: None,
+        bytes_out: None,
+        statements: None,
+    });
+    let ctx = StatementContext {
+        hub: &hub,
+        sid: &sid,
+        route: &route,
+        database: &database,
+        upstream_role: &upstream_role,
+        identity: &identity,
+    };
+    let control = control(
+        &hub,
+        &route,
+        &identity,
+        &database,
+        facts.role.as_deref(),
+        &upstream_role,
+        db.max_session,
+        generation,
+        stop,
+    );
+    let end = relay(est.client, est.upstream, control, &ctx).await;
+    let revision = hub.shared.runtime.load().revision.clone();
+    hub.sink.emit(&SessionEvent {
+        ts: now_rfc3339(),
+        kind: "pg.session",
+        event: "close",
+        session_id: &sid,
+        route: &route,
+        client_addr: peer,
+        tls: facts.tls.as_ref(),
+        database: Some(&database),
+        role: facts.role.as_deref(),
+        upstream_role: Some(&upstream_role),
+        upstream: &db.upstream_display,
+        application_name: facts.application_name.as_deref(),
+        decision: if end.reason.is_some() { "terminated" } else { "closed" },
+        reason: end.reason.map_or("closed", Reason::code),
+        detail: end.detail.as_deref(),
+        rule: facts.rule.as_deref(),
+        policy_revision: &revision,
+        identity: Some(IdentitySummary::of(&identity)),
+        ci: identity.ci.as_ref(),
+        ended_by: Some(end.by),
+        duration_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
+        bytes_in: Some(end.bytes_in),
+        bytes_out: Some(end.bytes_out),
+        statements: Some(end.statements),
+    });
+    drop(est.db);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn emit_refused(
+    hub: &Hub,
+    rt: &Runtime,
+    route: &str,
+    upstream: &str,
+    peer: SocketAddr,
+    sid: &str,
+    facts: &Facts,
+    r: &Refusal,
+) {
+    let id = facts.identity.as_deref();
+    hub.sink.emit(&SessionEvent {
+        ts: now_rfc3339(),
+        kind: "pg.session",
+        event: "refused",
+        session_id: sid,
+        route,
+        client_addr: peer,
+        tls: facts.tls.as_ref(),
+        database: facts.database.as_deref(),
+        role: facts.role.as_deref(),
+        upstream_role: facts.upstream_role.as_deref(),
+        upstream,
+        application_name: facts.application_name.as_deref(),
+        decision: "deny",
+        reason: r.reason.code(),
+        detail: Some(&r.detail),
+        rule: facts.rule.as_deref(),
+        policy_revision: &rt.revision,
+        identity: id.map(IdentitySummary::of),
+        ci: id.and_then(|i| i.ci.as_ref()),
+        ended_by: None,
+        duration_ms: None,
+        bytes_in: None,
+        bytes_out: None,
+        statements: None,
+    });
+}
+
+/// Sends a FATAL ErrorResponse (best effort) and returns the refusal.
+async fn refuse(
+    client: &mut Client,
+    sqlstate: &str,
+    reason: Reason,
+    sid: &str,
+    detail: impl Into<String>,
+) -> Outcome {
+    let text = format!("portcullis: {} (request id {sid})", reason.public_code());
+    let _ = client.write_all(&proto::error_response(Severity::Fatal, sqlstate, &text)).await;
+    let _ = client.flush().await;
+    let _ = client.shutdown().await;
+    Outcome::Refused(refusal(reason, detail))
+}
+
+fn tls_info(s: &tokio_rustls::server::TlsStream<TcpStream>) -> TlsInfo {
+    let (_, sess) = s.get_ref();
+    TlsInfo {
+        version: match sess.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "unknown",
+        },
+        sni: sess.server_name().map(|s| Arc::from(s.to_ascii_lowercase())),
+    }
+}
+
+async fn accept_tls(
+    hub: &Hub,
+    tcp: TcpStream,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, Refusal> {
+    let Some(cfg) = hub.server_tls() else {
+        return Err(refusal(Reason::InternalError, "no TLS configuration for database routes"));
+    };
+    tokio_rustls::TlsAcceptor::from(cfg)
+        .accept(tcp)
+        .await
+        .map_err(|e| refusal(Reason::ProtocolViolation, format!("TLS handshake failed: {e}")))
+}
+
+#[allow(clippy::too_many_lines)]
+async fn establish(
+    hub: &Hub,
+    rt: &Runtime,
+    db: &Arc<DatabaseSettings>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    sid: &Arc<str>,
+    facts: &mut Facts,
+) -> Outcome {
+    // Phase 1: plaintext negotiation, up to TLS.
+    let mut first = [0u8; 1];
+    match tcp.peek(&mut first).await {
+        Ok(0) | Err(_) => return Outcome::Silent,
+        Ok(_) => {}
+    }
+    let mut client = if first[0] == 0x16 {
+        // Direct TLS (PostgreSQL 17 `sslnegotiation=direct`): ALPN is mandatory.
+        let s = match accept_tls(hub, tcp).await {
+            Ok(s) => s,
+            Err(r) => return Outcome::Refused(r),
+        };
+        facts.tls = Some(tls_info(&s));
+        let alpn_ok = s.get_ref().1.alpn_protocol() == Some(ALPN_POSTGRESQL);
+        let mut c = Client::Tls(Box::new(s));
+        if !alpn_ok {
+            return refuse(
+                &mut c,
+                "08P01",
+                Reason::ProtocolViolation,
+                sid,
+                "direct TLS without ALPN `postgresql`",
+            )
+            .await;
+        }
+        c
+    } else {
+        let mut tcp = tcp;
+        let mut gss_declined = false;
+        loop {
+            let initial = proto::read_initial(&mut tcp).await;
+            let mut c = Client::Plain(tcp);
+            match initial {
+                Ok(Initial::Ssl) => {
+                    let Client::Plain(t) = c else { return Outcome::Silent };
+                    tcp = t;
+                    // CVE-2021-23214: bytes sent before our answer would be taken as
+                    // encrypted by a careless server. Refuse them, as PostgreSQL does.
+                    let mut probe = [0u8; 1];
+                    if let Ok(n) = tcp.try_read(&mut probe) {
+                        let mut c = Client::Plain(tcp);
+                        if n == 0 {
+                            return Outcome::Refused(refusal(
+                                Reason::ProtocolViolation,
+                                "closed after SSLRequest",
+                            ));
+                        }
+                        return refuse(
+                            &mut c,
+                            "08P01",
+                            Reason::ProtocolViolation,
+                            sid,
+                            "received unencrypted data after SSL request",
+                        )
+                        .await;
+                    }
+                    if let Err(e) = tcp.write_all(b"S").await {
+                        return Outcome::Refused(refusal(
+                            Reason::ProtocolViolation,
+                            format!("write: {e}"),
+                        ));
+                    }
+                    let s = match accept_tls(hub, tcp).await {
+                        Ok(s) => s,
+                        Err(r) => return Outcome::Refused(r),
+                    };
+                    facts.tls = Some(tls_info(&s));
+                    break Client::Tls(Box::new(s));
+                }
+                Ok(Initial::GssEnc) if !gss_declined => {
+                    gss_declined = true;
+                    let Client::Plain(t) = c else { return Outcome::Silent };
+                    tcp = t;
+                    if tcp.write_all(b"N").await.is_err() {
+                        return Outcome::Silent;
+                    }
+                }
+                Ok(Initial::GssEnc) => {
+                    return refuse(
+                        &mut c,
+                        "08P01",
+                        Reason::ProtocolViolation,
+                        sid,
+                        "GSSENCRequest repeated",
+                    )
+                    .await;
+                }
+                Ok(Initial::Cancel { pid, secret }) => {
+                    cancel(hub, db, peer, pid, secret).await;
+                    return Outcome::Silent;
+                }
+                Ok(Initial::Startup { params, .. }) => {
+                    facts.role = param(&params, "user").map(str::to_string);
+                    facts.database =
+                        param(&params, "database").or(facts.role.as_deref()).map(str::to_string);
+                    return refuse(&mut c, "28000", Reason::PlaintextRefused, sid, "StartupMessage without TLS; the client must use sslmode=require (or stricter)").await;
+                }
+                Err(ReadError::Closed) => return Outcome::Silent,
+                Err(ReadError::Io(e)) => {
+                    return Outcome::Refused(refusal(
+                        Reason::ProtocolViolation,
+                        format!("read: {e}"),
+                    ))
+                }
+                Err(ReadError::Protocol(m)) => {
+                    return refuse(&mut c, "08P01", Reason::ProtocolViolation, sid, m).await
+                }
+            }
+        }
+    };
+
+    // Phase 2: the StartupMessage, inside TLS.
+    let (minor, params) = match proto::read_initial(&mut client).await {
+        Ok(Initial::Startup { minor, params }) => (minor, params),
+        Ok(Initial::Cancel { pid, secret }) => {
+            cancel(hub, db, peer, pid, secret).await;
+            return Outcome::Silent;
+        }
+        Ok(Initial::Ssl | Initial::GssEnc) => {
+            return refuse(
+                &mut client,
+                "08P01",
+                Reason::ProtocolViolation,
+                sid,
+                "encryption requested inside TLS",
+            )
+            .await;
+        }
+        Err(ReadError::Closed) => {
+            return Outcome::Refused(refusal(
+                Reason::ProtocolViolation,
+                "closed before the startup message",
+            ))
+        }
+        Err(ReadError::Io(e)) => {
+            return Outcome::Refused(refusal(Reason::ProtocolViolation, format!("read: {e}")))
+        }
+        Err(ReadError::Protocol(m)) => {
+            return refuse(&mut client, "08P01", Reason::ProtocolViolation, sid, m).await
+        }
+    };
+    let Some(role) = param(&params, "user").map(str::to_string) else {
+        return refuse(
+            &mut client,
+            "28000",
+            Reason::BadRequest,
+            sid,
+            "no user name in the startup packet",
+        )
+        .await;
+    };
+    let database =
+        param(&params, "database").filter(|d| !d.is_empty()).unwrap_or(&role).to_string();
+    facts.role = Some(role.clone());
+    facts.database = Some(database.clone());
+    facts.application_name =
+        param(&params, "application_name").map(|a| a.chars().take(64).collect());
+    if param(&params, "replication").is_some_and(|r| !matches!(r, "false" | "off" | "no" | "0")) {
+        return refuse(
+            &mut client,
+            "0A000",
+            Reason::BadRequest,
+            sid,
+            "replication connections are not supported",
+        )
+        .await;
+    }
+    let ignored: Vec<&str> =
+        params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.as_str()).collect();
+    if (minor > 0 || !ignored.is_empty())
+        && client.write_all(&proto::negotiate_protocol_version(&ignored)).await.is_err()
+    {
+        return Outcome::Silent;
+    }
+    let forwarded: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(k.as_str(), "user" | "database" | "replication") && !k.starts_with("_pq_.")
+        })
+        .cloned()
+        .collect();
+
+    // Phase 3: the token, as a cleartext password over TLS.
+    if client.write_all(&proto::auth(3, &[])).await.is_err() || client.flush().await.is_err() {
+        return Outcome::Silent;
+    }
+    let token = match proto::read_message(&mut client, proto::MAX_PASSWORD_LEN).await {
+        Ok((b'p', body)) => {
+            let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+            match String::from_utf8(body[..end].to_vec()) {
+                Ok(t) if !t.is_empty() => t,
+                _ => {
+                    return refuse(
+                        &mut client,
+                        "28P01",
+                        Reason::MissingToken,
+                        sid,
+                        "empty or non-UTF-8 password",
+                    )
+                    .await
+                }
+            }
+        }
+        Ok((other, _)) => {
+            return refuse(
+                &mut client,
+                "08P01",
+                Reason::ProtocolViolation,
+                sid,
+                format!("expected a password message, got `{}`", other.escape_ascii()),
+            )
+            .await;
+        }
+        Err(ReadError::Closed) => {
+            return Outcome::Refused(refusal(
+                Reason::MissingToken,
+                "client closed at the password prompt",
+            ))
+        }
+        Err(ReadError::Io(e)) => {
+            return Outcome::Refused(refusal(Reason::ProtocolViolation, format!("read: {e}")))
+        }
+        Err(ReadError::Protocol(m)) => {
+            return refuse(&mut client, "08P01", Reason::ProtocolViolation, sid, m).await
+        }
+    };
+    let identity = match rt.verifier.verify(&token).await {
+        Ok(i) => i,
+        Err(e) => return refuse(&mut client, "28P01", e.reason, sid, e.detail.into_owned()).await,
+    };
+    drop(token);
+    facts.identity = Some(identity.clone());
+    if identity.expires_at <= crate::util::unix_now() {
+        return refuse(
+            &mut client,
+            "28P01",
+            Reason::TokenExpired,
+            sid,
+            "the token expires before the session could start",
+        )
+        .await;
+    }
+
+    // Phase 4: the policy.
+    let decision = db.policy.evaluate(&identity, &RequestFacts::database(&database, Some(&role)));
+    facts.rule = decision.rule.clone();
+    if !decision.allowed {
+        return refuse(
+            &mut client,
+            "28000",
+            decision.reason,
+            sid,
+            format!("policy `{}` denied database {database:?} as role {role:?}", db.policy.name()),
+        )
+        .await;
+    }
+    let upstream_role = granted_role(db, decision.rule.as_deref());
+    facts.upstream_role = Some(upstream_role.clone());
+    let Some(password) = db.password_for(&upstream_role).cloned() else {
+        return refuse(
+            &mut client,
+            "08006",
+            Reason::InternalError,
+            sid,
+            format!("no credentials for upstream role `{upstream_role}`"),
+        )
+        .await;
+    };
+
+    // Phase 5: upstream.
+    let tls = hub.upstream_tls(&db.name);
+    let mut up = match upstream::connect(db, tls.as_ref()).await {
+        Ok(u) => u,
+        Err(e) => {
+            return refuse(&mut client, "08006", Reason::UpstreamUnavailable, sid, e.to_string())
+                .await
+        }
+    };
+    let loopback = is_loopback_host(&db.host);
+    if let Err(e) = upstream::authenticate(
+        &mut up,
+        &upstream_role,
+        &password,
+        &database,
+        &forwarded,
+        loopback,
+        &hub.keys,
+    )
+    .await
+    {
+        return match e {
+            UpstreamError::Server { raw, code, message } => {
+                let _ = client.write_all(&raw).await;
+                let _ = client.flush().await;
+                Outcome::Refused(refusal(
+                    Reason::UpstreamUnavailable,
+                    format!("upstream error {code}: {message}"),
+                ))
+            }
+            other => {
+                refuse(&mut client, "08006", Reason::UpstreamUnavailable, sid, other.to_string())
+                    .await
+            }
+        };
+    }
+    drop(password);
+
+    // Phase 6: AuthenticationOk, then the upstream's startup messages up to ReadyForQuery,
+    // with its BackendKeyData replaced by ours.
+    let mut out = proto::auth(0, &[]);
+    let mut guard = None;
+    loop {
+        let (kind, body) = match upstream::read(&mut up).await {
+            Ok(m) => m,
+            Err(e) => {
+                return refuse(
+                    &mut client,
+                    "08006",
+                    Reason::UpstreamUnavailable,
+                    sid,
+                    e.to_string(),
+                )
+                .await
+            }
+        };
+        match kind {
+            b'K' if body.len() == 8 => {
+                let g = hub.cancels.register(CancelTarget {
+                    db: db.clone(),
+                    tls: tls.clone(),
+                    pid: u32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+                    secret: u32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+                    session_id: sid.clone(),
+                });
+                out.extend_from_slice(&proto::backend_key_data(g.pid, g.secret));
+                guard = Some(g);
+            }
+            b'Z' => {
+                out.extend_from_slice(&proto::message(kind, &body));
+                break;
+            }
+            b'E' => {
+                out.extend_from_slice(&proto::message(kind, &body));
+                let _ = client.write_all(&out).await;
+                let _ = client.flush().await;
+                let f = proto::parse_fields(&body);
+                return Outcome::Refused(refusal(
+                    Reason::UpstreamUnavailable,
+                    format!(
+                        "upstream error {}: {}",
+                        f.get(&b'C').map_or("", |s| s),
+                        f.get(&b'M').map_or("", |s| s)
+                    ),
+                ));
+            }
+            _ => out.extend_from_slice(&proto::message(kind, &body)),
+        }
+    }
+    let guard = match guard {
+        Some(g) => g,
+        // No BackendKeyData (poolers may omit it): a key nothing maps to a backend.
+        None => hub.cancels.register(CancelTarget {
+            db: db.clone(),
+            tls,
+            pid: 0,
+            secret: 0,
+            session_id: sid.clone(),
+        }),
+    };
+    if client.write_all(&out).await.is_err() || client.flush().await.is_err() {
+        return Outcome::Refused(refusal(
+            Reason::ProtocolViolation,
+            "client went away during set-up",
+        ));
+    }
+    Outcome::Session(Established { client, upstream: up, db: db.clone(), _cancel: guard })
+}
+
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// The upstream role the deciding rule grants, or the route's default.
+fn granted_role(db: &DatabaseSettings, rule: Option<&RuleRef>) -> String {
+    rule.and_then(|r| db.policy.rules().iter().find(|x| *x.id() == *r.id))
+        .and_then(|r| r.upstream_role())
+        .unwrap_or(&db.upstream_user)
+        .to_string()
+}
+
+/// Forwards a CancelRequest whose key matches an open session; silent either way, as
+/// PostgreSQL's own cancel handling.
+async fn cancel(hub: &Hub, db: &DatabaseSettings, peer: SocketAddr, pid: u32, secret: u32) {
+    let target = hub.cancels.lookup(pid, secret).filter(|t| t.pid != 0);
+    let mut forwarded = false;
+    if let Some(t) = &target {
+        if let Ok(Ok(mut s)) = tokio::time::timeout(
+            t.db.connect_timeout + Duration::from_secs(5),
+            upstream::connect(&t.db, t.tls.as_ref()),
+        )
+        .await
+        {
+            forwarded = s.write_all(&proto::cancel_request(t.pid, t.secret)).await.is_ok()
+                && s.flush().await.is_ok();
+            // PostgreSQL closes the connection when it is done; wait for that briefly.
+            let mut sink = [0u8; 16];
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
+        }
+    }
+    hub.sink.emit(&CancelEvent {
+        ts: now_rfc3339(),
+        kind: "pg.cancel",
+        route: &db.name,
+        client_addr: peer,
+        session_id: target.as_ref().map(|t| &*t.session_id),
+        forwarded,
+    });
+}
+
+// === control: why a session must end early ===
+
+#[allow(clippy::too_many_arguments)]
+async fn control(
+    hub: &Hub,
+    route: &str,
+    identity: &Identity,
+    database: &str,
+    role: Option<&str>,
+    upstream_role: &str,
+    max_session: Option<Duration>,
+    mut generation: watch::Receiver<u64>,
+    mut stop: watch::Receiver<bool>,
+) -> (Reason, String) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let to_exp = Duration::from_secs(identity.expires_at).saturating_sub(now);
+    let expiry = tokio::time::sleep(to_exp);
+    tokio::pin!(expiry);
+    let cap = tokio::time::sleep(max_session.unwrap_or(Duration::from_secs(100 * 365 * 86_400)));
+    tokio::pin!(cap);
+    let mut generation_open = true;
+    loop {
+        tokio::select! {
+            () = &mut expiry => {
+                return (Reason::SessionExpired, format!("the token expired (exp {})", identity.expires_at));
+            }
+            () = &mut cap, if max_session.is_some() => {
+                return (Reason::SessionExpired, format!("max_session ({:?}) reached", max_session.unwrap_or_default()));
+            }
+            changed = generation.changed(), if generation_open => {
+                if changed.is_err() {
+                    generation_open = false;
+                    continue;
+                }
+                generation.borrow_and_update();
+                if let Some(why) = revoked(hub, route, identity, database, role, upstream_role) {
+                    return (Reason::AccessRevoked, why);
+                }
+            }
+            () = super::stopped(&mut stop) => {
+                let grace = hub.grace();
+                tokio::time::sleep(grace).await;
+                return (Reason::ShuttingDown, format!("server shutting down; grace period ({grace:?}) over"));
+            }
+        }
+    }
+}
+
+/// Re-evaluates an open session against the configuration now in force.
+fn revoked(
+    hub: &Hub,
+    route: &str,
+    identity: &Identity,
+    database: &str,
+    role: Option<&str>,
+    upstream_role: &str,
+) -> Option<String> {
+    let rt = hub.shared.runtime.load();
+    let Some(db) = rt.config.databases.iter().find(|d| &*d.name == route) else {
+        return Some(format!("database route `{route}` removed (policy revision {})", rt.revision));
+    };
+    if rt.config.issuer(identity.issuer.as_str()).is_none() {
+        return Some(format!(
+            "issuer `{}` removed (policy revision {})",
+            identity.issuer, rt.revision
+        ));
+    }
+    let d = db.policy.evaluate(identity, &RequestFacts::database(database, role));
+    if !d.allowed {
+        return Some(format!("{} under policy revision {}", d.reason.code(), rt.revision));
+    }
+    let now_role = granted_role(db, d.rule.as_deref());
+    if now_role != upstream_role {
+        return Some(format!(
+            "upstream role changed from `{upstream_role}` to `{now_role}` under policy revision {}",
+            rt.revision
+        ));
+    }
+    None
+}
+
+// === the relay ===
+
+struct StatementContext<'a> {
+    hub: &'a Hub,
+    sid: &'a str,
+    route: &'a str,
+    database: &'a str,
+    upstream_role: &'a str,
+    identity: &'a Identity,
+}
+
+struct End {
+    /// `None`: closed by a peer; `Some`: terminated by portcullis.
+    reason: Option<Reason>,
+    detail: Option<String>,
+    by: &'static str,
+    bytes_in: u64,
+    bytes_out: u64,
+    statements: u64,
+}
+
+const BUF: usize = 64 * 1024;
+/// Prepared statements remembered per session for Bind audit.
+const MAX_STATEMENTS: usize = 10_000;
+
+async fn relay(
+    client: Client,
+    upstream: UpstreamStream,
+    control: impl Future<Output = (Reason, String)>,
+    ctx: &StatementContext<'_>,
+) -> End {
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let bytes_in = AtomicU64::new(0);
+    let bytes_out = AtomicU64::new(0);
+    let statements = AtomicU64::new(0);
+    let mut c2s_scan = Scanner::client();
+    let mut upstream_writing = false;
+    // A protocol violation by the client ends the session through the same path as the
+    // other terminations, so the error reaches the client at a message boundary.
+    let (violation_tx, mut violation_rx) = mpsc::channel::<String>(1);
+
+    let c2s = Box::pin(async {
+        let mut buf = vec![0u8; BUF];
+        let mut prepared: HashMap<String, (Arc<str>, bool)> = HashMap::new();
+        loop {
+            let n = match cr.read(&mut buf).await {
+                Ok(0) | Err(_) => return "client",
+                Ok(n) => n,
+            };
+            let mut terminate = false;
+            let scanned = c2s_scan.feed(&buf[..n], |kind, captured| {
+                if kind == b'X' {
+                    terminate = true;
+                }
+                if let Some(c) = captured {
+                    audit_message(ctx, &mut prepared, &statements, c);
+                }
+            });
+            if let Err(e) = scanned {
+                let _ = violation_tx.send(e.to_string()).await;
+                return std::future::pending().await;
+            }
+            upstream_writing = true;
+            if uw.write_all(&buf[..n]).await.is_err() || uw.flush().await.is_err() {
+                return "upstream";
+            }
+            upstream_writing = false;
+            bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+            if terminate {
+                return "client";
+            }
+        }
+    });
+
+    let s2c = Box::pin(async {
+        let mut buf = vec![0u8; BUF];
+        let mut scan = Scanner::server();
+        let control = async {
+            tokio::select! {
+                r = control => r,
+                Some(v) = violation_rx.recv() => (Reason::ProtocolViolation, v),
+            }
+        };
+        tokio::pin!(control);
+        loop {
+            tokio::select! {
+                biased;
+                (reason, detail) = &mut control => {
+                    // Finish the message in flight (bounded), then say why.
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                    while !scan.at_boundary() {
+                        let want = scan.needed().min(BUF);
+                        let r = tokio::time::timeout_at(deadline, ur.read(&mut buf[..want])).await;
+                        let Ok(Ok(n)) = r else { break };
+                        if n == 0 || scan.feed(&buf[..n], |_, _| {}).is_err() || cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    if scan.at_boundary() {
+                        let text = format!(
+                            "portcullis: terminating connection: {} (request id {})",
+                            reason.public_code(),
+                            ctx.sid
+                        );
+                        let sqlstate = if reason == Reason::ProtocolViolation { "08P01" } else { "57P01" };
+                        let _ = cw.write_all(&proto::error_response(Severity::Fatal, sqlstate, &text)).await;
+                    }
+                    let _ = cw.flush().await;
+                    let _ = cw.shutdown().await;
+                    return Err((reason, detail));
+                }
+                r = ur.read(&mut buf) => {
+                    let n = match r {
+                        Ok(0) | Err(_) => {
+                            let _ = cw.shutdown().await;
+                            return Ok("upstream");
+                        }
+                        Ok(n) => n,
+                    };
+                    if scan.feed(&buf[..n], |_, _| {}).is_err() {
+                        let _ = cw.shutdown().await;
+                        return Err((Reason::UpstreamUnavailable, "the upstream broke the protocol".to_string()));
+                    }
+                    if cw.write_all(&buf[..n]).await.is_err() || cw.flush().await.is_err() {
+                        return Ok("client");
+                    }
+                    bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+
+    let mut c2s = c2s;
+    let mut s2c = s2c;
+    let (by, terminated) = tokio::select! {
+        by = &mut c2s => (by, None),
+        r = &mut s2c => match r {
+            Ok(by) => (by, None),
+            Err(t) => ("portcullis", Some(t)),
+        },
+    };
+    drop(c2s);
+    drop(s2c);
+    // Say goodbye upstream when the client did not (only at a message boundary).
+    if terminated.is_some() && c2s_scan.at_boundary() && !upstream_writing {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = uw.write_all(&proto::message(b'X', &[])).await;
+            let _ = uw.flush().await;
+        })
+        .await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), uw.shutdown()).await;
+    let (reason, detail) = match terminated {
+        Some((r, d)) => (Some(r), Some(d)),
+        None => (None, None),
+    };
+    End {
+        reason,
+        detail,
+        by,
+        bytes_in: bytes_in.load(Ordering::Relaxed),
+        bytes_out: bytes_out.load(Ordering::Relaxed),
+        statements: statements.load(Ordering::Relaxed),
+    }
+}
+
+/// Audit for one client message the scanner captured: Query and Bind are statements;
+/// Parse and Close keep the map of prepared statement texts current.
+fn audit_message(
+    ctx: &StatementContext<'_>,
+    prepared: &mut HashMap<String, (Arc<str>, bool)>,
+    statements: &AtomicU64,
+    c: proto::Captured,
+) {
+    let text_of = |b: &[u8], truncated: bool| -> (String, bool) {
+        match b.iter().position(|&x| x == 0) {
+            Some(end) => (String::from_utf8_lossy(&b[..end]).into_owned(), false),
+            None => (
+                String::from_utf8_lossy(&b[..b.len().min(proto::MAX_AUDIT_TEXT)]).into_owned(),
+                truncated || !b.is_empty(),
+            ),
+        }
+    };
+    match c.kind {
+        b'Q' => {
+            let (text, truncated) = text_of(&c.body, c.truncated);
+            emit_statement(ctx, statements, "simple", None, Some(&text), truncated);
+        }
+        b'P' => {
+            let Some(end) = c.body.iter().position(|&x| x == 0) else { return };
+            let name = String::from_utf8_lossy(&c.body[..end]).into_owned();
+            let (text, truncated) = text_of(&c.body[end + 1..], c.truncated);
+            if prepared.len() >= MAX_STATEMENTS && !prepared.contains_key(&name) {
+                return;
+            }
+            prepared.insert(name, (Arc::from(text), truncated));
+        }
+        b'B' => {
+            let mut parts = c.body.splitn(3, |&x| x == 0);
+            let _portal = parts.next();
+            let Some(stmt) = parts.next() else { return };
+            let stmt = String::from_utf8_lossy(stmt);
+            let known = prepared.get(stmt.as_ref()).cloned();
+            emit_statement(
+                ctx,
+                statements,
+                "extended",
+                (!stmt.is_empty()).then_some(stmt.as_ref()),
+                known.as_ref().map(|(t, _)| &**t),
+                known.as_ref().is_some_and(|(_, t)| *t),
+            );
+        }
+        b'C' if c.body.first() == Some(&b'S') => {
+            if let Some(end) = c.body[1..].iter().position(|&x| x == 0) {
+                prepared.remove(String::from_utf8_lossy(&c.body[1..1 + end]).as_ref());
+            }
+        }
+        _ => {}
+    }
+}
+
+fn emit_statement(
+    ctx: &StatementContext<'_>,
+    statements: &AtomicU64,
+    protocol: &'static str,
+    statement: Option<&str>,
+    text: Option<&str>,
+    truncated: bool,
+) {
+    let seq = statements.fetch_add(1, Ordering::Relaxed) + 1;
+    ctx.hub.sink.emit(&StatementEvent {
+        ts: now_rfc3339(),
+        kind: "pg.statement",
+        session_id: ctx.sid,
+        route: ctx.route,
+        database: ctx.database,
+        upstream_role: ctx.upstream_role,
+        seq,
+        protocol,
+        statement,
+        text,
+        truncated,
+        identity: IdentitySummary::of(ctx.identity),
+        ci: ctx.identity.ci.as_ref(),
+    });
+}

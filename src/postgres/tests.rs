@@ -1,0 +1,235 @@
+use super::proto::{self, Initial, Scanner};
+
+fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
+    proto::message(kind, body)
+}
+
+#[test]
+fn the_scanner_finds_boundaries_across_any_split() {
+    let mut stream = Vec::new();
+    stream.extend(msg(b'Q', b"select 1\0"));
+    stream.extend(msg(b'P', b"s1\0select $1\0\0\0"));
+    stream.extend(msg(b'B', b"\0s1\0\0\0\0\x01\0\0\0\x06secret\0\0"));
+    stream.extend(msg(b'S', b""));
+    stream.extend(msg(b'd', &[7u8; 300]));
+    for split in 1..stream.len() {
+        let mut s = Scanner::client();
+        let mut seen = Vec::new();
+        let mut feed = |part: &[u8], s: &mut Scanner| {
+            s.feed(part, |k, c| seen.push((k, c.map(|c| c.body))))
+                .unwrap_or_else(|e| panic!("{e}"));
+        };
+        feed(&stream[..split], &mut s);
+        feed(&stream[split..], &mut s);
+        assert!(s.at_boundary(), "split at {split}");
+        let kinds: Vec<u8> = seen.iter().map(|(k, _)| *k).collect();
+        assert_eq!(kinds, b"QPBSd".to_vec(), "split at {split}");
+        assert_eq!(seen[0].1.as_deref(), Some(&b"select 1\0"[..]));
+        assert_eq!(seen[3].1, None, "Sync is not captured");
+        assert_eq!(seen[4].1, None, "CopyData is not captured");
+    }
+}
+
+#[test]
+fn the_scanner_rejects_bad_lengths_and_caps_captures() {
+    let mut s = Scanner::client();
+    assert!(s.feed(&[b'Q', 0, 0, 0, 3], |_, _| {}).is_err());
+    let mut s = Scanner::client();
+    assert!(s.feed(&[b'Q', 0x7f, 0xff, 0xff, 0xff], |_, _| {}).is_err(), "over 1 GiB");
+    let big = vec![b'a'; proto::MAX_AUDIT_TEXT + 1000];
+    let mut s = Scanner::client();
+    let mut got = None;
+    s.feed(&msg(b'Q', &big), |_, c| got = c).unwrap_or_else(|e| panic!("{e}"));
+    let c = got.unwrap_or_else(|| panic!("captured"));
+    assert!(c.truncated);
+    assert!(c.body.len() <= proto::MAX_AUDIT_TEXT + 256);
+    let mut s = Scanner::server();
+    s.feed(&msg(b'D', b"abc")[..6], |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!s.at_boundary());
+    assert_eq!(s.needed(), 2);
+}
+
+#[tokio::test]
+async fn startup_packets_parse_and_bad_ones_fail() {
+    let m = proto::startup_message(&[("user", "app"), ("database", "db")]);
+    match proto::read_initial(&mut &m[..]).await {
+        Ok(Initial::Startup { minor: 0, params }) => {
+            assert_eq!(
+                params,
+                vec![("user".into(), "app".into()), ("database".into(), "db".into())]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let ssl = proto::startup_packet(proto::SSL_REQUEST, &[]);
+    assert!(matches!(proto::read_initial(&mut &ssl[..]).await, Ok(Initial::Ssl)));
+    let gss = proto::startup_packet(proto::GSSENC_REQUEST, &[]);
+    assert!(matches!(proto::read_initial(&mut &gss[..]).await, Ok(Initial::GssEnc)));
+    let c = proto::cancel_request(7, 9);
+    assert!(matches!(
+        proto::read_initial(&mut &c[..]).await,
+        Ok(Initial::Cancel { pid: 7, secret: 9 })
+    ));
+    let http = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    assert!(matches!(
+        proto::read_initial(&mut &http[..]).await,
+        Err(proto::ReadError::Protocol(_))
+    ));
+    let v2 = proto::startup_packet(0x0002_0000, b"user\0x\0\0");
+    assert!(matches!(proto::read_initial(&mut &v2[..]).await, Err(proto::ReadError::Protocol(_))));
+    let dup = proto::startup_message(&[("user", "a"), ("user", "b")]);
+    assert!(matches!(proto::read_initial(&mut &dup[..]).await, Err(proto::ReadError::Protocol(_))));
+    let short = &m[..m.len() - 1];
+    assert!(matches!(proto::read_initial(&mut &short[..]).await, Err(proto::ReadError::Closed)));
+}
+
+#[test]
+fn error_responses_carry_severity_code_and_message() {
+    let e = proto::error_response(proto::Severity::Fatal, "28P01", "portcullis: invalid-token");
+    assert_eq!(e[0], b'E');
+    let f = proto::parse_fields(&e[5..]);
+    assert_eq!(f.get(&b'S').map(String::as_str), Some("FATAL"));
+    assert_eq!(f.get(&b'C').map(String::as_str), Some("28P01"));
+    assert_eq!(f.get(&b'M').map(String::as_str), Some("portcullis: invalid-token"));
+}
+
+#[test]
+fn cancel_keys_map_to_their_session_only_with_the_right_secret() {
+    use std::sync::Arc;
+    let map = Arc::new(super::cancel::CancelMap::default());
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let db = Arc::new(test_db(dir.path()));
+    let g = map.register(super::cancel::CancelTarget {
+        db,
+        tls: None,
+        pid: 42,
+        secret: 43,
+        session_id: Arc::from("s1"),
+    });
+    assert!(map.lookup(g.pid, g.secret).is_some_and(|t| t.pid == 42 && t.secret == 43));
+    assert!(map.lookup(g.pid, g.secret ^ 1).is_none());
+    assert_eq!(map.len(), 1);
+    drop(g);
+    assert!(map.is_empty());
+}
+
+fn test_db(dir: &std::path::Path) -> crate::config::DatabaseSettings {
+    let src = crate::diag::Source::new(
+        dir.join("p.toml"),
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\ndatabases = \"app\"\n",
+    );
+    let mut cat = crate::policy::Catalog::default();
+    cat.issuers.insert("corp".into(), crate::identity::Preset::Oidc);
+    let policy = crate::policy::Policy::parse(&src, &cat).unwrap_or_else(|e| panic!("{e:?}"));
+    crate::config::DatabaseSettings {
+        name: "db".into(),
+        listen: ([127, 0, 0, 1], 0).into(),
+        host: "127.0.0.1".into(),
+        port: 5432,
+        upstream_display: "127.0.0.1:5432".into(),
+        upstream_tls: crate::config::UpstreamTls::Disable,
+        upstream_ca: None,
+        upstream_user: "app".into(),
+        password: crate::config::Secret::new("pw"),
+        upstream_roles: Default::default(),
+        policy: std::sync::Arc::new(policy),
+        max_session: None,
+        startup_timeout: std::time::Duration::from_secs(1),
+        connect_timeout: std::time::Duration::from_secs(1),
+    }
+}
+
+#[test]
+fn secrets_do_not_debug_print() {
+    let s = crate::config::Secret::new("hunter2");
+    assert_eq!(format!("{s:?}"), "[redacted]");
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let db = test_db(dir.path());
+    assert!(!format!("{db:?}").contains("pw\""));
+}
+
+// === `[[databases]]` in the configuration ===
+
+fn compile_db(
+    dir: &std::path::Path,
+    db: &str,
+    policy: &str,
+) -> Result<crate::config::Config, Vec<String>> {
+    std::fs::create_dir_all(dir.join("policies")).ok();
+    std::fs::write(dir.join("policies/db.toml"), policy).ok();
+    std::fs::write(dir.join("pw"), "s3cret-from-file\n").ok();
+    let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/dev");
+    let text = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\n\n[issuers.corp]\nissuer = \"https://idp.example.com\"\naudiences = [\"portcullis\"]\n\n{db}",
+        certs.join("server.pem").to_string_lossy(),
+        certs.join("server-key.pem").to_string_lossy(),
+    );
+    let src = crate::diag::Source::new(dir.join("portcullis.toml"), text);
+    crate::config::Config::compile(&src)
+        .map_err(|e| e.0.iter().map(|d| format!("{}:{} {}", d.line, d.col, d.message)).collect())
+}
+
+const DB_POLICY: &str = "[[rule]]\nid = \"eng\"\neffect = \"allow\"\nissuer = \"corp\"\ndatabases = \"app\"\nupstream_role = \"readonly\"\n";
+
+#[test]
+fn a_database_only_config_compiles_without_an_http_listener() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let c = compile_db(
+        dir.path(),
+        "[[databases]]\nname = \"app\"\nlisten = \"127.0.0.1:6432\"\nupstream = \"postgres://db.internal:5433\"\nupstream_tls = \"verify-full\"\nupstream_user = \"portcullis\"\npassword_file = \"pw\"\npolicy = \"db\"\nmax_session = \"8h\"\n[databases.upstream_roles.readonly]\npassword_file = \"pw\"\n",
+        DB_POLICY,
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let d = &c.databases[0];
+    assert_eq!((d.host.as_str(), d.port), ("db.internal", 5433));
+    assert_eq!(d.upstream_tls, crate::config::UpstreamTls::VerifyFull);
+    assert_eq!(d.password.expose(), "s3cret-from-file");
+    assert_eq!(d.password_for("readonly").map(|s| s.expose()), Some("s3cret-from-file"));
+    assert!(d.password_for("postgres").is_none());
+    assert_eq!(d.max_session, Some(std::time::Duration::from_secs(8 * 3600)));
+    assert_eq!(d.startup_timeout, std::time::Duration::from_secs(10));
+    assert!(c.listen.https.is_none());
+    assert!(!format!("{c:?}").contains("s3cret"), "Debug never prints a password");
+    assert!(c.files.iter().any(|f| f.ends_with("pw")), "password files are watched for reload");
+}
+
+#[test]
+fn database_mistakes_are_all_reported_with_their_position() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let errors = compile_db(
+        dir.path(),
+        "[[databases]]\nname = \"app\"\nlisten = \"127.0.0.1:6432\"\nupstream = \"postgres://u:p@db:5432\"\nupstream_user = \"portcullis\"\npassword_env = \"PORTCULLIS_TEST_SURELY_UNSET_VAR\"\npolicy = \"db\"\n\n[[databases]]\nname = \"two\"\nlisten = \"127.0.0.1:6433\"\nupstream = \"postgres://db\"\nupstream_tls = \"sometimes\"\nupstream_user = \"portcullis\"\npassword_env = \"X\"\npassword_file = \"pw\"\npolicy = \"db\"\n\n[[databases]]\nname = \"three\"\nlisten = \"127.0.0.1:6434\"\nupstream = \"postgres://db\"\nupstream_user = \"portcullis\"\npassword = \"inline\"\npolicy = \"db\"\n",
+        DB_POLICY,
+    )
+    .err()
+    .unwrap_or_default();
+    let has = |pos: &str, text: &str| errors.iter().any(|e| e.starts_with(pos) && e.contains(text));
+    assert!(has("12:12", "must not carry credentials"), "{errors:?}");
+    assert!(has("14:16", "`PORTCULLIS_TEST_SURELY_UNSET_VAR` is not set"), "{errors:?}");
+    assert!(has("15:10", "grants upstream_role `readonly`"), "{errors:?}");
+    assert!(has("21:16", "unknown upstream_tls `sometimes`"), "{errors:?}");
+    assert!(has("24:17", "either `password_env` or `password_file`"), "{errors:?}");
+    assert!(has("32:1", "unknown field `password`"), "{errors:?}");
+    assert!(!errors.iter().any(|e| e.contains("inline")), "never echo a value");
+}
+
+#[test]
+fn databases_need_tls() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir_all(dir.path().join("policies")).ok();
+    std::fs::write(
+        dir.path().join("policies/db.toml"),
+        DB_POLICY.replace("upstream_role = \"readonly\"\n", ""),
+    )
+    .ok();
+    std::fs::write(dir.path().join("pw"), "x").ok();
+    let src = crate::diag::Source::new(
+        dir.path().join("portcullis.toml"),
+        "[issuers.corp]\nissuer = \"https://idp.example.com\"\naudiences = [\"p\"]\n\n[[databases]]\nname = \"app\"\nlisten = \"127.0.0.1:6432\"\nupstream = \"postgres://db\"\nupstream_user = \"u\"\npassword_file = \"pw\"\npolicy = \"db\"\n",
+    );
+    let errors = crate::config::Config::compile(&src).err().map(|e| e.0).unwrap_or_default();
+    assert!(
+        errors.iter().any(|d| d.line == 6 && d.message.contains("need a [tls] section")),
+        "{errors:?}"
+    );
+}

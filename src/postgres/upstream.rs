@@ -1,0 +1,329 @@
+//! The upstream leg: TCP (+ TLS by SSLRequest), StartupMessage as the granted role, and
+//! authentication with credentials only portcullis holds (SCRAM-SHA-256, md5, or
+//! cleartext over TLS/loopback).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::proto::{self, ReadError};
+use super::scram::{self, KeyCache};
+use crate::config::{DatabaseSettings, Secret, UpstreamTls};
+
+/// A connection to the upstream server, plain or TLS.
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl std::fmt::Debug for UpstreamStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UpstreamStream::Plain(_) => "UpstreamStream::Plain",
+            UpstreamStream::Tls(_) => "UpstreamStream::Tls",
+        })
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, b),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, b),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Why the upstream leg failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Connect, TLS, I/O or protocol trouble; the client learns `upstream-unavailable`.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The upstream refused portcullis' own credentials: a configuration problem.
+    #[error("upstream authentication failed: {0}")]
+    Auth(String),
+    /// Another ErrorResponse during startup (database does not exist, too many
+    /// connections...): relayed to the client as is.
+    #[error("upstream error {code}: {message}")]
+    Server { code: String, message: String, raw: Vec<u8> },
+}
+
+fn unavailable(e: impl std::fmt::Display) -> UpstreamError {
+    UpstreamError::Unavailable(e.to_string())
+}
+
+/// Opens TCP (and TLS when configured) to the route's upstream.
+pub async fn connect(
+    db: &DatabaseSettings,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<UpstreamStream, UpstreamError> {
+    let addr = (db.host.as_str(), db.port);
+    let tcp = tokio::time::timeout(db.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| unavailable(format!("connect to {} timed out", db.upstream_display)))?
+        .map_err(|e| unavailable(format!("connect to {}: {e}", db.upstream_display)))?;
+    let _ = tcp.set_nodelay(true);
+    match (db.upstream_tls, tls) {
+        (UpstreamTls::Disable, _) => Ok(UpstreamStream::Plain(tcp)),
+        (_, None) => Err(unavailable("no TLS client configuration for the upstream")),
+        (_, Some(cfg)) => {
+            let mut tcp = tcp;
+            tcp.write_all(&proto::startup_packet(proto::SSL_REQUEST, &[]))
+                .await
+                .map_err(unavailable)?;
+            let mut answer = [0u8; 1];
+            tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut answer)
+                .await
+                .map_err(unavailable)?;
+            if answer[0] != b'S' {
+                return Err(unavailable("the upstream does not accept TLS"));
+            }
+            let name = ServerName::try_from(db.host.clone())
+                .map_err(|_| unavailable(format!("`{}` is not a TLS server name", db.host)))?;
+            let s = tokio_rustls::TlsConnector::from(cfg.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| unavailable(format!("TLS to {}: {e}", db.upstream_display)))?;
+            Ok(UpstreamStream::Tls(Box::new(s)))
+        }
+    }
+}
+
+/// Sends the StartupMessage and authenticates as `role`. Returns once the upstream says
+/// AuthenticationOk; the caller relays what follows (ParameterStatus, BackendKeyData,
+/// ReadyForQuery).
+pub async fn authenticate(
+    s: &mut UpstreamStream,
+    role: &str,
+    password: &Secret,
+    database: &str,
+    params: &[(String, String)],
+    loopback: bool,
+    cache: &KeyCache,
+) -> Result<(), UpstreamError> {
+    let mut p: Vec<(&str, &str)> = vec![("user", role), ("database", database)];
+    p.extend(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    send(s, &proto::startup_message(&p)).await?;
+    let tls = matches!(s, UpstreamStream::Tls(_));
+    let mut scram: Option<scram::Exchange> = None;
+    loop {
+        let (kind, body) = read(s).await?;
+        match kind {
+            b'R' => {
+                let code = body.get(..4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+                match code {
+                    Some(0) => return Ok(()),
+                    Some(3) => {
+                        if !tls && !loopback {
+                            return Err(UpstreamError::Auth(
+                                "the upstream asks for a cleartext password over an unencrypted, non-loopback connection; refused (set upstream_tls)".into(),
+                            ));
+                        }
+                        send(s, &password_message(password.expose().as_bytes())).await?;
+                    }
+                    Some(5) => {
+                        let salt = body
+                            .get(4..8)
+                            .map(|b| [b[0], b[1], b[2], b[3]])
+                            .ok_or_else(|| unavailable("malformed md5 request"))?;
+                        let r = scram::md5_response(role, password.expose(), salt);
+                        send(s, &password_message(r.as_bytes())).await?;
+                    }
+                    Some(10) => {
+                        let mechs: Vec<&[u8]> =
+                            body[4..].split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
+                        if !mechs.contains(&scram::Exchange::MECHANISM.as_bytes()) {
+                            return Err(UpstreamError::Auth(
+                                "the upstream offers no SCRAM-SHA-256".into(),
+                            ));
+                        }
+                        let x = scram::Exchange::new();
+                        let first = x.client_first();
+                        let mut b = Vec::new();
+                        b.extend_from_slice(scram::Exchange::MECHANISM.as_bytes());
+                        b.push(0);
+                        b.extend_from_slice(&(first.len() as u32).to_be_bytes());
+                        b.extend_from_slice(first.as_bytes());
+                        send(s, &proto::message(b'p', &b)).await?;
+                        scram = Some(x);
+                    }
+                    Some(11) => {
+                        let x = scram.as_mut().ok_or_else(|| unavailable("SASL out of order"))?;
+                        let server_first = std::str::from_utf8(&body[4..])
+                            .map_err(|_| unavailable("server-first is not UTF-8"))?;
+                        let fin = x
+                            .client_final(server_first, password.expose(), cache)
+                            .map_err(|e| UpstreamError::Auth(e.to_string()))?;
+                        send(s, &proto::message(b'p', fin.as_bytes())).await?;
+                    }
+                    Some(12) => {
+                        let x = scram.as_ref().ok_or_else(|| unavailable("SASL out of order"))?;
+                        let fin = std::str::from_utf8(&body[4..])
+                            .map_err(|_| unavailable("server-final is not UTF-8"))?;
+                        x.verify_server_final(fin)
+                            .map_err(|e| UpstreamError::Auth(e.to_string()))?;
+                    }
+                    Some(other) => {
+                        return Err(UpstreamError::Auth(format!(
+                            "unsupported authentication request {other}"
+                        )))
+                    }
+                    None => return Err(unavailable("malformed authentication request")),
+                }
+            }
+            b'E' => return Err(server_error(body)),
+            b'N' => {}
+            b'v' => {} // NegotiateProtocolVersion: we asked for 3.0 with no options
+            other => {
+                return Err(unavailable(format!(
+                    "unexpected message `{}` during authentication",
+                    other as char
+                )))
+            }
+        }
+    }
+}
+
+/// An ErrorResponse body: class 28 is about portcullis' credentials; the rest is relayed.
+pub fn server_error(body: Vec<u8>) -> UpstreamError {
+    let f = proto::parse_fields(&body);
+    let code = f.get(&b'C').cloned().unwrap_or_default();
+    let message = f.get(&b'M').cloned().unwrap_or_default();
+    if code.starts_with("28") {
+        UpstreamError::Auth(format!("{code}: {message}"))
+    } else {
+        UpstreamError::Server { code, message, raw: proto::message(b'E', &body) }
+    }
+}
+
+fn password_message(p: &[u8]) -> Vec<u8> {
+    let mut b = p.to_vec();
+    b.push(0);
+    proto::message(b'p', &b)
+}
+
+async fn send(s: &mut UpstreamStream, m: &[u8]) -> Result<(), UpstreamError> {
+    s.write_all(m).await.map_err(unavailable)?;
+    s.flush().await.map_err(unavailable)
+}
+
+pub async fn read(s: &mut UpstreamStream) -> Result<(u8, Vec<u8>), UpstreamError> {
+    proto::read_message(s, proto::MAX_STARTUP_MESSAGE_LEN).await.map_err(|e| match e {
+        ReadError::Closed => unavailable("the upstream closed the connection"),
+        other => unavailable(other),
+    })
+}
+
+/// TLS client configuration for a route: verified (`verify-full`) or encryption-only
+/// (`require`, libpq semantics). `None` for `disable`.
+pub fn client_config(db: &DatabaseSettings) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    match db.upstream_tls {
+        UpstreamTls::Disable => Ok(None),
+        UpstreamTls::VerifyFull => {
+            let mut c = (*crate::tls::client_config(db.upstream_ca.as_deref(), false)
+                .map_err(|e| e.to_string())?)
+            .clone();
+            c.alpn_protocols = vec![b"postgresql".to_vec()];
+            Ok(Some(Arc::new(c)))
+        }
+        UpstreamTls::Require => {
+            let provider = crate::tls::provider();
+            let mut c = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(danger::NoVerify(provider)))
+                .with_no_client_auth();
+            c.alpn_protocols = vec![b"postgresql".to_vec()];
+            Ok(Some(Arc::new(c)))
+        }
+    }
+}
+
+mod danger {
+    //! `upstream_tls = "require"`: encryption without authentication of the server, as
+    //! libpq's `sslmode=require`. Signatures are still checked so the handshake is sound;
+    //! only the certificate chain and name are not. Warned about at start-up.
+    use std::sync::Arc;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::CryptoProvider;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    #[derive(Debug)]
+    pub struct NoVerify(pub Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for NoVerify {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+}
