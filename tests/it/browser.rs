@@ -8,7 +8,6 @@
 //! both). Without them the test says so and passes, unless `PORTCULLIS_REQUIRE_INTEROP=1`
 //! (set by the test command), where it fails.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -45,31 +44,21 @@ async fn chromium_signs_in_at_oidc_provider_and_signs_out() {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or_else(|e| panic!("{e}"));
-    let mut child = Command::new("node")
-        .arg(root.join("tests/node/provider.mjs"))
-        .args([
-            "--cert",
-            &pki.cert_path().to_string_lossy(),
-            "--key",
-            &pki.key_path().to_string_lossy(),
-        ])
-        .args(["--port", "0", "--control-port", "0", "--public-host", "127.0.0.1"])
-        .args(["--redirect-uri", &format!("https://localhost:{port}/.portcullis/callback")])
-        .arg("--stdin-control")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("node: {e}"));
-    let stdin = child.stdin.take();
-    let mut lines = BufReader::new(child.stdout.take().unwrap_or_else(|| panic!("stdout"))).lines();
-    let mut issuer = String::new();
-    for line in lines.by_ref().map_while(Result::ok) {
-        if let Some(i) = line.strip_prefix("ready ") {
-            issuer = i.trim().to_string();
-            break;
-        }
-    }
+    let provider = start_provider(&[
+        "--cert".into(),
+        pki.cert_path().to_string_lossy().into(),
+        "--key".into(),
+        pki.key_path().to_string_lossy().into(),
+        "--port".into(),
+        "0".into(),
+        "--control-port".into(),
+        "0".into(),
+        "--public-host".into(),
+        "127.0.0.1".into(),
+        "--redirect-uri".into(),
+        format!("https://localhost:{port}/.portcullis/callback"),
+    ]);
+    let issuer = provider.issuer.clone();
     assert!(issuer.starts_with("https://127.0.0.1:"), "provider did not start");
 
     let echo = portcullis::dev::echo::EchoServer::start(([127, 0, 0, 1], 0).into())
@@ -142,9 +131,7 @@ match = {{}}
         .last()
         .and_then(|l| serde_json::from_str(l).ok())
         .unwrap_or_else(|| panic!("browser.mjs printed no result: {stdout}"));
-    drop(stdin);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(provider);
     server.shutdown().await;
 
     assert!(result["error"].is_null(), "browser: {result}");

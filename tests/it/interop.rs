@@ -6,9 +6,9 @@
 //! says so and passes, unless `PORTCULLIS_REQUIRE_INTEROP=1` (set by the test command),
 //! where it fails: CI can never skip it silently.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,37 +37,19 @@ async fn oidc_provider_access_tokens_and_key_rotation() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let pki =
         portcullis::tls::DevPki::load_or_create(dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
-    let mut child = Command::new("node")
-        .arg(root.join("tests/node/provider.mjs"))
-        .args([
-            "--cert",
-            &pki.cert_path().to_string_lossy(),
-            "--key",
-            &pki.key_path().to_string_lossy(),
-        ])
-        .args([
-            "--port",
-            "0",
-            "--control-port",
-            "0",
-            "--audience",
-            "https://portcullis.interop",
-            "--stdin-control",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("node: {e}"));
-    let mut stdin = child.stdin.take().unwrap_or_else(|| panic!("stdin"));
-    let mut lines = BufReader::new(child.stdout.take().unwrap_or_else(|| panic!("stdout"))).lines();
-    let mut issuer = String::new();
-    for line in lines.by_ref().map_while(Result::ok) {
-        if let Some(i) = line.strip_prefix("ready ") {
-            issuer = i.trim().to_string();
-            break;
-        }
-    }
+    let mut provider = start_provider(&[
+        "--cert".into(),
+        pki.cert_path().to_string_lossy().into(),
+        "--key".into(),
+        pki.key_path().to_string_lossy().into(),
+        "--port".into(),
+        "0".into(),
+        "--control-port".into(),
+        "0".into(),
+        "--audience".into(),
+        "https://portcullis.interop".into(),
+    ]);
+    let issuer = provider.issuer.clone();
     assert!(issuer.starts_with("https://127.0.0.1:"), "provider did not start");
 
     let echo = portcullis::dev::echo::EchoServer::start(([127, 0, 0, 1], 0).into())
@@ -155,9 +137,14 @@ match = {{}}
 
     // Rotate and retire the old key at the provider: a token under the new kid is
     // accepted after one JWKS refetch.
-    writeln!(stdin, "rotate-retire").ok();
-    stdin.flush().ok();
-    let _ = lines.next();
+    if let Some(stdin) = provider.stdin.as_mut() {
+        writeln!(stdin, "rotate-retire").ok();
+        stdin.flush().ok();
+    }
+    // The provider prints notices too; wait for the answer to the command.
+    let answered = std::iter::from_fn(|| provider.lines.recv_timeout(Duration::from_secs(30)).ok())
+        .any(|l| l.starts_with("keys "));
+    assert!(answered, "the provider answered the rotation");
     let t2 = token().await;
     assert_ne!(t1.split('.').next(), t2.split('.').next(), "new kid in the header");
     let r = send_with(
@@ -170,9 +157,7 @@ match = {{}}
     .await;
     assert_eq!(r.status, StatusCode::OK, "after rotation: {}", r.text());
 
-    drop(stdin);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(provider);
     server.shutdown().await;
     for line in sink.lines() {
         assert!(!line.contains(t1.split('.').nth(2).unwrap_or("x")));

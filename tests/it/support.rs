@@ -436,3 +436,64 @@ pub fn write(path: &Path, text: &str) {
 pub fn arc<T>(t: T) -> Arc<T> {
     Arc::new(t)
 }
+
+/// A running `tests/node/provider.mjs` (npm `oidc-provider`): killed on drop.
+pub struct Provider {
+    pub child: std::process::Child,
+    pub stdin: Option<std::process::ChildStdin>,
+    pub issuer: String,
+    /// Lines the provider prints after `ready` (answers to stdin commands).
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the provider with `args` and waits (bounded) for its `ready <issuer>` line.
+/// The wait never blocks the test's runtime thread, and a provider that does not come
+/// up within a minute fails the test with a clear message instead of hanging it.
+pub fn start_provider(args: &[String]) -> Provider {
+    use std::io::BufRead;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut child = std::process::Command::new("node")
+        .arg(root.join("tests/node/provider.mjs"))
+        .args(args)
+        .arg("--stdin-control")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("node: {e}"));
+    let stdin = child.stdin.take();
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("provider stdout"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut issuer = String::new();
+    while issuer.is_empty() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(i) = line.strip_prefix("ready ") {
+                    issuer = i.trim().to_string();
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!("oidc-provider did not print `ready` within 60 s");
+            }
+        }
+    }
+    Provider { child, stdin, issuer, lines: rx }
+}
