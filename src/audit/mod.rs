@@ -8,10 +8,9 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::mpsc;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::Serialize;
 
 use crate::identity::{CiContext, Identity};
@@ -99,16 +98,53 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
-enum Msg {
-    Line(Vec<u8>),
-    Flush(mpsc::SyncSender<()>),
+/// How long the writer lets events accumulate after the first one of a batch before
+/// writing them (group commit): one wake-up and one `write` per batch instead of per
+/// event, and an event reaches the output at most this long after it happened.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+/// A batch this large is written without waiting out the linger.
+const EARLY_WRITE_BYTES: usize = 256 * 1024;
+
+/// The queue between request paths and the writer thread: one byte buffer of
+/// newline-terminated events, appended under a short lock.
+struct Queue {
+    state: Mutex<QueueState>,
+    /// The writer waits here for events (or a flush, or close).
+    wake: Condvar,
+    /// [`AuditSink::flush`] waits here for the writer to catch up.
+    written: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    buf: Vec<u8>,
+    /// Events queued so far, and events written so far (for `flush`).
+    queued: u64,
+    done: u64,
+    /// The writer is waiting for the first event of a batch (needs a notify).
+    writer_idle: bool,
+    flush_asked: bool,
+    closed: bool,
+}
+
+/// Closes the queue when the last [`AuditSink`] clone goes; the writer then writes what
+/// is left and ends.
+struct Handle {
+    queue: Arc<Queue>,
+    memory: Option<Arc<Mutex<Vec<String>>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.queue.state.lock().closed = true;
+        self.queue.wake.notify_one();
+    }
 }
 
 /// Where events go. Cloning is cheap; all clones feed one writer thread.
 #[derive(Clone)]
 pub struct AuditSink {
-    tx: mpsc::Sender<Msg>,
-    memory: Option<Arc<Mutex<Vec<String>>>>,
+    handle: Arc<Handle>,
 }
 
 impl std::fmt::Debug for AuditSink {
@@ -134,61 +170,112 @@ impl AuditSink {
     }
 
     fn spawn(out: Box<dyn Write + Send>, memory: Option<Arc<Mutex<Vec<String>>>>) -> Self {
-        let (tx, rx) = mpsc::channel::<Msg>();
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState::default()),
+            wake: Condvar::new(),
+            written: Condvar::new(),
+        });
+        let q = queue.clone();
         let mem = memory.clone();
-        let spawned =
-            std::thread::Builder::new().name("portcullis-audit".into()).spawn(move || {
-                let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-                while let Ok(msg) = rx.recv() {
-                    let mut next = Some(msg);
-                    // Drain whatever is queued, then flush once: one write syscall per batch.
-                    while let Some(m) = next.take() {
-                        match m {
-                            Msg::Line(l) => {
-                                if let Some(mem) = &mem {
-                                    mem.lock().push(String::from_utf8_lossy(&l).into_owned());
-                                }
-                                let _ = out.write_all(&l);
-                            }
-                            Msg::Flush(ack) => {
-                                let _ = out.flush();
-                                let _ = ack.send(());
-                            }
-                        }
-                        next = rx.try_recv().ok();
-                    }
-                    let _ = out.flush();
-                }
-                let _ = out.flush();
-            });
+        let spawned = std::thread::Builder::new()
+            .name("portcullis-audit".into())
+            .spawn(move || writer(&q, out, mem.as_deref()));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the audit writer thread");
         }
-        Self { tx, memory }
+        Self { handle: Arc::new(Handle { queue, memory }) }
     }
 
-    /// Serializes one event and queues it.
+    /// Serializes one event and queues it. The writer is woken only for the first
+    /// event of a batch.
     pub fn emit<T: Serialize>(&self, event: &T) {
-        let mut buf = Vec::with_capacity(768);
-        if serde_json::to_writer(&mut buf, event).is_ok() {
-            buf.push(b'\n');
-            let _ = self.tx.send(Msg::Line(buf));
+        thread_local! {
+            // Reused serialization buffer: no allocation per event once warm.
+            static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
         }
+        let mut line = SCRATCH.with(std::cell::Cell::take);
+        line.clear();
+        if serde_json::to_writer(&mut line, event).is_ok() {
+            line.push(b'\n');
+            let queue = &self.handle.queue;
+            let mut st = queue.state.lock();
+            st.buf.extend_from_slice(&line);
+            st.queued += 1;
+            let wake = st.writer_idle || st.buf.len() >= EARLY_WRITE_BYTES;
+            if wake {
+                st.writer_idle = false;
+            }
+            drop(st);
+            if wake {
+                queue.wake.notify_one();
+            }
+        }
+        SCRATCH.with(|s| s.set(line));
     }
 
-    /// Blocks until everything queued so far is written.
+    /// Blocks until everything queued so far is written (at most 5 s).
     pub fn flush(&self) {
-        let (ack, done) = mpsc::sync_channel(1);
-        if self.tx.send(Msg::Flush(ack)).is_ok() {
-            let _ = done.recv_timeout(std::time::Duration::from_secs(5));
+        let queue = &self.handle.queue;
+        let mut st = queue.state.lock();
+        let target = st.queued;
+        if st.done >= target {
+            return;
+        }
+        st.flush_asked = true;
+        queue.wake.notify_one();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while st.done < target {
+            if queue.written.wait_until(&mut st, deadline).timed_out() {
+                return;
+            }
         }
     }
 
     /// Lines written so far (memory sinks only).
     pub fn lines(&self) -> Vec<String> {
         self.flush();
-        self.memory.as_ref().map(|m| m.lock().clone()).unwrap_or_default()
+        self.handle.memory.as_ref().map(|m| m.lock().clone()).unwrap_or_default()
     }
+}
+
+/// The writer thread: waits for the first event of a batch, lingers so the batch can
+/// grow, then writes it with one `write` and flush.
+fn writer(queue: &Queue, out: Box<dyn Write + Send>, memory: Option<&Mutex<Vec<String>>>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    let mut spare = Vec::with_capacity(64 * 1024);
+    let mut st = queue.state.lock();
+    loop {
+        while st.buf.is_empty() && !st.closed {
+            st.flush_asked = false;
+            st.writer_idle = true;
+            queue.wake.wait(&mut st);
+        }
+        st.writer_idle = false;
+        if st.buf.is_empty() {
+            break; // closed and drained
+        }
+        if !st.flush_asked && !st.closed && st.buf.len() < EARLY_WRITE_BYTES {
+            let _ = queue.wake.wait_for(&mut st, LINGER);
+        }
+        st.flush_asked = false;
+        std::mem::swap(&mut st.buf, &mut spare);
+        let upto = st.queued;
+        MutexGuard::unlocked(&mut st, || {
+            if let Some(mem) = memory {
+                let mut mem = mem.lock();
+                for line in spare.split_inclusive(|b| *b == b'\n') {
+                    mem.push(String::from_utf8_lossy(line).into_owned());
+                }
+            }
+            let _ = out.write_all(&spare);
+            let _ = out.flush();
+            spare.clear();
+        });
+        st.done = upto;
+        queue.written.notify_all();
+    }
+    st.done = st.queued;
+    queue.written.notify_all();
 }
 
 #[cfg(test)]

@@ -67,17 +67,15 @@ where
         req.extensions_mut().insert(RequestId(rid.clone()));
         let method = req.method().clone();
         // The raw authority for the log (validated or not); never the query string.
-        let host = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                req.headers()
-                    .get(http::header::HOST)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            })
-            .unwrap_or_default();
+        // Both are cheap clones of the parsed request's bytes, not copies.
+        let host = match req.uri().authority() {
+            Some(a) => LogHost::Authority(a.clone()),
+            None => req
+                .headers()
+                .get(http::header::HOST)
+                .cloned()
+                .map_or(LogHost::None, LogHost::Header),
+        };
         let fut = self.inner.call(req);
         let sink = self.sink.clone();
         let conn = self.conn.clone();
@@ -106,11 +104,28 @@ where
     }
 }
 
+/// The request's authority as sent: `:authority` (HTTP/2) or the Host header.
+enum LogHost {
+    Authority(http::uri::Authority),
+    Header(http::HeaderValue),
+    None,
+}
+
+impl LogHost {
+    fn as_str(&self) -> &str {
+        match self {
+            LogHost::Authority(a) => a.as_str(),
+            LogHost::Header(v) => v.to_str().unwrap_or_default(),
+            LogHost::None => "",
+        }
+    }
+}
+
 struct Pending {
     start: Instant,
     rid: Arc<str>,
     method: Method,
-    host: String,
+    host: LogHost,
     status: u16,
     outcome: Option<Outcome>,
     conn: ConnInfo,
@@ -145,7 +160,7 @@ impl Pending {
             client_addr: self.conn.peer,
             tls: self.conn.tls.as_deref(),
             method: self.method.as_str(),
-            host: &self.host,
+            host: self.host.as_str(),
             path: o.and_then(|o| o.path.as_deref()).unwrap_or("-"),
             route: o.and_then(|o| o.route.as_deref()),
             decision,

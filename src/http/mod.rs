@@ -53,5 +53,30 @@ pub fn next_request_id() -> Arc<str> {
         u32::from_le_bytes(b)
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    Arc::from(format!("{prefix:08x}{n:012x}"))
+    request_id(prefix, n)
+}
+
+/// `{prefix:08x}{n:012x}`, without the formatting machinery or an intermediate String.
+fn request_id(prefix: u32, n: u64) -> Arc<str> {
+    if n >> 48 != 0 {
+        return Arc::from(format!("{prefix:08x}{n:012x}"));
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 20];
+    let digits = (0..8).map(|i| (u64::from(prefix) >> (28 - 4 * i)) & 0xf);
+    let digits = digits.chain((0..12).map(|i| (n >> (44 - 4 * i)) & 0xf));
+    for (slot, d) in id.iter_mut().zip(digits) {
+        *slot = HEX[d as usize];
+    }
+    Arc::from(std::str::from_utf8(&id).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_prefix_and_counter_in_hex() {
+        for (p, n) in [(0u32, 0u64), (0xdead_beef, 42), (u32::MAX, (1 << 48) - 1), (7, 1 << 48)] {
+            assert_eq!(&*super::request_id(p, n), format!("{p:08x}{n:012x}"));
+        }
+    }
 }

@@ -115,7 +115,9 @@ fn bearer(value: &http::HeaderValue) -> Result<Option<&str>, AuthError> {
     // RFC 6750 b64token / RFC 9110 token68: the alphabet, then only trailing '='.
     let body = token.trim_end_matches('=');
     let ok = !body.is_empty()
-        && body.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b));
+        && body.bytes().all(|b| {
+            matches!(b, b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
+        });
     if !ok {
         return Err(malformed("bearer token is not token68"));
     }
