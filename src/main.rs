@@ -106,6 +106,7 @@ enum PolicyCommand {
     Who {
         #[arg(short, long, default_value = "portcullis.toml")]
         config: PathBuf,
+        /// A route by name: an HTTP route or a [[databases]] route.
         #[arg(long, conflicts_with = "request")]
         route: Option<String>,
         /// "METHOD https://host/path": only the rules that apply to this request.

@@ -1,5 +1,7 @@
 //! `portcullis policy who -c FILE [--route NAME | --request "GET https://host/path"]`:
 //! who can reach a route, rule by rule, in words a reviewer can check against intent.
+//! A `[[databases]]` route is named with `--route` like any other; its rules read with
+//! their databases, roles and the upstream role a session gets.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
