@@ -82,8 +82,17 @@ enum PolicyCommand {
         #[arg(long)]
         issuer: Option<String>,
         /// "METHOD https://host/path".
-        #[arg(long)]
-        request: String,
+        #[arg(long, required_unless_present = "database", conflicts_with = "database")]
+        request: Option<String>,
+        /// A PostgreSQL session instead of a request: the database the client asks for.
+        #[arg(long, requires = "role")]
+        database: Option<String>,
+        /// With --database: the role (user name) the client connects as.
+        #[arg(long, requires = "database")]
+        role: Option<String>,
+        /// With --database: the [[databases]] route (optional when there is only one).
+        #[arg(long, requires = "database")]
+        route: Option<String>,
         /// Explain the token's claims without checking its signature.
         #[arg(long)]
         no_verify: bool,
@@ -97,6 +106,7 @@ enum PolicyCommand {
     Who {
         #[arg(short, long, default_value = "portcullis.toml")]
         config: PathBuf,
+        /// A route by name: an HTTP route or a [[databases]] route.
         #[arg(long, conflicts_with = "request")]
         route: Option<String>,
         /// "METHOD https://host/path": only the rules that apply to this request.
@@ -280,8 +290,12 @@ fn check(path: &std::path::Path, format: &str) -> ExitCode {
         Ok(c) => {
             let mut seen = std::collections::BTreeSet::new();
             let mut failures = Vec::new();
-            for r in &c.routes {
-                for p in std::iter::once(&r.policy).chain(r.shadow_policy.as_ref()) {
+            let http = c
+                .routes
+                .iter()
+                .flat_map(|r| std::iter::once(&r.policy).chain(r.shadow_policy.as_ref()));
+            for p in http.chain(c.databases.iter().map(|d| &d.policy)) {
+                {
                     if seen.insert(p.file().to_path_buf()) {
                         failures.extend(
                             portcullis::policy::run_tests(p)
@@ -367,11 +381,14 @@ fn policy(cmd: PolicyCommand) -> ExitCode {
             claim,
             issuer,
             request,
+            database,
+            role,
+            route,
             no_verify,
             expect,
             format,
         } => {
-            use review::explain::{Caller, ExplainArgs};
+            use review::explain::{Caller, ExplainArgs, Target};
             let caller = match (token, claims, preset) {
                 (Some(t), _, _) => Caller::Token(t),
                 (_, Some(c), _) => Caller::Claims(c),
@@ -388,11 +405,19 @@ fn policy(cmd: PolicyCommand) -> ExitCode {
                     portcullis::policy::Effect::Deny
                 }
             });
+            let target = match (request, database, role) {
+                (Some(line), _, _) => Target::Http(line),
+                (None, Some(database), Some(role)) => Target::Database { route, database, role },
+                _ => {
+                    eprintln!("error: give --request, or --database with --role");
+                    return ExitCode::from(review::EXIT_BAD_INPUT);
+                }
+            };
             review::explain::run(&ExplainArgs {
                 config,
                 caller,
                 issuer,
-                request,
+                target,
                 no_verify,
                 expect,
                 format: fmt(&format),

@@ -73,6 +73,15 @@ pub struct DatabaseSettings {
 }
 
 impl DatabaseSettings {
+    /// The upstream role a session gets: the one the deciding rule grants with
+    /// `upstream_role`, else the route's `upstream_user`.
+    pub fn granted_role(&self, rule: Option<&crate::policy::RuleRef>) -> String {
+        rule.and_then(|r| self.policy.rules().iter().find(|x| *x.id() == *r.id))
+            .and_then(|r| r.upstream_role())
+            .unwrap_or(&self.upstream_user)
+            .to_string()
+    }
+
     /// The password of an upstream role, if this route holds one.
     pub fn password_for(&self, role: &str) -> Option<&Secret> {
         if role == self.upstream_user {

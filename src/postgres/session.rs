@@ -588,7 +588,7 @@ async fn establish(
         )
         .await;
     }
-    let upstream_role = granted_role(db, decision.rule.as_deref());
+    let upstream_role = db.granted_role(decision.rule.as_deref());
     facts.upstream_role = Some(upstream_role.clone());
     let Some(password) = db.password_for(&upstream_role).cloned() else {
         return refuse(
@@ -714,14 +714,6 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
     params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
-/// The upstream role the deciding rule grants, or the route's default.
-fn granted_role(db: &DatabaseSettings, rule: Option<&RuleRef>) -> String {
-    rule.and_then(|r| db.policy.rules().iter().find(|x| *x.id() == *r.id))
-        .and_then(|r| r.upstream_role())
-        .unwrap_or(&db.upstream_user)
-        .to_string()
-}
-
 /// Forwards a CancelRequest whose key matches an open session; silent either way, as
 /// PostgreSQL's own cancel handling.
 async fn cancel(hub: &Hub, db: &DatabaseSettings, peer: SocketAddr, pid: u32, secret: u32) {
@@ -822,7 +814,7 @@ fn revoked(
     if !d.allowed {
         return Some(format!("{} under policy revision {}", d.reason.code(), rt.revision));
     }
-    let now_role = granted_role(db, d.rule.as_deref());
+    let now_role = db.granted_role(d.rule.as_deref());
     if now_role != upstream_role {
         return Some(format!(
             "upstream role changed from `{upstream_role}` to `{now_role}` under policy revision {}",

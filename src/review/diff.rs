@@ -71,13 +71,16 @@ pub struct Flip {
 #[derive(Debug, Clone, Serialize)]
 pub struct RouteDiff {
     pub route: String,
+    /// `http` or `database` (a `[[databases]]` PostgreSQL route).
+    pub kind: &'static str,
     /// `added`, `removed` or `changed`.
     pub status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy_before: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy_after: Option<PathBuf>,
-    /// Host, prefix or method filter of the route changed.
+    /// Host, prefix or method filter of the route changed (for a PostgreSQL route:
+    /// listen address, upstream or upstream roles).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub match_changed: Option<(String, String)>,
     pub rules: Vec<RuleChange>,
@@ -143,12 +146,17 @@ pub fn compare(
     new_tests: &[TestSet],
 ) -> PolicyDiff {
     let mut routes = Vec::new();
-    let mut names: Vec<&str> = new.routes.iter().map(|r| r.name.as_str()).collect();
-    names.extend(old.routes.iter().map(|r| r.name.as_str()).filter(|n| new.route(n).is_none()));
-    for name in names {
-        let d = match (old.route(name), new.route(name)) {
+    // HTTP and PostgreSQL routes are matched by kind and name.
+    let mut names: Vec<(bool, &str)> = new.routes.iter().map(route_key).collect();
+    names.extend(
+        old.routes.iter().map(route_key).filter(|(db, n)| new.route_of_kind(n, *db).is_none()),
+    );
+    for (database, name) in names {
+        let kind = if database { "database" } else { "http" };
+        let d = match (old.route_of_kind(name, database), new.route_of_kind(name, database)) {
             (None, Some(n)) => RouteDiff {
                 route: name.into(),
+                kind,
                 status: "added",
                 policy_before: None,
                 policy_after: Some(n.policy.file().to_path_buf()),
@@ -158,6 +166,7 @@ pub fn compare(
             },
             (Some(o), None) => RouteDiff {
                 route: name.into(),
+                kind,
                 status: "removed",
                 policy_before: Some(o.policy.file().to_path_buf()),
                 policy_after: None,
@@ -180,6 +189,7 @@ pub fn compare(
                 }
                 RouteDiff {
                     route: name.into(),
+                    kind,
                     status: "changed",
                     policy_before: Some(o.policy.file().to_path_buf()),
                     policy_after: Some(n.policy.file().to_path_buf()),
@@ -297,6 +307,18 @@ fn flips(
     out
 }
 
+fn route_key(r: &RouteView) -> (bool, &str) {
+    (r.database.is_some(), r.name.as_str())
+}
+
+fn route_word(r: &RouteDiff) -> &'static str {
+    if r.kind == "database" {
+        "database route"
+    } else {
+        "route"
+    }
+}
+
 fn absolute(p: &Path) -> PathBuf {
     // The file itself may be gone from the working tree (diffing its deletion), so
     // canonicalize the directory and keep the name.
@@ -340,7 +362,7 @@ fn text(d: &PolicyDiff) -> String {
         return o;
     }
     for r in &d.routes {
-        let _ = writeln!(o, "\nroute `{}` ({})", r.route, r.status);
+        let _ = writeln!(o, "\n{} `{}` ({})", route_word(r), r.route, r.status);
         if let (Some(b), Some(a)) = (&r.policy_before, &r.policy_after) {
             if b != a {
                 let _ = writeln!(o, "  policy file renamed: {} -> {}", b.display(), a.display());
@@ -414,7 +436,8 @@ fn markdown(d: &PolicyDiff) -> String {
         return o;
     }
     for r in &d.routes {
-        let _ = writeln!(o, "### Route `{}` ({})\n", r.route, r.status);
+        let title = if r.kind == "database" { "Database route" } else { "Route" };
+        let _ = writeln!(o, "### {title} `{}` ({})\n", r.route, r.status);
         if let (Some(b), Some(a)) = (&r.policy_before, &r.policy_after) {
             if b != a {
                 let _ = writeln!(o, "Policy file renamed: `{}` → `{}`\n", b.display(), a.display());

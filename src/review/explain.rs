@@ -2,6 +2,9 @@
 //! --claim k=v...) --request "GET https://host/path"`: the route, the decision, and
 //! every rule with the condition that failed or the fact that it matched.
 //!
+//! For a PostgreSQL route, `--database DB --role ROLE [--route NAME]` instead of
+//! `--request`: the session decision and the upstream role it would get.
+//!
 //! A token is decoded and, when its issuer's keys can be fetched, verified exactly as
 //! the proxy would; otherwise (or with `--no-verify`) its claims are explained and the
 //! output says "signature NOT verified". The token itself is never printed.
@@ -17,7 +20,7 @@ use http::Method;
 use serde_json::{json, Map, Value};
 
 use super::{Format, Report, EXIT_FAILED, EXIT_OK};
-use crate::config::Config;
+use crate::config::{Config, DatabaseSettings};
 use crate::identity::{unverified_identity, Identity, IssuerSettings, Preset, Verifier};
 use crate::policy::{Effect, Explanation, RequestFacts};
 use crate::reason::Reason;
@@ -51,14 +54,24 @@ pub struct ExplainArgs {
     pub caller: Caller,
     /// The configured issuer name, when `iss` (or the preset) does not single one out.
     pub issuer: Option<String>,
-    /// `METHOD URL`, e.g. `POST https://deploy.example.com/deploy/42`.
-    pub request: String,
+    /// What is asked for.
+    pub target: Target,
     pub no_verify: bool,
     /// With an expectation, exit 1 when the decision differs (scripts, CI).
     pub expect: Option<Effect>,
     pub format: Format,
     /// How long to wait for the issuer's keys before explaining unverified.
     pub verify_timeout: Duration,
+}
+
+/// What the caller asks for.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// `METHOD URL`, e.g. `POST https://deploy.example.com/deploy/42`.
+    Http(String),
+    /// A PostgreSQL session: the database and role of the startup message, on the
+    /// `[[databases]]` route `route` (optional when there is only one).
+    Database { route: Option<String>, database: String, role: String },
 }
 
 /// A parsed `METHOD URL` (or `METHOD /path`, which only host-less routes take).
@@ -136,30 +149,55 @@ pub fn run(args: &ExplainArgs) -> Report {
             return Report::bad_input(args.format, &p);
         }
     };
-    let req = match RequestLine::parse(&args.request) {
-        Ok(r) => r,
-        Err(e) => return bad(e),
+    let asked = match &args.target {
+        Target::Http(line) => match RequestLine::parse(line) {
+            Ok(r) => Asked::Http(r),
+            Err(e) => return bad(e),
+        },
+        Target::Database { route, database, role } => {
+            match database_route(&config, route.as_deref()) {
+                Ok(db) => Asked::Database { db, database, role },
+                Err(e) => return bad(e),
+            }
+        }
     };
     let (settings, identity, verification) = match caller_identity(&config, args) {
         Ok(x) => x,
         Err(e) => return bad(e),
     };
-    let route = config.route(&req.host, &req.path, &req.method);
-    let explanation = route.map(|r| r.policy.explain(&identity, &req.facts()));
+    let (route_name, policy, explanation) = match &asked {
+        Asked::Http(req) => {
+            let route = config.route(&req.host, &req.path, &req.method);
+            let explanation = route.map(|r| r.policy.explain(&identity, &req.facts()));
+            (route.map(|r| r.name.to_string()), route.map(|r| r.policy.clone()), explanation)
+        }
+        Asked::Database { db, database, role } => {
+            let facts = RequestFacts::database(database, Some(role));
+            let explanation = db.policy.explain(&identity, &facts);
+            (Some(db.name.to_string()), Some(db.policy.clone()), Some(explanation))
+        }
+    };
     let (allowed, reason) = match (&verification, &explanation) {
         (Verification::Rejected { reason, .. }, _) => (false, *reason),
         (_, Some(e)) => (e.decision.allowed, e.decision.reason),
         (_, None) => (false, Reason::NoRoute),
     };
+    // The upstream role an allowed session would log in as.
+    let upstream_role = match (&asked, &explanation) {
+        (Asked::Database { db, .. }, Some(e)) if allowed => {
+            Some(db.granted_role(e.decision.rule.as_deref()))
+        }
+        _ => None,
+    };
     let code = match args.expect {
         Some(want) if (want == Effect::Allow) != allowed => EXIT_FAILED,
         _ => EXIT_OK,
     };
-    let route_name = route.map(|r| r.name.to_string());
-    let policy_file = route.map(|r| r.policy.file().display().to_string());
+    let policy_file = policy.as_ref().map(|p| p.file().display().to_string());
     let out = match args.format {
         Format::Json => super::json(&json!({
-            "request": req.to_string(),
+            "request": asked.to_string(),
+            "kind": if matches!(asked, Asked::Database { .. }) { "database" } else { "http" },
             "route": route_name,
             "policy": policy_file,
             "issuer": settings.id,
@@ -169,19 +207,37 @@ pub fn run(args: &ExplainArgs) -> Report {
             "claims": identity.claims,
             "decision": { "allowed": allowed, "reason": reason.code() },
             "deciding_rule": explanation.as_ref().and_then(|e| e.decision.rule.clone()),
+            "upstream_role": upstream_role,
             "rules": explanation.as_ref().map(|e| &e.rules),
             "expectation_met": code == EXIT_OK,
         })),
-        Format::Text | Format::Markdown => text(
-            &req,
-            route_name.as_deref(),
-            policy_file.as_deref(),
-            &settings,
-            &identity,
-            &verification,
-            explanation.as_ref(),
-            (allowed, reason),
-        ),
+        Format::Text | Format::Markdown => {
+            let mut o = text(
+                &asked,
+                route_name.as_deref(),
+                policy_file.as_deref(),
+                &settings,
+                &identity,
+                &verification,
+                explanation.as_ref(),
+                (allowed, reason),
+            );
+            if let (Some(role), Asked::Database { db, .. }) = (&upstream_role, &asked) {
+                let granted = explanation
+                    .as_ref()
+                    .and_then(|e| e.decision.rule.as_deref())
+                    .and_then(|r| db.policy.rules().iter().find(|x| *x.id() == *r.id))
+                    .and_then(|r| r.upstream_role())
+                    .is_some();
+                let how = if granted {
+                    "granted by the deciding rule's `upstream_role`"
+                } else {
+                    "the route's `upstream_user`: the deciding rule grants none"
+                };
+                let _ = writeln!(o, "upstream role: `{role}` ({how})");
+            }
+            o
+        }
     };
     let mut report = Report::new(code, out);
     if code == EXIT_FAILED {
@@ -194,9 +250,52 @@ pub fn run(args: &ExplainArgs) -> Report {
     report
 }
 
+/// An HTTP request, or a PostgreSQL session on a database route.
+enum Asked<'a> {
+    Http(RequestLine),
+    Database { db: &'a Arc<DatabaseSettings>, database: &'a str, role: &'a str },
+}
+
+impl fmt::Display for Asked<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Asked::Http(r) => r.fmt(f),
+            Asked::Database { database, role, .. } => {
+                write!(f, "PostgreSQL session: database {database:?} as role {role:?}")
+            }
+        }
+    }
+}
+
+/// The `[[databases]]` route named `name`, or the only one.
+fn database_route<'a>(
+    config: &'a Config,
+    name: Option<&str>,
+) -> Result<&'a Arc<DatabaseSettings>, String> {
+    let names = || {
+        let n: Vec<&str> = config.databases.iter().map(|d| &*d.name).collect();
+        if n.is_empty() {
+            "the configuration has no [[databases]]".to_string()
+        } else {
+            format!("database routes: {}", n.join(", "))
+        }
+    };
+    match name {
+        Some(name) => config
+            .databases
+            .iter()
+            .find(|d| &*d.name == name)
+            .ok_or_else(|| format!("no database route `{name}` ({})", names())),
+        None => match config.databases.as_slice() {
+            [one] => Ok(one),
+            _ => Err(format!("name the database route with --route ({})", names())),
+        },
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn text(
-    req: &RequestLine,
+    req: &Asked<'_>,
     route: Option<&str>,
     policy: Option<&str>,
     settings: &IssuerSettings,
@@ -231,6 +330,9 @@ fn text(
     }
     let _ = writeln!(o, "request: {req}");
     match (route, policy) {
+        (Some(r), Some(p)) if matches!(req, Asked::Database { .. }) => {
+            let _ = writeln!(o, "database route: `{r}` (policy {p})");
+        }
         (Some(r), Some(p)) => {
             let _ = writeln!(o, "route: `{r}` (policy {p})");
         }

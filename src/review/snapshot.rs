@@ -21,7 +21,8 @@ pub struct Snapshot {
     /// `working tree`, or the short commit.
     pub label: String,
     pub catalog: Catalog,
-    /// In routing order: most specific host, then longest prefix, then file order.
+    /// HTTP routes in routing order (most specific host, then longest prefix, then
+    /// file order), then PostgreSQL routes (`[[databases]]`) in file order.
     pub routes: Vec<RouteView>,
 }
 
@@ -36,6 +37,22 @@ pub struct RouteView {
     pub methods: Option<Vec<String>>,
     pub policy: Arc<Policy>,
     pub shadow: Option<Arc<Policy>>,
+    /// Set for a PostgreSQL route (`[[databases]]`); `host`, `path_prefix` and
+    /// `methods` are then empty and meaningless.
+    pub database: Option<DatabaseView>,
+}
+
+/// What a PostgreSQL route adds to a [`RouteView`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseView {
+    /// The address clients connect to.
+    pub listen: String,
+    /// `host:port` of the upstream server.
+    pub upstream: String,
+    /// The upstream role when the deciding rule grants no `upstream_role`.
+    pub upstream_user: String,
+    /// The other roles a rule may grant, sorted.
+    pub upstream_roles: Vec<String>,
 }
 
 /// `[[test]]` cases and the policy they run against.
@@ -118,7 +135,20 @@ impl Snapshot {
                     .map(|m| m.iter().map(|m| m.as_str().to_string()).collect()),
                 policy: r.policy.clone(),
                 shadow: r.shadow_policy.clone(),
+                database: None,
             })
+            .chain(config.databases.iter().map(|d| {
+                RouteView::database(
+                    d.name.to_string(),
+                    d.policy.clone(),
+                    DatabaseView {
+                        listen: d.listen.to_string(),
+                        upstream: d.upstream_display.to_string(),
+                        upstream_user: d.upstream_user.clone(),
+                        upstream_roles: d.upstream_roles.keys().cloned().collect(),
+                    },
+                )
+            }))
             .collect();
         Snapshot { label: "working tree".into(), catalog, routes }
     }
@@ -194,8 +224,24 @@ impl Snapshot {
                 methods: r.matcher.methods.clone(),
                 policy,
                 shadow,
+                database: None,
             };
             routes.push((order, view));
+        }
+        let mut databases = Vec::new();
+        for d in &raw.databases {
+            let Some(policy) = load(&d.policy, &mut problems) else {
+                continue;
+            };
+            let upstream = d.upstream.strip_prefix("postgres://").unwrap_or(&d.upstream);
+            let upstream = upstream.strip_prefix("postgresql://").unwrap_or(upstream);
+            let view = DatabaseView {
+                listen: d.listen.clone(),
+                upstream: upstream.trim_end_matches('/').to_string(),
+                upstream_user: d.upstream_user.clone(),
+                upstream_roles: d.upstream_roles.keys().cloned().collect(),
+            };
+            databases.push(RouteView::database(d.name.clone(), policy, view));
         }
         if !problems.is_empty() {
             return Err(problems);
@@ -212,11 +258,21 @@ impl Snapshot {
                 *ob,
             ))
         });
-        Ok(Snapshot { label, catalog, routes: routes.into_iter().map(|(_, r)| r).collect() })
+        let routes = routes.into_iter().map(|(_, r)| r).chain(databases).collect();
+        Ok(Snapshot { label, catalog, routes })
     }
 
+    /// The route named `name`: an HTTP route first, else a PostgreSQL route.
     pub fn route(&self, name: &str) -> Option<&RouteView> {
-        self.routes.iter().find(|r| r.name == name)
+        self.routes
+            .iter()
+            .find(|r| r.name == name && r.database.is_none())
+            .or_else(|| self.routes.iter().find(|r| r.name == name))
+    }
+
+    /// The route of this kind (HTTP or PostgreSQL) named `name`.
+    pub fn route_of_kind(&self, name: &str, database: bool) -> Option<&RouteView> {
+        self.routes.iter().find(|r| r.name == name && r.database.is_some() == database)
     }
 
     /// Every distinct policy file: live policies first, then shadow-only ones.
@@ -314,8 +370,36 @@ impl Snapshot {
 // === impl RouteView ===
 
 impl RouteView {
-    /// `host api.example.com, paths under /v1, methods GET, HEAD`.
+    fn database(name: String, policy: Arc<Policy>, view: DatabaseView) -> RouteView {
+        RouteView {
+            name,
+            host: String::new(),
+            path_prefix: String::new(),
+            methods: None,
+            policy,
+            shadow: None,
+            database: Some(view),
+        }
+    }
+
+    /// `host api.example.com, paths under /v1, methods GET, HEAD`, or for a
+    /// PostgreSQL route `PostgreSQL sessions on 0.0.0.0:6432 to db:5432, upstream
+    /// role `readonly` unless the deciding rule grants `migrator``.
     pub fn describe(&self) -> String {
+        if let Some(d) = &self.database {
+            let mut s = format!(
+                "PostgreSQL sessions on {} to {}, as upstream role `{}`",
+                d.listen, d.upstream, d.upstream_user
+            );
+            if d.upstream_roles.is_empty() {
+                s.push_str(" (no other role can be granted)");
+            } else {
+                let roles: Vec<String> =
+                    d.upstream_roles.iter().map(|r| format!("`{r}`")).collect();
+                s.push_str(&format!(" unless the deciding rule grants {}", roles.join(" or ")));
+            }
+            return s;
+        }
         let host =
             if self.host == "*" { "any host".to_string() } else { format!("host {}", self.host) };
         let methods = match &self.methods {
@@ -353,6 +437,22 @@ struct LenientConfig {
     issuers: BTreeMap<String, LenientIssuer>,
     #[serde(default)]
     routes: Vec<LenientRoute>,
+    #[serde(default)]
+    databases: Vec<LenientDatabase>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LenientDatabase {
+    name: String,
+    #[serde(default)]
+    listen: String,
+    #[serde(default)]
+    upstream: String,
+    #[serde(default)]
+    upstream_user: String,
+    #[serde(default)]
+    upstream_roles: BTreeMap<String, toml::Value>,
+    policy: String,
 }
 
 #[derive(Debug, Default, Deserialize)]

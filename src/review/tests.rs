@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::diff::{Access, DiffArgs};
-use super::explain::{Caller, ExplainArgs};
+use super::explain::{Caller, ExplainArgs, Target};
 use super::test::TestArgs;
 use super::who::WhoArgs;
 use super::*;
@@ -310,7 +310,7 @@ fn explain_args(cfg: &Path, caller: Caller, request: &str) -> ExplainArgs {
         config: cfg.to_path_buf(),
         caller,
         issuer: None,
-        request: request.into(),
+        target: Target::Http(request.into()),
         no_verify: false,
         expect: None,
         format: Format::Text,
@@ -641,4 +641,236 @@ fn every_matcher_example_in_the_reference_compiles() {
             panic!("{b}\n{:?}", d.into_sorted());
         }
     }
+}
+
+// === database routes ===
+
+/// `policies/orders.toml`: line numbers are checked below.
+const ORDERS: &str = r#"[[rule]]
+id = "migrate"
+effect = "allow"
+issuer = "bb"
+ci = { repository = "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}", branch = "main" }
+databases = ["orders"]
+roles = ["migrations"]
+upstream_role = "migrator"
+
+[[rule]]
+id = "engineers-read"
+effect = "allow"
+issuer = "corp"
+groups_any = ["engineering"]
+databases = ["orders"]
+
+[[rule]]
+id = "no-superuser"
+effect = "deny"
+issuer = ["bb", "corp"]
+roles = ["postgres"]
+
+[[test]]
+name = "main migrates"
+identity = { preset = "bitbucket-pipelines", claims = { repositoryUuid = "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}", branchName = "main" } }
+database = "orders"
+role = "migrations"
+expect = "allow"
+rule = "migrate"
+"#;
+
+/// [`CONFIG`] plus a `[[databases]]` route `orders` with policy `orders`.
+fn setup_db(orders: &str) -> (tempfile::TempDir, PathBuf) {
+    let (dir, cfg) = setup(API);
+    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/dev");
+    let config = format!(
+        "{CONFIG}\n[tls]\ncert = {:?}\nkey = {:?}\n\n[[databases]]\nname = \"orders\"\nlisten = \"127.0.0.1:16432\"\nupstream = \"postgres://db.internal.example.com:5432\"\nupstream_user = \"readonly\"\npassword_file = \"secrets/readonly\"\npolicy = \"orders\"\n\n[databases.upstream_roles.migrator]\npassword_file = \"secrets/migrator\"\n",
+        certs.join("server.pem"),
+        certs.join("server-key.pem"),
+    );
+    write(&cfg, &config);
+    write(&dir.path().join("secrets/readonly"), "ro-password\n");
+    write(&dir.path().join("secrets/migrator"), "mig-password\n");
+    write(&dir.path().join("policies/orders.toml"), orders);
+    (dir, cfg)
+}
+
+fn explain_db(
+    cfg: &Path,
+    caller: Caller,
+    route: Option<&str>,
+    database: &str,
+    role: &str,
+) -> ExplainArgs {
+    ExplainArgs {
+        target: Target::Database {
+            route: route.map(str::to_string),
+            database: database.into(),
+            role: role.into(),
+        },
+        ..explain_args(cfg, caller, "GET /")
+    }
+}
+
+#[test]
+fn who_describes_a_database_route_with_databases_roles_and_upstream_roles() {
+    let (_dir, cfg) = setup_db(ORDERS);
+    if let Err(e) = Config::load(&cfg) {
+        panic!("config: {e:?}");
+    }
+    let args = |format| WhoArgs {
+        config: cfg.clone(),
+        route: Some("orders".into()),
+        request: None,
+        format,
+    };
+    let r = who::run(&args(Format::Text));
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    let o = &r.stdout;
+    assert!(o.contains("database route `orders`: PostgreSQL sessions on 127.0.0.1:16432 to db.internal.example.com:5432, as upstream role `readonly` unless the deciding rule grants `migrator`"), "{o}");
+    assert!(o.contains("orders.toml:1): pipelines of `bb` (bitbucket-pipelines) whose CI branch is `main` and CI repository is `{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}`; requests to databases named `orders` as roles named `migrations`; as upstream role `migrator`"), "{o}");
+    assert!(o.contains("orders.toml:10): people and services of `corp` (oidc) whose groups include `engineering`; requests to databases named `orders`; as upstream role `readonly` (the route's default)"), "{o}");
+    assert!(o.contains("orders.toml:17): all pipelines of `bb` (bitbucket-pipelines) or people and services of `corp` (oidc); requests as roles named `postgres`"), "{o}");
+
+    let r = who::run(&args(Format::Json));
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+    assert_eq!(v[0]["kind"], "database");
+    assert_eq!(v[0]["database"]["upstream_roles"][0], "migrator");
+    assert_eq!(v[0]["allow"][0]["upstream_role"], "migrator");
+    assert_eq!(v[0]["allow"][1]["upstream_role"], "readonly");
+
+    // Every route: the HTTP route and the database route.
+    let r = who::run(&WhoArgs { route: None, ..args(Format::Markdown) });
+    assert!(r.stdout.contains("### Route `api`"), "{}", r.stdout);
+    assert!(r.stdout.contains("### Database route `orders`"), "{}", r.stdout);
+}
+
+#[test]
+fn explain_a_database_session_decision_and_its_upstream_role() {
+    let (_dir, cfg) = setup_db(ORDERS);
+    let main =
+        preset("bitbucket-pipelines", &[&format!("repositoryUuid={REPO}"), "branchName=main"]);
+    let r = explain::run(&explain_db(&cfg, main.clone(), Some("orders"), "orders", "migrations"));
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    let o = &r.stdout;
+    assert!(
+        o.contains("request: PostgreSQL session: database \"orders\" as role \"migrations\""),
+        "{o}"
+    );
+    assert!(o.contains("database route: `orders`"), "{o}");
+    assert!(o.contains("decision: allow (allowed) by rule `migrate` at "), "{o}");
+    assert!(
+        o.contains("upstream role: `migrator` (granted by the deciding rule's `upstream_role`)"),
+        "{o}"
+    );
+
+    // The only database route is found without --route; an engineer gets the default.
+    let eng = Caller::Preset {
+        name: "human".into(),
+        overrides: vec!["groups:=[\"engineering\"]".into()],
+    };
+    let mut args = explain_db(&cfg, eng.clone(), None, "orders", "alice");
+    args.issuer = Some("corp".into());
+    args.format = Format::Json;
+    let r = explain::run(&args);
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+    assert_eq!(v["kind"], "database");
+    assert_eq!(v["route"], "orders");
+    assert_eq!(v["decision"]["allowed"], true);
+    assert_eq!(v["deciding_rule"]["id"], "engineers-read");
+    assert_eq!(v["upstream_role"], "readonly");
+
+    // Deny wins for the postgres role, with --expect failing on allow.
+    let mut args = explain_db(&cfg, eng, Some("orders"), "orders", "postgres");
+    args.issuer = Some("corp".into());
+    args.expect = Some(Effect::Allow);
+    let r = explain::run(&args);
+    assert_eq!(r.code, EXIT_FAILED, "{r:?}");
+    assert!(
+        r.stdout.contains("decision: deny (denied-by-rule) by rule `no-superuser`"),
+        "{}",
+        r.stdout
+    );
+    assert!(!r.stdout.contains("upstream role:"), "{}", r.stdout);
+
+    // Another database on the same route: no allow names it.
+    let r = explain::run(&explain_db(&cfg, main.clone(), None, "billing", "migrations"));
+    assert!(r.stdout.contains("decision: deny (policy-denied)"), "{}", r.stdout);
+
+    // An unknown database route is bad input, naming the routes there are.
+    let r = explain::run(&explain_db(&cfg, main, Some("nope"), "orders", "migrations"));
+    assert_eq!(r.code, EXIT_BAD_INPUT);
+    assert!(
+        r.stderr.contains("no database route `nope` (database routes: orders)"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn policy_test_runs_the_tests_of_database_policies() {
+    let (dir, cfg) = setup_db(ORDERS);
+    let r = test::run(&test_args(&cfg, vec![], Format::Text));
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    assert!(r.stdout.contains("policies/orders.toml:23: ok: main migrates"), "{}", r.stdout);
+    assert!(r.stdout.contains("2 passed, 0 failed (2 test file(s))"), "{}", r.stdout);
+
+    // A wrong expectation in the database policy fails the run.
+    write(
+        &dir.path().join("policies/orders.toml"),
+        &ORDERS.replace("expect = \"allow\"", "expect = \"deny\""),
+    );
+    let r = test::run(&test_args(&cfg, vec![], Format::Text));
+    assert_eq!(r.code, EXIT_FAILED, "{r:?}");
+    assert!(r.stdout.contains("FAILED: main migrates"), "{}", r.stdout);
+
+    // Extra test files may be named after the database route.
+    write(&dir.path().join("policies/orders.toml"), ORDERS);
+    write(&dir.path().join("sec/orders.toml"), "[[test]]\nname = \"feature branches do not migrate\"\nidentity = { preset = \"bitbucket-pipelines\", claims = { repositoryUuid = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\", branchName = \"feature/x\" } }\ndatabase = \"orders\"\nrole = \"migrations\"\nexpect = \"deny\"\n");
+    let r = test::run(&test_args(&cfg, vec![dir.path().join("sec")], Format::Text));
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    assert!(r.stdout.contains("ok: feature branches do not migrate"), "{}", r.stdout);
+}
+
+#[test]
+fn diff_includes_database_routes() {
+    let (dir, cfg) = setup_db(ORDERS);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+
+    // Release branches may migrate too: access gained on the database route, and
+    // the test of a release branch flips.
+    let widened = ORDERS.replace("branch = \"main\"", "branch = [\"main\", \"release/*\"]")
+        + &format!("\n[[test]]\nname = \"release migrates\"\nidentity = {{ preset = \"bitbucket-pipelines\", claims = {{ repositoryUuid = \"{REPO}\", branchName = \"release/1\" }} }}\ndatabase = \"orders\"\nrole = \"migrations\"\nexpect = \"allow\"\n");
+    write(&root.join("policies/orders.toml"), &widened);
+    let c2 = commit(root, "release branches migrate");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    assert_eq!(changes(&d), vec![("orders".into(), Access::Gained, "widened", "migrate".into())]);
+    assert_eq!(d.routes[0].kind, "database");
+    assert_eq!(d.routes[0].flipped_tests.len(), 1, "{:?}", d.routes[0].flipped_tests);
+    let text = diff::render(&d, Format::Text);
+    assert!(text.contains("database route `orders` (changed)"), "{text}");
+
+    // A new upstream role for the route is a match change.
+    let config = std::fs::read_to_string(&cfg).unwrap_or_default()
+        + "\n[databases.upstream_roles.reporter]\npassword_file = \"secrets/readonly\"\n";
+    write(&cfg, &config);
+    let d = diff_of(&cfg, Some(&c2), None);
+    assert_eq!(d.routes.len(), 1, "{d:?}");
+    let (before, after) = d.routes[0].match_changed.clone().unwrap_or_default();
+    assert!(
+        before.ends_with("grants `migrator`") && after.ends_with("grants `migrator` or `reporter`"),
+        "{before} -> {after}"
+    );
+
+    // A database route removed: its allows are access lost.
+    let c3 = commit(root, "reporter");
+    let cut = config.split("[[databases]]").next().unwrap_or_default().to_string();
+    write(&cfg, &cut);
+    let c4 = commit(root, "drop orders");
+    let d = diff_of(&cfg, Some(&c3), Some(&c4));
+    assert_eq!(d.routes.len(), 1, "{d:?}");
+    assert_eq!((d.routes[0].route.as_str(), d.routes[0].status), ("orders", "removed"));
+    assert!(d.routes[0].rules.iter().any(|c| c.access == Access::Lost), "{:?}", d.routes[0].rules);
 }

@@ -1,5 +1,7 @@
 //! `portcullis policy who -c FILE [--route NAME | --request "GET https://host/path"]`:
 //! who can reach a route, rule by rule, in words a reviewer can check against intent.
+//! A `[[databases]]` route is named with `--route` like any other; its rules read with
+//! their databases, roles and the upstream role a session gets.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -104,7 +106,31 @@ fn summaries(
 }
 
 fn to_json(a: &RouteAccess) -> serde_json::Value {
+    if let Some(d) = &a.route.database {
+        let default = |s: &RuleSummary| {
+            let mut v = json!(s);
+            if s.upstream_role.is_none() {
+                v["upstream_role"] = json!(d.upstream_user);
+            }
+            v
+        };
+        return json!({
+            "route": a.route.name,
+            "kind": "database",
+            "database": {
+                "listen": d.listen,
+                "upstream": d.upstream,
+                "upstream_user": d.upstream_user,
+                "upstream_roles": d.upstream_roles,
+            },
+            "policy": a.route.policy.file(),
+            "allow": a.allows.iter().map(default).collect::<Vec<_>>(),
+            "deny": a.denies,
+            "default": "deny",
+        });
+    }
     json!({
+        "kind": "http",
         "route": a.route.name,
         "match": { "host": a.route.host, "path_prefix": a.route.path_prefix, "methods": a.route.methods },
         "policy": a.route.policy.file(),
@@ -135,9 +161,34 @@ pub fn bullet(s: &RuleSummary) -> String {
     b
 }
 
+/// [`bullet`], and on a PostgreSQL route an allow that grants no `upstream_role` says
+/// which role its sessions get (the route's `upstream_user`).
+fn route_bullet(route: &RouteView, s: &RuleSummary) -> String {
+    let mut b = bullet(s);
+    if let Some(d) = &route.database {
+        if s.effect == Effect::Allow && s.upstream_role.is_none() {
+            let at = b.find(" — \"").unwrap_or(b.len());
+            b.insert_str(
+                at,
+                &format!("; as upstream role `{}` (the route's default)", d.upstream_user),
+            );
+        }
+    }
+    b
+}
+
+/// `route` or `database route`.
+fn kind(route: &RouteView) -> &'static str {
+    if route.database.is_some() {
+        "database route"
+    } else {
+        "route"
+    }
+}
+
 fn text(a: &RouteAccess) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "route `{}`: {}", a.route.name, a.route.describe());
+    let _ = writeln!(o, "{} `{}`: {}", kind(&a.route), a.route.name, a.route.describe());
     let _ = writeln!(o, "  policy: {}", a.route.policy.file().display());
     if let Some(s) = &a.route.shadow {
         let _ = writeln!(o, "  shadow policy (evaluated, not enforced): {}", s.file().display());
@@ -150,13 +201,13 @@ fn text(a: &RouteAccess) -> String {
     } else {
         let _ = writeln!(o, "  allowed (the first matching allow decides):");
         for s in &a.allows {
-            let _ = writeln!(o, "    - {}", bullet(s));
+            let _ = writeln!(o, "    - {}", route_bullet(&a.route, s));
         }
     }
     if !a.denies.is_empty() {
         let _ = writeln!(o, "  always denied, whatever the allows say (deny wins):");
         for s in &a.denies {
-            let _ = writeln!(o, "    - {}", bullet(s));
+            let _ = writeln!(o, "    - {}", route_bullet(&a.route, s));
         }
     }
     let _ = writeln!(o, "  everyone else: denied (default deny)");
@@ -165,7 +216,8 @@ fn text(a: &RouteAccess) -> String {
 
 fn markdown(a: &RouteAccess) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "### Route `{}`\n", a.route.name);
+    let title = if a.route.database.is_some() { "Database route" } else { "Route" };
+    let _ = writeln!(o, "### {title} `{}`\n", a.route.name);
     let _ = writeln!(o, "{}; policy `{}`\n", a.route.describe(), a.route.policy.file().display());
     if let Some(r) = &a.request {
         let _ = writeln!(o, "Only rules that apply to `{r}`.\n");
@@ -175,12 +227,12 @@ fn markdown(a: &RouteAccess) -> String {
         let _ = writeln!(o, "- nobody");
     }
     for s in &a.allows {
-        let _ = writeln!(o, "- {}", bullet(s));
+        let _ = writeln!(o, "- {}", route_bullet(&a.route, s));
     }
     if !a.denies.is_empty() {
         let _ = writeln!(o, "\n**Always denied** (deny wins):\n");
         for s in &a.denies {
-            let _ = writeln!(o, "- {}", bullet(s));
+            let _ = writeln!(o, "- {}", route_bullet(&a.route, s));
         }
     }
     let _ = writeln!(o, "\nEveryone else is denied.");

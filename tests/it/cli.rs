@@ -1,6 +1,8 @@
 //! The real binary, as a user runs it: `check` diagnostics, the README's demo flow,
-//! `serve` with SIGHUP / file-watcher reloads and a SIGTERM drain.
+//! `serve` with SIGHUP / file-watcher reloads and a SIGTERM drain, and a browser sign-in
+//! to the demo (debug logging on) that leaves no secret on stdout or stderr.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -134,8 +136,44 @@ fn shipped_examples_pass_check() {
     assert!(n >= 3, "quickstart, bitbucket and github examples at least ({n})");
 }
 
-/// Starts the demo like the README does and returns it with its state dir.
+/// Starts the demo like the README does and returns it with what it printed so far.
 fn start_demo(dir: &Path, port: u16) -> (Killed, String) {
+    let (demo, out) = start_demo_with(dir, port, &[]);
+    let seen = out.stdout();
+    (demo, seen)
+}
+
+/// Everything a child printed, drained continuously (so a chatty log never blocks it).
+#[derive(Clone, Default)]
+struct Captured {
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Captured {
+    fn drain(
+        into: std::sync::Arc<std::sync::Mutex<String>>,
+        from: impl std::io::Read + Send + 'static,
+    ) {
+        std::thread::spawn(move || {
+            for line in BufReader::new(from).lines().map_while(Result::ok) {
+                if let Ok(mut all) = into.lock() {
+                    all.push_str(&line);
+                    all.push('\n');
+                }
+            }
+        });
+    }
+    fn stdout(&self) -> String {
+        self.stdout.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+    fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// Starts the demo with extra environment variables; waits for its `ready` banner.
+fn start_demo_with(dir: &Path, port: u16, env: &[(&str, &str)]) -> (Killed, Captured) {
     let admin = free_port();
     let mut child = Command::new(BIN)
         .args([
@@ -146,35 +184,34 @@ fn start_demo(dir: &Path, port: u16) -> (Killed, String) {
             &format!("127.0.0.1:{admin}"),
         ])
         .args(["--state-dir", &dir.to_string_lossy()])
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("demo: {e}"));
-    let stdout = child.stdout.take().unwrap_or_else(|| panic!("stdout"));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            all.push_str(&line);
-            all.push('\n');
-            let _ = tx.send(all.clone());
-        }
-    });
-    let mut seen = String::new();
+    let out = Captured::default();
+    if let Some(s) = child.stdout.take() {
+        Captured::drain(out.stdout.clone(), s);
+    }
+    if let Some(s) = child.stderr.take() {
+        Captured::drain(out.stderr.clone(), s);
+    }
+    let demo = Killed(child);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while std::time::Instant::now() < deadline {
-        if let Ok(s) = rx.recv_timeout(Duration::from_millis(200)) {
-            seen = s;
-            if seen.lines().any(|l| l.starts_with("ready ")) && seen.contains("other presets") {
-                break;
-            }
+        let seen = out.stdout();
+        if seen.lines().any(|l| l.starts_with("ready ")) && seen.contains("other presets") {
+            break;
         }
+        std::thread::sleep(Duration::from_millis(100));
     }
+    let seen = out.stdout();
     assert!(
         seen.lines().any(|l| l.starts_with("ready https://127.0.0.1:")),
-        "demo did not print ready:\n{seen}"
+        "demo did not print ready:\n{seen}\n{}",
+        out.stderr()
     );
-    (Killed(child), seen)
+    (demo, out)
 }
 
 #[tokio::test]
@@ -399,4 +436,173 @@ fn check_runs_inline_policy_tests_and_exits_1_on_a_failure() {
     let (code, _, err) = run(&["check", "-c", &cfg]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("api.toml:7: test failed: sre may"), "{err}");
+}
+
+/// `name=value` from a URL's query.
+fn query_value(url: &str, name: &str) -> String {
+    url.split(['?', '&'])
+        .find_map(|p| p.strip_prefix(&format!("{name}=")))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Every `aaa.bbb.ccc` run of base64url whose first part opens a JSON object: a
+/// compact JWS, whatever its value.
+fn jws_like(text: &str) -> Vec<String> {
+    let b64 = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    text.split(|c: char| !(b64(c) || c == '.'))
+        .filter(|w| {
+            let parts: Vec<&str> = w.split('.').collect();
+            parts.len() == 3 && parts[0].starts_with("eyJ") && parts.iter().all(|p| p.len() >= 8)
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// A cookie-keeping client that says it wants HTML.
+struct DemoBrowser {
+    client: TestClient,
+    jar: BTreeMap<String, String>,
+}
+
+impl DemoBrowser {
+    async fn go(&mut self, method: Method, url: String, body: &'static str) -> Resp {
+        let cookies = self.jar.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>();
+        let cookies = cookies.join("; ");
+        let mut h = vec![("accept", "text/html,application/xhtml+xml")];
+        if !cookies.is_empty() {
+            h.push(("cookie", cookies.as_str()));
+        }
+        if method == Method::POST {
+            h.push(("content-type", "application/x-www-form-urlencoded"));
+        }
+        let r = send_with(&self.client, method, &url, &h, Bytes::from(body)).await;
+        for v in r.headers.get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()) {
+            let first = v.split(';').next().unwrap_or_default();
+            let Some((n, val)) = first.split_once('=') else { continue };
+            if v.contains("Max-Age=0") {
+                self.jar.remove(n);
+            } else {
+                self.jar.insert(n.to_string(), val.to_string());
+            }
+        }
+        r
+    }
+}
+
+/// A browser signs in to the real demo through its dev issuer's form; with debug
+/// logging on, nothing secret of that sign-in is in its stdout (audit) or stderr.
+#[tokio::test]
+async fn a_browser_sign_in_leaves_no_secret_on_stdout_or_stderr() {
+    use portcullis::session::seal::{Purpose, Sealer};
+
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let port = free_port();
+    let (demo, out) = start_demo_with(dir.path(), port, &[("PORTCULLIS_LOG", "debug")]);
+    let pki =
+        portcullis::tls::DevPki::load_or_create(dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let c = client(&pki, false);
+    let base = format!("https://127.0.0.1:{port}");
+    let mut b = DemoBrowser { client: c, jar: BTreeMap::new() };
+    let location = |r: &Resp| {
+        r.headers.get("location").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
+    };
+
+    // The protected page sends the browser to the dev issuer (the demo's only sign-in).
+    let r = b.go(Method::GET, format!("{base}/hello"), "").await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    let authorize = location(&r);
+    assert!(authorize.contains("/human/authorize?"), "{authorize}");
+    let login_cookies: Vec<String> = b
+        .jar
+        .iter()
+        .filter(|(k, _)| k.starts_with("_portcullis_login_"))
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(login_cookies.len(), 1, "{:?}", b.jar);
+    let nonce = query_value(&authorize, "nonce");
+    let challenge = query_value(&authorize, "code_challenge");
+
+    // The dev issuer's form, submitted: a redirect to the callback with code and state.
+    let page = b.go(Method::GET, authorize.clone(), "").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.text());
+    assert!(page.text().contains("name=\"username\""), "{}", page.text());
+    let r = b.go(Method::POST, authorize.clone(), "username=alice&groups=engineering").await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    let callback = location(&r);
+    let (code, state) = (query_value(&callback, "code"), query_value(&callback, "state"));
+
+    // The callback signs in; the page is then served with the session cookie.
+    let r = b.go(Method::GET, callback.clone(), "").await;
+    assert_eq!(r.status, StatusCode::FOUND, "callback: {}", r.text());
+    assert_eq!(location(&r), format!("{base}/hello"));
+    let r = b.go(Method::GET, format!("{base}/hello"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.upstream_header("x-portcullis-subject").as_deref(), Some("alice"));
+    let session_values: Vec<String> = b
+        .jar
+        .iter()
+        .filter(|(k, _)| k.starts_with("_portcullis"))
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert!(!session_values.is_empty(), "{:?}", b.jar);
+
+    // What the sealed cookies hold, opened with the demo's own session key: the
+    // refresh token, and the login's PKCE verifier.
+    let keys = std::fs::read_to_string(dir.path().join("session-keys")).unwrap_or_default();
+    let sealer = Sealer::from_text(&keys).unwrap_or_else(|e| panic!("session keys: {e}"));
+    let pairs: Vec<(&str, &str)> = b.jar.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let sealed = portcullis::session::cookie::read(&pairs, "_portcullis")
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    let session: serde_json::Value = sealer
+        .open(Purpose::Session, &sealed)
+        .ok()
+        .and_then(|p| serde_json::from_slice(&p).ok())
+        .unwrap_or_default();
+    let refresh = session["r"].as_str().unwrap_or_default().to_string();
+    assert!(!refresh.is_empty(), "the dev issuer hands out refresh tokens: {session}");
+    let login: serde_json::Value = sealer
+        .open(Purpose::Login, &login_cookies[0])
+        .ok()
+        .and_then(|p| serde_json::from_slice(&p).ok())
+        .unwrap_or_default();
+    let verifier = login["p"].as_str().unwrap_or_default().to_string();
+    assert_eq!(login["n"].as_str(), Some(nonce.as_str()), "{login}");
+    let client_secret =
+        std::fs::read_to_string(dir.path().join("client-secret")).unwrap_or_default();
+
+    // Sign out too, so that path is logged as well.
+    let r = b.go(Method::GET, format!("{base}/.portcullis/logout"), "").await;
+    assert!(r.status.is_redirection() || r.status == StatusCode::OK, "{}", r.text());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(demo);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let (stdout, stderr) = (out.stdout(), out.stderr());
+    assert!(stdout.contains("\"subject\":\"alice\""), "the audit has the sign-in:\n{stdout}");
+    assert!(stderr.contains("DEBUG"), "debug logging is on:\n{stderr}");
+    let mut secrets = vec![
+        ("authorization code", code),
+        ("state", state),
+        ("nonce", nonce),
+        ("PKCE code challenge", challenge),
+        ("PKCE code verifier", verifier),
+        ("refresh token", refresh),
+        ("client secret", client_secret.trim().to_string()),
+    ];
+    secrets.extend(login_cookies.into_iter().map(|v| ("login cookie", v)));
+    secrets.extend(session_values.into_iter().map(|v| ("session cookie", v)));
+    for (what, secret) in &secrets {
+        assert!(secret.len() >= 16, "{what} is too short to search for: {secret:?}");
+        let head = &secret[..16];
+        for (stream, text) in [("stdout", &stdout), ("stderr", &stderr)] {
+            assert!(!text.contains(head), "the {what} (or its first 16 characters) is on {stream}");
+        }
+    }
+    // The ID token (and any other token) never appears: no compact JWS at all.
+    for (stream, text) in [("stdout", &stdout), ("stderr", &stderr)] {
+        let found = jws_like(text);
+        assert!(found.is_empty(), "a JWS (ID token?) is on {stream}: {found:?}");
+    }
 }

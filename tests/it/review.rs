@@ -357,3 +357,93 @@ async fn diff_comments_on_a_pull_request() {
     let (code, _, _) = run(args(&["policy", "diff", "nope", "-c", &cfg])).await;
     assert_eq!(code, 2);
 }
+
+/// `examples/postgres`: the review commands on a `[[databases]]` route.
+#[tokio::test]
+async fn policy_commands_cover_the_postgres_example() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/postgres");
+    let cfg = dir.join("portcullis.toml").to_string_lossy().to_string();
+
+    let (code, out, err) = run(args(&["check", "-c", &cfg])).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = run(args(&["policy", "test", "-c", &cfg, "-v"])).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("orders-db.toml:29: ok: main runs migrations as migrator"), "{out}");
+    assert!(out.contains("ok: 4 passed, 0 failed (1 test file(s))"), "{out}");
+
+    let (code, out, err) = run(args(&["policy", "who", "-c", &cfg, "--route", "orders"])).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("database route `orders`: PostgreSQL sessions on 0.0.0.0:6432 to orders-db.internal.example.com:5432, as upstream role `readonly` unless the deciding rule grants `migrator`"), "{out}");
+    assert!(out.contains("requests to databases named `orders` as roles named `migrations`; as upstream role `migrator`"), "{out}");
+    assert!(
+        out.contains("`no-superuser` (") && out.contains("requests as roles named `postgres`"),
+        "{out}"
+    );
+
+    let ci = [
+        "--preset",
+        "bitbucket-pipelines",
+        "--claim",
+        "workspaceUuid={0c0ffee0-1234-4abc-8def-0123456789ab}",
+        "--claim",
+        &format!("repositoryUuid={BB_REPO}"),
+    ];
+    let explain = |branch: &str, role: &str, expect: &str| {
+        let mut a = args(&["policy", "explain", "-c", &cfg]);
+        a.extend(args(&ci));
+        a.extend(args(&["--claim", &format!("branchName={branch}")]));
+        a.extend(args(&["--database", "orders", "--role", role, "--route", "orders"]));
+        a.extend(args(&["--expect", expect]));
+        a
+    };
+    let (code, out, err) = run(explain("main", "migrations", "allow")).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("decision: allow (allowed) by rule `main-pipelines-migrate`"), "{out}");
+    assert!(out.contains("upstream role: `migrator`"), "{out}");
+    let (code, out, err) = run(explain("feature/x", "migrations", "allow")).await;
+    assert_eq!(code, 1, "a feature branch is denied: {out}{err}");
+    assert!(out.contains("decision: deny (policy-denied)"), "{out}");
+    let (code, _, err) = run(args(&[
+        "policy",
+        "explain",
+        "-c",
+        &cfg,
+        "--preset",
+        "human",
+        "--database",
+        "orders",
+        "--role",
+        "x",
+        "--route",
+        "nope",
+    ]))
+    .await;
+    assert_eq!(code, 2);
+    assert!(err.contains("no database route `nope`"), "{err}");
+
+    // `check` runs the tests of database policies too: a copy whose test is wrong fails.
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let root = tmp.path();
+    let certs = format!("{}/certs/", env!("CARGO_MANIFEST_DIR"));
+    for f in ["portcullis.toml", "secrets/readonly.password", "secrets/migrator.password"] {
+        let text = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        std::fs::create_dir_all(root.join(f).parent().unwrap_or(root)).ok();
+        write(&root.join(f), &text.replace("../../certs/", &certs));
+    }
+    let policy = std::fs::read_to_string(dir.join("policies/orders-db.toml")).unwrap_or_default();
+    std::fs::create_dir_all(root.join("policies")).ok();
+    write(
+        &root.join("policies/orders-db.toml"),
+        &policy.replacen("expect = \"deny\"", "expect = \"allow\"", 1),
+    );
+    let copy = root.join("portcullis.toml").to_string_lossy().to_string();
+    let (code, out, err) = run(args(&["check", "-c", &copy])).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("a feature branch cannot migrate")
+            || out.contains("a feature branch cannot migrate"),
+        "{out}{err}"
+    );
+    let (code, out, _) = run(args(&["policy", "test", "-c", &copy])).await;
+    assert_eq!(code, 1, "{out}");
+}

@@ -1,7 +1,8 @@
 //! Browser SSO end to end through the proxy, with a cookie-keeping client and the dev
 //! issuer's sign-in (`dev::login`): redirect, callback, session reuse, refresh (single
 //! flight), expiry, logout, tampering, CSRF state, code replay, nonce, open redirects,
-//! cookie + bearer, a second replica with the same key, and logs free of secrets.
+//! cookie + bearer, a second replica with the same key, logs free of secrets, and the
+//! chooser of a route with two sign-in issuers.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -527,4 +528,103 @@ async fn nothing_secret_reaches_the_audit_log() {
         assert!(!log.contains(secret.as_str()), "a secret is in the audit log");
         assert!(!log.contains(&secret[..12]), "part of a secret is in the audit log");
     }
+}
+
+/// Allows people of either human issuer.
+const PEOPLE_OF_BOTH: &str = r#"
+[[rule]]
+id = "people"
+effect = "allow"
+issuer = ["corp", "partner"]
+"#;
+
+/// The `href`s of the chooser page's links, unescaped.
+fn chooser_links(html: &str) -> Vec<(String, String)> {
+    html.split("<a class=\"button\" href=\"")
+        .skip(1)
+        .filter_map(|rest| {
+            let (href, rest) = rest.split_once("\">")?;
+            let (label, _) = rest.split_once("</a>")?;
+            Some((label.to_string(), href.replace("&amp;", "&")))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn two_issuers_with_login_get_the_chooser_and_either_signs_in() {
+    let w = World::with(Setup {
+        sso: Some(String::new()),
+        second_login: true,
+        policies: vec![("api".into(), PEOPLE_OF_BOTH.into())],
+        ..Setup::default()
+    })
+    .await;
+    let partner = w.login2.as_ref().unwrap_or_else(|| panic!("no second dev login"));
+    let mut b = Browser::new();
+
+    // A protected page sends the browser to the chooser, not to one provider.
+    let r = b.get(&w, &w.url("/app/page?x=1")).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    let chooser = location(&r);
+    assert!(chooser.starts_with("/.portcullis/sign_in?rd="), "{chooser}");
+    assert!(b.jar.is_empty(), "no login is started before a choice: {:?}", b.jar);
+
+    // The chooser lists both issuers, each link carrying the return target.
+    let r = b.get(&w, &w.url(&chooser)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let ct = r.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(ct.starts_with("text/html"), "{ct}");
+    let links = chooser_links(&r.text());
+    let labels: Vec<&str> = links.iter().map(|(l, _)| l.as_str()).collect();
+    assert_eq!(labels, ["Sign in with corp", "Sign in with partner"], "{}", r.text());
+    assert!(b.jar.is_empty(), "showing the chooser starts no login: {:?}", b.jar);
+    let rd = chooser.trim_start_matches("/.portcullis/sign_in?");
+
+    // Each link starts the sign-in with its own provider: state, nonce and PKCE.
+    let mut authorize = BTreeMap::new();
+    for ((_, href), issuer) in links.iter().zip(["corp", "partner"]) {
+        assert_eq!(href, &format!("/.portcullis/sign_in?issuer={issuer}&{rd}"));
+        let r = b.get(&w, &w.url(href)).await;
+        assert_eq!(r.status, StatusCode::FOUND, "{issuer}: {}", r.text());
+        let to = location(&r);
+        assert!(to.starts_with(&format!("{}/authorize?", w.urls[issuer])), "{issuer}: {to}");
+        for p in [
+            "response_type=code",
+            "code_challenge_method=S256",
+            "code_challenge=",
+            "state=",
+            "nonce=",
+            "scope=openid",
+        ] {
+            assert!(to.contains(p), "{issuer}: {p} in {to}");
+        }
+        assert!(
+            set_cookies(&r).iter().any(|c| c.starts_with("_portcullis_login_")),
+            "{issuer}: a login cookie binds the state"
+        );
+        authorize.insert(issuer, to);
+    }
+    assert_ne!(authorize["corp"], authorize["partner"]);
+
+    // Choosing the second issuer completes a sign-in whose identity names it.
+    let to = &authorize["partner"];
+    let form = b.get(&w, to).await;
+    assert_eq!(form.status, StatusCode::OK, "{}", form.text());
+    let r = b.request(&w, Method::POST, to, &[], "username=carol&groups=partners").await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    let callback = location(&r);
+    assert!(callback.contains("/.portcullis/callback?"), "{callback}");
+    let r = b.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::FOUND, "callback: {}", r.text());
+    assert_eq!(location(&r), w.url("/app/page?x=1"));
+    assert!(b.session_cookie().is_some(), "{:?}", b.jar);
+    let r = b.get(&w, &w.url("/app/page?x=1")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.upstream_header("x-portcullis-issuer").as_deref(), Some("partner"));
+    assert_eq!(r.upstream_header("x-portcullis-subject").as_deref(), Some("carol"));
+    let e = w.last_event().await;
+    assert_eq!(e["identity"]["issuer"], "partner", "{e}");
+    assert_eq!(e["identity"]["subject"], "carol", "{e}");
+    assert_eq!(partner.code_exchanges(), 1);
+    assert_eq!(login(&w).code_exchanges(), 0, "the first issuer was never asked for a code");
 }

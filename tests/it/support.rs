@@ -122,6 +122,8 @@ pub struct World {
     pub client: TestClient,
     /// The dev sign-in on `/human`, when the world has browser SSO.
     pub login: Option<DevLogin>,
+    /// The dev sign-in on `/partner` ([`Setup::second_login`]).
+    pub login2: Option<DevLogin>,
 }
 
 /// The client secret the SSO worlds' dev sign-in expects.
@@ -144,6 +146,9 @@ pub struct Setup {
     pub default_route: bool,
     /// Browser SSO: `corp` gets `login`, and these lines go into `[session]`.
     pub sso: Option<String>,
+    /// With `sso`: a second human issuer `partner` (dev issuer path `/partner`, its
+    /// own dev sign-in in [`World::login2`]) that also has `login`.
+    pub second_login: bool,
 }
 
 impl Default for Setup {
@@ -156,6 +161,7 @@ impl Default for Setup {
             listen_extra: String::new(),
             default_route: true,
             sso: None,
+            second_login: false,
         }
     }
 }
@@ -203,6 +209,12 @@ impl World {
             }
             None => None,
         };
+        let login2 = if setup.sso.is_some() && setup.second_login {
+            urls.insert("partner".into(), issuer.add_issuer("/partner", &[&signer]));
+            DevLogin::install(&issuer, "/partner", &signer, AUD, SSO_SECRET)
+        } else {
+            None
+        };
         let echo = match EchoServer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await {
             Ok(e) => e,
             Err(e) => panic!("echo: {e}"),
@@ -241,6 +253,7 @@ impl World {
             admin,
             client,
             login,
+            login2,
         }
     }
 
@@ -283,6 +296,16 @@ impl World {
                 q(AUD),
                 q(&pki.ca_path().to_string_lossy()),
                 setup.issuer_extra
+            ));
+        }
+        if let (Some(url), Some(_)) = (urls.get("partner"), &setup.sso) {
+            c.push_str(&format!(
+                "[issuers.partner]\nclient_id = {aud}\nlogin = {{ client_id = {aud}, client_secret_file = {}, scopes = [\"openid\", \"email\", \"groups\"] }}\nissuer = {}\naudiences = [{aud}]\nca = {}\nrefresh_cooldown = \"1s\"\n{}\n\n",
+                q(&dir.path().join("client-secret").to_string_lossy()),
+                q(url),
+                q(&pki.ca_path().to_string_lossy()),
+                setup.issuer_extra,
+                aud = q(AUD),
             ));
         }
         if setup.default_route {
