@@ -138,7 +138,7 @@ impl Pending {
         let o = self.outcome.as_ref();
         let reason = o.map_or(crate::reason::Reason::InternalError, |o| o.reason);
         let decision = o.map_or("error", |o| o.decision);
-        let route: Arc<str> = o.and_then(|o| o.route.clone()).unwrap_or_else(|| Arc::from("-"));
+        let route: Arc<str> = o.and_then(|o| o.route.clone()).unwrap_or_else(no_route);
         let m = metrics::global();
         m.requests.inc(&RequestKey {
             route: route.clone(),
@@ -146,7 +146,7 @@ impl Pending {
             reason: reason.code(),
             status: self.status,
         });
-        m.latency_for(&route).observe(duration);
+        m.observe_latency(&route, duration);
         let identity = o.and_then(|o| o.identity.as_deref());
         let shadow = o.and_then(|o| o.shadow.as_ref()).map(|s| ShadowSummary {
             decision: if s.allowed { "allow" } else { "deny" },
@@ -180,6 +180,12 @@ impl Pending {
         };
         self.sink.emit(&ev);
     }
+}
+
+/// The metrics label of requests that matched no route, allocated once.
+fn no_route() -> Arc<str> {
+    static NO_ROUTE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    NO_ROUTE.get_or_init(|| Arc::from("-")).clone()
 }
 
 /// The response body, counted; the event is emitted when it ends or is dropped.

@@ -5,7 +5,8 @@
 //!
 //! Signing costs tens of microseconds, so an assertion is reused for the same verified
 //! token and route until half its lifetime has passed: a pipeline's repeated calls pay
-//! for one signature, not one per request.
+//! for one signature, not one per request. The plain identity headers are cached in the
+//! same entry ([`Forward`]), so a repeated call percent-encodes nothing either.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,7 +18,7 @@ use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNIN
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use parking_lot::Mutex;
 use serde::Serialize;
 
@@ -46,8 +47,18 @@ impl std::fmt::Debug for AssertionSigner {
 struct Cached {
     // Holding the Arc keeps the pointer in the key from being reused by another identity.
     _identity: Arc<Identity>,
-    value: HeaderValue,
+    forward: Arc<Forward>,
     refresh_after: u64,
+}
+
+/// Everything the proxy adds upstream for one verified identity on one route, ready to
+/// clone into a request (`HeaderValue` clones share their bytes).
+#[derive(Debug)]
+pub struct Forward {
+    /// The plain `X-Portcullis-*` identity headers ([`super::headers::identity_headers`]).
+    pub identity_headers: Box<[(HeaderName, HeaderValue)]>,
+    /// The signed `X-Portcullis-Assertion`.
+    pub assertion: HeaderValue,
 }
 
 #[derive(Serialize)]
@@ -139,16 +150,29 @@ impl AssertionSigner {
     /// The assertion for `identity` on `route` (audience = route name), reused while
     /// more than half of its lifetime remains.
     pub fn assertion(&self, identity: &Arc<Identity>, route: &Arc<str>, now: u64) -> HeaderValue {
+        self.forward(identity, route, now).assertion.clone()
+    }
+
+    /// The assertion and the plain identity headers for `identity` on `route`, built
+    /// together and reused while more than half of the assertion's lifetime remains.
+    pub fn forward(&self, identity: &Arc<Identity>, route: &Arc<str>, now: u64) -> Arc<Forward> {
         let key = (Arc::as_ptr(identity) as usize, Arc::as_ptr(route) as *const u8 as usize);
-        if let Some(c) = self.cache.lock().get(&key) {
-            if now < c.refresh_after {
-                return c.value.clone();
-            }
-        }
+        let previous = match self.cache.lock().get(&key) {
+            Some(c) if now < c.refresh_after => return c.forward.clone(),
+            Some(c) => Some(c.forward.clone()),
+            None => None,
+        };
         let ttl = self.ttl.as_secs().max(1);
         // Never outlive the credential it vouches for.
         let exp = (now + ttl).min(identity.expires_at.max(now + 1));
-        let value = self.sign(identity, route, now, exp);
+        let forward = Arc::new(Forward {
+            // Same identity, same headers: only the assertion needs re-signing.
+            identity_headers: match previous {
+                Some(p) => p.identity_headers.clone(),
+                None => super::headers::identity_headers(identity).into_boxed_slice(),
+            },
+            assertion: self.sign(identity, route, now, exp),
+        });
         let mut cache = self.cache.lock();
         if cache.len() >= CACHE_LIMIT {
             cache.retain(|_, c| now < c.refresh_after);
@@ -160,11 +184,11 @@ impl AssertionSigner {
             key,
             Cached {
                 _identity: identity.clone(),
-                value: value.clone(),
+                forward: forward.clone(),
                 refresh_after: now + (exp - now) / 2,
             },
         );
-        value
+        forward
     }
 
     fn sign(&self, id: &Identity, route: &str, now: u64, exp: u64) -> HeaderValue {

@@ -4,6 +4,7 @@
 //! header, strip credentials, then add the proxy's own headers. Nothing the client sent
 //! can survive under a name the upstream trusts.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -141,16 +142,21 @@ const HEADER_ESCAPE: &AsciiSet = &CONTROLS.add(b'%').add(b',').add(b'"');
 /// A header value from untrusted-but-verified text: percent-encoded so it is always
 /// valid and cannot smuggle a separator.
 pub fn value(s: &str) -> HeaderValue {
-    let enc: String = utf8_percent_encode(s, HEADER_ESCAPE).collect();
+    // Most values (request ids, subjects, group names) need no escaping; the `Cow`
+    // then borrows `s` and no intermediate `String` is built.
+    let enc: Cow<'_, str> = utf8_percent_encode(s, HEADER_ESCAPE).into();
     HeaderValue::from_str(&enc).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// Adds the plain identity headers (the signed assertion is added separately).
-pub fn add_identity(h: &mut HeaderMap, id: &Identity, request_id: &str) {
+/// The plain identity headers for one verified identity, in the order they are added.
+/// Built once per identity (and route) and cached next to the signed assertion (see
+/// [`crate::http::assertion`]), so a request with a known token clones ready-made
+/// `HeaderValue`s instead of percent-encoding every claim again.
+pub fn identity_headers(id: &Identity) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::with_capacity(8);
     let mut put = |name: &'static str, v: HeaderValue| {
-        h.insert(HeaderName::from_static(name), v);
+        out.push((HeaderName::from_static(name), v));
     };
-    put("x-portcullis-request-id", value(request_id));
     put("x-portcullis-issuer", value(id.issuer.as_str()));
     put("x-portcullis-subject", value(&id.subject));
     put(
@@ -188,6 +194,16 @@ pub fn add_identity(h: &mut HeaderMap, id: &Identity, request_id: &str) {
                 put(name, value(v));
             }
         }
+    }
+    out
+}
+
+/// Adds the request id and the plain identity headers built by [`identity_headers`]
+/// (the signed assertion is added separately).
+pub fn add_identity(h: &mut HeaderMap, identity: &[(HeaderName, HeaderValue)], request_id: &str) {
+    h.insert(REQUEST_ID.clone(), value(request_id));
+    for (name, v) in identity {
+        h.insert(name.clone(), v.clone());
     }
 }
 
@@ -277,5 +293,9 @@ mod tests {
         assert_eq!(value("a,b").as_bytes(), b"a%2Cb");
         assert_eq!(value("x\r\ny: z").as_bytes(), b"x%0D%0Ay: z");
         assert_eq!(value("é").as_bytes(), b"%C3%A9");
+        assert_eq!(value("100%").as_bytes(), b"100%25");
+        assert_eq!(value("say \"hi\"").as_bytes(), b"say %22hi%22");
+        assert_eq!(value("plain-id_01 ~x").as_bytes(), b"plain-id_01 ~x");
+        assert_eq!(value("del\x7f").as_bytes(), b"del%7F");
     }
 }

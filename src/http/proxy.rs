@@ -162,14 +162,16 @@ fn authority_with_port(req: &Request<Incoming>) -> Option<String> {
 
 /// The request's authority, lower-cased and without port: `:authority` (HTTP/2) or Host.
 fn authority(req: &Request<Incoming>) -> Option<String> {
+    let parsed: http::uri::Authority;
     let raw = match req.uri().authority() {
-        Some(a) => a.host().to_string(),
+        Some(a) => a.host(),
         None => {
             let h = req.headers().get(header::HOST)?.to_str().ok()?;
-            let a: http::uri::Authority = h.parse().ok()?;
-            a.host().to_string()
+            parsed = h.parse().ok()?;
+            parsed.host()
         }
     };
+    // One allocation: trim the borrowed host, then lower-case into the owned copy.
     let host = raw.trim_end_matches('.').to_ascii_lowercase();
     (!host.is_empty()).then_some(host)
 }
@@ -218,14 +220,20 @@ pub async fn handle(
         Err(e) => return rejection(out, Reason::AmbiguousPath, e.detail(), &rc),
     };
     out.path = Some(norm.clone());
-    let full_authority = authority_with_port(&req).unwrap_or_else(|| host.clone());
-    let here = match req.uri().query() {
-        Some(q) => format!("https://{full_authority}{norm}?{q}"),
-        None => format!("https://{full_authority}{norm}"),
-    };
-    if sessions.is_some() {
+    // The authority as written and this request's URL serve only browser sign-in
+    // (endpoints, redirects, the sign-in link): without sessions they stay empty and
+    // cost no formatting or allocation.
+    let (full_authority, here) = if sessions.is_some() {
+        let full_authority = authority_with_port(&req).unwrap_or_else(|| host.clone());
+        let here = match req.uri().query() {
+            Some(q) => format!("https://{full_authority}{norm}?{q}"),
+            None => format!("https://{full_authority}{norm}"),
+        };
         rc.sign_in = Some(crate::session::sign_in_link(&here));
-    }
+        (full_authority, here)
+    } else {
+        (String::new(), String::new())
+    };
 
     // 3a. Sign-in endpoints, on any host a route serves.
     if let Some(s) = sessions.as_deref().filter(|s| s.is_endpoint(&norm)) {
@@ -421,11 +429,10 @@ pub async fn handle(
             h.insert(header::HOST, v);
         }
     }
-    headers::add_identity(h, &identity, &rid);
-    h.insert(
-        headers::ASSERTION.clone(),
-        shared.signer.assertion(&identity, &route.name, crate::util::unix_now()),
-    );
+    // Identity headers and assertion come prebuilt, cached per identity and route.
+    let forward = shared.signer.forward(&identity, &route.name, crate::util::unix_now());
+    headers::add_identity(h, &forward.identity_headers, &rid);
+    h.insert(headers::ASSERTION.clone(), forward.assertion.clone());
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     let upstream_req = Request::from_parts(
