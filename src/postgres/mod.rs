@@ -50,6 +50,7 @@ pub mod events;
 pub mod proto;
 pub mod scram;
 mod session;
+mod stream;
 pub mod upstream;
 
 #[cfg(test)]

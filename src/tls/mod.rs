@@ -47,7 +47,7 @@ pub enum TlsError {
     Pem { path: PathBuf, source: rustls_pki_types::pem::Error },
     #[error("{}: no certificate (expected a PEM `BEGIN CERTIFICATE` section)", path.display())]
     NoCertificate { path: PathBuf },
-    #[error("{}: no private key (expected a PEM `BEGIN PRIVATE KEY`, `BEGIN EC PRIVATE KEY` or `BEGIN RSA PRIVATE KEY` section)", path.display())]
+    #[error("{}: no private key (expected a PEM section holding a PKCS#8, SEC1 EC or PKCS#1 RSA key)", path.display())]
     NoPrivateKey { path: PathBuf },
     #[error("{}: unsupported private key: {source}", path.display())]
     UnsupportedKey { path: PathBuf, source: rustls::Error },
