@@ -92,23 +92,7 @@ impl<'a> Compiler<'a> {
             }
             Some(id) => Some(id),
         };
-        let effect = match &r.effect {
-            None => {
-                self.err(header.clone(), "rule is missing `effect` (\"allow\" or \"deny\")");
-                None
-            }
-            Some(e) => match e.get_ref().as_str() {
-                "allow" => Some(Effect::Allow),
-                "deny" => Some(Effect::Deny),
-                other => {
-                    self.err(
-                        e.span(),
-                        format!("unknown effect `{other}`: expected \"allow\" or \"deny\""),
-                    );
-                    None
-                }
-            },
-        };
+        let effect = self.effect(r.effect.as_ref(), &header, "rule", "effect");
 
         let mut conditions = Vec::new();
         let mut groups = Vec::new();
@@ -405,6 +389,31 @@ impl<'a> Compiler<'a> {
         out
     }
 
+    /// `effect` of a rule or `expect` of a test: "allow" or "deny".
+    fn effect(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        header: &std::ops::Range<usize>,
+        what: &str,
+        key: &str,
+    ) -> Option<Effect> {
+        let Some(v) = value else {
+            self.err(header.clone(), format!("{what} is missing `{key}` (\"allow\" or \"deny\")"));
+            return None;
+        };
+        match v.get_ref().as_str() {
+            "allow" => Some(Effect::Allow),
+            "deny" => Some(Effect::Deny),
+            other => {
+                self.err(
+                    v.span(),
+                    format!("unknown {key} `{other}`: expected \"allow\" or \"deny\""),
+                );
+                None
+            }
+        }
+    }
+
     fn test(&mut self, spanned: &Spanned<raw::Test>, rule_ids: &[&str]) -> Option<TestCase> {
         let before = self.diags.len();
         let t = spanned.get_ref();
@@ -420,23 +429,7 @@ impl<'a> Compiler<'a> {
                 None
             }
         };
-        let expect = match &t.expect {
-            None => {
-                self.err(header.clone(), "test is missing `expect` (\"allow\" or \"deny\")");
-                None
-            }
-            Some(e) => match e.get_ref().as_str() {
-                "allow" => Some(Effect::Allow),
-                "deny" => Some(Effect::Deny),
-                other => {
-                    self.err(
-                        e.span(),
-                        format!("unknown expect `{other}`: expected \"allow\" or \"deny\""),
-                    );
-                    None
-                }
-            },
-        };
+        let expect = self.effect(t.expect.as_ref(), &header, "test", "expect");
         let request = self.test_request(t, &header);
         let identity = match &t.identity {
             None => {

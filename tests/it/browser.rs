@@ -9,7 +9,7 @@
 //! (set by the test command), where it fails.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use portcullis::config::Config;
@@ -17,22 +17,10 @@ use portcullis::server::{Options, Server};
 
 use crate::support::*;
 
-fn ready(root: &Path) -> bool {
-    root.join("tests/node/node_modules/oidc-provider").is_dir()
-        && root.join("tests/node/node_modules/playwright-core").is_dir()
-        && Path::new("/usr/bin/chromium").exists()
-        && Command::new("node").arg("--version").output().is_ok()
-}
-
 #[tokio::test]
 async fn chromium_signs_in_at_oidc_provider_and_signs_out() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    if !ready(root) {
-        assert!(
-            std::env::var("PORTCULLIS_REQUIRE_INTEROP").is_err(),
-            "chromium or tests/node missing but PORTCULLIS_REQUIRE_INTEROP is set"
-        );
-        eprintln!("SKIPPED: browser SSO (install chromium; npm ci --prefix tests/node)");
+    if !interop_available("browser SSO", true) {
         return;
     }
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

@@ -7,8 +7,6 @@
 //! where it fails: CI can never skip it silently.
 
 use std::io::Write;
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,20 +16,9 @@ use portcullis::server::{Options, Server};
 
 use crate::support::*;
 
-fn node_ready(root: &Path) -> bool {
-    root.join("tests/node/node_modules/oidc-provider").is_dir()
-        && Command::new("node").arg("--version").output().is_ok()
-}
-
 #[tokio::test]
 async fn oidc_provider_access_tokens_and_key_rotation() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    if !node_ready(root) {
-        assert!(
-            std::env::var("PORTCULLIS_REQUIRE_INTEROP").is_err(),
-            "tests/node is not installed but PORTCULLIS_REQUIRE_INTEROP is set"
-        );
-        eprintln!("SKIPPED: oidc-provider interop (run `npm ci --prefix tests/node`)");
+    if !interop_available("oidc-provider interop", false) {
         return;
     }
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

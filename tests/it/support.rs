@@ -520,3 +520,25 @@ pub fn start_provider(args: &[String]) -> Provider {
     }
     Provider { child, stdin, issuer, lines: rx }
 }
+
+/// Whether the Node-based interop tools are installed (and Chromium, for browser tests).
+/// When they are not, the test is skipped with a message — unless
+/// `PORTCULLIS_REQUIRE_INTEROP` is set (the test command sets it), where that is a failure:
+/// CI can never skip an interop test silently.
+pub fn interop_available(what: &str, browser: bool) -> bool {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let node = root.join("tests/node/node_modules/oidc-provider").is_dir()
+        && std::process::Command::new("node").arg("--version").output().is_ok();
+    let chromium = !browser
+        || (root.join("tests/node/node_modules/playwright-core").is_dir()
+            && Path::new("/usr/bin/chromium").exists());
+    if node && chromium {
+        return true;
+    }
+    assert!(
+        std::env::var("PORTCULLIS_REQUIRE_INTEROP").is_err(),
+        "{what}: node, tests/node or chromium missing but PORTCULLIS_REQUIRE_INTEROP is set"
+    );
+    eprintln!("SKIPPED: {what} (install chromium; npm ci --prefix tests/node)");
+    false
+}
