@@ -1,6 +1,11 @@
 //! PostgreSQL through portcullis, against a real PostgreSQL server started here (initdb
-//! in a temporary directory, SCRAM-SHA-256 only for TCP, a free port) and real clients:
-//! `psql`, `pgbench`, and `tokio-postgres` over a rustls connector.
+//! in a temporary directory, a free port) and real clients: `psql`, `pgbench`, and
+//! `tokio-postgres` over a rustls connector.
+//!
+//! TCP is SCRAM-SHA-256 for every role but three that `pg_auth` uses: `md5_user` (md5,
+//! its password stored as md5), `clear_user` (`password`: cleartext) and `tls_user`
+//! (`hostssl` only). The server has `ssl = on` with a certificate for `localhost` only,
+//! signed by a test CA ([`PgServer::tls_ca`]).
 //!
 //! The server is shared by the tests of this binary (initdb costs seconds on 2 cores).
 //! It runs under a small shell guardian whose stdin is a pipe from this process: when the
@@ -27,10 +32,17 @@ use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
 use crate::support::*;
 
-const BB_REPO: &str = "{7f3c1e2a-5b4d-4c8e-9a1f-2d3e4f5a6b7c}";
+pub const BB_REPO: &str = "{7f3c1e2a-5b4d-4c8e-9a1f-2d3e4f5a6b7c}";
 const APP_PW: &str = "app-Pw-3f9a1c";
 const MIGRATOR_PW: &str = "migrator-Pw-77b2e0";
 const READONLY_PW: &str = "readonly-Pw-c41d8e";
+/// Roles (and their passwords) with their own pg_hba.conf lines, for `pg_auth`.
+pub const MD5_ROLE: &str = "md5_user";
+pub const MD5_PW: &str = "md5-Pw-e81f0b";
+pub const CLEAR_ROLE: &str = "clear_user";
+pub const CLEAR_PW: &str = "clear-Pw-5ac37d";
+pub const TLS_ROLE: &str = "tls_user";
+pub const TLS_PW: &str = "tls-Pw-90d4b6";
 
 /// The database policy of these tests: pipelines on main migrate, engineers read.
 const PG_POLICY: &str = r#"
@@ -58,6 +70,8 @@ pub struct PgServer {
     pub bin: PathBuf,
     pub dir: PathBuf,
     pub port: u16,
+    /// The CA that signed the server's certificate (which names `localhost` only).
+    pub tls_ca: PathBuf,
     /// The guardian's stdin: closing it stops and removes the server.
     guardian: Mutex<Option<std::process::ChildStdin>>,
     child: Mutex<Option<std::process::Child>>,
@@ -144,11 +158,13 @@ impl PgServer {
             return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
         }
         let port = free_port();
+        let tls_ca = write_server_tls(&dir)?;
         let conf = format!(
-            "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+            "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{d}'\n\
              password_encryption = 'scram-sha-256'\nfsync = off\nsynchronous_commit = off\n\
-             full_page_writes = off\nmax_connections = 200\nshared_buffers = '64MB'\n",
-            dir.display()
+             full_page_writes = off\nmax_connections = 200\nshared_buffers = '64MB'\n\
+             ssl = on\nssl_cert_file = '{d}/server.pem'\nssl_key_file = '{d}/server-key.pem'\n",
+            d = dir.display()
         );
         let append = |file: &str, text: &str, truncate: bool| -> Result<(), String> {
             use std::io::Write as _;
@@ -161,10 +177,18 @@ impl PgServer {
             f.write_all(text.as_bytes()).map_err(|e| format!("{file}: {e}"))
         };
         append("postgresql.conf", &conf, false)?;
-        // TCP: SCRAM-SHA-256 only. The Unix socket (this directory only) is for set-up.
+        // TCP: SCRAM-SHA-256, but for the three roles of `pg_auth` (first match wins).
+        // The Unix socket (this directory only) is for set-up.
         append(
             "pg_hba.conf",
-            "local all postgres trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+            &format!(
+                "local all postgres trust\n\
+                 host all {MD5_ROLE} 127.0.0.1/32 md5\n\
+                 host all {CLEAR_ROLE} 127.0.0.1/32 password\n\
+                 hostssl all {TLS_ROLE} 127.0.0.1/32 scram-sha-256\n\
+                 hostnossl all {TLS_ROLE} all reject\n\
+                 host all all 127.0.0.1/32 scram-sha-256\n"
+            ),
             true,
         )?;
         let script = format!(
@@ -189,6 +213,7 @@ impl PgServer {
             bin,
             dir,
             port,
+            tls_ca,
             guardian: Mutex::new(guardian),
             child: Mutex::new(Some(child)),
         };
@@ -207,7 +232,12 @@ impl PgServer {
         server.admin_sql(&format!(
             "create role app login password '{APP_PW}';
              create role migrator login password '{MIGRATOR_PW}';
-             create role readonly login password '{READONLY_PW}';"
+             create role readonly login password '{READONLY_PW}';
+             set password_encryption = 'md5';
+             create role {MD5_ROLE} login password '{MD5_PW}';
+             reset password_encryption;
+             create role {CLEAR_ROLE} login password '{CLEAR_PW}';
+             create role {TLS_ROLE} login password '{TLS_PW}';"
         ))?;
         // CREATE DATABASE cannot share psql's implicit transaction.
         server.admin_sql("create database appdb owner migrator")?;
@@ -242,6 +272,44 @@ impl PgServer {
     }
 }
 
+/// The server's TLS material in `dir`: a test CA (`ca.pem`, returned) and a certificate
+/// for `localhost` only (`server.pem`, `server-key.pem`), readable by the server alone.
+fn write_server_tls(dir: &Path) -> Result<PathBuf, String> {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    let e = |e: rcgen::Error| format!("test certificates: {e}");
+    let ca_key = KeyPair::generate().map_err(e)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "portcullis pg test CA");
+    let ca_cert = ca.self_signed(&ca_key).map_err(e)?;
+    let key = KeyPair::generate().map_err(e)?;
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).map_err(e)?;
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = leaf.signed_by(&key, &rcgen::Issuer::from_params(&ca, &ca_key)).map_err(e)?;
+    let put = |name: &str, text: String, mode: u32| -> Result<PathBuf, String> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let p = dir.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&p)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(|e| format!("{name}: {e}"))?;
+        if is_root() {
+            let st = Command::new("chown").arg("postgres:postgres").arg(&p).status();
+            if !st.is_ok_and(|s| s.success()) {
+                return Err(format!("chown postgres {name} failed"));
+            }
+        }
+        Ok(p)
+    };
+    put("server.pem", cert.pem(), 0o644)?;
+    put("server-key.pem", key.serialize_pem(), 0o600)?;
+    put("ca.pem", ca_cert.pem(), 0o644)
+}
+
 /// The shared server, or `None` (test skipped) when PostgreSQL is not installed.
 pub fn pg() -> Option<&'static PgServer> {
     static SERVER: OnceLock<Result<PgServer, String>> = OnceLock::new();
@@ -264,7 +332,10 @@ pub fn pg() -> Option<&'static PgServer> {
 pub struct PgWorld {
     pub w: World,
     pub pg: &'static PgServer,
+    /// The first database route's listener.
     pub addr: SocketAddr,
+    /// Every database route's listener, by route name.
+    pub routes: portcullis::postgres::BoundDatabases,
     _secrets: tempfile::TempDir,
 }
 
@@ -293,23 +364,36 @@ impl PgWorld {
         for (n, p) in [("app", APP_PW), ("migrator", MIGRATOR_PW), ("readonly", READONLY_PW)] {
             write(&secrets.path().join(n), &format!("{p}\n"));
         }
+        let routes = database_toml(pg, secrets.path(), extra);
+        Some(Self::build(pg, secrets, routes, PG_POLICY).await)
+    }
+
+    /// A world whose `[[databases]]` routes are `routes` (password files in `secrets`,
+    /// kept for the world's lifetime) under the policy `pg`.
+    pub async fn build(
+        pg: &'static PgServer,
+        secrets: tempfile::TempDir,
+        routes: String,
+        policy: &str,
+    ) -> PgWorld {
         let w = World::with(Setup {
-            routes: database_toml(pg, secrets.path(), extra),
-            policies: vec![
-                ("api".into(), ALLOW_ALL_PRESETS.into()),
-                ("pg".into(), PG_POLICY.into()),
-            ],
+            routes,
+            policies: vec![("api".into(), ALLOW_ALL_PRESETS.into()), ("pg".into(), policy.into())],
             ..Setup::default()
         })
         .await;
-        let addr = w
-            .server()
-            .bound
-            .databases
-            .first()
-            .map(|d| d.1)
-            .unwrap_or_else(|| panic!("no database listener"));
-        Some(PgWorld { w, pg, addr, _secrets: secrets })
+        let routes = w.server().bound.databases.clone();
+        let addr = routes.first().map(|d| d.1).unwrap_or_else(|| panic!("no database listener"));
+        PgWorld { w, pg, addr, routes, _secrets: secrets }
+    }
+
+    /// The listener of the database route `name`.
+    pub fn addr_of(&self, name: &str) -> SocketAddr {
+        self.routes
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no database route `{name}`"))
     }
 
     /// `psql -c` through the proxy; (success, stdout, stderr).
@@ -345,10 +429,20 @@ impl PgWorld {
     }
 
     pub fn pg_config(&self, token: &str, user: &str) -> tokio_postgres::Config {
+        self.pg_config_at(self.addr, token, user)
+    }
+
+    /// [`Self::pg_config`] for the database listener at `addr`.
+    pub fn pg_config_at(
+        &self,
+        addr: SocketAddr,
+        token: &str,
+        user: &str,
+    ) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
         c.host("localhost")
             .hostaddr(std::net::IpAddr::from([127, 0, 0, 1]))
-            .port(self.addr.port())
+            .port(addr.port())
             .user(user)
             .dbname("appdb")
             .password(token)
@@ -500,7 +594,7 @@ async fn tls_to(w: &PgWorld) -> tokio_rustls::client::TlsStream<TcpStream> {
 }
 
 /// Asserts that no audit line holds any secret of the test.
-fn assert_no_secrets(w: &PgWorld, extra: &[&str]) {
+pub fn assert_no_secrets(w: &PgWorld, extra: &[&str]) {
     let all = w.w.sink.lines().join("");
     for s in [APP_PW, MIGRATOR_PW, READONLY_PW].iter().chain(extra) {
         assert!(!all.contains(s), "audit output contains a secret ({} chars)", s.len());
