@@ -16,6 +16,10 @@
 //! - `pg`: PostgreSQL routes against a real PostgreSQL server (initdb in a temp dir) with
 //!   `psql`, `pgbench` and `tokio-postgres`: roles per rule, denials, plaintext and bad
 //!   input, extended protocol, COPY, cancel, notifications, expiry, revocation, drain.
+//! - `pg_auth`: the upstream leg against that server: md5 and cleartext password
+//!   authentication (right and wrong passwords, cleartext refused off loopback without
+//!   TLS), upstream TLS `require`/`verify-full` (wrong CA, wrong name) and `disable`
+//!   against a `hostssl`-only role.
 //! - `interop`: a real OpenID provider (npm `oidc-provider`) issuing JWT access tokens,
 //!   key rotation included.
 
@@ -26,6 +30,7 @@ mod forwarding;
 mod interop;
 mod lifecycle;
 mod pg;
+mod pg_auth;
 mod proxy;
 mod review;
 mod sso;

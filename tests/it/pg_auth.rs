@@ -1,0 +1,438 @@
+//! The upstream leg against the real PostgreSQL server of `pg`: md5 and cleartext
+//! password authentication, and upstream TLS (`require`, `verify-full`, `disable`).
+//!
+//! The server's pg_hba.conf gives `md5_user` md5, `clear_user` cleartext (`password`) and
+//! `tls_user` `hostssl` only; its certificate names `localhost` only (see `pg`). Plain
+//! upstream connections that matter go through a [`Tap`], a forwarder that records what
+//! each side sent, so the tests see which authentication request the server made and
+//! whether a password crossed the wire in the clear.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::pg::*;
+use crate::support::*;
+
+/// Pipelines on main may use `appdb` as `app`; no `upstream_role`, so each route's
+/// `upstream_user` is who portcullis logs in as.
+fn policy() -> String {
+    format!(
+        "[[rule]]\nid = \"pipelines-main\"\neffect = \"allow\"\nissuer = \"bb\"\n\
+         ci = {{ repository = \"{BB_REPO}\", branch = \"main\" }}\n\
+         databases = [\"appdb\"]\nroles = [\"app\"]\n"
+    )
+}
+
+const WRONG_PW: &str = "wrong-Pw-0c6e29";
+
+/// AuthenticationMD5Password and AuthenticationCleartextPassword, as the server sends them
+/// (the md5 salt follows).
+const ASKS_MD5: &[u8] = &[b'R', 0, 0, 0, 12, 0, 0, 0, 5];
+const ASKS_CLEARTEXT: &[u8] = &[b'R', 0, 0, 0, 8, 0, 0, 0, 3];
+
+/// A `[[databases]]` route to `upstream` as `user`, whose password file (in `secrets`)
+/// holds `password`.
+fn route(secrets: &Path, name: &str, upstream: &str, user: &str, password: &str) -> String {
+    route_with(secrets, name, upstream, user, password, "")
+}
+
+fn route_with(
+    secrets: &Path,
+    name: &str,
+    upstream: &str,
+    user: &str,
+    password: &str,
+    extra: &str,
+) -> String {
+    let file = secrets.join(name);
+    write(&file, &format!("{password}\n"));
+    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+    format!(
+        "[[databases]]\nname = {}\nlisten = \"127.0.0.1:0\"\nupstream = {}\nupstream_user = {}\n\
+         password_file = {}\npolicy = \"pg\"\nstartup_timeout = \"5s\"\n{extra}\n\n",
+        q(name),
+        q(&format!("postgres://{upstream}")),
+        q(user),
+        q(&file.to_string_lossy()),
+    )
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The types of the messages a client sent after its StartupMessage.
+fn message_types(sent: &[u8]) -> Vec<u8> {
+    let len = |b: &[u8]| b.get(..4).map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize);
+    let mut rest = sent.get(len(sent).unwrap_or(sent.len())..).unwrap_or_default();
+    let mut types = Vec::new();
+    while let (Some(&t), Some(n)) = (rest.first(), len(rest.get(1..).unwrap_or_default())) {
+        types.push(t);
+        rest = rest.get(1 + n..).unwrap_or_default();
+    }
+    types
+}
+
+// === a recording forwarder ===
+
+/// Forwards TCP from `addr` to the PostgreSQL server and records both directions.
+struct Tap {
+    addr: SocketAddr,
+    to_server: Arc<Mutex<Vec<u8>>>,
+    to_client: Arc<Mutex<Vec<u8>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Tap {
+    async fn start(ip: IpAddr, pg_port: u16) -> Tap {
+        let l = TcpListener::bind((ip, 0)).await.unwrap_or_else(|e| panic!("tap on {ip}: {e}"));
+        let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let to_server = Arc::new(Mutex::new(Vec::new()));
+        let to_client = Arc::new(Mutex::new(Vec::new()));
+        let (ts, tc) = (to_server.clone(), to_client.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((c, peer)) = l.accept().await {
+                // Only this host: the forwarded connection reaches the server from loopback.
+                if peer.ip() != ip {
+                    continue;
+                }
+                let Ok(s) = TcpStream::connect(("127.0.0.1", pg_port)).await else { continue };
+                let (cr, cw) = c.into_split();
+                let (sr, sw) = s.into_split();
+                tokio::spawn(pump(cr, sw, ts.clone()));
+                tokio::spawn(pump(sr, cw, tc.clone()));
+            }
+        });
+        Tap { addr, to_server, to_client, task }
+    }
+
+    fn upstream(&self) -> String {
+        self.addr.to_string()
+    }
+
+    fn to_server(&self) -> Vec<u8> {
+        self.to_server.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    fn to_client(&self) -> Vec<u8> {
+        self.to_client.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+}
+
+async fn pump(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    log: Arc<Mutex<Vec<u8>>>,
+) {
+    let mut b = vec![0u8; 16 * 1024];
+    while let Ok(n) = r.read(&mut b).await {
+        if n == 0 {
+            break;
+        }
+        if let Ok(mut l) = log.lock() {
+            l.extend_from_slice(&b[..n]);
+        }
+        if w.write_all(&b[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+/// An IPv4 address of this host that is not loopback and can be bound, if there is one.
+fn non_loopback_ip() -> Option<IpAddr> {
+    // Connecting a UDP socket sends nothing; it only picks the outgoing address.
+    let routed = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|u| u.connect("203.0.113.1:9").and_then(|()| u.local_addr()))
+        .map(|a| a.ip())
+        .ok();
+    let listed = std::process::Command::new("hostname")
+        .arg("-I")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    routed
+        .into_iter()
+        .chain(listed.split_whitespace().filter_map(|s| s.parse::<IpAddr>().ok()))
+        .find(|ip| {
+            ip.is_ipv4()
+                && !ip.is_loopback()
+                && !ip.is_unspecified()
+                && std::net::TcpListener::bind((*ip, 0)).is_ok()
+        })
+}
+
+// === clients ===
+
+/// Runs `sql` through the database route `route`; the first column of each row.
+async fn query(
+    w: &PgWorld,
+    route: &str,
+    token: &str,
+    sql: &str,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let config = w.pg_config_at(w.addr_of(route), token, "app");
+    let (client, conn) = tokio::time::timeout(Duration::from_secs(20), config.connect(w.tls()))
+        .await
+        .unwrap_or_else(|_| panic!("{route}: connecting through the proxy hung"))?;
+    let conn = tokio::spawn(conn);
+    let msgs = tokio::time::timeout(Duration::from_secs(20), client.simple_query(sql))
+        .await
+        .unwrap_or_else(|_| panic!("{route}: query hung"))?;
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    Ok(msgs
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect())
+}
+
+/// `select current_user, <TLS in use upstream>` through `route`.
+async fn who_and_ssl(w: &PgWorld, route: &str, token: &str) -> (String, String) {
+    let rows = query(
+        w,
+        route,
+        token,
+        "select current_user || ' ' || ssl::text from pg_stat_ssl where pid = pg_backend_pid()",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{route}: {e}"));
+    let row = rows.first().cloned().unwrap_or_else(|| panic!("{route}: no row"));
+    let (who, ssl) = row.split_once(' ').unwrap_or_else(|| panic!("{route}: {row}"));
+    (who.to_string(), ssl.to_string())
+}
+
+/// Connecting through `route` fails promptly with FATAL 08006 `upstream-unavailable`
+/// and a request id, whose `refused` audit event is returned.
+async fn refused(w: &PgWorld, route: &str, token: &str, secrets: &[&str]) -> serde_json::Value {
+    let err = match query(w, route, token, "select 1").await {
+        Ok(rows) => panic!("{route}: connected and got {rows:?}"),
+        Err(e) => e,
+    };
+    let db = err.as_db_error().unwrap_or_else(|| panic!("{route}: not a PostgreSQL error: {err}"));
+    assert_eq!(db.severity(), "FATAL", "{route}");
+    assert_eq!(db.code().code(), "08006", "{route}: {}", db.message());
+    let msg = db.message();
+    assert!(msg.contains("upstream-unavailable") && msg.contains("request id"), "{route}: {msg}");
+    for s in secrets.iter().chain([&token]) {
+        assert!(!format!("{err:?} {msg}").contains(s), "{route}: the client error holds a secret");
+    }
+    let rid = msg.rsplit("request id ").next().unwrap_or("").trim_end_matches(')').to_string();
+    let ev = w.wait_event(|e| e["kind"] == "pg.session" && e["session_id"] == rid.as_str()).await;
+    assert_eq!(ev["event"], "refused", "{route}: {ev}");
+    assert_eq!(ev["decision"], "deny", "{route}: {ev}");
+    assert_eq!(ev["reason"], "upstream-unavailable", "{route}: {ev}");
+    ev
+}
+
+fn detail(ev: &serde_json::Value) -> &str {
+    ev["detail"].as_str().unwrap_or_default()
+}
+
+/// Neither the audit output nor the server's log holds any of `secrets`.
+fn assert_secrets_kept(w: &PgWorld, secrets: &[&str]) {
+    assert_no_secrets(w, secrets);
+    let log = std::fs::read_to_string(w.pg.dir.join("server.log")).unwrap_or_default();
+    assert!(!log.is_empty(), "the server log is readable");
+    for s in secrets {
+        assert!(!log.contains(s), "the server log holds a secret ({} chars)", s.len());
+    }
+}
+
+// === tests ===
+
+#[tokio::test]
+async fn md5_upstream_auth_against_a_real_server_and_a_wrong_password_is_a_clean_error() {
+    let Some(pg) = pg() else { return };
+    // The role's password is stored as md5, so the server cannot fall back to SCRAM.
+    let stored = pg
+        .admin_sql(&format!(
+            "select rolpassword like 'md5%' from pg_authid where rolname = '{MD5_ROLE}'"
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stored, "t", "md5_user's password is stored as md5");
+    let tap = Tap::start(IpAddr::from([127, 0, 0, 1]), pg.port).await;
+    let secrets = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = secrets.path();
+    let direct = format!("127.0.0.1:{}", pg.port);
+    let routes = [
+        route(s, "md5", &tap.upstream(), MD5_ROLE, MD5_PW),
+        route(s, "md5-wrong", &direct, MD5_ROLE, WRONG_PW),
+    ]
+    .concat();
+    let w = PgWorld::build(pg, secrets, routes, &policy()).await;
+    let token = w.w.token("bb", &[]);
+
+    let (who, ssl) = who_and_ssl(&w, "md5", &token).await;
+    assert_eq!((who.as_str(), ssl.as_str()), ("md5_user", "false"));
+    // The server asked for md5 and got a salted hash ("md5" + 32 hex), never the password.
+    assert!(contains(&tap.to_client(), ASKS_MD5), "the server asked for md5");
+    let sent = tap.to_server();
+    assert!(contains(&sent, b"p\0\0\0\x28md5"), "an md5 PasswordMessage went upstream");
+    assert!(!contains(&sent, MD5_PW.as_bytes()), "the password itself never went upstream");
+    let open = w.wait_event(|e| e["event"] == "open" && e["route"] == "md5").await;
+    assert_eq!(open["upstream_role"], MD5_ROLE);
+
+    let ev = refused(&w, "md5-wrong", &token, &[MD5_PW, WRONG_PW]).await;
+    assert!(
+        detail(&ev).contains("upstream authentication failed: 28P01")
+            && detail(&ev).contains("password authentication failed for user \"md5_user\""),
+        "{ev}"
+    );
+    assert_eq!(ev["upstream_role"], MD5_ROLE);
+    assert_secrets_kept(&w, &[MD5_PW, WRONG_PW, &token]);
+}
+
+#[tokio::test]
+async fn cleartext_upstream_auth_over_loopback_or_tls_and_never_in_the_clear_elsewhere() {
+    let Some(pg) = pg() else { return };
+    let tap = Tap::start(IpAddr::from([127, 0, 0, 1]), pg.port).await;
+    // The same server behind a non-loopback address of this host, if it has one.
+    let remote = match non_loopback_ip() {
+        Some(ip) => Some((Tap::start(ip, pg.port).await, Tap::start(ip, pg.port).await)),
+        None => {
+            eprintln!("SKIPPED (part): no non-loopback address to reach PostgreSQL through");
+            None
+        }
+    };
+    let secrets = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = secrets.path();
+    let direct = format!("127.0.0.1:{}", pg.port);
+    let mut routes = [
+        route(s, "clear", &tap.upstream(), CLEAR_ROLE, CLEAR_PW),
+        route(s, "clear-wrong", &direct, CLEAR_ROLE, WRONG_PW),
+    ]
+    .concat();
+    if let Some((plain, tls)) = &remote {
+        routes.push_str(&route(s, "clear-remote", &plain.upstream(), CLEAR_ROLE, CLEAR_PW));
+        routes.push_str(&route_with(
+            s,
+            "clear-remote-tls",
+            &tls.upstream(),
+            CLEAR_ROLE,
+            CLEAR_PW,
+            "upstream_tls = \"require\"",
+        ));
+    }
+    let w = PgWorld::build(pg, secrets, routes, &policy()).await;
+    let token = w.w.token("bb", &[]);
+
+    // Loopback: the server asks for the password in the clear and gets it.
+    let (who, ssl) = who_and_ssl(&w, "clear", &token).await;
+    assert_eq!((who.as_str(), ssl.as_str()), ("clear_user", "false"));
+    assert!(contains(&tap.to_client(), ASKS_CLEARTEXT), "the server asked for cleartext");
+    let mut pw_message = vec![b'p'];
+    pw_message.extend((4 + CLEAR_PW.len() as u32 + 1).to_be_bytes());
+    pw_message.extend(CLEAR_PW.as_bytes());
+    assert!(contains(&tap.to_server(), &pw_message), "the cleartext PasswordMessage went upstream");
+
+    let ev = refused(&w, "clear-wrong", &token, &[CLEAR_PW, WRONG_PW]).await;
+    assert!(
+        detail(&ev).contains("upstream authentication failed: 28P01")
+            && detail(&ev).contains("password authentication failed for user \"clear_user\""),
+        "{ev}"
+    );
+
+    if let Some((plain, tls)) = &remote {
+        // Plain TCP to a non-loopback address: the server asks, portcullis refuses to answer.
+        let ev = refused(&w, "clear-remote", &token, &[CLEAR_PW]).await;
+        assert!(
+            detail(&ev).contains("cleartext password over an unencrypted, non-loopback connection"),
+            "{ev}"
+        );
+        assert!(contains(&plain.to_client(), ASKS_CLEARTEXT), "the server did ask");
+        let sent = plain.to_server();
+        assert!(!contains(&sent, CLEAR_PW.as_bytes()), "the password never went upstream");
+        assert!(!message_types(&sent).contains(&b'p'), "no PasswordMessage at all: {sent:?}");
+        // Over TLS the same address is fine, and the wire never shows the password.
+        let (who, ssl) = who_and_ssl(&w, "clear-remote-tls", &token).await;
+        assert_eq!((who.as_str(), ssl.as_str()), ("clear_user", "true"));
+        let sent = tls.to_server();
+        assert!(sent.len() > 100, "the session went through the tap");
+        assert!(!contains(&sent, CLEAR_PW.as_bytes()), "the password only travelled encrypted");
+    }
+    assert_secrets_kept(&w, &[CLEAR_PW, WRONG_PW, &token]);
+}
+
+#[tokio::test]
+async fn upstream_tls_require_and_verify_full_work_and_fail_closed_against_a_real_server() {
+    let Some(pg) = pg() else { return };
+    let other = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let other_ca = portcullis::tls::DevPki::load_or_create(other.path(), &[])
+        .unwrap_or_else(|e| panic!("{e}"))
+        .ca_path();
+    let secrets = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = secrets.path();
+    let ip = format!("127.0.0.1:{}", pg.port);
+    let name = format!("localhost:{}", pg.port);
+    let verify = |ca: &Path| {
+        format!(
+            "upstream_tls = \"verify-full\"\nupstream_ca = {}",
+            toml::Value::String(ca.to_string_lossy().into_owned())
+        )
+    };
+    let routes = [
+        route_with(s, "tls-require", &ip, TLS_ROLE, TLS_PW, "upstream_tls = \"require\""),
+        route_with(s, "tls-verify", &name, TLS_ROLE, TLS_PW, &verify(&pg.tls_ca)),
+        route_with(s, "tls-wrong-ca", &name, TLS_ROLE, TLS_PW, &verify(&other_ca)),
+        // The certificate names `localhost`, not `127.0.0.1`.
+        route_with(s, "tls-wrong-name", &ip, TLS_ROLE, TLS_PW, &verify(&pg.tls_ca)),
+        route(s, "tls-disable", &ip, TLS_ROLE, TLS_PW),
+        // Roles with plain `host` lines may still use TLS, and then do.
+        route_with(s, "md5-tls", &name, MD5_ROLE, MD5_PW, &verify(&pg.tls_ca)),
+    ]
+    .concat();
+    let w = PgWorld::build(pg, secrets, routes, &policy()).await;
+    let token = w.w.token("bb", &[]);
+
+    for route in ["tls-require", "tls-verify"] {
+        let (who, ssl) = who_and_ssl(&w, route, &token).await;
+        assert_eq!((who.as_str(), ssl.as_str()), ("tls_user", "true"), "{route}");
+    }
+    let (who, ssl) = who_and_ssl(&w, "md5-tls", &token).await;
+    assert_eq!((who.as_str(), ssl.as_str()), ("md5_user", "true"));
+    // A cancel reaches its backend over verified TLS too.
+    let config = w.pg_config_at(w.addr_of("tls-verify"), &token, "app");
+    let (c, conn) = config.connect(w.tls()).await.unwrap_or_else(|e| panic!("{e}"));
+    let conn = tokio::spawn(conn);
+    let cancel = c.cancel_token();
+    let sleeper = tokio::spawn(async move { c.simple_query("select pg_sleep(30)").await.err() });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cancel.cancel_query(w.tls()).await.unwrap_or_else(|e| panic!("cancel: {e}"));
+    let err = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .unwrap_or_else(|_| panic!("the cancel did not arrive"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("pg_sleep was not cancelled"));
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
+    let ev = w.wait_event(|e| e["kind"] == "pg.cancel" && e["route"] == "tls-verify").await;
+    assert_eq!(ev["forwarded"], true, "{ev}");
+    conn.abort();
+
+    let ev = refused(&w, "tls-wrong-ca", &token, &[TLS_PW]).await;
+    let d = detail(&ev);
+    assert!(d.contains(&format!("TLS to {name}")) && d.contains("UnknownIssuer"), "{ev}");
+    let ev = refused(&w, "tls-wrong-name", &token, &[TLS_PW]).await;
+    let d = detail(&ev);
+    assert!(d.contains(&format!("TLS to {ip}")) && d.contains("not valid for name"), "{ev}");
+    // Without TLS the server itself refuses the hostssl-only role.
+    let ev = refused(&w, "tls-disable", &token, &[TLS_PW]).await;
+    let d = detail(&ev);
+    assert!(d.contains("upstream authentication failed: 28000"), "{ev}");
+    assert!(d.contains("pg_hba.conf rejects connection") && d.contains("no encryption"), "{ev}");
+    assert_secrets_kept(&w, &[TLS_PW, MD5_PW, &token]);
+}
