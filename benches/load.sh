@@ -32,6 +32,7 @@ HAPROXY_JWT=127.0.0.1:18092
 PC_HTTP=127.0.0.1:18100
 PC_HTTPS=127.0.0.1:18443
 PC_ADMIN=127.0.0.1:18190
+FLOOR=127.0.0.1:18200
 
 log() { printf '%s\n' "$*" >&2; }
 die() { log "load.sh: $*"; exit 1; }
@@ -52,7 +53,7 @@ if [[ ! -x $BIN ]]; then
   (cd "$ROOT" && cargo build --release --quiet)
 fi
 for p in ${UP##*:} ${NGINX_PROXY##*:} ${NGINX_TLS##*:} ${HAPROXY_PLAIN##*:} ${HAPROXY_JWT##*:} \
-  ${PC_HTTP##*:} ${PC_HTTPS##*:} ${PC_ADMIN##*:}; do
+  ${PC_HTTP##*:} ${PC_HTTPS##*:} ${PC_ADMIN##*:} ${FLOOR##*:}; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "port $p is already in use"; fi
 done
 
@@ -148,7 +149,13 @@ PIDS+=("$NGINX_TLS_PID")
 taskset -c "$PROXY_CPU" haproxy -db -f "$RUN/haproxy.cfg" >"$RUN/logs/haproxy.log" 2>&1 &
 HAPROXY_PID=$!
 PIDS+=("$HAPROXY_PID")
-for a in $UP $NGINX_PROXY $NGINX_TLS $HAPROXY_PLAIN $HAPROXY_JWT $PC_HTTP $PC_HTTPS; do wait_port "$a"; done
+# The floor: portcullis's own HTTP server + pooled client, nothing else (no identity,
+# policy, header work or audit) — what hyper/tokio cost before portcullis does anything.
+taskset -c "$PROXY_CPU" "$BIN" dev floor --listen "$FLOOR" --upstream "http://$UP" \
+  >"$RUN/logs/floor.out" 2>&1 &
+FLOOR_PID=$!
+PIDS+=("$FLOOR_PID")
+for a in $FLOOR $UP $NGINX_PROXY $NGINX_TLS $HAPROXY_PLAIN $HAPROXY_JWT $PC_HTTP $PC_HTTPS; do wait_port "$a"; done
 
 # --- sanity: each scenario answers what it should ------------------------------------
 status() { curl -sk -o /dev/null -w '%{http_code}' "$@"; }
@@ -163,6 +170,7 @@ command -v curl >/dev/null && {
   expect 200 "http://$NGINX_PROXY/"
   expect 200 "https://$NGINX_TLS/"
   expect 200 "http://$HAPROXY_PLAIN/"
+  expect 200 "http://$FLOOR/"
   expect 200 -H "Authorization: Bearer $HA_TOKEN" "http://$HAPROXY_JWT/"
   expect 401 -H "Authorization: Bearer $MALFORMED" "http://$HAPROXY_JWT/"
   expect 200 -H "Authorization: Bearer $TOKEN" "http://$PC_HTTP/"
@@ -221,6 +229,7 @@ for c in "$CONNS" "$CONNS_HIGH"; do
   run nginx-proxy "$c" "$NGINX_PID" "http://$NGINX_PROXY/"
   run haproxy-plain "$c" "$HAPROXY_PID" "http://$HAPROXY_PLAIN/"
   run haproxy-jwt "$c" "$HAPROXY_PID" "http://$HAPROXY_JWT/" BENCH_TOKEN="$HA_TOKEN"
+  run hyper-floor "$c" "$FLOOR_PID" "http://$FLOOR/"
   run pc-reused "$c" "$PC_PID" "http://$PC_HTTP/" BENCH_TOKEN="$TOKEN"
   if [[ $c == "$CONNS" ]]; then
     run pc-distinct "$c" "$PC_PID" "http://$PC_HTTP/" BENCH_TOKENS="$RUN/tokens"

@@ -178,6 +178,15 @@ enum DevCommand {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// The load test's floor: the same HTTP server and pooled client with no identity,
+    /// policy or audit (benches/load.sh; loopback only, plain HTTP).
+    #[command(hide = true)]
+    Floor {
+        #[arg(long, default_value = "127.0.0.1:18200")]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        upstream: String,
+    },
     /// Regenerate the committed development certificates.
     Certs {
         #[arg(long, default_value = "certs/dev")]
@@ -247,6 +256,9 @@ fn main() -> ExitCode {
                 }
             }
             ExitCode::SUCCESS
+        }
+        Command::Dev(DevCommand::Floor { listen, upstream }) => {
+            runtime(|| async move { portcullis::dev::floor::run(listen, &upstream).await })
         }
         Command::Dev(DevCommand::Certs { out }) => match portcullis::tls::write_dev_certs(&out) {
             Ok(pki) => {

@@ -3,6 +3,7 @@
 
 pub mod demo;
 pub mod echo;
+pub mod floor;
 pub mod issuer;
 pub mod login;
 pub mod signer;

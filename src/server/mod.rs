@@ -444,15 +444,7 @@ async fn accept_loop(
     limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Slow-loris: a client gets this long to send its request head.
-        .header_read_timeout(Duration::from_secs(30))
-        .keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
-    let builder = Arc::new(builder);
+    let builder = Arc::new(http_server_builder());
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -525,6 +517,20 @@ async fn accept_loop(
             m.connections_open.fetch_sub(1, Ordering::Relaxed);
         });
     }
+}
+
+/// The hyper server settings of every proxy listener (also used by `dev floor`, so the
+/// load test's floor measures exactly this server).
+pub fn http_server_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // Slow-loris: a client gets this long to send its request head.
+        .header_read_timeout(Duration::from_secs(30))
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    builder
 }
 
 async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
