@@ -207,6 +207,23 @@ fn v1_bearer_extraction() {
     assert_eq!(err(&[("authorization", big.as_str())]), malformed);
     let max = format!("Bearer {}", "a".repeat(token::MAX_TOKEN_LEN));
     assert!(ok(&[("authorization", max.as_str())]).is_ok());
+    // Padding only at the end; several spaces after the scheme; nothing but padding.
+    assert_eq!(
+        ok(&[("authorization", "Bearer   a.b-c_~+/==")]),
+        some("a.b-c_~+/==", Authorization)
+    );
+    assert_eq!(err(&[("authorization", "Bearer ===")]), malformed);
+    assert_eq!(err(&[("authorization", "Bearer a\tb")]), malformed);
+    // Bytes outside visible ASCII in a bearer token or any other scheme.
+    let raw = |v: &[u8]| {
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::AUTHORIZATION, http::HeaderValue::from_bytes(v).expect("opaque"));
+        extract_bearer(&h).map(|t| t.map(|(t, _)| t.to_owned())).map_err(|e| e.reason)
+    };
+    assert_eq!(raw(b"Bearer a\xc3\xa9b"), Err(Reason::MalformedToken));
+    assert_eq!(raw(b"Bearer \xff"), Err(Reason::MalformedToken));
+    assert_eq!(raw(b"Basic \xff"), Err(Reason::MalformedToken));
+    assert_eq!(raw(b"Bearer abc"), Ok(Some("abc".to_owned())));
 }
 
 #[tokio::test]

@@ -100,12 +100,21 @@ pub fn extract_bearer(
 /// `Bearer <token68>` → the token; another scheme → `None`.
 fn bearer(value: &http::HeaderValue) -> Result<Option<&str>, AuthError> {
     let malformed = |d: &'static str| AuthError::new(Reason::MalformedToken, d);
-    let text = value.to_str().map_err(|_| malformed("credentials are not visible ASCII"))?;
-    let (scheme, rest) = text.split_once(' ').unwrap_or((text, ""));
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Ok(None);
+    // Byte-wise: the token check below admits only ASCII, so the whole header is read
+    // once (this runs on every request).
+    let bytes = value.as_bytes();
+    let (scheme, rest) = match bytes.iter().position(|&b| b == b' ') {
+        Some(i) => (&bytes[..i], &bytes[i + 1..]),
+        None => (bytes, &b""[..]),
+    };
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return match value.to_str() {
+            Ok(_) => Ok(None),
+            Err(_) => Err(malformed("credentials are not visible ASCII")),
+        };
     }
-    let token = rest.trim_start_matches(' ');
+    let start = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
+    let token = &rest[start..];
     if token.is_empty() {
         return Err(malformed("empty bearer token"));
     }
@@ -113,16 +122,26 @@ fn bearer(value: &http::HeaderValue) -> Result<Option<&str>, AuthError> {
         return Err(malformed("bearer token larger than 16 KiB"));
     }
     // RFC 6750 b64token / RFC 9110 token68: the alphabet, then only trailing '='.
-    let body = token.trim_end_matches('=');
-    let ok = !body.is_empty()
-        && body.bytes().all(|b| {
-            matches!(b, b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
-        });
-    if !ok {
+    let end = token.iter().rposition(|&b| b != b'=').map_or(0, |i| i + 1);
+    let body = &token[..end];
+    if body.is_empty() || !body.iter().all(|&b| TOKEN68[b as usize]) {
         return Err(malformed("bearer token is not token68"));
     }
-    Ok(Some(token))
+    // Only ASCII is left, so this cannot fail.
+    std::str::from_utf8(token).map(Some).map_err(|_| malformed("bearer token is not token68"))
 }
+
+/// The token68 alphabet (RFC 9110 §11.2), without the trailing `=` padding.
+const TOKEN68: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        table[i] = matches!(b, b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'+' | b'/');
+        i += 1;
+    }
+    table
+};
 
 /// Checked claims that go into the cache entry.
 struct Window {
@@ -615,5 +634,6 @@ fn build_identity(
         issued_at: window.iat,
         ci,
         claims: payload,
+        audit: Default::default(),
     })
 }
