@@ -124,8 +124,9 @@ struct RejectCtx {
     rid: Arc<str>,
     /// The client is a browser (`Accept: text/html`): an HTML page instead of JSON.
     html: bool,
-    /// Where a browser can sign in and come back here, when sessions are configured.
-    sign_in: Option<String>,
+    /// This request's URL, when sessions are configured: a browser's rejection page links
+    /// to sign-in and back here (the link is built only for such a page).
+    here: Option<Arc<str>>,
 }
 
 fn rejection(
@@ -141,7 +142,8 @@ fn rejection(
         _ => "deny",
     };
     let resp = if rc.html {
-        reject::html_response(reason, &rc.rid, rc.sign_in.as_deref())
+        let sign_in = rc.here.as_deref().map(crate::session::sign_in_link);
+        reject::html_response(reason, &rc.rid, sign_in.as_deref())
     } else {
         reject::response(reason, &rc.rid)
     };
@@ -190,7 +192,7 @@ pub async fn handle(
     let mut out = Outcome::new(rt.revision.clone());
     let sessions = rt.sessions.clone();
     let mut rc =
-        RejectCtx { rid: rid.clone(), html: reject::wants_html(req.headers()), sign_in: None };
+        RejectCtx { rid: rid.clone(), html: reject::wants_html(req.headers()), here: None };
 
     // 1. Our own endpoints.
     if req.uri().path() == JWKS_PATH && req.method() == http::Method::GET {
@@ -225,14 +227,15 @@ pub async fn handle(
     // cost no formatting or allocation.
     let (full_authority, here) = if sessions.is_some() {
         let full_authority = authority_with_port(&req).unwrap_or_else(|| host.clone());
-        let here = match req.uri().query() {
-            Some(q) => format!("https://{full_authority}{norm}?{q}"),
-            None => format!("https://{full_authority}{norm}"),
+        let here: Arc<str> = match req.uri().query() {
+            Some(q) => format!("https://{full_authority}{norm}?{q}").into(),
+            None => format!("https://{full_authority}{norm}").into(),
         };
-        rc.sign_in = Some(crate::session::sign_in_link(&here));
+        rc.here = Some(here.clone());
         (full_authority, here)
     } else {
-        (String::new(), String::new())
+        static NOWHERE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+        (String::new(), NOWHERE.get_or_init(|| Arc::from("")).clone())
     };
 
     // 3a. Sign-in endpoints, on any host a route serves.
