@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::Serialize;
+use serde_json::value::RawValue;
 
-use crate::identity::{CiContext, Identity};
+use crate::identity::Identity;
 use crate::policy::RuleRef;
 
 /// TLS facts of the client connection.
@@ -46,6 +47,40 @@ impl<'a> IdentitySummary<'a> {
 }
 
 /// What the shadow policy would have decided, when it disagrees.
+/// An identity's `identity` and `ci` audit fields, serialized once per verified identity
+/// and spliced into every event after that: a pipeline's repeated calls (and every
+/// statement of a database session) escape none of these strings again.
+#[derive(Default)]
+pub struct AuditJson(std::sync::OnceLock<(Box<RawValue>, Option<Box<RawValue>>)>);
+
+impl Clone for AuditJson {
+    /// A clone starts empty: a changed copy must never reuse the original's fields.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl std::fmt::Debug for AuditJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditJson")
+    }
+}
+
+impl Identity {
+    /// The `identity` and `ci` fields of this identity's audit events, as JSON.
+    pub fn audit_fields(&self) -> (&RawValue, Option<&RawValue>) {
+        let (identity, ci) = self.audit.0.get_or_init(|| {
+            let raw = |json: serde_json::Result<String>| {
+                json.ok().and_then(|s| RawValue::from_string(s).ok())
+            };
+            let identity =
+                raw(serde_json::to_string(&IdentitySummary::of(self))).unwrap_or_default();
+            (identity, self.ci.as_ref().and_then(|ci| raw(serde_json::to_string(ci))))
+        });
+        (identity, ci.as_deref())
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct ShadowSummary<'a> {
     pub decision: &'static str,
@@ -82,9 +117,9 @@ pub struct HttpEvent<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy_revision: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub identity: Option<IdentitySummary<'a>>,
+    pub identity: Option<&'a RawValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ci: Option<&'a CiContext>,
+    pub ci: Option<&'a RawValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream: Option<&'a str>,
     pub status: u16,

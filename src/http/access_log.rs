@@ -19,7 +19,7 @@ use tower::{Layer, Service};
 use super::body::ProxyBody;
 use super::proxy::Outcome;
 use super::{ConnInfo, RequestId};
-use crate::audit::{AuditSink, HttpEvent, IdentitySummary, ShadowSummary};
+use crate::audit::{AuditSink, HttpEvent, ShadowSummary};
 use crate::metrics::{self, RequestKey};
 
 #[derive(Debug, Clone)]
@@ -153,6 +153,7 @@ impl Pending {
             reason: s.reason.code(),
             rule: s.rule.as_deref(),
         });
+        let audit = identity.map(|i| i.audit_fields());
         let ev = HttpEvent {
             ts: crate::audit::now_rfc3339(),
             request_id: &self.rid,
@@ -169,8 +170,8 @@ impl Pending {
             rule: o.and_then(|o| o.rule.as_deref()),
             shadow,
             policy_revision: o.and_then(|o| o.revision.as_deref()),
-            identity: identity.map(IdentitySummary::of),
-            ci: identity.and_then(|i| i.ci.as_ref()),
+            identity: audit.map(|a| a.0),
+            ci: audit.and_then(|a| a.1),
             upstream: o
                 .and_then(|o| if o.decision == "deny" { None } else { o.upstream.as_deref() }),
             status: self.status,

@@ -239,6 +239,7 @@ mod tests {
             issued_at: None,
             ci: None,
             claims: Default::default(),
+            audit: Default::default(),
         })
     }
 

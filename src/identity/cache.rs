@@ -104,6 +104,7 @@ mod tests {
             issued_at: None,
             ci: None,
             claims: serde_json::Map::new(),
+            audit: Default::default(),
         };
         Entry {
             identity: Arc::new(identity),

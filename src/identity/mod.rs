@@ -216,6 +216,9 @@ pub struct Identity {
     /// Every verified payload claim, for `claims = { ... }` policy matchers.
     #[serde(skip)]
     pub claims: serde_json::Map<String, serde_json::Value>,
+    /// Its audit fields, serialized on first use ([`Identity::audit_fields`]).
+    #[serde(skip)]
+    pub audit: crate::audit::AuditJson,
 }
 
 impl Identity {

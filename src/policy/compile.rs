@@ -663,6 +663,7 @@ impl<'a> Compiler<'a> {
             issued_at: None,
             ci,
             claims,
+            audit: Default::default(),
         })
     }
 }

@@ -57,6 +57,7 @@ fn identity(issuer: &str, preset: Preset, claims: Value) -> Identity {
         issued_at: None,
         ci: crate::identity::ci::normalize(preset, &claims).ok().flatten(),
         claims,
+        audit: Default::default(),
     }
 }
 

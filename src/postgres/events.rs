@@ -79,9 +79,9 @@ pub struct StatementEvent<'a> {
     pub text: Option<&'a str>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
-    pub identity: IdentitySummary<'a>,
+    pub identity: &'a serde_json::value::RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ci: Option<&'a CiContext>,
+    pub ci: Option<&'a serde_json::value::RawValue>,
 }
 
 /// A CancelRequest arrived.

@@ -1016,6 +1016,7 @@ fn emit_statement(
     truncated: bool,
 ) {
     let seq = statements.fetch_add(1, Ordering::Relaxed) + 1;
+    let (identity, ci) = ctx.identity.audit_fields();
     ctx.hub.sink.emit(&StatementEvent {
         ts: now_rfc3339(),
         kind: "pg.statement",
@@ -1028,7 +1029,7 @@ fn emit_statement(
         statement,
         text,
         truncated,
-        identity: IdentitySummary::of(ctx.identity),
-        ci: ctx.identity.ci.as_ref(),
+        identity,
+        ci,
     });
 }

@@ -247,6 +247,7 @@ impl SessionData {
             issued_at: Some(self.created),
             ci: None,
             claims,
+            audit: Default::default(),
         }
     }
 }
