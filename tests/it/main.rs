@@ -20,8 +20,8 @@
 //!   authentication (right and wrong passwords, cleartext refused off loopback without
 //!   TLS), upstream TLS `require`/`verify-full` (wrong CA, wrong name) and `disable`
 //!   against a `hostssl`-only role.
-//! - `pg_reload`: database routes added, removed, moved and renamed by a reload, and a
-//!   reload whose listener cannot bind.
+//! - `pg_reload`: database routes added, removed, moved and renamed by a reload, a reload
+//!   whose listener cannot bind, and the `portcullis_pg_*` metrics.
 //! - `interop`: a real OpenID provider (npm `oidc-provider`) issuing JWT access tokens,
 //!   key rotation included.
 

@@ -1,5 +1,6 @@
 //! Database routes across reloads (added, removed, moved, renamed on a fixed port, a
-//! listener that cannot be bound), against the real PostgreSQL server of `pg`.
+//! listener that cannot be bound), and the `portcullis_pg_*` metrics, against the real
+//! PostgreSQL server of `pg`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -276,4 +277,102 @@ async fn a_reload_whose_database_listener_cannot_bind_is_rejected_and_nothing_ch
         .map(|(c, conn)| (c, tokio::spawn(conn)))
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(current_user(&h).await, "readonly");
+}
+
+/// The value of the metric line `series` (name and labels), polled until it is `want`
+/// (up to 3 s); the last value seen otherwise.
+async fn metric(w: &PgWorld, series: &str, want: u64) -> Option<u64> {
+    let mut last = None;
+    for _ in 0..60 {
+        let text = w.w.admin_get("/metrics").await.text();
+        last = text
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok());
+        if last == Some(want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    last
+}
+
+#[tokio::test]
+async fn postgres_metrics_count_sessions_statements_terminations_and_bytes() {
+    // The metrics are process-wide; a route name of its own keeps other tests' sessions out.
+    let Some(w) =
+        PgWorld::with_toml("", |t| t.replace("name = \"appdb\"", "name = \"metricsdb\"")).await
+    else {
+        return;
+    };
+    let r = "route=\"metricsdb\"";
+    let pipeline = w.w.token("bb", &[]);
+    let human = w.w.token("corp", &[]);
+    // Session 1: two statements, closed by the client.
+    let (c, conn) = connect_at(&w, w.addr, &pipeline).await.unwrap_or_else(|e| panic!("{e}"));
+    c.simple_query("select 1").await.unwrap_or_else(|e| panic!("{e}"));
+    c.simple_query("select 2").await.unwrap_or_else(|e| panic!("{e}"));
+    drop(c);
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    // Session 2: one statement (extended protocol: Parse, Bind, Execute), left open.
+    let (h, hconn) = w
+        .pg_config_at(w.addr, &human, "alice")
+        .connect(w.tls())
+        .await
+        .map(|(c, conn)| (c, tokio::spawn(conn)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(current_user(&h).await, "readonly");
+    // Two refusals: the policy, and a token that does not verify.
+    let feature = w.w.token("bb", &["branchName=feature/x"]);
+    assert!(connect_at(&w, w.addr, &feature).await.is_err());
+    assert!(connect_at(&w, w.addr, "not-a-jwt").await.is_err());
+
+    let series = |name: &str, labels: &str| format!("{name}{{{r}{labels}}}");
+    let sessions = "portcullis_pg_sessions_total";
+    assert_eq!(
+        metric(&w, &series(sessions, ",decision=\"allow\",reason=\"allowed\""), 2).await,
+        Some(2)
+    );
+    assert_eq!(
+        metric(&w, &series(sessions, ",decision=\"deny\",reason=\"policy-denied\""), 1).await,
+        Some(1)
+    );
+    assert_eq!(
+        metric(&w, &series(sessions, ",decision=\"deny\",reason=\"malformed-token\""), 1).await,
+        Some(1)
+    );
+    assert_eq!(metric(&w, &series("portcullis_pg_sessions_open", ""), 1).await, Some(1));
+    assert_eq!(metric(&w, &series("portcullis_pg_statements_total", ""), 3).await, Some(3));
+
+    // A reload that revokes the engineers' access ends session 2.
+    let only_pipelines =
+        PG_POLICY.split("[[rule]]").nth(1).map(|r| format!("[[rule]]{r}")).unwrap_or_default();
+    write(&w.w.policy_path("pg"), &only_pipelines);
+    assert!(w.w.server().reload().await);
+    assert_eq!(ended_with(hconn).await.code().map(|c| c.code()), Some("57P01"));
+    let terminations = "portcullis_pg_session_terminations_total";
+    assert_eq!(metric(&w, &series(terminations, ",reason=\"access-revoked\""), 1).await, Some(1));
+    assert_eq!(metric(&w, &series("portcullis_pg_sessions_open", ""), 0).await, Some(0));
+
+    // Bytes: exactly what the two sessions' close events say they relayed.
+    let mut closes = Vec::new();
+    for _ in 0..100 {
+        closes =
+            w.events_of("pg.session").await.into_iter().filter(|e| e["event"] == "close").collect();
+        if closes.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(closes.len(), 2, "two sessions closed");
+    let sum = |k: &str| closes.iter().map(|e| e[k].as_u64().unwrap_or(0)).sum::<u64>();
+    let (bytes_in, bytes_out) = (sum("bytes_in"), sum("bytes_out"));
+    assert!(bytes_in > 0 && bytes_out > 0, "in {bytes_in}, out {bytes_out}");
+    let bytes = "portcullis_pg_bytes_total";
+    assert_eq!(metric(&w, &series(bytes, ",direction=\"in\""), bytes_in).await, Some(bytes_in));
+    assert_eq!(metric(&w, &series(bytes, ",direction=\"out\""), bytes_out).await, Some(bytes_out));
+    let text = w.w.admin_get("/metrics").await.text();
+    for family in [sessions, "portcullis_pg_sessions_open", terminations, bytes] {
+        assert!(text.contains(&format!("# TYPE {family} ")), "{family} has a TYPE line");
+    }
 }
