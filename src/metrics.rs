@@ -89,6 +89,21 @@ impl<K: Eq + Hash + Clone> Family<K> {
         }
         self.map.write().entry(key.clone()).or_default().fetch_add(n, Ordering::Relaxed);
     }
+    /// Decrements a gauge kept in a family (never below zero).
+    pub fn sub(&self, key: &K, n: u64) {
+        if let Some(c) = self.map.read().get(key) {
+            let _ =
+                c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(n)));
+        }
+    }
+    /// The counter of `key`, for a caller that updates it often (a database session
+    /// resolves its route's counters once, then each update is one `fetch_add`).
+    pub fn handle(&self, key: &K) -> Arc<AtomicU64> {
+        if let Some(c) = self.map.read().get(key) {
+            return c.clone();
+        }
+        self.map.write().entry(key.clone()).or_default().clone()
+    }
     pub fn get(&self, key: &K) -> u64 {
         self.map.read().get(key).map_or(0, |c| c.load(Ordering::Relaxed))
     }
@@ -145,6 +160,17 @@ pub struct Metrics {
     /// Shadow-policy disagreements by route.
     pub shadow_disagreements: Family<Arc<str>>,
     pub connections_open: AtomicU64,
+    /// Database sessions by (route, decision: allow|deny, reason code): one per `pg.session`
+    /// `open` or `refused` event.
+    pub pg_sessions: Family<(Arc<str>, &'static str, &'static str)>,
+    /// Database sessions open now, by route (a gauge).
+    pub pg_sessions_open: Family<Arc<str>>,
+    /// Statements (simple Query, or Bind of a parsed statement) by route.
+    pub pg_statements: Family<Arc<str>>,
+    /// Sessions portcullis ended, by (route, reason code).
+    pub pg_terminations: Family<(Arc<str>, &'static str)>,
+    /// Relayed bytes by (route, direction: in = client to server, out = server to client).
+    pub pg_bytes: Family<(Arc<str>, &'static str)>,
 }
 
 impl Metrics {
@@ -270,7 +296,64 @@ impl Metrics {
             "portcullis_connections_open {}",
             self.connections_open.load(Ordering::Relaxed)
         );
+        self.render_postgres(&mut out);
         out
+    }
+
+    /// The `portcullis_pg_*` families.
+    fn render_postgres(&self, out: &mut String) {
+        let _ = writeln!(out, "# HELP portcullis_pg_sessions_total Database sessions opened (allow) or refused (deny), by route and reason.");
+        let _ = writeln!(out, "# TYPE portcullis_pg_sessions_total counter");
+        let mut s = self.pg_sessions.snapshot();
+        s.sort();
+        for ((route, decision, reason), v) in s {
+            let _ = writeln!(
+                out,
+                "portcullis_pg_sessions_total{{route=\"{}\",decision=\"{decision}\",reason=\"{reason}\"}} {v}",
+                escape(&route)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP portcullis_pg_sessions_open Database sessions currently open, by route."
+        );
+        let _ = writeln!(out, "# TYPE portcullis_pg_sessions_open gauge");
+        let mut s = self.pg_sessions_open.snapshot();
+        s.sort();
+        for (route, v) in s {
+            let _ =
+                writeln!(out, "portcullis_pg_sessions_open{{route=\"{}\"}} {v}", escape(&route));
+        }
+        let _ = writeln!(out, "# HELP portcullis_pg_statements_total Statements sent for execution (Query, or Bind of a parsed statement), by route.");
+        let _ = writeln!(out, "# TYPE portcullis_pg_statements_total counter");
+        let mut s = self.pg_statements.snapshot();
+        s.sort();
+        for (route, v) in s {
+            let _ =
+                writeln!(out, "portcullis_pg_statements_total{{route=\"{}\"}} {v}", escape(&route));
+        }
+        let _ = writeln!(out, "# HELP portcullis_pg_session_terminations_total Database sessions ended by portcullis, by route and reason.");
+        let _ = writeln!(out, "# TYPE portcullis_pg_session_terminations_total counter");
+        let mut s = self.pg_terminations.snapshot();
+        s.sort();
+        for ((route, reason), v) in s {
+            let _ = writeln!(
+                out,
+                "portcullis_pg_session_terminations_total{{route=\"{}\",reason=\"{reason}\"}} {v}",
+                escape(&route)
+            );
+        }
+        let _ = writeln!(out, "# HELP portcullis_pg_bytes_total Bytes relayed by database sessions, by route and direction (in: client to server, out: server to client).");
+        let _ = writeln!(out, "# TYPE portcullis_pg_bytes_total counter");
+        let mut s = self.pg_bytes.snapshot();
+        s.sort();
+        for ((route, direction), v) in s {
+            let _ = writeln!(
+                out,
+                "portcullis_pg_bytes_total{{route=\"{}\",direction=\"{direction}\"}} {v}",
+                escape(&route)
+            );
+        }
     }
 }
 
@@ -282,4 +365,43 @@ fn escape(s: &str) -> String {
 pub fn global() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::default)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_families_render_with_help_type_and_labels() {
+        let m = Metrics::default();
+        let route: Arc<str> = Arc::from("orders");
+        m.pg_sessions.inc(&(route.clone(), "allow", "allowed"));
+        m.pg_sessions.add(&(route.clone(), "deny", "policy-denied"), 2);
+        m.pg_sessions_open.inc(&route);
+        m.pg_sessions_open.inc(&route);
+        m.pg_sessions_open.sub(&route, 1);
+        m.pg_statements.handle(&route).fetch_add(7, Ordering::Relaxed);
+        m.pg_terminations.inc(&(route.clone(), "access-revoked"));
+        m.pg_bytes.handle(&(route.clone(), "in")).fetch_add(100, Ordering::Relaxed);
+        m.pg_bytes.add(&(route.clone(), "out"), 2000);
+        // A gauge never goes below zero.
+        m.pg_sessions_open.sub(&Arc::from("other"), 1);
+        let out = m.render();
+        for line in [
+            "# TYPE portcullis_pg_sessions_total counter",
+            "portcullis_pg_sessions_total{route=\"orders\",decision=\"allow\",reason=\"allowed\"} 1",
+            "portcullis_pg_sessions_total{route=\"orders\",decision=\"deny\",reason=\"policy-denied\"} 2",
+            "# TYPE portcullis_pg_sessions_open gauge",
+            "portcullis_pg_sessions_open{route=\"orders\"} 1",
+            "portcullis_pg_statements_total{route=\"orders\"} 7",
+            "portcullis_pg_session_terminations_total{route=\"orders\",reason=\"access-revoked\"} 1",
+            "portcullis_pg_bytes_total{route=\"orders\",direction=\"in\"} 100",
+            "portcullis_pg_bytes_total{route=\"orders\",direction=\"out\"} 2000",
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing `{line}` in:\n{out}");
+        }
+        assert!(!out.contains("route=\"other\""));
+        let help = out.lines().filter(|l| l.starts_with("# HELP portcullis_pg_")).count();
+        assert_eq!(help, 5);
+    }
 }

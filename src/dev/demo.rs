@@ -324,8 +324,11 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     let _ =
         writeln!(out, "  dev issuer:  {} (bitbucket, github, gitlab, human)", issuer.base_url());
     let _ = writeln!(out, "  upstream:    {upstream}");
-    let _ =
-        writeln!(out, "  admin:       http://{}/metrics", server.bound.admin.unwrap_or(opts.admin));
+    let _ = writeln!(
+        out,
+        "  admin:       http://{}/metrics",
+        server.bound().admin.unwrap_or(opts.admin)
+    );
     let _ = writeln!(out, "  config:      {}", config_path.display());
     let _ = writeln!(out, "  policy:      {}", policy_path.display());
     let _ = writeln!(out);

@@ -47,6 +47,7 @@ use crate::http::proxy::Shared;
 
 pub mod cancel;
 pub mod events;
+mod listeners;
 pub mod proto;
 pub mod scram;
 mod session;
@@ -55,6 +56,8 @@ pub mod upstream;
 
 #[cfg(test)]
 mod tests;
+
+pub use listeners::{ListenerPlan, Listeners};
 
 /// The ALPN id of PostgreSQL (direct TLS, PostgreSQL 17+ clients).
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
@@ -174,20 +177,31 @@ impl Hub {
         **self.grace.load()
     }
 
-    /// Accepts sessions for one database route until shutdown, then waits for them to
-    /// end (each terminates itself when the grace period is over).
-    pub async fn serve(
+    /// Accepts sessions on one database listener until shutdown or until the listener is
+    /// closed (`route`'s sender dropped: a reload removed or moved the route). `route` names
+    /// the route the listener serves; a reload may hand the listener to another route.
+    ///
+    /// At shutdown it waits for the sessions to end (each terminates itself when the
+    /// grace period is over). A closed listener's sessions go on: a moved route's for as
+    /// long as the new generation allows them, a removed route's until they re-evaluate
+    /// against it and end themselves (`access-revoked`).
+    pub(crate) async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
-        route: Arc<str>,
+        mut route: watch::Receiver<Arc<str>>,
         limit: Arc<Semaphore>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut sessions = tokio::task::JoinSet::new();
-        loop {
+        let closed = loop {
             let permit = tokio::select! {
-                p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = stopped(&mut shutdown) => break,
+                p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break false },
+                _ = stopped(&mut shutdown) => break false,
+                r = route.changed() => {
+                    if r.is_err() { break true }
+                    route.borrow_and_update();
+                    continue;
+                }
             };
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -198,25 +212,39 @@ impl Hub {
                         continue;
                     }
                 },
-                _ = stopped(&mut shutdown) => break,
+                _ = stopped(&mut shutdown) => break false,
+                r = route.changed() => {
+                    if r.is_err() { break true }
+                    route.borrow_and_update();
+                    continue;
+                }
             };
             let _ = stream.set_nodelay(true);
             let hub = self.clone();
-            let route = route.clone();
+            let name = route.borrow_and_update().clone();
             let stop = shutdown.clone();
             sessions.spawn(async move {
                 let _permit = permit;
-                session::run(hub, route, stream, peer, stop).await;
+                session::run(hub, name, stream, peer, stop).await;
             });
             // Reap finished sessions so the set does not grow without bound.
             while sessions.try_join_next().is_some() {}
-        }
+        };
         drop(listener);
+        if closed {
+            loop {
+                tokio::select! {
+                    r = sessions.join_next() => if r.is_none() { return },
+                    _ = stopped(&mut shutdown) => break,
+                }
+            }
+        }
         let limit = self.grace() + Duration::from_secs(5);
         if tokio::time::timeout(limit, async { while sessions.join_next().await.is_some() {} })
             .await
             .is_err()
         {
+            let route = route.borrow().clone();
             tracing::warn!(route = %route, "database sessions still open after the grace period; aborting them");
             sessions.abort_all();
         }

@@ -152,8 +152,12 @@ pub(super) async fn run(
         bytes_out: None,
         statements: None,
     });
+    let m = crate::metrics::global();
+    m.pg_sessions.inc(&(route.clone(), "allow", Reason::Allowed.code()));
+    let counters = RouteCounters::open(&route);
     let ctx = StatementContext {
         hub: &hub,
+        counters: &counters,
         sid: &sid,
         route: &route,
         database: &database,
@@ -172,6 +176,9 @@ pub(super) async fn run(
         stop,
     );
     let end = relay(est.client, est.upstream, control, &ctx).await;
+    if let Some(r) = end.reason {
+        m.pg_terminations.inc(&(route.clone(), r.code()));
+    }
     let revision = hub.shared.runtime.load().revision.clone();
     hub.sink.emit(&SessionEvent {
         ts: now_rfc3339(),
@@ -200,13 +207,42 @@ pub(super) async fn run(
         statements: Some(end.statements),
     });
     drop(est.db);
+    drop(counters);
+}
+
+/// A session's per-route metrics, resolved once when it opens; the open-sessions gauge
+/// goes down when this is dropped, however the session ends.
+struct RouteCounters {
+    route: Arc<str>,
+    statements: Arc<AtomicU64>,
+    bytes_in: Arc<AtomicU64>,
+    bytes_out: Arc<AtomicU64>,
+}
+
+impl RouteCounters {
+    fn open(route: &Arc<str>) -> RouteCounters {
+        let m = crate::metrics::global();
+        m.pg_sessions_open.inc(route);
+        RouteCounters {
+            route: route.clone(),
+            statements: m.pg_statements.handle(route),
+            bytes_in: m.pg_bytes.handle(&(route.clone(), "in")),
+            bytes_out: m.pg_bytes.handle(&(route.clone(), "out")),
+        }
+    }
+}
+
+impl Drop for RouteCounters {
+    fn drop(&mut self) {
+        crate::metrics::global().pg_sessions_open.sub(&self.route, 1);
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn emit_refused(
     hub: &Hub,
     rt: &Runtime,
-    route: &str,
+    route: &Arc<str>,
     upstream: &str,
     peer: SocketAddr,
     sid: &str,
@@ -214,6 +250,7 @@ fn emit_refused(
     r: &Refusal,
 ) {
     let id = facts.identity.as_deref();
+    crate::metrics::global().pg_sessions.inc(&(route.clone(), "deny", r.reason.code()));
     hub.sink.emit(&SessionEvent {
         ts: now_rfc3339(),
         kind: "pg.session",
@@ -788,6 +825,7 @@ fn revoked(
 
 struct StatementContext<'a> {
     hub: &'a Hub,
+    counters: &'a RouteCounters,
     sid: &'a str,
     route: &'a str,
     database: &'a str,
@@ -853,6 +891,7 @@ async fn relay(
             }
             upstream_writing = false;
             bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+            ctx.counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
             if terminate {
                 return "client";
             }
@@ -883,6 +922,7 @@ async fn relay(
                             break;
                         }
                         bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                        ctx.counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     if scan.at_boundary() {
                         let text = format!(
@@ -913,6 +953,7 @@ async fn relay(
                         return Ok("client");
                     }
                     bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    ctx.counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                 }
             }
         }
@@ -1017,6 +1058,7 @@ fn emit_statement(
 ) {
     let seq = statements.fetch_add(1, Ordering::Relaxed) + 1;
     let (identity, ci) = ctx.identity.audit_fields();
+    ctx.counters.statements.fetch_add(1, Ordering::Relaxed);
     ctx.hub.sink.emit(&StatementEvent {
         ts: now_rfc3339(),
         kind: "pg.statement",

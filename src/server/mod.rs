@@ -130,13 +130,14 @@ pub struct Bound {
     pub https: Option<SocketAddr>,
     pub insecure_http: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
-    /// Each `[[databases]]` route and where it listens.
+    /// Each `[[databases]]` route and where it listens (as of the last reload).
     pub databases: crate::postgres::BoundDatabases,
 }
 
 /// A running server: reload it, or shut it down and wait for the drain.
 pub struct Server {
-    pub bound: Bound,
+    /// The HTTP and admin listeners (fixed at start); see [`Server::bound`].
+    http_bound: Bound,
     pub shared: Arc<Shared>,
     pub sink: AuditSink,
     /// Database sessions: open-session count, reload re-evaluation.
@@ -148,7 +149,7 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("bound", &self.bound).finish()
+        f.debug_struct("Server").field("bound", &self.bound()).finish()
     }
 }
 
@@ -161,6 +162,8 @@ struct State {
     reload_lock: tokio::sync::Mutex<()>,
     sink: AuditSink,
     pg: Arc<crate::postgres::Hub>,
+    /// The database routes' listeners; a reload binds, hands over and closes them.
+    pg_listeners: crate::postgres::Listeners,
 }
 
 /// Options that are not in the configuration file.
@@ -194,8 +197,6 @@ impl Server {
         for w in crate::postgres::warnings(&config) {
             tracing::warn!("{w}");
         }
-        let databases: Vec<(Arc<str>, SocketAddr)> =
-            config.databases.iter().map(|d| (d.name.clone(), d.listen)).collect();
         let config_path = config.path.clone();
         let listen = config.listen.clone();
         let max_conns = config.server.max_connections;
@@ -211,9 +212,16 @@ impl Server {
             replay: Default::default(),
         });
         let pg = crate::postgres::Hub::new(shared.clone(), sink.clone(), pg_prepared, 1);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let limit = Arc::new(Semaphore::new(max_conns));
         let state = Arc::new(State {
             config_path,
             pg: pg.clone(),
+            pg_listeners: crate::postgres::Listeners::new(
+                pg.clone(),
+                limit.clone(),
+                shutdown_rx.clone(),
+            ),
             shared: shared.clone(),
             tls: ArcSwap::from_pointee(tls),
             generation: AtomicU64::new(1),
@@ -222,10 +230,8 @@ impl Server {
             sink: sink.clone(),
         });
 
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         let mut bound = Bound::default();
-        let limit = Arc::new(Semaphore::new(max_conns));
 
         let bind = |a: SocketAddr| async move {
             TcpListener::bind(a).await.map_err(|e| format!("cannot listen on {a}: {e}"))
@@ -260,11 +266,10 @@ impl Server {
             bound.admin = l.local_addr().ok();
             tasks.spawn(admin_loop(l, state.clone(), shutdown_rx.clone()));
         }
-        for (name, a) in databases {
-            let l = bind(a).await?;
-            bound.databases.push((name.clone(), l.local_addr().unwrap_or(a)));
-            tasks.spawn(pg.clone().serve(l, name, limit.clone(), shutdown_rx.clone()));
-        }
+        let first = state.shared.runtime.load_full();
+        let plan = state.pg_listeners.plan(&first.config).await?;
+        drop(first);
+        state.pg_listeners.apply(plan);
         if watch_files {
             tasks.spawn(watch_loop(state.clone(), shutdown_rx.clone()));
         }
@@ -279,7 +284,12 @@ impl Server {
                 tracing::warn!(grace = ?grace, "shutdown grace period over; closing remaining connections");
             }
         });
-        Ok(Server { bound, shared, sink, postgres: pg, state, shutdown_tx, tasks })
+        Ok(Server { http_bound: bound, shared, sink, postgres: pg, state, shutdown_tx, tasks })
+    }
+
+    /// Where the server listens; the database routes as of the last reload.
+    pub fn bound(&self) -> Bound {
+        Bound { databases: self.state.pg_listeners.bound(), ..self.http_bound.clone() }
     }
 
     /// Reloads configuration and policies from disk; on any problem the running
@@ -298,6 +308,9 @@ impl Server {
         self.state.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown_tx.send(true);
         while self.tasks.join_next().await.is_some() {}
+        // A reload in progress finishes first, so no accept loop starts after the drain.
+        let _reloads = self.state.reload_lock.lock().await;
+        self.state.pg_listeners.drained().await;
         self.sink.flush();
     }
 
@@ -373,11 +386,16 @@ async fn reload(state: &State) -> bool {
             return false;
         }
     };
-    let listens =
-        |c: &Config| c.databases.iter().map(|d| (d.name.clone(), d.listen)).collect::<Vec<_>>();
-    if listens(&runtime.config) != listens(&old.config) {
-        tracing::warn!("database routes added, removed or moved: their listeners change on restart, not on reload");
-    }
+    // Bind the listeners of added and moved database routes before anything is swapped
+    // in: if one cannot be bound, nothing of this reload applies.
+    let listeners = match state.pg_listeners.plan(&runtime.config).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "reload rejected: database listener; the previous configuration and its listeners keep serving");
+            m.config_reloads.inc(&"error");
+            return false;
+        }
+    };
     let changed: Vec<&str> = runtime
         .config
         .routes
@@ -407,6 +425,7 @@ async fn reload(state: &State) -> bool {
                     old.config.databases.iter().find(|o| o.name == d.name).is_none_or(|o| {
                         o.policy.content_hash() != d.policy.content_hash()
                             || o.upstream_display != d.upstream_display
+                            || o.listen != d.listen
                     })
                 })
                 .map(|d| &*d.name),
@@ -430,8 +449,11 @@ async fn reload(state: &State) -> bool {
     tracing::info!(generation, revision = %runtime.revision, "configuration reloaded");
     state.shared.runtime.store(Arc::new(runtime));
     state.tls.store(Arc::new(tls));
-    // After the swap: open database sessions re-evaluate against the new generation.
+    // After the swap: open database sessions re-evaluate against the new generation (a
+    // removed route's end), then listeners of added and moved routes start accepting and
+    // those of removed and moved routes close.
     state.pg.reloaded(pg, generation);
+    state.pg_listeners.apply(listeners);
     m.config_reloads.inc(&"ok");
     true
 }

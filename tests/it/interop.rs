@@ -93,7 +93,7 @@ match = {{}}
         server.shared.runtime.load().verifier.wait_ready(Duration::from_secs(15)).await,
         "discovery + JWKS from oidc-provider"
     );
-    let proxy = format!("https://localhost:{}/api/x", server.bound.https.map_or(0, |a| a.port()));
+    let proxy = format!("https://localhost:{}/api/x", server.bound().https.map_or(0, |a| a.port()));
     let c = client(&pki, false);
 
     let token = || async {

@@ -20,6 +20,8 @@
 //!   authentication (right and wrong passwords, cleartext refused off loopback without
 //!   TLS), upstream TLS `require`/`verify-full` (wrong CA, wrong name) and `disable`
 //!   against a `hostssl`-only role.
+//! - `pg_reload`: database routes added, removed, moved and renamed by a reload, a reload
+//!   whose listener cannot bind, and the `portcullis_pg_*` metrics.
 //! - `interop`: a real OpenID provider (npm `oidc-provider`) issuing JWT access tokens,
 //!   key rotation included.
 
@@ -31,6 +33,7 @@ mod interop;
 mod lifecycle;
 mod pg;
 mod pg_auth;
+mod pg_reload;
 mod proxy;
 mod review;
 mod sso;

@@ -45,7 +45,7 @@ pub const TLS_ROLE: &str = "tls_user";
 pub const TLS_PW: &str = "tls-Pw-90d4b6";
 
 /// The database policy of these tests: pipelines on main migrate, engineers read.
-const PG_POLICY: &str = r#"
+pub const PG_POLICY: &str = r#"
 [[rule]]
 id = "pipelines-main-migrate"
 effect = "allow"
@@ -121,7 +121,7 @@ fn as_pg_user(program: &Path) -> Command {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -359,12 +359,17 @@ impl PgWorld {
     }
 
     pub async fn with_extra(extra: &str) -> Option<PgWorld> {
+        Self::with_toml(extra, |t| t).await
+    }
+
+    /// A world whose `[[databases]]` TOML is `edit` of the route `appdb` (with `extra`).
+    pub async fn with_toml(extra: &str, edit: impl FnOnce(String) -> String) -> Option<PgWorld> {
         let pg = pg()?;
         let secrets = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         for (n, p) in [("app", APP_PW), ("migrator", MIGRATOR_PW), ("readonly", READONLY_PW)] {
             write(&secrets.path().join(n), &format!("{p}\n"));
         }
-        let routes = database_toml(pg, secrets.path(), extra);
+        let routes = edit(database_toml(pg, secrets.path(), extra));
         Some(Self::build(pg, secrets, routes, PG_POLICY).await)
     }
 
@@ -382,7 +387,7 @@ impl PgWorld {
             ..Setup::default()
         })
         .await;
-        let routes = w.server().bound.databases.clone();
+        let routes = w.server().bound().databases.clone();
         let addr = routes.first().map(|d| d.1).unwrap_or_else(|| panic!("no database listener"));
         PgWorld { w, pg, addr, routes, _secrets: secrets }
     }

@@ -461,7 +461,7 @@ async fn a_second_replica_with_the_same_key_accepts_the_session() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(second.shared.runtime.load().verifier.wait_ready(Duration::from_secs(10)).await);
-    let port = second.bound.https.map_or(0, |a| a.port());
+    let port = second.bound().https.map_or(0, |a| a.port());
     let r = send_with(
         &w.client,
         Method::GET,

@@ -237,8 +237,8 @@ impl World {
         };
         let ready = server.shared.runtime.load().verifier.wait_ready(Duration::from_secs(10)).await;
         assert!(ready, "issuer keys did not load");
-        let https = server.bound.https.unwrap_or_else(|| panic!("no https listener"));
-        let admin = server.bound.admin.unwrap_or_else(|| panic!("no admin listener"));
+        let https = server.bound().https.unwrap_or_else(|| panic!("no https listener"));
+        let admin = server.bound().admin.unwrap_or_else(|| panic!("no admin listener"));
         let client = client(&pki, false);
         World {
             dir,

@@ -1,0 +1,378 @@
+//! Database routes across reloads (added, removed, moved, renamed on a fixed port, a
+//! listener that cannot be bound), and the `portcullis_pg_*` metrics, against the real
+//! PostgreSQL server of `pg`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::net::TcpStream;
+
+use crate::pg::{free_port, PgWorld, PG_POLICY};
+use crate::support::*;
+
+/// The configuration's text before its `[[databases]]` routes, and the first route's block.
+fn config_parts(w: &PgWorld) -> (String, String) {
+    let text = std::fs::read_to_string(w.w.config_path()).unwrap_or_else(|e| panic!("{e}"));
+    let i = text.find("[[databases]]").unwrap_or_else(|| panic!("no database route"));
+    let (head, rest) = text.split_at(i);
+    let end = rest[1..].find("[[databases]]").map_or(rest.len(), |j| j + 1);
+    (head.to_string(), rest[..end].to_string())
+}
+
+/// `block` (the route `appdb` listening on `127.0.0.1:0`) renamed and moved.
+fn route_block(block: &str, name: &str, listen: &str) -> String {
+    block
+        .replace("name = \"appdb\"", &format!("name = \"{name}\""))
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{listen}\""))
+}
+
+fn bound_now(w: &PgWorld) -> Vec<(String, SocketAddr)> {
+    w.w.server().bound().databases.iter().map(|(n, a)| (n.to_string(), *a)).collect()
+}
+
+fn addr_now(w: &PgWorld, name: &str) -> SocketAddr {
+    bound_now(w)
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, a)| a)
+        .unwrap_or_else(|| panic!("no database route `{name}` after the reload"))
+}
+
+/// Waits (up to 3 s) until nothing accepts connections at `addr`.
+async fn assert_refuses(addr: SocketAddr) {
+    for _ in 0..60 {
+        if TcpStream::connect(addr).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{addr} still accepts connections");
+}
+
+/// The last `reload` audit event.
+fn last_reload(w: &PgWorld) -> Value {
+    w.w.events().into_iter().rev().find(|e| e["kind"] == "reload").unwrap_or(Value::Null)
+}
+
+/// The error a tokio-postgres connection task ended with (bounded wait).
+async fn ended_with(
+    conn: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) -> tokio_postgres::Error {
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .unwrap_or_else(|_| panic!("session still open"));
+    match ended {
+        Ok(Err(e)) => e,
+        other => panic!("expected the session to end with an error, got {other:?}"),
+    }
+}
+
+type Conn = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
+
+async fn connect_at(
+    w: &PgWorld,
+    addr: SocketAddr,
+    token: &str,
+) -> Result<(tokio_postgres::Client, Conn), tokio_postgres::Error> {
+    let (c, conn) = w.pg_config_at(addr, token, "app").connect(w.tls()).await?;
+    Ok((c, tokio::spawn(conn)))
+}
+
+async fn current_user(c: &tokio_postgres::Client) -> String {
+    let rows =
+        c.query_one("select current_user::text", &[]).await.unwrap_or_else(|e| panic!("{e}"));
+    rows.get::<_, String>(0)
+}
+
+#[tokio::test]
+async fn a_reload_that_adds_a_database_route_serves_it_without_restart() {
+    let Some(w) = PgWorld::start().await else { return };
+    let (head, block) = config_parts(&w);
+    let token = w.w.token("bb", &[]);
+    let (before, _conn) = connect_at(&w, w.addr, &token).await.unwrap_or_else(|e| panic!("{e}"));
+
+    write(
+        &w.w.config_path(),
+        &format!("{head}{block}\n{}", route_block(&block, "added", "127.0.0.1:0")),
+    );
+    assert!(w.w.server().reload().await, "reload with an added database route");
+    assert_eq!(last_reload(&w)["routes_changed"], serde_json::json!(["added"]));
+    let added = addr_now(&w, "added");
+    assert_eq!(addr_now(&w, "appdb"), w.addr, "an unchanged route keeps its listener");
+    assert_ne!(added, w.addr);
+
+    // The new listener serves at once, under the route's policy.
+    let (c, _c2) =
+        connect_at(&w, added, &token).await.unwrap_or_else(|e| panic!("added route: {e}"));
+    assert_eq!(current_user(&c).await, "migrator");
+    let open = w
+        .wait_event(|e| e["kind"] == "pg.session" && e["event"] == "open" && e["route"] == "added")
+        .await;
+    assert_eq!(open["decision"], "allow");
+    // The session opened before the reload is untouched, and its listener still accepts.
+    assert_eq!(current_user(&before).await, "migrator");
+    let (again, _c3) = connect_at(&w, w.addr, &token).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(current_user(&again).await, "migrator");
+    // A reload that changes nothing rebinds nothing.
+    assert!(w.w.server().reload().await);
+    assert_eq!(addr_now(&w, "added"), added);
+    assert_eq!(last_reload(&w)["routes_changed"], serde_json::json!([]));
+    assert_eq!(current_user(&c).await, "migrator");
+}
+
+#[tokio::test]
+async fn removing_a_database_route_closes_its_listener_and_ends_its_sessions_with_57p01() {
+    let Some(w) = PgWorld::with_toml("", |t| {
+        format!("{t}\n{}", t.replace("name = \"appdb\"", "name = \"doomed\""))
+    })
+    .await
+    else {
+        return;
+    };
+    let (head, appdb) = config_parts(&w);
+    let doomed = w.addr_of("doomed");
+    let token = w.w.token("bb", &[]);
+    let (dc, dconn) = connect_at(&w, doomed, &token).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(current_user(&dc).await, "migrator");
+    let (kept, _kconn) = connect_at(&w, w.addr, &token).await.unwrap_or_else(|e| panic!("{e}"));
+
+    write(&w.w.config_path(), &format!("{head}{appdb}"));
+    assert!(w.w.server().reload().await);
+    assert_eq!(last_reload(&w)["routes_changed"], serde_json::json!(["doomed"]));
+
+    let err = ended_with(dconn).await;
+    assert_eq!(err.code().map(|c| c.code()), Some("57P01"), "{err}");
+    let msg = err.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert!(msg.contains("access-revoked") && msg.contains("request id"), "{msg}");
+    let close = w
+        .wait_event(|e| {
+            e["kind"] == "pg.session" && e["event"] == "close" && e["route"] == "doomed"
+        })
+        .await;
+    assert_eq!(close["decision"], "terminated");
+    assert_eq!(close["reason"], "access-revoked");
+    assert_eq!(close["ended_by"], "portcullis");
+    assert!(
+        close["detail"].as_str().is_some_and(|d| d.contains("database route `doomed` removed")),
+        "{close}"
+    );
+    assert_refuses(doomed).await;
+    assert_eq!(bound_now(&w), vec![("appdb".to_string(), w.addr)]);
+    // The other route's session and listener are untouched.
+    assert_eq!(current_user(&kept).await, "migrator");
+    assert!(connect_at(&w, w.addr, &token).await.is_ok());
+}
+
+#[tokio::test]
+async fn moving_a_database_route_rebinds_it_and_its_sessions_go_on() {
+    let Some(w) = PgWorld::start().await else { return };
+    let (head, block) = config_parts(&w);
+    let token = w.w.token("bb", &[]);
+    let (c, _conn) = connect_at(&w, w.addr, &token).await.unwrap_or_else(|e| panic!("{e}"));
+    let port = free_port();
+
+    write(
+        &w.w.config_path(),
+        &format!("{head}{}", route_block(&block, "appdb", &format!("127.0.0.1:{port}"))),
+    );
+    assert!(w.w.server().reload().await);
+    assert_eq!(last_reload(&w)["routes_changed"], serde_json::json!(["appdb"]));
+    let moved = addr_now(&w, "appdb");
+    assert_eq!(moved, SocketAddr::from(([127, 0, 0, 1], port)));
+    assert_refuses(w.addr).await;
+    // Still allowed: the session opened on the old listener goes on.
+    assert_eq!(current_user(&c).await, "migrator");
+    let (c2, _conn2) = connect_at(&w, moved, &token).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(current_user(&c2).await, "migrator");
+    assert!(
+        !w.w.events().iter().any(|e| e["kind"] == "pg.session" && e["event"] == "close"),
+        "no session ended"
+    );
+}
+
+#[tokio::test]
+async fn renaming_a_route_on_a_fixed_port_hands_its_listener_over() {
+    let port = free_port();
+    let listen = format!("listen = \"127.0.0.1:{port}\"");
+    let Some(w) = PgWorld::with_toml("", |t| t.replace("listen = \"127.0.0.1:0\"", &listen)).await
+    else {
+        return;
+    };
+    let (head, block) = config_parts(&w);
+    let token = w.w.token("bb", &[]);
+    let (_c, conn) = connect_at(&w, w.addr, &token).await.unwrap_or_else(|e| panic!("{e}"));
+
+    // The new route wants the port the old one holds: no second bind, no restart.
+    write(
+        &w.w.config_path(),
+        &format!("{head}{}", block.replace("name = \"appdb\"", "name = \"renamed\"")),
+    );
+    assert!(w.w.server().reload().await, "rename on the same port");
+    assert_eq!(bound_now(&w), vec![("renamed".to_string(), w.addr)]);
+    let err = ended_with(conn).await;
+    assert_eq!(err.code().map(|c| c.code()), Some("57P01"), "{err}");
+    let (c, _conn) = connect_at(&w, w.addr, &token).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(current_user(&c).await, "migrator");
+    let open = w
+        .wait_event(|e| {
+            e["kind"] == "pg.session" && e["event"] == "open" && e["route"] == "renamed"
+        })
+        .await;
+    assert_eq!(open["decision"], "allow");
+    let mut changed: Vec<String> =
+        serde_json::from_value(last_reload(&w)["routes_changed"].clone()).unwrap_or_default();
+    changed.sort();
+    assert_eq!(changed, vec!["appdb", "renamed"]);
+}
+
+#[tokio::test]
+async fn a_reload_whose_database_listener_cannot_bind_is_rejected_and_nothing_changes() {
+    let Some(w) = PgWorld::start().await else { return };
+    let (head, block) = config_parts(&w);
+    let token = w.w.token("bb", &[]);
+    let (c, conn) = connect_at(&w, w.addr, &token).await.unwrap_or_else(|e| panic!("{e}"));
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let taken = blocker.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let reloads = w.w.events().iter().filter(|e| e["kind"] == "reload").count();
+
+    // One route that can be bound, one that cannot, and a policy that would revoke the
+    // open session: all or nothing.
+    let only_engineers =
+        PG_POLICY.split("[[rule]]").nth(2).map(|r| format!("[[rule]]{r}")).unwrap_or_default();
+    write(&w.w.policy_path("pg"), &only_engineers);
+    write(
+        &w.w.config_path(),
+        &format!(
+            "{head}{block}\n{}\n{}",
+            route_block(&block, "first", "127.0.0.1:0"),
+            route_block(&block, "second", &taken.to_string())
+        ),
+    );
+    assert!(!w.w.server().reload().await, "a listener that cannot bind rejects the reload");
+    assert_eq!(bound_now(&w), vec![("appdb".to_string(), w.addr)], "no listener added");
+    assert_eq!(
+        w.w.events().iter().filter(|e| e["kind"] == "reload").count(),
+        reloads,
+        "no reload event"
+    );
+    // The old policy is still in force: the session goes on and new ones open.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(current_user(&c).await, "migrator");
+    let (c2, _conn2) = connect_at(&w, w.addr, &token).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(current_user(&c2).await, "migrator");
+
+    // Once the port is free, the same configuration applies in full.
+    drop(blocker);
+    assert!(w.w.server().reload().await);
+    let names: Vec<String> = bound_now(&w).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, vec!["appdb", "first", "second"]);
+    assert_eq!(addr_now(&w, "second"), taken);
+    assert_eq!(ended_with(conn).await.code().map(|c| c.code()), Some("57P01"));
+    let human = w.w.token("corp", &[]);
+    let (h, _hconn) = w
+        .pg_config_at(taken, &human, "alice")
+        .connect(w.tls())
+        .await
+        .map(|(c, conn)| (c, tokio::spawn(conn)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(current_user(&h).await, "readonly");
+}
+
+/// The value of the metric line `series` (name and labels), polled until it is `want`
+/// (up to 3 s); the last value seen otherwise.
+async fn metric(w: &PgWorld, series: &str, want: u64) -> Option<u64> {
+    let mut last = None;
+    for _ in 0..60 {
+        let text = w.w.admin_get("/metrics").await.text();
+        last = text
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok());
+        if last == Some(want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    last
+}
+
+#[tokio::test]
+async fn postgres_metrics_count_sessions_statements_terminations_and_bytes() {
+    // The metrics are process-wide; a route name of its own keeps other tests' sessions out.
+    let Some(w) =
+        PgWorld::with_toml("", |t| t.replace("name = \"appdb\"", "name = \"metricsdb\"")).await
+    else {
+        return;
+    };
+    let r = "route=\"metricsdb\"";
+    let pipeline = w.w.token("bb", &[]);
+    let human = w.w.token("corp", &[]);
+    // Session 1: two statements, closed by the client.
+    let (c, conn) = connect_at(&w, w.addr, &pipeline).await.unwrap_or_else(|e| panic!("{e}"));
+    c.simple_query("select 1").await.unwrap_or_else(|e| panic!("{e}"));
+    c.simple_query("select 2").await.unwrap_or_else(|e| panic!("{e}"));
+    drop(c);
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    // Session 2: one statement (extended protocol: Parse, Bind, Execute), left open.
+    let (h, hconn) = w
+        .pg_config_at(w.addr, &human, "alice")
+        .connect(w.tls())
+        .await
+        .map(|(c, conn)| (c, tokio::spawn(conn)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(current_user(&h).await, "readonly");
+    // Two refusals: the policy, and a token that does not verify.
+    let feature = w.w.token("bb", &["branchName=feature/x"]);
+    assert!(connect_at(&w, w.addr, &feature).await.is_err());
+    assert!(connect_at(&w, w.addr, "not-a-jwt").await.is_err());
+
+    let series = |name: &str, labels: &str| format!("{name}{{{r}{labels}}}");
+    let sessions = "portcullis_pg_sessions_total";
+    assert_eq!(
+        metric(&w, &series(sessions, ",decision=\"allow\",reason=\"allowed\""), 2).await,
+        Some(2)
+    );
+    assert_eq!(
+        metric(&w, &series(sessions, ",decision=\"deny\",reason=\"policy-denied\""), 1).await,
+        Some(1)
+    );
+    assert_eq!(
+        metric(&w, &series(sessions, ",decision=\"deny\",reason=\"malformed-token\""), 1).await,
+        Some(1)
+    );
+    assert_eq!(metric(&w, &series("portcullis_pg_sessions_open", ""), 1).await, Some(1));
+    assert_eq!(metric(&w, &series("portcullis_pg_statements_total", ""), 3).await, Some(3));
+
+    // A reload that revokes the engineers' access ends session 2.
+    let only_pipelines =
+        PG_POLICY.split("[[rule]]").nth(1).map(|r| format!("[[rule]]{r}")).unwrap_or_default();
+    write(&w.w.policy_path("pg"), &only_pipelines);
+    assert!(w.w.server().reload().await);
+    assert_eq!(ended_with(hconn).await.code().map(|c| c.code()), Some("57P01"));
+    let terminations = "portcullis_pg_session_terminations_total";
+    assert_eq!(metric(&w, &series(terminations, ",reason=\"access-revoked\""), 1).await, Some(1));
+    assert_eq!(metric(&w, &series("portcullis_pg_sessions_open", ""), 0).await, Some(0));
+
+    // Bytes: exactly what the two sessions' close events say they relayed.
+    let mut closes = Vec::new();
+    for _ in 0..100 {
+        closes =
+            w.events_of("pg.session").await.into_iter().filter(|e| e["event"] == "close").collect();
+        if closes.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(closes.len(), 2, "two sessions closed");
+    let sum = |k: &str| closes.iter().map(|e| e[k].as_u64().unwrap_or(0)).sum::<u64>();
+    let (bytes_in, bytes_out) = (sum("bytes_in"), sum("bytes_out"));
+    assert!(bytes_in > 0 && bytes_out > 0, "in {bytes_in}, out {bytes_out}");
+    let bytes = "portcullis_pg_bytes_total";
+    assert_eq!(metric(&w, &series(bytes, ",direction=\"in\""), bytes_in).await, Some(bytes_in));
+    assert_eq!(metric(&w, &series(bytes, ",direction=\"out\""), bytes_out).await, Some(bytes_out));
+    let text = w.w.admin_get("/metrics").await.text();
+    for family in [sessions, "portcullis_pg_sessions_open", terminations, bytes] {
+        assert!(text.contains(&format!("# TYPE {family} ")), "{family} has a TYPE line");
+    }
+}
