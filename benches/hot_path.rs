@@ -29,7 +29,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
-use portcullis::audit::{AuditSink, HttpEvent, IdentitySummary};
+use portcullis::audit::{AuditSink, HttpEvent};
 use portcullis::dev::signer::{jwks, DevSigner};
 use portcullis::dev::token::{apply_overrides, preset_claims};
 use portcullis::diag::Source;
@@ -234,7 +234,9 @@ fn bench_audit(c: &mut Criterion, signer: &DevSigner) {
     let peer: SocketAddr = ([127, 0, 0, 1], 40_000).into();
     c.bench_function("audit/emit", |b| {
         b.iter(|| {
-            // The same event the access log builds for an allowed request.
+            // The same event the access log builds for an allowed request (the identity's
+            // fields are serialized once per identity, as in the proxy).
+            let (identity, ci) = id.audit_fields();
             let ev = HttpEvent {
                 ts: portcullis::audit::now_rfc3339(),
                 request_id: "5c0ffee000000000002a",
@@ -251,8 +253,8 @@ fn bench_audit(c: &mut Criterion, signer: &DevSigner) {
                 rule: None,
                 shadow: None,
                 policy_revision: Some("sha256:0123456789ab"),
-                identity: Some(IdentitySummary::of(&id)),
-                ci: id.ci.as_ref(),
+                identity: Some(identity),
+                ci,
                 upstream: Some("http://127.0.0.1:9000"),
                 status: 200,
                 bytes_in: 0,

@@ -587,3 +587,64 @@ async fn a_browser_sign_in_leaves_no_secret_on_stdout_or_stderr() {
         assert!(found.is_empty(), "a JWS (ID token?) is on {stream}: {found:?}");
     }
 }
+
+/// `dev floor`, the load test's baseline, forwards method, path and query to its upstream
+/// unchanged and refuses anything but loopback.
+#[tokio::test]
+async fn dev_floor_forwards_to_its_upstream_and_binds_loopback_only() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = portcullis::dev::echo::EchoServer::start(
+        "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("addr: {e:?}")),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("echo upstream: {e:?}"));
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let upstream = format!("http://{}", echo.addr());
+    let mut child = Command::new(BIN)
+        .args(["dev", "floor", "--listen", &listen, "--upstream", &upstream])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn dev floor: {e:?}"));
+    let Some(stdout) = child.stdout.take() else { panic!("no stdout") };
+    let floor = Killed(child);
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        line
+    });
+    let line = tokio::time::timeout(Duration::from_secs(30), ready)
+        .await
+        .unwrap_or_else(|e| panic!("dev floor became ready: {e:?}"))
+        .unwrap_or_else(|e| panic!("reader: {e:?}"));
+    assert_eq!(line.trim(), format!("ready floor on http://{listen}"));
+
+    let mut s =
+        tokio::net::TcpStream::connect(&listen).await.unwrap_or_else(|e| panic!("connect: {e:?}"));
+    s.write_all(
+        b"POST /a/b?c=d HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("write: {e:?}"));
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut resp))
+        .await
+        .unwrap_or_else(|e| panic!("answer in time: {e:?}"))
+        .unwrap_or_else(|e| panic!("read: {e:?}"));
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let body: serde_json::Value = serde_json::from_str(
+        &resp[resp.find("\r\n\r\n").unwrap_or_else(|| panic!("no head end: {resp}")) + 4..],
+    )
+    .unwrap_or_else(|e| panic!("echo JSON: {e:?}"));
+    assert_eq!(body["method"], "POST");
+    assert_eq!(body["path"], "/a/b");
+    assert_eq!(body["query"], "c=d");
+    assert_eq!(body["body_bytes"], 3);
+    drop(floor);
+
+    let (code, _, err) = run(&["dev", "floor", "--listen", "0.0.0.0:0", "--upstream", &upstream]);
+    assert_ne!(code, 0);
+    assert!(err.contains("loopback only"), "{err}");
+}
