@@ -162,6 +162,25 @@ fn authority_with_port(req: &Request<Incoming>) -> Option<String> {
     }
 }
 
+/// Refuses what two hops could read differently: more than one Host, a Host that
+/// contradicts the absolute-form target or HTTP/2 `:authority` (the proxy routes by one,
+/// the upstream might route by the other). (Content-Length beside Transfer-Encoding never
+/// gets here: hyper frames such a request by Transfer-Encoding alone and drops the
+/// Content-Length, so the upstream is sent one unambiguous framing; tested.)
+fn unambiguous(req: &Request<Incoming>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    if let (Some(target), Some(host)) = (req.uri().authority(), host) {
+        if !host.as_bytes().eq_ignore_ascii_case(target.as_str().as_bytes()) {
+            return Err("Host differs from the request target's authority");
+        }
+    }
+    Ok(())
+}
+
 /// The request's authority, lower-cased and without port: `:authority` (HTTP/2) or Host.
 fn authority(req: &Request<Incoming>) -> Option<String> {
     let parsed: http::uri::Authority;
@@ -207,7 +226,13 @@ pub async fn handle(
         return finish(resp, out);
     }
 
-    // 2. Authority and path.
+    // 2. Authority: what every hop must read the same way (RFC 9112 §3.2). Ambiguous
+    //    requests are refused and the connection closed, never forwarded.
+    if let Err(detail) = unambiguous(&req) {
+        let mut resp = rejection(out, Reason::BadRequest, detail, &rc);
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
     let Some(host) = authority(&req) else {
         return rejection(out, Reason::BadRequest, "missing or invalid Host", &rc);
     };

@@ -433,3 +433,92 @@ async fn preserve_host_forwards_the_clients_authority_for_http1_and_http2() {
         send_with(&c, Method::GET, &w.url("/x"), &[("authorization", &auth)], Bytes::new()).await;
     assert_eq!(r.upstream_header("host"), Some(want));
 }
+
+/// One raw HTTP/1.1 exchange over TLS: exactly these bytes, then everything the proxy
+/// sends until it closes the connection (or 10 s pass).
+async fn raw_exchange(w: &World, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(w.pki.root_store()).with_no_client_auth())
+        .unwrap_or_else(|e| panic!("{e}"));
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(w.https).await.unwrap_or_else(|e| panic!("{e}"));
+    let name =
+        rustls_pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
+    let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(request.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the proxy kept the connection open: {}", String::from_utf8_lossy(&out));
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn ambiguous_authority_is_refused_and_framing_is_never_forwarded_ambiguously() {
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+    let auth = format!("Authorization: Bearer {t}\r\n");
+    let cases = [
+        (
+            "two Host headers",
+            format!(
+                "GET /x HTTP/1.1\r\nHost: localhost:{port}\r\nHost: other.example\r\n{auth}\r\n"
+            ),
+        ),
+        (
+            "absolute-form target and Host differ",
+            format!("GET https://other.example/x HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}\r\n"),
+        ),
+    ];
+    for (what, request) in cases {
+        let resp = raw_exchange(&w, &request).await;
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{what}: {resp}");
+        assert!(resp.contains("\"error\":\"bad-request\""), "{what}: {resp}");
+        // One response only: nothing after it was read as a second request.
+        assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "{what}: {resp}");
+        assert!(!resp.contains(&t), "{what}: the token was echoed");
+    }
+    // Content-Length beside Transfer-Encoding: framed by Transfer-Encoding alone, and the
+    // upstream is sent that framing only, so the two hops cannot disagree on where the
+    // body ends; and the connection is closed after the response (RFC 9112 §6.1), so
+    // nothing after the chunked body is read as a request.
+    let resp = raw_exchange(
+        &w,
+        &format!("POST /x HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}Content-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    let echo_start = resp.find("{\"method\"").unwrap_or_else(|| panic!("no echo: {resp}"));
+    let echo_end =
+        echo_start + resp[echo_start..].find("}\r\n").map_or(resp.len() - echo_start, |e| e + 1);
+    let echo: serde_json::Value =
+        serde_json::from_str(&resp[echo_start..echo_end]).unwrap_or_else(|e| panic!("{e}: {resp}"));
+    assert_eq!(echo["body_bytes"], 3, "{echo}");
+    assert!(echo["headers"].get("content-length").is_none(), "{echo}");
+    assert_eq!(echo["headers"]["transfer-encoding"][0], "chunked", "{echo}");
+    assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "a trailing request was served: {resp}");
+    // The unambiguous forms still work: absolute-form agreeing with Host, and origin-form.
+    for request in [
+        format!("GET https://localhost:{port}/x HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}Connection: close\r\n\r\n"),
+        format!("GET /x HTTP/1.1\r\nHost: LOCALHOST:{port}\r\n{auth}Connection: close\r\n\r\n"),
+    ] {
+        let resp = raw_exchange(&w, &request).await;
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{request}: {resp}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // events are written as bodies end
+    let refused = w.events();
+    let reasons: Vec<&str> = refused
+        .iter()
+        .filter(|e| e["reason"] == "bad-request")
+        .filter_map(|e| e["detail"].as_str())
+        .collect();
+    for detail in ["more than one Host header", "Host differs from the request target's authority"]
+    {
+        assert!(reasons.contains(&detail), "{detail} not in {reasons:?}");
+    }
+}
