@@ -20,6 +20,9 @@ pub enum Reason {
     AmbiguousPath,
     /// The request is malformed in a way that is not about the path.
     BadRequest,
+    /// TRACE/TRACK: refused on every route, since the upstream's reflection would hand the
+    /// caller the identity headers and the signed assertion the proxy added.
+    MethodNotAllowed,
     /// More than one credential was presented (two Authorization headers, cookie + bearer).
     AmbiguousCredentials,
     /// No bearer token on a route that needs one.
@@ -104,6 +107,7 @@ impl Reason {
             Reason::MisdirectedRequest => "misdirected-request",
             Reason::AmbiguousPath => "ambiguous-path",
             Reason::BadRequest => "bad-request",
+            Reason::MethodNotAllowed => "method-not-allowed",
             Reason::AmbiguousCredentials => "ambiguous-credentials",
             Reason::MissingToken => "missing-token",
             Reason::MalformedToken => "malformed-token",
@@ -170,6 +174,7 @@ impl Reason {
             Reason::Allowed | Reason::Internal => StatusCode::OK,
             Reason::NoRoute => StatusCode::NOT_FOUND,
             Reason::MisdirectedRequest => StatusCode::MISDIRECTED_REQUEST,
+            Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Reason::AmbiguousPath
             | Reason::BadRequest
             | Reason::AmbiguousCredentials

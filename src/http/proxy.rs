@@ -173,6 +173,9 @@ fn unambiguous(req: &Request<Incoming>) -> Result<(), &'static str> {
     if hosts.next().is_some() {
         return Err("more than one Host header");
     }
+    if host.is_some_and(|h| h.as_bytes().contains(&b'@')) {
+        return Err("Host carries userinfo");
+    }
     if let (Some(target), Some(host)) = (req.uri().authority(), host) {
         if !host.as_bytes().eq_ignore_ascii_case(target.as_str().as_bytes()) {
             return Err("Host differs from the request target's authority");
@@ -232,6 +235,9 @@ pub async fn handle(
         let mut resp = rejection(out, Reason::BadRequest, detail, &rc);
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return resp;
+    }
+    if req.method() == http::Method::TRACE || req.method().as_str() == "TRACK" {
+        return rejection(out, Reason::MethodNotAllowed, "TRACE is never forwarded", &rc);
     }
     let Some(host) = authority(&req) else {
         return rejection(out, Reason::BadRequest, "missing or invalid Host", &rc);

@@ -471,6 +471,10 @@ async fn ambiguous_authority_is_refused_and_framing_is_never_forwarded_ambiguous
             ),
         ),
         (
+            "userinfo in Host",
+            format!("GET /x HTTP/1.1\r\nHost: user@localhost:{port}\r\n{auth}\r\n"),
+        ),
+        (
             "absolute-form target and Host differ",
             format!("GET https://other.example/x HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}\r\n"),
         ),
@@ -502,6 +506,16 @@ async fn ambiguous_authority_is_refused_and_framing_is_never_forwarded_ambiguous
     assert!(echo["headers"].get("content-length").is_none(), "{echo}");
     assert_eq!(echo["headers"]["transfer-encoding"][0], "chunked", "{echo}");
     assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "a trailing request was served: {resp}");
+    // TRACE would have the upstream reflect the identity headers and the signed
+    // assertion back to the caller: refused on every route, before authentication.
+    let resp = raw_exchange(
+        &w,
+        &format!("TRACE /x HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}Connection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 405 "), "{resp}");
+    assert!(resp.contains("\"error\":\"method-not-allowed\""), "{resp}");
+    assert!(!resp.to_ascii_lowercase().contains("x-portcullis-assertion"), "{resp}");
     // The unambiguous forms still work: absolute-form agreeing with Host, and origin-form.
     for request in [
         format!("GET https://localhost:{port}/x HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}Connection: close\r\n\r\n"),
@@ -517,8 +531,11 @@ async fn ambiguous_authority_is_refused_and_framing_is_never_forwarded_ambiguous
         .filter(|e| e["reason"] == "bad-request")
         .filter_map(|e| e["detail"].as_str())
         .collect();
-    for detail in ["more than one Host header", "Host differs from the request target's authority"]
-    {
+    for detail in [
+        "more than one Host header",
+        "Host carries userinfo",
+        "Host differs from the request target's authority",
+    ] {
         assert!(reasons.contains(&detail), "{detail} not in {reasons:?}");
     }
 }
