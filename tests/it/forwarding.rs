@@ -189,18 +189,7 @@ async fn ws_connect(
     tokio_tungstenite::tungstenite::Error,
 > {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut tls = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(w.pki.root_store()).with_no_client_auth())
-        .unwrap_or_else(|e| panic!("{e}"));
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(w.https).await.unwrap_or_else(|e| panic!("{e}"));
-    let name =
-        rustls_pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
-    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
-        .connect(name, tcp)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let stream = tls_h1(w).await;
     let mut req = format!("wss://localhost:{}/ws", w.https.port()).into_client_request()?;
     if let Some(t) = token {
         req.headers_mut().insert(
@@ -434,10 +423,8 @@ async fn preserve_host_forwards_the_clients_authority_for_http1_and_http2() {
     assert_eq!(r.upstream_header("host"), Some(want));
 }
 
-/// One raw HTTP/1.1 exchange over TLS: exactly these bytes, then everything the proxy
-/// sends until it closes the connection (or 10 s pass).
-async fn raw_exchange(w: &World, request: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// A TLS connection to the proxy offering only HTTP/1.1.
+async fn tls_h1(w: &World) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut tls = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
         .with_safe_default_protocol_versions()
         .map(|b| b.with_root_certificates(w.pki.root_store()).with_no_client_auth())
@@ -446,10 +433,17 @@ async fn raw_exchange(w: &World, request: &str) -> String {
     let tcp = tokio::net::TcpStream::connect(w.https).await.unwrap_or_else(|e| panic!("{e}"));
     let name =
         rustls_pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
-    let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
         .connect(name, tcp)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// One raw HTTP/1.1 exchange over TLS: exactly these bytes, then everything the proxy
+/// sends until it closes the connection (or 10 s pass).
+async fn raw_exchange(w: &World, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tls_h1(w).await;
     s.write_all(request.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
     let mut out = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
