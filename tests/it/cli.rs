@@ -137,8 +137,8 @@ fn shipped_examples_pass_check() {
 }
 
 /// Starts the demo like the README does and returns it with what it printed so far.
-fn start_demo(dir: &Path, port: u16) -> (Killed, String) {
-    let (demo, out) = start_demo_with(dir, port, &[]);
+fn start_demo(dir: &Path, port: u16, cpus: Cpus) -> (Killed, String) {
+    let (demo, out) = start_demo_with(dir, port, &[], cpus);
     let seen = out.stdout();
     (demo, seen)
 }
@@ -173,9 +173,24 @@ impl Captured {
 }
 
 /// Starts the demo with extra environment variables; waits for its `ready` banner.
-fn start_demo_with(dir: &Path, port: u16, env: &[(&str, &str)]) -> (Killed, Captured) {
+/// On how many CPUs the demo may run: with one it uses a current-thread runtime.
+#[derive(Clone, Copy, PartialEq)]
+enum Cpus {
+    All,
+    One,
+}
+
+fn start_demo_with(dir: &Path, port: u16, env: &[(&str, &str)], cpus: Cpus) -> (Killed, Captured) {
     let admin = free_port();
-    let mut child = Command::new(BIN)
+    let mut command = match cpus {
+        Cpus::All => Command::new(BIN),
+        Cpus::One => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "0", BIN]);
+            c
+        }
+    };
+    let mut child = command
         .args([
             "demo",
             "--listen",
@@ -216,9 +231,20 @@ fn start_demo_with(dir: &Path, port: u16, env: &[(&str, &str)]) -> (Killed, Capt
 
 #[tokio::test]
 async fn the_readme_demo_flow_works_through_the_real_binary() {
+    demo_flow(Cpus::All).await;
+}
+
+/// Pinned to one CPU (as in the load test, or a one-CPU container) the binary runs a
+/// current-thread runtime; the whole flow must behave the same.
+#[tokio::test]
+async fn the_readme_demo_flow_works_on_one_cpu() {
+    demo_flow(Cpus::One).await;
+}
+
+async fn demo_flow(cpus: Cpus) {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let port = free_port();
-    let (demo, banner) = start_demo(dir.path(), port);
+    let (demo, banner) = start_demo(dir.path(), port, cpus);
     assert!(banner.contains("--claim branchName=feature/x"), "ready-to-paste commands: {banner}");
     let pki =
         portcullis::tls::DevPki::load_or_create(dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
@@ -479,7 +505,7 @@ async fn a_browser_sign_in_leaves_no_secret_on_stdout_or_stderr() {
 
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let port = free_port();
-    let (demo, out) = start_demo_with(dir.path(), port, &[("PORTCULLIS_LOG", "debug")]);
+    let (demo, out) = start_demo_with(dir.path(), port, &[("PORTCULLIS_LOG", "debug")], Cpus::All);
     let pki =
         portcullis::tls::DevPki::load_or_create(dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
     let c = client(&pki, false);
