@@ -82,9 +82,18 @@ impl KeyCache {
     }
 }
 
+/// SASLprep (RFC 4013), exactly as PostgreSQL applies it when it stores a SCRAM secret
+/// and as libpq applies it when it logs in: the identity on ASCII; a password that is not
+/// valid SASLprep input (a prohibited or unassigned character) is used as its UTF-8 bytes.
+fn prepare(password: &str) -> std::borrow::Cow<'_, str> {
+    if password.is_ascii() {
+        return std::borrow::Cow::Borrowed(password);
+    }
+    stringprep::saslprep(password).unwrap_or(std::borrow::Cow::Borrowed(password))
+}
+
 fn derive(password: &str, salt: &[u8], iterations: NonZeroU32) -> Keys {
-    // SASLprep is the identity on ASCII; other passwords are used as their UTF-8 bytes,
-    // which is what PostgreSQL itself does when a password is not valid SASLprep input.
+    let password = prepare(password);
     let mut salted = [0u8; 32];
     pbkdf2::derive(pbkdf2::PBKDF2_HMAC_SHA256, iterations, salt, password.as_bytes(), &mut salted);
     let key = hmac::Key::new(hmac::HMAC_SHA256, &salted);
@@ -261,6 +270,23 @@ mod tests {
         );
         assert_eq!(x.client_final("r=abcd,i=1", "p", &cache), Err(ScramError::ServerFirst));
         assert_eq!(x.verify_server_final("v=AAAA"), Err(ScramError::ServerFinal));
+    }
+
+    #[test]
+    fn passwords_are_saslprepped_like_postgres_does() {
+        // RFC 4013 §3 examples: soft hyphen maps to nothing, U+00AA to "a" (NFKC), and
+        // non-ASCII spaces to a space; ASCII is untouched.
+        assert_eq!(prepare("I\u{00AD}X"), "IX");
+        assert_eq!(prepare("\u{00AA}"), "a");
+        assert_eq!(prepare("a\u{00A0}b"), "a b");
+        assert_eq!(prepare("user"), "user");
+        // Not valid SASLprep input (a prohibited control character): the raw bytes.
+        assert_eq!(prepare("\u{0007}pw\u{00E9}"), "\u{0007}pw\u{00E9}");
+        // And the keys follow: two spellings SASLprep unifies derive the same keys.
+        let salt = b"salt";
+        let it = NonZeroU32::new(16).unwrap_or(NonZeroU32::MIN);
+        assert_eq!(derive("I\u{00AD}X", salt, it).client_key, derive("IX", salt, it).client_key);
+        assert_ne!(derive("IY", salt, it).client_key, derive("IX", salt, it).client_key);
     }
 
     #[test]

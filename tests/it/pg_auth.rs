@@ -436,3 +436,38 @@ async fn upstream_tls_require_and_verify_full_work_and_fail_closed_against_a_rea
     assert!(d.contains("pg_hba.conf rejects connection") && d.contains("no encryption"), "{ev}");
     assert_secrets_kept(&w, &[TLS_PW, MD5_PW, &token]);
 }
+
+/// A SCRAM password that SASLprep changes (soft hyphen removed, U+FB01 and U+00AA
+/// normalized): PostgreSQL stores the secret of the prepared form, so portcullis must
+/// prepare it the same way or every login fails.
+#[tokio::test]
+async fn scram_passwords_are_saslprepped_like_postgres_does() {
+    let Some(pg) = pg() else { return };
+    const ROLE: &str = "saslprep_user";
+    const PW: &str = "s\u{00AD}ecre\u{FB01}t-\u{00AA}-Pw-4d1";
+    pg.admin_sql(&format!("drop role if exists {ROLE}; create role {ROLE} login password '{PW}';"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stored = pg
+        .admin_sql(&format!(
+            "select rolpassword like 'SCRAM-SHA-256$%' from pg_authid where rolname = '{ROLE}'"
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stored, "t", "{ROLE}'s password is stored as a SCRAM secret");
+    let secrets = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = secrets.path();
+    let direct = format!("127.0.0.1:{}", pg.port);
+    let routes = [
+        route(s, "saslprep", &direct, ROLE, PW),
+        // A password one character off is still refused: the login above succeeds
+        // because of the preparation, not because the role takes anything.
+        route(s, "saslprep-wrong", &direct, ROLE, "secre\u{FB01}t-\u{00AA}-Pw-4d2"),
+    ]
+    .concat();
+    let w = PgWorld::build(pg, secrets, routes, &policy()).await;
+    let token = w.w.token("bb", &[]);
+    let (who, _) = who_and_ssl(&w, "saslprep", &token).await;
+    assert_eq!(who, ROLE);
+    let ev = refused(&w, "saslprep-wrong", &token, &[PW]).await;
+    assert!(detail(&ev).contains("28P01"), "{ev}");
+    assert_secrets_kept(&w, &[PW, &token]);
+}
