@@ -3,7 +3,9 @@
 //! yes (fail closed).
 //!
 //! 1. own endpoints (`/.well-known/portcullis/jwks.json`)
-//! 2. authority + path: SNI/Host agreement, canonical path (ambiguous → 400)
+//! 2. authority + path: one Host that agrees with the target/`:authority` (else 400, and
+//!    the connection closed), no TRACE/TRACK (405), SNI/Host agreement (421), canonical
+//!    path (ambiguous → 400)
 //! 3. route: host + path (+ method) → 404
 //! 4. authenticate: bearer token or session cookie → verified identity → 401 (a
 //!    browser without a session is sent to sign in instead; cookie + bearer → 400).
@@ -237,7 +239,12 @@ pub async fn handle(
         return resp;
     }
     if req.method() == http::Method::TRACE || req.method().as_str() == "TRACK" {
-        return rejection(out, Reason::MethodNotAllowed, "TRACE is never forwarded", &rc);
+        return rejection(
+            out,
+            Reason::MethodNotAllowed,
+            "TRACE and TRACK are never forwarded",
+            &rc,
+        );
     }
     let Some(host) = authority(&req) else {
         return rejection(out, Reason::BadRequest, "missing or invalid Host", &rc);
