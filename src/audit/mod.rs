@@ -25,18 +25,19 @@ pub struct TlsInfo {
     pub sni: Option<Arc<str>>,
 }
 
-/// Who made the request, as recorded (no claims beyond these).
+/// Who made the request, as recorded (no claims beyond these); serialized once per
+/// identity by [`Identity::audit_fields`].
 #[derive(Debug, Serialize)]
-pub struct IdentitySummary<'a> {
-    pub issuer: &'a str,
-    pub subject: &'a str,
-    pub kind: crate::identity::PrincipalKind,
+struct IdentitySummary<'a> {
+    issuer: &'a str,
+    subject: &'a str,
+    kind: crate::identity::PrincipalKind,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub email: Option<&'a str>,
+    email: Option<&'a str>,
 }
 
 impl<'a> IdentitySummary<'a> {
-    pub fn of(id: &'a Identity) -> Self {
+    fn of(id: &'a Identity) -> Self {
         Self {
             issuer: id.issuer.as_str(),
             subject: &id.subject,

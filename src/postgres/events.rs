@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use crate::audit::{IdentitySummary, TlsInfo};
-use crate::identity::CiContext;
+use serde_json::value::RawValue;
+
+use crate::audit::TlsInfo;
 use crate::policy::RuleRef;
 
 /// A session opened, was refused, or closed.
@@ -42,9 +43,9 @@ pub struct SessionEvent<'a> {
     pub rule: Option<&'a RuleRef>,
     pub policy_revision: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub identity: Option<IdentitySummary<'a>>,
+    pub identity: Option<&'a RawValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ci: Option<&'a CiContext>,
+    pub ci: Option<&'a RawValue>,
     /// Close only: who ended the session (`client`, `upstream`, `portcullis`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ended_by: Option<&'static str>,
@@ -79,9 +80,9 @@ pub struct StatementEvent<'a> {
     pub text: Option<&'a str>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
-    pub identity: &'a serde_json::value::RawValue,
+    pub identity: &'a RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ci: Option<&'a serde_json::value::RawValue>,
+    pub ci: Option<&'a RawValue>,
 }
 
 /// A CancelRequest arrived.

@@ -17,7 +17,7 @@ use super::events::{CancelEvent, SessionEvent, StatementEvent};
 use super::proto::{self, Initial, ReadError, Scanner, Severity};
 use super::upstream::{self, UpstreamError, UpstreamStream};
 use super::{Hub, ALPN_POSTGRESQL};
-use crate::audit::{now_rfc3339, IdentitySummary, TlsInfo};
+use crate::audit::{now_rfc3339, TlsInfo};
 use crate::config::{is_loopback_host, DatabaseSettings};
 use crate::identity::Identity;
 use crate::policy::{RequestFacts, RuleRef};
@@ -144,8 +144,8 @@ pub(super) async fn run(
         detail: None,
         rule: facts.rule.as_deref(),
         policy_revision: &rt.revision,
-        identity: Some(IdentitySummary::of(&identity)),
-        ci: identity.ci.as_ref(),
+        identity: Some(identity.audit_fields().0),
+        ci: identity.audit_fields().1,
         ended_by: None,
         duration_ms: None,
         bytes_in: None,
@@ -198,8 +198,8 @@ pub(super) async fn run(
         detail: end.detail.as_deref(),
         rule: facts.rule.as_deref(),
         policy_revision: &revision,
-        identity: Some(IdentitySummary::of(&identity)),
-        ci: identity.ci.as_ref(),
+        identity: Some(identity.audit_fields().0),
+        ci: identity.audit_fields().1,
         ended_by: Some(end.by),
         duration_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
         bytes_in: Some(end.bytes_in),
@@ -269,8 +269,8 @@ fn emit_refused(
         detail: Some(&r.detail),
         rule: facts.rule.as_deref(),
         policy_revision: &rt.revision,
-        identity: id.map(IdentitySummary::of),
-        ci: id.and_then(|i| i.ci.as_ref()),
+        identity: id.map(|i| i.audit_fields().0),
+        ci: id.and_then(|i| i.audit_fields().1),
         ended_by: None,
         duration_ms: None,
         bytes_in: None,
