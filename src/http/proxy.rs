@@ -131,6 +131,13 @@ struct RejectCtx {
     here: Option<Arc<str>>,
 }
 
+impl RejectCtx {
+    /// This request's URL (empty without sessions, where nothing uses it).
+    fn here(&self) -> &str {
+        self.here.as_deref().unwrap_or_default()
+    }
+}
+
 fn rejection(
     mut outcome: Outcome,
     reason: Reason,
@@ -263,17 +270,15 @@ pub async fn handle(
     // The authority as written and this request's URL serve only browser sign-in
     // (endpoints, redirects, the sign-in link): without sessions they stay empty and
     // cost no formatting or allocation.
-    let (full_authority, here) = if sessions.is_some() {
+    let full_authority = if sessions.is_some() {
         let full_authority = authority_with_port(&req).unwrap_or_else(|| host.clone());
-        let here: Arc<str> = match req.uri().query() {
+        rc.here = Some(match req.uri().query() {
             Some(q) => format!("https://{full_authority}{norm}?{q}").into(),
             None => format!("https://{full_authority}{norm}").into(),
-        };
-        rc.here = Some(here.clone());
-        (full_authority, here)
+        });
+        full_authority
     } else {
-        static NOWHERE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
-        (String::new(), NOWHERE.get_or_init(|| Arc::from("")).clone())
+        String::new()
     };
 
     // 3a. Sign-in endpoints, on any host a route serves.
@@ -364,7 +369,8 @@ pub async fn handle(
                         out.detail = Some(Cow::Owned(format!("{detail}; sent to sign in")));
                         out.decision = "deny";
                         finish(
-                            sign_in_redirect(s, &rt.config, &route, &full_authority, &here).await,
+                            sign_in_redirect(s, &rt.config, &route, &full_authority, rc.here())
+                                .await,
                             out,
                         )
                     } else {
@@ -387,7 +393,7 @@ pub async fn handle(
                     out.detail = Some(Cow::Borrowed("no session; sent to sign in"));
                     out.decision = "deny";
                     return finish(
-                        sign_in_redirect(s, &rt.config, &route, &full_authority, &here).await,
+                        sign_in_redirect(s, &rt.config, &route, &full_authority, rc.here()).await,
                         out,
                     );
                 }
