@@ -174,7 +174,7 @@ impl Captured {
 
 /// Starts the demo with extra environment variables; waits for its `ready` banner.
 /// On how many CPUs the demo may run: with one it uses a current-thread runtime.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Cpus {
     All,
     One,

@@ -481,14 +481,29 @@ impl Drop for Provider {
 /// A provider that does not come up within a minute is killed and started once more
 /// (seen once in CI: a cold first start on a loaded 2-core machine); a second failure
 /// fails the test with a clear message instead of hanging it.
-pub fn start_provider(args: &[String]) -> Provider {
-    match try_start_provider(args) {
+/// It serves TLS with `pki`'s certificate on a free loopback port (control port too);
+/// `extra` adds provider options (`--audience`, `--redirect-uri`, ...).
+pub fn start_provider(pki: &DevPki, extra: &[String]) -> Provider {
+    let mut args: Vec<String> = vec![
+        "--cert".into(),
+        pki.cert_path().to_string_lossy().into(),
+        "--key".into(),
+        pki.key_path().to_string_lossy().into(),
+        "--port".into(),
+        "0".into(),
+        "--control-port".into(),
+        "0".into(),
+    ];
+    args.extend_from_slice(extra);
+    let provider = match try_start_provider(&args) {
         Ok(p) => p,
         Err(why) => {
             eprintln!("start_provider: {why}; starting it once more");
-            try_start_provider(args).unwrap_or_else(|why| panic!("oidc-provider: {why}"))
+            try_start_provider(&args).unwrap_or_else(|why| panic!("oidc-provider: {why}"))
         }
-    }
+    };
+    assert!(provider.issuer.starts_with("https://127.0.0.1:"), "provider did not start");
+    provider
 }
 
 fn try_start_provider(args: &[String]) -> Result<Provider, String> {
