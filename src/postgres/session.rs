@@ -280,6 +280,23 @@ fn emit_refused(
 }
 
 /// Sends a FATAL ErrorResponse (best effort) and returns the refusal.
+/// A read during set-up failed: a protocol error is answered (08P01), an I/O error ends
+/// the attempt, and `closed` says what the client closing means at this point.
+async fn read_failed(
+    client: &mut Client,
+    sid: &str,
+    e: ReadError,
+    closed: impl FnOnce() -> Outcome,
+) -> Outcome {
+    match e {
+        ReadError::Closed => closed(),
+        ReadError::Io(e) => {
+            Outcome::Refused(refusal(Reason::ProtocolViolation, format!("read: {e}")))
+        }
+        ReadError::Protocol(m) => refuse(client, "08P01", Reason::ProtocolViolation, sid, m).await,
+    }
+}
+
 async fn refuse(
     client: &mut Client,
     sqlstate: &str,
@@ -426,16 +443,7 @@ async fn establish(
                         param(&params, "database").or(facts.role.as_deref()).map(str::to_string);
                     return refuse(&mut c, "28000", Reason::PlaintextRefused, sid, "StartupMessage without TLS; the client must use sslmode=require (or stricter)").await;
                 }
-                Err(ReadError::Closed) => return Outcome::Silent,
-                Err(ReadError::Io(e)) => {
-                    return Outcome::Refused(refusal(
-                        Reason::ProtocolViolation,
-                        format!("read: {e}"),
-                    ))
-                }
-                Err(ReadError::Protocol(m)) => {
-                    return refuse(&mut c, "08P01", Reason::ProtocolViolation, sid, m).await
-                }
+                Err(e) => return read_failed(&mut c, sid, e, || Outcome::Silent).await,
             }
         }
     };
@@ -457,17 +465,14 @@ async fn establish(
             )
             .await;
         }
-        Err(ReadError::Closed) => {
-            return Outcome::Refused(refusal(
-                Reason::ProtocolViolation,
-                "closed before the startup message",
-            ))
-        }
-        Err(ReadError::Io(e)) => {
-            return Outcome::Refused(refusal(Reason::ProtocolViolation, format!("read: {e}")))
-        }
-        Err(ReadError::Protocol(m)) => {
-            return refuse(&mut client, "08P01", Reason::ProtocolViolation, sid, m).await
+        Err(e) => {
+            let closed = || {
+                Outcome::Refused(refusal(
+                    Reason::ProtocolViolation,
+                    "closed before the startup message",
+                ))
+            };
+            return read_failed(&mut client, sid, e, closed).await;
         }
     };
     let Some(role) = param(&params, "user").map(str::to_string) else {
@@ -542,17 +547,14 @@ async fn establish(
             )
             .await;
         }
-        Err(ReadError::Closed) => {
-            return Outcome::Refused(refusal(
-                Reason::MissingToken,
-                "client closed at the password prompt",
-            ))
-        }
-        Err(ReadError::Io(e)) => {
-            return Outcome::Refused(refusal(Reason::ProtocolViolation, format!("read: {e}")))
-        }
-        Err(ReadError::Protocol(m)) => {
-            return refuse(&mut client, "08P01", Reason::ProtocolViolation, sid, m).await
+        Err(e) => {
+            let closed = || {
+                Outcome::Refused(refusal(
+                    Reason::MissingToken,
+                    "client closed at the password prompt",
+                ))
+            };
+            return read_failed(&mut client, sid, e, closed).await;
         }
     };
     let identity = match rt.verifier.verify(&token).await {
