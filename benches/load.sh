@@ -6,6 +6,7 @@
 #   benches/load.sh                 # everything (about 6 minutes)
 #   DURATION=5 benches/load.sh      # shorter runs
 #   ONLY='nginx-proxy pc-reused' benches/load.sh   # a subset of scenarios (by name)
+#   PROFILE=pc-distinct:/tmp/d.perf benches/load.sh  # perf profile of one scenario (32 conns)
 #
 # Needs root for `apt-get install wrk nginx haproxy` when they are missing, openssl, and
 # target/release/portcullis (built if missing). Everything binds 127.0.0.1 only; every
@@ -21,6 +22,7 @@ CONNS="${CONNS:-32}"                  # main pass
 CONNS_HIGH="${CONNS_HIGH:-256}"       # second pass for the latency target
 DISTINCT="${DISTINCT:-0}"             # distinct tokens to mint; 0 = enough for the run
 ONLY="${ONLY:-}"
+PROFILE="${PROFILE:-}"                # "scenario:file": perf record the proxy during that scenario
 LOAD_CPU="${LOAD_CPU:-0}"
 PROXY_CPU="${PROXY_CPU:-1}"
 
@@ -205,6 +207,10 @@ run() { # name conns pid url [env...]
   if [[ -n $ONLY && " $ONLY " != *" $name "* ]]; then return; fi
   local before after out line hits0 hits1
   hits0=$(cache_hits)
+  if [[ -n $PROFILE && ${PROFILE%%:*} == "$name" && $conns == "$CONNS" ]]; then
+    (sleep 1; perf record -F 2000 -g -p "$pid" -o "${PROFILE#*:}" -- sleep $((DURATION - 2)) \
+      >/dev/null 2>&1) &
+  fi
   before=$(proc_ticks "$pid")
   out=$(env "$@" taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d"${DURATION}s" --timeout 5s \
     -s "$ROOT/benches/load.lua" "$url" 2>&1)

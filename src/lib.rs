@@ -28,6 +28,7 @@
 
 pub mod admin;
 pub mod audit;
+mod bounded;
 pub mod config;
 pub mod dev;
 pub mod diag;

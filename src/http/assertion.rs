@@ -8,7 +8,6 @@
 //! for one signature, not one per request. The plain identity headers are cached in the
 //! same entry ([`Forward`]), so a repeated call percent-encodes nothing either.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +21,7 @@ use http::{HeaderName, HeaderValue};
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use crate::bounded::BoundedMap;
 use crate::identity::{CiContext, Identity, PrincipalKind};
 
 const CACHE_LIMIT: usize = 65_536;
@@ -35,7 +35,7 @@ pub struct AssertionSigner {
     ttl: Duration,
     jwks: Bytes,
     header_b64: String,
-    cache: Mutex<HashMap<(usize, usize), Cached>>,
+    cache: Mutex<BoundedMap<(usize, usize), Cached>>,
 }
 
 impl std::fmt::Debug for AssertionSigner {
@@ -134,7 +134,7 @@ impl AssertionSigner {
             issuer,
             ttl,
             jwks: Bytes::from(jwks.to_string()),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(BoundedMap::new(CACHE_LIMIT)),
         }
     }
 
@@ -173,14 +173,7 @@ impl AssertionSigner {
             },
             assertion: self.sign(identity, route, now, exp),
         });
-        let mut cache = self.cache.lock();
-        if cache.len() >= CACHE_LIMIT {
-            cache.retain(|_, c| now < c.refresh_after);
-            if cache.len() >= CACHE_LIMIT {
-                cache.clear();
-            }
-        }
-        cache.insert(
+        self.cache.lock().insert(
             key,
             Cached {
                 _identity: identity.clone(),

@@ -6,15 +6,16 @@
 //! itself was valid (exp/nbf/iat with leeway), and only while the issuer still
 //! publishes the key that signed it (checked by the verifier on every hit).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use aws_lc_rs::digest;
 use parking_lot::RwLock;
 
 use super::Identity;
+use crate::bounded::BoundedMap;
 
-/// Bounded so a flood of distinct valid tokens cannot grow memory without limit.
+/// Bounded so a flood of distinct valid tokens cannot grow memory without limit; each
+/// insert into a full cache evicts a few old entries ([`BoundedMap`]), never a bulk.
 pub(crate) const DEFAULT_CAPACITY: usize = 65_536;
 
 pub(crate) type TokenHash = [u8; 32];
@@ -40,15 +41,14 @@ pub(crate) struct Entry {
 
 #[derive(Debug)]
 pub(crate) struct TokenCache {
-    map: RwLock<HashMap<TokenHash, Entry>>,
-    capacity: usize,
+    map: RwLock<BoundedMap<TokenHash, Entry>>,
 }
 
 // === impl TokenCache ===
 
 impl TokenCache {
     pub fn new(capacity: usize) -> Self {
-        Self { map: RwLock::new(HashMap::new()), capacity: capacity.max(1) }
+        Self { map: RwLock::new(BoundedMap::new(capacity)) }
     }
 
     /// The entry for `key` if the token is still inside its validity window at `now`.
@@ -58,22 +58,8 @@ impl TokenCache {
         (entry.valid_from <= now && now < entry.valid_until).then(|| entry.clone())
     }
 
-    pub fn insert(&self, key: TokenHash, entry: Entry, now: u64) {
-        let mut map = self.map.write();
-        if map.len() >= self.capacity && !map.contains_key(&key) {
-            // Expired entries go first; if that frees nothing, drop an arbitrary eighth
-            // so eviction work is amortized over many inserts.
-            map.retain(|_, e| now < e.valid_until);
-            if map.len() >= self.capacity {
-                let excess = map.len() + 1 - self.capacity;
-                let drop = excess.max(self.capacity / 8);
-                let victims: Vec<TokenHash> = map.keys().take(drop).copied().collect();
-                for victim in victims {
-                    map.remove(&victim);
-                }
-            }
-        }
-        map.insert(key, entry);
+    pub fn insert(&self, key: TokenHash, entry: Entry) {
+        self.map.write().insert(key, entry);
     }
 
     pub fn remove(&self, key: &TokenHash) {
@@ -120,21 +106,21 @@ mod tests {
         let cache = TokenCache::new(16);
         let key = hash("a.b.c");
         assert_ne!(key, hash("a.b.d"));
-        cache.insert(key, entry(100, 200), 150);
+        cache.insert(key, entry(100, 200));
         assert!(cache.get(&key, 99).is_none());
         assert!(cache.get(&key, 100).is_some());
         assert!(cache.get(&key, 199).is_some());
         assert!(cache.get(&key, 200).is_none());
 
         for i in 0..100u32 {
-            cache.insert(hash(&i.to_string()), entry(0, 1_000), 150);
+            cache.insert(hash(&i.to_string()), entry(0, 1_000));
             assert!(cache.len() <= 16);
         }
-        // Expired entries are evicted before live ones.
+        // Eviction is oldest first (a read gives an entry one more round).
         let cache = TokenCache::new(2);
-        cache.insert(hash("old"), entry(0, 10), 5);
-        cache.insert(hash("live"), entry(0, 1_000), 5);
-        cache.insert(hash("new"), entry(0, 1_000), 50);
+        cache.insert(hash("old"), entry(0, 10));
+        cache.insert(hash("live"), entry(0, 1_000));
+        cache.insert(hash("new"), entry(0, 1_000));
         assert!(cache.get(&hash("live"), 50).is_some());
         assert!(cache.get(&hash("new"), 50).is_some());
         cache.remove(&hash("new"));

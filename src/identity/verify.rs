@@ -355,7 +355,7 @@ impl Verifier {
             valid_from: window.valid_from,
             valid_until: window.valid_until,
         };
-        self.cache.insert(hash, entry, now);
+        self.cache.insert(hash, entry);
         Ok(identity)
     }
 
