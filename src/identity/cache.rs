@@ -89,7 +89,7 @@ mod tests {
             expires_at: until,
             issued_at: None,
             ci: None,
-            claims: serde_json::Map::new(),
+            claims: Default::default(),
             audit: Default::default(),
         };
         Entry {

@@ -215,7 +215,7 @@ pub struct Identity {
     pub ci: Option<CiContext>,
     /// Every verified payload claim, for `claims = { ... }` policy matchers.
     #[serde(skip)]
-    pub claims: serde_json::Map<String, serde_json::Value>,
+    pub claims: Claims,
     /// Its audit fields, serialized on first use ([`Identity::audit_fields`]).
     #[serde(skip)]
     pub audit: crate::audit::AuditJson,
@@ -225,6 +225,52 @@ impl Identity {
     /// `issuer/subject`: the namespaced principal id used in logs.
     pub fn principal(&self) -> String {
         format!("{}/{}", self.issuer, self.subject)
+    }
+}
+
+/// Every claim of a verified payload, kept as the JSON text that was verified and
+/// parsed on first use: most policies match on the normalized fields, and a cached
+/// identity then holds one string instead of a map of a few dozen allocations
+/// (about a third of a cached identity's memory).
+#[derive(Debug, Clone, Default)]
+pub struct Claims {
+    json: Box<str>,
+    parsed: std::sync::OnceLock<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Claims {
+    /// From a verified payload's JSON text (a JSON object).
+    pub(crate) fn from_verified_json(json: Box<str>) -> Self {
+        Self { json, parsed: std::sync::OnceLock::new() }
+    }
+
+    /// One claim by name.
+    pub fn get(&self, name: &str) -> Option<&serde_json::Value> {
+        self.map().get(name)
+    }
+
+    /// All claims. The text was parsed strictly once already, so parsing cannot fail;
+    /// if it somehow did, the identity has no claims and claim matchers fail closed.
+    pub fn map(&self) -> &serde_json::Map<String, serde_json::Value> {
+        self.parsed.get_or_init(|| match token::parse_strict_json(self.json.as_bytes()) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        })
+    }
+}
+
+impl From<serde_json::Map<String, serde_json::Value>> for Claims {
+    fn from(map: serde_json::Map<String, serde_json::Value>) -> Self {
+        // Already parsed: the text is never needed.
+        let parsed = std::sync::OnceLock::new();
+        let _ = parsed.set(map);
+        Self { json: Box::default(), parsed }
+    }
+}
+
+impl Serialize for Claims {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.map().serialize(s)
     }
 }
 

@@ -150,7 +150,11 @@ async fn okta_human_id_token_is_accepted() {
     assert_eq!(id.groups, ["Everyone", "platform-admins", "sre"]);
     assert_eq!((id.expires_at, id.issued_at), (1767229200, Some(1767225600)));
     assert!(id.ci.is_none());
+    // The cached identity holds the verified JSON text; the map is built on first use
+    // and equals the payload exactly.
+    assert!(id.claims.parsed.get().is_none(), "claims parsed before any matcher asked");
     assert_eq!(id.claims.get("ver"), Some(&json!(1)));
+    assert_eq!(Value::Object(id.claims.map().clone()), okta_payload());
     assert_eq!(v.signature_checks(), 1);
 }
 

@@ -27,6 +27,8 @@ pub(crate) struct Parsed<'t> {
     pub signing_input: &'t str,
     pub header: Map<String, Value>,
     pub payload: Map<String, Value>,
+    /// The decoded payload JSON `payload` was parsed from, kept for [`super::Claims`].
+    pub payload_json: Box<str>,
     pub signature: Vec<u8>,
 }
 
@@ -63,16 +65,26 @@ pub(crate) fn parse(token: &str) -> Result<Parsed<'_>, AuthError> {
     if h.is_empty() || p.is_empty() || s.is_empty() {
         return Err(malformed("empty JWS segment"));
     }
-    let header = decode_object(h, "header")?;
-    let payload = decode_object(p, "payload")?;
+    let (header, _) = decode_object(h, "header")?;
+    let (payload, payload_json) = decode_object(p, "payload")?;
     // The no-padding engine also rejects non-canonical trailing bits, so one token has
     // exactly one encoding.
     let signature =
         URL_SAFE_NO_PAD.decode(s).map_err(|_| malformed("signature is not base64url"))?;
-    Ok(Parsed { signing_input: &token[..h.len() + 1 + p.len()], header, payload, signature })
+    Ok(Parsed {
+        signing_input: &token[..h.len() + 1 + p.len()],
+        header,
+        payload,
+        payload_json,
+        signature,
+    })
 }
 
-fn decode_object(segment: &str, what: &'static str) -> Result<Map<String, Value>, AuthError> {
+/// The object and its JSON text (valid UTF-8: the strict parse accepted it).
+fn decode_object(
+    segment: &str,
+    what: &'static str,
+) -> Result<(Map<String, Value>, Box<str>), AuthError> {
     let bytes = URL_SAFE_NO_PAD.decode(segment).map_err(|_| {
         malformed(if what == "header" {
             "header is not base64url"
@@ -81,7 +93,13 @@ fn decode_object(segment: &str, what: &'static str) -> Result<Map<String, Value>
         })
     })?;
     match parse_strict_json(&bytes) {
-        Ok(Value::Object(map)) => Ok(map),
+        Ok(Value::Object(map)) => {
+            // serde_json rejects invalid UTF-8 anywhere in the text, so this cannot fail.
+            let text = String::from_utf8(bytes)
+                .map_err(|_| malformed("JSON is not UTF-8"))?
+                .into_boxed_str();
+            Ok((map, text))
+        }
         Ok(_) => Err(malformed(if what == "header" {
             "header is not a JSON object"
         } else {

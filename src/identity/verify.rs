@@ -27,7 +27,7 @@ use super::cache::{self, Entry, TokenCache};
 pub(crate) use super::jwks::{check_fetch_url, issuer_tls};
 use super::jwks::{IssuerKeys, Timing};
 use super::token::{self, MAX_TOKEN_LEN};
-use super::{AuthError, Identity, IssuerId, IssuerSettings, Preset, TokenType};
+use super::{AuthError, Claims, Identity, IssuerId, IssuerSettings, Preset, TokenType};
 use crate::reason::Reason;
 
 /// The largest leeway an issuer may configure (V19).
@@ -347,7 +347,9 @@ impl Verifier {
             .verify_sig(parsed.signing_input.as_bytes(), &parsed.signature)
             .map_err(|_| AuthError::new(Reason::InvalidSignature, "signature does not verify"))?;
 
-        let identity = Arc::new(build_identity(settings, parsed.payload, audience_count, &window)?);
+        let claims = super::Claims::from_verified_json(parsed.payload_json);
+        let identity =
+            Arc::new(build_identity(settings, &parsed.payload, claims, audience_count, &window)?);
         let entry = Entry {
             identity: identity.clone(),
             issuer: index,
@@ -523,7 +525,8 @@ pub fn unverified_identity(
     let exp = num("exp").unwrap_or(u64::MAX);
     let window = Window { valid_from: 0, valid_until: exp, exp, iat: num("iat") };
     let audience_count = audiences(&payload).map_or(1, |a| a.len());
-    build_identity(settings, payload, audience_count, &window)
+    build_identity(settings, &payload, Claims::default(), audience_count, &window)
+        .map(|id| Identity { claims: payload.into(), ..id })
 }
 
 /// The Identity of an ID token whose signature, `iss`, `aud`, `azp`, nonce and `exp`
@@ -539,13 +542,15 @@ pub(crate) fn identity_from_verified(
         numeric_date(&payload, "exp")?.map(secs).ok_or_else(|| claims("token has no `exp`"))?;
     let iat = numeric_date(&payload, "iat")?.map(secs);
     let window = Window { valid_from: 0, valid_until: exp, exp, iat };
-    build_identity(s, payload, audience_count, &window)
+    build_identity(s, &payload, Claims::default(), audience_count, &window)
+        .map(|id| Identity { claims: payload.into(), ..id })
 }
 
 /// After the signature: profile checks (V15, V20, V21, V24, V25) and the Identity.
 fn build_identity(
     s: &IssuerSettings,
-    payload: Map<String, Value>,
+    payload: &Map<String, Value>,
+    all_claims: Claims,
     audience_count: usize,
     window: &Window,
 ) -> Result<Identity, AuthError> {
@@ -594,7 +599,7 @@ fn build_identity(
         Some(Value::String(_)) | None => return Err(claims("token has no `sub`")),
         Some(_) => return Err(claims("`sub` is not a string")),
     };
-    let email = super::ci::string_claim(&payload, "email")?;
+    let email = super::ci::string_claim(payload, "email")?;
     let email_verified = match payload.get("email_verified") {
         None => false,
         Some(Value::Bool(b)) => *b,
@@ -602,7 +607,7 @@ fn build_identity(
     };
     // V24: `hd` is authoritative only together with a verified email.
     if let Some(domain) = &s.hosted_domain {
-        let hd = super::ci::string_claim(&payload, "hd")?;
+        let hd = super::ci::string_claim(payload, "hd")?;
         if hd.as_deref() != Some(domain.as_str()) || !email_verified {
             return Err(claims("hosted domain or email_verified does not match"));
         }
@@ -621,7 +626,7 @@ fn build_identity(
         Some(_) => return Err(claims("groups claim is not an array")),
     };
     // V20 for CI presets: the provider's repository id must be there.
-    let ci = super::ci::normalize(s.preset, &payload)?;
+    let ci = super::ci::normalize(s.preset, payload)?;
     Ok(Identity {
         issuer: s.id.clone(),
         subject,
@@ -633,7 +638,7 @@ fn build_identity(
         expires_at: window.exp,
         issued_at: window.iat,
         ci,
-        claims: payload,
+        claims: all_claims,
         audit: Default::default(),
     })
 }

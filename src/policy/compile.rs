@@ -662,7 +662,7 @@ impl<'a> Compiler<'a> {
             expires_at: u64::from(u32::MAX),
             issued_at: None,
             ci,
-            claims,
+            claims: claims.into(),
             audit: Default::default(),
         })
     }

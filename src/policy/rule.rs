@@ -193,7 +193,7 @@ impl Condition {
             }
             Matcher::GroupsAny(_) | Matcher::GroupsAll(_) => format!("{:?}", identity.groups),
             Matcher::Claim { name, .. } => {
-                identity.claims.get(&**name).map_or_else(|| "absent".to_string(), Value::to_string)
+                identity.claims.get(name).map_or_else(|| "absent".to_string(), Value::to_string)
             }
             Matcher::Ci { field, .. } => q(identity.ci.as_ref().and_then(|c| c.field(field))),
             Matcher::Methods(_) | Matcher::Paths(_) if request.is_database() => {
@@ -258,7 +258,7 @@ impl Matcher {
                 want.iter().all(|g| identity.groups.iter().any(|h| h == &**g))
             }
             Matcher::Claim { name, values } => {
-                identity.claims.get(&**name).is_some_and(|claim| claim_matches(values, claim))
+                identity.claims.get(name).is_some_and(|claim| claim_matches(values, claim))
             }
             Matcher::Ci { field, globs } => identity
                 .ci

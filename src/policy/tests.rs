@@ -56,7 +56,7 @@ fn identity(issuer: &str, preset: Preset, claims: Value) -> Identity {
         expires_at: u64::MAX,
         issued_at: None,
         ci: crate::identity::ci::normalize(preset, &claims).ok().flatten(),
-        claims,
+        claims: claims.into(),
         audit: Default::default(),
     }
 }

@@ -246,7 +246,7 @@ impl SessionData {
             expires_at,
             issued_at: Some(self.created),
             ci: None,
-            claims,
+            claims: claims.into(),
             audit: Default::default(),
         }
     }
