@@ -338,7 +338,8 @@ fn bench_request(c: &mut Criterion, signer: &DevSigner) {
     // One keep-alive client connection over an in-memory pipe.
     let mut sender = rt.block_on(async {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let svc = portcullis::http::stack::service(shared, sink.clone(), conn);
+        let activity = portcullis::http::activity::Activity::new();
+        let svc = portcullis::http::stack::service(shared, sink.clone(), conn, activity);
         tokio::spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(

@@ -160,6 +160,8 @@ pub struct Metrics {
     /// Shadow-policy disagreements by route.
     pub shadow_disagreements: Family<Arc<str>>,
     pub connections_open: AtomicU64,
+    /// Client connections closed after `server.idle_timeout` with no request in flight.
+    pub idle_connections_closed: AtomicU64,
     /// Database sessions by (route, decision: allow|deny, reason code): one per `pg.session`
     /// `open` or `refused` event.
     pub pg_sessions: Family<(Arc<str>, &'static str, &'static str)>,
@@ -295,6 +297,16 @@ impl Metrics {
             out,
             "portcullis_connections_open {}",
             self.connections_open.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP portcullis_idle_connections_closed_total Client connections closed after idle_timeout with no request in flight."
+        );
+        let _ = writeln!(out, "# TYPE portcullis_idle_connections_closed_total counter");
+        let _ = writeln!(
+            out,
+            "portcullis_idle_connections_closed_total {}",
+            self.idle_connections_closed.load(Ordering::Relaxed)
         );
         self.render_postgres(&mut out);
         out

@@ -137,6 +137,9 @@ pub struct ServerSettings {
     pub watch: bool,
     pub policy_dir: PathBuf,
     pub max_connections: usize,
+    /// A connection with no request in flight for this long is closed (HTTP/2 with a
+    /// GOAWAY), including one that never sent a request.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -688,6 +691,14 @@ impl Compiler<'_> {
             watch: s.watch.unwrap_or(true),
             policy_dir: self.path(s.policy_dir.as_ref().map_or("policies", |p| p.get_ref())),
             max_connections,
+            idle_timeout: match s.idle_timeout.as_ref().map(|d| (d, self.duration(d))) {
+                Some((d, Some(t))) if t < Duration::from_secs(1) => {
+                    self.err(d.span(), "`idle_timeout` must be at least 1s");
+                    t
+                }
+                Some((_, Some(t))) => t,
+                _ => Duration::from_secs(75),
+            },
         }
     }
 

@@ -41,6 +41,7 @@ pub struct Server {
     pub watch: Option<bool>,
     pub policy_dir: Option<S<String>>,
     pub max_connections: Option<S<i64>>,
+    pub idle_timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -43,6 +43,19 @@ fn a_valid_config_compiles_with_defaults() {
     assert!(c.route("api.example.com", "/v1/x", &Method::GET).is_some());
     assert!(c.route("api.example.com", "/v2", &Method::GET).is_none());
     assert!(c.route("API.example.com", "/v1", &Method::GET).is_some());
+    assert_eq!(c.server.idle_timeout, Duration::from_secs(75));
+}
+
+#[test]
+fn idle_timeout_is_at_least_a_second() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let c = compile(dir.path(), &format!("{BASE}\n[server]\nidle_timeout = \"5m\"\n"));
+    assert_eq!(c.map(|c| c.server.idle_timeout).ok(), Some(Duration::from_secs(300)));
+    for bad in ["0s", "500ms"] {
+        let text = format!("{BASE}\n[server]\nidle_timeout = \"{bad}\"\n");
+        let e = compile(dir.path(), &text).err().unwrap_or_default();
+        assert_eq!(e, ["15:16 `idle_timeout` must be at least 1s"], "{bad}");
+    }
 }
 
 #[test]

@@ -16,6 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tower::{Layer, Service};
 
+use super::activity::{Activity, InFlight};
 use super::body::ProxyBody;
 use super::proxy::Outcome;
 use super::{ConnInfo, RequestId};
@@ -26,18 +27,24 @@ use crate::metrics::{self, RequestKey};
 pub struct AccessLogLayer {
     sink: AuditSink,
     conn: ConnInfo,
+    activity: Arc<Activity>,
 }
 
 impl AccessLogLayer {
-    pub fn new(sink: AuditSink, conn: ConnInfo) -> Self {
-        Self { sink, conn }
+    pub fn new(sink: AuditSink, conn: ConnInfo, activity: Arc<Activity>) -> Self {
+        Self { sink, conn, activity }
     }
 }
 
 impl<S> Layer<S> for AccessLogLayer {
     type Service = AccessLog<S>;
     fn layer(&self, inner: S) -> AccessLog<S> {
-        AccessLog { inner, sink: self.sink.clone(), conn: self.conn.clone() }
+        AccessLog {
+            inner,
+            sink: self.sink.clone(),
+            conn: self.conn.clone(),
+            activity: self.activity.clone(),
+        }
     }
 }
 
@@ -46,6 +53,7 @@ pub struct AccessLog<S> {
     inner: S,
     sink: AuditSink,
     conn: ConnInfo,
+    activity: Arc<Activity>,
 }
 
 impl<S> Service<Request<Incoming>> for AccessLog<S>
@@ -63,6 +71,8 @@ where
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let start = Instant::now();
+        // Dropped with the future if the client goes away first, else with the body.
+        let in_flight = self.activity.begin();
         let rid = super::next_request_id();
         req.extensions_mut().insert(RequestId(rid.clone()));
         let method = req.method().clone();
@@ -98,7 +108,12 @@ where
             };
             Ok(Response::from_parts(
                 parts,
-                AuditBody { inner: body, bytes_out: 0, pending: Some(pending) },
+                AuditBody {
+                    inner: body,
+                    bytes_out: 0,
+                    pending: Some(pending),
+                    _in_flight: in_flight,
+                },
             ))
         })
     }
@@ -194,6 +209,7 @@ pub struct AuditBody {
     inner: ProxyBody,
     bytes_out: u64,
     pending: Option<Pending>,
+    _in_flight: InFlight,
 }
 
 impl AuditBody {

@@ -2,6 +2,7 @@
 //! the phases a request walks through (route → authenticate → authorize → forward).
 
 pub mod access_log;
+pub mod activity;
 pub mod assertion;
 pub mod body;
 pub mod headers;

@@ -9,6 +9,7 @@ use tower_http::sensitive_headers::{
 };
 
 use super::access_log::AccessLogLayer;
+use super::activity::Activity;
 use super::proxy::{Proxy, Shared};
 use super::ConnInfo;
 use crate::audit::AuditSink;
@@ -18,6 +19,7 @@ pub fn service(
     shared: Arc<Shared>,
     sink: AuditSink,
     conn: ConnInfo,
+    activity: Arc<Activity>,
 ) -> impl tower::Service<
     http::Request<hyper::body::Incoming>,
     Response = http::Response<super::access_log::AuditBody>,
@@ -31,7 +33,9 @@ pub fn service(
         .layer(SetSensitiveResponseHeadersLayer::new([SET_COOKIE]))
         // Exactly one audit event per request, rejections included; it sees the final
         // status and counts the response body to its end.
-        .layer(AccessLogLayer::new(sink, conn.clone()))
+        // It also marks the request in flight until its body ends, so the connection
+        // is not closed as idle meanwhile.
+        .layer(AccessLogLayer::new(sink, conn.clone(), activity))
         // The phases: own endpoints → path → route → authenticate → authorize → forward.
         .service(Proxy::new(shared, conn))
 }

@@ -20,6 +20,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::audit::{AuditSink, TlsInfo};
 use crate::config::{AuditOutput, Config};
+use crate::http::activity::Activity;
 use crate::http::assertion::AssertionSigner;
 use crate::http::proxy::Shared;
 use crate::http::upstream::{client_for, UpstreamClient};
@@ -490,6 +491,7 @@ async fn accept_loop(
         let builder = builder.clone();
         let tls_cfg = if tls { (**state.tls.load()).clone() } else { None };
         let mut stop = shutdown.clone();
+        let idle = state.shared.runtime.load().config.server.idle_timeout;
         tokio::spawn(async move {
             let _permit = permit;
             let m = crate::metrics::global();
@@ -525,15 +527,19 @@ async fn accept_loop(
                         sni: sess.server_name().map(|s| Arc::from(s.to_ascii_lowercase())),
                     };
                     let conn = ConnInfo { peer, tls: Some(Arc::new(info)), trusted_peer };
-                    let svc = TowerToHyperService::new(stack::service(shared, sink, conn));
+                    let activity = Activity::new();
+                    let svc = stack::service(shared, sink, conn, activity.clone());
+                    let svc = TowerToHyperService::new(svc);
                     let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    drive(c, &mut stop).await;
+                    drive(c, &mut stop, &activity, idle).await;
                 }
                 None => {
                     let conn = ConnInfo { peer, tls: None, trusted_peer };
-                    let svc = TowerToHyperService::new(stack::service(shared, sink, conn));
+                    let activity = Activity::new();
+                    let svc = stack::service(shared, sink, conn, activity.clone());
+                    let svc = TowerToHyperService::new(svc);
                     let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    drive(c, &mut stop).await;
+                    drive(c, &mut stop, &activity, idle).await;
                 }
             }
             m.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -608,18 +614,32 @@ async fn watch_loop(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
 
 /// Serves one connection; on shutdown it stops taking new requests (HTTP/1.1 closes
 /// after the current response, HTTP/2 sends GOAWAY) and finishes those in flight.
-async fn drive<C>(conn: C, stop: &mut watch::Receiver<bool>)
+/// Serves one connection until it ends, shutdown is signalled (in-flight requests
+/// finish; HTTP/2 gets a GOAWAY), or it has had no request in flight for `idle`.
+async fn drive<C>(conn: C, stop: &mut watch::Receiver<bool>, activity: &Activity, idle: Duration)
 where
     C: std::future::Future + hyper_util::server::graceful::GracefulConnection,
 {
     tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = stopped(stop) => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+    loop {
+        // While a request is in flight, look again after `idle`; the timer is re-armed
+        // only when it fires, not per request.
+        let deadline = activity.idle_deadline(idle);
+        let wake = deadline.unwrap_or_else(|| tokio::time::Instant::now() + idle);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = stopped(stop) => break,
+            _ = tokio::time::sleep_until(wake) => {
+                if activity.idle_deadline(idle).is_some_and(|d| d <= tokio::time::Instant::now()) {
+                    tracing::debug!(idle_s = idle.as_secs(), "closing idle connection");
+                    crate::metrics::global().idle_connections_closed.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
         }
     }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
 }
 
 /// Resolves once shutdown has been signalled. (The guard `wait_for` returns is not

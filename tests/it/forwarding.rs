@@ -425,11 +425,18 @@ async fn preserve_host_forwards_the_clients_authority_for_http1_and_http2() {
 
 /// A TLS connection to the proxy offering only HTTP/1.1.
 async fn tls_h1(w: &World) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tls_alpn(w, b"http/1.1").await
+}
+
+async fn tls_alpn(
+    w: &World,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut tls = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
         .with_safe_default_protocol_versions()
         .map(|b| b.with_root_certificates(w.pki.root_store()).with_no_client_auth())
         .unwrap_or_else(|e| panic!("{e}"));
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let tcp = tokio::net::TcpStream::connect(w.https).await.unwrap_or_else(|e| panic!("{e}"));
     let name =
         rustls_pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
@@ -532,4 +539,101 @@ async fn ambiguous_authority_is_refused_and_framing_is_never_forwarded_ambiguous
     ] {
         assert!(reasons.contains(&detail), "{detail} not in {reasons:?}");
     }
+}
+
+/// One HTTP/1.1 response with a Content-Length body; its head.
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S, limit: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::time::timeout(limit, s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no complete response"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(n > 0, "closed mid-response: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or_else(|| panic!("no content-length: {text}"));
+            if got.len() >= end + 4 + len {
+                return text[..end].to_string();
+            }
+        }
+    }
+}
+
+/// Reads until the proxy closes the connection; how long that took.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, limit: Duration) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let start = std::time::Instant::now();
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(limit, s.read_to_end(&mut sink)).await;
+    assert!(read.is_ok(), "the connection was still open after {limit:?}");
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_but_never_with_a_request_in_flight() {
+    use tokio::io::AsyncWriteExt;
+    let w = World::with(Setup { server_extra: "idle_timeout = \"1s\"".into(), ..Setup::default() })
+        .await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+    let limit = Duration::from_secs(6);
+
+    // Handshake done, no request ever sent: the slot must not be held forever.
+    let mut silent = tls_h1(&w).await;
+    let took = closed_within(&mut silent, limit).await;
+    assert!(took >= Duration::from_millis(900), "closed too early: {took:?}");
+
+    // Keep-alive after a request, and a request slower than the idle timeout on the same
+    // connection: the slow one completes, then the connection is closed once idle.
+    let mut s = tls_h1(&w).await;
+    let req = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {t}\r\n\r\n"
+        )
+    };
+    s.write_all(req("/slow/2500").as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let head = read_response(&mut s, limit).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "the in-flight request was cut off: {head}");
+    // Busy for 2.5 s of a 1 s idle timeout, idle for none of it: still open.
+    s.write_all(req("/again").as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let head = read_response(&mut s, limit).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "closed while not idle: {head}");
+    let took = closed_within(&mut s, limit).await;
+    assert!(took >= Duration::from_millis(900), "closed too early: {took:?}");
+
+    // HTTP/2 with no stream open: GOAWAY, then the connection ends.
+    let io = hyper_util::rt::TokioIo::new(tls_alpn(&w, b"h2").await);
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    let conn = tokio::spawn(conn);
+    let r = http::Request::get(format!("https://localhost:{port}/h2"))
+        .header("authorization", format!("Bearer {t}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = send.send_request(r).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop(resp);
+    let ended = tokio::time::timeout(limit, conn).await;
+    assert!(ended.is_ok(), "the idle HTTP/2 connection was still open after {limit:?}");
+
+    let metrics = w.admin_get("/metrics").await.text();
+    let closed = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_idle_connections_closed_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert_eq!(closed, Some(3), "{metrics}");
 }

@@ -143,6 +143,8 @@ pub struct Setup {
     pub route_extra: String,
     /// Extra top-level TOML (e.g. `[listen]` additions go in `listen_extra`).
     pub listen_extra: String,
+    /// Extra `[server]` keys.
+    pub server_extra: String,
     pub default_route: bool,
     /// Browser SSO: `corp` gets `login`, and these lines go into `[session]`.
     pub sso: Option<String>,
@@ -159,6 +161,7 @@ impl Default for Setup {
             issuer_extra: String::new(),
             route_extra: String::new(),
             listen_extra: String::new(),
+            server_extra: String::new(),
             default_route: true,
             sso: None,
             second_login: false,
@@ -265,10 +268,11 @@ impl World {
         setup: &Setup,
     ) -> String {
         let mut c = format!(
-            "[listen]\nhttps = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{}\n[tls]\ncert = {}\nkey = {}\n\n[server]\nshutdown_grace = \"5s\"\nwatch = false\n\n",
+            "[listen]\nhttps = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{}\n[tls]\ncert = {}\nkey = {}\n\n[server]\nshutdown_grace = \"5s\"\nwatch = false\n{}\n\n",
             setup.listen_extra,
             q(&pki.cert_path().to_string_lossy()),
             q(&pki.key_path().to_string_lossy()),
+            setup.server_extra,
         );
         if let Some(extra) = &setup.sso {
             c.push_str(&format!(
