@@ -4,7 +4,8 @@
 //!
 //! 1. own endpoints (`/.well-known/portcullis/jwks.json`)
 //! 2. authority + path: one Host that agrees with the target/`:authority` (else 400, and
-//!    the connection closed), no TRACE/TRACK (405), SNI/Host agreement (421), canonical
+//!    the connection closed), no TRACE/TRACK (405), no method-override header (400),
+//!    SNI/Host agreement (421), canonical
 //!    path (ambiguous → 400)
 //! 3. route: host + path (+ method) → 404
 //! 4. authenticate: bearer token or session cookie → verified identity → 401 (a
@@ -176,6 +177,14 @@ fn authority_with_port(req: &Request<Incoming>) -> Option<String> {
 /// the upstream might route by the other). (Content-Length beside Transfer-Encoding never
 /// gets here: hyper frames such a request by Transfer-Encoding alone and drops the
 /// Content-Length, so the upstream is sent one unambiguous framing; tested.)
+/// Headers with which web frameworks (Rails, Express `method-override`, Laravel, Spring's
+/// `HiddenHttpMethodFilter` for forms, ASP.NET) let a request claim another method.
+const METHOD_OVERRIDES: [http::HeaderName; 3] = [
+    http::HeaderName::from_static("x-http-method-override"),
+    http::HeaderName::from_static("x-http-method"),
+    http::HeaderName::from_static("x-method-override"),
+];
+
 fn unambiguous(req: &Request<Incoming>) -> Result<(), &'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
@@ -250,6 +259,16 @@ pub async fn handle(
             out,
             Reason::MethodNotAllowed,
             "TRACE and TRACK are never forwarded",
+            &rc,
+        );
+    }
+    if let Some(name) = METHOD_OVERRIDES.iter().find(|h| req.headers().contains_key(*h)) {
+        // Policies authorize the request method; an upstream framework that honours an
+        // override would run another one (GET authorized, DELETE executed).
+        return rejection(
+            out,
+            Reason::BadRequest,
+            format!("`{name}` present: the method is authorized as sent, never overridden"),
             &rc,
         );
     }

@@ -637,3 +637,37 @@ async fn idle_connections_are_closed_but_never_with_a_request_in_flight() {
         .and_then(|v| v.trim().parse::<u64>().ok());
     assert_eq!(closed, Some(3), "{metrics}");
 }
+
+#[tokio::test]
+async fn method_override_headers_are_refused_so_the_authorized_method_is_the_one_run() {
+    // Only GET is allowed; a framework honouring an override would run DELETE.
+    let w = World::with(Setup {
+        policies: vec![(
+            "api".into(),
+            "[[rule]]\nid = \"read-only\"\neffect = \"allow\"\nissuer = \"bb\"\nci = { repository = \"{7f3c1e2a-5b4d-4c8e-9a1f-2d3e4f5a6b7c}\" }\nmethods = [\"GET\"]\n"
+                .into(),
+        )],
+        ..Setup::default()
+    })
+    .await;
+    let t = w.token("bb", &[]);
+    let bearer = format!("Bearer {t}");
+    let ok = w.send(Method::GET, "/items/1", &[("authorization", &bearer)], Bytes::new()).await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    for name in ["X-HTTP-Method-Override", "x-http-method", "X-Method-Override"] {
+        let r = w
+            .send(
+                Method::GET,
+                "/items/1",
+                &[("authorization", &bearer), (name, "DELETE")],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{name}");
+        assert_eq!(r.json()["error"], "bad-request", "{name}");
+        let e = w.event_for(&request_id(&r)).await;
+        assert_eq!(e["reason"], "bad-request");
+        assert!(e["detail"].as_str().is_some_and(|d| d.contains("never overridden")), "{e}");
+        assert!(e.get("upstream_status").is_none_or(|s| s.is_null()), "forwarded: {e}");
+    }
+}
