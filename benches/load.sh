@@ -208,7 +208,7 @@ run() { # name conns pid url [env...]
   local before after out line hits0 hits1
   hits0=$(cache_hits)
   if [[ -n $PROFILE && ${PROFILE%%:*} == "$name" && $conns == "$CONNS" ]]; then
-    (sleep 1; perf record -F 2000 -g -p "$pid" -o "${PROFILE#*:}" -- sleep $((DURATION - 2)) \
+    (sleep 1; perf record -F 2000 ${PROFILE_CG:--g} -p "$pid" -o "${PROFILE#*:}" -- sleep $((DURATION - 2)) \
       >/dev/null 2>&1) &
   fi
   before=$(proc_ticks "$pid")
