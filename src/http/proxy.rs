@@ -4,7 +4,7 @@
 //!
 //! 1. own endpoints (`/.well-known/portcullis/jwks.json`)
 //! 2. authority + path: one Host that agrees with the target/`:authority` (else 400, and
-//!    the connection closed), no TRACE/TRACK (405), no method-override header (400),
+//!    the connection closed), no TRACE/TRACK (405), no method/path-override header (400),
 //!    SNI/Host agreement (421), canonical
 //!    path (ambiguous → 400)
 //! 3. route: host + path (+ method) → 404
@@ -172,19 +172,23 @@ fn authority_with_port(req: &Request<Incoming>) -> Option<String> {
     }
 }
 
+/// Headers with which upstream frameworks let a request claim another method (Rails,
+/// Express `method-override`, Laravel) or another path (`X-Original-URL` /
+/// `X-Rewrite-URL`: Symfony, IIS URL Rewrite). The proxy authorizes the method and path
+/// it forwards, so a request carrying one is refused rather than forwarded.
+const OVERRIDES: [(http::HeaderName, &str); 5] = [
+    (http::HeaderName::from_static("x-http-method-override"), "method"),
+    (http::HeaderName::from_static("x-http-method"), "method"),
+    (http::HeaderName::from_static("x-method-override"), "method"),
+    (http::HeaderName::from_static("x-original-url"), "path"),
+    (http::HeaderName::from_static("x-rewrite-url"), "path"),
+];
+
 /// Refuses what two hops could read differently: more than one Host, a Host that
 /// contradicts the absolute-form target or HTTP/2 `:authority` (the proxy routes by one,
 /// the upstream might route by the other). (Content-Length beside Transfer-Encoding never
 /// gets here: hyper frames such a request by Transfer-Encoding alone and drops the
 /// Content-Length, so the upstream is sent one unambiguous framing; tested.)
-/// Headers with which web frameworks (Rails, Express `method-override`, Laravel, Spring's
-/// `HiddenHttpMethodFilter` for forms, ASP.NET) let a request claim another method.
-const METHOD_OVERRIDES: [http::HeaderName; 3] = [
-    http::HeaderName::from_static("x-http-method-override"),
-    http::HeaderName::from_static("x-http-method"),
-    http::HeaderName::from_static("x-method-override"),
-];
-
 fn unambiguous(req: &Request<Incoming>) -> Result<(), &'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
@@ -262,13 +266,13 @@ pub async fn handle(
             &rc,
         );
     }
-    if let Some(name) = METHOD_OVERRIDES.iter().find(|h| req.headers().contains_key(*h)) {
-        // Policies authorize the request method; an upstream framework that honours an
-        // override would run another one (GET authorized, DELETE executed).
+    if let Some((name, what)) = OVERRIDES.iter().find(|(h, _)| req.headers().contains_key(h)) {
+        // Policies authorize the request's method and path; an upstream framework that
+        // honours an override would run another (GET authorized, DELETE executed).
         return rejection(
             out,
             Reason::BadRequest,
-            format!("`{name}` present: the method is authorized as sent, never overridden"),
+            format!("`{name}` present: the {what} is authorized as sent, never overridden"),
             &rc,
         );
     }

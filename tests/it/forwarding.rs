@@ -639,8 +639,9 @@ async fn idle_connections_are_closed_but_never_with_a_request_in_flight() {
 }
 
 #[tokio::test]
-async fn method_override_headers_are_refused_so_the_authorized_method_is_the_one_run() {
-    // Only GET is allowed; a framework honouring an override would run DELETE.
+async fn override_headers_are_refused_so_the_authorized_method_and_path_are_the_ones_run() {
+    // Only GET is allowed; a framework honouring an override would run DELETE, or route
+    // to the path named in X-Original-URL instead of the one authorized.
     let w = World::with(Setup {
         policies: vec![(
             "api".into(),
