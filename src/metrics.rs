@@ -162,6 +162,9 @@ pub struct Metrics {
     pub connections_open: AtomicU64,
     /// Client connections closed after `server.idle_timeout` with no request in flight.
     pub idle_connections_closed: AtomicU64,
+    /// WebSocket tunnels open now, and ended ones by reason ([`crate::http::tunnel::End`]).
+    pub websocket_tunnels_open: AtomicU64,
+    pub websocket_tunnels_closed: Family<&'static str>,
     /// Database sessions by (route, decision: allow|deny, reason code): one per `pg.session`
     /// `open` or `refused` event.
     pub pg_sessions: Family<(Arc<str>, &'static str, &'static str)>,
@@ -308,6 +311,27 @@ impl Metrics {
             "portcullis_idle_connections_closed_total {}",
             self.idle_connections_closed.load(Ordering::Relaxed)
         );
+        let _ =
+            writeln!(out, "# HELP portcullis_websocket_tunnels_open WebSocket tunnels open now.");
+        let _ = writeln!(out, "# TYPE portcullis_websocket_tunnels_open gauge");
+        let _ = writeln!(
+            out,
+            "portcullis_websocket_tunnels_open {}",
+            self.websocket_tunnels_open.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP portcullis_websocket_tunnels_closed_total WebSocket tunnels ended, by reason."
+        );
+        let _ = writeln!(out, "# TYPE portcullis_websocket_tunnels_closed_total counter");
+        for end in crate::http::tunnel::End::ALL {
+            let reason = end.label();
+            let _ = writeln!(
+                out,
+                "portcullis_websocket_tunnels_closed_total{{reason=\"{reason}\"}} {}",
+                self.websocket_tunnels_closed.get(&reason)
+            );
+        }
         self.render_postgres(&mut out);
         out
     }

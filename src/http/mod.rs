@@ -11,6 +11,7 @@ pub mod proxy;
 pub mod reject;
 pub mod replay;
 pub mod stack;
+pub mod tunnel;
 pub mod upstream;
 
 use std::net::SocketAddr;

@@ -538,7 +538,13 @@ pub async fn handle(
         match client_upgrade {
             Some(client_upgrade) => {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+                let (expires_at, idle) = (identity.expires_at, rt.config.server.idle_timeout);
+                tokio::spawn(super::tunnel::run(
+                    client_upgrade,
+                    upstream_upgrade,
+                    expires_at,
+                    idle,
+                ));
             }
             None => {
                 return rejection(
@@ -609,20 +615,4 @@ fn is_websocket(req: &Request<Incoming>) -> bool {
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
     upgrade && conn_upgrade && req.version() == http::Version::HTTP_11
-}
-
-/// Copies bytes both ways once both sides have switched protocols.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (c, u) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(error = %e, "websocket upgrade did not complete");
-            return;
-        }
-    };
-    let mut c = hyper_util::rt::TokioIo::new(c);
-    let mut u = hyper_util::rt::TokioIo::new(u);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-        tracing::debug!(error = %e, "websocket tunnel closed with an error");
-    }
 }

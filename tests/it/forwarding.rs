@@ -224,6 +224,50 @@ async fn websocket_is_tunnelled_after_101() {
     );
 }
 
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// One message echoed through the tunnel; false once the tunnel is gone.
+async fn echo_once(ws: &mut Ws) -> bool {
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::text("hi")).await.is_ok()
+        && matches!(
+            tokio::time::timeout(Duration::from_secs(5), ws.next()).await,
+            Ok(Some(Ok(Message::Text(_))))
+        )
+}
+
+#[tokio::test]
+async fn websocket_tunnels_end_when_idle_and_when_the_credential_expires() {
+    use tokio_tungstenite::tungstenite::Message;
+    let w = World::with(Setup { server_extra: "idle_timeout = \"1s\"".into(), ..Setup::default() })
+        .await;
+    // Quiet after one exchange: ended after about the idle timeout.
+    let mut ws = ws_connect(&w, Some(&w.token("bb", &[]))).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(echo_once(&mut ws).await);
+    let start = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(6), ws.next()).await;
+    assert!(matches!(ended, Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_))))), "{ended:?}");
+    assert!(start.elapsed() >= Duration::from_millis(900), "ended too early");
+
+    // Busy, but the token expires in 3 s: ended then, not later.
+    let exp = portcullis::util::unix_now() + 3;
+    let t = w.token("bb", &[&format!("exp:={exp}")]);
+    let mut ws = ws_connect(&w, Some(&t)).await.unwrap_or_else(|e| panic!("{e}"));
+    let start = std::time::Instant::now();
+    while echo_once(&mut ws).await {
+        assert!(start.elapsed() < Duration::from_secs(8), "the tunnel outlived the token");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(start.elapsed() >= Duration::from_millis(1500), "ended too early");
+
+    let metrics = w.admin_get("/metrics").await.text();
+    for (reason, n) in [("idle", 1), ("credential-expired", 1)] {
+        let line = format!("portcullis_websocket_tunnels_closed_total{{reason=\"{reason}\"}} {n}");
+        assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
+    }
+}
+
 #[tokio::test]
 async fn http2_clients_and_h2c_upstreams() {
     let routes = r#"

@@ -1,0 +1,180 @@
+//! WebSocket tunnels: bytes copied both ways once both sides have switched protocols.
+//!
+//! A tunnel is authorized once, by the upgrade request, so it must not outlive what
+//! authorized it: it ends when the caller's credential expires (as a database session
+//! does), and after `server.idle_timeout` with no byte in either direction (as nginx's
+//! `proxy_read_timeout` ends an idle tunnel; applications keep theirs alive with
+//! WebSocket pings). The proxy does not speak WebSocket framing, so either end sees the
+//! TCP connection close.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+/// Why a tunnel ended (the `reason` label of `portcullis_websocket_tunnels_closed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Either side closed, or an I/O error.
+    Closed,
+    Idle,
+    CredentialExpired,
+}
+
+impl End {
+    pub const ALL: [End; 3] = [End::Closed, End::Idle, End::CredentialExpired];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::Idle => "idle",
+            End::CredentialExpired => "credential-expired",
+        }
+    }
+}
+
+/// Runs a tunnel to its end. `expires_at`: the credential's expiry, Unix seconds.
+pub async fn run(client: OnUpgrade, upstream: OnUpgrade, expires_at: u64, idle: Duration) {
+    let (c, u) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "websocket upgrade did not complete");
+            return;
+        }
+    };
+    let m = crate::metrics::global();
+    m.websocket_tunnels_open.fetch_add(1, Ordering::Relaxed);
+    let end = relay(TokioIo::new(c), TokioIo::new(u), expires_at, idle).await;
+    m.websocket_tunnels_open.fetch_sub(1, Ordering::Relaxed);
+    m.websocket_tunnels_closed.inc(&end.label());
+    tracing::debug!(end = end.label(), "websocket tunnel ended");
+}
+
+async fn relay<C, U>(client: C, upstream: U, expires_at: u64, idle: Duration) -> End
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let opened = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let mut c = Stamped { inner: client, opened, last: last.clone() };
+    let mut u = Stamped { inner: upstream, opened, last: last.clone() };
+    let left = expires_at.saturating_sub(crate::util::unix_now());
+    let expiry = opened + Duration::from_secs(left.min(u64::from(u32::MAX)));
+    let copy = tokio::io::copy_bidirectional(&mut c, &mut u);
+    tokio::pin!(copy);
+    loop {
+        let quiet_until = opened + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+        tokio::select! {
+            r = &mut copy => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "websocket tunnel closed with an error");
+                }
+                return End::Closed;
+            }
+            _ = tokio::time::sleep_until(expiry) => return End::CredentialExpired,
+            _ = tokio::time::sleep_until(quiet_until) => {
+                let since = Duration::from_millis(last.load(Ordering::Relaxed));
+                if Instant::now() >= opened + since + idle {
+                    return End::Idle;
+                }
+            }
+        }
+    }
+}
+
+/// Records when bytes last arrived from this side (every byte relayed is read first).
+struct Stamped<T> {
+    inner: T,
+    opened: Instant,
+    /// Milliseconds after `opened`.
+    last: Arc<AtomicU64>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Stamped<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.last.store(ms, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Stamped<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_tunnel_ends_after_the_idle_timeout_and_traffic_keeps_it_open() {
+        let (client, mut client_peer) = tokio::io::duplex(1024);
+        let (upstream, mut upstream_peer) = tokio::io::duplex(1024);
+        let far = crate::util::unix_now() + 3600;
+        let relay = tokio::spawn(relay(client, upstream, far, Duration::from_secs(60)));
+        // Traffic every 40 s for four minutes: never idle for 60 s.
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_secs(40)).await;
+            client_peer.write_all(b"ping").await.unwrap_or_else(|e| panic!("{e}"));
+            let mut got = [0u8; 4];
+            upstream_peer.read_exact(&mut got).await.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(&got, b"ping");
+            assert!(!relay.is_finished(), "closed while in use");
+        }
+        let end = relay.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(end, End::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_ends_when_the_credential_expires_even_while_in_use() {
+        let (client, mut client_peer) = tokio::io::duplex(1024);
+        let (upstream, mut upstream_peer) = tokio::io::duplex(1024);
+        let expires = crate::util::unix_now() + 90;
+        let relay = tokio::spawn(relay(client, upstream, expires, Duration::from_secs(60)));
+        let chatter = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                if client_peer.write_all(b"x").await.is_err() {
+                    break;
+                }
+                let mut b = [0u8; 1];
+                if upstream_peer.read_exact(&mut b).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let both =
+            tokio::time::timeout(Duration::from_secs(3600), async { tokio::join!(relay, chatter) });
+        let (end, ()) = both.await.unwrap_or_else(|_| panic!("the tunnel outlived the credential"));
+        assert_eq!(end.unwrap_or_else(|e| panic!("{e}")), End::CredentialExpired);
+    }
+}
