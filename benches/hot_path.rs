@@ -333,13 +333,17 @@ fn bench_request(c: &mut Criterion, signer: &DevSigner) {
         replay: Default::default(),
     });
     let sink = AuditSink::file(std::path::Path::new("/dev/null")).unwrap();
-    let conn = ConnInfo { peer: ([127, 0, 0, 1], 40_000).into(), tls: None, trusted_peer: false };
+    let conn = ConnInfo {
+        peer: ([127, 0, 0, 1], 40_000).into(),
+        tls: None,
+        trusted_peer: false,
+        activity: portcullis::http::activity::Activity::new(None),
+    };
 
     // One keep-alive client connection over an in-memory pipe.
     let mut sender = rt.block_on(async {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let activity = portcullis::http::activity::Activity::new();
-        let svc = portcullis::http::stack::service(shared, sink.clone(), conn, activity);
+        let svc = portcullis::http::stack::service(shared, sink.clone(), conn);
         tokio::spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(

@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tower::{Layer, Service};
 
-use super::activity::{Activity, InFlight};
+use super::activity::InFlight;
 use super::body::ProxyBody;
 use super::proxy::Outcome;
 use super::{ConnInfo, RequestId};
@@ -27,24 +27,18 @@ use crate::metrics::{self, RequestKey};
 pub struct AccessLogLayer {
     sink: AuditSink,
     conn: ConnInfo,
-    activity: Arc<Activity>,
 }
 
 impl AccessLogLayer {
-    pub fn new(sink: AuditSink, conn: ConnInfo, activity: Arc<Activity>) -> Self {
-        Self { sink, conn, activity }
+    pub fn new(sink: AuditSink, conn: ConnInfo) -> Self {
+        Self { sink, conn }
     }
 }
 
 impl<S> Layer<S> for AccessLogLayer {
     type Service = AccessLog<S>;
     fn layer(&self, inner: S) -> AccessLog<S> {
-        AccessLog {
-            inner,
-            sink: self.sink.clone(),
-            conn: self.conn.clone(),
-            activity: self.activity.clone(),
-        }
+        AccessLog { inner, sink: self.sink.clone(), conn: self.conn.clone() }
     }
 }
 
@@ -53,7 +47,6 @@ pub struct AccessLog<S> {
     inner: S,
     sink: AuditSink,
     conn: ConnInfo,
-    activity: Arc<Activity>,
 }
 
 impl<S> Service<Request<Incoming>> for AccessLog<S>
@@ -72,7 +65,7 @@ where
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let start = Instant::now();
         // Dropped with the future if the client goes away first, else with the body.
-        let in_flight = self.activity.begin();
+        let in_flight = self.conn.activity.begin();
         let rid = super::next_request_id();
         req.extensions_mut().insert(RequestId(rid.clone()));
         let method = req.method().clone();

@@ -20,6 +20,9 @@ pub struct Activity {
     in_flight: AtomicU32,
     /// Milliseconds after `opened` at which the connection last became idle.
     idle_since_ms: AtomicU64,
+    /// The connection's `max_connections` slot, released when the last holder (the
+    /// connection task, its service, a WebSocket tunnel) lets go.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Held from the start of a request until its response body is done or dropped.
@@ -27,11 +30,12 @@ pub struct Activity {
 pub struct InFlight(Arc<Activity>);
 
 impl Activity {
-    pub fn new() -> Arc<Self> {
+    pub fn new(slot: Option<tokio::sync::OwnedSemaphorePermit>) -> Arc<Self> {
         Arc::new(Self {
             opened: Instant::now(),
             in_flight: AtomicU32::new(0),
             idle_since_ms: AtomicU64::new(0),
+            _slot: slot,
         })
     }
 
@@ -67,7 +71,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_only_without_requests_in_flight_and_counted_from_the_last_one() {
         let timeout = Duration::from_secs(75);
-        let a = Activity::new();
+        let a = Activity::new(None);
         let opened = Instant::now();
         assert_eq!(a.idle_deadline(timeout), Some(opened + timeout));
 

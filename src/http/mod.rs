@@ -26,6 +26,9 @@ pub struct ConnInfo {
     pub tls: Option<Arc<TlsInfo>>,
     /// The peer is a configured trusted proxy: its `X-Forwarded-*` headers are kept.
     pub trusted_peer: bool,
+    /// Requests in flight (for the idle timeout), and the connection's `max_connections`
+    /// slot, which a WebSocket tunnel keeps after the connection is handed over.
+    pub activity: Arc<activity::Activity>,
 }
 
 impl ConnInfo {

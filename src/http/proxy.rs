@@ -539,12 +539,12 @@ pub async fn handle(
             Some(client_upgrade) => {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let (expires_at, idle) = (identity.expires_at, rt.config.server.idle_timeout);
-                tokio::spawn(super::tunnel::run(
-                    client_upgrade,
-                    upstream_upgrade,
-                    expires_at,
-                    idle,
-                ));
+                // The tunnel keeps the connection's `max_connections` slot.
+                let slot = conn.activity.clone();
+                tokio::spawn(async move {
+                    super::tunnel::run(client_upgrade, upstream_upgrade, expires_at, idle).await;
+                    drop(slot);
+                });
             }
             None => {
                 return rejection(

@@ -9,7 +9,6 @@ use tower_http::sensitive_headers::{
 };
 
 use super::access_log::AccessLogLayer;
-use super::activity::Activity;
 use super::proxy::{Proxy, Shared};
 use super::ConnInfo;
 use crate::audit::AuditSink;
@@ -19,7 +18,6 @@ pub fn service(
     shared: Arc<Shared>,
     sink: AuditSink,
     conn: ConnInfo,
-    activity: Arc<Activity>,
 ) -> impl tower::Service<
     http::Request<hyper::body::Incoming>,
     Response = http::Response<super::access_log::AuditBody>,
@@ -35,7 +33,7 @@ pub fn service(
         // status and counts the response body to its end.
         // It also marks the request in flight until its body ends, so the connection
         // is not closed as idle meanwhile.
-        .layer(AccessLogLayer::new(sink, conn.clone(), activity))
+        .layer(AccessLogLayer::new(sink, conn.clone()))
         // The phases: own endpoints → path → route → authenticate → authorize → forward.
         .service(Proxy::new(shared, conn))
 }

@@ -493,7 +493,8 @@ async fn accept_loop(
         let mut stop = shutdown.clone();
         let idle = state.shared.runtime.load().config.server.idle_timeout;
         tokio::spawn(async move {
-            let _permit = permit;
+            // The slot is held by the connection and, after a WebSocket upgrade, by its tunnel.
+            let activity = Activity::new(Some(permit));
             let m = crate::metrics::global();
             m.connections_open.fetch_add(1, Ordering::Relaxed);
             match tls_cfg {
@@ -526,17 +527,17 @@ async fn accept_loop(
                         },
                         sni: sess.server_name().map(|s| Arc::from(s.to_ascii_lowercase())),
                     };
-                    let conn = ConnInfo { peer, tls: Some(Arc::new(info)), trusted_peer };
-                    let activity = Activity::new();
-                    let svc = stack::service(shared, sink, conn, activity.clone());
+                    let tls = Some(Arc::new(info));
+                    let conn = ConnInfo { peer, tls, trusted_peer, activity: activity.clone() };
+                    let svc = stack::service(shared, sink, conn);
                     let svc = TowerToHyperService::new(svc);
                     let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     drive(c, &mut stop, &activity, idle).await;
                 }
                 None => {
-                    let conn = ConnInfo { peer, tls: None, trusted_peer };
-                    let activity = Activity::new();
-                    let svc = stack::service(shared, sink, conn, activity.clone());
+                    let conn =
+                        ConnInfo { peer, tls: None, trusted_peer, activity: activity.clone() };
+                    let svc = stack::service(shared, sink, conn);
                     let svc = TowerToHyperService::new(svc);
                     let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     drive(c, &mut stop, &activity, idle).await;

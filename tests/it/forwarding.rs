@@ -269,6 +269,35 @@ async fn websocket_tunnels_end_when_idle_and_when_the_credential_expires() {
 }
 
 #[tokio::test]
+async fn a_websocket_tunnel_keeps_its_connection_slot() {
+    let w =
+        World::with(Setup { server_extra: "max_connections = 1".into(), ..Setup::default() }).await;
+    let mut ws = ws_connect(&w, Some(&w.token("bb", &[]))).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(echo_once(&mut ws).await);
+    // The upgraded connection was handed over to the tunnel, which still holds the one
+    // slot: a second client waits in the backlog (its TLS handshake is not answered).
+    let tcp = tokio::net::TcpStream::connect(w.https).await.unwrap_or_else(|e| panic!("{e}"));
+    let roots = w.pki.root_store();
+    let waiting = tokio::spawn(async move {
+        let mut tls = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+            .unwrap_or_else(|e| panic!("{e}"));
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name =
+            rustls_pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)).connect(name, tcp).await
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!waiting.is_finished(), "a second connection was served beside the tunnel");
+    // The tunnel ends: the slot frees and the waiting client is served.
+    ws.close(None).await.unwrap_or_else(|e| panic!("{e}"));
+    drop(ws);
+    let served = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+    assert!(matches!(served, Ok(Ok(Ok(_)))), "the slot was not released");
+}
+
+#[tokio::test]
 async fn http2_clients_and_h2c_upstreams() {
     let routes = r#"
 [[routes]]
