@@ -331,6 +331,7 @@ fn bench_request(c: &mut Criterion, signer: &DevSigner) {
                 .unwrap(),
         ),
         replay: Default::default(),
+        reloads: tokio::sync::watch::channel(1).0,
     });
     let sink = AuditSink::file(std::path::Path::new("/dev/null")).unwrap();
     let conn = ConnInfo {

@@ -80,6 +80,9 @@ pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
     pub signer: Arc<AssertionSigner>,
     pub replay: super::replay::ReplayCache,
+    /// The generation of the last reload, sent after `runtime` is swapped; WebSocket
+    /// tunnels re-check their authorization on every change.
+    pub reloads: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -461,6 +464,8 @@ pub async fn handle(
     }
     let websocket = is_websocket(&req);
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    // What the tunnel re-checks at reloads (the request itself goes upstream).
+    let upgrade_method = websocket.then(|| req.method().clone());
 
     let mut target = String::with_capacity(route.upstream.base_path.len() + norm.len() + 64);
     target.push_str(&route.upstream.base_path);
@@ -538,11 +543,18 @@ pub async fn handle(
         match client_upgrade {
             Some(client_upgrade) => {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                let (expires_at, idle) = (identity.expires_at, rt.config.server.idle_timeout);
+                let grant = super::tunnel::Grant {
+                    shared: shared.clone(),
+                    route: route.name.clone(),
+                    identity: identity.clone(),
+                    method: upgrade_method.unwrap_or_default(),
+                    path: norm.to_string(),
+                    idle: rt.config.server.idle_timeout,
+                };
                 // The tunnel keeps the connection's `max_connections` slot.
                 let slot = conn.activity.clone();
                 tokio::spawn(async move {
-                    super::tunnel::run(client_upgrade, upstream_upgrade, expires_at, idle).await;
+                    super::tunnel::run(client_upgrade, upstream_upgrade, grant).await;
                     drop(slot);
                 });
             }

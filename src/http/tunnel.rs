@@ -1,8 +1,10 @@
 //! WebSocket tunnels: bytes copied both ways once both sides have switched protocols.
 //!
 //! A tunnel is authorized once, by the upgrade request, so it must not outlive what
-//! authorized it: it ends when the caller's credential expires (as a database session
-//! does), and after `server.idle_timeout` with no byte in either direction (as nginx's
+//! authorized it: it ends when the caller's credential expires, when a reload changes
+//! the policy so that the upgrade request would now be denied or removes its route (as
+//! a database session does), and after `server.idle_timeout` with no byte in either
+//! direction (as nginx's
 //! `proxy_read_timeout` ends an idle tunnel; applications keep theirs alive with
 //! WebSocket pings). The proxy does not speak WebSocket framing, so either end sees the
 //! TCP connection close.
@@ -16,6 +18,7 @@ use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
@@ -26,22 +29,63 @@ pub enum End {
     Closed,
     Idle,
     CredentialExpired,
+    AccessRevoked,
 }
 
 impl End {
-    pub const ALL: [End; 3] = [End::Closed, End::Idle, End::CredentialExpired];
+    pub const ALL: [End; 4] = [End::Closed, End::Idle, End::CredentialExpired, End::AccessRevoked];
 
     pub const fn label(self) -> &'static str {
         match self {
             End::Closed => "closed",
             End::Idle => "idle",
             End::CredentialExpired => "credential-expired",
+            End::AccessRevoked => "access-revoked",
         }
     }
 }
 
-/// Runs a tunnel to its end. `expires_at`: the credential's expiry, Unix seconds.
-pub async fn run(client: OnUpgrade, upstream: OnUpgrade, expires_at: u64, idle: Duration) {
+/// What authorized a tunnel, re-checked at every reload.
+pub struct Grant {
+    pub shared: Arc<super::proxy::Shared>,
+    pub route: Arc<str>,
+    pub identity: Arc<crate::identity::Identity>,
+    pub method: http::Method,
+    /// The normalized path the upgrade request was authorized for.
+    pub path: String,
+    pub idle: Duration,
+}
+
+impl Grant {
+    /// Resolves once a reload has removed the route or its policy now denies the
+    /// upgrade request; never otherwise.
+    async fn revoked(&self) {
+        let mut reloads = self.shared.reloads.subscribe();
+        loop {
+            if reloads.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let rt = self.shared.runtime.load();
+            let Some(route) = rt.config.routes.iter().find(|r| *r.name == *self.route) else {
+                return;
+            };
+            let facts = crate::policy::RequestFacts {
+                method: &self.method,
+                path: &self.path,
+                database: None,
+                role: None,
+            };
+            if !route.accepts(&self.identity.issuer)
+                || !route.policy.evaluate(&self.identity, &facts).allowed
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// Runs a tunnel to its end.
+pub async fn run(client: OnUpgrade, upstream: OnUpgrade, grant: Grant) {
     let (c, u) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => {
@@ -51,13 +95,20 @@ pub async fn run(client: OnUpgrade, upstream: OnUpgrade, expires_at: u64, idle: 
     };
     let m = crate::metrics::global();
     m.websocket_tunnels_open.fetch_add(1, Ordering::Relaxed);
-    let end = relay(TokioIo::new(c), TokioIo::new(u), expires_at, idle).await;
+    let (expires_at, idle) = (grant.identity.expires_at, grant.idle);
+    let end = relay(TokioIo::new(c), TokioIo::new(u), expires_at, idle, grant.revoked()).await;
     m.websocket_tunnels_open.fetch_sub(1, Ordering::Relaxed);
     m.websocket_tunnels_closed.inc(&end.label());
     tracing::debug!(end = end.label(), "websocket tunnel ended");
 }
 
-async fn relay<C, U>(client: C, upstream: U, expires_at: u64, idle: Duration) -> End
+async fn relay<C, U>(
+    client: C,
+    upstream: U,
+    expires_at: u64,
+    idle: Duration,
+    revoked: impl Future<Output = ()>,
+) -> End
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -70,6 +121,7 @@ where
     let expiry = opened + Duration::from_secs(left.min(u64::from(u32::MAX)));
     let copy = tokio::io::copy_bidirectional(&mut c, &mut u);
     tokio::pin!(copy);
+    tokio::pin!(revoked);
     loop {
         let quiet_until = opened + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
         tokio::select! {
@@ -80,6 +132,7 @@ where
                 return End::Closed;
             }
             _ = tokio::time::sleep_until(expiry) => return End::CredentialExpired,
+            () = &mut revoked => return End::AccessRevoked,
             _ = tokio::time::sleep_until(quiet_until) => {
                 let since = Duration::from_millis(last.load(Ordering::Relaxed));
                 if Instant::now() >= opened + since + idle {
@@ -140,7 +193,8 @@ mod tests {
         let (client, mut client_peer) = tokio::io::duplex(1024);
         let (upstream, mut upstream_peer) = tokio::io::duplex(1024);
         let far = crate::util::unix_now() + 3600;
-        let relay = tokio::spawn(relay(client, upstream, far, Duration::from_secs(60)));
+        let never = std::future::pending();
+        let relay = tokio::spawn(relay(client, upstream, far, Duration::from_secs(60), never));
         // Traffic every 40 s for four minutes: never idle for 60 s.
         for _ in 0..6 {
             tokio::time::sleep(Duration::from_secs(40)).await;
@@ -159,7 +213,8 @@ mod tests {
         let (client, mut client_peer) = tokio::io::duplex(1024);
         let (upstream, mut upstream_peer) = tokio::io::duplex(1024);
         let expires = crate::util::unix_now() + 90;
-        let relay = tokio::spawn(relay(client, upstream, expires, Duration::from_secs(60)));
+        let never = std::future::pending();
+        let relay = tokio::spawn(relay(client, upstream, expires, Duration::from_secs(60), never));
         let chatter = async {
             loop {
                 tokio::time::sleep(Duration::from_secs(10)).await;

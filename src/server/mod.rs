@@ -211,6 +211,7 @@ impl Server {
             runtime: ArcSwap::from_pointee(runtime),
             signer: Arc::new(signer),
             replay: Default::default(),
+            reloads: watch::channel(1).0,
         });
         let pg = crate::postgres::Hub::new(shared.clone(), sink.clone(), pg_prepared, 1);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -454,6 +455,7 @@ async fn reload(state: &State) -> bool {
     // removed route's end), then listeners of added and moved routes start accepting and
     // those of removed and moved routes close.
     state.pg.reloaded(pg, generation);
+    state.shared.reloads.send_replace(generation);
     state.pg_listeners.apply(listeners);
     m.config_reloads.inc(&"ok");
     true

@@ -269,6 +269,33 @@ async fn websocket_tunnels_end_when_idle_and_when_the_credential_expires() {
 }
 
 #[tokio::test]
+async fn a_reload_that_revokes_access_ends_open_websocket_tunnels_and_only_those() {
+    let w = World::start().await;
+    let main = w.token("bb", &[]);
+    let mut ws = ws_connect(&w, Some(&main)).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut gh = ws_connect(&w, Some(&w.token("gh", &[]))).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(echo_once(&mut ws).await && echo_once(&mut gh).await);
+
+    // A reload that leaves both allowed (same policy, touched file): both tunnels go on.
+    write(&w.policy_path("api"), &format!("{ALLOW_ALL_PRESETS}\n# reviewed\n"));
+    assert!(w.server().reload().await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(echo_once(&mut ws).await && echo_once(&mut gh).await, "ended by a harmless reload");
+
+    // Bitbucket's rule is removed: its tunnel ends, GitHub's goes on.
+    let only_gh = "[[rule]]\nid = \"gh-main\"\neffect = \"allow\"\nissuer = \"gh\"\nci = { workspace_id = \"1001\", ref = \"refs/heads/main\" }\n";
+    write(&w.policy_path("api"), only_gh);
+    assert!(w.server().reload().await);
+    let ended = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert!(matches!(ended, Ok(None | Some(Err(_)) | Some(Ok(_)))), "{ended:?}");
+    assert!(!echo_once(&mut ws).await, "the revoked tunnel still relays");
+    assert!(echo_once(&mut gh).await, "the still-allowed tunnel was ended");
+    let metrics = w.admin_get("/metrics").await.text();
+    let line = "portcullis_websocket_tunnels_closed_total{reason=\"access-revoked\"} 1";
+    assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
+}
+
+#[tokio::test]
 async fn a_websocket_tunnel_keeps_its_connection_slot() {
     let w =
         World::with(Setup { server_extra: "max_connections = 1".into(), ..Setup::default() }).await;
