@@ -332,6 +332,7 @@ fn bench_request(c: &mut Criterion, signer: &DevSigner) {
         ),
         replay: Default::default(),
         reloads: tokio::sync::watch::channel(1).0,
+        stopping: tokio::sync::watch::channel(false).1,
     });
     let sink = AuditSink::file(std::path::Path::new("/dev/null")).unwrap();
     let conn = ConnInfo {

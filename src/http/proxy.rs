@@ -83,6 +83,9 @@ pub struct Shared {
     /// The generation of the last reload, sent after `runtime` is swapped; WebSocket
     /// tunnels re-check their authorization on every change.
     pub reloads: tokio::sync::watch::Sender<u64>,
+    /// Turns true when shutdown starts; WebSocket tunnels end then (they cannot be
+    /// drained like a request, and the drain waits for their connection slots).
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for Shared {

@@ -30,10 +30,13 @@ pub enum End {
     Idle,
     CredentialExpired,
     AccessRevoked,
+    /// The proxy is shutting down.
+    Shutdown,
 }
 
 impl End {
-    pub const ALL: [End; 4] = [End::Closed, End::Idle, End::CredentialExpired, End::AccessRevoked];
+    pub const ALL: [End; 5] =
+        [End::Closed, End::Idle, End::CredentialExpired, End::AccessRevoked, End::Shutdown];
 
     pub const fn label(self) -> &'static str {
         match self {
@@ -41,6 +44,7 @@ impl End {
             End::Idle => "idle",
             End::CredentialExpired => "credential-expired",
             End::AccessRevoked => "access-revoked",
+            End::Shutdown => "shutdown",
         }
     }
 }
@@ -57,8 +61,16 @@ pub struct Grant {
 }
 
 impl Grant {
-    /// Resolves once a reload has removed the route or its policy now denies the
-    /// upgrade request; never otherwise.
+    /// Why the tunnel must end, once it must: a reload removed the route or its policy
+    /// now denies the upgrade request, or shutdown started. Never resolves otherwise.
+    async fn ended(&self) -> End {
+        let mut stopping = self.shared.stopping.clone();
+        tokio::select! {
+            () = self.revoked() => End::AccessRevoked,
+            _ = stopping.wait_for(|s| *s) => End::Shutdown,
+        }
+    }
+
     async fn revoked(&self) {
         let mut reloads = self.shared.reloads.subscribe();
         loop {
@@ -96,7 +108,7 @@ pub async fn run(client: OnUpgrade, upstream: OnUpgrade, grant: Grant) {
     let m = crate::metrics::global();
     m.websocket_tunnels_open.fetch_add(1, Ordering::Relaxed);
     let (expires_at, idle) = (grant.identity.expires_at, grant.idle);
-    let end = relay(TokioIo::new(c), TokioIo::new(u), expires_at, idle, grant.revoked()).await;
+    let end = relay(TokioIo::new(c), TokioIo::new(u), expires_at, idle, grant.ended()).await;
     m.websocket_tunnels_open.fetch_sub(1, Ordering::Relaxed);
     m.websocket_tunnels_closed.inc(&end.label());
     tracing::debug!(end = end.label(), "websocket tunnel ended");
@@ -107,7 +119,7 @@ async fn relay<C, U>(
     upstream: U,
     expires_at: u64,
     idle: Duration,
-    revoked: impl Future<Output = ()>,
+    ended: impl Future<Output = End>,
 ) -> End
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -121,7 +133,7 @@ where
     let expiry = opened + Duration::from_secs(left.min(u64::from(u32::MAX)));
     let copy = tokio::io::copy_bidirectional(&mut c, &mut u);
     tokio::pin!(copy);
-    tokio::pin!(revoked);
+    tokio::pin!(ended);
     loop {
         let quiet_until = opened + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
         tokio::select! {
@@ -132,7 +144,7 @@ where
                 return End::Closed;
             }
             _ = tokio::time::sleep_until(expiry) => return End::CredentialExpired,
-            () = &mut revoked => return End::AccessRevoked,
+            end = &mut ended => return end,
             _ = tokio::time::sleep_until(quiet_until) => {
                 let since = Duration::from_millis(last.load(Ordering::Relaxed));
                 if Instant::now() >= opened + since + idle {

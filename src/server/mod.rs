@@ -207,14 +207,15 @@ impl Server {
             tracing::warn!(target: "portcullis::config", "{w}");
         }
         let runtime = Runtime::build(config, None, 1)?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
             signer: Arc::new(signer),
             replay: Default::default(),
             reloads: watch::channel(1).0,
+            stopping: shutdown_rx.clone(),
         });
         let pg = crate::postgres::Hub::new(shared.clone(), sink.clone(), pg_prepared, 1);
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let limit = Arc::new(Semaphore::new(max_conns));
         let state = Arc::new(State {
             config_path,

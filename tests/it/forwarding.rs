@@ -296,6 +296,23 @@ async fn a_reload_that_revokes_access_ends_open_websocket_tunnels_and_only_those
 }
 
 #[tokio::test]
+async fn shutdown_ends_websocket_tunnels_instead_of_waiting_out_the_grace_period() {
+    let mut w = World::start().await; // shutdown_grace = 5s
+    let mut ws = ws_connect(&w, Some(&w.token("bb", &[]))).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(echo_once(&mut ws).await);
+    let server = w.server.take().unwrap_or_else(|| panic!("server"));
+    let start = std::time::Instant::now();
+    let drained = tokio::time::timeout(Duration::from_secs(10), server.shutdown()).await;
+    assert!(drained.is_ok(), "shutdown did not finish");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "waited {:?} for the tunnel",
+        start.elapsed()
+    );
+    assert!(!echo_once(&mut ws).await, "the tunnel outlived the shutdown");
+}
+
+#[tokio::test]
 async fn a_websocket_tunnel_keeps_its_connection_slot() {
     let w =
         World::with(Setup { server_extra: "max_connections = 1".into(), ..Setup::default() }).await;
