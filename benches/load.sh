@@ -6,7 +6,8 @@
 #   benches/load.sh                 # everything (about 6 minutes)
 #   DURATION=5 benches/load.sh      # shorter runs
 #   ONLY='nginx-proxy pc-reused' benches/load.sh   # a subset of scenarios (by name)
-#   PROFILE=pc-distinct:/tmp/d.perf benches/load.sh  # perf profile of one scenario (32 conns)
+#   PROFILE=pc-distinct:/tmp/d.perf benches/load.sh  # perf profile of one scenario (32 conns;
+#                                   PROFILE_CG="--call-graph=dwarf" for call stacks)
 #
 # Needs root for `apt-get install wrk nginx haproxy` when they are missing, openssl, and
 # target/release/portcullis (built if missing). Everything binds 127.0.0.1 only; every
