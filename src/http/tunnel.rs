@@ -198,15 +198,22 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Stamped<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// A relay between two in-memory pipes with a 60 s idle timeout and no revocation;
+    /// the far ends: what the client writes, what the upstream reads.
+    fn relay_for(expires_in: u64) -> (tokio::task::JoinHandle<End>, DuplexStream, DuplexStream) {
+        let (client, client_peer) = tokio::io::duplex(1024);
+        let (upstream, upstream_peer) = tokio::io::duplex(1024);
+        let expires_at = crate::util::unix_now() + expires_in;
+        let never = std::future::pending();
+        let idle = Duration::from_secs(60);
+        (tokio::spawn(relay(client, upstream, expires_at, idle, never)), client_peer, upstream_peer)
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_quiet_tunnel_ends_after_the_idle_timeout_and_traffic_keeps_it_open() {
-        let (client, mut client_peer) = tokio::io::duplex(1024);
-        let (upstream, mut upstream_peer) = tokio::io::duplex(1024);
-        let far = crate::util::unix_now() + 3600;
-        let never = std::future::pending();
-        let relay = tokio::spawn(relay(client, upstream, far, Duration::from_secs(60), never));
+        let (relay, mut client_peer, mut upstream_peer) = relay_for(3600);
         // Traffic every 40 s for four minutes: never idle for 60 s.
         for _ in 0..6 {
             tokio::time::sleep(Duration::from_secs(40)).await;
@@ -222,11 +229,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_tunnel_ends_when_the_credential_expires_even_while_in_use() {
-        let (client, mut client_peer) = tokio::io::duplex(1024);
-        let (upstream, mut upstream_peer) = tokio::io::duplex(1024);
-        let expires = crate::util::unix_now() + 90;
-        let never = std::future::pending();
-        let relay = tokio::spawn(relay(client, upstream, expires, Duration::from_secs(60), never));
+        let (relay, mut client_peer, mut upstream_peer) = relay_for(90);
         let chatter = async {
             loop {
                 tokio::time::sleep(Duration::from_secs(10)).await;
