@@ -67,6 +67,10 @@ pub(crate) fn parse(token: &str) -> Result<Parsed<'_>, AuthError> {
     }
     let (header, _) = decode_object(h, "header")?;
     let (payload, payload_json) = decode_object(p, "payload")?;
+    // serde_json rejected invalid UTF-8 anywhere in the text, so this cannot fail.
+    let payload_json = String::from_utf8(payload_json)
+        .map_err(|_| malformed("payload is not UTF-8"))?
+        .into_boxed_str();
     // The no-padding engine also rejects non-canonical trailing bits, so one token has
     // exactly one encoding.
     let signature =
@@ -80,11 +84,11 @@ pub(crate) fn parse(token: &str) -> Result<Parsed<'_>, AuthError> {
     })
 }
 
-/// The object and its JSON text (valid UTF-8: the strict parse accepted it).
+/// The object and the decoded JSON bytes it was parsed from.
 fn decode_object(
     segment: &str,
     what: &'static str,
-) -> Result<(Map<String, Value>, Box<str>), AuthError> {
+) -> Result<(Map<String, Value>, Vec<u8>), AuthError> {
     let bytes = URL_SAFE_NO_PAD.decode(segment).map_err(|_| {
         malformed(if what == "header" {
             "header is not base64url"
@@ -93,13 +97,7 @@ fn decode_object(
         })
     })?;
     match parse_strict_json(&bytes) {
-        Ok(Value::Object(map)) => {
-            // serde_json rejects invalid UTF-8 anywhere in the text, so this cannot fail.
-            let text = String::from_utf8(bytes)
-                .map_err(|_| malformed("JSON is not UTF-8"))?
-                .into_boxed_str();
-            Ok((map, text))
-        }
+        Ok(Value::Object(map)) => Ok((map, bytes)),
         Ok(_) => Err(malformed(if what == "header" {
             "header is not a JSON object"
         } else {
