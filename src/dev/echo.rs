@@ -13,6 +13,7 @@
 //! | `/slow/{ms}`        | sleeps, then the JSON echo                                         |
 //! | `GET /ws`           | WebSocket (HTTP/1.1 upgrade) that echoes text and binary messages  |
 //! | `/close`            | drops the connection without answering (HTTP/2: resets the stream) |
+//! | `/set-cookie/{a,b}` | 200 with one `Set-Cookie: {name}=upstream; Path=/` per listed name    |
 //!
 //! The JSON echo is how tests see what the proxy forwarded: which identity headers arrived,
 //! that spoofed and hop-by-hop headers did not, that the caller's token stayed behind.
@@ -165,6 +166,7 @@ async fn handle(
         },
         (_, "ws", None) => websocket(req, stopped),
         (_, "close", None) => return Err(CloseConnection),
+        (_, "set-cookie", Some(names)) => set_cookies(names),
         _ => echo(req).await?,
     })
 }
@@ -225,6 +227,16 @@ fn echo_body(req: Request<Incoming>) -> Response<EchoBody> {
     let mut resp = Response::new(req.into_body().map_err(io::Error::other).boxed_unsync());
     if let Some(ct) = content_type {
         resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    resp
+}
+
+fn set_cookies(names: &str) -> Response<EchoBody> {
+    let mut resp = text(StatusCode::OK, "{}");
+    for name in names.split(',').filter(|n| !n.is_empty()) {
+        if let Ok(v) = HeaderValue::from_str(&format!("{name}=upstream; Path=/")) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
     }
     resp
 }

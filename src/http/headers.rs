@@ -68,6 +68,25 @@ pub fn strip_identity_headers(h: &mut HeaderMap, extra: &[HeaderName]) {
     }
 }
 
+/// Removes an upstream's `Set-Cookie` for the proxy's own cookies (`_portcullis*`), so
+/// no upstream can plant, replace or clear a browser's session (session fixation, forced
+/// sign-out); the application's cookies pass.
+pub fn strip_proxy_set_cookies(h: &mut HeaderMap) {
+    let ours = |v: &HeaderValue| {
+        let name = v.as_bytes().split(|b| *b == b'=').next().unwrap_or_default();
+        name.trim_ascii().starts_with(b"_portcullis")
+    };
+    if !h.get_all(header::SET_COOKIE).iter().any(ours) {
+        return;
+    }
+    let kept: Vec<HeaderValue> =
+        h.get_all(header::SET_COOKIE).iter().filter(|v| !ours(v)).cloned().collect();
+    h.remove(header::SET_COOKIE);
+    for v in kept {
+        h.append(header::SET_COOKIE, v);
+    }
+}
+
 /// Removes the proxy's own cookies (`_portcullis*`), keeping the application's.
 pub fn strip_proxy_cookies(h: &mut HeaderMap) {
     if !h.contains_key(header::COOKIE) {
@@ -257,6 +276,18 @@ mod tests {
         strip_identity_headers(&mut h, &[HeaderName::from_static("x-user")]);
         let names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
         assert_eq!(names, vec!["x-other"]);
+    }
+
+    #[test]
+    fn an_upstream_cannot_set_the_proxys_cookies() {
+        let mut h = HeaderMap::new();
+        for c in ["app=1; Path=/", "_portcullis=evil; Path=/", " _portcullis_login=x", "b=2"] {
+            h.append(header::SET_COOKIE, HeaderValue::from_static(c));
+        }
+        strip_proxy_set_cookies(&mut h);
+        let left: Vec<&str> =
+            h.get_all(header::SET_COOKIE).iter().filter_map(|v| v.to_str().ok()).collect();
+        assert_eq!(left, ["app=1; Path=/", "b=2"]);
     }
 
     #[test]

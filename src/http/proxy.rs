@@ -574,6 +574,7 @@ pub async fn handle(
     let keep_upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, keep_upgrade);
+    headers::strip_proxy_set_cookies(&mut parts.headers);
     // A refreshed or touched session goes back to the browser with the response.
     for c in set_cookies {
         parts.headers.append(header::SET_COOKIE, c);

@@ -789,3 +789,14 @@ async fn override_headers_are_refused_so_the_authorized_method_and_path_are_the_
         assert!(e.get("upstream_status").is_none_or(|s| s.is_null()), "forwarded: {e}");
     }
 }
+
+#[tokio::test]
+async fn an_upstream_cannot_plant_or_clear_the_proxys_session_cookies() {
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let r = w.get("/set-cookie/app,_portcullis,_portcullis_login,other", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let set: Vec<&str> =
+        r.headers.get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()).collect();
+    assert_eq!(set, ["app=upstream; Path=/", "other=upstream; Path=/"]);
+}
