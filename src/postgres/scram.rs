@@ -1,8 +1,13 @@
 //! The client side of SCRAM-SHA-256 (RFC 5802, RFC 7677) as PostgreSQL speaks it, on
 //! aws-lc-rs (HMAC, PBKDF2, SHA-256), and the legacy md5 response.
 //!
-//! Channel binding is not used (`n,,`): the upstream leg is authenticated by the TLS
-//! certificate check when `upstream_tls = "verify-full"`. The salted password is the
+//! Over TLS, when the server offers `SCRAM-SHA-256-PLUS`, the exchange is bound to the
+//! TLS channel (`tls-server-end-point`, RFC 5929: a hash of the server's certificate), as
+//! libpq's `channel_binding=prefer` does: a man in the middle that terminates TLS with
+//! another certificate (possible with `upstream_tls = "require"`, which checks none)
+//! makes the server refuse the proof instead of relaying a session to it. Without TLS
+//! the exchange says `n` (no binding); over TLS with no `-PLUS` offered, `y` (so a
+//! server that does support it detects a downgrade). The salted password is the
 //! expensive part (PBKDF2, 4096 iterations by default); [`KeyCache`] keeps the derived
 //! client and server keys per (password, salt, iterations), as a connection pooler
 //! would, so a session set-up costs two HMACs instead of ~8000.
@@ -104,10 +109,32 @@ fn derive(password: &str, salt: &[u8], iterations: NonZeroU32) -> Keys {
     Keys { client_key, server_key }
 }
 
+/// How an exchange uses channel binding (the GS2 header of RFC 5802 §7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Binding {
+    /// `n`: no TLS, nothing to bind to.
+    None,
+    /// `y`: over TLS, but the server offered no `-PLUS` mechanism.
+    NotOffered,
+    /// `p=tls-server-end-point`: bound to this hash of the server's certificate.
+    ServerEndPoint(Vec<u8>),
+}
+
+impl Binding {
+    fn gs2_header(&self) -> &'static str {
+        match self {
+            Binding::None => "n,,",
+            Binding::NotOffered => "y,,",
+            Binding::ServerEndPoint(_) => "p=tls-server-end-point,,",
+        }
+    }
+}
+
 /// One exchange, from client-first to the verified server-final.
 pub struct Exchange {
     client_first_bare: String,
     nonce: String,
+    binding: Binding,
     expected_server_signature: Option<[u8; 32]>,
 }
 
@@ -119,26 +146,35 @@ impl std::fmt::Debug for Exchange {
 
 impl Exchange {
     /// A new exchange with a random 18-byte nonce.
-    pub fn new() -> Self {
+    pub fn new(binding: Binding) -> Self {
         let mut raw = [0u8; 18];
         let _ = aws_lc_rs::rand::fill(&mut raw);
-        Self::with_nonce(B64.encode(raw))
+        Self::with_nonce(B64.encode(raw), binding)
     }
 
-    pub fn with_nonce(nonce: String) -> Self {
+    pub fn with_nonce(nonce: String, binding: Binding) -> Self {
         // PostgreSQL ignores the SCRAM user name and uses the startup packet's.
         Exchange {
             client_first_bare: format!("n=,r={nonce}"),
             nonce,
+            binding,
             expected_server_signature: None,
         }
     }
 
-    /// The mechanism name to put in SASLInitialResponse.
     pub const MECHANISM: &'static str = "SCRAM-SHA-256";
+    pub const MECHANISM_PLUS: &'static str = "SCRAM-SHA-256-PLUS";
+
+    /// The mechanism name to put in SASLInitialResponse.
+    pub fn mechanism(&self) -> &'static str {
+        match self.binding {
+            Binding::ServerEndPoint(_) => Self::MECHANISM_PLUS,
+            _ => Self::MECHANISM,
+        }
+    }
 
     pub fn client_first(&self) -> String {
-        format!("n,,{}", self.client_first_bare)
+        format!("{}{}", self.binding.gs2_header(), self.client_first_bare)
     }
 
     /// Answers the server-first-message with the client-final-message.
@@ -169,7 +205,12 @@ impl Exchange {
             .filter(|i| i.get() <= MAX_ITERATIONS)
             .ok_or(ScramError::Iterations)?;
         let keys = cache.keys(password, &salt, iterations);
-        let without_proof = format!("c=biws,r={nonce}");
+        // c=: the GS2 header, then (for `p`) the channel binding data, base64.
+        let mut cbind = self.binding.gs2_header().as_bytes().to_vec();
+        if let Binding::ServerEndPoint(hash) = &self.binding {
+            cbind.extend_from_slice(hash);
+        }
+        let without_proof = format!("c={},r={nonce}", B64.encode(cbind));
         let auth_message = format!("{},{server_first},{without_proof}", self.client_first_bare);
         let stored_key = digest::digest(&digest::SHA256, &keys.client_key);
         let client_sig = hmac::sign(
@@ -208,10 +249,58 @@ impl Exchange {
     }
 }
 
-impl Default for Exchange {
-    fn default() -> Self {
-        Self::new()
+/// `tls-server-end-point` data (RFC 5929 §4.1): the certificate hashed with the hash of
+/// its signature algorithm, SHA-256 for MD5 and SHA-1; `None` when that algorithm has no
+/// single hash (RSASSA-PSS, Ed25519), as PostgreSQL cannot bind those either.
+pub fn server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
+    let algorithm = match signature_oid(cert_der)? {
+        // md5WithRSA, sha1WithRSA, ecdsa-with-SHA1: upgraded to SHA-256.
+        [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x04 | 0x05]
+        | [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01] => &digest::SHA256,
+        // sha256/384/512/224WithRSAEncryption.
+        [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b] => &digest::SHA256,
+        [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c] => &digest::SHA384,
+        [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d] => &digest::SHA512,
+        [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0e] => &digest::SHA224,
+        // ecdsa-with-SHA224/256/384/512.
+        [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x01] => &digest::SHA224,
+        [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02] => &digest::SHA256,
+        [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03] => &digest::SHA384,
+        [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04] => &digest::SHA512,
+        _ => return None,
+    };
+    Some(digest::digest(algorithm, cert_der).as_ref().to_vec())
+}
+
+/// The OID (content bytes) of a DER certificate's `signatureAlgorithm`:
+/// `Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue }`.
+fn signature_oid(der: &[u8]) -> Option<&[u8]> {
+    let (cert, _) = der_element(der, 0x30)?;
+    let (_tbs, rest) = der_element(cert, 0x30)?;
+    let (algorithm, _) = der_element(rest, 0x30)?;
+    let (oid, _) = der_element(algorithm, 0x06)?;
+    Some(oid)
+}
+
+/// One DER element with tag `tag` at the start of `b`: its contents and what follows.
+fn der_element(b: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&t, b) = b.split_first()?;
+    if t != tag {
+        return None;
     }
+    let (&first, mut b) = b.split_first()?;
+    let len = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || b.len() < n {
+            return None;
+        }
+        let (bytes, rest) = b.split_at(n);
+        b = rest;
+        bytes.iter().fold(0usize, |acc, &x| (acc << 8) | usize::from(x))
+    };
+    (b.len() >= len).then(|| b.split_at(len))
 }
 
 /// PostgreSQL's md5 response: `"md5" + md5hex(md5hex(password ‖ user) ‖ salt)`.
@@ -232,10 +321,67 @@ pub fn md5_response(user: &str, password: &str, salt: [u8; 4]) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_gs2_header_and_c_attribute_carry_the_binding() {
+        let server_first = "r=abcdef,s=QSXCR+Q6sek8bf92,i=4096";
+        let cases = [
+            (Binding::None, "n,,", "SCRAM-SHA-256", B64.encode("n,,")),
+            (Binding::NotOffered, "y,,", "SCRAM-SHA-256", B64.encode("y,,")),
+            (
+                Binding::ServerEndPoint(vec![1, 2, 3]),
+                "p=tls-server-end-point,,",
+                "SCRAM-SHA-256-PLUS",
+                B64.encode(b"p=tls-server-end-point,,\x01\x02\x03"),
+            ),
+        ];
+        for (binding, gs2, mechanism, c) in cases {
+            let mut x = Exchange::with_nonce("abc".into(), binding);
+            assert_eq!(x.client_first(), format!("{gs2}n=,r=abc"));
+            assert_eq!(x.mechanism(), mechanism);
+            let fin = x.client_final(server_first, "pw", &KeyCache::default());
+            let fin = fin.unwrap_or_else(|e| panic!("{e}"));
+            assert!(fin.starts_with(&format!("c={c},r=abcdef,p=")), "{fin}");
+        }
+        assert_eq!(B64.encode("n,,"), "biws");
+    }
+
+    #[test]
+    fn server_end_point_hashes_with_the_certificates_signature_hash() {
+        // rcgen's default: ECDSA P-256 with SHA-256.
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let params = rcgen::CertificateParams::new(vec!["db.example".into()])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
+        let der = cert.der().to_vec();
+        let want = digest::digest(&digest::SHA256, &der).as_ref().to_vec();
+        assert_eq!(server_end_point(&der), Some(want));
+        // P-384 signs with SHA-384.
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let params = rcgen::CertificateParams::new(vec!["db.example".into()])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let der = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}")).der().to_vec();
+        let want = digest::digest(&digest::SHA384, &der).as_ref().to_vec();
+        assert_eq!(server_end_point(&der), Some(want));
+        // Ed25519 has no separate hash: not bindable, like PostgreSQL.
+        let key =
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap_or_else(|e| panic!("{e}"));
+        let params = rcgen::CertificateParams::new(vec!["db.example".into()])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let der = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}")).der().to_vec();
+        assert_eq!(server_end_point(&der), None);
+        // Garbage and truncations never panic.
+        assert_eq!(server_end_point(b""), None);
+        assert_eq!(server_end_point(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+        for cut in 0..der.len() {
+            let _ = server_end_point(&der[..cut]);
+        }
+    }
+
     /// RFC 7677 §3: user "user", password "pencil".
     #[test]
     fn rfc7677_test_vector() {
-        let mut x = Exchange::with_nonce("rOprNGfwEbeRWgbNEkqO".into());
+        let mut x = Exchange::with_nonce("rOprNGfwEbeRWgbNEkqO".into(), Binding::None);
         // The RFC's client-first carries `n=user`; PostgreSQL's carries `n=`. Use the RFC's
         // bare message so the vector applies.
         x.client_first_bare = "n=user,r=rOprNGfwEbeRWgbNEkqO".into();
@@ -260,7 +406,7 @@ mod tests {
     #[test]
     fn hostile_server_first_messages_are_rejected() {
         let cache = KeyCache::default();
-        let mut x = Exchange::with_nonce("abc".into());
+        let mut x = Exchange::with_nonce("abc".into(), Binding::None);
         assert_eq!(x.client_final("r=xyz,s=AAAA,i=4096", "p", &cache), Err(ScramError::Nonce));
         assert_eq!(x.client_final("r=abc,s=AAAA,i=4096", "p", &cache), Err(ScramError::Nonce));
         assert_eq!(x.client_final("r=abcd,s=AAAA,i=0", "p", &cache), Err(ScramError::Iterations));

@@ -114,15 +114,31 @@ pub async fn authenticate(
                     Some(10) => {
                         let mechs: Vec<&[u8]> =
                             body[4..].split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
-                        if !mechs.contains(&scram::Exchange::MECHANISM.as_bytes()) {
+                        let offers = |m: &str| mechs.contains(&m.as_bytes());
+                        let binding = match (&*s, offers(scram::Exchange::MECHANISM_PLUS)) {
+                            (UpstreamStream::Tls(t), true) => {
+                                // A certificate whose signature has no single hash
+                                // (Ed25519, RSASSA-PSS) cannot be bound; then unbound.
+                                let cert =
+                                    t.get_ref().1.peer_certificates().and_then(|c| c.first());
+                                match cert.and_then(|c| scram::server_end_point(c)) {
+                                    Some(hash) => scram::Binding::ServerEndPoint(hash),
+                                    None => scram::Binding::None,
+                                }
+                            }
+                            (UpstreamStream::Tls(_), false) => scram::Binding::NotOffered,
+                            _ => scram::Binding::None,
+                        };
+                        let plain = !matches!(binding, scram::Binding::ServerEndPoint(_));
+                        if plain && !offers(scram::Exchange::MECHANISM) {
                             return Err(UpstreamError::Auth(
                                 "the upstream offers no SCRAM-SHA-256".into(),
                             ));
                         }
-                        let x = scram::Exchange::new();
+                        let x = scram::Exchange::new(binding);
                         let first = x.client_first();
                         let mut b = Vec::new();
-                        b.extend_from_slice(scram::Exchange::MECHANISM.as_bytes());
+                        b.extend_from_slice(x.mechanism().as_bytes());
                         b.push(0);
                         b.extend_from_slice(&(first.len() as u32).to_be_bytes());
                         b.extend_from_slice(first.as_bytes());

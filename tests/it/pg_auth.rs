@@ -471,3 +471,92 @@ async fn scram_passwords_are_saslprepped_like_postgres_does() {
     assert!(detail(&ev).contains("28P01"), "{ev}");
     assert_secrets_kept(&w, &[PW, &token]);
 }
+
+// === a TLS-terminating man in the middle ===
+
+/// Answers SSLRequest, terminates TLS with `pki`'s certificate (not the server's), opens
+/// its own TLS to the real server (trusting `pg_ca`) and relays the plaintext: what an
+/// attacker on the path can do to `upstream_tls = "require"`, which checks no certificate.
+async fn mitm(pki: &portcullis::tls::DevPki, pg_port: u16, pg_ca: &Path) -> (SocketAddr, Tap2) {
+    use rustls_pki_types::pem::PemObject;
+    // Speaks `postgresql` if asked, as PostgreSQL 17 would.
+    let alpn = vec![b"postgresql".to_vec()];
+    let server_cfg = portcullis::tls::server_config_with_alpn(pki.key_source(), vec![], alpn)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in
+        rustls_pki_types::CertificateDer::pem_file_iter(pg_ca).unwrap_or_else(|e| panic!("{e}"))
+    {
+        roots.add(c.unwrap_or_else(|e| panic!("{e}"))).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let client_cfg = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (acceptor, connector) = (
+        tokio_rustls::TlsAcceptor::from(server_cfg),
+        tokio_rustls::TlsConnector::from(Arc::new(client_cfg)),
+    );
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let task = tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let (acceptor, connector) = (acceptor.clone(), connector.clone());
+            tokio::spawn(async move {
+                let mut ssl_request = [0u8; 8];
+                c.read_exact(&mut ssl_request).await.ok()?;
+                c.write_all(b"S").await.ok()?;
+                let mut c = acceptor.accept(c).await.ok()?;
+                let mut s = TcpStream::connect(("127.0.0.1", pg_port)).await.ok()?;
+                s.write_all(&ssl_request).await.ok()?;
+                let mut answer = [0u8; 1];
+                s.read_exact(&mut answer).await.ok()?;
+                let name = rustls_pki_types::ServerName::try_from("localhost").ok()?;
+                let mut s = connector.connect(name, s).await.ok()?;
+                tokio::io::copy_bidirectional(&mut c, &mut s).await.ok()
+            });
+        }
+    });
+    (addr, Tap2(task))
+}
+
+/// Aborts the man in the middle when dropped.
+struct Tap2(tokio::task::JoinHandle<()>);
+
+impl Drop for Tap2 {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// SCRAM over TLS is bound to the server's certificate (`SCRAM-SHA-256-PLUS`,
+/// `tls-server-end-point`), so a man in the middle with its own certificate gets no
+/// session even where `upstream_tls = "require"` checks no certificate; without it in
+/// the path the same route works, bound to the real certificate.
+#[tokio::test]
+async fn scram_over_tls_is_channel_bound_so_a_man_in_the_middle_is_refused() {
+    let Some(pg) = pg() else { return };
+    let other = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let other_pki = portcullis::tls::DevPki::load_or_create(other.path(), &[])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (mitm_addr, _mitm) = mitm(&other_pki, pg.port, &pg.tls_ca).await;
+    let secrets = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = secrets.path();
+    let require = "upstream_tls = \"require\"";
+    let direct = format!("127.0.0.1:{}", pg.port);
+    let routes = [
+        route_with(s, "direct", &direct, TLS_ROLE, TLS_PW, require),
+        route_with(s, "intercepted", &mitm_addr.to_string(), TLS_ROLE, TLS_PW, require),
+    ]
+    .concat();
+    let w = PgWorld::build(pg, secrets, routes, &policy()).await;
+    let token = w.w.token("bb", &[]);
+
+    let (who, ssl) = who_and_ssl(&w, "direct", &token).await;
+    assert_eq!((who.as_str(), ssl.as_str()), ("tls_user", "true"));
+    let ev = refused(&w, "intercepted", &token, &[TLS_PW]).await;
+    let d = detail(&ev);
+    assert!(d.contains("upstream authentication failed"), "{ev}");
+    assert!(d.to_ascii_lowercase().contains("channel binding"), "{ev}");
+    assert_secrets_kept(&w, &[TLS_PW, &token]);
+}
