@@ -83,8 +83,8 @@ pub struct Shared {
     /// The generation of the last reload, sent after `runtime` is swapped; WebSocket
     /// tunnels re-check their authorization on every change.
     pub reloads: tokio::sync::watch::Sender<u64>,
-    /// Turns true when shutdown starts; WebSocket tunnels end then (they cannot be
-    /// drained like a request, and the drain waits for their connection slots).
+    /// Turns true when shutdown starts; WebSocket tunnels go on for the grace period,
+    /// then end (the drain waits for their connection slots up to the same period).
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -553,6 +553,7 @@ pub async fn handle(
                     method: upgrade_method.unwrap_or_default(),
                     path: norm.to_string(),
                     idle: rt.config.server.idle_timeout,
+                    grace: rt.config.server.shutdown_grace,
                 };
                 // The tunnel keeps the connection's `max_connections` slot.
                 let slot = conn.activity.clone();

@@ -3,8 +3,8 @@
 //! A tunnel is authorized once, by the upgrade request, so it must not outlive what
 //! authorized it: it ends when the caller's credential expires, when a reload changes
 //! the policy so that the upgrade request would now be denied or removes its route (as
-//! a database session does), and after `server.idle_timeout` with no byte in either
-//! direction (as nginx's
+//! a database session does), at the end of the shutdown grace period (database sessions
+//! too), and after `server.idle_timeout` with no byte in either direction (as nginx's
 //! `proxy_read_timeout` ends an idle tunnel; applications keep theirs alive with
 //! WebSocket pings). The proxy does not speak WebSocket framing, so either end sees the
 //! TCP connection close.
@@ -30,7 +30,7 @@ pub enum End {
     Idle,
     CredentialExpired,
     AccessRevoked,
-    /// The proxy is shutting down.
+    /// The proxy is shutting down and the grace period is over.
     Shutdown,
 }
 
@@ -58,16 +58,23 @@ pub struct Grant {
     /// The normalized path the upgrade request was authorized for.
     pub path: String,
     pub idle: Duration,
+    /// `server.shutdown_grace`: how long a tunnel goes on once shutdown starts.
+    pub grace: Duration,
 }
 
 impl Grant {
     /// Why the tunnel must end, once it must: a reload removed the route or its policy
-    /// now denies the upgrade request, or shutdown started. Never resolves otherwise.
+    /// now denies the upgrade request, or the shutdown grace period is over. Never
+    /// resolves otherwise.
     async fn ended(&self) -> End {
         let mut stopping = self.shared.stopping.clone();
+        let shutdown = async {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(self.grace).await;
+        };
         tokio::select! {
             () = self.revoked() => End::AccessRevoked,
-            _ = stopping.wait_for(|s| *s) => End::Shutdown,
+            () = shutdown => End::Shutdown,
         }
     }
 
