@@ -198,11 +198,12 @@ impl Metrics {
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_requests_total Requests by route, decision, reason and status."
+        family(
+            &mut out,
+            "portcullis_requests_total",
+            "counter",
+            "Requests by route, decision, reason and status.",
         );
-        let _ = writeln!(out, "# TYPE portcullis_requests_total counter");
         let mut reqs = self.requests.snapshot();
         reqs.sort_by(|a, b| {
             (&a.0.route, a.0.status, a.0.reason).cmp(&(&b.0.route, b.0.status, b.0.reason))
@@ -214,11 +215,12 @@ impl Metrics {
                 escape(&k.route), k.decision, k.reason, k.status
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_request_duration_seconds Time from request head to response head."
+        family(
+            &mut out,
+            "portcullis_request_duration_seconds",
+            "histogram",
+            "Time from request head to response head.",
         );
-        let _ = writeln!(out, "# TYPE portcullis_request_duration_seconds histogram");
         let mut lat: Vec<_> =
             self.latency.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         lat.sort_by(|a, b| a.0.cmp(&b.0));
@@ -239,28 +241,30 @@ impl Metrics {
                 "portcullis_request_duration_seconds_count{{route=\"{route}\"}} {count}"
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_token_verifications_total Bearer token verifications by result."
+        family(
+            &mut out,
+            "portcullis_token_verifications_total",
+            "counter",
+            "Bearer token verifications by result.",
         );
-        let _ = writeln!(out, "# TYPE portcullis_token_verifications_total counter");
         let mut tv = self.token_verifications.snapshot();
         tv.sort();
         for (k, v) in tv {
             let _ = writeln!(out, "portcullis_token_verifications_total{{result=\"{k}\"}} {v}");
         }
-        let _ = writeln!(out, "# HELP portcullis_token_cache_hits_total Requests served from the verified-token cache.");
-        let _ = writeln!(out, "# TYPE portcullis_token_cache_hits_total counter");
-        let _ = writeln!(
-            out,
-            "portcullis_token_cache_hits_total {}",
-            self.token_cache_hits.load(Ordering::Relaxed)
+        scalar(
+            &mut out,
+            "portcullis_token_cache_hits_total",
+            "counter",
+            "Requests served from the verified-token cache.",
+            self.token_cache_hits.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_jwks_refreshes_total JWKS fetches by issuer and outcome."
+        family(
+            &mut out,
+            "portcullis_jwks_refreshes_total",
+            "counter",
+            "JWKS fetches by issuer and outcome.",
         );
-        let _ = writeln!(out, "# TYPE portcullis_jwks_refreshes_total counter");
         let mut jr = self.jwks_refreshes.snapshot();
         jr.sort();
         for ((iss, outcome), v) in jr {
@@ -270,11 +274,12 @@ impl Metrics {
                 escape(&iss)
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_config_reloads_total Configuration reloads by outcome."
+        family(
+            &mut out,
+            "portcullis_config_reloads_total",
+            "counter",
+            "Configuration reloads by outcome.",
         );
-        let _ = writeln!(out, "# TYPE portcullis_config_reloads_total counter");
         for outcome in ["ok", "error"] {
             let _ = writeln!(
                 out,
@@ -282,8 +287,12 @@ impl Metrics {
                 self.config_reloads.get(&outcome)
             );
         }
-        let _ = writeln!(out, "# HELP portcullis_shadow_disagreements_total Requests where the shadow policy decided differently.");
-        let _ = writeln!(out, "# TYPE portcullis_shadow_disagreements_total counter");
+        family(
+            &mut out,
+            "portcullis_shadow_disagreements_total",
+            "counter",
+            "Requests where the shadow policy decided differently.",
+        );
         let mut sd = self.shadow_disagreements.snapshot();
         sd.sort();
         for (route, v) in sd {
@@ -293,37 +302,33 @@ impl Metrics {
                 escape(&route)
             );
         }
-        let _ =
-            writeln!(out, "# HELP portcullis_connections_open Client connections currently open.");
-        let _ = writeln!(out, "# TYPE portcullis_connections_open gauge");
-        let _ = writeln!(
-            out,
-            "portcullis_connections_open {}",
-            self.connections_open.load(Ordering::Relaxed)
+        scalar(
+            &mut out,
+            "portcullis_connections_open",
+            "gauge",
+            "Client connections currently open.",
+            self.connections_open.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_idle_connections_closed_total Client connections closed after idle_timeout with no request in flight."
+        scalar(
+            &mut out,
+            "portcullis_idle_connections_closed_total",
+            "counter",
+            "Client connections closed after idle_timeout with no request in flight.",
+            self.idle_connections_closed.load(Ordering::Relaxed),
         );
-        let _ = writeln!(out, "# TYPE portcullis_idle_connections_closed_total counter");
-        let _ = writeln!(
-            out,
-            "portcullis_idle_connections_closed_total {}",
-            self.idle_connections_closed.load(Ordering::Relaxed)
+        scalar(
+            &mut out,
+            "portcullis_websocket_tunnels_open",
+            "gauge",
+            "WebSocket tunnels open now.",
+            self.websocket_tunnels_open.load(Ordering::Relaxed),
         );
-        let _ =
-            writeln!(out, "# HELP portcullis_websocket_tunnels_open WebSocket tunnels open now.");
-        let _ = writeln!(out, "# TYPE portcullis_websocket_tunnels_open gauge");
-        let _ = writeln!(
-            out,
-            "portcullis_websocket_tunnels_open {}",
-            self.websocket_tunnels_open.load(Ordering::Relaxed)
+        family(
+            &mut out,
+            "portcullis_websocket_tunnels_closed_total",
+            "counter",
+            "WebSocket tunnels ended, by reason.",
         );
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_websocket_tunnels_closed_total WebSocket tunnels ended, by reason."
-        );
-        let _ = writeln!(out, "# TYPE portcullis_websocket_tunnels_closed_total counter");
         for end in crate::http::tunnel::End::ALL {
             let reason = end.label();
             let _ = writeln!(
@@ -338,8 +343,12 @@ impl Metrics {
 
     /// The `portcullis_pg_*` families.
     fn render_postgres(&self, out: &mut String) {
-        let _ = writeln!(out, "# HELP portcullis_pg_sessions_total Database sessions opened (allow) or refused (deny), by route and reason.");
-        let _ = writeln!(out, "# TYPE portcullis_pg_sessions_total counter");
+        family(
+            out,
+            "portcullis_pg_sessions_total",
+            "counter",
+            "Database sessions opened (allow) or refused (deny), by route and reason.",
+        );
         let mut s = self.pg_sessions.snapshot();
         s.sort();
         for ((route, decision, reason), v) in s {
@@ -349,27 +358,36 @@ impl Metrics {
                 escape(&route)
             );
         }
-        let _ = writeln!(
+        family(
             out,
-            "# HELP portcullis_pg_sessions_open Database sessions currently open, by route."
+            "portcullis_pg_sessions_open",
+            "gauge",
+            "Database sessions currently open, by route.",
         );
-        let _ = writeln!(out, "# TYPE portcullis_pg_sessions_open gauge");
         let mut s = self.pg_sessions_open.snapshot();
         s.sort();
         for (route, v) in s {
             let _ =
                 writeln!(out, "portcullis_pg_sessions_open{{route=\"{}\"}} {v}", escape(&route));
         }
-        let _ = writeln!(out, "# HELP portcullis_pg_statements_total Statements sent for execution (Query, or Bind of a parsed statement), by route.");
-        let _ = writeln!(out, "# TYPE portcullis_pg_statements_total counter");
+        family(
+            out,
+            "portcullis_pg_statements_total",
+            "counter",
+            "Statements sent for execution (Query, or Bind of a parsed statement), by route.",
+        );
         let mut s = self.pg_statements.snapshot();
         s.sort();
         for (route, v) in s {
             let _ =
                 writeln!(out, "portcullis_pg_statements_total{{route=\"{}\"}} {v}", escape(&route));
         }
-        let _ = writeln!(out, "# HELP portcullis_pg_session_terminations_total Database sessions ended by portcullis, by route and reason.");
-        let _ = writeln!(out, "# TYPE portcullis_pg_session_terminations_total counter");
+        family(
+            out,
+            "portcullis_pg_session_terminations_total",
+            "counter",
+            "Database sessions ended by portcullis, by route and reason.",
+        );
         let mut s = self.pg_terminations.snapshot();
         s.sort();
         for ((route, reason), v) in s {
@@ -379,8 +397,7 @@ impl Metrics {
                 escape(&route)
             );
         }
-        let _ = writeln!(out, "# HELP portcullis_pg_bytes_total Bytes relayed by database sessions, by route and direction (in: client to server, out: server to client).");
-        let _ = writeln!(out, "# TYPE portcullis_pg_bytes_total counter");
+        family(out, "portcullis_pg_bytes_total", "counter", "Bytes relayed by database sessions, by route and direction (in: client to server, out: server to client).");
         let mut s = self.pg_bytes.snapshot();
         s.sort();
         for ((route, direction), v) in s {
@@ -391,6 +408,18 @@ impl Metrics {
             );
         }
     }
+}
+
+/// The `# HELP` and `# TYPE` lines of one metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A family with one unlabelled sample.
+fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
 }
 
 fn escape(s: &str) -> String {
