@@ -554,6 +554,7 @@ pub async fn handle(
                     path: norm.to_string(),
                     idle: rt.config.server.idle_timeout,
                     grace: rt.config.server.shutdown_grace,
+                    generation: rt.generation,
                 };
                 // The tunnel keeps the connection's `max_connections` slot.
                 let slot = conn.activity.clone();

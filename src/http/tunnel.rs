@@ -60,6 +60,8 @@ pub struct Grant {
     pub idle: Duration,
     /// `server.shutdown_grace`: how long a tunnel goes on once shutdown starts.
     pub grace: Duration,
+    /// The configuration generation that authorized the upgrade.
+    pub generation: u64,
 }
 
 impl Grant {
@@ -80,26 +82,37 @@ impl Grant {
 
     async fn revoked(&self) {
         let mut reloads = self.shared.reloads.subscribe();
+        // Starting from the generation that authorized the upgrade, so a reload between
+        // the request and the switch to the tunnel is not missed.
+        let mut seen = self.generation;
         loop {
+            let current = *reloads.borrow_and_update();
+            if current != seen {
+                seen = current;
+                if !self.still_allowed() {
+                    return;
+                }
+            }
             if reloads.changed().await.is_err() {
                 return std::future::pending().await;
             }
-            let rt = self.shared.runtime.load();
-            let Some(route) = rt.config.routes.iter().find(|r| *r.name == *self.route) else {
-                return;
-            };
-            let facts = crate::policy::RequestFacts {
-                method: &self.method,
-                path: &self.path,
-                database: None,
-                role: None,
-            };
-            if !route.accepts(&self.identity.issuer)
-                || !route.policy.evaluate(&self.identity, &facts).allowed
-            {
-                return;
-            }
         }
+    }
+
+    /// The upgrade request, evaluated against the current generation.
+    fn still_allowed(&self) -> bool {
+        let rt = self.shared.runtime.load();
+        let Some(route) = rt.config.routes.iter().find(|r| *r.name == *self.route) else {
+            return false;
+        };
+        let facts = crate::policy::RequestFacts {
+            method: &self.method,
+            path: &self.path,
+            database: None,
+            role: None,
+        };
+        route.accepts(&self.identity.issuer)
+            && route.policy.evaluate(&self.identity, &facts).allowed
     }
 }
 
