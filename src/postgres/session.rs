@@ -279,17 +279,20 @@ fn emit_refused(
     });
 }
 
-/// Sends a FATAL ErrorResponse (best effort) and returns the refusal.
 /// A read during set-up failed: a protocol error is answered (08P01), an I/O error ends
-/// the attempt, and `closed` says what the client closing means at this point.
+/// the attempt, and `closed` says what the client closing means at this point (`None`:
+/// a silent end, nothing to audit).
 async fn read_failed(
     client: &mut Client,
     sid: &str,
     e: ReadError,
-    closed: impl FnOnce() -> Outcome,
+    closed: Option<(Reason, &'static str)>,
 ) -> Outcome {
     match e {
-        ReadError::Closed => closed(),
+        ReadError::Closed => match closed {
+            Some((reason, detail)) => Outcome::Refused(refusal(reason, detail)),
+            None => Outcome::Silent,
+        },
         ReadError::Io(e) => {
             Outcome::Refused(refusal(Reason::ProtocolViolation, format!("read: {e}")))
         }
@@ -297,6 +300,7 @@ async fn read_failed(
     }
 }
 
+/// Sends a FATAL ErrorResponse (best effort) and returns the refusal.
 async fn refuse(
     client: &mut Client,
     sqlstate: &str,
@@ -443,7 +447,7 @@ async fn establish(
                         param(&params, "database").or(facts.role.as_deref()).map(str::to_string);
                     return refuse(&mut c, "28000", Reason::PlaintextRefused, sid, "StartupMessage without TLS; the client must use sslmode=require (or stricter)").await;
                 }
-                Err(e) => return read_failed(&mut c, sid, e, || Outcome::Silent).await,
+                Err(e) => return read_failed(&mut c, sid, e, None).await,
             }
         }
     };
@@ -466,13 +470,8 @@ async fn establish(
             .await;
         }
         Err(e) => {
-            let closed = || {
-                Outcome::Refused(refusal(
-                    Reason::ProtocolViolation,
-                    "closed before the startup message",
-                ))
-            };
-            return read_failed(&mut client, sid, e, closed).await;
+            let closed = (Reason::ProtocolViolation, "closed before the startup message");
+            return read_failed(&mut client, sid, e, Some(closed)).await;
         }
     };
     let Some(role) = param(&params, "user").map(str::to_string) else {
@@ -548,13 +547,8 @@ async fn establish(
             .await;
         }
         Err(e) => {
-            let closed = || {
-                Outcome::Refused(refusal(
-                    Reason::MissingToken,
-                    "client closed at the password prompt",
-                ))
-            };
-            return read_failed(&mut client, sid, e, closed).await;
+            let closed = (Reason::MissingToken, "client closed at the password prompt");
+            return read_failed(&mut client, sid, e, Some(closed)).await;
         }
     };
     let identity = match rt.verifier.verify(&token).await {
