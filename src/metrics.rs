@@ -259,21 +259,14 @@ impl Metrics {
             "Requests served from the verified-token cache.",
             self.token_cache_hits.load(Ordering::Relaxed),
         );
-        family(
+        by_pair(
             &mut out,
             "portcullis_jwks_refreshes_total",
             "counter",
             "JWKS fetches by issuer and outcome.",
+            ("issuer", "outcome"),
+            &self.jwks_refreshes,
         );
-        let mut jr = self.jwks_refreshes.snapshot();
-        jr.sort();
-        for ((iss, outcome), v) in jr {
-            let _ = writeln!(
-                out,
-                "portcullis_jwks_refreshes_total{{issuer=\"{}\",outcome=\"{outcome}\"}} {v}",
-                escape(&iss)
-            );
-        }
         family(
             &mut out,
             "portcullis_config_reloads_total",
@@ -287,21 +280,13 @@ impl Metrics {
                 self.config_reloads.get(&outcome)
             );
         }
-        family(
+        by_route(
             &mut out,
             "portcullis_shadow_disagreements_total",
             "counter",
             "Requests where the shadow policy decided differently.",
+            &self.shadow_disagreements,
         );
-        let mut sd = self.shadow_disagreements.snapshot();
-        sd.sort();
-        for (route, v) in sd {
-            let _ = writeln!(
-                out,
-                "portcullis_shadow_disagreements_total{{route=\"{}\"}} {v}",
-                escape(&route)
-            );
-        }
         scalar(
             &mut out,
             "portcullis_connections_open",
@@ -358,55 +343,29 @@ impl Metrics {
                 escape(&route)
             );
         }
-        family(
+        by_route(
             out,
             "portcullis_pg_sessions_open",
             "gauge",
             "Database sessions currently open, by route.",
+            &self.pg_sessions_open,
         );
-        let mut s = self.pg_sessions_open.snapshot();
-        s.sort();
-        for (route, v) in s {
-            let _ =
-                writeln!(out, "portcullis_pg_sessions_open{{route=\"{}\"}} {v}", escape(&route));
-        }
-        family(
+        by_route(
             out,
             "portcullis_pg_statements_total",
             "counter",
             "Statements sent for execution (Query, or Bind of a parsed statement), by route.",
+            &self.pg_statements,
         );
-        let mut s = self.pg_statements.snapshot();
-        s.sort();
-        for (route, v) in s {
-            let _ =
-                writeln!(out, "portcullis_pg_statements_total{{route=\"{}\"}} {v}", escape(&route));
-        }
-        family(
+        by_pair(
             out,
             "portcullis_pg_session_terminations_total",
             "counter",
             "Database sessions ended by portcullis, by route and reason.",
+            ("route", "reason"),
+            &self.pg_terminations,
         );
-        let mut s = self.pg_terminations.snapshot();
-        s.sort();
-        for ((route, reason), v) in s {
-            let _ = writeln!(
-                out,
-                "portcullis_pg_session_terminations_total{{route=\"{}\",reason=\"{reason}\"}} {v}",
-                escape(&route)
-            );
-        }
-        family(out, "portcullis_pg_bytes_total", "counter", "Bytes relayed by database sessions, by route and direction (in: client to server, out: server to client).");
-        let mut s = self.pg_bytes.snapshot();
-        s.sort();
-        for ((route, direction), v) in s {
-            let _ = writeln!(
-                out,
-                "portcullis_pg_bytes_total{{route=\"{}\",direction=\"{direction}\"}} {v}",
-                escape(&route)
-            );
-        }
+        by_pair(out, "portcullis_pg_bytes_total", "counter", "Bytes relayed by database sessions, by route and direction (in: client to server, out: server to client).", ("route", "direction"), &self.pg_bytes);
     }
 }
 
@@ -414,6 +373,33 @@ impl Metrics {
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A family labelled by route only, sorted.
+fn by_route(out: &mut String, name: &str, kind: &str, help: &str, f: &Family<Arc<str>>) {
+    family(out, name, kind, help);
+    let mut samples = f.snapshot();
+    samples.sort();
+    for (route, v) in samples {
+        let _ = writeln!(out, "{name}{{route=\"{}\"}} {v}", escape(&route));
+    }
+}
+
+/// A family labelled by a name (escaped) and a fixed code, sorted.
+fn by_pair(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    (first, second): (&str, &str),
+    f: &Family<(Arc<str>, &'static str)>,
+) {
+    family(out, name, kind, help);
+    let mut samples = f.snapshot();
+    samples.sort();
+    for ((a, b), v) in samples {
+        let _ = writeln!(out, "{name}{{{first}=\"{}\",{second}=\"{b}\"}} {v}", escape(&a));
+    }
 }
 
 /// A family with one unlabelled sample.
