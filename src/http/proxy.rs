@@ -80,8 +80,8 @@ pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
     pub signer: Arc<AssertionSigner>,
     pub replay: super::replay::ReplayCache,
-    /// The generation of the last reload, sent after `runtime` is swapped; WebSocket
-    /// tunnels re-check their authorization on every change.
+    /// The generation of the last reload, sent after `runtime` is swapped; open database
+    /// sessions and WebSocket tunnels re-check their authorization on every change.
     pub reloads: tokio::sync::watch::Sender<u64>,
     /// Turns true when shutdown starts; WebSocket tunnels go on for the grace period,
     /// then end (the drain waits for their connection slots up to the same period).

@@ -69,8 +69,6 @@ pub struct Hub {
     tls: ArcSwap<Option<Arc<rustls::ServerConfig>>>,
     /// Route name → TLS client configuration for its upstream (routes with TLS only).
     upstream_tls: ArcSwap<HashMap<Arc<str>, Arc<rustls::ClientConfig>>>,
-    /// The generation in force; sessions re-check their access when it changes.
-    generation: watch::Sender<u64>,
     pub(crate) cancels: Arc<cancel::CancelMap>,
     pub(crate) keys: scram::KeyCache,
     grace: ArcSwap<Duration>,
@@ -125,35 +123,28 @@ pub fn prepare(config: &Config) -> Result<Prepared, String> {
 }
 
 impl Hub {
-    pub fn new(
-        shared: Arc<Shared>,
-        sink: AuditSink,
-        prepared: Prepared,
-        generation: u64,
-    ) -> Arc<Hub> {
-        let (tx, _) = watch::channel(generation);
+    pub fn new(shared: Arc<Shared>, sink: AuditSink, prepared: Prepared) -> Arc<Hub> {
         Arc::new(Hub {
             shared,
             sink,
             tls: ArcSwap::from_pointee(prepared.tls),
             upstream_tls: ArcSwap::from_pointee(prepared.upstream_tls),
-            generation: tx,
             cancels: Arc::default(),
             keys: scram::KeyCache::default(),
             grace: ArcSwap::from_pointee(prepared.grace),
         })
     }
 
-    /// Called after a reload swapped the runtime in: new TLS material, and every open
-    /// session re-evaluates its identity against the new policy.
-    pub fn reloaded(&self, prepared: Prepared, generation: u64) {
+    /// Called after a reload swapped the runtime in, before the new generation is
+    /// announced ([`Shared::reloads`], on which every open session re-evaluates its
+    /// identity against the new policy): new TLS material.
+    pub fn reloaded(&self, prepared: Prepared) {
         self.tls.store(Arc::new(prepared.tls));
         self.upstream_tls.store(Arc::new(prepared.upstream_tls));
         self.grace.store(Arc::new(prepared.grace));
         // Passwords may have changed; derived SCRAM keys are keyed by password anyway,
         // but nothing derived from an old secret should outlive its configuration.
         self.keys.clear();
-        self.generation.send_replace(generation);
     }
 
     /// Open sessions (those that got a cancel key).
@@ -169,8 +160,9 @@ impl Hub {
         self.upstream_tls.load().get(route).cloned()
     }
 
+    /// The configuration generation in force, as announced after each reload.
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
+        self.shared.reloads.subscribe()
     }
 
     pub(crate) fn grace(&self) -> Duration {

@@ -215,7 +215,7 @@ impl Server {
             reloads: watch::channel(1).0,
             stopping: shutdown_rx.clone(),
         });
-        let pg = crate::postgres::Hub::new(shared.clone(), sink.clone(), pg_prepared, 1);
+        let pg = crate::postgres::Hub::new(shared.clone(), sink.clone(), pg_prepared);
         let limit = Arc::new(Semaphore::new(max_conns));
         let state = Arc::new(State {
             config_path,
@@ -452,10 +452,10 @@ async fn reload(state: &State) -> bool {
     tracing::info!(generation, revision = %runtime.revision, "configuration reloaded");
     state.shared.runtime.store(Arc::new(runtime));
     state.tls.store(Arc::new(tls));
-    // After the swap: open database sessions re-evaluate against the new generation (a
-    // removed route's end), then listeners of added and moved routes start accepting and
-    // those of removed and moved routes close.
-    state.pg.reloaded(pg, generation);
+    // After the swap: open database sessions and WebSocket tunnels re-evaluate against the
+    // new generation (a removed route's end), then listeners of added and moved routes
+    // start accepting and those of removed and moved routes close.
+    state.pg.reloaded(pg);
     state.shared.reloads.send_replace(generation);
     state.pg_listeners.apply(listeners);
     m.config_reloads.inc(&"ok");
