@@ -553,7 +553,6 @@ pub async fn handle(
                     method: upgrade_method.unwrap_or_default(),
                     path: norm.to_string(),
                     idle: rt.config.server.idle_timeout,
-                    grace: rt.config.server.shutdown_grace,
                     generation: rt.generation,
                 };
                 // The tunnel keeps the connection's `max_connections` slot.

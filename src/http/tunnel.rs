@@ -58,8 +58,6 @@ pub struct Grant {
     /// The normalized path the upgrade request was authorized for.
     pub path: String,
     pub idle: Duration,
-    /// `server.shutdown_grace`: how long a tunnel goes on once shutdown starts.
-    pub grace: Duration,
     /// The configuration generation that authorized the upgrade.
     pub generation: u64,
 }
@@ -72,7 +70,9 @@ impl Grant {
         let mut stopping = self.shared.stopping.clone();
         let shutdown = async {
             let _ = stopping.wait_for(|s| *s).await;
-            tokio::time::sleep(self.grace).await;
+            // The grace period of the configuration in force when shutdown starts.
+            let grace = self.shared.runtime.load().config.server.shutdown_grace;
+            tokio::time::sleep(grace).await;
         };
         tokio::select! {
             () = self.revoked() => End::AccessRevoked,
