@@ -140,6 +140,8 @@ pub struct ServerSettings {
     /// A connection with no request in flight for this long is closed (HTTP/2 with a
     /// GOAWAY), including one that never sent a request.
     pub idle_timeout: Duration,
+    /// Verified tokens kept (each ≈ 5 KB with its identity); 0 verifies every request.
+    pub token_cache_entries: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -682,6 +684,14 @@ impl Compiler<'_> {
             Some(m) => usize::try_from(*m.get_ref()).unwrap_or(usize::MAX),
             None => 10_000,
         };
+        let token_cache_entries = match s.token_cache_entries {
+            Some(m) if *m.get_ref() < 0 => {
+                self.err(m.span(), "`token_cache_entries` must be 0 (no cache) or more");
+                0
+            }
+            Some(m) => usize::try_from(*m.get_ref()).unwrap_or(usize::MAX),
+            None => crate::identity::DEFAULT_TOKEN_CACHE_ENTRIES,
+        };
         ServerSettings {
             shutdown_grace: s
                 .shutdown_grace
@@ -699,6 +709,7 @@ impl Compiler<'_> {
                 Some((_, Some(t))) => t,
                 _ => Duration::from_secs(75),
             },
+            token_cache_entries,
         }
     }
 

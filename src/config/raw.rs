@@ -42,6 +42,7 @@ pub struct Server {
     pub policy_dir: Option<S<String>>,
     pub max_connections: Option<S<i64>>,
     pub idle_timeout: Option<S<String>>,
+    pub token_cache_entries: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -47,6 +47,22 @@ fn a_valid_config_compiles_with_defaults() {
 }
 
 #[test]
+fn token_cache_entries_default_zero_and_negative() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let entries = |extra: &str| {
+        compile(dir.path(), &format!("{BASE}\n[server]\n{extra}\n"))
+            .map(|c| c.server.token_cache_entries)
+    };
+    assert_eq!(entries("").ok(), Some(65_536));
+    assert_eq!(entries("token_cache_entries = 0").ok(), Some(0));
+    assert_eq!(entries("token_cache_entries = 1000").ok(), Some(1000));
+    assert_eq!(
+        entries("token_cache_entries = -1").err().unwrap_or_default(),
+        ["15:23 `token_cache_entries` must be 0 (no cache) or more"]
+    );
+}
+
+#[test]
 fn idle_timeout_is_at_least_a_second() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let c = compile(dir.path(), &format!("{BASE}\n[server]\nidle_timeout = \"5m\"\n"));

@@ -16,7 +16,7 @@ use crate::bounded::BoundedMap;
 
 /// Bounded so a flood of distinct valid tokens cannot grow memory without limit; each
 /// insert into a full cache evicts a few old entries ([`BoundedMap`]), never a bulk.
-pub(crate) const DEFAULT_CAPACITY: usize = 65_536;
+pub const DEFAULT_CAPACITY: usize = 65_536;
 
 pub(crate) type TokenHash = [u8; 32];
 
@@ -42,13 +42,15 @@ pub(crate) struct Entry {
 #[derive(Debug)]
 pub(crate) struct TokenCache {
     map: RwLock<BoundedMap<TokenHash, Entry>>,
+    /// Capacity 0: nothing is kept, every token is verified.
+    enabled: bool,
 }
 
 // === impl TokenCache ===
 
 impl TokenCache {
     pub fn new(capacity: usize) -> Self {
-        Self { map: RwLock::new(BoundedMap::new(capacity)) }
+        Self { map: RwLock::new(BoundedMap::new(capacity)), enabled: capacity > 0 }
     }
 
     /// The entry for `key` if the token is still inside its validity window at `now`.
@@ -59,7 +61,9 @@ impl TokenCache {
     }
 
     pub fn insert(&self, key: TokenHash, entry: Entry) {
-        self.map.write().insert(key, entry);
+        if self.enabled {
+            self.map.write().insert(key, entry);
+        }
     }
 
     pub fn remove(&self, key: &TokenHash) {

@@ -17,6 +17,7 @@ mod tests;
 mod token;
 pub mod verify;
 
+pub use cache::DEFAULT_CAPACITY as DEFAULT_TOKEN_CACHE_ENTRIES;
 pub use token::{MAX_KID_LEN, MAX_TOKEN_LEN};
 pub use verify::{extract_bearer, unverified_identity, CredentialSource, Verifier, MAX_LEEWAY};
 

@@ -801,6 +801,28 @@ async fn cache_hit_skips_signature_and_honours_exp() {
     assert!(allowed >= 2);
 }
 
+#[tokio::test]
+async fn a_token_cache_of_zero_entries_verifies_every_request_and_a_small_one_is_bounded() {
+    let token = rsa().sign(&okta_header(), &okta_payload());
+    let none = offline(vec![okta_settings()]).with_token_cache(0);
+    for i in 0..3 {
+        assert!(none.verify_at(&token, NOW + i).await.is_ok());
+    }
+    assert_eq!(none.signature_checks(), 3);
+    assert_eq!(none.cached_tokens(), 0);
+
+    let small = offline(vec![okta_settings()]).with_token_cache(2);
+    for sub in ["a", "b", "c", "d"] {
+        let mut p = okta_payload();
+        p["sub"] = json!(sub);
+        assert!(small.verify_at(&rsa().sign(&okta_header(), &p), NOW).await.is_ok());
+    }
+    assert_eq!(small.cached_tokens(), 2);
+    assert!(small.verify_at(&token, NOW).await.is_ok());
+    assert!(small.verify_at(&token, NOW + 1).await.is_ok());
+    assert_eq!(small.signature_checks(), 5, "the fifth token is verified once, then a hit");
+}
+
 // === JWKS over the network ===
 
 fn fast_timing() -> Timing {

@@ -185,6 +185,19 @@ impl Verifier {
         })
     }
 
+    /// Keep at most `entries` verified tokens (0: verify every request). Before
+    /// [`Verifier::start`]; a new verifier starts with an empty cache.
+    #[must_use]
+    pub fn with_token_cache(mut self, entries: usize) -> Self {
+        self.cache = TokenCache::new(entries);
+        self
+    }
+
+    #[cfg(test)]
+    pub(crate) fn cached_tokens(&self) -> usize {
+        self.cache.len()
+    }
+
     /// Spawn one discovery + JWKS task per issuer (needs a tokio runtime). The tasks
     /// are aborted when the verifier is dropped. Calling it twice does nothing.
     pub fn start(self: &Arc<Self>) {

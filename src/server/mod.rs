@@ -53,7 +53,8 @@ impl Runtime {
         previous: Option<&Runtime>,
         generation: u64,
     ) -> Result<Runtime, String> {
-        let verifier = Verifier::new(config.issuers.clone())?;
+        let verifier = Verifier::new(config.issuers.clone())?
+            .with_token_cache(config.server.token_cache_entries);
         if let Some(p) = previous {
             verifier.adopt_keys_from(&p.verifier);
         }
