@@ -190,6 +190,46 @@ const OVERRIDES: [(http::HeaderName, &str); 5] = [
     (http::HeaderName::from_static("x-rewrite-url"), "path"),
 ];
 
+/// Whether a query string names a `_method` parameter, which Express
+/// (`methodOverride('_method')`), Symfony and Laravel (HTTP method parameter override)
+/// run instead of the request's method. Names are compared as a framework reads them:
+/// percent-decoded, case-insensitively, with PHP's rewriting of ` ` and `.` (and an
+/// unmatched leading `[`) to `_`; `_method[…]` (an array or map) counts too.
+fn query_overrides_method(query: &str) -> bool {
+    const NAME: &[u8] = b"_method";
+    if !query.bytes().any(|b| matches!(b, b'_' | b'%' | b'.' | b'+' | b'[')) {
+        return false;
+    }
+    query.split(['&', ';']).any(|pair| {
+        let name = pair.split('=').next().unwrap_or_default().as_bytes();
+        // Decode just enough of the name to compare: NAME and the byte after it.
+        let mut decoded = Vec::with_capacity(NAME.len() + 1);
+        let mut i = 0;
+        while i < name.len() && decoded.len() <= NAME.len() {
+            let escaped = (name[i] == b'%')
+                .then(|| name.get(i + 1..i + 3))
+                .flatten()
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            let b = match (escaped, name[i]) {
+                (Some(b), _) => {
+                    i += 2;
+                    b
+                }
+                (None, b'+') => b' ',
+                (None, b) => b,
+            };
+            decoded.push(match b {
+                b' ' | b'.' => b'_',
+                b'[' if decoded.is_empty() => b'_',
+                b => b.to_ascii_lowercase(),
+            });
+            i += 1;
+        }
+        decoded.strip_prefix(NAME).is_some_and(|rest| rest.is_empty() || rest == b"[")
+    })
+}
+
 /// Refuses what two hops could read differently: more than one Host, a Host that
 /// contradicts the absolute-form target or HTTP/2 `:authority` (the proxy routes by one,
 /// the upstream might route by the other). (Content-Length beside Transfer-Encoding never
@@ -279,6 +319,14 @@ pub async fn handle(
             out,
             Reason::BadRequest,
             format!("`{name}` present: the {what} is authorized as sent, never overridden"),
+            &rc,
+        );
+    }
+    if req.uri().query().is_some_and(query_overrides_method) {
+        return rejection(
+            out,
+            Reason::BadRequest,
+            "`_method` in the query: the method is authorized as sent, never overridden",
             &rc,
         );
     }
@@ -632,4 +680,43 @@ fn is_websocket(req: &Request<Incoming>) -> bool {
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
     upgrade && conn_upgrade && req.version() == http::Version::HTTP_11
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_overrides_method;
+
+    #[test]
+    fn a_method_override_in_the_query_is_found_however_it_is_spelled() {
+        for q in [
+            "_method=DELETE",
+            "a=1&_method=PUT",
+            "a=1;_method=PUT",
+            "%5Fmethod=DELETE",
+            "%5fMETHOD=DELETE",
+            "_%6Dethod=DELETE",
+            ".method=DELETE",
+            "+method=DELETE",
+            "%20method=DELETE",
+            "[method=DELETE",
+            "_method",
+            "_method[]=DELETE",
+            "_method%5B0%5D=DELETE",
+        ] {
+            assert!(query_overrides_method(q), "{q}");
+        }
+        for q in [
+            "",
+            "method=DELETE",
+            "x_method=1",
+            "_methods=1",
+            "_method_x=1",
+            "a=_method",
+            "q=%5Fmethod",
+            "%5",
+            "%zz_method=1",
+        ] {
+            assert!(!query_overrides_method(q), "{q}");
+        }
+    }
 }

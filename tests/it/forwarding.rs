@@ -788,6 +788,24 @@ async fn override_headers_are_refused_so_the_authorized_method_and_path_are_the_
         assert!(e["detail"].as_str().is_some_and(|d| d.contains("never overridden")), "{e}");
         assert!(e.get("upstream_status").is_none_or(|s| s.is_null()), "forwarded: {e}");
     }
+    // The same through the query (Express `methodOverride('_method')`, Symfony/Laravel).
+    for target in
+        ["/items/1?_method=DELETE", "/items/1?a=1&%5Fmethod=DELETE", "/items/1?.method=PUT"]
+    {
+        let r = w.send(Method::GET, target, &[("authorization", &bearer)], Bytes::new()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{target}");
+        let e = w.event_for(&request_id(&r)).await;
+        assert!(e["detail"].as_str().is_some_and(|d| d.contains("`_method`")), "{e}");
+    }
+    let r = w
+        .send(
+            Method::GET,
+            "/items/1?method=x&a=_method",
+            &[("authorization", &bearer)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "an ordinary query passes");
 }
 
 #[tokio::test]
