@@ -61,5 +61,10 @@ pub async fn serve_connection(
         async move { Ok::<_, Infallible>(r) }
     });
     let io = hyper_util::rt::TokioIo::new(stream);
-    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+    let _ = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(10))
+        .serve_connection(io, svc)
+        .await;
 }

@@ -566,17 +566,41 @@ pub fn http_server_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// Admin connections served at once; more wait in the kernel backlog.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// The admin listener: one request per connection (probes and scrapes are cheap to
+/// reconnect), at most [`ADMIN_MAX_CONNECTIONS`] at once, and none open longer than
+/// `server.idle_timeout` — so silent sockets cannot use up the process's descriptors
+/// when the listener is exposed beyond loopback.
 async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
     loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+        let accepted = tokio::select! {
+            r = async {
+                let slot = slots.clone().acquire_owned().await;
+                (slot, listener.accept().await)
+            } => r,
             _ = stopped(&mut shutdown) => return,
         };
-        tokio::spawn(crate::admin::serve_connection(
-            stream,
-            state.shared.clone(),
-            state.draining.clone(),
-        ));
+        let (slot, stream) = match accepted {
+            (Ok(slot), Ok((stream, _))) => (slot, stream),
+            (_, Err(e)) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            (Err(_), _) => return,
+        };
+        let lifetime = state.shared.runtime.load().config.server.idle_timeout;
+        let serve =
+            crate::admin::serve_connection(stream, state.shared.clone(), state.draining.clone());
+        tokio::spawn(async move {
+            if tokio::time::timeout(lifetime, serve).await.is_err() {
+                tracing::debug!(lifetime_s = lifetime.as_secs(), "closing admin connection");
+            }
+            drop(slot);
+        });
     }
 }
 

@@ -87,3 +87,35 @@ async fn readiness_reflects_issuer_keys() {
     assert_eq!(w.admin_get("/healthz").await.status, StatusCode::OK);
     assert_eq!(w.admin_get("/nope").await.status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn silent_admin_connections_are_closed_and_cannot_starve_the_probes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::with(Setup { server_extra: "idle_timeout = \"1s\"".into(), ..Setup::default() })
+        .await;
+    // More silent connections than the admin listener serves at once (64).
+    let mut silent = Vec::new();
+    for _ in 0..80 {
+        silent
+            .push(tokio::net::TcpStream::connect(w.admin).await.unwrap_or_else(|e| panic!("{e}")));
+    }
+    // A probe still gets its answer once they have been closed, after about a second.
+    let probe = tokio::time::timeout(Duration::from_secs(8), w.admin_get("/healthz")).await;
+    assert_eq!(probe.map(|r| r.status).ok(), Some(StatusCode::OK), "the probe was starved");
+    // Each silent connection reads end-of-stream: closed, not just left waiting.
+    for s in &mut silent {
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(8), s.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+    }
+    // One request per connection: the answer says so and the connection ends.
+    let mut s = tokio::net::TcpStream::connect(w.admin).await.unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the connection stayed open after its answer");
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200") && answer.contains("connection: close"), "{answer}");
+}
