@@ -59,13 +59,42 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Removes every `X-Portcullis-*` header and the route's configured extra names.
+/// Removes every `X-Portcullis-*` header and the route's configured extra names —
+/// also when spelled with `_` for `-`: CGI and WSGI servers (Python's wsgiref, gunicorn
+/// before 22, Puma before 6.4.3) present `X_Portcullis_Email` to the application as
+/// the same variable as `X-Portcullis-Email`, so a client could otherwise add to or
+/// replace the proxy's identity. The forwarding headers the proxy sets get the same
+/// treatment (`X_Forwarded_For`).
 pub fn strip_identity_headers(h: &mut HeaderMap, extra: &[HeaderName]) {
-    let ours: Vec<HeaderName> =
-        h.keys().filter(|k| k.as_str().starts_with(PREFIX)).cloned().collect();
+    let ours: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| {
+            let name = k.as_str();
+            if name.starts_with(PREFIX) {
+                return true;
+            }
+            if !name.contains('_') {
+                return false;
+            }
+            let n = name.as_bytes();
+            n.get(..PREFIX.len()).is_some_and(|p| cgi_eq(p, PREFIX.as_bytes()))
+                || extra.iter().any(|e| cgi_eq(n, e.as_str().as_bytes()))
+                || [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST, &X_REAL_IP]
+                    .iter()
+                    .any(|f| cgi_eq(n, f.as_str().as_bytes()))
+        })
+        .cloned()
+        .collect();
     for n in ours.iter().chain(extra) {
         h.remove(n);
     }
+}
+
+/// Whether a client's (lowercase) header name reads as `ours` to a CGI/WSGI server,
+/// which turns `-` and `_` alike into `_`.
+fn cgi_eq(client: &[u8], ours: &[u8]) -> bool {
+    client.len() == ours.len()
+        && client.iter().zip(ours).all(|(a, b)| a == b || (*a == b'_' && *b == b'-'))
 }
 
 /// Removes an upstream's `Set-Cookie` for the proxy's own cookies (`_portcullis*`), so
@@ -73,8 +102,11 @@ pub fn strip_identity_headers(h: &mut HeaderMap, extra: &[HeaderName]) {
 /// sign-out); the application's cookies pass.
 pub fn strip_proxy_set_cookies(h: &mut HeaderMap) {
     let ours = |v: &HeaderValue| {
-        let name = v.as_bytes().split(|b| *b == b'=').next().unwrap_or_default();
-        name.trim_ascii().starts_with(b"_portcullis")
+        let pair = v.as_bytes().split(|b| *b == b';').next().unwrap_or_default().trim_ascii();
+        // A nameless cookie (`=_portcullis=x`, or no `=` at all) is stored by browsers
+        // and sent back as its bare value (RFC 6265bis §5.7): `_portcullis=x`.
+        let sent_as = pair.strip_prefix(b"=").map_or(pair, <[u8]>::trim_ascii_start);
+        sent_as.starts_with(b"_portcullis")
     };
     if !h.get_all(header::SET_COOKIE).iter().any(ours) {
         return;
@@ -279,15 +311,44 @@ mod tests {
     }
 
     #[test]
+    fn underscore_spellings_of_the_proxys_headers_are_removed_too() {
+        // CGI/WSGI servers read `X_Portcullis_Email` as `X-Portcullis-Email`.
+        let mut h = map(&[
+            ("x_portcullis_email", "ceo@example.com"),
+            ("X_Portcullis-Groups", "admins"),
+            ("x-portcullis_kind", "human"),
+            ("x_user", "admin"),
+            ("x_forwarded_for", "10.0.0.1"),
+            ("x_real_ip", "10.0.0.1"),
+            ("x_portcullis", "not a prefix match"),
+            ("x_other", "1"),
+            ("x_users", "1"),
+        ]);
+        strip_identity_headers(&mut h, &[HeaderName::from_static("x-user")]);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        names.sort();
+        assert_eq!(names, vec!["x_other", "x_portcullis", "x_users"]);
+    }
+
+    #[test]
     fn an_upstream_cannot_set_the_proxys_cookies() {
         let mut h = HeaderMap::new();
-        for c in ["app=1; Path=/", "_portcullis=evil; Path=/", " _portcullis_login=x", "b=2"] {
+        for c in [
+            "app=1; Path=/",
+            "_portcullis=evil; Path=/",
+            " _portcullis_login=x",
+            "=_portcullis=nameless; Path=/; Secure",
+            " = _portcullis_0=x",
+            "_portcullis",
+            "b=2",
+            "c=_portcullis",
+        ] {
             h.append(header::SET_COOKIE, HeaderValue::from_static(c));
         }
         strip_proxy_set_cookies(&mut h);
         let left: Vec<&str> =
             h.get_all(header::SET_COOKIE).iter().filter_map(|v| v.to_str().ok()).collect();
-        assert_eq!(left, ["app=1; Path=/", "b=2"]);
+        assert_eq!(left, ["app=1; Path=/", "b=2", "c=_portcullis"]);
     }
 
     #[test]

@@ -31,6 +31,10 @@ async fn spoofed_identity_and_hop_by_hop_headers_never_reach_the_upstream() {
                 ("X-Portcullis-Groups", "root"),
                 ("x-portcullis-assertion", "forged"),
                 ("x-user", "admin"),
+                // CGI/WSGI servers read these as X-Portcullis-Email, X-User, X-Forwarded-For.
+                ("x_portcullis_email", "ceo@example.com"),
+                ("X_User", "admin"),
+                ("x_forwarded_for", "6.6.6.6"),
                 ("x-forwarded-for", "6.6.6.6"),
                 ("x-forwarded-host", "evil.test"),
                 ("forwarded", "for=6.6.6.6"),
@@ -47,6 +51,9 @@ async fn spoofed_identity_and_hop_by_hop_headers_never_reach_the_upstream() {
     let h = &j["headers"];
     assert!(h.get("authorization").is_none(), "the caller's token is not forwarded by default");
     assert!(h.get("x-user").is_none());
+    for underscored in ["x_portcullis_email", "x_user", "x_forwarded_for"] {
+        assert!(h.get(underscored).is_none(), "{underscored} reached the upstream: {h}");
+    }
     assert!(h.get("forwarded").is_none());
     assert!(h.get("x-drop-me").is_none());
     assert_eq!(h["x-portcullis-subject"].as_array().map(|a| a.len()), Some(1));
