@@ -16,7 +16,7 @@ pub enum Reason {
     NoRoute,
     /// TLS SNI names a different host than the request's authority.
     MisdirectedRequest,
-    /// The path is ambiguous: encoded slash or backslash, `..` or `.` segment, `..;`, NUL.
+    /// The path is ambiguous: encoded slash or backslash, `..` or `.` segment, `;`, NUL.
     AmbiguousPath,
     /// The request is malformed in a way that is not about the path.
     BadRequest,

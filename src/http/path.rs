@@ -16,6 +16,7 @@ pub enum PathError {
     BadEscape,
     ControlCharacter,
     MatrixDots,
+    PathParameter,
 }
 
 impl PathError {
@@ -28,6 +29,7 @@ impl PathError {
             PathError::BadEscape => "invalid percent-escape in path",
             PathError::ControlCharacter => "control character or NUL in path",
             PathError::MatrixDots => "`..;` in path",
+            PathError::PathParameter => "`;` (path parameter) in path",
         }
     }
 }
@@ -50,8 +52,9 @@ fn hex(b: u8) -> Option<u8> {
 ///   escapes are kept with upper-case hex, so `%41` and `A` cannot be told apart by the
 ///   policy but can be by nobody else either;
 /// - empty segments are merged (`//admin` → `/admin`), since many upstreams do so;
-/// - encoded `/` or `\`, a raw `\`, `.` / `..` segments (also when encoded), `..;`,
-///   control characters and malformed escapes are rejected.
+/// - encoded `/` or `\`, a raw `\`, `.` / `..` segments (also when encoded), `;`
+///   (path parameters, which Java servers strip before routing), control characters
+///   and malformed escapes are rejected. (`%3B` stays an escaped, literal `;`.)
 ///
 /// The returned string is what policy sees and what is forwarded.
 pub fn normalize(raw: &str) -> Result<String, PathError> {
@@ -105,11 +108,14 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
         if decoded == "." || decoded == ".." {
             return Err(PathError::DotSegment);
         }
-        // `..;x` is `..` to Tomcat/Jetty (matrix parameters); `.;x` likewise is `.`.
+        // Tomcat, Jetty, Spring and Shiro drop `;params` from each segment before
+        // routing, so `/admin;x/secret` is `/admin/secret` to them but not to a path
+        // rule; `..;x` is even `..`. Refused, as Spring's StrictHttpFirewall does.
         if let Some((before, _)) = decoded.split_once(';') {
             if before == ".." || before == "." {
                 return Err(PathError::MatrixDots);
             }
+            return Err(PathError::PathParameter);
         }
     }
     if out.is_empty() || raw.ends_with('/') {
@@ -138,7 +144,6 @@ mod tests {
             ("/deploy/42", "/deploy/42"),
             ("/.well-known/x", "/.well-known/x"),
             ("/a/...", "/a/..."),
-            ("/a;b=c", "/a;b=c"),
         ];
         for (raw, want) in cases {
             assert_eq!(normalize(raw).as_deref(), Ok(want), "{raw}");
@@ -161,6 +166,10 @@ mod tests {
             ("/a/..;/admin", PathError::MatrixDots),
             ("/a/..;jsessionid=1/admin", PathError::MatrixDots),
             ("/a/%2e%2e;/admin", PathError::MatrixDots),
+            ("/a;b=c", PathError::PathParameter),
+            ("/api/admin;x/secret", PathError::PathParameter),
+            ("/api/admin;/secret", PathError::PathParameter),
+            ("/app;jsessionid=1", PathError::PathParameter),
             ("/a%00b", PathError::ControlCharacter),
             ("/a%0ab", PathError::ControlCharacter),
             ("/a%zz", PathError::BadEscape),
