@@ -53,7 +53,10 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         h.remove(n);
     }
     if keep_upgrade {
+        // Exactly the WebSocket upgrade that was authorized: no other protocol offered
+        // beside it (`Upgrade: websocket` + `Upgrade: h2c` would let an upstream pick h2c).
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     } else {
         h.remove(header::UPGRADE);
     }
@@ -291,9 +294,16 @@ mod tests {
 
     #[test]
     fn websocket_upgrade_survives_when_asked() {
-        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        let mut h = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "websocket"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+        ]);
         strip_hop_by_hop(&mut h, true);
-        assert_eq!(h.get("upgrade").map(|v| v.as_bytes()), Some(&b"websocket"[..]));
+        let upgrade: Vec<_> = h.get_all("upgrade").iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(upgrade, [&b"websocket"[..]], "only the authorized protocol is offered");
+        assert!(h.get("http2-settings").is_none());
         assert_eq!(h.get("connection").map(|v| v.as_bytes()), Some(&b"upgrade"[..]));
     }
 

@@ -591,7 +591,21 @@ pub async fn handle(
     };
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let to_websocket = resp
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
         match client_upgrade {
+            Some(_) if !to_websocket => {
+                // Only a WebSocket was authorized; any other protocol (h2c) would carry
+                // requests past per-request policy.
+                return rejection(
+                    out,
+                    Reason::UpstreamUnavailable,
+                    "upstream switched to a protocol other than websocket",
+                    &rc,
+                );
+            }
             Some(client_upgrade) => {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let grant = super::tunnel::Grant {

@@ -825,3 +825,58 @@ async fn an_upstream_cannot_plant_or_clear_the_proxys_session_cookies() {
         r.headers.get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()).collect();
     assert_eq!(set, ["app=upstream; Path=/", "other=upstream; Path=/"]);
 }
+
+/// h2c smuggling: a WebSocket upgrade that also offers `Upgrade: h2c`, to an upstream
+/// that switches to h2c. The upstream is offered only `websocket`, and a 101 to anything
+/// else is refused, so no HTTP/2 connection runs past per-request policy.
+#[tokio::test]
+async fn only_a_websocket_upgrade_is_offered_upstream_and_tunnelled() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let (heads_tx, mut heads) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let upstream = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let heads_tx = heads_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = heads_tx.send(String::from_utf8_lossy(&head).to_ascii_lowercase());
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+                    .await;
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let routes = format!(
+        "[[routes]]\nname = \"h2c\"\nmatch = {{ path_prefix = \"/smuggle\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    let mut s = tls_h1(&w).await;
+    let req = format!(
+        "GET /smuggle HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: websocket\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut answer))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 502"), "tunnelled or not refused: {answer}");
+    let head = heads.recv().await.unwrap_or_default();
+    let offered: Vec<&str> =
+        head.lines().filter_map(|l| l.strip_prefix("upgrade:")).map(str::trim).collect();
+    assert_eq!(offered, ["websocket"], "{head}");
+    assert!(!head.contains("http2-settings"), "{head}");
+    upstream.abort();
+}
