@@ -95,6 +95,10 @@ pub enum Reason {
     AccessRevoked,
     /// The server is shutting down and the grace period is over.
     ShuttingDown,
+    /// The client went away before the response head (logged with status 499, as nginx
+    /// does; nothing is sent). If the request was authorized, it may have reached the
+    /// upstream: the event keeps the decision, identity and rule.
+    ClientClosed,
 }
 
 impl Reason {
@@ -141,6 +145,7 @@ impl Reason {
             Reason::ProtocolViolation => "protocol-violation",
             Reason::AccessRevoked => "access-revoked",
             Reason::ShuttingDown => "shutting-down",
+            Reason::ClientClosed => "client-closed",
         }
     }
 
@@ -210,6 +215,8 @@ impl Reason {
             Reason::ProtocolViolation => StatusCode::BAD_REQUEST,
             Reason::AccessRevoked => StatusCode::FORBIDDEN,
             Reason::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            // Never sent: the client is gone. (The log says 499.)
+            Reason::ClientClosed => StatusCode::BAD_REQUEST,
         }
     }
 

@@ -18,7 +18,7 @@ use tower::{Layer, Service};
 
 use super::activity::InFlight;
 use super::body::ProxyBody;
-use super::proxy::Outcome;
+use super::proxy::{Outcome, Parked};
 use super::{ConnInfo, RequestId};
 use crate::audit::{AuditSink, HttpEvent, ShadowSummary};
 use crate::metrics::{self, RequestKey};
@@ -79,36 +79,111 @@ where
                 .cloned()
                 .map_or(LogHost::None, LogHost::Header),
         };
+        let parked = Parked::default();
+        req.extensions_mut().insert(parked.clone());
         let fut = self.inner.call(req);
-        let sink = self.sink.clone();
-        let conn = self.conn.clone();
+        // Written by the guard if the client goes away before the response head (the
+        // future is dropped); otherwise handed to the response body.
+        let mut unanswered = Unanswered {
+            pending: Some(Pending {
+                start,
+                rid,
+                method,
+                host,
+                status: CLIENT_CLOSED,
+                outcome: None,
+                conn: self.conn.clone(),
+                sink: self.sink.clone(),
+            }),
+            parked,
+        };
         Box::pin(async move {
             let resp = match fut.await {
                 Ok(r) => r,
                 Err(never) => match never {},
             };
             let (mut parts, body) = resp.into_parts();
-            let outcome = parts.extensions.remove::<Outcome>();
-            let pending = Pending {
-                start,
-                rid,
-                method,
-                host,
-                status: parts.status.as_u16(),
-                outcome,
-                conn,
-                sink,
-            };
+            let mut pending = unanswered.pending.take();
+            if let Some(p) = pending.as_mut() {
+                p.status = parts.status.as_u16();
+                p.outcome = parts.extensions.remove::<Outcome>();
+            }
             Ok(Response::from_parts(
                 parts,
-                AuditBody {
-                    inner: body,
-                    bytes_out: 0,
-                    pending: Some(pending),
-                    _in_flight: in_flight,
-                },
+                AuditBody { inner: body, bytes_out: 0, pending, _in_flight: in_flight },
             ))
         })
+    }
+}
+
+/// Writes the event of a request the HTTP/1 server refused before the proxy saw it: a
+/// malformed request line or header (400), a head over the size limit (431), or a head
+/// not finished within the header-read timeout (408). hyper answers (or closes) on its
+/// own; without this, such requests would leave no trace in the audit log.
+pub fn refused_by_server(
+    sink: &AuditSink,
+    conn: &ConnInfo,
+    err: &(dyn std::error::Error + 'static),
+) {
+    let Some(e) = err.downcast_ref::<hyper::Error>() else { return };
+    let (status, detail) = if e.is_parse_too_large() {
+        (431, "request head too large")
+    } else if e.is_parse() {
+        (400, "malformed request head")
+    } else if e.is_timeout() {
+        (408, "request head not received within the header-read timeout")
+    } else {
+        return;
+    };
+    let rid = super::next_request_id();
+    let reason = crate::reason::Reason::BadRequest;
+    metrics::global().requests.inc(&RequestKey {
+        route: no_route(),
+        decision: "error",
+        reason: reason.code(),
+        status,
+    });
+    sink.emit(&HttpEvent {
+        ts: crate::audit::now_rfc3339(),
+        request_id: &rid,
+        kind: "http",
+        client_addr: conn.peer,
+        tls: conn.tls.as_deref(),
+        method: "-",
+        host: "",
+        path: "-",
+        route: None,
+        decision: "error",
+        reason: reason.code(),
+        detail: Some(detail),
+        rule: None,
+        shadow: None,
+        policy_revision: None,
+        identity: None,
+        ci: None,
+        upstream: None,
+        status,
+        bytes_in: 0,
+        bytes_out: 0,
+        duration_ms: 0.0,
+    });
+}
+
+/// The status logged for a request whose client went away first (nginx's 499).
+const CLIENT_CLOSED: u16 = 499;
+
+/// Writes the event of a request whose future was dropped before it answered.
+struct Unanswered {
+    pending: Option<Pending>,
+    parked: Parked,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.pending.take() {
+            p.outcome = Some(Outcome::client_closed(self.parked.take()));
+            p.emit(0);
+        }
     }
 }
 

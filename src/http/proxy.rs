@@ -73,6 +73,44 @@ impl Outcome {
             decision: "error",
         }
     }
+
+    /// What is known of a request whose client went away before its response head:
+    /// everything decided so far (parked by [`Parked::around`]), or nothing.
+    pub(crate) fn client_closed(parked: Option<Outcome>) -> Self {
+        let mut o =
+            parked.unwrap_or_else(|| Outcome { revision: None, ..Outcome::new(Arc::from("")) });
+        // Authorized (and perhaps already at the upstream): the decision stays `allow`.
+        o.decision = if o.reason == Reason::Allowed { "allow" } else { "error" };
+        o.reason = Reason::ClientClosed;
+        o.detail = Some(Cow::Borrowed("the client went away before the response"));
+        o
+    }
+}
+
+/// Where a request's [`Outcome`] waits while the proxy waits on the upstream, so the
+/// access log can still write the event (identity, rule, upstream) if the client goes
+/// away meanwhile and the request's future is dropped.
+#[derive(Clone, Default)]
+pub struct Parked(Arc<parking_lot::Mutex<Option<Outcome>>>);
+
+impl Parked {
+    /// Awaits `fut` with `out` parked here, and hands `out` back.
+    pub async fn around<F: std::future::Future>(
+        &self,
+        out: Outcome,
+        fut: F,
+    ) -> (F::Output, Outcome) {
+        let revision = out.revision.clone();
+        *self.0.lock() = Some(out);
+        let r = fut.await;
+        // Only the access log's drop guard takes it, and only once this future is gone.
+        let out = self.0.lock().take();
+        (r, out.unwrap_or_else(|| Outcome { revision, ..Outcome::new(Arc::from("")) }))
+    }
+
+    pub(crate) fn take(&self) -> Option<Outcome> {
+        self.0.lock().take()
+    }
 }
 
 /// State shared by every connection; the runtime is swapped atomically on reload.
@@ -280,6 +318,7 @@ pub async fn handle(
         .map(|r| r.0.clone())
         .unwrap_or_else(super::next_request_id);
     let mut out = Outcome::new(rt.revision.clone());
+    let parked = req.extensions_mut().remove::<Parked>();
     let sessions = rt.sessions.clone();
     let mut rc =
         RejectCtx { rid: rid.clone(), html: reject::wants_html(req.headers()), here: None };
@@ -569,7 +608,10 @@ pub async fn handle(
     let Some(client) = rt.clients.get(idx) else {
         return rejection(out, Reason::InternalError, "no client for route", &rc);
     };
-    let mut resp = match tokio::time::timeout(route.timeout, client.request(upstream_req)).await {
+    let parked = parked.unwrap_or_default();
+    let (result, mut out) =
+        parked.around(out, tokio::time::timeout(route.timeout, client.request(upstream_req))).await;
+    let mut resp = match result {
         Err(_) => {
             return rejection(out, Reason::UpstreamTimeout, "upstream response timed out", &rc)
         }

@@ -533,18 +533,22 @@ async fn accept_loop(
                     };
                     let tls = Some(Arc::new(info));
                     let conn = ConnInfo { peer, tls, trusted_peer, activity: activity.clone() };
-                    let svc = stack::service(shared, sink, conn);
+                    let svc = stack::service(shared, sink.clone(), conn.clone());
                     let svc = TowerToHyperService::new(svc);
                     let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    drive(c, &mut stop, &activity, idle).await;
+                    if let Some(e) = drive(c, &mut stop, &activity, idle).await {
+                        crate::http::access_log::refused_by_server(&sink, &conn, &*e);
+                    }
                 }
                 None => {
                     let conn =
                         ConnInfo { peer, tls: None, trusted_peer, activity: activity.clone() };
-                    let svc = stack::service(shared, sink, conn);
+                    let svc = stack::service(shared, sink.clone(), conn.clone());
                     let svc = TowerToHyperService::new(svc);
                     let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    drive(c, &mut stop, &activity, idle).await;
+                    if let Some(e) = drive(c, &mut stop, &activity, idle).await {
+                        crate::http::access_log::refused_by_server(&sink, &conn, &*e);
+                    }
                 }
             }
             m.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -645,9 +649,16 @@ async fn watch_loop(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
 /// after the current response, HTTP/2 sends GOAWAY) and finishes those in flight.
 /// Serves one connection until it ends, shutdown is signalled (in-flight requests
 /// finish; HTTP/2 gets a GOAWAY), or it has had no request in flight for `idle`.
-async fn drive<C>(conn: C, stop: &mut watch::Receiver<bool>, activity: &Activity, idle: Duration)
+/// Serves a connection until it ends, shutdown, or `idle`; returns the error it ended
+/// with, if any.
+async fn drive<C>(
+    conn: C,
+    stop: &mut watch::Receiver<bool>,
+    activity: &Activity,
+    idle: Duration,
+) -> Option<C::Error>
 where
-    C: std::future::Future + hyper_util::server::graceful::GracefulConnection,
+    C: hyper_util::server::graceful::GracefulConnection,
 {
     tokio::pin!(conn);
     loop {
@@ -656,7 +667,7 @@ where
         let deadline = activity.idle_deadline(idle);
         let wake = deadline.unwrap_or_else(|| tokio::time::Instant::now() + idle);
         tokio::select! {
-            _ = conn.as_mut() => return,
+            r = conn.as_mut() => return r.err(),
             _ = stopped(stop) => break,
             _ = tokio::time::sleep_until(wake) => {
                 if activity.idle_deadline(idle).is_some_and(|d| d <= tokio::time::Instant::now()) {
@@ -668,7 +679,7 @@ where
         }
     }
     conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
+    conn.await.err()
 }
 
 /// Resolves once shutdown has been signalled. (The guard `wait_for` returns is not

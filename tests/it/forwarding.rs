@@ -880,3 +880,92 @@ async fn only_a_websocket_upgrade_is_offered_upstream_and_tunnelled() {
     assert!(!head.contains("http2-settings"), "{head}");
     upstream.abort();
 }
+
+/// A caller that hangs up while the upstream works still leaves its event: an
+/// authorized request may already have had its effect upstream.
+#[tokio::test]
+async fn a_request_abandoned_before_its_response_is_still_audited() {
+    use tokio::io::AsyncWriteExt;
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    for (alpn, path) in [(&b"http/1.1"[..], "/slow/3000"), (&b"h2"[..], "/slow/3001")] {
+        let mut s = tls_alpn(&w, alpn).await;
+        if alpn == b"h2" {
+            // An HTTP/2 client: send the request, then drop the connection.
+            let (mut h2, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(s),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+            let task = tokio::spawn(conn);
+            let req = http::Request::get(format!("https://localhost{path}"))
+                .header("authorization", format!("Bearer {t}"))
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap_or_else(|e| panic!("{e}"));
+            let pending = tokio::spawn(async move { h2.send_request(req).await.map(|_| ()) });
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            pending.abort();
+            task.abort();
+        } else {
+            let req = format!(
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            drop(s);
+        }
+        let mut found = serde_json::Value::Null;
+        for _ in 0..100 {
+            if let Some(e) = w.events().into_iter().find(|e| e["path"] == path) {
+                found = e;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(found["reason"], "client-closed", "no event for {path}: {found}");
+        assert_eq!(found["decision"], "allow", "{found}");
+        assert_eq!(found["status"], 499, "{found}");
+        assert!(found["rule"]["id"].is_string(), "{found}");
+        assert_eq!(found["ci"]["branch"], "main", "{found}");
+        assert_eq!(found["route"], "api", "{found}");
+        let same: Vec<serde_json::Value> =
+            w.events().into_iter().filter(|e| e["path"] == path).collect();
+        assert_eq!(same.len(), 1, "exactly one event: {same:?}");
+    }
+}
+
+/// Requests the HTTP/1 server refuses before the proxy sees them still leave an event.
+#[tokio::test]
+async fn requests_the_http_server_refuses_are_audited_too() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::start().await;
+    let many_headers: String = (0..150).map(|i| format!("X-Filler-{i}: {i}\r\n")).collect();
+    let cases = [
+        ("GET /a b c HTTP/1.1\r\nHost: localhost\r\n\r\n".to_string(), 400),
+        (format!("GET / HTTP/1.1\r\nHost: localhost\r\n{many_headers}\r\n"), 431),
+    ];
+    for (request, want) in cases {
+        let before = w.events().iter().filter(|e| e["method"] == "-").count();
+        let mut s = tls_h1(&w).await;
+        s.write_all(request.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer).to_string();
+        assert!(answer.starts_with(&format!("HTTP/1.1 {want}")), "{answer}");
+        let mut events = Vec::new();
+        for _ in 0..100 {
+            events = w.events().into_iter().filter(|e| e["method"] == "-").collect();
+            if events.len() > before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(events.len(), before + 1, "one event for the refused request: {events:?}");
+        let e = &events[before];
+        assert_eq!(e["status"], want, "{e}");
+        assert_eq!(e["reason"], "bad-request", "{e}");
+        assert_eq!(e["decision"], "error", "{e}");
+        assert_eq!(e["tls"]["version"], "TLSv1.3", "{e}");
+    }
+}
