@@ -746,6 +746,21 @@ impl Sessions {
         authority: &str,
         rid: &str,
     ) -> Answer {
+        // Fetch Metadata: a browser says where the request came from. A sign-out from
+        // another site (an <img> or link planted there) is confirmed first.
+        let from = headers.get("sec-fetch-site").map(HeaderValue::as_bytes);
+        if from.is_some_and(|f| f != b"same-origin" && f != b"none") {
+            let link = match query {
+                Some(q) => format!("{LOGOUT_PATH}?{q}"),
+                None => LOGOUT_PATH.to_string(),
+            };
+            return Answer {
+                response: html(StatusCode::OK, pages::confirm_sign_out(&link)),
+                reason: Reason::Internal,
+                detail: "sign-out from another site: asked to confirm".into(),
+                identity: None,
+            };
+        }
         let cookies = cookie::parse(headers);
         let clear = cookie::clear(
             &cookies,

@@ -71,6 +71,15 @@ pub fn chooser(choices: &[(String, String)]) -> String {
 }
 
 /// After a local sign-out (the provider has no logout endpoint).
+/// Asked when a sign-out link was followed from another site: a cross-site request must
+/// not end a session by itself (logout CSRF); the button here is same-origin.
+pub fn confirm_sign_out(link: &str) -> String {
+    page(
+        "Sign out?",
+        &format!("<p>Another site sent you here to sign out of this proxy.</p>\n<p><a class=\"button\" href=\"{}\">Sign out</a></p>", escape(link)),
+    )
+}
+
 pub fn signed_out(again: &str) -> String {
     page(
         "Signed out",

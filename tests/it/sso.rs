@@ -425,7 +425,19 @@ async fn logout_clears_the_session_and_uses_the_end_session_endpoint() {
     let w = sso_world("").await;
     let mut b = Browser::new();
     assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
-    let r = b.get(&w, &w.url("/.portcullis/logout")).await;
+    // Logout CSRF: a sign-out link planted on another site only asks; the session stays.
+    for from in ["cross-site", "same-site"] {
+        let logout = w.url("/.portcullis/logout?rd=%2F");
+        let r = b.request(&w, Method::GET, &logout, &[("sec-fetch-site", from)], "").await;
+        assert_eq!(r.status, StatusCode::OK, "{from}");
+        assert!(r.text().contains("href=\"/.portcullis/logout?rd=%2F\""), "{}", r.text());
+        assert!(b.session_cookie().is_some(), "signed out by a {from} request");
+        assert!(r.headers.get("set-cookie").is_none(), "{from}");
+    }
+    assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK, "still signed in");
+    // From the proxy's own page (same-origin), or typed in (none, or no header): signed out.
+    let logout = w.url("/.portcullis/logout");
+    let r = b.request(&w, Method::GET, &logout, &[("sec-fetch-site", "same-origin")], "").await;
     assert_eq!(r.status, StatusCode::FOUND);
     let to = location(&r);
     assert!(to.starts_with(&format!("{}/logout?client_id=", w.urls["corp"])), "{to}");
