@@ -372,10 +372,14 @@ impl Sessions {
             );
         };
         if !route.accepts(&provider.settings.id) {
-            return invalid(
-                Reason::SessionInvalid,
-                "the route does not accept the session's issuer",
-            );
+            // Valid, just not here: kept for the routes that accept it (clearing it would
+            // sign the browser out everywhere, from any link to such a route). A sign-in
+            // here replaces it.
+            return Lookup::Invalid {
+                reason: Reason::SessionInvalid,
+                detail: "the route does not accept the session's issuer",
+                clear: Vec::new(),
+            };
         }
         let s = &self.settings;
         let deadline = data.created.saturating_add(s.absolute_lifetime.as_secs());

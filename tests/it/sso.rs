@@ -640,3 +640,44 @@ async fn two_issuers_with_login_get_the_chooser_and_either_signs_in() {
     assert_eq!(partner.code_exchanges(), 1);
     assert_eq!(login(&w).code_exchanges(), 0, "the first issuer was never asked for a code");
 }
+
+/// A valid session from an issuer one route does not accept is not cleared there: it
+/// still works on the routes that do (a link to the other route must not sign anyone out).
+#[tokio::test]
+async fn a_session_is_kept_on_a_route_that_does_not_accept_its_issuer() {
+    let routes = "[[routes]]\nname = \"partners-only\"\nmatch = { path_prefix = \"/partners\" }\nupstream = \"http://{echo}\"\npolicy = \"api\"\nissuers = [\"partner\"]\n".to_string();
+    let w = World::with(Setup {
+        sso: Some(String::new()),
+        second_login: true,
+        routes,
+        policies: vec![("api".into(), PEOPLE_OF_BOTH.into())],
+        ..Setup::default()
+    })
+    .await;
+    let mut b = Browser::new();
+    // Signed in with corp through the default route (which accepts both issuers).
+    let r = b.get(&w, &w.url("/app")).await;
+    let chooser = location(&r);
+    let r = b.get(&w, &w.url(&format!("{chooser}&issuer=corp"))).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    let to = location(&r);
+    let _ = b.get(&w, &to).await;
+    let r = b.request(&w, Method::POST, &to, &[], "username=alice&groups=engineering").await;
+    let r = b.get(&w, &location(&r)).await;
+    assert_eq!(r.status, StatusCode::FOUND, "callback: {}", r.text());
+    let session = b.session_cookie().map(|c| c.to_string());
+    assert!(session.is_some());
+    assert_eq!(b.get(&w, &w.url("/app")).await.status, StatusCode::OK);
+
+    // The partners-only route sends the browser to sign in with partner, and keeps the
+    // corp session in the jar.
+    let r = b.get(&w, &w.url("/partners/x")).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    assert!(
+        !set_cookies(&r).iter().any(|c| c.starts_with("_portcullis=")),
+        "the session was cleared: {:?}",
+        set_cookies(&r)
+    );
+    assert_eq!(b.session_cookie().map(|c| c.to_string()), session);
+    assert_eq!(b.get(&w, &w.url("/app")).await.status, StatusCode::OK, "signed out elsewhere");
+}
