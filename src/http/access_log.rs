@@ -67,7 +67,8 @@ where
         // Dropped with the future if the client goes away first, else with the body.
         let in_flight = self.conn.activity.begin();
         let rid = super::next_request_id();
-        req.extensions_mut().insert(RequestId(rid.clone()));
+        let parked = Parked::default();
+        req.extensions_mut().insert(RequestId { id: rid.clone(), parked: parked.clone() });
         let method = req.method().clone();
         // The raw authority for the log (validated or not); never the query string.
         // Both are cheap clones of the parsed request's bytes, not copies.
@@ -79,8 +80,6 @@ where
                 .cloned()
                 .map_or(LogHost::None, LogHost::Header),
         };
-        let parked = Parked::default();
-        req.extensions_mut().insert(parked.clone());
         let fut = self.inner.call(req);
         // Written by the guard if the client goes away before the response head (the
         // future is dropped); otherwise handed to the response body.

@@ -312,13 +312,11 @@ pub async fn handle(
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let rt = shared.runtime.load_full();
-    let rid = req
-        .extensions()
-        .get::<RequestId>()
-        .map(|r| r.0.clone())
-        .unwrap_or_else(super::next_request_id);
+    let (rid, parked) = match req.extensions().get::<RequestId>() {
+        Some(r) => (r.id.clone(), r.parked.clone()),
+        None => (super::next_request_id(), Parked::default()),
+    };
     let mut out = Outcome::new(rt.revision.clone());
-    let parked = req.extensions_mut().remove::<Parked>();
     let sessions = rt.sessions.clone();
     let mut rc =
         RejectCtx { rid: rid.clone(), html: reject::wants_html(req.headers()), here: None };
@@ -608,7 +606,6 @@ pub async fn handle(
     let Some(client) = rt.clients.get(idx) else {
         return rejection(out, Reason::InternalError, "no client for route", &rc);
     };
-    let parked = parked.unwrap_or_default();
     let (result, mut out) =
         parked.around(out, tokio::time::timeout(route.timeout, client.request(upstream_req))).await;
     let mut resp = match result {
