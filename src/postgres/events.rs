@@ -70,16 +70,34 @@ pub struct StatementEvent<'a> {
     pub upstream_role: &'a str,
     /// 1, 2, ... within the session.
     pub seq: u64,
-    /// `simple` (Query) or `extended` (Parse/Bind).
+    /// `simple` (Query), `extended` (Parse/Bind) or `function` (FunctionCall).
     pub protocol: &'static str,
     /// The prepared statement's name (extended protocol, named statements).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub statement: Option<&'a str>,
-    /// The SQL text (up to 64 KiB); absent when the statement was never seen parsed.
+    /// The SQL text (up to 64 KiB); absent when it is not known (see `text_status`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text: Option<&'a str>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
+    /// Absent: `text` is the text of the statement the server ran (extended protocol:
+    /// as the server accepted it). `over-budget`: cut or dropped by the session's budget
+    /// for held texts; `unknown`: the proxy does not know it (prepared by SQL `PREPARE`,
+    /// past the statement cap); `uncertain`: a SQL `PREPARE`/`DEALLOCATE` ran since the
+    /// statement was parsed, and may have replaced it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_status: Option<&'static str>,
+    /// Absent: sent to the server (Query, FunctionCall) or run (a Bind the server
+    /// accepted). `error`: the server refused this Bind; `skipped`: the server skipped it
+    /// after an earlier error; `unknown`: the proxy could not tell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<&'static str>,
+    /// FunctionCall: the function's OID (never its argument values).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function_oid: Option<u32>,
+    /// FunctionCall: the number of arguments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<u16>,
     pub identity: &'a RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ci: Option<&'a RawValue>,

@@ -28,9 +28,12 @@
 //! `close`; each statement in between is one `pg.statement` event.
 //!
 //! The relay never reassembles messages. It reads up to 64 KiB, forwards it, and walks the
-//! message headers in what it forwarded ([`proto::Scanner`]); only Query, Parse, Bind and
-//! Close bodies from the client are looked into, and only as far as their text and names.
-//! Bind parameter values and the password message never reach the audit log.
+//! message headers in what it forwarded ([`proto::Scanner`]); only Query, Parse, Bind,
+//! Close and FunctionCall bodies from the client are looked into, and only as far as their
+//! text and names (a FunctionCall: its function OID and argument count), plus the server's
+//! CommandComplete tags. Which statement a Bind ran follows the server's answers
+//! ([`statements`]). Bind parameter values, FunctionCall arguments and the password
+//! message never reach the audit log.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -51,6 +54,7 @@ mod listeners;
 pub mod proto;
 pub mod scram;
 mod session;
+pub mod statements;
 mod stream;
 pub mod upstream;
 

@@ -3,8 +3,8 @@
 //!
 //! Only startup-phase messages are read whole (they are small and bounded). Relayed
 //! traffic is never reassembled: the scanner looks at each message's type and length and,
-//! for the few messages audit needs (`Q`, `P`, `B`, `C` from the client), keeps a bounded
-//! prefix of the body.
+//! for the few messages audit needs (`Q`, `P`, `B`, `C`, `F` from the client,
+//! CommandComplete from the server), keeps a bounded part of the body.
 
 use std::collections::BTreeMap;
 
@@ -236,12 +236,35 @@ pub fn parse_fields(body: &[u8]) -> BTreeMap<u8, String> {
 
 /// How much of a statement's text audit keeps.
 pub const MAX_AUDIT_TEXT: usize = 64 * 1024;
-/// Enough of a Bind body for the portal and statement names.
-const BIND_PREFIX: usize = 256;
+/// The bytes of a name PostgreSQL keeps (NAMEDATALEN - 1); prepared statements are keyed
+/// by them, however long the name on the wire.
+pub const NAME_MAX: usize = 63;
+/// Enough of a Close body for its kind byte and a name PostgreSQL would keep.
+const CLOSE_PREFIX: usize = 1 + NAME_MAX + 1;
+/// Enough of a FunctionCall body for the function's OID and its argument count:
+/// OID, format count, at most one format per argument (at most 100, FUNC_MAX_ARGS),
+/// argument count.
+const FUNCTION_CALL_PREFIX: usize = 4 + 2 + 2 * 100 + 2;
+/// Enough of a CommandComplete body for the tags audit looks for (`DEALLOCATE ALL`).
+const COMMAND_TAG_PREFIX: usize = 16;
 
-/// A message the scanner was asked to keep: its type, the kept prefix of its body, and
+/// What of a message's body a scanner keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capture {
+    Nothing,
+    /// The first bytes of the body.
+    Prefix(usize),
+    /// The first `names` NUL-terminated strings, each cut to [`NAME_MAX`] bytes as
+    /// PostgreSQL does (and still NUL-terminated), then up to `then` bytes of the rest.
+    Names {
+        names: u8,
+        then: usize,
+    },
+}
+
+/// A message the scanner was asked to keep: its type, the kept part of its body, and
 /// whether the body was longer than that.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Captured {
     pub kind: u8,
     pub body: Vec<u8>,
@@ -256,42 +279,57 @@ pub struct Scanner {
     hdr_len: usize,
     /// Body bytes of the current message still to come.
     remaining: usize,
-    capture: Option<Captured>,
+    /// The current message is being captured into `captured` (a buffer reused from
+    /// message to message).
+    capturing: bool,
+    captured: Captured,
+    /// Names still to capture, and bytes kept of the current one.
+    names_left: u8,
+    name_len: usize,
     capture_left: usize,
     /// Which message types to capture, and how much of each.
-    capture_for: fn(u8) -> usize,
+    capture_for: fn(u8) -> Capture,
 }
 
 impl Scanner {
-    /// A scanner that keeps up to `capture_for(type)` bytes of each message's body.
-    pub fn new(capture_for: fn(u8) -> usize) -> Self {
+    /// A scanner that keeps `capture_for(type)` of each message's body.
+    pub fn new(capture_for: fn(u8) -> Capture) -> Self {
         Scanner {
             hdr: [0; 5],
             hdr_len: 0,
             remaining: 0,
-            capture: None,
+            capturing: false,
+            captured: Captured::default(),
+            names_left: 0,
+            name_len: 0,
             capture_left: 0,
             capture_for,
         }
     }
 
-    /// Client → server: statements and their names.
+    /// Client → server: statements and their names, function calls.
     pub fn client() -> Self {
         Scanner::new(|k| match k {
-            b'Q' | b'P' => MAX_AUDIT_TEXT + 256,
-            b'B' | b'C' => BIND_PREFIX,
-            _ => 0,
+            b'Q' => Capture::Prefix(MAX_AUDIT_TEXT + 256),
+            b'P' => Capture::Names { names: 1, then: MAX_AUDIT_TEXT + 1 },
+            b'B' => Capture::Names { names: 2, then: 0 },
+            b'C' => Capture::Prefix(CLOSE_PREFIX),
+            b'F' => Capture::Prefix(FUNCTION_CALL_PREFIX),
+            _ => Capture::Nothing,
         })
     }
 
-    /// Server → client: boundaries only.
+    /// Server → client: boundaries, and the tags of CommandComplete.
     pub fn server() -> Self {
-        Scanner::new(|_| 0)
+        Scanner::new(|k| match k {
+            b'C' => Capture::Prefix(COMMAND_TAG_PREFIX),
+            _ => Capture::Nothing,
+        })
     }
 
     /// At a message boundary: nothing of a next message seen yet.
     pub fn at_boundary(&self) -> bool {
-        self.hdr_len == 0 && self.remaining == 0 && self.capture.is_none()
+        self.hdr_len == 0 && self.remaining == 0 && !self.capturing
     }
 
     /// Bytes needed to reach the next message boundary as far as is known now: the rest
@@ -304,12 +342,42 @@ impl Scanner {
         }
     }
 
-    /// Type of each completed message is reported through `done` (captured ones with their
-    /// prefix). Fails on a length below 4 or above [`MAX_RELAY_MESSAGE_LEN`].
+    /// Keeps what the capture mode wants of the next `chunk` of the body.
+    fn keep(&mut self, mut chunk: &[u8]) {
+        let c = &mut self.captured;
+        while self.names_left > 0 && !chunk.is_empty() {
+            let (part, ended) = match chunk.iter().position(|&b| b == 0) {
+                Some(i) => (&chunk[..i], Some(i + 1)),
+                None => (chunk, None),
+            };
+            let keep = part.len().min(NAME_MAX - self.name_len);
+            c.body.extend_from_slice(&part[..keep]);
+            self.name_len += keep;
+            match ended {
+                Some(i) => {
+                    c.body.push(0);
+                    self.names_left -= 1;
+                    self.name_len = 0;
+                    chunk = &chunk[i..];
+                }
+                None => chunk = &[],
+            }
+        }
+        if self.names_left == 0 && !chunk.is_empty() {
+            let keep = chunk.len().min(self.capture_left);
+            c.body.extend_from_slice(&chunk[..keep]);
+            self.capture_left -= keep;
+            c.truncated |= keep < chunk.len();
+        }
+    }
+
+    /// Type of each completed message is reported through `done` (captured ones with what
+    /// was kept of their body). Fails on a length below 4 or above
+    /// [`MAX_RELAY_MESSAGE_LEN`].
     pub fn feed(
         &mut self,
         mut data: &[u8],
-        mut done: impl FnMut(u8, Option<Captured>),
+        mut done: impl FnMut(u8, Option<&Captured>),
     ) -> Result<(), &'static str> {
         while !data.is_empty() {
             if self.remaining == 0 {
@@ -330,32 +398,45 @@ impl Scanner {
                 let kind = self.hdr[0];
                 self.hdr_len = 0;
                 self.remaining = len - 4;
-                let want = (self.capture_for)(kind);
-                if want > 0 {
-                    self.capture = Some(Captured {
-                        kind,
-                        body: Vec::with_capacity(self.remaining.min(want)),
-                        truncated: self.remaining > want,
-                    });
-                    self.capture_left = want;
+                let (names, then) = match (self.capture_for)(kind) {
+                    Capture::Nothing => (0, 0),
+                    Capture::Prefix(n) => (0, n),
+                    Capture::Names { names, then } => (names, then),
+                };
+                self.capturing = names > 0 || then > 0;
+                if self.capturing {
+                    let c = &mut self.captured;
+                    c.kind = kind;
+                    c.body.clear();
+                    c.truncated = false;
+                    self.names_left = names;
+                    self.name_len = 0;
+                    self.capture_left = then;
                 }
                 if self.remaining == 0 {
-                    done(kind, self.capture.take());
+                    self.finish(&mut done);
                     continue;
                 }
             }
             let take = self.remaining.min(data.len());
-            if let Some(c) = &mut self.capture {
-                let keep = take.min(self.capture_left);
-                c.body.extend_from_slice(&data[..keep]);
-                self.capture_left -= keep;
+            if self.capturing {
+                self.keep(&data[..take]);
             }
             self.remaining -= take;
             data = &data[take..];
             if self.remaining == 0 {
-                done(self.hdr[0], self.capture.take());
+                self.finish(&mut done);
             }
         }
         Ok(())
+    }
+
+    fn finish(&mut self, done: &mut impl FnMut(u8, Option<&Captured>)) {
+        if self.capturing {
+            self.capturing = false;
+            done(self.hdr[0], Some(&self.captured));
+        } else {
+            done(self.hdr[0], None);
+        }
     }
 }

@@ -1,7 +1,6 @@
 //! One client connection, from accept to close: the front end (TLS, startup, token,
 //! policy), the upstream leg, the relay, and the control that ends a session early.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use super::cancel::{CancelGuard, CancelTarget};
 use super::events::{CancelEvent, SessionEvent, StatementEvent};
 use super::proto::{self, Initial, ReadError, Scanner, Severity};
+use super::statements::{Record, Tracker};
 use super::upstream::{self, UpstreamError, UpstreamStream};
 use super::{Hub, ALPN_POSTGRESQL};
 use crate::audit::{now_rfc3339, TlsInfo};
@@ -840,8 +840,6 @@ struct End {
 }
 
 const BUF: usize = 64 * 1024;
-/// Prepared statements remembered per session for Bind audit.
-const MAX_STATEMENTS: usize = 10_000;
 
 async fn relay(
     client: Client,
@@ -856,26 +854,37 @@ async fn relay(
     let statements = AtomicU64::new(0);
     let mut c2s_scan = Scanner::client();
     let mut upstream_writing = false;
+    // Prepared statements as the server accepted them; client messages are queued here
+    // and resolved by the server's answers, in order.
+    let tracker = parking_lot::Mutex::new(Tracker::new());
+    let drained = tokio::sync::Notify::new();
+    let emit = |r: Record<'_>| emit_statement(ctx, &statements, &r);
     // A protocol violation by the client ends the session through the same path as the
     // other terminations, so the error reaches the client at a message boundary.
     let (violation_tx, mut violation_rx) = mpsc::channel::<String>(1);
 
     let c2s = Box::pin(async {
         let mut buf = vec![0u8; BUF];
-        let mut prepared: HashMap<String, (Arc<str>, bool)> = HashMap::new();
         loop {
+            // Too many messages await the server's answer: let it catch up first.
+            while {
+                let mut t = tracker.lock();
+                t.waiting = t.saturated();
+                t.waiting
+            } {
+                drained.notified().await;
+            }
             let n = match cr.read(&mut buf).await {
                 Ok(0) | Err(_) => return "client",
                 Ok(n) => n,
             };
             let mut terminate = false;
-            let scanned = c2s_scan.feed(&buf[..n], |kind, captured| {
-                if kind == b'X' {
-                    terminate = true;
+            let scanned = c2s_scan.feed(&buf[..n], |kind, captured| match kind {
+                b'X' => terminate = true,
+                b'Q' | b'F' | b'P' | b'B' | b'C' | b'D' | b'E' | b'S' | b'c' | b'f' => {
+                    tracker.lock().client(kind, captured, &mut &emit);
                 }
-                if let Some(c) = captured {
-                    audit_message(ctx, &mut prepared, &statements, c);
-                }
+                _ => {}
             });
             if let Err(e) = scanned {
                 let _ = violation_tx.send(e.to_string()).await;
@@ -941,7 +950,17 @@ async fn relay(
                         }
                         Ok(n) => n,
                     };
-                    if scan.feed(&buf[..n], |_, _| {}).is_err() {
+                    let scanned = scan.feed(&buf[..n], |kind, captured| {
+                        if let b'1' | b'2' | b'3' | b'C' | b'E' | b'G' | b'I' | b'n' | b's' | b'T' | b'Z' = kind {
+                            let mut t = tracker.lock();
+                            t.server(kind, captured, &mut &emit);
+                            if t.waiting && !t.saturated() {
+                                t.waiting = false;
+                                drained.notify_one();
+                            }
+                        }
+                    });
+                    if scanned.is_err() {
                         let _ = cw.shutdown().await;
                         return Err((Reason::UpstreamUnavailable, "the upstream broke the protocol".to_string()));
                     }
@@ -989,69 +1008,7 @@ async fn relay(
     }
 }
 
-/// Audit for one client message the scanner captured: Query and Bind are statements;
-/// Parse and Close keep the map of prepared statement texts current.
-fn audit_message(
-    ctx: &StatementContext<'_>,
-    prepared: &mut HashMap<String, (Arc<str>, bool)>,
-    statements: &AtomicU64,
-    c: proto::Captured,
-) {
-    let text_of = |b: &[u8], truncated: bool| -> (String, bool) {
-        match b.iter().position(|&x| x == 0) {
-            Some(end) => (String::from_utf8_lossy(&b[..end]).into_owned(), false),
-            None => (
-                String::from_utf8_lossy(&b[..b.len().min(proto::MAX_AUDIT_TEXT)]).into_owned(),
-                truncated || !b.is_empty(),
-            ),
-        }
-    };
-    match c.kind {
-        b'Q' => {
-            let (text, truncated) = text_of(&c.body, c.truncated);
-            emit_statement(ctx, statements, "simple", None, Some(&text), truncated);
-        }
-        b'P' => {
-            let Some(end) = c.body.iter().position(|&x| x == 0) else { return };
-            let name = String::from_utf8_lossy(&c.body[..end]).into_owned();
-            let (text, truncated) = text_of(&c.body[end + 1..], c.truncated);
-            if prepared.len() >= MAX_STATEMENTS && !prepared.contains_key(&name) {
-                return;
-            }
-            prepared.insert(name, (Arc::from(text), truncated));
-        }
-        b'B' => {
-            let mut parts = c.body.splitn(3, |&x| x == 0);
-            let _portal = parts.next();
-            let Some(stmt) = parts.next() else { return };
-            let stmt = String::from_utf8_lossy(stmt);
-            let known = prepared.get(stmt.as_ref()).cloned();
-            emit_statement(
-                ctx,
-                statements,
-                "extended",
-                (!stmt.is_empty()).then_some(stmt.as_ref()),
-                known.as_ref().map(|(t, _)| &**t),
-                known.as_ref().is_some_and(|(_, t)| *t),
-            );
-        }
-        b'C' if c.body.first() == Some(&b'S') => {
-            if let Some(end) = c.body[1..].iter().position(|&x| x == 0) {
-                prepared.remove(String::from_utf8_lossy(&c.body[1..1 + end]).as_ref());
-            }
-        }
-        _ => {}
-    }
-}
-
-fn emit_statement(
-    ctx: &StatementContext<'_>,
-    statements: &AtomicU64,
-    protocol: &'static str,
-    statement: Option<&str>,
-    text: Option<&str>,
-    truncated: bool,
-) {
+fn emit_statement(ctx: &StatementContext<'_>, statements: &AtomicU64, r: &Record<'_>) {
     let seq = statements.fetch_add(1, Ordering::Relaxed) + 1;
     let (identity, ci) = ctx.identity.audit_fields();
     ctx.counters.statements.fetch_add(1, Ordering::Relaxed);
@@ -1063,10 +1020,14 @@ fn emit_statement(
         database: ctx.database,
         upstream_role: ctx.upstream_role,
         seq,
-        protocol,
-        statement,
-        text,
-        truncated,
+        protocol: r.protocol,
+        statement: r.statement,
+        text: r.text,
+        truncated: r.truncated,
+        text_status: r.text_status,
+        outcome: r.outcome,
+        function_oid: r.function.map(|f| f.oid),
+        arguments: r.function.and_then(|f| f.arguments),
         identity,
         ci,
     });
