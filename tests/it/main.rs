@@ -16,6 +16,8 @@
 //! - `pg`: PostgreSQL routes against a real PostgreSQL server (initdb in a temp dir) with
 //!   `psql`, `pgbench` and `tokio-postgres`: roles per rule, denials, plaintext and bad
 //!   input, extended protocol, COPY, cancel, notifications, expiry, revocation, drain.
+//! - `pg_audit`: the statement audit follows the server on raw wire messages: a Parse the
+//!   server refused cannot forge a statement's text, long names, FunctionCall.
 //! - `pg_auth`: the upstream leg against that server: md5 and cleartext password
 //!   authentication (right and wrong passwords, cleartext refused off loopback without
 //!   TLS), upstream TLS `require`/`verify-full` (wrong CA, wrong name) and `disable`
@@ -32,6 +34,7 @@ mod forwarding;
 mod interop;
 mod lifecycle;
 mod pg;
+mod pg_audit;
 mod pg_auth;
 mod pg_reload;
 mod proxy;

@@ -561,7 +561,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for Rustl
 
 // === raw protocol helpers ===
 
-fn startup(user: &str, db: &str) -> Vec<u8> {
+pub fn startup(user: &str, db: &str) -> Vec<u8> {
     portcullis::postgres::proto::startup_message(&[("user", user), ("database", db)])
 }
 
@@ -584,7 +584,7 @@ fn error_of(b: &[u8]) -> (String, String) {
     (f.get(&b'C').cloned().unwrap_or_default(), f.get(&b'M').cloned().unwrap_or_default())
 }
 
-async fn tls_to(w: &PgWorld) -> tokio_rustls::client::TlsStream<TcpStream> {
+pub async fn tls_to(w: &PgWorld) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut tcp = TcpStream::connect(w.addr).await.unwrap_or_else(|e| panic!("{e}"));
     tcp.write_all(&ssl_request()).await.unwrap_or_else(|e| panic!("{e}"));
     let mut s = [0u8; 1];
@@ -989,6 +989,15 @@ async fn tokio_postgres_extended_protocol_copy_notifications_large_results_and_c
         .collect();
     assert_eq!(inserts.len(), 3, "one event per execution");
     assert!(inserts.iter().all(|e| e["protocol"] == "extended"));
+    // Every Bind was followed through the server's answers, COPY included.
+    let extended: Vec<&Value> = stmts.iter().filter(|e| e["protocol"] == "extended").collect();
+    assert!(extended.len() >= 5, "{extended:#?}");
+    assert!(
+        extended.iter().all(|e| e["text"].is_string()
+            && e.get("text_status").is_none()
+            && e.get("outcome").is_none()),
+        "{extended:#?}"
+    );
     assert!(stmts.iter().any(|e| e["text"].as_str().is_some_and(|t| t.starts_with("copy "))));
     assert_no_secrets(&w, &[&token, secret_value]);
 }

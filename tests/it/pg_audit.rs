@@ -1,0 +1,223 @@
+//! The `pg.statement` audit of the extended protocol follows what the server accepted,
+//! proven with hand-built wire messages against the real PostgreSQL server: a Parse the
+//! server refuses cannot forge the text of the statement a later Bind runs, names longer
+//! than PostgreSQL keeps are named as the server ran them, and a FunctionCall is audited
+//! without its argument values.
+
+use std::time::Duration;
+
+use portcullis::postgres::proto::{message, parse_fields};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::pg::{assert_no_secrets, startup, tls_to, PgWorld};
+
+type Conn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut b = s.as_bytes().to_vec();
+    b.push(0);
+    b
+}
+
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut b = cstr(name);
+    b.extend(cstr(sql));
+    b.extend(0u16.to_be_bytes());
+    message(b'P', &b)
+}
+
+fn bind(stmt: &str) -> Vec<u8> {
+    let mut b = cstr("");
+    b.extend(cstr(stmt));
+    b.extend([0, 0, 0, 0, 0, 0]);
+    message(b'B', &b)
+}
+
+fn execute() -> Vec<u8> {
+    message(b'E', b"\0\0\0\0\0")
+}
+
+fn sync() -> Vec<u8> {
+    message(b'S', b"")
+}
+
+/// Reads server messages up to and including ReadyForQuery.
+async fn until_ready(t: &mut Conn) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    loop {
+        let mut hdr = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(10), t.read_exact(&mut hdr))
+            .await
+            .unwrap_or_else(|_| panic!("no answer; so far {out:?}"))
+            .unwrap_or_else(|e| panic!("read: {e}; so far {out:?}"));
+        let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        t.read_exact(&mut body).await.unwrap_or_else(|e| panic!("{e}"));
+        out.push((hdr[0], body));
+        if hdr[0] == b'Z' {
+            return out;
+        }
+    }
+}
+
+fn kinds(m: &[(u8, Vec<u8>)]) -> String {
+    m.iter().map(|(k, _)| *k as char).collect()
+}
+
+fn sqlstate(m: &[(u8, Vec<u8>)]) -> String {
+    m.iter()
+        .find(|(k, _)| *k == b'E')
+        .map(|(_, b)| parse_fields(b).get(&b'C').cloned().unwrap_or_default())
+        .unwrap_or_default()
+}
+
+/// The first column of the first DataRow, as text.
+fn first_value(m: &[(u8, Vec<u8>)]) -> String {
+    let (_, b) = m.iter().find(|(k, _)| *k == b'D').unwrap_or_else(|| panic!("no row: {m:?}"));
+    let len = u32::from_be_bytes([b[2], b[3], b[4], b[5]]) as usize;
+    String::from_utf8_lossy(&b[6..6 + len]).into_owned()
+}
+
+async fn send(t: &mut Conn, parts: &[Vec<u8>]) {
+    t.write_all(&parts.concat()).await.unwrap_or_else(|e| panic!("{e}"));
+    t.flush().await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A session through the proxy, logged in, at its first ReadyForQuery.
+async fn session(w: &PgWorld, token: &str) -> Conn {
+    let mut t = tls_to(w).await;
+    t.write_all(&startup("app", "appdb")).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut r = [0u8; 9];
+    t.read_exact(&mut r).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r, [b'R', 0, 0, 0, 8, 0, 0, 0, 3]);
+    send(&mut t, &[message(b'p', &cstr(token))]).await;
+    let m = until_ready(&mut t).await;
+    assert!(!kinds(&m).contains('E'), "{m:?}");
+    t
+}
+
+/// The session's `pg.statement` events, in order, once `n` of them are written.
+async fn statements_of(w: &PgWorld, marker: &str, n: usize) -> Vec<Value> {
+    for _ in 0..200 {
+        let all = w.events_of("pg.statement").await;
+        let sid = all
+            .iter()
+            .find(|e| e["text"].as_str().is_some_and(|t| t.contains(marker)))
+            .map(|e| e["session_id"].clone());
+        if let Some(sid) = sid {
+            let mine: Vec<Value> = all.into_iter().filter(|e| e["session_id"] == sid).collect();
+            if mine.len() >= n {
+                return mine;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("fewer than {n} statement events for {marker}");
+}
+
+#[tokio::test]
+async fn a_parse_the_server_refused_cannot_forge_the_text_of_what_a_bind_runs() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let mut t = session(&w, &token).await;
+    let victim = format!("victim_{}", std::process::id());
+    let q = format!("create table {victim}(id int); insert into {victim} values (1), (2)");
+    send(&mut t, &[message(b'Q', &cstr(&q))]).await;
+    assert!(!kinds(&until_ready(&mut t).await).contains('E'));
+
+    // s1 is the DELETE, accepted.
+    let delete = format!("DELETE FROM {victim}");
+    send(&mut t, &[parse("s1", &delete), sync()]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "1Z");
+    // A second Parse of s1 is refused (42P05): s1 stays the DELETE. In the same batch,
+    // the Bind is skipped by the server.
+    send(&mut t, &[parse("s1", "SELECT 1"), bind("s1"), execute(), sync()]).await;
+    let m = until_ready(&mut t).await;
+    assert_eq!((kinds(&m).as_str(), sqlstate(&m).as_str()), ("EZ", "42P05"));
+    send(&mut t, &[parse("s1", "SELECT 1"), sync()]).await;
+    assert_eq!(sqlstate(&until_ready(&mut t).await), "42P05");
+    // Bind s1 runs the DELETE.
+    send(&mut t, &[bind("s1"), execute(), sync()]).await;
+    let m = until_ready(&mut t).await;
+    assert_eq!(kinds(&m), "2CZ", "{m:?}");
+    assert!(String::from_utf8_lossy(&m[1].1).starts_with("DELETE 2"), "{m:?}");
+
+    // Pipelined, after a DEALLOCATE through a simple query: a new s1 is accepted and run
+    // in one batch (Parse, Bind, Execute, Sync before any answer).
+    send(&mut t, &[message(b'Q', &cstr("DEALLOCATE s1"))]).await;
+    assert!(!kinds(&until_ready(&mut t).await).contains('E'));
+    let count = format!("SELECT count(*) FROM {victim}");
+    send(&mut t, &[parse("s1", &count), bind("s1"), execute(), sync()]).await;
+    let m = until_ready(&mut t).await;
+    assert_eq!(kinds(&m), "12DCZ", "{m:?}");
+    assert_eq!(first_value(&m), "0", "the DELETE ran");
+
+    let events = statements_of(&w, &victim, 5).await;
+    let binds: Vec<&Value> = events.iter().filter(|e| e["protocol"] == "extended").collect();
+    assert_eq!(binds.len(), 3, "{events:#?}");
+    // The Bind the server skipped after the refused Parse: audited, as skipped.
+    assert_eq!(binds[0]["statement"], "s1");
+    assert_eq!(binds[0]["outcome"], "skipped", "{:#}", binds[0]);
+    assert_eq!(binds[0]["text"], delete.as_str());
+    // The Bind that ran the DELETE says so.
+    assert_eq!(binds[1]["statement"], "s1");
+    assert_eq!(binds[1]["text"], delete.as_str(), "{:#}", binds[1]);
+    assert!(binds[1].get("outcome").is_none(), "{:#}", binds[1]);
+    assert_eq!(binds[2]["text"], count.as_str(), "{:#}", binds[2]);
+    assert!(events.iter().all(|e| e["text"] != "SELECT 1"), "{events:#?}");
+    assert_no_secrets(&w, &[&token]);
+}
+
+#[tokio::test]
+async fn long_statement_names_and_function_calls_are_audited_as_the_server_ran_them() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let mut t = session(&w, &token).await;
+
+    // PostgreSQL keeps 63 bytes of a prepared statement's name: a 300-byte name and
+    // another with the same first 63 bytes name the same statement.
+    let long = format!("{}{}", "n".repeat(63), "a".repeat(237));
+    let alias = format!("{}{}", "n".repeat(63), "z".repeat(300));
+    let sql = "SELECT 'long-name-marker'::text";
+    send(&mut t, &[parse(&long, sql), sync()]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "1Z");
+    send(&mut t, &[bind(&alias), execute(), sync()]).await;
+    let m = until_ready(&mut t).await;
+    assert_eq!(kinds(&m), "2DCZ", "{m:?}");
+    assert_eq!(first_value(&m), "long-name-marker", "the server ran the long-named one");
+
+    // FunctionCall: set_config('portcullis.test', <secret>, false).
+    send(&mut t, &[message(b'Q', &cstr("SELECT 'set_config'::regproc::oid"))]).await;
+    let oid: u32 = first_value(&until_ready(&mut t).await).parse().unwrap_or(0);
+    assert!(oid > 0);
+    let secret = "fn-arg-value-7c1e9";
+    let mut f = oid.to_be_bytes().to_vec();
+    f.extend(1u16.to_be_bytes());
+    f.extend(0u16.to_be_bytes());
+    f.extend(3u16.to_be_bytes());
+    for a in ["portcullis.test", secret, "false"] {
+        f.extend((a.len() as u32).to_be_bytes());
+        f.extend(a.as_bytes());
+    }
+    f.extend(0u16.to_be_bytes());
+    send(&mut t, &[message(b'F', &f)]).await;
+    let m = until_ready(&mut t).await;
+    assert_eq!(kinds(&m), "VZ", "{m:?}");
+
+    let events = statements_of(&w, "long-name-marker", 3).await;
+    let b = events
+        .iter()
+        .find(|e| e["protocol"] == "extended")
+        .unwrap_or_else(|| panic!("no Bind event: {events:#?}"));
+    assert_eq!(b["statement"], "n".repeat(63), "{b:#}");
+    assert_eq!(b["text"], sql, "{b:#}");
+    let fc = events
+        .iter()
+        .find(|e| e["protocol"] == "function")
+        .unwrap_or_else(|| panic!("no FunctionCall event: {events:#?}"));
+    assert_eq!(fc["function_oid"], oid, "{fc:#}");
+    assert_eq!(fc["arguments"], 3, "{fc:#}");
+    assert!(fc.get("text").is_none());
+    assert_no_secrets(&w, &[&token, secret]);
+}
