@@ -52,6 +52,7 @@ pub mod cancel;
 pub mod events;
 mod listeners;
 pub mod proto;
+mod redact;
 pub mod scram;
 mod session;
 pub mod statements;

@@ -1022,7 +1022,7 @@ fn emit_statement(ctx: &StatementContext<'_>, statements: &AtomicU64, r: &Record
         seq,
         protocol: r.protocol,
         statement: r.statement,
-        text: r.text,
+        text: r.text.map(super::redact::passwords).as_deref(),
         truncated: r.truncated,
         text_status: r.text_status,
         outcome: r.outcome,
