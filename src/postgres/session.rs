@@ -486,6 +486,18 @@ async fn establish(
     };
     let database =
         param(&params, "database").filter(|d| !d.is_empty()).unwrap_or(&role).to_string();
+    // PostgreSQL cuts names to 63 bytes (NAMEDATALEN - 1): a longer one would be matched
+    // by policy as written but used by the server as cut. Refused instead.
+    if role.len() > PG_NAME_MAX || database.len() > PG_NAME_MAX {
+        return refuse(
+            &mut client,
+            "42622",
+            Reason::BadRequest,
+            sid,
+            "user or database name longer than 63 bytes",
+        )
+        .await;
+    }
     facts.role = Some(role.clone());
     facts.database = Some(database.clone());
     facts.application_name =
@@ -840,6 +852,8 @@ struct End {
 }
 
 const BUF: usize = 64 * 1024;
+/// The longest identifier PostgreSQL keeps (NAMEDATALEN - 1).
+const PG_NAME_MAX: usize = 63;
 
 async fn relay(
     client: Client,

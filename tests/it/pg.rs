@@ -778,6 +778,13 @@ async fn bad_input_gets_the_right_error_and_nothing_hangs() {
     big.extend(196_608u32.to_be_bytes());
     tcp.write_all(&big).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(error_of(&read_to_close(&mut tcp).await).0, "08P01");
+    // A database name PostgreSQL would cut to 63 bytes: refused, not matched as written.
+    for (user, db) in [("app".to_string(), "d".repeat(64)), ("a".repeat(64), "appdb".to_string())] {
+        let mut t = tls_to(&w).await;
+        t.write_all(&startup(&user, &db)).await.unwrap_or_else(|e| panic!("{e}"));
+        let (code, msg) = error_of(&read_to_close(&mut t).await);
+        assert_eq!(code, "42622", "{msg}");
+    }
     // Unencrypted bytes right after SSLRequest (CVE-2021-23214 shape).
     let mut tcp = TcpStream::connect(w.addr).await.unwrap_or_else(|e| panic!("{e}"));
     let mut m = ssl_request();
