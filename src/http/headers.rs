@@ -29,6 +29,22 @@ pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-portcullis-reques
 /// `Connection`. `keep_upgrade` keeps `Upgrade`/`Connection: upgrade` for a WebSocket
 /// handshake that will be tunnelled only if the upstream answers 101.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // Most requests carry none: one pass over the few names present (cheap comparisons
+    // of standard names) instead of nine hashed lookups.
+    let hop = |k: &HeaderName| {
+        *k == header::CONNECTION
+            || *k == header::UPGRADE
+            || *k == header::TE
+            || *k == header::TRAILER
+            || *k == header::TRANSFER_ENCODING
+            || *k == header::PROXY_AUTHORIZATION
+            || *k == header::PROXY_AUTHENTICATE
+            || *k == KEEP_ALIVE
+            || *k == PROXY_CONNECTION
+    };
+    if !keep_upgrade && !h.keys().any(hop) {
+        return;
+    }
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -290,6 +306,26 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
         assert_eq!(names, vec!["accept"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_goes_even_alone() {
+        for name in [
+            "connection",
+            "upgrade",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "proxy-authorization",
+            "proxy-authenticate",
+            "keep-alive",
+            "proxy-connection",
+        ] {
+            let mut h = map(&[("accept", "*/*"), (name, "x")]);
+            strip_hop_by_hop(&mut h, false);
+            let names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+            assert_eq!(names, vec!["accept"], "{name}");
+        }
     }
 
     #[test]
