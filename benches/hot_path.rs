@@ -231,7 +231,6 @@ fn bench_audit(c: &mut Criterion, signer: &DevSigner) {
     let v = verifier(signer);
     let id = rt.block_on(v.verify(&token(signer, &[]))).unwrap();
     let sink = AuditSink::file(std::path::Path::new("/dev/null")).unwrap();
-    let peer: SocketAddr = ([127, 0, 0, 1], 40_000).into();
     c.bench_function("audit/emit", |b| {
         b.iter(|| {
             // The same event the access log builds for an allowed request (the identity's
@@ -241,7 +240,7 @@ fn bench_audit(c: &mut Criterion, signer: &DevSigner) {
                 ts: portcullis::audit::now_rfc3339(),
                 request_id: "5c0ffee000000000002a",
                 kind: "http",
-                client_addr: peer,
+                client_addr: "127.0.0.1:40000",
                 tls: None,
                 method: "GET",
                 host: "127.0.0.1:18100",
@@ -261,7 +260,7 @@ fn bench_audit(c: &mut Criterion, signer: &DevSigner) {
                 bytes_out: 2,
                 duration_ms: 0.123,
             };
-            sink.emit(&ev)
+            sink.emit_http(&ev)
         })
     });
     sink.flush();
@@ -335,12 +334,12 @@ fn bench_request(c: &mut Criterion, signer: &DevSigner) {
         stopping: tokio::sync::watch::channel(false).1,
     });
     let sink = AuditSink::file(std::path::Path::new("/dev/null")).unwrap();
-    let conn = ConnInfo {
-        peer: ([127, 0, 0, 1], 40_000).into(),
-        tls: None,
-        trusted_peer: false,
-        activity: portcullis::http::activity::Activity::new(None),
-    };
+    let conn = ConnInfo::new(
+        ([127, 0, 0, 1], 40_000).into(),
+        None,
+        false,
+        portcullis::http::activity::Activity::new(None),
+    );
 
     // One keep-alive client connection over an in-memory pipe.
     let mut sender = rt.block_on(async {

@@ -142,11 +142,11 @@ pub fn refused_by_server(
         reason: reason.code(),
         status,
     });
-    sink.emit(&HttpEvent {
+    sink.emit_http(&HttpEvent {
         ts: crate::audit::now_rfc3339(),
         request_id: &rid,
         kind: "http",
-        client_addr: conn.peer,
+        client_addr: &conn.peer_text,
         tls: conn.tls.as_deref(),
         method: "-",
         host: "",
@@ -240,7 +240,7 @@ impl Pending {
             ts: crate::audit::now_rfc3339(),
             request_id: &self.rid,
             kind: "http",
-            client_addr: self.conn.peer,
+            client_addr: &self.conn.peer_text,
             tls: self.conn.tls.as_deref(),
             method: self.method.as_str(),
             host: self.host.as_str(),
@@ -261,7 +261,7 @@ impl Pending {
             bytes_out,
             duration_ms: duration.as_secs_f64() * 1000.0,
         };
-        self.sink.emit(&ev);
+        self.sink.emit_http(&ev);
     }
 }
 

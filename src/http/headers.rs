@@ -5,7 +5,6 @@
 //! can survive under a name the upstream trusts.
 
 use std::borrow::Cow;
-use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
@@ -165,20 +164,20 @@ pub fn strip_proxy_cookies(h: &mut HeaderMap) {
 /// `Forwarded`/`X-Real-IP` from untrusted peers are dropped.
 pub fn set_forwarded(
     h: &mut HeaderMap,
-    peer: IpAddr,
+    peer: &HeaderValue,
     trusted: bool,
     proto: &'static str,
     host: &str,
 ) {
-    let peer_s = peer.to_string();
     if trusted {
-        let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_s}"),
-            _ => peer_s,
+        let prev = h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+        let xff = match (prev, peer.to_str()) {
+            (Some(prev), Ok(p)) if !prev.trim().is_empty() => {
+                HeaderValue::from_str(&format!("{prev}, {p}")).unwrap_or_else(|_| peer.clone())
+            }
+            _ => peer.clone(),
         };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            h.insert(X_FORWARDED_FOR.clone(), v);
-        }
+        h.insert(X_FORWARDED_FOR.clone(), xff);
         if !h.contains_key(&X_FORWARDED_PROTO) {
             h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
         }
@@ -190,9 +189,7 @@ pub fn set_forwarded(
     } else {
         h.remove(&FORWARDED);
         h.remove(&X_REAL_IP);
-        if let Ok(v) = HeaderValue::from_str(&peer_s) {
-            h.insert(X_FORWARDED_FOR.clone(), v);
-        }
+        h.insert(X_FORWARDED_FOR.clone(), peer.clone());
         h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
         match HeaderValue::from_str(host) {
             Ok(v) => {
@@ -410,18 +407,18 @@ mod tests {
 
     #[test]
     fn forwarded_headers_trust_only_trusted_peers() {
-        let peer: IpAddr = [10, 0, 0, 9].into();
+        let peer = HeaderValue::from_static("10.0.0.9");
         let mut h = map(&[
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "http"),
             ("forwarded", "for=1.2.3.4"),
         ]);
-        set_forwarded(&mut h, peer, false, "https", "api.example.com");
+        set_forwarded(&mut h, &peer, false, "https", "api.example.com");
         assert_eq!(h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()), Some(&b"10.0.0.9"[..]));
         assert_eq!(h.get(&X_FORWARDED_PROTO).map(|v| v.as_bytes()), Some(&b"https"[..]));
         assert!(h.get(&FORWARDED).is_none());
         let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "https")]);
-        set_forwarded(&mut h, peer, true, "http", "api.example.com");
+        set_forwarded(&mut h, &peer, true, "http", "api.example.com");
         assert_eq!(h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()), Some(&b"1.2.3.4, 10.0.0.9"[..]));
         assert_eq!(h.get(&X_FORWARDED_PROTO).map(|v| v.as_bytes()), Some(&b"https"[..]));
     }

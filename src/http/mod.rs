@@ -23,6 +23,10 @@ use crate::audit::TlsInfo;
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// `peer` as text (the audit's `client_addr`) and its address as the value of
+    /// `X-Forwarded-For`: formatted once per connection, not per request.
+    pub peer_text: Arc<str>,
+    pub peer_ip: http::HeaderValue,
     pub tls: Option<Arc<TlsInfo>>,
     /// The peer is a configured trusted proxy: its `X-Forwarded-*` headers are kept.
     pub trusted_peer: bool,
@@ -32,6 +36,24 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
+    pub fn new(
+        peer: SocketAddr,
+        tls: Option<Arc<TlsInfo>>,
+        trusted_peer: bool,
+        activity: Arc<activity::Activity>,
+    ) -> Self {
+        let peer_ip = http::HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
+        ConnInfo {
+            peer,
+            peer_text: Arc::from(peer.to_string()),
+            peer_ip,
+            tls,
+            trusted_peer,
+            activity,
+        }
+    }
+
     pub fn proto(&self) -> &'static str {
         if self.tls.is_some() {
             "https"

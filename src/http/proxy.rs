@@ -581,7 +581,7 @@ pub async fn handle(
     if source == Some(CredentialSource::Authorization) && !route.forward_token {
         h.remove(header::AUTHORIZATION);
     }
-    headers::set_forwarded(h, conn.peer.ip(), conn.trusted_peer, conn.proto(), &host);
+    headers::set_forwarded(h, &conn.peer_ip, conn.trusted_peer, conn.proto(), &host);
     if !route.preserve_host {
         if let Ok(v) = HeaderValue::from_str(route.upstream.authority.as_str()) {
             h.insert(header::HOST, v);

@@ -532,7 +532,7 @@ async fn accept_loop(
                         sni: sess.server_name().map(|s| Arc::from(s.to_ascii_lowercase())),
                     };
                     let tls = Some(Arc::new(info));
-                    let conn = ConnInfo { peer, tls, trusted_peer, activity: activity.clone() };
+                    let conn = ConnInfo::new(peer, tls, trusted_peer, activity.clone());
                     let svc = stack::service(shared, sink.clone(), conn.clone());
                     let svc = TowerToHyperService::new(svc);
                     let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
@@ -541,8 +541,7 @@ async fn accept_loop(
                     }
                 }
                 None => {
-                    let conn =
-                        ConnInfo { peer, tls: None, trusted_peer, activity: activity.clone() };
+                    let conn = ConnInfo::new(peer, None, trusted_peer, activity.clone());
                     let svc = stack::service(shared, sink.clone(), conn.clone());
                     let svc = TowerToHyperService::new(svc);
                     let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
