@@ -138,90 +138,84 @@ impl HttpEvent<'_> {
     pub fn write_json(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"ts\":");
         json_str(out, &self.ts);
-        out.extend_from_slice(b",\"request_id\":");
-        json_str(out, self.request_id);
-        out.extend_from_slice(b",\"kind\":");
-        json_str(out, self.kind);
-        out.extend_from_slice(b",\"client_addr\":");
-        json_str(out, self.client_addr);
+        str_field(out, "request_id", self.request_id);
+        str_field(out, "kind", self.kind);
+        str_field(out, "client_addr", self.client_addr);
         if let Some(tls) = self.tls {
-            out.extend_from_slice(b",\"tls\":{\"version\":");
+            key(out, "tls");
+            out.extend_from_slice(b"{\"version\":");
             json_str(out, tls.version);
-            if let Some(sni) = &tls.sni {
-                out.extend_from_slice(b",\"sni\":");
-                json_str(out, sni);
-            }
+            opt_str_field(out, "sni", tls.sni.as_deref());
             out.push(b'}');
         }
-        out.extend_from_slice(b",\"method\":");
-        json_str(out, self.method);
-        out.extend_from_slice(b",\"host\":");
-        json_str(out, self.host);
-        out.extend_from_slice(b",\"path\":");
-        json_str(out, self.path);
-        if let Some(route) = self.route {
-            out.extend_from_slice(b",\"route\":");
-            json_str(out, route);
-        }
-        out.extend_from_slice(b",\"decision\":");
-        json_str(out, self.decision);
-        out.extend_from_slice(b",\"reason\":");
-        json_str(out, self.reason);
-        if let Some(detail) = self.detail {
-            out.extend_from_slice(b",\"detail\":");
-            json_str(out, detail);
-        }
+        str_field(out, "method", self.method);
+        str_field(out, "host", self.host);
+        str_field(out, "path", self.path);
+        opt_str_field(out, "route", self.route);
+        str_field(out, "decision", self.decision);
+        str_field(out, "reason", self.reason);
+        opt_str_field(out, "detail", self.detail);
         if let Some(rule) = self.rule {
-            out.extend_from_slice(b",\"rule\":");
-            rule_json(out, rule);
+            rule_field(out, rule);
         }
         if let Some(shadow) = &self.shadow {
-            out.extend_from_slice(b",\"shadow\":{\"decision\":");
+            key(out, "shadow");
+            out.extend_from_slice(b"{\"decision\":");
             json_str(out, shadow.decision);
-            out.extend_from_slice(b",\"reason\":");
-            json_str(out, shadow.reason);
+            str_field(out, "reason", shadow.reason);
             if let Some(rule) = shadow.rule {
-                out.extend_from_slice(b",\"rule\":");
-                rule_json(out, rule);
+                rule_field(out, rule);
             }
             out.push(b'}');
         }
-        if let Some(revision) = self.policy_revision {
-            out.extend_from_slice(b",\"policy_revision\":");
-            json_str(out, revision);
+        opt_str_field(out, "policy_revision", self.policy_revision);
+        for (name, raw) in [("identity", self.identity), ("ci", self.ci)] {
+            if let Some(raw) = raw {
+                key(out, name);
+                out.extend_from_slice(raw.get().as_bytes());
+            }
         }
-        if let Some(identity) = self.identity {
-            out.extend_from_slice(b",\"identity\":");
-            out.extend_from_slice(identity.get().as_bytes());
-        }
-        if let Some(ci) = self.ci {
-            out.extend_from_slice(b",\"ci\":");
-            out.extend_from_slice(ci.get().as_bytes());
-        }
-        if let Some(upstream) = self.upstream {
-            out.extend_from_slice(b",\"upstream\":");
-            json_str(out, upstream);
-        }
+        opt_str_field(out, "upstream", self.upstream);
         let mut n = itoa::Buffer::new();
-        out.extend_from_slice(b",\"status\":");
-        out.extend_from_slice(n.format(self.status).as_bytes());
-        out.extend_from_slice(b",\"bytes_in\":");
-        out.extend_from_slice(n.format(self.bytes_in).as_bytes());
-        out.extend_from_slice(b",\"bytes_out\":");
-        out.extend_from_slice(n.format(self.bytes_out).as_bytes());
-        out.extend_from_slice(b",\"duration_ms\":");
+        for (name, value) in [
+            ("status", u64::from(self.status)),
+            ("bytes_in", self.bytes_in),
+            ("bytes_out", self.bytes_out),
+        ] {
+            key(out, name);
+            out.extend_from_slice(n.format(value).as_bytes());
+        }
+        key(out, "duration_ms");
         // Floats as serde_json writes them (shortest round-trip form; null if not finite).
         let _ = serde_json::to_writer(&mut *out, &self.duration_ms);
         out.push(b'}');
     }
 }
 
-fn rule_json(out: &mut Vec<u8>, rule: &RuleRef) {
+/// `,"name":` — every field but an object's first.
+fn key(out: &mut Vec<u8>, name: &str) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
+fn str_field(out: &mut Vec<u8>, name: &str, value: &str) {
+    key(out, name);
+    json_str(out, value);
+}
+
+fn opt_str_field(out: &mut Vec<u8>, name: &str, value: Option<&str>) {
+    if let Some(value) = value {
+        str_field(out, name, value);
+    }
+}
+
+fn rule_field(out: &mut Vec<u8>, rule: &RuleRef) {
+    key(out, "rule");
     out.extend_from_slice(b"{\"id\":");
     json_str(out, &rule.id);
-    out.extend_from_slice(b",\"file\":");
-    json_str(out, &rule.file.to_string_lossy());
-    out.extend_from_slice(b",\"line\":");
+    str_field(out, "file", &rule.file.to_string_lossy());
+    key(out, "line");
     out.extend_from_slice(itoa::Buffer::new().format(rule.line).as_bytes());
     out.push(b'}');
 }
