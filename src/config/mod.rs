@@ -216,6 +216,9 @@ pub struct RouteSettings {
     pub policy: Arc<Policy>,
     pub shadow_policy: Option<Arc<Policy>>,
     pub forward_token: bool,
+    /// Send the signed `X-Portcullis-Assertion` (default). Off, the upstream gets the
+    /// plain identity headers only, and a new identity costs no ES256 signature.
+    pub identity_assertion: bool,
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub max_request_body: u64,
@@ -1176,6 +1179,7 @@ impl Compiler<'_> {
                 None => None,
             },
             forward_token: r.forward_token.unwrap_or(false),
+            identity_assertion: r.identity_assertion.unwrap_or(true),
             timeout: r
                 .timeout
                 .as_ref()

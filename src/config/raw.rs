@@ -124,6 +124,7 @@ pub struct Route {
     pub policy: S<String>,
     pub shadow_policy: Option<S<String>>,
     pub forward_token: Option<bool>,
+    pub identity_assertion: Option<bool>,
     pub timeout: Option<S<String>>,
     pub connect_timeout: Option<S<String>>,
     pub max_request_body: Option<S<toml::Value>>,

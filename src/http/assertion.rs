@@ -45,8 +45,10 @@ impl std::fmt::Debug for AssertionSigner {
 }
 
 struct Cached {
-    // Holding the Arc keeps the pointer in the key from being reused by another identity.
+    // Holding the Arcs keeps the pointers in the key from being reused by another
+    // identity, or by a route of a later configuration (another audience).
     _identity: Arc<Identity>,
+    _route: Arc<str>,
     forward: Arc<Forward>,
     refresh_after: u64,
 }
@@ -57,8 +59,9 @@ struct Cached {
 pub struct Forward {
     /// The plain `X-Portcullis-*` identity headers ([`super::headers::identity_headers`]).
     pub identity_headers: Box<[(HeaderName, HeaderValue)]>,
-    /// The signed `X-Portcullis-Assertion`.
-    pub assertion: HeaderValue,
+    /// The signed `X-Portcullis-Assertion`; `None` on a route with
+    /// `identity_assertion = false`.
+    pub assertion: Option<HeaderValue>,
 }
 
 #[derive(Serialize)]
@@ -150,12 +153,22 @@ impl AssertionSigner {
     /// The assertion for `identity` on `route` (audience = route name), reused while
     /// more than half of its lifetime remains.
     pub fn assertion(&self, identity: &Arc<Identity>, route: &Arc<str>, now: u64) -> HeaderValue {
-        self.forward(identity, route, now).assertion.clone()
+        self.forward(identity, route, now, true)
+            .assertion
+            .clone()
+            .unwrap_or_else(|| HeaderValue::from_static(""))
     }
 
-    /// The assertion and the plain identity headers for `identity` on `route`, built
-    /// together and reused while more than half of the assertion's lifetime remains.
-    pub fn forward(&self, identity: &Arc<Identity>, route: &Arc<str>, now: u64) -> Arc<Forward> {
+    /// The assertion (if `signed`) and the plain identity headers for `identity` on
+    /// `route`, built together and reused while more than half of the assertion's
+    /// lifetime remains. `signed` is fixed per route, so it is not part of the key.
+    pub fn forward(
+        &self,
+        identity: &Arc<Identity>,
+        route: &Arc<str>,
+        now: u64,
+        signed: bool,
+    ) -> Arc<Forward> {
         let key = (Arc::as_ptr(identity) as usize, Arc::as_ptr(route) as *const u8 as usize);
         let previous = match self.cache.lock().get(&key) {
             Some(c) if now < c.refresh_after => return c.forward.clone(),
@@ -171,12 +184,13 @@ impl AssertionSigner {
                 Some(p) => p.identity_headers.clone(),
                 None => super::headers::identity_headers(identity).into_boxed_slice(),
             },
-            assertion: self.sign(identity, route, now, exp),
+            assertion: signed.then(|| self.sign(identity, route, now, exp)),
         });
         self.cache.lock().insert(
             key,
             Cached {
                 _identity: identity.clone(),
+                _route: route.clone(),
                 forward: forward.clone(),
                 refresh_after: now + (exp - now) / 2,
             },
@@ -273,5 +287,31 @@ mod tests {
         assert_eq!(claims["aud"], "api");
         assert_eq!(claims["exp"], 1_060);
         assert_eq!(claims["groups"][0], "sre");
+    }
+
+    #[test]
+    fn an_unsigned_route_gets_headers_only_and_a_route_is_never_mistaken_for_another() {
+        let s = AssertionSigner::generate("portcullis".into(), Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let id = identity();
+        let plain: Arc<str> = Arc::from("plain");
+        let f = s.forward(&id, &plain, 1_000, false);
+        assert!(f.assertion.is_none());
+        assert!(f
+            .identity_headers
+            .iter()
+            .any(|(n, v)| n == "x-portcullis-subject" && v == "alice"));
+        // A route of a later configuration never gets a cached entry of an earlier one,
+        // even if its name were allocated where the old one was: the cache holds the
+        // old route's name, so that address cannot be reused while the entry lives.
+        drop(plain);
+        let next: Arc<str> = Arc::from("signed");
+        let f = s.forward(&id, &next, 1_001, true);
+        let jwt = f.assertion.as_ref().and_then(|a| a.to_str().ok()).unwrap_or_default();
+        let payload = jwt.split('.').nth(1).unwrap_or_default();
+        let claims: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap_or_default())
+                .unwrap_or_default();
+        assert_eq!(claims["aud"], "signed");
     }
 }

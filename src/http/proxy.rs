@@ -593,9 +593,12 @@ pub async fn handle(
         }
     }
     // Identity headers and assertion come prebuilt, cached per identity and route.
-    let forward = shared.signer.forward(&identity, &route.name, crate::util::unix_now());
+    let now = crate::util::unix_now();
+    let forward = shared.signer.forward(&identity, &route.name, now, route.identity_assertion);
     headers::add_identity(h, &forward.identity_headers, &rid);
-    h.insert(headers::ASSERTION.clone(), forward.assertion.clone());
+    if let Some(assertion) = &forward.assertion {
+        h.insert(headers::ASSERTION.clone(), assertion.clone());
+    }
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     let upstream_req = Request::from_parts(

@@ -74,6 +74,26 @@ async fn spoofed_identity_and_hop_by_hop_headers_never_reach_the_upstream() {
 }
 
 #[tokio::test]
+async fn a_route_may_send_the_identity_headers_without_the_signed_assertion() {
+    let w =
+        World::with(Setup { route_extra: "identity_assertion = false".into(), ..Setup::default() })
+            .await;
+    let t = w.token("bb", &[]);
+    let auth = format!("Bearer {t}");
+    let r = w
+        .send(
+            Method::GET,
+            "/h",
+            &[("authorization", &auth), ("x-portcullis-assertion", "forged")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.upstream_header("x-portcullis-kind").as_deref(), Some("pipeline"));
+    assert_eq!(r.upstream_header("x-portcullis-assertion"), None, "none, and never the client's");
+}
+
+#[tokio::test]
 async fn routes_may_opt_in_to_forwarding_the_token() {
     let w =
         World::with(Setup { route_extra: "forward_token = true".into(), ..Setup::default() }).await;
