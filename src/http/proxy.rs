@@ -58,7 +58,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn new(revision: Arc<str>) -> Self {
+    fn new(revision: Option<Arc<str>>) -> Self {
         Self {
             path: None,
             route: None,
@@ -68,7 +68,7 @@ impl Outcome {
             shadow: None,
             identity: None,
             upstream: None,
-            revision: Some(revision),
+            revision,
             bytes_in: Arc::new(AtomicU64::new(0)),
             decision: "error",
         }
@@ -77,8 +77,7 @@ impl Outcome {
     /// What is known of a request whose client went away before its response head:
     /// everything decided so far (parked by [`Parked::around`]), or nothing.
     pub(crate) fn client_closed(parked: Option<Outcome>) -> Self {
-        let mut o =
-            parked.unwrap_or_else(|| Outcome { revision: None, ..Outcome::new(Arc::from("")) });
+        let mut o = parked.unwrap_or_else(|| Outcome::new(None));
         // Authorized (and perhaps already at the upstream): the decision stays `allow`.
         o.decision = if o.reason == Reason::Allowed { "allow" } else { "error" };
         o.reason = Reason::ClientClosed;
@@ -105,7 +104,7 @@ impl Parked {
         let r = fut.await;
         // Only the access log's drop guard takes it, and only once this future is gone.
         let out = self.0.lock().take();
-        (r, out.unwrap_or_else(|| Outcome { revision, ..Outcome::new(Arc::from("")) }))
+        (r, out.unwrap_or_else(|| Outcome::new(revision)))
     }
 
     pub(crate) fn take(&self) -> Option<Outcome> {
@@ -316,7 +315,7 @@ pub async fn handle(
         Some(r) => (r.id.clone(), r.parked.clone()),
         None => (super::next_request_id(), Parked::default()),
     };
-    let mut out = Outcome::new(rt.revision.clone());
+    let mut out = Outcome::new(Some(rt.revision.clone()));
     let sessions = rt.sessions.clone();
     let mut rc =
         RejectCtx { rid: rid.clone(), html: reject::wants_html(req.headers()), here: None };
@@ -593,8 +592,8 @@ pub async fn handle(
         }
     }
     // Identity headers and assertion come prebuilt, cached per identity and route.
-    let now = crate::util::unix_now();
-    let forward = shared.signer.forward(&identity, &route.name, now, route.identity_assertion);
+    let (now, signed) = (crate::util::unix_now(), route.identity_assertion);
+    let forward = shared.signer.forward(&identity, &route.name, now, signed);
     headers::add_identity(h, &forward.identity_headers, &rid);
     if let Some(assertion) = &forward.assertion {
         h.insert(headers::ASSERTION.clone(), assertion.clone());
