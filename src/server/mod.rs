@@ -644,12 +644,10 @@ async fn watch_loop(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Serves one connection; on shutdown it stops taking new requests (HTTP/1.1 closes
-/// after the current response, HTTP/2 sends GOAWAY) and finishes those in flight.
-/// Serves one connection until it ends, shutdown is signalled (in-flight requests
-/// finish; HTTP/2 gets a GOAWAY), or it has had no request in flight for `idle`.
-/// Serves a connection until it ends, shutdown, or `idle`; returns the error it ended
-/// with, if any.
+/// Serves one connection until it ends, shutdown is signalled, or it has had no request
+/// in flight for `idle`. On shutdown or idle it stops taking new requests (HTTP/1.1
+/// closes after the current response, HTTP/2 sends GOAWAY) and finishes those in
+/// flight. Returns the error the connection ended with, if any (for the audit log).
 async fn drive<C>(
     conn: C,
     stop: &mut watch::Receiver<bool>,
