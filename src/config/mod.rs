@@ -142,6 +142,8 @@ pub struct ServerSettings {
     pub idle_timeout: Duration,
     /// Verified tokens kept (each ≈ 5 KB with its identity); 0 verifies every request.
     pub token_cache_entries: usize,
+    /// How long a client has to finish a request head once it has started one.
+    pub header_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -713,6 +715,14 @@ impl Compiler<'_> {
                 _ => Duration::from_secs(75),
             },
             token_cache_entries,
+            header_timeout: match s.header_timeout.as_ref().map(|d| (d, self.duration(d))) {
+                Some((d, Some(t))) if t < Duration::from_secs(1) => {
+                    self.err(d.span(), "`header_timeout` must be at least 1s");
+                    t
+                }
+                Some((_, Some(t))) => t,
+                _ => Duration::from_secs(30),
+            },
         }
     }
 

@@ -43,6 +43,7 @@ pub struct Server {
     pub max_connections: Option<S<i64>>,
     pub idle_timeout: Option<S<String>>,
     pub token_cache_entries: Option<S<i64>>,
+    pub header_timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -63,6 +63,21 @@ fn token_cache_entries_default_zero_and_negative() {
 }
 
 #[test]
+fn header_timeout_defaults_to_30s_and_is_at_least_a_second() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let timeout = |extra: &str| {
+        compile(dir.path(), &format!("{BASE}\n[server]\n{extra}\n"))
+            .map(|c| c.server.header_timeout)
+    };
+    assert_eq!(timeout("").ok(), Some(Duration::from_secs(30)));
+    assert_eq!(timeout("header_timeout = \"10s\"").ok(), Some(Duration::from_secs(10)));
+    assert_eq!(
+        timeout("header_timeout = \"0s\"").err().unwrap_or_default(),
+        ["15:18 `header_timeout` must be at least 1s"]
+    );
+}
+
+#[test]
 fn idle_timeout_is_at_least_a_second() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let c = compile(dir.path(), &format!("{BASE}\n[server]\nidle_timeout = \"5m\"\n"));

@@ -117,8 +117,8 @@ where
 
 /// Writes the event of a request the HTTP/1 server refused before the proxy saw it: a
 /// malformed request line or header (400), a head over the size limit (431), or a head
-/// not finished within the header-read timeout (408). hyper answers (or closes) on its
-/// own; without this, such requests would leave no trace in the audit log.
+/// not finished within `server.header_timeout` (408, as nginx logs it; hyper closes
+/// without an answer). Without this, such requests would leave no trace in the audit log.
 pub fn refused_by_server(
     sink: &AuditSink,
     conn: &ConnInfo,

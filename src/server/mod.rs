@@ -471,7 +471,6 @@ async fn accept_loop(
     limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let builder = Arc::new(http_server_builder());
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -492,7 +491,8 @@ async fn accept_loop(
         let trusted_peer = trusted.iter().any(|n| n.contains(peer.ip()));
         let shared = state.shared.clone();
         let sink = state.sink.clone();
-        let builder = builder.clone();
+        // Per connection, so a reload's header timeout applies to the next connections.
+        let builder = http_server_builder(state.shared.runtime.load().config.server.header_timeout);
         let tls_cfg = if tls { (**state.tls.load()).clone() } else { None };
         let mut stop = shutdown.clone();
         let idle = state.shared.runtime.load().config.server.idle_timeout;
@@ -557,13 +557,13 @@ async fn accept_loop(
 
 /// The hyper server settings of every proxy listener (also used by `dev floor`, so the
 /// load test's floor measures exactly this server).
-pub fn http_server_builder() -> auto::Builder<TokioExecutor> {
+pub fn http_server_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        // Slow-loris: a client gets this long to send its request head.
-        .header_read_timeout(Duration::from_secs(30))
+        // Slow-loris: a client gets this long to send a request head once it starts.
+        .header_read_timeout(header_timeout)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
     builder

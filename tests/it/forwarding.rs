@@ -989,3 +989,31 @@ async fn requests_the_http_server_refuses_are_audited_too() {
         assert_eq!(e["tls"]["version"], "TLSv1.3", "{e}");
     }
 }
+
+/// A request head left unfinished is closed after `header_timeout`, and audited (408).
+#[tokio::test]
+async fn an_unfinished_request_head_is_closed_after_header_timeout_and_audited() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w =
+        World::with(Setup { server_extra: "header_timeout = \"1s\"".into(), ..Setup::default() })
+            .await;
+    let mut s = tls_h1(&w).await;
+    s.write_all(b"GET /slowloris HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let start = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "still open after 6 s");
+    assert!(start.elapsed() >= Duration::from_millis(900), "closed too early");
+    let mut event = serde_json::Value::Null;
+    for _ in 0..100 {
+        if let Some(e) = w.events().into_iter().find(|e| e["status"] == 408) {
+            event = e;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(event["method"], "-", "no 408 event: {event}");
+    assert_eq!(event["reason"], "bad-request", "{event}");
+}
