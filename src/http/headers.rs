@@ -91,15 +91,19 @@ pub fn strip_identity_headers(h: &mut HeaderMap, extra: &[HeaderName]) {
             if name.starts_with(PREFIX) {
                 return true;
             }
-            if !name.contains('_') {
-                return false;
-            }
             let n = name.as_bytes();
-            n.get(..PREFIX.len()).is_some_and(|p| cgi_eq(p, PREFIX.as_bytes()))
-                || extra.iter().any(|e| cgi_eq(n, e.as_str().as_bytes()))
-                || [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST, &X_REAL_IP]
-                    .iter()
-                    .any(|f| cgi_eq(n, f.as_str().as_bytes()))
+            // A configured name matches in either spelling (it may be written `x_user`).
+            if extra.iter().any(|e| cgi_eq(n, e.as_str().as_bytes())) {
+                return true;
+            }
+            // The proxy's own names: a client's underscore spelling of them. (The dashed
+            // `X-Forwarded-*` are handled by `set_forwarded`, which keeps them from
+            // trusted proxies.)
+            name.contains('_')
+                && (n.get(..PREFIX.len()).is_some_and(|p| cgi_eq(p, PREFIX.as_bytes()))
+                    || [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST, &X_REAL_IP]
+                        .iter()
+                        .any(|f| cgi_eq(n, f.as_str().as_bytes())))
         })
         .cloned()
         .collect();
@@ -108,11 +112,12 @@ pub fn strip_identity_headers(h: &mut HeaderMap, extra: &[HeaderName]) {
     }
 }
 
-/// Whether a client's (lowercase) header name reads as `ours` to a CGI/WSGI server,
-/// which turns `-` and `_` alike into `_`.
+/// Whether two (lowercase) header names read the same to a CGI/WSGI server, which
+/// turns `-` and `_` alike into `_` (either side may use either spelling: a route's
+/// `strip_headers` may be written `x_user`).
 fn cgi_eq(client: &[u8], ours: &[u8]) -> bool {
-    client.len() == ours.len()
-        && client.iter().zip(ours).all(|(a, b)| a == b || (*a == b'_' && *b == b'-'))
+    let fold = |b: u8| if b == b'-' { b'_' } else { b };
+    client.len() == ours.len() && client.iter().zip(ours).all(|(a, b)| fold(*a) == fold(*b))
 }
 
 /// Removes an upstream's `Set-Cookie` for the proxy's own cookies (`_portcullis*`), so
@@ -371,6 +376,21 @@ mod tests {
         let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
         names.sort();
         assert_eq!(names, vec!["x_other", "x_portcullis", "x_users"]);
+    }
+
+    #[test]
+    fn a_strip_headers_name_written_with_underscores_strips_the_dashed_spelling_too() {
+        let mut h = map(&[
+            ("x-user", "alice"),
+            ("x_user", "bob"),
+            ("x-users", "1"),
+            // Dashed forwarding headers stay for set_forwarded (trusted proxies' chains).
+            ("x-forwarded-for", "10.0.0.1"),
+        ]);
+        strip_identity_headers(&mut h, &[HeaderName::from_static("x_user")]);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        names.sort();
+        assert_eq!(names, vec!["x-forwarded-for", "x-users"]);
     }
 
     #[test]

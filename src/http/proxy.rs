@@ -230,25 +230,25 @@ const OVERRIDES: [(http::HeaderName, &str); 5] = [
 /// Whether a query string names a `_method` parameter, which Express
 /// (`methodOverride('_method')`), Symfony and Laravel (HTTP method parameter override)
 /// run instead of the request's method. Names are compared as a framework reads them:
-/// percent-decoded, case-insensitively, with PHP's rewriting of ` ` and `.` (and an
-/// unmatched leading `[`) to `_`; `_method[…]` (an array or map) counts too.
+/// percent-decoded, case-insensitively, and as PHP registers them (leading spaces
+/// dropped, cut at a NUL, ` ` and `.` — and an unmatched leading `[` — read as `_`);
+/// `_method[…]` (an array or map) counts too.
 fn query_overrides_method(query: &str) -> bool {
     const NAME: &[u8] = b"_method";
     if !query.bytes().any(|b| matches!(b, b'_' | b'%' | b'.' | b'+' | b'[')) {
         return false;
     }
     query.split(['&', ';']).any(|pair| {
-        let name = pair.split('=').next().unwrap_or_default().as_bytes();
-        // Decode just enough of the name to compare: NAME and the byte after it.
-        let mut decoded = Vec::with_capacity(NAME.len() + 1);
+        let raw = pair.split('=').next().unwrap_or_default().as_bytes();
+        let mut name = Vec::with_capacity(NAME.len() + 1);
         let mut i = 0;
-        while i < name.len() && decoded.len() <= NAME.len() {
-            let escaped = (name[i] == b'%')
-                .then(|| name.get(i + 1..i + 3))
+        while i < raw.len() && name.len() <= NAME.len() {
+            let escaped = (raw[i] == b'%')
+                .then(|| raw.get(i + 1..i + 3))
                 .flatten()
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok());
-            let b = match (escaped, name[i]) {
+            let b = match (escaped, raw[i]) {
                 (Some(b), _) => {
                     i += 2;
                     b
@@ -256,14 +256,16 @@ fn query_overrides_method(query: &str) -> bool {
                 (None, b'+') => b' ',
                 (None, b) => b,
             };
-            decoded.push(match b {
-                b' ' | b'.' => b'_',
-                b'[' if decoded.is_empty() => b'_',
-                b => b.to_ascii_lowercase(),
-            });
             i += 1;
+            match b {
+                0 => break,                          // PHP ends the name at a NUL
+                b' ' if name.is_empty() => continue, // and drops leading spaces
+                b' ' | b'.' => name.push(b'_'),
+                b'[' if name.is_empty() => name.push(b'_'),
+                b => name.push(b.to_ascii_lowercase()),
+            }
         }
-        decoded.strip_prefix(NAME).is_some_and(|rest| rest.is_empty() || rest == b"[")
+        name.strip_prefix(NAME).is_some_and(|rest| rest.is_empty() || rest == b"[")
     })
 }
 
@@ -751,12 +753,16 @@ mod tests {
             "%5fMETHOD=DELETE",
             "_%6Dethod=DELETE",
             ".method=DELETE",
-            "+method=DELETE",
-            "%20method=DELETE",
             "[method=DELETE",
             "_method",
             "_method[]=DELETE",
             "_method%5B0%5D=DELETE",
+            // PHP: leading spaces dropped, the name cut at a NUL.
+            "%20_method=PUT",
+            "+_method=PUT",
+            "++%20_method=PUT",
+            "_method%00=PUT",
+            "_method%00x=PUT",
         ] {
             assert!(query_overrides_method(q), "{q}");
         }
@@ -766,6 +772,9 @@ mod tests {
             "x_method=1",
             "_methods=1",
             "_method_x=1",
+            // PHP drops leading spaces: these are `method`, not `_method`.
+            "+method=DELETE",
+            "%20method=DELETE",
             "a=_method",
             "q=%5Fmethod",
             "%5",
