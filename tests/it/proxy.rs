@@ -188,6 +188,7 @@ async fn ambiguous_paths_are_400_before_anything_else() {
         "/a/..;/admin",
         "/admin;x/secret",
         "/a;jsessionid=1",
+        "/admin%3Bx/secret",
         "/a%2fb",
         "/a/../b",
         "/x%5cy",
