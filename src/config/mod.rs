@@ -706,23 +706,30 @@ impl Compiler<'_> {
             watch: s.watch.unwrap_or(true),
             policy_dir: self.path(s.policy_dir.as_ref().map_or("policies", |p| p.get_ref())),
             max_connections,
-            idle_timeout: match s.idle_timeout.as_ref().map(|d| (d, self.duration(d))) {
-                Some((d, Some(t))) if t < Duration::from_secs(1) => {
-                    self.err(d.span(), "`idle_timeout` must be at least 1s");
-                    t
-                }
-                Some((_, Some(t))) => t,
-                _ => Duration::from_secs(75),
-            },
+            idle_timeout: self.timeout_of_a_second_or_more(&s.idle_timeout, "idle_timeout", 75),
             token_cache_entries,
-            header_timeout: match s.header_timeout.as_ref().map(|d| (d, self.duration(d))) {
-                Some((d, Some(t))) if t < Duration::from_secs(1) => {
-                    self.err(d.span(), "`header_timeout` must be at least 1s");
-                    t
-                }
-                Some((_, Some(t))) => t,
-                _ => Duration::from_secs(30),
-            },
+            header_timeout: self.timeout_of_a_second_or_more(
+                &s.header_timeout,
+                "header_timeout",
+                30,
+            ),
+        }
+    }
+
+    /// A duration setting that must be at least a second; `default_s` when absent.
+    fn timeout_of_a_second_or_more(
+        &mut self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default_s: u64,
+    ) -> Duration {
+        match value.as_ref().map(|d| (d, self.duration(d))) {
+            Some((d, Some(t))) if t < Duration::from_secs(1) => {
+                self.err(d.span(), format!("`{key}` must be at least 1s"));
+                t
+            }
+            Some((_, Some(t))) => t,
+            _ => Duration::from_secs(default_s),
         }
     }
 
