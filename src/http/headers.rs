@@ -18,7 +18,6 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 pub static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub static ASSERTION: HeaderName = HeaderName::from_static("x-portcullis-assertion");
@@ -192,8 +191,33 @@ pub fn set_forwarded(
             }
         }
     } else {
-        h.remove(&FORWARDED);
-        h.remove(&X_REAL_IP);
+        // Every other client-address or forwarding header an upstream framework might
+        // trust (Spring's `X-Forwarded-Prefix`, Django's `X-Forwarded-Port`, CDN client-IP
+        // headers): one pass over the request's few names, then remove what was found.
+        let spoofed: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| {
+                let k = k.as_str();
+                k == "forwarded"
+                    || k == "x-real-ip"
+                    || (k.starts_with("x-forwarded-")
+                        && !matches!(
+                            k,
+                            "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host"
+                        ))
+                    || matches!(
+                        k,
+                        "x-client-ip"
+                            | "true-client-ip"
+                            | "x-cluster-client-ip"
+                            | "cf-connecting-ip"
+                    )
+            })
+            .cloned()
+            .collect();
+        for n in spoofed {
+            h.remove(n);
+        }
         h.insert(X_FORWARDED_FOR.clone(), peer.clone());
         h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
         match HeaderValue::from_str(host) {
@@ -432,11 +456,19 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "http"),
             ("forwarded", "for=1.2.3.4"),
+            ("x-forwarded-prefix", "/admin"),
+            ("x-forwarded-port", "443"),
+            ("x-client-ip", "1.2.3.4"),
+            ("true-client-ip", "1.2.3.4"),
+            ("cf-connecting-ip", "1.2.3.4"),
+            ("x-app", "kept"),
         ]);
         set_forwarded(&mut h, &peer, false, "https", "api.example.com");
         assert_eq!(h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()), Some(&b"10.0.0.9"[..]));
         assert_eq!(h.get(&X_FORWARDED_PROTO).map(|v| v.as_bytes()), Some(&b"https"[..]));
-        assert!(h.get(&FORWARDED).is_none());
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        names.sort();
+        assert_eq!(names, ["x-app", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"]);
         let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "https")]);
         set_forwarded(&mut h, &peer, true, "http", "api.example.com");
         assert_eq!(h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()), Some(&b"1.2.3.4, 10.0.0.9"[..]));
