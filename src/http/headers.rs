@@ -17,7 +17,6 @@ pub const PREFIX: &str = "x-portcullis-";
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 pub static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub static ASSERTION: HeaderName = HeaderName::from_static("x-portcullis-assertion");
@@ -80,8 +79,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 /// also when spelled with `_` for `-`: CGI and WSGI servers (Python's wsgiref, gunicorn
 /// before 22, Puma before 6.4.3) present `X_Portcullis_Email` to the application as
 /// the same variable as `X-Portcullis-Email`, so a client could otherwise add to or
-/// replace the proxy's identity. The forwarding headers the proxy sets get the same
-/// treatment (`X_Forwarded_For`).
+/// replace the proxy's identity. (Forwarding headers: [`set_forwarded`].)
 pub fn strip_identity_headers(h: &mut HeaderMap, extra: &[HeaderName]) {
     let ours: Vec<HeaderName> = h
         .keys()
@@ -95,14 +93,8 @@ pub fn strip_identity_headers(h: &mut HeaderMap, extra: &[HeaderName]) {
             if extra.iter().any(|e| cgi_eq(n, e.as_str().as_bytes())) {
                 return true;
             }
-            // The proxy's own names: a client's underscore spelling of them. (The dashed
-            // `X-Forwarded-*` are handled by `set_forwarded`, which keeps them from
-            // trusted proxies.)
-            name.contains('_')
-                && (n.get(..PREFIX.len()).is_some_and(|p| cgi_eq(p, PREFIX.as_bytes()))
-                    || [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST, &X_REAL_IP]
-                        .iter()
-                        .any(|f| cgi_eq(n, f.as_str().as_bytes())))
+            // A client's underscore spelling of the proxy's prefix.
+            n.get(..PREFIX.len()).is_some_and(|p| cgi_eq(p, PREFIX.as_bytes()))
         })
         .cloned()
         .collect();
@@ -173,6 +165,18 @@ pub fn set_forwarded(
     proto: &'static str,
     host: &str,
 ) {
+    // One pass over the request's few names. From an untrusted peer every forwarding or
+    // client-address header goes (the proxy sets its own three below); from a trusted
+    // one only their underscore spellings, which no proxy sends but a CGI/WSGI server
+    // would merge with the real ones (`X_Forwarded_For` → `HTTP_X_FORWARDED_FOR`).
+    let spoofed: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| forwarding(k.as_str()) && (!trusted || k.as_str().contains('_')))
+        .cloned()
+        .collect();
+    for n in spoofed {
+        h.remove(n);
+    }
     if trusted {
         let prev = h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
         let xff = match (prev, peer.to_str()) {
@@ -191,44 +195,29 @@ pub fn set_forwarded(
             }
         }
     } else {
-        // Every other client-address or forwarding header an upstream framework might
-        // trust (Spring's `X-Forwarded-Prefix`, Django's `X-Forwarded-Port`, CDN client-IP
-        // headers): one pass over the request's few names, then remove what was found.
-        let spoofed: Vec<HeaderName> = h
-            .keys()
-            .filter(|k| {
-                let k = k.as_str();
-                k == "forwarded"
-                    || k == "x-real-ip"
-                    || (k.starts_with("x-forwarded-")
-                        && !matches!(
-                            k,
-                            "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host"
-                        ))
-                    || matches!(
-                        k,
-                        "x-client-ip"
-                            | "true-client-ip"
-                            | "x-cluster-client-ip"
-                            | "cf-connecting-ip"
-                    )
-            })
-            .cloned()
-            .collect();
-        for n in spoofed {
-            h.remove(n);
-        }
         h.insert(X_FORWARDED_FOR.clone(), peer.clone());
         h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-        match HeaderValue::from_str(host) {
-            Ok(v) => {
-                h.insert(X_FORWARDED_HOST.clone(), v);
-            }
-            Err(_) => {
-                h.remove(&X_FORWARDED_HOST);
-            }
+        if let Ok(v) = HeaderValue::from_str(host) {
+            h.insert(X_FORWARDED_HOST.clone(), v);
         }
     }
+}
+
+/// A header an upstream framework may read as the client's address or the request's
+/// original scheme, host, port or prefix (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`,
+/// CDN client-IP headers), in either spelling of `-`/`_`.
+fn forwarding(name: &str) -> bool {
+    const PREFIX: &[u8] = b"x-forwarded-";
+    const NAMES: [&[u8]; 6] = [
+        b"forwarded",
+        b"x-real-ip",
+        b"x-client-ip",
+        b"true-client-ip",
+        b"x-cluster-client-ip",
+        b"cf-connecting-ip",
+    ];
+    let n = name.as_bytes();
+    n.get(..PREFIX.len()).is_some_and(|p| cgi_eq(p, PREFIX)) || NAMES.iter().any(|f| cgi_eq(n, f))
 }
 
 /// Characters escaped in identity header values: controls, non-ASCII, `%` itself and
@@ -390,8 +379,6 @@ mod tests {
             ("X_Portcullis-Groups", "admins"),
             ("x-portcullis_kind", "human"),
             ("x_user", "admin"),
-            ("x_forwarded_for", "10.0.0.1"),
-            ("x_real_ip", "10.0.0.1"),
             ("x_portcullis", "not a prefix match"),
             ("x_other", "1"),
             ("x_users", "1"),
@@ -408,7 +395,6 @@ mod tests {
             ("x-user", "alice"),
             ("x_user", "bob"),
             ("x-users", "1"),
-            // Dashed forwarding headers stay for set_forwarded (trusted proxies' chains).
             ("x-forwarded-for", "10.0.0.1"),
         ]);
         strip_identity_headers(&mut h, &[HeaderName::from_static("x_user")]);
@@ -461,6 +447,8 @@ mod tests {
             ("x-client-ip", "1.2.3.4"),
             ("true-client-ip", "1.2.3.4"),
             ("cf-connecting-ip", "1.2.3.4"),
+            ("x_forwarded_prefix", "/admin"),
+            ("x_real_ip", "1.2.3.4"),
             ("x-app", "kept"),
         ]);
         set_forwarded(&mut h, &peer, false, "https", "api.example.com");
@@ -469,10 +457,24 @@ mod tests {
         let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
         names.sort();
         assert_eq!(names, ["x-app", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"]);
-        let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "https")]);
+        // A trusted proxy's chain is kept; underscore spellings (which a proxy passes on
+        // from its client and a WSGI server would merge in) are not.
+        let mut h = map(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+            ("x-real-ip", "1.2.3.4"),
+            ("x_forwarded_for", "6.6.6.6"),
+            ("x_real_ip", "6.6.6.6"),
+        ]);
         set_forwarded(&mut h, &peer, true, "http", "api.example.com");
         assert_eq!(h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()), Some(&b"1.2.3.4, 10.0.0.9"[..]));
         assert_eq!(h.get(&X_FORWARDED_PROTO).map(|v| v.as_bytes()), Some(&b"https"[..]));
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip"]
+        );
     }
 
     #[test]
