@@ -235,19 +235,19 @@ const OVERRIDES: [(http::HeaderName, &str); 5] = [
 /// `_method[…]` (an array or map) counts too.
 fn query_overrides_method(query: &str) -> bool {
     const NAME: &[u8] = b"_method";
-    if !query.bytes().any(|b| matches!(b, b'_' | b'%' | b'.' | b'+' | b'[')) {
+    // Every spelling has a `_`, an escape, a `.` or a `[`.
+    if !query.bytes().any(|b| matches!(b, b'_' | b'%' | b'.' | b'[')) {
         return false;
     }
     query.split(['&', ';']).any(|pair| {
         let raw = pair.split('=').next().unwrap_or_default().as_bytes();
-        let mut name = Vec::with_capacity(NAME.len() + 1);
+        // NAME and the byte after it are all a comparison needs.
+        let (mut name, mut len) = ([0u8; NAME.len() + 1], 0);
         let mut i = 0;
-        while i < raw.len() && name.len() <= NAME.len() {
+        while i < raw.len() && len < name.len() {
             let escaped = (raw[i] == b'%')
-                .then(|| raw.get(i + 1..i + 3))
-                .flatten()
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok());
+                .then(|| Some(path::hex(*raw.get(i + 1)?)? << 4 | path::hex(*raw.get(i + 2)?)?))
+                .flatten();
             let b = match (escaped, raw[i]) {
                 (Some(b), _) => {
                     i += 2;
@@ -258,14 +258,15 @@ fn query_overrides_method(query: &str) -> bool {
             };
             i += 1;
             match b {
-                0 => break,                          // PHP ends the name at a NUL
-                b' ' if name.is_empty() => continue, // and drops leading spaces
-                b' ' | b'.' => name.push(b'_'),
-                b'[' if name.is_empty() => name.push(b'_'),
-                b => name.push(b.to_ascii_lowercase()),
+                0 => break,                   // PHP ends the name at a NUL
+                b' ' if len == 0 => continue, // and drops leading spaces
+                b' ' | b'.' => name[len] = b'_',
+                b'[' if len == 0 => name[len] = b'_',
+                b => name[len] = b.to_ascii_lowercase(),
             }
+            len += 1;
         }
-        name.strip_prefix(NAME).is_some_and(|rest| rest.is_empty() || rest == b"[")
+        name[..len].strip_prefix(NAME).is_some_and(|rest| rest.is_empty() || rest == b"[")
     })
 }
 
