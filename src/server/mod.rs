@@ -491,68 +491,93 @@ async fn accept_loop(
         let trusted_peer = trusted.iter().any(|n| n.contains(peer.ip()));
         let shared = state.shared.clone();
         let sink = state.sink.clone();
-        // Per connection, so a reload's header timeout applies to the next connections.
-        let builder = http_server_builder(state.shared.runtime.load().config.server.header_timeout);
+        // Read per connection, so a reload's timeouts apply to the next connections.
+        let (header_timeout, idle) = {
+            let rt = state.shared.runtime.load();
+            (rt.config.server.header_timeout, rt.config.server.idle_timeout)
+        };
+        let builder = http_server_builder(header_timeout);
         let tls_cfg = if tls { (**state.tls.load()).clone() } else { None };
         let mut stop = shutdown.clone();
-        let idle = state.shared.runtime.load().config.server.idle_timeout;
         tokio::spawn(async move {
             // The slot is held by the connection and, after a WebSocket upgrade, by its tunnel.
             let activity = Activity::new(Some(permit));
             let m = crate::metrics::global();
             m.connections_open.fetch_add(1, Ordering::Relaxed);
+            let conn = |tls| ConnInfo::new(peer, tls, trusted_peer, activity.clone());
+            let http = Http { builder: &builder, shared, sink, idle };
             match tls_cfg {
                 Some(cfg) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-                    let stream = match tokio::time::timeout(
-                        Duration::from_secs(10),
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            m.connections_open.fetch_sub(1, Ordering::Relaxed);
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            m.connections_open.fetch_sub(1, Ordering::Relaxed);
-                            return;
-                        }
-                    };
-                    let (_, sess) = stream.get_ref();
-                    let info = TlsInfo {
-                        version: match sess.protocol_version() {
-                            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
-                            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
-                            _ => "unknown",
-                        },
-                        sni: sess.server_name().map(|s| Arc::from(s.to_ascii_lowercase())),
-                    };
-                    let tls = Some(Arc::new(info));
-                    let conn = ConnInfo::new(peer, tls, trusted_peer, activity.clone());
-                    let svc = stack::service(shared, sink.clone(), conn.clone());
-                    let svc = TowerToHyperService::new(svc);
-                    let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    if let Some(e) = drive(c, &mut stop, &activity, idle).await {
-                        crate::http::access_log::refused_by_server(&sink, &conn, &*e);
+                    if let Some((stream, tls)) = tls_handshake(cfg, stream, peer).await {
+                        http.serve(stream, conn(Some(tls)), &activity, &mut stop).await;
                     }
                 }
-                None => {
-                    let conn = ConnInfo::new(peer, None, trusted_peer, activity.clone());
-                    let svc = stack::service(shared, sink.clone(), conn.clone());
-                    let svc = TowerToHyperService::new(svc);
-                    let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    if let Some(e) = drive(c, &mut stop, &activity, idle).await {
-                        crate::http::access_log::refused_by_server(&sink, &conn, &*e);
-                    }
-                }
+                None => http.serve(stream, conn(None), &activity, &mut stop).await,
             }
             m.connections_open.fetch_sub(1, Ordering::Relaxed);
         });
     }
+}
+
+/// What serving one client connection needs besides the connection itself.
+struct Http<'a> {
+    builder: &'a auto::Builder<TokioExecutor>,
+    shared: Arc<Shared>,
+    sink: AuditSink,
+    idle: Duration,
+}
+
+impl Http<'_> {
+    /// Serves a (plain or TLS) connection until it ends ([`drive`]); a request the
+    /// HTTP/1 server refused on its own still gets its audit event.
+    async fn serve<I>(
+        self,
+        io: I,
+        conn: ConnInfo,
+        activity: &Activity,
+        stop: &mut watch::Receiver<bool>,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc =
+            TowerToHyperService::new(stack::service(self.shared, self.sink.clone(), conn.clone()));
+        let c = self.builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        if let Some(e) = drive(c, stop, activity, self.idle).await {
+            crate::http::access_log::refused_by_server(&self.sink, &conn, &*e);
+        }
+    }
+}
+
+/// The TLS handshake of a client connection (at most 10 s) and what the audit records
+/// of it; `None` if it failed.
+async fn tls_handshake(
+    cfg: Arc<rustls::ServerConfig>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> Option<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Arc<TlsInfo>)> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return None;
+        }
+    };
+    let (_, sess) = stream.get_ref();
+    let info = TlsInfo {
+        version: match sess.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "unknown",
+        },
+        sni: sess.server_name().map(|s| Arc::from(s.to_ascii_lowercase())),
+    };
+    Some((stream, Arc::new(info)))
 }
 
 /// The hyper server settings of every proxy listener (also used by `dev floor`, so the
