@@ -354,7 +354,7 @@ impl Tracker {
             return;
         }
         match kind {
-            b'1' => match self.pending.pop_front_parse() {
+            b'1' => match pop_front_parse(&mut self.pending) {
                 Some((name, text)) => {
                     if let Some(old) = self.known.remove(&name) {
                         self.release(&old);
@@ -481,23 +481,17 @@ impl Tracker {
     }
 }
 
-trait PopParse {
-    fn pop_front_parse(&mut self) -> Option<(Name, Text)>;
-}
-
-impl PopParse for VecDeque<Pending> {
-    /// Pops the front Parse (past CopyEnd markers); `None` if the front is not a Parse.
-    fn pop_front_parse(&mut self) -> Option<(Name, Text)> {
-        while matches!(self.front(), Some(Pending::CopyEnd)) {
-            self.pop_front();
-        }
-        if !matches!(self.front(), Some(Pending::Parse { .. })) {
-            return None;
-        }
-        match self.pop_front() {
-            Some(Pending::Parse { name, text }) => Some((name, text)),
-            _ => None,
-        }
+/// Pops the front Parse (past CopyEnd markers); `None` if the front is not a Parse.
+fn pop_front_parse(pending: &mut VecDeque<Pending>) -> Option<(Name, Text)> {
+    while matches!(pending.front(), Some(Pending::CopyEnd)) {
+        pending.pop_front();
+    }
+    if !matches!(pending.front(), Some(Pending::Parse { .. })) {
+        return None;
+    }
+    match pending.pop_front() {
+        Some(Pending::Parse { name, text }) => Some((name, text)),
+        _ => None,
     }
 }
 
