@@ -408,11 +408,22 @@ async fn idle_and_token_expiry_end_the_session() {
     assert_eq!(r.json()["error"], "session-expired");
 
     // No refresh token and an ID token that has expired: sign in again.
-    login(&w).set_id_token_ttl(1);
+    // `exp` is whole seconds (`floor(now) + ttl`): start just after a second begins so
+    // the token lives about `ttl` seconds, not anywhere between ttl - 1 and ttl (a 1 s
+    // token issued at x.99 s was already expired at the callback on a slow CI machine).
+    // The proxy checks an ID token's `exp` at the callback without leeway.
+    const TTL: u64 = 3;
+    login(&w).set_id_token_ttl(TTL);
+    let into_second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_millis();
+    tokio::time::sleep(Duration::from_millis(u64::from(1010 - into_second.min(1000)))).await;
     let mut b = Browser::new();
     let r = b.sign_in(&w, "/", "alice", &["engineering"]).await;
     assert_eq!(r.status, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // exp <= issue time + TTL <= now + TTL.
+    tokio::time::sleep(Duration::from_millis(TTL * 1000 + 200)).await;
     let r = b.get(&w, &w.url("/")).await;
     assert_eq!(r.status, StatusCode::FOUND, "back to the provider");
     assert!(b.session_cookie().is_none(), "cleared");
