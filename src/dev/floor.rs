@@ -29,12 +29,12 @@ pub async fn run(listen: SocketAddr, upstream: &str) -> Result<(), String> {
     else {
         return Err(format!("--upstream {upstream}: expected http://host:port"));
     };
-    let client = crate::http::upstream::client(None, false, Duration::from_secs(5))?;
+    let client =
+        crate::http::upstream::client(&scheme, &authority, None, false, Duration::from_secs(5))?;
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("bind {listen}: {e}"))?;
     println!("ready floor on http://{}", listener.local_addr().map_err(|e| e.to_string())?);
     let builder = Arc::new(crate::server::http_server_builder(Duration::from_secs(30)));
-    let target = Arc::new((scheme, authority));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(x) => x,
@@ -44,11 +44,11 @@ pub async fn run(listen: SocketAddr, upstream: &str) -> Result<(), String> {
             }
         };
         let _ = stream.set_nodelay(true);
-        let (client, builder, target) = (client.clone(), builder.clone(), target.clone());
+        let (client, builder) = (client.clone(), builder.clone());
         tokio::spawn(async move {
             let svc = tower::service_fn(move |req: Request<Incoming>| {
-                let (client, target) = (client.clone(), target.clone());
-                async move { Ok::<_, Infallible>(forward(&client, &target, req).await) }
+                let client = client.clone();
+                async move { Ok::<_, Infallible>(forward(&client, req).await) }
             });
             let svc = TowerToHyperService::new(svc);
             let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
@@ -58,21 +58,16 @@ pub async fn run(listen: SocketAddr, upstream: &str) -> Result<(), String> {
 
 async fn forward(
     client: &crate::http::upstream::UpstreamClient,
-    (scheme, authority): &(http::uri::Scheme, http::uri::Authority),
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = req.into_parts();
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(scheme.clone());
-    uri.authority = Some(authority.clone());
-    uri.path_and_query = parts.uri.path_and_query().cloned();
-    let Ok(uri) = Uri::from_parts(uri) else {
+    let Some(pq) = parts.uri.path_and_query().cloned() else {
         return status(StatusCode::BAD_REQUEST);
     };
-    parts.uri = uri;
+    parts.uri = Uri::from(pq);
     parts.version = http::Version::HTTP_11;
     let body = RequestBody::new(body, u64::MAX, Default::default());
-    match client.request(Request::from_parts(parts, body)).await {
+    match client.send(Request::from_parts(parts, body)).await {
         Ok(resp) => resp.map(ProxyBody::Upstream),
         Err(_) => status(StatusCode::BAD_GATEWAY),
     }

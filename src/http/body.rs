@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 #[derive(Debug)]
 pub enum ProxyBody {
     Full(Option<Bytes>),
-    Upstream(Incoming),
+    Upstream(super::pool::PooledBody),
 }
 
 impl ProxyBody {

@@ -7,6 +7,7 @@ pub mod assertion;
 pub mod body;
 pub mod headers;
 pub mod path;
+pub mod pool;
 pub mod proxy;
 pub mod reject;
 pub mod replay;

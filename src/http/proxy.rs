@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tower::Service;
 
@@ -564,12 +564,7 @@ pub async fn handle(
         target.push('?');
         target.push_str(q);
     }
-    let uri = match Uri::builder()
-        .scheme(route.upstream.scheme.clone())
-        .authority(route.upstream.authority.clone())
-        .path_and_query(target)
-        .build()
-    {
+    let uri = match super::upstream::origin_form(target) {
         Ok(u) => u,
         Err(_) => return rejection(out, Reason::BadRequest, "cannot build the upstream URI", &rc),
     };
@@ -612,7 +607,7 @@ pub async fn handle(
         return rejection(out, Reason::InternalError, "no client for route", &rc);
     };
     let (result, mut out) =
-        parked.around(out, tokio::time::timeout(route.timeout, client.request(upstream_req))).await;
+        parked.around(out, tokio::time::timeout(route.timeout, client.send(upstream_req))).await;
     let mut resp = match result {
         Err(_) => {
             return rejection(out, Reason::UpstreamTimeout, "upstream response timed out", &rc)

@@ -1,30 +1,106 @@
-//! Upstream HTTP clients: one pooled hyper client per route, speaking HTTP/1.1, HTTP/2
-//! (ALPN over TLS, or prior knowledge for `h2c://`), with the route's CA.
+//! Upstream HTTP clients, one per route. Plain-HTTP/1.1 upstreams use the lean pool in
+//! [`super::pool`]; HTTPS (HTTP/1.1 or HTTP/2 by ALPN, with the route's CA) and `h2c://`
+//! (HTTP/2 with prior knowledge) use hyper-util's pooled client.
 
 use std::sync::Arc;
 
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{header, HeaderValue, Request, Response, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::RequestBody;
+use super::pool::{H1Pool, PoolError, PooledBody};
 use crate::config::RouteSettings;
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+type General = Client<HttpsConnector<HttpConnector>, RequestBody>;
+
+/// A route's upstream client.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    scheme: Scheme,
+    authority: Authority,
+    kind: Kind,
+}
+
+#[derive(Clone)]
+enum Kind {
+    H1(H1Pool),
+    General(Box<General>),
+}
+
+/// Why an upstream request failed (the cause chain goes to the log, never to clients).
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    General(#[from] hyper_util::client::legacy::Error),
+}
+
+impl UpstreamClient {
+    /// Sends a request whose URI is origin-form (`/path?query`) to this upstream; a
+    /// request without `Host` gets the upstream's authority.
+    pub async fn send(
+        &self,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        if !req.headers().contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(self.authority.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+        match &self.kind {
+            Kind::H1(pool) => Ok(pool.send(req).await?),
+            Kind::General(client) => {
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(self.scheme.clone());
+                parts.authority = Some(self.authority.clone());
+                parts.path_and_query = req.uri().path_and_query().cloned();
+                *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
+                let resp = client.request(req).await?;
+                Ok(resp.map(PooledBody::unpooled))
+            }
+        }
+    }
+}
+
+/// The origin-form URI of `target` (`/path?query`).
+pub fn origin_form(target: String) -> Result<Uri, http::uri::InvalidUri> {
+    PathAndQuery::from_maybe_shared(bytes::Bytes::from(target)).map(Uri::from)
+}
 
 /// Builds the client for a route.
 pub fn client_for(route: &RouteSettings) -> Result<UpstreamClient, String> {
-    client(route.upstream.ca.as_deref(), route.upstream.h2c, route.connect_timeout)
+    let u = &route.upstream;
+    client(&u.scheme, &u.authority, u.ca.as_deref(), u.h2c, route.connect_timeout)
         .map_err(|e| format!("route `{}`: {e}", route.name))
 }
 
-/// The pooled client with these settings (also used by `dev floor`).
+/// The client for one upstream (also used by `dev floor`).
 pub fn client(
+    scheme: &Scheme,
+    authority: &Authority,
     ca: Option<&std::path::Path>,
     h2c: bool,
     connect_timeout: std::time::Duration,
 ) -> Result<UpstreamClient, String> {
+    let kind = if *scheme == Scheme::HTTP && !h2c {
+        let port = authority.port_u16().unwrap_or(80);
+        Kind::H1(H1Pool::new(&format!("{}:{port}", authority.host()), connect_timeout))
+    } else {
+        Kind::General(Box::new(general(ca, h2c, connect_timeout)?))
+    };
+    Ok(UpstreamClient { scheme: scheme.clone(), authority: authority.clone(), kind })
+}
+
+fn general(
+    ca: Option<&std::path::Path>,
+    h2c: bool,
+    connect_timeout: std::time::Duration,
+) -> Result<General, String> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);

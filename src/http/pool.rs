@@ -1,0 +1,383 @@
+//! A connection pool for plain-HTTP/1.1 upstreams: a stack of idle
+//! [`http1::SendRequest`] handles per route.
+//!
+//! This is the common deployment (a sidecar or a service on the same network) and the
+//! hot path, so it skips what hyper-util's general pool does on every request for
+//! upstreams it does not need here: hashing a `(scheme, authority)` key into a shared
+//! map, racing a checkout against a lazy connect, and spawning a task per request to
+//! wait until the connection can be reused. Measured with `benches/instructions.sh`
+//! (see benches/README.md). HTTPS and HTTP/2 upstreams keep hyper-util's client.
+//!
+//! A connection goes back on the stack when its response body has been read to the
+//! end; a body dropped early, an upgrade (101), `Connection: close` or an error closes
+//! it instead. A request that a reused connection could not take — the upstream closed
+//! it while it sat idle, a race every keep-alive pool has — is sent once more on a new
+//! connection, as hyper-util does; a request that reached the wire is never repeated.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+
+use super::body::RequestBody;
+
+/// Idle connections older than this are closed rather than reused (hyper-util's
+/// default, and longer than most servers' keep-alive so those usually close first).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// At most this many idle connections per route; more are closed when they finish.
+const MAX_IDLE: usize = 256;
+
+/// Why an upstream request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("connect to {0}: {1}")]
+    Connect(String, std::io::Error),
+    #[error("connect to {0}: timed out")]
+    ConnectTimeout(String),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// The pool of one route's upstream (`host:port`, plain HTTP/1.1).
+pub struct H1Pool<B = RequestBody> {
+    inner: Arc<Inner<B>>,
+}
+
+struct Inner<B> {
+    /// `host:port`, as configured.
+    authority: String,
+    connect_timeout: Duration,
+    /// Most recently used last: checkouts take the warmest connection, and the oldest
+    /// ones are at the front where [`Inner::put`] expires them.
+    idle: Mutex<VecDeque<Idle<B>>>,
+}
+
+struct Idle<B> {
+    tx: http1::SendRequest<B>,
+    since: Instant,
+}
+
+impl<B> H1Pool<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    pub fn new(authority: &str, connect_timeout: Duration) -> Self {
+        H1Pool {
+            inner: Arc::new(Inner {
+                authority: authority.to_string(),
+                connect_timeout,
+                idle: Mutex::new(VecDeque::new()),
+            }),
+        }
+    }
+
+    /// Sends `req` (origin-form URI, Host set) and returns the response head; the
+    /// connection returns to the pool when the body has been read to its end.
+    pub async fn send(&self, req: Request<B>) -> Result<Response<PooledBody<B>>, PoolError> {
+        let mut req = req;
+        // A reused connection may have been closed by the upstream while idle: the
+        // request it refused (before sending anything) goes once on a new connection.
+        while let Some(mut tx) = self.inner.checkout().await {
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(self.inner.wrap(resp, tx)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(PoolError::Http(e.into_error())),
+                },
+            }
+        }
+        let mut tx = self.inner.connect().await?;
+        let resp = tx.send_request(req).await?;
+        Ok(self.inner.wrap(resp, tx))
+    }
+
+    /// Idle connections now (for tests).
+    #[cfg(test)]
+    fn idle(&self) -> usize {
+        self.inner.idle.lock().len()
+    }
+}
+
+impl<B> Inner<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// The most recently used idle connection that can take a request now.
+    async fn checkout(&self) -> Option<http1::SendRequest<B>> {
+        loop {
+            let Idle { mut tx, since } = self.idle.lock().pop_back()?;
+            if tx.is_closed() || since.elapsed() > IDLE_TIMEOUT {
+                continue;
+            }
+            // Ready at once unless the connection is still finishing the previous
+            // response's end; an error means it closed meanwhile.
+            if tx.ready().await.is_ok() {
+                return Some(tx);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<http1::SendRequest<B>, PoolError> {
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect(self.authority.as_str()),
+        )
+        .await
+        .map_err(|_| PoolError::ConnectTimeout(self.authority.clone()))?
+        .map_err(|e| PoolError::Connect(self.authority.clone(), e))?;
+        let _ = stream.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        let (tx, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(tx)
+    }
+
+    fn wrap(
+        self: &Arc<Self>,
+        resp: Response<Incoming>,
+        tx: http1::SendRequest<B>,
+    ) -> Response<PooledBody<B>> {
+        // After a 101 the connection belongs to the tunnel.
+        let reusable = resp.status() != http::StatusCode::SWITCHING_PROTOCOLS;
+        let back = reusable.then(|| (self.clone(), tx));
+        resp.map(|inner| PooledBody { inner, done: false, back })
+    }
+}
+
+impl<B> Inner<B> {
+    fn put(&self, tx: http1::SendRequest<B>) {
+        if tx.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.idle.lock();
+        while idle
+            .front()
+            .is_some_and(|i| now.duration_since(i.since) > IDLE_TIMEOUT || i.tx.is_closed())
+        {
+            idle.pop_front();
+        }
+        if idle.len() < MAX_IDLE {
+            idle.push_back(Idle { tx, since: now });
+        }
+    }
+}
+
+impl<B> Clone for H1Pool<B> {
+    fn clone(&self) -> Self {
+        H1Pool { inner: self.inner.clone() }
+    }
+}
+
+/// An upstream response body that hands its connection back to the pool once read to
+/// the end (on drop, so a body the client never polls — HEAD, 204, an empty 200 — counts
+/// when hyper knows it is empty).
+pub struct PooledBody<B = RequestBody> {
+    inner: Incoming,
+    done: bool,
+    back: Option<(Arc<Inner<B>>, http1::SendRequest<B>)>,
+}
+
+impl<B> std::fmt::Debug for PooledBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody").field("done", &self.done).finish_non_exhaustive()
+    }
+}
+
+impl<B> PooledBody<B> {
+    /// A body with no pool behind it (hyper-util's client, tests).
+    pub fn unpooled(inner: Incoming) -> Self {
+        PooledBody { inner, done: false, back: None }
+    }
+}
+
+impl<B> Body for PooledBody<B> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.done = true,
+            Poll::Ready(Some(Err(_))) => this.back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for PooledBody<B> {
+    fn drop(&mut self) {
+        if let Some((pool, tx)) = self.back.take() {
+            if self.done || self.inner.is_end_stream() {
+                pool.put(tx);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    type Pool = H1Pool<http_body_util::Empty<Bytes>>;
+
+    fn get(path: &str) -> Request<http_body_util::Empty<Bytes>> {
+        Request::builder()
+            .uri(path)
+            .header(http::header::HOST, "upstream")
+            .body(http_body_util::Empty::new())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// An upstream that answers each request on a connection with `answer(n)` (n counts
+    /// requests on that connection from 0) and closes after `per_conn` requests.
+    async fn upstream(
+        per_conn: usize,
+        answer: fn(usize) -> &'static str,
+    ) -> (String, Arc<AtomicUsize>) {
+        let listener =
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}")).to_string();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counted = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for n in 0..per_conn {
+                        // Read one request head (these tests send no bodies).
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 1024];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+                        buf.drain(..end);
+                        if s.write_all(answer(n).as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+    async fn read_all(resp: Response<PooledBody<http_body_util::Empty<Bytes>>>) -> Bytes {
+        resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_finished_response_returns_its_connection_and_the_next_request_reuses_it() {
+        let (addr, conns) = upstream(100, |_| OK).await;
+        let pool = Pool::new(&addr, Duration::from_secs(2));
+        for _ in 0..5 {
+            let resp = pool.send(get("/")).await.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(read_all(resp).await, "ok");
+            assert_eq!(pool.idle(), 1);
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1, "one connection for five requests");
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_closes_its_connection() {
+        let (addr, conns) =
+            upstream(100, |_| "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc").await;
+        let pool = Pool::new(&addr, Duration::from_secs(2));
+        let resp = pool.send(get("/")).await.unwrap_or_else(|e| panic!("{e}"));
+        drop(resp);
+        assert_eq!(pool.idle(), 0, "half-read connection not pooled");
+        let resp = pool.send(get("/")).await.unwrap_or_else(|e| panic!("{e}"));
+        drop(resp);
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_replaced_without_an_error() {
+        // One request per connection, then the upstream closes it (without saying so).
+        let (addr, conns) = upstream(1, |_| OK).await;
+        let pool = Pool::new(&addr, Duration::from_secs(2));
+        for i in 0..4 {
+            let resp = pool.send(get("/")).await.unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(read_all(resp).await, "ok");
+            // Let the close arrive, or race it: both must work.
+            if i % 2 == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn connection_close_and_switching_protocols_are_not_pooled() {
+        let (addr, _) = upstream(100, |n| match n {
+            0 => "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+            _ => OK,
+        })
+        .await;
+        let pool = Pool::new(&addr, Duration::from_secs(2));
+        let resp = pool.send(get("/")).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read_all(resp).await, "ok");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(pool.inner.checkout().await.is_none(), "closed connection handed out");
+
+        let (addr, _) = upstream(100, |_| {
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        })
+        .await;
+        let pool = Pool::new(&addr, Duration::from_secs(2));
+        let resp = pool.send(get("/")).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(resp.status(), http::StatusCode::SWITCHING_PROTOCOLS);
+        drop(resp);
+        assert_eq!(pool.idle(), 0, "an upgraded connection is not pooled");
+    }
+
+    #[tokio::test]
+    async fn connect_failures_are_reported_as_such() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}")).to_string();
+        drop(listener);
+        let pool = Pool::new(&addr, Duration::from_secs(2));
+        let err = pool.send(get("/")).await.err().unwrap_or_else(|| panic!("connected"));
+        assert!(matches!(err, PoolError::Connect(..)), "{err:?}");
+    }
+}
