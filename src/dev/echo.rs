@@ -5,7 +5,8 @@
 //! | request             | answer                                                             |
 //! |---------------------|--------------------------------------------------------------------|
 //! | anything else       | 200 JSON: `method`, `path`, `query`, `version`, `authority`,       |
-//! |                     | `headers` (`{name: [values…]}`), `body_bytes` (body read and counted) |
+//! |                     | `headers` (`{name: [values…]}`), `body_bytes` (body read and counted), |
+//! |                     | `trailers` (like `headers`)                                        |
 //! | `GET /stream/{n}`   | `n` bytes, produced in 16 KiB chunks as the client reads; byte `i` is |
 //! |                     | [`stream_byte`]`(i)`                                               |
 //! | `POST /echo-body`   | the request body, streamed straight back as it arrives             |
@@ -68,6 +69,8 @@ struct Echo {
     authority: Option<String>,
     headers: BTreeMap<String, Vec<String>>,
     body_bytes: u64,
+    /// Request trailers, like `headers` (empty when none came).
+    trailers: BTreeMap<String, Vec<String>>,
 }
 
 /// Ends the connection without a response (`/close`).
@@ -174,11 +177,18 @@ async fn handle(
 async fn echo(req: Request<Incoming>) -> Result<Response<EchoBody>, CloseConnection> {
     let (parts, mut body) = req.into_parts();
     let mut body_bytes = 0u64;
+    let mut trailers = BTreeMap::<String, Vec<String>>::new();
     while let Some(frame) = body.frame().await {
         // A body that breaks off mid-way has no echo to speak of.
         let frame = frame.map_err(|_| CloseConnection)?;
         if let Some(data) = frame.data_ref() {
             body_bytes += data.len() as u64;
+        }
+        if let Some(t) = frame.trailers_ref() {
+            for (name, value) in t {
+                let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                trailers.entry(name.as_str().to_owned()).or_default().push(value);
+            }
         }
     }
     let mut headers = BTreeMap::<String, Vec<String>>::new();
@@ -194,6 +204,7 @@ async fn echo(req: Request<Incoming>) -> Result<Response<EchoBody>, CloseConnect
         authority: parts.uri.authority().map(|a| a.to_string()),
         headers,
         body_bytes,
+        trailers,
     };
     // Serializing strings and numbers cannot fail; answer 500 rather than panic regardless.
     let Ok(json) = serde_json::to_vec(&echo) else {

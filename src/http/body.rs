@@ -91,6 +91,11 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
+            // Client trailers are dropped, as nginx does: hygiene only ever sees the
+            // head, and an HTTP/2 upstream would take `X-Portcullis-*` or
+            // `Authorization` from a trailer as readily as from a header. Trailers are
+            // the last frame, so the body ends there.
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => Poll::Ready(None),
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.seen += d.len() as u64;

@@ -1017,3 +1017,36 @@ async fn an_unfinished_request_head_is_closed_after_header_timeout_and_audited()
     assert_eq!(event["method"], "-", "no 408 event: {event}");
     assert_eq!(event["reason"], "bad-request", "{event}");
 }
+
+/// Client trailers never reach the upstream: header hygiene only sees the head, and an
+/// HTTP/2 upstream takes an identity or credential from a trailer as it would from a
+/// header (found by probing: `X-Portcullis-Email` in a chunked trailer arrived at an
+/// h2c upstream beside the proxy's own).
+#[tokio::test]
+async fn client_trailers_are_not_forwarded() {
+    let routes = r#"
+[[routes]]
+name = "h2c"
+match = { path_prefix = "/h2c" }
+upstream = "h2c://{echo}"
+policy = "api"
+"#;
+    let w = World::with(Setup { routes: routes.into(), ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+    for path in ["/h2c/t", "/plain/t"] {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {t}\r\nTransfer-Encoding: chunked\r\nTrailer: X-Portcullis-Email, Authorization, X-Checksum\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Portcullis-Email: ceo@example.com\r\nAuthorization: Bearer forged\r\nX-Checksum: abc\r\n\r\n"
+        );
+        let resp = raw_exchange(&w, &request).await;
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{path}: {resp}");
+        let json = resp.split("\r\n\r\n").nth(1).unwrap_or_default();
+        // The echo's body may arrive chunked: take the JSON object itself.
+        let json = &json[json.find('{').unwrap_or(0)..=json.rfind('}').unwrap_or(0)];
+        let echo: serde_json::Value =
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("{path}: {e}: {resp}"));
+        assert_eq!(echo["body_bytes"], 5, "{path}: the body itself arrives");
+        assert_eq!(echo["trailers"], serde_json::json!({}), "{path}: {echo}");
+        assert_ne!(echo["headers"]["x-portcullis-email"][0], "ceo@example.com", "{path}");
+    }
+}
