@@ -343,6 +343,17 @@ pub async fn handle(
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return resp;
     }
+    // Methods are case-sensitive (RFC 9110 §9.1) but frameworks upper-case them
+    // (Werkzeug, Rails, Express routing), so `delete` would pass a rule on `DELETE`
+    // and run as one. Refused as nginx does: no client sends them.
+    if !req.method().as_str().bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_') {
+        return rejection(
+            out,
+            Reason::BadRequest,
+            "method is not upper case: policies match methods as sent, frameworks upper-case them",
+            &rc,
+        );
+    }
     if req.method() == http::Method::TRACE || req.method().as_str() == "TRACK" {
         return rejection(
             out,

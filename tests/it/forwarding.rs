@@ -661,6 +661,22 @@ async fn ambiguous_authority_is_refused_and_framing_is_never_forwarded_ambiguous
     assert!(resp.starts_with("HTTP/1.1 405 "), "{resp}");
     assert!(resp.contains("\"error\":\"method-not-allowed\""), "{resp}");
     assert!(!resp.to_ascii_lowercase().contains("x-portcullis-assertion"), "{resp}");
+    // Methods not in upper case: frameworks upper-case them, so `delete` would pass a
+    // deny on `DELETE` and run as one, and `trace` would pass the TRACE ban.
+    for method in ["delete", "Delete", "trace", "gEt"] {
+        let resp = raw_exchange(
+            &w,
+            &format!(
+                "{method} /x HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}Connection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{method}: {resp}");
+        assert!(resp.contains("\"error\":\"bad-request\""), "{method}: {resp}");
+    }
+    let ev = w.last_event().await;
+    assert_eq!(ev["method"], "gEt");
+    assert!(ev["detail"].as_str().is_some_and(|d| d.contains("upper case")), "{ev}");
     // The unambiguous forms still work: absolute-form agreeing with Host, and origin-form.
     for request in [
         format!("GET https://localhost:{port}/x HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}Connection: close\r\n\r\n"),
