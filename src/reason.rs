@@ -95,6 +95,9 @@ pub enum Reason {
     AccessRevoked,
     /// The server is shutting down and the grace period is over.
     ShuttingDown,
+    /// HTTP/2: a connection's concurrent request beyond its first found every
+    /// `max_connections` slot taken (each in-flight request can hold an upstream socket).
+    Overloaded,
     /// The client went away before the response head (logged with status 499, as nginx
     /// does; nothing is sent). If the request was authorized, it may have reached the
     /// upstream: the event keeps the decision, identity and rule.
@@ -145,6 +148,7 @@ impl Reason {
             Reason::ProtocolViolation => "protocol-violation",
             Reason::AccessRevoked => "access-revoked",
             Reason::ShuttingDown => "shutting-down",
+            Reason::Overloaded => "overloaded",
             Reason::ClientClosed => "client-closed",
         }
     }
@@ -214,7 +218,7 @@ impl Reason {
             Reason::PlaintextRefused => StatusCode::UPGRADE_REQUIRED,
             Reason::ProtocolViolation => StatusCode::BAD_REQUEST,
             Reason::AccessRevoked => StatusCode::FORBIDDEN,
-            Reason::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::ShuttingDown | Reason::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             // Never sent: the client is gone. (The log says 499.)
             Reason::ClientClosed => StatusCode::BAD_REQUEST,
         }

@@ -144,6 +144,9 @@ pub struct ServerSettings {
     pub token_cache_entries: usize,
     /// How long a client has to finish a request head once it has started one.
     pub header_timeout: Duration,
+    /// The most a request head (request line and headers; HTTP/2: the header list) may
+    /// take, and so the read buffer each HTTP/1 connection may grow to.
+    pub max_header_size: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -295,6 +298,12 @@ impl IpNet {
     }
 }
 
+/// A request head may take this much by default: nginx's `large_client_header_buffers`
+/// allow 32 KiB; hyper's own default (≈ 400 KiB per connection) let 1 500 unfinished
+/// heads hold 600 MB.
+pub const DEFAULT_MAX_HEADER_SIZE: usize = 64 * 1024;
+const MIN_HEADER_SIZE: u64 = 8 * 1024;
+const MAX_HEADER_SIZE: u64 = 1024 * 1024;
 const DEFAULT_BODY_LIMIT: u64 = 10 * 1024 * 1024;
 const MAX_LEEWAY: Duration = Duration::from_secs(300);
 const TOP_LEVEL: &[&str] =
@@ -713,6 +722,23 @@ impl Compiler<'_> {
                 "header_timeout",
                 30,
             ),
+            max_header_size: self.max_header_size(&s.max_header_size),
+        }
+    }
+
+    /// `server.max_header_size`: 8 KiB (hyper's smallest read buffer) to 1 MiB.
+    fn max_header_size(&mut self, value: &Option<Spanned<toml::Value>>) -> usize {
+        let Some(v) = value else { return DEFAULT_MAX_HEADER_SIZE };
+        match parse_size(v.get_ref()) {
+            Some(n) if (MIN_HEADER_SIZE..=MAX_HEADER_SIZE).contains(&n) => n as usize,
+            Some(_) => {
+                self.err(v.span(), "`max_header_size` must be between 8KiB and 1MiB");
+                DEFAULT_MAX_HEADER_SIZE
+            }
+            None => {
+                self.err(v.span(), "`max_header_size` is bytes (integer) or a size like \"64KiB\"");
+                DEFAULT_MAX_HEADER_SIZE
+            }
         }
     }
 

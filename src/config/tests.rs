@@ -63,6 +63,30 @@ fn token_cache_entries_default_zero_and_negative() {
 }
 
 #[test]
+fn max_header_size_defaults_to_64kib_within_8kib_and_1mib() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let size = |extra: &str| {
+        compile(dir.path(), &format!("{BASE}\n[server]\n{extra}\n"))
+            .map(|c| c.server.max_header_size)
+    };
+    assert_eq!(size("").ok(), Some(64 * 1024));
+    assert_eq!(size("max_header_size = \"16KiB\"").ok(), Some(16 * 1024));
+    assert_eq!(size("max_header_size = 32768").ok(), Some(32 * 1024));
+    assert_eq!(
+        size("max_header_size = \"4KiB\"").err().unwrap_or_default(),
+        ["15:19 `max_header_size` must be between 8KiB and 1MiB"]
+    );
+    assert_eq!(
+        size("max_header_size = \"2MiB\"").err().unwrap_or_default(),
+        ["15:19 `max_header_size` must be between 8KiB and 1MiB"]
+    );
+    assert_eq!(
+        size("max_header_size = true").err().unwrap_or_default(),
+        ["15:19 `max_header_size` is bytes (integer) or a size like \"64KiB\""]
+    );
+}
+
+#[test]
 fn header_timeout_defaults_to_30s_and_is_at_least_a_second() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let timeout = |extra: &str| {

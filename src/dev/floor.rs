@@ -34,7 +34,10 @@ pub async fn run(listen: SocketAddr, upstream: &str) -> Result<(), String> {
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("bind {listen}: {e}"))?;
     println!("ready floor on http://{}", listener.local_addr().map_err(|e| e.to_string())?);
-    let builder = Arc::new(crate::server::http_server_builder(Duration::from_secs(30)));
+    let builder = Arc::new(crate::server::http_server_builder(
+        Duration::from_secs(30),
+        crate::config::DEFAULT_MAX_HEADER_SIZE,
+    ));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(x) => x,

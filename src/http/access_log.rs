@@ -68,7 +68,12 @@ where
         let in_flight = self.conn.activity.begin();
         let rid = super::next_request_id();
         let parked = Parked::default();
-        req.extensions_mut().insert(RequestId { id: rid.clone(), parked: parked.clone() });
+        let over_limit = in_flight.over_limit();
+        req.extensions_mut().insert(RequestId {
+            id: rid.clone(),
+            parked: parked.clone(),
+            over_limit,
+        });
         let method = req.method().clone();
         // The raw authority for the log (validated or not); never the query string.
         // Both are cheap clones of the parsed request's bytes, not copies.

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// Requests in flight on one connection and when the last one ended.
@@ -22,26 +23,39 @@ pub struct Activity {
     idle_since_ms: AtomicU64,
     /// The connection's `max_connections` slot, released when the last holder (the
     /// connection task, its service, a WebSocket tunnel) lets go.
-    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    _slot: Option<OwnedSemaphorePermit>,
+    /// Where the slot came from: a request beyond the connection's first in flight
+    /// (HTTP/2 streams) takes one more, as it can hold an upstream socket of its own.
+    slots: Option<Arc<Semaphore>>,
 }
 
 /// Held from the start of a request until its response body is done or dropped.
 #[derive(Debug)]
-pub struct InFlight(Arc<Activity>);
+pub struct InFlight {
+    activity: Arc<Activity>,
+    /// The extra slot of a concurrent request: `Err` when there was none to take.
+    extra: Result<Option<OwnedSemaphorePermit>, ()>,
+}
 
 impl Activity {
-    pub fn new(slot: Option<tokio::sync::OwnedSemaphorePermit>) -> Arc<Self> {
+    /// `slot` was taken from `slots` for the connection itself.
+    pub fn new(slot: Option<OwnedSemaphorePermit>, slots: Option<Arc<Semaphore>>) -> Arc<Self> {
         Arc::new(Self {
             opened: Instant::now(),
             in_flight: AtomicU32::new(0),
             idle_since_ms: AtomicU64::new(0),
             _slot: slot,
+            slots,
         })
     }
 
     pub fn begin(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(self.clone())
+        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let extra = match (&self.slots, before) {
+            (Some(slots), 1..) => slots.clone().try_acquire_owned().map(Some).map_err(|_| ()),
+            _ => Ok(None),
+        };
+        InFlight { activity: self.clone(), extra }
     }
 
     /// When the connection will have been idle for `timeout`, or `None` while a
@@ -55,12 +69,22 @@ impl Activity {
     }
 }
 
+impl InFlight {
+    /// This request is one of several on its connection and every slot is taken: it is
+    /// answered 503 without reaching an upstream, so concurrent streams cannot hold more
+    /// sockets than `max_connections` allows.
+    pub fn over_limit(&self) -> bool {
+        self.extra.is_err()
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         // Stamp first, then leave: whoever sees zero in flight sees the fresh stamp.
-        let ms = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.0.idle_since_ms.store(ms, Ordering::Release);
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let a = &self.activity;
+        let ms = u64::try_from(a.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        a.idle_since_ms.store(ms, Ordering::Release);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -71,7 +95,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_only_without_requests_in_flight_and_counted_from_the_last_one() {
         let timeout = Duration::from_secs(75);
-        let a = Activity::new(None);
+        let a = Activity::new(None, None);
         let opened = Instant::now();
         assert_eq!(a.idle_deadline(timeout), Some(opened + timeout));
 
@@ -85,5 +109,30 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         drop(second);
         assert_eq!(a.idle_deadline(timeout), Some(opened + Duration::from_secs(515) + timeout));
+    }
+
+    #[tokio::test]
+    async fn a_concurrent_request_takes_a_slot_of_its_own_or_is_over_the_limit() {
+        let slots = Arc::new(Semaphore::new(3));
+        let conn = slots.clone().try_acquire_owned().ok();
+        let a = Activity::new(conn, Some(slots.clone()));
+        let first = a.begin();
+        assert!(!first.over_limit());
+        assert_eq!(
+            slots.available_permits(),
+            2,
+            "the first request rides on the connection's slot"
+        );
+        let second = a.begin();
+        let third = a.begin();
+        assert!(!second.over_limit() && !third.over_limit());
+        assert_eq!(slots.available_permits(), 0);
+        let fourth = a.begin();
+        assert!(fourth.over_limit(), "no slot left");
+        drop((second, fourth));
+        assert_eq!(slots.available_permits(), 1, "a finished request gives its slot back");
+        assert!(!a.begin().over_limit());
+        drop((first, third));
+        assert_eq!(slots.available_permits(), 2);
     }
 }

@@ -70,6 +70,8 @@ impl ConnInfo {
 pub struct RequestId {
     pub id: Arc<str>,
     pub(crate) parked: proxy::Parked,
+    /// A concurrent request that found no `max_connections` slot (answered 503).
+    pub over_limit: bool,
 }
 
 /// Request ids: a per-process random prefix and a counter. Unique across replicas

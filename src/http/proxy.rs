@@ -314,14 +314,23 @@ pub async fn handle(
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let rt = shared.runtime.load_full();
-    let (rid, parked) = match req.extensions().get::<RequestId>() {
-        Some(r) => (r.id.clone(), r.parked.clone()),
-        None => (super::next_request_id(), Parked::default()),
+    let (rid, parked, over_limit) = match req.extensions().get::<RequestId>() {
+        Some(r) => (r.id.clone(), r.parked.clone(), r.over_limit),
+        None => (super::next_request_id(), Parked::default(), false),
     };
     let mut out = Outcome::new(Some(rt.revision.clone()));
     let sessions = rt.sessions.clone();
     let mut rc =
         RejectCtx { rid: rid.clone(), html: reject::wants_html(req.headers()), here: None };
+
+    if over_limit {
+        return rejection(
+            out,
+            Reason::Overloaded,
+            "concurrent request on a connection while every max_connections slot is taken",
+            &rc,
+        );
+    }
 
     // 1. Our own endpoints.
     if req.uri().path() == JWKS_PATH && req.method() == http::Method::GET {

@@ -492,16 +492,17 @@ async fn accept_loop(
         let shared = state.shared.clone();
         let sink = state.sink.clone();
         // Read per connection, so a reload's timeouts apply to the next connections.
-        let (header_timeout, idle) = {
-            let rt = state.shared.runtime.load();
-            (rt.config.server.header_timeout, rt.config.server.idle_timeout)
+        let (header_timeout, max_header, idle) = {
+            let s = &state.shared.runtime.load().config.server;
+            (s.header_timeout, s.max_header_size, s.idle_timeout)
         };
-        let builder = http_server_builder(header_timeout);
+        let builder = http_server_builder(header_timeout, max_header);
         let tls_cfg = if tls { (**state.tls.load()).clone() } else { None };
         let mut stop = shutdown.clone();
+        let slots = limit.clone();
         tokio::spawn(async move {
             // The slot is held by the connection and, after a WebSocket upgrade, by its tunnel.
-            let activity = Activity::new(Some(permit));
+            let activity = Activity::new(Some(permit), Some(slots));
             let m = crate::metrics::global();
             m.connections_open.fetch_add(1, Ordering::Relaxed);
             let conn = |tls| ConnInfo::new(peer, tls, trusted_peer, activity.clone());
@@ -582,17 +583,32 @@ async fn tls_handshake(
 
 /// The hyper server settings of every proxy listener (also used by `dev floor`, so the
 /// load test's floor measures exactly this server).
-pub fn http_server_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
+pub fn http_server_builder(
+    header_timeout: Duration,
+    max_header_size: usize,
+) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         // Slow-loris: a client gets this long to send a request head once it starts.
         .header_read_timeout(header_timeout)
+        // The read buffer may grow to this while a head is incomplete: bounded memory per
+        // connection (a longer head gets 431).
+        .max_buf_size(max_header_size)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(u32::try_from(max_header_size).unwrap_or(u32::MAX));
     builder
 }
+
+/// HTTP/2 streams a client may have open on one connection (nginx allows 128, Envoy's
+/// edge guidance 100). Each stream beyond the first also takes a `max_connections`
+/// slot while in flight ([`crate::http::activity`]).
+const MAX_CONCURRENT_STREAMS: u32 = 100;
 
 /// Admin connections served at once; more wait in the kernel backlog.
 const ADMIN_MAX_CONNECTIONS: usize = 64;

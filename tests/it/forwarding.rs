@@ -1066,3 +1066,70 @@ policy = "api"
         assert_ne!(echo["headers"]["x-portcullis-email"][0], "ceo@example.com", "{path}");
     }
 }
+
+/// A request head may take `server.max_header_size` (64 KiB by default): hyper's own
+/// limit (≈ 400 KiB of read buffer per connection) let 1 500 unfinished heads hold 600 MB.
+#[tokio::test]
+async fn request_heads_are_bounded_by_max_header_size() {
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+    // Eight 7 KiB headers (≈ 57 KiB) pass; ten (≈ 71 KiB) do not.
+    let filler = |n: usize| -> String {
+        (0..n).map(|i| format!("X-Filler-{i}: {}\r\n", "a".repeat(7 * 1024))).collect()
+    };
+    let head = |n: usize| {
+        format!(
+            "GET /big HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {t}\r\n{}Connection: close\r\n\r\n",
+            filler(n)
+        )
+    };
+    let resp = raw_exchange(&w, &head(8)).await;
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{}", &resp[..resp.len().min(300)]);
+    let resp = raw_exchange(&w, &head(10)).await;
+    assert!(resp.starts_with("HTTP/1.1 431 "), "{}", &resp[..resp.len().min(300)]);
+
+    // Configurable, within 8 KiB – 1 MiB.
+    let w = World::with(Setup {
+        server_extra: "max_header_size = \"16KiB\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let resp = raw_exchange(&w, &head(3)).await;
+    assert!(resp.starts_with("HTTP/1.1 431 "), "{}", &resp[..resp.len().min(300)]);
+}
+
+/// HTTP/2 multiplexing cannot hold more upstream sockets than `max_connections`: a
+/// stream beyond a connection's first takes a slot of its own while in flight, and
+/// without one it is answered 503 `overloaded` (found by probing: 30 connections × 250
+/// streams to a silent upstream held 7 553 descriptors).
+#[tokio::test]
+async fn concurrent_http2_streams_count_against_max_connections() {
+    let w =
+        World::with(Setup { server_extra: "max_connections = 4".into(), ..Setup::default() }).await;
+    let c = client(&w.pki, true);
+    let t = format!("Bearer {}", w.token("bb", &[]));
+    // Four slots: one the listener holds for its next connection, one this connection
+    // takes, two for its concurrent streams. Five slow streams: three run.
+    let slow: Vec<_> = (0..5)
+        .map(|i| {
+            let (c, t, url) = (c.clone(), t.clone(), w.url(&format!("/slow/1500?{i}")));
+            tokio::spawn(async move {
+                send_with(&c, Method::GET, &url, &[("authorization", &t)], Bytes::new()).await
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for h in slow {
+        statuses.push(h.await.unwrap_or_else(|e| panic!("{e}")).status.as_u16());
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 200, 200, 503, 503], "{statuses:?}");
+    let overloaded: Vec<_> =
+        w.events().into_iter().filter(|e| e["reason"] == "overloaded").collect();
+    assert_eq!(overloaded.len(), 2, "{overloaded:?}");
+    assert_eq!(overloaded[0]["status"], 503);
+    // The slots came back: the same connection runs three at once again.
+    let r = send_with(&c, Method::GET, &w.url("/x"), &[("authorization", &t)], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK);
+}
