@@ -284,12 +284,46 @@ fn unambiguous(req: &Request<Incoming>) -> Result<(), &'static str> {
     if host.is_some_and(|h| h.as_bytes().contains(&b'@')) {
         return Err("Host carries userinfo");
     }
-    if let (Some(target), Some(host)) = (req.uri().authority(), host) {
+    let target = req.uri().authority();
+    if target.is_some_and(|t| t.as_str().contains('@')) {
+        return Err("the request target's authority carries userinfo");
+    }
+    if let (Some(target), Some(host)) = (target, host) {
         if !host.as_bytes().eq_ignore_ascii_case(target.as_str().as_bytes()) {
             return Err("Host differs from the request target's authority");
         }
     }
+    // The name routes the request and reaches the upstream in X-Forwarded-Host: a DNS
+    // name or an IP literal, never `evil.com,app.example.com` (a list to frameworks
+    // that read the first element, yet a match for `*.example.com`).
+    let name = target.map(|t| t.as_str().as_bytes()).or_else(|| host.map(|h| h.as_bytes()));
+    if name.is_some_and(|n| !is_host_and_port(n)) {
+        return Err("Host is not a DNS name or IP literal with an optional port");
+    }
     Ok(())
+}
+
+/// `name[:port]` or `[ipv6][:port]`, where a name is letters, digits, `-`, `_` and `.`.
+fn is_host_and_port(a: &[u8]) -> bool {
+    let (host_ok, rest) = if let Some(inner) = a.strip_prefix(b"[") {
+        let Some(end) = inner.iter().position(|&b| b == b']') else { return false };
+        let ip = &inner[..end];
+        let ok =
+            !ip.is_empty() && ip.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        (ok, &inner[end + 1..])
+    } else {
+        let end = a.iter().position(|&b| b == b':').unwrap_or(a.len());
+        let name = &a[..end];
+        let ok = !name.is_empty()
+            && name.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        (ok, &a[end..])
+    };
+    let port_ok = match rest {
+        [] => true,
+        [b':', port @ ..] => (1..=5).contains(&port.len()) && port.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    host_ok && port_ok
 }
 
 /// The request's authority, lower-cased and without port: `:authority` (HTTP/2) or Host.
@@ -757,7 +791,46 @@ fn is_websocket(req: &Request<Incoming>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::query_overrides_method;
+    use super::{is_host_and_port, query_overrides_method};
+
+    #[test]
+    fn hosts_are_dns_names_or_ip_literals_with_an_optional_port() {
+        for ok in [
+            "example.com",
+            "app.example.com:8443",
+            "localhost",
+            "LOCALHOST:1",
+            "example.com.",
+            "my_host.internal",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:8443",
+            "[2001:db8::ffff:1.2.3.4]:65535",
+        ] {
+            assert!(is_host_and_port(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "evil.com,app.example.com",
+            "evil.com;.example.com",
+            "evil.com!.example.com",
+            "evil@app.example.com",
+            "a b.example.com",
+            "example.com:80:80",
+            "example.com:",
+            "example.com:123456",
+            "example.com:8x",
+            "[]",
+            "[::1",
+            "[::1]x",
+            "[::1]:",
+            "[fe80::1%25eth0]",
+            "exa%6dple.com",
+        ] {
+            assert!(!is_host_and_port(bad.as_bytes()), "{bad}");
+        }
+    }
 
     #[test]
     fn a_method_override_in_the_query_is_found_however_it_is_spelled() {

@@ -623,6 +623,18 @@ async fn ambiguous_authority_is_refused_and_framing_is_never_forwarded_ambiguous
             "absolute-form target and Host differ",
             format!("GET https://other.example/x HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}\r\n"),
         ),
+        (
+            "userinfo in an absolute-form target without Host",
+            format!("GET https://evil@localhost:{port}/x HTTP/1.1\r\n{auth}\r\n"),
+        ),
+        (
+            "a list in Host (frameworks read the first element)",
+            format!("GET /x HTTP/1.1\r\nHost: evil.example,localhost:{port}\r\n{auth}\r\n"),
+        ),
+        (
+            "other punctuation in Host",
+            format!("GET /x HTTP/1.1\r\nHost: evil.example;localhost:{port}\r\n{auth}\r\n"),
+        ),
     ];
     for (what, request) in cases {
         let resp = raw_exchange(&w, &request).await;
