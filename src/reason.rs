@@ -98,6 +98,8 @@ pub enum Reason {
     /// HTTP/2: a connection's concurrent request beyond its first found every
     /// `max_connections` slot taken (each in-flight request can hold an upstream socket).
     Overloaded,
+    /// HTTP/1: a request head not finished within `server.header_timeout` (status 408).
+    RequestTimeout,
     /// The client went away before the response head (logged with status 499, as nginx
     /// does; nothing is sent). If the request was authorized, it may have reached the
     /// upstream: the event keeps the decision, identity and rule.
@@ -149,6 +151,7 @@ impl Reason {
             Reason::AccessRevoked => "access-revoked",
             Reason::ShuttingDown => "shutting-down",
             Reason::Overloaded => "overloaded",
+            Reason::RequestTimeout => "request-timeout",
             Reason::ClientClosed => "client-closed",
         }
     }
@@ -219,6 +222,7 @@ impl Reason {
             Reason::ProtocolViolation => StatusCode::BAD_REQUEST,
             Reason::AccessRevoked => StatusCode::FORBIDDEN,
             Reason::ShuttingDown | Reason::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             // Never sent: the client is gone. (The log says 499.)
             Reason::ClientClosed => StatusCode::BAD_REQUEST,
         }

@@ -130,17 +130,17 @@ pub fn refused_by_server(
     err: &(dyn std::error::Error + 'static),
 ) {
     let Some(e) = err.downcast_ref::<hyper::Error>() else { return };
-    let (status, detail) = if e.is_parse_too_large() {
-        (431, "request head too large")
+    use crate::reason::Reason;
+    let (status, reason, detail) = if e.is_parse_too_large() {
+        (431, Reason::BadRequest, "request head too large")
     } else if e.is_parse() {
-        (400, "malformed request head")
+        (400, Reason::BadRequest, "malformed request head")
     } else if e.is_timeout() {
-        (408, "request head not received within the header-read timeout")
+        (408, Reason::RequestTimeout, "request head not received within the header-read timeout")
     } else {
         return;
     };
     let rid = super::next_request_id();
-    let reason = crate::reason::Reason::BadRequest;
     metrics::global().requests.inc(&RequestKey {
         route: no_route(),
         decision: "error",

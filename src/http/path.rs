@@ -17,6 +17,7 @@ pub enum PathError {
     ControlCharacter,
     MatrixDots,
     PathParameter,
+    DoubleEncoded,
 }
 
 impl PathError {
@@ -30,6 +31,9 @@ impl PathError {
             PathError::ControlCharacter => "control character or NUL in path",
             PathError::MatrixDots => "`..;` in path",
             PathError::PathParameter => "`;` (path parameter) in path",
+            PathError::DoubleEncoded => {
+                "doubly encoded `/`, `\\`, `.`, `;` or control character in path"
+            }
         }
     }
 }
@@ -45,6 +49,23 @@ pub(super) fn hex(b: u8) -> Option<u8> {
         b'a'..=b'f' => Some(b - b'a' + 10),
         b'A'..=b'F' => Some(b - b'A' + 10),
         _ => None,
+    }
+}
+
+/// Whether the bytes after a `%25` (any more `25`s skipped) spell the hex of a byte that
+/// [`normalize`] refuses when it is encoded once: `/`, `\`, `.`, `;`, a control byte.
+fn double_encoded(mut rest: &[u8]) -> bool {
+    while let [b'2', b'5', tail @ ..] = rest {
+        rest = tail;
+    }
+    match rest {
+        [h, l, ..] => match (hex(*h), hex(*l)) {
+            (Some(h), Some(l)) => {
+                matches!(h << 4 | l, b'/' | b'\\' | b'.' | b';' | 0..=0x1f | 0x7f)
+            }
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -90,6 +111,11 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
                         // a Java server a path parameter after all.
                         b';' => return Err(PathError::PathParameter),
                         0..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
+                        // `%252F`, `%25252e`: what a second (third…) decoding hop would
+                        // turn into `%2F`, `..` or `;` — refused like their single forms.
+                        b'%' if double_encoded(&sb[i + 3..]) => {
+                            return Err(PathError::DoubleEncoded)
+                        }
                         v if is_unreserved(v) => out.push(v as char),
                         v => {
                             out.push('%');
@@ -148,6 +174,10 @@ mod tests {
             ("/deploy/42", "/deploy/42"),
             ("/.well-known/x", "/.well-known/x"),
             ("/a/...", "/a/..."),
+            // A literal `%` stays encoded; only the doubly encoded separators are refused.
+            ("/100%25", "/100%25"),
+            ("/a%25b", "/a%25b"),
+            ("/a%2541", "/a%2541"),
         ];
         for (raw, want) in cases {
             assert_eq!(normalize(raw).as_deref(), Ok(want), "{raw}");
@@ -178,6 +208,13 @@ mod tests {
             ("/admin%3bx/secret", PathError::PathParameter),
             ("/a%00b", PathError::ControlCharacter),
             ("/a%0ab", PathError::ControlCharacter),
+            ("/public/%252e%252e/admin", PathError::DoubleEncoded),
+            ("/public%252Fadmin", PathError::DoubleEncoded),
+            ("/public%252fadmin", PathError::DoubleEncoded),
+            ("/public/%253Bx/admin", PathError::DoubleEncoded),
+            ("/a%255Cb", PathError::DoubleEncoded),
+            ("/a%25252Fb", PathError::DoubleEncoded),
+            ("/a%2500", PathError::DoubleEncoded),
             ("/a%zz", PathError::BadEscape),
             ("/a%4", PathError::BadEscape),
             ("*", PathError::NotOrigin),

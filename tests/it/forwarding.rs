@@ -1043,7 +1043,7 @@ async fn an_unfinished_request_head_is_closed_after_header_timeout_and_audited()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(event["method"], "-", "no 408 event: {event}");
-    assert_eq!(event["reason"], "bad-request", "{event}");
+    assert_eq!(event["reason"], "request-timeout", "{event}");
 }
 
 /// Client trailers never reach the upstream: header hygiene only sees the head, and an
