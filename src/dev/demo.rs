@@ -189,7 +189,11 @@ pub fn demo_config(
     c.push_str("[tls]\n");
     c.push_str(&format!("cert = {}\n", toml_str(&pki.cert_path().to_string_lossy())));
     c.push_str(&format!("key = {}\n\n", toml_str(&pki.key_path().to_string_lossy())));
-    c.push_str("[server]\npolicy_dir = \"policies\"\nshutdown_grace = \"5s\"\n\n");
+    // 384 connections fit the common `ulimit -n` of 1024 (two descriptors per connection
+    // under load, plus 256 spare): no descriptor warning on a default shell.
+    c.push_str(
+        "[server]\npolicy_dir = \"policies\"\nshutdown_grace = \"5s\"\nmax_connections = 384\n\n",
+    );
     c.push_str(&format!(
         "[assertion]\nissuer = {}\n\n",
         toml_str(&format!("https://{}", opts.listen))

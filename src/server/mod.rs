@@ -199,6 +199,11 @@ impl Server {
         for w in crate::postgres::warnings(&config) {
             tracing::warn!("{w}");
         }
+        let open_files =
+            std::fs::read_to_string("/proc/self/limits").ok().and_then(|l| open_files_limit(&l));
+        if let Some(w) = descriptor_warning(config.server.max_connections, open_files) {
+            tracing::warn!("{w}");
+        }
         let config_path = config.path.clone();
         let listen = config.listen.clone();
         let max_conns = config.server.max_connections;
@@ -605,6 +610,28 @@ pub fn http_server_builder(
     builder
 }
 
+/// The soft "Max open files" limit from `/proc/self/limits` (`None`: unlimited or unknown).
+fn open_files_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..].split_whitespace().next()?.parse().ok()
+}
+
+/// Each connection takes a descriptor, and each request in flight (one per HTTP/1
+/// connection, one per slot for HTTP/2 streams) one more upstream: `max_connections`
+/// needs about twice as many descriptors, plus idle upstream pools, files and listeners.
+fn descriptor_warning(max_connections: usize, open_files: Option<u64>) -> Option<String> {
+    let limit = open_files?;
+    let needed = 2 * max_connections as u64 + 256;
+    (limit < needed).then(|| {
+        format!(
+            "server.max_connections = {max_connections} may need about {needed} file descriptors, and the \
+             open-files limit is {limit}: raise it (`ulimit -n`, systemd `LimitNOFILE=`) or lower \
+             max_connections to {}, or accepting fails with EMFILE under load",
+            limit.saturating_sub(256) / 2
+        )
+    })
+}
+
 /// HTTP/2 streams a client may have open on one connection (nginx allows 128, Envoy's
 /// edge guidance 100). Each stream beyond the first also takes a `max_connections`
 /// slot while in flight ([`crate::http::activity`]).
@@ -736,5 +763,26 @@ pub fn load_or_report(path: &Path) -> Result<Config, usize> {
             }
             Err(e.0.len())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{descriptor_warning, open_files_limit};
+
+    const LIMITS: &str =
+        "Limit                     Soft Limit           Hard Limit           Units     \n\
+Max cpu time              unlimited            unlimited            seconds   \n\
+Max open files            1024                 524288               files     \n";
+
+    #[test]
+    fn the_open_files_limit_is_read_from_proc_and_compared_with_max_connections() {
+        assert_eq!(open_files_limit(LIMITS), Some(1024));
+        assert_eq!(open_files_limit(&LIMITS.replace("1024 ", "unlimited ")), None);
+        assert_eq!(open_files_limit("garbage"), None);
+        let w = descriptor_warning(10_000, Some(1024)).unwrap_or_default();
+        assert!(w.contains("20256") && w.contains("is 1024") && w.contains("to 384"), "{w}");
+        assert_eq!(descriptor_warning(10_000, Some(1 << 20)), None);
+        assert_eq!(descriptor_warning(10_000, None), None);
     }
 }
