@@ -9,13 +9,16 @@
 //! (see benches/README.md). HTTPS and HTTP/2 upstreams keep hyper-util's client.
 //!
 //! A connection goes back on the stack when its response body has been read to the
-//! end; a body dropped early, an upgrade (101), `Connection: close` or an error closes
-//! it instead. A request that a reused connection could not take — the upstream closed
+//! end and its request body sent to the end; a body dropped early, a request body the
+//! upstream answered before reading (a 413 while the client still uploads), an upgrade
+//! (101), `Connection: close` or an error closes it instead — so a connection taken from
+//! the stack is ready at once, never still busy with another client's upload. A request that a reused connection could not take — the upstream closed
 //! it while it sat idle, a race every keep-alive pool has — is sent once more on a new
 //! connection, as hyper-util does; a request that reached the wire is never repeated.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -62,13 +65,13 @@ struct Inner<B> {
 }
 
 struct Idle<B> {
-    tx: http1::SendRequest<B>,
+    tx: http1::SendRequest<Sent<B>>,
     since: Instant,
 }
 
 impl<B> H1Pool<B>
 where
-    B: Body + Send + 'static,
+    B: Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -85,12 +88,13 @@ where
     /// Sends `req` (origin-form URI, Host set) and returns the response head; the
     /// connection returns to the pool when the body has been read to its end.
     pub async fn send(&self, req: Request<B>) -> Result<Response<PooledBody<B>>, PoolError> {
-        let mut req = req;
+        let sent = Arc::new(AtomicBool::new(false));
+        let mut req = req.map(|inner| Sent::new(inner, sent.clone()));
         // A reused connection may have been closed by the upstream while idle: the
         // request it refused (before sending anything) goes once on a new connection.
         while let Some(mut tx) = self.inner.checkout().await {
             match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(self.inner.wrap(resp, tx)),
+                Ok(resp) => return Ok(self.inner.wrap(resp, tx, sent)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => return Err(PoolError::Http(e.into_error())),
@@ -99,7 +103,7 @@ where
         }
         let mut tx = self.inner.connect().await?;
         let resp = tx.send_request(req).await?;
-        Ok(self.inner.wrap(resp, tx))
+        Ok(self.inner.wrap(resp, tx, sent))
     }
 
     /// Idle connections now (for tests).
@@ -111,26 +115,26 @@ where
 
 impl<B> Inner<B>
 where
-    B: Body + Send + 'static,
+    B: Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     /// The most recently used idle connection that can take a request now.
-    async fn checkout(&self) -> Option<http1::SendRequest<B>> {
+    async fn checkout(&self) -> Option<http1::SendRequest<Sent<B>>> {
         loop {
             let Idle { mut tx, since } = self.idle.lock().pop_back()?;
             if tx.is_closed() || since.elapsed() > IDLE_TIMEOUT {
                 continue;
             }
-            // Ready at once unless the connection is still finishing the previous
-            // response's end; an error means it closed meanwhile.
+            // Both bodies of its last exchange ended, so it is ready at once, or as soon
+            // as its task has seen the response's end; an error means it closed.
             if tx.ready().await.is_ok() {
                 return Some(tx);
             }
         }
     }
 
-    async fn connect(&self) -> Result<http1::SendRequest<B>, PoolError> {
+    async fn connect(&self) -> Result<http1::SendRequest<Sent<B>>, PoolError> {
         let stream = tokio::time::timeout(
             self.connect_timeout,
             tokio::net::TcpStream::connect(self.authority.as_str()),
@@ -153,17 +157,18 @@ where
     fn wrap(
         self: &Arc<Self>,
         resp: Response<Incoming>,
-        tx: http1::SendRequest<B>,
+        tx: http1::SendRequest<Sent<B>>,
+        sent: Arc<AtomicBool>,
     ) -> Response<PooledBody<B>> {
         // After a 101 the connection belongs to the tunnel.
         let reusable = resp.status() != http::StatusCode::SWITCHING_PROTOCOLS;
-        let back = reusable.then(|| (self.clone(), tx));
+        let back = reusable.then(|| (self.clone(), tx, sent));
         resp.map(|inner| PooledBody { inner, done: false, back })
     }
 }
 
 impl<B> Inner<B> {
-    fn put(&self, tx: http1::SendRequest<B>) {
+    fn put(&self, tx: http1::SendRequest<Sent<B>>) {
         if tx.is_closed() {
             return;
         }
@@ -193,8 +198,12 @@ impl<B> Clone for H1Pool<B> {
 pub struct PooledBody<B = RequestBody> {
     inner: Incoming,
     done: bool,
-    back: Option<(Arc<Inner<B>>, http1::SendRequest<B>)>,
+    back: Option<GiveBack<B>>,
 }
+
+/// What a finished response hands back: the pool, the connection, and whether the
+/// request body was sent to its end.
+type GiveBack<B> = (Arc<Inner<B>>, http1::SendRequest<Sent<B>>, Arc<AtomicBool>);
 
 impl<B> std::fmt::Debug for PooledBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -238,11 +247,56 @@ impl<B> Body for PooledBody<B> {
 
 impl<B> Drop for PooledBody<B> {
     fn drop(&mut self) {
-        if let Some((pool, tx)) = self.back.take() {
-            if self.done || self.inner.is_end_stream() {
+        if let Some((pool, tx, sent)) = self.back.take() {
+            if (self.done || self.inner.is_end_stream()) && sent.load(Ordering::Acquire) {
                 pool.put(tx);
             }
         }
+    }
+}
+
+/// A request body that records when it has been sent to its end (hyper never polls one
+/// that is empty from the start, so that counts at once).
+pub struct Sent<B> {
+    inner: B,
+    done: Arc<AtomicBool>,
+}
+
+impl<B: Body> Sent<B> {
+    fn new(inner: B, done: Arc<AtomicBool>) -> Self {
+        if inner.is_end_stream() {
+            done.store(true, Ordering::Release);
+        }
+        Sent { inner, done }
+    }
+}
+
+impl<B: Body + Unpin> Body for Sent<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            this.done.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.done.store(true, Ordering::Release);
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -379,5 +433,66 @@ mod tests {
         let pool = Pool::new(&addr, Duration::from_secs(2));
         let err = pool.send(get("/")).await.err().unwrap_or_else(|| panic!("connected"));
         assert!(matches!(err, PoolError::Connect(..)), "{err:?}");
+    }
+
+    /// A request body that sends one chunk and then never ends (a client still uploading).
+    struct Uploading(bool);
+
+    impl Body for Uploading {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            let this = self.get_mut();
+            if std::mem::replace(&mut this.0, true) {
+                Poll::Pending
+            } else {
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"part")))))
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_sending_a_request_body_is_not_handed_to_the_next_request() {
+        // The upstream answers at once (a 413, say) while the client's upload goes on.
+        let (addr, conns) = upstream(100, |_| OK).await;
+        let uploads = H1Pool::<Uploading>::new(&addr, Duration::from_secs(2));
+        let req = Request::post("/upload")
+            .header(http::header::HOST, "upstream")
+            .header(http::header::CONTENT_LENGTH, "1000000")
+            .body(Uploading(false))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let resp = uploads.send(req).await.unwrap_or_else(|e| panic!("{e}"));
+        let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        assert_eq!(body, "ok");
+        assert_eq!(uploads.idle(), 0, "a connection busy uploading was pooled");
+        // The next request gets a connection of its own instead of waiting on that one.
+        let req = Request::get("/")
+            .header(http::header::HOST, "upstream")
+            .body(Uploading(true))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let next = tokio::time::timeout(Duration::from_secs(2), uploads.send(req)).await;
+        assert!(matches!(next, Ok(Ok(_))), "the next request waited on the busy connection");
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_body_sent_to_its_end_leaves_the_connection_reusable() {
+        let (addr, conns) = upstream(100, |_| OK).await;
+        let pool = H1Pool::<http_body_util::Full<Bytes>>::new(&addr, Duration::from_secs(2));
+        for _ in 0..3 {
+            let req = Request::post("/")
+                .header(http::header::HOST, "upstream")
+                .body(http_body_util::Full::new(Bytes::from_static(b"hello")))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let resp = pool.send(req).await.unwrap_or_else(|e| panic!("{e}"));
+            let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            assert_eq!(body, "ok");
+            assert_eq!(pool.idle(), 1);
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
     }
 }
