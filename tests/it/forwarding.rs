@@ -368,16 +368,18 @@ async fn a_websocket_tunnel_keeps_its_connection_slot() {
     assert!(matches!(served, Ok(Ok(Ok(_)))), "the slot was not released");
 }
 
-#[tokio::test]
-async fn http2_clients_and_h2c_upstreams() {
-    let routes = r#"
+/// A route `/h2c` to the echo server over HTTP/2 with prior knowledge.
+const H2C_ROUTE: &str = r#"
 [[routes]]
 name = "h2c"
 match = { path_prefix = "/h2c" }
 upstream = "h2c://{echo}"
 policy = "api"
 "#;
-    let w = World::with(Setup { routes: routes.into(), ..Setup::default() }).await;
+
+#[tokio::test]
+async fn http2_clients_and_h2c_upstreams() {
+    let w = World::with(Setup { routes: H2C_ROUTE.into(), ..Setup::default() }).await;
     let c = client(&w.pki, true);
     let t = format!("Bearer {}", w.token("bb", &[]));
     let r =
@@ -1052,14 +1054,7 @@ async fn an_unfinished_request_head_is_closed_after_header_timeout_and_audited()
 /// h2c upstream beside the proxy's own).
 #[tokio::test]
 async fn client_trailers_are_not_forwarded() {
-    let routes = r#"
-[[routes]]
-name = "h2c"
-match = { path_prefix = "/h2c" }
-upstream = "h2c://{echo}"
-policy = "api"
-"#;
-    let w = World::with(Setup { routes: routes.into(), ..Setup::default() }).await;
+    let w = World::with(Setup { routes: H2C_ROUTE.into(), ..Setup::default() }).await;
     let t = w.token("bb", &[]);
     let port = w.https.port();
     for path in ["/h2c/t", "/plain/t"] {
