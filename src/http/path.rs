@@ -111,11 +111,6 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
                         // a Java server a path parameter after all.
                         b';' => return Err(PathError::PathParameter),
                         0..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
-                        // `%252F`, `%25252e`: what a second (third…) decoding hop would
-                        // turn into `%2F`, `..` or `;` — refused like their single forms.
-                        b'%' if double_encoded(&sb[i + 3..]) => {
-                            return Err(PathError::DoubleEncoded)
-                        }
                         v if is_unreserved(v) => out.push(v as char),
                         v => {
                             out.push('%');
@@ -138,6 +133,16 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
         let decoded = &out[start + 1..];
         if decoded == "." || decoded == ".." {
             return Err(PathError::DotSegment);
+        }
+        // `%252F`, `%25252e`: what a second (third…) decoding hop would turn into `%2F`,
+        // `..` or `;`, refused like their single forms. Looked for in the canonical
+        // segment, where `%25%32%46` has become `%252F` too.
+        let mut rest = decoded.as_bytes();
+        while let Some(at) = rest.windows(3).position(|w| w == b"%25") {
+            rest = &rest[at + 3..];
+            if double_encoded(rest) {
+                return Err(PathError::DoubleEncoded);
+            }
         }
         // Tomcat, Jetty, Spring and Shiro drop `;params` from each segment before
         // routing, so `/admin;x/secret` is `/admin/secret` to them but not to a path
@@ -215,6 +220,13 @@ mod tests {
             ("/a%255Cb", PathError::DoubleEncoded),
             ("/a%25252Fb", PathError::DoubleEncoded),
             ("/a%2500", PathError::DoubleEncoded),
+            // The characters after `%25` encoded too: the canonical form is `%252F`.
+            ("/a%25%32%46b", PathError::DoubleEncoded),
+            ("/a/%25%32%65%25%32%65/x", PathError::DoubleEncoded),
+            ("/a%25%33%42x", PathError::DoubleEncoded),
+            ("/a%25%35%43b", PathError::DoubleEncoded),
+            ("/a%25%30%30b", PathError::DoubleEncoded),
+            ("/a%2525%32%46b", PathError::DoubleEncoded),
             ("/a%zz", PathError::BadEscape),
             ("/a%4", PathError::BadEscape),
             ("*", PathError::NotOrigin),

@@ -229,7 +229,9 @@ impl<B> Body for PooledBody<B> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
+            // Trailers are the last frame: the server stops polling after them.
             Poll::Ready(None) => this.done = true,
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => this.done = true,
             Poll::Ready(Some(Err(_))) => this.back = None,
             _ => {}
         }
@@ -491,6 +493,28 @@ mod tests {
             let resp = pool.send(req).await.unwrap_or_else(|e| panic!("{e}"));
             let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
             assert_eq!(body, "ok");
+            assert_eq!(pool.idle(), 1);
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_response_read_up_to_its_trailers_returns_its_connection() {
+        let (addr, conns) = upstream(100, |_| {
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-t: 1\r\n\r\n"
+        })
+        .await;
+        let pool = Pool::new(&addr, Duration::from_secs(2));
+        for _ in 0..3 {
+            let resp = pool.send(get("/")).await.unwrap_or_else(|e| panic!("{e}"));
+            // As hyper's server does: stop at the trailers, then drop the body.
+            let mut body = resp.into_body();
+            while let Some(Ok(frame)) = body.frame().await {
+                if frame.is_trailers() {
+                    break;
+                }
+            }
+            drop(body);
             assert_eq!(pool.idle(), 1);
         }
         assert_eq!(conns.load(Ordering::SeqCst), 1);

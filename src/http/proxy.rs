@@ -320,7 +320,11 @@ fn is_host_and_port(a: &[u8]) -> bool {
     };
     let port_ok = match rest {
         [] => true,
-        [b':', port @ ..] => (1..=5).contains(&port.len()) && port.iter().all(u8::is_ascii_digit),
+        [b':', port @ ..] => {
+            (1..=5).contains(&port.len())
+                && port.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(port).is_ok_and(|p| p.parse::<u16>().is_ok())
+        }
         _ => false,
     };
     host_ok && port_ok
@@ -821,6 +825,7 @@ mod tests {
             "example.com:",
             "example.com:123456",
             "example.com:8x",
+            "example.com:99999",
             "[]",
             "[::1",
             "[::1]x",
