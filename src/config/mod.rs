@@ -303,6 +303,8 @@ impl IpNet {
 /// heads hold 600 MB.
 pub const DEFAULT_MAX_HEADER_SIZE: usize = 64 * 1024;
 const MIN_HEADER_SIZE: u64 = 8 * 1024;
+/// What a request head needs with the largest session cookie and room for the rest.
+const SESSION_HEADER_ROOM: usize = 40 * 1024;
 const MAX_HEADER_SIZE: u64 = 1024 * 1024;
 const DEFAULT_BODY_LIMIT: u64 = 10 * 1024 * 1024;
 const MAX_LEEWAY: Duration = Duration::from_secs(300);
@@ -485,6 +487,7 @@ impl Compiler<'_> {
                 "[[databases]] need a [tls] section: clients send their token as a password, so only over TLS",
             );
         }
+        let header_size_span = server.max_header_size.as_ref().map(|v| v.span());
         let server = self.server(server);
         let assertion = self.assertion(assertion);
         let audit = match audit.output {
@@ -531,6 +534,16 @@ impl Compiler<'_> {
 
         let mut files = vec![self.source.path.to_path_buf()];
         let mut warnings = Vec::new();
+        // A signed-in browser sends up to 8 session-cookie chunks of 3.8 KB.
+        if let (Some(_), Some(span)) = (&session, header_size_span) {
+            if server.max_header_size < SESSION_HEADER_ROOM {
+                warnings.push(self.source.error(
+                    Some(span),
+                    "session cookies can take 30 KB of a request head (8 chunks of 3.8 KB): \
+                     below 40KiB, browsers with large sessions get 431",
+                ));
+            }
+        }
         let mut policies: BTreeMap<PathBuf, Option<Arc<Policy>>> = BTreeMap::new();
         let mut compiled_routes = Vec::new();
         let mut route_names = HashSet::new();

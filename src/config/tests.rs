@@ -256,6 +256,15 @@ fn login_and_session_compile_with_defaults() {
     assert_eq!(l.client_secret, SecretSource::Env("OKTA_SECRET".into()));
     assert_eq!(c.routes[0].issuers.as_ref().map(Vec::len), Some(1));
     assert_eq!(c.login_issuers(&c.routes[0]).len(), 1);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+
+    // A head limit too small for the largest session cookie: a warning at its key.
+    let small = text.replace("[session]", "[server]\nmax_header_size = \"16KiB\"\n\n[session]");
+    let c = compile(dir.path(), &small).unwrap_or_else(|e| panic!("{e:?}"));
+    let w: Vec<String> =
+        c.warnings.iter().map(|d| format!("{}:{} {}", d.line, d.col, d.message)).collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].starts_with("17:19 session cookies can take 30 KB"), "{w:?}");
 }
 
 #[test]
