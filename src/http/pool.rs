@@ -12,9 +12,12 @@
 //! end and its request body sent to the end; a body dropped early, a request body the
 //! upstream answered before reading (a 413 while the client still uploads), an upgrade
 //! (101), `Connection: close` or an error closes it instead — so a connection taken from
-//! the stack is ready at once, never still busy with another client's upload. A request that a reused connection could not take — the upstream closed
-//! it while it sat idle, a race every keep-alive pool has — is sent once more on a new
-//! connection, as hyper-util does; a request that reached the wire is never repeated.
+//! the stack is ready at once, never still busy with another client's upload.
+//!
+//! A request that a reused connection could not take — the upstream closed it while it
+//! sat idle, a race every keep-alive pool has — is sent once more on a new connection, as
+//! hyper-util does; a request that reached the wire is never repeated. Idle connections
+//! are dropped when a checkout or a return finds them expired or closed (no timer).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -33,7 +36,7 @@ use parking_lot::Mutex;
 
 use super::body::RequestBody;
 
-/// Idle connections older than this are closed rather than reused (hyper-util's
+/// Idle connections older than this are dropped rather than reused (hyper-util's
 /// default, and longer than most servers' keep-alive so those usually close first).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// At most this many idle connections per route; more are closed when they finish.
