@@ -94,7 +94,8 @@ where
         let sent = Arc::new(AtomicBool::new(false));
         let mut req = req.map(|inner| Sent::new(inner, sent.clone()));
         // A reused connection may have been closed by the upstream while idle: the
-        // request it refused (before sending anything) goes once on a new connection.
+        // request it refused (before sending anything) goes to the next idle one, and
+        // at last to a new connection.
         while let Some(mut tx) = self.inner.checkout().await {
             match tx.try_send_request(req).await {
                 Ok(resp) => return Ok(self.inner.wrap(resp, tx, sent)),
