@@ -733,7 +733,9 @@ impl Compiler<'_> {
             header_timeout: self.timeout_of_a_second_or_more(
                 &s.header_timeout,
                 "header_timeout",
-                30,
+                // hyper also runs it between requests on a keep-alive connection: as
+                // long as `idle_timeout`, above load balancers' 60 s idle timeout.
+                75,
             ),
             max_header_size: self.max_header_size(&s.max_header_size),
         }

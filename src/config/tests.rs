@@ -87,13 +87,13 @@ fn max_header_size_defaults_to_64kib_within_8kib_and_1mib() {
 }
 
 #[test]
-fn header_timeout_defaults_to_30s_and_is_at_least_a_second() {
+fn header_timeout_defaults_to_75s_and_is_at_least_a_second() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let timeout = |extra: &str| {
         compile(dir.path(), &format!("{BASE}\n[server]\n{extra}\n"))
             .map(|c| c.server.header_timeout)
     };
-    assert_eq!(timeout("").ok(), Some(Duration::from_secs(30)));
+    assert_eq!(timeout("").ok(), Some(Duration::from_secs(75)));
     assert_eq!(timeout("header_timeout = \"10s\"").ok(), Some(Duration::from_secs(10)));
     assert_eq!(
         timeout("header_timeout = \"0s\"").err().unwrap_or_default(),

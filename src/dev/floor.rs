@@ -35,7 +35,7 @@ pub async fn run(listen: SocketAddr, upstream: &str) -> Result<(), String> {
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("bind {listen}: {e}"))?;
     println!("ready floor on http://{}", listener.local_addr().map_err(|e| e.to_string())?);
     let builder = Arc::new(crate::server::http_server_builder(
-        Duration::from_secs(30),
+        Duration::from_secs(75),
         crate::config::DEFAULT_MAX_HEADER_SIZE,
     ));
     loop {

@@ -135,7 +135,9 @@ pub fn refused_by_server(
         (431, Reason::BadRequest, "request head too large")
     } else if e.is_parse() {
         (400, Reason::BadRequest, "malformed request head")
-    } else if e.is_timeout() {
+    } else if e.is_timeout() && conn.activity.read_since_idle() {
+        // hyper runs this timer between requests too: without a byte since the last
+        // one, it closed an idle keep-alive connection, and there was no request.
         (408, Reason::RequestTimeout, "request head not received within the header-read timeout")
     } else {
         return;

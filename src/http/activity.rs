@@ -3,14 +3,20 @@
 //! Without this, a client could open connections and never send a request (plain HTTP,
 //! or TLS after the handshake), or keep an HTTP/2 connection with no streams open
 //! forever: each holds one of `max_connections` slots, so a few thousand sockets make
-//! the proxy unavailable. hyper's `header_read_timeout` only starts with the first byte
-//! of a request head. The server's connection task closes a connection (gracefully:
-//! HTTP/2 gets a GOAWAY) once no request has been in flight for `idle_timeout`.
+//! the proxy unavailable. hyper's `header_read_timeout` starts with a new connection's
+//! first byte (and, on a keep-alive HTTP/1.1 connection, again after each response; the
+//! bytes counted here tell the audit log whether it cut a request short). The server's
+//! connection task closes a connection (gracefully: HTTP/2 gets a GOAWAY) once no
+//! request has been in flight for `idle_timeout`.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -21,6 +27,11 @@ pub struct Activity {
     in_flight: AtomicU32,
     /// Milliseconds after `opened` at which the connection last became idle.
     idle_since_ms: AtomicU64,
+    /// Bytes read from the client, and how many had been read when the last request
+    /// ended: hyper's header-read timeout also runs between requests on a keep-alive
+    /// HTTP/1 connection, and only one with bytes read since was sending a request.
+    bytes_read: AtomicU64,
+    read_at_idle: AtomicU64,
     /// The connection's `max_connections` slot, released when the last holder (the
     /// connection task, its service, a WebSocket tunnel) lets go.
     _slot: Option<OwnedSemaphorePermit>,
@@ -44,6 +55,8 @@ impl Activity {
             opened: Instant::now(),
             in_flight: AtomicU32::new(0),
             idle_since_ms: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            read_at_idle: AtomicU64::new(0),
             _slot: slot,
             slots,
         })
@@ -56,6 +69,18 @@ impl Activity {
             _ => Ok(None),
         };
         InFlight { activity: self.clone(), extra }
+    }
+
+    /// Counts bytes read from the client ([`Counted`]).
+    pub fn note_read(&self, n: usize) {
+        self.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the client sent anything since its last request ended (or since the
+    /// connection opened): a header-read timeout then cut a request short; otherwise it
+    /// only closed an idle keep-alive connection.
+    pub fn read_since_idle(&self) -> bool {
+        self.bytes_read.load(Ordering::Acquire) > self.read_at_idle.load(Ordering::Acquire)
     }
 
     /// When the connection will have been idle for `timeout`, or `None` while a
@@ -84,7 +109,63 @@ impl Drop for InFlight {
         let a = &self.activity;
         let ms = u64::try_from(a.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
         a.idle_since_ms.store(ms, Ordering::Release);
+        a.read_at_idle.store(a.bytes_read.load(Ordering::Acquire), Ordering::Release);
         a.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A client stream that counts the bytes read from it into its connection's
+/// [`Activity`]; writes pass straight through (vectored too).
+pub struct Counted<I> {
+    io: I,
+    activity: Arc<Activity>,
+}
+
+impl<I> Counted<I> {
+    pub fn new(io: I, activity: Arc<Activity>) -> Self {
+        Counted { io, activity }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            this.activity.note_read(buf.filled().len() - before);
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

@@ -20,7 +20,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::audit::{AuditSink, TlsInfo};
 use crate::config::{AuditOutput, Config};
-use crate::http::activity::Activity;
+use crate::http::activity::{Activity, Counted};
 use crate::http::assertion::AssertionSigner;
 use crate::http::proxy::Shared;
 use crate::http::upstream::{client_for, UpstreamClient};
@@ -515,10 +515,14 @@ async fn accept_loop(
             match tls_cfg {
                 Some(cfg) => {
                     if let Some((stream, tls)) = tls_handshake(cfg, stream, peer).await {
-                        http.serve(stream, conn(Some(tls)), &activity, &mut stop).await;
+                        let io = Counted::new(stream, activity.clone());
+                        http.serve(io, conn(Some(tls)), &activity, &mut stop).await;
                     }
                 }
-                None => http.serve(stream, conn(None), &activity, &mut stop).await,
+                None => {
+                    let io = Counted::new(stream, activity.clone());
+                    http.serve(io, conn(None), &activity, &mut stop).await
+                }
             }
             m.connections_open.fetch_sub(1, Ordering::Relaxed);
         });
