@@ -51,7 +51,23 @@ impl Source {
     /// The diagnostic for a TOML syntax or shape error from the `toml` crate.
     pub fn toml_error(&self, err: &toml::de::Error) -> Diagnostic {
         // The toml crate appends a rendered snippet to its Display; keep only the message.
-        self.error(err.span(), err.message().trim().to_string())
+        self.error(err.span(), with_suggestion(err.message().trim()))
+    }
+}
+
+/// serde's "unknown field `audiance`, expected one of `issuer`, `audiences`, …" with the
+/// likeliest intended key named first: "(did you mean `audiences`?)".
+fn with_suggestion(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let Some((word, expected)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    match crate::policy::raw::suggest(word, &candidates) {
+        Some(hint) => format!("unknown field `{word}` (did you mean `{hint}`?){expected}"),
+        None => message.to_string(),
     }
 }
 
@@ -143,12 +159,21 @@ mod tests {
         #[serde(deny_unknown_fields)]
         #[allow(dead_code)]
         struct T {
-            a: u32,
+            issuer: u32,
+            audiences: u32,
         }
-        let s = Source::new("t.toml", "a = 1\naudiance = 2\n");
+        let s = Source::new("t.toml", "issuer = 1\naudiance = 2\n");
         let err = toml::from_str::<T>(&s.text).err();
         let d = err.map(|e| s.toml_error(&e));
-        let d = d.map(|d| (d.line, d.col, d.message.contains("audiance")));
-        assert_eq!(d, Some((2, 1, true)));
+        let d = d.map(|d| (d.line, d.col, d.message));
+        assert_eq!(
+            d,
+            Some((
+                2,
+                1,
+                "unknown field `audiance` (did you mean `audiences`?), expected `issuer` or `audiences`"
+                    .to_string()
+            ))
+        );
     }
 }

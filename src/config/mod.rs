@@ -399,6 +399,7 @@ impl Compiler<'_> {
         let mut audit = raw::Audit::default();
         let mut session: Option<(std::ops::Range<usize>, raw::Session)> = None;
         let mut issuers: Vec<(Spanned<String>, raw::Issuer)> = Vec::new();
+        let mut broken_issuers: Vec<(String, Preset)> = Vec::new();
         let mut routes: Vec<raw::Route> = Vec::new();
         let mut saw_routes = false;
         let mut databases: Vec<raw::Database> = Vec::new();
@@ -421,8 +422,22 @@ impl Compiler<'_> {
                         DeValue::Table(t) => {
                             for (name, v) in t {
                                 let name = Spanned::new(name.span(), name.get_ref().to_string());
-                                if let Some(i) = self.section::<raw::Issuer>(v) {
-                                    issuers.push((name, i));
+                                let preset = match v.get_ref() {
+                                    DeValue::Table(t) => t
+                                        .iter()
+                                        .find(|(k, _)| k.get_ref() == "preset")
+                                        .and_then(|(_, p)| match p.get_ref() {
+                                            DeValue::String(s) => Preset::parse(s),
+                                            _ => None,
+                                        }),
+                                    _ => None,
+                                };
+                                match self.section::<raw::Issuer>(v) {
+                                    Some(i) => issuers.push((name, i)),
+                                    // Still declared: policies naming it are checked
+                                    // without a second error per mention.
+                                    None => broken_issuers
+                                        .push((name.into_inner(), preset.unwrap_or(Preset::Oidc))),
                                 }
                             }
                         }
@@ -500,7 +515,7 @@ impl Compiler<'_> {
         let mut compiled_issuers = Vec::new();
         // Every declared issuer goes into the catalog, even one with errors of its own,
         // so its policies are still checked (and not drowned in "not declared" noise).
-        let mut catalog = Catalog { issuers: BTreeMap::new() };
+        let mut catalog = Catalog { issuers: broken_issuers.into_iter().collect() };
         let mut logins = Vec::new();
         let mut first_login_span = None;
         for (name, mut raw) in issuers {

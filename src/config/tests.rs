@@ -63,6 +63,23 @@ fn token_cache_entries_default_zero_and_negative() {
 }
 
 #[test]
+fn a_misspelt_issuer_key_is_one_problem_with_a_suggestion() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // The policy names `corp` twice: a broken [issuers.corp] is still declared, so it
+    // adds no "issuer not declared" error per mention.
+    std::fs::create_dir_all(dir.path().join("policies")).ok();
+    let text = BASE.replace("audiences = [", "audiance = [");
+    let errors = compile(dir.path(), &text).err().unwrap_or_default();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with(
+            "6:1 unknown field `audiance` (did you mean `audiences`?), expected one of"
+        ),
+        "{errors:?}"
+    );
+}
+
+#[test]
 fn max_header_size_defaults_to_64kib_within_8kib_and_1mib() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let size = |extra: &str| {
