@@ -94,6 +94,8 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
         let start = out.len();
         out.push('/');
         let sb = seg.as_bytes();
+        // Whether the canonical segment holds a `%25` (an encoded `%`) to look behind.
+        let mut escaped_percent = false;
         let mut i = 0;
         while i < sb.len() {
             let b = sb[i];
@@ -113,6 +115,7 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
                         0..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
                         v if is_unreserved(v) => out.push(v as char),
                         v => {
+                            escaped_percent |= v == b'%';
                             out.push('%');
                             out.push(char::from(b"0123456789ABCDEF"[usize::from(v >> 4)]));
                             out.push(char::from(b"0123456789ABCDEF"[usize::from(v & 15)]));
@@ -137,7 +140,7 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
         // `%252F`, `%25252e`: what a second (third…) decoding hop would turn into `%2F`,
         // `..` or `;`, refused like their single forms. Looked for in the canonical
         // segment, where `%25%32%46` has become `%252F` too.
-        let mut rest = decoded.as_bytes();
+        let mut rest = if escaped_percent { decoded.as_bytes() } else { b"" };
         while let Some(at) = rest.windows(3).position(|w| w == b"%25") {
             rest = &rest[at + 3..];
             if double_encoded(rest) {

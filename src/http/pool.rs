@@ -254,7 +254,7 @@ impl<B> Body for PooledBody<B> {
 impl<B> Drop for PooledBody<B> {
     fn drop(&mut self) {
         if let Some((pool, tx, sent)) = self.back.take() {
-            if (self.done || self.inner.is_end_stream()) && sent.load(Ordering::Acquire) {
+            if self.is_end_stream() && sent.load(Ordering::Acquire) {
                 pool.put(tx);
             }
         }

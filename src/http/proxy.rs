@@ -626,6 +626,9 @@ pub async fn handle(
         Ok(u) => u,
         Err(_) => return rejection(out, Reason::BadRequest, "cannot build the upstream URI", &rc),
     };
+    let Some(client) = rt.clients.get(idx) else {
+        return rejection(out, Reason::InternalError, "no client for route", &rc);
+    };
 
     let authority_header = req.uri().authority().map(|a| a.as_str().to_string());
     let (mut parts, body) = req.into_parts();
@@ -638,9 +641,7 @@ pub async fn handle(
     }
     headers::set_forwarded(h, &conn.peer_ip, conn.trusted_peer, conn.proto(), &host);
     if !route.preserve_host {
-        if let Ok(v) = HeaderValue::from_str(route.upstream.authority.as_str()) {
-            h.insert(header::HOST, v);
-        }
+        h.insert(header::HOST, client.host().clone());
     } else if !h.contains_key(header::HOST) {
         // An HTTP/2 client sends `:authority`, not Host: carry it over.
         if let Some(v) = authority_header.and_then(|a| HeaderValue::from_str(&a).ok()) {
@@ -661,9 +662,6 @@ pub async fn handle(
         RequestBody::new(body, route.max_request_body, out.bytes_in.clone()),
     );
 
-    let Some(client) = rt.clients.get(idx) else {
-        return rejection(out, Reason::InternalError, "no client for route", &rc);
-    };
     let (result, mut out) =
         parked.around(out, tokio::time::timeout(route.timeout, client.send(upstream_req))).await;
     let mut resp = match result {

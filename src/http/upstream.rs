@@ -22,6 +22,8 @@ type General = Client<HttpsConnector<HttpConnector>, RequestBody>;
 pub struct UpstreamClient {
     scheme: Scheme,
     authority: Authority,
+    /// `authority` as a Host header, built once.
+    host: HeaderValue,
     kind: Kind,
 }
 
@@ -41,6 +43,11 @@ pub enum UpstreamError {
 }
 
 impl UpstreamClient {
+    /// The upstream's authority as a `Host` header value.
+    pub fn host(&self) -> &HeaderValue {
+        &self.host
+    }
+
     /// Sends a request whose URI is origin-form (`/path?query`) to this upstream; a
     /// request without `Host` gets the upstream's authority.
     pub async fn send(
@@ -48,9 +55,7 @@ impl UpstreamClient {
         mut req: Request<RequestBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         if !req.headers().contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(self.authority.as_str()) {
-                req.headers_mut().insert(header::HOST, v);
-            }
+            req.headers_mut().insert(header::HOST, self.host.clone());
         }
         match &self.kind {
             Kind::H1(pool) => Ok(pool.send(req).await?),
@@ -93,7 +98,9 @@ pub fn client(
     } else {
         Kind::General(Box::new(general(ca, h2c, connect_timeout)?))
     };
-    Ok(UpstreamClient { scheme: scheme.clone(), authority: authority.clone(), kind })
+    let host = HeaderValue::from_str(authority.as_str())
+        .map_err(|_| format!("upstream authority `{authority}` is not a valid Host"))?;
+    Ok(UpstreamClient { scheme: scheme.clone(), authority: authority.clone(), host, kind })
 }
 
 fn general(

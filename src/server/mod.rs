@@ -515,14 +515,10 @@ async fn accept_loop(
             match tls_cfg {
                 Some(cfg) => {
                     if let Some((stream, tls)) = tls_handshake(cfg, stream, peer).await {
-                        let io = Counted::new(stream, activity.clone());
-                        http.serve(io, conn(Some(tls)), &activity, &mut stop).await;
+                        http.serve(stream, conn(Some(tls)), &mut stop).await;
                     }
                 }
-                None => {
-                    let io = Counted::new(stream, activity.clone());
-                    http.serve(io, conn(None), &activity, &mut stop).await
-                }
+                None => http.serve(stream, conn(None), &mut stop).await,
             }
             m.connections_open.fetch_sub(1, Ordering::Relaxed);
         });
@@ -540,19 +536,16 @@ struct Http<'a> {
 impl Http<'_> {
     /// Serves a (plain or TLS) connection until it ends ([`drive`]); a request the
     /// HTTP/1 server refused on its own still gets its audit event.
-    async fn serve<I>(
-        self,
-        io: I,
-        conn: ConnInfo,
-        activity: &Activity,
-        stop: &mut watch::Receiver<bool>,
-    ) where
+    async fn serve<I>(self, io: I, conn: ConnInfo, stop: &mut watch::Receiver<bool>)
+    where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let activity = conn.activity.clone();
+        let io = TokioIo::new(Counted::new(io, activity.clone()));
         let svc =
             TowerToHyperService::new(stack::service(self.shared, self.sink.clone(), conn.clone()));
-        let c = self.builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-        if let Some(e) = drive(c, stop, activity, self.idle).await {
+        let c = self.builder.serve_connection_with_upgrades(io, svc);
+        if let Some(e) = drive(c, stop, &activity, self.idle).await {
             crate::http::access_log::refused_by_server(&self.sink, &conn, &*e);
         }
     }
