@@ -3,11 +3,15 @@
 //! need not trust plain headers (which anyone who reaches the upstream directly could
 //! send).
 //!
-//! Signing costs tens of microseconds, so an assertion is reused for the same verified
-//! token and route until half its lifetime has passed: a pipeline's repeated calls pay
-//! for one signature, not one per request. The plain identity headers are cached in the
-//! same entry ([`Forward`]), so a repeated call percent-encodes nothing either.
+//! Signing costs tens of microseconds, so an assertion is reused on a route until half
+//! its lifetime has passed, for the same verified token and for any other token that
+//! says the same thing upstream (same issuer, subject, kind, verified email, groups and
+//! CI context: [`forwards_the_same`]), as long as it does not outlive that token. A
+//! pipeline's repeated calls, and a job minting a fresh token per call, pay for one
+//! signature, not one per request. The plain identity headers are cached in the same
+//! entry ([`Forward`]), so a repeated call percent-encodes nothing either.
 
+use std::hash::BuildHasher;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +39,20 @@ pub struct AssertionSigner {
     ttl: Duration,
     jwks: Bytes,
     header_b64: String,
-    cache: Mutex<BoundedMap<(usize, usize), Cached>>,
+    cache: Mutex<Cache>,
+    /// Keys the identity fingerprints, so nobody can pick claims that collide.
+    fingerprint: std::collections::hash_map::RandomState,
+    /// Tests make every fingerprint collide, to show a collision is never a match.
+    #[cfg(test)]
+    all_collide: bool,
+}
+
+/// Two views of one set of entries: by token (the identity `Arc` a verified token maps
+/// to: a repeated call hashes nothing) and by what is forwarded (a fresh token for the
+/// same principal: hashed once, then found by token).
+struct Cache {
+    by_token: BoundedMap<(usize, usize), Cached>,
+    by_principal: BoundedMap<(u64, usize), Cached>,
 }
 
 impl std::fmt::Debug for AssertionSigner {
@@ -44,13 +61,33 @@ impl std::fmt::Debug for AssertionSigner {
     }
 }
 
+#[derive(Clone)]
 struct Cached {
     // Holding the Arcs keeps the pointers in the key from being reused by another
-    // identity, or by a route of a later configuration (another audience).
-    _identity: Arc<Identity>,
+    // identity, or by a route of a later configuration (another audience); the identity
+    // also tells a fingerprint collision from a match.
+    identity: Arc<Identity>,
     _route: Arc<str>,
     forward: Arc<Forward>,
+    /// The assertion's `exp`: another token may take this entry only if it lives as long.
+    exp: u64,
     refresh_after: u64,
+}
+
+/// Whether two identities put the same plain headers and the same assertion claims on
+/// the wire ([`super::headers::identity_headers`], [`Claims`]): everything either
+/// forwards, and nothing else. A field added to either must be added here.
+fn forwards_the_same(a: &Identity, b: &Identity) -> bool {
+    a.issuer == b.issuer
+        && a.subject == b.subject
+        && a.kind == b.kind
+        && forwarded_email(a) == forwarded_email(b)
+        && a.groups == b.groups
+        && a.ci == b.ci
+}
+
+fn forwarded_email(id: &Identity) -> Option<&str> {
+    id.email.as_deref().filter(|_| id.email_verified)
 }
 
 /// Everything the proxy adds upstream for one verified identity on one route, ready to
@@ -137,7 +174,13 @@ impl AssertionSigner {
             issuer,
             ttl,
             jwks: Bytes::from(jwks.to_string()),
-            cache: Mutex::new(BoundedMap::new(CACHE_LIMIT)),
+            cache: Mutex::new(Cache {
+                by_token: BoundedMap::new(CACHE_LIMIT),
+                by_principal: BoundedMap::new(CACHE_LIMIT),
+            }),
+            fingerprint: Default::default(),
+            #[cfg(test)]
+            all_collide: false,
         }
     }
 
@@ -169,33 +212,67 @@ impl AssertionSigner {
         now: u64,
         signed: bool,
     ) -> Arc<Forward> {
-        let key = (Arc::as_ptr(identity) as usize, Arc::as_ptr(route) as *const u8 as usize);
-        let previous = match self.cache.lock().get(&key) {
-            Some(c) if now < c.refresh_after => return c.forward.clone(),
-            Some(c) => Some(c.forward.clone()),
-            None => None,
+        let route_key = Arc::as_ptr(route) as *const u8 as usize;
+        let token_key = (Arc::as_ptr(identity) as usize, route_key);
+        // Never outlive the credential it vouches for.
+        let lifetime_cap = identity.expires_at.max(now + 1);
+        let (principal_key, previous) = {
+            let mut cache = self.cache.lock();
+            if let Some(c) = cache.by_token.get(&token_key) {
+                if now < c.refresh_after {
+                    return c.forward.clone();
+                }
+            }
+            let principal_key = (self.fingerprint_of(identity), route_key);
+            match cache.by_principal.get(&principal_key) {
+                Some(c) if forwards_the_same(&c.identity, identity) => {
+                    if now < c.refresh_after && c.exp <= lifetime_cap {
+                        let c = c.clone();
+                        let forward = c.forward.clone();
+                        cache.by_token.insert(token_key, c);
+                        return forward;
+                    }
+                    // Same principal: only the assertion needs re-signing.
+                    (principal_key, Some(c.forward.clone()))
+                }
+                _ => (principal_key, None),
+            }
         };
         let ttl = self.ttl.as_secs().max(1);
-        // Never outlive the credential it vouches for.
-        let exp = (now + ttl).min(identity.expires_at.max(now + 1));
+        let exp = (now + ttl).min(lifetime_cap);
         let forward = Arc::new(Forward {
-            // Same identity, same headers: only the assertion needs re-signing.
             identity_headers: match previous {
                 Some(p) => p.identity_headers.clone(),
                 None => super::headers::identity_headers(identity).into_boxed_slice(),
             },
             assertion: signed.then(|| self.sign(identity, route, now, exp)),
         });
-        self.cache.lock().insert(
-            key,
-            Cached {
-                _identity: identity.clone(),
-                _route: route.clone(),
-                forward: forward.clone(),
-                refresh_after: now + (exp - now) / 2,
-            },
-        );
+        let entry = Cached {
+            identity: identity.clone(),
+            _route: route.clone(),
+            forward: forward.clone(),
+            exp,
+            refresh_after: now + (exp - now) / 2,
+        };
+        let mut cache = self.cache.lock();
+        cache.by_principal.insert(principal_key, entry.clone());
+        cache.by_token.insert(token_key, entry);
         forward
+    }
+
+    fn fingerprint_of(&self, id: &Identity) -> u64 {
+        #[cfg(test)]
+        if self.all_collide {
+            return 0;
+        }
+        self.fingerprint.hash_one((
+            &id.issuer,
+            &id.subject,
+            id.kind,
+            forwarded_email(id),
+            &id.groups,
+            &id.ci,
+        ))
     }
 
     fn sign(&self, id: &Identity, route: &str, now: u64, exp: u64) -> HeaderValue {
@@ -207,7 +284,7 @@ impl AssertionSigner {
             exp,
             issuer: id.issuer.as_str(),
             kind: id.kind,
-            email: id.email.as_deref().filter(|_| id.email_verified),
+            email: forwarded_email(id),
             groups: &id.groups,
             ci: id.ci.as_ref(),
         };
@@ -313,5 +390,115 @@ mod tests {
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap_or_default())
                 .unwrap_or_default();
         assert_eq!(claims["aud"], "signed");
+    }
+
+    fn claims_of(f: &Forward) -> serde_json::Value {
+        let jwt = f.assertion.as_ref().and_then(|a| a.to_str().ok()).unwrap_or_default();
+        let payload = jwt.split('.').nth(1).unwrap_or_default();
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    fn pipeline(branch: &str) -> Identity {
+        Identity {
+            kind: PrincipalKind::Pipeline,
+            email: None,
+            groups: vec![],
+            ci: Some(CiContext {
+                provider: "bitbucket",
+                repository: Some("{repo}".into()),
+                branch: Some(branch.into()),
+                step: Some("{step}".into()),
+                ..Default::default()
+            }),
+            ..(*identity()).clone()
+        }
+    }
+
+    #[test]
+    fn a_fresh_token_for_the_same_principal_reuses_the_assertion_but_never_outlives_it() {
+        let s = AssertionSigner::generate("portcullis".into(), Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let route: Arc<str> = Arc::from("api");
+        let first = Arc::new(pipeline("main"));
+        let a = s.forward(&first, &route, 1_000, true);
+        // Another token (another Arc, another expiry and raw claims), same principal.
+        let second = Arc::new(Identity { expires_at: 2_000_000_100, ..pipeline("main") });
+        let b = s.forward(&second, &route, 1_010, true);
+        assert!(Arc::ptr_eq(&a, &b), "one signature for both tokens");
+        // ... and found by token from then on.
+        assert!(Arc::ptr_eq(&s.forward(&second, &route, 1_011, true), &a));
+
+        // A token that expires before the cached assertion gets its own, capped at its expiry.
+        let short = Arc::new(Identity { expires_at: 1_020, ..pipeline("main") });
+        let c = s.forward(&short, &route, 1_012, true);
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(claims_of(&c)["exp"], 1_020);
+        assert_eq!(claims_of(&a)["exp"], 1_060);
+
+        // Past half its lifetime, the entry is re-signed for the next token.
+        let later = Arc::new(pipeline("main"));
+        let d = s.forward(&later, &route, 1_031, true);
+        assert!(!Arc::ptr_eq(&a, &d) && !Arc::ptr_eq(&c, &d));
+        assert_eq!(claims_of(&d)["iat"], 1_031);
+        assert_eq!(d.identity_headers.len(), a.identity_headers.len());
+    }
+
+    #[test]
+    fn anything_forwarded_that_differs_gets_its_own_assertion_and_headers() {
+        for all_collide in [false, true] {
+            let mut s = AssertionSigner::generate("portcullis".into(), Duration::from_secs(60))
+                .unwrap_or_else(|e| panic!("{e}"));
+            s.all_collide = all_collide;
+            differing_identities_are_told_apart(&s);
+        }
+    }
+
+    fn differing_identities_are_told_apart(s: &AssertionSigner) {
+        let route: Arc<str> = Arc::from("api");
+        let base = Arc::new(pipeline("main"));
+        let a = s.forward(&base, &route, 1_000, true);
+        let human = |f: fn(&mut Identity)| {
+            let mut id = (*identity()).clone();
+            f(&mut id);
+            id
+        };
+        let variants: Vec<(Identity, &str)> = vec![
+            (pipeline("feature/x"), "branch"),
+            (Identity { subject: "bob".into(), ..pipeline("main") }, "subject"),
+            (Identity { issuer: IssuerId(Arc::from("other")), ..pipeline("main") }, "issuer"),
+            (Identity { kind: PrincipalKind::Service, ..pipeline("main") }, "kind"),
+            (Identity { groups: vec!["sre".into()], ..pipeline("main") }, "groups"),
+            (
+                Identity { email: Some("a@x".into()), email_verified: true, ..pipeline("main") },
+                "email",
+            ),
+            (Identity { ci: None, ..pipeline("main") }, "ci"),
+        ];
+        for (id, field) in variants {
+            let f = s.forward(&Arc::new(id), &route, 1_001, true);
+            assert!(!Arc::ptr_eq(&a, &f), "{field} differs, yet the assertion was shared");
+            assert_ne!(a.assertion, f.assertion, "{field}");
+        }
+        // An unverified email is not forwarded, so it does not tell identities apart;
+        // a verified one does.
+        let unverified = human(|id| id.email_verified = false);
+        let verified = human(|_| {});
+        assert!(forwards_the_same(
+            &unverified,
+            &human(|id| {
+                id.email_verified = false;
+                id.email = Some("mallory@example.com".into());
+            })
+        ));
+        assert!(!forwards_the_same(&unverified, &verified));
+        let g = s.forward(&Arc::new(verified), &route, 1_001, true);
+        assert_eq!(claims_of(&g)["email"], "alice@example.com");
+        let u = s.forward(&Arc::new(unverified), &route, 1_001, true);
+        assert!(claims_of(&u).get("email").is_none());
+        // Another route is another audience.
+        let other: Arc<str> = Arc::from("other");
+        let o = s.forward(&Arc::new(pipeline("main")), &other, 1_001, true);
+        assert_eq!(claims_of(&o)["aud"], "other");
     }
 }

@@ -277,7 +277,7 @@ impl Serialize for Claims {
 
 /// CI claims of all three providers in one vocabulary, so one audit schema and one
 /// policy language cover them. Raw claims stay matchable through `claims`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct CiContext {
     pub provider: &'static str,
     /// Bitbucket `workspaceUuid`, GitHub `repository_owner`, GitLab `namespace_path`.

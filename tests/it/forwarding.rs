@@ -136,6 +136,36 @@ async fn the_signed_assertion_verifies_with_the_published_key() {
 }
 
 #[tokio::test]
+async fn a_fresh_token_for_the_same_principal_gets_the_same_assertion_another_principal_its_own() {
+    let w = World::start().await;
+    let assertion = |r: &Resp| r.upstream_header("x-portcullis-assertion");
+    // Two tokens (different jti and lifetime), one principal: one signature.
+    let a = w.get("/h", Some(&w.token("corp", &["jti=one"]))).await;
+    let b = w.get("/h", Some(&w.token("corp", &["jti=two", "exp:=4000000000"]))).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert!(assertion(&a).is_some());
+    assert_eq!(assertion(&a), assertion(&b));
+    // Other groups: another assertion, saying so.
+    let c = w
+        .get("/h", Some(&w.token("corp", &["jti=three", r#"groups:=["engineering","ops"]"#])))
+        .await;
+    assert_eq!(c.status, StatusCode::OK, "{}", c.text());
+    assert_ne!(assertion(&a), assertion(&c));
+    let payload = assertion(&c).unwrap_or_default();
+    let payload = payload.split('.').nth(1).unwrap_or_default();
+    let claims: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap_or_default())
+            .unwrap_or_default();
+    assert_eq!(claims["groups"], serde_json::json!(["engineering", "ops"]));
+    assert_eq!(c.upstream_header("x-portcullis-groups").as_deref(), Some("engineering,ops"));
+    // A token that expires sooner never gets the longer-lived assertion.
+    let soon = portcullis::util::unix_now() + 20;
+    let d = w.get("/h", Some(&w.token("corp", &["jti=four", &format!("exp:={soon}")]))).await;
+    assert_eq!(d.status, StatusCode::OK, "{}", d.text());
+    assert_ne!(assertion(&a), assertion(&d));
+}
+
+#[tokio::test]
 async fn large_bodies_stream_both_ways() {
     let w = World::with(Setup {
         route_extra: "max_request_body = \"64MiB\"".into(),
