@@ -104,8 +104,7 @@ impl Compiler<'_> {
     ) -> Option<DatabaseSettings> {
         let start = self.diags.len();
         let name = d.name.get_ref().clone();
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if !super::is_name(&name) {
             self.err(d.name.span(), "database route names use letters, digits, `-`, `_` and `.`");
         }
         let listen = self.addr(&d.listen);
@@ -204,7 +203,7 @@ impl Compiler<'_> {
         let v = u.get_ref();
         let Some(rest) = v.strip_prefix("postgres://").or_else(|| v.strip_prefix("postgresql://"))
         else {
-            self.err(u.span(), format!("upstream `{v}`: expected postgres://host:port"));
+            self.err(u.span(), "upstream: expected postgres://host:port");
             return None;
         };
         if rest.contains('@') {
@@ -216,17 +215,14 @@ impl Compiler<'_> {
         }
         let authority = rest.trim_end_matches('/');
         if authority.contains('/') || authority.contains('?') {
-            self.err(
-                u.span(),
-                format!("upstream `{v}`: no path or query (the client names the database)"),
-            );
+            self.err(u.span(), "upstream: no path or query (the client names the database)");
             return None;
         }
         let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
                 Ok(p) if p > 0 => (h, p),
                 _ => {
-                    self.err(u.span(), format!("upstream `{v}`: bad port"));
+                    self.err(u.span(), "upstream: bad port");
                     return None;
                 }
             },
@@ -234,7 +230,7 @@ impl Compiler<'_> {
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
-            self.err(u.span(), format!("upstream `{v}`: missing host"));
+            self.err(u.span(), "upstream: missing host");
             return None;
         }
         Some((host.to_string(), port))

@@ -799,6 +799,10 @@ impl Compiler<'_> {
 
     fn issuer(&mut self, name: &Spanned<String>, r: raw::Issuer) -> Option<IssuerSettings> {
         let start = self.diags.len();
+        // The name goes into headers, the assertion, metric labels and the audit log.
+        if !is_name(name.get_ref()) {
+            self.err(name.span(), "issuer names use letters, digits, `-`, `_` and `.`");
+        }
         let preset = match &r.preset {
             None => Preset::Oidc,
             Some(p) => Preset::parse(p.get_ref()).unwrap_or_else(|| {
@@ -1163,8 +1167,7 @@ impl Compiler<'_> {
     ) -> Option<RouteSettings> {
         let start = self.diags.len();
         let name = r.name.get_ref().clone();
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if !is_name(&name) {
             self.err(r.name.span(), "route names use letters, digits, `-`, `_` and `.`");
         }
         let host = match &r.matcher.host {
@@ -1293,8 +1296,10 @@ impl Compiler<'_> {
     }
 
     fn upstream(&mut self, u: &Spanned<String>, ca: Option<&Spanned<String>>) -> Option<Upstream> {
+        // The value is never quoted back: a mistyped one may hold a credential, and the
+        // span already points at it.
         let bad = |c: &mut Self, msg: &str| {
-            c.err(u.span(), format!("upstream `{}`: {msg}", u.get_ref()));
+            c.err(u.span(), format!("upstream: {msg}"));
             None
         };
         let Ok(uri) = u.get_ref().parse::<http::Uri>() else {
@@ -1311,6 +1316,10 @@ impl Compiler<'_> {
         };
         if uri.query().is_some() {
             return bad(self, "must not have a query");
+        }
+        if authority.as_str().contains('@') {
+            // It would be logged with every request and sent as part of `Host`.
+            return bad(self, "must not carry credentials (user:password@)");
         }
         let ca = ca.map(|c| self.existing_file(c));
         if ca.is_some() && scheme != http::uri::Scheme::HTTPS {
@@ -1397,3 +1406,8 @@ pub fn parse_size(v: &toml::Value) -> Option<u64> {
 
 #[cfg(test)]
 mod tests;
+
+/// A route, database or issuer name: letters, digits, `-`, `_` and `.`.
+pub(crate) fn is_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}

@@ -309,3 +309,39 @@ fn login_and_session_mistakes_are_reported_with_positions() {
     assert!(all.contains("not both"), "{all}");
     assert!(all.contains("longer than `absolute_lifetime`"), "{all}");
 }
+
+#[test]
+fn upstream_credentials_are_refused_and_never_quoted_back() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("pw"), "x\n").ok();
+    let text = BASE.replace("http://127.0.0.1:9000", "http://user:S3cretHttp@127.0.0.1:9000")
+        + "\n[[databases]]\nname = \"db\"\nlisten = \"127.0.0.1:0\"\n\
+           upstream = \"postgres://127.0.0.1:5432/app?user=app&password=S3cretPg\"\n\
+           upstream_user = \"app\"\npassword_file = \"pw\"\npolicy = \"p\"\n\
+           [[databases]]\nname = \"db2\"\nlisten = \"127.0.0.1:0\"\n\
+           upstream = \"mysql://S3cretScheme@h\"\nupstream_user = \"app\"\n\
+           password_file = \"pw\"\npolicy = \"p\"\n";
+    let errs = match compile(dir.path(), &text) {
+        Ok(_) => panic!("credentials in an upstream URL must be refused"),
+        Err(e) => e,
+    };
+    assert!(errs.iter().any(|e| e.contains("must not carry credentials")), "{errs:?}");
+    assert!(errs.iter().any(|e| e.contains("no path or query")), "{errs:?}");
+    assert!(errs.iter().any(|e| e.contains("expected postgres://")), "{errs:?}");
+    assert!(!errs.iter().any(|e| e.contains("S3cret")), "a secret quoted back: {errs:?}");
+}
+
+#[test]
+fn issuer_names_are_plain_like_route_names() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let text = BASE.replace("[issuers.corp]", "[issuers.\"co\\\"r\\np\"]");
+    let errs = compile(dir.path(), &text).err().unwrap_or_default();
+    assert!(
+        errs.iter().any(|e| e.starts_with("4:") && e.contains("issuer names use letters")),
+        "{errs:?}"
+    );
+    let another = "\n[issuers.\"corp-1.eu_west\"]\nissuer = \"https://idp2.example.com\"\n\
+                   audiences = [\"portcullis\"]\n";
+    let ok = compile(dir.path(), &BASE.replace("[[routes]]", &format!("{another}\n[[routes]]")));
+    assert!(ok.is_ok(), "{:?}", ok.err());
+}
