@@ -24,7 +24,8 @@ impl Source {
 
     /// Reads a file. An unreadable file becomes a diagnostic at `1:1`.
     pub fn read(path: &Path) -> Result<Self, Diagnostic> {
-        match std::fs::read_to_string(path) {
+        // Not only regular files: `-c /dev/stdin` and `-c <(…)` are fine, but bounded.
+        match crate::util::read_bounded_text(path, crate::util::MAX_CONFIG_FILE, false) {
             Ok(text) => Ok(Self::new(path, text)),
             Err(e) => Err(Diagnostic::at_path(path, format!("cannot read file: {e}"))),
         }

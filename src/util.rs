@@ -6,3 +6,79 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
+
+/// Reads a file the operator named (configuration, policy, secret), refusing what would
+/// hang or exhaust memory: more than `limit` bytes (`/dev/zero`), and, when
+/// `regular_only`, anything but a regular file after following symlinks (a FIFO would
+/// block until someone writes to it).
+pub fn read_bounded(
+    path: &std::path::Path,
+    limit: u64,
+    regular_only: bool,
+) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    let meta = std::fs::metadata(path)?;
+    if regular_only && !meta.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let too_big = || Error::new(ErrorKind::InvalidData, format!("larger than {limit} bytes"));
+    if meta.is_file() && meta.len() > limit {
+        return Err(too_big());
+    }
+    let mut out = Vec::new();
+    std::fs::File::open(path)?.take(limit + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > limit {
+        return Err(too_big());
+    }
+    Ok(out)
+}
+
+/// [`read_bounded`] as UTF-8 text.
+pub fn read_bounded_text(
+    path: &std::path::Path,
+    limit: u64,
+    regular_only: bool,
+) -> std::io::Result<String> {
+    String::from_utf8(read_bounded(path, limit, regular_only)?).map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "stream did not contain valid UTF-8")
+    })
+}
+
+/// The most a configuration or policy file may hold.
+pub const MAX_CONFIG_FILE: u64 = 16 * 1024 * 1024;
+/// The most a secret file (a password, a key) may hold.
+pub const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_reads_refuse_devices_fifos_and_oversized_files() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let small = dir.path().join("small");
+        std::fs::write(&small, "secret\n").ok();
+        assert_eq!(read_bounded_text(&small, 64, true).ok().as_deref(), Some("secret\n"));
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'a'; 65]).ok();
+        assert!(read_bounded(&big, 64, true).is_err());
+        // A device reads forever: refused as not regular, or cut at the limit.
+        let zero = std::path::Path::new("/dev/zero");
+        assert!(read_bounded(zero, 64, true).is_err());
+        assert!(read_bounded(zero, 64, false).is_err());
+        // A symlink to a device is the device.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(zero, &link).ok();
+        assert!(read_bounded(&link, 64, true).is_err());
+        // A FIFO is refused without opening it (opening would block: no writer).
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            let err = read_bounded(&fifo, 64, true).err().map(|e| e.to_string());
+            assert_eq!(err.as_deref(), Some("not a regular file"));
+        }
+        assert!(read_bounded_text(&big, 1024, true).is_ok());
+        std::fs::write(&big, [0xff, 0xfe]).ok();
+        assert!(read_bounded_text(&big, 1024, true).is_err());
+    }
+}

@@ -269,7 +269,7 @@ impl Compiler<'_> {
             },
             (None, Some(f)) => {
                 let p = self.path(f.get_ref());
-                match std::fs::read_to_string(&p) {
+                match crate::util::read_bounded_text(&p, crate::util::MAX_SECRET_FILE, true) {
                     Ok(v) => {
                         files.push(p);
                         v.trim_end_matches(['\r', '\n']).to_string()

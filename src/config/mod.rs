@@ -60,8 +60,10 @@ impl SecretSource {
         let v = match self {
             SecretSource::Env(name) => std::env::var(name)
                 .map_err(|_| format!("environment variable `{name}` is not set"))?,
-            SecretSource::File(p) => std::fs::read_to_string(p)
-                .map_err(|e| format!("secret file `{}`: {e}", p.display()))?,
+            SecretSource::File(p) => {
+                crate::util::read_bounded_text(p, crate::util::MAX_SECRET_FILE, true)
+                    .map_err(|e| format!("secret file `{}`: {e}", p.display()))?
+            }
         };
         let v = v.trim().to_string();
         if v.is_empty() {

@@ -345,3 +345,22 @@ fn issuer_names_are_plain_like_route_names() {
     let ok = compile(dir.path(), &BASE.replace("[[routes]]", &format!("{another}\n[[routes]]")));
     assert!(ok.is_ok(), "{:?}", ok.err());
 }
+
+#[test]
+fn a_password_file_that_is_a_fifo_or_a_device_is_an_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+    let db = |name: &str, file: &str| {
+        format!(
+            "\n[[databases]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n\
+             upstream = \"postgres://127.0.0.1:5432\"\nupstream_user = \"app\"\n\
+             password_file = \"{file}\"\npolicy = \"p\"\n"
+        )
+    };
+    let text = format!("{BASE}{}{}", db("a", "fifo"), db("b", "/dev/zero"));
+    // A FIFO with no writer would block a read forever: this returns at once.
+    let errs = compile(dir.path(), &text).err().unwrap_or_default();
+    assert_eq!(errs.iter().filter(|e| e.contains("not a regular file")).count(), 2, "{errs:?}");
+}

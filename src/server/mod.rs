@@ -676,35 +676,40 @@ async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watc
 /// second, content-hashed) works the same on every filesystem, including the
 /// symlink swaps Kubernetes does for mounted ConfigMaps.
 async fn watch_loop(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
-    let fingerprint = |files: &[PathBuf]| -> Vec<u8> {
-        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        for f in files {
-            ctx.update(f.to_string_lossy().as_bytes());
-            match std::fs::read(f) {
-                Ok(b) => ctx.update(&b),
-                Err(_) => ctx.update(b"\0missing"),
+    // File reads block: they run off the runtime's threads. A file that is not a regular
+    // one (a FIFO, a device) is never opened: the load refuses it anyway.
+    let fingerprint = |files: Vec<PathBuf>| async move {
+        let hash = move || {
+            let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+            for f in &files {
+                ctx.update(f.to_string_lossy().as_bytes());
+                match crate::util::read_bounded(f, crate::util::MAX_CONFIG_FILE, true) {
+                    Ok(b) => ctx.update(&b),
+                    Err(e) => ctx.update(format!("\0{:?}", e.kind()).as_bytes()),
+                }
             }
-        }
-        ctx.finish().as_ref().to_vec()
+            ctx.finish().as_ref().to_vec()
+        };
+        tokio::task::spawn_blocking(hash).await.unwrap_or_default()
     };
     let files = |s: &State| -> Vec<PathBuf> {
         let mut f = s.shared.runtime.load().config.files.clone();
         f.push(s.config_path.clone());
         f
     };
-    let mut last = fingerprint(&files(&state));
+    let mut last = fingerprint(files(&state)).await;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stopped(&mut shutdown) => return,
         }
-        let now = fingerprint(&files(&state));
+        let now = fingerprint(files(&state)).await;
         if now != last {
             // Let an editor or `git checkout` finish writing every file.
             tokio::time::sleep(Duration::from_millis(250)).await;
             tracing::info!("configuration files changed; reloading");
             reload(&state).await;
-            last = fingerprint(&files(&state));
+            last = fingerprint(files(&state)).await;
         }
     }
 }
