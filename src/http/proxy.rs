@@ -543,7 +543,7 @@ pub async fn handle(
                         out.detail = Some(Cow::Owned(format!("{detail}; sent to sign in")));
                         out.decision = "deny";
                         finish(
-                            sign_in_redirect(s, &rt.config, &route, &full_authority, rc.here())
+                            sign_in_redirect(s, &rt.config, &route, &full_authority, &rc, &req)
                                 .await,
                             out,
                         )
@@ -567,7 +567,7 @@ pub async fn handle(
                     out.detail = Some(Cow::Borrowed("no session; sent to sign in"));
                     out.decision = "deny";
                     return finish(
-                        sign_in_redirect(s, &rt.config, &route, &full_authority, rc.here()).await,
+                        sign_in_redirect(s, &rt.config, &route, &full_authority, &rc, &req).await,
                         out,
                     );
                 }
@@ -748,17 +748,19 @@ async fn sign_in_redirect(
     config: &crate::config::Config,
     route: &crate::config::RouteSettings,
     authority: &str,
-    here: &str,
+    rc: &RejectCtx,
+    req: &Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let here = crate::session::redirect::shorten(rc.here());
     let issuers = config.login_issuers(route);
     if let [only] = issuers.as_slice() {
-        if let Ok(resp) = s.start_login(&only.issuer, authority, here).await {
+        if let Ok(resp) = s.start_login(&only.issuer, authority, &here, req.headers()).await {
             return resp;
         }
     }
     let mut resp = Response::new(ProxyBody::empty());
     *resp.status_mut() = StatusCode::FOUND;
-    if let Ok(v) = HeaderValue::from_str(&crate::session::sign_in_link(here)) {
+    if let Ok(v) = HeaderValue::from_str(&crate::session::sign_in_link(&here)) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -54,6 +54,10 @@ pub const PREFIX: &str = "/.portcullis/";
 pub const LOGIN_COOKIE: &str = "_portcullis_login_";
 /// How long a browser has to come back from the provider.
 const LOGIN_TTL: u64 = 600;
+/// Sign-ins in progress one browser may hold (one per tab sent to sign in). Each is a
+/// cookie of up to ~3 KB; unbounded, a page re-navigating a window could pile up enough
+/// of them to make every request to the host too large to serve (431) for 10 minutes.
+const MAX_PENDING_LOGINS: usize = 3;
 /// A refresh result is reused this long for requests still carrying the old cookie.
 const FLIGHT_TTL: Duration = Duration::from_secs(120);
 
@@ -103,6 +107,10 @@ struct LoginState {
     redirect_uri: String,
     #[serde(rename = "x")]
     expires: u64,
+    /// When it started, in Unix milliseconds: orders sign-ins started within a second
+    /// (the oldest are ended first). 0 in cookies sealed before it existed.
+    #[serde(rename = "t", default)]
+    started_ms: u64,
 }
 
 /// The result of looking at a request's session cookie.
@@ -152,9 +160,12 @@ impl std::fmt::Debug for Sessions {
 
 /// Whether a request is a browser navigation that may be redirected to sign in: GET or
 /// HEAD, no `Authorization`, and an `Accept` that asks for HTML.
+/// A browser that says what it is doing (`Sec-Fetch-Mode`) must say `navigate`: a
+/// `fetch()` or XHR asking for HTML gets a 401, not a redirect and a login cookie.
 pub fn is_navigation(method: &Method, headers: &HeaderMap) -> bool {
     (method == Method::GET || method == Method::HEAD)
         && !headers.contains_key(header::AUTHORIZATION)
+        && headers.get("sec-fetch-mode").is_none_or(|m| m.as_bytes() == b"navigate")
         && crate::http::reject::wants_html(headers)
 }
 
@@ -484,12 +495,15 @@ impl Sessions {
         .clone()
     }
 
-    /// Start a sign-in with `issuer`: a sealed login cookie and a 302 to the provider.
+    /// Start a sign-in with `issuer`: a sealed login cookie and a 302 to the provider,
+    /// ending the oldest sign-ins in progress the request carries (`headers`) beyond
+    /// [`MAX_PENDING_LOGINS`].
     pub async fn start_login(
         &self,
         issuer: &IssuerId,
         authority: &str,
         return_to: &str,
+        headers: &HeaderMap,
     ) -> Result<Response<ProxyBody>, (Reason, String)> {
         let provider = self
             .provider(issuer.as_str())
@@ -507,6 +521,9 @@ impl Sessions {
             return_to: return_to.to_string(),
             redirect_uri,
             expires: crate::util::unix_now() + LOGIN_TTL,
+            started_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         };
         let json =
             serde_json::to_vec(&state).map_err(|e| (Reason::InternalError, e.to_string()))?;
@@ -517,7 +534,42 @@ impl Sessions {
         let c =
             cookie::set_cookie(&name, &sealed, &cookie::Attrs { domain: None, max_age: LOGIN_TTL })
                 .ok_or_else(|| (Reason::InternalError, "login cookie".to_string()))?;
-        Ok(redirect(&auth.url, vec![c]))
+        let mut set = vec![c];
+        set.extend(self.end_oldest_logins(headers));
+        Ok(redirect(&auth.url, set))
+    }
+
+    /// `Set-Cookie`s deleting the oldest login cookies in `headers`, so that with the one
+    /// being started at most [`MAX_PENDING_LOGINS`] remain. One that does not open (stale
+    /// key, tampered) counts as the oldest.
+    fn end_oldest_logins(&self, headers: &HeaderMap) -> Vec<HeaderValue> {
+        let cookies = cookie::parse(headers);
+        let mut pending: Vec<(u64, &str)> = cookies
+            .iter()
+            .filter(|(n, _)| {
+                n.strip_prefix(LOGIN_COOKIE).is_some_and(|s| {
+                    s.len() == 16
+                        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                })
+            })
+            .map(|(n, v)| {
+                let started = self
+                    .sealer
+                    .open(Purpose::Login, v)
+                    .ok()
+                    .and_then(|p| serde_json::from_slice::<LoginState>(&p).ok())
+                    .map_or(0, |l| l.started_ms);
+                (started, *n)
+            })
+            .collect();
+        pending.sort_unstable();
+        pending.dedup_by(|a, b| a.1 == b.1);
+        let excess = (pending.len() + 1).saturating_sub(MAX_PENDING_LOGINS);
+        let deleted = cookie::Attrs { domain: None, max_age: 0 };
+        pending[..excess.min(pending.len())]
+            .iter()
+            .filter_map(|(_, n)| cookie::set_cookie(n, "", &deleted))
+            .collect()
     }
 
     /// The human issuers a browser may pick from for a return target.
@@ -574,7 +626,8 @@ impl Sessions {
                 None => None,
             };
             if let Some(p) = picked {
-                return match self.start_login(&p.settings.id, authority, &return_to).await {
+                return match self.start_login(&p.settings.id, authority, &return_to, headers).await
+                {
                     Ok(response) => Answer {
                         response,
                         reason: Reason::LoginRequired,

@@ -12,6 +12,23 @@ use crate::config::{Config, HostMatch};
 /// Longest return URL accepted.
 pub const MAX_LEN: usize = 2048;
 
+/// `url` (`https://host/path?query`, this request's own) cut to fit [`MAX_LEN`]: as
+/// it is, else without its query, else the host's root. A deep link too long to keep
+/// then still signs the user in, instead of failing at the callback.
+pub fn shorten(url: &str) -> std::borrow::Cow<'_, str> {
+    if url.len() <= MAX_LEN {
+        return url.into();
+    }
+    let without_query = url.split_once('?').map_or(url, |(u, _)| u);
+    if without_query.len() <= MAX_LEN {
+        return without_query.into();
+    }
+    let root = url
+        .strip_prefix("https://")
+        .and_then(|rest| rest.find('/').map(|i| &url[..("https://".len() + i + 1)]));
+    root.filter(|r| r.len() <= MAX_LEN).unwrap_or("/").into()
+}
+
 /// Why a target was refused (for the log; the response says `invalid-redirect`).
 pub type Refused = &'static str;
 

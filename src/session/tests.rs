@@ -199,3 +199,14 @@ fn html_pages_escape_everything() {
     let c = pages::chooser(&[("Sign in with <b>".into(), "/s?issuer=a&rd=b".into())]);
     assert!(c.contains("&lt;b&gt;") && c.contains("issuer=a&amp;rd=b"));
 }
+
+#[test]
+fn a_return_target_too_long_to_keep_is_cut_to_its_path_then_its_root() {
+    let short = "https://app.example.com/a?b=c";
+    assert_eq!(redirect::shorten(short), short);
+    let long_query = format!("https://app.example.com/a/b?q={}", "x".repeat(3000));
+    assert_eq!(redirect::shorten(&long_query), "https://app.example.com/a/b");
+    let long_path = format!("https://app.example.com/{}?q=1", "p".repeat(3000));
+    assert_eq!(redirect::shorten(&long_path), "https://app.example.com/");
+    assert!(redirect::shorten(&"y".repeat(3000)).len() <= redirect::MAX_LEN);
+}

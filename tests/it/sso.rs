@@ -692,3 +692,43 @@ async fn a_session_is_kept_on_a_route_that_does_not_accept_its_issuer() {
     assert_eq!(b.session_cookie().map(|c| c.to_string()), session);
     assert_eq!(b.get(&w, &w.url("/app")).await.status, StatusCode::OK, "signed out elsewhere");
 }
+
+#[tokio::test]
+async fn sign_ins_in_progress_are_capped_oldest_first_and_a_long_deep_link_still_signs_in() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    let pending = |b: &Browser| -> Vec<String> {
+        b.jar.keys().filter(|k| k.starts_with("_portcullis_login_")).cloned().collect()
+    };
+    // Ten tabs sent to sign in, none finishing (a page re-navigating a window): the
+    // browser never holds more than three sign-ins, and keeps the newest.
+    let mut started = Vec::new();
+    for i in 0..10 {
+        let before = pending(&b);
+        let r = b.get(&w, &w.url(&format!("/app/{i}"))).await;
+        assert_eq!(r.status, StatusCode::FOUND);
+        let new: Vec<String> = pending(&b).into_iter().filter(|k| !before.contains(k)).collect();
+        assert_eq!(new.len(), 1, "one new sign-in per navigation");
+        started.extend(new);
+        assert!(pending(&b).len() <= 3, "{} pending after {i}", pending(&b).len());
+    }
+    let mut newest: Vec<String> = started[7..].to_vec();
+    newest.sort();
+    assert_eq!(pending(&b), newest, "the three newest are kept");
+    // A fetch() asking for HTML is not a navigation: 401, no redirect, no login cookie.
+    let r = b.request(&w, Method::GET, &w.url("/app/xhr"), &[("sec-fetch-mode", "cors")], "").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(set_cookies(&r).is_empty(), "{:?}", set_cookies(&r));
+    let r =
+        b.request(&w, Method::GET, &w.url("/app/tab"), &[("sec-fetch-mode", "navigate")], "").await;
+    assert_eq!(r.status, StatusCode::FOUND);
+
+    // A deep link longer than a return target may be signs in and lands on its path.
+    let mut b = Browser::new();
+    let long = format!("/app/deep?q={}", "a".repeat(2100));
+    let callback = b.through_provider(&w, &long, "alice", &["engineering"]).await;
+    let r = b.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    assert_eq!(location(&r), w.url("/app/deep"));
+    assert!(b.session_cookie().is_some());
+}
