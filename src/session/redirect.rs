@@ -65,12 +65,19 @@ pub fn check(target: &str, authority: &str, cfg: &Config) -> Result<String, Refu
     }
     let parsed: http::uri::Authority = auth.parse().map_err(|_| "bad host")?;
     let host = parsed.host().trim_end_matches('.').to_ascii_lowercase();
-    let own = authority
-        .parse::<http::uri::Authority>()
+    let own = authority.parse::<http::uri::Authority>().ok();
+    let own_host = own
+        .as_ref()
         .map(|a| a.host().trim_end_matches('.').to_ascii_lowercase())
         .unwrap_or_default();
-    if host != own && !served(&host, cfg) {
+    if host != own_host && !served(&host, cfg) {
         return Err("host is not served by any route");
+    }
+    // The proxy serves its hosts on the port this browser used; another port of the same
+    // name is another service, not this proxy.
+    let own_port = own.as_ref().and_then(|a| a.port_u16()).unwrap_or(443);
+    if parsed.port_u16().unwrap_or(443) != own_port {
+        return Err("another port than this proxy's");
     }
     let path = &rest[end..];
     if !(path.is_empty() || path.starts_with('/') || path.starts_with('?')) {

@@ -168,12 +168,25 @@ fn redirect_targets() -> Result<(), String> {
     let ok = |t: &str| redirect::check(t, here, &cfg);
     assert_eq!(ok("/x?y=1").as_deref(), Ok("https://app.example.com:8443/x?y=1"));
     assert_eq!(
-        ok("https://grafana.internal.example.com/d").as_deref(),
-        Ok("https://grafana.internal.example.com/d")
+        ok("https://grafana.internal.example.com:8443/d").as_deref(),
+        Ok("https://grafana.internal.example.com:8443/d")
     );
-    assert_eq!(ok("https://APP.example.com").as_deref(), Ok("https://app.example.com/"));
+    assert_eq!(ok("https://APP.example.com:8443").as_deref(), Ok("https://app.example.com:8443/"));
+    let on_443 = |t: &str| redirect::check(t, "app.example.com", &cfg);
+    assert_eq!(
+        on_443("https://app.example.com:443/x").as_deref(),
+        Ok("https://app.example.com:443/x")
+    );
+    assert_eq!(
+        on_443("https://grafana.internal.example.com/").as_deref(),
+        Ok("https://grafana.internal.example.com/")
+    );
+    assert!(on_443("https://app.example.com:8443/").is_err(), "another port");
     for bad in [
         "https://evil.example/",
+        "https://app.example.com/",
+        "https://app.example.com:1/x",
+        "https://grafana.internal.example.com/d",
         "//evil.example",
         "/\\evil.example",
         "/%5Cevil.example",
