@@ -5,6 +5,8 @@
 #   benches/instructions.sh                       # this checkout's release build
 #   BINS="/tmp/old/portcullis target/release/portcullis" benches/instructions.sh
 #   SECONDS_PER_RUN=20 CONNS=8 benches/instructions.sh
+#   KEEP=/tmp/cg benches/instructions.sh          # keep the callgrind files, for
+#       callgrind_annotate --inclusive=yes /tmp/cg/demo-*.cg.*1 | head -80
 #
 # For each binary it runs `portcullis demo` (full validation, policy, identity headers,
 # assertion, audit log) and `portcullis dev floor` (hyper server + pooled client only)
@@ -85,6 +87,7 @@ measure() {
   sha=$(callgrind_annotate "$out.cg".*1 2>/dev/null | awk '/sha256_block_data_order/ && !done {gsub(",", "", $1); print $1; done = 1}')
   grep -q '"status":200' "$out.stdout" 2>/dev/null || [[ $name == floor* ]] \
     || echo "warning: no 200 in the audit log of $name" >&2
+  if [[ -n ${KEEP:-} ]]; then mkdir -p "$KEEP" && cp "$out.cg".*1 "$KEEP/"; fi
   echo "$((total / n)) $((${sha:-0} / n))"
 }
 
