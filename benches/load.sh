@@ -32,15 +32,16 @@ PROFILE="${PROFILE:-}"                # "scenario:file": perf record the proxy d
 LOAD_CPU="${LOAD_CPU:-0}"
 PROXY_CPU="${PROXY_CPU:-1}"
 
+# The peers' ports are fixed by their templates (benches/peers/); portcullis's may be moved.
 UP=127.0.0.1:9000
 NGINX_PROXY=127.0.0.1:18081
 NGINX_TLS=127.0.0.1:18444
 HAPROXY_PLAIN=127.0.0.1:18091
 HAPROXY_JWT=127.0.0.1:18092
-PC_HTTP=127.0.0.1:18100
-PC_HTTPS=127.0.0.1:18443
-PC_ADMIN=127.0.0.1:18190
-FLOOR=127.0.0.1:18200
+PC_HTTP="${PC_HTTP:-127.0.0.1:18100}"
+PC_HTTPS="${PC_HTTPS:-127.0.0.1:18443}"
+PC_ADMIN="${PC_ADMIN:-127.0.0.1:18190}"
+FLOOR="${FLOOR:-127.0.0.1:18200}"
 
 log() { printf '%s\n' "$*" >&2; }
 die() { log "load.sh: $*"; exit 1; }
