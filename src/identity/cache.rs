@@ -33,6 +33,9 @@ pub(crate) struct Entry {
     /// Index of the issuer in the verifier, and the key that verified the token.
     pub issuer: usize,
     pub kid: Arc<str>,
+    /// [`super::jwks::VerifyKey::material`] of that key: new material under the same
+    /// kid is another key, and the entry is dead.
+    pub key_material: [u8; 32],
     /// The token is valid for `valid_from <= now < valid_until` (Unix seconds,
     /// leeway and max token age already applied).
     pub valid_from: u64,
@@ -100,6 +103,7 @@ mod tests {
             identity: Arc::new(identity),
             issuer: 0,
             kid: "k".into(),
+            key_material: [0; 32],
             valid_from: from,
             valid_until: until,
         }

@@ -67,6 +67,9 @@ impl Default for Timing {
 /// algorithm when the JWK names it; otherwise the allowlisted ones of its type).
 pub(crate) struct VerifyKey {
     by_alg: Vec<(Algorithm, ParsedPublicKey)>,
+    /// SHA-256 of the key material: a cached token stays valid only while its `kid`
+    /// still names this very key (an issuer may publish new material under an old kid).
+    pub material: [u8; 32],
 }
 
 impl VerifyKey {
@@ -321,12 +324,13 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// https anywhere; plain http only with `insecure_http` and a loopback host. No
 /// userinfo: credentials never travel to an issuer.
 pub(crate) fn check_fetch_url(url: &str, insecure_http: bool) -> Result<Uri, String> {
-    let uri: Uri = url.parse().map_err(|_| format!("`{url}` is not a URL"))?;
+    // Quoted in errors only once it is known to carry no credentials.
+    let uri: Uri = url.parse().map_err(|_| "is not a URL".to_string())?;
     let Some(authority) = uri.authority() else {
-        return Err(format!("`{url}` has no host"));
+        return Err("has no host".to_string());
     };
     if authority.as_str().contains('@') {
-        return Err(format!("`{url}` carries credentials"));
+        return Err("carries credentials (user:password@)".to_string());
     }
     match uri.scheme_str() {
         Some("https") => Ok(uri),
@@ -469,10 +473,33 @@ fn parse_jwk(
         .filter(|a| a.key_type() == kty && named.is_none_or(|n| n == *a))
         .collect();
     let mut by_alg = Vec::new();
+    let mut material = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    material.update(kty.as_bytes());
     match kty {
         "RSA" => {
             let (n, e) = (bytes("n")?, bytes("e")?);
             let components = RsaPublicKeyComponents { n: strip_zeros(&n), e: strip_zeros(&e) };
+            // Refused here rather than at every verification, so /readyz and the audit
+            // reason tell the truth about a key that could never verify anything.
+            let bits = components.n.len() * 8
+                - components.n.first().map_or(8, |b| b.leading_zeros() as usize);
+            if !(2048..=8192).contains(&bits) {
+                return Err("RSA modulus outside 2048–8192 bits");
+            }
+            if components.n.last().is_none_or(|b| b % 2 == 0) {
+                return Err("RSA modulus is even");
+            }
+            // aws-lc verifies with 3 ≤ e < 2^33 only; odd, as any RSA exponent.
+            let e_value = components
+                .e
+                .iter()
+                .try_fold(0u64, |acc, b| acc.checked_mul(256).map(|v| v + u64::from(*b)));
+            if !e_value.is_some_and(|e| e >= 3 && e % 2 == 1 && e < (1 << 33)) {
+                return Err("RSA public exponent unusable");
+            }
+            material.update(components.n);
+            material.update(b"|");
+            material.update(components.e);
             for alg in candidates {
                 let params = rsa_params(alg).ok_or("not an RSA algorithm")?;
                 let key = components.to_parsed_public_key(params).map_err(|_| "bad RSA key")?;
@@ -490,6 +517,8 @@ fn parse_jwk(
             if x.len() != len || y.len() != len {
                 return Err("EC coordinates of the wrong length");
             }
+            material.update(&x);
+            material.update(&y);
             if candidates.contains(&alg) {
                 let point = [&[4u8][..], &x, &y].concat();
                 by_alg.push((alg, ParsedPublicKey::new(verify, point).map_err(|_| "bad EC key")?));
@@ -503,6 +532,7 @@ fn parse_jwk(
             if x.len() != 32 {
                 return Err("Ed25519 key of the wrong length");
             }
+            material.update(&x);
             if candidates.contains(&Algorithm::EdDSA) {
                 let key =
                     ParsedPublicKey::new(&signature::ED25519, x).map_err(|_| "bad Ed25519 key")?;
@@ -514,7 +544,9 @@ fn parse_jwk(
     if by_alg.is_empty() {
         return Err("no allowlisted algorithm fits this key");
     }
-    Ok((kid, VerifyKey { by_alg }))
+    let mut fingerprint = [0u8; 32];
+    fingerprint.copy_from_slice(material.finish().as_ref());
+    Ok((kid, VerifyKey { by_alg, material: fingerprint }))
 }
 
 /// JWK integers are minimal big-endian, but some publishers pad; aws-lc wants none.
@@ -599,6 +631,44 @@ mod tests {
         assert_eq!(unnamed, Some(true));
         assert!(parse_jwks(&signer::jwks(&[&ec]), &[Algorithm::RS256], "t").is_err());
         assert!(parse_jwks(&json!({"keys": {}}), &[Algorithm::RS256], "t").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn rsa_keys_that_could_never_verify_are_skipped_at_parse(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let rsa = DevSigner::generate_rs256("rsa")?;
+        let jwk = rsa.public_jwk();
+        let n = URL_SAFE_NO_PAD.decode(jwk["n"].as_str().unwrap_or_default())?;
+        let with = |kid: &str, n: &[u8], e: &[u8]| {
+            let mut j = jwk.clone();
+            j["kid"] = json!(kid);
+            j["n"] = json!(URL_SAFE_NO_PAD.encode(n));
+            j["e"] = json!(URL_SAFE_NO_PAD.encode(e));
+            j
+        };
+        let mut even = n.clone();
+        if let Some(last) = even.last_mut() {
+            *last &= 0xfe;
+        }
+        let doc = json!({"keys": [
+            with("ok", &n, &[1, 0, 1]),
+            with("small", &n[..128], &[1, 0, 1]),
+            with("e1", &n, &[1]),
+            with("e2", &n, &[2]),
+            with("e-huge", &n, &[1, 0, 0, 0, 0, 1]),
+            with("even", &even, &[1, 0, 1]),
+        ]});
+        let keys = parse_jwks(&doc, &[Algorithm::RS256], "t")?;
+        let kids: Vec<&str> = keys.keys().map(|k| &**k).collect();
+        assert_eq!(kids, ["ok"]);
+        // Same material, same fingerprint; another key, another.
+        let again = parse_jwks(&doc, &[Algorithm::RS256], "t")?;
+        let other = DevSigner::generate_rs256("ok")?;
+        let other = parse_jwks(&signer::jwks(&[&other]), &[Algorithm::RS256], "t")?;
+        let material = |k: &HashMap<Arc<str>, Arc<VerifyKey>>| k.get("ok").map(|k| k.material);
+        assert_eq!(material(&keys), material(&again));
+        assert_ne!(material(&keys), material(&other));
         Ok(())
     }
 }

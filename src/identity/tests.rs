@@ -481,9 +481,17 @@ async fn v18_iat_in_the_future_or_too_old_is_rejected() {
     let v = offline(vec![aged]);
     let token = rsa().sign(&okta_header(), &okta_payload()); // iat = NOW - 100
     assert_eq!(reason(&v, &token).await, Some(Reason::TokenIssuedAt));
-    assert!(v.verify_at(&token, NOW - 10).await.is_ok());
+    let id = v.verify_at(&token, NOW - 10).await.unwrap();
+    // The identity ends at iat + max age, not at exp: tunnels and database sessions
+    // opened with it close there.
+    assert_eq!(id.expires_at, NOW - 100 + 30);
+    assert!(id.expires_at < okta_payload()["exp"].as_u64().unwrap_or(0));
     // Max age also bounds the cached entry.
     assert_eq!(reason(&v, &token).await, Some(Reason::TokenIssuedAt));
+    // Without a max age, exp.
+    let v = offline(vec![okta_settings()]);
+    let id = v.verify_at(&token, NOW).await.unwrap();
+    assert_eq!(Some(id.expires_at), okta_payload()["exp"].as_u64());
 }
 
 #[test]
@@ -957,6 +965,39 @@ async fn rotation_removes_keys_on_refresh() {
     }
     // The cached identity of the old token went with its key; k2 still works.
     assert!(v.verify_at(&token_for(&k2, &url), NOW).await.is_ok());
+}
+
+#[tokio::test]
+async fn new_material_under_an_old_kid_ends_the_tokens_cached_under_it() {
+    let dev = dev_issuer().await;
+    let k1 = DevSigner::generate_es256("k1").unwrap();
+    let url = dev.add_issuer("/human", &[&k1]);
+    dev.set_cache_control("/human", Some("max-age=0"));
+    let mut s = dev_settings(&dev, "/human");
+    s.refresh_cooldown = Duration::from_secs(3600);
+    let timing = Timing { min_ttl: Duration::from_millis(100), ..fast_timing() };
+    let v = Arc::new(Verifier::with_timing(vec![s], timing).unwrap());
+    v.start();
+    assert!(v.wait_ready(Duration::from_secs(5)).await);
+    let old = token_for(&k1, &url);
+    assert!(v.verify_at(&old, NOW).await.is_ok());
+    let checks = v.signature_checks();
+    assert!(v.verify_at(&old, NOW).await.is_ok());
+    assert_eq!(v.signature_checks(), checks, "cached");
+
+    // The issuer replaces the key (say, after a compromise) but keeps its kid.
+    let replaced = DevSigner::generate_es256("k1").unwrap();
+    dev.set_keys("/human", &[&replaced]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match reason(&v, &old).await {
+            Some(Reason::InvalidSignature) => break,
+            other => assert_eq!(other, None, "only success or invalid-signature expected"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "a token of the old key still passes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(v.verify_at(&token_for(&replaced, &url), NOW).await.is_ok());
 }
 
 #[tokio::test]

@@ -163,7 +163,9 @@ const TOKEN68: [bool; 256] = {
 struct Window {
     valid_from: u64,
     valid_until: u64,
-    exp: u64,
+    /// When the identity stops being valid (no leeway): `exp`, or `iat + max_token_age`
+    /// when sooner. Tunnels, database sessions and assertions end there.
+    ends_at: u64,
     iat: Option<u64>,
 }
 
@@ -303,9 +305,12 @@ impl Verifier {
     async fn verify_inner(&self, token: &str, now: u64) -> Result<Arc<Identity>, AuthError> {
         let hash = cache::hash(token);
         if let Some(hit) = self.cache.get(&hash, now) {
-            // The key that verified the token must still be published and usable.
+            // The key that verified the token must still be published and usable, and
+            // still be the same key (not new material under the old kid).
             let issuer = self.issuers.get(hit.issuer);
-            let live = issuer.and_then(|i| i.usable()).is_some_and(|s| s.get(&hit.kid).is_some());
+            let live = issuer.and_then(|i| i.usable()).is_some_and(|s| {
+                s.get(&hit.kid).is_some_and(|(_, key)| key.material == hit.key_material)
+            });
             if live {
                 crate::metrics::global().token_cache_hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(hit.identity);
@@ -383,6 +388,7 @@ impl Verifier {
             identity: identity.clone(),
             issuer: index,
             kid,
+            key_material: key.material,
             valid_from: window.valid_from,
             valid_until: window.valid_until,
         };
@@ -526,7 +532,11 @@ fn check_times(
             valid_until = valid_until.min(secs((iat + max_age + leewayf).floor()) + 1);
         }
     }
-    Ok(Window { valid_from, valid_until, exp: secs(exp), iat: iat.map(secs) })
+    let mut ends_at = secs(exp);
+    if let (Some(iat), Some(max_age)) = (iat, s.max_token_age) {
+        ends_at = ends_at.min(secs(iat).saturating_add(max_age.as_secs()));
+    }
+    Ok(Window { valid_from, valid_until, ends_at, iat: iat.map(secs) })
 }
 
 /// V14: `aud` is a string or a non-empty array of strings.
@@ -552,7 +562,7 @@ pub fn unverified_identity(
 ) -> Result<Identity, AuthError> {
     let num = |k: &str| payload.get(k).and_then(Value::as_u64);
     let exp = num("exp").unwrap_or(u64::MAX);
-    let window = Window { valid_from: 0, valid_until: exp, exp, iat: num("iat") };
+    let window = Window { valid_from: 0, valid_until: exp, ends_at: exp, iat: num("iat") };
     let audience_count = audiences(&payload).map_or(1, |a| a.len());
     build_identity(settings, &payload, Claims::default(), audience_count, &window)
         .map(|id| Identity { claims: payload.into(), ..id })
@@ -570,7 +580,7 @@ pub(crate) fn identity_from_verified(
     let exp =
         numeric_date(&payload, "exp")?.map(secs).ok_or_else(|| claims("token has no `exp`"))?;
     let iat = numeric_date(&payload, "iat")?.map(secs);
-    let window = Window { valid_from: 0, valid_until: exp, exp, iat };
+    let window = Window { valid_from: 0, valid_until: exp, ends_at: exp, iat };
     build_identity(s, &payload, Claims::default(), audience_count, &window)
         .map(|id| Identity { claims: payload.into(), ..id })
 }
@@ -664,7 +674,7 @@ fn build_identity(
         email_verified,
         groups: if overage { Vec::new() } else { groups },
         groups_known: !overage,
-        expires_at: window.exp,
+        expires_at: window.ends_at,
         issued_at: window.iat,
         ci,
         claims: all_claims,
