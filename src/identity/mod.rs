@@ -210,7 +210,9 @@ pub struct Identity {
     /// False when the provider signalled group overage (Entra `_claim_names`; V25):
     /// group rules then fail closed with `groups-unknown`.
     pub groups_known: bool,
-    /// Unix seconds.
+    /// When this identity stops being valid, Unix seconds: the token's `exp`, or
+    /// `iat + max_token_age` when that comes first (a bearer identity), or the session's
+    /// end. WebSocket tunnels, database sessions and assertions end there.
     pub expires_at: u64,
     pub issued_at: Option<u64>,
     pub ci: Option<CiContext>,

@@ -772,7 +772,7 @@ async fn control(
     loop {
         tokio::select! {
             () = &mut expiry => {
-                return (Reason::SessionExpired, format!("the token expired (exp {})", identity.expires_at));
+                return (Reason::SessionExpired, format!("the token expired (exp or max_token_age, at {})", identity.expires_at));
             }
             () = &mut cap, if max_session.is_some() => {
                 return (Reason::SessionExpired, format!("max_session ({:?}) reached", max_session.unwrap_or_default()));
