@@ -1140,11 +1140,19 @@ impl Compiler<'_> {
     }
 
     /// HTTPS only; `http://` only when the issuer opts in and the host is loopback.
+    /// An issuer or discovery URL. The value is never quoted back (it may hold a
+    /// credential by mistake); the span points at it.
     fn check_url(&mut self, u: &Spanned<String>, insecure_http: bool) {
         let Ok(uri) = u.get_ref().parse::<http::Uri>() else {
-            self.err(u.span(), format!("`{}` is not a URL", u.get_ref()));
+            self.err(u.span(), "not a URL");
             return;
         };
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            self.err(
+                u.span(),
+                "issuer and discovery URLs must not carry credentials (user:password@)",
+            );
+        }
         if uri.query().is_some() || u.get_ref().contains('#') {
             self.err(u.span(), "issuer URLs must not have a query or fragment");
         }
@@ -1155,7 +1163,7 @@ impl Compiler<'_> {
                 u.span(),
                 "issuer and discovery URLs must be https (`insecure_http = true` allows http on loopback only)",
             ),
-            _ => self.err(u.span(), format!("`{}` is not an https URL", u.get_ref())),
+            _ => self.err(u.span(), "not an https URL"),
         }
     }
 

@@ -364,3 +364,18 @@ fn a_password_file_that_is_a_fifo_or_a_device_is_an_error_not_a_hang() {
     let errs = compile(dir.path(), &text).err().unwrap_or_default();
     assert_eq!(errs.iter().filter(|e| e.contains("not a regular file")).count(), 2, "{errs:?}");
 }
+
+#[test]
+fn issuer_urls_with_credentials_are_refused_and_never_quoted_back() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let text = BASE.replace(
+        "audiences = [\"portcullis\"]",
+        "audiences = [\"portcullis\"]\ndiscovery_url = \"https://svc:hunter2SECRET@idp.example.com/.well-known/openid-configuration\"",
+    );
+    let errs = compile(dir.path(), &text).err().unwrap_or_default();
+    assert!(errs.iter().any(|e| e.contains("must not carry credentials")), "{errs:?}");
+    assert!(!errs.iter().any(|e| e.contains("hunter2")), "{errs:?}");
+    let text = BASE.replace("https://idp.example.com", "ftp://u:hunter2@idp.example.com");
+    let errs = compile(dir.path(), &text).err().unwrap_or_default();
+    assert!(errs.len() >= 2 && !errs.iter().any(|e| e.contains("hunter2")), "{errs:?}");
+}

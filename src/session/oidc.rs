@@ -159,7 +159,7 @@ impl Provider {
     ) -> Result<openidconnect::HttpResponse, HttpError> {
         let uri = req.uri().to_string();
         crate::identity::verify::check_fetch_url(&uri, self.settings.insecure_http)
-            .map_err(HttpError)?;
+            .map_err(|e| HttpError(format!("provider URL {e}")))?;
         let (parts, body) = req.into_parts();
         let req = http::Request::from_parts(parts, Full::new(Bytes::from(body)));
         let exchange = async {
