@@ -92,13 +92,16 @@ where
     /// connection returns to the pool when the body has been read to its end.
     pub async fn send(&self, req: Request<B>) -> Result<Response<PooledBody<B>>, PoolError> {
         let sent = Arc::new(AtomicBool::new(false));
+        // An upgrade the upstream declines leaves a connection whose state only the
+        // upstream knows (a careless one may have switched anyway): never reused.
+        let upgrade = req.headers().contains_key(http::header::UPGRADE);
         let mut req = req.map(|inner| Sent::new(inner, sent.clone()));
         // A reused connection may have been closed by the upstream while idle: the
         // request it refused (before sending anything) goes to the next idle one, and
         // at last to a new connection.
         while let Some(mut tx) = self.inner.checkout().await {
             match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(self.inner.wrap(resp, tx, sent)),
+                Ok(resp) => return Ok(self.inner.wrap(resp, tx, sent, upgrade)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => return Err(PoolError::Http(e.into_error())),
@@ -107,7 +110,7 @@ where
         }
         let mut tx = self.inner.connect().await?;
         let resp = tx.send_request(req).await?;
-        Ok(self.inner.wrap(resp, tx, sent))
+        Ok(self.inner.wrap(resp, tx, sent, upgrade))
     }
 
     /// Idle connections now (for tests).
@@ -163,9 +166,11 @@ where
         resp: Response<Incoming>,
         tx: http1::SendRequest<Sent<B>>,
         sent: Arc<AtomicBool>,
+        upgrade: bool,
     ) -> Response<PooledBody<B>> {
-        // After a 101 the connection belongs to the tunnel.
-        let reusable = resp.status() != http::StatusCode::SWITCHING_PROTOCOLS;
+        // After a 101 the connection belongs to the tunnel; after a declined upgrade, to
+        // nobody.
+        let reusable = !upgrade && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS;
         let back = reusable.then(|| (self.clone(), tx, sent));
         resp.map(|inner| PooledBody { inner, done: false, back })
     }
@@ -429,6 +434,23 @@ mod tests {
         assert_eq!(resp.status(), http::StatusCode::SWITCHING_PROTOCOLS);
         drop(resp);
         assert_eq!(pool.idle(), 0, "an upgraded connection is not pooled");
+
+        // An upgrade answered 200: the connection is not handed to the next request.
+        let (addr, conns) = upstream(100, |_| OK).await;
+        let pool = Pool::new(&addr, Duration::from_secs(2));
+        let upgrade = Request::get("/ws")
+            .header("host", "u")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let resp = pool.send(upgrade).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read_all(resp).await, "ok");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(pool.idle(), 0, "a declined upgrade's connection is not pooled");
+        let resp = pool.send(get("/")).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read_all(resp).await, "ok");
+        assert_eq!(conns.load(Ordering::SeqCst), 2, "the next request got a new connection");
     }
 
     #[tokio::test]
