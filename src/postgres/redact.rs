@@ -240,8 +240,9 @@ impl<'t> Scan<'t> {
         let b = &view.bytes[..];
         let kw_end = view.raw(toks[k].end);
         let Some(n) = next_sig(toks, k) else {
-            // Nothing follows: in a literal, the value is concatenated or a format argument.
-            if ctx == Ctx::Literal {
+            // Nothing follows: in a literal, the value is concatenated or a format argument;
+            // an unterminated comment may hold it (`PASSWORD /* 'x'`).
+            if ctx == Ctx::Literal || toks[k + 1..].iter().any(|t| !t.kind.closed()) {
                 self.give_up_after(kw_end);
             }
             return None;
@@ -563,7 +564,9 @@ impl Kind {
 
     fn closed(self) -> bool {
         match self {
-            Kind::Str { closed, .. } | Kind::Dollar { closed, .. } => closed,
+            Kind::Str { closed, .. }
+            | Kind::Dollar { closed, .. }
+            | Kind::Comment { closed, .. } => closed,
             _ => true,
         }
     }
@@ -920,6 +923,7 @@ fn u_escape(s: &[u8], esc: u8) -> (Vec<u8>, usize) {
 fn uri_passwords(bytes: &[u8]) -> Vec<(usize, usize)> {
     let mut spans = Vec::new();
     let mut from = 0;
+    let (mut uri_end, mut query, mut queried) = (0, None, None);
     while let Some(p) = bytes[from..].windows(3).position(|w| w == b"://") {
         let authority = from + p + 3;
         let mut end = authority;
@@ -938,9 +942,48 @@ fn uri_passwords(bytes: &[u8]) -> Vec<(usize, usize)> {
                 spans.push((authority + colon + 1, end));
             }
         }
+        // `?password=…`: libpq percent-decodes parameter names (`?pass%77ord=…`). The
+        // URI's end and its `?` are found once for all the URIs that share them.
+        if uri_end < end {
+            uri_end = (end..bytes.len())
+                .find(|&k| is_space(bytes[k]) || matches!(bytes[k], b'\'' | b'"'))
+                .unwrap_or(bytes.len());
+        }
+        if query.is_none_or(|q| q < end) {
+            query = (end..uri_end).find(|&k| bytes[k] == b'?').or(Some(uri_end));
+        }
+        if let Some(q) = query.filter(|&q| q < uri_end && queried != Some(q)) {
+            queried = Some(q);
+            let mut param = q + 1;
+            while param < uri_end {
+                let stop = (param..uri_end).find(|&k| bytes[k] == b'&').unwrap_or(uri_end);
+                if let Some(eq) = bytes[param..stop].iter().position(|b| *b == b'=') {
+                    if is_keyword(&percent_decode(&bytes[param..param + eq])) {
+                        spans.push((param + eq + 1, stop));
+                    }
+                }
+                param = stop + 1;
+            }
+        }
         from = authority;
     }
     spans
+}
+
+fn percent_decode(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        let (v, n) = if s[i] == b'%' { hex(&s[i + 1..], 2) } else { (0, 0) };
+        if n == 2 {
+            out.push((v & 0xff) as u8);
+            i += 3;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -1278,6 +1321,8 @@ mod tests {
             ("-- password: Hunter2\nSELECT 1", "-- password"),
             ("ALTER ROLE x PASSWORD$$Hunter2$$", "ALTER ROLE x PASSWORD"),
             ("ALTER ROLE x PASSWORD 1234 -- Hunter2", "ALTER ROLE x PASSWORD"),
+            ("ALTER ROLE x PASSWORD /* 'Hunter2'", "ALTER ROLE x PASSWORD"),
+            ("SELECT '{\"password\": \"Hunter2\"}'::jsonb", "SELECT '{\"password\""),
         ] {
             masks_the_rest(text, kept, "Hunter2");
         }
@@ -1333,6 +1378,11 @@ mod tests {
             "SELECT dblink_connect('postgresql://app:Hunter''2@db/x')",
             "SELECT dblink_connect('postgresql://app:***@db/x')",
             &["Hunter"],
+        );
+        masks(
+            "SELECT dblink_connect('postgresql://db/x?user=a&pass%77ord=Hunter2&sslmode=require')",
+            "SELECT dblink_connect('postgresql://db/x?user=a&pass%77ord=***&sslmode=require')",
+            &["Hunter2"],
         );
     }
 
