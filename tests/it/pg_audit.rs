@@ -223,23 +223,44 @@ async fn long_statement_names_and_function_calls_are_audited_as_the_server_ran_t
 }
 
 /// A password written into SQL text is masked in the audit log, in a simple query and in
-/// a prepared statement, whether or not the server lets the statement run.
+/// a prepared statement, whether or not the server lets the statement run; so is one in
+/// a statement a `DO` block builds, and when the proxy cannot tell where a secret ends
+/// (a `format()` argument), it masks everything after the keyword.
 #[tokio::test]
 async fn passwords_in_sql_text_never_reach_the_audit_log() {
     let Some(w) = PgWorld::start().await else { return };
     let token = w.w.token("bb", &[]);
     let mut t = session(&w, &token).await;
     let (simple, prepared) = ("pw-simple-4f1d9a", "pw-prepared-8b2c7e");
+    let (executed, formatted) = ("pw-do-execute-3c9e1b", "pw-do-format-7a2d5f");
     let q = format!("CREATE ROLE audit_marker_role PASSWORD '{simple}'");
     send(&mut t, &[message(b'Q', &cstr(&q))]).await;
     let _ = until_ready(&mut t).await; // refused or not: the client sent it
-                                       // A conninfo string, as dblink_connect or postgres_fdw take it (a plain literal here).
+                                       // The forms a security probe set passwords with on PostgreSQL 15: EXECUTE of a
+                                       // literal holding a literal, and format() with %L.
+    let do_execute = format!(
+        "DO $$ BEGIN EXECUTE 'ALTER ROLE audit_marker_role PASSWORD ''{executed}'''; END $$"
+    );
+    let do_format = format!(
+        "DO $$ BEGIN EXECUTE format('CREATE ROLE %I LOGIN PASSWORD %L', \
+         'audit_marker_role', '{formatted}'); END $$"
+    );
+    for q in [&do_execute, &do_format] {
+        send(&mut t, &[message(b'Q', &cstr(q))]).await;
+        let _ = until_ready(&mut t).await;
+    }
+    // A conninfo string, as dblink_connect or postgres_fdw take it (a plain literal here).
     let sql = format!("SELECT 'audit_marker_role', 'host=x password={prepared}'::text");
     send(&mut t, &[parse("", &sql), bind(""), execute(), sync()]).await;
     assert_eq!(kinds(&until_ready(&mut t).await), "12DCZ");
-    let events = statements_of(&w, "audit_marker_role", 2).await;
+    let events = statements_of(&w, "audit_marker_role", 4).await;
     let texts: Vec<&str> = events.iter().filter_map(|e| e["text"].as_str()).collect();
     assert!(texts.contains(&"CREATE ROLE audit_marker_role PASSWORD ***"), "{events:#?}");
+    let executed_text = "DO $$ BEGIN EXECUTE 'ALTER ROLE audit_marker_role PASSWORD ***'; END $$";
+    assert!(texts.contains(&executed_text), "{events:#?}");
+    let formatted_text =
+        "DO $$ BEGIN EXECUTE format('CREATE ROLE %I LOGIN PASSWORD *** (masked to the end)";
+    assert!(texts.contains(&formatted_text), "{events:#?}");
     assert!(texts.iter().any(|t| t.ends_with("'host=x password=***'::text")), "{events:#?}");
-    assert_no_secrets(&w, &[&token, simple, prepared]);
+    assert_no_secrets(&w, &[&token, simple, prepared, executed, formatted]);
 }
