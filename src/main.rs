@@ -311,23 +311,7 @@ where
 fn check(path: &std::path::Path, format: &str) -> ExitCode {
     let (errors, warnings, failures) = match portcullis::config::Config::load(path) {
         Ok(c) => {
-            let mut seen = std::collections::BTreeSet::new();
-            let mut failures = Vec::new();
-            let http = c
-                .routes
-                .iter()
-                .flat_map(|r| std::iter::once(&r.policy).chain(r.shadow_policy.as_ref()));
-            for p in http.chain(c.databases.iter().map(|d| &d.policy)) {
-                {
-                    if seen.insert(p.file().to_path_buf()) {
-                        failures.extend(
-                            portcullis::policy::run_tests(p)
-                                .into_iter()
-                                .filter(|o| o.failure.is_some()),
-                        );
-                    }
-                }
-            }
+            let failures = c.failing_policy_tests();
             (Vec::new(), c.warnings, failures)
         }
         Err(e) => (e.0, Vec::new(), Vec::new()),
@@ -358,13 +342,7 @@ fn check(path: &std::path::Path, format: &str) -> ExitCode {
             eprintln!("{}:{}:{}: warning: {}", d.file.display(), d.line, d.col, d.message);
         }
         for o in &failures {
-            eprintln!(
-                "{}:{}: test failed: {}: {}",
-                o.file.display(),
-                o.line,
-                o.name,
-                o.failure.as_deref().unwrap_or("")
-            );
+            eprintln!("{}", o.failure_report());
         }
         if !errors.is_empty() {
             eprintln!("{}: {} problem(s)", path.display(), errors.len());

@@ -320,6 +320,22 @@ impl Config {
         Self::compile(&source)
     }
 
+    /// The failing `[[test]]` cases of the policies this configuration enforces or
+    /// shadows (HTTP and database routes; each file once), in file order. What `check`
+    /// reports (exit 1), and what keeps a version from serving: `serve` does not start
+    /// and a reload is refused while one fails.
+    pub fn failing_policy_tests(&self) -> Vec<crate::policy::TestOutcome> {
+        let mut seen = HashSet::new();
+        let http = self
+            .routes
+            .iter()
+            .flat_map(|r| std::iter::once(&r.policy).chain(r.shadow_policy.as_ref()));
+        http.chain(self.databases.iter().map(|d| &d.policy))
+            .filter(|p| seen.insert(p.file().to_path_buf()))
+            .flat_map(|p| crate::policy::run_tests(p).into_iter().filter(|o| !o.passed()))
+            .collect()
+    }
+
     /// Compiles configuration text. Policies and certificates are read relative to the
     /// configuration file's directory.
     pub fn compile(source: &Source) -> Result<Config, LoadError> {

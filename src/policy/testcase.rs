@@ -1,5 +1,6 @@
 //! `[[test]]` cases: example callers with the expected decision, run by
-//! `portcullis policy test` and `portcullis check`.
+//! `portcullis policy test` and `portcullis check`, and before a version serves
+//! ([`crate::config::Config::failing_policy_tests`]).
 
 use std::fmt;
 use std::path::Path;
@@ -81,6 +82,18 @@ impl fmt::Display for TestRequest {
 impl TestOutcome {
     pub fn passed(&self) -> bool {
         self.failure.is_none()
+    }
+
+    /// `file:line: test failed: name: why`, as `check`, `serve` and a refused reload
+    /// report a failing case.
+    pub fn failure_report(&self) -> String {
+        format!(
+            "{}:{}: test failed: {}: {}",
+            self.file.display(),
+            self.line,
+            self.name,
+            self.failure.as_deref().unwrap_or("")
+        )
     }
 }
 

@@ -176,8 +176,14 @@ pub struct Options {
 }
 
 impl Server {
-    /// Binds every listener and starts serving.
+    /// Binds every listener and starts serving. A configuration whose policy tests fail
+    /// is refused ([`Config::failing_policy_tests`]).
     pub async fn start(config: Config, opts: Options) -> Result<Server, String> {
+        let failures = config.failing_policy_tests();
+        if !failures.is_empty() {
+            let report: Vec<String> = failures.iter().map(|o| o.failure_report()).collect();
+            return Err(format!("policy tests fail:\n{}", report.join("\n")));
+        }
         let sink = match (opts.sink, &config.audit) {
             (Some(s), _) => s,
             (None, AuditOutput::Stdout) => AuditSink::stdout(),
@@ -360,6 +366,19 @@ async fn reload(state: &State) -> bool {
             return false;
         }
     };
+    // A version whose own policy tests fail is refused like one that does not compile.
+    let failures = config.failing_policy_tests();
+    if !failures.is_empty() {
+        for o in &failures {
+            tracing::error!(target: "portcullis::config", "{}", o.failure_report());
+        }
+        tracing::error!(
+            failed_tests = failures.len(),
+            "reload rejected: policy tests fail; the previous configuration keeps serving"
+        );
+        m.config_reloads.inc(&"error");
+        return false;
+    }
     let old = state.shared.runtime.load_full();
     if config.listen.https != old.config.listen.https
         || config.listen.insecure_http != old.config.listen.insecure_http
@@ -755,10 +774,21 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await.map(|_| ());
 }
 
-/// Loads a configuration, printing every diagnostic; for the CLI.
+/// Loads a configuration to serve, printing every diagnostic and every failing policy
+/// test (either refuses it); for `serve`. The error is the number of problems.
 pub fn load_or_report(path: &Path) -> Result<Config, usize> {
     match Config::load(path) {
-        Ok(c) => Ok(c),
+        Ok(c) => {
+            let failures = c.failing_policy_tests();
+            if failures.is_empty() {
+                return Ok(c);
+            }
+            for o in &failures {
+                eprintln!("{}", o.failure_report());
+            }
+            eprintln!("{}: {} policy test(s) failed; not serving", path.display(), failures.len());
+            Err(failures.len())
+        }
         Err(e) => {
             for d in &e.0 {
                 eprintln!("{d}");

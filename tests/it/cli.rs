@@ -443,6 +443,31 @@ fn check_runs_inline_policy_tests_and_exits_1_on_a_failure() {
     let (code, _, err) = run(&["check", "-c", &cfg]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("api.toml:7: test failed: sre may"), "{err}");
+    // `serve` refuses such a version, as it refuses one with errors (exit 2).
+    let child = Command::new(BIN)
+        .args(["serve", "-c", &cfg])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut child = Killed(child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        match child.0.try_wait() {
+            Ok(Some(status)) => break status.code(),
+            _ if std::time::Instant::now() > deadline => {
+                panic!("serve started with a failing test")
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.0.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("api.toml:7: test failed: sre may"), "{err}");
 }
 
 /// `name=value` from a URL's query.

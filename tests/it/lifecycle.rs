@@ -54,6 +54,53 @@ async fn reload_applies_a_good_policy_and_rejects_a_bad_one() {
     assert!(m.contains("portcullis_config_reloads_total{outcome=\"error\"}"));
 }
 
+/// A `[[test]]` that holds for [`ONLY_MAIN`] and fails for [`FEATURE_TOO`].
+const FEATURE_DENIED: &str = r#"
+[[test]]
+name = "feature branches are refused"
+identity = { issuer = "bb", preset = "bitbucket-pipelines", claims = { repositoryUuid = "{7f3c1e2a-5b4d-4c8e-9a1f-2d3e4f5a6b7c}", branchName = "feature/x" } }
+request = "GET /x"
+expect = "deny"
+"#;
+
+/// The process-wide count of reloads with this outcome (metrics are global: other
+/// tests running meanwhile only add to it).
+async fn reloads(w: &World, outcome: &str) -> u64 {
+    let m = w.admin_get("/metrics").await.text();
+    let prefix = format!("portcullis_config_reloads_total{{outcome=\"{outcome}\"}} ");
+    m.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_version_whose_policy_tests_fail_is_not_loaded() {
+    let passing = format!("{ONLY_MAIN}{FEATURE_DENIED}");
+    let w =
+        World::with(Setup { policies: vec![("api".into(), passing)], ..Setup::default() }).await;
+    let feature = w.token("bb", &["branchName=feature/x"]);
+    assert_eq!(w.get("/x", Some(&feature)).await.status, StatusCode::FORBIDDEN);
+
+    // The new version compiles, but its own test says feature branches stay out: refused,
+    // counted as a failed reload, and the last good version keeps serving.
+    let errors = reloads(&w, "error").await;
+    write(&w.policy_path("api"), &format!("{FEATURE_TOO}{FEATURE_DENIED}"));
+    assert!(!w.server().reload().await, "a version failing its own tests was loaded");
+    assert_eq!(w.get("/x", Some(&feature)).await.status, StatusCode::FORBIDDEN);
+    assert!(reloads(&w, "error").await > errors);
+    assert!(!w.events().iter().any(|e| e["kind"] == "reload"), "a refused reload emits no event");
+    // Nor does a server start with it.
+    let config = portcullis::config::Config::load(&w.config_path())
+        .unwrap_or_else(|e| panic!("the version compiles: {e}"));
+    let refused = portcullis::server::Server::start(config, Default::default()).await;
+    let why = refused.err().unwrap_or_default();
+    assert!(why.contains("api.toml:8: test failed: feature branches are refused"), "{why}");
+
+    // With its test brought in line, the same rules load.
+    let fixed = FEATURE_DENIED.replace("are refused", "may call").replace("\"deny\"", "\"allow\"");
+    write(&w.policy_path("api"), &format!("{FEATURE_TOO}{fixed}"));
+    assert!(w.server().reload().await);
+    assert_eq!(w.get("/x", Some(&feature)).await.status, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn in_flight_requests_finish_during_a_reload_and_a_drain() {
     let mut w = World::start().await;
