@@ -220,6 +220,8 @@ impl Server {
         }
         let runtime = Runtime::build(config, None, 1)?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        // Turns true when the grace period is over: connections still open are closed.
+        let (cut_tx, cut_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
             signer: Arc::new(signer),
@@ -261,6 +263,7 @@ impl Server {
                 listen.trusted_proxies.clone(),
                 limit.clone(),
                 shutdown_rx.clone(),
+                cut_rx.clone(),
             ));
         }
         if let Some(a) = listen.insecure_http {
@@ -274,6 +277,7 @@ impl Server {
                 listen.trusted_proxies.clone(),
                 limit.clone(),
                 shutdown_rx.clone(),
+                cut_rx.clone(),
             ));
         }
         if let Some(a) = listen.admin {
@@ -290,6 +294,8 @@ impl Server {
         }
         // The drain task: when shutdown is signalled, wait until every connection has
         // given its permit back (each holds one for its lifetime), up to the grace period.
+        // Then those still open are closed, and their requests end, each with its audit
+        // event (`client-closed`), before the audit log is flushed.
         let mut rx = shutdown_rx.clone();
         let all = u32::try_from(max_conns).unwrap_or(u32::MAX);
         let drain_limit = limit.clone();
@@ -297,6 +303,10 @@ impl Server {
             stopped(&mut rx).await;
             if tokio::time::timeout(grace, drain_limit.acquire_many(all)).await.is_err() {
                 tracing::warn!(grace = ?grace, "shutdown grace period over; closing remaining connections");
+                let _ = cut_tx.send(true);
+                if tokio::time::timeout(CLOSE_WAIT, drain_limit.acquire_many(all)).await.is_err() {
+                    tracing::warn!("connection slots still taken after closing the connections");
+                }
             }
         });
         Ok(Server { http_bound: bound, shared, sink, postgres: pg, state, shutdown_tx, tasks })
@@ -317,8 +327,9 @@ impl Server {
         !self.state.draining.load(Ordering::Relaxed) && self.shared.runtime.load().verifier.ready()
     }
 
-    /// Stops accepting, drains in-flight requests (up to the grace period), flushes
-    /// the audit log.
+    /// Stops accepting, drains in-flight requests (up to the grace period; then the
+    /// connections still open are closed, their requests audited as `client-closed`),
+    /// flushes the audit log.
     pub async fn shutdown(mut self) {
         self.state.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown_tx.send(true);
@@ -494,6 +505,7 @@ async fn accept_loop(
     trusted: Vec<crate::config::IpNet>,
     limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
+    cut: watch::Receiver<bool>,
 ) {
     loop {
         let permit = tokio::select! {
@@ -523,6 +535,7 @@ async fn accept_loop(
         let builder = http_server_builder(header_timeout, max_header);
         let tls_cfg = if tls { (**state.tls.load()).clone() } else { None };
         let mut stop = shutdown.clone();
+        let mut cut = cut.clone();
         let slots = limit.clone();
         tokio::spawn(async move {
             // The slot is held by the connection and, after a WebSocket upgrade, by its tunnel.
@@ -531,13 +544,21 @@ async fn accept_loop(
             m.connections_open.fetch_add(1, Ordering::Relaxed);
             let conn = |tls| ConnInfo::new(peer, tls, trusted_peer, activity.clone());
             let http = Http { builder: &builder, shared, sink, idle };
-            match tls_cfg {
-                Some(cfg) => {
-                    if let Some((stream, tls)) = tls_handshake(cfg, stream, peer).await {
-                        http.serve(stream, conn(Some(tls)), &mut stop).await;
+            let serve = async {
+                match tls_cfg {
+                    Some(cfg) => {
+                        if let Some((stream, tls)) = tls_handshake(cfg, stream, peer).await {
+                            http.serve(stream, conn(Some(tls)), &mut stop).await;
+                        }
                     }
+                    None => http.serve(stream, conn(None), &mut stop).await,
                 }
-                None => http.serve(stream, conn(None), &mut stop).await,
+            };
+            // At the end of a shutdown's grace period the connection is dropped, and with
+            // it the requests still in flight (each writes its event as it goes).
+            tokio::select! {
+                () = serve => {}
+                () = grace_over(&mut cut) => {}
             }
             m.connections_open.fetch_sub(1, Ordering::Relaxed);
         });
@@ -652,6 +673,10 @@ fn descriptor_warning(max_connections: usize, open_files: Option<u64>) -> Option
 /// edge guidance 100). Each stream beyond the first also takes a `max_connections`
 /// slot while in flight ([`crate::http::activity`]).
 const MAX_CONCURRENT_STREAMS: u32 = 100;
+
+/// How long the drain waits, once the grace period is over and the remaining connections
+/// are closed, for their requests to end and give their slots back.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Admin connections served at once; more wait in the kernel backlog.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
@@ -772,6 +797,14 @@ where
 /// `Send`; dropping it here keeps the accept loops `Send`.)
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// Resolves once a shutdown's grace period is over (never when the server is dropped
+/// without a shutdown: its connections then go on as before).
+async fn grace_over(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|over| *over).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Loads a configuration to serve, printing every diagnostic and every failing policy

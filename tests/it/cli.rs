@@ -1,5 +1,6 @@
 //! The real binary, as a user runs it: `check` diagnostics, the README's demo flow,
-//! `serve` with SIGHUP / file-watcher reloads and a SIGTERM drain, and a browser sign-in
+//! `serve` with SIGHUP / file-watcher reloads and a SIGTERM drain (requests cut at the
+//! end of the grace period still audited), and a browser sign-in
 //! to the demo (debug logging on) that leaves no secret on stdout or stderr.
 
 use std::collections::BTreeMap;
@@ -698,4 +699,143 @@ async fn dev_floor_forwards_to_its_upstream_and_binds_loopback_only() {
     let (code, _, err) = run(&["dev", "floor", "--listen", "0.0.0.0:0", "--upstream", &upstream]);
     assert_ne!(code, 0);
     assert!(err.contains("loopback only"), "{err}");
+}
+
+/// `serve` run on a test world's configuration: HTTPS on a free port, the file watcher
+/// on (as by default), audit events to a file; each line of its stderr is kept with
+/// the moment it was read.
+struct Served {
+    child: Killed,
+    port: u16,
+    audit: std::path::PathBuf,
+    stderr: std::sync::mpsc::Receiver<(std::time::Instant, String)>,
+}
+
+impl Served {
+    async fn start(w: &World, shutdown_grace: &str) -> Served {
+        let port = free_port();
+        let audit = w.dir.path().join("audit.log");
+        let cfg = std::fs::read_to_string(w.config_path())
+            .unwrap_or_default()
+            .replace("https = \"127.0.0.1:0\"", &format!("https = \"127.0.0.1:{port}\""))
+            .replace("watch = false", "watch = true")
+            .replace("shutdown_grace = \"5s\"", &format!("shutdown_grace = {shutdown_grace:?}"))
+            .replace(
+                "[server]",
+                &format!("[audit]\noutput = {:?}\n\n[server]", audit.to_string_lossy()),
+            );
+        let path = w.dir.path().join("served.toml");
+        write(&path, &cfg);
+        let mut child = Command::new(BIN)
+            .args(["serve", "-c", &path.to_string_lossy()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (tx, stderr) = std::sync::mpsc::channel();
+        if let Some(err) = child.stderr.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    if tx.send((std::time::Instant::now(), line)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let served = Served { child: Killed(child), port, audit, stderr };
+        // Serving once a token is accepted (the issuer's keys are loaded).
+        let c = client(&w.pki, false);
+        let auth = format!("Bearer {}", w.token("bb", &[]));
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                let (url, h) = (served.url("/ready"), [("authorization", auth.as_str())]);
+                if send_with(&c, Method::GET, &url, &h, Bytes::new()).await.status == StatusCode::OK
+                {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        served
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
+    }
+
+    fn terminate(&self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.0.id().to_string()]).status();
+    }
+
+    /// After SIGTERM: how long after logging `shutdown complete` the process exited,
+    /// and its exit code. (Blocks the thread: call it once nothing else must run.)
+    fn exit_after_shutdown_complete(&mut self) -> (Duration, Option<i32>) {
+        let mut complete = None;
+        let mut seen = Vec::new();
+        while let Ok((at, line)) = self.stderr.recv_timeout(Duration::from_secs(30)) {
+            if line.contains("shutdown complete") {
+                complete = Some(at);
+                break;
+            }
+            seen.push(line);
+        }
+        let complete = complete.unwrap_or_else(|| panic!("no `shutdown complete`: {seen:#?}"));
+        while complete.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(s)) = self.child.0.try_wait() {
+                return (complete.elapsed(), s.code());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("still running 20 s after `shutdown complete`");
+    }
+
+    /// The HTTP audit events written for `path`.
+    fn events_for(&self, path: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["path"] == path)
+            .collect()
+    }
+}
+
+/// A request still running when the grace period ends is cut, and still gets its audit
+/// event (`client-closed`, 499) in the log before the process exits; over HTTP/1.1 and
+/// HTTP/2.
+#[tokio::test]
+async fn requests_cut_by_the_end_of_the_grace_period_are_audited() {
+    let w = World::start().await;
+    let mut served = Served::start(&w, "1s").await;
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let mut cut = Vec::new();
+    for (h2, path) in [(false, "/slow/8000"), (true, "/slow/8001")] {
+        let (c, auth, url) = (client(&w.pki, h2), auth.clone(), served.url(path));
+        cut.push(tokio::spawn(async move {
+            let req = http::Request::get(url)
+                .header("authorization", auth)
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap_or_else(|e| panic!("{e}"));
+            c.request(req).await.map(|r| r.status())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = std::time::Instant::now();
+    served.terminate();
+    for request in cut {
+        let answer = tokio::time::timeout(Duration::from_secs(6), request).await;
+        assert!(matches!(answer, Ok(Ok(Err(_)))), "not cut: {answer:?}");
+    }
+    let (after, code) = served.exit_after_shutdown_complete();
+    let took = start.elapsed();
+    assert_eq!(code, Some(0));
+    assert!(after < Duration::from_secs(1), "exited {after:?} after `shutdown complete`");
+    assert!(took < Duration::from_secs(4), "the grace period is 1 s; the exit took {took:?}");
+    for path in ["/slow/8000", "/slow/8001"] {
+        let events = served.events_for(path);
+        assert_eq!(events.len(), 1, "{path}: {events:?}");
+        assert_eq!(events[0]["reason"], "client-closed", "{path}");
+        assert_eq!(events[0]["status"], 499, "{path}");
+        assert_eq!(events[0]["decision"], "allow", "{path}");
+    }
 }
