@@ -278,25 +278,8 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<(), String>>,
 {
-    // One CPU (taskset, a container's CPU quota): a current-thread runtime, which does the
-    // same work as a one-worker multi-thread runtime without its cross-thread scheduling
-    // (measured on the load test's hyper floor: 15.1 → 13.0 µs CPU per request).
-    // More CPUs: the work-stealing runtime, one worker per CPU.
-    let one_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1)
-        && std::env::var_os("TOKIO_WORKER_THREADS").is_none();
-    let mut builder = if one_cpu {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    let rt = match builder.enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(f()) {
+    // The runtime's choice and its prompt end: `portcullis::server::process`.
+    match portcullis::server::process::run(f) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

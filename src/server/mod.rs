@@ -27,6 +27,8 @@ use crate::http::upstream::{client_for, UpstreamClient};
 use crate::http::{stack, ConnInfo};
 use crate::identity::verify::Verifier;
 
+pub mod process;
+
 /// One generation of configuration, ready to serve.
 pub struct Runtime {
     pub config: Config,

@@ -1,6 +1,6 @@
 //! The real binary, as a user runs it: `check` diagnostics, the README's demo flow,
-//! `serve` with SIGHUP / file-watcher reloads and a SIGTERM drain (requests cut at the
-//! end of the grace period still audited), and a browser sign-in
+//! `serve` with SIGHUP / file-watcher reloads and a SIGTERM drain (its prompt exit, and
+//! requests cut at the end of the grace period still audited), and a browser sign-in
 //! to the demo (debug logging on) that leaves no secret on stdout or stderr.
 
 use std::collections::BTreeMap;
@@ -798,6 +798,36 @@ impl Served {
             .filter(|e| e["path"] == path)
             .collect()
     }
+}
+
+/// After SIGTERM the drain finishes the request in flight and writes its audit event;
+/// then the process exits at once, not after every blocking thread of the runtime (a
+/// DNS lookup to a slow resolver) has returned.
+#[tokio::test]
+async fn serve_exits_promptly_once_shutdown_is_complete() {
+    let w = World::start().await;
+    let mut served = Served::start(&w, "5s").await;
+    let c = client(&w.pki, false);
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let get = |url: String| {
+        let (c, auth) = (c.clone(), auth.clone());
+        async move { send_with(&c, Method::GET, &url, &[("authorization", &auth)], Bytes::new()).await }
+    };
+    let slow = tokio::spawn(get(served.url("/slow/1000")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    served.terminate();
+    assert_eq!(
+        slow.await.map(|r| r.status).ok(),
+        Some(StatusCode::OK),
+        "in-flight request drained"
+    );
+    let (after, code) = served.exit_after_shutdown_complete();
+    eprintln!("exited {after:?} after `shutdown complete`");
+    assert_eq!(code, Some(0));
+    assert!(after < Duration::from_secs(1), "exited {after:?} after `shutdown complete`");
+    let drained = served.events_for("/slow/1000");
+    assert_eq!(drained.len(), 1, "{drained:?}");
+    assert_eq!(drained[0]["status"], 200);
 }
 
 /// A request still running when the grace period ends is cut, and still gets its audit
