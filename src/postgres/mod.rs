@@ -191,15 +191,6 @@ impl Hub {
     ) {
         let mut sessions = tokio::task::JoinSet::new();
         let closed = loop {
-            let permit = tokio::select! {
-                p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break false },
-                _ = stopped(&mut shutdown) => break false,
-                r = route.changed() => {
-                    if r.is_err() { break true }
-                    route.borrow_and_update();
-                    continue;
-                }
-            };
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(x) => x,
@@ -215,6 +206,23 @@ impl Hub {
                     route.borrow_and_update();
                     continue;
                 }
+            };
+            // The session's slot, taken once it is accepted (a loop waiting for clients
+            // holds none); with every slot taken it waits for one, unserved. The error
+            // says whether the listener was closed.
+            let permit = loop {
+                tokio::select! {
+                    p = limit.clone().acquire_owned() => break p.map_err(|_| false),
+                    _ = stopped(&mut shutdown) => break Err(false),
+                    r = route.changed() => match r {
+                        Ok(()) => { route.borrow_and_update(); }
+                        Err(_) => break Err(true),
+                    },
+                }
+            };
+            let permit = match permit {
+                Ok(p) => p,
+                Err(closed) => break closed,
             };
             let _ = stream.set_nodelay(true);
             let hub = self.clone();

@@ -510,10 +510,6 @@ async fn accept_loop(
     cut: watch::Receiver<bool>,
 ) {
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stopped(&mut shutdown) => return,
-        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -523,6 +519,14 @@ async fn accept_loop(
                     continue;
                 }
             },
+            _ = stopped(&mut shutdown) => return,
+        };
+        // The connection's slot, taken once it is accepted: a loop waiting for clients
+        // holds none (each listener's loop used to keep one, so N listeners left
+        // max_connections - N for clients). With every slot taken this connection waits
+        // for one, unserved, and the next clients wait in the kernel's backlog.
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = stopped(&mut shutdown) => return,
         };
         let _ = stream.set_nodelay(true);
