@@ -203,16 +203,24 @@ fn rejection(
     finish(resp, outcome)
 }
 
-/// The request's `host[:port]` as the browser wrote it (for redirect URIs).
+/// The request's `host[:port]` as the browser wrote it, less an empty port (for
+/// redirect URIs).
 fn authority_with_port(req: &Request<Incoming>) -> Option<String> {
     match req.uri().authority() {
-        Some(a) => Some(a.as_str().to_ascii_lowercase()),
+        Some(a) => Some(without_empty_port(a.as_str()).to_ascii_lowercase()),
         None => {
             let h = req.headers().get(header::HOST)?.to_str().ok()?;
             let a: http::uri::Authority = h.parse().ok()?;
-            Some(a.as_str().to_ascii_lowercase())
+            Some(without_empty_port(a.as_str()).to_ascii_lowercase())
         }
     }
+}
+
+/// `example.com:` is `example.com` (RFC 3986 §3.2.3: an empty port is the scheme's
+/// default; nginx reads it so too). Only for an authority [`is_host_and_port`] accepted,
+/// where a last `:` can only open the port.
+fn without_empty_port(authority: &str) -> &str {
+    authority.strip_suffix(':').unwrap_or(authority)
 }
 
 /// Headers with which upstream frameworks let a request claim another method (Rails,
@@ -303,7 +311,8 @@ fn unambiguous(req: &Request<Incoming>) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// `name[:port]` or `[ipv6][:port]`, where a name is letters, digits, `-`, `_` and `.`.
+/// `name[:port]` or `[ipv6][:port]`, where a name is letters, digits, `-`, `_` and `.`,
+/// and a port is a number up to 65535 or empty (`example.com:`, the default port).
 fn is_host_and_port(a: &[u8]) -> bool {
     let (host_ok, rest) = if let Some(inner) = a.strip_prefix(b"[") {
         let Some(end) = inner.iter().position(|&b| b == b']') else { return false };
@@ -319,7 +328,7 @@ fn is_host_and_port(a: &[u8]) -> bool {
         (ok, &a[end..])
     };
     let port_ok = match rest {
-        [] => true,
+        [] | [b':'] => true,
         [b':', port @ ..] => {
             (1..=5).contains(&port.len())
                 && port.iter().all(u8::is_ascii_digit)
@@ -642,9 +651,16 @@ pub async fn handle(
     headers::set_forwarded(h, &conn.peer_ip, conn.trusted_peer, conn.proto(), &host);
     if !route.preserve_host {
         h.insert(header::HOST, client.host().clone());
-    } else if !h.contains_key(header::HOST) {
-        // An HTTP/2 client sends `:authority`, not Host: carry it over.
-        if let Some(v) = authority_header.and_then(|a| HeaderValue::from_str(&a).ok()) {
+    } else {
+        // The client's Host (an HTTP/2 client sends `:authority` instead), less an empty
+        // port: the upstream reads the name the request was routed by, as X-Forwarded-Host
+        // says it, not `example.com:`.
+        let sent = match h.get(header::HOST) {
+            Some(v) if v.as_bytes().ends_with(b":") => v.to_str().ok().map(str::to_string),
+            Some(_) => None,
+            None => authority_header,
+        };
+        if let Some(v) = sent.and_then(|a| HeaderValue::from_str(without_empty_port(&a)).ok()) {
             h.insert(header::HOST, v);
         }
     }
@@ -810,6 +826,9 @@ mod tests {
             "[::1]",
             "[::1]:8443",
             "[2001:db8::ffff:1.2.3.4]:65535",
+            // An empty port is the default one (RFC 3986 §3.2.3), as nginx reads it.
+            "example.com:",
+            "[::1]:",
         ] {
             assert!(is_host_and_port(ok.as_bytes()), "{ok}");
         }
@@ -822,14 +841,15 @@ mod tests {
             "evil@app.example.com",
             "a b.example.com",
             "example.com:80:80",
-            "example.com:",
+            "example.com::",
+            ":",
             "example.com:123456",
             "example.com:8x",
             "example.com:99999",
             "[]",
             "[::1",
             "[::1]x",
-            "[::1]:",
+            "[::1]::",
             "[fe80::1%25eth0]",
             "exa%6dple.com",
         ] {

@@ -624,7 +624,7 @@ async fn tls_alpn(
 
 /// One raw HTTP/1.1 exchange over TLS: exactly these bytes, then everything the proxy
 /// sends until it closes the connection (or 10 s pass).
-async fn raw_exchange(w: &World, request: &str) -> String {
+pub(crate) async fn raw_exchange(w: &World, request: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tls_h1(w).await;
     s.write_all(request.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
@@ -1216,4 +1216,66 @@ async fn every_max_connections_slot_serves_a_client_whatever_the_number_of_liste
     assert_eq!(beside.map(|r| r.status).ok(), Some(StatusCode::OK), "the second slot was not free");
     let slow = slow.await.map(|r| r.status).ok();
     assert_eq!(slow, Some(StatusCode::OK));
+}
+
+/// The echo upstream's JSON in a raw HTTP/1.1 response.
+fn echo_in(resp: &str) -> serde_json::Value {
+    let start = resp.find("{\"method\"").unwrap_or_else(|| panic!("no echo: {resp}"));
+    let end = start + resp[start..].find("}\r\n").map_or(resp.len() - start, |e| e + 1);
+    serde_json::from_str(&resp[start..end]).unwrap_or_else(|e| panic!("{e}: {resp}"))
+}
+
+/// `Host: name:` (an empty port, RFC 3986) is the name without a port, as nginx reads
+/// it: routed by `name`, and the upstream is told `name` in X-Forwarded-Host and, with
+/// `preserve_host`, in Host; never the trailing `:`. Nothing else about the name gets
+/// looser.
+#[tokio::test]
+async fn a_host_with_an_empty_port_is_the_host_without_a_port() {
+    let routes = r#"
+[[routes]]
+name = "kept"
+match = { host = "localhost", path_prefix = "/kept" }
+upstream = "http://{echo}"
+policy = "api"
+preserve_host = true
+"#;
+    let w = World::with(Setup { routes: routes.into(), ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    let auth = format!("Authorization: Bearer {t}\r\n");
+    let get = |target: &str, host: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n")
+    };
+    // The exact-host route matches `localhost:` (and the case-insensitive `LOCALHOST:`);
+    // its upstream gets the name the request was routed by.
+    for host in ["localhost:", "LOCALHOST:"] {
+        let resp = raw_exchange(&w, &get("/kept/x", host)).await;
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{host}: {resp}");
+        let echo = echo_in(&resp);
+        assert_eq!(echo["path"], "/kept/x", "{host}: {echo}");
+        assert_eq!(echo["headers"]["host"][0], host.trim_end_matches(':'), "{echo}");
+        assert_eq!(echo["headers"]["x-forwarded-host"][0], "localhost", "{echo}");
+    }
+    let ev = w.last_event().await;
+    assert_eq!(ev["route"], "kept", "{ev}");
+    // A route that sets the upstream's own Host: X-Forwarded-Host names the routed host.
+    let resp = raw_exchange(&w, &get("/x", "localhost:")).await;
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    let echo = echo_in(&resp);
+    assert_eq!(echo["headers"]["x-forwarded-host"][0], "localhost", "{echo}");
+    assert_eq!(echo["headers"]["host"][0], w.echo.addr().to_string(), "{echo}");
+    // An absolute-form target with an empty port, and the same Host: one name.
+    let resp = raw_exchange(&w, &get("https://localhost:/kept/y", "localhost:")).await;
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    assert_eq!(echo_in(&resp)["headers"]["host"][0], "localhost");
+    // Still refused: the name another one than the TLS connection's (421), a Host that
+    // differs from the target in writing (400), and anything but one empty port (400).
+    let resp = raw_exchange(&w, &get("/kept/x", "evil.example:")).await;
+    assert!(resp.starts_with("HTTP/1.1 421 "), "{resp}");
+    let resp = raw_exchange(&w, &get("https://localhost:/kept/x", "localhost")).await;
+    assert!(resp.starts_with("HTTP/1.1 400 "), "{resp}");
+    for host in ["localhost::", ":", "localhost:,evil.example", "evil.example,localhost:"] {
+        let resp = raw_exchange(&w, &get("/kept/x", host)).await;
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{host}: {resp}");
+        assert!(resp.contains("\"error\":\"bad-request\""), "{host}: {resp}");
+    }
 }

@@ -732,3 +732,21 @@ async fn sign_ins_in_progress_are_capped_oldest_first_and_a_long_deep_link_still
     assert_eq!(location(&r), w.url("/app/deep"));
     assert!(b.session_cookie().is_some());
 }
+
+/// `Host: localhost:` (an empty port, read as `localhost`) signs in with the callback
+/// and the return address on `localhost`, never on `localhost:`.
+#[tokio::test]
+async fn a_host_with_an_empty_port_signs_in_at_the_host_without_a_port() {
+    let w = sso_world("").await;
+    let request = "GET /app/page HTTP/1.1\r\nHost: localhost:\r\nAccept: text/html\r\nConnection: close\r\n\r\n";
+    let resp = crate::forwarding::raw_exchange(&w, request).await;
+    assert!(resp.starts_with("HTTP/1.1 302 "), "{resp}");
+    let to = resp
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase().starts_with("location:").then(|| l[9..].trim().to_string())
+        })
+        .unwrap_or_default();
+    assert!(to.contains("redirect_uri=https%3A%2F%2Flocalhost%2F.portcullis%2Fcallback"), "{to}");
+    assert!(!to.contains("localhost%3A%2F"), "{to}");
+}
