@@ -107,10 +107,11 @@ struct LoginState {
     redirect_uri: String,
     #[serde(rename = "x")]
     expires: u64,
-    /// When it started, in Unix milliseconds: orders sign-ins started within a second
-    /// (the oldest are ended first). 0 in cookies sealed before it existed.
+    /// When it started, in Unix nanoseconds, strictly increasing within a process:
+    /// orders sign-ins started close together (the oldest are ended first). Cookies
+    /// sealed before it existed read as 0, the oldest.
     #[serde(rename = "t", default)]
-    started_ms: u64,
+    started_ns: u64,
 }
 
 /// The result of looking at a request's session cookie.
@@ -156,6 +157,19 @@ impl std::fmt::Debug for Sessions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sessions").field("providers", &self.providers).finish()
     }
+}
+
+/// Now in Unix nanoseconds, and never the same value twice in this process (two sign-ins
+/// started within a clock tick still have an order).
+fn login_started_ns() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let previous = LAST.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+        Some(now.max(last.saturating_add(1)))
+    });
+    now.max(previous.unwrap_or(0).saturating_add(1))
 }
 
 /// Whether a request is a browser navigation that may be redirected to sign in: GET or
@@ -521,9 +535,7 @@ impl Sessions {
             return_to: return_to.to_string(),
             redirect_uri,
             expires: crate::util::unix_now() + LOGIN_TTL,
-            started_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            started_ns: login_started_ns(),
         };
         let json =
             serde_json::to_vec(&state).map_err(|e| (Reason::InternalError, e.to_string()))?;
@@ -558,7 +570,7 @@ impl Sessions {
                     .open(Purpose::Login, v)
                     .ok()
                     .and_then(|p| serde_json::from_slice::<LoginState>(&p).ok())
-                    .map_or(0, |l| l.started_ms);
+                    .map_or(0, |l| l.started_ns);
                 (started, *n)
             })
             .collect();
