@@ -1163,7 +1163,7 @@ impl Compiler<'_> {
             self.err(u.span(), "not a URL");
             return;
         };
-        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        if u.get_ref().contains('@') {
             self.err(
                 u.span(),
                 "issuer and discovery URLs must not carry credentials (user:password@)",
@@ -1343,9 +1343,11 @@ impl Compiler<'_> {
         if uri.query().is_some() {
             return bad(self, "must not have a query");
         }
-        if authority.as_str().contains('@') {
-            // It would be logged with every request and sent as part of `Host`.
-            return bad(self, "must not carry credentials (user:password@)");
+        // Any `@`, not only one in the parsed authority: `http://u:pa/ss@host` parses as
+        // host `u` and path `/ss@host`, yet holds a credential all the same. It would be
+        // logged with every request.
+        if u.get_ref().contains(['@', '#']) {
+            return bad(self, "must not carry credentials (user:password@) or a fragment");
         }
         let ca = ca.map(|c| self.existing_file(c));
         if ca.is_some() && scheme != http::uri::Scheme::HTTPS {

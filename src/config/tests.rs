@@ -329,6 +329,14 @@ fn upstream_credentials_are_refused_and_never_quoted_back() {
     assert!(errs.iter().any(|e| e.contains("no path or query")), "{errs:?}");
     assert!(errs.iter().any(|e| e.contains("expected postgres://")), "{errs:?}");
     assert!(!errs.iter().any(|e| e.contains("S3cret")), "a secret quoted back: {errs:?}");
+    // A `/` or `#` in the password ends the parsed authority early: still refused.
+    for url in ["http://admin:s3cr3t/x@127.0.0.1:9000", "http://admin:s3cr3t#@127.0.0.1:9000"] {
+        let errs = compile(dir.path(), &BASE.replace("http://127.0.0.1:9000", url))
+            .err()
+            .unwrap_or_default();
+        assert!(errs.iter().any(|e| e.contains("must not carry credentials")), "{url}: {errs:?}");
+        assert!(!errs.iter().any(|e| e.contains("s3cr3t")), "{errs:?}");
+    }
 }
 
 #[test]
@@ -375,6 +383,9 @@ fn issuer_urls_with_credentials_are_refused_and_never_quoted_back() {
     let errs = compile(dir.path(), &text).err().unwrap_or_default();
     assert!(errs.iter().any(|e| e.contains("must not carry credentials")), "{errs:?}");
     assert!(!errs.iter().any(|e| e.contains("hunter2")), "{errs:?}");
+    let text = BASE.replace("https://idp.example.com", "https://u:hunter2/@idp.example.com");
+    let errs = compile(dir.path(), &text).err().unwrap_or_default();
+    assert!(errs.iter().any(|e| e.contains("must not carry credentials")), "{errs:?}");
     let text = BASE.replace("https://idp.example.com", "ftp://u:hunter2@idp.example.com");
     let errs = compile(dir.path(), &text).err().unwrap_or_default();
     assert!(errs.len() >= 2 && !errs.iter().any(|e| e.contains("hunter2")), "{errs:?}");

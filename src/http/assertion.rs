@@ -255,7 +255,11 @@ impl AssertionSigner {
             refresh_after: now + (exp - now) / 2,
         };
         let mut cache = self.cache.lock();
-        cache.by_principal.insert(principal_key, entry.clone());
+        // One cut short by its token's expiry is that token's alone: shared, it would
+        // hand the principal's later tokens an assertion with seconds to live.
+        if exp == now + ttl {
+            cache.by_principal.insert(principal_key, entry.clone());
+        }
         cache.by_token.insert(token_key, entry);
         forward
     }
@@ -435,6 +439,10 @@ mod tests {
         assert!(!Arc::ptr_eq(&a, &c));
         assert_eq!(claims_of(&c)["exp"], 1_020);
         assert_eq!(claims_of(&a)["exp"], 1_060);
+
+        // The short one was not shared: a later token of the principal gets the full one.
+        let third = Arc::new(pipeline("main"));
+        assert!(Arc::ptr_eq(&s.forward(&third, &route, 1_013, true), &a));
 
         // Past half its lifetime, the entry is re-signed for the next token.
         let later = Arc::new(pipeline("main"));

@@ -179,6 +179,16 @@ impl<'t> Scan<'t> {
                         }
                     }
                 }
+                // In a literal (a connection string), `"` is an ordinary character to libpq:
+                // what lexes as a quoted identifier there may hold `password=…`.
+                Kind::QIdent { .. }
+                    if ctx == Ctx::Literal
+                        && b[tok.start..tok.end]
+                            .windows(8)
+                            .any(|w| w.eq_ignore_ascii_case(b"password")) =>
+                {
+                    self.give_up_after(raw_start);
+                }
                 // `PASSWORD$$x$$` and `PASSWORD\u{a0}'x'` are one identifier to PostgreSQL
                 // (a syntax error), but the secret is in the text all the same.
                 Kind::Ident => {
@@ -932,8 +942,9 @@ fn uri_passwords(bytes: &[u8]) -> Vec<(usize, usize)> {
                 // A quote doubled or backslash-escaped inside the enclosing literal.
                 b'\'' if bytes.get(end + 1) == Some(&b'\'') => end += 2,
                 b'\'' if bytes[end - 1] == b'\\' => end += 1,
-                b'@' | b'/' | b'?' | b'#' | b'\'' | b'"' => break,
-                c if is_space(c) => break,
+                // libpq takes `user:password` up to the first `@` before a `/`: a `?`,
+                // `#`, `"` or space there is part of the password.
+                b'@' | b'/' | b'\'' => break,
                 _ => end += 1,
             }
         }
@@ -1428,6 +1439,35 @@ mod tests {
                 text.push_str(pieces[((seed >> (k * 5)) as usize) % pieces.len()]);
             }
             let _ = passwords(&text);
+        }
+    }
+
+    #[test]
+    fn libpq_connection_string_quirks_do_not_hide_a_password() {
+        // A URI's password runs to the `@`, whatever `?`, `#` or space it holds.
+        for pw in ["Sec?ret5", "Sec#ret6", "Sec ret7", "Sec\"ret8"] {
+            let text = format!(
+                "select * from dblink('postgresql://victim:{pw}@127.0.0.1:55432/app','select 1') as t(u text)"
+            );
+            let out = passwords(&text);
+            assert!(!out.contains(pw), "{out}");
+            assert!(out.contains("postgresql://victim:***@127.0.0.1:55432/app"), "{out}");
+        }
+        // `"` is ordinary in a key=value connection string: `password=` inside a span
+        // that lexes as a quoted identifier is still a password.
+        for text in [
+            "select dblink('host=h user=victim application_name=\"x password=Secret8 application_name=y\"','select 1')",
+            "select dblink('host=h application_name=x\"y password=Secret8 application_name=\"','select 1')",
+        ] {
+            let out = passwords(text);
+            assert!(!out.contains("Secret8"), "{out}");
+        }
+        // Ordinary text keeps its URLs and quotes.
+        for text in [
+            "SELECT 'see http://example.com/a?b#c', \"col\" FROM t",
+            "SELECT dblink('host=h application_name=\"x\"','select 1')",
+        ] {
+            assert_eq!(passwords(text), text);
         }
     }
 }
