@@ -937,32 +937,45 @@ async fn unknown_kid_refreshes_once_per_cooldown_even_when_concurrent() {
     assert_eq!(dev.jwks_fetches("/human"), 2);
 }
 
-#[tokio::test]
-async fn rotation_removes_keys_on_refresh() {
-    let dev = dev_issuer().await;
-    let k1 = DevSigner::generate_es256("k1").unwrap();
-    let k2 = DevSigner::generate_es256("k2").unwrap();
-    let url = dev.add_issuer("/human", &[&k1, &k2]);
+/// A verifier of an issuer at `/human` publishing `keys`, whose JWKS it refetches every
+/// 100 ms (`max-age=0`) but never early for an unknown kid; and the issuer's URL.
+async fn refreshing_verifier(dev: &DevIssuer, keys: &[&DevSigner]) -> (Arc<Verifier>, String) {
+    let url = dev.add_issuer("/human", keys);
     dev.set_cache_control("/human", Some("max-age=0"));
-    let mut s = dev_settings(&dev, "/human");
+    let mut s = dev_settings(dev, "/human");
     s.refresh_cooldown = Duration::from_secs(3600);
     let timing = Timing { min_ttl: Duration::from_millis(100), ..fast_timing() };
     let v = Arc::new(Verifier::with_timing(vec![s], timing).unwrap());
     v.start();
     assert!(v.wait_ready(Duration::from_secs(5)).await);
+    (v, url)
+}
+
+/// Polls until `token` is refused for `want` (accepted meanwhile is fine, any other
+/// refusal is not), for at most 5 s.
+async fn until_refused(v: &Verifier, token: &str, want: Reason) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match reason(v, token).await {
+            Some(r) if r == want => return,
+            other => assert_eq!(other, None, "only success or {want:?} expected"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still accepted after 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn rotation_removes_keys_on_refresh() {
+    let dev = dev_issuer().await;
+    let k1 = DevSigner::generate_es256("k1").unwrap();
+    let k2 = DevSigner::generate_es256("k2").unwrap();
+    let (v, url) = refreshing_verifier(&dev, &[&k1, &k2]).await;
     let old = token_for(&k1, &url);
     assert!(v.verify_at(&old, NOW).await.is_ok());
 
     dev.set_keys("/human", &[&k2]);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match reason(&v, &old).await {
-            Some(Reason::UnknownKey) => break,
-            other => assert_eq!(other, None, "only success or unknown-key expected"),
-        }
-        assert!(tokio::time::Instant::now() < deadline, "removed key still verifies");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_refused(&v, &old, Reason::UnknownKey).await;
     // The cached identity of the old token went with its key; k2 still works.
     assert!(v.verify_at(&token_for(&k2, &url), NOW).await.is_ok());
 }
@@ -971,14 +984,7 @@ async fn rotation_removes_keys_on_refresh() {
 async fn new_material_under_an_old_kid_ends_the_tokens_cached_under_it() {
     let dev = dev_issuer().await;
     let k1 = DevSigner::generate_es256("k1").unwrap();
-    let url = dev.add_issuer("/human", &[&k1]);
-    dev.set_cache_control("/human", Some("max-age=0"));
-    let mut s = dev_settings(&dev, "/human");
-    s.refresh_cooldown = Duration::from_secs(3600);
-    let timing = Timing { min_ttl: Duration::from_millis(100), ..fast_timing() };
-    let v = Arc::new(Verifier::with_timing(vec![s], timing).unwrap());
-    v.start();
-    assert!(v.wait_ready(Duration::from_secs(5)).await);
+    let (v, url) = refreshing_verifier(&dev, &[&k1]).await;
     let old = token_for(&k1, &url);
     assert!(v.verify_at(&old, NOW).await.is_ok());
     let checks = v.signature_checks();
@@ -988,15 +994,7 @@ async fn new_material_under_an_old_kid_ends_the_tokens_cached_under_it() {
     // The issuer replaces the key (say, after a compromise) but keeps its kid.
     let replaced = DevSigner::generate_es256("k1").unwrap();
     dev.set_keys("/human", &[&replaced]);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match reason(&v, &old).await {
-            Some(Reason::InvalidSignature) => break,
-            other => assert_eq!(other, None, "only success or invalid-signature expected"),
-        }
-        assert!(tokio::time::Instant::now() < deadline, "a token of the old key still passes");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_refused(&v, &old, Reason::InvalidSignature).await;
     assert!(v.verify_at(&token_for(&replaced, &url), NOW).await.is_ok());
 }
 
