@@ -15,7 +15,17 @@ use super::body::RequestBody;
 use super::pool::{H1Pool, PoolError, PooledBody};
 use crate::config::RouteSettings;
 
-type General = Client<HttpsConnector<HttpConnector>, RequestBody>;
+type HyperClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+
+/// hyper-util's clients for an HTTPS or h2c upstream.
+#[derive(Clone)]
+struct General {
+    pooled: HyperClient,
+    /// For requests offering an `Upgrade`: after an upgrade the upstream declined, the
+    /// connection's state is the upstream's word alone (a careless one may have switched
+    /// anyway), so it is never reused (as in [`super::pool`]).
+    unpooled: HyperClient,
+}
 
 /// A route's upstream client.
 #[derive(Clone)]
@@ -65,6 +75,11 @@ impl UpstreamClient {
                 parts.authority = Some(self.authority.clone());
                 parts.path_and_query = req.uri().path_and_query().cloned();
                 *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
+                let client = if req.headers().contains_key(header::UPGRADE) {
+                    &client.unpooled
+                } else {
+                    &client.pooled
+                };
                 let resp = client.request(req).await?;
                 Ok(resp.map(PooledBody::unpooled))
             }
@@ -126,11 +141,14 @@ fn general(
     } else {
         builder.enable_http2().wrap_connector(http)
     };
-    let mut b = Client::builder(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .http2_only(h2c);
-    Ok(b.build(connector))
+    let client = |max_idle| {
+        let mut b = Client::builder(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .pool_max_idle_per_host(max_idle)
+            .http2_only(h2c);
+        b.build(connector.clone())
+    };
+    Ok(General { pooled: client(256), unpooled: client(0) })
 }

@@ -506,6 +506,82 @@ async fn https_upstreams_use_their_ca_and_alpn() {
     server.abort();
 }
 
+/// An HTTPS upstream (HTTP/1.1 by ALPN) that declines an upgrade: the connection that
+/// carried it is not handed to the next request, whose answer could otherwise come from
+/// a careless upstream that switched protocols anyway.
+#[tokio::test]
+async fn a_declined_upgrade_to_an_https_upstream_leaves_its_connection_unused() {
+    use hyper_util::rt::TokioIo;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let pki =
+        portcullis::tls::DevPki::load_or_create(dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let tls = portcullis::tls::server_config_with_alpn(
+        pki.key_source(),
+        vec![],
+        vec![b"http/1.1".to_vec()],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let conns = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let id = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::spawn(async move {
+                let Ok(s) = acceptor.accept(s).await else { return };
+                // Every answer says which connection it came on; an upgrade gets a 200.
+                let svc = hyper::service::service_fn(
+                    move |_req: http::Request<hyper::body::Incoming>| async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(Bytes::from(id.to_string())),
+                        ))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let routes = format!(
+        "[[routes]]\nname = \"tls-up\"\nmatch = {{ path_prefix = \"/tls\" }}\nupstream = \"https://localhost:{}\"\nupstream_ca = {:?}\npolicy = \"api\"\n",
+        addr.port(),
+        pki.ca_path().to_string_lossy(),
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    let auth = format!("Bearer {t}");
+    let first = w.get("/tls/a", Some(&t)).await;
+    assert_eq!((first.status, first.text()), (StatusCode::OK, "1".to_string()));
+    let upgrade = w
+        .send(
+            Method::GET,
+            "/tls/ws",
+            &[
+                ("authorization", &auth),
+                ("connection", "upgrade"),
+                ("upgrade", "websocket"),
+                ("sec-websocket-version", "13"),
+                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    let declined_on = upgrade.text();
+    for _ in 0..3 {
+        let r = w.get("/tls/b", Some(&t)).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_ne!(r.text(), declined_on, "served on the connection of the declined upgrade");
+    }
+    assert!(conns.load(Ordering::SeqCst) >= 2);
+    server.abort();
+}
+
 /// The listener picks the certificate by SNI, and the request then routes by Host.
 #[tokio::test]
 async fn sni_selects_the_certificate_and_the_route() {
