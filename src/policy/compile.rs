@@ -112,7 +112,17 @@ impl<'a> Compiler<'a> {
         }
         if let Some(v) = &r.paths {
             let globs = self.globs(v, "paths", |p| {
-                (!p.starts_with('/')).then(|| format!("path `{p}` must start with `/`"))
+                if !p.starts_with('/') {
+                    Some(format!("path `{p}` must start with `/`"))
+                } else if !p.is_ascii() {
+                    // Requests are matched in their normalized, percent-encoded form.
+                    Some(format!(
+                        "path `{}` is not ASCII: write other characters percent-encoded (`%D0%B0`)",
+                        p.escape_default()
+                    ))
+                } else {
+                    None
+                }
             });
             conditions.push(self.condition("paths", v.span(), Matcher::Paths(globs)));
         }
@@ -201,6 +211,13 @@ impl<'a> Compiler<'a> {
             Some(u) => Some(u.get_ref().as_str().into()),
             None => None,
         };
+        // Printed by `who` and `policy diff` (into pull-request comments): one line of
+        // visible text, so it cannot forge or hide a line of the report.
+        if let Some(d) = &r.description {
+            if d.get_ref().chars().any(super::glob::is_hidden) {
+                self.err(d.span(), "`description` is one line without control, invisible or bidirectional-override characters");
+            }
+        }
         let description = r.description.as_ref().map(|d| d.get_ref().as_str().into());
 
         let (id, effect) = (id?, effect?);
@@ -625,7 +642,7 @@ impl<'a> Compiler<'a> {
             .map(|b| *b.get_ref())
             .or_else(|| claims.get("email_verified").and_then(Value::as_bool))
             .unwrap_or(false);
-        let groups = match &i.groups {
+        let groups: Vec<String> = match &i.groups {
             Some(g) => g.get_ref().iter().map(|s| s.get_ref().clone()).collect(),
             None => claims
                 .get("groups")
@@ -634,6 +651,21 @@ impl<'a> Compiler<'a> {
                 .unwrap_or_default(),
         };
         let groups_known = i.groups_known.as_ref().is_none_or(|b| *b.get_ref());
+        // A real token carries these as claims too: a `claims = { email = … }` matcher
+        // must see what the shortcut says, or a test could pass for a reason no token has.
+        claims.insert("sub".into(), Value::String(subject.clone()));
+        if let Some(e) = &email {
+            claims.insert("email".into(), Value::String(e.clone()));
+        }
+        if i.email_verified.is_some() || email.is_some() {
+            claims.insert("email_verified".into(), Value::Bool(email_verified));
+        }
+        if i.groups.is_some() {
+            claims.insert(
+                "groups".into(),
+                Value::Array(groups.iter().cloned().map(Value::String).collect()),
+            );
+        }
         // The verifier's own normalization, so a test sees exactly what a request would,
         // and a claim set the verifier would reject is reported here instead.
         let ci = match crate::identity::ci::normalize(preset, &claims) {

@@ -24,8 +24,20 @@ pub enum GlobError {
     Empty,
     #[error("`***` is not a pattern: use `*` (one path segment) or `**` (any depth)")]
     TooManyStars,
-    #[error("control character in pattern")]
+    #[error("control, invisible or bidirectional-override character in pattern")]
     ControlCharacter,
+}
+
+/// Characters that show as nothing, or reorder what follows (Trojan Source): a policy
+/// value holding one reads in review as something it is not (`/аdmin\u{200b}/**`).
+pub fn is_hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{00ad}' | '\u{034f}' | '\u{061c}' | '\u{115f}' | '\u{1160}' | '\u{17b4}'
+            | '\u{17b5}' | '\u{180b}'..='\u{180f}' | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{3164}'
+            | '\u{fe00}'..='\u{fe0f}' | '\u{feff}' | '\u{ffa0}' | '\u{fff0}'..='\u{fffb}'
+            | '\u{e0000}'..='\u{e0fff}')
 }
 
 /// Shapes worth a fast path: most policy values are literals or `prefix**`.
@@ -71,7 +83,7 @@ impl Glob {
         if pattern.contains("***") {
             return Err(GlobError::TooManyStars);
         }
-        if pattern.chars().any(char::is_control) {
+        if pattern.chars().any(is_hidden) {
             return Err(GlobError::ControlCharacter);
         }
         let mut tokens = Vec::new();
@@ -120,6 +132,12 @@ impl Glob {
     /// True for `**`, which matches every string.
     pub fn matches_everything(&self) -> bool {
         matches!(&self.kind, Kind::Prefix(p) if p.is_empty())
+    }
+
+    /// Whether the pattern is wildcards only (`*`, `?**`, `??*`): it names no value, it
+    /// only bounds a length or a depth.
+    pub fn is_wildcards_only(&self) -> bool {
+        self.source.chars().all(|c| c == '*' || c == '?')
     }
 
     /// The characters every match must start with (the text before the first wildcard).
@@ -321,6 +339,10 @@ mod tests {
         assert_eq!(Glob::new("/a/***/b"), Err(GlobError::TooManyStars));
         assert_eq!(Glob::new("a\nb"), Err(GlobError::ControlCharacter));
         assert_eq!(Glob::new("a\0"), Err(GlobError::ControlCharacter));
+        for hidden in ["/admin\u{200b}/**", "main\u{202e}", "\u{feff}main", "a\u{2066}b"] {
+            assert_eq!(Glob::new(hidden), Err(GlobError::ControlCharacter), "{hidden:?}");
+        }
+        assert!(Glob::new("relé/*").is_ok(), "other non-ASCII text is fine");
     }
 
     #[test]

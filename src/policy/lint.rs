@@ -207,7 +207,8 @@ fn deploy_without_ref(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset
     }
     let restricted = rule.conditions().any(|c| match c.matcher() {
         Matcher::Ci { field, globs } => {
-            REF_CI_FIELDS.contains(field) && !globs.iter().any(Glob::matches_everything)
+            REF_CI_FIELDS.contains(field)
+                && !globs.iter().any(|g| g.matches_everything() || g.is_wildcards_only())
         }
         Matcher::Claim { name, .. } => REF_CLAIMS.contains(&&**name),
         Matcher::Subject(globs) => globs.iter().all(|g| {

@@ -6,7 +6,6 @@
 //! access gained and lost as `who` summaries, and every `[[test]]` case (of either
 //! side) whose decision flips between the two sides.
 
-use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,7 +45,8 @@ pub enum Access {
 #[derive(Debug, Clone, Serialize)]
 pub struct RuleChange {
     pub access: Access,
-    /// `added`, `removed`, `narrowed`, `widened`, `changed`, `effect-changed`.
+    /// `added`, `removed`, `narrowed`, `widened`, `changed`, `effect-changed`, or
+    /// `reordered` (allows that grant upstream roles moved past one another).
     pub kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub before: Option<RuleSummary>,
@@ -265,11 +265,34 @@ fn rule_changes(
             });
         }
     }
+    // The first allow that matches picks the upstream role: moving allows past one
+    // another changes which role a session gets, though no rule changed.
+    let grants_roles = before.iter().chain(after).any(|r| r.upstream_role().is_some());
+    if grants_roles {
+        let allows = |rules: &'_ [Rule], other: &[Rule]| -> Vec<String> {
+            rules
+                .iter()
+                .filter(|r| r.effect() == Effect::Allow && other.iter().any(|o| o.id() == r.id()))
+                .map(|r| r.id().to_string())
+                .collect()
+        };
+        let (was, now) = (allows(before, after), allows(after, before));
+        if let Some(i) = (0..now.len()).find(|&i| was.get(i) != now.get(i)) {
+            let b = before.iter().find(|r| r.id() == now[i]);
+            let a = after.iter().find(|r| r.id() == now[i]);
+            out.push(RuleChange {
+                access: Access::Changed,
+                kind: "reordered",
+                before: b.map(|r| r.summary(&os.catalog)),
+                after: a.map(|r| r.summary(&ns.catalog)),
+            });
+        }
+    }
     out
 }
 
-/// Every test of the route's live policy, from either side (the newer version of a
-/// case when both sides have it), whose decision differs between the two policies.
+/// Every test of the route's live policy, from either side (both versions of a case the
+/// change edits), whose decision differs between the two policies.
 fn flips(
     route: &str,
     old: &RouteView,
@@ -283,26 +306,33 @@ fn flips(
             .flat_map(|s| s.cases.iter().map(|c| (s.file.clone(), c.clone())))
             .collect()
     };
+    // Both versions of a test the change edits: rewriting a test so that it still passes
+    // must not hide that its old version now flips.
     let newer = for_route(new_tests);
-    let names: BTreeSet<&str> = newer.iter().map(|(_, c)| c.name.as_str()).collect();
     let older = for_route(old_tests);
-    let cases = newer.iter().chain(older.iter().filter(|(_, c)| !names.contains(c.name.as_str())));
-    let mut out = Vec::new();
+    let cases = newer.iter().chain(older.iter());
+    let mut out: Vec<Flip> = Vec::new();
     for (file, case) in cases {
         let facts = case.request.facts();
         let before = old.policy.evaluate(&case.identity, &facts);
         let after = new.policy.evaluate(&case.identity, &facts);
-        if before.allowed != after.allowed {
-            out.push(Flip {
-                name: case.name.clone(),
-                file: file.clone(),
-                line: case.line,
-                request: case.request.to_string(),
-                caller: case.identity.principal(),
-                before,
-                after,
-            });
+        if before.allowed == after.allowed {
+            continue;
         }
+        let (request, caller) = (case.request.to_string(), case.identity.principal());
+        // An unchanged test is in both versions: listed once.
+        if out.iter().any(|f| f.name == case.name && f.request == request && f.caller == caller) {
+            continue;
+        }
+        out.push(Flip {
+            name: case.name.clone(),
+            file: file.clone(),
+            line: case.line,
+            request,
+            caller,
+            before,
+            after,
+        });
     }
     out
 }
@@ -411,6 +441,16 @@ fn change_line(c: &RuleChange, md: bool) -> String {
         Effect::Deny => "deny",
     };
     let (nl, indent) = if md { ("<br>", "") } else { ("\n", "      ") };
+    // In Markdown, text from a policy file never opens HTML (`<!--` would hide the rest
+    // of a pull-request comment).
+    let bullet = |s: &RuleSummary| {
+        let b = bullet(s);
+        if md {
+            b.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+        } else {
+            b
+        }
+    };
     match (&c.before, &c.after) {
         (None, Some(a)) => format!("{} {} {}", c.kind, verb(a), bullet(a)),
         (Some(b), None) => format!("{} {} {}", c.kind, verb(b), bullet(b)),

@@ -616,6 +616,85 @@ fn diff_follows_real_commits() {
     assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
 }
 
+/// A pull request that widens deploys while rewriting the test that would have caught
+/// it, with a description crafted to forge or hide lines of the report: the old version
+/// of the test still shows as flipping, and the Markdown carries no HTML from the file.
+#[test]
+fn a_rewritten_test_or_a_crafted_description_cannot_hide_a_widening() {
+    let feature_test = |repo: &str| {
+        format!("\n[[test]]\nname = \"feature branches cannot deploy\"\nidentity = {{ preset = \"bitbucket-pipelines\", claims = {{ repositoryUuid = \"{repo}\", branchName = \"feature/x\" }} }}\nrequest = \"POST /deploy/1\"\nexpect = \"deny\"\n")
+    };
+    let (dir, cfg) = setup(&format!("{API}{}", feature_test(REPO)));
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let other_repo = REPO.replace("2e9e", "2e9f");
+    let widened = API.replace("branch = [\"main\", \"release/*\"]", "branch = [\"main\", \"release/*\", \"?**\"]")
+        + "\n[[rule]]\nid = \"docs-read\"\neffect = \"allow\"\nissuer = \"corp\"\nmethods = [\"GET\"]\npaths = [\"/docs/**\"]\ndescription = \"Release managers may read the docs. <!--\"\n"
+        + &feature_test(&other_repo);
+    write(&root.join("policies/api.toml"), &widened);
+    let c2 = commit(root, "docs for release managers");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    let flips = &d.routes[0].flipped_tests;
+    assert!(
+        flips.iter().any(|f| f.name == "feature branches cannot deploy"
+            && !f.before.allowed
+            && f.after.allowed),
+        "the old version of the rewritten test flips: {flips:?}"
+    );
+    let md = diff::render(&d, Format::Markdown);
+    assert!(!md.contains("<!--") && md.contains("&lt;!--"), "{md}");
+    // The widening itself is linted: a wildcards-only branch pattern is no restriction.
+    let msgs = policy_messages(&widened);
+    assert!(msgs.iter().any(|m| m.contains("from any branch")), "{msgs:?}");
+    // A description cannot hold a line break or a bidirectional override.
+    for bad in ["one\\nNo other access changes.", "a \\u202e b"] {
+        let text = rule(
+            "allow",
+            "d",
+            &format!("issuer = \"corp\"\ngroups_any = [\"x\"]\ndescription = \"{bad}\""),
+        );
+        let msgs = policy_messages(&text);
+        assert!(msgs.iter().any(|m| m.contains("`description` is one line")), "{bad}: {msgs:?}");
+    }
+    // Paths are ASCII (requests are matched percent-encoded), and no pattern may hide
+    // characters.
+    let msgs = policy_messages(&rule("deny", "x", "paths = [\"/\u{0430}dmin/**\"]"));
+    assert!(msgs.iter().any(|m| m.contains("is not ASCII")), "{msgs:?}");
+    let msgs = policy_messages(&rule("deny", "x", "paths = [\"/admin\\u200b/**\"]"));
+    assert!(msgs.iter().any(|m| m.contains("invisible")), "{msgs:?}");
+}
+
+/// A test identity's shortcuts (`email`, `email_verified`, `subject`, `groups`) are in
+/// its claims too, as in a real token: a `claims = { email = … }` rule matches an
+/// unverified address, and the test that said otherwise now fails, as it should.
+#[test]
+fn test_shortcuts_are_claims_too_so_a_test_cannot_pass_for_a_reason_no_token_has() {
+    let policy = r#"[[rule]]
+id = "acme"
+effect = "allow"
+issuer = "corp"
+claims = { email = "*@acme.example" }
+
+[[test]]
+name = "an unverified acme email is not enough"
+identity = { issuer = "corp", email = "mallory@acme.example", email_verified = false }
+request = "GET /x"
+expect = "deny"
+"#;
+    let (_dir, cfg) = setup(policy);
+    let r = test::run(&test_args(&cfg, vec![], Format::Text));
+    assert_eq!(r.code, EXIT_FAILED, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("FAILED: an unverified acme email is not enough: expected deny, got allow"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("0 passed, 1 failed"), "{}", r.stdout);
+}
+
 #[test]
 fn every_matcher_example_in_the_reference_compiles() {
     let readme = include_str!("../../policies/README.md");
@@ -829,6 +908,44 @@ fn policy_test_runs_the_tests_of_database_policies() {
     let r = test::run(&test_args(&cfg, vec![dir.path().join("sec")], Format::Text));
     assert_eq!(r.code, EXIT_OK, "{r:?}");
     assert!(r.stdout.contains("ok: feature branches do not migrate"), "{}", r.stdout);
+}
+
+/// Swapping two allows changes which grants the upstream role (the first match does),
+/// though neither rule changed: `diff` says so.
+#[test]
+fn diff_reports_reordered_allows_on_a_route_that_grants_upstream_roles() {
+    let (dir, cfg) = setup_db(ORDERS);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let migrate_end = ORDERS.find("[[rule]]\nid = \"engineers-read\"").unwrap_or(0);
+    let read_end = ORDERS.find("[[rule]]\nid = \"no-superuser\"").unwrap_or(0);
+    let swapped = format!(
+        "{}{}{}",
+        &ORDERS[migrate_end..read_end],
+        &ORDERS[..migrate_end],
+        &ORDERS[read_end..]
+    );
+    assert_ne!(swapped, ORDERS);
+    write(&root.join("policies/orders.toml"), &swapped);
+    let c2 = commit(root, "reorder");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    assert_eq!(
+        changes(&d),
+        vec![("orders".into(), Access::Changed, "reordered", "engineers-read".into())]
+    );
+    // Reordering on an API route (no upstream roles) changes nothing.
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    let c1 = commit(root, "initial");
+    let split = API.find("[[rule]]\nid = \"deploys\"").unwrap_or(0);
+    let end = API.find("[[rule]]\nid = \"no-deletes").unwrap_or(0);
+    let swapped = format!("{}{}{}", &API[split..end], &API[..split], &API[end..]);
+    write(&root.join("policies/api.toml"), &swapped);
+    let c2 = commit(root, "reorder");
+    assert!(diff_of(&cfg, Some(&c1), Some(&c2)).routes.is_empty());
 }
 
 #[test]
