@@ -322,7 +322,9 @@ fn check(path: &std::path::Path, format: &str) -> ExitCode {
             eprintln!("{d}");
         }
         for d in &warnings {
-            eprintln!("{}:{}:{}: warning: {}", d.file.display(), d.line, d.col, d.message);
+            // Policy lints come labelled already; say it once.
+            let message = d.message.strip_prefix("warning: ").unwrap_or(&d.message);
+            eprintln!("{}:{}:{}: warning: {message}", d.file.display(), d.line, d.col);
         }
         for o in &failures {
             eprintln!("{}", o.failure_report());
