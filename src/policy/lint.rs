@@ -129,6 +129,25 @@ fn unknown_claims(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) 
 /// V22: anyone on GitHub, gitlab.com or in a Bitbucket workspace can mint a token with
 /// our audience, so an allow must pin a repository or owner by something immutable.
 fn unpinned(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    // One pin value cannot pin on two shared issuers: GitHub owner ids and GitLab
+    // namespace ids are separate number spaces (as are two GitLab instances'), so
+    // `workspace_id = "4242"` lets in whoever holds 4242 on the other one. Bitbucket's
+    // UUIDs are unique across workspaces.
+    let shared: Vec<&(&str, Preset)> = presets.iter().filter(|(_, p)| p.is_shared()).collect();
+    if shared.len() > 1 && shared.iter().any(|(_, p)| *p != Preset::BitbucketPipelines) {
+        let names: Vec<&str> = shared.iter().map(|(n, _)| *n).collect();
+        let at = rule.conditions.first().map_or(rule.id_at, Condition::loc);
+        out.push(
+            Severity::Error,
+            at,
+            format!(
+                "allow rule `{}` names the shared issuers {} together: a repository or owner pin means a different repository on each, so write one allow rule per issuer (V22)",
+                rule.id(),
+                names.join(", ")
+            ),
+        );
+        return;
+    }
     for (issuer, preset) in presets {
         if !preset.is_shared() || pinned(rule, *preset) {
             continue;
