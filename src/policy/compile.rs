@@ -139,7 +139,15 @@ impl<'a> Compiler<'a> {
             conditions.push(self.condition("subject", v.span(), Matcher::Subject(globs)));
         }
         if let Some(v) = &r.email {
-            let globs = self.globs(v, "email", |_| None);
+            // Addresses are matched in lower case, as `email_domain` compares domains.
+            let globs = self.globs(v, "email", |e| {
+                e.bytes().any(|b| b.is_ascii_uppercase()).then(|| {
+                    format!(
+                        "email `{e}` has upper case; addresses are matched in lower case: write `{}`",
+                        e.to_ascii_lowercase()
+                    )
+                })
+            });
             conditions.push(self.condition("email", v.span(), Matcher::Email(globs)));
         }
         if let Some(v) = &r.email_domain {

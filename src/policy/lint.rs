@@ -81,6 +81,7 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
         if rule.effect == Effect::Allow {
             unpinned(&mut out, rule, &presets);
             deploy_without_ref(&mut out, rule, &presets);
+            unverified_email(&mut out, rule);
             shadowed(&mut out, rule, rules);
             redundant(&mut out, rule, rules);
         }
@@ -209,6 +210,26 @@ fn subject_pins(preset: Preset, g: &Glob) -> bool {
         // `{repositoryUuid}:{stepUuid}` or `{repositoryUuid}:{environmentUuid}:{stepUuid}`.
         Preset::BitbucketPipelines => prefix.starts_with('{') && prefix.contains('}'),
         Preset::Oidc => false,
+    }
+}
+
+/// `claims = { email = … }` reads the raw claim: an address the provider did not verify
+/// matches too (anyone can put any address on some providers' accounts), where `email`
+/// and `email_domain` take verified addresses only (V21).
+fn unverified_email(out: &mut Lints<'_>, rule: &Rule) {
+    for c in rule.conditions() {
+        if let Matcher::Claim { name, .. } = c.matcher() {
+            if &**name == "email" {
+                out.push(
+                    Severity::Warning,
+                    c.loc(),
+                    format!(
+                        "allow rule `{}` matches `claims.email`, which includes unverified addresses; use `email` or `email_domain` (verified only, V21)",
+                        rule.id()
+                    ),
+                );
+            }
+        }
     }
 }
 

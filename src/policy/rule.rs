@@ -247,7 +247,13 @@ impl Matcher {
         match self {
             Matcher::Issuer(ids) => ids.contains(&identity.issuer),
             Matcher::Subject(globs) => any_glob(globs, &identity.subject),
-            Matcher::Email(globs) => verified_email(identity).is_some_and(|e| any_glob(globs, e)),
+            Matcher::Email(globs) => verified_email(identity).is_some_and(|e| {
+                if e.bytes().any(|b| b.is_ascii_uppercase()) {
+                    any_glob(globs, &e.to_ascii_lowercase())
+                } else {
+                    any_glob(globs, e)
+                }
+            }),
             Matcher::EmailDomain(domains) => verified_email(identity)
                 .and_then(|e| e.rsplit_once('@'))
                 .is_some_and(|(_, d)| domains.iter().any(|want| want.eq_ignore_ascii_case(d))),

@@ -738,3 +738,29 @@ fn load_reports_an_unreadable_file() {
     assert_eq!(msgs.len(), 1);
     assert!(msgs[0].starts_with("/nonexistent/p.toml:1:1: cannot read file"), "{msgs:?}");
 }
+
+#[test]
+fn email_patterns_match_in_lower_case_like_email_domain() {
+    let p = must_parse(
+        "[[rule]]\nid = \"staff\"\neffect = \"allow\"\nissuer = \"corp\"\nemail_domain = [\"acme.example\", \"contractors.acme.example\"]\n\n\
+         [[rule]]\nid = \"no-contractors\"\neffect = \"deny\"\nissuer = \"corp\"\nemail = \"*@contractors.acme.example\"\n",
+    );
+    let get = RequestFacts::http(&http::Method::GET, "/");
+    for email in [
+        "eve@contractors.acme.example",
+        "eve@Contractors.acme.example",
+        "EVE@CONTRACTORS.ACME.EXAMPLE",
+    ] {
+        let d = p.evaluate(&human(json!({ "email": email, "email_verified": true })), &get);
+        assert!(!d.allowed, "{email} passed the contractors deny");
+        assert_eq!(d.rule.map(|r| r.id.to_string()).as_deref(), Some("no-contractors"), "{email}");
+    }
+    let d =
+        p.evaluate(&human(json!({ "email": "Jane@acme.example", "email_verified": true })), &get);
+    assert!(d.allowed);
+    // A pattern in upper case could never match: refused, with the fix.
+    let errs = parse("[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\nemail = \"*@Contractors.acme.example\"\n")
+        .err()
+        .unwrap_or_default();
+    assert!(errs.iter().any(|e| e.contains("write `*@contractors.acme.example`")), "{errs:?}");
+}
