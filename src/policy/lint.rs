@@ -306,6 +306,29 @@ fn contradictions(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) 
             "a ref is either a branch or a tag, so `ci.branch` and `ci.tag` never both hold".into(),
         );
     }
+    // Bitbucket puts braced UUIDs in these fields: `environment = "production"` (the
+    // name shown in its UI) never matches, and a deny written so is dead.
+    if !presets.is_empty() && presets.iter().all(|(_, p)| *p == Preset::BitbucketPipelines) {
+        for c in rule.conditions() {
+            if let Matcher::Ci { field, globs } = c.matcher() {
+                let uuid_field = matches!(
+                    *field,
+                    "workspace" | "workspace_id" | "repository" | "repository_id" | "environment"
+                );
+                if let Some(g) =
+                    globs.iter().find(|g| uuid_field && !g.as_str().starts_with(['{', '*', '?']))
+                {
+                    never(
+                        c.loc(),
+                        format!(
+                            "Bitbucket sends `ci.{field}` as a braced UUID (`{{2e9e…}}`), so `{}` never matches; copy the UUID from the repository or deployment settings",
+                            g.as_str()
+                        ),
+                    );
+                }
+            }
+        }
+    }
     if !presets.is_empty() && presets.iter().all(|(_, p)| *p == Preset::Oidc) {
         if let Some(c) = find(&|m| matches!(m, Matcher::Ci { .. })) {
             never(
