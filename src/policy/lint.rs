@@ -81,6 +81,7 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
         if rule.effect == Effect::Allow {
             unpinned(&mut out, rule, &presets);
             deploy_without_ref(&mut out, rule, &presets);
+            github_branch_without_event(&mut out, rule, &presets);
             unverified_email(&mut out, rule);
             shadowed(&mut out, rule, rules);
             redundant(&mut out, rule, rules);
@@ -230,6 +231,56 @@ fn unverified_email(out: &mut Lints<'_>, rule: &Rule) {
                 );
             }
         }
+    }
+}
+
+/// A GitHub allow that can write and trusts a branch alone: `pull_request_target`,
+/// `workflow_run` and `schedule` runs carry the base branch's ref, so a workflow that
+/// a fork's pull request sets off (and that checks out its code) gets a `main` token.
+/// Pinning the event, the workflow file or a protected environment closes that.
+fn github_branch_without_event(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let Some((issuer, _)) = presets.iter().find(|(_, p)| *p == Preset::GithubActions) else {
+        return;
+    };
+    let methods = rule.conditions().find_map(|c| match c.matcher() {
+        Matcher::Methods(m) => Some(m),
+        _ => None,
+    });
+    if !methods.is_none_or(|m| m.iter().any(|m| *m != Method::GET && *m != Method::HEAD)) {
+        return;
+    }
+    let mut by_branch = None;
+    let mut by_more = false;
+    for c in rule.conditions() {
+        match c.matcher() {
+            Matcher::Ci { field: "branch" | "ref", .. } => by_branch = by_branch.or(Some(c)),
+            Matcher::Claim { name, .. } if &**name == "ref" => by_branch = by_branch.or(Some(c)),
+            Matcher::Ci { field: "environment" | "tag", .. } => by_more = true,
+            Matcher::Claim { name, .. } => {
+                by_more |= matches!(
+                    &**name,
+                    "event_name"
+                        | "environment"
+                        | "job_workflow_ref"
+                        | "workflow_ref"
+                        | "ref_protected"
+                );
+            }
+            Matcher::Subject(globs) => {
+                by_more |= globs.iter().all(|g| g.literal_prefix().contains(":environment:"));
+            }
+            _ => {}
+        }
+    }
+    if let (Some(at), false) = (by_branch, by_more) {
+        out.push(
+            Severity::Warning,
+            at.loc(),
+            format!(
+                "allow rule `{}` trusts a GitHub branch alone (issuer `{issuer}`): pull_request_target, workflow_run and schedule runs carry the base branch too, so a fork's pull request can set one off; pin claims.event_name, claims.job_workflow_ref or ci.environment",
+                rule.id()
+            ),
+        );
     }
 }
 
