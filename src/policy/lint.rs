@@ -242,11 +242,7 @@ fn github_branch_without_event(out: &mut Lints<'_>, rule: &Rule, presets: &[(&st
     let Some((issuer, _)) = presets.iter().find(|(_, p)| *p == Preset::GithubActions) else {
         return;
     };
-    let methods = rule.conditions().find_map(|c| match c.matcher() {
-        Matcher::Methods(m) => Some(m),
-        _ => None,
-    });
-    if !methods.is_none_or(|m| m.iter().any(|m| *m != Method::GET && *m != Method::HEAD)) {
+    if can_write(rule).is_none() {
         return;
     }
     let mut by_branch = None;
@@ -284,18 +280,24 @@ fn github_branch_without_event(out: &mut Lints<'_>, rule: &Rule, presets: &[(&st
     }
 }
 
-/// A CI allow that can write, from any branch: a feature branch can deploy.
-fn deploy_without_ref(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
-    let Some((issuer, preset)) = presets.iter().find(|(_, p)| *p != Preset::Oidc) else { return };
+/// Whether `rule` can allow a write: `None` when its `methods` are all GET/HEAD, else
+/// `Some` of its `methods` condition (`Some(None)`: no `methods`, so any method).
+fn can_write(rule: &Rule) -> Option<Option<&Condition>> {
     let methods = rule.conditions().find_map(|c| match c.matcher() {
         Matcher::Methods(m) => Some((c, m)),
         _ => None,
     });
-    let writes =
-        methods.is_none_or(|(_, m)| m.iter().any(|m| *m != Method::GET && *m != Method::HEAD));
-    if !writes {
-        return;
+    match methods {
+        Some((_, m)) if m.iter().all(|m| *m == Method::GET || *m == Method::HEAD) => None,
+        Some((c, _)) => Some(Some(c)),
+        None => Some(None),
     }
+}
+
+/// A CI allow that can write, from any branch: a feature branch can deploy.
+fn deploy_without_ref(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let Some((issuer, preset)) = presets.iter().find(|(_, p)| *p != Preset::Oidc) else { return };
+    let Some(methods) = can_write(rule) else { return };
     let restricted = rule.conditions().any(|c| match c.matcher() {
         Matcher::Ci { field, globs } => {
             REF_CI_FIELDS.contains(field)
@@ -310,7 +312,7 @@ fn deploy_without_ref(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset
     if restricted {
         return;
     }
-    let at = methods.map_or(rule.id_at, |(c, _)| c.loc());
+    let at = methods.map_or(rule.id_at, Condition::loc);
     let what = if methods.is_some() { "write methods" } else { "any method" };
     out.push(
         Severity::Warning,
