@@ -227,7 +227,10 @@ impl AssertionSigner {
             match cache.by_principal.get(&principal_key) {
                 Some(c) if forwards_the_same(&c.identity, identity) => {
                     if now < c.refresh_after && c.exp <= lifetime_cap {
-                        let c = c.clone();
+                        // Keyed by this identity's address, so it must hold this
+                        // identity: were it freed, another could be allocated there and
+                        // be handed this principal's assertion.
+                        let c = Cached { identity: identity.clone(), ..c.clone() };
                         let forward = c.forward.clone();
                         cache.by_token.insert(token_key, c);
                         return forward;
@@ -430,6 +433,9 @@ mod tests {
         let second = Arc::new(Identity { expires_at: 2_000_000_100, ..pipeline("main") });
         let b = s.forward(&second, &route, 1_010, true);
         assert!(Arc::ptr_eq(&a, &b), "one signature for both tokens");
+        // The entry found by `second`'s address holds `second` itself: its address cannot
+        // be freed and reused by another identity while the entry lives.
+        assert_eq!(Arc::strong_count(&second), 2, "held by the test and by the cache");
         // ... and found by token from then on.
         assert!(Arc::ptr_eq(&s.forward(&second, &route, 1_011, true), &a));
 
