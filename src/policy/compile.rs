@@ -274,6 +274,15 @@ impl<'a> Compiler<'a> {
                 self.err(span, msg);
             } else if s.is_empty() {
                 self.err(span, format!("empty string in `{key}`"));
+            } else if s.chars().any(super::glob::is_hidden) {
+                // As for patterns: a value must read in review as what it is.
+                self.err(
+                    span,
+                    format!(
+                        "control, invisible or bidirectional-override character in `{key}`: {}",
+                        s.escape_default()
+                    ),
+                );
             } else {
                 out.push(s.into());
             }

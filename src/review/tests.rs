@@ -680,6 +680,10 @@ fn a_rewritten_test_or_a_crafted_description_cannot_hide_a_widening() {
     assert!(msgs.iter().any(|m| m.contains("is not ASCII")), "{msgs:?}");
     let msgs = policy_messages(&rule("deny", "x", "paths = [\"/admin\\u200b/**\"]"));
     assert!(msgs.iter().any(|m| m.contains("invisible")), "{msgs:?}");
+    // Plain (non-pattern) values too: a group that reads `sre` but is not.
+    let msgs =
+        policy_messages(&rule("allow", "x", "issuer = \"corp\"\ngroups_any = [\"sre\\u200d\"]"));
+    assert!(msgs.iter().any(|m| m.contains("invisible")), "{msgs:?}");
 }
 
 /// A test identity's shortcuts (`email`, `email_verified`, `subject`, `groups`) are in
