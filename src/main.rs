@@ -6,6 +6,12 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc: measured side by side with `benches/load.sh`
+/// (four alternating runs, same host), CPU per request −8 % with a reused token
+/// (22.2 → 20.4 µs) and −7 % with distinct tokens (67.2 → 62.5 µs); nginx 12.0 µs in both.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "portcullis",
