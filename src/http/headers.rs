@@ -286,6 +286,8 @@ pub fn identity_headers(id: &Identity) -> Vec<(HeaderName, HeaderValue)> {
 /// Adds the request id and the plain identity headers built by [`identity_headers`]
 /// (the signed assertion is added separately).
 pub fn add_identity(h: &mut HeaderMap, identity: &[(HeaderName, HeaderValue)], request_id: &str) {
+    // One growth of the table for all of them, not one per doubling.
+    h.reserve(identity.len() + 1);
     h.insert(REQUEST_ID.clone(), value(request_id));
     for (name, v) in identity {
         h.insert(name.clone(), v.clone());

@@ -450,10 +450,12 @@ pub async fn handle(
         Err(e) => return rejection(out, Reason::AmbiguousPath, e.detail(), &rc),
     };
     out.path = Some(norm.clone());
-    // The authority as written and this request's URL serve only browser sign-in
-    // (endpoints, redirects, the sign-in link): without sessions they stay empty and
-    // cost no formatting or allocation.
-    let full_authority = if sessions.is_some() {
+    // The authority as written and this request's URL serve only browser sign-in: the
+    // sign-in endpoints, and a browser's redirect or rejection page (a navigation asks
+    // for HTML too). For anything else (a pipeline's call) they stay empty and cost no
+    // formatting or allocation.
+    let signs_in = sessions.as_deref().is_some_and(|s| rc.html || s.is_endpoint(&norm));
+    let full_authority = if signs_in {
         let full_authority = authority_with_port(&req).unwrap_or_else(|| host.clone());
         rc.here = Some(match req.uri().query() {
             Some(q) => format!("https://{full_authority}{norm}?{q}").into(),

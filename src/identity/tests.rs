@@ -174,13 +174,18 @@ fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
 #[test]
 fn v1_bearer_extraction() {
     use CredentialSource::*;
-    let ok = |pairs: &[(&str, &str)]| {
-        extract_bearer(&headers(pairs))
-            .map(|t| t.map(|(token, source)| (token.to_owned(), source)))
-            .map_err(|e| e.reason)
+    // What the proxy does with a request's headers: extract, then (on a token-cache
+    // miss, always the case here) the token68 check of the verifier.
+    let extract = |h: &http::HeaderMap| -> Result<Option<(String, CredentialSource)>, Reason> {
+        let found = extract_bearer(h).map_err(|e| e.reason)?;
+        if let Some((token, _)) = found {
+            verify::check_token68(token).map_err(|e| e.reason)?;
+        }
+        Ok(found.map(|(token, source)| (token.to_owned(), source)))
     };
+    let ok = |pairs: &[(&str, &str)]| extract(&headers(pairs));
     let some = |t: &str, s| Ok(Some((t.to_owned(), s)));
-    let err = |pairs: &[(&str, &str)]| extract_bearer(&headers(pairs)).err().map(|e| e.reason);
+    let err = |pairs: &[(&str, &str)]| extract(&headers(pairs)).err();
     assert_eq!(ok(&[]), Ok(None));
     assert_eq!(ok(&[("authorization", "Bearer a.b.c")]), some("a.b.c", Authorization));
     assert_eq!(ok(&[("authorization", "bEaReR a.b.c")]), some("a.b.c", Authorization));
@@ -222,12 +227,26 @@ fn v1_bearer_extraction() {
     let raw = |v: &[u8]| {
         let mut h = http::HeaderMap::new();
         h.insert(http::header::AUTHORIZATION, http::HeaderValue::from_bytes(v).expect("opaque"));
-        extract_bearer(&h).map(|t| t.map(|(t, _)| t.to_owned())).map_err(|e| e.reason)
+        extract(&h).map(|t| t.map(|(t, _)| t))
     };
     assert_eq!(raw(b"Bearer a\xc3\xa9b"), Err(Reason::MalformedToken));
     assert_eq!(raw(b"Bearer \xff"), Err(Reason::MalformedToken));
     assert_eq!(raw(b"Basic \xff"), Err(Reason::MalformedToken));
     assert_eq!(raw(b"Bearer abc"), Ok(Some("abc".to_owned())));
+}
+
+#[tokio::test]
+async fn v1_the_verifier_refuses_a_token_outside_the_token68_alphabet() {
+    // The proxy's extraction leaves the alphabet to the verifier (checked on a cache
+    // miss): a signed token with a byte outside it, or `=` before its end, is malformed.
+    let v = offline(vec![okta_settings()]);
+    let token = rsa().sign(&okta_header(), &okta_payload());
+    assert_eq!(reason(&v, &token).await, None, "the token itself verifies");
+    for bad in
+        [format!("{token} "), format!("{token}\tx"), format!("={token}"), format!("{token}é")]
+    {
+        assert_eq!(reason(&v, &bad).await, Some(Reason::MalformedToken), "{bad:?}");
+    }
 }
 
 #[tokio::test]

@@ -121,14 +121,20 @@ fn bearer(value: &http::HeaderValue) -> Result<Option<&str>, AuthError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(malformed("bearer token larger than 16 KiB"));
     }
-    // RFC 6750 b64token / RFC 9110 token68: the alphabet, then only trailing '='.
+    // The token68 alphabet is checked by the verifier, and only for a token it has not
+    // verified before ([`check_token68`]): a cache hit is these very bytes, already checked.
+    std::str::from_utf8(token).map(Some).map_err(|_| malformed("bearer token is not token68"))
+}
+
+/// RFC 6750 b64token / RFC 9110 token68: the alphabet, then only trailing `=`.
+pub(crate) fn check_token68(token: &str) -> Result<(), AuthError> {
+    let token = token.as_bytes();
     let end = token.iter().rposition(|&b| b != b'=').map_or(0, |i| i + 1);
     let body = &token[..end];
     if body.is_empty() || !is_token68(body) {
-        return Err(malformed("bearer token is not token68"));
+        return Err(AuthError::new(Reason::MalformedToken, "bearer token is not token68"));
     }
-    // Only ASCII is left, so this cannot fail.
-    std::str::from_utf8(token).map(Some).map_err(|_| malformed("bearer token is not token68"))
+    Ok(())
 }
 
 /// Whether every byte is in the token68 alphabet (RFC 9110 §11.2) without its `=`
@@ -318,7 +324,8 @@ impl Verifier {
             self.cache.remove(&hash);
         }
 
-        // V1–V3.
+        // V1–V3. A hit above was verified, so checked, before; a miss is checked here.
+        check_token68(token)?;
         let parsed = token::parse(token)?;
         // V8, V9, V10, V4 (supported at all), V7.
         let header = token::check_header(&parsed.header)?;
