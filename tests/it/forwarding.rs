@@ -1338,3 +1338,54 @@ preserve_host = true
         assert!(resp.contains("\"error\":\"bad-request\""), "{host}: {resp}");
     }
 }
+
+/// `Expect: 100-continue` is the proxy's own business: its server answers the client
+/// `100 Continue`, and the upstream never sees `Expect`, so it cannot answer early (a 417
+/// without reading the content) and then read the content as a second, unauthorized
+/// request. The request and its body still go through end to end.
+#[tokio::test]
+async fn expect_100_continue_is_answered_by_the_proxy_and_never_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let body = "GET /smuggled HTTP/1.1\r\nHost: internal\r\nX-Portcullis-Subject: admin\r\nContent-Length: 0\r\n\r\n";
+    let mut s = tls_h1(&w).await;
+    let head = format!(
+        "POST /expect HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap_or_else(|e| panic!("no 100 Continue: {e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let interim = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(interim.starts_with("HTTP/1.1 100 Continue\r\n"), "{interim}");
+    s.write_all(body.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Vec::new();
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        match read {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+        if out.ends_with(b"}") {
+            break;
+        }
+    }
+    let resp = String::from_utf8_lossy(&out).to_string();
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    let start = resp.find("{\"method\"").unwrap_or_else(|| panic!("no echo: {resp}"));
+    let echo: serde_json::Value =
+        serde_json::from_str(&resp[start..]).unwrap_or_else(|e| panic!("{e}: {resp}"));
+    assert!(echo["headers"].get("expect").is_none(), "Expect reached the upstream: {echo}");
+    assert_eq!(echo["body_bytes"], body.len(), "{echo}");
+    assert_eq!(echo["path"], "/expect", "{echo}");
+    let ev = w.last_event().await;
+    assert_eq!(
+        (ev["status"].as_u64(), ev["reason"].as_str()),
+        (Some(200), Some("allowed")),
+        "{ev}"
+    );
+}
