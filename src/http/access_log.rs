@@ -22,6 +22,7 @@ use super::proxy::{Outcome, Parked};
 use super::{ConnInfo, RequestId};
 use crate::audit::{AuditSink, HttpEvent, ShadowSummary};
 use crate::metrics::{self, RequestKey};
+use crate::reason::Reason;
 
 #[derive(Debug, Clone)]
 pub struct AccessLogLayer {
@@ -109,8 +110,11 @@ where
             let (mut parts, body) = resp.into_parts();
             let mut pending = unanswered.pending.take();
             if let Some(p) = pending.as_mut() {
-                p.status = parts.status.as_u16();
                 p.outcome = parts.extensions.remove::<Outcome>();
+                // A client gone mid-request body is answered, if at all, into the void:
+                // logged 499 like one gone before the response.
+                let gone = p.outcome.as_ref().is_some_and(|o| o.reason == Reason::ClientClosed);
+                p.status = if gone { CLIENT_CLOSED } else { parts.status.as_u16() };
             }
             Ok(Response::from_parts(
                 parts,
@@ -130,7 +134,6 @@ pub fn refused_by_server(
     err: &(dyn std::error::Error + 'static),
 ) {
     let Some(e) = err.downcast_ref::<hyper::Error>() else { return };
-    use crate::reason::Reason;
     let (status, reason, detail) = if e.is_parse_too_large() {
         (431, Reason::BadRequest, "request head too large")
     } else if e.is_parse() {
@@ -224,8 +227,10 @@ struct Pending {
 impl Pending {
     fn emit(self, bytes_out: u64) {
         let duration = self.start.elapsed();
+        // 499: whatever the server wrote went nowhere.
+        let bytes_out = if self.status == CLIENT_CLOSED { 0 } else { bytes_out };
         let o = self.outcome.as_ref();
-        let reason = o.map_or(crate::reason::Reason::InternalError, |o| o.reason);
+        let reason = o.map_or(Reason::InternalError, |o| o.reason);
         let decision = o.map_or("error", |o| o.decision);
         let route: Arc<str> = o.and_then(|o| o.route.clone()).unwrap_or_else(no_route);
         let m = metrics::global();

@@ -1389,3 +1389,83 @@ async fn expect_100_continue_is_answered_by_the_proxy_and_never_forwarded() {
         "{ev}"
     );
 }
+
+/// The one event of the request to `path`, once written.
+async fn event_at(w: &World, path: &str) -> serde_json::Value {
+    for _ in 0..150 {
+        let same: Vec<serde_json::Value> =
+            w.events().into_iter().filter(|e| e["path"] == path).collect();
+        if let [one] = same.as_slice() {
+            return one.clone();
+        }
+        assert!(same.len() < 2, "more than one event: {same:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    serde_json::Value::Null
+}
+
+/// An authorized client that hangs up while sending its body (Content-Length or chunked,
+/// or after a half-close) is `client-closed` (499), not an upstream failure.
+#[tokio::test]
+async fn a_client_gone_mid_request_body_is_client_closed_not_an_upstream_failure() {
+    use tokio::io::AsyncWriteExt;
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let cases = [
+        ("/midbody-cl", "Content-Length: 100\r\n\r\nabc", false),
+        ("/midbody-chunked", "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", false),
+        ("/midbody-halfclose", "Content-Length: 100\r\n\r\nabc", true),
+    ];
+    for (path, rest, half_close) in cases {
+        let mut s = tls_h1(&w).await;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\n{rest}"
+        );
+        s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if half_close {
+            let _ = s.shutdown().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        drop(s);
+        let ev = event_at(&w, path).await;
+        assert_eq!(ev["reason"], "client-closed", "{path}: {ev}");
+        assert_eq!(ev["status"], 499, "{path}: {ev}");
+        assert_eq!(ev["decision"], "allow", "{path}: {ev}");
+        assert_eq!(ev["bytes_in"], 3, "{path}: {ev}");
+        assert_eq!(ev["bytes_out"], 0, "{path}: nothing reached the client: {ev}");
+    }
+}
+
+/// A malformed chunked body (a bad chunk size, a bare LF, a size that overflows) is the
+/// client's fault: 400 `bad-request`, not 502 `upstream-unavailable`.
+#[tokio::test]
+async fn a_malformed_request_body_is_a_bad_request_not_an_upstream_failure() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let cases = [
+        ("/bad-chunk-size", "3\r\nabc\r\nzz\r\n"),
+        ("/bare-lf", "3\r\nabc\r\n3\nabc\r\n"),
+        ("/overflow", "3\r\nabc\r\nfffffffffffffffffff\r\n"),
+    ];
+    for (path, body) in cases {
+        let mut s = tls_h1(&w).await;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
+        );
+        s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let resp = String::from_utf8_lossy(&out).to_string();
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{path}: {resp}");
+        let ev = event_at(&w, path).await;
+        assert_eq!(ev["reason"], "bad-request", "{path}: {ev}");
+        assert_eq!(ev["status"], 400, "{path}: {ev}");
+        assert_eq!(ev["decision"], "allow", "{path}: {ev}");
+        assert!(
+            ev["detail"].as_str().is_some_and(|d| d.starts_with("malformed request body")),
+            "{path}: {ev}"
+        );
+    }
+}
