@@ -297,10 +297,33 @@ impl AuditBody {
             p.emit(self.bytes_out);
         }
     }
+
+    /// Records why an upstream's response reached the client cut short. The status stays
+    /// the one sent; only a relayed (allowed) response is concerned: a refusal keeps its
+    /// own reason.
+    fn cut_short(&mut self, reason: Reason, detail: &'static str) {
+        let o = self.pending.as_mut().and_then(|p| p.outcome.as_mut());
+        if let Some(o) = o.filter(|o| o.reason == Reason::Allowed) {
+            o.reason = reason;
+            o.detail = Some(std::borrow::Cow::Borrowed(detail));
+        }
+    }
+
+    /// Whether this response has a body to send at all (none for HEAD, 1xx, 204, 304:
+    /// the server drops those bodies unpolled).
+    fn has_body(&self) -> bool {
+        self.pending
+            .as_ref()
+            .is_some_and(|p| p.method != Method::HEAD && !matches!(p.status, 100..=199 | 204 | 304))
+    }
 }
 
 impl Drop for AuditBody {
     fn drop(&mut self) {
+        // Dropped before its end: the server stopped sending, the client having gone.
+        if self.pending.is_some() && !self.inner.is_end_stream() && self.has_body() {
+            self.cut_short(Reason::ClientClosed, "the client went away during the response body");
+        }
         self.done();
     }
 }
@@ -324,7 +347,15 @@ impl Body for AuditBody {
                     this.done();
                 }
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.done(),
+            Poll::Ready(Some(Err(_))) => {
+                // Only an upstream's body can fail; the client sees it cut short.
+                this.cut_short(
+                    Reason::UpstreamAborted,
+                    "the upstream's response body broke off before its end",
+                );
+                this.done();
+            }
+            Poll::Ready(None) => this.done(),
             Poll::Pending => {}
         }
         r

@@ -1469,3 +1469,96 @@ async fn a_malformed_request_body_is_a_bad_request_not_an_upstream_failure() {
         );
     }
 }
+
+/// A response whose upstream body breaks off after the head was relayed (a reset, a close
+/// before the end of a chunked body, fewer bytes than `Content-Length`) reaches the client
+/// truncated: its event keeps the status sent but says `upstream-aborted`, with the bytes
+/// actually sent, never `allowed` as if it were complete.
+#[tokio::test]
+async fn an_upstream_body_cut_short_is_audited_as_upstream_aborted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let upstream = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let answer: &[u8] = if head.starts_with("GET /cut/short ") {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort"
+                } else if head.starts_with("GET /cut/chunked ") {
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nreset"
+                };
+                let _ = s.write_all(answer).await;
+                let _ = s.flush().await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if head.starts_with("GET /cut/reset ") {
+                    // An RST instead of a FIN.
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                }
+                drop(s);
+            });
+        }
+    });
+    let routes = format!(
+        "[[routes]]\nname = \"cut\"\nmatch = {{ path_prefix = \"/cut\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    for path in ["/cut/short", "/cut/chunked", "/cut/reset"] {
+        let mut s = tls_h1(&w).await;
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let resp = String::from_utf8_lossy(&out).to_string();
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{path}: {resp}");
+        let ev = event_at(&w, path).await;
+        assert_eq!(ev["reason"], "upstream-aborted", "{path}: {ev}");
+        assert_eq!(ev["status"], 200, "{path}: the status sent: {ev}");
+        assert_eq!(ev["decision"], "allow", "{path}: {ev}");
+        assert_eq!(ev["bytes_out"], 5, "{path}: {ev}");
+        assert!(ev["detail"].is_string(), "{path}: {ev}");
+    }
+    let m = w.admin_get("/metrics").await.text();
+    assert!(m.contains("reason=\"upstream-aborted\""), "{m}");
+    upstream.abort();
+}
+
+/// A client that hangs up while a response body streams to it: the event says
+/// `client-closed` with the status sent and the bytes it got, not a complete success.
+#[tokio::test]
+async fn a_client_gone_mid_response_body_is_client_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let path = "/stream/100000000";
+    let mut s = tls_h1(&w).await;
+    let req =
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut buf = vec![0u8; 65536];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200 "));
+    drop(s);
+    let ev = event_at(&w, path).await;
+    assert_eq!(ev["reason"], "client-closed", "{ev}");
+    assert_eq!(ev["status"], 200, "the status sent: {ev}");
+    assert_eq!(ev["decision"], "allow", "{ev}");
+    let out = ev["bytes_out"].as_u64().unwrap_or(u64::MAX);
+    assert!(out < 100_000_000, "{ev}");
+}
