@@ -146,12 +146,16 @@ pub fn refused_by_server(
         return;
     };
     let rid = super::next_request_id();
-    metrics::global().requests.inc(&RequestKey {
+    let m = metrics::global();
+    m.requests.inc(&RequestKey {
         route: no_route(),
         decision: "error",
         reason: reason.code(),
         status,
     });
+    // In the latency histogram too, so its count matches requests_total; as 0, like the
+    // event's duration (the server does not say when the head began).
+    m.observe_latency(&no_route(), std::time::Duration::ZERO);
     sink.emit_http(&HttpEvent {
         ts: crate::audit::now_rfc3339(),
         request_id: &rid,

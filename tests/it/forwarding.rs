@@ -1084,7 +1084,14 @@ async fn requests_the_http_server_refuses_are_audited_too() {
         ("GET /a b c HTTP/1.1\r\nHost: localhost\r\n\r\n".to_string(), 400),
         (format!("GET / HTTP/1.1\r\nHost: localhost\r\n{many_headers}\r\n"), 431),
     ];
+    let observed = |m: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix("portcullis_request_duration_seconds_count{route=\"-\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
     for (request, want) in cases {
+        let latencies = observed(&w.admin_get("/metrics").await.text());
         let before = w.events().iter().filter(|e| e["method"] == "-").count();
         let mut s = tls_h1(&w).await;
         s.write_all(request.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
@@ -1106,6 +1113,9 @@ async fn requests_the_http_server_refuses_are_audited_too() {
         assert_eq!(e["reason"], "bad-request", "{e}");
         assert_eq!(e["decision"], "error", "{e}");
         assert_eq!(e["tls"]["version"], "TLSv1.3", "{e}");
+        // Counted in the latency histogram as in requests_total.
+        let now = observed(&w.admin_get("/metrics").await.text());
+        assert!(now > latencies, "not in the latency histogram: {now} after {latencies}");
     }
 }
 
