@@ -100,9 +100,15 @@ pub enum Reason {
     Overloaded,
     /// HTTP/1: a request head not finished within `server.header_timeout` (status 408).
     RequestTimeout,
+    /// The upstream's response body broke off (a reset, a close before its end, fewer
+    /// bytes than its `Content-Length`) after its head was relayed: the client got the
+    /// status logged and a truncated body. The request was allowed; the event keeps that.
+    UpstreamAborted,
     /// The client went away before the response head (logged with status 499, as nginx
     /// does; nothing is sent). If the request was authorized, it may have reached the
-    /// upstream: the event keeps the decision, identity and rule.
+    /// upstream: the event keeps the decision, identity and rule. Also a client gone while
+    /// sending its request body (499 too), or while receiving an upstream's response body
+    /// (logged with the status sent).
     ClientClosed,
 }
 
@@ -153,6 +159,7 @@ impl Reason {
             Reason::Overloaded => "overloaded",
             Reason::RequestTimeout => "request-timeout",
             Reason::ClientClosed => "client-closed",
+            Reason::UpstreamAborted => "upstream-aborted",
         }
     }
 
@@ -215,7 +222,8 @@ impl Reason {
                 StatusCode::FORBIDDEN
             }
             Reason::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Reason::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            // Only ever logged, with the status already sent.
+            Reason::UpstreamUnavailable | Reason::UpstreamAborted => StatusCode::BAD_GATEWAY,
             Reason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
             Reason::PlaintextRefused => StatusCode::UPGRADE_REQUIRED,

@@ -22,6 +22,7 @@ use super::proxy::{Outcome, Parked};
 use super::{ConnInfo, RequestId};
 use crate::audit::{AuditSink, HttpEvent, ShadowSummary};
 use crate::metrics::{self, RequestKey};
+use crate::reason::Reason;
 
 #[derive(Debug, Clone)]
 pub struct AccessLogLayer {
@@ -109,8 +110,11 @@ where
             let (mut parts, body) = resp.into_parts();
             let mut pending = unanswered.pending.take();
             if let Some(p) = pending.as_mut() {
-                p.status = parts.status.as_u16();
                 p.outcome = parts.extensions.remove::<Outcome>();
+                // A client gone mid-request body is answered, if at all, into the void:
+                // logged 499 like one gone before the response.
+                let gone = p.outcome.as_ref().is_some_and(|o| o.reason == Reason::ClientClosed);
+                p.status = if gone { CLIENT_CLOSED } else { parts.status.as_u16() };
             }
             Ok(Response::from_parts(
                 parts,
@@ -130,7 +134,6 @@ pub fn refused_by_server(
     err: &(dyn std::error::Error + 'static),
 ) {
     let Some(e) = err.downcast_ref::<hyper::Error>() else { return };
-    use crate::reason::Reason;
     let (status, reason, detail) = if e.is_parse_too_large() {
         (431, Reason::BadRequest, "request head too large")
     } else if e.is_parse() {
@@ -143,12 +146,16 @@ pub fn refused_by_server(
         return;
     };
     let rid = super::next_request_id();
-    metrics::global().requests.inc(&RequestKey {
+    let m = metrics::global();
+    m.requests.inc(&RequestKey {
         route: no_route(),
         decision: "error",
         reason: reason.code(),
         status,
     });
+    // In the latency histogram too, so its count matches requests_total; as 0, like the
+    // event's duration (the server does not say when the head began).
+    m.observe_latency(&no_route(), std::time::Duration::ZERO);
     sink.emit_http(&HttpEvent {
         ts: crate::audit::now_rfc3339(),
         request_id: &rid,
@@ -224,8 +231,10 @@ struct Pending {
 impl Pending {
     fn emit(self, bytes_out: u64) {
         let duration = self.start.elapsed();
+        // 499: whatever the server wrote went nowhere.
+        let bytes_out = if self.status == CLIENT_CLOSED { 0 } else { bytes_out };
         let o = self.outcome.as_ref();
-        let reason = o.map_or(crate::reason::Reason::InternalError, |o| o.reason);
+        let reason = o.map_or(Reason::InternalError, |o| o.reason);
         let decision = o.map_or("error", |o| o.decision);
         let route: Arc<str> = o.and_then(|o| o.route.clone()).unwrap_or_else(no_route);
         let m = metrics::global();
@@ -292,10 +301,33 @@ impl AuditBody {
             p.emit(self.bytes_out);
         }
     }
+
+    /// Records why an upstream's response reached the client cut short. The status stays
+    /// the one sent; only a relayed (allowed) response is concerned: a refusal keeps its
+    /// own reason.
+    fn cut_short(&mut self, reason: Reason, detail: &'static str) {
+        let o = self.pending.as_mut().and_then(|p| p.outcome.as_mut());
+        if let Some(o) = o.filter(|o| o.reason == Reason::Allowed) {
+            o.reason = reason;
+            o.detail = Some(std::borrow::Cow::Borrowed(detail));
+        }
+    }
+
+    /// Whether this response has a body to send at all (none for HEAD, 1xx, 204, 304:
+    /// the server drops those bodies unpolled).
+    fn has_body(&self) -> bool {
+        self.pending
+            .as_ref()
+            .is_some_and(|p| p.method != Method::HEAD && !matches!(p.status, 100..=199 | 204 | 304))
+    }
 }
 
 impl Drop for AuditBody {
     fn drop(&mut self) {
+        // Dropped before its end: the server stopped sending, the client having gone.
+        if self.pending.is_some() && !self.inner.is_end_stream() && self.has_body() {
+            self.cut_short(Reason::ClientClosed, "the client went away during the response body");
+        }
         self.done();
     }
 }
@@ -319,7 +351,15 @@ impl Body for AuditBody {
                     this.done();
                 }
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.done(),
+            Poll::Ready(Some(Err(_))) => {
+                // Only an upstream's body can fail; the client sees it cut short.
+                this.cut_short(
+                    Reason::UpstreamAborted,
+                    "the upstream's response body broke off before its end",
+                );
+                this.done();
+            }
+            Poll::Ready(None) => this.done(),
             Poll::Pending => {}
         }
         r

@@ -64,6 +64,39 @@ pub enum RequestBodyError {
     Client(#[from] hyper::Error),
 }
 
+impl RequestBodyError {
+    /// The request-body error behind an upstream request's failure, if that is why it
+    /// failed (the client's body broke off, was malformed or too large), rather than the
+    /// upstream.
+    pub fn behind<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Self> {
+        let mut cur = Some(e);
+        while let Some(c) = cur {
+            if let Some(b) = c.downcast_ref::<Self>() {
+                return Some(b);
+            }
+            cur = c.source();
+        }
+        None
+    }
+
+    /// Whether the client sent a body that does not parse (a bad chunk size, a bare LF, a
+    /// size that overflows, trailers over the limit), as opposed to going away mid-body.
+    pub fn is_malformed(&self) -> bool {
+        let RequestBodyError::Client(e) = self else { return false };
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(c) = cur {
+            if let Some(io) = c.downcast_ref::<std::io::Error>() {
+                return matches!(
+                    io.kind(),
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+                );
+            }
+            cur = c.source();
+        }
+        false
+    }
+}
+
 /// The client's request body on its way upstream: counted for the audit log and cut
 /// off at the route's size limit (the upstream then sees an aborted request, the
 /// client a 413).

@@ -23,11 +23,15 @@ pub static ASSERTION: HeaderName = HeaderName::from_static("x-portcullis-asserti
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-portcullis-request-id");
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in
-/// `Connection`. `keep_upgrade` keeps `Upgrade`/`Connection: upgrade` for a WebSocket
+/// `Connection`, and `Expect` (as nginx does): the proxy's HTTP server already answered a
+/// client's `Expect: 100-continue` itself, and an upstream that answers such a request
+/// before reading its content (RFC 9110 §10.1.1 allows a 417 or any final status) while
+/// keeping the connection would read the content the proxy forwards anyway as a second
+/// request, unauthorized and unaudited. `keep_upgrade` keeps `Upgrade`/`Connection: upgrade` for a WebSocket
 /// handshake that will be tunnelled only if the upstream answers 101.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     // Most requests carry none: one pass over the few names present (cheap comparisons
-    // of standard names) instead of nine hashed lookups.
+    // of standard names) instead of ten hashed lookups.
     let hop = |k: &HeaderName| {
         *k == header::CONNECTION
             || *k == header::UPGRADE
@@ -36,6 +40,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
             || *k == header::TRANSFER_ENCODING
             || *k == header::PROXY_AUTHORIZATION
             || *k == header::PROXY_AUTHENTICATE
+            || *k == header::EXPECT
             || *k == KEEP_ALIVE
             || *k == PROXY_CONNECTION
     };
@@ -62,6 +67,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         &header::TRANSFER_ENCODING,
         &header::PROXY_AUTHORIZATION,
         &header::PROXY_AUTHENTICATE,
+        &header::EXPECT,
     ] {
         h.remove(n);
     }
@@ -337,6 +343,8 @@ mod tests {
             "proxy-authenticate",
             "keep-alive",
             "proxy-connection",
+            // Answered by the proxy's own server; never a question for the upstream.
+            "expect",
         ] {
             let mut h = map(&[("accept", "*/*"), (name, "x")]);
             strip_hop_by_hop(&mut h, false);

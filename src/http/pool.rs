@@ -10,9 +10,12 @@
 //!
 //! A connection goes back on the stack when its response body has been read to the
 //! end and its request body sent to the end; a body dropped early, a request body the
-//! upstream answered before reading (a 413 while the client still uploads), an upgrade
-//! (101), `Connection: close` or an error closes it instead — so a connection taken from
-//! the stack is ready at once, never still busy with another client's upload.
+//! upstream answered before it was sent to its end (a 413 while the client still
+//! uploads — even if the upload then finishes: an upstream that answers before reading
+//! may go on to read the rest as a request of its own, whose answer would reach the next
+//! client), an upgrade (101), `Connection: close` or an error closes it instead — so a
+//! connection taken from the stack is ready at once, never still busy with another
+//! client's upload, and never holding an answer to nobody's request.
 //!
 //! A request that a reused connection could not take — the upstream closed it while it
 //! sat idle, a race every keep-alive pool has — is sent once more on a new connection, as
@@ -101,7 +104,10 @@ where
         // at last to a new connection.
         while let Some(mut tx) = self.inner.checkout().await {
             match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(self.inner.wrap(resp, tx, sent, upgrade)),
+                Ok(resp) => {
+                    let early = !sent.load(Ordering::Acquire);
+                    return Ok(self.inner.wrap(resp, tx, sent, upgrade || early));
+                }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => return Err(PoolError::Http(e.into_error())),
@@ -110,7 +116,10 @@ where
         }
         let mut tx = self.inner.connect().await?;
         let resp = tx.send_request(req).await?;
-        Ok(self.inner.wrap(resp, tx, sent, upgrade))
+        // Answered before the request body was sent to its end (the end is recorded before
+        // its last bytes are written, so an upstream that read it all cannot answer first).
+        let early = !sent.load(Ordering::Acquire);
+        Ok(self.inner.wrap(resp, tx, sent, upgrade || early))
     }
 
     /// Idle connections now (for tests).
@@ -161,16 +170,18 @@ where
         Ok(tx)
     }
 
+    /// `single_use`: an upgrade was offered, or the upstream answered before the request
+    /// body was sent to its end.
     fn wrap(
         self: &Arc<Self>,
         resp: Response<Incoming>,
         tx: http1::SendRequest<Sent<B>>,
         sent: Arc<AtomicBool>,
-        upgrade: bool,
+        single_use: bool,
     ) -> Response<PooledBody<B>> {
-        // After a 101 the connection belongs to the tunnel; after a declined upgrade, to
-        // nobody.
-        let reusable = !upgrade && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS;
+        // After a 101 the connection belongs to the tunnel; after a declined upgrade or an
+        // early answer, to nobody.
+        let reusable = !single_use && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS;
         let back = reusable.then(|| (self.clone(), tx, sent));
         resp.map(|inner| PooledBody { inner, done: false, back })
     }
@@ -544,5 +555,97 @@ mod tests {
             assert_eq!(pool.idle(), 1);
         }
         assert_eq!(conns.load(Ordering::SeqCst), 1);
+    }
+
+    /// A request body the test hands over piece by piece.
+    struct Channel(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+    impl Body for Channel {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.get_mut().0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_closed() && self.0.is_empty()
+        }
+    }
+
+    /// An upstream that answers before reading the request body (RFC 9110 allows that)
+    /// and keeps the connection, reading the body as a request of its own: its answer
+    /// waits for the next request on that connection, which it would reach in place of
+    /// that request's own. The pool never hands such a connection out again.
+    #[tokio::test]
+    async fn a_connection_answered_before_its_request_body_was_sent_is_not_reused() {
+        let listener =
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}")).to_string();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counted = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut heads = 0;
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 1024];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+                        buf.drain(..end);
+                        heads += 1;
+                        let answer: &[u8] = match (n, heads) {
+                            // The first request: its head at once, without reading the body.
+                            (0, 1) => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                            // Its body, read as a request: now the first answer's body.
+                            (0, 2) => b"early",
+                            // The next request on this connection gets the body's answer.
+                            (0, _) => b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nSMUGGLED",
+                            _ => OK.as_bytes(),
+                        };
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let pool = H1Pool::<Channel>::new(&addr, Duration::from_secs(2));
+        let smuggled = Bytes::from_static(b"GET /admin HTTP/1.1\r\nhost: upstream\r\n\r\n");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let req = Request::post("/upload")
+            .header(http::header::HOST, "upstream")
+            .header(http::header::CONTENT_LENGTH, smuggled.len().to_string())
+            .body(Channel(rx))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let resp = pool.send(req).await.unwrap_or_else(|e| panic!("{e}"));
+        // The body goes only after the answer's head: the client was slow.
+        let _ = tx.send(smuggled);
+        drop(tx);
+        let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        assert_eq!(body, "early");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        drop(tx);
+        let next = Request::get("/")
+            .header(http::header::HOST, "upstream")
+            .body(Channel(rx))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let resp = tokio::time::timeout(Duration::from_secs(2), pool.send(next))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        assert_eq!(body, "ok", "the next request got the answer to the first one's body");
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
     }
 }

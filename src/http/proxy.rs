@@ -29,7 +29,7 @@ use hyper::body::Incoming;
 use tower::Service;
 
 use super::assertion::AssertionSigner;
-use super::body::{ProxyBody, RequestBody};
+use super::body::{ProxyBody, RequestBody, RequestBodyError};
 use super::{headers, path, reject, ConnInfo, RequestId};
 use crate::identity::{extract_bearer, CredentialSource, Identity};
 use crate::policy::{Decision, RequestFacts, RuleRef};
@@ -696,6 +696,22 @@ pub async fn handle(
                     "request body over the route's limit",
                     &rc,
                 );
+            }
+            // The client's body broke off or did not parse: the client's doing, not the
+            // upstream's. The request was authorized and its head went upstream, so the
+            // decision stays `allow` (as for a client gone before the response).
+            if let Some(body) = RequestBodyError::behind(&e) {
+                let mut resp = if body.is_malformed() {
+                    let detail = format!("malformed request body: {body}{}", source_chain(body));
+                    rejection(out, Reason::BadRequest, detail, &rc)
+                } else {
+                    let detail = "the client went away while sending the request body";
+                    rejection(out, Reason::ClientClosed, detail, &rc)
+                };
+                if let Some(o) = resp.extensions_mut().get_mut::<Outcome>() {
+                    o.decision = "allow";
+                }
+                return resp;
             }
             let detail = format!("upstream request failed: {e}{}", source_chain(&e));
             return rejection(out, Reason::UpstreamUnavailable, detail, &rc);

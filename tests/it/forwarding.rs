@@ -1084,7 +1084,14 @@ async fn requests_the_http_server_refuses_are_audited_too() {
         ("GET /a b c HTTP/1.1\r\nHost: localhost\r\n\r\n".to_string(), 400),
         (format!("GET / HTTP/1.1\r\nHost: localhost\r\n{many_headers}\r\n"), 431),
     ];
+    let observed = |m: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix("portcullis_request_duration_seconds_count{route=\"-\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
     for (request, want) in cases {
+        let latencies = observed(&w.admin_get("/metrics").await.text());
         let before = w.events().iter().filter(|e| e["method"] == "-").count();
         let mut s = tls_h1(&w).await;
         s.write_all(request.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
@@ -1106,6 +1113,9 @@ async fn requests_the_http_server_refuses_are_audited_too() {
         assert_eq!(e["reason"], "bad-request", "{e}");
         assert_eq!(e["decision"], "error", "{e}");
         assert_eq!(e["tls"]["version"], "TLSv1.3", "{e}");
+        // Counted in the latency histogram as in requests_total.
+        let now = observed(&w.admin_get("/metrics").await.text());
+        assert!(now > latencies, "not in the latency histogram: {now} after {latencies}");
     }
 }
 
@@ -1337,4 +1347,228 @@ preserve_host = true
         assert!(resp.starts_with("HTTP/1.1 400 "), "{host}: {resp}");
         assert!(resp.contains("\"error\":\"bad-request\""), "{host}: {resp}");
     }
+}
+
+/// `Expect: 100-continue` is the proxy's own business: its server answers the client
+/// `100 Continue`, and the upstream never sees `Expect`, so it cannot answer early (a 417
+/// without reading the content) and then read the content as a second, unauthorized
+/// request. The request and its body still go through end to end.
+#[tokio::test]
+async fn expect_100_continue_is_answered_by_the_proxy_and_never_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let body = "GET /smuggled HTTP/1.1\r\nHost: internal\r\nX-Portcullis-Subject: admin\r\nContent-Length: 0\r\n\r\n";
+    let mut s = tls_h1(&w).await;
+    let head = format!(
+        "POST /expect HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap_or_else(|e| panic!("no 100 Continue: {e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let interim = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(interim.starts_with("HTTP/1.1 100 Continue\r\n"), "{interim}");
+    s.write_all(body.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Vec::new();
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        match read {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+        if out.ends_with(b"}") {
+            break;
+        }
+    }
+    let resp = String::from_utf8_lossy(&out).to_string();
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    let start = resp.find("{\"method\"").unwrap_or_else(|| panic!("no echo: {resp}"));
+    let echo: serde_json::Value =
+        serde_json::from_str(&resp[start..]).unwrap_or_else(|e| panic!("{e}: {resp}"));
+    assert!(echo["headers"].get("expect").is_none(), "Expect reached the upstream: {echo}");
+    assert_eq!(echo["body_bytes"], body.len(), "{echo}");
+    assert_eq!(echo["path"], "/expect", "{echo}");
+    let ev = w.last_event().await;
+    assert_eq!(
+        (ev["status"].as_u64(), ev["reason"].as_str()),
+        (Some(200), Some("allowed")),
+        "{ev}"
+    );
+}
+
+/// The one event of the request to `path`, once written.
+async fn event_at(w: &World, path: &str) -> serde_json::Value {
+    for _ in 0..150 {
+        let same: Vec<serde_json::Value> =
+            w.events().into_iter().filter(|e| e["path"] == path).collect();
+        if let [one] = same.as_slice() {
+            return one.clone();
+        }
+        assert!(same.len() < 2, "more than one event: {same:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    serde_json::Value::Null
+}
+
+/// An authorized client that hangs up while sending its body (Content-Length or chunked,
+/// or after a half-close) is `client-closed` (499), not an upstream failure.
+#[tokio::test]
+async fn a_client_gone_mid_request_body_is_client_closed_not_an_upstream_failure() {
+    use tokio::io::AsyncWriteExt;
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let cases = [
+        ("/midbody-cl", "Content-Length: 100\r\n\r\nabc", false),
+        ("/midbody-chunked", "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", false),
+        ("/midbody-halfclose", "Content-Length: 100\r\n\r\nabc", true),
+    ];
+    for (path, rest, half_close) in cases {
+        let mut s = tls_h1(&w).await;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\n{rest}"
+        );
+        s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if half_close {
+            let _ = s.shutdown().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        drop(s);
+        let ev = event_at(&w, path).await;
+        assert_eq!(ev["reason"], "client-closed", "{path}: {ev}");
+        assert_eq!(ev["status"], 499, "{path}: {ev}");
+        assert_eq!(ev["decision"], "allow", "{path}: {ev}");
+        assert_eq!(ev["bytes_in"], 3, "{path}: {ev}");
+        assert_eq!(ev["bytes_out"], 0, "{path}: nothing reached the client: {ev}");
+    }
+}
+
+/// A malformed chunked body (a bad chunk size, a bare LF, a size that overflows) is the
+/// client's fault: 400 `bad-request`, not 502 `upstream-unavailable`.
+#[tokio::test]
+async fn a_malformed_request_body_is_a_bad_request_not_an_upstream_failure() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let cases = [
+        ("/bad-chunk-size", "3\r\nabc\r\nzz\r\n"),
+        ("/bare-lf", "3\r\nabc\r\n3\nabc\r\n"),
+        ("/overflow", "3\r\nabc\r\nfffffffffffffffffff\r\n"),
+    ];
+    for (path, body) in cases {
+        let mut s = tls_h1(&w).await;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
+        );
+        s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let resp = String::from_utf8_lossy(&out).to_string();
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{path}: {resp}");
+        let ev = event_at(&w, path).await;
+        assert_eq!(ev["reason"], "bad-request", "{path}: {ev}");
+        assert_eq!(ev["status"], 400, "{path}: {ev}");
+        assert_eq!(ev["decision"], "allow", "{path}: {ev}");
+        assert!(
+            ev["detail"].as_str().is_some_and(|d| d.starts_with("malformed request body")),
+            "{path}: {ev}"
+        );
+    }
+}
+
+/// A response whose upstream body breaks off after the head was relayed (a reset, a close
+/// before the end of a chunked body, fewer bytes than `Content-Length`) reaches the client
+/// truncated: its event keeps the status sent but says `upstream-aborted`, with the bytes
+/// actually sent, never `allowed` as if it were complete.
+#[tokio::test]
+async fn an_upstream_body_cut_short_is_audited_as_upstream_aborted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let upstream = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let answer: &[u8] = if head.starts_with("GET /cut/short ") {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort"
+                } else if head.starts_with("GET /cut/chunked ") {
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nreset"
+                };
+                let _ = s.write_all(answer).await;
+                let _ = s.flush().await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if head.starts_with("GET /cut/reset ") {
+                    // An RST instead of a FIN.
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                }
+                drop(s);
+            });
+        }
+    });
+    let routes = format!(
+        "[[routes]]\nname = \"cut\"\nmatch = {{ path_prefix = \"/cut\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    for path in ["/cut/short", "/cut/chunked", "/cut/reset"] {
+        let mut s = tls_h1(&w).await;
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let resp = String::from_utf8_lossy(&out).to_string();
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{path}: {resp}");
+        let ev = event_at(&w, path).await;
+        assert_eq!(ev["reason"], "upstream-aborted", "{path}: {ev}");
+        assert_eq!(ev["status"], 200, "{path}: the status sent: {ev}");
+        assert_eq!(ev["decision"], "allow", "{path}: {ev}");
+        assert_eq!(ev["bytes_out"], 5, "{path}: {ev}");
+        assert!(ev["detail"].is_string(), "{path}: {ev}");
+    }
+    let m = w.admin_get("/metrics").await.text();
+    assert!(m.contains("reason=\"upstream-aborted\""), "{m}");
+    upstream.abort();
+}
+
+/// A client that hangs up while a response body streams to it: the event says
+/// `client-closed` with the status sent and the bytes it got, not a complete success.
+#[tokio::test]
+async fn a_client_gone_mid_response_body_is_client_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let path = "/stream/100000000";
+    let mut s = tls_h1(&w).await;
+    let req =
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut buf = vec![0u8; 65536];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200 "));
+    drop(s);
+    let ev = event_at(&w, path).await;
+    assert_eq!(ev["reason"], "client-closed", "{ev}");
+    assert_eq!(ev["status"], 200, "the status sent: {ev}");
+    assert_eq!(ev["decision"], "allow", "{ev}");
+    let out = ev["bytes_out"].as_u64().unwrap_or(u64::MAX);
+    assert!(out < 100_000_000, "{ev}");
 }
