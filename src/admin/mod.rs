@@ -10,10 +10,16 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 
+use crate::audit::{AuditHealth, AuditStatus};
 use crate::http::proxy::{Shared, JWKS_PATH};
 
 /// Answers one admin request.
-pub fn respond<B>(shared: &Arc<Shared>, draining: bool, req: &Request<B>) -> Response<Full<Bytes>> {
+pub fn respond<B>(
+    shared: &Arc<Shared>,
+    draining: bool,
+    audit: AuditStatus,
+    req: &Request<B>,
+) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
         "/readyz" => {
@@ -24,10 +30,13 @@ pub fn respond<B>(shared: &Arc<Shared>, draining: bool, req: &Request<B>) -> Res
                 .into_iter()
                 .map(|(id, ok)| (id.to_string(), serde_json::Value::Bool(ok)))
                 .collect();
-            let ready = !draining && rt.verifier.ready();
+            // Audit events not reaching their output: take this replica out of rotation
+            // rather than serve requests that leave no trace.
+            let ready = !draining && rt.verifier.ready() && audit == AuditStatus::Ok;
             let body = serde_json::json!({
                 "ready": ready,
                 "draining": draining,
+                "audit": audit.as_str(),
                 "generation": rt.generation,
                 "policy_revision": &*rt.revision,
                 "issuers_keys_loaded": issuers,
@@ -55,9 +64,10 @@ pub async fn serve_connection(
     stream: tokio::net::TcpStream,
     shared: Arc<Shared>,
     draining: Arc<std::sync::atomic::AtomicBool>,
+    audit: AuditHealth,
 ) {
     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let r = respond(&shared, draining.load(Ordering::Relaxed), &req);
+        let r = respond(&shared, draining.load(Ordering::Relaxed), audit.status(), &req);
         async move { Ok::<_, Infallible>(r) }
     });
     let io = hyper_util::rt::TokioIo::new(stream);

@@ -7,7 +7,9 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::Serialize;
@@ -244,6 +246,19 @@ pub fn now_rfc3339() -> String {
 const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 /// A batch this large is written without waiting out the linger.
 const EARLY_WRITE_BYTES: usize = 256 * 1024;
+/// Events queued and not yet written, at most (bytes). Beyond it, new events are dropped
+/// and counted rather than held: a sink that stalls (a pipe nobody reads) or fails (a
+/// full disk) must not take the process's memory with it.
+pub const QUEUE_BYTES: usize = 64 * 1024 * 1024;
+/// After a drop, the sink reports itself unhealthy this long.
+const DROP_WINDOW: Duration = Duration::from_secs(10);
+/// A single write blocked this long makes the sink unhealthy (a stalled reader).
+const STALL: Duration = Duration::from_secs(5);
+/// At most one stderr line per this long about failing writes or dropped events.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// Retry delays after a failed write: doubling from the first to the last.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// The queue between request paths and the writer thread: one byte buffer of
 /// newline-terminated events, appended under a short lock.
@@ -253,11 +268,16 @@ struct Queue {
     wake: Condvar,
     /// [`AuditSink::flush`] waits here for the writer to catch up.
     written: Condvar,
+    /// [`QUEUE_BYTES`], or less in tests.
+    cap: usize,
+    health: Arc<Health>,
 }
 
 #[derive(Default)]
 struct QueueState {
     buf: Vec<u8>,
+    /// Bytes the writer took from `buf` and has not finished writing (count to the cap).
+    inflight: usize,
     /// Events queued so far, and events written so far (for `flush`).
     queued: u64,
     done: u64,
@@ -265,6 +285,131 @@ struct QueueState {
     writer_idle: bool,
     flush_asked: bool,
     closed: bool,
+}
+
+/// Whether audit events are reaching their output: shared by the writer thread (write
+/// errors, stalls), the request path (drops) and `/readyz`.
+#[derive(Debug)]
+struct Health {
+    epoch: Instant,
+    write_errors: AtomicU64,
+    dropped: AtomicU64,
+    /// The last write (or flush) failed, and none has succeeded since.
+    failing: AtomicBool,
+    /// Milliseconds after `epoch` (+1, so 0 means never) of the last drop, of the last
+    /// drop reported on stderr, and of the start of the write in progress (0: none).
+    last_drop: AtomicU64,
+    last_drop_report: AtomicU64,
+    writing_since: AtomicU64,
+}
+
+impl Health {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            write_errors: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            last_drop: AtomicU64::new(0),
+            last_drop_report: AtomicU64::new(0),
+            writing_since: AtomicU64::new(0),
+        }
+    }
+
+    /// Now, as a non-zero millisecond stamp.
+    fn stamp(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn within(&self, stamp: u64, window: Duration) -> bool {
+        stamp != 0 && self.stamp().saturating_sub(stamp) < window.as_millis() as u64
+    }
+
+    fn write_error(&self) {
+        self.write_errors.fetch_add(1, Ordering::Relaxed);
+        self.failing.store(true, Ordering::Relaxed);
+        crate::metrics::global().audit_write_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts `n` events lost; says so on stderr at most once per [`REPORT_EVERY`].
+    fn drop_events(&self, n: u64, why: &'static str) {
+        if n == 0 {
+            return;
+        }
+        let total = self.dropped.fetch_add(n, Ordering::Relaxed) + n;
+        crate::metrics::global().audit_events_dropped.fetch_add(n, Ordering::Relaxed);
+        let now = self.stamp();
+        self.last_drop.store(now, Ordering::Relaxed);
+        let last = self.last_drop_report.load(Ordering::Relaxed);
+        if !self.within(last, REPORT_EVERY)
+            && self
+                .last_drop_report
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::error!(dropped_total = total, "audit events dropped: {why}");
+        }
+    }
+
+    /// A write has been in progress for [`STALL`] or longer.
+    fn stalled(&self) -> bool {
+        let since = self.writing_since.load(Ordering::Relaxed);
+        since != 0 && self.stamp().saturating_sub(since) >= STALL.as_millis() as u64
+    }
+
+    fn status(&self) -> AuditStatus {
+        if self.failing.load(Ordering::Relaxed) {
+            AuditStatus::Failing
+        } else if self.within(self.last_drop.load(Ordering::Relaxed), DROP_WINDOW) {
+            AuditStatus::Dropping
+        } else if self.stalled() {
+            AuditStatus::Stalled
+        } else {
+            AuditStatus::Ok
+        }
+    }
+}
+
+/// The audit sink's state, as `/readyz` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditStatus {
+    /// Events are being written.
+    Ok,
+    /// The last write to the output failed (full disk, closed pipe); retrying.
+    Failing,
+    /// Events were dropped in the last [`DROP_WINDOW`] (the queue was full).
+    Dropping,
+    /// One write has been blocked for over [`STALL`] (nobody reads the pipe).
+    Stalled,
+}
+
+impl AuditStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Failing => "write-failing",
+            Self::Dropping => "dropping",
+            Self::Stalled => "stalled",
+        }
+    }
+}
+
+/// A handle on a sink's health that does not keep its queue open (for `/readyz`).
+#[derive(Debug, Clone)]
+pub struct AuditHealth(Arc<Health>);
+
+impl AuditHealth {
+    pub fn status(&self) -> AuditStatus {
+        self.0.status()
+    }
+    /// Failed writes (and flushes) to the output so far.
+    pub fn write_errors(&self) -> u64 {
+        self.0.write_errors.load(Ordering::Relaxed)
+    }
+    /// Events dropped so far (queue full, or left unwritten when closing).
+    pub fn dropped(&self) -> u64 {
+        self.0.dropped.load(Ordering::Relaxed)
+    }
 }
 
 /// Closes the queue when the last [`AuditSink`] clone goes; the writer then writes what
@@ -309,19 +454,37 @@ impl AuditSink {
         Self::spawn(Box::new(std::io::sink()), Some(mem))
     }
 
+    /// Writes to `out`, queueing at most `queue_bytes` (tests; the others use
+    /// [`QUEUE_BYTES`]).
+    pub fn writer(out: Box<dyn Write + Send>, queue_bytes: usize) -> Self {
+        Self::spawn_capped(out, None, queue_bytes)
+    }
+
     fn spawn(out: Box<dyn Write + Send>, memory: Option<Arc<Mutex<Vec<String>>>>) -> Self {
+        Self::spawn_capped(out, memory, QUEUE_BYTES)
+    }
+
+    fn spawn_capped(
+        out: Box<dyn Write + Send>,
+        memory: Option<Arc<Mutex<Vec<String>>>>,
+        cap: usize,
+    ) -> Self {
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState::default()),
             wake: Condvar::new(),
             written: Condvar::new(),
+            cap,
+            health: Arc::new(Health::new()),
         });
         let q = queue.clone();
         let mem = memory.clone();
         let spawned = std::thread::Builder::new()
             .name("portcullis-audit".into())
             .spawn(move || writer(&q, out, mem.as_deref()));
+        // Without its thread nothing is ever written: say so wherever it is looked at.
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the audit writer thread");
+            queue.health.write_error();
         }
         Self { handle: Arc::new(Handle { queue, memory }) }
     }
@@ -352,6 +515,12 @@ impl AuditSink {
             line.push(b'\n');
             let queue = &self.handle.queue;
             let mut st = queue.state.lock();
+            if st.buf.len() + st.inflight + line.len() > queue.cap {
+                drop(st);
+                queue.health.drop_events(1, "the queue is full (the output is slow or failing)");
+                SCRATCH.with(|s| s.set(line));
+                return;
+            }
             st.buf.extend_from_slice(&line);
             st.queued += 1;
             let wake = st.writer_idle || st.buf.len() >= EARLY_WRITE_BYTES;
@@ -384,6 +553,11 @@ impl AuditSink {
         }
     }
 
+    /// This sink's health, for `/readyz`.
+    pub fn health(&self) -> AuditHealth {
+        AuditHealth(self.handle.queue.health.clone())
+    }
+
     /// Lines written so far (memory sinks only).
     pub fn lines(&self) -> Vec<String> {
         self.flush();
@@ -392,9 +566,11 @@ impl AuditSink {
 }
 
 /// The writer thread: waits for the first event of a batch, lingers so the batch can
-/// grow, then writes it with one `write` and flush.
-fn writer(queue: &Queue, out: Box<dyn Write + Send>, memory: Option<&Mutex<Vec<String>>>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+/// grow, then writes it with one `write` and flush. A failed write is counted, reported
+/// and retried (from where it stopped, so no line is doubled) until it succeeds or the
+/// sink closes; meanwhile the queue fills up to its cap and further events are dropped.
+fn writer(queue: &Queue, mut out: Box<dyn Write + Send>, memory: Option<&Mutex<Vec<String>>>) {
+    let mut report = Reporter::default();
     let mut spare = Vec::with_capacity(64 * 1024);
     let mut st = queue.state.lock();
     loop {
@@ -412,6 +588,7 @@ fn writer(queue: &Queue, out: Box<dyn Write + Send>, memory: Option<&Mutex<Vec<S
         }
         st.flush_asked = false;
         std::mem::swap(&mut st.buf, &mut spare);
+        st.inflight = spare.len();
         let upto = st.queued;
         MutexGuard::unlocked(&mut st, || {
             if let Some(mem) = memory {
@@ -420,15 +597,102 @@ fn writer(queue: &Queue, out: Box<dyn Write + Send>, memory: Option<&Mutex<Vec<S
                     mem.push(String::from_utf8_lossy(line).into_owned());
                 }
             }
-            let _ = out.write_all(&spare);
-            let _ = out.flush();
+            write_batch(&mut *out, &spare, queue, &mut report);
             spare.clear();
+            // A burst may have grown the buffer to the cap: do not keep that memory.
+            spare.shrink_to(EARLY_WRITE_BYTES);
         });
+        st.inflight = 0;
         st.done = upto;
         queue.written.notify_all();
     }
     st.done = st.queued;
     queue.written.notify_all();
+}
+
+/// Writes one batch, retrying failures with a growing delay. When the sink is closing,
+/// a failure is not retried: what is left is counted as dropped.
+fn write_batch(out: &mut dyn Write, batch: &[u8], queue: &Queue, report: &mut Reporter) {
+    let health = &*queue.health;
+    let mut written = 0;
+    let mut flushed = false;
+    let mut delay = RETRY_FIRST;
+    while !flushed {
+        health.writing_since.store(health.stamp(), Ordering::Relaxed);
+        let result = if written < batch.len() {
+            match out.write(&batch[written..]) {
+                Ok(0) => Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
+                Ok(n) => {
+                    written += n;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            out.flush().map(|()| flushed = true)
+        };
+        health.writing_since.store(0, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                if health.failing.swap(false, Ordering::Relaxed) {
+                    report.recovered(health);
+                }
+                delay = RETRY_FIRST;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                health.write_error();
+                report.failed(health, &e);
+                if queue.state.lock().closed {
+                    let lost = batch[written..].iter().filter(|b| **b == b'\n').count();
+                    health.drop_events(lost as u64, "the output failed while closing");
+                    return;
+                }
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// Says on stderr that writes fail (once per [`REPORT_EVERY`], not once per event) and
+/// when they work again.
+#[derive(Default)]
+struct Reporter {
+    last: Option<Instant>,
+    errors_at_last: u64,
+    since: Option<Instant>,
+}
+
+impl Reporter {
+    fn failed(&mut self, health: &Health, e: &std::io::Error) {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if self.last.is_some_and(|t| t.elapsed() < REPORT_EVERY) {
+            return;
+        }
+        let errors = health.write_errors.load(Ordering::Relaxed);
+        tracing::error!(
+            error = %e,
+            failed_writes = errors - self.errors_at_last,
+            failing_for_s = since.elapsed().as_secs(),
+            dropped_total = health.dropped.load(Ordering::Relaxed),
+            "audit log write failed; retrying, events queue up and are dropped once the queue is full"
+        );
+        self.last = Some(Instant::now());
+        self.errors_at_last = errors;
+    }
+
+    fn recovered(&mut self, health: &Health) {
+        if let Some(since) = self.since.take() {
+            tracing::warn!(
+                failed_for_s = since.elapsed().as_secs(),
+                write_errors_total = health.write_errors.load(Ordering::Relaxed),
+                dropped_total = health.dropped.load(Ordering::Relaxed),
+                "audit log writes succeed again"
+            );
+        }
+        self.last = None;
+    }
 }
 
 #[cfg(test)]
@@ -540,6 +804,116 @@ mod tests {
             let serde = serde_json::to_vec(ev).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&serde));
         }
+    }
+
+    /// An output that blocks while `blocked`, fails while `failing`, and keeps the rest.
+    #[derive(Clone, Default)]
+    struct Flaky {
+        failing: Arc<AtomicBool>,
+        blocked: Arc<(Mutex<bool>, Condvar)>,
+        kept: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Flaky {
+        fn block(&self, on: bool) {
+            *self.blocked.0.lock() = on;
+            self.blocked.1.notify_all();
+        }
+        fn lines(&self) -> Vec<serde_json::Value> {
+            let kept = self.kept.lock();
+            kept.split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_slice(l).unwrap_or_default())
+                .collect()
+        }
+    }
+
+    impl Write for Flaky {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let mut blocked = self.blocked.0.lock();
+            while *blocked {
+                self.blocked.1.wait(&mut blocked);
+            }
+            if self.failing.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("no space left on device"));
+            }
+            // Half at a time: a retry must go on from where a short write stopped.
+            let n = b.len().div_ceil(2);
+            self.kept.lock().extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn eventually(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn failing_writes_are_counted_reported_unhealthy_and_retried_until_they_succeed() {
+        let out = Flaky::default();
+        out.failing.store(true, Ordering::Relaxed);
+        let sink = AuditSink::writer(Box::new(out.clone()), QUEUE_BYTES);
+        let health = sink.health();
+        assert_eq!(health.status(), AuditStatus::Ok);
+        let metric_before = crate::metrics::global().audit_write_errors.load(Ordering::Relaxed);
+        for n in 0..10 {
+            sink.emit(&serde_json::json!({ "n": n }));
+        }
+        eventually("a write error is counted", || health.write_errors() > 0);
+        assert_eq!(health.status(), AuditStatus::Failing);
+        assert!(
+            crate::metrics::global().audit_write_errors.load(Ordering::Relaxed) > metric_before
+        );
+        assert!(crate::metrics::global()
+            .render()
+            .contains("\nportcullis_audit_write_errors_total "));
+        // The output works again: everything queued meanwhile is written, once, in order.
+        out.failing.store(false, Ordering::Relaxed);
+        sink.flush();
+        eventually("the sink is healthy again", || health.status() == AuditStatus::Ok);
+        let ns: Vec<_> = out.lines().iter().map(|v| v["n"].as_u64()).collect();
+        assert_eq!(ns, (0..10).map(Some).collect::<Vec<_>>());
+        assert_eq!(health.dropped(), 0);
+    }
+
+    #[test]
+    fn a_blocked_output_bounds_the_queue_and_drops_and_counts_the_excess() {
+        let out = Flaky::default();
+        out.block(true);
+        let cap = 16 * 1024;
+        let sink = AuditSink::writer(Box::new(out.clone()), cap);
+        let health = sink.health();
+        let pad = "x".repeat(90);
+        let event = |n: u64| serde_json::json!({ "n": n, "pad": pad });
+        // The shortest line: no more than the cap divided by it fit in the queue.
+        let line_len = serde_json::to_vec(&event(0)).map_or(0, |v| v.len()) + 1;
+        let dropped_before = crate::metrics::global().audit_events_dropped.load(Ordering::Relaxed);
+        // ~100 KB of events towards an output that takes none of them.
+        let sent = 1000;
+        for n in 0..sent {
+            sink.emit(&event(n));
+        }
+        let dropped = health.dropped();
+        assert!(dropped >= sent - (cap / line_len) as u64, "only {dropped} dropped");
+        assert_eq!(health.status(), AuditStatus::Dropping);
+        assert!(
+            crate::metrics::global().audit_events_dropped.load(Ordering::Relaxed)
+                >= dropped_before + dropped
+        );
+        // Released, the output gets exactly what was kept, and no more than the cap.
+        out.block(false);
+        sink.flush();
+        let written = out.lines();
+        assert_eq!(written.len() as u64, sent - dropped);
+        assert!(written.len() * line_len <= cap);
+        assert_eq!(written.first().map(|v| v["n"].clone()), Some(serde_json::json!(0)));
     }
 
     impl<'a> HttpEvent<'a> {

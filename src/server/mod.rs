@@ -711,8 +711,12 @@ async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watc
             (Err(_), _) => return,
         };
         let lifetime = state.shared.runtime.load().config.server.idle_timeout;
-        let serve =
-            crate::admin::serve_connection(stream, state.shared.clone(), state.draining.clone());
+        let serve = crate::admin::serve_connection(
+            stream,
+            state.shared.clone(),
+            state.draining.clone(),
+            state.sink.health(),
+        );
         tokio::spawn(async move {
             if tokio::time::timeout(lifetime, serve).await.is_err() {
                 tracing::debug!(lifetime_s = lifetime.as_secs(), "closing admin connection");
