@@ -2,8 +2,9 @@
 //! assertion JWKS for upstreams that prefer to fetch it out of band.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
@@ -59,22 +60,76 @@ pub fn respond<B>(
     resp
 }
 
-/// Serves the admin endpoints on an accepted connection.
+/// How long an admin connection has to send its request. Probes and scrapes send theirs
+/// at once; a silent connection is closed after this, and sooner when a new connection
+/// needs its place ([`Slot::evict`]).
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An admin connection's place among those served at once, as the accept loop sees it.
+#[derive(Debug, Default)]
+pub struct Slot {
+    /// [`WAITING`], [`SERVING`] or [`EVICTED`].
+    state: AtomicU8,
+    evicted: tokio::sync::Notify,
+}
+
+const WAITING: u8 = 0;
+const SERVING: u8 = 1;
+const EVICTED: u8 = 2;
+
+impl Slot {
+    /// Closes the connection if it has not sent a request yet (then it has nothing to
+    /// lose); true if it did. A connection being answered is never cut.
+    pub fn evict(&self) -> bool {
+        let evicted = self
+            .state
+            .compare_exchange(WAITING, EVICTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if evicted {
+            self.evicted.notify_one();
+        }
+        evicted
+    }
+}
+
+/// Serves the admin endpoints on an accepted connection: one request, which must start
+/// within [`FIRST_REQUEST_TIMEOUT`]; the connection is closed after `lifetime` at most,
+/// or as soon as it is evicted while still waiting for its request.
 pub async fn serve_connection(
     stream: tokio::net::TcpStream,
     shared: Arc<Shared>,
     draining: Arc<std::sync::atomic::AtomicBool>,
     audit: AuditHealth,
+    slot: Arc<Slot>,
+    lifetime: Duration,
 ) {
+    let s = slot.clone();
     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let _ = s.state.compare_exchange(WAITING, SERVING, Ordering::AcqRel, Ordering::Acquire);
         let r = respond(&shared, draining.load(Ordering::Relaxed), audit.status(), &req);
         async move { Ok::<_, Infallible>(r) }
     });
     let io = hyper_util::rt::TokioIo::new(stream);
-    let _ = hyper::server::conn::http1::Builder::new()
+    let serve = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(10))
-        .serve_connection(io, svc)
-        .await;
+        .header_read_timeout(FIRST_REQUEST_TIMEOUT)
+        .serve_connection(io, svc);
+    // Silent past the deadline: evicted by itself (unless its request has just begun).
+    let deadline = async {
+        tokio::time::sleep(FIRST_REQUEST_TIMEOUT).await;
+        if !slot.evict() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = serve => {}
+        () = slot.evicted.notified() => {
+            tracing::debug!("closing an admin connection that sent no request");
+        }
+        () = deadline => {}
+        () = tokio::time::sleep(lifetime) => {
+            tracing::debug!(lifetime_s = lifetime.as_secs(), "closing admin connection");
+        }
+    }
 }

@@ -135,6 +135,31 @@ async fn readiness_reflects_issuer_keys() {
     assert_eq!(w.admin_get("/nope").await.status, StatusCode::NOT_FOUND);
 }
 
+/// An attacker holding far more silent admin connections than are served at once (64)
+/// does not delay the kubelet's probes: the listener keeps accepting, a new connection
+/// takes the place of the oldest silent one, and a silent one is closed after 2 s
+/// anyway (here `idle_timeout` is the default 75 s).
+#[tokio::test]
+async fn probes_are_answered_promptly_while_silent_admin_connections_are_held() {
+    use tokio::io::AsyncReadExt;
+    let w = World::start().await;
+    let mut silent = Vec::new();
+    for round in 0..3 {
+        for _ in 0..100 {
+            let s = tokio::net::TcpStream::connect(w.admin).await;
+            silent.push(s.unwrap_or_else(|e| panic!("{e}")));
+        }
+        let probe = tokio::time::timeout(Duration::from_secs(3), w.admin_get("/healthz")).await;
+        let status = probe.map(|r| r.status).ok();
+        assert_eq!(status, Some(StatusCode::OK), "probe {round} starved behind silent sockets");
+    }
+    // The most recent silent connection is closed by the first-request deadline.
+    let last = silent.last_mut().unwrap_or_else(|| panic!("no connection"));
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(6), last.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+}
+
 #[tokio::test]
 async fn silent_admin_connections_are_closed_and_cannot_starve_the_probes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
