@@ -137,7 +137,17 @@ impl HttpEvent<'_> {
     /// once per request: field names go out as constant byte strings, and a string
     /// value with nothing to escape (nearly all) is one scan and one copy; serde_json
     /// spent about as much on this event as the rest of the proxy's own request work.
+    ///
+    /// The strings a client chooses (method, host, path, SNI, and the detail, which may
+    /// quote them) are cut to [`MAX_FIELD_BYTES`] each, and the event then says
+    /// `"truncated":true` (before `status`); the derive writes them whole.
     pub fn write_json(&self, out: &mut Vec<u8>) {
+        let mut cut = false;
+        let mut bounded = |s: &'_ str| -> usize {
+            let end = bounded_len(s);
+            cut |= end < s.len();
+            end
+        };
         out.extend_from_slice(b"{\"ts\":");
         json_str(out, &self.ts);
         str_field(out, "request_id", self.request_id);
@@ -147,16 +157,20 @@ impl HttpEvent<'_> {
             key(out, "tls");
             out.extend_from_slice(b"{\"version\":");
             json_str(out, tls.version);
-            opt_str_field(out, "sni", tls.sni.as_deref());
+            if let Some(sni) = tls.sni.as_deref() {
+                str_field(out, "sni", &sni[..bounded(sni)]);
+            }
             out.push(b'}');
         }
-        str_field(out, "method", self.method);
-        str_field(out, "host", self.host);
-        str_field(out, "path", self.path);
+        str_field(out, "method", &self.method[..bounded(self.method)]);
+        str_field(out, "host", &self.host[..bounded(self.host)]);
+        str_field(out, "path", &self.path[..bounded(self.path)]);
         opt_str_field(out, "route", self.route);
         str_field(out, "decision", self.decision);
         str_field(out, "reason", self.reason);
-        opt_str_field(out, "detail", self.detail);
+        if let Some(detail) = self.detail {
+            str_field(out, "detail", &detail[..bounded(detail)]);
+        }
         if let Some(rule) = self.rule {
             rule_field(out, rule);
         }
@@ -178,6 +192,9 @@ impl HttpEvent<'_> {
             }
         }
         opt_str_field(out, "upstream", self.upstream);
+        if cut {
+            out.extend_from_slice(b",\"truncated\":true");
+        }
         let mut n = itoa::Buffer::new();
         for (name, value) in [
             ("status", u64::from(self.status)),
@@ -192,6 +209,24 @@ impl HttpEvent<'_> {
         let _ = serde_json::to_writer(&mut *out, &self.duration_ms);
         out.push(b'}');
     }
+}
+
+/// The most of a client-chosen string an event keeps (bytes): a 60 KiB path must not
+/// make a 60 KiB line, which log shippers split (Docker's json-file at 16 KiB, journald
+/// at 48 KiB) and which floods the log at one line per unauthenticated request.
+pub const MAX_FIELD_BYTES: usize = 2048;
+
+/// How much of `s` an event keeps: all of it, or [`MAX_FIELD_BYTES`] at most, cut on a
+/// character boundary.
+fn bounded_len(s: &str) -> usize {
+    if s.len() <= MAX_FIELD_BYTES {
+        return s.len();
+    }
+    let mut end = MAX_FIELD_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
 }
 
 /// `,"name":` — every field but an object's first.
@@ -804,6 +839,66 @@ mod tests {
             let serde = serde_json::to_vec(ev).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&serde));
         }
+    }
+
+    #[test]
+    fn long_client_chosen_strings_are_cut_and_the_event_says_so() {
+        let long = |c: &str| c.repeat(60 * 1024);
+        // A path of two-byte characters: the cut falls inside one, and must not split it.
+        let (method, host, path) = (long("M"), long("h"), format!("/{}", long("é")));
+        let detail = format!("bad host {host}");
+        let tls = TlsInfo { version: "TLSv1.3", sni: Some(Arc::from(long("s"))) };
+        let ev = HttpEvent {
+            ts: now_rfc3339(),
+            request_id: "r1",
+            kind: "http",
+            client_addr: "127.0.0.1:5000",
+            tls: Some(&tls),
+            method: &method,
+            host: &host,
+            path: &path,
+            route: None,
+            decision: "deny",
+            reason: "unauthenticated",
+            detail: Some(&detail),
+            rule: None,
+            shadow: None,
+            policy_revision: None,
+            identity: None,
+            ci: None,
+            upstream: None,
+            status: 401,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 0.1,
+        };
+        let mut line = Vec::new();
+        ev.write_json(&mut line);
+        assert!(line.len() < 6 * MAX_FIELD_BYTES, "{} bytes", line.len());
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap_or_default();
+        assert_eq!(v["truncated"], true);
+        for (field, full) in
+            [("method", &method), ("host", &host), ("path", &path), ("detail", &detail)]
+        {
+            let kept = v[field].as_str().unwrap_or_default();
+            assert!(kept.len() <= MAX_FIELD_BYTES && kept.len() > MAX_FIELD_BYTES - 4, "{field}");
+            assert!(full.starts_with(kept), "{field} is a prefix of what was sent");
+        }
+        assert_eq!(v["tls"]["sni"].as_str().map(str::len), Some(MAX_FIELD_BYTES));
+        // A short event is whole, and says nothing of truncation.
+        let short = HttpEvent {
+            method: "GET",
+            host: "a",
+            path: "/",
+            detail: None,
+            tls: None,
+            ..ev.clone_for_test()
+        };
+        let mut line = Vec::new();
+        short.write_json(&mut line);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap_or_default();
+        assert_eq!(v["path"], "/");
+        assert!(v.get("truncated").is_none());
     }
 
     /// An output that blocks while `blocked`, fails while `failing`, and keeps the rest.
