@@ -75,9 +75,8 @@ impl Identity {
             let raw = |json: serde_json::Result<String>| {
                 json.ok().and_then(|s| RawValue::from_string(s).ok())
             };
-            let identity =
-                raw(serde_json::to_string(&IdentitySummary::of(self))).unwrap_or_default();
-            (identity, self.ci.as_ref().and_then(|ci| raw(serde_json::to_string(ci))))
+            let identity = raw(to_string(&IdentitySummary::of(self))).unwrap_or_default();
+            (identity, self.ci.as_ref().and_then(|ci| raw(to_string(ci))))
         });
         (identity, ci.as_deref())
     }
@@ -206,7 +205,7 @@ impl HttpEvent<'_> {
         }
         key(out, "duration_ms");
         // Floats as serde_json writes them (shortest round-trip form; null if not finite).
-        let _ = serde_json::to_writer(&mut *out, &self.duration_ms);
+        let _ = to_writer(&mut *out, &self.duration_ms);
         out.push(b'}');
     }
 }
@@ -257,17 +256,70 @@ fn rule_field(out: &mut Vec<u8>, rule: &RuleRef) {
     out.push(b'}');
 }
 
-/// Appends `s` as a JSON string. Nothing to escape (the usual case): one vectorizable
-/// scan and one copy; otherwise serde_json escapes it, so the bytes are the same.
+/// Appends `s` as a JSON string. Plain printable ASCII with nothing to escape (the usual
+/// case): one vectorizable scan and one copy; otherwise serde_json escapes it with
+/// [`AuditFormatter`], so the bytes are the same as a whole event serialized with it.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    let plain = !s.bytes().fold(false, |any, b| any | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    let plain = !s
+        .bytes()
+        .fold(false, |any, b| any | !(0x20..0x7f).contains(&b) | (b == b'"') | (b == b'\\'));
     if plain {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
     } else {
-        let _ = serde_json::to_writer(&mut *out, s);
+        let _ = to_writer(&mut *out, s);
     }
+}
+
+/// serde_json's compact output, except that characters which show as nothing or reorder
+/// what follows are written as `\uXXXX` escapes: C1 controls and DEL, bidi marks,
+/// embeddings, overrides and isolates (Trojan Source), zero-width and other invisible
+/// characters ([`crate::policy::is_hidden`]), and the line and paragraph separators
+/// (U+2028/9). A claim (a branch name, an email) holding one would otherwise read in a
+/// terminal or log viewer as something it is not. Still valid JSON with the same value.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuditFormatter;
+
+impl serde_json::ser::Formatter for AuditFormatter {
+    fn write_string_fragment<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        if fragment.is_ascii() && !fragment.contains('\u{7f}') {
+            return w.write_all(fragment.as_bytes());
+        }
+        let mut start = 0;
+        for (i, c) in fragment.char_indices() {
+            if misleading(c) {
+                w.write_all(&fragment.as_bytes()[start..i])?;
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    write!(w, "\\u{unit:04x}")?;
+                }
+                start = i + c.len_utf8();
+            }
+        }
+        w.write_all(&fragment.as_bytes()[start..])
+    }
+}
+
+/// Characters [`AuditFormatter`] escapes (beyond what JSON requires).
+fn misleading(c: char) -> bool {
+    crate::policy::is_hidden(c) || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
+/// `serde_json::to_writer`, with [`AuditFormatter`].
+pub fn to_writer<W: Write, T: ?Sized + Serialize>(out: W, value: &T) -> serde_json::Result<()> {
+    value.serialize(&mut serde_json::Serializer::with_formatter(out, AuditFormatter))
+}
+
+/// `serde_json::to_string`, with [`AuditFormatter`].
+pub fn to_string<T: ?Sized + Serialize>(value: &T) -> serde_json::Result<String> {
+    let mut out = Vec::new();
+    to_writer(&mut out, value)?;
+    // The formatter writes UTF-8 only: whole fragments, and ASCII escapes.
+    String::from_utf8(out).map_err(serde::ser::Error::custom)
 }
 
 /// An RFC 3339 timestamp with milliseconds, UTC.
@@ -527,7 +579,7 @@ impl AuditSink {
     /// Serializes one event and queues it. The writer is woken only for the first
     /// event of a batch.
     pub fn emit<T: Serialize>(&self, event: &T) {
-        self.emit_with(|line| serde_json::to_writer(line, event).is_ok());
+        self.emit_with(|line| to_writer(line, event).is_ok());
     }
 
     /// Queues one HTTP event, written by [`HttpEvent::write_json`] (the request path).
@@ -798,7 +850,9 @@ mod tests {
             route: Some("deploy"),
             decision: "allow",
             reason: "allowed",
-            detail: Some("quote \" backslash \\ newline \n tab \t bell \u{7} del \u{7f} é ✓"),
+            detail: Some(
+                "quote \" backslash \\ newline \n tab \t bell \u{7} del \u{7f} é ✓ \u{85} \u{202e}x \u{1f600} \u{e0041}",
+            ),
             rule: Some(&rule),
             shadow: Some(ShadowSummary {
                 decision: "deny",
@@ -836,7 +890,7 @@ mod tests {
         for ev in [&full, &sparse, &no_tls, &huge] {
             let mut ours = Vec::new();
             ev.write_json(&mut ours);
-            let serde = serde_json::to_vec(ev).unwrap_or_else(|e| panic!("{e}"));
+            let serde = to_string(ev).unwrap_or_else(|e| panic!("{e}")).into_bytes();
             assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&serde));
         }
     }
@@ -899,6 +953,88 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap_or_default();
         assert_eq!(v["path"], "/");
         assert!(v.get("truncated").is_none());
+    }
+
+    #[test]
+    fn bidi_invisible_and_c1_characters_from_claims_and_requests_are_escaped() {
+        use crate::identity::{ci, IssuerId, Preset};
+        // A branch that reads as `main` followed by reordered text, and other tricks.
+        let branch = "main\u{202e}\u{2066}lanif\u{2069}\u{200e}\u{200b}\u{85}\u{9f}\u{2028}x\u{2029}\u{7f}é✓";
+        let escapes = [
+            "\\u202e", "\\u2066", "\\u2069", "\\u200e", "\\u200b", "\\u0085", "\\u009f", "\\u2028",
+            "\\u2029", "\\u007f",
+        ];
+        let check = |json: &str, what: &str| {
+            assert!(!json.chars().any(misleading), "{what} holds a raw one: {json:?}");
+            for e in escapes {
+                assert!(json.contains(e), "{what} lacks {e}: {json}");
+            }
+            // Ordinary non-ASCII text stays as it is.
+            assert!(json.contains("é✓"), "{what}: {json}");
+        };
+        let claims = serde_json::json!({
+            "sub": "{repo}:{step}",
+            "repositoryUuid": "{repo}",
+            "workspaceUuid": "{ws}",
+            "branchName": branch,
+        });
+        let claims = claims.as_object().cloned().unwrap_or_default();
+        let id = Identity {
+            issuer: IssuerId(Arc::from("bitbucket")),
+            subject: "{repo}:{step}".into(),
+            kind: Preset::BitbucketPipelines.default_kind(),
+            email: Some(format!("dev@{branch}")),
+            email_verified: true,
+            groups: Vec::new(),
+            groups_known: true,
+            expires_at: u64::MAX,
+            issued_at: None,
+            ci: ci::normalize(Preset::BitbucketPipelines, &claims).ok().flatten(),
+            claims: claims.into(),
+            audit: Default::default(),
+        };
+        let (identity, ci) = id.audit_fields();
+        check(identity.get(), "identity");
+        let ci = ci.map(RawValue::get).unwrap_or_default();
+        check(ci, "ci");
+        let parsed: serde_json::Value = serde_json::from_str(ci).unwrap_or_default();
+        assert_eq!(parsed["branch"], branch, "the value is the same once parsed");
+        // A request's own strings, through the hand-written writer and through `emit`.
+        let sink = AuditSink::memory();
+        let path = format!("/{branch}");
+        let ev = HttpEvent {
+            ts: now_rfc3339(),
+            request_id: "r1",
+            kind: "http",
+            client_addr: "127.0.0.1:5000",
+            tls: None,
+            method: "GET",
+            host: "a.example",
+            path: &path,
+            route: None,
+            decision: "deny",
+            reason: "unauthenticated",
+            detail: None,
+            rule: None,
+            shadow: None,
+            policy_revision: None,
+            identity: Some(identity),
+            ci: None,
+            upstream: None,
+            status: 401,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 0.1,
+        };
+        sink.emit_http(&ev);
+        sink.emit(&serde_json::json!({ "kind": "pg.session", "application_name": branch }));
+        let lines = sink.lines();
+        assert_eq!(lines.len(), 2);
+        for line in &lines {
+            check(line.trim_end(), "event");
+        }
+        let parsed: serde_json::Value = serde_json::from_str(&lines[0]).unwrap_or_default();
+        assert_eq!(parsed["path"], path.as_str());
     }
 
     /// An output that blocks while `blocked`, fails while `failing`, and keeps the rest.
