@@ -191,3 +191,88 @@ async fn silent_admin_connections_are_closed_and_cannot_starve_the_probes() {
     let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
     assert!(answer.starts_with("http/1.1 200") && answer.contains("connection: close"), "{answer}");
 }
+
+/// With `[audit] on_failure = "reject"`, nothing passes while the audit output fails:
+/// requests get 503 `audit-unavailable`, a new database session `FATAL 57P03`, and
+/// `/readyz` says why; once writes succeed again, requests pass again.
+#[tokio::test]
+async fn on_failure_reject_refuses_requests_while_audit_writes_fail() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    struct Output(Arc<AtomicBool>);
+    impl std::io::Write for Output {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            if self.0.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("no space left on device"));
+            }
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let failing = Arc::new(AtomicBool::new(false));
+    let out = Box::new(Output(failing.clone()));
+    // A database route whose upstream is never reached: the refusal comes first.
+    let secrets = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let password = secrets.path().join("app");
+    write(&password, "pw\n");
+    let database = format!(
+        "[[databases]]\nname = \"appdb\"\nlisten = \"127.0.0.1:0\"\nupstream = \"postgres://127.0.0.1:1\"\nupstream_user = \"app\"\npassword_file = {:?}\npolicy = \"pg\"\n\n",
+        password.to_string_lossy()
+    );
+    let w = World::with(Setup {
+        sink: Some(portcullis::audit::AuditSink::writer(out, portcullis::audit::QUEUE_BYTES)),
+        routes: format!("{database}[audit]\non_failure = \"reject\"\n"),
+        policies: vec![
+            ("api".into(), ALLOW_ALL_PRESETS.into()),
+            (
+                "pg".into(),
+                "[[rule]]\nid = \"app\"\neffect = \"allow\"\nissuer = \"bb\"\nci = { repository = \"{7f3c1e2a-5b4d-4c8e-9a1f-2d3e4f5a6b7c}\" }\ndatabases = [\"appdb\"]\nroles = [\"app\"]\n".into(),
+            ),
+        ],
+        ..Setup::default()
+    })
+    .await;
+    let db = w.server().bound().databases.first().map(|d| d.1);
+    let db = db.unwrap_or_else(|| panic!("no database listener"));
+    let token = w.token("bb", &[]);
+    assert_eq!(w.get("/a", Some(&token)).await.status, StatusCode::OK);
+    failing.store(true, Ordering::Relaxed);
+    // The next event's write fails: from then on the sink is unhealthy.
+    w.get("/b", Some(&token)).await;
+    let mut ready = w.admin_get("/readyz").await;
+    for _ in 0..100 {
+        if ready.status == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        ready = w.admin_get("/readyz").await;
+    }
+    assert_eq!(ready.json()["audit"], "write-failing", "{}", ready.text());
+    let refused = w.get("/c", Some(&token)).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.json()["error"], "audit-unavailable", "{}", refused.text());
+    let mut session = tokio::net::TcpStream::connect(db).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut session, &mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "the session was not refused at once");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains("57P03") && answer.contains("audit-unavailable"), "{answer}");
+    // Writes work again (the writer retries within a second): requests pass again.
+    failing.store(false, Ordering::Relaxed);
+    let mut again = w.get("/d", Some(&token)).await;
+    for _ in 0..100 {
+        if again.status == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        again = w.get("/d", Some(&token)).await;
+    }
+    assert_eq!(again.status, StatusCode::OK, "{}", again.text());
+    assert_eq!(w.admin_get("/readyz").await.status, StatusCode::OK);
+}
