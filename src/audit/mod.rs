@@ -388,6 +388,10 @@ struct Health {
     last_drop: AtomicU64,
     last_drop_report: AtomicU64,
     writing_since: AtomicU64,
+    /// When a stalled write was last reported on stderr (same stamps).
+    last_stall_report: AtomicU64,
+    /// [`STALL`], or less in tests.
+    stall: Duration,
 }
 
 impl Health {
@@ -400,6 +404,8 @@ impl Health {
             last_drop: AtomicU64::new(0),
             last_drop_report: AtomicU64::new(0),
             writing_since: AtomicU64::new(0),
+            last_stall_report: AtomicU64::new(0),
+            stall: STALL,
         }
     }
 
@@ -438,10 +444,33 @@ impl Health {
         }
     }
 
+    /// Says on stderr (at most once per [`REPORT_EVERY`]) that the writer is stuck in one
+    /// write: the writer itself cannot, and with no failure and no drop yet nothing else
+    /// would. Checked by the request path only when events pile up.
+    fn report_stall(&self, queued: usize) {
+        let last = self.last_stall_report.load(Ordering::Relaxed);
+        if self.within(last, REPORT_EVERY) || !self.stalled() {
+            return;
+        }
+        let now = self.stamp();
+        if self
+            .last_stall_report
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            let since = self.writing_since.load(Ordering::Relaxed);
+            tracing::error!(
+                blocked_for_s = now.saturating_sub(since) / 1000,
+                queued_bytes = queued,
+                "audit log output stalled: a write has been blocked (is the reader of the pipe gone?); events queue up and are dropped once the queue is full"
+            );
+        }
+    }
+
     /// A write has been in progress for [`STALL`] or longer.
     fn stalled(&self) -> bool {
         let since = self.writing_since.load(Ordering::Relaxed);
-        since != 0 && self.stamp().saturating_sub(since) >= STALL.as_millis() as u64
+        since != 0 && self.stamp().saturating_sub(since) >= self.stall.as_millis() as u64
     }
 
     fn status(&self) -> AuditStatus {
@@ -556,12 +585,21 @@ impl AuditSink {
         memory: Option<Arc<Mutex<Vec<String>>>>,
         cap: usize,
     ) -> Self {
+        Self::spawn_with(out, memory, cap, Health::new())
+    }
+
+    fn spawn_with(
+        out: Box<dyn Write + Send>,
+        memory: Option<Arc<Mutex<Vec<String>>>>,
+        cap: usize,
+        health: Health,
+    ) -> Self {
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState::default()),
             wake: Condvar::new(),
             written: Condvar::new(),
             cap,
-            health: Arc::new(Health::new()),
+            health: Arc::new(health),
         });
         let q = queue.clone();
         let mem = memory.clone();
@@ -610,13 +648,18 @@ impl AuditSink {
             }
             st.buf.extend_from_slice(&line);
             st.queued += 1;
-            let wake = st.writer_idle || st.buf.len() >= EARLY_WRITE_BYTES;
+            let backlog = st.buf.len() >= EARLY_WRITE_BYTES;
+            let wake = st.writer_idle || backlog;
             if wake {
                 st.writer_idle = false;
             }
+            let queued = st.buf.len() + st.inflight;
             drop(st);
             if wake {
                 queue.wake.notify_one();
+            }
+            if backlog {
+                queue.health.report_stall(queued);
             }
         }
         SCRATCH.with(|s| s.set(line));
@@ -1112,6 +1155,22 @@ mod tests {
         let ns: Vec<_> = out.lines().iter().map(|v| v["n"].as_u64()).collect();
         assert_eq!(ns, (0..10).map(Some).collect::<Vec<_>>());
         assert_eq!(health.dropped(), 0);
+    }
+
+    #[test]
+    fn a_write_blocked_past_the_stall_limit_makes_the_sink_unhealthy_until_it_returns() {
+        let out = Flaky::default();
+        out.block(true);
+        let health = Health { stall: Duration::from_millis(50), ..Health::new() };
+        let sink = AuditSink::spawn_with(Box::new(out.clone()), None, QUEUE_BYTES, health);
+        let health = sink.health();
+        sink.emit(&serde_json::json!({ "n": 0 }));
+        eventually("the sink reports a stall", || health.status() == AuditStatus::Stalled);
+        out.block(false);
+        sink.flush();
+        eventually("the sink is healthy again", || health.status() == AuditStatus::Ok);
+        assert_eq!(out.lines().len(), 1);
+        assert_eq!((health.write_errors(), health.dropped()), (0, 0));
     }
 
     #[test]
