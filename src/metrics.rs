@@ -176,6 +176,10 @@ pub struct Metrics {
     pub pg_terminations: Family<(Arc<str>, &'static str)>,
     /// Relayed bytes by (route, direction: in = client to server, out = server to client).
     pub pg_bytes: Family<(Arc<str>, &'static str)>,
+    /// Failed writes (or flushes) of the audit log to its output; each is retried.
+    pub audit_write_errors: AtomicU64,
+    /// Audit events lost: dropped because the queue was full, or unwritten at exit.
+    pub audit_events_dropped: AtomicU64,
 }
 
 impl Metrics {
@@ -322,6 +326,20 @@ impl Metrics {
                 self.websocket_tunnels_closed.get(&reason)
             );
         }
+        scalar(
+            &mut out,
+            "portcullis_audit_write_errors_total",
+            "counter",
+            "Failed writes of the audit log to its output (each retried).",
+            self.audit_write_errors.load(Ordering::Relaxed),
+        );
+        scalar(
+            &mut out,
+            "portcullis_audit_events_dropped_total",
+            "counter",
+            "Audit events lost: the queue was full (output slow or failing), or unwritten at exit.",
+            self.audit_events_dropped.load(Ordering::Relaxed),
+        );
         self.render_postgres(&mut out);
         out
     }

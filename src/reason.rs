@@ -98,6 +98,9 @@ pub enum Reason {
     /// HTTP/2: a connection's concurrent request beyond its first found every
     /// `max_connections` slot taken (each in-flight request can hold an upstream socket).
     Overloaded,
+    /// `[audit] on_failure = "reject"`: audit events are not being written (the output
+    /// fails, stalls or the queue overflowed), so nothing new is let through.
+    AuditUnavailable,
     /// HTTP/1: a request head not finished within `server.header_timeout` (status 408).
     RequestTimeout,
     /// The upstream's response body broke off (a reset, a close before its end, fewer
@@ -157,6 +160,7 @@ impl Reason {
             Reason::AccessRevoked => "access-revoked",
             Reason::ShuttingDown => "shutting-down",
             Reason::Overloaded => "overloaded",
+            Reason::AuditUnavailable => "audit-unavailable",
             Reason::RequestTimeout => "request-timeout",
             Reason::ClientClosed => "client-closed",
             Reason::UpstreamAborted => "upstream-aborted",
@@ -229,7 +233,9 @@ impl Reason {
             Reason::PlaintextRefused => StatusCode::UPGRADE_REQUIRED,
             Reason::ProtocolViolation => StatusCode::BAD_REQUEST,
             Reason::AccessRevoked => StatusCode::FORBIDDEN,
-            Reason::ShuttingDown | Reason::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::ShuttingDown | Reason::Overloaded | Reason::AuditUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Reason::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             // Never sent: the client is gone. (The log says 499.)
             Reason::ClientClosed => StatusCode::BAD_REQUEST,

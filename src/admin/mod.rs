@@ -2,18 +2,25 @@
 //! assertion JWKS for upstreams that prefer to fetch it out of band.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 
+use crate::audit::{AuditHealth, AuditStatus};
 use crate::http::proxy::{Shared, JWKS_PATH};
 
 /// Answers one admin request.
-pub fn respond<B>(shared: &Arc<Shared>, draining: bool, req: &Request<B>) -> Response<Full<Bytes>> {
+pub fn respond<B>(
+    shared: &Arc<Shared>,
+    draining: bool,
+    audit: AuditStatus,
+    req: &Request<B>,
+) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
         "/readyz" => {
@@ -24,10 +31,13 @@ pub fn respond<B>(shared: &Arc<Shared>, draining: bool, req: &Request<B>) -> Res
                 .into_iter()
                 .map(|(id, ok)| (id.to_string(), serde_json::Value::Bool(ok)))
                 .collect();
-            let ready = !draining && rt.verifier.ready();
+            // Audit events not reaching their output: take this replica out of rotation
+            // rather than serve requests that leave no trace.
+            let ready = !draining && rt.verifier.ready() && audit == AuditStatus::Ok;
             let body = serde_json::json!({
                 "ready": ready,
                 "draining": draining,
+                "audit": audit.as_str(),
                 "generation": rt.generation,
                 "policy_revision": &*rt.revision,
                 "issuers_keys_loaded": issuers,
@@ -50,21 +60,76 @@ pub fn respond<B>(shared: &Arc<Shared>, draining: bool, req: &Request<B>) -> Res
     resp
 }
 
-/// Serves the admin endpoints on an accepted connection.
+/// How long an admin connection has to send its request. Probes and scrapes send theirs
+/// at once; a silent connection is closed after this, and sooner when a new connection
+/// needs its place ([`Slot::evict`]).
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An admin connection's place among those served at once, as the accept loop sees it.
+#[derive(Debug, Default)]
+pub struct Slot {
+    /// [`WAITING`], [`SERVING`] or [`EVICTED`].
+    state: AtomicU8,
+    evicted: tokio::sync::Notify,
+}
+
+const WAITING: u8 = 0;
+const SERVING: u8 = 1;
+const EVICTED: u8 = 2;
+
+impl Slot {
+    /// Closes the connection if it has not sent a request yet (then it has nothing to
+    /// lose); true if it did. A connection being answered is never cut.
+    pub fn evict(&self) -> bool {
+        let evicted = self
+            .state
+            .compare_exchange(WAITING, EVICTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if evicted {
+            self.evicted.notify_one();
+        }
+        evicted
+    }
+}
+
+/// Serves the admin endpoints on an accepted connection: one request, which must start
+/// within [`FIRST_REQUEST_TIMEOUT`]; the connection is closed after `lifetime` at most,
+/// or as soon as it is evicted while still waiting for its request.
 pub async fn serve_connection(
     stream: tokio::net::TcpStream,
     shared: Arc<Shared>,
     draining: Arc<std::sync::atomic::AtomicBool>,
+    audit: AuditHealth,
+    slot: Arc<Slot>,
+    lifetime: Duration,
 ) {
+    let s = slot.clone();
     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let r = respond(&shared, draining.load(Ordering::Relaxed), &req);
+        let _ = s.state.compare_exchange(WAITING, SERVING, Ordering::AcqRel, Ordering::Acquire);
+        let r = respond(&shared, draining.load(Ordering::Relaxed), audit.status(), &req);
         async move { Ok::<_, Infallible>(r) }
     });
     let io = hyper_util::rt::TokioIo::new(stream);
-    let _ = hyper::server::conn::http1::Builder::new()
+    let serve = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(10))
-        .serve_connection(io, svc)
-        .await;
+        .header_read_timeout(FIRST_REQUEST_TIMEOUT)
+        .serve_connection(io, svc);
+    // Silent past the deadline: evicted by itself (unless its request has just begun).
+    let deadline = async {
+        tokio::time::sleep(FIRST_REQUEST_TIMEOUT).await;
+        if !slot.evict() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = serve => {}
+        () = slot.evicted.notified() => {
+            tracing::debug!("closing an admin connection that sent no request");
+        }
+        () = deadline => {}
+        () = tokio::time::sleep(lifetime) => {
+            tracing::debug!(lifetime_s = lifetime.as_secs(), "closing admin connection");
+        }
+    }
 }

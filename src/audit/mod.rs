@@ -7,7 +7,9 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::Serialize;
@@ -73,9 +75,8 @@ impl Identity {
             let raw = |json: serde_json::Result<String>| {
                 json.ok().and_then(|s| RawValue::from_string(s).ok())
             };
-            let identity =
-                raw(serde_json::to_string(&IdentitySummary::of(self))).unwrap_or_default();
-            (identity, self.ci.as_ref().and_then(|ci| raw(serde_json::to_string(ci))))
+            let identity = raw(to_string(&IdentitySummary::of(self))).unwrap_or_default();
+            (identity, self.ci.as_ref().and_then(|ci| raw(to_string(ci))))
         });
         (identity, ci.as_deref())
     }
@@ -135,7 +136,17 @@ impl HttpEvent<'_> {
     /// once per request: field names go out as constant byte strings, and a string
     /// value with nothing to escape (nearly all) is one scan and one copy; serde_json
     /// spent about as much on this event as the rest of the proxy's own request work.
+    ///
+    /// The strings a client chooses (method, host, path, SNI, and the detail, which may
+    /// quote them) are cut to [`MAX_FIELD_BYTES`] each, and the event then says
+    /// `"truncated":true` (before `status`); the derive writes them whole.
     pub fn write_json(&self, out: &mut Vec<u8>) {
+        let mut cut = false;
+        let mut bounded = |s: &'_ str| -> usize {
+            let end = bounded_len(s);
+            cut |= end < s.len();
+            end
+        };
         out.extend_from_slice(b"{\"ts\":");
         json_str(out, &self.ts);
         str_field(out, "request_id", self.request_id);
@@ -145,16 +156,20 @@ impl HttpEvent<'_> {
             key(out, "tls");
             out.extend_from_slice(b"{\"version\":");
             json_str(out, tls.version);
-            opt_str_field(out, "sni", tls.sni.as_deref());
+            if let Some(sni) = tls.sni.as_deref() {
+                str_field(out, "sni", &sni[..bounded(sni)]);
+            }
             out.push(b'}');
         }
-        str_field(out, "method", self.method);
-        str_field(out, "host", self.host);
-        str_field(out, "path", self.path);
+        str_field(out, "method", &self.method[..bounded(self.method)]);
+        str_field(out, "host", &self.host[..bounded(self.host)]);
+        str_field(out, "path", &self.path[..bounded(self.path)]);
         opt_str_field(out, "route", self.route);
         str_field(out, "decision", self.decision);
         str_field(out, "reason", self.reason);
-        opt_str_field(out, "detail", self.detail);
+        if let Some(detail) = self.detail {
+            str_field(out, "detail", &detail[..bounded(detail)]);
+        }
         if let Some(rule) = self.rule {
             rule_field(out, rule);
         }
@@ -176,6 +191,9 @@ impl HttpEvent<'_> {
             }
         }
         opt_str_field(out, "upstream", self.upstream);
+        if cut {
+            out.extend_from_slice(b",\"truncated\":true");
+        }
         let mut n = itoa::Buffer::new();
         for (name, value) in [
             ("status", u64::from(self.status)),
@@ -187,9 +205,27 @@ impl HttpEvent<'_> {
         }
         key(out, "duration_ms");
         // Floats as serde_json writes them (shortest round-trip form; null if not finite).
-        let _ = serde_json::to_writer(&mut *out, &self.duration_ms);
+        let _ = to_writer(&mut *out, &self.duration_ms);
         out.push(b'}');
     }
+}
+
+/// The most of a client-chosen string an event keeps (bytes): a 60 KiB path must not
+/// make a 60 KiB line, which log shippers split (Docker's json-file at 16 KiB, journald
+/// at 48 KiB) and which floods the log at one line per unauthenticated request.
+pub const MAX_FIELD_BYTES: usize = 2048;
+
+/// How much of `s` an event keeps: all of it, or [`MAX_FIELD_BYTES`] at most, cut on a
+/// character boundary.
+fn bounded_len(s: &str) -> usize {
+    if s.len() <= MAX_FIELD_BYTES {
+        return s.len();
+    }
+    let mut end = MAX_FIELD_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
 }
 
 /// `,"name":` — every field but an object's first.
@@ -220,17 +256,70 @@ fn rule_field(out: &mut Vec<u8>, rule: &RuleRef) {
     out.push(b'}');
 }
 
-/// Appends `s` as a JSON string. Nothing to escape (the usual case): one vectorizable
-/// scan and one copy; otherwise serde_json escapes it, so the bytes are the same.
+/// Appends `s` as a JSON string. Plain printable ASCII with nothing to escape (the usual
+/// case): one vectorizable scan and one copy; otherwise serde_json escapes it with
+/// [`AuditFormatter`], so the bytes are the same as a whole event serialized with it.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    let plain = !s.bytes().fold(false, |any, b| any | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    let plain = !s
+        .bytes()
+        .fold(false, |any, b| any | !(0x20..0x7f).contains(&b) | (b == b'"') | (b == b'\\'));
     if plain {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
     } else {
-        let _ = serde_json::to_writer(&mut *out, s);
+        let _ = to_writer(&mut *out, s);
     }
+}
+
+/// serde_json's compact output, except that characters which show as nothing or reorder
+/// what follows are written as `\uXXXX` escapes: C1 controls and DEL, bidi marks,
+/// embeddings, overrides and isolates (Trojan Source), zero-width and other invisible
+/// characters ([`crate::policy::is_hidden`]), and the line and paragraph separators
+/// (U+2028/9). A claim (a branch name, an email) holding one would otherwise read in a
+/// terminal or log viewer as something it is not. Still valid JSON with the same value.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuditFormatter;
+
+impl serde_json::ser::Formatter for AuditFormatter {
+    fn write_string_fragment<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        if fragment.is_ascii() && !fragment.contains('\u{7f}') {
+            return w.write_all(fragment.as_bytes());
+        }
+        let mut start = 0;
+        for (i, c) in fragment.char_indices() {
+            if misleading(c) {
+                w.write_all(&fragment.as_bytes()[start..i])?;
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    write!(w, "\\u{unit:04x}")?;
+                }
+                start = i + c.len_utf8();
+            }
+        }
+        w.write_all(&fragment.as_bytes()[start..])
+    }
+}
+
+/// Characters [`AuditFormatter`] escapes (beyond what JSON requires).
+fn misleading(c: char) -> bool {
+    crate::policy::is_hidden(c) || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
+/// `serde_json::to_writer`, with [`AuditFormatter`].
+pub fn to_writer<W: Write, T: ?Sized + Serialize>(out: W, value: &T) -> serde_json::Result<()> {
+    value.serialize(&mut serde_json::Serializer::with_formatter(out, AuditFormatter))
+}
+
+/// `serde_json::to_string`, with [`AuditFormatter`].
+pub fn to_string<T: ?Sized + Serialize>(value: &T) -> serde_json::Result<String> {
+    let mut out = Vec::new();
+    to_writer(&mut out, value)?;
+    // The formatter writes UTF-8 only: whole fragments, and ASCII escapes.
+    String::from_utf8(out).map_err(serde::ser::Error::custom)
 }
 
 /// An RFC 3339 timestamp with milliseconds, UTC.
@@ -244,6 +333,19 @@ pub fn now_rfc3339() -> String {
 const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 /// A batch this large is written without waiting out the linger.
 const EARLY_WRITE_BYTES: usize = 256 * 1024;
+/// Events queued and not yet written, at most (bytes). Beyond it, new events are dropped
+/// and counted rather than held: a sink that stalls (a pipe nobody reads) or fails (a
+/// full disk) must not take the process's memory with it.
+pub const QUEUE_BYTES: usize = 64 * 1024 * 1024;
+/// After a drop, the sink reports itself unhealthy this long.
+const DROP_WINDOW: Duration = Duration::from_secs(10);
+/// A single write blocked this long makes the sink unhealthy (a stalled reader).
+const STALL: Duration = Duration::from_secs(5);
+/// At most one stderr line per this long about failing writes or dropped events.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// Retry delays after a failed write: doubling from the first to the last.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// The queue between request paths and the writer thread: one byte buffer of
 /// newline-terminated events, appended under a short lock.
@@ -253,11 +355,16 @@ struct Queue {
     wake: Condvar,
     /// [`AuditSink::flush`] waits here for the writer to catch up.
     written: Condvar,
+    /// [`QUEUE_BYTES`], or less in tests.
+    cap: usize,
+    health: Arc<Health>,
 }
 
 #[derive(Default)]
 struct QueueState {
     buf: Vec<u8>,
+    /// Bytes the writer took from `buf` and has not finished writing (count to the cap).
+    inflight: usize,
     /// Events queued so far, and events written so far (for `flush`).
     queued: u64,
     done: u64,
@@ -265,6 +372,160 @@ struct QueueState {
     writer_idle: bool,
     flush_asked: bool,
     closed: bool,
+}
+
+/// Whether audit events are reaching their output: shared by the writer thread (write
+/// errors, stalls), the request path (drops) and `/readyz`.
+#[derive(Debug)]
+struct Health {
+    epoch: Instant,
+    write_errors: AtomicU64,
+    dropped: AtomicU64,
+    /// The last write (or flush) failed, and none has succeeded since.
+    failing: AtomicBool,
+    /// Milliseconds after `epoch` (+1, so 0 means never) of the last drop, of the last
+    /// drop reported on stderr, and of the start of the write in progress (0: none).
+    last_drop: AtomicU64,
+    last_drop_report: AtomicU64,
+    writing_since: AtomicU64,
+    /// When a stalled write was last reported on stderr (same stamps).
+    last_stall_report: AtomicU64,
+    /// [`STALL`], or less in tests.
+    stall: Duration,
+}
+
+impl Health {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            write_errors: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            last_drop: AtomicU64::new(0),
+            last_drop_report: AtomicU64::new(0),
+            writing_since: AtomicU64::new(0),
+            last_stall_report: AtomicU64::new(0),
+            stall: STALL,
+        }
+    }
+
+    /// Now, as a non-zero millisecond stamp.
+    fn stamp(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn within(&self, stamp: u64, window: Duration) -> bool {
+        stamp != 0 && self.stamp().saturating_sub(stamp) < window.as_millis() as u64
+    }
+
+    fn write_error(&self) {
+        self.write_errors.fetch_add(1, Ordering::Relaxed);
+        self.failing.store(true, Ordering::Relaxed);
+        crate::metrics::global().audit_write_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts `n` events lost; says so on stderr at most once per [`REPORT_EVERY`].
+    fn drop_events(&self, n: u64, why: &'static str) {
+        if n == 0 {
+            return;
+        }
+        let total = self.dropped.fetch_add(n, Ordering::Relaxed) + n;
+        crate::metrics::global().audit_events_dropped.fetch_add(n, Ordering::Relaxed);
+        let now = self.stamp();
+        self.last_drop.store(now, Ordering::Relaxed);
+        let last = self.last_drop_report.load(Ordering::Relaxed);
+        if !self.within(last, REPORT_EVERY)
+            && self
+                .last_drop_report
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::error!(dropped_total = total, "audit events dropped: {why}");
+        }
+    }
+
+    /// Says on stderr (at most once per [`REPORT_EVERY`]) that the writer is stuck in one
+    /// write: the writer itself cannot, and with no failure and no drop yet nothing else
+    /// would. Checked by the request path only when events pile up.
+    fn report_stall(&self, queued: usize) {
+        let last = self.last_stall_report.load(Ordering::Relaxed);
+        if self.within(last, REPORT_EVERY) || !self.stalled() {
+            return;
+        }
+        let now = self.stamp();
+        if self
+            .last_stall_report
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            let since = self.writing_since.load(Ordering::Relaxed);
+            tracing::error!(
+                blocked_for_s = now.saturating_sub(since) / 1000,
+                queued_bytes = queued,
+                "audit log output stalled: a write has been blocked (is the reader of the pipe gone?); events queue up and are dropped once the queue is full"
+            );
+        }
+    }
+
+    /// A write has been in progress for [`STALL`] or longer.
+    fn stalled(&self) -> bool {
+        let since = self.writing_since.load(Ordering::Relaxed);
+        since != 0 && self.stamp().saturating_sub(since) >= self.stall.as_millis() as u64
+    }
+
+    fn status(&self) -> AuditStatus {
+        if self.failing.load(Ordering::Relaxed) {
+            AuditStatus::Failing
+        } else if self.within(self.last_drop.load(Ordering::Relaxed), DROP_WINDOW) {
+            AuditStatus::Dropping
+        } else if self.stalled() {
+            AuditStatus::Stalled
+        } else {
+            AuditStatus::Ok
+        }
+    }
+}
+
+/// The audit sink's state, as `/readyz` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditStatus {
+    /// Events are being written.
+    Ok,
+    /// The last write to the output failed (full disk, closed pipe); retrying.
+    Failing,
+    /// Events were dropped in the last [`DROP_WINDOW`] (the queue was full).
+    Dropping,
+    /// One write has been blocked for over [`STALL`] (nobody reads the pipe).
+    Stalled,
+}
+
+impl AuditStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Failing => "write-failing",
+            Self::Dropping => "dropping",
+            Self::Stalled => "stalled",
+        }
+    }
+}
+
+/// A handle on a sink's health that does not keep its queue open (for `/readyz`).
+#[derive(Debug, Clone)]
+pub struct AuditHealth(Arc<Health>);
+
+impl AuditHealth {
+    pub fn status(&self) -> AuditStatus {
+        self.0.status()
+    }
+    /// Failed writes (and flushes) to the output so far.
+    pub fn write_errors(&self) -> u64 {
+        self.0.write_errors.load(Ordering::Relaxed)
+    }
+    /// Events dropped so far (queue full, or left unwritten when closing).
+    pub fn dropped(&self) -> u64 {
+        self.0.dropped.load(Ordering::Relaxed)
+    }
 }
 
 /// Closes the queue when the last [`AuditSink`] clone goes; the writer then writes what
@@ -309,19 +570,46 @@ impl AuditSink {
         Self::spawn(Box::new(std::io::sink()), Some(mem))
     }
 
+    /// Writes to `out`, queueing at most `queue_bytes` (tests; the others use
+    /// [`QUEUE_BYTES`]).
+    pub fn writer(out: Box<dyn Write + Send>, queue_bytes: usize) -> Self {
+        Self::spawn_capped(out, None, queue_bytes)
+    }
+
     fn spawn(out: Box<dyn Write + Send>, memory: Option<Arc<Mutex<Vec<String>>>>) -> Self {
+        Self::spawn_capped(out, memory, QUEUE_BYTES)
+    }
+
+    fn spawn_capped(
+        out: Box<dyn Write + Send>,
+        memory: Option<Arc<Mutex<Vec<String>>>>,
+        cap: usize,
+    ) -> Self {
+        Self::spawn_with(out, memory, cap, Health::new())
+    }
+
+    fn spawn_with(
+        out: Box<dyn Write + Send>,
+        memory: Option<Arc<Mutex<Vec<String>>>>,
+        cap: usize,
+        health: Health,
+    ) -> Self {
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState::default()),
             wake: Condvar::new(),
             written: Condvar::new(),
+            cap,
+            health: Arc::new(health),
         });
         let q = queue.clone();
         let mem = memory.clone();
         let spawned = std::thread::Builder::new()
             .name("portcullis-audit".into())
             .spawn(move || writer(&q, out, mem.as_deref()));
+        // Without its thread nothing is ever written: say so wherever it is looked at.
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the audit writer thread");
+            queue.health.write_error();
         }
         Self { handle: Arc::new(Handle { queue, memory }) }
     }
@@ -329,7 +617,7 @@ impl AuditSink {
     /// Serializes one event and queues it. The writer is woken only for the first
     /// event of a batch.
     pub fn emit<T: Serialize>(&self, event: &T) {
-        self.emit_with(|line| serde_json::to_writer(line, event).is_ok());
+        self.emit_with(|line| to_writer(line, event).is_ok());
     }
 
     /// Queues one HTTP event, written by [`HttpEvent::write_json`] (the request path).
@@ -352,15 +640,26 @@ impl AuditSink {
             line.push(b'\n');
             let queue = &self.handle.queue;
             let mut st = queue.state.lock();
+            if st.buf.len() + st.inflight + line.len() > queue.cap {
+                drop(st);
+                queue.health.drop_events(1, "the queue is full (the output is slow or failing)");
+                SCRATCH.with(|s| s.set(line));
+                return;
+            }
             st.buf.extend_from_slice(&line);
             st.queued += 1;
-            let wake = st.writer_idle || st.buf.len() >= EARLY_WRITE_BYTES;
+            let backlog = st.buf.len() >= EARLY_WRITE_BYTES;
+            let wake = st.writer_idle || backlog;
             if wake {
                 st.writer_idle = false;
             }
+            let queued = st.buf.len() + st.inflight;
             drop(st);
             if wake {
                 queue.wake.notify_one();
+            }
+            if backlog {
+                queue.health.report_stall(queued);
             }
         }
         SCRATCH.with(|s| s.set(line));
@@ -384,6 +683,11 @@ impl AuditSink {
         }
     }
 
+    /// This sink's health, for `/readyz`.
+    pub fn health(&self) -> AuditHealth {
+        AuditHealth(self.handle.queue.health.clone())
+    }
+
     /// Lines written so far (memory sinks only).
     pub fn lines(&self) -> Vec<String> {
         self.flush();
@@ -392,9 +696,11 @@ impl AuditSink {
 }
 
 /// The writer thread: waits for the first event of a batch, lingers so the batch can
-/// grow, then writes it with one `write` and flush.
-fn writer(queue: &Queue, out: Box<dyn Write + Send>, memory: Option<&Mutex<Vec<String>>>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+/// grow, then writes it with one `write` and flush. A failed write is counted, reported
+/// and retried (from where it stopped, so no line is doubled) until it succeeds or the
+/// sink closes; meanwhile the queue fills up to its cap and further events are dropped.
+fn writer(queue: &Queue, mut out: Box<dyn Write + Send>, memory: Option<&Mutex<Vec<String>>>) {
+    let mut report = Reporter::default();
     let mut spare = Vec::with_capacity(64 * 1024);
     let mut st = queue.state.lock();
     loop {
@@ -412,6 +718,7 @@ fn writer(queue: &Queue, out: Box<dyn Write + Send>, memory: Option<&Mutex<Vec<S
         }
         st.flush_asked = false;
         std::mem::swap(&mut st.buf, &mut spare);
+        st.inflight = spare.len();
         let upto = st.queued;
         MutexGuard::unlocked(&mut st, || {
             if let Some(mem) = memory {
@@ -420,15 +727,102 @@ fn writer(queue: &Queue, out: Box<dyn Write + Send>, memory: Option<&Mutex<Vec<S
                     mem.push(String::from_utf8_lossy(line).into_owned());
                 }
             }
-            let _ = out.write_all(&spare);
-            let _ = out.flush();
+            write_batch(&mut *out, &spare, queue, &mut report);
             spare.clear();
+            // A burst may have grown the buffer to the cap: do not keep that memory.
+            spare.shrink_to(EARLY_WRITE_BYTES);
         });
+        st.inflight = 0;
         st.done = upto;
         queue.written.notify_all();
     }
     st.done = st.queued;
     queue.written.notify_all();
+}
+
+/// Writes one batch, retrying failures with a growing delay. When the sink is closing,
+/// a failure is not retried: what is left is counted as dropped.
+fn write_batch(out: &mut dyn Write, batch: &[u8], queue: &Queue, report: &mut Reporter) {
+    let health = &*queue.health;
+    let mut written = 0;
+    let mut flushed = false;
+    let mut delay = RETRY_FIRST;
+    while !flushed {
+        health.writing_since.store(health.stamp(), Ordering::Relaxed);
+        let result = if written < batch.len() {
+            match out.write(&batch[written..]) {
+                Ok(0) => Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
+                Ok(n) => {
+                    written += n;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            out.flush().map(|()| flushed = true)
+        };
+        health.writing_since.store(0, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                if health.failing.swap(false, Ordering::Relaxed) {
+                    report.recovered(health);
+                }
+                delay = RETRY_FIRST;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                health.write_error();
+                report.failed(health, &e);
+                if queue.state.lock().closed {
+                    let lost = batch[written..].iter().filter(|b| **b == b'\n').count();
+                    health.drop_events(lost as u64, "the output failed while closing");
+                    return;
+                }
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// Says on stderr that writes fail (once per [`REPORT_EVERY`], not once per event) and
+/// when they work again.
+#[derive(Default)]
+struct Reporter {
+    last: Option<Instant>,
+    errors_at_last: u64,
+    since: Option<Instant>,
+}
+
+impl Reporter {
+    fn failed(&mut self, health: &Health, e: &std::io::Error) {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if self.last.is_some_and(|t| t.elapsed() < REPORT_EVERY) {
+            return;
+        }
+        let errors = health.write_errors.load(Ordering::Relaxed);
+        tracing::error!(
+            error = %e,
+            failed_writes = errors - self.errors_at_last,
+            failing_for_s = since.elapsed().as_secs(),
+            dropped_total = health.dropped.load(Ordering::Relaxed),
+            "audit log write failed; retrying, events queue up and are dropped once the queue is full"
+        );
+        self.last = Some(Instant::now());
+        self.errors_at_last = errors;
+    }
+
+    fn recovered(&mut self, health: &Health) {
+        if let Some(since) = self.since.take() {
+            tracing::warn!(
+                failed_for_s = since.elapsed().as_secs(),
+                write_errors_total = health.write_errors.load(Ordering::Relaxed),
+                dropped_total = health.dropped.load(Ordering::Relaxed),
+                "audit log writes succeed again"
+            );
+        }
+        self.last = None;
+    }
 }
 
 #[cfg(test)]
@@ -499,7 +893,9 @@ mod tests {
             route: Some("deploy"),
             decision: "allow",
             reason: "allowed",
-            detail: Some("quote \" backslash \\ newline \n tab \t bell \u{7} del \u{7f} é ✓"),
+            detail: Some(
+                "quote \" backslash \\ newline \n tab \t bell \u{7} del \u{7f} é ✓ \u{85} \u{202e}x \u{1f600} \u{e0041}",
+            ),
             rule: Some(&rule),
             shadow: Some(ShadowSummary {
                 decision: "deny",
@@ -537,9 +933,277 @@ mod tests {
         for ev in [&full, &sparse, &no_tls, &huge] {
             let mut ours = Vec::new();
             ev.write_json(&mut ours);
-            let serde = serde_json::to_vec(ev).unwrap_or_else(|e| panic!("{e}"));
+            let serde = to_string(ev).unwrap_or_else(|e| panic!("{e}")).into_bytes();
             assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&serde));
         }
+    }
+
+    #[test]
+    fn long_client_chosen_strings_are_cut_and_the_event_says_so() {
+        let long = |c: &str| c.repeat(60 * 1024);
+        // A path of two-byte characters: the cut falls inside one, and must not split it.
+        let (method, host, path) = (long("M"), long("h"), format!("/{}", long("é")));
+        let detail = format!("bad host {host}");
+        let tls = TlsInfo { version: "TLSv1.3", sni: Some(Arc::from(long("s"))) };
+        let ev = HttpEvent {
+            ts: now_rfc3339(),
+            request_id: "r1",
+            kind: "http",
+            client_addr: "127.0.0.1:5000",
+            tls: Some(&tls),
+            method: &method,
+            host: &host,
+            path: &path,
+            route: None,
+            decision: "deny",
+            reason: "unauthenticated",
+            detail: Some(&detail),
+            rule: None,
+            shadow: None,
+            policy_revision: None,
+            identity: None,
+            ci: None,
+            upstream: None,
+            status: 401,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 0.1,
+        };
+        let mut line = Vec::new();
+        ev.write_json(&mut line);
+        assert!(line.len() < 6 * MAX_FIELD_BYTES, "{} bytes", line.len());
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap_or_default();
+        assert_eq!(v["truncated"], true);
+        for (field, full) in
+            [("method", &method), ("host", &host), ("path", &path), ("detail", &detail)]
+        {
+            let kept = v[field].as_str().unwrap_or_default();
+            assert!(kept.len() <= MAX_FIELD_BYTES && kept.len() > MAX_FIELD_BYTES - 4, "{field}");
+            assert!(full.starts_with(kept), "{field} is a prefix of what was sent");
+        }
+        assert_eq!(v["tls"]["sni"].as_str().map(str::len), Some(MAX_FIELD_BYTES));
+        // A short event is whole, and says nothing of truncation.
+        let short = HttpEvent {
+            method: "GET",
+            host: "a",
+            path: "/",
+            detail: None,
+            tls: None,
+            ..ev.clone_for_test()
+        };
+        let mut line = Vec::new();
+        short.write_json(&mut line);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap_or_default();
+        assert_eq!(v["path"], "/");
+        assert!(v.get("truncated").is_none());
+    }
+
+    #[test]
+    fn bidi_invisible_and_c1_characters_from_claims_and_requests_are_escaped() {
+        use crate::identity::{ci, IssuerId, Preset};
+        // A branch that reads as `main` followed by reordered text, and other tricks.
+        let branch = "main\u{202e}\u{2066}lanif\u{2069}\u{200e}\u{200b}\u{85}\u{9f}\u{2028}x\u{2029}\u{7f}é✓";
+        let escapes = [
+            "\\u202e", "\\u2066", "\\u2069", "\\u200e", "\\u200b", "\\u0085", "\\u009f", "\\u2028",
+            "\\u2029", "\\u007f",
+        ];
+        let check = |json: &str, what: &str| {
+            assert!(!json.chars().any(misleading), "{what} holds a raw one: {json:?}");
+            for e in escapes {
+                assert!(json.contains(e), "{what} lacks {e}: {json}");
+            }
+            // Ordinary non-ASCII text stays as it is.
+            assert!(json.contains("é✓"), "{what}: {json}");
+        };
+        let claims = serde_json::json!({
+            "sub": "{repo}:{step}",
+            "repositoryUuid": "{repo}",
+            "workspaceUuid": "{ws}",
+            "branchName": branch,
+        });
+        let claims = claims.as_object().cloned().unwrap_or_default();
+        let id = Identity {
+            issuer: IssuerId(Arc::from("bitbucket")),
+            subject: "{repo}:{step}".into(),
+            kind: Preset::BitbucketPipelines.default_kind(),
+            email: Some(format!("dev@{branch}")),
+            email_verified: true,
+            groups: Vec::new(),
+            groups_known: true,
+            expires_at: u64::MAX,
+            issued_at: None,
+            ci: ci::normalize(Preset::BitbucketPipelines, &claims).ok().flatten(),
+            claims: claims.into(),
+            audit: Default::default(),
+        };
+        let (identity, ci) = id.audit_fields();
+        check(identity.get(), "identity");
+        let ci = ci.map(RawValue::get).unwrap_or_default();
+        check(ci, "ci");
+        let parsed: serde_json::Value = serde_json::from_str(ci).unwrap_or_default();
+        assert_eq!(parsed["branch"], branch, "the value is the same once parsed");
+        // A request's own strings, through the hand-written writer and through `emit`.
+        let sink = AuditSink::memory();
+        let path = format!("/{branch}");
+        let ev = HttpEvent {
+            ts: now_rfc3339(),
+            request_id: "r1",
+            kind: "http",
+            client_addr: "127.0.0.1:5000",
+            tls: None,
+            method: "GET",
+            host: "a.example",
+            path: &path,
+            route: None,
+            decision: "deny",
+            reason: "unauthenticated",
+            detail: None,
+            rule: None,
+            shadow: None,
+            policy_revision: None,
+            identity: Some(identity),
+            ci: None,
+            upstream: None,
+            status: 401,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 0.1,
+        };
+        sink.emit_http(&ev);
+        sink.emit(&serde_json::json!({ "kind": "pg.session", "application_name": branch }));
+        let lines = sink.lines();
+        assert_eq!(lines.len(), 2);
+        for line in &lines {
+            check(line.trim_end(), "event");
+        }
+        let parsed: serde_json::Value = serde_json::from_str(&lines[0]).unwrap_or_default();
+        assert_eq!(parsed["path"], path.as_str());
+    }
+
+    /// An output that blocks while `blocked`, fails while `failing`, and keeps the rest.
+    #[derive(Clone, Default)]
+    struct Flaky {
+        failing: Arc<AtomicBool>,
+        blocked: Arc<(Mutex<bool>, Condvar)>,
+        kept: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Flaky {
+        fn block(&self, on: bool) {
+            *self.blocked.0.lock() = on;
+            self.blocked.1.notify_all();
+        }
+        fn lines(&self) -> Vec<serde_json::Value> {
+            let kept = self.kept.lock();
+            kept.split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_slice(l).unwrap_or_default())
+                .collect()
+        }
+    }
+
+    impl Write for Flaky {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let mut blocked = self.blocked.0.lock();
+            while *blocked {
+                self.blocked.1.wait(&mut blocked);
+            }
+            if self.failing.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("no space left on device"));
+            }
+            // Half at a time: a retry must go on from where a short write stopped.
+            let n = b.len().div_ceil(2);
+            self.kept.lock().extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn eventually(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn failing_writes_are_counted_reported_unhealthy_and_retried_until_they_succeed() {
+        let out = Flaky::default();
+        out.failing.store(true, Ordering::Relaxed);
+        let sink = AuditSink::writer(Box::new(out.clone()), QUEUE_BYTES);
+        let health = sink.health();
+        assert_eq!(health.status(), AuditStatus::Ok);
+        let metric_before = crate::metrics::global().audit_write_errors.load(Ordering::Relaxed);
+        for n in 0..10 {
+            sink.emit(&serde_json::json!({ "n": n }));
+        }
+        eventually("a write error is counted", || health.write_errors() > 0);
+        assert_eq!(health.status(), AuditStatus::Failing);
+        assert!(
+            crate::metrics::global().audit_write_errors.load(Ordering::Relaxed) > metric_before
+        );
+        assert!(crate::metrics::global()
+            .render()
+            .contains("\nportcullis_audit_write_errors_total "));
+        // The output works again: everything queued meanwhile is written, once, in order.
+        out.failing.store(false, Ordering::Relaxed);
+        sink.flush();
+        eventually("the sink is healthy again", || health.status() == AuditStatus::Ok);
+        let ns: Vec<_> = out.lines().iter().map(|v| v["n"].as_u64()).collect();
+        assert_eq!(ns, (0..10).map(Some).collect::<Vec<_>>());
+        assert_eq!(health.dropped(), 0);
+    }
+
+    #[test]
+    fn a_write_blocked_past_the_stall_limit_makes_the_sink_unhealthy_until_it_returns() {
+        let out = Flaky::default();
+        out.block(true);
+        let health = Health { stall: Duration::from_millis(50), ..Health::new() };
+        let sink = AuditSink::spawn_with(Box::new(out.clone()), None, QUEUE_BYTES, health);
+        let health = sink.health();
+        sink.emit(&serde_json::json!({ "n": 0 }));
+        eventually("the sink reports a stall", || health.status() == AuditStatus::Stalled);
+        out.block(false);
+        sink.flush();
+        eventually("the sink is healthy again", || health.status() == AuditStatus::Ok);
+        assert_eq!(out.lines().len(), 1);
+        assert_eq!((health.write_errors(), health.dropped()), (0, 0));
+    }
+
+    #[test]
+    fn a_blocked_output_bounds_the_queue_and_drops_and_counts_the_excess() {
+        let out = Flaky::default();
+        out.block(true);
+        let cap = 16 * 1024;
+        let sink = AuditSink::writer(Box::new(out.clone()), cap);
+        let health = sink.health();
+        let pad = "x".repeat(90);
+        let event = |n: u64| serde_json::json!({ "n": n, "pad": pad });
+        // The shortest line: no more than the cap divided by it fit in the queue.
+        let line_len = serde_json::to_vec(&event(0)).map_or(0, |v| v.len()) + 1;
+        let dropped_before = crate::metrics::global().audit_events_dropped.load(Ordering::Relaxed);
+        // ~100 KB of events towards an output that takes none of them.
+        let sent = 1000;
+        for n in 0..sent {
+            sink.emit(&event(n));
+        }
+        let dropped = health.dropped();
+        assert!(dropped >= sent - (cap / line_len) as u64, "only {dropped} dropped");
+        assert_eq!(health.status(), AuditStatus::Dropping);
+        assert!(
+            crate::metrics::global().audit_events_dropped.load(Ordering::Relaxed)
+                >= dropped_before + dropped
+        );
+        // Released, the output gets exactly what was kept, and no more than the cap.
+        out.block(false);
+        sink.flush();
+        let written = out.lines();
+        assert_eq!(written.len() as u64, sent - dropped);
+        assert!(written.len() * line_len <= cap);
+        assert_eq!(written.first().map(|v| v["n"].clone()), Some(serde_json::json!(0)));
     }
 
     impl<'a> HttpEvent<'a> {

@@ -31,6 +31,8 @@ pub struct Config {
     pub server: ServerSettings,
     pub assertion: AssertionSettings,
     pub audit: AuditOutput,
+    /// What requests get while audit events are not being written (`[audit] on_failure`).
+    pub audit_on_failure: AuditOnFailure,
     pub issuers: Vec<IssuerSettings>,
     pub routes: Vec<Arc<RouteSettings>>,
     /// PostgreSQL routes (`[[databases]]`), in configuration order.
@@ -165,6 +167,17 @@ pub struct AssertionSettings {
 pub enum AuditOutput {
     Stdout,
     File(PathBuf),
+}
+
+/// `[audit] on_failure`: while the audit output fails, stalls or overflows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuditOnFailure {
+    /// Requests are served as usual; `/readyz` and the metrics say the audit is failing.
+    #[default]
+    Serve,
+    /// New HTTP requests and database sessions are refused with 503 `audit-unavailable`
+    /// (fail closed: no access that leaves no trace).
+    Reject,
 }
 
 /// Where a route forwards to.
@@ -523,6 +536,20 @@ impl Compiler<'_> {
         let header_size_span = server.max_header_size.as_ref().map(|v| v.span());
         let server = self.server(server);
         let assertion = self.assertion(assertion);
+        let audit_on_failure = match &audit.on_failure {
+            None => AuditOnFailure::Serve,
+            Some(v) => match v.get_ref().as_str() {
+                "serve" => AuditOnFailure::Serve,
+                "reject" => AuditOnFailure::Reject,
+                other => {
+                    self.err(
+                        v.span(),
+                        format!("unknown on_failure `{other}`, expected serve or reject"),
+                    );
+                    AuditOnFailure::Serve
+                }
+            },
+        };
         let audit = match audit.output {
             None => AuditOutput::Stdout,
             Some(o) if o.get_ref() == "stdout" => AuditOutput::Stdout,
@@ -644,6 +671,7 @@ impl Compiler<'_> {
             server,
             assertion,
             audit,
+            audit_on_failure,
             issuers: compiled_issuers,
             routes: compiled_routes.into_iter().map(|(_, r)| Arc::new(r)).collect(),
             databases: compiled_databases,

@@ -59,6 +59,7 @@ pub struct Assertion {
 #[serde(deny_unknown_fields)]
 pub struct Audit {
     pub output: Option<S<String>>,
+    pub on_failure: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

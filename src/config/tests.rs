@@ -80,6 +80,21 @@ fn a_misspelt_issuer_key_is_one_problem_with_a_suggestion() {
 }
 
 #[test]
+fn audit_on_failure_defaults_to_serve_and_is_serve_or_reject() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mode = |extra: &str| {
+        compile(dir.path(), &format!("{BASE}\n[audit]\n{extra}\n")).map(|c| c.audit_on_failure)
+    };
+    assert_eq!(mode("").ok(), Some(AuditOnFailure::Serve));
+    assert_eq!(mode("on_failure = \"serve\"").ok(), Some(AuditOnFailure::Serve));
+    assert_eq!(mode("on_failure = \"reject\"").ok(), Some(AuditOnFailure::Reject));
+    assert_eq!(
+        mode("on_failure = \"block\"").err().unwrap_or_default(),
+        ["15:14 unknown on_failure `block`, expected serve or reject"]
+    );
+}
+
+#[test]
 fn max_header_size_defaults_to_64kib_within_8kib_and_1mib() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let size = |extra: &str| {

@@ -9,6 +9,7 @@ use tower_http::sensitive_headers::{
 };
 
 use super::access_log::AccessLogLayer;
+use super::audit_gate::AuditGate;
 use super::proxy::{Proxy, Shared};
 use super::ConnInfo;
 use crate::audit::AuditSink;
@@ -24,6 +25,7 @@ pub fn service(
     Error = std::convert::Infallible,
     Future = impl Send,
 > + Clone {
+    let health = sink.health();
     ServiceBuilder::new()
         // Credentials are marked sensitive first, so no layer's Debug or trace output
         // can ever print a token or cookie.
@@ -34,6 +36,8 @@ pub fn service(
         // It also marks the request in flight until its body ends, so the connection
         // is not closed as idle meanwhile.
         .layer(AccessLogLayer::new(sink, conn.clone()))
+        // Fail closed (`[audit] on_failure = "reject"`): nothing passes while the audit
+        // log is not being written. Inside the access log, so the refusal is audited too.
         // The phases: own endpoints → path → route → authenticate → authorize → forward.
-        .service(Proxy::new(shared, conn))
+        .service(AuditGate::new(Proxy::new(shared.clone(), conn), shared, health))
 }

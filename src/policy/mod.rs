@@ -30,6 +30,8 @@ mod claims;
 mod compile;
 mod explain;
 mod glob;
+
+pub(crate) use glob::is_hidden;
 mod lint;
 pub mod raw;
 mod rule;

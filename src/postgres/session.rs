@@ -101,6 +101,29 @@ pub(super) async fn run(
         );
         return;
     };
+    // Fail closed (`[audit] on_failure = "reject"`): no new session while the audit log
+    // is not being written. Sessions already open go on.
+    let audit = hub.sink.health().status();
+    if audit != crate::audit::AuditStatus::Ok
+        && rt.config.audit_on_failure == crate::config::AuditOnFailure::Reject
+    {
+        let mut tcp = tcp;
+        let text = format!("portcullis: audit-unavailable: try again later (request id {sid})");
+        let _ = tcp.write_all(&proto::error_response(Severity::Fatal, "57P03", &text)).await;
+        let detail =
+            format!("refused: the audit log is {} (on_failure = \"reject\")", audit.as_str());
+        emit_refused(
+            &hub,
+            &rt,
+            &route,
+            &db.upstream_display,
+            peer,
+            &sid,
+            &facts,
+            &refusal(Reason::AuditUnavailable, detail),
+        );
+        return;
+    }
     let outcome = match tokio::time::timeout(
         db.startup_timeout,
         establish(&hub, &rt, &db, tcp, peer, &sid, &mut facts),

@@ -684,41 +684,56 @@ const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// are closed, for their requests to end and give their slots back.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
-/// Admin connections served at once; more wait in the kernel backlog.
+/// Admin connections served at once. The listener never stops accepting: a connection
+/// beyond these takes the place of the oldest one that has sent no request yet, so
+/// probes are never left in the kernel backlog behind silent sockets.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// The admin listener: one request per connection (probes and scrapes are cheap to
-/// reconnect), at most [`ADMIN_MAX_CONNECTIONS`] at once, and none open longer than
-/// `server.idle_timeout` — so silent sockets cannot use up the process's descriptors
+/// reconnect), at most [`ADMIN_MAX_CONNECTIONS`] at once, each closed if it sends no
+/// request within [`crate::admin::FIRST_REQUEST_TIMEOUT`] or when a newer connection needs
+/// its place before it has, and none open longer than `server.idle_timeout` — so silent
+/// sockets can neither use up the process's descriptors nor starve the health probes
 /// when the listener is exposed beyond loopback.
 async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
-    let slots = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    use crate::admin::Slot;
+    // Oldest first; a slot is gone once its connection's task has ended.
+    let mut slots: std::collections::VecDeque<std::sync::Weak<Slot>> = Default::default();
     loop {
         let accepted = tokio::select! {
-            r = async {
-                let slot = slots.clone().acquire_owned().await;
-                (slot, listener.accept().await)
-            } => r,
+            r = listener.accept() => r,
             _ = stopped(&mut shutdown) => return,
         };
-        let (slot, stream) = match accepted {
-            (Ok(slot), Ok((stream, _))) => (slot, stream),
-            (_, Err(e)) => {
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
-            (Err(_), _) => return,
         };
-        let lifetime = state.shared.runtime.load().config.server.idle_timeout;
-        let serve =
-            crate::admin::serve_connection(stream, state.shared.clone(), state.draining.clone());
-        tokio::spawn(async move {
-            if tokio::time::timeout(lifetime, serve).await.is_err() {
-                tracing::debug!(lifetime_s = lifetime.as_secs(), "closing admin connection");
+        slots.retain(|s| s.strong_count() > 0);
+        if slots.len() >= ADMIN_MAX_CONNECTIONS {
+            match slots.iter().position(|s| s.upgrade().is_some_and(|s| s.evict())) {
+                Some(oldest_silent) => {
+                    slots.remove(oldest_silent);
+                }
+                // Every one is being answered (each a moment): this one waits its turn
+                // closed, and reconnects.
+                None => continue,
             }
-            drop(slot);
-        });
+        }
+        let slot = Arc::new(Slot::default());
+        slots.push_back(Arc::downgrade(&slot));
+        let lifetime = state.shared.runtime.load().config.server.idle_timeout;
+        tokio::spawn(crate::admin::serve_connection(
+            stream,
+            state.shared.clone(),
+            state.draining.clone(),
+            state.sink.health(),
+            slot,
+            lifetime,
+        ));
     }
 }
 

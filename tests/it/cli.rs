@@ -869,3 +869,75 @@ async fn requests_cut_by_the_end_of_the_grace_period_are_audited() {
         assert_eq!(events[0]["decision"], "allow", "{path}");
     }
 }
+
+/// An audit output that cannot be written (here `/dev/full`; a full disk or a closed
+/// pipe alike) is not silent: the failure is on stderr (once, not once per event), in
+/// `/metrics`, and `/readyz` answers 503 so a load balancer moves traffic away.
+#[tokio::test]
+async fn an_audit_output_that_cannot_be_written_shows_on_stderr_metrics_and_readyz() {
+    let w = World::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let cfg = std::fs::read_to_string(w.config_path())
+        .unwrap_or_default()
+        .replace("https = \"127.0.0.1:0\"", &format!("https = \"127.0.0.1:{port}\""))
+        .replace("admin = \"127.0.0.1:0\"", &format!("admin = \"127.0.0.1:{admin}\""))
+        .replace("[server]", "[audit]\noutput = \"/dev/full\"\n\n[server]");
+    let path = w.dir.path().join("full.toml");
+    write(&path, &cfg);
+    let stderr_path = w.dir.path().join("stderr.log");
+    let stderr = std::fs::File::create(&stderr_path).unwrap_or_else(|e| panic!("{e}"));
+    let _child = Killed(
+        Command::new(BIN)
+            .args(["serve", "-c", &path.to_string_lossy()])
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let c = client(&w.pki, false);
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let url = format!("https://localhost:{port}/full");
+    let mut served = 0;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let r = send_with(&c, Method::GET, &url, &[("authorization", auth.as_str())], Bytes::new())
+            .await;
+        if r.status == StatusCode::OK {
+            served += 1;
+            if served == 20 {
+                break;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(served, 20, "the proxy did not serve");
+    let plain: hyper_util::client::legacy::Client<_, http_body_util::Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let admin_url = |p: &str| format!("http://127.0.0.1:{admin}{p}");
+    let mut ready = send_with(&plain, Method::GET, &admin_url("/readyz"), &[], Bytes::new()).await;
+    for _ in 0..50 {
+        if ready.status == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ready = send_with(&plain, Method::GET, &admin_url("/readyz"), &[], Bytes::new()).await;
+    }
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "{}", ready.text());
+    assert_eq!(ready.json()["audit"], "write-failing");
+    let metrics = send_with(&plain, Method::GET, &admin_url("/metrics"), &[], Bytes::new()).await;
+    let errors = metrics
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_audit_write_errors_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(errors.is_some_and(|n| n > 0), "{}", metrics.text());
+    let logged = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let reports = logged.lines().filter(|l| l.contains("audit log write failed")).count();
+    // Rate-limited: 20 events and several retries, one line.
+    assert_eq!(reports, 1, "{logged}");
+}

@@ -135,6 +135,31 @@ async fn readiness_reflects_issuer_keys() {
     assert_eq!(w.admin_get("/nope").await.status, StatusCode::NOT_FOUND);
 }
 
+/// An attacker holding far more silent admin connections than are served at once (64)
+/// does not delay the kubelet's probes: the listener keeps accepting, a new connection
+/// takes the place of the oldest silent one, and a silent one is closed after 2 s
+/// anyway (here `idle_timeout` is the default 75 s).
+#[tokio::test]
+async fn probes_are_answered_promptly_while_silent_admin_connections_are_held() {
+    use tokio::io::AsyncReadExt;
+    let w = World::start().await;
+    let mut silent = Vec::new();
+    for round in 0..3 {
+        for _ in 0..100 {
+            let s = tokio::net::TcpStream::connect(w.admin).await;
+            silent.push(s.unwrap_or_else(|e| panic!("{e}")));
+        }
+        let probe = tokio::time::timeout(Duration::from_secs(3), w.admin_get("/healthz")).await;
+        let status = probe.map(|r| r.status).ok();
+        assert_eq!(status, Some(StatusCode::OK), "probe {round} starved behind silent sockets");
+    }
+    // The most recent silent connection is closed by the first-request deadline.
+    let last = silent.last_mut().unwrap_or_else(|| panic!("no connection"));
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(6), last.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+}
+
 #[tokio::test]
 async fn silent_admin_connections_are_closed_and_cannot_starve_the_probes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -165,4 +190,89 @@ async fn silent_admin_connections_are_closed_and_cannot_starve_the_probes() {
     assert!(read.is_ok(), "the connection stayed open after its answer");
     let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
     assert!(answer.starts_with("http/1.1 200") && answer.contains("connection: close"), "{answer}");
+}
+
+/// With `[audit] on_failure = "reject"`, nothing passes while the audit output fails:
+/// requests get 503 `audit-unavailable`, a new database session `FATAL 57P03`, and
+/// `/readyz` says why; once writes succeed again, requests pass again.
+#[tokio::test]
+async fn on_failure_reject_refuses_requests_while_audit_writes_fail() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    struct Output(Arc<AtomicBool>);
+    impl std::io::Write for Output {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            if self.0.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("no space left on device"));
+            }
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let failing = Arc::new(AtomicBool::new(false));
+    let out = Box::new(Output(failing.clone()));
+    // A database route whose upstream is never reached: the refusal comes first.
+    let secrets = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let password = secrets.path().join("app");
+    write(&password, "pw\n");
+    let database = format!(
+        "[[databases]]\nname = \"appdb\"\nlisten = \"127.0.0.1:0\"\nupstream = \"postgres://127.0.0.1:1\"\nupstream_user = \"app\"\npassword_file = {:?}\npolicy = \"pg\"\n\n",
+        password.to_string_lossy()
+    );
+    let w = World::with(Setup {
+        sink: Some(portcullis::audit::AuditSink::writer(out, portcullis::audit::QUEUE_BYTES)),
+        routes: format!("{database}[audit]\non_failure = \"reject\"\n"),
+        policies: vec![
+            ("api".into(), ALLOW_ALL_PRESETS.into()),
+            (
+                "pg".into(),
+                "[[rule]]\nid = \"app\"\neffect = \"allow\"\nissuer = \"bb\"\nci = { repository = \"{7f3c1e2a-5b4d-4c8e-9a1f-2d3e4f5a6b7c}\" }\ndatabases = [\"appdb\"]\nroles = [\"app\"]\n".into(),
+            ),
+        ],
+        ..Setup::default()
+    })
+    .await;
+    let db = w.server().bound().databases.first().map(|d| d.1);
+    let db = db.unwrap_or_else(|| panic!("no database listener"));
+    let token = w.token("bb", &[]);
+    assert_eq!(w.get("/a", Some(&token)).await.status, StatusCode::OK);
+    failing.store(true, Ordering::Relaxed);
+    // The next event's write fails: from then on the sink is unhealthy.
+    w.get("/b", Some(&token)).await;
+    let mut ready = w.admin_get("/readyz").await;
+    for _ in 0..100 {
+        if ready.status == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        ready = w.admin_get("/readyz").await;
+    }
+    assert_eq!(ready.json()["audit"], "write-failing", "{}", ready.text());
+    let refused = w.get("/c", Some(&token)).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.json()["error"], "audit-unavailable", "{}", refused.text());
+    let mut session = tokio::net::TcpStream::connect(db).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut session, &mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "the session was not refused at once");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains("57P03") && answer.contains("audit-unavailable"), "{answer}");
+    // Writes work again (the writer retries within a second): requests pass again.
+    failing.store(false, Ordering::Relaxed);
+    let mut again = w.get("/d", Some(&token)).await;
+    for _ in 0..100 {
+        if again.status == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        again = w.get("/d", Some(&token)).await;
+    }
+    assert_eq!(again.status, StatusCode::OK, "{}", again.text());
+    assert_eq!(w.admin_get("/readyz").await.status, StatusCode::OK);
 }

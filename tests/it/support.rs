@@ -151,6 +151,8 @@ pub struct Setup {
     /// With `sso`: a second human issuer `partner` (dev issuer path `/partner`, its
     /// own dev sign-in in [`World::login2`]) that also has `login`.
     pub second_login: bool,
+    /// Audit events go here instead of a memory sink ([`World::events`] is then empty).
+    pub sink: Option<AuditSink>,
 }
 
 impl Default for Setup {
@@ -165,6 +167,7 @@ impl Default for Setup {
             default_route: true,
             sso: None,
             second_login: false,
+            sink: None,
         }
     }
 }
@@ -233,7 +236,7 @@ impl World {
             Ok(c) => c,
             Err(e) => panic!("test config does not load:\n{e}"),
         };
-        let sink = AuditSink::memory();
+        let sink = setup.sink.clone().unwrap_or_else(AuditSink::memory);
         let server = match Server::start(cfg, Options { sink: Some(sink.clone()) }).await {
             Ok(s) => s,
             Err(e) => panic!("server: {e}"),
