@@ -22,62 +22,70 @@ pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub static ASSERTION: HeaderName = HeaderName::from_static("x-portcullis-assertion");
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-portcullis-request-id");
 
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in
-/// `Connection`, and `Expect` (as nginx does): the proxy's HTTP server already answered a
-/// client's `Expect: 100-continue` itself, and an upstream that answers such a request
-/// before reading its content (RFC 9110 §10.1.1 allows a 417 or any final status) while
-/// keeping the connection would read the content the proxy forwards anyway as a second
-/// request, unauthorized and unaudited. `keep_upgrade` keeps `Upgrade`/`Connection: upgrade` for a WebSocket
-/// handshake that will be tunnelled only if the upstream answers 101.
-pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    // Most requests carry none: one pass over the few names present (cheap comparisons
-    // of standard names) instead of ten hashed lookups.
-    let hop = |k: &HeaderName| {
-        *k == header::CONNECTION
-            || *k == header::UPGRADE
-            || *k == header::TE
-            || *k == header::TRAILER
-            || *k == header::TRANSFER_ENCODING
-            || *k == header::PROXY_AUTHORIZATION
-            || *k == header::PROXY_AUTHENTICATE
-            || *k == header::EXPECT
-            || *k == KEEP_ALIVE
-            || *k == PROXY_CONNECTION
-    };
-    if !keep_upgrade && !h.keys().any(hop) {
-        return;
-    }
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-        .collect();
-    for n in listed {
-        h.remove(n);
-    }
-    for n in [
+/// The hop-by-hop headers (RFC 9110 §7.6.1) and `Expect`, in the order of the bits
+/// [`strip_hop_by_hop`] records them by.
+fn hop_by_hop() -> [&'static HeaderName; 10] {
+    [
         &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
+        &header::UPGRADE,
         &header::TE,
         &header::TRAILER,
         &header::TRANSFER_ENCODING,
         &header::PROXY_AUTHORIZATION,
         &header::PROXY_AUTHENTICATE,
         &header::EXPECT,
-    ] {
-        h.remove(n);
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+    ]
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in
+/// `Connection`, and `Expect` (as nginx does): the proxy's HTTP server already answered a
+/// client's `Expect: 100-continue` itself, and an upstream that answers such a request
+/// before reading its content (RFC 9110 §10.1.1 allows a 417 or any final status) while
+/// keeping the connection would read the content the proxy forwards anyway as a second
+/// request, unauthorized and unaudited. `keep_upgrade` keeps `Upgrade`/`Connection:
+/// upgrade` for a WebSocket handshake that will be tunnelled only if the upstream
+/// answers 101.
+pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // One pass over the few names present (cheap comparisons of standard names), then a
+    // hashed removal only of those found: most requests carry none, most responses only
+    // `Connection: keep-alive`.
+    let hop = hop_by_hop();
+    let mut present = 0u16;
+    for k in h.keys() {
+        if let Some(i) = hop.iter().position(|n| *n == k) {
+            present |= 1 << i;
+        }
+    }
+    if !keep_upgrade && present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
+        // Names listed in `Connection` go too (the hop-by-hop ones among them, such as
+        // the usual `keep-alive`, go below anyway).
+        let listed: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !hop.contains(&n))
+            .collect();
+        for n in listed {
+            h.remove(n);
+        }
+    }
+    for (i, n) in hop.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            h.remove(*n);
+        }
     }
     if keep_upgrade {
         // Exactly the WebSocket upgrade that was authorized: no other protocol offered
         // beside it (`Upgrade: websocket` + `Upgrade: h2c` would let an upstream pick h2c).
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    } else {
-        h.remove(header::UPGRADE);
     }
 }
 
