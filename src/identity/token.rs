@@ -52,7 +52,7 @@ pub(crate) fn parse(token: &str) -> Result<Parsed<'_>, AuthError> {
     }
     // Checking the alphabet first rejects the JSON serialization and anything with
     // whitespace or padding before any decoding work.
-    if !token.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
+    if !is_compact_alphabet(token.as_bytes()) {
         return Err(malformed("token is not compact JWS (characters outside base64url)"));
     }
     let mut parts = token.split('.');
@@ -82,6 +82,18 @@ pub(crate) fn parse(token: &str) -> Result<Parsed<'_>, AuthError> {
         payload_json,
         signature,
     })
+}
+
+/// Whether every byte is base64url or `.` (a compact JWS). Runs over every new token, a
+/// kilobyte or more, so it is written to vectorize: lane-wise range checks folded without
+/// an early exit, a chunk at a time (a byte-wise `all` cost ≈ 10 instructions a byte).
+fn is_compact_alphabet(bytes: &[u8]) -> bool {
+    let ok = |b: u8| {
+        let letter = (b | 0x20).wrapping_sub(b'a') < 26;
+        let digit = b.wrapping_sub(b'0') < 10;
+        letter | digit | (b == b'-') | (b == b'_') | (b == b'.')
+    };
+    bytes.chunks(64).all(|chunk| chunk.iter().fold(true, |all, &b| all & ok(b)))
 }
 
 /// The object and the decoded JSON bytes it was parsed from.
@@ -250,6 +262,22 @@ mod tests {
         assert_eq!(parse_strict_json(b"{\"a\":\"\xff\"}"), Err(StrictJsonError::Syntax));
         let ok = parse_strict_json(br#"{"a":[1,-2,3.5,"s",null,true,{"b":{}}]}"#);
         assert_eq!(ok, Ok(serde_json::json!({"a":[1,-2,3.5,"s",null,true,{"b":{}}]})));
+    }
+
+    #[test]
+    fn the_vectorized_alphabet_check_agrees_with_a_byte_table() {
+        let table = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+        // Every byte, alone and at every position of a chunk boundary.
+        for b in 0..=255u8 {
+            assert_eq!(is_compact_alphabet(&[b]), table(b), "byte {b:#04x}");
+            for len in [63usize, 64, 65, 130] {
+                for at in [0, len / 2, len - 1] {
+                    let mut s = vec![b'a'; len];
+                    s[at] = b;
+                    assert_eq!(is_compact_alphabet(&s), table(b), "{b:#04x} at {at}/{len}");
+                }
+            }
+        }
     }
 
     #[test]
