@@ -272,11 +272,11 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// serde_json's compact output, except that characters which show as nothing or reorder
-/// what follows are written as `\uXXXX` escapes: C1 controls and DEL, bidi marks,
-/// embeddings, overrides and isolates (Trojan Source), zero-width and other invisible
-/// characters ([`crate::policy::is_hidden`]), and the line and paragraph separators
-/// (U+2028/9). A claim (a branch name, an email) holding one would otherwise read in a
+/// serde_json's compact output, except that characters which show as nothing, as a
+/// plain space, or reorder what follows are written as `\uXXXX` escapes: exactly those
+/// the policy loader refuses ([`crate::policy::is_hidden`]: C1 controls and DEL, bidi
+/// marks, embeddings, overrides and isolates (Trojan Source), every default-ignorable
+/// character, the line and paragraph separators, non-ASCII spaces, U+2800). A claim (a branch name, an email) holding one would otherwise read in a
 /// terminal or log viewer as something it is not. Still valid JSON with the same value.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AuditFormatter;
@@ -304,9 +304,10 @@ impl serde_json::ser::Formatter for AuditFormatter {
     }
 }
 
-/// Characters [`AuditFormatter`] escapes (beyond what JSON requires).
+/// Characters [`AuditFormatter`] escapes (beyond what JSON requires): the policy
+/// loader's predicate, so the two never disagree.
 fn misleading(c: char) -> bool {
-    crate::policy::is_hidden(c) || matches!(c, '\u{2028}' | '\u{2029}')
+    crate::policy::is_hidden(c)
 }
 
 /// `serde_json::to_writer`, with [`AuditFormatter`].
@@ -1188,6 +1189,26 @@ mod tests {
         }
         let parsed: serde_json::Value = serde_json::from_str(&lines[0]).unwrap_or_default();
         assert_eq!(parsed["path"], path.as_str());
+    }
+
+    #[test]
+    fn every_character_the_policy_loader_refuses_is_escaped_in_audit_events() {
+        let hidden: String = crate::policy::HIDDEN_SAMPLES.iter().collect();
+        let path = format!("/a{hidden}b");
+        let sink = AuditSink::memory();
+        sink.emit_http(&anonymous_401(&path, "h"));
+        sink.emit(&serde_json::json!({ "kind": "pg.session", "application_name": hidden }));
+        let lines = sink.lines();
+        assert_eq!(lines.len(), 2);
+        for line in &lines {
+            for &c in crate::policy::HIDDEN_SAMPLES {
+                assert!(!line.contains(c), "U+{:04X} raw in {line:?}", c as u32);
+            }
+        }
+        let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap_or_default();
+        assert_eq!(v["path"], path.as_str(), "the value is the same once parsed");
+        let v: serde_json::Value = serde_json::from_str(&lines[1]).unwrap_or_default();
+        assert_eq!(v["application_name"], hidden.as_str());
     }
 
     /// An output that blocks while `blocked`, fails while `failing`, and keeps the rest.
