@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -272,11 +272,11 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// serde_json's compact output, except that characters which show as nothing or reorder
-/// what follows are written as `\uXXXX` escapes: C1 controls and DEL, bidi marks,
-/// embeddings, overrides and isolates (Trojan Source), zero-width and other invisible
-/// characters ([`crate::policy::is_hidden`]), and the line and paragraph separators
-/// (U+2028/9). A claim (a branch name, an email) holding one would otherwise read in a
+/// serde_json's compact output, except that characters which show as nothing, as a
+/// plain space, or reorder what follows are written as `\uXXXX` escapes: exactly those
+/// the policy loader refuses ([`crate::policy::is_hidden`]: C1 controls and DEL, bidi
+/// marks, embeddings, overrides and isolates (Trojan Source), every default-ignorable
+/// character, the line and paragraph separators, non-ASCII spaces, U+2800). A claim (a branch name, an email) holding one would otherwise read in a
 /// terminal or log viewer as something it is not. Still valid JSON with the same value.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AuditFormatter;
@@ -304,9 +304,10 @@ impl serde_json::ser::Formatter for AuditFormatter {
     }
 }
 
-/// Characters [`AuditFormatter`] escapes (beyond what JSON requires).
+/// Characters [`AuditFormatter`] escapes (beyond what JSON requires): the policy
+/// loader's predicate, so the two never disagree.
 fn misleading(c: char) -> bool {
-    crate::policy::is_hidden(c) || matches!(c, '\u{2028}' | '\u{2029}')
+    crate::policy::is_hidden(c)
 }
 
 /// `serde_json::to_writer`, with [`AuditFormatter`].
@@ -337,10 +338,15 @@ const EARLY_WRITE_BYTES: usize = 256 * 1024;
 /// and counted rather than held: a sink that stalls (a pipe nobody reads) or fails (a
 /// full disk) must not take the process's memory with it.
 pub const QUEUE_BYTES: usize = 64 * 1024 * 1024;
-/// After a drop, the sink reports itself unhealthy this long.
+/// After a drop of an attributed event, `/readyz` reports the sink unhealthy this long.
 const DROP_WINDOW: Duration = Duration::from_secs(10);
-/// A single write blocked this long makes the sink unhealthy (a stalled reader).
+/// A write call that has not returned for this long makes the sink unhealthy (a stalled
+/// reader). Each call writes at most [`CHUNK`], so a reader that makes progress (however
+/// slowly, above [`CHUNK`] per [`STALL`]) is never reported stalled.
 const STALL: Duration = Duration::from_secs(5);
+/// The most one `write` call to the output is given (bytes): the default Linux pipe
+/// capacity, so a blocking pipe write returns once the reader has taken one pipe's worth.
+const CHUNK: usize = 64 * 1024;
 /// At most one stderr line per this long about failing writes or dropped events.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// Retry delays after a failed write: doubling from the first to the last.
@@ -392,6 +398,10 @@ struct Health {
     last_stall_report: AtomicU64,
     /// [`STALL`], or less in tests.
     stall: Duration,
+    /// Bytes queued and not yet written (the queue's `buf` and `inflight`), and the
+    /// queue's cap: whether an attributed event would still fit, for the gate.
+    queued: AtomicUsize,
+    cap: AtomicUsize,
 }
 
 impl Health {
@@ -406,6 +416,8 @@ impl Health {
             writing_since: AtomicU64::new(0),
             last_stall_report: AtomicU64::new(0),
             stall: STALL,
+            queued: AtomicUsize::new(0),
+            cap: AtomicUsize::new(QUEUE_BYTES),
         }
     }
 
@@ -424,15 +436,19 @@ impl Health {
         crate::metrics::global().audit_write_errors.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts `n` events lost; says so on stderr at most once per [`REPORT_EVERY`].
-    fn drop_events(&self, n: u64, why: &'static str) {
+    /// Counts `n` events lost; says so on stderr at most once per [`REPORT_EVERY`]. Only
+    /// the loss of attributed events ([`Budget::Full`]) makes `/readyz` report
+    /// `dropping`: anyone can have unattributed ones dropped.
+    fn drop_events(&self, n: u64, budget: Budget, why: &'static str) {
         if n == 0 {
             return;
         }
         let total = self.dropped.fetch_add(n, Ordering::Relaxed) + n;
         crate::metrics::global().audit_events_dropped.fetch_add(n, Ordering::Relaxed);
         let now = self.stamp();
-        self.last_drop.store(now, Ordering::Relaxed);
+        if budget == Budget::Full {
+            self.last_drop.store(now, Ordering::Relaxed);
+        }
         let last = self.last_drop_report.load(Ordering::Relaxed);
         if !self.within(last, REPORT_EVERY)
             && self
@@ -467,21 +483,79 @@ impl Health {
         }
     }
 
-    /// A write has been in progress for [`STALL`] or longer.
+    /// One write call (of at most [`CHUNK`]) has been in progress for [`STALL`] or
+    /// longer: the output took nothing for that long.
     fn stalled(&self) -> bool {
         let since = self.writing_since.load(Ordering::Relaxed);
         since != 0 && self.stamp().saturating_sub(since) >= self.stall.as_millis() as u64
     }
 
-    fn status(&self) -> AuditStatus {
+    /// The queue holds more than its cap less [`headroom`]: the events of requests
+    /// admitted now might not fit.
+    fn full(&self) -> bool {
+        let cap = self.cap.load(Ordering::Relaxed);
+        self.queued.load(Ordering::Relaxed) > cap - headroom(cap)
+    }
+
+    /// The state now: failing, stalled or full, else ok.
+    fn present(&self) -> AuditStatus {
         if self.failing.load(Ordering::Relaxed) {
             AuditStatus::Failing
-        } else if self.within(self.last_drop.load(Ordering::Relaxed), DROP_WINDOW) {
-            AuditStatus::Dropping
         } else if self.stalled() {
             AuditStatus::Stalled
+        } else if self.full() {
+            AuditStatus::Full
         } else {
             AuditStatus::Ok
+        }
+    }
+
+    /// [`Self::present`], and `dropping` for [`DROP_WINDOW`] after an attributed event
+    /// was dropped.
+    fn status(&self) -> AuditStatus {
+        match self.present() {
+            AuditStatus::Ok if self.within(self.last_drop.load(Ordering::Relaxed), DROP_WINDOW) => {
+                AuditStatus::Dropping
+            }
+            s => s,
+        }
+    }
+}
+
+/// How far below its cap the queue counts as full for the gate: room for the events of
+/// requests admitted just before (each writes its event when it ends).
+fn headroom(cap: usize) -> usize {
+    cap / 8
+}
+
+/// How much of the queue an event may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// All of it: the events of everything with a verified identity or let through
+    /// (allowed requests, open and closed sessions, statements, denials of an
+    /// authenticated caller), and the proxy's own (reloads).
+    Full,
+    /// Half of it: the event of a request or session refused before any identity was
+    /// verified (no route, unauthenticated, malformed, refused by the audit gate): anyone
+    /// can cause these, so their flood must leave room for the rest, and their loss
+    /// must not make the sink unhealthy (which would refuse everyone).
+    Unattributed,
+}
+
+impl Budget {
+    /// The rule: an event with no verified identity whose decision is not `allow`.
+    pub fn of(identified: bool, decision: &str) -> Self {
+        if identified || decision == "allow" {
+            Self::Full
+        } else {
+            Self::Unattributed
+        }
+    }
+
+    fn limit(self, cap: usize) -> usize {
+        match self {
+            Self::Full => cap,
+            Self::Unattributed => cap / 2,
         }
     }
 }
@@ -493,10 +567,13 @@ pub enum AuditStatus {
     Ok,
     /// The last write to the output failed (full disk, closed pipe); retrying.
     Failing,
-    /// Events were dropped in the last [`DROP_WINDOW`] (the queue was full).
+    /// Attributed events were dropped in the last [`DROP_WINDOW`] (the queue was full).
+    /// `/readyz` only: the gate acts on the present state.
     Dropping,
-    /// One write has been blocked for over [`STALL`] (nobody reads the pipe).
+    /// The output has taken nothing for [`STALL`] (nobody reads the pipe).
     Stalled,
+    /// The queue is within [`headroom`] of its cap.
+    Full,
 }
 
 impl AuditStatus {
@@ -506,6 +583,7 @@ impl AuditStatus {
             Self::Failing => "write-failing",
             Self::Dropping => "dropping",
             Self::Stalled => "stalled",
+            Self::Full => "queue-full",
         }
     }
 }
@@ -515,8 +593,16 @@ impl AuditStatus {
 pub struct AuditHealth(Arc<Health>);
 
 impl AuditHealth {
+    /// What `/readyz` reports: [`Self::present`], or `dropping` for a while after an
+    /// attributed event was dropped.
     pub fn status(&self) -> AuditStatus {
         self.0.status()
+    }
+    /// The state now (failing, stalled, queue full, or ok), which `on_failure =
+    /// "reject"` acts on: ok again as soon as the output takes events and the queue has
+    /// room.
+    pub fn present(&self) -> AuditStatus {
+        self.0.present()
     }
     /// Failed writes (and flushes) to the output so far.
     pub fn write_errors(&self) -> u64 {
@@ -594,6 +680,7 @@ impl AuditSink {
         cap: usize,
         health: Health,
     ) -> Self {
+        health.cap.store(cap, Ordering::Relaxed);
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState::default()),
             wake: Condvar::new(),
@@ -614,22 +701,30 @@ impl AuditSink {
         Self { handle: Arc::new(Handle { queue, memory }) }
     }
 
-    /// Serializes one event and queues it. The writer is woken only for the first
-    /// event of a batch.
+    /// Serializes one event and queues it, with the whole queue ([`Budget::Full`]). The
+    /// writer is woken only for the first event of a batch.
     pub fn emit<T: Serialize>(&self, event: &T) {
-        self.emit_with(|line| to_writer(line, event).is_ok());
+        self.emit_as(Budget::Full, event);
     }
 
-    /// Queues one HTTP event, written by [`HttpEvent::write_json`] (the request path).
+    /// [`Self::emit`], within `budget`.
+    pub fn emit_as<T: Serialize>(&self, budget: Budget, event: &T) {
+        self.emit_with(budget, |line| to_writer(line, event).is_ok());
+    }
+
+    /// Queues one HTTP event, written by [`HttpEvent::write_json`] (the request path),
+    /// within the budget [`Budget::of`] its identity and decision.
     pub fn emit_http(&self, event: &HttpEvent<'_>) {
-        self.emit_with(|line| {
+        let budget = Budget::of(event.identity.is_some(), event.decision);
+        self.emit_with(budget, |line| {
             event.write_json(line);
             true
         });
     }
 
-    /// Queues the line `write` appends to an empty buffer, if it says it succeeded.
-    fn emit_with(&self, write: impl FnOnce(&mut Vec<u8>) -> bool) {
+    /// Queues the line `write` appends to an empty buffer, if it says it succeeded and
+    /// the queue holds no more than `budget` allows with it.
+    fn emit_with(&self, budget: Budget, write: impl FnOnce(&mut Vec<u8>) -> bool) {
         thread_local! {
             // Reused serialization buffer: no allocation per event once warm.
             static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
@@ -640,14 +735,19 @@ impl AuditSink {
             line.push(b'\n');
             let queue = &self.handle.queue;
             let mut st = queue.state.lock();
-            if st.buf.len() + st.inflight + line.len() > queue.cap {
+            if st.buf.len() + st.inflight + line.len() > budget.limit(queue.cap) {
                 drop(st);
-                queue.health.drop_events(1, "the queue is full (the output is slow or failing)");
+                let why = match budget {
+                    Budget::Full => "the queue is full (the output is slow or failing)",
+                    Budget::Unattributed => "the queue is half full (the output is slow or failing); events of requests refused before authentication are dropped first",
+                };
+                queue.health.drop_events(1, budget, why);
                 SCRATCH.with(|s| s.set(line));
                 return;
             }
             st.buf.extend_from_slice(&line);
             st.queued += 1;
+            queue.health.queued.store(st.buf.len() + st.inflight, Ordering::Relaxed);
             let backlog = st.buf.len() >= EARLY_WRITE_BYTES;
             let wake = st.writer_idle || backlog;
             if wake {
@@ -696,7 +796,7 @@ impl AuditSink {
 }
 
 /// The writer thread: waits for the first event of a batch, lingers so the batch can
-/// grow, then writes it with one `write` and flush. A failed write is counted, reported
+/// grow, then writes it in [`CHUNK`]s and flushes. A failed write is counted, reported
 /// and retried (from where it stopped, so no line is doubled) until it succeeds or the
 /// sink closes; meanwhile the queue fills up to its cap and further events are dropped.
 fn writer(queue: &Queue, mut out: Box<dyn Write + Send>, memory: Option<&Mutex<Vec<String>>>) {
@@ -733,6 +833,7 @@ fn writer(queue: &Queue, mut out: Box<dyn Write + Send>, memory: Option<&Mutex<V
             spare.shrink_to(EARLY_WRITE_BYTES);
         });
         st.inflight = 0;
+        queue.health.queued.store(st.buf.len(), Ordering::Relaxed);
         st.done = upto;
         queue.written.notify_all();
     }
@@ -740,8 +841,10 @@ fn writer(queue: &Queue, mut out: Box<dyn Write + Send>, memory: Option<&Mutex<V
     queue.written.notify_all();
 }
 
-/// Writes one batch, retrying failures with a growing delay. When the sink is closing,
-/// a failure is not retried: what is left is counted as dropped.
+/// Writes one batch, [`CHUNK`] at most per `write` call (each one that returns is
+/// progress, and frees its bytes in the queue), retrying failures with a growing delay.
+/// When the sink is closing, a failure is not retried: what is left is counted as
+/// dropped.
 fn write_batch(out: &mut dyn Write, batch: &[u8], queue: &Queue, report: &mut Reporter) {
     let health = &*queue.health;
     let mut written = 0;
@@ -750,10 +853,14 @@ fn write_batch(out: &mut dyn Write, batch: &[u8], queue: &Queue, report: &mut Re
     while !flushed {
         health.writing_since.store(health.stamp(), Ordering::Relaxed);
         let result = if written < batch.len() {
-            match out.write(&batch[written..]) {
+            let end = batch.len().min(written + CHUNK);
+            match out.write(&batch[written..end]) {
                 Ok(0) => Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
                 Ok(n) => {
                     written += n;
+                    let mut st = queue.state.lock();
+                    st.inflight = st.inflight.saturating_sub(n);
+                    health.queued.store(st.buf.len() + st.inflight, Ordering::Relaxed);
                     Ok(())
                 }
                 Err(e) => Err(e),
@@ -775,7 +882,11 @@ fn write_batch(out: &mut dyn Write, batch: &[u8], queue: &Queue, report: &mut Re
                 report.failed(health, &e);
                 if queue.state.lock().closed {
                     let lost = batch[written..].iter().filter(|b| **b == b'\n').count();
-                    health.drop_events(lost as u64, "the output failed while closing");
+                    health.drop_events(
+                        lost as u64,
+                        Budget::Full,
+                        "the output failed while closing",
+                    );
                     return;
                 }
                 std::thread::sleep(delay);
@@ -1080,6 +1191,26 @@ mod tests {
         assert_eq!(parsed["path"], path.as_str());
     }
 
+    #[test]
+    fn every_character_the_policy_loader_refuses_is_escaped_in_audit_events() {
+        let hidden: String = crate::policy::HIDDEN_SAMPLES.iter().collect();
+        let path = format!("/a{hidden}b");
+        let sink = AuditSink::memory();
+        sink.emit_http(&anonymous_401(&path, "h"));
+        sink.emit(&serde_json::json!({ "kind": "pg.session", "application_name": hidden }));
+        let lines = sink.lines();
+        assert_eq!(lines.len(), 2);
+        for line in &lines {
+            for &c in crate::policy::HIDDEN_SAMPLES {
+                assert!(!line.contains(c), "U+{:04X} raw in {line:?}", c as u32);
+            }
+        }
+        let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap_or_default();
+        assert_eq!(v["path"], path.as_str(), "the value is the same once parsed");
+        let v: serde_json::Value = serde_json::from_str(&lines[1]).unwrap_or_default();
+        assert_eq!(v["application_name"], hidden.as_str());
+    }
+
     /// An output that blocks while `blocked`, fails while `failing`, and keeps the rest.
     #[derive(Clone, Default)]
     struct Flaky {
@@ -1192,7 +1323,7 @@ mod tests {
         }
         let dropped = health.dropped();
         assert!(dropped >= sent - (cap / line_len) as u64, "only {dropped} dropped");
-        assert_eq!(health.status(), AuditStatus::Dropping);
+        assert_eq!(health.status(), AuditStatus::Full);
         assert!(
             crate::metrics::global().audit_events_dropped.load(Ordering::Relaxed)
                 >= dropped_before + dropped
@@ -1200,10 +1331,142 @@ mod tests {
         // Released, the output gets exactly what was kept, and no more than the cap.
         out.block(false);
         sink.flush();
+        assert_eq!(health.status(), AuditStatus::Dropping, "for a while after a drop");
         let written = out.lines();
         assert_eq!(written.len() as u64, sent - dropped);
         assert!(written.len() * line_len <= cap);
         assert_eq!(written.first().map(|v| v["n"].clone()), Some(serde_json::json!(0)));
+    }
+
+    /// An unauthenticated request's event, refused before any identity (a 401).
+    fn anonymous_401<'a>(path: &'a str, host: &'a str) -> HttpEvent<'a> {
+        HttpEvent {
+            ts: now_rfc3339(),
+            request_id: "r1",
+            kind: "http",
+            client_addr: "127.0.0.1:5000",
+            tls: None,
+            method: "GET",
+            host,
+            path,
+            route: None,
+            decision: "deny",
+            reason: "unauthenticated",
+            detail: None,
+            rule: None,
+            shadow: None,
+            policy_revision: None,
+            identity: None,
+            ci: None,
+            upstream: None,
+            status: 401,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 0.1,
+        }
+    }
+
+    #[test]
+    fn a_flood_of_unattributed_events_fills_half_the_queue_at_most_and_leaves_the_sink_healthy() {
+        let out = Flaky::default();
+        out.block(true);
+        let cap = 64 * 1024;
+        let sink = AuditSink::writer(Box::new(out.clone()), cap);
+        let health = sink.health();
+        let (path, host) = (format!("/{}", "p".repeat(4096)), "h".repeat(4096));
+        // ~5 MB of refused, identity-less events (401s, and the gate's own 503s).
+        let gate_refusal = HttpEvent {
+            decision: "error",
+            reason: "audit-unavailable",
+            status: 503,
+            ..anonymous_401(&path, &host)
+        };
+        for _ in 0..500 {
+            sink.emit_http(&anonymous_401(&path, &host));
+            sink.emit_http(&gate_refusal);
+            sink.emit_as(Budget::Unattributed, &serde_json::json!({ "kind": "pg.session" }));
+        }
+        let dropped = health.dropped();
+        assert!(dropped > 1000, "only {dropped} dropped");
+        assert!(health.0.queued.load(Ordering::Relaxed) <= cap / 2);
+        assert_eq!(health.status(), AuditStatus::Ok, "unattributed drops keep it healthy");
+        assert_eq!(health.present(), AuditStatus::Ok);
+        // An authenticated caller's events still queue, denials included.
+        let identity = RawValue::from_string(r#"{"issuer":"idp","subject":"alice"}"#.into())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let denied = HttpEvent {
+            identity: Some(&identity),
+            reason: "policy-denied",
+            status: 403,
+            ..anonymous_401("/x", "a")
+        };
+        for _ in 0..20 {
+            sink.emit_http(&denied);
+            sink.emit(&serde_json::json!({ "kind": "pg.statement" }));
+        }
+        assert_eq!(health.dropped(), dropped, "no attributed event dropped");
+        assert_eq!(health.status(), AuditStatus::Ok);
+        // Attributed events fill the rest: the gate refuses before the queue is full, and
+        // their drops do make `/readyz` say so.
+        let pad = "x".repeat(1000);
+        while health.present() == AuditStatus::Ok {
+            sink.emit(&serde_json::json!({ "pad": pad }));
+        }
+        assert_eq!(health.present(), AuditStatus::Full);
+        assert_eq!(health.dropped(), dropped, "full for the gate before any drop");
+        for _ in 0..100 {
+            sink.emit(&serde_json::json!({ "pad": pad }));
+        }
+        assert!(health.dropped() > dropped);
+        assert_eq!(health.status(), AuditStatus::Full);
+        // As soon as the output takes events, the gate admits again; `/readyz` says
+        // `dropping` a while longer.
+        out.block(false);
+        sink.flush();
+        assert_eq!(health.present(), AuditStatus::Ok);
+        assert_eq!(health.status(), AuditStatus::Dropping);
+    }
+
+    /// An output like a blocking pipe to a slow reader: a write of `n` bytes returns after
+    /// the reader took them, at `per_chunk` per 64 KiB.
+    #[derive(Clone)]
+    struct Trickle {
+        per_chunk: Duration,
+        kept: Arc<AtomicU64>,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            std::thread::sleep(self.per_chunk.mul_f64(b.len() as f64 / (64.0 * 1024.0)));
+            self.kept.fetch_add(b.len() as u64, Ordering::Relaxed);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_slow_reader_that_makes_progress_is_not_a_stall() {
+        let out = Trickle { per_chunk: Duration::from_millis(15), kept: Arc::default() };
+        let health = Health { stall: Duration::from_millis(100), ..Health::new() };
+        let sink = AuditSink::spawn_with(Box::new(out.clone()), None, QUEUE_BYTES, health);
+        let health = sink.health();
+        // 2 MiB at once: ~0.5 s to write, no 64 KiB of it slower than 15 ms.
+        let pad = "x".repeat(1000);
+        let mut total = 0;
+        for n in 0..2048 {
+            let line = serde_json::json!({ "n": n, "pad": pad });
+            total += serde_json::to_vec(&line).map_or(0, |v| v.len() as u64) + 1;
+            sink.emit(&line);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while out.kept.load(Ordering::Relaxed) < total {
+            assert_eq!(health.status(), AuditStatus::Ok, "a live reader is not stalled");
+            assert!(Instant::now() < deadline, "timed out");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!((health.write_errors(), health.dropped()), (0, 0));
     }
 
     impl<'a> HttpEvent<'a> {

@@ -1,6 +1,8 @@
 //! Fail closed on audit: with `[audit] on_failure = "reject"`, no request is let
-//! through while the audit log is not being written (its output failing or stalled, or
-//! events dropped in the last seconds), so there is no access without a trace.
+//! through while the audit log is not being written (its output failing or taking
+//! nothing, or its queue too full to take the request's event), so there is no access
+//! without a trace. It acts on the present state only: requests are admitted again as
+//! soon as the output takes events and the queue has room.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -20,7 +22,7 @@ use crate::config::AuditOnFailure;
 use crate::reason::Reason;
 
 /// Answers 503 `audit-unavailable` instead of calling the proxy while the audit sink is
-/// unhealthy and the configuration says `on_failure = "reject"` (read per request, so a
+/// unhealthy now ([`AuditHealth::present`]) and the configuration says `on_failure = "reject"` (read per request, so a
 /// reload applies at once).
 #[derive(Clone)]
 pub struct AuditGate {
@@ -45,7 +47,7 @@ impl Service<Request<Incoming>> for AuditGate {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let status = self.health.status();
+        let status = self.health.present();
         if status == AuditStatus::Ok {
             return self.inner.call(req);
         }

@@ -223,7 +223,7 @@ impl<'a> Compiler<'a> {
         // visible text, so it cannot forge or hide a line of the report.
         if let Some(d) = &r.description {
             if d.get_ref().chars().any(super::glob::is_hidden) {
-                self.err(d.span(), "`description` is one line without control, invisible or bidirectional-override characters");
+                self.err(d.span(), "`description` is one line without control, invisible, bidirectional-override or non-ASCII space characters");
             }
         }
         let description = r.description.as_ref().map(|d| d.get_ref().as_str().into());
@@ -279,7 +279,7 @@ impl<'a> Compiler<'a> {
                 self.err(
                     span,
                     format!(
-                        "control, invisible or bidirectional-override character in `{key}`: {}",
+                        "control, invisible, bidirectional-override or non-ASCII space character in `{key}`: {}",
                         s.escape_default()
                     ),
                 );

@@ -24,21 +24,83 @@ pub enum GlobError {
     Empty,
     #[error("`***` is not a pattern: use `*` (one path segment) or `**` (any depth)")]
     TooManyStars,
-    #[error("control, invisible or bidirectional-override character in pattern")]
+    #[error("control, invisible, bidirectional-override or non-ASCII space character in pattern")]
     ControlCharacter,
 }
 
-/// Characters that show as nothing, or reorder what follows (Trojan Source): a policy
-/// value holding one reads in review as something it is not (`/аdmin\u{200b}/**`).
+/// Characters that show as nothing, as a plain space, or reorder what follows (Trojan
+/// Source): a policy value holding one reads in review as something it is not
+/// (`/аdmin\u{200b}/**`), and an audit event as something it is not (the audit log
+/// writes them as `\uXXXX` escapes). The whole Unicode `Default_Ignorable_Code_Point`
+/// set, C0 and C1 controls and DEL, the line and paragraph separators, the non-ASCII
+/// space separators, and the blank Braille pattern (U+2800).
 pub fn is_hidden(c: char) -> bool {
     c.is_control()
         || matches!(c,
+            // Default_Ignorable_Code_Point (Unicode 15.1 DerivedCoreProperties.txt).
             '\u{00ad}' | '\u{034f}' | '\u{061c}' | '\u{115f}' | '\u{1160}' | '\u{17b4}'
             | '\u{17b5}' | '\u{180b}'..='\u{180f}' | '\u{200b}'..='\u{200f}'
             | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{3164}'
-            | '\u{fe00}'..='\u{fe0f}' | '\u{feff}' | '\u{ffa0}' | '\u{fff0}'..='\u{fffb}'
-            | '\u{e0000}'..='\u{e0fff}')
+            | '\u{fe00}'..='\u{fe0f}' | '\u{feff}' | '\u{ffa0}' | '\u{fff0}'..='\u{fff8}'
+            | '\u{1bca0}'..='\u{1bca3}' | '\u{1d173}'..='\u{1d17a}' | '\u{e0000}'..='\u{e0fff}'
+            // Interlinear annotation characters (not ignorable, but they hide text).
+            | '\u{fff9}'..='\u{fffb}'
+            // Line and paragraph separators.
+            | '\u{2028}' | '\u{2029}'
+            // Space separators other than the ASCII space, and the blank Braille pattern.
+            | '\u{00a0}' | '\u{1680}' | '\u{2000}'..='\u{200a}' | '\u{202f}' | '\u{205f}'
+            | '\u{3000}' | '\u{2800}')
 }
+
+/// One character of each range [`is_hidden`] covers, both ends of most (tests).
+#[cfg(test)]
+pub(crate) const HIDDEN_SAMPLES: &[char] = &[
+    '\u{1}',
+    '\u{7f}',
+    '\u{85}',
+    '\u{9f}',
+    '\u{00ad}',
+    '\u{034f}',
+    '\u{061c}',
+    '\u{115f}',
+    '\u{1160}',
+    '\u{17b4}',
+    '\u{17b5}',
+    '\u{180b}',
+    '\u{180f}',
+    '\u{200b}',
+    '\u{200f}',
+    '\u{202a}',
+    '\u{202e}',
+    '\u{2060}',
+    '\u{206f}',
+    '\u{3164}',
+    '\u{fe00}',
+    '\u{fe0f}',
+    '\u{feff}',
+    '\u{ffa0}',
+    '\u{fff0}',
+    '\u{fff8}',
+    '\u{fffb}',
+    '\u{1bca0}',
+    '\u{1bca3}',
+    '\u{1d173}',
+    '\u{1d17a}',
+    '\u{e0000}',
+    '\u{e0041}',
+    '\u{e0fff}',
+    '\u{2028}',
+    '\u{2029}',
+    '\u{00a0}',
+    '\u{1680}',
+    '\u{2000}',
+    '\u{2005}',
+    '\u{200a}',
+    '\u{202f}',
+    '\u{205f}',
+    '\u{3000}',
+    '\u{2800}',
+];
 
 /// Shapes worth a fast path: most policy values are literals or `prefix**`.
 #[derive(Clone, PartialEq, Eq)]
@@ -343,6 +405,20 @@ mod tests {
             assert_eq!(Glob::new(hidden), Err(GlobError::ControlCharacter), "{hidden:?}");
         }
         assert!(Glob::new("relé/*").is_ok(), "other non-ASCII text is fine");
+    }
+
+    #[test]
+    fn every_default_ignorable_control_separator_and_unusual_space_is_hidden() {
+        for &c in HIDDEN_SAMPLES {
+            assert!(is_hidden(c), "U+{:04X}", c as u32);
+            let pattern = format!("/admin{c}/**");
+            assert_eq!(Glob::new(&pattern), Err(GlobError::ControlCharacter), "U+{:04X}", c as u32);
+        }
+        // Just outside the ranges, and ordinary text: visible.
+        for c in [' ', 'a', 'é', '✓', '\u{2801}', '\u{1bca4}', '\u{1d172}', '\u{1d17b}', '\u{fffd}']
+        {
+            assert!(!is_hidden(c), "U+{:04X}", c as u32);
+        }
     }
 
     #[test]

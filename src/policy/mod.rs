@@ -32,6 +32,8 @@ mod explain;
 mod glob;
 
 pub(crate) use glob::is_hidden;
+#[cfg(test)]
+pub(crate) use glob::HIDDEN_SAMPLES;
 mod lint;
 pub mod raw;
 mod rule;

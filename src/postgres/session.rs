@@ -103,7 +103,7 @@ pub(super) async fn run(
     };
     // Fail closed (`[audit] on_failure = "reject"`): no new session while the audit log
     // is not being written. Sessions already open go on.
-    let audit = hub.sink.health().status();
+    let audit = hub.sink.health().present();
     if audit != crate::audit::AuditStatus::Ok
         && rt.config.audit_on_failure == crate::config::AuditOnFailure::Reject
     {
@@ -274,32 +274,36 @@ fn emit_refused(
 ) {
     let id = facts.identity.as_deref();
     crate::metrics::global().pg_sessions.inc(&(route.clone(), "deny", r.reason.code()));
-    hub.sink.emit(&SessionEvent {
-        ts: now_rfc3339(),
-        kind: "pg.session",
-        event: "refused",
-        session_id: sid,
-        route,
-        client_addr: peer,
-        tls: facts.tls.as_ref(),
-        database: facts.database.as_deref(),
-        role: facts.role.as_deref(),
-        upstream_role: facts.upstream_role.as_deref(),
-        upstream,
-        application_name: facts.application_name.as_deref(),
-        decision: "deny",
-        reason: r.reason.code(),
-        detail: Some(&r.detail),
-        rule: facts.rule.as_deref(),
-        policy_revision: &rt.revision,
-        identity: id.map(|i| i.audit_fields().0),
-        ci: id.and_then(|i| i.audit_fields().1),
-        ended_by: None,
-        duration_ms: None,
-        bytes_in: None,
-        bytes_out: None,
-        statements: None,
-    });
+    let budget = crate::audit::Budget::of(id.is_some(), "deny");
+    hub.sink.emit_as(
+        budget,
+        &SessionEvent {
+            ts: now_rfc3339(),
+            kind: "pg.session",
+            event: "refused",
+            session_id: sid,
+            route,
+            client_addr: peer,
+            tls: facts.tls.as_ref(),
+            database: facts.database.as_deref(),
+            role: facts.role.as_deref(),
+            upstream_role: facts.upstream_role.as_deref(),
+            upstream,
+            application_name: facts.application_name.as_deref(),
+            decision: "deny",
+            reason: r.reason.code(),
+            detail: Some(&r.detail),
+            rule: facts.rule.as_deref(),
+            policy_revision: &rt.revision,
+            identity: id.map(|i| i.audit_fields().0),
+            ci: id.and_then(|i| i.audit_fields().1),
+            ended_by: None,
+            duration_ms: None,
+            bytes_in: None,
+            bytes_out: None,
+            statements: None,
+        },
+    );
 }
 
 /// A read during set-up failed: a protocol error is answered (08P01), an I/O error ends
@@ -761,14 +765,19 @@ async fn cancel(hub: &Hub, db: &DatabaseSettings, peer: SocketAddr, pid: u32, se
             let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
         }
     }
-    hub.sink.emit(&CancelEvent {
-        ts: now_rfc3339(),
-        kind: "pg.cancel",
-        route: &db.name,
-        client_addr: peer,
-        session_id: target.as_ref().map(|t| &*t.session_id),
-        forwarded,
-    });
+    // A cancel request carries no identity: one that matched no session is refused.
+    let budget = crate::audit::Budget::of(false, if forwarded { "allow" } else { "deny" });
+    hub.sink.emit_as(
+        budget,
+        &CancelEvent {
+            ts: now_rfc3339(),
+            kind: "pg.cancel",
+            route: &db.name,
+            client_addr: peer,
+            session_id: target.as_ref().map(|t| &*t.session_id),
+            forwarded,
+        },
+    );
 }
 
 // === control: why a session must end early ===

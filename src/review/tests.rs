@@ -686,6 +686,30 @@ fn a_rewritten_test_or_a_crafted_description_cannot_hide_a_widening() {
     assert!(msgs.iter().any(|m| m.contains("invisible")), "{msgs:?}");
 }
 
+/// Every range of the hidden set (default-ignorable characters, controls, separators,
+/// unusual spaces, U+2800) is refused in a value, a pattern and a description, with a
+/// message that names it.
+#[test]
+fn the_policy_loader_refuses_every_hidden_character() {
+    for &c in crate::policy::HIDDEN_SAMPLES {
+        let esc = format!("\\U{:08X}", c as u32);
+        for body in [
+            format!("issuer = \"corp\"\ngroups_any = [\"sre{esc}\"]"),
+            format!("issuer = \"gh\"\nci = {{ branch = \"main{esc}\" }}"),
+            format!("issuer = \"corp\"\ngroups_any = [\"sre\"]\ndescription = \"a{esc}b\""),
+        ] {
+            let msgs = policy_messages(&rule("allow", "x", &body));
+            assert!(
+                msgs.iter()
+                    .any(|m| m.contains("invisible, bidirectional-override or non-ASCII space")
+                        || m.contains("`description` is one line")),
+                "U+{:04X} in {body}: {msgs:?}",
+                c as u32
+            );
+        }
+    }
+}
+
 /// A test identity's shortcuts (`email`, `email_verified`, `subject`, `groups`) are in
 /// its claims too, as in a real token: a `claims = { email = … }` rule matches an
 /// unverified address, and the test that said otherwise now fails, as it should.
