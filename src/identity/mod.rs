@@ -47,6 +47,17 @@ pub enum PrincipalKind {
     Service,
 }
 
+impl PrincipalKind {
+    /// The name the audit log and the identity headers use (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrincipalKind::Human => "human",
+            PrincipalKind::Pipeline => "pipeline",
+            PrincipalKind::Service => "service",
+        }
+    }
+}
+
 /// Which provider's claim vocabulary an issuer speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
