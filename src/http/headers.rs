@@ -252,45 +252,53 @@ pub fn value(s: &str) -> HeaderValue {
 /// [`crate::http::assertion`]), so a request with a known token clones ready-made
 /// `HeaderValue`s instead of percent-encoding every claim again.
 pub fn identity_headers(id: &Identity) -> Vec<(HeaderName, HeaderValue)> {
-    let mut out = Vec::with_capacity(8);
-    let mut put = |name: &'static str, v: HeaderValue| {
-        out.push((HeaderName::from_static(name), v));
-    };
-    put("x-portcullis-issuer", value(id.issuer.as_str()));
-    put("x-portcullis-subject", value(&id.subject));
-    put(
-        "x-portcullis-kind",
-        HeaderValue::from_static(match id.kind {
-            crate::identity::PrincipalKind::Human => "human",
-            crate::identity::PrincipalKind::Pipeline => "pipeline",
-            crate::identity::PrincipalKind::Service => "service",
-        }),
-    );
+    // Names as constants: `from_static` on a name outside the standard table validates
+    // it at run time, and this runs once per new principal.
+    static ISSUER: HeaderName = HeaderName::from_static("x-portcullis-issuer");
+    static SUBJECT: HeaderName = HeaderName::from_static("x-portcullis-subject");
+    static KIND: HeaderName = HeaderName::from_static("x-portcullis-kind");
+    static EMAIL: HeaderName = HeaderName::from_static("x-portcullis-email");
+    static GROUPS: HeaderName = HeaderName::from_static("x-portcullis-groups");
+    static CI_PROVIDER: HeaderName = HeaderName::from_static("x-portcullis-ci-provider");
+    static CI: [HeaderName; 8] = [
+        HeaderName::from_static("x-portcullis-ci-repository"),
+        HeaderName::from_static("x-portcullis-ci-workspace"),
+        HeaderName::from_static("x-portcullis-ci-branch"),
+        HeaderName::from_static("x-portcullis-ci-ref"),
+        HeaderName::from_static("x-portcullis-ci-environment"),
+        HeaderName::from_static("x-portcullis-ci-commit"),
+        HeaderName::from_static("x-portcullis-ci-run"),
+        HeaderName::from_static("x-portcullis-ci-step"),
+    ];
+    let mut out = Vec::with_capacity(16);
+    out.push((ISSUER.clone(), value(id.issuer.as_str())));
+    out.push((SUBJECT.clone(), value(&id.subject)));
+    out.push((KIND.clone(), HeaderValue::from_static(id.kind.as_str())));
     if let (Some(e), true) = (&id.email, id.email_verified) {
-        put("x-portcullis-email", value(e));
+        out.push((EMAIL.clone(), value(e)));
     }
     if !id.groups.is_empty() {
         let joined: Vec<String> =
             id.groups.iter().map(|g| utf8_percent_encode(g, HEADER_ESCAPE).to_string()).collect();
         if let Ok(v) = HeaderValue::from_str(&joined.join(",")) {
-            put("x-portcullis-groups", v);
+            out.push((GROUPS.clone(), v));
         }
     }
     if let Some(ci) = &id.ci {
-        put("x-portcullis-ci-provider", HeaderValue::from_static(ci.provider));
-        let fields: [(&'static str, &Option<String>); 8] = [
-            ("x-portcullis-ci-repository", &ci.repository),
-            ("x-portcullis-ci-workspace", &ci.workspace),
-            ("x-portcullis-ci-branch", &ci.branch),
-            ("x-portcullis-ci-ref", &ci.git_ref),
-            ("x-portcullis-ci-environment", &ci.environment),
-            ("x-portcullis-ci-commit", &ci.commit),
-            ("x-portcullis-ci-run", &ci.run),
-            ("x-portcullis-ci-step", &ci.step),
+        out.push((CI_PROVIDER.clone(), HeaderValue::from_static(ci.provider)));
+        let fields = [
+            &ci.repository,
+            &ci.workspace,
+            &ci.branch,
+            &ci.git_ref,
+            &ci.environment,
+            &ci.commit,
+            &ci.run,
+            &ci.step,
         ];
-        for (name, v) in fields {
+        for (name, v) in CI.iter().zip(fields) {
             if let Some(v) = v {
-                put(name, value(v));
+                out.push((name.clone(), value(v)));
             }
         }
     }
