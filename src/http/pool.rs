@@ -17,6 +17,19 @@
 //! connection taken from the stack is ready at once, never still busy with another
 //! client's upload, and never holding an answer to nobody's request.
 //!
+//! Early-answer smuggling: whether the upstream *read* a request body cannot be seen from
+//! here — a body that came with its head is written at once, before any answer. An
+//! upstream that answers without reading it (Python's `http.server` `send_error`, most
+//! frameworks' 401/403/404/405/413/415/417 and login redirects) and keeps the connection
+//! reads that body next as a request of its own, and its answer would reach the next
+//! client on the connection. So a connection whose request carried body bytes (at least
+//! one non-empty data frame, see [`Progress`]) is also closed when its answer is not a
+//! success (status 300 or more): that is where handlers bail out without reading. Requests
+//! without a body (GET, HEAD, DELETE: most traffic) and successes to requests with one keep
+//! the connection. hyper-util's pool (HTTPS upstreams) gets the same rule in
+//! [`super::upstream`] by poisoning the connection; HTTP/2 streams are framed, so an
+//! unread body is never read as a request there.
+//!
 //! A request that a reused connection could not take — the upstream closed it while it
 //! sat idle, a race every keep-alive pool has — is sent once more on a new connection, as
 //! hyper-util does; a request that reached the wire is never repeated. Idle connections
@@ -24,12 +37,12 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -94,7 +107,7 @@ where
     /// Sends `req` (origin-form URI, Host set) and returns the response head; the
     /// connection returns to the pool when the body has been read to its end.
     pub async fn send(&self, req: Request<B>) -> Result<Response<PooledBody<B>>, PoolError> {
-        let sent = Arc::new(AtomicBool::new(false));
+        let sent = Progress::default();
         // An upgrade the upstream declines leaves a connection whose state only the
         // upstream knows (a careless one may have switched anyway): never reused.
         let upgrade = req.headers().contains_key(http::header::UPGRADE);
@@ -104,10 +117,7 @@ where
         // at last to a new connection.
         while let Some(mut tx) = self.inner.checkout().await {
             match tx.try_send_request(req).await {
-                Ok(resp) => {
-                    let early = !sent.load(Ordering::Acquire);
-                    return Ok(self.inner.wrap(resp, tx, sent, upgrade || early));
-                }
+                Ok(resp) => return Ok(self.inner.wrap(resp, tx, sent, upgrade)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => return Err(PoolError::Http(e.into_error())),
@@ -116,10 +126,7 @@ where
         }
         let mut tx = self.inner.connect().await?;
         let resp = tx.send_request(req).await?;
-        // Answered before the request body was sent to its end (the end is recorded before
-        // its last bytes are written, so an upstream that read it all cannot answer first).
-        let early = !sent.load(Ordering::Acquire);
-        Ok(self.inner.wrap(resp, tx, sent, upgrade || early))
+        Ok(self.inner.wrap(resp, tx, sent, upgrade))
     }
 
     /// Idle connections now (for tests).
@@ -170,18 +177,19 @@ where
         Ok(tx)
     }
 
-    /// `single_use`: an upgrade was offered, or the upstream answered before the request
-    /// body was sent to its end.
+    /// `upgrade`: an upgrade was offered.
     fn wrap(
         self: &Arc<Self>,
         resp: Response<Incoming>,
         tx: http1::SendRequest<Sent<B>>,
-        sent: Arc<AtomicBool>,
-        single_use: bool,
+        sent: Progress,
+        upgrade: bool,
     ) -> Response<PooledBody<B>> {
-        // After a 101 the connection belongs to the tunnel; after a declined upgrade or an
-        // early answer, to nobody.
-        let reusable = !single_use && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS;
+        // After a 101 the connection belongs to the tunnel; after a declined upgrade, an
+        // early answer or an error answer to a body, to nobody.
+        let reusable = !upgrade
+            && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            && sent.reusable_after(resp.status());
         let back = reusable.then(|| (self.clone(), tx, sent));
         resp.map(|inner| PooledBody { inner, done: false, back })
     }
@@ -223,7 +231,7 @@ pub struct PooledBody<B = RequestBody> {
 
 /// What a finished response hands back: the pool, the connection, and whether the
 /// request body was sent to its end.
-type GiveBack<B> = (Arc<Inner<B>>, http1::SendRequest<Sent<B>>, Arc<AtomicBool>);
+type GiveBack<B> = (Arc<Inner<B>>, http1::SendRequest<Sent<B>>, Progress);
 
 impl<B> std::fmt::Debug for PooledBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -270,26 +278,60 @@ impl<B> Body for PooledBody<B> {
 impl<B> Drop for PooledBody<B> {
     fn drop(&mut self) {
         if let Some((pool, tx, sent)) = self.back.take() {
-            if self.is_end_stream() && sent.load(Ordering::Acquire) {
+            if self.is_end_stream() && sent.ended() {
                 pool.put(tx);
             }
         }
     }
 }
 
-/// A request body that records when it has been sent to its end (hyper never polls one
-/// that is empty from the start, so that counts at once).
+/// How far a request body has been sent, shared by its [`Sent`] wrapper (polled by the
+/// connection's task) and the pool deciding whether the connection may be reused.
+#[derive(Clone, Debug, Default)]
+pub struct Progress(Arc<AtomicU8>);
+
+/// The body was sent to its end (recorded before its last bytes are written, so an
+/// upstream that read it all cannot answer before this is set).
+const ENDED: u8 = 1;
+/// At least one non-empty data frame was sent.
+const CARRIED: u8 = 2;
+
+impl Progress {
+    fn set(&self, flag: u8) {
+        self.0.fetch_or(flag, Ordering::Release);
+    }
+
+    /// Whether the request body was sent to its end.
+    pub fn ended(&self) -> bool {
+        self.0.load(Ordering::Acquire) & ENDED != 0
+    }
+
+    /// Whether the connection that carried this request may take another one, its answer
+    /// having `status` (read when the answer's head arrives): not if the answer came
+    /// before the body was sent to its end, nor if the body carried bytes and the answer
+    /// is not a success (the upstream may not have read them, and would read them next as
+    /// a request; see the module docs).
+    pub fn reusable_after(&self, status: http::StatusCode) -> bool {
+        let s = self.0.load(Ordering::Acquire);
+        s & ENDED != 0 && (s & CARRIED == 0 || status.as_u16() < 300)
+    }
+}
+
+/// A request body that records its [`Progress`]: its first non-empty data frame, and its
+/// end (hyper never polls one that is empty from the start, so that counts at once).
 pub struct Sent<B> {
     inner: B,
-    done: Arc<AtomicBool>,
+    progress: Progress,
+    /// `CARRIED` already recorded (one atomic write per request, not per frame).
+    carried: bool,
 }
 
 impl<B: Body> Sent<B> {
-    fn new(inner: B, done: Arc<AtomicBool>) -> Self {
+    pub fn new(inner: B, progress: Progress) -> Self {
         if inner.is_end_stream() {
-            done.store(true, Ordering::Release);
+            progress.set(ENDED);
         }
-        Sent { inner, done }
+        Sent { inner, progress, carried: false }
     }
 }
 
@@ -303,8 +345,15 @@ impl<B: Body + Unpin> Body for Sent<B> {
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            this.done.store(true, Ordering::Release);
+        match &polled {
+            Poll::Ready(Some(Ok(frame)))
+                if !this.carried && frame.data_ref().is_some_and(|d| d.has_remaining()) =>
+            {
+                this.carried = true;
+                this.progress.set(CARRIED);
+            }
+            Poll::Ready(None) => this.progress.set(ENDED),
+            _ => {}
         }
         polled
     }
@@ -312,7 +361,7 @@ impl<B: Body + Unpin> Body for Sent<B> {
     fn is_end_stream(&self) -> bool {
         let end = self.inner.is_end_stream();
         if end {
-            self.done.store(true, Ordering::Release);
+            self.progress.set(ENDED);
         }
         end
     }
@@ -553,6 +602,138 @@ mod tests {
             }
             drop(body);
             assert_eq!(pool.idle(), 1);
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+    }
+
+    /// An upstream answering by request line: `POST /early…` gets `early` at once without
+    /// its body being read (the body is then read as the next request's head, as Python's
+    /// `http.server` does after `send_error`), `GET /smug…` gets `SMUGGLED` once the next
+    /// request on the connection has come in, `GET /missing`
+    /// a 404 and anything else `OK`, its body read first (by `content-length`). Counts the
+    /// connections it accepts.
+    async fn by_request_line(early: &'static str) -> (String, Arc<AtomicUsize>) {
+        let listener =
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}")).to_string();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counted = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 1024];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        buf.drain(..end);
+                        let answer = if head.starts_with("post /early") {
+                            early
+                        } else if head.starts_with("get /smug") {
+                            // Slow to answer: the answer comes once the next request is in
+                            // (sooner, hyper would see bytes on an idle connection and
+                            // close it).
+                            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                                let mut chunk = [0u8; 1024];
+                                match s.read(&mut chunk).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                                }
+                            }
+                            "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nSMUGGLED"
+                        } else if head.starts_with("get /missing") {
+                            "HTTP/1.1 404 Not Found\r\ncontent-length: 7\r\n\r\nmissing"
+                        } else {
+                            let len = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            while buf.len() < len {
+                                let mut chunk = [0u8; 1024];
+                                match s.read(&mut chunk).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                                }
+                            }
+                            buf.drain(..len);
+                            OK
+                        };
+                        if s.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    fn with_body(method: &str, path: &str, body: &'static [u8]) -> Request<Full> {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, "upstream")
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    type Full = http_body_util::Full<Bytes>;
+
+    /// The body came with its head, so it was sent to its end before the answer: only the
+    /// status tells that the upstream may have left it unread.
+    #[tokio::test]
+    async fn a_connection_whose_request_body_got_an_error_answer_is_not_reused() {
+        for early in [
+            "HTTP/1.1 403 Forbidden\r\ncontent-length: 9\r\n\r\nforbidden",
+            "HTTP/1.1 302 Found\r\nlocation: /login\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n",
+        ] {
+            let (addr, conns) = by_request_line(early).await;
+            let pool = H1Pool::<Full>::new(&addr, Duration::from_secs(2));
+            let smuggled = b"GET /smug HTTP/1.1\r\nhost: upstream\r\n\r\n";
+            let resp = pool.send(with_body("POST", "/early", smuggled)).await;
+            let resp = resp.unwrap_or_else(|e| panic!("{e}"));
+            assert!(resp.status().as_u16() >= 300, "{early}");
+            let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            assert_ne!(body, "SMUGGLED");
+            assert_eq!(pool.idle(), 0, "{early}: the connection went back to the pool");
+            let next = pool.send(with_body("GET", "/", b"")).await;
+            let next = next.unwrap_or_else(|e| panic!("{e}"));
+            let body = next.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            assert_eq!(body, "ok", "{early}: the next request got the answer to the body");
+            assert_eq!(conns.load(Ordering::SeqCst), 2, "{early}");
+        }
+    }
+
+    /// The rule above costs nothing to requests without a body, whatever their answer, nor
+    /// to successes: these all go on one connection.
+    #[tokio::test]
+    async fn requests_without_a_body_and_successes_to_bodies_keep_their_connection() {
+        let (addr, conns) =
+            by_request_line("HTTP/1.1 403 Forbidden\r\ncontent-length: 9\r\n\r\nforbidden").await;
+        let pool = H1Pool::<Full>::new(&addr, Duration::from_secs(2));
+        let exchanges: [(&str, &str, &'static [u8], &str); 5] = [
+            ("GET", "/", b"", "ok"),
+            ("POST", "/upload", b"hello", "ok"),
+            ("GET", "/missing", b"", "missing"),
+            // Content-Length: 0 carries no bytes to leave unread.
+            ("POST", "/early", b"", "forbidden"),
+            ("GET", "/", b"", "ok"),
+        ];
+        for (method, path, body, want) in exchanges {
+            let resp = pool.send(with_body(method, path, body)).await;
+            let resp = resp.unwrap_or_else(|e| panic!("{e}"));
+            let got = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            assert_eq!(got, want, "{method} {path}");
+            assert_eq!(pool.idle(), 1, "{method} {path}: the connection was not pooled");
         }
         assert_eq!(conns.load(Ordering::SeqCst), 1);
     }

@@ -1,21 +1,32 @@
 //! Upstream HTTP clients, one per route. Plain-HTTP/1.1 upstreams use the lean pool in
 //! [`super::pool`]; HTTPS (HTTP/1.1 or HTTP/2 by ALPN, with the route's CA) and `h2c://`
 //! (HTTP/2 with prior knowledge) use hyper-util's pooled client.
+//!
+//! hyper-util's pool gets the reuse rule of [`super::pool`] for HTTP/1.1 connections: one
+//! whose request carried body bytes and was answered with a status of 300 or more, or
+//! answered before its body was sent to its end, is poisoned (never handed out again), as
+//! the upstream may not have read that body and may read it next as a request of its own.
+//! HTTP/2 connections (by ALPN, or h2c) are left alone: streams are framed, an unread body
+//! is never read as a request. The poison comes when the answer's head is back; hyper-util
+//! puts a connection back as soon as its exchange is over, so an answer whose body is
+//! empty or fits in one read may be back in the pool a moment before: a request checking
+//! out a connection for that same upstream in that moment (on another thread) can still get it.
 
 use std::sync::Arc;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, HeaderValue, Request, Response, Uri};
+use http_body::Body;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{capture_connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::RequestBody;
-use super::pool::{H1Pool, PoolError, PooledBody};
+use super::pool::{H1Pool, PoolError, PooledBody, Progress, Sent};
 use crate::config::RouteSettings;
 
-type HyperClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+type HyperClient = Client<HttpsConnector<HttpConnector>, Sent<RequestBody>>;
 
 /// hyper-util's clients for an HTTPS or h2c upstream.
 #[derive(Clone)]
@@ -25,6 +36,8 @@ struct General {
     /// connection's state is the upstream's word alone (a careless one may have switched
     /// anyway), so it is never reused (as in [`super::pool`]).
     unpooled: HyperClient,
+    /// HTTP/2 with prior knowledge: no HTTP/1.1 connection to poison.
+    h2c: bool,
 }
 
 /// A route's upstream client.
@@ -75,12 +88,23 @@ impl UpstreamClient {
                 parts.authority = Some(self.authority.clone());
                 parts.path_and_query = req.uri().path_and_query().cloned();
                 *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
-                let client = if req.headers().contains_key(header::UPGRADE) {
-                    &client.unpooled
-                } else {
-                    &client.pooled
-                };
-                let resp = client.request(req).await?;
+                let upgrade = req.headers().contains_key(header::UPGRADE);
+                // Only a request with a body can leave one unread (no allocation for the rest).
+                let watch = !upgrade && !client.h2c && !req.body().is_end_stream();
+                let sent = Progress::default();
+                let mut req = req.map(|b| Sent::new(b, sent.clone()));
+                let conn = watch.then(|| capture_connection(&mut req));
+                let pool = if upgrade { &client.unpooled } else { &client.pooled };
+                let resp = pool.request(req).await?;
+                if let Some(conn) = conn {
+                    if !sent.reusable_after(resp.status()) {
+                        if let Some(c) = conn.connection_metadata().as_ref() {
+                            if !c.is_negotiated_h2() {
+                                c.poison();
+                            }
+                        }
+                    }
+                }
                 Ok(resp.map(PooledBody::unpooled))
             }
         }
@@ -150,5 +174,5 @@ fn general(
             .http2_only(h2c);
         b.build(connector.clone())
     };
-    Ok(General { pooled: client(256), unpooled: client(0) })
+    Ok(General { pooled: client(256), unpooled: client(0), h2c })
 }

@@ -457,8 +457,9 @@ policy = "api"
 }
 
 /// An HTTPS upstream on loopback with a private CA, offering `alpn`: each answer's body
-/// is `answer(connection number from 1, request)`. Returns its address, its PKI (the CA
-/// to trust), the directory holding it and its accept task.
+/// is `answer(connection number from 1, request)`, with status 200, or 403 for a path
+/// holding `/deny` (its body read first, so the connection stays usable). Returns its
+/// address, its PKI (the CA to trust), the directory holding it and its accept task.
 async fn https_upstream(
     alpn: Vec<Vec<u8>>,
     answer: fn(usize, &http::Request<hyper::body::Incoming>) -> String,
@@ -483,9 +484,18 @@ async fn https_upstream(
                 let Ok(s) = acceptor.accept(s).await else { return };
                 let svc = hyper::service::service_fn(
                     move |req: http::Request<hyper::body::Incoming>| async move {
-                        Ok::<_, std::convert::Infallible>(http::Response::new(
-                            http_body_util::Full::new(Bytes::from(answer(id, &req))),
-                        ))
+                        let text = answer(id, &req);
+                        // `/deny…` is refused (after its body was read: the proxy cannot tell).
+                        let status = if req.uri().path().contains("/deny") {
+                            StatusCode::FORBIDDEN
+                        } else {
+                            StatusCode::OK
+                        };
+                        let _ = req.into_body().collect().await;
+                        let mut resp =
+                            http::Response::new(http_body_util::Full::new(Bytes::from(text)));
+                        *resp.status_mut() = status;
+                        Ok::<_, std::convert::Infallible>(resp)
                     },
                 );
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -562,6 +572,47 @@ async fn a_declined_upgrade_to_an_https_upstream_leaves_its_connection_unused() 
         assert_ne!(r.text(), declined_on, "served on the connection of the declined upgrade");
     }
     assert_eq!(declined_on, "2", "the upgrade went on a connection of its own");
+    server.abort();
+}
+
+/// An HTTPS upstream (HTTP/1.1 by ALPN) that refuses a request with a body: the proxy
+/// cannot tell whether it read that body (an upstream that did not would read it next as
+/// a request, and its answer would reach the next client), so that connection is not
+/// reused; requests without a body and successes keep their connection.
+#[tokio::test]
+async fn an_https_upstream_connection_whose_request_body_was_refused_is_not_reused() {
+    let (addr, pki, _dir, server) =
+        https_upstream(vec![b"http/1.1".to_vec()], |id, _| id.to_string()).await;
+    let routes = format!(
+        "[[routes]]\nname = \"tls-up\"\nmatch = {{ path_prefix = \"/tls\" }}\nupstream = \"https://localhost:{}\"\nupstream_ca = {:?}\npolicy = \"api\"\n",
+        addr.port(),
+        pki.ca_path().to_string_lossy(),
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    let auth = format!("Bearer {t}");
+    let post = |path: &'static str, body: &'static [u8]| {
+        let (w, auth) = (&w, &auth);
+        async move {
+            w.send(Method::POST, path, &[("authorization", auth)], Bytes::from_static(body)).await
+        }
+    };
+    // Pooling stays on: a GET, a refused GET, a POST answered 200, an empty POST refused.
+    let r = w.get("/tls/a", Some(&t)).await;
+    assert_eq!((r.status, r.text()), (StatusCode::OK, "1".to_string()));
+    let r = w.get("/tls/deny", Some(&t)).await;
+    assert_eq!((r.status, r.text()), (StatusCode::FORBIDDEN, "1".to_string()));
+    let r = post("/tls/upload", b"hello").await;
+    assert_eq!((r.status, r.text()), (StatusCode::OK, "1".to_string()));
+    let r = post("/tls/deny", b"").await;
+    assert_eq!((r.status, r.text()), (StatusCode::FORBIDDEN, "1".to_string()));
+    // A body refused: its connection is not handed to anyone again.
+    let r = post("/tls/deny", b"GET /smug HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert_eq!((r.status, r.text()), (StatusCode::FORBIDDEN, "1".to_string()));
+    for _ in 0..3 {
+        let r = w.get("/tls/b", Some(&t)).await;
+        assert_eq!((r.status, r.text()), (StatusCode::OK, "2".to_string()));
+    }
     server.abort();
 }
 
