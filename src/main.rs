@@ -9,6 +9,10 @@ use clap::{Args, Parser, Subcommand};
 /// mimalloc instead of glibc's malloc: measured side by side with `benches/load.sh`
 /// (four alternating runs, same host), CPU per request −8 % with a reused token
 /// (22.2 → 20.4 µs) and −7 % with distinct tokens (67.2 → 62.5 µs); nginx 12.0 µs in both.
+/// Built without transparent huge pages (`no_thp`): with them, mimalloc's segments were
+/// madvised for huge pages, and on a kernel whose THP `defrag` is `madvise` (Debian's
+/// default) each fault could compact memory synchronously: while a flood of distinct
+/// tokens filled the caches, p99 rose from 3 to 25 ms (`load.sh` pc-distinct).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
