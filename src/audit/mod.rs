@@ -1148,28 +1148,10 @@ mod tests {
         let detail = format!("bad host {host}");
         let tls = TlsInfo { version: "TLSv1.3", sni: Some(Arc::from(long("s"))) };
         let ev = HttpEvent {
-            ts: now_rfc3339(),
-            request_id: "r1",
-            kind: "http",
-            client_addr: "127.0.0.1:5000",
             tls: Some(&tls),
             method: &method,
-            host: &host,
-            path: &path,
-            route: None,
-            decision: "deny",
-            reason: "unauthenticated",
             detail: Some(&detail),
-            rule: None,
-            shadow: None,
-            policy_revision: None,
-            identity: None,
-            ci: None,
-            upstream: None,
-            status: 401,
-            bytes_in: 0,
-            bytes_out: 0,
-            duration_ms: 0.1,
+            ..anonymous_401(&path, &host)
         };
         let mut line = Vec::new();
         ev.write_json(&mut line);
@@ -1247,30 +1229,7 @@ mod tests {
         // A request's own strings, through the hand-written writer and through `emit`.
         let sink = AuditSink::memory();
         let path = format!("/{branch}");
-        let ev = HttpEvent {
-            ts: now_rfc3339(),
-            request_id: "r1",
-            kind: "http",
-            client_addr: "127.0.0.1:5000",
-            tls: None,
-            method: "GET",
-            host: "a.example",
-            path: &path,
-            route: None,
-            decision: "deny",
-            reason: "unauthenticated",
-            detail: None,
-            rule: None,
-            shadow: None,
-            policy_revision: None,
-            identity: Some(identity),
-            ci: None,
-            upstream: None,
-            status: 401,
-            bytes_in: 0,
-            bytes_out: 0,
-            duration_ms: 0.1,
-        };
+        let ev = HttpEvent { identity: Some(identity), ..anonymous_401(&path, "a.example") };
         sink.emit_http(&ev);
         sink.emit(&serde_json::json!({ "kind": "pg.session", "application_name": branch }));
         let lines = sink.lines();

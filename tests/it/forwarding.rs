@@ -507,6 +507,20 @@ async fn https_upstream(
     (addr, pki, dir, server)
 }
 
+/// The proxy with a route `/tls` to an HTTPS upstream that speaks HTTP/1.1 only and
+/// answers each request with its connection's number ([`https_upstream`]).
+async fn world_with_http1_tls_upstream() -> (World, tempfile::TempDir, tokio::task::JoinHandle<()>)
+{
+    let (addr, pki, dir, server) =
+        https_upstream(vec![b"http/1.1".to_vec()], |id, _| id.to_string()).await;
+    let routes = format!(
+        "[[routes]]\nname = \"tls-up\"\nmatch = {{ path_prefix = \"/tls\" }}\nupstream = \"https://localhost:{}\"\nupstream_ca = {:?}\npolicy = \"api\"\n",
+        addr.port(),
+        pki.ca_path().to_string_lossy(),
+    );
+    (World::with(Setup { routes, ..Setup::default() }).await, dir, server)
+}
+
 /// An HTTPS upstream with a private CA: the proxy verifies it with `upstream_ca` and
 /// negotiates HTTP/2 by ALPN.
 #[tokio::test]
@@ -539,14 +553,7 @@ async fn https_upstreams_use_their_ca_and_alpn() {
 #[tokio::test]
 async fn a_declined_upgrade_to_an_https_upstream_leaves_its_connection_unused() {
     // Every answer says which connection it came on; an upgrade gets a 200.
-    let (addr, pki, _dir, server) =
-        https_upstream(vec![b"http/1.1".to_vec()], |id, _| id.to_string()).await;
-    let routes = format!(
-        "[[routes]]\nname = \"tls-up\"\nmatch = {{ path_prefix = \"/tls\" }}\nupstream = \"https://localhost:{}\"\nupstream_ca = {:?}\npolicy = \"api\"\n",
-        addr.port(),
-        pki.ca_path().to_string_lossy(),
-    );
-    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let (w, _dir, server) = world_with_http1_tls_upstream().await;
     let t = w.token("bb", &[]);
     let auth = format!("Bearer {t}");
     let first = w.get("/tls/a", Some(&t)).await;
@@ -581,14 +588,7 @@ async fn a_declined_upgrade_to_an_https_upstream_leaves_its_connection_unused() 
 /// reused; requests without a body and successes keep their connection.
 #[tokio::test]
 async fn an_https_upstream_connection_whose_request_body_was_refused_is_not_reused() {
-    let (addr, pki, _dir, server) =
-        https_upstream(vec![b"http/1.1".to_vec()], |id, _| id.to_string()).await;
-    let routes = format!(
-        "[[routes]]\nname = \"tls-up\"\nmatch = {{ path_prefix = \"/tls\" }}\nupstream = \"https://localhost:{}\"\nupstream_ca = {:?}\npolicy = \"api\"\n",
-        addr.port(),
-        pki.ca_path().to_string_lossy(),
-    );
-    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let (w, _dir, server) = world_with_http1_tls_upstream().await;
     let t = w.token("bb", &[]);
     let auth = format!("Bearer {t}");
     let post = |path: &'static str, body: &'static [u8]| {
