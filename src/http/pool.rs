@@ -388,41 +388,76 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// An upstream that answers each request on a connection with `answer(n)` (n counts
-    /// requests on that connection from 0) and closes after `per_conn` requests.
-    async fn upstream(
-        per_conn: usize,
-        answer: fn(usize) -> &'static str,
-    ) -> (String, Arc<AtomicUsize>) {
+    /// A loopback upstream that hands each connection it accepts to `serve`, with its
+    /// index from 0, and counts them.
+    async fn counted_upstream<F, Fut>(serve: F) -> (String, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream, usize) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener =
             tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}")).to_string();
         let conns = Arc::new(AtomicUsize::new(0));
         let counted = conns.clone();
         tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    for n in 0..per_conn {
-                        // Read one request head (these tests send no bodies).
-                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            let mut chunk = [0u8; 1024];
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                            }
-                        }
-                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
-                        buf.drain(..end);
-                        if s.write_all(answer(n).as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+            while let Ok((s, _)) = listener.accept().await {
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(s, n));
             }
         });
         (addr, conns)
+    }
+
+    /// Reads from `s` into `buf` until it holds `enough(buf)`; false if the peer went.
+    async fn fill(
+        s: &mut tokio::net::TcpStream,
+        buf: &mut Vec<u8>,
+        enough: impl Fn(&[u8]) -> bool,
+    ) -> bool {
+        while !enough(buf) {
+            let mut chunk = [0u8; 1024];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            }
+        }
+        true
+    }
+
+    fn has_head(buf: &[u8]) -> bool {
+        buf.windows(4).any(|w| w == b"\r\n\r\n")
+    }
+
+    /// The next request head from `s` (lower-cased), taken out of `buf`.
+    async fn next_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+        if !fill(s, buf, has_head).await {
+            return None;
+        }
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        buf.drain(..end);
+        Some(head)
+    }
+
+    /// An upstream that answers each request on a connection with `answer(n)` (n counts
+    /// requests on that connection from 0) and closes after `per_conn` requests.
+    async fn upstream(
+        per_conn: usize,
+        answer: fn(usize) -> &'static str,
+    ) -> (String, Arc<AtomicUsize>) {
+        counted_upstream(move |mut s, _| async move {
+            let mut buf = Vec::new();
+            for n in 0..per_conn {
+                // One request head (these tests send no bodies).
+                if next_head(&mut s, &mut buf).await.is_none()
+                    || s.write_all(answer(n).as_bytes()).await.is_err()
+                {
+                    return;
+                }
+            }
+        })
+        .await
     }
 
     const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
@@ -613,67 +648,38 @@ mod tests {
     /// a 404 and anything else `OK`, its body read first (by `content-length`). Counts the
     /// connections it accepts.
     async fn by_request_line(early: &'static str) -> (String, Arc<AtomicUsize>) {
-        let listener =
-            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}")).to_string();
-        let conns = Arc::new(AtomicUsize::new(0));
-        let counted = conns.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    loop {
-                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            let mut chunk = [0u8; 1024];
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                            }
-                        }
-                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
-                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                        buf.drain(..end);
-                        let answer = if head.starts_with("post /early") {
-                            early
-                        } else if head.starts_with("get /smug") {
-                            // Slow to answer: the answer comes once the next request is in
-                            // (sooner, hyper would see bytes on an idle connection and
-                            // close it).
-                            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                                let mut chunk = [0u8; 1024];
-                                match s.read(&mut chunk).await {
-                                    Ok(0) | Err(_) => return,
-                                    Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                                }
-                            }
-                            "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nSMUGGLED"
-                        } else if head.starts_with("get /missing") {
-                            "HTTP/1.1 404 Not Found\r\ncontent-length: 7\r\n\r\nmissing"
-                        } else {
-                            let len = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length:"))
-                                .and_then(|v| v.trim().parse::<usize>().ok())
-                                .unwrap_or(0);
-                            while buf.len() < len {
-                                let mut chunk = [0u8; 1024];
-                                match s.read(&mut chunk).await {
-                                    Ok(0) | Err(_) => return,
-                                    Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                                }
-                            }
-                            buf.drain(..len);
-                            OK
-                        };
-                        if s.write_all(answer.as_bytes()).await.is_err() {
-                            return;
-                        }
+        counted_upstream(move |mut s, _| async move {
+            let mut buf = Vec::new();
+            while let Some(head) = next_head(&mut s, &mut buf).await {
+                let answer = if head.starts_with("post /early") {
+                    early
+                } else if head.starts_with("get /smug") {
+                    // Slow to answer: the answer comes once the next request is in
+                    // (sooner, hyper would see bytes on an idle connection and close it).
+                    if !fill(&mut s, &mut buf, has_head).await {
+                        return;
                     }
-                });
+                    "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nSMUGGLED"
+                } else if head.starts_with("get /missing") {
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 7\r\n\r\nmissing"
+                } else {
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if !fill(&mut s, &mut buf, |b| b.len() >= len).await {
+                        return;
+                    }
+                    buf.drain(..len);
+                    OK
+                };
+                if s.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
             }
-        });
-        (addr, conns)
+        })
+        .await
     }
 
     fn with_body(method: &str, path: &str, body: &'static [u8]) -> Request<Full> {
@@ -763,44 +769,26 @@ mod tests {
     /// that request's own. The pool never hands such a connection out again.
     #[tokio::test]
     async fn a_connection_answered_before_its_request_body_was_sent_is_not_reused() {
-        let listener =
-            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}")).to_string();
-        let conns = Arc::new(AtomicUsize::new(0));
-        let counted = conns.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                let n = counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut heads = 0;
-                    loop {
-                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            let mut chunk = [0u8; 1024];
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                            }
-                        }
-                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
-                        buf.drain(..end);
-                        heads += 1;
-                        let answer: &[u8] = match (n, heads) {
-                            // The first request: its head at once, without reading the body.
-                            (0, 1) => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
-                            // Its body, read as a request: now the first answer's body.
-                            (0, 2) => b"early",
-                            // The next request on this connection gets the body's answer.
-                            (0, _) => b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nSMUGGLED",
-                            _ => OK.as_bytes(),
-                        };
-                        if s.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+        let (addr, conns) = counted_upstream(|mut s, n| async move {
+            let mut buf = Vec::new();
+            let mut heads = 0;
+            while next_head(&mut s, &mut buf).await.is_some() {
+                heads += 1;
+                let answer: &[u8] = match (n, heads) {
+                    // The first request: its head at once, without reading the body.
+                    (0, 1) => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                    // Its body, read as a request: now the first answer's body.
+                    (0, 2) => b"early",
+                    // The next request on this connection gets the body's answer.
+                    (0, _) => b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nSMUGGLED",
+                    _ => OK.as_bytes(),
+                };
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
             }
-        });
+        })
+        .await;
         let pool = H1Pool::<Channel>::new(&addr, Duration::from_secs(2));
         let smuggled = Bytes::from_static(b"GET /admin HTTP/1.1\r\nhost: upstream\r\n\r\n");
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

@@ -714,6 +714,17 @@ async fn tls_h1(w: &World) -> tokio_rustls::client::TlsStream<tokio::net::TcpStr
     tls_alpn(w, b"http/1.1").await
 }
 
+/// Sends `req` as written on a new HTTP/1.1 TLS connection and reads what comes back
+/// until the proxy closes it (at most 5 s).
+async fn raw_h1_exchange(w: &World, req: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tls_h1(w).await;
+    s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).to_string()
+}
+
 async fn tls_alpn(
     w: &World,
     alpn: &[u8],
@@ -1502,7 +1513,6 @@ async fn a_client_gone_mid_request_body_is_client_closed_not_an_upstream_failure
 /// client's fault: 400 `bad-request`, not 502 `upstream-unavailable`.
 #[tokio::test]
 async fn a_malformed_request_body_is_a_bad_request_not_an_upstream_failure() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let w = World::start().await;
     let t = w.token("bb", &[]);
     let cases = [
@@ -1511,14 +1521,10 @@ async fn a_malformed_request_body_is_a_bad_request_not_an_upstream_failure() {
         ("/overflow", "3\r\nabc\r\nfffffffffffffffffff\r\n"),
     ];
     for (path, body) in cases {
-        let mut s = tls_h1(&w).await;
         let req = format!(
             "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
         );
-        s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
-        let mut out = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-        let resp = String::from_utf8_lossy(&out).to_string();
+        let resp = raw_h1_exchange(&w, &req).await;
         assert!(resp.starts_with("HTTP/1.1 400 "), "{path}: {resp}");
         let ev = event_at(&w, path).await;
         assert_eq!(ev["reason"], "bad-request", "{path}: {ev}");
@@ -1577,13 +1583,9 @@ async fn an_upstream_body_cut_short_is_audited_as_upstream_aborted() {
     let w = World::with(Setup { routes, ..Setup::default() }).await;
     let t = w.token("bb", &[]);
     for path in ["/cut/short", "/cut/chunked", "/cut/reset"] {
-        let mut s = tls_h1(&w).await;
         let req =
             format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
-        let mut out = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-        let resp = String::from_utf8_lossy(&out).to_string();
+        let resp = raw_h1_exchange(&w, &req).await;
         assert!(resp.starts_with("HTTP/1.1 200 "), "{path}: {resp}");
         let ev = event_at(&w, path).await;
         assert_eq!(ev["reason"], "upstream-aborted", "{path}: {ev}");
