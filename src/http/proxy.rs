@@ -454,8 +454,8 @@ pub async fn handle(
     // sign-in endpoints, and a browser's redirect or rejection page (a navigation asks
     // for HTML too). For anything else (a pipeline's call) they stay empty and cost no
     // formatting or allocation.
-    let signs_in = sessions.as_deref().is_some_and(|s| rc.html || s.is_endpoint(&norm));
-    let full_authority = if signs_in {
+    let endpoint = sessions.as_deref().filter(|s| s.is_endpoint(&norm));
+    let full_authority = if endpoint.is_some() || (sessions.is_some() && rc.html) {
         let full_authority = authority_with_port(&req).unwrap_or_else(|| host.clone());
         rc.here = Some(match req.uri().query() {
             Some(q) => format!("https://{full_authority}{norm}?{q}").into(),
@@ -467,7 +467,7 @@ pub async fn handle(
     };
 
     // 3a. Sign-in endpoints, on any host a route serves.
-    if let Some(s) = sessions.as_deref().filter(|s| s.is_endpoint(&norm)) {
+    if let Some(s) = endpoint {
         if !rt.config.routes.iter().any(|r| r.host.matches(&host)) {
             return rejection(out, Reason::NoRoute, "no route for host", &rc);
         }
