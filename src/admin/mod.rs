@@ -115,19 +115,12 @@ pub async fn serve_connection(
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(FIRST_REQUEST_TIMEOUT)
         .serve_connection(io, svc);
-    // Silent past the deadline: evicted by itself (unless its request has just begun).
-    let deadline = async {
-        tokio::time::sleep(FIRST_REQUEST_TIMEOUT).await;
-        if !slot.evict() {
-            std::future::pending::<()>().await;
-        }
-    };
+    // Silent past FIRST_REQUEST_TIMEOUT: hyper's header-read timer ends `serve`.
     tokio::select! {
         _ = serve => {}
         () = slot.evicted.notified() => {
             tracing::debug!("closing an admin connection that sent no request");
         }
-        () = deadline => {}
         () = tokio::time::sleep(lifetime) => {
             tracing::debug!(lifetime_s = lifetime.as_secs(), "closing admin connection");
         }

@@ -402,8 +402,6 @@ struct Queue {
     wake: Condvar,
     /// [`AuditSink::flush`] waits here for the writer to catch up.
     written: Condvar,
-    /// [`QUEUE_BYTES`], or less in tests.
-    cap: usize,
     health: Arc<Health>,
 }
 
@@ -440,9 +438,10 @@ struct Health {
     /// [`STALL`], or less in tests.
     stall: Duration,
     /// Bytes queued and not yet written (the queue's `buf` and `inflight`), and the
-    /// queue's cap: whether an attributed event would still fit, for the gate.
+    /// queue's cap ([`QUEUE_BYTES`], or less in tests): whether an attributed event would
+    /// still fit, for the gate.
     queued: AtomicUsize,
-    cap: AtomicUsize,
+    cap: usize,
 }
 
 impl Health {
@@ -458,7 +457,7 @@ impl Health {
             last_stall_report: AtomicU64::new(0),
             stall: STALL,
             queued: AtomicUsize::new(0),
-            cap: AtomicUsize::new(QUEUE_BYTES),
+            cap: QUEUE_BYTES,
         }
     }
 
@@ -534,8 +533,7 @@ impl Health {
     /// The queue holds more than its cap less [`headroom`]: the events of requests
     /// admitted now might not fit.
     fn full(&self) -> bool {
-        let cap = self.cap.load(Ordering::Relaxed);
-        self.queued.load(Ordering::Relaxed) > cap - headroom(cap)
+        self.queued.load(Ordering::Relaxed) > self.cap - headroom(self.cap)
     }
 
     /// The state now: failing, stalled or full, else ok.
@@ -721,13 +719,11 @@ impl AuditSink {
         cap: usize,
         health: Health,
     ) -> Self {
-        health.cap.store(cap, Ordering::Relaxed);
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState::default()),
             wake: Condvar::new(),
             written: Condvar::new(),
-            cap,
-            health: Arc::new(health),
+            health: Arc::new(Health { cap, ..health }),
         });
         let q = queue.clone();
         let mem = memory.clone();
@@ -776,7 +772,7 @@ impl AuditSink {
             line.push(b'\n');
             let queue = &self.handle.queue;
             let mut st = queue.state.lock();
-            if st.buf.len() + st.inflight + line.len() > budget.limit(queue.cap) {
+            if st.buf.len() + st.inflight + line.len() > budget.limit(queue.health.cap) {
                 drop(st);
                 let why = match budget {
                     Budget::Full => "the queue is full (the output is slow or failing)",

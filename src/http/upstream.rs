@@ -89,7 +89,8 @@ impl UpstreamClient {
                 parts.path_and_query = req.uri().path_and_query().cloned();
                 *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
                 let upgrade = req.headers().contains_key(header::UPGRADE);
-                // Only a request with a body can leave one unread (no allocation for the rest).
+                // Only a request with a body can leave one unread: the others are not
+                // captured (no connection handle to set up and look at).
                 let watch = !upgrade && !client.h2c && !req.body().is_end_stream();
                 let sent = Progress::default();
                 let mut req = req.map(|b| Sent::new(b, sent.clone()));
