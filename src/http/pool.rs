@@ -124,7 +124,9 @@ where
                 },
             }
         }
-        let mut tx = self.inner.connect().await?;
+        // Boxed: connecting (TCP, handshake) is the rare path, and its future is the
+        // largest part of this one, which every request's future carries.
+        let mut tx = Box::pin(self.inner.connect()).await?;
         let resp = tx.send_request(req).await?;
         Ok(self.inner.wrap(resp, tx, sent, upgrade))
     }

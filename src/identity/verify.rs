@@ -272,20 +272,38 @@ impl Verifier {
 
     async fn verify_inner(&self, token: &str, now: u64) -> Result<Arc<Identity>, AuthError> {
         let hash = cache::hash(token);
-        if let Some(hit) = self.cache.get(&hash, now) {
-            // The key that verified the token must still be published and usable, and
-            // still be the same key (not new material under the old kid).
-            let issuer = self.issuers.get(hit.issuer);
-            let live = issuer.and_then(|i| i.usable()).is_some_and(|s| {
-                s.get(&hit.kid).is_some_and(|(_, key)| key.material == hit.key_material)
-            });
-            if live {
-                crate::metrics::global().token_cache_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(hit.identity);
-            }
-            self.cache.remove(&hash);
+        match self.cached(&hash, now) {
+            Some(identity) => Ok(identity),
+            // Boxed: the full check's future (a key refresh may be awaited) is large, and
+            // only a cache miss, which verifies a signature anyway, should carry it.
+            None => Box::pin(self.verify_uncached(token, hash, now)).await,
         }
+    }
 
+    /// A verified identity for this token hash from the cache, if its key is still the
+    /// one that verified it.
+    fn cached(&self, hash: &cache::TokenHash, now: u64) -> Option<Arc<Identity>> {
+        let hit = self.cache.get(hash, now)?;
+        // The key that verified the token must still be published and usable, and
+        // still be the same key (not new material under the old kid).
+        let issuer = self.issuers.get(hit.issuer);
+        let live = issuer.and_then(|i| i.usable()).is_some_and(|s| {
+            s.get(&hit.kid).is_some_and(|(_, key)| key.material == hit.key_material)
+        });
+        if live {
+            crate::metrics::global().token_cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Some(hit.identity);
+        }
+        self.cache.remove(hash);
+        None
+    }
+
+    async fn verify_uncached(
+        &self,
+        token: &str,
+        hash: cache::TokenHash,
+        now: u64,
+    ) -> Result<Arc<Identity>, AuthError> {
         // V1–V3 (the alphabet first). A hit above was checked when it was verified.
         let parsed = token::parse(token)?;
         // V8, V9, V10, V4 (supported at all), V7.
