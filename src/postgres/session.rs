@@ -651,6 +651,7 @@ async fn establish(
         &forwarded,
         loopback,
         &hub.keys,
+        db.upstream_tls,
     )
     .await
     {
