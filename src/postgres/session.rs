@@ -747,12 +747,14 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
     params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
-/// Forwards a CancelRequest whose key matches an open session; silent either way, as
-/// PostgreSQL's own cancel handling.
+/// Forwards a CancelRequest whose key matches an open session of the listener's route
+/// (`db`); silent either way, as PostgreSQL's own cancel handling. A key of another
+/// route's session is not forwarded: each route's listener cancels its own sessions only.
 async fn cancel(hub: &Hub, db: &DatabaseSettings, peer: SocketAddr, pid: u32, secret: u32) {
     let target = hub.cancels.lookup(pid, secret).filter(|t| t.pid != 0);
+    let elsewhere = target.as_ref().filter(|t| t.db.name != db.name).map(|t| t.db.name.clone());
     let mut forwarded = false;
-    if let Some(t) = &target {
+    if let Some(t) = target.as_ref().filter(|_| elsewhere.is_none()) {
         if let Ok(Ok(mut s)) = tokio::time::timeout(
             t.db.connect_timeout + Duration::from_secs(5),
             upstream::connect(&t.db, t.tls.as_ref()),
@@ -768,15 +770,24 @@ async fn cancel(hub: &Hub, db: &DatabaseSettings, peer: SocketAddr, pid: u32, se
     }
     // A cancel request carries no identity: one that matched no session is refused.
     let budget = crate::audit::Budget::of(false, if forwarded { "allow" } else { "deny" });
+    let detail = elsewhere.as_ref().map(|r| {
+        format!(
+            "refused: the key is of a session on route `{r}`, sent to the listener of route `{}`",
+            db.name
+        )
+    });
     hub.sink.emit_as(
         budget,
         &CancelEvent {
             ts: now_rfc3339(),
             kind: "pg.cancel",
-            route: &db.name,
+            // The cancelled session's route when the key matched one.
+            route: target.as_ref().map_or(&*db.name, |t| &*t.db.name),
+            listener_route: elsewhere.as_ref().map(|_| &*db.name),
             client_addr: peer,
             session_id: target.as_ref().map(|t| &*t.session_id),
             forwarded,
+            detail: detail.as_deref(),
         },
     );
 }
