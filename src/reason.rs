@@ -95,6 +95,10 @@ pub enum Reason {
     AccessRevoked,
     /// The server is shutting down and the grace period is over.
     ShuttingDown,
+    /// PostgreSQL: the session asked for a `client_encoding` other than UTF8 (in its
+    /// startup packet, or later by `SET client_encoding` / `SET NAMES`), under which the
+    /// audit could no longer read statement text and names as the server does.
+    UnsupportedEncoding,
     /// HTTP/2: a connection's concurrent request beyond its first found every
     /// `max_connections` slot taken (each in-flight request can hold an upstream socket).
     Overloaded,
@@ -159,6 +163,7 @@ impl Reason {
             Reason::ProtocolViolation => "protocol-violation",
             Reason::AccessRevoked => "access-revoked",
             Reason::ShuttingDown => "shutting-down",
+            Reason::UnsupportedEncoding => "unsupported-encoding",
             Reason::Overloaded => "overloaded",
             Reason::AuditUnavailable => "audit-unavailable",
             Reason::RequestTimeout => "request-timeout",
@@ -231,7 +236,7 @@ impl Reason {
             Reason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
             Reason::PlaintextRefused => StatusCode::UPGRADE_REQUIRED,
-            Reason::ProtocolViolation => StatusCode::BAD_REQUEST,
+            Reason::ProtocolViolation | Reason::UnsupportedEncoding => StatusCode::BAD_REQUEST,
             Reason::AccessRevoked => StatusCode::FORBIDDEN,
             Reason::ShuttingDown | Reason::Overloaded | Reason::AuditUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE

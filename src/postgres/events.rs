@@ -108,10 +108,18 @@ pub struct StatementEvent<'a> {
 pub struct CancelEvent<'a> {
     pub ts: String,
     pub kind: &'static str,
+    /// The route of the session the key belongs to; the listener's route when the key
+    /// matched no session.
     pub route: &'a str,
+    /// The route whose listener received it, when that is not `route` (then refused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listener_route: Option<&'a str>,
     pub client_addr: SocketAddr,
     /// The session it cancelled, when the key matched one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_id: Option<&'a str>,
     pub forwarded: bool,
+    /// Why it was not forwarded, when its key matched a session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'a str>,
 }

@@ -252,6 +252,9 @@ impl Hub {
             let route = route.borrow().clone();
             tracing::warn!(route = %route, "database sessions still open after the grace period; aborting them");
             sessions.abort_all();
+            // Wait until each aborted task is dropped: its `close` event (reason
+            // `shutting-down`) is written then, before the audit output is flushed.
+            while sessions.join_next().await.is_some() {}
         }
     }
 }

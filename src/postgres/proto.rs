@@ -247,6 +247,8 @@ const CLOSE_PREFIX: usize = 1 + NAME_MAX + 1;
 const FUNCTION_CALL_PREFIX: usize = 4 + 2 + 2 * 100 + 2;
 /// Enough of a CommandComplete body for the tags audit looks for (`DEALLOCATE ALL`).
 const COMMAND_TAG_PREFIX: usize = 16;
+/// Of a ParameterStatus: enough for the names and values the audit follows.
+const PARAMETER_STATUS_PREFIX: usize = 256;
 
 /// What of a message's body a scanner keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,6 +325,8 @@ impl Scanner {
     pub fn server() -> Self {
         Scanner::new(|k| match k {
             b'C' => Capture::Prefix(COMMAND_TAG_PREFIX),
+            // ParameterStatus: `client_encoding` and `standard_conforming_strings`.
+            b'S' => Capture::Prefix(PARAMETER_STATUS_PREFIX),
             _ => Capture::Nothing,
         })
     }

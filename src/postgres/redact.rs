@@ -32,9 +32,17 @@ pub const BACKSTOP: &str = " *** (masked to the end)";
 const MAX_DEPTH: usize = 8;
 
 /// `text` with every password masked; borrowed when there is none.
-pub fn passwords(text: &str) -> Cow<'_, str> {
+///
+/// `scs`: the session's `standard_conforming_strings` when the server lexed the text, as
+/// it reported it (`None`: not known). It decides how the statement's own plain `'…'`
+/// literals are read: `on`, a backslash is a character; `off`, an escape (as in
+/// `E'…'`); unknown, both readings are checked and a backslash that would matter masks
+/// the rest. Literals nested in the statement (a function body, an `EXECUTE` string) are
+/// lexed by the server later, under a setting that may have changed by then, so they
+/// are always read both ways.
+pub fn passwords(text: &str, scs: Option<bool>) -> Cow<'_, str> {
     let bytes = text.as_bytes();
-    let mut scan = Scan { text: bytes, masks: BTreeMap::new(), backstop: None };
+    let mut scan = Scan { text: bytes, masks: BTreeMap::new(), backstop: None, scs };
     for (start, end) in uri_passwords(bytes) {
         scan.mask(start, end);
     }
@@ -62,6 +70,8 @@ struct Scan<'t> {
     masks: BTreeMap<usize, usize>,
     /// Where [`BACKSTOP`] starts: the earliest end of an unresolved keyword.
     backstop: Option<usize>,
+    /// `standard_conforming_strings` for the statement's own literals, if known.
+    scs: Option<bool>,
 }
 
 /// Where a region of bytes sits in the statement.
@@ -118,6 +128,12 @@ impl<'t> Scan<'t> {
         self.masks.insert(start, end);
     }
 
+    /// Whether a region's plain literals were lexed as the server lexed them: the
+    /// statement's own, with the setting known.
+    fn scs_known(&self, ctx: Ctx) -> bool {
+        ctx == Ctx::Top && self.scs.is_some()
+    }
+
     fn give_up_after(&mut self, at: usize) {
         self.backstop = Some(self.backstop.map_or(at, |b| b.min(at)));
     }
@@ -131,7 +147,7 @@ impl<'t> Scan<'t> {
     /// end (it might go on outside it, so the caller checks what follows).
     fn region(&mut self, view: &View<'_>, ctx: Ctx, depth: usize) -> Option<usize> {
         let b = &view.bytes[..];
-        let toks = lex(b);
+        let toks = lex(b, ctx == Ctx::Top && self.scs == Some(false));
         // strings_after[t]: a string constant is among toks[t..].
         let mut strings_after = vec![false; toks.len() + 1];
         for t in (0..toks.len()).rev() {
@@ -158,7 +174,9 @@ impl<'t> Scan<'t> {
                         continue;
                     }
                     let (child, child_ctx) = self.child(view, &toks, t);
-                    if let Kind::Str { quote: Quote::Std, .. } = tok.kind {
+                    if let (Kind::Str { quote: Quote::Std, .. }, false) =
+                        (tok.kind, self.scs_known(ctx))
+                    {
                         // With standard_conforming_strings off, backslashes escape here too.
                         if b[tok.start..tok.end].contains(&b'\\')
                             && !has_keyword(&child.bytes)
@@ -328,7 +346,9 @@ impl<'t> Scan<'t> {
                 }
                 return None;
             }
-            if let Kind::Str { quote: Quote::Std, prefix, .. } = tok.kind {
+            if let (Kind::Str { quote: Quote::Std, prefix, .. }, false) =
+                (tok.kind, self.scs_known(ctx))
+            {
                 // With standard_conforming_strings off, `\'` would not end it here.
                 if b[tok.start..tok.end].contains(&b'\\')
                     && lex_str(b, tok.start, prefix, Quote::E).end != tok.end
@@ -414,7 +434,7 @@ impl<'t> Scan<'t> {
     /// After a connection-string value ending at `j`: the next keyword, or the end.
     fn after_conninfo(&mut self, b: &[u8], mut j: usize, kw_end: usize) -> Option<usize> {
         while j < b.len() {
-            let tok = token(b, j);
+            let tok = token(b, j, false);
             if !matches!(tok.kind, Kind::Space | Kind::Comment { .. }) {
                 if let End::Unsure = classify(b, tok) {
                     self.give_up_after(kw_end); // `password=''a'' || ''b''`
@@ -606,18 +626,21 @@ fn is_op(c: u8) -> bool {
     b"~!@#^&|`?+-*/%<>=:".contains(&c)
 }
 
-fn lex(b: &[u8]) -> Vec<Token> {
+/// `escapes`: `standard_conforming_strings` is off, so `'…'` and `N'…'` take backslash
+/// escapes as `E'…'` does.
+fn lex(b: &[u8], escapes: bool) -> Vec<Token> {
     let mut toks = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        let tok = token(b, i);
+        let tok = token(b, i, escapes);
         i = tok.end.max(i + 1);
         toks.push(Token { end: i, ..tok });
     }
     toks
 }
 
-fn token(b: &[u8], i: usize) -> Token {
+fn token(b: &[u8], i: usize, escapes: bool) -> Token {
+    let plain = if escapes { Quote::E } else { Quote::Std };
     let at = |k: usize| b.get(k).copied().unwrap_or(0);
     let tok = |kind, end| Token { kind, start: i, end };
     let c = b[i];
@@ -645,7 +668,7 @@ fn token(b: &[u8], i: usize) -> Token {
             }
             tok(Kind::Comment { block: true, closed: depth == 0 }, k.min(b.len()))
         }
-        b'\'' => lex_str(b, i, 0, Quote::Std),
+        b'\'' => lex_str(b, i, 0, plain),
         b'"' => tok(Kind::QIdent { prefix: 1 }, qident_end(b, i + 1)),
         b'$' if at(i + 1).is_ascii_digit() => {
             let end = (i + 1..b.len()).find(|&k| !b[k].is_ascii_digit()).unwrap_or(b.len());
@@ -663,9 +686,8 @@ fn token(b: &[u8], i: usize) -> Token {
             None => tok(Kind::Op, i + 1),
         },
         b'e' | b'E' if at(i + 1) == b'\'' => lex_str(b, i, 1, Quote::E),
-        b'n' | b'N' | b'b' | b'B' | b'x' | b'X' if at(i + 1) == b'\'' => {
-            lex_str(b, i, 1, Quote::Std)
-        }
+        b'n' | b'N' if at(i + 1) == b'\'' => lex_str(b, i, 1, plain),
+        b'b' | b'B' | b'x' | b'X' if at(i + 1) == b'\'' => lex_str(b, i, 1, Quote::Std),
         b'u' | b'U' if at(i + 1) == b'&' && at(i + 2) == b'\'' => lex_str(b, i, 2, Quote::U),
         b'u' | b'U' if at(i + 1) == b'&' && at(i + 2) == b'"' => {
             tok(Kind::QIdent { prefix: 3 }, qident_end(b, i + 3))
@@ -791,8 +813,10 @@ fn uescape(b: &[u8], toks: &[Token], t: usize) -> u8 {
     }
     match next_sig(toks, u).map(|s| toks[s]) {
         Some(s)
-            if s.kind == (Kind::Str { quote: Quote::Std, prefix: 0, closed: true })
-                && s.end == s.start + 3 =>
+            if matches!(
+                s.kind,
+                Kind::Str { quote: Quote::Std | Quote::E, prefix: 0, closed: true }
+            ) && s.end == s.start + 3 =>
         {
             b[s.start + 1]
         }
@@ -999,8 +1023,13 @@ fn percent_decode(s: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use super::{passwords, BACKSTOP};
+    use super::BACKSTOP;
     use std::borrow::Cow;
+
+    /// With `standard_conforming_strings` not known (the fail-closed reading).
+    fn passwords(text: &str) -> Cow<'_, str> {
+        super::passwords(text, None)
+    }
 
     /// `text` is masked to exactly `want`, which holds none of `secrets`.
     fn masks(text: &str, want: &str, secrets: &[&str]) {
@@ -1339,8 +1368,43 @@ mod tests {
         }
     }
 
-    /// A backslash in a plain literal is an escape when standard_conforming_strings is off,
-    /// which the proxy cannot see: when that changes where a secret ends, or spells the
+    /// The server reports `standard_conforming_strings`; where the proxy knows it, the
+    /// statement's own plain literals are read as the server reads them, and literals
+    /// nested in it (lexed later, under a setting that may have changed) both ways still.
+    #[test]
+    fn plain_literals_are_read_under_the_reported_standard_conforming_strings() {
+        let on = |t| super::passwords(t, Some(true)).into_owned();
+        let off = |t| super::passwords(t, Some(false)).into_owned();
+        // Off: `\'` is a quote inside the literal; the whole of it is the secret.
+        let t = "ALTER ROLE x PASSWORD 'a\\' LOGIN Hunter2'";
+        assert_eq!(off(t), "ALTER ROLE x PASSWORD ***");
+        // On: the literal ends at `\'`; what follows is not a secret to the server.
+        assert_eq!(on(t), "ALTER ROLE x PASSWORD *** LOGIN Hunter2'");
+        assert_eq!(on("ALTER ROLE x PASSWORD 'a\\b'"), "ALTER ROLE x PASSWORD ***");
+        // A literal whose end moves with the setting: the secret is masked either way.
+        let t = "SELECT 'a\\' , ' ; ALTER ROLE v PASSWORD 'Hunter2' ; SELECT '";
+        for got in [on(t), off(t), passwords(t).into_owned()] {
+            assert!(!got.contains("Hunter2"), "{got}");
+        }
+        // Nested: an EXECUTE string is read both ways whatever the setting now.
+        let t = "DO $$ BEGIN EXECUTE 'ALTER ROLE x PASSWORD ''a\\'' LOGIN Hunter2'''; END $$";
+        for got in [on(t), off(t)] {
+            assert!(!got.contains("Hunter2") && got.ends_with(BACKSTOP), "{got}");
+        }
+        // N'…' follows the setting too; B'…' and X'…' never take escapes.
+        assert_eq!(off("ALTER ROLE x PASSWORD N'a\\' b'"), "ALTER ROLE x PASSWORD ***");
+        assert_eq!(
+            off("SELECT B'1\\' , 'x' ; ALTER ROLE x PASSWORD 'Hunter2'"),
+            "SELECT B'1\\' , 'x' ; ALTER ROLE x PASSWORD ***"
+        );
+        assert_eq!(
+            off("ALTER ROLE x PASSWORD U&'d!0061t' UESCAPE '!'"),
+            "ALTER ROLE x PASSWORD ***"
+        );
+    }
+
+    /// A backslash in a plain literal is an escape when standard_conforming_strings is off:
+    /// when the setting is not known and that changes where a secret ends, or spells the
     /// keyword, the rest is masked.
     #[test]
     fn a_backslash_that_would_matter_without_standard_conforming_strings_masks_the_rest() {

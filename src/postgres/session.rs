@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use super::cancel::{CancelGuard, CancelTarget};
 use super::events::{CancelEvent, SessionEvent, StatementEvent};
 use super::proto::{self, Initial, ReadError, Scanner, Severity};
-use super::statements::{Record, Tracker};
+use super::statements::{is_utf8, Record, Tracker};
 use super::upstream::{self, UpstreamError, UpstreamStream};
 use super::{Hub, ALPN_POSTGRESQL};
 use crate::audit::{now_rfc3339, TlsInfo};
@@ -53,8 +53,12 @@ fn refusal(reason: Reason, detail: impl Into<String>) -> Refusal {
 struct Established {
     client: Client,
     upstream: UpstreamStream,
-    db: Arc<DatabaseSettings>,
+    _db: Arc<DatabaseSettings>,
     _cancel: CancelGuard,
+    /// `standard_conforming_strings` as the server reported it at startup.
+    scs: Option<bool>,
+    /// `server_encoding` as the server reported it at startup.
+    server_encoding: Option<String>,
 }
 
 enum Outcome {
@@ -178,9 +182,11 @@ pub(super) async fn run(
     let m = crate::metrics::global();
     m.pg_sessions.inc(&(route.clone(), "allow", Reason::Allowed.code()));
     let counters = RouteCounters::open(&route);
+    let totals = Totals::default();
     let ctx = StatementContext {
         hub: &hub,
         counters: &counters,
+        totals: &totals,
         sid: &sid,
         route: &route,
         database: &database,
@@ -198,39 +204,66 @@ pub(super) async fn run(
         generation,
         stop,
     );
-    let end = relay(est.client, est.upstream, control, &ctx).await;
-    if let Some(r) = end.reason {
-        m.pg_terminations.inc(&(route.clone(), r.code()));
-    }
-    let revision = hub.shared.runtime.load().revision.clone();
-    hub.sink.emit(&SessionEvent {
-        ts: now_rfc3339(),
-        kind: "pg.session",
-        event: "close",
-        session_id: &sid,
-        route: &route,
-        client_addr: peer,
-        tls: facts.tls.as_ref(),
-        database: Some(&database),
-        role: facts.role.as_deref(),
-        upstream_role: Some(&upstream_role),
-        upstream: &db.upstream_display,
-        application_name: facts.application_name.as_deref(),
-        decision: if end.reason.is_some() { "terminated" } else { "closed" },
-        reason: end.reason.map_or("closed", Reason::code),
-        detail: end.detail.as_deref(),
-        rule: facts.rule.as_deref(),
-        policy_revision: &revision,
-        identity: Some(identity.audit_fields().0),
-        ci: identity.audit_fields().1,
-        ended_by: Some(end.by),
-        duration_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
-        bytes_in: Some(end.bytes_in),
-        bytes_out: Some(end.bytes_out),
-        statements: Some(end.statements),
-    });
-    drop(est.db);
+    // Exactly one `close` per `open`: written below when the relay ends, or by this guard
+    // when the task is dropped first (the shutdown drain aborts sessions still open after
+    // the grace period).
+    let close = |end: &End| {
+        if let Some(r) = end.reason {
+            m.pg_terminations.inc(&(route.clone(), r.code()));
+        }
+        let revision = hub.shared.runtime.load().revision.clone();
+        hub.sink.emit(&SessionEvent {
+            ts: now_rfc3339(),
+            kind: "pg.session",
+            event: "close",
+            session_id: &sid,
+            route: &route,
+            client_addr: peer,
+            tls: facts.tls.as_ref(),
+            database: Some(&database),
+            role: facts.role.as_deref(),
+            upstream_role: Some(&upstream_role),
+            upstream: &db.upstream_display,
+            application_name: facts.application_name.as_deref(),
+            decision: if end.reason.is_some() { "terminated" } else { "closed" },
+            reason: end.reason.map_or("closed", Reason::code),
+            detail: end.detail.as_deref(),
+            rule: facts.rule.as_deref(),
+            policy_revision: &revision,
+            identity: Some(identity.audit_fields().0),
+            ci: identity.audit_fields().1,
+            ended_by: Some(end.by),
+            duration_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
+            bytes_in: Some(totals.bytes_in.load(Ordering::Relaxed)),
+            bytes_out: Some(totals.bytes_out.load(Ordering::Relaxed)),
+            statements: Some(totals.statements.load(Ordering::Relaxed)),
+        });
+    };
+    let mut guard = OnDrop(Some(|| {
+        close(&End {
+            reason: Some(Reason::ShuttingDown),
+            detail: Some(
+                "server shutting down: the session was still open when the drain after the grace period aborted it"
+                    .to_string(),
+            ),
+            by: "portcullis",
+        });
+    }));
+    let end = relay(est, control, &ctx).await;
+    guard.0 = None;
+    close(&end);
     drop(counters);
+}
+
+/// Runs its closure when dropped, unless it was taken out first.
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
 }
 
 /// A session's per-route metrics, resolved once when it opens; the open-sessions gauge
@@ -546,13 +579,30 @@ async fn establish(
     {
         return Outcome::Silent;
     }
-    let forwarded: Vec<(String, String)> = params
+    // The audit reads statement text and names as UTF8 (see `statements`): a session in
+    // any other client_encoding is refused. Under PostgreSQL's client-only encodings
+    // (SJIS, BIG5, GBK, GB18030, UHC, JOHAB) a multi-byte character's second byte can be
+    // `\` or `'`, so the masker would split literals where the server does not, and
+    // different name bytes can be one name to the server.
+    if let Some(enc) = param(&params, "client_encoding").filter(|e| !is_utf8(e)) {
+        let detail = format!(
+            "client_encoding `{}` requested in the startup packet; portcullis audits UTF8 sessions only",
+            enc.chars().take(64).collect::<String>()
+        );
+        return refuse(&mut client, "0A000", Reason::UnsupportedEncoding, sid, detail).await;
+    }
+    let mut forwarded: Vec<(String, String)> = params
         .iter()
         .filter(|(k, _)| {
             !matches!(k.as_str(), "user" | "database" | "replication") && !k.starts_with("_pq_.")
         })
         .cloned()
         .collect();
+    // Asked for explicitly, so that neither the database's default encoding nor a
+    // setting of the role or the database (lower precedence) picks another.
+    if param(&params, "client_encoding").is_none() {
+        forwarded.push(("client_encoding".to_string(), "UTF8".to_string()));
+    }
 
     // Phase 3: the token, as a cleartext password over TLS.
     if client.write_all(&proto::auth(3, &[])).await.is_err() || client.flush().await.is_err() {
@@ -651,6 +701,7 @@ async fn establish(
         &forwarded,
         loopback,
         &hub.keys,
+        db.upstream_tls,
     )
     .await
     {
@@ -675,6 +726,7 @@ async fn establish(
     // with its BackendKeyData replaced by ours.
     let mut out = proto::auth(0, &[]);
     let mut guard = None;
+    let (mut scs, mut server_encoding) = (None, None);
     loop {
         let (kind, body) = match upstream::read(&mut up).await {
             Ok(m) => m,
@@ -700,6 +752,40 @@ async fn establish(
                 });
                 out.extend_from_slice(&proto::backend_key_data(g.pid, g.secret));
                 guard = Some(g);
+            }
+            b'S' => {
+                let (name, value) = match proto::cstr(&body) {
+                    Some((n, rest)) => (n, proto::cstr(rest).map_or("", |(v, _)| v)),
+                    None => ("", ""),
+                };
+                match name {
+                    // `options=-c client_encoding=…`, or a setting of the role or database
+                    // that the client's own parameter did not override.
+                    "client_encoding" if !is_utf8(value) => {
+                        let detail = format!(
+                            "the server set client_encoding to `{}` at startup (options, or a role or database setting); portcullis audits UTF8 sessions only",
+                            value.chars().take(64).collect::<String>()
+                        );
+                        return refuse(
+                            &mut client,
+                            "0A000",
+                            Reason::UnsupportedEncoding,
+                            sid,
+                            detail,
+                        )
+                        .await;
+                    }
+                    "standard_conforming_strings" => {
+                        scs = match value {
+                            "on" => Some(true),
+                            "off" => Some(false),
+                            _ => None,
+                        };
+                    }
+                    "server_encoding" => server_encoding = Some(value.to_string()),
+                    _ => {}
+                }
+                out.extend_from_slice(&proto::message(kind, &body));
             }
             b'Z' => {
                 out.extend_from_slice(&proto::message(kind, &body));
@@ -739,19 +825,28 @@ async fn establish(
             "client went away during set-up",
         ));
     }
-    Outcome::Session(Established { client, upstream: up, db: db.clone(), _cancel: guard })
+    Outcome::Session(Established {
+        client,
+        upstream: up,
+        _db: db.clone(),
+        _cancel: guard,
+        scs,
+        server_encoding,
+    })
 }
 
 fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
     params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
-/// Forwards a CancelRequest whose key matches an open session; silent either way, as
-/// PostgreSQL's own cancel handling.
+/// Forwards a CancelRequest whose key matches an open session of the listener's route
+/// (`db`); silent either way, as PostgreSQL's own cancel handling. A key of another
+/// route's session is not forwarded: each route's listener cancels its own sessions only.
 async fn cancel(hub: &Hub, db: &DatabaseSettings, peer: SocketAddr, pid: u32, secret: u32) {
     let target = hub.cancels.lookup(pid, secret).filter(|t| t.pid != 0);
+    let elsewhere = target.as_ref().filter(|t| t.db.name != db.name).map(|t| t.db.name.clone());
     let mut forwarded = false;
-    if let Some(t) = &target {
+    if let Some(t) = target.as_ref().filter(|_| elsewhere.is_none()) {
         if let Ok(Ok(mut s)) = tokio::time::timeout(
             t.db.connect_timeout + Duration::from_secs(5),
             upstream::connect(&t.db, t.tls.as_ref()),
@@ -767,15 +862,24 @@ async fn cancel(hub: &Hub, db: &DatabaseSettings, peer: SocketAddr, pid: u32, se
     }
     // A cancel request carries no identity: one that matched no session is refused.
     let budget = crate::audit::Budget::of(false, if forwarded { "allow" } else { "deny" });
+    let detail = elsewhere.as_ref().map(|r| {
+        format!(
+            "refused: the key is of a session on route `{r}`, sent to the listener of route `{}`",
+            db.name
+        )
+    });
     hub.sink.emit_as(
         budget,
         &CancelEvent {
             ts: now_rfc3339(),
             kind: "pg.cancel",
-            route: &db.name,
+            // The cancelled session's route when the key matched one.
+            route: target.as_ref().map_or(&*db.name, |t| &*t.db.name),
+            listener_route: elsewhere.as_ref().map(|_| &*db.name),
             client_addr: peer,
             session_id: target.as_ref().map(|t| &*t.session_id),
             forwarded,
+            detail: detail.as_deref(),
         },
     );
 }
@@ -866,6 +970,7 @@ fn revoked(
 struct StatementContext<'a> {
     hub: &'a Hub,
     counters: &'a RouteCounters,
+    totals: &'a Totals,
     sid: &'a str,
     route: &'a str,
     database: &'a str,
@@ -878,9 +983,14 @@ struct End {
     reason: Option<Reason>,
     detail: Option<String>,
     by: &'static str,
-    bytes_in: u64,
-    bytes_out: u64,
-    statements: u64,
+}
+
+/// A session's running totals, for its `close` event.
+#[derive(Default)]
+struct Totals {
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    statements: AtomicU64,
 }
 
 const BUF: usize = 64 * 1024;
@@ -888,23 +998,24 @@ const BUF: usize = 64 * 1024;
 const PG_NAME_MAX: usize = 63;
 
 async fn relay(
-    client: Client,
-    upstream: UpstreamStream,
+    session: Established,
     control: impl Future<Output = (Reason, String)>,
     ctx: &StatementContext<'_>,
 ) -> End {
+    let (client, upstream) = (session.client, session.upstream);
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    let bytes_in = AtomicU64::new(0);
-    let bytes_out = AtomicU64::new(0);
-    let statements = AtomicU64::new(0);
+    let Totals { bytes_in, bytes_out, statements } = ctx.totals;
     let mut c2s_scan = Scanner::client();
     let mut upstream_writing = false;
     // Prepared statements as the server accepted them; client messages are queued here
     // and resolved by the server's answers, in order.
-    let tracker = parking_lot::Mutex::new(Tracker::new());
+    let tracker = parking_lot::Mutex::new(Tracker::for_session(
+        session.scs,
+        session.server_encoding.as_deref(),
+    ));
     let drained = tokio::sync::Notify::new();
-    let emit = |r: Record<'_>| emit_statement(ctx, &statements, &r);
+    let emit = |r: Record<'_>| emit_statement(ctx, statements, &r);
     // A protocol violation by the client ends the session through the same path as the
     // other terminations, so the error reaches the client at a message boundary.
     let (violation_tx, mut violation_rx) = mpsc::channel::<String>(1);
@@ -924,6 +1035,11 @@ async fn relay(
                 Ok(0) | Err(_) => return "client",
                 Ok(n) => n,
             };
+            // The server reported a client_encoding other than UTF8: not one more byte
+            // goes upstream (the other direction ends the session).
+            if tracker.lock().refused_encoding.is_some() {
+                return std::future::pending().await;
+            }
             let mut terminate = false;
             let scanned = c2s_scan.feed(&buf[..n], |kind, captured| match kind {
                 b'X' => terminate = true,
@@ -959,45 +1075,20 @@ async fn relay(
             }
         };
         tokio::pin!(control);
-        loop {
+        let (reason, detail) = loop {
             tokio::select! {
                 biased;
-                (reason, detail) = &mut control => {
-                    // Finish the message in flight (bounded), then say why.
-                    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-                    while !scan.at_boundary() {
-                        let want = scan.needed().min(BUF);
-                        let r = tokio::time::timeout_at(deadline, ur.read(&mut buf[..want])).await;
-                        let Ok(Ok(n)) = r else { break };
-                        if n == 0 || scan.feed(&buf[..n], |_, _| {}).is_err() || cw.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                        bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                        ctx.counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    if scan.at_boundary() {
-                        let text = format!(
-                            "portcullis: terminating connection: {} (request id {})",
-                            reason.public_code(),
-                            ctx.sid
-                        );
-                        let sqlstate = if reason == Reason::ProtocolViolation { "08P01" } else { "57P01" };
-                        let _ = cw.write_all(&proto::error_response(Severity::Fatal, sqlstate, &text)).await;
-                    }
-                    let _ = cw.flush().await;
-                    let _ = cw.shutdown().await;
-                    return Err((reason, detail));
-                }
+                r = &mut control => break r,
                 r = ur.read(&mut buf) => {
                     let n = match r {
                         Ok(0) | Err(_) => {
-                            let _ = cw.shutdown().await;
+                            let _ = tokio::time::timeout(Duration::from_secs(1), cw.shutdown()).await;
                             return Ok("upstream");
                         }
                         Ok(n) => n,
                     };
                     let scanned = scan.feed(&buf[..n], |kind, captured| {
-                        if let b'1' | b'2' | b'3' | b'C' | b'E' | b'G' | b'I' | b'n' | b's' | b'T' | b'Z' = kind {
+                        if let b'1' | b'2' | b'3' | b'C' | b'E' | b'G' | b'I' | b'n' | b's' | b'S' | b'T' | b'Z' = kind {
                             let mut t = tracker.lock();
                             t.server(kind, captured, &mut &emit);
                             if t.waiting && !t.saturated() {
@@ -1007,17 +1098,87 @@ async fn relay(
                         }
                     });
                     if scanned.is_err() {
-                        let _ = cw.shutdown().await;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), cw.shutdown()).await;
                         return Err((Reason::UpstreamUnavailable, "the upstream broke the protocol".to_string()));
                     }
-                    if cw.write_all(&buf[..n]).await.is_err() || cw.flush().await.is_err() {
-                        return Ok("client");
+                    // A client that stops reading must not keep its session past its
+                    // permission: the write races the control (expiry, revocation,
+                    // shutdown), and then gets a short grace to complete.
+                    let write = async { cw.write_all(&buf[..n]).await.and(cw.flush().await) };
+                    tokio::pin!(write);
+                    let fired = tokio::select! {
+                        biased;
+                        w = &mut write => {
+                            if w.is_err() {
+                                return Ok("client");
+                            }
+                            None
+                        }
+                        r = &mut control => Some(r),
+                    };
+                    if let Some((reason, detail)) = fired {
+                        match tokio::time::timeout(Duration::from_secs(2), write).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => return Err((reason, detail)),
+                            Err(_) => {
+                                // The client is not reading: nothing more can reach it.
+                                let detail = format!("{detail}; the client was not reading, so it was not told");
+                                return Err((reason, detail));
+                            }
+                        }
+                        bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                        ctx.counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                        break (reason, detail);
                     }
                     bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                     ctx.counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    if let Some(enc) = tracker.lock().refused_encoding.clone() {
+                        break (
+                            Reason::UnsupportedEncoding,
+                            format!("the session changed client_encoding to `{enc}`; portcullis audits UTF8 sessions only"),
+                        );
+                    }
                 }
             }
-        }
+        };
+        // Finish the message in flight, then say why; all of it bounded, since a client
+        // that does not read would hold every write forever.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let finished = tokio::time::timeout_at(deadline, async {
+            while !scan.at_boundary() {
+                let want = scan.needed().min(BUF);
+                let Ok(n) = ur.read(&mut buf[..want]).await else { break };
+                if n == 0
+                    || scan.feed(&buf[..n], |_, _| {}).is_err()
+                    || cw.write_all(&buf[..n]).await.is_err()
+                {
+                    break;
+                }
+                bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                ctx.counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            if scan.at_boundary() {
+                let text = format!(
+                    "portcullis: terminating connection: {} (request id {})",
+                    reason.public_code(),
+                    ctx.sid
+                );
+                let sqlstate = match reason {
+                    Reason::ProtocolViolation => "08P01",
+                    Reason::UnsupportedEncoding => "0A000",
+                    _ => "57P01",
+                };
+                cw.write_all(&proto::error_response(Severity::Fatal, sqlstate, &text)).await?;
+            }
+            cw.flush().await?;
+            cw.shutdown().await
+        })
+        .await;
+        let detail = match finished {
+            Ok(_) => detail,
+            Err(_) => format!("{detail}; the client was not reading, so it was not told"),
+        };
+        Err((reason, detail))
     });
 
     let mut c2s = c2s;
@@ -1044,14 +1205,7 @@ async fn relay(
         Some((r, d)) => (Some(r), Some(d)),
         None => (None, None),
     };
-    End {
-        reason,
-        detail,
-        by,
-        bytes_in: bytes_in.load(Ordering::Relaxed),
-        bytes_out: bytes_out.load(Ordering::Relaxed),
-        statements: statements.load(Ordering::Relaxed),
-    }
+    End { reason, detail, by }
 }
 
 fn emit_statement(ctx: &StatementContext<'_>, statements: &AtomicU64, r: &Record<'_>) {
@@ -1068,7 +1222,7 @@ fn emit_statement(ctx: &StatementContext<'_>, statements: &AtomicU64, r: &Record
         seq,
         protocol: r.protocol,
         statement: r.statement,
-        text: r.text.map(super::redact::passwords).as_deref(),
+        text: r.text.map(|t| super::redact::passwords(t, r.scs)).as_deref(),
         truncated: r.truncated,
         text_status: r.text_status,
         outcome: r.outcome,

@@ -65,8 +65,11 @@ struct Text {
     truncated: bool,
     /// Cut or dropped by the session's budget.
     over_budget: bool,
-    /// A `PREPARE` or `DEALLOCATE` ran as SQL since: it may have replaced the statement.
+    /// A `PREPARE` or `DEALLOCATE` ran as SQL since: it may have replaced the statement;
+    /// or it was parsed while the session's encoding was uncertain.
     uncertain: bool,
+    /// `standard_conforming_strings` when the server lexed it (`None`: not known).
+    scs: Option<bool>,
 }
 
 impl Text {
@@ -76,16 +79,20 @@ impl Text {
 }
 
 enum Pending {
+    /// `unsure`: a non-ASCII name sent while the encoding could have changed.
     Parse {
         name: Name,
         text: Text,
+        unsure: bool,
     },
     Bind {
         name: Name,
+        unsure: bool,
     },
     /// `None`: a portal.
     Close {
         statement: Option<Name>,
+        unsure: bool,
     },
     /// Describe and Execute (consecutive ones counted): each ends with one of `T n C I s`.
     Other(u32),
@@ -115,6 +122,9 @@ pub struct Record<'a> {
     pub truncated: bool,
     /// Absent: `text` is the statement's text. `over-budget`, `unknown`, `uncertain`.
     pub text_status: Option<&'static str>,
+    /// `standard_conforming_strings` as the server lexed the text: `None` when not known
+    /// (the masker then reads plain literals both ways).
+    pub scs: Option<bool>,
     /// Absent: the server ran it (Query, FunctionCall: sent to the server). `error`,
     /// `skipped`, `unknown`.
     pub outcome: Option<&'static str>,
@@ -136,6 +146,44 @@ pub struct Tracker {
     lost: bool,
     /// The relay waits for the queue to shrink.
     pub waiting: bool,
+    /// `standard_conforming_strings` as last reported by the server (ParameterStatus).
+    scs: Option<bool>,
+    /// The server keys names by the bytes the client sent: its encoding is UTF8 or
+    /// SQL_ASCII (no conversion). Otherwise a non-ASCII name is converted, and cut at 63
+    /// bytes of the converted form: such names are `uncertain`.
+    names_exact: bool,
+    /// An execution-capable message (Bind, Execute, CopyDone, CopyFail) was relayed
+    /// since the last Sync, Query or FunctionCall.
+    exec_open: bool,
+    /// The server reported a `client_encoding` other than UTF8: the session must end
+    /// before any further client message is relayed.
+    pub refused_encoding: Option<String>,
+}
+
+/// A Record's text as the audit may show it: while the session's encoding is uncertain
+/// (see [`Tracker::settled`]) only the ASCII prefix of a text is certain, whatever the
+/// encoding (every encoding PostgreSQL accepts reads ASCII bytes before any non-ASCII
+/// byte as ASCII), so the text is cut before its first non-ASCII byte.
+fn ascii_prefix(text: String) -> (String, bool) {
+    match text.bytes().position(|b| b >= 0x80) {
+        Some(i) => (text[..i].to_string(), true),
+        None => (text, false),
+    }
+}
+
+fn non_ascii(name: &Name) -> bool {
+    !name.as_bytes().is_ascii()
+}
+
+/// An encoding name as PostgreSQL compares them (`pg_char_to_encoding`: case and
+/// punctuation ignored).
+fn clean_encoding(name: &str) -> String {
+    name.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect()
+}
+
+/// Whether `name` is UTF8 (`UTF8`, `utf-8`, `unicode`).
+pub fn is_utf8(name: &str) -> bool {
+    matches!(clean_encoding(name).as_str(), "utf8" | "unicode")
 }
 
 fn text_of(b: &[u8], truncated: bool) -> (String, bool) {
@@ -158,7 +206,44 @@ fn name_at(b: &[u8]) -> (&[u8], &[u8]) {
 
 impl Tracker {
     pub fn new() -> Tracker {
-        Tracker::default()
+        Tracker { names_exact: true, ..Tracker::default() }
+    }
+
+    /// A tracker for a session whose startup reported `standard_conforming_strings`
+    /// (`scs`) and `server_encoding`.
+    pub fn for_session(scs: Option<bool>, server_encoding: Option<&str>) -> Tracker {
+        let names_exact =
+            server_encoding.is_some_and(|e| is_utf8(e) || clean_encoding(e) == "sqlascii");
+        Tracker { scs, names_exact, ..Tracker::default() }
+    }
+
+    /// Whether the server's `client_encoding` and `standard_conforming_strings` are known
+    /// for the next client message: every message before it has been answered up to a
+    /// ReadyForQuery (before which the server reports changed settings), and none that
+    /// can run code (a Bind's input functions, an Execute, a COPY's triggers) was sent
+    /// since. PostgreSQL reports a changed setting only at ReadyForQuery (14+), and not
+    /// at all when it was changed back before it: in between, the proxy cannot know.
+    pub fn settled(&self) -> bool {
+        self.pending.is_empty() && !self.exec_open && !self.lost && !self.copy_in
+    }
+
+    /// A ParameterStatus from the server.
+    fn parameter_status(&mut self, body: &[u8]) {
+        let (name, rest) = name_at(body);
+        let value = String::from_utf8_lossy(name_at(rest).0);
+        match name {
+            b"client_encoding" if !is_utf8(&value) => {
+                self.refused_encoding.get_or_insert_with(|| value.chars().take(64).collect());
+            }
+            b"standard_conforming_strings" => {
+                self.scs = match &*value {
+                    "on" => Some(true),
+                    "off" => Some(false),
+                    _ => None,
+                };
+            }
+            _ => {}
+        }
     }
 
     /// Too many messages await an answer: stop reading from the client for now.
@@ -187,16 +272,26 @@ impl Tracker {
     /// client scanner captures).
     pub fn client(&mut self, kind: u8, c: Option<&Captured>, emit: &mut impl FnMut(Record<'_>)) {
         let skipped = self.skipping.then_some("skipped");
+        let settled = self.settled();
+        let scs = if settled { self.scs } else { None };
+        match kind {
+            b'B' | b'E' | b'c' | b'f' => self.exec_open = true,
+            b'Q' | b'F' => self.exec_open = false,
+            b'S' if !self.copy_in => self.exec_open = false,
+            _ => {}
+        }
         match kind {
             b'Q' => {
                 let (text, truncated) =
                     c.map_or((String::new(), false), |c| text_of(&c.body, c.truncated));
+                let (text, cut) = if settled { (text, false) } else { ascii_prefix(text) };
                 emit(Record {
                     protocol: "simple",
                     statement: None,
                     text: Some(&text),
-                    truncated,
-                    text_status: None,
+                    truncated: truncated || cut,
+                    text_status: cut.then_some("uncertain"),
+                    scs,
                     outcome: skipped,
                     function: None,
                 });
@@ -218,6 +313,7 @@ impl Tracker {
                     text: None,
                     truncated: false,
                     text_status: None,
+                    scs: None,
                     outcome: skipped,
                     function: Some(FunctionCall { oid, arguments }),
                 });
@@ -237,18 +333,23 @@ impl Tracker {
                     return;
                 }
                 let (text, truncated) = text_of(rest, c.truncated);
-                let text = self.charge(text, truncated);
-                self.push(Pending::Parse { name, text });
+                let (text, cut) = if settled { (text, false) } else { ascii_prefix(text) };
+                let mut text = self.charge(text, truncated || cut);
+                text.uncertain = cut;
+                text.scs = scs;
+                let unsure = !settled && non_ascii(&name);
+                self.push(Pending::Parse { name, text, unsure });
             }
             b'B' => {
                 let Some(c) = c else { return };
                 let (_portal, rest) = name_at(&c.body);
                 let name = Name::new(name_at(rest).0);
+                let unsure = !settled && non_ascii(&name);
                 if self.skipping || self.lost {
                     let outcome = if self.lost { "unknown" } else { "skipped" };
-                    self.emit_bind(&name, outcome, emit);
+                    self.emit_bind(&name, outcome, unsure, emit);
                 } else {
-                    self.push(Pending::Bind { name });
+                    self.push(Pending::Bind { name, unsure });
                 }
             }
             b'C' => {
@@ -260,12 +361,13 @@ impl Tracker {
                     Some((b'S', rest)) => Some(Name::new(name_at(rest).0)),
                     _ => None,
                 };
+                let unsure = !settled && statement.as_ref().is_some_and(non_ascii);
                 if self.lost {
                     if let Some(n) = statement {
                         self.forget(&n);
                     }
                 } else {
-                    self.push(Pending::Close { statement });
+                    self.push(Pending::Close { statement, unsure });
                 }
             }
             b'D' | b'E' if !self.skipping && !self.lost => self.push(Pending::Other(1)),
@@ -303,7 +405,7 @@ impl Tracker {
             text: (cut > 0).then(|| text.into()),
             truncated: true,
             over_budget: true,
-            uncertain: false,
+            ..Text::default()
         }
     }
 
@@ -313,15 +415,26 @@ impl Tracker {
         }
     }
 
-    fn emit_bind(&self, name: &Name, outcome: &'static str, emit: &mut impl FnMut(Record<'_>)) {
+    /// `unsure`: the name was sent while the encoding could have changed.
+    fn emit_bind(
+        &self,
+        name: &Name,
+        outcome: &'static str,
+        unsure: bool,
+        emit: &mut impl FnMut(Record<'_>),
+    ) {
         let outcome = (!outcome.is_empty()).then_some(outcome);
         let display = name.display();
         let statement = (name.len > 0).then_some(&*display);
         let known = if self.lost { None } else { self.known.get(name) };
+        // A non-ASCII name the server may have read otherwise (converted to its encoding
+        // and cut there, or decoded under an encoding that had changed) may name another
+        // statement than the one the proxy knows by these bytes.
+        let unsure = unsure || (!self.names_exact && non_ascii(name));
         let text_status = match known {
             None => Some("unknown"),
             Some(t) if t.over_budget => Some("over-budget"),
-            Some(t) if t.uncertain => Some("uncertain"),
+            Some(t) if t.uncertain || unsure => Some("uncertain"),
             Some(_) => None,
         };
         emit(Record {
@@ -330,9 +443,20 @@ impl Tracker {
             text: known.and_then(|t| t.text.as_deref()),
             truncated: known.is_some_and(|t| t.truncated),
             text_status,
+            scs: known.and_then(|t| t.scs),
             outcome,
             function: None,
         });
+    }
+
+    /// A Parse or Close of a non-ASCII name the server may have read otherwise: any
+    /// statement known by a non-ASCII name may have been replaced or closed.
+    fn unsure_names(&mut self) {
+        for (n, t) in &mut self.known {
+            if non_ascii(n) {
+                t.uncertain = true;
+            }
+        }
     }
 
     /// The front of the queue, past CopyEnd markers (they get no answer).
@@ -350,12 +474,22 @@ impl Tracker {
                 self.command_complete(&c.body);
             }
         }
+        if kind == b'S' {
+            if let Some(c) = c {
+                self.parameter_status(&c.body);
+            }
+            return;
+        }
         if self.lost {
             return;
         }
         match kind {
             b'1' => match pop_front_parse(&mut self.pending) {
-                Some((name, text)) => {
+                Some((name, mut text, unsure)) => {
+                    if unsure {
+                        self.unsure_names();
+                        text.uncertain = true;
+                    }
                     if let Some(old) = self.known.remove(&name) {
                         self.release(&old);
                     }
@@ -368,19 +502,22 @@ impl Tracker {
                 None => self.lose(emit),
             },
             b'2' => match self.front() {
-                Some(Pending::Bind { name }) => {
-                    let name = *name;
+                Some(Pending::Bind { name, unsure }) => {
+                    let (name, unsure) = (*name, *unsure);
                     self.pending.pop_front();
-                    self.emit_bind(&name, "", emit);
+                    self.emit_bind(&name, "", unsure, emit);
                 }
                 _ => self.lose(emit),
             },
             b'3' => match self.front() {
-                Some(Pending::Close { statement }) => {
-                    let statement = *statement;
+                Some(Pending::Close { statement, unsure }) => {
+                    let (statement, unsure) = (*statement, *unsure);
                     self.pending.pop_front();
                     if let Some(n) = statement {
                         self.forget(&n);
+                    }
+                    if unsure {
+                        self.unsure_names();
                     }
                 }
                 _ => self.lose(emit),
@@ -453,8 +590,8 @@ impl Tracker {
                 break;
             }
             match self.pending.pop_front() {
-                Some(Pending::Bind { name }) => {
-                    self.emit_bind(&name, if first { "error" } else { "skipped" }, emit);
+                Some(Pending::Bind { name, unsure }) => {
+                    self.emit_bind(&name, if first { "error" } else { "skipped" }, unsure, emit);
                 }
                 Some(Pending::Parse { text, .. }) => self.release(&text),
                 _ => {}
@@ -472,8 +609,8 @@ impl Tracker {
         tracing::warn!("postgres statement audit lost track of the server's answers");
         self.lost = true;
         while let Some(p) = self.pending.pop_front() {
-            if let Pending::Bind { name } = p {
-                self.emit_bind(&name, "unknown", emit);
+            if let Pending::Bind { name, unsure } = p {
+                self.emit_bind(&name, "unknown", unsure, emit);
             }
         }
         self.known.clear();
@@ -482,7 +619,7 @@ impl Tracker {
 }
 
 /// Pops the front Parse (past CopyEnd markers); `None` if the front is not a Parse.
-fn pop_front_parse(pending: &mut VecDeque<Pending>) -> Option<(Name, Text)> {
+fn pop_front_parse(pending: &mut VecDeque<Pending>) -> Option<(Name, Text, bool)> {
     while matches!(pending.front(), Some(Pending::CopyEnd)) {
         pending.pop_front();
     }
@@ -490,7 +627,7 @@ fn pop_front_parse(pending: &mut VecDeque<Pending>) -> Option<(Name, Text)> {
         return None;
     }
     match pending.pop_front() {
-        Some(Pending::Parse { name, text }) => Some((name, text)),
+        Some(Pending::Parse { name, text, unsure }) => Some((name, text, unsure)),
         _ => None,
     }
 }
@@ -510,6 +647,7 @@ mod tests {
         text_status: Option<&'static str>,
         outcome: Option<&'static str>,
         function: Option<FunctionCall>,
+        scs: Option<bool>,
     }
 
     /// A tracker fed through real scanners, as the relay feeds it.
@@ -560,6 +698,7 @@ mod tests {
             text_status: r.text_status,
             outcome: r.outcome,
             function: r.function,
+            scs: r.scs,
         }
     }
 
@@ -819,5 +958,84 @@ mod tests {
         h.send(&[parse("s", "select 1"), m(b'S'), bind("s")]);
         h.answer(&[m(b'1'), m(b'Z')]);
         assert_eq!(h.take()[0].text, None);
+    }
+    fn close_bytes(name: &[u8]) -> Vec<u8> {
+        let mut b = vec![b'S'];
+        b.extend(cstr(name));
+        message(b'C', &b)
+    }
+
+    fn status(name: &str, value: &str) -> Vec<u8> {
+        let mut b = cstr(name.as_bytes());
+        b.extend(cstr(value.as_bytes()));
+        message(b'S', &b)
+    }
+
+    /// SJIS 0x8754 and 0xFA4A are both U+2160 to the server: names (and text) sent while a
+    /// SET the proxy cannot see yet may have changed the encoding are not taken at their
+    /// bytes' word. PostgreSQL reports a changed client_encoding only at ReadyForQuery,
+    /// and not at all when a pipeline changes it and changes it back.
+    #[test]
+    fn names_and_text_sent_while_the_encoding_may_have_changed_are_uncertain() {
+        let (n1, n2) = (&b"\x87\x54"[..], &b"\xfa\x4a"[..]);
+        let mut h = Harness::new();
+        h.send(&[parse_bytes(n1, "SELECT 'harmless'"), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'Z')]);
+        assert!(h.t.settled());
+        // Nothing is awaited: a Bind of n1 is what the proxy knows.
+        h.send(&[bind_bytes(b"", n1), m(b'S')]);
+        h.answer(&[m(b'2'), m(b'Z')]);
+        assert_eq!(h.take().pop().and_then(|e| e.text_status), None);
+        // One pipeline: run something (it may SET client_encoding), then Close n2, Parse
+        // n2, Bind n1, and a query whose text has non-ASCII bytes.
+        h.send(&[
+            bind("set"),
+            m(b'E'),
+            close_bytes(n2),
+            parse_bytes(n2, "DELETE FROM t"),
+            bind_bytes(b"", n1),
+            m(b'E'),
+            m(b'S'),
+            query("SELECT '\u{3042}' ; ALTER ROLE v PASSWORD 'sekret'"),
+        ]);
+        assert!(!h.t.settled());
+        let q = h.take().pop().unwrap_or_else(|| panic!("the query's event"));
+        assert_eq!(q.text.as_deref(), Some("SELECT '"), "only the ASCII prefix is certain");
+        assert_eq!((q.truncated, q.text_status), (true, Some("uncertain")));
+        h.answer(&[m(b'2'), complete("SET"), m(b'3'), m(b'1'), m(b'2')]);
+        let ev = h.take();
+        let bind_n1 = ev.last().unwrap_or_else(|| panic!("{ev:?}"));
+        assert_eq!(bind_n1.text_status, Some("uncertain"), "{ev:?}");
+        h.answer(&[complete("DELETE 3"), m(b'Z'), complete("SELECT 1"), m(b'Z')]);
+        assert!(h.t.settled());
+        // Later, settled: n1 may have been replaced behind its bytes' back; still uncertain.
+        h.send(&[bind_bytes(b"", n1), m(b'S')]);
+        h.answer(&[m(b'2'), m(b'Z')]);
+        assert_eq!(h.take().pop().and_then(|e| e.text_status), Some("uncertain"));
+        // ASCII names and texts are the same in every encoding: exact even in a pipeline.
+        h.send(&[bind("x"), m(b'E'), parse("a", "select 'plain'"), bind("a"), m(b'S')]);
+        h.answer(&[m(b'2'), complete("SELECT 1"), m(b'1'), m(b'2'), m(b'Z')]);
+        assert_eq!(h.take().pop(), Some(ran("a", "select 'plain'")));
+    }
+
+    #[test]
+    fn parameter_status_is_followed_for_the_encoding_and_standard_conforming_strings() {
+        let mut h = Harness::new();
+        h.send(&[query("SET standard_conforming_strings = off")]);
+        assert_eq!(h.take()[0].scs, None, "not reported yet");
+        h.answer(&[status("standard_conforming_strings", "off"), complete("SET"), m(b'Z')]);
+        h.send(&[query("select 1"), parse("p", "select 2"), m(b'S')]);
+        assert_eq!(h.take()[0].scs, Some(false));
+        h.answer(&[complete("SELECT 1"), m(b'Z'), m(b'1'), m(b'Z')]);
+        // The Parse was sent while the query was unanswered: its setting is not known.
+        h.send(&[bind("p"), m(b'S')]);
+        h.answer(&[m(b'2'), m(b'Z')]);
+        assert_eq!(h.take()[0].scs, None);
+        assert!(h.t.refused_encoding.is_none());
+        h.answer(&[status("client_encoding", "UTF8")]);
+        assert!(h.t.refused_encoding.is_none());
+        h.answer(&[status("client_encoding", "SJIS")]);
+        assert_eq!(h.t.refused_encoding.as_deref(), Some("SJIS"));
+        assert!(is_utf8("utf-8") && is_utf8("Unicode") && !is_utf8("SQL_ASCII"));
     }
 }

@@ -74,6 +74,15 @@ pub async fn connect(
 /// Sends the StartupMessage and authenticates as `role`. Returns once the upstream says
 /// AuthenticationOk; the caller relays what follows (ParameterStatus, BackendKeyData,
 /// ReadyForQuery).
+///
+/// Like libpq's `require_auth`, AuthenticationOk is accepted only after the exchange
+/// portcullis expects has completed: an upstream that answers AuthenticationOk without
+/// asking for the password (an impostor, or a `trust` line in pg_hba.conf) gets no
+/// session. Where the server's certificate is not verified (`upstream_tls = "require"`),
+/// only SCRAM-SHA-256-PLUS will do: channel binding is then what authenticates the
+/// server (its signature over our nonce, bound to the certificate we saw), so md5,
+/// cleartext and unbound SCRAM are refused before any password material leaves.
+#[allow(clippy::too_many_arguments)]
 pub async fn authenticate(
     s: &mut UpstreamStream,
     role: &str,
@@ -82,19 +91,41 @@ pub async fn authenticate(
     params: &[(String, String)],
     loopback: bool,
     cache: &KeyCache,
+    mode: UpstreamTls,
 ) -> Result<(), UpstreamError> {
     let mut p: Vec<(&str, &str)> = vec![("user", role), ("database", database)];
     p.extend(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     send(s, &proto::startup_message(&p)).await?;
     let tls = matches!(s, UpstreamStream::Tls(_));
+    // The server's identity rests on channel binding alone: TLS without verification.
+    let bound_only = mode == UpstreamTls::Require;
     let mut scram: Option<scram::Exchange> = None;
+    // The exchange portcullis expects has completed (the password, or its proof, sent;
+    // for SCRAM the server's signature verified).
+    let mut done = false;
     loop {
         let (kind, body) = read(s).await?;
         match kind {
             b'R' => {
                 let code = body.get(..4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
                 match code {
-                    Some(0) => return Ok(()),
+                    Some(0) if done => return Ok(()),
+                    Some(0) => {
+                        return Err(UpstreamError::Auth(
+                            "the upstream accepted the session without authenticating portcullis (AuthenticationOk before any password exchange); refused: an impostor, or a `trust` rule for this role".into(),
+                        ))
+                    }
+                    Some(_) if done => {
+                        return Err(unavailable(
+                            "a second authentication request after the exchange completed",
+                        ))
+                    }
+                    Some(3 | 5) if bound_only => {
+                        return Err(UpstreamError::Auth(format!(
+                            "the upstream asks for {} but upstream_tls = \"require\" does not verify its certificate: only SCRAM-SHA-256-PLUS (channel binding) authenticates the server; refused, nothing sent (use verify-full)",
+                            if code == Some(3) { "a cleartext password" } else { "an md5 password" }
+                        )))
+                    }
                     Some(3) => {
                         if !tls && !loopback {
                             return Err(UpstreamError::Auth(
@@ -102,6 +133,7 @@ pub async fn authenticate(
                             ));
                         }
                         send(s, &password_message(password.expose().as_bytes())).await?;
+                        done = true;
                     }
                     Some(5) => {
                         let salt = body
@@ -110,6 +142,7 @@ pub async fn authenticate(
                             .ok_or_else(|| unavailable("malformed md5 request"))?;
                         let r = scram::md5_response(role, password.expose(), salt);
                         send(s, &password_message(r.as_bytes())).await?;
+                        done = true;
                     }
                     Some(10) => {
                         let mechs: Vec<&[u8]> =
@@ -130,6 +163,11 @@ pub async fn authenticate(
                             _ => scram::Binding::None,
                         };
                         let plain = !matches!(binding, scram::Binding::ServerEndPoint(_));
+                        if plain && bound_only {
+                            return Err(UpstreamError::Auth(
+                                "the upstream does not offer SCRAM-SHA-256-PLUS channel binding (or its certificate cannot be bound), and upstream_tls = \"require\" does not verify its certificate; refused, nothing sent (use verify-full)".into(),
+                            ));
+                        }
                         if plain && !offers(scram::Exchange::MECHANISM) {
                             return Err(UpstreamError::Auth(
                                 "the upstream offers no SCRAM-SHA-256".into(),
@@ -160,6 +198,7 @@ pub async fn authenticate(
                             .map_err(|_| unavailable("server-final is not UTF-8"))?;
                         x.verify_server_final(fin)
                             .map_err(|e| UpstreamError::Auth(e.to_string()))?;
+                        done = true;
                     }
                     Some(other) => {
                         return Err(UpstreamError::Auth(format!(

@@ -21,7 +21,10 @@
 //! - `pg_auth`: the upstream leg against that server: md5 and cleartext password
 //!   authentication (right and wrong passwords, cleartext refused off loopback without
 //!   TLS), upstream TLS `require`/`verify-full` (wrong CA, wrong name) and `disable`
-//!   against a `hostssl`-only role.
+//!   against a `hostssl`-only role; impostor upstreams that skip or weaken authentication.
+//! - `pg_session`: a session that leaves UTF8 is ended (and what it pipelined before is
+//!   audited as uncertain), clients that stop reading at expiry and at shutdown, cancel
+//!   keys across routes.
 //! - `pg_reload`: database routes added, removed, moved and renamed by a reload, a reload
 //!   whose listener cannot bind, and the `portcullis_pg_*` metrics.
 //! - `interop`: a real OpenID provider (npm `oidc-provider`) issuing JWT access tokens,
@@ -37,6 +40,7 @@ mod pg;
 mod pg_audit;
 mod pg_auth;
 mod pg_reload;
+mod pg_session;
 mod proxy;
 mod review;
 mod sso;

@@ -495,6 +495,10 @@ impl PgWorld {
 pub struct RustlsConnect(Arc<rustls::ClientConfig>);
 
 impl RustlsConnect {
+    pub fn config(&self) -> Arc<rustls::ClientConfig> {
+        self.0.clone()
+    }
+
     pub fn new(pki: &portcullis::tls::DevPki) -> Self {
         let c = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
             .with_safe_default_protocol_versions()

@@ -358,12 +358,16 @@ async fn cleartext_upstream_auth_over_loopback_or_tls_and_never_in_the_clear_els
         let sent = plain.to_server();
         assert!(!contains(&sent, CLEAR_PW.as_bytes()), "the password never went upstream");
         assert!(!message_types(&sent).contains(&b'p'), "no PasswordMessage at all: {sent:?}");
-        // Over TLS the same address is fine, and the wire never shows the password.
-        let (who, ssl) = who_and_ssl(&w, "clear-remote-tls", &token).await;
-        assert_eq!((who.as_str(), ssl.as_str()), ("clear_user", "true"));
+        // Over TLS whose certificate is not verified (`require`) the server is not known
+        // to be the server: cleartext is refused too, and nothing is sent.
+        let ev = refused(&w, "clear-remote-tls", &token, &[CLEAR_PW]).await;
+        assert!(
+            detail(&ev).contains("cleartext") && detail(&ev).contains("SCRAM-SHA-256-PLUS"),
+            "{ev}"
+        );
         let sent = tls.to_server();
-        assert!(sent.len() > 100, "the session went through the tap");
-        assert!(!contains(&sent, CLEAR_PW.as_bytes()), "the password only travelled encrypted");
+        assert!(sent.len() > 100, "the TLS session went through the tap");
+        assert!(!contains(&sent, CLEAR_PW.as_bytes()), "the password never travelled");
     }
     assert_secrets_kept(&w, &[CLEAR_PW, WRONG_PW, &token]);
 }
@@ -558,5 +562,183 @@ async fn scram_over_tls_is_channel_bound_so_a_man_in_the_middle_is_refused() {
     let d = detail(&ev);
     assert!(d.contains("upstream authentication failed"), "{ev}");
     assert!(d.to_ascii_lowercase().contains("channel binding"), "{ev}");
+    assert_secrets_kept(&w, &[TLS_PW, &token]);
+}
+
+// === impostors: upstreams that skip or weaken authentication ===
+
+enum Step {
+    /// Send these bytes.
+    Send(Vec<u8>),
+    /// Read one message from the proxy (recorded).
+    Read,
+}
+
+fn auth_request(code: u32, payload: &[u8]) -> Vec<u8> {
+    portcullis::postgres::proto::auth(code, payload)
+}
+
+/// AuthenticationOk and what a server sends after it, up to ReadyForQuery.
+fn ok_and_ready() -> Vec<u8> {
+    use portcullis::postgres::proto::{backend_key_data, message};
+    [
+        auth_request(0, &[]),
+        message(b'S', b"server_version\x0015.0\x00"),
+        message(b'S', b"client_encoding\x00UTF8\x00"),
+        backend_key_data(4242, 4343),
+        message(b'Z', b"I"),
+    ]
+    .concat()
+}
+
+/// A fake upstream: answers SSLRequest (with TLS and `pki`'s certificate when given,
+/// else `N`), reads the StartupMessage, then plays `script`; every byte it receives after
+/// the StartupMessage is recorded.
+async fn impostor(
+    pki: Option<&portcullis::tls::DevPki>,
+    script: Vec<Step>,
+) -> (SocketAddr, Arc<Mutex<Vec<u8>>>, Tap2) {
+    trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+    impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+    let acceptor = pki.map(|p| {
+        let alpn = vec![b"postgresql".to_vec()];
+        tokio_rustls::TlsAcceptor::from(
+            portcullis::tls::server_config_with_alpn(p.key_source(), vec![], alpn)
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+    });
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let log = got.clone();
+    let script = Arc::new(script);
+    let task = tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let (acceptor, log, script) = (acceptor.clone(), log.clone(), script.clone());
+            tokio::spawn(async move {
+                let mut first = [0u8; 8];
+                c.read_exact(&mut first).await.ok()?;
+                let ssl = first[4..] == [0x04, 0xd2, 0x16, 0x2f];
+                let mut s: Box<dyn Io> = match (ssl, acceptor) {
+                    (true, Some(a)) => {
+                        c.write_all(b"S").await.ok()?;
+                        Box::new(a.accept(c).await.ok()?)
+                    }
+                    (true, None) => {
+                        c.write_all(b"N").await.ok()?;
+                        Box::new(c)
+                    }
+                    (false, _) => Box::new(c),
+                };
+                // The StartupMessage (its first 8 bytes already read without SSLRequest).
+                let len = if ssl {
+                    let mut len = [0u8; 4];
+                    s.read_exact(&mut len).await.ok()?;
+                    (u32::from_be_bytes(len) as usize).saturating_sub(4)
+                } else {
+                    (u32::from_be_bytes([first[0], first[1], first[2], first[3]]) as usize)
+                        .saturating_sub(8)
+                };
+                let mut startup = vec![0u8; len];
+                s.read_exact(&mut startup).await.ok()?;
+                for step in script.iter() {
+                    match step {
+                        Step::Send(b) => s.write_all(b).await.ok()?,
+                        Step::Read => {
+                            let mut hdr = [0u8; 5];
+                            s.read_exact(&mut hdr).await.ok()?;
+                            let n = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
+                            let mut body = vec![0u8; n.saturating_sub(4)];
+                            s.read_exact(&mut body).await.ok()?;
+                            if let Ok(mut l) = log.lock() {
+                                l.extend_from_slice(&hdr);
+                                l.extend_from_slice(&body);
+                            }
+                        }
+                    }
+                }
+                // Whatever else comes (a query of the client's, were it let through).
+                let mut rest = Vec::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
+                if let Ok(mut l) = log.lock() {
+                    l.extend_from_slice(&rest);
+                }
+                Some(())
+            });
+        }
+    });
+    (addr, got, Tap2(task))
+}
+
+/// An upstream that answers AuthenticationOk at once gets no session (plain or over
+/// unverified TLS), nor one that skips SCRAM's server signature; under
+/// `upstream_tls = "require"` an upstream asking for cleartext, md5 or unbound SCRAM gets
+/// nothing: only SCRAM-SHA-256-PLUS authenticates a server whose certificate is not
+/// checked.
+#[tokio::test]
+async fn an_upstream_that_skips_authentication_gets_no_session_and_no_password() {
+    let Some(pg) = pg() else { return };
+    let other = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let pki = portcullis::tls::DevPki::load_or_create(other.path(), &[])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let sasl = |mechs: &[u8]| auth_request(10, mechs);
+    let cases: Vec<(&str, bool, Vec<Step>, &str)> = vec![
+        ("ok-plain", false, vec![Step::Send(ok_and_ready())], "without authenticating"),
+        ("ok-tls", true, vec![Step::Send(ok_and_ready())], "without authenticating"),
+        (
+            "scram-no-final",
+            false,
+            vec![Step::Send(sasl(b"SCRAM-SHA-256\0\0")), Step::Read, Step::Send(ok_and_ready())],
+            "without authenticating",
+        ),
+        ("clear-tls", true, vec![Step::Send(auth_request(3, &[])), Step::Read], "cleartext"),
+        ("md5-tls", true, vec![Step::Send(auth_request(5, b"salt")), Step::Read], "md5"),
+        (
+            "scram-unbound-tls",
+            true,
+            vec![Step::Send(sasl(b"SCRAM-SHA-256\0\0")), Step::Read],
+            "SCRAM-SHA-256-PLUS",
+        ),
+    ];
+    let secrets = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut routes = String::new();
+    let mut fakes = Vec::new();
+    for (name, tls, script, _) in cases.iter().map(|(n, t, s, w)| (n, t, s, w)) {
+        let script = script
+            .iter()
+            .map(|s| match s {
+                Step::Send(b) => Step::Send(b.clone()),
+                Step::Read => Step::Read,
+            })
+            .collect();
+        let (addr, got, guard) = impostor(tls.then_some(&pki), script).await;
+        let extra = if *tls { "upstream_tls = \"require\"" } else { "" };
+        routes.push_str(&route_with(
+            secrets.path(),
+            name,
+            &addr.to_string(),
+            TLS_ROLE,
+            TLS_PW,
+            extra,
+        ));
+        fakes.push((got, guard));
+    }
+    let w = PgWorld::build(pg, secrets, routes, &policy()).await;
+    let token = w.w.token("bb", &[]);
+    for ((name, _, _, why), (got, _)) in cases.iter().zip(&fakes) {
+        let ev = refused(&w, name, &token, &[TLS_PW]).await;
+        assert!(detail(&ev).contains(why), "{name}: {ev}");
+        let got = got.lock().map(|g| g.clone()).unwrap_or_default();
+        assert!(!contains(&got, b"select 1"), "{name}: the client's query reached the impostor");
+        assert!(!contains(&got, TLS_PW.as_bytes()), "{name}: the password reached the impostor");
+        if *name != "scram-no-final" {
+            // Nothing at all: no password, no hash, no SCRAM message.
+            assert!(
+                !message_types(&[&[0, 0, 0, 4][..], &got].concat()).contains(&b'p'),
+                "{name}: {got:?}"
+            );
+        }
+    }
     assert_secrets_kept(&w, &[TLS_PW, &token]);
 }

@@ -1,0 +1,401 @@
+//! Session guards against the real PostgreSQL server of `pg`: a session that leaves UTF8
+//! is ended before the audit could misread it (and what it pipelined before that is
+//! audited as uncertain, never mis-masked), a client that stops reading loses its session
+//! at expiry and at shutdown like any other (with exactly one `close` event), and a
+//! cancel key works only on its own route's listener.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use portcullis::postgres::proto::{message, parse_fields};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::pg::{assert_no_secrets, PgWorld};
+
+type Conn = tokio_rustls::client::TlsStream<TcpStream>;
+
+fn cstr(s: &[u8]) -> Vec<u8> {
+    let mut b = s.to_vec();
+    b.push(0);
+    b
+}
+
+fn query(sql: &[u8]) -> Vec<u8> {
+    message(b'Q', &cstr(sql))
+}
+
+fn parse(name: &[u8], sql: &str) -> Vec<u8> {
+    let mut b = cstr(name);
+    b.extend(cstr(sql.as_bytes()));
+    b.extend([0, 0]);
+    message(b'P', &b)
+}
+
+fn bind(name: &[u8]) -> Vec<u8> {
+    let mut b = cstr(b"");
+    b.extend(cstr(name));
+    b.extend([0, 0, 0, 0, 0, 0]);
+    message(b'B', &b)
+}
+
+fn close(name: &[u8]) -> Vec<u8> {
+    let mut b = vec![b'S'];
+    b.extend(cstr(name));
+    message(b'C', &b)
+}
+
+fn execute() -> Vec<u8> {
+    message(b'E', b"\0\0\0\0\0")
+}
+
+fn sync() -> Vec<u8> {
+    message(b'S', b"")
+}
+
+/// TLS to the database listener at `addr`.
+async fn tls_at(w: &PgWorld, addr: SocketAddr) -> Conn {
+    let mut tcp = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let ssl =
+        portcullis::postgres::proto::startup_packet(portcullis::postgres::proto::SSL_REQUEST, &[]);
+    tcp.write_all(&ssl).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut s = [0u8; 1];
+    tcp.read_exact(&mut s).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(&s, b"S");
+    let name =
+        rustls::pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
+    tokio_rustls::TlsConnector::from(w.tls().config())
+        .connect(name, tcp)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn send(t: &mut Conn, parts: &[Vec<u8>]) {
+    t.write_all(&parts.concat()).await.unwrap_or_else(|e| panic!("{e}"));
+    t.flush().await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// One server message; `None` at EOF.
+async fn next(t: &mut Conn) -> Option<(u8, Vec<u8>)> {
+    let mut hdr = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(15), t.read_exact(&mut hdr))
+        .await
+        .unwrap_or_else(|_| panic!("no answer"))
+        .ok()?;
+    let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
+    let mut body = vec![0u8; len.saturating_sub(4)];
+    t.read_exact(&mut body).await.ok()?;
+    Some((hdr[0], body))
+}
+
+/// Messages up to and including ReadyForQuery (or up to EOF).
+async fn until_ready(t: &mut Conn) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Some(m) = next(t).await {
+        let ready = m.0 == b'Z';
+        out.push(m);
+        if ready {
+            break;
+        }
+    }
+    out
+}
+
+fn kinds(m: &[(u8, Vec<u8>)]) -> String {
+    m.iter().map(|(k, _)| *k as char).collect()
+}
+
+fn error_code(m: &[(u8, Vec<u8>)]) -> Option<String> {
+    m.iter().find(|(k, _)| *k == b'E').and_then(|(_, b)| parse_fields(b).get(&b'C').cloned())
+}
+
+/// A logged-in session at its first ReadyForQuery, with `params` in its startup packet;
+/// also its BackendKeyData.
+async fn login(
+    w: &PgWorld,
+    addr: SocketAddr,
+    token: &str,
+    params: &[(&str, &str)],
+) -> (Conn, Vec<u8>) {
+    let mut t = tls_at(w, addr).await;
+    let mut p = vec![("user", "app"), ("database", "appdb")];
+    p.extend_from_slice(params);
+    send(&mut t, &[portcullis::postgres::proto::startup_message(&p)]).await;
+    let (k, _) = next(&mut t).await.unwrap_or_else(|| panic!("closed"));
+    assert_eq!(k, b'R');
+    send(&mut t, &[message(b'p', &cstr(token.as_bytes()))]).await;
+    let m = until_ready(&mut t).await;
+    assert!(kinds(&m).ends_with('Z'), "{m:?}");
+    let key = m.iter().find(|(k, _)| *k == b'K').map(|(_, b)| b.clone()).unwrap_or_default();
+    (t, key)
+}
+
+async fn session_events(w: &PgWorld, sid: &str) -> Vec<Value> {
+    w.w.events().into_iter().filter(|e| e["session_id"] == sid).collect()
+}
+
+/// The session id of the session whose statement text contains `marker`.
+async fn sid_of(w: &PgWorld, marker: &str) -> String {
+    let e = w
+        .wait_event(|e| {
+            e["kind"] == "pg.statement" && e["text"].as_str().is_some_and(|t| t.contains(marker))
+        })
+        .await;
+    e["session_id"].as_str().unwrap_or_else(|| panic!("no statement with {marker}")).to_string()
+}
+
+/// Attack 2 of round 9: under SJIS, `\x81\x5c` is one character to the server, while a
+/// UTF8 reader sees a byte and a backslash escape, so the masker would read the password
+/// as outside the keyword's reach. Pipelined behind the SET, the query reaches the server
+/// before the proxy can see the new encoding: it is audited as uncertain, its text cut
+/// before the first non-ASCII byte; then the session ends, before anything else is
+/// relayed.
+#[tokio::test]
+async fn a_session_that_leaves_utf8_is_ended_and_what_it_pipelined_is_never_misread() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let (mut t, _) = login(&w, w.addr, &token, &[]).await;
+    let attack: &[u8] =
+        b"SELECT E'\x81\\' , '\"' ; ALTER ROLE victim PASSWORD 'sekret-r9' ; SELECT '\"' ;";
+    send(&mut t, &[query(b"SET client_encoding TO 'SJIS' /* enc-marker */"), query(attack)]).await;
+    let mut all = Vec::new();
+    while let Some(m) = next(&mut t).await {
+        all.push(m);
+    }
+    let fatal = all
+        .iter()
+        .rev()
+        .find(|(k, _)| *k == b'E')
+        .map(|(_, b)| parse_fields(b))
+        .unwrap_or_else(|| panic!("no error: {}", kinds(&all)));
+    assert_eq!(fatal.get(&b'S').map(String::as_str), Some("FATAL"));
+    assert_eq!(fatal.get(&b'C').map(String::as_str), Some("0A000"));
+    let msg = fatal.get(&b'M').cloned().unwrap_or_default();
+    assert!(msg.contains("unsupported-encoding") && msg.contains("request id"), "{msg}");
+    let sid = sid_of(&w, "enc-marker").await;
+    let close = w.wait_event(|e| e["session_id"] == sid.as_str() && e["event"] == "close").await;
+    assert_eq!(close["reason"], "unsupported-encoding", "{close}");
+    assert!(close["detail"].as_str().is_some_and(|d| d.contains("SJIS")), "{close}");
+    let statements: Vec<Value> = session_events(&w, &sid)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "pg.statement")
+        .collect();
+    assert_eq!(statements.len(), 2, "{statements:?}");
+    assert_eq!(statements[1]["text"], "SELECT E'", "{statements:?}");
+    assert_eq!(statements[1]["text_status"], "uncertain");
+    assert_eq!(statements[1]["truncated"], true);
+    assert_no_secrets(&w, &["sekret-r9"]);
+
+    // Asked for in the startup packet: refused before the session.
+    let mut t = tls_at(&w, w.addr).await;
+    let p = [("user", "app"), ("database", "appdb"), ("client_encoding", "SJIS")];
+    send(&mut t, &[portcullis::postgres::proto::startup_message(&p)]).await;
+    let mut got = Vec::new();
+    while let Some(m) = next(&mut t).await {
+        got.push(m);
+    }
+    assert_eq!(error_code(&got).as_deref(), Some("0A000"), "{}", kinds(&got));
+    assert_eq!(kinds(&got), "E", "refused before the password prompt");
+    let ev = w
+        .wait_event(|e| {
+            e["event"] == "refused"
+                && e["reason"] == "unsupported-encoding"
+                && e["detail"].as_str().is_some_and(|d| d.contains("SJIS"))
+        })
+        .await;
+    assert_eq!(ev["decision"], "deny", "{ev}");
+    // Through `options`, or by naming none: the proxy asks for UTF8 upstream, which
+    // takes precedence; `utf-8` is UTF8.
+    for params in [[("options", "-c client_encoding=BIG5")], [("client_encoding", "utf-8")]] {
+        let (mut t, _) = login(&w, w.addr, &token, &params).await;
+        send(&mut t, &[query(b"show client_encoding")]).await;
+        let m = until_ready(&mut t).await;
+        let row = m.iter().find(|(k, _)| *k == b'D').map(|(_, b)| b[6..].to_vec());
+        assert_eq!(row.as_deref(), Some(&b"UTF8"[..]), "{params:?}: {m:?}");
+    }
+}
+
+/// Attack 1 of round 9, in the shape that keeps the session: one pipeline switches to
+/// SJIS and back, so PostgreSQL reports nothing (the value at ReadyForQuery is the one it
+/// last reported). Inside it, SJIS 0xFA4A closes and replaces the statement the client
+/// parsed as UTF-8 U+2160 (E2 85 A0). A later Bind of E2 85 A0 runs the DELETE: the proxy
+/// must not log it as the harmless text.
+#[tokio::test]
+async fn a_statement_replaced_under_another_encoding_is_never_logged_as_the_old_text() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let (mut t, _) = login(&w, w.addr, &token, &[]).await;
+    let table = format!("names_r9_{}", std::process::id());
+    let setup = format!("create table {table}(x int); insert into {table} values (1),(2),(3)");
+    send(&mut t, &[query(setup.as_bytes())]).await;
+    assert_eq!(error_code(&until_ready(&mut t).await), None);
+    let utf8_name = "\u{2160}".as_bytes();
+    let sjis_name = &b"\xfa\x4a"[..];
+    send(&mut t, &[parse(utf8_name, "SELECT 'harmless-r9'"), sync()]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "1Z");
+    send(
+        &mut t,
+        &[
+            parse(b"", "SET client_encoding TO 'SJIS'"),
+            bind(b""),
+            execute(),
+            close(sjis_name),
+            parse(sjis_name, &format!("DELETE FROM {table}")),
+            parse(b"", "SET client_encoding TO 'UTF8'"),
+            bind(b""),
+            execute(),
+            sync(),
+        ],
+    )
+    .await;
+    let m = until_ready(&mut t).await;
+    assert_eq!(error_code(&m), None, "{m:?}");
+    assert!(!m.iter().any(|(k, b)| *k == b'S' && b.starts_with(b"client_encoding")), "no report");
+    send(&mut t, &[bind(utf8_name), execute(), sync()]).await;
+    let m = until_ready(&mut t).await;
+    let tag =
+        m.iter().find(|(k, _)| *k == b'C').map(|(_, b)| String::from_utf8_lossy(b).into_owned());
+    assert_eq!(tag.as_deref(), Some("DELETE 3\0"), "the server ran the DELETE: {m:?}");
+    let sid = sid_of(&w, &table).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let binds: Vec<Value> = session_events(&w, &sid)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "pg.statement" && e["statement"] == "\u{2160}")
+        .collect();
+    let last = binds.last().unwrap_or_else(|| panic!("no Bind event"));
+    assert_eq!(last["text_status"], "uncertain", "{last}");
+}
+
+/// A client that stops reading in the middle of a large result keeps neither its session
+/// nor its backend past the token's expiry: the relay's write to it races the control.
+#[tokio::test]
+async fn a_client_that_stops_reading_loses_its_session_at_expiry() {
+    let Some(w) = PgWorld::start().await else { return };
+    let exp = portcullis::util::unix_now() + 4;
+    let token = w.w.token("bb", &[&format!("exp:={exp}")]);
+    let (mut t, _) = login(&w, w.addr, &token, &[("application_name", "stuck-r9")]).await;
+    send(
+        &mut t,
+        &[query(b"begin; select repeat('x', 100000) from generate_series(1, 3000) /* stuck-r9 */")],
+    )
+    .await;
+    // Read nothing more. The close event comes at exp with the right reason.
+    let sid = sid_of(&w, "stuck-r9").await;
+    let mut close = Value::Null;
+    for _ in 0..60 {
+        close = session_events(&w, &sid)
+            .await
+            .into_iter()
+            .find(|e| e["event"] == "close")
+            .unwrap_or(Value::Null);
+        if !close.is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(close["reason"], "session-expired", "{close}");
+    assert_eq!(close["ended_by"], "portcullis", "{close}");
+    assert!(portcullis::util::unix_now() >= exp);
+    // The backend is gone too (its transaction with it).
+    let other = w.w.token("bb", &[]);
+    let (c, conn) = w.connect(&other, "app").await.unwrap_or_else(|e| panic!("{e}"));
+    let mut left = i64::MAX;
+    for _ in 0..40 {
+        let rows = c
+            .query_one(
+                "select count(*) from pg_stat_activity where application_name = 'stuck-r9'",
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        left = rows.get(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(left, 0, "the stuck session's backend outlived it");
+    drop(t);
+    conn.abort();
+}
+
+/// Shutdown: a client that does not read is still ended when the grace period is over,
+/// and every session that opened gets exactly one `close` event, `shutting-down`.
+#[tokio::test]
+async fn shutdown_ends_a_client_that_stops_reading_with_one_close_event() {
+    let Some(mut w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let (mut t, _) = login(&w, w.addr, &token, &[]).await;
+    send(
+        &mut t,
+        &[query(b"select repeat('x', 100000) from generate_series(1, 3000) /* down-r9 */")],
+    )
+    .await;
+    let sid = sid_of(&w, "down-r9").await;
+    let server = w.w.server.take().unwrap_or_else(|| panic!("server"));
+    let down = tokio::spawn(server.shutdown());
+    // Grace (5 s), then at most the drain's own bound.
+    tokio::time::timeout(Duration::from_secs(30), down)
+        .await
+        .unwrap_or_else(|_| panic!("shutdown hung"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let closes: Vec<Value> = session_events(&w, &sid)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "pg.session" && e["event"] == "close")
+        .collect();
+    assert_eq!(closes.len(), 1, "{closes:?}");
+    assert_eq!(closes[0]["reason"], "shutting-down", "{closes:?}");
+    drop(t);
+}
+
+/// A cancel key works on its own route's listener only; the event names the cancelled
+/// session's route either way.
+#[tokio::test]
+async fn a_cancel_key_is_refused_on_another_route_s_listener() {
+    let Some(w) = PgWorld::with_toml("", |t| {
+        let second = t.replacen("name = \"appdb\"", "name = \"second\"", 1);
+        format!("{t}\n{second}")
+    })
+    .await
+    else {
+        return;
+    };
+    let token = w.w.token("bb", &[]);
+    let (mut t, key) = login(&w, w.addr_of("second"), &token, &[]).await;
+    assert_eq!(key.len(), 8);
+    let cancel = |at: SocketAddr| {
+        let key = key.clone();
+        async move {
+            let mut s = TcpStream::connect(at).await.unwrap_or_else(|e| panic!("{e}"));
+            let mut b = 16u32.to_be_bytes().to_vec();
+            b.extend(80_877_102u32.to_be_bytes());
+            b.extend(&key);
+            s.write_all(&b).await.unwrap_or_else(|e| panic!("{e}"));
+            let mut sink = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+        }
+    };
+    // On the other route's listener: not forwarded, the query runs to its end.
+    send(&mut t, &[query(b"select pg_sleep(1.5)")]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cancel(w.addr_of("appdb")).await;
+    let m = until_ready(&mut t).await;
+    assert_eq!(error_code(&m), None, "cancelled through another route's listener: {m:?}");
+    let ev = w.wait_event(|e| e["kind"] == "pg.cancel").await;
+    assert_eq!(ev["route"], "second", "{ev}");
+    assert_eq!(ev["listener_route"], "appdb", "{ev}");
+    assert_eq!(ev["forwarded"], false, "{ev}");
+    // On its own route's listener: forwarded.
+    send(&mut t, &[query(b"select pg_sleep(30)")]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cancel(w.addr_of("second")).await;
+    let m = until_ready(&mut t).await;
+    assert_eq!(error_code(&m).as_deref(), Some("57014"), "{m:?}");
+    let ev = w.wait_event(|e| e["kind"] == "pg.cancel" && e["forwarded"] == true).await;
+    assert_eq!(ev["route"], "second", "{ev}");
+    assert!(ev.get("listener_route").is_none(), "{ev}");
+}
