@@ -33,6 +33,12 @@ use crate::identity::IssuerSettings;
 
 /// Discovery metadata is reused this long before it is fetched again.
 const METADATA_TTL: Duration = Duration::from_secs(10 * 60);
+/// After a failed fetch, nobody fetches again for this long: callers get the failure at
+/// once (or the previous metadata), so with the provider down or slow, sign-ins fail fast
+/// instead of queuing behind one another's timeouts.
+const METADATA_RETRY: Duration = Duration::from_secs(5);
+/// How long past [`METADATA_TTL`] the previous metadata still serves while fetches fail.
+const METADATA_MAX_STALE: Duration = Duration::from_secs(60 * 60);
 /// Whole exchange with the provider, connect to last byte.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BODY: usize = 1024 * 1024;
@@ -123,7 +129,14 @@ pub struct Provider {
     pub login: LoginSettings,
     secret: String,
     http: HttpClient,
-    metadata: tokio::sync::Mutex<Option<(Arc<Metadata>, Instant)>>,
+    /// Held across a fetch: concurrent callers wait for that one fetch (single flight).
+    metadata: tokio::sync::Mutex<MetadataSlot>,
+}
+
+#[derive(Default)]
+struct MetadataSlot {
+    current: Option<(Arc<Metadata>, Instant)>,
+    failed: Option<(LoginError, Instant)>,
 }
 
 impl std::fmt::Debug for Provider {
@@ -148,7 +161,8 @@ impl Provider {
             .enable_http2()
             .build();
         let http = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(Provider { settings, login, secret, http, metadata: tokio::sync::Mutex::new(None) })
+        let metadata = tokio::sync::Mutex::new(MetadataSlot::default());
+        Ok(Provider { settings, login, secret, http, metadata })
     }
 
     /// One request to the provider: refuses non-https (unless the issuer allows loopback
@@ -182,14 +196,39 @@ impl Provider {
     }
 
     /// Discovery + JWKS, cached for [`METADATA_TTL`]; `force` fetches again (an unknown
-    /// signing key after a rotation).
+    /// signing key: the provider rotated). One fetch at a time; after a failure, the
+    /// failure (or the previous metadata, up to [`METADATA_MAX_STALE`] old) is returned
+    /// without fetching for [`METADATA_RETRY`].
     pub async fn metadata(&self, force: bool) -> Result<Arc<Metadata>, LoginError> {
         let mut slot = self.metadata.lock().await;
-        if let Some((m, at)) = slot.as_ref() {
-            if !force && at.elapsed() < METADATA_TTL {
-                return Ok(m.clone());
+        let stale = match &slot.current {
+            Some((m, at)) if !force && at.elapsed() < METADATA_TTL => return Ok(m.clone()),
+            Some((m, at)) if !force && at.elapsed() < METADATA_TTL + METADATA_MAX_STALE => {
+                Some(m.clone())
+            }
+            _ => None,
+        };
+        if let Some((e, at)) = &slot.failed {
+            if at.elapsed() < METADATA_RETRY {
+                return stale.ok_or_else(|| e.clone());
             }
         }
+        match self.fetch_metadata().await {
+            Ok(meta) => {
+                let meta = Arc::new(meta);
+                *slot =
+                    MetadataSlot { current: Some((meta.clone(), Instant::now())), failed: None };
+                Ok(meta)
+            }
+            Err(e) => {
+                tracing::warn!(issuer = %self.settings.id, error = %e.0, stale = stale.is_some(), "provider metadata fetch failed");
+                slot.failed = Some((e.clone(), Instant::now()));
+                stale.ok_or(e)
+            }
+        }
+    }
+
+    async fn fetch_metadata(&self) -> Result<Metadata, LoginError> {
         let http = Http(self);
         let req = http::Request::get(self.settings.discovery_url.as_str())
             .header(http::header::ACCEPT, "application/json")
@@ -208,9 +247,7 @@ impl Provider {
         let jwks = JsonWebKeySet::fetch_async(meta.jwks_uri(), &http)
             .await
             .map_err(|e| LoginError(format!("JWKS: {e}")))?;
-        let meta = Arc::new(meta.set_jwks(jwks));
-        *slot = Some((meta.clone(), Instant::now()));
-        Ok(meta)
+        Ok(meta.set_jwks(jwks))
     }
 
     fn client(
@@ -408,5 +445,89 @@ fn claims_error(e: &openidconnect::ClaimsVerificationError) -> &'static str {
         C::SignatureVerification(_) => "signature does not verify",
         C::Unsupported(_) => "unsupported",
         _ => "invalid",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::config::SecretSource;
+    use crate::identity::{Algorithm, IssuerId, Preset, TokenType};
+
+    fn provider(issuer: &str, secret: &std::path::Path) -> Provider {
+        let preset = Preset::Oidc;
+        let settings = IssuerSettings {
+            id: IssuerId("idp".into()),
+            preset,
+            issuer: issuer.to_owned(),
+            discovery_url: format!("{issuer}/.well-known/openid-configuration"),
+            audiences: vec!["portcullis".into()],
+            algorithms: vec![Algorithm::RS256],
+            leeway: Duration::from_secs(60),
+            max_token_age: None,
+            kind: preset.default_kind(),
+            token_type: TokenType::Id,
+            client_id: None,
+            hosted_domain: None,
+            groups_claim: "groups".into(),
+            ca_file: None,
+            insecure_http: true,
+            stale_window: Duration::from_secs(3600),
+            refresh_cooldown: Duration::from_secs(60),
+        };
+        let login = LoginSettings {
+            issuer: IssuerId("idp".into()),
+            client_id: "portcullis".into(),
+            client_secret: SecretSource::File(secret.to_path_buf()),
+            scopes: vec!["openid".into()],
+            redirect_path: "/.portcullis/callback".into(),
+            extra_params: Vec::new(),
+            post_logout_redirect: None,
+        };
+        Provider::new(settings, login).expect("provider")
+    }
+
+    /// A provider that accepts connections and never answers: concurrent sign-ins wait
+    /// for one fetch and then fail together, instead of each waiting out its own
+    /// timeout behind the others (three callers took 3 × 10 s before).
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_provider_is_asked_once_and_every_waiting_caller_fails_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret").expect("secret");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        tokio::spawn({
+            let accepted = accepted.clone();
+            async move {
+                let mut held = Vec::new();
+                while let Ok((s, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    held.push(s);
+                }
+            }
+        });
+        let p = Arc::new(provider(&format!("http://{addr}"), &secret));
+        let start = tokio::time::Instant::now();
+        let callers: Vec<_> = (0..3)
+            .map(|_| {
+                let p = p.clone();
+                tokio::spawn(async move { p.metadata(false).await })
+            })
+            .collect();
+        for c in callers {
+            let r = c.await.expect("join");
+            assert!(r.is_err(), "a silent provider gave metadata");
+        }
+        let waited = start.elapsed();
+        assert!(waited < HTTP_TIMEOUT * 2, "callers queued behind each other: {waited:?}");
+        assert!(accepted.load(Ordering::SeqCst) <= 1, "asked more than once");
+        // Within the retry pause, a new caller gets the failure without waiting.
+        let again = tokio::time::Instant::now();
+        assert!(p.metadata(false).await.is_err());
+        assert!(again.elapsed() < Duration::from_secs(1));
     }
 }
