@@ -181,6 +181,21 @@ impl Glob {
         Ok(Glob { source: pattern.into(), kind })
     }
 
+    /// For a path pattern ending in `/**`: whether `path` is the directory itself,
+    /// written without its trailing slash (`/admin` for `/admin/**`), as Spring's
+    /// `AntPathMatcher` reads such patterns. Without it, `deny /admin/**` would leave
+    /// `/admin` to an allow, while the upstream most often serves it as the same place.
+    pub fn matches_dir(&self, path: &str) -> bool {
+        if !self.source.ends_with("/**") || path.ends_with('/') {
+            return false;
+        }
+        match &self.kind {
+            Kind::Prefix(p) => p.len() == path.len() + 1 && p.starts_with(path),
+            // Rare (`/api/*/admin/**`): the path with its slash, matched as written.
+            _ => self.matches(&format!("{path}/")),
+        }
+    }
+
     /// The pattern as written.
     pub fn as_str(&self) -> &str {
         &self.source
@@ -306,6 +321,25 @@ fn match_tokens(tokens: &[Token], mut text: &str) -> Step {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_directory_pattern_matches_the_directory_without_its_slash() {
+        for (pattern, path, dir) in [
+            ("/admin/**", "/admin", true),
+            ("/admin/**", "/admin/", false), // matched as a prefix already
+            ("/admin/**", "/adminx", false),
+            ("/admin/**", "/admi", false),
+            ("/admin/**", "/", false),
+            ("/api/*/admin/**", "/api/v1/admin", true),
+            ("/api/*/admin/**", "/api/v1/v2/admin", false),
+            ("/admin/*", "/admin", false), // one segment, not a directory pattern
+            ("/admin**", "/admin", false),
+            ("main/**", "main", true),
+        ] {
+            let g = Glob::new(pattern).unwrap();
+            assert_eq!(g.matches_dir(path), dir, "{pattern} ~ {path}");
+        }
+    }
+
     use super::*;
 
     /// A slow, obviously correct reference: dynamic programming over (pattern, text).

@@ -477,12 +477,15 @@ fn narrower(a: &Matcher, d: &Matcher) -> bool {
     match (a, d) {
         (Matcher::Subject(a), Matcher::Subject(d))
         | (Matcher::Email(a), Matcher::Email(d))
-        | (Matcher::Paths(a), Matcher::Paths(d))
         | (Matcher::Databases(a), Matcher::Databases(d))
         | (Matcher::Roles(a), Matcher::Roles(d)) => globs(a, d),
         (Matcher::Ci { field: fa, globs: a }, Matcher::Ci { field: fd, globs: d }) => {
             fa == fd && globs(a, d)
         }
+        // `/admin/**` also covers `/admin` itself.
+        (Matcher::Paths(a), Matcher::Paths(d)) => a.iter().all(|x| {
+            d.iter().any(|y| y.covers(x) || (x.is_literal() && y.matches_dir(x.as_str())))
+        }),
         (Matcher::Methods(a), Matcher::Methods(d)) => a.iter().all(|m| d.contains(m)),
         (Matcher::EmailDomain(a), Matcher::EmailDomain(d)) => {
             a.iter().all(|x| d.iter().any(|y| y.eq_ignore_ascii_case(x)))

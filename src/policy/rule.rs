@@ -285,7 +285,11 @@ impl Matcher {
             Matcher::Methods(methods) => {
                 !request.is_database() && methods.iter().any(|m| m == request.method)
             }
-            Matcher::Paths(globs) => !request.is_database() && any_glob(globs, request.path),
+            // `/admin/**` also matches `/admin` ([`Glob::matches_dir`]).
+            Matcher::Paths(globs) => {
+                !request.is_database()
+                    && globs.iter().any(|g| g.matches(request.path) || g.matches_dir(request.path))
+            }
             Matcher::Databases(globs) => request.database.is_some_and(|d| any_glob(globs, d)),
             Matcher::Roles(globs) => request.role.is_some_and(|r| any_glob(globs, r)),
             _ => true,

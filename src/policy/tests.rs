@@ -200,6 +200,7 @@ fn evaluation_table() {
         ("overage: deny with groups applies", acme(json!({ "_overage": true })), Http("GET", "/admin/users"), DeniedByRule, Some("no-admin-for-interns")),
         ("deny wins over an earlier allow", acme(json!({ "groups": ["sre", "interns"] })), Http("GET", "/admin/users"), DeniedByRule, Some("no-admin-for-interns")),
         ("deny needs its other conditions", acme(json!({ "groups": ["sre", "interns"] })), Http("GET", "/adminx"), Allowed, Some("humans-read")),
+        ("a deny on /admin/** covers /admin itself", acme(json!({ "groups": ["sre", "interns"] })), Http("GET", "/admin"), DeniedByRule, Some("no-admin-for-interns")),
         ("email glob", human(json!({ "email": "bob@contractors.example", "email_verified": true })), Http("PUT", "/docs/a"), Allowed, Some("contractor-docs")),
         ("email glob, * stops at /", human(json!({ "email": "bob@contractors.example", "email_verified": true })), Http("PUT", "/docs/a/b"), PolicyDenied, None),
         ("email glob, unverified", human(json!({ "email": "bob@contractors.example" })), Http("PUT", "/docs/a"), PolicyDenied, None),
