@@ -335,7 +335,7 @@ mod tests {
             ("/admin**", "/admin", false),
             ("main/**", "main", true),
         ] {
-            let g = Glob::new(pattern).unwrap();
+            let g = Glob::new(pattern).unwrap_or_else(|e| panic!("{pattern}: {e}"));
             assert_eq!(g.matches_dir(path), dir, "{pattern} ~ {path}");
         }
     }

@@ -486,7 +486,7 @@ mod tests {
             extra_params: Vec::new(),
             post_logout_redirect: None,
         };
-        Provider::new(settings, login).expect("provider")
+        Provider::new(settings, login).unwrap_or_else(|e| panic!("provider: {e}"))
     }
 
     /// A provider that accepts connections and never answers: concurrent sign-ins wait
@@ -494,11 +494,13 @@ mod tests {
     /// timeout behind the others (three callers took 3 × 10 s before).
     #[tokio::test(start_paused = true)]
     async fn a_silent_provider_is_asked_once_and_every_waiting_caller_fails_with_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let secret = dir.path().join("secret");
-        std::fs::write(&secret, "s3cret").expect("secret");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        std::fs::write(&secret, "s3cret").unwrap_or_else(|e| panic!("secret: {e}"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
         let accepted = Arc::new(AtomicUsize::new(0));
         tokio::spawn({
             let accepted = accepted.clone();
@@ -519,7 +521,7 @@ mod tests {
             })
             .collect();
         for c in callers {
-            let r = c.await.expect("join");
+            let r = c.await.unwrap_or_else(|e| panic!("join: {e}"));
             assert!(r.is_err(), "a silent provider gave metadata");
         }
         let waited = start.elapsed();
