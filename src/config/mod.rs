@@ -40,6 +40,9 @@ pub struct Config {
     /// Every file this configuration was built from (config, policies, certificates):
     /// the reload watcher polls them.
     pub files: Vec<PathBuf>,
+    /// SHA-256 of the configuration text as it was read (with the policies' own
+    /// digests, what [`Config::read_digests`] returns).
+    pub sha256: [u8; 32],
     /// Policy lint warnings (errors fail the load); printed by `check` and at start-up.
     pub warnings: Vec<Diagnostic>,
     /// `[session]`: present whenever an issuer has `login`.
@@ -366,6 +369,21 @@ impl Config {
         self.routes.iter().find(|r| r.matches(host, path, method))
     }
 
+    /// What this configuration read of its own file and of each policy it enforces or
+    /// shadows: path → SHA-256 of the bytes read. The watcher compares the files on disk
+    /// with these, so a write that lands after the load read a file is never taken for
+    /// what was loaded.
+    pub fn read_digests(&self) -> BTreeMap<PathBuf, [u8; 32]> {
+        let http = self
+            .routes
+            .iter()
+            .flat_map(|r| std::iter::once(&r.policy).chain(r.shadow_policy.as_ref()));
+        http.chain(self.databases.iter().map(|d| &d.policy))
+            .map(|p| (p.file().to_path_buf(), p.sha256()))
+            .chain(std::iter::once((self.path.clone(), self.sha256)))
+            .collect()
+    }
+
     pub fn issuer(&self, id: &str) -> Option<&IssuerSettings> {
         self.issuers.iter().find(|i| i.id.as_str() == id)
     }
@@ -379,6 +397,13 @@ impl Config {
     pub fn login_issuers(&self, route: &RouteSettings) -> Vec<&LoginSettings> {
         self.logins.iter().filter(|l| route.accepts(&l.issuer)).collect()
     }
+}
+
+/// SHA-256 of some bytes (what the watcher and [`Config::read_digests`] compare).
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref());
+    out
 }
 
 fn base_dir(path: &Path) -> PathBuf {
@@ -676,6 +701,7 @@ impl Compiler<'_> {
             routes: compiled_routes.into_iter().map(|(_, r)| Arc::new(r)).collect(),
             databases: compiled_databases,
             files,
+            sha256: sha256(self.source.text.as_bytes()),
             warnings,
             session,
             logins,

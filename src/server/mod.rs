@@ -28,6 +28,7 @@ use crate::http::{stack, ConnInfo};
 use crate::identity::verify::Verifier;
 
 pub mod process;
+mod watcher;
 
 /// One generation of configuration, ready to serve.
 pub struct Runtime {
@@ -737,46 +738,24 @@ async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watc
     }
 }
 
-/// Polls the configuration's files and reloads when any changed. Polling (once a
-/// second, content-hashed) works the same on every filesystem, including the
-/// symlink swaps Kubernetes does for mounted ConfigMaps.
-async fn watch_loop(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
-    // File reads block: they run off the runtime's threads. A file that is not a regular
-    // one (a FIFO, a device) is never opened: the load refuses it anyway.
-    let fingerprint = |files: Vec<PathBuf>| async move {
-        let hash = move || {
-            let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-            for f in &files {
-                ctx.update(f.to_string_lossy().as_bytes());
-                match crate::util::read_bounded(f, crate::util::MAX_CONFIG_FILE, true) {
-                    Ok(b) => ctx.update(&b),
-                    Err(e) => ctx.update(format!("\0{:?}", e.kind()).as_bytes()),
-                }
-            }
-            ctx.finish().as_ref().to_vec()
-        };
-        tokio::task::spawn_blocking(hash).await.unwrap_or_default()
-    };
-    let files = |s: &State| -> Vec<PathBuf> {
-        let mut f = s.shared.runtime.load().config.files.clone();
-        f.push(s.config_path.clone());
-        f
-    };
-    let mut last = fingerprint(files(&state)).await;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stopped(&mut shutdown) => return,
+/// Reloads when a file of the configuration in force changed ([`watcher`]).
+async fn watch_loop(state: Arc<State>, shutdown: watch::Receiver<bool>) {
+    let watched = || -> watcher::Watched {
+        let rt = state.shared.runtime.load();
+        let read = rt.config.read_digests();
+        let mut files = rt.config.files.clone();
+        if !files.contains(&state.config_path) {
+            files.push(state.config_path.clone());
         }
-        let now = fingerprint(files(&state)).await;
-        if now != last {
-            // Let an editor or `git checkout` finish writing every file.
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            tracing::info!("configuration files changed; reloading");
-            reload(&state).await;
-            last = fingerprint(files(&state)).await;
-        }
-    }
+        files
+            .into_iter()
+            .map(|f| {
+                let d = read.get(&f).copied();
+                (f, d)
+            })
+            .collect()
+    };
+    watcher::run(watcher::TIMING, watched, || reload(&state), shutdown).await;
 }
 
 /// Serves one connection until it ends, shutdown is signalled, or it has had no request
