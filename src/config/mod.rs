@@ -37,8 +37,9 @@ pub struct Config {
     pub routes: Vec<Arc<RouteSettings>>,
     /// PostgreSQL routes (`[[databases]]`), in configuration order.
     pub databases: Vec<Arc<DatabaseSettings>>,
-    /// Every file this configuration was built from (config, policies, certificates):
-    /// the reload watcher polls them.
+    /// Every file this configuration was built from or names for the server to read
+    /// (config, policies, certificates and keys, CAs, the assertion key, session keys,
+    /// client-secret and password files), each once: the reload watcher polls them.
     pub files: Vec<PathBuf>,
     /// SHA-256 of the configuration text as it was read (with the policies' own
     /// digests, what [`Config::read_digests`] returns).
@@ -356,7 +357,13 @@ impl Config {
     /// configuration file's directory.
     pub fn compile(source: &Source) -> Result<Config, LoadError> {
         let mut diags = Diagnostics::default();
-        let cfg = Compiler { source, diags: &mut diags, base: base_dir(&source.path) }.run();
+        let cfg = Compiler {
+            source,
+            diags: &mut diags,
+            base: base_dir(&source.path),
+            named_files: Vec::new(),
+        }
+        .run();
         match cfg {
             Some(c) if diags.is_empty() => Ok(c),
             _ => Err(LoadError(diags.into_sorted())),
@@ -417,6 +424,10 @@ struct Compiler<'a> {
     source: &'a Source,
     diags: &'a mut Diagnostics,
     base: PathBuf,
+    /// Every file the configuration names for the server to read (certificates, keys,
+    /// CAs, secret files): they go into [`Config::files`], so the watcher reloads when
+    /// one changes.
+    named_files: Vec<PathBuf>,
 }
 
 impl Compiler<'_> {
@@ -673,14 +684,9 @@ impl Compiler<'_> {
             }
         }
         files.extend(policies.keys().cloned());
-        if let Some(t) = &tls {
-            files.push(t.cert.clone());
-            files.push(t.key.clone());
-            for s in &t.sni {
-                files.push(s.cert.clone());
-                files.push(s.key.clone());
-            }
-        }
+        files.append(&mut self.named_files);
+        let mut seen_files = HashSet::new();
+        files.retain(|f| seen_files.insert(f.clone()));
         // Most specific host first, then longest prefix, then configuration order.
         compiled_routes.sort_by(|(oa, a), (ob, b)| {
             (b.host.specificity(), b.path_prefix.len(), *oa).cmp(&(
@@ -759,11 +765,13 @@ impl Compiler<'_> {
         out
     }
 
+    /// A file the server reads (certificate, key, CA); it is watched.
     fn existing_file(&mut self, s: &Spanned<String>) -> PathBuf {
         let p = self.path(s.get_ref());
         if !p.is_file() {
             self.err(s.span(), format!("file `{}` does not exist", p.display()));
         }
+        self.named_files.push(p.clone());
         p
     }
 
@@ -1025,7 +1033,11 @@ impl Compiler<'_> {
                 }
                 Some(SecretSource::Env(name.clone()))
             }
-            (None, Some(f)) => Some(SecretSource::File(self.path(f.get_ref()))),
+            (None, Some(f)) => {
+                let p = self.path(f.get_ref());
+                self.named_files.push(p.clone());
+                Some(SecretSource::File(p))
+            }
             (Some(e), Some(_)) => {
                 self.err(e.span(), format!("set one of `{what}_env` and `{what}_file`, not both"));
                 None
