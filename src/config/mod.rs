@@ -373,7 +373,18 @@ impl Config {
     /// The route for a request: most specific host first, then longest path prefix,
     /// then configuration order.
     pub fn route(&self, host: &str, path: &str, method: &Method) -> Option<&Arc<RouteSettings>> {
-        self.routes.iter().find(|r| r.matches(host, path, method))
+        self.route_at(host, path, method).map(|(_, r)| r)
+    }
+
+    /// [`Config::route`] and its index in `routes`. The one route matching of the proxy
+    /// (requests, and open WebSocket tunnels at every reload) and of `explain`.
+    pub fn route_at(
+        &self,
+        host: &str,
+        path: &str,
+        method: &Method,
+    ) -> Option<(usize, &Arc<RouteSettings>)> {
+        self.routes.iter().enumerate().find(|(_, r)| r.matches(host, path, method))
     }
 
     /// What this configuration read of its own file and of each policy it enforces or

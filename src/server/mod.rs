@@ -238,7 +238,6 @@ impl Fixed {
     }
 }
 
-
 /// Options that are not in the configuration file.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -299,7 +298,8 @@ impl Server {
             signer: Arc::new(signer),
             replay: Default::default(),
             reloads: watch::channel(1).0,
-            stopping: shutdown_rx.clone(),
+            grace_over: cut_rx.clone(),
+            sink: sink.clone(),
         });
         let pg = crate::postgres::Hub::new(shared.clone(), sink.clone(), pg_prepared);
         let limit = Arc::new(Semaphore::new(max_conns));
