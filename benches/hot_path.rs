@@ -323,6 +323,7 @@ fn bench_request(c: &mut Criterion, signer: &DevSigner) {
         generation: 1,
         sessions: None,
     };
+    let sink = AuditSink::file(std::path::Path::new("/dev/null")).unwrap();
     let shared = Arc::new(Shared {
         runtime: ArcSwap::from_pointee(runtime),
         signer: Arc::new(
@@ -331,9 +332,9 @@ fn bench_request(c: &mut Criterion, signer: &DevSigner) {
         ),
         replay: Default::default(),
         reloads: tokio::sync::watch::channel(1).0,
-        stopping: tokio::sync::watch::channel(false).1,
+        grace_over: tokio::sync::watch::channel(false).1,
+        sink: sink.clone(),
     });
-    let sink = AuditSink::file(std::path::Path::new("/dev/null")).unwrap();
     let conn = ConnInfo::new(
         ([127, 0, 0, 1], 40_000).into(),
         None,

@@ -258,7 +258,7 @@ pub const MAX_FIELD_BYTES: usize = 2048;
 
 /// How much of `s` an event keeps: all of it, or [`MAX_FIELD_BYTES`] at most, cut on a
 /// character boundary.
-fn bounded_len(s: &str) -> usize {
+pub(crate) fn bounded_len(s: &str) -> usize {
     if s.len() <= MAX_FIELD_BYTES {
         return s.len();
     }

@@ -37,9 +37,13 @@ pub struct Config {
     pub routes: Vec<Arc<RouteSettings>>,
     /// PostgreSQL routes (`[[databases]]`), in configuration order.
     pub databases: Vec<Arc<DatabaseSettings>>,
-    /// Every file this configuration was built from (config, policies, certificates):
-    /// the reload watcher polls them.
+    /// Every file this configuration was built from or names for the server to read
+    /// (config, policies, certificates and keys, CAs, the assertion key, session keys,
+    /// client-secret and password files), each once: the reload watcher polls them.
     pub files: Vec<PathBuf>,
+    /// SHA-256 of the configuration text as it was read (with the policies' own
+    /// digests, what [`Config::read_digests`] returns).
+    pub sha256: [u8; 32],
     /// Policy lint warnings (errors fail the load); printed by `check` and at start-up.
     pub warnings: Vec<Diagnostic>,
     /// `[session]`: present whenever an issuer has `login`.
@@ -353,7 +357,13 @@ impl Config {
     /// configuration file's directory.
     pub fn compile(source: &Source) -> Result<Config, LoadError> {
         let mut diags = Diagnostics::default();
-        let cfg = Compiler { source, diags: &mut diags, base: base_dir(&source.path) }.run();
+        let cfg = Compiler {
+            source,
+            diags: &mut diags,
+            base: base_dir(&source.path),
+            named_files: Vec::new(),
+        }
+        .run();
         match cfg {
             Some(c) if diags.is_empty() => Ok(c),
             _ => Err(LoadError(diags.into_sorted())),
@@ -363,7 +373,33 @@ impl Config {
     /// The route for a request: most specific host first, then longest path prefix,
     /// then configuration order.
     pub fn route(&self, host: &str, path: &str, method: &Method) -> Option<&Arc<RouteSettings>> {
-        self.routes.iter().find(|r| r.matches(host, path, method))
+        self.route_at(host, path, method).map(|(_, r)| r)
+    }
+
+    /// [`Config::route`] and its index in `routes`. The one route matching of the proxy
+    /// (requests, and open WebSocket tunnels at every reload) and of `explain`.
+    pub fn route_at(
+        &self,
+        host: &str,
+        path: &str,
+        method: &Method,
+    ) -> Option<(usize, &Arc<RouteSettings>)> {
+        self.routes.iter().enumerate().find(|(_, r)| r.matches(host, path, method))
+    }
+
+    /// What this configuration read of its own file and of each policy it enforces or
+    /// shadows: path → SHA-256 of the bytes read. The watcher compares the files on disk
+    /// with these, so a write that lands after the load read a file is never taken for
+    /// what was loaded.
+    pub fn read_digests(&self) -> BTreeMap<PathBuf, [u8; 32]> {
+        let http = self
+            .routes
+            .iter()
+            .flat_map(|r| std::iter::once(&r.policy).chain(r.shadow_policy.as_ref()));
+        http.chain(self.databases.iter().map(|d| &d.policy))
+            .map(|p| (p.file().to_path_buf(), p.sha256()))
+            .chain(std::iter::once((self.path.clone(), self.sha256)))
+            .collect()
     }
 
     pub fn issuer(&self, id: &str) -> Option<&IssuerSettings> {
@@ -381,6 +417,13 @@ impl Config {
     }
 }
 
+/// SHA-256 of some bytes (what the watcher and [`Config::read_digests`] compare).
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref());
+    out
+}
+
 fn base_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -392,6 +435,10 @@ struct Compiler<'a> {
     source: &'a Source,
     diags: &'a mut Diagnostics,
     base: PathBuf,
+    /// Every file the configuration names for the server to read (certificates, keys,
+    /// CAs, secret files): they go into [`Config::files`], so the watcher reloads when
+    /// one changes.
+    named_files: Vec<PathBuf>,
 }
 
 impl Compiler<'_> {
@@ -648,14 +695,9 @@ impl Compiler<'_> {
             }
         }
         files.extend(policies.keys().cloned());
-        if let Some(t) = &tls {
-            files.push(t.cert.clone());
-            files.push(t.key.clone());
-            for s in &t.sni {
-                files.push(s.cert.clone());
-                files.push(s.key.clone());
-            }
-        }
+        files.append(&mut self.named_files);
+        let mut seen_files = HashSet::new();
+        files.retain(|f| seen_files.insert(f.clone()));
         // Most specific host first, then longest prefix, then configuration order.
         compiled_routes.sort_by(|(oa, a), (ob, b)| {
             (b.host.specificity(), b.path_prefix.len(), *oa).cmp(&(
@@ -676,6 +718,7 @@ impl Compiler<'_> {
             routes: compiled_routes.into_iter().map(|(_, r)| Arc::new(r)).collect(),
             databases: compiled_databases,
             files,
+            sha256: sha256(self.source.text.as_bytes()),
             warnings,
             session,
             logins,
@@ -733,11 +776,13 @@ impl Compiler<'_> {
         out
     }
 
+    /// A file the server reads (certificate, key, CA); it is watched.
     fn existing_file(&mut self, s: &Spanned<String>) -> PathBuf {
         let p = self.path(s.get_ref());
         if !p.is_file() {
             self.err(s.span(), format!("file `{}` does not exist", p.display()));
         }
+        self.named_files.push(p.clone());
         p
     }
 
@@ -999,7 +1044,11 @@ impl Compiler<'_> {
                 }
                 Some(SecretSource::Env(name.clone()))
             }
-            (None, Some(f)) => Some(SecretSource::File(self.path(f.get_ref()))),
+            (None, Some(f)) => {
+                let p = self.path(f.get_ref());
+                self.named_files.push(p.clone());
+                Some(SecretSource::File(p))
+            }
             (Some(e), Some(_)) => {
                 self.err(e.span(), format!("set one of `{what}_env` and `{what}_file`, not both"));
                 None

@@ -405,3 +405,45 @@ fn issuer_urls_with_credentials_are_refused_and_never_quoted_back() {
     let errs = compile(dir.path(), &text).err().unwrap_or_default();
     assert!(errs.len() >= 2 && !errs.iter().any(|e| e.contains("hunter2")), "{errs:?}");
 }
+
+/// F6: the watcher reloads when any file the configuration names changes: certificates
+/// and keys, CAs, the assertion key, the session keys and client-secret files.
+#[test]
+fn every_file_the_configuration_names_is_watched() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    for f in ["idp-ca.pem", "upstream-ca.pem", "assertion.pem", "client-secret", "keys"] {
+        std::fs::write(dir.path().join(f), "x").unwrap_or_else(|e| panic!("{e}"));
+    }
+    let text = BASE
+        .replace(
+            "audiences = [\"portcullis\"]\n",
+            "audiences = [\"portcullis\"]\nca = \"idp-ca.pem\"\nlogin = { client_id = \"portcullis\", client_secret_file = \"client-secret\" }\n",
+        )
+        .replace(
+            "upstream = \"http://127.0.0.1:9000\"",
+            "upstream = \"https://127.0.0.1:9000\"\nupstream_ca = \"upstream-ca.pem\"",
+        )
+        + "\n[session]\nkeys_file = \"keys\"\n\n[assertion]\nkey = \"assertion.pem\"\n";
+    let c = compile(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
+    let files: Vec<String> = c
+        .files
+        .iter()
+        .filter_map(|f| f.strip_prefix(dir.path()).ok())
+        .map(|f| f.display().to_string())
+        .collect();
+    for f in [
+        "portcullis.toml",
+        "policies/p.toml",
+        "idp-ca.pem",
+        "upstream-ca.pem",
+        "assertion.pem",
+        "client-secret",
+        "keys",
+    ] {
+        assert_eq!(files.iter().filter(|w| *w == f).count(), 1, "{f} not watched once: {files:?}");
+    }
+    // What the load read of the configuration and the policy, for the watcher.
+    let read = c.read_digests();
+    assert_eq!(read.get(&dir.path().join("portcullis.toml")), Some(&sha256(text.as_bytes())));
+    assert!(read.contains_key(&dir.path().join("policies/p.toml")), "{read:?}");
+}

@@ -116,9 +116,12 @@ pub struct Shared {
     /// The generation of the last reload, sent after `runtime` is swapped; open database
     /// sessions and WebSocket tunnels re-check their authorization on every change.
     pub reloads: tokio::sync::watch::Sender<u64>,
-    /// Turns true when shutdown starts; WebSocket tunnels go on for the grace period,
-    /// then end (the drain waits for their connection slots up to the same period).
-    pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Turns true when a shutdown's grace period (`server.shutdown_grace` as the server
+    /// started with it) is over and the drain closes the connections still open: WebSocket
+    /// tunnels end then too (the drain waits for their connection slots).
+    pub grace_over: tokio::sync::watch::Receiver<bool>,
+    /// Where WebSocket tunnels write their end event.
+    pub sink: crate::audit::AuditSink,
 }
 
 impl std::fmt::Debug for Shared {
@@ -494,9 +497,7 @@ pub async fn handle(
     }
 
     // 3. Route.
-    let Some((idx, route)) =
-        rt.config.routes.iter().enumerate().find(|(_, r)| r.matches(&host, &norm, req.method()))
-    else {
+    let Some((idx, route)) = rt.config.route_at(&host, &norm, req.method()) else {
         return rejection(out, Reason::NoRoute, "no route for host and path", &rc);
     };
     let route: Arc<crate::config::RouteSettings> = route.clone();
@@ -765,9 +766,14 @@ pub async fn handle(
                     route: route.name.clone(),
                     identity: identity.clone(),
                     method: upgrade_method.unwrap_or_default(),
+                    host: host.clone(),
                     path: norm.to_string(),
                     idle: rt.config.server.idle_timeout,
                     generation: rt.generation,
+                    request_id: rid.clone(),
+                    client_addr: conn.peer_text.clone(),
+                    tls: conn.tls.clone(),
+                    upstream: route.upstream.display.clone(),
                 };
                 // The tunnel keeps the connection's `max_connections` slot.
                 let slot = conn.activity.clone();

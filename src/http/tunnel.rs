@@ -2,12 +2,14 @@
 //!
 //! A tunnel is authorized once, by the upgrade request, so it must not outlive what
 //! authorized it: it ends when the caller's credential expires, when a reload changes
-//! the policy so that the upgrade request would now be denied or removes its route (as
-//! a database session does), at the end of the shutdown grace period (database sessions
-//! too), and after `server.idle_timeout` with no byte in either direction (as nginx's
+//! the configuration so that the upgrade request would now be denied — its policy
+//! denies it, or the request now matches another route or none (route matching runs
+//! again, as for a new request) — as a database session does, when a shutdown's grace
+//! period is over (the drain's, as the server started: database sessions too), and after
+//! `server.idle_timeout` with no byte in either direction (as nginx's
 //! `proxy_read_timeout` ends an idle tunnel; applications keep theirs alive with
 //! WebSocket pings). The proxy does not speak WebSocket framing, so either end sees the
-//! TCP connection close.
+//! TCP connection close. Its end is audited: one `websocket` `close` event.
 
 use std::io;
 use std::pin::Pin;
@@ -18,9 +20,13 @@ use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::value::RawValue;
 use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
+
+use crate::audit::TlsInfo;
 
 /// Why a tunnel ended (the `reason` label of `portcullis_websocket_tunnels_closed_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,30 +55,38 @@ impl End {
     }
 }
 
-/// What authorized a tunnel, re-checked at every reload.
+/// What authorized a tunnel, re-checked at every reload, and what its end event says.
 pub struct Grant {
     pub shared: Arc<super::proxy::Shared>,
     pub route: Arc<str>,
     pub identity: Arc<crate::identity::Identity>,
     pub method: http::Method,
+    /// The upgrade request's host (lower case, no port), as routing read it.
+    pub host: String,
     /// The normalized path the upgrade request was authorized for.
     pub path: String,
     pub idle: Duration,
     /// The configuration generation that authorized the upgrade.
     pub generation: u64,
+    /// The upgrade request's id (its `http` event's `request_id`).
+    pub request_id: Arc<str>,
+    pub client_addr: Arc<str>,
+    pub tls: Option<Arc<TlsInfo>>,
+    pub upstream: Arc<str>,
 }
 
 impl Grant {
-    /// Why the tunnel must end, once it must: a reload removed the route or its policy
-    /// now denies the upgrade request, or the shutdown grace period is over. Never
-    /// resolves otherwise.
+    /// Why the tunnel must end, once it must: a reload revoked the access, or the
+    /// shutdown grace period is over. Never resolves otherwise.
     async fn ended(&self) -> End {
-        let mut stopping = self.shared.stopping.clone();
+        let mut grace_over = self.shared.grace_over.clone();
+        // The drain's own signal, so a tunnel ends when the drain closes the connections
+        // (its grace is the one the server started with; a reload does not change it).
+        // A server dropped without a shutdown never sends it.
         let shutdown = async {
-            let _ = stopping.wait_for(|s| *s).await;
-            // The grace period of the configuration in force when shutdown starts.
-            let grace = self.shared.runtime.load().config.server.shutdown_grace;
-            tokio::time::sleep(grace).await;
+            if grace_over.wait_for(|over| *over).await.is_err() {
+                std::future::pending::<()>().await;
+            }
         };
         tokio::select! {
             () = self.revoked() => End::AccessRevoked,
@@ -99,10 +113,12 @@ impl Grant {
         }
     }
 
-    /// The upgrade request, evaluated against the current generation.
+    /// The upgrade request, evaluated against the current generation as a new request
+    /// would be: routed by host, path and method to the same route (not another, more
+    /// specific one, and not to none), which accepts the issuer and whose policy allows.
     fn still_allowed(&self) -> bool {
         let rt = self.shared.runtime.load();
-        let Some(route) = rt.config.routes.iter().find(|r| *r.name == *self.route) else {
+        let Some(route) = rt.config.route(&self.host, &self.path, &self.method) else {
             return false;
         };
         let facts = crate::policy::RequestFacts {
@@ -111,12 +127,76 @@ impl Grant {
             database: None,
             role: None,
         };
-        route.accepts(&self.identity.issuer)
+        *route.name == *self.route
+            && route.accepts(&self.identity.issuer)
             && route.policy.evaluate(&self.identity, &facts).allowed
+    }
+
+    /// The tunnel's end event: one per tunnel, after the upgrade's `http` event (same
+    /// `request_id`); shaped as a database session's `close`.
+    fn emit_end(&self, relayed: &Relayed, duration: Duration) {
+        let host = &self.host[..crate::audit::bounded_len(&self.host)];
+        let path = &self.path[..crate::audit::bounded_len(&self.path)];
+        let revision = self.shared.runtime.load().revision.clone();
+        let (identity, ci) = self.identity.audit_fields();
+        self.shared.sink.emit(&TunnelEvent {
+            ts: crate::audit::now_rfc3339(),
+            kind: "websocket",
+            event: "close",
+            request_id: &self.request_id,
+            client_addr: &self.client_addr,
+            tls: self.tls.as_deref(),
+            host,
+            path,
+            route: &self.route,
+            upstream: &self.upstream,
+            decision: if relayed.end == End::Closed { "closed" } else { "terminated" },
+            reason: relayed.end.label(),
+            policy_revision: &revision,
+            identity,
+            ci,
+            duration_ms: duration.as_secs_f64() * 1000.0,
+            bytes_in: relayed.bytes_in,
+            bytes_out: relayed.bytes_out,
+            truncated: host.len() < self.host.len() || path.len() < self.path.len(),
+        });
     }
 }
 
-/// Runs a tunnel to its end.
+/// A WebSocket tunnel ended (`kind: "websocket"`, `event: "close"`).
+#[derive(Debug, Serialize)]
+pub struct TunnelEvent<'a> {
+    pub ts: String,
+    pub kind: &'static str,
+    pub event: &'static str,
+    pub request_id: &'a str,
+    pub client_addr: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<&'a TlsInfo>,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub route: &'a str,
+    pub upstream: &'a str,
+    /// `closed` (an end closed it) or `terminated` (the proxy ended it: `reason`).
+    pub decision: &'static str,
+    /// [`End::label`]: `closed`, `idle`, `credential-expired`, `access-revoked`,
+    /// `shutdown`.
+    pub reason: &'static str,
+    /// The revision in force when the tunnel ended.
+    pub policy_revision: &'a str,
+    pub identity: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ci: Option<&'a RawValue>,
+    /// From the switch to the tunnel to its end.
+    pub duration_ms: f64,
+    /// Relayed from the client to the upstream, and back, after the 101.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// Runs a tunnel to its end, and audits it.
 pub async fn run(client: OnUpgrade, upstream: OnUpgrade, grant: Grant) {
     let (c, u) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
@@ -128,10 +208,22 @@ pub async fn run(client: OnUpgrade, upstream: OnUpgrade, grant: Grant) {
     let m = crate::metrics::global();
     m.websocket_tunnels_open.fetch_add(1, Ordering::Relaxed);
     let (expires_at, idle) = (grant.identity.expires_at, grant.idle);
-    let end = relay(TokioIo::new(c), TokioIo::new(u), expires_at, idle, grant.ended()).await;
+    let opened = Instant::now();
+    let relayed = relay(TokioIo::new(c), TokioIo::new(u), expires_at, idle, grant.ended()).await;
     m.websocket_tunnels_open.fetch_sub(1, Ordering::Relaxed);
-    m.websocket_tunnels_closed.inc(&end.label());
-    tracing::debug!(end = end.label(), "websocket tunnel ended");
+    m.websocket_tunnels_closed.inc(&relayed.end.label());
+    grant.emit_end(&relayed, opened.elapsed());
+    tracing::debug!(end = relayed.end.label(), "websocket tunnel ended");
+}
+
+/// How a relay ended, and the bytes it read from each side.
+#[derive(Debug)]
+struct Relayed {
+    end: End,
+    /// From the client (to the upstream).
+    bytes_in: u64,
+    /// From the upstream (to the client).
+    bytes_out: u64,
 }
 
 async fn relay<C, U>(
@@ -140,39 +232,42 @@ async fn relay<C, U>(
     expires_at: u64,
     idle: Duration,
     ended: impl Future<Output = End>,
-) -> End
+) -> Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let opened = Instant::now();
     let last = Arc::new(AtomicU64::new(0));
-    let mut c = Stamped { inner: client, opened, last: last.clone() };
-    let mut u = Stamped { inner: upstream, opened, last: last.clone() };
-    let left = expires_at.saturating_sub(crate::util::unix_now());
-    let expiry = opened + Duration::from_secs(left.min(u64::from(u32::MAX)));
-    let copy = tokio::io::copy_bidirectional(&mut c, &mut u);
-    tokio::pin!(copy);
-    tokio::pin!(ended);
-    loop {
-        let quiet_until = opened + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
-        tokio::select! {
-            r = &mut copy => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "websocket tunnel closed with an error");
+    let mut c = Stamped { inner: client, opened, last: last.clone(), bytes: 0 };
+    let mut u = Stamped { inner: upstream, opened, last: last.clone(), bytes: 0 };
+    let end = {
+        let left = expires_at.saturating_sub(crate::util::unix_now());
+        let expiry = opened + Duration::from_secs(left.min(u64::from(u32::MAX)));
+        let copy = tokio::io::copy_bidirectional(&mut c, &mut u);
+        tokio::pin!(copy);
+        tokio::pin!(ended);
+        loop {
+            let quiet_until = opened + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+            tokio::select! {
+                r = &mut copy => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "websocket tunnel closed with an error");
+                    }
+                    break End::Closed;
                 }
-                return End::Closed;
-            }
-            _ = tokio::time::sleep_until(expiry) => return End::CredentialExpired,
-            end = &mut ended => return end,
-            _ = tokio::time::sleep_until(quiet_until) => {
-                let since = Duration::from_millis(last.load(Ordering::Relaxed));
-                if Instant::now() >= opened + since + idle {
-                    return End::Idle;
+                _ = tokio::time::sleep_until(expiry) => break End::CredentialExpired,
+                end = &mut ended => break end,
+                _ = tokio::time::sleep_until(quiet_until) => {
+                    let since = Duration::from_millis(last.load(Ordering::Relaxed));
+                    if Instant::now() >= opened + since + idle {
+                        break End::Idle;
+                    }
                 }
             }
         }
-    }
+    };
+    Relayed { end, bytes_in: c.bytes, bytes_out: u.bytes }
 }
 
 /// Records when bytes last arrived from this side (every byte relayed is read first).
@@ -181,6 +276,8 @@ struct Stamped<T> {
     opened: Instant,
     /// Milliseconds after `opened`.
     last: Arc<AtomicU64>,
+    /// Read from this side so far.
+    bytes: u64,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Stamped<T> {
@@ -192,6 +289,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Stamped<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
+            self.bytes += (buf.filled().len() - before) as u64;
             let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
             self.last.store(ms, Ordering::Relaxed);
         }
@@ -222,7 +320,9 @@ mod tests {
 
     /// A relay between two in-memory pipes with a 60 s idle timeout and no revocation;
     /// the far ends: what the client writes, what the upstream reads.
-    fn relay_for(expires_in: u64) -> (tokio::task::JoinHandle<End>, DuplexStream, DuplexStream) {
+    fn relay_for(
+        expires_in: u64,
+    ) -> (tokio::task::JoinHandle<Relayed>, DuplexStream, DuplexStream) {
         let (client, client_peer) = tokio::io::duplex(1024);
         let (upstream, upstream_peer) = tokio::io::duplex(1024);
         let expires_at = crate::util::unix_now() + expires_in;
@@ -243,8 +343,10 @@ mod tests {
             assert_eq!(&got, b"ping");
             assert!(!relay.is_finished(), "closed while in use");
         }
-        let end = relay.await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(end, End::Idle);
+        let relayed = relay.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(relayed.end, End::Idle);
+        // What the end event reports: six pings from the client, nothing back.
+        assert_eq!((relayed.bytes_in, relayed.bytes_out), (24, 0));
     }
 
     #[tokio::test(start_paused = true)]
@@ -265,6 +367,6 @@ mod tests {
         let both =
             tokio::time::timeout(Duration::from_secs(3600), async { tokio::join!(relay, chatter) });
         let (end, ()) = both.await.unwrap_or_else(|_| panic!("the tunnel outlived the credential"));
-        assert_eq!(end.unwrap_or_else(|e| panic!("{e}")), End::CredentialExpired);
+        assert_eq!(end.unwrap_or_else(|e| panic!("{e}")).end, End::CredentialExpired);
     }
 }

@@ -223,6 +223,10 @@ impl Policy {
     pub fn warnings(&self) -> &[Diagnostic] {
         &self.warnings
     }
+    /// SHA-256 of the source text as it was read.
+    pub fn sha256(&self) -> [u8; 32] {
+        self.sha256
+    }
     /// SHA-256 of the source text, lower-case hex: identifies the revision in logs.
     pub fn content_hash(&self) -> String {
         self.sha256.iter().fold(String::with_capacity(64), |mut s, b| {

@@ -28,6 +28,7 @@ use crate::http::{stack, ConnInfo};
 use crate::identity::verify::Verifier;
 
 pub mod process;
+mod watcher;
 
 /// One generation of configuration, ready to serve.
 pub struct Runtime {
@@ -168,6 +169,73 @@ struct State {
     pg: Arc<crate::postgres::Hub>,
     /// The database routes' listeners; a reload binds, hands over and closes them.
     pg_listeners: crate::postgres::Listeners,
+    /// The settings a reload does not change, as the server started with them.
+    fixed: Fixed,
+}
+
+/// What a reload does not apply: the listeners and their trusted proxies, the audit
+/// output, the connection limit, the drain's grace period (WebSocket tunnels use it too),
+/// the watcher, and the assertion signer (its key is loaded once).
+#[derive(Debug, Clone, PartialEq)]
+struct Fixed {
+    https: Option<SocketAddr>,
+    insecure_http: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    trusted_proxies: Vec<crate::config::IpNet>,
+    audit: AuditOutput,
+    max_connections: usize,
+    shutdown_grace: Duration,
+    watch: bool,
+    assertion_issuer: String,
+    assertion_ttl: Duration,
+    assertion_key: Option<PathBuf>,
+    /// The key file's content (an unreadable one: `None`, as the load would fail).
+    assertion_key_sha256: Option<[u8; 32]>,
+}
+
+impl Fixed {
+    fn of(c: &Config) -> Fixed {
+        let key_sha256 = c.assertion.key_file.as_deref().and_then(|p| {
+            crate::util::read_bounded(p, crate::util::MAX_SECRET_FILE, true)
+                .ok()
+                .map(|b| crate::config::sha256(&b))
+        });
+        Fixed {
+            https: c.listen.https,
+            insecure_http: c.listen.insecure_http,
+            admin: c.listen.admin,
+            trusted_proxies: c.listen.trusted_proxies.clone(),
+            audit: c.audit.clone(),
+            max_connections: c.server.max_connections,
+            shutdown_grace: c.server.shutdown_grace,
+            watch: c.server.watch,
+            assertion_issuer: c.assertion.issuer.clone(),
+            assertion_ttl: c.assertion.ttl,
+            assertion_key: c.assertion.key_file.clone(),
+            assertion_key_sha256: key_sha256,
+        }
+    }
+
+    /// The settings (by their configuration names) whose value in `new` differs.
+    fn differences(&self, new: &Fixed) -> Vec<&'static str> {
+        let key = |f: &Fixed| (f.assertion_key.clone(), f.assertion_key_sha256);
+        [
+            ("listen.https", self.https != new.https),
+            ("listen.insecure_http", self.insecure_http != new.insecure_http),
+            ("listen.admin", self.admin != new.admin),
+            ("listen.trusted_proxies", self.trusted_proxies != new.trusted_proxies),
+            ("audit.output", self.audit != new.audit),
+            ("server.max_connections", self.max_connections != new.max_connections),
+            ("server.shutdown_grace", self.shutdown_grace != new.shutdown_grace),
+            ("server.watch", self.watch != new.watch),
+            ("assertion.issuer", self.assertion_issuer != new.assertion_issuer),
+            ("assertion.ttl", self.assertion_ttl != new.assertion_ttl),
+            ("assertion.key", key(self) != key(new)),
+        ]
+        .into_iter()
+        .filter_map(|(name, differs)| differs.then_some(name))
+        .collect()
+    }
 }
 
 /// Options that are not in the configuration file.
@@ -213,6 +281,7 @@ impl Server {
             tracing::warn!("{w}");
         }
         let config_path = config.path.clone();
+        let fixed = Fixed::of(&config);
         let listen = config.listen.clone();
         let max_conns = config.server.max_connections;
         let grace = config.server.shutdown_grace;
@@ -229,7 +298,8 @@ impl Server {
             signer: Arc::new(signer),
             replay: Default::default(),
             reloads: watch::channel(1).0,
-            stopping: shutdown_rx.clone(),
+            grace_over: cut_rx.clone(),
+            sink: sink.clone(),
         });
         let pg = crate::postgres::Hub::new(shared.clone(), sink.clone(), pg_prepared);
         let limit = Arc::new(Semaphore::new(max_conns));
@@ -247,6 +317,7 @@ impl Server {
             draining: Arc::new(AtomicBool::new(false)),
             reload_lock: tokio::sync::Mutex::new(()),
             sink: sink.clone(),
+            fixed,
         });
 
         let mut tasks = tokio::task::JoinSet::new();
@@ -393,11 +464,13 @@ async fn reload(state: &State) -> bool {
         return false;
     }
     let old = state.shared.runtime.load_full();
-    if config.listen.https != old.config.listen.https
-        || config.listen.insecure_http != old.config.listen.insecure_http
-        || config.listen.admin != old.config.listen.admin
-    {
-        tracing::warn!("listener addresses changed: they take effect on restart, not on reload");
+    // Settings fixed at start: said at every reload while they differ from what runs.
+    let restart_required = state.fixed.differences(&Fixed::of(&config));
+    for setting in &restart_required {
+        tracing::warn!(
+            setting,
+            "{setting} differs from the running value: it takes effect on restart, not on reload"
+        );
     }
     let tls = match tls_config(&config) {
         Ok(t) => t,
@@ -486,6 +559,7 @@ async fn reload(state: &State) -> bool {
         "old_policy_revision": &*old.revision,
         "new_policy_revision": &*runtime.revision,
         "routes_changed": changed,
+        "restart_required": restart_required,
     }));
     tracing::info!(generation, revision = %runtime.revision, "configuration reloaded");
     state.shared.runtime.store(Arc::new(runtime));
@@ -737,46 +811,24 @@ async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watc
     }
 }
 
-/// Polls the configuration's files and reloads when any changed. Polling (once a
-/// second, content-hashed) works the same on every filesystem, including the
-/// symlink swaps Kubernetes does for mounted ConfigMaps.
-async fn watch_loop(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
-    // File reads block: they run off the runtime's threads. A file that is not a regular
-    // one (a FIFO, a device) is never opened: the load refuses it anyway.
-    let fingerprint = |files: Vec<PathBuf>| async move {
-        let hash = move || {
-            let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-            for f in &files {
-                ctx.update(f.to_string_lossy().as_bytes());
-                match crate::util::read_bounded(f, crate::util::MAX_CONFIG_FILE, true) {
-                    Ok(b) => ctx.update(&b),
-                    Err(e) => ctx.update(format!("\0{:?}", e.kind()).as_bytes()),
-                }
-            }
-            ctx.finish().as_ref().to_vec()
-        };
-        tokio::task::spawn_blocking(hash).await.unwrap_or_default()
-    };
-    let files = |s: &State| -> Vec<PathBuf> {
-        let mut f = s.shared.runtime.load().config.files.clone();
-        f.push(s.config_path.clone());
-        f
-    };
-    let mut last = fingerprint(files(&state)).await;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stopped(&mut shutdown) => return,
+/// Reloads when a file of the configuration in force changed ([`watcher`]).
+async fn watch_loop(state: Arc<State>, shutdown: watch::Receiver<bool>) {
+    let watched = || -> watcher::Watched {
+        let rt = state.shared.runtime.load();
+        let read = rt.config.read_digests();
+        let mut files = rt.config.files.clone();
+        if !files.contains(&state.config_path) {
+            files.push(state.config_path.clone());
         }
-        let now = fingerprint(files(&state)).await;
-        if now != last {
-            // Let an editor or `git checkout` finish writing every file.
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            tracing::info!("configuration files changed; reloading");
-            reload(&state).await;
-            last = fingerprint(files(&state)).await;
-        }
-    }
+        files
+            .into_iter()
+            .map(|f| {
+                let d = read.get(&f).copied();
+                (f, d)
+            })
+            .collect()
+    };
+    watcher::run(watcher::TIMING, watched, || reload(&state), shutdown).await;
 }
 
 /// Serves one connection until it ends, shutdown is signalled, or it has had no request
@@ -854,7 +906,46 @@ pub fn load_or_report(path: &Path) -> Result<Config, usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::{descriptor_warning, open_files_limit};
+    use super::{descriptor_warning, open_files_limit, AuditOutput, Duration, Fixed};
+
+    #[test]
+    fn a_reload_names_each_setting_that_only_a_restart_applies() {
+        let started = Fixed {
+            https: "127.0.0.1:8443".parse().ok(),
+            insecure_http: None,
+            admin: "127.0.0.1:9090".parse().ok(),
+            trusted_proxies: vec![],
+            audit: AuditOutput::Stdout,
+            max_connections: 100,
+            shutdown_grace: Duration::from_secs(30),
+            watch: true,
+            assertion_issuer: "https://proxy".into(),
+            assertion_ttl: Duration::from_secs(60),
+            assertion_key: Some("key.pem".into()),
+            assertion_key_sha256: Some([1; 32]),
+        };
+        assert!(started.differences(&started.clone()).is_empty());
+        let new = Fixed {
+            audit: AuditOutput::File("/var/log/audit.jsonl".into()),
+            max_connections: 50,
+            shutdown_grace: Duration::from_secs(1),
+            watch: false,
+            assertion_key_sha256: Some([2; 32]),
+            ..started.clone()
+        };
+        assert_eq!(
+            started.differences(&new),
+            [
+                "audit.output",
+                "server.max_connections",
+                "server.shutdown_grace",
+                "server.watch",
+                "assertion.key"
+            ]
+        );
+        let moved = Fixed { admin: None, ..started.clone() };
+        assert_eq!(started.differences(&moved), ["listen.admin"]);
+    }
 
     const LIMITS: &str =
         "Limit                     Soft Limit           Hard Limit           Units     \n\

@@ -245,9 +245,21 @@ async fn ws_connect(
     tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
     tokio_tungstenite::tungstenite::Error,
 > {
+    ws_connect_at(w, "/ws", token).await
+}
+
+/// [`ws_connect`] to another path.
+async fn ws_connect_at(
+    w: &World,
+    path: &str,
+    token: Option<&str>,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    tokio_tungstenite::tungstenite::Error,
+> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let stream = tls_h1(w).await;
-    let mut req = format!("wss://localhost:{}/ws", w.https.port()).into_client_request()?;
+    let mut req = format!("wss://localhost:{}{path}", w.https.port()).into_client_request()?;
     if let Some(t) = token {
         req.headers_mut().insert(
             "authorization",
@@ -318,11 +330,27 @@ async fn websocket_tunnels_end_when_idle_and_when_the_credential_expires() {
     }
     assert!(start.elapsed() >= Duration::from_millis(1500), "ended too early");
 
-    let metrics = w.admin_get("/metrics").await.text();
-    for (reason, n) in [("idle", 1), ("credential-expired", 1)] {
-        let line = format!("portcullis_websocket_tunnels_closed_total{{reason=\"{reason}\"}} {n}");
-        assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
+    // This world's tunnels by their end events; the metrics are the process's (other
+    // tests' tunnels add to them).
+    assert_eq!(tunnel_ends(&w).await, ["idle", "credential-expired"]);
+    for reason in ["idle", "credential-expired"] {
+        assert!(tunnels_closed(&w, reason).await >= 1, "{reason}");
     }
+}
+
+/// Why each of this world's tunnels ended, in order, from their audit events (waiting
+/// a moment for the last to be written).
+async fn tunnel_ends(w: &World) -> Vec<String> {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ends = w.events().into_iter().filter(|e| e["kind"] == "websocket");
+    ends.map(|e| e["reason"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+/// The process-wide count of tunnels closed for `reason`.
+async fn tunnels_closed(w: &World, reason: &str) -> u64 {
+    let m = w.admin_get("/metrics").await.text();
+    let prefix = format!("portcullis_websocket_tunnels_closed_total{{reason=\"{reason}\"}} ");
+    m.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok()).unwrap_or(0)
 }
 
 #[tokio::test]
@@ -347,9 +375,8 @@ async fn a_reload_that_revokes_access_ends_open_websocket_tunnels_and_only_those
     assert!(matches!(ended, Ok(None | Some(Err(_)) | Some(Ok(_)))), "{ended:?}");
     assert!(!echo_once(&mut ws).await, "the revoked tunnel still relays");
     assert!(echo_once(&mut gh).await, "the still-allowed tunnel was ended");
-    let metrics = w.admin_get("/metrics").await.text();
-    let line = "portcullis_websocket_tunnels_closed_total{reason=\"access-revoked\"} 1";
-    assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
+    assert_eq!(tunnel_ends(&w).await, ["access-revoked"]);
+    assert!(tunnels_closed(&w, "access-revoked").await >= 1);
 }
 
 #[tokio::test]
@@ -367,6 +394,131 @@ async fn websocket_tunnels_work_through_the_shutdown_grace_period_then_end() {
     let took = start.elapsed();
     assert!(took >= Duration::from_millis(4500) && took < Duration::from_secs(8), "{took:?}");
     assert!(!echo_once(&mut ws).await, "the tunnel outlived the shutdown");
+}
+
+/// The `websocket` `close` event of the tunnel opened at `path` (the upgrade's `http`
+/// event gives its request id), once written.
+async fn tunnel_end_event(w: &World, path: &str) -> serde_json::Value {
+    for _ in 0..100 {
+        let events = w.events();
+        let upgrade =
+            events.iter().find(|e| e["kind"] == "http" && e["path"] == path && e["status"] == 101);
+        if let Some(rid) = upgrade.map(|e| e["request_id"].clone()) {
+            if let Some(e) =
+                events.iter().find(|e| e["kind"] == "websocket" && e["request_id"] == rid)
+            {
+                return e.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    serde_json::Value::Null
+}
+
+/// F3: an open tunnel is routed again at every reload, as a new request would be.
+#[tokio::test]
+async fn a_reload_that_routes_a_tunnels_path_elsewhere_or_nowhere_ends_the_tunnel() {
+    let only_gh = "[[rule]]\nid = \"gh-main\"\neffect = \"allow\"\nissuer = \"gh\"\nci = { workspace_id = \"1001\", ref = \"refs/heads/main\" }\n";
+    let w = World::with(Setup {
+        policies: vec![
+            ("api".into(), ALLOW_ALL_PRESETS.into()),
+            ("gh-only".into(), only_gh.into()),
+        ],
+        ..Setup::default()
+    })
+    .await;
+    let (bb, gh) = (w.token("bb", &[]), w.token("gh", &[]));
+    let config = std::fs::read_to_string(w.config_path()).unwrap_or_default();
+    let route = |name: &str, prefix: &str| {
+        format!(
+            "\n[[routes]]\nname = \"{name}\"\nmatch = {{ path_prefix = \"{prefix}\" }}\nupstream = \"http://{}\"\npolicy = \"gh-only\"\n",
+            w.echo.addr()
+        )
+    };
+    let mut ws = ws_connect(&w, Some(&bb)).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(echo_once(&mut ws).await);
+
+    // A route elsewhere changes nothing for the tunnel.
+    write(&w.config_path(), &format!("{config}{}", route("other", "/other")));
+    assert!(w.server().reload().await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(echo_once(&mut ws).await, "ended by a reload that does not concern it");
+
+    // A more specific route for `/ws`, whose policy refuses Bitbucket: a new upgrade
+    // there is 403, and the open tunnel ends.
+    write(&w.config_path(), &format!("{config}{}", route("secret", "/ws")));
+    assert!(w.server().reload().await);
+    assert_eq!(w.get("/ws", Some(&bb)).await.status, StatusCode::FORBIDDEN);
+    let ended = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert!(ended.is_ok(), "the re-routed tunnel still relays");
+    assert!(!echo_once(&mut ws).await, "the re-routed tunnel still relays");
+    let e = tunnel_end_event(&w, "/ws").await;
+    assert_eq!(
+        (e["reason"].as_str(), e["route"].as_str()),
+        (Some("access-revoked"), Some("api")),
+        "{e}"
+    );
+
+    // GitHub may use `secret`; then every route is narrowed away from `/ws` (the default
+    // one to `/public`): a new upgrade is 404, and the open tunnel ends.
+    let mut ws = ws_connect(&w, Some(&gh)).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(echo_once(&mut ws).await);
+    write(&w.config_path(), &config.replace("path_prefix = \"/\"", "path_prefix = \"/public\""));
+    assert!(w.server().reload().await);
+    assert_eq!(w.get("/ws", Some(&gh)).await.status, StatusCode::NOT_FOUND);
+    let ended = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert!(ended.is_ok(), "the unrouted tunnel still relays");
+    assert!(!echo_once(&mut ws).await, "the unrouted tunnel still relays");
+    assert_eq!(tunnel_ends(&w).await, ["access-revoked", "access-revoked"]);
+}
+
+/// F5: every tunnel's end is audited: its upgrade's request id, route, identity, the
+/// bytes each way, how long it lasted and why it ended.
+#[tokio::test]
+async fn a_tunnels_end_is_audited_with_its_bytes_duration_and_reason() {
+    let w = World::start().await;
+    let mut ws = ws_connect(&w, Some(&w.token("bb", &[]))).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(echo_once(&mut ws).await && echo_once(&mut ws).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ws.close(None).await.unwrap_or_else(|e| panic!("{e}"));
+    drop(ws);
+    let e = tunnel_end_event(&w, "/ws").await;
+    assert_eq!(e["event"], "close", "{e}");
+    assert_eq!(e["route"], "api");
+    assert_eq!(e["reason"], "closed");
+    assert_eq!(e["decision"], "closed");
+    assert_eq!(e["identity"]["issuer"], "bb");
+    assert_eq!(e["ci"]["branch"], "main");
+    assert_eq!(e["upstream"].as_str(), Some(format!("http://{}", w.echo.addr()).as_str()));
+    // Two masked frames of "hi" (8 bytes each) and the close frame from the client; two
+    // unmasked ones (4 bytes each) and the close back.
+    let (i, o) = (e["bytes_in"].as_u64().unwrap_or(0), e["bytes_out"].as_u64().unwrap_or(0));
+    assert!(i >= 16 && o >= 8, "{e}");
+    assert!(e["duration_ms"].as_f64().unwrap_or(0.0) >= 200.0, "{e}");
+    assert!(e["policy_revision"].as_str().is_some_and(|r| !r.is_empty()), "{e}");
+}
+
+/// F7: the tunnels' grace at shutdown is the drain's, as the server started: a reload
+/// that changes `shutdown_grace` applies to neither (and says so).
+#[tokio::test]
+async fn a_reload_changes_neither_the_drains_nor_the_tunnels_shutdown_grace() {
+    let mut w = World::start().await; // shutdown_grace = 5s
+    let config = std::fs::read_to_string(w.config_path()).unwrap_or_default();
+    write(&w.config_path(), &config.replace("shutdown_grace = \"5s\"", "shutdown_grace = \"60s\""));
+    assert!(w.server().reload().await);
+    let reload = w.events().into_iter().find(|e| e["kind"] == "reload").unwrap_or_default();
+    assert_eq!(reload["restart_required"], serde_json::json!(["server.shutdown_grace"]));
+    let mut ws = ws_connect(&w, Some(&w.token("bb", &[]))).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(echo_once(&mut ws).await);
+    let server = w.server.take().unwrap_or_else(|| panic!("server"));
+    let start = std::time::Instant::now();
+    let drained = tokio::spawn(server.shutdown());
+    let done = tokio::time::timeout(Duration::from_secs(20), drained).await;
+    assert!(done.is_ok(), "shutdown did not finish");
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(4500) && took < Duration::from_secs(8), "{took:?}");
+    assert!(!echo_once(&mut ws).await, "the tunnel outlived the drain");
+    assert_eq!(tunnel_end_event(&w, "/ws").await["reason"], "shutdown");
 }
 
 #[tokio::test]

@@ -256,6 +256,34 @@ async fn tampered_tossed_or_unknown_key_cookies_are_refused() {
     );
 }
 
+/// F6: every file the configuration names is watched; rotating the session keys file
+/// ("rotate the key to sign everyone out") takes effect without a SIGHUP.
+#[tokio::test]
+async fn rotating_the_session_keys_file_signs_everyone_out_through_the_watcher() {
+    let w = World::with(Setup { sso: Some(String::new()), watch: true, ..Setup::default() }).await;
+    let files = w.server().shared.runtime.load().config.files.clone();
+    let dir = w.dir.path();
+    for f in [dir.join("session-keys"), dir.join("client-secret"), w.pki.ca_path()] {
+        assert!(files.contains(&f), "{} is not watched: {files:?}", f.display());
+    }
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let cookie = format!("_portcullis={}", b.session_cookie().cloned().unwrap_or_default());
+    let (url, headers) = (w.url("/"), [("cookie", cookie.as_str())]);
+    let api = || send_with(&w.client, Method::GET, &url, &headers, Bytes::new());
+    assert_eq!(api().await.status, StatusCode::OK);
+
+    write(&dir.join("session-keys"), "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=\n");
+    let start = std::time::Instant::now();
+    let mut r = api().await;
+    while r.status == StatusCode::OK && start.elapsed() < Duration::from_secs(8) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        r = api().await;
+    }
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "the old key still opens sessions");
+    assert_eq!(r.json()["error"], "invalid-session");
+}
+
 #[tokio::test]
 async fn wrong_state_missing_login_cookie_and_replayed_code_fail() {
     let w = sso_world("").await;

@@ -153,6 +153,8 @@ pub struct Setup {
     pub second_login: bool,
     /// Audit events go here instead of a memory sink ([`World::events`] is then empty).
     pub sink: Option<AuditSink>,
+    /// `server.watch`: the file watcher reloads on changes.
+    pub watch: bool,
 }
 
 impl Default for Setup {
@@ -168,6 +170,7 @@ impl Default for Setup {
             sso: None,
             second_login: false,
             sink: None,
+            watch: false,
         }
     }
 }
@@ -271,10 +274,11 @@ impl World {
         setup: &Setup,
     ) -> String {
         let mut c = format!(
-            "[listen]\nhttps = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{}\n[tls]\ncert = {}\nkey = {}\n\n[server]\nshutdown_grace = \"5s\"\nwatch = false\n{}\n\n",
+            "[listen]\nhttps = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{}\n[tls]\ncert = {}\nkey = {}\n\n[server]\nshutdown_grace = \"5s\"\nwatch = {}\n{}\n\n",
             setup.listen_extra,
             q(&pki.cert_path().to_string_lossy()),
             q(&pki.key_path().to_string_lossy()),
+            setup.watch,
             setup.server_extra,
         );
         if let Some(extra) = &setup.sso {
