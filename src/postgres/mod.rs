@@ -76,7 +76,9 @@ pub struct Hub {
     upstream_tls: ArcSwap<HashMap<Arc<str>, Arc<rustls::ClientConfig>>>,
     pub(crate) cancels: Arc<cancel::CancelMap>,
     pub(crate) keys: scram::KeyCache,
-    grace: ArcSwap<Duration>,
+    /// `server.shutdown_grace` as the server started: the drain's, which a reload does
+    /// not change (it warns that a restart is needed).
+    grace: Duration,
 }
 
 impl std::fmt::Debug for Hub {
@@ -136,7 +138,7 @@ impl Hub {
             upstream_tls: ArcSwap::from_pointee(prepared.upstream_tls),
             cancels: Arc::default(),
             keys: scram::KeyCache::default(),
-            grace: ArcSwap::from_pointee(prepared.grace),
+            grace: prepared.grace,
         })
     }
 
@@ -146,7 +148,6 @@ impl Hub {
     pub fn reloaded(&self, prepared: Prepared) {
         self.tls.store(Arc::new(prepared.tls));
         self.upstream_tls.store(Arc::new(prepared.upstream_tls));
-        self.grace.store(Arc::new(prepared.grace));
         // Passwords may have changed; derived SCRAM keys are keyed by password anyway,
         // but nothing derived from an old secret should outlive its configuration.
         self.keys.clear();
@@ -171,7 +172,7 @@ impl Hub {
     }
 
     pub(crate) fn grace(&self) -> Duration {
-        **self.grace.load()
+        self.grace
     }
 
     /// Accepts sessions on one database listener until shutdown or until the listener is
