@@ -162,6 +162,9 @@ pub struct Metrics {
     pub connections_open: AtomicU64,
     /// Client connections closed after `server.idle_timeout` with no request in flight.
     pub idle_connections_closed: AtomicU64,
+    /// Client connections dropped because the client took nothing of what it was sent
+    /// for `server.send_timeout`, or did not finish closing.
+    pub stalled_connections_closed: AtomicU64,
     /// WebSocket tunnels open now, and ended ones by reason ([`crate::http::tunnel::End`]).
     pub websocket_tunnels_open: AtomicU64,
     pub websocket_tunnels_closed: Family<&'static str>,
@@ -304,6 +307,13 @@ impl Metrics {
             "counter",
             "Client connections closed after idle_timeout with no request in flight.",
             self.idle_connections_closed.load(Ordering::Relaxed),
+        );
+        scalar(
+            &mut out,
+            "portcullis_stalled_connections_closed_total",
+            "counter",
+            "Client connections dropped because the client took nothing of what it was sent for send_timeout, or did not finish closing.",
+            self.stalled_connections_closed.load(Ordering::Relaxed),
         );
         scalar(
             &mut out,

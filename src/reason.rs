@@ -117,6 +117,13 @@ pub enum Reason {
     /// sending its request body (499 too), or while receiving an upstream's response body
     /// (logged with the status sent).
     ClientClosed,
+    /// The client took nothing of its response for `server.send_timeout` (it did not read
+    /// its socket, or kept an HTTP/2 flow-control window closed), so the connection was
+    /// closed with the response undelivered, as nginx's `send_timeout` does. Logged with
+    /// the status answered (a refusal's own reason is kept in `detail`, its decision
+    /// unchanged); a request on the same connection still without its response head is
+    /// logged 499, as the connection closed under it.
+    SendTimeout,
 }
 
 impl Reason {
@@ -169,6 +176,7 @@ impl Reason {
             Reason::RequestTimeout => "request-timeout",
             Reason::ClientClosed => "client-closed",
             Reason::UpstreamAborted => "upstream-aborted",
+            Reason::SendTimeout => "send-timeout",
         }
     }
 
@@ -244,6 +252,8 @@ impl Reason {
             Reason::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             // Never sent: the client is gone. (The log says 499.)
             Reason::ClientClosed => StatusCode::BAD_REQUEST,
+            // Never sent: only logged, with the status answered.
+            Reason::SendTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 

@@ -152,6 +152,9 @@ pub struct ServerSettings {
     pub token_cache_entries: usize,
     /// How long a client has to finish a request head once it has started one.
     pub header_timeout: Duration,
+    /// How long a client may take nothing of what the server has for it (a response it
+    /// does not read, an HTTP/2 window it keeps closed) before the connection is closed.
+    pub send_timeout: Duration,
     /// The most a request head (request line and headers; HTTP/2: the header list) may
     /// take, and so the read buffer each HTTP/1 connection may grow to.
     pub max_header_size: usize,
@@ -843,6 +846,8 @@ impl Compiler<'_> {
                 // long as `idle_timeout`, above load balancers' 60 s idle timeout.
                 75,
             ),
+            // nginx's `send_timeout`.
+            send_timeout: self.timeout_of_a_second_or_more(&s.send_timeout, "send_timeout", 60),
             max_header_size: self.max_header_size(&s.max_header_size),
         }
     }

@@ -44,6 +44,7 @@ pub struct Server {
     pub idle_timeout: Option<S<String>>,
     pub token_cache_entries: Option<S<i64>>,
     pub header_timeout: Option<S<String>>,
+    pub send_timeout: Option<S<String>>,
     pub max_header_size: Option<S<toml::Value>>,
 }
 

@@ -134,6 +134,20 @@ fn header_timeout_defaults_to_75s_and_is_at_least_a_second() {
 }
 
 #[test]
+fn send_timeout_defaults_to_60s_and_is_at_least_a_second() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let timeout = |extra: &str| {
+        compile(dir.path(), &format!("{BASE}\n[server]\n{extra}\n")).map(|c| c.server.send_timeout)
+    };
+    assert_eq!(timeout("").ok(), Some(Duration::from_secs(60)));
+    assert_eq!(timeout("send_timeout = \"10s\"").ok(), Some(Duration::from_secs(10)));
+    assert_eq!(
+        timeout("send_timeout = \"500ms\"").err().unwrap_or_default(),
+        ["15:16 `send_timeout` must be at least 1s"]
+    );
+}
+
+#[test]
 fn idle_timeout_is_at_least_a_second() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let c = compile(dir.path(), &format!("{BASE}\n[server]\nidle_timeout = \"5m\"\n"));

@@ -66,7 +66,8 @@ where
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let start = Instant::now();
         // Dropped with the future if the client goes away first, else with the body.
-        let in_flight = self.conn.activity.begin();
+        let mut in_flight = self.conn.activity.begin();
+        let h2 = req.version() == http::Version::HTTP_2;
         let rid = super::next_request_id();
         let parked = Parked::default();
         let over_limit = in_flight.over_limit();
@@ -116,10 +117,17 @@ where
                 let gone = p.outcome.as_ref().is_some_and(|o| o.reason == Reason::ClientClosed);
                 p.status = if gone { CLIENT_CLOSED } else { parts.status.as_u16() };
             }
-            Ok(Response::from_parts(
-                parts,
-                AuditBody { inner: body, bytes_out: 0, pending, _in_flight: in_flight },
-            ))
+            // The proxy's own answer holds no upstream socket: a concurrent request's
+            // extra slot goes back now, not when the client has taken the answer.
+            if matches!(body, ProxyBody::Full(_)) {
+                in_flight.release_extra();
+            }
+            let mut body =
+                AuditBody { inner: body, rest: None, bytes_out: 0, pending, in_flight, h2 };
+            if h2 {
+                body.in_flight.owe(true);
+            }
+            Ok(Response::from_parts(parts, body))
         })
     }
 }
@@ -194,7 +202,11 @@ struct Unanswered {
 impl Drop for Unanswered {
     fn drop(&mut self) {
         if let Some(mut p) = self.pending.take() {
-            p.outcome = Some(Outcome::client_closed(self.parked.take()));
+            p.outcome = Some(if p.conn.activity.abandoned() {
+                Outcome::connection_abandoned(self.parked.take())
+            } else {
+                Outcome::client_closed(self.parked.take())
+            });
             p.emit(0);
         }
     }
@@ -287,13 +299,30 @@ fn no_route() -> Arc<str> {
     NO_ROUTE.get_or_init(|| Arc::from("-")).clone()
 }
 
-/// The response body, counted; the event is emitted when it ends or is dropped.
+/// The response body, counted; the event is emitted when it ends (HTTP/2: when the
+/// server lets it go) or is dropped.
 pub struct AuditBody {
     inner: ProxyBody,
+    /// HTTP/2: the rest of a data frame larger than [`PIECE`], handed over in pieces.
+    rest: Option<Bytes>,
     bytes_out: u64,
     pending: Option<Pending>,
-    _in_flight: InFlight,
+    in_flight: InFlight,
+    /// HTTP/2: hyper takes a stream's body one part at a time and holds each (the last
+    /// too) until the client's flow-control window lets it go, so this body tells the
+    /// connection whether the client is holding it up ([`InFlight::owe`]), and its event
+    /// waits until hyper lets it go (or the connection is closed for `send_timeout`).
+    h2: bool,
 }
+
+/// The largest part of an HTTP/2 response body handed over at once (the default HTTP/2
+/// frame and TLS record size): hyper takes the next part only once the client's window
+/// lets the last one go, so a client reading slowly but steadily lets one through well
+/// within `send_timeout`, whatever the upstream's reads yield (up to 400 KB each).
+const PIECE: usize = 16 * 1024;
+
+const UNDELIVERED: &str =
+    "the client took nothing of the response for server.send_timeout; the connection was closed";
 
 impl AuditBody {
     fn done(&mut self) {
@@ -313,6 +342,19 @@ impl AuditBody {
         }
     }
 
+    /// The connection was closed with this response undelivered (`send_timeout`): said
+    /// of refusals too (their reason goes to the detail), since that is what happened.
+    fn undelivered(&mut self) {
+        let o = self.pending.as_mut().and_then(|p| p.outcome.as_mut());
+        if let Some(o) = o {
+            o.detail = Some(match o.reason {
+                Reason::Allowed => std::borrow::Cow::Borrowed(UNDELIVERED),
+                refused => format!("{UNDELIVERED} (the answer: {})", refused.code()).into(),
+            });
+            o.reason = Reason::SendTimeout;
+        }
+    }
+
     /// Whether this response has a body to send at all (none for HEAD, 1xx, 204, 304:
     /// the server drops those bodies unpolled).
     fn has_body(&self) -> bool {
@@ -320,12 +362,32 @@ impl AuditBody {
             .as_ref()
             .is_some_and(|p| p.method != Method::HEAD && !matches!(p.status, 100..=199 | 204 | 304))
     }
+
+    /// A data frame as handed over: HTTP/2 gets at most [`PIECE`] at once.
+    fn piece(&mut self, frame: Frame<Bytes>) -> Frame<Bytes> {
+        if !self.h2 || frame.data_ref().is_none_or(|d| d.len() <= PIECE) {
+            return frame;
+        }
+        match frame.into_data() {
+            Ok(mut d) => {
+                let piece = d.split_to(PIECE);
+                self.rest = Some(d);
+                Frame::data(piece)
+            }
+            Err(frame) => frame,
+        }
+    }
 }
 
 impl Drop for AuditBody {
     fn drop(&mut self) {
-        // Dropped before its end: the server stopped sending, the client having gone.
-        if self.pending.is_some() && !self.inner.is_end_stream() && self.has_body() {
+        if self.pending.is_some() && self.in_flight.activity().abandoned() {
+            // HTTP/2 also holds an ended body until its last part is let go.
+            if !self.is_end_stream() || self.h2 {
+                self.undelivered();
+            }
+        } else if self.pending.is_some() && !self.is_end_stream() && self.has_body() {
+            // Dropped before its end: the server stopped sending, the client having gone.
             self.cut_short(Reason::ClientClosed, "the client went away during the response body");
         }
         self.done();
@@ -341,13 +403,24 @@ impl Body for AuditBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let r = match this.rest.take() {
+            Some(rest) => Poll::Ready(Some(Ok(this.piece(Frame::data(rest))))),
+            None => match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(this.piece(f)))),
+                r => r,
+            },
+        };
+        if this.h2 {
+            // Waiting on the upstream owes the client nothing; anything else is held
+            // until hyper lets it go.
+            this.in_flight.owe(r.is_ready());
+        }
         match &r {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     this.bytes_out += d.len() as u64;
                 }
-                if this.inner.is_end_stream() {
+                if !this.h2 && this.is_end_stream() {
                     this.done();
                 }
             }
@@ -359,17 +432,30 @@ impl Body for AuditBody {
                 );
                 this.done();
             }
-            Poll::Ready(None) => this.done(),
+            Poll::Ready(None) => {
+                if !this.h2 {
+                    this.done();
+                }
+            }
             Poll::Pending => {}
         }
         r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let mut hint = self.inner.size_hint();
+        if let Some(rest) = &self.rest {
+            let n = rest.len() as u64;
+            // Upper first: a lower bound above the upper one panics.
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper.saturating_add(n));
+            }
+            hint.set_lower(hint.lower().saturating_add(n));
+        }
+        hint
     }
 }

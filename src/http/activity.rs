@@ -8,8 +8,17 @@
 //! bytes counted here tell the audit log whether it cut a request short). The server's
 //! connection task closes a connection (gracefully: HTTP/2 gets a GOAWAY) once no
 //! request has been in flight for `idle_timeout`.
+//!
+//! Nor may a client hold a connection by not taking what it is sent (`send_timeout`, as
+//! nginx's): the connection is closed when writes to it have been refused for that long
+//! (a socket it does not read, [`Counted`] notes it), or when an HTTP/2 response has
+//! waited that long for the client to let the server take its next part ([`InFlight::owe`]:
+//! a stream whose flow-control window the client keeps closed). The latter is measured
+//! on the responses, not the socket: a client could keep the socket busy with PINGs
+//! while no response moves. Only the client is timed so: a response waiting on its
+//! upstream (before its head, or for its body's next part) owes the client nothing.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +47,21 @@ pub struct Activity {
     /// Where the slot came from: a request beyond the connection's first in flight
     /// (HTTP/2 streams) takes one more, as it can hold an upstream socket of its own.
     slots: Option<Arc<Semaphore>>,
+    /// Since when (ms after `opened`) the client has taken nothing written to it: the
+    /// last write or flush was refused (its socket's buffer, or TLS's, is full) and none
+    /// went through since. [`NOT_BLOCKED`] otherwise.
+    blocked_ms: AtomicU64,
+    /// HTTP/2 responses the server has something of to send ([`InFlight::owe`]), and when
+    /// (ms after `opened`) a response last handed it something.
+    owing: AtomicU32,
+    handed_ms: AtomicU64,
+    /// Closed because the client took nothing for `send_timeout`: requests cut short are
+    /// audited `send-timeout`.
+    abandoned: AtomicBool,
 }
+
+/// `blocked_ms` while writes go through.
+const NOT_BLOCKED: u64 = u64::MAX;
 
 /// Held from the start of a request until its response body is done or dropped.
 #[derive(Debug)]
@@ -46,6 +69,8 @@ pub struct InFlight {
     activity: Arc<Activity>,
     /// The extra slot of a concurrent request: `Err` when there was none to take.
     extra: Result<Option<OwnedSemaphorePermit>, ()>,
+    /// Counted in [`Activity::owing`].
+    owing: bool,
 }
 
 impl Activity {
@@ -59,7 +84,19 @@ impl Activity {
             read_at_idle: AtomicU64::new(0),
             _slot: slot,
             slots,
+            blocked_ms: AtomicU64::new(NOT_BLOCKED),
+            owing: AtomicU32::new(0),
+            handed_ms: AtomicU64::new(0),
+            abandoned: AtomicBool::new(false),
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.opened + Duration::from_millis(ms)
     }
 
     pub fn begin(self: &Arc<Self>) -> InFlight {
@@ -68,7 +105,7 @@ impl Activity {
             (Some(slots), 1..) => slots.clone().try_acquire_owned().map(Some).map_err(|_| ()),
             _ => Ok(None),
         };
-        InFlight { activity: self.clone(), extra }
+        InFlight { activity: self.clone(), extra, owing: false }
     }
 
     /// Counts bytes read from the client ([`Counted`]).
@@ -92,6 +129,55 @@ impl Activity {
         let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
         Some(self.opened + since + timeout)
     }
+
+    /// Whether a request is in flight.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    /// A write to the client went through: it is taking bytes. One load, no clock.
+    fn note_written(&self) {
+        if self.blocked_ms.load(Ordering::Relaxed) != NOT_BLOCKED {
+            self.blocked_ms.store(NOT_BLOCKED, Ordering::Relaxed);
+        }
+    }
+
+    /// A write to the client was refused (`Pending`); the clock is read only when a
+    /// blocked spell begins.
+    fn note_blocked(&self) {
+        if self.blocked_ms.load(Ordering::Relaxed) == NOT_BLOCKED {
+            self.blocked_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the last write to the client was refused.
+    pub fn write_blocked(&self) -> bool {
+        self.blocked_ms.load(Ordering::Relaxed) != NOT_BLOCKED
+    }
+
+    /// When the client will have held the connection up for `timeout`: writes refused
+    /// all along, or an HTTP/2 response with something to send and none handed over
+    /// meanwhile. `None` while it holds nothing up.
+    pub fn stall_deadline(&self, timeout: Duration) -> Option<Instant> {
+        let blocked = self.blocked_ms.load(Ordering::Relaxed);
+        let writes = (blocked != NOT_BLOCKED).then(|| self.at(blocked) + timeout);
+        let owed = (self.owing.load(Ordering::Acquire) > 0)
+            .then(|| self.at(self.handed_ms.load(Ordering::Acquire)) + timeout);
+        match (writes, owed) {
+            (Some(w), Some(o)) => Some(w.min(o)),
+            (w, o) => w.or(o),
+        }
+    }
+
+    /// Marks the connection closed for holding up what it was sent.
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
+    }
+
+    /// Whether the connection was closed for holding up what it was sent.
+    pub fn abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
+    }
 }
 
 impl InFlight {
@@ -101,10 +187,46 @@ impl InFlight {
     pub fn over_limit(&self) -> bool {
         self.extra.is_err()
     }
+
+    /// The connection this request came on.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
+    }
+
+    /// Gives back the extra slot of a concurrent request the proxy answered itself (a
+    /// refusal, its own endpoints): it holds no upstream socket, so while its answer
+    /// waits for the client it need not keep a slot from other clients.
+    pub fn release_extra(&mut self) {
+        if let Ok(extra) = &mut self.extra {
+            *extra = None;
+        }
+    }
+
+    /// HTTP/2: whether the server has something of this response to send (`true`: its
+    /// head was produced, or its body handed over a part or ended, and the response is
+    /// still held) or is waiting on the body's upstream (`false`). hyper takes a
+    /// stream's next part only once the client's window lets the last one go, so a
+    /// response owed this long with nothing handed over is one the client holds up.
+    pub fn owe(&mut self, owing: bool) {
+        let a = &self.activity;
+        if owing {
+            // Stamp first: whoever sees it owing sees the fresh stamp.
+            a.handed_ms.store(a.now_ms(), Ordering::Release);
+        }
+        if owing != self.owing {
+            self.owing = owing;
+            if owing {
+                a.owing.fetch_add(1, Ordering::AcqRel);
+            } else {
+                a.owing.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.owe(false);
         // Stamp first, then leave: whoever sees zero in flight sees the fresh stamp.
         let a = &self.activity;
         let ms = u64::try_from(a.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -115,7 +237,8 @@ impl Drop for InFlight {
 }
 
 /// A client stream that counts the bytes read from it into its connection's
-/// [`Activity`]; writes pass straight through (vectored too).
+/// [`Activity`], and notes whether writes go through or are refused (vectored too), so a
+/// client that takes nothing cannot hold its connection (`send_timeout`).
 pub struct Counted<I> {
     io: I,
     activity: Arc<Activity>,
@@ -149,23 +272,48 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.note(&r, |n| *n > 0);
+        r
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.note(&r, |n| *n > 0);
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
     }
+    // A TLS stream takes plaintext into a bounded buffer and pushes it out on flush: a
+    // refused flush is a refused write.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_flush(cx);
+        this.note(&r, |()| true);
+        r
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.note(&r, |()| true);
+        r
+    }
+}
+
+impl<I> Counted<I> {
+    /// Bytes went out (`went`), or the write was refused (`Pending`).
+    fn note<T>(&self, r: &Poll<std::io::Result<T>>, went: impl FnOnce(&T) -> bool) {
+        match r {
+            Poll::Ready(Ok(t)) if went(t) => self.activity.note_written(),
+            Poll::Pending => self.activity.note_blocked(),
+            Poll::Ready(_) => {}
+        }
     }
 }
 
@@ -190,6 +338,70 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         drop(second);
         assert_eq!(a.idle_deadline(timeout), Some(opened + Duration::from_secs(515) + timeout));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_holds_the_connection_up_while_writes_are_refused_or_an_h2_response_waits() {
+        let t = Duration::from_secs(60);
+        let a = Activity::new(None, None);
+        assert_eq!(a.stall_deadline(t), None);
+        // Refused writes: timed from the first refusal, not the last.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let first = Instant::now();
+        a.note_blocked();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        a.note_blocked();
+        assert!(a.write_blocked());
+        assert_eq!(a.stall_deadline(t), Some(first + t));
+        // A write that goes through ends the spell.
+        a.note_written();
+        assert!(!a.write_blocked());
+        assert_eq!(a.stall_deadline(t), None);
+
+        // An HTTP/2 response owed: timed from the last part handed over.
+        let mut r = a.begin();
+        r.owe(true);
+        let handed = Instant::now();
+        assert_eq!(a.stall_deadline(t), Some(handed + t));
+        tokio::time::advance(Duration::from_secs(20)).await;
+        r.owe(true);
+        assert_eq!(a.stall_deadline(t), Some(handed + Duration::from_secs(20) + t));
+        // Waiting on the upstream owes the client nothing, however long.
+        r.owe(false);
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert_eq!(a.stall_deadline(t), None);
+        r.owe(true);
+        let mut other = a.begin();
+        other.owe(true);
+        drop(r);
+        assert!(a.stall_deadline(t).is_some(), "the other response is still owed");
+        drop(other);
+        assert_eq!(a.stall_deadline(t), None, "a finished response owes nothing");
+        assert!(!a.abandoned());
+        a.abandon();
+        assert!(a.abandoned());
+    }
+
+    #[tokio::test]
+    async fn a_refusal_gives_its_extra_slot_back_at_once() {
+        let slots = Arc::new(Semaphore::new(2));
+        let a = Activity::new(slots.clone().try_acquire_owned().ok(), Some(slots.clone()));
+        let _first = a.begin();
+        let mut second = a.begin();
+        assert_eq!(slots.available_permits(), 0);
+        second.release_extra();
+        assert_eq!(slots.available_permits(), 1, "released while the request is still in flight");
+        assert!(!second.over_limit());
+        assert_eq!(a.idle_deadline(Duration::from_secs(1)), None);
+        let mut third = a.begin();
+        assert!(!third.over_limit(), "took the slot given back");
+        let mut fourth = a.begin();
+        assert!(fourth.over_limit());
+        fourth.release_extra();
+        assert!(fourth.over_limit(), "still answered 503");
+        third.release_extra();
+        drop((second, third, fourth));
+        assert_eq!(slots.available_permits(), 1);
     }
 
     #[tokio::test]

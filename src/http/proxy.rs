@@ -85,6 +85,18 @@ impl Outcome {
         o.detail = Some(Cow::Borrowed("the client went away before the response"));
         o
     }
+
+    /// A request without its response head yet when its connection was closed because
+    /// the client took nothing of another response for `send_timeout`.
+    pub(crate) fn connection_abandoned(parked: Option<Outcome>) -> Self {
+        let mut o = Self::client_closed(parked);
+        o.reason = Reason::SendTimeout;
+        o.detail = Some(Cow::Borrowed(
+            "the connection was closed before the response: the client took nothing of \
+             what it was sent for server.send_timeout",
+        ));
+        o
+    }
 }
 
 /// Where a request's [`Outcome`] waits while the proxy waits on the upstream, so the

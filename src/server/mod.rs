@@ -608,9 +608,10 @@ async fn accept_loop(
         let shared = state.shared.clone();
         let sink = state.sink.clone();
         // Read per connection, so a reload's timeouts apply to the next connections.
-        let (header_timeout, max_header, idle) = {
+        let (header_timeout, max_header, timeouts) = {
             let s = &state.shared.runtime.load().config.server;
-            (s.header_timeout, s.max_header_size, s.idle_timeout)
+            let timeouts = Timeouts { idle: s.idle_timeout, send: s.send_timeout };
+            (s.header_timeout, s.max_header_size, timeouts)
         };
         let builder = http_server_builder(header_timeout, max_header);
         let tls_cfg = if tls { (**state.tls.load()).clone() } else { None };
@@ -623,7 +624,7 @@ async fn accept_loop(
             let m = crate::metrics::global();
             m.connections_open.fetch_add(1, Ordering::Relaxed);
             let conn = |tls| ConnInfo::new(peer, tls, trusted_peer, activity.clone());
-            let http = Http { builder: &builder, shared, sink, idle };
+            let http = Http { builder: &builder, shared, sink, timeouts };
             let serve = async {
                 match tls_cfg {
                     Some(cfg) => {
@@ -650,7 +651,14 @@ struct Http<'a> {
     builder: &'a auto::Builder<TokioExecutor>,
     shared: Arc<Shared>,
     sink: AuditSink,
+    timeouts: Timeouts,
+}
+
+/// `server.idle_timeout` and `server.send_timeout`, as a connection was accepted with.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
     idle: Duration,
+    send: Duration,
 }
 
 impl Http<'_> {
@@ -665,7 +673,7 @@ impl Http<'_> {
         let svc =
             TowerToHyperService::new(stack::service(self.shared, self.sink.clone(), conn.clone()));
         let c = self.builder.serve_connection_with_upgrades(io, svc);
-        if let Some(e) = drive(c, stop, &activity, self.idle).await {
+        if let Some(e) = drive(c, stop, &activity, self.timeouts).await {
             crate::http::access_log::refused_by_server(&self.sink, &conn, &*e);
         }
     }
@@ -754,6 +762,12 @@ fn descriptor_warning(max_connections: usize, open_files: Option<u64>) -> Option
 /// slot while in flight ([`crate::http::activity`]).
 const MAX_CONCURRENT_STREAMS: u32 = 100;
 
+/// How long a closing connection (idle, or shutting down) with no request in flight and
+/// no write refused may take to finish closing: an HTTP/2 client that never answers the
+/// GOAWAY's PING, or keeps sending its own, would otherwise keep it (and its slot)
+/// forever. As nginx's `lingering_timeout` and Envoy's `drain_timeout` (5 s both).
+const CLOSE_LINGER: Duration = Duration::from_secs(5);
+
 /// How long the drain waits, once the grace period is over and the remaining connections
 /// are closed, for their requests to end and give their slots back.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -832,38 +846,77 @@ async fn watch_loop(state: Arc<State>, shutdown: watch::Receiver<bool>) {
 }
 
 /// Serves one connection until it ends, shutdown is signalled, or it has had no request
-/// in flight for `idle`. On shutdown or idle it stops taking new requests (HTTP/1.1
-/// closes after the current response, HTTP/2 sends GOAWAY) and finishes those in
-/// flight. Returns the error the connection ended with, if any (for the audit log).
+/// in flight for `idle_timeout`. On shutdown or idle it stops taking new requests
+/// (HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY) and finishes those
+/// in flight. Returns the error the connection ended with, if any (for the audit log).
+///
+/// A client cannot hold the connection (and its `max_connections` slot) by taking nothing
+/// of what it is sent: once it has held up writes or an HTTP/2 response for
+/// `send_timeout` ([`Activity::stall_deadline`]) the connection is dropped, whatever its
+/// state; and a closing connection with nothing in flight and nothing it refuses to
+/// take is dropped after [`CLOSE_LINGER`] (HTTP/2's graceful close waits for the
+/// client's answer to a PING, which it need not send).
 async fn drive<C>(
     conn: C,
     stop: &mut watch::Receiver<bool>,
     activity: &Activity,
-    idle: Duration,
+    t: Timeouts,
 ) -> Option<C::Error>
 where
     C: hyper_util::server::graceful::GracefulConnection,
 {
     tokio::pin!(conn);
+    // Since when the connection has been closing (idle or shutdown), once it is.
+    let mut closing: Option<tokio::time::Instant> = None;
     loop {
-        // While a request is in flight, look again after `idle`; the timer is re-armed
-        // only when it fires, not per request.
-        let deadline = activity.idle_deadline(idle);
-        let wake = deadline.unwrap_or_else(|| tokio::time::Instant::now() + idle);
+        // Looked at again at least this often (so a stall that begins meanwhile is seen
+        // in time); the timer is re-armed only when it fires, not per request.
+        let mut wake = tokio::time::Instant::now() + t.idle.min(t.send);
+        let close = match closing {
+            None => activity.idle_deadline(t.idle),
+            Some(since) => Some(since + CLOSE_LINGER),
+        };
+        for d in [activity.stall_deadline(t.send), close].into_iter().flatten() {
+            wake = wake.min(d);
+        }
         tokio::select! {
             r = conn.as_mut() => return r.err(),
-            _ = stopped(stop) => break,
+            _ = stopped(stop), if closing.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                closing = Some(tokio::time::Instant::now());
+            }
             _ = tokio::time::sleep_until(wake) => {
-                if activity.idle_deadline(idle).is_some_and(|d| d <= tokio::time::Instant::now()) {
-                    tracing::debug!(idle_s = idle.as_secs(), "closing idle connection");
-                    crate::metrics::global().idle_connections_closed.fetch_add(1, Ordering::Relaxed);
-                    break;
+                let now = tokio::time::Instant::now();
+                let m = crate::metrics::global();
+                if activity.stall_deadline(t.send).is_some_and(|d| d <= now) {
+                    tracing::debug!(send_s = t.send.as_secs(), "closing a connection whose client takes nothing of what it is sent");
+                    m.stalled_connections_closed.fetch_add(1, Ordering::Relaxed);
+                    // Before the drop: the requests cut short by it say why.
+                    activity.abandon();
+                    return None;
+                }
+                match closing {
+                    None => {
+                        if activity.idle_deadline(t.idle).is_some_and(|d| d <= now) {
+                            tracing::debug!(idle_s = t.idle.as_secs(), "closing idle connection");
+                            m.idle_connections_closed.fetch_add(1, Ordering::Relaxed);
+                            conn.as_mut().graceful_shutdown();
+                            closing = Some(now);
+                        }
+                    }
+                    // Requests in flight finish (a shutdown's grace period bounds them);
+                    // writes the client is taking go on (refused ones are timed above).
+                    Some(since) => {
+                        if since + CLOSE_LINGER <= now && !activity.busy() && !activity.write_blocked() {
+                            tracing::debug!("dropping a connection that did not finish closing");
+                            m.stalled_connections_closed.fetch_add(1, Ordering::Relaxed);
+                            return None;
+                        }
+                    }
                 }
             }
         }
     }
-    conn.as_mut().graceful_shutdown();
-    conn.await.err()
 }
 
 /// Resolves once shutdown has been signalled. (The guard `wait_for` returns is not

@@ -877,7 +877,7 @@ async fn raw_h1_exchange(w: &World, req: &str) -> String {
     String::from_utf8_lossy(&out).to_string()
 }
 
-async fn tls_alpn(
+pub(crate) async fn tls_alpn(
     w: &World,
     alpn: &[u8],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {

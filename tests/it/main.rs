@@ -7,6 +7,9 @@
 //! - `checklist`: every token validation rule (V1–V27) end to end through the proxy.
 //! - `forwarding`: header hygiene, identity headers and the signed assertion, streaming,
 //!   WebSocket, HTTP/2 both sides, timeouts, upstream failures, size limits.
+//! - `hoarding`: clients that take nothing of what they are sent (HTTP/2 windows kept
+//!   closed, HTTP/1.1 never read, a close never finished) lose their slots in time; slow
+//!   but steady readers are not cut.
 //! - `lifecycle`: reload (good, bad, via file watcher), graceful drain, readiness, metrics.
 //! - `cli`: the real binary: `check` diagnostics, and the README's demo flow.
 //! - `review`: shadow policies through the proxy, policy revisions in audit events,
@@ -34,6 +37,7 @@ mod browser;
 mod checklist;
 mod cli;
 mod forwarding;
+mod hoarding;
 mod interop;
 mod lifecycle;
 mod pg;
