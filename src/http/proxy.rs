@@ -573,15 +573,8 @@ pub async fn handle(
                         out.detail = Some(Cow::Owned(format!("{detail}; sent to sign in")));
                         out.decision = "deny";
                         finish(
-                            Box::pin(sign_in_redirect(
-                                s,
-                                &rt.config,
-                                &route,
-                                &full_authority,
-                                &rc,
-                                &req,
-                            ))
-                            .await,
+                            sign_in_redirect(s, &rt.config, &route, &full_authority, &rc, &req)
+                                .await,
                             out,
                         )
                     } else {
@@ -604,15 +597,7 @@ pub async fn handle(
                     out.detail = Some(Cow::Borrowed("no session; sent to sign in"));
                     out.decision = "deny";
                     return finish(
-                        Box::pin(sign_in_redirect(
-                            s,
-                            &rt.config,
-                            &route,
-                            &full_authority,
-                            &rc,
-                            &req,
-                        ))
-                        .await,
+                        sign_in_redirect(s, &rt.config, &route, &full_authority, &rc, &req).await,
                         out,
                     );
                 }
@@ -829,7 +814,10 @@ async fn sign_in_redirect(
     let here = crate::session::redirect::shorten(rc.here());
     let issuers = config.login_issuers(route);
     if let [only] = issuers.as_slice() {
-        if let Ok(resp) = s.start_login(&only.issuer, authority, &here, req.headers()).await {
+        // Boxed: the provider's metadata fetch is large, and this future sits in every
+        // request's (see `the_request_future_stays_small`).
+        let start = Box::pin(s.start_login(&only.issuer, authority, &here, req.headers()));
+        if let Ok(resp) = start.await {
             return resp;
         }
     }
