@@ -153,10 +153,11 @@ pub(super) async fn run(
     else {
         return;
     };
-    hub.sink.emit(&SessionEvent {
+    // What every event of this session says; `open` as is, `close` with how it ended.
+    let event = |event: &'static str| SessionEvent {
         ts: now_rfc3339(),
         kind: "pg.session",
-        event: "open",
+        event,
         session_id: &sid,
         route: &route,
         client_addr: peer,
@@ -178,7 +179,8 @@ pub(super) async fn run(
         bytes_in: None,
         bytes_out: None,
         statements: None,
-    });
+    };
+    hub.sink.emit(&event("open"));
     let m = crate::metrics::global();
     m.pg_sessions.inc(&(route.clone(), "allow", Reason::Allowed.code()));
     let counters = RouteCounters::open(&route);
@@ -213,30 +215,16 @@ pub(super) async fn run(
         }
         let revision = hub.shared.runtime.load().revision.clone();
         hub.sink.emit(&SessionEvent {
-            ts: now_rfc3339(),
-            kind: "pg.session",
-            event: "close",
-            session_id: &sid,
-            route: &route,
-            client_addr: peer,
-            tls: facts.tls.as_ref(),
-            database: Some(&database),
-            role: facts.role.as_deref(),
-            upstream_role: Some(&upstream_role),
-            upstream: &db.upstream_display,
-            application_name: facts.application_name.as_deref(),
             decision: if end.reason.is_some() { "terminated" } else { "closed" },
             reason: end.reason.map_or("closed", Reason::code),
             detail: end.detail.as_deref(),
-            rule: facts.rule.as_deref(),
             policy_revision: &revision,
-            identity: Some(identity.audit_fields().0),
-            ci: identity.audit_fields().1,
             ended_by: Some(end.by),
             duration_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
             bytes_in: Some(totals.bytes_in.load(Ordering::Relaxed)),
             bytes_out: Some(totals.bytes_out.load(Ordering::Relaxed)),
             statements: Some(totals.statements.load(Ordering::Relaxed)),
+            ..event("close")
         });
     };
     let mut guard = OnDrop(Some(|| {
