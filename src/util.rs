@@ -49,6 +49,14 @@ pub const MAX_CONFIG_FILE: u64 = 16 * 1024 * 1024;
 /// The most a secret file (a password, a key) may hold.
 pub const MAX_SECRET_FILE: u64 = 64 * 1024;
 
+/// SHA-256 of some bytes: token-cache keys, policy revisions, what the file watcher
+/// compares.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

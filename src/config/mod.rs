@@ -420,13 +420,6 @@ impl Config {
     }
 }
 
-/// SHA-256 of some bytes (what the watcher and [`Config::read_digests`] compare).
-pub fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref());
-    out
-}
-
 fn base_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -721,7 +714,7 @@ impl Compiler<'_> {
             routes: compiled_routes.into_iter().map(|(_, r)| Arc::new(r)).collect(),
             databases: compiled_databases,
             files,
-            sha256: sha256(self.source.text.as_bytes()),
+            sha256: crate::util::sha256(self.source.text.as_bytes()),
             warnings,
             session,
             logins,

@@ -458,6 +458,9 @@ fn every_file_the_configuration_names_is_watched() {
     }
     // What the load read of the configuration and the policy, for the watcher.
     let read = c.read_digests();
-    assert_eq!(read.get(&dir.path().join("portcullis.toml")), Some(&sha256(text.as_bytes())));
+    assert_eq!(
+        read.get(&dir.path().join("portcullis.toml")),
+        Some(&crate::util::sha256(text.as_bytes()))
+    );
     assert!(read.contains_key(&dir.path().join("policies/p.toml")), "{read:?}");
 }

@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 
-use aws_lc_rs::digest;
 use parking_lot::RwLock;
 
 use super::Identity;
@@ -21,10 +20,7 @@ pub const DEFAULT_CAPACITY: usize = 65_536;
 pub(crate) type TokenHash = [u8; 32];
 
 pub(crate) fn hash(token: &str) -> TokenHash {
-    let d = digest::digest(&digest::SHA256, token.as_bytes());
-    let mut out = [0; 32];
-    out.copy_from_slice(d.as_ref());
-    out
+    crate::util::sha256(token.as_bytes())
 }
 
 #[derive(Debug, Clone)]

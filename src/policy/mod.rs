@@ -141,9 +141,7 @@ impl Policy {
         }
         let name =
             source.path.file_stem().map_or_else(|| "policy".into(), |s| s.to_string_lossy().into());
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, source.text.as_bytes());
-        let mut sha256 = [0u8; 32];
-        sha256.copy_from_slice(digest.as_ref());
+        let sha256 = crate::util::sha256(source.text.as_bytes());
         Ok(Policy { name, file: source.path.clone(), sha256, rules, tests, warnings })
     }
 

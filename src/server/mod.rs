@@ -198,7 +198,7 @@ impl Fixed {
         let key_sha256 = c.assertion.key_file.as_deref().and_then(|p| {
             crate::util::read_bounded(p, crate::util::MAX_SECRET_FILE, true)
                 .ok()
-                .map(|b| crate::config::sha256(&b))
+                .map(|b| crate::util::sha256(&b))
         });
         Fixed {
             https: c.listen.https,

@@ -66,7 +66,7 @@ fn read(path: &std::path::Path) -> Seen {
     // A file that is not a regular one (a FIFO, a device) is never opened: the load
     // refuses it anyway.
     match crate::util::read_bounded(path, crate::util::MAX_CONFIG_FILE, true) {
-        Ok(b) => Seen::Content(crate::config::sha256(&b)),
+        Ok(b) => Seen::Content(crate::util::sha256(&b)),
         Err(e) => Seen::Unreadable(e.kind()),
     }
 }
@@ -191,7 +191,7 @@ mod tests {
         let (f, l) = (file.clone(), loaded.clone());
         let watched = move || {
             let last = l.lock().map(|v| v.last().cloned().unwrap_or_default()).unwrap_or_default();
-            let digest = digest_known.then(|| crate::config::sha256(last.as_bytes()));
+            let digest = digest_known.then(|| crate::util::sha256(last.as_bytes()));
             vec![(f.clone(), digest)]
         };
         let (f, l) = (file.clone(), loaded.clone());
@@ -286,7 +286,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let file = dir.path().join("portcullis.toml");
         std::fs::write(&file, "good").unwrap_or_else(|e| panic!("{e}"));
-        let digest = crate::config::sha256(b"good");
+        let digest = crate::util::sha256(b"good");
         let calls = Arc::new(Mutex::new(0u32));
         let (tx, rx) = watch::channel(false);
         let (f, c) = (file.clone(), calls.clone());

@@ -238,13 +238,6 @@ fn redirect(location: &str, cookies: Vec<HeaderValue>) -> Response<ProxyBody> {
     r
 }
 
-fn sha256(s: &str) -> [u8; 32] {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
 // === impl SessionData ===
 
 impl SessionData {
@@ -468,7 +461,7 @@ impl Sessions {
             let mut flights = self.flights.lock();
             flights.retain(|_, (at, _)| at.elapsed() < FLIGHT_TTL);
             flights
-                .entry(sha256(rt))
+                .entry(crate::util::sha256(rt.as_bytes()))
                 .or_insert_with(|| (Instant::now(), Arc::new(tokio::sync::OnceCell::new())))
                 .1
                 .clone()
