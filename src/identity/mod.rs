@@ -13,7 +13,7 @@ mod cache;
 pub mod ci;
 mod jwks;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod token;
 pub mod verify;
 

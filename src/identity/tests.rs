@@ -38,7 +38,8 @@ fn forger() -> &'static DevSigner {
     K.get_or_init(|| DevSigner::generate_rs256("rsa-1").unwrap())
 }
 
-fn settings(id: &str, preset: Preset, issuer: &str, audience: &str) -> IssuerSettings {
+/// An issuer's settings with the defaults tests start from (also the session tests').
+pub(crate) fn settings(id: &str, preset: Preset, issuer: &str, audience: &str) -> IssuerSettings {
     IssuerSettings {
         id: IssuerId(id.into()),
         preset,

@@ -454,29 +454,13 @@ mod tests {
 
     use super::*;
     use crate::config::SecretSource;
-    use crate::identity::{Algorithm, IssuerId, Preset, TokenType};
+    use crate::identity::{IssuerId, Preset};
 
     fn provider(issuer: &str, secret: &std::path::Path) -> Provider {
-        let preset = Preset::Oidc;
-        let settings = IssuerSettings {
-            id: IssuerId("idp".into()),
-            preset,
-            issuer: issuer.to_owned(),
-            discovery_url: format!("{issuer}/.well-known/openid-configuration"),
-            audiences: vec!["portcullis".into()],
-            algorithms: vec![Algorithm::RS256],
-            leeway: Duration::from_secs(60),
-            max_token_age: None,
-            kind: preset.default_kind(),
-            token_type: TokenType::Id,
-            client_id: None,
-            hosted_domain: None,
-            groups_claim: "groups".into(),
-            ca_file: None,
-            insecure_http: true,
-            stale_window: Duration::from_secs(3600),
-            refresh_cooldown: Duration::from_secs(60),
-        };
+        let mut settings =
+            crate::identity::tests::settings("idp", Preset::Oidc, issuer, "portcullis");
+        // The test provider is plain HTTP on loopback.
+        settings.insecure_http = true;
         let login = LoginSettings {
             issuer: IssuerId("idp".into()),
             client_id: "portcullis".into(),
