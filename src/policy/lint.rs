@@ -81,7 +81,7 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
         if rule.effect == Effect::Allow {
             unpinned(&mut out, rule, &presets);
             deploy_without_ref(&mut out, rule, &presets);
-            github_branch_without_event(&mut out, rule, &presets);
+            branch_alone(&mut out, rule, &presets);
             unverified_email(&mut out, rule);
             shadowed(&mut out, rule, rules);
             redundant(&mut out, rule, rules);
@@ -234,49 +234,90 @@ fn unverified_email(out: &mut Lints<'_>, rule: &Rule) {
     }
 }
 
-/// A GitHub allow that can write and trusts a branch alone: `pull_request_target`,
-/// `workflow_run` and `schedule` runs carry the base branch's ref, so a workflow that
-/// a fork's pull request sets off (and that checks out its code) gets a `main` token.
-/// Pinning the event, the workflow file or a protected environment closes that.
-fn github_branch_without_event(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
-    let Some((issuer, _)) = presets.iter().find(|(_, p)| *p == Preset::GithubActions) else {
-        return;
-    };
+/// A CI allow that can write and trusts a branch name alone, on a platform that gives
+/// that name to runs an outsider can set off:
+/// - GitHub: `pull_request_target`, `workflow_run` and `schedule` runs carry the base
+///   branch's ref, so a workflow that a fork's pull request sets off (and that checks
+///   out its code) gets a `main` token;
+/// - GitLab: a merge-request pipeline from a fork, run in the parent project (as a
+///   maintainer does to test it with the project's variables), carries the fork's own
+///   branch name, so the fork's `main` reads `ref = "main"`; only `ref_protected` tells
+///   it from the project's protected `main`.
+///
+/// Pinning what an outsider cannot choose (the event, the workflow file, a protected
+/// ref or environment) closes that.
+fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    struct Platform {
+        preset: Preset,
+        name: &'static str,
+        /// Claims that pin what an outsider cannot choose.
+        pins: &'static [&'static str],
+        /// A `ci` field that does the same.
+        ci_pins: &'static [&'static str],
+        /// Where the subject names the branch (`None`: the subject never pins enough).
+        why: &'static str,
+    }
+    const PLATFORMS: [Platform; 2] = [
+        Platform {
+            preset: Preset::GithubActions,
+            name: "GitHub",
+            pins: &["event_name", "environment", "job_workflow_ref", "workflow_ref", "ref_protected"],
+            ci_pins: &["environment", "tag"],
+            why: "pull_request_target, workflow_run and schedule runs carry the base branch too, so a fork's pull request can set one off; pin claims.event_name, claims.job_workflow_ref or ci.environment",
+        },
+        Platform {
+            preset: Preset::GitlabCi,
+            name: "GitLab",
+            pins: &["ref_protected", "environment_protected", "pipeline_source"],
+            ci_pins: &["tag"],
+            why: "a merge-request pipeline from a fork, run in this project, carries the fork's branch name (its own `main`), unprotected; pin claims.ref_protected = \"true\" (or claims.environment_protected = \"true\")",
+        },
+    ];
     if can_write(rule).is_none() {
         return;
     }
-    let mut by_branch = None;
-    let mut by_more = false;
-    for c in rule.conditions() {
-        match c.matcher() {
-            Matcher::Ci { field: "branch" | "ref", .. } => by_branch = by_branch.or(Some(c)),
-            Matcher::Claim { name, .. } if &**name == "ref" => by_branch = by_branch.or(Some(c)),
-            Matcher::Ci { field: "environment" | "tag", .. } => by_more = true,
-            Matcher::Claim { name, .. } => {
-                by_more |= matches!(
-                    &**name,
-                    "event_name"
-                        | "environment"
-                        | "job_workflow_ref"
-                        | "workflow_ref"
-                        | "ref_protected"
-                );
+    for platform in &PLATFORMS {
+        let Some((issuer, _)) = presets.iter().find(|(_, p)| *p == platform.preset) else {
+            continue;
+        };
+        let mut by_branch = None;
+        let mut by_more = false;
+        for c in rule.conditions() {
+            match c.matcher() {
+                Matcher::Ci { field: "branch" | "ref", .. } => by_branch = by_branch.or(Some(c)),
+                Matcher::Ci { field, .. } => by_more |= platform.ci_pins.contains(field),
+                Matcher::Claim { name, .. } if matches!(&**name, "ref" | "ref_path") => {
+                    by_branch = by_branch.or(Some(c))
+                }
+                Matcher::Claim { name, .. } => by_more |= platform.pins.contains(&&**name),
+                Matcher::Subject(globs) => match platform.preset {
+                    // `repo:OWNER/REPO:environment:NAME` names an environment.
+                    Preset::GithubActions => {
+                        by_more |=
+                            globs.iter().all(|g| g.literal_prefix().contains(":environment:"))
+                    }
+                    // `project_path:GROUP/PROJECT:ref_type:branch:ref:main` names a branch.
+                    _ => {
+                        if globs.iter().any(|g| g.literal_prefix().contains(":ref_type:branch:")) {
+                            by_branch = by_branch.or(Some(c));
+                        }
+                    }
+                },
+                _ => {}
             }
-            Matcher::Subject(globs) => {
-                by_more |= globs.iter().all(|g| g.literal_prefix().contains(":environment:"));
-            }
-            _ => {}
         }
-    }
-    if let (Some(at), false) = (by_branch, by_more) {
-        out.push(
-            Severity::Warning,
-            at.loc(),
-            format!(
-                "allow rule `{}` trusts a GitHub branch alone (issuer `{issuer}`): pull_request_target, workflow_run and schedule runs carry the base branch too, so a fork's pull request can set one off; pin claims.event_name, claims.job_workflow_ref or ci.environment",
-                rule.id()
-            ),
-        );
+        if let (Some(at), false) = (by_branch, by_more) {
+            out.push(
+                Severity::Warning,
+                at.loc(),
+                format!(
+                    "allow rule `{}` trusts a {} branch alone (issuer `{issuer}`): {}",
+                    rule.id(),
+                    platform.name,
+                    platform.why
+                ),
+            );
+        }
     }
 }
 
