@@ -38,9 +38,16 @@ pub fn check(target: &str, authority: &str, cfg: &Config) -> Result<String, Refu
     if target.is_empty() || target.len() > MAX_LEN {
         return Err("empty or overlong target");
     }
-    suspicious(target)?;
+    // Only what comes before the query decides where the browser goes; the query and
+    // fragment (a deep link's `?q=hello%20world`, `?p=C%3A%5Ctmp`) are carried as they
+    // are and need only be fit for a header.
+    let (head, tail) = target.split_at(target.find(['?', '#']).unwrap_or(target.len()));
+    if tail.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("control character or space");
+    }
+    suspicious(head)?;
     // Encoded variants: decode a few times and apply the same checks.
-    let mut decoded = target.to_string();
+    let mut decoded = head.to_string();
     for _ in 0..3 {
         let next = percent_encoding::percent_decode_str(&decoded).decode_utf8_lossy().into_owned();
         if next == decoded {

@@ -172,6 +172,16 @@ fn redirect_targets() -> Result<(), String> {
         Ok("https://grafana.internal.example.com:8443/d")
     );
     assert_eq!(ok("https://APP.example.com:8443").as_deref(), Ok("https://app.example.com:8443/"));
+    // A deep link's query may hold anything encoded: it does not choose the destination.
+    for deep in
+        ["/search?q=hello%20world", "/f?p=C%3A%5Ctmp", "/x?u=%2F%2Fevil.example", "/x#a%20b"]
+    {
+        assert_eq!(ok(deep), Ok(format!("https://app.example.com:8443{deep}")), "{deep}");
+    }
+    assert_eq!(
+        ok("https://app.example.com:8443/s?q=a%20b").as_deref(),
+        Ok("https://app.example.com:8443/s?q=a%20b")
+    );
     let on_443 = |t: &str| redirect::check(t, "app.example.com", &cfg);
     assert_eq!(
         on_443("https://app.example.com:443/x").as_deref(),
@@ -197,6 +207,12 @@ fn redirect_targets() -> Result<(), String> {
         "http://app.example.com/",
         "javascript:alert(1)",
         "/a\nb",
+        "/a?b\nc",
+        "/a?b c",
+        "/%2F%2Fevil.example?q=1",
+        "/%5Cevil.example#x",
+        "https://evil.example?@app.example.com:8443/",
+        "https://evil.example#@app.example.com:8443/",
         "https://internal.example.com.evil.example/",
         "",
     ] {

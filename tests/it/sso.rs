@@ -761,6 +761,27 @@ async fn sign_ins_in_progress_are_capped_oldest_first_and_a_long_deep_link_still
     assert!(b.session_cookie().is_some());
 }
 
+/// A deep link whose query holds an encoded space or backslash (a search, a Windows
+/// path) signs in and lands on it: the query does not choose the destination, so it is
+/// not held to the checks of the path (anyone could send such a link to make a
+/// victim's sign-in fail after the provider).
+#[tokio::test]
+async fn a_deep_link_with_an_encoded_space_or_backslash_in_its_query_signs_in() {
+    let w = sso_world("").await;
+    for deep in ["/app/search?q=hello%20world", "/app/f?p=C%3A%5Ctmp"] {
+        let mut b = Browser::new();
+        let callback = b.through_provider(&w, deep, "alice", &["engineering"]).await;
+        let r = b.get(&w, &callback).await;
+        assert_eq!(r.status, StatusCode::FOUND, "{deep}: {}", r.text());
+        assert_eq!(location(&r), w.url(deep));
+        assert!(b.session_cookie().is_some(), "{deep}");
+    }
+    // The path still is: an encoded backslash there is refused at the start.
+    let mut b = Browser::new();
+    let r = b.get(&w, &w.url("/.portcullis/sign_in?rd=/%255Cevil.example%3Fq%3D1")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+}
+
 /// `Host: localhost:` (an empty port, read as `localhost`) signs in with the callback
 /// and the return address on `localhost`, never on `localhost:`.
 #[tokio::test]
