@@ -217,6 +217,15 @@ fn v1_bearer_extraction() {
         ok(&[("authorization", "Bearer   a.b-c_~+/==")]),
         some("a.b-c_~+/==", Authorization)
     );
+    // A tab after the scheme (or among the spaces) separates as a space does: read as
+    // another scheme, `Bearer<TAB>token` would be passed upstream unverified beside a
+    // verified Proxy-Authorization.
+    assert_eq!(ok(&[("authorization", "Bearer\ta.b.c")]), some("a.b.c", Authorization));
+    assert_eq!(ok(&[("authorization", "Bearer \t a.b.c")]), some("a.b.c", Authorization));
+    assert_eq!(
+        err(&[("authorization", "Bearer\ta"), ("proxy-authorization", "Bearer b")]),
+        ambiguous
+    );
     // Bytes outside visible ASCII in a bearer token or any other scheme.
     let raw = |v: &[u8]| {
         let mut h = http::HeaderMap::new();

@@ -103,7 +103,11 @@ fn bearer(value: &http::HeaderValue) -> Result<Option<&str>, AuthError> {
     // Byte-wise: the token check below admits only ASCII, so the whole header is read
     // once (this runs on every request).
     let bytes = value.as_bytes();
-    let (scheme, rest) = match bytes.iter().position(|&b| b == b' ') {
+    // A tab separates too (RFC 9110 says one space, but upstreams' parsers split on any
+    // whitespace): `Bearer<TAB>token` read as another scheme would pass it upstream
+    // unverified, beside a Proxy-Authorization the proxy did verify.
+    let blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let (scheme, rest) = match bytes.iter().position(blank) {
         Some(i) => (&bytes[..i], &bytes[i + 1..]),
         None => (bytes, &b""[..]),
     };
@@ -113,7 +117,7 @@ fn bearer(value: &http::HeaderValue) -> Result<Option<&str>, AuthError> {
             Err(_) => Err(malformed("credentials are not visible ASCII")),
         };
     }
-    let start = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
+    let start = rest.iter().position(|b| !blank(b)).unwrap_or(rest.len());
     let token = &rest[start..];
     if token.is_empty() {
         return Err(malformed("empty bearer token"));
