@@ -37,6 +37,8 @@ struct IdentitySummary<'a> {
     kind: crate::identity::PrincipalKind,
     #[serde(skip_serializing_if = "Option::is_none")]
     email: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email_verified: Option<bool>,
 }
 
 #[cfg(test)]
@@ -47,6 +49,7 @@ impl<'a> IdentitySummary<'a> {
             subject: &id.subject,
             kind: id.kind,
             email: id.email.as_deref(),
+            email_verified: id.email.as_ref().map(|_| id.email_verified),
         }
     }
 }
@@ -97,9 +100,17 @@ fn identity_json(id: &Identity) -> Vec<u8> {
     json_str(&mut out, &id.subject);
     out.extend_from_slice(b",\"kind\":");
     json_str(&mut out, id.kind.as_str());
+    // An address the token claims is recorded with whether the issuer verified it: an
+    // unverified one (`email_verified: false`, or no such claim, as Entra sends) is what
+    // the caller says, not who they are, and policies never grant on it (V21).
     if let Some(email) = &id.email {
         out.extend_from_slice(b",\"email\":");
         json_str(&mut out, email);
+        out.extend_from_slice(if id.email_verified {
+            b",\"email_verified\":true"
+        } else {
+            b",\"email_verified\":false"
+        });
     }
     out.push(b'}');
     out
@@ -1005,15 +1016,17 @@ mod tests {
             let expected = to_string(&ci).unwrap_or_default();
             assert_eq!(String::from_utf8(ci_json(&ci)).unwrap_or_default(), expected);
         }
-        for (email, kind) in
-            [(None, PrincipalKind::Pipeline), (Some("a\u{200b}@x.com"), PrincipalKind::Human)]
-        {
+        for (email, verified, kind) in [
+            (None, false, PrincipalKind::Pipeline),
+            (Some("a\u{200b}@x.com"), false, PrincipalKind::Human),
+            (Some("b@x.com"), true, PrincipalKind::Human),
+        ] {
             let id = Identity {
                 issuer: crate::identity::IssuerId("iss\u{202e}".into()),
                 subject: "sub\"\n".into(),
                 kind,
                 email: email.map(str::to_string),
-                email_verified: false,
+                email_verified: verified,
                 groups: Vec::new(),
                 groups_known: true,
                 expires_at: u64::MAX,

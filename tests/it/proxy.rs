@@ -108,6 +108,24 @@ async fn humans_outside_the_group_are_denied() {
     assert_eq!(r.status, StatusCode::OK);
 }
 
+/// The audit event says whether the address it records was verified by the issuer: a
+/// token claiming `ceo@…` with `email_verified: false` must not read as the CEO's.
+#[tokio::test]
+async fn an_unverified_email_is_recorded_as_unverified() {
+    let w = World::start().await;
+    let claimed = ["email=ceo@acme.example", "email_verified:=false"];
+    for (overrides, verified) in [(&claimed[..], false), (&claimed[..1], true)] {
+        let r = w.get("/x", Some(&w.token("corp", overrides))).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let rid = r.upstream_header("x-portcullis-request-id").unwrap_or_default();
+        let ev = w.event_for(&rid).await;
+        assert_eq!(ev["identity"]["email"], "ceo@acme.example", "{ev}");
+        assert_eq!(ev["identity"]["email_verified"], verified, "{ev}");
+        let forwarded = r.upstream_header("x-portcullis-email");
+        assert_eq!(forwarded.is_some(), verified, "{forwarded:?}");
+    }
+}
+
 #[tokio::test]
 async fn routes_match_host_path_and_method_most_specific_first() {
     let routes = r#"
