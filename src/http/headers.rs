@@ -120,7 +120,7 @@ pub fn strip_identity_headers(h: &mut HeaderMap, extra: &[HeaderName]) {
 /// Whether two (lowercase) header names read the same to a CGI/WSGI server, which
 /// turns `-` and `_` alike into `_` (either side may use either spelling: a route's
 /// `strip_headers` may be written `x_user`).
-fn cgi_eq(client: &[u8], ours: &[u8]) -> bool {
+pub(crate) fn cgi_eq(client: &[u8], ours: &[u8]) -> bool {
     let fold = |b: u8| if b == b'-' { b'_' } else { b };
     client.len() == ours.len() && client.iter().zip(ours).all(|(a, b)| fold(*a) == fold(*b))
 }
