@@ -803,6 +803,12 @@ pub async fn handle(
     }
     let keep_upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();
+    // hyper read the body by its Transfer-Encoding; a Content-Length beside it describes
+    // nothing and is removed (RFC 9112 §6.3), or the client would be promised a length
+    // the body does not have (a truncated or missing answer, logged as a success).
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     headers::strip_hop_by_hop(&mut parts.headers, keep_upgrade);
     headers::strip_proxy_set_cookies(&mut parts.headers);
     // A refreshed or touched session goes back to the browser with the response.

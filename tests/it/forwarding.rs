@@ -1788,3 +1788,52 @@ async fn a_client_gone_mid_response_body_is_client_closed() {
     let out = ev["bytes_out"].as_u64().unwrap_or(u64::MAX);
     assert!(out < 100_000_000, "{ev}");
 }
+
+/// An upstream answer framed by `Transfer-Encoding: chunked` that also carries a
+/// `Content-Length`: the client gets the body the chunks carried, framed anew, and no
+/// length promise the body does not keep (RFC 9112 §6.3: an intermediary removes it).
+#[tokio::test]
+async fn an_upstream_content_length_beside_transfer_encoding_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let upstream = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer: &[u8] = if head.starts_with(b"GET /te/long") {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n"
+                };
+                let _ = s.write_all(answer).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let routes = format!(
+        "[[routes]]\nname = \"te\"\nmatch = {{ path_prefix = \"/te\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    for (path, body) in [("/te/long", "hello"), ("/te/empty", "")] {
+        let r = w.get(path, Some(&t)).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
+        assert_eq!(r.text(), body, "{path}");
+        let length = r.headers.get("content-length").and_then(|v| v.to_str().ok());
+        assert!(length.is_none_or(|l| l == body.len().to_string()), "{path}: {length:?}");
+        let ev = w.last_event().await;
+        assert_eq!(ev["path"], path, "{ev}");
+        assert_eq!(ev["status"], 200, "{ev}");
+        assert_eq!(ev["bytes_out"], body.len(), "{ev}");
+    }
+    upstream.abort();
+}
