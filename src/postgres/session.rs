@@ -835,18 +835,7 @@ async fn cancel(hub: &Hub, db: &DatabaseSettings, peer: SocketAddr, pid: u32, se
     let elsewhere = target.as_ref().filter(|t| t.db.name != db.name).map(|t| t.db.name.clone());
     let mut forwarded = false;
     if let Some(t) = target.as_ref().filter(|_| elsewhere.is_none()) {
-        if let Ok(Ok(mut s)) = tokio::time::timeout(
-            t.db.connect_timeout + Duration::from_secs(5),
-            upstream::connect(&t.db, t.tls.as_ref()),
-        )
-        .await
-        {
-            forwarded = s.write_all(&proto::cancel_request(t.pid, t.secret)).await.is_ok()
-                && s.flush().await.is_ok();
-            // PostgreSQL closes the connection when it is done; wait for that briefly.
-            let mut sink = [0u8; 16];
-            let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
-        }
+        forwarded = t.send().await;
     }
     // A cancel request carries no identity: one that matched no session is refused.
     let budget = crate::audit::Budget::of(false, if forwarded { "allow" } else { "deny" });
