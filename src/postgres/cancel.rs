@@ -4,9 +4,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::{proto, upstream};
 use crate::config::DatabaseSettings;
 
 /// Where a client's cancel key leads.
@@ -18,6 +21,36 @@ pub struct CancelTarget {
     pub pid: u32,
     pub secret: u32,
     pub session_id: Arc<str>,
+}
+
+impl CancelTarget {
+    /// Whether the backend's key is known: a server that sent no BackendKeyData (poolers
+    /// may omit it) cannot be sent a cancel.
+    pub fn is_known(&self) -> bool {
+        self.pid != 0
+    }
+
+    /// Sends the backend's CancelRequest over a new upstream connection (TLS when the
+    /// route uses it, as the session's own connection), then waits briefly for the server
+    /// to close it, which it does once it has acted on it. Whether the request was sent:
+    /// PostgreSQL answers nothing, so whether a statement was running and stopped is not
+    /// known here.
+    pub async fn send(&self) -> bool {
+        if !self.is_known() {
+            return false;
+        }
+        let connect = upstream::connect(&self.db, self.tls.as_ref());
+        let Ok(Ok(mut s)) =
+            tokio::time::timeout(self.db.connect_timeout + Duration::from_secs(5), connect).await
+        else {
+            return false;
+        };
+        let sent = s.write_all(&proto::cancel_request(self.pid, self.secret)).await.is_ok()
+            && s.flush().await.is_ok();
+        let mut sink = [0u8; 16];
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
+        sent
+    }
 }
 
 /// Client keys of open sessions.

@@ -57,6 +57,11 @@ pub struct SessionEvent<'a> {
     pub bytes_out: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub statements: Option<u64>,
+    /// Close only, when true: a statement was still running when the session ended, and
+    /// portcullis sent the backend a cancel request (PostgreSQL does not say whether it
+    /// stopped anything).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_sent: Option<bool>,
 }
 
 /// One statement sent for execution: a simple Query, or a Bind of a parsed statement.

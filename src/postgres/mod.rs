@@ -16,16 +16,22 @@
 //!     ── upstream: TCP (+TLS) ── StartupMessage as the granted role ── SCRAM / md5
 //!     ── AuthenticationOk to the client ── ParameterStatus… ── BackendKeyData (ours,
 //!        mapped to the backend's) ── ReadyForQuery
-//!     ── RELAY ─┬─ client closes / Terminate ─────────────────> close (audit)
+//!     ── RELAY ─┬─ client closes / Terminate ─────────────────> SETTLE ── close (audit)
 //!               ├─ upstream closes ───────────────────────────> close (audit)
 //!               └─ control fires: token exp, max_session, reload revokes access,
 //!                  shutdown grace over, client protocol violation
 //!                  ── finish the message in flight ── FATAL 57P01 ── Terminate upstream
+//!                  ── SETTLE ── close (audit)
+//! SETTLE: the server's answers to what was relayed are read (never forwarded) until none
+//!         is awaited, so each Bind gets its real outcome; a statement still running is
+//!         cancelled (CancelRequest with the backend's key): at once when portcullis
+//!         ended the session, after 2 s when the client went away; what is still
+//!         unanswered after that is audited with `outcome: "unknown"`.
 //! ```
 //!
 //! Everything before RELAY runs under the route's `startup_timeout`. Every connection
 //! ends in exactly one `pg.session` event with `event = "refused"` or one `open` and one
-//! `close`; each statement in between is one `pg.statement` event.
+//! `close`; each statement relayed in between is exactly one `pg.statement` event.
 //!
 //! The relay never reassembles messages. It reads up to 64 KiB, forwards it, and walks the
 //! message headers in what it forwarded ([`proto::Scanner`]); only Query, Parse, Bind,

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::cancel::{CancelGuard, CancelTarget};
 use super::events::{CancelEvent, SessionEvent, StatementEvent};
-use super::proto::{self, Initial, ReadError, Scanner, Severity};
+use super::proto::{self, Captured, Initial, ReadError, Scanner, Severity};
 use super::statements::{is_utf8, Record, Tracker};
 use super::upstream::{self, UpstreamError, UpstreamStream};
 use super::{Hub, ALPN_POSTGRESQL};
@@ -55,6 +55,9 @@ struct Established {
     upstream: UpstreamStream,
     _db: Arc<DatabaseSettings>,
     _cancel: CancelGuard,
+    /// The backend's own cancel key, to stop a statement still running when the session
+    /// ends (`None`: the server sent no BackendKeyData).
+    backend: Option<CancelTarget>,
     /// `standard_conforming_strings` as the server reported it at startup.
     scs: Option<bool>,
     /// `server_encoding` as the server reported it at startup.
@@ -179,6 +182,7 @@ pub(super) async fn run(
         bytes_in: None,
         bytes_out: None,
         statements: None,
+        cancel_sent: None,
     };
     hub.sink.emit(&event("open"));
     let m = crate::metrics::global();
@@ -224,6 +228,7 @@ pub(super) async fn run(
             bytes_in: Some(totals.bytes_in.load(Ordering::Relaxed)),
             bytes_out: Some(totals.bytes_out.load(Ordering::Relaxed)),
             statements: Some(totals.statements.load(Ordering::Relaxed)),
+            cancel_sent: end.cancel_sent.then_some(true),
             ..event("close")
         });
     };
@@ -235,6 +240,7 @@ pub(super) async fn run(
                     .to_string(),
             ),
             by: "portcullis",
+            cancel_sent: false,
         });
     }));
     let end = relay(est, control, &ctx).await;
@@ -323,6 +329,7 @@ fn emit_refused(
             bytes_in: None,
             bytes_out: None,
             statements: None,
+            cancel_sent: None,
         },
     );
 }
@@ -714,6 +721,7 @@ async fn establish(
     // with its BackendKeyData replaced by ours.
     let mut out = proto::auth(0, &[]);
     let mut guard = None;
+    let mut backend = None;
     let (mut scs, mut server_encoding) = (None, None);
     loop {
         let (kind, body) = match upstream::read(&mut up).await {
@@ -731,13 +739,15 @@ async fn establish(
         };
         match kind {
             b'K' if body.len() == 8 => {
-                let g = hub.cancels.register(CancelTarget {
+                let target = CancelTarget {
                     db: db.clone(),
                     tls: tls.clone(),
                     pid: u32::from_be_bytes([body[0], body[1], body[2], body[3]]),
                     secret: u32::from_be_bytes([body[4], body[5], body[6], body[7]]),
                     session_id: sid.clone(),
-                });
+                };
+                let g = hub.cancels.register(target.clone());
+                backend = Some(target);
                 out.extend_from_slice(&proto::backend_key_data(g.pid, g.secret));
                 guard = Some(g);
             }
@@ -818,6 +828,7 @@ async fn establish(
         upstream: up,
         _db: db.clone(),
         _cancel: guard,
+        backend,
         scs,
         server_encoding,
     })
@@ -835,18 +846,7 @@ async fn cancel(hub: &Hub, db: &DatabaseSettings, peer: SocketAddr, pid: u32, se
     let elsewhere = target.as_ref().filter(|t| t.db.name != db.name).map(|t| t.db.name.clone());
     let mut forwarded = false;
     if let Some(t) = target.as_ref().filter(|_| elsewhere.is_none()) {
-        if let Ok(Ok(mut s)) = tokio::time::timeout(
-            t.db.connect_timeout + Duration::from_secs(5),
-            upstream::connect(&t.db, t.tls.as_ref()),
-        )
-        .await
-        {
-            forwarded = s.write_all(&proto::cancel_request(t.pid, t.secret)).await.is_ok()
-                && s.flush().await.is_ok();
-            // PostgreSQL closes the connection when it is done; wait for that briefly.
-            let mut sink = [0u8; 16];
-            let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
-        }
+        forwarded = t.send().await;
     }
     // A cancel request carries no identity: one that matched no session is refused.
     let budget = crate::audit::Budget::of(false, if forwarded { "allow" } else { "deny" });
@@ -971,6 +971,8 @@ struct End {
     reason: Option<Reason>,
     detail: Option<String>,
     by: &'static str,
+    /// A cancel request was sent to the backend: a statement was still running.
+    cancel_sent: bool,
 }
 
 /// A session's running totals, for its `close` event.
@@ -995,6 +997,7 @@ async fn relay(
     let (mut ur, mut uw) = tokio::io::split(upstream);
     let Totals { bytes_in, bytes_out, statements } = ctx.totals;
     let mut c2s_scan = Scanner::client();
+    let mut s2c_scan = Scanner::server();
     let mut upstream_writing = false;
     // Prepared statements as the server accepted them; client messages are queued here
     // and resolved by the server's answers, in order.
@@ -1004,6 +1007,22 @@ async fn relay(
     ));
     let drained = tokio::sync::Notify::new();
     let emit = |r: Record<'_>| emit_statement(ctx, statements, &r);
+    // Every Bind relayed gets exactly one event: one still unanswered when the relay
+    // ends (or is dropped by the shutdown drain) gets it here, `outcome: "unknown"`.
+    let _finish = Finish { tracker: &tracker, emit: &emit };
+    // A server message, at its end: what the statement audit follows.
+    let on_server = |kind: u8, captured: Option<&Captured>| {
+        if let b'1' | b'2' | b'3' | b'C' | b'E' | b'G' | b'I' | b'n' | b's' | b'S' | b'T' | b'Z' =
+            kind
+        {
+            let mut t = tracker.lock();
+            t.server(kind, captured, &mut &emit);
+            if t.waiting && !t.saturated() {
+                t.waiting = false;
+                drained.notify_one();
+            }
+        }
+    };
     // A protocol violation by the client ends the session through the same path as the
     // other terminations, so the error reaches the client at a message boundary.
     let (violation_tx, mut violation_rx) = mpsc::channel::<String>(1);
@@ -1055,7 +1074,7 @@ async fn relay(
 
     let s2c = Box::pin(async {
         let mut buf = vec![0u8; BUF];
-        let mut scan = Scanner::server();
+        let scan = &mut s2c_scan;
         let control = async {
             tokio::select! {
                 r = control => r,
@@ -1075,17 +1094,7 @@ async fn relay(
                         }
                         Ok(n) => n,
                     };
-                    let scanned = scan.feed(&buf[..n], |kind, captured| {
-                        if let b'1' | b'2' | b'3' | b'C' | b'E' | b'G' | b'I' | b'n' | b's' | b'S' | b'T' | b'Z' = kind {
-                            let mut t = tracker.lock();
-                            t.server(kind, captured, &mut &emit);
-                            if t.waiting && !t.saturated() {
-                                t.waiting = false;
-                                drained.notify_one();
-                            }
-                        }
-                    });
-                    if scanned.is_err() {
+                    if scan.feed(&buf[..n], on_server).is_err() {
                         let _ = tokio::time::timeout(Duration::from_secs(1), cw.shutdown()).await;
                         return Err((Reason::UpstreamUnavailable, "the upstream broke the protocol".to_string()));
                     }
@@ -1137,7 +1146,7 @@ async fn relay(
                 let want = scan.needed().min(BUF);
                 let Ok(n) = ur.read(&mut buf[..want]).await else { break };
                 if n == 0
-                    || scan.feed(&buf[..n], |_, _| {}).is_err()
+                    || scan.feed(&buf[..n], on_server).is_err()
                     || cw.write_all(&buf[..n]).await.is_err()
                 {
                     break;
@@ -1189,11 +1198,95 @@ async fn relay(
         .await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), uw.shutdown()).await;
-    let (reason, detail) = match terminated {
+    // What was relayed may still be running, or be answered: read the server's answers
+    // (never forwarded: the client is gone, or has been told the session is over) so that
+    // each Bind gets its event with the server's outcome. A session portcullis ended has
+    // its statement cancelled at once; one whose client went away, once the statement
+    // has outlived it by ORPHAN_GRACE (past the session, its token's expiry or a
+    // revocation could no longer stop it).
+    let backend = session.backend.as_ref().filter(|b| b.is_known());
+    let cancel_after = if terminated.is_some() { Duration::ZERO } else { ORPHAN_GRACE };
+    let cancels = match by {
+        // The upstream closed or failed: there is nothing more to read from it.
+        "upstream" => 0,
+        _ => settle(&mut ur, &mut s2c_scan, &on_server, &tracker, backend, cancel_after).await,
+    };
+    let (reason, mut detail) = match terminated {
         Some((r, d)) => (Some(r), Some(d)),
         None => (None, None),
     };
-    End { reason, detail, by }
+    if cancels > 0 {
+        let note = "a statement was still running: a cancel request was sent to the backend";
+        detail = Some(match detail {
+            Some(d) => format!("{d}; {note}"),
+            None => note.to_string(),
+        });
+    }
+    End { reason, detail, by, cancel_sent: cancels > 0 }
+}
+
+/// How long a statement may run on after its client went away before it is cancelled.
+pub(super) const ORPHAN_GRACE: Duration = Duration::from_secs(2);
+/// After a cancel, how long the server's answers are waited for; and how often the cancel
+/// is repeated meanwhile (a cancel stops one statement: a client may have pipelined more).
+pub(super) const SETTLE_AFTER_CANCEL: Duration = Duration::from_secs(2);
+const CANCEL_AGAIN: Duration = Duration::from_millis(500);
+
+/// After the relay: reads the server's answers to what was relayed, feeding them to the
+/// statement audit (`on_server`), until nothing awaits an answer, the server closes, or
+/// `SETTLE_AFTER_CANCEL` after the first cancel. A statement still in flight
+/// `cancel_after` from now is cancelled (if the backend's key is known), and again every
+/// `CANCEL_AGAIN` while something is in flight. Returns the cancels sent.
+pub(super) async fn settle<R: tokio::io::AsyncRead + Unpin>(
+    ur: &mut R,
+    scan: &mut Scanner,
+    on_server: &impl Fn(u8, Option<&Captured>),
+    tracker: &parking_lot::Mutex<Tracker>,
+    backend: Option<&CancelTarget>,
+    cancel_after: Duration,
+) -> u32 {
+    let mut buf = vec![0u8; BUF];
+    let mut next_cancel = tokio::time::Instant::now() + cancel_after;
+    let deadline = next_cancel + SETTLE_AFTER_CANCEL;
+    let mut cancels = 0;
+    while tracker.lock().in_flight() {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            break;
+        }
+        if now >= next_cancel {
+            if let Some(b) = backend {
+                if tokio::time::timeout_at(deadline, b.send()).await == Ok(true) {
+                    cancels += 1;
+                }
+            }
+            next_cancel = tokio::time::Instant::now() + CANCEL_AGAIN;
+            continue;
+        }
+        match tokio::time::timeout_at(next_cancel.min(deadline), ur.read(&mut buf)).await {
+            Err(_) => {}
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => {
+                if scan.feed(&buf[..n], on_server).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    cancels
+}
+
+/// Writes the events of the Binds still unanswered when the relay ends (see
+/// [`Tracker::finish`]), also when the relay is dropped (the shutdown drain aborting it).
+struct Finish<'a, F: Fn(Record<'_>)> {
+    tracker: &'a parking_lot::Mutex<Tracker>,
+    emit: &'a F,
+}
+
+impl<F: Fn(Record<'_>)> Drop for Finish<'_, F> {
+    fn drop(&mut self) {
+        self.tracker.lock().finish(&mut self.emit);
+    }
 }
 
 fn emit_statement(ctx: &StatementContext<'_>, statements: &AtomicU64, r: &Record<'_>) {

@@ -246,6 +246,40 @@ impl Tracker {
         }
     }
 
+    /// Whether the server may still be working on something the client sent: a message
+    /// awaits its answer (a Query or Sync its ReadyForQuery, a Bind its BindComplete, …).
+    /// When the session ends then, a statement may still be running on the backend.
+    /// After the answers were lost track of, always (nothing can be ruled out).
+    pub fn in_flight(&self) -> bool {
+        self.lost || self.pending.iter().any(|p| !matches!(p, Pending::CopyEnd))
+    }
+
+    /// The session is over: the server's answers that were to come will not be read. Every
+    /// Bind still awaiting its answer gets its event now, `outcome` `unknown` (the server
+    /// may have run it, or may yet), so that each Bind relayed has exactly one event. A
+    /// Parse or Close before it that is unanswered too may or may not have been accepted:
+    /// the text it would give the Bind is reported `uncertain`, never dropped (the
+    /// Parse's text is what the server would have run).
+    pub fn finish(&mut self, emit: &mut impl FnMut(Record<'_>)) {
+        while let Some(p) = self.pending.pop_front() {
+            match p {
+                Pending::Bind { name, unsure } => self.emit_bind(&name, "unknown", unsure, emit),
+                Pending::Parse { name, mut text, .. } => {
+                    text.uncertain = true;
+                    if let Some(old) = self.known.insert(name, text) {
+                        self.release(&old);
+                    }
+                }
+                Pending::Close { statement: Some(name), .. } => {
+                    if let Some(t) = self.known.get_mut(&name) {
+                        t.uncertain = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Too many messages await an answer: stop reading from the client for now.
     pub fn saturated(&self) -> bool {
         self.pending.len() >= MAX_PENDING
@@ -1037,5 +1071,89 @@ mod tests {
         h.answer(&[status("client_encoding", "SJIS")]);
         assert_eq!(h.t.refused_encoding.as_deref(), Some("SJIS"));
         assert!(is_utf8("utf-8") && is_utf8("Unicode") && !is_utf8("SQL_ASCII"));
+    }
+
+    /// Round 10: Parse, Bind, Execute, Sync and Terminate in one write. The session ends
+    /// before the server answers; each Bind relayed still gets exactly one event: with
+    /// the server's outcome if its answers are read after the end, else `unknown`.
+    #[test]
+    fn a_bind_unanswered_when_the_session_ends_is_audited_once_as_unknown() {
+        let mut h = Harness::new();
+        assert!(!h.t.in_flight());
+        h.send(&[parse("", "delete from t"), bind(""), m(b'E'), m(b'S'), m(b'X')]);
+        assert!(h.take().is_empty());
+        assert!(h.t.in_flight());
+        let (t, events) = (&mut h.t, &mut h.events);
+        t.finish(&mut |r: Record<'_>| events.push(own(&r)));
+        let ev = h.take();
+        assert_eq!(
+            ev,
+            vec![Ev {
+                text_status: Some("uncertain"),
+                outcome: Some("unknown"),
+                ..ran("", "delete from t")
+            }],
+            "the Parse was never answered: its text is what the Bind ran if it ran"
+        );
+        assert!(!h.t.in_flight());
+        // Finishing again (the relay's guard) writes nothing more.
+        let (t, events) = (&mut h.t, &mut h.events);
+        t.finish(&mut |r: Record<'_>| events.push(own(&r)));
+        assert!(h.take().is_empty());
+
+        // A Bind of a statement the server knows, behind an unanswered Close of it and a
+        // Bind of a name never parsed.
+        let mut h = Harness::new();
+        h.send(&[parse("k", "select 'kept'"), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'Z')]);
+        h.send(&[bind("k"), m(b'S'), close("k"), bind("k"), bind("nope"), m(b'S')]);
+        let (t, events) = (&mut h.t, &mut h.events);
+        t.finish(&mut |r: Record<'_>| events.push(own(&r)));
+        let unknown = |e: Ev| Ev { outcome: Some("unknown"), ..e };
+        assert_eq!(
+            h.take(),
+            vec![
+                unknown(ran("k", "select 'kept'")),
+                unknown(Ev { text_status: Some("uncertain"), ..ran("k", "select 'kept'") }),
+                unknown(Ev {
+                    protocol: "extended",
+                    statement: Some("nope".into()),
+                    text_status: Some("unknown"),
+                    ..Ev::default()
+                }),
+            ]
+        );
+
+        // Answers read after the end resolve the Bind as usual: one event, nothing left.
+        let mut h = Harness::new();
+        h.send(&[parse("", "delete from t"), bind(""), m(b'E'), m(b'S'), m(b'X')]);
+        h.answer(&[m(b'1'), m(b'2'), complete("DELETE 1"), m(b'Z')]);
+        assert_eq!(h.take(), vec![ran("", "delete from t")]);
+        assert!(!h.t.in_flight());
+        let (t, events) = (&mut h.t, &mut h.events);
+        t.finish(&mut |r: Record<'_>| events.push(own(&r)));
+        assert!(h.take().is_empty());
+    }
+
+    #[test]
+    fn in_flight_until_every_message_is_answered() {
+        let mut h = Harness::new();
+        h.send(&[query("select pg_sleep(10)")]);
+        assert_eq!(h.take().len(), 1, "a Query is audited when it is relayed");
+        assert!(h.t.in_flight());
+        h.answer(&[complete("SELECT 1")]);
+        assert!(h.t.in_flight(), "not before its ReadyForQuery");
+        h.answer(&[m(b'Z')]);
+        assert!(!h.t.in_flight());
+        // A Bind answered but its Sync not yet: the server may still be executing.
+        h.send(&[parse("", "select 1"), bind(""), m(b'E'), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'2')]);
+        assert_eq!(h.take().len(), 1);
+        assert!(h.t.in_flight());
+        h.answer(&[complete("SELECT 1"), m(b'Z')]);
+        assert!(!h.t.in_flight());
+        // An answer out of step: nothing can be ruled out any more.
+        h.answer(&[m(b'2')]);
+        assert!(h.t.in_flight());
     }
 }

@@ -234,3 +234,59 @@ fn databases_need_tls() {
         "{errors:?}"
     );
 }
+
+/// After the relay, the server's answers still resolve what was relayed (round 10: a
+/// Bind sent with Terminate in the same write); a server that stays silent is given up
+/// on in bounded time, and what is unanswered then is audited as `unknown`.
+#[tokio::test(start_paused = true)]
+async fn settle_reads_the_answers_after_the_session_and_gives_up_in_time() {
+    use std::time::Duration;
+
+    use parking_lot::Mutex;
+    use tokio::io::AsyncWriteExt;
+
+    use super::session::{settle, ORPHAN_GRACE, SETTLE_AFTER_CANCEL};
+    use super::statements::{Record, Tracker};
+
+    let relayed = [
+        msg(b'P', b"\0insert into t values (1)\0\0\0"),
+        msg(b'B', b"\0\0\0\0\0\0\0\0"),
+        msg(b'E', b"\0\0\0\0\0"),
+        msg(b'S', b""),
+        msg(b'X', b""),
+    ]
+    .concat();
+    let answers = [msg(b'1', b""), msg(b'2', b""), msg(b'C', b"INSERT 0 1\0"), msg(b'Z', b"I")];
+    for (answered, silent) in [(&answers[..], false), (&answers[..1], true)] {
+        let tracker = Mutex::new(Tracker::new());
+        let events: Mutex<Vec<(Option<String>, Option<&'static str>)>> = Mutex::new(Vec::new());
+        let emit = |r: Record<'_>| events.lock().push((r.text.map(str::to_string), r.outcome));
+        Scanner::client()
+            .feed(&relayed, |k, c| tracker.lock().client(k, c, &mut &emit))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(events.lock().is_empty());
+        let (mut server, mut upstream) = tokio::io::duplex(4096);
+        server.write_all(&answered.concat()).await.unwrap_or_else(|e| panic!("{e}"));
+        let on_server =
+            |k: u8, c: Option<&proto::Captured>| tracker.lock().server(k, c, &mut &emit);
+        let started = tokio::time::Instant::now();
+        let mut scan = Scanner::server();
+        let cancels =
+            settle(&mut upstream, &mut scan, &on_server, &tracker, None, ORPHAN_GRACE).await;
+        assert_eq!(cancels, 0, "no backend key, no cancel");
+        if silent {
+            assert_eq!(started.elapsed(), ORPHAN_GRACE + SETTLE_AFTER_CANCEL);
+            assert!(events.lock().is_empty());
+            tracker.lock().finish(&mut &emit);
+            assert_eq!(
+                *events.lock(),
+                vec![(Some("insert into t values (1)".to_string()), Some("unknown"))]
+            );
+        } else {
+            assert!(started.elapsed() < Duration::from_millis(10), "no waiting once answered");
+            assert_eq!(*events.lock(), vec![(Some("insert into t values (1)".to_string()), None)]);
+            assert!(!tracker.lock().in_flight());
+        }
+        drop(server);
+    }
+}

@@ -264,3 +264,87 @@ async fn passwords_in_sql_text_never_reach_the_audit_log() {
     assert!(texts.iter().any(|t| t.ends_with("'host=x password=***'::text")), "{events:#?}");
     assert_no_secrets(&w, &[&token, simple, prepared, executed, formatted]);
 }
+
+/// How a client leaves right after sending a statement.
+#[derive(Debug, Clone, Copy)]
+enum Leaving {
+    /// Terminate in the same write as the statement, then the socket closed.
+    Terminate,
+    /// The socket closed without a word (no TLS close_notify).
+    Close,
+    /// TLS close_notify and a TCP half-close; the socket stays open.
+    HalfClose,
+}
+
+/// Attack 1 of round 10: a statement pipelined with the client's goodbye runs on the
+/// server (and commits), while the session ended before the server's answer came back. It
+/// must still have exactly one `pg.statement` event, with the server's outcome: the
+/// proxy reads the server's answers after the client is gone. Extended protocol (Parse,
+/// Bind, Execute, Sync: the Bind is audited at the server's BindComplete) and simple
+/// Query, each followed by Terminate in the same write, by an abrupt close, or by a
+/// half-close.
+#[tokio::test]
+async fn a_statement_sent_with_the_goodbye_runs_and_is_audited_exactly_once() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let table = format!("bye_r10_{}", std::process::id());
+    let mut t = session(&w, &token).await;
+    send(&mut t, &[message(b'Q', &cstr(&format!("create table {table}(id int)")))]).await;
+    assert!(!kinds(&until_ready(&mut t).await).contains('E'));
+    drop(t);
+    let leavings = [Leaving::Terminate, Leaving::Close, Leaving::HalfClose];
+    for (i, (leaving, extended)) in
+        leavings.iter().flat_map(|l| [(*l, true), (*l, false)]).enumerate()
+    {
+        let case = format!("{leaving:?}, extended: {extended}");
+        let mut t = session(&w, &token).await;
+        // The session's id, from a first statement.
+        let marker = format!("bye-r10-{i}-{}", std::process::id());
+        send(&mut t, &[message(b'Q', &cstr(&format!("select '{marker}'")))]).await;
+        assert!(!kinds(&until_ready(&mut t).await).contains('E'));
+        let sid = statements_of(&w, &marker, 1).await[0]["session_id"].clone();
+
+        let insert = format!("insert into {table} values ({i})");
+        let mut out = if extended {
+            vec![parse("", &insert), bind(""), execute(), sync()]
+        } else {
+            vec![message(b'Q', &cstr(&insert))]
+        };
+        if let Leaving::Terminate = leaving {
+            out.push(message(b'X', b""));
+        }
+        send(&mut t, &out).await;
+        let kept = match leaving {
+            Leaving::Terminate | Leaving::Close => {
+                drop(t);
+                None
+            }
+            Leaving::HalfClose => {
+                t.shutdown().await.unwrap_or_else(|e| panic!("{case}: {e}"));
+                Some(t)
+            }
+        };
+        let close = w.wait_event(|e| e["session_id"] == sid && e["event"] == "close").await;
+        assert!(!close.is_null(), "{case}: no close event");
+        drop(kept);
+        let rows =
+            w.pg.admin_sql_in("appdb", &format!("select count(*) from {table} where id = {i}"))
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+        assert_eq!(rows, "1", "{case}: the server ran the insert");
+        let events: Vec<Value> = w
+            .events_of("pg.statement")
+            .await
+            .into_iter()
+            .filter(|e| e["session_id"] == sid && e["text"] == insert.as_str())
+            .collect();
+        assert_eq!(events.len(), 1, "{case}: {events:#?}");
+        let protocol = if extended { "extended" } else { "simple" };
+        assert_eq!(events[0]["protocol"], protocol, "{case}");
+        assert!(events[0].get("outcome").is_none(), "{case}: it ran: {:#}", events[0]);
+        assert!(events[0].get("text_status").is_none(), "{case}: {:#}", events[0]);
+        assert_eq!(close["statements"], 2, "{case}: {close:#}");
+        assert_eq!(close["ended_by"], "client", "{case}: {close:#}");
+        assert!(close.get("cancel_sent").is_none(), "{case}: nothing left running: {close:#}");
+    }
+    assert_no_secrets(&w, &[&token]);
+}

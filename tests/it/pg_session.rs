@@ -399,3 +399,134 @@ async fn a_cancel_key_is_refused_on_another_route_s_listener() {
     assert_eq!(ev["route"], "second", "{ev}");
     assert!(ev.get("listener_route").is_none(), "{ev}");
 }
+
+/// Ends the backends of an application name when dropped, so that a failing test does
+/// not leave a loop running on the shared server.
+struct Reap<'a>(&'a PgWorld, &'static str);
+
+impl Drop for Reap<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.pg.admin_sql(&format!(
+            "select pg_terminate_backend(pid) from pg_stat_activity where application_name = '{}'",
+            self.1
+        ));
+    }
+}
+
+/// Waits until no backend of `application_name` is executing; its last state, if any.
+async fn wait_idle(w: &PgWorld, application_name: &str) -> String {
+    let q = format!(
+        "select coalesce(string_agg(state, ','), '') from pg_stat_activity \
+         where application_name = '{application_name}' and state = 'active'"
+    );
+    let mut state = String::new();
+    for _ in 0..40 {
+        state = w.pg.admin_sql(&q).unwrap_or_else(|e| panic!("{e}"));
+        if state.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    state
+}
+
+/// A loop that commits a row every 200 ms, forever, doing no client I/O.
+fn endless_loop(table: &str, marker: &str) -> Vec<u8> {
+    query(
+        format!(
+            "do $$ begin loop insert into {table} values (clock_timestamp()); commit; \
+             perform pg_sleep(0.2); end loop; end $$ /* {marker} */"
+        )
+        .as_bytes(),
+    )
+}
+
+fn rows(w: &PgWorld, table: &str) -> u64 {
+    w.pg.admin_sql_in("appdb", &format!("select count(*) from {table}"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Attack 2 of round 10: a statement still running when portcullis ends the session (at
+/// the token's expiry here; revocation and shutdown take the same path) does not run on
+/// without it: an executing backend does no client I/O and would never notice the closed
+/// socket, so portcullis sends it a cancel request. Two such loops are pipelined: a
+/// cancel stops one statement, and the second would start when the first is cancelled.
+#[tokio::test]
+async fn a_statement_running_when_portcullis_ends_the_session_is_cancelled() {
+    let Some(w) = PgWorld::start().await else { return };
+    let app = "inflight-r10";
+    let _reap = Reap(&w, app);
+    let table = format!("inflight_r10_{}", std::process::id());
+    let (mut t, _) = login(&w, w.addr, &w.w.token("bb", &[]), &[]).await;
+    send(&mut t, &[query(format!("create table {table}(at timestamptz)").as_bytes())]).await;
+    assert_eq!(error_code(&until_ready(&mut t).await), None);
+    drop(t);
+
+    let exp = portcullis::util::unix_now() + 4;
+    let token = w.w.token("bb", &[&format!("exp:={exp}")]);
+    let (mut t, _) = login(&w, w.addr, &token, &[("application_name", app)]).await;
+    send(&mut t, &[endless_loop(&table, app), endless_loop(&table, app)]).await;
+    let mut all = Vec::new();
+    while let Some(m) = next(&mut t).await {
+        all.push(m);
+    }
+    let fatal = all
+        .iter()
+        .rev()
+        .find(|(k, _)| *k == b'E')
+        .map(|(_, b)| parse_fields(b))
+        .unwrap_or_else(|| panic!("no error: {}", kinds(&all)));
+    assert_eq!(fatal.get(&b'C').map(String::as_str), Some("57P01"), "{fatal:?}");
+    assert!(portcullis::util::unix_now() >= exp);
+    assert!(rows(&w, &table) > 0, "the loop ran");
+
+    // The backend stops executing within a few seconds, and no row is written after.
+    assert_eq!(wait_idle(&w, app).await, "", "the backend still executes the loop");
+    let before = rows(&w, &table);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(rows(&w, &table), before, "the loop goes on");
+
+    let sid = sid_of(&w, app).await;
+    let close = w.wait_event(|e| e["session_id"] == sid.as_str() && e["event"] == "close").await;
+    assert_eq!(close["reason"], "session-expired", "{close}");
+    assert_eq!(close["ended_by"], "portcullis", "{close}");
+    assert_eq!(close["cancel_sent"], true, "{close}");
+    assert!(close["detail"].as_str().is_some_and(|d| d.contains("cancel request")), "{close}");
+    let statements: Vec<Value> = session_events(&w, &sid)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "pg.statement")
+        .collect();
+    assert_eq!(statements.len(), 2, "one event per Query relayed: {statements:#?}");
+}
+
+/// A statement that outlives its client (sent, then the socket closed) is cancelled
+/// once it has run 2 s past the session's end: beyond the session, nothing (its token's
+/// expiry, a revocation, a shutdown) could end it any more.
+#[tokio::test]
+async fn a_statement_that_outlives_its_client_is_cancelled() {
+    let Some(w) = PgWorld::start().await else { return };
+    let app = "orphan-r10";
+    let _reap = Reap(&w, app);
+    let table = format!("orphan_r10_{}", std::process::id());
+    let token = w.w.token("bb", &[]);
+    let (mut t, _) = login(&w, w.addr, &token, &[("application_name", app)]).await;
+    send(&mut t, &[query(format!("create table {table}(at timestamptz)").as_bytes())]).await;
+    assert_eq!(error_code(&until_ready(&mut t).await), None);
+    send(&mut t, &[endless_loop(&table, app)]).await;
+    let sid = sid_of(&w, app).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(t);
+
+    assert_eq!(wait_idle(&w, app).await, "", "the backend still executes the loop");
+    let before = rows(&w, &table);
+    assert!(before > 0, "the loop ran");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(rows(&w, &table), before, "the loop goes on");
+    let close = w.wait_event(|e| e["session_id"] == sid.as_str() && e["event"] == "close").await;
+    assert_eq!(close["ended_by"], "client", "{close}");
+    assert_eq!(close["reason"], "closed", "{close}");
+    assert_eq!(close["cancel_sent"], true, "{close}");
+}
