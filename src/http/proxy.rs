@@ -397,7 +397,7 @@ pub async fn handle(
         out.reason = Reason::Internal;
         out.decision = "allow";
         out.path = Some(JWKS_PATH.to_string());
-        let mut resp = Response::new(ProxyBody::full(shared.signer.jwks()));
+        let mut resp = Response::new(ProxyBody::full(shared.signer.jwks(crate::util::unix_now())));
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         resp.headers_mut()
