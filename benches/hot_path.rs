@@ -322,14 +322,14 @@ fn bench_request(c: &mut Criterion, signer: &DevSigner) {
         revision: Arc::from("sha256:bench"),
         generation: 1,
         sessions: None,
-    };
-    let sink = AuditSink::file(std::path::Path::new("/dev/null")).unwrap();
-    let shared = Arc::new(Shared {
-        runtime: ArcSwap::from_pointee(runtime),
         signer: Arc::new(
             AssertionSigner::generate("https://proxy.bench.test".into(), Duration::from_secs(300))
                 .unwrap(),
         ),
+    };
+    let sink = AuditSink::file(std::path::Path::new("/dev/null")).unwrap();
+    let shared = Arc::new(Shared {
+        runtime: ArcSwap::from_pointee(runtime),
         replay: Default::default(),
         reloads: tokio::sync::watch::channel(1).0,
         grace_over: tokio::sync::watch::channel(false).1,

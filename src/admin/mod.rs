@@ -50,7 +50,11 @@ pub fn respond<B>(
             "text/plain; version=0.0.4",
             Bytes::from(crate::metrics::global().render()),
         ),
-        JWKS_PATH => (StatusCode::OK, "application/json", shared.signer.jwks()),
+        JWKS_PATH => (
+            StatusCode::OK,
+            "application/json",
+            shared.runtime.load().signer.jwks(crate::util::unix_now()),
+        ),
         _ => (StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"not found\n")),
     };
     let mut resp = Response::new(Full::new(body));

@@ -29,7 +29,6 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tower::Service;
 
-use super::assertion::AssertionSigner;
 use super::body::{ProxyBody, RequestBody, RequestBodyError};
 use super::{headers, path, reject, ConnInfo, RequestId};
 use crate::identity::{extract_bearer, CredentialSource, Identity};
@@ -123,7 +122,6 @@ impl Parked {
 /// State shared by every connection; the runtime is swapped atomically on reload.
 pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
-    pub signer: Arc<AssertionSigner>,
     pub replay: super::replay::ReplayCache,
     /// The generation of the last reload, sent after `runtime` is swapped; open database
     /// sessions and WebSocket tunnels re-check their authorization on every change.
@@ -409,7 +407,7 @@ pub async fn handle(
         out.reason = Reason::Internal;
         out.decision = "allow";
         out.path = Some(JWKS_PATH.to_string());
-        let mut resp = Response::new(ProxyBody::full(shared.signer.jwks()));
+        let mut resp = Response::new(ProxyBody::full(rt.signer.jwks(crate::util::unix_now())));
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         resp.headers_mut()
@@ -699,7 +697,8 @@ pub async fn handle(
     }
     // Identity headers and assertion come prebuilt, cached per identity and route.
     let (now, signed) = (crate::util::unix_now(), route.identity_assertion);
-    let forward = shared.signer.forward(&identity, &route.name, now, signed);
+    // The generation's signer: after a key rotation, never one with the retired key.
+    let forward = rt.signer.forward(&identity, &route.name, now, signed);
     headers::add_identity(h, &forward.identity_headers, &rid);
     if let Some(assertion) = &forward.assertion {
         h.insert(headers::ASSERTION.clone(), assertion.clone());

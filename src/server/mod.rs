@@ -40,6 +40,9 @@ pub struct Runtime {
     pub generation: u64,
     /// Browser sessions, when an issuer has `login`.
     pub sessions: Option<Arc<crate::session::Sessions>>,
+    /// Signs the assertions of this generation's requests; the same one as the previous
+    /// generation's unless `[assertion]` changed ([`AssertionSigner::reload`]).
+    pub signer: Arc<AssertionSigner>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -50,12 +53,23 @@ impl std::fmt::Debug for Runtime {
 
 impl Runtime {
     /// Builds a generation. Key state of unchanged issuers is carried over from
-    /// `previous`, so a reload neither refetches every JWKS nor blips readiness.
+    /// `previous`, so a reload neither refetches every JWKS nor blips readiness; so is
+    /// the assertion signer while `[assertion]` and its key are unchanged, and a new key
+    /// retires the previous one ([`AssertionSigner::reload`]).
     pub fn build(
         config: Config,
         previous: Option<&Runtime>,
         generation: u64,
     ) -> Result<Runtime, String> {
+        // First: a key that cannot be read rejects the generation before anything starts.
+        let signer = match previous {
+            None => Arc::new(AssertionSigner::new(&config.assertion).map_err(|e| e.to_string())?),
+            Some(p) => match p.signer.reload(&config.assertion, crate::util::unix_now()) {
+                Ok(Some(s)) => Arc::new(s),
+                Ok(None) => p.signer.clone(),
+                Err(e) => return Err(e.to_string()),
+            },
+        };
         let verifier = Verifier::new(config.issuers.clone())?
             .with_token_cache(config.server.token_cache_entries);
         if let Some(p) = previous {
@@ -66,7 +80,7 @@ impl Runtime {
         let revision: Arc<str> = Arc::from(policy_revision(&config));
         let sessions = crate::session::Sessions::build(&config)?.map(Arc::new);
         verifier.start();
-        Ok(Runtime { config, verifier, clients, revision, generation, sessions })
+        Ok(Runtime { config, verifier, clients, revision, generation, sessions, signer })
     }
 }
 
@@ -174,8 +188,8 @@ struct State {
 }
 
 /// What a reload does not apply: the listeners and their trusted proxies, the audit
-/// output, the connection limit, the drain's grace period (WebSocket tunnels use it too),
-/// the watcher, and the assertion signer (its key is loaded once).
+/// output, the connection limit, the drain's grace period (WebSocket tunnels use it too)
+/// and the watcher. (`[assertion]` is applied: [`Runtime::build`].)
 #[derive(Debug, Clone, PartialEq)]
 struct Fixed {
     https: Option<SocketAddr>,
@@ -186,20 +200,10 @@ struct Fixed {
     max_connections: usize,
     shutdown_grace: Duration,
     watch: bool,
-    assertion_issuer: String,
-    assertion_ttl: Duration,
-    assertion_key: Option<PathBuf>,
-    /// The key file's content (an unreadable one: `None`, as the load would fail).
-    assertion_key_sha256: Option<[u8; 32]>,
 }
 
 impl Fixed {
     fn of(c: &Config) -> Fixed {
-        let key_sha256 = c.assertion.key_file.as_deref().and_then(|p| {
-            crate::util::read_bounded(p, crate::util::MAX_SECRET_FILE, true)
-                .ok()
-                .map(|b| crate::util::sha256(&b))
-        });
         Fixed {
             https: c.listen.https,
             insecure_http: c.listen.insecure_http,
@@ -209,16 +213,11 @@ impl Fixed {
             max_connections: c.server.max_connections,
             shutdown_grace: c.server.shutdown_grace,
             watch: c.server.watch,
-            assertion_issuer: c.assertion.issuer.clone(),
-            assertion_ttl: c.assertion.ttl,
-            assertion_key: c.assertion.key_file.clone(),
-            assertion_key_sha256: key_sha256,
         }
     }
 
     /// The settings (by their configuration names) whose value in `new` differs.
     fn differences(&self, new: &Fixed) -> Vec<&'static str> {
-        let key = |f: &Fixed| (f.assertion_key.clone(), f.assertion_key_sha256);
         [
             ("listen.https", self.https != new.https),
             ("listen.insecure_http", self.insecure_http != new.insecure_http),
@@ -228,9 +227,6 @@ impl Fixed {
             ("server.max_connections", self.max_connections != new.max_connections),
             ("server.shutdown_grace", self.shutdown_grace != new.shutdown_grace),
             ("server.watch", self.watch != new.watch),
-            ("assertion.issuer", self.assertion_issuer != new.assertion_issuer),
-            ("assertion.ttl", self.assertion_ttl != new.assertion_ttl),
-            ("assertion.key", key(self) != key(new)),
         ]
         .into_iter()
         .filter_map(|(name, differs)| differs.then_some(name))
@@ -261,15 +257,6 @@ impl Server {
                 AuditSink::file(p).map_err(|e| format!("audit output {}: {e}", p.display()))?
             }
         };
-        let signer = match &config.assertion.key_file {
-            Some(p) => {
-                AssertionSigner::from_file(p, config.assertion.issuer.clone(), config.assertion.ttl)
-            }
-            None => {
-                AssertionSigner::generate(config.assertion.issuer.clone(), config.assertion.ttl)
-            }
-        }
-        .map_err(|e| e.to_string())?;
         let tls = tls_config(&config)?;
         let pg_prepared = crate::postgres::prepare(&config)?;
         for w in crate::postgres::warnings(&config) {
@@ -295,7 +282,6 @@ impl Server {
         let (cut_tx, cut_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
-            signer: Arc::new(signer),
             replay: Default::default(),
             reloads: watch::channel(1).0,
             grace_over: cut_rx.clone(),
@@ -552,6 +538,7 @@ async fn reload(state: &State) -> bool {
                 .map(|o| &*o.name),
         )
         .collect();
+    let (old_kid, new_kid) = (old.signer.kid(), runtime.signer.kid());
     state.sink.emit(&serde_json::json!({
         "ts": crate::audit::now_rfc3339(),
         "kind": "reload",
@@ -560,7 +547,23 @@ async fn reload(state: &State) -> bool {
         "new_policy_revision": &*runtime.revision,
         "routes_changed": changed,
         "restart_required": restart_required,
+        "old_assertion_kid": old_kid,
+        "new_assertion_kid": new_kid,
     }));
+    if old_kid != new_kid {
+        // The kids only: they are public (the JWKS), the keys never are.
+        let published_s = runtime
+            .signer
+            .retired_until(old_kid)
+            .map(|t| t.saturating_sub(crate::util::unix_now()));
+        tracing::info!(
+            old_kid,
+            new_kid,
+            generated = runtime.signer.generated(),
+            old_key_published_s = published_s,
+            "assertion key rotated: new assertions are signed with the new key; the JWKS keeps the old one until what it signed has expired"
+        );
+    }
     tracing::info!(generation, revision = %runtime.revision, "configuration reloaded");
     state.shared.runtime.store(Arc::new(runtime));
     state.tls.store(Arc::new(tls));
@@ -972,10 +975,6 @@ mod tests {
             max_connections: 100,
             shutdown_grace: Duration::from_secs(30),
             watch: true,
-            assertion_issuer: "https://proxy".into(),
-            assertion_ttl: Duration::from_secs(60),
-            assertion_key: Some("key.pem".into()),
-            assertion_key_sha256: Some([1; 32]),
         };
         assert!(started.differences(&started.clone()).is_empty());
         let new = Fixed {
@@ -983,18 +982,11 @@ mod tests {
             max_connections: 50,
             shutdown_grace: Duration::from_secs(1),
             watch: false,
-            assertion_key_sha256: Some([2; 32]),
             ..started.clone()
         };
         assert_eq!(
             started.differences(&new),
-            [
-                "audit.output",
-                "server.max_connections",
-                "server.shutdown_grace",
-                "server.watch",
-                "assertion.key"
-            ]
+            ["audit.output", "server.max_connections", "server.shutdown_grace", "server.watch"]
         );
         let moved = Fixed { admin: None, ..started.clone() };
         assert_eq!(started.differences(&moved), ["listen.admin"]);

@@ -941,3 +941,118 @@ async fn an_audit_output_that_cannot_be_written_shows_on_stderr_metrics_and_read
     // Rate-limited: 20 events and several retries, one line.
     assert_eq!(reports, 1, "{logged}");
 }
+
+/// `serve` rotates the assertion key on SIGHUP: the JWKS publishes the new key beside the
+/// old one and new assertions carry the new `kid`; a key file that is not a P-256 key is
+/// refused by name, the new key signing on; the log names the kids and never a key.
+#[tokio::test]
+async fn serve_rotates_the_assertion_key_on_sighup_and_refuses_a_bad_one_by_name() {
+    let w = World::start().await;
+    let key = w.dir.path().join("assertion.pem");
+    let (pem_a, pem_b) = (p256_pem(), p256_pem());
+    let rsa = portcullis::dev::signer::DevSigner::generate_rs256("rsa")
+        .unwrap_or_else(|e| panic!("{e}"))
+        .pkcs8_der();
+    let pem_rsa = {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(rsa);
+        format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")
+    };
+    write(&key, &pem_a);
+    let port = free_port();
+    let cfg = std::fs::read_to_string(w.config_path())
+        .unwrap_or_default()
+        .replace("https = \"127.0.0.1:0\"", &format!("https = \"127.0.0.1:{port}\""))
+        .replace(
+            "[server]",
+            &format!("[assertion]\nkey = {:?}\n\n[server]", key.to_string_lossy()),
+        );
+    let path = w.dir.path().join("served.toml");
+    write(&path, &cfg);
+    let child = Command::new(BIN)
+        .args(["serve", "-c", &path.to_string_lossy()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut child = Killed(child);
+    let c = client(&w.pki, false);
+    let get = |path: &str, token: Option<String>| {
+        let (c, url) = (c.clone(), format!("https://localhost:{port}{path}"));
+        async move {
+            let auth = token.map(|t| format!("Bearer {t}"));
+            let h: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+            send_with(&c, Method::GET, &url, &h, Bytes::new()).await
+        }
+    };
+    let jwks = || async { get("/.well-known/portcullis/jwks.json", None).await.json() };
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token = w.token("corp", &[]);
+    let signed = || async {
+        let r = get("/h", Some(token.clone())).await;
+        let jwt = r.upstream_header("x-portcullis-assertion").unwrap_or_default();
+        verified_kid(&jwt, &jwks().await)
+    };
+    // Served once the issuer's keys are loaded.
+    let mut a = None;
+    for _ in 0..100 {
+        a = signed().await;
+        if a.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a = a.unwrap_or_else(|| panic!("no verifiable assertion with key A"));
+    assert_eq!(jwks_kids(&jwks().await), [a.as_str()]);
+
+    let pid = child.0.id().to_string();
+    replace(&key, &pem_b);
+    let _ = Command::new("kill").args(["-HUP", &pid]).status();
+    let mut kids = vec![];
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        kids = jwks_kids(&jwks().await);
+        if kids.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(kids.get(1), Some(&a), "the old key stays published: {kids:?}");
+    let b = kids[0].clone();
+    assert_eq!(signed().await, Some(b.clone()), "new assertions are signed with the new key");
+
+    replace(&key, &pem_rsa);
+    let _ = Command::new("kill").args(["-HUP", &pid]).status();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(signed().await, Some(b.clone()), "the last good key signs on");
+    assert_eq!(jwks_kids(&jwks().await), [b.clone(), a.clone()]);
+
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    for _ in 0..100 {
+        if let Ok(Some(_)) = child.0.try_wait() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut stderr = String::new();
+    if let Some(mut e) = child.0.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    let refused = format!("{}: assertion key: not a P-256", key.display());
+    assert!(stderr.contains(&refused), "the bad key file is named: {stderr}");
+    assert!(
+        stderr.contains("assertion key rotated") && stderr.contains(&a) && stderr.contains(&b),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("takes effect on restart"), "nothing waits for a restart: {stderr}");
+    for pem in [&pem_a, &pem_b, &pem_rsa] {
+        for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!stderr.contains(&line[..line.len().min(40)]), "key material in the log");
+        }
+    }
+}

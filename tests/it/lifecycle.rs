@@ -276,3 +276,86 @@ async fn on_failure_reject_refuses_requests_while_audit_writes_fail() {
     assert_eq!(again.status, StatusCode::OK, "{}", again.text());
     assert_eq!(w.admin_get("/readyz").await.status, StatusCode::OK);
 }
+
+/// A world signing its assertions with the key in `assertion.pem` (key A, returned).
+async fn with_assertion_key(watch: bool) -> (World, tempfile::TempDir, std::path::PathBuf) {
+    let keys = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let key = keys.path().join("assertion.pem");
+    write(&key, &p256_pem());
+    let assertion = format!("key = {:?}\nttl = \"60s\"", key.to_string_lossy());
+    let w = World::with(Setup { assertion, watch, ..Setup::default() }).await;
+    (w, keys, key)
+}
+
+/// The `kid` of the assertion the upstream received for a fresh request by `token`,
+/// verified against the JWKS served now (by the proxy and the admin listener alike), and
+/// the assertion itself.
+async fn signed_by(w: &World, token: &str) -> (String, String) {
+    let r = w.get("/h", Some(token)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let jwt = r.upstream_header("x-portcullis-assertion").unwrap_or_default();
+    let jwks = w.get("/.well-known/portcullis/jwks.json", None).await.json();
+    assert_eq!(jwks, w.admin_get("/.well-known/portcullis/jwks.json").await.json());
+    let kid = verified_kid(&jwt, &jwks).unwrap_or_else(|| panic!("does not verify: {jwt}"));
+    (kid, jwt)
+}
+
+/// `[assertion] key` rotates on reload: new assertions carry the new `kid` at once, the
+/// JWKS keeps the old key beside it (so assertions in flight and upstreams holding them
+/// still verify), and a key file that cannot be used rejects the reload, the last good
+/// key signing on.
+#[tokio::test]
+async fn a_reload_rotates_the_assertion_key_and_the_jwks_keeps_the_old_one() {
+    let (w, _keys, key) = with_assertion_key(false).await;
+    let token = w.token("corp", &[]);
+    let (a, by_a) = signed_by(&w, &token).await;
+    let jwks = w.get("/.well-known/portcullis/jwks.json", None).await.json();
+    assert_eq!(jwks_kids(&jwks), [a.as_str()]);
+
+    replace(&key, &p256_pem());
+    assert!(w.server().reload().await, "a reload with a new key applies");
+    // The same token (its assertion cached before the reload) and a fresh one of the
+    // same principal: both signed with the new key.
+    let (b, _) = signed_by(&w, &token).await;
+    assert_ne!(b, a, "the new key signs at once");
+    assert_eq!(signed_by(&w, &w.token("corp", &[])).await.0, b);
+    let jwks = w.get("/.well-known/portcullis/jwks.json", None).await.json();
+    assert_eq!(jwks_kids(&jwks), [b.clone(), a.clone()], "the old key is still published");
+    assert_eq!(verified_kid(&by_a, &jwks), Some(a.clone()), "an assertion in flight verifies");
+    let reload = w.events().into_iter().find(|e| e["kind"] == "reload").unwrap_or_default();
+    assert_eq!(reload["old_assertion_kid"], a.as_str(), "{reload}");
+    assert_eq!(reload["new_assertion_kid"], b.as_str(), "{reload}");
+    assert_eq!(reload["restart_required"], serde_json::json!([]), "nothing waits for a restart");
+
+    // Not a P-256 PKCS#8 key: the whole reload is refused, B keeps signing.
+    for bad in ["not a key", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"] {
+        replace(&key, bad);
+        assert!(!w.server().reload().await, "a reload with a bad key was applied: {bad}");
+        assert_eq!(signed_by(&w, &token).await.0, b, "the last good key signs");
+        let jwks = w.get("/.well-known/portcullis/jwks.json", None).await.json();
+        assert_eq!(jwks_kids(&jwks), [b.clone(), a.clone()]);
+    }
+    assert_eq!(w.events().iter().filter(|e| e["kind"] == "reload").count(), 1);
+}
+
+/// The watcher already polls the key file; a new key there is now loaded, not only
+/// warned about.
+#[tokio::test]
+async fn the_watcher_loads_a_new_assertion_key() {
+    let (w, _keys, key) = with_assertion_key(true).await;
+    let token = w.token("corp", &[]);
+    let (a, _) = signed_by(&w, &token).await;
+    replace(&key, &p256_pem());
+    let mut rotated = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (kid, _) = signed_by(&w, &token).await;
+        if kid != a {
+            rotated = Some(kid);
+            break;
+        }
+    }
+    let b = rotated.unwrap_or_else(|| panic!("the watcher did not rotate the key"));
+    let jwks = w.get("/.well-known/portcullis/jwks.json", None).await.json();
+    assert_eq!(jwks_kids(&jwks), [b, a]);
+}

@@ -155,6 +155,8 @@ pub struct Setup {
     pub sink: Option<AuditSink>,
     /// `server.watch`: the file watcher reloads on changes.
     pub watch: bool,
+    /// `[assertion]` keys (the section is written when this is not empty).
+    pub assertion: String,
 }
 
 impl Default for Setup {
@@ -171,6 +173,7 @@ impl Default for Setup {
             second_login: false,
             sink: None,
             watch: false,
+            assertion: String::new(),
         }
     }
 }
@@ -281,6 +284,9 @@ impl World {
             setup.watch,
             setup.server_extra,
         );
+        if !setup.assertion.is_empty() {
+            c.push_str(&format!("[assertion]\n{}\n\n", setup.assertion));
+        }
         if let Some(extra) = &setup.sso {
             c.push_str(&format!(
                 "[session]\nkeys_file = {}\n{extra}\n\n",
@@ -584,4 +590,55 @@ pub fn interop_available(what: &str, browser: bool) -> bool {
     );
     eprintln!("SKIPPED: {what} (install chromium; npm ci --prefix tests/node)");
     false
+}
+
+/// A fresh P-256 key as PKCS#8 PEM (`openssl genpkey -algorithm EC -pkeyopt
+/// ec_paramgen_curve:P-256`), for `[assertion] key`.
+pub fn p256_pem() -> String {
+    use base64::Engine;
+    let key = DevSigner::generate_es256("assertion").unwrap_or_else(|e| panic!("{e}")).pkcs8_der();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(key);
+    let lines: Vec<&str> =
+        b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap_or_default()).collect();
+    format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", lines.join("\n"))
+}
+
+/// Replaces `path` atomically (a temporary file renamed over it), as operators should.
+pub fn replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    write(&tmp, text);
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        panic!("rename {}: {e}", path.display());
+    }
+}
+
+/// The `kid`s of a JWKS document, in its order.
+pub fn jwks_kids(jwks: &Value) -> Vec<String> {
+    let keys = jwks["keys"].as_array().cloned().unwrap_or_default();
+    keys.iter().map(|k| k["kid"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+/// The `kid` of a signed assertion if it verifies, as an upstream verifies it: with the
+/// ES256 key of that `kid` in `jwks`; `None` if there is none or the signature fails.
+pub fn verified_kid(jwt: &str, jwks: &Value) -> Option<String> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let parts: Vec<&str> = jwt.split('.').collect();
+    let [header, payload, sig] = parts[..] else { return None };
+    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).ok()?).ok()?;
+    let kid = header["kid"].as_str()?;
+    let keys = jwks["keys"].as_array()?;
+    let k = keys.iter().find(|k| k["kid"] == kid)?;
+    let mut point = vec![4u8];
+    for c in ["x", "y"] {
+        point.extend(URL_SAFE_NO_PAD.decode(k[c].as_str()?).ok()?);
+    }
+    let sig = URL_SAFE_NO_PAD.decode(sig).ok()?;
+    aws_lc_rs::signature::UnparsedPublicKey::new(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED,
+        &point,
+    )
+    .verify(format!("{}.{payload}", parts[0]).as_bytes(), &sig)
+    .ok()?;
+    Some(kid.to_string())
 }
