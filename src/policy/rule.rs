@@ -67,6 +67,7 @@ pub(crate) enum Matcher {
         field: &'static str,
         globs: Box<[Glob]>,
     },
+    /// `GET` also admits `HEAD` ([`methods_admit`]).
     Methods(Box<[Method]>),
     Paths(Box<[Glob]>),
     Databases(Box<[Glob]>),
@@ -283,7 +284,7 @@ impl Matcher {
             // HTTP conditions never match a database request, and the reverse: a rule
             // written for one protocol must not leak onto the other.
             Matcher::Methods(methods) => {
-                !request.is_database() && methods.iter().any(|m| m == request.method)
+                !request.is_database() && methods_admit(methods, request.method)
             }
             // `/admin/**` also matches `/admin` ([`Glob::matches_dir`]).
             Matcher::Paths(globs) => {
@@ -299,6 +300,16 @@ impl Matcher {
 
 fn any_glob(globs: &[Glob], text: &str) -> bool {
     globs.iter().any(|g| g.matches(text))
+}
+
+/// Whether a `methods` list admits `method`. `GET` admits `HEAD` as well, as nginx's
+/// `limit_except GET` does: Werkzeug, Express, Rails, Spring and Go's `ServeMux` run a
+/// `HEAD` through the `GET` handler (its side effects and response headers included),
+/// so a deny of `GET` that let `HEAD` through would be a hole, and an allow of `GET`
+/// that refused `HEAD` would break `curl -I` and health checks. Route matching
+/// (`match.methods`) uses the same rule.
+pub fn methods_admit(methods: &[Method], method: &Method) -> bool {
+    methods.iter().any(|m| m == method || (*m == Method::GET && *method == Method::HEAD))
 }
 
 fn verified_email(identity: &Identity) -> Option<&str> {

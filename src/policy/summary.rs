@@ -5,6 +5,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use http::Method;
 use serde::Serialize;
 
 use super::rule::{ClaimValue, Condition, Effect, Matcher, Rule};
@@ -168,8 +169,15 @@ impl Condition {
             Matcher::Ci { field, globs: g } => format!("CI {field} {}", globs(g)),
             // Request conditions read as one phrase when joined with spaces:
             // "`POST` requests to paths matching `/deploy/*`".
+            // `GET` admits `HEAD` too: say so, right after it.
             Matcher::Methods(m) => {
-                let v: Vec<String> = m.iter().map(|m| format!("`{m}`")).collect();
+                let mut v: Vec<String> = Vec::with_capacity(m.len() + 1);
+                for method in m.iter() {
+                    v.push(format!("`{method}`"));
+                    if *method == Method::GET && !m.contains(&Method::HEAD) {
+                        v.push("`HEAD`".to_string());
+                    }
+                }
                 format!("{} requests", join_or(&v))
             }
             Matcher::Paths(g) => format!("to paths {}", plural(g)),
