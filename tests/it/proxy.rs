@@ -416,3 +416,79 @@ paths = ["/secret/**"]
         }
     }
 }
+
+/// A deny on `email_domain` applies whether or not the email is verified (absent
+/// `email_verified`, as Entra sends, or `false`); an allow still needs it verified.
+#[tokio::test]
+async fn email_denies_apply_to_unverified_emails() {
+    let policy = r#"
+[[rule]]
+id = "engineers"
+effect = "allow"
+issuer = "corp"
+groups_any = ["engineering"]
+
+[[rule]]
+id = "verified-contractor-docs"
+effect = "allow"
+issuer = "corp"
+email_domain = "contractors.example"
+paths = ["/docs/**"]
+
+[[rule]]
+id = "no-contractor-secrets"
+effect = "deny"
+issuer = "corp"
+email_domain = "contractors.example"
+paths = ["/secret/**"]
+"#;
+    let w =
+        World::with(Setup { policies: vec![("api".into(), policy.into())], ..Setup::default() })
+            .await;
+    // Bob is in `engineering` (the preset's groups), so only the deny keeps him out.
+    let bob = "email=bob@contractors.example";
+    let engineer = "groups:=[\"engineering\"]";
+    let contractor = "groups:=[\"contractors\"]";
+    for (verified, groups, path, status, rule) in [
+        (
+            "email_verified:=true",
+            engineer,
+            "/secret/x",
+            StatusCode::FORBIDDEN,
+            "no-contractor-secrets",
+        ),
+        (
+            "email_verified:=false",
+            engineer,
+            "/secret/x",
+            StatusCode::FORBIDDEN,
+            "no-contractor-secrets",
+        ),
+        (
+            "email_verified:=null",
+            engineer,
+            "/secret/x",
+            StatusCode::FORBIDDEN,
+            "no-contractor-secrets",
+        ),
+        // Near miss: elsewhere, the engineers' allow decides.
+        ("email_verified:=null", engineer, "/other", StatusCode::OK, "engineers"),
+        // An allow on the same domain still needs the email verified.
+        ("email_verified:=false", contractor, "/docs/x", StatusCode::FORBIDDEN, ""),
+        ("email_verified:=true", contractor, "/docs/x", StatusCode::OK, "verified-contractor-docs"),
+    ] {
+        let case = format!("{verified} {groups} {path}");
+        let t = w.token("corp", &[bob, verified, groups]);
+        let (r, ev) = event_of(&w, w.get(path, Some(&t))).await;
+        assert_eq!(r.status, status, "{case}: {}", r.text());
+        if rule.is_empty() {
+            assert_eq!(ev["reason"], "policy-denied", "{case}: {ev}");
+        } else {
+            assert_eq!(ev["rule"]["id"], rule, "{case}: {ev}");
+        }
+    }
+    // Near miss: an engineer of another domain, unverified, is not denied.
+    let t = w.token("corp", &["email=eve@acme.example", "email_verified:=false"]);
+    let r = w.get("/secret/x", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
