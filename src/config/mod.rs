@@ -267,7 +267,9 @@ impl RouteSettings {
     pub fn matches(&self, host: &str, path: &str, method: &Method) -> bool {
         self.host.matches(host)
             && path_has_prefix(path, &self.path_prefix)
-            && self.methods.as_ref().is_none_or(|m| m.contains(method))
+            // `GET` also takes `HEAD`, as in policies: a `HEAD` runs the `GET` handler
+            // upstream, so it must not fall through to another route and its policy.
+            && self.methods.as_ref().is_none_or(|m| crate::policy::methods_admit(m, method))
     }
 }
 

@@ -248,6 +248,24 @@ fn routes_sort_most_specific_first() {
     assert_eq!(pick("other.test", "/").as_deref(), Some("any"));
 }
 
+/// A route for `GET` takes `HEAD` too (the upstream runs its `GET` handler), so a
+/// `HEAD` cannot fall through to a broader route and its policy; `HEAD` does not take
+/// `GET`.
+#[test]
+fn a_get_route_takes_head_requests() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let text = format!(
+        "{BASE}\n[[routes]]\nname = \"any\"\nmatch = {{}}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"p\"\n\n[[routes]]\nname = \"reads\"\nmatch = {{ host = \"api.example.com\", path_prefix = \"/secret\", methods = [\"GET\"] }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"p\"\n\n[[routes]]\nname = \"probes\"\nmatch = {{ host = \"api.example.com\", path_prefix = \"/probe\", methods = [\"HEAD\"] }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"p\"\n"
+    );
+    let c = compile(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
+    let pick = |m: Method, p: &str| c.route("api.example.com", p, &m).map(|r| r.name.to_string());
+    assert_eq!(pick(Method::GET, "/secret/x").as_deref(), Some("reads"));
+    assert_eq!(pick(Method::HEAD, "/secret/x").as_deref(), Some("reads"));
+    assert_eq!(pick(Method::POST, "/secret/x").as_deref(), Some("any"), "near miss");
+    assert_eq!(pick(Method::HEAD, "/probe/x").as_deref(), Some("probes"));
+    assert_eq!(pick(Method::GET, "/probe/x").as_deref(), Some("any"), "HEAD does not take GET");
+}
+
 #[test]
 fn helpers() {
     assert!(path_has_prefix("/api", "/api"));

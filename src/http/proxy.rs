@@ -560,7 +560,13 @@ pub async fn handle(
                     &rc,
                 );
             }
-            if route.single_use_tokens && !shared.replay.first_use(token, identity.expires_at) {
+            // Known by issuer and `jti`, or by what was signed: never by the signature,
+            // which ECDSA lets anyone re-make (`s` → `n − s`).
+            if route.single_use_tokens
+                && !shared
+                    .replay
+                    .first_use(super::replay::ReplayKey::of(token, &identity), identity.expires_at)
+            {
                 return rejection(
                     out,
                     Reason::TokenReplayed,

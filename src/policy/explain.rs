@@ -62,7 +62,7 @@ impl Policy {
                             line: c.loc().line,
                             col: c.loc().col,
                             expected: c.to_string(),
-                            actual: c.actual(identity, request),
+                            actual: c.actual(rule.effect(), identity, request),
                         },
                         None => TraceOutcome::NotMatched {
                             condition: String::new(),

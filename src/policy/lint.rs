@@ -18,7 +18,7 @@ use http::Method;
 
 use super::claims::{self, PIN_CI_FIELDS, PIN_CLAIMS, REF_CI_FIELDS, REF_CLAIMS};
 use super::raw;
-use super::rule::{ClaimValue, Condition, Effect, Loc, Matcher, Rule};
+use super::rule::{methods_admit, ClaimValue, Condition, Effect, Loc, Matcher, Rule};
 use super::{Catalog, Glob, Policy};
 use crate::diag::Diagnostic;
 use crate::identity::Preset;
@@ -527,7 +527,8 @@ fn narrower(a: &Matcher, d: &Matcher) -> bool {
         (Matcher::Paths(a), Matcher::Paths(d)) => a.iter().all(|x| {
             d.iter().any(|y| y.covers(x) || (x.is_literal() && y.matches_dir(x.as_str())))
         }),
-        (Matcher::Methods(a), Matcher::Methods(d)) => a.iter().all(|m| d.contains(m)),
+        // `GET` in `d` admits `HEAD` too (and `GET` in `a` needs `GET` in `d`).
+        (Matcher::Methods(a), Matcher::Methods(d)) => a.iter().all(|m| methods_admit(d, m)),
         (Matcher::EmailDomain(a), Matcher::EmailDomain(d)) => {
             a.iter().all(|x| d.iter().any(|y| y.eq_ignore_ascii_case(x)))
         }

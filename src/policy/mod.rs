@@ -43,7 +43,7 @@ mod testcase;
 pub use explain::{Explanation, RuleTrace, TraceOutcome};
 pub use glob::{Glob, GlobError};
 pub use lint::{lint, rule_covers, Lint, Severity};
-pub use rule::{Condition, Effect, Loc, Rule};
+pub use rule::{methods_admit, Condition, Effect, Loc, Rule};
 pub use summary::RuleSummary;
 pub use testcase::{run_cases, run_tests, TestCase, TestOutcome, TestRequest};
 

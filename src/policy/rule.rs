@@ -53,9 +53,11 @@ pub struct Condition {
 pub(crate) enum Matcher {
     Issuer(Box<[IssuerId]>),
     Subject(Box<[Glob]>),
-    /// Matches only a verified email.
+    /// In an allow, matches only a verified email; in a deny, the email the token
+    /// claims, verified or not ([`Rule::outcome`]).
     Email(Box<[Glob]>),
-    /// Exact domain of a verified email, ASCII case-insensitive (DNS names are).
+    /// Exact domain of the email (verified, in an allow), ASCII case-insensitive (DNS
+    /// names are).
     EmailDomain(Box<[Box<str>]>),
     GroupsAny(Box<[Box<str>]>),
     GroupsAll(Box<[Box<str>]>),
@@ -67,6 +69,7 @@ pub(crate) enum Matcher {
         field: &'static str,
         globs: Box<[Glob]>,
     },
+    /// `GET` also admits `HEAD` ([`methods_admit`]).
     Methods(Box<[Method]>),
     Paths(Box<[Glob]>),
     Databases(Box<[Glob]>),
@@ -141,7 +144,7 @@ impl Rule {
 
     pub(crate) fn outcome(&self, identity: &Identity, request: &RequestFacts<'_>) -> Outcome {
         for (i, c) in self.conditions.iter().enumerate() {
-            if !c.matcher.matches(identity, request) {
+            if !c.matcher.matches(self.effect, identity, request) {
                 return Outcome::Failed(i);
             }
         }
@@ -156,7 +159,7 @@ impl Rule {
             };
         }
         for (i, c) in self.groups.iter().enumerate() {
-            if !c.matcher.matches(identity, request) {
+            if !c.matcher.matches(self.effect, identity, request) {
                 return Outcome::Failed(self.conditions.len() + i);
             }
         }
@@ -178,17 +181,28 @@ impl Condition {
         &self.matcher
     }
 
-    /// What the caller presented for this condition, for `explain` only.
-    pub(crate) fn actual(&self, identity: &Identity, request: &RequestFacts<'_>) -> String {
+    /// What the caller presented for this condition of a rule of `effect`, for
+    /// `explain` only.
+    pub(crate) fn actual(
+        &self,
+        effect: Effect,
+        identity: &Identity,
+        request: &RequestFacts<'_>,
+    ) -> String {
         let q = |s: Option<&str>| s.map_or_else(|| "absent".to_string(), |s| format!("{s:?}"));
         match &self.matcher {
             Matcher::Issuer(_) => q(Some(identity.issuer.as_str())),
             Matcher::Subject(_) => q(Some(&identity.subject)),
             Matcher::Email(_) | Matcher::EmailDomain(_) => {
-                match (&identity.email, identity.email_verified) {
-                    (Some(e), true) => q(Some(e)),
-                    (Some(e), false) => format!("{e:?} (not verified)"),
-                    (None, _) => q(None),
+                match (&identity.email, identity.email_verified, effect) {
+                    (Some(e), true, _) => q(Some(e)),
+                    (Some(e), false, Effect::Allow) => {
+                        format!("{e:?} (not verified: an allow reads only a verified email)")
+                    }
+                    (Some(e), false, Effect::Deny) => {
+                        format!("{e:?} (not verified, which a deny reads too)")
+                    }
+                    (None, _, _) => q(None),
                 }
             }
             Matcher::GroupsAny(_) | Matcher::GroupsAll(_) => format!("{:?}", identity.groups),
@@ -243,18 +257,25 @@ impl fmt::Display for Condition {
 // === impl Matcher ===
 
 impl Matcher {
-    pub(crate) fn matches(&self, identity: &Identity, request: &RequestFacts<'_>) -> bool {
+    /// Whether the condition holds, in a rule of `effect`: only the email conditions
+    /// read it (an allow trusts a verified email only, a deny any email; see [`email`]).
+    pub(crate) fn matches(
+        &self,
+        effect: Effect,
+        identity: &Identity,
+        request: &RequestFacts<'_>,
+    ) -> bool {
         match self {
             Matcher::Issuer(ids) => ids.contains(&identity.issuer),
             Matcher::Subject(globs) => any_glob(globs, &identity.subject),
-            Matcher::Email(globs) => verified_email(identity).is_some_and(|e| {
+            Matcher::Email(globs) => email(identity, effect).is_some_and(|e| {
                 if e.bytes().any(|b| b.is_ascii_uppercase()) {
                     any_glob(globs, &e.to_ascii_lowercase())
                 } else {
                     any_glob(globs, e)
                 }
             }),
-            Matcher::EmailDomain(domains) => verified_email(identity)
+            Matcher::EmailDomain(domains) => email(identity, effect)
                 .and_then(|e| e.rsplit_once('@'))
                 .is_some_and(|(_, d)| domains.iter().any(|want| want.eq_ignore_ascii_case(d))),
             Matcher::GroupsAny(want) => {
@@ -283,7 +304,7 @@ impl Matcher {
             // HTTP conditions never match a database request, and the reverse: a rule
             // written for one protocol must not leak onto the other.
             Matcher::Methods(methods) => {
-                !request.is_database() && methods.iter().any(|m| m == request.method)
+                !request.is_database() && methods_admit(methods, request.method)
             }
             // `/admin/**` also matches `/admin` ([`Glob::matches_dir`]).
             Matcher::Paths(globs) => {
@@ -301,8 +322,28 @@ fn any_glob(globs: &[Glob], text: &str) -> bool {
     globs.iter().any(|g| g.matches(text))
 }
 
-fn verified_email(identity: &Identity) -> Option<&str> {
-    identity.email.as_deref().filter(|_| identity.email_verified)
+/// Whether a `methods` list admits `method`. `GET` admits `HEAD` as well, as nginx's
+/// `limit_except GET` does: Werkzeug, Express, Rails, Spring and Go's `ServeMux` run a
+/// `HEAD` through the `GET` handler (its side effects and response headers included),
+/// so a deny of `GET` that let `HEAD` through would be a hole, and an allow of `GET`
+/// that refused `HEAD` would break `curl -I` and health checks. Route matching
+/// (`match.methods`) uses the same rule.
+pub fn methods_admit(methods: &[Method], method: &Method) -> bool {
+    methods.iter().any(|m| m == method || (*m == Method::GET && *method == Method::HEAD))
+}
+
+/// The email an email condition reads. An allow trusts only a verified email (V21:
+/// anyone can type an address into a profile). A deny is stricter, and fails closed:
+/// it reads the email the token claims, verified or not, since `email_verified` is
+/// `false` or absent for many real users (Entra never sends it; Okta and Keycloak
+/// clear it when users change their own address). A token without an `email` claim
+/// matches neither.
+fn email(identity: &Identity, effect: Effect) -> Option<&str> {
+    let email = identity.email.as_deref();
+    match effect {
+        Effect::Allow => email.filter(|_| identity.email_verified),
+        Effect::Deny => email,
+    }
 }
 
 /// A claim matches when it equals (with its own JSON type) one of the values; an array

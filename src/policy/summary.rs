@@ -5,6 +5,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use http::Method;
 use serde::Serialize;
 
 use super::rule::{ClaimValue, Condition, Effect, Matcher, Rule};
@@ -51,8 +52,8 @@ impl Rule {
         for c in self.conditions() {
             match c.matcher() {
                 Matcher::Issuer(_) => {}
-                m if m.is_request() => what.push(c.words()),
-                _ => who.push(c.words()),
+                m if m.is_request() => what.push(c.words(self.effect())),
+                _ => who.push(c.words(self.effect())),
             }
         }
         let mut canonical: Vec<String> = self.conditions().map(Condition::to_string).collect();
@@ -141,16 +142,22 @@ impl fmt::Display for RuleSummary {
 // === impl Condition ===
 
 impl Condition {
-    /// The condition in words: `CI branch is `main` or matches `release/*``.
-    pub fn words(&self) -> String {
+    /// The condition in words, in a rule of `effect`: `CI branch is `main` or matches
+    /// `release/*``.
+    pub fn words(&self, effect: Effect) -> String {
+        // An email condition reads a verified email in an allow, any email in a deny.
+        let email = match effect {
+            Effect::Allow => "verified email",
+            Effect::Deny => "email (verified or not)",
+        };
         match self.matcher() {
             Matcher::Issuer(ids) => {
                 let v: Vec<String> = ids.iter().map(|i| format!("`{i}`")).collect();
                 format!("issuer is {}", join_or(&v))
             }
             Matcher::Subject(g) => format!("subject {}", globs(g)),
-            Matcher::Email(g) => format!("verified email {}", globs(g)),
-            Matcher::EmailDomain(d) => format!("verified email domain is {}", strs(d, "or")),
+            Matcher::Email(g) => format!("{email} {}", globs(g)),
+            Matcher::EmailDomain(d) => format!("{email} domain is {}", strs(d, "or")),
             Matcher::GroupsAny(g) if g.len() == 1 => format!("groups include {}", strs(g, "or")),
             Matcher::GroupsAny(g) => format!("groups include any of {}", strs(g, "or")),
             Matcher::GroupsAll(g) => format!("groups include all of {}", strs(g, "and")),
@@ -168,8 +175,15 @@ impl Condition {
             Matcher::Ci { field, globs: g } => format!("CI {field} {}", globs(g)),
             // Request conditions read as one phrase when joined with spaces:
             // "`POST` requests to paths matching `/deploy/*`".
+            // `GET` admits `HEAD` too: say so, right after it.
             Matcher::Methods(m) => {
-                let v: Vec<String> = m.iter().map(|m| format!("`{m}`")).collect();
+                let mut v: Vec<String> = Vec::with_capacity(m.len() + 1);
+                for method in m.iter() {
+                    v.push(format!("`{method}`"));
+                    if *method == Method::GET && !m.contains(&Method::HEAD) {
+                        v.push("`HEAD`".to_string());
+                    }
+                }
                 format!("{} requests", join_or(&v))
             }
             Matcher::Paths(g) => format!("to paths {}", plural(g)),

@@ -251,6 +251,245 @@ fn evaluation_table() {
     }
 }
 
+// === GET admits HEAD ===
+
+const METHODS_POLICY: &str = r#"
+[[rule]]
+id = "read-status"
+effect = "allow"
+issuer = "corp"
+methods = ["GET"]
+paths = ["/status/**"]
+
+[[rule]]
+id = "probe-only"
+effect = "allow"
+issuer = "corp"
+methods = ["HEAD"]
+paths = ["/probe/**"]
+
+[[rule]]
+id = "everything-else"
+effect = "allow"
+issuer = "corp"
+paths = ["/secret/**", "/quiet/**"]
+
+[[rule]]
+id = "no-secret-reads"
+effect = "deny"
+issuer = "corp"
+methods = ["GET"]
+paths = ["/secret/**"]
+
+[[rule]]
+id = "no-quiet-probes"
+effect = "deny"
+issuer = "corp"
+methods = ["HEAD"]
+paths = ["/quiet/**"]
+"#;
+
+/// `GET` in `methods` also matches `HEAD` (frameworks run `HEAD` through the `GET`
+/// handler), in allows and denies alike; nothing else is implied.
+#[test]
+fn get_in_methods_also_matches_head() {
+    let p = must_parse(METHODS_POLICY);
+    let id = human(json!({}));
+    use Reason::{Allowed, DeniedByRule, PolicyDenied};
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &str, Reason, Option<&str>)] = &[
+        ("a deny of GET denies GET", "GET", "/secret/payroll", DeniedByRule, Some("no-secret-reads")),
+        ("a deny of GET denies HEAD", "HEAD", "/secret/payroll", DeniedByRule, Some("no-secret-reads")),
+        ("near miss: a deny of GET leaves POST", "POST", "/secret/payroll", Allowed, Some("everything-else")),
+        ("near miss: a deny of GET leaves OPTIONS", "OPTIONS", "/secret/payroll", Allowed, Some("everything-else")),
+        ("an allow of GET allows GET", "GET", "/status/x", Allowed, Some("read-status")),
+        ("an allow of GET allows HEAD", "HEAD", "/status/x", Allowed, Some("read-status")),
+        ("near miss: an allow of GET does not allow POST", "POST", "/status/x", PolicyDenied, None),
+        ("HEAD does not imply GET in an allow", "GET", "/probe/x", PolicyDenied, None),
+        ("an allow of HEAD allows HEAD", "HEAD", "/probe/x", Allowed, Some("probe-only")),
+        ("HEAD does not imply GET in a deny", "GET", "/quiet/x", Allowed, Some("everything-else")),
+        ("a deny of HEAD denies HEAD", "HEAD", "/quiet/x", DeniedByRule, Some("no-quiet-probes")),
+    ];
+    for (name, method, path, reason, rule) in cases {
+        let m = http::Method::from_bytes(method.as_bytes()).unwrap_or_default();
+        let facts = RequestFacts::http(&m, path);
+        let d = p.evaluate(&id, &facts);
+        assert_eq!((d.reason, d.rule.as_ref().map(|r| &*r.id)), (*reason, *rule), "{name}");
+        assert_eq!(p.explain(&id, &facts).decision, d, "{name}: explain agrees");
+    }
+    // Never onto a database session.
+    let d = p.evaluate(&id, &RequestFacts::database("secret", Some("x")));
+    assert_eq!(d.reason, PolicyDenied);
+    // The rule in words says so; a list that names HEAD itself is left as written.
+    let words = |id: &str| {
+        let rule = p.rules().iter().find(|r| r.id() == id);
+        rule.map(|r| r.summary(&catalog()).what_phrase()).unwrap_or_default()
+    };
+    assert_eq!(words("no-secret-reads"), "`GET` or `HEAD` requests to paths matching `/secret/**`");
+    assert_eq!(words("probe-only"), "`HEAD` requests to paths matching `/probe/**`");
+    let both = must_parse(
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\nmethods = [\"POST\", \"GET\", \"HEAD\"]\n",
+    );
+    assert_eq!(
+        both.rules()[0].summary(&catalog()).what_phrase(),
+        "`POST`, `GET` or `HEAD` requests"
+    );
+}
+
+/// A `[[test]]` of `HEAD` sees what the proxy does: a policy whose only test is for
+/// `GET` no longer hides a `HEAD` that gets through.
+#[test]
+fn policy_tests_run_head_through_get_rules() {
+    let text = format!(
+        "{METHODS_POLICY}\n[[test]]\nname = \"no HEAD of secrets\"\nidentity = {{ issuer = \"corp\" }}\nrequest = \"HEAD /secret/payroll\"\nexpect = \"deny\"\nrule = \"no-secret-reads\"\n\n[[test]]\nname = \"curl -I of status\"\nidentity = {{ issuer = \"corp\" }}\nrequest = \"HEAD /status/x\"\nexpect = \"allow\"\nrule = \"read-status\"\n"
+    );
+    let p = must_parse(&text);
+    let failures: Vec<String> =
+        run_tests(&p).iter().filter(|o| !o.passed()).map(ToString::to_string).collect();
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// A deny that covers an allow's `HEAD` through `GET` makes that allow dead.
+#[test]
+fn an_allow_of_head_is_shadowed_by_a_deny_of_get() {
+    let p = must_parse(
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\nmethods = [\"HEAD\"]\npaths = \"/x/*\"\n[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"corp\"\nmethods = [\"GET\"]\npaths = \"/x/**\"\n",
+    );
+    let warnings: Vec<String> = p.warnings().iter().map(ToString::to_string).collect();
+    assert!(
+        warnings.iter().any(|w| w.contains("allow rule `a` can never match: deny rule `d`")),
+        "{warnings:?}"
+    );
+    // Near miss: a deny of HEAD does not cover an allow of GET.
+    let p = must_parse(
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\nmethods = [\"GET\"]\npaths = \"/x/*\"\n[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"corp\"\nmethods = [\"HEAD\"]\npaths = \"/x/**\"\n",
+    );
+    assert!(p.warnings().is_empty(), "{:?}", p.warnings());
+}
+
+// === email conditions in denies ===
+
+const EMAIL_DENY_POLICY: &str = r#"
+[[rule]]
+id = "staff"
+effect = "allow"
+issuer = "corp"
+paths = ["/secret/**"]
+
+[[rule]]
+id = "verified-contractors"
+effect = "allow"
+issuer = "corp"
+email_domain = "contractors.example"
+paths = ["/docs/**"]
+
+[[rule]]
+id = "no-contractor-secrets"
+effect = "deny"
+issuer = "corp"
+email_domain = "contractors.example"
+paths = ["/secret/**"]
+
+[[rule]]
+id = "no-bob"
+effect = "deny"
+issuer = "corp"
+email = "bob@*"
+paths = ["/secret/bob/**"]
+"#;
+
+/// A deny on `email`/`email_domain` reads the email the token claims, verified or
+/// not (fail closed); an allow still needs a verified one.
+#[test]
+fn email_denies_apply_to_unverified_emails() {
+    let p = must_parse(EMAIL_DENY_POLICY);
+    let who = |email: Option<&str>, verified: Option<Value>| {
+        let mut c = json!({ "sub": "bob-contractor" });
+        if let (Some(m), Some(e)) = (c.as_object_mut(), email) {
+            m.insert("email".into(), json!(e));
+        }
+        if let (Some(m), Some(v)) = (c.as_object_mut(), verified) {
+            m.insert("email_verified".into(), v);
+        }
+        human(c)
+    };
+    let get = http::Method::GET;
+    let at = |path| RequestFacts::http(&get, path);
+    let bob = "bob@contractors.example";
+    use Reason::{Allowed, DeniedByRule, PolicyDenied};
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Identity, &str, Reason, Option<&str>)> = vec![
+        ("verified contractor denied", who(Some(bob), Some(json!(true))), "/secret/x", DeniedByRule, Some("no-contractor-secrets")),
+        ("unverified contractor denied", who(Some(bob), Some(json!(false))), "/secret/x", DeniedByRule, Some("no-contractor-secrets")),
+        ("email_verified absent (Entra): denied", who(Some(bob), None), "/secret/x", DeniedByRule, Some("no-contractor-secrets")),
+        ("email_verified a string: denied", who(Some(bob), Some(json!("false"))), "/secret/x", DeniedByRule, Some("no-contractor-secrets")),
+        ("domain in upper case, unverified: denied", who(Some("bob@CONTRACTORS.example"), None), "/secret/x", DeniedByRule, Some("no-contractor-secrets")),
+        ("near miss: a subdomain is another domain", who(Some("bob@x.contractors.example"), None), "/secret/x", Allowed, Some("staff")),
+        ("near miss: another domain, unverified", who(Some("bob@acme.example"), None), "/secret/x", Allowed, Some("staff")),
+        ("no email claim at all: the deny does not apply", who(None, None), "/secret/x", Allowed, Some("staff")),
+        ("email glob deny, unverified", who(Some("Bob@acme.example"), Some(json!(false))), "/secret/bob/1", DeniedByRule, Some("no-bob")),
+        ("near miss: email glob deny, other user", who(Some("rob@acme.example"), Some(json!(false))), "/secret/bob/1", Allowed, Some("staff")),
+        ("an allow still needs a verified email", who(Some(bob), Some(json!(false))), "/docs/a", PolicyDenied, None),
+        ("an allow with email_verified absent", who(Some(bob), None), "/docs/a", PolicyDenied, None),
+        ("an allow with a verified email", who(Some(bob), Some(json!(true))), "/docs/a", Allowed, Some("verified-contractors")),
+    ];
+    for (name, id, path, reason, rule) in cases {
+        let d = p.evaluate(&id, &at(path));
+        assert_eq!((d.reason, d.rule.as_ref().map(|r| &*r.id)), (reason, rule), "{name}");
+        assert_eq!(p.explain(&id, &at(path)).decision, d, "{name}: explain agrees");
+    }
+
+    // explain: the deny matched; the allow says why an unverified email did not count,
+    // and a deny that did not match says it read the unverified email anyway.
+    let e = p.explain(&who(Some(bob), None), &at("/docs/a"));
+    let trace = |id: &str| e.rules.iter().find(|t| &*t.rule.id == id).map(|t| t.outcome.clone());
+    match trace("verified-contractors") {
+        Some(TraceOutcome::NotMatched { condition, actual, .. }) => {
+            assert_eq!(condition, "email_domain");
+            assert_eq!(
+                actual,
+                "\"bob@contractors.example\" (not verified: an allow reads only a verified email)"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = p.explain(&who(Some("bob@acme.example"), None), &at("/secret/x"));
+    match e.rules.iter().find(|t| &*t.rule.id == "no-contractor-secrets").map(|t| &t.outcome) {
+        Some(TraceOutcome::NotMatched { actual, .. }) => {
+            assert_eq!(actual, "\"bob@acme.example\" (not verified, which a deny reads too)");
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = p.explain(&who(Some(bob), None), &at("/secret/x"));
+    assert!(e.to_string().contains("deny  `no-contractor-secrets`: matched"), "{e}");
+
+    // `who` words: the deny's email is any email, the allow's a verified one.
+    let words = |id: &str| {
+        let rule = p.rules().iter().find(|r| r.id() == id);
+        rule.map(|r| r.summary(&catalog()).who_phrase()).unwrap_or_default()
+    };
+    assert_eq!(
+        words("no-contractor-secrets"),
+        "people and services of `corp` (oidc) whose email (verified or not) domain is `contractors.example`"
+    );
+    assert_eq!(
+        words("verified-contractors"),
+        "people and services of `corp` (oidc) whose verified email domain is `contractors.example`"
+    );
+}
+
+/// `[[test]]` identities get the same treatment: `email_verified = false` is denied.
+#[test]
+fn policy_tests_see_email_denies_on_unverified_emails() {
+    let text = format!(
+        "{EMAIL_DENY_POLICY}\n[[test]]\nname = \"unverified contractor\"\nidentity = {{ issuer = \"corp\", email = \"bob@contractors.example\", email_verified = false }}\nrequest = \"GET /secret/x\"\nexpect = \"deny\"\nrule = \"no-contractor-secrets\"\n"
+    );
+    let p = must_parse(&text);
+    let failures: Vec<String> =
+        run_tests(&p).iter().filter(|o| !o.passed()).map(ToString::to_string).collect();
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
 #[test]
 fn default_deny_with_no_rules() {
     let p = must_parse("");

@@ -404,7 +404,17 @@ impl RouteView {
             if self.host == "*" { "any host".to_string() } else { format!("host {}", self.host) };
         let methods = match &self.methods {
             None => "any method".to_string(),
-            Some(m) => format!("methods {}", m.join(", ")),
+            // `GET` matches `HEAD` too (`policy::methods_admit`): list it.
+            Some(m) => {
+                let mut v: Vec<&str> = Vec::with_capacity(m.len() + 1);
+                for method in m {
+                    v.push(method);
+                    if method == "GET" && !m.iter().any(|x| x == "HEAD") {
+                        v.push("HEAD");
+                    }
+                }
+                format!("methods {}", v.join(", "))
+            }
         };
         format!("{host}, paths under {}, {methods}", self.path_prefix)
     }

@@ -361,3 +361,73 @@ async fn key_rotation_at_the_issuer_is_picked_up() {
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "a removed key stops verifying");
     let _ = w.send(Method::GET, "/", &[], Bytes::new()).await;
 }
+
+/// The P-256 group order `n`, big-endian.
+const P256_N: [u8; 32] = [
+    0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+];
+
+/// The same ES256 token with its signature's `s` replaced by `n − s`: another valid
+/// signature over the same header and payload (ECDSA signatures are malleable).
+fn malleate_es256(token: &str) -> String {
+    let (input, sig) = token.rsplit_once('.').unwrap_or_else(|| panic!("not a JWS: {token}"));
+    let mut sig = URL_SAFE_NO_PAD.decode(sig).unwrap_or_else(|e| panic!("signature: {e}"));
+    assert_eq!(sig.len(), 64, "ES256 signatures are r || s, 32 bytes each");
+    // n − s over 32-byte big-endian numbers, borrowing from the right; 0 < s < n.
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let d = i16::from(P256_N[i]) - i16::from(sig[32 + i]) - borrow;
+        borrow = i16::from(d < 0);
+        sig[32 + i] = (d + 256 * borrow) as u8;
+    }
+    assert_eq!(borrow, 0, "s < n");
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(&sig))
+}
+
+/// V27 against ECDSA malleability: `s` → `n − s` makes a different, valid token with
+/// the same claims, so a single-use route must know a token by what was signed (its
+/// issuer and `jti`, or its header and payload), not by its bytes.
+#[tokio::test]
+async fn single_use_routes_refuse_a_malleated_es256_replay_v27() {
+    let w = World::with(Setup {
+        route_extra: "single_use_tokens = true".into(),
+        issuer_extra: "algorithms = [\"RS256\", \"ES256\"]".into(),
+        ..Setup::default()
+    })
+    .await;
+    let es = portcullis::dev::signer::DevSigner::generate_es256("es-key-1")
+        .unwrap_or_else(|e| panic!("{e}"));
+    for (issuer, path) in [("corp", "/human"), ("gh", "/github")] {
+        w.issuer.set_keys(path, &[&w.signer, &es]);
+        let (mut h, p) = w.parts(issuer, &[]);
+        // `corp` tokens carry no `jti` (keyed by header and payload), GitHub's do.
+        assert_eq!(p.get("jti").is_some(), issuer == "gh", "{issuer}: {p}");
+        h["alg"] = json!("ES256");
+        h["kid"] = json!("es-key-1");
+        let t = es.sign(&h, &p);
+        let t2 = malleate_es256(&t);
+        assert_ne!(t, t2);
+        let r = w.get("/x", Some(&t)).await;
+        assert_eq!(r.status, StatusCode::OK, "{issuer}: first use: {}", r.text());
+        expect(
+            &w,
+            &format!("{issuer}: exact replay"),
+            &t,
+            StatusCode::UNAUTHORIZED,
+            "token-replayed",
+        )
+        .await;
+        expect(
+            &w,
+            &format!("{issuer}: malleated replay"),
+            &t2,
+            StatusCode::UNAUTHORIZED,
+            "token-replayed",
+        )
+        .await;
+        // Near miss: a route without single use takes the malleated token as the same caller.
+        let fresh = w.token(issuer, &[]);
+        assert_eq!(w.get("/x", Some(&fresh)).await.status, StatusCode::OK, "{issuer}: fresh token");
+    }
+}

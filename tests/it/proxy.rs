@@ -347,3 +347,166 @@ async fn metrics_count_requests_decisions_and_verifications() {
     assert!(m.contains("portcullis_jwks_refreshes_total{issuer=\"gl\",outcome=\"ok\"}"));
     assert!(m.contains("portcullis_token_verifications_total{result=\"allowed\"}"));
 }
+
+/// The audit event of the next request `send` makes (a HEAD or allowed response has
+/// no body to carry its request id).
+async fn event_of<F: std::future::Future<Output = Resp>>(
+    w: &World,
+    send: F,
+) -> (Resp, serde_json::Value) {
+    let before = w.events().len();
+    let r = send.await;
+    for _ in 0..100 {
+        let events = w.events();
+        if events.len() > before {
+            return (r, events[before].clone());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    (r, serde_json::Value::Null)
+}
+
+/// `GET` in a policy's `methods` also covers `HEAD` (the upstream runs its `GET`
+/// handler for it): a deny of `GET` denies `HEAD`, an allow of `GET` allows it, and a
+/// route for `GET` takes `HEAD` rather than letting it fall through to another route.
+#[tokio::test]
+async fn head_is_covered_by_get_in_denies_allows_and_routes() {
+    let routes = r#"
+[[routes]]
+name = "vault-reads"
+match = { path_prefix = "/vault", methods = ["GET"] }
+upstream = "http://{echo}"
+policy = "nobody"
+"#;
+    let policy = r#"
+[[rule]]
+id = "engineers-health"
+effect = "allow"
+issuer = "corp"
+groups_any = ["engineering"]
+methods = ["GET"]
+paths = ["/health/**"]
+
+[[rule]]
+id = "engineers-secret"
+effect = "allow"
+issuer = "corp"
+groups_any = ["engineering"]
+paths = ["/secret/**", "/vault/**"]
+
+[[rule]]
+id = "no-secret-reads"
+effect = "deny"
+issuer = "corp"
+methods = ["GET"]
+paths = ["/secret/**"]
+"#;
+    let w = World::with(Setup {
+        routes: routes.into(),
+        policies: vec![("api".into(), policy.into()), ("nobody".into(), String::new())],
+        ..Setup::default()
+    })
+    .await;
+    let auth = format!("Bearer {}", w.token("corp", &[]));
+    let h = [("authorization", auth.as_str())];
+    let send = |m: Method, path: &'static str| w.send(m, path, &h, Bytes::new());
+    for (m, path, status, route, rule) in [
+        (Method::GET, "/secret/payroll", StatusCode::FORBIDDEN, "api", "no-secret-reads"),
+        (Method::HEAD, "/secret/payroll", StatusCode::FORBIDDEN, "api", "no-secret-reads"),
+        // Near miss: the deny names GET only.
+        (Method::POST, "/secret/payroll", StatusCode::OK, "api", "engineers-secret"),
+        (Method::GET, "/health/x", StatusCode::OK, "api", "engineers-health"),
+        (Method::HEAD, "/health/x", StatusCode::OK, "api", "engineers-health"),
+        // Near miss: the allow names GET only.
+        (Method::POST, "/health/x", StatusCode::FORBIDDEN, "api", ""),
+        // The GET route (default deny) takes HEAD; POST goes on to `api`.
+        (Method::HEAD, "/vault/x", StatusCode::FORBIDDEN, "vault-reads", ""),
+        (Method::POST, "/vault/x", StatusCode::OK, "api", "engineers-secret"),
+    ] {
+        let case = format!("{m} {path}");
+        let (r, ev) = event_of(&w, send(m, path)).await;
+        assert_eq!(r.status, status, "{case}: {}", r.text());
+        assert_eq!(ev["route"], route, "{case}: {ev}");
+        if rule.is_empty() {
+            assert!(ev["rule"].is_null(), "{case}: {ev}");
+        } else {
+            assert_eq!(ev["rule"]["id"], rule, "{case}: {ev}");
+        }
+    }
+}
+
+/// A deny on `email_domain` applies whether or not the email is verified (absent
+/// `email_verified`, as Entra sends, or `false`); an allow still needs it verified.
+#[tokio::test]
+async fn email_denies_apply_to_unverified_emails() {
+    let policy = r#"
+[[rule]]
+id = "engineers"
+effect = "allow"
+issuer = "corp"
+groups_any = ["engineering"]
+
+[[rule]]
+id = "verified-contractor-docs"
+effect = "allow"
+issuer = "corp"
+email_domain = "contractors.example"
+paths = ["/docs/**"]
+
+[[rule]]
+id = "no-contractor-secrets"
+effect = "deny"
+issuer = "corp"
+email_domain = "contractors.example"
+paths = ["/secret/**"]
+"#;
+    let w =
+        World::with(Setup { policies: vec![("api".into(), policy.into())], ..Setup::default() })
+            .await;
+    // Bob is in `engineering` (the preset's groups), so only the deny keeps him out.
+    let bob = "email=bob@contractors.example";
+    let engineer = "groups:=[\"engineering\"]";
+    let contractor = "groups:=[\"contractors\"]";
+    for (verified, groups, path, status, rule) in [
+        (
+            "email_verified:=true",
+            engineer,
+            "/secret/x",
+            StatusCode::FORBIDDEN,
+            "no-contractor-secrets",
+        ),
+        (
+            "email_verified:=false",
+            engineer,
+            "/secret/x",
+            StatusCode::FORBIDDEN,
+            "no-contractor-secrets",
+        ),
+        (
+            "email_verified:=null",
+            engineer,
+            "/secret/x",
+            StatusCode::FORBIDDEN,
+            "no-contractor-secrets",
+        ),
+        // Near miss: elsewhere, the engineers' allow decides.
+        ("email_verified:=null", engineer, "/other", StatusCode::OK, "engineers"),
+        // An allow on the same domain still needs the email verified.
+        ("email_verified:=false", contractor, "/docs/x", StatusCode::FORBIDDEN, ""),
+        ("email_verified:=true", contractor, "/docs/x", StatusCode::OK, "verified-contractor-docs"),
+    ] {
+        let case = format!("{verified} {groups} {path}");
+        let t = w.token("corp", &[bob, verified, groups]);
+        let (r, ev) = event_of(&w, w.get(path, Some(&t))).await;
+        assert_eq!(r.status, status, "{case}: {}", r.text());
+        if rule.is_empty() {
+            assert_eq!(ev["reason"], "policy-denied", "{case}: {ev}");
+        } else {
+            assert_eq!(ev["rule"]["id"], rule, "{case}: {ev}");
+        }
+    }
+    // Near miss: an engineer of another domain, unverified, is not denied.
+    let t = w.token("corp", &["email=eve@acme.example", "email_verified:=false"]);
+    let r = w.get("/secret/x", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
