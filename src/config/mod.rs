@@ -17,6 +17,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 use crate::diag::{Diagnostic, Diagnostics, LoadError, Source};
+use crate::http::path;
 use crate::identity::{Algorithm, IssuerId, IssuerSettings, Preset, PrincipalKind, TokenType};
 use crate::policy::{Catalog, Policy};
 
@@ -1114,6 +1115,7 @@ impl Compiler<'_> {
                 if !v.starts_with("/.portcullis/")
                     || v.contains("..")
                     || v.contains(['?', '#', '%', '\\'])
+                    || path::check_pattern(v, path::Syntax::Literal).is_err()
                 {
                     self.err(p.span(), "`redirect_path` is a literal path under `/.portcullis/` (e.g. \"/.portcullis/callback\")");
                 }
@@ -1296,11 +1298,16 @@ impl Compiler<'_> {
             None => "/".to_string(),
             Some(p) => {
                 let v = p.get_ref();
-                if !v.starts_with('/') || v.contains("..") || v.contains('%') || v.contains('*') {
+                if !v.starts_with('/') || v.contains('*') || v.to_ascii_uppercase().contains("%2A")
+                {
                     self.err(
                         p.span(),
-                        "`path_prefix` is a literal path starting with `/` (no `..`, `%`, `*`)",
+                        "`path_prefix` is a literal path starting with `/` (no `*`)",
                     );
+                } else if let Err(e) = path::check_pattern(v, path::Syntax::Literal) {
+                    // Matched against the canonical path: spelt otherwise (`%40`, `%3a`), it
+                    // would never match, and requests would go to a broader route.
+                    self.err(p.span(), format!("`path_prefix`: {}", e.message(v)));
                 }
                 v.clone()
             }

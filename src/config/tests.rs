@@ -267,6 +267,49 @@ fn a_get_route_takes_head_requests() {
 }
 
 #[test]
+fn path_prefixes_are_written_as_requests_are_matched() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let with_prefix = |prefix: &str| {
+        format!(
+            "{BASE}\n[[routes]]\nname = \"me\"\nmatch = {{ host = \"api.example.com\", path_prefix = {prefix:?} }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"p\"\n"
+        )
+    };
+    // Escapes requests have decoded, lower-case hex, a raw `+`: never matched, so the
+    // requests would go to the broader route. Each says how to write it.
+    for (prefix, write) in [
+        ("/v1/users/%40me", "/v1/users/@me"),
+        ("/v1/keys/k1%3arevoke", "/v1/keys/k1:revoke"),
+        ("/v1/caf%c3%a9", "/v1/caf%C3%A9"),
+        ("/v1/c++", "/v1/c%2B%2B"),
+        ("/v1//x", "/v1/x"),
+    ] {
+        let errs = compile(dir.path(), &with_prefix(prefix)).err().unwrap_or_default();
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("16:51 ") && e.ends_with(&format!("write `{write}`"))),
+            "{prefix}: {errs:#?}"
+        );
+    }
+    for prefix in ["/v1/a/../b", "/v1/a%2Fb", "/v1/a;b", "/v1/a*", "/v1/a%2A"] {
+        let errs = compile(dir.path(), &with_prefix(prefix)).err().unwrap_or_default();
+        assert!(errs.iter().any(|e| e.starts_with("16:51 ")), "{prefix}: {errs:#?}");
+    }
+    // The canonical spelling loads, and takes the request however it was encoded.
+    let c = compile(dir.path(), &with_prefix("/v1/users/@me")).unwrap_or_else(|e| panic!("{e:?}"));
+    for raw in ["/v1/users/@me/tokens", "/v1/users/%40me/tokens", "/v1/users/%40me"] {
+        let path = crate::http::path::normalize(raw).unwrap_or_else(|e| panic!("{raw}: {e:?}"));
+        let route = c.route("api.example.com", &path, &Method::GET).map(|r| r.name.to_string());
+        assert_eq!(route.as_deref(), Some("me"), "{raw}");
+    }
+    let path = crate::http::path::normalize("/v1/users/me").unwrap_or_else(|e| panic!("{e:?}"));
+    let route = c.route("api.example.com", &path, &Method::GET).map(|r| r.name.to_string());
+    assert_eq!(route.as_deref(), Some("api"));
+    for prefix in ["/v1/caf%C3%A9", "/v1/c%2B%2B", "/v1/keys/k1:revoke"] {
+        assert!(compile(dir.path(), &with_prefix(prefix)).is_ok(), "{prefix}");
+    }
+}
+
+#[test]
 fn helpers() {
     assert!(path_has_prefix("/api", "/api"));
     assert!(path_has_prefix("/api/x", "/api/"));

@@ -5,6 +5,20 @@
 //! path rule (the `..;` trick against Tomcat, `%2e%2e` against naive decoders). Instead
 //! of guessing, ambiguous paths are rejected and everything else is put into one
 //! canonical form that is both matched by policy and sent upstream.
+//!
+//! The canonical form spells every byte one way, chosen so that every upstream reads it
+//! as the same character: the characters that frameworks decode and that cannot change
+//! a path's structure (unreserved, the sub-delims but `+` and `;`, `:` and `@`) as
+//! themselves, so `/v1/keys/k1%3Arevoke` is `/v1/keys/k1:revoke` to the policy as it is
+//! to Flask; everything else as an upper-case escape. `+` is the exception on purpose:
+//! RFC 3986 and most frameworks read it as a plus, but Amazon S3 and anything that
+//! form-decodes a path read it as a space, while `%2B` is a plus to all of them. So
+//! `+` is sent as `%2B`, and a path rule that means a plus writes `%2B`.
+//!
+//! Path patterns (policy `paths`, route `path_prefix`) must be written in the same form,
+//! or they could never match: [`check_pattern`] says how to write them.
+
+use std::borrow::Cow;
 
 /// Why a path was refused; all map to `400 ambiguous-path`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +32,34 @@ pub enum PathError {
     MatrixDots,
     PathParameter,
     DoubleEncoded,
+}
+
+/// What a path pattern is matched against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Syntax {
+    /// A policy glob: `*` and `?` are wildcards and kept as written.
+    Glob,
+    /// A literal path (a route's `path_prefix`): `?` is a character like any other.
+    Literal,
+}
+
+/// Why a path pattern cannot be used as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PatternError {
+    /// Spelled otherwise than the canonical form of requests, so it would never match:
+    /// `why` is the first difference, `canonical` the spelling that matches.
+    NotCanonical { canonical: String, why: String },
+    /// Only paths that the proxy refuses (400) could match it.
+    Refused(PathError),
+    /// `%2A`: requests have it decoded to `*`, which a glob reads as its wildcard.
+    EncodedStar { canonical: String },
+}
+
+/// How the canonicalizer treats what only patterns hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Request,
+    Pattern(Syntax),
 }
 
 impl PathError {
@@ -38,8 +80,41 @@ impl PathError {
     }
 }
 
+// === impl PatternError ===
+
+impl PatternError {
+    /// The diagnostic for `pattern`, which a configuration key holds.
+    pub fn message(&self, pattern: &str) -> String {
+        match self {
+            PatternError::NotCanonical { canonical, why } => format!(
+                "path `{pattern}` would never match: requests are matched in canonical form, \
+                 where {why}; write `{canonical}`"
+            ),
+            PatternError::Refused(e) => format!(
+                "path `{pattern}` can never match: requests for it are refused \
+                 (400 ambiguous-path: {})",
+                e.detail()
+            ),
+            PatternError::EncodedStar { canonical } => format!(
+                "path `{pattern}`: `%2A` is `*` in requests, and a pattern cannot match a \
+                 literal `*` apart from its wildcard, which matches it as it matches any run \
+                 of characters within a segment: write `{canonical}`"
+            ),
+        }
+    }
+}
+
 fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Characters the canonical form writes as themselves and decodes when escaped:
+/// unreserved, the sub-delims other than `+` (a space to S3 and form decoders) and `;`
+/// (refused), `:` and `@`. Every framework decodes them, and none of them can end a
+/// segment or the path.
+fn is_literal(b: u8) -> bool {
+    is_unreserved(b)
+        || matches!(b, b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b',' | b'=' | b':' | b'@')
 }
 
 /// The value of one hex digit.
@@ -50,6 +125,14 @@ pub(super) fn hex(b: u8) -> Option<u8> {
         b'A'..=b'F' => Some(b - b'A' + 10),
         _ => None,
     }
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+fn push_escape(out: &mut String, v: u8) {
+    out.push('%');
+    out.push(char::from(HEX[usize::from(v >> 4)]));
+    out.push(char::from(HEX[usize::from(v & 15)]));
 }
 
 /// Whether the bytes after a `%25` (any more `25`s skipped) spell the hex of a byte that
@@ -69,23 +152,122 @@ fn double_encoded(mut rest: &[u8]) -> bool {
     }
 }
 
+/// Whether `raw` is canonical as it stands and holds nothing to refuse: only literal
+/// characters (and a glob's `?`), no empty segment but a trailing one, no dot-segment.
+/// The common request path, which is then borrowed, not copied.
+fn already_canonical(raw: &str, mode: Mode) -> bool {
+    let Some(rest) = raw.strip_prefix('/') else { return false };
+    let glob = mode == Mode::Pattern(Syntax::Glob);
+    let mut segments = rest.split('/').peekable();
+    while let Some(seg) = segments.next() {
+        if (seg.is_empty() && segments.peek().is_some()) || seg == "." || seg == ".." {
+            return false;
+        }
+        if !seg.bytes().all(|b| is_literal(b) || (glob && b == b'?')) {
+            return false;
+        }
+    }
+    true
+}
+
 /// Returns the canonical form of a raw request path (without query):
-/// - percent-escapes of unreserved characters are decoded (`%7E` → `~`), all other
-///   escapes are kept with upper-case hex, so `%41` and `A` cannot be told apart by the
-///   policy but can be by nobody else either;
+/// - percent-escapes of the characters that cannot change the path's structure
+///   (unreserved, `! $ & ' ( ) * , =`, `:` and `@`) are decoded (`%7E` → `~`,
+///   `%3A` → `:`), since every framework decodes them before routing;
+/// - every other character is an escape with upper-case hex (`%c3%a9` → `%C3%A9`), and
+///   so is one that should have been escaped but came raw (`{` → `%7B`), and `+`
+///   (`%2B`: a plus to every upstream, where a raw `+` is a space to S3); `%25`
+///   (`%`), `%3F` (`?`) and `%23` (`#`) stay escapes, or they would end the path;
 /// - empty segments are merged (`//admin` → `/admin`), since many upstreams do so;
 /// - encoded `/` or `\`, a raw `\`, `.` / `..` segments (also when encoded), `;`
 ///   or `%3B` (path parameters, which Java servers strip before routing; encoded, a
 ///   decoding hop in between would turn it back into one), control characters and
 ///   malformed escapes are rejected.
 ///
-/// The returned string is what policy sees and what is forwarded.
-pub fn normalize(raw: &str) -> Result<String, PathError> {
+/// The returned string is what policy sees and what is forwarded. A path that is
+/// canonical already (the common case: no `%`, no `//`) is borrowed.
+pub fn normalize(raw: &str) -> Result<Cow<'_, str>, PathError> {
+    canonical(raw, Mode::Request)
+}
+
+/// Checks that a path pattern is written in the canonical form of [`normalize`], so
+/// that it can match: lower-case hex, an escape of a character requests have decoded
+/// (`%61`, `%3A`, `%40`) or a raw one they have escaped (`+`, `{`, non-ASCII) would
+/// never match anything, and a pattern only refused paths match (`/a/../b`, `%2F`)
+/// neither. `%2A` in a glob is refused too: the only way to write a literal `*` is `*`,
+/// the wildcard.
+pub fn check_pattern(pattern: &str, syntax: Syntax) -> Result<(), PatternError> {
+    let canonical = canonical(pattern, Mode::Pattern(syntax)).map_err(PatternError::Refused)?;
+    if syntax == Syntax::Glob && pattern.to_ascii_uppercase().contains("%2A") {
+        return Err(PatternError::EncodedStar { canonical: canonical.into_owned() });
+    }
+    if canonical == pattern {
+        return Ok(());
+    }
+    let why = first_difference(pattern, syntax);
+    Err(PatternError::NotCanonical { canonical: canonical.into_owned(), why })
+}
+
+/// Why `pattern` is not canonical, in words: its first spelling that differs.
+fn first_difference(pattern: &str, syntax: Syntax) -> String {
+    let bytes = pattern.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'%' => {
+                let (Some(h), Some(l)) = (bytes.get(i + 1).copied(), bytes.get(i + 2).copied())
+                else {
+                    break;
+                };
+                let v = hex(h).zip(hex(l)).map_or(0, |(h, l)| h << 4 | l);
+                let written = &pattern[i..i + 3];
+                if is_literal(v) {
+                    return format!("`{written}` is decoded to `{}`", char::from(v));
+                }
+                if h.is_ascii_lowercase() || l.is_ascii_lowercase() {
+                    return format!(
+                        "escapes have upper-case hex (`{}`)",
+                        written.to_ascii_uppercase()
+                    );
+                }
+                i += 3;
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'/') => {
+                return "`//` is merged into `/`".to_string();
+            }
+            b'?' if syntax == Syntax::Glob => i += 1,
+            b'+' => return "`+` is sent as `%2B` (a plus to every upstream)".to_string(),
+            0x80..=0xff => {
+                let c = pattern[i..].chars().next().unwrap_or_default();
+                let mut escaped = String::new();
+                for b in c.encode_utf8(&mut [0; 4]).bytes() {
+                    push_escape(&mut escaped, b);
+                }
+                return format!("`{c}` is percent-encoded as UTF-8 (`{escaped}`)");
+            }
+            b if !is_literal(b) && b != b'/' => {
+                let mut escaped = String::new();
+                push_escape(&mut escaped, b);
+                return format!("`{}` is escaped (`{escaped}`)", char::from(b));
+            }
+            _ => i += 1,
+        }
+    }
+    "the spelling differs".to_string()
+}
+
+/// [`normalize`], and for patterns the same form with what only patterns hold: a
+/// glob's `?` is kept, non-ASCII is encoded (a policy is text, a request never holds it).
+fn canonical(raw: &str, mode: Mode) -> Result<Cow<'_, str>, PathError> {
+    if already_canonical(raw, mode) {
+        return Ok(Cow::Borrowed(raw));
+    }
     let bytes = raw.as_bytes();
     if bytes.first() != Some(&b'/') {
         return Err(PathError::NotOrigin);
     }
-    let mut out = String::with_capacity(raw.len());
+    let mut out = String::with_capacity(raw.len() + 8);
     // Decode one segment at a time so dot-segments are seen after decoding.
     for seg in raw.split('/').skip(1) {
         if seg.is_empty() {
@@ -113,25 +295,27 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
                         // a Java server a path parameter after all.
                         b';' => return Err(PathError::PathParameter),
                         0..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
-                        v if is_unreserved(v) => out.push(v as char),
+                        v if is_literal(v) => out.push(char::from(v)),
                         v => {
                             escaped_percent |= v == b'%';
-                            out.push('%');
-                            out.push(char::from(b"0123456789ABCDEF"[usize::from(v >> 4)]));
-                            out.push(char::from(b"0123456789ABCDEF"[usize::from(v & 15)]));
+                            push_escape(&mut out, v);
                         }
                     }
                     i += 3;
+                    continue;
                 }
                 b'\\' => return Err(PathError::Backslash),
                 0..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
                 // Non-ASCII never reaches here through http::Uri, but be exact anyway.
-                0x80..=0xff => return Err(PathError::ControlCharacter),
-                _ => {
-                    out.push(b as char);
-                    i += 1;
-                }
+                0x80..=0xff if mode == Mode::Request => return Err(PathError::ControlCharacter),
+                // Refused below, once the segment is known (`..;` or a parameter).
+                b';' => out.push(';'),
+                b'?' if mode == Mode::Pattern(Syntax::Glob) => out.push('?'),
+                b if is_literal(b) => out.push(char::from(b)),
+                // `+`, and what a client should have escaped (`"`, `{`, `|`, ...).
+                b => push_escape(&mut out, b),
             }
+            i += 1;
         }
         let decoded = &out[start + 1..];
         if decoded == "." || decoded == ".." {
@@ -160,7 +344,7 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
     if out.is_empty() || raw.ends_with('/') {
         out.push('/');
     }
-    Ok(out)
+    Ok(Cow::Owned(out))
 }
 
 #[cfg(test)]
@@ -186,9 +370,44 @@ mod tests {
             ("/100%25", "/100%25"),
             ("/a%25b", "/a%25b"),
             ("/a%2541", "/a%2541"),
+            // `:` and `@` and the sub-delims but `+` and `;` are what frameworks decode:
+            // decoded, in either case of hex, so a rule on `k1:revoke` sees `k1%3Arevoke`.
+            ("/v1/keys/k1%3Arevoke", "/v1/keys/k1:revoke"),
+            ("/v1/keys/k1%3arevoke", "/v1/keys/k1:revoke"),
+            ("/v1/keys/k1:revoke", "/v1/keys/k1:revoke"),
+            ("/users/%40me/tokens", "/users/@me/tokens"),
+            ("/%21%24%26%27%28%29%2A%2C%3D", "/!$&'()*,="),
+            ("/!$&'()*,=:@", "/!$&'()*,=:@"),
+            ("/a%2ab", "/a*b"),
+            // Mixed with unreserved escapes and ones that stay.
+            ("/%61dmin%3A%7e%20x", "/admin:~%20x"),
+            ("/caf%c3%a9", "/caf%C3%A9"),
+            // `+` is `%2B`: a plus to every upstream, where S3 reads a raw `+` as a space.
+            ("/c%2B%2B", "/c%2B%2B"),
+            ("/c%2b%2b", "/c%2B%2B"),
+            ("/c++", "/c%2B%2B"),
+            // `%`, `?` and `#` stay escapes: decoded, they would end the path or escape.
+            ("/a%25", "/a%25"),
+            ("/a%3F", "/a%3F"),
+            ("/a%23b", "/a%23b"),
+            // What a client should have escaped, escaped: one spelling per character.
+            ("/a{b}", "/a%7Bb%7D"),
+            ("/a|b\"", "/a%7Cb%22"),
+            ("/[x]^", "/%5Bx%5D%5E"),
+            ("/a%7b", "/a%7B"),
         ];
         for (raw, want) in cases {
             assert_eq!(normalize(raw).as_deref(), Ok(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn a_canonical_path_is_borrowed() {
+        for raw in ["/", "/api/v1/x", "/v1/keys/k1:revoke", "/users/@me/", "/a*b/~x"] {
+            assert!(matches!(normalize(raw), Ok(Cow::Borrowed(_))), "{raw}");
+        }
+        for raw in ["/a%3Ab", "//a", "/a+b", "/a%20b"] {
+            assert!(matches!(normalize(raw), Ok(Cow::Owned(_))), "{raw}");
         }
     }
 
@@ -214,6 +433,8 @@ mod tests {
             ("/app;jsessionid=1", PathError::PathParameter),
             ("/a%3Bb", PathError::PathParameter),
             ("/admin%3bx/secret", PathError::PathParameter),
+            // Decoding `:` and `=` must not let a parameter through.
+            ("/a%3A;b%3Dc", PathError::PathParameter),
             ("/a%00b", PathError::ControlCharacter),
             ("/a%0ab", PathError::ControlCharacter),
             ("/public/%252e%252e/admin", PathError::DoubleEncoded),
@@ -232,8 +453,10 @@ mod tests {
             ("/a%2525%32%46b", PathError::DoubleEncoded),
             ("/a%zz", PathError::BadEscape),
             ("/a%4", PathError::BadEscape),
+            ("/a%3", PathError::BadEscape),
             ("*", PathError::NotOrigin),
             ("", PathError::NotOrigin),
+            ("/caf\u{e9}", PathError::ControlCharacter),
         ];
         for (raw, want) in cases {
             assert_eq!(normalize(raw), Err(want), "{raw}");
@@ -242,9 +465,92 @@ mod tests {
 
     #[test]
     fn normalization_is_idempotent() {
-        for raw in ["/a//b/%7e/%41%2A", "/x/y/", "/%E2%82%AC"] {
-            let once = normalize(raw).unwrap_or_default();
-            assert_eq!(normalize(&once).as_deref(), Ok(once.as_str()));
+        for raw in ["/a//b/%7e/%41%2A", "/x/y/", "/%E2%82%AC", "/a%3a%40+%2b{%25}", "/!$&'()*,=:@"]
+        {
+            let once = normalize(raw).map(Cow::into_owned).unwrap_or_default();
+            assert_eq!(normalize(&once).as_deref(), Ok(once.as_str()), "{raw}");
         }
+    }
+
+    #[test]
+    fn patterns_in_canonical_form_are_accepted() {
+        for (pattern, syntax) in [
+            ("/admin/**", Syntax::Glob),
+            ("/v1/keys/*:revoke", Syntax::Glob),
+            ("/users/@me/**", Syntax::Glob),
+            ("/caf%C3%A9/**", Syntax::Glob),
+            ("/c%2B%2B/*", Syntax::Glob),
+            ("/v?/admin", Syntax::Glob),
+            // `%3F` is a literal `?` (requests keep it escaped), not a wildcard.
+            ("/what%3F/**", Syntax::Glob),
+            ("/100%25", Syntax::Glob),
+            ("/", Syntax::Literal),
+            ("/users/@me", Syntax::Literal),
+            ("/v1/keys/", Syntax::Literal),
+            ("/caf%C3%A9", Syntax::Literal),
+        ] {
+            assert_eq!(check_pattern(pattern, syntax), Ok(()), "{pattern}");
+        }
+    }
+
+    #[test]
+    fn patterns_not_in_canonical_form_say_how_to_write_them() {
+        let cases = [
+            ("/caf%c3%a9/**", Syntax::Glob, "/caf%C3%A9/**", "escapes have upper-case hex (`%C3`)"),
+            ("/%61dmin/**", Syntax::Glob, "/admin/**", "`%61` is decoded to `a`"),
+            ("/v1/keys/*%3Arevoke", Syntax::Glob, "/v1/keys/*:revoke", "`%3A` is decoded to `:`"),
+            ("/users/%40me/**", Syntax::Glob, "/users/@me/**", "`%40` is decoded to `@`"),
+            ("/c++/**", Syntax::Glob, "/c%2B%2B/**", "`+` is sent as `%2B`"),
+            ("/a{id}", Syntax::Glob, "/a%7Bid%7D", "`{` is escaped (`%7B`)"),
+            (
+                "/caf\u{e9}/**",
+                Syntax::Glob,
+                "/caf%C3%A9/**",
+                "`\u{e9}` is percent-encoded as UTF-8 (`%C3%A9`)",
+            ),
+            ("/a//b", Syntax::Glob, "/a/b", "`//` is merged into `/`"),
+            ("/users/%40me", Syntax::Literal, "/users/@me", "`%40` is decoded to `@`"),
+            ("/what?", Syntax::Literal, "/what%3F", "`?` is escaped (`%3F`)"),
+        ];
+        for (pattern, syntax, canonical, why) in cases {
+            match check_pattern(pattern, syntax) {
+                Err(PatternError::NotCanonical { canonical: c, why: w }) => {
+                    assert_eq!(c, canonical, "{pattern}");
+                    assert!(w.starts_with(why), "{pattern}: {w}");
+                    let msg = PatternError::NotCanonical { canonical: c, why: w }.message(pattern);
+                    assert!(msg.ends_with(&format!("write `{canonical}`")), "{msg}");
+                }
+                other => panic!("{pattern}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn patterns_only_refused_paths_match_are_errors() {
+        for (pattern, want) in [
+            ("/a/../admin/**", PathError::DotSegment),
+            ("/a%2Fb/**", PathError::EncodedSlash),
+            ("/admin;x/**", PathError::PathParameter),
+            ("/a%252F/**", PathError::DoubleEncoded),
+            ("/a%zz", PathError::BadEscape),
+            ("/100%", PathError::BadEscape),
+            ("admin/**", PathError::NotOrigin),
+        ] {
+            assert_eq!(check_pattern(pattern, Syntax::Glob), Err(PatternError::Refused(want)));
+        }
+    }
+
+    #[test]
+    fn an_encoded_star_in_a_glob_names_the_wildcard() {
+        for pattern in ["/a%2Ab", "/a%2ab"] {
+            assert_eq!(
+                check_pattern(pattern, Syntax::Glob),
+                Err(PatternError::EncodedStar { canonical: "/a*b".into() })
+            );
+        }
+        // The wildcard matches the literal `*` requests decode `%2A` to.
+        assert_eq!(normalize("/a%2Ab").as_deref(), Ok("/a*b"));
+        // `%252A` is an escaped `%` then `2A`, not an encoded `*`.
+        assert_eq!(check_pattern("/a%252A", Syntax::Glob), Ok(()));
     }
 }

@@ -472,7 +472,7 @@ pub async fn handle(
         Ok(p) => p,
         Err(e) => return rejection(out, Reason::AmbiguousPath, e.detail(), &rc),
     };
-    out.path = Some(norm.clone());
+    out.path = Some(norm.to_string());
     // The authority as written and this request's URL serve only browser sign-in: the
     // sign-in endpoints, and a browser's redirect or rejection page (a navigation asks
     // for HTML too). For anything else (a pipeline's call) they stay empty and cost no
@@ -656,11 +656,8 @@ pub async fn handle(
             );
         }
     }
-    let websocket = is_websocket(&req);
-    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
-    // What the tunnel re-checks at reloads (the request itself goes upstream).
-    let upgrade_method = websocket.then(|| req.method().clone());
-
+    // The canonical path, as authorized. Built before the request is taken apart: `norm`
+    // borrows its path when the client sent it canonical already.
     let mut target = String::with_capacity(route.upstream.base_path.len() + norm.len() + 64);
     target.push_str(&route.upstream.base_path);
     target.push_str(&norm);
@@ -668,6 +665,11 @@ pub async fn handle(
         target.push('?');
         target.push_str(q);
     }
+    let websocket = is_websocket(&req);
+    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    // What the tunnel re-checks at reloads (the request itself goes upstream).
+    let upgrade_method = websocket.then(|| req.method().clone());
+
     let uri = match super::upstream::origin_form(target) {
         Ok(u) => u,
         Err(_) => return rejection(out, Reason::BadRequest, "cannot build the upstream URI", &rc),
@@ -781,7 +783,7 @@ pub async fn handle(
                     identity: identity.clone(),
                     method: upgrade_method.unwrap_or_default(),
                     host: host.clone(),
-                    path: norm.to_string(),
+                    path: out.path.clone().unwrap_or_default(),
                     idle: rt.config.server.idle_timeout,
                     generation: rt.generation,
                     request_id: rid.clone(),

@@ -16,6 +16,7 @@ use super::rule::{ClaimValue, Condition, Effect, Loc, Matcher, Rule};
 use super::testcase::{TestCase, TestRequest};
 use super::{Catalog, Glob, RuleRef};
 use crate::diag::{Diagnostics, Source};
+use crate::http::path;
 use crate::identity::{CiContext, Identity, IssuerId, Preset};
 
 /// The methods a rule may name. Extension methods are refused: a misspelt `PSOT`
@@ -113,15 +114,19 @@ impl<'a> Compiler<'a> {
         if let Some(v) = &r.paths {
             let globs = self.globs(v, "paths", |p| {
                 if !p.starts_with('/') {
-                    Some(format!("path `{p}` must start with `/`"))
-                } else if !p.is_ascii() {
-                    // Requests are matched in their normalized, percent-encoded form.
-                    Some(format!(
-                        "path `{}` is not ASCII: write other characters percent-encoded (`%D0%B0`)",
-                        p.escape_default()
-                    ))
-                } else {
-                    None
+                    return Some(format!("path `{p}` must start with `/`"));
+                }
+                // Requests are matched in canonical form: a pattern spelt otherwise
+                // (`%61dmin`, `%3A`, `%c3%a9`) would never match, so a deny would not.
+                match path::check_pattern(p, path::Syntax::Glob).err()? {
+                    path::PatternError::NotCanonical { canonical, .. } if !p.is_ascii() => {
+                        Some(format!(
+                            "path `{}` is not ASCII: write other characters percent-encoded, \
+                             as requests are matched: `{canonical}`",
+                            p.escape_default()
+                        ))
+                    }
+                    problem => Some(problem.message(p)),
                 }
             });
             conditions.push(self.condition("paths", v.span(), Matcher::Paths(globs)));
@@ -531,8 +536,23 @@ impl<'a> Compiler<'a> {
                     );
                     return None;
                 }
+                // The proxy's own canonical form, so a test sees exactly what a request
+                // would (`k1%3Arevoke` is `k1:revoke` to the rules).
+                let path = match path::normalize(path) {
+                    Ok(p) => p.into_owned(),
+                    Err(e) => {
+                        self.err(
+                            r.span(),
+                            format!(
+                                "bad request {text:?}: the proxy refuses this path before any rule (400 ambiguous-path: {})",
+                                e.detail()
+                            ),
+                        );
+                        return None;
+                    }
+                };
                 let method = Method::from_bytes(method.as_bytes()).ok()?;
-                Some(TestRequest::Http { method, path: path.to_string() })
+                Some(TestRequest::Http { method, path })
             }
             (None, Some(db)) => Some(TestRequest::Database {
                 database: db.get_ref().clone(),

@@ -1004,3 +1004,128 @@ fn email_patterns_match_in_lower_case_like_email_domain() {
         .unwrap_or_default();
     assert!(errs.iter().any(|e| e.contains("write `*@contractors.acme.example`")), "{errs:?}");
 }
+
+// === path patterns ===
+
+/// A `paths` pattern is matched against the canonical request path: spelt otherwise it
+/// would never match (a deny that never denies), so it is an error that says how to
+/// write it; each case has a near miss, its canonical spelling, that loads.
+#[test]
+fn path_patterns_must_be_in_canonical_form() {
+    let deny = |pattern: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\npaths = [\"/x\", {pattern:?}]\n")
+    };
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &str)] = &[
+        ("/caf%c3%a9/**", "escapes have upper-case hex (`%C3`); write `/caf%C3%A9/**`", "/caf%C3%A9/**"),
+        ("/%61dmin/**", "`%61` is decoded to `a`; write `/admin/**`", "/admin/**"),
+        ("/v1/keys/*%3Arevoke", "`%3A` is decoded to `:`; write `/v1/keys/*:revoke`", "/v1/keys/*:revoke"),
+        ("/v1/keys/*%3arevoke", "`%3a` is decoded to `:`; write `/v1/keys/*:revoke`", "/v1/keys/*:revoke"),
+        ("/users/%40me/**", "`%40` is decoded to `@`; write `/users/@me/**`", "/users/@me/**"),
+        ("/a%21%24%26%27%28%29%2C%3D", "`%21` is decoded to `!`; write `/a!$&'(),=`", "/a!$&'(),="),
+        ("/c++/**", "`+` is sent as `%2B` (a plus to every upstream); write `/c%2B%2B/**`", "/c%2B%2B/**"),
+        ("/api/{id}", "`{` is escaped (`%7B`); write `/api/%7Bid%7D`", "/api/%7Bid%7D"),
+        ("/a//b/**", "`//` is merged into `/`; write `/a/b/**`", "/a/b/**"),
+        ("/a%2A/**", "`%2A` is `*` in requests, and a pattern cannot match a literal `*` apart from its wildcard, which matches it as it matches any run of characters within a segment: write `/a*/**`", "/a*/**"),
+        ("/a/../admin/**", "can never match: requests for it are refused (400 ambiguous-path: `.` or `..` segment in path)", "/a/.../admin/**"),
+        ("/a%2Fb", "can never match: requests for it are refused (400 ambiguous-path: encoded slash or backslash in path)", "/a%25b"),
+        ("/admin;x/**", "can never match: requests for it are refused (400 ambiguous-path: `;` (path parameter) in path)", "/admin,x/**"),
+        ("/100%", "can never match: requests for it are refused (400 ambiguous-path: invalid percent-escape in path)", "/100%25"),
+    ];
+    let mut misses = Vec::new();
+    for (bad, message, near_miss) in cases {
+        match parse(&deny(bad)) {
+            Ok(_) => misses.push(format!("{bad}: compiled")),
+            Err(errors) => {
+                // Line 5, the column of the second pattern in `paths = ["/x", ...]`.
+                let want = format!("p.toml:5:16: path `{bad}`");
+                if !errors.iter().any(|e| e.starts_with(&want) && e.ends_with(message)) {
+                    misses
+                        .push(format!("{bad}: want {want}…{message}, got:\n{}", errors.join("\n")));
+                }
+            }
+        }
+        if let Err(errors) = parse(&deny(near_miss)) {
+            misses.push(format!("{near_miss} should load:\n{}", errors.join("\n")));
+        }
+    }
+    assert!(misses.is_empty(), "{}", misses.join("\n\n"));
+    // Non-ASCII: written percent-encoded, the exact spelling given.
+    let errors = parse(&deny("/caf\u{e9}/**")).err().unwrap_or_default();
+    assert!(
+        errors.iter().any(|e| e.starts_with("p.toml:5:16: path `/caf\\u{e9}/**` is not ASCII")
+            && e.ends_with("`/caf%C3%A9/**`")),
+        "{errors:?}"
+    );
+}
+
+/// The policy sees the canonical path of a request, however it was encoded, and so do
+/// the policy's `[[test]]`s.
+#[test]
+fn path_rules_see_the_canonical_path() {
+    let text = r#"
+[[rule]]
+id = "engineers"
+effect = "allow"
+issuer = "corp"
+
+[[rule]]
+id = "no-revoke"
+effect = "deny"
+issuer = "corp"
+paths = ["/v1/keys/*:revoke", "/users/@me/**", "/c%2B%2B/**"]
+
+[[test]]
+name = "an encoded colon is a colon"
+identity = { issuer = "corp" }
+request = "POST /v1/keys/k1%3arevoke"
+expect = "deny"
+rule = "no-revoke"
+
+[[test]]
+name = "an encoded at sign is an at sign"
+identity = { issuer = "corp" }
+request = "GET /users/%40me/tokens"
+expect = "deny"
+
+[[test]]
+name = "a raw plus is an encoded plus"
+identity = { issuer = "corp" }
+request = "GET /c++/x"
+expect = "deny"
+
+[[test]]
+name = "another key is allowed"
+identity = { issuer = "corp" }
+request = "POST /v1/keys/k1%3Aread"
+expect = "allow"
+"#;
+    let p = must_parse(text);
+    let failed: Vec<String> =
+        run_tests(&p).iter().filter(|o| !o.passed()).map(|o| o.to_string()).collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+    let id = human(json!({}));
+    for (raw, denied) in [
+        ("/v1/keys/k1:revoke", true),
+        ("/v1/keys/k1%3Arevoke", true),
+        ("/v1/keys/k1%3arevoke", true),
+        ("/users/%40me/tokens", true),
+        ("/users/%40me", true),
+        ("/c%2b%2b/x", true),
+        ("/v1/keys/k1%3Aread", false),
+        ("/users/me/tokens", false),
+    ] {
+        let path = crate::http::path::normalize(raw).unwrap_or_else(|e| panic!("{raw}: {e:?}"));
+        let d = p.evaluate(&id, &RequestFacts::http(&http::Method::POST, &path));
+        assert_eq!(!d.allowed, denied, "{raw} ({path})");
+    }
+    // A test request the proxy would refuse is an error, not a test of the rules.
+    let bad = format!(
+        "{text}\n[[test]]\nname = \"dots\"\nidentity = {{ issuer = \"corp\" }}\nrequest = \"GET /a/../v1/keys/k1:revoke\"\nexpect = \"deny\"\n"
+    );
+    let errors = parse(&bad).err().unwrap_or_default();
+    assert!(
+        errors.iter().any(|e| e.contains("the proxy refuses this path before any rule")),
+        "{errors:?}"
+    );
+}

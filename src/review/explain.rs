@@ -117,9 +117,11 @@ impl RequestLine {
             (host, uri.path().to_string())
         };
         let raw_path = raw_path.split(['?', '#']).next().unwrap_or("/").to_string();
-        let path = crate::http::path::normalize(&raw_path).map_err(|e| {
-            bad(&format!("the proxy rejects this path as `ambiguous-path`: {}", e.detail()))
-        })?;
+        let path = crate::http::path::normalize(&raw_path)
+            .map_err(|e| {
+                bad(&format!("the proxy rejects this path as `ambiguous-path`: {}", e.detail()))
+            })?
+            .into_owned();
         Ok(RequestLine { method, host, path })
     }
 

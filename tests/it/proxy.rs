@@ -218,6 +218,60 @@ async fn ambiguous_paths_are_400_before_anything_else() {
     }
 }
 
+/// `:`, `@` and the other characters frameworks decode are decoded by the proxy too,
+/// before routing and authorizing, and forwarded so: `%3A` cannot dodge a rule written
+/// with `:`, nor `%40` a route's `path_prefix` written with `@`.
+#[tokio::test]
+async fn encoded_reserved_characters_are_authorized_and_forwarded_decoded() {
+    let policy = format!(
+        "{ALLOW_ALL_PRESETS}\n[[rule]]\nid = \"no-revoke\"\neffect = \"deny\"\nissuer = \"corp\"\npaths = [\"/v1/keys/*:revoke\", \"/users/@me/**\"]\n"
+    );
+    let routes = r#"
+[[routes]]
+name = "ops"
+match = { path_prefix = "/team/@ops" }
+upstream = "http://{echo}/ops"
+policy = "api"
+"#;
+    let w = World::with(Setup {
+        routes: routes.into(),
+        policies: vec![("api".into(), policy)],
+        ..Setup::default()
+    })
+    .await;
+    let t = w.token("corp", &[]);
+    let auth = format!("Bearer {t}");
+    let headers = [("authorization", auth.as_str())];
+    let post = |path: &'static str| w.send(Method::POST, path, &headers, Bytes::new());
+    for path in ["/v1/keys/k1:revoke", "/v1/keys/k1%3Arevoke", "/v1/keys/k1%3arevoke"] {
+        let r = post(path).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}: {}", r.text());
+        let ev = w.event_for(&request_id(&r)).await;
+        assert_eq!(ev["rule"]["id"], "no-revoke", "{path}");
+        assert_eq!(ev["path"], "/v1/keys/k1:revoke", "{path}");
+    }
+    for path in ["/users/@me/tokens", "/users/%40me/tokens", "/users/%40me"] {
+        let r = w.get(path, Some(&t)).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}: {}", r.text());
+    }
+    // Allowed: the upstream receives the decoded path, the one authorized; what stays
+    // escaped goes with upper-case hex, and `+` as `%2B`.
+    let r = post("/v1/keys/k1%3Aread%2C%21").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["path"], "/v1/keys/k1:read,!");
+    let r = w.get("/users/%40you/a%3fb+c%2bd%c3%a9", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["path"], "/users/@you/a%3Fb%2Bc%2Bd%C3%A9");
+    // Route selection sees the same path: `%40ops` is the `@ops` route.
+    for path in ["/team/@ops/x", "/team/%40ops/x"] {
+        let r = w.get(path, Some(&t)).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
+        assert_eq!(r.json()["path"], "/ops/team/@ops/x", "{path}");
+        let rid = r.upstream_header("x-portcullis-request-id").unwrap_or_default();
+        assert_eq!(w.event_for(&rid).await["route"], "ops", "{path}");
+    }
+}
+
 #[tokio::test]
 async fn sni_and_host_must_agree() {
     let w = World::start().await;
