@@ -339,7 +339,7 @@ fn bench_request(c: &mut Criterion, signer: &DevSigner) {
         ([127, 0, 0, 1], 40_000).into(),
         None,
         false,
-        portcullis::http::activity::Activity::new(None, None),
+        portcullis::http::activity::Activity::new(None, None, None),
     );
 
     // One keep-alive client connection over an in-memory pipe.

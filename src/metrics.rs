@@ -165,6 +165,9 @@ pub struct Metrics {
     /// Client connections dropped because the client took nothing of what it was sent
     /// for `server.send_timeout`, or did not finish closing.
     pub stalled_connections_closed: AtomicU64,
+    /// Client connections closed at accept, unserved, by reason (`per-client-limit`:
+    /// `server.max_connections_per_client`, [`crate::server::per_client`]).
+    pub connections_refused: Family<&'static str>,
     /// WebSocket tunnels open now, and ended ones by reason ([`crate::http::tunnel::End`]).
     pub websocket_tunnels_open: AtomicU64,
     pub websocket_tunnels_closed: Family<&'static str>,
@@ -314,6 +317,19 @@ impl Metrics {
             "counter",
             "Client connections dropped because the client took nothing of what it was sent for send_timeout, or did not finish closing.",
             self.stalled_connections_closed.load(Ordering::Relaxed),
+        );
+        family(
+            &mut out,
+            "portcullis_connections_refused_total",
+            "counter",
+            "Client connections closed at accept, unserved and holding no slot, by reason.",
+        );
+        // One reason so far; the label leaves room for others.
+        let reason = crate::server::per_client::REFUSED_REASON;
+        let _ = writeln!(
+            out,
+            "portcullis_connections_refused_total{{reason=\"{reason}\"}} {}",
+            self.connections_refused.get(&reason)
         );
         scalar(
             &mut out,

@@ -146,6 +146,9 @@ pub struct ServerSettings {
     pub watch: bool,
     pub policy_dir: PathBuf,
     pub max_connections: usize,
+    /// Connections (and database sessions) one client may have open at once, counted
+    /// per IPv4 address or IPv6 /64, `listen.trusted_proxies` not counted; 0: no limit.
+    pub max_connections_per_client: usize,
     /// A connection with no request in flight for this long is closed (HTTP/2 with a
     /// GOAWAY), including one that never sent a request.
     pub idle_timeout: Duration,
@@ -808,6 +811,9 @@ impl Compiler<'_> {
     }
 
     fn server(&mut self, s: raw::Server) -> ServerSettings {
+        // `max_connections_per_client` is compared with a valid `max_connections` only:
+        // one mistake, one diagnostic.
+        let max_valid = s.max_connections.as_ref().is_none_or(|m| *m.get_ref() >= 1);
         let max_connections = match s.max_connections {
             Some(m) if *m.get_ref() < 1 => {
                 self.err(m.span(), "`max_connections` must be at least 1");
@@ -815,6 +821,30 @@ impl Compiler<'_> {
             }
             Some(m) => usize::try_from(*m.get_ref()).unwrap_or(usize::MAX),
             None => 10_000,
+        };
+        let max_connections_per_client = match &s.max_connections_per_client {
+            Some(m) if *m.get_ref() < 0 => {
+                self.err(m.span(), "`max_connections_per_client` must be 0 (no limit) or more");
+                0
+            }
+            Some(m)
+                if max_valid
+                    && usize::try_from(*m.get_ref()).is_ok_and(|n| n > max_connections) =>
+            {
+                self.err(
+                    m.span(),
+                    format!(
+                        "`max_connections_per_client` ({}) must not exceed `max_connections` ({max_connections}): \
+                         0 turns the limit off",
+                        m.get_ref()
+                    ),
+                );
+                0
+            }
+            Some(m) => usize::try_from(*m.get_ref()).unwrap_or(0),
+            // Off: behind a NAT gateway, a TCP balancer or a Kubernetes Service that
+            // rewrites addresses, many clients share one (docs/configuration.md).
+            None => 0,
         };
         let token_cache_entries = match s.token_cache_entries {
             Some(m) if *m.get_ref() < 0 => {
@@ -833,6 +863,7 @@ impl Compiler<'_> {
             watch: s.watch.unwrap_or(true),
             policy_dir: self.path(s.policy_dir.as_ref().map_or("policies", |p| p.get_ref())),
             max_connections,
+            max_connections_per_client,
             idle_timeout: self.timeout_of_a_second_or_more(&s.idle_timeout, "idle_timeout", 75),
             token_cache_entries,
             header_timeout: self.timeout_of_a_second_or_more(

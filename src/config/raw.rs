@@ -41,6 +41,7 @@ pub struct Server {
     pub watch: Option<bool>,
     pub policy_dir: Option<S<String>>,
     pub max_connections: Option<S<i64>>,
+    pub max_connections_per_client: Option<S<i64>>,
     pub idle_timeout: Option<S<String>>,
     pub token_cache_entries: Option<S<i64>>,
     pub header_timeout: Option<S<String>>,

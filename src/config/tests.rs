@@ -63,6 +63,36 @@ fn token_cache_entries_default_zero_and_negative() {
 }
 
 #[test]
+fn max_connections_per_client_defaults_off_and_is_at_most_max_connections() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let limit = |extra: &str| {
+        compile(dir.path(), &format!("{BASE}\n[server]\n{extra}\n"))
+            .map(|c| c.server.max_connections_per_client)
+    };
+    assert_eq!(limit("").ok(), Some(0));
+    assert_eq!(limit("max_connections_per_client = 0").ok(), Some(0));
+    assert_eq!(limit("max_connections_per_client = 256").ok(), Some(256));
+    assert_eq!(limit("max_connections = 100\nmax_connections_per_client = 100").ok(), Some(100));
+    assert_eq!(
+        limit("max_connections = 100\nmax_connections_per_client = 101").err().unwrap_or_default(),
+        ["16:30 `max_connections_per_client` (101) must not exceed `max_connections` (100): 0 turns the limit off"]
+    );
+    assert_eq!(
+        limit("max_connections_per_client = 20000").err().unwrap_or_default(),
+        ["15:30 `max_connections_per_client` (20000) must not exceed `max_connections` (10000): 0 turns the limit off"]
+    );
+    assert_eq!(
+        limit("max_connections_per_client = -1").err().unwrap_or_default(),
+        ["15:30 `max_connections_per_client` must be 0 (no limit) or more"]
+    );
+    // A wrong max_connections is one problem, not two.
+    assert_eq!(
+        limit("max_connections = 0\nmax_connections_per_client = 5").err().unwrap_or_default(),
+        ["15:19 `max_connections` must be at least 1"]
+    );
+}
+
+#[test]
 fn a_misspelt_issuer_key_is_one_problem_with_a_suggestion() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     // The policy names `corp` twice: a broken [issuers.corp] is still declared, so it

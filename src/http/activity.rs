@@ -29,6 +29,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::server::per_client::ClientGuard;
+
 /// Requests in flight on one connection and when the last one ended.
 #[derive(Debug)]
 pub struct Activity {
@@ -44,6 +46,9 @@ pub struct Activity {
     /// The connection's `max_connections` slot, released when the last holder (the
     /// connection task, its service, a WebSocket tunnel) lets go.
     _slot: Option<OwnedSemaphorePermit>,
+    /// The connection's place in its client's count (`max_connections_per_client`), held
+    /// exactly as long as the slot.
+    _client: Option<ClientGuard>,
     /// Where the slot came from: a request beyond the connection's first in flight
     /// (HTTP/2 streams) takes one more, as it can hold an upstream socket of its own.
     slots: Option<Arc<Semaphore>>,
@@ -74,8 +79,13 @@ pub struct InFlight {
 }
 
 impl Activity {
-    /// `slot` was taken from `slots` for the connection itself.
-    pub fn new(slot: Option<OwnedSemaphorePermit>, slots: Option<Arc<Semaphore>>) -> Arc<Self> {
+    /// `slot` was taken from `slots` for the connection itself, once `client` had
+    /// admitted it.
+    pub fn new(
+        slot: Option<OwnedSemaphorePermit>,
+        client: Option<ClientGuard>,
+        slots: Option<Arc<Semaphore>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             opened: Instant::now(),
             in_flight: AtomicU32::new(0),
@@ -83,6 +93,7 @@ impl Activity {
             bytes_read: AtomicU64::new(0),
             read_at_idle: AtomicU64::new(0),
             _slot: slot,
+            _client: client,
             slots,
             blocked_ms: AtomicU64::new(NOT_BLOCKED),
             owing: AtomicU32::new(0),
@@ -324,7 +335,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_only_without_requests_in_flight_and_counted_from_the_last_one() {
         let timeout = Duration::from_secs(75);
-        let a = Activity::new(None, None);
+        let a = Activity::new(None, None, None);
         let opened = Instant::now();
         assert_eq!(a.idle_deadline(timeout), Some(opened + timeout));
 
@@ -343,7 +354,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_holds_the_connection_up_while_writes_are_refused_or_an_h2_response_waits() {
         let t = Duration::from_secs(60);
-        let a = Activity::new(None, None);
+        let a = Activity::new(None, None, None);
         assert_eq!(a.stall_deadline(t), None);
         // Refused writes: timed from the first refusal, not the last.
         tokio::time::advance(Duration::from_secs(5)).await;
@@ -385,7 +396,7 @@ mod tests {
     #[tokio::test]
     async fn a_refusal_gives_its_extra_slot_back_at_once() {
         let slots = Arc::new(Semaphore::new(2));
-        let a = Activity::new(slots.clone().try_acquire_owned().ok(), Some(slots.clone()));
+        let a = Activity::new(slots.clone().try_acquire_owned().ok(), None, Some(slots.clone()));
         let _first = a.begin();
         let mut second = a.begin();
         assert_eq!(slots.available_permits(), 0);
@@ -408,7 +419,7 @@ mod tests {
     async fn a_concurrent_request_takes_a_slot_of_its_own_or_is_over_the_limit() {
         let slots = Arc::new(Semaphore::new(3));
         let conn = slots.clone().try_acquire_owned().ok();
-        let a = Activity::new(conn, Some(slots.clone()));
+        let a = Activity::new(conn, None, Some(slots.clone()));
         let first = a.begin();
         assert!(!first.over_limit());
         assert_eq!(

@@ -29,6 +29,7 @@ use tokio::sync::{watch, Semaphore};
 
 use super::{BoundDatabases, Hub};
 use crate::config::Config;
+use crate::server::per_client::PerClient;
 
 /// One database route's listener.
 struct Listening {
@@ -69,6 +70,7 @@ impl std::fmt::Debug for ListenerPlan {
 pub struct Listeners {
     hub: Arc<Hub>,
     limit: Arc<Semaphore>,
+    per_client: Arc<PerClient>,
     shutdown: watch::Receiver<bool>,
     current: Mutex<Vec<Listening>>,
     tasks: Mutex<tokio::task::JoinSet<()>>,
@@ -81,11 +83,18 @@ impl std::fmt::Debug for Listeners {
 }
 
 impl Listeners {
-    /// No listeners yet; `limit` is shared with every other listener of the server.
-    pub fn new(hub: Arc<Hub>, limit: Arc<Semaphore>, shutdown: watch::Receiver<bool>) -> Self {
+    /// No listeners yet; `limit` and `per_client` are shared with every other listener
+    /// of the server.
+    pub fn new(
+        hub: Arc<Hub>,
+        limit: Arc<Semaphore>,
+        per_client: Arc<PerClient>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         Listeners {
             hub,
             limit,
+            per_client,
             shutdown,
             current: Mutex::new(Vec::new()),
             tasks: Mutex::new(tokio::task::JoinSet::new()),
@@ -159,6 +168,7 @@ impl Listeners {
                         listener,
                         rx,
                         self.limit.clone(),
+                        self.per_client.clone(),
                         self.shutdown.clone(),
                     ));
                     next.push(Listening { route, configured, local, ctl });

@@ -194,6 +194,7 @@ impl Hub {
         listener: TcpListener,
         mut route: watch::Receiver<Arc<str>>,
         limit: Arc<Semaphore>,
+        per_client: Arc<crate::server::per_client::PerClient>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut sessions = tokio::task::JoinSet::new();
@@ -213,6 +214,14 @@ impl Hub {
                     route.borrow_and_update();
                     continue;
                 }
+            };
+            // Counted against its client first, with the HTTP listeners' connections;
+            // over its client's limit it is reset at once, unread and holding no slot.
+            let per_client_limit =
+                self.shared.runtime.load().config.server.max_connections_per_client;
+            let Some(client) = per_client.admit(peer.ip(), per_client_limit) else {
+                crate::server::per_client::reset(stream);
+                continue;
             };
             // The session's slot, taken once it is accepted (a loop waiting for clients
             // holds none); with every slot taken it waits for one, unserved. The error
@@ -236,7 +245,9 @@ impl Hub {
             let name = route.borrow_and_update().clone();
             let stop = shutdown.clone();
             sessions.spawn(async move {
-                let _permit = permit;
+                // Both given back however the session ends (its task is dropped when
+                // aborted at shutdown).
+                let _held = (permit, client);
                 session::run(hub, name, stream, peer, stop).await;
             });
             // Reap finished sessions so the set does not grow without bound.

@@ -27,6 +27,7 @@ use crate::http::upstream::{client_for, UpstreamClient};
 use crate::http::{stack, ConnInfo};
 use crate::identity::verify::Verifier;
 
+pub mod per_client;
 pub mod process;
 mod watcher;
 
@@ -289,12 +290,14 @@ impl Server {
         });
         let pg = crate::postgres::Hub::new(shared.clone(), sink.clone(), pg_prepared);
         let limit = Arc::new(Semaphore::new(max_conns));
+        let per_client = per_client::PerClient::new(listen.trusted_proxies.clone());
         let state = Arc::new(State {
             config_path,
             pg: pg.clone(),
             pg_listeners: crate::postgres::Listeners::new(
                 pg.clone(),
                 limit.clone(),
+                per_client.clone(),
                 shutdown_rx.clone(),
             ),
             shared: shared.clone(),
@@ -320,7 +323,7 @@ impl Server {
                 true,
                 state.clone(),
                 listen.trusted_proxies.clone(),
-                limit.clone(),
+                Slots { limit: limit.clone(), per_client: per_client.clone() },
                 shutdown_rx.clone(),
                 cut_rx.clone(),
             ));
@@ -334,7 +337,7 @@ impl Server {
                 false,
                 state.clone(),
                 listen.trusted_proxies.clone(),
-                limit.clone(),
+                Slots { limit: limit.clone(), per_client: per_client.clone() },
                 shutdown_rx.clone(),
                 cut_rx.clone(),
             ));
@@ -582,7 +585,7 @@ async fn accept_loop(
     tls: bool,
     state: Arc<State>,
     trusted: Vec<crate::config::IpNet>,
-    limit: Arc<Semaphore>,
+    Slots { limit, per_client }: Slots,
     mut shutdown: watch::Receiver<bool>,
     cut: watch::Receiver<bool>,
 ) {
@@ -597,6 +600,14 @@ async fn accept_loop(
                 }
             },
             _ = stopped(&mut shutdown) => return,
+        };
+        // Counted against its client first; over that client's limit it is reset at
+        // once, before it waits for a slot, is handshaken or read (a reload's limit
+        // applies to the next connections).
+        let per_client_limit = state.shared.runtime.load().config.server.max_connections_per_client;
+        let Some(client) = per_client.admit(peer.ip(), per_client_limit) else {
+            per_client::reset(stream);
+            continue;
         };
         // The connection's slot, taken once it is accepted: a loop waiting for clients
         // holds none (each listener's loop used to keep one, so N listeners left
@@ -622,8 +633,9 @@ async fn accept_loop(
         let mut cut = cut.clone();
         let slots = limit.clone();
         tokio::spawn(async move {
-            // The slot is held by the connection and, after a WebSocket upgrade, by its tunnel.
-            let activity = Activity::new(Some(permit), Some(slots));
+            // The slot (and the client's count) is held by the connection and, after a
+            // WebSocket upgrade, by its tunnel.
+            let activity = Activity::new(Some(permit), Some(client), Some(slots));
             let m = crate::metrics::global();
             m.connections_open.fetch_add(1, Ordering::Relaxed);
             let conn = |tls| ConnInfo::new(peer, tls, trusted_peer, activity.clone());
@@ -647,6 +659,13 @@ async fn accept_loop(
             m.connections_open.fetch_sub(1, Ordering::Relaxed);
         });
     }
+}
+
+/// Where an accept loop's connections take their places: a `max_connections` slot and
+/// their client's count (`max_connections_per_client`), both shared by every listener.
+struct Slots {
+    limit: Arc<Semaphore>,
+    per_client: Arc<per_client::PerClient>,
 }
 
 /// What serving one client connection needs besides the connection itself.

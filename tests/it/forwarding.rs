@@ -238,7 +238,7 @@ async fn request_size_limit_is_enforced() {
 }
 
 /// Opens TLS to the proxy (HTTP/1.1 only, as WebSocket needs) and does the handshake.
-async fn ws_connect(
+pub async fn ws_connect(
     w: &World,
     token: Option<&str>,
 ) -> Result<

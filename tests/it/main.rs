@@ -10,6 +10,9 @@
 //! - `hoarding`: clients that take nothing of what they are sent (HTTP/2 windows kept
 //!   closed, HTTP/1.1 never read, a close never finished) lose their slots in time; slow
 //!   but steady readers are not cut.
+//! - `per_client`: `server.max_connections_per_client`: an address at its limit is reset
+//!   while another (127.0.0.2) is served, on the HTTP and database listeners alike, and a
+//!   closed connection, ended session or WebSocket tunnel frees its place.
 //! - `lifecycle`: reload (good, bad, via file watcher), graceful drain, readiness, metrics.
 //! - `cli`: the real binary: `check` diagnostics, and the README's demo flow.
 //! - `review`: shadow policies through the proxy, policy revisions in audit events,
@@ -40,6 +43,7 @@ mod forwarding;
 mod hoarding;
 mod interop;
 mod lifecycle;
+mod per_client;
 mod pg;
 mod pg_audit;
 mod pg_auth;
