@@ -165,6 +165,10 @@ struct State {
     generation: AtomicU64,
     draining: Arc<AtomicBool>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// The files the newest version that did not load named (as far as it compiled),
+    /// until a version loads: the watcher watches them too, so a fix written to one
+    /// the configuration in force does not read (a new policy) is loaded.
+    refused_files: parking_lot::Mutex<Vec<PathBuf>>,
     sink: AuditSink,
     pg: Arc<crate::postgres::Hub>,
     /// The database routes' listeners; a reload binds, hands over and closes them.
@@ -316,6 +320,7 @@ impl Server {
             generation: AtomicU64::new(1),
             draining: Arc::new(AtomicBool::new(false)),
             reload_lock: tokio::sync::Mutex::new(()),
+            refused_files: Default::default(),
             sink: sink.clone(),
             fixed,
         });
@@ -436,7 +441,10 @@ impl Server {
 async fn reload(state: &State) -> bool {
     let _guard = state.reload_lock.lock().await;
     let m = crate::metrics::global();
-    let config = match Config::load(&state.config_path) {
+    let attempt = Config::attempt(&state.config_path);
+    // Watched until a version loads (cleared below), whatever refuses this one.
+    *state.refused_files.lock() = attempt.files;
+    let config = match attempt.result {
         Ok(c) => c,
         Err(e) => {
             for d in &e.0 {
@@ -570,6 +578,7 @@ async fn reload(state: &State) -> bool {
     state.pg.reloaded(pg);
     state.shared.reloads.send_replace(generation);
     state.pg_listeners.apply(listeners);
+    state.refused_files.lock().clear();
     m.config_reloads.inc(&"ok");
     true
 }
@@ -825,15 +834,19 @@ async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watc
     }
 }
 
-/// Reloads when a file of the configuration in force changed ([`watcher`]).
+/// Reloads when a file of the configuration in force, or of the newest version refused
+/// since, changed ([`watcher`]).
 async fn watch_loop(state: Arc<State>, shutdown: watch::Receiver<bool>) {
     let watched = || -> watcher::Watched {
         let rt = state.shared.runtime.load();
         let read = rt.config.read_digests();
         let mut files = rt.config.files.clone();
-        if !files.contains(&state.config_path) {
-            files.push(state.config_path.clone());
-        }
+        files.push(state.config_path.clone());
+        // A refused version may name files the one in force does not read (a new
+        // policy, also one not written yet): a fix to one of them must bring a reload.
+        files.extend(state.refused_files.lock().iter().cloned());
+        let mut seen = std::collections::HashSet::new();
+        files.retain(|f| seen.insert(f.clone()));
         files
             .into_iter()
             .map(|f| {
