@@ -401,6 +401,13 @@ impl Server {
         reload(&self.state).await
     }
 
+    /// The files the watcher polls (with `server.watch`) and a change to which brings a
+    /// reload: every file the configuration in force reads, and those the newest
+    /// version refused since read or tried to read.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        watched(&self.state).into_iter().map(|(f, _)| f).collect()
+    }
+
     pub fn is_ready(&self) -> bool {
         !self.state.draining.load(Ordering::Relaxed) && self.shared.runtime.load().verifier.ready()
     }
@@ -834,28 +841,31 @@ async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watc
     }
 }
 
+/// The files the watcher polls: those of the configuration in force, with the digest
+/// of what it read of each when known, and those of the newest version refused since.
+fn watched(state: &State) -> watcher::Watched {
+    let rt = state.shared.runtime.load();
+    let read = rt.config.read_digests();
+    let mut files = rt.config.files.clone();
+    files.push(state.config_path.clone());
+    // A refused version may name files the one in force does not read (a new policy,
+    // also one not written yet): a fix to one of them must bring a reload.
+    files.extend(state.refused_files.lock().iter().cloned());
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| seen.insert(f.clone()));
+    files
+        .into_iter()
+        .map(|f| {
+            let d = read.get(&f).copied();
+            (f, d)
+        })
+        .collect()
+}
+
 /// Reloads when a file of the configuration in force, or of the newest version refused
 /// since, changed ([`watcher`]).
 async fn watch_loop(state: Arc<State>, shutdown: watch::Receiver<bool>) {
-    let watched = || -> watcher::Watched {
-        let rt = state.shared.runtime.load();
-        let read = rt.config.read_digests();
-        let mut files = rt.config.files.clone();
-        files.push(state.config_path.clone());
-        // A refused version may name files the one in force does not read (a new
-        // policy, also one not written yet): a fix to one of them must bring a reload.
-        files.extend(state.refused_files.lock().iter().cloned());
-        let mut seen = std::collections::HashSet::new();
-        files.retain(|f| seen.insert(f.clone()));
-        files
-            .into_iter()
-            .map(|f| {
-                let d = read.get(&f).copied();
-                (f, d)
-            })
-            .collect()
-    };
-    watcher::run(watcher::TIMING, watched, || reload(&state), shutdown).await;
+    watcher::run(watcher::TIMING, || watched(&state), || reload(&state), shutdown).await;
 }
 
 /// Serves one connection until it ends, shutdown is signalled, or it has had no request
