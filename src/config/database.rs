@@ -100,7 +100,6 @@ impl Compiler<'_> {
         catalog: &Catalog,
         policies: &mut BTreeMap<PathBuf, Option<Arc<Policy>>>,
         warnings: &mut Vec<Diagnostic>,
-        files: &mut Vec<PathBuf>,
     ) -> Option<DatabaseSettings> {
         let start = self.diags.len();
         let name = d.name.get_ref().clone();
@@ -130,16 +129,14 @@ impl Compiler<'_> {
                     "`upstream_ca` only applies with upstream_tls = \"verify-full\"",
                 );
             }
-            let p = self.existing_file(c);
-            files.push(p.clone());
-            p
+            self.existing_file(c)
         });
         let user = d.upstream_user.get_ref().clone();
         if user.is_empty() || user.contains('\0') {
             self.err(d.upstream_user.span(), "`upstream_user` must be a role name");
         }
         let password =
-            self.database_secret(&d.name, d.password_env.as_ref(), d.password_file.as_ref(), files);
+            self.database_secret(&d.name, d.password_env.as_ref(), d.password_file.as_ref());
         let mut upstream_roles = BTreeMap::new();
         if let Some(roles) = &d.upstream_roles {
             for (role, r) in roles.get_ref() {
@@ -150,7 +147,6 @@ impl Compiler<'_> {
                     &d.name,
                     r.password_env.as_ref(),
                     r.password_file.as_ref(),
-                    files,
                 );
                 if let Some(s) = s {
                     upstream_roles.insert(role.clone(), s);
@@ -243,7 +239,6 @@ impl Compiler<'_> {
         at: &Spanned<String>,
         env: Option<&Spanned<String>>,
         file: Option<&Spanned<String>>,
-        files: &mut Vec<PathBuf>,
     ) -> Option<Secret> {
         let value = match (env, file) {
             (Some(_), Some(f)) => {
@@ -269,11 +264,11 @@ impl Compiler<'_> {
             },
             (None, Some(f)) => {
                 let p = self.path(f.get_ref());
+                // Watched even when unreadable: a reload refused for it is retried
+                // once it is written.
+                self.named_files.push(p.clone());
                 match crate::util::read_bounded_text(&p, crate::util::MAX_SECRET_FILE, true) {
-                    Ok(v) => {
-                        files.push(p);
-                        v.trim_end_matches(['\r', '\n']).to_string()
-                    }
+                    Ok(v) => v.trim_end_matches(['\r', '\n']).to_string(),
                     Err(e) => {
                         self.err(f.span(), format!("cannot read `{}`: {e}", p.display()));
                         return None;

@@ -53,6 +53,17 @@ pub struct Config {
     pub logins: Vec<LoginSettings>,
 }
 
+/// One load of a configuration ([`Config::attempt`]): its result, and every file it
+/// read or tried to read.
+#[derive(Debug)]
+pub struct Attempt {
+    pub result: Result<Config, LoadError>,
+    /// The configuration file and, as far as it compiled, every file it names: the
+    /// policies (also one that is missing or does not compile), certificates, keys,
+    /// CAs and secret files. When it loaded, [`Config::files`].
+    pub files: Vec<PathBuf>,
+}
+
 /// Where a secret comes from. Resolved when a server starts, never at `check`, so a
 /// config can be checked where the secret does not exist (CI).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -342,8 +353,16 @@ const TOP_LEVEL: &[&str] =
 impl Config {
     /// Loads and compiles a configuration and every policy it names.
     pub fn load(path: &Path) -> Result<Config, LoadError> {
-        let source = Source::read(path).map_err(|d| LoadError(vec![d]))?;
-        Self::compile(&source)
+        Self::attempt(path).result
+    }
+
+    /// [`Config::load`], and the files the load read or tried to read, also when it
+    /// failed: a refused version still names the files a fix may be written to.
+    pub fn attempt(path: &Path) -> Attempt {
+        match Source::read(path) {
+            Ok(source) => Self::compile_attempt(&source),
+            Err(d) => Attempt { result: Err(LoadError(vec![d])), files: vec![path.to_path_buf()] },
+        }
     }
 
     /// The failing `[[test]]` cases of the policies this configuration enforces or
@@ -365,17 +384,27 @@ impl Config {
     /// Compiles configuration text. Policies and certificates are read relative to the
     /// configuration file's directory.
     pub fn compile(source: &Source) -> Result<Config, LoadError> {
+        Self::compile_attempt(source).result
+    }
+
+    fn compile_attempt(source: &Source) -> Attempt {
         let mut diags = Diagnostics::default();
-        let cfg = Compiler {
+        let mut compiler = Compiler {
             source,
             diags: &mut diags,
             base: base_dir(&source.path),
             named_files: Vec::new(),
-        }
-        .run();
+        };
+        let cfg = compiler.run();
+        let named = std::mem::take(&mut compiler.named_files);
+        let files = |c: Option<&Config>| match c {
+            Some(c) => c.files.clone(),
+            // Not even TOML: it names nothing yet.
+            None => std::iter::once(source.path.to_path_buf()).chain(named).collect(),
+        };
         match cfg {
-            Some(c) if diags.is_empty() => Ok(c),
-            _ => Err(LoadError(diags.into_sorted())),
+            Some(c) if diags.is_empty() => Attempt { files: files(Some(&c)), result: Ok(c) },
+            c => Attempt { files: files(c.as_ref()), result: Err(LoadError(diags.into_sorted())) },
         }
     }
 
@@ -462,7 +491,7 @@ impl Compiler<'_> {
         }
     }
 
-    fn run(mut self) -> Option<Config> {
+    fn run(&mut self) -> Option<Config> {
         let text = self.source.text.clone();
         let (doc, errors) = DeTable::parse_recoverable(&text);
         if !errors.is_empty() {
@@ -678,14 +707,9 @@ impl Compiler<'_> {
                 );
             }
             let listen_span = d.listen.span();
-            if let Some(db) = self.database(
-                d,
-                &server.policy_dir,
-                &catalog,
-                &mut policies,
-                &mut warnings,
-                &mut files,
-            ) {
+            if let Some(db) =
+                self.database(d, &server.policy_dir, &catalog, &mut policies, &mut warnings)
+            {
                 if db.listen.port() != 0 && db_listens.contains(&db.listen) {
                     self.err(
                         listen_span,
@@ -696,7 +720,6 @@ impl Compiler<'_> {
                 compiled_databases.push(Arc::new(db));
             }
         }
-        files.extend(policies.keys().cloned());
         files.append(&mut self.named_files);
         let mut seen_files = HashSet::new();
         files.retain(|f| seen_files.insert(f.clone()));
@@ -1497,6 +1520,9 @@ impl Compiler<'_> {
         if let Some(done) = policies.get(&path) {
             return done.clone();
         }
+        // Watched whether or not it compiles (or exists): a reload refused for it is
+        // retried once it is fixed or written.
+        self.named_files.push(path.clone());
         if !path.is_file() {
             self.err(p.span(), format!("policy file `{}` does not exist", path.display()));
             policies.insert(path, None);

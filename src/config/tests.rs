@@ -555,3 +555,40 @@ fn every_file_the_configuration_names_is_watched() {
     );
     assert!(read.contains_key(&dir.path().join("policies/p.toml")), "{read:?}");
 }
+
+/// Round 10: a load that fails still says which files it read or tried to read — a
+/// policy that does not parse, one that does not exist yet, an unreadable CA — so the
+/// watcher reloads when one of them is fixed or written.
+#[test]
+fn a_failed_load_names_the_files_it_tried_to_read() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let broken =
+        "[[rule]]\nid = \"h\"\neffect = \"allow\"\nissuer = \"corp\"\ngroupz = [\"sre\"]\n";
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("policies/broken.toml"), broken)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let route = |name: &str, policy: &str| {
+        format!("\n[[routes]]\nname = \"{name}\"\nmatch = {{ path_prefix = \"/{name}\" }}\nupstream = \"http://127.0.0.1:9000\"\npolicy = \"{policy}\"\n")
+    };
+    let text = BASE.replace(
+        "audiences = [\"portcullis\"]\n",
+        "audiences = [\"portcullis\"]\nca = \"missing-ca.pem\"\n",
+    ) + &route("b", "broken")
+        + &route("l", "later");
+    let path = dir.path().join("portcullis.toml");
+    std::fs::write(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+    let attempt = Config::attempt(&path);
+    assert!(attempt.result.is_err(), "it should not load");
+    for f in [
+        "portcullis.toml",
+        "policies/p.toml",
+        "policies/broken.toml",
+        "policies/later.toml",
+        "missing-ca.pem",
+    ] {
+        assert!(attempt.files.contains(&dir.path().join(f)), "{f} not named: {:?}", attempt.files);
+    }
+    // A configuration that is not even TOML names itself.
+    std::fs::write(&path, "[[routes]\n").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(Config::attempt(&path).files, [path]);
+}

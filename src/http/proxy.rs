@@ -31,7 +31,7 @@ use tower::Service;
 
 use super::body::{ProxyBody, RequestBody, RequestBodyError};
 use super::{headers, path, reject, ConnInfo, RequestId};
-use crate::identity::{extract_bearer, CredentialSource, Identity};
+use crate::identity::{extract_bearer, Admission, Credential, CredentialSource, Identity};
 use crate::policy::{Decision, RequestFacts, RuleRef};
 use crate::reason::Reason;
 use crate::server::Runtime;
@@ -780,7 +780,14 @@ pub async fn handle(
                 let grant = super::tunnel::Grant {
                     shared: shared.clone(),
                     route: route.name.clone(),
-                    identity: identity.clone(),
+                    admission: Admission::new(
+                        identity.clone(),
+                        match source {
+                            Some(_) => Credential::Token,
+                            None => Credential::Session,
+                        },
+                        &rt.config,
+                    ),
                     method: upgrade_method.unwrap_or_default(),
                     host: host.clone(),
                     path: out.path.clone().unwrap_or_default(),

@@ -59,7 +59,8 @@ impl End {
 pub struct Grant {
     pub shared: Arc<super::proxy::Shared>,
     pub route: Arc<str>,
-    pub identity: Arc<crate::identity::Identity>,
+    /// The identity, and the credential and issuer settings that admitted it.
+    pub admission: crate::identity::Admission,
     pub method: http::Method,
     /// The upgrade request's host (lower case, no port), as routing read it.
     pub host: String,
@@ -89,37 +90,61 @@ impl Grant {
             }
         };
         tokio::select! {
-            () = self.revoked() => End::AccessRevoked,
+            end = self.revoked() => end,
             () = shutdown => End::Shutdown,
         }
     }
 
-    async fn revoked(&self) {
+    /// Resolves when a reload revoked the access ([`End::AccessRevoked`]), or brought
+    /// the credential's end forward (a lower `max_token_age`) and that time came
+    /// ([`End::CredentialExpired`]).
+    async fn revoked(&self) -> End {
         let mut reloads = self.shared.reloads.subscribe();
         // Starting from the generation that authorized the upgrade, so a reload between
         // the request and the switch to the tunnel is not missed.
         let mut seen = self.generation;
+        let mut expires_at = self.admission.identity.expires_at;
+        let mut reloads_open = true;
         loop {
             let current = *reloads.borrow_and_update();
             if current != seen {
                 seen = current;
-                if !self.still_allowed() {
-                    return;
+                match self.still_allowed() {
+                    Some(now_ends) => expires_at = expires_at.min(now_ends),
+                    None => return End::AccessRevoked,
                 }
             }
-            if reloads.changed().await.is_err() {
-                return std::future::pending().await;
+            let left = expires_at.saturating_sub(crate::util::unix_now());
+            // The relay's own timer ends the tunnel at the end it was admitted with.
+            let sooner = expires_at < self.admission.identity.expires_at;
+            tokio::select! {
+                changed = reloads.changed(), if reloads_open => reloads_open = changed.is_ok(),
+                () = tokio::time::sleep(Duration::from_secs(left)), if sooner => {
+                    return End::CredentialExpired;
+                }
+                else => std::future::pending::<()>().await,
             }
         }
     }
 
     /// The upgrade request, evaluated against the current generation as a new request
     /// would be: routed by host, path and method to the same route (not another, more
-    /// specific one, and not to none), which accepts the issuer and whose policy allows.
-    fn still_allowed(&self) -> bool {
+    /// specific one, and not to none), which accepts the issuer, whose checks the
+    /// credential still passes ([`crate::identity::Admission::recheck`]) and whose
+    /// policy allows. When it is still allowed: when the credential ends now.
+    fn still_allowed(&self) -> Option<u64> {
         let rt = self.shared.runtime.load();
-        let Some(route) = rt.config.route(&self.host, &self.path, &self.method) else {
-            return false;
+        let route = rt.config.route(&self.host, &self.path, &self.method)?;
+        let identity = self.admission.identity.clone();
+        if *route.name != *self.route || !route.accepts(&identity.issuer) {
+            return None;
+        }
+        let identity = match self.admission.recheck(&rt.config, crate::util::unix_now()) {
+            Ok(seen) => seen,
+            Err(why) => {
+                tracing::debug!(route = %self.route, %why, "websocket tunnel revoked");
+                return None;
+            }
         };
         let facts = crate::policy::RequestFacts {
             method: &self.method,
@@ -127,9 +152,7 @@ impl Grant {
             database: None,
             role: None,
         };
-        *route.name == *self.route
-            && route.accepts(&self.identity.issuer)
-            && route.policy.evaluate(&self.identity, &facts).allowed
+        route.policy.evaluate(&identity, &facts).allowed.then_some(identity.expires_at)
     }
 
     /// The tunnel's end event: one per tunnel, after the upgrade's `http` event (same
@@ -138,7 +161,7 @@ impl Grant {
         let host = &self.host[..crate::audit::bounded_len(&self.host)];
         let path = &self.path[..crate::audit::bounded_len(&self.path)];
         let revision = self.shared.runtime.load().revision.clone();
-        let (identity, ci) = self.identity.audit_fields();
+        let (identity, ci) = self.admission.identity.audit_fields();
         self.shared.sink.emit(&TunnelEvent {
             ts: crate::audit::now_rfc3339(),
             kind: "websocket",
@@ -207,7 +230,7 @@ pub async fn run(client: OnUpgrade, upstream: OnUpgrade, grant: Grant) {
     };
     let m = crate::metrics::global();
     m.websocket_tunnels_open.fetch_add(1, Ordering::Relaxed);
-    let (expires_at, idle) = (grant.identity.expires_at, grant.idle);
+    let (expires_at, idle) = (grant.admission.identity.expires_at, grant.idle);
     let opened = Instant::now();
     let relayed = relay(TokioIo::new(c), TokioIo::new(u), expires_at, idle, grant.ended()).await;
     m.websocket_tunnels_open.fetch_sub(1, Ordering::Relaxed);

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+mod admission;
 mod cache;
 pub mod ci;
 mod jwks;
@@ -17,6 +18,7 @@ pub(crate) mod tests;
 mod token;
 pub mod verify;
 
+pub use admission::{Admission, Credential};
 pub use cache::DEFAULT_CAPACITY as DEFAULT_TOKEN_CACHE_ENTRIES;
 pub use token::{MAX_KID_LEN, MAX_TOKEN_LEN};
 pub use verify::{extract_bearer, unverified_identity, CredentialSource, Verifier, MAX_LEEWAY};

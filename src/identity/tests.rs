@@ -1128,3 +1128,44 @@ async fn unknown_issuer_causes_no_fetch_and_adoption_reuses_keys() {
     fresh.adopt_keys_from(&reloaded);
     assert!(!fresh.ready());
 }
+
+/// Round 10: an identity a token admitted, checked again against its issuer as a reload
+/// left it ([`verify::recheck`]): what narrows the issuer refuses it, what widens it or
+/// does not concern the token keeps it, and the identity is the one the new settings
+/// build (its end, its groups).
+#[test]
+fn a_reloaded_issuer_checks_an_admitted_tokens_claims_again() {
+    let iss = "https://idp.example.com";
+    let now = 1_700_000_000u64;
+    let admitted = settings("corp", Preset::Oidc, iss, "portcullis");
+    let payload = json!({
+        "iss": iss, "aud": "portcullis", "sub": "alice", "iat": now - 600, "exp": now + 3000,
+        "groups": ["sre"], "teams": ["blue"],
+    });
+    let Value::Object(payload) = payload else { panic!("an object") };
+    let identity = unverified_identity(&admitted, payload).unwrap_or_else(|e| panic!("{e:?}"));
+    let with = |f: &dyn Fn(&mut IssuerSettings)| {
+        let mut s = admitted.clone();
+        f(&mut s);
+        verify::recheck(&s, &identity, now)
+    };
+    let refused = |r: Result<Identity, AuthError>| r.err().map(|e| e.reason);
+    assert_eq!(refused(with(&|_| {})), None);
+    assert_eq!(refused(with(&|s| s.audiences.push("another".into()))), None, "widened");
+    assert_eq!(
+        refused(with(&|s| s.audiences = vec!["another".into()])),
+        Some(Reason::AudienceMismatch)
+    );
+    assert_eq!(
+        refused(with(&|s| s.issuer = "https://other.example.com".into())),
+        Some(Reason::UnknownIssuer)
+    );
+    assert!(refused(with(&|s| s.max_token_age = Some(Duration::from_secs(60)))).is_some());
+    assert!(refused(with(&|s| s.hosted_domain = Some("example.com".into()))).is_some());
+    // A shorter max_token_age not yet reached brings the identity's end forward.
+    let sooner = with(&|s| s.max_token_age = Some(Duration::from_secs(900)));
+    assert_eq!(sooner.map(|i| i.expires_at).ok(), Some(now - 600 + 900));
+    // Policies see the groups the reloaded issuer reads.
+    let teams = with(&|s| s.groups_claim = "teams".into());
+    assert_eq!(teams.map(|i| i.groups).ok(), Some(vec!["blue".to_string()]));
+}

@@ -542,6 +542,32 @@ fn audiences(payload: &Map<String, Value>) -> Result<Vec<&str>, AuthError> {
     }
 }
 
+/// The checks of [`Verifier::verify`] that need only a verified payload, against
+/// `settings`: `iss`, the times (with the issuer's leeway and `max_token_age`), `aud`,
+/// and the profile checks that build the identity (`azp`, `hd`, the preset's claims,
+/// the groups claim). For an identity a token admitted earlier, when a reload changed
+/// its issuer ([`super::Admission`]); the signature and the header (`alg`, `typ`, `kid`)
+/// cannot be checked again. The identity as `settings` see it, or why they refuse it.
+pub(crate) fn recheck(
+    settings: &IssuerSettings,
+    identity: &Identity,
+    now: u64,
+) -> Result<Identity, AuthError> {
+    let payload = identity.claims.map();
+    match payload.get("iss") {
+        Some(Value::String(iss)) if *iss == settings.issuer => {}
+        _ => {
+            return Err(AuthError::new(Reason::UnknownIssuer, "`iss` is not the issuer's any more"))
+        }
+    }
+    let window = check_times(payload, settings, now)?;
+    let audiences = audiences(payload)?;
+    if !audiences.iter().any(|a| settings.audiences.iter().any(|c| c == a)) {
+        return Err(AuthError::new(Reason::AudienceMismatch, "`aud` has no configured audience"));
+    }
+    build_identity(settings, payload, identity.claims.clone(), audiences.len(), &window)
+}
+
 /// The identity the verifier would build from `payload` after the signature and the
 /// time and audience checks, **without** those checks: for `portcullis policy explain
 /// --no-verify`, which explains claims and says that they were not verified. Never

@@ -19,7 +19,7 @@ use super::upstream::{self, UpstreamError, UpstreamStream};
 use super::{Hub, ALPN_POSTGRESQL};
 use crate::audit::{now_rfc3339, TlsInfo};
 use crate::config::{is_loopback_host, DatabaseSettings};
-use crate::identity::Identity;
+use crate::identity::{Admission, Credential, Identity};
 use crate::policy::{RequestFacts, RuleRef};
 use crate::reason::Reason;
 use crate::server::Runtime;
@@ -199,10 +199,11 @@ pub(super) async fn run(
         upstream_role: &upstream_role,
         identity: &identity,
     };
+    let admission = Admission::new(identity.clone(), Credential::Token, &rt.config);
     let control = control(
         &hub,
         &route,
-        &identity,
+        &admission,
         &database,
         facts.role.as_deref(),
         &upstream_role,
@@ -878,7 +879,7 @@ async fn cancel(hub: &Hub, db: &DatabaseSettings, peer: SocketAddr, pid: u32, se
 async fn control(
     hub: &Hub,
     route: &str,
-    identity: &Identity,
+    admission: &Admission,
     database: &str,
     role: Option<&str>,
     upstream_role: &str,
@@ -886,9 +887,10 @@ async fn control(
     mut generation: watch::Receiver<u64>,
     mut stop: watch::Receiver<bool>,
 ) -> (Reason, String) {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let to_exp = Duration::from_secs(identity.expires_at).saturating_sub(now);
-    let expiry = tokio::time::sleep(to_exp);
+    // Until when the credential admits the session: a reload may bring it forward (a
+    // lower `max_token_age`).
+    let mut expires_at = admission.identity.expires_at;
+    let expiry = tokio::time::sleep(until(expires_at));
     tokio::pin!(expiry);
     let cap = tokio::time::sleep(max_session.unwrap_or(Duration::from_secs(100 * 365 * 86_400)));
     tokio::pin!(cap);
@@ -896,7 +898,7 @@ async fn control(
     loop {
         tokio::select! {
             () = &mut expiry => {
-                return (Reason::SessionExpired, format!("the token expired (exp or max_token_age, at {})", identity.expires_at));
+                return (Reason::SessionExpired, format!("the token expired (exp or max_token_age, at {expires_at})"));
             }
             () = &mut cap, if max_session.is_some() => {
                 return (Reason::SessionExpired, format!("max_session ({:?}) reached", max_session.unwrap_or_default()));
@@ -907,8 +909,13 @@ async fn control(
                     continue;
                 }
                 generation.borrow_and_update();
-                if let Some(why) = revoked(hub, route, identity, database, role, upstream_role) {
-                    return (Reason::AccessRevoked, why);
+                match revoked(hub, route, admission, database, role, upstream_role) {
+                    Err(why) => return (Reason::AccessRevoked, why),
+                    Ok(seen) if seen.expires_at < expires_at => {
+                        expires_at = seen.expires_at;
+                        expiry.as_mut().reset(tokio::time::Instant::now() + until(expires_at));
+                    }
+                    Ok(_) => {}
                 }
             }
             () = super::stopped(&mut stop) => {
@@ -920,37 +927,43 @@ async fn control(
     }
 }
 
-/// Re-evaluates an open session against the configuration now in force.
+/// How long until `unix` (seconds), from now.
+fn until(unix: u64) -> Duration {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    Duration::from_secs(unix).saturating_sub(now)
+}
+
+/// Re-evaluates an open session against the configuration now in force, as a new
+/// session with the same token would be: the route, the issuer's checks of the token
+/// ([`Admission::recheck`]), the policy and the upstream role it grants. The identity as
+/// the configuration now sees it, or why the session must end.
 fn revoked(
     hub: &Hub,
     route: &str,
-    identity: &Identity,
+    admission: &Admission,
     database: &str,
     role: Option<&str>,
     upstream_role: &str,
-) -> Option<String> {
+) -> Result<Arc<Identity>, String> {
     let rt = hub.shared.runtime.load();
     let Some(db) = rt.config.databases.iter().find(|d| &*d.name == route) else {
-        return Some(format!("database route `{route}` removed (policy revision {})", rt.revision));
+        return Err(format!("database route `{route}` removed (policy revision {})", rt.revision));
     };
-    if rt.config.issuer(identity.issuer.as_str()).is_none() {
-        return Some(format!(
-            "issuer `{}` removed (policy revision {})",
-            identity.issuer, rt.revision
-        ));
-    }
-    let d = db.policy.evaluate(identity, &RequestFacts::database(database, role));
+    let identity = admission
+        .recheck(&rt.config, crate::util::unix_now())
+        .map_err(|why| format!("{why} (policy revision {})", rt.revision))?;
+    let d = db.policy.evaluate(&identity, &RequestFacts::database(database, role));
     if !d.allowed {
-        return Some(format!("{} under policy revision {}", d.reason.code(), rt.revision));
+        return Err(format!("{} under policy revision {}", d.reason.code(), rt.revision));
     }
     let now_role = db.granted_role(d.rule.as_deref());
     if now_role != upstream_role {
-        return Some(format!(
+        return Err(format!(
             "upstream role changed from `{upstream_role}` to `{now_role}` under policy revision {}",
             rt.revision
         ));
     }
-    None
+    Ok(identity)
 }
 
 // === the relay ===

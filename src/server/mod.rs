@@ -180,6 +180,10 @@ struct State {
     generation: AtomicU64,
     draining: Arc<AtomicBool>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// The files the newest version that did not load named (as far as it compiled),
+    /// until a version loads: the watcher watches them too, so a fix written to one
+    /// the configuration in force does not read (a new policy) is loaded.
+    refused_files: parking_lot::Mutex<Vec<PathBuf>>,
     sink: AuditSink,
     pg: Arc<crate::postgres::Hub>,
     /// The database routes' listeners; a reload binds, hands over and closes them.
@@ -305,6 +309,7 @@ impl Server {
             generation: AtomicU64::new(1),
             draining: Arc::new(AtomicBool::new(false)),
             reload_lock: tokio::sync::Mutex::new(()),
+            refused_files: Default::default(),
             sink: sink.clone(),
             fixed,
         });
@@ -385,6 +390,13 @@ impl Server {
         reload(&self.state).await
     }
 
+    /// The files the watcher polls (with `server.watch`) and a change to which brings a
+    /// reload: every file the configuration in force reads, and those the newest
+    /// version refused since read or tried to read.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        watched(&self.state).into_iter().map(|(f, _)| f).collect()
+    }
+
     pub fn is_ready(&self) -> bool {
         !self.state.draining.load(Ordering::Relaxed) && self.shared.runtime.load().verifier.ready()
     }
@@ -425,7 +437,10 @@ impl Server {
 async fn reload(state: &State) -> bool {
     let _guard = state.reload_lock.lock().await;
     let m = crate::metrics::global();
-    let config = match Config::load(&state.config_path) {
+    let attempt = Config::attempt(&state.config_path);
+    // Watched until a version loads (cleared below), whatever refuses this one.
+    *state.refused_files.lock() = attempt.files;
+    let config = match attempt.result {
         Ok(c) => c,
         Err(e) => {
             for d in &e.0 {
@@ -576,6 +591,7 @@ async fn reload(state: &State) -> bool {
     state.pg.reloaded(pg);
     state.shared.reloads.send_replace(generation);
     state.pg_listeners.apply(listeners);
+    state.refused_files.lock().clear();
     m.config_reloads.inc(&"ok");
     true
 }
@@ -847,24 +863,31 @@ async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watc
     }
 }
 
-/// Reloads when a file of the configuration in force changed ([`watcher`]).
+/// The files the watcher polls: those of the configuration in force, with the digest
+/// of what it read of each when known, and those of the newest version refused since.
+fn watched(state: &State) -> watcher::Watched {
+    let rt = state.shared.runtime.load();
+    let read = rt.config.read_digests();
+    let mut files = rt.config.files.clone();
+    files.push(state.config_path.clone());
+    // A refused version may name files the one in force does not read (a new policy,
+    // also one not written yet): a fix to one of them must bring a reload.
+    files.extend(state.refused_files.lock().iter().cloned());
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| seen.insert(f.clone()));
+    files
+        .into_iter()
+        .map(|f| {
+            let d = read.get(&f).copied();
+            (f, d)
+        })
+        .collect()
+}
+
+/// Reloads when a file of the configuration in force, or of the newest version refused
+/// since, changed ([`watcher`]).
 async fn watch_loop(state: Arc<State>, shutdown: watch::Receiver<bool>) {
-    let watched = || -> watcher::Watched {
-        let rt = state.shared.runtime.load();
-        let read = rt.config.read_digests();
-        let mut files = rt.config.files.clone();
-        if !files.contains(&state.config_path) {
-            files.push(state.config_path.clone());
-        }
-        files
-            .into_iter()
-            .map(|f| {
-                let d = read.get(&f).copied();
-                (f, d)
-            })
-            .collect()
-    };
-    watcher::run(watcher::TIMING, watched, || reload(&state), shutdown).await;
+    watcher::run(watcher::TIMING, || watched(&state), || reload(&state), shutdown).await;
 }
 
 /// Serves one connection until it ends, shutdown is signalled, or it has had no request

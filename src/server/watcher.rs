@@ -1,5 +1,7 @@
 //! The configuration file watcher: polls every file the configuration was built from
-//! or names ([`crate::config::Config::files`]) and reloads when one changed.
+//! or names ([`crate::config::Config::files`]), and those the newest refused version
+//! read or tried to read ([`crate::config::Attempt::files`]) until a version loads, and
+//! reloads when one changed.
 //!
 //! Polling (content-hashed) works the same on every filesystem, including the symlink
 //! swaps Kubernetes does for mounted ConfigMaps. Two rules keep what is on disk and what

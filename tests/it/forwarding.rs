@@ -379,6 +379,43 @@ async fn a_reload_that_revokes_access_ends_open_websocket_tunnels_and_only_those
     assert!(tunnels_closed(&w, "access-revoked").await >= 1);
 }
 
+/// The configuration with every issuer's `audiences` replaced by `audiences`, and the
+/// routes `extra` appended.
+pub fn with_audiences(config: &str, audiences: &str, extra: &str) -> String {
+    config.replace(&format!("audiences = [{AUD:?}]"), &format!("audiences = [{audiences}]")) + extra
+}
+
+/// Round 10: a reload whose issuer no longer accepts an open tunnel's token (its
+/// `audiences` changed) ends the tunnel, as a new upgrade with that token is refused;
+/// a reload that changes nothing the token relies on (another route, an audience added)
+/// leaves it open.
+#[tokio::test]
+async fn a_reload_that_stops_trusting_a_tunnels_token_ends_the_tunnel() {
+    let w = World::start().await;
+    let token = w.token("bb", &[]);
+    let mut ws = ws_connect(&w, Some(&token)).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(echo_once(&mut ws).await);
+    let config = std::fs::read_to_string(w.config_path()).unwrap_or_default();
+    let other = format!(
+        "\n[[routes]]\nname = \"other\"\nmatch = {{ path_prefix = \"/other\" }}\nupstream = \"http://{}\"\npolicy = \"api\"\n",
+        w.echo.addr()
+    );
+
+    write(&w.config_path(), &with_audiences(&config, &format!("{AUD:?}, \"another\""), &other));
+    assert!(w.server().reload().await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(echo_once(&mut ws).await, "ended by a reload that does not concern its token");
+
+    write(&w.config_path(), &with_audiences(&config, "\"another\"", &other));
+    assert!(w.server().reload().await);
+    assert_eq!(w.get("/ws", Some(&token)).await.status, StatusCode::UNAUTHORIZED);
+    let ended = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert!(ended.is_ok(), "the tunnel outlived the reload that stopped trusting its token");
+    assert!(!echo_once(&mut ws).await, "the untrusted tunnel still relays");
+    let e = tunnel_end_event(&w, "/ws").await;
+    assert_eq!(e["reason"], "access-revoked", "{e}");
+}
+
 #[tokio::test]
 async fn websocket_tunnels_work_through_the_shutdown_grace_period_then_end() {
     let mut w = World::start().await; // shutdown_grace = 5s

@@ -359,3 +359,91 @@ async fn the_watcher_loads_a_new_assertion_key() {
     let jwks = w.get("/.well-known/portcullis/jwks.json", None).await.json();
     assert_eq!(jwks_kids(&jwks), [b, a]);
 }
+
+/// Writes `text` as editors and `kubectl` do: a temporary file in the same directory,
+/// renamed over the old one.
+fn write_atomically(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    write(&tmp, text);
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename {}: {e}", tmp.display()));
+}
+
+/// Polls `f` every 100 ms until it holds, for at most `limit`.
+async fn eventually<F, Fut>(limit: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < limit {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    f().await
+}
+
+/// A world whose default route's policy allows feature branches, with the file watcher;
+/// a feature-branch token; and the configuration with that route moved to `policy`.
+async fn watched_world() -> (World, String, impl Fn(&str) -> String) {
+    let w = World::with(Setup {
+        policies: vec![("api".into(), FEATURE_TOO.into())],
+        watch: true,
+        ..Setup::default()
+    })
+    .await;
+    let feature = w.token("bb", &["branchName=feature/x"]);
+    let config = std::fs::read_to_string(w.config_path()).unwrap_or_default();
+    let moved_to =
+        move |policy: &str| config.replace("policy = \"api\"", &format!("policy = {policy:?}"));
+    (w, feature, moved_to)
+}
+
+/// Until the version naming the policy `name` was refused (its files are then watched).
+async fn refused_naming(w: &World, name: &str) -> bool {
+    let file = w.policy_path(name);
+    eventually(Duration::from_secs(10), || async { w.server().watched_files().contains(&file) })
+        .await
+}
+
+/// Round 10: a version the watcher refused for a file the configuration in force does
+/// not read (a route moved to a new policy, written with a typo) is loaded by the
+/// watcher alone once that file is fixed. No SIGHUP: the last version written is the
+/// one loaded in the end.
+#[tokio::test]
+async fn the_watcher_loads_a_fix_to_a_policy_only_a_refused_version_reads() {
+    let (w, feature, moved_to) = watched_world().await;
+    let status = || async { w.get("/x", Some(&feature)).await.status };
+    assert_eq!(status().await, StatusCode::OK);
+
+    // The route moves to a new, stricter policy with a typo: refused, `api` still serves.
+    write_atomically(&w.policy_path("strict"), &ONLY_MAIN.replace("branch =", "branchh ="));
+    write_atomically(&w.config_path(), &moved_to("strict"));
+    assert!(refused_naming(&w, "strict").await, "the refused version's policy is not watched");
+    assert_eq!(status().await, StatusCode::OK);
+
+    // The typo is fixed (`check` would say ok): the watcher loads it, feature branches
+    // are refused.
+    write_atomically(&w.policy_path("strict"), ONLY_MAIN);
+    let loaded =
+        eventually(Duration::from_secs(10), || async { status().await == StatusCode::FORBIDDEN })
+            .await;
+    assert!(loaded, "the fixed policy was never loaded by the watcher");
+}
+
+/// Round 10: a version naming a policy that does not exist yet is refused; writing the
+/// policy afterwards loads it, through the watcher alone.
+#[tokio::test]
+async fn the_watcher_loads_a_policy_written_after_the_version_naming_it_was_refused() {
+    let (w, feature, moved_to) = watched_world().await;
+    let status = || async { w.get("/x", Some(&feature)).await.status };
+    write_atomically(&w.config_path(), &moved_to("later"));
+    assert!(refused_naming(&w, "later").await, "the missing policy is not watched");
+    assert_eq!(status().await, StatusCode::OK);
+    write_atomically(&w.policy_path("later"), ONLY_MAIN);
+    let loaded =
+        eventually(Duration::from_secs(10), || async { status().await == StatusCode::FORBIDDEN })
+            .await;
+    assert!(loaded, "the policy written after the refusal was never loaded by the watcher");
+}

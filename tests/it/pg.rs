@@ -1082,6 +1082,47 @@ async fn a_reload_that_revokes_access_terminates_exactly_the_revoked_sessions() 
     );
 }
 
+/// Round 10: a reload whose issuer no longer accepts an open session's token (its
+/// `audiences` changed) ends the session with `access-revoked`, as a new session with
+/// that token is refused; a reload that changes nothing the token relies on (another
+/// route, an audience added) leaves it open.
+#[tokio::test]
+async fn a_reload_that_stops_trusting_a_sessions_token_ends_the_session() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let (c, conn) = w.connect(&token, "app").await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.simple_query("select 1").await.is_ok());
+    let config = std::fs::read_to_string(w.w.config_path()).unwrap_or_default();
+    let other = format!(
+        "\n[[routes]]\nname = \"other\"\nmatch = {{ path_prefix = \"/other\" }}\nupstream = \"http://{}\"\npolicy = \"api\"\n",
+        w.w.echo.addr()
+    );
+
+    let wider =
+        crate::forwarding::with_audiences(&config, &format!("{AUD:?}, \"another\""), &other);
+    write(&w.w.config_path(), &wider);
+    assert!(w.w.server().reload().await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = c.simple_query("select 'still here'").await;
+    assert!(r.is_ok(), "ended by a reload that does not concern its token: {r:?}");
+
+    let narrower = crate::forwarding::with_audiences(&config, "\"another\"", &other);
+    write(&w.w.config_path(), &narrower);
+    assert!(w.w.server().reload().await);
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await.unwrap_or_else(|_| {
+        panic!("the session outlived the reload that stopped trusting its token")
+    });
+    let err = match ended {
+        Ok(Err(e)) => e,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    assert_eq!(err.code().map(|c| c.code()), Some("57P01"));
+    let close = w.wait_event(|e| e["event"] == "close" && e["reason"] == "access-revoked").await;
+    assert_eq!(close["decision"], "terminated", "{close}");
+    assert!(close["detail"].as_str().is_some_and(|d| d.contains("audience-mismatch")), "{close}");
+    assert!(w.connect(&token, "app").await.is_err(), "a new session with the token is refused");
+}
+
 #[tokio::test]
 async fn shutdown_lets_sessions_finish_then_terminates_them_politely() {
     let Some(mut w) = PgWorld::start().await else { return };

@@ -1,0 +1,104 @@
+//! What admitted an identity, kept by what outlives the request that admitted it — a
+//! WebSocket tunnel, a database session — and checked again at every reload: the
+//! connection stays open only while its credential would still admit a new request.
+//!
+//! A token's payload is checked again against the issuer as reloaded (`iss`, `aud`, the
+//! times with its leeway and `max_token_age`, the profile checks: [`super::verify`]),
+//! so a narrower issuer ends the connections it no longer admits and a wider one (an
+//! audience added) ends none. What cannot be checked again without the token — its
+//! signature and header — is covered by [`Trust`]: a reload that changes where the
+//! issuer's keys come from or how a header is checked ends them, as the verifier then
+//! drops the keys it had. A browser session is admitted again as its cookie would be:
+//! while the issuer still has `login`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{Algorithm, Identity, IssuerSettings, TokenType};
+use crate::config::Config;
+
+/// How the identity was presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    /// A bearer token (`Authorization`, `Proxy-Authorization`, a database password).
+    Token,
+    /// A browser session cookie.
+    Session,
+}
+
+/// An identity and what admitted it.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub identity: Arc<Identity>,
+    credential: Credential,
+    /// The issuer's, when the identity was admitted (`None`: it was not configured,
+    /// which a verified identity's always is; the first reload ends it).
+    trust: Option<Trust>,
+}
+
+/// What a token's signature and header were checked with: where the issuer's keys come
+/// from and with which trust (what [`crate::identity::Verifier::adopt_keys_from`] keeps
+/// keys across a reload for), the algorithm allowlist and the token type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Trust {
+    issuer: String,
+    discovery_url: String,
+    ca_file: Option<PathBuf>,
+    insecure_http: bool,
+    algorithms: Vec<Algorithm>,
+    token_type: TokenType,
+}
+
+// === impl Admission ===
+
+impl Admission {
+    /// `identity`, admitted by `credential` under `config` (the configuration whose
+    /// verifier or sessions verified it).
+    pub fn new(identity: Arc<Identity>, credential: Credential, config: &Config) -> Self {
+        let trust = config.issuer(identity.issuer.as_str()).map(Trust::of);
+        Admission { identity, credential, trust }
+    }
+
+    /// Whether `config` (a reload's) still admits the identity as it would admit a new
+    /// request with the same credential, as far as that can be told without the token:
+    /// the identity as `config` sees it (its groups, its end: policies are evaluated on
+    /// it), or why not. Route and policy are the caller's to check.
+    pub fn recheck(&self, config: &Config, now: u64) -> Result<Arc<Identity>, String> {
+        let name = &self.identity.issuer;
+        let Some(issuer) = config.issuer(name.as_str()) else {
+            return Err(format!("issuer `{name}` removed"));
+        };
+        match self.credential {
+            Credential::Session => match config.login(name) {
+                Some(_) => Ok(self.identity.clone()),
+                None => Err(format!("issuer `{name}` no longer has login configured")),
+            },
+            Credential::Token => {
+                if Some(Trust::of(issuer)) != self.trust {
+                    return Err(format!(
+                        "issuer `{name}` changed where its keys come from or how tokens are checked \
+                         (issuer, discovery_url, ca, insecure_http, algorithms or token_type)"
+                    ));
+                }
+                super::verify::recheck(issuer, &self.identity, now).map(Arc::new).map_err(|e| {
+                    format!("{} under issuer `{name}` as reloaded: {}", e.reason.code(), e.detail)
+                })
+            }
+        }
+    }
+}
+
+// === impl Trust ===
+
+impl Trust {
+    fn of(s: &IssuerSettings) -> Self {
+        Trust {
+            issuer: s.issuer.clone(),
+            discovery_url: s.discovery_url.clone(),
+            ca_file: s.ca_file.clone(),
+            insecure_http: s.insecure_http,
+            algorithms: s.algorithms.clone(),
+            token_type: s.token_type,
+        }
+    }
+}
