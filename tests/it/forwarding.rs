@@ -1241,19 +1241,12 @@ async fn only_a_websocket_upgrade_is_offered_upstream_and_tunnelled() {
         while let Ok((mut s, _)) = listener.accept().await {
             let heads_tx = heads_tx.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = heads_tx.send(String::from_utf8_lossy(&head).to_ascii_lowercase());
+                let Some(head) = read_head(&mut s).await else { return };
+                let _ = heads_tx.send(head.to_ascii_lowercase());
                 let _ = s
                     .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
                     .await;
-                let _ = s.read(&mut buf).await;
+                let _ = s.read(&mut [0u8; 64]).await;
             });
         }
     });
@@ -1743,22 +1736,14 @@ async fn a_malformed_request_body_is_a_bad_request_not_an_upstream_failure() {
 /// actually sent, never `allowed` as if it were complete.
 #[tokio::test]
 async fn an_upstream_body_cut_short_is_audited_as_upstream_aborted() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener =
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
     let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
     let upstream = tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).to_string();
+                let Some(head) = read_head(&mut s).await else { return };
                 let answer: &[u8] = if head.starts_with("GET /cut/short ") {
                     b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort"
                 } else if head.starts_with("GET /cut/chunked ") {
@@ -1831,22 +1816,15 @@ async fn a_client_gone_mid_response_body_is_client_closed() {
 /// length promise the body does not keep (RFC 9112 §6.3: an intermediary removes it).
 #[tokio::test]
 async fn an_upstream_content_length_beside_transfer_encoding_is_dropped() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener =
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
     let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
     let upstream = tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let answer: &[u8] = if head.starts_with(b"GET /te/long") {
+                let Some(head) = read_head(&mut s).await else { return };
+                let answer: &[u8] = if head.starts_with("GET /te/long") {
                     b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
                 } else {
                     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n"
@@ -1873,4 +1851,19 @@ async fn an_upstream_content_length_beside_transfer_encoding_is_dropped() {
         assert_eq!(ev["bytes_out"], body.len(), "{ev}");
     }
     upstream.abort();
+}
+
+/// A raw upstream's read of a request head, up to its blank line (`None`: the connection
+/// ended first).
+async fn read_head(s: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
 }
