@@ -189,16 +189,24 @@ impl SigningKey {
         };
         let pem = crate::util::read_bounded(path, crate::util::MAX_SECRET_FILE, true)
             .map_err(|e| err(format!("cannot read it: {e}")))?;
-        let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(&pem).map_err(|e| {
-            err(match e {
-                PemError::NoItemsFound => {
-                    "no PKCS#8 `BEGIN PRIVATE KEY` block (a SEC1 `BEGIN EC PRIVATE KEY` \
-                     converts with `openssl pkcs8 -topk8 -nocrypt`)"
-                        .into()
-                }
-                _ => "malformed PEM".into(),
-            })
-        })?;
+        let no_key = || {
+            err("no PKCS#8 `BEGIN PRIVATE KEY` block (a SEC1 `BEGIN EC PRIVATE KEY` \
+                 converts with `openssl pkcs8 -topk8 -nocrypt`)"
+                .into())
+        };
+        let mut keys = rustls_pki_types::PrivatePkcs8KeyDer::pem_slice_iter(&pem);
+        let der = match keys.next() {
+            None | Some(Err(PemError::NoItemsFound)) => return Err(no_key()),
+            Some(Err(_)) => return Err(err("malformed PEM".into())),
+            Some(Ok(der)) => der,
+        };
+        // Which of two keys signs would be a guess (a rotation half done, a paste twice):
+        // the reload is refused rather than rotating to the first one silently.
+        if keys.next().is_some() {
+            return Err(err(
+                "more than one private key in the file; keep only the one that signs".into()
+            ));
+        }
         let pair =
             EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.secret_pkcs8_der())
                 .map_err(|_| err("not a P-256 (prime256v1) private key".into()))?;
@@ -892,6 +900,7 @@ mod tests {
             ),
             (pem("PRIVATE KEY", b"SECRET-MATERIAL"), "not a P-256"),
             (pem("PRIVATE KEY", p384.as_ref()), "not a P-256"),
+            (format!("{}{}", p256_pem(), p256_pem()), "more than one private key"),
         ];
         for (text, why) in cases {
             write(&path, &text);

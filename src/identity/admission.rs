@@ -92,13 +92,39 @@ impl Admission {
 
 impl Trust {
     fn of(s: &IssuerSettings) -> Self {
+        // The allowlist is a set: the same algorithms in another order trust the same.
+        let mut algorithms = s.algorithms.clone();
+        algorithms.sort_unstable();
+        algorithms.dedup();
         Trust {
             issuer: s.issuer.clone(),
             discovery_url: s.discovery_url.clone(),
             ca_file: s.ca_file.clone(),
             insecure_http: s.insecure_http,
-            algorithms: s.algorithms.clone(),
+            algorithms,
             token_type: s.token_type,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Algorithm, Trust};
+    use crate::identity::tests::settings;
+    use crate::identity::Preset;
+
+    /// The allowlist is a set: a reload that reorders it (or repeats an entry) trusts
+    /// the same tokens and ends no connection; one that drops an algorithm does.
+    #[test]
+    fn the_algorithm_allowlist_is_compared_as_a_set() {
+        let with = |algorithms: &[Algorithm]| {
+            let mut s = settings("corp", Preset::Oidc, "https://idp.example.com", "portcullis");
+            s.algorithms = algorithms.to_vec();
+            Trust::of(&s)
+        };
+        let (es, rs) = (Algorithm::ES256, Algorithm::RS256);
+        assert_eq!(with(&[es, rs]), with(&[rs, es]));
+        assert_eq!(with(&[es, rs]), with(&[rs, es, rs]));
+        assert_ne!(with(&[es, rs]), with(&[rs]));
     }
 }

@@ -115,7 +115,7 @@ pub enum TokenType {
 }
 
 /// JWS algorithms the proxy can verify. `none` and `HS*` are unrepresentable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Algorithm {
     RS256,
     RS384,
