@@ -1219,37 +1219,63 @@ async fn relay(
     // revocation could no longer stop it).
     let backend = session.backend.as_ref().filter(|b| b.is_known());
     let cancel_after = if terminated.is_some() { Duration::ZERO } else { ORPHAN_GRACE };
-    let cancels = match by {
+    let settled = match by {
         // The upstream closed or failed: there is nothing more to read from it.
-        "upstream" => 0,
+        "upstream" => Settled::default(),
         _ => settle(&mut ur, &mut s2c_scan, &on_server, &tracker, backend, cancel_after).await,
     };
     let (reason, mut detail) = match terminated {
         Some((r, d)) => (Some(r), Some(d)),
         None => (None, None),
     };
-    if cancels > 0 {
-        let note = "a statement was still running: a cancel request was sent to the backend";
+    let note = match settled {
+        Settled { unsettled: true, .. } => Some(
+            "statements were still running or queued when the proxy stopped waiting for them \
+             (the server neither finished nor gave them up after cancel requests): they may \
+             run on",
+        ),
+        Settled { cancels: 1.., .. } => {
+            Some("a statement was still running: a cancel request was sent to the backend")
+        }
+        _ => None,
+    };
+    if let Some(note) = note {
         detail = Some(match detail {
             Some(d) => format!("{d}; {note}"),
             None => note.to_string(),
         });
     }
-    End { reason, detail, by, cancel_sent: cancels > 0 }
+    End { reason, detail, by, cancel_sent: settled.cancels > 0 }
 }
 
 /// How long a statement may run on after its client went away before it is cancelled.
 pub(super) const ORPHAN_GRACE: Duration = Duration::from_secs(2);
-/// After a cancel, how long the server's answers are waited for; and how often the cancel
-/// is repeated meanwhile (a cancel stops one statement: a client may have pipelined more).
+/// How long the server's answers are waited for after a cancel while nothing comes; and
+/// how often the cancel is repeated meanwhile (a cancel stops one statement: a client may
+/// have pipelined more, each starting as the one before it is cancelled).
 pub(super) const SETTLE_AFTER_CANCEL: Duration = Duration::from_secs(2);
 const CANCEL_AGAIN: Duration = Duration::from_millis(500);
+/// The most a session's end waits for its statements to be cancelled, however many the
+/// client queued (at most `MAX_PENDING`, each stopped by one cancel).
+pub(super) const MAX_SETTLE: Duration = Duration::from_secs(30);
+
+/// How the end of a session settled what it had relayed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Settled {
+    /// Cancel requests sent to the backend.
+    pub cancels: u32,
+    /// Something was still awaiting its answer when the proxy stopped waiting: the server
+    /// did not answer for `SETTLE_AFTER_CANCEL` after a cancel, or `MAX_SETTLE` ran out.
+    pub unsettled: bool,
+}
 
 /// After the relay: reads the server's answers to what was relayed, feeding them to the
-/// statement audit (`on_server`), until nothing awaits an answer, the server closes, or
-/// `SETTLE_AFTER_CANCEL` after the first cancel. A statement still in flight
-/// `cancel_after` from now is cancelled (if the backend's key is known), and again every
-/// `CANCEL_AGAIN` while something is in flight. Returns the cancels sent.
+/// statement audit (`on_server`), until nothing awaits an answer or the server closes.
+/// A statement still in flight `cancel_after` from now is cancelled (if the backend's key
+/// is known), and again every `CANCEL_AGAIN` while something is in flight, so queued
+/// statements are stopped one after another; the proxy stops waiting only when the
+/// server has sent nothing for `SETTLE_AFTER_CANCEL` since the last answer (or the first
+/// cancel), or after `MAX_SETTLE`.
 pub(super) async fn settle<R: tokio::io::AsyncRead + Unpin>(
     ur: &mut R,
     scan: &mut Scanner,
@@ -1257,36 +1283,46 @@ pub(super) async fn settle<R: tokio::io::AsyncRead + Unpin>(
     tracker: &parking_lot::Mutex<Tracker>,
     backend: Option<&CancelTarget>,
     cancel_after: Duration,
-) -> u32 {
+) -> Settled {
     let mut buf = vec![0u8; BUF];
-    let mut next_cancel = tokio::time::Instant::now() + cancel_after;
-    let deadline = next_cancel + SETTLE_AFTER_CANCEL;
-    let mut cancels = 0;
+    let start = tokio::time::Instant::now();
+    let cap = start + cancel_after + MAX_SETTLE;
+    let mut next_cancel = start + cancel_after;
+    let mut deadline = next_cancel + SETTLE_AFTER_CANCEL;
+    let mut settled = Settled::default();
     while tracker.lock().in_flight() {
         let now = tokio::time::Instant::now();
-        if now >= deadline {
+        if now >= deadline.min(cap) {
+            settled.unsettled = true;
             break;
         }
         if now >= next_cancel {
             if let Some(b) = backend {
-                if tokio::time::timeout_at(deadline, b.send()).await == Ok(true) {
-                    cancels += 1;
+                if tokio::time::timeout_at(deadline.min(cap), b.send()).await == Ok(true) {
+                    settled.cancels += 1;
                 }
             }
             next_cancel = tokio::time::Instant::now() + CANCEL_AGAIN;
             continue;
         }
-        match tokio::time::timeout_at(next_cancel.min(deadline), ur.read(&mut buf)).await {
+        match tokio::time::timeout_at(next_cancel.min(deadline).min(cap), ur.read(&mut buf)).await {
             Err(_) => {}
             Ok(Ok(0) | Err(_)) => break,
             Ok(Ok(n)) => {
                 if scan.feed(&buf[..n], on_server).is_err() {
                     break;
                 }
+                // The server is answering: a statement ended (cancelled, or done), and the
+                // next one queued may have started. Past the first cancel's time, wait on
+                // while it keeps answering.
+                let now = tokio::time::Instant::now();
+                if now >= start + cancel_after {
+                    deadline = now + SETTLE_AFTER_CANCEL;
+                }
             }
         }
     }
-    cancels
+    settled
 }
 
 /// Writes the events of the Binds still unanswered when the relay ends (see

@@ -271,9 +271,10 @@ async fn settle_reads_the_answers_after_the_session_and_gives_up_in_time() {
             |k: u8, c: Option<&proto::Captured>| tracker.lock().server(k, c, &mut &emit);
         let started = tokio::time::Instant::now();
         let mut scan = Scanner::server();
-        let cancels =
+        let settled =
             settle(&mut upstream, &mut scan, &on_server, &tracker, None, ORPHAN_GRACE).await;
-        assert_eq!(cancels, 0, "no backend key, no cancel");
+        assert_eq!(settled.cancels, 0, "no backend key, no cancel");
+        assert_eq!(settled.unsettled, silent);
         if silent {
             assert_eq!(started.elapsed(), ORPHAN_GRACE + SETTLE_AFTER_CANCEL);
             assert!(events.lock().is_empty());
@@ -289,4 +290,56 @@ async fn settle_reads_the_answers_after_the_session_and_gives_up_in_time() {
         }
         drop(server);
     }
+}
+
+/// Round 10: statements queued behind the one running (a client pipelining eight
+/// endless loops) start one after another as each is cancelled. The end of the session
+/// waits on while the server keeps answering, past `SETTLE_AFTER_CANCEL` from the first
+/// cancel, so each gets its cancel and its answer is audited; only a server silent for
+/// that long (or `MAX_SETTLE`) ends the wait.
+#[tokio::test(start_paused = true)]
+async fn settle_waits_on_while_queued_statements_are_answered_one_by_one() {
+    use std::time::Duration;
+
+    use parking_lot::Mutex;
+    use tokio::io::AsyncWriteExt;
+
+    use super::session::{settle, MAX_SETTLE, ORPHAN_GRACE, SETTLE_AFTER_CANCEL};
+    use super::statements::{Record, Tracker};
+
+    let queries = 5;
+    let relayed: Vec<u8> =
+        (0..queries).flat_map(|_| msg(b'Q', b"do $$ begin loop end loop; end $$\0")).collect();
+    let tracker = Mutex::new(Tracker::new());
+    let emit = |_: Record<'_>| {};
+    Scanner::client()
+        .feed(&relayed, |k, c| tracker.lock().client(k, c, &mut &emit))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(tracker.lock().in_flight());
+    let (mut server, mut upstream) = tokio::io::duplex(4096);
+    // Each statement ends (as its cancel stops it) well after the previous one, each gap
+    // shorter than SETTLE_AFTER_CANCEL, all of them together longer.
+    let gap = SETTLE_AFTER_CANCEL - Duration::from_millis(300);
+    let answers = tokio::spawn(async move {
+        tokio::time::sleep(ORPHAN_GRACE).await;
+        for _ in 0..queries {
+            tokio::time::sleep(gap).await;
+            let canceled = [
+                msg(b'E', b"SERROR\0C57014\0Mcanceling statement due to user request\0\0"),
+                msg(b'Z', b"I"),
+            ];
+            server.write_all(&canceled.concat()).await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        server
+    });
+    let on_server = |k: u8, c: Option<&proto::Captured>| tracker.lock().server(k, c, &mut &emit);
+    let started = tokio::time::Instant::now();
+    let mut scan = Scanner::server();
+    let settled = settle(&mut upstream, &mut scan, &on_server, &tracker, None, ORPHAN_GRACE).await;
+    assert!(!settled.unsettled, "gave up with statements queued: {settled:?}");
+    assert!(!tracker.lock().in_flight());
+    let took = started.elapsed();
+    assert!(took >= ORPHAN_GRACE + gap * queries, "{took:?}");
+    assert!(took < ORPHAN_GRACE + MAX_SETTLE, "{took:?}");
+    drop(answers.await);
 }
