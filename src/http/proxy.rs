@@ -536,6 +536,7 @@ pub async fn handle(
     let can_sign_in = sessions.is_some() && !rt.config.login_issuers(&route).is_empty();
     let navigation = can_sign_in && crate::session::is_navigation(req.method(), req.headers());
     let mut set_cookies: Vec<HeaderValue> = Vec::new();
+    let mut session_key = None;
     let mut source = None;
     let identity = match (bearer, sessions.as_deref().filter(|_| has_session)) {
         (Some(_), Some(_)) => {
@@ -579,8 +580,9 @@ pub async fn handle(
         }
         (None, Some(s)) => {
             match Box::pin(s.authenticate(&route, req.headers(), crate::util::unix_now())).await {
-                crate::session::Lookup::Valid { identity, set_cookie } => {
+                crate::session::Lookup::Valid { identity, set_cookie, key } => {
                     set_cookies = set_cookie;
+                    session_key = Some(key);
                     identity
                 }
                 crate::session::Lookup::Invalid { reason, detail, clear } => {
@@ -784,7 +786,8 @@ pub async fn handle(
                         identity.clone(),
                         match source {
                             Some(_) => Credential::Token,
-                            None => Credential::Session,
+                            // No key (never so): a key no list holds, ended at a reload.
+                            None => Credential::Session { key: session_key.unwrap_or_default() },
                         },
                         &rt.config,
                     ),

@@ -139,7 +139,11 @@ impl Grant {
         if *route.name != *self.route || !route.accepts(&identity.issuer) {
             return None;
         }
-        let identity = match self.admission.recheck(&rt.config, crate::util::unix_now()) {
+        let identity = match self.admission.recheck(
+            &rt.config,
+            rt.sessions.as_deref(),
+            crate::util::unix_now(),
+        ) {
             Ok(seen) => seen,
             Err(why) => {
                 tracing::debug!(route = %self.route, %why, "websocket tunnel revoked");

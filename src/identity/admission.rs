@@ -9,7 +9,9 @@
 //! signature and header — is covered by [`Trust`]: a reload that changes where the
 //! issuer's keys come from or how a header is checked ends them, as the verifier then
 //! drops the keys it had. A browser session is admitted again as its cookie would be:
-//! while the issuer still has `login`.
+//! while the issuer still has `login`, the key that sealed the cookie is still in
+//! `[session] keys` (rotating them signs everyone out) and its absolute lifetime, as
+//! reloaded, is not reached.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,8 +24,8 @@ use crate::config::Config;
 pub enum Credential {
     /// A bearer token (`Authorization`, `Proxy-Authorization`, a database password).
     Token,
-    /// A browser session cookie.
-    Session,
+    /// A browser session cookie, sealed with this key of `[session] keys`.
+    Session { key: crate::session::seal::KeyId },
 }
 
 /// An identity and what admitted it.
@@ -63,16 +65,28 @@ impl Admission {
     /// request with the same credential, as far as that can be told without the token:
     /// the identity as `config` sees it (its groups, its end: policies are evaluated on
     /// it), or why not. Route and policy are the caller's to check.
-    pub fn recheck(&self, config: &Config, now: u64) -> Result<Arc<Identity>, String> {
+    pub fn recheck(
+        &self,
+        config: &Config,
+        sessions: Option<&crate::session::Sessions>,
+        now: u64,
+    ) -> Result<Arc<Identity>, String> {
         let name = &self.identity.issuer;
         let Some(issuer) = config.issuer(name.as_str()) else {
             return Err(format!("issuer `{name}` removed"));
         };
         match self.credential {
-            Credential::Session => match config.login(name) {
-                Some(_) => Ok(self.identity.clone()),
-                None => Err(format!("issuer `{name}` no longer has login configured")),
-            },
+            Credential::Session { key } => {
+                if config.login(name).is_none() {
+                    return Err(format!("issuer `{name}` no longer has login configured"));
+                }
+                let Some(sessions) = sessions else {
+                    return Err("browser sessions are no longer configured".into());
+                };
+                let created = self.identity.issued_at.unwrap_or(0);
+                sessions.still_admits(&key, created, now).map_err(str::to_string)?;
+                Ok(self.identity.clone())
+            }
             Credential::Token => {
                 if Some(Trust::of(issuer)) != self.trust {
                     return Err(format!(

@@ -950,7 +950,7 @@ fn revoked(
         return Err(format!("database route `{route}` removed (policy revision {})", rt.revision));
     };
     let identity = admission
-        .recheck(&rt.config, crate::util::unix_now())
+        .recheck(&rt.config, rt.sessions.as_deref(), crate::util::unix_now())
         .map_err(|why| format!("{why} (policy revision {})", rt.revision))?;
     let d = db.policy.evaluate(&identity, &RequestFacts::database(database, role));
     if !d.allowed {

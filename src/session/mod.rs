@@ -122,13 +122,12 @@ pub enum Lookup {
     Valid {
         identity: Arc<Identity>,
         set_cookie: Vec<HeaderValue>,
+        /// The key that sealed the browser's cookie (after `set_cookie`, if any): what
+        /// outlives the request (a WebSocket tunnel) holds while that key is in use.
+        key: seal::KeyId,
     },
     /// A session cookie that cannot be used; `clear` deletes it.
-    Invalid {
-        reason: Reason,
-        detail: &'static str,
-        clear: Vec<HeaderValue>,
-    },
+    Invalid { reason: Reason, detail: &'static str, clear: Vec<HeaderValue> },
 }
 
 /// What an endpoint (`/.portcullis/...`) answered, for the access log.
@@ -346,6 +345,14 @@ impl Sessions {
         &self,
         cookies: &[(&str, &str)],
     ) -> Result<Option<SessionData>, &'static str> {
+        self.open_keyed(cookies).map(|o| o.map(|(data, _)| data))
+    }
+
+    /// [`Sessions::open_session`], and the key that sealed the cookie.
+    fn open_keyed(
+        &self,
+        cookies: &[(&str, &str)],
+    ) -> Result<Option<(SessionData, seal::KeyId)>, &'static str> {
         let sealed = match cookie::read(cookies, &self.settings.cookie_name) {
             None => return Ok(None),
             Some(Err(())) => return Err("duplicate or incomplete session cookie"),
@@ -356,7 +363,28 @@ impl Sessions {
             seal::OpenError::UnknownKey => "session cookie sealed with an unknown key",
             seal::OpenError::Tampered => "session cookie failed authentication",
         })?;
-        serde_json::from_slice(&plain).map(Some).map_err(|_| "session cookie content")
+        let key = Sealer::key_of(&sealed).ok_or("session cookie is malformed")?;
+        let data = serde_json::from_slice(&plain).map_err(|_| "session cookie content")?;
+        Ok(Some((data, key)))
+    }
+
+    /// Whether a browser session opened at `created` and sealed with `key` would still be
+    /// let in by these settings at `now`, as far as that can be told without its cookie:
+    /// its key still in the rotation list (rotating the keys signs everyone out), its
+    /// absolute lifetime not reached. For what outlives the request that admitted it.
+    pub fn still_admits(
+        &self,
+        key: &seal::KeyId,
+        created: u64,
+        now: u64,
+    ) -> Result<(), &'static str> {
+        if !self.sealer.knows(key) {
+            return Err("the session's key is no longer in [session] keys");
+        }
+        if now >= created.saturating_add(self.settings.absolute_lifetime.as_secs()) {
+            return Err("absolute session lifetime reached");
+        }
+        Ok(())
     }
 
     /// The session of a request, checked, refreshed when due, for `route`.
@@ -376,7 +404,7 @@ impl Sessions {
             detail,
             clear: cookie::clear(&cookies, name, self.settings.cookie_domain.as_deref()),
         };
-        let mut data = match self.open_session(&cookies) {
+        let (mut data, mut key) = match self.open_keyed(&cookies) {
             Ok(Some(d)) => d,
             Ok(None) => {
                 return invalid(Reason::SessionInvalid, "session cookie chunks without their head")
@@ -433,9 +461,12 @@ impl Sessions {
             changed = true;
         }
         let set_cookie = if changed {
-            match self.seal_session(&data, &cookies) {
-                Ok(c) => c,
-                Err(_) => return invalid(Reason::SessionInvalid, "cannot re-seal the session"),
+            match (self.seal_session(&data, &cookies), self.sealer.sealing_key()) {
+                (Ok(c), Some(sealed_with)) => {
+                    key = sealed_with;
+                    c
+                }
+                _ => return invalid(Reason::SessionInvalid, "cannot re-seal the session"),
             }
         } else {
             Vec::new()
@@ -444,6 +475,7 @@ impl Sessions {
         Lookup::Valid {
             identity: Arc::new(data.identity(provider.settings.id.clone(), expires_at)),
             set_cookie,
+            key,
         }
     }
 

@@ -12,6 +12,9 @@ use base64::Engine as _;
 
 const VERSION: char = '1';
 const KEY_ID_LEN: usize = 4;
+
+/// Which key of the rotation list sealed a value: the first bytes of the key's SHA-256.
+pub type KeyId = [u8; KEY_ID_LEN];
 const TAG_LEN: usize = 16;
 /// Refuse to decode anything larger (8 chunks of a 4 KB cookie).
 pub const MAX_SEALED_LEN: usize = 32 * 1024;
@@ -103,6 +106,25 @@ impl Sealer {
         id.copy_from_slice(&digest.as_ref()[..KEY_ID_LEN]);
         let key = UnboundKey::new(&AES_256_GCM, raw).map_err(|_| "bad AES-256 key".to_string())?;
         Ok((id, LessSafeKey::new(key)))
+    }
+
+    /// The key that seals (the first).
+    pub fn sealing_key(&self) -> Option<KeyId> {
+        self.keys.first().map(|(id, _)| *id)
+    }
+
+    /// Whether the key `id` is still in the rotation list (so what it sealed opens).
+    pub fn knows(&self, id: &KeyId) -> bool {
+        self.keys.iter().any(|(k, _)| k == id)
+    }
+
+    /// The key that sealed `sealed`, read from its header (not authenticated: what it
+    /// names must still open the value, which [`Sealer::open`] checks).
+    pub fn key_of(sealed: &str) -> Option<KeyId> {
+        let b64 = sealed.strip_prefix(VERSION)?;
+        // 8 base64 characters hold 6 bytes: the key id's 4 and more.
+        let head = URL_SAFE_NO_PAD.decode(b64.get(..8)?).ok()?;
+        head.get(..KEY_ID_LEN)?.try_into().ok()
     }
 
     /// Encrypt and authenticate `plain` with the first key.

@@ -253,18 +253,24 @@ async fn ws_connect_at(
     w: &World,
     path: &str,
     token: Option<&str>,
-) -> Result<
-    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
-    tokio_tungstenite::tungstenite::Error,
-> {
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer.iter().map(|b| ("authorization", b.as_str())).collect();
+    ws_connect_with(w, path, &headers).await
+}
+
+/// [`ws_connect`] to `path` with these request headers (a session cookie).
+pub async fn ws_connect_with(
+    w: &World,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let stream = tls_h1(w).await;
     let mut req = format!("wss://localhost:{}{path}", w.https.port()).into_client_request()?;
-    if let Some(t) = token {
-        req.headers_mut().insert(
-            "authorization",
-            format!("Bearer {t}").parse().unwrap_or_else(|e| panic!("{e:?}")),
-        );
+    for (name, value) in headers {
+        let name = http::HeaderName::from_bytes(name.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        req.headers_mut().insert(name, value.parse().unwrap_or_else(|e| panic!("{e:?}")));
     }
     tokio_tungstenite::client_async(req, stream).await.map(|(ws, resp)| {
         assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
@@ -293,11 +299,11 @@ async fn websocket_is_tunnelled_after_101() {
     );
 }
 
-type Ws =
+pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 /// One message echoed through the tunnel; false once the tunnel is gone.
-async fn echo_once(ws: &mut Ws) -> bool {
+pub async fn echo_once(ws: &mut Ws) -> bool {
     use tokio_tungstenite::tungstenite::Message;
     ws.send(Message::text("hi")).await.is_ok()
         && matches!(
@@ -435,7 +441,7 @@ async fn websocket_tunnels_work_through_the_shutdown_grace_period_then_end() {
 
 /// The `websocket` `close` event of the tunnel opened at `path` (the upgrade's `http`
 /// event gives its request id), once written.
-async fn tunnel_end_event(w: &World, path: &str) -> serde_json::Value {
+pub async fn tunnel_end_event(w: &World, path: &str) -> serde_json::Value {
     for _ in 0..100 {
         let events = w.events();
         let upgrade =

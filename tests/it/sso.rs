@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::{Method, StatusCode};
 use portcullis::config::Config;
 use portcullis::server::{Options, Server};
@@ -282,6 +283,40 @@ async fn rotating_the_session_keys_file_signs_everyone_out_through_the_watcher()
     }
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "the old key still opens sessions");
     assert_eq!(r.json()["error"], "invalid-session");
+}
+
+/// Round 10: a WebSocket a browser session opened ends when a reload takes the key that
+/// sealed its cookie out of `[session] keys` ("rotating the keys signs everyone out"),
+/// as the cookie itself would be refused; a reload that keeps the key keeps it open.
+#[tokio::test]
+async fn rotating_the_session_keys_ends_the_tunnels_their_sessions_opened() {
+    use crate::forwarding::{echo_once, tunnel_end_event, ws_connect_with};
+    let w = World::with(Setup { sso: Some(String::new()), ..Setup::default() }).await;
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let cookie = format!("_portcullis={}", b.session_cookie().cloned().unwrap_or_default());
+    let mut ws = ws_connect_with(&w, "/ws", &[("cookie", &cookie)])
+        .await
+        .unwrap_or_else(|e| panic!("ws with a session: {e}"));
+    assert!(echo_once(&mut ws).await);
+    let keys = w.dir.path().join("session-keys");
+    let old = std::fs::read_to_string(&keys).unwrap_or_default();
+
+    // A new key first in the list, the old one still there: sessions stay signed in.
+    let new = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
+    write(&keys, &format!("{new}\n{old}"));
+    assert!(w.server().reload().await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(echo_once(&mut ws).await, "a reload that keeps the session's key ended its tunnel");
+
+    // The old key dropped: the cookie no longer opens, and the tunnel ends with it.
+    write(&keys, &format!("{new}\n"));
+    assert!(w.server().reload().await);
+    let ended = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert!(ended.is_ok(), "the tunnel outlived the rotation that signed its session out");
+    assert!(!echo_once(&mut ws).await, "the signed-out tunnel still relays");
+    let e = tunnel_end_event(&w, "/ws").await;
+    assert_eq!(e["reason"], "access-revoked", "{e}");
 }
 
 #[tokio::test]
