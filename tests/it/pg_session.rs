@@ -102,6 +102,20 @@ async fn until_ready(t: &mut Conn) -> Vec<(u8, Vec<u8>)> {
     out
 }
 
+/// Reads until the proxy closes the session: the fields of the last error it sent (the
+/// FATAL that ended it).
+async fn last_error_before_close(t: &mut Conn) -> std::collections::BTreeMap<u8, String> {
+    let mut all = Vec::new();
+    while let Some(m) = next(t).await {
+        all.push(m);
+    }
+    all.iter()
+        .rev()
+        .find(|(k, _)| *k == b'E')
+        .map(|(_, b)| parse_fields(b))
+        .unwrap_or_else(|| panic!("no error: {}", kinds(&all)))
+}
+
 fn kinds(m: &[(u8, Vec<u8>)]) -> String {
     m.iter().map(|(k, _)| *k as char).collect()
 }
@@ -159,16 +173,7 @@ async fn a_session_that_leaves_utf8_is_ended_and_what_it_pipelined_is_never_misr
     let attack: &[u8] =
         b"SELECT E'\x81\\' , '\"' ; ALTER ROLE victim PASSWORD 'sekret-r9' ; SELECT '\"' ;";
     send(&mut t, &[query(b"SET client_encoding TO 'SJIS' /* enc-marker */"), query(attack)]).await;
-    let mut all = Vec::new();
-    while let Some(m) = next(&mut t).await {
-        all.push(m);
-    }
-    let fatal = all
-        .iter()
-        .rev()
-        .find(|(k, _)| *k == b'E')
-        .map(|(_, b)| parse_fields(b))
-        .unwrap_or_else(|| panic!("no error: {}", kinds(&all)));
+    let fatal = last_error_before_close(&mut t).await;
     assert_eq!(fatal.get(&b'S').map(String::as_str), Some("FATAL"));
     assert_eq!(fatal.get(&b'C').map(String::as_str), Some("0A000"));
     let msg = fatal.get(&b'M').cloned().unwrap_or_default();
@@ -468,16 +473,7 @@ async fn a_statement_running_when_portcullis_ends_the_session_is_cancelled() {
     let token = w.w.token("bb", &[&format!("exp:={exp}")]);
     let (mut t, _) = login(&w, w.addr, &token, &[("application_name", app)]).await;
     send(&mut t, &[endless_loop(&table, app), endless_loop(&table, app)]).await;
-    let mut all = Vec::new();
-    while let Some(m) = next(&mut t).await {
-        all.push(m);
-    }
-    let fatal = all
-        .iter()
-        .rev()
-        .find(|(k, _)| *k == b'E')
-        .map(|(_, b)| parse_fields(b))
-        .unwrap_or_else(|| panic!("no error: {}", kinds(&all)));
+    let fatal = last_error_before_close(&mut t).await;
     assert_eq!(fatal.get(&b'C').map(String::as_str), Some("57P01"), "{fatal:?}");
     assert!(portcullis::util::unix_now() >= exp);
     assert!(rows(&w, &table) > 0, "the loop ran");
