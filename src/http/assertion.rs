@@ -190,8 +190,8 @@ impl SigningKey {
         let pem = crate::util::read_bounded(path, crate::util::MAX_SECRET_FILE, true)
             .map_err(|e| err(format!("cannot read it: {e}")))?;
         let no_key = || {
-            err("no PKCS#8 `BEGIN PRIVATE KEY` block (a SEC1 `BEGIN EC PRIVATE KEY` \
-                 converts with `openssl pkcs8 -topk8 -nocrypt`)"
+            err("no PKCS#8 private key in the file (a SEC1 EC key, as `openssl ecparam \
+                 -genkey` writes, converts with `openssl pkcs8 -topk8 -nocrypt`)"
                 .into())
         };
         let mut keys = rustls_pki_types::PrivatePkcs8KeyDer::pem_slice_iter(&pem);
@@ -699,7 +699,12 @@ mod tests {
         let b64 = base64::engine::general_purpose::STANDARD.encode(der);
         let lines: Vec<&str> =
             b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap_or_default()).collect();
-        format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+        pem_text(label, &lines.join("\n"))
+    }
+
+    /// A PEM block of `label` around `body` as it is (which need not be base64).
+    fn pem_text(label: &str, body: &str) -> String {
+        format!("-----BEGIN {label}-----\n{body}\n-----END {label}-----\n")
     }
 
     fn settings(key_file: Option<&Path>) -> AssertionSettings {
@@ -891,13 +896,9 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         let sec1 = pem("EC PRIVATE KEY", b"SECRET-MATERIAL-SECRET-MATERIAL");
         let cases = [
-            ("SECRET-MATERIAL".to_string(), "no PKCS#8 `BEGIN PRIVATE KEY` block"),
+            ("SECRET-MATERIAL".to_string(), "no PKCS#8 private key in the file"),
             (sec1, "openssl pkcs8 -topk8"),
-            (
-                "-----BEGIN PRIVATE KEY-----\nSECRET-MATERIAL!!\n-----END PRIVATE KEY-----\n"
-                    .into(),
-                "malformed PEM",
-            ),
+            (pem_text("PRIVATE KEY", "SECRET-MATERIAL!!"), "malformed PEM"),
             (pem("PRIVATE KEY", b"SECRET-MATERIAL"), "not a P-256"),
             (pem("PRIVATE KEY", p384.as_ref()), "not a P-256"),
             (format!("{}{}", p256_pem(), p256_pem()), "more than one private key"),
