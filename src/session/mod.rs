@@ -358,12 +358,12 @@ impl Sessions {
             Some(Err(())) => return Err("duplicate or incomplete session cookie"),
             Some(Ok(s)) => s,
         };
-        let plain = self.sealer.open(Purpose::Session, &sealed).map_err(|e| match e {
-            seal::OpenError::Malformed => "session cookie is malformed",
-            seal::OpenError::UnknownKey => "session cookie sealed with an unknown key",
-            seal::OpenError::Tampered => "session cookie failed authentication",
-        })?;
-        let key = Sealer::key_of(&sealed).ok_or("session cookie is malformed")?;
+        let (plain, key) =
+            self.sealer.open_keyed(Purpose::Session, &sealed).map_err(|e| match e {
+                seal::OpenError::Malformed => "session cookie is malformed",
+                seal::OpenError::UnknownKey => "session cookie sealed with an unknown key",
+                seal::OpenError::Tampered => "session cookie failed authentication",
+            })?;
         let data = serde_json::from_slice(&plain).map_err(|_| "session cookie content")?;
         Ok(Some((data, key)))
     }

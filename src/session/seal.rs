@@ -118,15 +118,6 @@ impl Sealer {
         self.keys.iter().any(|(k, _)| k == id)
     }
 
-    /// The key that sealed `sealed`, read from its header (not authenticated: what it
-    /// names must still open the value, which [`Sealer::open`] checks).
-    pub fn key_of(sealed: &str) -> Option<KeyId> {
-        let b64 = sealed.strip_prefix(VERSION)?;
-        // 8 base64 characters hold 6 bytes: the key id's 4 and more.
-        let head = URL_SAFE_NO_PAD.decode(b64.get(..8)?).ok()?;
-        head.get(..KEY_ID_LEN)?.try_into().ok()
-    }
-
     /// Encrypt and authenticate `plain` with the first key.
     pub fn seal(&self, purpose: Purpose, plain: &[u8]) -> Result<String, String> {
         let (id, key) = self.keys.first().ok_or("no session keys")?;
@@ -151,6 +142,15 @@ impl Sealer {
 
     /// Authenticate and decrypt a value sealed by any key of the list.
     pub fn open(&self, purpose: Purpose, sealed: &str) -> Result<Vec<u8>, OpenError> {
+        self.open_keyed(purpose, sealed).map(|(plain, _)| plain)
+    }
+
+    /// [`Sealer::open`], and which key of the list opened it.
+    pub fn open_keyed(
+        &self,
+        purpose: Purpose,
+        sealed: &str,
+    ) -> Result<(Vec<u8>, KeyId), OpenError> {
         if sealed.len() > MAX_SEALED_LEN {
             return Err(OpenError::Malformed);
         }
@@ -159,11 +159,10 @@ impl Sealer {
         if buf.len() < KEY_ID_LEN + NONCE_LEN + TAG_LEN {
             return Err(OpenError::Malformed);
         }
-        let key = self
+        let (id, key) = self
             .keys
             .iter()
             .find(|(id, _)| buf[..KEY_ID_LEN] == id[..])
-            .map(|(_, k)| k)
             .ok_or(OpenError::UnknownKey)?;
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&buf[KEY_ID_LEN..KEY_ID_LEN + NONCE_LEN]);
@@ -171,7 +170,7 @@ impl Sealer {
         let plain = key
             .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(purpose.aad()), body)
             .map_err(|_| OpenError::Tampered)?;
-        Ok(plain.to_vec())
+        Ok((plain.to_vec(), *id))
     }
 }
 

@@ -53,6 +53,14 @@ fn seal_and_open_with_rotation_and_purpose_binding() -> Result<(), String> {
     assert_eq!(rotated.open(Purpose::Session, &sealed_old).ok(), Some(b"hello".to_vec()));
     let sealed_new = rotated.seal(Purpose::Session, b"hello")?;
     assert_eq!(old.open(Purpose::Session, &sealed_new), Err(seal::OpenError::UnknownKey));
+    // Which key opened a value: what a tunnel's session holds on to across reloads.
+    let key = |s: &Sealer, v: &str| s.open_keyed(Purpose::Session, v).ok().map(|(_, k)| k);
+    assert_eq!(key(&rotated, &sealed_old), old.sealing_key());
+    assert_eq!(key(&rotated, &sealed_new), rotated.sealing_key());
+    assert_ne!(old.sealing_key(), rotated.sealing_key());
+    let dropped = Sealer::from_keys(&[[2; 32]])?;
+    assert!(rotated.knows(&old.sealing_key().unwrap_or_default()));
+    assert!(!dropped.knows(&old.sealing_key().unwrap_or_default()));
     // A login value is not a session value.
     assert_eq!(rotated.open(Purpose::Login, &sealed_new), Err(seal::OpenError::Tampered));
     // Any flipped bit fails.
