@@ -253,15 +253,6 @@ impl AssertionSigner {
         Ok(Self::with_key(Arc::new(SigningKey::generate()?), Vec::new(), issuer, ttl))
     }
 
-    /// A P-256 key from a PKCS#8 PEM file, so replicas can share one key.
-    pub fn from_file(
-        path: &Path,
-        issuer: String,
-        ttl: Duration,
-    ) -> Result<Self, AssertionKeyError> {
-        Ok(Self::with_key(Arc::new(SigningKey::from_file(path)?), Vec::new(), issuer, ttl))
-    }
-
     /// The signer a reload with `settings` brings, at `now` (Unix seconds); `None` when
     /// it would be this one (same key, `issuer` and `ttl`), whose cache then stays.
     ///
