@@ -252,9 +252,9 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
         name: &'static str,
         /// Claims that pin what an outsider cannot choose.
         pins: &'static [&'static str],
-        /// A `ci` field that does the same.
+        /// `ci` fields that do the same.
         ci_pins: &'static [&'static str],
-        /// Where the subject names the branch (`None`: the subject never pins enough).
+        /// Why the branch alone is not enough there, and what to pin (the warning's end).
         why: &'static str,
     }
     const PLATFORMS: [Platform; 2] = [
