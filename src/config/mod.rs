@@ -347,6 +347,12 @@ const SESSION_HEADER_ROOM: usize = 40 * 1024;
 const MAX_HEADER_SIZE: u64 = 1024 * 1024;
 const DEFAULT_BODY_LIMIT: u64 = 10 * 1024 * 1024;
 const MAX_LEEWAY: Duration = Duration::from_secs(300);
+/// The shortest `refresh_cooldown`: an unknown `kid` needs no valid signature, so the
+/// cooldown is all that stands between junk tokens and a JWKS fetch per request (an
+/// unauthenticated amplifier towards the identity provider, which may rate-limit us).
+/// Two fetch timeouts (discovery + JWKS), so waiters queued behind a slow fetch do
+/// not each start another.
+const MIN_REFRESH_COOLDOWN: Duration = Duration::from_secs(10);
 const TOP_LEVEL: &[&str] =
     &["listen", "tls", "server", "assertion", "audit", "session", "issuers", "routes", "databases"];
 
@@ -1025,6 +1031,20 @@ impl Compiler<'_> {
                 self.err(l.span(), "`leeway` is capped at 300s (V19)");
             }
         }
+        let refresh_cooldown = r
+            .refresh_cooldown
+            .as_ref()
+            .and_then(|d| self.duration(d))
+            .unwrap_or(Duration::from_secs(30));
+        if refresh_cooldown < MIN_REFRESH_COOLDOWN {
+            if let Some(c) = &r.refresh_cooldown {
+                self.err(
+                    c.span(),
+                    "`refresh_cooldown` must be at least 10s: every token with an unknown `kid`, \
+                     signed or not, may cost the issuer a JWKS fetch once per cooldown",
+                );
+            }
+        }
         let kind = match &r.kind {
             None => preset.default_kind(),
             Some(k) => match k.get_ref().as_str() {
@@ -1075,11 +1095,7 @@ impl Compiler<'_> {
                 .as_ref()
                 .and_then(|d| self.duration(d))
                 .unwrap_or(Duration::from_secs(24 * 3600)),
-            refresh_cooldown: r
-                .refresh_cooldown
-                .as_ref()
-                .and_then(|d| self.duration(d))
-                .unwrap_or(Duration::from_secs(30)),
+            refresh_cooldown,
         };
         (self.diags.len() == start).then_some(settings)
     }

@@ -249,6 +249,33 @@ timout = "1s"
 }
 
 #[test]
+fn a_refresh_cooldown_under_ten_seconds_is_refused_where_it_is_written() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    for (cooldown, ok) in [("0s", false), ("9s", false), ("10s", true), ("5m", true)] {
+        let text = BASE.replace(
+            "audiences = [\"portcullis\"]",
+            &format!("audiences = [\"portcullis\"]\nrefresh_cooldown = \"{cooldown}\""),
+        );
+        match compile(dir.path(), &text) {
+            Ok(c) => {
+                assert!(ok, "{cooldown} accepted");
+                assert_eq!(
+                    c.issuers[0].refresh_cooldown,
+                    humantime::parse_duration(cooldown).unwrap_or_else(|e| panic!("{e}"))
+                );
+            }
+            Err(errs) => {
+                assert!(!ok, "{cooldown} refused: {errs:?}");
+                assert!(
+                    errs.iter().any(|e| e.starts_with("7:20 ") && e.contains("at least 10s")),
+                    "{errs:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn bitbucket_workspace_ari_alone_is_refused() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let text = BASE.replace(

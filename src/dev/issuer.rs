@@ -43,6 +43,9 @@ pub enum Failure {
     ServerError,
     /// Close the connection without an answer.
     Close,
+    /// Answer normally, after this long (an issuer that is slow or hangs until the
+    /// fetcher's timeout).
+    Slow(std::time::Duration),
 }
 
 /// A request as an extra handler sees it.
@@ -272,7 +275,10 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, CloseOnPurpose> {
     let path = req.uri().path().to_owned();
     if req.method() == Method::GET {
-        if let Some(answer) = serve_issuer(&shared, &path) {
+        if let Some((answer, delay)) = serve_issuer(&shared, &path) {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
             return answer;
         }
     }
@@ -297,11 +303,13 @@ async fn handle(
         .unwrap_or_else(|| plain(StatusCode::NOT_FOUND, "not found")))
 }
 
-/// Discovery or JWKS for a registered issuer path; `None` if `path` is neither.
+/// Discovery or JWKS for a registered issuer path, and how long to wait before
+/// answering; `None` if `path` is neither.
+#[allow(clippy::type_complexity)]
 fn serve_issuer(
     shared: &Shared,
     path: &str,
-) -> Option<Result<Response<Full<Bytes>>, CloseOnPurpose>> {
+) -> Option<(Result<Response<Full<Bytes>>, CloseOnPurpose>, Option<std::time::Duration>)> {
     let (issuer_path, is_discovery) =
         if let Some(p) = path.strip_suffix("/.well-known/openid-configuration") {
             (p, true)
@@ -312,19 +320,20 @@ fn serve_issuer(
     let state = issuers.get(issuer_path)?;
     let counter = if is_discovery { &state.counters.discovery } else { &state.counters.jwks };
     counter.fetch_add(1, Ordering::SeqCst);
-    match state.failure {
-        Failure::None => {}
+    let delay = match state.failure {
+        Failure::None => None,
+        Failure::Slow(d) => Some(d),
         Failure::ServerError => {
-            return Some(Ok(plain(StatusCode::INTERNAL_SERVER_ERROR, "injected failure")))
+            return Some((Ok(plain(StatusCode::INTERNAL_SERVER_ERROR, "injected failure")), None))
         }
-        Failure::Close => return Some(Err(CloseOnPurpose)),
-    }
+        Failure::Close => return Some((Err(CloseOnPurpose), None)),
+    };
     let response = if is_discovery {
         json_response(&discovery_document(state), None)
     } else {
         json_response(&state.jwks, state.cache_control.as_deref())
     };
-    Some(Ok(response))
+    Some((Ok(response), delay))
 }
 
 fn discovery_document(state: &IssuerState) -> Value {

@@ -184,6 +184,10 @@ impl IssuerKeys {
         }
         tracing::debug!(issuer = %self.label, "unknown kid: refreshing JWKS");
         let _ = self.fetch_and_install().await;
+        // The cooldown runs from the end of the fetch too: requests queued on the lock
+        // behind a slow or failed fetch (an issuer that hangs until the timeout) see a
+        // fresh refresh and give up, instead of each starting one more fetch in turn.
+        *self.last_kid_refresh.lock() = Some(Instant::now());
         lookup(self.usable())
     }
 

@@ -971,6 +971,36 @@ async fn unknown_kid_refreshes_once_per_cooldown_even_when_concurrent() {
     assert_eq!(dev.jwks_fetches("/human"), 2);
 }
 
+#[tokio::test]
+async fn requests_queued_behind_a_slow_refresh_do_not_each_fetch_again() {
+    let dev = dev_issuer().await;
+    let k1 = DevSigner::generate_es256("k1").unwrap();
+    let url = dev.add_issuer("/human", &[&k1]);
+    let mut s = dev_settings(&dev, "/human");
+    // A fetch (400 ms) outlasts the cooldown (200 ms), as a hanging issuer's 5 s fetch
+    // timeout outlasts a short cooldown.
+    s.refresh_cooldown = Duration::from_millis(200);
+    let v = Arc::new(Verifier::with_timing(vec![s], fast_timing()).unwrap());
+    v.start();
+    assert!(v.wait_ready(Duration::from_secs(5)).await);
+    let fetched = dev.jwks_fetches("/human");
+
+    // Junk tokens naming kids the issuer never published, all at once, while it is slow.
+    dev.set_failure("/human", Failure::Slow(Duration::from_millis(400)));
+    let junk: Vec<String> = (0..4)
+        .map(|i| token_for(&DevSigner::generate_es256(&format!("junk{i}")).unwrap(), &url))
+        .collect();
+    let started = tokio::time::Instant::now();
+    let results = futures_util::future::join_all(junk.iter().map(|t| reason(&v, t))).await;
+    assert!(results.iter().all(|r| *r == Some(Reason::UnknownKey)), "{results:?}");
+    assert_eq!(
+        dev.jwks_fetches("/human") - fetched,
+        1,
+        "the requests queued behind the fetch see it as the latest, and fetch nothing"
+    );
+    assert!(started.elapsed() < Duration::from_millis(1200), "they waited for one fetch, not four");
+}
+
 /// A verifier of an issuer at `/human` publishing `keys`, whose JWKS it refetches every
 /// 100 ms (`max-age=0`) but never early for an unknown kid; and the issuer's URL.
 async fn refreshing_verifier(dev: &DevIssuer, keys: &[&DevSigner]) -> (Arc<Verifier>, String) {
