@@ -350,9 +350,10 @@ const MAX_LEEWAY: Duration = Duration::from_secs(300);
 /// The shortest `refresh_cooldown`: an unknown `kid` needs no valid signature, so the
 /// cooldown is all that stands between junk tokens and a JWKS fetch per request (an
 /// unauthenticated amplifier towards the identity provider, which may rate-limit us).
-/// Two fetch timeouts (discovery + JWKS), so waiters queued behind a slow fetch do
-/// not each start another.
-const MIN_REFRESH_COOLDOWN: Duration = Duration::from_secs(10);
+/// One second bounds that to one fetch per second per issuer, whatever the request
+/// rate; the cooldown also runs from the end of a fetch, so requests queued behind a
+/// slow one do not each start another.
+const MIN_REFRESH_COOLDOWN: Duration = Duration::from_secs(1);
 const TOP_LEVEL: &[&str] =
     &["listen", "tls", "server", "assertion", "audit", "session", "issuers", "routes", "databases"];
 
@@ -1040,7 +1041,7 @@ impl Compiler<'_> {
             if let Some(c) = &r.refresh_cooldown {
                 self.err(
                     c.span(),
-                    "`refresh_cooldown` must be at least 10s: every token with an unknown `kid`, \
+                    "`refresh_cooldown` must be at least 1s: every token with an unknown `kid`, \
                      signed or not, may cost the issuer a JWKS fetch once per cooldown",
                 );
             }
