@@ -988,7 +988,7 @@ async fn requests_queued_behind_a_slow_refresh_do_not_each_fetch_again() {
     // Junk tokens naming kids the issuer never published, all at once, while it is slow.
     dev.set_failure("/human", Failure::Slow(Duration::from_millis(400)));
     let junk: Vec<String> = (0..4)
-        .map(|i| token_for(&DevSigner::generate_es256(&format!("junk{i}")).unwrap(), &url))
+        .map(|i| token_for(&DevSigner::generate_es256(format!("junk{i}")).unwrap(), &url))
         .collect();
     let started = tokio::time::Instant::now();
     let results = futures_util::future::join_all(junk.iter().map(|t| reason(&v, t))).await;

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::git;
-use super::snapshot::{RouteView, Snapshot, TestSet, Tree};
+use super::snapshot::{RouteView, Settings, Snapshot, TestSet, Tree};
 use super::who::bullet;
 use super::{Format, Report, EXIT_OK};
 use crate::policy::{rule_covers, Decision, Effect, Policy, Rule, RuleSummary, TestCase};
@@ -83,8 +83,33 @@ pub struct RouteDiff {
     /// listen address, upstream or upstream roles).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub match_changed: Option<(String, String)>,
+    /// Other settings of the route that may change access or what the upstream is
+    /// told (`upstream`, `issuers`, `preserve_host`, `forward_token`, …).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub settings_changed: Vec<SettingChange>,
     pub rules: Vec<RuleChange>,
     pub flipped_tests: Vec<Flip>,
+}
+
+/// One setting of a route or an issuer, as written on each side (compact JSON; `None`
+/// where the key is absent, so its default applies).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SettingChange {
+    pub setting: String,
+    pub before: Option<String>,
+    pub after: Option<String>,
+}
+
+/// An issuer whose settings changed: every rule naming it now admits other tokens,
+/// though no policy file changed.
+#[derive(Debug, Clone, Serialize)]
+pub struct IssuerDiff {
+    pub issuer: String,
+    /// `added`, `removed` or `changed`.
+    pub status: &'static str,
+    pub settings_changed: Vec<SettingChange>,
+    /// The routes whose policies have a rule naming the issuer (on either side).
+    pub routes: Vec<String>,
 }
 
 /// The whole comparison.
@@ -92,7 +117,67 @@ pub struct RouteDiff {
 pub struct PolicyDiff {
     pub from: String,
     pub to: String,
+    /// Issuers added, removed or changed, listed before the routes they affect.
+    pub issuers: Vec<IssuerDiff>,
     pub routes: Vec<RouteDiff>,
+}
+
+impl PolicyDiff {
+    /// Nothing that may change access differs.
+    pub fn is_empty(&self) -> bool {
+        self.issuers.is_empty() && self.routes.is_empty()
+    }
+}
+
+/// The settings whose values differ between `before` and `after`, by key.
+fn setting_changes(before: &Settings, after: &Settings) -> Vec<SettingChange> {
+    let mut keys: Vec<&String> = before.keys().chain(after.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| before.get(*k) != after.get(*k))
+        .map(|k| SettingChange {
+            setting: k.clone(),
+            before: before.get(k).cloned(),
+            after: after.get(k).cloned(),
+        })
+        .collect()
+}
+
+/// Issuers whose access-relevant settings differ, with the routes whose rules name them.
+fn issuer_changes(old: &Snapshot, new: &Snapshot) -> Vec<IssuerDiff> {
+    let empty = Settings::new();
+    let mut names: Vec<&String> = old.issuers.keys().chain(new.issuers.keys()).collect();
+    names.sort();
+    names.dedup();
+    let mut out = Vec::new();
+    for name in names {
+        let (b, a) = (old.issuers.get(name), new.issuers.get(name));
+        let status = match (b, a) {
+            (None, Some(_)) => "added",
+            (Some(_), None) => "removed",
+            _ => "changed",
+        };
+        let settings_changed = setting_changes(b.unwrap_or(&empty), a.unwrap_or(&empty));
+        if settings_changed.is_empty() && status == "changed" {
+            continue;
+        }
+        let mut routes: Vec<String> = old
+            .routes
+            .iter()
+            .chain(&new.routes)
+            .filter(|r| {
+                std::iter::once(&r.policy).chain(&r.shadow).any(|p| {
+                    p.rules().iter().any(|rule| rule.issuers().iter().any(|i| i.as_str() == name))
+                })
+            })
+            .map(|r| r.name.clone())
+            .collect();
+        routes.sort();
+        routes.dedup();
+        out.push(IssuerDiff { issuer: name.clone(), status, settings_changed, routes });
+    }
+    out
 }
 
 pub fn run(args: &DiffArgs) -> Report {
@@ -161,6 +246,7 @@ pub fn compare(
                 policy_before: None,
                 policy_after: Some(n.policy.file().to_path_buf()),
                 match_changed: None,
+                settings_changed: Vec::new(),
                 rules: rule_changes(None, Some(&n.policy), old, new),
                 flipped_tests: Vec::new(),
             },
@@ -171,6 +257,7 @@ pub fn compare(
                 policy_before: Some(o.policy.file().to_path_buf()),
                 policy_after: None,
                 match_changed: None,
+                settings_changed: Vec::new(),
                 rules: rule_changes(Some(&o.policy), None, old, new),
                 flipped_tests: Vec::new(),
             },
@@ -180,9 +267,11 @@ pub fn compare(
                 let match_changed =
                     (o.describe() != n.describe()).then(|| (o.describe(), n.describe()));
                 let renamed = o.policy.file() != n.policy.file();
+                let settings_changed = setting_changes(&o.settings, &n.settings);
                 if rules.is_empty()
                     && flipped_tests.is_empty()
                     && match_changed.is_none()
+                    && settings_changed.is_empty()
                     && !renamed
                 {
                     continue;
@@ -194,6 +283,7 @@ pub fn compare(
                     policy_before: Some(o.policy.file().to_path_buf()),
                     policy_after: Some(n.policy.file().to_path_buf()),
                     match_changed,
+                    settings_changed,
                     rules,
                     flipped_tests,
                 }
@@ -202,7 +292,8 @@ pub fn compare(
         };
         routes.push(d);
     }
-    PolicyDiff { from: old.label.clone(), to: new.label.clone(), routes }
+    let issuers = issuer_changes(old, new);
+    PolicyDiff { from: old.label.clone(), to: new.label.clone(), issuers, routes }
 }
 
 fn rule_changes(
@@ -387,9 +478,19 @@ pub fn render(d: &PolicyDiff, format: Format) -> String {
 fn text(d: &PolicyDiff) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "policy access changes: {} -> {}", d.from, d.to);
-    if d.routes.is_empty() {
+    if d.is_empty() {
         let _ = writeln!(o, "no access changes");
         return o;
+    }
+    for i in &d.issuers {
+        let _ = writeln!(o, "\nissuer `{}` ({})", i.issuer, i.status);
+        if !i.routes.is_empty() {
+            let names: Vec<String> = i.routes.iter().map(|r| format!("`{r}`")).collect();
+            let _ = writeln!(o, "  named by the rules of: {}", names.join(", "));
+        }
+        for c in &i.settings_changed {
+            let _ = writeln!(o, "  {}", setting_line(c));
+        }
     }
     for r in &d.routes {
         let _ = writeln!(o, "\n{} `{}` ({})", route_word(r), r.route, r.status);
@@ -400,6 +501,9 @@ fn text(d: &PolicyDiff) -> String {
         }
         if let Some((b, a)) = &r.match_changed {
             let _ = writeln!(o, "  route match changed: {b} -> {a}");
+        }
+        for c in &r.settings_changed {
+            let _ = writeln!(o, "  setting {}", setting_line(c));
         }
         for (access, title) in [
             (Access::Gained, "access gained"),
@@ -433,6 +537,34 @@ fn text(d: &PolicyDiff) -> String {
         }
     }
     o
+}
+
+/// `upstream: "http://a" -> "http://b"`; an absent key reads `(not set)`.
+fn setting_line(c: &SettingChange) -> String {
+    let side = |v: &Option<String>| v.clone().unwrap_or_else(|| "(not set)".into());
+    format!("{}: {} -> {}", c.setting, side(&c.before), side(&c.after))
+}
+
+/// Text from a configuration file, safe in a Markdown table cell: it opens no HTML
+/// (`<!--` would hide the rest of the comment), no code span and no new cell.
+fn md_cell(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('|', "\\|")
+        .replace('`', "&#96;")
+        .replace(['\n', '\r'], " ")
+}
+
+fn md_settings(o: &mut String, changes: &[SettingChange]) {
+    let _ = writeln!(o, "| setting | before | after |");
+    let _ = writeln!(o, "|---|---|---|");
+    for c in changes {
+        let side = |v: &Option<String>| v.as_deref().map_or("*(not set)*".to_string(), md_cell);
+        let _ =
+            writeln!(o, "| {} | {} | {} |", md_cell(&c.setting), side(&c.before), side(&c.after));
+    }
+    let _ = writeln!(o);
 }
 
 fn change_line(c: &RuleChange, md: bool) -> String {
@@ -471,9 +603,21 @@ fn change_line(c: &RuleChange, md: bool) -> String {
 fn markdown(d: &PolicyDiff) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "## Policy access changes: `{}` → `{}`\n", d.from, d.to);
-    if d.routes.is_empty() {
+    if d.is_empty() {
         let _ = writeln!(o, "No access changes.");
         return o;
+    }
+    for i in &d.issuers {
+        let _ = writeln!(o, "### Issuer `{}` ({})\n", md_cell(&i.issuer), i.status);
+        if !i.routes.is_empty() {
+            let names: Vec<String> = i.routes.iter().map(|r| format!("`{}`", md_cell(r))).collect();
+            let _ = writeln!(
+                o,
+                ":warning: Every rule naming this issuer admits whatever it now accepts. Named by the rules of: {}\n",
+                names.join(", ")
+            );
+        }
+        md_settings(&mut o, &i.settings_changed);
     }
     for r in &d.routes {
         let title = if r.kind == "database" { "Database route" } else { "Route" };
@@ -485,6 +629,10 @@ fn markdown(d: &PolicyDiff) -> String {
         }
         if let Some((b, a)) = &r.match_changed {
             let _ = writeln!(o, "Route match changed: {b} → {a}\n");
+        }
+        if !r.settings_changed.is_empty() {
+            let _ = writeln!(o, "**Route settings changed**\n");
+            md_settings(&mut o, &r.settings_changed);
         }
         for (access, title) in [
             (Access::Gained, ":unlock: **Access gained**"),

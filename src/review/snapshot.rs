@@ -24,6 +24,61 @@ pub struct Snapshot {
     /// HTTP routes in routing order (most specific host, then longest prefix, then
     /// file order), then PostgreSQL routes (`[[databases]]`) in file order.
     pub routes: Vec<RouteView>,
+    /// Each issuer's settings that decide whose tokens it accepts, by issuer name (read
+    /// by [`Snapshot::load`] for `policy diff`; empty from [`Snapshot::from_config`]).
+    pub issuers: BTreeMap<String, Settings>,
+}
+
+/// Settings of an issuer or a route as written, by key, each value rendered as
+/// compact JSON (`"https://idp"`, `["a","b"]`, `true`); a key absent is not listed.
+/// Only keys that may change who gets access or what the upstream is told: the
+/// ones that only tune availability (timeouts, cache lifetimes, body limits) are
+/// left out, and every key not known to be harmless is kept, so a setting added
+/// later is reported until it is classified.
+pub type Settings = BTreeMap<String, String>;
+
+/// Keys that tune availability or limits only, never who gets in.
+const NOT_ACCESS: &[&str] = &[
+    // issuers
+    "stale_window",
+    "refresh_cooldown",
+    // routes and databases
+    "timeout",
+    "connect_timeout",
+    "startup_timeout",
+    "max_request_body",
+    "max_session",
+];
+
+/// The settings in `rest` (the keys a snapshot does not read otherwise) that may
+/// change access. A value under a key naming a secret is never shown, only whether
+/// it changed (a secret must not reach a pull-request comment, even one an old
+/// revision committed by mistake).
+fn access_settings(rest: &BTreeMap<String, toml::Value>) -> Settings {
+    rest.iter()
+        .filter(|(k, _)| !NOT_ACCESS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), render_value(k, v)))
+        .collect()
+}
+
+fn render_value(key: &str, v: &toml::Value) -> String {
+    let secret = |k: &str| k.contains("secret") || k.contains("password");
+    match v {
+        toml::Value::Table(t) => {
+            let parts: Vec<String> =
+                t.iter().map(|(k, v)| format!("{}={}", k, render_value(k, v))).collect();
+            format!("{{{}}}", parts.join(", "))
+        }
+        // The digest tells a change apart without showing the value.
+        _ if secret(key) => {
+            let digest = crate::util::sha256(v.to_string().as_bytes());
+            format!(
+                "(hidden, {:02x}{:02x}{:02x}{:02x})",
+                digest[0], digest[1], digest[2], digest[3]
+            )
+        }
+        _ => serde_json::to_string(v).unwrap_or_else(|_| v.to_string()),
+    }
 }
 
 /// One route, as far as access is concerned.
@@ -40,6 +95,10 @@ pub struct RouteView {
     /// Set for a PostgreSQL route (`[[databases]]`); `host`, `path_prefix` and
     /// `methods` are then empty and meaningless.
     pub database: Option<DatabaseView>,
+    /// The route's other settings that may change access or what the upstream is
+    /// told (`upstream`, `issuers`, `preserve_host`, `forward_token`, `upstream_tls`,
+    /// …); read by [`Snapshot::load`] only.
+    pub settings: Settings,
 }
 
 /// What a PostgreSQL route adds to a [`RouteView`].
@@ -136,6 +195,7 @@ impl Snapshot {
                 policy: r.policy.clone(),
                 shadow: r.shadow_policy.clone(),
                 database: None,
+                settings: Settings::new(),
             })
             .chain(config.databases.iter().map(|d| {
                 RouteView::database(
@@ -150,7 +210,7 @@ impl Snapshot {
                 )
             }))
             .collect();
-        Snapshot { label: "working tree".into(), catalog, routes }
+        Snapshot { label: "working tree".into(), catalog, routes, issuers: BTreeMap::new() }
     }
 
     /// Reads the configuration at `config` (relative to `tree.root`) and every policy
@@ -177,6 +237,17 @@ impl Snapshot {
             };
             catalog.issuers.insert(name.clone(), preset);
         }
+        let issuers = raw
+            .issuers
+            .iter()
+            .map(|(name, i)| {
+                let mut settings = access_settings(&i.rest);
+                if let Some(p) = &i.preset {
+                    settings.insert("preset".into(), render_value("preset", &p.clone().into()));
+                }
+                (name.clone(), settings)
+            })
+            .collect();
         let base = config.parent().map(Path::to_path_buf).unwrap_or_default();
         let policy_dir = base.join(raw.server.policy_dir.as_deref().unwrap_or("policies"));
         let mut compiled: BTreeMap<PathBuf, Option<Arc<Policy>>> = BTreeMap::new();
@@ -225,6 +296,7 @@ impl Snapshot {
                 policy,
                 shadow,
                 database: None,
+                settings: access_settings(&r.rest),
             };
             routes.push((order, view));
         }
@@ -241,7 +313,9 @@ impl Snapshot {
                 upstream_user: d.upstream_user.clone(),
                 upstream_roles: d.upstream_roles.keys().cloned().collect(),
             };
-            databases.push(RouteView::database(d.name.clone(), policy, view));
+            let mut route = RouteView::database(d.name.clone(), policy, view);
+            route.settings = access_settings(&d.rest);
+            databases.push(route);
         }
         if !problems.is_empty() {
             return Err(problems);
@@ -259,7 +333,7 @@ impl Snapshot {
             ))
         });
         let routes = routes.into_iter().map(|(_, r)| r).chain(databases).collect();
-        Ok(Snapshot { label, catalog, routes })
+        Ok(Snapshot { label, catalog, routes, issuers })
     }
 
     /// The route named `name`: an HTTP route first, else a PostgreSQL route.
@@ -379,6 +453,7 @@ impl RouteView {
             policy,
             shadow: None,
             database: Some(view),
+            settings: Settings::new(),
         }
     }
 
@@ -463,6 +538,8 @@ struct LenientDatabase {
     #[serde(default)]
     upstream_roles: BTreeMap<String, toml::Value>,
     policy: String,
+    #[serde(flatten)]
+    rest: BTreeMap<String, toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -473,6 +550,8 @@ struct LenientServer {
 #[derive(Debug, Deserialize)]
 struct LenientIssuer {
     preset: Option<String>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -482,6 +561,8 @@ struct LenientRoute {
     matcher: LenientMatch,
     policy: String,
     shadow_policy: Option<String>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -545,6 +545,75 @@ fn changes(d: &diff::PolicyDiff) -> Vec<(String, Access, &'static str, String)> 
         .collect()
 }
 
+/// A pull request that edits only `portcullis.toml` can widen access as surely as one
+/// that edits a policy: re-point an issuer, add an audience, read groups from another
+/// claim, move a route to another upstream. Each is reported, naming the routes whose
+/// rules trust the issuer; timeouts and cache settings are not access.
+#[test]
+fn diff_reports_issuer_and_route_settings_that_change_access() {
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+
+    let moved = CONFIG
+        .replace("issuer = \"https://idp.example.com\"\naudiences = [\"portcullis\"]", "issuer = \"https://idp.attacker.example\"\naudiences = [\"portcullis\", \"other-app\"]\ngroups_claim = \"nickname\"\nrefresh_cooldown = \"5m\"")
+        .replace("upstream = \"http://127.0.0.1:1\"", "upstream = \"http://admin-backend:8080\"\nforward_token = true\ntimeout = \"90s\"");
+    write(&cfg, &moved);
+    let c2 = commit(root, "re-point corp, move api");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    assert!(!d.is_empty());
+    assert_eq!(d.issuers.len(), 1, "{:?}", d.issuers);
+    let corp = &d.issuers[0];
+    assert_eq!((corp.issuer.as_str(), corp.status), ("corp", "changed"));
+    assert_eq!(corp.routes, vec!["api".to_string()], "the rule `engineers` names corp");
+    let settings: Vec<&str> = corp.settings_changed.iter().map(|c| c.setting.as_str()).collect();
+    assert_eq!(settings, ["audiences", "groups_claim", "issuer"], "refresh_cooldown is not access");
+    assert_eq!(corp.settings_changed[1].before, None);
+    assert_eq!(corp.settings_changed[1].after.as_deref(), Some("\"nickname\""));
+    assert_eq!(d.routes.len(), 1, "{:?}", d.routes);
+    let api = &d.routes[0];
+    assert!(api.rules.is_empty());
+    let settings: Vec<(&str, Option<&str>)> =
+        api.settings_changed.iter().map(|c| (c.setting.as_str(), c.after.as_deref())).collect();
+    assert_eq!(
+        settings,
+        [("forward_token", Some("true")), ("upstream", Some("\"http://admin-backend:8080\""))],
+        "timeout is not access"
+    );
+    let text = diff::render(&d, Format::Text);
+    assert!(text.contains("issuer `corp` (changed)"), "{text}");
+    assert!(
+        text.contains("issuer: \"https://idp.example.com\" -> \"https://idp.attacker.example\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("setting upstream: \"http://127.0.0.1:1\" -> \"http://admin-backend:8080\""),
+        "{text}"
+    );
+    let md = diff::render(&d, Format::Markdown);
+    assert!(!md.contains("No access changes"), "{md}");
+    assert!(md.contains("### Issuer `corp` (changed)"), "{md}");
+    assert!(md.contains("| groups_claim | *(not set)* | \"nickname\" |"), "{md}");
+
+    // A secret-looking value is never shown, only that it changed; Markdown cells
+    // cannot open HTML or a new cell.
+    let secret = moved.replace(
+        "groups_claim = \"nickname\"",
+        "groups_claim = \"a|b<!--\"\nlogin = { client_id = \"x\", client_secret = \"hunter2\" }",
+    );
+    write(&cfg, &secret);
+    let c3 = commit(root, "secret");
+    let d = diff_of(&cfg, Some(&c2), Some(&c3));
+    let md = diff::render(&d, Format::Markdown);
+    assert!(!md.contains("hunter2") && !md.contains("<!--") && md.contains("a\\|b&lt;!--"), "{md}");
+    assert!(md.contains("client_secret=(hidden, "), "{md}");
+
+    // Unchanged settings: nothing to report.
+    assert!(diff_of(&cfg, Some(&c3), Some(&c3)).is_empty());
+}
+
 #[test]
 fn diff_follows_real_commits() {
     let (dir, cfg) = setup(API);
