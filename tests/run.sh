@@ -14,6 +14,11 @@ cargo fmt --all -- --check
 echo "== lint"
 cargo clippy --all-targets --locked -- -D warnings
 
+echo "== docs"
+# Broken or private intra-doc links are errors (the crate's docs are its architecture
+# notes); no dependency docs are built.
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --quiet
+
 echo "== tests"
 # Interop tests must not skip here: the setup above installed what they need.
 export PORTCULLIS_REQUIRE_INTEROP=1

@@ -326,7 +326,7 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 
 /// serde_json's compact output, except that characters which show as nothing, as a
 /// plain space, or reorder what follows are written as `\uXXXX` escapes: exactly those
-/// the policy loader refuses ([`crate::policy::is_hidden`]: C1 controls and DEL, bidi
+/// the policy loader refuses (`crate::policy::is_hidden`: C1 controls and DEL, bidi
 /// marks, embeddings, overrides and isolates (Trojan Source), every default-ignorable
 /// character, the line and paragraph separators, non-ASCII spaces, U+2800). A claim (a branch name, an email) holding one would otherwise read in a
 /// terminal or log viewer as something it is not. Still valid JSON with the same value.
@@ -617,12 +617,12 @@ pub enum AuditStatus {
     Ok,
     /// The last write to the output failed (full disk, closed pipe); retrying.
     Failing,
-    /// Attributed events were dropped in the last [`DROP_WINDOW`] (the queue was full).
+    /// Attributed events were dropped in the last `DROP_WINDOW` (the queue was full).
     /// `/readyz` only: the gate acts on the present state.
     Dropping,
-    /// The output has taken nothing for [`STALL`] (nobody reads the pipe).
+    /// The output has taken nothing for `STALL` (nobody reads the pipe).
     Stalled,
-    /// The queue is within [`headroom`] of its cap.
+    /// The queue is within `headroom` of its cap.
     Full,
 }
 

@@ -6,7 +6,7 @@
 //! Signing costs tens of microseconds, so an assertion is reused on a route until half
 //! its lifetime has passed, for the same verified token and for any other token that
 //! says the same thing upstream (same issuer, subject, kind, verified email, groups and
-//! CI context: [`forwards_the_same`]), as long as it does not outlive that token. A
+//! CI context: `forwards_the_same`), as long as it does not outlive that token. A
 //! pipeline's repeated calls, and a job minting a fresh token per call, pay for one
 //! signature, not one per request. The plain identity headers are cached in the same
 //! entry ([`Forward`]), so a repeated call percent-encodes nothing either.

@@ -14,7 +14,7 @@ use super::Identity;
 use crate::bounded::BoundedMap;
 
 /// Bounded so a flood of distinct valid tokens cannot grow memory without limit; each
-/// insert into a full cache evicts a few old entries ([`BoundedMap`]), never a bulk.
+/// insert into a full cache evicts a few old entries (`BoundedMap`), never a bulk.
 pub const DEFAULT_CAPACITY: usize = 65_536;
 
 pub(crate) type TokenHash = [u8; 32];

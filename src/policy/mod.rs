@@ -10,7 +10,7 @@
 //!   match, denies with one still apply (fail closed), and a request that only such an
 //!   allow would have let through is denied with [`Reason::GroupsUnknown`].
 //!
-//! Loading goes [`raw`] (serde, spans) → [`compile`] (typed rules) → [`lint`]; every
+//! Loading goes [`raw`] (serde, spans) → `compile` (typed rules) → [`lint`]; every
 //! problem of all three stages is reported at once. Evaluation compares precompiled
 //! values only and allocates nothing beyond the `Arc` clone of the deciding rule.
 

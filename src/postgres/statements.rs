@@ -4,7 +4,7 @@
 //! a syntax error) or skip it (after an earlier error, until Sync). So the name → text map
 //! follows the server's answers, which come in the order of the client's messages:
 //!
-//! - every client message the server answers is queued ([`Pending`]) when it is relayed;
+//! - every client message the server answers is queued (`Pending`) when it is relayed;
 //! - ParseComplete (`1`) makes the front Parse known (replacing a statement of that name:
 //!   the server accepted it, so the old one was gone, e.g. after a `DEALLOCATE`);
 //!   CloseComplete (`3`) forgets a closed statement;

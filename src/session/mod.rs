@@ -536,7 +536,7 @@ impl Sessions {
 
     /// Start a sign-in with `issuer`: a sealed login cookie and a 302 to the provider,
     /// ending the oldest sign-ins in progress the request carries (`headers`) beyond
-    /// [`MAX_PENDING_LOGINS`].
+    /// `MAX_PENDING_LOGINS`.
     pub async fn start_login(
         &self,
         issuer: &IssuerId,

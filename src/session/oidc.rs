@@ -195,10 +195,10 @@ impl Provider {
             .map_err(|_| HttpError("provider did not answer in time".into()))?
     }
 
-    /// Discovery + JWKS, cached for [`METADATA_TTL`]; `force` fetches again (an unknown
+    /// Discovery + JWKS, cached for `METADATA_TTL`; `force` fetches again (an unknown
     /// signing key: the provider rotated). One fetch at a time; after a failure, the
-    /// failure (or the previous metadata, up to [`METADATA_MAX_STALE`] old) is returned
-    /// without fetching for [`METADATA_RETRY`].
+    /// failure (or the previous metadata, up to `METADATA_MAX_STALE` old) is returned
+    /// without fetching for `METADATA_RETRY`.
     pub async fn metadata(&self, force: bool) -> Result<Arc<Metadata>, LoginError> {
         let mut slot = self.metadata.lock().await;
         let stale = match &slot.current {
