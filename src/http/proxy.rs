@@ -800,6 +800,7 @@ pub async fn handle(
                     client_addr: conn.peer_text.clone(),
                     tls: conn.tls.clone(),
                     upstream: route.upstream.display.clone(),
+                    revoked_because: Default::default(),
                 };
                 // The tunnel keeps the connection's `max_connections` slot.
                 let slot = conn.activity.clone();

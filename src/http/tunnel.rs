@@ -74,6 +74,8 @@ pub struct Grant {
     pub client_addr: Arc<str>,
     pub tls: Option<Arc<TlsInfo>>,
     pub upstream: Arc<str>,
+    /// Why a reload ended the tunnel, for its `close` event's `detail`.
+    pub revoked_because: parking_lot::Mutex<Option<String>>,
 }
 
 impl Grant {
@@ -110,8 +112,12 @@ impl Grant {
             if current != seen {
                 seen = current;
                 match self.still_allowed() {
-                    Some(now_ends) => expires_at = expires_at.min(now_ends),
-                    None => return End::AccessRevoked,
+                    Ok(now_ends) => expires_at = expires_at.min(now_ends),
+                    Err(why) => {
+                        tracing::debug!(route = %self.route, %why, "websocket tunnel revoked");
+                        *self.revoked_because.lock() = Some(why);
+                        return End::AccessRevoked;
+                    }
                 }
             }
             let left = expires_at.saturating_sub(crate::util::unix_now());
@@ -131,32 +137,47 @@ impl Grant {
     /// would be: routed by host, path and method to the same route (not another, more
     /// specific one, and not to none), which accepts the issuer, whose checks the
     /// credential still passes ([`crate::identity::Admission::recheck`]) and whose
-    /// policy allows. When it is still allowed: when the credential ends now.
-    fn still_allowed(&self) -> Option<u64> {
+    /// policy allows. When it is still allowed: when the credential ends now; when it
+    /// is not: why (for the log and the `close` event).
+    fn still_allowed(&self) -> Result<u64, String> {
         let rt = self.shared.runtime.load();
-        let route = rt.config.route(&self.host, &self.path, &self.method)?;
-        let identity = self.admission.identity.clone();
-        if *route.name != *self.route || !route.accepts(&identity.issuer) {
-            return None;
-        }
-        let identity = match self.admission.recheck(
-            &rt.config,
-            rt.sessions.as_deref(),
-            crate::util::unix_now(),
-        ) {
-            Ok(seen) => seen,
-            Err(why) => {
-                tracing::debug!(route = %self.route, %why, "websocket tunnel revoked");
-                return None;
-            }
+        let Some(route) = rt.config.route(&self.host, &self.path, &self.method) else {
+            return Err(format!(
+                "no route for the upgrade request since the reload (was `{}`)",
+                self.route
+            ));
         };
+        let identity = self.admission.identity.clone();
+        if *route.name != *self.route {
+            return Err(format!(
+                "the upgrade request goes to route `{}` since the reload (was `{}`)",
+                route.name, self.route
+            ));
+        }
+        if !route.accepts(&identity.issuer) {
+            return Err(format!(
+                "route `{}` no longer accepts issuer `{}`",
+                route.name, identity.issuer
+            ));
+        }
+        let identity =
+            self.admission.recheck(&rt.config, rt.sessions.as_deref(), crate::util::unix_now())?;
         let facts = crate::policy::RequestFacts {
             method: &self.method,
             path: &self.path,
             database: None,
             role: None,
         };
-        route.policy.evaluate(&identity, &facts).allowed.then_some(identity.expires_at)
+        let decision = route.policy.evaluate(&identity, &facts);
+        if decision.allowed {
+            return Ok(identity.expires_at);
+        }
+        Err(match &decision.rule {
+            Some(r) => {
+                format!("{} by rule `{}` ({}:{})", decision.reason, r.id, r.file.display(), r.line)
+            }
+            None => format!("{} (no rule allows it)", decision.reason),
+        })
     }
 
     /// The tunnel's end event: one per tunnel, after the upgrade's `http` event (same
@@ -166,6 +187,7 @@ impl Grant {
         let path = &self.path[..crate::audit::bounded_len(&self.path)];
         let revision = self.shared.runtime.load().revision.clone();
         let (identity, ci) = self.admission.identity.audit_fields();
+        let detail = self.revoked_because.lock().take();
         self.shared.sink.emit(&TunnelEvent {
             ts: crate::audit::now_rfc3339(),
             kind: "websocket",
@@ -179,6 +201,7 @@ impl Grant {
             upstream: &self.upstream,
             decision: if relayed.end == End::Closed { "closed" } else { "terminated" },
             reason: relayed.end.label(),
+            detail: detail.as_deref(),
             policy_revision: &revision,
             identity,
             ci,
@@ -209,6 +232,10 @@ pub struct TunnelEvent<'a> {
     /// [`End::label`]: `closed`, `idle`, `credential-expired`, `access-revoked`,
     /// `shutdown`.
     pub reason: &'static str,
+    /// Why a reload revoked the access (`access-revoked`): the route it goes to now,
+    /// the issuer check or the rule that denies it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'a str>,
     /// The revision in force when the tunnel ended.
     pub policy_revision: &'a str,
     pub identity: &'a RawValue,

@@ -383,6 +383,11 @@ async fn a_reload_that_revokes_access_ends_open_websocket_tunnels_and_only_those
     assert!(echo_once(&mut gh).await, "the still-allowed tunnel was ended");
     assert_eq!(tunnel_ends(&w).await, ["access-revoked"]);
     assert!(tunnels_closed(&w, "access-revoked").await >= 1);
+    // The event says why: the default deny, as no rule allows Bitbucket any more.
+    let e = tunnel_end_event(&w, "/ws").await;
+    assert_eq!(e["detail"], "policy-denied (no rule allows it)", "{e}");
+    let open = w.events().into_iter().filter(|e| e["kind"] == "websocket").count();
+    assert_eq!(open, 1, "one close event, for the revoked tunnel only");
 }
 
 /// The configuration with every issuer's `audiences` replaced by `audiences`, and the
@@ -420,6 +425,8 @@ async fn a_reload_that_stops_trusting_a_tunnels_token_ends_the_tunnel() {
     assert!(!echo_once(&mut ws).await, "the untrusted tunnel still relays");
     let e = tunnel_end_event(&w, "/ws").await;
     assert_eq!(e["reason"], "access-revoked", "{e}");
+    let detail = e["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("audience-mismatch") && detail.contains("as reloaded"), "{e}");
 }
 
 #[tokio::test]
@@ -499,6 +506,10 @@ async fn a_reload_that_routes_a_tunnels_path_elsewhere_or_nowhere_ends_the_tunne
     assert_eq!(
         (e["reason"].as_str(), e["route"].as_str()),
         (Some("access-revoked"), Some("api")),
+        "{e}"
+    );
+    assert_eq!(
+        e["detail"], "the upgrade request goes to route `secret` since the reload (was `api`)",
         "{e}"
     );
 
