@@ -246,7 +246,8 @@ pub fn compare(
                 policy_before: None,
                 policy_after: Some(n.policy.file().to_path_buf()),
                 match_changed: None,
-                settings_changed: Vec::new(),
+                // What the new route is set to do (`forward_token`, its upstream, …).
+                settings_changed: setting_changes(&Settings::new(), &n.settings),
                 rules: rule_changes(None, Some(&n.policy), old, new),
                 flipped_tests: Vec::new(),
             },

@@ -612,6 +612,23 @@ fn diff_reports_issuer_and_route_settings_that_change_access() {
 
     // Unchanged settings: nothing to report.
     assert!(diff_of(&cfg, Some(&c3), Some(&c3)).is_empty());
+
+    // A route added: its settings are listed with the rules it brings.
+    let added = format!(
+        "{secret}\n[[routes]]\nname = \"any\"\nmatch = {{ host = \"*.example.com\" }}\nupstream = \"http://127.0.0.1:2\"\npolicy = \"api\"\nforward_token = true\n"
+    );
+    write(&cfg, &added);
+    let c4 = commit(root, "wildcard route");
+    let d = diff_of(&cfg, Some(&c3), Some(&c4));
+    let any = d.routes.iter().find(|r| r.route == "any").unwrap_or_else(|| panic!("{d:?}"));
+    assert_eq!(any.status, "added");
+    let settings: Vec<(&str, Option<&str>)> =
+        any.settings_changed.iter().map(|c| (c.setting.as_str(), c.after.as_deref())).collect();
+    assert_eq!(
+        settings,
+        [("forward_token", Some("true")), ("upstream", Some("\"http://127.0.0.1:2\""))]
+    );
+    assert!(diff::render(&d, Format::Text).contains("setting forward_token: (not set) -> true"));
 }
 
 #[test]
