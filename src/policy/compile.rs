@@ -407,7 +407,14 @@ impl<'a> Compiler<'a> {
 
     // === tests ===
 
-    pub fn tests(&mut self, raw: &[Spanned<raw::Test>], rule_ids: &[&str]) -> Vec<TestCase> {
+    /// `rule_ids`: the rules a test's `rule = ...` may name (an error otherwise), or
+    /// `None` to take any name (a test naming a rule the policy lacks then fails when
+    /// run).
+    pub fn tests(
+        &mut self,
+        raw: &[Spanned<raw::Test>],
+        rule_ids: Option<&[&str]>,
+    ) -> Vec<TestCase> {
         let mut names: HashMap<&str, u32> = HashMap::new();
         let mut out = Vec::new();
         for t in raw {
@@ -453,7 +460,11 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    fn test(&mut self, spanned: &Spanned<raw::Test>, rule_ids: &[&str]) -> Option<TestCase> {
+    fn test(
+        &mut self,
+        spanned: &Spanned<raw::Test>,
+        rule_ids: Option<&[&str]>,
+    ) -> Option<TestCase> {
         let before = self.diags.len();
         let t = spanned.get_ref();
         let header = spanned.span();
@@ -477,14 +488,14 @@ impl<'a> Compiler<'a> {
             }
             Some(i) => self.test_identity(i),
         };
-        if let Some(r) = &t.rule {
+        if let (Some(r), Some(rule_ids)) = (&t.rule, rule_ids) {
             if !rule_ids.contains(&r.get_ref().as_str()) {
                 let hint = raw::suggest(r.get_ref(), rule_ids)
                     .map_or_else(String::new, |s| format!("; did you mean `{s}`?"));
                 self.err(
                     r.span(),
                     format!(
-                        "test expects rule `{}`, which this file does not define{hint}",
+                        "test expects rule `{}`, which the policy it tests does not define{hint}",
                         r.get_ref()
                     ),
                 );

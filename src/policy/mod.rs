@@ -126,7 +126,7 @@ impl Policy {
             .filter_map(|r| r.get_ref().id.as_ref())
             .map(|i| i.get_ref().as_str())
             .collect();
-        let tests = compiler.tests(&doc.tests, &ids);
+        let tests = compiler.tests(&doc.tests, Some(&ids));
         diags.extend(compiler.diags);
 
         let mut warnings = Vec::new();
@@ -147,11 +147,13 @@ impl Policy {
 
     /// Compiles a file of `[[test]]` cases kept apart from the policy (a security
     /// team's own expectations) against `policy`: `rule = ...` must name one of its
-    /// rules, and the file may hold no `[[rule]]` of its own.
+    /// rules (unless `any_rule`: then a test naming a rule the policy no longer has
+    /// compiles, and fails when run), and the file may hold no `[[rule]]` of its own.
     pub fn parse_tests(
         &self,
         source: &Source,
         catalog: &Catalog,
+        any_rule: bool,
     ) -> Result<Vec<TestCase>, Diagnostics> {
         let mut diags = Diagnostics::default();
         let doc = raw::parse(source, &mut diags);
@@ -166,7 +168,7 @@ impl Policy {
         }
         let ids: Vec<&str> = self.rules.iter().map(Rule::id).collect();
         let mut compiler = compile::Compiler::new(source, catalog);
-        let tests = compiler.tests(&doc.tests, &ids);
+        let tests = compiler.tests(&doc.tests, (!any_rule).then_some(&ids[..]));
         diags.extend(compiler.diags);
         if diags.is_empty() {
             Ok(tests)

@@ -677,7 +677,7 @@ fn every_error_points_at_its_cause() {
          "p.toml:5:10: unknown expect `denied`: expected \"allow\" or \"deny\""),
         ("test: unknown rule",
          "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\n[[test]]\nname = \"t\"\nidentity = { issuer = \"corp\" }\nrequest = \"GET /\"\nexpect = \"deny\"\nrule = \"b\"\n",
-         "p.toml:10:8: test expects rule `b`, which this file does not define"),
+         "p.toml:10:8: test expects rule `b`, which the policy it tests does not define"),
         ("test: unknown identity key",
          "[[test]]\nname = \"t\"\nidentity = { issuer = \"corp\", claim = {} }\nrequest = \"GET /\"\nexpect = \"deny\"\n",
          "p.toml:3:31: unknown key `claim` in test identity; did you mean `claims`?"),

@@ -215,7 +215,7 @@ pub fn compute(args: &DiffArgs) -> Result<PolicyDiff, Vec<String>> {
             None => "working tree".to_string(),
         };
         let snap = Snapshot::load(&tree, &config, label)?;
-        let sets = snap.test_sets(&tree, &tests)?;
+        let sets = snap.test_sets(&tree, &tests, true)?;
         Ok((snap, sets))
     };
     let (old, old_tests) = side(Some(&from))?;

@@ -370,7 +370,16 @@ impl Snapshot {
     /// The `[[test]]` sets: each policy's own, then every `*.toml` in `dirs` (an
     /// extra test file `NAME.toml` runs against the policy named `NAME`, or else the
     /// live policy of route `NAME`). Fails with every problem at once.
-    pub fn test_sets(&self, tree: &Tree, dirs: &[PathBuf]) -> Result<Vec<TestSet>, Vec<String>> {
+    ///
+    /// `any_rule`: a test naming a rule the policy does not have compiles (and fails
+    /// when run) instead of being an error: `policy diff` must still compare a change
+    /// that deletes a rule a security team's test guards, and show that test flip.
+    pub fn test_sets(
+        &self,
+        tree: &Tree,
+        dirs: &[PathBuf],
+        any_rule: bool,
+    ) -> Result<Vec<TestSet>, Vec<String>> {
         let mut sets: Vec<TestSet> = self
             .policies()
             .into_iter()
@@ -425,7 +434,8 @@ impl Snapshot {
                     None => tree.root.join(&file),
                     Some(_) => file.clone(),
                 };
-                match policy.parse_tests(&Source::new(shown.clone(), text), &self.catalog) {
+                match policy.parse_tests(&Source::new(shown.clone(), text), &self.catalog, any_rule)
+                {
                     Ok(cases) => {
                         sets.push(TestSet { route, policy, file: Arc::from(shown), cases })
                     }

@@ -30,7 +30,7 @@ pub fn run(args: &TestArgs) -> Report {
         }
     };
     let snapshot = Snapshot::from_config(&config);
-    let sets = match snapshot.test_sets(&Tree::disk(""), &args.tests) {
+    let sets = match snapshot.test_sets(&Tree::disk(""), &args.tests, false) {
         Ok(s) => s,
         Err(p) => return Report::bad_input(args.format, &p),
     };

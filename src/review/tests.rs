@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::diff::{Access, DiffArgs};
 use super::explain::{Caller, ExplainArgs, Target};
+use super::snapshot::{Snapshot, Tree};
 use super::test::TestArgs;
 use super::who::WhoArgs;
 use super::*;
@@ -728,6 +729,52 @@ fn diff_follows_real_commits() {
         format: Format::Json,
     });
     assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+}
+
+/// A security team's test file guards a deny by naming it (`rule = ...`). A pull request
+/// that deletes the deny must still get its diff, with that test flipping: the case a
+/// reviewer most needs to see. `policy test` still calls the missing rule an error.
+#[test]
+fn diff_still_compares_when_a_change_deletes_a_rule_a_security_test_names() {
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    let guard = "[[test]]\nname = \"pipelines never delete\"\nidentity = { preset = \"bitbucket-pipelines\", claims = { repositoryUuid = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\", branchName = \"main\" } }\nrequest = \"DELETE /deploy/1\"\nexpect = \"deny\"\nrule = \"no-deletes-from-ci\"\n";
+    write(&root.join("security-tests/api.toml"), guard);
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let without_deny = API.replace(
+        "[[rule]]\nid = \"no-deletes-from-ci\"\neffect = \"deny\"\nissuer = [\"bb\", \"gh\"]\nmethods = [\"DELETE\"]\n",
+        "[[rule]]\nid = \"ci-may-do-anything\"\neffect = \"allow\"\nissuer = \"bb\"\nci = { repository = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\" }\n",
+    );
+    assert_ne!(without_deny, API);
+    write(&root.join("policies/api.toml"), &without_deny);
+    let c2 = commit(root, "drop the delete ban");
+
+    let r = diff::run(&DiffArgs {
+        config: cfg.clone(),
+        from: Some(c1.clone()),
+        to: Some(c2.clone()),
+        tests: vec![root.join("security-tests")],
+        format: Format::Text,
+    });
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    assert!(
+        r.stdout.contains("removed deny `no-deletes-from-ci`")
+            || r.stdout.contains("no-deletes-from-ci"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("tests whose decision flips"), "{}", r.stdout);
+    assert!(r.stdout.contains("\"pipelines never delete\""), "{}", r.stdout);
+
+    // `policy test` on the new revision's files: the test names a rule the policy no
+    // longer has, which is still an error there (a typo must not pass quietly).
+    let snap = Snapshot::load(&Tree::disk(root), Path::new("portcullis.toml"), "t".into())
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let strict = snap.test_sets(&Tree::disk(root), &[PathBuf::from("security-tests")], false);
+    let errs = strict.err().unwrap_or_default();
+    assert!(errs.iter().any(|e| e.contains("test expects rule `no-deletes-from-ci`")), "{errs:?}");
 }
 
 /// A pull request that widens deploys while rewriting the test that would have caught
