@@ -114,8 +114,12 @@ pub struct LoginSettings {
 /// `[session]`, compiled.
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
-    /// Starts with `_portcullis`, so header hygiene strips it before forwarding.
+    /// Starts with `_portcullis`, so header hygiene strips it before forwarding. The
+    /// base name: on the wire it is `__Host-<name>` (host-only), or `__Secure-<name>`
+    /// with `cookie_domain` (`session::cookie::session_name`).
     pub cookie_name: String,
+    /// Share the session with this domain's subdomains: then `__Host-` is impossible,
+    /// and any host under the domain can replace the cookie.
     pub cookie_domain: Option<String>,
     /// Base64 AES-256 keys, one per line or comma-separated; the first seals.
     pub keys: SecretSource,
@@ -1252,7 +1256,7 @@ impl Compiler<'_> {
                 {
                     self.err(
                         n.span(),
-                        "`cookie_name` starts with `_portcullis` (so it is never forwarded upstream) and uses letters, digits, `_`, `-`",
+                        "`cookie_name` starts with `_portcullis` (so it is never forwarded upstream) and uses letters, digits, `_`, `-`; the proxy adds the `__Host-` / `__Secure-` prefix itself",
                     );
                 }
                 if v.starts_with("_portcullis_login") {

@@ -454,6 +454,10 @@ fn login_and_session_mistakes_are_reported_with_positions() {
     let all = compile(dir.path(), &text).err().unwrap_or_default().join("\n");
     assert!(all.contains("starts with `_portcullis`"), "{all}");
     assert!(all.contains("not both"), "{all}");
+    // The prefix is the proxy's to add: a configured one is refused, not doubled.
+    let prefixed = text.replace("\"session\"", "\"__Host-_portcullis\"");
+    let all = compile(dir.path(), &prefixed).err().unwrap_or_default().join("\n");
+    assert!(all.contains("adds the `__Host-` / `__Secure-` prefix itself"), "{all}");
     assert!(all.contains("longer than `absolute_lifetime`"), "{all}");
 }
 

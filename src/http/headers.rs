@@ -125,16 +125,17 @@ pub(crate) fn cgi_eq(client: &[u8], ours: &[u8]) -> bool {
     client.len() == ours.len() && client.iter().zip(ours).all(|(a, b)| fold(*a) == fold(*b))
 }
 
-/// Removes an upstream's `Set-Cookie` for the proxy's own cookies (`_portcullis*`), so
-/// no upstream can plant, replace or clear a browser's session (session fixation, forced
-/// sign-out); the application's cookies pass.
+/// Removes an upstream's `Set-Cookie` for the proxy's own cookies (`_portcullis*`, bare
+/// or behind `__Host-` / `__Secure-`), so no upstream can plant, replace or clear a
+/// browser's session or sign-in (session fixation, forced sign-out); the application's
+/// cookies pass.
 pub fn strip_proxy_set_cookies(h: &mut HeaderMap) {
     let ours = |v: &HeaderValue| {
         let pair = v.as_bytes().split(|b| *b == b';').next().unwrap_or_default().trim_ascii();
         // A nameless cookie (`=_portcullis=x`, or no `=` at all) is stored by browsers
         // and sent back as its bare value (RFC 6265bis §5.7): `_portcullis=x`.
         let sent_as = pair.strip_prefix(b"=").map_or(pair, <[u8]>::trim_ascii_start);
-        sent_as.starts_with(b"_portcullis")
+        crate::session::cookie::is_proxy_cookie(sent_as)
     };
     if !h.get_all(header::SET_COOKIE).iter().any(ours) {
         return;
@@ -147,7 +148,9 @@ pub fn strip_proxy_set_cookies(h: &mut HeaderMap) {
     }
 }
 
-/// Removes the proxy's own cookies (`_portcullis*`), keeping the application's.
+/// Removes the proxy's own cookies (`_portcullis*`, bare or behind `__Host-` /
+/// `__Secure-`: today's, those from before the prefixes, and any tossed from a sibling
+/// host), keeping the application's.
 pub fn strip_proxy_cookies(h: &mut HeaderMap) {
     if !h.contains_key(header::COOKIE) {
         return;
@@ -158,7 +161,7 @@ pub fn strip_proxy_cookies(h: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .map(str::trim)
-        .filter(|c| !c.is_empty() && !c.starts_with("_portcullis"))
+        .filter(|c| !c.is_empty() && !crate::session::cookie::is_proxy_cookie(c.as_bytes()))
         .map(str::to_string)
         .collect();
     h.remove(header::COOKIE);
@@ -439,6 +442,14 @@ mod tests {
             "=_portcullis=nameless; Path=/; Secure",
             " = _portcullis_0=x",
             "_portcullis",
+            "__Host-_portcullis=evil; Path=/; Secure",
+            "__Host-_portcullis_1=x; Path=/; Secure",
+            "__Host-_portcullis_login_0123456789abcdef=x; Path=/; Secure",
+            "__HOST-_portcullis=evil; Path=/; Secure",
+            "__Secure-_portcullis=evil; Domain=example.com; Secure",
+            "__secure-_portcullis_0=x; Secure",
+            "=__Host-_portcullis=nameless; Path=/; Secure",
+            "__Host-app=1; Path=/; Secure",
             "b=2",
             "c=_portcullis",
         ] {
@@ -447,7 +458,7 @@ mod tests {
         strip_proxy_set_cookies(&mut h);
         let left: Vec<&str> =
             h.get_all(header::SET_COOKIE).iter().filter_map(|v| v.to_str().ok()).collect();
-        assert_eq!(left, ["app=1; Path=/", "b=2", "c=_portcullis"]);
+        assert_eq!(left, ["app=1; Path=/", "__Host-app=1; Path=/; Secure", "b=2", "c=_portcullis"]);
     }
 
     #[test]
@@ -459,6 +470,15 @@ mod tests {
         let mut h = map(&[("cookie", "_portcullis=abc")]);
         strip_proxy_cookies(&mut h);
         assert!(h.get("cookie").is_none());
+        // Today's prefixed names, a pre-upgrade or tossed bare one, and the app's own
+        // prefixed cookies (which pass).
+        let mut h = map(&[(
+            "cookie",
+            "__Host-_portcullis=s; __Host-_portcullis_0=c; __Host-_portcullis_login_0123456789abcdef=l; \
+             __Secure-_portcullis=d; __HOST-_portcullis=x; _portcullis=old; __Host-app=1; app=2",
+        )]);
+        strip_proxy_cookies(&mut h);
+        assert_eq!(h.get("cookie").map(|v| v.as_bytes()), Some(&b"__Host-app=1; app=2"[..]));
     }
 
     #[test]

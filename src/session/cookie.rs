@@ -4,6 +4,15 @@
 //! Layout: a value that fits is `NAME=<sealed>`. A larger one is `NAME=c<N>` plus
 //! `NAME_0` … `NAME_<N-1>` holding the pieces in order. A sealed value starts with its
 //! version digit, so the `c` marker cannot be mistaken for one.
+//!
+//! Names: the configured `[session] cookie_name` (`_portcullis` by default) goes on the
+//! wire behind a cookie prefix ([`session_name`]): `__Host-_portcullis` when the cookie
+//! is host-only (no `cookie_domain`), `__Secure-_portcullis` otherwise. The sign-in
+//! cookie is always host-only: `__Host-_portcullis_login_<16>`. Browsers keep a
+//! `__Host-` cookie only when it was set by this very host over a secure origin,
+//! `Secure`, `Path=/` and without `Domain`, so a page on a sibling host
+//! (`evil.example.com`) cannot plant or shadow one (cookie tossing): what it can plant
+//! has another name, which is never read as a credential.
 
 use http::header::{HeaderMap, HeaderValue, COOKIE};
 
@@ -11,6 +20,35 @@ use http::header::{HeaderMap, HeaderValue, COOKIE};
 pub const CHUNK: usize = 3800;
 /// At most this many chunks (about 30 KB of session).
 pub const MAX_CHUNKS: usize = 8;
+
+/// The prefix of a host-only cookie (RFC 6265bis §4.1.3.2): set by this host only.
+pub const HOST_PREFIX: &str = "__Host-";
+/// The prefix of a `Secure` cookie that carries a `Domain` (`__Host-` forbids one).
+pub const SECURE_PREFIX: &str = "__Secure-";
+
+/// The wire name of the session cookie for the configured `base` name: `__Host-<base>`
+/// for a host-only cookie, `__Secure-<base>` when it is shared with `domain`.
+pub fn session_name(base: &str, domain: Option<&str>) -> String {
+    match domain {
+        None => format!("{HOST_PREFIX}{base}"),
+        Some(_) => format!("{SECURE_PREFIX}{base}"),
+    }
+}
+
+/// Whether a cookie name is one the proxy owns, or owned before the prefixes:
+/// `_portcullis*`, bare or behind `__Host-` / `__Secure-` (in any case: browsers match
+/// the prefixes case-insensitively). Such cookies never reach an upstream, and an
+/// upstream never sets them.
+pub fn is_proxy_cookie(name: &[u8]) -> bool {
+    let unprefixed = [HOST_PREFIX, SECURE_PREFIX]
+        .iter()
+        .find_map(|p| {
+            let (head, rest) = name.split_at_checked(p.len())?;
+            head.eq_ignore_ascii_case(p.as_bytes()).then_some(rest)
+        })
+        .unwrap_or(name);
+    unprefixed.starts_with(b"_portcullis")
+}
 
 /// The request's cookies as `(name, value)` pairs, in order.
 pub fn parse(headers: &HeaderMap) -> Vec<(&str, &str)> {

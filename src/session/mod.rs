@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! browser ─GET /app──> no session ─302──> provider /authorize (PKCE S256, state, nonce)
-//!         <──────────── sign-in ─────────  sealed `_portcullis_login_<state>` cookie
+//!         <──────────── sign-in ─────────  sealed `__Host-_portcullis_login_<state>` cookie
 //! browser ─GET /.portcullis/callback?code&state──> check state, exchange code, verify
 //!         ID token ──> sealed session cookie ──302──> /app (only to a host we serve)
 //! browser ─GET /app + session cookie──> open (AES-256-GCM) ──> Identity ──> policy
@@ -50,8 +50,10 @@ pub const SIGN_IN_PATH: &str = "/.portcullis/sign_in";
 pub const LOGOUT_PATH: &str = "/.portcullis/logout";
 /// Every proxy endpoint lives under this prefix, served before routing.
 pub const PREFIX: &str = "/.portcullis/";
-/// Prefix of the per-login cookie (`_portcullis_login_<first 16 chars of state>`).
-pub const LOGIN_COOKIE: &str = "_portcullis_login_";
+/// Prefix of the per-login cookie (`__Host-_portcullis_login_<first 16 chars of
+/// state>`). Always host-only, so always `__Host-`: no sibling host can plant a sign-in
+/// in progress (login CSRF by cookie tossing).
+pub const LOGIN_COOKIE: &str = "__Host-_portcullis_login_";
 /// How long a browser has to come back from the provider.
 const LOGIN_TTL: u64 = 600;
 /// Sign-ins in progress one browser may hold (one per tab sent to sign in). Each is a
@@ -89,7 +91,7 @@ pub struct SessionData {
     pub refresh: Option<String>,
 }
 
-/// A sign-in in progress, sealed into the `_portcullis_login_*` cookie.
+/// A sign-in in progress, sealed into the `__Host-_portcullis_login_*` cookie.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct LoginState {
     #[serde(rename = "i")]
@@ -145,6 +147,9 @@ type Flight = (Instant, Arc<tokio::sync::OnceCell<Option<SessionData>>>);
 /// Session state of one configuration generation.
 pub struct Sessions {
     pub settings: SessionSettings,
+    /// The session cookie's wire name: `cookie_name` behind `__Host-` (host-only) or
+    /// `__Secure-` (with `cookie_domain`); see [`cookie::session_name`].
+    cookie_name: String,
     sealer: Sealer,
     providers: Vec<Arc<Provider>>,
     flights: Mutex<HashMap<[u8; 32], Flight>>,
@@ -287,6 +292,10 @@ impl Sessions {
             providers.push(Arc::new(Provider::new(issuer, login.clone())?));
         }
         Ok(Some(Sessions {
+            cookie_name: cookie::session_name(
+                &settings.cookie_name,
+                settings.cookie_domain.as_deref(),
+            ),
             settings,
             sealer,
             providers,
@@ -298,6 +307,10 @@ impl Sessions {
     /// A sessions value from parts (tests and benches; no providers).
     pub fn with_sealer(settings: SessionSettings, sealer: Sealer) -> Sessions {
         Sessions {
+            cookie_name: cookie::session_name(
+                &settings.cookie_name,
+                settings.cookie_domain.as_deref(),
+            ),
             settings,
             sealer,
             providers: Vec::new(),
@@ -317,9 +330,26 @@ impl Sessions {
             || self.providers.iter().any(|p| p.login.redirect_path == path)
     }
 
-    /// The request carries a session cookie (or a chunk of one).
+    /// The session cookie's name on the wire (`__Host-_portcullis` by default).
+    pub fn cookie_name(&self) -> &str {
+        &self.cookie_name
+    }
+
+    /// The request carries a session cookie (or a chunk of one). A cookie without the
+    /// prefix (from before it, or tossed from a sibling host) is not one.
     pub fn cookie_present(&self, headers: &HeaderMap) -> bool {
-        cookie::present(&cookie::parse(headers), &self.settings.cookie_name)
+        cookie::present(&cookie::parse(headers), &self.cookie_name)
+    }
+
+    /// Deletes a session cookie from before the prefixes (the bare `cookie_name`, with
+    /// the attributes it was set with) when the request still carries one: it no longer
+    /// signs anyone in, and would only take room in every request head.
+    fn clear_unprefixed(&self, cookies: &[(&str, &str)]) -> Vec<HeaderValue> {
+        let old = &self.settings.cookie_name;
+        if !cookie::present(cookies, old) {
+            return Vec::new();
+        }
+        cookie::clear(cookies, old, self.settings.cookie_domain.as_deref())
     }
 
     fn attrs(&self, max_age: u64) -> cookie::Attrs<'_> {
@@ -336,7 +366,7 @@ impl Sessions {
         let sealed = self.sealer.seal(Purpose::Session, &json)?;
         let deadline = data.created + self.settings.absolute_lifetime.as_secs();
         let max_age = deadline.saturating_sub(crate::util::unix_now()).max(1);
-        cookie::write(request_cookies, &self.settings.cookie_name, &sealed, &self.attrs(max_age))
+        cookie::write(request_cookies, &self.cookie_name, &sealed, &self.attrs(max_age))
             .ok_or_else(|| "session too large for cookies (over 8 chunks)".to_string())
     }
 
@@ -353,7 +383,7 @@ impl Sessions {
         &self,
         cookies: &[(&str, &str)],
     ) -> Result<Option<(SessionData, seal::KeyId)>, &'static str> {
-        let sealed = match cookie::read(cookies, &self.settings.cookie_name) {
+        let sealed = match cookie::read(cookies, &self.cookie_name) {
             None => return Ok(None),
             Some(Err(())) => return Err("duplicate or incomplete session cookie"),
             Some(Ok(s)) => s,
@@ -395,10 +425,16 @@ impl Sessions {
         now: u64,
     ) -> Lookup {
         let cookies = cookie::parse(headers);
-        let name = &self.settings.cookie_name;
+        let name = &self.cookie_name;
         if !cookie::present(&cookies, name) {
             return Lookup::None;
         }
+        // A duplicate fails closed (no guessing which is ours), and the clear below
+        // deletes it. Host-only, the name is `__Host-`: a browser holds one such cookie
+        // per host (no `Domain`, `Path=/` only), set by this host, so the clear leaves
+        // no copy behind, least of all a tossed one (a sibling host can only plant names
+        // this never reads). With `cookie_domain` a sibling host under the domain
+        // shares the cookie and can replace it: not a boundary (docs/sso.md).
         let invalid = |reason, detail| Lookup::Invalid {
             reason,
             detail,
@@ -821,6 +857,7 @@ impl Sessions {
             Err(e) => return fail(e.into(), clear),
         };
         set.extend(clear);
+        set.extend(self.clear_unprefixed(&cookies));
         let deadline = now + self.settings.absolute_lifetime.as_secs();
         Answer {
             response: redirect(&return_to, set),
@@ -856,11 +893,9 @@ impl Sessions {
             };
         }
         let cookies = cookie::parse(headers);
-        let clear = cookie::clear(
-            &cookies,
-            &self.settings.cookie_name,
-            self.settings.cookie_domain.as_deref(),
-        );
+        let mut clear =
+            cookie::clear(&cookies, &self.cookie_name, self.settings.cookie_domain.as_deref());
+        clear.extend(self.clear_unprefixed(&cookies));
         let session = self.open_session(&cookies).ok().flatten();
         let provider = session.as_ref().and_then(|s| self.provider(&s.issuer)).cloned();
         let target = query_param(query, "rd")

@@ -113,13 +113,115 @@ fn large_sessions_are_chunked_and_reassembled() -> Result<(), String> {
     let text =
         partial.get(header::COOKIE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let without: Vec<&str> =
-        text.split("; ").filter(|c| !c.starts_with("_portcullis_1=")).collect();
+        text.split("; ").filter(|c| !c.starts_with("__Secure-_portcullis_1=")).collect();
     partial.insert(
         header::COOKIE,
         HeaderValue::from_str(&without.join("; ")).map_err(|e| e.to_string())?,
     );
     assert!(s.open_session(&cookie::parse(&partial)).is_err());
     Ok(())
+}
+
+fn host_only() -> SessionSettings {
+    SessionSettings { cookie_domain: None, ..settings() }
+}
+
+fn set_cookie_texts(set: &[HeaderValue]) -> Vec<String> {
+    set.iter().filter_map(|v| v.to_str().ok()).map(str::to_string).collect()
+}
+
+#[test]
+fn host_only_session_cookies_are_host_prefixed_with_the_attributes_it_requires(
+) -> Result<(), String> {
+    let s = Sessions::with_sealer(host_only(), Sealer::from_keys(&[[7; 32]])?);
+    assert_eq!(s.cookie_name(), "__Host-_portcullis");
+    // One cookie, and a session large enough for chunks: every name is `__Host-`, and
+    // each cookie is what a browser keeps under that prefix (Secure, Path=/, no Domain).
+    for groups in [1, 200] {
+        let set = set_cookie_texts(&s.seal_session(&data(groups), &[])?);
+        assert!(!set.is_empty());
+        for c in &set {
+            assert!(c.starts_with("__Host-_portcullis"), "{c}");
+            assert!(c.contains("; Secure") && c.contains("; Path=/;"), "{c}");
+            assert!(!c.to_ascii_lowercase().contains("domain="), "{c}");
+        }
+        let sealed = s.seal_session(&data(groups), &[])?;
+        let back = s.open_session(&cookie::parse(&headers(&sealed))).map_err(str::to_string)?;
+        assert_eq!(back.map(|d| d.groups.len()), Some(groups));
+    }
+    // With `cookie_domain`, `__Host-` is impossible: `__Secure-` and the Domain.
+    let shared = Sessions::with_sealer(settings(), Sealer::from_keys(&[[7; 32]])?);
+    assert_eq!(shared.cookie_name(), "__Secure-_portcullis");
+    for c in set_cookie_texts(&shared.seal_session(&data(1), &[])?) {
+        assert!(c.starts_with("__Secure-_portcullis=") && c.contains("; Secure"), "{c}");
+        assert!(c.contains("; Domain=example.com"), "{c}");
+    }
+    // The sign-in cookie is always host-only.
+    assert!(LOGIN_COOKIE.starts_with(cookie::HOST_PREFIX));
+    Ok(())
+}
+
+#[test]
+fn a_cookie_without_the_prefix_is_no_session() -> Result<(), String> {
+    let s = Sessions::with_sealer(host_only(), Sealer::from_keys(&[[7; 32]])?);
+    let mut victim = data(1);
+    victim.subject = "alice".into();
+    let mut attacker = data(1);
+    attacker.subject = "mallory".into();
+    let sealed = |d: &SessionData| -> Result<String, String> {
+        let set = s.seal_session(d, &[])?;
+        let h = headers(&set);
+        let text = h.get(header::COOKIE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        Ok(text.split_once('=').map(|(_, v)| v.to_string()).unwrap_or_default())
+    };
+    let (v, m) = (sealed(&victim)?, sealed(&attacker)?);
+    let open = |cookie: String| -> Result<Option<String>, String> {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, HeaderValue::from_str(&cookie).map_err(|e| e.to_string())?);
+        Ok(s.open_session(&cookie::parse(&h)).map_err(str::to_string)?.map(|d| d.subject))
+    };
+    // What a sibling host can plant (the bare name, a `Domain=` cookie; a browser
+    // refuses it `__Host-`), beside the victim's own cookie or alone: never read.
+    for tossed in ["_portcullis", "_portcullis_0", "__Secure-_portcullis", "__host-_portcullis"] {
+        assert_eq!(
+            open(format!("{tossed}={m}; __Host-_portcullis={v}"))?.as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            open(format!("__Host-_portcullis={v}; {tossed}={m}"))?.as_deref(),
+            Some("alice")
+        );
+        assert_eq!(open(format!("{tossed}={m}"))?, None, "{tossed}");
+    }
+    // Two cookies of the prefixed name: refused, not guessed at.
+    assert!(open(format!("__Host-_portcullis={v}; __Host-_portcullis={m}")).is_err());
+    Ok(())
+}
+
+#[test]
+fn proxy_cookie_names_with_and_without_prefix() {
+    for n in [
+        "_portcullis",
+        "_portcullis_3",
+        "_portcullis_login_0123456789abcdef",
+        "__Host-_portcullis",
+        "__Host-_portcullis_login_0123456789abcdef",
+        "__Secure-_portcullis_0",
+        "__HOST-_portcullis",
+        "__secure-_portcullis",
+    ] {
+        assert!(cookie::is_proxy_cookie(n.as_bytes()), "{n}");
+    }
+    for n in
+        ["app", "__Host-app", "__Secure-", "__Host-", "x_portcullis", "__Host-x_portcullis", ""]
+    {
+        assert!(!cookie::is_proxy_cookie(n.as_bytes()), "{n}");
+    }
+    assert_eq!(cookie::session_name("_portcullis", None), "__Host-_portcullis");
+    assert_eq!(
+        cookie::session_name("_portcullis_a", Some("example.com")),
+        "__Secure-_portcullis_a"
+    );
 }
 
 #[test]

@@ -549,7 +549,7 @@ async fn a_browser_sign_in_leaves_no_secret_on_stdout_or_stderr() {
     let login_cookies: Vec<String> = b
         .jar
         .iter()
-        .filter(|(k, _)| k.starts_with("_portcullis_login_"))
+        .filter(|(k, _)| k.starts_with("__Host-_portcullis_login_"))
         .map(|(_, v)| v.clone())
         .collect();
     assert_eq!(login_cookies.len(), 1, "{:?}", b.jar);
@@ -575,7 +575,7 @@ async fn a_browser_sign_in_leaves_no_secret_on_stdout_or_stderr() {
     let session_values: Vec<String> = b
         .jar
         .iter()
-        .filter(|(k, _)| k.starts_with("_portcullis"))
+        .filter(|(k, _)| k.starts_with("__Host-_portcullis"))
         .map(|(_, v)| v.clone())
         .collect();
     assert!(!session_values.is_empty(), "{:?}", b.jar);
@@ -585,7 +585,7 @@ async fn a_browser_sign_in_leaves_no_secret_on_stdout_or_stderr() {
     let keys = std::fs::read_to_string(dir.path().join("session-keys")).unwrap_or_default();
     let sealer = Sealer::from_text(&keys).unwrap_or_else(|e| panic!("session keys: {e}"));
     let pairs: Vec<(&str, &str)> = b.jar.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let sealed = portcullis::session::cookie::read(&pairs, "_portcullis")
+    let sealed = portcullis::session::cookie::read(&pairs, "__Host-_portcullis")
         .and_then(Result::ok)
         .unwrap_or_default();
     let session: serde_json::Value = sealer

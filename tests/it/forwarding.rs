@@ -40,7 +40,11 @@ async fn spoofed_identity_and_hop_by_hop_headers_never_reach_the_upstream() {
                 ("forwarded", "for=6.6.6.6"),
                 ("connection", "x-drop-me"),
                 ("x-drop-me", "1"),
-                ("cookie", "_portcullis=sess; _portcullis_1=chunk; app=1"),
+                (
+                    "cookie",
+                    "_portcullis=sess; _portcullis_1=chunk; __Host-_portcullis=s; \
+                     __Host-_portcullis_0=c; __Secure-_portcullis=d; app=1",
+                ),
                 ("x-app", "kept"),
             ],
             Bytes::new(),
@@ -1237,7 +1241,7 @@ async fn override_headers_are_refused_so_the_authorized_method_and_path_are_the_
 async fn an_upstream_cannot_plant_or_clear_the_proxys_session_cookies() {
     let w = World::start().await;
     let t = w.token("bb", &[]);
-    let r = w.get("/set-cookie/app,_portcullis,_portcullis_login,other", Some(&t)).await;
+    let r = w.get("/set-cookie/app,_portcullis,_portcullis_login,__Host-_portcullis,__Host-_portcullis_0,__Host-_portcullis_login_0123456789abcdef,__Secure-_portcullis,other", Some(&t)).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let set: Vec<&str> =
         r.headers.get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()).collect();

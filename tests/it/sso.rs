@@ -118,7 +118,7 @@ impl Browser {
     }
 
     fn session_cookie(&self) -> Option<&String> {
-        self.jar.get("_portcullis")
+        self.jar.get("__Host-_portcullis")
     }
 }
 
@@ -155,7 +155,7 @@ async fn browser_signs_in_and_reuses_the_session() {
         "{to}"
     );
     let login_cookie = set_cookies(&r).join("\n");
-    assert!(login_cookie.starts_with("_portcullis_login_"), "{login_cookie}");
+    assert!(login_cookie.starts_with("__Host-_portcullis_login_"), "{login_cookie}");
     for attr in ["Secure", "HttpOnly", "SameSite=Lax", "Path=/", "Max-Age=600"] {
         assert!(login_cookie.contains(attr), "{attr}: {login_cookie}");
     }
@@ -166,9 +166,12 @@ async fn browser_signs_in_and_reuses_the_session() {
     assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
     assert_eq!(location(&r), w.url("/app/page?x=1"));
     let cookies = set_cookies(&r).join("\n");
-    assert!(cookies.contains("_portcullis=1"), "{cookies}");
+    assert!(cookies.contains("__Host-_portcullis=1"), "{cookies}");
     assert!(cookies.contains("Secure; HttpOnly; SameSite=Lax"), "{cookies}");
-    assert!(!b.jar.keys().any(|k| k.starts_with("_portcullis_login_")), "login cookie cleared");
+    assert!(
+        !b.jar.keys().any(|k| k.starts_with("__Host-_portcullis_login_")),
+        "login cookie cleared"
+    );
 
     let r = b.get(&w, &w.url("/app/page?x=1")).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
@@ -231,30 +234,141 @@ async fn tampered_tossed_or_unknown_key_cookies_are_refused() {
         let (client, url) = (client.clone(), url.clone());
         async move { send_with(&client, Method::GET, &url, &[("cookie", &c)], Bytes::new()).await }
     };
-    let r = api(format!("_portcullis={tampered}")).await;
+    let r = api(format!("__Host-_portcullis={tampered}")).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(r.json()["error"], "invalid-session");
     assert!(set_cookies(&r)
         .iter()
-        .any(|c| c.starts_with("_portcullis=;") && c.contains("Max-Age=0")));
-    // Cookie tossing: a second `_portcullis` (from a sibling domain) is not guessed at.
-    let r = api(format!("_portcullis={good}; _portcullis={good}")).await;
+        .any(|c| c.starts_with("__Host-_portcullis=;") && c.contains("Max-Age=0")));
+    // Two cookies of the session's own name (a browser holds one `__Host-` cookie per
+    // host, so not a tossed one): not guessed at, and cleared, host-only.
+    let r = api(format!("__Host-_portcullis={good}; __Host-_portcullis={good}")).await;
     assert_eq!(r.json()["error"], "invalid-session");
+    let clears = set_cookies(&r);
+    assert!(
+        clears.iter().any(|c| c.starts_with("__Host-_portcullis=;") && !c.contains("Domain")),
+        "{clears:?}"
+    );
     // A browser with a bad cookie is sent to sign in again.
     let mut b2 = Browser::new();
-    b2.jar.insert("_portcullis".into(), tampered);
+    b2.jar.insert("__Host-_portcullis".into(), tampered);
     let r = b2.get(&w, &w.url("/")).await;
     assert_eq!(r.status, StatusCode::FOUND);
     assert!(location(&r).starts_with(&w.urls["corp"]));
     // The login cookie's sealed value is not a session (purpose-bound AEAD).
     let r =
-        api(format!("_portcullis={}", "1AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")).await;
+        api(format!("__Host-_portcullis={}", "1AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"))
+            .await;
     assert_eq!(r.json()["error"], "invalid-session");
     let e = w.last_event().await;
     assert!(
         e["detail"].as_str().unwrap_or_default().contains("unknown key")
             || e["reason"] == "invalid-session"
     );
+}
+
+/// atk-11b/01: cookie tossing. A page on a sibling host (`evil.example.com`) can plant
+/// cookies for the parent domain, but a browser refuses any `__Host-` cookie with a
+/// `Domain` or from another host: what it can plant is the bare `_portcullis` (or
+/// `_portcullis_login_…`), carrying the attacker's own sealed session (or sign-in).
+/// Beside the victim's cookie, alone, or as a sign-in cookie: never the victim's
+/// identity, never a session for the attacker.
+#[tokio::test]
+async fn cookies_tossed_from_a_sibling_host_neither_fixate_a_session_nor_sign_in() {
+    let w = sso_world("").await;
+    let mut victim = Browser::new();
+    assert_eq!(victim.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let mut attacker = Browser::new();
+    assert_eq!(attacker.sign_in(&w, "/", "mallory", &["engineering"]).await.status, StatusCode::OK);
+    let v = victim.session_cookie().cloned().unwrap_or_default();
+    let m = attacker.session_cookie().cloned().unwrap_or_default();
+    assert!(!v.is_empty() && !m.is_empty());
+    let get = |cookie: String, accept: &'static str| {
+        let (client, url) = (w.client.clone(), w.url("/"));
+        async move {
+            send_with(
+                &client,
+                Method::GET,
+                &url,
+                &[("cookie", &cookie), ("accept", accept)],
+                Bytes::new(),
+            )
+            .await
+        }
+    };
+    // The attacker's value is a working session under the proxy's own name: what keeps
+    // it out below is the name a sibling host can give it, nothing else.
+    let r = get(format!("__Host-_portcullis={m}"), "application/json").await;
+    assert_eq!(r.upstream_header("x-portcullis-subject").as_deref(), Some("mallory"));
+
+    // 1. The victim's browser sends its own cookie and the tossed one, in either order:
+    //    the request is the victim's, and nothing is cleared (no copy to win later).
+    for cookie in [
+        format!("_portcullis={m}; __Host-_portcullis={v}"),
+        format!("__Host-_portcullis={v}; _portcullis={m}"),
+    ] {
+        let r = get(cookie, "application/json").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(r.upstream_header("x-portcullis-subject").as_deref(), Some("alice"));
+        assert!(set_cookies(&r).iter().all(|c| !c.contains("Max-Age=0")), "{:?}", set_cookies(&r));
+        assert!(!r.text().contains("_portcullis"), "forwarded upstream: {}", r.text());
+    }
+    // 2. Only the tossed cookie (a victim not signed in, or after any clear): no session,
+    //    not the attacker's. An API gets 401 login-required; a browser is sent to sign in.
+    let r = get(format!("_portcullis={m}"), "application/json").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert_eq!(r.json()["error"], "login-required");
+    let r = get(format!("_portcullis={m}"), "text/html").await;
+    assert_eq!(r.status, StatusCode::FOUND);
+    assert!(location(&r).starts_with(&w.urls["corp"]), "{}", location(&r));
+    let e = w.last_event().await;
+    assert!(e["identity"].is_null(), "{e}");
+
+    // 3. Login CSRF: the attacker starts a sign-in, stops at its callback (their code),
+    //    tosses its sign-in cookie under the name a sibling host can set, and sends the
+    //    victim to the callback. No session is made, and the code is not even spent.
+    let mut started = Browser::new();
+    let callback = started.through_provider(&w, "/", "mallory", &["engineering"]).await;
+    let (name, sealed) = started
+        .jar
+        .iter()
+        .find(|(k, _)| k.starts_with("__Host-_portcullis_login_"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .unwrap_or_else(|| panic!("no login cookie: {:?}", started.jar));
+    let tossed = name.trim_start_matches("__Host-").to_string();
+    let exchanges = login(&w).code_exchanges();
+    let mut target = Browser::new();
+    target.jar.insert(tossed, sealed.clone());
+    let r = target.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(target.session_cookie().is_none(), "{:?}", target.jar);
+    assert!(set_cookies(&r).iter().all(|c| c.contains("Max-Age=0")), "{:?}", set_cookies(&r));
+    assert_eq!(login(&w).code_exchanges(), exchanges);
+    // The same cookie under the proxy's name completes that sign-in: the refusal above
+    // was the name alone.
+    let mut own = Browser::new();
+    own.jar.insert(name, sealed);
+    let r = own.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    assert!(own.session_cookie().is_some());
+}
+
+/// Upgrading to the prefixed names: a browser still holding the session cookie of the
+/// version before (same key, bare `_portcullis`) is not signed in by it, signs in once,
+/// and the sign-in deletes the old cookie (it would only take room in every request).
+#[tokio::test]
+async fn a_session_cookie_from_before_the_prefix_needs_one_sign_in_and_is_deleted() {
+    let w = sso_world("").await;
+    let mut before = Browser::new();
+    assert_eq!(before.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let sealed = before.session_cookie().cloned().unwrap_or_default();
+    let mut b = Browser::new();
+    b.jar.insert("_portcullis".into(), sealed);
+    let r = b.sign_in(&w, "/", "alice", &["engineering"]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(login(&w).code_exchanges(), 2, "the old cookie did not sign in");
+    assert!(b.session_cookie().is_some(), "{:?}", b.jar);
+    assert!(!b.jar.contains_key("_portcullis"), "the old cookie is kept: {:?}", b.jar.keys());
 }
 
 /// F6: every file the configuration names is watched; rotating the session keys file
@@ -269,7 +383,7 @@ async fn rotating_the_session_keys_file_signs_everyone_out_through_the_watcher()
     }
     let mut b = Browser::new();
     assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
-    let cookie = format!("_portcullis={}", b.session_cookie().cloned().unwrap_or_default());
+    let cookie = format!("__Host-_portcullis={}", b.session_cookie().cloned().unwrap_or_default());
     let (url, headers) = (w.url("/"), [("cookie", cookie.as_str())]);
     let api = || send_with(&w.client, Method::GET, &url, &headers, Bytes::new());
     assert_eq!(api().await.status, StatusCode::OK);
@@ -294,7 +408,7 @@ async fn rotating_the_session_keys_ends_the_tunnels_their_sessions_opened() {
     let w = World::with(Setup { sso: Some(String::new()), ..Setup::default() }).await;
     let mut b = Browser::new();
     assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
-    let cookie = format!("_portcullis={}", b.session_cookie().cloned().unwrap_or_default());
+    let cookie = format!("__Host-_portcullis={}", b.session_cookie().cloned().unwrap_or_default());
     let mut ws = ws_connect_with(&w, "/ws", &[("cookie", &cookie)])
         .await
         .unwrap_or_else(|e| panic!("ws with a session: {e}"));
@@ -435,7 +549,7 @@ async fn refresh_is_single_flight_and_failure_means_sign_in_again() {
         let r = t.await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
         assert!(
-            set_cookies(&r).iter().any(|c| c.starts_with("_portcullis=1")),
+            set_cookies(&r).iter().any(|c| c.starts_with("__Host-_portcullis=1")),
             "new session cookie"
         );
     }
@@ -685,7 +799,7 @@ async fn two_issuers_with_login_get_the_chooser_and_either_signs_in() {
             assert!(to.contains(p), "{issuer}: {p} in {to}");
         }
         assert!(
-            set_cookies(&r).iter().any(|c| c.starts_with("_portcullis_login_")),
+            set_cookies(&r).iter().any(|c| c.starts_with("__Host-_portcullis_login_")),
             "{issuer}: a login cookie binds the state"
         );
         authorize.insert(issuer, to);
@@ -748,7 +862,7 @@ async fn a_session_is_kept_on_a_route_that_does_not_accept_its_issuer() {
     let r = b.get(&w, &w.url("/partners/x")).await;
     assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
     assert!(
-        !set_cookies(&r).iter().any(|c| c.starts_with("_portcullis=")),
+        !set_cookies(&r).iter().any(|c| c.starts_with("__Host-_portcullis=")),
         "the session was cleared: {:?}",
         set_cookies(&r)
     );
@@ -761,7 +875,7 @@ async fn sign_ins_in_progress_are_capped_oldest_first_and_a_long_deep_link_still
     let w = sso_world("").await;
     let mut b = Browser::new();
     let pending = |b: &Browser| -> Vec<String> {
-        b.jar.keys().filter(|k| k.starts_with("_portcullis_login_")).cloned().collect()
+        b.jar.keys().filter(|k| k.starts_with("__Host-_portcullis_login_")).cloned().collect()
     };
     // Ten tabs sent to sign in, none finishing (a page re-navigating a window): the
     // browser never holds more than three sign-ins, and keeps the newest.
