@@ -450,8 +450,7 @@ async fn reload(state: &State) -> bool {
                 problems = e.0.len(),
                 "reload rejected; the previous configuration keeps serving"
             );
-            m.config_reloads.inc(&"error");
-            return false;
+            return rejected(state, "config", e.0.iter().map(ToString::to_string).collect());
         }
     };
     // A version whose own policy tests fail is refused like one that does not compile.
@@ -464,8 +463,11 @@ async fn reload(state: &State) -> bool {
             failed_tests = failures.len(),
             "reload rejected: policy tests fail; the previous configuration keeps serving"
         );
-        m.config_reloads.inc(&"error");
-        return false;
+        return rejected(
+            state,
+            "policy-tests",
+            failures.iter().map(|o| o.failure_report()).collect(),
+        );
     }
     let old = state.shared.runtime.load_full();
     // Settings fixed at start: said at every reload while they differ from what runs.
@@ -480,8 +482,7 @@ async fn reload(state: &State) -> bool {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(error = %e, "reload rejected: TLS; the previous configuration keeps serving");
-            m.config_reloads.inc(&"error");
-            return false;
+            return rejected(state, "tls", vec![e.to_string()]);
         }
     };
     let generation = state.generation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -492,16 +493,14 @@ async fn reload(state: &State) -> bool {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "reload rejected; the previous configuration keeps serving");
-            m.config_reloads.inc(&"error");
-            return false;
+            return rejected(state, "runtime", vec![e.to_string()]);
         }
     };
     let pg = match crate::postgres::prepare(&runtime.config) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "reload rejected: database TLS; the previous configuration keeps serving");
-            m.config_reloads.inc(&"error");
-            return false;
+            return rejected(state, "database-tls", vec![e.to_string()]);
         }
     };
     // Bind the listeners of added and moved database routes before anything is swapped
@@ -510,8 +509,7 @@ async fn reload(state: &State) -> bool {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "reload rejected: database listener; the previous configuration and its listeners keep serving");
-            m.config_reloads.inc(&"error");
-            return false;
+            return rejected(state, "database-listener", vec![e.to_string()]);
         }
     };
     let changed: Vec<&str> = runtime
@@ -560,6 +558,7 @@ async fn reload(state: &State) -> bool {
     state.sink.emit(&serde_json::json!({
         "ts": crate::audit::now_rfc3339(),
         "kind": "reload",
+        "outcome": "loaded",
         "generation": generation,
         "old_policy_revision": &*old.revision,
         "new_policy_revision": &*runtime.revision,
@@ -594,6 +593,29 @@ async fn reload(state: &State) -> bool {
     state.refused_files.lock().clear();
     m.config_reloads.inc(&"ok");
     true
+}
+
+/// A reload refused at `stage`: counted, and audited as a `reload` event with
+/// `outcome: "rejected"`, so the audit trail shows every attempted change, not only
+/// those that took effect. The problems are the diagnostics already logged
+/// (`file:line:col: message`; they never quote a secret), the first ten, each bounded.
+fn rejected(state: &State, stage: &'static str, problems: Vec<String>) -> bool {
+    const SHOWN: usize = 10;
+    crate::metrics::global().config_reloads.inc(&"error");
+    let current = state.shared.runtime.load();
+    let shown: Vec<&str> =
+        problems.iter().take(SHOWN).map(|p| &p[..crate::audit::bounded_len(p)]).collect();
+    state.sink.emit(&serde_json::json!({
+        "ts": crate::audit::now_rfc3339(),
+        "kind": "reload",
+        "outcome": "rejected",
+        "stage": stage,
+        "generation": current.generation,
+        "policy_revision": &*current.revision,
+        "problems": problems.len(),
+        "errors": shown,
+    }));
+    false
 }
 
 async fn accept_loop(

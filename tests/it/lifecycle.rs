@@ -52,6 +52,18 @@ async fn reload_applies_a_good_policy_and_rejects_a_bad_one() {
     assert_eq!(w.get("/x", Some(&feature)).await.status, StatusCode::OK);
     let m = w.admin_get("/metrics").await.text();
     assert!(m.contains("portcullis_config_reloads_total{outcome=\"error\"}"));
+    // Each attempt is in the audit trail: one loaded, two rejected with where they failed.
+    let reloads: Vec<_> = w.events().into_iter().filter(|e| e["kind"] == "reload").collect();
+    let outcomes: Vec<_> =
+        reloads.iter().map(|e| e["outcome"].as_str().unwrap_or_default()).collect();
+    assert_eq!(outcomes, ["loaded", "rejected", "rejected"], "{reloads:?}");
+    let bad_key = reloads[1]["errors"].to_string();
+    assert!(bad_key.contains("api.toml:5:1") && bad_key.contains("audiance"), "{bad_key}");
+    assert!(reloads[2]["errors"].to_string().contains("bogus"), "{}", reloads[2]);
+    assert_eq!(
+        reloads[2]["policy_revision"], reloads[0]["new_policy_revision"],
+        "what still serves"
+    );
 }
 
 /// A `[[test]]` that holds for [`ONLY_MAIN`] and fails for [`FEATURE_TOO`].
@@ -86,7 +98,14 @@ async fn a_version_whose_policy_tests_fail_is_not_loaded() {
     assert!(!w.server().reload().await, "a version failing its own tests was loaded");
     assert_eq!(w.get("/x", Some(&feature)).await.status, StatusCode::FORBIDDEN);
     assert!(reloads(&w, "error").await > errors);
-    assert!(!w.events().iter().any(|e| e["kind"] == "reload"), "a refused reload emits no event");
+    // Audited as an attempt, with the failing test, and nothing loaded.
+    let reloads: Vec<_> = w.events().into_iter().filter(|e| e["kind"] == "reload").collect();
+    assert_eq!(reloads.len(), 1, "{reloads:?}");
+    assert_eq!(reloads[0]["outcome"], "rejected", "{}", reloads[0]);
+    assert_eq!(reloads[0]["stage"], "policy-tests", "{}", reloads[0]);
+    assert_eq!(reloads[0]["problems"], 1, "{}", reloads[0]);
+    let first = reloads[0]["errors"][0].as_str().unwrap_or_default();
+    assert!(first.contains("test failed: feature branches are refused"), "{}", reloads[0]);
     // Nor does a server start with it.
     let config = portcullis::config::Config::load(&w.config_path())
         .unwrap_or_else(|e| panic!("the version compiles: {e}"));
@@ -335,7 +354,13 @@ async fn a_reload_rotates_the_assertion_key_and_the_jwks_keeps_the_old_one() {
         let jwks = w.get("/.well-known/portcullis/jwks.json", None).await.json();
         assert_eq!(jwks_kids(&jwks), [b.clone(), a.clone()]);
     }
-    assert_eq!(w.events().iter().filter(|e| e["kind"] == "reload").count(), 1);
+    let outcomes: Vec<_> = w
+        .events()
+        .into_iter()
+        .filter(|e| e["kind"] == "reload")
+        .map(|e| e["outcome"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(outcomes, ["loaded", "rejected", "rejected"]);
 }
 
 /// The watcher already polls the key file; a new key there is now loaded, not only

@@ -255,7 +255,8 @@ async fn a_reload_sets_the_limit_for_new_connections_counting_those_open() {
     assert_ne!(text, limited);
     write(&w.config_path(), &limited);
     assert!(w.server().reload().await);
-    let reload = w.events().into_iter().rfind(|e| e["kind"] == "reload");
+    let reload =
+        w.events().into_iter().rfind(|e| e["kind"] == "reload" && e["outcome"] == "loaded");
     let reload = reload.unwrap_or_else(|| panic!("no reload event"));
     assert_eq!(reload["restart_required"], serde_json::json!([]), "{reload}");
 

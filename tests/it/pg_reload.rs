@@ -52,7 +52,11 @@ async fn assert_refuses(addr: SocketAddr) {
 
 /// The last `reload` audit event.
 fn last_reload(w: &PgWorld) -> Value {
-    w.w.events().into_iter().rev().find(|e| e["kind"] == "reload").unwrap_or(Value::Null)
+    w.w.events()
+        .into_iter()
+        .rev()
+        .find(|e| e["kind"] == "reload" && e["outcome"] == "loaded")
+        .unwrap_or(Value::Null)
 }
 
 /// The error a tokio-postgres connection task ended with (bounded wait).
@@ -234,7 +238,8 @@ async fn a_reload_whose_database_listener_cannot_bind_is_rejected_and_nothing_ch
     let (c, conn) = connect_at(&w, w.addr, &token).await.unwrap_or_else(|e| panic!("{e}"));
     let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
     let taken = blocker.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    let reloads = w.w.events().iter().filter(|e| e["kind"] == "reload").count();
+    let loaded = |e: &&Value| e["kind"] == "reload" && e["outcome"] == "loaded";
+    let reloads = w.w.events().iter().filter(loaded).count();
 
     // One route that can be bound, one that cannot, and a policy that would revoke the
     // open session: all or nothing.
@@ -251,10 +256,12 @@ async fn a_reload_whose_database_listener_cannot_bind_is_rejected_and_nothing_ch
     );
     assert!(!w.w.server().reload().await, "a listener that cannot bind rejects the reload");
     assert_eq!(bound_now(&w), vec![("appdb".to_string(), w.addr)], "no listener added");
+    assert_eq!(w.w.events().iter().filter(loaded).count(), reloads, "nothing loaded");
+    let last = w.w.events().into_iter().rfind(|e| e["kind"] == "reload").unwrap_or(Value::Null);
     assert_eq!(
-        w.w.events().iter().filter(|e| e["kind"] == "reload").count(),
-        reloads,
-        "no reload event"
+        (last["outcome"].as_str(), last["stage"].as_str()),
+        (Some("rejected"), Some("database-listener")),
+        "{last}"
     );
     // The old policy is still in force: the session goes on and new ones open.
     tokio::time::sleep(Duration::from_millis(200)).await;

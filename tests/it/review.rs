@@ -122,7 +122,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 fn reload_events(w: &World) -> Vec<serde_json::Value> {
-    w.events().into_iter().filter(|e| e["kind"] == "reload").collect()
+    w.events().into_iter().filter(|e| e["kind"] == "reload" && e["outcome"] == "loaded").collect()
 }
 
 #[tokio::test]
