@@ -61,6 +61,7 @@ pub mod proto;
 mod redact;
 pub mod scram;
 mod session;
+pub mod startup;
 pub mod statements;
 mod stream;
 pub mod upstream;
