@@ -99,6 +99,10 @@ pub enum Reason {
     /// startup packet, or later by `SET client_encoding` / `SET NAMES`), under which the
     /// audit could no longer read statement text and names as the server does.
     UnsupportedEncoding,
+    /// PostgreSQL: the startup packet carried a parameter portcullis does not forward: a
+    /// non-empty `options`, or a setting outside the allow-list (`role`,
+    /// `search_path`, …), which the server would apply unaudited.
+    UnsupportedStartupParameter,
     /// HTTP/2: a connection's concurrent request beyond its first found every
     /// `max_connections` slot taken (each in-flight request can hold an upstream socket).
     Overloaded,
@@ -171,6 +175,7 @@ impl Reason {
             Reason::AccessRevoked => "access-revoked",
             Reason::ShuttingDown => "shutting-down",
             Reason::UnsupportedEncoding => "unsupported-encoding",
+            Reason::UnsupportedStartupParameter => "unsupported-startup-parameter",
             Reason::Overloaded => "overloaded",
             Reason::AuditUnavailable => "audit-unavailable",
             Reason::RequestTimeout => "request-timeout",
@@ -244,7 +249,9 @@ impl Reason {
             Reason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
             Reason::PlaintextRefused => StatusCode::UPGRADE_REQUIRED,
-            Reason::ProtocolViolation | Reason::UnsupportedEncoding => StatusCode::BAD_REQUEST,
+            Reason::ProtocolViolation
+            | Reason::UnsupportedEncoding
+            | Reason::UnsupportedStartupParameter => StatusCode::BAD_REQUEST,
             Reason::AccessRevoked => StatusCode::FORBIDDEN,
             Reason::ShuttingDown | Reason::Overloaded | Reason::AuditUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE

@@ -70,6 +70,9 @@ pub struct DatabaseSettings {
     /// From TCP accept to an authenticated session (TLS, startup, token, upstream auth).
     pub startup_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Startup parameters forwarded beyond `postgres::startup::DEFAULT_FORWARDED`,
+    /// lowercase.
+    pub startup_parameters: Vec<String>,
 }
 
 impl DatabaseSettings {
@@ -171,6 +174,17 @@ impl Compiler<'_> {
                 }
             }
         }
+        let mut startup_parameters: Vec<String> = Vec::new();
+        for p in d.startup_parameters.iter().flat_map(|l| l.get_ref()) {
+            let lower = p.get_ref().to_ascii_lowercase();
+            if let Some(why) = crate::postgres::startup::extra_name_error(p.get_ref()) {
+                self.err(p.span(), format!("startup_parameters: {why}"));
+            } else if startup_parameters.contains(&lower) {
+                self.err(p.span(), format!("startup_parameters: `{}` listed twice", p.get_ref()));
+            } else {
+                startup_parameters.push(lower);
+            }
+        }
         let dur = |c: &mut Self, v: &Option<Spanned<String>>, default: Duration| {
             v.as_ref().and_then(|d| c.duration(d)).unwrap_or(default)
         };
@@ -189,6 +203,7 @@ impl Compiler<'_> {
             max_session: d.max_session.as_ref().and_then(|m| self.duration(m)),
             startup_timeout: dur(self, &d.startup_timeout, Duration::from_secs(10)),
             connect_timeout: dur(self, &d.connect_timeout, Duration::from_secs(5)),
+            startup_parameters,
         };
         (self.diags.len() == start).then_some(settings)
     }

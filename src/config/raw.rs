@@ -167,6 +167,8 @@ pub struct Database {
     pub max_session: Option<S<String>>,
     pub startup_timeout: Option<S<String>>,
     pub connect_timeout: Option<S<String>>,
+    /// Startup parameters forwarded beyond the default allow-list.
+    pub startup_parameters: Option<S<Vec<S<String>>>>,
 }
 
 /// `[databases.upstream_roles.NAME]`: where that role's password comes from.

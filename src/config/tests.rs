@@ -623,3 +623,29 @@ fn a_failed_load_names_the_files_it_tried_to_read() {
     std::fs::write(&path, "[[routes]\n").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(Config::attempt(&path).files, [path]);
 }
+
+#[test]
+fn database_startup_parameters_are_setting_names_and_never_the_role_or_options() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("pw"), "x\n").ok();
+    let text = format!(
+        "{BASE}\n[[databases]]\nname = \"db\"\nlisten = \"127.0.0.1:0\"\n\
+         upstream = \"postgres://127.0.0.1:5432\"\nupstream_user = \"app\"\n\
+         password_file = \"pw\"\npolicy = \"p\"\n\
+         startup_parameters = [\"search_path\", \"Role\", \"options\",\n  \
+         \"-c x=y\", \"SEARCH_PATH\", \"session_authorization\", \"app.tenant_id\"]\n"
+    );
+    let errs = compile(dir.path(), &text).err().unwrap_or_default();
+    let at = |pos: &str, what: &str| {
+        assert!(
+            errs.iter().any(|e| e.starts_with(pos) && e.contains(what)),
+            "{pos} {what}: {errs:?}"
+        );
+    };
+    at("21:38 ", "`Role` can never be forwarded");
+    at("21:46 ", "`options` can never be forwarded");
+    at("22:3 ", "not a PostgreSQL setting name");
+    at("22:13 ", "`SEARCH_PATH` listed twice");
+    at("22:28 ", "`session_authorization` can never be forwarded");
+    assert!(!errs.iter().any(|e| e.contains("search_path`") || e.contains("tenant")), "{errs:?}");
+}

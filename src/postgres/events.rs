@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use serde_json::value::RawValue;
 
+use super::startup::MAX_SHOWN;
 use crate::audit::TlsInfo;
 use crate::policy::RuleRef;
 
@@ -34,6 +35,11 @@ pub struct SessionEvent<'a> {
     pub upstream: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub application_name: Option<&'a str>,
+    /// Open only: the startup parameters forwarded to the server (names as the client
+    /// spelled them; values cut to [`MAX_SHOWN`] characters), `client_encoding=UTF8`
+    /// included when portcullis added it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub startup_parameters: Option<StartupParameters<'a>>,
     /// `allow` or `deny` (open/refused); on close, how it ended.
     pub decision: &'static str,
     pub reason: &'static str,
@@ -62,6 +68,22 @@ pub struct SessionEvent<'a> {
     /// stopped anything).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cancel_sent: Option<bool>,
+}
+
+/// Startup parameters, written as a JSON object in the packet's order.
+#[derive(Debug, Clone, Copy)]
+pub struct StartupParameters<'a>(pub &'a [(String, String)]);
+
+impl Serialize for StartupParameters<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (name, value) in self.0 {
+            let bounded = |v: &str| v.chars().take(MAX_SHOWN).collect::<String>();
+            m.serialize_entry(&bounded(name), &bounded(value))?;
+        }
+        m.end()
+    }
 }
 
 /// One statement sent for execution: a simple Query, or a Bind of a parsed statement.

@@ -11,7 +11,8 @@
 //!                    ├─ CancelRequest ── forward by key, close
 //!                    ├─ StartupMessage (plaintext) ── FATAL 28000 plaintext-refused
 //!                    └─ anything else ── FATAL 08P01 protocol-violation
-//! TLS ── StartupMessage ── AuthenticationCleartextPassword ── PasswordMessage = token
+//! TLS ── StartupMessage (a parameter outside the allow-list: FATAL 0A000, see `startup`)
+//!     ── AuthenticationCleartextPassword ── PasswordMessage = token
 //!     ── verify (28P01 on failure) ── policy(database, role) (28000 on deny)
 //!     ── upstream: TCP (+TLS) ── StartupMessage as the granted role ── SCRAM / md5
 //!     ── AuthenticationOk to the client ── ParameterStatus… ── BackendKeyData (ours,
@@ -61,6 +62,7 @@ pub mod proto;
 mod redact;
 pub mod scram;
 mod session;
+pub mod startup;
 pub mod statements;
 mod stream;
 pub mod upstream;

@@ -12,8 +12,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use super::cancel::{CancelGuard, CancelTarget};
-use super::events::{CancelEvent, SessionEvent, StatementEvent};
+use super::events::{CancelEvent, SessionEvent, StartupParameters, StatementEvent};
 use super::proto::{self, Captured, Initial, ReadError, Scanner, Severity};
+use super::startup;
 use super::statements::{is_utf8, Record, Tracker};
 use super::upstream::{self, UpstreamError, UpstreamStream};
 use super::{Hub, ALPN_POSTGRESQL};
@@ -34,6 +35,8 @@ struct Facts {
     database: Option<String>,
     role: Option<String>,
     application_name: Option<String>,
+    /// What was forwarded upstream from the startup packet (see `startup`).
+    startup_parameters: Vec<(String, String)>,
     identity: Option<Arc<Identity>>,
     rule: Option<Arc<RuleRef>>,
     upstream_role: Option<String>,
@@ -170,6 +173,7 @@ pub(super) async fn run(
         upstream_role: Some(&upstream_role),
         upstream: &db.upstream_display,
         application_name: facts.application_name.as_deref(),
+        startup_parameters: None,
         decision: "allow",
         reason: Reason::Allowed.code(),
         detail: None,
@@ -184,7 +188,10 @@ pub(super) async fn run(
         statements: None,
         cancel_sent: None,
     };
-    hub.sink.emit(&event("open"));
+    hub.sink.emit(&SessionEvent {
+        startup_parameters: Some(StartupParameters(&facts.startup_parameters)),
+        ..event("open")
+    });
     let m = crate::metrics::global();
     m.pg_sessions.inc(&(route.clone(), "allow", Reason::Allowed.code()));
     let counters = RouteCounters::open(&route);
@@ -318,6 +325,7 @@ fn emit_refused(
             upstream_role: facts.upstream_role.as_deref(),
             upstream,
             application_name: facts.application_name.as_deref(),
+            startup_parameters: None,
             decision: "deny",
             reason: r.reason.code(),
             detail: Some(&r.detail),
@@ -364,7 +372,23 @@ async fn refuse(
     sid: &str,
     detail: impl Into<String>,
 ) -> Outcome {
-    let text = format!("portcullis: {} (request id {sid})", reason.public_code());
+    refuse_saying(client, sqlstate, reason, sid, None, detail).await
+}
+
+/// [`refuse`], telling the client `shown` after the reason code (never a secret: what
+/// the client itself sent, or a fixed text).
+async fn refuse_saying(
+    client: &mut Client,
+    sqlstate: &str,
+    reason: Reason,
+    sid: &str,
+    shown: Option<&str>,
+    detail: impl Into<String>,
+) -> Outcome {
+    let text = match shown {
+        Some(shown) => format!("portcullis: {}: {shown} (request id {sid})", reason.public_code()),
+        None => format!("portcullis: {} (request id {sid})", reason.public_code()),
+    };
     let _ = client.write_all(&proto::error_response(Severity::Fatal, sqlstate, &text)).await;
     let _ = client.flush().await;
     let _ = client.shutdown().await;
@@ -556,8 +580,10 @@ async fn establish(
     }
     facts.role = Some(role.clone());
     facts.database = Some(database.clone());
-    facts.application_name =
-        param(&params, "application_name").map(|a| a.chars().take(64).collect());
+    facts.application_name = params
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("application_name"))
+        .map(|(_, a)| a.chars().take(64).collect());
     if param(&params, "replication").is_some_and(|r| !matches!(r, "false" | "off" | "no" | "0")) {
         return refuse(
             &mut client,
@@ -568,36 +594,33 @@ async fn establish(
         )
         .await;
     }
+    // Only settings that cannot change who the session is or what applies to it reach
+    // the server (see `startup`); the rest refuse the session before the token is asked
+    // for. `client_encoding` must be UTF8: the audit reads statement text and names as
+    // UTF8 (see `statements`). Under PostgreSQL's client-only encodings (SJIS, BIG5,
+    // GBK, GB18030, UHC, JOHAB) a multi-byte character's second byte can be `\` or `'`,
+    // so the masker would split literals where the server does not, and different name
+    // bytes can be one name to the server.
+    let forwarded = match startup::forwarded(&params, &db.startup_parameters) {
+        Ok(f) => f,
+        Err(e) => {
+            let (sqlstate, reason) = match e {
+                startup::Refused::Unsupported(_) => ("0A000", Reason::UnsupportedStartupParameter),
+                startup::Refused::Encoding(_) => ("0A000", Reason::UnsupportedEncoding),
+                startup::Refused::Twice(..) => ("08P01", Reason::ProtocolViolation),
+            };
+            let shown = e.shown();
+            return refuse_saying(&mut client, sqlstate, reason, sid, shown.as_deref(), e.detail())
+                .await;
+        }
+    };
+    facts.startup_parameters = forwarded.clone();
     let ignored: Vec<&str> =
         params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.as_str()).collect();
     if (minor > 0 || !ignored.is_empty())
         && client.write_all(&proto::negotiate_protocol_version(&ignored)).await.is_err()
     {
         return Outcome::Silent;
-    }
-    // The audit reads statement text and names as UTF8 (see `statements`): a session in
-    // any other client_encoding is refused. Under PostgreSQL's client-only encodings
-    // (SJIS, BIG5, GBK, GB18030, UHC, JOHAB) a multi-byte character's second byte can be
-    // `\` or `'`, so the masker would split literals where the server does not, and
-    // different name bytes can be one name to the server.
-    if let Some(enc) = param(&params, "client_encoding").filter(|e| !is_utf8(e)) {
-        let detail = format!(
-            "client_encoding `{}` requested in the startup packet; portcullis audits UTF8 sessions only",
-            enc.chars().take(64).collect::<String>()
-        );
-        return refuse(&mut client, "0A000", Reason::UnsupportedEncoding, sid, detail).await;
-    }
-    let mut forwarded: Vec<(String, String)> = params
-        .iter()
-        .filter(|(k, _)| {
-            !matches!(k.as_str(), "user" | "database" | "replication") && !k.starts_with("_pq_.")
-        })
-        .cloned()
-        .collect();
-    // Asked for explicitly, so that neither the database's default encoding nor a
-    // setting of the role or the database (lower precedence) picks another.
-    if param(&params, "client_encoding").is_none() {
-        forwarded.push(("client_encoding".to_string(), "UTF8".to_string()));
     }
 
     // Phase 3: the token, as a cleartext password over TLS.

@@ -137,6 +137,7 @@ fn test_db(dir: &std::path::Path) -> crate::config::DatabaseSettings {
         max_session: None,
         startup_timeout: std::time::Duration::from_secs(1),
         connect_timeout: std::time::Duration::from_secs(1),
+        startup_parameters: Vec::new(),
     }
 }
 

@@ -646,6 +646,9 @@ async fn psql_runs_a_query_as_the_rule_s_upstream_role_and_everything_is_audited
     assert_eq!(open["ci"]["branch"], "main");
     assert_eq!(open["ci"]["repository"], BB_REPO);
     assert_eq!(open["tls"]["version"], "TLSv1.3");
+    // What psql sent and portcullis forwarded: its name, and the encoding.
+    assert_eq!(open["startup_parameters"]["application_name"], "psql", "{open}");
+    assert!(open["startup_parameters"]["client_encoding"].is_string(), "{open}");
     let sid = open["session_id"].as_str().unwrap_or_default().to_string();
     let stmt =
         w.wait_event(|e| e["kind"] == "pg.statement" && e["session_id"] == sid.as_str()).await;

@@ -211,9 +211,20 @@ async fn a_session_that_leaves_utf8_is_ended_and_what_it_pipelined_is_never_misr
         })
         .await;
     assert_eq!(ev["decision"], "deny", "{ev}");
-    // Through `options`, or by naming none: the proxy asks for UTF8 upstream, which
-    // takes precedence; `utf-8` is UTF8.
-    for params in [[("options", "-c client_encoding=BIG5")], [("client_encoding", "utf-8")]] {
+    // In another spelling: still refused (setting names are case-insensitive).
+    let mut t = tls_at(&w, w.addr).await;
+    let p = [("user", "app"), ("database", "appdb"), ("CLIENT_ENCODING", "BIG5")];
+    send(&mut t, &[portcullis::postgres::proto::startup_message(&p)]).await;
+    let mut got = Vec::new();
+    while let Some(m) = next(&mut t).await {
+        got.push(m);
+    }
+    assert_eq!(error_code(&got).as_deref(), Some("0A000"), "{}", kinds(&got));
+    // Through `options`: refused like any setting there (see
+    // `startup_settings_that_change_the_role_or_guards_are_refused_and_audited`).
+    // Naming none: the proxy asks for UTF8 upstream, which takes precedence over a role's
+    // or database's setting; `utf-8` is UTF8.
+    for params in [[("client_encoding", "UTF8")], [("client_encoding", "utf-8")]] {
         let (mut t, _) = login(&w, w.addr, &token, &params).await;
         send(&mut t, &[query(b"show client_encoding")]).await;
         let m = until_ready(&mut t).await;
@@ -525,4 +536,137 @@ async fn a_statement_that_outlives_its_client_is_cancelled() {
     assert_eq!(close["ended_by"], "client", "{close}");
     assert_eq!(close["reason"], "closed", "{close}");
     assert_eq!(close["cancel_sent"], true, "{close}");
+}
+
+/// A refused startup: the messages the proxy sent before closing (it must close).
+async fn refused_startup(w: &PgWorld, params: &[(&str, &str)]) -> Vec<(u8, Vec<u8>)> {
+    let mut t = tls_at(w, w.addr).await;
+    let mut p = vec![("user", "app"), ("database", "appdb")];
+    p.extend_from_slice(params);
+    send(&mut t, &[portcullis::postgres::proto::startup_message(&p)]).await;
+    let mut got = Vec::new();
+    while let Some(m) = next(&mut t).await {
+        got.push(m);
+    }
+    got
+}
+
+/// Finding 02 of round 11: `options=-c role=…` (or a bare `role=` key, or
+/// `default_transaction_read_only=off`, `search_path=…`) in the startup packet would run
+/// the session as another role, or without the DBA's guards, while every event said
+/// `upstream_role: migrator`. Such a session is refused before the token is asked for,
+/// naming the parameter and never its value; what is forwarded is in the `open` event.
+#[tokio::test]
+async fn startup_settings_that_change_the_role_or_guards_are_refused_and_audited() {
+    let Some(w) = PgWorld::start().await else { return };
+    // `migrator` (the role pipelines on main get) may become this role: the attack's
+    // target, as in the finding (a nologin owner role the upstream role is a member of).
+    let _ = w.pg.admin_sql("create role startup_owner nologin; grant startup_owner to migrator");
+    let token = w.w.token("bb", &[]);
+    let cases: &[(&str, &str)] = &[
+        ("options", "-c role=startup_owner -c default_transaction_read_only=yes"),
+        ("role", "startup_owner"),
+        ("Role", "startup_owner"),
+        ("session_authorization", "startup_owner"),
+        ("default_transaction_read_only", "yes"),
+        ("search_path", "startup_owner_schema"),
+    ];
+    for (name, value) in cases {
+        let got = refused_startup(&w, &[(name, value)]).await;
+        assert_eq!(kinds(&got), "E", "{name}: refused before the password prompt");
+        let f = parse_fields(&got[0].1);
+        assert_eq!(f.get(&b'S').map(String::as_str), Some("FATAL"), "{name}");
+        assert_eq!(f.get(&b'C').map(String::as_str), Some("0A000"), "{name}");
+        let msg = f.get(&b'M').cloned().unwrap_or_default();
+        assert!(
+            msg.contains("unsupported-startup-parameter")
+                && msg.contains(&format!("`{name}`"))
+                && msg.contains("request id"),
+            "{name}: {msg}"
+        );
+        assert!(!msg.contains(value), "{name}: the value is never quoted: {msg}");
+        let ev = w
+            .wait_event(|e| {
+                e["event"] == "refused"
+                    && e["reason"] == "unsupported-startup-parameter"
+                    && e["detail"].as_str().is_some_and(|d| d.contains(&format!("`{name}`")))
+            })
+            .await;
+        assert_eq!(ev["kind"], "pg.session", "{name}: {ev}");
+        assert_eq!(ev["decision"], "deny", "{ev}");
+        assert_eq!(ev["role"], "app", "{ev}");
+    }
+    let all = w.w.sink.lines().join("");
+    assert!(!all.contains("startup_owner"), "no value of a refused parameter is logged");
+
+    // What stock clients send is forwarded, applied, and listed in the `open` event; an
+    // empty `options` (libpq with an empty PGOPTIONS) is dropped.
+    let params = [
+        ("application_name", "startup-audit-app"),
+        ("DateStyle", "ISO, DMY"),
+        ("TimeZone", "Asia/Tokyo"),
+        ("extra_float_digits", "3"),
+        ("options", " "),
+    ];
+    let (mut t, _) = login(&w, w.addr, &token, &params).await;
+    send(
+        &mut t,
+        &[query(b"select current_user || ' ' || current_setting('TimeZone') || ' ' || current_setting('DateStyle')")],
+    )
+    .await;
+    let m = until_ready(&mut t).await;
+    let row = m
+        .iter()
+        .find(|(k, _)| *k == b'D')
+        .map(|(_, b)| String::from_utf8_lossy(&b[6..]).into_owned());
+    assert_eq!(row.as_deref(), Some("migrator Asia/Tokyo ISO, DMY"), "{m:?}");
+    let open = w
+        .wait_event(|e| e["event"] == "open" && e["application_name"] == "startup-audit-app")
+        .await;
+    assert_eq!(
+        open["startup_parameters"],
+        serde_json::json!({
+            "application_name": "startup-audit-app",
+            "DateStyle": "ISO, DMY",
+            "TimeZone": "Asia/Tokyo",
+            "extra_float_digits": "3",
+            "client_encoding": "UTF8",
+        }),
+        "{open}"
+    );
+    assert_eq!(open["upstream_role"], "migrator", "{open}");
+}
+
+/// A route may forward more settings (`startup_parameters`): they are applied and in the
+/// `open` event; `role` and `options` stay refused.
+#[tokio::test]
+async fn a_route_s_startup_parameters_are_forwarded_and_audited() {
+    let Some(w) =
+        PgWorld::with_extra("startup_parameters = [\"search_path\", \"Statement_Timeout\"]").await
+    else {
+        return;
+    };
+    let token = w.w.token("bb", &[]);
+    let params = [("search_path", "pg_catalog"), ("statement_timeout", "12s")];
+    let (mut t, _) = login(&w, w.addr, &token, &params).await;
+    send(
+        &mut t,
+        &[query(
+            b"select current_setting('search_path') || '|' || current_setting('statement_timeout')",
+        )],
+    )
+    .await;
+    let m = until_ready(&mut t).await;
+    let row = m
+        .iter()
+        .find(|(k, _)| *k == b'D')
+        .map(|(_, b)| String::from_utf8_lossy(&b[6..]).into_owned());
+    assert_eq!(row.as_deref(), Some("pg_catalog|12s"), "{m:?}");
+    let open = w.wait_event(|e| e["event"] == "open").await;
+    assert_eq!(open["startup_parameters"]["search_path"], "pg_catalog", "{open}");
+    assert_eq!(open["startup_parameters"]["statement_timeout"], "12s", "{open}");
+    for (name, value) in [("role", "migrator"), ("options", "-c search_path=public")] {
+        let got = refused_startup(&w, &[(name, value)]).await;
+        assert_eq!(error_code(&got).as_deref(), Some("0A000"), "{name}: {}", kinds(&got));
+    }
 }
