@@ -207,6 +207,18 @@ fn shipped_bitbucket_steps_ask_for_the_audience_their_config_requires() {
     assert!(n >= 2, "the bitbucket-pipelines and postgres examples at least ({n})");
 }
 
+/// `dev token` reads the running demo's state: its `--help` says where from, and names
+/// the `PORTCULLIS_DEMO_DIR` default both commands share.
+#[test]
+fn dev_token_help_names_the_demo_state_dir_and_its_environment_variable() {
+    for args in [&["dev", "token", "--help"][..], &["demo", "--help"][..]] {
+        let (code, out, err) = run(args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(out.contains("--state-dir"), "{args:?}: {out}");
+        assert!(out.contains("PORTCULLIS_DEMO_DIR"), "{args:?}: {out}");
+    }
+}
+
 /// Starts the demo like the README does and returns it with what it printed so far.
 fn start_demo(dir: &Path, port: u16, cpus: Cpus) -> (Killed, String) {
     let (demo, out) = start_demo_with(dir, port, &[], cpus);
