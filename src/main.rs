@@ -157,7 +157,8 @@ struct DemoArgs {
     /// Allow binding non-loopback addresses (the demo's keys are public!).
     #[arg(long)]
     insecure_bind_any: bool,
-    /// Where the demo keeps its generated config, keys and certificates.
+    /// Where the demo keeps its generated config, keys and certificates (`dev token` needs
+    /// the same directory) [default: $PORTCULLIS_DEMO_DIR, else /tmp/portcullis-demo].
     #[arg(long)]
     state_dir: Option<PathBuf>,
     /// Also serve a PostgreSQL route to this server: postgres://user:password@host:port/db.
@@ -185,7 +186,10 @@ enum DevCommand {
         /// Print this many distinct tokens, one per line (load tests).
         #[arg(long, default_value_t = 1)]
         count: usize,
-        #[arg(long)]
+        /// The running demo's state directory, as given to `demo --state-dir` (its keys and
+        /// issuer URLs are read from DIR/demo.json) [default: $PORTCULLIS_DEMO_DIR, else
+        /// /tmp/portcullis-demo].
+        #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
     /// The load test's floor: the same HTTP server and pooled client with no identity,

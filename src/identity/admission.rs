@@ -9,9 +9,9 @@
 //! signature and header — is covered by [`Trust`]: a reload that changes where the
 //! issuer's keys come from or how a header is checked ends them, as the verifier then
 //! drops the keys it had. A browser session is admitted again as its cookie would be:
-//! while the issuer still has `login`, the key that sealed the cookie is still in
-//! `[session] keys` (rotating them signs everyone out) and its absolute lifetime, as
-//! reloaded, is not reached.
+//! while the issuer still has `login`, the key that sealed the cookie is still among the
+//! session keys (`[session] keys_file`/`keys_env`; rotating them signs everyone out) and
+//! its absolute lifetime, as reloaded, is not reached.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +24,8 @@ use crate::config::Config;
 pub enum Credential {
     /// A bearer token (`Authorization`, `Proxy-Authorization`, a database password).
     Token,
-    /// A browser session cookie, sealed with this key of `[session] keys`.
+    /// A browser session cookie, sealed with this one of the session keys
+    /// (`[session] keys_file`/`keys_env`).
     Session { key: crate::session::seal::KeyId },
 }
 

@@ -137,6 +137,88 @@ fn shipped_examples_pass_check() {
     assert!(n >= 3, "quickstart, bitbucket and github examples at least ({n})");
 }
 
+/// The audiences a Bitbucket Pipelines file's steps ask for in `oidc: audiences:` (the
+/// YAML subset the examples use; a commented-out block asks for nothing).
+fn bitbucket_step_audiences(yaml: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut oidc_indent = None;
+    for line in yaml.lines() {
+        let code = line.split('#').next().unwrap_or("");
+        let trimmed = code.trim();
+        if trimmed.is_empty() {
+            continue;
+        }
+        let indent = code.len() - code.trim_start().len();
+        match oidc_indent {
+            Some(i) if indent > i => {
+                if let Some(v) = trimmed.strip_prefix("- ") {
+                    out.push(v.trim().trim_matches(|c| c == '"' || c == '\'').to_string());
+                }
+            }
+            _ => oidc_indent = (trimmed == "oidc:").then_some(indent),
+        }
+    }
+    out
+}
+
+/// Every shipped `bitbucket-pipelines.yml` step that calls through the proxy with
+/// `$BITBUCKET_STEP_OIDC_TOKEN` asks for an audience its `portcullis.toml` accepts: with
+/// `oidc: true` alone the token's `aud` is only the workspace ARI, which V23 refuses.
+#[test]
+fn shipped_bitbucket_steps_ask_for_the_audience_their_config_requires() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut n = 0;
+    for entry in std::fs::read_dir(root.join("examples")).into_iter().flatten().flatten() {
+        let yml = entry.path().join("bitbucket-pipelines.yml");
+        let Ok(yaml) = std::fs::read_to_string(&yml) else { continue };
+        if !yaml.contains("BITBUCKET_STEP_OIDC_TOKEN") {
+            continue;
+        }
+        let cfg = entry.path().join("portcullis.toml");
+        let text =
+            std::fs::read_to_string(&cfg).unwrap_or_else(|e| panic!("{}: {e}", cfg.display()));
+        let table: toml::Table =
+            toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", cfg.display()));
+        let asked = bitbucket_step_audiences(&yaml);
+        let issuers = table.get("issuers").and_then(|i| i.as_table()).into_iter().flatten();
+        let mut bitbucket = 0;
+        for (name, issuer) in issuers {
+            if issuer.get("preset").and_then(|p| p.as_str()) != Some("bitbucket-pipelines") {
+                continue;
+            }
+            bitbucket += 1;
+            let accepted: Vec<&str> = issuer
+                .get("audiences")
+                .and_then(|a| a.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str())
+                .collect();
+            assert!(
+                accepted.iter().any(|a| asked.iter().any(|b| b == a)),
+                "{}: the step's `oidc: audiences:` {asked:?} has none of [issuers.{name}] \
+                 audiences {accepted:?}",
+                yml.display()
+            );
+        }
+        assert!(bitbucket > 0, "{}: no bitbucket-pipelines issuer", cfg.display());
+        n += 1;
+    }
+    assert!(n >= 2, "the bitbucket-pipelines and postgres examples at least ({n})");
+}
+
+/// `dev token` reads the running demo's state: its `--help` says where from, and names
+/// the `PORTCULLIS_DEMO_DIR` default both commands share.
+#[test]
+fn dev_token_help_names_the_demo_state_dir_and_its_environment_variable() {
+    for args in [&["dev", "token", "--help"][..], &["demo", "--help"][..]] {
+        let (code, out, err) = run(args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(out.contains("--state-dir"), "{args:?}: {out}");
+        assert!(out.contains("PORTCULLIS_DEMO_DIR"), "{args:?}: {out}");
+    }
+}
+
 /// Starts the demo like the README does and returns it with what it printed so far.
 fn start_demo(dir: &Path, port: u16, cpus: Cpus) -> (Killed, String) {
     let (demo, out) = start_demo_with(dir, port, &[], cpus);

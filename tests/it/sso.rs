@@ -400,8 +400,9 @@ async fn rotating_the_session_keys_file_signs_everyone_out_through_the_watcher()
 }
 
 /// Round 10: a WebSocket a browser session opened ends when a reload takes the key that
-/// sealed its cookie out of `[session] keys` ("rotating the keys signs everyone out"),
-/// as the cookie itself would be refused; a reload that keeps the key keeps it open.
+/// sealed its cookie out of the session keys (`[session] keys_file`; "rotating the keys
+/// signs everyone out"), as the cookie itself would be refused; a reload that keeps the key
+/// keeps it open.
 #[tokio::test]
 async fn rotating_the_session_keys_ends_the_tunnels_their_sessions_opened() {
     use crate::forwarding::{echo_once, tunnel_end_event, ws_connect_with};
