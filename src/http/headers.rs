@@ -234,9 +234,12 @@ fn forwarding(name: &str) -> bool {
     n.get(..PREFIX.len()).is_some_and(|p| cgi_eq(p, PREFIX)) || NAMES.iter().any(|f| cgi_eq(n, f))
 }
 
-/// Characters escaped in identity header values: controls, non-ASCII, `%` itself and
-/// `,` (the list separator of `X-Portcullis-Groups`).
-const HEADER_ESCAPE: &AsciiSet = &CONTROLS.add(b'%').add(b',').add(b'"');
+/// Characters escaped in identity header values: controls, non-ASCII, `%` itself, `,`
+/// (the list separator of `X-Portcullis-Groups`), `"` and the space. An HTTP parser drops
+/// whitespace at a field value's edges and around list commas (RFC 9110 §5.5, §5.6.1),
+/// so a raw space would turn a group `" admin"` or a subject `" root "` into `admin` and
+/// `root` upstream: names the policy never matched. `%20` reads the same to every parser.
+const HEADER_ESCAPE: &AsciiSet = &CONTROLS.add(b'%').add(b',').add(b'"').add(b' ');
 
 /// A header value from untrusted-but-verified text: percent-encoded so it is always
 /// valid and cannot smuggle a separator.
@@ -506,11 +509,51 @@ mod tests {
     #[test]
     fn values_cannot_smuggle_separators_or_controls() {
         assert_eq!(value("a,b").as_bytes(), b"a%2Cb");
-        assert_eq!(value("x\r\ny: z").as_bytes(), b"x%0D%0Ay: z");
+        assert_eq!(value("x\r\ny: z").as_bytes(), b"x%0D%0Ay:%20z");
         assert_eq!(value("é").as_bytes(), b"%C3%A9");
         assert_eq!(value("100%").as_bytes(), b"100%25");
-        assert_eq!(value("say \"hi\"").as_bytes(), b"say %22hi%22");
-        assert_eq!(value("plain-id_01 ~x").as_bytes(), b"plain-id_01 ~x");
+        assert_eq!(value("say \"hi\"").as_bytes(), b"say%20%22hi%22");
+        assert_eq!(value("plain-id_01~x").as_bytes(), b"plain-id_01~x");
         assert_eq!(value("del\x7f").as_bytes(), b"del%7F");
+    }
+
+    #[test]
+    fn spaces_in_claims_are_encoded_so_no_parser_trims_them_away() {
+        use crate::identity::{CiContext, IssuerId, PrincipalKind};
+        let id = Identity {
+            issuer: IssuerId(std::sync::Arc::from("corp")),
+            subject: " root ".into(),
+            kind: PrincipalKind::Pipeline,
+            email: Some("a b@example.com".into()),
+            email_verified: true,
+            groups: vec!["engineering".into(), " admin".into(), "ops ".into(), "on call".into()],
+            groups_known: true,
+            expires_at: 2_000_000_000,
+            issued_at: None,
+            ci: Some(CiContext {
+                provider: "github",
+                branch: Some(" main".into()),
+                ..Default::default()
+            }),
+            claims: Default::default(),
+            audit: Default::default(),
+        };
+        let headers = identity_headers(&id);
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_bytes().to_vec())
+                .unwrap_or_else(|| panic!("no {name}"))
+        };
+        assert_eq!(get("x-portcullis-subject"), b"%20root%20");
+        assert_eq!(get("x-portcullis-groups"), b"engineering,%20admin,ops%20,on%20call");
+        assert_eq!(get("x-portcullis-email"), b"a%20b@example.com");
+        assert_eq!(get("x-portcullis-ci-branch"), b"%20main");
+        // Every value is one token to a list parser: nothing at an edge or beside a comma
+        // that RFC 9110 lets it drop.
+        for (name, v) in &headers {
+            assert!(!v.as_bytes().contains(&b' '), "{name}: {v:?}");
+        }
     }
 }

@@ -73,6 +73,22 @@ async fn spoofed_identity_and_hop_by_hop_headers_never_reach_the_upstream() {
     assert_eq!(r.upstream_header("x-portcullis-kind").as_deref(), Some("pipeline"));
 }
 
+/// A claim with a space at its edge or beside a list comma reaches the upstream with the
+/// space encoded: an HTTP parser drops such whitespace (RFC 9110 §5.5, §5.6.1), and would
+/// hand the application a group `admin` and a subject `root` the token never held.
+#[tokio::test]
+async fn spaces_in_claims_reach_the_upstream_encoded() {
+    let w = World::start().await;
+    let t = w.token("corp", &[r#"groups:=["engineering", " admin", "ops "]"#, "sub= root "]);
+    let r = w.get("/x", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        r.upstream_header("x-portcullis-groups").as_deref(),
+        Some("engineering,%20admin,ops%20")
+    );
+    assert_eq!(r.upstream_header("x-portcullis-subject").as_deref(), Some("%20root%20"));
+}
+
 #[tokio::test]
 async fn a_route_may_send_the_identity_headers_without_the_signed_assertion() {
     let w =
