@@ -147,6 +147,73 @@ pub fn strip_proxy_set_cookies(h: &mut HeaderMap) {
     }
 }
 
+/// Makes a response to which the proxy adds its own `Set-Cookie` (a touched or refreshed
+/// session) one that no shared cache stores: the upstream answered not knowing a
+/// browser's session would ride on its answer, and a CDN or reverse cache that keeps the
+/// answer with its `Set-Cookie` would hand that session to the next visitor.
+///
+/// A response already `no-store` or (unqualified) `private` is left as it is. Otherwise
+/// the directives that let a shared cache store it (`public`, `s-maxage`,
+/// `proxy-revalidate`, a field-limited `private="…"`) are removed and `private` added, so
+/// a `public, max-age=3600` stylesheet stays cacheable for the browser alone
+/// (`max-age=3600, private`); a response without `Cache-Control` gets `private`, which
+/// also stops a shared cache's heuristic freshness. `private` forbids storage in a shared
+/// cache whatever `Expires` says (RFC 9111 §3), so `Expires` is left to the browser.
+/// `no-cache="Set-Cookie"` is not used: few caches honour field-limited directives.
+/// Targeted cache-control fields, which a CDN reads *instead* of `Cache-Control`
+/// (`CDN-Cache-Control`, RFC 9213; `Cloudflare-CDN-Cache-Control` and other
+/// `*-CDN-Cache-Control`; Fastly's and Akamai's `Surrogate-Control`, `Edge-Control`),
+/// are removed, so such a cache falls back to the `private` above.
+pub fn keep_from_shared_caches(h: &mut HeaderMap) {
+    let targeted: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            matches!(k, "cdn-cache-control" | "surrogate-control" | "edge-control")
+                || k.ends_with("-cdn-cache-control")
+        })
+        .cloned()
+        .collect();
+    for n in targeted {
+        h.remove(n);
+    }
+    let mut kept: Vec<Vec<u8>> = Vec::new();
+    for v in h.get_all(header::CACHE_CONTROL) {
+        for d in directives(v.as_bytes()) {
+            let name = d.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
+            let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+            if is("no-store") || (is("private") && !d.contains(&b'=')) {
+                return;
+            }
+            if !(is("public") || is("s-maxage") || is("proxy-revalidate") || is("private")) {
+                kept.push(d.to_vec());
+            }
+        }
+    }
+    kept.push(b"private".to_vec());
+    let v = HeaderValue::from_bytes(&kept.join(&b", "[..]))
+        .unwrap_or_else(|_| HeaderValue::from_static("private"));
+    h.insert(header::CACHE_CONTROL, v);
+}
+
+/// The directives of one `Cache-Control` value: split at commas outside quoted strings
+/// (`no-cache="Set-Cookie, X-A"` is one directive), trimmed, empty ones skipped.
+fn directives(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let (mut quoted, mut escaped) = (false, false);
+    v.split(move |b| {
+        match (*b, quoted, escaped) {
+            (_, true, true) => escaped = false,
+            (b'\\', true, false) => escaped = true,
+            (b'"', _, false) => quoted = !quoted,
+            (b',', false, _) => return true,
+            _ => {}
+        }
+        false
+    })
+    .map(<[u8]>::trim_ascii)
+    .filter(|d| !d.is_empty())
+}
+
 /// Removes the proxy's own cookies (`_portcullis*`), keeping the application's.
 pub fn strip_proxy_cookies(h: &mut HeaderMap) {
     if !h.contains_key(header::COOKIE) {
@@ -451,6 +518,55 @@ mod tests {
         let left: Vec<&str> =
             h.get_all(header::SET_COOKIE).iter().filter_map(|v| v.to_str().ok()).collect();
         assert_eq!(left, ["app=1; Path=/", "b=2", "c=_portcullis"]);
+    }
+
+    #[test]
+    fn a_response_carrying_the_proxys_cookie_is_kept_from_shared_caches() {
+        let cases: [(&[&str], Option<&str>); 11] = [
+            (&["public, max-age=3600"], Some("max-age=3600, private")),
+            (&["Public, S-MaxAge=600, max-age=60, Proxy-Revalidate"], Some("max-age=60, private")),
+            (&["max-age=60", "public"], Some("max-age=60, private")),
+            (
+                &["no-cache=\"Set-Cookie, X-A\", public"],
+                Some("no-cache=\"Set-Cookie, X-A\", private"),
+            ),
+            (&["private=\"Set-Cookie\", max-age=10"], Some("max-age=10, private")),
+            (&["must-revalidate, max-age=0"], Some("must-revalidate, max-age=0, private")),
+            (&[], Some("private")),
+            (&[""], Some("private")),
+            // Already unfit for a shared cache: left as the upstream wrote it.
+            (&["private, max-age=60"], Some("private, max-age=60")),
+            (&["public, no-store"], Some("public, no-store")),
+            (&["PRIVATE"], Some("PRIVATE")),
+        ];
+        for (given, want) in cases {
+            let mut h = HeaderMap::new();
+            for v in given {
+                h.append(header::CACHE_CONTROL, HeaderValue::from_static(v));
+            }
+            h.insert(header::EXPIRES, HeaderValue::from_static("Thu, 01 Jan 2099 00:00:00 GMT"));
+            keep_from_shared_caches(&mut h);
+            let got: Vec<&str> = h
+                .get_all(header::CACHE_CONTROL)
+                .iter()
+                .map(|v| v.to_str().unwrap_or("?"))
+                .collect();
+            assert_eq!(got, Vec::from_iter(want), "{given:?}");
+            assert!(h.contains_key(header::EXPIRES), "{given:?}: Expires is the browser's");
+        }
+        // A CDN reads its targeted field instead of Cache-Control: gone, whatever it said.
+        let mut h = map(&[
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "public, max-age=3600"),
+            ("cloudflare-cdn-cache-control", "max-age=3600"),
+            ("surrogate-control", "max-age=3600"),
+            ("edge-control", "cache-maxage=1h"),
+            ("x-app", "1"),
+        ]);
+        keep_from_shared_caches(&mut h);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        names.sort();
+        assert_eq!(names, ["cache-control", "x-app"]);
     }
 
     #[test]

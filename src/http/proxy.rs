@@ -828,7 +828,11 @@ pub async fn handle(
     }
     headers::strip_hop_by_hop(&mut parts.headers, keep_upgrade);
     headers::strip_proxy_set_cookies(&mut parts.headers);
-    // A refreshed or touched session goes back to the browser with the response.
+    // A refreshed or touched session goes back to the browser with the response, which
+    // then is the browser's alone: no shared cache may keep it with the session.
+    if !set_cookies.is_empty() {
+        headers::keep_from_shared_caches(&mut parts.headers);
+    }
     for c in set_cookies {
         parts.headers.append(header::SET_COOKIE, c);
     }
