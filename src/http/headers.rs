@@ -63,14 +63,14 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
     if present & 1 != 0 {
         // Names listed in `Connection` go too (the hop-by-hop ones among them, such as
-        // the usual `keep-alive`, go below anyway).
+        // the usual `keep-alive`, go below anyway), except those the proxy controls.
         let listed: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !hop.contains(&n))
+            .filter(|n| !hop.contains(&n) && !end_to_end_for_the_proxy(n))
             .collect();
         for n in listed {
             h.remove(n);
@@ -87,6 +87,24 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
+}
+
+/// End-to-end headers that a `Connection` option never removes, because the proxy
+/// routes, authorizes or frames by them, or sets them itself: `Host` (a client's
+/// `Connection: host` would otherwise send a `preserve_host` upstream its own address),
+/// `Content-Length`, the credentials (`Authorization`, `Cookie`), the forwarding headers
+/// and every `X-Portcullis-*`. RFC 9110 §7.6.1 forbids a sender to list a field meant
+/// for every recipient as a connection option; nginx ignores `Connection` options
+/// altogether. Such headers get the treatment they would get without the option
+/// (replaced, stripped or kept by the steps after this one).
+fn end_to_end_for_the_proxy(n: &HeaderName) -> bool {
+    let name = n.as_str();
+    *n == header::HOST
+        || *n == header::CONTENT_LENGTH
+        || *n == header::AUTHORIZATION
+        || *n == header::COOKIE
+        || name.starts_with(PREFIX)
+        || forwarding(name)
 }
 
 /// Removes every `X-Portcullis-*` header and the route's configured extra names —
@@ -415,6 +433,33 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
         assert_eq!(names, vec!["accept"]);
+    }
+
+    #[test]
+    fn connection_cannot_remove_the_headers_the_proxy_routes_authorizes_or_sets_by() {
+        let kept = [
+            ("host", "app.example.com"),
+            ("content-length", "2"),
+            ("authorization", "Bearer t"),
+            ("cookie", "app=1"),
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-host", "app.example.com"),
+            ("forwarded", "for=203.0.113.7"),
+            ("x-real-ip", "203.0.113.7"),
+            ("x-portcullis-request-id", "1"),
+        ];
+        let names: Vec<&str> = kept.iter().map(|(n, _)| *n).collect();
+        let mut pairs = kept.to_vec();
+        let listed = format!("close, {}, x-other", names.join(", ").to_uppercase());
+        pairs.push(("connection", &listed));
+        pairs.push(("x-other", "1"));
+        let mut h = map(&pairs);
+        strip_hop_by_hop(&mut h, false);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        let mut want = names.clone();
+        want.sort_unstable();
+        assert_eq!(left, want, "only x-other and Connection itself go");
     }
 
     #[test]

@@ -920,6 +920,36 @@ async fn preserve_host_forwards_the_clients_authority_for_http1_and_http2() {
     assert_eq!(r.upstream_header("host"), Some(want));
 }
 
+/// A client's `Connection` option cannot remove a header the proxy routes, authorizes or
+/// sets by: with `Connection: host` a `preserve_host` upstream still gets the name the
+/// request was routed and authorized by (not its own address, another virtual host), and
+/// `Connection: x-forwarded-for` does not drop a trusted proxy's chain. Other listed
+/// headers still go.
+#[tokio::test]
+async fn connection_options_cannot_remove_host_or_the_forwarding_chain() {
+    let w = World::with(Setup {
+        route_extra: "preserve_host = true".into(),
+        listen_extra: "trusted_proxies = [\"127.0.0.0/8\"]".into(),
+        ..Setup::default()
+    })
+    .await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+    for connection in ["host, x-drop-me", "Host, x-forwarded-for, x-drop-me", "x-drop-me, HOST"] {
+        let req = format!(
+            "GET /x HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {t}\r\nConnection: {connection}\r\nConnection: close\r\nX-Forwarded-For: 203.0.113.7\r\nX-Drop-Me: 1\r\n\r\n"
+        );
+        let resp = raw_exchange(&w, &req).await;
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{connection}: {resp}");
+        let echo = echo_in(&resp);
+        let h = &echo["headers"];
+        assert_eq!(h["host"][0], format!("localhost:{port}"), "{connection}: {echo}");
+        assert_eq!(h["x-forwarded-host"][0], "localhost", "{connection}: {echo}");
+        assert_eq!(h["x-forwarded-for"][0], "203.0.113.7, 127.0.0.1", "{connection}: {echo}");
+        assert!(h.get("x-drop-me").is_none(), "{connection}: {echo}");
+    }
+}
+
 /// A TLS connection to the proxy offering only HTTP/1.1.
 async fn tls_h1(w: &World) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     tls_alpn(w, b"http/1.1").await
