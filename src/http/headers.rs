@@ -107,6 +107,27 @@ fn end_to_end_for_the_proxy(n: &HeaderName) -> bool {
         || forwarding(name)
 }
 
+/// An upstream response's `Transfer-Encoding` when it is anything but `chunked` alone
+/// (`gzip, chunked`, `chunked, chunked`, `chunked;x=1`, `chunked,`, two fields): hyper
+/// decodes the chunked framing only, so the body would reach the client still in the
+/// other coding with nothing saying so (a corrupt answer logged as a success), or be
+/// read up to the connection's close. The proxy refuses such an answer as nginx does
+/// (`upstream sent unknown "Transfer-Encoding"`). The value is for the log, cut to 64
+/// bytes.
+pub fn unsupported_transfer_coding(h: &HeaderMap) -> Option<String> {
+    let mut fields = h.get_all(header::TRANSFER_ENCODING).iter();
+    let first = fields.next()?;
+    // One field, one coding: even `chunked,` is not chunked to hyper (it reads the last
+    // list element, here empty, and would read the body up to the connection's close).
+    if fields.next().is_none() && first.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
+        return None;
+    }
+    let all: Vec<&[u8]> =
+        h.get_all(header::TRANSFER_ENCODING).iter().map(|v| v.as_bytes()).collect();
+    let text = all.join(&b", "[..]);
+    Some(String::from_utf8_lossy(text.get(..64).unwrap_or(&text)).into_owned())
+}
+
 /// Removes every `X-Portcullis-*` header and the route's configured extra names —
 /// also when spelled with `_` for `-`: CGI and WSGI servers (Python's wsgiref, gunicorn
 /// before 22, Puma before 6.4.3) present `X_Portcullis_Email` to the application as
@@ -460,6 +481,40 @@ mod tests {
         let mut want = names.clone();
         want.sort_unstable();
         assert_eq!(left, want, "only x-other and Connection itself go");
+    }
+
+    #[test]
+    fn a_transfer_coding_other_than_chunked_alone_is_unsupported() {
+        for ok in [&[][..], &["chunked"], &["Chunked"], &[" chunked "]] {
+            let mut h = HeaderMap::new();
+            for v in ok {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+            }
+            assert_eq!(unsupported_transfer_coding(&h), None, "{ok:?}");
+        }
+        for (bad, logged) in [
+            (&["gzip, chunked"][..], "gzip, chunked"),
+            (&["chunked, gzip"], "chunked, gzip"),
+            (&["gzip"], "gzip"),
+            (&["chunked, chunked"], "chunked, chunked"),
+            (&["chunked", "chunked"], "chunked, chunked"),
+            (&["gzip", "chunked"], "gzip, chunked"),
+            (&["chunked;q=1"], "chunked;q=1"),
+            (&[""], ""),
+            (&[",chunked"], ",chunked"),
+            (&["chunked,"], "chunked,"),
+            (&["chunked", ""], "chunked, "),
+        ] {
+            let mut h = HeaderMap::new();
+            for v in bad {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+            }
+            assert_eq!(unsupported_transfer_coding(&h).as_deref(), Some(logged), "{bad:?}");
+        }
+        let mut h = HeaderMap::new();
+        let long = HeaderValue::from_str(&"x".repeat(100)).unwrap_or_else(|e| panic!("{e}"));
+        h.insert(header::TRANSFER_ENCODING, long);
+        assert_eq!(unsupported_transfer_coding(&h).map(|v| v.len()), Some(64));
     }
 
     #[test]

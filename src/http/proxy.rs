@@ -768,6 +768,11 @@ pub async fn handle(
         Ok(Ok(r)) => r,
     };
 
+    if let Some(codings) = headers::unsupported_transfer_coding(resp.headers()) {
+        // Its body cannot be passed on as it was meant (dropping it closes the connection).
+        let detail = format!("upstream sent unknown Transfer-Encoding `{codings}`");
+        return rejection(out, Reason::UpstreamUnavailable, detail, &rc);
+    }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let to_websocket = resp
             .headers()

@@ -1905,6 +1905,58 @@ async fn an_upstream_content_length_beside_transfer_encoding_is_dropped() {
     upstream.abort();
 }
 
+/// An upstream answer whose `Transfer-Encoding` holds a coding besides a final `chunked`
+/// (`gzip, chunked`), or is not `chunked` alone: the proxy decodes only the chunks, so the
+/// client would get gzip bytes with nothing saying so, logged as a success. It is a bad
+/// upstream answer instead: 502 `upstream-unavailable`, the cause in the event, and
+/// nothing of the body passed on. A plain `chunked` answer still goes through.
+#[tokio::test]
+async fn an_upstream_transfer_coding_other_than_chunked_is_a_bad_gateway() {
+    use tokio::io::AsyncWriteExt;
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let upstream = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Some(head) = read_head(&mut s).await else { return };
+                let coding = if head.starts_with("GET /tc/gzip ") {
+                    "gzip, chunked"
+                } else if head.starts_with("GET /tc/trailing ") {
+                    "chunked,"
+                } else {
+                    "chunked"
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n6\r\nsecret\r\n0\r\n\r\n"
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let routes = format!(
+        "[[routes]]\nname = \"tc\"\nmatch = {{ path_prefix = \"/tc\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    for (path, coding) in [("/tc/gzip", "gzip, chunked"), ("/tc/trailing", "chunked,")] {
+        let r = w.get(path, Some(&t)).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{path}: {}", r.text());
+        assert_eq!(r.json()["error"], "upstream-unavailable", "{path}: {}", r.text());
+        assert!(!r.text().contains("secret"), "{path}: {}", r.text());
+        let ev = event_at(&w, path).await;
+        assert_eq!(ev["reason"], "upstream-unavailable", "{path}: {ev}");
+        assert_eq!(ev["status"], 502, "{path}: {ev}");
+        let detail = ev["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("Transfer-Encoding") && detail.contains(coding), "{path}: {ev}");
+    }
+    let r = w.get("/tc/plain", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.text(), "secret");
+    upstream.abort();
+}
+
 /// A raw upstream's read of a request head, up to its blank line (`None`: the connection
 /// ended first).
 async fn read_head(s: &mut tokio::net::TcpStream) -> Option<String> {
