@@ -63,14 +63,14 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
     if present & 1 != 0 {
         // Names listed in `Connection` go too (the hop-by-hop ones among them, such as
-        // the usual `keep-alive`, go below anyway).
+        // the usual `keep-alive`, go below anyway), except those the proxy controls.
         let listed: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !hop.contains(&n))
+            .filter(|n| !hop.contains(&n) && !end_to_end_for_the_proxy(n))
             .collect();
         for n in listed {
             h.remove(n);
@@ -87,6 +87,45 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
+}
+
+/// End-to-end headers that a `Connection` option never removes, because the proxy
+/// routes, authorizes or frames by them, or sets them itself: `Host` (a client's
+/// `Connection: host` would otherwise send a `preserve_host` upstream its own address),
+/// `Content-Length`, the credentials (`Authorization`, `Cookie`), the forwarding headers
+/// and every `X-Portcullis-*`. RFC 9110 §7.6.1 forbids a sender to list a field meant
+/// for every recipient as a connection option; nginx ignores `Connection` options
+/// altogether. Such headers get the treatment they would get without the option
+/// (replaced, stripped or kept by the steps after this one).
+fn end_to_end_for_the_proxy(n: &HeaderName) -> bool {
+    let name = n.as_str();
+    *n == header::HOST
+        || *n == header::CONTENT_LENGTH
+        || *n == header::AUTHORIZATION
+        || *n == header::COOKIE
+        || name.starts_with(PREFIX)
+        || forwarding(name)
+}
+
+/// An upstream response's `Transfer-Encoding` when it is anything but `chunked` alone
+/// (`gzip, chunked`, `chunked, chunked`, `chunked;x=1`, `chunked,`, two fields): hyper
+/// decodes the chunked framing only, so the body would reach the client still in the
+/// other coding with nothing saying so (a corrupt answer logged as a success), or be
+/// read up to the connection's close. The proxy refuses such an answer as nginx does
+/// (`upstream sent unknown "Transfer-Encoding"`). The value is for the log, cut to 64
+/// bytes.
+pub fn unsupported_transfer_coding(h: &HeaderMap) -> Option<String> {
+    let mut fields = h.get_all(header::TRANSFER_ENCODING).iter();
+    let first = fields.next()?;
+    // One field, one coding: even `chunked,` is not chunked to hyper (it reads the last
+    // list element, here empty, and would read the body up to the connection's close).
+    if fields.next().is_none() && first.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
+        return None;
+    }
+    let all: Vec<&[u8]> =
+        h.get_all(header::TRANSFER_ENCODING).iter().map(|v| v.as_bytes()).collect();
+    let text = all.join(&b", "[..]);
+    Some(String::from_utf8_lossy(text.get(..64).unwrap_or(&text)).into_owned())
 }
 
 /// Removes every `X-Portcullis-*` header and the route's configured extra names —
@@ -146,6 +185,73 @@ pub fn strip_proxy_set_cookies(h: &mut HeaderMap) {
     for v in kept {
         h.append(header::SET_COOKIE, v);
     }
+}
+
+/// Makes a response to which the proxy adds its own `Set-Cookie` (a touched or refreshed
+/// session) one that no shared cache stores: the upstream answered not knowing a
+/// browser's session would ride on its answer, and a CDN or reverse cache that keeps the
+/// answer with its `Set-Cookie` would hand that session to the next visitor.
+///
+/// A response already `no-store` or (unqualified) `private` is left as it is. Otherwise
+/// the directives that let a shared cache store it (`public`, `s-maxage`,
+/// `proxy-revalidate`, a field-limited `private="…"`) are removed and `private` added, so
+/// a `public, max-age=3600` stylesheet stays cacheable for the browser alone
+/// (`max-age=3600, private`); a response without `Cache-Control` gets `private`, which
+/// also stops a shared cache's heuristic freshness. `private` forbids storage in a shared
+/// cache whatever `Expires` says (RFC 9111 §3), so `Expires` is left to the browser.
+/// `no-cache="Set-Cookie"` is not used: few caches honour field-limited directives.
+/// Targeted cache-control fields, which a CDN reads *instead* of `Cache-Control`
+/// (`CDN-Cache-Control`, RFC 9213; `Cloudflare-CDN-Cache-Control` and other
+/// `*-CDN-Cache-Control`; Fastly's and Akamai's `Surrogate-Control`, `Edge-Control`),
+/// are removed, so such a cache falls back to the `private` above.
+pub fn keep_from_shared_caches(h: &mut HeaderMap) {
+    let targeted: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            matches!(k, "cdn-cache-control" | "surrogate-control" | "edge-control")
+                || k.ends_with("-cdn-cache-control")
+        })
+        .cloned()
+        .collect();
+    for n in targeted {
+        h.remove(n);
+    }
+    let mut kept: Vec<Vec<u8>> = Vec::new();
+    for v in h.get_all(header::CACHE_CONTROL) {
+        for d in directives(v.as_bytes()) {
+            let name = d.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
+            let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+            if is("no-store") || (is("private") && !d.contains(&b'=')) {
+                return;
+            }
+            if !(is("public") || is("s-maxage") || is("proxy-revalidate") || is("private")) {
+                kept.push(d.to_vec());
+            }
+        }
+    }
+    kept.push(b"private".to_vec());
+    let v = HeaderValue::from_bytes(&kept.join(&b", "[..]))
+        .unwrap_or_else(|_| HeaderValue::from_static("private"));
+    h.insert(header::CACHE_CONTROL, v);
+}
+
+/// The directives of one `Cache-Control` value: split at commas outside quoted strings
+/// (`no-cache="Set-Cookie, X-A"` is one directive), trimmed, empty ones skipped.
+fn directives(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let (mut quoted, mut escaped) = (false, false);
+    v.split(move |b| {
+        match (*b, quoted, escaped) {
+            (_, true, true) => escaped = false,
+            (b'\\', true, false) => escaped = true,
+            (b'"', _, false) => quoted = !quoted,
+            (b',', false, _) => return true,
+            _ => {}
+        }
+        false
+    })
+    .map(<[u8]>::trim_ascii)
+    .filter(|d| !d.is_empty())
 }
 
 /// Removes the proxy's own cookies (`_portcullis*`, bare or behind `__Host-` /
@@ -237,9 +343,12 @@ fn forwarding(name: &str) -> bool {
     n.get(..PREFIX.len()).is_some_and(|p| cgi_eq(p, PREFIX)) || NAMES.iter().any(|f| cgi_eq(n, f))
 }
 
-/// Characters escaped in identity header values: controls, non-ASCII, `%` itself and
-/// `,` (the list separator of `X-Portcullis-Groups`).
-const HEADER_ESCAPE: &AsciiSet = &CONTROLS.add(b'%').add(b',').add(b'"');
+/// Characters escaped in identity header values: controls, non-ASCII, `%` itself, `,`
+/// (the list separator of `X-Portcullis-Groups`), `"` and the space. An HTTP parser drops
+/// whitespace at a field value's edges and around list commas (RFC 9110 §5.5, §5.6.1),
+/// so a raw space would turn a group `" admin"` or a subject `" root "` into `admin` and
+/// `root` upstream: names the policy never matched. `%20` reads the same to every parser.
+const HEADER_ESCAPE: &AsciiSet = &CONTROLS.add(b'%').add(b',').add(b'"').add(b' ');
 
 /// A header value from untrusted-but-verified text: percent-encoded so it is always
 /// valid and cannot smuggle a separator.
@@ -348,6 +457,67 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
         assert_eq!(names, vec!["accept"]);
+    }
+
+    #[test]
+    fn connection_cannot_remove_the_headers_the_proxy_routes_authorizes_or_sets_by() {
+        let kept = [
+            ("host", "app.example.com"),
+            ("content-length", "2"),
+            ("authorization", "Bearer t"),
+            ("cookie", "app=1"),
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-host", "app.example.com"),
+            ("forwarded", "for=203.0.113.7"),
+            ("x-real-ip", "203.0.113.7"),
+            ("x-portcullis-request-id", "1"),
+        ];
+        let names: Vec<&str> = kept.iter().map(|(n, _)| *n).collect();
+        let mut pairs = kept.to_vec();
+        let listed = format!("close, {}, x-other", names.join(", ").to_uppercase());
+        pairs.push(("connection", &listed));
+        pairs.push(("x-other", "1"));
+        let mut h = map(&pairs);
+        strip_hop_by_hop(&mut h, false);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        let mut want = names.clone();
+        want.sort_unstable();
+        assert_eq!(left, want, "only x-other and Connection itself go");
+    }
+
+    #[test]
+    fn a_transfer_coding_other_than_chunked_alone_is_unsupported() {
+        for ok in [&[][..], &["chunked"], &["Chunked"], &[" chunked "]] {
+            let mut h = HeaderMap::new();
+            for v in ok {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+            }
+            assert_eq!(unsupported_transfer_coding(&h), None, "{ok:?}");
+        }
+        for (bad, logged) in [
+            (&["gzip, chunked"][..], "gzip, chunked"),
+            (&["chunked, gzip"], "chunked, gzip"),
+            (&["gzip"], "gzip"),
+            (&["chunked, chunked"], "chunked, chunked"),
+            (&["chunked", "chunked"], "chunked, chunked"),
+            (&["gzip", "chunked"], "gzip, chunked"),
+            (&["chunked;q=1"], "chunked;q=1"),
+            (&[""], ""),
+            (&[",chunked"], ",chunked"),
+            (&["chunked,"], "chunked,"),
+            (&["chunked", ""], "chunked, "),
+        ] {
+            let mut h = HeaderMap::new();
+            for v in bad {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+            }
+            assert_eq!(unsupported_transfer_coding(&h).as_deref(), Some(logged), "{bad:?}");
+        }
+        let mut h = HeaderMap::new();
+        let long = HeaderValue::from_str(&"x".repeat(100)).unwrap_or_else(|e| panic!("{e}"));
+        h.insert(header::TRANSFER_ENCODING, long);
+        assert_eq!(unsupported_transfer_coding(&h).map(|v| v.len()), Some(64));
     }
 
     #[test]
@@ -462,6 +632,55 @@ mod tests {
     }
 
     #[test]
+    fn a_response_carrying_the_proxys_cookie_is_kept_from_shared_caches() {
+        let cases: [(&[&str], Option<&str>); 11] = [
+            (&["public, max-age=3600"], Some("max-age=3600, private")),
+            (&["Public, S-MaxAge=600, max-age=60, Proxy-Revalidate"], Some("max-age=60, private")),
+            (&["max-age=60", "public"], Some("max-age=60, private")),
+            (
+                &["no-cache=\"Set-Cookie, X-A\", public"],
+                Some("no-cache=\"Set-Cookie, X-A\", private"),
+            ),
+            (&["private=\"Set-Cookie\", max-age=10"], Some("max-age=10, private")),
+            (&["must-revalidate, max-age=0"], Some("must-revalidate, max-age=0, private")),
+            (&[], Some("private")),
+            (&[""], Some("private")),
+            // Already unfit for a shared cache: left as the upstream wrote it.
+            (&["private, max-age=60"], Some("private, max-age=60")),
+            (&["public, no-store"], Some("public, no-store")),
+            (&["PRIVATE"], Some("PRIVATE")),
+        ];
+        for (given, want) in cases {
+            let mut h = HeaderMap::new();
+            for v in given {
+                h.append(header::CACHE_CONTROL, HeaderValue::from_static(v));
+            }
+            h.insert(header::EXPIRES, HeaderValue::from_static("Thu, 01 Jan 2099 00:00:00 GMT"));
+            keep_from_shared_caches(&mut h);
+            let got: Vec<&str> = h
+                .get_all(header::CACHE_CONTROL)
+                .iter()
+                .map(|v| v.to_str().unwrap_or("?"))
+                .collect();
+            assert_eq!(got, Vec::from_iter(want), "{given:?}");
+            assert!(h.contains_key(header::EXPIRES), "{given:?}: Expires is the browser's");
+        }
+        // A CDN reads its targeted field instead of Cache-Control: gone, whatever it said.
+        let mut h = map(&[
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "public, max-age=3600"),
+            ("cloudflare-cdn-cache-control", "max-age=3600"),
+            ("surrogate-control", "max-age=3600"),
+            ("edge-control", "cache-maxage=1h"),
+            ("x-app", "1"),
+        ]);
+        keep_from_shared_caches(&mut h);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        names.sort();
+        assert_eq!(names, ["cache-control", "x-app"]);
+    }
+
+    #[test]
     fn only_proxy_cookies_are_stripped() {
         let mut h = map(&[("cookie", "_portcullis=abc; app=1"), ("cookie", "_portcullis_1=x")]);
         strip_proxy_cookies(&mut h);
@@ -526,11 +745,51 @@ mod tests {
     #[test]
     fn values_cannot_smuggle_separators_or_controls() {
         assert_eq!(value("a,b").as_bytes(), b"a%2Cb");
-        assert_eq!(value("x\r\ny: z").as_bytes(), b"x%0D%0Ay: z");
+        assert_eq!(value("x\r\ny: z").as_bytes(), b"x%0D%0Ay:%20z");
         assert_eq!(value("é").as_bytes(), b"%C3%A9");
         assert_eq!(value("100%").as_bytes(), b"100%25");
-        assert_eq!(value("say \"hi\"").as_bytes(), b"say %22hi%22");
-        assert_eq!(value("plain-id_01 ~x").as_bytes(), b"plain-id_01 ~x");
+        assert_eq!(value("say \"hi\"").as_bytes(), b"say%20%22hi%22");
+        assert_eq!(value("plain-id_01~x").as_bytes(), b"plain-id_01~x");
         assert_eq!(value("del\x7f").as_bytes(), b"del%7F");
+    }
+
+    #[test]
+    fn spaces_in_claims_are_encoded_so_no_parser_trims_them_away() {
+        use crate::identity::{CiContext, IssuerId, PrincipalKind};
+        let id = Identity {
+            issuer: IssuerId(std::sync::Arc::from("corp")),
+            subject: " root ".into(),
+            kind: PrincipalKind::Pipeline,
+            email: Some("a b@example.com".into()),
+            email_verified: true,
+            groups: vec!["engineering".into(), " admin".into(), "ops ".into(), "on call".into()],
+            groups_known: true,
+            expires_at: 2_000_000_000,
+            issued_at: None,
+            ci: Some(CiContext {
+                provider: "github",
+                branch: Some(" main".into()),
+                ..Default::default()
+            }),
+            claims: Default::default(),
+            audit: Default::default(),
+        };
+        let headers = identity_headers(&id);
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_bytes().to_vec())
+                .unwrap_or_else(|| panic!("no {name}"))
+        };
+        assert_eq!(get("x-portcullis-subject"), b"%20root%20");
+        assert_eq!(get("x-portcullis-groups"), b"engineering,%20admin,ops%20,on%20call");
+        assert_eq!(get("x-portcullis-email"), b"a%20b@example.com");
+        assert_eq!(get("x-portcullis-ci-branch"), b"%20main");
+        // Every value is one token to a list parser: nothing at an edge or beside a comma
+        // that RFC 9110 lets it drop.
+        for (name, v) in &headers {
+            assert!(!v.as_bytes().contains(&b' '), "{name}: {v:?}");
+        }
     }
 }

@@ -227,6 +227,22 @@ fn authority_with_port(req: &Request<Incoming>) -> Option<String> {
     }
 }
 
+/// The authority a request was routed by, as the client wrote it (Host, else the
+/// target's authority or HTTP/2 `:authority`), less an empty port: the Host a
+/// `preserve_host` route forwards.
+fn routed_authority<B>(req: &Request<B>) -> Option<HeaderValue> {
+    match req.headers().get(header::HOST) {
+        Some(v) => match v.as_bytes().strip_suffix(b":") {
+            Some(name) => HeaderValue::from_bytes(name).ok(),
+            None => Some(v.clone()),
+        },
+        None => {
+            let a = req.uri().authority()?;
+            HeaderValue::from_str(without_empty_port(a.as_str())).ok()
+        }
+    }
+}
+
 /// `example.com:` is `example.com` (RFC 3986 §3.2.3: an empty port is the scheme's
 /// default; nginx reads it so too). Only for an authority [`is_host_and_port`] accepted,
 /// where a last `:` can only open the port.
@@ -680,7 +696,12 @@ pub async fn handle(
         return rejection(out, Reason::InternalError, "no client for route", &rc);
     };
 
-    let authority_header = req.uri().authority().map(|a| a.as_str().to_string());
+    // For a `preserve_host` route, the authority the request was routed and authorized by:
+    // the client's Host (equal to an absolute-form target's authority, see `unambiguous`),
+    // or HTTP/2 `:authority`, less an empty port, so the upstream reads the name
+    // X-Forwarded-Host gives, not `example.com:`. Taken before the headers are cleaned:
+    // what reaches the upstream is this, never whatever Host is left afterwards.
+    let routed_host = route.preserve_host.then(|| routed_authority(&req)).flatten();
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
     headers::strip_hop_by_hop(h, websocket);
@@ -690,21 +711,7 @@ pub async fn handle(
         h.remove(header::AUTHORIZATION);
     }
     headers::set_forwarded(h, &conn.peer_ip, conn.trusted_peer, conn.proto(), &host);
-    if !route.preserve_host {
-        h.insert(header::HOST, client.host().clone());
-    } else {
-        // The client's Host (an HTTP/2 client sends `:authority` instead), less an empty
-        // port: the upstream reads the name the request was routed by, as X-Forwarded-Host
-        // says it, not `example.com:`.
-        let sent = match h.get(header::HOST) {
-            Some(v) if v.as_bytes().ends_with(b":") => v.to_str().ok().map(str::to_string),
-            Some(_) => None,
-            None => authority_header,
-        };
-        if let Some(v) = sent.and_then(|a| HeaderValue::from_str(without_empty_port(&a)).ok()) {
-            h.insert(header::HOST, v);
-        }
-    }
+    h.insert(header::HOST, routed_host.unwrap_or_else(|| client.host().clone()));
     // Identity headers and assertion come prebuilt, cached per identity and route.
     let (now, signed) = (crate::util::unix_now(), route.identity_assertion);
     // The generation's signer: after a key rotation, never one with the retired key.
@@ -761,6 +768,11 @@ pub async fn handle(
         Ok(Ok(r)) => r,
     };
 
+    if let Some(codings) = headers::unsupported_transfer_coding(resp.headers()) {
+        // Its body cannot be passed on as it was meant (dropping it closes the connection).
+        let detail = format!("upstream sent unknown Transfer-Encoding `{codings}`");
+        return rejection(out, Reason::UpstreamUnavailable, detail, &rc);
+    }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let to_websocket = resp
             .headers()
@@ -829,7 +841,11 @@ pub async fn handle(
     }
     headers::strip_hop_by_hop(&mut parts.headers, keep_upgrade);
     headers::strip_proxy_set_cookies(&mut parts.headers);
-    // A refreshed or touched session goes back to the browser with the response.
+    // A refreshed or touched session goes back to the browser with the response, which
+    // then is the browser's alone: no shared cache may keep it with the session.
+    if !set_cookies.is_empty() {
+        headers::keep_from_shared_caches(&mut parts.headers);
+    }
     for c in set_cookies {
         parts.headers.append(header::SET_COOKIE, c);
     }
@@ -894,7 +910,25 @@ fn is_websocket(req: &Request<Incoming>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_host_and_port, query_overrides_method};
+    use super::{is_host_and_port, query_overrides_method, routed_authority};
+
+    #[test]
+    fn the_routed_authority_is_the_clients_host_or_target_less_an_empty_port() {
+        let at = |target: &str, host: Option<&str>| {
+            let mut b = http::Request::builder().uri(target);
+            if let Some(h) = host {
+                b = b.header(http::header::HOST, h);
+            }
+            let req = b.body(()).unwrap_or_else(|e| panic!("{e}"));
+            routed_authority(&req).map(|v| v.to_str().unwrap_or("?").to_string())
+        };
+        assert_eq!(at("/x", Some("App.example.com:8443")).as_deref(), Some("App.example.com:8443"));
+        assert_eq!(at("/x", Some("app.example.com:")).as_deref(), Some("app.example.com"));
+        // HTTP/2 `:authority`, or an absolute-form target without Host.
+        assert_eq!(at("https://app.example.com/x", None).as_deref(), Some("app.example.com"));
+        assert_eq!(at("https://app.example.com:/x", None).as_deref(), Some("app.example.com"));
+        assert_eq!(at("/x", None), None);
+    }
 
     #[test]
     fn hosts_are_dns_names_or_ip_literals_with_an_optional_port() {

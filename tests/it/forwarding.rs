@@ -77,6 +77,22 @@ async fn spoofed_identity_and_hop_by_hop_headers_never_reach_the_upstream() {
     assert_eq!(r.upstream_header("x-portcullis-kind").as_deref(), Some("pipeline"));
 }
 
+/// A claim with a space at its edge or beside a list comma reaches the upstream with the
+/// space encoded: an HTTP parser drops such whitespace (RFC 9110 §5.5, §5.6.1), and would
+/// hand the application a group `admin` and a subject `root` the token never held.
+#[tokio::test]
+async fn spaces_in_claims_reach_the_upstream_encoded() {
+    let w = World::start().await;
+    let t = w.token("corp", &[r#"groups:=["engineering", " admin", "ops "]"#, "sub= root "]);
+    let r = w.get("/x", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        r.upstream_header("x-portcullis-groups").as_deref(),
+        Some("engineering,%20admin,ops%20")
+    );
+    assert_eq!(r.upstream_header("x-portcullis-subject").as_deref(), Some("%20root%20"));
+}
+
 #[tokio::test]
 async fn a_route_may_send_the_identity_headers_without_the_signed_assertion() {
     let w =
@@ -917,6 +933,36 @@ async fn preserve_host_forwards_the_clients_authority_for_http1_and_http2() {
     let r =
         send_with(&c, Method::GET, &w.url("/x"), &[("authorization", &auth)], Bytes::new()).await;
     assert_eq!(r.upstream_header("host"), Some(want));
+}
+
+/// A client's `Connection` option cannot remove a header the proxy routes, authorizes or
+/// sets by: with `Connection: host` a `preserve_host` upstream still gets the name the
+/// request was routed and authorized by (not its own address, another virtual host), and
+/// `Connection: x-forwarded-for` does not drop a trusted proxy's chain. Other listed
+/// headers still go.
+#[tokio::test]
+async fn connection_options_cannot_remove_host_or_the_forwarding_chain() {
+    let w = World::with(Setup {
+        route_extra: "preserve_host = true".into(),
+        listen_extra: "trusted_proxies = [\"127.0.0.0/8\"]".into(),
+        ..Setup::default()
+    })
+    .await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+    for connection in ["host, x-drop-me", "Host, x-forwarded-for, x-drop-me", "x-drop-me, HOST"] {
+        let req = format!(
+            "GET /x HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {t}\r\nConnection: {connection}\r\nConnection: close\r\nX-Forwarded-For: 203.0.113.7\r\nX-Drop-Me: 1\r\n\r\n"
+        );
+        let resp = raw_exchange(&w, &req).await;
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{connection}: {resp}");
+        let echo = echo_in(&resp);
+        let h = &echo["headers"];
+        assert_eq!(h["host"][0], format!("localhost:{port}"), "{connection}: {echo}");
+        assert_eq!(h["x-forwarded-host"][0], "localhost", "{connection}: {echo}");
+        assert_eq!(h["x-forwarded-for"][0], "203.0.113.7, 127.0.0.1", "{connection}: {echo}");
+        assert!(h.get("x-drop-me").is_none(), "{connection}: {echo}");
+    }
 }
 
 /// A TLS connection to the proxy offering only HTTP/1.1.
@@ -1871,6 +1917,58 @@ async fn an_upstream_content_length_beside_transfer_encoding_is_dropped() {
         assert_eq!(ev["status"], 200, "{ev}");
         assert_eq!(ev["bytes_out"], body.len(), "{ev}");
     }
+    upstream.abort();
+}
+
+/// An upstream answer whose `Transfer-Encoding` holds a coding besides a final `chunked`
+/// (`gzip, chunked`), or is not `chunked` alone: the proxy decodes only the chunks, so the
+/// client would get gzip bytes with nothing saying so, logged as a success. It is a bad
+/// upstream answer instead: 502 `upstream-unavailable`, the cause in the event, and
+/// nothing of the body passed on. A plain `chunked` answer still goes through.
+#[tokio::test]
+async fn an_upstream_transfer_coding_other_than_chunked_is_a_bad_gateway() {
+    use tokio::io::AsyncWriteExt;
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let upstream = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Some(head) = read_head(&mut s).await else { return };
+                let coding = if head.starts_with("GET /tc/gzip ") {
+                    "gzip, chunked"
+                } else if head.starts_with("GET /tc/trailing ") {
+                    "chunked,"
+                } else {
+                    "chunked"
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n6\r\nsecret\r\n0\r\n\r\n"
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let routes = format!(
+        "[[routes]]\nname = \"tc\"\nmatch = {{ path_prefix = \"/tc\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    for (path, coding) in [("/tc/gzip", "gzip, chunked"), ("/tc/trailing", "chunked,")] {
+        let r = w.get(path, Some(&t)).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{path}: {}", r.text());
+        assert_eq!(r.json()["error"], "upstream-unavailable", "{path}: {}", r.text());
+        assert!(!r.text().contains("secret"), "{path}: {}", r.text());
+        let ev = event_at(&w, path).await;
+        assert_eq!(ev["reason"], "upstream-unavailable", "{path}: {ev}");
+        assert_eq!(ev["status"], 502, "{path}: {ev}");
+        let detail = ev["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("Transfer-Encoding") && detail.contains(coding), "{path}: {ev}");
+    }
+    let r = w.get("/tc/plain", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.text(), "secret");
     upstream.abort();
 }
 

@@ -949,3 +949,95 @@ async fn a_host_with_an_empty_port_signs_in_at_the_host_without_a_port() {
     assert!(to.contains("redirect_uri=https%3A%2F%2Flocalhost%2F.portcullis%2Fcallback"), "{to}");
     assert!(!to.contains("localhost%3A%2F"), "{to}");
 }
+
+/// A raw upstream that answers every request with `Connection: close` and the head
+/// `answer(path)` gives, then `ok`.
+async fn raw_upstream(
+    answer: fn(&str) -> &'static str,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let path = head.split(' ').nth(1).unwrap_or_default();
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\n{}Content-Length: 2\r\nConnection: close\r\n\r\nok",
+                    answer(path)
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// The proxy's renewed session cookie rides on an upstream answer the upstream made
+/// publicly cacheable (a stylesheet): the answer becomes the browser's alone, so no
+/// shared cache in front can keep it and hand the session to the next visitor. The
+/// browser keeps its `max-age`; an answer without the proxy's cookie is left alone.
+#[tokio::test]
+async fn a_response_carrying_a_renewed_session_is_never_shared_cacheable() {
+    let (addr, upstream) = raw_upstream(|path| match path {
+        "/cache/none" => "",
+        "/cache/private" => "Cache-Control: private, max-age=60\r\n",
+        _ => "Cache-Control: public, max-age=3600, s-maxage=86400\r\nCDN-Cache-Control: max-age=86400\r\nExpires: Thu, 01 Jan 2099 00:00:00 GMT\r\n",
+    })
+    .await;
+    let routes = format!(
+        "[[routes]]\nname = \"cache\"\nmatch = {{ path_prefix = \"/cache\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
+    );
+    let w = World::with(Setup {
+        sso: Some("refresh_before = \"200s\"".into()),
+        routes,
+        ..Setup::default()
+    })
+    .await;
+    // ID tokens live 100 s and are refreshed 200 s before expiry: every request renews.
+    login(&w).set_id_token_ttl(100);
+    let mut b = Browser::new();
+    let r = b.sign_in(&w, "/", "alice", &["engineering"]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let cache_control = |r: &Resp| {
+        r.headers
+            .get_all("cache-control")
+            .iter()
+            .map(|v| v.to_str().unwrap_or("?"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    for (path, want) in [
+        ("/cache/style.css", "max-age=3600, private"),
+        ("/cache/none", "private"),
+        ("/cache/private", "private, max-age=60"),
+    ] {
+        let r = b.get(&w, &w.url(path)).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
+        assert!(
+            set_cookies(&r).iter().any(|c| c.starts_with("_portcullis=")),
+            "{path}: the session was renewed"
+        );
+        assert_eq!(cache_control(&r), want, "{path}");
+        assert!(r.headers.get("cdn-cache-control").is_none(), "{path}");
+    }
+    // A bearer request gets no cookie: the upstream's caching is its own business.
+    let t = w.token("corp", &[r#"groups:=["engineering"]"#]);
+    let r = w.get("/cache/style.css", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(set_cookies(&r).is_empty());
+    assert_eq!(cache_control(&r), "public, max-age=3600, s-maxage=86400");
+    assert!(r.headers.get("cdn-cache-control").is_some());
+    upstream.abort();
+}
