@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 
-use crate::http::body::{ProxyBody, RequestBody};
+use crate::http::body::{ClientBody, ProxyBody, RequestBody};
 
 /// Serves until the process is stopped.
 pub async fn run(listen: SocketAddr, upstream: &str) -> Result<(), String> {
@@ -68,8 +68,9 @@ async fn forward(
         return status(StatusCode::BAD_REQUEST);
     };
     parts.uri = Uri::from(pq);
+    let h2 = parts.version == http::Version::HTTP_2;
     parts.version = http::Version::HTTP_11;
-    let body = RequestBody::new(body, u64::MAX, Default::default());
+    let body = RequestBody::new(ClientBody::new(body, h2), u64::MAX, Default::default());
     match client.send(Request::from_parts(parts, body)).await {
         Ok(resp) => resp.map(ProxyBody::Upstream),
         Err(_) => status(StatusCode::BAD_GATEWAY),

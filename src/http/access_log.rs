@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use tower::{Layer, Service};
 
 use super::activity::InFlight;
-use super::body::ProxyBody;
+use super::body::{ClientBody, ProxyBody};
 use super::proxy::{Outcome, Parked};
 use super::{ConnInfo, RequestId};
 use crate::audit::{AuditSink, HttpEvent, ShadowSummary};
@@ -52,7 +52,7 @@ pub struct AccessLog<S> {
 
 impl<S> Service<Request<Incoming>> for AccessLog<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
+    S: Service<Request<ClientBody>, Response = Response<ProxyBody>, Error = Infallible>,
     S::Future: Send + 'static,
 {
     type Response = Response<AuditBody>;
@@ -87,7 +87,9 @@ where
                 .cloned()
                 .map_or(LogHost::None, LogHost::Header),
         };
-        let fut = self.inner.call(req);
+        // From here on the body is one that, left unread by an HTTP/2 answer, is read
+        // and discarded (bounded) rather than reset under the client ([`ClientBody`]).
+        let fut = self.inner.call(req.map(|b| ClientBody::new(b, h2)));
         // Written by the guard if the client goes away before the response head (the
         // future is dropped); otherwise handed to the response body.
         let mut unanswered = Unanswered {

@@ -11,10 +11,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response};
-use hyper::body::Incoming;
 use tower::Service;
 
-use super::body::ProxyBody;
+use super::body::{ClientBody, ProxyBody};
 use super::proxy::{Outcome, Proxy, Shared};
 use super::RequestId;
 use crate::audit::{AuditHealth, AuditStatus};
@@ -37,16 +36,16 @@ impl AuditGate {
     }
 }
 
-impl Service<Request<Incoming>> for AuditGate {
+impl Service<Request<ClientBody>> for AuditGate {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = <Proxy as Service<Request<Incoming>>>::Future;
+    type Future = <Proxy as Service<Request<ClientBody>>>::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<ClientBody>) -> Self::Future {
         let status = self.health.present();
         if status == AuditStatus::Ok {
             return self.inner.call(req);

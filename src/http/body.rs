@@ -4,6 +4,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -97,19 +98,154 @@ impl RequestBodyError {
     }
 }
 
+/// The most of an unread HTTP/2 request body the proxy reads and discards after
+/// answering without it ([`ClientBody`]): nginx's `lingering_*`, bounded in bytes...
+pub const LINGER_BYTES: u64 = 1024 * 1024;
+/// ...and in time, from the moment the body is let go.
+pub const LINGER_TIME: Duration = Duration::from_secs(3);
+
+/// The client's request body as the proxy's phases hold it: forwarded, it becomes the
+/// upstream request's body ([`RequestBody`]).
+///
+/// HTTP/2: when the proxy answers without reading it to its end (any refusal, its own
+/// endpoints, an upstream it could not reach), dropping it would reset the stream
+/// (`RST_STREAM`, `NO_ERROR` or `CANCEL`) while the client is still sending, and clients
+/// such as curl 7.88 then report a framing error instead of the answer. So what is left
+/// is read and discarded in a task of its own, as nginx does: at most [`LINGER_BYTES`]
+/// (never past the route's `max_request_body`) and for at most [`LINGER_TIME`]; beyond
+/// either bound, or when the declared length is over it from the start, it is dropped
+/// and the stream reset. The task holds the stream alone: no `max_connections` slot, no
+/// request in flight (the connection may close as idle meanwhile, which ends it), and the
+/// stream counts against the connection's concurrent streams until it ends.
+///
+/// HTTP/1.1 is left as it was: hyper closes the connection after the answer instead of
+/// reading an unread body, and clients read the answer first.
+#[derive(Debug)]
+pub struct ClientBody {
+    /// Taken by the task that discards it.
+    inner: Option<Incoming>,
+    h2: bool,
+    /// Data bytes read so far.
+    seen: u64,
+    /// The route's `max_request_body` once the request has a route (set through a
+    /// shared borrow: the phases hold the request's path borrowed meanwhile).
+    limit: AtomicU64,
+    /// Read to its end, or failed: nothing is left to discard.
+    finished: bool,
+}
+
+impl ClientBody {
+    pub fn new(inner: Incoming, h2: bool) -> Self {
+        Self { inner: Some(inner), h2, seen: 0, limit: AtomicU64::new(u64::MAX), finished: false }
+    }
+
+    /// The route's limit: the body is never read past it, discarded or not.
+    pub fn limit_to(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// What may still be read and discarded once the proxy has let the body go.
+    fn linger_budget(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed).saturating_sub(self.seen).min(LINGER_BYTES)
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+        let r = Pin::new(inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.seen = this.seen.saturating_add(d.len() as u64);
+                }
+            }
+            Poll::Ready(_) => this.finished = true,
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        if !self.h2 || self.finished || self.is_end_stream() {
+            return;
+        }
+        let budget = self.linger_budget();
+        // A declared length over what may be read: no use reading any of it.
+        if budget == 0 || self.size_hint().lower() > budget {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        if let Some(body) = self.inner.take() {
+            rt.spawn(linger(body, budget));
+        }
+    }
+}
+
+/// Reads and discards an unread HTTP/2 request body until it ends, `budget` bytes have
+/// come, [`LINGER_TIME`] has passed, or the connection is gone; then drops it (reset the
+/// stream, if it has not ended).
+async fn linger(mut body: Incoming, budget: u64) {
+    let mut left = budget;
+    let read = async {
+        loop {
+            match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                Some(Ok(f)) => {
+                    let n = f.data_ref().map_or(0, |d| d.len() as u64);
+                    match left.checked_sub(n) {
+                        Some(l) => left = l,
+                        None => return false,
+                    }
+                }
+                None => return true,
+                Some(Err(_)) => return true,
+            }
+        }
+    };
+    match tokio::time::timeout(LINGER_TIME, read).await {
+        Ok(true) => {}
+        Ok(false) => tracing::debug!(
+            budget,
+            "request answered before its body ended: the rest is more than may be discarded; resetting the stream"
+        ),
+        Err(_) => tracing::debug!(
+            linger_s = LINGER_TIME.as_secs(),
+            "request answered before its body ended: the rest did not come in time; resetting the stream"
+        ),
+    }
+}
+
 /// The client's request body on its way upstream: counted for the audit log and cut
 /// off at the route's size limit (the upstream then sees an aborted request, the
 /// client a 413).
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Incoming,
+    inner: ClientBody,
     limit: u64,
     seen: u64,
     counter: Arc<AtomicU64>,
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: u64, counter: Arc<AtomicU64>) -> Self {
+    pub fn new(inner: ClientBody, limit: u64, counter: Arc<AtomicU64>) -> Self {
+        inner.limit_to(limit);
         Self { inner, limit, seen: 0, counter }
     }
 }

@@ -26,10 +26,9 @@ use arc_swap::ArcSwap;
 use futures_util::FutureExt;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use tower::Service;
 
-use super::body::{ProxyBody, RequestBody, RequestBodyError};
+use super::body::{ClientBody, ProxyBody, RequestBody, RequestBodyError};
 use super::{headers, path, reject, ConnInfo, RequestId};
 use crate::identity::{extract_bearer, Admission, Credential, CredentialSource, Identity};
 use crate::policy::{Decision, RequestFacts, RuleRef};
@@ -153,7 +152,7 @@ impl Proxy {
     }
 }
 
-impl Service<Request<Incoming>> for Proxy {
+impl Service<Request<ClientBody>> for Proxy {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
@@ -162,7 +161,7 @@ impl Service<Request<Incoming>> for Proxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<ClientBody>) -> Self::Future {
         let shared = self.shared.clone();
         let conn = self.conn.clone();
         // `map`, not an `async` block around `handle`: the block would hold the
@@ -216,7 +215,7 @@ fn rejection(
 
 /// The request's `host[:port]` as the browser wrote it, less an empty port (for
 /// redirect URIs).
-fn authority_with_port(req: &Request<Incoming>) -> Option<String> {
+fn authority_with_port(req: &Request<ClientBody>) -> Option<String> {
     match req.uri().authority() {
         Some(a) => Some(without_empty_port(a.as_str()).to_ascii_lowercase()),
         None => {
@@ -322,7 +321,7 @@ fn query_overrides_method(query: &str) -> bool {
 /// the upstream might route by the other). (Content-Length beside Transfer-Encoding never
 /// gets here: hyper frames such a request by Transfer-Encoding alone and drops the
 /// Content-Length, so the upstream is sent one unambiguous framing; tested.)
-fn unambiguous(req: &Request<Incoming>) -> Result<(), &'static str> {
+fn unambiguous(req: &Request<ClientBody>) -> Result<(), &'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
@@ -379,7 +378,7 @@ fn is_host_and_port(a: &[u8]) -> bool {
 }
 
 /// The request's authority, lower-cased and without port: `:authority` (HTTP/2) or Host.
-fn authority(req: &Request<Incoming>) -> Option<String> {
+fn authority(req: &Request<ClientBody>) -> Option<String> {
     let parsed: http::uri::Authority;
     let raw = match req.uri().authority() {
         Some(a) => a.host(),
@@ -397,7 +396,7 @@ fn authority(req: &Request<Incoming>) -> Option<String> {
 pub async fn handle(
     shared: Arc<Shared>,
     conn: ConnInfo,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
 ) -> Response<ProxyBody> {
     let rt = shared.runtime.load_full();
     let (rid, parked, over_limit) = match req.extensions().get::<RequestId>() {
@@ -539,6 +538,8 @@ pub async fn handle(
         return rejection(out, Reason::NoRoute, "no route for host and path", &rc);
     };
     let route: Arc<crate::config::RouteSettings> = route.clone();
+    // Not read past the route's limit, even to be discarded.
+    req.body().limit_to(route.max_request_body);
     out.route = Some(route.name.clone());
     out.upstream = Some(route.upstream.display.clone());
 
@@ -861,7 +862,7 @@ async fn sign_in_redirect(
     route: &crate::config::RouteSettings,
     authority: &str,
     rc: &RejectCtx,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
 ) -> Response<ProxyBody> {
     let here = crate::session::redirect::shorten(rc.here());
     let issuers = config.login_issuers(route);
@@ -893,7 +894,7 @@ fn source_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn is_websocket(req: &Request<Incoming>) -> bool {
+fn is_websocket(req: &Request<ClientBody>) -> bool {
     let h = req.headers();
     let upgrade = h
         .get(header::UPGRADE)

@@ -165,6 +165,10 @@ pub struct Server {
     state: Arc<State>,
     shutdown_tx: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<()>,
+    /// The admin listener, apart from `tasks`: it serves through the drain (`/readyz`
+    /// answers 503 `"draining": true` meanwhile) and stops once the drain is over.
+    admin: tokio::task::JoinSet<()>,
+    admin_stop: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Server {
@@ -315,6 +319,8 @@ impl Server {
         });
 
         let mut tasks = tokio::task::JoinSet::new();
+        let mut admin = tokio::task::JoinSet::new();
+        let (admin_stop, admin_stop_rx) = watch::channel(false);
         let mut bound = Bound::default();
 
         let bind = |a: SocketAddr| async move {
@@ -350,7 +356,7 @@ impl Server {
         if let Some(a) = listen.admin {
             let l = bind(a).await?;
             bound.admin = l.local_addr().ok();
-            tasks.spawn(admin_loop(l, state.clone(), shutdown_rx.clone()));
+            admin.spawn(admin_loop(l, state.clone(), admin_stop_rx));
         }
         let first = state.shared.runtime.load_full();
         let plan = state.pg_listeners.plan(&first.config).await?;
@@ -376,7 +382,17 @@ impl Server {
                 }
             }
         });
-        Ok(Server { http_bound: bound, shared, sink, postgres: pg, state, shutdown_tx, tasks })
+        Ok(Server {
+            http_bound: bound,
+            shared,
+            sink,
+            postgres: pg,
+            state,
+            shutdown_tx,
+            tasks,
+            admin,
+            admin_stop,
+        })
     }
 
     /// Where the server listens; the database routes as of the last reload.
@@ -403,7 +419,8 @@ impl Server {
 
     /// Stops accepting, drains in-flight requests (up to the grace period; then the
     /// connections still open are closed, their requests audited as `client-closed`),
-    /// flushes the audit log.
+    /// flushes the audit log. The admin listener serves until the drain is over, so
+    /// `/readyz` is seen answering 503 `"draining": true` (and `/healthz` 200) meanwhile.
     pub async fn shutdown(mut self) {
         self.state.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown_tx.send(true);
@@ -411,6 +428,8 @@ impl Server {
         // A reload in progress finishes first, so no accept loop starts after the drain.
         let _reloads = self.state.reload_lock.lock().await;
         self.state.pg_listeners.drained().await;
+        let _ = self.admin_stop.send(true);
+        while self.admin.join_next().await.is_some() {}
         self.sink.flush();
     }
 
@@ -838,19 +857,20 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// The admin listener: one request per connection (probes and scrapes are cheap to
-/// reconnect), at most [`ADMIN_MAX_CONNECTIONS`] at once, each closed if it sends no
+/// reconnect), until `stop` (the end of a shutdown's drain, not its start: the probes
+/// see it draining), at most [`ADMIN_MAX_CONNECTIONS`] at once, each closed if it sends no
 /// request within [`crate::admin::FIRST_REQUEST_TIMEOUT`] or when a newer connection needs
 /// its place before it has, and none open longer than `server.idle_timeout` — so silent
 /// sockets can neither use up the process's descriptors nor starve the health probes
 /// when the listener is exposed beyond loopback.
-async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+async fn admin_loop(listener: TcpListener, state: Arc<State>, mut stop: watch::Receiver<bool>) {
     use crate::admin::Slot;
     // Oldest first; a slot is gone once its connection's task has ended.
     let mut slots: std::collections::VecDeque<std::sync::Weak<Slot>> = Default::default();
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = stopped(&mut shutdown) => return,
+            _ = stopped(&mut stop) => return,
         };
         let stream = match accepted {
             Ok((stream, _)) => stream,

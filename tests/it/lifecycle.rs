@@ -144,6 +144,46 @@ async fn in_flight_requests_finish_during_a_reload_and_a_drain() {
     assert!(refused.is_err(), "listener closed after drain");
 }
 
+/// The drain is visible where load balancers look: while a request is still in flight
+/// after SIGTERM's shutdown began, the admin listener answers, `/readyz` with 503 and
+/// `"draining": true`, `/healthz` with 200; the request completes; once the drain is
+/// over the admin listener is closed too.
+#[tokio::test]
+async fn readyz_answers_draining_while_in_flight_requests_finish() {
+    let mut w = World::start().await;
+    let t = w.token("bb", &[]);
+    let url = w.url("/slow/2000");
+    let c = w.client.clone();
+    let auth = format!("Bearer {t}");
+    let slow = tokio::spawn(async move {
+        send_with(&c, http::Method::GET, &url, &[("authorization", &auth)], bytes::Bytes::new())
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ready = w.admin_get("/readyz").await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
+    let server = w.server.take().unwrap_or_else(|| panic!("server"));
+    let drained = tokio::spawn(server.shutdown());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let during = tokio::time::timeout(Duration::from_secs(2), w.admin_get("/readyz"))
+        .await
+        .unwrap_or_else(|_| panic!("/readyz unanswered during the drain"));
+    assert!(!slow.is_finished(), "the slow request ended before /readyz was asked");
+    assert_eq!(during.status, StatusCode::SERVICE_UNAVAILABLE, "{}", during.text());
+    assert_eq!(during.json()["draining"], true, "{}", during.text());
+    assert_eq!(during.json()["ready"], false, "{}", during.text());
+    assert_eq!(w.admin_get("/healthz").await.status, StatusCode::OK);
+    assert!(w.admin_get("/metrics").await.text().contains("portcullis_requests_total"));
+    let r = slow.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status, StatusCode::OK, "the in-flight request completes");
+    tokio::time::timeout(Duration::from_secs(10), drained)
+        .await
+        .unwrap_or_else(|_| panic!("the drain did not end"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let refused = tokio::net::TcpStream::connect(w.admin).await;
+    assert!(refused.is_err(), "admin listener still open after the drain");
+}
+
 #[tokio::test]
 async fn readiness_reflects_issuer_keys() {
     let w = World::start().await;

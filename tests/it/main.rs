@@ -13,6 +13,9 @@
 //! - `per_client`: `server.max_connections_per_client`: an address at its limit is reset
 //!   while another (127.0.0.2) is served, on the HTTP and database listeners alike, and a
 //!   closed connection, ended session or WebSocket tunnel frees its place.
+//! - `unread_bodies`: HTTP/2 requests the proxy refuses while their body is still arriving
+//!   get their answer without a stream reset (the raw `h2` client and the system `curl`);
+//!   what is left of the body is discarded only up to 1 MiB and 3 s.
 //! - `lifecycle`: reload (good, bad, via file watcher), graceful drain, readiness, metrics.
 //! - `cli`: the real binary: `check` diagnostics, and the README's demo flow.
 //! - `review`: shadow policies through the proxy, policy revisions in audit events,
@@ -53,3 +56,4 @@ mod proxy;
 mod review;
 mod sso;
 mod support;
+mod unread_bodies;
