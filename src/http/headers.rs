@@ -192,7 +192,9 @@ pub fn strip_proxy_set_cookies(h: &mut HeaderMap) {
 /// browser's session would ride on its answer, and a CDN or reverse cache that keeps the
 /// answer with its `Set-Cookie` would hand that session to the next visitor.
 ///
-/// A response already `no-store` or (unqualified) `private` is left as it is. Otherwise
+/// A response already (unqualified) `private`, or `no-store` without `must-understand`,
+/// is left as it is (a cache that implements `must-understand` ignores `no-store` for a
+/// status code it understands, RFC 9111 §5.2.2.3, and may store the answer). Otherwise
 /// the directives that let a shared cache store it (`public`, `s-maxage`,
 /// `proxy-revalidate`, a field-limited `private="…"`) are removed and `private` added, so
 /// a `public, max-age=3600` stylesheet stays cacheable for the browser alone
@@ -202,15 +204,18 @@ pub fn strip_proxy_set_cookies(h: &mut HeaderMap) {
 /// `no-cache="Set-Cookie"` is not used: few caches honour field-limited directives.
 /// Targeted cache-control fields, which a CDN reads *instead* of `Cache-Control`
 /// (`CDN-Cache-Control`, RFC 9213; `Cloudflare-CDN-Cache-Control` and other
-/// `*-CDN-Cache-Control`; Fastly's and Akamai's `Surrogate-Control`, `Edge-Control`),
-/// are removed, so such a cache falls back to the `private` above.
+/// `*-CDN-Cache-Control`; Fastly's and Akamai's `Surrogate-Control`, `Edge-Control`;
+/// nginx's `X-Accel-Expires`), are removed, so such a cache falls back to the `private`
+/// above.
 pub fn keep_from_shared_caches(h: &mut HeaderMap) {
     let targeted: Vec<HeaderName> = h
         .keys()
         .filter(|k| {
             let k = k.as_str();
-            matches!(k, "cdn-cache-control" | "surrogate-control" | "edge-control")
-                || k.ends_with("-cdn-cache-control")
+            matches!(
+                k,
+                "cdn-cache-control" | "surrogate-control" | "edge-control" | "x-accel-expires"
+            ) || k.ends_with("-cdn-cache-control")
         })
         .cloned()
         .collect();
@@ -218,17 +223,21 @@ pub fn keep_from_shared_caches(h: &mut HeaderMap) {
         h.remove(n);
     }
     let mut kept: Vec<Vec<u8>> = Vec::new();
+    let (mut private, mut no_store, mut must_understand) = (false, false, false);
     for v in h.get_all(header::CACHE_CONTROL) {
         for d in directives(v.as_bytes()) {
             let name = d.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
             let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
-            if is("no-store") || (is("private") && !d.contains(&b'=')) {
-                return;
-            }
+            private |= is("private") && !d.contains(&b'=');
+            no_store |= is("no-store");
+            must_understand |= is("must-understand");
             if !(is("public") || is("s-maxage") || is("proxy-revalidate") || is("private")) {
                 kept.push(d.to_vec());
             }
         }
+    }
+    if private || (no_store && !must_understand) {
+        return;
     }
     kept.push(b"private".to_vec());
     let v = HeaderValue::from_bytes(&kept.join(&b", "[..]))
@@ -633,7 +642,7 @@ mod tests {
 
     #[test]
     fn a_response_carrying_the_proxys_cookie_is_kept_from_shared_caches() {
-        let cases: [(&[&str], Option<&str>); 11] = [
+        let cases: [(&[&str], Option<&str>); 13] = [
             (&["public, max-age=3600"], Some("max-age=3600, private")),
             (&["Public, S-MaxAge=600, max-age=60, Proxy-Revalidate"], Some("max-age=60, private")),
             (&["max-age=60", "public"], Some("max-age=60, private")),
@@ -649,6 +658,9 @@ mod tests {
             (&["private, max-age=60"], Some("private, max-age=60")),
             (&["public, no-store"], Some("public, no-store")),
             (&["PRIVATE"], Some("PRIVATE")),
+            // `must-understand` lets a cache that knows the status ignore `no-store`.
+            (&["must-understand, no-store, public"], Some("must-understand, no-store, private")),
+            (&["no-store", "Must-Understand"], Some("no-store, Must-Understand, private")),
         ];
         for (given, want) in cases {
             let mut h = HeaderMap::new();
@@ -672,6 +684,7 @@ mod tests {
             ("cloudflare-cdn-cache-control", "max-age=3600"),
             ("surrogate-control", "max-age=3600"),
             ("edge-control", "cache-maxage=1h"),
+            ("x-accel-expires", "3600"),
             ("x-app", "1"),
         ]);
         keep_from_shared_caches(&mut h);

@@ -1026,7 +1026,7 @@ async fn a_response_carrying_a_renewed_session_is_never_shared_cacheable() {
         let r = b.get(&w, &w.url(path)).await;
         assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
         assert!(
-            set_cookies(&r).iter().any(|c| c.starts_with("_portcullis=")),
+            set_cookies(&r).iter().any(|c| c.starts_with("__Host-_portcullis=")),
             "{path}: the session was renewed"
         );
         assert_eq!(cache_control(&r), want, "{path}");
