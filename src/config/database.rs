@@ -272,7 +272,7 @@ impl Compiler<'_> {
                 Err(_) => {
                     self.err(
                         e.span(),
-                        format!("environment variable `{}` is not set", e.get_ref()),
+                        format!("{} is not set", super::env_name_shown(e.get_ref())),
                     );
                     return None;
                 }

@@ -72,12 +72,32 @@ pub enum SecretSource {
     File(PathBuf),
 }
 
+/// How an environment variable's name is shown in a diagnostic (which reaches the log
+/// and, for a refused reload, the audit trail): quoted when it reads like a variable name
+/// (`OKTA_CLIENT_SECRET`: capitals, digits, at least one `_`), otherwise not at all: a
+/// value that does not read like one may be the secret itself, pasted into `*_env` by
+/// mistake.
+pub(crate) fn env_name_shown(name: &str) -> String {
+    let conventional = name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_uppercase())
+        && name.contains('_')
+        && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    if conventional {
+        format!("environment variable `{name}`")
+    } else {
+        "the environment variable named here (name not shown: it does not read like one; \
+         `*_env` takes a variable's name, never the secret)"
+            .to_string()
+    }
+}
+
 impl SecretSource {
     /// The secret's text, trimmed. The error names the source, never the value.
     pub fn read(&self) -> Result<String, String> {
         let v = match self {
-            SecretSource::Env(name) => std::env::var(name)
-                .map_err(|_| format!("environment variable `{name}` is not set"))?,
+            SecretSource::Env(name) => {
+                std::env::var(name).map_err(|_| format!("{} is not set", env_name_shown(name)))?
+            }
             SecretSource::File(p) => {
                 crate::util::read_bounded_text(p, crate::util::MAX_SECRET_FILE, true)
                     .map_err(|e| format!("secret file `{}`: {e}", p.display()))?
@@ -91,7 +111,7 @@ impl SecretSource {
     }
     pub fn describe(&self) -> String {
         match self {
-            SecretSource::Env(name) => format!("environment variable `{name}`"),
+            SecretSource::Env(name) => env_name_shown(name),
             SecretSource::File(p) => format!("secret file `{}`", p.display()),
         }
     }
@@ -1116,7 +1136,12 @@ impl Compiler<'_> {
             (Some(e), None) => {
                 let name = e.get_ref();
                 if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    self.err(e.span(), format!("`{name}` is not an environment variable name"));
+                    // Not quoted: a value that is no variable name may be the secret.
+                    self.err(
+                        e.span(),
+                        "not an environment variable name (letters, digits and `_`): `*_env` \
+                         takes the name of a variable holding the secret, never the secret",
+                    );
                 }
                 Some(SecretSource::Env(name.clone()))
             }

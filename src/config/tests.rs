@@ -401,6 +401,31 @@ fn the_admin_listener_defaults_to_loopback_and_can_be_turned_off() {
     assert_eq!(c.listen.admin, None);
 }
 
+/// A secret pasted into `*_env` instead of a variable's name must not be quoted back:
+/// diagnostics reach the log and, for a refused reload, the audit trail.
+#[test]
+fn a_secret_pasted_into_an_env_key_is_never_quoted_in_a_diagnostic() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    for (pasted, shown) in [
+        ("GOCSPX-Zk8s~secret.Value", false), // not a variable name at all
+        ("hunter2sEcretPassword", false),    // could be a name, but does not read like one
+        ("PORTCULLIS_TEST_UNSET_VAR", true), // reads like one: named
+    ] {
+        let text = BASE.replace(
+            "audiences = [\"portcullis\"]\n",
+            &format!("audiences = [\"portcullis\"]\nlogin = {{ client_id = \"portcullis\", client_secret_env = \"{pasted}\" }}\n"),
+        ) + "issuers = [\"corp\"]\n\n[session]\nkeys_file = \"keys\"\n";
+        let loaded = compile(dir.path(), &text);
+        let all = match &loaded {
+            Err(errs) => errs.join("\n"),
+            // Read at start: a variable that is not set is an error there.
+            Ok(c) => c.logins[0].client_secret.read().err().unwrap_or_default(),
+        };
+        assert!(!all.is_empty(), "{pasted}: no diagnostic");
+        assert_eq!(all.contains(pasted), shown, "{pasted}: {all}");
+    }
+}
+
 #[test]
 fn login_and_session_compile_with_defaults() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
