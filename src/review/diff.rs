@@ -83,6 +83,11 @@ pub struct RouteDiff {
     /// listen address, upstream or upstream roles).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub match_changed: Option<(String, String)>,
+    /// The routes with this route's host and path prefix, in the order they are tried,
+    /// before and after, when that order changed: the first whose methods match serves
+    /// the request, so swapping two route blocks moves requests to the other's policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_changed: Option<(Vec<String>, Vec<String>)>,
     /// Other settings of the route that may change access or what the upstream is
     /// told (`upstream`, `issuers`, `preserve_host`, `forward_token`, …).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -117,16 +122,47 @@ pub struct IssuerDiff {
 pub struct PolicyDiff {
     pub from: String,
     pub to: String,
+    /// Top-level sections (`[session]`, `[assertion]`, `[listen]`, …) whose settings
+    /// changed, listed first: they apply to every route.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sections: Vec<SectionDiff>,
     /// Issuers added, removed or changed, listed before the routes they affect.
     pub issuers: Vec<IssuerDiff>,
     pub routes: Vec<RouteDiff>,
 }
 
+/// A top-level section of `portcullis.toml` whose settings changed.
+#[derive(Debug, Clone, Serialize)]
+pub struct SectionDiff {
+    /// `session`, `assertion`, `listen`, `server`, `audit`, `tls`, …
+    pub section: String,
+    pub settings_changed: Vec<SettingChange>,
+}
+
 impl PolicyDiff {
     /// Nothing that may change access differs.
     pub fn is_empty(&self) -> bool {
-        self.issuers.is_empty() && self.routes.is_empty()
+        self.sections.is_empty() && self.issuers.is_empty() && self.routes.is_empty()
     }
+}
+
+/// The top-level sections whose settings differ.
+fn section_changes(old: &Snapshot, new: &Snapshot) -> Vec<SectionDiff> {
+    let empty = Settings::new();
+    let mut names: Vec<&String> = old.sections.keys().chain(new.sections.keys()).collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let settings_changed = setting_changes(
+                old.sections.get(name).unwrap_or(&empty),
+                new.sections.get(name).unwrap_or(&empty),
+            );
+            (!settings_changed.is_empty())
+                .then(|| SectionDiff { section: name.clone(), settings_changed })
+        })
+        .collect()
 }
 
 /// The settings whose values differ between `before` and `after`, by key.
@@ -246,6 +282,7 @@ pub fn compare(
                 policy_before: None,
                 policy_after: Some(n.policy.file().to_path_buf()),
                 match_changed: None,
+                order_changed: None,
                 // What the new route is set to do (`forward_token`, its upstream, …).
                 settings_changed: setting_changes(&Settings::new(), &n.settings),
                 rules: rule_changes(None, Some(&n.policy), old, new),
@@ -258,6 +295,7 @@ pub fn compare(
                 policy_before: Some(o.policy.file().to_path_buf()),
                 policy_after: None,
                 match_changed: None,
+                order_changed: None,
                 settings_changed: Vec::new(),
                 rules: rule_changes(Some(&o.policy), None, old, new),
                 flipped_tests: Vec::new(),
@@ -269,9 +307,14 @@ pub fn compare(
                     (o.describe() != n.describe()).then(|| (o.describe(), n.describe()));
                 let renamed = o.policy.file() != n.policy.file();
                 let settings_changed = setting_changes(&o.settings, &n.settings);
+                let order_changed = (o.database.is_none()
+                    && (&o.host, &o.path_prefix) == (&n.host, &n.path_prefix))
+                    .then(|| (same_match(old, o, new), same_match(new, n, old)))
+                    .filter(|(before, after)| before != after);
                 if rules.is_empty()
                     && flipped_tests.is_empty()
                     && match_changed.is_none()
+                    && order_changed.is_none()
                     && settings_changed.is_empty()
                     && !renamed
                 {
@@ -284,6 +327,7 @@ pub fn compare(
                     policy_before: Some(o.policy.file().to_path_buf()),
                     policy_after: Some(n.policy.file().to_path_buf()),
                     match_changed,
+                    order_changed,
                     settings_changed,
                     rules,
                     flipped_tests,
@@ -294,7 +338,8 @@ pub fn compare(
         routes.push(d);
     }
     let issuers = issuer_changes(old, new);
-    PolicyDiff { from: old.label.clone(), to: new.label.clone(), issuers, routes }
+    let sections = section_changes(old, new);
+    PolicyDiff { from: old.label.clone(), to: new.label.clone(), sections, issuers, routes }
 }
 
 fn rule_changes(
@@ -429,6 +474,17 @@ fn flips(
     out
 }
 
+/// The names of `snap`'s HTTP routes with `r`'s host and path prefix that `other` has
+/// too, in the order `snap` tries them (file order: nothing else tells them apart).
+fn same_match(snap: &Snapshot, r: &RouteView, other: &Snapshot) -> Vec<String> {
+    snap.routes
+        .iter()
+        .filter(|x| x.database.is_none() && x.host == r.host && x.path_prefix == r.path_prefix)
+        .filter(|x| other.route_of_kind(&x.name, false).is_some())
+        .map(|x| x.name.clone())
+        .collect()
+}
+
 fn route_key(r: &RouteView) -> (bool, &str) {
     (r.database.is_some(), r.name.as_str())
 }
@@ -483,6 +539,12 @@ fn text(d: &PolicyDiff) -> String {
         let _ = writeln!(o, "no access changes");
         return o;
     }
+    for sd in &d.sections {
+        let _ = writeln!(o, "\nsettings `[{}]` changed (every route):", sd.section);
+        for c in &sd.settings_changed {
+            let _ = writeln!(o, "  {}", setting_line(c));
+        }
+    }
     for i in &d.issuers {
         let _ = writeln!(o, "\nissuer `{}` ({})", i.issuer, i.status);
         if !i.routes.is_empty() {
@@ -502,6 +564,14 @@ fn text(d: &PolicyDiff) -> String {
         }
         if let Some((b, a)) = &r.match_changed {
             let _ = writeln!(o, "  route match changed: {b} -> {a}");
+        }
+        if let Some((b, a)) = &r.order_changed {
+            let _ = writeln!(
+                o,
+                "  routing order changed (same host and path prefix; the first whose methods match serves): {} -> {}",
+                names(b),
+                names(a)
+            );
         }
         for c in &r.settings_changed {
             let _ = writeln!(o, "  setting {}", setting_line(c));
@@ -538,6 +608,11 @@ fn text(d: &PolicyDiff) -> String {
         }
     }
     o
+}
+
+/// `` `a`, `b` `` for the text report.
+fn names(v: &[String]) -> String {
+    v.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
 }
 
 /// `upstream: "http://a" -> "http://b"`; an absent key reads `(not set)`.
@@ -608,6 +683,10 @@ fn markdown(d: &PolicyDiff) -> String {
         let _ = writeln!(o, "No access changes.");
         return o;
     }
+    for sd in &d.sections {
+        let _ = writeln!(o, "### Settings `[{}]` (every route)\n", md_cell(&sd.section));
+        md_settings(&mut o, &sd.settings_changed);
+    }
     for i in &d.issuers {
         let _ = writeln!(o, "### Issuer `{}` ({})\n", md_cell(&i.issuer), i.status);
         if !i.routes.is_empty() {
@@ -622,7 +701,7 @@ fn markdown(d: &PolicyDiff) -> String {
     }
     for r in &d.routes {
         let title = if r.kind == "database" { "Database route" } else { "Route" };
-        let _ = writeln!(o, "### {title} `{}` ({})\n", r.route, r.status);
+        let _ = writeln!(o, "### {title} `{}` ({})\n", md_cell(&r.route), r.status);
         if let (Some(b), Some(a)) = (&r.policy_before, &r.policy_after) {
             if b != a {
                 let _ = writeln!(o, "Policy file renamed: `{}` → `{}`\n", b.display(), a.display());
@@ -630,6 +709,17 @@ fn markdown(d: &PolicyDiff) -> String {
         }
         if let Some((b, a)) = &r.match_changed {
             let _ = writeln!(o, "Route match changed: {b} → {a}\n");
+        }
+        if let Some((b, a)) = &r.order_changed {
+            let md = |v: &[String]| -> String {
+                v.iter().map(|n| format!("`{}`", md_cell(n))).collect::<Vec<_>>().join(", ")
+            };
+            let _ = writeln!(
+                o,
+                ":warning: Routing order changed (same host and path prefix; the first whose methods match serves): {} → {}\n",
+                md(b),
+                md(a)
+            );
         }
         if !r.settings_changed.is_empty() {
             let _ = writeln!(o, "**Route settings changed**\n");

@@ -27,6 +27,12 @@ pub struct Snapshot {
     /// Each issuer's settings that decide whose tokens it accepts, by issuer name (read
     /// by [`Snapshot::load`] for `policy diff`; empty from [`Snapshot::from_config`]).
     pub issuers: BTreeMap<String, Settings>,
+    /// The top-level sections' settings (`[session]`, `[assertion]`, `[listen]`,
+    /// `[server]`, `[audit]`, `[tls]`, …) by section name: a session key file moved to
+    /// one the change commits, a `cookie_domain` added or a `trusted_proxies` widened
+    /// changes who gets in or what is recorded as surely as a policy does. As for
+    /// issuers, read by [`Snapshot::load`] only.
+    pub sections: BTreeMap<String, Settings>,
 }
 
 /// Settings of an issuer or a route as written, by key, each value rendered as
@@ -42,6 +48,15 @@ const NOT_ACCESS: &[&str] = &[
     // issuers
     "stale_window",
     "refresh_cooldown",
+    // [server] limits and timeouts
+    "max_connections",
+    "max_connections_per_client",
+    "idle_timeout",
+    "header_timeout",
+    "send_timeout",
+    "shutdown_grace",
+    "token_cache_entries",
+    "max_header_size",
     // routes and databases
     "timeout",
     "connect_timeout",
@@ -210,7 +225,13 @@ impl Snapshot {
                 )
             }))
             .collect();
-        Snapshot { label: "working tree".into(), catalog, routes, issuers: BTreeMap::new() }
+        Snapshot {
+            label: "working tree".into(),
+            catalog,
+            routes,
+            issuers: BTreeMap::new(),
+            sections: BTreeMap::new(),
+        }
     }
 
     /// Reads the configuration at `config` (relative to `tree.root`) and every policy
@@ -333,7 +354,24 @@ impl Snapshot {
             ))
         });
         let routes = routes.into_iter().map(|(_, r)| r).chain(databases).collect();
-        Ok(Snapshot { label, catalog, routes, issuers })
+        let mut sections: BTreeMap<String, Settings> = raw
+            .rest
+            .iter()
+            .map(|(name, v)| {
+                let settings = match v {
+                    toml::Value::Table(t) => access_settings(&t.clone().into_iter().collect()),
+                    other => Settings::from([(String::new(), render_value(name, other))]),
+                };
+                (name.clone(), settings)
+            })
+            .collect();
+        let mut server = access_settings(&raw.server.rest);
+        if let Some(dir) = &raw.server.policy_dir {
+            server.insert("policy_dir".into(), render_value("policy_dir", &dir.clone().into()));
+        }
+        sections.insert("server".into(), server);
+        sections.retain(|_, s| !s.is_empty());
+        Ok(Snapshot { label, catalog, routes, issuers, sections })
     }
 
     /// The route named `name`: an HTTP route first, else a PostgreSQL route.
@@ -534,6 +572,10 @@ struct LenientConfig {
     routes: Vec<LenientRoute>,
     #[serde(default)]
     databases: Vec<LenientDatabase>,
+    /// Every other top-level table (`[session]`, `[assertion]`, `[listen]`, `[audit]`,
+    /// `[tls]`, …), for `policy diff`.
+    #[serde(flatten)]
+    rest: BTreeMap<String, toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -555,6 +597,8 @@ struct LenientDatabase {
 #[derive(Debug, Default, Deserialize)]
 struct LenientServer {
     policy_dir: Option<String>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]

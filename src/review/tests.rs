@@ -632,6 +632,74 @@ fn diff_reports_issuer_and_route_settings_that_change_access() {
     assert!(diff::render(&d, Format::Text).contains("setting forward_token: (not set) -> true"));
 }
 
+/// Round 11C: what a change to the top-level sections does (a session key file the
+/// change itself commits, a `cookie_domain`, wider `trusted_proxies`) applies to every
+/// route; and two route blocks for the same host and prefix swapped hand requests to
+/// the other's policy. Both are reported; limits and timeouts are not.
+#[test]
+fn diff_reports_top_level_sections_and_a_swap_of_routes_that_match_alike() {
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    write(
+        &root.join("policies/open.toml"),
+        "[[rule]]\nid = \"all\"\neffect = \"allow\"\nissuer = \"corp\"\n",
+    );
+    let two = |locked_first: bool| {
+        let block = |name: &str, policy: &str| {
+            format!("\n[[routes]]\nname = \"{name}\"\nmatch = {{ host = \"admin.example.com\" }}\nupstream = \"http://127.0.0.1:3\"\npolicy = \"{policy}\"\n")
+        };
+        let (a, b) = (block("locked", "api"), block("open", "open"));
+        let (x, y) = if locked_first { (a, b) } else { (b, a) };
+        format!("{CONFIG}{x}{y}\n[session]\nkeys_file = \"/etc/portcullis/session-keys\"\n\n[server]\nidle_timeout = \"75s\"\n")
+    };
+    write(&cfg, &two(true));
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+
+    let changed = two(false)
+        .replace(
+            "keys_file = \"/etc/portcullis/session-keys\"",
+            "keys_file = \"committed-keys\"\ncookie_domain = \"example.com\"",
+        )
+        .replace("idle_timeout = \"75s\"", "idle_timeout = \"300s\"")
+        .replace("[listen]\n", "[listen]\ntrusted_proxies = [\"0.0.0.0/0\"]\n");
+    write(&cfg, &changed);
+    let c2 = commit(root, "swap, session, proxies");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    let sections: Vec<(&str, Vec<&str>)> = d
+        .sections
+        .iter()
+        .map(|s| {
+            (s.section.as_str(), s.settings_changed.iter().map(|c| c.setting.as_str()).collect())
+        })
+        .collect();
+    assert_eq!(
+        sections,
+        [("listen", vec!["trusted_proxies"]), ("session", vec!["cookie_domain", "keys_file"])],
+        "idle_timeout is a limit, not access"
+    );
+    for name in ["locked", "open"] {
+        let r =
+            d.routes.iter().find(|r| r.route == name).unwrap_or_else(|| panic!("{name}: {d:?}"));
+        assert_eq!(
+            r.order_changed,
+            Some((
+                vec!["locked".to_string(), "open".into()],
+                vec!["open".to_string(), "locked".into()]
+            )),
+            "{name}"
+        );
+    }
+    let text = diff::render(&d, Format::Text);
+    assert!(text.contains("settings `[session]` changed (every route):"), "{text}");
+    assert!(text.contains("routing order changed"), "{text}");
+    let md = diff::render(&d, Format::Markdown);
+    assert!(md.contains("### Settings `[session]` (every route)"), "{md}");
+    assert!(md.contains("Routing order changed"), "{md}");
+    assert!(diff_of(&cfg, Some(&c2), Some(&c2)).is_empty());
+}
+
 #[test]
 fn diff_follows_real_commits() {
     let (dir, cfg) = setup(API);
