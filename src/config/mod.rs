@@ -85,7 +85,7 @@ pub(crate) fn env_name_shown(name: &str) -> String {
     if conventional {
         format!("environment variable `{name}`")
     } else {
-        "the environment variable named here (name not shown: it does not read like one; \
+        "the environment variable the configuration names (not shown: it does not read like a name; \
          `*_env` takes a variable's name, never the secret)"
             .to_string()
     }
