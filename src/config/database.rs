@@ -285,7 +285,7 @@ impl Compiler<'_> {
                 match crate::util::read_bounded_text(&p, crate::util::MAX_SECRET_FILE, true) {
                     Ok(v) => v.trim_end_matches(['\r', '\n']).to_string(),
                     Err(e) => {
-                        self.err(f.span(), format!("cannot read `{}`: {e}", p.display()));
+                        self.err(f.span(), format!("cannot read {}: {e}", super::file_shown(&p)));
                         return None;
                     }
                 }

@@ -91,6 +91,25 @@ pub(crate) fn env_name_shown(name: &str) -> String {
     }
 }
 
+/// How a file path is shown in a diagnostic: quoted, unless its file name reads like a
+/// secret (24 characters or more, letters and digits, no `.`), which may be the secret
+/// itself pasted into a `*_file` key by mistake; then only its directory is shown.
+pub(crate) fn file_shown(p: &Path) -> String {
+    let name = p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let secretish = name.len() >= 24
+        && !name.contains('.')
+        && name.chars().any(|c| c.is_ascii_digit())
+        && name.chars().any(|c| c.is_ascii_alphabetic());
+    if !secretish {
+        return format!("`{}`", p.display());
+    }
+    let dir = p.parent().map(|d| d.display().to_string()).unwrap_or_default();
+    format!(
+        "`{dir}/…` (file name not shown: it reads like a secret; `*_file` takes the path of a \
+         file holding the secret, never the secret)"
+    )
+}
+
 impl SecretSource {
     /// The secret's text, trimmed. The error names the source, never the value.
     pub fn read(&self) -> Result<String, String> {
@@ -100,7 +119,7 @@ impl SecretSource {
             }
             SecretSource::File(p) => {
                 crate::util::read_bounded_text(p, crate::util::MAX_SECRET_FILE, true)
-                    .map_err(|e| format!("secret file `{}`: {e}", p.display()))?
+                    .map_err(|e| format!("secret file {}: {e}", file_shown(p)))?
             }
         };
         let v = v.trim().to_string();
@@ -112,7 +131,7 @@ impl SecretSource {
     pub fn describe(&self) -> String {
         match self {
             SecretSource::Env(name) => env_name_shown(name),
-            SecretSource::File(p) => format!("secret file `{}`", p.display()),
+            SecretSource::File(p) => format!("secret file {}", file_shown(p)),
         }
     }
 }
@@ -310,6 +329,13 @@ impl RouteSettings {
             // upstream, so it must not fall through to another route and its policy.
             && self.methods.as_ref().is_none_or(|m| crate::policy::methods_admit(m, method))
     }
+}
+
+/// How specific a route's `path_prefix` is, for routing order: its length without a
+/// trailing `/` (`/` is 0, `/api` and `/api/` both 4), since both spellings match the
+/// same paths.
+pub fn prefix_rank(prefix: &str) -> usize {
+    prefix.trim_end_matches('/').len()
 }
 
 /// `/api` matches `/api`, `/api/` and `/api/x`, not `/apix`.
@@ -754,11 +780,13 @@ impl Compiler<'_> {
         files.append(&mut self.named_files);
         let mut seen_files = HashSet::new();
         files.retain(|f| seen_files.insert(f.clone()));
-        // Most specific host first, then longest prefix, then configuration order.
+        // Most specific host first, then longest prefix, then configuration order. A
+        // prefix's trailing `/` does not count: `/api` and `/api/` match the same paths
+        // ([`path_has_prefix`]), so neither outranks the other by its spelling.
         compiled_routes.sort_by(|(oa, a), (ob, b)| {
-            (b.host.specificity(), b.path_prefix.len(), *oa).cmp(&(
+            (b.host.specificity(), prefix_rank(&b.path_prefix), *oa).cmp(&(
                 a.host.specificity(),
-                a.path_prefix.len(),
+                prefix_rank(&a.path_prefix),
                 *ob,
             ))
         });
@@ -836,7 +864,7 @@ impl Compiler<'_> {
     fn existing_file(&mut self, s: &Spanned<String>) -> PathBuf {
         let p = self.path(s.get_ref());
         if !p.is_file() {
-            self.err(s.span(), format!("file `{}` does not exist", p.display()));
+            self.err(s.span(), format!("file {} does not exist", file_shown(&p)));
         }
         self.named_files.push(p.clone());
         p

@@ -424,6 +424,22 @@ fn a_secret_pasted_into_an_env_key_is_never_quoted_in_a_diagnostic() {
         assert!(!all.is_empty(), "{pasted}: no diagnostic");
         assert_eq!(all.contains(pasted), shown, "{pasted}: {all}");
     }
+    // The same for a secret pasted into `*_file`: a path is shown unless its file name
+    // reads like a secret.
+    for (pasted, shown) in
+        [("9f86d081884c7d659a2feaa0c55ad015Zq", false), ("okta-secret.txt", true)]
+    {
+        let text = BASE.replace(
+            "audiences = [\"portcullis\"]\n",
+            &format!("audiences = [\"portcullis\"]\nlogin = {{ client_id = \"portcullis\", client_secret_file = \"{pasted}\" }}\n"),
+        ) + "issuers = [\"corp\"]\n\n[session]\nkeys_file = \"keys\"\n";
+        let all = match compile(dir.path(), &text) {
+            Err(errs) => errs.join("\n"),
+            Ok(c) => c.logins[0].client_secret.read().err().unwrap_or_default(),
+        };
+        assert!(!all.is_empty(), "{pasted}: no diagnostic");
+        assert_eq!(all.contains(pasted), shown, "{pasted}: {all}");
+    }
 }
 
 #[test]

@@ -83,9 +83,10 @@ pub struct RouteDiff {
     /// listen address, upstream or upstream roles).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub match_changed: Option<(String, String)>,
-    /// The routes with this route's host and path prefix, in the order they are tried,
-    /// before and after, when that order changed: the first whose methods match serves
-    /// the request, so swapping two route blocks moves requests to the other's policy.
+    /// The routes tried before this one that can match some of the same requests
+    /// (overlapping host and path prefix), before and after, when they changed: the
+    /// first route that matches serves a request, so swapping two route blocks (or
+    /// respelling a prefix so it ranks higher) moves requests to another policy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub order_changed: Option<(Vec<String>, Vec<String>)>,
     /// Other settings of the route that may change access or what the upstream is
@@ -307,9 +308,10 @@ pub fn compare(
                     (o.describe() != n.describe()).then(|| (o.describe(), n.describe()));
                 let renamed = o.policy.file() != n.policy.file();
                 let settings_changed = setting_changes(&o.settings, &n.settings);
-                let order_changed = (o.database.is_none()
-                    && (&o.host, &o.path_prefix) == (&n.host, &n.path_prefix))
-                    .then(|| (same_match(old, o, new), same_match(new, n, old)))
+                let order_changed = o
+                    .database
+                    .is_none()
+                    .then(|| (tried_before(old, o, new), tried_before(new, n, old)))
                     .filter(|(before, after)| before != after);
                 if rules.is_empty()
                     && flipped_tests.is_empty()
@@ -474,15 +476,37 @@ fn flips(
     out
 }
 
-/// The names of `snap`'s HTTP routes with `r`'s host and path prefix that `other` has
-/// too, in the order `snap` tries them (file order: nothing else tells them apart).
-fn same_match(snap: &Snapshot, r: &RouteView, other: &Snapshot) -> Vec<String> {
-    snap.routes
+/// The names of the HTTP routes `snap` tries before `r` that can match some of the
+/// same requests and that `other` has too, sorted (which of them comes first among
+/// themselves is their own entries' business).
+fn tried_before(snap: &Snapshot, r: &RouteView, other: &Snapshot) -> Vec<String> {
+    let mut names: Vec<String> = snap
+        .routes
         .iter()
-        .filter(|x| x.database.is_none() && x.host == r.host && x.path_prefix == r.path_prefix)
+        .take_while(|x| x.name != r.name || x.database.is_some())
+        .filter(|x| x.database.is_none() && overlap(x, r))
         .filter(|x| other.route_of_kind(&x.name, false).is_some())
         .map(|x| x.name.clone())
-        .collect()
+        .collect();
+    names.sort();
+    names
+}
+
+/// Whether two HTTP routes can match the same request: hosts that can be the same name
+/// (`*` any; `*.example.com` and a name under it; two suffixes one of which ends the
+/// other) and path prefixes one of which covers the other. Methods are left out: a
+/// route's method filter only narrows what it takes, and the order decides the rest.
+fn overlap(a: &RouteView, b: &RouteView) -> bool {
+    let hosts = |x: &str, y: &str| match (x.strip_prefix('*'), y.strip_prefix('*')) {
+        _ if x == "*" || y == "*" => true,
+        (Some(sx), Some(sy)) => sx.ends_with(sy) || sy.ends_with(sx),
+        (Some(sx), None) => y.ends_with(sx),
+        (None, Some(sy)) => x.ends_with(sy),
+        (None, None) => x == y,
+    };
+    let has = crate::config::path_has_prefix;
+    hosts(&a.host, &b.host)
+        && (has(&a.path_prefix, &b.path_prefix) || has(&b.path_prefix, &a.path_prefix))
 }
 
 fn route_key(r: &RouteView) -> (bool, &str) {
@@ -568,7 +592,7 @@ fn text(d: &PolicyDiff) -> String {
         if let Some((b, a)) = &r.order_changed {
             let _ = writeln!(
                 o,
-                "  routing order changed (same host and path prefix; the first whose methods match serves): {} -> {}",
+                "  routing order changed: routes tried first that can take the same requests: {} -> {}",
                 names(b),
                 names(a)
             );
@@ -610,8 +634,11 @@ fn text(d: &PolicyDiff) -> String {
     o
 }
 
-/// `` `a`, `b` `` for the text report.
+/// `` `a`, `b` `` for the text report; `(none)` for no route.
 fn names(v: &[String]) -> String {
+    if v.is_empty() {
+        return "(none)".into();
+    }
     v.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
 }
 
@@ -712,11 +739,14 @@ fn markdown(d: &PolicyDiff) -> String {
         }
         if let Some((b, a)) = &r.order_changed {
             let md = |v: &[String]| -> String {
+                if v.is_empty() {
+                    return "(none)".into();
+                }
                 v.iter().map(|n| format!("`{}`", md_cell(n))).collect::<Vec<_>>().join(", ")
             };
             let _ = writeln!(
                 o,
-                ":warning: Routing order changed (same host and path prefix; the first whose methods match serves): {} → {}\n",
+                ":warning: Routing order changed: routes tried first that can take the same requests: {} → {}\n",
                 md(b),
                 md(a)
             );

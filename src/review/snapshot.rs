@@ -78,14 +78,26 @@ fn access_settings(rest: &BTreeMap<String, toml::Value>) -> Settings {
 
 fn render_value(key: &str, v: &toml::Value) -> String {
     let secret = |k: &str| k.contains("secret") || k.contains("password");
+    // A `*_env` key holds a variable's name; one that does not read like a name may be
+    // the secret itself, pasted by mistake (`keys_env = "<hex key>"`).
+    let pasted = |k: &str, v: &toml::Value| {
+        k.ends_with("_env")
+            && v.as_str().is_some_and(|name| !crate::config::env_name_shown(name).contains(name))
+    };
     match v {
+        // Keys quoted as JSON strings, so no key or value can read as another pair.
         toml::Value::Table(t) => {
-            let parts: Vec<String> =
-                t.iter().map(|(k, v)| format!("{}={}", k, render_value(k, v))).collect();
+            let parts: Vec<String> = t
+                .iter()
+                .map(|(k, v)| {
+                    let name = serde_json::to_string(k).unwrap_or_default();
+                    format!("{name}: {}", render_value(k, v))
+                })
+                .collect();
             format!("{{{}}}", parts.join(", "))
         }
         // The digest tells a change apart without showing the value.
-        _ if secret(key) => {
+        _ if secret(key) || pasted(key, v) => {
             let digest = crate::util::sha256(v.to_string().as_bytes());
             format!(
                 "(hidden, {:02x}{:02x}{:02x}{:02x})",
@@ -346,10 +358,12 @@ impl Snapshot {
             s if s.starts_with("*.") => s.len(),
             s => 10_000 + s.len(),
         };
+        // As routing orders them (`Config::load`).
+        let rank = crate::config::prefix_rank;
         routes.sort_by(|(oa, a), (ob, b)| {
-            (specificity(&b.host), b.path_prefix.len(), *oa).cmp(&(
+            (specificity(&b.host), rank(&b.path_prefix), *oa).cmp(&(
                 specificity(&a.host),
-                a.path_prefix.len(),
+                rank(&a.path_prefix),
                 *ob,
             ))
         });

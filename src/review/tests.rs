@@ -609,18 +609,39 @@ fn diff_reports_issuer_and_route_settings_that_change_access() {
     let d = diff_of(&cfg, Some(&c2), Some(&c3));
     let md = diff::render(&d, Format::Markdown);
     assert!(!md.contains("hunter2") && !md.contains("<!--") && md.contains("a\\|b&lt;!--"), "{md}");
-    assert!(md.contains("client_secret=(hidden, "), "{md}");
+    assert!(md.contains("\"client_secret\": (hidden, "), "{md}");
+    // Round 11D: a key pasted into `*_env` is hidden too; a variable's name is shown.
+    // Nested keys are quoted, so `{a=b, c=d}` and `{a="b, c=d"}` never read alike.
+    let pasted = format!("{secret}\n[session]\nkeys_env = \"9f86d081884c7d659a2feaa0c55ad015\"\n");
+    let pasted = pasted.replace(
+        "client_secret = \"hunter2\" }",
+        "client_secret = \"hunter2\", extra_params = { acr_values = \"mfa\", prompt = \"login\" } }",
+    );
+    write(&cfg, &pasted);
+    let c4 = commit(root, "pasted");
+    let md = diff::render(&diff_of(&cfg, Some(&c3), Some(&c4)), Format::Markdown);
+    assert!(!md.contains("9f86d081884c7d659a2feaa0c55ad015"), "{md}");
+    assert!(md.contains("| keys_env | *(not set)* | (hidden, "), "{md}");
+    assert!(
+        md.contains("\"extra_params\": {\"acr_values\": \"mfa\", \"prompt\": \"login\"}"),
+        "{md}"
+    );
+    let named = pasted.replace("9f86d081884c7d659a2feaa0c55ad015", "PORTCULLIS_SESSION_KEYS");
+    write(&cfg, &named);
+    let c5 = commit(root, "named");
+    let md = diff::render(&diff_of(&cfg, Some(&c4), Some(&c5)), Format::Markdown);
+    assert!(md.contains("\"PORTCULLIS_SESSION_KEYS\""), "{md}");
 
     // Unchanged settings: nothing to report.
-    assert!(diff_of(&cfg, Some(&c3), Some(&c3)).is_empty());
+    assert!(diff_of(&cfg, Some(&c5), Some(&c5)).is_empty());
 
     // A route added: its settings are listed with the rules it brings.
     let added = format!(
-        "{secret}\n[[routes]]\nname = \"any\"\nmatch = {{ host = \"*.example.com\" }}\nupstream = \"http://127.0.0.1:2\"\npolicy = \"api\"\nforward_token = true\n"
+        "{named}\n[[routes]]\nname = \"any\"\nmatch = {{ host = \"*.example.com\" }}\nupstream = \"http://127.0.0.1:2\"\npolicy = \"api\"\nforward_token = true\n"
     );
     write(&cfg, &added);
-    let c4 = commit(root, "wildcard route");
-    let d = diff_of(&cfg, Some(&c3), Some(&c4));
+    let c6 = commit(root, "wildcard route");
+    let d = diff_of(&cfg, Some(&c5), Some(&c6));
     let any = d.routes.iter().find(|r| r.route == "any").unwrap_or_else(|| panic!("{d:?}"));
     assert_eq!(any.status, "added");
     let settings: Vec<(&str, Option<&str>)> =
@@ -679,18 +700,16 @@ fn diff_reports_top_level_sections_and_a_swap_of_routes_that_match_alike() {
         [("listen", vec!["trusted_proxies"]), ("session", vec!["cookie_domain", "keys_file"])],
         "idle_timeout is a limit, not access"
     );
-    for name in ["locked", "open"] {
+    for (name, before, after) in
+        [("locked", vec![], vec!["open"]), ("open", vec!["locked"], vec![])]
+    {
         let r =
             d.routes.iter().find(|r| r.route == name).unwrap_or_else(|| panic!("{name}: {d:?}"));
-        assert_eq!(
-            r.order_changed,
-            Some((
-                vec!["locked".to_string(), "open".into()],
-                vec!["open".to_string(), "locked".into()]
-            )),
-            "{name}"
-        );
+        let strings = |v: Vec<&str>| v.into_iter().map(String::from).collect::<Vec<_>>();
+        assert_eq!(r.order_changed, Some((strings(before), strings(after))), "{name}");
     }
+    // The `api` route (another host) is tried before neither: not concerned.
+    assert!(d.routes.iter().all(|r| r.route != "api"), "{d:?}");
     let text = diff::render(&d, Format::Text);
     assert!(text.contains("settings `[session]` changed (every route):"), "{text}");
     assert!(text.contains("routing order changed"), "{text}");
@@ -698,6 +717,27 @@ fn diff_reports_top_level_sections_and_a_swap_of_routes_that_match_alike() {
     assert!(md.contains("### Settings `[session]` (every route)"), "{md}");
     assert!(md.contains("Routing order changed"), "{md}");
     assert!(diff_of(&cfg, Some(&c2), Some(&c2)).is_empty());
+
+    // Round 11D: `/admin` and `/admin/` match the same paths, so respelling one route's
+    // prefix changes nothing in the order (file order decides), and the diff says so.
+    let with_prefix = |text: &str, name: &str, prefix: &str| {
+        text.replace(
+            &format!("name = \"{name}\"\nmatch = {{ host = \"admin.example.com\" }}"),
+            &format!("name = \"{name}\"\nmatch = {{ host = \"admin.example.com\", path_prefix = \"{prefix}\" }}"),
+        )
+    };
+    let prefixed = with_prefix(&with_prefix(&changed, "locked", "/admin"), "open", "/admin");
+    assert_ne!(prefixed, changed);
+    write(&cfg, &prefixed);
+    let c3 = commit(root, "prefixes");
+    let slashed = with_prefix(&with_prefix(&changed, "locked", "/admin/"), "open", "/admin");
+    write(&cfg, &slashed);
+    let c4 = commit(root, "a trailing slash on the second");
+    let d = diff_of(&cfg, Some(&c3), Some(&c4));
+    assert!(d.routes.iter().all(|r| r.order_changed.is_none()), "{d:?}");
+    let loaded = Config::load(&cfg).unwrap_or_else(|e| panic!("{e}"));
+    let first = loaded.route("admin.example.com", "/admin/x", &http::Method::GET);
+    assert_eq!(first.map(|r| r.name.to_string()).as_deref(), Some("open"), "file order decides");
 }
 
 #[test]

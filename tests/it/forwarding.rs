@@ -1883,24 +1883,14 @@ async fn a_client_gone_mid_response_body_is_client_closed() {
 /// length promise the body does not keep (RFC 9112 §6.3: an intermediary removes it).
 #[tokio::test]
 async fn an_upstream_content_length_beside_transfer_encoding_is_dropped() {
-    use tokio::io::AsyncWriteExt;
-    let listener =
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
-    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    let upstream = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Some(head) = read_head(&mut s).await else { return };
-                let answer: &[u8] = if head.starts_with("GET /te/long") {
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-                } else {
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n"
-                };
-                let _ = s.write_all(answer).await;
-                let _ = s.shutdown().await;
-            });
+    let (addr, upstream) = raw_answering(|head| {
+        if head.starts_with("GET /te/long") {
+            "HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n".into()
+        } else {
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n".into()
         }
-    });
+    })
+    .await;
     let routes = format!(
         "[[routes]]\nname = \"te\"\nmatch = {{ path_prefix = \"/te\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
     );
@@ -1927,29 +1917,17 @@ async fn an_upstream_content_length_beside_transfer_encoding_is_dropped() {
 /// nothing of the body passed on. A plain `chunked` answer still goes through.
 #[tokio::test]
 async fn an_upstream_transfer_coding_other_than_chunked_is_a_bad_gateway() {
-    use tokio::io::AsyncWriteExt;
-    let listener =
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
-    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    let upstream = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Some(head) = read_head(&mut s).await else { return };
-                let coding = if head.starts_with("GET /tc/gzip ") {
-                    "gzip, chunked"
-                } else if head.starts_with("GET /tc/trailing ") {
-                    "chunked,"
-                } else {
-                    "chunked"
-                };
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n6\r\nsecret\r\n0\r\n\r\n"
-                );
-                let _ = s.write_all(answer.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
+    let (addr, upstream) = raw_answering(|head| {
+        let coding = if head.starts_with("GET /tc/gzip ") {
+            "gzip, chunked"
+        } else if head.starts_with("GET /tc/trailing ") {
+            "chunked,"
+        } else {
+            "chunked"
+        };
+        format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n6\r\nsecret\r\n0\r\n\r\n")
+    })
+    .await;
     let routes = format!(
         "[[routes]]\nname = \"tc\"\nmatch = {{ path_prefix = \"/tc\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
     );
@@ -1970,6 +1948,27 @@ async fn an_upstream_transfer_coding_other_than_chunked_is_a_bad_gateway() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.text(), "secret");
     upstream.abort();
+}
+
+/// A raw upstream that answers each connection's first request with `answer(head)`, the
+/// whole response as bytes on the wire, then closes.
+async fn raw_answering(
+    answer: fn(&str) -> String,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncWriteExt;
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Some(head) = read_head(&mut s).await else { return };
+                let _ = s.write_all(answer(&head).as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
 }
 
 /// A raw upstream's read of a request head, up to its blank line (`None`: the connection
