@@ -91,23 +91,41 @@ pub(crate) fn env_name_shown(name: &str) -> String {
     }
 }
 
-/// How a file path is shown in a diagnostic: quoted, unless its file name reads like a
-/// secret (24 characters or more, letters and digits, no `.`), which may be the secret
-/// itself pasted into a `*_file` key by mistake; then only its directory is shown.
-pub(crate) fn file_shown(p: &Path) -> String {
-    let name = p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-    let secretish = name.len() >= 24
-        && !name.contains('.')
-        && name.chars().any(|c| c.is_ascii_digit())
-        && name.chars().any(|c| c.is_ascii_alphabetic());
-    if !secretish {
-        return format!("`{}`", p.display());
+/// Whether a value set where a path or a variable's name belongs reads like a secret
+/// pasted there by mistake, so that it is shown nowhere (diagnostics reach the log and
+/// a refused reload's audit event; `policy diff` reaches a pull request): whitespace or
+/// a PEM marker, or a `/`-separated part that is long and mixes character classes as
+/// generated secrets do (capitals, small letters and digits; or `+`, `=` or `~`, as in
+/// base64 and Entra client secrets; or 24+ letters and digits without a `.`). A short
+/// password that reads like a file name is not told apart.
+pub(crate) fn reads_like_secret(value: &str) -> bool {
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) || value.contains("-----") {
+        return true;
     }
-    let dir = p.parent().map(|d| d.display().to_string()).unwrap_or_default();
-    format!(
-        "`{dir}/…` (file name not shown: it reads like a secret; `*_file` takes the path of a \
-         file holding the secret, never the secret)"
-    )
+    value.split('/').any(|part| {
+        let has = |f: fn(&char) -> bool| part.chars().any(|c| f(&c));
+        let (upper, lower, digit) = (
+            has(char::is_ascii_uppercase),
+            has(char::is_ascii_lowercase),
+            has(char::is_ascii_digit),
+        );
+        (part.len() >= 20 && upper && lower && digit)
+            || (part.len() >= 16 && part.contains(['+', '=', '~']))
+            || (part.len() >= 24 && !part.contains('.') && digit && (upper || lower))
+    })
+}
+
+/// How a file path is shown in a diagnostic: quoted, unless it reads like a secret
+/// ([`reads_like_secret`]), which may be the secret itself pasted into a `*_file` key.
+pub(crate) fn file_shown(p: &Path) -> String {
+    let text = p.to_string_lossy();
+    if reads_like_secret(&text) {
+        "the file the configuration names (path not shown: it reads like a secret; `*_file` \
+         takes the path of a file holding the secret, never the secret)"
+            .to_string()
+    } else {
+        format!("`{}`", p.display())
+    }
 }
 
 impl SecretSource {
@@ -329,6 +347,20 @@ impl RouteSettings {
             // upstream, so it must not fall through to another route and its policy.
             && self.methods.as_ref().is_none_or(|m| crate::policy::methods_admit(m, method))
     }
+}
+
+/// A route host (lower-cased) that a request's host can equal: dot-separated, non-empty
+/// labels of ASCII letters, digits, `-` and `_` (what `proxy::authority` lets through
+/// for a name), 253 bytes at most.
+fn route_host_name(h: &str) -> bool {
+    h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        })
 }
 
 /// How specific a route's `path_prefix` is, for routing order: its length without a
@@ -1407,16 +1439,31 @@ impl Compiler<'_> {
             None => HostMatch::Any,
             Some(h) => {
                 let v = h.get_ref().to_ascii_lowercase();
+                // Spelt as a request's host is read (lower case, no port, no trailing
+                // dot, `proxy::authority`): a host no request can have would leave the
+                // route dead and send its requests to a broader route and its policy.
+                let dead = |name: &str| -> Option<String> {
+                    if let Some(trimmed) = name.strip_suffix('.') {
+                        return Some(format!(
+                            "write `{trimmed}`: a request's trailing dot is removed before routing, so this host never matches"
+                        ));
+                    }
+                    (!route_host_name(name)).then(|| {
+                        "`host` is a DNS name (dot-separated labels of letters, digits, `-` and `_`; an IDN in its `xn--` form) without port, `*.suffix`, or `*`: no request's host is spelt otherwise, so this route would never match".to_string()
+                    })
+                };
                 if v == "*" {
                     HostMatch::Any
                 } else if let Some(s) = v.strip_prefix("*.") {
                     if s.is_empty() || s.contains('*') {
                         self.err(h.span(), "a wildcard host is `*.example.com`");
+                    } else if let Some(why) = dead(s) {
+                        self.err(h.span(), why);
                     }
                     HostMatch::Suffix(format!(".{s}"))
                 } else {
-                    if v.contains('*') || v.contains('/') || v.contains(':') {
-                        self.err(h.span(), "`host` is a DNS name without port, `*.suffix`, or `*`");
+                    if let Some(why) = dead(&v) {
+                        self.err(h.span(), why);
                     }
                     HostMatch::Exact(v)
                 }

@@ -286,6 +286,37 @@ fn bitbucket_workspace_ari_alone_is_refused() {
     assert!(errs.iter().any(|e| e.contains("V23")), "{errs:?}");
 }
 
+/// Round 11E: a route host no request's host can equal (a trailing dot, which requests
+/// lose before routing; an empty label, a space, non-ASCII) is a load error, not a dead
+/// route whose requests fall through to a broader route and its policy.
+#[test]
+fn a_route_host_no_request_can_have_is_refused() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    for (host, ok) in [
+        ("admin.example.com.", false),
+        ("*.example.com.", false),
+        ("admin..example.com", false),
+        (".example.com", false),
+        ("ad min.example.com", false),
+        ("bücher.example", false),
+        ("", false),
+        ("Admin.Example.com", true),
+        ("xn--bcher-kva.example", true),
+        ("127.0.0.1", true),
+        ("*.example.com", true),
+        ("internal_api.local", true),
+    ] {
+        let text = BASE.replace("host = \"api.example.com\"", &format!("host = {host:?}"));
+        match compile(dir.path(), &text) {
+            Ok(_) => assert!(ok, "{host:?} accepted"),
+            Err(errs) => {
+                assert!(!ok, "{host:?} refused: {errs:?}");
+                assert!(errs.iter().any(|e| e.starts_with("10:18 ")), "{host:?}: {errs:?}");
+            }
+        }
+    }
+}
+
 #[test]
 fn routes_sort_most_specific_first() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -426,9 +457,13 @@ fn a_secret_pasted_into_an_env_key_is_never_quoted_in_a_diagnostic() {
     }
     // The same for a secret pasted into `*_file`: a path is shown unless its file name
     // reads like a secret.
-    for (pasted, shown) in
-        [("9f86d081884c7d659a2feaa0c55ad015Zq", false), ("okta-secret.txt", true)]
-    {
+    for (pasted, shown) in [
+        ("9f86d081884c7d659a2feaa0c55ad015Zq", false),
+        ("Q8a8Q~abcDEFghiJKLmnoPQRstuVWXyz0123.4", false), // Entra
+        ("dGhpcyBpcyBh/c2VjcmV0IGtleSBtYXRlcmlhbA==", false), // base64, a `/` in it
+        ("okta-secret.txt", true),
+        ("secrets/session-keys-2026.txt", true),
+    ] {
         let text = BASE.replace(
             "audiences = [\"portcullis\"]\n",
             &format!("audiences = [\"portcullis\"]\nlogin = {{ client_id = \"portcullis\", client_secret_file = \"{pasted}\" }}\n"),

@@ -80,9 +80,15 @@ fn render_value(key: &str, v: &toml::Value) -> String {
     let secret = |k: &str| k.contains("secret") || k.contains("password");
     // A `*_env` key holds a variable's name; one that does not read like a name may be
     // the secret itself, pasted by mistake (`keys_env = "<hex key>"`).
-    let pasted = |k: &str, v: &toml::Value| {
-        k.ends_with("_env")
-            && v.as_str().is_some_and(|name| !crate::config::env_name_shown(name).contains(name))
+    // So may a path that reads like a secret ([`crate::config::reads_like_secret`]).
+    let pasted = |k: &str, v: &toml::Value| match v.as_str() {
+        Some(name) if k.ends_with("_env") => !crate::config::env_name_shown(name).contains(name),
+        Some(path)
+            if k.ends_with("_file") || matches!(k, "key" | "cert" | "ca" | "upstream_ca") =>
+        {
+            crate::config::reads_like_secret(path)
+        }
+        _ => false,
     };
     match v {
         // Keys quoted as JSON strings, so no key or value can read as another pair.

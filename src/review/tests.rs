@@ -612,7 +612,7 @@ fn diff_reports_issuer_and_route_settings_that_change_access() {
     assert!(md.contains("\"client_secret\": (hidden, "), "{md}");
     // Round 11D: a key pasted into `*_env` is hidden too; a variable's name is shown.
     // Nested keys are quoted, so `{a=b, c=d}` and `{a="b, c=d"}` never read alike.
-    let pasted = format!("{secret}\n[session]\nkeys_env = \"9f86d081884c7d659a2feaa0c55ad015\"\n");
+    let pasted = format!("{secret}\n[session]\nkeys_env = \"9f86d081884c7d659a2feaa0c55ad015\"\nkeys_file = \"Q8a8Q~abcDEFghiJKLmnoPQRstuVWXyz0123.4\"\n");
     let pasted = pasted.replace(
         "client_secret = \"hunter2\" }",
         "client_secret = \"hunter2\", extra_params = { acr_values = \"mfa\", prompt = \"login\" } }",
@@ -622,6 +622,7 @@ fn diff_reports_issuer_and_route_settings_that_change_access() {
     let md = diff::render(&diff_of(&cfg, Some(&c3), Some(&c4)), Format::Markdown);
     assert!(!md.contains("9f86d081884c7d659a2feaa0c55ad015"), "{md}");
     assert!(md.contains("| keys_env | *(not set)* | (hidden, "), "{md}");
+    assert!(!md.contains("Q8a8Q~") && md.contains("| keys_file | *(not set)* | (hidden, "), "{md}");
     assert!(
         md.contains("\"extra_params\": {\"acr_values\": \"mfa\", \"prompt\": \"login\"}"),
         "{md}"
