@@ -1949,39 +1949,3 @@ async fn an_upstream_transfer_coding_other_than_chunked_is_a_bad_gateway() {
     assert_eq!(r.text(), "secret");
     upstream.abort();
 }
-
-/// A raw upstream that answers each connection's first request with `answer(head)`, the
-/// whole response as bytes on the wire, then closes.
-async fn raw_answering(
-    answer: fn(&str) -> String,
-) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    use tokio::io::AsyncWriteExt;
-    let listener =
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
-    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    let task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Some(head) = read_head(&mut s).await else { return };
-                let _ = s.write_all(answer(&head).as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    (addr, task)
-}
-
-/// A raw upstream's read of a request head, up to its blank line (`None`: the connection
-/// ended first).
-async fn read_head(s: &mut tokio::net::TcpStream) -> Option<String> {
-    use tokio::io::AsyncReadExt;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-    }
-    Some(String::from_utf8_lossy(&head).into_owned())
-}

@@ -194,13 +194,7 @@ async fn a_session_that_leaves_utf8_is_ended_and_what_it_pipelined_is_never_misr
     assert_no_secrets(&w, &["sekret-r9"]);
 
     // Asked for in the startup packet: refused before the session.
-    let mut t = tls_at(&w, w.addr).await;
-    let p = [("user", "app"), ("database", "appdb"), ("client_encoding", "SJIS")];
-    send(&mut t, &[portcullis::postgres::proto::startup_message(&p)]).await;
-    let mut got = Vec::new();
-    while let Some(m) = next(&mut t).await {
-        got.push(m);
-    }
+    let got = refused_startup(&w, &[("client_encoding", "SJIS")]).await;
     assert_eq!(error_code(&got).as_deref(), Some("0A000"), "{}", kinds(&got));
     assert_eq!(kinds(&got), "E", "refused before the password prompt");
     let ev = w
@@ -212,13 +206,7 @@ async fn a_session_that_leaves_utf8_is_ended_and_what_it_pipelined_is_never_misr
         .await;
     assert_eq!(ev["decision"], "deny", "{ev}");
     // In another spelling: still refused (setting names are case-insensitive).
-    let mut t = tls_at(&w, w.addr).await;
-    let p = [("user", "app"), ("database", "appdb"), ("CLIENT_ENCODING", "BIG5")];
-    send(&mut t, &[portcullis::postgres::proto::startup_message(&p)]).await;
-    let mut got = Vec::new();
-    while let Some(m) = next(&mut t).await {
-        got.push(m);
-    }
+    let got = refused_startup(&w, &[("CLIENT_ENCODING", "BIG5")]).await;
     assert_eq!(error_code(&got).as_deref(), Some("0A000"), "{}", kinds(&got));
     // Through `options`: refused like any setting there (see
     // `startup_settings_that_change_the_role_or_guards_are_refused_and_audited`).
