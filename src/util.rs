@@ -51,6 +51,13 @@ pub const MAX_SECRET_FILE: u64 = 64 * 1024;
 
 /// SHA-256 of some bytes: token-cache keys, policy revisions, what the file watcher
 /// compares.
+/// A duration in milliseconds to the microsecond, as audit events give it: from whole
+/// microseconds, so the JSON reads `0.12`, not `0.11994500000000001`.
+pub fn millis(d: std::time::Duration) -> f64 {
+    // u128 → f64: exact below 2^53 µs (285 years).
+    d.as_micros() as f64 / 1000.0
+}
+
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref());
@@ -60,6 +67,15 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn millis_are_whole_microseconds_in_json() {
+        let d = std::time::Duration::from_nanos(119_945_678);
+        assert_eq!(serde_json::to_string(&millis(d)).unwrap_or_default(), "119.945");
+        let d = std::time::Duration::from_nanos(119_945);
+        assert_eq!(serde_json::to_string(&millis(d)).unwrap_or_default(), "0.119");
+        assert_eq!(millis(std::time::Duration::from_secs(84)), 84_000.0);
+    }
 
     #[test]
     fn bounded_reads_refuse_devices_fifos_and_oversized_files() {

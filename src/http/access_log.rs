@@ -289,7 +289,7 @@ impl Pending {
             status: self.status,
             bytes_in: o.map_or(0, |o| o.bytes_in.load(Ordering::Relaxed)),
             bytes_out,
-            duration_ms: duration.as_secs_f64() * 1000.0,
+            duration_ms: crate::util::millis(duration),
         };
         self.sink.emit_http(&ev);
     }

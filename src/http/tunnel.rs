@@ -205,7 +205,7 @@ impl Grant {
             policy_revision: &revision,
             identity,
             ci,
-            duration_ms: duration.as_secs_f64() * 1000.0,
+            duration_ms: crate::util::millis(duration),
             bytes_in: relayed.bytes_in,
             bytes_out: relayed.bytes_out,
             truncated: host.len() < self.host.len() || path.len() < self.path.len(),

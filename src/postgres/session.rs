@@ -232,7 +232,7 @@ pub(super) async fn run(
             detail: end.detail.as_deref(),
             policy_revision: &revision,
             ended_by: Some(end.by),
-            duration_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
+            duration_ms: Some(crate::util::millis(started.elapsed())),
             bytes_in: Some(totals.bytes_in.load(Ordering::Relaxed)),
             bytes_out: Some(totals.bytes_out.load(Ordering::Relaxed)),
             statements: Some(totals.statements.load(Ordering::Relaxed)),
