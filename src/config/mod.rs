@@ -350,16 +350,14 @@ impl RouteSettings {
 }
 
 /// A route host (lower-cased) that a request's host can equal: dot-separated, non-empty
-/// labels of ASCII letters, digits, `-` and `_` (what `proxy::authority` lets through
-/// for a name), 253 bytes at most.
+/// labels of the bytes a request's name may hold (`http::proxy::host_label_byte`),
+/// 253 bytes at most.
 fn route_host_name(h: &str) -> bool {
     h.len() <= 253
         && h.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+                && label.bytes().all(crate::http::proxy::host_label_byte)
         })
 }
 

@@ -70,7 +70,7 @@ async fn forward(
     parts.uri = Uri::from(pq);
     let h2 = parts.version == http::Version::HTTP_2;
     parts.version = http::Version::HTTP_11;
-    let body = RequestBody::new(ClientBody::new(body, h2), u64::MAX, Default::default());
+    let body = RequestBody::new(ClientBody::new(body, h2), Default::default());
     match client.send(Request::from_parts(parts, body)).await {
         Ok(resp) => resp.map(ProxyBody::Upstream),
         Err(_) => status(StatusCode::BAD_GATEWAY),

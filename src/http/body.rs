@@ -144,9 +144,14 @@ impl ClientBody {
         self.limit.store(limit, Ordering::Relaxed);
     }
 
+    /// The limit set by [`ClientBody::limit_to`] (none: `u64::MAX`).
+    fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
     /// What may still be read and discarded once the proxy has let the body go.
     fn linger_budget(&self) -> u64 {
-        self.limit.load(Ordering::Relaxed).saturating_sub(self.seen).min(LINGER_BYTES)
+        self.limit().saturating_sub(self.seen).min(LINGER_BYTES)
     }
 }
 
@@ -233,20 +238,18 @@ async fn linger(mut body: Incoming, budget: u64) {
 }
 
 /// The client's request body on its way upstream: counted for the audit log and cut
-/// off at the route's size limit (the upstream then sees an aborted request, the
-/// client a 413).
+/// off at the limit its [`ClientBody`] was given (the route's `max_request_body`; the
+/// upstream then sees an aborted request, the client a 413). The count and the limit
+/// are the client body's own.
 #[derive(Debug)]
 pub struct RequestBody {
     inner: ClientBody,
-    limit: u64,
-    seen: u64,
     counter: Arc<AtomicU64>,
 }
 
 impl RequestBody {
-    pub fn new(inner: ClientBody, limit: u64, counter: Arc<AtomicU64>) -> Self {
-        inner.limit_to(limit);
-        Self { inner, limit, seen: 0, counter }
+    pub fn new(inner: ClientBody, counter: Arc<AtomicU64>) -> Self {
+        Self { inner, counter }
     }
 }
 
@@ -266,11 +269,11 @@ impl Body for RequestBody {
             // the last frame, so the body ends there.
             Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => Poll::Ready(None),
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    this.seen += d.len() as u64;
-                    this.counter.store(this.seen, Ordering::Relaxed);
-                    if this.seen > this.limit {
-                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge(this.limit))));
+                if frame.is_data() {
+                    let (seen, limit) = (this.inner.seen, this.inner.limit());
+                    this.counter.store(seen, Ordering::Relaxed);
+                    if seen > limit {
+                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge(limit))));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))

@@ -349,6 +349,12 @@ fn unambiguous(req: &Request<ClientBody>) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// A byte of a host name label as requests may spell it (and so route hosts must):
+/// letters, digits, `-` and `_`.
+pub(crate) fn host_label_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_')
+}
+
 /// `name[:port]` or `[ipv6][:port]`, where a name is letters, digits, `-`, `_` and `.`,
 /// and a port is a number up to 65535 or empty (`example.com:`, the default port).
 fn is_host_and_port(a: &[u8]) -> bool {
@@ -361,8 +367,7 @@ fn is_host_and_port(a: &[u8]) -> bool {
     } else {
         let end = a.iter().position(|&b| b == b':').unwrap_or(a.len());
         let name = &a[..end];
-        let ok = !name.is_empty()
-            && name.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        let ok = !name.is_empty() && name.iter().all(|&b| host_label_byte(b) || b == b'.');
         (ok, &a[end..])
     };
     let port_ok = match rest {
@@ -723,10 +728,7 @@ pub async fn handle(
     }
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
-    let upstream_req = Request::from_parts(
-        parts,
-        RequestBody::new(body, route.max_request_body, out.bytes_in.clone()),
-    );
+    let upstream_req = Request::from_parts(parts, RequestBody::new(body, out.bytes_in.clone()));
 
     parked.park(out);
     let result = tokio::time::timeout(route.timeout, client.send(upstream_req)).await;
