@@ -357,9 +357,10 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
         );
         let _ = writeln!(
             out,
-            "  PGPASSWORD=$({exe} dev token{dir_flag}) psql \"host={} port={} sslmode=require dbname={db} user=app\" -c 'select 1'",
+            "  PGPASSWORD=$({exe} dev token{dir_flag}) psql \"host={} port={} sslmode=verify-full sslrootcert={} dbname={db} user=app\" -c 'select 1'",
             opts.postgres_listen.ip(),
-            opts.postgres_listen.port()
+            opts.postgres_listen.port(),
+            pki.ca_path().display()
         );
     }
     let _ = writeln!(out);

@@ -50,7 +50,7 @@ impl End {
             End::Idle => "idle",
             End::CredentialExpired => "credential-expired",
             End::AccessRevoked => "access-revoked",
-            End::Shutdown => "shutdown",
+            End::Shutdown => "shutting-down",
         }
     }
 }

@@ -592,7 +592,7 @@ async fn a_reload_changes_neither_the_drains_nor_the_tunnels_shutdown_grace() {
     let took = start.elapsed();
     assert!(took >= Duration::from_millis(4500) && took < Duration::from_secs(8), "{took:?}");
     assert!(!echo_once(&mut ws).await, "the tunnel outlived the drain");
-    assert_eq!(tunnel_end_event(&w, "/ws").await["reason"], "shutdown");
+    assert_eq!(tunnel_end_event(&w, "/ws").await["reason"], "shutting-down");
 }
 
 #[tokio::test]

@@ -1204,7 +1204,7 @@ async fn pgbench_initializes_and_runs_through_the_proxy() {
 }
 
 /// The README flow: `portcullis demo --postgres URL`, a token from `portcullis dev token`,
-/// and stock `psql` with `sslmode=require`.
+/// and stock `psql` with `sslmode=verify-full` against the demo's CA, as the banner prints it.
 #[tokio::test]
 async fn the_demo_serves_a_database_route_for_psql() {
     let Some(pg) = pg() else { return };
@@ -1240,7 +1240,7 @@ async fn the_demo_serves_a_database_route_for_psql() {
         let mut line = String::new();
         while lines.read_line(&mut line).await.unwrap_or(0) > 0 {
             banner.push_str(&line);
-            if line.contains("sslmode=require") {
+            if line.contains("sslmode=verify-full") {
                 return true;
             }
             line.clear();
@@ -1258,7 +1258,11 @@ async fn the_demo_serves_a_database_route_for_psql() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let psql = |user: &'static str| {
-        let conn = format!("host=127.0.0.1 port={db} sslmode=require dbname=appdb user={user}");
+        let ca = dir.path().join("ca.pem");
+        let ca = ca.to_string_lossy();
+        let conn = format!(
+            "host=127.0.0.1 port={db} sslmode=verify-full sslrootcert={ca} dbname=appdb user={user}"
+        );
         tokio::process::Command::new(pg.bin.join("psql"))
             .env("PGPASSWORD", &token)
             .args(["-X", "-A", "-t", "-w", &conn, "-c", "select 1"])
