@@ -646,6 +646,8 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
     cut: watch::Receiver<bool>,
 ) {
+    // The port clients connect to (`X-Forwarded-Port`): the listener's, read once.
+    let local_port = listener.local_addr().ok().map(|a| a.port());
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -695,7 +697,7 @@ async fn accept_loop(
             let activity = Activity::new(Some(permit), Some(client), Some(slots));
             let m = crate::metrics::global();
             m.connections_open.fetch_add(1, Ordering::Relaxed);
-            let conn = |tls| ConnInfo::new(peer, tls, trusted_peer, activity.clone());
+            let conn = |tls| ConnInfo::new(peer, local_port, tls, trusted_peer, activity.clone());
             let http = Http { builder: &builder, shared, sink, timeouts };
             let serve = async {
                 match tls_cfg {
