@@ -419,8 +419,11 @@ impl Server {
 
     /// Stops accepting, drains in-flight requests (up to the grace period; then the
     /// connections still open are closed, their requests audited as `client-closed`),
-    /// flushes the audit log. The admin listener serves until the drain is over, so
-    /// `/readyz` is seen answering 503 `"draining": true` (and `/healthz` 200) meanwhile.
+    /// then closes the audit log, waiting up to [`AUDIT_CLOSE_WAIT`] for what is queued
+    /// to be written; if any event was dropped during the process's lifetime or is left
+    /// unwritten, one error line on stderr says how many. The admin listener serves until
+    /// the drain is over, so `/readyz` is seen answering 503 `"draining": true` (and
+    /// `/healthz` 200) meanwhile.
     pub async fn shutdown(mut self) {
         self.state.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown_tx.send(true);
@@ -430,7 +433,13 @@ impl Server {
         self.state.pg_listeners.drained().await;
         let _ = self.admin_stop.send(true);
         while self.admin.join_next().await.is_some() {}
-        self.sink.flush();
+        let sink = self.sink.clone();
+        let loss = tokio::task::spawn_blocking(move || sink.close(AUDIT_CLOSE_WAIT))
+            .await
+            .unwrap_or_else(|_| self.sink.close(Duration::ZERO));
+        if let Some(report) = loss.report() {
+            tracing::error!(dropped = loss.dropped, unwritten = loss.unwritten, "{report}");
+        }
     }
 
     /// Runs until SIGTERM/SIGINT (drain, then return), reloading on SIGHUP.
@@ -848,6 +857,10 @@ const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// GOAWAY's PING, or keeps sending its own, would otherwise keep it (and its slot)
 /// forever. As nginx's `lingering_timeout` and Envoy's `drain_timeout` (5 s both).
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
+
+/// How long a shutdown waits, after the drain, for the queued audit events to be
+/// written before it gives up on them (and says how many were lost).
+pub const AUDIT_CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// How long the drain waits, once the grace period is over and the remaining connections
 /// are closed, for their requests to end and give their slots back.

@@ -968,7 +968,7 @@ async fn an_audit_output_that_cannot_be_written_shows_on_stderr_metrics_and_read
     write(&path, &cfg);
     let stderr_path = w.dir.path().join("stderr.log");
     let stderr = std::fs::File::create(&stderr_path).unwrap_or_else(|e| panic!("{e}"));
-    let _child = Killed(
+    let mut child = Killed(
         Command::new(BIN)
             .args(["serve", "-c", &path.to_string_lossy()])
             .stdout(Stdio::null())
@@ -1022,6 +1022,29 @@ async fn an_audit_output_that_cannot_be_written_shows_on_stderr_metrics_and_read
     let reports = logged.lines().filter(|l| l.contains("audit log write failed")).count();
     // Rate-limited: 20 events and several retries, one line.
     assert_eq!(reports, 1, "{logged}");
+
+    // At shutdown the events never written are not lost silently: one line says how
+    // many, after a bounded wait (the writer stops retrying once the log is closed).
+    let _ = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status();
+    let start = std::time::Instant::now();
+    let code = loop {
+        if let Ok(Some(s)) = child.0.try_wait() {
+            break s.code();
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "still running after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, Some(0));
+    let logged = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let lost: Vec<&str> = logged.lines().filter(|l| l.contains("audit log incomplete")).collect();
+    assert_eq!(lost.len(), 1, "{logged}");
+    let n = lost[0]
+        .split("audit log incomplete: ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(n.is_some_and(|n| n >= 20), "{}", lost[0]);
+    assert!(lost[0].contains("dropped"), "{}", lost[0]);
 }
 
 /// `serve` rotates the assertion key on SIGHUP: the JWKS publishes the new key beside the
