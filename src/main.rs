@@ -235,7 +235,7 @@ fn main() -> ExitCode {
             };
             runtime(|| async move {
                 let server = portcullis::server::Server::start(cfg, Default::default()).await?;
-                tracing::info!(bound = ?server.bound(), "serving");
+                server.log_serving();
                 server.run_until_signalled().await
             })
         }

@@ -413,6 +413,18 @@ impl Server {
         watched(&self.state).into_iter().map(|(f, _)| f).collect()
     }
 
+    /// Says on stderr, in one readable line, what this server serves: its listeners,
+    /// how many routes and database routes, and its issuers (`serve` and `demo`, once
+    /// started).
+    pub fn log_serving(&self) {
+        let runtime = self.shared.runtime.load();
+        let config = &runtime.config;
+        let issuers: Vec<(&str, &str)> =
+            config.issuers.iter().map(|i| (i.id.as_str(), i.preset.name())).collect();
+        let line = serving_line(&self.bound(), config.routes.len(), &issuers);
+        tracing::info!("{line}");
+    }
+
     pub fn is_ready(&self) -> bool {
         !self.state.draining.load(Ordering::Relaxed) && self.shared.runtime.load().verifier.ready()
     }
@@ -460,6 +472,30 @@ impl Server {
         tracing::info!("shutdown complete");
         Ok(())
     }
+}
+
+/// `serving: https 0.0.0.0:8443, admin 127.0.0.1:9090, database route orders
+/// 127.0.0.1:6432; 3 routes; issuers corp (oidc), bb (bitbucket-pipelines)`.
+fn serving_line(bound: &Bound, routes: usize, issuers: &[(&str, &str)]) -> String {
+    let mut listeners: Vec<String> =
+        [("https", bound.https), ("plain HTTP", bound.insecure_http), ("admin", bound.admin)]
+            .into_iter()
+            .filter_map(|(what, a)| a.map(|a| format!("{what} {a}")))
+            .collect();
+    listeners.extend(bound.databases.iter().map(|(name, a)| format!("database route {name} {a}")));
+    let listeners = if listeners.is_empty() { "no listener".into() } else { listeners.join(", ") };
+    let routes = match routes {
+        1 => "1 route".to_string(),
+        n => format!("{n} routes"),
+    };
+    let issuers: Vec<String> =
+        issuers.iter().map(|(id, preset)| format!("{id} ({preset})")).collect();
+    let issuers = match issuers.as_slice() {
+        [] => "no issuers".to_string(),
+        [one] => format!("issuer {one}"),
+        all => format!("issuers {}", all.join(", ")),
+    };
+    format!("serving: {listeners}; {routes}; {issuers}")
 }
 
 async fn reload(state: &State) -> bool {
@@ -1061,7 +1097,28 @@ pub fn load_or_report(path: &Path) -> Result<Config, usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::{descriptor_warning, open_files_limit, AuditOutput, Duration, Fixed};
+    use super::{
+        descriptor_warning, open_files_limit, serving_line, AuditOutput, Bound, Duration, Fixed,
+    };
+
+    #[test]
+    fn the_startup_line_names_listeners_routes_and_issuers_in_words() {
+        let bound = Bound {
+            https: "0.0.0.0:8443".parse().ok(),
+            insecure_http: None,
+            admin: "127.0.0.1:9090".parse().ok(),
+            databases: vec![("orders".into(), ([127, 0, 0, 1], 6432).into())],
+        };
+        assert_eq!(
+            serving_line(&bound, 3, &[("corp", "oidc"), ("bb", "bitbucket-pipelines")]),
+            "serving: https 0.0.0.0:8443, admin 127.0.0.1:9090, database route orders 127.0.0.1:6432; 3 routes; issuers corp (oidc), bb (bitbucket-pipelines)"
+        );
+        let plain = Bound { insecure_http: "127.0.0.1:8080".parse().ok(), ..Bound::default() };
+        assert_eq!(
+            serving_line(&plain, 1, &[("corp", "oidc")]),
+            "serving: plain HTTP 127.0.0.1:8080; 1 route; issuer corp (oidc)"
+        );
+    }
 
     #[test]
     fn a_reload_names_each_setting_that_only_a_restart_applies() {

@@ -791,6 +791,8 @@ struct Served {
     port: u16,
     audit: std::path::PathBuf,
     stderr: std::sync::mpsc::Receiver<(std::time::Instant, String)>,
+    /// The stderr lines read before `shutdown complete`.
+    log: Vec<String>,
 }
 
 impl Served {
@@ -824,7 +826,7 @@ impl Served {
                 }
             });
         }
-        let served = Served { child: Killed(child), port, audit, stderr };
+        let served = Served { child: Killed(child), port, audit, stderr, log: Vec::new() };
         // Serving once a token is accepted (the issuer's keys are loaded).
         let c = client(&w.pki, false);
         let auth = format!("Bearer {}", w.token("bb", &[]));
@@ -862,6 +864,7 @@ impl Served {
             seen.push(line);
         }
         let complete = complete.unwrap_or_else(|| panic!("no `shutdown complete`: {seen:#?}"));
+        self.log = seen;
         while complete.elapsed() < Duration::from_secs(20) {
             if let Ok(Some(s)) = self.child.0.try_wait() {
                 return (complete.elapsed(), s.code());
@@ -910,6 +913,17 @@ async fn serve_exits_promptly_once_shutdown_is_complete() {
     let drained = served.events_for("/slow/1000");
     assert_eq!(drained.len(), 1, "{drained:?}");
     assert_eq!(drained[0]["status"], 200);
+    // The start-up line is words, not a Rust debug struct.
+    let want = format!("serving: https 127.0.0.1:{}, admin 127.0.0.1:", served.port);
+    let serving: Vec<&String> = served.log.iter().filter(|l| l.contains("serving: ")).collect();
+    assert_eq!(serving.len(), 1, "{:#?}", served.log);
+    assert!(serving[0].contains(&want), "{}", serving[0]);
+    assert!(serving[0].contains("route") && serving[0].contains("issuers "), "{}", serving[0]);
+    assert!(
+        !served.log.iter().any(|l| l.contains("Bound {") || l.contains("Some(")),
+        "{:#?}",
+        served.log
+    );
 }
 
 /// A request still running when the grace period ends is cut, and still gets its audit
