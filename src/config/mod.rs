@@ -361,6 +361,20 @@ fn route_host_name(h: &str) -> bool {
         })
 }
 
+/// Whether `earlier`, tried first, takes every request `later` matches: the same host
+/// (as written, case aside), the same path prefix (`/api` and `/api/` are the same,
+/// [`path_has_prefix`]) and no method filter, or one that admits all of `later`'s.
+fn takes_all_of(earlier: &RouteSettings, later: &RouteSettings) -> bool {
+    let methods = match (&earlier.methods, &later.methods) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(e), Some(l)) => !l.is_empty() && l.iter().all(|m| crate::policy::methods_admit(e, m)),
+    };
+    earlier.host == later.host
+        && earlier.path_prefix.trim_end_matches('/') == later.path_prefix.trim_end_matches('/')
+        && methods
+}
+
 /// How specific a route's `path_prefix` is, for routing order: its length without a
 /// trailing `/` (`/` is 0, `/api` and `/api/` both 4), since both spellings match the
 /// same paths.
@@ -772,7 +786,10 @@ impl Compiler<'_> {
         let mut policies: BTreeMap<PathBuf, Option<Arc<Policy>>> = BTreeMap::new();
         let mut compiled_routes = Vec::new();
         let mut route_names = HashSet::new();
+        // Where each route is named, by configuration order (for warnings about it).
+        let mut route_at = Vec::new();
         for (order, r) in routes.into_iter().enumerate() {
+            route_at.push(r.name.span());
             if !route_names.insert(r.name.get_ref().clone()) {
                 self.err(r.name.span(), format!("duplicate route name `{}`", r.name.get_ref()));
             }
@@ -820,6 +837,22 @@ impl Compiler<'_> {
                 *ob,
             ))
         });
+        // A route an earlier one takes every request of is dead: its policy never
+        // applies, and whoever reads the file believes it does.
+        for (j, (order, route)) in compiled_routes.iter().enumerate() {
+            let earlier = compiled_routes[..j].iter().find(|(_, e)| takes_all_of(e, route));
+            if let Some((earlier_order, earlier)) = earlier {
+                let line = self.source.error(route_at.get(*earlier_order).cloned(), "").line;
+                let methods = if earlier.methods.is_some() { " and methods" } else { "" };
+                warnings.push(self.source.error(
+                    route_at.get(*order).cloned(),
+                    format!(
+                        "route `{}` is never reached: route `{}` (line {line}) is tried first and takes every request it matches (the same host and path_prefix{methods}); remove one, or give them different `match`es",
+                        route.name, earlier.name
+                    ),
+                ));
+            }
+        }
         Some(Config {
             path: self.source.path.to_path_buf(),
             listen,
