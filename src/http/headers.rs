@@ -206,8 +206,8 @@ pub fn strip_proxy_set_cookies(h: &mut HeaderMap) {
 /// Targeted cache-control fields, which a CDN reads *instead* of `Cache-Control`
 /// (`CDN-Cache-Control`, RFC 9213; `Cloudflare-CDN-Cache-Control` and other
 /// `*-CDN-Cache-Control`; Fastly's and Akamai's `Surrogate-Control`, `Edge-Control`;
-/// nginx's `X-Accel-Expires`), are removed, so such a cache falls back to the `private`
-/// above.
+/// nginx's `X-Accel-Expires`; LiteSpeed's `X-LiteSpeed-Cache-Control`), are removed, so
+/// such a cache falls back to the `private` above.
 pub fn keep_from_shared_caches(h: &mut HeaderMap) {
     let targeted: Vec<HeaderName> = h
         .keys()
@@ -215,7 +215,11 @@ pub fn keep_from_shared_caches(h: &mut HeaderMap) {
             let k = k.as_str();
             matches!(
                 k,
-                "cdn-cache-control" | "surrogate-control" | "edge-control" | "x-accel-expires"
+                "cdn-cache-control"
+                    | "surrogate-control"
+                    | "edge-control"
+                    | "x-accel-expires"
+                    | "x-litespeed-cache-control"
             ) || k.ends_with("-cdn-cache-control")
         })
         .cloned()
@@ -708,6 +712,7 @@ mod tests {
             ("surrogate-control", "max-age=3600"),
             ("edge-control", "cache-maxage=1h"),
             ("x-accel-expires", "3600"),
+            ("x-litespeed-cache-control", "public, max-age=3600"),
             ("x-app", "1"),
         ]);
         keep_from_shared_caches(&mut h);
