@@ -339,7 +339,39 @@ impl RouteSettings {
     }
 }
 
+impl HostMatch {
+    /// Whether some request's host matches both.
+    pub fn overlaps(&self, other: &HostMatch) -> bool {
+        match (self, other) {
+            (HostMatch::Any, _) | (_, HostMatch::Any) => true,
+            (HostMatch::Exact(a), HostMatch::Exact(b)) => a == b,
+            (HostMatch::Exact(h), s @ HostMatch::Suffix(_))
+            | (s @ HostMatch::Suffix(_), HostMatch::Exact(h)) => s.matches(h),
+            (HostMatch::Suffix(a), HostMatch::Suffix(b)) => a.ends_with(&**b) || b.ends_with(&**a),
+        }
+    }
+}
+
 impl RouteSettings {
+    /// Whether some request matches both routes: hosts that can be the same name, path
+    /// prefixes one of which covers the other, and methods both admit.
+    pub fn overlaps(&self, other: &RouteSettings) -> bool {
+        let admits = |ms: &Option<Vec<Method>>, m: &Method| {
+            ms.as_ref().is_none_or(|ms| crate::policy::methods_admit(ms, m))
+        };
+        let methods = match (&self.methods, &other.methods) {
+            (None, _) | (_, None) => true,
+            (Some(a), Some(b)) => {
+                a.iter().any(|m| admits(&other.methods, m))
+                    || b.iter().any(|m| admits(&self.methods, m))
+            }
+        };
+        self.host.overlaps(&other.host)
+            && (path_has_prefix(&self.path_prefix, &other.path_prefix)
+                || path_has_prefix(&other.path_prefix, &self.path_prefix))
+            && methods
+    }
+
     pub fn matches(&self, host: &str, path: &str, method: &Method) -> bool {
         self.host.matches(host)
             && path_has_prefix(path, &self.path_prefix)
@@ -513,6 +545,25 @@ impl Config {
     /// then configuration order.
     pub fn route(&self, host: &str, path: &str, method: &Method) -> Option<&Arc<RouteSettings>> {
         self.route_at(host, path, method).map(|(_, r)| r)
+    }
+
+    /// The names of the routes tried before the route `name` that can take some of the
+    /// same requests ([`RouteSettings::overlaps`]) and that `other` has too, sorted: what
+    /// a reload compares to tell a change of routing order that matters (which of them
+    /// comes first among themselves is their own business).
+    pub fn routes_tried_before(&self, name: &str, other: &Config) -> Vec<&str> {
+        let Some(route) = self.routes.iter().find(|r| &*r.name == name) else {
+            return Vec::new();
+        };
+        let mut names: Vec<&str> = self
+            .routes
+            .iter()
+            .take_while(|r| &*r.name != name)
+            .filter(|r| r.overlaps(route) && other.routes.iter().any(|o| o.name == r.name))
+            .map(|r| &*r.name)
+            .collect();
+        names.sort_unstable();
+        names
     }
 
     /// [`Config::route`] and its index in `routes`. The one route matching of the proxy

@@ -586,6 +586,10 @@ async fn reload(state: &State) -> bool {
                     || o.host != r.host
                     || o.path_prefix != r.path_prefix
                     || o.methods != r.methods
+                    // Which route serves a request also depends on the order: two
+                    // route blocks swapped send shared requests to the other policy.
+                    || old.config.routes_tried_before(&o.name, &runtime.config)
+                        != runtime.config.routes_tried_before(&r.name, &old.config)
             })
         })
         .map(|r| &*r.name)
