@@ -337,6 +337,7 @@ fn bench_request(c: &mut Criterion, signer: &DevSigner) {
     });
     let conn = ConnInfo::new(
         ([127, 0, 0, 1], 40_000).into(),
+        Some(8443),
         None,
         false,
         portcullis::http::activity::Activity::new(None, None, None),

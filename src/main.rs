@@ -178,6 +178,9 @@ enum DevCommand {
         #[arg(long, default_value = "bitbucket-pipelines")]
         preset: String,
         /// Override a claim: key=value (string) or key:=json (typed; key:=null removes).
+        /// Overriding a claim the provider builds `sub` from (repositoryUuid, stepUuid;
+        /// repository, ref, environment; project_path, ref_type, ref) builds `sub` again,
+        /// unless --claim sub=... is given too.
         #[arg(long = "claim")]
         claims: Vec<String>,
         /// Lifetime in seconds.
@@ -232,7 +235,7 @@ fn main() -> ExitCode {
             };
             runtime(|| async move {
                 let server = portcullis::server::Server::start(cfg, Default::default()).await?;
-                tracing::info!(bound = ?server.bound(), "serving");
+                server.log_serving();
                 server.run_until_signalled().await
             })
         }

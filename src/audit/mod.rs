@@ -428,6 +428,9 @@ struct QueueState {
     writer_idle: bool,
     flush_asked: bool,
     closed: bool,
+    /// The writer has ended (closed and drained, or never started): what is queued now
+    /// is never written.
+    finished: bool,
 }
 
 /// Whether audit events are reaching their output: shared by the writer thread (write
@@ -638,6 +641,41 @@ impl AuditStatus {
     }
 }
 
+/// The events a sink never wrote, as [`AuditSink::close`] counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AuditLoss {
+    /// Dropped while the process ran or closed the sink
+    /// (`portcullis_audit_events_dropped_total`).
+    pub dropped: u64,
+    /// Still queued when the process stopped waiting for the output.
+    pub unwritten: u64,
+}
+
+impl AuditLoss {
+    /// The one line said on stderr at exit when any event was lost; `None` when every
+    /// event was written.
+    pub fn report(&self) -> Option<String> {
+        let total = self.dropped + self.unwritten;
+        if total == 0 {
+            return None;
+        }
+        let mut parts = Vec::new();
+        if self.dropped > 0 {
+            parts.push(format!(
+                "{} dropped (the queue was full or the output failed; portcullis_audit_events_dropped_total)",
+                self.dropped
+            ));
+        }
+        if self.unwritten > 0 {
+            parts.push(format!(
+                "{} still queued and not written before exit (the output stalled)",
+                self.unwritten
+            ));
+        }
+        Some(format!("audit log incomplete: {total} event(s) never written: {}", parts.join("; ")))
+    }
+}
+
 /// A handle on a sink's health that does not keep its queue open (for `/readyz`).
 #[derive(Debug, Clone)]
 pub struct AuditHealth(Arc<Health>);
@@ -745,6 +783,7 @@ impl AuditSink {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the audit writer thread");
             queue.health.write_error();
+            queue.state.lock().finished = true;
         }
         Self { handle: Arc::new(Handle { queue, memory }) }
     }
@@ -783,9 +822,12 @@ impl AuditSink {
             line.push(b'\n');
             let queue = &self.handle.queue;
             let mut st = queue.state.lock();
-            if st.buf.len() + st.inflight + line.len() > budget.limit(queue.health.cap) {
+            let over = st.buf.len() + st.inflight + line.len() > budget.limit(queue.health.cap);
+            if over || st.finished {
+                let finished = st.finished;
                 drop(st);
                 let why = match budget {
+                    _ if finished => "the audit log is closed (shutting down)",
                     Budget::Full => "the queue is full (the output is slow or failing)",
                     Budget::Unattributed => "the queue is half full (the output is slow or failing); events of requests refused before authentication are dropped first",
                 };
@@ -829,6 +871,27 @@ impl AuditSink {
                 return;
             }
         }
+    }
+
+    /// Closes the sink for good (the end of a shutdown, after the drain): the writer
+    /// writes what is queued, without retrying a failed write, and ends. Waits for it at
+    /// most `within`. Returns what never reached the output over the sink's lifetime:
+    /// the events dropped (queue full, the output failing while closing, or emitted
+    /// after the close) and those still queued when the wait ended (a stalled output).
+    pub fn close(&self, within: Duration) -> AuditLoss {
+        let queue = &self.handle.queue;
+        let mut st = queue.state.lock();
+        st.closed = true;
+        queue.wake.notify_one();
+        let deadline = Instant::now() + within;
+        while !st.finished {
+            if queue.written.wait_until(&mut st, deadline).timed_out() {
+                break;
+            }
+        }
+        let unwritten = if st.finished { 0 } else { st.queued.saturating_sub(st.done) };
+        drop(st);
+        AuditLoss { dropped: queue.health.dropped.load(Ordering::Relaxed), unwritten }
     }
 
     /// This sink's health, for `/readyz`.
@@ -886,6 +949,7 @@ fn writer(queue: &Queue, mut out: Box<dyn Write + Send>, memory: Option<&Mutex<V
         queue.written.notify_all();
     }
     st.done = st.queued;
+    st.finished = true;
     queue.written.notify_all();
 }
 
@@ -1395,6 +1459,64 @@ mod tests {
         assert_eq!(written.len() as u64, sent - dropped);
         assert!(written.len() * line_len <= cap);
         assert_eq!(written.first().map(|v| v["n"].clone()), Some(serde_json::json!(0)));
+    }
+
+    /// Closing at shutdown writes what is queued and says nothing when all of it was
+    /// written; it counts what a failing output loses (without retrying past the close)
+    /// and what a stalled one leaves queued, waiting no longer than it is given.
+    #[test]
+    fn closing_writes_the_queue_and_counts_what_never_reached_the_output() {
+        // A working output: everything written, nothing to report.
+        let out = Flaky::default();
+        let sink = AuditSink::writer(Box::new(out.clone()), QUEUE_BYTES);
+        for n in 0..50 {
+            sink.emit(&serde_json::json!({ "n": n }));
+        }
+        let loss = sink.close(Duration::from_secs(5));
+        assert_eq!(loss, AuditLoss::default());
+        assert_eq!(loss.report(), None);
+        assert_eq!(out.lines().len(), 50);
+        // After the close an event is not queued for nobody: it is counted.
+        sink.emit(&serde_json::json!({ "late": true }));
+        assert_eq!(sink.health().dropped(), 1);
+        assert_eq!(sink.close(Duration::ZERO).dropped, 1);
+
+        // A failing output: the close does not retry for ever; every event is counted.
+        let out = Flaky::default();
+        out.failing.store(true, Ordering::Relaxed);
+        let sink = AuditSink::writer(Box::new(out.clone()), QUEUE_BYTES);
+        for n in 0..10 {
+            sink.emit(&serde_json::json!({ "n": n }));
+        }
+        eventually("a write error is counted", || sink.health().write_errors() > 0);
+        let start = Instant::now();
+        let loss = sink.close(Duration::from_secs(5));
+        assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+        assert_eq!(loss, AuditLoss { dropped: 10, unwritten: 0 });
+        let report = loss.report().unwrap_or_default();
+        assert!(report.contains("10 event(s) never written: 10 dropped"), "{report}");
+        assert!(report.contains("portcullis_audit_events_dropped_total"), "{report}");
+
+        // A stalled output, with some dropped earlier: the wait is bounded, and both
+        // counts are in the one line.
+        let out = Flaky::default();
+        out.block(true);
+        let sink = AuditSink::writer(Box::new(out.clone()), 1024);
+        let pad = "x".repeat(200);
+        for n in 0..20 {
+            sink.emit(&serde_json::json!({ "n": n, "pad": pad }));
+        }
+        let dropped = sink.health().dropped();
+        assert!(dropped > 0);
+        let start = Instant::now();
+        let loss = sink.close(Duration::from_millis(200));
+        assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+        assert_eq!(loss.dropped, dropped);
+        assert_eq!(loss.dropped + loss.unwritten, 20, "{loss:?}");
+        let report = loss.report().unwrap_or_default();
+        assert!(report.starts_with("audit log incomplete: 20 event(s) never written"), "{report}");
+        assert!(report.contains("not written before exit"), "{report}");
+        out.block(false);
     }
 
     /// An unauthenticated request's event, refused before any identity (a 401).

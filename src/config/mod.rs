@@ -339,7 +339,39 @@ impl RouteSettings {
     }
 }
 
+impl HostMatch {
+    /// Whether some request's host matches both.
+    pub fn overlaps(&self, other: &HostMatch) -> bool {
+        match (self, other) {
+            (HostMatch::Any, _) | (_, HostMatch::Any) => true,
+            (HostMatch::Exact(a), HostMatch::Exact(b)) => a == b,
+            (HostMatch::Exact(h), s @ HostMatch::Suffix(_))
+            | (s @ HostMatch::Suffix(_), HostMatch::Exact(h)) => s.matches(h),
+            (HostMatch::Suffix(a), HostMatch::Suffix(b)) => a.ends_with(&**b) || b.ends_with(&**a),
+        }
+    }
+}
+
 impl RouteSettings {
+    /// Whether some request matches both routes: hosts that can be the same name, path
+    /// prefixes one of which covers the other, and methods both admit.
+    pub fn overlaps(&self, other: &RouteSettings) -> bool {
+        let admits = |ms: &Option<Vec<Method>>, m: &Method| {
+            ms.as_ref().is_none_or(|ms| crate::policy::methods_admit(ms, m))
+        };
+        let methods = match (&self.methods, &other.methods) {
+            (None, _) | (_, None) => true,
+            (Some(a), Some(b)) => {
+                a.iter().any(|m| admits(&other.methods, m))
+                    || b.iter().any(|m| admits(&self.methods, m))
+            }
+        };
+        self.host.overlaps(&other.host)
+            && (path_has_prefix(&self.path_prefix, &other.path_prefix)
+                || path_has_prefix(&other.path_prefix, &self.path_prefix))
+            && methods
+    }
+
     pub fn matches(&self, host: &str, path: &str, method: &Method) -> bool {
         self.host.matches(host)
             && path_has_prefix(path, &self.path_prefix)
@@ -359,6 +391,20 @@ fn route_host_name(h: &str) -> bool {
                 && label.len() <= 63
                 && label.bytes().all(crate::http::proxy::host_label_byte)
         })
+}
+
+/// Whether `earlier`, tried first, takes every request `later` matches: the same host
+/// (as written, case aside), the same path prefix (`/api` and `/api/` are the same,
+/// [`path_has_prefix`]) and no method filter, or one that admits all of `later`'s.
+fn takes_all_of(earlier: &RouteSettings, later: &RouteSettings) -> bool {
+    let methods = match (&earlier.methods, &later.methods) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(e), Some(l)) => !l.is_empty() && l.iter().all(|m| crate::policy::methods_admit(e, m)),
+    };
+    earlier.host == later.host
+        && earlier.path_prefix.trim_end_matches('/') == later.path_prefix.trim_end_matches('/')
+        && methods
 }
 
 /// How specific a route's `path_prefix` is, for routing order: its length without a
@@ -499,6 +545,25 @@ impl Config {
     /// then configuration order.
     pub fn route(&self, host: &str, path: &str, method: &Method) -> Option<&Arc<RouteSettings>> {
         self.route_at(host, path, method).map(|(_, r)| r)
+    }
+
+    /// The names of the routes tried before the route `name` that can take some of the
+    /// same requests ([`RouteSettings::overlaps`]) and that `other` has too, sorted: what
+    /// a reload compares to tell a change of routing order that matters (which of them
+    /// comes first among themselves is their own business).
+    pub fn routes_tried_before(&self, name: &str, other: &Config) -> Vec<&str> {
+        let Some(route) = self.routes.iter().find(|r| &*r.name == name) else {
+            return Vec::new();
+        };
+        let mut names: Vec<&str> = self
+            .routes
+            .iter()
+            .take_while(|r| &*r.name != name)
+            .filter(|r| r.overlaps(route) && other.routes.iter().any(|o| o.name == r.name))
+            .map(|r| &*r.name)
+            .collect();
+        names.sort_unstable();
+        names
     }
 
     /// [`Config::route`] and its index in `routes`. The one route matching of the proxy
@@ -772,7 +837,10 @@ impl Compiler<'_> {
         let mut policies: BTreeMap<PathBuf, Option<Arc<Policy>>> = BTreeMap::new();
         let mut compiled_routes = Vec::new();
         let mut route_names = HashSet::new();
+        // Where each route is named, by configuration order (for warnings about it).
+        let mut route_at = Vec::new();
         for (order, r) in routes.into_iter().enumerate() {
+            route_at.push(r.name.span());
             if !route_names.insert(r.name.get_ref().clone()) {
                 self.err(r.name.span(), format!("duplicate route name `{}`", r.name.get_ref()));
             }
@@ -820,6 +888,22 @@ impl Compiler<'_> {
                 *ob,
             ))
         });
+        // A route an earlier one takes every request of is dead: its policy never
+        // applies, and whoever reads the file believes it does.
+        for (j, (order, route)) in compiled_routes.iter().enumerate() {
+            let earlier = compiled_routes[..j].iter().find(|(_, e)| takes_all_of(e, route));
+            if let Some((earlier_order, earlier)) = earlier {
+                let line = self.source.error(route_at.get(*earlier_order).cloned(), "").line;
+                let methods = if earlier.methods.is_some() { " and methods" } else { "" };
+                warnings.push(self.source.error(
+                    route_at.get(*order).cloned(),
+                    format!(
+                        "route `{}` is never reached: route `{}` (line {line}) is tried first and takes every request it matches (the same host and path_prefix{methods}); remove one, or give them different `match`es",
+                        route.name, earlier.name
+                    ),
+                ));
+            }
+        }
         Some(Config {
             path: self.source.path.to_path_buf(),
             listen,

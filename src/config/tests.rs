@@ -336,6 +336,48 @@ fn routes_sort_most_specific_first() {
     assert_eq!(pick("other.test", "/").as_deref(), Some("any"));
 }
 
+/// A route that an earlier one takes every request of is reported where it is named,
+/// as a warning: same host (case aside) and path prefix (`/v1` and `/v1/` alike), and
+/// all of its methods. A route that only shares some requests is not.
+#[test]
+fn a_route_an_earlier_route_takes_every_request_of_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let route = |name: &str, matcher: &str| {
+        format!("\n[[routes]]\nname = \"{name}\"\nmatch = {{ {matcher} }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"p\"\n")
+    };
+    let text = [
+        BASE.to_string(),
+        route("api-again", "host = \"API.example.com\", path_prefix = \"/v1/\""),
+        route(
+            "api-gets",
+            "host = \"api.example.com\", path_prefix = \"/v1\", methods = [\"GET\", \"POST\"]",
+        ),
+        route("web", "host = \"web.example.com\", path_prefix = \"/v1\""),
+        route("deeper", "host = \"api.example.com\", path_prefix = \"/v1/admin\""),
+        route("reads", "host = \"x.example.com\", methods = [\"GET\"]"),
+        route("heads", "host = \"x.example.com\", path_prefix = \"/\", methods = [\"HEAD\"]"),
+        route("rest", "host = \"x.example.com\""),
+        route("posts", "host = \"x.example.com\", methods = [\"POST\"]"),
+    ]
+    .concat();
+    let c = compile(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
+    let w: Vec<String> =
+        c.warnings.iter().map(|d| format!("{}:{} {}", d.line, d.col, d.message)).collect();
+    let at = |name: &str| {
+        let line = text.lines().position(|l| l == format!("name = \"{name}\"")).unwrap_or(0);
+        format!("{}:8 route `{name}` is never reached: ", line + 1)
+    };
+    let shadowed: Vec<&str> = ["api-again", "api-gets", "heads", "posts"].to_vec();
+    assert_eq!(w.len(), shadowed.len(), "{w:#?}");
+    for (w, name) in w.iter().zip(&shadowed) {
+        assert!(w.starts_with(&at(name)), "{name}: {w}");
+    }
+    assert!(w[0].contains("route `api` (line 9) is tried first"), "{}", w[0]);
+    assert!(w[2].contains("route `reads` (line "), "GET takes HEAD: {}", w[2]);
+    assert!(w[2].contains("same host and path_prefix and methods"), "{}", w[2]);
+    assert!(w[3].contains("route `rest` (line "), "{}", w[3]);
+}
+
 /// A route for `GET` takes `HEAD` too (the upstream runs its `GET` handler), so a
 /// `HEAD` cannot fall through to a broader route and its policy; `HEAD` does not take
 /// `GET`.

@@ -376,6 +376,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     let _ = out.flush();
     drop(out);
 
+    server.log_serving();
     let r = server.run_until_signalled().await;
     drop(issuer);
     r

@@ -198,6 +198,79 @@ pub fn apply_overrides(payload: &mut Value, overrides: &[String]) -> Result<(), 
     Ok(())
 }
 
+/// The claim a `--claim` override sets or removes (`key=value`, `key:=json`).
+fn override_key(o: &str) -> Option<&str> {
+    o.split_once(":=").or_else(|| o.split_once('=')).map(|(k, _)| k)
+}
+
+/// The claims a provider builds `sub` from, for a preset.
+pub fn sub_components(preset: &str) -> &'static [&'static str] {
+    match preset {
+        "bitbucket-pipelines" => &["repositoryUuid", "stepUuid", "deploymentEnvironmentUuid"],
+        "github-actions" => &["repository", "ref", "environment", "event_name"],
+        "gitlab-ci" => &["project_path", "ref_type", "ref"],
+        _ => &[],
+    }
+}
+
+/// `sub` as the provider builds it from the other claims, when they are all there
+/// (strings): Bitbucket `{repositoryUuid}:{stepUuid}`, or
+/// `{repositoryUuid}:{deploymentEnvironmentUuid}:{stepUuid}` for a step with a
+/// deployment environment; GitHub `repo:OWNER/REPO:environment:NAME` when the job has
+/// an environment, else `repo:OWNER/REPO:pull_request` for a `pull_request` event, else
+/// `repo:OWNER/REPO:ref:REF`; GitLab `project_path:P:ref_type:T:ref:R` (each provider's
+/// default format).
+pub fn derived_sub(preset: &str, payload: &Map<String, Value>) -> Option<String> {
+    let get = |k: &str| payload.get(k).and_then(Value::as_str).filter(|v| !v.is_empty());
+    match preset {
+        "bitbucket-pipelines" => {
+            let (repo, step) = (get("repositoryUuid")?, get("stepUuid")?);
+            Some(match get("deploymentEnvironmentUuid") {
+                Some(env) => format!("{repo}:{env}:{step}"),
+                None => format!("{repo}:{step}"),
+            })
+        }
+        "github-actions" => {
+            let repo = get("repository")?;
+            Some(match (get("environment"), get("event_name")) {
+                (Some(env), _) => format!("repo:{repo}:environment:{env}"),
+                (None, Some("pull_request")) => format!("repo:{repo}:pull_request"),
+                (None, _) => format!("repo:{repo}:ref:{}", get("ref")?),
+            })
+        }
+        "gitlab-ci" => Some(format!(
+            "project_path:{}:ref_type:{}:ref:{}",
+            get("project_path")?,
+            get("ref_type")?,
+            get("ref")?
+        )),
+        _ => None,
+    }
+}
+
+/// [`apply_overrides`] for a preset's payload, keeping `sub` consistent: when an
+/// override sets or removes a claim the provider builds `sub` from
+/// ([`sub_components`]), `sub` is built again from the result ([`derived_sub`]).
+/// An explicit `--claim sub=…` always wins.
+pub fn apply_preset_overrides(
+    preset: &str,
+    payload: &mut Value,
+    overrides: &[String],
+) -> Result<(), String> {
+    apply_overrides(payload, overrides)?;
+    let keys: Vec<&str> = overrides.iter().filter_map(|o| override_key(o)).collect();
+    let components = sub_components(preset);
+    if keys.contains(&"sub") || !keys.iter().any(|k| components.contains(k)) {
+        return Ok(());
+    }
+    if let Some(map) = payload.as_object_mut() {
+        if let Some(sub) = derived_sub(preset, map) {
+            map.insert("sub".into(), Value::String(sub));
+        }
+    }
+    Ok(())
+}
+
 /// Mints one token for a preset from the demo state.
 pub fn mint(
     state: &DemoState,
@@ -215,7 +288,7 @@ pub fn mint(
     if let Some(h) = header.as_object_mut() {
         h.insert("kid".into(), Value::String(signer.kid().to_string()));
     }
-    apply_overrides(&mut payload, overrides)?;
+    apply_preset_overrides(preset, &mut payload, overrides)?;
     Ok(signer.sign(&header, &payload))
 }
 
@@ -260,5 +333,59 @@ mod tests {
             preset_claims("gitlab-ci", "https://i/gl", "aud", 100, 60).unwrap_or_default();
         assert!(gl["runner_id"].is_number() && gl["ref_protected"].is_string());
         assert!(preset_claims("nope", "", "", 0, 0).is_none());
+    }
+
+    fn minted(preset: &str, overrides: &[&str]) -> Value {
+        let (_, mut p) = preset_claims(preset, "https://i", "aud", 100, 60).unwrap_or_default();
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        assert_eq!(apply_preset_overrides(preset, &mut p, &o), Ok(()));
+        p
+    }
+
+    #[test]
+    fn sub_follows_the_claims_it_is_built_from() {
+        const REPO: &str = "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}";
+        const ENV: &str = "{5c1f3d0a-1111-4a2b-9c3d-0e1f2a3b4c5d}";
+        // Bitbucket: {repositoryUuid}:{stepUuid}, with the environment in the middle.
+        let bb = minted("bitbucket-pipelines", &[&format!("repositoryUuid={REPO}")]);
+        let step = bb["stepUuid"].as_str().unwrap_or_default().to_string();
+        assert_eq!(bb["sub"], format!("{REPO}:{step}"));
+        let bb = minted(
+            "bitbucket-pipelines",
+            &[&format!("repositoryUuid={REPO}"), &format!("deploymentEnvironmentUuid={ENV}")],
+        );
+        let step = bb["stepUuid"].as_str().unwrap_or_default().to_string();
+        assert_eq!(bb["sub"], format!("{REPO}:{ENV}:{step}"));
+        let bb = minted("bitbucket-pipelines", &["stepUuid={s}"]);
+        assert_eq!(bb["sub"], format!("{DEMO_BB_REPOSITORY}:{{s}}"));
+        // Other claims leave the preset's sub alone.
+        let bb = minted("bitbucket-pipelines", &["branchName=feature/x"]);
+        assert_eq!(
+            bb["sub"],
+            format!("{DEMO_BB_REPOSITORY}:{}", bb["stepUuid"].as_str().unwrap_or_default())
+        );
+
+        // GitHub: environment, then pull_request, then the ref.
+        let gh = minted("github-actions", &["repository=acme/api"]);
+        assert_eq!(gh["sub"], "repo:acme/api:ref:refs/heads/main");
+        let gh = minted("github-actions", &["ref=refs/tags/v1"]);
+        assert_eq!(gh["sub"], "repo:demo-org/demo-api:ref:refs/tags/v1");
+        let gh = minted("github-actions", &["repository=acme/api", "environment=production"]);
+        assert_eq!(gh["sub"], "repo:acme/api:environment:production");
+        let gh = minted("github-actions", &["event_name=pull_request"]);
+        assert_eq!(gh["sub"], "repo:demo-org/demo-api:pull_request");
+
+        // GitLab: project_path, ref_type, ref.
+        let gl = minted("gitlab-ci", &["project_path=acme/platform/api", "ref_type=tag", "ref=v1"]);
+        assert_eq!(gl["sub"], "project_path:acme/platform/api:ref_type:tag:ref:v1");
+
+        // An explicit sub always wins, whatever its position.
+        let gh = minted("github-actions", &["sub=repo:x/y:ref:z", "repository=acme/api"]);
+        assert_eq!(gh["sub"], "repo:x/y:ref:z");
+        // A component removed: built from what is left, or left alone when it cannot be.
+        let gh = minted("github-actions", &["environment=prod", "environment:=null"]);
+        assert_eq!(gh["sub"], "repo:demo-org/demo-api:ref:refs/heads/main");
+        let gl = minted("gitlab-ci", &["ref:=null"]);
+        assert_eq!(gl["sub"], "project_path:demo-group/demo-api:ref_type:branch:ref:main");
     }
 }

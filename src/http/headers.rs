@@ -17,6 +17,7 @@ pub const PREFIX: &str = "x-portcullis-";
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 pub static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub static ASSERTION: HeaderName = HeaderName::from_static("x-portcullis-assertion");
@@ -205,8 +206,8 @@ pub fn strip_proxy_set_cookies(h: &mut HeaderMap) {
 /// Targeted cache-control fields, which a CDN reads *instead* of `Cache-Control`
 /// (`CDN-Cache-Control`, RFC 9213; `Cloudflare-CDN-Cache-Control` and other
 /// `*-CDN-Cache-Control`; Fastly's and Akamai's `Surrogate-Control`, `Edge-Control`;
-/// nginx's `X-Accel-Expires`), are removed, so such a cache falls back to the `private`
-/// above.
+/// nginx's `X-Accel-Expires`; LiteSpeed's `X-LiteSpeed-Cache-Control`), are removed, so
+/// such a cache falls back to the `private` above.
 pub fn keep_from_shared_caches(h: &mut HeaderMap) {
     let targeted: Vec<HeaderName> = h
         .keys()
@@ -214,7 +215,11 @@ pub fn keep_from_shared_caches(h: &mut HeaderMap) {
             let k = k.as_str();
             matches!(
                 k,
-                "cdn-cache-control" | "surrogate-control" | "edge-control" | "x-accel-expires"
+                "cdn-cache-control"
+                    | "surrogate-control"
+                    | "edge-control"
+                    | "x-accel-expires"
+                    | "x-litespeed-cache-control"
             ) || k.ends_with("-cdn-cache-control")
         })
         .cloned()
@@ -287,18 +292,21 @@ pub fn strip_proxy_cookies(h: &mut HeaderMap) {
     }
 }
 
-/// Sets `X-Forwarded-For/Proto/Host`. Client-supplied values are kept (and appended to)
-/// only when the peer is a configured trusted proxy; otherwise they are replaced, and
-/// `Forwarded`/`X-Real-IP` from untrusted peers are dropped.
+/// Sets `X-Forwarded-For/Proto/Host/Port`. Client-supplied values are kept (and appended
+/// to) only when the peer is a configured trusted proxy; otherwise they are replaced, and
+/// `Forwarded`/`X-Real-IP` from untrusted peers are dropped. `port` is the port of the
+/// proxy's listener the client connected to (`None`: unknown, none is set); a trusted
+/// proxy's `X-Forwarded-Port` is kept when it is one port number, else replaced by it.
 pub fn set_forwarded(
     h: &mut HeaderMap,
     peer: &HeaderValue,
     trusted: bool,
     proto: &'static str,
     host: &str,
+    port: Option<&HeaderValue>,
 ) {
     // One pass over the request's few names. From an untrusted peer every forwarding or
-    // client-address header goes (the proxy sets its own three below); from a trusted
+    // client-address header goes (the proxy sets its own four below); from a trusted
     // one only their underscore spellings, which no proxy sends but a CGI/WSGI server
     // would merge with the real ones (`X_Forwarded_For` → `HTTP_X_FORWARDED_FOR`).
     let spoofed: Vec<HeaderName> = h
@@ -326,13 +334,32 @@ pub fn set_forwarded(
                 h.insert(X_FORWARDED_HOST.clone(), v);
             }
         }
+        let mut given = h.get_all(&X_FORWARDED_PORT).iter();
+        let keep = matches!((given.next(), given.next()), (Some(v), None) if one_port(v));
+        if !keep {
+            h.remove(&X_FORWARDED_PORT);
+            if let Some(p) = port {
+                h.insert(X_FORWARDED_PORT.clone(), p.clone());
+            }
+        }
     } else {
         h.insert(X_FORWARDED_FOR.clone(), peer.clone());
         h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
         if let Ok(v) = HeaderValue::from_str(host) {
             h.insert(X_FORWARDED_HOST.clone(), v);
         }
+        if let Some(p) = port {
+            h.insert(X_FORWARDED_PORT.clone(), p.clone());
+        }
     }
+}
+
+/// One TCP port number, 1 to 65535, in decimal digits (as a framework parses it).
+fn one_port(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    (1..=5).contains(&b.len())
+        && b.iter().all(u8::is_ascii_digit)
+        && v.to_str().ok().and_then(|s| s.parse::<u16>().ok()).is_some_and(|p| p != 0)
 }
 
 /// A header an upstream framework may read as the client's address or the request's
@@ -685,6 +712,7 @@ mod tests {
             ("surrogate-control", "max-age=3600"),
             ("edge-control", "cache-maxage=1h"),
             ("x-accel-expires", "3600"),
+            ("x-litespeed-cache-control", "public, max-age=3600"),
             ("x-app", "1"),
         ]);
         keep_from_shared_caches(&mut h);
@@ -729,12 +757,24 @@ mod tests {
             ("x_real_ip", "1.2.3.4"),
             ("x-app", "kept"),
         ]);
-        set_forwarded(&mut h, &peer, false, "https", "api.example.com");
+        let port = HeaderValue::from_static("8443");
+        set_forwarded(&mut h, &peer, false, "https", "api.example.com", Some(&port));
         assert_eq!(h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()), Some(&b"10.0.0.9"[..]));
         assert_eq!(h.get(&X_FORWARDED_PROTO).map(|v| v.as_bytes()), Some(&b"https"[..]));
+        // The client's `X-Forwarded-Port: 443` is replaced by the listener's port.
+        assert_eq!(h.get_all(&X_FORWARDED_PORT).iter().collect::<Vec<_>>(), [&port]);
         let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
         names.sort();
-        assert_eq!(names, ["x-app", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"]);
+        assert_eq!(
+            names,
+            [
+                "x-app",
+                "x-forwarded-for",
+                "x-forwarded-host",
+                "x-forwarded-port",
+                "x-forwarded-proto"
+            ]
+        );
         // A trusted proxy's chain is kept; underscore spellings (which a proxy passes on
         // from its client and a WSGI server would merge in) are not.
         let mut h = map(&[
@@ -744,15 +784,51 @@ mod tests {
             ("x_forwarded_for", "6.6.6.6"),
             ("x_real_ip", "6.6.6.6"),
         ]);
-        set_forwarded(&mut h, &peer, true, "http", "api.example.com");
+        set_forwarded(&mut h, &peer, true, "http", "api.example.com", Some(&port));
         assert_eq!(h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()), Some(&b"1.2.3.4, 10.0.0.9"[..]));
         assert_eq!(h.get(&X_FORWARDED_PROTO).map(|v| v.as_bytes()), Some(&b"https"[..]));
+        // None given: the listener's.
+        assert_eq!(h.get(&X_FORWARDED_PORT), Some(&port));
         let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
         names.sort();
         assert_eq!(
             names,
-            ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip"]
+            [
+                "x-forwarded-for",
+                "x-forwarded-host",
+                "x-forwarded-port",
+                "x-forwarded-proto",
+                "x-real-ip"
+            ]
         );
+        // A trusted proxy's port is kept when it is one port number, else replaced.
+        let port_after = |given: &[&str]| {
+            let mut h = HeaderMap::new();
+            for g in given {
+                h.append(
+                    &X_FORWARDED_PORT,
+                    HeaderValue::from_str(g).unwrap_or_else(|e| panic!("{e}")),
+                );
+            }
+            set_forwarded(&mut h, &peer, true, "https", "api.example.com", Some(&port));
+            let all: Vec<String> = h
+                .get_all(&X_FORWARDED_PORT)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect();
+            all
+        };
+        assert_eq!(port_after(&["443"]), ["443"]);
+        assert_eq!(port_after(&["65535"]), ["65535"]);
+        for bad in
+            [&["0"][..], &["65536"], &["443, 80"], &["443", "80"], &["+443"], &[""], &["https"]]
+        {
+            assert_eq!(port_after(bad), ["8443"], "{bad:?}");
+        }
+        // Unknown port: none is invented, an untrusted one still goes.
+        let mut h = map(&[("x-forwarded-port", "443")]);
+        set_forwarded(&mut h, &peer, false, "https", "api.example.com", None);
+        assert!(h.get(&X_FORWARDED_PORT).is_none());
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct ConnInfo {
     /// `X-Forwarded-For`: formatted once per connection, not per request.
     pub peer_text: Arc<str>,
     pub peer_ip: http::HeaderValue,
+    /// The port of the proxy's listener the client connected to, as the value of
+    /// `X-Forwarded-Port` (`None` if it could not be read).
+    pub local_port: Option<http::HeaderValue>,
     pub tls: Option<Arc<TlsInfo>>,
     /// The peer is a configured trusted proxy: its `X-Forwarded-*` headers are kept.
     pub trusted_peer: bool,
@@ -40,6 +43,7 @@ pub struct ConnInfo {
 impl ConnInfo {
     pub fn new(
         peer: SocketAddr,
+        local_port: Option<u16>,
         tls: Option<Arc<TlsInfo>>,
         trusted_peer: bool,
         activity: Arc<activity::Activity>,
@@ -50,6 +54,7 @@ impl ConnInfo {
             peer,
             peer_text: Arc::from(peer.to_string()),
             peer_ip,
+            local_port: local_port.filter(|p| *p != 0).map(http::HeaderValue::from),
             tls,
             trusted_peer,
             activity,

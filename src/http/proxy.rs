@@ -716,7 +716,8 @@ pub async fn handle(
     if source == Some(CredentialSource::Authorization) && !route.forward_token {
         h.remove(header::AUTHORIZATION);
     }
-    headers::set_forwarded(h, &conn.peer_ip, conn.trusted_peer, conn.proto(), &host);
+    let port = conn.local_port.as_ref();
+    headers::set_forwarded(h, &conn.peer_ip, conn.trusted_peer, conn.proto(), &host, port);
     h.insert(header::HOST, routed_host.unwrap_or_else(|| client.host().clone()));
     // Identity headers and assertion come prebuilt, cached per identity and route.
     let (now, signed) = (crate::util::unix_now(), route.identity_assertion);

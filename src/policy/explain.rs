@@ -1,12 +1,12 @@
-//! `explain`: every rule of a policy against one request, with the first condition
-//! that failed. Off the hot path; allocates freely.
+//! `explain`: every rule of a policy against one request, with every condition that
+//! failed. Off the hot path; allocates freely.
 
 use std::fmt;
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::rule::{Effect, Outcome};
+use super::rule::{Condition, Effect, Matcher, Outcome, Rule};
 use super::{Decision, Policy, RequestFacts, RuleRef};
 use crate::identity::Identity;
 
@@ -31,19 +31,33 @@ pub struct RuleTrace {
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum TraceOutcome {
     Matched,
-    /// The first condition that did not hold.
     NotMatched {
-        condition: String,
-        line: u32,
-        col: u32,
-        /// The condition as written.
-        expected: String,
-        /// What the caller presented.
-        actual: String,
+        /// The first condition that did not hold, in evaluation order (the one the
+        /// proxy stops at), flattened into the outcome as earlier versions wrote it.
+        #[serde(flatten)]
+        first: FailedCondition,
+        /// Every condition that did not hold, in file order: everything to change for
+        /// the rule to match. Only the issuer when that differs (the rule is for
+        /// other callers, and its other conditions say nothing about this one); the
+        /// group conditions only when the token's groups are known.
+        failed: Vec<FailedCondition>,
     },
     /// An allow whose other conditions held, skipped because the token's group list
     /// is incomplete (overage).
     GroupsUnknown,
+}
+
+/// One condition that did not hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FailedCondition {
+    /// How the condition is written: `methods`, `ci.branch`.
+    pub condition: String,
+    pub line: u32,
+    pub col: u32,
+    /// The condition as written.
+    pub expected: String,
+    /// What the caller presented.
+    pub actual: String,
 }
 
 impl Policy {
@@ -56,22 +70,31 @@ impl Policy {
                 let outcome = match rule.outcome(identity, request) {
                     Outcome::Matched => TraceOutcome::Matched,
                     Outcome::GroupsUnknown => TraceOutcome::GroupsUnknown,
-                    Outcome::Failed(i) => match rule.condition(i) {
-                        Some(c) => TraceOutcome::NotMatched {
+                    Outcome::Failed(i) => {
+                        let failed = |c: &Condition| FailedCondition {
                             condition: c.label().to_string(),
                             line: c.loc().line,
                             col: c.loc().col,
                             expected: c.to_string(),
                             actual: c.actual(rule.effect(), identity, request),
-                        },
-                        None => TraceOutcome::NotMatched {
-                            condition: String::new(),
-                            line: rule.line(),
-                            col: 1,
-                            expected: String::new(),
-                            actual: String::new(),
-                        },
-                    },
+                        };
+                        let first = rule.condition(i).map_or_else(
+                            || FailedCondition {
+                                condition: String::new(),
+                                line: rule.line(),
+                                col: 1,
+                                expected: String::new(),
+                                actual: String::new(),
+                            },
+                            failed,
+                        );
+                        let mut all: Vec<FailedCondition> =
+                            every_failed(rule, identity, request).into_iter().map(failed).collect();
+                        if all.is_empty() {
+                            all.push(first.clone());
+                        }
+                        TraceOutcome::NotMatched { first, failed: all }
+                    }
                 };
                 RuleTrace {
                     rule: rule.rule_ref().clone(),
@@ -83,6 +106,26 @@ impl Policy {
             .collect();
         Explanation { decision: self.evaluate(identity, request), rules }
     }
+}
+
+/// Every condition of `rule` that does not hold for this caller and request, in file
+/// order. An issuer that differs is the only one reported: the rule is written for
+/// other callers. Group conditions are judged only when the groups are known.
+fn every_failed<'r>(
+    rule: &'r Rule,
+    identity: &Identity,
+    request: &RequestFacts<'_>,
+) -> Vec<&'r Condition> {
+    let fails = |c: &&Condition| !c.matcher().matches(rule.effect(), identity, request);
+    if let Some(issuer) =
+        rule.conditions.iter().find(|c| matches!(c.matcher(), Matcher::Issuer(_))).filter(fails)
+    {
+        return vec![issuer];
+    }
+    let groups = rule.groups.iter().filter(|_| identity.groups_known);
+    let mut failed: Vec<&Condition> = rule.conditions.iter().chain(groups).filter(fails).collect();
+    failed.sort_by_key(|c| (c.loc().line, c.loc().col));
+    failed
 }
 
 impl fmt::Display for Explanation {
@@ -104,11 +147,24 @@ impl fmt::Display for Explanation {
                 TraceOutcome::GroupsUnknown => {
                     writeln!(f, "skipped: the token's groups are unknown (overage)")?
                 }
-                TraceOutcome::NotMatched { line, col, expected, actual, .. } => {
-                    writeln!(f, "no match at {line}:{col}: {expected}, got {actual}")?
-                }
+                TraceOutcome::NotMatched { failed, .. } => match failed.as_slice() {
+                    [one] => writeln!(f, "no match at {one}")?,
+                    several => {
+                        writeln!(f, "no match on {} conditions:", several.len())?;
+                        for c in several {
+                            writeln!(f, "      at {c}")?;
+                        }
+                    }
+                },
             }
         }
         Ok(())
+    }
+}
+
+impl fmt::Display for FailedCondition {
+    /// `42:63: ci.branch = ["main"], got "feature/x"`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}, got {}", self.line, self.col, self.expected, self.actual)
     }
 }

@@ -40,7 +40,7 @@ mod rule;
 mod summary;
 mod testcase;
 
-pub use explain::{Explanation, RuleTrace, TraceOutcome};
+pub use explain::{Explanation, FailedCondition, RuleTrace, TraceOutcome};
 pub use glob::{Glob, GlobError};
 pub use lint::{lint, rule_covers, Lint, Severity};
 pub use rule::{methods_admit, Condition, Effect, Loc, Rule};

@@ -444,10 +444,10 @@ fn email_denies_apply_to_unverified_emails() {
     let e = p.explain(&who(Some(bob), None), &at("/docs/a"));
     let trace = |id: &str| e.rules.iter().find(|t| &*t.rule.id == id).map(|t| t.outcome.clone());
     match trace("verified-contractors") {
-        Some(TraceOutcome::NotMatched { condition, actual, .. }) => {
-            assert_eq!(condition, "email_domain");
+        Some(TraceOutcome::NotMatched { first, .. }) => {
+            assert_eq!(first.condition, "email_domain");
             assert_eq!(
-                actual,
+                first.actual,
                 "\"bob@contractors.example\" (not verified: an allow reads only a verified email)"
             );
         }
@@ -455,8 +455,8 @@ fn email_denies_apply_to_unverified_emails() {
     }
     let e = p.explain(&who(Some("bob@acme.example"), None), &at("/secret/x"));
     match e.rules.iter().find(|t| &*t.rule.id == "no-contractor-secrets").map(|t| &t.outcome) {
-        Some(TraceOutcome::NotMatched { actual, .. }) => {
-            assert_eq!(actual, "\"bob@acme.example\" (not verified, which a deny reads too)");
+        Some(TraceOutcome::NotMatched { first, .. }) => {
+            assert_eq!(first.actual, "\"bob@acme.example\" (not verified, which a deny reads too)");
         }
         other => panic!("{other:?}"),
     }
@@ -544,30 +544,100 @@ fn rule_refs_carry_file_and_line_and_serialize() {
 }
 
 #[test]
-fn explain_names_the_first_failed_condition() {
+fn explain_names_every_failed_condition() {
     let p = must_parse(EVAL_POLICY);
     let id = bitbucket(BB_REPO, "feature/x");
     let post = http::Method::POST;
     let e = p.explain(&id, &RequestFacts::http(&post, "/deploy/42"));
-    let bb = e.rules.iter().find(|t| &*t.rule.id == "bb-deploy");
-    match bb.map(|t| &t.outcome) {
-        Some(TraceOutcome::NotMatched { condition, line, col, expected, actual }) => {
-            assert_eq!(condition, "ci.branch");
-            assert_eq!((*line, *col), (42, 63));
-            assert_eq!(expected, "ci.branch = [\"main\", \"release/*\"]");
-            assert_eq!(actual, "\"feature/x\"");
+    let outcome = |e: &Explanation, id: &str| {
+        e.rules.iter().find(|t| &*t.rule.id == id).map(|t| t.outcome.clone())
+    };
+    let branch = FailedCondition {
+        condition: "ci.branch".into(),
+        line: 42,
+        col: 63,
+        expected: "ci.branch = [\"main\", \"release/*\"]".into(),
+        actual: "\"feature/x\"".into(),
+    };
+    match outcome(&e, "bb-deploy") {
+        Some(TraceOutcome::NotMatched { first, failed }) => {
+            assert_eq!(first, branch);
+            assert_eq!(failed, vec![branch.clone()]);
         }
         other => panic!("{other:?}"),
     }
     let text = e.to_string();
     assert!(text.starts_with("decision: deny (policy-denied)"), "{text}");
-    assert!(text.contains("p.toml:36: allow `bb-deploy`: no match at 42:63"), "{text}");
-    // Overage shows as such.
+    assert!(
+        text.contains(
+            "p.toml:36: allow `bb-deploy`: no match at 42:63: ci.branch = [\"main\", \"release/*\"], got \"feature/x\"\n"
+        ),
+        "{text}"
+    );
+
+    // Two conditions fail: both are named, in file order, so one run says everything
+    // to change; the first the proxy stops at stays in `first`.
+    let get = http::Method::GET;
+    let e = p.explain(&id, &RequestFacts::http(&get, "/deploy/42"));
+    match outcome(&e, "bb-deploy") {
+        Some(TraceOutcome::NotMatched { first, failed }) => {
+            let labels: Vec<&str> = failed.iter().map(|c| c.condition.as_str()).collect();
+            assert_eq!(labels, ["methods", "ci.branch"]);
+            assert_eq!(failed[0].actual, "\"GET\"");
+            assert_eq!(failed[1], branch);
+            assert!(failed.contains(&first), "{first:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let text = e.to_string();
+    assert!(
+        text.contains(concat!(
+            "  p.toml:36: allow `bb-deploy`: no match on 2 conditions:\n",
+            "      at 40:11: methods = [\"POST\"], got \"GET\"\n",
+            "      at 42:63: ci.branch = [\"main\", \"release/*\"], got \"feature/x\"\n",
+        )),
+        "{text}"
+    );
+    let json = serde_json::to_value(&e).unwrap_or_default();
+    let bb =
+        json["rules"].as_array().and_then(|r| r.iter().find(|t| t["rule"]["id"] == "bb-deploy"));
+    let bb = bb.cloned().unwrap_or_default();
+    assert_eq!(bb["outcome"]["result"], "not-matched", "{bb}");
+    assert_eq!(bb["outcome"]["failed"][1]["condition"], "ci.branch", "{bb}");
+    assert!(bb["outcome"]["condition"].is_string(), "the first stays flattened: {bb}");
+
+    // Another issuer's rule: only the issuer is named, not every condition that a
+    // token of that issuer would have to meet.
+    match outcome(&e, "sre-all") {
+        Some(TraceOutcome::NotMatched { failed, .. }) => {
+            let labels: Vec<&str> = failed.iter().map(|c| c.condition.as_str()).collect();
+            assert_eq!(labels, ["issuer"]);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Groups known: a failed group condition is named beside the others.
+    let alice = human(json!({ "groups": ["release"] }));
+    let e = p.explain(&alice, &RequestFacts::http(&get, "/x"));
+    match outcome(&e, "release-managers") {
+        Some(TraceOutcome::NotMatched { failed, .. }) => {
+            let labels: Vec<&str> = failed.iter().map(|c| c.condition.as_str()).collect();
+            assert_eq!(labels, ["groups_all", "paths"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Overage: the group conditions cannot be judged, the others still are.
     let id = human(json!({ "_overage": true }));
     let e = p.explain(&id, &RequestFacts::http(&post, "/x"));
-    let sre = e.rules.iter().find(|t| &*t.rule.id == "sre-all").map(|t| &t.outcome);
-    assert!(matches!(sre, Some(TraceOutcome::GroupsUnknown)), "{sre:?}");
+    assert!(matches!(outcome(&e, "sre-all"), Some(TraceOutcome::GroupsUnknown)));
     assert_eq!(e.decision.reason, Reason::GroupsUnknown);
+    match outcome(&e, "release-managers") {
+        Some(TraceOutcome::NotMatched { failed, .. }) => {
+            let labels: Vec<&str> = failed.iter().map(|c| c.condition.as_str()).collect();
+            assert_eq!(labels, ["paths"]);
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

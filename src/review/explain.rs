@@ -449,7 +449,7 @@ fn caller_identity(
             let (_, mut payload) =
                 crate::dev::token::preset_claims(dev_name, &settings.issuer, &audience, now, 600)
                     .ok_or_else(|| format!("unknown preset `{name}`"))?;
-            crate::dev::token::apply_overrides(&mut payload, overrides)?;
+            crate::dev::token::apply_preset_overrides(dev_name, &mut payload, overrides)?;
             let Value::Object(claims) = payload else {
                 return Err("preset claims are not an object".into());
             };

@@ -355,7 +355,7 @@ fn preset(name: &str, overrides: &[&str]) -> Caller {
 }
 
 #[test]
-fn explain_names_every_rule_with_its_line_and_first_failed_condition() {
+fn explain_names_every_rule_with_its_line_and_every_failed_condition() {
     let (_dir, cfg) = setup(API);
     let caller =
         preset("bitbucket-pipelines", &[&format!("repositoryUuid={REPO}"), "branchName=feature/x"]);
@@ -373,6 +373,20 @@ fn explain_names_every_rule_with_its_line_and_first_failed_condition() {
     );
     assert!(o.contains("api.toml:7: allow `deploys`: no match at 13:63: ci.branch = [\"main\", \"release/*\"], got \"feature/x\""), "{o}");
     assert!(o.contains("api.toml:15: deny  `no-deletes-from-ci`: no match at 19:11: methods = [\"DELETE\"], got \"POST\""), "{o}");
+
+    // A feature branch on the wrong path: both conditions to change, in one run.
+    let caller =
+        preset("bitbucket-pipelines", &[&format!("repositoryUuid={REPO}"), "branchName=feature/x"]);
+    let r = explain::run(&explain_args(&cfg, caller, "POST https://api.example.com/release/1"));
+    assert!(
+        r.stdout.contains(concat!(
+            "api.toml:7: allow `deploys`: no match on 2 conditions:\n",
+            "      at 12:9: paths = [\"/deploy/*\"], got \"/release/1\"\n",
+            "      at 13:63: ci.branch = [\"main\", \"release/*\"], got \"feature/x\"\n",
+        )),
+        "{}",
+        r.stdout
+    );
 
     let caller = preset("bitbucket-pipelines", &[&format!("repositoryUuid={REPO}")]);
     let mut args = explain_args(&cfg, caller, "POST https://api.example.com/deploy/1");

@@ -413,14 +413,29 @@ impl Server {
         watched(&self.state).into_iter().map(|(f, _)| f).collect()
     }
 
+    /// Says on stderr, in one readable line, what this server serves: its listeners,
+    /// how many routes and database routes, and its issuers (`serve` and `demo`, once
+    /// started).
+    pub fn log_serving(&self) {
+        let runtime = self.shared.runtime.load();
+        let config = &runtime.config;
+        let issuers: Vec<(&str, &str)> =
+            config.issuers.iter().map(|i| (i.id.as_str(), i.preset.name())).collect();
+        let line = serving_line(&self.bound(), config.routes.len(), &issuers);
+        tracing::info!("{line}");
+    }
+
     pub fn is_ready(&self) -> bool {
         !self.state.draining.load(Ordering::Relaxed) && self.shared.runtime.load().verifier.ready()
     }
 
     /// Stops accepting, drains in-flight requests (up to the grace period; then the
     /// connections still open are closed, their requests audited as `client-closed`),
-    /// flushes the audit log. The admin listener serves until the drain is over, so
-    /// `/readyz` is seen answering 503 `"draining": true` (and `/healthz` 200) meanwhile.
+    /// then closes the audit log, waiting up to [`AUDIT_CLOSE_WAIT`] for what is queued
+    /// to be written; if any event was dropped during the process's lifetime or is left
+    /// unwritten, one error line on stderr says how many. The admin listener serves until
+    /// the drain is over, so `/readyz` is seen answering 503 `"draining": true` (and
+    /// `/healthz` 200) meanwhile.
     pub async fn shutdown(mut self) {
         self.state.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown_tx.send(true);
@@ -430,7 +445,13 @@ impl Server {
         self.state.pg_listeners.drained().await;
         let _ = self.admin_stop.send(true);
         while self.admin.join_next().await.is_some() {}
-        self.sink.flush();
+        let sink = self.sink.clone();
+        let loss = tokio::task::spawn_blocking(move || sink.close(AUDIT_CLOSE_WAIT))
+            .await
+            .unwrap_or_else(|_| self.sink.close(Duration::ZERO));
+        if let Some(report) = loss.report() {
+            tracing::error!(dropped = loss.dropped, unwritten = loss.unwritten, "{report}");
+        }
     }
 
     /// Runs until SIGTERM/SIGINT (drain, then return), reloading on SIGHUP.
@@ -451,6 +472,30 @@ impl Server {
         tracing::info!("shutdown complete");
         Ok(())
     }
+}
+
+/// `serving: https 0.0.0.0:8443, admin 127.0.0.1:9090, database route orders
+/// 127.0.0.1:6432; 3 routes; issuers corp (oidc), bb (bitbucket-pipelines)`.
+fn serving_line(bound: &Bound, routes: usize, issuers: &[(&str, &str)]) -> String {
+    let mut listeners: Vec<String> =
+        [("https", bound.https), ("plain HTTP", bound.insecure_http), ("admin", bound.admin)]
+            .into_iter()
+            .filter_map(|(what, a)| a.map(|a| format!("{what} {a}")))
+            .collect();
+    listeners.extend(bound.databases.iter().map(|(name, a)| format!("database route {name} {a}")));
+    let listeners = if listeners.is_empty() { "no listener".into() } else { listeners.join(", ") };
+    let routes = match routes {
+        1 => "1 route".to_string(),
+        n => format!("{n} routes"),
+    };
+    let issuers: Vec<String> =
+        issuers.iter().map(|(id, preset)| format!("{id} ({preset})")).collect();
+    let issuers = match issuers.as_slice() {
+        [] => "no issuers".to_string(),
+        [one] => format!("issuer {one}"),
+        all => format!("issuers {}", all.join(", ")),
+    };
+    format!("serving: {listeners}; {routes}; {issuers}")
 }
 
 async fn reload(state: &State) -> bool {
@@ -541,6 +586,10 @@ async fn reload(state: &State) -> bool {
                     || o.host != r.host
                     || o.path_prefix != r.path_prefix
                     || o.methods != r.methods
+                    // Which route serves a request also depends on the order: two
+                    // route blocks swapped send shared requests to the other policy.
+                    || old.config.routes_tried_before(&o.name, &runtime.config)
+                        != runtime.config.routes_tried_before(&r.name, &old.config)
             })
         })
         .map(|r| &*r.name)
@@ -646,6 +695,8 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
     cut: watch::Receiver<bool>,
 ) {
+    // The port clients connect to (`X-Forwarded-Port`): the listener's, read once.
+    let local_port = listener.local_addr().ok().map(|a| a.port());
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -695,7 +746,7 @@ async fn accept_loop(
             let activity = Activity::new(Some(permit), Some(client), Some(slots));
             let m = crate::metrics::global();
             m.connections_open.fetch_add(1, Ordering::Relaxed);
-            let conn = |tls| ConnInfo::new(peer, tls, trusted_peer, activity.clone());
+            let conn = |tls| ConnInfo::new(peer, local_port, tls, trusted_peer, activity.clone());
             let http = Http { builder: &builder, shared, sink, timeouts };
             let serve = async {
                 match tls_cfg {
@@ -846,6 +897,10 @@ const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// GOAWAY's PING, or keeps sending its own, would otherwise keep it (and its slot)
 /// forever. As nginx's `lingering_timeout` and Envoy's `drain_timeout` (5 s both).
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
+
+/// How long a shutdown waits, after the drain, for the queued audit events to be
+/// written before it gives up on them (and says how many were lost).
+pub const AUDIT_CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// How long the drain waits, once the grace period is over and the remaining connections
 /// are closed, for their requests to end and give their slots back.
@@ -1046,7 +1101,28 @@ pub fn load_or_report(path: &Path) -> Result<Config, usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::{descriptor_warning, open_files_limit, AuditOutput, Duration, Fixed};
+    use super::{
+        descriptor_warning, open_files_limit, serving_line, AuditOutput, Bound, Duration, Fixed,
+    };
+
+    #[test]
+    fn the_startup_line_names_listeners_routes_and_issuers_in_words() {
+        let bound = Bound {
+            https: "0.0.0.0:8443".parse().ok(),
+            insecure_http: None,
+            admin: "127.0.0.1:9090".parse().ok(),
+            databases: vec![("orders".into(), ([127, 0, 0, 1], 6432).into())],
+        };
+        assert_eq!(
+            serving_line(&bound, 3, &[("corp", "oidc"), ("bb", "bitbucket-pipelines")]),
+            "serving: https 0.0.0.0:8443, admin 127.0.0.1:9090, database route orders 127.0.0.1:6432; 3 routes; issuers corp (oidc), bb (bitbucket-pipelines)"
+        );
+        let plain = Bound { insecure_http: "127.0.0.1:8080".parse().ok(), ..Bound::default() };
+        assert_eq!(
+            serving_line(&plain, 1, &[("corp", "oidc")]),
+            "serving: plain HTTP 127.0.0.1:8080; 1 route; issuer corp (oidc)"
+        );
+    }
 
     #[test]
     fn a_reload_names_each_setting_that_only_a_restart_applies() {

@@ -791,6 +791,8 @@ struct Served {
     port: u16,
     audit: std::path::PathBuf,
     stderr: std::sync::mpsc::Receiver<(std::time::Instant, String)>,
+    /// The stderr lines read before `shutdown complete`.
+    log: Vec<String>,
 }
 
 impl Served {
@@ -824,7 +826,7 @@ impl Served {
                 }
             });
         }
-        let served = Served { child: Killed(child), port, audit, stderr };
+        let served = Served { child: Killed(child), port, audit, stderr, log: Vec::new() };
         // Serving once a token is accepted (the issuer's keys are loaded).
         let c = client(&w.pki, false);
         let auth = format!("Bearer {}", w.token("bb", &[]));
@@ -862,6 +864,7 @@ impl Served {
             seen.push(line);
         }
         let complete = complete.unwrap_or_else(|| panic!("no `shutdown complete`: {seen:#?}"));
+        self.log = seen;
         while complete.elapsed() < Duration::from_secs(20) {
             if let Ok(Some(s)) = self.child.0.try_wait() {
                 return (complete.elapsed(), s.code());
@@ -910,6 +913,17 @@ async fn serve_exits_promptly_once_shutdown_is_complete() {
     let drained = served.events_for("/slow/1000");
     assert_eq!(drained.len(), 1, "{drained:?}");
     assert_eq!(drained[0]["status"], 200);
+    // The start-up line is words, not a Rust debug struct.
+    let want = format!("serving: https 127.0.0.1:{}, admin 127.0.0.1:", served.port);
+    let serving: Vec<&String> = served.log.iter().filter(|l| l.contains("serving: ")).collect();
+    assert_eq!(serving.len(), 1, "{:#?}", served.log);
+    assert!(serving[0].contains(&want), "{}", serving[0]);
+    assert!(serving[0].contains("route") && serving[0].contains("issuers "), "{}", serving[0]);
+    assert!(
+        !served.log.iter().any(|l| l.contains("Bound {") || l.contains("Some(")),
+        "{:#?}",
+        served.log
+    );
 }
 
 /// A request still running when the grace period ends is cut, and still gets its audit
@@ -968,7 +982,7 @@ async fn an_audit_output_that_cannot_be_written_shows_on_stderr_metrics_and_read
     write(&path, &cfg);
     let stderr_path = w.dir.path().join("stderr.log");
     let stderr = std::fs::File::create(&stderr_path).unwrap_or_else(|e| panic!("{e}"));
-    let _child = Killed(
+    let mut child = Killed(
         Command::new(BIN)
             .args(["serve", "-c", &path.to_string_lossy()])
             .stdout(Stdio::null())
@@ -1022,6 +1036,29 @@ async fn an_audit_output_that_cannot_be_written_shows_on_stderr_metrics_and_read
     let reports = logged.lines().filter(|l| l.contains("audit log write failed")).count();
     // Rate-limited: 20 events and several retries, one line.
     assert_eq!(reports, 1, "{logged}");
+
+    // At shutdown the events never written are not lost silently: one line says how
+    // many, after a bounded wait (the writer stops retrying once the log is closed).
+    let _ = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status();
+    let start = std::time::Instant::now();
+    let code = loop {
+        if let Ok(Some(s)) = child.0.try_wait() {
+            break s.code();
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "still running after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, Some(0));
+    let logged = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let lost: Vec<&str> = logged.lines().filter(|l| l.contains("audit log incomplete")).collect();
+    assert_eq!(lost.len(), 1, "{logged}");
+    let n = lost[0]
+        .split("audit log incomplete: ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(n.is_some_and(|n| n >= 20), "{}", lost[0]);
+    assert!(lost[0].contains("dropped"), "{}", lost[0]);
 }
 
 /// `serve` rotates the assertion key on SIGHUP: the JWKS publishes the new key beside the

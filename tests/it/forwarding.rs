@@ -37,6 +37,7 @@ async fn spoofed_identity_and_hop_by_hop_headers_never_reach_the_upstream() {
                 ("x_forwarded_for", "6.6.6.6"),
                 ("x-forwarded-for", "6.6.6.6"),
                 ("x-forwarded-host", "evil.test"),
+                ("x-forwarded-port", "80"),
                 ("forwarded", "for=6.6.6.6"),
                 ("connection", "x-drop-me"),
                 ("x-drop-me", "1"),
@@ -71,6 +72,10 @@ async fn spoofed_identity_and_hop_by_hop_headers_never_reach_the_upstream() {
     assert_eq!(r.upstream_header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
     assert_eq!(r.upstream_header("x-forwarded-proto").as_deref(), Some("https"));
     assert_eq!(r.upstream_header("x-forwarded-host").as_deref(), Some("localhost"));
+    // The port the client connected to, never the one it claims.
+    let port = w.https.port().to_string();
+    assert_eq!(r.upstream_header("x-forwarded-port"), Some(port));
+    assert_eq!(h["x-forwarded-port"].as_array().map(|a| a.len()), Some(1), "{h}");
     assert_eq!(r.upstream_header("cookie").as_deref(), Some("app=1"));
     assert_eq!(r.upstream_header("x-app").as_deref(), Some("kept"));
     assert_eq!(r.upstream_header("x-portcullis-ci-branch").as_deref(), Some("main"));
@@ -919,6 +924,22 @@ async fn trusted_proxies_keep_their_forwarded_headers() {
         )
         .await;
     assert_eq!(r.upstream_header("x-forwarded-for").as_deref(), Some("203.0.113.7, 127.0.0.1"));
+    // No port given: the proxy's listener's.
+    let port = w.https.port().to_string();
+    assert_eq!(r.upstream_header("x-forwarded-port"), Some(port.clone()));
+    // The trusted proxy's port (its own listener's, say 443) is kept; one that is not a
+    // port number is replaced.
+    for (given, want) in [("443", "443"), ("443, 8443", port.as_str()), ("https", port.as_str())] {
+        let r = w
+            .send(
+                Method::GET,
+                "/x",
+                &[("authorization", &auth), ("x-forwarded-port", given)],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(r.upstream_header("x-forwarded-port").as_deref(), Some(want), "{given}");
+    }
 }
 
 #[tokio::test]

@@ -175,6 +175,61 @@ async fn audit_events_carry_the_policy_revision_and_reloads_name_changed_routes(
     assert_ne!(ev["old_policy_revision"], ev["new_policy_revision"]);
 }
 
+/// Two route blocks swapped change which route (and policy) serves the requests they
+/// share: the reload names both. Swapped routes that share no request are no change.
+#[tokio::test]
+async fn a_reload_that_swaps_routes_sharing_requests_names_them_as_changed() {
+    let block = |name: &str, matcher: &str, policy: &str| {
+        format!("[[routes]]\nname = \"{name}\"\nmatch = {{ {matcher} }}\nupstream = \"http://{{echo}}\"\npolicy = \"{policy}\"\n\n")
+    };
+    let writes = block("writes", "path_prefix = \"/w\", methods = [\"POST\"]", "docs");
+    let all = block("all-w", "path_prefix = \"/w/\"", "api");
+    let reads = block("reads", "path_prefix = \"/w\", methods = [\"GET\"]", "docs");
+    let (o, p) =
+        (block("o", "path_prefix = \"/o\"", "api"), block("p", "path_prefix = \"/p\"", "api"));
+    let w = World::with(Setup {
+        routes: format!("{writes}{all}{reads}{o}{p}"),
+        policies: vec![
+            ("api".into(), ALLOW_ALL_PRESETS.into()),
+            ("docs".into(), ALLOW_ALL_PRESETS.into()),
+        ],
+        ..Setup::default()
+    })
+    .await;
+    let config = std::fs::read_to_string(w.config_path()).unwrap_or_default();
+    let echo = |b: &str| b.replace("{echo}", &w.echo.addr().to_string());
+    let (writes, all, reads, o, p) = (echo(&writes), echo(&all), echo(&reads), echo(&o), echo(&p));
+    let before = format!("{writes}{all}{reads}{o}{p}");
+    assert!(config.contains(&before), "{config}");
+    let changed = |w: &World| {
+        let ev = reload_events(w).pop().unwrap_or_default();
+        let mut names: Vec<String> =
+            serde_json::from_value(ev["routes_changed"].clone()).unwrap_or_default();
+        names.sort();
+        names
+    };
+
+    // `all-w` now comes first: it takes the POSTs `writes` took (whose policy no longer
+    // applies). `reads` still comes after both (GET is `writes`'s no more than before).
+    write(&w.config_path(), &config.replace(&before, &format!("{all}{writes}{reads}{o}{p}")));
+    assert!(w.server().reload().await);
+    assert_eq!(changed(&w), ["all-w", "writes"]);
+
+    // `o` and `p` share no request: their order is no change.
+    write(&w.config_path(), &config.replace(&before, &format!("{all}{writes}{reads}{p}{o}")));
+    assert!(w.server().reload().await);
+    assert_eq!(changed(&w), Vec::<String>::new());
+
+    // `reads` and `writes` share no method: swapping them is no change either; `reads`
+    // before `all-w` is.
+    write(&w.config_path(), &config.replace(&before, &format!("{all}{reads}{writes}{p}{o}")));
+    assert!(w.server().reload().await);
+    assert_eq!(changed(&w), Vec::<String>::new());
+    write(&w.config_path(), &config.replace(&before, &format!("{reads}{all}{writes}{p}{o}")));
+    assert!(w.server().reload().await);
+    assert_eq!(changed(&w), ["all-w", "reads"]);
+}
+
 // === the binary ===
 
 async fn run(args: Vec<String>) -> (i32, String, String) {
