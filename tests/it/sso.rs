@@ -1094,3 +1094,29 @@ async fn a_claim_deny_added_after_sign_in_applies_until_the_session_signs_in_aga
         (&"no-mallory".into(), &"denied by policy".into())
     );
 }
+
+/// A refresh that brings a new ID token keeps the claims the policies name now: a
+/// deny on a claim added by reload decides on the claim's value from then on.
+#[tokio::test]
+async fn a_refresh_keeps_the_claims_a_reload_added() {
+    // ID tokens live 100 s and the proxy refreshes 200 s before expiry: every request.
+    let w = sso_world("refresh_before = \"200s\"").await;
+    login(&w).set_id_token_ttl(100);
+    let mut mallory = Browser::new();
+    assert_eq!(mallory.sign_in(&w, "/", "mallory", &["engineering"]).await.status, StatusCode::OK);
+    let mut alice = Browser::new();
+    assert_eq!(alice.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let before = login(&w).refreshes();
+
+    write(&w.policy_path("api"), &format!("{ALLOW_ALL_PRESETS}{NO_MALLORY}"));
+    assert!(w.server().reload().await);
+    assert_eq!(alice.get(&w, &w.url("/app")).await.status, StatusCode::OK);
+    let r = mallory.get(&w, &w.url("/app")).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let e = w.last_event().await;
+    assert_eq!(
+        (&e["rule"]["id"], &e["detail"]),
+        (&"no-mallory".into(), &"denied by policy".into())
+    );
+    assert!(login(&w).refreshes() >= before + 2, "the sessions were refreshed");
+}
