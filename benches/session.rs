@@ -24,6 +24,9 @@ fn session(groups: usize) -> SessionData {
         last_seen: now,
         expires: now + 3600,
         refresh: Some("a".repeat(64)),
+        kept: None,
+        claims: Default::default(),
+        not_kept: Vec::new(),
     }
 }
 

@@ -660,7 +660,7 @@ pub async fn handle(
     }
     out.rule = decision.rule.clone();
     if !decision.allowed {
-        return rejection(out, decision.reason, "denied by policy", &rc);
+        return rejection(out, decision.reason, decision.detail(), &rc);
     }
     out.reason = Reason::Allowed;
 

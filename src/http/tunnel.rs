@@ -173,8 +173,19 @@ impl Grant {
             return Ok(identity.expires_at);
         }
         Err(match &decision.rule {
+            Some(r) if decision.claim_not_kept.is_some() => format!(
+                "{} by rule `{}` ({}:{}): {}",
+                decision.reason,
+                r.id,
+                r.file.display(),
+                r.line,
+                decision.detail()
+            ),
             Some(r) => {
                 format!("{} by rule `{}` ({}:{})", decision.reason, r.id, r.file.display(), r.line)
+            }
+            None if decision.claim_not_kept.is_some() => {
+                format!("{} (no rule allows it): {}", decision.reason, decision.detail())
             }
             None => format!("{} (no rule allows it)", decision.reason),
         })

@@ -248,16 +248,42 @@ impl Identity {
 /// parsed on first use: most policies match on the normalized fields, and a cached
 /// identity then holds one string instead of a map of a few dozen allocations
 /// (about a sixth of a cached identity's memory with its assertion: benches/README.md).
+///
+/// A token's identity has every claim of its payload. A browser session's has only the
+/// claims the session kept at sign-in ([`Claims::kept_only`]): policy then tells a claim
+/// the token did not have (absent) from one the session did not keep ([`Claims::is_kept`]),
+/// and a deny naming the latter fails closed.
 #[derive(Debug, Clone, Default)]
 pub struct Claims {
     json: Box<str>,
     parsed: std::sync::OnceLock<serde_json::Map<String, serde_json::Value>>,
+    /// `None`: every claim of the payload is here. `Some`: only these names are known;
+    /// any other may have been in the ID token.
+    kept: Option<Box<[Box<str>]>>,
 }
 
 impl Claims {
     /// From a verified payload's JSON text (a JSON object).
     pub(crate) fn from_verified_json(json: Box<str>) -> Self {
-        Self { json, parsed: std::sync::OnceLock::new() }
+        Self { json, parsed: std::sync::OnceLock::new(), kept: None }
+    }
+
+    /// Claims of which only the names in `kept` are known (a browser session's): a name
+    /// in `kept` but not in `map` was absent from the ID token; a name in neither may
+    /// have been there, and was not kept.
+    pub fn kept_only(
+        map: serde_json::Map<String, serde_json::Value>,
+        kept: impl IntoIterator<Item = impl Into<Box<str>>>,
+    ) -> Self {
+        let mut claims = Self::from(map);
+        claims.kept = Some(kept.into_iter().map(Into::into).collect());
+        claims
+    }
+
+    /// Whether the value of claim `name` is known: always for a token's claims; for a
+    /// session's, when the session kept it. An unknown claim is never in [`Claims::map`].
+    pub fn is_kept(&self, name: &str) -> bool {
+        self.kept.as_ref().is_none_or(|k| k.iter().any(|n| **n == *name))
     }
 
     /// One claim by name.
@@ -280,7 +306,7 @@ impl From<serde_json::Map<String, serde_json::Value>> for Claims {
         // Already parsed: the text is never needed.
         let parsed = std::sync::OnceLock::new();
         let _ = parsed.set(map);
-        Self { json: Box::default(), parsed }
+        Self { json: Box::default(), parsed, kept: None }
     }
 }
 

@@ -45,6 +45,13 @@ pub enum TraceOutcome {
     /// An allow whose other conditions held, skipped because the token's group list
     /// is incomplete (overage).
     GroupsUnknown,
+    /// A rule whose other conditions held and which names a claim the session did not
+    /// keep: a deny applies (fail closed), an allow is skipped.
+    ClaimNotKept {
+        condition: String,
+        line: u32,
+        col: u32,
+    },
 }
 
 /// One condition that did not hold.
@@ -70,6 +77,14 @@ impl Policy {
                 let outcome = match rule.outcome(identity, request) {
                     Outcome::Matched => TraceOutcome::Matched,
                     Outcome::GroupsUnknown => TraceOutcome::GroupsUnknown,
+                    Outcome::ClaimNotKept(i) => {
+                        let c = rule.condition(i);
+                        TraceOutcome::ClaimNotKept {
+                            condition: c.map_or_else(String::new, |c| c.label().to_string()),
+                            line: c.map_or(rule.line(), |c| c.loc().line),
+                            col: c.map_or(1, |c| c.loc().col),
+                        }
+                    }
                     Outcome::Failed(i) => {
                         let failed = |c: &Condition| FailedCondition {
                             condition: c.label().to_string(),
@@ -146,6 +161,19 @@ impl fmt::Display for Explanation {
                 TraceOutcome::Matched => writeln!(f, "matched")?,
                 TraceOutcome::GroupsUnknown => {
                     writeln!(f, "skipped: the token's groups are unknown (overage)")?
+                }
+                TraceOutcome::ClaimNotKept { condition, line, col } => {
+                    let claim = condition.strip_prefix("claims.").unwrap_or(condition);
+                    match t.effect {
+                        Effect::Deny => writeln!(
+                            f,
+                            "matched: claim `{claim}` ({line}:{col}) not kept by the session: deny applies; sign in again"
+                        )?,
+                        Effect::Allow => writeln!(
+                            f,
+                            "skipped: claim `{claim}` ({line}:{col}) not kept by the session; sign in again"
+                        )?,
+                    }
                 }
                 TraceOutcome::NotMatched { failed, .. } => match failed.as_slice() {
                     [one] => writeln!(f, "no match at {one}")?,

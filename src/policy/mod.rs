@@ -8,7 +8,11 @@
 //! - among allows, the first matching in file order decides;
 //! - group overage (`groups_known == false`): allows with a group condition do not
 //!   match, denies with one still apply (fail closed), and a request that only such an
-//!   allow would have let through is denied with [`Reason::GroupsUnknown`].
+//!   allow would have let through is denied with [`Reason::GroupsUnknown`];
+//! - a claim a browser session did not keep (`claims.NAME` where the session sealed at
+//!   sign-in does not hold `NAME`: the rule came later): the same, fail closed. A deny
+//!   naming it applies, an allow naming it does not match, and the decision says so
+//!   ([`Decision::claim_not_kept`], [`Decision::detail`]).
 //!
 //! Loading goes [`raw`] (serde, spans) → `compile` (typed rules) → [`lint`]; every
 //! problem of all three stages is reported at once. Evaluation compares precompiled
@@ -98,6 +102,10 @@ pub struct Decision {
     /// The deciding rule: the allow or the deny that matched; for `groups-unknown`
     /// the first allow skipped for unknown groups; `None` for the default deny.
     pub rule: Option<Arc<RuleRef>>,
+    /// A claim the (session's) identity did not keep that decided: the deciding deny
+    /// applied because it names it, or (default deny) an allow that names it was
+    /// skipped. `None` for every token's identity. See [`Decision::detail`].
+    pub claim_not_kept: Option<Arc<str>>,
 }
 
 // === impl Policy ===
@@ -179,25 +187,43 @@ impl Policy {
 
     /// The decision for one request. The hot path: no allocation beyond an `Arc` clone.
     pub fn evaluate(&self, identity: &Identity, request: &RequestFacts<'_>) -> Decision {
-        // Deny wins: any matching deny decides, wherever it is in the file.
+        // Deny wins: any matching deny decides, wherever it is in the file. One that
+        // applies only because the session did not keep a claim it names (fail closed)
+        // decides unless another deny matches outright (which says more).
+        let mut closed: Option<(&Rule, usize)> = None;
         for rule in self.rules.iter().filter(|r| r.effect == Effect::Deny) {
-            if rule.outcome(identity, request) == Outcome::Matched {
-                return Decision::new(false, Reason::DeniedByRule, Some(rule));
+            match rule.outcome(identity, request) {
+                Outcome::Matched => return Decision::new(false, Reason::DeniedByRule, Some(rule)),
+                Outcome::ClaimNotKept(i) => {
+                    closed.get_or_insert((rule, i));
+                }
+                Outcome::Failed(_) | Outcome::GroupsUnknown => {}
             }
         }
+        if let Some((rule, i)) = closed {
+            return Decision::new(false, Reason::DeniedByRule, Some(rule))
+                .with_claim_not_kept(rule, i);
+        }
         let mut skipped: Option<&Rule> = None;
+        let mut claim_skipped: Option<(&Rule, usize)> = None;
         for rule in self.rules.iter().filter(|r| r.effect == Effect::Allow) {
             match rule.outcome(identity, request) {
                 Outcome::Matched => return Decision::new(true, Reason::Allowed, Some(rule)),
                 Outcome::GroupsUnknown => {
                     skipped.get_or_insert(rule);
                 }
+                Outcome::ClaimNotKept(i) => {
+                    claim_skipped.get_or_insert((rule, i));
+                }
                 Outcome::Failed(_) => {}
             }
         }
-        match skipped {
-            Some(rule) => Decision::new(false, Reason::GroupsUnknown, Some(rule)),
-            None => Decision::new(false, Reason::PolicyDenied, None),
+        match (skipped, claim_skipped) {
+            (Some(rule), _) => Decision::new(false, Reason::GroupsUnknown, Some(rule)),
+            (None, Some((rule, i))) => {
+                Decision::new(false, Reason::PolicyDenied, None).with_claim_not_kept(rule, i)
+            }
+            (None, None) => Decision::new(false, Reason::PolicyDenied, None),
         }
     }
 
@@ -260,16 +286,41 @@ impl<'a> RequestFacts<'a> {
 
 impl Decision {
     fn new(allowed: bool, reason: Reason, rule: Option<&Rule>) -> Self {
-        Decision { allowed, reason, rule: rule.map(|r| r.rule_ref.clone()) }
+        Decision { allowed, reason, rule: rule.map(|r| r.rule_ref.clone()), claim_not_kept: None }
+    }
+
+    /// Names the claim of condition `index` of `rule` as not kept.
+    fn with_claim_not_kept(mut self, rule: &Rule, index: usize) -> Self {
+        self.claim_not_kept = rule.condition(index).and_then(|c| c.claim_name()).cloned();
+        self
+    }
+
+    /// Why a request was denied, for the audit `detail`: `denied by policy`, or what a
+    /// claim the session did not keep did to the decision.
+    pub fn detail(&self) -> std::borrow::Cow<'static, str> {
+        match (&self.claim_not_kept, self.reason) {
+            (Some(c), Reason::DeniedByRule) => {
+                format!("claim `{c}` not kept by the session: deny applies; sign in again").into()
+            }
+            (Some(c), _) => format!(
+                "claim `{c}` not kept by the session: an allow naming it cannot match; sign in again"
+            )
+            .into(),
+            (None, _) => "denied by policy".into(),
+        }
     }
 }
 
 impl Serialize for Decision {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("Decision", 3)?;
+        let mut st =
+            s.serialize_struct("Decision", 3 + usize::from(self.claim_not_kept.is_some()))?;
         st.serialize_field("allowed", &self.allowed)?;
         st.serialize_field("reason", self.reason.code())?;
         st.serialize_field("rule", &self.rule)?;
+        if let Some(c) = &self.claim_not_kept {
+            st.serialize_field("claim_not_kept", &**c)?;
+        }
         st.end()
     }
 }

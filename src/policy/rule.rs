@@ -61,8 +61,9 @@ pub(crate) enum Matcher {
     EmailDomain(Box<[Box<str>]>),
     GroupsAny(Box<[Box<str>]>),
     GroupsAll(Box<[Box<str>]>),
+    /// A session's identity may not have kept the claim ([`Rule::outcome`]).
     Claim {
-        name: Box<str>,
+        name: Arc<str>,
         values: Box<[ClaimValue]>,
     },
     Ci {
@@ -94,6 +95,12 @@ pub(crate) enum Outcome {
     /// An allow rule whose other conditions matched, skipped because the token's
     /// groups are unknown (overage).
     GroupsUnknown,
+    /// The index of the first `claims.*` condition naming a claim the session did not
+    /// keep ([`Claims::is_kept`](crate::identity::Claims::is_kept)), in a rule whose
+    /// other conditions matched. Fails closed as [`Outcome::GroupsUnknown`] does: such a
+    /// condition counts as matched in a deny (the deny applies) and as failed in an
+    /// allow (which is skipped).
+    ClaimNotKept(usize),
 }
 
 // === impl Rule ===
@@ -143,18 +150,28 @@ impl Rule {
     }
 
     pub(crate) fn outcome(&self, identity: &Identity, request: &RequestFacts<'_>) -> Outcome {
+        let mut not_kept = None;
         for (i, c) in self.conditions.iter().enumerate() {
+            if let Matcher::Claim { name, .. } = &c.matcher {
+                if !identity.claims.is_kept(name) {
+                    // A session that did not keep the claim (sealed before the rule
+                    // named it): fail closed, as for unknown groups below.
+                    not_kept.get_or_insert(i);
+                    continue;
+                }
+            }
             if !c.matcher.matches(self.effect, identity, request) {
                 return Outcome::Failed(i);
             }
         }
+        let matched = not_kept.map_or(Outcome::Matched, Outcome::ClaimNotKept);
         if self.groups.is_empty() {
-            return Outcome::Matched;
+            return matched;
         }
         if !identity.groups_known {
             // Overage (V25): fail closed. A deny still applies; an allow cannot.
             return match self.effect {
-                Effect::Deny => Outcome::Matched,
+                Effect::Deny => matched,
                 Effect::Allow => Outcome::GroupsUnknown,
             };
         }
@@ -163,7 +180,7 @@ impl Rule {
                 return Outcome::Failed(self.conditions.len() + i);
             }
         }
-        Outcome::Matched
+        matched
     }
 }
 
@@ -179,6 +196,13 @@ impl Condition {
     }
     pub(crate) fn matcher(&self) -> &Matcher {
         &self.matcher
+    }
+    /// The claim a `claims.NAME` condition names.
+    pub(crate) fn claim_name(&self) -> Option<&Arc<str>> {
+        match &self.matcher {
+            Matcher::Claim { name, .. } => Some(name),
+            _ => None,
+        }
     }
 
     /// What the caller presented for this condition of a rule of `effect`, for
@@ -206,6 +230,9 @@ impl Condition {
                 }
             }
             Matcher::GroupsAny(_) | Matcher::GroupsAll(_) => format!("{:?}", identity.groups),
+            Matcher::Claim { name, .. } if !identity.claims.is_kept(name) => {
+                "not kept by the session".to_string()
+            }
             Matcher::Claim { name, .. } => {
                 identity.claims.get(name).map_or_else(|| "absent".to_string(), Value::to_string)
             }

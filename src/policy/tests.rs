@@ -640,6 +640,125 @@ fn explain_names_every_failed_condition() {
     }
 }
 
+/// A browser session's identity knows which claims it kept: a deny on a `claims.*`
+/// condition it did not keep applies (fail closed, as for unknown groups), an allow on
+/// one does not match, and the decision, its detail and `explain` say why.
+#[test]
+fn a_claim_the_session_did_not_keep_fails_closed() {
+    let p = must_parse(
+        r#"
+[[rule]]
+id = "engineering"
+effect = "allow"
+issuer = "corp"
+groups_any = ["engineering"]
+
+[[rule]]
+id = "no-guest-admin"
+effect = "deny"
+issuer = "corp"
+paths = ["/admin/**"]
+claims = { acct = 1 }
+
+[[rule]]
+id = "no-mallory"
+effect = "deny"
+issuer = "corp"
+claims = { name = "mallory" }
+
+[[rule]]
+id = "contractors-read"
+effect = "allow"
+issuer = "corp"
+methods = ["GET"]
+claims = { acct = 1 }
+"#,
+    );
+    let get = http::Method::GET;
+    let get_x = RequestFacts::http(&get, "/x");
+    let session = |kept: &[&str], claims: Value| {
+        let mut id = human(claims);
+        let map = id.claims.map().clone();
+        id.claims = crate::identity::Claims::kept_only(map, kept.iter().copied());
+        id
+    };
+    let base = ["sub", "email", "email_verified", "groups"];
+    // A token (every claim known): the deny matches on the value only.
+    let token = human(json!({ "sub": "mallory", "name": "mallory", "groups": ["engineering"] }));
+    assert_eq!(p.evaluate(&token, &get_x).reason, Reason::DeniedByRule);
+    let token = human(json!({ "sub": "alice", "groups": ["engineering"] }));
+    let d = p.evaluate(&token, &get_x);
+    assert!(d.allowed && d.claim_not_kept.is_none(), "{d:?}");
+
+    // A session that kept `name`: the same decisions as for the token.
+    let mallory = session(
+        &[&base[..], &["name"]].concat(),
+        json!({ "sub": "mallory", "name": "mallory", "groups": ["engineering"] }),
+    );
+    let d = p.evaluate(&mallory, &get_x);
+    assert_eq!((d.reason, d.claim_not_kept.as_deref()), (Reason::DeniedByRule, None));
+    assert_eq!(d.detail(), "denied by policy");
+    let alice = session(
+        &[&base[..], &["name"]].concat(),
+        json!({ "sub": "alice", "name": "alice", "groups": ["engineering"] }),
+    );
+    assert!(p.evaluate(&alice, &get_x).allowed);
+
+    // A session that did not keep `name` (sealed before the rule, or before the
+    // upgrade): the deny applies to everyone it could be, and says why.
+    let unkept = session(&base, json!({ "sub": "alice", "groups": ["engineering"] }));
+    let d = p.evaluate(&unkept, &get_x);
+    assert!(!d.allowed);
+    assert_eq!(d.reason, Reason::DeniedByRule);
+    assert_eq!(d.rule.as_ref().map(|r| &*r.id), Some("no-mallory"));
+    assert_eq!(d.claim_not_kept.as_deref(), Some("name"));
+    assert_eq!(d.detail(), "claim `name` not kept by the session: deny applies; sign in again");
+    let json = serde_json::to_value(&d).unwrap_or_default();
+    assert_eq!(json["claim_not_kept"], "name");
+    let text = p.explain(&unkept, &get_x).to_string();
+    assert!(
+        text.contains(
+            "deny  `no-mallory`: matched: claim `name` (19:12) not kept by the session: deny applies; sign in again"
+        ),
+        "{text}"
+    );
+
+    // An allow on a claim the session did not keep does not match (default deny),
+    // and the detail says which claim; kept and present, it matches.
+    let contractor = session(&[&base[..], &["name"]].concat(), json!({ "sub": "c", "name": "c" }));
+    let d = p.evaluate(&contractor, &get_x);
+    assert_eq!((d.allowed, d.reason, d.rule.is_none()), (false, Reason::PolicyDenied, true));
+    assert_eq!(d.claim_not_kept.as_deref(), Some("acct"));
+    assert!(d.detail().starts_with("claim `acct` not kept by the session"), "{}", d.detail());
+    let e = p.explain(&contractor, &get_x);
+    let skipped = e.rules.iter().find(|t| &*t.rule.id == "contractors-read").map(|t| &t.outcome);
+    assert!(
+        matches!(skipped, Some(TraceOutcome::ClaimNotKept { condition, .. }) if condition == "claims.acct"),
+        "{skipped:?}"
+    );
+    assert!(e.to_string().contains("skipped: claim `acct`"), "{e}");
+    let kept = session(
+        &[&base[..], &["name", "acct"]].concat(),
+        json!({ "sub": "c", "name": "c", "acct": 1 }),
+    );
+    assert_eq!(p.evaluate(&kept, &get_x).rule.as_ref().map(|r| &*r.id), Some("contractors-read"));
+    // Kept but absent from the token: an ordinary non-match, no detail.
+    let absent =
+        session(&[&base[..], &["name", "acct"]].concat(), json!({ "sub": "c", "name": "c" }));
+    let d = p.evaluate(&absent, &get_x);
+    assert_eq!((d.reason, d.claim_not_kept), (Reason::PolicyDenied, None));
+    // A deny whose other conditions do not hold does not apply; one that matches
+    // outright decides before one that applies for a claim not kept.
+    let admin = RequestFacts::http(&get, "/admin/x");
+    assert!(p.evaluate(&alice, &get_x).allowed, "`no-guest-admin` covers /admin only");
+    let d = p.evaluate(&alice, &admin);
+    assert_eq!(d.rule.as_ref().map(|r| &*r.id), Some("no-guest-admin"));
+    assert_eq!(d.claim_not_kept.as_deref(), Some("acct"));
+    let d = p.evaluate(&mallory, &admin);
+    assert_eq!(d.rule.as_ref().map(|r| &*r.id), Some("no-mallory"));
+    assert_eq!(d.claim_not_kept, None);
+}
+
 #[test]
 fn accessors() {
     let p = must_parse(EVAL_POLICY);

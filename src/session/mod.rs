@@ -89,7 +89,32 @@ pub struct SessionData {
     pub expires: u64,
     #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
     pub refresh: Option<String>,
+    /// The ID-token claims (by name) the session keeps beside [`BASE_CLAIMS`]: those
+    /// the loaded policies' rules for its issuer name under `claims.*`, present in the
+    /// token or not ([`Sessions::keep_claims`]). `None`: sealed before sessions kept
+    /// claims, so it knows [`BASE_CLAIMS`] only. A `claims.*` condition on any other
+    /// name fails closed ([`crate::identity::Claims::is_kept`]).
+    #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<Vec<String>>,
+    /// Values of kept claims as the ID token had them, where they differ from what the
+    /// fields above give (`null`: absent from the token). Bounded ([`MAX_KEPT_BYTES`]).
+    #[serde(rename = "m", default, skip_serializing_if = "Map::is_empty")]
+    pub claims: Map<String, Value>,
+    /// [`BASE_CLAIMS`] the session does not know after all: the token's value differs
+    /// from the one the fields above give and was too large to keep (a `groups` claim
+    /// beside another `groups_claim`).
+    #[serde(rename = "u", default, skip_serializing_if = "Vec::is_empty")]
+    pub not_kept: Vec<String>,
 }
+
+/// Claims every session knows, from its own fields (as sessions always have).
+pub const BASE_CLAIMS: [&str; 4] = ["sub", "email", "email_verified", "groups"];
+/// At most this many bytes of one kept claim (its name and JSON value): a larger one
+/// is not kept, and rules naming it fail closed. Sessions are cookies (8 chunks).
+pub const MAX_KEPT_CLAIM_BYTES: usize = 1024;
+/// At most this many bytes of kept claims (names and JSON values) in all; claims (in
+/// name order) past it are not kept.
+pub const MAX_KEPT_BYTES: usize = 4096;
 
 /// A sign-in in progress, sealed into the `__Host-_portcullis_login_*` cookie.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,6 +177,8 @@ pub struct Sessions {
     cookie_name: String,
     sealer: Sealer,
     providers: Vec<Arc<Provider>>,
+    /// Per login issuer: the claims its sessions keep ([`claims_named`]).
+    kept_claims: HashMap<IssuerId, Vec<Arc<str>>>,
     flights: Mutex<HashMap<[u8; 32], Flight>>,
     /// Refresh-token exchanges made (tests assert single flight with it).
     pub refreshes: AtomicU64,
@@ -245,8 +272,8 @@ fn redirect(location: &str, cookies: Vec<HeaderValue>) -> Response<ProxyBody> {
 // === impl SessionData ===
 
 impl SessionData {
-    /// The identity policy sees. `claims` holds only what the session keeps.
-    pub fn identity(&self, issuer: IssuerId, expires_at: u64) -> Identity {
+    /// The claims the session's own fields give ([`BASE_CLAIMS`]).
+    fn base_claims(&self) -> Map<String, Value> {
         let mut claims = Map::new();
         claims.insert("sub".into(), Value::String(self.subject.clone()));
         if let Some(e) = &self.email {
@@ -257,6 +284,77 @@ impl SessionData {
             "groups".into(),
             Value::Array(self.groups.iter().cloned().map(Value::String).collect()),
         );
+        claims
+    }
+
+    /// Keeps, of the ID token's claims `token`, those named in `wanted` (with what the
+    /// fields already give, the [`BASE_CLAIMS`]), within [`MAX_KEPT_CLAIM_BYTES`] each
+    /// and [`MAX_KEPT_BYTES`] in all. Replaces what was kept before.
+    pub fn keep_claims(&mut self, token: &Map<String, Value>, wanted: &[Arc<str>]) {
+        let base = self.base_claims();
+        let mut kept = Vec::new();
+        let mut values = Map::new();
+        let mut not_kept = Vec::new();
+        let mut budget = MAX_KEPT_BYTES;
+        let mut wanted: Vec<&str> = wanted.iter().map(|n| &**n).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        for name in wanted {
+            let in_base = BASE_CLAIMS.contains(&name);
+            let value = token.get(name);
+            if in_base && value == base.get(name) {
+                continue;
+            }
+            let size = name.len()
+                + value.map_or(0, |v| serde_json::to_string(v).map_or(usize::MAX, |t| t.len()));
+            if size > MAX_KEPT_CLAIM_BYTES || size > budget {
+                if in_base {
+                    not_kept.push(name.to_string());
+                }
+                continue;
+            }
+            budget -= size;
+            match value {
+                Some(v) => {
+                    values.insert(name.to_string(), v.clone());
+                }
+                // Absent from the token, but the fields give a value: say it is absent.
+                None if in_base => {
+                    values.insert(name.to_string(), Value::Null);
+                }
+                None => {}
+            }
+            if !in_base {
+                kept.push(name.to_string());
+            }
+        }
+        self.kept = Some(kept);
+        self.claims = values;
+        self.not_kept = not_kept;
+    }
+
+    /// The identity policy sees. `claims` holds only what the session keeps, and knows
+    /// which names those are.
+    pub fn identity(&self, issuer: IssuerId, expires_at: u64) -> Identity {
+        let mut claims = self.base_claims();
+        let kept: Vec<&str> = BASE_CLAIMS
+            .iter()
+            .copied()
+            .filter(|b| !self.not_kept.iter().any(|n| n == b))
+            .chain(self.kept.iter().flatten().map(String::as_str))
+            .collect();
+        for name in &self.not_kept {
+            claims.remove(name);
+        }
+        for (name, value) in &self.claims {
+            if !kept.contains(&name.as_str()) {
+                continue;
+            }
+            match value {
+                Value::Null => claims.remove(name),
+                v => claims.insert(name.clone(), v.clone()),
+            };
+        }
         Identity {
             issuer,
             subject: self.subject.clone(),
@@ -268,10 +366,31 @@ impl SessionData {
             expires_at,
             issued_at: Some(self.created),
             ci: None,
-            claims: claims.into(),
+            claims: crate::identity::Claims::kept_only(claims, kept),
             audit: Default::default(),
         }
     }
+}
+
+/// The claim names (`claims.NAME`) that rules for `issuer` use, in every policy of
+/// `config` (routes, shadow policies, databases), sorted. A rule matches only the
+/// issuers it names, so rules for other issuers are left out; the routes are not looked
+/// at: a session cookie serves every route of its host (of `cookie_domain`), and which
+/// issuers a route accepts changes by reload as policies do.
+pub fn claims_named(config: &Config, issuer: &IssuerId) -> Vec<Arc<str>> {
+    let policies = config
+        .routes
+        .iter()
+        .flat_map(|r| std::iter::once(&r.policy).chain(r.shadow_policy.as_ref()))
+        .chain(config.databases.iter().map(|d| &d.policy));
+    let mut names: Vec<Arc<str>> = policies
+        .flat_map(|p| p.rules())
+        .filter(|r| r.issuers().contains(issuer))
+        .flat_map(|r| r.conditions().filter_map(|c| c.claim_name().cloned()))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
 }
 
 // === impl Sessions ===
@@ -284,7 +403,9 @@ impl Sessions {
         let keys = settings.keys.read().map_err(|e| format!("[session] keys: {e}"))?;
         let sealer = Sealer::from_text(&keys).map_err(|e| format!("[session] keys: {e}"))?;
         let mut providers = Vec::new();
+        let mut kept_claims = HashMap::new();
         for login in &config.logins {
+            kept_claims.insert(login.issuer.clone(), claims_named(config, &login.issuer));
             let Some(issuer) = config.issuer(login.issuer.as_str()) else { continue };
             let mut issuer = issuer.clone();
             // azp/aud of the login's ID tokens name the login client.
@@ -299,6 +420,7 @@ impl Sessions {
             settings,
             sealer,
             providers,
+            kept_claims,
             flights: Mutex::new(HashMap::new()),
             refreshes: AtomicU64::new(0),
         }))
@@ -314,9 +436,15 @@ impl Sessions {
             settings,
             sealer,
             providers: Vec::new(),
+            kept_claims: HashMap::new(),
             flights: Mutex::new(HashMap::new()),
             refreshes: AtomicU64::new(0),
         }
+    }
+
+    /// The claims sessions of `issuer` keep: those the loaded policies name.
+    pub fn kept_claims(&self, issuer: &IssuerId) -> &[Arc<str>] {
+        self.kept_claims.get(issuer).map_or(&[], Vec::as_slice)
     }
 
     fn provider(&self, id: &str) -> Option<&Arc<Provider>> {
@@ -563,6 +691,9 @@ impl Sessions {
                 new.email_verified = id.email_verified;
                 new.groups = id.groups;
                 new.groups_known = id.groups_known;
+                // What this configuration's policies name (a reload may have added
+                // claims since the sign-in), from the fresh ID token.
+                new.keep_claims(id.claims.map(), self.kept_claims(&provider.settings.id));
             }
             Some(new)
         })
@@ -840,7 +971,7 @@ impl Sessions {
             Err(e) => return fail(format!("ID token refused: {}", e.reason).into(), clear),
         };
         let now = crate::util::unix_now();
-        let data = SessionData {
+        let mut data = SessionData {
             issuer: login.issuer.clone(),
             subject: identity.subject.clone(),
             email: identity.email.clone(),
@@ -851,7 +982,11 @@ impl Sessions {
             last_seen: now,
             expires: verified.id_token_exp,
             refresh: verified.refresh_token,
+            kept: None,
+            claims: Map::new(),
+            not_kept: Vec::new(),
         };
+        data.keep_claims(identity.claims.map(), self.kept_claims(&provider.settings.id));
         let mut set = match self.seal_session(&data, &cookies) {
             Ok(c) => c,
             Err(e) => return fail(e.into(), clear),

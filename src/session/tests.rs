@@ -26,6 +26,9 @@ fn data(groups: usize) -> SessionData {
         last_seen: crate::util::unix_now(),
         expires: crate::util::unix_now() + 300,
         refresh: Some("rt".into()),
+        kept: None,
+        claims: Default::default(),
+        not_kept: Vec::new(),
     }
 }
 
@@ -348,4 +351,79 @@ fn a_return_target_too_long_to_keep_is_cut_to_its_path_then_its_root() {
     let long_path = format!("https://app.example.com/{}?q=1", "p".repeat(3000));
     assert_eq!(redirect::shorten(&long_path), "https://app.example.com/");
     assert!(redirect::shorten(&"y".repeat(3000)).len() <= redirect::MAX_LEN);
+}
+
+/// Sign-in keeps the ID-token claims the policies name (bounded), the identity knows
+/// which ones it has, and a session sealed before claims were kept knows the four it
+/// always had.
+#[test]
+fn sessions_keep_the_claims_policies_name_and_know_which() -> Result<(), String> {
+    let token = serde_json::json!({
+        "sub": "alice",
+        "email": "alice@example.com",
+        "email_verified": true,
+        "groups": ["00000000-0000-4000-8000-000000000000"],
+        "name": "Alice",
+        "acct": 1,
+        "tid": "t".repeat(MAX_KEPT_CLAIM_BYTES),
+        "roles": ["a", "b"],
+    });
+    let token = token.as_object().cloned().unwrap_or_default();
+    let wanted: Vec<Arc<str>> = ["name", "acct", "tid", "idp", "groups", "sub", "name"]
+        .iter()
+        .map(|n| Arc::from(*n))
+        .collect();
+    let mut d = data(1);
+    d.keep_claims(&token, &wanted);
+    // Names outside the base, present or absent in the token; not the oversized `tid`.
+    assert_eq!(d.kept.as_deref(), Some(&["acct".to_string(), "idp".into(), "name".into()][..]));
+    // Only values the fields do not give already: `groups` and `sub` are not repeated.
+    assert_eq!(
+        d.claims,
+        serde_json::json!({ "acct": 1, "name": "Alice" }).as_object().cloned().unwrap_or_default()
+    );
+    let s = Sessions::with_sealer(host_only(), Sealer::from_keys(&[[7; 32]])?);
+    let back = s
+        .open_session(&cookie::parse(&headers(&s.seal_session(&d, &[])?)))
+        .map_err(str::to_string)?;
+    assert_eq!(back.as_ref(), Some(&d));
+    let id = d.identity(IssuerId(Arc::from("corp")), 0);
+    assert_eq!(id.claims.get("name"), Some(&Value::String("Alice".into())));
+    assert_eq!(id.claims.get("acct"), Some(&serde_json::json!(1)));
+    assert_eq!(id.claims.get("sub"), Some(&Value::String("alice".into())));
+    for known in ["sub", "email", "email_verified", "groups", "name", "acct", "idp"] {
+        assert!(id.claims.is_kept(known), "{known}");
+    }
+    assert_eq!(id.claims.get("idp"), None, "kept as absent");
+    for unknown in ["tid", "roles"] {
+        assert!(!id.claims.is_kept(unknown), "{unknown}");
+        assert_eq!(id.claims.get(unknown), None);
+    }
+
+    // A base claim the token lacks where the fields give a value reads as absent, as
+    // for the token; one whose value differs and is too large is not kept at all.
+    let mut token = token;
+    token.remove("email_verified");
+    token.insert("groups".into(), Value::String("g".repeat(MAX_KEPT_CLAIM_BYTES)));
+    let wanted: Vec<Arc<str>> =
+        ["email_verified", "groups"].iter().map(|n| Arc::from(*n)).collect();
+    d.keep_claims(&token, &wanted);
+    let id = d.identity(IssuerId(Arc::from("corp")), 0);
+    assert!(id.claims.is_kept("email_verified") && id.claims.get("email_verified").is_none());
+    assert!(!id.claims.is_kept("groups") && id.claims.get("groups").is_none());
+    assert_eq!(id.groups.len(), 1, "group rules still read the session's groups");
+
+    // Sealed before sessions kept claims: the four the session always had.
+    let old = serde_json::json!({
+        "i": "corp", "s": "alice", "e": "alice@example.com", "v": true, "g": ["eng"],
+        "k": true, "c": 1, "l": 1, "x": 2
+    });
+    let old: SessionData = serde_json::from_value(old).map_err(|e| e.to_string())?;
+    assert_eq!(old.kept, None);
+    let id = old.identity(IssuerId(Arc::from("corp")), 0);
+    for known in BASE_CLAIMS {
+        assert!(id.claims.is_kept(known), "{known}");
+    }
+    assert!(!id.claims.is_kept("name"));
+    Ok(())
 }

@@ -1022,3 +1022,101 @@ async fn a_response_carrying_a_renewed_session_is_never_shared_cacheable() {
     assert!(r.headers.get("cdn-cache-control").is_some());
     upstream.abort();
 }
+
+/// A deny on an ID-token claim (`claims = { name = ... }`), for the human issuer.
+const NO_MALLORY: &str = r#"
+[[rule]]
+id = "no-mallory"
+effect = "deny"
+issuer = "corp"
+claims = { name = "mallory" }
+"#;
+
+/// The session keeps the ID-token claims the policies name: a deny on `name` stops the
+/// browser session of the person it stops as a bearer ID token (it used to see only
+/// sub/email/groups, and let her in).
+#[tokio::test]
+async fn a_deny_on_an_id_token_claim_applies_to_browser_sessions() {
+    let w = World::with(Setup {
+        sso: Some(String::new()),
+        policies: vec![("api".into(), format!("{ALLOW_ALL_PRESETS}{NO_MALLORY}"))],
+        ..Setup::default()
+    })
+    .await;
+    let token = w.token("corp", &["sub=mallory", "name=mallory", "groups:=[\"engineering\"]"]);
+    assert_eq!(w.get("/", Some(&token)).await.status, StatusCode::FORBIDDEN);
+
+    let mut b = Browser::new();
+    let r = b.sign_in(&w, "/", "mallory", &["engineering"]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+    let e = w.last_event().await;
+    assert_eq!(e["identity"]["subject"], "mallory");
+    assert_eq!((&e["reason"], &e["rule"]["id"]), (&"denied-by-rule".into(), &"no-mallory".into()));
+    assert_eq!(e["detail"], "denied by policy", "{e}");
+    assert_eq!(b.get(&w, &w.url("/app")).await.status, StatusCode::FORBIDDEN);
+
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+}
+
+/// A deny on a claim added by a reload after the sign-in: the session did not keep the
+/// claim, so the deny applies to it (fail closed) and the audit says why; signing in
+/// again keeps the claim, and the rule then decides on its value.
+#[tokio::test]
+async fn a_claim_deny_added_after_sign_in_applies_until_the_session_signs_in_again() {
+    let w = sso_world("").await;
+    let mut mallory = Browser::new();
+    assert_eq!(mallory.sign_in(&w, "/", "mallory", &["engineering"]).await.status, StatusCode::OK);
+    let mut alice = Browser::new();
+    assert_eq!(alice.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+
+    write(&w.policy_path("api"), &format!("{ALLOW_ALL_PRESETS}{NO_MALLORY}"));
+    assert!(w.server().reload().await);
+    let detail = "claim `name` not kept by the session: deny applies; sign in again";
+    for b in [&mut mallory, &mut alice] {
+        let r = b.get(&w, &w.url("/app")).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+        let e = w.last_event().await;
+        assert_eq!(e["reason"], "denied-by-rule", "{e}");
+        assert_eq!(e["rule"]["id"], "no-mallory", "{e}");
+        assert_eq!(e["detail"], detail, "{e}");
+    }
+
+    // Signed in again: the session keeps `name`; alice is let in, mallory is not.
+    let mut alice = Browser::new();
+    assert_eq!(alice.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let mut mallory = Browser::new();
+    let r = mallory.sign_in(&w, "/", "mallory", &["engineering"]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let e = w.last_event().await;
+    assert_eq!(
+        (&e["rule"]["id"], &e["detail"]),
+        (&"no-mallory".into(), &"denied by policy".into())
+    );
+}
+
+/// A refresh that brings a new ID token keeps the claims the policies name now: a
+/// deny on a claim added by reload decides on the claim's value from then on.
+#[tokio::test]
+async fn a_refresh_keeps_the_claims_a_reload_added() {
+    // ID tokens live 100 s and the proxy refreshes 200 s before expiry: every request.
+    let w = sso_world("refresh_before = \"200s\"").await;
+    login(&w).set_id_token_ttl(100);
+    let mut mallory = Browser::new();
+    assert_eq!(mallory.sign_in(&w, "/", "mallory", &["engineering"]).await.status, StatusCode::OK);
+    let mut alice = Browser::new();
+    assert_eq!(alice.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let before = login(&w).refreshes();
+
+    write(&w.policy_path("api"), &format!("{ALLOW_ALL_PRESETS}{NO_MALLORY}"));
+    assert!(w.server().reload().await);
+    assert_eq!(alice.get(&w, &w.url("/app")).await.status, StatusCode::OK);
+    let r = mallory.get(&w, &w.url("/app")).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let e = w.last_event().await;
+    assert_eq!(
+        (&e["rule"]["id"], &e["detail"]),
+        (&"no-mallory".into(), &"denied by policy".into())
+    );
+    assert!(login(&w).refreshes() >= before + 2, "the sessions were refreshed");
+}
