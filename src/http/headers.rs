@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 
-use crate::identity::Identity;
+use crate::identity::{CiContext, Identity};
 
 /// Prefix of every header the proxy sets for the upstream.
 pub const PREFIX: &str = "x-portcullis-";
@@ -408,17 +408,24 @@ pub fn identity_headers(id: &Identity) -> Vec<(HeaderName, HeaderValue)> {
     static EMAIL: HeaderName = HeaderName::from_static("x-portcullis-email");
     static GROUPS: HeaderName = HeaderName::from_static("x-portcullis-groups");
     static CI_PROVIDER: HeaderName = HeaderName::from_static("x-portcullis-ci-provider");
-    static CI: [HeaderName; 8] = [
-        HeaderName::from_static("x-portcullis-ci-repository"),
+    // One header per normalized CI field, in `CiContext::FIELDS` order (a test holds the
+    // two lists together): `workspace_id` → `x-portcullis-ci-workspace-id`.
+    static CI: [HeaderName; 13] = [
         HeaderName::from_static("x-portcullis-ci-workspace"),
+        HeaderName::from_static("x-portcullis-ci-workspace-id"),
+        HeaderName::from_static("x-portcullis-ci-repository"),
+        HeaderName::from_static("x-portcullis-ci-repository-id"),
         HeaderName::from_static("x-portcullis-ci-branch"),
+        HeaderName::from_static("x-portcullis-ci-tag"),
         HeaderName::from_static("x-portcullis-ci-ref"),
         HeaderName::from_static("x-portcullis-ci-environment"),
         HeaderName::from_static("x-portcullis-ci-commit"),
+        HeaderName::from_static("x-portcullis-ci-pipeline"),
         HeaderName::from_static("x-portcullis-ci-run"),
         HeaderName::from_static("x-portcullis-ci-step"),
+        HeaderName::from_static("x-portcullis-ci-actor"),
     ];
-    let mut out = Vec::with_capacity(16);
+    let mut out = Vec::with_capacity(20);
     out.push((ISSUER.clone(), value(id.issuer.as_str())));
     out.push((SUBJECT.clone(), value(&id.subject)));
     out.push((KIND.clone(), HeaderValue::from_static(id.kind.as_str())));
@@ -434,18 +441,8 @@ pub fn identity_headers(id: &Identity) -> Vec<(HeaderName, HeaderValue)> {
     }
     if let Some(ci) = &id.ci {
         out.push((CI_PROVIDER.clone(), HeaderValue::from_static(ci.provider)));
-        let fields = [
-            &ci.repository,
-            &ci.workspace,
-            &ci.branch,
-            &ci.git_ref,
-            &ci.environment,
-            &ci.commit,
-            &ci.run,
-            &ci.step,
-        ];
-        for (name, v) in CI.iter().zip(fields) {
-            if let Some(v) = v {
+        for (name, field) in CI.iter().zip(CiContext::FIELDS) {
+            if let Some(v) = ci.field(field) {
                 out.push((name.clone(), value(v)));
             }
         }
@@ -844,7 +841,7 @@ mod tests {
 
     #[test]
     fn spaces_in_claims_are_encoded_so_no_parser_trims_them_away() {
-        use crate::identity::{CiContext, IssuerId, PrincipalKind};
+        use crate::identity::{IssuerId, PrincipalKind};
         let id = Identity {
             issuer: IssuerId(std::sync::Arc::from("corp")),
             subject: " root ".into(),
@@ -880,5 +877,51 @@ mod tests {
         for (name, v) in &headers {
             assert!(!v.as_bytes().contains(&b' '), "{name}: {v:?}");
         }
+    }
+
+    #[test]
+    fn every_normalized_ci_field_reaches_the_upstream_under_its_own_name() {
+        use crate::identity::{IssuerId, PrincipalKind};
+        let mut ci = CiContext { provider: "github", ..Default::default() };
+        for name in CiContext::FIELDS {
+            let slot = match *name {
+                "workspace" => &mut ci.workspace,
+                "workspace_id" => &mut ci.workspace_id,
+                "repository" => &mut ci.repository,
+                "repository_id" => &mut ci.repository_id,
+                "branch" => &mut ci.branch,
+                "tag" => &mut ci.tag,
+                "ref" => &mut ci.git_ref,
+                "environment" => &mut ci.environment,
+                "commit" => &mut ci.commit,
+                "pipeline" => &mut ci.pipeline,
+                "run" => &mut ci.run,
+                "step" => &mut ci.step,
+                "actor" => &mut ci.actor,
+                other => panic!("a CI field without a header: {other}"),
+            };
+            *slot = Some(format!("v-{name}"));
+        }
+        let id = Identity {
+            issuer: IssuerId(std::sync::Arc::from("gh")),
+            subject: "repo:o/r:ref:refs/tags/v1".into(),
+            kind: PrincipalKind::Pipeline,
+            email: None,
+            email_verified: false,
+            groups: vec![],
+            groups_known: true,
+            expires_at: 2_000_000_000,
+            issued_at: None,
+            ci: Some(ci),
+            claims: Default::default(),
+            audit: Default::default(),
+        };
+        let headers = identity_headers(&id);
+        for name in CiContext::FIELDS {
+            let header = format!("x-portcullis-ci-{}", name.replace('_', "-"));
+            let got = headers.iter().find(|(n, _)| n.as_str() == header).map(|(_, v)| v.as_bytes());
+            assert_eq!(got, Some(format!("v-{name}").as_bytes()), "{header}");
+        }
+        assert_eq!(headers.len(), 3 + 1 + CiContext::FIELDS.len());
     }
 }
