@@ -73,6 +73,9 @@ pub struct DatabaseSettings {
     /// Startup parameters forwarded beyond `postgres::startup::DEFAULT_FORWARDED`,
     /// lowercase.
     pub startup_parameters: Vec<String>,
+    /// The server sees `application_name` with the session id appended
+    /// (`psql (portcullis 0123…)`), so `pg_stat_activity` leads to the audit events.
+    pub session_id_in_application_name: bool,
 }
 
 impl DatabaseSettings {
@@ -204,6 +207,10 @@ impl Compiler<'_> {
             startup_timeout: dur(self, &d.startup_timeout, Duration::from_secs(10)),
             connect_timeout: dur(self, &d.connect_timeout, Duration::from_secs(5)),
             startup_parameters,
+            session_id_in_application_name: d
+                .session_id_in_application_name
+                .as_ref()
+                .is_some_and(|b| *b.get_ref()),
         };
         (self.diags.len() == start).then_some(settings)
     }

@@ -169,6 +169,8 @@ pub struct Database {
     pub connect_timeout: Option<S<String>>,
     /// Startup parameters forwarded beyond the default allow-list.
     pub startup_parameters: Option<S<Vec<S<String>>>>,
+    /// Append the session id to the `application_name` the server sees.
+    pub session_id_in_application_name: Option<S<bool>>,
 }
 
 /// `[databases.upstream_roles.NAME]`: where that role's password comes from.

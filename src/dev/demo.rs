@@ -95,7 +95,7 @@ pub fn parse_postgres_url(url: &str) -> Result<PostgresUrl, String> {
 /// next to the configuration (mode 0600), never in it.
 pub fn demo_database_config(listen: SocketAddr, pg: &PostgresUrl, password_file: &str) -> String {
     format!(
-        "\n[[databases]]\nname = \"demo-db\"\nlisten = {}\nupstream = {}\nupstream_user = {}\npassword_file = {}\npolicy = \"demo\"\n",
+        "\n[[databases]]\nname = \"demo-db\"\nlisten = {}\nupstream = {}\nupstream_user = {}\npassword_file = {}\npolicy = \"demo\"\nsession_id_in_application_name = true\n",
         toml_str(&listen.to_string()),
         toml_str(&format!("postgres://{}:{}", pg.host, pg.port)),
         toml_str(&pg.user),

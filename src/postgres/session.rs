@@ -601,7 +601,7 @@ async fn establish(
     // GBK, GB18030, UHC, JOHAB) a multi-byte character's second byte can be `\` or `'`,
     // so the masker would split literals where the server does not, and different name
     // bytes can be one name to the server.
-    let forwarded = match startup::forwarded(&params, &db.startup_parameters) {
+    let mut forwarded = match startup::forwarded(&params, &db.startup_parameters) {
         Ok(f) => f,
         Err(e) => {
             let (sqlstate, reason) = match e {
@@ -614,6 +614,9 @@ async fn establish(
                 .await;
         }
     };
+    if db.session_id_in_application_name {
+        startup::with_session_id(&mut forwarded, sid);
+    }
     facts.startup_parameters = forwarded.clone();
     let ignored: Vec<&str> =
         params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.as_str()).collect();

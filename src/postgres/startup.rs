@@ -133,6 +133,33 @@ pub fn forwarded(
     Ok(out)
 }
 
+/// Sets the forwarded `application_name` to the client's with `(portcullis SID)`
+/// appended (`portcullis SID` when the client sent none), the client's part cut on a
+/// character boundary so the whole fits PostgreSQL's 63 bytes and the session id is
+/// never the part the server cuts. As PgBouncer's `application_name_add_host`: a DBA
+/// looking at `pg_stat_activity` finds the audit events of a backend.
+pub fn with_session_id(forwarded: &mut Vec<(String, String)>, sid: &str) {
+    const MAX: usize = 63;
+    let tag = format!("portcullis {sid}");
+    let slot = forwarded.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case("application_name"));
+    let client = slot.as_ref().map(|(_, v)| v.trim_end()).filter(|v| !v.is_empty());
+    let value = match client {
+        None => tag,
+        Some(app) => {
+            let room = MAX.saturating_sub(tag.len() + 3);
+            let mut end = app.len().min(room);
+            while !app.is_char_boundary(end) {
+                end -= 1;
+            }
+            format!("{} ({tag})", app[..end].trim_end())
+        }
+    };
+    match slot {
+        Some((_, v)) => *v = value,
+        None => forwarded.push(("application_name".to_string(), value)),
+    }
+}
+
 /// Why a route may not add `name` to its `startup_parameters` (`None`: it may).
 pub fn extra_name_error(name: &str) -> Option<String> {
     let lower = name.to_ascii_lowercase();
@@ -274,5 +301,26 @@ mod tests {
         let params = p(&[(long.as_str(), "v")]);
         let Err(Refused::Unsupported(n)) = forwarded(&params, &[]) else { panic!("refused") };
         assert_eq!(n.len(), MAX_SHOWN);
+    }
+
+    #[test]
+    fn the_session_id_is_appended_to_the_application_name_within_63_bytes() {
+        let sid = "0123456789abcdef0123";
+        let mut f = vec![("application_name".to_string(), "psql".to_string())];
+        with_session_id(&mut f, sid);
+        assert_eq!(f, vec![("application_name".into(), format!("psql (portcullis {sid})"))]);
+
+        let mut f = vec![("client_encoding".to_string(), "UTF8".to_string())];
+        with_session_id(&mut f, sid);
+        assert_eq!(f[1], ("application_name".into(), format!("portcullis {sid}")));
+
+        // A long name (multi-byte at the cut) is shortened, never the session id.
+        let long = "é".repeat(40);
+        let mut f = vec![("Application_Name".to_string(), long)];
+        with_session_id(&mut f, sid);
+        let v = &f[0].1;
+        assert!(v.len() <= 63, "{} bytes: {v}", v.len());
+        assert!(v.ends_with(&format!("(portcullis {sid})")), "{v}");
+        assert!(v.starts_with("éé"), "{v}");
     }
 }

@@ -138,6 +138,7 @@ fn test_db(dir: &std::path::Path) -> crate::config::DatabaseSettings {
         startup_timeout: std::time::Duration::from_secs(1),
         connect_timeout: std::time::Duration::from_secs(1),
         startup_parameters: Vec::new(),
+        session_id_in_application_name: false,
     }
 }
 

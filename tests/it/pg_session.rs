@@ -658,3 +658,49 @@ async fn a_route_s_startup_parameters_are_forwarded_and_audited() {
         assert_eq!(error_code(&got).as_deref(), Some("0A000"), "{name}: {}", kinds(&got));
     }
 }
+
+/// `session_id_in_application_name`: the server's `pg_stat_activity` shows the client's
+/// application name with the session id appended, the id of the session's audit events;
+/// without the setting the name reaches the server as the client sent it.
+#[tokio::test]
+async fn the_session_id_reaches_pg_stat_activity_when_asked() {
+    let Some(w) = PgWorld::with_extra("session_id_in_application_name = true").await else {
+        return;
+    };
+    let token = w.w.token("bb", &[]);
+    let (mut t, _) = login(&w, w.addr, &token, &[("application_name", "deploy-job")]).await;
+    send(
+        &mut t,
+        &[query(b"select application_name from pg_stat_activity where pid = pg_backend_pid()")],
+    )
+    .await;
+    let m = until_ready(&mut t).await;
+    let row = m
+        .iter()
+        .find(|(k, _)| *k == b'D')
+        .map(|(_, b)| String::from_utf8_lossy(&b[6..]).into_owned());
+    let open = w.wait_event(|e| e["event"] == "open").await;
+    let sid = open["session_id"].as_str().unwrap_or_else(|| panic!("{open}"));
+    assert_eq!(row, Some(format!("deploy-job (portcullis {sid})")), "{m:?}");
+    assert_eq!(open["application_name"], "deploy-job", "{open}");
+    assert_eq!(
+        open["startup_parameters"]["application_name"],
+        format!("deploy-job (portcullis {sid})").as_str(),
+        "{open}"
+    );
+
+    let Some(plain) = PgWorld::with_extra("").await else { return };
+    let token = plain.w.token("bb", &[]);
+    let (mut t, _) = login(&plain, plain.addr, &token, &[("application_name", "deploy-job")]).await;
+    send(
+        &mut t,
+        &[query(b"select application_name from pg_stat_activity where pid = pg_backend_pid()")],
+    )
+    .await;
+    let m = until_ready(&mut t).await;
+    let row = m
+        .iter()
+        .find(|(k, _)| *k == b'D')
+        .map(|(_, b)| String::from_utf8_lossy(&b[6..]).into_owned());
+    assert_eq!(row.as_deref(), Some("deploy-job"), "{m:?}");
+}
