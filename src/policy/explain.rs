@@ -49,6 +49,15 @@ pub enum TraceOutcome {
 impl Policy {
     /// Evaluates every rule (no short-circuit) and reports each one.
     pub fn explain(&self, identity: &Identity, request: &RequestFacts<'_>) -> Explanation {
+        self.explain_caller(Some(identity), request)
+    }
+
+    /// [`Policy::explain`] for a caller or, with `None`, for one without any credential.
+    pub fn explain_caller(
+        &self,
+        identity: Option<&Identity>,
+        request: &RequestFacts<'_>,
+    ) -> Explanation {
         let rules = self
             .rules()
             .iter()
@@ -81,7 +90,7 @@ impl Policy {
                 }
             })
             .collect();
-        Explanation { decision: self.evaluate(identity, request), rules }
+        Explanation { decision: self.decide(identity, request), rules }
     }
 }
 
