@@ -98,7 +98,7 @@ pub const TEST_IDENTITY_KEYS: &[&str] =
 pub enum TestCaller {
     /// A string: only `"anonymous"` compiles.
     Named(String),
-    Identity(TestIdentity),
+    Identity(Box<TestIdentity>),
 }
 
 /// A string or a list of strings (`issuer = "a"` or `issuer = ["a", "b"]`).
@@ -157,7 +157,7 @@ impl<'de> Deserialize<'de> for TestCaller {
             fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<TestCaller, A::Error> {
                 // The table's own errors (a key of the wrong type) keep their message.
                 TestIdentity::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(TestCaller::Identity)
+                    .map(|i| TestCaller::Identity(Box::new(i)))
             }
         }
         d.deserialize_any(V)

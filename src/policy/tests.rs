@@ -1168,12 +1168,16 @@ groups_any = ["contractors"]
 databases = ["**"]
 "#;
 
+/// Name, method, path, caller (`None`: no credential), allowed, reason, deciding rule.
+type Case<'a> =
+    (&'a str, &'a http::Method, &'a str, Option<Identity>, bool, Reason, Option<&'a str>);
+
 #[test]
 fn public_rules_admit_callers_without_a_credential_on_their_requests_only() {
     let p = must_parse(PUBLIC);
     let (get, post, head) = (http::Method::GET, http::Method::POST, http::Method::HEAD);
     #[rustfmt::skip]
-    let cases: &[(&str, &http::Method, &str, Option<Identity>, bool, Reason, Option<&str>)] = &[
+    let cases: &[Case<'_>] = &[
         ("anonymous on the public path", &get, "/healthz", None, true, Reason::Public, Some("health")),
         ("GET covers HEAD", &head, "/healthz", None, true, Reason::Public, Some("health")),
         ("another method", &post, "/healthz", None, false, Reason::PolicyDenied, None),

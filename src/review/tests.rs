@@ -1359,3 +1359,56 @@ fn diff_reports_public_rules_and_cors_preflight_as_access_gained() {
     let text = diff::render(&d, Format::Text);
     assert!(text.contains("setting cors_preflight: (not set) -> true"), "{text}");
 }
+
+/// `explain --anonymous` and `policy test` with `identity = "anonymous"`: what a caller
+/// without a credential gets, rule by rule.
+#[test]
+fn explain_and_test_a_caller_without_a_credential() {
+    let policy = format!(
+        "{API}
+[[rule]]
+id = \"health\"
+effect = \"allow\"
+public = true
+methods = [\"GET\"]
+paths = [\"/healthz\"]
+
+[[test]]
+name = \"health is public\"
+identity = \"anonymous\"
+request = \"GET /healthz\"
+expect = \"allow\"
+rule = \"health\"
+
+[[test]]
+name = \"deploys need a credential\"
+identity = \"anonymous\"
+request = \"POST /deploy/1\"
+expect = \"deny\"
+"
+    );
+    let (_dir, cfg) = setup(&policy);
+    let r = test::run(&test_args(&cfg, vec![], Format::Text));
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    assert!(r.stdout.contains("3 passed, 0 failed"), "{}", r.stdout);
+
+    let mut args = explain_args(&cfg, Caller::Anonymous, "GET https://api.example.com/healthz");
+    args.expect = Some(Effect::Allow);
+    let r = explain::run(&args);
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    assert!(r.stdout.contains("caller: anonymous (no token, no session)"), "{}", r.stdout);
+    assert!(r.stdout.contains("decision: allow (public) by rule `health`"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("allow `engineers`: no match at 4:10: issuer = [\"corp\"], got no credential (anonymous)"),
+        "{}",
+        r.stdout
+    );
+
+    let args = explain_args(&cfg, Caller::Anonymous, "DELETE https://api.example.com/deploy/1");
+    let r = explain::run(&ExplainArgs { format: Format::Json, ..args });
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+    assert_eq!(j["anonymous"], true, "{j}");
+    assert_eq!(j["identity"], serde_json::Value::Null, "{j}");
+    // The deny names `bb` and `gh`, but nothing shows an anonymous caller is neither.
+    assert_eq!(j["decision"]["reason"], "denied-by-rule", "{j}");
+}
