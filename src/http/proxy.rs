@@ -10,6 +10,9 @@
 //! 3. route: host + path (+ method) → 404
 //! 4. authenticate: bearer token or session cookie → verified identity → 401 (a
 //!    browser without a session is sent to sign in instead; cookie + bearer → 400).
+//!    A request with no credential at all goes on without one only as a CORS preflight
+//!    on a `cors_preflight` route, or when a `public = true` rule admits it (its
+//!    decision made here: no deny's request conditions hold).
 //!    The sign-in endpoints (`/.portcullis/...`) are served here, before routing.
 //! 5. authorize: the route's policy → 403 (a shadow policy is evaluated alongside)
 //! 6. forward: header hygiene, identity headers + signed assertion, streaming, timeouts
