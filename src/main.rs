@@ -85,6 +85,10 @@ enum PolicyCommand {
         /// A `dev token` preset: bitbucket-pipelines | github-actions | gitlab-ci | human.
         #[arg(long, group = "caller")]
         preset: Option<String>,
+        /// A request without any credential (no token, no session): what `public`
+        /// rules admit.
+        #[arg(long, group = "caller", conflicts_with_all = ["issuer", "no_verify"])]
+        anonymous: bool,
         /// Override a preset claim: key=value (string) or key:=json (typed).
         #[arg(long = "claim", requires = "preset")]
         claim: Vec<String>,
@@ -381,6 +385,7 @@ fn policy(cmd: PolicyCommand) -> ExitCode {
             token,
             claims,
             preset,
+            anonymous,
             claim,
             issuer,
             request,
@@ -396,8 +401,11 @@ fn policy(cmd: PolicyCommand) -> ExitCode {
                 (Some(t), _, _) => Caller::Token(t),
                 (_, Some(c), _) => Caller::Claims(c),
                 (_, _, Some(name)) => Caller::Preset { name, overrides: claim },
+                _ if anonymous => Caller::Anonymous,
                 _ => {
-                    eprintln!("error: give the caller as --token, --claims or --preset");
+                    eprintln!(
+                        "error: give the caller as --token, --claims, --preset or --anonymous"
+                    );
                     return ExitCode::from(review::EXIT_BAD_INPUT);
                 }
             };

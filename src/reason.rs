@@ -10,6 +10,13 @@ use http::StatusCode;
 pub enum Reason {
     /// A policy rule allowed the request.
     Allowed,
+    /// A `public = true` policy rule allowed the request: one without any credential
+    /// (the event names the rule and no identity), or a caller's whose credential was
+    /// verified first.
+    Public,
+    /// A CORS preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`, no
+    /// credential) forwarded without authentication on a `cors_preflight = true` route.
+    CorsPreflight,
     /// Served by the proxy itself (JWKS of the upstream assertion, for example).
     Internal,
     /// No route matches host + path (+ method).
@@ -135,6 +142,8 @@ impl Reason {
     pub const fn code(self) -> &'static str {
         match self {
             Reason::Allowed => "allowed",
+            Reason::Public => "public",
+            Reason::CorsPreflight => "cors-preflight",
             Reason::Internal => "internal",
             Reason::NoRoute => "no-route",
             Reason::MisdirectedRequest => "misdirected-request",
@@ -212,7 +221,9 @@ impl Reason {
     /// The HTTP status for a rejection with this reason.
     pub const fn status(self) -> StatusCode {
         match self {
-            Reason::Allowed | Reason::Internal => StatusCode::OK,
+            Reason::Allowed | Reason::Public | Reason::CorsPreflight | Reason::Internal => {
+                StatusCode::OK
+            }
             Reason::NoRoute => StatusCode::NOT_FOUND,
             Reason::MisdirectedRequest => StatusCode::MISDIRECTED_REQUEST,
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -262,6 +273,12 @@ impl Reason {
             // Never sent: only logged, with the status answered.
             Reason::SendTimeout => StatusCode::REQUEST_TIMEOUT,
         }
+    }
+
+    /// Whether the request was let through to the upstream: by a rule, or as a CORS
+    /// preflight.
+    pub const fn is_allow(self) -> bool {
+        matches!(self, Reason::Allowed | Reason::Public | Reason::CorsPreflight)
     }
 
     /// Whether this reason comes from the credential (→ `WWW-Authenticate: Bearer error=...`).

@@ -328,6 +328,9 @@ pub struct RouteSettings {
     pub preserve_host: bool,
     pub strip_headers: Vec<HeaderName>,
     pub single_use_tokens: bool,
+    /// Forward a CORS preflight that carries no credential without authentication
+    /// (browsers never send one on a preflight); off by default.
+    pub cors_preflight: bool,
     /// Issuers whose credentials the route accepts; `None`: every issuer.
     pub issuers: Option<Vec<IssuerId>>,
 }
@@ -1637,6 +1640,7 @@ impl Compiler<'_> {
             preserve_host: r.preserve_host.unwrap_or(false),
             strip_headers,
             single_use_tokens: r.single_use_tokens.unwrap_or(false),
+            cors_preflight: r.cors_preflight.unwrap_or(false),
             issuers: r.issuers.as_ref().map(|list| {
                 if list.get_ref().is_empty() {
                     self.err(

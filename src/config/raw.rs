@@ -136,6 +136,9 @@ pub struct Route {
     pub preserve_host: Option<bool>,
     pub strip_headers: Option<Vec<S<String>>>,
     pub single_use_tokens: Option<bool>,
+    /// Forward CORS preflights (`OPTIONS` with `Origin` and
+    /// `Access-Control-Request-Method`, no credential) without authentication.
+    pub cors_preflight: Option<bool>,
     /// Issuers whose credentials this route accepts (all when absent); the human ones
     /// are offered on the sign-in page.
     pub issuers: Option<S<Vec<S<String>>>>,

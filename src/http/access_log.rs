@@ -338,7 +338,7 @@ impl AuditBody {
     /// own reason.
     fn cut_short(&mut self, reason: Reason, detail: &'static str) {
         let o = self.pending.as_mut().and_then(|p| p.outcome.as_mut());
-        if let Some(o) = o.filter(|o| o.reason == Reason::Allowed) {
+        if let Some(o) = o.filter(|o| o.reason.is_allow()) {
             o.reason = reason;
             o.detail = Some(std::borrow::Cow::Borrowed(detail));
         }
@@ -350,7 +350,7 @@ impl AuditBody {
         let o = self.pending.as_mut().and_then(|p| p.outcome.as_mut());
         if let Some(o) = o {
             o.detail = Some(match o.reason {
-                Reason::Allowed => std::borrow::Cow::Borrowed(UNDELIVERED),
+                allowed if allowed.is_allow() => std::borrow::Cow::Borrowed(UNDELIVERED),
                 refused => format!("{UNDELIVERED} (the answer: {})", refused.code()).into(),
             });
             o.reason = Reason::SendTimeout;

@@ -10,6 +10,9 @@
 //! 3. route: host + path (+ method) → 404
 //! 4. authenticate: bearer token or session cookie → verified identity → 401 (a
 //!    browser without a session is sent to sign in instead; cookie + bearer → 400).
+//!    A request with no credential at all goes on without one only as a CORS preflight
+//!    on a `cors_preflight` route, or when a `public = true` rule admits it (its
+//!    decision made here: no deny's request conditions hold).
 //!    The sign-in endpoints (`/.portcullis/...`) are served here, before routing.
 //! 5. authorize: the route's policy → 403 (a shadow policy is evaluated alongside)
 //! 6. forward: header hygiene, identity headers + signed assertion, streaming, timeouts
@@ -78,7 +81,7 @@ impl Outcome {
     pub(crate) fn client_closed(parked: Option<Outcome>) -> Self {
         let mut o = parked.unwrap_or_else(|| Outcome::new(None));
         // Authorized (and perhaps already at the upstream): the decision stays `allow`.
-        o.decision = if o.reason == Reason::Allowed { "allow" } else { "error" };
+        o.decision = if o.reason.is_allow() { "allow" } else { "error" };
         o.reason = Reason::ClientClosed;
         o.detail = Some(Cow::Borrowed("the client went away before the response"));
         o
@@ -560,109 +563,123 @@ pub async fn handle(
     let mut set_cookies: Vec<HeaderValue> = Vec::new();
     let mut session_key = None;
     let mut source = None;
-    let identity = match (bearer, sessions.as_deref().filter(|_| has_session)) {
-        (Some(_), Some(_)) => {
-            return rejection(
-                out,
-                Reason::AmbiguousCredentials,
-                "both a session cookie and a bearer token",
-                &rc,
-            )
-        }
-        (Some((token, src)), None) => {
-            let identity = match rt.verifier.verify(token).await {
-                Ok(id) => id,
-                Err(e) => return rejection(out, e.reason, e.detail, &rc),
-            };
-            out.identity = Some(identity.clone());
-            if !route.accepts(&identity.issuer) {
+    // `None` once past this step: a request let through without any credential, as a
+    // CORS preflight or by a `public` rule (its decision is then already made).
+    let identity: Option<Arc<Identity>> =
+        match (bearer, sessions.as_deref().filter(|_| has_session)) {
+            (Some(_), Some(_)) => {
                 return rejection(
                     out,
-                    Reason::UnknownIssuer,
-                    "the route does not accept this issuer",
+                    Reason::AmbiguousCredentials,
+                    "both a session cookie and a bearer token",
                     &rc,
-                );
+                )
             }
-            // Known by issuer and `jti`, or by what was signed: never by the signature,
-            // which ECDSA lets anyone re-make (`s` → `n − s`).
-            if route.single_use_tokens
-                && !shared
-                    .replay
-                    .first_use(super::replay::ReplayKey::of(token, &identity), identity.expires_at)
-            {
-                return rejection(
-                    out,
-                    Reason::TokenReplayed,
-                    "token already used on a single-use route",
-                    &rc,
-                );
-            }
-            source = Some(src);
-            identity
-        }
-        (None, Some(s)) => {
-            match Box::pin(s.authenticate(&route, req.headers(), crate::util::unix_now())).await {
-                crate::session::Lookup::Valid { identity, set_cookie, key } => {
-                    set_cookies = set_cookie;
-                    session_key = Some(key);
-                    identity
+            (Some((token, src)), None) => {
+                let identity = match rt.verifier.verify(token).await {
+                    Ok(id) => id,
+                    Err(e) => return rejection(out, e.reason, e.detail, &rc),
+                };
+                out.identity = Some(identity.clone());
+                if !route.accepts(&identity.issuer) {
+                    return rejection(
+                        out,
+                        Reason::UnknownIssuer,
+                        "the route does not accept this issuer",
+                        &rc,
+                    );
                 }
-                crate::session::Lookup::Invalid { reason, detail, clear } => {
-                    let mut resp = if navigation {
+                // Known by issuer and `jti`, or by what was signed: never by the signature,
+                // which ECDSA lets anyone re-make (`s` → `n − s`).
+                if route.single_use_tokens
+                    && !shared.replay.first_use(
+                        super::replay::ReplayKey::of(token, &identity),
+                        identity.expires_at,
+                    )
+                {
+                    return rejection(
+                        out,
+                        Reason::TokenReplayed,
+                        "token already used on a single-use route",
+                        &rc,
+                    );
+                }
+                source = Some(src);
+                Some(identity)
+            }
+            (None, Some(s)) => {
+                match Box::pin(s.authenticate(&route, req.headers(), crate::util::unix_now())).await
+                {
+                    crate::session::Lookup::Valid { identity, set_cookie, key } => {
+                        set_cookies = set_cookie;
+                        session_key = Some(key);
+                        Some(identity)
+                    }
+                    crate::session::Lookup::Invalid { reason, detail, clear } => {
+                        let mut resp = if navigation {
+                            out.reason = Reason::LoginRequired;
+                            out.detail = Some(Cow::Owned(format!("{detail}; sent to sign in")));
+                            out.decision = "deny";
+                            finish(
+                                sign_in_redirect(s, &rt.config, &route, &full_authority, &rc, &req)
+                                    .await,
+                                out,
+                            )
+                        } else {
+                            rejection(out, reason, detail, &rc)
+                        };
+                        for c in clear {
+                            resp.headers_mut().append(header::SET_COOKIE, c);
+                        }
+                        return resp;
+                    }
+                    crate::session::Lookup::None => {
+                        return rejection(
+                            out,
+                            Reason::InternalError,
+                            "session cookie vanished",
+                            &rc,
+                        )
+                    }
+                }
+            }
+            (None, None) if anonymous_allowed(&route, &req, &norm, &mut out) => None,
+            (None, None) => {
+                if navigation {
+                    if let Some(s) = sessions.as_deref() {
                         out.reason = Reason::LoginRequired;
-                        out.detail = Some(Cow::Owned(format!("{detail}; sent to sign in")));
+                        out.detail = Some(Cow::Borrowed("no session; sent to sign in"));
                         out.decision = "deny";
-                        finish(
+                        return finish(
                             sign_in_redirect(s, &rt.config, &route, &full_authority, &rc, &req)
                                 .await,
                             out,
-                        )
-                    } else {
-                        rejection(out, reason, detail, &rc)
-                    };
-                    for c in clear {
-                        resp.headers_mut().append(header::SET_COOKIE, c);
+                        );
                     }
-                    return resp;
                 }
-                crate::session::Lookup::None => {
-                    return rejection(out, Reason::InternalError, "session cookie vanished", &rc)
-                }
+                let reason = if can_sign_in { Reason::LoginRequired } else { Reason::MissingToken };
+                return rejection(out, reason, "no bearer token or session", &rc);
+            }
+        };
+    // 5. Authorize the canonical path: the same string that is forwarded. (A request
+    //    without a credential was decided in step 4.)
+    if let Some(identity) = &identity {
+        out.identity = Some(identity.clone());
+        let facts = RequestFacts { method: req.method(), path: &norm, database: None, role: None };
+        let decision = route.policy.evaluate(identity, &facts);
+        if let Some(shadow) = &route.shadow_policy {
+            let s = shadow.evaluate(identity, &facts);
+            if s.allowed != decision.allowed {
+                crate::metrics::global().shadow_disagreements.inc(&route.name);
+                out.shadow = Some(s);
             }
         }
-        (None, None) => {
-            if navigation {
-                if let Some(s) = sessions.as_deref() {
-                    out.reason = Reason::LoginRequired;
-                    out.detail = Some(Cow::Borrowed("no session; sent to sign in"));
-                    out.decision = "deny";
-                    return finish(
-                        sign_in_redirect(s, &rt.config, &route, &full_authority, &rc, &req).await,
-                        out,
-                    );
-                }
-            }
-            let reason = if can_sign_in { Reason::LoginRequired } else { Reason::MissingToken };
-            return rejection(out, reason, "no bearer token or session", &rc);
+        out.rule = decision.rule.clone();
+        if !decision.allowed {
+            return rejection(out, decision.reason, decision.detail(), &rc);
         }
-    };
-    out.identity = Some(identity.clone());
-
-    // 5. Authorize the canonical path: the same string that is forwarded.
-    let facts = RequestFacts { method: req.method(), path: &norm, database: None, role: None };
-    let decision = route.policy.evaluate(&identity, &facts);
-    if let Some(shadow) = &route.shadow_policy {
-        let s = shadow.evaluate(&identity, &facts);
-        if s.allowed != decision.allowed {
-            crate::metrics::global().shadow_disagreements.inc(&route.name);
-            out.shadow = Some(s);
-        }
+        out.reason = decision.reason;
     }
-    out.rule = decision.rule.clone();
-    if !decision.allowed {
-        return rejection(out, decision.reason, decision.detail(), &rc);
-    }
-    out.reason = Reason::Allowed;
 
     // 6. Forward.
     if let Some(len) = req
@@ -719,13 +736,19 @@ pub async fn handle(
     let port = conn.local_port.as_ref();
     headers::set_forwarded(h, &conn.peer_ip, conn.trusted_peer, conn.proto(), &host, port);
     h.insert(header::HOST, routed_host.unwrap_or_else(|| client.host().clone()));
-    // Identity headers and assertion come prebuilt, cached per identity and route.
-    let (now, signed) = (crate::util::unix_now(), route.identity_assertion);
-    // The generation's signer: after a key rotation, never one with the retired key.
-    let forward = rt.signer.forward(&identity, &route.name, now, signed);
-    headers::add_identity(h, &forward.identity_headers, &rid);
-    if let Some(assertion) = &forward.assertion {
-        h.insert(headers::ASSERTION.clone(), assertion.clone());
+    // Identity headers and assertion come prebuilt, cached per identity and route. A
+    // request without a credential gets neither: only its request id.
+    match &identity {
+        Some(identity) => {
+            let (now, signed) = (crate::util::unix_now(), route.identity_assertion);
+            // The generation's signer: after a key rotation, never one with the retired key.
+            let forward = rt.signer.forward(identity, &route.name, now, signed);
+            headers::add_identity(h, &forward.identity_headers, &rid);
+            if let Some(assertion) = &forward.assertion {
+                h.insert(headers::ASSERTION.clone(), assertion.clone());
+            }
+        }
+        None => headers::add_identity(h, &[], &rid),
     }
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
@@ -794,12 +817,22 @@ pub async fn handle(
                 );
             }
             Some(client_upgrade) => {
+                // Never so: a request without a credential is no WebSocket
+                // ([`anonymous_allowed`]), and a tunnel is re-checked against its credential.
+                let Some(identity) = identity else {
+                    return rejection(
+                        out,
+                        Reason::InternalError,
+                        "a tunnel without a credential",
+                        &rc,
+                    );
+                };
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let grant = super::tunnel::Grant {
                     shared: shared.clone(),
                     route: route.name.clone(),
                     admission: Admission::new(
-                        identity.clone(),
+                        identity,
                         match source {
                             Some(_) => Credential::Token,
                             // No key (never so): a key no list holds, ended at a reload.
@@ -855,6 +888,66 @@ pub async fn handle(
     }
     out.decision = "allow";
     finish(Response::from_parts(parts, ProxyBody::Upstream(body)), out)
+}
+
+/// Whether a request that carries no credential at all (no bearer token, no session
+/// cookie) is let through without one, recording why in `out`:
+///
+/// - a CORS preflight on a `cors_preflight = true` route: `OPTIONS` with `Origin` and
+///   `Access-Control-Request-Method`, and no `Authorization`, `Proxy-Authorization` or
+///   `Cookie` at all (a browser sends none on a preflight; anything else that looks like
+///   one is authenticated as usual). Only that: the route's policy is not consulted;
+/// - a request a `public = true` rule of the route's policy admits, with no deny whose
+///   request conditions hold (deny wins, whoever the deny names). Never a WebSocket
+///   upgrade: a tunnel is re-checked against its credential, and there is none.
+///
+/// Otherwise the caller is asked for a credential as before (401, or sent to sign in).
+fn anonymous_allowed(
+    route: &crate::config::RouteSettings,
+    req: &Request<ClientBody>,
+    norm: &str,
+    out: &mut Outcome,
+) -> bool {
+    if is_websocket(req) {
+        return false;
+    }
+    if route.cors_preflight && is_cors_preflight(req) {
+        out.reason = Reason::CorsPreflight;
+        out.detail = Some(Cow::Borrowed("CORS preflight without a credential"));
+        return true;
+    }
+    let shadow_public = route.shadow_policy.as_ref().is_some_and(|s| s.has_public_rules());
+    if !route.policy.has_public_rules() && !shadow_public {
+        return false;
+    }
+    let facts = RequestFacts { method: req.method(), path: norm, database: None, role: None };
+    let decision = route.policy.evaluate_anonymous(&facts);
+    if let Some(shadow) = &route.shadow_policy {
+        let s = shadow.evaluate_anonymous(&facts);
+        if s.allowed != decision.allowed {
+            crate::metrics::global().shadow_disagreements.inc(&route.name);
+            out.shadow = Some(s);
+        }
+    }
+    if !decision.allowed {
+        return false;
+    }
+    out.rule = decision.rule;
+    out.reason = decision.reason;
+    out.detail = Some(Cow::Borrowed("no credential; admitted by a public rule"));
+    true
+}
+
+/// A CORS preflight as a browser sends it (Fetch standard, "CORS-preflight request"):
+/// `OPTIONS` with `Origin` and `Access-Control-Request-Method`, and never a credential.
+fn is_cors_preflight(req: &Request<ClientBody>) -> bool {
+    let h = req.headers();
+    req.method() == http::Method::OPTIONS
+        && h.contains_key(header::ORIGIN)
+        && h.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+        && !h.contains_key(header::AUTHORIZATION)
+        && !h.contains_key(header::PROXY_AUTHORIZATION)
+        && !h.contains_key(header::COOKIE)
 }
 
 /// Where a browser without a usable session goes: straight to the provider when the

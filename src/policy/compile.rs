@@ -95,9 +95,16 @@ impl<'a> Compiler<'a> {
         };
         let effect = self.effect(r.effect.as_ref(), &header, "rule", "effect");
 
+        let public = r.public.as_ref().is_some_and(|p| *p.get_ref());
+        if let Some(p) = r.public.as_ref().filter(|_| public) {
+            self.public_rule(r, p.span(), effect);
+        }
+
         let mut conditions = Vec::new();
         let mut groups = Vec::new();
         match &r.issuer {
+            // A public rule's own error says why it names no issuer.
+            None if public => {}
             None => {
                 self.err(header.clone(), "rule is missing `issuer` (a name from `[issuers.NAME]`)")
             }
@@ -247,11 +254,71 @@ impl<'a> Compiler<'a> {
             rule_ref,
             id_at,
             effect,
+            public,
             description,
             upstream_role,
             conditions: conditions.into_boxed_slice(),
             groups: groups.into_boxed_slice(),
         })
+    }
+
+    /// `public = true` admits callers without any credential, so the rule may say
+    /// nothing about the caller (there is none to match), and must say which requests
+    /// it opens: the reviewer sees every method and path that needs no credential.
+    fn public_rule(&mut self, r: &raw::Rule, at: Range<usize>, effect: Option<Effect>) {
+        if effect == Some(Effect::Deny) {
+            self.err(
+                at.clone(),
+                "`public` is for allow rules: a deny already applies to callers without a \
+                 credential whenever its `methods` and `paths` hold",
+            );
+        }
+        let identity_keys = [
+            ("issuer", r.issuer.as_ref().map(Spanned::span)),
+            ("subject", r.subject.as_ref().map(Spanned::span)),
+            ("email", r.email.as_ref().map(Spanned::span)),
+            ("email_domain", r.email_domain.as_ref().map(Spanned::span)),
+            ("groups_any", r.groups_any.as_ref().map(Spanned::span)),
+            ("groups_all", r.groups_all.as_ref().map(Spanned::span)),
+            ("claims", r.claims.as_ref().map(Spanned::span)),
+            ("ci", r.ci.as_ref().map(Spanned::span)),
+        ];
+        for (key, span) in identity_keys {
+            if let Some(span) = span {
+                self.err(
+                    span,
+                    format!(
+                        "`{key}` in a public rule: `public = true` admits callers without any \
+                         credential, who have no identity to match; remove `{key}`, or \
+                         `public` to require a credential"
+                    ),
+                );
+            }
+        }
+        let database_keys = [
+            ("databases", r.databases.as_ref().map(Spanned::span)),
+            ("roles", r.roles.as_ref().map(Spanned::span)),
+            ("upstream_role", r.upstream_role.as_ref().map(Spanned::span)),
+        ];
+        for (key, span) in database_keys {
+            if let Some(span) = span {
+                self.err(
+                    span,
+                    format!("`{key}` in a public rule: database sessions always need a credential"),
+                );
+            }
+        }
+        for (key, present) in [("paths", r.paths.is_some()), ("methods", r.methods.is_some())] {
+            if !present {
+                self.err(
+                    at.clone(),
+                    format!(
+                        "a public rule must list its `{key}`: every request it opens to callers \
+                         without a credential is written out for review"
+                    ),
+                );
+            }
+        }
     }
 
     fn condition(&self, label: &str, span: Range<usize>, matcher: Matcher) -> Condition {
@@ -486,7 +553,24 @@ impl<'a> Compiler<'a> {
                 self.err(header.clone(), "test is missing `identity`");
                 None
             }
-            Some(i) => self.test_identity(i),
+            Some(i) => match i.get_ref() {
+                raw::TestCaller::Identity(identity) => {
+                    self.test_identity(identity, i.span()).map(Some)
+                }
+                // A request without any credential: what a `public` rule admits.
+                raw::TestCaller::Named(name) if name == "anonymous" => Some(None),
+                raw::TestCaller::Named(name) => {
+                    self.err(
+                        i.span(),
+                        format!(
+                            "test identity {name:?}: write a table of claims \
+                             (`{{ issuer = \"...\", claims = {{ ... }} }}`), or \"anonymous\" \
+                             for a request without any credential"
+                        ),
+                    );
+                    None
+                }
+            },
         };
         if let (Some(r), Some(rule_ids)) = (&t.rule, rule_ids) {
             if !rule_ids.contains(&r.get_ref().as_str()) {
@@ -586,8 +670,7 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    fn test_identity(&mut self, spanned: &Spanned<raw::TestIdentity>) -> Option<Identity> {
-        let i = spanned.get_ref();
+    fn test_identity(&mut self, i: &raw::TestIdentity, span: Range<usize>) -> Option<Identity> {
         let preset_of = |name: &str| self.catalog.issuers.get(name).copied();
         let named_preset = match &i.preset {
             None => None,
@@ -655,7 +738,7 @@ impl<'a> Compiler<'a> {
                 }
             }
             (None, None) => {
-                self.err(spanned.span(), "test identity needs `issuer` (or `preset`)");
+                self.err(span.clone(), "test identity needs `issuer` (or `preset`)");
                 return None;
             }
         };
@@ -720,7 +803,7 @@ impl<'a> Compiler<'a> {
             Ok(ci) => ci,
             Err(e) => {
                 self.err(
-                    spanned.span(),
+                    span,
                     format!(
                         "test identity is not a {} token the proxy would accept: {}",
                         preset.name(),

@@ -70,6 +70,15 @@ pub struct FailedCondition {
 impl Policy {
     /// Evaluates every rule (no short-circuit) and reports each one.
     pub fn explain(&self, identity: &Identity, request: &RequestFacts<'_>) -> Explanation {
+        self.explain_caller(Some(identity), request)
+    }
+
+    /// [`Policy::explain`] for a caller or, with `None`, for one without any credential.
+    pub fn explain_caller(
+        &self,
+        identity: Option<&Identity>,
+        request: &RequestFacts<'_>,
+    ) -> Explanation {
         let rules = self
             .rules()
             .iter()
@@ -119,7 +128,7 @@ impl Policy {
                 }
             })
             .collect();
-        Explanation { decision: self.evaluate(identity, request), rules }
+        Explanation { decision: self.decide(identity, request), rules }
     }
 }
 
@@ -128,16 +137,22 @@ impl Policy {
 /// other callers. Group conditions are judged only when the groups are known.
 fn every_failed<'r>(
     rule: &'r Rule,
-    identity: &Identity,
+    identity: Option<&Identity>,
     request: &RequestFacts<'_>,
 ) -> Vec<&'r Condition> {
-    let fails = |c: &&Condition| !c.matcher().matches(rule.effect(), identity, request);
+    // As `Rule::outcome` judges them: without a credential, an identity condition fails
+    // an allow and holds for a deny.
+    let fails = |c: &&Condition| match identity {
+        Some(id) => !c.matcher().matches(rule.effect(), id, request),
+        None if c.matcher().is_request() => !c.matcher().matches_request(request),
+        None => rule.effect() != Effect::Deny,
+    };
     if let Some(issuer) =
         rule.conditions.iter().find(|c| matches!(c.matcher(), Matcher::Issuer(_))).filter(fails)
     {
         return vec![issuer];
     }
-    let groups = rule.groups.iter().filter(|_| identity.groups_known);
+    let groups = rule.groups.iter().filter(|_| identity.is_some_and(|id| id.groups_known));
     let mut failed: Vec<&Condition> = rule.conditions.iter().chain(groups).filter(fails).collect();
     failed.sort_by_key(|c| (c.loc().line, c.loc().col));
     failed

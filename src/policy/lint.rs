@@ -9,6 +9,8 @@
 //! | allow shadowed by a broader deny (deny wins, so it can never decide) | warning |
 //! | allow covered by an earlier allow (the earlier one always decides) | warning |
 //! | deploy-style allow on a CI issuer without a branch/ref/environment restriction | warning |
+//! | public rule on every path (`/**`): the whole route needs no credential | warning |
+//! | public rule that a deny refuses to every caller without a credential | warning |
 
 use std::fmt;
 use std::path::Path;
@@ -85,6 +87,10 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
             unverified_email(&mut out, rule);
             shadowed(&mut out, rule, rules);
             redundant(&mut out, rule, rules);
+            if rule.is_public() {
+                public_everywhere(&mut out, rule);
+                public_shadowed(&mut out, rule, rules);
+            }
         }
     }
     out.items.sort_by_key(|l| (l.diagnostic.line, l.diagnostic.col));
@@ -471,6 +477,54 @@ fn shadowed(out: &mut Lints<'_>, allow: &Rule, rules: &[Rule]) {
     );
 }
 
+/// A public rule on `/**` (or a pattern as wide) opens every path of the route to
+/// callers without a credential: the route is then not behind the proxy at all for
+/// those methods. Possible on purpose (a public documentation site), never by accident.
+fn public_everywhere(out: &mut Lints<'_>, rule: &Rule) {
+    let Ok(everything) = Glob::new("/**") else { return };
+    for c in rule.conditions() {
+        let Matcher::Paths(globs) = c.matcher() else { continue };
+        if let Some(g) = globs.iter().find(|g| g.covers(&everything)) {
+            out.push(
+                Severity::Warning,
+                c.loc(),
+                format!(
+                    "public rule `{}` opens every path (`{}`) to callers without any credential: \
+                     list the paths that must be public (`/healthz`, `/webhooks/**`)",
+                    rule.id(),
+                    g.as_str()
+                ),
+            );
+        }
+    }
+}
+
+/// A deny refuses a caller without a credential whenever its request conditions hold
+/// (its identity conditions cannot be shown false), so a deny whose `methods`/`paths`
+/// cover a public rule's leaves it nothing: the author thinks the paths are public.
+fn public_shadowed(out: &mut Lints<'_>, public: &Rule, rules: &[Rule]) {
+    let request_covers = |deny: &Rule| {
+        deny.conditions()
+            .filter(|d| d.matcher().is_request())
+            .all(|d| public.conditions().any(|a| narrower(a.matcher(), d.matcher())))
+    };
+    let Some(deny) = rules.iter().find(|d| d.effect == Effect::Deny && request_covers(d)) else {
+        return;
+    };
+    out.push(
+        Severity::Warning,
+        public.id_at,
+        format!(
+            "public rule `{}` never admits a caller without a credential: deny rule `{}` (line {}) \
+             covers its methods and paths, and a deny applies to such a caller whatever its \
+             identity conditions",
+            public.id(),
+            deny.id(),
+            deny.line()
+        ),
+    );
+}
+
 /// An allow that an earlier allow fully covers never decides anything either: the
 /// first matching allow decides, and it is always the earlier one. Usually a rule
 /// left behind after a broader one was added, and a reviewer reading the later rule
@@ -503,7 +557,13 @@ pub fn rule_covers(broad: &Rule, narrow: &Rule) -> bool {
 /// Conservatively: whether every (identity, request) that `allow` matches also
 /// matches `deny`. False negatives are fine (no lint); false positives are not.
 fn covers(deny: &Rule, allow: &Rule) -> bool {
-    let issuers_ok = allow.issuers().iter().all(|i| deny.issuers().contains(i));
+    // A public rule matches every caller, one without a credential too; a rule with an
+    // issuer matches no such caller (as an allow; a deny does, but then not every
+    // caller with a credential), so it never covers a public one.
+    if allow.is_public() && !deny.is_public() {
+        return false;
+    }
+    let issuers_ok = deny.is_public() || allow.issuers().iter().all(|i| deny.issuers().contains(i));
     issuers_ok
         && deny
             .conditions()

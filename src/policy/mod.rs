@@ -96,7 +96,8 @@ pub struct RuleRef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub allowed: bool,
-    /// [`Reason::Allowed`], [`Reason::DeniedByRule`], [`Reason::PolicyDenied`] or
+    /// [`Reason::Allowed`], [`Reason::Public`] (a `public` rule decided),
+    /// [`Reason::DeniedByRule`], [`Reason::PolicyDenied`] or
     /// [`Reason::GroupsUnknown`].
     pub reason: Reason,
     /// The deciding rule: the allow or the deny that matched; for `groups-unknown`
@@ -187,6 +188,25 @@ impl Policy {
 
     /// The decision for one request. The hot path: no allocation beyond an `Arc` clone.
     pub fn evaluate(&self, identity: &Identity, request: &RequestFacts<'_>) -> Decision {
+        self.decide(Some(identity), request)
+    }
+
+    /// The decision for a request that carries no credential at all: only a `public`
+    /// allow can admit it, and any deny whose request conditions hold refuses it
+    /// (whatever its identity conditions: nothing shows the caller is not the one it
+    /// names).
+    pub fn evaluate_anonymous(&self, request: &RequestFacts<'_>) -> Decision {
+        self.decide(None, request)
+    }
+
+    /// Whether any rule is `public = true` (else no anonymous request is evaluated).
+    pub fn has_public_rules(&self) -> bool {
+        self.rules.iter().any(Rule::is_public)
+    }
+
+    /// [`Policy::evaluate`] for a caller or, with `None`, for a caller without any
+    /// credential.
+    pub fn decide(&self, identity: Option<&Identity>, request: &RequestFacts<'_>) -> Decision {
         // Deny wins: any matching deny decides, wherever it is in the file. One that
         // applies only because the session did not keep a claim it names (fail closed)
         // decides unless another deny matches outright (which says more).
@@ -208,6 +228,10 @@ impl Policy {
         let mut claim_skipped: Option<(&Rule, usize)> = None;
         for rule in self.rules.iter().filter(|r| r.effect == Effect::Allow) {
             match rule.outcome(identity, request) {
+                // A public rule's decision says so: the audit event tells it apart.
+                Outcome::Matched if rule.public => {
+                    return Decision::new(true, Reason::Public, Some(rule))
+                }
                 Outcome::Matched => return Decision::new(true, Reason::Allowed, Some(rule)),
                 Outcome::GroupsUnknown => {
                     skipped.get_or_insert(rule);

@@ -20,6 +20,9 @@ pub struct Rule {
     pub id: Option<Spanned<String>>,
     pub effect: Option<Spanned<String>>,
     pub description: Option<Spanned<String>>,
+    /// `public = true`: an allow that admits callers without any credential, on its
+    /// `methods` and `paths` alone.
+    pub public: Option<Spanned<bool>>,
     pub issuer: Option<Spanned<OneOrMany>>,
     pub subject: Option<Spanned<OneOrMany>>,
     pub email: Option<Spanned<OneOrMany>>,
@@ -40,6 +43,7 @@ pub const RULE_KEYS: &[&str] = &[
     "id",
     "effect",
     "description",
+    "public",
     "issuer",
     "subject",
     "email",
@@ -60,7 +64,7 @@ pub const RULE_KEYS: &[&str] = &[
 #[serde(deny_unknown_fields)]
 pub struct Test {
     pub name: Option<Spanned<String>>,
-    pub identity: Option<Spanned<TestIdentity>>,
+    pub identity: Option<Spanned<TestCaller>>,
     pub request: Option<Spanned<String>>,
     pub database: Option<Spanned<String>>,
     pub role: Option<Spanned<String>>,
@@ -87,6 +91,15 @@ pub struct TestIdentity {
 
 pub const TEST_IDENTITY_KEYS: &[&str] =
     &["issuer", "preset", "subject", "email", "email_verified", "groups", "groups_known", "claims"];
+
+/// A test's `identity`: a table of claims, or the string `"anonymous"` for a request
+/// without any credential (what a `public` rule is for).
+#[derive(Debug)]
+pub enum TestCaller {
+    /// A string: only `"anonymous"` compiles.
+    Named(String),
+    Identity(Box<TestIdentity>),
+}
 
 /// A string or a list of strings (`issuer = "a"` or `issuer = ["a", "b"]`).
 #[derive(Debug)]
@@ -124,6 +137,27 @@ impl<'de> Deserialize<'de> for OneOrMany {
                     items.push(item);
                 }
                 Ok(OneOrMany::Many(items))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for TestCaller {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TestCaller;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table of claims, or \"anonymous\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TestCaller, E> {
+                Ok(TestCaller::Named(v.to_owned()))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<TestCaller, A::Error> {
+                // The table's own errors (a key of the wrong type) keep their message.
+                TestIdentity::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|i| TestCaller::Identity(Box::new(i)))
             }
         }
         d.deserialize_any(V)

@@ -32,6 +32,9 @@ pub struct Rule {
     pub(crate) rule_ref: Arc<RuleRef>,
     pub(crate) id_at: Loc,
     pub(crate) effect: Effect,
+    /// `public = true`: an allow with request conditions only, which matches every
+    /// caller, one without any credential included.
+    pub(crate) public: bool,
     pub(crate) description: Option<Box<str>>,
     pub(crate) upstream_role: Option<Box<str>>,
     /// Identity and request conditions, cheapest first; the issuer is always first.
@@ -121,6 +124,10 @@ impl Rule {
     pub fn description(&self) -> Option<&str> {
         self.description.as_deref()
     }
+    /// Whether the rule is `public = true`: it admits callers without a credential.
+    pub fn is_public(&self) -> bool {
+        self.public
+    }
     /// PostgreSQL routes: the upstream role this rule grants.
     pub fn upstream_role(&self) -> Option<&str> {
         self.upstream_role.as_deref()
@@ -149,18 +156,32 @@ impl Rule {
         self.conditions().all(|c| c.matcher.matches_request(request))
     }
 
-    pub(crate) fn outcome(&self, identity: &Identity, request: &RequestFacts<'_>) -> Outcome {
+    /// How the rule fares for `identity`, or for a caller without any credential
+    /// (`None`). An anonymous caller fails every identity condition of an allow (only a
+    /// `public` allow, which has none, admits it) and meets every identity condition of
+    /// a deny: nothing shows it is not the caller the deny names, so a deny applies
+    /// whenever its request conditions hold (fail closed, as for unknown groups).
+    pub(crate) fn outcome(
+        &self,
+        identity: Option<&Identity>,
+        request: &RequestFacts<'_>,
+    ) -> Outcome {
+        let holds = |c: &Condition| match identity {
+            Some(id) => c.matcher.matches(self.effect, id, request),
+            None if c.matcher.is_request() => c.matcher.matches_request(request),
+            None => self.effect == Effect::Deny,
+        };
         let mut not_kept = None;
         for (i, c) in self.conditions.iter().enumerate() {
-            if let Matcher::Claim { name, .. } = &c.matcher {
-                if !identity.claims.is_kept(name) {
+            if let (Matcher::Claim { name, .. }, Some(id)) = (&c.matcher, identity) {
+                if !id.claims.is_kept(name) {
                     // A session that did not keep the claim (sealed before the rule
                     // named it): fail closed, as for unknown groups below.
                     not_kept.get_or_insert(i);
                     continue;
                 }
             }
-            if !c.matcher.matches(self.effect, identity, request) {
+            if !holds(c) {
                 return Outcome::Failed(i);
             }
         }
@@ -168,6 +189,12 @@ impl Rule {
         if self.groups.is_empty() {
             return matched;
         }
+        let Some(identity) = identity else {
+            return match self.effect {
+                Effect::Deny => Outcome::Matched,
+                Effect::Allow => Outcome::Failed(self.conditions.len()),
+            };
+        };
         if !identity.groups_known {
             // Overage (V25): fail closed. A deny still applies; an allow cannot.
             return match self.effect {
@@ -210,10 +237,23 @@ impl Condition {
     pub(crate) fn actual(
         &self,
         effect: Effect,
-        identity: &Identity,
+        identity: Option<&Identity>,
         request: &RequestFacts<'_>,
     ) -> String {
         let q = |s: Option<&str>| s.map_or_else(|| "absent".to_string(), |s| format!("{s:?}"));
+        match &self.matcher {
+            Matcher::Methods(_) | Matcher::Paths(_) if request.is_database() => {
+                return "a database request".to_string()
+            }
+            Matcher::Methods(_) => return q(Some(request.method.as_str())),
+            Matcher::Paths(_) => return q(Some(request.path)),
+            Matcher::Databases(_) => return q(request.database),
+            Matcher::Roles(_) => return q(request.role),
+            _ => {}
+        }
+        let Some(identity) = identity else {
+            return "no credential (anonymous)".to_string();
+        };
         match &self.matcher {
             Matcher::Issuer(_) => q(Some(identity.issuer.as_str())),
             Matcher::Subject(_) => q(Some(&identity.subject)),
@@ -237,13 +277,10 @@ impl Condition {
                 identity.claims.get(name).map_or_else(|| "absent".to_string(), Value::to_string)
             }
             Matcher::Ci { field, .. } => q(identity.ci.as_ref().and_then(|c| c.field(field))),
-            Matcher::Methods(_) | Matcher::Paths(_) if request.is_database() => {
-                "a database request".to_string()
+            // Answered above.
+            Matcher::Methods(_) | Matcher::Paths(_) | Matcher::Databases(_) | Matcher::Roles(_) => {
+                String::new()
             }
-            Matcher::Methods(_) => q(Some(request.method.as_str())),
-            Matcher::Paths(_) => q(Some(request.path)),
-            Matcher::Databases(_) => q(request.database),
-            Matcher::Roles(_) => q(request.role),
         }
     }
 }
@@ -326,7 +363,7 @@ impl Matcher {
     }
 
     /// Request conditions only; any identity condition holds here.
-    fn matches_request(&self, request: &RequestFacts<'_>) -> bool {
+    pub(crate) fn matches_request(&self, request: &RequestFacts<'_>) -> bool {
         match self {
             // HTTP conditions never match a database request, and the reverse: a rule
             // written for one protocol must not leak onto the other.

@@ -21,6 +21,9 @@ pub struct RuleSummary {
     pub description: Option<String>,
     /// `people from `corp` (oidc)`, one per issuer.
     pub issuers: Vec<String>,
+    /// `public = true`: anyone, without any credential too.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub public: bool,
     /// Identity conditions in words, all of which must hold.
     pub who: Vec<String>,
     /// Request conditions in words; empty means any request.
@@ -57,6 +60,9 @@ impl Rule {
             }
         }
         let mut canonical: Vec<String> = self.conditions().map(Condition::to_string).collect();
+        if self.is_public() {
+            canonical.push("public = true".to_string());
+        }
         canonical.sort();
         if let Some(u) = self.upstream_role() {
             canonical.push(format!("upstream_role = {u:?}"));
@@ -66,6 +72,7 @@ impl Rule {
             effect: self.effect(),
             description: self.description().map(str::to_string),
             issuers,
+            public: self.is_public(),
             who,
             what,
             upstream_role: self.upstream_role().map(str::to_string),
@@ -83,7 +90,7 @@ impl super::Policy {
         let shape = |r: &Rule| {
             let mut c: Vec<String> = r.conditions().map(Condition::to_string).collect();
             c.sort();
-            (r.effect(), c, r.upstream_role().map(str::to_string))
+            (r.effect(), r.is_public(), c, r.upstream_role().map(str::to_string))
         };
         self.rules().len() == other.rules().len()
             && self.rules().iter().zip(other.rules()).all(|(a, b)| shape(a) == shape(b))
@@ -95,6 +102,9 @@ impl super::Policy {
 impl RuleSummary {
     /// "who" in one phrase: `pipelines of `bb` (bitbucket-pipelines) whose CI branch is `main``.
     pub fn who_phrase(&self) -> String {
+        if self.public {
+            return "ANYONE, without any credential (public)".to_string();
+        }
         let issuers = join_or(&self.issuers);
         if self.who.is_empty() {
             format!("all {issuers}")

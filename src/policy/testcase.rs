@@ -18,7 +18,8 @@ pub struct TestCase {
     pub name: String,
     /// Line of the `[[test]]` header.
     pub line: u32,
-    pub identity: Identity,
+    /// `None`: a request without any credential (`identity = "anonymous"`).
+    pub identity: Option<Identity>,
     pub request: TestRequest,
     pub expect: Effect,
     /// The rule expected to decide, if the test names one.
@@ -118,7 +119,7 @@ pub fn run_cases(policy: &Policy, file: &Arc<Path>, cases: &[TestCase]) -> Vec<T
     cases
         .iter()
         .map(|t| {
-            let decision = policy.evaluate(&t.identity, &t.request.facts());
+            let decision = policy.decide(t.identity.as_ref(), &t.request.facts());
             let got = if decision.allowed { Effect::Allow } else { Effect::Deny };
             let by = match &decision.rule {
                 Some(r) => format!("rule `{}` ({}:{})", r.id, r.file.display(), r.line),

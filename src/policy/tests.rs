@@ -1118,15 +1118,15 @@ fn run_tests_reports_passes_and_failures() {
     );
     assert_eq!(outcomes[0].to_string(), "p.toml:15: ok: main deploys");
     // The test identity is built like a verified one.
-    let t = &p.tests()[1];
-    assert_eq!(t.identity.kind, PrincipalKind::Pipeline);
-    let ci = t.identity.ci.clone().unwrap_or_default();
+    let Some(t) = &p.tests()[1].identity else { panic!("a test identity") };
+    assert_eq!(t.kind, PrincipalKind::Pipeline);
+    let ci = t.ci.clone().unwrap_or_default();
     assert_eq!(
         (ci.field("branch"), ci.field("ref")),
         (Some("feature/x"), Some("refs/heads/feature/x"))
     );
     assert_eq!(ci.field("workspace_id"), Some("{00000000-0000-4000-8000-000000000010}"));
-    let h = &p.tests()[4].identity;
+    let Some(h) = &p.tests()[4].identity else { panic!("a test identity") };
     assert_eq!((h.groups_known, h.email_verified, h.ci.is_none()), (false, true, true));
     let _ = CiContext::FIELDS;
 }
@@ -1316,5 +1316,216 @@ expect = "allow"
     assert!(
         errors.iter().any(|e| e.contains("the proxy refuses this path before any rule")),
         "{errors:?}"
+    );
+}
+
+// === public rules ===
+
+const PUBLIC: &str = r#"
+[[rule]]
+id = "health"
+effect = "allow"
+public = true
+methods = ["GET"]
+paths = ["/healthz"]
+
+[[rule]]
+id = "docs"
+effect = "allow"
+public = true
+methods = "GET"
+paths = ["/docs/**"]
+
+[[rule]]
+id = "engineers"
+effect = "allow"
+issuer = "corp"
+groups_any = ["engineering"]
+
+[[rule]]
+id = "no-internal-docs-for-contractors"
+effect = "deny"
+issuer = "corp"
+groups_any = ["contractors"]
+paths = ["/docs/internal/**"]
+
+[[rule]]
+id = "no-db-for-contractors"
+effect = "deny"
+issuer = "corp"
+groups_any = ["contractors"]
+databases = ["**"]
+"#;
+
+/// Name, method, path, caller (`None`: no credential), allowed, reason, deciding rule.
+type Case<'a> =
+    (&'a str, &'a http::Method, &'a str, Option<Identity>, bool, Reason, Option<&'a str>);
+
+#[test]
+fn public_rules_admit_callers_without_a_credential_on_their_requests_only() {
+    let p = must_parse(PUBLIC);
+    let (get, post, head) = (http::Method::GET, http::Method::POST, http::Method::HEAD);
+    #[rustfmt::skip]
+    let cases: &[Case<'_>] = &[
+        ("anonymous on the public path", &get, "/healthz", None, true, Reason::Public, Some("health")),
+        ("GET covers HEAD", &head, "/healthz", None, true, Reason::Public, Some("health")),
+        ("another method", &post, "/healthz", None, false, Reason::PolicyDenied, None),
+        ("below an exact path", &get, "/healthz/x", None, false, Reason::PolicyDenied, None),
+        ("another path", &get, "/deploy", None, false, Reason::PolicyDenied, None),
+        ("a public tree", &get, "/docs/a/b", None, true, Reason::Public, Some("docs")),
+        // A deny's identity conditions cannot be shown false for a caller without a
+        // credential: it applies whenever its request conditions hold.
+        ("deny wins for anonymous", &get, "/docs/internal/x", None, false, Reason::DeniedByRule,
+         Some("no-internal-docs-for-contractors")),
+        ("a caller the deny names", &get, "/docs/internal/x",
+         Some(human(json!({"groups": ["contractors"]}))), false, Reason::DeniedByRule,
+         Some("no-internal-docs-for-contractors")),
+        ("a caller it does not name", &get, "/docs/internal/x",
+         Some(human(json!({"groups": ["sales"]}))), true, Reason::Public, Some("docs")),
+        ("a public rule admits callers with a credential too", &get, "/healthz",
+         Some(bitbucket(BB_REPO, "feature/x")), true, Reason::Public, Some("health")),
+        ("the first matching allow decides, public or not", &get, "/deploy",
+         Some(human(json!({"groups": ["engineering"]}))), true, Reason::Allowed, Some("engineers")),
+    ];
+    for (name, method, path, who, allowed, reason, rule) in cases {
+        let facts = RequestFacts::http(method, path);
+        let d = match who {
+            Some(id) => p.evaluate(id, &facts),
+            None => p.evaluate_anonymous(&facts),
+        };
+        assert_eq!(d.allowed, *allowed, "{name}: {d:?}");
+        assert_eq!(d.reason, *reason, "{name}: {d:?}");
+        assert_eq!(d.rule.as_ref().map(|r| &*r.id), *rule, "{name}: {d:?}");
+        // `explain` agrees, and says why a rule about the caller did not match.
+        let e = p.explain_caller(who.as_ref(), &facts);
+        assert_eq!(e.decision, d, "{name}");
+    }
+    let e = p.explain_caller(None, &RequestFacts::http(&get, "/deploy"));
+    let text = e.to_string();
+    assert!(text.contains("issuer = [\"corp\"], got no credential (anonymous)"), "{text}");
+    // A public rule never admits a database session (it must name paths).
+    let d = p.evaluate_anonymous(&RequestFacts::database("app", Some("app")));
+    assert!(!d.allowed, "{d:?}");
+    assert!(p.has_public_rules());
+    assert!(!must_parse(TESTED).has_public_rules());
+}
+
+#[test]
+fn a_public_rule_says_nothing_about_the_caller_and_lists_its_requests() {
+    let public = "[[rule]]\nid = \"p\"\neffect = \"allow\"\npublic = true\n";
+    let req = "methods = [\"GET\"]\npaths = [\"/healthz\"]\n";
+    #[rustfmt::skip]
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("an issuer", format!("{public}{req}issuer = \"corp\"\n"),
+         "p.toml:7:10: `issuer` in a public rule: `public = true` admits callers without any credential, who have no identity to match; remove `issuer`, or `public` to require a credential"),
+        ("a group", format!("{public}{req}groups_any = [\"eng\"]\n"),
+         "p.toml:7:14: `groups_any` in a public rule"),
+        ("a claim", format!("{public}{req}claims = {{ sub = \"x\" }}\n"),
+         "p.toml:7:10: `claims` in a public rule"),
+        ("a ci field", format!("{public}{req}ci = {{ branch = \"main\" }}\n"),
+         "p.toml:7:6: `ci` in a public rule"),
+        ("an email", format!("{public}{req}email_domain = \"acme.example\"\n"),
+         "p.toml:7:16: `email_domain` in a public rule"),
+        ("a subject", format!("{public}{req}subject = \"x\"\n"),
+         "p.toml:7:11: `subject` in a public rule"),
+        ("a database", format!("{public}{req}databases = [\"app\"]\n"),
+         "p.toml:7:13: `databases` in a public rule: database sessions always need a credential"),
+        ("an upstream role", format!("{public}{req}upstream_role = \"ro\"\n"),
+         "p.toml:7:17: `upstream_role` in a public rule"),
+        ("no paths", format!("{public}methods = [\"GET\"]\n"),
+         "p.toml:4:10: a public rule must list its `paths`"),
+        ("no methods", format!("{public}paths = [\"/healthz\"]\n"),
+         "p.toml:4:10: a public rule must list its `methods`"),
+        ("a public deny", "[[rule]]\nid = \"p\"\neffect = \"deny\"\npublic = true\nmethods = [\"GET\"]\npaths = [\"/x\"]\n".into(),
+         "p.toml:4:10: `public` is for allow rules"),
+        ("not a boolean", "[[rule]]\nid = \"p\"\neffect = \"allow\"\npublic = \"yes\"\nmethods = [\"GET\"]\npaths = [\"/x\"]\n".into(),
+         "p.toml:4:10: invalid type: string \"yes\", expected a boolean"),
+        ("public = false still needs an issuer", "[[rule]]\nid = \"p\"\neffect = \"allow\"\npublic = false\nmethods = [\"GET\"]\npaths = [\"/x\"]\n".into(),
+         "p.toml:1:1: rule is missing `issuer`"),
+        ("a test identity that is neither", format!("{public}{req}[[test]]\nname = \"t\"\nidentity = \"nobody\"\nrequest = \"GET /healthz\"\nexpect = \"allow\"\n"),
+         "p.toml:9:12: test identity \"nobody\": write a table of claims"),
+    ];
+    for (name, text, want) in &cases {
+        match parse(text) {
+            Ok(_) => panic!("{name}: should not compile:\n{text}"),
+            Err(e) => {
+                assert!(e.iter().any(|d| d.starts_with(want)), "{name}: want {want:?}, got {e:?}")
+            }
+        }
+    }
+    // The identity table of a test keeps its own error messages.
+    let bad = format!("{public}{req}[[test]]\nname = \"t\"\nidentity = {{ issuer = \"corp\", groups = \"eng\" }}\nrequest = \"GET /healthz\"\nexpect = \"allow\"\n");
+    let e = parse(&bad).err().unwrap_or_default();
+    assert!(
+        e.iter().any(|d| d.contains("invalid type: string \"eng\", expected a sequence")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn public_rules_on_every_path_or_under_a_deny_are_flagged() {
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &str)] = &[
+        ("the whole route",
+         "[[rule]]\nid = \"p\"\neffect = \"allow\"\npublic = true\nmethods = [\"GET\"]\npaths = [\"/healthz\", \"/**\"]\n",
+         "p.toml:6:9: warning: public rule `p` opens every path (`/**`) to callers without any credential"),
+        ("a deny whose request conditions cover it, whatever its issuer",
+         "[[rule]]\nid = \"p\"\neffect = \"allow\"\npublic = true\nmethods = [\"GET\"]\npaths = [\"/status/**\"]\n[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"corp\"\ngroups_any = [\"x\"]\npaths = [\"/status/**\"]\n",
+         "p.toml:2:6: warning: public rule `p` never admits a caller without a credential: deny rule `d` (line 7)"),
+    ];
+    for (name, text, want) in cases {
+        match parse(text) {
+            Err(e) => panic!("{name}: {}", e.join("\n")),
+            Ok(p) => {
+                let lints: Vec<String> =
+                    lint(&p, &catalog()).iter().map(|l| l.to_string()).collect();
+                assert!(
+                    lints.iter().any(|l| l.starts_with(want)),
+                    "{name}: want {want:?}, got {lints:?}"
+                );
+            }
+        }
+    }
+    // A narrow public rule beside a deny elsewhere: nothing to say.
+    let p = must_parse(PUBLIC);
+    assert_eq!(lint(&p, &catalog()), Vec::new(), "{:?}", lint(&p, &catalog()));
+}
+
+#[test]
+fn policy_tests_can_ask_for_a_caller_without_a_credential() {
+    let text = format!(
+        "{PUBLIC}
+[[test]]
+name = \"health is public\"
+identity = \"anonymous\"
+request = \"GET /healthz\"
+expect = \"allow\"
+rule = \"health\"
+
+[[test]]
+name = \"internal docs are not\"
+identity = \"anonymous\"
+request = \"GET /docs/internal/plan\"
+expect = \"deny\"
+rule = \"no-internal-docs-for-contractors\"
+
+[[test]]
+name = \"deploys are not public\"
+identity = \"anonymous\"
+request = \"POST /deploy\"
+expect = \"allow\"
+"
+    );
+    let p = must_parse(&text);
+    assert!(p.tests().iter().all(|t| t.identity.is_none()));
+    let outcomes = run_tests(&p);
+    let passed: Vec<bool> = outcomes.iter().map(TestOutcome::passed).collect();
+    assert_eq!(passed, [true, true, false]);
+    assert!(
+        outcomes[2].to_string().ends_with(
+            "FAILED: deploys are not public: expected allow, got deny (policy-denied) by no rule for POST /deploy"
+        ),
+        "{}",
+        outcomes[2]
     );
 }

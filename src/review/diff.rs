@@ -453,12 +453,17 @@ fn flips(
     let mut out: Vec<Flip> = Vec::new();
     for (file, case) in cases {
         let facts = case.request.facts();
-        let before = old.policy.evaluate(&case.identity, &facts);
-        let after = new.policy.evaluate(&case.identity, &facts);
+        let before = old.policy.decide(case.identity.as_ref(), &facts);
+        let after = new.policy.decide(case.identity.as_ref(), &facts);
         if before.allowed == after.allowed {
             continue;
         }
-        let (request, caller) = (case.request.to_string(), case.identity.principal());
+        let (request, caller) = (
+            case.request.to_string(),
+            case.identity
+                .as_ref()
+                .map_or_else(|| "anonymous (no credential)".to_string(), |i| i.principal()),
+        );
         // An unchanged test is in both versions: listed once.
         if out.iter().any(|f| f.name == case.name && f.request == request && f.caller == caller) {
             continue;

@@ -34,6 +34,8 @@ pub enum Caller {
     Claims(PathBuf),
     /// A `dev token` preset with `key=value` / `key:=json` overrides.
     Preset { name: String, overrides: Vec<String> },
+    /// No credential at all: only `public` rules can admit it.
+    Anonymous,
 }
 
 impl fmt::Debug for Caller {
@@ -44,6 +46,7 @@ impl fmt::Debug for Caller {
             Caller::Preset { name, overrides } => {
                 f.debug_struct("Preset").field("name", name).field("overrides", overrides).finish()
             }
+            Caller::Anonymous => f.write_str("Anonymous"),
         }
     }
 }
@@ -163,24 +166,30 @@ pub fn run(args: &ExplainArgs) -> Report {
             }
         }
     };
-    let (settings, identity, verification) = match caller_identity(&config, args) {
-        Ok(x) => x,
-        Err(e) => return bad(e),
+    // `None`: a caller without any credential.
+    let caller = match &args.caller {
+        Caller::Anonymous => None,
+        _ => match caller_identity(&config, args) {
+            Ok(x) => Some(x),
+            Err(e) => return bad(e),
+        },
     };
+    let identity = caller.as_ref().map(|(_, identity, _)| identity);
+    let verification = caller.as_ref().map(|(_, _, v)| v);
     let (route_name, policy, explanation) = match &asked {
         Asked::Http(req) => {
             let route = config.route(&req.host, &req.path, &req.method);
-            let explanation = route.map(|r| r.policy.explain(&identity, &req.facts()));
+            let explanation = route.map(|r| r.policy.explain_caller(identity, &req.facts()));
             (route.map(|r| r.name.to_string()), route.map(|r| r.policy.clone()), explanation)
         }
         Asked::Database { db, database, role } => {
             let facts = RequestFacts::database(database, Some(role));
-            let explanation = db.policy.explain(&identity, &facts);
+            let explanation = db.policy.explain_caller(identity, &facts);
             (Some(db.name.to_string()), Some(db.policy.clone()), Some(explanation))
         }
     };
-    let (allowed, reason) = match (&verification, &explanation) {
-        (Verification::Rejected { reason, .. }, _) => (false, *reason),
+    let (allowed, reason) = match (verification, &explanation) {
+        (Some(Verification::Rejected { reason, .. }), _) => (false, *reason),
         (_, Some(e)) => (e.decision.allowed, e.decision.reason),
         (_, None) => (false, Reason::NoRoute),
     };
@@ -202,11 +211,12 @@ pub fn run(args: &ExplainArgs) -> Report {
             "kind": if matches!(asked, Asked::Database { .. }) { "database" } else { "http" },
             "route": route_name,
             "policy": policy_file,
-            "issuer": settings.id,
-            "verified": verification == Verification::Verified,
-            "verification": verification.to_string(),
+            "issuer": caller.as_ref().map(|(settings, _, _)| &settings.id),
+            "anonymous": caller.is_none(),
+            "verified": verification == Some(&Verification::Verified),
+            "verification": verification.map(ToString::to_string),
             "identity": identity,
-            "claims": identity.claims,
+            "claims": identity.map(|i| &i.claims),
             "decision": { "allowed": allowed, "reason": reason.code() },
             "deciding_rule": explanation.as_ref().and_then(|e| e.decision.rule.clone()),
             "upstream_role": upstream_role,
@@ -218,9 +228,7 @@ pub fn run(args: &ExplainArgs) -> Report {
                 &asked,
                 route_name.as_deref(),
                 policy_file.as_deref(),
-                &settings,
-                &identity,
-                &verification,
+                caller.as_ref(),
                 explanation.as_ref(),
                 (allowed, reason),
             );
@@ -300,13 +308,32 @@ fn text(
     req: &Asked<'_>,
     route: Option<&str>,
     policy: Option<&str>,
-    settings: &IssuerSettings,
-    identity: &Identity,
-    verification: &Verification,
+    caller: Option<&(IssuerSettings, Identity, Verification)>,
     explanation: Option<&Explanation>,
     (allowed, reason): (bool, Reason),
 ) -> String {
     let mut o = String::new();
+    let Some((settings, identity, verification)) = caller else {
+        let _ = writeln!(o, "caller: anonymous (no token, no session)");
+        let _ = writeln!(o, "request: {req}");
+        match (route, explanation) {
+            (Some(r), Some(e)) => {
+                let _ = writeln!(o, "route: `{r}` (policy {})", policy.unwrap_or_default());
+                let _ = write!(o, "{e}");
+                if !e.decision.allowed {
+                    let _ = writeln!(
+                        o,
+                        "(the proxy asks such a caller for a credential: 401 missing-token, or sign-in)"
+                    );
+                }
+            }
+            _ => {
+                let _ = writeln!(o, "route: none takes this request");
+                let _ = writeln!(o, "decision: deny ({reason})");
+            }
+        }
+        return o;
+    };
     let _ = writeln!(
         o,
         "caller: {} (issuer `{}`, {})",
@@ -397,6 +424,7 @@ fn caller_identity(
         })
     };
     match &args.caller {
+        Caller::Anonymous => Err("an anonymous caller has no identity".to_string()),
         Caller::Claims(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("{}: cannot read claims: {e}", path.display()))?;

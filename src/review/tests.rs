@@ -1303,3 +1303,126 @@ fn diff_includes_database_routes() {
     assert_eq!((d.routes[0].route.as_str(), d.routes[0].status), ("orders", "removed"));
     assert!(d.routes[0].rules.iter().any(|c| c.access == Access::Lost), "{:?}", d.routes[0].rules);
 }
+
+/// Opening paths to callers without a credential is a widening of access like any
+/// other, and said so in words; so is turning a rule public, or a public rule's paths
+/// growing; a route's `cors_preflight` is a route setting that changes access.
+#[test]
+fn diff_reports_public_rules_and_cors_preflight_as_access_gained() {
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let api = root.join("policies/api.toml");
+
+    // 1. A public rule added, with an anonymous test: access gained.
+    let public = "[[rule]]\nid = \"health\"\neffect = \"allow\"\npublic = true\nmethods = [\"GET\"]\npaths = [\"/healthz\"]\n";
+    let anon_test = "[[test]]\nname = \"status is not public\"\nidentity = \"anonymous\"\nrequest = \"GET /status\"\nexpect = \"deny\"\n";
+    write(&api, &format!("{API}\n{public}\n{anon_test}"));
+    let c2 = commit(root, "public health");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    assert_eq!(changes(&d), vec![("api".into(), Access::Gained, "added", "health".into())]);
+    let text = diff::render(&d, Format::Text);
+    assert!(text.contains("ANYONE, without any credential (public)"), "{text}");
+    let json = diff::render(&d, Format::Json);
+    assert!(json.contains("\"public\": true"), "{json}");
+
+    // 2. Its paths widened: widened, access gained; the anonymous test flips.
+    let wider = public.replace("[\"/healthz\"]", "[\"/healthz\", \"/status\"]");
+    write(&api, &format!("{API}\n{wider}\n{anon_test}"));
+    let c3 = commit(root, "public status");
+    let d = diff_of(&cfg, Some(&c2), Some(&c3));
+    assert_eq!(changes(&d), vec![("api".into(), Access::Gained, "widened", "health".into())]);
+    let flips = &d.routes[0].flipped_tests;
+    assert_eq!(flips.len(), 1, "{flips:?}");
+    assert_eq!(flips[0].caller, "anonymous (no credential)");
+    assert!(!flips[0].before.allowed && flips[0].after.allowed);
+
+    // 3. A rule that needed a credential made public: widened, access gained.
+    let engineers = "[[rule]]\nid = \"engineers\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"engineering\"]\n";
+    let opened = API.replace(
+        engineers,
+        "[[rule]]\nid = \"engineers\"\neffect = \"allow\"\npublic = true\nmethods = [\"GET\"]\npaths = [\"/**\"]\n",
+    );
+    assert_ne!(opened, API);
+    write(&api, &opened);
+    let c4 = commit(root, "everything public");
+    let d = diff_of(&cfg, Some(&c1), Some(&c4));
+    assert_eq!(changes(&d), vec![("api".into(), Access::Changed, "changed", "engineers".into())]);
+    let restricted = API.replace(engineers, "[[rule]]\nid = \"engineers\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"engineering\"]\nmethods = [\"GET\"]\npaths = [\"/**\"]\n");
+    write(&api, &restricted);
+    let c5 = commit(root, "engineers read only");
+    write(&api, &opened);
+    let c6 = commit(root, "reads public");
+    let d = diff_of(&cfg, Some(&c5), Some(&c6));
+    assert_eq!(changes(&d), vec![("api".into(), Access::Gained, "widened", "engineers".into())]);
+    let d = diff_of(&cfg, Some(&c6), Some(&c5));
+    assert_eq!(changes(&d), vec![("api".into(), Access::Lost, "narrowed", "engineers".into())]);
+
+    // 4. `cors_preflight` on the route: a route setting, reported.
+    write(&cfg, &CONFIG.replace("policy = \"api\"", "policy = \"api\"\ncors_preflight = true"));
+    let c7 = commit(root, "preflights");
+    let d = diff_of(&cfg, Some(&c6), Some(&c7));
+    let settings: Vec<(&str, Option<&str>, Option<&str>)> = d.routes[0]
+        .settings_changed
+        .iter()
+        .map(|c| (c.setting.as_str(), c.before.as_deref(), c.after.as_deref()))
+        .collect();
+    assert_eq!(settings, [("cors_preflight", None, Some("true"))]);
+    let text = diff::render(&d, Format::Text);
+    assert!(text.contains("setting cors_preflight: (not set) -> true"), "{text}");
+}
+
+/// `explain --anonymous` and `policy test` with `identity = "anonymous"`: what a caller
+/// without a credential gets, rule by rule.
+#[test]
+fn explain_and_test_a_caller_without_a_credential() {
+    let policy = format!(
+        "{API}
+[[rule]]
+id = \"health\"
+effect = \"allow\"
+public = true
+methods = [\"GET\"]
+paths = [\"/healthz\"]
+
+[[test]]
+name = \"health is public\"
+identity = \"anonymous\"
+request = \"GET /healthz\"
+expect = \"allow\"
+rule = \"health\"
+
+[[test]]
+name = \"deploys need a credential\"
+identity = \"anonymous\"
+request = \"POST /deploy/1\"
+expect = \"deny\"
+"
+    );
+    let (_dir, cfg) = setup(&policy);
+    let r = test::run(&test_args(&cfg, vec![], Format::Text));
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    assert!(r.stdout.contains("3 passed, 0 failed"), "{}", r.stdout);
+
+    let mut args = explain_args(&cfg, Caller::Anonymous, "GET https://api.example.com/healthz");
+    args.expect = Some(Effect::Allow);
+    let r = explain::run(&args);
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    assert!(r.stdout.contains("caller: anonymous (no token, no session)"), "{}", r.stdout);
+    assert!(r.stdout.contains("decision: allow (public) by rule `health`"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("allow `engineers`: no match at 4:10: issuer = [\"corp\"], got no credential (anonymous)"),
+        "{}",
+        r.stdout
+    );
+
+    let args = explain_args(&cfg, Caller::Anonymous, "DELETE https://api.example.com/deploy/1");
+    let r = explain::run(&ExplainArgs { format: Format::Json, ..args });
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+    assert_eq!(j["anonymous"], true, "{j}");
+    assert_eq!(j["identity"], serde_json::Value::Null, "{j}");
+    // The deny names `bb` and `gh`, but nothing shows an anonymous caller is neither.
+    assert_eq!(j["decision"]["reason"], "denied-by-rule", "{j}");
+}

@@ -7,6 +7,9 @@
 //! - `checklist`: every token validation rule (V1–V27) end to end through the proxy.
 //! - `forwarding`: header hygiene, identity headers and the signed assertion, streaming,
 //!   WebSocket, HTTP/2 both sides, timeouts, upstream failures, size limits.
+//! - `public`: requests let through without a credential: CORS preflights on a
+//!   `cors_preflight` route, and paths a policy's `public = true` rules open; hygiene
+//!   still applies, no identity reaches the upstream, a bad token is still refused.
 //! - `hoarding`: clients that take nothing of what they are sent (HTTP/2 windows kept
 //!   closed, HTTP/1.1 never read, a close never finished) lose their slots in time; slow
 //!   but steady readers are not cut.
@@ -53,6 +56,7 @@ mod pg_auth;
 mod pg_reload;
 mod pg_session;
 mod proxy;
+mod public;
 mod review;
 mod sso;
 mod support;

@@ -1,0 +1,249 @@
+//! Requests let through without a credential: CORS preflights on a route that opts in
+//! (`cors_preflight = true`), and what a policy's `public = true` rules admit. Everything
+//! else about such a request still goes through the proxy's hygiene, and no identity
+//! header or assertion reaches the upstream.
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+
+use crate::support::*;
+
+const PREFLIGHT: &[(&str, &str)] = &[
+    ("origin", "https://app.example.com"),
+    ("access-control-request-method", "POST"),
+    ("access-control-request-headers", "authorization, content-type"),
+];
+
+/// The default policy plus public health and webhook paths, and a deny on part of a
+/// public tree.
+fn public_policy() -> String {
+    format!(
+        r#"{ALLOW_ALL_PRESETS}
+[[rule]]
+id = "health"
+effect = "allow"
+public = true
+methods = ["GET"]
+paths = ["/healthz"]
+
+[[rule]]
+id = "webhooks"
+effect = "allow"
+public = true
+methods = ["POST"]
+paths = ["/webhooks/**"]
+
+[[rule]]
+id = "docs"
+effect = "allow"
+public = true
+methods = ["GET"]
+paths = ["/docs/**"]
+
+[[rule]]
+id = "no-internal-docs-for-bb"
+effect = "deny"
+issuer = "bb"
+paths = ["/docs/internal/**"]
+"#
+    )
+}
+
+async fn public_world() -> World {
+    World::with(Setup { policies: vec![("api".into(), public_policy())], ..Setup::default() }).await
+}
+
+/// No identity header and no assertion reached the upstream, forged ones included.
+fn assert_no_identity(r: &Resp) {
+    let j = r.json();
+    let Some(h) = j["headers"].as_object() else { panic!("not an echo: {}", r.text()) };
+    for name in h.keys() {
+        assert!(
+            !name.starts_with("x-portcullis-") || name == "x-portcullis-request-id",
+            "{name} reached the upstream: {}",
+            r.text()
+        );
+        assert!(!name.starts_with("x_portcullis"), "{name} reached the upstream");
+    }
+}
+
+#[tokio::test]
+async fn a_cors_preflight_is_forwarded_without_a_credential_when_the_route_opts_in() {
+    let w = World::with(Setup { route_extra: "cors_preflight = true".into(), ..Setup::default() })
+        .await;
+    let mut headers = PREFLIGHT.to_vec();
+    headers.extend([
+        ("x-portcullis-subject", "admin"),
+        ("x-portcullis-assertion", "forged"),
+        ("x_portcullis_email", "ceo@example.com"),
+        ("x-forwarded-for", "6.6.6.6"),
+        ("connection", "x-drop-me"),
+        ("x-drop-me", "1"),
+    ]);
+    let r = w.send(Method::OPTIONS, "/api/items", &headers, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["method"], "OPTIONS");
+    assert_eq!(j["path"], "/api/items");
+    assert_no_identity(&r);
+    assert!(j["headers"].get("x-drop-me").is_none(), "hop-by-hop hygiene still applies");
+    assert_eq!(r.upstream_header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.upstream_header("origin").as_deref(), Some("https://app.example.com"));
+    assert_eq!(r.upstream_header("access-control-request-method").as_deref(), Some("POST"));
+    let rid = r.upstream_header("x-portcullis-request-id").unwrap_or_default();
+    let ev = w.event_for(&rid).await;
+    assert_eq!(ev["decision"], "allow", "{ev}");
+    assert_eq!(ev["reason"], "cors-preflight", "{ev}");
+    assert!(ev.get("identity").is_none_or(|i| i.is_null()), "{ev}");
+    assert!(ev.get("rule").is_none_or(|i| i.is_null()), "{ev}");
+    assert_eq!(w.events().iter().filter(|e| e["request_id"] == rid.as_str()).count(), 1);
+
+    // Still the proxy's path checks: an ambiguous path is refused before anything.
+    let r = w.send(Method::OPTIONS, "/api/..%2Fadmin", PREFLIGHT, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+}
+
+#[tokio::test]
+async fn a_cors_preflight_needs_a_credential_on_a_route_that_does_not_opt_in() {
+    let w = World::start().await;
+    let r = w.send(Method::OPTIONS, "/api/items", PREFLIGHT, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert_eq!(r.json()["error"], "missing-token");
+}
+
+#[tokio::test]
+async fn only_a_real_preflight_passes_without_a_credential() {
+    let w = World::with(Setup { route_extra: "cors_preflight = true".into(), ..Setup::default() })
+        .await;
+    // OPTIONS without Access-Control-Request-Method is no preflight.
+    let r = w
+        .send(Method::OPTIONS, "/api", &[("origin", "https://app.example.com")], Bytes::new())
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    // Nor without Origin.
+    let r = w
+        .send(Method::OPTIONS, "/api", &[("access-control-request-method", "POST")], Bytes::new())
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    // Nor another method with the preflight's headers.
+    let r = w.send(Method::DELETE, "/api", PREFLIGHT, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    // A preflight carrying a credential is authenticated as any request: a bad token
+    // is refused, whatever else it looks like.
+    let mut with_token = PREFLIGHT.to_vec();
+    with_token.push(("authorization", "Bearer not-a-token"));
+    let r = w.send(Method::OPTIONS, "/api", &with_token, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert_eq!(r.json()["error"], "invalid-token");
+    // Another scheme in Authorization is no preflight either (a browser sends none).
+    let mut basic = PREFLIGHT.to_vec();
+    basic.push(("authorization", "Basic YTpi"));
+    let r = w.send(Method::OPTIONS, "/api", &basic, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    // A good token on a preflight: authenticated, and the identity goes upstream.
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let mut good = PREFLIGHT.to_vec();
+    good.push(("authorization", auth.as_str()));
+    let r = w.send(Method::OPTIONS, "/api", &good, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.upstream_header("x-portcullis-issuer").as_deref(), Some("bb"));
+    let ev = w.event_for(&r.upstream_header("x-portcullis-request-id").unwrap_or_default()).await;
+    assert_eq!(ev["reason"], "allowed", "{ev}");
+}
+
+#[tokio::test]
+async fn a_public_path_is_served_without_a_credential_and_without_identity_headers() {
+    let w = public_world().await;
+    let r = w
+        .send(
+            Method::GET,
+            "/healthz",
+            &[
+                ("x-portcullis-subject", "admin"),
+                ("X-Portcullis-Groups", "root"),
+                ("x-portcullis-assertion", "forged"),
+                ("x_portcullis_email", "ceo@example.com"),
+                ("x-forwarded-host", "evil.test"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["path"], "/healthz");
+    assert_no_identity(&r);
+    assert_eq!(r.upstream_header("x-forwarded-host").as_deref(), Some("localhost"));
+    let rid = r.upstream_header("x-portcullis-request-id").unwrap_or_default();
+    let ev = w.event_for(&rid).await;
+    assert_eq!(ev["decision"], "allow", "{ev}");
+    assert_eq!(ev["reason"], "public", "{ev}");
+    assert_eq!(ev["rule"]["id"], "health", "{ev}");
+    assert!(ev["rule"]["line"].as_u64().unwrap_or(0) > 0, "{ev}");
+    assert!(ev["rule"]["file"].as_str().unwrap_or("").ends_with("api.toml"), "{ev}");
+    assert!(ev.get("identity").is_none_or(|i| i.is_null()), "{ev}");
+
+    // `GET` covers `HEAD`; a webhook takes its POST.
+    let r = w.send(Method::POST, "/webhooks/github", &[], Bytes::from_static(b"{}")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_no_identity(&r);
+
+    // A browser navigation to a public path is served, not sent to sign in.
+    let r = w.send(Method::GET, "/healthz", &[("accept", "text/html")], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
+
+#[tokio::test]
+async fn only_the_public_paths_and_methods_need_no_credential() {
+    let w = public_world().await;
+    for (method, path) in [
+        (Method::GET, "/deploy"),
+        (Method::GET, "/healthz/x"),
+        (Method::POST, "/healthz"),
+        (Method::DELETE, "/webhooks/github"),
+        (Method::GET, "/webhooks/github"),
+    ] {
+        let r = w.send(method.clone(), path, &[], Bytes::new()).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{method} {path}: {}", r.text());
+        assert_eq!(r.json()["error"], "missing-token");
+    }
+}
+
+#[tokio::test]
+async fn a_credential_on_a_public_path_is_still_verified() {
+    let w = public_world().await;
+    // A bad token is never read as no token.
+    let r = w.get("/healthz", Some("not-a-token")).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert_eq!(r.json()["error"], "invalid-token");
+    let expired = w.token("bb", &["exp:=1000"]);
+    let r = w.get("/healthz", Some(&expired)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    // A good one is authenticated, and its identity goes upstream as on any path; a
+    // caller no other rule admits is admitted by the public one.
+    let outsider = w.token("corp", &["groups:=[\"sales\"]"]);
+    assert_eq!(w.get("/deploy", Some(&outsider)).await.status, StatusCode::FORBIDDEN);
+    let r = w.get("/healthz", Some(&outsider)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.upstream_header("x-portcullis-issuer").as_deref(), Some("corp"));
+    let ev = w.event_for(&r.upstream_header("x-portcullis-request-id").unwrap_or_default()).await;
+    assert_eq!(ev["reason"], "public", "{ev}");
+    assert_eq!(ev["rule"]["id"], "health", "{ev}");
+    assert_eq!(ev["identity"]["issuer"], "corp", "{ev}");
+}
+
+#[tokio::test]
+async fn a_deny_wins_over_a_public_rule() {
+    let w = public_world().await;
+    let r = w.get("/docs/intro", None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // The deny names `bb` callers, but a caller without a credential could be one: it
+    // applies to them too, so the public tree has a hole no one gets through anonymously.
+    let r = w.get("/docs/internal/plan", None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    let r = w.get("/docs/internal/plan", Some(&w.token("bb", &[]))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+    let ev = w.last_event().await;
+    assert_eq!(ev["reason"], "denied-by-rule", "{ev}");
+    // A caller the deny does not name gets the public page with a credential.
+    let r = w.get("/docs/internal/plan", Some(&w.token("gh", &[]))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
