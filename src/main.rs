@@ -164,7 +164,8 @@ struct DemoArgs {
     #[arg(long)]
     insecure_bind_any: bool,
     /// Where the demo keeps its generated config, keys and certificates (`dev token` needs
-    /// the same directory) [default: $PORTCULLIS_DEMO_DIR, else /tmp/portcullis-demo].
+    /// the same directory; one demo at a time uses it) [default: $PORTCULLIS_DEMO_DIR, else
+    /// /tmp/portcullis-demo].
     #[arg(long)]
     state_dir: Option<PathBuf>,
     /// Also serve a PostgreSQL route to this server: postgres://user:password@host:port/db.

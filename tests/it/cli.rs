@@ -369,6 +369,50 @@ async fn demo_flow(cpus: Cpus) {
     drop(demo);
 }
 
+/// A second demo on the same state directory leaves the first alone: it stops before
+/// writing anything (the first hot-reloads that configuration, and `dev token` signs
+/// with those keys for those issuer URLs) and says who holds the directory.
+#[tokio::test]
+async fn a_second_demo_on_the_same_state_dir_refuses_and_the_first_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let port = free_port();
+    let (demo, _) = start_demo(dir.path(), port, Cpus::All);
+    let pid = demo.0.id();
+    let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    let before = (read("portcullis.toml"), read("demo.json"));
+
+    let d = dir.path().to_string_lossy().to_string();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{port}");
+    let (code, out, err) =
+        run(&["demo", "--listen", &listen, "--admin", &admin, "--state-dir", &d]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains(&format!("another demo is using {d} (pid {pid})")),
+        "a clear refusal: {err}"
+    );
+    assert_eq!((read("portcullis.toml"), read("demo.json")), before, "nothing rewritten");
+
+    // Past the watcher's quiet second: the first demo has nothing new to reload.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (code, token, err) = run(&["dev", "token", "--state-dir", &d]);
+    assert_eq!(code, 0, "{err}");
+    let pki =
+        portcullis::tls::DevPki::load_or_create(dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let auth = format!("Bearer {}", token.trim());
+    let url = format!("https://127.0.0.1:{port}/hello");
+    let r = send_with(
+        &client(&pki, false),
+        Method::GET,
+        &url,
+        &[("authorization", auth.as_str())],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    drop(demo);
+}
+
 #[test]
 fn the_demo_refuses_non_loopback_binds_without_the_flag() {
     let (code, _, err) =
