@@ -137,6 +137,83 @@ fn shipped_examples_pass_check() {
     assert!(n >= 3, "quickstart, bitbucket and github examples at least ({n})");
 }
 
+/// Every YAML file under `dir`, hidden directories (`.github`) included.
+fn yaml_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            yaml_files(&p, out);
+        } else if p.extension().is_some_and(|e| e == "yml" || e == "yaml") {
+            out.push(p);
+        }
+    }
+}
+
+/// Walks a YAML document; for each CI command list (GitLab `script`, `before_script`,
+/// `after_script`; Bitbucket `script`, `after-script`) and each GitHub `run`, counts the
+/// commands and records those that are not strings.
+fn ci_commands(y: &yaml_rust2::Yaml, at: &str, n: &mut usize, bad: &mut Vec<String>) {
+    use yaml_rust2::Yaml;
+    match y {
+        Yaml::Hash(h) => {
+            for (k, v) in h {
+                let key = k.as_str().unwrap_or("?");
+                let here = format!("{at}.{key}");
+                match (key, v) {
+                    ("script" | "before_script" | "after_script" | "after-script", v) => {
+                        let items = match v {
+                            Yaml::Array(items) => items.iter().collect(),
+                            one => vec![one],
+                        };
+                        for (i, item) in items.into_iter().enumerate() {
+                            *n += 1;
+                            if item.as_str().is_none() {
+                                bad.push(format!("{here}[{i}] is not a string: {item:?}"));
+                            }
+                        }
+                    }
+                    ("run", v) => {
+                        *n += 1;
+                        if v.as_str().is_none() {
+                            bad.push(format!("{here} is not a string: {v:?}"));
+                        }
+                    }
+                    (_, v) => ci_commands(v, &here, n, bad),
+                }
+            }
+        }
+        Yaml::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                ci_commands(v, &format!("{at}[{i}]"), n, bad);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The shipped CI files are YAML their CI accepts: each parses, and each command is a
+/// string. A plain `- curl -H "Authorization: Bearer …"` item holds `: `, so YAML reads
+/// it as a mapping, which GitLab rejects (`script` must be strings); `- >` folds it.
+#[test]
+fn shipped_ci_files_parse_and_every_command_is_a_string() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    yaml_files(&root.join("examples"), &mut files);
+    yaml_files(&root.join(".ci"), &mut files);
+    assert!(files.len() >= 7, "the shipped CI files and the Kubernetes manifest: {files:?}");
+    let (mut n, mut bad) = (0, Vec::new());
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let docs = yaml_rust2::YamlLoader::load_from_str(&text)
+            .unwrap_or_else(|e| panic!("{}: not YAML: {e}", f.display()));
+        for doc in &docs {
+            ci_commands(doc, &f.display().to_string(), &mut n, &mut bad);
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    assert!(n >= 20, "every pipeline's commands were seen ({n})");
+}
+
 /// The audiences a Bitbucket Pipelines file's steps ask for in `oidc: audiences:` (the
 /// YAML subset the examples use; a commented-out block asks for nothing).
 fn bitbucket_step_audiences(yaml: &str) -> Vec<String> {
