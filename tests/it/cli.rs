@@ -214,6 +214,67 @@ fn shipped_ci_files_parse_and_every_command_is_a_string() {
     assert!(n >= 20, "every pipeline's commands were seen ({n})");
 }
 
+/// The commands a policy-review pipeline runs when the one containing `failing` fails,
+/// as its CI runs them, and whether the job fails. Bitbucket: the step's `script` up to
+/// the failing command, then its whole `after-script`. GitHub Actions: the steps up to
+/// the failing one, then only those with `if: always()` or `failure()`.
+fn pipeline_run(file: &Path, failing: &str) -> (Vec<String>, bool) {
+    use yaml_rust2::{Yaml, YamlLoader};
+    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let docs =
+        YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let doc = &docs[0];
+    let strings = |y: &Yaml| -> Vec<String> {
+        y.as_vec().into_iter().flatten().filter_map(|c| c.as_str().map(String::from)).collect()
+    };
+    let (mut ran, mut failed) = (Vec::new(), false);
+    if doc["pipelines"].is_badvalue() {
+        for step in doc["jobs"]["review"]["steps"].as_vec().into_iter().flatten() {
+            let cmd = step["run"].as_str().or(step["uses"].as_str()).unwrap_or("").to_string();
+            let cond = step["if"].as_str().unwrap_or("");
+            if failed && !(cond.contains("always()") || cond.contains("failure()")) {
+                continue;
+            }
+            failed |= cmd.contains(failing);
+            ran.push(cmd);
+        }
+    } else {
+        let step = &doc["pipelines"]["pull-requests"]["**"][0]["step"];
+        for cmd in strings(&step["script"]) {
+            failed = cmd.contains(failing);
+            ran.push(cmd);
+            if failed {
+                break;
+            }
+        }
+        ran.extend(strings(&step["after-script"]));
+    }
+    (ran, failed)
+}
+
+/// A failing `check` or `policy test` is when the reviewer needs the access diff most:
+/// both policy-review pipelines still compute it and post it then, and still fail.
+#[test]
+fn policy_review_pipelines_post_the_diff_when_check_or_tests_fail() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/policy-review");
+    for (file, post) in [
+        ("bitbucket-pipelines.yml", "/pullrequests/$BITBUCKET_PR_ID/comments"),
+        (".github/workflows/policy-review.yml", "sticky-pull-request-comment"),
+    ] {
+        for failing in ["portcullis check", "portcullis policy test", "no command fails"] {
+            let (ran, failed) = pipeline_run(&dir.join(file), failing);
+            let all = ran.join("\n");
+            assert_eq!(failed, failing != "no command fails", "{file}, {failing}: {all}");
+            let diff = ran.iter().position(|c| c.contains("portcullis policy diff"));
+            let posted = ran.iter().position(|c| c.contains(post));
+            assert!(
+                matches!((diff, posted), (Some(d), Some(p)) if d < p),
+                "{file}: with {failing:?} failing, the diff is not posted:\n{all}"
+            );
+        }
+    }
+}
+
 /// The audiences a Bitbucket Pipelines file's steps ask for in `oidc: audiences:` (the
 /// YAML subset the examples use; a commented-out block asks for nothing).
 fn bitbucket_step_audiences(yaml: &str) -> Vec<String> {
