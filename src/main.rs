@@ -42,6 +42,12 @@ enum Command {
     Check {
         #[arg(short, long, default_value = "portcullis.toml")]
         config: PathBuf,
+        /// Check the configuration and its policies only, as the `policy` commands do:
+        /// do not look for the files `serve` reads (TLS certificates and keys, CA files)
+        /// nor read upstream passwords (`password_file`, `password_env`). For policy CI,
+        /// which has neither.
+        #[arg(long)]
+        policy_only: bool,
         #[arg(long, value_parser = ["text", "json"], default_value = "text")]
         format: String,
     },
@@ -162,7 +168,8 @@ struct DemoArgs {
     #[arg(long)]
     insecure_bind_any: bool,
     /// Where the demo keeps its generated config, keys and certificates (`dev token` needs
-    /// the same directory) [default: $PORTCULLIS_DEMO_DIR, else /tmp/portcullis-demo].
+    /// the same directory; one demo at a time uses it) [default: $PORTCULLIS_DEMO_DIR, else
+    /// /tmp/portcullis-demo].
     #[arg(long)]
     state_dir: Option<PathBuf>,
     /// Also serve a PostgreSQL route to this server: postgres://user:password@host:port/db.
@@ -231,7 +238,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     match cli.command {
-        Command::Check { config, format } => check(&config, &format),
+        Command::Check { config, policy_only, format } => {
+            let mode = if policy_only {
+                portcullis::config::LoadMode::PolicyOnly
+            } else {
+                portcullis::config::LoadMode::Serve
+            };
+            check(&config, mode, &format)
+        }
         Command::Serve { config } => {
             let cfg = match portcullis::server::load_or_report(&config) {
                 Ok(c) => c,
@@ -312,8 +326,8 @@ where
 /// `check`: every problem at once, then the policies' inline `[[test]]` cases.
 /// Exit 2 on configuration or policy errors, 1 when a test case fails, else 0
 /// (warnings alone do not fail).
-fn check(path: &std::path::Path, format: &str) -> ExitCode {
-    let (errors, warnings, failures) = match portcullis::config::Config::load(path) {
+fn check(path: &std::path::Path, mode: portcullis::config::LoadMode, format: &str) -> ExitCode {
+    let (errors, warnings, failures) = match portcullis::config::Config::load_with(path, mode) {
         Ok(c) => {
             let failures = c.failing_policy_tests();
             (Vec::new(), c.warnings, failures)

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::{raw, Compiler};
+use super::{raw, Compiler, LoadMode};
 use crate::diag::Diagnostic;
 use crate::policy::{Catalog, Policy};
 
@@ -144,8 +144,12 @@ impl Compiler<'_> {
         let password =
             self.database_secret(&d.name, d.password_env.as_ref(), d.password_file.as_ref());
         let mut upstream_roles = BTreeMap::new();
+        // Declared, whether or not its password could be read: a role whose secret is
+        // missing is reported once, at its password, not again at each rule granting it.
+        let mut declared_roles = std::collections::BTreeSet::new();
         if let Some(roles) = &d.upstream_roles {
             for (role, r) in roles.get_ref() {
+                declared_roles.insert(role.as_str());
                 if role.is_empty() || role.contains('\0') {
                     self.err(roles.span(), format!("`{role}` is not a role name"));
                 }
@@ -163,7 +167,7 @@ impl Compiler<'_> {
         if let Some(p) = &policy {
             for rule in p.rules() {
                 if let Some(role) = rule.upstream_role() {
-                    if role != user && !upstream_roles.contains_key(role) {
+                    if role != user && !declared_roles.contains(role) {
                         self.err(
                             d.policy.span(),
                             format!(
@@ -255,7 +259,9 @@ impl Compiler<'_> {
     }
 
     /// Exactly one of `password_env` / `password_file`, read now (so a missing secret fails
-    /// the load, not the first session). Diagnostics never contain the value.
+    /// the load, not the first session) unless the load is [`LoadMode::PolicyOnly`],
+    /// which reads neither and leaves the password empty. Diagnostics never contain the
+    /// value.
     fn database_secret(
         &mut self,
         at: &Spanned<String>,
@@ -274,6 +280,11 @@ impl Compiler<'_> {
                 );
                 return None;
             }
+            (_, Some(f)) if self.mode == LoadMode::PolicyOnly => {
+                self.named_files.push(self.path(f.get_ref()));
+                return Some(Secret::new(""));
+            }
+            (Some(_), None) if self.mode == LoadMode::PolicyOnly => return Some(Secret::new("")),
             (Some(e), None) => match std::env::var(e.get_ref()) {
                 Ok(v) => v,
                 Err(_) => {

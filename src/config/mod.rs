@@ -51,6 +51,25 @@ pub struct Config {
     pub session: Option<SessionSettings>,
     /// Issuers the proxy can sign browsers in with (`[issuers.NAME] login = {...}`).
     pub logins: Vec<LoginSettings>,
+    /// What the load read besides the configuration and its policies; a server starts
+    /// only from a [`LoadMode::Serve`] load.
+    pub mode: LoadMode,
+}
+
+/// What a load reads besides the configuration text and the policies it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadMode {
+    /// Everything `serve` needs: the certificate, key and CA files it names must exist
+    /// and the upstream passwords (`password_env`, `password_file`) are read, so a
+    /// broken deployment fails `check`, not the first connection.
+    #[default]
+    Serve,
+    /// The configuration and its policies only (`policy` subcommands, `check
+    /// --policy-only`): files and environment variables the server reads at serve time
+    /// are named but never opened, so policy CI needs neither certificates nor secrets.
+    /// Every other problem is still reported. Upstream passwords are left empty: such a
+    /// configuration cannot serve ([`crate::server::Server::start`] refuses it).
+    PolicyOnly,
 }
 
 /// One load of a configuration ([`Config::attempt`]): its result, and every file it
@@ -487,16 +506,25 @@ const TOP_LEVEL: &[&str] =
     &["listen", "tls", "server", "assertion", "audit", "session", "issuers", "routes", "databases"];
 
 impl Config {
-    /// Loads and compiles a configuration and every policy it names.
+    /// Loads and compiles a configuration and every policy it names, as `serve` does.
     pub fn load(path: &Path) -> Result<Config, LoadError> {
         Self::attempt(path).result
+    }
+
+    /// [`Config::load`] reading only what `mode` reads.
+    pub fn load_with(path: &Path, mode: LoadMode) -> Result<Config, LoadError> {
+        Self::attempt_with(path, mode).result
     }
 
     /// [`Config::load`], and the files the load read or tried to read, also when it
     /// failed: a refused version still names the files a fix may be written to.
     pub fn attempt(path: &Path) -> Attempt {
+        Self::attempt_with(path, LoadMode::Serve)
+    }
+
+    fn attempt_with(path: &Path, mode: LoadMode) -> Attempt {
         match Source::read(path) {
-            Ok(source) => Self::compile_attempt(&source),
+            Ok(source) => Self::compile_attempt(&source, mode),
             Err(d) => Attempt { result: Err(LoadError(vec![d])), files: vec![path.to_path_buf()] },
         }
     }
@@ -520,16 +548,17 @@ impl Config {
     /// Compiles configuration text. Policies and certificates are read relative to the
     /// configuration file's directory.
     pub fn compile(source: &Source) -> Result<Config, LoadError> {
-        Self::compile_attempt(source).result
+        Self::compile_attempt(source, LoadMode::Serve).result
     }
 
-    fn compile_attempt(source: &Source) -> Attempt {
+    fn compile_attempt(source: &Source, mode: LoadMode) -> Attempt {
         let mut diags = Diagnostics::default();
         let mut compiler = Compiler {
             source,
             diags: &mut diags,
             base: base_dir(&source.path),
             named_files: Vec::new(),
+            mode,
         };
         let cfg = compiler.run();
         let named = std::mem::take(&mut compiler.named_files);
@@ -625,6 +654,7 @@ struct Compiler<'a> {
     /// CAs, secret files): they go into [`Config::files`], so the watcher reloads when
     /// one changes.
     named_files: Vec<PathBuf>,
+    mode: LoadMode,
 }
 
 impl Compiler<'_> {
@@ -923,6 +953,7 @@ impl Compiler<'_> {
             warnings,
             session,
             logins,
+            mode: self.mode,
         })
     }
 
@@ -977,10 +1008,11 @@ impl Compiler<'_> {
         out
     }
 
-    /// A file the server reads (certificate, key, CA); it is watched.
+    /// A file the server reads (certificate, key, CA); it is watched. It must exist
+    /// unless the load is [`LoadMode::PolicyOnly`].
     fn existing_file(&mut self, s: &Spanned<String>) -> PathBuf {
         let p = self.path(s.get_ref());
-        if !p.is_file() {
+        if self.mode == LoadMode::Serve && !p.is_file() {
             self.err(s.span(), format!("file {} does not exist", file_shown(&p)));
         }
         self.named_files.push(p.clone());

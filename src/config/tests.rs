@@ -767,3 +767,72 @@ fn database_startup_parameters_are_setting_names_and_never_the_role_or_options()
     at("22:28 ", "`session_authorization` can never be forwarded");
     assert!(!errs.iter().any(|e| e.contains("search_path`") || e.contains("tenant")), "{errs:?}");
 }
+
+/// Policy CI has neither the certificates nor the secrets `serve` reads: a
+/// [`LoadMode::PolicyOnly`] load opens none of them and still reports everything else.
+#[test]
+fn a_policy_only_load_reads_no_server_file_or_secret_and_reports_everything_else() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    compile(d, BASE).unwrap_or_else(|e| panic!("{e:?}"));
+    std::fs::write(
+        d.join("policies/db.toml"),
+        "[[rule]]\nid = \"migrate\"\neffect = \"allow\"\nissuer = \"corp\"\n\
+         groups_any = [\"sre\"]\nupstream_role = \"migrator\"\n",
+    )
+    .ok();
+    let text = |extra: &str| {
+        format!(
+            "{BASE}\n[tls]\ncert = \"missing/cert.pem\"\nkey = \"missing/key.pem\"\n\n\
+             [[databases]]\nname = \"orders\"\nlisten = \"127.0.0.1:0\"\n\
+             upstream = \"postgres://db.example.com:5432\"\nupstream_tls = \"verify-full\"\n\
+             upstream_ca = \"missing/ca.pem\"\nupstream_user = \"readonly\"\n\
+             password_file = \"missing/readonly.password\"\npolicy = \"db\"\n{extra}\n\n\
+             [databases.upstream_roles.migrator]\npassword_env = \"PORTCULLIS_TEST_NEVER_SET\"\n"
+        )
+    };
+    let load = |text: String, mode: LoadMode| {
+        let src = Source::new(d.join("portcullis.toml"), text);
+        Config::compile_attempt(&src, mode).result.map_err(|e| {
+            e.0.iter().map(|x| format!("{}:{} {}", x.line, x.col, x.message)).collect()
+        })
+    };
+
+    // `serve` (and plain `check`) reads them all, and says so once for each.
+    let errs: Vec<String> = load(text(""), LoadMode::Serve).err().unwrap_or_default();
+    let all = errs.join("\n");
+    assert_eq!(errs.len(), 5, "{all}");
+    for want in [
+        "15:8 file `",
+        "missing/cert.pem` does not exist",
+        "16:7 file `",
+        "missing/key.pem` does not exist",
+        "23:15 file `",
+        "missing/ca.pem` does not exist",
+        "25:17 cannot read `",
+        "missing/readonly.password`",
+        "30:16 environment variable `PORTCULLIS_TEST_NEVER_SET` is not set",
+    ] {
+        assert!(all.contains(want), "{want}: {all}");
+    }
+    assert!(!all.contains("no credentials"), "the role is declared: {all}");
+
+    let c = load(text(""), LoadMode::PolicyOnly).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(c.mode, LoadMode::PolicyOnly);
+    assert_eq!(c.databases[0].password.expose(), "");
+    assert!(c.files.contains(&d.join("missing/readonly.password")), "still named: {:?}", c.files);
+
+    // Everything else is still checked, at its position.
+    let errs =
+        load(text("connect_timeout = \"soon\""), LoadMode::PolicyOnly).err().unwrap_or_default();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].ends_with("`soon` is not a duration (e.g. \"30s\")"), "{errs:?}");
+    assert!(errs[0].starts_with("27:19 "), "{errs:?}");
+    let undeclared = text("").replace("[databases.upstream_roles.migrator]", "[unused]");
+    let undeclared = undeclared.replace("[unused]\npassword_env", "#");
+    let errs = load(undeclared, LoadMode::PolicyOnly).err().unwrap_or_default();
+    assert!(
+        errs.iter().any(|e| e.contains("grants upstream_role `migrator`, but database route `orders` has no credentials for it")),
+        "{errs:?}"
+    );
+}

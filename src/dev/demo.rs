@@ -123,6 +123,54 @@ pub fn check_bind(addrs: &[SocketAddr], insecure_bind_any: bool) -> Result<(), S
     Ok(())
 }
 
+/// An exclusive lock on a demo's state directory, held for the life of the demo: a
+/// second demo on the same directory would rewrite the configuration the first one
+/// watches (pointing it at its own issuer and upstream, dead once it fails to bind) and
+/// the keys `dev token` signs with. `flock`, so a demo killed with -9 leaves no stale lock.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+impl StateLock {
+    pub const FILE: &'static str = "demo.lock";
+
+    /// Takes the lock on `dir` (it must exist) or says which process holds it.
+    pub fn take(dir: &Path) -> Result<StateLock, String> {
+        use std::io::{Read as _, Seek as _};
+        let path = dir.join(Self::FILE);
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+                let mut pid = String::new();
+                let _ = f.read_to_string(&mut pid);
+                let pid = pid.trim();
+                let who = if !pid.is_empty() && pid.chars().all(|c| c.is_ascii_digit()) {
+                    format!(" (pid {pid})")
+                } else {
+                    String::new()
+                };
+                return Err(format!(
+                    "another demo is using {}{who}; stop it, or give this one another --state-dir",
+                    dir.display()
+                ));
+            }
+            Err(e) => return Err(format!("{}: cannot lock: {e}", path.display())),
+        }
+        f.set_len(0).map_err(|e| format!("{}: {e}", path.display()))?;
+        f.rewind().map_err(|e| format!("{}: {e}", path.display()))?;
+        writeln!(f, "{}", std::process::id()).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(StateLock { _file: f })
+    }
+}
+
 /// Files the demo generates for browser sign-in (mode 0600).
 const SESSION_KEYS_FILE: &str = "session-keys";
 const CLIENT_SECRET_FILE: &str = "client-secret";
@@ -242,6 +290,9 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     check_bind(&binds, opts.insecure_bind_any)?;
     let dir = &opts.state_dir;
     std::fs::create_dir_all(dir.join("policies")).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // Before anything in the directory is written: a running demo hot-reloads its
+    // configuration from here, and `dev token` reads its keys and issuer URLs.
+    let _lock = StateLock::take(dir)?;
 
     let mut names = vec![];
     if !opts.listen.ip().is_unspecified() {
@@ -419,6 +470,23 @@ mod tests {
                 && cfg.contains("upstream = \"postgres://127.0.0.1:5433\"")
         );
         assert!(!cfg.contains("p@ss"), "the password goes to a file, not the config");
+    }
+
+    #[test]
+    fn a_state_dir_is_locked_by_one_demo_at_a_time() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let first = StateLock::take(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let second = StateLock::take(dir.path()).err().unwrap_or_default();
+        assert_eq!(
+            second,
+            format!(
+                "another demo is using {} (pid {}); stop it, or give this one another --state-dir",
+                dir.path().display(),
+                std::process::id()
+            )
+        );
+        drop(first);
+        assert!(StateLock::take(dir.path()).is_ok(), "released with its holder");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use http::Method;
 use serde_json::{json, Map, Value};
 
 use super::{Format, Report, EXIT_FAILED, EXIT_OK};
-use crate::config::{Config, DatabaseSettings};
+use crate::config::{Config, DatabaseSettings, LoadMode};
 use crate::identity::{unverified_identity, Identity, IssuerSettings, Preset, Verifier};
 use crate::policy::{Effect, Explanation, RequestFacts};
 use crate::reason::Reason;
@@ -147,7 +147,7 @@ impl fmt::Display for RequestLine {
 
 pub fn run(args: &ExplainArgs) -> Report {
     let bad = |p: String| Report::bad_input(args.format, &[p]);
-    let config = match Config::load(&args.config) {
+    let config = match Config::load_with(&args.config, LoadMode::PolicyOnly) {
         Ok(c) => c,
         Err(e) => {
             let p: Vec<String> = e.0.iter().map(ToString::to_string).collect();

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::snapshot::{Snapshot, Tree};
 use super::{Format, Report, EXIT_FAILED, EXIT_OK};
-use crate::config::Config;
+use crate::config::{Config, LoadMode};
 use crate::policy::{run_cases, TestOutcome};
 
 #[derive(Debug, Clone)]
@@ -22,7 +22,7 @@ pub struct TestArgs {
 }
 
 pub fn run(args: &TestArgs) -> Report {
-    let config = match Config::load(&args.config) {
+    let config = match Config::load_with(&args.config, LoadMode::PolicyOnly) {
         Ok(c) => c,
         Err(e) => {
             let p: Vec<String> = e.0.iter().map(ToString::to_string).collect();

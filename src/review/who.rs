@@ -11,7 +11,7 @@ use serde_json::json;
 use super::explain::RequestLine;
 use super::snapshot::{RouteView, Snapshot};
 use super::{Format, Report, EXIT_OK};
-use crate::config::Config;
+use crate::config::{Config, LoadMode};
 use crate::policy::{Effect, Policy, RuleSummary};
 
 #[derive(Debug, Clone)]
@@ -34,7 +34,7 @@ pub struct RouteAccess {
 }
 
 pub fn run(args: &WhoArgs) -> Report {
-    let config = match Config::load(&args.config) {
+    let config = match Config::load_with(&args.config, LoadMode::PolicyOnly) {
         Ok(c) => c,
         Err(e) => {
             let p: Vec<String> = e.0.iter().map(ToString::to_string).collect();

@@ -254,6 +254,10 @@ impl Server {
     /// Binds every listener and starts serving. A configuration whose policy tests fail
     /// is refused ([`Config::failing_policy_tests`]).
     pub async fn start(config: Config, opts: Options) -> Result<Server, String> {
+        if config.mode != crate::config::LoadMode::Serve {
+            // Its certificates were not looked for and its upstream passwords not read.
+            return Err("this configuration was loaded for policy review only; not serving".into());
+        }
         let failures = config.failing_policy_tests();
         if !failures.is_empty() {
             let report: Vec<String> = failures.iter().map(|o| o.failure_report()).collect();

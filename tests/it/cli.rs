@@ -137,6 +137,144 @@ fn shipped_examples_pass_check() {
     assert!(n >= 3, "quickstart, bitbucket and github examples at least ({n})");
 }
 
+/// Every YAML file under `dir`, hidden directories (`.github`) included.
+fn yaml_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            yaml_files(&p, out);
+        } else if p.extension().is_some_and(|e| e == "yml" || e == "yaml") {
+            out.push(p);
+        }
+    }
+}
+
+/// Walks a YAML document; for each CI command list (GitLab `script`, `before_script`,
+/// `after_script`; Bitbucket `script`, `after-script`) and each GitHub `run`, counts the
+/// commands and records those that are not strings.
+fn ci_commands(y: &yaml_rust2::Yaml, at: &str, n: &mut usize, bad: &mut Vec<String>) {
+    use yaml_rust2::Yaml;
+    match y {
+        Yaml::Hash(h) => {
+            for (k, v) in h {
+                let key = k.as_str().unwrap_or("?");
+                let here = format!("{at}.{key}");
+                match (key, v) {
+                    ("script" | "before_script" | "after_script" | "after-script", v) => {
+                        let items = match v {
+                            Yaml::Array(items) => items.iter().collect(),
+                            one => vec![one],
+                        };
+                        for (i, item) in items.into_iter().enumerate() {
+                            *n += 1;
+                            if item.as_str().is_none() {
+                                bad.push(format!("{here}[{i}] is not a string: {item:?}"));
+                            }
+                        }
+                    }
+                    ("run", v) => {
+                        *n += 1;
+                        if v.as_str().is_none() {
+                            bad.push(format!("{here} is not a string: {v:?}"));
+                        }
+                    }
+                    (_, v) => ci_commands(v, &here, n, bad),
+                }
+            }
+        }
+        Yaml::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                ci_commands(v, &format!("{at}[{i}]"), n, bad);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The shipped CI files are YAML their CI accepts: each parses, and each command is a
+/// string. A plain `- curl -H "Authorization: Bearer …"` item holds `: `, so YAML reads
+/// it as a mapping, which GitLab rejects (`script` must be strings); `- >` folds it.
+#[test]
+fn shipped_ci_files_parse_and_every_command_is_a_string() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    yaml_files(&root.join("examples"), &mut files);
+    yaml_files(&root.join(".ci"), &mut files);
+    assert!(files.len() >= 7, "the shipped CI files and the Kubernetes manifest: {files:?}");
+    let (mut n, mut bad) = (0, Vec::new());
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let docs = yaml_rust2::YamlLoader::load_from_str(&text)
+            .unwrap_or_else(|e| panic!("{}: not YAML: {e}", f.display()));
+        for doc in &docs {
+            ci_commands(doc, &f.display().to_string(), &mut n, &mut bad);
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    assert!(n >= 20, "every pipeline's commands were seen ({n})");
+}
+
+/// The commands a policy-review pipeline runs when the one containing `failing` fails,
+/// as its CI runs them, and whether the job fails. Bitbucket: the step's `script` up to
+/// the failing command, then its whole `after-script`. GitHub Actions: the steps up to
+/// the failing one, then only those with `if: always()` or `failure()`.
+fn pipeline_run(file: &Path, failing: &str) -> (Vec<String>, bool) {
+    use yaml_rust2::{Yaml, YamlLoader};
+    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let docs =
+        YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let doc = &docs[0];
+    let strings = |y: &Yaml| -> Vec<String> {
+        y.as_vec().into_iter().flatten().filter_map(|c| c.as_str().map(String::from)).collect()
+    };
+    let (mut ran, mut failed) = (Vec::new(), false);
+    if doc["pipelines"].is_badvalue() {
+        for step in doc["jobs"]["review"]["steps"].as_vec().into_iter().flatten() {
+            let cmd = step["run"].as_str().or(step["uses"].as_str()).unwrap_or("").to_string();
+            let cond = step["if"].as_str().unwrap_or("");
+            if failed && !(cond.contains("always()") || cond.contains("failure()")) {
+                continue;
+            }
+            failed |= cmd.contains(failing);
+            ran.push(cmd);
+        }
+    } else {
+        let step = &doc["pipelines"]["pull-requests"]["**"][0]["step"];
+        for cmd in strings(&step["script"]) {
+            failed = cmd.contains(failing);
+            ran.push(cmd);
+            if failed {
+                break;
+            }
+        }
+        ran.extend(strings(&step["after-script"]));
+    }
+    (ran, failed)
+}
+
+/// A failing `check` or `policy test` is when the reviewer needs the access diff most:
+/// both policy-review pipelines still compute it and post it then, and still fail.
+#[test]
+fn policy_review_pipelines_post_the_diff_when_check_or_tests_fail() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/policy-review");
+    for (file, post) in [
+        ("bitbucket-pipelines.yml", "/pullrequests/$BITBUCKET_PR_ID/comments"),
+        (".github/workflows/policy-review.yml", "sticky-pull-request-comment"),
+    ] {
+        for failing in ["portcullis check", "portcullis policy test", "no command fails"] {
+            let (ran, failed) = pipeline_run(&dir.join(file), failing);
+            let all = ran.join("\n");
+            assert_eq!(failed, failing != "no command fails", "{file}, {failing}: {all}");
+            let diff = ran.iter().position(|c| c.contains("portcullis policy diff"));
+            let posted = ran.iter().position(|c| c.contains(post));
+            assert!(
+                matches!((diff, posted), (Some(d), Some(p)) if d < p),
+                "{file}: with {failing:?} failing, the diff is not posted:\n{all}"
+            );
+        }
+    }
+}
+
 /// The audiences a Bitbucket Pipelines file's steps ask for in `oidc: audiences:` (the
 /// YAML subset the examples use; a commented-out block asks for nothing).
 fn bitbucket_step_audiences(yaml: &str) -> Vec<String> {
@@ -366,6 +504,50 @@ async fn demo_flow(cpus: Cpus) {
         let r = get(Some(token(&["--preset", preset]))).await;
         assert_eq!(r.status, StatusCode::OK, "{preset}: {}", r.text());
     }
+    drop(demo);
+}
+
+/// A second demo on the same state directory leaves the first alone: it stops before
+/// writing anything (the first hot-reloads that configuration, and `dev token` signs
+/// with those keys for those issuer URLs) and says who holds the directory.
+#[tokio::test]
+async fn a_second_demo_on_the_same_state_dir_refuses_and_the_first_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let port = free_port();
+    let (demo, _) = start_demo(dir.path(), port, Cpus::All);
+    let pid = demo.0.id();
+    let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    let before = (read("portcullis.toml"), read("demo.json"));
+
+    let d = dir.path().to_string_lossy().to_string();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{port}");
+    let (code, out, err) =
+        run(&["demo", "--listen", &listen, "--admin", &admin, "--state-dir", &d]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains(&format!("another demo is using {d} (pid {pid})")),
+        "a clear refusal: {err}"
+    );
+    assert_eq!((read("portcullis.toml"), read("demo.json")), before, "nothing rewritten");
+
+    // Past the watcher's quiet second: the first demo has nothing new to reload.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (code, token, err) = run(&["dev", "token", "--state-dir", &d]);
+    assert_eq!(code, 0, "{err}");
+    let pki =
+        portcullis::tls::DevPki::load_or_create(dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let auth = format!("Bearer {}", token.trim());
+    let url = format!("https://127.0.0.1:{port}/hello");
+    let r = send_with(
+        &client(&pki, false),
+        Method::GET,
+        &url,
+        &[("authorization", auth.as_str())],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     drop(demo);
 }
 

@@ -20,7 +20,8 @@
 //!   get their answer without a stream reset (the raw `h2` client and the system `curl`);
 //!   what is left of the body is discarded only up to 1 MiB and 3 s.
 //! - `lifecycle`: reload (good, bad, via file watcher), graceful drain, readiness, metrics.
-//! - `cli`: the real binary: `check` diagnostics, and the README's demo flow.
+//! - `cli`: the real binary: `check` diagnostics, the shipped examples (configs, and CI
+//!   files parsed as YAML), and the README's demo flow.
 //! - `review`: shadow policies through the proxy, policy revisions in audit events,
 //!   and `portcullis policy test/explain/who/diff` as a pipeline runs them.
 //! - `browser`: headless Chromium signs in at npm `oidc-provider` through the proxy.

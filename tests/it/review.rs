@@ -502,3 +502,111 @@ async fn policy_commands_cover_the_postgres_example() {
     let (code, out, _) = run(args(&["policy", "test", "-c", &copy])).await;
     assert_eq!(code, 1, "{out}");
 }
+
+/// Policy CI runs where neither the certificates nor the upstream passwords exist: the
+/// shipped policy-review and postgres examples, copied without `../../certs` and
+/// `secrets/` (and with a password variable that is not set), pass every `policy`
+/// command and `check --policy-only`; plain `check` still refuses the broken deploy.
+#[tokio::test]
+async fn policy_ci_needs_no_certificates_or_secrets() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // Two levels down, so `../../certs` does not reach any certificates.
+    let root = tmp.path().join("a/b");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let files = [
+        "policy-review/portcullis.toml",
+        "policy-review/policies/deploy-api.toml",
+        "policy-review/policies/admin-console.toml",
+        "policy-review/security-tests/deploy-api.toml",
+        "postgres/portcullis.toml",
+        "postgres/policies/orders-db.toml",
+    ];
+    for f in files {
+        let text = std::fs::read_to_string(repo.join("examples").join(f))
+            .unwrap_or_else(|e| panic!("{f}: {e}"));
+        let text = text.replace(
+            "password_file = \"secrets/migrator.password\"",
+            "password_env = \"PORTCULLIS_TEST_NEVER_SET\"",
+        );
+        std::fs::create_dir_all(root.join(f).parent().unwrap_or(&root)).ok();
+        write(&root.join(f), &text);
+    }
+    git(&root, &["init", "-q"]);
+    git(&root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    git(&root, &["add", "-A"]);
+    git(&root, &["commit", "-q", "-m", "base"]);
+
+    let review = root.join("policy-review/portcullis.toml").to_string_lossy().to_string();
+    let tests = root.join("policy-review/security-tests").to_string_lossy().to_string();
+    let pg = root.join("postgres/portcullis.toml").to_string_lossy().to_string();
+    let ok = |(code, out, err): (i32, String, String), what: &str| {
+        assert_eq!(code, 0, "{what}: {out}{err}");
+        assert!(!err.contains("does not exist") && !err.contains("cannot read"), "{what}: {err}");
+    };
+    ok(run(args(&["policy", "test", "-c", &review, "--tests", &tests])).await, "test");
+    ok(run(args(&["policy", "test", "-c", &pg])).await, "test pg");
+    ok(run(args(&["check", "--policy-only", "-c", &review])).await, "check --policy-only");
+    ok(run(args(&["check", "--policy-only", "-c", &pg])).await, "check --policy-only pg");
+    ok(run(args(&["policy", "who", "-c", &review, "--route", "deploy-api"])).await, "who");
+    ok(run(args(&["policy", "who", "-c", &pg, "--route", "orders"])).await, "who pg");
+    let explain = args(&[
+        "policy",
+        "explain",
+        "-c",
+        &pg,
+        "--preset",
+        "human",
+        "--claim",
+        "groups:=[\"engineering\"]",
+        "--database",
+        "orders",
+        "--role",
+        "readonly",
+        "--expect",
+        "allow",
+    ]);
+    ok(run(explain).await, "explain pg");
+    let diff = args(&["policy", "diff", "main", "-c", &review, "--tests", &tests]);
+    ok(run(diff).await, "diff");
+    ok(run(args(&["policy", "diff", "main", "-c", &pg])).await, "diff pg");
+
+    // Plain `check` is still the deploy gate: each missing file or secret, once.
+    let (code, _, err) = run(args(&["check", "-c", &pg])).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("portcullis.toml:11:8: file `"), "{err}");
+    assert!(err.contains("certs/dev/server.pem` does not exist"), "{err}");
+    assert!(err.contains("cannot read `"), "{err}");
+    assert!(err.contains("secrets/readonly.password`"), "{err}");
+    assert!(err.contains("`PORTCULLIS_TEST_NEVER_SET` is not set"), "{err}");
+    assert!(!err.contains("no credentials for it"), "migrator is declared: {err}");
+    let (code, _, err) = run(args(&["check", "-c", &review])).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("portcullis.toml:16:8: file `"), "{err}");
+}
+
+/// A configuration loaded for policy review has no certificates checked and no upstream
+/// passwords read (they would be empty): it never serves.
+#[tokio::test]
+async fn a_policy_only_load_cannot_serve() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart/portcullis.toml");
+    let text = std::fs::read_to_string(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir_all(tmp.path().join("policies")).ok();
+    for f in std::fs::read_dir(dir.with_file_name("policies")).into_iter().flatten().flatten() {
+        std::fs::copy(f.path(), tmp.path().join("policies").join(f.file_name())).ok();
+    }
+    let cfg = tmp.path().join("portcullis.toml");
+    // Real certificates: without the refusal, this would serve.
+    let certs = format!("{}/certs/", env!("CARGO_MANIFEST_DIR"));
+    write(&cfg, &text.replace("../../certs/", &certs));
+    let mode = portcullis::config::LoadMode::PolicyOnly;
+    let mut c = portcullis::config::Config::load_with(&cfg, mode)
+        .unwrap_or_else(|e| panic!("policy-only load: {e}"));
+    c.listen.https = Some(([127, 0, 0, 1], 0).into());
+    c.listen.admin = None;
+    let err = portcullis::server::Server::start(c, Default::default()).await.err();
+    assert_eq!(
+        err.as_deref(),
+        Some("this configuration was loaded for policy review only; not serving")
+    );
+}
