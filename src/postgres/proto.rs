@@ -380,9 +380,20 @@ impl Scanner {
     /// [`MAX_RELAY_MESSAGE_LEN`].
     pub fn feed(
         &mut self,
-        mut data: &[u8],
+        data: &[u8],
         mut done: impl FnMut(u8, Option<&Captured>),
     ) -> Result<(), &'static str> {
+        self.feed_at(data, |kind, c, _| done(kind, c))
+    }
+
+    /// [`Scanner::feed`], also telling `done` where in `data` each message ends.
+    pub fn feed_at(
+        &mut self,
+        mut data: &[u8],
+        mut done: impl FnMut(u8, Option<&Captured>, usize),
+    ) -> Result<(), &'static str> {
+        let fed = data.len();
+        let mut done = |kind: u8, c: Option<&Captured>, left: usize| done(kind, c, fed - left);
         while !data.is_empty() {
             if self.remaining == 0 {
                 if self.hdr_len < 5 {
@@ -418,7 +429,7 @@ impl Scanner {
                     self.capture_left = then;
                 }
                 if self.remaining == 0 {
-                    self.finish(&mut done);
+                    self.finish(&mut done, data.len());
                     continue;
                 }
             }
@@ -429,18 +440,19 @@ impl Scanner {
             self.remaining -= take;
             data = &data[take..];
             if self.remaining == 0 {
-                self.finish(&mut done);
+                self.finish(&mut done, data.len());
             }
         }
         Ok(())
     }
 
-    fn finish(&mut self, done: &mut impl FnMut(u8, Option<&Captured>)) {
+    /// `left`: bytes of the fed data after the message.
+    fn finish(&mut self, done: &mut impl FnMut(u8, Option<&Captured>, usize), left: usize) {
         if self.capturing {
             self.capturing = false;
-            done(self.hdr[0], Some(&self.captured));
+            done(self.hdr[0], Some(&self.captured), left);
         } else {
-            done(self.hdr[0], None);
+            done(self.hdr[0], None, left);
         }
     }
 }

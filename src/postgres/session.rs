@@ -1038,6 +1038,9 @@ async fn relay(
     let mut c2s_scan = Scanner::client();
     let mut s2c_scan = Scanner::server();
     let mut upstream_writing = false;
+    // The upstream was left inside a message: a client message the audit refused
+    // (`Tracker::desync`) had begun in bytes already relayed.
+    let mut upstream_partial = false;
     // Prepared statements as the server accepted them; client messages are queued here
     // and resolved by the server's answers, in order.
     let tracker = parking_lot::Mutex::new(Tracker::for_session(
@@ -1051,8 +1054,8 @@ async fn relay(
     let _finish = Finish { tracker: &tracker, emit: &emit };
     // A server message, at its end: what the statement audit follows.
     let on_server = |kind: u8, captured: Option<&Captured>| {
-        if let b'1' | b'2' | b'3' | b'C' | b'E' | b'G' | b'I' | b'n' | b's' | b'S' | b'T' | b'Z' =
-            kind
+        if let b'1' | b'2' | b'3' | b'C' | b'E' | b'G' | b'I' | b'n' | b's' | b'S' | b'T' | b'V'
+        | b'Z' = kind
         {
             let mut t = tracker.lock();
             t.server(kind, captured, &mut &emit);
@@ -1081,30 +1084,59 @@ async fn relay(
                 Ok(0) | Err(_) => return "client",
                 Ok(n) => n,
             };
-            // The server reported a client_encoding other than UTF8: not one more byte
-            // goes upstream (the other direction ends the session).
-            if tracker.lock().refused_encoding.is_some() {
+            // The server reported a client_encoding other than UTF8, or the audit cannot
+            // follow the session: not one more byte goes upstream (the other direction
+            // ends the session).
+            let stopped = {
+                let t = tracker.lock();
+                t.refused_encoding.is_some() || t.desync.is_some()
+            };
+            if stopped {
                 return std::future::pending().await;
             }
             let mut terminate = false;
-            let scanned = c2s_scan.feed(&buf[..n], |kind, captured| match kind {
-                b'X' => terminate = true,
-                b'Q' | b'F' | b'P' | b'B' | b'C' | b'D' | b'E' | b'S' | b'c' | b'f' => {
-                    tracker.lock().client(kind, captured, &mut &emit);
+            let at_boundary = c2s_scan.at_boundary();
+            // A message the audit refuses is not relayed, nor anything after it: the bytes
+            // relayed end where the message before it ended.
+            let (mut refused, mut relay_to) = (None, n);
+            let mut last_end = 0;
+            let scanned = c2s_scan.feed_at(&buf[..n], |kind, captured, end| {
+                if refused.is_some() {
+                    return;
                 }
-                _ => {}
+                match kind {
+                    b'X' => terminate = true,
+                    b'Q' | b'F' | b'P' | b'B' | b'C' | b'D' | b'E' | b'S' | b'c' | b'd' | b'f' => {
+                        let mut t = tracker.lock();
+                        t.client(kind, captured, &mut &emit);
+                        if let Some(why) = t.desync {
+                            refused = Some(why);
+                            relay_to = last_end;
+                            return;
+                        }
+                    }
+                    _ => {}
+                }
+                last_end = end;
             });
             if let Err(e) = scanned {
                 let _ = violation_tx.send(e.to_string()).await;
                 return std::future::pending().await;
             }
-            upstream_writing = true;
-            if uw.write_all(&buf[..n]).await.is_err() || uw.flush().await.is_err() {
-                return "upstream";
+            if relay_to > 0 {
+                upstream_writing = true;
+                if uw.write_all(&buf[..relay_to]).await.is_err() || uw.flush().await.is_err() {
+                    return "upstream";
+                }
+                upstream_writing = false;
+                bytes_in.fetch_add(relay_to as u64, Ordering::Relaxed);
+                ctx.counters.bytes_in.fetch_add(relay_to as u64, Ordering::Relaxed);
             }
-            upstream_writing = false;
-            bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-            ctx.counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(why) = refused {
+                upstream_partial = relay_to == 0 && !at_boundary;
+                let _ = violation_tx.send(why.to_string()).await;
+                return std::future::pending().await;
+            }
             if terminate {
                 return "client";
             }
@@ -1174,6 +1206,9 @@ async fn relay(
                             format!("the session changed client_encoding to `{enc}`; portcullis audits UTF8 sessions only"),
                         );
                     }
+                    if let Some(why) = tracker.lock().desync {
+                        break (Reason::ProtocolViolation, why.to_string());
+                    }
                 }
             }
         };
@@ -1229,7 +1264,7 @@ async fn relay(
     drop(c2s);
     drop(s2c);
     // Say goodbye upstream when the client did not (only at a message boundary).
-    if terminated.is_some() && c2s_scan.at_boundary() && !upstream_writing {
+    if terminated.is_some() && c2s_scan.at_boundary() && !upstream_writing && !upstream_partial {
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             let _ = uw.write_all(&proto::message(b'X', &[])).await;
             let _ = uw.flush().await;

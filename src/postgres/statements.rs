@@ -12,7 +12,10 @@
 //!   it is when the server ran the Bind (every earlier Parse is answered by then);
 //! - ErrorResponse (`E`) to an extended-protocol message fails it and drops everything up
 //!   to the next Sync (the server skips those): a Bind among them is still audited, with
-//!   `outcome` `error` (the one that failed) or `skipped`.
+//!   `outcome` `error` (the one that failed) or `skipped`;
+//! - a COPY FROM STDIN ends when the server ends it (CommandComplete, or ErrorResponse at
+//!   a bad row, whether or not the client sent CopyDone); the Syncs the client sent while
+//!   it read are counted as answered or not by the ReadyForQuery that come ([`Window`]).
 //!
 //! Names are keyed as PostgreSQL keys them: their first 63 bytes (NAMEDATALEN - 1).
 //! Texts held (known statements and Parses in flight) share a per-session byte budget;
@@ -100,8 +103,59 @@ enum Pending {
     Sync,
     /// Query or FunctionCall: everything up to ReadyForQuery answers it.
     Simple,
-    /// CopyDone or CopyFail: no answer of its own; a COPY FROM STDIN ignores Syncs up to it.
+    /// CopyDone or CopyFail, sent while something is awaited (it may be a COPY FROM
+    /// STDIN): no answer of its own; it ends what a COPY reads.
     CopyEnd,
+    /// CopyData sent while something is awaited (consecutive ones counted as one): no
+    /// answer; a COPY FROM STDIN may fail at any of them.
+    Data,
+    /// Syncs sent while a COPY FROM STDIN the server then ended with an error was
+    /// reading: those it read before the error it ignored, those after it answers, and
+    /// the proxy cannot tell which (see [`Window`]). Between `min` and `max`
+    /// ReadyForQuery answer them, `got` so far.
+    Syncs {
+        min: u32,
+        max: u32,
+        got: u32,
+        /// Extended protocol and `min` 0: the server may still be skipping (no Sync was
+        /// honoured) or not. Only another Sync tells.
+        doubt: bool,
+    },
+}
+
+/// A COPY FROM STDIN the server started (CopyInResponse) and has not ended.
+///
+/// PostgreSQL reads a COPY's CopyData, and ignores Sync and Flush, until CopyDone or
+/// CopyFail; any other message ends the session (FATAL). It may fail at any CopyData it
+/// reads (a bad row, a constraint, a trigger), before reading any (a view, a statement
+/// trigger), or at CopyDone (a foreign key, the last row): it then reads messages as
+/// usual, skipping to the next Sync in the extended protocol. The proxy cannot know how
+/// far it had read: a Sync followed by CopyData or a CopyEnd in the window may have been
+/// read by the COPY (ignored) or after the error (answered); one after the window's last
+/// CopyData was read after it, if the COPY failed.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    /// Syncs followed by CopyData or a CopyEnd in the window.
+    ambiguous: u32,
+    /// Syncs after the window's last CopyData.
+    trailing: u32,
+    /// The window has not ended: no CopyDone, CopyFail or other message sent since.
+    open: bool,
+    /// It ended with CopyDone or CopyFail (rather than another message).
+    client_ended: bool,
+    /// The COPY was an Execute (not a Query): an error makes the server skip to Sync.
+    extended: bool,
+}
+
+impl Window {
+    fn data(&mut self) {
+        self.ambiguous = self.ambiguous.saturating_add(self.trailing);
+        self.trailing = 0;
+    }
+}
+
+fn marker(p: &Pending) -> bool {
+    matches!(p, Pending::CopyEnd | Pending::Data)
 }
 
 /// A FunctionCall's audited facts: never its argument values.
@@ -139,8 +193,9 @@ pub struct Tracker {
     text_bytes: usize,
     /// The server skips the client's messages until its next Sync.
     skipping: bool,
-    /// A COPY FROM STDIN runs whose CopyDone/CopyFail the client has not sent yet.
-    copy_in: bool,
+    /// A COPY FROM STDIN the server started and has not ended (its entry is at the front
+    /// of `pending`; the window sits right behind it).
+    copy_in: Option<Window>,
     /// The answers no longer match the queue (never expected): from then on no text is
     /// reported for a Bind, rather than one that may be wrong.
     lost: bool,
@@ -158,7 +213,15 @@ pub struct Tracker {
     /// The server reported a `client_encoding` other than UTF8: the session must end
     /// before any further client message is relayed.
     pub refused_encoding: Option<String>,
+    /// The client sent a message whose fate the proxy cannot know (after a COPY FROM
+    /// STDIN failed, without a Sync the server certainly honoured): the session must end,
+    /// and that message is not relayed. Why, for the `close` event.
+    pub desync: Option<&'static str>,
 }
+
+/// Why a session is ended when a message's fate cannot be known after a failed COPY.
+const COPY_DOUBT: &str = "after a COPY FROM STDIN that failed, a message was sent without a \
+     Sync that certainly followed the failure: whether the server skips it cannot be known";
 
 /// A Record's text as the audit may show it: while the session's encoding is uncertain
 /// (see [`Tracker::settled`]) only the ASCII prefix of a text is certain, whatever the
@@ -224,7 +287,17 @@ impl Tracker {
     /// since. PostgreSQL reports a changed setting only at ReadyForQuery (14+), and not
     /// at all when it was changed back before it: in between, the proxy cannot know.
     pub fn settled(&self) -> bool {
-        self.pending.is_empty() && !self.exec_open && !self.lost && !self.copy_in
+        !self.awaited() && !self.exec_open && !self.lost && self.copy_in.is_none()
+    }
+
+    /// Whether some message still awaits its answer. Not markers, nor the Syncs of a
+    /// failed COPY's window once as many were answered as certainly will be: one more
+    /// ReadyForQuery may come, for a Sync read after the failure, but nothing runs then.
+    fn awaited(&self) -> bool {
+        self.pending.iter().any(|p| match p {
+            Pending::Syncs { min, got, .. } => got < min,
+            p => !marker(p),
+        })
     }
 
     /// A ParameterStatus from the server.
@@ -251,7 +324,7 @@ impl Tracker {
     /// When the session ends then, a statement may still be running on the backend.
     /// After the answers were lost track of, always (nothing can be ruled out).
     pub fn in_flight(&self) -> bool {
-        self.lost || self.pending.iter().any(|p| !matches!(p, Pending::CopyEnd))
+        self.lost || self.awaited()
     }
 
     /// The session is over: the server's answers that were to come will not be read. Every
@@ -291,11 +364,51 @@ impl Tracker {
     }
 
     fn push(&mut self, p: Pending) {
-        if let (Pending::Other(n), Some(Pending::Other(m))) = (&p, self.pending.back_mut()) {
-            *m += n;
+        // Never into a running COPY's entry: what is sent now comes after its window.
+        let behind_copy = self.copy_in.is_some() && self.pending.len() == 1;
+        match (&p, self.pending.back_mut()) {
+            (Pending::Other(n), Some(Pending::Other(m))) if !behind_copy => *m += n,
+            (Pending::Data, Some(Pending::Data)) => {}
+            _ => self.pending.push_back(p),
+        }
+    }
+
+    /// A Sync the server will certainly answer (not read by a COPY).
+    fn push_sync(&mut self) {
+        // Syncs of a failed COPY's window and this one: one run.
+        let run = self.pending.iter().rposition(|p| !marker(p));
+        if let Some(i) = run.filter(|&i| matches!(self.pending[i], Pending::Syncs { .. })) {
+            self.pending.truncate(i + 1);
+            if let Some(Pending::Syncs { min, max, doubt, .. }) = self.pending.back_mut() {
+                *min = min.saturating_add(1);
+                *max = max.saturating_add(1);
+                *doubt = false;
+            }
             return;
         }
-        self.pending.push_back(p);
+        self.push(Pending::Sync);
+    }
+
+    /// Whether the server may or may not skip the next message: after a failed COPY in
+    /// the extended protocol, no Sync since is certain to have ended its skipping, and
+    /// one may have.
+    fn doubtful(&self) -> bool {
+        if self.lost {
+            return false;
+        }
+        if let Some(w) = &self.copy_in {
+            return w.open && w.extended && w.trailing == 0 && w.ambiguous > 0;
+        }
+        let last = self.pending.iter().rev().find(|p| !marker(p));
+        matches!(last, Some(Pending::Syncs { doubt: true, .. }))
+    }
+
+    /// The session must end: `why` for its `close` event. What awaits an answer is
+    /// audited as of unknown outcome.
+    fn refuse(&mut self, why: &'static str, emit: &mut impl FnMut(Record<'_>)) {
+        tracing::warn!("postgres statement audit: {why}");
+        self.desync.get_or_insert(why);
+        self.abandon(emit);
     }
 
     fn release(&mut self, t: &Text) {
@@ -305,13 +418,40 @@ impl Tracker {
     /// A client message, as relayed to the server (`c`: its capture, for the kinds the
     /// client scanner captures).
     pub fn client(&mut self, kind: u8, c: Option<&Captured>, emit: &mut impl FnMut(Record<'_>)) {
-        let skipped = self.skipping.then_some("skipped");
         let settled = self.settled();
         let scs = if settled { self.scs } else { None };
+        if self.desync.is_some() {
+            return;
+        }
+        if matches!(kind, b'Q' | b'F' | b'P' | b'B' | b'C' | b'D' | b'E') {
+            if self.doubtful() {
+                return self.refuse(COPY_DOUBT, emit);
+            }
+            // A message other than CopyData, CopyDone, CopyFail, Flush or Sync ends the
+            // window: if the COPY is still reading, the server ends the session at it; if
+            // the COPY failed before it, it is read after the failure.
+            if let Some(w) = self.copy_in.as_mut().filter(|w| w.open) {
+                w.open = false;
+                // No Sync since the COPY started: the server skips this up to the next.
+                if w.extended && w.trailing == 0 {
+                    self.skipping = true;
+                }
+            }
+        }
+        let skipped = self.skipping.then_some("skipped");
+        // CopyData and CopyDone run a COPY's input functions and triggers: in the
+        // extended protocol, a later Sync reports what they changed (a Sync in the COPY's
+        // window may be one the COPY ignores: one is followed by CopyData or a CopyEnd, which
+        // set the flag again); in the simple protocol, the Query's ReadyForQuery does.
+        // Outside a COPY the server ignores them.
+        let copy_reads = match &self.copy_in {
+            Some(w) => w.open && w.extended,
+            None => self.awaited(),
+        };
         match kind {
-            b'B' | b'E' | b'c' | b'f' => self.exec_open = true,
-            b'Q' | b'F' => self.exec_open = false,
-            b'S' if !self.copy_in => self.exec_open = false,
+            b'B' | b'E' => self.exec_open = true,
+            b'd' | b'c' | b'f' if copy_reads => self.exec_open = true,
+            b'Q' | b'F' | b'S' => self.exec_open = false,
             _ => {}
         }
         match kind {
@@ -405,17 +545,30 @@ impl Tracker {
                 }
             }
             b'D' | b'E' if !self.skipping && !self.lost => self.push(Pending::Other(1)),
-            b'S' if !self.copy_in => {
-                self.skipping = false;
-                if !self.lost {
-                    self.push(Pending::Sync);
+            b'S' => match self.copy_in.as_mut().filter(|w| w.open) {
+                Some(w) => w.trailing = w.trailing.saturating_add(1),
+                None => {
+                    self.skipping = false;
+                    if !self.lost {
+                        self.push_sync();
+                    }
                 }
-            }
-            b'c' | b'f' => {
-                if self.copy_in {
-                    self.copy_in = false;
-                } else if !self.lost {
-                    self.push(Pending::CopyEnd);
+            },
+            b'd' | b'c' | b'f' => {
+                let idle = self.lost || !self.awaited();
+                match self.copy_in.as_mut() {
+                    Some(w) if w.open => {
+                        w.data();
+                        if kind != b'd' {
+                            w.open = false;
+                            w.client_ended = true;
+                        }
+                    }
+                    // After the window (the server ignores it), or with nothing awaited
+                    // (no COPY can read it).
+                    Some(_) => {}
+                    None if idle => {}
+                    None => self.push(if kind == b'd' { Pending::Data } else { Pending::CopyEnd }),
                 }
             }
             _ => {}
@@ -493,12 +646,25 @@ impl Tracker {
         }
     }
 
-    /// The front of the queue, past CopyEnd markers (they get no answer).
+    /// The front of the queue, past markers (they get no answer).
     fn front(&mut self) -> Option<&mut Pending> {
-        while matches!(self.pending.front(), Some(Pending::CopyEnd)) {
+        while self.pending.front().is_some_and(marker) {
             self.pending.pop_front();
         }
         self.pending.front_mut()
+    }
+
+    /// An answer other than ReadyForQuery: the Syncs of a failed COPY's window at the
+    /// front were answered as far as they will be. `false`: fewer than certain were.
+    fn past_syncs(&mut self, emit: &mut impl FnMut(Record<'_>)) -> bool {
+        while let Some(Pending::Syncs { min, got, .. }) = self.front() {
+            if got < min {
+                self.lose(emit);
+                return false;
+            }
+            self.pending.pop_front();
+        }
+        true
     }
 
     /// A server message (`c`: its capture, for CommandComplete).
@@ -515,6 +681,12 @@ impl Tracker {
             return;
         }
         if self.lost {
+            return;
+        }
+        if kind != b'Z' && !self.past_syncs(emit) {
+            return;
+        }
+        if kind == b'C' && self.copy_in.is_some() && !self.copy_done(emit) {
             return;
         }
         match kind {
@@ -566,10 +738,18 @@ impl Tracker {
                 Some(Pending::Simple) => {}
                 _ => self.lose(emit),
             },
-            b'G' => self.copy_in_started(),
+            b'G' => self.copy_in_started(emit),
             b'Z' => match self.front() {
                 Some(Pending::Sync | Pending::Simple) => {
                     self.pending.pop_front();
+                }
+                Some(Pending::Syncs { max, got, doubt, .. }) => {
+                    // One was read after the failure: the server is not skipping.
+                    *doubt = false;
+                    *got += 1;
+                    if *got == *max {
+                        self.pending.pop_front();
+                    }
                 }
                 None => {}
                 _ => self.lose(emit),
@@ -594,33 +774,92 @@ impl Tracker {
         }
     }
 
-    /// CopyInResponse: the server ignores Sync (and Flush) until CopyDone or CopyFail.
-    fn copy_in_started(&mut self) {
-        let mut i = 1;
-        while i < self.pending.len() {
-            match self.pending.get(i) {
-                Some(Pending::Sync) => {
-                    self.pending.remove(i);
+    /// CopyInResponse to the front message: the COPY reads what the client sent after
+    /// it, up to CopyDone or CopyFail, ignoring Sync (and Flush). What was sent before
+    /// this answer came moves into the window.
+    fn copy_in_started(&mut self, emit: &mut impl FnMut(Record<'_>)) {
+        let extended = match self.front() {
+            Some(Pending::Other(_)) => true,
+            Some(Pending::Simple) => false,
+            _ => return self.lose(emit),
+        };
+        let mut w = Window { ambiguous: 0, trailing: 0, open: true, client_ended: false, extended };
+        while let Some(p) = self.pending.get(1) {
+            match p {
+                Pending::Sync => w.trailing += 1,
+                Pending::Data => w.data(),
+                Pending::CopyEnd => {
+                    w.data();
+                    (w.open, w.client_ended) = (false, true);
                 }
-                Some(Pending::CopyEnd) => {
-                    self.pending.remove(i);
-                    return;
+                // Another message ends the window and stays: the server reads it after
+                // the COPY failed (skipping it if no Sync came between) or ends the
+                // session at it.
+                _ => {
+                    w.open = false;
+                    break;
                 }
-                _ => i += 1,
+            }
+            self.pending.remove(1);
+            if !w.open {
+                break;
             }
         }
-        self.copy_in = true;
+        self.copy_in = Some(w);
+    }
+
+    /// CommandComplete while a COPY FROM STDIN runs: it read the client's CopyDone, and
+    /// ignored every Sync of its window. `false`: it cannot have (the answers are lost).
+    fn copy_done(&mut self, emit: &mut impl FnMut(Record<'_>)) -> bool {
+        match self.copy_in.take() {
+            Some(w) if w.client_ended => true,
+            _ => {
+                self.lose(emit);
+                false
+            }
+        }
+    }
+
+    /// ErrorResponse while a COPY FROM STDIN runs: it ended there. The Syncs of its
+    /// window become a run of `Syncs` behind its entry, with the Syncs sent after the
+    /// window that follow it: those are answered, and so are the window's trailing ones.
+    fn copy_failed(&mut self, w: Window, emit: &mut impl FnMut(Record<'_>)) {
+        let mut after = 0u32;
+        while matches!(self.pending.get(1), Some(Pending::Sync)) {
+            self.pending.remove(1);
+            after = after.saturating_add(1);
+        }
+        let min = w.trailing.saturating_add(after);
+        let max = min.saturating_add(w.ambiguous);
+        if max == 0 {
+            return;
+        }
+        let doubt = w.extended && min == 0;
+        if doubt && self.pending.len() > 1 {
+            // Something follows that the server skipped, or ran after a Sync it
+            // honoured: its fate, and its answers, cannot be told apart.
+            return self.refuse(COPY_DOUBT, emit);
+        }
+        self.pending.insert(1, Pending::Syncs { min, max, got: 0, doubt });
     }
 
     fn error(&mut self, emit: &mut impl FnMut(Record<'_>)) {
+        if let Some(w) = self.copy_in.take() {
+            self.copy_failed(w, emit);
+            if self.lost {
+                return;
+            }
+        }
         match self.front() {
-            None | Some(Pending::Simple | Pending::Sync) => return,
+            None | Some(Pending::Simple | Pending::Sync | Pending::Syncs { .. }) => return,
             _ => {}
         }
         // An extended-protocol message failed: the server skips everything up to Sync.
         let mut first = true;
         while let Some(p) = self.pending.front() {
-            if matches!(p, Pending::Sync) {
+            // A run of a failed COPY's Syncs: one may end the skipping (`min` > 0: one
+            // does), and only another Sync tells whether one did (`doubt`).
+            if matches!(p, Pending::Sync | Pending::Syncs { .. }) {
                 break;
             }
             match self.pending.pop_front() {
@@ -641,7 +880,13 @@ impl Tracker {
     /// stop naming texts for the rest of the session.
     fn lose(&mut self, emit: &mut impl FnMut(Record<'_>)) {
         tracing::warn!("postgres statement audit lost track of the server's answers");
+        self.abandon(emit);
+    }
+
+    /// Audit what is pending as of unknown outcome and stop following the answers.
+    fn abandon(&mut self, emit: &mut impl FnMut(Record<'_>)) {
         self.lost = true;
+        self.copy_in = None;
         while let Some(p) = self.pending.pop_front() {
             if let Pending::Bind { name, unsure } = p {
                 self.emit_bind(&name, "unknown", unsure, emit);
@@ -652,9 +897,9 @@ impl Tracker {
     }
 }
 
-/// Pops the front Parse (past CopyEnd markers); `None` if the front is not a Parse.
+/// Pops the front Parse (past markers); `None` if the front is not a Parse.
 fn pop_front_parse(pending: &mut VecDeque<Pending>) -> Option<(Name, Text, bool)> {
-    while matches!(pending.front(), Some(Pending::CopyEnd)) {
+    while pending.front().is_some_and(marker) {
         pending.pop_front();
     }
     if !matches!(pending.front(), Some(Pending::Parse { .. })) {
@@ -980,6 +1225,159 @@ mod tests {
         h.answer(&[complete("COPY 1"), m(b'Z'), m(b'1'), m(b'2'), m(b'Z')]);
         assert_eq!(h.take(), vec![ran("c", "copy t from stdin"), ran("s", "select 1")]);
         assert!(h.t.pending.is_empty() && !h.t.lost);
+    }
+
+    fn copy_in() -> Vec<u8> {
+        message(b'G', b"\0\0\0")
+    }
+    fn data(row: &str) -> Vec<u8> {
+        message(b'd', row.as_bytes())
+    }
+    fn simple(text: &str) -> Ev {
+        Ev { protocol: "simple", text: Some(text.to_string()), ..Ev::default() }
+    }
+
+    /// Round 12b: the server ends a COPY FROM STDIN at a bad row by itself (ErrorResponse),
+    /// whether or not the client ever sends CopyDone. The Sync sent after it is one the
+    /// server answers; what follows runs, and is audited as run, with its whole text.
+    #[test]
+    fn a_copy_the_server_ends_with_an_error_ends_for_the_audit_too() {
+        let mut h = Harness::new();
+        h.send(&[parse("", "copy t from stdin"), bind(""), m(b'E'), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'2'), copy_in()]);
+        h.send(&[data("notanint\n")]);
+        h.answer(&[error()]);
+        // Its Bind was audited when the server bound it.
+        assert_eq!(h.take(), vec![ran("", "copy t from stdin")]);
+        h.send(&[m(b'S')]);
+        h.answer(&[m(b'Z')]);
+        assert!(h.t.settled() && !h.t.in_flight());
+        h.send(&[query("select 'evaded' -- \u{e9}\n, 'hidden'")]);
+        h.send(&[parse("s1", "select 'extended'"), bind("s1"), m(b'E'), m(b'S')]);
+        assert_eq!(h.take(), vec![simple("select 'evaded' -- \u{e9}\n, 'hidden'")]);
+        h.answer(&[complete("SELECT 1"), m(b'Z'), m(b'1'), m(b'2')]);
+        assert_eq!(h.take(), vec![ran("s1", "select 'extended'")]);
+        h.answer(&[complete("SELECT 1"), m(b'Z')]);
+        assert!(h.t.settled() && !h.t.lost);
+
+        // The Sync and Query sent before the error reached the proxy: the Sync came after
+        // the row the COPY failed at, so the server answers it.
+        let mut h = Harness::new();
+        h.send(&[parse("", "copy t from stdin"), bind(""), m(b'E'), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'2'), copy_in()]);
+        h.send(&[data("notanint\n"), m(b'S'), query("select 'ran'")]);
+        h.answer(&[error(), m(b'Z'), complete("SELECT 1"), m(b'Z')]);
+        let ev = h.take();
+        assert_eq!(ev[1], simple("select 'ran'"));
+        assert!(h.t.settled() && !h.t.lost);
+        // The first Sync (sent with the Execute) was read by the COPY if it failed at a
+        // row, but answered if it failed before reading any (a view): both are in step.
+        for extra in [vec![], vec![m(b'Z')]] {
+            let mut h = Harness::new();
+            h.send(&[parse("", "copy t from stdin"), bind(""), m(b'E'), m(b'S')]);
+            h.answer(&[m(b'1'), m(b'2'), copy_in()]);
+            h.send(&[data("1\n"), data("x"), m(b'c'), m(b'S')]);
+            h.answer(&[error()]);
+            h.answer(&extra);
+            h.answer(&[m(b'Z')]);
+            assert!(h.t.settled(), "one ReadyForQuery is certain, and enough");
+            h.send(&[query("select '\u{e9}'"), parse("s", "select 2"), bind("s"), m(b'S')]);
+            assert_eq!(h.take().pop(), Some(simple("select '\u{e9}'")));
+            h.answer(&[complete("SELECT 1"), m(b'Z'), m(b'1'), m(b'2'), m(b'Z')]);
+            assert_eq!(h.take(), vec![ran("s", "select 2")]);
+            assert!(h.t.settled() && !h.t.lost);
+        }
+        // Failed before reading anything (the view), the client told only then.
+        let mut h = Harness::new();
+        h.send(&[parse("", "copy v from stdin"), bind(""), m(b'E'), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'2'), copy_in(), error(), m(b'Z')]);
+        h.send(&[data("1\n"), m(b'c'), m(b'S'), parse("s", "select 3"), bind("s"), m(b'S')]);
+        h.answer(&[m(b'Z'), m(b'1'), m(b'2'), m(b'Z')]);
+        assert_eq!(h.take().pop(), Some(ran("s", "select 3")));
+        assert!(h.t.settled() && !h.t.lost);
+    }
+
+    /// The simple protocol: the server answers the COPY's ErrorResponse with
+    /// ReadyForQuery; later texts are settled, exact, however much non-ASCII they hold.
+    #[test]
+    fn a_simple_copy_the_server_ends_with_an_error_leaves_the_session_settled() {
+        let mut h = Harness::new();
+        h.send(&[query("copy t from stdin")]);
+        h.answer(&[copy_in()]);
+        h.send(&[data("notanint\n")]);
+        h.answer(&[error(), m(b'Z')]);
+        h.take();
+        assert!(h.t.settled() && !h.t.in_flight());
+        h.send(&[query("select 1 as a -- \u{e9}\n, 'hidden'")]);
+        assert_eq!(h.take(), vec![simple("select 1 as a -- \u{e9}\n, 'hidden'")]);
+        h.answer(&[complete("SELECT 1"), m(b'Z')]);
+        // Late CopyData and CopyDone are ignored by the server, and by the audit.
+        h.send(&[data("2\n"), m(b'c'), parse("s", "select 4"), bind("s"), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'2'), m(b'Z')]);
+        assert_eq!(h.take(), vec![ran("s", "select 4")]);
+        // A Sync sent during the COPY: answered if the COPY had failed before it.
+        for extra in [vec![], vec![m(b'Z')]] {
+            let mut h = Harness::new();
+            h.send(&[query("copy t from stdin")]);
+            h.answer(&[copy_in()]);
+            h.send(&[m(b'S'), data("x\n")]);
+            h.answer(&[error(), m(b'Z')]);
+            h.answer(&extra);
+            assert!(h.t.settled());
+            h.take();
+            h.send(&[query("select 5"), parse("s", "select 6"), bind("s"), m(b'S')]);
+            h.answer(&[complete("SELECT 1"), m(b'Z'), m(b'1'), m(b'2'), m(b'Z')]);
+            assert_eq!(h.take()[1..], [ran("s", "select 6")]);
+            assert!(h.t.settled() && !h.t.lost);
+        }
+    }
+
+    /// A failed extended COPY whose Syncs the server may all have read before failing:
+    /// whether it skips what follows up to the next Sync cannot be told, so a message sent
+    /// then is refused (the session ends) rather than audited with a guess.
+    #[test]
+    fn after_a_failed_copy_a_message_whose_fate_is_unknown_ends_the_session() {
+        // Sent after the error: refused, and not audited as run.
+        let mut h = Harness::new();
+        h.send(&[parse("", "copy t from stdin"), bind(""), m(b'E'), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'2'), copy_in()]);
+        h.send(&[data("notanint\n")]);
+        h.answer(&[error()]);
+        h.take();
+        assert!(h.t.desync.is_none());
+        h.send(&[query("select 'maybe'")]);
+        assert!(h.take().is_empty());
+        assert_eq!(h.t.desync, Some(COPY_DOUBT));
+        // Sent before the CopyInResponse, behind a Sync and a row: refused at the error.
+        let mut h = Harness::new();
+        h.send(&[parse("", "copy t from stdin"), bind(""), m(b'E'), m(b'S')]);
+        h.send(&[data("x\n"), parse("s", "select 1"), bind("s"), m(b'E'), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'2'), copy_in()]);
+        assert!(h.t.desync.is_none());
+        h.answer(&[error()]);
+        assert_eq!(h.t.desync, Some(COPY_DOUBT));
+        let o: Vec<_> = h.take().iter().map(|e| e.outcome).collect();
+        assert_eq!(o, vec![None, Some("unknown")]);
+        // A Sync first settles it: the server answers that one whatever it read.
+        let mut h = Harness::new();
+        h.send(&[parse("", "copy t from stdin"), bind(""), m(b'E'), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'2'), copy_in()]);
+        h.send(&[data("notanint\n")]);
+        h.answer(&[error()]);
+        h.send(&[m(b'S'), query("select 'sure'")]);
+        assert_eq!(h.take().pop(), Some(Ev { truncated: false, ..simple("select 'sure'") }));
+        assert!(h.t.desync.is_none());
+        // Without any Sync since the COPY began, the server skips to the next one.
+        let mut h = Harness::new();
+        h.send(&[parse("", "copy t from stdin"), bind(""), m(b'E')]);
+        h.answer(&[m(b'1'), m(b'2'), copy_in()]);
+        h.send(&[data("notanint\n"), query("select 'skipped'"), bind("x")]);
+        h.answer(&[error()]);
+        h.send(&[m(b'S'), query("select 'ran'")]);
+        let o: Vec<_> = h.take().iter().map(|e| e.outcome).collect();
+        assert_eq!(o, vec![None, Some("skipped"), Some("skipped"), None]);
+        h.answer(&[m(b'Z'), complete("SELECT 1"), m(b'Z')]);
+        assert!(h.t.settled() && !h.t.lost && h.t.desync.is_none());
     }
 
     #[test]

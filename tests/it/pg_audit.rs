@@ -348,3 +348,168 @@ async fn a_statement_sent_with_the_goodbye_runs_and_is_audited_exactly_once() {
     }
     assert_no_secrets(&w, &[&token]);
 }
+
+/// Reads server messages up to and including the first of type `last`.
+async fn until_kind(t: &mut Conn, last: u8) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    loop {
+        let mut hdr = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(10), t.read_exact(&mut hdr))
+            .await
+            .unwrap_or_else(|_| panic!("no {}; so far {out:?}", last as char))
+            .unwrap_or_else(|e| panic!("read: {e}; so far {out:?}"));
+        let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        t.read_exact(&mut body).await.unwrap_or_else(|e| panic!("{e}"));
+        out.push((hdr[0], body));
+        if hdr[0] == last {
+            return out;
+        }
+    }
+}
+
+fn copy_data(row: &str) -> Vec<u8> {
+    message(b'd', row.as_bytes())
+}
+
+fn query(sql: &str) -> Vec<u8> {
+    message(b'Q', &cstr(sql))
+}
+
+/// The one event whose text is `text`: it ran, and its text is exact.
+fn assert_ran_exactly(events: &[Value], text: &str) {
+    let mine: Vec<&Value> = events.iter().filter(|e| e["text"] == text).collect();
+    assert_eq!(mine.len(), 1, "{text}: {events:#?}");
+    let e = mine[0];
+    assert!(e.get("outcome").is_none(), "it ran: {e:#}");
+    assert!(e.get("text_status").is_none() && e.get("truncated").is_none(), "{e:#}");
+}
+
+/// Round 12b: PostgreSQL ends a COPY FROM STDIN at a bad row by itself (ErrorResponse,
+/// then, in the extended protocol, it skips to the next Sync), whether or not the client
+/// sends CopyDone. The audit follows the server: after the Sync, statements are audited
+/// as run, with their whole text, also where a COPY ignores the Syncs it reads (a row that
+/// fails) or answers them (a COPY into a view fails before reading any).
+#[tokio::test]
+async fn a_copy_the_server_ends_with_an_error_does_not_blind_the_audit() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let pid = std::process::id();
+    let mut t = session(&w, &token).await;
+    let setup = format!("create temp table ct(a int); create temp view cv as select 1 as a; select 'copy-setup-{pid}'");
+    send(&mut t, &[query(&setup)]).await;
+    assert!(!kinds(&until_ready(&mut t).await).contains('E'));
+
+    // Extended, no CopyDone ever: a bad row, then Sync, then a Query and a Bind.
+    send(&mut t, &[parse("", "copy ct from stdin"), bind(""), execute(), sync()]).await;
+    assert_eq!(kinds(&until_kind(&mut t, b'G').await), "12G");
+    send(&mut t, &[copy_data("notanint\n")]).await;
+    let m = until_kind(&mut t, b'E').await;
+    assert_eq!(sqlstate(&m), "22P02", "{m:?}");
+    send(&mut t, &[sync()]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "Z");
+    let evaded = format!("select 'copy-evaded-{pid}' as a -- \u{e9}\n, 'after-non-ascii'");
+    send(&mut t, &[query(&evaded)]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "TDCZ");
+    let extended = format!("select 'copy-extended-{pid}'");
+    send(&mut t, &[parse("s1", &extended), bind("s1"), execute(), sync()]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "12DCZ");
+
+    // The Sync and a Query sent with the bad row, before the error came back: the
+    // server reads the Sync after the row it failed at, and answers it.
+    send(&mut t, &[parse("", "copy ct from stdin"), bind(""), execute(), sync()]).await;
+    assert_eq!(kinds(&until_kind(&mut t, b'G').await), "12G");
+    let pipelined = format!("select 'copy-pipelined-{pid}'");
+    send(&mut t, &[copy_data("1\n"), copy_data("x\n"), sync(), query(&pipelined)]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "EZ");
+    assert_eq!(kinds(&until_ready(&mut t).await), "TDCZ");
+
+    // As libpq does (Execute, Sync; the rows, CopyDone, Sync in one write): the COPY
+    // reads the first Sync and fails at a row, one ReadyForQuery.
+    send(&mut t, &[parse("", "copy ct from stdin"), bind(""), execute(), sync()]).await;
+    assert_eq!(kinds(&until_kind(&mut t, b'G').await), "12G");
+    send(&mut t, &[copy_data("1\n"), copy_data("x\n"), message(b'c', b""), sync()]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "EZ");
+    let after_row = format!("select 'copy-after-row-{pid}' -- \u{e9}");
+    send(&mut t, &[query(&after_row)]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "TDCZ");
+    // Into a view: it fails before reading anything, so that first Sync is answered.
+    send(&mut t, &[parse("", "copy cv from stdin"), bind(""), execute(), sync()]).await;
+    let m = until_ready(&mut t).await;
+    assert_eq!((kinds(&m).as_str(), sqlstate(&m).as_str()), ("12GEZ", "42809"), "{m:?}");
+    send(&mut t, &[copy_data("1\n"), message(b'c', b""), sync()]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "Z");
+    let after_view = format!("select 'copy-after-view-{pid}' -- \u{e9}");
+    send(&mut t, &[query(&after_view)]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "TDCZ");
+    let last = format!("select 'copy-last-{pid}'");
+    send(&mut t, &[parse("s2", &last), bind("s2"), execute(), sync()]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "12DCZ");
+
+    let events = statements_of(&w, &format!("copy-setup-{pid}"), 11).await;
+    assert_eq!(events.len(), 11, "{events:#?}");
+    for text in [&evaded, &extended, &after_row, &after_view, &last] {
+        assert_ran_exactly(&events, text);
+    }
+    let e = events.iter().find(|e| e["text"] == pipelined.as_str());
+    let e = e.unwrap_or_else(|| panic!("{events:#?}"));
+    assert!(e.get("outcome").is_none(), "it ran: {e:#}");
+    assert_no_secrets(&w, &[&token]);
+}
+
+/// The simple protocol: the server answers a COPY's bad row with ErrorResponse and
+/// ReadyForQuery; the client never sends CopyDone. Later texts are exact, non-ASCII and
+/// all.
+#[tokio::test]
+async fn a_simple_copy_the_server_ends_with_an_error_leaves_texts_exact() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let pid = std::process::id();
+    let mut t = session(&w, &token).await;
+    send(&mut t, &[query("create temp table ct(a int)")]).await;
+    assert!(!kinds(&until_ready(&mut t).await).contains('E'));
+    let copy = format!("copy ct from stdin -- simple-copy-{pid}");
+    send(&mut t, &[query(&copy)]).await;
+    assert_eq!(kinds(&until_kind(&mut t, b'G').await), "G");
+    send(&mut t, &[copy_data("notanint\n")]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "EZ");
+    let hidden = format!("select 1 as a -- \u{e9}\n, 'hidden-simple-{pid}' as b");
+    send(&mut t, &[query(&hidden)]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "TDCZ");
+    let extended = format!("select 'simple-copy-extended-{pid}'");
+    send(&mut t, &[parse("s1", &extended), bind("s1"), execute(), sync()]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "12DCZ");
+    // The CREATE, the COPY, and the two after it.
+    let events = statements_of(&w, &format!("simple-copy-{pid}"), 4).await;
+    assert_eq!(events.len(), 4, "{events:#?}");
+    assert_ran_exactly(&events, &hidden);
+    assert_ran_exactly(&events, &extended);
+}
+
+/// After an extended COPY that failed, a message sent without a Sync the server
+/// certainly honoured (the only Sync was sent before a row, which the COPY may have read
+/// or not): the server skips it or runs it, and nothing tells which. The proxy ends the
+/// session rather than guess, and does not relay it.
+#[tokio::test]
+async fn after_a_failed_copy_a_message_of_unknown_fate_ends_the_session() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let pid = std::process::id();
+    let mut t = session(&w, &token).await;
+    let marker = format!("select 'copy-doubt-{pid}'; create temp table ct(a int)");
+    send(&mut t, &[query(&marker)]).await;
+    assert!(!kinds(&until_ready(&mut t).await).contains('E'));
+    let sid = statements_of(&w, &format!("copy-doubt-{pid}"), 1).await[0]["session_id"].clone();
+    send(&mut t, &[parse("", "copy ct from stdin"), bind(""), execute(), sync()]).await;
+    assert_eq!(kinds(&until_kind(&mut t, b'G').await), "12G");
+    send(&mut t, &[copy_data("notanint\n")]).await;
+    assert_eq!(kinds(&until_kind(&mut t, b'E').await), "E");
+    let maybe = format!("select 'copy-maybe-{pid}'");
+    send(&mut t, &[query(&maybe)]).await;
+    let m = until_kind(&mut t, b'E').await;
+    assert_eq!(sqlstate(&m), "08P01", "{m:?}");
+    let close = w.wait_event(|e| e["session_id"] == sid && e["event"] == "close").await;
+    assert_eq!(close["reason"], "protocol-violation", "{close:#}");
+    let events = w.events_of("pg.statement").await;
+    assert!(events.iter().all(|e| e["text"] != maybe.as_str()), "{events:#?}");
+}
