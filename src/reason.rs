@@ -76,6 +76,12 @@ pub enum Reason {
     LoginRequired,
     /// The sign-in callback failed: state, code exchange or ID-token checks.
     LoginFailed,
+    /// The sign-in callback succeeded: a session cookie was set and the browser sent on
+    /// to where it was going.
+    SignedIn,
+    /// `/.portcullis/logout` cleared the session cookie (and, when the provider has an
+    /// end-session endpoint, sent the browser there).
+    SignedOut,
     /// The session cookie is tampered, sealed with an unknown key, duplicated, or its
     /// issuer is not accepted here.
     SessionInvalid,
@@ -167,6 +173,8 @@ impl Reason {
             Reason::InternalError => "internal-error",
             Reason::LoginRequired => "login-required",
             Reason::LoginFailed => "login-failed",
+            Reason::SignedIn => "signed-in",
+            Reason::SignedOut => "signed-out",
             Reason::SessionInvalid => "invalid-session",
             Reason::SessionExpired => "session-expired",
             Reason::InvalidRedirect => "invalid-redirect",
@@ -212,7 +220,9 @@ impl Reason {
     /// The HTTP status for a rejection with this reason.
     pub const fn status(self) -> StatusCode {
         match self {
-            Reason::Allowed | Reason::Internal => StatusCode::OK,
+            Reason::Allowed | Reason::Internal | Reason::SignedIn | Reason::SignedOut => {
+                StatusCode::OK
+            }
             Reason::NoRoute => StatusCode::NOT_FOUND,
             Reason::MisdirectedRequest => StatusCode::MISDIRECTED_REQUEST,
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,

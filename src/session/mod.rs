@@ -861,7 +861,7 @@ impl Sessions {
         let deadline = now + self.settings.absolute_lifetime.as_secs();
         Answer {
             response: redirect(&return_to, set),
-            reason: Reason::Internal,
+            reason: Reason::SignedIn,
             detail: "signed in".into(),
             identity: Some(Arc::new(
                 data.identity(provider.settings.id.clone(), data.expires.min(deadline)),
@@ -931,7 +931,7 @@ impl Sessions {
                 );
                 return Answer {
                     response: redirect(&url, clear),
-                    reason: Reason::Internal,
+                    reason: Reason::SignedOut,
                     detail: "signed out; RP-initiated logout at the provider".into(),
                     identity,
                 };
@@ -941,6 +941,6 @@ impl Sessions {
         for c in clear {
             response.headers_mut().append(header::SET_COOKIE, c);
         }
-        Answer { response, reason: Reason::Internal, detail: "signed out".into(), identity }
+        Answer { response, reason: Reason::SignedOut, detail: "signed out".into(), identity }
     }
 }

@@ -652,6 +652,43 @@ async fn logout_clears_the_session_and_uses_the_end_session_endpoint() {
     assert_eq!(e["identity"]["subject"], "alice");
 }
 
+/// The last HTTP event of `path` (each is written when its response ends).
+async fn last_event_at(w: &World, path: &str) -> serde_json::Value {
+    for _ in 0..100 {
+        let events = w.events();
+        if let Some(e) = events.iter().rev().find(|e| e["kind"] == "http" && e["path"] == path) {
+            return e.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no event for {path}");
+}
+
+/// A person's events say which groups they came with (what a `groups_any` rule decided
+/// on), and signing in and out have their own reasons, not the proxy's `internal`.
+#[tokio::test]
+async fn people_are_audited_with_their_groups_and_sign_in_and_out_by_name() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    let r = b.sign_in(&w, "/", "alice", &["engineering", "sre"]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let logout = w.url("/.portcullis/logout");
+    let r = b.request(&w, Method::GET, &logout, &[("sec-fetch-site", "same-origin")], "").await;
+    assert_eq!(r.status, StatusCode::FOUND);
+    let signed_in = last_event_at(&w, "/.portcullis/callback").await;
+    assert_eq!(signed_in["reason"], "signed-in", "{signed_in}");
+    assert_eq!(signed_in["decision"], "allow", "{signed_in}");
+    assert_eq!(signed_in["identity"]["groups"], serde_json::json!(["engineering", "sre"]));
+    let allowed = last_event_at(&w, "/").await;
+    assert_eq!(allowed["reason"], "allowed", "{allowed}");
+    assert_eq!(allowed["rule"]["id"], "engineers", "{allowed}");
+    assert_eq!(allowed["identity"]["groups"], serde_json::json!(["engineering", "sre"]));
+    assert!(allowed["identity"].get("groups_truncated").is_none(), "{allowed}");
+    let signed_out = last_event_at(&w, "/.portcullis/logout").await;
+    assert_eq!(signed_out["reason"], "signed-out", "{signed_out}");
+    assert_eq!(signed_out["identity"]["subject"], "alice", "{signed_out}");
+}
+
 #[tokio::test]
 async fn a_second_replica_with_the_same_key_accepts_the_session() {
     let w = sso_world("").await;
