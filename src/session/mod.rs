@@ -48,6 +48,8 @@ use crate::reason::Reason;
 /// The sign-in chooser (and start of a login with `?issuer=`).
 pub const SIGN_IN_PATH: &str = "/.portcullis/sign_in";
 pub const LOGOUT_PATH: &str = "/.portcullis/logout";
+/// Who the session is (JSON), as oauth2-proxy's `/oauth2/userinfo`; 401 without one.
+pub const USERINFO_PATH: &str = "/.portcullis/userinfo";
 /// Every proxy endpoint lives under this prefix, served before routing.
 pub const PREFIX: &str = "/.portcullis/";
 /// Prefix of the per-login cookie (`__Host-_portcullis_login_<first 16 chars of
@@ -91,6 +93,23 @@ pub struct SessionData {
     pub refresh: Option<String>,
 }
 
+/// What `/.portcullis/userinfo` answers.
+#[derive(Debug, Serialize)]
+struct UserInfo<'a> {
+    issuer: &'a str,
+    subject: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<&'a str>,
+    email_verified: bool,
+    groups: &'a [String],
+    /// Only when `true`: the provider signalled group overage, so `groups` is empty
+    /// and group rules fail closed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    groups_unknown: bool,
+    /// When the session ends at the latest (RFC 3339, UTC), unless it goes idle first.
+    expires_at: String,
+}
+
 /// A sign-in in progress, sealed into the `__Host-_portcullis_login_*` cookie.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct LoginState {
@@ -127,6 +146,10 @@ pub enum Lookup {
         /// The key that sealed the browser's cookie (after `set_cookie`, if any): what
         /// outlives the request (a WebSocket tunnel) holds while that key is in use.
         key: seal::KeyId,
+        /// Unix seconds when the session ends at the latest without a new sign-in: its
+        /// absolute lifetime, or its ID token's expiry when there is no refresh token
+        /// (the idle lifetime can end it sooner).
+        ends_at: u64,
     },
     /// A session cookie that cannot be used; `clear` deletes it.
     Invalid { reason: Reason, detail: &'static str, clear: Vec<HeaderValue> },
@@ -327,6 +350,7 @@ impl Sessions {
     pub fn is_endpoint(&self, path: &str) -> bool {
         path == SIGN_IN_PATH
             || path == LOGOUT_PATH
+            || path == USERINFO_PATH
             || self.providers.iter().any(|p| p.login.redirect_path == path)
     }
 
@@ -424,6 +448,12 @@ impl Sessions {
         headers: &HeaderMap,
         now: u64,
     ) -> Lookup {
+        self.check(Some(route), headers, now).await
+    }
+
+    /// [`Sessions::authenticate`]; without a route (the proxy's own endpoints), a
+    /// session of any issuer with `login` configured.
+    async fn check(&self, route: Option<&RouteSettings>, headers: &HeaderMap, now: u64) -> Lookup {
         let cookies = cookie::parse(headers);
         let name = &self.cookie_name;
         if !cookie::present(&cookies, name) {
@@ -453,7 +483,7 @@ impl Sessions {
                 "session issuer no longer has login configured",
             );
         };
-        if !route.accepts(&provider.settings.id) {
+        if route.is_some_and(|r| !r.accepts(&provider.settings.id)) {
             // Valid, just not here: kept for the routes that accept it (clearing it would
             // sign the browser out everywhere, from any link to such a route). A sign-in
             // here replaces it.
@@ -508,10 +538,12 @@ impl Sessions {
             Vec::new()
         };
         let expires_at = data.expires.min(deadline);
+        let ends_at = if data.refresh.is_some() { deadline } else { expires_at };
         Lookup::Valid {
             identity: Arc::new(data.identity(provider.settings.id.clone(), expires_at)),
             set_cookie,
             key,
+            ends_at,
         }
     }
 
@@ -671,12 +703,15 @@ impl Sessions {
         let query = uri.query();
         let fail = |reason: Reason, detail: Cow<'static, str>, clear: Vec<HeaderValue>| {
             let mut response =
-                crate::http::reject::html_response(reason, rid, Some(&sign_in_link("/")));
+                crate::http::reject::html_response(reason, rid, Some(&sign_in_link("/")), None);
             for c in clear {
                 response.headers_mut().append(header::SET_COOKIE, c);
             }
             Answer { response, reason, detail, identity: None }
         };
+        if path == USERINFO_PATH {
+            return self.userinfo(method, headers, rid).await;
+        }
         if path == LOGOUT_PATH {
             if method != Method::GET && method != Method::POST {
                 return fail(Reason::BadRequest, "logout is GET or POST".into(), vec![]);
@@ -756,6 +791,7 @@ impl Sessions {
                 Reason::LoginFailed,
                 rid,
                 Some(&sign_in_link("/")),
+                None,
             );
             for c in clear {
                 response.headers_mut().append(header::SET_COOKIE, c);
@@ -869,6 +905,61 @@ impl Sessions {
         }
     }
 
+    /// `/.portcullis/userinfo`: the session's identity as JSON, for a page or script of
+    /// the signed-in browser (who am I, which groups, until when). No session, or one
+    /// that cannot be used: a JSON 401, as an API call gets.
+    async fn userinfo(&self, method: &Method, headers: &HeaderMap, rid: &str) -> Answer {
+        let refuse = |reason: Reason, detail: &'static str, clear: Vec<HeaderValue>| {
+            let mut response = crate::http::reject::response(reason, rid);
+            for c in clear {
+                response.headers_mut().append(header::SET_COOKIE, c);
+            }
+            Answer { response, reason, detail: detail.into(), identity: None }
+        };
+        if method != Method::GET && method != Method::HEAD {
+            return refuse(Reason::BadRequest, "userinfo is GET", vec![]);
+        }
+        let (identity, set_cookie, ends_at) = match self
+            .check(None, headers, crate::util::unix_now())
+            .await
+        {
+            Lookup::Valid { identity, set_cookie, ends_at, .. } => (identity, set_cookie, ends_at),
+            Lookup::Invalid { reason, detail, clear } => return refuse(reason, detail, clear),
+            Lookup::None => {
+                return refuse(Reason::LoginRequired, "userinfo without a session", vec![])
+            }
+        };
+        let body = UserInfo {
+            issuer: identity.issuer.as_str(),
+            subject: &identity.subject,
+            email: identity.email.as_deref(),
+            email_verified: identity.email_verified,
+            groups: &identity.groups,
+            groups_unknown: !identity.groups_known,
+            expires_at: humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_secs(ends_at),
+            )
+            .to_string(),
+        };
+        let json = match serde_json::to_vec(&body) {
+            Ok(j) => j,
+            Err(_) => return refuse(Reason::InternalError, "userinfo serialization", vec![]),
+        };
+        let mut response = Response::new(ProxyBody::full(json));
+        let h = response.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        for c in set_cookie {
+            h.append(header::SET_COOKIE, c);
+        }
+        Answer {
+            response,
+            reason: Reason::Internal,
+            detail: "userinfo".into(),
+            identity: Some(identity),
+        }
+    }
+
     async fn logout(
         &self,
         cfg: &Config,
@@ -905,7 +996,7 @@ impl Sessions {
             Ok(t) => t,
             Err(why) => {
                 let mut response =
-                    crate::http::reject::html_response(Reason::InvalidRedirect, rid, None);
+                    crate::http::reject::html_response(Reason::InvalidRedirect, rid, None, None);
                 for c in clear {
                     response.headers_mut().append(header::SET_COOKIE, c);
                 }
