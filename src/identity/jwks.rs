@@ -227,6 +227,9 @@ impl IssuerKeys {
                 tracing::debug!(issuer = %self.label, keys = set.keys.len(), ttl = ?set.ttl, "JWKS loaded");
                 self.keys.store(Some(Arc::new(set)));
                 metrics.inc(&(self.label.clone(), "ok"));
+                crate::metrics::global()
+                    .jwks_last_success
+                    .set(&self.label, crate::util::unix_now());
                 Ok(())
             }
             Err((url, e)) => {

@@ -568,6 +568,26 @@ impl Sessions {
         };
         cell.get_or_init(|| async {
             self.refreshes.fetch_add(1, Ordering::Relaxed);
+            let new = self.refresh_exchange(provider, data, rt, now).await;
+            let outcome = if new.is_some() { "ok" } else { "error" };
+            crate::metrics::global()
+                .session_refreshes
+                .inc(&(provider.settings.id.0.clone(), outcome));
+            new
+        })
+        .await
+        .clone()
+    }
+
+    /// One refresh-token exchange, and the session it renews (`None`: refused).
+    async fn refresh_exchange(
+        &self,
+        provider: &Arc<Provider>,
+        data: &SessionData,
+        rt: &str,
+        now: u64,
+    ) -> Option<SessionData> {
+        {
             let v = match provider.refresh(rt).await {
                 Ok(v) => v,
                 Err(e) => {
@@ -580,7 +600,10 @@ impl Sessions {
             new.refresh = v.refresh_token;
             new.last_seen = now;
             if !v.claims.is_empty() {
-                let id = match crate::identity::verify::identity_from_verified(&provider.settings, v.claims) {
+                let id = match crate::identity::verify::identity_from_verified(
+                    &provider.settings,
+                    v.claims,
+                ) {
                     Ok(id) => id,
                     Err(e) => {
                         tracing::info!(issuer = %provider.settings.id, reason = %e.reason, "refreshed ID token refused");
@@ -597,9 +620,7 @@ impl Sessions {
                 new.groups_known = id.groups_known;
             }
             Some(new)
-        })
-        .await
-        .clone()
+        }
     }
 
     /// Start a sign-in with `issuer`: a sealed login cookie and a 302 to the provider,
@@ -772,9 +793,18 @@ impl Sessions {
                 identity: None,
             };
         }
-        self.callback(cfg, path, query, headers, authority, rid).await
+        let mut issuer = None;
+        let a = self.callback(cfg, path, query, headers, authority, rid, &mut issuer).await;
+        // `portcullis_sign_ins_total`: by the sign-in's issuer, empty when the callback
+        // did not get as far as knowing it (no, forged or expired sign-in state).
+        let outcome = if a.reason == Reason::SignedIn { "ok" } else { "error" };
+        let issuer = issuer.map_or_else(|| Arc::from(""), |i: IssuerId| i.0.clone());
+        crate::metrics::global().sign_ins.inc(&(issuer, outcome));
+        a
     }
 
+    /// The callback; `issuer` is set once the sign-in's issuer is known.
+    #[allow(clippy::too_many_arguments)]
     async fn callback(
         &self,
         cfg: &Config,
@@ -783,6 +813,7 @@ impl Sessions {
         headers: &HeaderMap,
         authority: &str,
         rid: &str,
+        issuer: &mut Option<IssuerId>,
     ) -> Answer {
         let cookies = cookie::parse(headers);
         let mut clear = Vec::new();
@@ -835,6 +866,7 @@ impl Sessions {
         let Some(provider) = self.provider(&login.issuer).cloned() else {
             return fail("issuer of the sign-in is no longer configured".into(), clear);
         };
+        *issuer = Some(provider.settings.id.clone());
         if provider.login.redirect_path != path
             || login.redirect_uri != format!("https://{authority}{path}")
         {

@@ -563,6 +563,14 @@ async fn refresh_is_single_flight_and_failure_means_sign_in_again() {
         );
     }
     assert_eq!(login(&w).refreshes(), 2, "one refresh for eight parallel requests");
+    let m = w.admin_get("/metrics").await.text();
+    let refreshed = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("portcullis_session_refreshes_total{issuer=\"corp\",outcome=\"ok\"} ")
+        })
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(refreshed.is_some_and(|n| n >= 2), "refreshes counted:\n{m}");
     // The provider refuses the refresh: the browser signs in again, an API gets 401.
     login(&w).set_fail_refresh(true);
     let r =
@@ -754,6 +762,20 @@ async fn people_are_audited_with_their_groups_and_sign_in_and_out_by_name() {
     let signed_out = last_event_at(&w, "/.portcullis/logout").await;
     assert_eq!(signed_out["reason"], "signed-out", "{signed_out}");
     assert_eq!(signed_out["identity"]["subject"], "alice", "{signed_out}");
+    // And /metrics counts the sign-in, says which version runs and when keys last loaded.
+    let m = w.admin_get("/metrics").await.text();
+    let value = |series: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let sign_ins = value("portcullis_sign_ins_total{issuer=\"corp\",outcome=\"ok\"}");
+    assert!(sign_ins.is_some_and(|n| n >= 1), "{m}");
+    let version = format!("portcullis_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(value(&version), Some(1), "{m}");
+    let keys = value("portcullis_jwks_last_success_timestamp_seconds{issuer=\"corp\"}");
+    let now = portcullis::util::unix_now();
+    assert!(keys.is_some_and(|t| t <= now && t + 3600 > now), "{m}");
 }
 
 #[tokio::test]
