@@ -104,6 +104,10 @@ impl<K: Eq + Hash + Clone> Family<K> {
         }
         self.map.write().entry(key.clone()).or_default().clone()
     }
+    /// Sets a gauge kept in a family.
+    pub fn set(&self, key: &K, v: u64) {
+        self.handle(key).store(v, Ordering::Relaxed);
+    }
     pub fn get(&self, key: &K) -> u64 {
         self.map.read().get(key).map_or(0, |c| c.load(Ordering::Relaxed))
     }
@@ -155,6 +159,13 @@ pub struct Metrics {
     pub token_cache_hits: AtomicU64,
     /// JWKS fetches by (issuer, outcome: ok|error).
     pub jwks_refreshes: Family<(Arc<str>, &'static str)>,
+    /// When each issuer's keys were last fetched successfully, Unix seconds (a gauge).
+    pub jwks_last_success: Family<Arc<str>>,
+    /// Browser sign-in callbacks by (issuer, outcome: ok|error); the issuer is empty when
+    /// the callback did not get as far as knowing it.
+    pub sign_ins: Family<(Arc<str>, &'static str)>,
+    /// Browser session refresh-token exchanges by (issuer, outcome: ok|error).
+    pub session_refreshes: Family<(Arc<str>, &'static str)>,
     /// Config reloads by outcome (ok|error).
     pub config_reloads: Family<&'static str>,
     /// Shadow-policy disagreements by route.
@@ -207,7 +218,25 @@ impl Metrics {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
+        self.render_for(&[])
+    }
+
+    /// [`Metrics::render`], with a zero sample of `portcullis_pg_sessions_open` for every
+    /// configured database route without an open session (a dashboard then tells an idle
+    /// route from a missing one).
+    pub fn render_for(&self, database_routes: &[Arc<str>]) -> String {
         let mut out = String::with_capacity(4096);
+        family(
+            &mut out,
+            "portcullis_build_info",
+            "gauge",
+            "The running portcullis version (always 1).",
+        );
+        let _ = writeln!(
+            out,
+            "portcullis_build_info{{version=\"{}\"}} 1",
+            escape(env!("CARGO_PKG_VERSION"))
+        );
         family(
             &mut out,
             "portcullis_requests_total",
@@ -276,6 +305,30 @@ impl Metrics {
             "JWKS fetches by issuer and outcome.",
             ("issuer", "outcome"),
             &self.jwks_refreshes,
+        );
+        by_label(
+            &mut out,
+            "portcullis_jwks_last_success_timestamp_seconds",
+            "gauge",
+            "When each issuer's keys were last fetched successfully (Unix seconds).",
+            "issuer",
+            &self.jwks_last_success,
+        );
+        by_pair(
+            &mut out,
+            "portcullis_sign_ins_total",
+            "counter",
+            "Browser sign-in callbacks by issuer and outcome (ok, error).",
+            ("issuer", "outcome"),
+            &self.sign_ins,
+        );
+        by_pair(
+            &mut out,
+            "portcullis_session_refreshes_total",
+            "counter",
+            "Browser session refreshes (refresh-token exchanges) by issuer and outcome (ok, error).",
+            ("issuer", "outcome"),
+            &self.session_refreshes,
         );
         family(
             &mut out,
@@ -366,12 +419,12 @@ impl Metrics {
             "Audit events lost: the queue was full (output slow or failing), or unwritten at exit.",
             self.audit_events_dropped.load(Ordering::Relaxed),
         );
-        self.render_postgres(&mut out);
+        self.render_postgres(&mut out, database_routes);
         out
     }
 
     /// The `portcullis_pg_*` families.
-    fn render_postgres(&self, out: &mut String) {
+    fn render_postgres(&self, out: &mut String, database_routes: &[Arc<str>]) {
         family(
             out,
             "portcullis_pg_sessions_total",
@@ -387,13 +440,19 @@ impl Metrics {
                 escape(&route)
             );
         }
-        by_route(
+        family(
             out,
             "portcullis_pg_sessions_open",
             "gauge",
             "Database sessions currently open, by route.",
-            &self.pg_sessions_open,
         );
+        let mut open: std::collections::BTreeMap<Arc<str>, u64> =
+            database_routes.iter().map(|r| (r.clone(), 0)).collect();
+        open.extend(self.pg_sessions_open.snapshot());
+        for (route, v) in open {
+            let _ =
+                writeln!(out, "portcullis_pg_sessions_open{{route=\"{}\"}} {v}", escape(&route));
+        }
         by_route(
             out,
             "portcullis_pg_statements_total",
@@ -421,11 +480,23 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 
 /// A family labelled by route only, sorted.
 fn by_route(out: &mut String, name: &str, kind: &str, help: &str, f: &Family<Arc<str>>) {
+    by_label(out, name, kind, help, "route", f);
+}
+
+/// A family with one label, sorted.
+fn by_label(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    label: &str,
+    f: &Family<Arc<str>>,
+) {
     family(out, name, kind, help);
     let mut samples = f.snapshot();
     samples.sort();
-    for (route, v) in samples {
-        let _ = writeln!(out, "{name}{{route=\"{}\"}} {v}", escape(&route));
+    for (value, v) in samples {
+        let _ = writeln!(out, "{name}{{{label}=\"{}\"}} {v}", escape(&value));
     }
 }
 
@@ -496,7 +567,35 @@ mod tests {
             assert!(out.lines().any(|l| l == line), "missing `{line}` in:\n{out}");
         }
         assert!(!out.contains("route=\"other\""));
+        // A configured route without a session shows 0, not nothing.
+        let out = m.render_for(&[Arc::from("orders"), Arc::from("idle")]);
+        assert!(out.lines().any(|l| l == "portcullis_pg_sessions_open{route=\"idle\"} 0"), "{out}");
+        assert!(out.lines().any(|l| l == "portcullis_pg_sessions_open{route=\"orders\"} 1"));
         let help = out.lines().filter(|l| l.starts_with("# HELP portcullis_pg_")).count();
         assert_eq!(help, 5);
+    }
+
+    #[test]
+    fn build_info_sign_ins_refreshes_and_key_freshness_render() {
+        let m = Metrics::default();
+        let corp: Arc<str> = Arc::from("corp");
+        m.sign_ins.inc(&(corp.clone(), "ok"));
+        m.sign_ins.add(&(Arc::from(""), "error"), 2);
+        m.session_refreshes.inc(&(corp.clone(), "error"));
+        m.jwks_last_success.set(&corp, 1_795_690_366);
+        m.jwks_last_success.set(&corp, 1_795_690_400);
+        let out = m.render();
+        for line in [
+            "# TYPE portcullis_build_info gauge",
+            &format!("portcullis_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
+            "# TYPE portcullis_sign_ins_total counter",
+            "portcullis_sign_ins_total{issuer=\"corp\",outcome=\"ok\"} 1",
+            "portcullis_sign_ins_total{issuer=\"\",outcome=\"error\"} 2",
+            "portcullis_session_refreshes_total{issuer=\"corp\",outcome=\"error\"} 1",
+            "# TYPE portcullis_jwks_last_success_timestamp_seconds gauge",
+            "portcullis_jwks_last_success_timestamp_seconds{issuer=\"corp\"} 1795690400",
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing `{line}` in:\n{out}");
+        }
     }
 }

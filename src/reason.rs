@@ -83,6 +83,12 @@ pub enum Reason {
     LoginRequired,
     /// The sign-in callback failed: state, code exchange or ID-token checks.
     LoginFailed,
+    /// The sign-in callback succeeded: a session cookie was set and the browser sent on
+    /// to where it was going.
+    SignedIn,
+    /// `/.portcullis/logout` cleared the session cookie (and, when the provider has an
+    /// end-session endpoint, sent the browser there).
+    SignedOut,
     /// The session cookie is tampered, sealed with an unknown key, duplicated, or its
     /// issuer is not accepted here.
     SessionInvalid,
@@ -176,6 +182,8 @@ impl Reason {
             Reason::InternalError => "internal-error",
             Reason::LoginRequired => "login-required",
             Reason::LoginFailed => "login-failed",
+            Reason::SignedIn => "signed-in",
+            Reason::SignedOut => "signed-out",
             Reason::SessionInvalid => "invalid-session",
             Reason::SessionExpired => "session-expired",
             Reason::InvalidRedirect => "invalid-redirect",
@@ -221,9 +229,12 @@ impl Reason {
     /// The HTTP status for a rejection with this reason.
     pub const fn status(self) -> StatusCode {
         match self {
-            Reason::Allowed | Reason::Public | Reason::CorsPreflight | Reason::Internal => {
-                StatusCode::OK
-            }
+            Reason::Allowed
+            | Reason::Public
+            | Reason::CorsPreflight
+            | Reason::Internal
+            | Reason::SignedIn
+            | Reason::SignedOut => StatusCode::OK,
             Reason::NoRoute => StatusCode::NOT_FOUND,
             Reason::MisdirectedRequest => StatusCode::MISDIRECTED_REQUEST,
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,

@@ -7,6 +7,13 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// Whether diagnostics on stderr may carry ANSI colour codes: only when stderr is a
+/// terminal (a file, a pipe or journald would store the escapes as text), and never with
+/// `NO_COLOR` set to anything but the empty string (<https://no-color.org>).
+pub fn stderr_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// Reads a file the operator named (configuration, policy, secret), refusing what would
 /// hang or exhaust memory: more than `limit` bytes (`/dev/zero`), and, when
 /// `regular_only`, anything but a regular file after following symlinks (a FIFO would
@@ -67,6 +74,16 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(stderr_colour(true, None));
+        assert!(stderr_colour(true, Some(OsStr::new(""))), "an empty NO_COLOR does not count");
+        assert!(!stderr_colour(true, Some(OsStr::new("1"))));
+        assert!(!stderr_colour(false, None), "a file or journald gets no escapes");
+        assert!(!stderr_colour(false, Some(OsStr::new("1"))));
+    }
 
     #[test]
     fn millis_are_whole_microseconds_in_json() {

@@ -48,7 +48,12 @@ pub fn respond<B>(
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            Bytes::from(crate::metrics::global().render()),
+            Bytes::from({
+                let rt = shared.runtime.load();
+                let databases: Vec<_> =
+                    rt.config.databases.iter().map(|d| d.name.clone()).collect();
+                crate::metrics::global().render_for(&databases)
+            }),
         ),
         JWKS_PATH => (
             StatusCode::OK,

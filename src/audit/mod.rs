@@ -39,6 +39,10 @@ struct IdentitySummary<'a> {
     email: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     email_verified: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    groups: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    groups_truncated: Option<bool>,
 }
 
 #[cfg(test)]
@@ -50,6 +54,9 @@ impl<'a> IdentitySummary<'a> {
             kind: id.kind,
             email: id.email.as_deref(),
             email_verified: id.email.as_ref().map(|_| id.email_verified),
+            groups: (!id.groups.is_empty())
+                .then(|| &id.groups[..id.groups.len().min(AUDIT_GROUPS_MAX)]),
+            groups_truncated: (id.groups.len() > AUDIT_GROUPS_MAX).then_some(true),
         }
     }
 }
@@ -91,6 +98,11 @@ impl Identity {
     }
 }
 
+/// The most groups an identity's audit field lists: an Entra token can carry a couple of
+/// hundred, and every event of that identity (each request, each statement) repeats
+/// them. Beyond this many the field ends with `"groups_truncated":true`.
+pub const AUDIT_GROUPS_MAX: usize = 50;
+
 /// `IdentitySummary` of `id`, as JSON.
 fn identity_json(id: &Identity) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
@@ -111,6 +123,21 @@ fn identity_json(id: &Identity) -> Vec<u8> {
         } else {
             b",\"email_verified\":false"
         });
+    }
+    // The groups the policy matched on (`groups_any`), so a reader can tell why a person
+    // was let in; bounded, so a large directory does not make every line huge.
+    if !id.groups.is_empty() {
+        out.extend_from_slice(b",\"groups\":[");
+        for (i, group) in id.groups.iter().take(AUDIT_GROUPS_MAX).enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_str(&mut out, group);
+        }
+        out.push(b']');
+        if id.groups.len() > AUDIT_GROUPS_MAX {
+            out.extend_from_slice(b",\"groups_truncated\":true");
+        }
     }
     out.push(b'}');
     out
@@ -1080,10 +1107,20 @@ mod tests {
             let expected = to_string(&ci).unwrap_or_default();
             assert_eq!(String::from_utf8(ci_json(&ci)).unwrap_or_default(), expected);
         }
-        for (email, verified, kind) in [
-            (None, false, PrincipalKind::Pipeline),
-            (Some("a\u{200b}@x.com"), false, PrincipalKind::Human),
-            (Some("b@x.com"), true, PrincipalKind::Human),
+        let many = |n: usize| (0..n).map(|i| format!("g{i}")).collect::<Vec<_>>();
+        for (email, verified, kind, groups) in [
+            (None, false, PrincipalKind::Pipeline, Vec::new()),
+            (Some("a\u{200b}@x.com"), false, PrincipalKind::Human, Vec::new()),
+            (Some("b@x.com"), true, PrincipalKind::Human, vec!["eng".to_string()]),
+            (
+                None,
+                false,
+                PrincipalKind::Human,
+                vec!["a\"q".into(), "\u{202e}x".into(), "é".into()],
+            ),
+            (Some("c@x.com"), true, PrincipalKind::Human, many(AUDIT_GROUPS_MAX)),
+            (Some("d@x.com"), true, PrincipalKind::Human, many(AUDIT_GROUPS_MAX + 1)),
+            (None, false, PrincipalKind::Service, many(200)),
         ] {
             let id = Identity {
                 issuer: crate::identity::IssuerId("iss\u{202e}".into()),
@@ -1091,7 +1128,7 @@ mod tests {
                 kind,
                 email: email.map(str::to_string),
                 email_verified: verified,
-                groups: Vec::new(),
+                groups,
                 groups_known: true,
                 expires_at: u64::MAX,
                 issued_at: None,
@@ -1102,6 +1139,38 @@ mod tests {
             let expected = to_string(&IdentitySummary::of(&id)).unwrap_or_default();
             assert_eq!(String::from_utf8(identity_json(&id)).unwrap_or_default(), expected);
         }
+    }
+
+    #[test]
+    fn identity_groups_are_listed_and_bounded() {
+        let id = |groups: Vec<String>| Identity {
+            issuer: crate::identity::IssuerId("corp".into()),
+            subject: "alice".into(),
+            kind: crate::identity::PrincipalKind::Human,
+            email: None,
+            email_verified: false,
+            groups,
+            groups_known: true,
+            expires_at: u64::MAX,
+            issued_at: None,
+            ci: None,
+            claims: serde_json::Map::new().into(),
+            audit: Default::default(),
+        };
+        let parse = |id: &Identity| {
+            serde_json::from_slice::<serde_json::Value>(&identity_json(id))
+                .unwrap_or_else(|e| panic!("identity json: {e}"))
+        };
+        let none = parse(&id(Vec::new()));
+        assert!(none.get("groups").is_none() && none.get("groups_truncated").is_none());
+        let two = parse(&id(vec!["eng".into(), "ops".into()]));
+        assert_eq!(two["groups"], serde_json::json!(["eng", "ops"]));
+        assert!(two.get("groups_truncated").is_none());
+        let entra = parse(&id((0..200).map(|i| format!("group-{i}")).collect()));
+        let listed = entra["groups"].as_array().map_or(0, Vec::len);
+        assert_eq!(listed, AUDIT_GROUPS_MAX);
+        assert_eq!(entra["groups"][0], "group-0");
+        assert_eq!(entra["groups_truncated"], true);
     }
 
     #[test]

@@ -186,6 +186,9 @@ struct RejectCtx {
     /// This request's URL, when sessions are configured: a browser's rejection page links
     /// to sign-in and back here (the link is built only for such a page).
     here: Option<Arc<str>>,
+    /// The identity of a valid session cookie: a browser's rejection page says who is
+    /// signed in and offers to sign out instead of signing in.
+    session: Option<Arc<crate::identity::Identity>>,
 }
 
 impl RejectCtx {
@@ -209,7 +212,12 @@ fn rejection(
     };
     let resp = if rc.html {
         let sign_in = rc.here.as_deref().map(crate::session::sign_in_link);
-        reject::html_response(reason, &rc.rid, sign_in.as_deref())
+        let signed_in = rc.session.as_deref().map(|id| crate::session::pages::SignedIn {
+            who: id.email.as_deref().unwrap_or(&id.subject),
+            issuer: id.issuer.as_str(),
+            sign_out: crate::session::LOGOUT_PATH,
+        });
+        reject::html_response(reason, &rc.rid, sign_in.as_deref(), signed_in)
     } else {
         reject::response(reason, &rc.rid)
     };
@@ -413,8 +421,12 @@ pub async fn handle(
     };
     let mut out = Outcome::new(Some(rt.revision.clone()));
     let sessions = rt.sessions.clone();
-    let mut rc =
-        RejectCtx { rid: rid.clone(), html: reject::wants_html(req.headers()), here: None };
+    let mut rc = RejectCtx {
+        rid: rid.clone(),
+        html: reject::wants_html(req.headers()),
+        here: None,
+        session: None,
+    };
 
     if over_limit {
         return rejection(
@@ -610,9 +622,10 @@ pub async fn handle(
             (None, Some(s)) => {
                 match Box::pin(s.authenticate(&route, req.headers(), crate::util::unix_now())).await
                 {
-                    crate::session::Lookup::Valid { identity, set_cookie, key } => {
+                    crate::session::Lookup::Valid { identity, set_cookie, key, .. } => {
                         set_cookies = set_cookie;
                         session_key = Some(key);
+                        rc.session = Some(identity.clone());
                         Some(identity)
                     }
                     crate::session::Lookup::Invalid { reason, detail, clear } => {

@@ -42,10 +42,14 @@ pub fn wants_html(headers: &http::HeaderMap) -> bool {
 
 /// The rejection for a browser: a small HTML page with the public reason code, the
 /// request id and, when signing in could help, a sign-in link. Same status as JSON.
+///
+/// `signed_in`: the request carried a valid session; the page says as whom and links to
+/// sign out (in place of signing in).
 pub fn html_response(
     reason: Reason,
     request_id: &str,
     sign_in: Option<&str>,
+    signed_in: Option<crate::session::pages::SignedIn<'_>>,
 ) -> Response<ProxyBody> {
     let status = reason.status();
     let title = match status.as_u16() {
@@ -66,6 +70,7 @@ pub fn html_response(
         reason.public_code(),
         request_id,
         link,
+        signed_in,
     );
     let mut resp = Response::new(ProxyBody::Full(Some(Bytes::from(body))));
     *resp.status_mut() = status;
@@ -85,6 +90,42 @@ pub fn html_response(
 mod tests {
     use super::*;
     use http::StatusCode;
+
+    fn html_text(r: &Response<ProxyBody>) -> String {
+        match r.body() {
+            ProxyBody::Full(Some(b)) => String::from_utf8_lossy(b).into_owned(),
+            _ => panic!("expected a full body"),
+        }
+    }
+
+    #[test]
+    fn a_signed_in_browser_is_told_who_it_is_and_offered_to_sign_out() {
+        use crate::session::pages::SignedIn;
+        let who = SignedIn {
+            who: "<script>x</script>\"@evil",
+            issuer: "corp&co",
+            sign_out: "/.portcullis/logout",
+        };
+        let r = html_response(
+            Reason::DeniedByRule,
+            "rid1",
+            Some("/.portcullis/sign_in?rd=x"),
+            Some(who),
+        );
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let text = html_text(&r);
+        assert!(
+            text.contains("signed in as <strong>&lt;script&gt;x&lt;/script&gt;&quot;@evil</strong> (<code>corp&amp;co</code>)"),
+            "{text}"
+        );
+        assert!(text.contains("href=\"/.portcullis/logout\""), "{text}");
+        assert!(!text.contains("<script>") && !text.contains("sign_in"), "{text}");
+        // The public code, never the precise one.
+        assert!(text.contains("<code>policy-denied</code>") && !text.contains("denied-by-rule"));
+        // Not signed in: the sign-in link, no sign-out.
+        let text = html_text(&html_response(Reason::PolicyDenied, "rid1", Some("/si"), None));
+        assert!(text.contains("href=\"/si\"") && !text.contains("logout"), "{text}");
+    }
 
     #[test]
     fn rejections_have_fixed_bodies_and_rfc6750_challenges() {

@@ -227,23 +227,30 @@ impl IssuerKeys {
                 tracing::debug!(issuer = %self.label, keys = set.keys.len(), ttl = ?set.ttl, "JWKS loaded");
                 self.keys.store(Some(Arc::new(set)));
                 metrics.inc(&(self.label.clone(), "ok"));
+                crate::metrics::global()
+                    .jwks_last_success
+                    .set(&self.label, crate::util::unix_now());
                 Ok(())
             }
-            Err(e) => {
+            Err((url, e)) => {
                 let stale = self.loaded();
-                tracing::warn!(issuer = %self.label, error = %e, serving_stale = stale, "JWKS refresh failed");
+                tracing::warn!(issuer = %self.label, url = %url, error = %e, serving_stale = stale, "JWKS refresh failed");
                 metrics.inc(&(self.label.clone(), "error"));
                 Err(())
             }
         }
     }
 
-    async fn fetch(&self) -> Result<KeySet, String> {
+    /// The key set, or the URL that failed (as [`url_for_log`] shows it) and why.
+    async fn fetch(&self) -> Result<KeySet, (String, String)> {
         let cached = self.jwks_uri.lock().clone();
         let jwks_uri = match cached {
             Some(uri) => uri,
             None => {
-                let uri = self.discover().await?;
+                let uri = self
+                    .discover()
+                    .await
+                    .map_err(|e| (url_str_for_log(&self.settings.discovery_url), e))?;
                 *self.jwks_uri.lock() = Some(uri.clone());
                 uri
             }
@@ -260,7 +267,7 @@ impl IssuerKeys {
             // The jwks_uri may have moved: ask discovery again next time.
             *self.jwks_uri.lock() = None;
         }
-        result
+        result.map_err(|e| (url_for_log(&jwks_uri), e))
     }
 
     /// §11.1: the document must name exactly our issuer; its jwks_uri must be https.
@@ -290,19 +297,19 @@ impl IssuerKeys {
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| chain(&e))?;
             if response.status() != StatusCode::OK {
-                return Err(format!("{uri} answered {}", response.status()));
+                return Err(format!("answered {}", response.status()));
             }
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, max)
                 .collect()
                 .await
-                .map_err(|e| format!("{uri}: body: {e}"))?
+                .map_err(|e| format!("body: {e}"))?
                 .to_bytes();
             Ok((body, parts.headers))
         };
         tokio::time::timeout(self.timing.fetch_timeout, exchange)
             .await
-            .map_err(|_| format!("{uri} timed out"))?
+            .map_err(|_| "timed out".to_string())?
     }
 
     /// Install a key set from a JWKS document without fetching (tests, benches).
@@ -314,7 +321,39 @@ impl IssuerKeys {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+/// A URL fetched from an issuer, as logs and errors show it: scheme, host, port and
+/// path. A query (which could carry a tenant's secret) is shown only as `?…`; userinfo
+/// never gets this far ([`check_fetch_url`] refuses it), and is left out all the same.
+pub(crate) fn url_for_log(uri: &Uri) -> String {
+    let mut out = String::new();
+    if let Some(scheme) = uri.scheme_str() {
+        out.push_str(scheme);
+        out.push_str("://");
+    }
+    if let Some(a) = uri.authority() {
+        out.push_str(a.host());
+        if let Some(port) = a.port_u16() {
+            out.push(':');
+            out.push_str(&port.to_string());
+        }
+    }
+    out.push_str(uri.path());
+    if uri.query().is_some() {
+        out.push_str("?…");
+    }
+    out
+}
+
+/// [`url_for_log`] of a configured URL string; one that does not parse is shown as
+/// nothing more than that.
+pub(crate) fn url_str_for_log(url: &str) -> String {
+    match url.parse::<Uri>() {
+        Ok(uri) if uri.authority().is_some_and(|a| !a.as_str().contains('@')) => url_for_log(&uri),
+        _ => "(not a usable URL)".to_string(),
+    }
+}
+
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

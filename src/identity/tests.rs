@@ -1199,3 +1199,60 @@ fn a_reloaded_issuer_checks_an_admitted_tokens_claims_again() {
     let teams = with(&|s| s.groups_claim = "teams".into());
     assert_eq!(teams.map(|i| i.groups).ok(), Some(vec!["blue".to_string()]));
 }
+
+/// A log line a test can read: `tracing` output of this thread, without colour.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_failed_key_fetch_names_the_url_without_its_query() {
+    let buf = LogBuf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    // Nothing listens there: the connection is refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let mut s = okta_settings();
+    s.id = IssuerId("corp".into());
+    s.issuer = format!("http://127.0.0.1:{port}/t");
+    s.discovery_url =
+        format!("http://127.0.0.1:{port}/t/.well-known/openid-configuration?tenant_secret=hunter2");
+    s.insecure_http = true;
+    let keys = super::jwks::IssuerKeys::new(s, fast_timing()).unwrap();
+    assert!(keys.refresh_for_kid("k1").await.is_none());
+    let log = String::from_utf8_lossy(&buf.0.lock()).into_owned();
+    assert!(log.contains("JWKS refresh failed"), "{log}");
+    assert!(
+        log.contains(&format!("url=http://127.0.0.1:{port}/t/.well-known/openid-configuration?…")),
+        "{log}"
+    );
+    assert!(!log.contains("hunter2") && !log.contains("tenant_secret"), "{log}");
+}
+
+#[test]
+fn fetch_urls_are_shown_without_query_or_userinfo() {
+    use super::verify::{url_for_log, url_str_for_log};
+    let uri: http::Uri = "https://idp.example.com:8443/keys?sig=abc".parse().unwrap();
+    assert_eq!(url_for_log(&uri), "https://idp.example.com:8443/keys?…");
+    let uri: http::Uri = "https://idp.example.com/keys".parse().unwrap();
+    assert_eq!(url_for_log(&uri), "https://idp.example.com/keys");
+    let shown = url_str_for_log("https://u:pw@idp.example.com/keys");
+    assert!(!shown.contains("pw"), "{shown}");
+}

@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 use tokio::task::JoinHandle;
 
 use super::cache::{self, Entry, TokenCache};
-pub(crate) use super::jwks::{check_fetch_url, issuer_tls};
+pub(crate) use super::jwks::{chain, check_fetch_url, issuer_tls, url_for_log, url_str_for_log};
 use super::jwks::{IssuerKeys, Timing};
 use super::token::{self, MAX_TOKEN_LEN};
 use super::{AuthError, Claims, Identity, IssuerId, IssuerSettings, Preset, TokenType};

@@ -924,7 +924,7 @@ async fn control(
     loop {
         tokio::select! {
             () = &mut expiry => {
-                return (Reason::SessionExpired, format!("the token expired (exp or max_token_age, at {expires_at})"));
+                return (Reason::SessionExpired, format!("the token expired (exp or max_token_age, at {})", rfc3339(expires_at)));
             }
             () = &mut cap, if max_session.is_some() => {
                 return (Reason::SessionExpired, format!("max_session ({:?}) reached", max_session.unwrap_or_default()));
@@ -951,6 +951,13 @@ async fn control(
             }
         }
     }
+}
+
+/// Unix seconds as RFC 3339 (UTC), as a detail a person reads gives a time.
+fn rfc3339(unix: u64) -> String {
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(unix))
+        .map_or_else(|| unix.to_string(), |t| humantime::format_rfc3339_seconds(t).to_string())
 }
 
 /// How long until `unix` (seconds), from now.
@@ -980,7 +987,12 @@ fn revoked(
         .map_err(|why| format!("{why} (policy revision {})", rt.revision))?;
     let d = db.policy.evaluate(&identity, &RequestFacts::database(database, role));
     if !d.allowed {
-        return Err(format!("{} under policy revision {}", d.reason.code(), rt.revision));
+        // Named as a WebSocket tunnel's revocation names it (`crate::http::tunnel`).
+        let why = match &d.rule {
+            Some(r) => format!("{} by rule `{}` ({}:{})", d.reason, r.id, r.file.display(), r.line),
+            None => format!("{} (no rule allows it)", d.reason),
+        };
+        return Err(format!("{why} under policy revision {}", rt.revision));
     }
     let now_role = db.granted_role(d.rule.as_deref());
     if now_role != upstream_role {

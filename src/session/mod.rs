@@ -48,6 +48,8 @@ use crate::reason::Reason;
 /// The sign-in chooser (and start of a login with `?issuer=`).
 pub const SIGN_IN_PATH: &str = "/.portcullis/sign_in";
 pub const LOGOUT_PATH: &str = "/.portcullis/logout";
+/// Who the session is (JSON), as oauth2-proxy's `/oauth2/userinfo`; 401 without one.
+pub const USERINFO_PATH: &str = "/.portcullis/userinfo";
 /// Every proxy endpoint lives under this prefix, served before routing.
 pub const PREFIX: &str = "/.portcullis/";
 /// Prefix of the per-login cookie (`__Host-_portcullis_login_<first 16 chars of
@@ -116,6 +118,23 @@ pub const MAX_KEPT_CLAIM_BYTES: usize = 1024;
 /// name order) past it are not kept.
 pub const MAX_KEPT_BYTES: usize = 4096;
 
+/// What `/.portcullis/userinfo` answers.
+#[derive(Debug, Serialize)]
+struct UserInfo<'a> {
+    issuer: &'a str,
+    subject: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<&'a str>,
+    email_verified: bool,
+    groups: &'a [String],
+    /// Only when `true`: the provider signalled group overage, so `groups` is empty
+    /// and group rules fail closed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    groups_unknown: bool,
+    /// When the session ends at the latest (RFC 3339, UTC), unless it goes idle first.
+    expires_at: String,
+}
+
 /// A sign-in in progress, sealed into the `__Host-_portcullis_login_*` cookie.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct LoginState {
@@ -152,6 +171,10 @@ pub enum Lookup {
         /// The key that sealed the browser's cookie (after `set_cookie`, if any): what
         /// outlives the request (a WebSocket tunnel) holds while that key is in use.
         key: seal::KeyId,
+        /// Unix seconds when the session ends at the latest without a new sign-in: its
+        /// absolute lifetime, or its ID token's expiry when there is no refresh token
+        /// (the idle lifetime can end it sooner).
+        ends_at: u64,
     },
     /// A session cookie that cannot be used; `clear` deletes it.
     Invalid { reason: Reason, detail: &'static str, clear: Vec<HeaderValue> },
@@ -455,6 +478,7 @@ impl Sessions {
     pub fn is_endpoint(&self, path: &str) -> bool {
         path == SIGN_IN_PATH
             || path == LOGOUT_PATH
+            || path == USERINFO_PATH
             || self.providers.iter().any(|p| p.login.redirect_path == path)
     }
 
@@ -552,6 +576,12 @@ impl Sessions {
         headers: &HeaderMap,
         now: u64,
     ) -> Lookup {
+        self.check(Some(route), headers, now).await
+    }
+
+    /// [`Sessions::authenticate`]; without a route (the proxy's own endpoints), a
+    /// session of any issuer with `login` configured.
+    async fn check(&self, route: Option<&RouteSettings>, headers: &HeaderMap, now: u64) -> Lookup {
         let cookies = cookie::parse(headers);
         let name = &self.cookie_name;
         if !cookie::present(&cookies, name) {
@@ -581,7 +611,7 @@ impl Sessions {
                 "session issuer no longer has login configured",
             );
         };
-        if !route.accepts(&provider.settings.id) {
+        if route.is_some_and(|r| !r.accepts(&provider.settings.id)) {
             // Valid, just not here: kept for the routes that accept it (clearing it would
             // sign the browser out everywhere, from any link to such a route). A sign-in
             // here replaces it.
@@ -636,10 +666,12 @@ impl Sessions {
             Vec::new()
         };
         let expires_at = data.expires.min(deadline);
+        let ends_at = if data.refresh.is_some() { deadline } else { expires_at };
         Lookup::Valid {
             identity: Arc::new(data.identity(provider.settings.id.clone(), expires_at)),
             set_cookie,
             key,
+            ends_at,
         }
     }
 
@@ -664,6 +696,26 @@ impl Sessions {
         };
         cell.get_or_init(|| async {
             self.refreshes.fetch_add(1, Ordering::Relaxed);
+            let new = self.refresh_exchange(provider, data, rt, now).await;
+            let outcome = if new.is_some() { "ok" } else { "error" };
+            crate::metrics::global()
+                .session_refreshes
+                .inc(&(provider.settings.id.0.clone(), outcome));
+            new
+        })
+        .await
+        .clone()
+    }
+
+    /// One refresh-token exchange, and the session it renews (`None`: refused).
+    async fn refresh_exchange(
+        &self,
+        provider: &Arc<Provider>,
+        data: &SessionData,
+        rt: &str,
+        now: u64,
+    ) -> Option<SessionData> {
+        {
             let v = match provider.refresh(rt).await {
                 Ok(v) => v,
                 Err(e) => {
@@ -676,7 +728,10 @@ impl Sessions {
             new.refresh = v.refresh_token;
             new.last_seen = now;
             if !v.claims.is_empty() {
-                let id = match crate::identity::verify::identity_from_verified(&provider.settings, v.claims) {
+                let id = match crate::identity::verify::identity_from_verified(
+                    &provider.settings,
+                    v.claims,
+                ) {
                     Ok(id) => id,
                     Err(e) => {
                         tracing::info!(issuer = %provider.settings.id, reason = %e.reason, "refreshed ID token refused");
@@ -696,9 +751,7 @@ impl Sessions {
                 new.keep_claims(id.claims.map(), self.kept_claims(&provider.settings.id));
             }
             Some(new)
-        })
-        .await
-        .clone()
+        }
     }
 
     /// Start a sign-in with `issuer`: a sealed login cookie and a 302 to the provider,
@@ -802,12 +855,15 @@ impl Sessions {
         let query = uri.query();
         let fail = |reason: Reason, detail: Cow<'static, str>, clear: Vec<HeaderValue>| {
             let mut response =
-                crate::http::reject::html_response(reason, rid, Some(&sign_in_link("/")));
+                crate::http::reject::html_response(reason, rid, Some(&sign_in_link("/")), None);
             for c in clear {
                 response.headers_mut().append(header::SET_COOKIE, c);
             }
             Answer { response, reason, detail, identity: None }
         };
+        if path == USERINFO_PATH {
+            return self.userinfo(method, headers, rid).await;
+        }
         if path == LOGOUT_PATH {
             if method != Method::GET && method != Method::POST {
                 return fail(Reason::BadRequest, "logout is GET or POST".into(), vec![]);
@@ -868,9 +924,18 @@ impl Sessions {
                 identity: None,
             };
         }
-        self.callback(cfg, path, query, headers, authority, rid).await
+        let mut issuer = None;
+        let a = self.callback(cfg, path, query, headers, authority, rid, &mut issuer).await;
+        // `portcullis_sign_ins_total`: by the sign-in's issuer, empty when the callback
+        // did not get as far as knowing it (no, forged or expired sign-in state).
+        let outcome = if a.reason == Reason::SignedIn { "ok" } else { "error" };
+        let issuer = issuer.map_or_else(|| Arc::from(""), |i: IssuerId| i.0.clone());
+        crate::metrics::global().sign_ins.inc(&(issuer, outcome));
+        a
     }
 
+    /// The callback; `issuer` is set once the sign-in's issuer is known.
+    #[allow(clippy::too_many_arguments)]
     async fn callback(
         &self,
         cfg: &Config,
@@ -879,6 +944,7 @@ impl Sessions {
         headers: &HeaderMap,
         authority: &str,
         rid: &str,
+        issuer: &mut Option<IssuerId>,
     ) -> Answer {
         let cookies = cookie::parse(headers);
         let mut clear = Vec::new();
@@ -887,6 +953,7 @@ impl Sessions {
                 Reason::LoginFailed,
                 rid,
                 Some(&sign_in_link("/")),
+                None,
             );
             for c in clear {
                 response.headers_mut().append(header::SET_COOKIE, c);
@@ -930,6 +997,7 @@ impl Sessions {
         let Some(provider) = self.provider(&login.issuer).cloned() else {
             return fail("issuer of the sign-in is no longer configured".into(), clear);
         };
+        *issuer = Some(provider.settings.id.clone());
         if provider.login.redirect_path != path
             || login.redirect_uri != format!("https://{authority}{path}")
         {
@@ -996,11 +1064,66 @@ impl Sessions {
         let deadline = now + self.settings.absolute_lifetime.as_secs();
         Answer {
             response: redirect(&return_to, set),
-            reason: Reason::Internal,
+            reason: Reason::SignedIn,
             detail: "signed in".into(),
             identity: Some(Arc::new(
                 data.identity(provider.settings.id.clone(), data.expires.min(deadline)),
             )),
+        }
+    }
+
+    /// `/.portcullis/userinfo`: the session's identity as JSON, for a page or script of
+    /// the signed-in browser (who am I, which groups, until when). No session, or one
+    /// that cannot be used: a JSON 401, as an API call gets.
+    async fn userinfo(&self, method: &Method, headers: &HeaderMap, rid: &str) -> Answer {
+        let refuse = |reason: Reason, detail: &'static str, clear: Vec<HeaderValue>| {
+            let mut response = crate::http::reject::response(reason, rid);
+            for c in clear {
+                response.headers_mut().append(header::SET_COOKIE, c);
+            }
+            Answer { response, reason, detail: detail.into(), identity: None }
+        };
+        if method != Method::GET && method != Method::HEAD {
+            return refuse(Reason::BadRequest, "userinfo is GET", vec![]);
+        }
+        let (identity, set_cookie, ends_at) = match self
+            .check(None, headers, crate::util::unix_now())
+            .await
+        {
+            Lookup::Valid { identity, set_cookie, ends_at, .. } => (identity, set_cookie, ends_at),
+            Lookup::Invalid { reason, detail, clear } => return refuse(reason, detail, clear),
+            Lookup::None => {
+                return refuse(Reason::LoginRequired, "userinfo without a session", vec![])
+            }
+        };
+        let body = UserInfo {
+            issuer: identity.issuer.as_str(),
+            subject: &identity.subject,
+            email: identity.email.as_deref(),
+            email_verified: identity.email_verified,
+            groups: &identity.groups,
+            groups_unknown: !identity.groups_known,
+            expires_at: humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_secs(ends_at),
+            )
+            .to_string(),
+        };
+        let json = match serde_json::to_vec(&body) {
+            Ok(j) => j,
+            Err(_) => return refuse(Reason::InternalError, "userinfo serialization", vec![]),
+        };
+        let mut response = Response::new(ProxyBody::full(json));
+        let h = response.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        for c in set_cookie {
+            h.append(header::SET_COOKIE, c);
+        }
+        Answer {
+            response,
+            reason: Reason::Internal,
+            detail: "userinfo".into(),
+            identity: Some(identity),
         }
     }
 
@@ -1040,7 +1163,7 @@ impl Sessions {
             Ok(t) => t,
             Err(why) => {
                 let mut response =
-                    crate::http::reject::html_response(Reason::InvalidRedirect, rid, None);
+                    crate::http::reject::html_response(Reason::InvalidRedirect, rid, None, None);
                 for c in clear {
                     response.headers_mut().append(header::SET_COOKIE, c);
                 }
@@ -1066,7 +1189,7 @@ impl Sessions {
                 );
                 return Answer {
                     response: redirect(&url, clear),
-                    reason: Reason::Internal,
+                    reason: Reason::SignedOut,
                     detail: "signed out; RP-initiated logout at the provider".into(),
                     identity,
                 };
@@ -1076,6 +1199,6 @@ impl Sessions {
         for c in clear {
             response.headers_mut().append(header::SET_COOKIE, c);
         }
-        Answer { response, reason: Reason::Internal, detail: "signed out".into(), identity }
+        Answer { response, reason: Reason::SignedOut, detail: "signed out".into(), identity }
     }
 }

@@ -172,27 +172,28 @@ impl Provider {
         req: openidconnect::HttpRequest,
     ) -> Result<openidconnect::HttpResponse, HttpError> {
         let uri = req.uri().to_string();
-        crate::identity::verify::check_fetch_url(&uri, self.settings.insecure_http)
+        let checked = crate::identity::verify::check_fetch_url(&uri, self.settings.insecure_http)
             .map_err(|e| HttpError(format!("provider URL {e}")))?;
+        // Named in every failure (never its query: [`url_for_log`]).
+        let shown = crate::identity::verify::url_for_log(&checked);
         let (parts, body) = req.into_parts();
         let req = http::Request::from_parts(parts, Full::new(Bytes::from(body)));
         let exchange = async {
-            let resp = self
-                .http
-                .request(req)
-                .await
-                .map_err(|e| HttpError(format!("request to the provider failed: {e}")))?;
+            let resp = self.http.request(req).await.map_err(|e| {
+                let e = crate::identity::verify::chain(&e);
+                HttpError(format!("request to {shown} failed: {e}"))
+            })?;
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, MAX_BODY)
                 .collect()
                 .await
-                .map_err(|_| HttpError("provider response body failed or too large".into()))?
+                .map_err(|_| HttpError(format!("response body of {shown} failed or too large")))?
                 .to_bytes();
             Ok(http::Response::from_parts(parts, body.to_vec()))
         };
         tokio::time::timeout(HTTP_TIMEOUT, exchange)
             .await
-            .map_err(|_| HttpError("provider did not answer in time".into()))?
+            .map_err(|_| HttpError(format!("{shown} did not answer in time")))?
     }
 
     /// Discovery + JWKS, cached for `METADATA_TTL`; `force` fetches again (an unknown
@@ -236,7 +237,8 @@ impl Provider {
             .map_err(|_| LoginError("bad discovery URL".into()))?;
         let resp = self.call(req).await.map_err(|e| LoginError(format!("discovery: {e}")))?;
         if resp.status() != http::StatusCode::OK {
-            return Err(LoginError(format!("discovery answered {}", resp.status())));
+            let url = crate::identity::verify::url_str_for_log(&self.settings.discovery_url);
+            return Err(LoginError(format!("discovery {url} answered {}", resp.status())));
         }
         let meta: Metadata = serde_json::from_slice(resp.body())
             .map_err(|e| LoginError(format!("discovery document: {e}")))?;

@@ -32,14 +32,28 @@ footer{{margin-top:2em;color:#777;font-size:.85em}}</style></head>\n<body>\n<h1>
     )
 }
 
+/// Who a browser is signed in as, for a rejection page: a way out when the account is
+/// the wrong one.
+#[derive(Debug, Clone, Copy)]
+pub struct SignedIn<'a> {
+    /// The e-mail address of the session, else its subject.
+    pub who: &'a str,
+    /// The configured issuer's name.
+    pub issuer: &'a str,
+    /// Where to sign out (the proxy's logout endpoint).
+    pub sign_out: &'a str,
+}
+
 /// A rejection for a browser: what happened, the reason code and request id to quote,
-/// and a sign-in link when signing in could help.
+/// and a sign-in link when signing in could help. A browser that is signed in is told as
+/// whom, and offered to sign out (to come back as someone else) instead of signing in.
 pub fn rejection(
     status: u16,
     title: &str,
     code: &str,
     request_id: &str,
     sign_in: Option<&str>,
+    signed_in: Option<SignedIn<'_>>,
 ) -> String {
     let mut b = String::new();
     let _ = write!(
@@ -48,7 +62,15 @@ pub fn rejection(
         escape(code),
         escape(request_id)
     );
-    if let Some(link) = sign_in {
+    if let Some(s) = signed_in {
+        let _ = writeln!(
+            b,
+            "<p>You are signed in as <strong>{}</strong> (<code>{}</code>).</p>\n<p><a class=\"button\" href=\"{}\">Sign out or switch account</a></p>",
+            escape(s.who),
+            escape(s.issuer),
+            escape(s.sign_out)
+        );
+    } else if let Some(link) = sign_in {
         let _ = writeln!(b, "<p><a class=\"button\" href=\"{}\">Sign in</a></p>", escape(link));
     }
     b.push_str("<p>If you think you should have access, send the request id to the team that runs this service.</p>");

@@ -336,7 +336,14 @@ fn redirect_targets() -> Result<(), String> {
 
 #[test]
 fn html_pages_escape_everything() {
-    let p = pages::rejection(403, "Access denied", "policy-denied", "<script>", Some("/x?a=\"b\""));
+    let p = pages::rejection(
+        403,
+        "Access denied",
+        "policy-denied",
+        "<script>",
+        Some("/x?a=\"b\""),
+        None,
+    );
     assert!(!p.contains("<script>") && p.contains("&lt;script&gt;") && p.contains("&quot;b&quot;"));
     let c = pages::chooser(&[("Sign in with <b>".into(), "/s?issuer=a&rd=b".into())]);
     assert!(c.contains("&lt;b&gt;") && c.contains("issuer=a&amp;rd=b"));

@@ -879,6 +879,8 @@ async fn a_browser_sign_in_leaves_no_secret_on_stdout_or_stderr() {
     let (stdout, stderr) = (out.stdout(), out.stderr());
     assert!(stdout.contains("\"subject\":\"alice\""), "the audit has the sign-in:\n{stdout}");
     assert!(stderr.contains("DEBUG"), "debug logging is on:\n{stderr}");
+    // Its stderr is a pipe, not a terminal: no colour escapes in what a file would keep.
+    assert!(!stderr.contains('\u{1b}'), "ANSI escapes on a piped stderr:\n{stderr}");
     let mut secrets = vec![
         ("authorization code", code),
         ("state", state),

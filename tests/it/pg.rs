@@ -1066,7 +1066,10 @@ async fn a_reload_that_revokes_access_terminates_exactly_the_revoked_sessions() 
     assert!(msg.contains("access-revoked"), "{msg}");
     let close = w.wait_event(|e| e["event"] == "close" && e["reason"] == "access-revoked").await;
     assert_eq!(close["upstream_role"], "migrator");
-    assert!(close["detail"].as_str().is_some_and(|d| d.contains("policy-denied")), "{close}");
+    assert!(
+        close["detail"].as_str().is_some_and(|d| d.contains("policy-denied (no rule allows it)")),
+        "{close}"
+    );
     // The engineer's session survives and still works; a new pipeline session is refused.
     let rows = hc
         .simple_query("select current_user")
@@ -1083,6 +1086,41 @@ async fn a_reload_that_revokes_access_terminates_exactly_the_revoked_sessions() 
         close["detail"].as_str().is_some_and(|d| d.contains("upstream role changed")),
         "{close}"
     );
+}
+
+/// A reload whose deny rule ends a session names the rule (id, file:line) in the
+/// `access-revoked` detail; an expired token's detail gives the time in RFC 3339.
+#[tokio::test]
+async fn a_revoking_deny_rule_is_named_and_an_expiry_is_a_readable_time() {
+    let Some(w) = PgWorld::start().await else { return };
+    let pipeline = w.w.token("bb", &[]);
+    let (pc, pconn) = w.connect(&pipeline, "app").await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(pc.simple_query("select 1").await.is_ok());
+    let deny = "[[rule]]\nid = \"no-pipelines\"\neffect = \"deny\"\nissuer = \"bb\"\n";
+    write(&w.w.policy_path("pg"), &format!("{deny}{PG_POLICY}"));
+    assert!(w.w.server().reload().await);
+    let _ = tokio::time::timeout(Duration::from_secs(5), pconn).await;
+    let close = w.wait_event(|e| e["event"] == "close" && e["reason"] == "access-revoked").await;
+    let detail = close["detail"].as_str().unwrap_or_default();
+    assert!(detail.starts_with("denied-by-rule by rule `no-pipelines` ("), "{close}");
+    assert!(detail.contains("pg.toml:1)"), "{close}");
+    assert!(detail.contains("under policy revision "), "{close}");
+
+    // The token's expiry, as a time a person reads.
+    write(&w.w.policy_path("pg"), PG_POLICY);
+    assert!(w.w.server().reload().await);
+    let exp_soon = portcullis::util::unix_now() + 2;
+    let token = w.w.token("bb", &[&format!("exp:={exp_soon}")]);
+    let (c, conn) = w.connect(&token, "app").await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.simple_query("select 1").await.is_ok());
+    let _ = tokio::time::timeout(Duration::from_secs(8), conn).await;
+    let close = w.wait_event(|e| e["event"] == "close" && e["reason"] == "session-expired").await;
+    let when =
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(exp_soon))
+            .to_string();
+    let detail = close["detail"].as_str().unwrap_or_default();
+    assert!(detail.ends_with(&format!("at {when})")), "{close}");
+    assert!(!detail.contains(&exp_soon.to_string()), "no raw epoch: {close}");
 }
 
 /// Round 10: a reload whose issuer no longer accepts an open session's token (its

@@ -383,3 +383,15 @@ async fn postgres_metrics_count_sessions_statements_terminations_and_bytes() {
         assert!(text.contains(&format!("# TYPE {family} ")), "{family} has a TYPE line");
     }
 }
+
+/// A configured database route with no session open exports 0 open sessions, not nothing.
+#[tokio::test]
+async fn an_idle_database_route_exports_zero_open_sessions() {
+    let Some(w) =
+        PgWorld::with_toml("", |t| t.replace("name = \"appdb\"", "name = \"idle-metrics\"")).await
+    else {
+        return;
+    };
+    let series = "portcullis_pg_sessions_open{route=\"idle-metrics\"}";
+    assert_eq!(metric(&w, series, 0).await, Some(0));
+}

@@ -213,6 +213,14 @@ async fn api_requests_get_401_and_browsers_get_html_rejections() {
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     let text = r.text();
     assert!(text.contains("<code>policy-denied</code>") && text.contains("Request id"), "{text}");
+    // It says who is signed in and offers a way out, not another sign-in as the same person.
+    assert!(
+        text.contains("signed in as <strong>bob@example.test</strong> (<code>corp</code>)"),
+        "{text}"
+    );
+    assert!(text.contains("href=\"/.portcullis/logout\""), "{text}");
+    assert!(!text.contains("/.portcullis/sign_in"), "{text}");
+    assert!(!text.contains("denied by policy"), "no internal cause: {text}");
     // Bearer tokens keep their JSON behaviour.
     let r = w.get("/x", Some(&w.token("corp", &[]))).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
@@ -555,6 +563,14 @@ async fn refresh_is_single_flight_and_failure_means_sign_in_again() {
         );
     }
     assert_eq!(login(&w).refreshes(), 2, "one refresh for eight parallel requests");
+    let m = w.admin_get("/metrics").await.text();
+    let refreshed = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("portcullis_session_refreshes_total{issuer=\"corp\",outcome=\"ok\"} ")
+        })
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(refreshed.is_some_and(|n| n >= 2), "refreshes counted:\n{m}");
     // The provider refuses the refresh: the browser signs in again, an API gets 401.
     login(&w).set_fail_refresh(true);
     let r =
@@ -650,6 +666,116 @@ async fn logout_clears_the_session_and_uses_the_end_session_endpoint() {
         )
         .await;
     assert_eq!(e["identity"]["subject"], "alice");
+}
+
+/// `/.portcullis/userinfo`: the session's identity as JSON (no-store, audited), on any
+/// host a route serves; a JSON 401 without a session, or with a tampered one.
+#[tokio::test]
+async fn userinfo_tells_a_signed_in_browser_who_it_is() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    b.html = false;
+    let r = b.get(&w, &w.url("/.portcullis/userinfo")).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert_eq!(r.json()["error"], "login-required");
+    assert_eq!(r.headers["cache-control"], "no-store");
+    let refused = last_event_at(&w, "/.portcullis/userinfo").await;
+    assert_eq!(refused["decision"], "deny", "{refused}");
+
+    b.html = true;
+    let r = b.sign_in(&w, "/", "alice", &["engineering", "sre"]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    b.html = false;
+    let before = std::time::SystemTime::now();
+    let r = b.get(&w, &w.url("/.portcullis/userinfo")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.headers["cache-control"], "no-store");
+    assert_eq!(r.headers["content-type"], "application/json");
+    let info = r.json();
+    assert_eq!(info["issuer"], "corp", "{info}");
+    assert_eq!(info["subject"], "alice", "{info}");
+    assert_eq!(info["email"], "alice@example.test", "{info}");
+    assert_eq!(info["email_verified"], true, "{info}");
+    assert_eq!(info["groups"], serde_json::json!(["engineering", "sre"]), "{info}");
+    assert!(info.get("groups_unknown").is_none(), "{info}");
+    let ends = humantime::parse_rfc3339(info["expires_at"].as_str().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("expires_at: {e}: {info}"));
+    assert!(ends > before, "{info}");
+    let event = last_event_at(&w, "/.portcullis/userinfo").await;
+    assert_eq!(event["decision"], "allow", "{event}");
+    assert_eq!(event["identity"]["subject"], "alice", "{event}");
+    // Never forwarded: the upstream (an echo) did not see it.
+    assert!(event.get("upstream").is_none(), "{event}");
+
+    // A tampered cookie: refused (and cleared), never read.
+    let mut tampered = Browser::new();
+    tampered.html = false;
+    for (k, v) in &b.jar {
+        let mut v = v.clone();
+        if k == "__Host-_portcullis" {
+            let mid = v.len() / 2;
+            let c = if v.as_bytes()[mid] == b'A' { "B" } else { "A" };
+            v.replace_range(mid..=mid, c);
+        }
+        tampered.jar.insert(k.clone(), v);
+    }
+    let r = tampered.get(&w, &w.url("/.portcullis/userinfo")).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert_eq!(r.json()["error"], "invalid-session");
+    // Only GET (and HEAD).
+    let r = b.request(&w, Method::POST, &w.url("/.portcullis/userinfo"), &[], "").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+/// The last HTTP event of `path` (each is written when its response ends).
+async fn last_event_at(w: &World, path: &str) -> serde_json::Value {
+    for _ in 0..100 {
+        let events = w.events();
+        if let Some(e) = events.iter().rev().find(|e| e["kind"] == "http" && e["path"] == path) {
+            return e.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no event for {path}");
+}
+
+/// A person's events say which groups they came with (what a `groups_any` rule decided
+/// on), and signing in and out have their own reasons, not the proxy's `internal`.
+#[tokio::test]
+async fn people_are_audited_with_their_groups_and_sign_in_and_out_by_name() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    let r = b.sign_in(&w, "/", "alice", &["engineering", "sre"]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let logout = w.url("/.portcullis/logout");
+    let r = b.request(&w, Method::GET, &logout, &[("sec-fetch-site", "same-origin")], "").await;
+    assert_eq!(r.status, StatusCode::FOUND);
+    let signed_in = last_event_at(&w, "/.portcullis/callback").await;
+    assert_eq!(signed_in["reason"], "signed-in", "{signed_in}");
+    assert_eq!(signed_in["decision"], "allow", "{signed_in}");
+    assert_eq!(signed_in["identity"]["groups"], serde_json::json!(["engineering", "sre"]));
+    let allowed = last_event_at(&w, "/").await;
+    assert_eq!(allowed["reason"], "allowed", "{allowed}");
+    assert_eq!(allowed["rule"]["id"], "engineers", "{allowed}");
+    assert_eq!(allowed["identity"]["groups"], serde_json::json!(["engineering", "sre"]));
+    assert!(allowed["identity"].get("groups_truncated").is_none(), "{allowed}");
+    let signed_out = last_event_at(&w, "/.portcullis/logout").await;
+    assert_eq!(signed_out["reason"], "signed-out", "{signed_out}");
+    assert_eq!(signed_out["identity"]["subject"], "alice", "{signed_out}");
+    // And /metrics counts the sign-in, says which version runs and when keys last loaded.
+    let m = w.admin_get("/metrics").await.text();
+    let value = |series: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let sign_ins = value("portcullis_sign_ins_total{issuer=\"corp\",outcome=\"ok\"}");
+    assert!(sign_ins.is_some_and(|n| n >= 1), "{m}");
+    let version = format!("portcullis_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(value(&version), Some(1), "{m}");
+    let keys = value("portcullis_jwks_last_success_timestamp_seconds{issuer=\"corp\"}");
+    let now = portcullis::util::unix_now();
+    assert!(keys.is_some_and(|t| t <= now && t + 3600 > now), "{m}");
 }
 
 #[tokio::test]
