@@ -189,6 +189,10 @@ struct RejectCtx {
     /// The identity of a valid session cookie: a browser's rejection page says who is
     /// signed in and offers to sign out instead of signing in.
     session: Option<Arc<crate::identity::Identity>>,
+    /// The renewed session cookie (a refresh, or a touch of its idle time), sent with
+    /// whatever answers the request, a refusal too: after a refresh the provider may
+    /// have rotated its refresh token, so the browser's old cookie would sign it out.
+    set_cookies: Vec<HeaderValue>,
 }
 
 impl RejectCtx {
@@ -210,7 +214,7 @@ fn rejection(
         s if s.is_server_error() => "error",
         _ => "deny",
     };
-    let resp = if rc.html {
+    let mut resp = if rc.html {
         let sign_in = rc.here.as_deref().map(crate::session::sign_in_link);
         let signed_in = rc.session.as_deref().map(|id| crate::session::pages::SignedIn {
             who: id.email.as_deref().unwrap_or(&id.subject),
@@ -221,6 +225,10 @@ fn rejection(
     } else {
         reject::response(reason, &rc.rid)
     };
+    // Answers carrying a session are `no-store` already: no shared cache keeps them.
+    for c in &rc.set_cookies {
+        resp.headers_mut().append(header::SET_COOKIE, c.clone());
+    }
     finish(resp, outcome)
 }
 
@@ -426,6 +434,7 @@ pub async fn handle(
         html: reject::wants_html(req.headers()),
         here: None,
         session: None,
+        set_cookies: Vec::new(),
     };
 
     if over_limit {
@@ -572,7 +581,6 @@ pub async fn handle(
     // A browser on a route people sign in to is sent to the provider, not refused.
     let can_sign_in = sessions.is_some() && !rt.config.login_issuers(&route).is_empty();
     let navigation = can_sign_in && crate::session::is_navigation(req.method(), req.headers());
-    let mut set_cookies: Vec<HeaderValue> = Vec::new();
     let mut session_key = None;
     let mut source = None;
     // `None` once past this step: a request let through without any credential, as a
@@ -623,7 +631,7 @@ pub async fn handle(
                 match Box::pin(s.authenticate(&route, req.headers(), crate::util::unix_now())).await
                 {
                     crate::session::Lookup::Valid { identity, set_cookie, key, .. } => {
-                        set_cookies = set_cookie;
+                        rc.set_cookies = set_cookie;
                         session_key = Some(key);
                         rc.session = Some(identity.clone());
                         Some(identity)
@@ -893,10 +901,10 @@ pub async fn handle(
     headers::strip_proxy_set_cookies(&mut parts.headers);
     // A refreshed or touched session goes back to the browser with the response, which
     // then is the browser's alone: no shared cache may keep it with the session.
-    if !set_cookies.is_empty() {
+    if !rc.set_cookies.is_empty() {
         headers::keep_from_shared_caches(&mut parts.headers);
     }
-    for c in set_cookies {
+    for c in std::mem::take(&mut rc.set_cookies) {
         parts.headers.append(header::SET_COOKIE, c);
     }
     out.decision = "allow";

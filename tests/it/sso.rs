@@ -1246,3 +1246,26 @@ async fn a_refresh_keeps_the_claims_a_reload_added() {
     );
     assert!(login(&w).refreshes() >= before + 2, "the sessions were refreshed");
 }
+
+/// A session renewed on a request the policy refuses still reaches the browser: the
+/// refusal carries the renewed cookie (a refresh may have rotated the provider's refresh
+/// token, and the browser's old cookie would then sign it out).
+#[tokio::test]
+async fn a_refused_request_still_carries_the_renewed_session() {
+    let w = sso_world("idle_lifetime = \"8s\"").await;
+    let mut b = Browser::new();
+    let r = b.sign_in(&w, "/", "bob", &["sales"]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+    let before = b.session_cookie().cloned().unwrap_or_else(|| panic!("no session"));
+    // Past the touch interval (an eighth of idle_lifetime, at least 1 s).
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = b.get(&w, &w.url("/")).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+    let renewed = set_cookies(&r);
+    assert!(
+        renewed.iter().any(|c| c.starts_with("__Host-_portcullis=") && !c.contains("Max-Age=0")),
+        "{renewed:?}"
+    );
+    assert_ne!(b.session_cookie(), Some(&before), "the browser keeps the renewed session");
+    assert_eq!(r.headers.get("cache-control").map(|v| v.as_bytes()), Some(&b"no-store"[..]));
+}
