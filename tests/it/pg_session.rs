@@ -659,48 +659,33 @@ async fn a_route_s_startup_parameters_are_forwarded_and_audited() {
     }
 }
 
+/// The `application_name` the server sees for the session on `t`.
+async fn server_side_application_name(t: &mut Conn) -> Option<String> {
+    let sql = b"select application_name from pg_stat_activity where pid = pg_backend_pid()";
+    send(t, &[query(sql)]).await;
+    let m = until_ready(t).await;
+    m.iter().find(|(k, _)| *k == b'D').map(|(_, b)| String::from_utf8_lossy(&b[6..]).into_owned())
+}
+
 /// `session_id_in_application_name`: the server's `pg_stat_activity` shows the client's
 /// application name with the session id appended, the id of the session's audit events;
 /// without the setting the name reaches the server as the client sent it.
 #[tokio::test]
 async fn the_session_id_reaches_pg_stat_activity_when_asked() {
+    let app = [("application_name", "deploy-job")];
     let Some(w) = PgWorld::with_extra("session_id_in_application_name = true").await else {
         return;
     };
-    let token = w.w.token("bb", &[]);
-    let (mut t, _) = login(&w, w.addr, &token, &[("application_name", "deploy-job")]).await;
-    send(
-        &mut t,
-        &[query(b"select application_name from pg_stat_activity where pid = pg_backend_pid()")],
-    )
-    .await;
-    let m = until_ready(&mut t).await;
-    let row = m
-        .iter()
-        .find(|(k, _)| *k == b'D')
-        .map(|(_, b)| String::from_utf8_lossy(&b[6..]).into_owned());
+    let (mut t, _) = login(&w, w.addr, &w.w.token("bb", &[]), &app).await;
+    let row = server_side_application_name(&mut t).await;
     let open = w.wait_event(|e| e["event"] == "open").await;
     let sid = open["session_id"].as_str().unwrap_or_else(|| panic!("{open}"));
-    assert_eq!(row, Some(format!("deploy-job (portcullis {sid})")), "{m:?}");
+    let tagged = format!("deploy-job (portcullis {sid})");
+    assert_eq!(row.as_deref(), Some(tagged.as_str()));
     assert_eq!(open["application_name"], "deploy-job", "{open}");
-    assert_eq!(
-        open["startup_parameters"]["application_name"],
-        format!("deploy-job (portcullis {sid})").as_str(),
-        "{open}"
-    );
+    assert_eq!(open["startup_parameters"]["application_name"], tagged.as_str(), "{open}");
 
     let Some(plain) = PgWorld::with_extra("").await else { return };
-    let token = plain.w.token("bb", &[]);
-    let (mut t, _) = login(&plain, plain.addr, &token, &[("application_name", "deploy-job")]).await;
-    send(
-        &mut t,
-        &[query(b"select application_name from pg_stat_activity where pid = pg_backend_pid()")],
-    )
-    .await;
-    let m = until_ready(&mut t).await;
-    let row = m
-        .iter()
-        .find(|(k, _)| *k == b'D')
-        .map(|(_, b)| String::from_utf8_lossy(&b[6..]).into_owned());
-    assert_eq!(row.as_deref(), Some("deploy-job"), "{m:?}");
+    let (mut t, _) = login(&plain, plain.addr, &plain.w.token("bb", &[]), &app).await;
+    assert_eq!(server_side_application_name(&mut t).await.as_deref(), Some("deploy-job"));
 }
