@@ -962,6 +962,7 @@ fn anonymous_allowed(
 /// A CORS preflight as a browser sends it (Fetch standard, "CORS-preflight request"):
 /// `OPTIONS` with `Origin` and `Access-Control-Request-Method`, and never a credential.
 fn is_cors_preflight(req: &Request<ClientBody>) -> bool {
+    use http_body::Body as _;
     let h = req.headers();
     req.method() == http::Method::OPTIONS
         && h.contains_key(header::ORIGIN)
@@ -969,6 +970,12 @@ fn is_cors_preflight(req: &Request<ClientBody>) -> bool {
         && !h.contains_key(header::AUTHORIZATION)
         && !h.contains_key(header::PROXY_AUTHORIZATION)
         && !h.contains_key(header::COOKIE)
+        // Browsers never send a body with a preflight; one with a body (a length, chunks,
+        // or HTTP/2 DATA to come) is an OPTIONS request that handlers not checking the
+        // method would run, with input of the caller's choosing: it is authenticated.
+        && !h.contains_key(header::TRANSFER_ENCODING)
+        && h.get(header::CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0")
+        && req.body().is_end_stream()
 }
 
 /// Where a browser without a usable session goes: straight to the provider when the

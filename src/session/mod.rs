@@ -1116,6 +1116,8 @@ impl Sessions {
         let h = response.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        // Never read as anything but JSON (a `<script src>` or a sniffed page).
+        h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
         for c in set_cookie {
             h.append(header::SET_COOKIE, c);
         }

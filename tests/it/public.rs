@@ -135,6 +135,16 @@ async fn only_a_real_preflight_passes_without_a_credential() {
     let r = w.send(Method::OPTIONS, "/api", &with_token, Bytes::new()).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
     assert_eq!(r.json()["error"], "invalid-token");
+    // Nor one with a body (browsers send none): a handler that does not check the method
+    // would run on it.
+    let r = w.send(Method::OPTIONS, "/api", PREFLIGHT, Bytes::from_static(b"rm -rf /")).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    let port = w.https.port();
+    let chunked = format!(
+        "OPTIONS /api HTTP/1.1\r\nHost: localhost:{port}\r\nOrigin: https://app.example.com\r\nAccess-Control-Request-Method: POST\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    let resp = crate::forwarding::raw_exchange(&w, &chunked).await;
+    assert!(resp.starts_with("HTTP/1.1 401 "), "a chunked preflight: {resp}");
     // Another scheme in Authorization is no preflight either (a browser sends none).
     let mut basic = PREFLIGHT.to_vec();
     basic.push(("authorization", "Basic YTpi"));

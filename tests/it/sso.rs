@@ -690,6 +690,7 @@ async fn userinfo_tells_a_signed_in_browser_who_it_is() {
     let r = b.get(&w, &w.url("/.portcullis/userinfo")).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.headers["cache-control"], "no-store");
+    assert_eq!(r.headers["x-content-type-options"], "nosniff");
     assert_eq!(r.headers["content-type"], "application/json");
     let info = r.json();
     assert_eq!(info["issuer"], "corp", "{info}");
