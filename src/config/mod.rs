@@ -541,8 +541,30 @@ impl Config {
             .flat_map(|r| std::iter::once(&r.policy).chain(r.shadow_policy.as_ref()));
         http.chain(self.databases.iter().map(|d| &d.policy))
             .filter(|p| seen.insert(p.file().to_path_buf()))
-            .flat_map(|p| crate::policy::run_tests(p).into_iter().filter(|o| !o.passed()))
+            .flat_map(|p| {
+                let preflight = |path: &str| self.forwards_preflight(p, path);
+                crate::policy::run_cases_with(p, p.file_arc(), p.tests(), &preflight)
+                    .into_iter()
+                    .filter(|o| !o.passed())
+            })
             .collect()
+    }
+
+    /// Whether a route that uses `policy` (live or shadow) forwards a CORS preflight to
+    /// `path` without consulting it: `cors_preflight = true`, `path` under its
+    /// `path_prefix`, and its method filter (if any) takes `OPTIONS`. How a `[[test]]`
+    /// of an anonymous `OPTIONS` is decided ([`crate::policy::decide_case`]).
+    pub fn forwards_preflight(&self, policy: &Policy, path: &str) -> bool {
+        self.routes.iter().any(|r| {
+            let uses = r.policy.file() == policy.file()
+                || r.shadow_policy.as_ref().is_some_and(|s| s.file() == policy.file());
+            r.cors_preflight
+                && uses
+                && path_has_prefix(path, &r.path_prefix)
+                && r.methods
+                    .as_ref()
+                    .is_none_or(|m| crate::policy::methods_admit(m, &Method::OPTIONS))
+        })
     }
 
     /// Compiles configuration text. Policies and certificates are read relative to the
@@ -1549,6 +1571,7 @@ impl Compiler<'_> {
     ) -> Option<RouteSettings> {
         let start = self.diags.len();
         let name = r.name.get_ref().clone();
+        let name_span = r.name.span();
         if !is_name(&name) {
             self.err(r.name.span(), "route names use letters, digits, `-`, `_` and `.`");
         }
@@ -1642,6 +1665,23 @@ impl Compiler<'_> {
             match HeaderName::from_bytes(h.get_ref().as_bytes()) {
                 Ok(n) => strip_headers.push(n),
                 Err(_) => self.err(h.span(), format!("`{}` is not a header name", h.get_ref())),
+            }
+        }
+        // A deny that covers `OPTIONS` does not apply to a CORS preflight: the route
+        // forwards it without consulting the policy.
+        if let (Some(true), Some(p)) = (r.cors_preflight, &policy) {
+            for rule in p.rules().iter().filter(|x| {
+                x.effect() == crate::policy::Effect::Deny && x.may_match_method(&Method::OPTIONS)
+            }) {
+                warnings.push(self.source.error(
+                    Some(name_span.clone()),
+                    format!(
+                        "route `{name}` has `cors_preflight = true`, and deny rule `{}` ({}:{}) covers OPTIONS: a CORS preflight is forwarded without consulting the policy: this deny does not apply to it (OPTIONS with Origin and Access-Control-Request-Method, without a credential)",
+                        rule.id(),
+                        p.file().display(),
+                        rule.line()
+                    ),
+                ));
             }
         }
         let route = RouteSettings {

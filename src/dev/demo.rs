@@ -135,17 +135,21 @@ pub struct StateLock {
 impl StateLock {
     pub const FILE: &'static str = "demo.lock";
 
-    /// Takes the lock on `dir` (it must exist) or says which process holds it.
+    /// Takes the lock on `dir` (it must exist) or says which process holds it. The
+    /// lock file is never followed through a symbolic link (`O_NOFOLLOW`).
     pub fn take(dir: &Path) -> Result<StateLock, String> {
         use std::io::{Read as _, Seek as _};
+        use std::os::unix::fs::OpenOptionsExt;
         let path = dir.join(Self::FILE);
         let mut f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
+            .custom_flags(NOFOLLOW)
             .open(&path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| open_error(&path, &e))?;
         match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
             Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
@@ -169,6 +173,66 @@ impl StateLock {
         writeln!(f, "{}", std::process::id()).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(StateLock { _file: f })
     }
+}
+
+/// `O_NOFOLLOW`: every file the demo writes in its state directory is opened without
+/// following a symbolic link planted there.
+#[allow(clippy::cast_possible_wrap)]
+const NOFOLLOW: i32 = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+
+/// An error opening `path` in the state directory; a symbolic link (`ELOOP` under
+/// `O_NOFOLLOW`) said in words.
+fn open_error(path: &Path, e: &std::io::Error) -> String {
+    if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+        format!(
+            "{}: is a symbolic link; the demo does not follow links in its state directory (remove it)",
+            path.display()
+        )
+    } else {
+        format!("{}: {e}", path.display())
+    }
+}
+
+/// Refuses a state directory another user could have prepared or can change: one that
+/// is a symbolic link, not a directory, not owned by the current user, or writable by
+/// group or others (the default is under the shared temporary directory, where anyone
+/// may create `/tmp/portcullis-demo` first, with links to the user's files in it).
+pub fn check_state_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let refuse = |why: String| {
+        Err(format!(
+            "refusing the demo state directory {}: {why}; remove it, or give another --state-dir",
+            dir.display()
+        ))
+    };
+    if m.file_type().is_symlink() {
+        return refuse("it is a symbolic link".into());
+    }
+    if !m.is_dir() {
+        return refuse("it is not a directory".into());
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if m.uid() != me {
+        return refuse(format!("it is owned by uid {}, not by you (uid {me})", m.uid()));
+    }
+    if m.mode() & 0o022 != 0 {
+        return refuse(format!(
+            "it is writable by group or others (mode {:o}); `chmod go-w` it",
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// Creates `dir` (mode 0700) if it does not exist, then [`check_state_dir`].
+fn prepare_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    }
+    check_state_dir(dir)
 }
 
 /// Files the demo generates for browser sign-in (mode 0600).
@@ -204,14 +268,20 @@ fn load_or_create_key(dir: &Path) -> Result<DevSigner, String> {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    write_mode(path, bytes, 0o600)
+}
+
+/// Writes `path` (created with `mode`), never through a symbolic link.
+fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
+        .mode(mode)
+        .custom_flags(NOFOLLOW)
         .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| open_error(path, &e))?;
     f.write_all(bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -289,7 +359,9 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     binds.extend(opts.insecure_http);
     check_bind(&binds, opts.insecure_bind_any)?;
     let dir = &opts.state_dir;
-    std::fs::create_dir_all(dir.join("policies")).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // Owned by the user and writable by no one else, before anything is written in it.
+    prepare_dir(dir)?;
+    prepare_dir(&dir.join("policies"))?;
     // Before anything in the directory is written: a running demo hot-reloads its
     // configuration from here, and `dev token` reads its keys and issuer URLs.
     let _lock = StateLock::take(dir)?;
@@ -339,11 +411,9 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
         write_private(&dir.join("pg-password"), pg.password.as_bytes())?;
         config_text.push_str(&demo_database_config(opts.postgres_listen, pg, "pg-password"));
     }
-    std::fs::write(&config_path, config_text)
-        .map_err(|e| format!("{}: {e}", config_path.display()))?;
+    write_mode(&config_path, config_text.as_bytes(), 0o644)?;
     let policy_path = dir.join("policies").join("demo.toml");
-    std::fs::write(&policy_path, DEMO_POLICY)
-        .map_err(|e| format!("{}: {e}", policy_path.display()))?;
+    write_mode(&policy_path, DEMO_POLICY.as_bytes(), 0o644)?;
 
     let state = DemoState {
         issuers: urls.clone(),
@@ -354,8 +424,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
         ca_file: pki.ca_path(),
     };
     let state_json = serde_json::to_string_pretty(&state).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join(DemoState::FILE), state_json)
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    write_mode(&dir.join(DemoState::FILE), state_json.as_bytes(), 0o644)?;
 
     let config = crate::config::Config::load(&config_path).map_err(|e| e.to_string())?;
     let server = crate::server::Server::start(config, Default::default()).await?;
@@ -470,6 +539,53 @@ mod tests {
                 && cfg.contains("upstream = \"postgres://127.0.0.1:5433\"")
         );
         assert!(!cfg.contains("p@ss"), "the password goes to a file, not the config");
+    }
+
+    /// A `demo.lock` planted as a symbolic link to a file of the user is not followed
+    /// (the file is neither truncated nor given the pid), nor is any other state file.
+    #[test]
+    fn the_lock_and_state_files_never_follow_a_symbolic_link() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let victim = dir.path().join("victim.txt");
+        std::fs::write(&victim, "precious data\n").unwrap_or_else(|e| panic!("{e}"));
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::symlink(&victim, state.join(StateLock::FILE))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let err = StateLock::take(&state).err().unwrap_or_default();
+        assert!(err.ends_with("demo.lock: is a symbolic link; the demo does not follow links in its state directory (remove it)"), "{err}");
+        std::os::unix::fs::symlink(&victim, state.join("issuer-key.pk8"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(load_or_create_key(&state).is_err(), "the key is not written through it");
+        std::os::unix::fs::symlink(&victim, state.join("portcullis.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(write_mode(&state.join("portcullis.toml"), b"x", 0o644).is_err());
+        let left = std::fs::read_to_string(&victim).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(left, "precious data\n");
+    }
+
+    /// A state directory writable by others (or not the user's) is refused before
+    /// anything is written in it; the user's own private directory is taken.
+    #[test]
+    fn a_state_dir_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let state = dir.path().join("state");
+        prepare_dir(&state).unwrap_or_else(|e| panic!("{e}"));
+        check_state_dir(&state).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let err = check_state_dir(&state).err().unwrap_or_default();
+        assert!(err.contains("writable by group or others (mode 777)"), "{err}");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&state, &link).unwrap_or_else(|e| panic!("{e}"));
+        let err = check_state_dir(&link).err().unwrap_or_default();
+        assert!(err.contains("it is a symbolic link"), "{err}");
+        // Owned by another user: `/` is root's (skipped when the tests run as root).
+        if rustix::process::geteuid().as_raw() != 0 {
+            let err = check_state_dir(Path::new("/")).err().unwrap_or_default();
+            assert!(err.contains("not by you"), "{err}");
+        }
     }
 
     #[test]

@@ -49,7 +49,9 @@ pub use glob::{Glob, GlobError};
 pub use lint::{lint, rule_covers, Lint, Severity};
 pub use rule::{methods_admit, Condition, Effect, Loc, Rule};
 pub use summary::RuleSummary;
-pub use testcase::{run_cases, run_tests, TestCase, TestOutcome, TestRequest};
+pub use testcase::{
+    decide_case, run_cases, run_cases_with, run_tests, TestCase, TestOutcome, TestRequest,
+};
 
 use rule::Outcome;
 
@@ -309,6 +311,12 @@ impl<'a> RequestFacts<'a> {
 // === impl Decision ===
 
 impl Decision {
+    /// A CORS preflight forwarded on a `cors_preflight = true` route: allowed, no
+    /// rule, the policy not consulted.
+    pub fn cors_preflight() -> Self {
+        Decision { allowed: true, reason: Reason::CorsPreflight, rule: None, claim_not_kept: None }
+    }
+
     fn new(allowed: bool, reason: Reason, rule: Option<&Rule>) -> Self {
         Decision { allowed, reason, rule: rule.map(|r| r.rule_ref.clone()), claim_not_kept: None }
     }

@@ -156,6 +156,16 @@ impl Rule {
         self.conditions().all(|c| c.matcher.matches_request(request))
     }
 
+    /// Whether some HTTP request with `method` can meet the rule's request conditions:
+    /// its `methods` (if any) admit it, and it names no `databases` or `roles`.
+    pub fn may_match_method(&self, method: &Method) -> bool {
+        self.conditions().all(|c| match &c.matcher {
+            Matcher::Methods(m) => methods_admit(m, method),
+            Matcher::Databases(_) | Matcher::Roles(_) => false,
+            _ => true,
+        })
+    }
+
     /// How the rule fares for `identity`, or for a caller without any credential
     /// (`None`). An anonymous caller fails every identity condition of an allow (only a
     /// `public` allow, which has none, admits it) and meets every identity condition of

@@ -116,10 +116,22 @@ pub fn run_tests(policy: &Policy) -> Vec<TestOutcome> {
 /// Runs `cases`, written in `file`, against `policy` (a separate test file, or the
 /// tests of another revision in `policy diff`).
 pub fn run_cases(policy: &Policy, file: &Arc<Path>, cases: &[TestCase]) -> Vec<TestOutcome> {
+    run_cases_with(policy, file, cases, &|_| false)
+}
+
+/// [`run_cases`] where `preflight(path)` says whether a route using the policy
+/// forwards a CORS preflight to `path` without consulting it (`cors_preflight = true`):
+/// there an anonymous `OPTIONS` case is taken as that preflight ([`decide_case`]).
+pub fn run_cases_with(
+    policy: &Policy,
+    file: &Arc<Path>,
+    cases: &[TestCase],
+    preflight: &dyn Fn(&str) -> bool,
+) -> Vec<TestOutcome> {
     cases
         .iter()
         .map(|t| {
-            let decision = policy.decide(t.identity.as_ref(), &t.request.facts());
+            let decision = decide_case(policy, t, preflight);
             let got = if decision.allowed { Effect::Allow } else { Effect::Deny };
             let by = match &decision.rule {
                 Some(r) => format!("rule `{}` ({}:{})", r.id, r.file.display(), r.line),
@@ -155,6 +167,22 @@ pub fn run_cases(policy: &Policy, file: &Arc<Path>, cases: &[TestCase]) -> Vec<T
             }
         })
         .collect()
+}
+
+/// The decision for one case. A test carries no headers, so an anonymous `OPTIONS`
+/// case on a path where `preflight(path)` holds (a `cors_preflight = true` route) is
+/// taken as the CORS preflight a browser sends (`Origin`, `Access-Control-Request-Method`,
+/// no credential): forwarded without consulting the policy, `allow` (`cors-preflight`),
+/// no rule. Every other case is decided by the policy.
+pub fn decide_case(policy: &Policy, case: &TestCase, preflight: &dyn Fn(&str) -> bool) -> Decision {
+    if case.identity.is_none() {
+        if let TestRequest::Http { method, path } = &case.request {
+            if *method == Method::OPTIONS && preflight(path) {
+                return Decision::cors_preflight();
+            }
+        }
+    }
+    policy.decide(case.identity.as_ref(), &case.request.facts())
 }
 
 fn effect_name(e: Effect) -> &'static str {

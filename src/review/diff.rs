@@ -17,7 +17,9 @@ use super::git;
 use super::snapshot::{RouteView, Settings, Snapshot, TestSet, Tree};
 use super::who::bullet;
 use super::{Format, Report, EXIT_OK};
-use crate::policy::{rule_covers, Decision, Effect, Policy, Rule, RuleSummary, TestCase};
+use crate::policy::{
+    decide_case, rule_covers, Decision, Effect, Policy, Rule, RuleSummary, TestCase,
+};
 
 #[derive(Debug, Clone)]
 pub struct DiffArgs {
@@ -93,6 +95,11 @@ pub struct RouteDiff {
     /// told (`upstream`, `issuers`, `preserve_host`, `forward_token`, …).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub settings_changed: Vec<SettingChange>,
+    /// `cors_preflight` turned on (`gained`: CORS preflights without any credential
+    /// are forwarded without the policy; also for a route added with it) or off
+    /// (`lost`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cors_preflight: Option<Access>,
     pub rules: Vec<RuleChange>,
     pub flipped_tests: Vec<Flip>,
 }
@@ -286,6 +293,7 @@ pub fn compare(
                 order_changed: None,
                 // What the new route is set to do (`forward_token`, its upstream, …).
                 settings_changed: setting_changes(&Settings::new(), &n.settings),
+                cors_preflight: n.cors_preflight.then_some(Access::Gained),
                 rules: rule_changes(None, Some(&n.policy), old, new),
                 flipped_tests: Vec::new(),
             },
@@ -298,6 +306,7 @@ pub fn compare(
                 match_changed: None,
                 order_changed: None,
                 settings_changed: Vec::new(),
+                cors_preflight: o.cors_preflight.then_some(Access::Lost),
                 rules: rule_changes(Some(&o.policy), None, old, new),
                 flipped_tests: Vec::new(),
             },
@@ -331,6 +340,11 @@ pub fn compare(
                     match_changed,
                     order_changed,
                     settings_changed,
+                    cors_preflight: match (o.cors_preflight, n.cors_preflight) {
+                        (false, true) => Some(Access::Gained),
+                        (true, false) => Some(Access::Lost),
+                        _ => None,
+                    },
                     rules,
                     flipped_tests,
                 }
@@ -452,9 +466,10 @@ fn flips(
     let cases = newer.iter().chain(older.iter());
     let mut out: Vec<Flip> = Vec::new();
     for (file, case) in cases {
-        let facts = case.request.facts();
-        let before = old.policy.decide(case.identity.as_ref(), &facts);
-        let after = new.policy.decide(case.identity.as_ref(), &facts);
+        // As `policy test` decides it: an anonymous `OPTIONS` on a `cors_preflight`
+        // route is the preflight forwarded without the policy.
+        let before = decide_case(&old.policy, case, &|p| old.forwards_preflight(p));
+        let after = decide_case(&new.policy, case, &|p| new.forwards_preflight(p));
         if before.allowed == after.allowed {
             continue;
         }
@@ -611,10 +626,14 @@ fn text(d: &PolicyDiff) -> String {
             (Access::Changed, "changed (may gain and lose access)"),
         ] {
             let items: Vec<&RuleChange> = r.rules.iter().filter(|c| c.access == access).collect();
-            if items.is_empty() {
+            let preflight = preflight_line(r, access);
+            if items.is_empty() && preflight.is_none() {
                 continue;
             }
             let _ = writeln!(o, "  {title}:");
+            if let Some(line) = preflight {
+                let _ = writeln!(o, "    {line}");
+            }
             for c in items {
                 let _ = writeln!(o, "    {}", change_line(c, false));
             }
@@ -637,6 +656,20 @@ fn text(d: &PolicyDiff) -> String {
         }
     }
     o
+}
+
+/// The access `cors_preflight` adds or removes, when it changed in the direction
+/// `access`.
+fn preflight_line(r: &RouteDiff, access: Access) -> Option<&'static str> {
+    match (r.cors_preflight, access) {
+        (Some(Access::Gained), Access::Gained) => Some(
+            "cors_preflight on: ANYONE, without any credential, can send OPTIONS (a CORS preflight: with Origin and Access-Control-Request-Method, no Authorization, Proxy-Authorization or Cookie) to every path of the route; it is forwarded without consulting the policy, whatever its deny rules say",
+        ),
+        (Some(Access::Lost), Access::Lost) => Some(
+            "cors_preflight off: a CORS preflight without a credential is no longer forwarded (it is asked for a credential, as any request)",
+        ),
+        _ => None,
+    }
 }
 
 /// `` `a`, `b` `` for the text report; `(none)` for no route.
@@ -766,10 +799,14 @@ fn markdown(d: &PolicyDiff) -> String {
             (Access::Changed, ":warning: **Changed** (may gain and lose access)"),
         ] {
             let items: Vec<&RuleChange> = r.rules.iter().filter(|c| c.access == access).collect();
-            if items.is_empty() {
+            let preflight = preflight_line(r, access);
+            if items.is_empty() && preflight.is_none() {
                 continue;
             }
             let _ = writeln!(o, "{title}\n");
+            if let Some(line) = preflight {
+                let _ = writeln!(o, "- {line}");
+            }
             for c in items {
                 let _ = writeln!(o, "- {}", change_line(c, true));
             }

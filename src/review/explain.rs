@@ -176,9 +176,12 @@ pub fn run(args: &ExplainArgs) -> Report {
     };
     let identity = caller.as_ref().map(|(_, identity, _)| identity);
     let verification = caller.as_ref().map(|(_, _, v)| v);
+    // The route forwards a CORS preflight without consulting its policy.
+    let mut cors_preflight = false;
     let (route_name, policy, explanation) = match &asked {
         Asked::Http(req) => {
             let route = config.route(&req.host, &req.path, &req.method);
+            cors_preflight = route.is_some_and(|r| r.cors_preflight);
             let explanation = route.map(|r| r.policy.explain_caller(identity, &req.facts()));
             (route.map(|r| r.name.to_string()), route.map(|r| r.policy.clone()), explanation)
         }
@@ -188,7 +191,20 @@ pub fn run(args: &ExplainArgs) -> Report {
             (Some(db.name.to_string()), Some(db.policy.clone()), Some(explanation))
         }
     };
+    // An explained request carries no headers: an anonymous `OPTIONS` on such a route
+    // is taken as the preflight a browser sends (as a `[[test]]` is).
+    let preflight = match &asked {
+        Asked::Http(req) => {
+            let options = req.method == Method::OPTIONS;
+            Preflight {
+                route: cors_preflight,
+                taken: cors_preflight && options && caller.is_none(),
+            }
+        }
+        Asked::Database { .. } => Preflight { route: false, taken: false },
+    };
     let (allowed, reason) = match (verification, &explanation) {
+        _ if preflight.taken => (true, Reason::CorsPreflight),
         (Some(Verification::Rejected { reason, .. }), _) => (false, *reason),
         (_, Some(e)) => (e.decision.allowed, e.decision.reason),
         (_, None) => (false, Reason::NoRoute),
@@ -221,6 +237,10 @@ pub fn run(args: &ExplainArgs) -> Report {
             "deciding_rule": explanation.as_ref().and_then(|e| e.decision.rule.clone()),
             "upstream_role": upstream_role,
             "rules": explanation.as_ref().map(|e| &e.rules),
+            "cors_preflight": preflight.route.then(|| json!({
+                "forwarded_without_policy": preflight.taken,
+                "note": PREFLIGHT_NOTE,
+            })),
             "expectation_met": code == EXIT_OK,
         })),
         Format::Text | Format::Markdown => {
@@ -231,6 +251,7 @@ pub fn run(args: &ExplainArgs) -> Report {
                 caller.as_ref(),
                 explanation.as_ref(),
                 (allowed, reason),
+                preflight,
             );
             if let (Some(role), Asked::Database { db, .. }) = (&upstream_role, &asked) {
                 let granted = explanation
@@ -303,6 +324,17 @@ fn database_route<'a>(
     }
 }
 
+/// What the route's `cors_preflight` means for the explained request.
+#[derive(Debug, Clone, Copy)]
+struct Preflight {
+    /// The route has `cors_preflight = true`.
+    route: bool,
+    /// An anonymous `OPTIONS`, taken as a CORS preflight: forwarded without the policy.
+    taken: bool,
+}
+
+const PREFLIGHT_NOTE: &str = "this route has `cors_preflight = true`: a CORS preflight without a credential (OPTIONS with Origin and Access-Control-Request-Method; no Authorization, Proxy-Authorization or Cookie; no body) is forwarded on this route without consulting the policy";
+
 #[allow(clippy::too_many_arguments)]
 fn text(
     req: &Asked<'_>,
@@ -311,14 +343,31 @@ fn text(
     caller: Option<&(IssuerSettings, Identity, Verification)>,
     explanation: Option<&Explanation>,
     (allowed, reason): (bool, Reason),
+    preflight: Preflight,
 ) -> String {
     let mut o = String::new();
     let Some((settings, identity, verification)) = caller else {
         let _ = writeln!(o, "caller: anonymous (no token, no session)");
         let _ = writeln!(o, "request: {req}");
         match (route, explanation) {
+            (Some(r), Some(e)) if preflight.taken => {
+                let _ = writeln!(o, "route: `{r}` (policy {})", policy.unwrap_or_default());
+                let _ = writeln!(o, "note: {PREFLIGHT_NOTE}");
+                let _ = writeln!(
+                    o,
+                    "decision: allow ({reason}): taken as a CORS preflight, forwarded WITHOUT a credential and without consulting the policy"
+                );
+                let _ = writeln!(
+                    o,
+                    "what the policy would decide for an OPTIONS without Origin and Access-Control-Request-Method (not a preflight):"
+                );
+                let _ = write!(o, "{e}");
+            }
             (Some(r), Some(e)) => {
                 let _ = writeln!(o, "route: `{r}` (policy {})", policy.unwrap_or_default());
+                if preflight.route {
+                    let _ = writeln!(o, "note: {PREFLIGHT_NOTE}");
+                }
                 let _ = write!(o, "{e}");
                 if !e.decision.allowed {
                     let _ = writeln!(
@@ -364,6 +413,12 @@ fn text(
         }
         (Some(r), Some(p)) => {
             let _ = writeln!(o, "route: `{r}` (policy {p})");
+            if preflight.route && req.to_string().starts_with("OPTIONS ") {
+                let _ = writeln!(
+                    o,
+                    "note: {PREFLIGHT_NOTE} (this caller presents a credential, so its OPTIONS is authorized by the policy as below)"
+                );
+            }
         }
         _ => {
             let _ = writeln!(o, "route: none takes this request");

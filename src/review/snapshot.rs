@@ -132,6 +132,9 @@ pub struct RouteView {
     /// told (`upstream`, `issuers`, `preserve_host`, `forward_token`, `upstream_tls`,
     /// …); read by [`Snapshot::load`] only.
     pub settings: Settings,
+    /// `cors_preflight = true`: a CORS preflight without a credential is forwarded
+    /// without consulting the policy.
+    pub cors_preflight: bool,
 }
 
 /// What a PostgreSQL route adds to a [`RouteView`].
@@ -229,6 +232,7 @@ impl Snapshot {
                 shadow: r.shadow_policy.clone(),
                 database: None,
                 settings: Settings::new(),
+                cors_preflight: r.cors_preflight,
             })
             .chain(config.databases.iter().map(|d| {
                 RouteView::database(
@@ -336,6 +340,8 @@ impl Snapshot {
                 shadow,
                 database: None,
                 settings: access_settings(&r.rest),
+                cors_preflight: r.rest.get("cors_preflight").and_then(toml::Value::as_bool)
+                    == Some(true),
             };
             routes.push((order, view));
         }
@@ -405,6 +411,16 @@ impl Snapshot {
     /// The route of this kind (HTTP or PostgreSQL) named `name`.
     pub fn route_of_kind(&self, name: &str, database: bool) -> Option<&RouteView> {
         self.routes.iter().find(|r| r.name == name && r.database.is_some() == database)
+    }
+
+    /// Whether a route that uses `policy` (live or shadow) forwards a CORS preflight to
+    /// `path` without consulting it ([`RouteView::forwards_preflight`]).
+    pub fn forwards_preflight(&self, policy: &Policy, path: &str) -> bool {
+        self.routes.iter().any(|r| {
+            let uses = r.policy.file() == policy.file()
+                || r.shadow.as_ref().is_some_and(|s| s.file() == policy.file());
+            uses && r.forwards_preflight(path)
+        })
     }
 
     /// Every distinct policy file: live policies first, then shadow-only ones.
@@ -522,7 +538,18 @@ impl RouteView {
             shadow: None,
             database: Some(view),
             settings: Settings::new(),
+            cors_preflight: false,
         }
+    }
+
+    /// Whether this route forwards a CORS preflight to `path` without consulting its
+    /// policy: `cors_preflight = true`, `path` under its prefix, and its method filter
+    /// (if any) takes `OPTIONS`.
+    pub fn forwards_preflight(&self, path: &str) -> bool {
+        self.cors_preflight
+            && self.database.is_none()
+            && crate::config::path_has_prefix(path, &self.path_prefix)
+            && self.methods.as_ref().is_none_or(|m| m.iter().any(|x| x == "OPTIONS"))
     }
 
     /// `host api.example.com, paths under /v1, methods GET, HEAD`, or for a

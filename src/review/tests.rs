@@ -1372,6 +1372,118 @@ fn diff_reports_public_rules_and_cors_preflight_as_access_gained() {
     assert_eq!(settings, [("cors_preflight", None, Some("true"))]);
     let text = diff::render(&d, Format::Text);
     assert!(text.contains("setting cors_preflight: (not set) -> true"), "{text}");
+    // ... and access gained: unauthenticated OPTIONS, whatever the policy says.
+    assert_eq!(d.routes[0].cors_preflight, Some(Access::Gained), "{d:?}");
+    assert!(
+        text.contains("  access gained:\n    cors_preflight on: ANYONE, without any credential, can send OPTIONS"),
+        "{text}"
+    );
+    let md = diff::render(&d, Format::Markdown);
+    assert!(
+        md.contains(
+            ":unlock: **Access gained**\n\n- cors_preflight on: ANYONE, without any credential"
+        ),
+        "{md}"
+    );
+    assert!(diff::render(&d, Format::Json).contains("\"cors_preflight\": \"gained\""));
+    // Turned off again: access lost.
+    let d = diff_of(&cfg, Some(&c7), Some(&c6));
+    assert_eq!(d.routes[0].cors_preflight, Some(Access::Lost), "{d:?}");
+    let text = diff::render(&d, Format::Text);
+    assert!(text.contains("  access lost:\n    cors_preflight off:"), "{text}");
+    let md = diff::render(&d, Format::Markdown);
+    assert!(md.contains(":lock: **Access lost**\n\n- cors_preflight off:"), "{md}");
+}
+
+/// A route added with `cors_preflight = true` gains unauthenticated OPTIONS, and an
+/// anonymous OPTIONS test of its policy flips when the setting is turned on.
+#[test]
+fn diff_reports_an_added_cors_preflight_route_and_flips_an_anonymous_options_test() {
+    let options_test = "[[test]]\nname = \"no anonymous OPTIONS\"\nidentity = \"anonymous\"\nrequest = \"OPTIONS /admin/x\"\nexpect = \"deny\"\n";
+    let (dir, cfg) = setup(&format!("{API}\n{options_test}"));
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    write(&cfg, &CONFIG.replace("policy = \"api\"", "policy = \"api\"\ncors_preflight = true"));
+    let c2 = commit(root, "preflights");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    let flips = &d.routes[0].flipped_tests;
+    assert_eq!(flips.len(), 1, "{flips:?}");
+    assert!(!flips[0].before.allowed && flips[0].after.allowed, "{flips:?}");
+    assert_eq!(flips[0].after.reason, crate::reason::Reason::CorsPreflight);
+
+    let extra = "\n[[routes]]\nname = \"spa\"\nmatch = { host = \"spa.example.com\" }\nupstream = \"http://127.0.0.1:1\"\npolicy = \"api\"\ncors_preflight = true\n";
+    write(&cfg, &format!("{CONFIG}{extra}"));
+    let c3 = commit(root, "spa route");
+    let d = diff_of(&cfg, Some(&c1), Some(&c3));
+    let spa = d.routes.iter().find(|r| r.route == "spa").unwrap_or_else(|| panic!("{d:?}"));
+    assert_eq!((spa.status, spa.cors_preflight), ("added", Some(Access::Gained)), "{d:?}");
+}
+
+const ADMIN_DENY: &str =
+    "[[rule]]\nid = \"no-admin\"\neffect = \"deny\"\nissuer = \"corp\"\npaths = [\"/admin/**\"]\n";
+const ANON_OPTIONS_TEST: &str = "[[test]]\nname = \"nobody without a credential reaches /admin\"\nidentity = \"anonymous\"\nrequest = \"OPTIONS /admin/delete-everything\"\nexpect = \"deny\"\n";
+
+/// On a `cors_preflight = true` route a CORS preflight is forwarded without the policy:
+/// `policy test`, `check` (its tests and its warnings) and `explain` say so, instead of
+/// "deny" for an OPTIONS the proxy lets through.
+#[test]
+fn the_review_tools_model_a_cors_preflight_route() {
+    let (dir, cfg) = setup(&format!("{API}\n{ADMIN_DENY}\n{ANON_OPTIONS_TEST}"));
+    let preflight_cfg =
+        CONFIG.replace("policy = \"api\"", "policy = \"api\"\ncors_preflight = true");
+    // Near miss: without `cors_preflight`, the policy decides the OPTIONS (deny).
+    let r = test::run(&test_args(&cfg, vec![], Format::Text));
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    let c = Config::load(&cfg).unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(c.failing_policy_tests().is_empty());
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let args = explain_args(&cfg, Caller::Anonymous, "OPTIONS https://api.example.com/admin/x");
+    let r = explain::run(&args);
+    assert!(!r.stdout.contains("preflight"), "{}", r.stdout);
+
+    write(&cfg, &preflight_cfg);
+    // `policy test`: the anonymous OPTIONS is the preflight, allowed: the test fails.
+    let r = test::run(&test_args(&cfg, vec![], Format::Text));
+    assert_eq!(r.code, EXIT_FAILED, "{r:?}");
+    assert!(
+        r.stdout.contains("expected deny, got allow (cors-preflight) by no rule for OPTIONS /admin/delete-everything"),
+        "{}",
+        r.stdout
+    );
+    // `check` and `serve` run the same tests, and `check` warns about the deny.
+    let c = Config::load(&cfg).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(c.failing_policy_tests().len(), 1);
+    let warnings: Vec<String> = c.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("deny rule `no-admin`"), "{warnings:?}");
+    assert!(
+        warnings[0].contains("a CORS preflight is forwarded without consulting the policy: this deny does not apply to it"),
+        "{warnings:?}"
+    );
+
+    // `explain --anonymous` of an OPTIONS: allowed as a preflight, and says why.
+    let mut args = explain_args(&cfg, Caller::Anonymous, "OPTIONS https://api.example.com/admin/x");
+    args.expect = Some(Effect::Deny);
+    let r = explain::run(&args);
+    assert_eq!(r.code, EXIT_FAILED, "{r:?}");
+    assert!(
+        r.stdout.contains("is forwarded on this route without consulting the policy"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("decision: allow (cors-preflight)"), "{}", r.stdout);
+    let r = explain::run(&ExplainArgs { format: Format::Json, ..args });
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+    assert_eq!(j["decision"]["reason"], "cors-preflight", "{j}");
+    assert_eq!(j["cors_preflight"]["forwarded_without_policy"], true, "{j}");
+    // Another method, anonymous: the policy decides, and the preflight is mentioned.
+    let args = explain_args(&cfg, Caller::Anonymous, "GET https://api.example.com/admin/x");
+    let r = explain::run(&args);
+    assert!(r.stdout.contains("decision: deny (denied-by-rule)"), "{}", r.stdout);
+    assert!(r.stdout.contains("cors_preflight = true"), "{}", r.stdout);
+    drop(dir);
 }
 
 /// `explain --anonymous` and `policy test` with `identity = "anonymous"`: what a caller
