@@ -15,7 +15,7 @@
 //!   `outcome` `error` (the one that failed) or `skipped`;
 //! - a COPY FROM STDIN ends when the server ends it (CommandComplete, or ErrorResponse at
 //!   a bad row, whether or not the client sent CopyDone); the Syncs the client sent while
-//!   it read are counted as answered or not by the ReadyForQuery that come ([`Window`]).
+//!   it read are counted as answered or not by the ReadyForQuery that come (`Window`).
 //!
 //! Names are keyed as PostgreSQL keys them: their first 63 bytes (NAMEDATALEN - 1).
 //! Texts held (known statements and Parses in flight) share a per-session byte budget;

@@ -93,7 +93,7 @@ pub struct SessionData {
     pub refresh: Option<String>,
     /// The ID-token claims (by name) the session keeps beside [`BASE_CLAIMS`]: those
     /// the loaded policies' rules for its issuer name under `claims.*`, present in the
-    /// token or not ([`Sessions::keep_claims`]). `None`: sealed before sessions kept
+    /// token or not ([`SessionData::keep_claims`]). `None`: sealed before sessions kept
     /// claims, so it knows [`BASE_CLAIMS`] only. A `claims.*` condition on any other
     /// name fails closed ([`crate::identity::Claims::is_kept`]).
     #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
