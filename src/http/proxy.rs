@@ -687,14 +687,7 @@ pub async fn handle(
     if let Some(identity) = &identity {
         out.identity = Some(identity.clone());
         let facts = RequestFacts { method: req.method(), path: &norm, database: None, role: None };
-        let decision = route.policy.evaluate(identity, &facts);
-        if let Some(shadow) = &route.shadow_policy {
-            let s = shadow.evaluate(identity, &facts);
-            if s.allowed != decision.allowed {
-                crate::metrics::global().shadow_disagreements.inc(&route.name);
-                out.shadow = Some(s);
-            }
-        }
+        let decision = authorize(&route, Some(identity), &facts, &mut out);
         out.rule = decision.rule.clone();
         if !decision.allowed {
             return rejection(out, decision.reason, decision.detail(), &rc);
@@ -914,10 +907,9 @@ pub async fn handle(
 /// Whether a request that carries no credential at all (no bearer token, no session
 /// cookie) is let through without one, recording why in `out`:
 ///
-/// - a CORS preflight on a `cors_preflight = true` route: `OPTIONS` with `Origin` and
-///   `Access-Control-Request-Method`, and no `Authorization`, `Proxy-Authorization` or
-///   `Cookie` at all (a browser sends none on a preflight; anything else that looks like
-///   one is authenticated as usual). Only that: the route's policy is not consulted;
+/// - a CORS preflight ([`is_cors_preflight`]) on a `cors_preflight = true` route
+///   (anything else that looks like one is authenticated as usual). Only that: the
+///   route's policy is not consulted;
 /// - a request a `public = true` rule of the route's policy admits, with no deny whose
 ///   request conditions hold (deny wins, whoever the deny names). Never a WebSocket
 ///   upgrade: a tunnel is re-checked against its credential, and there is none.
@@ -942,14 +934,7 @@ fn anonymous_allowed(
         return false;
     }
     let facts = RequestFacts { method: req.method(), path: norm, database: None, role: None };
-    let decision = route.policy.evaluate_anonymous(&facts);
-    if let Some(shadow) = &route.shadow_policy {
-        let s = shadow.evaluate_anonymous(&facts);
-        if s.allowed != decision.allowed {
-            crate::metrics::global().shadow_disagreements.inc(&route.name);
-            out.shadow = Some(s);
-        }
-    }
+    let decision = authorize(route, None, &facts, out);
     if !decision.allowed {
         return false;
     }
@@ -959,8 +944,28 @@ fn anonymous_allowed(
     true
 }
 
+/// The route policy's decision for a caller or, with `None`, for one without any
+/// credential; its shadow policy's goes into `out` (and the metric) when it differs.
+fn authorize(
+    route: &crate::config::RouteSettings,
+    identity: Option<&Identity>,
+    facts: &RequestFacts<'_>,
+    out: &mut Outcome,
+) -> crate::policy::Decision {
+    let decision = route.policy.decide(identity, facts);
+    if let Some(shadow) = &route.shadow_policy {
+        let s = shadow.decide(identity, facts);
+        if s.allowed != decision.allowed {
+            crate::metrics::global().shadow_disagreements.inc(&route.name);
+            out.shadow = Some(s);
+        }
+    }
+    decision
+}
+
 /// A CORS preflight as a browser sends it (Fetch standard, "CORS-preflight request"):
-/// `OPTIONS` with `Origin` and `Access-Control-Request-Method`, and never a credential.
+/// `OPTIONS` with `Origin` and `Access-Control-Request-Method`, never a credential, and
+/// no body.
 fn is_cors_preflight(req: &Request<ClientBody>) -> bool {
     use http_body::Body as _;
     let h = req.headers();

@@ -193,21 +193,15 @@ impl Policy {
         self.decide(Some(identity), request)
     }
 
-    /// The decision for a request that carries no credential at all: only a `public`
-    /// allow can admit it, and any deny whose request conditions hold refuses it
-    /// (whatever its identity conditions: nothing shows the caller is not the one it
-    /// names).
-    pub fn evaluate_anonymous(&self, request: &RequestFacts<'_>) -> Decision {
-        self.decide(None, request)
-    }
-
     /// Whether any rule is `public = true` (else no anonymous request is evaluated).
     pub fn has_public_rules(&self) -> bool {
         self.rules.iter().any(Rule::is_public)
     }
 
-    /// [`Policy::evaluate`] for a caller or, with `None`, for a caller without any
-    /// credential.
+    /// [`Policy::evaluate`] for a caller or, with `None`, for a request that carries no
+    /// credential at all: only a `public` allow can admit it, and any deny whose request
+    /// conditions hold refuses it (whatever its identity conditions: nothing shows the
+    /// caller is not the one it names).
     pub fn decide(&self, identity: Option<&Identity>, request: &RequestFacts<'_>) -> Decision {
         // Deny wins: any matching deny decides, wherever it is in the file. One that
         // applies only because the session did not keep a claim it names (fail closed)

@@ -1391,7 +1391,7 @@ fn public_rules_admit_callers_without_a_credential_on_their_requests_only() {
         let facts = RequestFacts::http(method, path);
         let d = match who {
             Some(id) => p.evaluate(id, &facts),
-            None => p.evaluate_anonymous(&facts),
+            None => p.decide(None, &facts),
         };
         assert_eq!(d.allowed, *allowed, "{name}: {d:?}");
         assert_eq!(d.reason, *reason, "{name}: {d:?}");
@@ -1404,7 +1404,7 @@ fn public_rules_admit_callers_without_a_credential_on_their_requests_only() {
     let text = e.to_string();
     assert!(text.contains("issuer = [\"corp\"], got no credential (anonymous)"), "{text}");
     // A public rule never admits a database session (it must name paths).
-    let d = p.evaluate_anonymous(&RequestFacts::database("app", Some("app")));
+    let d = p.decide(None, &RequestFacts::database("app", Some("app")));
     assert!(!d.allowed, "{d:?}");
     assert!(p.has_public_rules());
     assert!(!must_parse(TESTED).has_public_rules());
