@@ -345,13 +345,27 @@ pub struct RouteSettings {
     pub connect_timeout: Duration,
     pub max_request_body: u64,
     pub preserve_host: bool,
+    /// Client headers removed before forwarding, besides every `X-Portcullis-*`: the
+    /// configured `strip_headers`, then every `claim_headers` name (so a client's own
+    /// copy never reaches the upstream, whether the caller's claim is sent or not).
     pub strip_headers: Vec<HeaderName>,
+    /// Verified claims sent as plain headers (`claim_headers`), in header-name order;
+    /// empty on most routes, which then pay nothing for them.
+    pub claim_headers: Box<[ClaimHeader]>,
     pub single_use_tokens: bool,
     /// Forward a CORS preflight that carries no credential without authentication
     /// (browsers never send one on a preflight); off by default.
     pub cors_preflight: bool,
     /// Issuers whose credentials the route accepts; `None`: every issuer.
     pub issuers: Option<Vec<IssuerId>>,
+}
+
+/// One `claim_headers` entry: the header `header` carries the claim `claim`
+/// ([`crate::http::headers::claim_headers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimHeader {
+    pub header: HeaderName,
+    pub claim: Arc<str>,
 }
 
 impl RouteSettings {
@@ -1667,6 +1681,8 @@ impl Compiler<'_> {
                 Err(_) => self.err(h.span(), format!("`{}` is not a header name", h.get_ref())),
             }
         }
+        let claim_headers = self.claim_headers(r.claim_headers.as_ref());
+        strip_headers.extend(claim_headers.iter().map(|c| c.header.clone()));
         // A deny that covers `OPTIONS` does not apply to a CORS preflight: the route
         // forwards it without consulting the policy.
         if let (Some(true), Some(p)) = (r.cors_preflight, &policy) {
@@ -1711,6 +1727,7 @@ impl Compiler<'_> {
             max_request_body,
             preserve_host: r.preserve_host.unwrap_or(false),
             strip_headers,
+            claim_headers,
             single_use_tokens: r.single_use_tokens.unwrap_or(false),
             cors_preflight: r.cors_preflight.unwrap_or(false),
             issuers: r.issuers.as_ref().map(|list| {
@@ -1736,6 +1753,66 @@ impl Compiler<'_> {
             }),
         };
         (self.diags.len() == start).then_some(route)
+    }
+
+    /// A route's `claim_headers`: each name a header the proxy may set
+    /// ([`crate::http::headers::claim_header_refusal`]), none twice in any spelling of
+    /// case and `-`/`_` (a CGI/WSGI server merges `X-Team` and `x_team`), each claim
+    /// named.
+    fn claim_headers(
+        &mut self,
+        raw: Option<&Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
+    ) -> Box<[ClaimHeader]> {
+        let Some(raw) = raw else { return Box::default() };
+        // In file order, so a duplicate is reported where it is written the second time.
+        let mut entries: Vec<(&Spanned<String>, &Spanned<String>)> = raw.get_ref().iter().collect();
+        entries.sort_by_key(|(k, _)| k.span().start);
+        let mut out: Vec<ClaimHeader> = Vec::with_capacity(entries.len());
+        for (k, claim) in entries {
+            let header = match HeaderName::from_bytes(k.get_ref().as_bytes()) {
+                Ok(h) => h,
+                Err(_) => {
+                    self.err(
+                        k.span(),
+                        format!(
+                            "`claim_headers`: `{}` is not a header name (a token: letters, digits and !#$%&'*+-.^_`|~)",
+                            k.get_ref().escape_debug()
+                        ),
+                    );
+                    continue;
+                }
+            };
+            if let Some(why) = crate::http::headers::claim_header_refusal(&header) {
+                self.err(
+                    k.span(),
+                    format!("`claim_headers`: `{}` cannot carry a claim: {why}", k.get_ref()),
+                );
+                continue;
+            }
+            if let Some(first) = out.iter().find(|c| {
+                crate::http::headers::cgi_eq(
+                    c.header.as_str().as_bytes(),
+                    header.as_str().as_bytes(),
+                )
+            }) {
+                self.err(
+                    k.span(),
+                    format!(
+                        "`claim_headers`: `{}` is the same header as `{}` (names ignore case, and CGI/WSGI servers read `-` and `_` alike)",
+                        k.get_ref(),
+                        first.header
+                    ),
+                );
+                continue;
+            }
+            if claim.get_ref().is_empty() {
+                self.err(claim.span(), "`claim_headers`: the claim name is empty");
+                continue;
+            }
+            out.push(ClaimHeader { header, claim: Arc::from(claim.get_ref().as_str()) });
+        }
+        out.sort_by(|a, b| a.header.as_str().cmp(b.header.as_str()));
+        out.into_boxed_slice()
     }
 
     fn upstream(&mut self, u: &Spanned<String>, ca: Option<&Spanned<String>>) -> Option<Upstream> {

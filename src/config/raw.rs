@@ -135,6 +135,9 @@ pub struct Route {
     pub max_request_body: Option<S<toml::Value>>,
     pub preserve_host: Option<bool>,
     pub strip_headers: Option<Vec<S<String>>>,
+    /// Header name → claim name: verified claims forwarded as plain headers. Keys are
+    /// spanned so a bad header name is reported where it is written.
+    pub claim_headers: Option<S<std::collections::BTreeMap<S<String>, S<String>>>>,
     pub single_use_tokens: Option<bool>,
     /// Forward CORS preflights (`OPTIONS` with `Origin` and
     /// `Access-Control-Request-Method`, no credential) without authentication.

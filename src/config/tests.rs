@@ -836,3 +836,37 @@ fn a_policy_only_load_reads_no_server_file_or_secret_and_reports_everything_else
         "{errs:?}"
     );
 }
+
+#[test]
+fn claim_headers_compile_sorted_and_are_stripped_from_clients() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let text = format!(
+        "{BASE}strip_headers = [\"X-User\"]\n[routes.claim_headers]\nX-Tenant = \"tenant_id\"\n\"X-Team\" = \"team\"\n"
+    );
+    let c = compile(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
+    let r = &c.routes[0];
+    let got: Vec<(&str, &str)> =
+        r.claim_headers.iter().map(|c| (c.header.as_str(), &*c.claim)).collect();
+    assert_eq!(got, [("x-team", "team"), ("x-tenant", "tenant_id")]);
+    let stripped: Vec<&str> = r.strip_headers.iter().map(HeaderName::as_str).collect();
+    assert_eq!(stripped, ["x-user", "x-team", "x-tenant"]);
+    // None configured: nothing to build per request.
+    let c = compile(dir.path(), BASE).unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(c.routes[0].claim_headers.is_empty() && c.routes[0].strip_headers.is_empty());
+
+    let errs = compile(
+        dir.path(),
+        &format!(
+            "{BASE}claim_headers = {{ \"X-Team\" = \"team\", \"X-TEAM\" = \"t\", Host = \"h\" }}\n"
+        ),
+    )
+    .err()
+    .unwrap_or_default();
+    assert_eq!(
+        errs,
+        [
+            "13:38 `claim_headers`: `X-TEAM` is the same header as `x-team` (names ignore case, and CGI/WSGI servers read `-` and `_` alike)",
+            "13:54 `claim_headers`: `Host` cannot carry a claim: the proxy routes, authenticates or frames the request by this header",
+        ]
+    );
+}

@@ -130,6 +130,15 @@ fn forwarded_email(id: &Identity) -> Option<&str> {
     id.email.as_deref().filter(|_| id.email_verified)
 }
 
+/// What the principal's entry offers a token not seen before ([`AssertionSigner::forward`]).
+enum Previous {
+    /// Valid for this token, once its claim headers are its own.
+    Usable(Cached),
+    /// Its identity headers hold; the assertion must be signed again.
+    Stale(Arc<Forward>),
+    None,
+}
+
 /// Everything the proxy adds upstream for one verified identity on one route, ready to
 /// clone into a request (`HeaderValue` clones share their bytes).
 #[derive(Debug)]
@@ -139,6 +148,9 @@ pub struct Forward {
     /// The signed `X-Portcullis-Assertion`; `None` on a route with
     /// `identity_assertion = false`.
     pub assertion: Option<HeaderValue>,
+    /// The route's `claim_headers` for this identity
+    /// ([`super::headers::claim_headers`]); empty (no allocation) on a route without.
+    pub claim_headers: Box<[(HeaderName, HeaderValue)]>,
 }
 
 #[derive(Serialize)]
@@ -355,21 +367,29 @@ impl AssertionSigner {
     /// The assertion for `identity` on `route` (audience = route name), reused while
     /// more than half of its lifetime remains.
     pub fn assertion(&self, identity: &Arc<Identity>, route: &Arc<str>, now: u64) -> HeaderValue {
-        self.forward(identity, route, now, true)
+        self.forward(identity, route, now, true, &[])
             .assertion
             .clone()
             .unwrap_or_else(|| HeaderValue::from_static(""))
     }
 
-    /// The assertion (if `signed`) and the plain identity headers for `identity` on
-    /// `route`, built together and reused while more than half of the assertion's
-    /// lifetime remains. `signed` is fixed per route, so it is not part of the key.
+    /// The assertion (if `signed`), the plain identity headers and the route's claim
+    /// headers (`claims`) for `identity` on `route`, built together and reused while
+    /// more than half of the assertion's lifetime remains. `signed` and `claims` are
+    /// fixed per route (a reload brings another `route`), so they are not part of the
+    /// key.
+    ///
+    /// Another token of the same principal forwards the same identity headers and
+    /// assertion, but may carry other claims: on a route with `claims`, its claim
+    /// headers are built and compared, and the entry is shared only when they match
+    /// (otherwise this token gets its own entry, with the principal's assertion).
     pub fn forward(
         &self,
         identity: &Arc<Identity>,
         route: &Arc<str>,
         now: u64,
         signed: bool,
+        claims: &[crate::config::ClaimHeader],
     ) -> Arc<Forward> {
         let route_key = Arc::as_ptr(route) as *const u8 as usize;
         let token_key = (Arc::as_ptr(identity) as usize, route_key);
@@ -386,19 +406,38 @@ impl AssertionSigner {
             match cache.by_principal.get(&principal_key) {
                 Some(c) if forwards_the_same(&c.identity, identity) => {
                     if now < c.refresh_after && c.exp <= lifetime_cap {
-                        // Keyed by this identity's address, so it must hold this
-                        // identity: were it freed, another could be allocated there and
-                        // be handed this principal's assertion.
-                        let c = Cached { identity: identity.clone(), ..c.clone() };
-                        let forward = c.forward.clone();
-                        cache.by_token.insert(token_key, c);
-                        return forward;
+                        if claims.is_empty() {
+                            let c = c.clone();
+                            return Self::found_by_principal(&mut cache, token_key, identity, c);
+                        }
+                        // This token's claim headers are built without the lock.
+                        (principal_key, Previous::Usable(c.clone()))
+                    } else {
+                        // Same principal: only the assertion needs re-signing.
+                        (principal_key, Previous::Stale(c.forward.clone()))
                     }
-                    // Same principal: only the assertion needs re-signing.
-                    (principal_key, Some(c.forward.clone()))
                 }
-                _ => (principal_key, None),
+                _ => (principal_key, Previous::None),
             }
+        };
+        let claim_headers = if claims.is_empty() {
+            Box::default()
+        } else {
+            super::headers::claim_headers(identity, claims).into_boxed_slice()
+        };
+        let previous = match previous {
+            Previous::Usable(mut c) => {
+                if claim_headers != c.forward.claim_headers {
+                    c.forward = Arc::new(Forward {
+                        identity_headers: c.forward.identity_headers.clone(),
+                        assertion: c.forward.assertion.clone(),
+                        claim_headers,
+                    });
+                }
+                return Self::found_by_principal(&mut self.cache.lock(), token_key, identity, c);
+            }
+            Previous::Stale(p) => Some(p),
+            Previous::None => None,
         };
         let ttl = self.ttl.as_secs().max(1);
         let exp = (now + ttl).min(lifetime_cap);
@@ -408,6 +447,7 @@ impl AssertionSigner {
                 None => super::headers::identity_headers(identity).into_boxed_slice(),
             },
             assertion: signed.then(|| self.sign(identity, route, now, exp)),
+            claim_headers,
         });
         let entry = Cached {
             identity: identity.clone(),
@@ -423,6 +463,22 @@ impl AssertionSigner {
             cache.by_principal.insert(principal_key, entry.clone());
         }
         cache.by_token.insert(token_key, entry);
+        forward
+    }
+
+    /// Enters `c`, found by principal (its `forward` already this token's), under
+    /// `identity`'s address too.
+    fn found_by_principal(
+        cache: &mut Cache,
+        token_key: (usize, usize),
+        identity: &Arc<Identity>,
+        c: Cached,
+    ) -> Arc<Forward> {
+        // Keyed by this identity's address, so it must hold this identity: were it freed,
+        // another could be allocated there and be handed this principal's assertion.
+        let c = Cached { identity: identity.clone(), ..c };
+        let forward = c.forward.clone();
+        cache.by_token.insert(token_key, c);
         forward
     }
 
@@ -539,7 +595,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let id = identity();
         let plain: Arc<str> = Arc::from("plain");
-        let f = s.forward(&id, &plain, 1_000, false);
+        let f = s.forward(&id, &plain, 1_000, false, &[]);
         assert!(f.assertion.is_none());
         assert!(f
             .identity_headers
@@ -550,7 +606,7 @@ mod tests {
         // old route's name, so that address cannot be reused while the entry lives.
         drop(plain);
         let next: Arc<str> = Arc::from("signed");
-        let f = s.forward(&id, &next, 1_001, true);
+        let f = s.forward(&id, &next, 1_001, true, &[]);
         let jwt = f.assertion.as_ref().and_then(|a| a.to_str().ok()).unwrap_or_default();
         let payload = jwt.split('.').nth(1).unwrap_or_default();
         let claims: serde_json::Value =
@@ -588,34 +644,81 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let route: Arc<str> = Arc::from("api");
         let first = Arc::new(pipeline("main"));
-        let a = s.forward(&first, &route, 1_000, true);
+        let a = s.forward(&first, &route, 1_000, true, &[]);
         // Another token (another Arc, another expiry and raw claims), same principal.
         let second = Arc::new(Identity { expires_at: 2_000_000_100, ..pipeline("main") });
-        let b = s.forward(&second, &route, 1_010, true);
+        let b = s.forward(&second, &route, 1_010, true, &[]);
         assert!(Arc::ptr_eq(&a, &b), "one signature for both tokens");
         // The entry found by `second`'s address holds `second` itself: its address cannot
         // be freed and reused by another identity while the entry lives.
         assert_eq!(Arc::strong_count(&second), 2, "held by the test and by the cache");
         // ... and found by token from then on.
-        assert!(Arc::ptr_eq(&s.forward(&second, &route, 1_011, true), &a));
+        assert!(Arc::ptr_eq(&s.forward(&second, &route, 1_011, true, &[]), &a));
 
         // A token that expires before the cached assertion gets its own, capped at its expiry.
         let short = Arc::new(Identity { expires_at: 1_020, ..pipeline("main") });
-        let c = s.forward(&short, &route, 1_012, true);
+        let c = s.forward(&short, &route, 1_012, true, &[]);
         assert!(!Arc::ptr_eq(&a, &c));
         assert_eq!(claims_of(&c)["exp"], 1_020);
         assert_eq!(claims_of(&a)["exp"], 1_060);
 
         // The short one was not shared: a later token of the principal gets the full one.
         let third = Arc::new(pipeline("main"));
-        assert!(Arc::ptr_eq(&s.forward(&third, &route, 1_013, true), &a));
+        assert!(Arc::ptr_eq(&s.forward(&third, &route, 1_013, true, &[]), &a));
 
         // Past half its lifetime, the entry is re-signed for the next token.
         let later = Arc::new(pipeline("main"));
-        let d = s.forward(&later, &route, 1_031, true);
+        let d = s.forward(&later, &route, 1_031, true, &[]);
         assert!(!Arc::ptr_eq(&a, &d) && !Arc::ptr_eq(&c, &d));
         assert_eq!(claims_of(&d)["iat"], 1_031);
         assert_eq!(d.identity_headers.len(), a.identity_headers.len());
+    }
+
+    /// Tokens of one principal share an assertion, but each forwards its own claims.
+    #[test]
+    fn tokens_of_one_principal_share_the_assertion_but_not_the_claim_headers() {
+        use crate::config::ClaimHeader;
+        let s = AssertionSigner::generate("portcullis".into(), Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let route: Arc<str> = Arc::from("api");
+        let wanted =
+            [ClaimHeader { header: HeaderName::from_static("x-team"), claim: Arc::from("team") }];
+        let with_team = |team: Option<&str>| {
+            let mut claims = serde_json::Map::new();
+            if let Some(t) = team {
+                claims.insert("team".into(), t.into());
+            }
+            Arc::new(Identity { claims: claims.into(), ..pipeline("main") })
+        };
+        let team_of = |f: &Forward| -> Vec<String> {
+            f.claim_headers
+                .iter()
+                .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap_or("?")))
+                .collect()
+        };
+        let red = with_team(Some("red"));
+        let a = s.forward(&red, &route, 1_000, true, &wanted);
+        assert_eq!(team_of(&a), ["x-team: red"]);
+        let blue = with_team(Some("blue"));
+        let b = s.forward(&blue, &route, 1_001, true, &wanted);
+        assert_eq!(team_of(&b), ["x-team: blue"]);
+        assert_eq!(b.assertion, a.assertion, "one signature for the principal");
+        let none = with_team(None);
+        let c = s.forward(&none, &route, 1_002, true, &wanted);
+        assert!(team_of(&c).is_empty());
+        // Each found again by its token, with its own headers.
+        assert_eq!(team_of(&s.forward(&red, &route, 1_003, true, &wanted)), ["x-team: red"]);
+        assert_eq!(team_of(&s.forward(&blue, &route, 1_003, true, &wanted)), ["x-team: blue"]);
+        // Another red token shares the principal's entry outright.
+        let red2 = with_team(Some("red"));
+        assert!(Arc::ptr_eq(&s.forward(&red2, &route, 1_004, true, &wanted), &a));
+        // Past half the lifetime, re-signed with the new token's own claims.
+        let late = with_team(Some("green"));
+        let d = s.forward(&late, &route, 1_031, true, &wanted);
+        assert_eq!(team_of(&d), ["x-team: green"]);
+        assert_ne!(d.assertion, a.assertion);
+        // A route without claim headers allocates none.
+        assert!(s.forward(&red, &Arc::from("plain"), 1_031, true, &[]).claim_headers.is_empty());
     }
 
     #[test]
@@ -631,7 +734,7 @@ mod tests {
     fn differing_identities_are_told_apart(s: &AssertionSigner) {
         let route: Arc<str> = Arc::from("api");
         let base = Arc::new(pipeline("main"));
-        let a = s.forward(&base, &route, 1_000, true);
+        let a = s.forward(&base, &route, 1_000, true, &[]);
         let human = |f: fn(&mut Identity)| {
             let mut id = (*identity()).clone();
             f(&mut id);
@@ -650,7 +753,7 @@ mod tests {
             (Identity { ci: None, ..pipeline("main") }, "ci"),
         ];
         for (id, field) in variants {
-            let f = s.forward(&Arc::new(id), &route, 1_001, true);
+            let f = s.forward(&Arc::new(id), &route, 1_001, true, &[]);
             assert!(!Arc::ptr_eq(&a, &f), "{field} differs, yet the assertion was shared");
             assert_ne!(a.assertion, f.assertion, "{field}");
         }
@@ -666,13 +769,13 @@ mod tests {
             })
         ));
         assert!(!forwards_the_same(&unverified, &verified));
-        let g = s.forward(&Arc::new(verified), &route, 1_001, true);
+        let g = s.forward(&Arc::new(verified), &route, 1_001, true, &[]);
         assert_eq!(claims_of(&g)["email"], "alice@example.com");
-        let u = s.forward(&Arc::new(unverified), &route, 1_001, true);
+        let u = s.forward(&Arc::new(unverified), &route, 1_001, true, &[]);
         assert!(claims_of(&u).get("email").is_none());
         // Another route is another audience.
         let other: Arc<str> = Arc::from("other");
-        let o = s.forward(&Arc::new(pipeline("main")), &other, 1_001, true);
+        let o = s.forward(&Arc::new(pipeline("main")), &other, 1_001, true, &[]);
         assert_eq!(claims_of(&o)["aud"], "other");
     }
 
@@ -761,7 +864,7 @@ mod tests {
         route: &Arc<str>,
         now: u64,
     ) -> HeaderValue {
-        s.forward(id, route, now, true).assertion.clone().unwrap_or_else(|| panic!("unsigned"))
+        s.forward(id, route, now, true, &[]).assertion.clone().unwrap_or_else(|| panic!("unsigned"))
     }
 
     #[test]
@@ -817,14 +920,14 @@ mod tests {
         let a = AssertionSigner::new(&cfg).unwrap_or_else(|e| panic!("{e}"));
         let (id, route) = (identity(), Arc::<str>::from("api"));
         // Cached by token and by principal, good until 1_030.
-        let old = a.forward(&id, &route, 1_000, true);
-        assert!(Arc::ptr_eq(&old, &a.forward(&id, &route, 1_001, true)));
+        let old = a.forward(&id, &route, 1_000, true, &[]);
+        assert!(Arc::ptr_eq(&old, &a.forward(&id, &route, 1_001, true, &[])));
         write(&path, &p256_pem());
         let b = reloaded(&a, &cfg, 1_002);
         // The same token, and a fresh token of the same principal, well within the cached
         // entry's half-life: both get an assertion signed with the new key.
-        let same = b.forward(&id, &route, 1_003, true);
-        let fresh = b.forward(&identity(), &route, 1_003, true);
+        let same = b.forward(&id, &route, 1_003, true, &[]);
+        let fresh = b.forward(&identity(), &route, 1_003, true, &[]);
         for f in [&same, &fresh] {
             assert!(!Arc::ptr_eq(&old, f));
             let jwt = f.assertion.as_ref().unwrap_or_else(|| panic!("unsigned"));
@@ -842,7 +945,7 @@ mod tests {
         assert_eq!(c.kid(), b.kid());
         assert_eq!(c.retired_until(b.kid()), None);
         assert_eq!(kids(&c.jwks(1_004)), [b.kid(), a.kid()], "A's overlap carried over");
-        let claims = claims_of(&c.forward(&id, &route, 1_005, true));
+        let claims = claims_of(&c.forward(&id, &route, 1_005, true, &[]));
         assert_eq!(
             (claims["iss"].as_str(), claims["exp"].as_u64()),
             (Some("https://proxy.example"), Some(1_125))

@@ -450,13 +450,109 @@ pub fn identity_headers(id: &Identity) -> Vec<(HeaderName, HeaderValue)> {
     out
 }
 
-/// Adds the request id and the plain identity headers built by [`identity_headers`]
-/// (the signed assertion is added separately).
-pub fn add_identity(h: &mut HeaderMap, identity: &[(HeaderName, HeaderValue)], request_id: &str) {
+/// At most this many bytes of one claim header's value, percent-encoded: a larger
+/// value is not sent (cut, a list would name other teams than the token's). Common
+/// servers refuse a request whose header section passes 8 KiB (Apache, nginx's
+/// default buffers, Node before 14) or 16 KiB (Node), and the identity headers ride
+/// beside it.
+pub const MAX_CLAIM_HEADER_BYTES: usize = 2048;
+
+/// Why `name` may not carry a claim (`claim_headers`), or `None` when it may. Names the
+/// proxy removes, sets or frames by, and those a framework reads as the client's
+/// address, are refused in either spelling of `-`/`_` (a CGI/WSGI server reads
+/// `X_Forwarded_For` as `X-Forwarded-For`).
+pub fn claim_header_refusal(name: &HeaderName) -> Option<&'static str> {
+    let n = name.as_str().as_bytes();
+    let is = |other: &str| cgi_eq(n, other.as_bytes());
+    let starts = |prefix: &str| n.get(..prefix.len()).is_some_and(|p| cgi_eq(p, prefix.as_bytes()));
+    if starts(PREFIX) {
+        return Some("`X-Portcullis-*` names are the proxy's own");
+    }
+    if hop_by_hop().iter().any(|h| is(h.as_str())) {
+        return Some("a hop-by-hop header never reaches the upstream");
+    }
+    if forwarding(name.as_str()) {
+        return Some("the proxy sets the forwarding headers (`Forwarded`, `X-Forwarded-*`, client-address headers)");
+    }
+    if is("host") || is("authorization") || is("cookie") || starts("content-") {
+        return Some("the proxy routes, authenticates or frames the request by this header");
+    }
+    None
+}
+
+/// The headers a route's `claim_headers` give for one verified identity, in the
+/// route's order: a string claim as it is, a number or boolean as its JSON text, an
+/// array of those joined with `,` (each element encoded, so a `,` inside one stays
+/// `%2C`), all percent-encoded as [`value`] does. An absent claim, `null`, an object,
+/// an array holding an object, array or `null`, an empty array, a claim a browser
+/// session did not keep ([`crate::identity::Claims::is_kept`]), or a value over
+/// [`MAX_CLAIM_HEADER_BYTES`] gives no header.
+pub fn claim_headers(
+    id: &Identity,
+    wanted: &[crate::config::ClaimHeader],
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::with_capacity(wanted.len());
+    for w in wanted {
+        let Some(v) = id.claims.get(&w.claim) else { continue };
+        match claim_value(v) {
+            Some(v) => out.push((w.header.clone(), v)),
+            None => tracing::debug!(
+                header = %w.header,
+                claim = %w.claim,
+                "claim not forwarded: not a string, number, boolean or list of them, or over the size limit"
+            ),
+        }
+    }
+    out
+}
+
+/// One claim's header value ([`claim_headers`]), `None` when it has none.
+fn claim_value(v: &serde_json::Value) -> Option<HeaderValue> {
+    use serde_json::Value;
+    fn scalar(v: &Value, out: &mut String) -> Option<()> {
+        match v {
+            Value::String(s) => out.extend(utf8_percent_encode(s, HEADER_ESCAPE)),
+            Value::Number(n) => out.push_str(&n.to_string()),
+            Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Value::Null | Value::Array(_) | Value::Object(_) => return None,
+        }
+        Some(())
+    }
+    let mut text = String::new();
+    match v {
+        Value::Array(items) if items.is_empty() => return None,
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    text.push(',');
+                }
+                scalar(item, &mut text)?;
+                if text.len() > MAX_CLAIM_HEADER_BYTES {
+                    return None;
+                }
+            }
+        }
+        v => scalar(v, &mut text)?,
+    }
+    if text.len() > MAX_CLAIM_HEADER_BYTES {
+        return None;
+    }
+    HeaderValue::from_str(&text).ok()
+}
+
+/// Adds the request id, the plain identity headers built by [`identity_headers`] and
+/// the route's claim headers built by [`claim_headers`] (the signed assertion is added
+/// separately).
+pub fn add_identity(
+    h: &mut HeaderMap,
+    identity: &[(HeaderName, HeaderValue)],
+    claims: &[(HeaderName, HeaderValue)],
+    request_id: &str,
+) {
     // One growth of the table for all of them, not one per doubling.
-    h.reserve(identity.len() + 1);
+    h.reserve(identity.len() + claims.len() + 1);
     h.insert(REQUEST_ID.clone(), value(request_id));
-    for (name, v) in identity {
+    for (name, v) in identity.iter().chain(claims) {
         h.insert(name.clone(), v.clone());
     }
 }
@@ -837,6 +933,117 @@ mod tests {
         assert_eq!(value("say \"hi\"").as_bytes(), b"say%20%22hi%22");
         assert_eq!(value("plain-id_01~x").as_bytes(), b"plain-id_01~x");
         assert_eq!(value("del\x7f").as_bytes(), b"del%7F");
+    }
+
+    #[test]
+    fn claim_values_are_scalars_or_lists_of_them_encoded_as_identity_values() {
+        use serde_json::json;
+        let long = "x".repeat(MAX_CLAIM_HEADER_BYTES);
+        let cases: [(serde_json::Value, Option<&str>); 17] = [
+            (json!("platform"), Some("platform")),
+            (json!(" a,b \"c\" é\r\n"), Some("%20a%2Cb%20%22c%22%20%C3%A9%0D%0A")),
+            (json!(""), Some("")),
+            (json!(42), Some("42")),
+            (json!(-1.5), Some("-1.5")),
+            (json!(true), Some("true")),
+            (json!(false), Some("false")),
+            (json!(["red", "b,c", 7, false, "on call"]), Some("red,b%2Cc,7,false,on%20call")),
+            (json!([]), None),
+            (json!(null), None),
+            (json!({"id": 1}), None),
+            (json!(["a", ["b"]]), None),
+            (json!(["a", {"b": 1}]), None),
+            (json!(["a", null]), None),
+            (json!(long), Some(long.as_str())),
+            (json!(format!("{long}x")), None),
+            (json!([long, "x"]), None),
+        ];
+        for (claim, want) in cases {
+            let got = claim_value(&claim);
+            assert_eq!(got.as_ref().map(HeaderValue::as_bytes), want.map(str::as_bytes), "{claim}");
+        }
+        // A string is encoded exactly as an identity header's value is.
+        let s = "x\r\ny: z, 100% \u{7f}";
+        assert_eq!(claim_value(&json!(s)), Some(value(s)));
+    }
+
+    #[test]
+    fn claim_headers_come_from_the_identitys_claims() {
+        use crate::config::ClaimHeader;
+        use crate::identity::{Claims, IssuerId, PrincipalKind};
+        let mut claims = serde_json::Map::new();
+        claims.insert("team".into(), "red".into());
+        claims.insert("org".into(), serde_json::json!({"id": 1}));
+        let id = Identity {
+            issuer: IssuerId(std::sync::Arc::from("corp")),
+            subject: "alice".into(),
+            kind: PrincipalKind::Human,
+            email: None,
+            email_verified: false,
+            groups: vec![],
+            groups_known: true,
+            expires_at: 2_000_000_000,
+            issued_at: None,
+            ci: None,
+            // As a session's: `missing` was kept and absent from the ID token.
+            claims: Claims::kept_only(claims, ["team", "org", "missing"]),
+            audit: Default::default(),
+        };
+        let wanted = |pairs: &[(&'static str, &str)]| -> Vec<ClaimHeader> {
+            pairs
+                .iter()
+                .map(|(h, c)| ClaimHeader {
+                    header: HeaderName::from_static(h),
+                    claim: std::sync::Arc::from(*c),
+                })
+                .collect()
+        };
+        let got = claim_headers(
+            &id,
+            &wanted(&[("x-team", "team"), ("x-org", "org"), ("x-missing", "missing")]),
+        );
+        assert_eq!(got, [(HeaderName::from_static("x-team"), HeaderValue::from_static("red"))]);
+        assert!(claim_headers(&id, &[]).is_empty());
+    }
+
+    #[test]
+    fn names_the_proxy_owns_cannot_carry_a_claim() {
+        for refused in [
+            "x-portcullis-team",
+            "x_portcullis_team",
+            "x-portcullis-subject",
+            "connection",
+            "upgrade",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "transfer_encoding",
+            "proxy-authorization",
+            "proxy-authenticate",
+            "expect",
+            "keep-alive",
+            "proxy-connection",
+            "host",
+            "authorization",
+            "cookie",
+            "content-type",
+            "content-length",
+            "content_length",
+            "content-encoding",
+            "x-forwarded-for",
+            "x-forwarded-user",
+            "x_forwarded_proto",
+            "forwarded",
+            "x-real-ip",
+            "cf-connecting-ip",
+        ] {
+            let name = HeaderName::from_static(refused);
+            assert!(claim_header_refusal(&name).is_some(), "{refused} accepted");
+        }
+        for allowed in ["x-team", "x-tenant", "x-user", "x-portcullis", "content", "hostname"] {
+            let name = HeaderName::from_static(allowed);
+            assert_eq!(claim_header_refusal(&name), None, "{allowed} refused");
+        }
     }
 
     #[test]

@@ -750,19 +750,21 @@ pub async fn handle(
     let port = conn.local_port.as_ref();
     headers::set_forwarded(h, &conn.peer_ip, conn.trusted_peer, conn.proto(), &host, port);
     h.insert(header::HOST, routed_host.unwrap_or_else(|| client.host().clone()));
-    // Identity headers and assertion come prebuilt, cached per identity and route. A
-    // request without a credential gets neither: only its request id.
+    // Identity headers, claim headers and assertion come prebuilt, cached per identity
+    // and route. A request without a credential gets none of them: only its request id
+    // (a client's own copies of them all went above, with `strip_headers`).
     match &identity {
         Some(identity) => {
             let (now, signed) = (crate::util::unix_now(), route.identity_assertion);
             // The generation's signer: after a key rotation, never one with the retired key.
-            let forward = rt.signer.forward(identity, &route.name, now, signed);
-            headers::add_identity(h, &forward.identity_headers, &rid);
+            let claims = &route.claim_headers;
+            let forward = rt.signer.forward(identity, &route.name, now, signed, claims);
+            headers::add_identity(h, &forward.identity_headers, &forward.claim_headers, &rid);
             if let Some(assertion) = &forward.assertion {
                 h.insert(headers::ASSERTION.clone(), assertion.clone());
             }
         }
-        None => headers::add_identity(h, &[], &rid),
+        None => headers::add_identity(h, &[], &[], &rid),
     }
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;

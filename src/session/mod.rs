@@ -92,8 +92,9 @@ pub struct SessionData {
     #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
     pub refresh: Option<String>,
     /// The ID-token claims (by name) the session keeps beside [`BASE_CLAIMS`]: those
-    /// the loaded policies' rules for its issuer name under `claims.*`, present in the
-    /// token or not ([`SessionData::keep_claims`]). `None`: sealed before sessions kept
+    /// the loaded policies' rules for its issuer name under `claims.*` and those the
+    /// `claim_headers` of routes accepting its issuer forward, present in the token or
+    /// not ([`SessionData::keep_claims`], [`claims_named`]). `None`: sealed before sessions kept
     /// claims, so it knows [`BASE_CLAIMS`] only. A `claims.*` condition on any other
     /// name fails closed ([`crate::identity::Claims::is_kept`]).
     #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
@@ -331,6 +332,13 @@ impl SessionData {
             let size = name.len()
                 + value.map_or(0, |v| serde_json::to_string(v).map_or(usize::MAX, |t| t.len()));
             if size > MAX_KEPT_CLAIM_BYTES || size > budget {
+                // The name is the configuration's; the value is never logged.
+                tracing::warn!(
+                    issuer = %self.issuer,
+                    claim = name,
+                    bytes = size,
+                    "the session does not keep this ID-token claim (over its size limit): rules naming it fail closed, and claim headers naming it are not sent"
+                );
                 if in_base {
                     not_kept.push(name.to_string());
                 }
@@ -395,21 +403,29 @@ impl SessionData {
     }
 }
 
-/// The claim names (`claims.NAME`) that rules for `issuer` use, in every policy of
-/// `config` (routes, shadow policies, databases), sorted. A rule matches only the
-/// issuers it names, so rules for other issuers are left out; the routes are not looked
-/// at: a session cookie serves every route of its host (of `cookie_domain`), and which
-/// issuers a route accepts changes by reload as policies do.
+/// The claim names that sessions of `issuer` need, sorted: those rules for `issuer`
+/// use (`claims.NAME`), in every policy of `config` (routes, shadow policies,
+/// databases), and those the `claim_headers` of routes accepting `issuer` forward. A
+/// rule matches only the issuers it names, so rules for other issuers are left out; for
+/// policies the routes are not looked at: a session cookie serves every route of its
+/// host (of `cookie_domain`), and which issuers a route accepts changes by reload as
+/// policies do.
 pub fn claims_named(config: &Config, issuer: &IssuerId) -> Vec<Arc<str>> {
     let policies = config
         .routes
         .iter()
         .flat_map(|r| std::iter::once(&r.policy).chain(r.shadow_policy.as_ref()))
         .chain(config.databases.iter().map(|d| &d.policy));
+    let forwarded = config
+        .routes
+        .iter()
+        .filter(|r| r.accepts(issuer))
+        .flat_map(|r| r.claim_headers.iter().map(|c| c.claim.clone()));
     let mut names: Vec<Arc<str>> = policies
         .flat_map(|p| p.rules())
         .filter(|r| r.issuers().contains(issuer))
         .flat_map(|r| r.conditions().filter_map(|c| c.claim_name().cloned()))
+        .chain(forwarded)
         .collect();
     names.sort_unstable();
     names.dedup();
@@ -465,7 +481,8 @@ impl Sessions {
         }
     }
 
-    /// The claims sessions of `issuer` keep: those the loaded policies name.
+    /// The claims sessions of `issuer` keep: those the loaded policies name and the
+    /// routes accepting it forward ([`claims_named`]).
     pub fn kept_claims(&self, issuer: &IssuerId) -> &[Arc<str>] {
         self.kept_claims.get(issuer).map_or(&[], Vec::as_slice)
     }

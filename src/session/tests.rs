@@ -434,3 +434,59 @@ fn sessions_keep_the_claims_policies_name_and_know_which() -> Result<(), String>
     assert!(!id.claims.is_kept("name"));
     Ok(())
 }
+
+/// Sessions keep the claims policies name and those the `claim_headers` of routes
+/// accepting the issuer forward; a route that does not accept the issuer adds none.
+#[test]
+fn sessions_keep_the_claims_routes_forward_as_headers() -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(dir.path().join("policies")).map_err(|e| e.to_string())?;
+    std::fs::write(
+        dir.path().join("policies/p.toml"),
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = [\"corp\", \"partner\"]\nclaims = { acct = \"1\" }\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let issuer = |name: &str| {
+        format!("[issuers.{name}]\nissuer = \"https://{name}.example.com\"\naudiences = [\"a\"]\n")
+    };
+    let route = |name: &str, extra: &str| {
+        format!("[[routes]]\nname = \"{name}\"\nmatch = {{ path_prefix = \"/{name}\" }}\nupstream = \"http://127.0.0.1:2\"\npolicy = \"p\"\n{extra}\n")
+    };
+    let text = [
+        "[listen]\ninsecure_http = \"127.0.0.1:1\"\n".to_string(),
+        issuer("corp"),
+        issuer("partner"),
+        route("a", "claim_headers = { \"X-Team\" = \"team\", \"X-Acct\" = \"acct\" }"),
+        route("b", "issuers = [\"partner\"]\nclaim_headers = { \"X-Tenant\" = \"tenant\" }"),
+    ]
+    .concat();
+    let src = crate::diag::Source::new(dir.path().join("portcullis.toml"), text);
+    let cfg = Config::compile(&src).map_err(|e| e.to_string())?;
+    let names = |issuer: &str| -> Vec<String> {
+        claims_named(&cfg, &IssuerId(Arc::from(issuer))).iter().map(|n| n.to_string()).collect()
+    };
+    assert_eq!(names("corp"), ["acct", "team"]);
+    assert_eq!(names("partner"), ["acct", "team", "tenant"]);
+
+    // What the session kept is what the route's headers carry; a claim too large to keep
+    // sends no header, and nobody is refused for it.
+    let route = cfg.routes.iter().find(|r| &*r.name == "a").ok_or("no route a")?;
+    let headers_of = |team: String| {
+        let token = serde_json::json!({ "sub": "alice", "team": team, "acct": "1" });
+        let mut d = data(1);
+        d.keep_claims(token.as_object().ok_or("not an object")?, &names_arc(&cfg));
+        let id = d.identity(IssuerId(Arc::from("corp")), 0);
+        let got: Vec<String> = crate::http::headers::claim_headers(&id, &route.claim_headers)
+            .iter()
+            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap_or("?")))
+            .collect();
+        Ok::<_, String>(got)
+    };
+    assert_eq!(headers_of("red".into())?, ["x-acct: 1", "x-team: red"]);
+    assert_eq!(headers_of("t".repeat(MAX_KEPT_CLAIM_BYTES))?, ["x-acct: 1"]);
+    Ok(())
+}
+
+fn names_arc(cfg: &Config) -> Vec<Arc<str>> {
+    claims_named(cfg, &IssuerId(Arc::from("corp")))
+}

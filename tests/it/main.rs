@@ -7,6 +7,10 @@
 //! - `checklist`: every token validation rule (V1–V27) end to end through the proxy.
 //! - `forwarding`: header hygiene, identity headers and the signed assertion, streaming,
 //!   WebSocket, HTTP/2 both sides, timeouts, upstream failures, size limits.
+//! - `claim_headers`: a route's `claim_headers` forward verified claims (every JSON
+//!   shape, cache hits, another token of the same principal, a browser session's kept
+//!   claims), and a client's own copies never reach the upstream (with and without the
+//!   claim, public rules, CORS preflights, HTTP/2); bad names refused at load.
 //! - `public`: requests let through without a credential: CORS preflights on a
 //!   `cors_preflight` route, and paths a policy's `public = true` rules open; hygiene
 //!   still applies, no identity reaches the upstream, a bad token is still refused.
@@ -45,6 +49,7 @@
 
 mod browser;
 mod checklist;
+mod claim_headers;
 mod cli;
 mod forwarding;
 mod hoarding;

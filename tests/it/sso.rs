@@ -1270,3 +1270,29 @@ async fn a_refused_request_still_carries_the_renewed_session() {
     assert_ne!(b.session_cookie(), Some(&before), "the browser keeps the renewed session");
     assert_eq!(r.headers.get("cache-control").map(|v| v.as_bytes()), Some(&b"no-store"[..]));
 }
+
+/// A route's `claim_headers` reach the upstream from a browser session as from a bearer
+/// token: the session keeps the claims they name (no policy names `name`), a client's
+/// own copy goes. (A claim too large to keep sends no header: `src/session/tests.rs`,
+/// the dev sign-in takes no such claim.)
+#[tokio::test]
+async fn a_browser_session_forwards_the_claims_a_route_names() {
+    let w = World::with(Setup {
+        sso: Some(String::new()),
+        route_extra: r#"claim_headers = { "X-Name" = "name", "X-Groups" = "groups" }"#.into(),
+        ..Setup::default()
+    })
+    .await;
+    let mut b = Browser::new();
+    let r = b.sign_in(&w, "/", "alice", &["engineering", "sre"]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.upstream_header("x-name").as_deref(), Some("alice"), "{}", r.text());
+    assert_eq!(r.upstream_header("x-groups").as_deref(), Some("engineering,sre"));
+    let forged = [("x-name", "mallory"), ("X_Name", "mallory"), ("x-groups", "admins")];
+    let r = b.request(&w, Method::GET, &w.url("/app"), &forged, "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-name"], serde_json::json!(["alice"]), "{h}");
+    assert_eq!(h["x-groups"], serde_json::json!(["engineering,sre"]), "{h}");
+    assert!(h.get("x_name").is_none(), "{h}");
+}
