@@ -255,6 +255,7 @@ fn bench_audit(c: &mut Criterion, signer: &DevSigner) {
                 identity: Some(identity),
                 ci,
                 upstream: Some("http://127.0.0.1:9000"),
+                upstream_path: None,
                 status: 200,
                 bytes_in: 0,
                 bytes_out: 2,

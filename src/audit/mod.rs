@@ -203,6 +203,10 @@ pub struct HttpEvent<'a> {
     pub ci: Option<&'a RawValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream: Option<&'a str>,
+    /// The path sent upstream (no query string), only when it differs from `path`: a
+    /// `strip_prefix` route, an upstream URL with a path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_path: Option<&'a str>,
     pub status: u16,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -270,6 +274,9 @@ impl HttpEvent<'_> {
             }
         }
         opt_str_field(out, "upstream", self.upstream);
+        if let Some(p) = self.upstream_path {
+            str_field(out, "upstream_path", &p[..bounded(p)]);
+        }
         if cut {
             out.extend_from_slice(b",\"truncated\":true");
         }
@@ -1196,6 +1203,7 @@ mod tests {
             identity: None,
             ci: None,
             upstream: None,
+            upstream_path: None,
             status: 403,
             bytes_in: 0,
             bytes_out: 10,
@@ -1250,6 +1258,7 @@ mod tests {
             identity: Some(&identity),
             ci: Some(&ci),
             upstream: Some("http://10.0.0.12:8080"),
+            upstream_path: Some("/v2/42%20x"),
             status: 200,
             bytes_in: u64::MAX,
             bytes_out: 0,
@@ -1265,6 +1274,7 @@ mod tests {
             identity: None,
             ci: None,
             upstream: None,
+            upstream_path: None,
             method: "-",
             path: "-",
             status: 499,
@@ -1293,16 +1303,21 @@ mod tests {
             tls: Some(&tls),
             method: &method,
             detail: Some(&detail),
+            upstream_path: Some(&path),
             ..anonymous_401(&path, &host)
         };
         let mut line = Vec::new();
         ev.write_json(&mut line);
-        assert!(line.len() < 6 * MAX_FIELD_BYTES, "{} bytes", line.len());
+        assert!(line.len() < 7 * MAX_FIELD_BYTES, "{} bytes", line.len());
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap_or_default();
         assert_eq!(v["truncated"], true);
-        for (field, full) in
-            [("method", &method), ("host", &host), ("path", &path), ("detail", &detail)]
-        {
+        for (field, full) in [
+            ("method", &method),
+            ("host", &host),
+            ("path", &path),
+            ("detail", &detail),
+            ("upstream_path", &path),
+        ] {
             let kept = v[field].as_str().unwrap_or_default();
             assert!(kept.len() <= MAX_FIELD_BYTES && kept.len() > MAX_FIELD_BYTES - 4, "{field}");
             assert!(full.starts_with(kept), "{field} is a prefix of what was sent");
@@ -1315,6 +1330,7 @@ mod tests {
             path: "/",
             detail: None,
             tls: None,
+            upstream_path: None,
             ..ev.clone_for_test()
         };
         let mut line = Vec::new();
@@ -1609,6 +1625,7 @@ mod tests {
             identity: None,
             ci: None,
             upstream: None,
+            upstream_path: None,
             status: 401,
             bytes_in: 0,
             bytes_out: 0,

@@ -356,6 +356,10 @@ pub struct RouteSettings {
     /// Forward a CORS preflight that carries no credential without authentication
     /// (browsers never send one on a preflight); off by default.
     pub cors_preflight: bool,
+    /// Remove `path_prefix` from the path before the upstream's base path is prepended
+    /// ([`RouteSettings::forwarded_path`]); off by default. Policies still see the
+    /// client's path.
+    pub strip_prefix: bool,
     /// Issuers whose credentials the route accepts; `None`: every issuer.
     pub issuers: Option<Vec<IssuerId>>,
 }
@@ -372,6 +376,26 @@ impl RouteSettings {
     /// Whether the route takes credentials from this issuer.
     pub fn accepts(&self, issuer: &IssuerId) -> bool {
         self.issuers.as_ref().is_none_or(|list| list.contains(issuer))
+    }
+
+    /// What of the canonical `path` this route matched goes upstream (before the
+    /// upstream's base path), and the prefix removed from it, if any: `path` itself
+    /// without `strip_prefix`; with it, `path` less `path_prefix` as the route matched
+    /// it ([`path_has_prefix`]: a trailing `/` of the prefix does not count), so
+    /// `/billing/x` is `/x` for `/billing` and `/billing/` alike, and `/billing` and
+    /// `/billing/` are `/`. The prefix is given without its trailing `/` (for
+    /// `X-Forwarded-Prefix`); a prefix of `/` removes nothing. `None` when `path` is not
+    /// under the prefix (never so for a path the route matched).
+    pub fn forwarded_path<'p>(&self, path: &'p str) -> Option<(&'p str, Option<&str>)> {
+        let prefix = self.path_prefix.strip_suffix('/').unwrap_or(&self.path_prefix);
+        if !self.strip_prefix || prefix.is_empty() {
+            return path_has_prefix(path, &self.path_prefix).then_some((path, None));
+        }
+        match path.strip_prefix(prefix)? {
+            "" => Some(("/", Some(prefix))),
+            rest if rest.starts_with('/') => Some((rest, Some(prefix))),
+            _ => None,
+        }
     }
 }
 
@@ -1700,6 +1724,17 @@ impl Compiler<'_> {
                 ));
             }
         }
+        // Nothing to strip: the setting reads as if it did something.
+        if let Some(strip) = r.strip_prefix.as_ref().filter(|s| *s.get_ref()) {
+            if path_prefix == "/" {
+                warnings.push(self.source.error(
+                    Some(strip.span()),
+                    format!(
+                        "route `{name}` has `strip_prefix = true` and `path_prefix` `/`: there is no prefix to strip, every path is forwarded as it is; set a `match.path_prefix`, or remove `strip_prefix`"
+                    ),
+                ));
+            }
+        }
         let route = RouteSettings {
             name: Arc::from(name.as_str()),
             host,
@@ -1730,6 +1765,7 @@ impl Compiler<'_> {
             claim_headers,
             single_use_tokens: r.single_use_tokens.unwrap_or(false),
             cors_preflight: r.cors_preflight.unwrap_or(false),
+            strip_prefix: r.strip_prefix.as_ref().is_some_and(|s| *s.get_ref()),
             issuers: r.issuers.as_ref().map(|list| {
                 if list.get_ref().is_empty() {
                     self.err(

@@ -142,6 +142,9 @@ pub struct Route {
     /// Forward CORS preflights (`OPTIONS` with `Origin` and
     /// `Access-Control-Request-Method`, no credential) without authentication.
     pub cors_preflight: Option<bool>,
+    /// Remove `match.path_prefix` from the forwarded path (spanned: `check` warns at it
+    /// on a route whose prefix is `/`).
+    pub strip_prefix: Option<S<bool>>,
     /// Issuers whose credentials this route accepts (all when absent); the human ones
     /// are offered on the sign-in page.
     pub issuers: Option<S<Vec<S<String>>>>,

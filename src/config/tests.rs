@@ -870,3 +870,85 @@ fn claim_headers_compile_sorted_and_are_stripped_from_clients() {
         ]
     );
 }
+
+/// `strip_prefix` removes the prefix as the route matched it: on a segment boundary, a
+/// trailing `/` of the prefix not counting, the prefix itself forwarded as `/`; the
+/// removed prefix (for `X-Forwarded-Prefix`) has no trailing `/`. Off, or with the
+/// prefix `/`, the path goes as it is and nothing counts as stripped.
+#[test]
+fn strip_prefix_removes_the_matched_prefix_on_its_segment_boundary() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let route = |prefix: &str, strip: &str| {
+        let text = format!(
+            "{BASE}\n[[routes]]\nname = \"b\"\nmatch = {{ host = \"b.example.com\", path_prefix = {prefix:?} }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"p\"\n{strip}\n"
+        );
+        let c = compile(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
+        let r = c.routes.iter().find(|r| &*r.name == "b").cloned();
+        r.unwrap_or_else(|| panic!("route b"))
+    };
+    for prefix in ["/billing", "/billing/"] {
+        let r = route(prefix, "strip_prefix = true");
+        assert!(r.strip_prefix);
+        for (path, want) in [
+            ("/billing/invoices", "/invoices"),
+            ("/billing/invoices/", "/invoices/"),
+            ("/billing/a/b", "/a/b"),
+            ("/billing", "/"),
+            ("/billing/", "/"),
+        ] {
+            assert!(r.matches("b.example.com", path, &Method::GET), "{prefix} {path}");
+            assert_eq!(r.forwarded_path(path), Some((want, Some("/billing"))), "{prefix} {path}");
+        }
+        // Never matched by the route, and never stripped either.
+        assert!(!r.matches("b.example.com", "/billingx", &Method::GET));
+        assert_eq!(r.forwarded_path("/billingx"), None, "{prefix}");
+        assert_eq!(r.forwarded_path("/other"), None, "{prefix}");
+    }
+    let r = route("/a/b", "strip_prefix = true");
+    assert_eq!(r.forwarded_path("/a/b/c"), Some(("/c", Some("/a/b"))));
+    for strip in ["", "strip_prefix = false"] {
+        let r = route("/billing", strip);
+        assert!(!r.strip_prefix, "{strip:?}");
+        assert_eq!(r.forwarded_path("/billing/invoices"), Some(("/billing/invoices", None)));
+        assert_eq!(r.forwarded_path("/billing"), Some(("/billing", None)));
+    }
+    let r = route("/", "strip_prefix = true");
+    assert_eq!(r.forwarded_path("/billing/invoices"), Some(("/billing/invoices", None)));
+    assert_eq!(r.forwarded_path("/"), Some(("/", None)));
+}
+
+/// `strip_prefix = true` on a route whose prefix is `/` strips nothing: a warning at the
+/// key, whether the prefix is written or left to its default. With a prefix, or set to
+/// `false`, there is none.
+#[test]
+fn strip_prefix_on_a_route_without_a_prefix_is_a_warning_at_the_key() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let warnings = |matcher: &str, strip: &str| {
+        let text = format!(
+            "{BASE}\n[[routes]]\nname = \"root\"\nmatch = {{ {matcher} }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"p\"\n{strip}\n"
+        );
+        let c = compile(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
+        let w: Vec<String> =
+            c.warnings.iter().map(|d| format!("{}:{} {}", d.line, d.col, d.message)).collect();
+        w
+    };
+    for matcher in ["host = \"b.example.com\", path_prefix = \"/\"", "host = \"b.example.com\""] {
+        let w = warnings(matcher, "strip_prefix = true");
+        assert_eq!(w.len(), 1, "{matcher}: {w:?}");
+        assert!(
+            w[0].starts_with(
+                "19:16 route `root` has `strip_prefix = true` and `path_prefix` `/`: there is no prefix to strip"
+            ),
+            "{matcher}: {w:?}"
+        );
+        assert!(warnings(matcher, "strip_prefix = false").is_empty(), "{matcher}");
+    }
+    let w = warnings("host = \"b.example.com\", path_prefix = \"/billing\"", "strip_prefix = true");
+    assert!(w.is_empty(), "{w:?}");
+    // Not a boolean: an error, as for any key.
+    let text = format!(
+        "{BASE}\n[[routes]]\nname = \"s\"\nmatch = {{ path_prefix = \"/s\" }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"p\"\nstrip_prefix = \"yes\"\n"
+    );
+    let errs = compile(dir.path(), &text).err().unwrap_or_default();
+    assert!(errs.iter().any(|e| e.starts_with("19:16 ")), "{errs:#?}");
+}

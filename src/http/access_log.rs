@@ -185,6 +185,7 @@ pub fn refused_by_server(
         identity: None,
         ci: None,
         upstream: None,
+        upstream_path: None,
         status,
         bytes_in: 0,
         bytes_out: 0,
@@ -266,6 +267,8 @@ impl Pending {
             rule: s.rule.as_deref(),
         });
         let audit = identity.map(|i| i.audit_fields());
+        // Where a request went (or was on its way to): not for a refusal.
+        let forwarded = o.filter(|o| o.decision != "deny");
         let ev = HttpEvent {
             ts: crate::audit::now_rfc3339(),
             request_id: &self.rid,
@@ -284,8 +287,8 @@ impl Pending {
             policy_revision: o.and_then(|o| o.revision.as_deref()),
             identity: audit.map(|a| a.0),
             ci: audit.and_then(|a| a.1),
-            upstream: o
-                .and_then(|o| if o.decision == "deny" { None } else { o.upstream.as_deref() }),
+            upstream: forwarded.and_then(|o| o.upstream.as_deref()),
+            upstream_path: forwarded.and_then(|o| o.upstream_path.as_deref()),
             status: self.status,
             bytes_in: o.map_or(0, |o| o.bytes_in.load(Ordering::Relaxed)),
             bytes_out,

@@ -62,6 +62,7 @@ impl Service<Request<ClientBody>> for AuditGate {
         resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
         resp.extensions_mut().insert(Outcome {
             path: None,
+            upstream_path: None,
             route: None,
             reason: Reason::AuditUnavailable,
             detail: Some(Cow::Owned(format!(

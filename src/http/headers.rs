@@ -18,6 +18,7 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+pub static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 pub static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub static ASSERTION: HeaderName = HeaderName::from_static("x-portcullis-assertion");
@@ -352,6 +353,40 @@ pub fn set_forwarded(
             h.insert(X_FORWARDED_PORT.clone(), p.clone());
         }
     }
+}
+
+/// Sets `X-Forwarded-Prefix` to the path prefix a `strip_prefix` route removed
+/// (`/billing`), as Traefik's `stripPrefix` does: Spring's `ForwardedHeaderFilter` and
+/// ASP.NET Core's forwarded headers build links and redirects from it. Runs after
+/// [`set_forwarded`], which has removed a client's own from an untrusted peer; a trusted
+/// proxy's (it stripped a prefix of its own) is kept and this one appended to it as a
+/// list element, `/app, /billing` (one field, as `X-Forwarded-For`: Spring joins the
+/// elements into `/app/billing`).
+pub fn add_forwarded_prefix(h: &mut HeaderMap, prefix: &str, trusted: bool) {
+    let Ok(ours) = HeaderValue::from_str(prefix) else {
+        // Never so: a route's prefix is canonical, printable ASCII. Without a value the
+        // upstream gets none rather than one a client chose.
+        h.remove(&X_FORWARDED_PREFIX);
+        return;
+    };
+    let given: Vec<&[u8]> = if trusted {
+        h.get_all(&X_FORWARDED_PREFIX)
+            .iter()
+            .map(|v| v.as_bytes().trim_ascii())
+            .filter(|v| !v.is_empty())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let value = if given.is_empty() {
+        ours
+    } else {
+        let mut list = given.join(&b", "[..]);
+        list.extend_from_slice(b", ");
+        list.extend_from_slice(ours.as_bytes());
+        HeaderValue::from_bytes(&list).unwrap_or(ours)
+    };
+    h.insert(X_FORWARDED_PREFIX.clone(), value);
 }
 
 /// One TCP port number, 1 to 65535, in decimal digits (as a framework parses it).
@@ -922,6 +957,33 @@ mod tests {
         let mut h = map(&[("x-forwarded-port", "443")]);
         set_forwarded(&mut h, &peer, false, "https", "api.example.com", None);
         assert!(h.get(&X_FORWARDED_PORT).is_none());
+    }
+
+    /// A stripped prefix reaches the upstream as `X-Forwarded-Prefix`: alone from an
+    /// untrusted peer (whose own, in either spelling, never survives), appended to a
+    /// trusted proxy's as one list field.
+    #[test]
+    fn the_stripped_prefix_is_the_forwarded_prefix_appended_only_to_a_trusted_proxys() {
+        let peer = HeaderValue::from_static("10.0.0.9");
+        let after = |given: &[(&str, &str)], trusted: bool| {
+            let mut h = map(given);
+            set_forwarded(&mut h, &peer, trusted, "https", "api.example.com", None);
+            add_forwarded_prefix(&mut h, "/billing", trusted);
+            let mut all: Vec<String> = h
+                .iter()
+                .filter(|(k, _)| cgi_eq(k.as_str().as_bytes(), b"x-forwarded-prefix"))
+                .map(|(k, v)| format!("{k}: {}", String::from_utf8_lossy(v.as_bytes())))
+                .collect();
+            all.sort();
+            all
+        };
+        let forged = [("x-forwarded-prefix", "/admin"), ("x_forwarded_prefix", "/admin")];
+        assert_eq!(after(&forged, false), ["x-forwarded-prefix: /billing"]);
+        assert_eq!(after(&[], false), ["x-forwarded-prefix: /billing"]);
+        assert_eq!(after(&[], true), ["x-forwarded-prefix: /billing"]);
+        assert_eq!(after(&forged, true), ["x-forwarded-prefix: /admin, /billing"]);
+        let two = [("x-forwarded-prefix", "/a"), ("x-forwarded-prefix", "/b"), ("x-app", "1")];
+        assert_eq!(after(&two, true), ["x-forwarded-prefix: /a, /b, /billing"]);
     }
 
     #[test]

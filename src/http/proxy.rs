@@ -44,7 +44,11 @@ pub const JWKS_PATH: &str = "/.well-known/portcullis/jwks.json";
 /// What the proxy decided, handed to the access log through response extensions.
 #[derive(Debug, Clone)]
 pub struct Outcome {
+    /// The client's canonical path: what was routed and authorized.
     pub path: Option<String>,
+    /// The path sent upstream, when it differs from `path` (a `strip_prefix` route, an
+    /// upstream with a base path).
+    pub upstream_path: Option<String>,
     pub route: Option<Arc<str>>,
     pub reason: Reason,
     pub detail: Option<Cow<'static, str>>,
@@ -63,6 +67,7 @@ impl Outcome {
     fn new(revision: Option<Arc<str>>) -> Self {
         Self {
             path: None,
+            upstream_path: None,
             route: None,
             reason: Reason::InternalError,
             detail: None,
@@ -682,8 +687,9 @@ pub async fn handle(
                 return rejection(out, reason, "no bearer token or session", &rc);
             }
         };
-    // 5. Authorize the canonical path: the same string that is forwarded. (A request
-    //    without a credential was decided in step 4.)
+    // 5. Authorize the canonical path: the same string that is forwarded (less the
+    //    route's prefix on a `strip_prefix` route: policies are written against the
+    //    client's URL). (A request without a credential was decided in step 4.)
     if let Some(identity) = &identity {
         out.identity = Some(identity.clone());
         let facts = RequestFacts { method: req.method(), path: &norm, database: None, role: None };
@@ -711,11 +717,19 @@ pub async fn handle(
             );
         }
     }
-    // The canonical path, as authorized. Built before the request is taken apart: `norm`
-    // borrows its path when the client sent it canonical already.
-    let mut target = String::with_capacity(route.upstream.base_path.len() + norm.len() + 64);
-    target.push_str(&route.upstream.base_path);
-    target.push_str(&norm);
+    // The canonical path, as authorized, less the route's prefix if it strips it, after
+    // the upstream's base path; the query as sent. Built before the request is taken
+    // apart: `norm` borrows its path when the client sent it canonical already.
+    let Some((rest, stripped)) = route.forwarded_path(&norm) else {
+        return rejection(out, Reason::InternalError, "path is not under the route's prefix", &rc);
+    };
+    let base = &route.upstream.base_path;
+    let mut target = String::with_capacity(base.len() + rest.len() + 64);
+    target.push_str(base);
+    target.push_str(rest);
+    if !base.is_empty() || stripped.is_some() {
+        out.upstream_path = Some(target.clone());
+    }
     if let Some(q) = req.uri().query() {
         target.push('?');
         target.push_str(q);
@@ -749,6 +763,9 @@ pub async fn handle(
     }
     let port = conn.local_port.as_ref();
     headers::set_forwarded(h, &conn.peer_ip, conn.trusted_peer, conn.proto(), &host, port);
+    if let Some(prefix) = stripped {
+        headers::add_forwarded_prefix(h, prefix, conn.trusted_peer);
+    }
     h.insert(header::HOST, routed_host.unwrap_or_else(|| client.host().clone()));
     // Identity headers, claim headers and assertion come prebuilt, cached per identity
     // and route. A request without a credential gets none of them: only its request id
@@ -865,6 +882,7 @@ pub async fn handle(
                     client_addr: conn.peer_text.clone(),
                     tls: conn.tls.clone(),
                     upstream: route.upstream.display.clone(),
+                    upstream_path: out.upstream_path.clone(),
                     revoked_because: Default::default(),
                 };
                 // The tunnel keeps the connection's `max_connections` slot.

@@ -74,6 +74,9 @@ pub struct Grant {
     pub client_addr: Arc<str>,
     pub tls: Option<Arc<TlsInfo>>,
     pub upstream: Arc<str>,
+    /// The path the upgrade request was sent upstream with, when it differs from `path`
+    /// (`strip_prefix`, an upstream base path).
+    pub upstream_path: Option<String>,
     /// Why a reload ended the tunnel, for its `close` event's `detail`.
     pub revoked_because: parking_lot::Mutex<Option<String>>,
 }
@@ -196,6 +199,8 @@ impl Grant {
     fn emit_end(&self, relayed: &Relayed, duration: Duration) {
         let host = &self.host[..crate::audit::bounded_len(&self.host)];
         let path = &self.path[..crate::audit::bounded_len(&self.path)];
+        let upstream_path =
+            self.upstream_path.as_deref().map(|p| &p[..crate::audit::bounded_len(p)]);
         let revision = self.shared.runtime.load().revision.clone();
         let (identity, ci) = self.admission.identity.audit_fields();
         let detail = self.revoked_because.lock().take();
@@ -210,6 +215,7 @@ impl Grant {
             path,
             route: &self.route,
             upstream: &self.upstream,
+            upstream_path,
             decision: if relayed.end == End::Closed { "closed" } else { "terminated" },
             reason: relayed.end.label(),
             detail: detail.as_deref(),
@@ -219,7 +225,9 @@ impl Grant {
             duration_ms: crate::util::millis(duration),
             bytes_in: relayed.bytes_in,
             bytes_out: relayed.bytes_out,
-            truncated: host.len() < self.host.len() || path.len() < self.path.len(),
+            truncated: host.len() < self.host.len()
+                || path.len() < self.path.len()
+                || upstream_path.map(str::len) != self.upstream_path.as_deref().map(str::len),
         });
     }
 }
@@ -238,6 +246,9 @@ pub struct TunnelEvent<'a> {
     pub path: &'a str,
     pub route: &'a str,
     pub upstream: &'a str,
+    /// As the upgrade's `http` event's: only when it differs from `path`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_path: Option<&'a str>,
     /// `closed` (an end closed it) or `terminated` (the proxy ended it: `reason`).
     pub decision: &'static str,
     /// [`End::label`]: `closed`, `idle`, `credential-expired`, `access-revoked`,

@@ -574,7 +574,7 @@ fn diff_reports_issuer_and_route_settings_that_change_access() {
 
     let moved = CONFIG
         .replace("issuer = \"https://idp.example.com\"\naudiences = [\"portcullis\"]", "issuer = \"https://idp.attacker.example\"\naudiences = [\"portcullis\", \"other-app\"]\ngroups_claim = \"nickname\"\nrefresh_cooldown = \"5m\"")
-        .replace("upstream = \"http://127.0.0.1:1\"", "upstream = \"http://admin-backend:8080\"\nforward_token = true\ntimeout = \"90s\"");
+        .replace("upstream = \"http://127.0.0.1:1\"", "upstream = \"http://admin-backend:8080\"\nforward_token = true\nstrip_prefix = true\ntimeout = \"90s\"");
     write(&cfg, &moved);
     let c2 = commit(root, "re-point corp, move api");
     let d = diff_of(&cfg, Some(&c1), Some(&c2));
@@ -594,8 +594,12 @@ fn diff_reports_issuer_and_route_settings_that_change_access() {
         api.settings_changed.iter().map(|c| (c.setting.as_str(), c.after.as_deref())).collect();
     assert_eq!(
         settings,
-        [("forward_token", Some("true")), ("upstream", Some("\"http://admin-backend:8080\""))],
-        "timeout is not access"
+        [
+            ("forward_token", Some("true")),
+            ("strip_prefix", Some("true")),
+            ("upstream", Some("\"http://admin-backend:8080\""))
+        ],
+        "timeout is not access; strip_prefix changes what the upstream is told"
     );
     let text = diff::render(&d, Format::Text);
     assert!(text.contains("issuer `corp` (changed)"), "{text}");

@@ -735,6 +735,30 @@ fn check_runs_inline_policy_tests_and_exits_1_on_a_failure() {
     assert!(err.contains("api.toml:7: test failed: sre may"), "{err}");
 }
 
+/// `strip_prefix = true` on a route whose prefix is `/` strips nothing: `check` says so
+/// as a warning at the key, `file:line:col: warning: …`, and still exits 0.
+#[test]
+fn check_warns_about_strip_prefix_on_a_route_without_a_prefix() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let p = dir.path();
+    std::fs::create_dir_all(p.join("policies")).ok();
+    write(
+        &p.join("portcullis.toml"),
+        "[listen]\ninsecure_http = \"127.0.0.1:0\"\n[issuers.corp]\nissuer = \"https://idp.example.com\"\naudiences = [\"x\"]\n[[routes]]\nname = \"api\"\nupstream = \"http://127.0.0.1:1\"\npolicy = \"api\"\nmatch = {}\nstrip_prefix = true\n",
+    );
+    let policy =
+        "[[rule]]\nid = \"sre\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"sre\"]\n";
+    write(&p.join("policies/api.toml"), policy);
+    let cfg = p.join("portcullis.toml").to_string_lossy().to_string();
+    let (code, out, err) = run(&["check", "-c", &cfg]);
+    assert_eq!(code, 0, "{out}{err}");
+    let want = format!(
+        "{cfg}:11:16: warning: route `api` has `strip_prefix = true` and `path_prefix` `/`: there is no prefix to strip"
+    );
+    assert!(err.lines().any(|l| l.starts_with(&want)), "{want}\nin:\n{err}");
+    assert!(out.contains("ok (1 warning(s))"), "{out}");
+}
+
 /// `name=value` from a URL's query.
 fn query_value(url: &str, name: &str) -> String {
     url.split(['?', '&'])
