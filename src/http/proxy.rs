@@ -232,40 +232,55 @@ fn rejection(
     finish(resp, outcome)
 }
 
-/// The request's `host[:port]` as the browser wrote it, less an empty port (for
-/// redirect URIs).
-fn authority_with_port(req: &Request<ClientBody>) -> Option<String> {
+/// The request's `host[:port]` as the browser wrote it, in its routed form
+/// ([`routed_form`]), lower-cased (for redirect URIs).
+fn authority_with_port<B>(req: &Request<B>) -> Option<String> {
     match req.uri().authority() {
-        Some(a) => Some(without_empty_port(a.as_str()).to_ascii_lowercase()),
+        Some(a) => Some(routed_form(a.as_str()).to_ascii_lowercase()),
         None => {
             let h = req.headers().get(header::HOST)?.to_str().ok()?;
             let a: http::uri::Authority = h.parse().ok()?;
-            Some(without_empty_port(a.as_str()).to_ascii_lowercase())
+            Some(routed_form(a.as_str()).to_ascii_lowercase())
         }
     }
 }
 
 /// The authority a request was routed by, as the client wrote it (Host, else the
-/// target's authority or HTTP/2 `:authority`), less an empty port: the Host a
-/// `preserve_host` route forwards.
+/// target's authority or HTTP/2 `:authority`), in its routed form ([`routed_form`]): the
+/// Host a `preserve_host` route forwards.
 fn routed_authority<B>(req: &Request<B>) -> Option<HeaderValue> {
-    match req.headers().get(header::HOST) {
-        Some(v) => match v.as_bytes().strip_suffix(b":") {
-            Some(name) => HeaderValue::from_bytes(name).ok(),
-            None => Some(v.clone()),
-        },
-        None => {
-            let a = req.uri().authority()?;
-            HeaderValue::from_str(without_empty_port(a.as_str())).ok()
-        }
+    let host = req.headers().get(header::HOST);
+    let written = match host {
+        Some(v) => v.to_str().ok()?,
+        None => req.uri().authority()?.as_str(),
+    };
+    let form = routed_form(written);
+    match host {
+        // The common case: the client's own Host, as it is.
+        Some(v) if form.len() == written.len() => Some(v.clone()),
+        _ => HeaderValue::from_str(&form).ok(),
     }
 }
 
-/// `example.com:` is `example.com` (RFC 3986 §3.2.3: an empty port is the scheme's
-/// default; nginx reads it so too). Only for an authority [`is_host_and_port`] accepted,
-/// where a last `:` can only open the port.
-fn without_empty_port(authority: &str) -> &str {
-    authority.strip_suffix(':').unwrap_or(authority)
+/// The name and port a request was routed by, as the upstream and redirects must see
+/// them: without an empty port (`example.com:` is `example.com`, RFC 3986 §3.2.3: an
+/// empty port is the scheme's default; nginx reads it so too) and without the trailing
+/// dots of a fully qualified name (`example.com.` is the same DNS name, routed as
+/// `example.com`; nginx and Apache drop the dot before choosing a virtual host, but Go's
+/// `ServeMux` and Envoy (`strip_trailing_host_dot` is off by default) do not, and
+/// would serve another virtual host, or their default one, than the route authorized).
+/// Only for an authority [`is_host_and_port`] accepted, where a `:` outside an IPv6
+/// literal can only open the port.
+fn routed_form(authority: &str) -> Cow<'_, str> {
+    let authority = authority.strip_suffix(':').unwrap_or(authority);
+    if authority.starts_with('[') {
+        return Cow::Borrowed(authority);
+    }
+    let (name, port) = authority.split_at(authority.find(':').unwrap_or(authority.len()));
+    match name.strip_suffix('.') {
+        None => Cow::Borrowed(authority),
+        Some(_) => Cow::Owned(format!("{}{port}", name.trim_end_matches('.'))),
+    }
 }
 
 /// Headers with which upstream frameworks let a request claim another method (Rails,
@@ -735,7 +750,7 @@ pub async fn handle(
 
     // For a `preserve_host` route, the authority the request was routed and authorized by:
     // the client's Host (equal to an absolute-form target's authority, see `unambiguous`),
-    // or HTTP/2 `:authority`, less an empty port, so the upstream reads the name
+    // or HTTP/2 `:authority`, less an empty port and a trailing dot, so the upstream reads the name
     // X-Forwarded-Host gives, not `example.com:`. Taken before the headers are cleaned:
     // what reaches the upstream is this, never whatever Host is left afterwards.
     let routed_host = route.preserve_host.then(|| routed_authority(&req)).flatten();
@@ -1043,7 +1058,7 @@ mod tests {
     use super::{is_host_and_port, query_overrides_method, routed_authority};
 
     #[test]
-    fn the_routed_authority_is_the_clients_host_or_target_less_an_empty_port() {
+    fn the_routed_authority_is_the_clients_host_or_target_less_an_empty_port_and_trailing_dots() {
         let at = |target: &str, host: Option<&str>| {
             let mut b = http::Request::builder().uri(target);
             if let Some(h) = host {
@@ -1058,6 +1073,18 @@ mod tests {
         assert_eq!(at("https://app.example.com/x", None).as_deref(), Some("app.example.com"));
         assert_eq!(at("https://app.example.com:/x", None).as_deref(), Some("app.example.com"));
         assert_eq!(at("/x", None), None);
+        // A fully qualified name's trailing dot: the name it was routed as.
+        assert_eq!(at("/x", Some("app.example.com.")).as_deref(), Some("app.example.com"));
+        assert_eq!(
+            at("/x", Some("App.example.com..:8443")).as_deref(),
+            Some("App.example.com:8443")
+        );
+        assert_eq!(at("/x", Some("app.example.com.:")).as_deref(), Some("app.example.com"));
+        assert_eq!(
+            at("https://app.example.com.:8443/x", None).as_deref(),
+            Some("app.example.com:8443")
+        );
+        assert_eq!(at("/x", Some("[::1]:8443")).as_deref(), Some("[::1]:8443"));
     }
 
     #[test]
