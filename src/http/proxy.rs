@@ -13,7 +13,9 @@
 //!    A request with no credential at all goes on without one only as a CORS preflight
 //!    on a `cors_preflight` route, or when a `public = true` rule admits it (its
 //!    decision made here: no deny's request conditions hold).
-//!    The sign-in endpoints (`/.portcullis/...`) are served here, before routing.
+//!    The sign-in endpoints (`/.portcullis/...`) are served here, before routing. A
+//!    WebSocket handshake a session cookie authenticates must come from a page of this
+//!    origin (else 403 `cross-origin`).
 //! 5. authorize: the route's policy → 403 (a shadow policy is evaluated alongside)
 //! 6. forward: header hygiene, identity headers + signed assertion, streaming, timeouts
 
@@ -649,6 +651,16 @@ pub async fn handle(
                         rc.set_cookies = set_cookie;
                         session_key = Some(key);
                         rc.session = Some(identity.clone());
+                        // The browser sends the cookie with a WebSocket handshake from any
+                        // page of the same site, and nothing like CORS keeps that page from
+                        // reading the tunnel: only a page of this origin may open one.
+                        if is_websocket(&req) {
+                            let domain = s.settings.cookie_domain.as_deref();
+                            if let Err(detail) = websocket_origin(&req, &host, domain) {
+                                out.identity = Some(identity);
+                                return rejection(out, Reason::CrossOrigin, detail, &rc);
+                            }
+                        }
                         Some(identity)
                     }
                     crate::session::Lookup::Invalid { reason, detail, clear } => {
@@ -996,6 +1008,54 @@ fn is_cors_preflight(req: &Request<ClientBody>) -> bool {
         && !h.contains_key(header::TRANSFER_ENCODING)
         && h.get(header::CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0")
         && req.body().is_end_stream()
+}
+
+/// Whether a WebSocket handshake that a session cookie authenticates may use it: sent
+/// by a page of this very origin (`https://` + the request's host and port), or, with
+/// `cookie_domain`, of an `https://` host under that domain (which shares the cookie by
+/// the operator's choice). A browser always sends `Origin` with a WebSocket handshake
+/// (RFC 6455 §4.1), and `SameSite=Lax` lets the cookie ride one from any page of the same
+/// site (`evil.example.com` against `app.example.com`, whatever its port or scheme to
+/// browsers without schemeful same-site), which could then read and write the tunnel as
+/// the signed-in user: cross-site WebSocket hijacking. No `Origin` is a client that is
+/// not a browser (one holding the cookie is its user), let through.
+fn websocket_origin<B>(
+    req: &Request<B>,
+    host: &str,
+    cookie_domain: Option<&str>,
+) -> Result<(), &'static str> {
+    let mut origins = req.headers().get_all(header::ORIGIN).iter();
+    let Some(origin) = origins.next() else { return Ok(()) };
+    if origins.next().is_some() {
+        return Err("WebSocket handshake with more than one Origin");
+    }
+    let refused = "WebSocket handshake with a session cookie from a page of another origin";
+    // `scheme://host[:port]`, as browsers serialize it: nothing else (`null`, a path,
+    // userinfo, another scheme) is a page of this host.
+    let Some(rest) = origin.as_bytes().strip_prefix(b"https://") else { return Err(refused) };
+    if rest.iter().any(|b| matches!(b, b'/' | b'@' | b'?' | b'#')) {
+        return Err(refused);
+    }
+    let Some(page) =
+        std::str::from_utf8(rest).ok().and_then(|a| a.parse::<http::uri::Authority>().ok())
+    else {
+        return Err(refused);
+    };
+    let page_host = page.host().trim_end_matches('.').to_ascii_lowercase();
+    let own_port = authority_with_port(req)
+        .and_then(|a| a.parse::<http::uri::Authority>().ok())
+        .and_then(|a| a.port_u16())
+        .unwrap_or(443);
+    if page_host == host && page.port_u16().unwrap_or(443) == own_port {
+        return Ok(());
+    }
+    let shared = cookie_domain.is_some_and(|d| {
+        page_host == d || page_host.strip_suffix(d).is_some_and(|sub| sub.ends_with('.'))
+    });
+    if shared {
+        return Ok(());
+    }
+    Err(refused)
 }
 
 /// Where a browser without a usable session goes: straight to the provider when the
