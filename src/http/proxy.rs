@@ -691,7 +691,25 @@ pub async fn handle(
                     }
                 }
             }
-            (None, None) if anonymous_allowed(&route, &req, &norm, &mut out) => None,
+            (None, None) if anonymous_allowed(&route, &req, &norm, &mut out) => {
+                // Its event has half the audit queue (anyone can send such requests as
+                // fast as they like): failing closed, it is not let through without it.
+                if rt.config.audit_on_failure == crate::config::AuditOnFailure::Reject {
+                    let status = shared.sink.health().present_unattributed();
+                    if status != crate::audit::AuditStatus::Ok {
+                        let detail = format!(
+                            "refused: the audit log is {} for requests without a credential \
+                             (on_failure = \"reject\")",
+                            status.as_str()
+                        );
+                        let mut resp = rejection(out, Reason::AuditUnavailable, detail, &rc);
+                        resp.headers_mut()
+                            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                        return resp;
+                    }
+                }
+                None
+            }
             (None, None) => {
                 if navigation {
                     if let Some(s) = sessions.as_deref() {
