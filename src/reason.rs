@@ -98,6 +98,10 @@ pub enum Reason {
     SessionExpired,
     /// A return or post-logout target that is not a host this proxy serves.
     InvalidRedirect,
+    /// A WebSocket handshake that a browser session would authenticate, sent by a page of
+    /// another origin (cross-site WebSocket hijacking: SameSite=Lax sends the cookie
+    /// from any page of the same site, and no CORS check guards a WebSocket).
+    CrossOrigin,
     /// PostgreSQL: the client started a session without TLS; it is never asked for a token.
     PlaintextRefused,
     /// PostgreSQL: the client broke the wire protocol (bad lengths, unexpected messages,
@@ -187,6 +191,7 @@ impl Reason {
             Reason::SessionInvalid => "invalid-session",
             Reason::SessionExpired => "session-expired",
             Reason::InvalidRedirect => "invalid-redirect",
+            Reason::CrossOrigin => "cross-origin",
             Reason::PlaintextRefused => "plaintext-refused",
             Reason::ProtocolViolation => "protocol-violation",
             Reason::AccessRevoked => "access-revoked",
@@ -274,7 +279,7 @@ impl Reason {
             Reason::ProtocolViolation
             | Reason::UnsupportedEncoding
             | Reason::UnsupportedStartupParameter => StatusCode::BAD_REQUEST,
-            Reason::AccessRevoked => StatusCode::FORBIDDEN,
+            Reason::AccessRevoked | Reason::CrossOrigin => StatusCode::FORBIDDEN,
             Reason::ShuttingDown | Reason::Overloaded | Reason::AuditUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

@@ -584,6 +584,12 @@ impl Health {
         self.queued.load(Ordering::Relaxed) > self.cap - headroom(self.cap)
     }
 
+    /// The queue holds more than half its cap less [`headroom`]: the events of requests
+    /// without a credential ([`Budget::Unattributed`]) admitted now might not fit.
+    fn unattributed_full(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) > self.cap / 2 - headroom(self.cap)
+    }
+
     /// The state now: failing, stalled or full, else ok.
     fn present(&self) -> AuditStatus {
         if self.failing.load(Ordering::Relaxed) {
@@ -618,21 +624,26 @@ fn headroom(cap: usize) -> usize {
 /// How much of the queue an event may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Budget {
-    /// All of it: the events of everything with a verified identity or let through
-    /// (allowed requests, open and closed sessions, statements, denials of an
-    /// authenticated caller), and the proxy's own (reloads).
+    /// All of it: the events of everything with a verified identity (allowed requests,
+    /// open and closed sessions, statements, denials of an authenticated caller), and
+    /// the proxy's own (reloads).
     Full,
-    /// Half of it: the event of a request or session refused before any identity was
-    /// verified (no route, unauthenticated, malformed, refused by the audit gate): anyone
-    /// can cause these, so their flood must leave room for the rest, and their loss
-    /// must not make the sink unhealthy (which would refuse everyone).
+    /// Half of it: the event of a request or session without any verified identity,
+    /// whatever its decision: refused before authentication (no route, unauthenticated,
+    /// malformed, refused by the audit gate), answered by the proxy itself (the assertion
+    /// JWKS, the sign-in pages and redirects), or let through without a credential (a
+    /// `public` rule, a CORS preflight). Anyone can cause these, as fast as they like,
+    /// so their flood must leave room for the rest, and their loss must not make the
+    /// sink unhealthy (which would refuse everyone, or take the replica out of
+    /// rotation). With `on_failure = "reject"` a request without a credential is not let
+    /// through while its event would not fit ([`AuditHealth::present_unattributed`]).
     Unattributed,
 }
 
 impl Budget {
-    /// The rule: an event with no verified identity whose decision is not `allow`.
-    pub fn of(identified: bool, decision: &str) -> Self {
-        if identified || decision == "allow" {
+    /// The rule: an event with no verified identity is unattributed.
+    pub fn of(identified: bool) -> Self {
+        if identified {
             Self::Full
         } else {
             Self::Unattributed
@@ -725,6 +736,15 @@ impl AuditHealth {
     /// room.
     pub fn present(&self) -> AuditStatus {
         self.0.present()
+    }
+    /// [`Self::present`] for a request let through without a credential, whose event
+    /// has only half the queue ([`Budget::Unattributed`]): `full` already when that
+    /// half is within an eighth of the whole cap.
+    pub fn present_unattributed(&self) -> AuditStatus {
+        match self.0.present() {
+            AuditStatus::Ok if self.0.unattributed_full() => AuditStatus::Full,
+            s => s,
+        }
     }
     /// Failed writes (and flushes) to the output so far.
     pub fn write_errors(&self) -> u64 {
@@ -834,9 +854,9 @@ impl AuditSink {
     }
 
     /// Queues one HTTP event, written by [`HttpEvent::write_json`] (the request path),
-    /// within the budget [`Budget::of`] its identity and decision.
+    /// within the budget [`Budget::of`] its identity.
     pub fn emit_http(&self, event: &HttpEvent<'_>) {
-        let budget = Budget::of(event.identity.is_some(), event.decision);
+        let budget = Budget::of(event.identity.is_some());
         self.emit_with(budget, |line| {
             event.write_json(line);
             true
@@ -1692,6 +1712,57 @@ mod tests {
         sink.flush();
         assert_eq!(health.present(), AuditStatus::Ok);
         assert_eq!(health.status(), AuditStatus::Dropping);
+    }
+
+    /// Requests without any credential that the proxy answers itself (`GET
+    /// /.well-known/portcullis/jwks.json`, the sign-in pages) or lets through (a `public`
+    /// rule, a CORS preflight) have `decision: allow`, and anyone can send them as fast as
+    /// they like: their events take half the queue at most, as refusals do, so their
+    /// flood neither makes the sink unhealthy (`/readyz`, the gate) nor drops an
+    /// authenticated caller's event; `present_unattributed` tells the proxy, in reject
+    /// mode, to refuse more of them before their half is full.
+    #[test]
+    fn identity_less_allow_events_fill_half_the_queue_at_most() {
+        let out = Flaky::default();
+        out.block(true);
+        let cap = 64 * 1024;
+        let sink = AuditSink::writer(Box::new(out.clone()), cap);
+        let health = sink.health();
+        let path = format!("/{}", "p".repeat(2000));
+        let public = HttpEvent {
+            decision: "allow",
+            reason: "public",
+            status: 200,
+            ..anonymous_401(&path, "localhost")
+        };
+        let jwks = HttpEvent {
+            decision: "allow",
+            reason: "internal",
+            status: 200,
+            ..anonymous_401("/.well-known/portcullis/jwks.json", "localhost")
+        };
+        assert_eq!(health.present_unattributed(), AuditStatus::Ok);
+        for _ in 0..200 {
+            sink.emit_http(&public);
+            sink.emit_http(&jwks);
+        }
+        let dropped = health.dropped();
+        assert!(dropped > 100, "only {dropped} dropped");
+        assert!(health.0.queued.load(Ordering::Relaxed) <= cap / 2);
+        assert_eq!(health.status(), AuditStatus::Ok, "their drops keep it healthy");
+        assert_eq!(health.present(), AuditStatus::Ok, "the gate still admits");
+        assert_eq!(health.present_unattributed(), AuditStatus::Full);
+        // An authenticated caller's events still queue.
+        let identity = RawValue::from_string(r#"{"issuer":"idp","subject":"alice"}"#.into())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let allowed = HttpEvent { identity: Some(&identity), ..public };
+        for _ in 0..5 {
+            sink.emit_http(&allowed);
+        }
+        assert_eq!(health.dropped(), dropped, "no attributed event dropped");
+        out.block(false);
+        sink.flush();
+        assert_eq!(health.present_unattributed(), AuditStatus::Ok);
     }
 
     /// An output like a blocking pipe to a slow reader: a write of `n` bytes returns after

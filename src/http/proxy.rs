@@ -13,7 +13,9 @@
 //!    A request with no credential at all goes on without one only as a CORS preflight
 //!    on a `cors_preflight` route, or when a `public = true` rule admits it (its
 //!    decision made here: no deny's request conditions hold).
-//!    The sign-in endpoints (`/.portcullis/...`) are served here, before routing.
+//!    The sign-in endpoints (`/.portcullis/...`) are served here, before routing. A
+//!    WebSocket handshake a session cookie authenticates must come from a page of this
+//!    origin (else 403 `cross-origin`).
 //! 5. authorize: the route's policy → 403 (a shadow policy is evaluated alongside)
 //! 6. forward: header hygiene, identity headers + signed assertion, streaming, timeouts
 
@@ -237,40 +239,55 @@ fn rejection(
     finish(resp, outcome)
 }
 
-/// The request's `host[:port]` as the browser wrote it, less an empty port (for
-/// redirect URIs).
-fn authority_with_port(req: &Request<ClientBody>) -> Option<String> {
+/// The request's `host[:port]` as the browser wrote it, in its routed form
+/// ([`routed_form`]), lower-cased (for redirect URIs).
+fn authority_with_port<B>(req: &Request<B>) -> Option<String> {
     match req.uri().authority() {
-        Some(a) => Some(without_empty_port(a.as_str()).to_ascii_lowercase()),
+        Some(a) => Some(routed_form(a.as_str()).to_ascii_lowercase()),
         None => {
             let h = req.headers().get(header::HOST)?.to_str().ok()?;
             let a: http::uri::Authority = h.parse().ok()?;
-            Some(without_empty_port(a.as_str()).to_ascii_lowercase())
+            Some(routed_form(a.as_str()).to_ascii_lowercase())
         }
     }
 }
 
 /// The authority a request was routed by, as the client wrote it (Host, else the
-/// target's authority or HTTP/2 `:authority`), less an empty port: the Host a
-/// `preserve_host` route forwards.
+/// target's authority or HTTP/2 `:authority`), in its routed form ([`routed_form`]): the
+/// Host a `preserve_host` route forwards.
 fn routed_authority<B>(req: &Request<B>) -> Option<HeaderValue> {
-    match req.headers().get(header::HOST) {
-        Some(v) => match v.as_bytes().strip_suffix(b":") {
-            Some(name) => HeaderValue::from_bytes(name).ok(),
-            None => Some(v.clone()),
-        },
-        None => {
-            let a = req.uri().authority()?;
-            HeaderValue::from_str(without_empty_port(a.as_str())).ok()
-        }
+    let host = req.headers().get(header::HOST);
+    let written = match host {
+        Some(v) => v.to_str().ok()?,
+        None => req.uri().authority()?.as_str(),
+    };
+    let form = routed_form(written);
+    match host {
+        // The common case: the client's own Host, as it is.
+        Some(v) if form.len() == written.len() => Some(v.clone()),
+        _ => HeaderValue::from_str(&form).ok(),
     }
 }
 
-/// `example.com:` is `example.com` (RFC 3986 §3.2.3: an empty port is the scheme's
-/// default; nginx reads it so too). Only for an authority [`is_host_and_port`] accepted,
-/// where a last `:` can only open the port.
-fn without_empty_port(authority: &str) -> &str {
-    authority.strip_suffix(':').unwrap_or(authority)
+/// The name and port a request was routed by, as the upstream and redirects must see
+/// them: without an empty port (`example.com:` is `example.com`, RFC 3986 §3.2.3: an
+/// empty port is the scheme's default; nginx reads it so too) and without the trailing
+/// dots of a fully qualified name (`example.com.` is the same DNS name, routed as
+/// `example.com`; nginx and Apache drop the dot before choosing a virtual host, but Go's
+/// `ServeMux` and Envoy (`strip_trailing_host_dot` is off by default) do not, and
+/// would serve another virtual host, or their default one, than the route authorized).
+/// Only for an authority [`is_host_and_port`] accepted, where a `:` outside an IPv6
+/// literal can only open the port.
+fn routed_form(authority: &str) -> Cow<'_, str> {
+    let authority = authority.strip_suffix(':').unwrap_or(authority);
+    if authority.starts_with('[') {
+        return Cow::Borrowed(authority);
+    }
+    let (name, port) = authority.split_at(authority.find(':').unwrap_or(authority.len()));
+    match name.strip_suffix('.') {
+        None => Cow::Borrowed(authority),
+        Some(_) => Cow::Owned(format!("{}{port}", name.trim_end_matches('.'))),
+    }
 }
 
 /// Headers with which upstream frameworks let a request claim another method (Rails,
@@ -639,6 +656,16 @@ pub async fn handle(
                         rc.set_cookies = set_cookie;
                         session_key = Some(key);
                         rc.session = Some(identity.clone());
+                        // The browser sends the cookie with a WebSocket handshake from any
+                        // page of the same site, and nothing like CORS keeps that page from
+                        // reading the tunnel: only a page of this origin may open one.
+                        if is_websocket(&req) {
+                            let domain = s.settings.cookie_domain.as_deref();
+                            if let Err(detail) = websocket_origin(&req, &host, domain) {
+                                out.identity = Some(identity);
+                                return rejection(out, Reason::CrossOrigin, detail, &rc);
+                            }
+                        }
                         Some(identity)
                     }
                     crate::session::Lookup::Invalid { reason, detail, clear } => {
@@ -669,7 +696,25 @@ pub async fn handle(
                     }
                 }
             }
-            (None, None) if anonymous_allowed(&route, &req, &norm, &mut out) => None,
+            (None, None) if anonymous_allowed(&route, &req, &norm, &mut out) => {
+                // Its event has half the audit queue (anyone can send such requests as
+                // fast as they like): failing closed, it is not let through without it.
+                if rt.config.audit_on_failure == crate::config::AuditOnFailure::Reject {
+                    let status = shared.sink.health().present_unattributed();
+                    if status != crate::audit::AuditStatus::Ok {
+                        let detail = format!(
+                            "refused: the audit log is {} for requests without a credential \
+                             (on_failure = \"reject\")",
+                            status.as_str()
+                        );
+                        let mut resp = rejection(out, Reason::AuditUnavailable, detail, &rc);
+                        resp.headers_mut()
+                            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                        return resp;
+                    }
+                }
+                None
+            }
             (None, None) => {
                 if navigation {
                     if let Some(s) = sessions.as_deref() {
@@ -749,7 +794,7 @@ pub async fn handle(
 
     // For a `preserve_host` route, the authority the request was routed and authorized by:
     // the client's Host (equal to an absolute-form target's authority, see `unambiguous`),
-    // or HTTP/2 `:authority`, less an empty port, so the upstream reads the name
+    // or HTTP/2 `:authority`, less an empty port and a trailing dot, so the upstream reads the name
     // X-Forwarded-Host gives, not `example.com:`. Taken before the headers are cleaned:
     // what reaches the upstream is this, never whatever Host is left afterwards.
     let routed_host = route.preserve_host.then(|| routed_authority(&req)).flatten();
@@ -1003,6 +1048,54 @@ fn is_cors_preflight(req: &Request<ClientBody>) -> bool {
         && req.body().is_end_stream()
 }
 
+/// Whether a WebSocket handshake that a session cookie authenticates may use it: sent
+/// by a page of this very origin (`https://` + the request's host and port), or, with
+/// `cookie_domain`, of an `https://` host under that domain (which shares the cookie by
+/// the operator's choice). A browser always sends `Origin` with a WebSocket handshake
+/// (RFC 6455 §4.1), and `SameSite=Lax` lets the cookie ride one from any page of the same
+/// site (`evil.example.com` against `app.example.com`, whatever its port or scheme to
+/// browsers without schemeful same-site), which could then read and write the tunnel as
+/// the signed-in user: cross-site WebSocket hijacking. No `Origin` is a client that is
+/// not a browser (one holding the cookie is its user), let through.
+fn websocket_origin<B>(
+    req: &Request<B>,
+    host: &str,
+    cookie_domain: Option<&str>,
+) -> Result<(), &'static str> {
+    let mut origins = req.headers().get_all(header::ORIGIN).iter();
+    let Some(origin) = origins.next() else { return Ok(()) };
+    if origins.next().is_some() {
+        return Err("WebSocket handshake with more than one Origin");
+    }
+    let refused = "WebSocket handshake with a session cookie from a page of another origin";
+    // `scheme://host[:port]`, as browsers serialize it: nothing else (`null`, a path,
+    // userinfo, another scheme) is a page of this host.
+    let Some(rest) = origin.as_bytes().strip_prefix(b"https://") else { return Err(refused) };
+    if rest.iter().any(|b| matches!(b, b'/' | b'@' | b'?' | b'#')) {
+        return Err(refused);
+    }
+    let Some(page) =
+        std::str::from_utf8(rest).ok().and_then(|a| a.parse::<http::uri::Authority>().ok())
+    else {
+        return Err(refused);
+    };
+    let page_host = page.host().trim_end_matches('.').to_ascii_lowercase();
+    let own_port = authority_with_port(req)
+        .and_then(|a| a.parse::<http::uri::Authority>().ok())
+        .and_then(|a| a.port_u16())
+        .unwrap_or(443);
+    if page_host == host && page.port_u16().unwrap_or(443) == own_port {
+        return Ok(());
+    }
+    let shared = cookie_domain.is_some_and(|d| {
+        page_host == d || page_host.strip_suffix(d).is_some_and(|sub| sub.ends_with('.'))
+    });
+    if shared {
+        return Ok(());
+    }
+    Err(refused)
+}
+
 /// Where a browser without a usable session goes: straight to the provider when the
 /// route has one human issuer, to the chooser when it has several.
 async fn sign_in_redirect(
@@ -1063,7 +1156,7 @@ mod tests {
     use super::{is_host_and_port, query_overrides_method, routed_authority};
 
     #[test]
-    fn the_routed_authority_is_the_clients_host_or_target_less_an_empty_port() {
+    fn the_routed_authority_is_the_clients_host_or_target_less_an_empty_port_and_trailing_dots() {
         let at = |target: &str, host: Option<&str>| {
             let mut b = http::Request::builder().uri(target);
             if let Some(h) = host {
@@ -1078,6 +1171,18 @@ mod tests {
         assert_eq!(at("https://app.example.com/x", None).as_deref(), Some("app.example.com"));
         assert_eq!(at("https://app.example.com:/x", None).as_deref(), Some("app.example.com"));
         assert_eq!(at("/x", None), None);
+        // A fully qualified name's trailing dot: the name it was routed as.
+        assert_eq!(at("/x", Some("app.example.com.")).as_deref(), Some("app.example.com"));
+        assert_eq!(
+            at("/x", Some("App.example.com..:8443")).as_deref(),
+            Some("App.example.com:8443")
+        );
+        assert_eq!(at("/x", Some("app.example.com.:")).as_deref(), Some("app.example.com"));
+        assert_eq!(
+            at("https://app.example.com.:8443/x", None).as_deref(),
+            Some("app.example.com:8443")
+        );
+        assert_eq!(at("/x", Some("[::1]:8443")).as_deref(), Some("[::1]:8443"));
     }
 
     #[test]

@@ -309,7 +309,7 @@ fn emit_refused(
 ) {
     let id = facts.identity.as_deref();
     crate::metrics::global().pg_sessions.inc(&(route.clone(), "deny", r.reason.code()));
-    let budget = crate::audit::Budget::of(id.is_some(), "deny");
+    let budget = crate::audit::Budget::of(id.is_some());
     hub.sink.emit_as(
         budget,
         &SessionEvent {
@@ -875,8 +875,10 @@ async fn cancel(hub: &Hub, db: &DatabaseSettings, peer: SocketAddr, pid: u32, se
     if let Some(t) = target.as_ref().filter(|_| elsewhere.is_none()) {
         forwarded = t.send().await;
     }
-    // A cancel request carries no identity: one that matched no session is refused.
-    let budget = crate::audit::Budget::of(false, if forwarded { "allow" } else { "deny" });
+    // A cancel request carries no identity: one that matched no session is refused, and
+    // its event is unattributed; one forwarded held a live session's secret key.
+    let budget =
+        if forwarded { crate::audit::Budget::Full } else { crate::audit::Budget::Unattributed };
     let detail = elsewhere.as_ref().map(|r| {
         format!(
             "refused: the key is of a session on route `{r}`, sent to the listener of route `{}`",

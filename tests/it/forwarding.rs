@@ -1692,6 +1692,46 @@ preserve_host = true
     }
 }
 
+/// `Host: name.` (a fully qualified name) is routed as `name`, and the upstream is told
+/// `name` in X-Forwarded-Host and, with `preserve_host`, in Host: an upstream that does
+/// not drop the dot itself (Go's `ServeMux`, Envoy by default) would otherwise
+/// choose another virtual host, or its default one, than the route authorized.
+#[tokio::test]
+async fn a_host_with_a_trailing_dot_reaches_the_upstream_as_the_name_it_was_routed_by() {
+    let routes = r#"
+[[routes]]
+name = "kept"
+match = { host = "localhost", path_prefix = "/kept" }
+upstream = "http://{echo}"
+policy = "api"
+preserve_host = true
+"#;
+    let w = World::with(Setup { routes: routes.into(), ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    let auth = format!("Authorization: Bearer {t}\r\n");
+    let get = |target: &str, host: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n")
+    };
+    let port = w.https.port();
+    for (host, upstream_host) in [
+        ("localhost.".to_string(), "localhost".to_string()),
+        ("LOCALHOST..".to_string(), "LOCALHOST".to_string()),
+        ("localhost.:".to_string(), "localhost".to_string()),
+        (format!("localhost.:{port}"), format!("localhost:{port}")),
+    ] {
+        let resp = raw_exchange(&w, &get("/kept/x", &host)).await;
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{host}: {resp}");
+        let echo = echo_in(&resp);
+        assert_eq!(echo["headers"]["host"][0], upstream_host.as_str(), "{host}: {echo}");
+        assert_eq!(echo["headers"]["x-forwarded-host"][0], "localhost", "{host}: {echo}");
+        assert_eq!(w.last_event().await["route"], "kept");
+    }
+    // An absolute-form target naming the same: one name.
+    let resp = raw_exchange(&w, &get("https://localhost./kept/y", "localhost.")).await;
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    assert_eq!(echo_in(&resp)["headers"]["host"][0], "localhost");
+}
+
 /// `Expect: 100-continue` is the proxy's own business: its server answers the client
 /// `100 Continue`, and the upstream never sees `Expect`, so it cannot answer early (a 417
 /// without reading the content) and then read the content as a second, unauthorized

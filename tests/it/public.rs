@@ -257,3 +257,70 @@ async fn a_deny_wins_over_a_public_rule() {
     let r = w.get("/docs/internal/plan", Some(&w.token("gh", &[]))).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 }
+
+/// An output that takes nothing while held, like a pipe whose reader has fallen behind.
+#[derive(Clone, Default)]
+struct HeldOutput(std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+impl HeldOutput {
+    fn hold(&self, on: bool) {
+        if let Ok(mut held) = self.0 .0.lock() {
+            *held = on;
+        }
+        self.0 .1.notify_all();
+    }
+}
+
+impl std::io::Write for HeldOutput {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut held = self.0 .0.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+        while *held {
+            held = self.0 .1.wait(held).map_err(|_| std::io::Error::other("poisoned"))?;
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Anyone can send requests a `public` rule lets through, as fast as they like, while the
+/// audit output is read slowly: their events (no identity, `decision: allow`) take half
+/// the queue at most, as refusals do, so their flood never refuses an authenticated
+/// caller nor takes the replica out of rotation (`/readyz`); with `on_failure = "reject"`
+/// the public requests themselves are refused once their half is nearly full, so none
+/// reaches the upstream without its event.
+#[tokio::test]
+async fn on_failure_reject_refuses_public_requests_while_their_half_of_the_queue_is_full() {
+    let out = HeldOutput::default();
+    let sink = portcullis::audit::AuditSink::writer(Box::new(out.clone()), 64 * 1024);
+    let w = World::with(Setup {
+        sink: Some(sink),
+        policies: vec![("api".into(), public_policy())],
+        routes: "[audit]\non_failure = \"reject\"\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    let token = w.token("bb", &[]);
+    assert_eq!(w.get("/deploy", Some(&token)).await.status, StatusCode::OK);
+    out.hold(true);
+    let long = format!("/docs/{}", "p".repeat(1900));
+    let mut refused = None;
+    for i in 0..40 {
+        let r = w.get(&long, None).await;
+        if r.status != StatusCode::OK {
+            refused = Some((i, r));
+            break;
+        }
+    }
+    let Some((i, r)) = refused else { panic!("40 public requests, none refused") };
+    assert!(i > 0, "the first public request was refused");
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    assert_eq!(r.json()["error"], "audit-unavailable", "{}", r.text());
+    // The authenticated caller is still served, and the replica still ready.
+    let r = w.get("/deploy", Some(&token)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let ready = w.admin_get("/readyz").await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
+    out.hold(false);
+}

@@ -1296,3 +1296,61 @@ async fn a_browser_session_forwards_the_claims_a_route_names() {
     assert_eq!(h["x-groups"], serde_json::json!(["engineering,sre"]), "{h}");
     assert!(h.get("x_name").is_none(), "{h}");
 }
+
+/// Cross-site WebSocket hijacking: a page on a sibling host (`evil.example.com` is the
+/// same site as `app.example.com`, so `SameSite=Lax` sends the session cookie with its
+/// WebSocket handshake, and no CORS check keeps it from reading the tunnel) opens a
+/// tunnel as the signed-in user. Only a page of the proxy's own origin may; a client
+/// without `Origin` is no browser, and a bearer token is never sent by a browser on its
+/// own.
+#[tokio::test]
+async fn a_websocket_from_a_page_of_another_origin_does_not_ride_the_session() {
+    use crate::forwarding::{echo_once, ws_connect_with};
+    use tokio_tungstenite::tungstenite::Error;
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let cookie = format!("__Host-_portcullis={}", b.session_cookie().cloned().unwrap_or_default());
+    let port = w.https.port();
+    let other_port = format!("https://localhost:{}", port.wrapping_add(1));
+    let plain = format!("http://localhost:{port}");
+    let with_path = format!("https://localhost:{port}/x");
+    for origin in [
+        "https://evil.localhost",
+        "https://localhost.evil.example",
+        "null",
+        other_port.as_str(),
+        plain.as_str(),
+        with_path.as_str(),
+    ] {
+        match ws_connect_with(&w, "/ws", &[("cookie", &cookie), ("origin", origin)]).await {
+            Err(Error::Http(r)) => assert_eq!(r.status(), StatusCode::FORBIDDEN, "{origin}"),
+            Err(e) => panic!("{origin}: {e}"),
+            Ok(_) => panic!("a page of {origin} opened a tunnel with the session"),
+        }
+        let ev = w.last_event().await;
+        assert_eq!(ev["reason"], "cross-origin", "{origin}: {ev}");
+        assert_eq!(ev["decision"], "deny", "{origin}: {ev}");
+        assert_eq!(ev["identity"]["subject"], "alice", "{origin}: {ev}");
+    }
+    // The proxy's own pages may, and so may a client that sends no Origin.
+    let own = format!("https://localhost:{port}");
+    for headers in
+        [vec![("cookie", cookie.as_str()), ("origin", own.as_str())], vec![("cookie", &cookie)]]
+    {
+        let mut ws = ws_connect_with(&w, "/ws", &headers)
+            .await
+            .unwrap_or_else(|e| panic!("{headers:?}: {e}"));
+        assert!(echo_once(&mut ws).await, "{headers:?}");
+    }
+    // A bearer token is the client's own doing, from any origin.
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let mut ws = ws_connect_with(
+        &w,
+        "/ws",
+        &[("authorization", &auth), ("origin", "https://evil.localhost")],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("bearer: {e}"));
+    assert!(echo_once(&mut ws).await);
+}
