@@ -798,7 +798,10 @@ impl Compiler<'_> {
         }
 
         let listen = self.listen(listen);
-        let tls = tls.map(|t| self.tls(t));
+        let (tls, tls_warnings) = match tls.map(|t| self.tls(t)) {
+            Some((t, w)) => (Some(t), w),
+            None => (None, Vec::new()),
+        };
         if listen.https.is_some() && tls.is_none() {
             self.err(0..0, "`listen.https` is set but there is no [tls] section");
         }
@@ -878,7 +881,7 @@ impl Compiler<'_> {
         };
 
         let mut files = vec![self.source.path.to_path_buf()];
-        let mut warnings = Vec::new();
+        let mut warnings = tls_warnings;
         // A signed-in browser sends up to 8 session-cookie chunks of 3.8 KB.
         if let (Some(_), Some(span)) = (&session, header_size_span) {
             if server.max_header_size < SESSION_HEADER_ROOM {
@@ -1041,11 +1044,17 @@ impl Compiler<'_> {
         p
     }
 
-    fn tls(&mut self, t: raw::Tls) -> TlsSettings {
+    /// `[tls]`, and a warning for each certificate that has expired or expires within
+    /// [`crate::tls::EXPIRY_WARNING_DAYS`].
+    fn tls(&mut self, t: raw::Tls) -> (TlsSettings, Vec<Diagnostic>) {
+        let mut warnings = Vec::new();
         let cert = self.existing_file(&t.cert);
+        self.expiry_warning(&t.cert, &cert, &mut warnings);
         let key = self.existing_file(&t.key);
         let mut sni = Vec::new();
         for s in t.sni {
+            let cert = self.existing_file(&s.cert);
+            self.expiry_warning(&s.cert, &cert, &mut warnings);
             if s.server_names.get_ref().is_empty() {
                 self.err(s.server_names.span(), "`server_names` must not be empty");
             }
@@ -1056,11 +1065,26 @@ impl Compiler<'_> {
                     .into_iter()
                     .map(|n| n.into_inner().to_ascii_lowercase())
                     .collect(),
-                cert: self.existing_file(&s.cert),
+                cert,
                 key: self.existing_file(&s.key),
             });
         }
-        TlsSettings { cert, key, sni }
+        (TlsSettings { cert, key, sni }, warnings)
+    }
+
+    /// Warns when the leaf of the certificate file `path` (named at `at`) has expired or
+    /// expires soon. Only when serving; a file that cannot be read or parsed is left to
+    /// the TLS load, which names what is wrong with it.
+    fn expiry_warning(&self, at: &Spanned<String>, path: &Path, out: &mut Vec<Diagnostic>) {
+        if self.mode != LoadMode::Serve || !path.is_file() {
+            return;
+        }
+        let Ok(chain) = crate::tls::read_certs(path) else { return };
+        let Some(not_after) = chain.first().and_then(crate::tls::not_after) else { return };
+        if let Some(w) = crate::tls::expiry_warning(not_after, crate::util::unix_now()) {
+            let shown = file_shown(path);
+            out.push(self.source.error(Some(at.span()), format!("certificate {shown} {w}")));
+        }
     }
 
     fn server(&mut self, s: raw::Server) -> ServerSettings {

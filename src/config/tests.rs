@@ -836,3 +836,58 @@ fn a_policy_only_load_reads_no_server_file_or_secret_and_reports_everything_else
         "{errs:?}"
     );
 }
+
+/// A certificate that has expired, or expires within 14 days, is a warning at its `cert`
+/// key (`check`, `serve`, every reload), never an error: the listener still starts.
+#[test]
+fn expired_and_expiring_certificates_are_warnings_at_their_cert_key() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    let now = i64::try_from(crate::util::unix_now()).unwrap_or_else(|e| panic!("{e}"));
+    let day = 86_400;
+    let write = |name: &str, not_after: i64| {
+        let mut params = rcgen::CertificateParams::new(vec![format!("{name}.example.com")])
+            .unwrap_or_else(|e| panic!("{e}"));
+        params.not_before = time::OffsetDateTime::from_unix_timestamp(now - 400 * day)
+            .unwrap_or_else(|e| panic!("{e}"));
+        params.not_after =
+            time::OffsetDateTime::from_unix_timestamp(not_after).unwrap_or_else(|e| panic!("{e}"));
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(d.join(format!("{name}.pem")), cert.pem()).ok();
+        std::fs::write(d.join(format!("{name}-key.pem")), key.serialize_pem()).ok();
+    };
+    write("soon", now + 5 * day + 3600);
+    write("gone", now - 3 * day - 3600);
+    write("fine", now + 60 * day);
+    let sni = |name: &str| {
+        format!(
+            "[[tls.sni]]\nserver_names = [\"{name}.example.com\"]\ncert = \"{name}.pem\"\nkey = \"{name}-key.pem\"\n\n"
+        )
+    };
+    let text = format!(
+        "{BASE}\n[tls]\ncert = \"soon.pem\"\nkey = \"soon-key.pem\"\n\n{}{}",
+        sni("gone"),
+        sni("fine")
+    );
+    let c = compile(d, &text).unwrap_or_else(|e| panic!("{e:?}"));
+    let w: Vec<String> = c
+        .warnings
+        .iter()
+        .map(|x| format!("{}:{} {}", x.line, x.col, x.message))
+        .filter(|x| x.contains("certificate"))
+        .collect();
+    assert_eq!(w.len(), 2, "{w:?}");
+    let shown = |name: &str| format!("certificate `{}`", d.join(format!("{name}.pem")).display());
+    assert!(w[0].starts_with(&format!("15:8 {} expires in 5 days (", shown("soon"))), "{w:?}");
+    assert!(w[0].ends_with("Z): renew it"), "{w:?}");
+    assert!(w[1].starts_with(&format!("20:8 {} expired 3 days ago (", shown("gone"))), "{w:?}");
+    assert!(w[1].ends_with("Z): clients refuse it; renew it"), "{w:?}");
+
+    // Review tools read no certificate, so they say nothing of one.
+    let src = Source::new(d.join("portcullis.toml"), text);
+    let c = Config::compile_attempt(&src, LoadMode::PolicyOnly)
+        .result
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!c.warnings.iter().any(|x| x.message.contains("certificate")), "{:?}", c.warnings);
+}

@@ -362,3 +362,38 @@ fn committed_dev_certs_load() {
 fn regenerate_committed_dev_certs() {
     write_dev_certs(&Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/dev")).unwrap();
 }
+
+/// The leaf's notAfter is read as written; within 14 days of it, or past it, a load warns.
+#[test]
+fn not_after_and_expiry_warnings() {
+    let at = 1_924_992_000; // 2031-01-01T00:00:00Z
+    let mut params = CertificateParams::new(vec!["x.example.com".to_string()]).unwrap();
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(at).unwrap();
+    let cert = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+    assert_eq!(not_after(cert.der()), Some(at));
+    assert_eq!(not_after(&CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01])), None);
+
+    let day = 86_400;
+    let now = |before: i64| u64::try_from(at - before).unwrap();
+    assert_eq!(expiry_warning(at, now(14 * day)), None);
+    assert_eq!(
+        expiry_warning(at, now(14 * day - 1)).as_deref(),
+        Some("expires in 13 days (2031-01-01T00:00:00Z): renew it")
+    );
+    assert_eq!(
+        expiry_warning(at, now(day)).as_deref(),
+        Some("expires in 1 day (2031-01-01T00:00:00Z): renew it")
+    );
+    assert_eq!(
+        expiry_warning(at, now(60)).as_deref(),
+        Some("expires in less than a day (2031-01-01T00:00:00Z): renew it")
+    );
+    assert_eq!(
+        expiry_warning(at, now(0)).as_deref(),
+        Some("expired less than a day ago (2031-01-01T00:00:00Z): clients refuse it; renew it")
+    );
+    assert_eq!(
+        expiry_warning(at, now(-3 * day - 5)).as_deref(),
+        Some("expired 3 days ago (2031-01-01T00:00:00Z): clients refuse it; renew it")
+    );
+}
