@@ -1708,6 +1708,25 @@ impl Compiler<'_> {
                 ));
             }
         }
+        // A public rule on every path: what it opens depends on this route's match.
+        let host_shown = match &host {
+            HostMatch::Any => "any host".to_string(),
+            HostMatch::Exact(h) => format!("host {h}"),
+            HostMatch::Suffix(s) => format!("hosts *{s}"),
+        };
+        let live = policy.as_ref().map(|p| (p, false));
+        let shadow = shadow_policy.as_ref().and_then(Option::as_ref).map(|p| (p, true));
+        for (p, shadow) in live.into_iter().chain(shadow) {
+            let scope = crate::policy::RouteScope {
+                name: &name,
+                host: &host_shown,
+                path_prefix: &path_prefix,
+                shadow,
+            };
+            warnings.extend(
+                crate::policy::public_everywhere(p, scope).into_iter().map(|l| l.into_labelled()),
+            );
+        }
         let route = RouteSettings {
             name: Arc::from(name.as_str()),
             host,

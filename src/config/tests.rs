@@ -891,3 +891,34 @@ fn expired_and_expiring_certificates_are_warnings_at_their_cert_key() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(!c.warnings.iter().any(|x| x.message.contains("certificate")), "{:?}", c.warnings);
 }
+
+/// A public rule on `/**` is flagged once per route using its policy, with what it
+/// opens there: everything under the route's `path_prefix`, on its host.
+#[test]
+fn a_public_rule_on_every_path_is_flagged_with_each_routes_prefix() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    compile(d, BASE).unwrap_or_else(|e| panic!("{e:?}"));
+    std::fs::write(
+        d.join("policies/open.toml"),
+        "[[rule]]\nid = \"site\"\neffect = \"allow\"\npublic = true\nmethods = [\"GET\"]\npaths = [\"/**\"]\n",
+    )
+    .ok();
+    let text = format!(
+        "{BASE}\n[[routes]]\nname = \"docs\"\nmatch = {{ host = \"api.example.com\", path_prefix = \"/docs\" }}\n\
+         upstream = \"http://127.0.0.1:9000\"\npolicy = \"open\"\n\n\
+         [[routes]]\nname = \"www\"\nupstream = \"http://127.0.0.1:9000\"\nmatch = {{ path_prefix = \"/\" }}\n\
+         shadow_policy = \"open\"\npolicy = \"p\"\n"
+    );
+    let c = compile(d, &text).unwrap_or_else(|e| panic!("{e:?}"));
+    let w: Vec<String> = c
+        .warnings
+        .iter()
+        .filter(|x| x.message.contains("every path"))
+        .map(|x| format!("{}:{}:{} {}", x.file.display(), x.line, x.col, x.message))
+        .collect();
+    let at = format!("{}:6:9 warning: public rule `site`", d.join("policies/open.toml").display());
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(w[0].starts_with(&format!("{at} opens every path of route `docs` (`/**`; its path_prefix is `/docs`: `/docs` and every path under `/docs/` on host api.example.com that")), "{w:?}");
+    assert!(w[1].starts_with(&format!("{at} would open every path of route `www` (`/**`; its path_prefix is `/`: every path on any host that no route")), "{w:?}");
+}
