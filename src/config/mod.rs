@@ -54,6 +54,9 @@ pub struct Config {
     /// What the load read besides the configuration and its policies; a server starts
     /// only from a [`LoadMode::Serve`] load.
     pub mode: LoadMode,
+    /// The failing policy tests, once run ([`Config::failing_policy_tests`]); shared by
+    /// clones, which have the same policies.
+    policy_test_failures: Arc<std::sync::OnceLock<Vec<crate::policy::TestOutcome>>>,
 }
 
 /// What a load reads besides the configuration text and the policies it names.
@@ -533,21 +536,41 @@ impl Config {
     /// shadows (HTTP and database routes; each file once), in file order. What `check`
     /// reports (exit 1), and what keeps a version from serving: `serve` does not start
     /// and a reload is refused while one fails.
+    ///
+    /// Run once per load, however often asked: `serve` asks before it starts
+    /// ([`crate::server::load_or_report`], to print every failure) and
+    /// [`crate::server::Server::start`] asks again (it serves no configuration whose
+    /// tests fail, whoever calls it); the outcome for one load cannot change.
     pub fn failing_policy_tests(&self) -> Vec<crate::policy::TestOutcome> {
+        self.policy_test_failures.get_or_init(|| self.run_policy_tests()).clone()
+    }
+
+    fn run_policy_tests(&self) -> Vec<crate::policy::TestOutcome> {
         let mut seen = HashSet::new();
+        let mut cases = 0;
         let http = self
             .routes
             .iter()
             .flat_map(|r| std::iter::once(&r.policy).chain(r.shadow_policy.as_ref()));
-        http.chain(self.databases.iter().map(|d| &d.policy))
+        let failures: Vec<_> = http
+            .chain(self.databases.iter().map(|d| &d.policy))
             .filter(|p| seen.insert(p.file().to_path_buf()))
             .flat_map(|p| {
                 let preflight = |path: &str| self.forwards_preflight(p, path);
-                crate::policy::run_cases_with(p, p.file_arc(), p.tests(), &preflight)
-                    .into_iter()
-                    .filter(|o| !o.passed())
+                let outcomes =
+                    crate::policy::run_cases_with(p, p.file_arc(), p.tests(), &preflight);
+                cases += outcomes.len();
+                outcomes.into_iter().filter(|o| !o.passed())
             })
-            .collect()
+            .collect();
+        tracing::debug!(
+            target: "portcullis::config",
+            cases,
+            failed = failures.len(),
+            files = seen.len(),
+            "policy tests run"
+        );
+        failures
     }
 
     /// Whether a route that uses `policy` (live or shadow) forwards a CORS preflight to
@@ -979,6 +1002,7 @@ impl Compiler<'_> {
             session,
             logins,
             mode: self.mode,
+            policy_test_failures: Arc::default(),
         })
     }
 
