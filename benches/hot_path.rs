@@ -327,6 +327,7 @@ fn bench_request(c: &mut Criterion, signer: &DevSigner) {
             AssertionSigner::generate("https://proxy.bench.test".into(), Duration::from_secs(300))
                 .unwrap(),
         ),
+        tls_certificates: Vec::new(),
     };
     let sink = AuditSink::file(std::path::Path::new("/dev/null")).unwrap();
     let shared = Arc::new(Shared {

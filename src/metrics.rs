@@ -218,13 +218,18 @@ impl Metrics {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
-        self.render_for(&[])
+        self.render_for(&[], &[])
     }
 
     /// [`Metrics::render`], with a zero sample of `portcullis_pg_sessions_open` for every
     /// configured database route without an open session (a dashboard then tells an idle
-    /// route from a missing one).
-    pub fn render_for(&self, database_routes: &[Arc<str>]) -> String {
+    /// route from a missing one), and the expiry of every certificate served (they are
+    /// the generation's, not the process's: a reload that drops one drops its series).
+    pub fn render_for(
+        &self,
+        database_routes: &[Arc<str>],
+        certificates: &[crate::tls::ServedCertificate],
+    ) -> String {
         let mut out = String::with_capacity(4096);
         family(
             &mut out,
@@ -341,6 +346,23 @@ impl Metrics {
                 out,
                 "portcullis_config_reloads_total{{outcome=\"{outcome}\"}} {}",
                 self.config_reloads.get(&outcome)
+            );
+        }
+        family(
+            &mut out,
+            "portcullis_tls_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "When each certificate the listeners serve expires: its leaf's notAfter (Unix seconds), by cert file and [[tls.sni]] server_names (default: the [tls] certificate).",
+        );
+        for c in certificates {
+            let names =
+                if c.server_names.is_empty() { "default".into() } else { c.server_names.join(",") };
+            let _ = writeln!(
+                out,
+                "portcullis_tls_certificate_expiry_timestamp_seconds{{cert=\"{}\",server_names=\"{}\"}} {}",
+                escape(&c.cert.to_string_lossy()),
+                escape(&names),
+                c.not_after
             );
         }
         by_route(
@@ -568,7 +590,7 @@ mod tests {
         }
         assert!(!out.contains("route=\"other\""));
         // A configured route without a session shows 0, not nothing.
-        let out = m.render_for(&[Arc::from("orders"), Arc::from("idle")]);
+        let out = m.render_for(&[Arc::from("orders"), Arc::from("idle")], &[]);
         assert!(out.lines().any(|l| l == "portcullis_pg_sessions_open{route=\"idle\"} 0"), "{out}");
         assert!(out.lines().any(|l| l == "portcullis_pg_sessions_open{route=\"orders\"} 1"));
         let help = out.lines().filter(|l| l.starts_with("# HELP portcullis_pg_")).count();

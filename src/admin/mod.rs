@@ -52,7 +52,7 @@ pub fn respond<B>(
                 let rt = shared.runtime.load();
                 let databases: Vec<_> =
                     rt.config.databases.iter().map(|d| d.name.clone()).collect();
-                crate::metrics::global().render_for(&databases)
+                crate::metrics::global().render_for(&databases, &rt.tls_certificates)
             }),
         ),
         JWKS_PATH => (

@@ -54,6 +54,9 @@ pub struct Config {
     /// What the load read besides the configuration and its policies; a server starts
     /// only from a [`LoadMode::Serve`] load.
     pub mode: LoadMode,
+    /// The failing policy tests, once run ([`Config::failing_policy_tests`]); shared by
+    /// clones, which have the same policies.
+    policy_test_failures: Arc<std::sync::OnceLock<Vec<crate::policy::TestOutcome>>>,
 }
 
 /// What a load reads besides the configuration text and the policies it names.
@@ -571,21 +574,41 @@ impl Config {
     /// shadows (HTTP and database routes; each file once), in file order. What `check`
     /// reports (exit 1), and what keeps a version from serving: `serve` does not start
     /// and a reload is refused while one fails.
+    ///
+    /// Run once per load, however often asked: `serve` asks before it starts
+    /// ([`crate::server::load_or_report`], to print every failure) and
+    /// [`crate::server::Server::start`] asks again (it serves no configuration whose
+    /// tests fail, whoever calls it); the outcome for one load cannot change.
     pub fn failing_policy_tests(&self) -> Vec<crate::policy::TestOutcome> {
+        self.policy_test_failures.get_or_init(|| self.run_policy_tests()).clone()
+    }
+
+    fn run_policy_tests(&self) -> Vec<crate::policy::TestOutcome> {
         let mut seen = HashSet::new();
+        let mut cases = 0;
         let http = self
             .routes
             .iter()
             .flat_map(|r| std::iter::once(&r.policy).chain(r.shadow_policy.as_ref()));
-        http.chain(self.databases.iter().map(|d| &d.policy))
+        let failures: Vec<_> = http
+            .chain(self.databases.iter().map(|d| &d.policy))
             .filter(|p| seen.insert(p.file().to_path_buf()))
             .flat_map(|p| {
                 let preflight = |path: &str| self.forwards_preflight(p, path);
-                crate::policy::run_cases_with(p, p.file_arc(), p.tests(), &preflight)
-                    .into_iter()
-                    .filter(|o| !o.passed())
+                let outcomes =
+                    crate::policy::run_cases_with(p, p.file_arc(), p.tests(), &preflight);
+                cases += outcomes.len();
+                outcomes.into_iter().filter(|o| !o.passed())
             })
-            .collect()
+            .collect();
+        tracing::debug!(
+            target: "portcullis::config",
+            cases,
+            failed = failures.len(),
+            files = seen.len(),
+            "policy tests run"
+        );
+        failures
     }
 
     /// Whether a route that uses `policy` (live or shadow) forwards a CORS preflight to
@@ -836,7 +859,10 @@ impl Compiler<'_> {
         }
 
         let listen = self.listen(listen);
-        let tls = tls.map(|t| self.tls(t));
+        let (tls, tls_warnings) = match tls.map(|t| self.tls(t)) {
+            Some((t, w)) => (Some(t), w),
+            None => (None, Vec::new()),
+        };
         if listen.https.is_some() && tls.is_none() {
             self.err(0..0, "`listen.https` is set but there is no [tls] section");
         }
@@ -916,7 +942,7 @@ impl Compiler<'_> {
         };
 
         let mut files = vec![self.source.path.to_path_buf()];
-        let mut warnings = Vec::new();
+        let mut warnings = tls_warnings;
         // A signed-in browser sends up to 8 session-cookie chunks of 3.8 KB.
         if let (Some(_), Some(span)) = (&session, header_size_span) {
             if server.max_header_size < SESSION_HEADER_ROOM {
@@ -1014,6 +1040,7 @@ impl Compiler<'_> {
             session,
             logins,
             mode: self.mode,
+            policy_test_failures: Arc::default(),
         })
     }
 
@@ -1079,11 +1106,17 @@ impl Compiler<'_> {
         p
     }
 
-    fn tls(&mut self, t: raw::Tls) -> TlsSettings {
+    /// `[tls]`, and a warning for each certificate that has expired or expires within
+    /// [`crate::tls::EXPIRY_WARNING_DAYS`].
+    fn tls(&mut self, t: raw::Tls) -> (TlsSettings, Vec<Diagnostic>) {
+        let mut warnings = Vec::new();
         let cert = self.existing_file(&t.cert);
+        self.expiry_warning(&t.cert, &cert, &mut warnings);
         let key = self.existing_file(&t.key);
         let mut sni = Vec::new();
         for s in t.sni {
+            let cert = self.existing_file(&s.cert);
+            self.expiry_warning(&s.cert, &cert, &mut warnings);
             if s.server_names.get_ref().is_empty() {
                 self.err(s.server_names.span(), "`server_names` must not be empty");
             }
@@ -1094,11 +1127,26 @@ impl Compiler<'_> {
                     .into_iter()
                     .map(|n| n.into_inner().to_ascii_lowercase())
                     .collect(),
-                cert: self.existing_file(&s.cert),
+                cert,
                 key: self.existing_file(&s.key),
             });
         }
-        TlsSettings { cert, key, sni }
+        (TlsSettings { cert, key, sni }, warnings)
+    }
+
+    /// Warns when the leaf of the certificate file `path` (named at `at`) has expired or
+    /// expires soon. Only when serving; a file that cannot be read or parsed is left to
+    /// the TLS load, which names what is wrong with it.
+    fn expiry_warning(&self, at: &Spanned<String>, path: &Path, out: &mut Vec<Diagnostic>) {
+        if self.mode != LoadMode::Serve || !path.is_file() {
+            return;
+        }
+        let Ok(chain) = crate::tls::read_certs(path) else { return };
+        let Some(not_after) = chain.first().and_then(crate::tls::not_after) else { return };
+        if let Some(w) = crate::tls::expiry_warning(not_after, crate::util::unix_now()) {
+            let shown = file_shown(path);
+            out.push(self.source.error(Some(at.span()), format!("certificate {shown} {w}")));
+        }
     }
 
     fn server(&mut self, s: raw::Server) -> ServerSettings {
@@ -1734,6 +1782,25 @@ impl Compiler<'_> {
                     ),
                 ));
             }
+        }
+        // A public rule on every path: what it opens depends on this route's match.
+        let host_shown = match &host {
+            HostMatch::Any => "any host".to_string(),
+            HostMatch::Exact(h) => format!("host {h}"),
+            HostMatch::Suffix(s) => format!("hosts *{s}"),
+        };
+        let live = policy.as_ref().map(|p| (p, false));
+        let shadow = shadow_policy.as_ref().and_then(Option::as_ref).map(|p| (p, true));
+        for (p, shadow) in live.into_iter().chain(shadow) {
+            let scope = crate::policy::RouteScope {
+                name: &name,
+                host: &host_shown,
+                path_prefix: &path_prefix,
+                shadow,
+            };
+            warnings.extend(
+                crate::policy::public_everywhere(p, scope).into_iter().map(|l| l.into_labelled()),
+            );
         }
         let route = RouteSettings {
             name: Arc::from(name.as_str()),

@@ -952,3 +952,89 @@ fn strip_prefix_on_a_route_without_a_prefix_is_a_warning_at_the_key() {
     let errs = compile(dir.path(), &text).err().unwrap_or_default();
     assert!(errs.iter().any(|e| e.starts_with("19:16 ")), "{errs:#?}");
 }
+
+/// A certificate that has expired, or expires within 14 days, is a warning at its `cert`
+/// key (`check`, `serve`, every reload), never an error: the listener still starts.
+#[test]
+fn expired_and_expiring_certificates_are_warnings_at_their_cert_key() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    let now = i64::try_from(crate::util::unix_now()).unwrap_or_else(|e| panic!("{e}"));
+    let day = 86_400;
+    let write = |name: &str, not_after: i64| {
+        let mut params = rcgen::CertificateParams::new(vec![format!("{name}.example.com")])
+            .unwrap_or_else(|e| panic!("{e}"));
+        params.not_before = time::OffsetDateTime::from_unix_timestamp(now - 400 * day)
+            .unwrap_or_else(|e| panic!("{e}"));
+        params.not_after =
+            time::OffsetDateTime::from_unix_timestamp(not_after).unwrap_or_else(|e| panic!("{e}"));
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(d.join(format!("{name}.pem")), cert.pem()).ok();
+        std::fs::write(d.join(format!("{name}-key.pem")), key.serialize_pem()).ok();
+    };
+    write("soon", now + 5 * day + 3600);
+    write("gone", now - 3 * day - 3600);
+    write("fine", now + 60 * day);
+    let sni = |name: &str| {
+        format!(
+            "[[tls.sni]]\nserver_names = [\"{name}.example.com\"]\ncert = \"{name}.pem\"\nkey = \"{name}-key.pem\"\n\n"
+        )
+    };
+    let text = format!(
+        "{BASE}\n[tls]\ncert = \"soon.pem\"\nkey = \"soon-key.pem\"\n\n{}{}",
+        sni("gone"),
+        sni("fine")
+    );
+    let c = compile(d, &text).unwrap_or_else(|e| panic!("{e:?}"));
+    let w: Vec<String> = c
+        .warnings
+        .iter()
+        .map(|x| format!("{}:{} {}", x.line, x.col, x.message))
+        .filter(|x| x.contains("certificate"))
+        .collect();
+    assert_eq!(w.len(), 2, "{w:?}");
+    let shown = |name: &str| format!("certificate `{}`", d.join(format!("{name}.pem")).display());
+    assert!(w[0].starts_with(&format!("15:8 {} expires in 5 days (", shown("soon"))), "{w:?}");
+    assert!(w[0].ends_with("Z): renew it"), "{w:?}");
+    assert!(w[1].starts_with(&format!("20:8 {} expired 3 days ago (", shown("gone"))), "{w:?}");
+    assert!(w[1].ends_with("Z): clients refuse it; renew it"), "{w:?}");
+
+    // Review tools read no certificate, so they say nothing of one.
+    let src = Source::new(d.join("portcullis.toml"), text);
+    let c = Config::compile_attempt(&src, LoadMode::PolicyOnly)
+        .result
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!c.warnings.iter().any(|x| x.message.contains("certificate")), "{:?}", c.warnings);
+}
+
+/// A public rule on `/**` is flagged once per route using its policy, with what it
+/// opens there: everything under the route's `path_prefix`, on its host.
+#[test]
+fn a_public_rule_on_every_path_is_flagged_with_each_routes_prefix() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    compile(d, BASE).unwrap_or_else(|e| panic!("{e:?}"));
+    std::fs::write(
+        d.join("policies/open.toml"),
+        "[[rule]]\nid = \"site\"\neffect = \"allow\"\npublic = true\nmethods = [\"GET\"]\npaths = [\"/**\"]\n",
+    )
+    .ok();
+    let text = format!(
+        "{BASE}\n[[routes]]\nname = \"docs\"\nmatch = {{ host = \"api.example.com\", path_prefix = \"/docs\" }}\n\
+         upstream = \"http://127.0.0.1:9000\"\npolicy = \"open\"\n\n\
+         [[routes]]\nname = \"www\"\nupstream = \"http://127.0.0.1:9000\"\nmatch = {{ path_prefix = \"/\" }}\n\
+         shadow_policy = \"open\"\npolicy = \"p\"\n"
+    );
+    let c = compile(d, &text).unwrap_or_else(|e| panic!("{e:?}"));
+    let w: Vec<String> = c
+        .warnings
+        .iter()
+        .filter(|x| x.message.contains("every path"))
+        .map(|x| format!("{}:{}:{} {}", x.file.display(), x.line, x.col, x.message))
+        .collect();
+    let at = format!("{}:6:9 warning: public rule `site`", d.join("policies/open.toml").display());
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(w[0].starts_with(&format!("{at} opens every path of route `docs` (`/**`; its path_prefix is `/docs`: `/docs` and every path under `/docs/` on host api.example.com that")), "{w:?}");
+    assert!(w[1].starts_with(&format!("{at} would open every path of route `www` (`/**`; its path_prefix is `/`: every path on any host that no route")), "{w:?}");
+}

@@ -9,7 +9,7 @@
 //! | allow shadowed by a broader deny (deny wins, so it can never decide) | warning |
 //! | allow covered by an earlier allow (the earlier one always decides) | warning |
 //! | deploy-style allow on a CI issuer without a branch/ref/environment restriction | warning |
-//! | public rule on every path (`/**`): the whole route needs no credential | warning |
+//! | public rule on every path of a route (`/**`, or `PREFIX/**` under its `path_prefix`): the whole route needs no credential; per route ([`public_everywhere`]) | warning |
 //! | public rule that a deny refuses to every caller without a credential | warning |
 
 use std::fmt;
@@ -88,7 +88,6 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
             shadowed(&mut out, rule, rules);
             redundant(&mut out, rule, rules);
             if rule.is_public() {
-                public_everywhere(&mut out, rule);
                 public_shadowed(&mut out, rule, rules);
             }
         }
@@ -477,26 +476,62 @@ fn shadowed(out: &mut Lints<'_>, allow: &Rule, rules: &[Rule]) {
     );
 }
 
-/// A public rule on `/**` (or a pattern as wide) opens every path of the route to
-/// callers without a credential: the route is then not behind the proxy at all for
-/// those methods. Possible on purpose (a public documentation site), never by accident.
-fn public_everywhere(out: &mut Lints<'_>, rule: &Rule) {
-    let Ok(everything) = Glob::new("/**") else { return };
-    for c in rule.conditions() {
-        let Matcher::Paths(globs) = c.matcher() else { continue };
-        if let Some(g) = globs.iter().find(|g| g.covers(&everything)) {
+/// The route a policy serves, for [`public_everywhere`].
+#[derive(Debug, Clone, Copy)]
+pub struct RouteScope<'a> {
+    pub name: &'a str,
+    /// `any host`, `host api.example.com`, `hosts *.example.com`.
+    pub host: &'a str,
+    pub path_prefix: &'a str,
+    /// The route's shadow policy (evaluated, not enforced).
+    pub shadow: bool,
+}
+
+/// A public rule whose paths take every path a route takes opens the whole route to
+/// callers without a credential: it is then not behind the proxy at all for those
+/// methods. Possible on purpose (a public documentation site), never by accident.
+/// Which paths that is depends on the route's `path_prefix`, so this lint is per route
+/// (a policy is compiled once, whichever routes use it): `/**` opens everything a
+/// route on `/` takes, but only `/status` and below on a route on `/status`, where
+/// `/status/**` opens the whole route just as well.
+pub fn public_everywhere(policy: &Policy, route: RouteScope<'_>) -> Vec<Lint> {
+    let mut out = Lints { file: policy.file_arc(), items: Vec::new() };
+    let dir = route.path_prefix.trim_end_matches('/');
+    let whole: Vec<Glob> =
+        ["/**".to_string(), format!("{dir}/**")].iter().filter_map(|p| Glob::new(p).ok()).collect();
+    let taken = if dir.is_empty() {
+        format!("its path_prefix is `/`: every path on {} that no route with a longer path_prefix takes", route.host)
+    } else {
+        format!(
+            "its path_prefix is `{}`: `{dir}` and every path under `{dir}/` on {} that no route with a longer path_prefix takes",
+            route.path_prefix, route.host
+        )
+    };
+    let (opens, shadow) = if route.shadow {
+        ("would open", " once this shadow policy is enforced")
+    } else {
+        ("opens", "")
+    };
+    for rule in policy.rules().iter().filter(|r| r.is_public()) {
+        for c in rule.conditions() {
+            let Matcher::Paths(globs) = c.matcher() else { continue };
+            let Some(g) = globs.iter().find(|g| whole.iter().any(|w| g.covers(w))) else {
+                continue;
+            };
             out.push(
                 Severity::Warning,
                 c.loc(),
                 format!(
-                    "public rule `{}` opens every path (`{}`) to callers without any credential: \
-                     list the paths that must be public (`/healthz`, `/webhooks/**`)",
+                    "public rule `{}` {opens} every path of route `{}` (`{}`; {taken}) to callers without any credential{shadow}: \
+                     list the paths that must be public (`{dir}/healthz`, `{dir}/webhooks/**`)",
                     rule.id(),
-                    g.as_str()
+                    route.name,
+                    g.as_str(),
                 ),
             );
         }
     }
+    out.items
 }
 
 /// A deny refuses a caller without a credential whenever its request conditions hold

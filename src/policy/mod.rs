@@ -46,7 +46,7 @@ mod testcase;
 
 pub use explain::{Explanation, FailedCondition, RuleTrace, TraceOutcome};
 pub use glob::{Glob, GlobError};
-pub use lint::{lint, rule_covers, Lint, Severity};
+pub use lint::{lint, public_everywhere, rule_covers, Lint, RouteScope, Severity};
 pub use rule::{methods_admit, Condition, Effect, Loc, Rule};
 pub use summary::RuleSummary;
 pub use testcase::{

@@ -1466,9 +1466,6 @@ fn a_public_rule_says_nothing_about_the_caller_and_lists_its_requests() {
 fn public_rules_on_every_path_or_under_a_deny_are_flagged() {
     #[rustfmt::skip]
     let cases: &[(&str, &str, &str)] = &[
-        ("the whole route",
-         "[[rule]]\nid = \"p\"\neffect = \"allow\"\npublic = true\nmethods = [\"GET\"]\npaths = [\"/healthz\", \"/**\"]\n",
-         "p.toml:6:9: warning: public rule `p` opens every path (`/**`) to callers without any credential"),
         ("a deny whose request conditions cover it, whatever its issuer",
          "[[rule]]\nid = \"p\"\neffect = \"allow\"\npublic = true\nmethods = [\"GET\"]\npaths = [\"/status/**\"]\n[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"corp\"\ngroups_any = [\"x\"]\npaths = [\"/status/**\"]\n",
          "p.toml:2:6: warning: public rule `p` never admits a caller without a credential: deny rule `d` (line 7)"),
@@ -1489,6 +1486,51 @@ fn public_rules_on_every_path_or_under_a_deny_are_flagged() {
     // A narrow public rule beside a deny elsewhere: nothing to say.
     let p = must_parse(PUBLIC);
     assert_eq!(lint(&p, &catalog()), Vec::new(), "{:?}", lint(&p, &catalog()));
+}
+
+/// What a public rule on every path opens depends on the route's `path_prefix`: all a
+/// route on `/` takes, only `/status` and below on a route on `/status` (where
+/// `/status/**` opens the whole route as well). The policy alone says nothing.
+#[test]
+fn a_public_rule_on_every_path_is_flagged_per_route_with_what_it_opens() {
+    let text = |paths: &str| {
+        format!("[[rule]]\nid = \"p\"\neffect = \"allow\"\npublic = true\nmethods = [\"GET\"]\npaths = [\"/healthz\", {paths}]\n")
+    };
+    let flagged = |paths: &str, prefix: &str| -> Vec<String> {
+        let p = must_parse(&text(paths));
+        assert!(!lint(&p, &catalog()).iter().any(|l| l.to_string().contains("opens every path")));
+        let scope = RouteScope {
+            name: "web",
+            host: "host a.example.com",
+            path_prefix: prefix,
+            shadow: false,
+        };
+        public_everywhere(&p, scope).iter().map(ToString::to_string).collect()
+    };
+    assert_eq!(
+        flagged("\"/**\"", "/"),
+        ["p.toml:6:9: warning: public rule `p` opens every path of route `web` (`/**`; its path_prefix is `/`: every path on host a.example.com that no route with a longer path_prefix takes) to callers without any credential: list the paths that must be public (`/healthz`, `/webhooks/**`)"]
+    );
+    let status = ["p.toml:6:9: warning: public rule `p` opens every path of route `web` (`/**`; its path_prefix is `/status`: `/status` and every path under `/status/` on host a.example.com that no route with a longer path_prefix takes) to callers without any credential: list the paths that must be public (`/status/healthz`, `/status/webhooks/**`)"];
+    assert_eq!(flagged("\"/**\"", "/status"), status);
+    assert_eq!(
+        flagged("\"/**\"", "/status/"),
+        [status[0].replace("prefix is `/status`", "prefix is `/status/`")]
+    );
+    let own = flagged("\"/status/**\"", "/status");
+    assert_eq!(own, [status[0].replace("(`/**`;", "(`/status/**`;")]);
+    // Narrower than the route: nothing to say.
+    assert_eq!(flagged("\"/status/**\"", "/"), Vec::<String>::new());
+    assert_eq!(flagged("\"/status/public/**\"", "/status"), Vec::<String>::new());
+    // A shadow policy opens nothing yet; it would once enforced.
+    let p = must_parse(&text("\"/**\""));
+    let scope = RouteScope { name: "web", host: "any host", path_prefix: "/", shadow: true };
+    let w = public_everywhere(&p, scope).iter().map(ToString::to_string).collect::<Vec<_>>();
+    assert!(w[0].contains("public rule `p` would open every path of route `web`"), "{w:?}");
+    assert!(
+        w[0].contains("without any credential once this shadow policy is enforced: list"),
+        "{w:?}"
+    );
 }
 
 #[test]

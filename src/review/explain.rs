@@ -333,7 +333,7 @@ struct Preflight {
     taken: bool,
 }
 
-const PREFLIGHT_NOTE: &str = "this route has `cors_preflight = true`: a CORS preflight without a credential (OPTIONS with Origin and Access-Control-Request-Method; no Authorization, Proxy-Authorization or Cookie; no body) is forwarded on this route without consulting the policy";
+pub(super) const PREFLIGHT_NOTE: &str = "this route has `cors_preflight = true`: a CORS preflight without a credential (OPTIONS with Origin and Access-Control-Request-Method; no Authorization, Proxy-Authorization or Cookie; no body) is forwarded on this route without consulting the policy";
 
 #[allow(clippy::too_many_arguments)]
 fn text(

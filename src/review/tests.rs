@@ -507,6 +507,51 @@ fn who_summarizes_each_rule_in_words() {
     );
 }
 
+/// `cors_preflight = true`: `who` says that anyone, without a credential, reaches the
+/// upstream with a CORS preflight, as `explain` does; not for a request it does not
+/// concern, nor for a route without it.
+#[test]
+fn who_says_cors_preflights_reach_the_upstream_without_the_policy() {
+    let (dir, cfg) = setup(API);
+    let args = |request: Option<&str>, format| WhoArgs {
+        config: cfg.clone(),
+        route: request.is_none().then(|| "api".to_string()),
+        request: request.map(str::to_string),
+        format,
+    };
+    let text = |request: Option<&str>| who::run(&args(request, Format::Text)).stdout;
+    let note = "ANYONE, without any credential, can send a CORS preflight: this route has `cors_preflight = true`: a CORS preflight without a credential (OPTIONS with Origin and Access-Control-Request-Method; no Authorization, Proxy-Authorization or Cookie; no body) is forwarded on this route without consulting the policy";
+    assert!(!text(None).contains("preflight"), "{}", text(None));
+
+    write(&cfg, &CONFIG.replace("policy = \"api\"", "policy = \"api\"\ncors_preflight = true"));
+    let o = text(None);
+    assert!(o.contains(&format!("\n  {note}\n")), "{o}");
+    assert!(
+        o.contains("everyone else: denied (default deny), but for CORS preflights (above)"),
+        "{o}"
+    );
+    let o = text(Some("OPTIONS https://api.example.com/deploy/1"));
+    assert!(o.contains(note), "{o}");
+    let o = text(Some("GET https://api.example.com/deploy/1"));
+    assert!(!o.contains("preflight"), "{o}");
+    let md = who::run(&args(None, Format::Markdown)).stdout;
+    assert!(md.contains("**ANYONE, without any credential, can send a CORS preflight**: this route has `cors_preflight = true`"), "{md}");
+    let v: serde_json::Value =
+        serde_json::from_str(&who::run(&args(None, Format::Json)).stdout).unwrap_or_default();
+    assert_eq!(v[0]["cors_preflight"]["forwarded_without_policy"], true, "{v}");
+
+    // A method filter without OPTIONS: the route never takes a preflight.
+    let get_only =
+        CONFIG.replace("policy = \"api\"", "policy = \"api\"\ncors_preflight = true").replace(
+            "host = \"api.example.com\" }",
+            "host = \"api.example.com\", methods = [\"GET\"] }",
+        );
+    write(&cfg, &get_only);
+    let o = text(None);
+    assert!(!o.contains("can send a CORS preflight"), "{o}");
+    drop(dir);
+}
+
 // === diff ===
 
 fn git(dir: &Path, args: &[&str]) -> String {

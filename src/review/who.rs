@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use serde_json::json;
 
-use super::explain::RequestLine;
+use super::explain::{RequestLine, PREFLIGHT_NOTE};
 use super::snapshot::{RouteView, Snapshot};
 use super::{Format, Report, EXIT_OK};
 use crate::config::{Config, LoadMode};
@@ -31,6 +31,10 @@ pub struct RouteAccess {
     pub request: Option<String>,
     pub allows: Vec<RuleSummary>,
     pub denies: Vec<RuleSummary>,
+    /// The route forwards an anonymous CORS preflight (to the request, if given)
+    /// without consulting the policy: `cors_preflight = true`, and its method filter
+    /// takes `OPTIONS` (as does the request).
+    pub preflight: bool,
 }
 
 pub fn run(args: &WhoArgs) -> Report {
@@ -92,7 +96,17 @@ pub fn route_access(
     req: Option<&RequestLine>,
 ) -> RouteAccess {
     let (allows, denies) = summaries(&route.policy, snapshot, req);
-    RouteAccess { route: route.clone(), request: req.map(|r| r.to_string()), allows, denies }
+    let preflight = match req {
+        Some(q) => q.method == http::Method::OPTIONS && route.forwards_preflight(&q.path),
+        None => route.forwards_preflight(&route.path_prefix),
+    };
+    RouteAccess {
+        route: route.clone(),
+        request: req.map(|r| r.to_string()),
+        allows,
+        denies,
+        preflight,
+    }
 }
 
 fn summaries(
@@ -138,6 +152,10 @@ fn to_json(a: &RouteAccess) -> serde_json::Value {
         "request": a.request,
         "allow": a.allows,
         "deny": a.denies,
+        "cors_preflight": a.preflight.then(|| json!({
+            "forwarded_without_policy": true,
+            "note": PREFLIGHT_NOTE,
+        })),
         "default": "deny",
     })
 }
@@ -196,6 +214,12 @@ fn text(a: &RouteAccess) -> String {
     if let Some(r) = &a.request {
         let _ = writeln!(o, "  only rules that apply to: {r}");
     }
+    if a.preflight {
+        let _ = writeln!(
+            o,
+            "  ANYONE, without any credential, can send a CORS preflight: {PREFLIGHT_NOTE}"
+        );
+    }
     if a.allows.is_empty() {
         let _ = writeln!(o, "  nobody is allowed: no allow rule applies");
     } else {
@@ -210,7 +234,12 @@ fn text(a: &RouteAccess) -> String {
             let _ = writeln!(o, "    - {}", route_bullet(&a.route, s));
         }
     }
-    let _ = writeln!(o, "  everyone else: denied (default deny)");
+    if a.preflight {
+        let _ =
+            writeln!(o, "  everyone else: denied (default deny), but for CORS preflights (above)");
+    } else {
+        let _ = writeln!(o, "  everyone else: denied (default deny)");
+    }
     o
 }
 
@@ -221,6 +250,12 @@ fn markdown(a: &RouteAccess) -> String {
     let _ = writeln!(o, "{}; policy `{}`\n", a.route.describe(), a.route.policy.file().display());
     if let Some(r) = &a.request {
         let _ = writeln!(o, "Only rules that apply to `{r}`.\n");
+    }
+    if a.preflight {
+        let _ = writeln!(
+            o,
+            "**ANYONE, without any credential, can send a CORS preflight**: {PREFLIGHT_NOTE}.\n"
+        );
     }
     let _ = writeln!(o, "**Allowed** (the first matching allow decides):\n");
     if a.allows.is_empty() {
@@ -235,6 +270,10 @@ fn markdown(a: &RouteAccess) -> String {
             let _ = writeln!(o, "- {}", route_bullet(&a.route, s));
         }
     }
-    let _ = writeln!(o, "\nEveryone else is denied.");
+    if a.preflight {
+        let _ = writeln!(o, "\nEveryone else is denied, but for CORS preflights (above).");
+    } else {
+        let _ = writeln!(o, "\nEveryone else is denied.");
+    }
     o
 }

@@ -44,6 +44,9 @@ pub struct Runtime {
     /// Signs the assertions of this generation's requests; the same one as the previous
     /// generation's unless `[assertion]` changed ([`AssertionSigner::reload`]).
     pub signer: Arc<AssertionSigner>,
+    /// The certificates the HTTPS listener serves in this generation, for `/metrics`
+    /// (set by the server once its TLS is built; empty without `[tls]`).
+    pub tls_certificates: Vec<crate::tls::ServedCertificate>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -81,7 +84,16 @@ impl Runtime {
         let revision: Arc<str> = Arc::from(policy_revision(&config));
         let sessions = crate::session::Sessions::build(&config)?.map(Arc::new);
         verifier.start();
-        Ok(Runtime { config, verifier, clients, revision, generation, sessions, signer })
+        Ok(Runtime {
+            config,
+            verifier,
+            clients,
+            revision,
+            generation,
+            sessions,
+            signer,
+            tls_certificates: Vec::new(),
+        })
     }
 }
 
@@ -127,21 +139,42 @@ pub fn policy_revision(config: &Config) -> String {
     }
 }
 
-/// Builds the rustls server configuration from `[tls]`.
-pub fn tls_config(cfg: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
-    let Some(t) = &cfg.tls else { return Ok(None) };
-    let default =
-        crate::tls::CertifiedKeySource::Files { cert: t.cert.clone(), key: t.key.clone() };
+/// Builds the rustls server configuration from `[tls]`, with what `/metrics` says of the
+/// certificates it serves. Each file is read once, however many names it serves.
+pub fn tls_config(cfg: &Config) -> Result<ServingTls, String> {
+    let Some(t) = &cfg.tls else { return Ok(ServingTls::default()) };
+    let mut certificates = Vec::new();
+    let mut load = |cert: &Path, key: &Path, server_names: &[String]| {
+        let ck = crate::tls::load_certified_key(cert, key).map_err(|e| e.to_string())?;
+        // rustls took the leaf; one x509-parser cannot read is left out of the metric.
+        if let Some(not_after) = ck.end_entity_cert().ok().and_then(crate::tls::not_after) {
+            certificates.push(crate::tls::ServedCertificate {
+                cert: cert.to_path_buf(),
+                server_names: server_names.to_vec(),
+                not_after,
+            });
+        }
+        Ok::<_, String>(crate::tls::CertifiedKeySource::Loaded(ck))
+    };
+    let default = load(&t.cert, &t.key, &[])?;
     let mut sni = Vec::new();
     for s in &t.sni {
+        let source = load(&s.cert, &s.key, &s.server_names)?;
         for name in &s.server_names {
-            sni.push((
-                name.clone(),
-                crate::tls::CertifiedKeySource::Files { cert: s.cert.clone(), key: s.key.clone() },
-            ));
+            sni.push((name.clone(), source.clone()));
         }
     }
-    crate::tls::server_config(default, sni).map(Some).map_err(|e| e.to_string())
+    let config = crate::tls::server_config(default, sni).map_err(|e| e.to_string())?;
+    Ok(ServingTls { config: Some(config), certificates })
+}
+
+/// The HTTPS listener's TLS of one generation ([`tls_config`]).
+#[derive(Debug, Default)]
+pub struct ServingTls {
+    /// `None` without `[tls]`.
+    pub config: Option<Arc<rustls::ServerConfig>>,
+    /// Every certificate it serves, default first.
+    pub certificates: Vec<crate::tls::ServedCertificate>,
 }
 
 /// Bound addresses of a running server (useful when the config asked for port 0).
@@ -270,7 +303,7 @@ impl Server {
                 AuditSink::file(p).map_err(|e| format!("audit output {}: {e}", p.display()))?
             }
         };
-        let tls = tls_config(&config)?;
+        let ServingTls { config: tls, certificates } = tls_config(&config)?;
         let pg_prepared = crate::postgres::prepare(&config)?;
         for w in crate::postgres::warnings(&config) {
             tracing::warn!("{w}");
@@ -289,7 +322,8 @@ impl Server {
         for w in &config.warnings {
             tracing::warn!(target: "portcullis::config", "{w}");
         }
-        let runtime = Runtime::build(config, None, 1)?;
+        let mut runtime = Runtime::build(config, None, 1)?;
+        runtime.tls_certificates = certificates;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         // Turns true when the grace period is over: connections still open are closed.
         let (cut_tx, cut_rx) = watch::channel(false);
@@ -546,7 +580,7 @@ async fn reload(state: &State) -> bool {
             "{setting} differs from the running value: it takes effect on restart, not on reload"
         );
     }
-    let tls = match tls_config(&config) {
+    let ServingTls { config: tls, certificates } = match tls_config(&config) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(error = %e, "reload rejected: TLS; the previous configuration keeps serving");
@@ -557,13 +591,14 @@ async fn reload(state: &State) -> bool {
     for w in &config.warnings {
         tracing::warn!(target: "portcullis::config", "{w}");
     }
-    let runtime = match Runtime::build(config, Some(&old), generation) {
+    let mut runtime = match Runtime::build(config, Some(&old), generation) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "reload rejected; the previous configuration keeps serving");
             return rejected(state, "runtime", vec![e.to_string()]);
         }
     };
+    runtime.tls_certificates = certificates;
     let pg = match crate::postgres::prepare(&runtime.config) {
         Ok(p) => p,
         Err(e) => {

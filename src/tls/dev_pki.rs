@@ -74,6 +74,10 @@ impl DevPki {
         let names = server_names(extra_names)?;
         fs::create_dir_all(dir)?;
         let pki = Self { dir: dir.to_owned(), ca_cert: CertificateDer::from(Vec::new()), names };
+        // Neither read nor written through a link planted in the directory.
+        for path in [pki.ca_path(), pki.ca_key_path(), pki.cert_path(), pki.key_path()] {
+            refuse_link(&path)?;
+        }
 
         let ca = match pki.load_ca(now) {
             Some(ca) => ca,
@@ -309,16 +313,40 @@ fn rcgen_error(e: rcgen::Error) -> io::Error {
     io::Error::other(format!("certificate generation: {e}"))
 }
 
+/// An error if `path` is a symbolic link: development material is neither read nor
+/// written through one.
+fn refuse_link(path: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is a symbolic link: development certificates and keys are not read or written through one (remove it)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Writes through a temporary file and a rename, so a reader never sees half a file; key files
 /// are created 0600 from the start rather than narrowed afterwards.
+///
+/// Nothing planted in the directory is written through: a symbolic link at `path` is
+/// refused (the rename would only replace the link, but something put it there, and the
+/// developer should know), and the temporary file is created afresh with `O_EXCL` and
+/// `O_NOFOLLOW`, so a link or file put at its name between the removal of a stale one and
+/// the open fails the write instead of redirecting it.
 fn write_file(path: &Path, contents: &[u8], secret: bool) -> io::Result<()> {
+    refuse_link(path)?;
     let tmp = path.with_extension("pem.tmp");
     let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(if secret { 0o600 } else { 0o644 });
+        // As the demo's own state files (`dev::demo`).
+        options.custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
     }
     #[cfg(not(unix))]
     let _ = secret;

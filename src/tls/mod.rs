@@ -16,6 +16,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
@@ -87,6 +88,18 @@ impl CertifiedKeySource {
             Self::Loaded(ck) => Ok(Arc::clone(ck)),
         }
     }
+}
+
+/// A certificate the listeners serve, as `/metrics` reports it
+/// (`portcullis_tls_certificate_expiry_timestamp_seconds`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedCertificate {
+    /// The `cert` file as configured.
+    pub cert: PathBuf,
+    /// Its `[[tls.sni]]` entry's `server_names`; empty for the `[tls]` default.
+    pub server_names: Vec<String>,
+    /// The leaf's notAfter, Unix seconds ([`not_after`]).
+    pub not_after: i64,
 }
 
 /// The one crypto provider portcullis uses.
@@ -166,6 +179,45 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, 
         Err(source) => return Err(TlsError::InvalidCertificate { path: cert.into(), source }),
     }
     Ok(Arc::new(certified))
+}
+
+/// Within this many days of its leaf's notAfter, a configured certificate is warned about
+/// at every load (`check`, `serve`, reload).
+pub const EXPIRY_WARNING_DAYS: u64 = 14;
+
+/// The leaf's notAfter as Unix seconds; `None` if it does not parse as X.509 (rustls
+/// accepted it, so this is not expected).
+pub fn not_after(leaf: &CertificateDer<'_>) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// What to say about a leaf whose notAfter is `not_after`, at `now` (Unix seconds):
+/// that it has expired, or expires within [`EXPIRY_WARNING_DAYS`]; `None` otherwise.
+/// A warning, never a refusal: as with nginx and HAProxy, the listener still starts
+/// (clients refuse the certificate; everything else keeps working).
+pub fn expiry_warning(not_after: i64, now: u64) -> Option<String> {
+    let now = i64::try_from(now).unwrap_or(i64::MAX);
+    let when = u64::try_from(not_after)
+        .map(|s| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(s)))
+        .map_or_else(|_| not_after.to_string(), |t| t.to_string());
+    let day = 86_400;
+    let days = |secs: i64| match secs / day {
+        0 => "less than a day".to_string(),
+        1 => "1 day".to_string(),
+        n => format!("{n} days"),
+    };
+    if not_after <= now {
+        Some(format!(
+            "expired {} ago ({when}): clients refuse it; renew it",
+            days(now.saturating_sub(not_after))
+        ))
+    } else if not_after.saturating_sub(now) < i64::try_from(EXPIRY_WARNING_DAYS).unwrap_or(0) * day
+    {
+        Some(format!("expires in {} ({when}): renew it", days(not_after - now)))
+    } else {
+        None
+    }
 }
 
 /// Every certificate in a PEM file, in file order; at least one.

@@ -362,3 +362,71 @@ fn committed_dev_certs_load() {
 fn regenerate_committed_dev_certs() {
     write_dev_certs(&Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/dev")).unwrap();
 }
+
+/// The leaf's notAfter is read as written; within 14 days of it, or past it, a load warns.
+#[test]
+fn not_after_and_expiry_warnings() {
+    let at = 1_924_992_000; // 2031-01-01T00:00:00Z
+    let mut params = CertificateParams::new(vec!["x.example.com".to_string()]).unwrap();
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(at).unwrap();
+    let cert = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+    assert_eq!(not_after(cert.der()), Some(at));
+    assert_eq!(not_after(&CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01])), None);
+
+    let day = 86_400;
+    let now = |before: i64| u64::try_from(at - before).unwrap();
+    assert_eq!(expiry_warning(at, now(14 * day)), None);
+    assert_eq!(
+        expiry_warning(at, now(14 * day - 1)).as_deref(),
+        Some("expires in 13 days (2031-01-01T00:00:00Z): renew it")
+    );
+    assert_eq!(
+        expiry_warning(at, now(day)).as_deref(),
+        Some("expires in 1 day (2031-01-01T00:00:00Z): renew it")
+    );
+    assert_eq!(
+        expiry_warning(at, now(60)).as_deref(),
+        Some("expires in less than a day (2031-01-01T00:00:00Z): renew it")
+    );
+    assert_eq!(
+        expiry_warning(at, now(0)).as_deref(),
+        Some("expired less than a day ago (2031-01-01T00:00:00Z): clients refuse it; renew it")
+    );
+    assert_eq!(
+        expiry_warning(at, now(-3 * day - 5)).as_deref(),
+        Some("expired 3 days ago (2031-01-01T00:00:00Z): clients refuse it; renew it")
+    );
+}
+
+/// A symbolic link planted where a development key goes is refused, and what it points
+/// to is left as it was.
+#[cfg(unix)]
+#[test]
+fn dev_pki_never_writes_through_a_symbolic_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    fs::create_dir_all(&pki).unwrap();
+    let victim = dir.path().join("victim");
+    fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, pki.join("server-key.pem")).unwrap();
+    let err = DevPki::load_or_create(&pki, &[]).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+    assert!(err.to_string().contains("server-key.pem is a symbolic link"), "{err}");
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+    assert!(fs::symlink_metadata(pki.join("server-key.pem")).unwrap().file_type().is_symlink());
+    assert!(!pki.join("ca.pem").exists(), "refused before writing anything");
+
+    // `dev certs --out` too, for the CA certificate it writes first.
+    let out = dir.path().join("out");
+    fs::create_dir_all(&out).unwrap();
+    std::os::unix::fs::symlink(&victim, out.join("ca.pem")).unwrap();
+    assert!(write_dev_certs(&out).unwrap_err().to_string().contains("ca.pem is a symbolic link"));
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+
+    // Once the link is gone, the material is written, keys 0600.
+    fs::remove_file(pki.join("server-key.pem")).unwrap();
+    let made = DevPki::load_or_create(&pki, &[]).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(made.key_path()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}

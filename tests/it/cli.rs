@@ -1383,3 +1383,54 @@ async fn serve_rotates_the_assertion_key_on_sighup_and_refuses_a_bad_one_by_name
         }
     }
 }
+
+/// `serve` runs the policies' `[[test]]` cases once at start: `load_or_report` runs them
+/// to print every failure, and `Server::start` (which serves no configuration whose
+/// tests fail, whoever calls it) takes that outcome instead of running them again.
+#[tokio::test]
+async fn serve_runs_the_policy_tests_once_at_start() {
+    let policy = format!(
+        "{ALLOW_ALL_PRESETS}\n[[test]]\nname = \"feature branches are refused\"\n\
+         identity = {{ issuer = \"bb\", preset = \"bitbucket-pipelines\", claims = {{ repositoryUuid = \"{{7f3c1e2a-5b4d-4c8e-9a1f-2d3e4f5a6b7c}}\", branchName = \"feature/x\" }} }}\n\
+         request = \"GET /x\"\nexpect = \"deny\"\n"
+    );
+    let w = World::with(Setup { policies: vec![("api".into(), policy)], ..Setup::default() }).await;
+    let port = free_port();
+    let cfg = std::fs::read_to_string(w.config_path())
+        .unwrap_or_default()
+        .replace("https = \"127.0.0.1:0\"", &format!("https = \"127.0.0.1:{port}\""));
+    let path = w.dir.path().join("once.toml");
+    write(&path, &cfg);
+    let stderr_path = w.dir.path().join("stderr.log");
+    let stderr = std::fs::File::create(&stderr_path).unwrap_or_else(|e| panic!("{e}"));
+    let _child = Killed(
+        Command::new(BIN)
+            .args(["serve", "-c", &path.to_string_lossy()])
+            .env("PORTCULLIS_LOG", "info,portcullis::config=debug")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let c = client(&w.pki, false);
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let url = format!("https://localhost:{port}/x");
+    let mut status = None;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            let r =
+                send_with(&c, Method::GET, &url, &[("authorization", auth.as_str())], Bytes::new())
+                    .await;
+            status = Some(r.status);
+            if r.status == StatusCode::OK {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, Some(StatusCode::OK), "the proxy did not serve");
+    let logged = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let runs: Vec<&str> = logged.lines().filter(|l| l.contains("policy tests run")).collect();
+    assert_eq!(runs.len(), 1, "{logged}");
+    assert!(runs[0].contains("cases=1") && runs[0].contains("failed=0"), "{}", runs[0]);
+}

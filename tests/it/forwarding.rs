@@ -82,6 +82,24 @@ async fn spoofed_identity_and_hop_by_hop_headers_never_reach_the_upstream() {
     assert_eq!(r.upstream_header("x-portcullis-kind").as_deref(), Some("pipeline"));
 }
 
+/// The test tokens are minted as `portcullis dev token --claim` mints them: a pipeline
+/// token for another repository or ref says so in its `sub` too, as the provider's would,
+/// so what the upstream is told is one consistent identity.
+#[tokio::test]
+async fn an_overridden_claim_rebuilds_the_subject_as_the_provider_does() {
+    let w = World::start().await;
+    let t = w.token("gh", &["repository=acme/api"]);
+    let r = w.get("/x", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        r.upstream_header("x-portcullis-subject").as_deref(),
+        Some("repo:acme/api:ref:refs/heads/main")
+    );
+    // An explicit `sub` wins.
+    let (_, claims) = w.parts("gh", &["repository=acme/api", "sub=repo:x/y:ref:z"]);
+    assert_eq!(claims["sub"], "repo:x/y:ref:z");
+}
+
 /// A claim with a space at its edge or beside a list comma reaches the upstream with the
 /// space encoded: an HTTP parser drops such whitespace (RFC 9110 §5.5, §5.6.1), and would
 /// hand the application a group `admin` and a subject `root` the token never held.

@@ -512,3 +512,64 @@ async fn the_watcher_loads_a_policy_written_after_the_version_naming_it_was_refu
             .await;
     assert!(loaded, "the policy written after the refusal was never loaded by the watcher");
 }
+
+/// `/metrics` gives each served certificate's notAfter; a reload that adds an
+/// `[[tls.sni]]` certificate adds its series, one that removes it drops it.
+#[tokio::test]
+async fn certificate_expiry_series_follow_the_served_certificates() {
+    let w = World::start().await;
+    let series = "portcullis_tls_certificate_expiry_timestamp_seconds";
+    let samples = |m: &str| -> Vec<String> {
+        m.lines().filter(|l| l.starts_with(&format!("{series}{{"))).map(str::to_string).collect()
+    };
+    let m = w.admin_get("/metrics").await.text();
+    assert!(m.contains(&format!("# TYPE {series} gauge")), "{m}");
+    let default = samples(&m);
+    assert_eq!(default.len(), 1, "{m}");
+    let prefix =
+        format!("{series}{{cert=\"{}\",server_names=\"default\"}} ", w.pki.cert_path().display());
+    let not_after = default[0].strip_prefix(&prefix).and_then(|v| v.parse::<u64>().ok());
+    let now = portcullis::util::unix_now();
+    assert!(not_after.is_some_and(|t| t > now + 14 * 86_400), "{default:?}");
+
+    // 2031-01-01T00:00:00Z.
+    let at = 1_924_992_000;
+    let mut params = match rcgen::CertificateParams::new(vec!["other.example.com".to_string()]) {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    };
+    params.not_after = match time::OffsetDateTime::from_unix_timestamp(at) {
+        Ok(t) => t,
+        Err(e) => panic!("{e}"),
+    };
+    let key = match rcgen::KeyPair::generate() {
+        Ok(k) => k,
+        Err(e) => panic!("{e}"),
+    };
+    let cert = match params.self_signed(&key) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    let (cert_path, key_path) =
+        (w.dir.path().join("other.pem"), w.dir.path().join("other-key.pem"));
+    write(&cert_path, &cert.pem());
+    write(&key_path, &key.serialize_pem());
+    let config = std::fs::read_to_string(w.config_path()).unwrap_or_default();
+    let sni = format!(
+        "\n[[tls.sni]]\nserver_names = [\"other.example.com\", \"*.other.example.com\"]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert_path.display(),
+        key_path.display()
+    );
+    write(&w.config_path(), &format!("{config}{sni}"));
+    assert!(w.server().reload().await);
+    let both = samples(&w.admin_get("/metrics").await.text());
+    let added = format!(
+        "{series}{{cert=\"{}\",server_names=\"other.example.com,*.other.example.com\"}} {at}",
+        cert_path.display()
+    );
+    assert_eq!(both, [default[0].clone(), added], "default first, then [[tls.sni]] in order");
+
+    write(&w.config_path(), &config);
+    assert!(w.server().reload().await);
+    assert_eq!(samples(&w.admin_get("/metrics").await.text()), default);
+}

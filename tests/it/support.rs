@@ -20,7 +20,7 @@ use portcullis::dev::echo::EchoServer;
 use portcullis::dev::issuer::DevIssuer;
 use portcullis::dev::login::DevLogin;
 use portcullis::dev::signer::DevSigner;
-use portcullis::dev::token::{apply_overrides, preset_claims};
+use portcullis::dev::token::{apply_preset_overrides, preset_claims};
 use portcullis::server::{Options, Server};
 use portcullis::tls::DevPki;
 use serde_json::Value;
@@ -353,7 +353,9 @@ impl World {
     }
 
     /// A token for a preset (`bb`, `gh`, `gl`, `corp`), with overrides applied
-    /// (`key=value` strings, `key:=json` typed).
+    /// (`key=value` strings, `key:=json` typed) as `portcullis dev token --claim` applies
+    /// them: an override of a claim the provider builds `sub` from rebuilds `sub`
+    /// ([`apply_preset_overrides`]), unless `sub` itself is given.
     pub fn token(&self, issuer: &str, overrides: &[&str]) -> String {
         let (header, payload) = self.parts(issuer, overrides);
         self.signer.sign(&header, &payload)
@@ -367,7 +369,7 @@ impl World {
             .unwrap_or_else(|| panic!("preset {preset}"));
         header["kid"] = Value::String(self.signer.kid().to_string());
         let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-        if let Err(e) = apply_overrides(&mut payload, &o) {
+        if let Err(e) = apply_preset_overrides(preset, &mut payload, &o) {
             panic!("{e}");
         }
         (header, payload)
