@@ -491,3 +491,48 @@ async fn sessions_are_revoked_by_id_or_without_one_by_issuer_subject_and_sign_in
     assert!(serde_json::from_str::<SessionData>(&bad).is_err());
     Ok(())
 }
+
+/// A full sign-out list forgets no sign-out: the floor it raises refuses the oldest
+/// sessions, signed out or not, and leaves newer ones alone; counted and rendered.
+#[tokio::test]
+async fn sessions_revoked_past_the_cap_are_still_refused_and_the_overflow_counted(
+) -> Result<(), String> {
+    let s = Sessions {
+        revocations: Arc::new(Revocations::with_capacity(1)),
+        ..Sessions::with_sealer(host_only(), Sealer::from_keys(&[[7; 32]])?)
+    };
+    let now = crate::util::unix_now();
+    let session = |age: u64| {
+        let mut d = data(1);
+        d.created = now - age;
+        d
+    };
+    let (older_unrevoked, first, second, newer_unrevoked) =
+        (session(30), session(20), session(10), session(0));
+    let overflows =
+        || crate::metrics::global().session_revocation_overflows.load(Ordering::Relaxed);
+    let before = overflows();
+    assert_eq!(s.revoke(&first, now), Revoked::Recorded);
+    assert_eq!(s.revoke(&second, now), Revoked::Overflow { floor: now - 20 });
+    assert!(overflows() > before);
+    assert_eq!(s.revocations().len(), 1);
+    let out = crate::metrics::global().render();
+    assert!(out.lines().any(|l| l.starts_with("portcullis_session_revocation_overflows_total ")));
+    assert!(out.lines().any(|l| l.starts_with("portcullis_session_revocations ")));
+    let sessions = &s;
+    let refused = |d: &SessionData| {
+        let set = sessions.seal_session(d, &[]).unwrap_or_default();
+        let h = headers(&set);
+        async move {
+            match sessions.check(None, &h, now).await {
+                Lookup::Invalid { reason: Reason::SessionRevoked, detail, .. } => Some(detail),
+                _ => None,
+            }
+        }
+    };
+    assert_eq!(refused(&first).await, Some(revoke::BELOW_FLOOR));
+    assert_eq!(refused(&second).await, Some(revoke::SIGNED_OUT));
+    assert_eq!(refused(&older_unrevoked).await, Some(revoke::BELOW_FLOOR));
+    assert_eq!(refused(&newer_unrevoked).await, None);
+    Ok(())
+}
