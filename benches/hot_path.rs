@@ -323,6 +323,7 @@ fn bench_request(c: &mut Criterion, signer: &DevSigner) {
         revision: Arc::from("sha256:bench"),
         generation: 1,
         sessions: None,
+        revocations: Arc::default(),
         signer: Arc::new(
             AssertionSigner::generate("https://proxy.bench.test".into(), Duration::from_secs(300))
                 .unwrap(),

@@ -27,6 +27,7 @@ fn session(groups: usize) -> SessionData {
         kept: None,
         claims: Default::default(),
         not_kept: Vec::new(),
+        id: portcullis::session::revoke::SessionId::random().unwrap_or_default(),
     }
 }
 

@@ -166,6 +166,12 @@ pub struct Metrics {
     pub sign_ins: Family<(Arc<str>, &'static str)>,
     /// Browser session refresh-token exchanges by (issuer, outcome: ok|error).
     pub session_refreshes: Family<(Arc<str>, &'static str)>,
+    /// Sign-outs recorded in the revocation list ([`crate::session::revoke`]).
+    pub sessions_revoked: AtomicU64,
+    /// Sign-outs that found the revocation list full of live entries and raised its floor.
+    pub session_revocation_overflows: AtomicU64,
+    /// Entries in the revocation list after the last sign-out (a gauge).
+    pub session_revocation_entries: AtomicU64,
     /// Config reloads by outcome (ok|error).
     pub config_reloads: Family<&'static str>,
     /// Shadow-policy disagreements by route.
@@ -334,6 +340,27 @@ impl Metrics {
             "Browser session refreshes (refresh-token exchanges) by issuer and outcome (ok, error).",
             ("issuer", "outcome"),
             &self.session_refreshes,
+        );
+        scalar(
+            &mut out,
+            "portcullis_sessions_revoked_total",
+            "counter",
+            "Browser sessions signed out and recorded as revoked (copies of their cookie are refused).",
+            self.sessions_revoked.load(Ordering::Relaxed),
+        );
+        scalar(
+            &mut out,
+            "portcullis_session_revocation_overflows_total",
+            "counter",
+            "Sign-outs that found the revocation list full of live entries: every session signed in no later than the oldest entry is refused since.",
+            self.session_revocation_overflows.load(Ordering::Relaxed),
+        );
+        scalar(
+            &mut out,
+            "portcullis_session_revocations",
+            "gauge",
+            "Signed-out sessions the revocation list holds (as of the last sign-out; at most 100000).",
+            self.session_revocation_entries.load(Ordering::Relaxed),
         );
         family(
             &mut out,

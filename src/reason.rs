@@ -96,6 +96,13 @@ pub enum Reason {
     /// or (PostgreSQL) the token that opened a database session expired, or
     /// `max_session` passed, and the session was terminated.
     SessionExpired,
+    /// A browser session that was signed out (`/.portcullis/logout`) came back: a copy of
+    /// its cookie (stolen, another browser profile, a tool) or the signed-out cookie
+    /// itself. Treated as no session: an API caller gets 401 with the public code
+    /// `login-required`, a browser navigation is sent to sign in, and the cookie is
+    /// cleared. Also a session the full revocation list refuses with the oldest
+    /// ([`crate::session::revoke`]).
+    SessionRevoked,
     /// A return or post-logout target that is not a host this proxy serves.
     InvalidRedirect,
     /// A WebSocket handshake that a browser session would authenticate, sent by a page of
@@ -190,6 +197,7 @@ impl Reason {
             Reason::SignedOut => "signed-out",
             Reason::SessionInvalid => "invalid-session",
             Reason::SessionExpired => "session-expired",
+            Reason::SessionRevoked => "session-revoked",
             Reason::InvalidRedirect => "invalid-redirect",
             Reason::CrossOrigin => "cross-origin",
             Reason::PlaintextRefused => "plaintext-refused",
@@ -227,6 +235,9 @@ impl Reason {
             | Reason::InvalidClaims
             | Reason::TokenReplayed => "invalid-token",
             Reason::DeniedByRule | Reason::PolicyDenied | Reason::GroupsUnknown => "policy-denied",
+            // As if there were no session: whoever holds a copy of a signed-out cookie
+            // learns only that it must sign in.
+            Reason::SessionRevoked => "login-required",
             other => other.code(),
         }
     }
@@ -248,9 +259,10 @@ impl Reason {
             | Reason::AmbiguousCredentials
             | Reason::LoginFailed
             | Reason::InvalidRedirect => StatusCode::BAD_REQUEST,
-            Reason::LoginRequired | Reason::SessionInvalid | Reason::SessionExpired => {
-                StatusCode::UNAUTHORIZED
-            }
+            Reason::LoginRequired
+            | Reason::SessionInvalid
+            | Reason::SessionExpired
+            | Reason::SessionRevoked => StatusCode::UNAUTHORIZED,
             Reason::MissingToken
             | Reason::MalformedToken
             | Reason::DisallowedAlgorithm
@@ -306,6 +318,7 @@ impl Reason {
                     | Reason::LoginRequired
                     | Reason::SessionInvalid
                     | Reason::SessionExpired
+                    | Reason::SessionRevoked
             )
     }
 }
@@ -330,5 +343,10 @@ mod tests {
         assert!(!Reason::MissingToken.is_token_problem());
         assert_eq!(Reason::DeniedByRule.public_code(), "policy-denied");
         assert_eq!(Reason::NoRoute.public_code(), "no-route");
+        // A signed-out session is no session to the client; the log says which.
+        assert_eq!(Reason::SessionRevoked.code(), "session-revoked");
+        assert_eq!(Reason::SessionRevoked.public_code(), "login-required");
+        assert_eq!(Reason::SessionRevoked.status(), StatusCode::UNAUTHORIZED);
+        assert!(!Reason::SessionRevoked.is_token_problem());
     }
 }

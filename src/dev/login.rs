@@ -58,6 +58,9 @@ struct Hooks {
     no_refresh_tokens: bool,
     /// Signal Entra-style group overage instead of listing groups.
     overage: bool,
+    /// Run in a refresh grant before it answers: what happens while a refresh is at the
+    /// provider (a sign-out landing meanwhile).
+    on_refresh: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 struct Inner {
@@ -203,6 +206,10 @@ impl DevLogin {
     }
     pub fn set_groups_overage(&self, overage: bool) {
         self.inner.hooks.lock().overage = overage;
+    }
+    /// Runs `hook` in every refresh grant, before the answer (`None`: no more).
+    pub fn set_on_refresh(&self, hook: Option<Arc<dyn Fn() + Send + Sync>>) {
+        self.inner.hooks.lock().on_refresh = hook;
     }
 
     fn handle(&self, req: &DevRequest) -> Option<Response<Full<Bytes>>> {
@@ -371,6 +378,10 @@ input[type=text]{{font-size:1em;padding:.3em;width:100%}}button{{font-size:1em;p
                 self.inner.refreshes.fetch_add(1, Ordering::SeqCst);
                 if self.inner.hooks.lock().fail_refresh {
                     return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+                }
+                let hook = self.inner.hooks.lock().on_refresh.clone();
+                if let Some(hook) = hook {
+                    hook();
                 }
                 // Rotating refresh tokens: the old one is spent.
                 let Some((user, groups, _)) =

@@ -670,7 +670,14 @@ pub async fn handle(
                     }
                     crate::session::Lookup::Invalid { reason, detail, clear } => {
                         let mut resp = if navigation {
-                            out.reason = Reason::LoginRequired;
+                            // A signed-out session that comes back keeps its own code in
+                            // the log (a copy of the cookie at work), sent to sign in
+                            // all the same; an ended one is routine: `login-required`.
+                            out.reason = if reason == Reason::SessionRevoked {
+                                reason
+                            } else {
+                                Reason::LoginRequired
+                            };
                             out.detail = Some(Cow::Owned(format!("{detail}; sent to sign in")));
                             out.decision = "deny";
                             finish(

@@ -41,6 +41,10 @@ pub struct Runtime {
     pub generation: u64,
     /// Browser sessions, when an issuer has `login`.
     pub sessions: Option<Arc<crate::session::Sessions>>,
+    /// The sessions signed out at `/.portcullis/logout`: one list for the process,
+    /// handed on by every reload (whether or not it keeps `[session]`), so a reload
+    /// never brings a signed-out cookie back.
+    pub revocations: Arc<crate::session::revoke::Revocations>,
     /// Signs the assertions of this generation's requests; the same one as the previous
     /// generation's unless `[assertion]` changed ([`AssertionSigner::reload`]).
     pub signer: Arc<AssertionSigner>,
@@ -59,7 +63,8 @@ impl Runtime {
     /// Builds a generation. Key state of unchanged issuers is carried over from
     /// `previous`, so a reload neither refetches every JWKS nor blips readiness; so is
     /// the assertion signer while `[assertion]` and its key are unchanged, and a new key
-    /// retires the previous one ([`AssertionSigner::reload`]).
+    /// retires the previous one ([`AssertionSigner::reload`]); and always the list of
+    /// signed-out browser sessions.
     pub fn build(
         config: Config,
         previous: Option<&Runtime>,
@@ -82,7 +87,8 @@ impl Runtime {
         let verifier = Arc::new(verifier);
         let clients = config.routes.iter().map(|r| client_for(r)).collect::<Result<Vec<_>, _>>()?;
         let revision: Arc<str> = Arc::from(policy_revision(&config));
-        let sessions = crate::session::Sessions::build(&config)?.map(Arc::new);
+        let revocations = previous.map(|p| p.revocations.clone()).unwrap_or_default();
+        let sessions = crate::session::Sessions::build(&config, revocations.clone())?.map(Arc::new);
         verifier.start();
         Ok(Runtime {
             config,
@@ -91,6 +97,7 @@ impl Runtime {
             revision,
             generation,
             sessions,
+            revocations,
             signer,
             tls_certificates: Vec::new(),
         })

@@ -17,11 +17,14 @@
 //! - [`oidc`]: discovery, authorization URL, code exchange, refresh, ID-token checks.
 //! - [`redirect`]: where a browser may be sent back to (open-redirect defence).
 //! - [`pages`]: the small HTML pages (rejection, sign-in chooser, signed out).
+//! - [`revoke`]: the sessions signed out at `/.portcullis/logout`, refused from then on
+//!   whichever copy of their cookie comes back (per process).
 
 pub mod cookie;
 pub mod oidc;
 pub mod pages;
 pub mod redirect;
+pub mod revoke;
 pub mod seal;
 #[cfg(test)]
 mod tests;
@@ -39,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use self::oidc::Provider;
+use self::revoke::{Revocations, Revoked, SessionId};
 use self::seal::{Purpose, Sealer};
 use crate::config::{Config, RouteSettings, SessionSettings};
 use crate::http::body::ProxyBody;
@@ -108,6 +112,12 @@ pub struct SessionData {
     /// beside another `groups_claim`).
     #[serde(rename = "u", default, skip_serializing_if = "Vec::is_empty")]
     pub not_kept: Vec<String>,
+    /// Which session this is: drawn at sign-in, kept by every renewal, so sign-out can
+    /// refuse every copy of the cookie ([`revoke`]). None (all zero) in a cookie sealed
+    /// before sessions had one, and kept so: such a session is known by its issuer,
+    /// subject and sign-in time ([`SessionData::revocation_key`]).
+    #[serde(rename = "d", default, skip_serializing_if = "SessionId::is_none")]
+    pub id: SessionId,
 }
 
 /// Claims every session knows, from its own fields (as sessions always have).
@@ -206,6 +216,8 @@ pub struct Sessions {
     flights: Mutex<HashMap<[u8; 32], Flight>>,
     /// Refresh-token exchanges made (tests assert single flight with it).
     pub refreshes: AtomicU64,
+    /// Sessions signed out: the process's list, handed from generation to generation.
+    revocations: Arc<Revocations>,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -296,6 +308,26 @@ fn redirect(location: &str, cookies: Vec<HeaderValue>) -> Response<ProxyBody> {
 // === impl SessionData ===
 
 impl SessionData {
+    /// What the revocation list knows the session by: its [`SessionId`], or for a cookie
+    /// sealed before sessions had one, a digest of its issuer, subject and sign-in time
+    /// (so two such sessions of one person signed in within the same second are signed
+    /// out together). Computed without allocating.
+    pub fn revocation_key(&self) -> [u8; 16] {
+        if !self.id.is_none() {
+            return self.id.0;
+        }
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        ctx.update(b"portcullis session without id\0");
+        ctx.update(self.issuer.as_bytes());
+        ctx.update(b"\0");
+        ctx.update(self.subject.as_bytes());
+        ctx.update(b"\0");
+        ctx.update(&self.created.to_be_bytes());
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&ctx.finish().as_ref()[..16]);
+        key
+    }
+
     /// The claims the session's own fields give ([`BASE_CLAIMS`]).
     fn base_claims(&self) -> Map<String, Value> {
         let mut claims = Map::new();
@@ -437,7 +469,11 @@ pub fn claims_named(config: &Config, issuer: &IssuerId) -> Vec<Arc<str>> {
 impl Sessions {
     /// Sessions for a configuration: `None` when no issuer has `login`. Reads the
     /// session keys and client secrets (errors name the source, never the value).
-    pub fn build(config: &Config) -> Result<Option<Sessions>, String> {
+    /// `revocations`: the process's signed-out sessions, which outlive a reload.
+    pub fn build(
+        config: &Config,
+        revocations: Arc<Revocations>,
+    ) -> Result<Option<Sessions>, String> {
         let Some(settings) = config.session.clone() else { return Ok(None) };
         let keys = settings.keys.read().map_err(|e| format!("[session] keys: {e}"))?;
         let sealer = Sealer::from_text(&keys).map_err(|e| format!("[session] keys: {e}"))?;
@@ -462,6 +498,7 @@ impl Sessions {
             kept_claims,
             flights: Mutex::new(HashMap::new()),
             refreshes: AtomicU64::new(0),
+            revocations,
         }))
     }
 
@@ -478,7 +515,42 @@ impl Sessions {
             kept_claims: HashMap::new(),
             flights: Mutex::new(HashMap::new()),
             refreshes: AtomicU64::new(0),
+            revocations: Arc::default(),
         }
+    }
+
+    /// The signed-out sessions these sessions refuse.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
+    }
+
+    /// Signs `data` out for good: every copy of its cookie is refused from now on (until
+    /// the session would have ended anyway). A full list refuses more rather than
+    /// forgetting ([`Revocations::revoke`]): that is logged and counted.
+    pub fn revoke(&self, data: &SessionData, now: u64) -> Revoked {
+        let lifetime = self.settings.absolute_lifetime.as_secs();
+        let outcome = self.revocations.revoke(data.revocation_key(), data.created, lifetime, now);
+        let m = crate::metrics::global();
+        match outcome {
+            Revoked::Recorded => {
+                m.sessions_revoked.fetch_add(1, Ordering::Relaxed);
+            }
+            Revoked::Overflow { floor } => {
+                m.sessions_revoked.fetch_add(1, Ordering::Relaxed);
+                m.session_revocation_overflows.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    entries = self.revocations.len(),
+                    floor = %humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_secs(floor)
+                    ),
+                    "the signed-out session list is full: every session signed in at or before \
+                     the floor is refused from now on (those users sign in again)"
+                );
+            }
+            Revoked::Already | Revoked::Ended => {}
+        }
+        m.session_revocation_entries.store(self.revocations.len() as u64, Ordering::Relaxed);
+        outcome
     }
 
     /// The claims sessions of `issuer` keep: those the loaded policies name and the
@@ -622,6 +694,11 @@ impl Sessions {
             }
             Err(detail) => return invalid(Reason::SessionInvalid, detail),
         };
+        // Signed out (this copy of the cookie or another): as if there were none. Before
+        // anything else, a refresh least of all: it would renew the session.
+        if let Some(detail) = self.revocations.refused(&data.revocation_key(), data.created) {
+            return invalid(Reason::SessionRevoked, detail);
+        }
         let Some(provider) = self.provider(&data.issuer).cloned() else {
             return invalid(
                 Reason::SessionInvalid,
@@ -650,10 +727,16 @@ impl Sessions {
         if now.saturating_add(s.refresh_before.as_secs()) >= data.expires {
             match &data.refresh {
                 Some(_) => match self.refresh(&provider, &data, now).await {
-                    Some(new) => {
-                        data = new;
-                        changed = true;
-                    }
+                    // Signed out while the refresh was at the provider: the renewed
+                    // session is the same session (its id is kept), so it is refused too.
+                    Some(new) => match self.revocations.refused(&new.revocation_key(), new.created)
+                    {
+                        Some(detail) => return invalid(Reason::SessionRevoked, detail),
+                        None => {
+                            data = new;
+                            changed = true;
+                        }
+                    },
                     None => return invalid(Reason::SessionExpired, "refresh failed"),
                 },
                 None if now >= data.expires => {
@@ -1070,6 +1153,10 @@ impl Sessions {
             kept: None,
             claims: Map::new(),
             not_kept: Vec::new(),
+            id: match SessionId::random() {
+                Ok(id) => id,
+                Err(e) => return fail(e.into(), clear),
+            },
         };
         data.keep_claims(identity.claims.map(), self.kept_claims(&provider.settings.id));
         let mut set = match self.seal_session(&data, &cookies) {
@@ -1174,6 +1261,19 @@ impl Sessions {
             cookie::clear(&cookies, &self.cookie_name, self.settings.cookie_domain.as_deref());
         clear.extend(self.clear_unprefixed(&cookies));
         let session = self.open_session(&cookies).ok().flatten();
+        // Ended here, not only in this browser: a copy of the cookie (stolen, another
+        // profile, a tool) is refused from now on. Before the target is checked: a
+        // refused target still clears the cookie, so it signs out all the same.
+        let revoked = session.as_ref().map(|s| self.revoke(s, crate::util::unix_now()));
+        let what = match revoked {
+            Some(Revoked::Overflow { .. }) => {
+                "signed out; session revoked (the revocation list was full: older sessions \
+                 are refused too)"
+            }
+            Some(Revoked::Ended) => "signed out (the session had reached its absolute lifetime)",
+            Some(Revoked::Recorded | Revoked::Already) => "signed out; session revoked",
+            None => "signed out (no session)",
+        };
         let provider = session.as_ref().and_then(|s| self.provider(&s.issuer)).cloned();
         let target = query_param(query, "rd")
             .or_else(|| provider.as_ref().and_then(|p| p.login.post_logout_redirect.clone()))
@@ -1186,10 +1286,14 @@ impl Sessions {
                 for c in clear {
                     response.headers_mut().append(header::SET_COOKIE, c);
                 }
+                let detail = match revoked {
+                    Some(_) => format!("{why}; the session was signed out all the same").into(),
+                    None => why.into(),
+                };
                 return Answer {
                     response,
                     reason: Reason::InvalidRedirect,
-                    detail: why.into(),
+                    detail,
                     identity: None,
                 };
             }
@@ -1209,7 +1313,7 @@ impl Sessions {
                 return Answer {
                     response: redirect(&url, clear),
                     reason: Reason::SignedOut,
-                    detail: "signed out; RP-initiated logout at the provider".into(),
+                    detail: format!("{what}; RP-initiated logout at the provider").into(),
                     identity,
                 };
             }
@@ -1218,6 +1322,6 @@ impl Sessions {
         for c in clear {
             response.headers_mut().append(header::SET_COOKIE, c);
         }
-        Answer { response, reason: Reason::SignedOut, detail: "signed out".into(), identity }
+        Answer { response, reason: Reason::SignedOut, detail: what.into(), identity }
     }
 }

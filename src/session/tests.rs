@@ -29,6 +29,7 @@ fn data(groups: usize) -> SessionData {
         kept: None,
         claims: Default::default(),
         not_kept: Vec::new(),
+        id: revoke::SessionId::random().unwrap_or_default(),
     }
 }
 
@@ -489,4 +490,105 @@ fn sessions_keep_the_claims_routes_forward_as_headers() -> Result<(), String> {
 
 fn names_arc(cfg: &Config) -> Vec<Arc<str>> {
     claims_named(cfg, &IssuerId(Arc::from("corp")))
+}
+
+/// The sign-out list knows a session by its id, which every renewal keeps; a cookie
+/// sealed before sessions had an id (no `d`) still opens, and is known by its issuer,
+/// subject and sign-in time. Opening a signed-out session is refused before anything
+/// else (here before the missing provider would be noticed).
+#[tokio::test]
+async fn sessions_are_revoked_by_id_or_without_one_by_issuer_subject_and_sign_in_time(
+) -> Result<(), String> {
+    let s = Sessions::with_sealer(host_only(), Sealer::from_keys(&[[7; 32]])?);
+    let now = crate::util::unix_now();
+    let reason = |lookup: Lookup| match lookup {
+        Lookup::Invalid { reason, detail, .. } => (reason, detail),
+        other => panic!("{other:?}"),
+    };
+    let with_id = data(1);
+    assert!(!with_id.id.is_none());
+    let sealed = s.seal_session(&with_id, &[])?;
+    // A renewal (last use, refresh) keeps the id; every copy names the same session.
+    let mut renewed = with_id.clone();
+    renewed.last_seen += 1;
+    renewed.refresh = Some("rotated".into());
+    let renewed_sealed = s.seal_session(&renewed, &[])?;
+    let back = s.open_session(&cookie::parse(&headers(&renewed_sealed))).map_err(str::to_string)?;
+    assert_eq!(back.map(|d| d.id), Some(with_id.id));
+
+    // Sealed before sessions had an id: no `d` in the cookie, and it still opens.
+    let mut legacy = data(1);
+    legacy.id = revoke::SessionId::default();
+    let json = serde_json::to_string(&legacy).map_err(|e| e.to_string())?;
+    assert!(!json.contains("\"d\""), "{json}");
+    let legacy_sealed = s.seal_session(&legacy, &[])?;
+    let opened =
+        s.open_session(&cookie::parse(&headers(&legacy_sealed))).map_err(str::to_string)?;
+    assert_eq!(opened.as_ref(), Some(&legacy));
+    // Another old session of the same person, signed in at another time.
+    let mut legacy_other = legacy.clone();
+    legacy_other.created -= 5;
+    let legacy_other_sealed = s.seal_session(&legacy_other, &[])?;
+
+    for set in [&sealed, &renewed_sealed, &legacy_sealed, &legacy_other_sealed] {
+        let (r, _) = reason(s.check(None, &headers(set), now).await);
+        assert_eq!(r, Reason::SessionInvalid, "not revoked yet (and no provider here)");
+    }
+    assert_eq!(s.revoke(&renewed, now), Revoked::Recorded);
+    assert_eq!(s.revoke(&legacy, now), Revoked::Recorded);
+    for set in [&sealed, &renewed_sealed, &legacy_sealed] {
+        let (r, detail) = reason(s.check(None, &headers(set), now).await);
+        assert_eq!((r, detail), (Reason::SessionRevoked, revoke::SIGNED_OUT));
+    }
+    let (r, _) = reason(s.check(None, &headers(&legacy_other_sealed), now).await);
+    assert_eq!(r, Reason::SessionInvalid, "another session of the same person");
+    // An id that is not 16 bytes of base64url: the cookie does not open.
+    let bad = json.replacen('{', "{\"d\":\"short\",", 1);
+    assert!(serde_json::from_str::<SessionData>(&bad).is_err());
+    Ok(())
+}
+
+/// A full sign-out list forgets no sign-out: the floor it raises refuses the oldest
+/// sessions, signed out or not, and leaves newer ones alone; counted and rendered.
+#[tokio::test]
+async fn sessions_revoked_past_the_cap_are_still_refused_and_the_overflow_counted(
+) -> Result<(), String> {
+    let s = Sessions {
+        revocations: Arc::new(Revocations::with_capacity(1)),
+        ..Sessions::with_sealer(host_only(), Sealer::from_keys(&[[7; 32]])?)
+    };
+    let now = crate::util::unix_now();
+    let session = |age: u64| {
+        let mut d = data(1);
+        d.created = now - age;
+        d
+    };
+    let (older_unrevoked, first, second, newer_unrevoked) =
+        (session(30), session(20), session(10), session(0));
+    let overflows =
+        || crate::metrics::global().session_revocation_overflows.load(Ordering::Relaxed);
+    let before = overflows();
+    assert_eq!(s.revoke(&first, now), Revoked::Recorded);
+    assert_eq!(s.revoke(&second, now), Revoked::Overflow { floor: now - 20 });
+    assert!(overflows() > before);
+    assert_eq!(s.revocations().len(), 1);
+    let out = crate::metrics::global().render();
+    assert!(out.lines().any(|l| l.starts_with("portcullis_session_revocation_overflows_total ")));
+    assert!(out.lines().any(|l| l.starts_with("portcullis_session_revocations ")));
+    let sessions = &s;
+    let refused = |d: &SessionData| {
+        let set = sessions.seal_session(d, &[]).unwrap_or_default();
+        let h = headers(&set);
+        async move {
+            match sessions.check(None, &h, now).await {
+                Lookup::Invalid { reason: Reason::SessionRevoked, detail, .. } => Some(detail),
+                _ => None,
+            }
+        }
+    };
+    assert_eq!(refused(&first).await, Some(revoke::BELOW_FLOOR));
+    assert_eq!(refused(&second).await, Some(revoke::SIGNED_OUT));
+    assert_eq!(refused(&older_unrevoked).await, Some(revoke::BELOW_FLOOR));
+    assert_eq!(refused(&newer_unrevoked).await, None);
+    Ok(())
 }

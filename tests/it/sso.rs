@@ -1354,3 +1354,219 @@ async fn a_websocket_from_a_page_of_another_origin_does_not_ride_the_session() {
     .unwrap_or_else(|e| panic!("bearer: {e}"));
     assert!(echo_once(&mut ws).await);
 }
+
+// --- Sign-out ends the session, not only its cookie in one browser ---
+
+/// The first audit event `pred` picks (waiting for the writer a moment).
+async fn event_where(w: &World, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    for _ in 0..100 {
+        if let Some(e) = w.events().into_iter().find(|e| e["kind"] == "http" && pred(e)) {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no such event in {:?}", w.events());
+}
+
+/// A request carrying only `cookie` (a copy of a session cookie in a tool).
+async fn with_cookie(w: &World, path: &str, cookie: &str) -> Resp {
+    send_with(&w.client, Method::GET, &w.url(path), &[("cookie", cookie)], Bytes::new()).await
+}
+
+fn renews_the_session(r: &Resp) -> bool {
+    set_cookies(r).iter().any(|c| c.starts_with("__Host-_portcullis=") && !c.contains("Max-Age=0"))
+}
+
+fn clears_the_session(r: &Resp) -> bool {
+    set_cookies(r).iter().any(|c| c.starts_with("__Host-_portcullis=") && c.contains("Max-Age=0"))
+}
+
+/// A copy of a session's cookie (stolen, another browser profile, a tool) stops working
+/// when the session signs out, whichever way the sign-out came: confirmed after a link
+/// from another site, or direct. It is treated as no session (a tool gets 401
+/// `login-required`, a browser is sent to sign in, `/.portcullis/userinfo` says 401), the
+/// cookie is cleared, and the log says `session-revoked`. The same person's other
+/// session is not touched.
+#[tokio::test]
+async fn signing_out_refuses_every_copy_of_the_session_cookie() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let mut other = Browser::new();
+    assert_eq!(other.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let value = b.session_cookie().cloned().unwrap_or_default();
+    let copy = format!("__Host-_portcullis={value}");
+    assert_eq!(with_cookie(&w, "/", &copy).await.status, StatusCode::OK);
+
+    // Asked from another site, a sign-out only asks to be confirmed: nothing ends yet.
+    let logout = w.url("/.portcullis/logout?rd=%2F");
+    let r = b.request(&w, Method::GET, &logout, &[("sec-fetch-site", "cross-site")], "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(with_cookie(&w, "/", &copy).await.status, StatusCode::OK, "ended unconfirmed");
+    // Confirmed (the page's button is same-origin): the session ends everywhere.
+    let r = b.request(&w, Method::GET, &logout, &[("sec-fetch-site", "same-origin")], "").await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    assert!(b.session_cookie().is_none());
+    let out = event_where(&w, |e| e["reason"] == "signed-out").await;
+    assert_eq!(out["detail"], "signed out; session revoked; RP-initiated logout at the provider");
+    assert_eq!(out["identity"]["subject"], "alice", "{out}");
+
+    // The copy in a tool: 401 as without a session, the cookie cleared, the cause logged.
+    let r = with_cookie(&w, "/", &copy).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert_eq!(r.json()["error"], "login-required");
+    assert!(clears_the_session(&r) && !renews_the_session(&r), "{:?}", set_cookies(&r));
+    let e = w.event_for(&request_id(&r)).await;
+    assert_eq!(e["reason"], "session-revoked", "{e}");
+    assert_eq!(e["detail"], "session signed out at /.portcullis/logout", "{e}");
+    assert!(e.get("identity").is_none(), "a signed-out session is no identity: {e}");
+    let r = with_cookie(&w, "/.portcullis/userinfo", &copy).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert_eq!(r.json()["error"], "login-required");
+    assert_eq!(w.event_for(&request_id(&r)).await["reason"], "session-revoked");
+    // The copy in another browser: sent to sign in, the cookie deleted.
+    let mut thief = Browser::new();
+    thief.jar.insert("__Host-_portcullis".into(), value);
+    let r = thief.get(&w, &w.url("/deep/link")).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    assert!(location(&r).starts_with(&w.urls["corp"]), "{}", location(&r));
+    assert!(thief.session_cookie().is_none(), "{:?}", thief.jar);
+    let e = event_where(&w, |e| e["path"] == "/deep/link").await;
+    assert_eq!((&e["reason"], &e["status"]), (&"session-revoked".into(), &302.into()), "{e}");
+
+    // The same person's other session goes on; signed out directly (no Fetch Metadata:
+    // typed in, or a tool), its copies end too.
+    assert_eq!(other.get(&w, &w.url("/")).await.status, StatusCode::OK);
+    let other_copy =
+        format!("__Host-_portcullis={}", other.session_cookie().cloned().unwrap_or_default());
+    let r = other.get(&w, &w.url("/.portcullis/logout")).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    let r = with_cookie(&w, "/", &other_copy).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert_eq!(w.event_for(&request_id(&r)).await["reason"], "session-revoked");
+    // A new sign-in is a new session.
+    let mut again = Browser::new();
+    assert_eq!(again.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+
+    let m = w.admin_get("/metrics").await.text();
+    let revoked = m
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_sessions_revoked_total "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(revoked.is_some_and(|n| n >= 2), "{m}");
+    assert!(
+        m.lines().any(|l| l.starts_with("portcullis_requests_total{")
+            && l.contains("reason=\"session-revoked\",status=\"401\"")),
+        "{m}"
+    );
+}
+
+/// Renewal does not bring a signed-out session back: every renewal keeps the session's
+/// id, so a cookie from before a renewal is refused as the latest is, and a request that
+/// would refresh the session (its ID token due) is refused before the refresh token is
+/// used: no exchange at the provider, no renewed cookie.
+#[tokio::test]
+async fn a_signed_out_session_is_not_renewed_by_a_refresh() {
+    // ID tokens live 100 s and the proxy refreshes 200 s before expiry: every request.
+    let w = sso_world("refresh_before = \"200s\"").await;
+    login(&w).set_id_token_ttl(100);
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let before_renewal = b.cookie_header();
+    let r = b.get(&w, &w.url("/")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(renews_the_session(&r), "refreshed: a new cookie, a rotated refresh token");
+    let latest = b.cookie_header();
+    assert_ne!(latest, before_renewal);
+    let logout = w.url("/.portcullis/logout");
+    let r = b.request(&w, Method::GET, &logout, &[("sec-fetch-site", "same-origin")], "").await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+
+    let exchanges = login(&w).refreshes();
+    // The latest copy would refresh at the provider; the older one would get the
+    // refresh result still kept for late requests with its refresh token.
+    for (what, cookie) in
+        [("the latest copy", &latest), ("a copy from before a renewal", &before_renewal)]
+    {
+        let r = with_cookie(&w, "/", cookie).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{what}: {}", r.text());
+        assert!(!renews_the_session(&r), "{what} renewed: {:?}", set_cookies(&r));
+        assert_eq!(w.event_for(&request_id(&r)).await["reason"], "session-revoked", "{what}");
+    }
+    assert_eq!(login(&w).refreshes(), exchanges, "a signed-out session was refreshed");
+}
+
+/// A sign-out that lands while the session's refresh is at the provider: the refreshed
+/// session is the same session, refused as well; the request that refreshed it gets no
+/// renewed cookie. (The hook signs out as `/.portcullis/logout` does, through
+/// `Sessions::revoke`, from inside the provider's token endpoint.)
+#[tokio::test]
+async fn a_sign_out_during_a_refresh_refuses_the_refreshed_session() {
+    let w = sso_world("refresh_before = \"200s\"").await;
+    login(&w).set_id_token_ttl(100);
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let value = b.session_cookie().cloned().unwrap_or_default();
+    let sessions = w.server().shared.runtime.load().sessions.clone();
+    let signed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (flag, sealed) = (signed_out.clone(), value.clone());
+    login(&w).set_on_refresh(Some(std::sync::Arc::new(move || {
+        let Some(s) = &sessions else { return };
+        if let Ok(Some(data)) = s.open_session(&[(s.cookie_name(), sealed.as_str())]) {
+            s.revoke(&data, portcullis::util::unix_now());
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    })));
+    let r = with_cookie(&w, "/", &format!("__Host-_portcullis={value}")).await;
+    login(&w).set_on_refresh(None);
+    assert!(signed_out.load(std::sync::atomic::Ordering::SeqCst), "no refresh happened");
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert!(!renews_the_session(&r), "{:?}", set_cookies(&r));
+    assert_eq!(w.event_for(&request_id(&r)).await["reason"], "session-revoked");
+}
+
+/// Reloads keep the signed-out sessions: one that changes nothing, one that rotates the
+/// session keys (the old key kept, so old cookies still open), and one that takes
+/// `[session]` away and brings it back (every signed-in session opens again after that,
+/// but not the signed-out ones).
+#[tokio::test]
+async fn a_reload_keeps_the_signed_out_sessions() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let mut other = Browser::new();
+    assert_eq!(other.sign_in(&w, "/", "bob", &["engineering"]).await.status, StatusCode::OK);
+    let copy = b.cookie_header();
+    let logout = w.url("/.portcullis/logout");
+    let r = b.request(&w, Method::GET, &logout, &[("sec-fetch-site", "same-origin")], "").await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    assert_eq!(with_cookie(&w, "/", &copy).await.status, StatusCode::UNAUTHORIZED);
+
+    let keys = w.dir.path().join("session-keys");
+    let new = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
+    let config = std::fs::read_to_string(w.config_path()).unwrap_or_default();
+    let without_session = {
+        let start = config.find("[session]").unwrap_or(0);
+        let end = config[start..].find("\n\n").map_or(config.len(), |e| start + e);
+        let mut c = format!("{}{}", &config[..start], &config[end..]);
+        c = c.replace("login = {", "# login = {");
+        c
+    };
+    for what in ["a reload", "a key rotation", "[session] removed", "[session] back"] {
+        match what {
+            "a key rotation" => write(&keys, &format!("{new}\n{SSO_KEY}\n")),
+            "[session] removed" => write(&w.config_path(), &without_session),
+            "[session] back" => write(&w.config_path(), &config),
+            _ => {}
+        }
+        assert!(w.server().reload().await, "{what}");
+        if what == "[session] removed" {
+            assert!(w.server().shared.runtime.load().sessions.is_none(), "{what}");
+            continue;
+        }
+        let r = with_cookie(&w, "/", &copy).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{what}: {}", r.text());
+        assert_eq!(w.event_for(&request_id(&r)).await["reason"], "session-revoked", "{what}");
+        assert_eq!(other.get(&w, &w.url("/")).await.status, StatusCode::OK, "{what}");
+    }
+}
