@@ -317,6 +317,8 @@ impl Scanner {
             b'B' => Capture::Names { names: 2, then: 0 },
             b'C' => Capture::Prefix(CLOSE_PREFIX),
             b'F' => Capture::Prefix(FUNCTION_CALL_PREFIX),
+            // Flush: whether it has a body (PostgreSQL fails one that does).
+            b'H' => Capture::Prefix(1),
             _ => Capture::Nothing,
         })
     }

@@ -1118,7 +1118,8 @@ async fn relay(
                 }
                 match kind {
                     b'X' => terminate = true,
-                    b'Q' | b'F' | b'P' | b'B' | b'C' | b'D' | b'E' | b'S' | b'c' | b'd' | b'f' => {
+                    b'Q' | b'F' | b'P' | b'B' | b'C' | b'D' | b'E' | b'H' | b'S' | b'c' | b'd'
+                    | b'f' => {
                         let mut t = tracker.lock();
                         t.client(kind, captured, &mut &emit);
                         if let Some(why) = t.desync {

@@ -196,8 +196,9 @@ pub struct Tracker {
     /// A COPY FROM STDIN the server started and has not ended (its entry is at the front
     /// of `pending`; the window sits right behind it).
     copy_in: Option<Window>,
-    /// The answers no longer match the queue (never expected): from then on no text is
-    /// reported for a Bind, rather than one that may be wrong.
+    /// The answers no longer match the queue (never expected from a client that follows
+    /// the protocol): no text is reported for a Bind any more, rather than one that may
+    /// be wrong, and the session ends (`desync`): it would go on with the audit blind.
     lost: bool,
     /// The relay waits for the queue to shrink.
     pub waiting: bool,
@@ -214,14 +215,24 @@ pub struct Tracker {
     /// before any further client message is relayed.
     pub refused_encoding: Option<String>,
     /// The client sent a message whose fate the proxy cannot know (after a COPY FROM
-    /// STDIN failed, without a Sync the server certainly honoured): the session must end,
-    /// and that message is not relayed. Why, for the `close` event.
+    /// STDIN failed, without a Sync the server certainly honoured; a Flush with a body),
+    /// or the server's answers stopped matching what was relayed: the session must end,
+    /// and no further client message is relayed. Why, for the `close` event.
     pub desync: Option<&'static str>,
 }
 
 /// Why a session is ended when a message's fate cannot be known after a failed COPY.
 const COPY_DOUBT: &str = "after a COPY FROM STDIN that failed, a message was sent without a \
      Sync that certainly followed the failure: whether the server skips it cannot be known";
+
+/// Why a session is ended when the server's answers no longer match what was relayed:
+/// from then on the audit could not say what a Bind runs, nor how a text was read.
+const LOST: &str = "the server's answers no longer match the messages relayed: the audit \
+     cannot tell what runs";
+
+/// Why a session is ended at a Flush that carries a body.
+const FLUSH_BODY: &str = "a Flush message with a body: PostgreSQL fails it and skips every \
+     message up to the next Sync, which nothing the audit follows would tell";
 
 /// A Record's text as the audit may show it: while the session's encoding is uncertain
 /// (see [`Tracker::settled`]) only the ASCII prefix of a text is certain, whatever the
@@ -423,6 +434,14 @@ impl Tracker {
         if self.desync.is_some() {
             return;
         }
+        // A Flush gets no answer, so an error the server raises at it (it fails one with a
+        // body, then skips to the next Sync) would be taken for the next message's.
+        if kind == b'H' {
+            if c.is_some_and(|c| !c.body.is_empty()) {
+                self.refuse(FLUSH_BODY, emit);
+            }
+            return;
+        }
         if matches!(kind, b'Q' | b'F' | b'P' | b'B' | b'C' | b'D' | b'E') {
             if self.doubtful() {
                 return self.refuse(COPY_DOUBT, emit);
@@ -564,11 +583,16 @@ impl Tracker {
                             w.client_ended = true;
                         }
                     }
-                    // After the window (the server ignores it), or with nothing awaited
-                    // (no COPY can read it).
-                    Some(_) => {}
+                    // After an Execute's window: the server ignores it. With nothing
+                    // awaited: no COPY can read it.
+                    Some(w) if w.extended => {}
                     None if idle => {}
-                    None => self.push(if kind == b'd' { Pending::Data } else { Pending::CopyEnd }),
+                    // After a Query's window, or with a message awaited: a COPY may read
+                    // it (a later statement of the same Query may be another COPY FROM
+                    // STDIN, whose window it joins at the CopyInResponse).
+                    Some(_) | None => {
+                        self.push(if kind == b'd' { Pending::Data } else { Pending::CopyEnd });
+                    }
                 }
             }
             _ => {}
@@ -876,11 +900,10 @@ impl Tracker {
         }
     }
 
-    /// The answers do not match the queue: audit what is pending as of unknown outcome and
-    /// stop naming texts for the rest of the session.
+    /// The answers do not match the queue: audit what is pending as of unknown outcome,
+    /// stop naming texts, and end the session (the rest of it could not be audited).
     fn lose(&mut self, emit: &mut impl FnMut(Record<'_>)) {
-        tracing::warn!("postgres statement audit lost track of the server's answers");
-        self.abandon(emit);
+        self.refuse(LOST, emit);
     }
 
     /// Audit what is pending as of unknown outcome and stop following the answers.
@@ -1387,9 +1410,11 @@ mod tests {
         h.answer(&[m(b'2')]);
         let ev = h.take();
         assert_eq!((ev[0].outcome, ev[0].text_status), (Some("unknown"), Some("unknown")));
+        // The session ends: nothing the client sends after is relayed, nor audited.
+        assert!(h.t.desync.is_some());
         h.send(&[parse("s", "select 1"), m(b'S'), bind("s")]);
         h.answer(&[m(b'1'), m(b'Z')]);
-        assert_eq!(h.take()[0].text, None);
+        assert!(h.take().is_empty());
     }
     fn close_bytes(name: &[u8]) -> Vec<u8> {
         let mut b = vec![b'S'];
@@ -1553,5 +1578,60 @@ mod tests {
         // An answer out of step: nothing can be ruled out any more.
         h.answer(&[m(b'2')]);
         assert!(h.t.in_flight());
+    }
+
+    /// PostgreSQL fails a Flush that carries a body ("invalid message format") and then
+    /// skips every message up to the next Sync; nothing the proxy follows answers a
+    /// Flush, so the audit would take the Parse and Bind sent after it as run, and lose
+    /// track at the Sync's ReadyForQuery. It is refused, and a bare Flush is not.
+    #[test]
+    fn a_flush_with_a_body_ends_the_session_before_it_is_relayed() {
+        let mut h = Harness::new();
+        h.send(&[parse("s", "select 1"), m(b'H'), bind("s"), m(b'E'), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'2'), complete("SELECT 1"), m(b'Z')]);
+        assert_eq!(h.take(), vec![ran("s", "select 1")]);
+        assert!(h.t.desync.is_none());
+        h.send(&[message(b'H', b"x")]);
+        assert!(h.t.desync.is_some(), "a Flush with a body is refused");
+    }
+
+    /// A simple Query may run two COPY FROM STDIN: what the client sends after the first
+    /// one's CopyDone is read by the second, also when it is sent before the first one's
+    /// CommandComplete. The audit lost track there (and went on with every text
+    /// `unknown`).
+    #[test]
+    fn a_query_s_second_copy_reads_what_follows_the_first_one_s_copy_done() {
+        let mut h = Harness::new();
+        h.send(&[query("copy a from stdin; copy b from stdin")]);
+        h.answer(&[copy_in()]);
+        h.send(&[data("1\n"), m(b'c'), data("2\n"), m(b'c')]);
+        h.send(&[parse("s", "select 'after'"), bind("s"), m(b'E'), m(b'S')]);
+        h.answer(&[complete("COPY 1"), copy_in(), complete("COPY 1"), m(b'Z')]);
+        h.answer(&[m(b'1'), m(b'2'), complete("SELECT 1"), m(b'Z')]);
+        let ev = h.take();
+        assert_eq!(ev[1..], [ran("s", "select 'after'")], "{ev:?}");
+        assert!(h.t.settled() && !h.t.lost && h.t.desync.is_none());
+        // One COPY: rows sent after its CopyDone are ignored by the server.
+        let mut h = Harness::new();
+        h.send(&[query("copy a from stdin; select 1")]);
+        h.answer(&[copy_in()]);
+        h.send(&[data("1\n"), m(b'c'), data("2\n"), m(b'c'), query("select 2")]);
+        h.answer(&[complete("COPY 1"), complete("SELECT 1"), m(b'Z')]);
+        h.answer(&[complete("SELECT 1"), m(b'Z')]);
+        assert!(h.t.settled() && !h.t.lost && h.t.desync.is_none());
+    }
+
+    /// Answers that do not match what was relayed leave the audit unable to say what a
+    /// Bind runs, or how a text was read, for the rest of the session: the session ends
+    /// (`desync`) instead of going on with every text `unknown`.
+    #[test]
+    fn answers_out_of_step_end_the_session() {
+        let mut h = Harness::new();
+        h.answer(&[m(b'2')]);
+        assert!(h.t.desync.is_some() && h.t.in_flight());
+        let mut h = Harness::new();
+        h.send(&[parse("s", "select 1"), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'1')]);
+        assert!(h.t.desync.is_some());
     }
 }
