@@ -13,6 +13,8 @@
 //! - ErrorResponse (`E`) to an extended-protocol message fails it and drops everything up
 //!   to the next Sync (the server skips those): a Bind among them is still audited, with
 //!   `outcome` `error` (the one that failed) or `skipped`;
+//! - a statement accepted under a name whose text no event carries yet gets a `prepared`
+//!   event before anything else runs (SQL `EXECUTE name` runs it without a Bind);
 //! - a COPY FROM STDIN ends when the server ends it (CommandComplete, or ErrorResponse at
 //!   a bad row, whether or not the client sent CopyDone); the Syncs the client sent while
 //!   it read are counted as answered or not by the ReadyForQuery that come (`Window`).
@@ -73,6 +75,9 @@ struct Text {
     uncertain: bool,
     /// `standard_conforming_strings` when the server lexed it (`None`: not known).
     scs: Option<bool>,
+    /// The audit has this text under the statement's name: in the event of a Bind of it,
+    /// or in its `prepared` event (see [`Tracker::flush_prepared`]).
+    audited: bool,
 }
 
 impl Text {
@@ -180,7 +185,8 @@ pub struct Record<'a> {
     /// (the masker then reads plain literals both ways).
     pub scs: Option<bool>,
     /// Absent: the server ran it (Query, FunctionCall: sent to the server). `error`,
-    /// `skipped`, `unknown`.
+    /// `skipped`, `unknown`; `prepared` (a named statement's text, not run: see
+    /// [`Tracker::flush_prepared`]).
     pub outcome: Option<&'static str>,
     pub function: Option<FunctionCall>,
 }
@@ -362,6 +368,7 @@ impl Tracker {
                 _ => {}
             }
         }
+        self.flush_prepared(emit);
     }
 
     /// Too many messages await an answer: stop reading from the client for now.
@@ -478,6 +485,7 @@ impl Tracker {
                 let (text, truncated) =
                     c.map_or((String::new(), false), |c| text_of(&c.body, c.truncated));
                 let (text, cut) = if settled { (text, false) } else { ascii_prefix(text) };
+                self.flush_prepared(emit);
                 emit(Record {
                     protocol: "simple",
                     statement: None,
@@ -500,6 +508,7 @@ impl Tracker {
                     let at = 6 + 2 * f;
                     b.get(at..at + 2).map(|a| u16::from_be_bytes([a[0], a[1]]))
                 });
+                self.flush_prepared(emit);
                 emit(Record {
                     protocol: "function",
                     statement: None,
@@ -628,12 +637,18 @@ impl Tracker {
 
     /// `unsure`: the name was sent while the encoding could have changed.
     fn emit_bind(
-        &self,
+        &mut self,
         name: &Name,
         outcome: &'static str,
         unsure: bool,
         emit: &mut impl FnMut(Record<'_>),
     ) {
+        // This event carries the statement's text; the others it may run by name (its
+        // text may be an `EXECUTE`) are written before it.
+        if let Some(t) = self.known.get_mut(name) {
+            t.audited = true;
+        }
+        self.flush_prepared(emit);
         let outcome = (!outcome.is_empty()).then_some(outcome);
         let display = name.display();
         let statement = (name.len > 0).then_some(&*display);
@@ -658,6 +673,46 @@ impl Tracker {
             outcome,
             function: None,
         });
+    }
+
+    /// Writes a `prepared` event (`outcome: "prepared"`, the name and text) for every named
+    /// statement the server accepted whose text the audit does not have yet: before an
+    /// event of a Query, FunctionCall or Bind, since any of them may run one by name
+    /// without a Bind (SQL `EXECUTE name`, also from a function through SPI), and at a
+    /// ParseComplete answered after a Query or FunctionCall was sent (its event was
+    /// written when it was sent). A statement bound before
+    /// anything else ran (what drivers do) has its text in its Bind's event only.
+    fn flush_prepared(&mut self, emit: &mut impl FnMut(Record<'_>)) {
+        if self.lost {
+            return;
+        }
+        let mut names: Vec<Name> =
+            self.known.iter().filter(|(n, t)| n.len > 0 && !t.audited).map(|(n, _)| *n).collect();
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        for name in names {
+            let Some(t) = self.known.get_mut(&name) else { continue };
+            t.audited = true;
+            let t = &*t;
+            let non_exact = !self.names_exact && non_ascii(&name);
+            let text_status = if t.over_budget {
+                Some("over-budget")
+            } else if t.uncertain || non_exact {
+                Some("uncertain")
+            } else {
+                None
+            };
+            let display = name.display();
+            emit(Record {
+                protocol: "extended",
+                statement: Some(&display),
+                text: t.text.as_deref(),
+                truncated: t.truncated,
+                text_status,
+                scs: t.scs,
+                outcome: Some("prepared"),
+                function: None,
+            });
+        }
     }
 
     /// A Parse or Close of a non-ASCII name the server may have read otherwise: any
@@ -727,6 +782,12 @@ impl Tracker {
                         self.known.insert(name, text);
                     } else {
                         self.release(&text);
+                    }
+                    // A Query or FunctionCall sent after the Parse (pipelined) was
+                    // audited before the statement was known, and may run it by name. (A
+                    // Bind is audited at its BindComplete, after this.)
+                    if self.pending.iter().any(|p| matches!(p, Pending::Simple)) {
+                        self.flush_prepared(emit);
                     }
                 }
                 None => self.lose(emit),
@@ -908,6 +969,7 @@ impl Tracker {
 
     /// Audit what is pending as of unknown outcome and stop following the answers.
     fn abandon(&mut self, emit: &mut impl FnMut(Record<'_>)) {
+        self.flush_prepared(emit);
         self.lost = true;
         self.copy_in = None;
         while let Some(p) = self.pending.pop_front() {
@@ -986,7 +1048,13 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"));
         }
 
+        /// The events written so far, but `prepared` ones (see `take_all`).
         fn take(&mut self) -> Vec<Ev> {
+            let all = std::mem::take(&mut self.events);
+            all.into_iter().filter(|e| e.outcome != Some("prepared")).collect()
+        }
+
+        fn take_all(&mut self) -> Vec<Ev> {
             std::mem::take(&mut self.events)
         }
     }
@@ -1633,5 +1701,52 @@ mod tests {
         h.send(&[parse("s", "select 1"), m(b'S')]);
         h.answer(&[m(b'1'), m(b'1')]);
         assert!(h.t.desync.is_some());
+    }
+
+    fn prepared(statement: &str, text: &str) -> Ev {
+        Ev { outcome: Some("prepared"), ..ran(statement, text) }
+    }
+
+    /// Round 13 (attack): a statement parsed under a name and never bound runs by SQL
+    /// `EXECUTE name` (or `EXPLAIN ANALYZE EXECUTE`, or from a function through SPI): the
+    /// Query's event says `EXECUTE innocent`, and the text of `innocent` was nowhere in
+    /// the audit. Its text is written (`outcome: "prepared"`) before the next event that
+    /// may run it; a statement bound first has its text in its Bind's event only.
+    #[test]
+    fn a_named_statement_s_text_is_audited_before_anything_can_execute_it() {
+        let mut h = Harness::new();
+        h.send(&[parse("innocent", "delete from victim"), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'Z')]);
+        assert!(h.take_all().is_empty(), "nothing ran yet");
+        h.send(&[query("EXECUTE innocent")]);
+        assert_eq!(
+            h.take_all(),
+            vec![prepared("innocent", "delete from victim"), simple("EXECUTE innocent")]
+        );
+        h.answer(&[complete("DELETE 2"), m(b'Z')]);
+        h.send(&[query("EXECUTE innocent")]);
+        assert_eq!(h.take_all(), vec![simple("EXECUTE innocent")], "once");
+        h.answer(&[complete("DELETE 0"), m(b'Z')]);
+
+        // Pipelined: the Query is audited before the ParseComplete; the text follows it.
+        h.send(&[parse("p2", "delete from other"), m(b'S'), query("EXECUTE p2")]);
+        assert_eq!(h.take_all(), vec![simple("EXECUTE p2")]);
+        h.answer(&[m(b'1')]);
+        assert_eq!(h.take_all(), vec![prepared("p2", "delete from other")]);
+        h.answer(&[m(b'Z'), complete("DELETE 1"), m(b'Z')]);
+
+        // Drivers: Parse, then Bind: the Bind's event carries the text, nothing more.
+        h.send(&[parse("s0", "select 1"), m(b'D'), m(b'S')]);
+        h.answer(&[m(b'1'), message(b't', b"\0\0"), message(b'T', b"\0\0"), m(b'Z')]);
+        h.send(&[bind("s0"), m(b'E'), m(b'S')]);
+        h.answer(&[m(b'2'), complete("SELECT 1"), m(b'Z')]);
+        assert_eq!(h.take_all(), vec![ran("s0", "select 1")]);
+
+        // A Bind of another statement may run it too (its text may be an EXECUTE).
+        h.send(&[parse("x", "delete from third"), parse("e", "EXECUTE x"), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'1'), m(b'Z')]);
+        h.send(&[bind("e"), m(b'E'), m(b'S')]);
+        h.answer(&[m(b'2')]);
+        assert_eq!(h.take_all(), vec![prepared("x", "delete from third"), ran("e", "EXECUTE x")]);
     }
 }

@@ -610,3 +610,42 @@ async fn a_query_s_second_copy_does_not_blind_the_audit() {
     let close = w.w.events().into_iter().find(|e| e["session_id"] == sid && e["event"] == "close");
     assert!(close.is_none(), "the session goes on: {close:#?}");
 }
+
+/// Round 13 (attack): a statement parsed under a name, never bound, and run by SQL
+/// `EXECUTE` (here also `EXPLAIN ANALYZE EXECUTE`): the audit said `EXECUTE innocent` and
+/// nothing else; the DELETE's text was nowhere. Its text is now written, `outcome:
+/// "prepared"`, before the first event that may run it.
+#[tokio::test]
+async fn a_statement_run_by_sql_execute_has_its_text_in_the_audit() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let pid = std::process::id();
+    let mut t = session(&w, &token).await;
+    let setup = format!(
+        "select 'sql-execute-{pid}'; create temp table ev(a int); insert into ev values (1), (2)"
+    );
+    send(&mut t, &[query(&setup)]).await;
+    assert!(!kinds(&until_ready(&mut t).await).contains('E'));
+    let hidden = format!("delete from ev /* hidden-{pid} */");
+    send(&mut t, &[parse("innocent", &hidden), sync()]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "1Z");
+    send(&mut t, &[query("EXECUTE innocent")]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "CZ");
+    send(&mut t, &[query("explain analyze execute innocent")]).await;
+    assert!(!kinds(&until_ready(&mut t).await).contains('E'));
+    let events = statements_of(&w, &format!("sql-execute-{pid}"), 4).await;
+    let texts: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e["text"].as_str().unwrap_or(""), e["outcome"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        texts[1..],
+        [
+            (hidden.as_str(), "prepared"),
+            ("EXECUTE innocent", ""),
+            ("explain analyze execute innocent", "")
+        ],
+        "{events:#?}"
+    );
+    assert_eq!(events[1]["statement"], "innocent", "{:#}", events[1]);
+}
