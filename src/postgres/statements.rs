@@ -185,8 +185,8 @@ pub struct Record<'a> {
     /// (the masker then reads plain literals both ways).
     pub scs: Option<bool>,
     /// Absent: the server ran it (Query, FunctionCall: sent to the server). `error`,
-    /// `skipped`, `unknown`; `prepared` (a named statement's text, not run: see
-    /// [`Tracker::flush_prepared`]).
+    /// `skipped`, `unknown`; `prepared` (a named statement's text, not run, written
+    /// before anything could run it by name).
     pub outcome: Option<&'static str>,
     pub function: Option<FunctionCall>,
 }
