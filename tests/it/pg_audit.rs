@@ -649,3 +649,31 @@ async fn a_statement_run_by_sql_execute_has_its_text_in_the_audit() {
     );
     assert_eq!(events[1]["statement"], "innocent", "{:#}", events[1]);
 }
+
+/// Round 13 (attack): a Query sent after Terminate in the same write was relayed and
+/// audited as sent, though the server never reads past Terminate: the audit showed a
+/// statement nothing ran. Nothing after Terminate is relayed or audited.
+#[tokio::test]
+async fn nothing_after_terminate_is_audited_as_sent() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let pid = std::process::id();
+    let mut t = session(&w, &token).await;
+    let marker = format!("select 'before-goodbye-{pid}'");
+    send(&mut t, &[query(&marker)]).await;
+    assert!(!kinds(&until_ready(&mut t).await).contains('E'));
+    let sid = statements_of(&w, &marker, 1).await[0]["session_id"].clone();
+    let after = format!("select 'after-goodbye-{pid}'");
+    send(&mut t, &[message(b'X', b""), query(&after), b"\xff\xff".to_vec()]).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut rest)).await;
+    let close = w.wait_event(|e| e["session_id"] == sid && e["event"] == "close").await;
+    assert_eq!(
+        (close["reason"].as_str(), close["ended_by"].as_str()),
+        (Some("closed"), Some("client")),
+        "{close:#}"
+    );
+    assert_eq!(close["statements"], 1, "{close:#}");
+    let events = w.events_of("pg.statement").await;
+    assert!(events.iter().all(|e| e["text"] != after.as_str()), "{events:#?}");
+}
