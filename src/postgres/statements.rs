@@ -693,25 +693,7 @@ impl Tracker {
             let Some(t) = self.known.get_mut(&name) else { continue };
             t.audited = true;
             let t = &*t;
-            let non_exact = !self.names_exact && non_ascii(&name);
-            let text_status = if t.over_budget {
-                Some("over-budget")
-            } else if t.uncertain || non_exact {
-                Some("uncertain")
-            } else {
-                None
-            };
-            let display = name.display();
-            emit(Record {
-                protocol: "extended",
-                statement: Some(&display),
-                text: t.text.as_deref(),
-                truncated: t.truncated,
-                text_status,
-                scs: t.scs,
-                outcome: Some("prepared"),
-                function: None,
-            });
+            prepared_event(&name, t, self.names_exact, emit);
         }
     }
 
@@ -781,6 +763,11 @@ impl Tracker {
                     if self.known.len() < MAX_STATEMENTS {
                         self.known.insert(name, text);
                     } else {
+                        // Not kept: its text is written now, while it is known (SQL
+                        // `EXECUTE` may run it without a Bind).
+                        if name.len > 0 {
+                            prepared_event(&name, &text, self.names_exact, emit);
+                        }
                         self.release(&text);
                     }
                     // A Query or FunctionCall sent after the Parse (pipelined) was
@@ -980,6 +967,29 @@ impl Tracker {
         self.known.clear();
         self.text_bytes = 0;
     }
+}
+
+/// The `prepared` event of the named statement `name` (see [`Tracker::flush_prepared`]).
+fn prepared_event(name: &Name, t: &Text, names_exact: bool, emit: &mut impl FnMut(Record<'_>)) {
+    let non_exact = !names_exact && non_ascii(name);
+    let text_status = if t.over_budget {
+        Some("over-budget")
+    } else if t.uncertain || non_exact {
+        Some("uncertain")
+    } else {
+        None
+    };
+    let display = name.display();
+    emit(Record {
+        protocol: "extended",
+        statement: Some(&display),
+        text: t.text.as_deref(),
+        truncated: t.truncated,
+        text_status,
+        scs: t.scs,
+        outcome: Some("prepared"),
+        function: None,
+    });
 }
 
 /// Pops the front Parse (past markers); `None` if the front is not a Parse.
@@ -1748,5 +1758,21 @@ mod tests {
         h.send(&[bind("e"), m(b'E'), m(b'S')]);
         h.answer(&[m(b'2')]);
         assert_eq!(h.take_all(), vec![prepared("x", "delete from third"), ran("e", "EXECUTE x")]);
+    }
+
+    /// Past the statements a session keeps, a named statement's text is written when the
+    /// server accepts it: SQL `EXECUTE` could run it without a Bind, and nothing would
+    /// have its text later.
+    #[test]
+    fn a_named_statement_past_the_cap_has_its_text_written_at_once() {
+        let mut h = Harness::new();
+        let batch: Vec<Vec<u8>> =
+            (0..MAX_STATEMENTS).map(|i| parse(&format!("d{i}"), "select 1")).collect();
+        h.send(&batch);
+        h.answer(&vec![m(b'1'); MAX_STATEMENTS]);
+        assert!(h.take_all().is_empty());
+        h.send(&[parse("innocent", "delete from victim"), m(b'S')]);
+        h.answer(&[m(b'1')]);
+        assert_eq!(h.take_all(), vec![prepared("innocent", "delete from victim")]);
     }
 }
