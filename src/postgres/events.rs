@@ -86,7 +86,8 @@ impl Serialize for StartupParameters<'_> {
     }
 }
 
-/// One statement sent for execution: a simple Query, or a Bind of a parsed statement.
+/// One statement sent for execution: a simple Query, a Bind of a parsed statement, a
+/// FunctionCall; or the text of a named statement before anything could run it by name.
 #[derive(Debug, Serialize)]
 pub struct StatementEvent<'a> {
     pub ts: String,
@@ -116,7 +117,9 @@ pub struct StatementEvent<'a> {
     pub text_status: Option<&'static str>,
     /// Absent: sent to the server (Query, FunctionCall) or run (a Bind the server
     /// accepted). `error`: the server refused this Bind; `skipped`: the server skipped it
-    /// after an earlier error; `unknown`: the proxy could not tell.
+    /// after an earlier error; `unknown`: the proxy could not tell; `prepared`: not run,
+    /// the text of a statement the server accepted under this name, before anything could
+    /// run it by name (SQL `EXECUTE`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<&'static str>,
     /// FunctionCall: the function's OID (never its argument values).

@@ -183,9 +183,11 @@ pub fn backend_key_data(pid: u32, secret: u32) -> Vec<u8> {
     message(b'K', &b)
 }
 
-/// `v`: the newest minor version portcullis speaks, and the `_pq_.` options it ignored.
+/// `v`: the newest protocol version portcullis speaks (3.0, as a whole version number, as
+/// PostgreSQL sends it: libpq 18 refuses a value below 3.0), and the `_pq_.` options it
+/// ignored.
 pub fn negotiate_protocol_version(options: &[&str]) -> Vec<u8> {
-    let mut b = 0u32.to_be_bytes().to_vec();
+    let mut b = PROTOCOL_3_0.to_be_bytes().to_vec();
     b.extend_from_slice(&(options.len() as u32).to_be_bytes());
     for o in options {
         b.extend_from_slice(o.as_bytes());
@@ -317,6 +319,8 @@ impl Scanner {
             b'B' => Capture::Names { names: 2, then: 0 },
             b'C' => Capture::Prefix(CLOSE_PREFIX),
             b'F' => Capture::Prefix(FUNCTION_CALL_PREFIX),
+            // Flush: whether it has a body (PostgreSQL fails one that does).
+            b'H' => Capture::Prefix(1),
             _ => Capture::Nothing,
         })
     }

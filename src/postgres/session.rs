@@ -1115,12 +1115,18 @@ async fn relay(
             let (mut refused, mut relay_to) = (None, n);
             let mut last_end = 0;
             let scanned = c2s_scan.feed_at(&buf[..n], |kind, captured, end| {
-                if refused.is_some() {
+                // After Terminate the server reads nothing more: what follows it is neither
+                // relayed nor audited as sent.
+                if refused.is_some() || terminate {
                     return;
                 }
                 match kind {
-                    b'X' => terminate = true,
-                    b'Q' | b'F' | b'P' | b'B' | b'C' | b'D' | b'E' | b'S' | b'c' | b'd' | b'f' => {
+                    b'X' => {
+                        terminate = true;
+                        relay_to = end;
+                    }
+                    b'Q' | b'F' | b'P' | b'B' | b'C' | b'D' | b'E' | b'H' | b'S' | b'c' | b'd'
+                    | b'f' => {
                         let mut t = tracker.lock();
                         t.client(kind, captured, &mut &emit);
                         if let Some(why) = t.desync {
@@ -1133,7 +1139,7 @@ async fn relay(
                 }
                 last_end = end;
             });
-            if let Err(e) = scanned {
+            if let (Err(e), false) = (scanned, terminate) {
                 let _ = violation_tx.send(e.to_string()).await;
                 return std::future::pending().await;
             }

@@ -138,6 +138,10 @@ pub fn forwarded(
 /// character boundary so the whole fits PostgreSQL's 63 bytes and the session id is
 /// never the part the server cuts. As PgBouncer's `application_name_add_host`: a DBA
 /// looking at `pg_stat_activity` finds the audit events of a backend.
+///
+/// The server keeps only printable ASCII in `application_name`: PostgreSQL 16 and later
+/// write every other byte as a four-character `\xNN` escape (earlier versions as `?`)
+/// before cutting the name to 63 bytes, so each such byte counts four here.
 pub fn with_session_id(forwarded: &mut Vec<(String, String)>, sid: &str) {
     const MAX: usize = 63;
     let tag = format!("portcullis {sid}");
@@ -147,9 +151,14 @@ pub fn with_session_id(forwarded: &mut Vec<(String, String)>, sid: &str) {
         None => tag,
         Some(app) => {
             let room = MAX.saturating_sub(tag.len() + 3);
-            let mut end = app.len().min(room);
-            while !app.is_char_boundary(end) {
-                end -= 1;
+            let (mut end, mut used) = (0, 0);
+            for c in app.chars() {
+                let cost = if matches!(c, ' '..='~') { 1 } else { 4 * c.len_utf8() };
+                if used + cost > room {
+                    break;
+                }
+                used += cost;
+                end += c.len_utf8();
             }
             format!("{} ({tag})", app[..end].trim_end())
         }
@@ -322,5 +331,21 @@ mod tests {
         assert!(v.len() <= 63, "{} bytes: {v}", v.len());
         assert!(v.ends_with(&format!("(portcullis {sid})")), "{v}");
         assert!(v.starts_with("éé"), "{v}");
+        // As PostgreSQL 16+ shows it (`pg_clean_ascii`: a byte outside printable ASCII as
+        // `\xNN`), cut to 63 bytes: the session id is still there, also after a tab.
+        for app in ["é".repeat(40), format!("app\t{}", "ü".repeat(12)), "日本".repeat(20)] {
+            let mut f = vec![("application_name".to_string(), app)];
+            with_session_id(&mut f, sid);
+            let shown: String = f[0]
+                .1
+                .bytes()
+                .map(|b| match b {
+                    b' '..=b'~' => (b as char).to_string(),
+                    b => format!("\\x{b:02x}"),
+                })
+                .collect();
+            assert!(shown.len() <= 63, "{} bytes: {shown}", shown.len());
+            assert!(shown.ends_with(&format!("(portcullis {sid})")), "{shown}");
+        }
     }
 }

@@ -13,6 +13,8 @@
 //! - ErrorResponse (`E`) to an extended-protocol message fails it and drops everything up
 //!   to the next Sync (the server skips those): a Bind among them is still audited, with
 //!   `outcome` `error` (the one that failed) or `skipped`;
+//! - a statement accepted under a name whose text no event carries yet gets a `prepared`
+//!   event before anything else runs (SQL `EXECUTE name` runs it without a Bind);
 //! - a COPY FROM STDIN ends when the server ends it (CommandComplete, or ErrorResponse at
 //!   a bad row, whether or not the client sent CopyDone); the Syncs the client sent while
 //!   it read are counted as answered or not by the ReadyForQuery that come (`Window`).
@@ -73,6 +75,9 @@ struct Text {
     uncertain: bool,
     /// `standard_conforming_strings` when the server lexed it (`None`: not known).
     scs: Option<bool>,
+    /// The audit has this text under the statement's name: in the event of a Bind of it,
+    /// or in its `prepared` event (see [`Tracker::flush_prepared`]).
+    audited: bool,
 }
 
 impl Text {
@@ -180,7 +185,8 @@ pub struct Record<'a> {
     /// (the masker then reads plain literals both ways).
     pub scs: Option<bool>,
     /// Absent: the server ran it (Query, FunctionCall: sent to the server). `error`,
-    /// `skipped`, `unknown`.
+    /// `skipped`, `unknown`; `prepared` (a named statement's text, not run, written
+    /// before anything could run it by name).
     pub outcome: Option<&'static str>,
     pub function: Option<FunctionCall>,
 }
@@ -196,8 +202,9 @@ pub struct Tracker {
     /// A COPY FROM STDIN the server started and has not ended (its entry is at the front
     /// of `pending`; the window sits right behind it).
     copy_in: Option<Window>,
-    /// The answers no longer match the queue (never expected): from then on no text is
-    /// reported for a Bind, rather than one that may be wrong.
+    /// The answers no longer match the queue (never expected from a client that follows
+    /// the protocol): no text is reported for a Bind any more, rather than one that may
+    /// be wrong, and the session ends (`desync`): it would go on with the audit blind.
     lost: bool,
     /// The relay waits for the queue to shrink.
     pub waiting: bool,
@@ -214,14 +221,24 @@ pub struct Tracker {
     /// before any further client message is relayed.
     pub refused_encoding: Option<String>,
     /// The client sent a message whose fate the proxy cannot know (after a COPY FROM
-    /// STDIN failed, without a Sync the server certainly honoured): the session must end,
-    /// and that message is not relayed. Why, for the `close` event.
+    /// STDIN failed, without a Sync the server certainly honoured; a Flush with a body),
+    /// or the server's answers stopped matching what was relayed: the session must end,
+    /// and no further client message is relayed. Why, for the `close` event.
     pub desync: Option<&'static str>,
 }
 
 /// Why a session is ended when a message's fate cannot be known after a failed COPY.
 const COPY_DOUBT: &str = "after a COPY FROM STDIN that failed, a message was sent without a \
      Sync that certainly followed the failure: whether the server skips it cannot be known";
+
+/// Why a session is ended when the server's answers no longer match what was relayed:
+/// from then on the audit could not say what a Bind runs, nor how a text was read.
+const LOST: &str = "the server's answers no longer match the messages relayed: the audit \
+     cannot tell what runs";
+
+/// Why a session is ended at a Flush that carries a body.
+const FLUSH_BODY: &str = "a Flush message with a body: PostgreSQL fails it and skips every \
+     message up to the next Sync, which nothing the audit follows would tell";
 
 /// A Record's text as the audit may show it: while the session's encoding is uncertain
 /// (see [`Tracker::settled`]) only the ASCII prefix of a text is certain, whatever the
@@ -351,6 +368,7 @@ impl Tracker {
                 _ => {}
             }
         }
+        self.flush_prepared(emit);
     }
 
     /// Too many messages await an answer: stop reading from the client for now.
@@ -423,6 +441,14 @@ impl Tracker {
         if self.desync.is_some() {
             return;
         }
+        // A Flush gets no answer, so an error the server raises at it (it fails one with a
+        // body, then skips to the next Sync) would be taken for the next message's.
+        if kind == b'H' {
+            if c.is_some_and(|c| !c.body.is_empty()) {
+                self.refuse(FLUSH_BODY, emit);
+            }
+            return;
+        }
         if matches!(kind, b'Q' | b'F' | b'P' | b'B' | b'C' | b'D' | b'E') {
             if self.doubtful() {
                 return self.refuse(COPY_DOUBT, emit);
@@ -459,6 +485,7 @@ impl Tracker {
                 let (text, truncated) =
                     c.map_or((String::new(), false), |c| text_of(&c.body, c.truncated));
                 let (text, cut) = if settled { (text, false) } else { ascii_prefix(text) };
+                self.flush_prepared(emit);
                 emit(Record {
                     protocol: "simple",
                     statement: None,
@@ -481,6 +508,7 @@ impl Tracker {
                     let at = 6 + 2 * f;
                     b.get(at..at + 2).map(|a| u16::from_be_bytes([a[0], a[1]]))
                 });
+                self.flush_prepared(emit);
                 emit(Record {
                     protocol: "function",
                     statement: None,
@@ -564,11 +592,16 @@ impl Tracker {
                             w.client_ended = true;
                         }
                     }
-                    // After the window (the server ignores it), or with nothing awaited
-                    // (no COPY can read it).
-                    Some(_) => {}
+                    // After an Execute's window: the server ignores it. With nothing
+                    // awaited: no COPY can read it.
+                    Some(w) if w.extended => {}
                     None if idle => {}
-                    None => self.push(if kind == b'd' { Pending::Data } else { Pending::CopyEnd }),
+                    // After a Query's window, or with a message awaited: a COPY may read
+                    // it (a later statement of the same Query may be another COPY FROM
+                    // STDIN, whose window it joins at the CopyInResponse).
+                    Some(_) | None => {
+                        self.push(if kind == b'd' { Pending::Data } else { Pending::CopyEnd });
+                    }
                 }
             }
             _ => {}
@@ -604,12 +637,18 @@ impl Tracker {
 
     /// `unsure`: the name was sent while the encoding could have changed.
     fn emit_bind(
-        &self,
+        &mut self,
         name: &Name,
         outcome: &'static str,
         unsure: bool,
         emit: &mut impl FnMut(Record<'_>),
     ) {
+        // This event carries the statement's text; the others it may run by name (its
+        // text may be an `EXECUTE`) are written before it.
+        if let Some(t) = self.known.get_mut(name) {
+            t.audited = true;
+        }
+        self.flush_prepared(emit);
         let outcome = (!outcome.is_empty()).then_some(outcome);
         let display = name.display();
         let statement = (name.len > 0).then_some(&*display);
@@ -634,6 +673,28 @@ impl Tracker {
             outcome,
             function: None,
         });
+    }
+
+    /// Writes a `prepared` event (`outcome: "prepared"`, the name and text) for every named
+    /// statement the server accepted whose text the audit does not have yet: before an
+    /// event of a Query, FunctionCall or Bind, since any of them may run one by name
+    /// without a Bind (SQL `EXECUTE name`, also from a function through SPI), and at a
+    /// ParseComplete answered after a Query or FunctionCall was sent (its event was
+    /// written when it was sent). A statement bound before
+    /// anything else ran (what drivers do) has its text in its Bind's event only.
+    fn flush_prepared(&mut self, emit: &mut impl FnMut(Record<'_>)) {
+        if self.lost {
+            return;
+        }
+        let mut names: Vec<Name> =
+            self.known.iter().filter(|(n, t)| n.len > 0 && !t.audited).map(|(n, _)| *n).collect();
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        for name in names {
+            let Some(t) = self.known.get_mut(&name) else { continue };
+            t.audited = true;
+            let t = &*t;
+            prepared_event(&name, t, self.names_exact, emit);
+        }
     }
 
     /// A Parse or Close of a non-ASCII name the server may have read otherwise: any
@@ -702,7 +763,18 @@ impl Tracker {
                     if self.known.len() < MAX_STATEMENTS {
                         self.known.insert(name, text);
                     } else {
+                        // Not kept: its text is written now, while it is known (SQL
+                        // `EXECUTE` may run it without a Bind).
+                        if name.len > 0 {
+                            prepared_event(&name, &text, self.names_exact, emit);
+                        }
                         self.release(&text);
+                    }
+                    // A Query or FunctionCall sent after the Parse (pipelined) was
+                    // audited before the statement was known, and may run it by name. (A
+                    // Bind is audited at its BindComplete, after this.)
+                    if self.pending.iter().any(|p| matches!(p, Pending::Simple)) {
+                        self.flush_prepared(emit);
                     }
                 }
                 None => self.lose(emit),
@@ -876,15 +948,15 @@ impl Tracker {
         }
     }
 
-    /// The answers do not match the queue: audit what is pending as of unknown outcome and
-    /// stop naming texts for the rest of the session.
+    /// The answers do not match the queue: audit what is pending as of unknown outcome,
+    /// stop naming texts, and end the session (the rest of it could not be audited).
     fn lose(&mut self, emit: &mut impl FnMut(Record<'_>)) {
-        tracing::warn!("postgres statement audit lost track of the server's answers");
-        self.abandon(emit);
+        self.refuse(LOST, emit);
     }
 
     /// Audit what is pending as of unknown outcome and stop following the answers.
     fn abandon(&mut self, emit: &mut impl FnMut(Record<'_>)) {
+        self.flush_prepared(emit);
         self.lost = true;
         self.copy_in = None;
         while let Some(p) = self.pending.pop_front() {
@@ -895,6 +967,29 @@ impl Tracker {
         self.known.clear();
         self.text_bytes = 0;
     }
+}
+
+/// The `prepared` event of the named statement `name` (see [`Tracker::flush_prepared`]).
+fn prepared_event(name: &Name, t: &Text, names_exact: bool, emit: &mut impl FnMut(Record<'_>)) {
+    let non_exact = !names_exact && non_ascii(name);
+    let text_status = if t.over_budget {
+        Some("over-budget")
+    } else if t.uncertain || non_exact {
+        Some("uncertain")
+    } else {
+        None
+    };
+    let display = name.display();
+    emit(Record {
+        protocol: "extended",
+        statement: Some(&display),
+        text: t.text.as_deref(),
+        truncated: t.truncated,
+        text_status,
+        scs: t.scs,
+        outcome: Some("prepared"),
+        function: None,
+    });
 }
 
 /// Pops the front Parse (past markers); `None` if the front is not a Parse.
@@ -963,7 +1058,13 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"));
         }
 
+        /// The events written so far, but `prepared` ones (see `take_all`).
         fn take(&mut self) -> Vec<Ev> {
+            let all = std::mem::take(&mut self.events);
+            all.into_iter().filter(|e| e.outcome != Some("prepared")).collect()
+        }
+
+        fn take_all(&mut self) -> Vec<Ev> {
             std::mem::take(&mut self.events)
         }
     }
@@ -1387,9 +1488,11 @@ mod tests {
         h.answer(&[m(b'2')]);
         let ev = h.take();
         assert_eq!((ev[0].outcome, ev[0].text_status), (Some("unknown"), Some("unknown")));
+        // The session ends: nothing the client sends after is relayed, nor audited.
+        assert!(h.t.desync.is_some());
         h.send(&[parse("s", "select 1"), m(b'S'), bind("s")]);
         h.answer(&[m(b'1'), m(b'Z')]);
-        assert_eq!(h.take()[0].text, None);
+        assert!(h.take().is_empty());
     }
     fn close_bytes(name: &[u8]) -> Vec<u8> {
         let mut b = vec![b'S'];
@@ -1553,5 +1656,123 @@ mod tests {
         // An answer out of step: nothing can be ruled out any more.
         h.answer(&[m(b'2')]);
         assert!(h.t.in_flight());
+    }
+
+    /// PostgreSQL fails a Flush that carries a body ("invalid message format") and then
+    /// skips every message up to the next Sync; nothing the proxy follows answers a
+    /// Flush, so the audit would take the Parse and Bind sent after it as run, and lose
+    /// track at the Sync's ReadyForQuery. It is refused, and a bare Flush is not.
+    #[test]
+    fn a_flush_with_a_body_ends_the_session_before_it_is_relayed() {
+        let mut h = Harness::new();
+        h.send(&[parse("s", "select 1"), m(b'H'), bind("s"), m(b'E'), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'2'), complete("SELECT 1"), m(b'Z')]);
+        assert_eq!(h.take(), vec![ran("s", "select 1")]);
+        assert!(h.t.desync.is_none());
+        h.send(&[message(b'H', b"x")]);
+        assert!(h.t.desync.is_some(), "a Flush with a body is refused");
+    }
+
+    /// A simple Query may run two COPY FROM STDIN: what the client sends after the first
+    /// one's CopyDone is read by the second, also when it is sent before the first one's
+    /// CommandComplete. The audit lost track there (and went on with every text
+    /// `unknown`).
+    #[test]
+    fn a_query_s_second_copy_reads_what_follows_the_first_one_s_copy_done() {
+        let mut h = Harness::new();
+        h.send(&[query("copy a from stdin; copy b from stdin")]);
+        h.answer(&[copy_in()]);
+        h.send(&[data("1\n"), m(b'c'), data("2\n"), m(b'c')]);
+        h.send(&[parse("s", "select 'after'"), bind("s"), m(b'E'), m(b'S')]);
+        h.answer(&[complete("COPY 1"), copy_in(), complete("COPY 1"), m(b'Z')]);
+        h.answer(&[m(b'1'), m(b'2'), complete("SELECT 1"), m(b'Z')]);
+        let ev = h.take();
+        assert_eq!(ev[1..], [ran("s", "select 'after'")], "{ev:?}");
+        assert!(h.t.settled() && !h.t.lost && h.t.desync.is_none());
+        // One COPY: rows sent after its CopyDone are ignored by the server.
+        let mut h = Harness::new();
+        h.send(&[query("copy a from stdin; select 1")]);
+        h.answer(&[copy_in()]);
+        h.send(&[data("1\n"), m(b'c'), data("2\n"), m(b'c'), query("select 2")]);
+        h.answer(&[complete("COPY 1"), complete("SELECT 1"), m(b'Z')]);
+        h.answer(&[complete("SELECT 1"), m(b'Z')]);
+        assert!(h.t.settled() && !h.t.lost && h.t.desync.is_none());
+    }
+
+    /// Answers that do not match what was relayed leave the audit unable to say what a
+    /// Bind runs, or how a text was read, for the rest of the session: the session ends
+    /// (`desync`) instead of going on with every text `unknown`.
+    #[test]
+    fn answers_out_of_step_end_the_session() {
+        let mut h = Harness::new();
+        h.answer(&[m(b'2')]);
+        assert!(h.t.desync.is_some() && h.t.in_flight());
+        let mut h = Harness::new();
+        h.send(&[parse("s", "select 1"), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'1')]);
+        assert!(h.t.desync.is_some());
+    }
+
+    fn prepared(statement: &str, text: &str) -> Ev {
+        Ev { outcome: Some("prepared"), ..ran(statement, text) }
+    }
+
+    /// Round 13 (attack): a statement parsed under a name and never bound runs by SQL
+    /// `EXECUTE name` (or `EXPLAIN ANALYZE EXECUTE`, or from a function through SPI): the
+    /// Query's event says `EXECUTE innocent`, and the text of `innocent` was nowhere in
+    /// the audit. Its text is written (`outcome: "prepared"`) before the next event that
+    /// may run it; a statement bound first has its text in its Bind's event only.
+    #[test]
+    fn a_named_statement_s_text_is_audited_before_anything_can_execute_it() {
+        let mut h = Harness::new();
+        h.send(&[parse("innocent", "delete from victim"), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'Z')]);
+        assert!(h.take_all().is_empty(), "nothing ran yet");
+        h.send(&[query("EXECUTE innocent")]);
+        assert_eq!(
+            h.take_all(),
+            vec![prepared("innocent", "delete from victim"), simple("EXECUTE innocent")]
+        );
+        h.answer(&[complete("DELETE 2"), m(b'Z')]);
+        h.send(&[query("EXECUTE innocent")]);
+        assert_eq!(h.take_all(), vec![simple("EXECUTE innocent")], "once");
+        h.answer(&[complete("DELETE 0"), m(b'Z')]);
+
+        // Pipelined: the Query is audited before the ParseComplete; the text follows it.
+        h.send(&[parse("p2", "delete from other"), m(b'S'), query("EXECUTE p2")]);
+        assert_eq!(h.take_all(), vec![simple("EXECUTE p2")]);
+        h.answer(&[m(b'1')]);
+        assert_eq!(h.take_all(), vec![prepared("p2", "delete from other")]);
+        h.answer(&[m(b'Z'), complete("DELETE 1"), m(b'Z')]);
+
+        // Drivers: Parse, then Bind: the Bind's event carries the text, nothing more.
+        h.send(&[parse("s0", "select 1"), m(b'D'), m(b'S')]);
+        h.answer(&[m(b'1'), message(b't', b"\0\0"), message(b'T', b"\0\0"), m(b'Z')]);
+        h.send(&[bind("s0"), m(b'E'), m(b'S')]);
+        h.answer(&[m(b'2'), complete("SELECT 1"), m(b'Z')]);
+        assert_eq!(h.take_all(), vec![ran("s0", "select 1")]);
+
+        // A Bind of another statement may run it too (its text may be an EXECUTE).
+        h.send(&[parse("x", "delete from third"), parse("e", "EXECUTE x"), m(b'S')]);
+        h.answer(&[m(b'1'), m(b'1'), m(b'Z')]);
+        h.send(&[bind("e"), m(b'E'), m(b'S')]);
+        h.answer(&[m(b'2')]);
+        assert_eq!(h.take_all(), vec![prepared("x", "delete from third"), ran("e", "EXECUTE x")]);
+    }
+
+    /// Past the statements a session keeps, a named statement's text is written when the
+    /// server accepts it: SQL `EXECUTE` could run it without a Bind, and nothing would
+    /// have its text later.
+    #[test]
+    fn a_named_statement_past_the_cap_has_its_text_written_at_once() {
+        let mut h = Harness::new();
+        let batch: Vec<Vec<u8>> =
+            (0..MAX_STATEMENTS).map(|i| parse(&format!("d{i}"), "select 1")).collect();
+        h.send(&batch);
+        h.answer(&vec![m(b'1'); MAX_STATEMENTS]);
+        assert!(h.take_all().is_empty());
+        h.send(&[parse("innocent", "delete from victim"), m(b'S')]);
+        h.answer(&[m(b'1')]);
+        assert_eq!(h.take_all(), vec![prepared("innocent", "delete from victim")]);
     }
 }

@@ -345,3 +345,16 @@ async fn settle_waits_on_while_queued_statements_are_answered_one_by_one() {
     assert!(took < ORPHAN_GRACE + MAX_SETTLE, "{took:?}");
     drop(answers.await);
 }
+
+/// PostgreSQL's NegotiateProtocolVersion names the newest version it speaks for the major
+/// version asked for, as a whole version number (3.0 is 196608, `PG_PROTOCOL_LATEST`):
+/// libpq 18, asked for 3.2 (`max_protocol_version`), refuses anything below 3.0 as "a
+/// downgrade to pre-3.0". portcullis sent 0.
+#[test]
+fn negotiate_protocol_version_names_3_0_as_postgresql_does() {
+    let m = proto::negotiate_protocol_version(&["_pq_.x"]);
+    assert_eq!(m[0], b'v');
+    assert_eq!(m[5..9], proto::PROTOCOL_3_0.to_be_bytes());
+    assert_eq!(m[9..13], 1u32.to_be_bytes());
+    assert_eq!(&m[13..], b"_pq_.x\0");
+}

@@ -513,3 +513,167 @@ async fn after_a_failed_copy_a_message_of_unknown_fate_ends_the_session() {
     let events = w.events_of("pg.statement").await;
     assert!(events.iter().all(|e| e["text"] != maybe.as_str()), "{events:#?}");
 }
+
+/// Reads server messages up to and including the first whose type is in `last`.
+async fn until_any(t: &mut Conn, last: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    loop {
+        let mut hdr = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(10), t.read_exact(&mut hdr))
+            .await
+            .unwrap_or_else(|_| panic!("none of {last:?}; so far {out:?}"))
+            .unwrap_or_else(|e| panic!("read: {e}; so far {out:?}"));
+        let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        t.read_exact(&mut body).await.unwrap_or_else(|e| panic!("{e}"));
+        out.push((hdr[0], body));
+        if last.contains(&hdr[0]) {
+            return out;
+        }
+    }
+}
+
+/// The session was ended by portcullis as a protocol violation: its FATAL is the last
+/// message, and the `close` event says so.
+async fn assert_ended_by_portcullis(w: &PgWorld, m: &[(u8, Vec<u8>)], sid: &Value) {
+    let (kind, body) = m.last().unwrap_or_else(|| panic!("no message"));
+    let f = parse_fields(body);
+    let said = format!("{} {:?} {:?}", *kind as char, f.get(&b'C'), f.get(&b'M'));
+    assert_eq!(*kind, b'E', "{said}");
+    assert_eq!(f.get(&b'C').map(String::as_str), Some("08P01"), "{said}");
+    assert!(f.get(&b'M').is_some_and(|m| m.starts_with("portcullis: terminating")), "{said}");
+    let close = w.wait_event(|e| e["session_id"] == *sid && e["event"] == "close").await;
+    assert_eq!(close["reason"], "protocol-violation", "{close:#}");
+}
+
+/// Round 13 (attack): PostgreSQL fails a Flush message that carries a body ("invalid
+/// message format") and then skips every message up to the next Sync. Nothing answers a
+/// Flush, so the audit took the statements sent after it as run, lost track of the
+/// server's answers at the Sync, and from then on logged every Bind without its text and
+/// every Query only up to its first non-ASCII byte: `/* é */ DELETE …` was logged as
+/// `/* `. The Flush is refused: the session ends before it reaches the server.
+#[tokio::test]
+async fn a_flush_with_a_body_cannot_blind_the_audit() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let pid = std::process::id();
+    let mut t = session(&w, &token).await;
+    let marker = format!("select 'flush-body-{pid}'");
+    send(&mut t, &[query(&marker)]).await;
+    assert!(!kinds(&until_ready(&mut t).await).contains('E'));
+    let sid = statements_of(&w, &marker, 1).await[0]["session_id"].clone();
+    // A bare Flush is relayed as ever.
+    let plain = format!("select 'flush-plain-{pid}'");
+    send(&mut t, &[parse("s1", &plain), message(b'H', b""), bind("s1"), execute(), sync()]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "12DCZ");
+
+    send(&mut t, &[message(b'H', b"x")]).await;
+    let m = until_any(&mut t, b"EZ").await;
+    assert_ended_by_portcullis(&w, &m, &sid).await;
+    let events = w.events_of("pg.statement").await;
+    let mine: Vec<&Value> = events.iter().filter(|e| e["session_id"] == sid).collect();
+    assert_eq!(mine.len(), 2, "{mine:#?}");
+    assert_ran_exactly(&events, &plain);
+}
+
+/// Round 13 (attack): a simple Query running two COPY FROM STDIN, the second one's rows
+/// sent before the first one's CommandComplete: the second COPY reads them. The audit
+/// took them as ignored, lost track of the server's answers at the second
+/// CommandComplete, and logged the rest of the session without texts. It follows them.
+#[tokio::test]
+async fn a_query_s_second_copy_does_not_blind_the_audit() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let pid = std::process::id();
+    let mut t = session(&w, &token).await;
+    let marker = format!(
+        "select 'two-copies-{pid}'; create temp table ca(a int); create temp table cb(a int)"
+    );
+    send(&mut t, &[query(&marker)]).await;
+    assert!(!kinds(&until_ready(&mut t).await).contains('E'));
+    let sid = statements_of(&w, &format!("two-copies-{pid}"), 1).await[0]["session_id"].clone();
+    send(&mut t, &[query("copy ca from stdin; copy cb from stdin")]).await;
+    assert_eq!(kinds(&until_kind(&mut t, b'G').await), "G");
+    let c = message(b'c', b"");
+    send(&mut t, &[copy_data("1\n"), c.clone(), copy_data("2\n"), c]).await;
+    let after = format!("select 'two-copies-after-{pid}'");
+    send(&mut t, &[parse("s1", &after), bind("s1"), execute(), sync()]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "CGCZ");
+    assert_eq!(kinds(&until_ready(&mut t).await), "12DCZ");
+    let simple = format!("select 'two-copies-simple-{pid}' -- \u{e9}\n, 2");
+    send(&mut t, &[query(&simple)]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "TDCZ");
+    let events = statements_of(&w, &format!("two-copies-{pid}"), 4).await;
+    assert_eq!(events.len(), 4, "{events:#?}");
+    assert_ran_exactly(&events, &after);
+    assert_ran_exactly(&events, &simple);
+    let close = w.w.events().into_iter().find(|e| e["session_id"] == sid && e["event"] == "close");
+    assert!(close.is_none(), "the session goes on: {close:#?}");
+}
+
+/// Round 13 (attack): a statement parsed under a name, never bound, and run by SQL
+/// `EXECUTE` (here also `EXPLAIN ANALYZE EXECUTE`): the audit said `EXECUTE innocent` and
+/// nothing else; the DELETE's text was nowhere. Its text is now written, `outcome:
+/// "prepared"`, before the first event that may run it.
+#[tokio::test]
+async fn a_statement_run_by_sql_execute_has_its_text_in_the_audit() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let pid = std::process::id();
+    let mut t = session(&w, &token).await;
+    let setup = format!(
+        "select 'sql-execute-{pid}'; create temp table ev(a int); insert into ev values (1), (2)"
+    );
+    send(&mut t, &[query(&setup)]).await;
+    assert!(!kinds(&until_ready(&mut t).await).contains('E'));
+    let hidden = format!("delete from ev /* hidden-{pid} */");
+    send(&mut t, &[parse("innocent", &hidden), sync()]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "1Z");
+    send(&mut t, &[query("EXECUTE innocent")]).await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "CZ");
+    send(&mut t, &[query("explain analyze execute innocent")]).await;
+    assert!(!kinds(&until_ready(&mut t).await).contains('E'));
+    let events = statements_of(&w, &format!("sql-execute-{pid}"), 4).await;
+    let texts: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e["text"].as_str().unwrap_or(""), e["outcome"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        texts[1..],
+        [
+            (hidden.as_str(), "prepared"),
+            ("EXECUTE innocent", ""),
+            ("explain analyze execute innocent", "")
+        ],
+        "{events:#?}"
+    );
+    assert_eq!(events[1]["statement"], "innocent", "{:#}", events[1]);
+}
+
+/// Round 13 (attack): a Query sent after Terminate in the same write was relayed and
+/// audited as sent, though the server never reads past Terminate: the audit showed a
+/// statement nothing ran. Nothing after Terminate is relayed or audited.
+#[tokio::test]
+async fn nothing_after_terminate_is_audited_as_sent() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let pid = std::process::id();
+    let mut t = session(&w, &token).await;
+    let marker = format!("select 'before-goodbye-{pid}'");
+    send(&mut t, &[query(&marker)]).await;
+    assert!(!kinds(&until_ready(&mut t).await).contains('E'));
+    let sid = statements_of(&w, &marker, 1).await[0]["session_id"].clone();
+    let after = format!("select 'after-goodbye-{pid}'");
+    send(&mut t, &[message(b'X', b""), query(&after), b"\xff\xff".to_vec()]).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut rest)).await;
+    let close = w.wait_event(|e| e["session_id"] == sid && e["event"] == "close").await;
+    assert_eq!(
+        (close["reason"].as_str(), close["ended_by"].as_str()),
+        (Some("closed"), Some("client")),
+        "{close:#}"
+    );
+    assert_eq!(close["statements"], 1, "{close:#}");
+    let events = w.events_of("pg.statement").await;
+    assert!(events.iter().all(|e| e["text"] != after.as_str()), "{events:#?}");
+}
