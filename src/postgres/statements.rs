@@ -240,15 +240,23 @@ const LOST: &str = "the server's answers no longer match the messages relayed: t
 const FLUSH_BODY: &str = "a Flush message with a body: PostgreSQL fails it and skips every \
      message up to the next Sync, which nothing the audit follows would tell";
 
-/// A Record's text as the audit may show it: while the session's encoding is uncertain
-/// (see [`Tracker::settled`]) only the ASCII prefix of a text is certain, whatever the
-/// encoding (every encoding PostgreSQL accepts reads ASCII bytes before any non-ASCII
-/// byte as ASCII), so the text is cut before its first non-ASCII byte.
-fn ascii_prefix(text: String) -> (String, bool) {
-    match text.bytes().position(|b| b >= 0x80) {
-        Some(i) => (text[..i].to_string(), true),
-        None => (text, false),
-    }
+/// Whether a Record's text, sent while the session's encoding is uncertain (see
+/// [`Tracker::settled`]), is `uncertain`: it has a non-ASCII byte.
+///
+/// Only the ASCII bytes of such a text read the same in every encoding PostgreSQL
+/// accepts; another encoding (a pipeline may `SET client_encoding` and back, which the
+/// server never reports) could read the rest otherwise. The text is logged whole all the
+/// same, marked: its ASCII bytes are shown as they are (a byte sequence that is not UTF-8
+/// becomes U+FFFD, never an ASCII byte), so what the server may run is in the log. Until
+/// session 12 such a text was cut before its first non-ASCII byte, which let any client
+/// hide a statement from the audit by pipelining it behind another (`select 1` then
+/// `/* é */ delete from t` in one write). What the cut guarded against: the password
+/// masker reading a literal's end where a multibyte character of the other encoding
+/// (second byte `\`) does not end it, so a password the client sends itself, after
+/// switching the encoding for that purpose, could reach the log, as a client can always
+/// put its own secret there (`select 'Hunter2'`).
+fn uncertain_text(text: &str) -> bool {
+    !text.is_ascii()
 }
 
 fn non_ascii(name: &Name) -> bool {
@@ -484,14 +492,14 @@ impl Tracker {
             b'Q' => {
                 let (text, truncated) =
                     c.map_or((String::new(), false), |c| text_of(&c.body, c.truncated));
-                let (text, cut) = if settled { (text, false) } else { ascii_prefix(text) };
+                let unsure = !settled && uncertain_text(&text);
                 self.flush_prepared(emit);
                 emit(Record {
                     protocol: "simple",
                     statement: None,
                     text: Some(&text),
-                    truncated: truncated || cut,
-                    text_status: cut.then_some("uncertain"),
+                    truncated,
+                    text_status: unsure.then_some("uncertain"),
                     scs,
                     outcome: skipped,
                     function: None,
@@ -535,9 +543,9 @@ impl Tracker {
                     return;
                 }
                 let (text, truncated) = text_of(rest, c.truncated);
-                let (text, cut) = if settled { (text, false) } else { ascii_prefix(text) };
-                let mut text = self.charge(text, truncated || cut);
-                text.uncertain = cut;
+                let unsure_text = !settled && uncertain_text(&text);
+                let mut text = self.charge(text, truncated);
+                text.uncertain = unsure_text;
                 text.scs = scs;
                 let unsure = !settled && non_ascii(&name);
                 self.push(Pending::Parse { name, text, unsure });
@@ -1535,13 +1543,24 @@ mod tests {
         ]);
         assert!(!h.t.settled());
         let q = h.take().pop().unwrap_or_else(|| panic!("the query's event"));
-        assert_eq!(q.text.as_deref(), Some("SELECT '"), "only the ASCII prefix is certain");
-        assert_eq!((q.truncated, q.text_status), (true, Some("uncertain")));
+        // Logged whole, marked (the masker runs on it when the event is written).
+        let whole = "SELECT '\u{3042}' ; ALTER ROLE v PASSWORD 'sekret'";
+        assert_eq!(q.text.as_deref(), Some(whole));
+        assert_eq!((q.truncated, q.text_status), (false, Some("uncertain")));
+        h.send(&[query("SELECT '\u{3042}\\' ; DELETE FROM victim")]);
+        let q = h.take().pop().unwrap_or_else(|| panic!("the query's event"));
+        assert_eq!(q.text.as_deref(), Some("SELECT '\u{3042}\\' ; DELETE FROM victim"));
+        assert_eq!((q.truncated, q.text_status), (false, Some("uncertain")));
+        // ASCII alone is the same in every encoding: not uncertain even now.
+        h.send(&[query("DELETE FROM victim")]);
+        let q = h.take().pop().unwrap_or_else(|| panic!("the query's event"));
+        assert_eq!(q.text_status, None);
         h.answer(&[m(b'2'), complete("SET"), m(b'3'), m(b'1'), m(b'2')]);
         let ev = h.take();
         let bind_n1 = ev.last().unwrap_or_else(|| panic!("{ev:?}"));
         assert_eq!(bind_n1.text_status, Some("uncertain"), "{ev:?}");
         h.answer(&[complete("DELETE 3"), m(b'Z'), complete("SELECT 1"), m(b'Z')]);
+        h.answer(&[complete("DELETE 1"), m(b'Z'), complete("DELETE 1"), m(b'Z')]);
         assert!(h.t.settled());
         // Later, settled: n1 may have been replaced behind its bytes' back; still uncertain.
         h.send(&[bind_bytes(b"", n1), m(b'S')]);

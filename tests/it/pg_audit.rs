@@ -677,3 +677,54 @@ async fn nothing_after_terminate_is_audited_as_sent() {
     let events = w.events_of("pg.statement").await;
     assert!(events.iter().all(|e| e["text"] != after.as_str()), "{events:#?}");
 }
+
+/// Round 14: a statement pipelined behind another (in one write, or after a Bind or
+/// Execute without a Sync) is sent while the session's encoding is uncertain (the first
+/// may `SET client_encoding`). The audit cut such a text before its first non-ASCII byte,
+/// so `/* é */ insert …` was logged as `/* ` and any client could hide any statement
+/// that way. The text is kept whole, marked uncertain, its passwords masked as ever.
+#[tokio::test]
+async fn a_pipelined_statement_with_a_non_ascii_byte_is_audited_whole() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let pid = std::process::id();
+    let mut t = session(&w, &token).await;
+    let setup = format!("select 'pipelined-{pid}'; create temp table pv(a int)");
+    send(&mut t, &[query(&setup)]).await;
+    assert!(!kinds(&until_ready(&mut t).await).contains('E'));
+    let hidden = format!("/* \u{e9} */ insert into pv values (1) /* hidden-{pid} */");
+    let parsed = format!("/* \u{e9} */ insert into pv values (2) /* parsed-{pid} */");
+    let secret = "/* \u{e9} */ alter role nobody password 'Hunter2'";
+    send(
+        &mut t,
+        &[
+            query("select 1"),
+            query(&hidden),
+            parse("", "select 2"),
+            bind(""),
+            execute(),
+            parse("p", &parsed),
+            bind("p"),
+            execute(),
+            sync(),
+            query(secret),
+        ],
+    )
+    .await;
+    assert_eq!(kinds(&until_ready(&mut t).await), "TDCZ");
+    assert_eq!(kinds(&until_ready(&mut t).await), "CZ");
+    assert_eq!(kinds(&until_ready(&mut t).await), "12DC12CZ");
+    assert!(kinds(&until_ready(&mut t).await).contains('E'), "no such role");
+    let events = statements_of(&w, &format!("pipelined-{pid}"), 6).await;
+    let with = |text: &str| events.iter().find(|e| e["text"] == text).cloned();
+    for text in [&hidden, &parsed] {
+        let e = with(text).unwrap_or_else(|| panic!("{text} not audited whole: {events:#?}"));
+        assert_eq!(e["text_status"], "uncertain", "{e:#}");
+        assert!(e.get("truncated").is_none(), "{e:#}");
+    }
+    // A password in such a text is masked as in any other; the statement is there.
+    let masked = "/* \u{e9} */ alter role nobody password ***";
+    let e = with(masked).unwrap_or_else(|| panic!("{events:#?}"));
+    assert_eq!(e["text_status"], "uncertain", "{e:#}");
+    assert!(!w.w.events().iter().any(|e| e.to_string().contains("Hunter2")));
+}
