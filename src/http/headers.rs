@@ -319,10 +319,23 @@ pub fn set_forwarded(
         h.remove(n);
     }
     if trusted {
-        let prev = h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
-        let xff = match (prev, peer.to_str()) {
-            (Some(prev), Ok(p)) if !prev.trim().is_empty() => {
-                HeaderValue::from_str(&format!("{prev}, {p}")).unwrap_or_else(|_| peer.clone())
+        // Every field, in order: a list split over several fields is one list (RFC 9110
+        // §5.3), and HAProxy's `option forwardfor` adds its own field after the client's
+        // rather than appending to it, so the first field alone would be the one the
+        // client wrote and the address the proxy saw would be lost.
+        let mut chain = String::new();
+        for v in h.get_all(&X_FORWARDED_FOR) {
+            let Ok(v) = v.to_str() else { continue };
+            let v = v.trim();
+            if !v.is_empty() {
+                chain.push_str(v);
+                chain.push_str(", ");
+            }
+        }
+        let xff = match peer.to_str() {
+            Ok(p) if !chain.is_empty() => {
+                chain.push_str(p);
+                HeaderValue::from_str(&chain).unwrap_or_else(|_| peer.clone())
             }
             _ => peer.clone(),
         };
@@ -929,6 +942,16 @@ mod tests {
                 "x-real-ip"
             ]
         );
+        // A chain split over several fields (HAProxy's `option forwardfor` adds one after
+        // the client's) is kept whole, in order, as one field.
+        let mut h = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-for", " "),
+            ("x-forwarded-for", "1.2.3.4, 5.6.7.8"),
+        ]);
+        set_forwarded(&mut h, &peer, true, "http", "api.example.com", Some(&port));
+        let got: Vec<&[u8]> = h.get_all(&X_FORWARDED_FOR).iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(got, [&b"6.6.6.6, 1.2.3.4, 5.6.7.8, 10.0.0.9"[..]]);
         // A trusted proxy's port is kept when it is one port number, else replaced.
         let port_after = |given: &[&str]| {
             let mut h = HeaderMap::new();
