@@ -240,23 +240,35 @@ const LOST: &str = "the server's answers no longer match the messages relayed: t
 const FLUSH_BODY: &str = "a Flush message with a body: PostgreSQL fails it and skips every \
      message up to the next Sync, which nothing the audit follows would tell";
 
-/// Whether a Record's text, sent while the session's encoding is uncertain (see
-/// [`Tracker::settled`]), is `uncertain`: it has a non-ASCII byte.
+/// A Record's text as the audit shows it while the session's encoding is uncertain (see
+/// [`Tracker::settled`]): `(text, uncertain, cut)`.
 ///
-/// Only the ASCII bytes of such a text read the same in every encoding PostgreSQL
-/// accepts; another encoding (a pipeline may `SET client_encoding` and back, which the
-/// server never reports) could read the rest otherwise. The text is logged whole all the
-/// same, marked: its ASCII bytes are shown as they are (a byte sequence that is not UTF-8
-/// becomes U+FFFD, never an ASCII byte), so what the server may run is in the log. Until
-/// session 12 such a text was cut before its first non-ASCII byte, which let any client
-/// hide a statement from the audit by pipelining it behind another (`select 1` then
-/// `/* é */ delete from t` in one write). What the cut guarded against: the password
-/// masker reading a literal's end where a multibyte character of the other encoding
-/// (second byte `\`) does not end it, so a password the client sends itself, after
-/// switching the encoding for that purpose, could reach the log, as a client can always
-/// put its own secret there (`select 'Hunter2'`).
-fn uncertain_text(text: &str) -> bool {
-    !text.is_ascii()
+/// Only the ASCII bytes of a text read the same in every encoding PostgreSQL accepts;
+/// another encoding (a pipeline may `SET client_encoding` and back, which the server
+/// never reports) could read the rest otherwise. A text with a non-ASCII byte is logged
+/// whole all the same, marked `uncertain`: its ASCII bytes are shown as they are (a byte
+/// sequence that is not UTF-8 becomes U+FFFD, never an ASCII byte). Until session 12
+/// every such text was cut before its first non-ASCII byte, which also cut statements
+/// pipelined behind another in one write (`select 1` then `/* é */ delete from t`).
+///
+/// The one reading that matters to the password masker: in SJIS, BIG5, GBK, UHC,
+/// GB18030 and JOHAB the second byte of a character can be `\`, which the masker
+/// (reading UTF-8) takes for an escape that moves a literal's end, so a password could
+/// pass it unmasked. Every other ASCII byte such an encoding can take as a second byte
+/// is 0x30 or above: never a quote, `$`, `-`, `/`, `*` or whitespace, so none ends a
+/// literal, comment or dollar quote, and none makes a keyword the UTF-8 reading misses
+/// (it sees every ASCII byte). So a text with a `\` right after a
+/// non-ASCII character is still cut before its first non-ASCII byte (`truncated`).
+fn uncertain_text(text: String) -> (String, bool, bool) {
+    let Some(first) = text.bytes().position(|b| b >= 0x80) else { return (text, false, false) };
+    let mut previous_non_ascii = false;
+    for c in text[first..].chars() {
+        if c == '\\' && previous_non_ascii {
+            return (text[..first].to_string(), true, true);
+        }
+        previous_non_ascii = !c.is_ascii();
+    }
+    (text, true, false)
 }
 
 fn non_ascii(name: &Name) -> bool {
@@ -492,13 +504,14 @@ impl Tracker {
             b'Q' => {
                 let (text, truncated) =
                     c.map_or((String::new(), false), |c| text_of(&c.body, c.truncated));
-                let unsure = !settled && uncertain_text(&text);
+                let (text, unsure, cut) =
+                    if settled { (text, false, false) } else { uncertain_text(text) };
                 self.flush_prepared(emit);
                 emit(Record {
                     protocol: "simple",
                     statement: None,
                     text: Some(&text),
-                    truncated,
+                    truncated: truncated || cut,
                     text_status: unsure.then_some("uncertain"),
                     scs,
                     outcome: skipped,
@@ -543,8 +556,9 @@ impl Tracker {
                     return;
                 }
                 let (text, truncated) = text_of(rest, c.truncated);
-                let unsure_text = !settled && uncertain_text(&text);
-                let mut text = self.charge(text, truncated);
+                let (text, unsure_text, cut) =
+                    if settled { (text, false, false) } else { uncertain_text(text) };
+                let mut text = self.charge(text, truncated || cut);
                 text.uncertain = unsure_text;
                 text.scs = scs;
                 let unsure = !settled && non_ascii(&name);
@@ -1547,10 +1561,12 @@ mod tests {
         let whole = "SELECT '\u{3042}' ; ALTER ROLE v PASSWORD 'sekret'";
         assert_eq!(q.text.as_deref(), Some(whole));
         assert_eq!((q.truncated, q.text_status), (false, Some("uncertain")));
+        // A backslash right after a non-ASCII character, which another encoding may take
+        // as its second byte: cut before the first non-ASCII byte.
         h.send(&[query("SELECT '\u{3042}\\' ; DELETE FROM victim")]);
         let q = h.take().pop().unwrap_or_else(|| panic!("the query's event"));
-        assert_eq!(q.text.as_deref(), Some("SELECT '\u{3042}\\' ; DELETE FROM victim"));
-        assert_eq!((q.truncated, q.text_status), (false, Some("uncertain")));
+        assert_eq!(q.text.as_deref(), Some("SELECT '"));
+        assert_eq!((q.truncated, q.text_status), (true, Some("uncertain")));
         // ASCII alone is the same in every encoding: not uncertain even now.
         h.send(&[query("DELETE FROM victim")]);
         let q = h.take().pop().unwrap_or_else(|| panic!("the query's event"));
