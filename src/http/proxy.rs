@@ -652,9 +652,11 @@ pub async fn handle(
             (None, Some(s)) => {
                 match Box::pin(s.authenticate(&route, req.headers(), crate::util::unix_now())).await
                 {
-                    crate::session::Lookup::Valid { identity, set_cookie, key, .. } => {
+                    crate::session::Lookup::Valid {
+                        identity, set_cookie, key, revocation, ..
+                    } => {
                         rc.set_cookies = set_cookie;
-                        session_key = Some(key);
+                        session_key = Some((key, revocation));
                         rc.session = Some(identity.clone());
                         // The browser sends the cookie with a WebSocket handshake from any
                         // page of the same site, and nothing like CORS keeps that page from
@@ -921,7 +923,10 @@ pub async fn handle(
                         match source {
                             Some(_) => Credential::Token,
                             // No key (never so): a key no list holds, ended at a reload.
-                            None => Credential::Session { key: session_key.unwrap_or_default() },
+                            None => {
+                                let (key, revocation) = session_key.unwrap_or_default();
+                                Credential::Session { key, revocation }
+                            }
                         },
                         &rt.config,
                     ),

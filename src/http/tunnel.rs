@@ -100,20 +100,30 @@ impl Grant {
         }
     }
 
-    /// Resolves when a reload revoked the access ([`End::AccessRevoked`]), or brought
-    /// the credential's end forward (a lower `max_token_age`) and that time came
+    /// Resolves when a reload, or for a tunnel a browser session opened a sign-out of
+    /// that session, revoked the access ([`End::AccessRevoked`]), or a reload brought the
+    /// credential's end forward (a lower `max_token_age`) and that time came
     /// ([`End::CredentialExpired`]).
     async fn revoked(&self) -> End {
         let mut reloads = self.shared.reloads.subscribe();
+        // Sign-outs are counted by the list every generation's sessions share. Starting
+        // from the count when the tunnel opened; the check at the first pass covers a
+        // sign-out between the request and the switch to the tunnel.
+        let mut sign_outs = match self.shared.runtime.load().sessions.as_deref() {
+            Some(s) if self.admission.is_session() => Some(s.revocations().sign_outs()),
+            _ => None,
+        };
         // Starting from the generation that authorized the upgrade, so a reload between
         // the request and the switch to the tunnel is not missed.
         let mut seen = self.generation;
         let mut expires_at = self.admission.identity.expires_at;
         let mut reloads_open = true;
+        let mut check = sign_outs.is_some();
         loop {
             let current = *reloads.borrow_and_update();
-            if current != seen {
+            if current != seen || check {
                 seen = current;
+                check = false;
                 match self.still_allowed() {
                     Ok(now_ends) => expires_at = expires_at.min(now_ends),
                     Err(why) => {
@@ -128,6 +138,15 @@ impl Grant {
             let sooner = expires_at < self.admission.identity.expires_at;
             tokio::select! {
                 changed = reloads.changed(), if reloads_open => reloads_open = changed.is_ok(),
+                changed = async {
+                    match sign_outs.as_mut() {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                }, if sign_outs.is_some() => match changed {
+                    Ok(()) => check = true,
+                    Err(_) => sign_outs = None,
+                },
                 () = tokio::time::sleep(Duration::from_secs(left)), if sooner => {
                     return End::CredentialExpired;
                 }

@@ -11,7 +11,8 @@
 //! drops the keys it had. A browser session is admitted again as its cookie would be:
 //! while the issuer still has `login`, the key that sealed the cookie is still among the
 //! session keys (`[session] keys_file`/`keys_env`; rotating them signs everyone out) and
-//! its absolute lifetime, as reloaded, is not reached.
+//! its absolute lifetime, as reloaded, is not reached, and it was not signed out (checked
+//! at every sign-out too, see [`crate::session::revoke`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,8 +26,9 @@ pub enum Credential {
     /// A bearer token (`Authorization`, `Proxy-Authorization`, a database password).
     Token,
     /// A browser session cookie, sealed with this one of the session keys
-    /// (`[session] keys_file`/`keys_env`).
-    Session { key: crate::session::seal::KeyId },
+    /// (`[session] keys_file`/`keys_env`), of the session the sign-out list knows by
+    /// `revocation`.
+    Session { key: crate::session::seal::KeyId, revocation: [u8; 16] },
 }
 
 /// An identity and what admitted it.
@@ -55,6 +57,12 @@ struct Trust {
 // === impl Admission ===
 
 impl Admission {
+    /// Whether a browser session admitted the identity: then a sign-out can end what
+    /// it admitted, besides a reload.
+    pub fn is_session(&self) -> bool {
+        matches!(self.credential, Credential::Session { .. })
+    }
+
     /// `identity`, admitted by `credential` under `config` (the configuration whose
     /// verifier or sessions verified it).
     pub fn new(identity: Arc<Identity>, credential: Credential, config: &Config) -> Self {
@@ -77,7 +85,7 @@ impl Admission {
             return Err(format!("issuer `{name}` removed"));
         };
         match self.credential {
-            Credential::Session { key } => {
+            Credential::Session { key, revocation } => {
                 if config.login(name).is_none() {
                     return Err(format!("issuer `{name}` no longer has login configured"));
                 }
@@ -86,6 +94,9 @@ impl Admission {
                 };
                 let created = self.identity.issued_at.unwrap_or(0);
                 sessions.still_admits(&key, created, now).map_err(str::to_string)?;
+                if let Some(why) = sessions.revocations().refused(&revocation, created) {
+                    return Err(why.to_string());
+                }
                 Ok(self.identity.clone())
             }
             Credential::Token => {

@@ -182,6 +182,9 @@ pub enum Lookup {
         /// The key that sealed the browser's cookie (after `set_cookie`, if any): what
         /// outlives the request (a WebSocket tunnel) holds while that key is in use.
         key: seal::KeyId,
+        /// How the sign-out list knows the session ([`SessionData::revocation_key`]):
+        /// what outlives the request ends when the session is signed out.
+        revocation: [u8; 16],
         /// Unix seconds when the session ends at the latest without a new sign-in: its
         /// absolute lifetime, or its ID token's expiry when there is no refresh token
         /// (the idle lifetime can end it sooner).
@@ -771,6 +774,7 @@ impl Sessions {
             identity: Arc::new(data.identity(provider.settings.id.clone(), expires_at)),
             set_cookie,
             key,
+            revocation: data.revocation_key(),
             ends_at,
         }
     }

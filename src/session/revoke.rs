@@ -111,6 +111,10 @@ pub enum Revoked {
 pub struct Revocations {
     cap: usize,
     inner: RwLock<Inner>,
+    /// Counts the sign-outs that refused a session (recorded, or past a new floor):
+    /// what outlives a request (a WebSocket tunnel a session opened) watches it to
+    /// check its session again.
+    sign_outs: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -133,7 +137,11 @@ impl Default for Revocations {
 impl Revocations {
     /// A list holding at most `cap` entries.
     pub fn with_capacity(cap: usize) -> Revocations {
-        Revocations { cap, inner: RwLock::new(Inner::default()) }
+        Revocations {
+            cap,
+            inner: RwLock::new(Inner::default()),
+            sign_outs: tokio::sync::watch::channel(0).0,
+        }
     }
 
     /// Why the session known by `key` and signed in at `created` is refused, if it is:
@@ -151,6 +159,19 @@ impl Revocations {
     /// at `now`; it is remembered until `created + lifetime` (its absolute lifetime).
     /// Entries and a floor whose sessions have all ended by `now` are dropped first.
     pub fn revoke(&self, key: [u8; 16], created: u64, lifetime: u64, now: u64) -> Revoked {
+        let outcome = self.record(key, created, lifetime, now);
+        if matches!(outcome, Revoked::Recorded | Revoked::Overflow { .. }) {
+            self.sign_outs.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        outcome
+    }
+
+    /// Changes at every sign-out that refused a session from then on.
+    pub fn sign_outs(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.sign_outs.subscribe()
+    }
+
+    fn record(&self, key: [u8; 16], created: u64, lifetime: u64, now: u64) -> Revoked {
         if now >= created.saturating_add(lifetime) {
             return Revoked::Ended;
         }

@@ -1570,3 +1570,57 @@ async fn a_reload_keeps_the_signed_out_sessions() {
         assert_eq!(other.get(&w, &w.url("/")).await.status, StatusCode::OK, "{what}");
     }
 }
+
+/// A WebSocket tunnel a browser session opened ends when that session is signed out (as
+/// a new upgrade with its cookie would be refused), not at its own end; a tunnel of the
+/// same person's other session, and one a bearer token opened, go on.
+#[tokio::test]
+async fn signing_out_ends_the_websocket_tunnels_the_session_opened() {
+    use crate::forwarding::{echo_once, ws_connect_with};
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let mut other = Browser::new();
+    assert_eq!(other.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let cookie_of = |b: &Browser| {
+        format!("__Host-_portcullis={}", b.session_cookie().cloned().unwrap_or_default())
+    };
+    let (mine, theirs) = (cookie_of(&b), cookie_of(&other));
+    let open = |cookie: String| {
+        let w = &w;
+        async move {
+            ws_connect_with(w, "/ws", &[("cookie", &cookie)])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        }
+    };
+    let mut ws = open(mine.clone()).await;
+    let mut copy = open(mine).await;
+    let mut kept = open(theirs).await;
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let mut bearer = ws_connect_with(&w, "/ws", &[("authorization", &auth)])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for t in [&mut ws, &mut copy, &mut kept, &mut bearer] {
+        assert!(echo_once(t).await);
+    }
+
+    let r = b.get(&w, &w.url("/.portcullis/logout")).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    for t in [&mut ws, &mut copy] {
+        let ended = tokio::time::timeout(Duration::from_secs(5), t.next()).await;
+        assert!(ended.is_ok(), "the tunnel outlived the sign-out of its session");
+        assert!(!echo_once(t).await, "a signed-out session's tunnel still relays");
+    }
+    assert!(echo_once(&mut kept).await, "another session's tunnel was ended");
+    assert!(echo_once(&mut bearer).await, "a bearer token's tunnel was ended");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ends: Vec<serde_json::Value> =
+        w.events().into_iter().filter(|e| e["kind"] == "websocket").collect();
+    assert_eq!(ends.len(), 2, "{ends:#?}");
+    for e in &ends {
+        assert_eq!(e["reason"], "access-revoked", "{e}");
+        assert_eq!(e["detail"], "session signed out at /.portcullis/logout", "{e}");
+        assert_eq!(e["identity"]["subject"], "alice", "{e}");
+    }
+}
