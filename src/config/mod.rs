@@ -1755,6 +1755,20 @@ impl Compiler<'_> {
         }
         let claim_headers = self.claim_headers(r.claim_headers.as_ref());
         strip_headers.extend(claim_headers.iter().map(|c| c.header.clone()));
+        // `email` as the token has it, verified or not: an upstream that takes the header
+        // for the person (as `X-Portcullis-Email`, which is sent verified only) can be
+        // handed any address a user may write into their profile (V21).
+        for (header, claim) in r.claim_headers.iter().flat_map(|m| m.get_ref().iter()) {
+            if claim.get_ref() == "email" {
+                warnings.push(self.source.error(
+                    Some(claim.span()),
+                    format!(
+                        "route `{name}`: `claim_headers` sends `email` as `{}` whether or not the address is verified (`email_verified` false or absent, as Entra sends it); the verified address reaches the upstream as `X-Portcullis-Email`",
+                        header.get_ref()
+                    ),
+                ));
+            }
+        }
         // A deny that covers `OPTIONS` does not apply to a CORS preflight: the route
         // forwards it without consulting the policy.
         if let (Some(true), Some(p)) = (r.cors_preflight, &policy) {

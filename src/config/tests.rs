@@ -871,6 +871,31 @@ fn claim_headers_compile_sorted_and_are_stripped_from_clients() {
     );
 }
 
+/// A claim header for `email` forwards the address verified or not (nOAuth: Entra sends
+/// no `email_verified`, and lets users put an address they do not own there), while
+/// `X-Portcullis-Email` is sent verified only: a warning at the claim, as `claims.email`
+/// in an allow is. Other claims, and `email_verified` itself, warn nothing.
+#[test]
+fn a_claim_header_for_email_is_a_warning_at_the_claim() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let warnings = |claims: &str| {
+        let text = format!("{BASE}claim_headers = {{ {claims} }}\n");
+        let c = compile(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
+        let w: Vec<String> =
+            c.warnings.iter().map(|d| format!("{}:{} {}", d.line, d.col, d.message)).collect();
+        w
+    };
+    let w = warnings("\"X-Team\" = \"team\", \"X-Mail\" = \"email\"");
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with(
+            "13:49 route `api`: `claim_headers` sends `email` as `X-Mail` whether or not the address is verified"
+        ),
+        "{w:?}"
+    );
+    assert!(warnings("\"X-Team\" = \"team\", \"X-V\" = \"email_verified\"").is_empty());
+}
+
 /// `strip_prefix` removes the prefix as the route matched it: on a segment boundary, a
 /// trailing `/` of the prefix not counting, the prefix itself forwarded as `/`; the
 /// removed prefix (for `X-Forwarded-Prefix`) has no trailing `/`. Off, or with the
