@@ -349,8 +349,9 @@ pub struct RouteSettings {
     pub max_request_body: u64,
     pub preserve_host: bool,
     /// Client headers removed before forwarding, besides every `X-Portcullis-*`: the
-    /// configured `strip_headers`, then every `claim_headers` name (so a client's own
-    /// copy never reaches the upstream, whether the caller's claim is sent or not).
+    /// configured `strip_headers`, then every `claim_headers` name of this route and of
+    /// every other (so a client's own copy never reaches an upstream, whether the
+    /// caller's claim is sent or not, through whichever route).
     pub strip_headers: Vec<HeaderName>,
     /// Verified claims sent as plain headers (`claim_headers`), in header-name order;
     /// empty on most routes, which then pay nothing for them.
@@ -967,6 +968,22 @@ impl Compiler<'_> {
                 self.route(r, &server.policy_dir, &catalog, &mut policies, &mut warnings)
             {
                 compiled_routes.push((order, route));
+            }
+        }
+        // Every route removes a client's copy of every `claim_headers` name, not only the
+        // routes that set it: an application reached through two routes (a signed-in one
+        // that sends `X-Team`, a public webhook one that does not) must not take a
+        // client's `X-Team` from the other.
+        let claim_names: Vec<HeaderName> = compiled_routes
+            .iter()
+            .flat_map(|(_, r): &(usize, RouteSettings)| r.claim_headers.iter())
+            .map(|c| c.header.clone())
+            .collect();
+        for (_, r) in &mut compiled_routes {
+            for n in &claim_names {
+                if !r.strip_headers.contains(n) {
+                    r.strip_headers.push(n.clone());
+                }
             }
         }
         let mut compiled_databases = Vec::new();
