@@ -1812,6 +1812,26 @@ impl Compiler<'_> {
                         "route `{name}` has `strip_prefix = true` and `path_prefix` `/`: there is no prefix to strip, every path is forwarded as it is; set a `match.path_prefix`, or remove `strip_prefix`"
                     ),
                 ));
+            } else if let Some(p) = &policy {
+                // A deny written against the application's paths (as nginx's
+                // `location /billing/ { proxy_pass http://b/; }` let it be) never applies:
+                // policies see the client's path, prefix and all.
+                for rule in p.rules().iter().filter(|x| {
+                    x.effect() == crate::policy::Effect::Deny && !x.may_match_under(&path_prefix)
+                }) {
+                    warnings.push(self.source.error(
+                        Some(strip.span()),
+                        format!(
+                            "route `{name}` strips `{}` before forwarding, but policies match the client's path: deny rule `{}` ({}:{}) has no `paths` under `{}`, so it never applies on this route; write its paths as clients send them (`{}/…`)",
+                            path_prefix.trim_end_matches('/'),
+                            rule.id(),
+                            p.file().display(),
+                            rule.line(),
+                            path_prefix,
+                            path_prefix.trim_end_matches('/'),
+                        ),
+                    ));
+                }
             }
         }
         // A public rule on every path: what it opens depends on this route's match.
