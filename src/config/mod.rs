@@ -349,8 +349,9 @@ pub struct RouteSettings {
     pub max_request_body: u64,
     pub preserve_host: bool,
     /// Client headers removed before forwarding, besides every `X-Portcullis-*`: the
-    /// configured `strip_headers`, then every `claim_headers` name (so a client's own
-    /// copy never reaches the upstream, whether the caller's claim is sent or not).
+    /// configured `strip_headers`, then every `claim_headers` name of this route and of
+    /// every other (so a client's own copy never reaches an upstream, whether the
+    /// caller's claim is sent or not, through whichever route).
     pub strip_headers: Vec<HeaderName>,
     /// Verified claims sent as plain headers (`claim_headers`), in header-name order;
     /// empty on most routes, which then pay nothing for them.
@@ -967,6 +968,22 @@ impl Compiler<'_> {
                 self.route(r, &server.policy_dir, &catalog, &mut policies, &mut warnings)
             {
                 compiled_routes.push((order, route));
+            }
+        }
+        // Every route removes a client's copy of every `claim_headers` name, not only the
+        // routes that set it: an application reached through two routes (a signed-in one
+        // that sends `X-Team`, a public webhook one that does not) must not take a
+        // client's `X-Team` from the other.
+        let claim_names: Vec<HeaderName> = compiled_routes
+            .iter()
+            .flat_map(|(_, r): &(usize, RouteSettings)| r.claim_headers.iter())
+            .map(|c| c.header.clone())
+            .collect();
+        for (_, r) in &mut compiled_routes {
+            for n in &claim_names {
+                if !r.strip_headers.contains(n) {
+                    r.strip_headers.push(n.clone());
+                }
             }
         }
         let mut compiled_databases = Vec::new();
@@ -1755,6 +1772,20 @@ impl Compiler<'_> {
         }
         let claim_headers = self.claim_headers(r.claim_headers.as_ref());
         strip_headers.extend(claim_headers.iter().map(|c| c.header.clone()));
+        // `email` as the token has it, verified or not: an upstream that takes the header
+        // for the person (as `X-Portcullis-Email`, which is sent verified only) can be
+        // handed any address a user may write into their profile (V21).
+        for (header, claim) in r.claim_headers.iter().flat_map(|m| m.get_ref().iter()) {
+            if claim.get_ref() == "email" {
+                warnings.push(self.source.error(
+                    Some(claim.span()),
+                    format!(
+                        "route `{name}`: `claim_headers` sends `email` as `{}` whether or not the address is verified (`email_verified` false or absent, as Entra sends it); the verified address reaches the upstream as `X-Portcullis-Email`",
+                        header.get_ref()
+                    ),
+                ));
+            }
+        }
         // A deny that covers `OPTIONS` does not apply to a CORS preflight: the route
         // forwards it without consulting the policy.
         if let (Some(true), Some(p)) = (r.cors_preflight, &policy) {
@@ -1781,6 +1812,26 @@ impl Compiler<'_> {
                         "route `{name}` has `strip_prefix = true` and `path_prefix` `/`: there is no prefix to strip, every path is forwarded as it is; set a `match.path_prefix`, or remove `strip_prefix`"
                     ),
                 ));
+            } else if let Some(p) = &policy {
+                // A deny written against the application's paths (as nginx's
+                // `location /billing/ { proxy_pass http://b/; }` let it be) never applies:
+                // policies see the client's path, prefix and all.
+                for rule in p.rules().iter().filter(|x| {
+                    x.effect() == crate::policy::Effect::Deny && !x.may_match_under(&path_prefix)
+                }) {
+                    warnings.push(self.source.error(
+                        Some(strip.span()),
+                        format!(
+                            "route `{name}` strips `{}` before forwarding, but policies match the client's path: deny rule `{}` ({}:{}) has no `paths` under `{}`, so it never applies on this route; write its paths as clients send them (`{}/…`)",
+                            path_prefix.trim_end_matches('/'),
+                            rule.id(),
+                            p.file().display(),
+                            rule.line(),
+                            path_prefix,
+                            path_prefix.trim_end_matches('/'),
+                        ),
+                    ));
+                }
             }
         }
         // A public rule on every path: what it opens depends on this route's match.

@@ -871,6 +871,31 @@ fn claim_headers_compile_sorted_and_are_stripped_from_clients() {
     );
 }
 
+/// A claim header for `email` forwards the address verified or not (nOAuth: Entra sends
+/// no `email_verified`, and lets users put an address they do not own there), while
+/// `X-Portcullis-Email` is sent verified only: a warning at the claim, as `claims.email`
+/// in an allow is. Other claims, and `email_verified` itself, warn nothing.
+#[test]
+fn a_claim_header_for_email_is_a_warning_at_the_claim() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let warnings = |claims: &str| {
+        let text = format!("{BASE}claim_headers = {{ {claims} }}\n");
+        let c = compile(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
+        let w: Vec<String> =
+            c.warnings.iter().map(|d| format!("{}:{} {}", d.line, d.col, d.message)).collect();
+        w
+    };
+    let w = warnings("\"X-Team\" = \"team\", \"X-Mail\" = \"email\"");
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with(
+            "13:49 route `api`: `claim_headers` sends `email` as `X-Mail` whether or not the address is verified"
+        ),
+        "{w:?}"
+    );
+    assert!(warnings("\"X-Team\" = \"team\", \"X-V\" = \"email_verified\"").is_empty());
+}
+
 /// `strip_prefix` removes the prefix as the route matched it: on a segment boundary, a
 /// trailing `/` of the prefix not counting, the prefix itself forwarded as `/`; the
 /// removed prefix (for `X-Forwarded-Prefix`) has no trailing `/`. Off, or with the
@@ -951,6 +976,45 @@ fn strip_prefix_on_a_route_without_a_prefix_is_a_warning_at_the_key() {
     );
     let errs = compile(dir.path(), &text).err().unwrap_or_default();
     assert!(errs.iter().any(|e| e.starts_with("19:16 ")), "{errs:#?}");
+}
+
+/// On a `strip_prefix` route, policies see the client's path: a deny written against
+/// the application's own paths (`/admin/**` behind `/billing`) never applies there. A
+/// warning at `strip_prefix` for each such deny; none for a deny under the prefix, one a
+/// wildcard may carry under it, one without `paths`, or without `strip_prefix`.
+#[test]
+fn a_deny_on_a_strip_prefix_route_with_no_path_under_the_prefix_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let warnings = |strip: &str| {
+        let _ = compile(dir.path(), BASE);
+        std::fs::write(
+            dir.path().join("policies/q.toml"),
+            "[[rule]]\nid = \"h\"\neffect = \"allow\"\nissuer = \"corp\"\n\n\
+             [[rule]]\nid = \"app-admin\"\neffect = \"deny\"\nissuer = \"corp\"\npaths = [\"/admin/**\", \"/internal\"]\n\n\
+             [[rule]]\nid = \"client-admin\"\neffect = \"deny\"\nissuer = \"corp\"\npaths = [\"/billing/admin/**\"]\n\n\
+             [[rule]]\nid = \"wild\"\neffect = \"deny\"\nissuer = \"corp\"\npaths = [\"/*/secret\"]\n\n\
+             [[rule]]\nid = \"writes\"\neffect = \"deny\"\nissuer = \"corp\"\nmethods = [\"DELETE\"]\n",
+        )
+        .ok();
+        let text = format!(
+            "{BASE}\n[[routes]]\nname = \"billing\"\nmatch = {{ path_prefix = \"/billing/\" }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"q\"\n{strip}\n"
+        );
+        let src = Source::new(dir.path().join("portcullis.toml"), text);
+        let c = Config::compile(&src).unwrap_or_else(|e| panic!("{:?}", e.0));
+        let w: Vec<String> =
+            c.warnings.iter().map(|d| format!("{}:{} {}", d.line, d.col, d.message)).collect();
+        w
+    };
+    let w = warnings("strip_prefix = true");
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with(
+            "19:16 route `billing` strips `/billing` before forwarding, but policies match the client's path: deny rule `app-admin` ("
+        ),
+        "{w:?}"
+    );
+    assert!(w[0].contains("q.toml:6) has no `paths` under `/billing/`"), "{w:?}");
+    assert!(warnings("strip_prefix = false").is_empty());
 }
 
 /// A certificate that has expired, or expires within 14 days, is a warning at its `cert`

@@ -505,6 +505,20 @@ pub fn identity_headers(id: &Identity) -> Vec<(HeaderName, HeaderValue)> {
 /// beside it.
 pub const MAX_CLAIM_HEADER_BYTES: usize = 2048;
 
+/// Headers with which upstream frameworks let a request claim another method (Rails,
+/// Express `method-override`, Laravel) or another path (`X-Original-URL` /
+/// `X-Rewrite-URL`: Symfony, IIS URL Rewrite). The proxy authorizes the method and path
+/// it forwards, so a request carrying one is refused rather than forwarded — in either
+/// spelling: a CGI/WSGI server (wsgiref, gunicorn < 22, Puma < 6.4.3) reads
+/// `X_HTTP_Method_Override` as the dashed name, and its framework honours it.
+pub(crate) const OVERRIDES: [(&str, &str); 5] = [
+    ("x-http-method-override", "method"),
+    ("x-http-method", "method"),
+    ("x-method-override", "method"),
+    ("x-original-url", "path"),
+    ("x-rewrite-url", "path"),
+];
+
 /// Why `name` may not carry a claim (`claim_headers`), or `None` when it may. Names the
 /// proxy removes, sets or frames by, and those a framework reads as the client's
 /// address, are refused in either spelling of `-`/`_` (a CGI/WSGI server reads
@@ -524,6 +538,11 @@ pub fn claim_header_refusal(name: &HeaderName) -> Option<&'static str> {
     }
     if is("host") || is("authorization") || is("cookie") || starts("content-") {
         return Some("the proxy routes, authenticates or frames the request by this header");
+    }
+    if OVERRIDES.iter().any(|(o, _)| is(o)) {
+        // A client's copy is refused (400); a claim's value would choose the method or
+        // path the upstream runs, past the policy that authorized another.
+        return Some("upstream frameworks read it as the request's method or path, which the policy authorized as sent");
     }
     None
 }
@@ -1126,6 +1145,29 @@ mod tests {
             assert!(claim_header_refusal(&name).is_some(), "{refused} accepted");
         }
         for allowed in ["x-team", "x-tenant", "x-user", "x-portcullis", "content", "hostname"] {
+            let name = HeaderName::from_static(allowed);
+            assert_eq!(claim_header_refusal(&name), None, "{allowed} refused");
+        }
+    }
+
+    /// A claim under a method or path override name would choose what the upstream runs
+    /// (a user-editable profile field `DELETE` behind `X-HTTP-Method-Override`), past the
+    /// policy that authorized the request as sent: refused as a client's copy is.
+    #[test]
+    fn override_headers_cannot_carry_a_claim() {
+        for refused in [
+            "x-http-method-override",
+            "x_http_method_override",
+            "x-http-method",
+            "x-method-override",
+            "x-original-url",
+            "x_original_url",
+            "x-rewrite-url",
+        ] {
+            let name = HeaderName::from_static(refused);
+            assert!(claim_header_refusal(&name).is_some(), "{refused} accepted");
+        }
+        for allowed in ["x-method", "x-original", "x-url"] {
             let name = HeaderName::from_static(allowed);
             assert_eq!(claim_header_refusal(&name), None, "{allowed} refused");
         }

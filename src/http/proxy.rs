@@ -290,27 +290,16 @@ fn routed_form(authority: &str) -> Cow<'_, str> {
     }
 }
 
-/// Headers with which upstream frameworks let a request claim another method (Rails,
-/// Express `method-override`, Laravel) or another path (`X-Original-URL` /
-/// `X-Rewrite-URL`: Symfony, IIS URL Rewrite). The proxy authorizes the method and path
-/// it forwards, so a request carrying one is refused rather than forwarded — in either
-/// spelling: a CGI/WSGI server (wsgiref, gunicorn < 22, Puma < 6.4.3) reads
-/// `X_HTTP_Method_Override` as the dashed name, and its framework honours it.
-const OVERRIDES: [(&str, &str); 5] = [
-    ("x-http-method-override", "method"),
-    ("x-http-method", "method"),
-    ("x-method-override", "method"),
-    ("x-original-url", "path"),
-    ("x-rewrite-url", "path"),
-];
-
 /// The override header a request carries, if any: one pass over its header names (a
 /// length compare rejects nearly all of them), so the underscore spellings cost no
 /// hashed lookups.
 fn override_header(h: &http::HeaderMap) -> Option<(&'static str, &'static str)> {
     h.keys().find_map(|k| {
         let k = k.as_str().as_bytes();
-        OVERRIDES.iter().copied().find(|(name, _)| super::headers::cgi_eq(k, name.as_bytes()))
+        super::headers::OVERRIDES
+            .iter()
+            .copied()
+            .find(|(name, _)| super::headers::cgi_eq(k, name.as_bytes()))
     })
 }
 

@@ -166,6 +166,21 @@ impl Rule {
         })
     }
 
+    /// Whether some path under `prefix` (a route's `path_prefix`, canonical) may meet the
+    /// rule's `paths`: always without `paths`, and for a database rule. Errs towards
+    /// yes: only a pattern whose text before its first wildcard neither starts with the
+    /// prefix nor is a start of it is known to match nothing there.
+    pub fn may_match_under(&self, prefix: &str) -> bool {
+        let p = prefix.strip_suffix('/').unwrap_or(prefix);
+        self.conditions().all(|c| match &c.matcher {
+            Matcher::Paths(globs) => globs.iter().any(|g| {
+                let literal = g.literal_prefix();
+                literal.starts_with(p) || p.starts_with(literal)
+            }),
+            _ => true,
+        })
+    }
+
     /// How the rule fares for `identity`, or for a caller without any credential
     /// (`None`). An anonymous caller fails every identity condition of an allow (only a
     /// `public` allow, which has none, admits it) and meets every identity condition of

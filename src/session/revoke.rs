@@ -126,6 +126,10 @@ struct Inner {
     /// Sessions signed in at or before this time are refused (set when the list was
     /// full; gone once such sessions have all reached their absolute lifetime).
     floor: Option<u64>,
+    /// The longest `absolute_lifetime` a sign-out was recorded under: entries and the
+    /// floor are kept that long. A reload that shortens the lifetime must not drop
+    /// them, or one that lengthens it again would bring their cookies back.
+    longest: u64,
 }
 
 impl Default for Revocations {
@@ -156,8 +160,10 @@ impl Revocations {
     }
 
     /// Records that the session known by `key`, signed in at `created`, was signed out
-    /// at `now`; it is remembered until `created + lifetime` (its absolute lifetime).
-    /// Entries and a floor whose sessions have all ended by `now` are dropped first.
+    /// at `now`; it is remembered until `created + lifetime` (its absolute lifetime),
+    /// or longer if an earlier sign-out was made under a longer lifetime (a reload
+    /// shortened it, and may lengthen it again). Entries and a floor whose sessions have
+    /// all ended by `now` are dropped first.
     pub fn revoke(&self, key: [u8; 16], created: u64, lifetime: u64, now: u64) -> Revoked {
         let outcome = self.record(key, created, lifetime, now);
         if matches!(outcome, Revoked::Recorded | Revoked::Overflow { .. }) {
@@ -172,11 +178,13 @@ impl Revocations {
     }
 
     fn record(&self, key: [u8; 16], created: u64, lifetime: u64, now: u64) -> Revoked {
+        let mut inner = self.inner.write();
+        let inner = &mut *inner;
+        inner.longest = inner.longest.max(lifetime);
+        let lifetime = inner.longest;
         if now >= created.saturating_add(lifetime) {
             return Revoked::Ended;
         }
-        let mut inner = self.inner.write();
-        let inner = &mut *inner;
         while let Some(&(c, k)) = inner.by_created.first() {
             if now < c.saturating_add(lifetime) {
                 break;
@@ -304,6 +312,31 @@ mod tests {
         assert_eq!(list.floor(), None);
         assert_eq!(list.refused(&key(9), 15), None);
         assert_eq!(list.refused(&key(7), 100), Some(SIGNED_OUT));
+    }
+
+    /// A reload that shortens `absolute_lifetime` and one that lengthens it again:
+    /// a session signed out under the long one stays refused in between, though a
+    /// sign-out under the short one would have found it ended.
+    #[test]
+    fn a_shorter_lifetime_for_a_while_forgets_no_sign_out() {
+        let list = Revocations::with_capacity(3);
+        assert_eq!(list.revoke(key(1), 1000, 12 * HOUR, 1500), Revoked::Recorded);
+        // Reloaded to one hour: another sign-out after the first session's hour.
+        assert_eq!(list.revoke(key(2), 9000, HOUR, 1000 + 2 * HOUR), Revoked::Recorded);
+        // Reloaded back to twelve hours: the first session's cookie would open again.
+        assert_eq!(list.refused(&key(1), 1000), Some(SIGNED_OUT));
+        // Likewise the floor of a full list.
+        let list = Revocations::with_capacity(2);
+        assert_eq!(list.revoke(key(1), 1000, 12 * HOUR, 1500), Revoked::Recorded);
+        assert_eq!(list.revoke(key(2), 1200, 12 * HOUR, 1500), Revoked::Recorded);
+        assert_eq!(list.revoke(key(3), 1300, 12 * HOUR, 1500), Revoked::Overflow { floor: 1000 });
+        assert_eq!(
+            list.revoke(key(4), 9000, HOUR, 1000 + 2 * HOUR),
+            Revoked::Overflow { floor: 1200 }
+        );
+        assert_eq!(list.refused(&key(9), 1000), Some(BELOW_FLOOR));
+        assert_eq!(list.refused(&key(2), 1200), Some(BELOW_FLOOR));
+        assert_eq!(list.refused(&key(3), 1300), Some(SIGNED_OUT));
     }
 
     #[test]

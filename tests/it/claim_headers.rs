@@ -282,3 +282,32 @@ async fn a_websocket_upgrade_carries_the_tokens_claim_headers_alone() {
     assert_eq!(ours, ["x-team: red"], "{head}");
     upstream.abort();
 }
+
+/// One application behind two routes: `/app` sends the caller's `X-Team`, the default
+/// route (a public webhook path, and token callers) sends no claim headers. A client's
+/// `X-Team` sent through the default route must not reach the application either, which
+/// takes `X-Team` for the `/app` route's verified claim.
+#[tokio::test]
+async fn a_claim_header_name_is_removed_on_the_routes_that_do_not_send_it_too() {
+    let policy = format!(
+        "{ALLOW_ALL_PRESETS}\n[[rule]]\nid = \"hooks\"\neffect = \"allow\"\npublic = true\nmethods = [\"POST\"]\npaths = [\"/hooks/**\"]\n"
+    );
+    let w = World::with(Setup {
+        routes: "[[routes]]\nname = \"app\"\nmatch = { path_prefix = \"/app\" }\nupstream = \"http://{echo}\"\npolicy = \"api\"\nstrip_prefix = true\nclaim_headers = { \"X-Team\" = \"team\" }\n".into(),
+        policies: vec![("api".into(), policy)],
+        ..Setup::default()
+    })
+    .await;
+    let forged: &[(&str, &str)] = &[("x-team", "admins"), ("x_team", "admins")];
+    let r = w.send(Method::POST, "/hooks/billing", forged, Bytes::new()).await;
+    assert_eq!(w.last_event().await["rule"]["id"], "hooks");
+    assert_eq!(received(&r), vec![]);
+    let t = w.token("gh", &["team=red"]);
+    let auth = format!("Bearer {t}");
+    let mut h = vec![("authorization", auth.as_str())];
+    h.extend_from_slice(forged);
+    assert_eq!(received(&w.send(Method::GET, "/other", &h, Bytes::new()).await), vec![]);
+    // The route that sends it sends the token's.
+    let r = w.send(Method::GET, "/app/x", &h, Bytes::new()).await;
+    assert_eq!(received(&r), pairs(&[("x-team", "red")]));
+}
