@@ -628,6 +628,28 @@ pub fn add_identity(
 mod tests {
     use super::*;
 
+    /// An identity of `issuer` and `subject` with nothing else: each test sets what it needs.
+    fn test_identity(
+        issuer: &str,
+        subject: &str,
+        kind: crate::identity::PrincipalKind,
+    ) -> Identity {
+        Identity {
+            issuer: crate::identity::IssuerId(std::sync::Arc::from(issuer)),
+            subject: subject.into(),
+            kind,
+            email: None,
+            email_verified: false,
+            groups: vec![],
+            groups_known: true,
+            expires_at: 2_000_000_000,
+            issued_at: None,
+            ci: None,
+            claims: Default::default(),
+            audit: Default::default(),
+        }
+    }
+
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
@@ -1074,24 +1096,14 @@ mod tests {
     #[test]
     fn claim_headers_come_from_the_identitys_claims() {
         use crate::config::ClaimHeader;
-        use crate::identity::{Claims, IssuerId, PrincipalKind};
+        use crate::identity::{Claims, PrincipalKind};
         let mut claims = serde_json::Map::new();
         claims.insert("team".into(), "red".into());
         claims.insert("org".into(), serde_json::json!({"id": 1}));
         let id = Identity {
-            issuer: IssuerId(std::sync::Arc::from("corp")),
-            subject: "alice".into(),
-            kind: PrincipalKind::Human,
-            email: None,
-            email_verified: false,
-            groups: vec![],
-            groups_known: true,
-            expires_at: 2_000_000_000,
-            issued_at: None,
-            ci: None,
             // As a session's: `missing` was kept and absent from the ID token.
             claims: Claims::kept_only(claims, ["team", "org", "missing"]),
-            audit: Default::default(),
+            ..test_identity("corp", "alice", PrincipalKind::Human)
         };
         let wanted = |pairs: &[(&'static str, &str)]| -> Vec<ClaimHeader> {
             pairs
@@ -1175,24 +1187,17 @@ mod tests {
 
     #[test]
     fn spaces_in_claims_are_encoded_so_no_parser_trims_them_away() {
-        use crate::identity::{IssuerId, PrincipalKind};
+        use crate::identity::PrincipalKind;
         let id = Identity {
-            issuer: IssuerId(std::sync::Arc::from("corp")),
-            subject: " root ".into(),
-            kind: PrincipalKind::Pipeline,
             email: Some("a b@example.com".into()),
             email_verified: true,
             groups: vec!["engineering".into(), " admin".into(), "ops ".into(), "on call".into()],
-            groups_known: true,
-            expires_at: 2_000_000_000,
-            issued_at: None,
             ci: Some(CiContext {
                 provider: "github",
                 branch: Some(" main".into()),
                 ..Default::default()
             }),
-            claims: Default::default(),
-            audit: Default::default(),
+            ..test_identity("corp", " root ", PrincipalKind::Pipeline)
         };
         let headers = identity_headers(&id);
         let get = |name: &str| {
@@ -1215,7 +1220,7 @@ mod tests {
 
     #[test]
     fn every_normalized_ci_field_reaches_the_upstream_under_its_own_name() {
-        use crate::identity::{IssuerId, PrincipalKind};
+        use crate::identity::PrincipalKind;
         let mut ci = CiContext { provider: "github", ..Default::default() };
         for name in CiContext::FIELDS {
             let slot = match *name {
@@ -1237,18 +1242,8 @@ mod tests {
             *slot = Some(format!("v-{name}"));
         }
         let id = Identity {
-            issuer: IssuerId(std::sync::Arc::from("gh")),
-            subject: "repo:o/r:ref:refs/tags/v1".into(),
-            kind: PrincipalKind::Pipeline,
-            email: None,
-            email_verified: false,
-            groups: vec![],
-            groups_known: true,
-            expires_at: 2_000_000_000,
-            issued_at: None,
             ci: Some(ci),
-            claims: Default::default(),
-            audit: Default::default(),
+            ..test_identity("gh", "repo:o/r:ref:refs/tags/v1", PrincipalKind::Pipeline)
         };
         let headers = identity_headers(&id);
         for name in CiContext::FIELDS {

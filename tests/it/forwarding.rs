@@ -1655,12 +1655,9 @@ fn echo_in(resp: &str) -> serde_json::Value {
     serde_json::from_str(&resp[start..end]).unwrap_or_else(|e| panic!("{e}: {resp}"))
 }
 
-/// `Host: name:` (an empty port, RFC 3986) is the name without a port, as nginx reads
-/// it: routed by `name`, and the upstream is told `name` in X-Forwarded-Host and, with
-/// `preserve_host`, in Host; never the trailing `:`. Nothing else about the name gets
-/// looser.
-#[tokio::test]
-async fn a_host_with_an_empty_port_is_the_host_without_a_port() {
+/// A world with a `preserve_host` route `kept` for host `localhost`, prefix `/kept`, and
+/// an `Authorization` header line (with its CRLF) the route's policy allows.
+async fn preserve_host_world() -> (World, String) {
     let routes = r#"
 [[routes]]
 name = "kept"
@@ -1670,8 +1667,17 @@ policy = "api"
 preserve_host = true
 "#;
     let w = World::with(Setup { routes: routes.into(), ..Setup::default() }).await;
-    let t = w.token("bb", &[]);
-    let auth = format!("Authorization: Bearer {t}\r\n");
+    let auth = format!("Authorization: Bearer {}\r\n", w.token("bb", &[]));
+    (w, auth)
+}
+
+/// `Host: name:` (an empty port, RFC 3986) is the name without a port, as nginx reads
+/// it: routed by `name`, and the upstream is told `name` in X-Forwarded-Host and, with
+/// `preserve_host`, in Host; never the trailing `:`. Nothing else about the name gets
+/// looser.
+#[tokio::test]
+async fn a_host_with_an_empty_port_is_the_host_without_a_port() {
+    let (w, auth) = preserve_host_world().await;
     let get = |target: &str, host: &str| {
         format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n")
     };
@@ -1716,17 +1722,7 @@ preserve_host = true
 /// choose another virtual host, or its default one, than the route authorized.
 #[tokio::test]
 async fn a_host_with_a_trailing_dot_reaches_the_upstream_as_the_name_it_was_routed_by() {
-    let routes = r#"
-[[routes]]
-name = "kept"
-match = { host = "localhost", path_prefix = "/kept" }
-upstream = "http://{echo}"
-policy = "api"
-preserve_host = true
-"#;
-    let w = World::with(Setup { routes: routes.into(), ..Setup::default() }).await;
-    let t = w.token("bb", &[]);
-    let auth = format!("Authorization: Bearer {t}\r\n");
+    let (w, auth) = preserve_host_world().await;
     let get = |target: &str, host: &str| {
         format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n")
     };
