@@ -122,7 +122,8 @@ pub struct Session {
 #[serde(deny_unknown_fields)]
 pub struct Route {
     pub name: S<String>,
-    #[serde(rename = "match")]
+    /// Absent: every host and path, as each of its keys' defaults (the docs give them).
+    #[serde(rename = "match", default)]
     pub matcher: Match,
     pub upstream: S<String>,
     pub upstream_ca: Option<S<String>>,
@@ -150,7 +151,7 @@ pub struct Route {
     pub issuers: Option<S<Vec<S<String>>>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Match {
     pub host: Option<S<String>>,

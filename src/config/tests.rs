@@ -46,6 +46,21 @@ fn a_valid_config_compiles_with_defaults() {
     assert_eq!(c.server.idle_timeout, Duration::from_secs(75));
 }
 
+/// A route without `match` takes every host and path (each key's default), as
+/// `match = {}` does.
+#[test]
+fn a_route_without_match_takes_every_host_and_path() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let text = format!(
+        "{BASE}\n[[routes]]\nname = \"rest\"\nupstream = \"http://127.0.0.1:9001\"\npolicy = \"p\"\n"
+    );
+    let c = compile(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
+    let rest = |host: &str, path: &str| c.route(host, path, &Method::POST).map(|r| &*r.name);
+    assert_eq!(rest("other.example.com", "/anything"), Some("rest"));
+    assert_eq!(rest("api.example.com", "/v2"), Some("rest"));
+    assert_eq!(rest("api.example.com", "/v1/x"), Some("api"));
+}
+
 #[test]
 fn token_cache_entries_default_zero_and_negative() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
