@@ -389,11 +389,12 @@ impl RouteSettings {
     /// `/billing/x` is `/x` for `/billing` and `/billing/` alike, and `/billing` and
     /// `/billing/` are `/`. The prefix is given without its trailing `/` (for
     /// `X-Forwarded-Prefix`); a prefix of `/` removes nothing. `None` when `path` is not
-    /// under the prefix (never so for a path the route matched).
+    /// under the prefix of a `strip_prefix` route (never so for a path the route
+    /// matched; without `strip_prefix` the path is not looked at again).
     pub fn forwarded_path<'p>(&self, path: &'p str) -> Option<(&'p str, Option<&str>)> {
         let prefix = self.path_prefix.strip_suffix('/').unwrap_or(&self.path_prefix);
         if !self.strip_prefix || prefix.is_empty() {
-            return path_has_prefix(path, &self.path_prefix).then_some((path, None));
+            return Some((path, None));
         }
         match path.strip_prefix(prefix)? {
             "" => Some(("/", Some(prefix))),
@@ -1770,8 +1771,8 @@ impl Compiler<'_> {
                 Err(_) => self.err(h.span(), format!("`{}` is not a header name", h.get_ref())),
             }
         }
+        // Its names join `strip_headers` with every other route's, once all are compiled.
         let claim_headers = self.claim_headers(r.claim_headers.as_ref());
-        strip_headers.extend(claim_headers.iter().map(|c| c.header.clone()));
         // `email` as the token has it, verified or not: an upstream that takes the header
         // for the person (as `X-Portcullis-Email`, which is sent verified only) can be
         // handed any address a user may write into their profile (V21).
