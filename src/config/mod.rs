@@ -364,6 +364,9 @@ pub struct RouteSettings {
     /// ([`RouteSettings::forwarded_path`]); off by default. Policies still see the
     /// client's path.
     pub strip_prefix: bool,
+    /// On a `strip_prefix` route, put the prefix back into the answer's `Location`,
+    /// `Content-Location` and `Set-Cookie` paths ([`crate::http::prefix`]); on by default.
+    pub restore_prefix: bool,
     /// Issuers whose credentials the route accepts; `None`: every issuer.
     pub issuers: Option<Vec<IssuerId>>,
 }
@@ -1835,6 +1838,16 @@ impl Compiler<'_> {
                 }
             }
         }
+        // Only a prefix that was stripped is put back.
+        let strips = r.strip_prefix.as_ref().is_some_and(|s| *s.get_ref()) && path_prefix != "/";
+        if let Some(restore) = r.restore_prefix.as_ref().filter(|_| !strips) {
+            warnings.push(self.source.error(
+                Some(restore.span()),
+                format!(
+                    "route `{name}` sets `restore_prefix` but strips no prefix (`strip_prefix = true` with a `match.path_prefix` other than `/`): it has no effect"
+                ),
+            ));
+        }
         // A public rule on every path: what it opens depends on this route's match.
         let host_shown = match &host {
             HostMatch::Any => "any host".to_string(),
@@ -1885,6 +1898,7 @@ impl Compiler<'_> {
             single_use_tokens: r.single_use_tokens.unwrap_or(false),
             cors_preflight: r.cors_preflight.unwrap_or(false),
             strip_prefix: r.strip_prefix.as_ref().is_some_and(|s| *s.get_ref()),
+            restore_prefix: r.restore_prefix.as_ref().is_none_or(|s| *s.get_ref()),
             issuers: r.issuers.as_ref().map(|list| {
                 if list.get_ref().is_empty() {
                     self.err(

@@ -146,6 +146,9 @@ pub struct Route {
     /// Remove `match.path_prefix` from the forwarded path (spanned: `check` warns at it
     /// on a route whose prefix is `/`).
     pub strip_prefix: Option<S<bool>>,
+    /// With `strip_prefix`: put the prefix back into the upstream's redirects and cookie
+    /// paths (spanned: `check` warns at it on a route without `strip_prefix`).
+    pub restore_prefix: Option<S<bool>>,
     /// Issuers whose credentials this route accepts (all when absent); the human ones
     /// are offered on the sign-in page.
     pub issuers: Option<S<Vec<S<String>>>>,

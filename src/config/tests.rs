@@ -993,6 +993,47 @@ fn strip_prefix_on_a_route_without_a_prefix_is_a_warning_at_the_key() {
     assert!(errs.iter().any(|e| e.starts_with("19:16 ")), "{errs:#?}");
 }
 
+/// `restore_prefix` is on by default and only means something where a prefix is
+/// stripped: set on any other route, a warning at the key.
+#[test]
+fn restore_prefix_defaults_on_and_warns_where_nothing_is_stripped() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let compiled = |prefix: &str, keys: &str| {
+        let text = format!(
+            "{BASE}\n[[routes]]\nname = \"r\"\nmatch = {{ path_prefix = \"{prefix}\" }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"p\"\n{keys}\n"
+        );
+        let c = compile(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
+        let w: Vec<String> = c
+            .warnings
+            .iter()
+            .map(|d| format!("{}:{} {}", d.line, d.col, d.message))
+            .filter(|m| m.contains("restore_prefix"))
+            .collect();
+        let r = c.routes.iter().find(|r| &*r.name == "r").map(|r| r.restore_prefix);
+        (r, w)
+    };
+    assert_eq!(compiled("/app", "strip_prefix = true"), (Some(true), vec![]));
+    assert_eq!(
+        compiled("/app", "strip_prefix = true\nrestore_prefix = false"),
+        (Some(false), vec![])
+    );
+    for (prefix, keys) in [
+        ("/app", "restore_prefix = false"),
+        ("/app", "strip_prefix = false\nrestore_prefix = true"),
+        ("/", "strip_prefix = true\nrestore_prefix = true"),
+    ] {
+        let (_, w) = compiled(prefix, keys);
+        let line = 18 + keys.lines().count();
+        assert_eq!(w.len(), 1, "{keys}: {w:?}");
+        assert!(
+            w[0].starts_with(&format!(
+                "{line}:18 route `r` sets `restore_prefix` but strips no prefix"
+            )),
+            "{keys}: {w:?}"
+        );
+    }
+}
+
 /// On a `strip_prefix` route, policies see the client's path: a deny written against
 /// the application's own paths (`/admin/**` behind `/billing`) never applies there. A
 /// warning at `strip_prefix` for each such deny; none for a deny under the prefix, one a

@@ -9,6 +9,7 @@ pub mod body;
 pub mod headers;
 pub mod path;
 pub mod pool;
+pub mod prefix;
 pub mod proxy;
 pub mod reject;
 pub mod replay;

@@ -794,8 +794,12 @@ pub async fn handle(
     // the client's Host (equal to an absolute-form target's authority, see `unambiguous`),
     // or HTTP/2 `:authority`, less an empty port and a trailing dot, so the upstream reads the name
     // X-Forwarded-Host gives, not `example.com:`. Taken before the headers are cleaned:
-    // what reaches the upstream is this, never whatever Host is left afterwards.
-    let routed_host = route.preserve_host.then(|| routed_authority(&req)).flatten();
+    // what reaches the upstream is this, never whatever Host is left afterwards. A
+    // `strip_prefix` route needs it too, to put its prefix back into the answer's
+    // redirects to this host (`http::prefix`).
+    let restore = stripped.filter(|_| route.restore_prefix);
+    let client_host =
+        (route.preserve_host || restore.is_some()).then(|| routed_authority(&req)).flatten();
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
     headers::strip_hop_by_hop(h, websocket);
@@ -809,7 +813,12 @@ pub async fn handle(
     if let Some(prefix) = stripped {
         headers::add_forwarded_prefix(h, prefix, conn.trusted_peer);
     }
-    h.insert(header::HOST, routed_host.unwrap_or_else(|| client.host().clone()));
+    let host_sent = match &client_host {
+        Some(h) if route.preserve_host => h.clone(),
+        _ => client.host().clone(),
+    };
+    let upstream_host = restore.is_some().then(|| host_sent.clone());
+    h.insert(header::HOST, host_sent);
     // Identity headers, claim headers and assertion come prebuilt, cached per identity
     // and route. A request without a credential gets none of them: only its request id
     // (a client's own copies of them all went above, with `strip_headers`).
@@ -958,6 +967,15 @@ pub async fn handle(
     }
     headers::strip_hop_by_hop(&mut parts.headers, keep_upgrade);
     headers::strip_proxy_set_cookies(&mut parts.headers);
+    if let (Some(prefix), Some(upstream_host)) = (restore, &upstream_host) {
+        let restore = super::prefix::Restore {
+            prefix,
+            base: &route.upstream.base_path,
+            client_host: client_host.as_ref().map(HeaderValue::as_bytes),
+            upstream_host: upstream_host.as_bytes(),
+        };
+        restore.apply(&mut parts.headers);
+    }
     // A refreshed or touched session goes back to the browser with the response, which
     // then is the browser's alone: no shared cache may keep it with the session.
     if !rc.set_cookies.is_empty() {

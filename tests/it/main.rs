@@ -16,7 +16,8 @@
 //!   still applies, no identity reaches the upstream, a bad token is still refused.
 //! - `strip_prefix`: routes that forward the path less their prefix (HTTP/1.1, HTTP/2,
 //!   WebSocket, reload) while policies and the audit event keep the client's path;
-//!   `X-Forwarded-Prefix` set by the proxy alone (or appended to a trusted proxy's).
+//!   `X-Forwarded-Prefix` set by the proxy alone (or appended to a trusted proxy's);
+//!   the prefix put back into the answer's redirects and cookie paths.
 //! - `hoarding`: clients that take nothing of what they are sent (HTTP/2 windows kept
 //!   closed, HTTP/1.1 never read, a close never finished) lose their slots in time; slow
 //!   but steady readers are not cut.

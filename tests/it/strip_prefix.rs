@@ -2,7 +2,8 @@
 //! (then the upstream's base path), while routing, policies and the audit event's `path`
 //! keep the client's; the upstream learns the prefix from `X-Forwarded-Prefix`, which no
 //! untrusted client can set. Over HTTP/1.1, HTTP/2 (to an HTTP/1.1 and an h2c upstream)
-//! and WebSocket upgrades, and across a reload.
+//! and WebSocket upgrades, and across a reload. The answer's redirects and cookie paths
+//! get the prefix back (`restore_prefix`).
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -320,4 +321,83 @@ async fn a_reload_turns_strip_prefix_off_and_on() {
         (path(&r), r.upstream_header("x-forwarded-prefix")),
         ("/x".into(), Some("/billing".into()))
     );
+}
+
+/// An application that knows nothing of the prefix: it redirects to its own root by
+/// path, by URL of the Host it was sent (`/by-url`) or of the forwarded host and port
+/// (`/by-forwarded`), elsewhere (`/elsewhere`), or under the prefix already
+/// (`/prefixed`, as one reading `X-Forwarded-Prefix` does), and sets cookies for its
+/// root, for a path, with no path, and one of the proxy's own.
+fn unaware_app(head: &str) -> String {
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            })
+            .unwrap_or_default()
+    };
+    let location = match head.split(' ').nth(1).unwrap_or("/") {
+        "/by-url" => format!("http://{}/login?x=1", header("host")),
+        "/by-forwarded" => {
+            format!("https://{}:{}/login", header("x-forwarded-host"), header("x-forwarded-port"))
+        }
+        "/elsewhere" => "//evil.example/x".into(),
+        "/prefixed" => "/app/login".into(),
+        _ => "/login".into(),
+    };
+    format!(
+        "HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-location: /doc/1\r\n\
+         set-cookie: a=1; Path=/\r\nset-cookie: b=2; Path=/x; HttpOnly\r\nset-cookie: c=3\r\n\
+         set-cookie: _portcullis=forged; Path=/\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+}
+
+/// A `strip_prefix` route puts its prefix back into the answer: `Location` and
+/// `Content-Location` paths and URLs of this application, and `Set-Cookie` paths (`/` is
+/// the prefix itself); another host, or a path already under the prefix, is left as it
+/// is. `restore_prefix = false` and a route without `strip_prefix` pass the answer as sent.
+#[tokio::test]
+async fn redirects_and_cookie_paths_get_the_stripped_prefix_back() {
+    let (raw, _task) = raw_answering(unaware_app).await;
+    let routes = format!(
+        "[[routes]]\nname = \"app\"\nmatch = {{ path_prefix = \"/app\" }}\nupstream = \"http://{raw}\"\npolicy = \"api\"\nstrip_prefix = true\n\n\
+         [[routes]]\nname = \"as-is\"\nmatch = {{ path_prefix = \"/as-is\" }}\nupstream = \"http://{raw}\"\npolicy = \"api\"\nstrip_prefix = true\nrestore_prefix = false\n\n\
+         [[routes]]\nname = \"kept\"\nmatch = {{ path_prefix = \"/kept\" }}\nupstream = \"http://{raw}\"\npolicy = \"api\"\n"
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let answer = |path: &'static str| {
+        let h = [("authorization", auth.as_str())];
+        let w = &w;
+        async move {
+            let r = w.send(Method::GET, path, &h, Bytes::new()).await;
+            assert_eq!(r.status, StatusCode::FOUND, "{path}: {}", r.text());
+            let all = |name: &str| -> Vec<String> {
+                r.headers
+                    .get_all(name)
+                    .iter()
+                    .map(|v| v.to_str().unwrap_or("?").to_string())
+                    .collect()
+            };
+            (all("location").join(" "), all("content-location").join(" "), all("set-cookie"))
+        }
+    };
+    let restored = ["a=1; Path=/app", "b=2; Path=/app/x; HttpOnly", "c=3"];
+    assert_eq!(
+        answer("/app/").await,
+        ("/app/login".into(), "/app/doc/1".into(), restored.map(String::from).to_vec())
+    );
+    assert_eq!(answer("/app/by-url").await.0, "/app/login?x=1");
+    assert_eq!(answer("/app/by-forwarded").await.0, w.url("/app/login"));
+    assert_eq!(answer("/app/elsewhere").await.0, "//evil.example/x");
+    assert_eq!(answer("/app/prefixed").await.0, "/app/login");
+    let as_sent = ["a=1; Path=/", "b=2; Path=/x; HttpOnly", "c=3"].map(String::from).to_vec();
+    for path in ["/as-is/", "/kept/"] {
+        assert_eq!(
+            answer(path).await,
+            ("/login".into(), "/doc/1".into(), as_sent.clone()),
+            "{path}"
+        );
+    }
 }
