@@ -1155,18 +1155,27 @@ impl Compiler<'_> {
         (TlsSettings { cert, key, sni }, warnings)
     }
 
-    /// Warns when the leaf of the certificate file `path` (named at `at`) has expired or
-    /// expires soon. Only when serving; a file that cannot be read or parsed is left to
-    /// the TLS load, which names what is wrong with it.
+    /// Warns when the leaf of the certificate file `path` (named at `at`) has expired,
+    /// expires soon, or has a notAfter that cannot be read. Only when serving; a file
+    /// that cannot be read or parsed is left to the TLS load, which names what is wrong
+    /// with it.
     fn expiry_warning(&self, at: &Spanned<String>, path: &Path, out: &mut Vec<Diagnostic>) {
         if self.mode != LoadMode::Serve || !path.is_file() {
             return;
         }
         let Ok(chain) = crate::tls::read_certs(path) else { return };
-        let Some(not_after) = chain.first().and_then(crate::tls::not_after) else { return };
-        if let Some(w) = crate::tls::expiry_warning(not_after, crate::util::unix_now()) {
-            let shown = file_shown(path);
-            out.push(self.source.error(Some(at.span()), format!("certificate {shown} {w}")));
+        let Some(leaf) = chain.first() else { return };
+        let shown = file_shown(path);
+        let warning = match crate::tls::not_after(leaf) {
+            Some(not_after) => crate::tls::expiry_warning(not_after, crate::util::unix_now())
+                .map(|w| format!("certificate {shown} {w}")),
+            // rustls serves it without reading its dates: it could expire unannounced.
+            None => Some(format!(
+                "certificate {shown}: its expiry date (notAfter) cannot be read, so it is served with no expiry warning and no `portcullis_tls_certificate_expiry_timestamp_seconds` series; check it (`openssl x509 -noout -enddate`) and watch its expiry some other way, or replace it"
+            )),
+        };
+        if let Some(w) = warning {
+            out.push(self.source.error(Some(at.span()), w));
         }
     }
 

@@ -1128,6 +1128,55 @@ fn expired_and_expiring_certificates_are_warnings_at_their_cert_key() {
     assert!(!c.warnings.iter().any(|x| x.message.contains("certificate")), "{:?}", c.warnings);
 }
 
+/// A certificate rustls accepts (it does not read the validity of a certificate it
+/// serves) but whose notAfter does not parse gets no expiry metric and could expire
+/// unannounced: a warning at its `cert` key, and the load goes on.
+#[test]
+fn a_certificate_whose_expiry_cannot_be_read_is_a_warning_at_its_cert_key() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    let mut params = rcgen::CertificateParams::new(vec!["odd.example.com".to_string()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(2_208_988_800) // 2040-01-01
+        .unwrap_or_else(|e| panic!("{e}"));
+    let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+    let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
+    // notAfter, a UTCTime, with letters for its seconds.
+    let mut der = cert.der().to_vec();
+    let at = der
+        .windows(13)
+        .position(|w| w == b"400101000000Z")
+        .unwrap_or_else(|| panic!("no notAfter"));
+    der[at + 10..at + 12].copy_from_slice(b"xx");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&der);
+    let lines: Vec<&str> =
+        b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap_or_default()).collect();
+    let pem =
+        format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n"));
+    std::fs::write(d.join("odd.pem"), pem).ok();
+    std::fs::write(d.join("odd-key.pem"), key.serialize_pem()).ok();
+    let loaded = crate::tls::load_certified_key(&d.join("odd.pem"), &d.join("odd-key.pem"))
+        .unwrap_or_else(|e| panic!("rustls takes it: {e}"));
+    let leaf = loaded.end_entity_cert().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(crate::tls::not_after(leaf), None);
+
+    let text = format!("{BASE}\n[tls]\ncert = \"odd.pem\"\nkey = \"odd-key.pem\"\n");
+    let c = compile(d, &text).unwrap_or_else(|e| panic!("{e:?}"));
+    let w: Vec<String> = c
+        .warnings
+        .iter()
+        .map(|x| format!("{}:{} {}", x.line, x.col, x.message))
+        .filter(|x| x.contains("certificate"))
+        .collect();
+    let shown = format!("certificate `{}`", d.join("odd.pem").display());
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with(&format!("15:8 {shown}: its expiry date (notAfter) cannot be read")),
+        "{w:?}"
+    );
+}
+
 /// A public rule on `/**` is flagged once per route using its policy, with what it
 /// opens there: everything under the route's `path_prefix`, on its host.
 #[test]

@@ -153,7 +153,8 @@ pub fn tls_config(cfg: &Config) -> Result<ServingTls, String> {
     let mut certificates = Vec::new();
     let mut load = |cert: &Path, key: &Path, server_names: &[String]| {
         let ck = crate::tls::load_certified_key(cert, key).map_err(|e| e.to_string())?;
-        // rustls took the leaf; one x509-parser cannot read is left out of the metric.
+        // rustls took the leaf; one whose notAfter cannot be read is left out of the
+        // metric (the configuration's load warned about it).
         if let Some(not_after) = ck.end_entity_cert().ok().and_then(crate::tls::not_after) {
             certificates.push(crate::tls::ServedCertificate {
                 cert: cert.to_path_buf(),
