@@ -103,36 +103,27 @@ pub struct Prepared {
     grace: Duration,
 }
 
-/// Builds the listener and upstream TLS configurations of a configuration.
-pub fn prepare(config: &Config) -> Result<Prepared, String> {
+/// Builds the listener and upstream TLS configurations of a configuration. The listener
+/// serves `keys`, the certificates the HTTPS listener's configuration was built from
+/// ([`crate::server::tls_config`]): no file is read again, and both serve the same
+/// certificate even when one is replaced in between.
+pub fn prepare(config: &Config, keys: Option<&crate::tls::KeySet>) -> Result<Prepared, String> {
     let mut upstream_tls = HashMap::new();
     for db in &config.databases {
         if let Some(c) = upstream::client_config(db)? {
             upstream_tls.insert(db.name.clone(), c);
         }
     }
-    let tls = match (&config.tls, config.databases.is_empty()) {
-        (Some(t), false) => {
-            let default =
-                crate::tls::CertifiedKeySource::Files { cert: t.cert.clone(), key: t.key.clone() };
-            let mut sni = Vec::new();
-            for s in &t.sni {
-                for name in &s.server_names {
-                    sni.push((
-                        name.clone(),
-                        crate::tls::CertifiedKeySource::Files {
-                            cert: s.cert.clone(),
-                            key: s.key.clone(),
-                        },
-                    ));
-                }
-            }
-            Some(
-                crate::tls::server_config_with_alpn(default, sni, vec![ALPN_POSTGRESQL.to_vec()])
-                    .map_err(|e| e.to_string())?,
+    let tls = match keys.filter(|_| !config.databases.is_empty()) {
+        Some(k) => Some(
+            crate::tls::server_config_with_alpn(
+                k.default.clone(),
+                k.sni.clone(),
+                vec![ALPN_POSTGRESQL.to_vec()],
             )
-        }
-        _ => None,
+            .map_err(|e| e.to_string())?,
+        ),
+        None => None,
     };
     Ok(Prepared { tls, upstream_tls, grace: config.server.shutdown_grace })
 }

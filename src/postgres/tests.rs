@@ -161,11 +161,13 @@ fn compile_db(
     std::fs::create_dir_all(dir.join("policies")).ok();
     std::fs::write(dir.join("policies/db.toml"), policy).ok();
     std::fs::write(dir.join("pw"), "s3cret-from-file\n").ok();
+    // Copies of the dev certificate, which a test may then replace.
     let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/dev");
+    for f in ["server.pem", "server-key.pem"] {
+        std::fs::copy(certs.join(f), dir.join(f)).ok();
+    }
     let text = format!(
-        "[tls]\ncert = {:?}\nkey = {:?}\n\n[issuers.corp]\nissuer = \"https://idp.example.com\"\naudiences = [\"portcullis\"]\n\n{db}",
-        certs.join("server.pem").to_string_lossy(),
-        certs.join("server-key.pem").to_string_lossy(),
+        "[tls]\ncert = \"server.pem\"\nkey = \"server-key.pem\"\n\n[issuers.corp]\nissuer = \"https://idp.example.com\"\naudiences = [\"portcullis\"]\n\n{db}"
     );
     let src = crate::diag::Source::new(dir.join("portcullis.toml"), text);
     crate::config::Config::compile(&src)
@@ -194,6 +196,28 @@ fn a_database_only_config_compiles_without_an_http_listener() {
     assert!(c.listen.https.is_none());
     assert!(!format!("{c:?}").contains("s3cret"), "Debug never prints a password");
     assert!(c.files.iter().any(|f| f.ends_with("pw")), "password files are watched for reload");
+}
+
+/// The database listeners serve the certificates the HTTPS listener's configuration was
+/// built from: `prepare` reads no certificate file, so one replaced (or gone) after
+/// that read changes nothing, and both listeners serve the same certificate.
+#[test]
+fn prepare_serves_the_certificates_already_read_and_reads_none() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let c = compile_db(
+        dir.path(),
+        "[[databases]]\nname = \"app\"\nlisten = \"127.0.0.1:6432\"\nupstream = \"postgres://db.internal:5433\"\nupstream_user = \"portcullis\"\npassword_file = \"pw\"\npolicy = \"db\"\n",
+        &DB_POLICY.replace("upstream_role = \"readonly\"\n", ""),
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let serving = crate::server::tls_config(&c).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("server.pem"), "not a certificate").ok();
+    std::fs::remove_file(dir.path().join("server-key.pem")).ok();
+    let prepared = super::prepare(&c, serving.keys.as_ref()).unwrap_or_else(|e| panic!("{e}"));
+    let tls = prepared.tls.unwrap_or_else(|| panic!("the database listeners have TLS"));
+    assert_eq!(tls.alpn_protocols, [super::ALPN_POSTGRESQL.to_vec()]);
+    // Nothing loaded (no `[tls]`): no listener TLS either.
+    assert!(super::prepare(&c, None).unwrap_or_else(|e| panic!("{e}")).tls.is_none());
 }
 
 #[test]

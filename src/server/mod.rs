@@ -172,8 +172,10 @@ pub fn tls_config(cfg: &Config) -> Result<ServingTls, String> {
             sni.push((name.clone(), source.clone()));
         }
     }
-    let config = crate::tls::server_config(default, sni).map_err(|e| e.to_string())?;
-    Ok(ServingTls { config: Some(config), certificates })
+    let keys = crate::tls::KeySet { default, sni };
+    let config = crate::tls::server_config(keys.default.clone(), keys.sni.clone())
+        .map_err(|e| e.to_string())?;
+    Ok(ServingTls { config: Some(config), keys: Some(keys), certificates })
 }
 
 /// The HTTPS listener's TLS of one generation ([`tls_config`]).
@@ -181,6 +183,9 @@ pub fn tls_config(cfg: &Config) -> Result<ServingTls, String> {
 pub struct ServingTls {
     /// `None` without `[tls]`.
     pub config: Option<Arc<rustls::ServerConfig>>,
+    /// The certificates as read, for the database listeners (`postgres::prepare`),
+    /// which serve the same ones; `None` without `[tls]`.
+    pub keys: Option<crate::tls::KeySet>,
     /// Every certificate it serves, default first.
     pub certificates: Vec<crate::tls::ServedCertificate>,
 }
@@ -311,8 +316,8 @@ impl Server {
                 AuditSink::file(p).map_err(|e| format!("audit output {}: {e}", p.display()))?
             }
         };
-        let ServingTls { config: tls, certificates } = tls_config(&config)?;
-        let pg_prepared = crate::postgres::prepare(&config)?;
+        let ServingTls { config: tls, keys, certificates } = tls_config(&config)?;
+        let pg_prepared = crate::postgres::prepare(&config, keys.as_ref())?;
         for w in crate::postgres::warnings(&config) {
             tracing::warn!("{w}");
         }
@@ -588,7 +593,7 @@ async fn reload(state: &State) -> bool {
             "{setting} differs from the running value: it takes effect on restart, not on reload"
         );
     }
-    let ServingTls { config: tls, certificates } = match tls_config(&config) {
+    let ServingTls { config: tls, keys, certificates } = match tls_config(&config) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(error = %e, "reload rejected: TLS; the previous configuration keeps serving");
@@ -607,7 +612,7 @@ async fn reload(state: &State) -> bool {
         }
     };
     runtime.tls_certificates = certificates;
-    let pg = match crate::postgres::prepare(&runtime.config) {
+    let pg = match crate::postgres::prepare(&runtime.config, keys.as_ref()) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "reload rejected: database TLS; the previous configuration keeps serving");

@@ -73,6 +73,15 @@ pub enum CertifiedKeySource {
     Loaded(Arc<CertifiedKey>),
 }
 
+/// The certificates a configuration serves, once loaded: the default, and one source per
+/// SNI name. The HTTPS and database listeners build their configurations from the same
+/// set, so a file read once is what both serve.
+#[derive(Debug, Clone)]
+pub struct KeySet {
+    pub default: CertifiedKeySource,
+    pub sni: Vec<(String, CertifiedKeySource)>,
+}
+
 // === impl CertifiedKeySource ===
 
 impl CertifiedKeySource {
