@@ -319,6 +319,8 @@ impl SessionData {
         if !self.id.is_none() {
             return self.id.0;
         }
+        #[cfg(test)]
+        tests::LEGACY_KEY_DIGESTS.with(|n| n.set(n.get() + 1));
         let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         ctx.update(b"portcullis session without id\0");
         ctx.update(self.issuer.as_bytes());
@@ -699,7 +701,9 @@ impl Sessions {
         };
         // Signed out (this copy of the cookie or another): as if there were none. Before
         // anything else, a refresh least of all: it would renew the session.
-        if let Some(detail) = self.revocations.refused(&data.revocation_key(), data.created) {
+        // Computed once: for a cookie without a session id it is a SHA-256.
+        let mut revocation = data.revocation_key();
+        if let Some(detail) = self.revocations.refused(&revocation, data.created) {
             return invalid(Reason::SessionRevoked, detail);
         }
         let Some(provider) = self.provider(&data.issuer).cloned() else {
@@ -732,14 +736,13 @@ impl Sessions {
                 Some(_) => match self.refresh(&provider, &data, now).await {
                     // Signed out while the refresh was at the provider: the renewed
                     // session is the same session (its id is kept), so it is refused too.
-                    Some(new) => match self.revocations.refused(&new.revocation_key(), new.created)
-                    {
-                        Some(detail) => return invalid(Reason::SessionRevoked, detail),
-                        None => {
-                            data = new;
-                            changed = true;
+                    Some(new) => {
+                        let renewed = new.revocation_key();
+                        if let Some(detail) = self.revocations.refused(&renewed, new.created) {
+                            return invalid(Reason::SessionRevoked, detail);
                         }
-                    },
+                        (data, revocation, changed) = (new, renewed, true);
+                    }
                     None => return invalid(Reason::SessionExpired, "refresh failed"),
                 },
                 None if now >= data.expires => {
@@ -774,7 +777,7 @@ impl Sessions {
             identity: Arc::new(data.identity(provider.settings.id.clone(), expires_at)),
             set_cookie,
             key,
-            revocation: data.revocation_key(),
+            revocation,
             ends_at,
         }
     }

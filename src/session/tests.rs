@@ -3,6 +3,12 @@ use std::time::Duration;
 use super::*;
 use crate::config::SecretSource;
 
+thread_local! {
+    /// Digests [`SessionData::revocation_key`] made on this thread (for a cookie without a
+    /// session id), so a test can count them.
+    pub(super) static LEGACY_KEY_DIGESTS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
 fn settings() -> SessionSettings {
     SessionSettings {
         cookie_name: "_portcullis".into(),
@@ -545,6 +551,43 @@ async fn sessions_are_revoked_by_id_or_without_one_by_issuer_subject_and_sign_in
     // An id that is not 16 bytes of base64url: the cookie does not open.
     let bad = json.replacen('{', "{\"d\":\"short\",", 1);
     assert!(serde_json::from_str::<SessionData>(&bad).is_err());
+    Ok(())
+}
+
+/// A request with a cookie sealed before sessions had an id hashes its revocation key
+/// once: the sign-out check and the key the proxy keeps (for the tunnel's and the
+/// sign-out's re-checks) are the same digest.
+#[tokio::test]
+async fn a_session_without_an_id_hashes_its_revocation_key_once_per_request() -> Result<(), String>
+{
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("policies")).map_err(|e| e.to_string())?;
+    std::fs::write(
+        d.join("policies/p.toml"),
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\n",
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(d.join("keys"), "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n")
+        .map_err(|e| e.to_string())?;
+    std::fs::write(d.join("secret"), "s").map_err(|e| e.to_string())?;
+    let text = "[listen]\ninsecure_http = \"127.0.0.1:1\"\n\n[session]\nkeys_file = \"keys\"\n\n\
+        [issuers.corp]\nissuer = \"https://corp.example.com\"\naudiences = [\"a\"]\n\
+        login = { client_id = \"a\", client_secret_file = \"secret\" }\n\n\
+        [[routes]]\nname = \"r\"\nupstream = \"http://127.0.0.1:2\"\npolicy = \"p\"\n";
+    let cfg = Config::compile(&crate::diag::Source::new(d.join("portcullis.toml"), text))
+        .map_err(|e| e.to_string())?;
+    let s = Sessions::build(&cfg, Arc::default())?.ok_or("no sessions")?;
+    let mut legacy = data(1);
+    legacy.id = revoke::SessionId::default();
+    let h = headers(&s.seal_session(&legacy, &[])?);
+    LEGACY_KEY_DIGESTS.with(|n| n.set(0));
+    let revocation = match s.check(None, &h, crate::util::unix_now()).await {
+        Lookup::Valid { revocation, .. } => revocation,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(LEGACY_KEY_DIGESTS.with(std::cell::Cell::get), 1);
+    assert_eq!(revocation, legacy.revocation_key());
     Ok(())
 }
 
