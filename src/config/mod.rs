@@ -1744,6 +1744,14 @@ impl Compiler<'_> {
             }
         };
         let methods = r.matcher.methods.as_ref().map(|ms| {
+            // No method at all: a route no request reaches, whose requests go to a
+            // broader route and its policy instead.
+            if ms.get_ref().is_empty() {
+                self.err(
+                    ms.span(),
+                    "`match.methods` must name at least one method (or be left out)",
+                );
+            }
             ms.get_ref()
                 .iter()
                 .filter_map(|m| match Method::from_bytes(m.get_ref().as_bytes()) {

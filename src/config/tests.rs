@@ -1207,3 +1207,19 @@ fn a_public_rule_on_every_path_is_flagged_with_each_routes_prefix() {
     assert!(w[0].starts_with(&format!("{at} opens every path of route `docs` (`/**`; its path_prefix is `/docs`: `/docs` and every path under `/docs/` on host api.example.com that")), "{w:?}");
     assert!(w[1].starts_with(&format!("{at} would open every path of route `www` (`/**`; its path_prefix is `/`: every path on any host that no route")), "{w:?}");
 }
+
+/// `match.methods = []` admits no request: the route would be dead, and its requests
+/// would go to a broader route and its policy. An error at the key, as `issuers = []`.
+#[test]
+fn a_route_whose_methods_list_is_empty_is_an_error() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let text = format!(
+        "{BASE}\n[[routes]]\nname = \"none\"\nmatch = {{ path_prefix = \"/x\", methods = [] }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"p\"\n"
+    );
+    let errs = compile(dir.path(), &text).err().unwrap_or_default();
+    assert_eq!(
+        errs,
+        ["16:41 `match.methods` must name at least one method (or be left out)"],
+        "{errs:?}"
+    );
+}
