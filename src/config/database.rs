@@ -192,9 +192,6 @@ impl Compiler<'_> {
                 startup_parameters.push(lower);
             }
         }
-        let dur = |c: &mut Self, v: &Option<Spanned<String>>, default: Duration| {
-            v.as_ref().and_then(|d| c.duration(d)).unwrap_or(default)
-        };
         let settings = DatabaseSettings {
             name: Arc::from(name.as_str()),
             listen: listen?,
@@ -207,9 +204,23 @@ impl Compiler<'_> {
             password: password?,
             upstream_roles,
             policy: policy?,
-            max_session: d.max_session.as_ref().and_then(|m| self.duration(m)),
-            startup_timeout: dur(self, &d.startup_timeout, Duration::from_secs(10)),
-            connect_timeout: dur(self, &d.connect_timeout, Duration::from_secs(5)),
+            max_session: d.max_session.as_ref().and_then(|m| {
+                let t = self.duration(m)?;
+                if t.is_zero() {
+                    self.err(m.span(), "`max_session` must be longer than zero");
+                }
+                Some(t)
+            }),
+            startup_timeout: self.positive_duration(
+                &d.startup_timeout,
+                "startup_timeout",
+                Duration::from_secs(10),
+            ),
+            connect_timeout: self.positive_duration(
+                &d.connect_timeout,
+                "connect_timeout",
+                Duration::from_secs(5),
+            ),
             startup_parameters,
             session_id_in_application_name: d
                 .session_id_in_application_name

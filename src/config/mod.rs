@@ -1281,10 +1281,29 @@ impl Compiler<'_> {
         }
     }
 
+    /// A duration setting that must be longer than zero (a zero timeout fails every
+    /// request it bounds); `default` when absent.
+    pub(crate) fn positive_duration(
+        &mut self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        match value.as_ref().map(|d| (d, self.duration(d))) {
+            Some((d, Some(t))) if t.is_zero() => {
+                self.err(d.span(), format!("`{key}` must be longer than zero"));
+                default
+            }
+            Some((_, Some(t))) => t,
+            _ => default,
+        }
+    }
+
     fn assertion(&mut self, a: raw::Assertion) -> AssertionSettings {
         AssertionSettings {
             issuer: a.issuer.map_or_else(|| "portcullis".to_string(), |s| s.into_inner()),
-            ttl: a.ttl.as_ref().and_then(|d| self.duration(d)).unwrap_or(Duration::from_secs(60)),
+            // JWT times are whole seconds: a shorter assertion expires as it is signed.
+            ttl: self.timeout_of_a_second_or_more(&a.ttl, "ttl", 60),
             key_file: a.key.as_ref().map(|k| self.existing_file(k)),
         }
     }
@@ -1898,16 +1917,12 @@ impl Compiler<'_> {
             },
             forward_token: r.forward_token.unwrap_or(false),
             identity_assertion: r.identity_assertion.unwrap_or(true),
-            timeout: r
-                .timeout
-                .as_ref()
-                .and_then(|d| self.duration(d))
-                .unwrap_or(Duration::from_secs(30)),
-            connect_timeout: r
-                .connect_timeout
-                .as_ref()
-                .and_then(|d| self.duration(d))
-                .unwrap_or(Duration::from_secs(5)),
+            timeout: self.positive_duration(&r.timeout, "timeout", Duration::from_secs(30)),
+            connect_timeout: self.positive_duration(
+                &r.connect_timeout,
+                "connect_timeout",
+                Duration::from_secs(5),
+            ),
             max_request_body,
             preserve_host: r.preserve_host.unwrap_or(false),
             strip_headers,

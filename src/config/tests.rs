@@ -1223,3 +1223,51 @@ fn a_route_whose_methods_list_is_empty_is_an_error() {
         "{errs:?}"
     );
 }
+
+/// A zero timeout fails every request or session it bounds (504s, refused connects, an
+/// assertion expired as it is signed): refused where it is written. Sub-second route
+/// timeouts stay possible; the assertion's `ttl` is whole seconds, as JWT times are.
+#[test]
+fn zero_timeouts_and_lifetimes_are_refused_where_they_are_written() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("pw"), "x\n").ok();
+    let route = |keys: &str| {
+        let text = BASE.replace("policy = \"p\"\n", &format!("policy = \"p\"\n{keys}\n"));
+        compile(dir.path(), &text).err().unwrap_or_default()
+    };
+    assert_eq!(route("timeout = \"0s\""), ["13:11 `timeout` must be longer than zero"]);
+    assert_eq!(
+        route("connect_timeout = \"0ms\""),
+        ["13:19 `connect_timeout` must be longer than zero"]
+    );
+    let ok = compile(
+        dir.path(),
+        &BASE.replace("policy = \"p\"\n", "policy = \"p\"\ntimeout = \"250ms\"\n"),
+    );
+    assert_eq!(ok.map(|c| c.routes[0].timeout).ok(), Some(Duration::from_millis(250)));
+    let ttl = |v: &str| {
+        compile(dir.path(), &format!("{BASE}\n[assertion]\nttl = \"{v}\"\n"))
+            .err()
+            .unwrap_or_default()
+    };
+    assert_eq!(ttl("0s"), ["15:7 `ttl` must be at least 1s"]);
+    assert_eq!(ttl("500ms"), ["15:7 `ttl` must be at least 1s"]);
+    let database = |keys: &str| {
+        let text = format!(
+            "{BASE}\n[[databases]]\nname = \"db\"\nlisten = \"127.0.0.1:0\"\n\
+             upstream = \"postgres://127.0.0.1:5432\"\nupstream_user = \"app\"\n\
+             password_file = \"pw\"\npolicy = \"p\"\n{keys}\n"
+        );
+        // (No [tls]: that error is the same for every case and left out.)
+        let errs = compile(dir.path(), &text).err().unwrap_or_default();
+        errs.into_iter().filter(|e| !e.contains("[tls]")).collect::<Vec<_>>()
+    };
+    assert_eq!(database("max_session = \"8h\""), Vec::<String>::new());
+    for key in ["max_session", "startup_timeout", "connect_timeout"] {
+        let col = key.len() + 4;
+        assert_eq!(
+            database(&format!("{key} = \"0s\"")),
+            [format!("21:{col} `{key}` must be longer than zero")]
+        );
+    }
+}
