@@ -208,7 +208,7 @@ fn http2_refusal(e: &hyper::Error) -> Option<&'static str> {
     Some(match h2.reason()? {
         h2::Reason::NO_ERROR => return None,
         h2::Reason::ENHANCE_YOUR_CALM => {
-            "HTTP/2 connection closed for abuse (GOAWAY ENHANCE_YOUR_CALM): streams reset faster than served, or a flood of frames"
+            "HTTP/2 connection closed for abuse (GOAWAY ENHANCE_YOUR_CALM): streams reset faster than served, a CONTINUATION flood or an oversized header list"
         }
         h2::Reason::PROTOCOL_ERROR => {
             "HTTP/2 connection closed on the client's protocol error (GOAWAY PROTOCOL_ERROR)"
