@@ -95,7 +95,7 @@ impl fmt::Display for Diagnostic {
 }
 
 /// Text as diagnostics print it: every character a terminal or CI log would not show as
-/// itself ([`crate::policy::is_hidden`]: controls, bidi overrides, invisible and
+/// itself (`crate::policy::is_hidden`: controls, bidi overrides, invisible and
 /// non-ASCII space characters) written as the TOML escape that spells it (`\u000A`,
 /// `\u202E`). Diagnostics quote what the files say (a key, a policy name, a path); a
 /// newline there started a line of the reviewer's CI log of its own, such as a GitHub
