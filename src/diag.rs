@@ -89,7 +89,32 @@ impl Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)
+        let file = self.file.display().to_string();
+        write!(f, "{}:{}:{}: {}", Visible(&file), self.line, self.col, Visible(&self.message))
+    }
+}
+
+/// Text as diagnostics print it: every character a terminal or CI log would not show as
+/// itself (`crate::policy::is_hidden`: controls, bidi overrides, invisible and
+/// non-ASCII space characters) written as the TOML escape that spells it (`\u000A`,
+/// `\u202E`). Diagnostics quote what the files say (a key, a policy name, a path); a
+/// newline there started a line of the reviewer's CI log of its own, such as a GitHub
+/// Actions `::add-mask::ANYONE` or `::error::` command, and an ANSI escape could erase
+/// the real error from a terminal.
+pub struct Visible<'a>(pub &'a str);
+
+impl fmt::Display for Visible<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rest = self.0;
+        while let Some((at, c)) = rest.char_indices().find(|(_, c)| crate::policy::is_hidden(*c)) {
+            f.write_str(&rest[..at])?;
+            match u32::from(c) {
+                n @ 0..=0xffff => write!(f, "\\u{n:04X}")?,
+                n => write!(f, "\\U{n:08X}")?,
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        f.write_str(rest)
     }
 }
 
@@ -152,6 +177,22 @@ mod tests {
         let z = s.text.find('z').unwrap_or(0);
         assert_eq!(s.line_col(z), (2, 9));
         assert_eq!(s.error(Some(6..7), "bad").to_string(), "a.toml:2:1: bad");
+    }
+
+    /// A key or value quoted in a diagnostic cannot start a line of its own (a CI
+    /// runner's workflow command) nor hide or reorder text in a terminal.
+    #[test]
+    fn diagnostics_show_hidden_characters_as_escapes() {
+        let d = Diagnostic::at_path(
+            Path::new("policies/x\n::add-mask::ANYONE.toml"),
+            "unknown key `x\n::error::all policies pass\u{1b}[2K\u{202e}\u{e0041}`",
+        );
+        assert_eq!(
+            d.to_string(),
+            "policies/x\\u000A::add-mask::ANYONE.toml:1:1: unknown key \
+             `x\\u000A::error::all policies pass\\u001B[2K\\u202E\\U000E0041`"
+        );
+        assert_eq!(Visible("plain, café").to_string(), "plain, café");
     }
 
     #[test]

@@ -368,7 +368,8 @@ fn check(path: &std::path::Path, mode: portcullis::config::LoadMode, format: &st
         for d in &warnings {
             // Policy lints come labelled already; say it once.
             let message = d.message.strip_prefix("warning: ").unwrap_or(&d.message);
-            eprintln!("{}:{}:{}: warning: {message}", d.file.display(), d.line, d.col);
+            let labelled = format!("warning: {message}");
+            eprintln!("{}", portcullis::diag::Diagnostic { message: labelled, ..d.clone() });
         }
         for o in &failures {
             eprintln!("{}", o.failure_report());

@@ -548,6 +548,15 @@ const MAX_LEEWAY: Duration = Duration::from_secs(300);
 /// rate; the cooldown also runs from the end of a fetch, so requests queued behind a
 /// slow one do not each start another.
 const MIN_REFRESH_COOLDOWN: Duration = Duration::from_secs(1);
+/// The longest duration any setting takes: a hundred years is "never" for every one of
+/// them, and keeps every deadline computed from it (`Instant` + it, Unix seconds + it)
+/// far from overflowing. `"18446744073709551615s"` as an `idle_timeout` passed `check`
+/// and then panicked on every connection the server accepted.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600); // `"100y"`
+/// The most `max_connections` may be: far above what one process's descriptors allow
+/// (two per connection), and within what the slot semaphore can count (a larger value
+/// passed `check` and made `serve` panic at start).
+const MAX_CONNECTIONS: i64 = 1_000_000;
 const TOP_LEVEL: &[&str] =
     &["listen", "tls", "server", "assertion", "audit", "session", "issuers", "routes", "databases"];
 
@@ -1086,6 +1095,10 @@ impl Compiler<'_> {
 
     fn duration(&mut self, s: &Spanned<String>) -> Option<Duration> {
         match humantime::parse_duration(s.get_ref()) {
+            Ok(d) if d > MAX_DURATION => {
+                self.err(s.span(), format!("`{}` is longer than 100 years", s.get_ref()));
+                None
+            }
             Ok(d) => Some(d),
             Err(_) => {
                 self.err(s.span(), format!("`{}` is not a duration (e.g. \"30s\")", s.get_ref()));
@@ -1182,11 +1195,16 @@ impl Compiler<'_> {
     fn server(&mut self, s: raw::Server) -> ServerSettings {
         // `max_connections_per_client` is compared with a valid `max_connections` only:
         // one mistake, one diagnostic.
-        let max_valid = s.max_connections.as_ref().is_none_or(|m| *m.get_ref() >= 1);
+        let max_valid =
+            s.max_connections.as_ref().is_none_or(|m| (1..=MAX_CONNECTIONS).contains(m.get_ref()));
         let max_connections = match s.max_connections {
             Some(m) if *m.get_ref() < 1 => {
                 self.err(m.span(), "`max_connections` must be at least 1");
                 1
+            }
+            Some(m) if *m.get_ref() > MAX_CONNECTIONS => {
+                self.err(m.span(), format!("`max_connections` must be at most {MAX_CONNECTIONS}"));
+                MAX_CONNECTIONS as usize
             }
             Some(m) => usize::try_from(*m.get_ref()).unwrap_or(usize::MAX),
             None => 10_000,

@@ -77,6 +77,34 @@ fn token_cache_entries_default_zero_and_negative() {
     );
 }
 
+/// Values that parse but no deadline can be computed from: an `idle_timeout` of
+/// `"18446744073709551615s"` passed `check` and then panicked on every connection
+/// (`Instant` + it overflows), a `max_connections` of `i64::MAX` made `serve` panic at
+/// start (more than the slot semaphore counts). Refused where they are written.
+#[test]
+fn durations_and_connection_limits_beyond_any_use_are_refused_where_they_are_written() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = |extra: &str| compile(dir.path(), &format!("{BASE}\n[server]\n{extra}\n"));
+    for key in ["idle_timeout", "header_timeout", "send_timeout", "shutdown_grace"] {
+        assert_eq!(
+            server(&format!("{key} = \"18446744073709551615s\"")).err().unwrap_or_default(),
+            [format!("15:{} `18446744073709551615s` is longer than 100 years", key.len() + 4)],
+        );
+    }
+    let hundred_years = server("idle_timeout = \"100y\"").map(|c| c.server.idle_timeout);
+    assert!(hundred_years.is_ok_and(|d| d > Duration::from_secs(3_000_000_000)));
+    let stale = compile(
+        dir.path(),
+        &BASE.replace("audiences = [", "stale_window = \"101y\"\naudiences = ["),
+    );
+    assert_eq!(stale.err().unwrap_or_default(), ["6:16 `101y` is longer than 100 years"]);
+    assert_eq!(
+        server("max_connections = 9223372036854775807").err().unwrap_or_default(),
+        ["15:19 `max_connections` must be at most 1000000"]
+    );
+    assert!(server("max_connections = 1000000").is_ok());
+}
+
 #[test]
 fn max_connections_per_client_defaults_off_and_is_at_most_max_connections() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

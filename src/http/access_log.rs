@@ -137,7 +137,9 @@ where
 /// Writes the event of a request the HTTP/1 server refused before the proxy saw it: a
 /// malformed request line or header (400), a head over the size limit (431), or a head
 /// not finished within `server.header_timeout` (408, as nginx logs it; hyper closes
-/// without an answer). Without this, such requests would leave no trace in the audit log.
+/// without an answer); and of an HTTP/2 connection the server closed on the client's
+/// error or abuse (400: rapid reset, a CONTINUATION flood, an undecodable header block).
+/// Without this, such requests would leave no trace in the audit log.
 pub fn refused_by_server(
     sink: &AuditSink,
     conn: &ConnInfo,
@@ -152,6 +154,8 @@ pub fn refused_by_server(
         // hyper runs this timer between requests too: without a byte since the last
         // one, it closed an idle keep-alive connection, and there was no request.
         (408, Reason::RequestTimeout, "request head not received within the header-read timeout")
+    } else if let Some(detail) = http2_refusal(e) {
+        (400, Reason::BadRequest, detail)
     } else {
         return;
     };
@@ -191,6 +195,32 @@ pub fn refused_by_server(
         bytes_out: 0,
         duration_ms: 0.0,
     });
+}
+
+/// Why the HTTP/2 server closed a connection with a GOAWAY of its own (`None`: it did
+/// not, or with `NO_ERROR`, or the client closed it). The streams such a client opened
+/// never reached the proxy: one event per connection says what happened to them.
+fn http2_refusal(e: &hyper::Error) -> Option<&'static str> {
+    let h2 = std::error::Error::source(e)?.downcast_ref::<h2::Error>()?;
+    if !h2.is_go_away() || h2.is_remote() {
+        return None;
+    }
+    Some(match h2.reason()? {
+        h2::Reason::NO_ERROR => return None,
+        h2::Reason::ENHANCE_YOUR_CALM => {
+            "HTTP/2 connection closed for abuse (GOAWAY ENHANCE_YOUR_CALM): streams reset faster than served, a CONTINUATION flood or an oversized header list"
+        }
+        h2::Reason::PROTOCOL_ERROR => {
+            "HTTP/2 connection closed on the client's protocol error (GOAWAY PROTOCOL_ERROR)"
+        }
+        h2::Reason::COMPRESSION_ERROR => {
+            "HTTP/2 connection closed on an undecodable header block (GOAWAY COMPRESSION_ERROR)"
+        }
+        h2::Reason::FRAME_SIZE_ERROR => {
+            "HTTP/2 connection closed on an oversized frame (GOAWAY FRAME_SIZE_ERROR)"
+        }
+        _ => "HTTP/2 connection closed on the client's error (GOAWAY)",
+    })
 }
 
 /// The status logged for a request whose client went away first (nginx's 499).

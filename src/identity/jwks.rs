@@ -495,6 +495,12 @@ fn parse_jwk(
     if text("use")?.is_some_and(|u| u != "sig") {
         return Err("use is not sig");
     }
+    // RFC 7517 §4.3: a key whose operations are listed may be used for those only.
+    match jwk.get("key_ops") {
+        None => {}
+        Some(Value::Array(ops)) if ops.iter().any(|op| op == "verify") => {}
+        Some(_) => return Err("key_ops does not list verify"),
+    }
     let named = match text("alg")? {
         Some(a) => Some(Algorithm::parse(a).ok_or("alg not supported")?),
         None => None,
@@ -674,6 +680,41 @@ mod tests {
         assert_eq!(unnamed, Some(true));
         assert!(parse_jwks(&signer::jwks(&[&ec]), &[Algorithm::RS256], "t").is_err());
         assert!(parse_jwks(&json!({"keys": {}}), &[Algorithm::RS256], "t").is_err());
+        Ok(())
+    }
+
+    /// A JWK that says it is not for verifying signatures (`use` other than `sig`, or
+    /// `key_ops` without `verify`) verifies nothing; neither does an EC point off its
+    /// curve or a P-256 point labelled P-384.
+    #[test]
+    fn keys_not_meant_for_verification_or_off_their_curve_are_skipped(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let ec = DevSigner::generate_es256("ec")?;
+        let jwk = ec.public_jwk();
+        let with = |kid: &str, member: &str, value: Value| {
+            let mut j = jwk.clone();
+            j["kid"] = json!(kid);
+            j[member] = value;
+            j
+        };
+        let mut y = URL_SAFE_NO_PAD.decode(jwk["y"].as_str().unwrap_or_default())?;
+        if let Some(last) = y.last_mut() {
+            *last ^= 1;
+        }
+        let doc = json!({"keys": [
+            jwk.clone(),
+            with("ops-verify", "key_ops", json!(["sign", "verify"])),
+            with("ops-encrypt", "key_ops", json!(["encrypt"])),
+            with("ops-empty", "key_ops", json!([])),
+            with("ops-string", "key_ops", json!("verify")),
+            with("use-enc", "use", json!("enc")),
+            with("off-curve", "y", json!(URL_SAFE_NO_PAD.encode(&y))),
+            with("other-curve", "crv", json!("P-384")),
+        ]});
+        let keys = parse_jwks(&doc, &[Algorithm::ES256, Algorithm::ES384], "t")?;
+        let mut kids: Vec<&str> = keys.keys().map(|k| &**k).collect();
+        kids.sort_unstable();
+        assert_eq!(kids, ["ec", "ops-verify"]);
         Ok(())
     }
 

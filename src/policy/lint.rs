@@ -61,7 +61,9 @@ impl fmt::Display for Lint {
             Severity::Error => "error",
             Severity::Warning => "warning",
         };
-        write!(f, "{}:{}:{}: {sev}: {}", d.file.display(), d.line, d.col, d.message)
+        let file = d.file.display().to_string();
+        let (file, message) = (crate::diag::Visible(&file), crate::diag::Visible(&d.message));
+        write!(f, "{file}:{}:{}: {sev}: {message}", d.line, d.col)
     }
 }
 

@@ -121,6 +121,35 @@ issuer = "nobody"
     assert_eq!(code, 2);
 }
 
+/// A policy pull request cannot write lines of its own into the CI log that runs
+/// `check` on it: a quoted key or a policy name holding a newline printed a GitHub
+/// Actions workflow command (`::add-mask::ANYONE` hides that word from the `policy diff`
+/// report that follows), and an ANSI escape could erase the real error in a terminal.
+#[test]
+fn check_output_carries_no_line_or_escape_a_file_wrote() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let p = dir.path();
+    std::fs::create_dir_all(p.join("policies")).ok();
+    write(
+        &p.join("portcullis.toml"),
+        "[listen]\ninsecure_http = \"127.0.0.1:0\"\n\n[issuers.corp]\nissuer = \"https://idp.example.com\"\n\
+         audiences = [\"p\"]\n\n[[routes]]\nname = \"api\"\nupstream = \"http://127.0.0.1:1\"\npolicy = \"api\"\n\n\
+         [[routes]]\nname = \"other\"\nmatch = { path_prefix = \"/o\" }\nupstream = \"http://127.0.0.1:1\"\n\
+         policy = \"x\\n::add-mask::ANYONE\\u001b[2K\"\n",
+    );
+    write(
+        &p.join("policies/api.toml"),
+        "[\"x\\n::error::all policies pass\\u001b[2K\\u202e\"]\nid = \"a\"\n",
+    );
+    let cfg = p.join("portcullis.toml");
+    let (code, _out, err) = run(&["check", "-c", &cfg.to_string_lossy()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("x\\u000A::error::all policies pass\\u001B[2K\\u202E"), "{err}");
+    assert!(err.contains("x\\u000A::add-mask::ANYONE\\u001B[2K"), "{err}");
+    assert!(!err.lines().any(|l| l.starts_with("::")), "{err}");
+    assert!(!err.contains(['\u{1b}', '\u{202e}']), "{err}");
+}
+
 #[test]
 fn shipped_examples_pass_check() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
