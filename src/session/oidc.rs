@@ -355,10 +355,9 @@ impl Provider {
         if response.id_token().is_none() {
             // Some providers answer a refresh without a new ID token: the session keeps
             // its claims for as long as the access token lives.
-            let ttl = response.expires_in().unwrap_or(Duration::from_secs(300)).as_secs();
             return Ok(Verified {
                 claims: Map::new(),
-                id_token_exp: crate::util::unix_now() + ttl,
+                id_token_exp: claims_kept_until(crate::util::unix_now(), response.expires_in()),
                 refresh_token: refresh.or_else(|| Some(refresh_token.to_string())),
             });
         }
@@ -450,6 +449,15 @@ fn claims_error(e: &openidconnect::ClaimsVerificationError) -> &'static str {
     }
 }
 
+/// Until when a session keeps its claims after a refresh answered without an ID token:
+/// the access token's `expires_in` (5 minutes when absent). The provider chooses that
+/// number, so a huge one saturates rather than overflows (a panic in a debug build, a
+/// time in 1970 after wrapping in a release one); the session's own lifetimes still
+/// bound it.
+fn claims_kept_until(now: u64, expires_in: Option<Duration>) -> u64 {
+    now.saturating_add(expires_in.unwrap_or(Duration::from_secs(300)).as_secs())
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -457,6 +465,15 @@ mod tests {
     use super::*;
     use crate::config::SecretSource;
     use crate::identity::{IssuerId, Preset};
+
+    /// A refresh answered without an ID token keeps the claims for `expires_in`; a
+    /// provider's `u64::MAX` saturates instead of overflowing (which panicked here).
+    #[test]
+    fn a_refresh_expires_in_beyond_any_time_saturates() {
+        assert_eq!(claims_kept_until(1_000, None), 1_300);
+        assert_eq!(claims_kept_until(1_000, Some(Duration::from_secs(60))), 1_060);
+        assert_eq!(claims_kept_until(1_000, Some(Duration::from_secs(u64::MAX))), u64::MAX);
+    }
 
     fn provider(issuer: &str, secret: &std::path::Path) -> Provider {
         let mut settings =
