@@ -764,8 +764,24 @@ async fn establish(
                 .await
             }
         };
+        // PostgreSQL sends no authentication request after AuthenticationOk (a client may
+        // answer one with its password: the token), and a BackendKeyData of 8 bytes under
+        // protocol 3.0 (passed on as it is, another would hand the client the backend's own
+        // key). All of this is held until ReadyForQuery: a bounded amount.
+        let odd = match kind {
+            b'R' => Some("an authentication request after AuthenticationOk"),
+            b'K' if body.len() != 8 => Some("a malformed BackendKeyData"),
+            _ if out.len() + body.len() > MAX_STARTUP_ANSWER => {
+                Some("more than 1 MiB of messages between AuthenticationOk and ReadyForQuery")
+            }
+            _ => None,
+        };
+        if let Some(odd) = odd {
+            let detail = format!("the upstream broke the protocol at startup: {odd}");
+            return refuse(&mut client, "08006", Reason::UpstreamUnavailable, sid, detail).await;
+        }
         match kind {
-            b'K' if body.len() == 8 => {
+            b'K' => {
                 let target = CancelTarget {
                     db: db.clone(),
                     tls: tls.clone(),
@@ -1037,6 +1053,9 @@ struct Totals {
 }
 
 const BUF: usize = 64 * 1024;
+/// The most the server may send between AuthenticationOk and ReadyForQuery (held until
+/// then): a real server's parameters and notices are a few KiB.
+const MAX_STARTUP_ANSWER: usize = 1024 * 1024;
 /// The longest identifier PostgreSQL keeps (NAMEDATALEN - 1).
 const PG_NAME_MAX: usize = 63;
 
@@ -1126,7 +1145,7 @@ async fn relay(
                         relay_to = end;
                     }
                     b'Q' | b'F' | b'P' | b'B' | b'C' | b'D' | b'E' | b'H' | b'S' | b'c' | b'd'
-                    | b'f' => {
+                    | b'f' | b'p' => {
                         let mut t = tracker.lock();
                         t.client(kind, captured, &mut &emit);
                         if let Some(why) = t.desync {
@@ -1139,6 +1158,14 @@ async fn relay(
                 }
                 last_end = end;
             });
+            // A password message is refused at its first byte, not only once it is whole:
+            // no part of it (the token) reaches the server.
+            if refused.is_none() && !terminate && c2s_scan.partial_kind() == Some(b'p') {
+                let mut t = tracker.lock();
+                t.client(b'p', None, &mut &emit);
+                refused = t.desync;
+                relay_to = last_end;
+            }
             if let (Err(e), false) = (scanned, terminate) {
                 let _ = violation_tx.send(e.to_string()).await;
                 return std::future::pending().await;
