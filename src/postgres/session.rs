@@ -554,7 +554,10 @@ async fn establish(
             return read_failed(&mut client, sid, e, Some(closed)).await;
         }
     };
-    let Some(role) = param(&params, "user").map(str::to_string) else {
+    // An empty one too, as PostgreSQL refuses it: the policy would see the database as
+    // "" (no rule naming a database matches it), while the server, given an empty
+    // database, picks the one named like the upstream role.
+    let Some(role) = param(&params, "user").filter(|u| !u.is_empty()).map(str::to_string) else {
         return refuse(
             &mut client,
             "28000",
