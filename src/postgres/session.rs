@@ -939,6 +939,9 @@ async fn control(
     let mut expires_at = admission.identity.expires_at;
     let expiry = tokio::time::sleep(until(expires_at));
     tokio::pin!(expiry);
+    // The route's `max_session`, counted from the session's start: a reload may shorten it.
+    let opened = tokio::time::Instant::now();
+    let mut max_session = max_session;
     let cap = tokio::time::sleep(max_session.unwrap_or(Duration::from_secs(100 * 365 * 86_400)));
     tokio::pin!(cap);
     let mut generation_open = true;
@@ -956,13 +959,20 @@ async fn control(
                     continue;
                 }
                 generation.borrow_and_update();
-                match revoked(hub, route, admission, database, role, upstream_role) {
-                    Err(why) => return (Reason::AccessRevoked, why),
-                    Ok(seen) if seen.expires_at < expires_at => {
-                        expires_at = seen.expires_at;
-                        expiry.as_mut().reset(tokio::time::Instant::now() + until(expires_at));
-                    }
-                    Ok(_) => {}
+                let (seen, cap_now) =
+                    match revoked(hub, route, admission, database, role, upstream_role) {
+                        Err(why) => return (Reason::AccessRevoked, why),
+                        Ok(x) => x,
+                    };
+                if seen.expires_at < expires_at {
+                    expires_at = seen.expires_at;
+                    expiry.as_mut().reset(tokio::time::Instant::now() + until(expires_at));
+                }
+                // A shorter `max_session` ends an open session as it would a new one (a
+                // longer one extends none), as a shorter `max_token_age` does above.
+                if let Some(m) = cap_now.filter(|m| max_session.is_none_or(|c| *m < c)) {
+                    max_session = Some(m);
+                    cap.as_mut().reset(opened.checked_add(m).unwrap_or(opened));
                 }
             }
             () = super::stopped(&mut stop) => {
@@ -990,7 +1000,8 @@ fn until(unix: u64) -> Duration {
 /// Re-evaluates an open session against the configuration now in force, as a new
 /// session with the same token would be: the route, the issuer's checks of the token
 /// ([`Admission::recheck`]), the policy and the upstream role it grants. The identity as
-/// the configuration now sees it, or why the session must end.
+/// the configuration now sees it and the route's `max_session` now, or why the session
+/// must end.
 fn revoked(
     hub: &Hub,
     route: &str,
@@ -998,7 +1009,7 @@ fn revoked(
     database: &str,
     role: Option<&str>,
     upstream_role: &str,
-) -> Result<Arc<Identity>, String> {
+) -> Result<(Arc<Identity>, Option<Duration>), String> {
     let rt = hub.shared.runtime.load();
     let Some(db) = rt.config.databases.iter().find(|d| &*d.name == route) else {
         return Err(format!("database route `{route}` removed (policy revision {})", rt.revision));
@@ -1022,7 +1033,7 @@ fn revoked(
             rt.revision
         ));
     }
-    Ok(identity)
+    Ok((identity, db.max_session))
 }
 
 // === the relay ===
