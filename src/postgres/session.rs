@@ -1474,7 +1474,16 @@ fn emit_statement(ctx: &StatementContext<'_>, statements: &AtomicU64, r: &Record
         seq,
         protocol: r.protocol,
         statement: r.statement,
-        text: r.text.map(|t| super::redact::passwords(t, r.scs)).as_deref(),
+        text: r
+            .text
+            .map(|t| {
+                if r.truncated {
+                    super::redact::passwords_cut(t, r.scs)
+                } else {
+                    super::redact::passwords(t, r.scs)
+                }
+            })
+            .as_deref(),
         truncated: r.truncated,
         text_status: r.text_status,
         outcome: r.outcome,
