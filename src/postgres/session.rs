@@ -1226,9 +1226,44 @@ async fn relay(
                         }
                         Ok(n) => n,
                     };
-                    if scan.feed(&buf[..n], on_server).is_err() {
+                    // Where a message the server never sends once the session has started
+                    // begins, if one does in this read.
+                    let (mut odd_at, mut last_end) = (None, 0);
+                    let fed = scan.feed_at(&buf[..n], |kind, captured, end| {
+                        on_server(kind, captured);
+                        if odd_at.is_none() && never_mid_session(kind) {
+                            odd_at = Some((kind, last_end));
+                        }
+                        last_end = end;
+                    });
+                    if fed.is_err() {
                         let _ = tokio::time::timeout(Duration::from_secs(1), cw.shutdown()).await;
                         return Err((Reason::UpstreamUnavailable, "the upstream broke the protocol".to_string()));
+                    }
+                    let odd_at = odd_at.or_else(|| {
+                        scan.partial_kind().filter(|k| never_mid_session(*k)).map(|k| (k, last_end))
+                    });
+                    if let Some((kind, at)) = odd_at {
+                        // Not passed on: the client is told why after what came before it.
+                        let text = format!(
+                            "portcullis: terminating connection: {} (request id {})",
+                            Reason::UpstreamUnavailable.public_code(),
+                            ctx.sid
+                        );
+                        let fatal = proto::error_response(Severity::Fatal, "08006", &text);
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            cw.write_all(&[&buf[..at], &fatal[..]].concat()).await?;
+                            cw.flush().await?;
+                            cw.shutdown().await
+                        })
+                        .await;
+                        bytes_out.fetch_add(at as u64, Ordering::Relaxed);
+                        ctx.counters.bytes_out.fetch_add(at as u64, Ordering::Relaxed);
+                        let what = if kind == b'R' { "an authentication request" } else { "a BackendKeyData" };
+                        return Err((
+                            Reason::UpstreamUnavailable,
+                            format!("the upstream broke the protocol: {what} in the middle of the session (not passed on)"),
+                        ));
                     }
                     // A client that stops reading must not keep its session past its
                     // permission: the write races the control (expiry, revocation,
@@ -1368,6 +1403,14 @@ async fn relay(
         });
     }
     End { reason, detail, by, cancel_sent: settled.cancels > 0 }
+}
+
+/// Messages PostgreSQL sends only before the session's first ReadyForQuery: an
+/// authentication request (a client may answer it with its password, the token) and
+/// BackendKeyData (the backend's own cancel key). From an upstream mid-session they end
+/// the session, not passed on.
+fn never_mid_session(kind: u8) -> bool {
+    matches!(kind, b'R' | b'K')
 }
 
 /// How long a statement may run on after its client went away before it is cancelled.

@@ -242,8 +242,8 @@ const FLUSH_BODY: &str = "a Flush message with a body: PostgreSQL fails it and s
 
 /// Why a session is ended at a PasswordMessage (or SASL, GSS response) after startup.
 const PASSWORD_MID_SESSION: &str = "a password message after the session started: never \
-     relayed (it would carry the client's token to the server; PostgreSQL asks for none \
-     then, so only an upstream that is not PostgreSQL, or not honest, asked for it)";
+     relayed (it would carry the client's token to the server, which asks for none once \
+     the session has started)";
 
 /// A Record's text as the audit shows it while the session's encoding is uncertain (see
 /// [`Tracker::settled`]): `(text, uncertain, cut)`.
@@ -466,9 +466,9 @@ impl Tracker {
         if self.desync.is_some() {
             return;
         }
-        // The client's password is its token: it is for portcullis alone. A client answers
-        // an authentication request relayed from the server mid-session (node-postgres
-        // does, with the password it was given), so the answer is never relayed.
+        // The client's password is its token: it is for portcullis alone. node-postgres
+        // answers an authentication request whenever one comes, with the password it was
+        // given; the relay passes none on (`never_mid_session`), and never relays an answer.
         if kind == b'p' {
             return self.refuse(PASSWORD_MID_SESSION, emit);
         }

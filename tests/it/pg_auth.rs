@@ -779,30 +779,57 @@ async fn next_message<S: tokio::io::AsyncRead + Unpin>(t: &mut S) -> Option<(u8,
 /// the password it was given. An upstream that is not honest (a compromised server, an
 /// impostor on a path whose authentication it can pass) asked for a cleartext password
 /// in the middle of the session, the proxy passed the request on, and relayed the
-/// client's answer: the token, which other routes with the same audience accept. A
-/// password message after startup is now never relayed, not even in part: the session
-/// ends (`08P01`, `protocol-violation`).
+/// client's answer: the token, which other routes with the same audience accept. Such a
+/// request (or a BackendKeyData, the backend's own key) now ends the session, not passed
+/// on; and a password message from the client after startup is never relayed, not even
+/// in part.
 #[tokio::test]
 async fn an_upstream_asking_for_a_password_mid_session_never_gets_the_client_s_token() {
-    use portcullis::postgres::proto::message;
+    use portcullis::postgres::proto::{backend_key_data, message};
     let Some(pg) = pg() else { return };
-    let script = vec![
-        Step::Send(auth_request(3, &[])),
-        Step::Read,
-        Step::Send(ok_and_ready()),
-        // The client's query, answered by a request for its password.
-        Step::Read,
-        Step::Send(auth_request(3, &[])),
+    // The upstream logs in, reads the client's query, and answers it with `then`.
+    let world = |then: Vec<u8>| async move {
+        let mut script = vec![Step::Send(auth_request(3, &[])), Step::Read];
+        script.extend([Step::Send(ok_and_ready()), Step::Read, Step::Send(then)]);
+        let (addr, got, guard) = impostor(None, script).await;
+        let secrets = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let routes = route(secrets.path(), "asks", &addr.to_string(), CLEAR_ROLE, CLEAR_PW);
+        (PgWorld::build(pg, secrets, routes, &policy()).await, got, guard)
+    };
+    let query = message(b'Q', b"select 1 /* asks */\0");
+    let cases = [
+        (auth_request(3, &[]), "an authentication request"),
+        (backend_key_data(77, 78), "a BackendKeyData"),
     ];
-    let (addr, got, _guard) = impostor(None, script).await;
-    let secrets = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let routes = route(secrets.path(), "asks", &addr.to_string(), CLEAR_ROLE, CLEAR_PW);
-    let w = PgWorld::build(pg, secrets, routes, &policy()).await;
+    for (odd, what) in cases {
+        let (w, got, _guard) = world(odd.clone()).await;
+        let token = w.w.token("bb", &[]);
+        let mut t = raw_session(&w, &token).await;
+        t.write_all(&query).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut seen = Vec::new();
+        while let Some(m) = next_message(&mut t).await {
+            seen.push(m);
+        }
+        assert!(seen.iter().all(|(k, _)| *k != odd[0]), "{what} was passed on");
+        let (kind, body) = seen.last().unwrap_or_else(|| panic!("{what}: the proxy said nothing"));
+        let f = portcullis::postgres::proto::parse_fields(body);
+        assert_eq!((*kind, f.get(&b'C').map(String::as_str)), (b'E', Some("08006")), "{f:?}");
+        let ev = w.wait_event(|e| e["kind"] == "pg.session" && e["event"] == "close").await;
+        assert_eq!(ev["reason"], "upstream-unavailable", "{ev}");
+        assert!(detail(&ev).contains(what), "{ev}");
+        let got = got.lock().map(|g| g.clone()).unwrap_or_default();
+        assert!(contains(&got, b"select 1 /* asks */"), "the query reached the upstream");
+        assert!(!contains(&got, token.as_bytes()), "the client's token reached the upstream");
+        assert_secrets_kept(&w, &[CLEAR_PW, &token]);
+    }
+
+    // A client that sends a password message anyway: sent in two writes, so the header
+    // arrives alone first.
+    let (w, got, _guard) = world(message(b'Z', b"I")).await;
     let token = w.w.token("bb", &[]);
     let mut t = raw_session(&w, &token).await;
-    t.write_all(&message(b'Q', b"select 1 /* asks */\0")).await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(next_message(&mut t).await.map(|m| m.0), Some(b'R'), "the request was relayed");
-    // As node-postgres answers it; sent in two writes, so the header arrives alone first.
+    t.write_all(&query).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(next_message(&mut t).await.map(|m| m.0), Some(b'Z'));
     let answer = message(b'p', &[token.as_bytes(), b"\0"].concat());
     t.write_all(&answer[..5]).await.unwrap_or_else(|e| panic!("{e}"));
     t.flush().await.unwrap_or_else(|e| panic!("{e}"));
