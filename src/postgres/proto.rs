@@ -340,6 +340,12 @@ impl Scanner {
         self.hdr_len == 0 && self.remaining == 0 && !self.capturing
     }
 
+    /// The type of the message read in part (its header or body not all fed yet); `None`
+    /// at a message boundary.
+    pub fn partial_kind(&self) -> Option<u8> {
+        (!self.at_boundary()).then_some(self.hdr[0])
+    }
+
     /// Bytes needed to reach the next message boundary as far as is known now: the rest
     /// of a partial header, or the rest of the current body.
     pub fn needed(&self) -> usize {

@@ -41,9 +41,21 @@ const MAX_DEPTH: usize = 8;
 /// lexed by the server later, under a setting that may have changed by then, so they
 /// are always read both ways.
 pub fn passwords(text: &str, scs: Option<bool>) -> Cow<'_, str> {
+    masked(text, scs, false)
+}
+
+/// [`passwords`] of a text the audit cut short (64 KiB, the session's text budget, an
+/// encoding it could not be sure of): a URI whose `user:` part runs to the cut had its
+/// `@` cut off, so everything after that colon may be the start of a password, and is
+/// masked.
+pub fn passwords_cut(text: &str, scs: Option<bool>) -> Cow<'_, str> {
+    masked(text, scs, true)
+}
+
+fn masked(text: &str, scs: Option<bool>, cut: bool) -> Cow<'_, str> {
     let bytes = text.as_bytes();
     let mut scan = Scan { text: bytes, masks: BTreeMap::new(), backstop: None, scs };
-    for (start, end) in uri_passwords(bytes) {
+    for (start, end) in uri_passwords(bytes, cut) {
         scan.mask(start, end);
     }
     if may_hide_keyword(bytes) {
@@ -953,8 +965,9 @@ fn u_escape(s: &[u8], esc: u8) -> (Vec<u8>, usize) {
 }
 
 /// The password of every `scheme://user:password@host` (a URI connection string, as
-/// dblink and foreign-data wrappers take): the bytes between the `:` and the `@`.
-fn uri_passwords(bytes: &[u8]) -> Vec<(usize, usize)> {
+/// dblink and foreign-data wrappers take): the bytes between the `:` and the `@`; in a
+/// text that was `cut`, also between the `:` and the cut, when the URI runs to it.
+fn uri_passwords(bytes: &[u8], cut: bool) -> Vec<(usize, usize)> {
     let mut spans = Vec::new();
     let mut from = 0;
     let (mut uri_end, mut query, mut queried) = (0, None, None);
@@ -972,7 +985,7 @@ fn uri_passwords(bytes: &[u8]) -> Vec<(usize, usize)> {
                 _ => end += 1,
             }
         }
-        if bytes.get(end) == Some(&b'@') {
+        if bytes.get(end) == Some(&b'@') || (cut && end == bytes.len()) {
             if let Some(colon) = bytes[authority..end].iter().position(|b| *b == b':') {
                 spans.push((authority + colon + 1, end));
             }
@@ -1038,6 +1051,20 @@ mod tests {
         for s in secrets {
             assert!(!got.contains(s), "{text:?} -> {got:?} shows {s:?}");
         }
+    }
+
+    #[test]
+    fn a_uri_cut_before_its_at_is_masked_only_in_a_text_that_was_cut() {
+        let text = "SELECT dblink('postgresql://app:Hunter2-c";
+        assert_eq!(super::passwords_cut(text, None), "SELECT dblink('postgresql://app:***");
+        assert_eq!(super::passwords(text, None), text, "whole, it names a host and port");
+        let whole = "SELECT dblink('postgresql://app:Hunter2@db/x', 'select 1'), 'http://h:80";
+        assert_eq!(
+            super::passwords_cut(whole, None),
+            "SELECT dblink('postgresql://app:***@db/x', 'select 1'), 'http://h:***"
+        );
+        // Cut before the colon: nothing of a password is there.
+        assert_eq!(super::passwords_cut("x 'postgresql://app", None), "x 'postgresql://app");
     }
 
     /// `text` is masked from the end of `kept` on: `kept` followed by the backstop.

@@ -554,7 +554,10 @@ async fn establish(
             return read_failed(&mut client, sid, e, Some(closed)).await;
         }
     };
-    let Some(role) = param(&params, "user").map(str::to_string) else {
+    // An empty one too, as PostgreSQL refuses it: the policy would see the database as
+    // "" (no rule naming a database matches it), while the server, given an empty
+    // database, picks the one named like the upstream role.
+    let Some(role) = param(&params, "user").filter(|u| !u.is_empty()).map(str::to_string) else {
         return refuse(
             &mut client,
             "28000",
@@ -764,8 +767,24 @@ async fn establish(
                 .await
             }
         };
+        // PostgreSQL sends no authentication request after AuthenticationOk (a client may
+        // answer one with its password: the token), and a BackendKeyData of 8 bytes under
+        // protocol 3.0 (passed on as it is, another would hand the client the backend's own
+        // key). All of this is held until ReadyForQuery: a bounded amount.
+        let odd = match kind {
+            b'R' => Some("an authentication request after AuthenticationOk"),
+            b'K' if body.len() != 8 => Some("a malformed BackendKeyData"),
+            _ if out.len() + body.len() > MAX_STARTUP_ANSWER => {
+                Some("more than 1 MiB of messages between AuthenticationOk and ReadyForQuery")
+            }
+            _ => None,
+        };
+        if let Some(odd) = odd {
+            let detail = format!("the upstream broke the protocol at startup: {odd}");
+            return refuse(&mut client, "08006", Reason::UpstreamUnavailable, sid, detail).await;
+        }
         match kind {
-            b'K' if body.len() == 8 => {
+            b'K' => {
                 let target = CancelTarget {
                     db: db.clone(),
                     tls: tls.clone(),
@@ -920,6 +939,9 @@ async fn control(
     let mut expires_at = admission.identity.expires_at;
     let expiry = tokio::time::sleep(until(expires_at));
     tokio::pin!(expiry);
+    // The route's `max_session`, counted from the session's start: a reload may shorten it.
+    let opened = tokio::time::Instant::now();
+    let mut max_session = max_session;
     let cap = tokio::time::sleep(max_session.unwrap_or(Duration::from_secs(100 * 365 * 86_400)));
     tokio::pin!(cap);
     let mut generation_open = true;
@@ -937,13 +959,20 @@ async fn control(
                     continue;
                 }
                 generation.borrow_and_update();
-                match revoked(hub, route, admission, database, role, upstream_role) {
-                    Err(why) => return (Reason::AccessRevoked, why),
-                    Ok(seen) if seen.expires_at < expires_at => {
-                        expires_at = seen.expires_at;
-                        expiry.as_mut().reset(tokio::time::Instant::now() + until(expires_at));
-                    }
-                    Ok(_) => {}
+                let (seen, cap_now) =
+                    match revoked(hub, route, admission, database, role, upstream_role) {
+                        Err(why) => return (Reason::AccessRevoked, why),
+                        Ok(x) => x,
+                    };
+                if seen.expires_at < expires_at {
+                    expires_at = seen.expires_at;
+                    expiry.as_mut().reset(tokio::time::Instant::now() + until(expires_at));
+                }
+                // A shorter `max_session` ends an open session as it would a new one (a
+                // longer one extends none), as a shorter `max_token_age` does above.
+                if let Some(m) = cap_now.filter(|m| max_session.is_none_or(|c| *m < c)) {
+                    max_session = Some(m);
+                    cap.as_mut().reset(opened.checked_add(m).unwrap_or(opened));
                 }
             }
             () = super::stopped(&mut stop) => {
@@ -971,7 +1000,8 @@ fn until(unix: u64) -> Duration {
 /// Re-evaluates an open session against the configuration now in force, as a new
 /// session with the same token would be: the route, the issuer's checks of the token
 /// ([`Admission::recheck`]), the policy and the upstream role it grants. The identity as
-/// the configuration now sees it, or why the session must end.
+/// the configuration now sees it and the route's `max_session` now, or why the session
+/// must end.
 fn revoked(
     hub: &Hub,
     route: &str,
@@ -979,7 +1009,7 @@ fn revoked(
     database: &str,
     role: Option<&str>,
     upstream_role: &str,
-) -> Result<Arc<Identity>, String> {
+) -> Result<(Arc<Identity>, Option<Duration>), String> {
     let rt = hub.shared.runtime.load();
     let Some(db) = rt.config.databases.iter().find(|d| &*d.name == route) else {
         return Err(format!("database route `{route}` removed (policy revision {})", rt.revision));
@@ -1003,7 +1033,7 @@ fn revoked(
             rt.revision
         ));
     }
-    Ok(identity)
+    Ok((identity, db.max_session))
 }
 
 // === the relay ===
@@ -1037,6 +1067,9 @@ struct Totals {
 }
 
 const BUF: usize = 64 * 1024;
+/// The most the server may send between AuthenticationOk and ReadyForQuery (held until
+/// then): a real server's parameters and notices are a few KiB.
+const MAX_STARTUP_ANSWER: usize = 1024 * 1024;
 /// The longest identifier PostgreSQL keeps (NAMEDATALEN - 1).
 const PG_NAME_MAX: usize = 63;
 
@@ -1126,7 +1159,7 @@ async fn relay(
                         relay_to = end;
                     }
                     b'Q' | b'F' | b'P' | b'B' | b'C' | b'D' | b'E' | b'H' | b'S' | b'c' | b'd'
-                    | b'f' => {
+                    | b'f' | b'p' => {
                         let mut t = tracker.lock();
                         t.client(kind, captured, &mut &emit);
                         if let Some(why) = t.desync {
@@ -1139,6 +1172,14 @@ async fn relay(
                 }
                 last_end = end;
             });
+            // A password message is refused at its first byte, not only once it is whole:
+            // no part of it (the token) reaches the server.
+            if refused.is_none() && !terminate && c2s_scan.partial_kind() == Some(b'p') {
+                let mut t = tracker.lock();
+                t.client(b'p', None, &mut &emit);
+                refused = t.desync;
+                relay_to = last_end;
+            }
             if let (Err(e), false) = (scanned, terminate) {
                 let _ = violation_tx.send(e.to_string()).await;
                 return std::future::pending().await;
@@ -1185,9 +1226,44 @@ async fn relay(
                         }
                         Ok(n) => n,
                     };
-                    if scan.feed(&buf[..n], on_server).is_err() {
+                    // Where a message the server never sends once the session has started
+                    // begins, if one does in this read.
+                    let (mut odd_at, mut last_end) = (None, 0);
+                    let fed = scan.feed_at(&buf[..n], |kind, captured, end| {
+                        on_server(kind, captured);
+                        if odd_at.is_none() && never_mid_session(kind) {
+                            odd_at = Some((kind, last_end));
+                        }
+                        last_end = end;
+                    });
+                    if fed.is_err() {
                         let _ = tokio::time::timeout(Duration::from_secs(1), cw.shutdown()).await;
                         return Err((Reason::UpstreamUnavailable, "the upstream broke the protocol".to_string()));
+                    }
+                    let odd_at = odd_at.or_else(|| {
+                        scan.partial_kind().filter(|k| never_mid_session(*k)).map(|k| (k, last_end))
+                    });
+                    if let Some((kind, at)) = odd_at {
+                        // Not passed on: the client is told why after what came before it.
+                        let text = format!(
+                            "portcullis: terminating connection: {} (request id {})",
+                            Reason::UpstreamUnavailable.public_code(),
+                            ctx.sid
+                        );
+                        let fatal = proto::error_response(Severity::Fatal, "08006", &text);
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            cw.write_all(&[&buf[..at], &fatal[..]].concat()).await?;
+                            cw.flush().await?;
+                            cw.shutdown().await
+                        })
+                        .await;
+                        bytes_out.fetch_add(at as u64, Ordering::Relaxed);
+                        ctx.counters.bytes_out.fetch_add(at as u64, Ordering::Relaxed);
+                        let what = if kind == b'R' { "an authentication request" } else { "a BackendKeyData" };
+                        return Err((
+                            Reason::UpstreamUnavailable,
+                            format!("the upstream broke the protocol: {what} in the middle of the session (not passed on)"),
+                        ));
                     }
                     // A client that stops reading must not keep its session past its
                     // permission: the write races the control (expiry, revocation,
@@ -1329,6 +1405,14 @@ async fn relay(
     End { reason, detail, by, cancel_sent: settled.cancels > 0 }
 }
 
+/// Messages PostgreSQL sends only before the session's first ReadyForQuery: an
+/// authentication request (a client may answer it with its password, the token) and
+/// BackendKeyData (the backend's own cancel key). From an upstream mid-session they end
+/// the session, not passed on.
+fn never_mid_session(kind: u8) -> bool {
+    matches!(kind, b'R' | b'K')
+}
+
 /// How long a statement may run on after its client went away before it is cancelled.
 pub(super) const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 /// How long the server's answers are waited for after a cancel while nothing comes; and
@@ -1433,7 +1517,16 @@ fn emit_statement(ctx: &StatementContext<'_>, statements: &AtomicU64, r: &Record
         seq,
         protocol: r.protocol,
         statement: r.statement,
-        text: r.text.map(|t| super::redact::passwords(t, r.scs)).as_deref(),
+        text: r
+            .text
+            .map(|t| {
+                if r.truncated {
+                    super::redact::passwords_cut(t, r.scs)
+                } else {
+                    super::redact::passwords(t, r.scs)
+                }
+            })
+            .as_deref(),
         truncated: r.truncated,
         text_status: r.text_status,
         outcome: r.outcome,

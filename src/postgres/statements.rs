@@ -240,6 +240,11 @@ const LOST: &str = "the server's answers no longer match the messages relayed: t
 const FLUSH_BODY: &str = "a Flush message with a body: PostgreSQL fails it and skips every \
      message up to the next Sync, which nothing the audit follows would tell";
 
+/// Why a session is ended at a PasswordMessage (or SASL, GSS response) after startup.
+const PASSWORD_MID_SESSION: &str = "a password message after the session started: never \
+     relayed (it would carry the client's token to the server, which asks for none once \
+     the session has started)";
+
 /// A Record's text as the audit shows it while the session's encoding is uncertain (see
 /// [`Tracker::settled`]): `(text, uncertain, cut)`.
 ///
@@ -460,6 +465,12 @@ impl Tracker {
         let scs = if settled { self.scs } else { None };
         if self.desync.is_some() {
             return;
+        }
+        // The client's password is its token: it is for portcullis alone. node-postgres
+        // answers an authentication request whenever one comes, with the password it was
+        // given; the relay passes none on (`never_mid_session`), and never relays an answer.
+        if kind == b'p' {
+            return self.refuse(PASSWORD_MID_SESSION, emit);
         }
         // A Flush gets no answer, so an error the server raises at it (it fails one with a
         // body, then skips to the next Sync) would be taken for the next message's.

@@ -364,13 +364,26 @@ impl PgWorld {
 
     /// A world whose `[[databases]]` TOML is `edit` of the route `appdb` (with `extra`).
     pub async fn with_toml(extra: &str, edit: impl FnOnce(String) -> String) -> Option<PgWorld> {
+        Self::with_toml_and_policy(extra, edit, PG_POLICY).await
+    }
+
+    /// The route `appdb` under `policy` instead of [`PG_POLICY`].
+    pub async fn with_policy(policy: &str) -> Option<PgWorld> {
+        Self::with_toml_and_policy("", |t| t, policy).await
+    }
+
+    async fn with_toml_and_policy(
+        extra: &str,
+        edit: impl FnOnce(String) -> String,
+        policy: &str,
+    ) -> Option<PgWorld> {
         let pg = pg()?;
         let secrets = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         for (n, p) in [("app", APP_PW), ("migrator", MIGRATOR_PW), ("readonly", READONLY_PW)] {
             write(&secrets.path().join(n), &format!("{p}\n"));
         }
         let routes = edit(database_toml(pg, secrets.path(), extra));
-        Some(Self::build(pg, secrets, routes, PG_POLICY).await)
+        Some(Self::build(pg, secrets, routes, policy).await)
     }
 
     /// A world whose `[[databases]]` routes are `routes` (password files in `secrets`,

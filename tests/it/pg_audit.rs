@@ -728,3 +728,29 @@ async fn a_pipelined_statement_with_a_non_ascii_byte_is_audited_whole() {
     assert_eq!(e["text_status"], "uncertain", "{e:#}");
     assert!(!w.w.events().iter().any(|e| e.to_string().contains("Hunter2")));
 }
+
+/// Attack (round 14): the audit keeps the first 64 KiB of a statement's text (and less
+/// of a prepared statement's once the session's text budget is spent). The masker finds
+/// a URI's password by the `@` that ends it, so a text cut between the `:` and the `@`
+/// logged the start of the password as it stood. In a text that was cut, a URI's
+/// `user:` part that runs to the cut is masked from its colon on.
+#[tokio::test]
+async fn a_uri_password_cut_off_with_the_text_is_still_masked() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let mut t = session(&w, &token).await;
+    let secret = "CutPw-7e4d1b-the-rest-of-it";
+    let head = "SELECT 'cut-uri-marker', length('";
+    let uri = "'), 'postgresql://app:";
+    // The cut (at 64 KiB) falls 8 bytes into the password.
+    let pad = "x".repeat(portcullis::postgres::proto::MAX_AUDIT_TEXT - head.len() - uri.len() - 8);
+    // Longer than the part of a Query the proxy reads (64 KiB and a little), so it is cut.
+    let sql = format!("{head}{pad}{uri}{secret}@db/app', '{}'", "y".repeat(1024));
+    send(&mut t, &[message(b'Q', &cstr(&sql))]).await;
+    assert!(kinds(&until_ready(&mut t).await).ends_with("CZ"));
+    let ev = statements_of(&w, "cut-uri-marker", 1).await.remove(0);
+    assert_eq!(ev["truncated"], true, "{}", ev["text"].as_str().map_or(0, str::len));
+    let text = ev["text"].as_str().unwrap_or_default();
+    assert!(text.ends_with("'postgresql://app:***"), "{}", &text[text.len().saturating_sub(40)..]);
+    assert_no_secrets(&w, &[&token, &secret[..8]]);
+}

@@ -742,3 +742,158 @@ async fn an_upstream_that_skips_authentication_gets_no_session_and_no_password()
     }
     assert_secrets_kept(&w, &[TLS_PW, &token]);
 }
+
+/// A raw session through the first route of `w`, logged in with `token`: the server's
+/// messages up to its first ReadyForQuery are read.
+async fn raw_session(w: &PgWorld, token: &str) -> tokio_rustls::client::TlsStream<TcpStream> {
+    use portcullis::postgres::proto::message;
+    let mut t = tls_to(w).await;
+    t.write_all(&startup("app", "appdb")).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(next_message(&mut t).await.map(|m| m.0), Some(b'R'));
+    t.write_all(&message(b'p', &[token.as_bytes(), b"\0"].concat()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    while let Some((k, _)) = next_message(&mut t).await {
+        if k == b'Z' {
+            return t;
+        }
+    }
+    panic!("the session ended before ReadyForQuery")
+}
+
+/// One message from the proxy; `None` once it closed.
+async fn next_message<S: tokio::io::AsyncRead + Unpin>(t: &mut S) -> Option<(u8, Vec<u8>)> {
+    let mut hdr = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(10), t.read_exact(&mut hdr))
+        .await
+        .unwrap_or_else(|_| panic!("no answer from the proxy"))
+        .ok()?;
+    let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
+    let mut body = vec![0u8; len.saturating_sub(4)];
+    t.read_exact(&mut body).await.ok()?;
+    Some((hdr[0], body))
+}
+
+/// Attack (round 14): the client's password is its OIDC token, meant for portcullis
+/// alone, and node-postgres answers an authentication request whenever one comes, with
+/// the password it was given. An upstream that is not honest (a compromised server, an
+/// impostor on a path whose authentication it can pass) asked for a cleartext password
+/// in the middle of the session, the proxy passed the request on, and relayed the
+/// client's answer: the token, which other routes with the same audience accept. Such a
+/// request (or a BackendKeyData, the backend's own key) now ends the session, not passed
+/// on; and a password message from the client after startup is never relayed, not even
+/// in part.
+#[tokio::test]
+async fn an_upstream_asking_for_a_password_mid_session_never_gets_the_client_s_token() {
+    use portcullis::postgres::proto::{backend_key_data, message};
+    let Some(pg) = pg() else { return };
+    // The upstream logs in, reads the client's query, and answers it with `then`.
+    let world = |then: Vec<u8>| async move {
+        let mut script = vec![Step::Send(auth_request(3, &[])), Step::Read];
+        script.extend([Step::Send(ok_and_ready()), Step::Read, Step::Send(then)]);
+        let (addr, got, guard) = impostor(None, script).await;
+        let secrets = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let routes = route(secrets.path(), "asks", &addr.to_string(), CLEAR_ROLE, CLEAR_PW);
+        (PgWorld::build(pg, secrets, routes, &policy()).await, got, guard)
+    };
+    let query = message(b'Q', b"select 1 /* asks */\0");
+    let cases = [
+        (auth_request(3, &[]), "an authentication request"),
+        (backend_key_data(77, 78), "a BackendKeyData"),
+    ];
+    for (odd, what) in cases {
+        let (w, got, _guard) = world(odd.clone()).await;
+        let token = w.w.token("bb", &[]);
+        let mut t = raw_session(&w, &token).await;
+        t.write_all(&query).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut seen = Vec::new();
+        while let Some(m) = next_message(&mut t).await {
+            seen.push(m);
+        }
+        assert!(seen.iter().all(|(k, _)| *k != odd[0]), "{what} was passed on");
+        let (kind, body) = seen.last().unwrap_or_else(|| panic!("{what}: the proxy said nothing"));
+        let f = portcullis::postgres::proto::parse_fields(body);
+        assert_eq!((*kind, f.get(&b'C').map(String::as_str)), (b'E', Some("08006")), "{f:?}");
+        let ev = w.wait_event(|e| e["kind"] == "pg.session" && e["event"] == "close").await;
+        assert_eq!(ev["reason"], "upstream-unavailable", "{ev}");
+        assert!(detail(&ev).contains(what), "{ev}");
+        let got = got.lock().map(|g| g.clone()).unwrap_or_default();
+        assert!(contains(&got, b"select 1 /* asks */"), "the query reached the upstream");
+        assert!(!contains(&got, token.as_bytes()), "the client's token reached the upstream");
+        assert_secrets_kept(&w, &[CLEAR_PW, &token]);
+    }
+
+    // A client that sends a password message anyway: sent in two writes, so the header
+    // arrives alone first.
+    let (w, got, _guard) = world(message(b'Z', b"I")).await;
+    let token = w.w.token("bb", &[]);
+    let mut t = raw_session(&w, &token).await;
+    t.write_all(&query).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(next_message(&mut t).await.map(|m| m.0), Some(b'Z'));
+    let answer = message(b'p', &[token.as_bytes(), b"\0"].concat());
+    t.write_all(&answer[..5]).await.unwrap_or_else(|e| panic!("{e}"));
+    t.flush().await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = t.write_all(&answer[5..]).await;
+    let _ = t.flush().await;
+    // Until the proxy closes, which it does once the upstream is done with the session.
+    let mut last = None;
+    while let Some(m) = next_message(&mut t).await {
+        last = Some(m);
+    }
+    let got = got.lock().map(|g| g.clone()).unwrap_or_default();
+    assert!(contains(&got, b"select 1 /* asks */"), "the query reached the upstream");
+    assert!(!contains(&got, token.as_bytes()), "the client's token reached the upstream");
+    assert!(!contains(&got, &token.as_bytes()[..16]), "part of the token reached the upstream");
+    // The proxy's own cleartext password comes first; no password message after it.
+    let first =
+        got.get(1..5).map_or(0, |l| 1 + u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize);
+    let after = got.get(first..).unwrap_or_default();
+    assert!(!message_types(&[&[0, 0, 0, 4][..], after].concat()).contains(&b'p'), "{after:?}");
+    let (kind, body) = last.unwrap_or_else(|| panic!("the proxy said nothing"));
+    let f = portcullis::postgres::proto::parse_fields(&body);
+    assert_eq!((kind, f.get(&b'C').map(String::as_str)), (b'E', Some("08P01")), "{f:?}");
+    let ev = w.wait_event(|e| e["kind"] == "pg.session" && e["event"] == "close").await;
+    assert_eq!(ev["reason"], "protocol-violation", "{ev}");
+    assert!(detail(&ev).contains("password message"), "{ev}");
+    assert_secrets_kept(&w, &[CLEAR_PW, &token]);
+}
+
+/// Attack (round 14): between AuthenticationOk and ReadyForQuery the proxy held and passed
+/// on whatever the upstream sent: a second authentication request (which a client may
+/// answer with its token), a BackendKeyData of another length (handing the client the
+/// backend's own key), or any amount of messages, all held in memory until ReadyForQuery
+/// or the startup timeout (a server flooding notices grew the proxy's memory for every
+/// client connecting). Each refuses the session, nothing passed on.
+#[tokio::test]
+async fn an_upstream_that_breaks_the_protocol_after_authentication_ok_gets_no_session() {
+    use portcullis::postgres::proto::{auth, message};
+    let Some(pg) = pg() else { return };
+    let notice = message(b'N', &[b"SNOTICE\0M".as_slice(), &[b'x'; 60_000], b"\0\0"].concat());
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("auth-again", auth(3, &[]), "an authentication request after AuthenticationOk"),
+        ("long-key", message(b'K', &[7; 12]), "a malformed BackendKeyData"),
+        ("flood", notice.repeat(20), "more than 1 MiB"),
+    ];
+    let secrets = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut routes = String::new();
+    let mut fakes = Vec::new();
+    for (name, odd, _) in &cases {
+        let then = [auth(0, &[]), message(b'S', b"client_encoding\0UTF8\0"), odd.clone()];
+        let script = vec![
+            Step::Send(auth_request(3, &[])),
+            Step::Read,
+            Step::Send([then.concat(), message(b'Z', b"I")].concat()),
+        ];
+        let (addr, _got, guard) = impostor(None, script).await;
+        routes.push_str(&route(secrets.path(), name, &addr.to_string(), CLEAR_ROLE, CLEAR_PW));
+        fakes.push(guard);
+    }
+    let w = PgWorld::build(pg, secrets, routes, &policy()).await;
+    let token = w.w.token("bb", &[]);
+    for (name, _, why) in &cases {
+        let ev = refused(&w, name, &token, &[CLEAR_PW]).await;
+        assert!(detail(&ev).contains(why), "{name}: {ev}");
+    }
+    assert_secrets_kept(&w, &[CLEAR_PW, &token]);
+}

@@ -395,3 +395,32 @@ async fn an_idle_database_route_exports_zero_open_sessions() {
     let series = "portcullis_pg_sessions_open{route=\"idle-metrics\"}";
     assert_eq!(metric(&w, series, 0).await, Some(0));
 }
+
+/// Attack (round 14): `max_session` was read when a session opened, so a reload that
+/// shortened it (an operator cutting long sessions during an incident) left every open
+/// session running until its token expired, while a shorter `max_token_age` ended them.
+/// A shorter `max_session` now ends open sessions older than it (counted from each
+/// session's start), as it would a new one; a longer one extends none.
+#[tokio::test]
+async fn a_reload_that_shortens_max_session_ends_the_sessions_older_than_it() {
+    let Some(w) = PgWorld::with_extra("max_session = \"1h\"").await else { return };
+    let (head, block) = config_parts(&w);
+    let token = w.w.token("bb", &[]);
+    let (c, conn) = connect_at(&w, w.addr, &token).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(current_user(&c).await, "migrator");
+
+    // Longer: nothing ends.
+    write(&w.w.config_path(), &format!("{head}{}", block.replace("\"1h\"", "\"2h\"")));
+    assert!(w.w.server().reload().await, "reload with a longer max_session");
+    assert_eq!(current_user(&c).await, "migrator");
+
+    write(&w.w.config_path(), &format!("{head}{}", block.replace("\"1h\"", "\"1s\"")));
+    assert!(w.w.server().reload().await, "reload with a shorter max_session");
+    let e = ended_with(conn).await;
+    let db = e.as_db_error().unwrap_or_else(|| panic!("not a PostgreSQL error: {e}"));
+    assert_eq!(db.code().code(), "57P01", "{}", db.message());
+    assert!(db.message().contains("session-expired"), "{}", db.message());
+    let close = w.wait_event(|e| e["kind"] == "pg.session" && e["event"] == "close").await;
+    assert_eq!(close["reason"], "session-expired", "{close}");
+    assert!(close["detail"].as_str().is_some_and(|d| d.contains("max_session (1s)")), "{close}");
+}

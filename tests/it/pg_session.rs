@@ -689,3 +689,55 @@ async fn the_session_id_reaches_pg_stat_activity_when_asked() {
     let (mut t, _) = login(&plain, plain.addr, &plain.w.token("bb", &[]), &app).await;
     assert_eq!(server_side_application_name(&mut t).await.as_deref(), Some("deploy-job"));
 }
+
+/// Attack (round 14): PostgreSQL refuses a startup packet whose `user` is empty, and
+/// connects a session whose `database` is empty to the database named like its user.
+/// portcullis took `user=""` with `database=""`: the policy saw the database as "", which
+/// no rule naming a database matches, and the server got the upstream role as the user
+/// and so the database of that name. A deny rule on that database was passed by
+/// leaving both names empty. An empty `user` is refused, before the token is asked for.
+#[tokio::test]
+async fn an_empty_user_name_is_refused_so_no_database_hides_behind_it() {
+    let policy = r#"
+[[rule]]
+id = "not-the-readonly-database"
+effect = "deny"
+issuer = "corp"
+databases = ["readonly"]
+
+[[rule]]
+id = "engineers-read-anything-else"
+effect = "allow"
+issuer = "corp"
+groups_any = ["engineering"]
+upstream_role = "readonly"
+"#;
+    let Some(w) = PgWorld::with_policy(policy).await else { return };
+    // A database named like the upstream role (the attack's target; it may exist already).
+    let _ = w.pg.admin_sql("create database readonly");
+    let token = w.w.token("corp", &[]);
+    // Named, it is denied.
+    let mut t = tls_at(&w, w.addr).await;
+    let denied = [("user", "app"), ("database", "readonly")];
+    send(&mut t, &[portcullis::postgres::proto::startup_message(&denied)]).await;
+    assert_eq!(next(&mut t).await.map(|m| m.0), Some(b'R'));
+    send(&mut t, &[message(b'p', &cstr(token.as_bytes()))]).await;
+    let got = until_ready(&mut t).await;
+    assert_eq!(error_code(&got).as_deref(), Some("28000"), "{}", kinds(&got));
+    // Left empty, it is refused too, before the password prompt.
+    for params in [&[("user", ""), ("database", "")][..], &[("user", "")]] {
+        let mut t = tls_at(&w, w.addr).await;
+        send(&mut t, &[portcullis::postgres::proto::startup_message(params)]).await;
+        let mut got = Vec::new();
+        while let Some(m) = next(&mut t).await {
+            if m.0 == b'R' {
+                send(&mut t, &[message(b'p', &cstr(token.as_bytes()))]).await;
+            }
+            got.push(m);
+        }
+        assert_eq!(kinds(&got), "E", "{params:?}: refused before the password prompt");
+        assert_eq!(error_code(&got).as_deref(), Some("28000"), "{params:?}");
+    }
+    let opened = w.w.events().into_iter().filter(|e| e["event"] == "open").count();
+    assert_eq!(opened, 0, "no session opened");
+}
