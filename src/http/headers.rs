@@ -271,25 +271,22 @@ fn directives(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// Removes the proxy's own cookies (`_portcullis*`, bare or behind `__Host-` /
 /// `__Secure-`: today's, those from before the prefixes, and any tossed from a sibling
-/// host), keeping the application's.
+/// host), keeping the application's, byte for byte (a UTF-8 value included).
 pub fn strip_proxy_cookies(h: &mut HeaderMap) {
     if !h.contains_key(header::COOKIE) {
         return;
     }
-    let kept: Vec<String> = h
+    let kept: Vec<&[u8]> = h
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|c| !c.is_empty() && !crate::session::cookie::is_proxy_cookie(c.as_bytes()))
-        .map(str::to_string)
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty() && !crate::session::cookie::is_proxy_cookie(c))
         .collect();
+    let joined = (!kept.is_empty()).then(|| HeaderValue::from_bytes(&kept.join(&b"; "[..])));
     h.remove(header::COOKIE);
-    if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
-            h.insert(header::COOKIE, v);
-        }
+    if let Some(Ok(v)) = joined {
+        h.insert(header::COOKIE, v);
     }
 }
 
@@ -921,6 +918,15 @@ mod tests {
         )]);
         strip_proxy_cookies(&mut h);
         assert_eq!(h.get("cookie").map(|v| v.as_bytes()), Some(&b"__Host-app=1; app=2"[..]));
+        // An application's UTF-8 value reaches it as sent; the session beside it does not.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_str("name=Jos\u{e9}; __Host-_portcullis=s; app=2")
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        strip_proxy_cookies(&mut h);
+        assert_eq!(h.get("cookie").map(|v| v.as_bytes()), Some("name=Jos\u{e9}; app=2".as_bytes()));
     }
 
     #[test]

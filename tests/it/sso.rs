@@ -191,6 +191,24 @@ async fn browser_signs_in_and_reuses_the_session() {
     assert_eq!(e["identity"]["subject"], "alice");
 }
 
+/// A cookie with a UTF-8 value beside the proxy's (set by the application, or tossed by
+/// a sibling host with `Domain=`: browsers send its bytes as they are, in the one
+/// `Cookie` header that carries the session too) hid the session and the sign-in
+/// cookie: the browser was sent to sign in, and every callback failed.
+#[tokio::test]
+async fn a_cookie_with_a_utf8_value_does_not_hide_the_session_or_the_sign_in() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    b.jar.insert("name".into(), "Jos\u{e9}".into());
+    let r = b.sign_in(&w, "/app", "alice", &["engineering"]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.upstream_header("x-portcullis-subject").as_deref(), Some("alice"));
+    // The application's cookie reaches it as sent; the session does not.
+    assert_eq!(r.upstream_header("cookie").as_deref(), Some("name=Jos\u{e9}"));
+    let r = b.get(&w, &w.url("/app/again")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
+
 #[tokio::test]
 async fn api_requests_get_401_and_browsers_get_html_rejections() {
     let w = sso_world("").await;
