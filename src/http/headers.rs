@@ -210,21 +210,7 @@ pub fn strip_proxy_set_cookies(h: &mut HeaderMap) {
 /// nginx's `X-Accel-Expires`; LiteSpeed's `X-LiteSpeed-Cache-Control`), are removed, so
 /// such a cache falls back to the `private` above.
 pub fn keep_from_shared_caches(h: &mut HeaderMap) {
-    let targeted: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| {
-            let k = k.as_str();
-            matches!(
-                k,
-                "cdn-cache-control"
-                    | "surrogate-control"
-                    | "edge-control"
-                    | "x-accel-expires"
-                    | "x-litespeed-cache-control"
-            ) || k.ends_with("-cdn-cache-control")
-        })
-        .cloned()
-        .collect();
+    let targeted: Vec<HeaderName> = h.keys().filter(|k| targets_caches(k)).cloned().collect();
     for n in targeted {
         h.remove(n);
     }
@@ -249,6 +235,60 @@ pub fn keep_from_shared_caches(h: &mut HeaderMap) {
     let v = HeaderValue::from_bytes(&kept.join(&b", "[..]))
         .unwrap_or_else(|_| HeaderValue::from_static("private"));
     h.insert(header::CACHE_CONTROL, v);
+}
+
+/// Makes an answer to a request that a session cookie authenticated `private`, unless
+/// the upstream decided how caches treat it: `private`, `no-store`, `no-cache`, or a
+/// directive that lets shared caches store answers to authenticated requests on purpose
+/// (`public`, `s-maxage`, `must-revalidate`, `proxy-revalidate`: RFC 9111 §3.5), or a
+/// targeted field a CDN reads instead (`CDN-Cache-Control` and the like). A shared cache
+/// in front of the proxy (a CDN caching `.pdf` and `.css` whatever the request's cookies,
+/// or any cache giving an answer without `Cache-Control` heuristic freshness) would
+/// otherwise store the person's answer and hand it to whoever asks for the URL next,
+/// without the proxy ever seeing a request. RFC 9111 §3.5 keeps shared caches from doing
+/// that to answers to requests with `Authorization` (bearer tokens), not with cookies.
+/// `max-age` and the rest stay for the browser (`max-age=600` becomes
+/// `max-age=600, private`).
+pub fn private_unless_shared_on_purpose(h: &mut HeaderMap) {
+    let decided = h.keys().any(targets_caches)
+        || h.get_all(header::CACHE_CONTROL).iter().flat_map(|v| directives(v.as_bytes())).any(
+            |d| {
+                let name = d.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
+                [
+                    "private",
+                    "no-store",
+                    "no-cache",
+                    "public",
+                    "s-maxage",
+                    "must-revalidate",
+                    "proxy-revalidate",
+                ]
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+            },
+        );
+    if decided {
+        return;
+    }
+    let mut kept: Vec<&[u8]> =
+        h.get_all(header::CACHE_CONTROL).iter().flat_map(|v| directives(v.as_bytes())).collect();
+    kept.push(b"private");
+    let v = HeaderValue::from_bytes(&kept.join(&b", "[..]))
+        .unwrap_or_else(|_| HeaderValue::from_static("private"));
+    h.insert(header::CACHE_CONTROL, v);
+}
+
+/// A field that a CDN or caching server reads instead of `Cache-Control`.
+fn targets_caches(k: &HeaderName) -> bool {
+    let k = k.as_str();
+    matches!(
+        k,
+        "cdn-cache-control"
+            | "surrogate-control"
+            | "edge-control"
+            | "x-accel-expires"
+            | "x-litespeed-cache-control"
+    ) || k.ends_with("-cdn-cache-control")
 }
 
 /// The directives of one `Cache-Control` value: split at commas outside quoted strings

@@ -1168,6 +1168,59 @@ async fn a_response_carrying_a_renewed_session_is_never_shared_cacheable() {
     upstream.abort();
 }
 
+/// An answer the session cookie was let in for is that person's. A shared cache in front
+/// of the proxy (a CDN that caches `.pdf` and `.css` whatever the request's cookies, or
+/// gives an answer without `Cache-Control` heuristic freshness) stored it and served it to
+/// anyone asking for the URL, the proxy never asked: it is made `private`, unless the
+/// upstream decided (`private`, `no-store`, `no-cache`, or shared on purpose with
+/// `public` / `s-maxage` / a CDN's own field, as RFC 9111 §3.5 lets it for
+/// `Authorization`). Bearer requests are left to RFC 9111 §3.5.
+#[tokio::test]
+async fn a_session_authenticated_answer_is_not_left_shared_cacheable() {
+    let (addr, upstream) = raw_upstream(|path| match path {
+        "/cache/none" => "Last-Modified: Thu, 01 Jan 2015 00:00:00 GMT\r\n",
+        "/cache/max-age" => "Cache-Control: max-age=600\r\n",
+        "/cache/public" => "Cache-Control: public, max-age=600\r\n",
+        "/cache/no-cache" => "Cache-Control: no-cache\r\n",
+        "/cache/cdn" => "CDN-Cache-Control: max-age=60\r\n",
+        _ => "Cache-Control: no-store\r\n",
+    })
+    .await;
+    let routes = format!(
+        "[[routes]]\nname = \"cache\"\nmatch = {{ path_prefix = \"/cache\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
+    );
+    let w = World::with(Setup { sso: Some(String::new()), routes, ..Setup::default() }).await;
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let cache_control = |r: &Resp| {
+        r.headers
+            .get_all("cache-control")
+            .iter()
+            .map(|v| v.to_str().unwrap_or("?"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    for (path, want) in [
+        ("/cache/none", "private"),
+        ("/cache/max-age", "max-age=600, private"),
+        ("/cache/public", "public, max-age=600"),
+        ("/cache/no-cache", "no-cache"),
+        ("/cache/cdn", ""),
+        ("/cache/no-store", "no-store"),
+    ] {
+        let r = b.get(&w, &w.url(path)).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
+        assert!(set_cookies(&r).is_empty(), "{path}: not a renewal");
+        assert_eq!(cache_control(&r), want, "{path}");
+    }
+    // A bearer request: RFC 9111 §3.5 already keeps shared caches from storing it.
+    let t = w.token("corp", &[r#"groups:=["engineering"]"#]);
+    let r = w.get("/cache/none", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(cache_control(&r), "");
+    upstream.abort();
+}
+
 /// A deny on an ID-token claim (`claims = { name = ... }`), for the human issuer.
 const NO_MALLORY: &str = r#"
 [[rule]]
