@@ -554,7 +554,8 @@ pub async fn handle(
         let a = Box::pin(s.endpoint(
             &rt.config,
             req.method(),
-            req.uri(),
+            &norm,
+            req.uri().query(),
             req.headers(),
             &full_authority,
             &rid,

@@ -948,18 +948,20 @@ impl Sessions {
             .collect()
     }
 
-    /// Serve `/.portcullis/sign_in`, `/.portcullis/logout` and the callback.
+    /// Serve `/.portcullis/sign_in`, `/.portcullis/logout` and the callback. `path` is
+    /// the canonical path ([`crate::http::path::normalize`]), the one
+    /// [`Sessions::is_endpoint`] chose by: `/.portcullis/%6Cogout` is the sign-out.
+    #[allow(clippy::too_many_arguments)]
     pub async fn endpoint(
         &self,
         cfg: &Config,
         method: &Method,
-        uri: &http::Uri,
+        path: &str,
+        query: Option<&str>,
         headers: &HeaderMap,
         authority: &str,
         rid: &str,
     ) -> Answer {
-        let path = uri.path();
-        let query = uri.query();
         let fail = |reason: Reason, detail: Cow<'static, str>, clear: Vec<HeaderValue>| {
             let mut response =
                 crate::http::reject::html_response(reason, rid, Some(&sign_in_link("/")), None);
