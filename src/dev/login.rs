@@ -61,6 +61,8 @@ struct Hooks {
     /// Run in a refresh grant before it answers: what happens while a refresh is at the
     /// provider (a sign-out landing meanwhile).
     on_refresh: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Authorization responses without `iss` (RFC 9207).
+    no_iss: bool,
 }
 
 struct Inner {
@@ -173,6 +175,8 @@ impl DevLogin {
         extra
             .insert("grant_types_supported".into(), json!(["authorization_code", "refresh_token"]));
         extra.insert("code_challenge_methods_supported".into(), json!(["S256"]));
+        // Every authorization response names the issuer (RFC 9207).
+        extra.insert("authorization_response_iss_parameter_supported".into(), json!(true));
         extra.insert(
             "token_endpoint_auth_methods_supported".into(),
             json!(["client_secret_basic", "client_secret_post"]),
@@ -210,6 +214,10 @@ impl DevLogin {
     /// Runs `hook` in every refresh grant, before the answer (`None`: no more).
     pub fn set_on_refresh(&self, hook: Option<Arc<dyn Fn() + Send + Sync>>) {
         self.inner.hooks.lock().on_refresh = hook;
+    }
+
+    pub fn set_no_iss(&self, none: bool) {
+        self.inner.hooks.lock().no_iss = none;
     }
 
     fn handle(&self, req: &DevRequest) -> Option<Response<Full<Bytes>>> {
@@ -310,8 +318,10 @@ input[type=text]{{font-size:1em;padding:.3em;width:100%}}button{{font-size:1em;p
             },
         );
         let sep = if redirect_uri.contains('?') { '&' } else { '?' };
-        let mut loc =
-            format!("{redirect_uri}{sep}code={}&iss={}", enc(&code), enc(&self.inner.issuer));
+        let mut loc = format!("{redirect_uri}{sep}code={}", enc(&code));
+        if !self.inner.hooks.lock().no_iss {
+            loc.push_str(&format!("&iss={}", enc(&self.inner.issuer)));
+        }
         if let Some(state) = get(&q, "state") {
             loc.push_str(&format!("&state={}", enc(state)));
         }

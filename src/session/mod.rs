@@ -279,6 +279,11 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     found
 }
 
+/// Whether `name` is in the query at all (once or more; [`query_param`] refuses more).
+fn has_param(query: Option<&str>, name: &str) -> bool {
+    query.is_some_and(|q| q.split('&').any(|p| p.split_once('=').map_or(p, |(k, _)| k) == name))
+}
+
 fn html(status: StatusCode, body: String) -> Response<ProxyBody> {
     let mut r = Response::new(ProxyBody::full(body));
     *r.status_mut() = status;
@@ -1117,11 +1122,30 @@ impl Sessions {
                 err.chars().filter(|c| c.is_ascii_lowercase() || *c == '_').take(40).collect();
             return fail(format!("provider answered error `{code}`").into(), clear);
         }
-        // RFC 9207: when the provider names itself, it must be the one we asked.
-        if let Some(iss) = query_param(query, "iss") {
-            if iss != provider.settings.issuer {
+        // RFC 9207: when the provider names itself, it must be the one we asked; when it
+        // says it names itself in every response, a response without `iss` is not its
+        // own (a mix-up: another provider's code and this sign-in's state). A repeated
+        // `iss` is not guessed at.
+        match query_param(query, "iss") {
+            Some(iss) if iss != provider.settings.issuer => {
                 return fail("`iss` of the authorization response is another issuer".into(), clear);
             }
+            Some(_) => {}
+            None if has_param(query, "iss") => {
+                return fail("`iss` repeated in the authorization response".into(), clear);
+            }
+            None => match provider.names_itself().await {
+                Ok(false) => {}
+                Ok(true) => {
+                    return fail(
+                        "authorization response without `iss` from a provider that advertises \
+                         authorization_response_iss_parameter_supported (RFC 9207)"
+                            .into(),
+                        clear,
+                    )
+                }
+                Err(e) => return fail(e.0.into(), clear),
+            },
         }
         // Checked again before any session exists (the config may have changed).
         let return_to = match redirect::check(&login.return_to, authority, cfg) {

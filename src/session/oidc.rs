@@ -43,11 +43,14 @@ const METADATA_MAX_STALE: Duration = Duration::from_secs(60 * 60);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BODY: usize = 1024 * 1024;
 
-/// The one discovery member beyond the core set that the proxy uses.
+/// The discovery members beyond the core set that the proxy uses.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LogoutMetadata {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_session_endpoint: Option<EndSessionUrl>,
+    /// RFC 9207 §3: the provider names itself (`iss`) in every authorization response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization_response_iss_parameter_supported: Option<bool>,
 }
 impl AdditionalProviderMetadata for LogoutMetadata {}
 
@@ -280,6 +283,13 @@ impl Provider {
     pub async fn end_session_endpoint(&self) -> Option<String> {
         let meta = self.metadata(false).await.ok()?;
         meta.additional_metadata().end_session_endpoint.as_ref().map(|u| u.url().to_string())
+    }
+
+    /// Whether the provider says it names itself in every authorization response
+    /// (RFC 9207): then a response without `iss` is not its own.
+    pub async fn names_itself(&self) -> Result<bool, LoginError> {
+        let meta = self.metadata(false).await?;
+        Ok(meta.additional_metadata().authorization_response_iss_parameter_supported == Some(true))
     }
 
     /// The authorization request: code flow, PKCE S256, fresh state and nonce.

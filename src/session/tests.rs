@@ -275,6 +275,9 @@ fn query_params_decode_and_refuse_repeats() {
     assert_eq!(query_param(Some("rd=%2Fa%3Fb%3D1&x=2"), "rd").as_deref(), Some("/a?b=1"));
     assert_eq!(query_param(Some("state=a&state=b"), "state"), None);
     assert_eq!(query_param(None, "rd"), None);
+    assert!(has_param(Some("code=1&iss=a&iss=b"), "iss"));
+    assert!(has_param(Some("iss"), "iss"));
+    assert!(!has_param(Some("code=1&issuer=a"), "iss"));
 }
 
 #[test]

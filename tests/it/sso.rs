@@ -502,6 +502,51 @@ async fn nonce_mismatch_creates_no_session() {
     assert!(e["detail"].as_str().unwrap_or_default().contains("nonce"), "{e}");
 }
 
+/// RFC 9207: a provider that advertises `authorization_response_iss_parameter_supported`
+/// names itself in every authorization response, so one without `iss` (or with two) is
+/// not its own (the mix-up attack: another provider's code sent back with this sign-in's
+/// state) and creates no session. A provider that does not advertise it is unchanged.
+#[tokio::test]
+async fn an_authorization_response_without_the_iss_its_provider_promises_fails() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    let callback = b.through_provider(&w, "/", "alice", &[]).await;
+    assert!(callback.contains("iss="), "{callback}");
+    // Two `iss`, the right one among them: not guessed at.
+    let twice = format!("{callback}&iss={}", urlencode(&w.urls["corp"]));
+    let r = b.get(&w, &twice).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(b.session_cookie().is_none());
+    let e = w.last_event().await;
+    assert!(e["detail"].as_str().unwrap_or_default().contains("`iss` repeated"), "{e}");
+    login(&w).set_no_iss(true);
+    let mut b = Browser::new();
+    let callback = b.through_provider(&w, "/", "alice", &[]).await;
+    assert!(!callback.contains("iss="), "{callback}");
+    let r = b.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(r.text().contains("login-failed"), "{}", r.text());
+    assert!(b.session_cookie().is_none(), "a response without the promised `iss` signed in");
+    let e = w.last_event().await;
+    assert!(e["detail"].as_str().unwrap_or_default().contains("RFC 9207"), "{e}");
+    assert_eq!(login(&w).code_exchanges(), 0, "the code was sent to the provider");
+
+    // A provider that does not promise it: a response without `iss` signs in.
+    let w = sso_world("").await;
+    w.issuer.set_discovery_member(
+        "/human",
+        "authorization_response_iss_parameter_supported",
+        serde_json::Value::Bool(false),
+    );
+    login(&w).set_no_iss(true);
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+}
+
+fn urlencode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
 #[tokio::test]
 async fn open_redirect_attempts_are_refused() {
     let w = sso_world("").await;
