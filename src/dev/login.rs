@@ -61,6 +61,11 @@ struct Hooks {
     /// Run in a refresh grant before it answers: what happens while a refresh is at the
     /// provider (a sign-out landing meanwhile).
     on_refresh: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// `auth_time` this many seconds ago: the person authenticated earlier (the
+    /// provider ignored `max_age` or `prompt=login`). `None`: now.
+    auth_time_age: Option<u64>,
+    /// ID tokens without `auth_time`.
+    no_auth_time: bool,
     /// Authorization responses without `iss` (RFC 9207).
     no_iss: bool,
 }
@@ -216,6 +221,12 @@ impl DevLogin {
         self.inner.hooks.lock().on_refresh = hook;
     }
 
+    pub fn set_auth_time_age(&self, age: Option<u64>) {
+        self.inner.hooks.lock().auth_time_age = age;
+    }
+    pub fn set_no_auth_time(&self, none: bool) {
+        self.inner.hooks.lock().no_auth_time = none;
+    }
     pub fn set_no_iss(&self, none: bool) {
         self.inner.hooks.lock().no_iss = none;
     }
@@ -421,7 +432,7 @@ input[type=text]{{font-size:1em;padding:.3em;width:100%}}button{{font-size:1em;p
             "azp": self.inner.client_id,
             "iat": now,
             "exp": now + ttl,
-            "auth_time": now,
+            "auth_time": now.saturating_sub(hooks.auth_time_age.unwrap_or(0)),
             "at_hash": at_hash,
             "email": email,
             "email_verified": true,
@@ -430,6 +441,11 @@ input[type=text]{{font-size:1em;padding:.3em;width:100%}}button{{font-size:1em;p
         });
         if let Some(n) = hooks.nonce_override.as_deref().or(nonce) {
             claims["nonce"] = Value::String(n.to_string());
+        }
+        if hooks.no_auth_time {
+            if let Value::Object(m) = &mut claims {
+                m.remove("auth_time");
+            }
         }
         if hooks.overage {
             if let Value::Object(m) = &mut claims {

@@ -1159,11 +1159,14 @@ impl Sessions {
         let Some(code) = query_param(query, "code").filter(|c| !c.is_empty()) else {
             return fail("callback without code".into(), clear);
         };
-        let verified =
-            match provider.exchange(code, login.pkce, &login.nonce, &login.redirect_uri).await {
-                Ok(v) => v,
-                Err(e) => return fail(e.0.into(), clear),
-            };
+        let started = login.expires.saturating_sub(LOGIN_TTL);
+        let verified = match provider
+            .exchange(code, login.pkce, &login.nonce, &login.redirect_uri, started)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => return fail(e.0.into(), clear),
+        };
         let identity = match crate::identity::verify::identity_from_verified(
             &provider.settings,
             verified.claims,

@@ -318,8 +318,64 @@ impl Provider {
         Ok(AuthRequest { url: url.to_string(), state, nonce, pkce_verifier: verifier })
     }
 
-    /// Exchange the code and verify the ID token against `nonce`.
+    /// Exchange the code and verify the ID token against `nonce`, and its `auth_time`
+    /// against the login's `max_age` and `prompt=login` for a sign-in that began at
+    /// `started` (Unix seconds): present, within `max_age`, not before `started` for
+    /// `prompt=login`, give or take the issuer's `leeway`.
     pub async fn exchange(
+        &self,
+        code: String,
+        pkce_verifier: String,
+        nonce: &str,
+        redirect_uri: &str,
+        started: u64,
+    ) -> Result<Verified, LoginError> {
+        let verified = self.exchange_code(code, pkce_verifier, nonce, redirect_uri).await?;
+        self.check_auth_time(&verified.claims, started, crate::util::unix_now())?;
+        Ok(verified)
+    }
+
+    /// When the login asks the provider for a recent authentication (`max_age`) or a new
+    /// one (`prompt=login`), the ID token must show one: `auth_time` present (OIDC Core
+    /// §2 requires it then), within `max_age`, and for `prompt=login` not before the
+    /// sign-in began, each give or take the issuer's `leeway`. Otherwise the request
+    /// alone would be the control: a provider that does not implement the
+    /// parameter, or whoever sits at an unlocked browser and deletes it from the
+    /// authorization URL, gets a session from the provider's old one, no password asked.
+    fn check_auth_time(
+        &self,
+        claims: &Map<String, Value>,
+        started: u64,
+        now: u64,
+    ) -> Result<(), LoginError> {
+        let (max_age, fresh) = (self.login.max_age(), self.login.prompts_login());
+        if max_age.is_none() && !fresh {
+            return Ok(());
+        }
+        let auth_time = claims.get("auth_time").and_then(|v| {
+            v.as_u64()
+                .or_else(|| v.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f as u64))
+        });
+        let Some(auth_time) = auth_time else {
+            return Err(LoginError(
+                "ID token has no `auth_time`, though the login asks for a recent sign-in (`max_age` or `prompt=login`)".into(),
+            ));
+        };
+        let leeway = self.settings.leeway.as_secs();
+        if max_age.is_some_and(|max| now.saturating_sub(auth_time) > max.saturating_add(leeway)) {
+            return Err(LoginError(
+                "ID token `auth_time` is older than the login's `max_age`: the provider did not authenticate the person again".into(),
+            ));
+        }
+        if fresh && auth_time.saturating_add(leeway) < started {
+            return Err(LoginError(
+                "ID token `auth_time` is before the sign-in began, though the login asks `prompt=login`: the provider did not authenticate the person again".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn exchange_code(
         &self,
         code: String,
         pkce_verifier: String,

@@ -502,6 +502,53 @@ async fn nonce_mismatch_creates_no_session() {
     assert!(e["detail"].as_str().unwrap_or_default().contains("nonce"), "{e}");
 }
 
+/// `max_age` and `prompt=login` ask the provider to authenticate the person again. One
+/// that does not implement them, or a person at an unlocked browser who
+/// deletes them from the authorization URL, answers with the provider's old session:
+/// the ID token's `auth_time` shows it, and the sign-in fails instead of creating a
+/// session no one re-authenticated for.
+#[tokio::test]
+async fn max_age_and_prompt_login_are_held_to_the_id_tokens_auth_time() {
+    for (extra, asked) in [
+        (", extra_params = { max_age = \"300\" }", "max_age=300"),
+        (", extra_params = { prompt = \"login consent\" }", "prompt=login"),
+    ] {
+        let setup =
+            Setup { sso: Some(String::new()), login_extra: extra.into(), ..Setup::default() };
+        let w = World::with(setup).await;
+        let mut b = Browser::new();
+        let r = b.get(&w, &w.url("/")).await;
+        assert!(location(&r).contains(asked), "{asked}: {}", location(&r));
+        // Authenticated an hour ago (past `max_age`, and before this sign-in began).
+        login(&w).set_auth_time_age(Some(3600));
+        let mut b = Browser::new();
+        let callback = b.through_provider(&w, "/", "alice", &[]).await;
+        let r = b.get(&w, &callback).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{asked}: {}", r.text());
+        assert!(r.text().contains("login-failed"), "{}", r.text());
+        assert!(b.session_cookie().is_none(), "{asked}: a session without re-authentication");
+        let e = w.last_event().await;
+        assert!(e["detail"].as_str().unwrap_or_default().contains("auth_time"), "{e}");
+        // No `auth_time` at all: nothing shows a new authentication either.
+        login(&w).set_auth_time_age(None);
+        login(&w).set_no_auth_time(true);
+        let mut b = Browser::new();
+        let callback = b.through_provider(&w, "/", "alice", &[]).await;
+        assert_eq!(b.get(&w, &callback).await.status, StatusCode::BAD_REQUEST, "{asked}");
+        assert!(b.session_cookie().is_none());
+        // Authenticated just now: signed in.
+        login(&w).set_no_auth_time(false);
+        let mut b = Browser::new();
+        let r = b.sign_in(&w, "/", "alice", &["engineering"]).await;
+        assert_eq!(r.status, StatusCode::OK, "{asked}: {}", r.text());
+    }
+    // Without them, an old authentication is the provider's business: signed in.
+    let w = sso_world("").await;
+    login(&w).set_auth_time_age(Some(3600));
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+}
+
 /// RFC 9207: a provider that advertises `authorization_response_iss_parameter_supported`
 /// names itself in every authorization response, so one without `iss` (or with two) is
 /// not its own (the mix-up attack: another provider's code sent back with this sign-in's
