@@ -284,21 +284,6 @@ fn has_param(query: Option<&str>, name: &str) -> bool {
     query.is_some_and(|q| q.split('&').any(|p| p.split_once('=').map_or(p, |(k, _)| k) == name))
 }
 
-fn html(status: StatusCode, body: String) -> Response<ProxyBody> {
-    let mut r = Response::new(ProxyBody::full(body));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
-        ),
-    );
-    r
-}
-
 fn redirect(location: &str, cookies: Vec<HeaderValue>) -> Response<ProxyBody> {
     let mut r = Response::new(ProxyBody::empty());
     *r.status_mut() = StatusCode::FOUND;
@@ -1032,7 +1017,7 @@ impl Sessions {
                 })
                 .collect();
             return Answer {
-                response: html(StatusCode::OK, pages::chooser(&links)),
+                response: crate::http::reject::page(StatusCode::OK, pages::chooser(&links)),
                 reason: Reason::Internal,
                 detail: "sign-in chooser".into(),
                 identity: None,
@@ -1286,7 +1271,7 @@ impl Sessions {
                 None => LOGOUT_PATH.to_string(),
             };
             return Answer {
-                response: html(StatusCode::OK, pages::confirm_sign_out(&link)),
+                response: crate::http::reject::page(StatusCode::OK, pages::confirm_sign_out(&link)),
                 reason: Reason::Internal,
                 detail: "sign-out from another site: asked to confirm".into(),
                 identity: None,
@@ -1354,7 +1339,8 @@ impl Sessions {
                 };
             }
         }
-        let mut response = html(StatusCode::OK, pages::signed_out(&sign_in_link(&target)));
+        let mut response =
+            crate::http::reject::page(StatusCode::OK, pages::signed_out(&sign_in_link(&target)));
         for c in clear {
             response.headers_mut().append(header::SET_COOKIE, c);
         }

@@ -594,6 +594,36 @@ fn urlencode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
+/// The proxy's own pages are never shown in another site's frame, where a page laid
+/// over them could trick a click on their button (the cross-site sign-out
+/// confirmation above all): `frame-ancestors 'none'` for current browsers, and
+/// `X-Frame-Options: DENY` for those that predate it.
+#[tokio::test]
+async fn the_proxys_own_pages_cannot_be_framed() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    let confirm = b
+        .request(
+            &w,
+            Method::GET,
+            &w.url("/.portcullis/logout"),
+            &[("sec-fetch-site", "cross-site")],
+            "",
+        )
+        .await;
+    assert_eq!(confirm.status, StatusCode::OK);
+    assert!(confirm.text().contains("Sign out?"), "{}", confirm.text());
+    let refused = b.get(&w, &w.url("/.portcullis/sign_in?rd=https%3A%2F%2Fevil.example%2F")).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    for r in [&confirm, &refused] {
+        let h = |n: &str| r.headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        assert!(h("content-security-policy").contains("frame-ancestors 'none'"), "{:?}", r.headers);
+        assert_eq!(h("x-frame-options"), "DENY", "{:?}", r.headers);
+        assert_eq!(h("x-content-type-options"), "nosniff", "{:?}", r.headers);
+        assert_eq!(h("cache-control"), "no-store", "{:?}", r.headers);
+    }
+}
+
 #[tokio::test]
 async fn open_redirect_attempts_are_refused() {
     let w = sso_world("").await;
