@@ -1,8 +1,10 @@
 //! Browser SSO end to end through the proxy, with a cookie-keeping client and the dev
 //! issuer's sign-in (`dev::login`): redirect, callback, session reuse, refresh (single
 //! flight), expiry, logout, tampering, CSRF state, code replay, nonce, open redirects,
-//! cookie + bearer, a second replica with the same key, logs free of secrets, and the
-//! chooser of a route with two sign-in issuers.
+//! cookie + bearer, a second replica with the same key, logs free of secrets, the
+//! chooser of a route with two sign-in issuers, RFC 9207 `iss`, `max_age` /
+//! `prompt=login` against `auth_time`, unframable pages, and answers to a session kept
+//! from shared caches.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
