@@ -68,6 +68,8 @@ struct Hooks {
     no_auth_time: bool,
     /// Authorization responses without `iss` (RFC 9207).
     no_iss: bool,
+    /// ID tokens signed HS256 with the client secret (which OIDC allows a provider).
+    hs256: bool,
 }
 
 struct Inner {
@@ -229,6 +231,9 @@ impl DevLogin {
     }
     pub fn set_no_iss(&self, none: bool) {
         self.inner.hooks.lock().no_iss = none;
+    }
+    pub fn set_hs256(&self, hs256: bool) {
+        self.inner.hooks.lock().hs256 = hs256;
     }
 
     fn handle(&self, req: &DevRequest) -> Option<Response<Full<Bytes>>> {
@@ -457,10 +462,24 @@ input[type=text]{{font-size:1em;padding:.3em;width:100%}}button{{font-size:1em;p
                 );
             }
         }
-        let id_token = self
-            .inner
-            .signer
-            .sign(&json!({ "alg": self.inner.signer.alg().name(), "typ": "JWT", "kid": self.inner.signer.kid() }), &claims);
+        let id_token = if hooks.hs256 {
+            if let Value::Object(m) = &mut claims {
+                m.remove("at_hash");
+            }
+            let input = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
+                URL_SAFE_NO_PAD.encode(claims.to_string())
+            );
+            let key = aws_lc_rs::hmac::Key::new(
+                aws_lc_rs::hmac::HMAC_SHA256,
+                self.inner.client_secret.as_bytes(),
+            );
+            let tag = aws_lc_rs::hmac::sign(&key, input.as_bytes());
+            format!("{input}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+        } else {
+            self.inner.signer.sign(&json!({ "alg": self.inner.signer.alg().name(), "typ": "JWT", "kid": self.inner.signer.kid() }), &claims)
+        };
         let mut body = json!({
             "access_token": access,
             "token_type": "Bearer",

@@ -16,8 +16,8 @@ use hyper_util::rt::TokioExecutor;
 use openidconnect::core::{
     CoreAuthDisplay, CoreAuthenticationFlow, CoreClaimName, CoreClaimType, CoreClient,
     CoreClientAuthMethod, CoreGrantType, CoreJsonWebKey, CoreJweContentEncryptionAlgorithm,
-    CoreJweKeyManagementAlgorithm, CoreResponseMode, CoreResponseType, CoreSubjectIdentifierType,
-    CoreTokenResponse,
+    CoreJweKeyManagementAlgorithm, CoreJwsSigningAlgorithm, CoreResponseMode, CoreResponseType,
+    CoreSubjectIdentifierType, CoreTokenResponse,
 };
 use openidconnect::{
     AccessTokenHash, AdditionalProviderMetadata, AuthorizationCode, ClientId, ClientSecret,
@@ -433,6 +433,15 @@ impl Provider {
         Ok(v)
     }
 
+    /// The issuer's `algorithms` as `openidconnect` names them (all of them exist there).
+    fn allowed_algs(&self) -> Vec<CoreJwsSigningAlgorithm> {
+        self.settings
+            .algorithms
+            .iter()
+            .filter_map(|a| serde_json::from_value(Value::String(a.name().into())).ok())
+            .collect()
+    }
+
     fn verify(
         &self,
         client: &LoginClient,
@@ -442,7 +451,9 @@ impl Provider {
         let id_token = response
             .id_token()
             .ok_or_else(|| LoginError("no ID token in the token response".into()))?;
-        let verifier = client.id_token_verifier();
+        // The issuer's `algorithms` (V4), as for its bearer tokens: not whatever the
+        // discovery document advertises (HS256 keyed by the client secret among them).
+        let verifier = client.id_token_verifier().set_allowed_algs(self.allowed_algs());
         let claims = match nonce {
             Some(n) => id_token.claims(&verifier, n),
             None => id_token.claims(&verifier, |_: Option<&Nonce>| Ok(())),
@@ -539,6 +550,21 @@ mod tests {
             post_logout_redirect: None,
         };
         Provider::new(settings, login).unwrap_or_else(|e| panic!("provider: {e}"))
+    }
+
+    /// Every algorithm an issuer may allow (V4) has its `openidconnect` name: none drops
+    /// out of a login's allowlist.
+    #[test]
+    fn every_issuer_algorithm_is_known_to_the_login_verifier() {
+        for name in
+            ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+        {
+            let alg = crate::identity::Algorithm::parse(name).map(|a| a.name());
+            assert_eq!(alg, Some(name));
+            let core: Result<CoreJwsSigningAlgorithm, _> =
+                serde_json::from_value(Value::String(name.into()));
+            assert!(core.is_ok(), "{name}");
+        }
     }
 
     /// A provider that accepts connections and never answers: concurrent sign-ins wait

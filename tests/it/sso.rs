@@ -504,6 +504,28 @@ async fn nonce_mismatch_creates_no_session() {
     assert!(e["detail"].as_str().unwrap_or_default().contains("nonce"), "{e}");
 }
 
+/// The issuer's `algorithms` (V4: RS256 by default, `HS*` never) hold for the ID token a
+/// sign-in gets, as for its bearer tokens. The sign-in used whatever the provider's
+/// discovery document advertised, HS256 keyed by the client secret among them.
+#[tokio::test]
+async fn a_sign_in_id_token_is_held_to_the_issuers_algorithms() {
+    let w = sso_world("").await;
+    let algs = serde_json::json!(["RS256", "HS256"]);
+    w.issuer.set_discovery_member("/human", "id_token_signing_alg_values_supported", algs);
+    login(&w).set_hs256(true);
+    let mut b = Browser::new();
+    let callback = b.through_provider(&w, "/", "alice", &["engineering"]).await;
+    let r = b.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(b.session_cookie().is_none(), "an HS256 ID token signed in");
+    let e = w.last_event().await;
+    assert_eq!(e["reason"], "login-failed", "{e}");
+    assert!(e["detail"].as_str().unwrap_or_default().contains("ID token"), "{e}");
+    login(&w).set_hs256(false);
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+}
+
 /// `max_age` and `prompt=login` ask the provider to authenticate the person again. One
 /// that does not implement them, or a person at an unlocked browser who
 /// deletes them from the authorization URL, answers with the provider's old session:
