@@ -1262,6 +1262,25 @@ impl Sessions {
         authority: &str,
         rid: &str,
     ) -> Answer {
+        // A prefetch (`Sec-Purpose: prefetch`: speculation rules, with which a site may
+        // prefetch every same-origin link hovered, or `<link rel=prefetch>`) is a guess at
+        // a click: signing out then would end the session when the person points at a
+        // "Sign out" link. Declined; a prefetch answered with an error is dropped, and
+        // the click, if it comes, is an ordinary navigation.
+        let prefetch = headers
+            .get("sec-purpose")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split([',', ';']).any(|t| t.trim() == "prefetch"));
+        if prefetch {
+            return Answer {
+                response: crate::http::reject::response(Reason::BadRequest, rid),
+                reason: Reason::BadRequest,
+                detail: "a prefetch of the sign-out (Sec-Purpose): declined, a guess at a click \
+                         signs nobody out"
+                    .into(),
+                identity: None,
+            };
+        }
         // Fetch Metadata: a browser says where the request came from. A sign-out from
         // another site (an <img> or link planted there) is confirmed first.
         let from = headers.get("sec-fetch-site").map(HeaderValue::as_bytes);

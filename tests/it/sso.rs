@@ -804,6 +804,17 @@ async fn logout_clears_the_session_and_uses_the_end_session_endpoint() {
         assert!(r.headers.get("set-cookie").is_none(), "{from}");
     }
     assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK, "still signed in");
+    // A prefetch of the sign-out link (speculation rules on a page of the site, the person
+    // only pointing at the link) signs nobody out: declined, the session untouched.
+    let logout = w.url("/.portcullis/logout");
+    for purpose in ["prefetch", "prefetch;anonymous-client-ip"] {
+        let h = [("sec-fetch-site", "same-origin"), ("sec-purpose", purpose)];
+        let r = b.request(&w, Method::GET, &logout, &h, "").await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{purpose}: {}", r.text());
+        assert!(r.headers.get("set-cookie").is_none(), "{purpose}");
+        assert!(b.session_cookie().is_some(), "{purpose}");
+    }
+    assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK, "still signed in");
     // From the proxy's own page (same-origin), or typed in (none, or no header): signed out.
     // Spelt with an escape for an unreserved character, it is the same path (routed and
     // answered by its canonical form): it was served as a failed callback instead.
