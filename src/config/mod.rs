@@ -190,6 +190,25 @@ pub struct LoginSettings {
     pub post_logout_redirect: Option<String>,
 }
 
+impl LoginSettings {
+    /// `max_age` of `extra_params` (seconds; checked a number at load): the person must
+    /// have authenticated at the provider within it, which the callback checks by the
+    /// ID token's `auth_time` (OIDC Core §3.1.2.1, §3.1.3.7 step 13).
+    pub fn max_age(&self) -> Option<u64> {
+        self.extra_param("max_age").and_then(|v| v.parse().ok())
+    }
+
+    /// `prompt` of `extra_params` asks for `login`: the person authenticates again at
+    /// every sign-in, which the callback checks by the ID token's `auth_time`.
+    pub fn prompts_login(&self) -> bool {
+        self.extra_param("prompt").is_some_and(|p| p.split(' ').any(|p| p == "login"))
+    }
+
+    fn extra_param(&self, name: &str) -> Option<&str> {
+        self.extra_params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
 /// `[session]`, compiled.
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
@@ -1591,6 +1610,12 @@ impl Compiler<'_> {
                     self.err(
                         extra.span(),
                         format!("`{k}` is set by the proxy and cannot be overridden"),
+                    );
+                }
+                if k == "max_age" && v.get_ref().parse::<u64>().is_err() {
+                    self.err(
+                        v.span(),
+                        "`max_age` is a number of seconds (\"300\"): the proxy checks the ID token's `auth_time` against it",
                     );
                 }
                 extra_params.push((k.clone(), v.get_ref().clone()));

@@ -181,6 +181,13 @@ impl DevIssuer {
         self.update(path, |s| s.discovery_extra = extra);
     }
 
+    /// Set one member of the discovery document, keeping the others.
+    pub fn set_discovery_member(&self, path: &str, name: &str, value: Value) {
+        self.update(path, |s| {
+            s.discovery_extra.insert(name.to_owned(), value);
+        });
+    }
+
     /// Serve requests under `prefix` with `handler` before the 404 fallback.
     pub fn add_handler(&self, prefix: &str, handler: Handler) {
         self.shared.handlers.write().push((prefix.to_owned(), handler));

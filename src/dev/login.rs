@@ -61,6 +61,15 @@ struct Hooks {
     /// Run in a refresh grant before it answers: what happens while a refresh is at the
     /// provider (a sign-out landing meanwhile).
     on_refresh: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// `auth_time` this many seconds ago: the person authenticated earlier (the
+    /// provider ignored `max_age` or `prompt=login`). `None`: now.
+    auth_time_age: Option<u64>,
+    /// ID tokens without `auth_time`.
+    no_auth_time: bool,
+    /// Authorization responses without `iss` (RFC 9207).
+    no_iss: bool,
+    /// ID tokens signed HS256 with the client secret (which OIDC allows a provider).
+    hs256: bool,
 }
 
 struct Inner {
@@ -173,6 +182,8 @@ impl DevLogin {
         extra
             .insert("grant_types_supported".into(), json!(["authorization_code", "refresh_token"]));
         extra.insert("code_challenge_methods_supported".into(), json!(["S256"]));
+        // Every authorization response names the issuer (RFC 9207).
+        extra.insert("authorization_response_iss_parameter_supported".into(), json!(true));
         extra.insert(
             "token_endpoint_auth_methods_supported".into(),
             json!(["client_secret_basic", "client_secret_post"]),
@@ -210,6 +221,19 @@ impl DevLogin {
     /// Runs `hook` in every refresh grant, before the answer (`None`: no more).
     pub fn set_on_refresh(&self, hook: Option<Arc<dyn Fn() + Send + Sync>>) {
         self.inner.hooks.lock().on_refresh = hook;
+    }
+
+    pub fn set_auth_time_age(&self, age: Option<u64>) {
+        self.inner.hooks.lock().auth_time_age = age;
+    }
+    pub fn set_no_auth_time(&self, none: bool) {
+        self.inner.hooks.lock().no_auth_time = none;
+    }
+    pub fn set_no_iss(&self, none: bool) {
+        self.inner.hooks.lock().no_iss = none;
+    }
+    pub fn set_hs256(&self, hs256: bool) {
+        self.inner.hooks.lock().hs256 = hs256;
     }
 
     fn handle(&self, req: &DevRequest) -> Option<Response<Full<Bytes>>> {
@@ -310,8 +334,10 @@ input[type=text]{{font-size:1em;padding:.3em;width:100%}}button{{font-size:1em;p
             },
         );
         let sep = if redirect_uri.contains('?') { '&' } else { '?' };
-        let mut loc =
-            format!("{redirect_uri}{sep}code={}&iss={}", enc(&code), enc(&self.inner.issuer));
+        let mut loc = format!("{redirect_uri}{sep}code={}", enc(&code));
+        if !self.inner.hooks.lock().no_iss {
+            loc.push_str(&format!("&iss={}", enc(&self.inner.issuer)));
+        }
         if let Some(state) = get(&q, "state") {
             loc.push_str(&format!("&state={}", enc(state)));
         }
@@ -411,7 +437,7 @@ input[type=text]{{font-size:1em;padding:.3em;width:100%}}button{{font-size:1em;p
             "azp": self.inner.client_id,
             "iat": now,
             "exp": now + ttl,
-            "auth_time": now,
+            "auth_time": now.saturating_sub(hooks.auth_time_age.unwrap_or(0)),
             "at_hash": at_hash,
             "email": email,
             "email_verified": true,
@@ -420,6 +446,11 @@ input[type=text]{{font-size:1em;padding:.3em;width:100%}}button{{font-size:1em;p
         });
         if let Some(n) = hooks.nonce_override.as_deref().or(nonce) {
             claims["nonce"] = Value::String(n.to_string());
+        }
+        if hooks.no_auth_time {
+            if let Value::Object(m) = &mut claims {
+                m.remove("auth_time");
+            }
         }
         if hooks.overage {
             if let Value::Object(m) = &mut claims {
@@ -431,10 +462,24 @@ input[type=text]{{font-size:1em;padding:.3em;width:100%}}button{{font-size:1em;p
                 );
             }
         }
-        let id_token = self
-            .inner
-            .signer
-            .sign(&json!({ "alg": self.inner.signer.alg().name(), "typ": "JWT", "kid": self.inner.signer.kid() }), &claims);
+        let id_token = if hooks.hs256 {
+            if let Value::Object(m) = &mut claims {
+                m.remove("at_hash");
+            }
+            let input = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
+                URL_SAFE_NO_PAD.encode(claims.to_string())
+            );
+            let key = aws_lc_rs::hmac::Key::new(
+                aws_lc_rs::hmac::HMAC_SHA256,
+                self.inner.client_secret.as_bytes(),
+            );
+            let tag = aws_lc_rs::hmac::sign(&key, input.as_bytes());
+            format!("{input}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+        } else {
+            self.inner.signer.sign(&json!({ "alg": self.inner.signer.alg().name(), "typ": "JWT", "kid": self.inner.signer.kid() }), &claims)
+        };
         let mut body = json!({
             "access_token": access,
             "token_type": "Bearer",

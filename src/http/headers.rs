@@ -210,21 +210,7 @@ pub fn strip_proxy_set_cookies(h: &mut HeaderMap) {
 /// nginx's `X-Accel-Expires`; LiteSpeed's `X-LiteSpeed-Cache-Control`), are removed, so
 /// such a cache falls back to the `private` above.
 pub fn keep_from_shared_caches(h: &mut HeaderMap) {
-    let targeted: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| {
-            let k = k.as_str();
-            matches!(
-                k,
-                "cdn-cache-control"
-                    | "surrogate-control"
-                    | "edge-control"
-                    | "x-accel-expires"
-                    | "x-litespeed-cache-control"
-            ) || k.ends_with("-cdn-cache-control")
-        })
-        .cloned()
-        .collect();
+    let targeted: Vec<HeaderName> = h.keys().filter(|k| targets_caches(k)).cloned().collect();
     for n in targeted {
         h.remove(n);
     }
@@ -251,6 +237,60 @@ pub fn keep_from_shared_caches(h: &mut HeaderMap) {
     h.insert(header::CACHE_CONTROL, v);
 }
 
+/// Makes an answer to a request that a session cookie authenticated `private`, unless
+/// the upstream decided how caches treat it: `private`, `no-store`, `no-cache`, or a
+/// directive that lets shared caches store answers to authenticated requests on purpose
+/// (`public`, `s-maxage`, `must-revalidate`, `proxy-revalidate`: RFC 9111 §3.5), or a
+/// targeted field a CDN reads instead (`CDN-Cache-Control` and the like). A shared cache
+/// in front of the proxy (a CDN caching `.pdf` and `.css` whatever the request's cookies,
+/// or any cache giving an answer without `Cache-Control` heuristic freshness) would
+/// otherwise store the person's answer and hand it to whoever asks for the URL next,
+/// without the proxy ever seeing a request. RFC 9111 §3.5 keeps shared caches from doing
+/// that to answers to requests with `Authorization` (bearer tokens), not with cookies.
+/// `max-age` and the rest stay for the browser (`max-age=600` becomes
+/// `max-age=600, private`).
+pub fn private_unless_shared_on_purpose(h: &mut HeaderMap) {
+    let decided = h.keys().any(targets_caches)
+        || h.get_all(header::CACHE_CONTROL).iter().flat_map(|v| directives(v.as_bytes())).any(
+            |d| {
+                let name = d.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
+                [
+                    "private",
+                    "no-store",
+                    "no-cache",
+                    "public",
+                    "s-maxage",
+                    "must-revalidate",
+                    "proxy-revalidate",
+                ]
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+            },
+        );
+    if decided {
+        return;
+    }
+    let mut kept: Vec<&[u8]> =
+        h.get_all(header::CACHE_CONTROL).iter().flat_map(|v| directives(v.as_bytes())).collect();
+    kept.push(b"private");
+    let v = HeaderValue::from_bytes(&kept.join(&b", "[..]))
+        .unwrap_or_else(|_| HeaderValue::from_static("private"));
+    h.insert(header::CACHE_CONTROL, v);
+}
+
+/// A field that a CDN or caching server reads instead of `Cache-Control`.
+fn targets_caches(k: &HeaderName) -> bool {
+    let k = k.as_str();
+    matches!(
+        k,
+        "cdn-cache-control"
+            | "surrogate-control"
+            | "edge-control"
+            | "x-accel-expires"
+            | "x-litespeed-cache-control"
+    ) || k.ends_with("-cdn-cache-control")
+}
+
 /// The directives of one `Cache-Control` value: split at commas outside quoted strings
 /// (`no-cache="Set-Cookie, X-A"` is one directive), trimmed, empty ones skipped.
 fn directives(v: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -271,25 +311,22 @@ fn directives(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// Removes the proxy's own cookies (`_portcullis*`, bare or behind `__Host-` /
 /// `__Secure-`: today's, those from before the prefixes, and any tossed from a sibling
-/// host), keeping the application's.
+/// host), keeping the application's, byte for byte (a UTF-8 value included).
 pub fn strip_proxy_cookies(h: &mut HeaderMap) {
     if !h.contains_key(header::COOKIE) {
         return;
     }
-    let kept: Vec<String> = h
+    let kept: Vec<&[u8]> = h
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|c| !c.is_empty() && !crate::session::cookie::is_proxy_cookie(c.as_bytes()))
-        .map(str::to_string)
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty() && !crate::session::cookie::is_proxy_cookie(c))
         .collect();
+    let joined = (!kept.is_empty()).then(|| HeaderValue::from_bytes(&kept.join(&b"; "[..])));
     h.remove(header::COOKIE);
-    if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
-            h.insert(header::COOKIE, v);
-        }
+    if let Some(Ok(v)) = joined {
+        h.insert(header::COOKIE, v);
     }
 }
 
@@ -921,6 +958,15 @@ mod tests {
         )]);
         strip_proxy_cookies(&mut h);
         assert_eq!(h.get("cookie").map(|v| v.as_bytes()), Some(&b"__Host-app=1; app=2"[..]));
+        // An application's UTF-8 value reaches it as sent; the session beside it does not.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_str("name=Jos\u{e9}; __Host-_portcullis=s; app=2")
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        strip_proxy_cookies(&mut h);
+        assert_eq!(h.get("cookie").map(|v| v.as_bytes()), Some("name=Jos\u{e9}; app=2".as_bytes()));
     }
 
     #[test]

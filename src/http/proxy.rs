@@ -554,7 +554,8 @@ pub async fn handle(
         let a = Box::pin(s.endpoint(
             &rt.config,
             req.method(),
-            req.uri(),
+            &norm,
+            req.uri().query(),
             req.headers(),
             &full_authority,
             &rid,
@@ -980,6 +981,12 @@ pub async fn handle(
     // then is the browser's alone: no shared cache may keep it with the session.
     if !rc.set_cookies.is_empty() {
         headers::keep_from_shared_caches(&mut parts.headers);
+    } else if session_key.is_some() && !keep_upgrade {
+        // An answer the session cookie was let in for is that person's: a shared cache
+        // in front that stored it would serve it to anyone asking for the URL, no
+        // credential needed (RFC 9111 keeps shared caches from storing answers to
+        // `Authorization`, not to cookies).
+        headers::private_unless_shared_on_purpose(&mut parts.headers);
     }
     for c in std::mem::take(&mut rc.set_cookies) {
         parts.headers.append(header::SET_COOKIE, c);

@@ -72,6 +72,15 @@ pub fn html_response(
         link,
         signed_in,
     );
+    page(status, body)
+}
+
+/// One of the proxy's own HTML pages (a rejection, the sign-in chooser, the sign-out
+/// confirmation): never stored, no script or outside resource, and never shown inside
+/// another site's frame, where a page laid over it could trick a click on its button
+/// (clickjacking the "Sign out" confirmation). `frame-ancestors` is how current browsers
+/// are told; `X-Frame-Options` tells those that predate it.
+pub fn page(status: http::StatusCode, body: String) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::Full(Some(Bytes::from(body))));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -83,6 +92,8 @@ pub fn html_response(
             "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
         ),
     );
+    h.insert(http::header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(http::header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     resp
 }
 

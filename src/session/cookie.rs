@@ -50,14 +50,19 @@ pub fn is_proxy_cookie(name: &[u8]) -> bool {
     unprefixed.starts_with(b"_portcullis")
 }
 
-/// The request's cookies as `(name, value)` pairs, in order.
+/// The request's cookies as `(name, value)` pairs, in order. Read pair by pair: a
+/// pair that is not visible ASCII (a UTF-8 value an application or a sibling host set:
+/// browsers send such bytes as they are) is skipped alone, not with the whole header.
+/// A browser sends every cookie in one `Cookie` header, so skipping the header hid the
+/// session and the sign-in cookie beside it: the browser was sent to sign in, and every
+/// callback failed, for as long as that one cookie lived.
 pub fn parse(headers: &HeaderMap) -> Vec<(&str, &str)> {
     headers
         .get_all(COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
         .filter_map(|pair| {
+            let pair = std::str::from_utf8(pair).ok().filter(|p| p.is_ascii())?;
             let (n, v) = pair.trim().split_once('=')?;
             Some((n.trim(), v.trim()))
         })

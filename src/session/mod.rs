@@ -279,19 +279,9 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     found
 }
 
-fn html(status: StatusCode, body: String) -> Response<ProxyBody> {
-    let mut r = Response::new(ProxyBody::full(body));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
-        ),
-    );
-    r
+/// Whether `name` is in the query at all (once or more; [`query_param`] refuses more).
+fn has_param(query: Option<&str>, name: &str) -> bool {
+    query.is_some_and(|q| q.split('&').any(|p| p.split_once('=').map_or(p, |(k, _)| k) == name))
 }
 
 fn redirect(location: &str, cookies: Vec<HeaderValue>) -> Response<ProxyBody> {
@@ -948,18 +938,20 @@ impl Sessions {
             .collect()
     }
 
-    /// Serve `/.portcullis/sign_in`, `/.portcullis/logout` and the callback.
+    /// Serve `/.portcullis/sign_in`, `/.portcullis/logout` and the callback. `path` is
+    /// the canonical path ([`crate::http::path::normalize`]), the one
+    /// [`Sessions::is_endpoint`] chose by: `/.portcullis/%6Cogout` is the sign-out.
+    #[allow(clippy::too_many_arguments)]
     pub async fn endpoint(
         &self,
         cfg: &Config,
         method: &Method,
-        uri: &http::Uri,
+        path: &str,
+        query: Option<&str>,
         headers: &HeaderMap,
         authority: &str,
         rid: &str,
     ) -> Answer {
-        let path = uri.path();
-        let query = uri.query();
         let fail = |reason: Reason, detail: Cow<'static, str>, clear: Vec<HeaderValue>| {
             let mut response =
                 crate::http::reject::html_response(reason, rid, Some(&sign_in_link("/")), None);
@@ -1025,7 +1017,7 @@ impl Sessions {
                 })
                 .collect();
             return Answer {
-                response: html(StatusCode::OK, pages::chooser(&links)),
+                response: crate::http::reject::page(StatusCode::OK, pages::chooser(&links)),
                 reason: Reason::Internal,
                 detail: "sign-in chooser".into(),
                 identity: None,
@@ -1115,11 +1107,30 @@ impl Sessions {
                 err.chars().filter(|c| c.is_ascii_lowercase() || *c == '_').take(40).collect();
             return fail(format!("provider answered error `{code}`").into(), clear);
         }
-        // RFC 9207: when the provider names itself, it must be the one we asked.
-        if let Some(iss) = query_param(query, "iss") {
-            if iss != provider.settings.issuer {
+        // RFC 9207: when the provider names itself, it must be the one we asked; when it
+        // says it names itself in every response, a response without `iss` is not its
+        // own (a mix-up: another provider's code and this sign-in's state). A repeated
+        // `iss` is not guessed at.
+        match query_param(query, "iss") {
+            Some(iss) if iss != provider.settings.issuer => {
                 return fail("`iss` of the authorization response is another issuer".into(), clear);
             }
+            Some(_) => {}
+            None if has_param(query, "iss") => {
+                return fail("`iss` repeated in the authorization response".into(), clear);
+            }
+            None => match provider.names_itself().await {
+                Ok(false) => {}
+                Ok(true) => {
+                    return fail(
+                        "authorization response without `iss` from a provider that advertises \
+                         authorization_response_iss_parameter_supported (RFC 9207)"
+                            .into(),
+                        clear,
+                    )
+                }
+                Err(e) => return fail(e.0.into(), clear),
+            },
         }
         // Checked again before any session exists (the config may have changed).
         let return_to = match redirect::check(&login.return_to, authority, cfg) {
@@ -1133,11 +1144,14 @@ impl Sessions {
         let Some(code) = query_param(query, "code").filter(|c| !c.is_empty()) else {
             return fail("callback without code".into(), clear);
         };
-        let verified =
-            match provider.exchange(code, login.pkce, &login.nonce, &login.redirect_uri).await {
-                Ok(v) => v,
-                Err(e) => return fail(e.0.into(), clear),
-            };
+        let started = login.expires.saturating_sub(LOGIN_TTL);
+        let verified = match provider
+            .exchange(code, login.pkce, &login.nonce, &login.redirect_uri, started)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => return fail(e.0.into(), clear),
+        };
         let identity = match crate::identity::verify::identity_from_verified(
             &provider.settings,
             verified.claims,
@@ -1248,6 +1262,25 @@ impl Sessions {
         authority: &str,
         rid: &str,
     ) -> Answer {
+        // A prefetch (`Sec-Purpose: prefetch`: speculation rules, with which a site may
+        // prefetch every same-origin link hovered, or `<link rel=prefetch>`) is a guess at
+        // a click: signing out then would end the session when the person points at a
+        // "Sign out" link. Declined; a prefetch answered with an error is dropped, and
+        // the click, if it comes, is an ordinary navigation.
+        let prefetch = headers
+            .get("sec-purpose")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split([',', ';']).any(|t| t.trim() == "prefetch"));
+        if prefetch {
+            return Answer {
+                response: crate::http::reject::response(Reason::BadRequest, rid),
+                reason: Reason::BadRequest,
+                detail: "a prefetch of the sign-out (Sec-Purpose): declined, a guess at a click \
+                         signs nobody out"
+                    .into(),
+                identity: None,
+            };
+        }
         // Fetch Metadata: a browser says where the request came from. A sign-out from
         // another site (an <img> or link planted there) is confirmed first.
         let from = headers.get("sec-fetch-site").map(HeaderValue::as_bytes);
@@ -1257,7 +1290,7 @@ impl Sessions {
                 None => LOGOUT_PATH.to_string(),
             };
             return Answer {
-                response: html(StatusCode::OK, pages::confirm_sign_out(&link)),
+                response: crate::http::reject::page(StatusCode::OK, pages::confirm_sign_out(&link)),
                 reason: Reason::Internal,
                 detail: "sign-out from another site: asked to confirm".into(),
                 identity: None,
@@ -1325,7 +1358,8 @@ impl Sessions {
                 };
             }
         }
-        let mut response = html(StatusCode::OK, pages::signed_out(&sign_in_link(&target)));
+        let mut response =
+            crate::http::reject::page(StatusCode::OK, pages::signed_out(&sign_in_link(&target)));
         for c in clear {
             response.headers_mut().append(header::SET_COOKIE, c);
         }

@@ -16,8 +16,8 @@ use hyper_util::rt::TokioExecutor;
 use openidconnect::core::{
     CoreAuthDisplay, CoreAuthenticationFlow, CoreClaimName, CoreClaimType, CoreClient,
     CoreClientAuthMethod, CoreGrantType, CoreJsonWebKey, CoreJweContentEncryptionAlgorithm,
-    CoreJweKeyManagementAlgorithm, CoreResponseMode, CoreResponseType, CoreSubjectIdentifierType,
-    CoreTokenResponse,
+    CoreJweKeyManagementAlgorithm, CoreJwsSigningAlgorithm, CoreResponseMode, CoreResponseType,
+    CoreSubjectIdentifierType, CoreTokenResponse,
 };
 use openidconnect::{
     AccessTokenHash, AdditionalProviderMetadata, AuthorizationCode, ClientId, ClientSecret,
@@ -43,11 +43,14 @@ const METADATA_MAX_STALE: Duration = Duration::from_secs(60 * 60);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BODY: usize = 1024 * 1024;
 
-/// The one discovery member beyond the core set that the proxy uses.
+/// The discovery members beyond the core set that the proxy uses.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LogoutMetadata {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_session_endpoint: Option<EndSessionUrl>,
+    /// RFC 9207 §3: the provider names itself (`iss`) in every authorization response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization_response_iss_parameter_supported: Option<bool>,
 }
 impl AdditionalProviderMetadata for LogoutMetadata {}
 
@@ -282,6 +285,13 @@ impl Provider {
         meta.additional_metadata().end_session_endpoint.as_ref().map(|u| u.url().to_string())
     }
 
+    /// Whether the provider says it names itself in every authorization response
+    /// (RFC 9207): then a response without `iss` is not its own.
+    pub async fn names_itself(&self) -> Result<bool, LoginError> {
+        let meta = self.metadata(false).await?;
+        Ok(meta.additional_metadata().authorization_response_iss_parameter_supported == Some(true))
+    }
+
     /// The authorization request: code flow, PKCE S256, fresh state and nonce.
     pub async fn authorize(&self, redirect_uri: &str) -> Result<AuthRequest, LoginError> {
         let meta = self.metadata(false).await?;
@@ -308,8 +318,64 @@ impl Provider {
         Ok(AuthRequest { url: url.to_string(), state, nonce, pkce_verifier: verifier })
     }
 
-    /// Exchange the code and verify the ID token against `nonce`.
+    /// Exchange the code and verify the ID token against `nonce`, and its `auth_time`
+    /// against the login's `max_age` and `prompt=login` for a sign-in that began at
+    /// `started` (Unix seconds): present, within `max_age`, not before `started` for
+    /// `prompt=login`, give or take the issuer's `leeway`.
     pub async fn exchange(
+        &self,
+        code: String,
+        pkce_verifier: String,
+        nonce: &str,
+        redirect_uri: &str,
+        started: u64,
+    ) -> Result<Verified, LoginError> {
+        let verified = self.exchange_code(code, pkce_verifier, nonce, redirect_uri).await?;
+        self.check_auth_time(&verified.claims, started, crate::util::unix_now())?;
+        Ok(verified)
+    }
+
+    /// When the login asks the provider for a recent authentication (`max_age`) or a new
+    /// one (`prompt=login`), the ID token must show one: `auth_time` present (OIDC Core
+    /// §2 requires it then), within `max_age`, and for `prompt=login` not before the
+    /// sign-in began, each give or take the issuer's `leeway`. Otherwise the request
+    /// alone would be the control: a provider that does not implement the
+    /// parameter, or whoever sits at an unlocked browser and deletes it from the
+    /// authorization URL, gets a session from the provider's old one, no password asked.
+    fn check_auth_time(
+        &self,
+        claims: &Map<String, Value>,
+        started: u64,
+        now: u64,
+    ) -> Result<(), LoginError> {
+        let (max_age, fresh) = (self.login.max_age(), self.login.prompts_login());
+        if max_age.is_none() && !fresh {
+            return Ok(());
+        }
+        let auth_time = claims.get("auth_time").and_then(|v| {
+            v.as_u64()
+                .or_else(|| v.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f as u64))
+        });
+        let Some(auth_time) = auth_time else {
+            return Err(LoginError(
+                "ID token has no `auth_time`, though the login asks for a recent sign-in (`max_age` or `prompt=login`)".into(),
+            ));
+        };
+        let leeway = self.settings.leeway.as_secs();
+        if max_age.is_some_and(|max| now.saturating_sub(auth_time) > max.saturating_add(leeway)) {
+            return Err(LoginError(
+                "ID token `auth_time` is older than the login's `max_age`: the provider did not authenticate the person again".into(),
+            ));
+        }
+        if fresh && auth_time.saturating_add(leeway) < started {
+            return Err(LoginError(
+                "ID token `auth_time` is before the sign-in began, though the login asks `prompt=login`: the provider did not authenticate the person again".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn exchange_code(
         &self,
         code: String,
         pkce_verifier: String,
@@ -366,6 +432,15 @@ impl Provider {
         Ok(v)
     }
 
+    /// The issuer's `algorithms` as `openidconnect` names them (all of them exist there).
+    fn allowed_algs(&self) -> Vec<CoreJwsSigningAlgorithm> {
+        self.settings
+            .algorithms
+            .iter()
+            .filter_map(|a| serde_json::from_value(Value::String(a.name().into())).ok())
+            .collect()
+    }
+
     fn verify(
         &self,
         client: &LoginClient,
@@ -375,7 +450,9 @@ impl Provider {
         let id_token = response
             .id_token()
             .ok_or_else(|| LoginError("no ID token in the token response".into()))?;
-        let verifier = client.id_token_verifier();
+        // The issuer's `algorithms` (V4), as for its bearer tokens: not whatever the
+        // discovery document advertises (HS256 keyed by the client secret among them).
+        let verifier = client.id_token_verifier().set_allowed_algs(self.allowed_algs());
         let claims = match nonce {
             Some(n) => id_token.claims(&verifier, n),
             None => id_token.claims(&verifier, |_: Option<&Nonce>| Ok(())),
@@ -490,6 +567,21 @@ mod tests {
             post_logout_redirect: None,
         };
         Provider::new(settings, login).unwrap_or_else(|e| panic!("provider: {e}"))
+    }
+
+    /// Every algorithm an issuer may allow (V4) has its `openidconnect` name: none drops
+    /// out of a login's allowlist.
+    #[test]
+    fn every_issuer_algorithm_is_known_to_the_login_verifier() {
+        for name in
+            ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+        {
+            let alg = crate::identity::Algorithm::parse(name).map(|a| a.name());
+            assert_eq!(alg, Some(name));
+            let core: Result<CoreJwsSigningAlgorithm, _> =
+                serde_json::from_value(Value::String(name.into()));
+            assert!(core.is_ok(), "{name}");
+        }
     }
 
     /// A provider that accepts connections and never answers: concurrent sign-ins wait

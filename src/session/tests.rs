@@ -245,6 +245,14 @@ fn cookie_parsing_finds_chunks_but_not_lookalikes() {
     assert!(!cookie::present(&c, "_portcullis"));
     h.insert(header::COOKIE, HeaderValue::from_static("app=1; _portcullis_3=x"));
     assert!(cookie::present(&cookie::parse(&h), "_portcullis"));
+    // A pair that is not ASCII is skipped alone, not with the header around it.
+    let utf8 = HeaderValue::from_str("name=Jos\u{e9}; __Host-_portcullis=1abc; l=\u{fc}")
+        .unwrap_or_else(|e| panic!("{e}"));
+    h.insert(header::COOKIE, utf8);
+    assert_eq!(cookie::parse(&h), [("__Host-_portcullis", "1abc")]);
+    let latin1 = HeaderValue::from_bytes(b"a=\xe9; b=2").unwrap_or_else(|e| panic!("{e}"));
+    h.insert(header::COOKIE, latin1);
+    assert_eq!(cookie::parse(&h), [("b", "2")]);
 }
 
 #[test]
@@ -267,6 +275,9 @@ fn query_params_decode_and_refuse_repeats() {
     assert_eq!(query_param(Some("rd=%2Fa%3Fb%3D1&x=2"), "rd").as_deref(), Some("/a?b=1"));
     assert_eq!(query_param(Some("state=a&state=b"), "state"), None);
     assert_eq!(query_param(None, "rd"), None);
+    assert!(has_param(Some("code=1&iss=a&iss=b"), "iss"));
+    assert!(has_param(Some("iss"), "iss"));
+    assert!(!has_param(Some("code=1&issuer=a"), "iss"));
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! Browser SSO end to end through the proxy, with a cookie-keeping client and the dev
 //! issuer's sign-in (`dev::login`): redirect, callback, session reuse, refresh (single
 //! flight), expiry, logout, tampering, CSRF state, code replay, nonce, open redirects,
-//! cookie + bearer, a second replica with the same key, logs free of secrets, and the
-//! chooser of a route with two sign-in issuers.
+//! cookie + bearer, a second replica with the same key, logs free of secrets, the
+//! chooser of a route with two sign-in issuers, RFC 9207 `iss`, `max_age` /
+//! `prompt=login` against `auth_time`, unframable pages, and answers to a session kept
+//! from shared caches.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -189,6 +191,24 @@ async fn browser_signs_in_and_reuses_the_session() {
     let e = w.last_event().await;
     assert_eq!(e["identity"]["issuer"], "corp");
     assert_eq!(e["identity"]["subject"], "alice");
+}
+
+/// A cookie with a UTF-8 value beside the proxy's (set by the application, or tossed by
+/// a sibling host with `Domain=`: browsers send its bytes as they are, in the one
+/// `Cookie` header that carries the session too) hid the session and the sign-in
+/// cookie: the browser was sent to sign in, and every callback failed.
+#[tokio::test]
+async fn a_cookie_with_a_utf8_value_does_not_hide_the_session_or_the_sign_in() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    b.jar.insert("name".into(), "Jos\u{e9}".into());
+    let r = b.sign_in(&w, "/app", "alice", &["engineering"]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.upstream_header("x-portcullis-subject").as_deref(), Some("alice"));
+    // The application's cookie reaches it as sent; the session does not.
+    assert_eq!(r.upstream_header("cookie").as_deref(), Some("name=Jos\u{e9}"));
+    let r = b.get(&w, &w.url("/app/again")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 }
 
 #[tokio::test]
@@ -484,6 +504,150 @@ async fn nonce_mismatch_creates_no_session() {
     assert!(e["detail"].as_str().unwrap_or_default().contains("nonce"), "{e}");
 }
 
+/// The issuer's `algorithms` (V4: RS256 by default, `HS*` never) hold for the ID token a
+/// sign-in gets, as for its bearer tokens. The sign-in used whatever the provider's
+/// discovery document advertised, HS256 keyed by the client secret among them.
+#[tokio::test]
+async fn a_sign_in_id_token_is_held_to_the_issuers_algorithms() {
+    let w = sso_world("").await;
+    let algs = serde_json::json!(["RS256", "HS256"]);
+    w.issuer.set_discovery_member("/human", "id_token_signing_alg_values_supported", algs);
+    login(&w).set_hs256(true);
+    let mut b = Browser::new();
+    let callback = b.through_provider(&w, "/", "alice", &["engineering"]).await;
+    let r = b.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(b.session_cookie().is_none(), "an HS256 ID token signed in");
+    let e = w.last_event().await;
+    assert_eq!(e["reason"], "login-failed", "{e}");
+    assert!(e["detail"].as_str().unwrap_or_default().contains("ID token"), "{e}");
+    login(&w).set_hs256(false);
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+}
+
+/// `max_age` and `prompt=login` ask the provider to authenticate the person again. One
+/// that does not implement them, or a person at an unlocked browser who
+/// deletes them from the authorization URL, answers with the provider's old session:
+/// the ID token's `auth_time` shows it, and the sign-in fails instead of creating a
+/// session no one re-authenticated for.
+#[tokio::test]
+async fn max_age_and_prompt_login_are_held_to_the_id_tokens_auth_time() {
+    for (extra, asked) in [
+        (", extra_params = { max_age = \"300\" }", "max_age=300"),
+        (", extra_params = { prompt = \"login consent\" }", "prompt=login"),
+    ] {
+        let setup =
+            Setup { sso: Some(String::new()), login_extra: extra.into(), ..Setup::default() };
+        let w = World::with(setup).await;
+        let mut b = Browser::new();
+        let r = b.get(&w, &w.url("/")).await;
+        assert!(location(&r).contains(asked), "{asked}: {}", location(&r));
+        // Authenticated an hour ago (past `max_age`, and before this sign-in began).
+        login(&w).set_auth_time_age(Some(3600));
+        let mut b = Browser::new();
+        let callback = b.through_provider(&w, "/", "alice", &[]).await;
+        let r = b.get(&w, &callback).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{asked}: {}", r.text());
+        assert!(r.text().contains("login-failed"), "{}", r.text());
+        assert!(b.session_cookie().is_none(), "{asked}: a session without re-authentication");
+        let e = w.last_event().await;
+        assert!(e["detail"].as_str().unwrap_or_default().contains("auth_time"), "{e}");
+        // No `auth_time` at all: nothing shows a new authentication either.
+        login(&w).set_auth_time_age(None);
+        login(&w).set_no_auth_time(true);
+        let mut b = Browser::new();
+        let callback = b.through_provider(&w, "/", "alice", &[]).await;
+        assert_eq!(b.get(&w, &callback).await.status, StatusCode::BAD_REQUEST, "{asked}");
+        assert!(b.session_cookie().is_none());
+        // Authenticated just now: signed in.
+        login(&w).set_no_auth_time(false);
+        let mut b = Browser::new();
+        let r = b.sign_in(&w, "/", "alice", &["engineering"]).await;
+        assert_eq!(r.status, StatusCode::OK, "{asked}: {}", r.text());
+    }
+    // Without them, an old authentication is the provider's business: signed in.
+    let w = sso_world("").await;
+    login(&w).set_auth_time_age(Some(3600));
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+}
+
+/// RFC 9207: a provider that advertises `authorization_response_iss_parameter_supported`
+/// names itself in every authorization response, so one without `iss` (or with two) is
+/// not its own (the mix-up attack: another provider's code sent back with this sign-in's
+/// state) and creates no session. A provider that does not advertise it is unchanged.
+#[tokio::test]
+async fn an_authorization_response_without_the_iss_its_provider_promises_fails() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    let callback = b.through_provider(&w, "/", "alice", &[]).await;
+    assert!(callback.contains("iss="), "{callback}");
+    // Two `iss`, the right one among them: not guessed at.
+    let twice = format!("{callback}&iss={}", urlencode(&w.urls["corp"]));
+    let r = b.get(&w, &twice).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(b.session_cookie().is_none());
+    let e = w.last_event().await;
+    assert!(e["detail"].as_str().unwrap_or_default().contains("`iss` repeated"), "{e}");
+    login(&w).set_no_iss(true);
+    let mut b = Browser::new();
+    let callback = b.through_provider(&w, "/", "alice", &[]).await;
+    assert!(!callback.contains("iss="), "{callback}");
+    let r = b.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(r.text().contains("login-failed"), "{}", r.text());
+    assert!(b.session_cookie().is_none(), "a response without the promised `iss` signed in");
+    let e = w.last_event().await;
+    assert!(e["detail"].as_str().unwrap_or_default().contains("RFC 9207"), "{e}");
+    assert_eq!(login(&w).code_exchanges(), 0, "the code was sent to the provider");
+
+    // A provider that does not promise it: a response without `iss` signs in.
+    let w = sso_world("").await;
+    w.issuer.set_discovery_member(
+        "/human",
+        "authorization_response_iss_parameter_supported",
+        serde_json::Value::Bool(false),
+    );
+    login(&w).set_no_iss(true);
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+}
+
+fn urlencode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// The proxy's own pages are never shown in another site's frame, where a page laid
+/// over them could trick a click on their button (the cross-site sign-out
+/// confirmation above all): `frame-ancestors 'none'` for current browsers, and
+/// `X-Frame-Options: DENY` for those that predate it.
+#[tokio::test]
+async fn the_proxys_own_pages_cannot_be_framed() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    let confirm = b
+        .request(
+            &w,
+            Method::GET,
+            &w.url("/.portcullis/logout"),
+            &[("sec-fetch-site", "cross-site")],
+            "",
+        )
+        .await;
+    assert_eq!(confirm.status, StatusCode::OK);
+    assert!(confirm.text().contains("Sign out?"), "{}", confirm.text());
+    let refused = b.get(&w, &w.url("/.portcullis/sign_in?rd=https%3A%2F%2Fevil.example%2F")).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    for r in [&confirm, &refused] {
+        let h = |n: &str| r.headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        assert!(h("content-security-policy").contains("frame-ancestors 'none'"), "{:?}", r.headers);
+        assert_eq!(h("x-frame-options"), "DENY", "{:?}", r.headers);
+        assert_eq!(h("x-content-type-options"), "nosniff", "{:?}", r.headers);
+        assert_eq!(h("cache-control"), "no-store", "{:?}", r.headers);
+    }
+}
+
 #[tokio::test]
 async fn open_redirect_attempts_are_refused() {
     let w = sso_world("").await;
@@ -640,8 +804,21 @@ async fn logout_clears_the_session_and_uses_the_end_session_endpoint() {
         assert!(r.headers.get("set-cookie").is_none(), "{from}");
     }
     assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK, "still signed in");
-    // From the proxy's own page (same-origin), or typed in (none, or no header): signed out.
+    // A prefetch of the sign-out link (speculation rules on a page of the site, the person
+    // only pointing at the link) signs nobody out: declined, the session untouched.
     let logout = w.url("/.portcullis/logout");
+    for purpose in ["prefetch", "prefetch;anonymous-client-ip"] {
+        let h = [("sec-fetch-site", "same-origin"), ("sec-purpose", purpose)];
+        let r = b.request(&w, Method::GET, &logout, &h, "").await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{purpose}: {}", r.text());
+        assert!(r.headers.get("set-cookie").is_none(), "{purpose}");
+        assert!(b.session_cookie().is_some(), "{purpose}");
+    }
+    assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK, "still signed in");
+    // From the proxy's own page (same-origin), or typed in (none, or no header): signed out.
+    // Spelt with an escape for an unreserved character, it is the same path (routed and
+    // answered by its canonical form): it was served as a failed callback instead.
+    let logout = w.url("/.portcullis/%6Cogout");
     let r = b.request(&w, Method::GET, &logout, &[("sec-fetch-site", "same-origin")], "").await;
     assert_eq!(r.status, StatusCode::FOUND);
     let to = location(&r);
@@ -1147,6 +1324,59 @@ async fn a_response_carrying_a_renewed_session_is_never_shared_cacheable() {
     assert!(set_cookies(&r).is_empty());
     assert_eq!(cache_control(&r), "public, max-age=3600, s-maxage=86400");
     assert!(r.headers.get("cdn-cache-control").is_some());
+    upstream.abort();
+}
+
+/// An answer the session cookie was let in for is that person's. A shared cache in front
+/// of the proxy (a CDN that caches `.pdf` and `.css` whatever the request's cookies, or
+/// gives an answer without `Cache-Control` heuristic freshness) stored it and served it to
+/// anyone asking for the URL, the proxy never asked: it is made `private`, unless the
+/// upstream decided (`private`, `no-store`, `no-cache`, or shared on purpose with
+/// `public` / `s-maxage` / a CDN's own field, as RFC 9111 §3.5 lets it for
+/// `Authorization`). Bearer requests are left to RFC 9111 §3.5.
+#[tokio::test]
+async fn a_session_authenticated_answer_is_not_left_shared_cacheable() {
+    let (addr, upstream) = raw_upstream(|path| match path {
+        "/cache/none" => "Last-Modified: Thu, 01 Jan 2015 00:00:00 GMT\r\n",
+        "/cache/max-age" => "Cache-Control: max-age=600\r\n",
+        "/cache/public" => "Cache-Control: public, max-age=600\r\n",
+        "/cache/no-cache" => "Cache-Control: no-cache\r\n",
+        "/cache/cdn" => "CDN-Cache-Control: max-age=60\r\n",
+        _ => "Cache-Control: no-store\r\n",
+    })
+    .await;
+    let routes = format!(
+        "[[routes]]\nname = \"cache\"\nmatch = {{ path_prefix = \"/cache\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
+    );
+    let w = World::with(Setup { sso: Some(String::new()), routes, ..Setup::default() }).await;
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let cache_control = |r: &Resp| {
+        r.headers
+            .get_all("cache-control")
+            .iter()
+            .map(|v| v.to_str().unwrap_or("?"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    for (path, want) in [
+        ("/cache/none", "private"),
+        ("/cache/max-age", "max-age=600, private"),
+        ("/cache/public", "public, max-age=600"),
+        ("/cache/no-cache", "no-cache"),
+        ("/cache/cdn", ""),
+        ("/cache/no-store", "no-store"),
+    ] {
+        let r = b.get(&w, &w.url(path)).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
+        assert!(set_cookies(&r).is_empty(), "{path}: not a renewal");
+        assert_eq!(cache_control(&r), want, "{path}");
+    }
+    // A bearer request: RFC 9111 §3.5 already keeps shared caches from storing it.
+    let t = w.token("corp", &[r#"groups:=["engineering"]"#]);
+    let r = w.get("/cache/none", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(cache_control(&r), "");
     upstream.abort();
 }
 

@@ -151,6 +151,8 @@ pub struct Setup {
     /// With `sso`: a second human issuer `partner` (dev issuer path `/partner`, its
     /// own dev sign-in in [`World::login2`]) that also has `login`.
     pub second_login: bool,
+    /// With `sso`: more keys for `corp`'s `login` table (`extra_params = { ... }`).
+    pub login_extra: String,
     /// Audit events go here instead of a memory sink ([`World::events`] is then empty).
     pub sink: Option<AuditSink>,
     /// `server.watch`: the file watcher reloads on changes.
@@ -171,6 +173,7 @@ impl Default for Setup {
             default_route: true,
             sso: None,
             second_login: false,
+            login_extra: String::new(),
             sink: None,
             watch: false,
             assertion: String::new(),
@@ -301,9 +304,10 @@ impl World {
                 c.push_str(&format!("client_id = {}\n", q(AUD)));
                 if setup.sso.is_some() {
                     c.push_str(&format!(
-                        "login = {{ client_id = {}, client_secret_file = {}, scopes = [\"openid\", \"email\", \"groups\"] }}\n",
+                        "login = {{ client_id = {}, client_secret_file = {}, scopes = [\"openid\", \"email\", \"groups\"]{} }}\n",
                         q(AUD),
-                        q(&dir.path().join("client-secret").to_string_lossy())
+                        q(&dir.path().join("client-secret").to_string_lossy()),
+                        setup.login_extra,
                     ));
                 }
             }
