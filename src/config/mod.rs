@@ -1618,6 +1618,14 @@ impl Compiler<'_> {
                         "`max_age` is a number of seconds (\"300\"): the proxy checks the ID token's `auth_time` against it",
                     );
                 }
+                // The callback reads the code from its query string: `form_post` or
+                // `fragment` would leave every sign-in unable to complete.
+                if k == "response_mode" && v.get_ref() != "query" {
+                    self.err(
+                        v.span(),
+                        "`response_mode` can only be \"query\": the callback reads the authorization response from its query string",
+                    );
+                }
                 extra_params.push((k.clone(), v.get_ref().clone()));
             }
         }
