@@ -1018,6 +1018,33 @@ impl Compiler<'_> {
                 }
             }
         }
+        // A browser refuses a cookie whose `Domain` does not cover the host that set it:
+        // on a sign-in route outside `cookie_domain`, every sign-in ends without a
+        // session and starts again.
+        if let Some(domain) = session.as_ref().and_then(|s| s.cookie_domain.as_deref()) {
+            for (order, r) in &compiled_routes {
+                let host = match &r.host {
+                    HostMatch::Any => continue,
+                    HostMatch::Exact(h) => h.as_str(),
+                    HostMatch::Suffix(s) => s.trim_start_matches('.'),
+                };
+                let covered = host.eq_ignore_ascii_case(domain)
+                    || host.len() > domain.len()
+                        && host[host.len() - domain.len()..].eq_ignore_ascii_case(domain)
+                        && host.as_bytes()[host.len() - domain.len() - 1] == b'.';
+                if !covered && logins.iter().any(|l| r.accepts(&l.issuer)) {
+                    warnings.push(self.source.error(
+                        route_at.get(*order).cloned(),
+                        format!(
+                            "route `{}` offers browser sign-in on a host outside `cookie_domain` \
+                             `{domain}`: browsers refuse its session cookie, so sign-in never \
+                             completes there",
+                            r.name
+                        ),
+                    ));
+                }
+            }
+        }
         let mut compiled_databases = Vec::new();
         let mut db_names = HashSet::new();
         let mut db_listens: Vec<SocketAddr> =

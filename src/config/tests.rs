@@ -1301,3 +1301,29 @@ fn zero_timeouts_and_lifetimes_are_refused_where_they_are_written() {
         );
     }
 }
+
+/// A sign-in route on a host `cookie_domain` does not cover can never keep a session
+/// (the browser refuses the cookie): a warning at the route; none where it is covered.
+#[test]
+fn a_sign_in_route_outside_the_cookie_domain_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let warnings = |host: &str| {
+        let text = BASE.replace("api.example.com", host).replace(
+            "audiences = [\"portcullis\"]\n",
+            "audiences = [\"portcullis\"]\nlogin = { client_id = \"p\", client_secret_env = \"S\", scopes = [\"openid\"] }\n",
+        ) + "\n[session]\nkeys_file = \"keys\"\ncookie_domain = \"example.com\"\n";
+        let c = compile(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
+        c.warnings.iter().map(|d| format!("{}:{} {}", d.line, d.col, d.message)).collect::<Vec<_>>()
+    };
+    for covered in ["example.com", "api.example.com", "API.Example.COM", "*.example.com"] {
+        assert_eq!(warnings(covered), Vec::<String>::new(), "{covered}");
+    }
+    for outside in ["api.other.com", "notexample.com", "*.example.org"] {
+        let w = warnings(outside);
+        assert_eq!(w.len(), 1, "{outside}: {w:?}");
+        assert!(
+            w[0].starts_with("10:8 route `api` offers browser sign-in on a host outside `cookie_domain` `example.com`"),
+            "{outside}: {w:?}"
+        );
+    }
+}
