@@ -26,6 +26,15 @@ pub mod pages;
 pub mod redirect;
 pub mod revoke;
 pub mod seal;
+/// Whether an `Origin` or `Referer` value names a page of `authority` (the request's
+/// host and port; the scheme is not compared). `null`, an opaque origin, is not.
+fn of_this_origin(value: &[u8], authority: &str) -> bool {
+    let Some(at) = value.windows(3).position(|w| w == b"://") else { return false };
+    let rest = &value[at + 3..];
+    let end = rest.iter().position(|b| matches!(b, b'/' | b'?' | b'#')).unwrap_or(rest.len());
+    rest[..end].eq_ignore_ascii_case(authority.as_bytes())
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -1282,9 +1291,17 @@ impl Sessions {
             };
         }
         // Fetch Metadata: a browser says where the request came from. A sign-out from
-        // another site (an <img> or link planted there) is confirmed first.
-        let from = headers.get("sec-fetch-site").map(HeaderValue::as_bytes);
-        if from.is_some_and(|f| f != b"same-origin" && f != b"none") {
+        // another site (an <img> or link planted there) is confirmed first. A browser
+        // without it (Safari before 16.4) still names the page in `Origin` (every POST)
+        // or `Referer`: another origin there is confirmed too.
+        let elsewhere = match headers.get("sec-fetch-site").map(HeaderValue::as_bytes) {
+            Some(from) => from != b"same-origin" && from != b"none",
+            None => [header::ORIGIN, header::REFERER]
+                .iter()
+                .filter_map(|h| headers.get(h))
+                .any(|v| !of_this_origin(v.as_bytes(), authority)),
+        };
+        if elsewhere {
             let link = match query {
                 Some(q) => format!("{LOGOUT_PATH}?{q}"),
                 None => LOGOUT_PATH.to_string(),

@@ -646,3 +646,24 @@ async fn sessions_revoked_past_the_cap_are_still_refused_and_the_overflow_counte
     assert_eq!(refused(&newer_unrevoked).await, None);
     Ok(())
 }
+
+/// `Origin`/`Referer` of a browser without Fetch Metadata: this host and port, whatever
+/// the scheme or path, is this origin; another host or port, `null` or no scheme is not.
+#[test]
+fn an_origin_or_referer_names_this_origin_only_by_its_host_and_port() {
+    use super::of_this_origin;
+    for v in ["https://app.example.com", "https://APP.example.com/x?y", "http://app.example.com#f"]
+    {
+        assert!(of_this_origin(v.as_bytes(), "app.example.com"), "{v}");
+    }
+    for v in [
+        "https://evil.example",
+        "https://app.example.com:8443",
+        "null",
+        "app.example.com",
+        "https://app.example.com.evil.example/",
+    ] {
+        assert!(!of_this_origin(v.as_bytes(), "app.example.com"), "{v}");
+    }
+    assert!(of_this_origin(b"https://127.0.0.1:8443/", "127.0.0.1:8443"));
+}

@@ -803,6 +803,20 @@ async fn logout_clears_the_session_and_uses_the_end_session_endpoint() {
         assert!(b.session_cookie().is_some(), "signed out by a {from} request");
         assert!(r.headers.get("set-cookie").is_none(), "{from}");
     }
+    // A browser without Fetch Metadata: another origin named in `Origin` (a form POST
+    // from there) or `Referer` (a link) is asked too.
+    let logout = w.url("/.portcullis/logout");
+    for h in [
+        ("origin", "https://evil.example"),
+        ("origin", "null"),
+        ("referer", "https://evil.example/x"),
+    ] {
+        let r = b.request(&w, Method::POST, &logout, &[h], "").await;
+        assert_eq!(r.status, StatusCode::OK, "{h:?}");
+        assert!(r.text().contains("href=\"/.portcullis/logout\""), "{h:?}: {}", r.text());
+        assert!(r.headers.get("set-cookie").is_none(), "{h:?}");
+        assert!(b.session_cookie().is_some(), "signed out by {h:?}");
+    }
     assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK, "still signed in");
     // A prefetch of the sign-out link (speculation rules on a page of the site, the person
     // only pointing at the link) signs nobody out: declined, the session untouched.
