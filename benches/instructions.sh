@@ -7,6 +7,9 @@
 #   SECONDS_PER_RUN=20 CONNS=8 benches/instructions.sh
 #   KEEP=/tmp/cg benches/instructions.sh          # keep the callgrind files, for
 #       callgrind_annotate --inclusive=yes /tmp/cg/demo-*.cg.*1 | head -80
+#   DISTINCT=3000 benches/instructions.sh         # also the demo with a distinct token per
+#       request (that many bitbucket-pipelines tokens cycled by load.lua: each a new
+#       principal, so one RS256 verification and one ES256 signature per request)
 #
 # For each binary it runs `portcullis demo` (full validation, policy, identity headers,
 # assertion, audit log) and `portcullis dev floor` (hyper server + pooled client only)
@@ -15,11 +18,13 @@
 # The upstream is nginx `return 200` on 127.0.0.1:9000 (another process: not counted).
 # Under valgrind, aws-lc's SHA-256 takes its portable path (no SHA extensions), so the
 # token-cache key costs ≈ 38 k instructions here against ≈ 2 k natively; it is reported
-# apart and left out of the "own" column.
+# apart and left out of the "own" column (with DISTINCT, every SHA-256 is: the key's, the
+# RSA verification's and the ES256 signature's digests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-15}
+DISTINCT=${DISTINCT:-0}
 CONNS=${CONNS:-8}
 BINS=${BINS:-target/release/portcullis}
 for t in valgrind callgrind_annotate callgrind_control wrk nginx; do
@@ -60,7 +65,9 @@ nginx -e "$RUN/nginx.err" -c "$RUN/up.conf" -g 'daemon off;' &
 PIDS+=($!)
 for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/9000) 2>/dev/null && break; sleep 0.1; done
 
-# measure NAME URL -- command...: prints "instructions-per-request sha-per-request"
+# measure NAME URL TOKEN command...: prints "instructions-per-request sha-per-request".
+# TOKEN: `none`, `-` (one token minted from the demo's state), or `distinct` (warm up
+# with one minted token, then measure with DISTINCT tokens, one per request).
 measure() {
   local name=$1 url=$2 token=$3
   shift 3
@@ -72,17 +79,29 @@ measure() {
     (exec 3<>"/dev/tcp/${url#http://}") 2>/dev/null && break
     sleep 0.2
   done
-  [[ $token == - ]] && token=$("${@:1:1}" dev token --state-dir "$RUN/demo")
+  local tokens=()
+  if [[ $token == distinct ]]; then
+    "$1" dev token --state-dir "$RUN/demo" --count "$DISTINCT" >"$out.tokens"
+    tokens=(-s benches/load.lua)
+  fi
+  [[ $token == - || $token == distinct ]] && token=$("$1" dev token --state-dir "$RUN/demo")
   local hdr=(-H "Authorization: Bearer $token")
   wrk -t1 -c"$CONNS" -d3s "${hdr[@]}" "$url/" >/dev/null
   callgrind_control -i on "$vpid" >/dev/null
-  wrk -t1 -c"$CONNS" -d"${SECONDS_PER_RUN}s" "${hdr[@]}" "$url/" >"$out.wrk"
+  if ((${#tokens[@]})); then
+    BENCH_TOKENS="$out.tokens" wrk -t1 -c"$CONNS" -d"${SECONDS_PER_RUN}s" "${tokens[@]}" "$url/" >"$out.wrk"
+  else
+    wrk -t1 -c"$CONNS" -d"${SECONDS_PER_RUN}s" "${hdr[@]}" "$url/" >"$out.wrk"
+  fi
   callgrind_control -d "$vpid" >/dev/null
   sleep 1
   kill "$vpid" 2>/dev/null || true
   wait "$vpid" 2>/dev/null || true
   local n total sha
   n=$(awk '/requests in/ {print $1}' "$out.wrk")
+  if ((${#tokens[@]} && n > DISTINCT)); then
+    echo "warning: $name served $n requests with $DISTINCT tokens: raise DISTINCT" >&2
+  fi
   total=$(callgrind_annotate "$out.cg".*1 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
   sha=$(callgrind_annotate "$out.cg".*1 2>/dev/null | awk '/sha256_block_data_order/ && !done {gsub(",", "", $1); print $1; done = 1}')
   grep -q '"status":200' "$out.stdout" 2>/dev/null || [[ $name == floor* ]] \
@@ -91,7 +110,16 @@ measure() {
   echo "$((total / n)) $((${sha:-0} / n))"
 }
 
-printf '%-40s %14s %14s %14s\n' binary "floor instr/req" "demo instr/req" "demo own*"
+distinct_demo() { # binary: the demo with a distinct token per request
+  rm -rf "$RUN/demo"
+  measure "distinct-$$-$RANDOM" http://127.0.0.1:18101 distinct \
+    "$1" demo --insecure-http 127.0.0.1:18101 --upstream http://127.0.0.1:9000 \
+    --listen 127.0.0.1:18444 --admin 127.0.0.1:18191 --state-dir "$RUN/demo"
+}
+
+printf '%-40s %14s %14s %14s' binary "floor instr/req" "demo instr/req" "demo own*"
+((DISTINCT)) && printf ' %16s %16s' "distinct instr" "distinct own*"
+printf '\n'
 for bin in $BINS; do
   read -r floor _ < <(measure "floor-$$-$RANDOM" http://127.0.0.1:18201 none \
     "$bin" dev floor --listen 127.0.0.1:18201 --upstream http://127.0.0.1:9000)
@@ -99,6 +127,12 @@ for bin in $BINS; do
   read -r demo sha < <(measure "demo-$$-$RANDOM" http://127.0.0.1:18101 - \
     "$bin" demo --insecure-http 127.0.0.1:18101 --upstream http://127.0.0.1:9000 \
     --listen 127.0.0.1:18444 --admin 127.0.0.1:18191 --state-dir "$RUN/demo")
-  printf '%-40s %14d %14d %14d\n' "$bin" "$floor" "$demo" "$((demo - sha))"
+  printf '%-40s %14d %14d %14d' "$bin" "$floor" "$demo" "$((demo - sha))"
+  if ((DISTINCT)); then
+    read -r distinct dsha < <(distinct_demo "$bin")
+    printf ' %16d %16d' "$distinct" "$((distinct - dsha))"
+  fi
+  printf '\n'
 done
 echo "* demo own = demo minus the token-cache key's SHA-256 (software under valgrind)"
+if ((DISTINCT)); then echo "  distinct own = distinct minus every SHA-256 (the key's, RS256's, ES256's)"; fi

@@ -28,11 +28,14 @@ use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use parking_lot::Mutex;
+#[cfg(test)]
 use serde::Serialize;
 
 use crate::bounded::BoundedMap;
 use crate::config::AssertionSettings;
-use crate::identity::{CiContext, Identity, PrincipalKind};
+#[cfg(test)]
+use crate::identity::PrincipalKind;
+use crate::identity::{CiContext, Identity};
 
 const CACHE_LIMIT: usize = 65_536;
 
@@ -153,6 +156,9 @@ pub struct Forward {
     pub claim_headers: Box<[(HeaderName, HeaderValue)]>,
 }
 
+/// The assertion's claims as `serde_json` writes them: the schema [`payload`] writes by
+/// hand, and the reference a test holds it to.
+#[cfg(test)]
 #[derive(Serialize)]
 struct Claims<'a> {
     iss: &'a str,
@@ -498,19 +504,7 @@ impl AssertionSigner {
     }
 
     fn sign(&self, id: &Identity, route: &str, now: u64, exp: u64) -> HeaderValue {
-        let claims = Claims {
-            iss: &self.issuer,
-            aud: route,
-            sub: id.principal(),
-            iat: now,
-            exp,
-            issuer: id.issuer.as_str(),
-            kind: id.kind,
-            email: forwarded_email(id),
-            groups: &id.groups,
-            ci: id.ci.as_ref(),
-        };
-        let payload = serde_json::to_vec(&claims).unwrap_or_default();
+        let payload = payload(&self.issuer, route, id, now, exp);
         let key = &*self.key;
         let mut jwt = String::with_capacity(key.header_b64.len() + payload.len() * 2 + 100);
         jwt.push_str(&key.header_b64);
@@ -524,6 +518,86 @@ impl AssertionSigner {
             }
             Err(_) => HeaderValue::from_static(""),
         }
+    }
+}
+
+/// The assertion's claims (`iss`, `aud`, `sub`, `iat`, `exp`, `issuer`, `kind`, a
+/// verified `email`, `groups` unless empty, `ci`) as JSON: the bytes `serde_json` writes
+/// for [`Claims`] (a test holds the two together), written by hand because a new
+/// principal pays for it on its first request, beside the signature.
+fn payload(iss: &str, aud: &str, id: &Identity, iat: u64, exp: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    let mut n = itoa::Buffer::new();
+    out.extend_from_slice(b"{\"iss\":");
+    json_str(&mut out, iss);
+    out.extend_from_slice(b",\"aud\":");
+    json_str(&mut out, aud);
+    // `sub` is `issuer/subject` ([`Identity::principal`]), escaped as one string.
+    let (issuer, subject) = (id.issuer.as_str(), id.subject.as_str());
+    out.extend_from_slice(b",\"sub\":");
+    if plain(issuer) && plain(subject) {
+        out.push(b'"');
+        out.extend_from_slice(issuer.as_bytes());
+        out.push(b'/');
+        out.extend_from_slice(subject.as_bytes());
+        out.push(b'"');
+    } else {
+        json_str(&mut out, &id.principal());
+    }
+    out.extend_from_slice(b",\"iat\":");
+    out.extend_from_slice(n.format(iat).as_bytes());
+    out.extend_from_slice(b",\"exp\":");
+    out.extend_from_slice(n.format(exp).as_bytes());
+    out.extend_from_slice(b",\"issuer\":");
+    json_str(&mut out, issuer);
+    out.extend_from_slice(b",\"kind\":");
+    json_str(&mut out, id.kind.as_str());
+    if let Some(email) = forwarded_email(id) {
+        out.extend_from_slice(b",\"email\":");
+        json_str(&mut out, email);
+    }
+    if !id.groups.is_empty() {
+        out.extend_from_slice(b",\"groups\":[");
+        for (i, group) in id.groups.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_str(&mut out, group);
+        }
+        out.push(b']');
+    }
+    if let Some(ci) = &id.ci {
+        out.extend_from_slice(b",\"ci\":{\"provider\":");
+        json_str(&mut out, ci.provider);
+        for &name in CiContext::FIELDS {
+            if let Some(value) = ci.field(name) {
+                out.push(b',');
+                json_str(&mut out, name);
+                out.push(b':');
+                json_str(&mut out, value);
+            }
+        }
+        out.push(b'}');
+    }
+    out.push(b'}');
+    out
+}
+
+/// Whether `serde_json` writes `s` as it is between quotes: no `"`, `\\` or control
+/// character (it escapes nothing else).
+fn plain(s: &str) -> bool {
+    !s.bytes().fold(false, |any, b| any | (b < 0x20) | (b == b'"') | (b == b'\\'))
+}
+
+/// Appends `s` as `serde_json` writes a string: one scan and one copy when there is
+/// nothing to escape (nearly always), else serde_json's own escaping.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if plain(s) {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(&mut *out, s);
     }
 }
 
@@ -613,6 +687,63 @@ mod tests {
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap_or_default())
                 .unwrap_or_default();
         assert_eq!(claims["aud"], "signed");
+    }
+
+    /// The hand-written payload is byte for byte what serde_json writes for [`Claims`]:
+    /// with and without email, groups and CI context, and with strings to escape.
+    #[test]
+    fn the_hand_written_payload_is_the_bytes_serde_writes() {
+        let odd = "q\"uo\\te \u{1}\n\u{7f} é \u{202e}/x";
+        let full_ci = CiContext {
+            provider: "github",
+            workspace: Some("acme".into()),
+            workspace_id: Some("7".into()),
+            repository: Some(format!("acme/{odd}")),
+            repository_id: Some("74".into()),
+            branch: Some(odd.into()),
+            tag: Some("v1".into()),
+            git_ref: Some("refs/heads/main".into()),
+            environment: Some("prod".into()),
+            commit: Some("abc".into()),
+            pipeline: Some("p".into()),
+            run: Some("9-1".into()),
+            step: Some("s".into()),
+            actor: Some("octo".into()),
+        };
+        let unverified = Identity { email_verified: false, ..(*identity()).clone() };
+        let cases = [
+            (*identity()).clone(),
+            unverified,
+            Identity { groups: vec![], email: None, ..pipeline("main") },
+            Identity { ci: Some(full_ci), ..pipeline("main") },
+            Identity {
+                issuer: IssuerId(Arc::from(odd)),
+                subject: odd.into(),
+                email: Some(odd.into()),
+                // One character to escape each (serde_json escapes these and no others).
+                groups: ["\\", "\"", "\u{1f}", "\u{7f}", "é", "", "sre"].map(String::from).to_vec(),
+                ..(*identity()).clone()
+            },
+        ];
+        for (iss, aud) in [("portcullis", "api"), (odd, odd)] {
+            for id in &cases {
+                let reference = serde_json::to_vec(&Claims {
+                    iss,
+                    aud,
+                    sub: id.principal(),
+                    iat: 1_000,
+                    exp: 1_060,
+                    issuer: id.issuer.as_str(),
+                    kind: id.kind,
+                    email: forwarded_email(id),
+                    groups: &id.groups,
+                    ci: id.ci.as_ref(),
+                })
+                .unwrap_or_default();
+                let ours = payload(iss, aud, id, 1_000, 1_060);
+                assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&reference));
+            }
+        }
     }
 
     fn claims_of(f: &Forward) -> serde_json::Value {

@@ -39,6 +39,8 @@ pub struct ConnInfo {
     /// Requests in flight (for the idle timeout), and the connection's `max_connections`
     /// slot, which a WebSocket tunnel keeps after the connection is handed over.
     pub activity: Arc<activity::Activity>,
+    /// The last bearer token of the connection and its token-cache key.
+    pub last_token: Arc<crate::identity::LastToken>,
 }
 
 impl ConnInfo {
@@ -59,6 +61,7 @@ impl ConnInfo {
             tls,
             trusted_peer,
             activity,
+            last_token: Arc::default(),
         }
     }
 

@@ -608,7 +608,7 @@ pub async fn handle(
                 )
             }
             (Some((token, src)), None) => {
-                let identity = match rt.verifier.verify(token).await {
+                let identity = match rt.verifier.verify_on(token, &conn.last_token).await {
                     Ok(id) => id,
                     Err(e) => return rejection(out, e.reason, e.detail, &rc),
                 };

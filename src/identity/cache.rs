@@ -23,6 +23,32 @@ pub(crate) fn hash(token: &str) -> TokenHash {
     crate::util::sha256(token.as_bytes())
 }
 
+/// The last token a connection presented, with its hash: a pipeline's repeated calls on
+/// one keep-alive connection compare the token's bytes (a `memcmp`) instead of hashing
+/// them again. Only the hash is remembered; the cache lookup, its validity window and the
+/// key check run on every request as before.
+#[derive(Debug, Default)]
+pub struct LastToken(parking_lot::Mutex<Option<(Box<str>, TokenHash)>>);
+
+/// Longer tokens are hashed every time, so a connection holds at most this much.
+const LAST_TOKEN_MAX: usize = 4096;
+
+impl LastToken {
+    /// `hash(token)`, remembered for the next call.
+    pub(crate) fn hash(&self, token: &str) -> TokenHash {
+        if let Some((last, hash)) = &*self.0.lock() {
+            if **last == *token {
+                return *hash;
+            }
+        }
+        let hash = hash(token);
+        if token.len() <= LAST_TOKEN_MAX {
+            *self.0.lock() = Some((token.into(), hash));
+        }
+        hash
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
     pub identity: Arc<Identity>,
@@ -103,6 +129,17 @@ mod tests {
             valid_from: from,
             valid_until: until,
         }
+    }
+
+    #[test]
+    fn a_connections_last_token_hashes_as_the_token_does() {
+        let last = LastToken::default();
+        for t in ["a.b.c", "a.b.c", "a.b.d", "a.b.c", ""] {
+            assert_eq!(last.hash(t), hash(t), "{t}");
+        }
+        let long = "x".repeat(LAST_TOKEN_MAX + 1);
+        assert_eq!(last.hash(&long), hash(&long));
+        assert_eq!(last.hash("a.b.c"), hash("a.b.c"));
     }
 
     #[test]

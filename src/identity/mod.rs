@@ -19,7 +19,7 @@ mod token;
 pub mod verify;
 
 pub use admission::{Admission, Credential};
-pub use cache::DEFAULT_CAPACITY as DEFAULT_TOKEN_CACHE_ENTRIES;
+pub use cache::{LastToken, DEFAULT_CAPACITY as DEFAULT_TOKEN_CACHE_ENTRIES};
 pub use token::{MAX_KID_LEN, MAX_TOKEN_LEN};
 pub use verify::{extract_bearer, unverified_identity, CredentialSource, Verifier, MAX_LEEWAY};
 

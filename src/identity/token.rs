@@ -237,13 +237,14 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out = Map::new();
-        // Keys are compared after unescaping, so `"\u0061lg"` duplicates `"alg"`.
+        // Keys are compared after unescaping, so `"\u0061lg"` duplicates `"alg"`. One
+        // lookup per member: the vacant entry found by the duplicate check takes the value.
         while let Some(key) = map.next_key::<String>()? {
-            if out.contains_key(&key) {
+            let serde_json::map::Entry::Vacant(slot) = out.entry(key) else {
                 return Err(de::Error::custom(DUPLICATE));
-            }
+            };
             let Strict(v) = map.next_value()?;
-            out.insert(key, v);
+            slot.insert(v);
         }
         Ok(Value::Object(out))
     }

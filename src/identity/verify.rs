@@ -207,9 +207,28 @@ impl Verifier {
         self.verify_at(token, crate::util::unix_now()).await
     }
 
+    /// Verify a bearer token now, presented on a connection whose last token is `last`
+    /// (its cache key is then not computed again; everything else is as [`Verifier::verify`]).
+    pub async fn verify_on(
+        &self,
+        token: &str,
+        last: &super::LastToken,
+    ) -> Result<Arc<Identity>, AuthError> {
+        self.verify_hashed(token, last.hash(token), crate::util::unix_now()).await
+    }
+
     /// Verify a bearer token as of `now` (Unix seconds).
     pub async fn verify_at(&self, token: &str, now: u64) -> Result<Arc<Identity>, AuthError> {
-        let result = self.verify_inner(token, now).await;
+        self.verify_hashed(token, cache::hash(token), now).await
+    }
+
+    async fn verify_hashed(
+        &self,
+        token: &str,
+        hash: cache::TokenHash,
+        now: u64,
+    ) -> Result<Arc<Identity>, AuthError> {
+        let result = self.verify_inner(token, hash, now).await;
         let code = match &result {
             Ok(_) => Reason::Allowed.code(),
             Err(e) => e.reason.code(),
@@ -274,8 +293,12 @@ impl Verifier {
         keys.install(jwks, ttl)
     }
 
-    async fn verify_inner(&self, token: &str, now: u64) -> Result<Arc<Identity>, AuthError> {
-        let hash = cache::hash(token);
+    async fn verify_inner(
+        &self,
+        token: &str,
+        hash: cache::TokenHash,
+        now: u64,
+    ) -> Result<Arc<Identity>, AuthError> {
         match self.cached(&hash, now) {
             Some(identity) => Ok(identity),
             // Boxed: the full check's future (a key refresh may be awaited) is large, and
