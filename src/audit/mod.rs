@@ -147,17 +147,7 @@ fn identity_json(id: &Identity) -> Vec<u8> {
 /// declaration order ([`crate::identity::CiContext::FIELDS`]).
 fn ci_json(ci: &crate::identity::CiContext) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
-    out.extend_from_slice(b"{\"provider\":");
-    json_str(&mut out, ci.provider);
-    for &name in crate::identity::CiContext::FIELDS {
-        if let Some(value) = ci.field(name) {
-            out.push(b',');
-            json_str(&mut out, name);
-            out.push(b':');
-            json_str(&mut out, value);
-        }
-    }
-    out.push(b'}');
+    ci.write_json(&mut out, json_str);
     out
 }
 

@@ -33,9 +33,9 @@ use serde::Serialize;
 
 use crate::bounded::BoundedMap;
 use crate::config::AssertionSettings;
+use crate::identity::Identity;
 #[cfg(test)]
 use crate::identity::PrincipalKind;
-use crate::identity::{CiContext, Identity};
 
 const CACHE_LIMIT: usize = 65_536;
 
@@ -173,7 +173,7 @@ struct Claims<'a> {
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     groups: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
-    ci: Option<&'a CiContext>,
+    ci: Option<&'a crate::identity::CiContext>,
 }
 
 /// Why the assertion key could not be had. The messages name the file, never its content.
@@ -567,17 +567,8 @@ fn payload(iss: &str, aud: &str, id: &Identity, iat: u64, exp: u64) -> Vec<u8> {
         out.push(b']');
     }
     if let Some(ci) = &id.ci {
-        out.extend_from_slice(b",\"ci\":{\"provider\":");
-        json_str(&mut out, ci.provider);
-        for &name in CiContext::FIELDS {
-            if let Some(value) = ci.field(name) {
-                out.push(b',');
-                json_str(&mut out, name);
-                out.push(b':');
-                json_str(&mut out, value);
-            }
-        }
-        out.push(b'}');
+        out.extend_from_slice(b",\"ci\":");
+        ci.write_json(&mut out, json_str);
     }
     out.push(b'}');
     out
@@ -604,7 +595,7 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::IssuerId;
+    use crate::identity::{CiContext, IssuerId};
     use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 
     fn identity() -> Arc<Identity> {

@@ -400,6 +400,23 @@ impl CiContext {
             _ => None,
         }
     }
+
+    /// Appends this context as a JSON object (`provider`, then the fields present in
+    /// [`CiContext::FIELDS`] order), each string written by `string`: the audit log's
+    /// escaping or the assertion's, which differ only in how they escape.
+    pub fn write_json(&self, out: &mut Vec<u8>, string: fn(&mut Vec<u8>, &str)) {
+        out.extend_from_slice(b"{\"provider\":");
+        string(out, self.provider);
+        for &name in Self::FIELDS {
+            if let Some(value) = self.field(name) {
+                out.push(b',');
+                string(out, name);
+                out.push(b':');
+                string(out, value);
+            }
+        }
+        out.push(b'}');
+    }
 }
 
 /// A rejected credential: the stable reason for responses and metrics, and a detail
