@@ -1356,6 +1356,10 @@ async fn a_session_authenticated_answer_is_not_left_shared_cacheable() {
         "/cache/public" => "Cache-Control: public, max-age=600\r\n",
         "/cache/no-cache" => "Cache-Control: no-cache\r\n",
         "/cache/cdn" => "CDN-Cache-Control: max-age=60\r\n",
+        "/cache/split" => "Cache-Control: max-age=600\r\nCache-Control: no-cache\r\n",
+        "/cache/field-private" => "Cache-Control: max-age=600, private=\"Set-Cookie\"\r\n",
+        "/cache/field-no-cache" => "Cache-Control: no-cache=\"Set-Cookie\", max-age=600\r\n",
+        "/cache/must-understand" => "Cache-Control: no-store, must-understand, max-age=600\r\n",
         _ => "Cache-Control: no-store\r\n",
     })
     .await;
@@ -1380,6 +1384,12 @@ async fn a_session_authenticated_answer_is_not_left_shared_cacheable() {
         ("/cache/no-cache", "no-cache"),
         ("/cache/cdn", ""),
         ("/cache/no-store", "no-store"),
+        ("/cache/split", "max-age=600 | no-cache"),
+        // Field-limited: a shared cache may store and serve the rest (RFC 9111 §5.2.2.4,
+        // §5.2.2.7); `no-store` is ignored by a cache that understands the status.
+        ("/cache/field-private", "max-age=600, private=\"Set-Cookie\", private"),
+        ("/cache/field-no-cache", "no-cache=\"Set-Cookie\", max-age=600, private"),
+        ("/cache/must-understand", "no-store, must-understand, max-age=600, private"),
     ] {
         let r = b.get(&w, &w.url(path)).await;
         assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
