@@ -821,8 +821,14 @@ async fn logout_clears_the_session_and_uses_the_end_session_endpoint() {
     // A prefetch of the sign-out link (speculation rules on a page of the site, the person
     // only pointing at the link) signs nobody out: declined, the session untouched.
     let logout = w.url("/.portcullis/logout");
-    for purpose in ["prefetch", "prefetch;anonymous-client-ip"] {
-        let h = [("sec-fetch-site", "same-origin"), ("sec-purpose", purpose)];
+    for (name, purpose) in [
+        ("sec-purpose", "prefetch"),
+        ("sec-purpose", "prefetch;anonymous-client-ip"),
+        // Older browsers: Chrome before `Sec-Purpose`, Firefox's `<link rel=prefetch>`.
+        ("purpose", "prefetch"),
+        ("x-moz", "prefetch"),
+    ] {
+        let h = [("sec-fetch-site", "same-origin"), (name, purpose)];
         let r = b.request(&w, Method::GET, &logout, &h, "").await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{purpose}: {}", r.text());
         assert!(r.headers.get("set-cookie").is_none(), "{purpose}");
