@@ -248,26 +248,22 @@ pub fn keep_from_shared_caches(h: &mut HeaderMap) {
 /// without the proxy ever seeing a request. RFC 9111 §3.5 keeps shared caches from doing
 /// that to answers to requests with `Authorization` (bearer tokens), not with cookies.
 /// `max-age` and the rest stay for the browser (`max-age=600` becomes
-/// `max-age=600, private`).
+/// `max-age=600, private`). A field-limited `private="Set-Cookie"` or
+/// `no-cache="Set-Cookie"` decides nothing: a shared cache may store and serve the rest
+/// of the answer (RFC 9111 §5.2.2.4, §5.2.2.7), nor does `no-store` beside
+/// `must-understand`, which a cache that knows the status code ignores (§5.2.2.3).
 pub fn private_unless_shared_on_purpose(h: &mut HeaderMap) {
-    let decided = h.keys().any(targets_caches)
-        || h.get_all(header::CACHE_CONTROL).iter().flat_map(|v| directives(v.as_bytes())).any(
-            |d| {
-                let name = d.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
-                [
-                    "private",
-                    "no-store",
-                    "no-cache",
-                    "public",
-                    "s-maxage",
-                    "must-revalidate",
-                    "proxy-revalidate",
-                ]
-                .iter()
-                .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
-            },
-        );
-    if decided {
+    let (mut decided, mut no_store, mut must_understand) = (false, false, false);
+    for d in h.get_all(header::CACHE_CONTROL).iter().flat_map(|v| directives(v.as_bytes())) {
+        let name = d.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        let shared = ["public", "s-maxage", "must-revalidate", "proxy-revalidate"];
+        decided |= ((is("private") || is("no-cache")) && !d.contains(&b'='))
+            || shared.iter().any(|n| is(n));
+        no_store |= is("no-store");
+        must_understand |= is("must-understand");
+    }
+    if decided || (no_store && !must_understand) || h.keys().any(targets_caches) {
         return;
     }
     let mut kept: Vec<&[u8]> =

@@ -213,6 +213,14 @@ mod tests {
             // Another host, however spelt.
             ("//evil.example/x", "//evil.example/x"),
             ("/\\evil.example/x", "/\\evil.example/x"),
+            // Browsers drop a tab anywhere in a URL: `/<TAB>/evil.example` is
+            // `//evil.example` to them, and gets the prefix in front, a path again.
+            ("/\t/evil.example/x", "/billing/\t/evil.example/x"),
+            (
+                "https://app.example.com\t@evil.example/x",
+                "https://app.example.com\t@evil.example/x",
+            ),
+            ("https://app.example.com:443/x", "https://app.example.com:443/x"),
             ("https://evil.example/login", "https://evil.example/login"),
             ("https://app.example.com.evil.example/x", "https://app.example.com.evil.example/x"),
             ("https://app.example.com@evil.example/x", "https://app.example.com@evil.example/x"),
@@ -233,6 +241,8 @@ mod tests {
             // The upstream's own address: the path alone, as nginx's default makes it.
             ("http://10.0.0.12:8080/login?x=1", "/billing/login?x=1"),
             ("http://10.0.0.12:8080", "/billing/"),
+            // Never a protocol-relative URL out of the upstream's address.
+            ("http://10.0.0.12:8080//evil.example/x", "/billing//evil.example/x"),
             ("http://10.0.0.12/login", "http://10.0.0.12/login"),
         ] {
             assert_eq!(String::from_utf8_lossy(&location(&r, sent.as_bytes())), want, "{sent:?}");
@@ -303,6 +313,9 @@ mod tests {
             ("a=1; Path=x", "a=1; Path=x"),
             ("a=1; Path=/billing/y", "a=1; Path=/billing/y"),
             ("Path=/; Secure", "Path=/; Secure"),
+            ("a=Path=/x", "a=Path=/x"),
+            // Browsers end an attribute at `;` inside quotes too, and the last Path wins.
+            ("a=\"x; Path=/y\"; Path=/", "a=\"x; Path=/billing/y\"; Path=/billing"),
             ("a=1; Pathx=/; Domain=app.example.com", "a=1; Pathx=/; Domain=app.example.com"),
         ] {
             let got = r.set_cookie(sent.as_bytes()).unwrap_or_else(|| sent.as_bytes().to_vec());

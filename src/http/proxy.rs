@@ -981,11 +981,14 @@ pub async fn handle(
     // then is the browser's alone: no shared cache may keep it with the session.
     if !rc.set_cookies.is_empty() {
         headers::keep_from_shared_caches(&mut parts.headers);
-    } else if session_key.is_some() && !keep_upgrade {
-        // An answer the session cookie was let in for is that person's: a shared cache
-        // in front that stored it would serve it to anyone asking for the URL, no
-        // credential needed (RFC 9111 keeps shared caches from storing answers to
-        // `Authorization`, not to cookies).
+    } else if (session_key.is_some() || source == Some(CredentialSource::ProxyAuthorization))
+        && !keep_upgrade
+    {
+        // An answer the session cookie (or a `Proxy-Authorization` token) was let in for
+        // is that person's: a shared cache in front that stored it would serve it to
+        // anyone asking for the URL, no credential needed (RFC 9111 §3.5 keeps shared
+        // caches from storing answers to `Authorization`, not to cookies, nor to
+        // `Proxy-Authorization`: Varnish's built-in rules pass only the first two).
         headers::private_unless_shared_on_purpose(&mut parts.headers);
     }
     for c in std::mem::take(&mut rc.set_cookies) {

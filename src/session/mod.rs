@@ -1275,11 +1275,15 @@ impl Sessions {
         // prefetch every same-origin link hovered, or `<link rel=prefetch>`) is a guess at
         // a click: signing out then would end the session when the person points at a
         // "Sign out" link. Declined; a prefetch answered with an error is dropped, and
-        // the click, if it comes, is an ordinary navigation.
-        let prefetch = headers
-            .get("sec-purpose")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split([',', ';']).any(|t| t.trim() == "prefetch"));
+        // the click, if it comes, is an ordinary navigation. Older browsers name it
+        // `Purpose: prefetch` (Chrome before `Sec-Purpose`) or `X-Moz: prefetch` (Firefox).
+        let prefetch = ["sec-purpose", "purpose", "x-moz"].iter().any(|n| {
+            headers
+                .get_all(*n)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.split([',', ';']).any(|t| t.trim().eq_ignore_ascii_case("prefetch")))
+        });
         if prefetch {
             return Answer {
                 response: crate::http::reject::response(Reason::BadRequest, rid),

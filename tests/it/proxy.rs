@@ -314,6 +314,14 @@ async fn proxy_authorization_carries_the_token_and_authorization_stays_the_apps(
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.upstream_header("authorization").as_deref(), Some("Basic YXBwOnNlY3JldA=="));
     assert_eq!(r.upstream_header("proxy-authorization"), None);
+    // RFC 9111 §3.5 keeps shared caches from storing answers to `Authorization` only
+    // (Varnish's built-in rules pass requests with it or a cookie, not with this one):
+    // the answer is the token holder's.
+    let cache_control: Vec<_> = r.headers.get_all("cache-control").iter().collect();
+    assert_eq!(cache_control, ["private"]);
+    let r = w.get("/x", Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.headers.get("cache-control"), None, "left to RFC 9111 §3.5");
     // Two bearer credentials are ambiguous.
     let r = w
         .send(

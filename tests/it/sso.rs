@@ -821,8 +821,14 @@ async fn logout_clears_the_session_and_uses_the_end_session_endpoint() {
     // A prefetch of the sign-out link (speculation rules on a page of the site, the person
     // only pointing at the link) signs nobody out: declined, the session untouched.
     let logout = w.url("/.portcullis/logout");
-    for purpose in ["prefetch", "prefetch;anonymous-client-ip"] {
-        let h = [("sec-fetch-site", "same-origin"), ("sec-purpose", purpose)];
+    for (name, purpose) in [
+        ("sec-purpose", "prefetch"),
+        ("sec-purpose", "prefetch;anonymous-client-ip"),
+        // Older browsers: Chrome before `Sec-Purpose`, Firefox's `<link rel=prefetch>`.
+        ("purpose", "prefetch"),
+        ("x-moz", "prefetch"),
+    ] {
+        let h = [("sec-fetch-site", "same-origin"), (name, purpose)];
         let r = b.request(&w, Method::GET, &logout, &h, "").await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{purpose}: {}", r.text());
         assert!(r.headers.get("set-cookie").is_none(), "{purpose}");
@@ -1356,6 +1362,10 @@ async fn a_session_authenticated_answer_is_not_left_shared_cacheable() {
         "/cache/public" => "Cache-Control: public, max-age=600\r\n",
         "/cache/no-cache" => "Cache-Control: no-cache\r\n",
         "/cache/cdn" => "CDN-Cache-Control: max-age=60\r\n",
+        "/cache/split" => "Cache-Control: max-age=600\r\nCache-Control: no-cache\r\n",
+        "/cache/field-private" => "Cache-Control: max-age=600, private=\"Set-Cookie\"\r\n",
+        "/cache/field-no-cache" => "Cache-Control: no-cache=\"Set-Cookie\", max-age=600\r\n",
+        "/cache/must-understand" => "Cache-Control: no-store, must-understand, max-age=600\r\n",
         _ => "Cache-Control: no-store\r\n",
     })
     .await;
@@ -1380,6 +1390,12 @@ async fn a_session_authenticated_answer_is_not_left_shared_cacheable() {
         ("/cache/no-cache", "no-cache"),
         ("/cache/cdn", ""),
         ("/cache/no-store", "no-store"),
+        ("/cache/split", "max-age=600 | no-cache"),
+        // Field-limited: a shared cache may store and serve the rest (RFC 9111 §5.2.2.4,
+        // §5.2.2.7); `no-store` is ignored by a cache that understands the status.
+        ("/cache/field-private", "max-age=600, private=\"Set-Cookie\", private"),
+        ("/cache/field-no-cache", "no-cache=\"Set-Cookie\", max-age=600, private"),
+        ("/cache/must-understand", "no-store, must-understand, max-age=600, private"),
     ] {
         let r = b.get(&w, &w.url(path)).await;
         assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
