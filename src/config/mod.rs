@@ -5,7 +5,7 @@
 mod database;
 pub mod raw;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -320,7 +320,7 @@ pub struct Upstream {
 }
 
 /// Which requests a route takes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HostMatch {
     Any,
     Exact(String),
@@ -492,6 +492,27 @@ fn takes_all_of(earlier: &RouteSettings, later: &RouteSettings) -> bool {
     earlier.host == later.host
         && earlier.path_prefix.trim_end_matches('/') == later.path_prefix.trim_end_matches('/')
         && methods
+}
+
+/// A compiled route and its place in the configuration.
+type Placed = (usize, RouteSettings);
+
+/// Each route (in routing order) that an earlier one [`takes_all_of`], with the first
+/// such earlier route. Only routes with the same host and prefix can take all of each
+/// other's requests, so a route is compared with those alone: one pass over thousands
+/// of routes instead of every pair.
+fn never_reached(routes: &[Placed]) -> Vec<(&Placed, &Placed)> {
+    let mut same_match: HashMap<(&HostMatch, &str), Vec<&Placed>> = HashMap::new();
+    let mut dead = Vec::new();
+    for later in routes {
+        let key = (&later.1.host, later.1.path_prefix.trim_end_matches('/'));
+        let group = same_match.entry(key).or_default();
+        if let Some(earlier) = group.iter().find(|e| takes_all_of(&e.1, &later.1)) {
+            dead.push((later, *earlier));
+        }
+        group.push(later);
+    }
+    dead
 }
 
 /// How specific a route's `path_prefix` is, for routing order: its length without a
@@ -1085,19 +1106,16 @@ impl Compiler<'_> {
         });
         // A route an earlier one takes every request of is dead: its policy never
         // applies, and whoever reads the file believes it does.
-        for (j, (order, route)) in compiled_routes.iter().enumerate() {
-            let earlier = compiled_routes[..j].iter().find(|(_, e)| takes_all_of(e, route));
-            if let Some((earlier_order, earlier)) = earlier {
-                let line = self.source.error(route_at.get(*earlier_order).cloned(), "").line;
-                let methods = if earlier.methods.is_some() { " and methods" } else { "" };
-                warnings.push(self.source.error(
-                    route_at.get(*order).cloned(),
-                    format!(
-                        "route `{}` is never reached: route `{}` (line {line}) is tried first and takes every request it matches (the same host and path_prefix{methods}); remove one, or give them different `match`es",
-                        route.name, earlier.name
-                    ),
-                ));
-            }
+        for ((order, route), (earlier_order, earlier)) in never_reached(&compiled_routes) {
+            let line = self.source.error(route_at.get(*earlier_order).cloned(), "").line;
+            let methods = if earlier.methods.is_some() { " and methods" } else { "" };
+            warnings.push(self.source.error(
+                route_at.get(*order).cloned(),
+                format!(
+                    "route `{}` is never reached: route `{}` (line {line}) is tried first and takes every request it matches (the same host and path_prefix{methods}); remove one, or give them different `match`es",
+                    route.name, earlier.name
+                ),
+            ));
         }
         Some(Config {
             path: self.source.path.to_path_buf(),

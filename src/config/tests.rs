@@ -1327,3 +1327,69 @@ fn a_sign_in_route_outside_the_cookie_domain_is_a_warning() {
         );
     }
 }
+
+/// The "never reached" check compares a route only with routes of the same host and
+/// prefix; it must warn exactly as comparing every pair would, on a mix of exact hosts
+/// (in two spellings), wildcards, any host, prefixes with and without a trailing `/`,
+/// and method filters, in a scrambled order.
+#[test]
+fn never_reached_warns_as_comparing_every_pair_does() {
+    let hosts = [
+        Some("a.example.com"),
+        Some("A.Example.com"),
+        Some("b.example.com"),
+        Some("*.example.com"),
+        Some("*.a.example.com"),
+        None,
+    ];
+    let prefixes = ["/", "/v1", "/v1/", "/v1/x", "/v2"];
+    let methods = ["", "GET", "HEAD", "GET\", \"POST", "POST", "GET\", \"HEAD"];
+    let mut matchers = Vec::new();
+    for host in hosts {
+        for prefix in prefixes {
+            for m in methods {
+                let mut parts = vec![format!("path_prefix = {prefix:?}")];
+                parts.extend(host.map(|h| format!("host = {h:?}")));
+                if !m.is_empty() {
+                    parts.push(format!("methods = [\"{m}\"]"));
+                }
+                // Each matcher twice: a later copy is always taken by an earlier one.
+                matchers.extend([parts.join(", "), parts.join(", ")]);
+            }
+        }
+    }
+    // A fixed scramble (multiplication by a unit modulo the count), no randomness.
+    let n = matchers.len();
+    let text = (0..n)
+        .map(|i| {
+            let m = &matchers[(i * 127) % n];
+            format!("\n[[routes]]\nname = \"r{i}\"\nmatch = {{ {m} }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"p\"\n")
+        })
+        .collect::<String>();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let c = compile(dir.path(), &format!("{BASE}{text}")).unwrap_or_else(|e| panic!("{e:?}"));
+    let warned: Vec<(String, String)> = c
+        .warnings
+        .iter()
+        .filter_map(|d| {
+            let (later, rest) = d.message.strip_prefix("route `")?.split_once('`')?;
+            let earlier = rest.strip_prefix(" is never reached: route `")?.split_once('`')?.0;
+            Some((later.to_string(), earlier.to_string()))
+        })
+        .collect();
+    let want = never_reached_pairwise(&c.routes);
+    assert!(want.len() > n / 2, "a generated set with few dead routes: {}", want.len());
+    assert_eq!(warned, want);
+}
+
+/// The reference: every route against every earlier one, in routing order.
+fn never_reached_pairwise(routes: &[Arc<RouteSettings>]) -> Vec<(String, String)> {
+    routes
+        .iter()
+        .enumerate()
+        .filter_map(|(j, later)| {
+            let earlier = routes[..j].iter().find(|e| takes_all_of(e, later))?;
+            Some((later.name.to_string(), earlier.name.to_string()))
+        })
+        .collect()
+}

@@ -10,7 +10,8 @@
 //! server that does support it detects a downgrade). The salted password is the
 //! expensive part (PBKDF2, 4096 iterations by default); [`KeyCache`] keeps the derived
 //! client and server keys per (password, salt, iterations), as a connection pooler
-//! would, so a session set-up costs two HMACs instead of ~8000.
+//! would, so a session set-up costs two HMACs instead of ~8000; a miss derives them on a
+//! blocking thread.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -19,6 +20,8 @@ use aws_lc_rs::{digest, hmac, pbkdf2};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use parking_lot::Mutex;
+
+use crate::config::Secret;
 
 /// Upper bound on the iteration count an upstream may ask for (cost of a hostile server).
 const MAX_ITERATIONS: u32 = 1_000_000;
@@ -38,6 +41,8 @@ pub enum ScramError {
     ServerError(String),
     #[error("server signature does not verify: the upstream does not know the password")]
     ServerSignature,
+    #[error("the SCRAM key derivation did not complete")]
+    Derivation,
 }
 
 /// Derived keys for one (password, salt, iterations).
@@ -62,24 +67,37 @@ impl std::fmt::Debug for KeyCache {
 impl KeyCache {
     const MAX: usize = 1024;
 
-    pub fn keys(&self, password: &str, salt: &[u8], iterations: NonZeroU32) -> Keys {
+    /// The keys for (password, salt, iterations). A miss derives them on a blocking
+    /// thread: the upstream picks the iteration count (up to a million, ~0.3 s), and on a
+    /// runtime thread that would stall every other connection it serves (all of them on a
+    /// one-CPU host, where the runtime is current-thread). A hit costs a hash.
+    pub async fn keys(
+        &self,
+        password: &Secret,
+        salt: Vec<u8>,
+        iterations: NonZeroU32,
+    ) -> Result<Keys, ScramError> {
         let mut ctx = digest::Context::new(&digest::SHA256);
-        ctx.update(&(password.len() as u64).to_be_bytes());
-        ctx.update(password.as_bytes());
-        ctx.update(salt);
+        ctx.update(&(password.expose().len() as u64).to_be_bytes());
+        ctx.update(password.expose().as_bytes());
+        ctx.update(&salt);
         ctx.update(&iterations.get().to_be_bytes());
         let mut id = [0u8; 32];
         id.copy_from_slice(ctx.finish().as_ref());
         if let Some(k) = self.map.lock().get(&id) {
-            return k.clone();
+            return Ok(k.clone());
         }
-        let k = derive(password, salt, iterations);
+        // The task's own handle on the shared secret: no copy of the password is made.
+        let password = password.clone();
+        let k = tokio::task::spawn_blocking(move || derive(password.expose(), &salt, iterations))
+            .await
+            .map_err(|_| ScramError::Derivation)?;
         let mut map = self.map.lock();
         if map.len() >= Self::MAX {
             map.clear();
         }
         map.insert(id, k.clone());
-        k
+        Ok(k)
     }
 
     pub fn clear(&self) {
@@ -98,6 +116,8 @@ fn prepare(password: &str) -> std::borrow::Cow<'_, str> {
 }
 
 fn derive(password: &str, salt: &[u8], iterations: NonZeroU32) -> Keys {
+    #[cfg(test)]
+    tests::DERIVATIONS.with(|n| n.set(n.get() + 1));
     let password = prepare(password);
     let mut salted = [0u8; 32];
     pbkdf2::derive(pbkdf2::PBKDF2_HMAC_SHA256, iterations, salt, password.as_bytes(), &mut salted);
@@ -178,10 +198,10 @@ impl Exchange {
     }
 
     /// Answers the server-first-message with the client-final-message.
-    pub fn client_final(
+    pub async fn client_final(
         &mut self,
         server_first: &str,
-        password: &str,
+        password: &Secret,
         cache: &KeyCache,
     ) -> Result<String, ScramError> {
         let mut nonce = None;
@@ -204,7 +224,7 @@ impl Exchange {
         let iterations = NonZeroU32::new(iterations)
             .filter(|i| i.get() <= MAX_ITERATIONS)
             .ok_or(ScramError::Iterations)?;
-        let keys = cache.keys(password, &salt, iterations);
+        let keys = cache.keys(password, salt, iterations).await?;
         // c=: the GS2 header, then (for `p`) the channel binding data, base64.
         let mut cbind = self.binding.gs2_header().as_bytes().to_vec();
         if let Binding::ServerEndPoint(hash) = &self.binding {
@@ -321,8 +341,13 @@ pub fn md5_response(user: &str, password: &str, salt: [u8; 4]) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_gs2_header_and_c_attribute_carry_the_binding() {
+    thread_local! {
+        /// Key derivations run on this thread.
+        pub(super) static DERIVATIONS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
+    #[tokio::test]
+    async fn the_gs2_header_and_c_attribute_carry_the_binding() {
         let server_first = "r=abcdef,s=QSXCR+Q6sek8bf92,i=4096";
         let cases = [
             (Binding::None, "n,,", "SCRAM-SHA-256", B64.encode("n,,")),
@@ -338,7 +363,7 @@ mod tests {
             let mut x = Exchange::with_nonce("abc".into(), binding);
             assert_eq!(x.client_first(), format!("{gs2}n=,r=abc"));
             assert_eq!(x.mechanism(), mechanism);
-            let fin = x.client_final(server_first, "pw", &KeyCache::default());
+            let fin = x.client_final(server_first, &Secret::new("pw"), &KeyCache::default()).await;
             let fin = fin.unwrap_or_else(|e| panic!("{e}"));
             assert!(fin.starts_with(&format!("c={c},r=abcdef,p=")), "{fin}");
         }
@@ -379,15 +404,16 @@ mod tests {
     }
 
     /// RFC 7677 §3: user "user", password "pencil".
-    #[test]
-    fn rfc7677_test_vector() {
+    #[tokio::test]
+    async fn rfc7677_test_vector() {
         let mut x = Exchange::with_nonce("rOprNGfwEbeRWgbNEkqO".into(), Binding::None);
         // The RFC's client-first carries `n=user`; PostgreSQL's carries `n=`. Use the RFC's
         // bare message so the vector applies.
         x.client_first_bare = "n=user,r=rOprNGfwEbeRWgbNEkqO".into();
         let server_first = "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
         let cache = KeyCache::default();
-        let fin = x.client_final(server_first, "pencil", &cache).unwrap_or_default();
+        let fin = x.client_final(server_first, &Secret::new("pencil"), &cache).await;
+        let fin = fin.unwrap_or_default();
         assert_eq!(
             fin,
             "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
@@ -403,18 +429,21 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn hostile_server_first_messages_are_rejected() {
+    #[tokio::test]
+    async fn hostile_server_first_messages_are_rejected() {
         let cache = KeyCache::default();
         let mut x = Exchange::with_nonce("abc".into(), Binding::None);
-        assert_eq!(x.client_final("r=xyz,s=AAAA,i=4096", "p", &cache), Err(ScramError::Nonce));
-        assert_eq!(x.client_final("r=abc,s=AAAA,i=4096", "p", &cache), Err(ScramError::Nonce));
-        assert_eq!(x.client_final("r=abcd,s=AAAA,i=0", "p", &cache), Err(ScramError::Iterations));
-        assert_eq!(
-            x.client_final("r=abcd,s=AAAA,i=99999999", "p", &cache),
-            Err(ScramError::Iterations)
-        );
-        assert_eq!(x.client_final("r=abcd,i=1", "p", &cache), Err(ScramError::ServerFirst));
+        let p = Secret::new("p");
+        let cases = [
+            ("r=xyz,s=AAAA,i=4096", ScramError::Nonce),
+            ("r=abc,s=AAAA,i=4096", ScramError::Nonce),
+            ("r=abcd,s=AAAA,i=0", ScramError::Iterations),
+            ("r=abcd,s=AAAA,i=99999999", ScramError::Iterations),
+            ("r=abcd,i=1", ScramError::ServerFirst),
+        ];
+        for (server_first, want) in cases {
+            assert_eq!(x.client_final(server_first, &p, &cache).await, Err(want), "{server_first}");
+        }
         assert_eq!(x.verify_server_final("v=AAAA"), Err(ScramError::ServerFinal));
     }
 
@@ -448,14 +477,34 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_cache_returns_the_same_keys() {
+    #[tokio::test]
+    async fn the_cache_returns_the_same_keys() {
         let cache = KeyCache::default();
         let it = NonZeroU32::new(16).unwrap_or(NonZeroU32::MIN);
-        let a = cache.keys("pw", b"salt", it);
-        let b = cache.keys("pw", b"salt", it);
-        let c = cache.keys("pw2", b"salt", it);
+        let (pw, pw2) = (Secret::new("pw"), Secret::new("pw2"));
+        let keys = |pw| cache.keys(pw, b"salt".to_vec(), it);
+        let a = keys(&pw).await.unwrap_or_else(|e| panic!("{e}"));
+        let b = keys(&pw).await.unwrap_or_else(|e| panic!("{e}"));
+        let c = keys(&pw2).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.client_key, b.client_key);
         assert_ne!(a.client_key, c.client_key);
+    }
+
+    /// The iteration count is the upstream's to choose (up to a million): a derivation
+    /// must not run on the runtime's thread (here the test's, current-thread), where it
+    /// would hold up every other connection.
+    #[tokio::test]
+    async fn a_key_derivation_runs_off_the_runtime_thread() {
+        let cache = KeyCache::default();
+        let pw = Secret::new("pw");
+        let it = NonZeroU32::new(MAX_ITERATIONS).unwrap_or(NonZeroU32::MIN);
+        let mut x = Exchange::with_nonce("abc".into(), Binding::None);
+        let server_first = format!("r=abcdef,s={},i={MAX_ITERATIONS}", B64.encode("salt"));
+        let fin = x.client_final(&server_first, &pw, &cache).await;
+        assert!(fin.is_ok(), "{fin:?}");
+        let cached = cache.keys(&pw, b"salt".to_vec(), it).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(DERIVATIONS.with(|n| n.get()), 0, "derived on the runtime thread");
+        // The blocking thread's keys are the right ones, and the cache kept them.
+        assert_eq!(cached.client_key, derive("pw", b"salt", it).client_key);
     }
 }

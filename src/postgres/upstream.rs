@@ -188,7 +188,8 @@ pub async fn authenticate(
                         let server_first = std::str::from_utf8(&body[4..])
                             .map_err(|_| unavailable("server-first is not UTF-8"))?;
                         let fin = x
-                            .client_final(server_first, password.expose(), cache)
+                            .client_final(server_first, password, cache)
+                            .await
                             .map_err(|e| UpstreamError::Auth(e.to_string()))?;
                         send(s, &proto::message(b'p', fin.as_bytes())).await?;
                     }
