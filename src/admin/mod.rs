@@ -14,14 +14,24 @@ use http_body_util::Full;
 use crate::audit::{AuditHealth, AuditStatus};
 use crate::http::proxy::{Shared, JWKS_PATH};
 
-/// Answers one admin request.
+/// Answers one admin request. On a loopback listener, a `Host` other than an IP address
+/// or `localhost` is refused ([`local_host`]).
 pub fn respond<B>(
     shared: &Arc<Shared>,
     draining: bool,
     audit: AuditStatus,
+    loopback: bool,
     req: &Request<B>,
 ) -> Response<Full<Bytes>> {
-    let (status, ctype, body) = match req.uri().path() {
+    let foreign_host = loopback
+        && req.headers().get(http::header::HOST).is_some_and(|h| !local_host(h.as_bytes()));
+    let path = if foreign_host { "" } else { req.uri().path() };
+    let (status, ctype, body) = match path {
+        "" => (
+            StatusCode::MISDIRECTED_REQUEST,
+            "text/plain",
+            Bytes::from_static(b"misdirected request\n"),
+        ),
         "/healthz" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
         "/readyz" => {
             let rt = shared.runtime.load();
@@ -69,6 +79,36 @@ pub fn respond<B>(
     resp
 }
 
+/// Whether a `Host` names this machine by address or as `localhost`: what a probe or a
+/// scrape of a loopback listener sends. A DNS name is what a DNS-rebinding page sends
+/// (a name of the attacker's that resolved to 127.0.0.1 a moment after the page loaded,
+/// so the browser lets the page read the answers): refused, so no page a person on this
+/// machine opens can read `/metrics` or `/readyz`.
+fn local_host(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else { return false };
+    if let Some(v6) = host.strip_prefix('[') {
+        return v6
+            .split_once(']')
+            .is_some_and(|(ip, port)| ip.parse::<std::net::Ipv6Addr>().is_ok() && is_port(port));
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if is_port(&host[name.len()..]) && !port.is_empty() => name,
+        Some(_) => return false,
+        None => host,
+    };
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name == "localhost"
+        || name.ends_with(".localhost")
+}
+
+/// Empty, or `:` and a port number.
+fn is_port(s: &str) -> bool {
+    s.is_empty()
+        || s.strip_prefix(':')
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// How long an admin connection has to send its request. Probes and scrapes send theirs
 /// at once; a silent connection is closed after this, and sooner when a new connection
 /// needs its place ([`Slot::evict`]).
@@ -113,9 +153,11 @@ pub async fn serve_connection(
     lifetime: Duration,
 ) {
     let s = slot.clone();
+    let loopback = stream.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let _ = s.state.compare_exchange(WAITING, SERVING, Ordering::AcqRel, Ordering::Acquire);
-        let r = respond(&shared, draining.load(Ordering::Relaxed), audit.status(), &req);
+        let draining = draining.load(Ordering::Relaxed);
+        let r = respond(&shared, draining, audit.status(), loopback, &req);
         async move { Ok::<_, Infallible>(r) }
     });
     let io = hyper_util::rt::TokioIo::new(stream);
@@ -132,6 +174,43 @@ pub async fn serve_connection(
         }
         () = tokio::time::sleep(lifetime) => {
             tracing::debug!(lifetime_s = lifetime.as_secs(), "closing admin connection");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_host;
+
+    #[test]
+    fn only_addresses_and_localhost_name_a_loopback_admin_listener() {
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:9090",
+            "[::1]",
+            "[::1]:9090",
+            "localhost",
+            "LOCALHOST:9090",
+            "localhost.",
+            "app.localhost:9090",
+            "10.0.0.7:9090",
+        ] {
+            assert!(local_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:9090",
+            "127.0.0.1.nip.io",
+            "localhost.evil.example",
+            "127.0.0.1:",
+            "127.0.0.1:90a",
+            "[::1",
+            "[evil]:9090",
+            "::1",
+            "",
+            "\u{ff}",
+        ] {
+            assert!(!local_host(bad.as_bytes()), "{bad}");
         }
     }
 }

@@ -573,3 +573,32 @@ async fn certificate_expiry_series_follow_the_served_certificates() {
     assert!(w.server().reload().await);
     assert_eq!(samples(&w.admin_get("/metrics").await.text()), default);
 }
+
+/// DNS rebinding: a page on `evil.example` whose name then resolves to 127.0.0.1 reaches
+/// the loopback admin listener with `Host: evil.example` and could read what it answers.
+/// Such a `Host` gets 421 and nothing of `/metrics` or `/readyz`; an address or
+/// `localhost` (what probes and scrapes send) is served.
+#[tokio::test]
+async fn a_loopback_admin_listener_serves_no_page_named_by_another_host() {
+    use bytes::Bytes;
+    use http::Method;
+    use http_body_util::Full;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let w = World::with(Setup::default()).await;
+    let c: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let port = w.admin.port();
+    for path in ["/metrics", "/readyz", "/healthz"] {
+        let url = format!("http://{}{path}", w.admin);
+        for host in ["evil.example".to_string(), format!("127.0.0.1.nip.io:{port}")] {
+            let r = send_with(&c, Method::GET, &url, &[("host", &host)], Bytes::new()).await;
+            assert_eq!(r.status, StatusCode::MISDIRECTED_REQUEST, "{host}{path}");
+            assert!(!r.text().contains("portcullis_"), "{host}{path}: {}", r.text());
+        }
+        for host in [format!("localhost:{port}"), w.admin.to_string()] {
+            let r = send_with(&c, Method::GET, &url, &[("host", &host)], Bytes::new()).await;
+            assert_eq!(r.status, StatusCode::OK, "{host}{path}");
+        }
+    }
+}
