@@ -15,7 +15,7 @@ use crate::audit::{AuditHealth, AuditStatus};
 use crate::http::proxy::{Shared, JWKS_PATH};
 
 /// Answers one admin request. On a loopback listener, a `Host` other than an IP address
-/// or `localhost` is refused ([`local_host`]).
+/// or `localhost` is refused (see `local_host`).
 pub fn respond<B>(
     shared: &Arc<Shared>,
     draining: bool,
