@@ -14,8 +14,8 @@ use http_body_util::Full;
 use crate::audit::{AuditHealth, AuditStatus};
 use crate::http::proxy::{Shared, JWKS_PATH};
 
-/// Answers one admin request. On a loopback listener, a `Host` other than an IP address
-/// or `localhost` is refused (see `local_host`).
+/// Answers one admin request. On a loopback listener, a `Host` that is a DNS name of
+/// more than one label (other than `*.localhost`) is refused (see `local_host`).
 pub fn respond<B>(
     shared: &Arc<Shared>,
     draining: bool,
@@ -79,8 +79,8 @@ pub fn respond<B>(
     resp
 }
 
-/// Whether a `Host` names this machine by address or as `localhost`: what a probe or a
-/// scrape of a loopback listener sends. A DNS name is what a DNS-rebinding page sends
+/// Whether a `Host` names this machine by address, as `localhost` or by a one-label name:
+/// what a probe or a scrape of a loopback listener sends. A DNS name is what a DNS-rebinding page sends
 /// (a name of the attacker's that resolved to 127.0.0.1 a moment after the page loaded,
 /// so the browser lets the page read the answers): refused, so no page a person on this
 /// machine opens can read `/metrics` or `/readyz`.
@@ -100,6 +100,9 @@ fn local_host(host: &[u8]) -> bool {
     name.parse::<std::net::Ipv4Addr>().is_ok()
         || name == "localhost"
         || name.ends_with(".localhost")
+        // A name of one label (`portcullis`, a container's own name) resolves only through
+        // the machine's own files and search domains, never through an attacker's zone.
+        || !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 /// Empty, or `:` and a port number.
@@ -194,6 +197,8 @@ mod tests {
             "localhost.",
             "app.localhost:9090",
             "10.0.0.7:9090",
+            "admin",
+            "portcullis:9090",
         ] {
             assert!(local_host(ok.as_bytes()), "{ok}");
         }
