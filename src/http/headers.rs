@@ -214,26 +214,17 @@ pub fn keep_from_shared_caches(h: &mut HeaderMap) {
     for n in targeted {
         h.remove(n);
     }
-    let mut kept: Vec<Vec<u8>> = Vec::new();
-    let (mut private, mut no_store, mut must_understand) = (false, false, false);
-    for v in h.get_all(header::CACHE_CONTROL) {
-        for d in directives(v.as_bytes()) {
-            let name = d.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
-            let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
-            private |= is("private") && !d.contains(&b'=');
-            no_store |= is("no-store");
-            must_understand |= is("must-understand");
-            if !(is("public") || is("s-maxage") || is("proxy-revalidate") || is("private")) {
-                kept.push(d.to_vec());
-            }
-        }
-    }
-    if private || (no_store && !must_understand) {
+    let cc = CacheControl::read(h);
+    if cc.kept_from_shared {
         return;
     }
-    kept.push(b"private".to_vec());
-    let v = HeaderValue::from_bytes(&kept.join(&b", "[..]))
-        .unwrap_or_else(|_| HeaderValue::from_static("private"));
+    let drop = |d: &[u8]| {
+        let name = directive_name(d);
+        ["public", "s-maxage", "proxy-revalidate", "private"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+    };
+    let v = with_private(cc.all.into_iter().filter(|d| !drop(d)));
     h.insert(header::CACHE_CONTROL, v);
 }
 
@@ -253,25 +244,64 @@ pub fn keep_from_shared_caches(h: &mut HeaderMap) {
 /// of the answer (RFC 9111 §5.2.2.4, §5.2.2.7), nor does `no-store` beside
 /// `must-understand`, which a cache that knows the status code ignores (§5.2.2.3).
 pub fn private_unless_shared_on_purpose(h: &mut HeaderMap) {
-    let (mut decided, mut no_store, mut must_understand) = (false, false, false);
-    for d in h.get_all(header::CACHE_CONTROL).iter().flat_map(|v| directives(v.as_bytes())) {
-        let name = d.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
-        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
-        let shared = ["public", "s-maxage", "must-revalidate", "proxy-revalidate"];
-        decided |= ((is("private") || is("no-cache")) && !d.contains(&b'='))
-            || shared.iter().any(|n| is(n));
-        no_store |= is("no-store");
-        must_understand |= is("must-understand");
-    }
-    if decided || (no_store && !must_understand) || h.keys().any(targets_caches) {
+    let cc = CacheControl::read(h);
+    if cc.kept_from_shared || cc.shared_on_purpose || h.keys().any(targets_caches) {
         return;
     }
-    let mut kept: Vec<&[u8]> =
-        h.get_all(header::CACHE_CONTROL).iter().flat_map(|v| directives(v.as_bytes())).collect();
-    kept.push(b"private");
-    let v = HeaderValue::from_bytes(&kept.join(&b", "[..]))
-        .unwrap_or_else(|_| HeaderValue::from_static("private"));
+    let v = with_private(cc.all.into_iter());
     h.insert(header::CACHE_CONTROL, v);
+}
+
+/// What a response's `Cache-Control` fields say, for the two rules above.
+struct CacheControl<'a> {
+    /// Every directive, in order.
+    all: Vec<&'a [u8]>,
+    /// No shared cache stores it: an unqualified `private`, or `no-store` without
+    /// `must-understand` (a cache that knows the status code ignores `no-store` beside it,
+    /// RFC 9111 §5.2.2.3). A field-limited `private="…"` does not count (§5.2.2.7).
+    kept_from_shared: bool,
+    /// The upstream decided how shared caches treat an answer to an authenticated
+    /// request: an unqualified `no-cache`, `public`, `s-maxage`, `must-revalidate` or
+    /// `proxy-revalidate` (RFC 9111 §3.5).
+    shared_on_purpose: bool,
+}
+
+impl<'a> CacheControl<'a> {
+    fn read(h: &'a HeaderMap) -> Self {
+        let all: Vec<&[u8]> = h
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .flat_map(|v| directives(v.as_bytes()))
+            .collect();
+        let (mut private, mut no_store, mut must_understand, mut shared_on_purpose) =
+            (false, false, false, false);
+        for d in &all {
+            let name = directive_name(d);
+            let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+            let unqualified = !d.contains(&b'=');
+            private |= is("private") && unqualified;
+            no_store |= is("no-store");
+            must_understand |= is("must-understand");
+            shared_on_purpose |= (is("no-cache") && unqualified)
+                || ["public", "s-maxage", "must-revalidate", "proxy-revalidate"]
+                    .iter()
+                    .any(|n| is(n));
+        }
+        Self { all, kept_from_shared: private || (no_store && !must_understand), shared_on_purpose }
+    }
+}
+
+/// A directive's name (`max-age` of `max-age=60`).
+fn directive_name(d: &[u8]) -> &[u8] {
+    d.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii()
+}
+
+/// `directives`, then `private`, as one `Cache-Control` value.
+fn with_private<'a>(directives: impl Iterator<Item = &'a [u8]>) -> HeaderValue {
+    let mut kept: Vec<&[u8]> = directives.collect();
+    kept.push(b"private");
+    HeaderValue::from_bytes(&kept.join(&b", "[..]))
+        .unwrap_or_else(|_| HeaderValue::from_static("private"))
 }
 
 /// A field that a CDN or caching server reads instead of `Cache-Control`.
