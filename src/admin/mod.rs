@@ -92,7 +92,7 @@ fn local_host(host: &[u8]) -> bool {
             .is_some_and(|(ip, port)| ip.parse::<std::net::Ipv6Addr>().is_ok() && is_port(port));
     }
     let name = match host.rsplit_once(':') {
-        Some((name, port)) if is_port(&host[name.len()..]) && !port.is_empty() => name,
+        Some((name, port)) if is_number(port) => name,
         Some(_) => return false,
         None => host,
     };
@@ -107,9 +107,11 @@ fn local_host(host: &[u8]) -> bool {
 
 /// Empty, or `:` and a port number.
 fn is_port(s: &str) -> bool {
-    s.is_empty()
-        || s.strip_prefix(':')
-            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    s.is_empty() || s.strip_prefix(':').is_some_and(is_number)
+}
+
+fn is_number(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// How long an admin connection has to send its request. Probes and scrapes send theirs
