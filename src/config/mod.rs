@@ -204,6 +204,14 @@ impl LoginSettings {
         self.extra_param("prompt").is_some_and(|p| p.split(' ').any(|p| p == "login"))
     }
 
+    /// `acr_values` of `extra_params` (space-separated, in the provider's order of
+    /// preference; checked non-empty at load): the ID token's `acr` must be one of them,
+    /// which the callback checks (OIDC Core §3.1.2.1 makes the request voluntary for the
+    /// provider, so the request alone would be no control).
+    pub fn acr_values(&self) -> Option<impl Iterator<Item = &str>> {
+        self.extra_param("acr_values").map(|v| v.split(' ').filter(|a| !a.is_empty()))
+    }
+
     fn extra_param(&self, name: &str) -> Option<&str> {
         self.extra_params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
@@ -1661,6 +1669,12 @@ impl Compiler<'_> {
                     self.err(
                         v.span(),
                         "`max_age` is a number of seconds (\"300\"): the proxy checks the ID token's `auth_time` against it",
+                    );
+                }
+                if k == "acr_values" && v.get_ref().split(' ').all(str::is_empty) {
+                    self.err(
+                        v.span(),
+                        "`acr_values` lists the authentication context classes to accept, separated by spaces (\"phr phrh\"): the ID token's `acr` must be one of them",
                     );
                 }
                 // The callback reads the code from its query string: `form_post` or

@@ -597,7 +597,7 @@ fn login_and_session_mistakes_are_reported_with_positions() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let text = BASE.replace(
         "audiences = [\"portcullis\"]\n",
-        "audiences = [\"portcullis\"]\nlogin = { client_id = \"p\", client_secret = \"hunter2\", scopes = [\"email\"], redirect_path = \"/cb\", extra_params = { max_age = \"5m\", response_mode = \"form_post\" } }\n",
+        "audiences = [\"portcullis\"]\nlogin = { client_id = \"p\", client_secret = \"hunter2\", scopes = [\"email\"], redirect_path = \"/cb\", extra_params = { max_age = \"5m\", response_mode = \"form_post\", acr_values = \"  \" } }\n",
     ) + "issuers = [\"nobody\"]\n";
     let e = compile(dir.path(), &text).err().unwrap_or_default();
     let all = e.join("\n");
@@ -607,6 +607,7 @@ fn login_and_session_mistakes_are_reported_with_positions() {
     assert!(all.contains("`redirect_path`"), "{all}");
     assert!(all.contains("`max_age` is a number of seconds"), "{all}");
     assert!(all.contains("`response_mode` can only be \"query\""), "{all}");
+    assert!(all.contains("`acr_values` lists the authentication context classes"), "{all}");
     assert!(all.contains("issuer `nobody` is not declared"), "{all}");
     assert!(all.contains("needs a [session] section"), "{all}");
     assert!(!all.contains("hunter2"), "the secret is not echoed");

@@ -70,6 +70,8 @@ struct Hooks {
     no_iss: bool,
     /// ID tokens signed HS256 with the client secret (which OIDC allows a provider).
     hs256: bool,
+    /// The `acr` of ID tokens (none by default).
+    acr: Option<String>,
 }
 
 struct Inner {
@@ -234,6 +236,9 @@ impl DevLogin {
     }
     pub fn set_hs256(&self, hs256: bool) {
         self.inner.hooks.lock().hs256 = hs256;
+    }
+    pub fn set_acr(&self, acr: Option<&str>) {
+        self.inner.hooks.lock().acr = acr.map(str::to_string);
     }
 
     fn handle(&self, req: &DevRequest) -> Option<Response<Full<Bytes>>> {
@@ -446,6 +451,9 @@ input[type=text]{{font-size:1em;padding:.3em;width:100%}}button{{font-size:1em;p
         });
         if let Some(n) = hooks.nonce_override.as_deref().or(nonce) {
             claims["nonce"] = Value::String(n.to_string());
+        }
+        if let Some(acr) = &hooks.acr {
+            claims["acr"] = Value::String(acr.clone());
         }
         if hooks.no_auth_time {
             if let Value::Object(m) = &mut claims {

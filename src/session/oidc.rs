@@ -332,6 +332,7 @@ impl Provider {
     ) -> Result<Verified, LoginError> {
         let verified = self.exchange_code(code, pkce_verifier, nonce, redirect_uri).await?;
         self.check_auth_time(&verified.claims, started, crate::util::unix_now())?;
+        self.check_acr(&verified.claims)?;
         Ok(verified)
     }
 
@@ -373,6 +374,27 @@ impl Provider {
             ));
         }
         Ok(())
+    }
+
+    /// When the login asks for an authentication context (`acr_values`), the ID token's
+    /// `acr` must be one of those asked for: a provider may satisfy the request with
+    /// another class or ignore it (OIDC Core §3.1.2.1, §5.5.1.1: it is voluntary unless
+    /// requested as essential through `claims`, which few providers support), and whoever
+    /// sits at an unlocked browser can delete it from the authorization URL. The values
+    /// are compared exactly, so list every class to accept.
+    fn check_acr(&self, claims: &Map<String, Value>) -> Result<(), LoginError> {
+        let Some(mut asked) = self.login.acr_values() else {
+            return Ok(());
+        };
+        match claims.get("acr") {
+            Some(Value::String(acr)) if asked.any(|a| a == acr) => Ok(()),
+            Some(Value::String(_)) => Err(LoginError(
+                "ID token `acr` is not one of the login's `acr_values`: the provider authenticated the person with another context class".into(),
+            )),
+            _ => Err(LoginError(
+                "ID token has no `acr` string, though the login asks for `acr_values`".into(),
+            )),
+        }
     }
 
     async fn exchange_code(

@@ -573,6 +573,49 @@ async fn max_age_and_prompt_login_are_held_to_the_id_tokens_auth_time() {
     assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
 }
 
+/// `acr_values` is a request the provider may satisfy with another class or ignore,
+/// and anyone at the browser can delete from the authorization URL: the callback holds
+/// the ID token's `acr` to the classes asked for, exactly, and refuses a session
+/// otherwise.
+#[tokio::test]
+async fn acr_values_are_held_to_the_id_tokens_acr() {
+    let setup = Setup {
+        sso: Some(String::new()),
+        login_extra: ", extra_params = { acr_values = \"phr  urn:example:mfa\" }".into(),
+        ..Setup::default()
+    };
+    let w = World::with(setup).await;
+    let mut b = Browser::new();
+    let r = b.get(&w, &w.url("/")).await;
+    assert!(location(&r).contains("acr_values=phr"), "{}", location(&r));
+    // No `acr`, another class, a class that only starts like one asked for: no session.
+    for (acr, why) in
+        [(None, "no `acr`"), (Some("pwd"), "not one of"), (Some("phrx"), "not one of")]
+    {
+        login(&w).set_acr(acr);
+        let mut b = Browser::new();
+        let callback = b.through_provider(&w, "/", "alice", &[]).await;
+        let r = b.get(&w, &callback).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{acr:?}: {}", r.text());
+        assert!(r.text().contains("login-failed"), "{}", r.text());
+        assert!(b.session_cookie().is_none(), "{acr:?}: a session without the class asked for");
+        let e = w.last_event().await;
+        assert!(e["detail"].as_str().unwrap_or_default().contains(why), "{acr:?}: {e}");
+    }
+    // Either class asked for: signed in.
+    for acr in ["phr", "urn:example:mfa"] {
+        login(&w).set_acr(Some(acr));
+        let mut b = Browser::new();
+        let r = b.sign_in(&w, "/", "alice", &["engineering"]).await;
+        assert_eq!(r.status, StatusCode::OK, "{acr}: {}", r.text());
+    }
+    // Without `acr_values`, the provider's `acr` is not looked at.
+    let w = sso_world("").await;
+    login(&w).set_acr(Some("pwd"));
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+}
+
 /// RFC 9207: a provider that advertises `authorization_response_iss_parameter_supported`
 /// names itself in every authorization response, so one without `iss` (or with two) is
 /// not its own (the mix-up attack: another provider's code sent back with this sign-in's
