@@ -7,6 +7,11 @@
 #   SECONDS_PER_RUN=20 CONNS=8 benches/instructions.sh
 #   KEEP=/tmp/cg benches/instructions.sh          # keep the callgrind files, for
 #       callgrind_annotate --inclusive=yes /tmp/cg/demo-*.cg.*1 | head -80
+#   CACHE_SIM=1 benches/instructions.sh           # also simulated cache misses per
+#       request: valgrind's L1 and, as its last level, a 512 KiB 8-way cache standing for
+#       one core's L2 (misses there go to the shared L3 or memory); about 2x slower.
+#       The measured window includes opening CONNS connections (a first token hash
+#       each): with CONNS=256 raise SECONDS_PER_RUN so that setup is amortized
 #   DISTINCT=3000 benches/instructions.sh         # also the demo with a distinct token per
 #       request (that many bitbucket-pipelines tokens cycled by load.lua: each a new
 #       principal, so one RS256 verification and one ES256 signature per request)
@@ -24,6 +29,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-15}
+CACHE_SIM=${CACHE_SIM:-0}
+SIM=()
+((CACHE_SIM)) && SIM=(--cache-sim=yes --LL=524288,8,64)
 DISTINCT=${DISTINCT:-0}
 CONNS=${CONNS:-8}
 BINS=${BINS:-target/release/portcullis}
@@ -72,7 +80,7 @@ measure() {
   local name=$1 url=$2 token=$3
   shift 3
   local out="$RUN/$name"
-  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out.cg" "$@" \
+  valgrind --tool=callgrind "${SIM[@]}" --instr-atstart=no --callgrind-out-file="$out.cg" "$@" \
     >"$out.stdout" 2>"$out.stderr" &
   local vpid=$!
   for _ in $(seq 600); do
@@ -107,7 +115,13 @@ measure() {
   grep -q '"status":200' "$out.stdout" 2>/dev/null || [[ $name == floor* ]] \
     || echo "warning: no 200 in the audit log of $name" >&2
   if [[ -n ${KEEP:-} ]]; then mkdir -p "$KEEP" && cp "$out.cg".*1 "$KEEP/"; fi
-  echo "$((total / n)) $((${sha:-0} / n))"
+  local l2=0
+  if ((CACHE_SIM)); then
+    # Misses of the simulated L2 (valgrind's last level): instruction, data read, data write.
+    l2=$(callgrind_annotate "$out.cg".*1 2>/dev/null | awk '/PROGRAM TOTALS/ {
+      gsub(",", ""); gsub(/\([^)]*\)/, ""); print $7 + $8 + $9 }')
+  fi
+  echo "$((total / n)) $((${sha:-0} / n)) $((l2 / n))"
 }
 
 distinct_demo() { # binary: the demo with a distinct token per request
@@ -118,21 +132,24 @@ distinct_demo() { # binary: the demo with a distinct token per request
 }
 
 printf '%-40s %14s %14s %14s' binary "floor instr/req" "demo instr/req" "demo own*"
+((CACHE_SIM)) && printf ' %14s %14s' "floor L2 miss" "demo L2 miss"
 ((DISTINCT)) && printf ' %16s %16s' "distinct instr" "distinct own*"
 printf '\n'
 for bin in $BINS; do
-  read -r floor _ < <(measure "floor-$$-$RANDOM" http://127.0.0.1:18201 none \
+  read -r floor _ floor_l2 < <(measure "floor-$$-$RANDOM" http://127.0.0.1:18201 none \
     "$bin" dev floor --listen 127.0.0.1:18201 --upstream http://127.0.0.1:9000)
   rm -rf "$RUN/demo"
-  read -r demo sha < <(measure "demo-$$-$RANDOM" http://127.0.0.1:18101 - \
+  read -r demo sha demo_l2 < <(measure "demo-$$-$RANDOM" http://127.0.0.1:18101 - \
     "$bin" demo --insecure-http 127.0.0.1:18101 --upstream http://127.0.0.1:9000 \
     --listen 127.0.0.1:18444 --admin 127.0.0.1:18191 --state-dir "$RUN/demo")
   printf '%-40s %14d %14d %14d' "$bin" "$floor" "$demo" "$((demo - sha))"
+  ((CACHE_SIM)) && printf ' %14d %14d' "$floor_l2" "$demo_l2"
   if ((DISTINCT)); then
-    read -r distinct dsha < <(distinct_demo "$bin")
+    read -r distinct dsha _ < <(distinct_demo "$bin")
     printf ' %16d %16d' "$distinct" "$((distinct - dsha))"
   fi
   printf '\n'
 done
 echo "* demo own = demo minus the token-cache key's SHA-256 (software under valgrind)"
+if ((CACHE_SIM)); then echo "  L2 miss = misses per request of the simulated 512 KiB last-level cache (I + D read + D write)"; fi
 if ((DISTINCT)); then echo "  distinct own = distinct minus every SHA-256 (the key's, RS256's, ES256's)"; fi
