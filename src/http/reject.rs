@@ -10,8 +10,7 @@ use crate::reason::Reason;
 
 /// The response for a rejection: `{"error": CODE, "request_id": ID}`.
 ///
-/// 401s carry `WWW-Authenticate` per RFC 6750 §3: no error code when no credential was
-/// sent, `error="invalid_token"` when one was sent and refused.
+/// Every 401 carries `WWW-Authenticate` ([`challenge`]).
 pub fn response(reason: Reason, request_id: &str) -> Response<ProxyBody> {
     let body = format!(r#"{{"error":"{}","request_id":"{}"}}"#, reason.public_code(), request_id);
     let mut resp = Response::new(ProxyBody::Full(Some(Bytes::from(body))));
@@ -19,15 +18,26 @@ pub fn response(reason: Reason, request_id: &str) -> Response<ProxyBody> {
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if reason == Reason::MissingToken {
-        h.insert(WWW_AUTHENTICATE, HeaderValue::from_static(r#"Bearer realm="portcullis""#));
-    } else if reason.is_token_problem() {
-        h.insert(
-            WWW_AUTHENTICATE,
-            HeaderValue::from_static(r#"Bearer realm="portcullis", error="invalid_token""#),
-        );
+    if let Some(c) = challenge(reason) {
+        h.insert(WWW_AUTHENTICATE, c);
     }
     resp
+}
+
+/// The `WWW-Authenticate` challenge of a rejection: every 401 sends one (RFC 9110
+/// §11.6.1, a MUST; clients that follow it, such as .NET's and Java's, fail on a 401
+/// without), a sign-in route's "no session" as much as a bearer route's "no token", since
+/// both take a bearer token. Per RFC 6750 §3: no error code when no bearer token was
+/// sent (no token, no session, or a session that ended), `error="invalid_token"` when
+/// one was sent and refused.
+fn challenge(reason: Reason) -> Option<HeaderValue> {
+    if reason.status() != http::StatusCode::UNAUTHORIZED {
+        None
+    } else if reason.is_token_problem() {
+        Some(HeaderValue::from_static(r#"Bearer realm="portcullis", error="invalid_token""#))
+    } else {
+        Some(HeaderValue::from_static(r#"Bearer realm="portcullis""#))
+    }
 }
 
 /// Whether the client asked for HTML (a browser): its `Accept` names `text/html`.
@@ -72,7 +82,11 @@ pub fn html_response(
         link,
         signed_in,
     );
-    page(status, body)
+    let mut resp = page(status, body);
+    if let Some(c) = challenge(reason) {
+        resp.headers_mut().insert(WWW_AUTHENTICATE, c);
+    }
+    resp
 }
 
 /// One of the proxy's own HTML pages (a rejection, the sign-in chooser, the sign-out
@@ -160,6 +174,32 @@ mod tests {
         );
         let r = response(Reason::DeniedByRule, "abc");
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(r.headers().get(WWW_AUTHENTICATE).is_none());
+    }
+
+    /// Every 401, JSON or HTML, challenges (RFC 9110 §11.6.1): a sign-in route's
+    /// missing or ended session too, without an error code (no bearer token was sent).
+    #[test]
+    fn every_401_carries_a_challenge() {
+        let plain = r#"Bearer realm="portcullis""#;
+        let invalid = r#"Bearer realm="portcullis", error="invalid_token""#;
+        for (reason, want) in [
+            (Reason::MissingToken, plain),
+            (Reason::LoginRequired, plain),
+            (Reason::SessionInvalid, plain),
+            (Reason::SessionExpired, plain),
+            (Reason::SessionRevoked, plain),
+            (Reason::TokenExpired, invalid),
+            (Reason::InvalidSignature, invalid),
+            (Reason::UnknownIssuer, invalid),
+        ] {
+            assert_eq!(reason.status(), StatusCode::UNAUTHORIZED, "{reason:?}");
+            for r in [response(reason, "r"), html_response(reason, "r", None, None)] {
+                let got = r.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok());
+                assert_eq!(got, Some(want), "{reason:?}");
+            }
+        }
+        let r = html_response(Reason::DeniedByRule, "r", None, None);
         assert!(r.headers().get(WWW_AUTHENTICATE).is_none());
     }
 }

@@ -517,8 +517,10 @@ async fn demo_flow(cpus: Cpus) {
             send_with(&c, Method::GET, &url, &h, Bytes::new()).await
         }
     };
-    // No token → 401.
-    assert_eq!(get(None).await.status, StatusCode::UNAUTHORIZED);
+    // No token → 401, with the RFC 6750 challenge (no error code: no token was sent).
+    let r = get(None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers["www-authenticate"], r#"Bearer realm="portcullis""#);
     // Default token → 200 and the upstream sees the verified identity.
     let r = get(Some(token(&[]))).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());

@@ -218,10 +218,13 @@ async fn api_requests_get_401_and_browsers_get_html_rejections() {
     let r = w.get("/api", None).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(r.json()["error"], "login-required");
+    // Every 401 challenges (RFC 9110 §11.6.1); the route takes bearer tokens too.
+    assert_eq!(r.headers["www-authenticate"], r#"Bearer realm="portcullis""#);
     // A POST from a browser is not redirected either (its body would be lost).
     let mut b = Browser::new();
     let r = b.request(&w, Method::POST, &w.url("/form"), &[], "a=1").await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers["www-authenticate"], r#"Bearer realm="portcullis""#);
     assert!(r.headers["content-type"].to_str().unwrap_or_default().starts_with("text/html"));
     assert!(
         r.text().contains("login-required") && r.text().contains("/.portcullis/sign_in?rd="),
