@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use http::Method;
 
-use super::claims::{self, PIN_CI_FIELDS, PIN_CLAIMS, REF_CI_FIELDS, REF_CLAIMS};
+use super::claims::{self, Shape, PIN_CI_FIELDS, PIN_CLAIMS, REF_CI_FIELDS, REF_CLAIMS};
 use super::raw;
 use super::rule::{methods_admit, ClaimValue, Condition, Effect, Loc, Matcher, Rule};
 use super::{Catalog, Glob, Policy};
@@ -81,6 +81,7 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
             .filter_map(|i| catalog.issuers.get(i.as_str()).map(|p| (i.as_str(), *p)))
             .collect();
         unknown_claims(&mut out, rule, &presets);
+        claim_types(&mut out, rule, &presets);
         contradictions(&mut out, rule, &presets);
         if rule.effect == Effect::Allow {
             unpinned(&mut out, rule, &presets);
@@ -131,6 +132,56 @@ fn unknown_claims(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) 
                     preset.name()
                 ),
             );
+        }
+    }
+}
+
+/// A `claims` value of a type the platform never gives the claim (V21) never matches:
+/// `ref_protected = false` against GitLab's `"false"`, `repository_id = 74` against
+/// GitHub's `"74"`. In an allow the rule is dead; in a deny it is a hole that reads in
+/// review as closed (and a `[[test]]` written with the same type would pass).
+fn claim_types(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    for c in rule.conditions() {
+        let Matcher::Claim { name, values } = c.matcher() else { continue };
+        for (issuer, preset) in presets {
+            let Some(shape) = claims::shape(*preset, name) else { continue };
+            for value in values.iter() {
+                let (shown, kind, fits) = match value {
+                    ClaimValue::Str(g) => (
+                        format!("{:?}", g.as_str()),
+                        "a string",
+                        matches!(shape, Shape::String | Shape::StringOrStrings | Shape::Strings),
+                    ),
+                    ClaimValue::Int(i) => (
+                        i.to_string(),
+                        "an integer",
+                        matches!(shape, Shape::Integer | Shape::NumericDate),
+                    ),
+                    ClaimValue::Bool(b) => (b.to_string(), "a boolean", false),
+                };
+                if fits {
+                    continue;
+                }
+                let hint = match (shape, value) {
+                    (Shape::String | Shape::StringOrStrings | Shape::Strings, _) => {
+                        Some(format!("{shown:?}"))
+                    }
+                    (Shape::Integer | Shape::NumericDate, ClaimValue::Str(g)) => {
+                        g.as_str().parse::<i64>().ok().map(|i| i.to_string())
+                    }
+                    _ => None,
+                };
+                let hint = hint.map_or_else(String::new, |h| format!(": write `{h}`"));
+                out.push(
+                    Severity::Error,
+                    c.loc(),
+                    format!(
+                        "`claims.{name} = {shown}` never matches {} tokens (issuer `{issuer}`), which carry `{name}` as {}, not {kind}{hint}",
+                        preset.name(),
+                        shape.described()
+                    ),
+                );
+            }
         }
     }
 }

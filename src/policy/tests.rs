@@ -1571,3 +1571,57 @@ expect = \"allow\"
         outcomes[2]
     );
 }
+
+#[test]
+fn a_claim_value_of_a_type_the_platform_never_sends_is_an_error() {
+    // GitLab sends `ref_protected` as "true"/"false" and ids as strings, `runner_id` as
+    // an integer; GitHub and Bitbucket send every custom claim as a string. A value of
+    // another type never matches: in an allow the rule is dead, in a deny it is a hole
+    // a reviewer reads as closed, and a `[[test]]` written with the same type passes.
+    #[rustfmt::skip]
+    let dead = [
+        ("deny", "gitlab", "claims = { ref_protected = false }", "p.toml:5:12: `claims.ref_protected = false` never matches gitlab-ci tokens (issuer `gitlab`), which carry `ref_protected` as a string, not a boolean: write `\"false\"`"),
+        ("deny", "gitlab", "claims = { environment_protected = [true, \"x\"] }", "p.toml:5:12: `claims.environment_protected = true` never matches gitlab-ci tokens (issuer `gitlab`), which carry `environment_protected` as a string, not a boolean: write `\"true\"`"),
+        ("deny", "github", "claims = { repository_id = 74 }", "p.toml:5:12: `claims.repository_id = 74` never matches github-actions tokens (issuer `github`), which carry `repository_id` as a string, not an integer: write `\"74\"`"),
+        ("allow", "gitlab", "claims = { namespace_id = 72 }", "p.toml:5:12: `claims.namespace_id = 72` never matches gitlab-ci tokens (issuer `gitlab`), which carry `namespace_id` as a string, not an integer: write `\"72\"`"),
+        ("deny", "gitlab", "claims = { runner_id = \"7\" }", "p.toml:5:12: `claims.runner_id = \"7\"` never matches gitlab-ci tokens (issuer `gitlab`), which carry `runner_id` as an integer, not a string: write `7`"),
+        ("deny", "bitbucket", "claims = { branchName = true }", "p.toml:5:12: `claims.branchName = true` never matches bitbucket-pipelines tokens (issuer `bitbucket`), which carry `branchName` as a string, not a boolean: write `\"true\"`"),
+        ("deny", "gitlab", "claims = { groups_direct = 5 }", "p.toml:5:12: `claims.groups_direct = 5` never matches gitlab-ci tokens (issuer `gitlab`), which carry `groups_direct` as a list of strings, not an integer: write `\"5\"`"),
+    ];
+    let mut misses = Vec::new();
+    for (effect, issuer, claims, want) in dead {
+        let pin = if effect == "allow" { "\nci = { repository_id = \"1\" }" } else { "" };
+        let text = format!(
+            "[[rule]]\nid = \"a\"\neffect = \"{effect}\"\nissuer = \"{issuer}\"\n{claims}{pin}\n"
+        );
+        match parse(&text) {
+            Ok(_) => misses.push(format!("{claims}: compiled, expected {want}")),
+            Err(errors) if !errors.iter().any(|e| e == want) => {
+                misses.push(format!("{claims}: want {want:?}, got:\n{}", errors.join("\n")))
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(misses.is_empty(), "{}", misses.join("\n\n"));
+
+    // The types each platform does send compile, on an `oidc` issuer anything does.
+    for claims in [
+        "claims = { ref_protected = \"false\", runner_id = 7, groups_direct = \"acme/*\" }",
+        "claims = { environment_protected = [\"true\", \"false\"], iat = 1 }",
+    ] {
+        must_parse(&format!(
+            "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"gitlab\"\n{claims}\n"
+        ));
+    }
+    must_parse("[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\nclaims = { ref_protected = false }\n");
+
+    // A `[[test]]` identity is a token the platform could send: a boolean
+    // `ref_protected` would make a test of the rule pass where no real token matches.
+    let test = "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"gitlab\"\nclaims = { ref_protected = \"false\" }\n\
+        [[test]]\nname = \"t\"\nidentity = { issuer = \"gitlab\", preset = \"gitlab-ci\", claims = { ref_protected = false } }\nrequest = \"GET /\"\nexpect = \"allow\"\n";
+    let errors = parse(test).err().unwrap_or_default();
+    assert_eq!(
+        errors,
+        ["p.toml:8:82: test identity claim `ref_protected` is a boolean, but gitlab-ci tokens carry it as a string"],
+    );
+}
