@@ -215,27 +215,41 @@ fn unpinned(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
         let how = match preset {
             Preset::BitbucketPipelines => "ci.repository / ci.workspace, or claims.repositoryUuid / claims.workspaceUuid",
             Preset::GithubActions => {
-                "claims.repository_owner_id / claims.repository_id, ci.workspace_id / ci.repository_id, or subject = \"repo:OWNER/...\""
+                "claims.repository_owner_id / claims.repository_id, ci.workspace_id / ci.repository_id, or an immutable subject = \"repo:OWNER@ID/...\""
             }
             Preset::GitlabCi => "claims.namespace_id / claims.project_id, or ci.workspace_id / ci.repository_id",
             Preset::Oidc => "",
         };
         let at = rule.conditions.first().map_or(rule.id_at, Condition::loc);
-        out.push(
-            Severity::Error,
-            at,
-            format!(
+        let message = match name_pin(rule, *preset) {
+            Some(by_name) => format!(
+                "allow rule `{}` pins a repository or owner by name only (`{}`): a rename or deletion frees the name for anyone to register, whose {} tokens then match (issuer `{issuer}` is shared); pin the id: {how} (V22)",
+                rule.id(),
+                by_name.label(),
+                preset.name()
+            ),
+            None => format!(
                 "allow rule `{}` does not pin a repository or owner, so any {} token with this audience matches (issuer `{issuer}` is shared); add {how} (V22)",
                 rule.id(),
                 preset.name()
             ),
-        );
+        };
+        out.push(Severity::Error, at, message);
     }
 }
 
+/// Whether `rule` pins a repository or owner of `preset` by an immutable id (V22).
+/// Bitbucket's `ci.repository` and `ci.workspace` are its UUIDs; GitHub's and GitLab's
+/// are names (`acme/api`), which a rename or deletion frees for anyone to register,
+/// so there only the `_id` fields, the id claims and GitHub's immutable subject
+/// (`repo:OWNER@ID/REPO@ID:…`) pin.
 fn pinned(rule: &Rule, preset: Preset) -> bool {
     rule.conditions().any(|c| match c.matcher() {
-        Matcher::Ci { field, globs } => PIN_CI_FIELDS.contains(field) && globs.iter().all(pins),
+        Matcher::Ci { field, globs } => {
+            PIN_CI_FIELDS.contains(field)
+                && (preset == Preset::BitbucketPipelines || field.ends_with("_id"))
+                && globs.iter().all(pins)
+        }
         Matcher::Claim { name, values } => {
             PIN_CLAIMS.contains(&&**name)
                 && claims::is_known(preset, name)
@@ -250,24 +264,55 @@ fn pinned(rule: &Rule, preset: Preset) -> bool {
     })
 }
 
+/// The condition of a rule [`pinned`] refuses that fixes a GitHub or GitLab
+/// repository or owner by its name: `ci.repository`, `ci.workspace`, or a subject
+/// naming the owner (`repo:acme/…`, `project_path:acme/…`).
+fn name_pin(rule: &Rule, preset: Preset) -> Option<&Condition> {
+    let prefix = match preset {
+        Preset::GithubActions => "repo:",
+        Preset::GitlabCi => "project_path:",
+        Preset::BitbucketPipelines | Preset::Oidc => return None,
+    };
+    rule.conditions().find(|c| match c.matcher() {
+        Matcher::Ci { field, globs } => {
+            matches!(*field, "repository" | "workspace") && globs.iter().all(pins)
+        }
+        Matcher::Subject(globs) => globs.iter().all(|g| owner_of(g, prefix).is_some()),
+        _ => false,
+    })
+}
+
 /// A pattern pins when it is literal, or fixes everything up to an owner's `/`.
 fn pins(g: &Glob) -> bool {
     g.is_literal() || g.literal_prefix().find('/').is_some_and(|i| i > 0)
 }
 
+/// The owner a subject pattern fixes after `prefix` (`repo:`): the literal text up to
+/// the first `/`, when there is one and it is not empty.
+fn owner_of<'g>(g: &'g Glob, prefix: &str) -> Option<&'g str> {
+    g.literal_prefix()
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(owner, _)| owner)
+        .filter(|owner| !owner.is_empty())
+}
+
 fn subject_pins(preset: Preset, g: &Glob) -> bool {
-    let prefix = g.literal_prefix();
-    let owner = |p: &str| {
-        prefix
-            .strip_prefix(p)
-            .and_then(|rest| rest.split_once('/'))
-            .is_some_and(|(o, _)| !o.is_empty())
-    };
     match preset {
-        Preset::GithubActions => owner("repo:"),
-        Preset::GitlabCi => owner("project_path:"),
+        // Only the immutable form, `repo:OWNER@ID/…`: a name-only owner is freed by a
+        // rename or deletion (GitHub names hold no `@`, so no name reads as this).
+        Preset::GithubActions => owner_of(g, "repo:")
+            .and_then(|owner| owner.rsplit_once('@'))
+            .is_some_and(|(name, id)| {
+                !name.is_empty() && !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())
+            }),
+        // `project_path:GROUP/PROJECT:…` is a name.
+        Preset::GitlabCi => false,
         // `{repositoryUuid}:{stepUuid}` or `{repositoryUuid}:{environmentUuid}:{stepUuid}`.
-        Preset::BitbucketPipelines => prefix.starts_with('{') && prefix.contains('}'),
+        Preset::BitbucketPipelines => {
+            let prefix = g.literal_prefix();
+            prefix.starts_with('{') && prefix.contains('}')
+        }
         Preset::Oidc => false,
     }
 }

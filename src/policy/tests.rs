@@ -977,8 +977,8 @@ fn clean_files_have_no_diagnostics() {
         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\nmethods = [\"GET\", \"POST\"]\npaths = [\"/deploy/**\"]\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = \"GET\"\nci = { repository = \"{r}\" }\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = \"GET\"\nclaims = { workspaceUuid = \"{w}\" }\n",
-        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nsubject = \"repo:acme/*\"\n",
-        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nci = { repository = \"acme/*\" }\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nsubject = \"repo:acme@65/*\"\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nci = { workspace_id = \"65\", repository = \"acme/*\" }\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"GET\"\nclaims = { project_id = \"20\" }\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nclaims = { namespace_id = \"72\", ref_protected = \"true\" }\n",
         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"bitbucket\"\nmethods = \"DELETE\"\n",
@@ -1624,4 +1624,53 @@ fn a_claim_value_of_a_type_the_platform_never_sends_is_an_error() {
         errors,
         ["p.toml:8:82: test identity claim `ref_protected` is a boolean, but gitlab-ci tokens carry it as a string"],
     );
+}
+
+#[test]
+fn a_name_does_not_pin_a_github_or_gitlab_repository() {
+    // GitHub and GitLab names are freed by a rename or deletion and can be registered
+    // by anyone, who then mints tokens whose `repository`, `repository_owner`,
+    // `project_path` and name-form `sub` read exactly as the old owner's (V22 asks for
+    // an id; GitHub added `repo:OWNER@ID/REPO@ID` subjects for this very attack).
+    #[rustfmt::skip]
+    let by_name = [
+        ("github", "ci = { repository = \"acme/api\" }", "`ci.repository`"),
+        ("github", "ci = { workspace = \"acme\", branch = \"main\" }", "`ci.workspace`"),
+        ("github", "subject = \"repo:acme/*\"", "`subject`"),
+        ("github", "subject = [\"repo:acme@65/*\", \"repo:acme/**\"]", "`subject`"),
+        ("gitlab", "ci = { repository = \"acme/platform/api\" }", "`ci.repository`"),
+        ("gitlab", "subject = \"project_path:acme/api:ref_type:branch:ref:main\"", "`subject`"),
+    ];
+    let mut misses = Vec::new();
+    for (issuer, pin, named) in by_name {
+        let text = format!(
+            "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"{issuer}\"\nmethods = \"GET\"\n{pin}\n"
+        );
+        let want = format!(
+            "p.toml:4:10: allow rule `a` pins a repository or owner by name only ({named})"
+        );
+        match parse(&text) {
+            Ok(_) => misses.push(format!("{pin}: compiled, expected {want}")),
+            Err(errors) if !errors.iter().any(|e| e.starts_with(&want)) => {
+                misses.push(format!("{pin}: want {want:?}, got:\n{}", errors.join("\n")))
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(misses.is_empty(), "{}", misses.join("\n\n"));
+
+    // Ids pin: GitHub's immutable subject, the id claims and `ci` fields, and on
+    // Bitbucket `ci.repository` and `ci.workspace`, which are its UUIDs.
+    for (issuer, pin) in [
+        ("github", "subject = \"repo:acme@65/*\""),
+        ("github", "subject = [\"repo:acme@65/**\", \"repo:acme@65/api@74:*\"]"),
+        ("github", "ci = { repository = \"acme/api\", repository_id = \"74\" }"),
+        ("github", "claims = { repository_owner_id = \"65\" }"),
+        ("gitlab", "ci = { workspace_id = \"72\", repository = \"acme/platform/api\" }"),
+        ("bitbucket", "ci = { workspace = \"{w}\" }"),
+    ] {
+        must_parse(&format!(
+            "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"{issuer}\"\nmethods = \"GET\"\n{pin}\n"
+        ));
+    }
 }
