@@ -144,7 +144,7 @@ fn every_failed<'r>(
     // an allow and holds for a deny.
     let fails = |c: &&Condition| match identity {
         Some(id) => !c.matcher().matches(rule.effect(), id, request),
-        None if c.matcher().is_request() => !c.matcher().matches_request(request),
+        None if c.matcher().is_request() => !c.matcher().matches_request(rule.effect(), request),
         None => rule.effect() != Effect::Deny,
     };
     if let Some(issuer) =

@@ -153,7 +153,7 @@ impl Rule {
     /// Whether the rule's request conditions (`methods`, `paths`, `databases`,
     /// `roles`) admit `request`, whoever asks: `policy who --request`.
     pub fn admits_request(&self, request: &RequestFacts<'_>) -> bool {
-        self.conditions().all(|c| c.matcher.matches_request(request))
+        self.conditions().all(|c| c.matcher.matches_request(self.effect, request))
     }
 
     /// Whether some HTTP request with `method` can meet the rule's request conditions:
@@ -193,7 +193,7 @@ impl Rule {
     ) -> Outcome {
         let holds = |c: &Condition| match identity {
             Some(id) => c.matcher.matches(self.effect, id, request),
-            None if c.matcher.is_request() => c.matcher.matches_request(request),
+            None if c.matcher.is_request() => c.matcher.matches_request(self.effect, request),
             None => self.effect == Effect::Deny,
         };
         let mut not_kept = None;
@@ -382,23 +382,31 @@ impl Matcher {
                 .and_then(|c| c.field(field))
                 .is_some_and(|v| any_glob(globs, v)),
             Matcher::Methods(_) | Matcher::Paths(_) | Matcher::Databases(_) | Matcher::Roles(_) => {
-                self.matches_request(request)
+                self.matches_request(effect, request)
             }
         }
     }
 
-    /// Request conditions only; any identity condition holds here.
-    pub(crate) fn matches_request(&self, request: &RequestFacts<'_>) -> bool {
+    /// Request conditions only, in a rule of `effect`; any identity condition holds here.
+    pub(crate) fn matches_request(&self, effect: Effect, request: &RequestFacts<'_>) -> bool {
         match self {
             // HTTP conditions never match a database request, and the reverse: a rule
             // written for one protocol must not leak onto the other.
             Matcher::Methods(methods) => {
                 !request.is_database() && methods_admit(methods, request.method)
             }
-            // `/admin/**` also matches `/admin` ([`Glob::matches_dir`]).
+            // `/admin/**` also matches `/admin` ([`Glob::matches_dir`]). In a deny, a path
+            // also matches with its trailing `/` removed or added
+            // ([`Glob::matches_slash_twin`]): Express, Rails, ASP.NET Core and Spring MVC
+            // before 6 run the `/admin` handler for `/admin/`, so a deny of `/admin`
+            // that `/admin/` escaped would be a hole. An allow is not widened.
             Matcher::Paths(globs) => {
                 !request.is_database()
-                    && globs.iter().any(|g| g.matches(request.path) || g.matches_dir(request.path))
+                    && globs.iter().any(|g| {
+                        g.matches(request.path)
+                            || g.matches_dir(request.path)
+                            || (effect == Effect::Deny && g.matches_slash_twin(request.path))
+                    })
             }
             Matcher::Databases(globs) => request.database.is_some_and(|d| any_glob(globs, d)),
             Matcher::Roles(globs) => request.role.is_some_and(|r| any_glob(globs, r)),

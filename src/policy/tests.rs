@@ -1674,3 +1674,79 @@ fn a_name_does_not_pin_a_github_or_gitlab_repository() {
         ));
     }
 }
+
+/// Express (its default, non-strict routing), Rails, ASP.NET Core and Spring MVC before
+/// 6 route `/admin/` to the `/admin` handler: a deny written `/admin` must not let
+/// `GET /admin/` (or `/admin//`, which is the same canonical path) through. An allow is
+/// not widened (fail closed).
+#[test]
+fn a_deny_on_a_path_covers_it_with_or_without_a_trailing_slash() {
+    let text = r#"
+[[rule]]
+id = "engineers"
+effect = "allow"
+issuer = "corp"
+
+[[rule]]
+id = "no-admin"
+effect = "deny"
+issuer = "corp"
+paths = ["/admin", "/users/*", "/billing/", "/api/*/keys/"]
+
+[[test]]
+name = "a trailing slash does not escape the deny"
+identity = { issuer = "corp" }
+request = "GET /admin/"
+expect = "deny"
+rule = "no-admin"
+"#;
+    let p = must_parse(text);
+    let failed: Vec<String> =
+        run_tests(&p).iter().filter(|o| !o.passed()).map(|o| o.to_string()).collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+    let id = human(json!({}));
+    use Reason::{Allowed, DeniedByRule, PolicyDenied};
+    for (path, reason) in [
+        ("/admin", DeniedByRule),
+        ("/admin/", DeniedByRule),
+        ("/users/42", DeniedByRule),
+        ("/users/42/", DeniedByRule),
+        ("/billing/", DeniedByRule),
+        ("/billing", DeniedByRule),
+        ("/api/v1/keys/", DeniedByRule),
+        ("/api/v1/keys", DeniedByRule),
+        // Near misses: the deny names these paths only, not what is below them.
+        ("/admin/x", Allowed),
+        ("/administrator", Allowed),
+        ("/users/42/x", Allowed),
+        ("/billing/x", Allowed),
+        ("/", Allowed),
+    ] {
+        let facts = RequestFacts::http(&http::Method::GET, path);
+        let d = p.evaluate(&id, &facts);
+        assert_eq!(d.reason, reason, "{path}");
+        assert_eq!(p.explain(&id, &facts).decision, d, "{path}: explain agrees");
+        // A caller without a credential meets the same deny.
+        let anonymous = p.decide(None, &facts);
+        assert!(!anonymous.allowed, "{path}");
+    }
+    let anonymous = p.decide(None, &RequestFacts::http(&http::Method::GET, "/admin/"));
+    assert_eq!(anonymous.reason, DeniedByRule);
+
+    // An allow of `/status` does not open `/status/`.
+    let allow = must_parse(
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\npaths = [\"/status\"]\n",
+    );
+    for (path, reason) in [("/status", Allowed), ("/status/", PolicyDenied)] {
+        let d = allow.evaluate(&id, &RequestFacts::http(&http::Method::GET, path));
+        assert_eq!(d.reason, reason, "{path}");
+    }
+
+    // The deny in words says so.
+    let rule = p.rules().iter().find(|r| r.id() == "no-admin");
+    let words = rule.map(|r| r.summary(&catalog()).what_phrase()).unwrap_or_default();
+    assert_eq!(
+        words,
+        "requests to paths matching `/admin`, `/users/*`, `/billing/` or `/api/*/keys/`, with or without a trailing `/`"
+    );
+}
