@@ -99,7 +99,8 @@ pub(crate) enum Outcome {
     /// groups are unknown (overage).
     GroupsUnknown,
     /// The index of the first `claims.*` condition naming a claim the session did not
-    /// keep ([`Claims::is_kept`](crate::identity::Claims::is_kept)), in a rule whose
+    /// keep or the provider holds elsewhere
+    /// ([`Claims::is_known`](crate::identity::Claims::is_known)), in a rule whose
     /// other conditions matched. Fails closed as [`Outcome::GroupsUnknown`] does: such a
     /// condition counts as matched in a deny (the deny applies) and as failed in an
     /// allow (which is skipped).
@@ -199,9 +200,10 @@ impl Rule {
         let mut not_kept = None;
         for (i, c) in self.conditions.iter().enumerate() {
             if let (Matcher::Claim { name, .. }, Some(id)) = (&c.matcher, identity) {
-                if !id.claims.is_kept(name) {
+                if !id.claims.is_known(name) {
                     // A session that did not keep the claim (sealed before the rule
-                    // named it): fail closed, as for unknown groups below.
+                    // named it), or a claim the provider holds elsewhere (Entra's group
+                    // overage): fail closed, as for unknown groups below.
                     not_kept.get_or_insert(i);
                     continue;
                 }
@@ -297,6 +299,9 @@ impl Condition {
             Matcher::GroupsAny(_) | Matcher::GroupsAll(_) => format!("{:?}", identity.groups),
             Matcher::Claim { name, .. } if !identity.claims.is_kept(name) => {
                 "not kept by the session".to_string()
+            }
+            Matcher::Claim { name, .. } if identity.claims.held_elsewhere(name) => {
+                "held elsewhere by the provider (`_claim_names`, `hasgroups`)".to_string()
             }
             Matcher::Claim { name, .. } => {
                 identity.claims.get(name).map_or_else(|| "absent".to_string(), Value::to_string)

@@ -1750,3 +1750,67 @@ rule = "no-admin"
         "requests to paths matching `/admin`, `/users/*`, `/billing/` or `/api/*/keys/`, with or without a trailing `/`"
     );
 }
+
+/// A claim the provider put elsewhere (OIDC Core §5.6.2 distributed claims: Entra's
+/// group overage names `groups` in `_claim_names`, or says `hasgroups: true`) has no
+/// value in the token: a deny on `claims.groups` read it as absent and let the caller
+/// through, where `groups_any` fails closed. Such a claim is unknown, as a claim a
+/// session did not keep: a deny naming it applies, an allow naming it is skipped.
+#[test]
+fn a_claim_the_provider_holds_elsewhere_fails_closed() {
+    let p = must_parse(
+        r#"
+[[rule]]
+id = "everyone"
+effect = "allow"
+issuer = "corp"
+methods = ["GET"]
+
+[[rule]]
+id = "no-contractors"
+effect = "deny"
+issuer = "corp"
+claims = { groups = "contractors" }
+
+[[rule]]
+id = "admins-write"
+effect = "allow"
+issuer = "corp"
+methods = ["POST"]
+claims = { wids = "admin-role" }
+"#,
+    );
+    let (get, post) = (http::Method::GET, http::Method::POST);
+    let get_x = RequestFacts::http(&get, "/x");
+    let overage = json!({ "src1": { "endpoint": "https://graph.microsoft.com/v1.0/users/x/getMemberObjects" } });
+    for token in [
+        json!({ "_claim_names": { "groups": "src1" }, "_claim_sources": overage }),
+        json!({ "hasgroups": true }),
+    ] {
+        let id = human(token.clone());
+        let d = p.evaluate(&id, &get_x);
+        assert_eq!(
+            (d.reason, d.rule.as_ref().map(|r| &*r.id)),
+            (Reason::DeniedByRule, Some("no-contractors")),
+            "{token}"
+        );
+        assert_eq!(
+            d.detail(),
+            "claim `groups` is held elsewhere by the provider (`_claim_names`, `hasgroups`), so its value is unknown: deny applies"
+        );
+        assert_eq!(p.explain(&id, &get_x).decision, d, "explain agrees");
+    }
+    // An allow on a claim held elsewhere is skipped, whatever the token says beside it.
+    let id = human(json!({ "wids": "admin-role", "_claim_names": { "wids": "src1" } }));
+    let d = p.evaluate(&id, &RequestFacts::http(&post, "/x"));
+    assert_eq!(d.reason, Reason::PolicyDenied);
+    assert!(d.detail().ends_with("an allow naming it cannot match"), "{}", d.detail());
+    // Near misses: groups in the token, or `hasgroups: false`, decide as written.
+    let id = human(json!({ "groups": ["engineering"], "hasgroups": false }));
+    assert_eq!(p.evaluate(&id, &get_x).reason, Reason::Allowed);
+    let id = human(json!({ "groups": ["contractors"] }));
+    assert_eq!(p.evaluate(&id, &get_x).reason, Reason::DeniedByRule);
+    assert_eq!(p.evaluate(&id, &get_x).detail(), "denied by policy");
+    let id = human(json!({ "wids": "admin-role", "_claim_names": { "other": "src1" } }));
+    assert_eq!(p.evaluate(&id, &RequestFacts::http(&post, "/x")).reason, Reason::Allowed);
+}
