@@ -83,6 +83,9 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
         unknown_claims(&mut out, rule, &presets);
         claim_types(&mut out, rule, &presets);
         contradictions(&mut out, rule, &presets);
+        if rule.effect == Effect::Deny {
+            github_subject_by_name(&mut out, rule, &presets);
+        }
         if rule.effect == Effect::Allow {
             unpinned(&mut out, rule, &presets);
             deploy_without_ref(&mut out, rule, &presets);
@@ -182,6 +185,30 @@ fn claim_types(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
                     ),
                 );
             }
+        }
+    }
+}
+
+/// A GitHub deny on a name-form subject (`repo:acme/playground:*`): with immutable
+/// subject claims (`repo:OWNER@ID/REPO@ID:…`, GitHub's default for repositories created
+/// or renamed since July 2026, and an opt-in for any repository's admins) the token's
+/// `sub` never matches it, so the repository it denies can leave the deny by itself.
+fn github_subject_by_name(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let Some((issuer, _)) = presets.iter().find(|(_, p)| *p == Preset::GithubActions) else {
+        return;
+    };
+    for c in rule.conditions() {
+        let Matcher::Subject(globs) = c.matcher() else { continue };
+        let by_name = globs.iter().find_map(|g| owner_of(g, "repo:").filter(|o| !o.contains('@')));
+        if let Some(owner) = by_name {
+            out.push(
+                Severity::Warning,
+                c.loc(),
+                format!(
+                    "deny rule `{}` matches GitHub subjects by name (`repo:{owner}/`): a repository with immutable subject claims (`repo:OWNER@ID/REPO@ID:…`) never matches it, and its own admins can turn those on (the default for repositories created or renamed since July 2026); deny on claims.repository_id or claims.repository_owner_id instead (issuer `{issuer}`)",
+                    rule.id()
+                ),
+            );
         }
     }
 }

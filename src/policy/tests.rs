@@ -1814,3 +1814,32 @@ claims = { wids = "admin-role" }
     let id = human(json!({ "wids": "admin-role", "_claim_names": { "other": "src1" } }));
     assert_eq!(p.evaluate(&id, &RequestFacts::http(&post, "/x")).reason, Reason::Allowed);
 }
+
+/// GitHub's immutable subject claims (`repo:OWNER@ID/REPO@ID:…`, the default for
+/// repositories created or renamed since July 2026, and an opt-in any repository admin
+/// may take) never match a subject pattern that names the owner: a deny written
+/// `subject = "repo:acme/playground:*"` stops applying the day the denied repository's
+/// own admins opt in. Such a deny is flagged; near misses are not.
+#[test]
+fn a_github_deny_by_subject_name_is_flagged() {
+    let deny = |subject: &str| {
+        format!(
+            "[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"github\"\nsubject = {subject}\n"
+        )
+    };
+    for subject in ["\"repo:acme/playground:*\"", "[\"repo:acme@65/**\", \"repo:acme/**\"]"] {
+        let p = must_parse(&deny(subject));
+        let warnings: Vec<String> = p.warnings().iter().map(|d| d.to_string()).collect();
+        let want = "p.toml:5:11: warning: deny rule `d` matches GitHub subjects by name (`repo:acme/`): a repository with immutable subject claims (`repo:OWNER@ID/REPO@ID:…`) never matches it";
+        assert!(warnings.iter().any(|w| w.starts_with(want)), "{subject}: {warnings:?}");
+    }
+    for subject in ["\"repo:acme@65/**\"", "\"repo:*\"", "\"repo:acme@*/**\""] {
+        let p = must_parse(&deny(subject));
+        assert!(p.warnings().is_empty(), "{subject}: {:?}", p.warnings());
+    }
+    // On an `oidc` issuer a `repo:` subject is whatever that provider means by it.
+    let p = must_parse(
+        "[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"corp\"\nsubject = \"repo:acme/*\"\n",
+    );
+    assert!(p.warnings().is_empty(), "{:?}", p.warnings());
+}
