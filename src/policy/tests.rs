@@ -1843,3 +1843,40 @@ fn a_github_deny_by_subject_name_is_flagged() {
     );
     assert!(p.warnings().is_empty(), "{:?}", p.warnings());
 }
+
+/// A `[[test]]` identity whose claims say the groups overflowed (`hasgroups`, or
+/// `groups` in `_claim_names`) has unknown groups, as the verifier gives such a token:
+/// before, only `groups_known = false` said so, and a test of an overage token passed
+/// through a group allow that no real one gets through.
+#[test]
+fn a_test_identity_with_overage_claims_has_unknown_groups() {
+    let text = r#"
+[[rule]]
+id = "admins"
+effect = "allow"
+issuer = "corp"
+groups_any = ["admins"]
+
+[[test]]
+name = "an overage token is not known to be an admin"
+identity = { issuer = "corp", groups = ["admins"], claims = { hasgroups = true } }
+request = "GET /"
+expect = "deny"
+
+[[test]]
+name = "distributed groups are not known either"
+identity = { issuer = "corp", groups = ["admins"], claims = { _claim_names = { groups = "src1" } } }
+request = "GET /"
+expect = "deny"
+
+[[test]]
+name = "hasgroups false is a complete list"
+identity = { issuer = "corp", groups = ["admins"], claims = { hasgroups = false } }
+request = "GET /"
+expect = "allow"
+"#;
+    let p = must_parse(text);
+    let failed: Vec<String> =
+        run_tests(&p).iter().filter(|o| !o.passed()).map(|o| o.to_string()).collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+}
