@@ -90,6 +90,7 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
             unpinned(&mut out, rule, &presets);
             deploy_without_ref(&mut out, rule, &presets);
             branch_alone(&mut out, rule, &presets);
+            gitlab_environment_alone(&mut out, rule, &presets);
             unverified_email(&mut out, rule);
             shadowed(&mut out, rule, rules);
             redundant(&mut out, rule, rules);
@@ -448,6 +449,52 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
                 ),
             );
         }
+    }
+}
+
+/// A GitLab allow that can write and trusts an environment's name alone: any developer's
+/// pipeline, from any branch, may say `environment: production`, and only a protected
+/// environment or ref tells the real deployment apart (`environment_protected`,
+/// `ref_protected`). A rule that also names the ref is [`branch_alone`]'s.
+fn gitlab_environment_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let Some((issuer, _)) = presets.iter().find(|(_, p)| *p == Preset::GitlabCi) else { return };
+    if can_write(rule).is_none() {
+        return;
+    }
+    let mut by_environment = None;
+    for c in rule.conditions() {
+        match c.matcher() {
+            Matcher::Ci { field: "environment", .. } => by_environment = by_environment.or(Some(c)),
+            Matcher::Claim { name, .. } if matches!(&**name, "environment" | "deployment_tier") => {
+                by_environment = by_environment.or(Some(c))
+            }
+            Matcher::Ci { field: "branch" | "ref" | "tag", .. } => return,
+            // `project_path:GROUP/PROJECT:ref_type:branch:ref:main` names the ref.
+            Matcher::Subject(globs)
+                if globs.iter().all(|g| g.literal_prefix().contains(":ref:")) =>
+            {
+                return
+            }
+            Matcher::Claim { name, .. }
+                if matches!(
+                    &**name,
+                    "ref" | "ref_path" | "ref_protected" | "environment_protected"
+                ) =>
+            {
+                return
+            }
+            _ => {}
+        }
+    }
+    if let Some(at) = by_environment {
+        out.push(
+            Severity::Warning,
+            at.loc(),
+            format!(
+                "allow rule `{}` trusts a GitLab environment name alone (issuer `{issuer}`): any developer's pipeline, from any branch, can name an environment that is not protected; pin claims.environment_protected = \"true\" (or claims.ref_protected = \"true\")",
+                rule.id()
+            ),
+        );
     }
 }
 

@@ -1880,3 +1880,25 @@ expect = "allow"
         run_tests(&p).iter().filter(|o| !o.passed()).map(|o| o.to_string()).collect();
     assert!(failed.is_empty(), "{failed:#?}");
 }
+
+/// On GitLab any developer's pipeline, from any branch, may name `environment:
+/// production`; only a protected environment (`environment_protected = "true"`) or a
+/// protected ref tells the real deployment apart. An allow that can write and trusts the
+/// environment's name alone is flagged, as one trusting a branch alone is.
+#[test]
+fn a_gitlab_allow_trusting_an_environment_name_alone_is_flagged() {
+    let allow = |extra: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ project_id = \"20\"{extra} }}\nci = {{ environment = \"production\" }}\n")
+    };
+    let want = "p.toml:7:8: warning: allow rule `a` trusts a GitLab environment name alone (issuer `gitlab`)";
+    let p = must_parse(&allow(""));
+    let warnings: Vec<String> = p.warnings().iter().map(|d| d.to_string()).collect();
+    assert!(warnings.iter().any(|w| w.starts_with(want)), "{warnings:?}");
+    for extra in [", environment_protected = \"true\"", ", ref_protected = \"true\""] {
+        let p = must_parse(&allow(extra));
+        assert!(p.warnings().is_empty(), "{extra}: {:?}", p.warnings());
+    }
+    // Read-only rules are not flagged.
+    let p = must_parse(&allow("").replace("\"POST\"", "\"GET\""));
+    assert!(p.warnings().is_empty(), "{:?}", p.warnings());
+}
