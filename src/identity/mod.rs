@@ -286,6 +286,21 @@ impl Claims {
         self.kept.as_ref().is_none_or(|k| k.iter().any(|n| **n == *name))
     }
 
+    /// Whether the provider put claim `name` elsewhere, so the token has no value for
+    /// it: named in `_claim_names` (OIDC Core §5.6.2 distributed and aggregated claims,
+    /// Entra's group overage), or `groups` beside a `hasgroups` that is not `false`
+    /// (Entra's implicit-flow overage). `_claim_sources` is never fetched (V25).
+    pub fn held_elsewhere(&self, name: &str) -> bool {
+        held_elsewhere(self.map(), name)
+    }
+
+    /// Whether policy may read claim `name` as the token (or session) has it: kept
+    /// ([`Claims::is_kept`]) and not held elsewhere ([`Claims::held_elsewhere`]). A
+    /// `claims.NAME` condition on an unknown claim fails closed.
+    pub fn is_known(&self, name: &str) -> bool {
+        self.is_kept(name) && !self.held_elsewhere(name)
+    }
+
     /// One claim by name.
     pub fn get(&self, name: &str) -> Option<&serde_json::Value> {
         self.map().get(name)
@@ -299,6 +314,15 @@ impl Claims {
             _ => serde_json::Map::new(),
         })
     }
+}
+
+/// [`Claims::held_elsewhere`] of a token's claims `map`.
+pub(crate) fn held_elsewhere(map: &serde_json::Map<String, serde_json::Value>, name: &str) -> bool {
+    map.get("_claim_names")
+        .and_then(serde_json::Value::as_object)
+        .is_some_and(|names| names.contains_key(name))
+        || (name == "groups"
+            && map.get("hasgroups").is_some_and(|v| *v != serde_json::Value::Bool(false)))
 }
 
 impl From<serde_json::Map<String, serde_json::Value>> for Claims {

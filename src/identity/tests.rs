@@ -1256,3 +1256,43 @@ fn fetch_urls_are_shown_without_query_or_userinfo() {
     let shown = url_str_for_log("https://u:pw@idp.example.com/keys");
     assert!(!shown.contains("pw"), "{shown}");
 }
+
+/// Google is authoritative for an address only when it hosts it: a `@gmail.com`
+/// address, or a Workspace account (`hd` set). A consumer Google account created with
+/// another address (an employee's work address, kept after they leave; any address
+/// its creator once read mail at) says `email_verified: true` for it all the same, so
+/// without `hosted_domain` an allow on `email_domain = "acme.example"` admitted it.
+/// Such an address is now unverified: allows that need a verified email do not match
+/// it, denies still read it, `X-Portcullis-Email` is not sent.
+#[tokio::test]
+async fn a_google_address_google_does_not_host_is_not_verified() {
+    let mut s = google_settings();
+    s.hosted_domain = None;
+    let v = offline(vec![s]);
+    let consumer = without(google_payload(), "hd");
+    let id = v.verify_at(&rsa().sign(&google_header(), &consumer), NOW).await.unwrap();
+    assert_eq!(id.email.as_deref(), Some("jane.doe@acme.example"));
+    assert!(!id.email_verified, "a consumer account's non-Google address");
+    // The legacy issuer spelling is Google too.
+    let mut legacy = google_settings();
+    legacy.hosted_domain = None;
+    legacy.issuer = "accounts.google.com".into();
+    let v_legacy = offline(vec![legacy]);
+    let token =
+        rsa().sign(&google_header(), &with(consumer.clone(), "iss", json!("accounts.google.com")));
+    assert!(!v_legacy.verify_at(&token, NOW).await.unwrap().email_verified);
+    // Near misses: Workspace (`hd` set) and Gmail addresses are Google's own.
+    let workspace =
+        v.verify_at(&rsa().sign(&google_header(), &google_payload()), NOW).await.unwrap();
+    assert!(workspace.email_verified);
+    let gmail = with(consumer.clone(), "email", json!("Jane.Doe@GMail.com"));
+    assert!(v.verify_at(&rsa().sign(&google_header(), &gmail), NOW).await.unwrap().email_verified);
+    let lookalike = with(consumer, "email", json!("jane@gmail.com.evil.example"));
+    assert!(
+        !v.verify_at(&rsa().sign(&google_header(), &lookalike), NOW).await.unwrap().email_verified
+    );
+    // Another provider's verified address is its word, as before.
+    let okta = offline(vec![okta_settings()]);
+    let id = okta.verify_at(&rsa().sign(&okta_header(), &okta_payload()), NOW).await.unwrap();
+    assert_eq!(id.email_verified, okta_payload()["email_verified"] == json!(true));
+}

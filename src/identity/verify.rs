@@ -624,6 +624,24 @@ pub(crate) fn identity_from_verified(
         .map(|id| Identity { claims: payload.into(), ..id })
 }
 
+/// Google's issuer, in its modern and legacy spellings.
+const GOOGLE_ISSUERS: [&str; 2] = ["https://accounts.google.com", "accounts.google.com"];
+
+/// Whether the issuer is authoritative for `email`: always, except Google's, which
+/// vouches for an address only when it hosts it (a `@gmail.com` address, or a Workspace
+/// account, `hd` set). A consumer Google account may be made with any address its
+/// creator could read mail at once (an employee's work address, kept after they
+/// leave), and its `email_verified` stays `true`.
+fn google_hosts(s: &IssuerSettings, payload: &Map<String, Value>, email: Option<&str>) -> bool {
+    if !GOOGLE_ISSUERS.contains(&s.issuer.as_str()) {
+        return true;
+    }
+    let gmail = email
+        .and_then(|e| e.rsplit_once('@'))
+        .is_some_and(|(_, domain)| domain.eq_ignore_ascii_case("gmail.com"));
+    gmail || matches!(payload.get("hd"), Some(Value::String(hd)) if !hd.is_empty())
+}
+
 /// After the signature: profile checks (V15, V20, V21, V24, V25) and the Identity.
 fn build_identity(
     s: &IssuerSettings,
@@ -683,6 +701,7 @@ fn build_identity(
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(claims("`email_verified` is not a boolean")),
     };
+    let email_verified = email_verified && google_hosts(s, payload, email.as_deref());
     // V24: `hd` is authoritative only together with a verified email.
     if let Some(domain) = &s.hosted_domain {
         let hd = super::ci::string_claim(payload, "hd")?;

@@ -129,6 +129,84 @@ pub fn is_known(preset: Preset, name: &str) -> bool {
     }
 }
 
+/// The JSON type a preset's tokens give a claim (V21: each claim has one documented
+/// type, and a value of another type is a different token shape).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    String,
+    Integer,
+    /// `exp`, `nbf`, `iat`: a JSON number.
+    NumericDate,
+    /// `aud`.
+    StringOrStrings,
+    /// GitLab `groups_direct`.
+    Strings,
+    /// GitLab `user_identities`.
+    Objects,
+}
+
+impl Shape {
+    /// As a sentence says it: "a string", "a list of strings".
+    pub fn described(self) -> &'static str {
+        match self {
+            Shape::String => "a string",
+            Shape::Integer => "an integer",
+            Shape::NumericDate => "a number",
+            Shape::StringOrStrings => "a string or a list of strings",
+            Shape::Strings => "a list of strings",
+            Shape::Objects => "a list of objects",
+        }
+    }
+
+    /// Whether a claim of this shape can equal a JSON value of `v`'s type (`null`
+    /// counts as absent).
+    pub fn admits(self, v: &Value) -> bool {
+        let all = |items: &[Value], f: fn(&Value) -> bool| items.iter().all(f);
+        match (self, v) {
+            (_, Value::Null) => true,
+            (Shape::String | Shape::StringOrStrings, Value::String(_)) => true,
+            (Shape::Integer, Value::Number(n)) => n.is_i64() || n.is_u64(),
+            (Shape::NumericDate, Value::Number(_)) => true,
+            (Shape::StringOrStrings | Shape::Strings, Value::Array(items)) => {
+                all(items, Value::is_string)
+            }
+            (Shape::Objects, Value::Array(items)) => all(items, Value::is_object),
+            _ => false,
+        }
+    }
+}
+
+/// The JSON type `preset`'s tokens give claim `name`, when it is documented (see
+/// `shared/reference/tokens/*.json`): GitHub and Bitbucket send every custom claim as a
+/// string, numeric ids included; GitLab sends ids and its booleans (`ref_protected`)
+/// as strings, `runner_id` as an integer. `None` for `oidc` (any provider, any shape),
+/// unknown names, and claims whose type is not confirmed (Bitbucket `compliant`,
+/// GitHub `repo_property_*`).
+pub fn shape(preset: Preset, name: &str) -> Option<Shape> {
+    if preset == Preset::Oidc {
+        return None;
+    }
+    match name {
+        "iss" | "sub" | "jti" => return Some(Shape::String),
+        "aud" => return Some(Shape::StringOrStrings),
+        "exp" | "nbf" | "iat" => return Some(Shape::NumericDate),
+        _ => {}
+    }
+    let (known, shape) = match preset {
+        Preset::BitbucketPipelines if name == "compliant" => return None,
+        Preset::BitbucketPipelines => (BITBUCKET, Shape::String),
+        Preset::GithubActions => (GITHUB, Shape::String),
+        Preset::GitlabCi => match name {
+            "runner_id" => return Some(Shape::Integer),
+            "groups_direct" => return Some(Shape::Strings),
+            "user_identities" => return Some(Shape::Objects),
+            _ => (GITLAB, Shape::String),
+        },
+        Preset::Oidc => return None,
+    };
+    known.contains(&name).then_some(shape)
+}
+
 /// Claims of a plausible token for `preset`, the base that `[[test]]` overrides.
 /// Values are synthetic, shaped like `shared/reference/tokens/*.json`.
 pub fn template(preset: Preset) -> Map<String, Value> {

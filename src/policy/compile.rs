@@ -749,6 +749,24 @@ impl<'a> Compiler<'a> {
         if let Some(c) = &i.claims {
             for (k, v) in c.get_ref() {
                 match toml_to_json(v.get_ref()) {
+                    // A token the platform never sends would test a rule against a
+                    // claim no real token matches (V21): `ref_protected = false` where
+                    // GitLab sends "false".
+                    Some(json)
+                        if claims::shape(preset, k.get_ref()).is_some_and(|s| !s.admits(&json)) =>
+                    {
+                        let shape =
+                            claims::shape(preset, k.get_ref()).map_or("", |s| s.described());
+                        self.err(
+                            v.span(),
+                            format!(
+                                "test identity claim `{}` is {}, but {} tokens carry it as {shape}",
+                                k.get_ref(),
+                                json_type(&json),
+                                preset.name()
+                            ),
+                        );
+                    }
                     Some(json) => {
                         claims.insert(k.get_ref().clone(), json);
                     }
@@ -781,7 +799,10 @@ impl<'a> Compiler<'a> {
                 .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
                 .unwrap_or_default(),
         };
-        let groups_known = i.groups_known.as_ref().is_none_or(|b| *b.get_ref());
+        // Overage in the claims (`hasgroups`, `groups` in `_claim_names`) makes the groups
+        // unknown, as the verifier makes them for such a token (V25).
+        let groups_known = i.groups_known.as_ref().is_none_or(|b| *b.get_ref())
+            && !crate::identity::held_elsewhere(&claims, "groups");
         // A real token carries these as claims too: a `claims = { email = … }` matcher
         // must see what the shortcut says, or a test could pass for a reason no token has.
         claims.insert("sub".into(), Value::String(subject.clone()));
@@ -833,6 +854,19 @@ impl<'a> Compiler<'a> {
 
 fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// A JSON value's type as a sentence says it.
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "an integer",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a table",
+    }
 }
 
 fn toml_to_json(v: &toml::Value) -> Option<Value> {

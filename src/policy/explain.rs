@@ -51,6 +51,9 @@ pub enum TraceOutcome {
         condition: String,
         line: u32,
         col: u32,
+        /// Kept, but held elsewhere by the provider (`_claim_names`, `hasgroups`).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        held_elsewhere: bool,
     },
 }
 
@@ -88,10 +91,17 @@ impl Policy {
                     Outcome::GroupsUnknown => TraceOutcome::GroupsUnknown,
                     Outcome::ClaimNotKept(i) => {
                         let c = rule.condition(i);
+                        let held_elsewhere = match (c.and_then(|c| c.claim_name()), identity) {
+                            (Some(name), Some(id)) => {
+                                id.claims.is_kept(name) && id.claims.held_elsewhere(name)
+                            }
+                            _ => false,
+                        };
                         TraceOutcome::ClaimNotKept {
                             condition: c.map_or_else(String::new, |c| c.label().to_string()),
                             line: c.map_or(rule.line(), |c| c.loc().line),
                             col: c.map_or(1, |c| c.loc().col),
+                            held_elsewhere,
                         }
                     }
                     Outcome::Failed(i) => {
@@ -144,7 +154,7 @@ fn every_failed<'r>(
     // an allow and holds for a deny.
     let fails = |c: &&Condition| match identity {
         Some(id) => !c.matcher().matches(rule.effect(), id, request),
-        None if c.matcher().is_request() => !c.matcher().matches_request(request),
+        None if c.matcher().is_request() => !c.matcher().matches_request(rule.effect(), request),
         None => rule.effect() != Effect::Deny,
     };
     if let Some(issuer) =
@@ -177,7 +187,18 @@ impl fmt::Display for Explanation {
                 TraceOutcome::GroupsUnknown => {
                     writeln!(f, "skipped: the token's groups are unknown (overage)")?
                 }
-                TraceOutcome::ClaimNotKept { condition, line, col } => {
+                TraceOutcome::ClaimNotKept { condition, line, col, held_elsewhere: true } => {
+                    let claim = condition.strip_prefix("claims.").unwrap_or(condition);
+                    let what = match t.effect {
+                        Effect::Deny => "matched",
+                        Effect::Allow => "skipped",
+                    };
+                    writeln!(
+                        f,
+                        "{what}: claim `{claim}` ({line}:{col}) is held elsewhere by the provider (`_claim_names`, `hasgroups`), so its value is unknown"
+                    )?
+                }
+                TraceOutcome::ClaimNotKept { condition, line, col, held_elsewhere: false } => {
                     let claim = condition.strip_prefix("claims.").unwrap_or(condition);
                     match t.effect {
                         Effect::Deny => writeln!(

@@ -196,6 +196,18 @@ impl Glob {
         }
     }
 
+    /// Whether the pattern matches `path` with its trailing `/` removed (`/admin` for
+    /// `/admin/`), or, for a pattern that ends in `/`, with one added (`/billing/` for
+    /// `/billing`): the same handler to upstreams that ignore a trailing slash. Deny
+    /// rules read paths so.
+    pub fn matches_slash_twin(&self, path: &str) -> bool {
+        match path.strip_suffix('/') {
+            Some(bare) => !bare.is_empty() && self.matches(bare),
+            // Rare: the path with a slash, matched as written.
+            None => self.source.ends_with('/') && self.matches(&format!("{path}/")),
+        }
+    }
+
     /// The pattern as written.
     pub fn as_str(&self) -> &str {
         &self.source

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use http::Method;
 
-use super::claims::{self, PIN_CI_FIELDS, PIN_CLAIMS, REF_CI_FIELDS, REF_CLAIMS};
+use super::claims::{self, Shape, PIN_CI_FIELDS, PIN_CLAIMS, REF_CI_FIELDS, REF_CLAIMS};
 use super::raw;
 use super::rule::{methods_admit, ClaimValue, Condition, Effect, Loc, Matcher, Rule};
 use super::{Catalog, Glob, Policy};
@@ -81,11 +81,16 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
             .filter_map(|i| catalog.issuers.get(i.as_str()).map(|p| (i.as_str(), *p)))
             .collect();
         unknown_claims(&mut out, rule, &presets);
+        claim_types(&mut out, rule, &presets);
         contradictions(&mut out, rule, &presets);
+        if rule.effect == Effect::Deny {
+            github_subject_by_name(&mut out, rule, &presets);
+        }
         if rule.effect == Effect::Allow {
             unpinned(&mut out, rule, &presets);
             deploy_without_ref(&mut out, rule, &presets);
             branch_alone(&mut out, rule, &presets);
+            gitlab_environment_alone(&mut out, rule, &presets);
             unverified_email(&mut out, rule);
             shadowed(&mut out, rule, rules);
             redundant(&mut out, rule, rules);
@@ -135,6 +140,80 @@ fn unknown_claims(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) 
     }
 }
 
+/// A `claims` value of a type the platform never gives the claim (V21) never matches:
+/// `ref_protected = false` against GitLab's `"false"`, `repository_id = 74` against
+/// GitHub's `"74"`. In an allow the rule is dead; in a deny it is a hole that reads in
+/// review as closed (and a `[[test]]` written with the same type would pass).
+fn claim_types(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    for c in rule.conditions() {
+        let Matcher::Claim { name, values } = c.matcher() else { continue };
+        for (issuer, preset) in presets {
+            let Some(shape) = claims::shape(*preset, name) else { continue };
+            for value in values.iter() {
+                let (shown, kind, fits) = match value {
+                    ClaimValue::Str(g) => (
+                        format!("{:?}", g.as_str()),
+                        "a string",
+                        matches!(shape, Shape::String | Shape::StringOrStrings | Shape::Strings),
+                    ),
+                    ClaimValue::Int(i) => (
+                        i.to_string(),
+                        "an integer",
+                        matches!(shape, Shape::Integer | Shape::NumericDate),
+                    ),
+                    ClaimValue::Bool(b) => (b.to_string(), "a boolean", false),
+                };
+                if fits {
+                    continue;
+                }
+                let hint = match (shape, value) {
+                    (Shape::String | Shape::StringOrStrings | Shape::Strings, _) => {
+                        Some(format!("{shown:?}"))
+                    }
+                    (Shape::Integer | Shape::NumericDate, ClaimValue::Str(g)) => {
+                        g.as_str().parse::<i64>().ok().map(|i| i.to_string())
+                    }
+                    _ => None,
+                };
+                let hint = hint.map_or_else(String::new, |h| format!(": write `{h}`"));
+                out.push(
+                    Severity::Error,
+                    c.loc(),
+                    format!(
+                        "`claims.{name} = {shown}` never matches {} tokens (issuer `{issuer}`), which carry `{name}` as {}, not {kind}{hint}",
+                        preset.name(),
+                        shape.described()
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// A GitHub deny on a name-form subject (`repo:acme/playground:*`): with immutable
+/// subject claims (`repo:OWNER@ID/REPO@ID:…`, GitHub's default for repositories created
+/// or renamed since July 2026, and an opt-in for any repository's admins) the token's
+/// `sub` never matches it, so the repository it denies can leave the deny by itself.
+fn github_subject_by_name(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let Some((issuer, _)) = presets.iter().find(|(_, p)| *p == Preset::GithubActions) else {
+        return;
+    };
+    for c in rule.conditions() {
+        let Matcher::Subject(globs) = c.matcher() else { continue };
+        let by_name = globs.iter().find_map(|g| owner_of(g, "repo:").filter(|o| !o.contains('@')));
+        if let Some(owner) = by_name {
+            out.push(
+                Severity::Warning,
+                c.loc(),
+                format!(
+                    "deny rule `{}` matches GitHub subjects by name (`repo:{owner}/`): a repository with immutable subject claims (`repo:OWNER@ID/REPO@ID:…`) never matches it, and its own admins can turn those on (the default for repositories created or renamed since July 2026); deny on claims.repository_id or claims.repository_owner_id instead (issuer `{issuer}`)",
+                    rule.id()
+                ),
+            );
+        }
+    }
+}
+
 /// V22: anyone on GitHub, gitlab.com or in a Bitbucket workspace can mint a token with
 /// our audience, so an allow must pin a repository or owner by something immutable.
 fn unpinned(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
@@ -164,27 +243,41 @@ fn unpinned(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
         let how = match preset {
             Preset::BitbucketPipelines => "ci.repository / ci.workspace, or claims.repositoryUuid / claims.workspaceUuid",
             Preset::GithubActions => {
-                "claims.repository_owner_id / claims.repository_id, ci.workspace_id / ci.repository_id, or subject = \"repo:OWNER/...\""
+                "claims.repository_owner_id / claims.repository_id, ci.workspace_id / ci.repository_id, or an immutable subject = \"repo:OWNER@ID/...\""
             }
             Preset::GitlabCi => "claims.namespace_id / claims.project_id, or ci.workspace_id / ci.repository_id",
             Preset::Oidc => "",
         };
         let at = rule.conditions.first().map_or(rule.id_at, Condition::loc);
-        out.push(
-            Severity::Error,
-            at,
-            format!(
+        let message = match name_pin(rule, *preset) {
+            Some(by_name) => format!(
+                "allow rule `{}` pins a repository or owner by name only (`{}`): a rename or deletion frees the name for anyone to register, whose {} tokens then match (issuer `{issuer}` is shared); pin the id: {how} (V22)",
+                rule.id(),
+                by_name.label(),
+                preset.name()
+            ),
+            None => format!(
                 "allow rule `{}` does not pin a repository or owner, so any {} token with this audience matches (issuer `{issuer}` is shared); add {how} (V22)",
                 rule.id(),
                 preset.name()
             ),
-        );
+        };
+        out.push(Severity::Error, at, message);
     }
 }
 
+/// Whether `rule` pins a repository or owner of `preset` by an immutable id (V22).
+/// Bitbucket's `ci.repository` and `ci.workspace` are its UUIDs; GitHub's and GitLab's
+/// are names (`acme/api`), which a rename or deletion frees for anyone to register,
+/// so there only the `_id` fields, the id claims and GitHub's immutable subject
+/// (`repo:OWNER@ID/REPO@ID:…`) pin.
 fn pinned(rule: &Rule, preset: Preset) -> bool {
     rule.conditions().any(|c| match c.matcher() {
-        Matcher::Ci { field, globs } => PIN_CI_FIELDS.contains(field) && globs.iter().all(pins),
+        Matcher::Ci { field, globs } => {
+            PIN_CI_FIELDS.contains(field)
+                && (preset == Preset::BitbucketPipelines || field.ends_with("_id"))
+                && globs.iter().all(pins)
+        }
         Matcher::Claim { name, values } => {
             PIN_CLAIMS.contains(&&**name)
                 && claims::is_known(preset, name)
@@ -199,24 +292,55 @@ fn pinned(rule: &Rule, preset: Preset) -> bool {
     })
 }
 
+/// The condition of a rule [`pinned`] refuses that fixes a GitHub or GitLab
+/// repository or owner by its name: `ci.repository`, `ci.workspace`, or a subject
+/// naming the owner (`repo:acme/…`, `project_path:acme/…`).
+fn name_pin(rule: &Rule, preset: Preset) -> Option<&Condition> {
+    let prefix = match preset {
+        Preset::GithubActions => "repo:",
+        Preset::GitlabCi => "project_path:",
+        Preset::BitbucketPipelines | Preset::Oidc => return None,
+    };
+    rule.conditions().find(|c| match c.matcher() {
+        Matcher::Ci { field, globs } => {
+            matches!(*field, "repository" | "workspace") && globs.iter().all(pins)
+        }
+        Matcher::Subject(globs) => globs.iter().all(|g| owner_of(g, prefix).is_some()),
+        _ => false,
+    })
+}
+
 /// A pattern pins when it is literal, or fixes everything up to an owner's `/`.
 fn pins(g: &Glob) -> bool {
     g.is_literal() || g.literal_prefix().find('/').is_some_and(|i| i > 0)
 }
 
+/// The owner a subject pattern fixes after `prefix` (`repo:`): the literal text up to
+/// the first `/`, when there is one and it is not empty.
+fn owner_of<'g>(g: &'g Glob, prefix: &str) -> Option<&'g str> {
+    g.literal_prefix()
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(owner, _)| owner)
+        .filter(|owner| !owner.is_empty())
+}
+
 fn subject_pins(preset: Preset, g: &Glob) -> bool {
-    let prefix = g.literal_prefix();
-    let owner = |p: &str| {
-        prefix
-            .strip_prefix(p)
-            .and_then(|rest| rest.split_once('/'))
-            .is_some_and(|(o, _)| !o.is_empty())
-    };
     match preset {
-        Preset::GithubActions => owner("repo:"),
-        Preset::GitlabCi => owner("project_path:"),
+        // Only the immutable form, `repo:OWNER@ID/…`: a name-only owner is freed by a
+        // rename or deletion (GitHub names hold no `@`, so no name reads as this).
+        Preset::GithubActions => owner_of(g, "repo:")
+            .and_then(|owner| owner.rsplit_once('@'))
+            .is_some_and(|(name, id)| {
+                !name.is_empty() && !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())
+            }),
+        // `project_path:GROUP/PROJECT:…` is a name.
+        Preset::GitlabCi => false,
         // `{repositoryUuid}:{stepUuid}` or `{repositoryUuid}:{environmentUuid}:{stepUuid}`.
-        Preset::BitbucketPipelines => prefix.starts_with('{') && prefix.contains('}'),
+        Preset::BitbucketPipelines => {
+            let prefix = g.literal_prefix();
+            prefix.starts_with('{') && prefix.contains('}')
+        }
         Preset::Oidc => false,
     }
 }
@@ -325,6 +449,52 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
                 ),
             );
         }
+    }
+}
+
+/// A GitLab allow that can write and trusts an environment's name alone: any developer's
+/// pipeline, from any branch, may say `environment: production`, and only a protected
+/// environment or ref tells the real deployment apart (`environment_protected`,
+/// `ref_protected`). A rule that also names the ref is [`branch_alone`]'s.
+fn gitlab_environment_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let Some((issuer, _)) = presets.iter().find(|(_, p)| *p == Preset::GitlabCi) else { return };
+    if can_write(rule).is_none() {
+        return;
+    }
+    let mut by_environment = None;
+    for c in rule.conditions() {
+        match c.matcher() {
+            Matcher::Ci { field: "environment", .. } => by_environment = by_environment.or(Some(c)),
+            Matcher::Claim { name, .. } if matches!(&**name, "environment" | "deployment_tier") => {
+                by_environment = by_environment.or(Some(c))
+            }
+            Matcher::Ci { field: "branch" | "ref" | "tag", .. } => return,
+            // `project_path:GROUP/PROJECT:ref_type:branch:ref:main` names the ref.
+            Matcher::Subject(globs)
+                if globs.iter().all(|g| g.literal_prefix().contains(":ref:")) =>
+            {
+                return
+            }
+            Matcher::Claim { name, .. }
+                if matches!(
+                    &**name,
+                    "ref" | "ref_path" | "ref_protected" | "environment_protected"
+                ) =>
+            {
+                return
+            }
+            _ => {}
+        }
+    }
+    if let Some(at) = by_environment {
+        out.push(
+            Severity::Warning,
+            at.loc(),
+            format!(
+                "allow rule `{}` trusts a GitLab environment name alone (issuer `{issuer}`): any developer's pipeline, from any branch, can name an environment that is not protected; pin claims.environment_protected = \"true\" (or claims.ref_protected = \"true\")",
+                rule.id()
+            ),
+        );
     }
 }
 

@@ -105,10 +105,13 @@ pub struct Decision {
     /// The deciding rule: the allow or the deny that matched; for `groups-unknown`
     /// the first allow skipped for unknown groups; `None` for the default deny.
     pub rule: Option<Arc<RuleRef>>,
-    /// A claim the (session's) identity did not keep that decided: the deciding deny
-    /// applied because it names it, or (default deny) an allow that names it was
-    /// skipped. `None` for every token's identity. See [`Decision::detail`].
+    /// A claim the (session's) identity did not keep, or the provider holds elsewhere,
+    /// that decided: the deciding deny applied because it names it, or (default deny)
+    /// an allow that names it was skipped. See [`Decision::detail`].
     pub claim_not_kept: Option<Arc<str>>,
+    /// That claim was kept (a token's claims all are) but the provider holds it
+    /// elsewhere (`_claim_names`, `hasgroups`): its value is not in the token.
+    pub claim_held_elsewhere: bool,
 }
 
 // === impl Policy ===
@@ -218,7 +221,7 @@ impl Policy {
         }
         if let Some((rule, i)) = closed {
             return Decision::new(false, Reason::DeniedByRule, Some(rule))
-                .with_claim_not_kept(rule, i);
+                .with_claim_not_kept(rule, i, identity);
         }
         let mut skipped: Option<&Rule> = None;
         let mut claim_skipped: Option<(&Rule, usize)> = None;
@@ -240,9 +243,8 @@ impl Policy {
         }
         match (skipped, claim_skipped) {
             (Some(rule), _) => Decision::new(false, Reason::GroupsUnknown, Some(rule)),
-            (None, Some((rule, i))) => {
-                Decision::new(false, Reason::PolicyDenied, None).with_claim_not_kept(rule, i)
-            }
+            (None, Some((rule, i))) => Decision::new(false, Reason::PolicyDenied, None)
+                .with_claim_not_kept(rule, i, identity),
             (None, None) => Decision::new(false, Reason::PolicyDenied, None),
         }
     }
@@ -308,16 +310,38 @@ impl Decision {
     /// A CORS preflight forwarded on a `cors_preflight = true` route: allowed, no
     /// rule, the policy not consulted.
     pub fn cors_preflight() -> Self {
-        Decision { allowed: true, reason: Reason::CorsPreflight, rule: None, claim_not_kept: None }
+        Decision {
+            allowed: true,
+            reason: Reason::CorsPreflight,
+            rule: None,
+            claim_not_kept: None,
+            claim_held_elsewhere: false,
+        }
     }
 
     fn new(allowed: bool, reason: Reason, rule: Option<&Rule>) -> Self {
-        Decision { allowed, reason, rule: rule.map(|r| r.rule_ref.clone()), claim_not_kept: None }
+        Decision {
+            allowed,
+            reason,
+            rule: rule.map(|r| r.rule_ref.clone()),
+            claim_not_kept: None,
+            claim_held_elsewhere: false,
+        }
     }
 
-    /// Names the claim of condition `index` of `rule` as not kept.
-    fn with_claim_not_kept(mut self, rule: &Rule, index: usize) -> Self {
+    /// Names the claim of condition `index` of `rule` as unknown to `identity`: not
+    /// kept by its session, or held elsewhere by the provider.
+    fn with_claim_not_kept(
+        mut self,
+        rule: &Rule,
+        index: usize,
+        identity: Option<&Identity>,
+    ) -> Self {
         self.claim_not_kept = rule.condition(index).and_then(|c| c.claim_name()).cloned();
+        self.claim_held_elsewhere = match (&self.claim_not_kept, identity) {
+            (Some(c), Some(id)) => id.claims.is_kept(c) && id.claims.held_elsewhere(c),
+            _ => false,
+        };
         self
     }
 
@@ -325,6 +349,14 @@ impl Decision {
     /// claim the session did not keep did to the decision.
     pub fn detail(&self) -> std::borrow::Cow<'static, str> {
         match (&self.claim_not_kept, self.reason) {
+            (Some(c), Reason::DeniedByRule) if self.claim_held_elsewhere => format!(
+                "claim `{c}` is held elsewhere by the provider (`_claim_names`, `hasgroups`), so its value is unknown: deny applies"
+            )
+            .into(),
+            (Some(c), _) if self.claim_held_elsewhere => format!(
+                "claim `{c}` is held elsewhere by the provider (`_claim_names`, `hasgroups`), so its value is unknown: an allow naming it cannot match"
+            )
+            .into(),
             (Some(c), Reason::DeniedByRule) => {
                 format!("claim `{c}` not kept by the session: deny applies; sign in again").into()
             }
@@ -339,13 +371,18 @@ impl Decision {
 
 impl Serialize for Decision {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st =
-            s.serialize_struct("Decision", 3 + usize::from(self.claim_not_kept.is_some()))?;
+        let mut st = s.serialize_struct(
+            "Decision",
+            3 + usize::from(self.claim_not_kept.is_some()) + usize::from(self.claim_held_elsewhere),
+        )?;
         st.serialize_field("allowed", &self.allowed)?;
         st.serialize_field("reason", self.reason.code())?;
         st.serialize_field("rule", &self.rule)?;
         if let Some(c) = &self.claim_not_kept {
             st.serialize_field("claim_not_kept", &**c)?;
+        }
+        if self.claim_held_elsewhere {
+            st.serialize_field("claim_held_elsewhere", &true)?;
         }
         st.end()
     }

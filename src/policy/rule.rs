@@ -99,7 +99,8 @@ pub(crate) enum Outcome {
     /// groups are unknown (overage).
     GroupsUnknown,
     /// The index of the first `claims.*` condition naming a claim the session did not
-    /// keep ([`Claims::is_kept`](crate::identity::Claims::is_kept)), in a rule whose
+    /// keep or the provider holds elsewhere
+    /// ([`Claims::is_known`](crate::identity::Claims::is_known)), in a rule whose
     /// other conditions matched. Fails closed as [`Outcome::GroupsUnknown`] does: such a
     /// condition counts as matched in a deny (the deny applies) and as failed in an
     /// allow (which is skipped).
@@ -153,7 +154,7 @@ impl Rule {
     /// Whether the rule's request conditions (`methods`, `paths`, `databases`,
     /// `roles`) admit `request`, whoever asks: `policy who --request`.
     pub fn admits_request(&self, request: &RequestFacts<'_>) -> bool {
-        self.conditions().all(|c| c.matcher.matches_request(request))
+        self.conditions().all(|c| c.matcher.matches_request(self.effect, request))
     }
 
     /// Whether some HTTP request with `method` can meet the rule's request conditions:
@@ -193,15 +194,16 @@ impl Rule {
     ) -> Outcome {
         let holds = |c: &Condition| match identity {
             Some(id) => c.matcher.matches(self.effect, id, request),
-            None if c.matcher.is_request() => c.matcher.matches_request(request),
+            None if c.matcher.is_request() => c.matcher.matches_request(self.effect, request),
             None => self.effect == Effect::Deny,
         };
         let mut not_kept = None;
         for (i, c) in self.conditions.iter().enumerate() {
             if let (Matcher::Claim { name, .. }, Some(id)) = (&c.matcher, identity) {
-                if !id.claims.is_kept(name) {
+                if !id.claims.is_known(name) {
                     // A session that did not keep the claim (sealed before the rule
-                    // named it): fail closed, as for unknown groups below.
+                    // named it), or a claim the provider holds elsewhere (Entra's group
+                    // overage): fail closed, as for unknown groups below.
                     not_kept.get_or_insert(i);
                     continue;
                 }
@@ -298,6 +300,9 @@ impl Condition {
             Matcher::Claim { name, .. } if !identity.claims.is_kept(name) => {
                 "not kept by the session".to_string()
             }
+            Matcher::Claim { name, .. } if identity.claims.held_elsewhere(name) => {
+                "held elsewhere by the provider (`_claim_names`, `hasgroups`)".to_string()
+            }
             Matcher::Claim { name, .. } => {
                 identity.claims.get(name).map_or_else(|| "absent".to_string(), Value::to_string)
             }
@@ -382,23 +387,31 @@ impl Matcher {
                 .and_then(|c| c.field(field))
                 .is_some_and(|v| any_glob(globs, v)),
             Matcher::Methods(_) | Matcher::Paths(_) | Matcher::Databases(_) | Matcher::Roles(_) => {
-                self.matches_request(request)
+                self.matches_request(effect, request)
             }
         }
     }
 
-    /// Request conditions only; any identity condition holds here.
-    pub(crate) fn matches_request(&self, request: &RequestFacts<'_>) -> bool {
+    /// Request conditions only, in a rule of `effect`; any identity condition holds here.
+    pub(crate) fn matches_request(&self, effect: Effect, request: &RequestFacts<'_>) -> bool {
         match self {
             // HTTP conditions never match a database request, and the reverse: a rule
             // written for one protocol must not leak onto the other.
             Matcher::Methods(methods) => {
                 !request.is_database() && methods_admit(methods, request.method)
             }
-            // `/admin/**` also matches `/admin` ([`Glob::matches_dir`]).
+            // `/admin/**` also matches `/admin` ([`Glob::matches_dir`]). In a deny, a path
+            // also matches with its trailing `/` removed or added
+            // ([`Glob::matches_slash_twin`]): Express, Rails, ASP.NET Core and Spring MVC
+            // before 6 run the `/admin` handler for `/admin/`, so a deny of `/admin`
+            // that `/admin/` escaped would be a hole. An allow is not widened.
             Matcher::Paths(globs) => {
                 !request.is_database()
-                    && globs.iter().any(|g| g.matches(request.path) || g.matches_dir(request.path))
+                    && globs.iter().any(|g| {
+                        g.matches(request.path)
+                            || g.matches_dir(request.path)
+                            || (effect == Effect::Deny && g.matches_slash_twin(request.path))
+                    })
             }
             Matcher::Databases(globs) => request.database.is_some_and(|d| any_glob(globs, d)),
             Matcher::Roles(globs) => request.role.is_some_and(|r| any_glob(globs, r)),

@@ -196,6 +196,13 @@ impl Condition {
                 }
                 format!("{} requests", join_or(&v))
             }
+            // A deny also reads each path with its trailing `/` removed or added
+            // ([`Glob::matches_slash_twin`]); `/x/**` covers both already.
+            Matcher::Paths(g)
+                if effect == Effect::Deny && !g.iter().all(|g| g.as_str().ends_with("/**")) =>
+            {
+                format!("to paths {}, with or without a trailing `/`", plural(g))
+            }
             Matcher::Paths(g) => format!("to paths {}", plural(g)),
             Matcher::Databases(g) => format!("to databases {}", plural(g)),
             Matcher::Roles(g) => format!("as roles {}", plural(g)),

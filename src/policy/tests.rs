@@ -977,8 +977,8 @@ fn clean_files_have_no_diagnostics() {
         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\nmethods = [\"GET\", \"POST\"]\npaths = [\"/deploy/**\"]\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = \"GET\"\nci = { repository = \"{r}\" }\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = \"GET\"\nclaims = { workspaceUuid = \"{w}\" }\n",
-        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nsubject = \"repo:acme/*\"\n",
-        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nci = { repository = \"acme/*\" }\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nsubject = \"repo:acme@65/*\"\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nci = { workspace_id = \"65\", repository = \"acme/*\" }\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"GET\"\nclaims = { project_id = \"20\" }\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nclaims = { namespace_id = \"72\", ref_protected = \"true\" }\n",
         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"bitbucket\"\nmethods = \"DELETE\"\n",
@@ -1570,4 +1570,335 @@ expect = \"allow\"
         "{}",
         outcomes[2]
     );
+}
+
+#[test]
+fn a_claim_value_of_a_type_the_platform_never_sends_is_an_error() {
+    // GitLab sends `ref_protected` as "true"/"false" and ids as strings, `runner_id` as
+    // an integer; GitHub and Bitbucket send every custom claim as a string. A value of
+    // another type never matches: in an allow the rule is dead, in a deny it is a hole
+    // a reviewer reads as closed, and a `[[test]]` written with the same type passes.
+    #[rustfmt::skip]
+    let dead = [
+        ("deny", "gitlab", "claims = { ref_protected = false }", "p.toml:5:12: `claims.ref_protected = false` never matches gitlab-ci tokens (issuer `gitlab`), which carry `ref_protected` as a string, not a boolean: write `\"false\"`"),
+        ("deny", "gitlab", "claims = { environment_protected = [true, \"x\"] }", "p.toml:5:12: `claims.environment_protected = true` never matches gitlab-ci tokens (issuer `gitlab`), which carry `environment_protected` as a string, not a boolean: write `\"true\"`"),
+        ("deny", "github", "claims = { repository_id = 74 }", "p.toml:5:12: `claims.repository_id = 74` never matches github-actions tokens (issuer `github`), which carry `repository_id` as a string, not an integer: write `\"74\"`"),
+        ("allow", "gitlab", "claims = { namespace_id = 72 }", "p.toml:5:12: `claims.namespace_id = 72` never matches gitlab-ci tokens (issuer `gitlab`), which carry `namespace_id` as a string, not an integer: write `\"72\"`"),
+        ("deny", "gitlab", "claims = { runner_id = \"7\" }", "p.toml:5:12: `claims.runner_id = \"7\"` never matches gitlab-ci tokens (issuer `gitlab`), which carry `runner_id` as an integer, not a string: write `7`"),
+        ("deny", "bitbucket", "claims = { branchName = true }", "p.toml:5:12: `claims.branchName = true` never matches bitbucket-pipelines tokens (issuer `bitbucket`), which carry `branchName` as a string, not a boolean: write `\"true\"`"),
+        ("deny", "gitlab", "claims = { groups_direct = 5 }", "p.toml:5:12: `claims.groups_direct = 5` never matches gitlab-ci tokens (issuer `gitlab`), which carry `groups_direct` as a list of strings, not an integer: write `\"5\"`"),
+    ];
+    let mut misses = Vec::new();
+    for (effect, issuer, claims, want) in dead {
+        let pin = if effect == "allow" { "\nci = { repository_id = \"1\" }" } else { "" };
+        let text = format!(
+            "[[rule]]\nid = \"a\"\neffect = \"{effect}\"\nissuer = \"{issuer}\"\n{claims}{pin}\n"
+        );
+        match parse(&text) {
+            Ok(_) => misses.push(format!("{claims}: compiled, expected {want}")),
+            Err(errors) if !errors.iter().any(|e| e == want) => {
+                misses.push(format!("{claims}: want {want:?}, got:\n{}", errors.join("\n")))
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(misses.is_empty(), "{}", misses.join("\n\n"));
+
+    // The types each platform does send compile, on an `oidc` issuer anything does.
+    for claims in [
+        "claims = { ref_protected = \"false\", runner_id = 7, groups_direct = \"acme/*\" }",
+        "claims = { environment_protected = [\"true\", \"false\"], iat = 1 }",
+    ] {
+        must_parse(&format!(
+            "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"gitlab\"\n{claims}\n"
+        ));
+    }
+    must_parse("[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\nclaims = { ref_protected = false }\n");
+
+    // A `[[test]]` identity is a token the platform could send: a boolean
+    // `ref_protected` would make a test of the rule pass where no real token matches.
+    let test = "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"gitlab\"\nclaims = { ref_protected = \"false\" }\n\
+        [[test]]\nname = \"t\"\nidentity = { issuer = \"gitlab\", preset = \"gitlab-ci\", claims = { ref_protected = false } }\nrequest = \"GET /\"\nexpect = \"allow\"\n";
+    let errors = parse(test).err().unwrap_or_default();
+    assert_eq!(
+        errors,
+        ["p.toml:8:82: test identity claim `ref_protected` is a boolean, but gitlab-ci tokens carry it as a string"],
+    );
+}
+
+#[test]
+fn a_name_does_not_pin_a_github_or_gitlab_repository() {
+    // GitHub and GitLab names are freed by a rename or deletion and can be registered
+    // by anyone, who then mints tokens whose `repository`, `repository_owner`,
+    // `project_path` and name-form `sub` read exactly as the old owner's (V22 asks for
+    // an id; GitHub added `repo:OWNER@ID/REPO@ID` subjects for this very attack).
+    #[rustfmt::skip]
+    let by_name = [
+        ("github", "ci = { repository = \"acme/api\" }", "`ci.repository`"),
+        ("github", "ci = { workspace = \"acme\", branch = \"main\" }", "`ci.workspace`"),
+        ("github", "subject = \"repo:acme/*\"", "`subject`"),
+        ("github", "subject = [\"repo:acme@65/*\", \"repo:acme/**\"]", "`subject`"),
+        ("gitlab", "ci = { repository = \"acme/platform/api\" }", "`ci.repository`"),
+        ("gitlab", "subject = \"project_path:acme/api:ref_type:branch:ref:main\"", "`subject`"),
+    ];
+    let mut misses = Vec::new();
+    for (issuer, pin, named) in by_name {
+        let text = format!(
+            "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"{issuer}\"\nmethods = \"GET\"\n{pin}\n"
+        );
+        let want = format!(
+            "p.toml:4:10: allow rule `a` pins a repository or owner by name only ({named})"
+        );
+        match parse(&text) {
+            Ok(_) => misses.push(format!("{pin}: compiled, expected {want}")),
+            Err(errors) if !errors.iter().any(|e| e.starts_with(&want)) => {
+                misses.push(format!("{pin}: want {want:?}, got:\n{}", errors.join("\n")))
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(misses.is_empty(), "{}", misses.join("\n\n"));
+
+    // Ids pin: GitHub's immutable subject, the id claims and `ci` fields, and on
+    // Bitbucket `ci.repository` and `ci.workspace`, which are its UUIDs.
+    for (issuer, pin) in [
+        ("github", "subject = \"repo:acme@65/*\""),
+        ("github", "subject = [\"repo:acme@65/**\", \"repo:acme@65/api@74:*\"]"),
+        ("github", "ci = { repository = \"acme/api\", repository_id = \"74\" }"),
+        ("github", "claims = { repository_owner_id = \"65\" }"),
+        ("gitlab", "ci = { workspace_id = \"72\", repository = \"acme/platform/api\" }"),
+        ("bitbucket", "ci = { workspace = \"{w}\" }"),
+    ] {
+        must_parse(&format!(
+            "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"{issuer}\"\nmethods = \"GET\"\n{pin}\n"
+        ));
+    }
+}
+
+/// Express (its default, non-strict routing), Rails, ASP.NET Core and Spring MVC before
+/// 6 route `/admin/` to the `/admin` handler: a deny written `/admin` must not let
+/// `GET /admin/` (or `/admin//`, which is the same canonical path) through. An allow is
+/// not widened (fail closed).
+#[test]
+fn a_deny_on_a_path_covers_it_with_or_without_a_trailing_slash() {
+    let text = r#"
+[[rule]]
+id = "engineers"
+effect = "allow"
+issuer = "corp"
+
+[[rule]]
+id = "no-admin"
+effect = "deny"
+issuer = "corp"
+paths = ["/admin", "/users/*", "/billing/", "/api/*/keys/"]
+
+[[test]]
+name = "a trailing slash does not escape the deny"
+identity = { issuer = "corp" }
+request = "GET /admin/"
+expect = "deny"
+rule = "no-admin"
+"#;
+    let p = must_parse(text);
+    let failed: Vec<String> =
+        run_tests(&p).iter().filter(|o| !o.passed()).map(|o| o.to_string()).collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+    let id = human(json!({}));
+    use Reason::{Allowed, DeniedByRule, PolicyDenied};
+    for (path, reason) in [
+        ("/admin", DeniedByRule),
+        ("/admin/", DeniedByRule),
+        ("/users/42", DeniedByRule),
+        ("/users/42/", DeniedByRule),
+        ("/billing/", DeniedByRule),
+        ("/billing", DeniedByRule),
+        ("/api/v1/keys/", DeniedByRule),
+        ("/api/v1/keys", DeniedByRule),
+        // Near misses: the deny names these paths only, not what is below them.
+        ("/admin/x", Allowed),
+        ("/administrator", Allowed),
+        ("/users/42/x", Allowed),
+        ("/billing/x", Allowed),
+        ("/", Allowed),
+    ] {
+        let facts = RequestFacts::http(&http::Method::GET, path);
+        let d = p.evaluate(&id, &facts);
+        assert_eq!(d.reason, reason, "{path}");
+        assert_eq!(p.explain(&id, &facts).decision, d, "{path}: explain agrees");
+        // A caller without a credential meets the same deny.
+        let anonymous = p.decide(None, &facts);
+        assert!(!anonymous.allowed, "{path}");
+    }
+    let anonymous = p.decide(None, &RequestFacts::http(&http::Method::GET, "/admin/"));
+    assert_eq!(anonymous.reason, DeniedByRule);
+
+    // An allow of `/status` does not open `/status/`.
+    let allow = must_parse(
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\npaths = [\"/status\"]\n",
+    );
+    for (path, reason) in [("/status", Allowed), ("/status/", PolicyDenied)] {
+        let d = allow.evaluate(&id, &RequestFacts::http(&http::Method::GET, path));
+        assert_eq!(d.reason, reason, "{path}");
+    }
+
+    // The deny in words says so.
+    let rule = p.rules().iter().find(|r| r.id() == "no-admin");
+    let words = rule.map(|r| r.summary(&catalog()).what_phrase()).unwrap_or_default();
+    assert_eq!(
+        words,
+        "requests to paths matching `/admin`, `/users/*`, `/billing/` or `/api/*/keys/`, with or without a trailing `/`"
+    );
+}
+
+/// A claim the provider put elsewhere (OIDC Core §5.6.2 distributed claims: Entra's
+/// group overage names `groups` in `_claim_names`, or says `hasgroups: true`) has no
+/// value in the token: a deny on `claims.groups` read it as absent and let the caller
+/// through, where `groups_any` fails closed. Such a claim is unknown, as a claim a
+/// session did not keep: a deny naming it applies, an allow naming it is skipped.
+#[test]
+fn a_claim_the_provider_holds_elsewhere_fails_closed() {
+    let p = must_parse(
+        r#"
+[[rule]]
+id = "everyone"
+effect = "allow"
+issuer = "corp"
+methods = ["GET"]
+
+[[rule]]
+id = "no-contractors"
+effect = "deny"
+issuer = "corp"
+claims = { groups = "contractors" }
+
+[[rule]]
+id = "admins-write"
+effect = "allow"
+issuer = "corp"
+methods = ["POST"]
+claims = { wids = "admin-role" }
+"#,
+    );
+    let (get, post) = (http::Method::GET, http::Method::POST);
+    let get_x = RequestFacts::http(&get, "/x");
+    let overage = json!({ "src1": { "endpoint": "https://graph.microsoft.com/v1.0/users/x/getMemberObjects" } });
+    for token in [
+        json!({ "_claim_names": { "groups": "src1" }, "_claim_sources": overage }),
+        json!({ "hasgroups": true }),
+    ] {
+        let id = human(token.clone());
+        let d = p.evaluate(&id, &get_x);
+        assert_eq!(
+            (d.reason, d.rule.as_ref().map(|r| &*r.id)),
+            (Reason::DeniedByRule, Some("no-contractors")),
+            "{token}"
+        );
+        assert_eq!(
+            d.detail(),
+            "claim `groups` is held elsewhere by the provider (`_claim_names`, `hasgroups`), so its value is unknown: deny applies"
+        );
+        assert_eq!(p.explain(&id, &get_x).decision, d, "explain agrees");
+    }
+    // An allow on a claim held elsewhere is skipped, whatever the token says beside it.
+    let id = human(json!({ "wids": "admin-role", "_claim_names": { "wids": "src1" } }));
+    let d = p.evaluate(&id, &RequestFacts::http(&post, "/x"));
+    assert_eq!(d.reason, Reason::PolicyDenied);
+    assert!(d.detail().ends_with("an allow naming it cannot match"), "{}", d.detail());
+    // Near misses: groups in the token, or `hasgroups: false`, decide as written.
+    let id = human(json!({ "groups": ["engineering"], "hasgroups": false }));
+    assert_eq!(p.evaluate(&id, &get_x).reason, Reason::Allowed);
+    let id = human(json!({ "groups": ["contractors"] }));
+    assert_eq!(p.evaluate(&id, &get_x).reason, Reason::DeniedByRule);
+    assert_eq!(p.evaluate(&id, &get_x).detail(), "denied by policy");
+    let id = human(json!({ "wids": "admin-role", "_claim_names": { "other": "src1" } }));
+    assert_eq!(p.evaluate(&id, &RequestFacts::http(&post, "/x")).reason, Reason::Allowed);
+}
+
+/// GitHub's immutable subject claims (`repo:OWNER@ID/REPO@ID:…`, the default for
+/// repositories created or renamed since July 2026, and an opt-in any repository admin
+/// may take) never match a subject pattern that names the owner: a deny written
+/// `subject = "repo:acme/playground:*"` stops applying the day the denied repository's
+/// own admins opt in. Such a deny is flagged; near misses are not.
+#[test]
+fn a_github_deny_by_subject_name_is_flagged() {
+    let deny = |subject: &str| {
+        format!(
+            "[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"github\"\nsubject = {subject}\n"
+        )
+    };
+    for subject in ["\"repo:acme/playground:*\"", "[\"repo:acme@65/**\", \"repo:acme/**\"]"] {
+        let p = must_parse(&deny(subject));
+        let warnings: Vec<String> = p.warnings().iter().map(|d| d.to_string()).collect();
+        let want = "p.toml:5:11: warning: deny rule `d` matches GitHub subjects by name (`repo:acme/`): a repository with immutable subject claims (`repo:OWNER@ID/REPO@ID:…`) never matches it";
+        assert!(warnings.iter().any(|w| w.starts_with(want)), "{subject}: {warnings:?}");
+    }
+    for subject in ["\"repo:acme@65/**\"", "\"repo:*\"", "\"repo:acme@*/**\""] {
+        let p = must_parse(&deny(subject));
+        assert!(p.warnings().is_empty(), "{subject}: {:?}", p.warnings());
+    }
+    // On an `oidc` issuer a `repo:` subject is whatever that provider means by it.
+    let p = must_parse(
+        "[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"corp\"\nsubject = \"repo:acme/*\"\n",
+    );
+    assert!(p.warnings().is_empty(), "{:?}", p.warnings());
+}
+
+/// A `[[test]]` identity whose claims say the groups overflowed (`hasgroups`, or
+/// `groups` in `_claim_names`) has unknown groups, as the verifier gives such a token:
+/// before, only `groups_known = false` said so, and a test of an overage token passed
+/// through a group allow that no real one gets through.
+#[test]
+fn a_test_identity_with_overage_claims_has_unknown_groups() {
+    let text = r#"
+[[rule]]
+id = "admins"
+effect = "allow"
+issuer = "corp"
+groups_any = ["admins"]
+
+[[test]]
+name = "an overage token is not known to be an admin"
+identity = { issuer = "corp", groups = ["admins"], claims = { hasgroups = true } }
+request = "GET /"
+expect = "deny"
+
+[[test]]
+name = "distributed groups are not known either"
+identity = { issuer = "corp", groups = ["admins"], claims = { _claim_names = { groups = "src1" } } }
+request = "GET /"
+expect = "deny"
+
+[[test]]
+name = "hasgroups false is a complete list"
+identity = { issuer = "corp", groups = ["admins"], claims = { hasgroups = false } }
+request = "GET /"
+expect = "allow"
+"#;
+    let p = must_parse(text);
+    let failed: Vec<String> =
+        run_tests(&p).iter().filter(|o| !o.passed()).map(|o| o.to_string()).collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
+/// On GitLab any developer's pipeline, from any branch, may name `environment:
+/// production`; only a protected environment (`environment_protected = "true"`) or a
+/// protected ref tells the real deployment apart. An allow that can write and trusts the
+/// environment's name alone is flagged, as one trusting a branch alone is.
+#[test]
+fn a_gitlab_allow_trusting_an_environment_name_alone_is_flagged() {
+    let allow = |extra: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ project_id = \"20\"{extra} }}\nci = {{ environment = \"production\" }}\n")
+    };
+    let want = "p.toml:7:8: warning: allow rule `a` trusts a GitLab environment name alone (issuer `gitlab`)";
+    let p = must_parse(&allow(""));
+    let warnings: Vec<String> = p.warnings().iter().map(|d| d.to_string()).collect();
+    assert!(warnings.iter().any(|w| w.starts_with(want)), "{warnings:?}");
+    for extra in [", environment_protected = \"true\"", ", ref_protected = \"true\""] {
+        let p = must_parse(&allow(extra));
+        assert!(p.warnings().is_empty(), "{extra}: {:?}", p.warnings());
+    }
+    // Read-only rules are not flagged.
+    let p = must_parse(&allow("").replace("\"POST\"", "\"GET\""));
+    assert!(p.warnings().is_empty(), "{:?}", p.warnings());
 }

@@ -359,8 +359,16 @@ impl SessionData {
         let mut wanted: Vec<&str> = wanted.iter().map(|n| &**n).collect();
         wanted.sort_unstable();
         wanted.dedup();
+        // What the provider put elsewhere (`_claim_names`, Entra's `hasgroups`) has no
+        // value here: not kept, so rules naming it fail closed as for a token.
         for name in wanted {
             let in_base = BASE_CLAIMS.contains(&name);
+            if crate::identity::held_elsewhere(token, name) {
+                if in_base {
+                    not_kept.push(name.to_string());
+                }
+                continue;
+            }
             let value = token.get(name);
             if in_base && value == base.get(name) {
                 continue;

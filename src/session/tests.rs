@@ -378,6 +378,34 @@ fn a_return_target_too_long_to_keep_is_cut_to_its_path_then_its_root() {
     assert!(redirect::shorten(&"y".repeat(3000)).len() <= redirect::MAX_LEN);
 }
 
+/// An ID token whose `groups` (or another claim a policy names) the provider put
+/// elsewhere (`_claim_names`, Entra's `hasgroups`) gives the session no value for it:
+/// the session must not keep it as absent, or a deny on `claims.groups` would let the
+/// person through the browser where `groups_any` fails closed.
+#[test]
+fn a_claim_the_provider_holds_elsewhere_is_not_kept_by_the_session() {
+    let wanted: Vec<Arc<str>> = ["groups", "wids", "name"].iter().map(|n| Arc::from(*n)).collect();
+    for token in [
+        serde_json::json!({ "sub": "alice", "name": "Alice", "_claim_names": { "groups": "src1", "wids": "src1" } }),
+        serde_json::json!({ "sub": "alice", "name": "Alice", "hasgroups": true, "_claim_names": { "wids": "src1" } }),
+    ] {
+        let token = token.as_object().cloned().unwrap_or_default();
+        let mut d = data(1);
+        d.keep_claims(&token, &wanted);
+        let id = d.identity(IssuerId(Arc::from("corp")), 0);
+        assert!(!id.claims.is_kept("groups"), "{token:?}");
+        assert!(!id.claims.is_kept("wids"), "{token:?}");
+        assert!(id.claims.is_kept("name") && id.claims.get("name").is_some(), "{token:?}");
+    }
+    // Near miss: a token that carries its groups keeps them.
+    let token = serde_json::json!({ "sub": "alice", "groups": ["g"], "hasgroups": false });
+    let token = token.as_object().cloned().unwrap_or_default();
+    let mut d = data(1);
+    d.keep_claims(&token, &wanted);
+    let id = d.identity(IssuerId(Arc::from("corp")), 0);
+    assert!(id.claims.is_kept("groups") && id.claims.is_kept("wids"));
+}
+
 /// Sign-in keeps the ID-token claims the policies name (bounded), the identity knows
 /// which ones it has, and a session sealed before claims were kept knows the four it
 /// always had.
