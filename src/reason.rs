@@ -28,7 +28,8 @@ pub enum Reason {
     /// The request is malformed in a way that is not about the path.
     BadRequest,
     /// TRACE/TRACK: refused on every route, since the upstream's reflection would hand the
-    /// caller the identity headers and the signed assertion the proxy added.
+    /// caller the identity headers and the signed assertion the proxy added; CONNECT
+    /// likewise (a tunnel request: only WebSocket upgrades are tunnelled).
     MethodNotAllowed,
     /// More than one credential was presented (two Authorization headers, cookie + bearer).
     AmbiguousCredentials,

@@ -4,7 +4,7 @@
 //!
 //! 1. own endpoints (`/.well-known/portcullis/jwks.json`)
 //! 2. authority + path: one Host that agrees with the target/`:authority` (else 400, and
-//!    the connection closed), no TRACE/TRACK (405), no method/path-override header (400),
+//!    the connection closed), no TRACE/TRACK/CONNECT (405), no method/path-override header (400),
 //!    SNI/Host agreement (421), canonical
 //!    path (ambiguous → 400)
 //! 3. route: host + path (+ method) → 404
@@ -495,6 +495,13 @@ pub async fn handle(
             "TRACE and TRACK are never forwarded",
             &rc,
         );
+    }
+    if req.method() == http::Method::CONNECT {
+        // A tunnel request, meaningless to a reverse proxy: an HTTP/1.1 `CONNECT /path`
+        // reached the upstream, whose 2xx (Go's net/rpc answers `CONNECT /_goRPC_` so)
+        // both HTTP layers take for a tunnel: the client got nothing at all while the
+        // event said 200. Only WebSocket upgrades are tunnelled.
+        return rejection(out, Reason::MethodNotAllowed, "CONNECT is never forwarded", &rc);
     }
     if let Some((name, what)) = override_header(req.headers()) {
         // Policies authorize the request's method and path; an upstream framework that
