@@ -11,9 +11,12 @@ use tokio::net::TcpStream;
 use crate::forwarding::tls_alpn;
 use crate::support::*;
 
-/// A raw upstream that hands each connection it accepts to `serve` with the count of
-/// request heads read so far on any connection.
-async fn raw_upstream<F, Fut>(serve: F) -> (std::net::SocketAddr, Arc<AtomicUsize>)
+/// A raw upstream that hands each connection it accepts to `serve`, with a counter
+/// shared by all of them (for `serve` to count what it likes); that counter, and the
+/// number of connections accepted.
+async fn raw_upstream<F, Fut>(
+    serve: F,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>)
 where
     F: Fn(TcpStream, Arc<AtomicUsize>) -> Fut + Send + Sync + Copy + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -21,14 +24,15 @@ where
     let listener =
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
     let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    let heads = Arc::new(AtomicUsize::new(0));
-    let counted = heads.clone();
+    let (counter, conns) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (shared, accepted) = (counter.clone(), conns.clone());
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(serve(s, counted.clone()));
+            accepted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve(s, shared.clone()));
         }
     });
-    (addr, heads)
+    (addr, counter, conns)
 }
 
 /// A world whose route `q` (`/q…`) goes to `addr`.
@@ -57,7 +61,7 @@ async fn exchange(w: &World, req: &str) -> String {
 /// refused like TRACE, before anything reaches the upstream, over HTTP/1.1 and HTTP/2.
 #[tokio::test]
 async fn connect_is_refused_and_never_reaches_the_upstream() {
-    let (addr, heads) = raw_upstream(|mut s, heads| async move {
+    let (addr, heads, _) = raw_upstream(|mut s, heads| async move {
         while read_head(&mut s).await.is_some() {
             heads.fetch_add(1, Ordering::SeqCst);
             let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
@@ -106,4 +110,90 @@ async fn connect_is_refused_and_never_reaches_the_upstream() {
     let r = w.get("/q/plain", Some(&t)).await;
     assert_eq!(r.text(), "ok");
     assert_eq!(heads.load(Ordering::SeqCst), 1, "a CONNECT reached the upstream");
+}
+
+/// A keep-alive upstream whose answers to `HEAD` and to `/q/no-content` (a 204 announcing
+/// a body) end with their head, their body written a moment later: here, once the next
+/// request has arrived on the connection, the order a pooled connection meets when it
+/// is taken again at once. That body is itself an HTTP answer (`LEAKED`), as an
+/// upstream reflecting what a client sent could make it. Every other request gets `ok`.
+/// The second value counts the connections accepted.
+async fn late_body_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let (addr, _, conns) = raw_upstream(|mut s, _| async move {
+        let late = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nLEAKED";
+        while let Some(head) = read_head(&mut s).await {
+            let status = if head.starts_with("HEAD ") {
+                "200 OK"
+            } else if head.starts_with("GET /q/no-content ") {
+                "204 No Content"
+            } else {
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if s.write_all(ok).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let first = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n", late.len());
+            if s.write_all(first.as_bytes()).await.is_err() {
+                return;
+            }
+            // The body comes after the next request: none if the proxy closed.
+            let Some(_next) = read_head(&mut s).await else { return };
+            let _ = s.write_all(late.as_bytes()).await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+        }
+    })
+    .await;
+    (addr, conns)
+}
+
+/// Response queue poisoning by a late body: an upstream that answers `HEAD` by running
+/// its `GET` handler (Python's `do_HEAD = do_GET`, hand-written servers) writes the body
+/// after the head, and so may one answering 204 with a `Content-Length`. hyper reads no
+/// body after such a head, so the pooled connection went back at once and the next
+/// request on it, another client's, was answered with those late bytes (here a whole
+/// answer, `LEAKED`), its own answer left on the connection for the one after. Such an
+/// exchange's connection is not reused; ordinary answers still are.
+#[tokio::test]
+async fn a_body_written_after_a_bodiless_answer_never_answers_the_next_request() {
+    let (addr, conns) = late_body_upstream().await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let auth = format!("Bearer {t}");
+    let head = w
+        .send(http::Method::HEAD, "/q/page", &[("authorization", &auth)], bytes::Bytes::new())
+        .await;
+    assert_eq!(head.status, http::StatusCode::OK);
+    let next = w.get("/q/next", Some(&t)).await;
+    assert_eq!(next.text(), "ok", "the HEAD's late body answered the next request");
+    let no_content = w.get("/q/no-content", Some(&t)).await;
+    assert_eq!(no_content.status, http::StatusCode::NO_CONTENT);
+    let next = w.get("/q/next", Some(&t)).await;
+    assert_eq!(next.text(), "ok", "the 204's late body answered the next request");
+    // Ordinary answers keep their connection.
+    let before = conns.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(w.get("/q/again", Some(&t)).await.text(), "ok");
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), before, "a plain GET's connection was not reused");
+}
+
+/// The same over an HTTPS upstream speaking HTTP/1.1 (hyper-util's pool): the connection
+/// that answered a `HEAD` is not handed out again (it is poisoned once the head is back);
+/// a `GET`'s is.
+#[tokio::test]
+async fn an_https_upstream_connection_that_answered_a_head_is_not_reused() {
+    // Every answer's body is the number of the connection it came on.
+    let (w, _dir, server) = crate::forwarding::world_with_http1_tls_upstream().await;
+    let t = w.token("bb", &[]);
+    let auth = format!("Bearer {t}");
+    assert_eq!(w.get("/tls/a", Some(&t)).await.text(), "1");
+    let head = w
+        .send(http::Method::HEAD, "/tls/h", &[("authorization", &auth)], bytes::Bytes::new())
+        .await;
+    assert_eq!(head.status, http::StatusCode::OK);
+    for _ in 0..3 {
+        assert_eq!(w.get("/tls/b", Some(&t)).await.text(), "2", "the HEAD's connection was reused");
+    }
+    server.abort();
 }
