@@ -845,13 +845,26 @@ pub async fn handle(
     }
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, RequestBody::new(body, out.bytes_in.clone()));
+    let body = RequestBody::new(body, out.bytes_in.clone());
+    let upload = body.progress();
+    let upstream_req = Request::from_parts(parts, body);
 
     parked.park(out);
     let result = tokio::time::timeout(route.timeout, client.send(upstream_req)).await;
     // Nothing else takes it while this future lives.
     let mut out = parked.take().unwrap_or_else(|| Outcome::new(Some(rt.revision.clone())));
     let mut resp = match result {
+        Err(_) if !upload.ended() => {
+            // The upstream (as most do) waited for a body that stopped coming: the
+            // client's doing, not the upstream's (a slow upload, or one held open on
+            // purpose). Authorized and sent upstream, so still `allow`.
+            let detail = "the request body had not come to its end when the route's timeout passed";
+            let mut resp = rejection(out, Reason::RequestTimeout, detail, &rc);
+            if let Some(o) = resp.extensions_mut().get_mut::<Outcome>() {
+                o.decision = "allow";
+            }
+            return resp;
+        }
         Err(_) => {
             return rejection(out, Reason::UpstreamTimeout, "upstream response timed out", &rc)
         }

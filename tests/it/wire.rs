@@ -197,3 +197,66 @@ async fn an_https_upstream_connection_that_answered_a_head_is_not_reused() {
     }
     server.abort();
 }
+
+/// A client that sends its request head and then only part of the body it announced
+/// holds the exchange until the route's `timeout` (the upstream, as most do, waits for the
+/// whole body before it answers). That was audited as `upstream-timeout` (504), blaming
+/// the upstream for the client's upload, the very slow-POST pattern an operator's alerts
+/// on upstream timeouts would then misreport. It is the client's: 408 `request-timeout`,
+/// the decision still `allow` (the request was authorized and went upstream). An
+/// upstream slow to answer a complete request is still `upstream-timeout`.
+#[tokio::test]
+async fn a_request_body_that_stops_coming_is_a_request_timeout_not_the_upstreams() {
+    let (addr, _, _) = raw_upstream(|mut s, _| async move {
+        // Reads the head and whatever body comes; answers only `/q/slow` (never) and a
+        // complete body.
+        let Some(head) = read_head(&mut s).await else { return };
+        if head.starts_with("POST /q/slow ") {
+            let _ = tokio::time::sleep(Duration::from_secs(30)).await;
+            return;
+        }
+        let mut buf = [0u8; 64];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await;
+    let routes = format!(
+        "[[routes]]\nname = \"q\"\nmatch = {{ path_prefix = \"/q\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\ntimeout = \"1s\"\n"
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+    let resp = exchange(
+        &w,
+        &format!("POST /q/upload HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {t}\r\nContent-Length: 10\r\n\r\nhalf."),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 408 "), "{resp}");
+    assert!(resp.contains("\"error\":\"request-timeout\""), "{resp}");
+    let ev = w.last_event().await;
+    assert_eq!(
+        (ev["path"].as_str(), ev["status"].as_u64()),
+        (Some("/q/upload"), Some(408)),
+        "{ev}"
+    );
+    assert_eq!(
+        (ev["reason"].as_str(), ev["decision"].as_str()),
+        (Some("request-timeout"), Some("allow")),
+        "{ev}"
+    );
+    assert_eq!(ev["bytes_in"], 5, "{ev}");
+    // A whole body, and an upstream that does not answer: the upstream's.
+    let r = w
+        .send(
+            http::Method::POST,
+            "/q/slow",
+            &[("authorization", &format!("Bearer {t}"))],
+            bytes::Bytes::from_static(b"whole"),
+        )
+        .await;
+    assert_eq!(r.status, http::StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
+    assert_eq!(w.last_event().await["reason"], "upstream-timeout");
+}
