@@ -211,7 +211,7 @@ async fn a_request_body_that_stops_coming_is_a_request_timeout_not_the_upstreams
         // Reads the head and whatever body comes; answers only `/q/slow` (never) and a
         // complete body.
         let Some(head) = read_head(&mut s).await else { return };
-        if head.starts_with("POST /q/slow ") {
+        if head.split(' ').nth(1) == Some("/q/slow") {
             let _ = tokio::time::sleep(Duration::from_secs(30)).await;
             return;
         }
@@ -259,4 +259,12 @@ async fn a_request_body_that_stops_coming_is_a_request_timeout_not_the_upstreams
         .await;
     assert_eq!(r.status, http::StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
     assert_eq!(w.last_event().await["reason"], "upstream-timeout");
+    // A GET with a chunked body is sent upstream without it (hyper frames it as
+    // bodiless): no upload to wait on either.
+    let resp = exchange(
+        &w,
+        &format!("GET /q/slow HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {t}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 504 "), "{resp}");
 }
