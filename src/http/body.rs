@@ -36,7 +36,15 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Upstream(i) => Pin::new(i).poll_frame(cx),
+            ProxyBody::Upstream(i) => match Pin::new(i).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    Poll::Ready(Some(Ok(match frame.into_trailers() {
+                        Ok(t) => Frame::trailers(clean_trailers(t)),
+                        Err(frame) => frame,
+                    })))
+                }
+                polled => polled,
+            },
         }
     }
 
@@ -54,6 +62,16 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(i) => i.size_hint(),
         }
     }
+}
+
+/// An upstream answer's trailers get its head's hygiene: no hop-by-hop field (the
+/// HTTP/2 server refuses a trailer section holding `Connection` and resets the stream
+/// under an answer already logged as sent whole) and no `Set-Cookie` for the proxy's own
+/// cookies.
+fn clean_trailers(mut t: http::HeaderMap) -> http::HeaderMap {
+    super::headers::strip_hop_by_hop(&mut t, false);
+    super::headers::strip_proxy_set_cookies(&mut t);
+    t
 }
 
 /// Why a request body stopped.

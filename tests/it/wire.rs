@@ -268,3 +268,51 @@ async fn a_request_body_that_stops_coming_is_a_request_timeout_not_the_upstreams
     .await;
     assert!(resp.starts_with("HTTP/1.1 504 "), "{resp}");
 }
+
+/// Trailers of an upstream answer pass to the client, but not as the upstream wrote them:
+/// a hop-by-hop name in them (`Connection: close`, which an HTTP/1.1 upstream may think
+/// harmless) made the HTTP/2 server refuse the whole trailer section and reset the
+/// stream under an answer whose event said `200 allowed`, and a `Set-Cookie` for the
+/// proxy's own cookie, dropped from the head, passed in the trailers. Trailers get the
+/// head's hygiene: those names go, the application's trailers stay.
+#[tokio::test]
+async fn upstream_trailers_get_the_heads_hygiene() {
+    let (addr, _, _) = raw_upstream(|mut s, _| async move {
+        while read_head(&mut s).await.is_some() {
+            let a = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nconnection: close\r\nset-cookie: __Host-_portcullis=planted; Path=/; Secure\r\nset-cookie: app=1\r\nx-checksum: abc\r\n\r\n";
+            if s.write_all(a).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let tls = tls_alpn(&w, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .uri(format!("https://localhost:{}/q/trailers", w.https.port()))
+        .header("authorization", format!("Bearer {t}"))
+        .header("te", "trailers")
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+    let (resp, _) = send.send_request(req, true).unwrap_or_else(|e| panic!("{e}"));
+    let resp = resp.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(d) = body.data().await {
+        got.extend_from_slice(&d.unwrap_or_else(|e| panic!("the answer was cut: {e}")));
+    }
+    assert_eq!(got, b"ok");
+    let trailers = body.trailers().await.unwrap_or_else(|e| panic!("the answer was cut: {e}"));
+    let trailers = trailers.unwrap_or_else(|| panic!("no trailers"));
+    assert_eq!(trailers.get("x-checksum").map(|v| v.as_bytes()), Some(&b"abc"[..]), "{trailers:?}");
+    let cookies: Vec<_> = trailers.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["app=1"], "{trailers:?}");
+    assert!(trailers.get("connection").is_none(), "{trailers:?}");
+}
