@@ -811,6 +811,17 @@ pub async fn handle(
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
     headers::strip_hop_by_hop(h, websocket);
+    if parts.version == http::Version::HTTP_2
+        && h.get_all(header::CONTENT_LENGTH).iter().nth(1).is_some()
+    {
+        // HTTP/2 lets a client repeat an equal `content-length` (the `h2` server checked
+        // that they agree); an HTTP/1.1 upstream would read the fields as the list `5, 5`,
+        // no valid length (RFC 9110 §8.6). One is kept (hyper's HTTP/1.1 server keeps
+        // one already).
+        if let Some(first) = h.get(header::CONTENT_LENGTH).cloned() {
+            h.insert(header::CONTENT_LENGTH, first);
+        }
+    }
     headers::strip_identity_headers(h, &route.strip_headers);
     headers::strip_proxy_cookies(h);
     if source == Some(CredentialSource::Authorization) && !route.forward_token {

@@ -316,3 +316,55 @@ async fn upstream_trailers_get_the_heads_hygiene() {
     assert_eq!(cookies, ["app=1"], "{trailers:?}");
     assert!(trailers.get("connection").is_none(), "{trailers:?}");
 }
+
+/// An HTTP/2 request may repeat an equal `content-length` (the `h2` server checks that
+/// every value agrees with the others and with the DATA): forwarded as it came, an
+/// HTTP/1.1 upstream got two `Content-Length` fields, which read together are the list
+/// `5, 5`, no valid length (RFC 9110 §8.6; Node's parser refuses the request, others may
+/// guess). The upstream gets one.
+#[tokio::test]
+async fn an_http2_requests_repeated_content_length_reaches_the_upstream_once() {
+    let (addr, lengths, _) = raw_upstream(|mut s, lengths| async move {
+        while let Some(head) = read_head(&mut s).await {
+            let n = head
+                .lines()
+                .filter(|l| l.to_ascii_lowercase().starts_with("content-length:"))
+                .count();
+            lengths.store(n, Ordering::SeqCst);
+            // Its five body bytes came with the head or come next; then the answer.
+            let mut rest = head.split("\r\n\r\n").nth(1).map_or(0, str::len);
+            let mut buf = [0u8; 16];
+            while rest < 5 {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => rest += n,
+                }
+            }
+            if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let tls = tls_alpn(&w, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://localhost:{}/q/upload", w.https.port()))
+        .header("authorization", format!("Bearer {t}"))
+        .header("content-length", "5")
+        .header("content-length", "5")
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+    let (resp, mut stream) = send.send_request(req, false).unwrap_or_else(|e| panic!("{e}"));
+    stream.send_data(bytes::Bytes::from_static(b"hello"), true).unwrap_or_else(|e| panic!("{e}"));
+    let resp = resp.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    assert_eq!(lengths.load(Ordering::SeqCst), 1, "the upstream got Content-Length more than once");
+}
