@@ -28,7 +28,8 @@ pub enum Reason {
     /// The request is malformed in a way that is not about the path.
     BadRequest,
     /// TRACE/TRACK: refused on every route, since the upstream's reflection would hand the
-    /// caller the identity headers and the signed assertion the proxy added.
+    /// caller the identity headers and the signed assertion the proxy added; CONNECT
+    /// likewise (a tunnel request: only WebSocket upgrades are tunnelled).
     MethodNotAllowed,
     /// More than one credential was presented (two Authorization headers, cookie + bearer).
     AmbiguousCredentials,
@@ -133,7 +134,8 @@ pub enum Reason {
     /// `[audit] on_failure = "reject"`: audit events are not being written (the output
     /// fails, stalls or the queue overflowed), so nothing new is let through.
     AuditUnavailable,
-    /// HTTP/1: a request head not finished within `server.header_timeout` (status 408).
+    /// HTTP/1: a request head not finished within `server.header_timeout`; or a request
+    /// body that had not come to its end when the route's `timeout` passed (status 408).
     RequestTimeout,
     /// The upstream's response body broke off (a reset, a close before its end, fewer
     /// bytes than its `Content-Length`) after its head was relayed: the client got the

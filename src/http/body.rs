@@ -1,7 +1,7 @@
 //! Body types. Bodies are streamed frame by frame in both directions, never buffered.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -36,7 +36,15 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Upstream(i) => Pin::new(i).poll_frame(cx),
+            ProxyBody::Upstream(i) => match Pin::new(i).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    Poll::Ready(Some(Ok(match frame.into_trailers() {
+                        Ok(t) => Frame::trailers(clean_trailers(t)),
+                        Err(frame) => frame,
+                    })))
+                }
+                polled => polled,
+            },
         }
     }
 
@@ -54,6 +62,16 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(i) => i.size_hint(),
         }
     }
+}
+
+/// An upstream answer's trailers get its head's hygiene: no hop-by-hop field (the
+/// HTTP/2 server refuses a trailer section holding `Connection` and resets the stream
+/// under an answer already logged as sent whole) and no `Set-Cookie` for the proxy's own
+/// cookies.
+fn clean_trailers(mut t: http::HeaderMap) -> http::HeaderMap {
+    super::headers::strip_hop_by_hop(&mut t, false);
+    super::headers::strip_proxy_set_cookies(&mut t);
+    t
 }
 
 /// Why a request body stopped.
@@ -245,11 +263,39 @@ async fn linger(mut body: Incoming, budget: u64) {
 pub struct RequestBody {
     inner: ClientBody,
     counter: Arc<AtomicU64>,
+    /// Set when the body has been read to its end; `None` for one empty from the start
+    /// (most requests: no allocation).
+    ended: Option<Arc<AtomicBool>>,
 }
 
 impl RequestBody {
     pub fn new(inner: ClientBody, counter: Arc<AtomicU64>) -> Self {
-        Self { inner, counter }
+        let ended = (!inner.is_end_stream()).then(Arc::default);
+        Self { inner, counter, ended }
+    }
+
+    /// Whether the body has come to its end, for as long as the body lives upstream: a
+    /// request whose answer does not come in time may be waiting on its client's upload
+    /// rather than on the upstream.
+    pub fn progress(&self) -> BodyProgress {
+        BodyProgress(self.ended.clone())
+    }
+
+    fn end(&self) {
+        if let Some(e) = &self.ended {
+            e.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Whether a [`RequestBody`] was read to its end (see [`RequestBody::progress`]).
+#[derive(Debug)]
+pub struct BodyProgress(Option<Arc<AtomicBool>>);
+
+impl BodyProgress {
+    /// The body had nothing in it, or was read to its end.
+    pub fn ended(&self) -> bool {
+        self.0.as_ref().is_none_or(|e| e.load(Ordering::Relaxed))
     }
 }
 
@@ -267,7 +313,10 @@ impl Body for RequestBody {
             // head, and an HTTP/2 upstream would take `X-Portcullis-*` or
             // `Authorization` from a trailer as readily as from a header. Trailers are
             // the last frame, so the body ends there.
-            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => Poll::Ready(None),
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
+                this.end();
+                Poll::Ready(None)
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 if frame.is_data() {
                     let (seen, limit) = (this.inner.seen, this.inner.limit());
@@ -279,13 +328,22 @@ impl Body for RequestBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                this.end();
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        // hyper asks after each frame: a body framed by its length is never polled for
+        // its end once that length has been sent.
+        let end = self.inner.is_end_stream();
+        if end {
+            self.end();
+        }
+        end
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -25,8 +25,10 @@
 //! client on the connection. So a connection whose request carried body bytes (at least
 //! one non-empty data frame, see [`Progress`]) is also closed when its answer is not a
 //! success (status 300 or more): that is where handlers bail out without reading. Requests
-//! without a body (GET, HEAD, DELETE: most traffic) and successes to requests with one keep
-//! the connection. hyper-util's pool (HTTPS upstreams) gets the same rule in
+//! without a body (GET, DELETE: most traffic) and successes to requests with one keep
+//! the connection. A `HEAD`'s connection is not kept either, nor one whose 204 or 304
+//! announced a body (`body_may_follow`): a body written after such a head would answer
+//! the next request. hyper-util's pool (HTTPS upstreams) gets the same rule in
 //! [`super::upstream`] by poisoning the connection; HTTP/2 streams are framed, so an
 //! unread body is never read as a request there.
 //!
@@ -111,13 +113,14 @@ where
         // An upgrade the upstream declines leaves a connection whose state only the
         // upstream knows (a careless one may have switched anyway): never reused.
         let upgrade = req.headers().contains_key(http::header::UPGRADE);
+        let head = req.method() == http::Method::HEAD;
         let mut req = req.map(|inner| Sent::new(inner, sent.clone()));
         // A reused connection may have been closed by the upstream while idle: the
         // request it refused (before sending anything) goes to the next idle one, and
         // at last to a new connection.
         while let Some(mut tx) = self.inner.checkout().await {
             match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(self.inner.wrap(resp, tx, sent, upgrade)),
+                Ok(resp) => return Ok(self.inner.wrap(resp, tx, sent, upgrade, head)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => return Err(PoolError::Http(e.into_error())),
@@ -128,7 +131,7 @@ where
         // largest part of this one, which every request's future carries.
         let mut tx = Box::pin(self.inner.connect()).await?;
         let resp = tx.send_request(req).await?;
-        Ok(self.inner.wrap(resp, tx, sent, upgrade))
+        Ok(self.inner.wrap(resp, tx, sent, upgrade, head))
     }
 
     /// Idle connections now (for tests).
@@ -179,21 +182,48 @@ where
         Ok(tx)
     }
 
-    /// `upgrade`: an upgrade was offered.
+    /// `upgrade`: an upgrade was offered; `head`: the request was a `HEAD`.
     fn wrap(
         self: &Arc<Self>,
         resp: Response<Incoming>,
         tx: http1::SendRequest<Sent<B>>,
         sent: Progress,
         upgrade: bool,
+        head: bool,
     ) -> Response<PooledBody<B>> {
         // After a 101 the connection belongs to the tunnel; after a declined upgrade, an
-        // early answer or an error answer to a body, to nobody.
+        // early answer, an error answer to a body or an answer whose body may still come,
+        // to nobody.
         let reusable = !upgrade
             && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
-            && sent.reusable_after(resp.status());
+            && sent.reusable_after(resp.status())
+            && !body_may_follow(head, &resp);
         let back = reusable.then(|| (self.clone(), tx, sent));
         resp.map(|inner| PooledBody { inner, done: false, back })
+    }
+}
+
+/// Whether an answer that ends with its head (`head`: it answers a `HEAD`; or a 204 or
+/// 304) may still be followed by a body its upstream writes after the head: always for a
+/// `HEAD` (a server that runs the `GET` handler and writes its body, as Python's
+/// `do_HEAD = do_GET` idiom does, announces the `GET`'s length, exactly as a correct one
+/// does), and for a 204 or 304 whose head announces one (`Transfer-Encoding`, or a
+/// `Content-Length` other than 0 on a 204, which may carry none). hyper reads no body
+/// there; bytes already received when the exchange ends close the connection, but a body
+/// written a moment after its head reaches the connection once it is back in the pool,
+/// where it would be read as the answer to the next request: another client's (as an
+/// `HTTP/1.1 …` body, that client gets it; otherwise a 502 and the rest of that
+/// connection out of step).
+pub(crate) fn body_may_follow<T>(head: bool, resp: &Response<T>) -> bool {
+    use http::{header, StatusCode};
+    let h = resp.headers();
+    head || match resp.status() {
+        StatusCode::NO_CONTENT => {
+            h.contains_key(header::TRANSFER_ENCODING)
+                || h.get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0")
+        }
+        StatusCode::NOT_MODIFIED => h.contains_key(header::TRANSFER_ENCODING),
+        _ => false,
     }
 }
 

@@ -4,7 +4,7 @@
 //!
 //! 1. own endpoints (`/.well-known/portcullis/jwks.json`)
 //! 2. authority + path: one Host that agrees with the target/`:authority` (else 400, and
-//!    the connection closed), no TRACE/TRACK (405), no method/path-override header (400),
+//!    the connection closed), no TRACE/TRACK/CONNECT (405), no method/path-override header (400),
 //!    SNI/Host agreement (421), canonical
 //!    path (ambiguous → 400)
 //! 3. route: host + path (+ method) → 404
@@ -496,6 +496,13 @@ pub async fn handle(
             &rc,
         );
     }
+    if req.method() == http::Method::CONNECT {
+        // A tunnel request, meaningless to a reverse proxy: an HTTP/1.1 `CONNECT /path`
+        // reached the upstream, whose 2xx (Go's net/rpc answers `CONNECT /_goRPC_` so)
+        // both HTTP layers take for a tunnel: the client got nothing at all while the
+        // event said 200. Only WebSocket upgrades are tunnelled.
+        return rejection(out, Reason::MethodNotAllowed, "CONNECT is never forwarded", &rc);
+    }
     if let Some((name, what)) = override_header(req.headers()) {
         // Policies authorize the request's method and path; an upstream framework that
         // honours an override would run another (GET authorized, DELETE executed).
@@ -804,6 +811,17 @@ pub async fn handle(
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
     headers::strip_hop_by_hop(h, websocket);
+    if parts.version == http::Version::HTTP_2
+        && h.get_all(header::CONTENT_LENGTH).iter().nth(1).is_some()
+    {
+        // HTTP/2 lets a client repeat an equal `content-length` (the `h2` server checked
+        // that they agree); an HTTP/1.1 upstream would read the fields as the list `5, 5`,
+        // no valid length (RFC 9110 §8.6). One is kept (hyper's HTTP/1.1 server keeps
+        // one already).
+        if let Some(first) = h.get(header::CONTENT_LENGTH).cloned() {
+            h.insert(header::CONTENT_LENGTH, first);
+        }
+    }
     headers::strip_identity_headers(h, &route.strip_headers);
     headers::strip_proxy_cookies(h);
     if source == Some(CredentialSource::Authorization) && !route.forward_token {
@@ -838,13 +856,30 @@ pub async fn handle(
     }
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, RequestBody::new(body, out.bytes_in.clone()));
+    // hyper sends a GET or HEAD without a Content-Length upstream as bodiless (a chunked
+    // body the client sent with one is never read), so no wait is on its upload.
+    let bodiless = matches!(parts.method, http::Method::GET | http::Method::HEAD)
+        && !parts.headers.contains_key(header::CONTENT_LENGTH);
+    let body = RequestBody::new(body, out.bytes_in.clone());
+    let upload = body.progress();
+    let upstream_req = Request::from_parts(parts, body);
 
     parked.park(out);
     let result = tokio::time::timeout(route.timeout, client.send(upstream_req)).await;
     // Nothing else takes it while this future lives.
     let mut out = parked.take().unwrap_or_else(|| Outcome::new(Some(rt.revision.clone())));
     let mut resp = match result {
+        Err(_) if !bodiless && !upload.ended() => {
+            // The upstream (as most do) waited for a body that stopped coming: the
+            // client's doing, not the upstream's (a slow upload, or one held open on
+            // purpose). Authorized and sent upstream, so still `allow`.
+            let detail = "the request body had not come to its end when the route's timeout passed";
+            let mut resp = rejection(out, Reason::RequestTimeout, detail, &rc);
+            if let Some(o) = resp.extensions_mut().get_mut::<Outcome>() {
+                o.decision = "allow";
+            }
+            return resp;
+        }
         Err(_) => {
             return rejection(out, Reason::UpstreamTimeout, "upstream response timed out", &rc)
         }

@@ -5,8 +5,10 @@
 //! hyper-util's pool gets the reuse rule of [`super::pool`] for HTTP/1.1 connections: one
 //! whose request carried body bytes and was answered with a status of 300 or more, or
 //! answered before its body was sent to its end, is poisoned (never handed out again), as
-//! the upstream may not have read that body and may read it next as a request of its own.
-//! HTTP/2 connections (by ALPN, or h2c) are left alone: streams are framed, an unread body
+//! the upstream may not have read that body and may read it next as a request of its own;
+//! so is one that answered a `HEAD` (or a request with a body with a 204 or 304 announcing
+//! one), whose body a broken upstream may write after the head, to be read as the next
+//! request's answer. HTTP/2 connections (by ALPN, or h2c) are left alone: streams are framed, an unread body
 //! is never read as a request. The poison comes when the answer's head is back; hyper-util
 //! puts a connection back as soon as its exchange is over, so an answer whose body is
 //! empty or fits in one read may be back in the pool a moment before: a request checking
@@ -23,7 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::RequestBody;
-use super::pool::{H1Pool, PoolError, PooledBody, Progress, Sent};
+use super::pool::{body_may_follow, H1Pool, PoolError, PooledBody, Progress, Sent};
 use crate::config::RouteSettings;
 
 type HyperClient = Client<HttpsConnector<HttpConnector>, Sent<RequestBody>>;
@@ -89,16 +91,19 @@ impl UpstreamClient {
                 parts.path_and_query = req.uri().path_and_query().cloned();
                 *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
                 let upgrade = req.headers().contains_key(header::UPGRADE);
-                // Only a request with a body can leave one unread: the others are not
-                // captured (no connection handle to set up and look at).
-                let watch = !upgrade && !client.h2c && !req.body().is_end_stream();
+                let head = req.method() == http::Method::HEAD;
+                // Only a request with a body can leave one unread, and only a `HEAD` is
+                // answered with a head that every upstream, correct or not, may follow
+                // with a body: the others are not captured (no connection handle to set
+                // up and look at).
+                let watch = !upgrade && !client.h2c && (head || !req.body().is_end_stream());
                 let sent = Progress::default();
                 let mut req = req.map(|b| Sent::new(b, sent.clone()));
                 let conn = watch.then(|| capture_connection(&mut req));
                 let pool = if upgrade { &client.unpooled } else { &client.pooled };
                 let resp = pool.request(req).await?;
                 if let Some(conn) = conn {
-                    if !sent.reusable_after(resp.status()) {
+                    if !sent.reusable_after(resp.status()) || body_may_follow(head, &resp) {
                         if let Some(c) = conn.connection_metadata().as_ref() {
                             if !c.is_negotiated_h2() {
                                 c.poison();

@@ -758,8 +758,8 @@ async fn https_upstream(
 
 /// The proxy with a route `/tls` to an HTTPS upstream that speaks HTTP/1.1 only and
 /// answers each request with its connection's number ([`https_upstream`]).
-async fn world_with_http1_tls_upstream() -> (World, tempfile::TempDir, tokio::task::JoinHandle<()>)
-{
+pub(crate) async fn world_with_http1_tls_upstream(
+) -> (World, tempfile::TempDir, tokio::task::JoinHandle<()>) {
     let (addr, pki, dir, server) =
         https_upstream(vec![b"http/1.1".to_vec()], |id, _| id.to_string()).await;
     let routes = format!(

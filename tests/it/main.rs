@@ -29,6 +29,8 @@
 //! - `unread_bodies`: HTTP/2 requests the proxy refuses while their body is still arriving
 //!   get their answer without a stream reset (the raw `h2` client and the system `curl`);
 //!   what is left of the body is discarded only up to 1 MiB and 3 s.
+//! - `wire`: raw bytes between a client, the proxy and a raw upstream: methods and
+//!   framings the proxy must not carry, upstream answers it must not misread.
 //! - `lifecycle`: reload (good, bad, via file watcher), graceful drain, readiness, metrics.
 //! - `cli`: the real binary: `check` diagnostics, the shipped examples (configs, and CI
 //!   files parsed as YAML), and the README's demo flow.
@@ -75,3 +77,4 @@ mod sso;
 mod strip_prefix;
 mod support;
 mod unread_bodies;
+mod wire;

@@ -1,0 +1,370 @@
+//! The wire between a client, the proxy and a raw upstream: request methods and framings
+//! the proxy must not carry, and upstream answers it must not misread.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::forwarding::tls_alpn;
+use crate::support::*;
+
+/// A raw upstream that hands each connection it accepts to `serve`, with a counter
+/// shared by all of them (for `serve` to count what it likes); that counter, and the
+/// number of connections accepted.
+async fn raw_upstream<F, Fut>(
+    serve: F,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>)
+where
+    F: Fn(TcpStream, Arc<AtomicUsize>) -> Fut + Send + Sync + Copy + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let (counter, conns) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (shared, accepted) = (counter.clone(), conns.clone());
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve(s, shared.clone()));
+        }
+    });
+    (addr, counter, conns)
+}
+
+/// A world whose route `q` (`/q…`) goes to `addr`.
+async fn world_to(addr: std::net::SocketAddr) -> World {
+    let routes = format!(
+        "[[routes]]\nname = \"q\"\nmatch = {{ path_prefix = \"/q\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
+    );
+    World::with(Setup { routes, ..Setup::default() }).await
+}
+
+/// `req` as written on a new HTTP/1.1 TLS connection, and everything the proxy sends
+/// back until it closes the connection (or 5 s pass).
+async fn exchange(w: &World, req: &str) -> String {
+    let mut s = tls_alpn(w, b"http/1.1").await;
+    s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `CONNECT` asks an intermediary for a tunnel, which a reverse proxy never offers (only
+/// a WebSocket upgrade is tunnelled). An HTTP/1.1 `CONNECT /q/rpc` (origin form, which
+/// hyper accepts) was authorized and forwarded; an upstream answering it with a 2xx (Go's
+/// net/rpc does, for `CONNECT /_goRPC_`) had both HTTP layers take the exchange for a
+/// tunnel, so the client got nothing at all while the event said `200 allowed`. It is
+/// refused like TRACE, before anything reaches the upstream, over HTTP/1.1 and HTTP/2.
+#[tokio::test]
+async fn connect_is_refused_and_never_reaches_the_upstream() {
+    let (addr, heads, _) = raw_upstream(|mut s, heads| async move {
+        while read_head(&mut s).await.is_some() {
+            heads.fetch_add(1, Ordering::SeqCst);
+            let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+            if s.write_all(ok).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+    let resp = exchange(
+        &w,
+        &format!("CONNECT /q/rpc HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 405 "), "{resp}");
+    assert!(resp.contains("\"error\":\"method-not-allowed\""), "{resp}");
+    let ev = w.last_event().await;
+    assert_eq!(
+        (ev["method"].as_str(), ev["status"].as_u64()),
+        (Some("CONNECT"), Some(405)),
+        "{ev}"
+    );
+    assert_eq!(ev["reason"], "method-not-allowed", "{ev}");
+
+    // HTTP/2: a plain CONNECT (`:authority` only).
+    let tls = tls_alpn(&w, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri(format!("localhost:{port}"))
+        .header("authorization", format!("Bearer {t}"))
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+    let (resp, _) = send.send_request(req, true).unwrap_or_else(|e| panic!("{e}"));
+    let resp = resp.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), http::StatusCode::METHOD_NOT_ALLOWED);
+
+    // The route itself works, so the refusals were the method's.
+    let r = w.get("/q/plain", Some(&t)).await;
+    assert_eq!(r.text(), "ok");
+    assert_eq!(heads.load(Ordering::SeqCst), 1, "a CONNECT reached the upstream");
+}
+
+/// A keep-alive upstream whose answers to `HEAD` and to `/q/no-content` (a 204 announcing
+/// a body) end with their head, their body written a moment later: here, once the next
+/// request has arrived on the connection, the order a pooled connection meets when it
+/// is taken again at once. That body is itself an HTTP answer (`LEAKED`), as an
+/// upstream reflecting what a client sent could make it. Every other request gets `ok`.
+/// The second value counts the connections accepted.
+async fn late_body_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let (addr, _, conns) = raw_upstream(|mut s, _| async move {
+        let late = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nLEAKED";
+        while let Some(head) = read_head(&mut s).await {
+            let status = if head.starts_with("HEAD ") {
+                "200 OK"
+            } else if head.starts_with("GET /q/no-content ") {
+                "204 No Content"
+            } else {
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if s.write_all(ok).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let first = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n", late.len());
+            if s.write_all(first.as_bytes()).await.is_err() {
+                return;
+            }
+            // The body comes after the next request: none if the proxy closed.
+            let Some(_next) = read_head(&mut s).await else { return };
+            let _ = s.write_all(late.as_bytes()).await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+        }
+    })
+    .await;
+    (addr, conns)
+}
+
+/// Response queue poisoning by a late body: an upstream that answers `HEAD` by running
+/// its `GET` handler (Python's `do_HEAD = do_GET`, hand-written servers) writes the body
+/// after the head, and so may one answering 204 with a `Content-Length`. hyper reads no
+/// body after such a head, so the pooled connection went back at once and the next
+/// request on it, another client's, was answered with those late bytes (here a whole
+/// answer, `LEAKED`), its own answer left on the connection for the one after. Such an
+/// exchange's connection is not reused; ordinary answers still are.
+#[tokio::test]
+async fn a_body_written_after_a_bodiless_answer_never_answers_the_next_request() {
+    let (addr, conns) = late_body_upstream().await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let auth = format!("Bearer {t}");
+    let head = w
+        .send(http::Method::HEAD, "/q/page", &[("authorization", &auth)], bytes::Bytes::new())
+        .await;
+    assert_eq!(head.status, http::StatusCode::OK);
+    let next = w.get("/q/next", Some(&t)).await;
+    assert_eq!(next.text(), "ok", "the HEAD's late body answered the next request");
+    let no_content = w.get("/q/no-content", Some(&t)).await;
+    assert_eq!(no_content.status, http::StatusCode::NO_CONTENT);
+    let next = w.get("/q/next", Some(&t)).await;
+    assert_eq!(next.text(), "ok", "the 204's late body answered the next request");
+    // Ordinary answers keep their connection.
+    let before = conns.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(w.get("/q/again", Some(&t)).await.text(), "ok");
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), before, "a plain GET's connection was not reused");
+}
+
+/// The same over an HTTPS upstream speaking HTTP/1.1 (hyper-util's pool): the connection
+/// that answered a `HEAD` is not handed out again (it is poisoned once the head is back);
+/// a `GET`'s is.
+#[tokio::test]
+async fn an_https_upstream_connection_that_answered_a_head_is_not_reused() {
+    // Every answer's body is the number of the connection it came on.
+    let (w, _dir, server) = crate::forwarding::world_with_http1_tls_upstream().await;
+    let t = w.token("bb", &[]);
+    let auth = format!("Bearer {t}");
+    assert_eq!(w.get("/tls/a", Some(&t)).await.text(), "1");
+    let head = w
+        .send(http::Method::HEAD, "/tls/h", &[("authorization", &auth)], bytes::Bytes::new())
+        .await;
+    assert_eq!(head.status, http::StatusCode::OK);
+    for _ in 0..3 {
+        assert_eq!(w.get("/tls/b", Some(&t)).await.text(), "2", "the HEAD's connection was reused");
+    }
+    server.abort();
+}
+
+/// A client that sends its request head and then only part of the body it announced
+/// holds the exchange until the route's `timeout` (the upstream, as most do, waits for the
+/// whole body before it answers). That was audited as `upstream-timeout` (504), blaming
+/// the upstream for the client's upload, the very slow-POST pattern an operator's alerts
+/// on upstream timeouts would then misreport. It is the client's: 408 `request-timeout`,
+/// the decision still `allow` (the request was authorized and went upstream). An
+/// upstream slow to answer a complete request is still `upstream-timeout`.
+#[tokio::test]
+async fn a_request_body_that_stops_coming_is_a_request_timeout_not_the_upstreams() {
+    let (addr, _, _) = raw_upstream(|mut s, _| async move {
+        // Reads the head and whatever body comes; answers only `/q/slow` (never) and a
+        // complete body.
+        let Some(head) = read_head(&mut s).await else { return };
+        if head.split(' ').nth(1) == Some("/q/slow") {
+            let _ = tokio::time::sleep(Duration::from_secs(30)).await;
+            return;
+        }
+        let mut buf = [0u8; 64];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await;
+    let routes = format!(
+        "[[routes]]\nname = \"q\"\nmatch = {{ path_prefix = \"/q\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\ntimeout = \"1s\"\n"
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+    let resp = exchange(
+        &w,
+        &format!("POST /q/upload HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {t}\r\nContent-Length: 10\r\n\r\nhalf."),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 408 "), "{resp}");
+    assert!(resp.contains("\"error\":\"request-timeout\""), "{resp}");
+    let ev = w.last_event().await;
+    assert_eq!(
+        (ev["path"].as_str(), ev["status"].as_u64()),
+        (Some("/q/upload"), Some(408)),
+        "{ev}"
+    );
+    assert_eq!(
+        (ev["reason"].as_str(), ev["decision"].as_str()),
+        (Some("request-timeout"), Some("allow")),
+        "{ev}"
+    );
+    assert_eq!(ev["bytes_in"], 5, "{ev}");
+    // A whole body, and an upstream that does not answer: the upstream's.
+    let r = w
+        .send(
+            http::Method::POST,
+            "/q/slow",
+            &[("authorization", &format!("Bearer {t}"))],
+            bytes::Bytes::from_static(b"whole"),
+        )
+        .await;
+    assert_eq!(r.status, http::StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
+    assert_eq!(w.last_event().await["reason"], "upstream-timeout");
+    // A GET with a chunked body is sent upstream without it (hyper frames it as
+    // bodiless): no upload to wait on either.
+    let resp = exchange(
+        &w,
+        &format!("GET /q/slow HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {t}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 504 "), "{resp}");
+}
+
+/// Trailers of an upstream answer pass to the client, but not as the upstream wrote them:
+/// a hop-by-hop name in them (`Connection: close`, which an HTTP/1.1 upstream may think
+/// harmless) made the HTTP/2 server refuse the whole trailer section and reset the
+/// stream under an answer whose event said `200 allowed`, and a `Set-Cookie` for the
+/// proxy's own cookie, dropped from the head, passed in the trailers. Trailers get the
+/// head's hygiene: those names go, the application's trailers stay.
+#[tokio::test]
+async fn upstream_trailers_get_the_heads_hygiene() {
+    let (addr, _, _) = raw_upstream(|mut s, _| async move {
+        while read_head(&mut s).await.is_some() {
+            let a = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nconnection: close\r\nset-cookie: __Host-_portcullis=planted; Path=/; Secure\r\nset-cookie: app=1\r\nx-checksum: abc\r\n\r\n";
+            if s.write_all(a).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let tls = tls_alpn(&w, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .uri(format!("https://localhost:{}/q/trailers", w.https.port()))
+        .header("authorization", format!("Bearer {t}"))
+        .header("te", "trailers")
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+    let (resp, _) = send.send_request(req, true).unwrap_or_else(|e| panic!("{e}"));
+    let resp = resp.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(d) = body.data().await {
+        got.extend_from_slice(&d.unwrap_or_else(|e| panic!("the answer was cut: {e}")));
+    }
+    assert_eq!(got, b"ok");
+    let trailers = body.trailers().await.unwrap_or_else(|e| panic!("the answer was cut: {e}"));
+    let trailers = trailers.unwrap_or_else(|| panic!("no trailers"));
+    assert_eq!(trailers.get("x-checksum").map(|v| v.as_bytes()), Some(&b"abc"[..]), "{trailers:?}");
+    let cookies: Vec<_> = trailers.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["app=1"], "{trailers:?}");
+    assert!(trailers.get("connection").is_none(), "{trailers:?}");
+}
+
+/// An HTTP/2 request may repeat an equal `content-length` (the `h2` server checks that
+/// every value agrees with the others and with the DATA): forwarded as it came, an
+/// HTTP/1.1 upstream got two `Content-Length` fields, which read together are the list
+/// `5, 5`, no valid length (RFC 9110 §8.6; Node's parser refuses the request, others may
+/// guess). The upstream gets one.
+#[tokio::test]
+async fn an_http2_requests_repeated_content_length_reaches_the_upstream_once() {
+    let (addr, lengths, _) = raw_upstream(|mut s, lengths| async move {
+        while let Some(head) = read_head(&mut s).await {
+            let n = head
+                .lines()
+                .filter(|l| l.to_ascii_lowercase().starts_with("content-length:"))
+                .count();
+            lengths.store(n, Ordering::SeqCst);
+            // Its five body bytes came with the head or come next; then the answer.
+            let mut rest = head.split("\r\n\r\n").nth(1).map_or(0, str::len);
+            let mut buf = [0u8; 16];
+            while rest < 5 {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => rest += n,
+                }
+            }
+            if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let tls = tls_alpn(&w, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://localhost:{}/q/upload", w.https.port()))
+        .header("authorization", format!("Bearer {t}"))
+        .header("content-length", "5")
+        .header("content-length", "5")
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+    let (resp, mut stream) = send.send_request(req, false).unwrap_or_else(|e| panic!("{e}"));
+    stream.send_data(bytes::Bytes::from_static(b"hello"), true).unwrap_or_else(|e| panic!("{e}"));
+    let resp = resp.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    assert_eq!(lengths.load(Ordering::SeqCst), 1, "the upstream got Content-Length more than once");
+}
