@@ -817,8 +817,7 @@ impl Compiler<'_> {
         let text = self.source.text.clone();
         let (doc, errors) = DeTable::parse_recoverable(&text);
         if !errors.is_empty() {
-            for e in &errors {
-                let d = self.source.toml_error(e);
+            for d in self.source.toml_errors(&errors) {
                 self.diags.push(d);
             }
             return None;

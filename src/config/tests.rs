@@ -1393,3 +1393,31 @@ fn never_reached_pairwise(routes: &[Arc<RouteSettings>]) -> Vec<(String, String)
         })
         .collect()
 }
+
+/// A key of more than 80 dotted parts is refused by the `toml` crate as `recursion
+/// limit`, without a position: it read as `1:1`, whichever line held the key. It is
+/// reported at the key (the first such key: the crate reports no other).
+#[test]
+fn a_too_deeply_dotted_key_is_reported_at_its_line_and_column() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let deep = vec!["k"; 81].join(".");
+    let text = format!("{BASE}\n[server]\n  {deep} = 1\n\n[{deep}]\n");
+    let line = BASE.lines().count() + 3;
+    let e = compile(dir.path(), &text).err().unwrap_or_default();
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with(&format!("{line}:3 recursion limit: a key of more than 80")), "{e:?}");
+    // A table header too.
+    let text = format!("{BASE}\n[server]\n\n[{deep}]\n");
+    let e = compile(dir.path(), &text).err().unwrap_or_default();
+    assert_eq!(
+        e,
+        [format!(
+            "{}:2 recursion limit: a key of more than 80 dotted parts; write fewer levels",
+            line + 1
+        )]
+    );
+    // 80 parts are within the limit: not a syntax error (an unknown key of `[server]`).
+    let text = format!("{BASE}\n[server]\n{} = 1\n", vec!["k"; 80].join("."));
+    let e = compile(dir.path(), &text).err().unwrap_or_default();
+    assert!(e.iter().all(|d| !d.contains("recursion")), "{e:?}");
+}
