@@ -54,6 +54,69 @@ impl Source {
         // The toml crate appends a rendered snippet to its Display; keep only the message.
         self.error(err.span(), with_suggestion(err.message().trim()))
     }
+
+    /// The diagnostics for the syntax errors of [`toml::de::DeTable::parse_recoverable`],
+    /// in order. The `toml` crate reports a key of more than [`TOML_KEY_PARTS`] dotted
+    /// parts (`a.b.c…`, a key, a table header or an inline table's key) as `recursion
+    /// limit` with no position, which read as `1:1`: each such error gets the position
+    /// of its key, found by [`too_deep_keys`].
+    pub fn toml_errors(&self, errors: &[toml::de::Error]) -> Vec<Diagnostic> {
+        let mut deep = None;
+        errors
+            .iter()
+            .map(|e| {
+                if e.span().is_some() || e.message().trim() != "recursion limit" {
+                    return self.toml_error(e);
+                }
+                let keys = deep.get_or_insert_with(|| too_deep_keys(&self.text).into_iter());
+                self.error(
+                    keys.next(),
+                    format!(
+                        "recursion limit: a key of more than {TOML_KEY_PARTS} dotted parts; \
+                         write fewer levels"
+                    ),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The most dotted parts a TOML key may have: the `toml` crate refuses a key whose
+/// path (the parts before its last) is 80 long or more, and nests inline tables and
+/// arrays 80 deep at most.
+pub const TOML_KEY_PARTS: usize = 80;
+
+/// Where each key of more than [`TOML_KEY_PARTS`] dotted parts begins and ends, in
+/// document order: the keys the `toml` crate refuses as `recursion limit`. Read from the
+/// events of the parser the `toml` crate itself runs (`toml_parser`), under the same
+/// nesting limit, so strings, comments and quoted keys holding dots are told apart as
+/// it tells them, and a deep nesting is skipped as it skips it (never recursed into).
+pub fn too_deep_keys(text: &str) -> Vec<Range<usize>> {
+    use toml_parser::parser::{parse_document, Event, EventKind, RecursionGuard};
+    let source = toml_parser::Source::new(text);
+    let tokens = source.lex().into_vec();
+    let mut events: Vec<Event> = Vec::new();
+    let mut guard = RecursionGuard::new(&mut events, TOML_KEY_PARTS as u32);
+    parse_document(&tokens, &mut guard, &mut ());
+    let mut found = Vec::new();
+    let (mut parts, mut start) = (0, 0);
+    for e in &events {
+        match e.kind() {
+            EventKind::SimpleKey => {
+                if parts == 0 {
+                    start = e.span().start();
+                }
+                parts += 1;
+                if parts == TOML_KEY_PARTS + 1 {
+                    found.push(start..e.span().end());
+                }
+            }
+            // `a . b` is one key.
+            EventKind::KeySep | EventKind::Whitespace => {}
+            _ => parts = 0,
+        }
+    }
+    found
 }
 
 /// serde's "unknown field `audiance`, expected one of `issuer`, `audiences`, …" with the
@@ -217,5 +280,36 @@ mod tests {
                     .to_string()
             ))
         );
+    }
+
+    /// The keys the `toml` crate refuses as too deeply dotted, found as it parses: a
+    /// dotted key, a table header, an inline table's key; never dots in strings,
+    /// comments or quoted keys; at most 80 parts is fine; a nesting beyond the limit is
+    /// skipped, not recursed into.
+    #[test]
+    fn too_deep_keys_finds_each_key_of_more_than_80_parts() {
+        let deep = vec!["k"; 81].join(".");
+        let quoted = vec!["\"k.k\""; 40].join(".");
+        let text = format!(
+            "# {deep}\nok = \"{deep}\"\n{quoted} = 1\n{deep} = 1\n[t]\nx = {{ {deep} = 1 }}\n[[{deep}]]\n{n}{m}\n",
+            n = "a = ".to_string() + &"[".repeat(200),
+            m = "]".repeat(200),
+        );
+        let s = Source::new("t.toml", text.clone());
+        let at: Vec<(u32, u32)> =
+            too_deep_keys(&text).iter().map(|r| s.line_col(r.start)).collect();
+        assert_eq!(at, vec![(4, 1), (6, 7), (7, 3)]);
+        let (_, errors) = toml::de::DeTable::parse_recoverable(&text);
+        let limit: Vec<String> = s
+            .toml_errors(&errors)
+            .iter()
+            .filter(|d| d.message.starts_with("recursion limit"))
+            .map(|d| format!("{}:{}", d.line, d.col))
+            .collect();
+        // The `toml` crate reports the first of them (its recovery after one drops the
+        // rest): at the key.
+        assert_eq!(limit, ["4:1"]);
+        assert!(too_deep_keys(&vec!["k"; 80].join(".")).is_empty());
+        assert!(too_deep_keys("[[[").is_empty());
     }
 }

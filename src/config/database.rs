@@ -96,6 +96,49 @@ impl DatabaseSettings {
             self.upstream_roles.get(role)
         }
     }
+
+    /// How `now` (this route as a reload compiled it) would connect to the upstream
+    /// differently from `self` (as a session opened under it connected): another server
+    /// (`upstream` host or port) or other transport security (`upstream_tls`,
+    /// `upstream_ca`). A sentence for the audit, or `None` when a session's connection
+    /// is still the one the route describes (`upstream` written otherwise, the same
+    /// host and port, is no change).
+    pub fn upstream_change(&self, now: &DatabaseSettings) -> Option<String> {
+        let mut changed = Vec::new();
+        if (&self.host, self.port) != (&now.host, now.port) {
+            changed
+                .push(format!("upstream `{}` → `{}`", self.upstream_display, now.upstream_display));
+        }
+        if self.upstream_tls != now.upstream_tls {
+            changed.push(format!(
+                "upstream_tls `{}` → `{}`",
+                self.upstream_tls.as_str(),
+                now.upstream_tls.as_str()
+            ));
+        }
+        if self.upstream_ca != now.upstream_ca {
+            let shown = |p: &Option<PathBuf>| {
+                p.as_ref().map_or_else(|| "(none)".to_string(), |p| format!("`{}`", p.display()))
+            };
+            changed.push(format!(
+                "upstream_ca {} → {}",
+                shown(&self.upstream_ca),
+                shown(&now.upstream_ca)
+            ));
+        }
+        (!changed.is_empty()).then(|| changed.join(", "))
+    }
+}
+
+impl UpstreamTls {
+    /// As `upstream_tls` is written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamTls::Disable => "disable",
+            UpstreamTls::Require => "require",
+            UpstreamTls::VerifyFull => "verify-full",
+        }
+    }
 }
 
 impl Compiler<'_> {

@@ -503,24 +503,103 @@ fn takes_all_of(earlier: &RouteSettings, later: &RouteSettings) -> bool {
 }
 
 /// A compiled route and its place in the configuration.
-type Placed = (usize, RouteSettings);
+type Placed = PlacedAs<RouteSettings>;
 
 /// Each route (in routing order) that an earlier one [`takes_all_of`], with the first
 /// such earlier route. Only routes with the same host and prefix can take all of each
-/// other's requests, so a route is compared with those alone: one pass over thousands
-/// of routes instead of every pair.
+/// other's requests, so a route is compared with those alone ([`SameMatch`]): one pass
+/// over thousands of routes instead of every pair.
 fn never_reached(routes: &[Placed]) -> Vec<(&Placed, &Placed)> {
-    let mut same_match: HashMap<(&HostMatch, &str), Vec<&Placed>> = HashMap::new();
+    never_reached_by(routes, takes_all_of)
+}
+
+/// A route (compiled, or shared as in [`Config::routes`]) and its place in the
+/// configuration.
+type PlacedAs<R> = (usize, R);
+
+/// [`never_reached`], with `takes` for [`takes_all_of`] (a test counts the comparisons).
+fn never_reached_by<R: std::borrow::Borrow<RouteSettings>>(
+    routes: &[PlacedAs<R>],
+    mut takes: impl FnMut(&RouteSettings, &RouteSettings) -> bool,
+) -> Vec<(&PlacedAs<R>, &PlacedAs<R>)> {
+    let mut same_match: HashMap<(&HostMatch, &str), SameMatch<'_, R>> = HashMap::new();
     let mut dead = Vec::new();
-    for later in routes {
-        let key = (&later.1.host, later.1.path_prefix.trim_end_matches('/'));
-        let group = same_match.entry(key).or_default();
-        if let Some(earlier) = group.iter().find(|e| takes_all_of(&e.1, &later.1)) {
-            dead.push((later, *earlier));
+    for (at, later) in routes.iter().enumerate() {
+        let r = later.1.borrow();
+        let key = (&r.host, r.path_prefix.trim_end_matches('/'));
+        let group = same_match.entry(key).or_insert_with(SameMatch::new);
+        match group.first_taker(r, &mut takes) {
+            Some(earlier) => dead.push((later, earlier)),
+            None => group.add(at, later),
         }
-        group.push(later);
     }
     dead
+}
+
+/// The routes of one host and prefix that no earlier route takes all of, in routing
+/// order, indexed by the methods they admit. A route taken by an earlier one is never
+/// the first to take a later route (its taker, earlier still, takes that one too), so
+/// only these are compared with: routes differing only in methods (`[PROPFIND]`,
+/// `[MKCOL]`, … on one prefix) are compared with those admitting their rarest method,
+/// not with every earlier one.
+struct SameMatch<'a, R> {
+    /// The first route with no method filter, which takes every later one.
+    any: Option<(usize, &'a PlacedAs<R>)>,
+    /// Routes with a method filter, with their place in routing order.
+    filtered: Vec<(usize, &'a PlacedAs<R>)>,
+    /// Each method a route of `filtered` admits (`HEAD` for `GET` too) → those routes
+    /// (indices into `filtered`, in routing order).
+    admitting: HashMap<Method, Vec<usize>>,
+}
+
+impl<'a, R: std::borrow::Borrow<RouteSettings>> SameMatch<'a, R> {
+    fn new() -> Self {
+        SameMatch { any: None, filtered: Vec::new(), admitting: HashMap::new() }
+    }
+
+    /// The first route of the group that takes all of `later`, by `takes`.
+    fn first_taker(
+        &self,
+        later: &RouteSettings,
+        takes: &mut impl FnMut(&RouteSettings, &RouteSettings) -> bool,
+    ) -> Option<&'a PlacedAs<R>> {
+        // Only a route admitting every method of `later` can take it: those admitting
+        // its rarest method are enough to look at. No method, or no filter: only `any`.
+        let rarest = later.methods.as_ref().filter(|l| !l.is_empty()).and_then(|l| {
+            l.iter()
+                .map(|m| self.admitting.get(m))
+                .collect::<Option<Vec<_>>>()?
+                .into_iter()
+                .min_by_key(|list| list.len())
+        });
+        let filtered = rarest.and_then(|list| {
+            list.iter()
+                .filter_map(|&i| self.filtered.get(i).copied())
+                .find(|(_, e)| takes(e.1.borrow(), later))
+        });
+        let any = self.any.filter(|(_, e)| takes(e.1.borrow(), later));
+        match (any, filtered) {
+            (Some(a), Some(f)) => Some(if a.0 < f.0 { a.1 } else { f.1 }),
+            (a, f) => a.or(f).map(|(_, e)| e),
+        }
+    }
+
+    /// `route`, at `at` in routing order, which no earlier route of the group takes.
+    fn add(&mut self, at: usize, route: &'a PlacedAs<R>) {
+        let Some(methods) = &route.1.borrow().methods else {
+            self.any.get_or_insert((at, route));
+            return;
+        };
+        let i = self.filtered.len();
+        self.filtered.push((at, route));
+        let implied = methods.contains(&Method::GET).then_some(Method::HEAD);
+        for m in methods.iter().cloned().chain(implied) {
+            let list = self.admitting.entry(m).or_default();
+            if list.last() != Some(&i) {
+                list.push(i);
+            }
+        }
+    }
 }
 
 /// How specific a route's `path_prefix` is, for routing order: its length without a
@@ -825,8 +904,7 @@ impl Compiler<'_> {
         let text = self.source.text.clone();
         let (doc, errors) = DeTable::parse_recoverable(&text);
         if !errors.is_empty() {
-            for e in &errors {
-                let d = self.source.toml_error(e);
+            for d in self.source.toml_errors(&errors) {
                 self.diags.push(d);
             }
             return None;

@@ -600,18 +600,10 @@ mod tests {
 
     fn identity() -> Arc<Identity> {
         Arc::new(Identity {
-            issuer: IssuerId(Arc::from("corp")),
-            subject: "alice".into(),
-            kind: PrincipalKind::Human,
             email: Some("alice@example.com".into()),
             email_verified: true,
             groups: vec!["sre".into()],
-            groups_known: true,
-            expires_at: 2_000_000_000,
-            issued_at: None,
-            ci: None,
-            claims: Default::default(),
-            audit: Default::default(),
+            ..Identity::test("corp", "alice", PrincipalKind::Human)
         })
     }
 

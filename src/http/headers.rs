@@ -696,28 +696,6 @@ pub fn add_identity(
 mod tests {
     use super::*;
 
-    /// An identity of `issuer` and `subject` with nothing else: each test sets what it needs.
-    fn test_identity(
-        issuer: &str,
-        subject: &str,
-        kind: crate::identity::PrincipalKind,
-    ) -> Identity {
-        Identity {
-            issuer: crate::identity::IssuerId(std::sync::Arc::from(issuer)),
-            subject: subject.into(),
-            kind,
-            email: None,
-            email_verified: false,
-            groups: vec![],
-            groups_known: true,
-            expires_at: 2_000_000_000,
-            issued_at: None,
-            ci: None,
-            claims: Default::default(),
-            audit: Default::default(),
-        }
-    }
-
     /// The scan that lets a value through unescaped agrees with the encoder on every
     /// ASCII byte and on non-ASCII text.
     #[test]
@@ -1196,7 +1174,7 @@ mod tests {
         let id = Identity {
             // As a session's: `missing` was kept and absent from the ID token.
             claims: Claims::kept_only(claims, ["team", "org", "missing"]),
-            ..test_identity("corp", "alice", PrincipalKind::Human)
+            ..Identity::test("corp", "alice", PrincipalKind::Human)
         };
         let wanted = |pairs: &[(&'static str, &str)]| -> Vec<ClaimHeader> {
             pairs
@@ -1290,7 +1268,7 @@ mod tests {
                 branch: Some(" main".into()),
                 ..Default::default()
             }),
-            ..test_identity("corp", " root ", PrincipalKind::Pipeline)
+            ..Identity::test("corp", " root ", PrincipalKind::Pipeline)
         };
         let headers = identity_headers(&id);
         let get = |name: &str| {
@@ -1336,7 +1314,7 @@ mod tests {
         }
         let id = Identity {
             ci: Some(ci),
-            ..test_identity("gh", "repo:o/r:ref:refs/tags/v1", PrincipalKind::Pipeline)
+            ..Identity::test("gh", "repo:o/r:ref:refs/tags/v1", PrincipalKind::Pipeline)
         };
         let headers = identity_headers(&id);
         for name in CiContext::FIELDS {

@@ -100,12 +100,10 @@ impl ReplayCache {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use serde_json::{json, Value};
 
     use super::*;
-    use crate::identity::{IssuerId, PrincipalKind};
+    use crate::identity::PrincipalKind;
 
     fn identity(issuer: &str, claims: Value) -> Identity {
         let claims = match claims {
@@ -113,18 +111,9 @@ mod tests {
             _ => serde_json::Map::new(),
         };
         Identity {
-            issuer: IssuerId(Arc::from(issuer)),
-            subject: "alice".into(),
-            kind: PrincipalKind::Human,
-            email: None,
-            email_verified: false,
-            groups: Vec::new(),
-            groups_known: true,
             expires_at: 100,
-            issued_at: None,
-            ci: None,
             claims: claims.into(),
-            audit: Default::default(),
+            ..Identity::test(issuer, "alice", PrincipalKind::Human)
         }
     }
 

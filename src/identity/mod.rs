@@ -242,6 +242,28 @@ impl Identity {
     pub fn principal(&self) -> String {
         format!("{}/{}", self.issuer, self.subject)
     }
+
+    /// For unit tests: `subject` of `issuer`, of `kind`, with nothing else (no email,
+    /// groups, CI context or claims; groups known; valid until 2033). A test sets what
+    /// it needs with struct update: `Identity { email: …, ..Identity::test("corp",
+    /// "alice", PrincipalKind::Human) }`.
+    #[cfg(test)]
+    pub(crate) fn test(issuer: &str, subject: &str, kind: PrincipalKind) -> Identity {
+        Identity {
+            issuer: IssuerId(std::sync::Arc::from(issuer)),
+            subject: subject.into(),
+            kind,
+            email: None,
+            email_verified: false,
+            groups: Vec::new(),
+            groups_known: true,
+            expires_at: 2_000_000_000,
+            issued_at: None,
+            ci: None,
+            claims: Claims::default(),
+            audit: Default::default(),
+        }
+    }
 }
 
 /// Every claim of a verified payload, kept as the JSON text that was verified and

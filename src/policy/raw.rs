@@ -182,8 +182,8 @@ pub fn parse(source: &Source, diags: &mut Diagnostics) -> Document {
     if !errors.is_empty() {
         // After a syntax error the recovered tree is a guess; shape errors found in it
         // would be noise, so report only the syntax errors.
-        for e in &errors {
-            diags.push(source.toml_error(e));
+        for d in source.toml_errors(&errors) {
+            diags.push(d);
         }
         return Document::default();
     }

@@ -1902,3 +1902,15 @@ fn a_gitlab_allow_trusting_an_environment_name_alone_is_flagged() {
     let p = must_parse(&allow("").replace("\"POST\"", "\"GET\""));
     assert!(p.warnings().is_empty(), "{:?}", p.warnings());
 }
+
+/// A policy file's key of more than 80 dotted parts (`recursion limit` in the `toml`
+/// crate, which gives no position) is reported at the key, not at `1:1`.
+#[test]
+fn a_too_deeply_dotted_key_in_a_policy_is_reported_at_the_key() {
+    let deep = vec!["\"a.b\""; 81].join(" . ");
+    let e = parse(&format!("# a comment.with.dots\n[[rule]]\nid = \"x.y.z\"\n{deep} = 1\n"))
+        .err()
+        .unwrap_or_default();
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("p.toml:4:1: recursion limit"), "{e:?}");
+}

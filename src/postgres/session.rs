@@ -209,12 +209,11 @@ pub(super) async fn run(
     let admission = Admission::new(identity.clone(), Credential::Token, &rt.config);
     let control = control(
         &hub,
-        &route,
         &admission,
         &database,
         facts.role.as_deref(),
         &upstream_role,
-        db.max_session,
+        &db,
         generation,
         stop,
     );
@@ -925,12 +924,11 @@ async fn cancel(hub: &Hub, db: &DatabaseSettings, peer: SocketAddr, pid: u32, se
 #[allow(clippy::too_many_arguments)]
 async fn control(
     hub: &Hub,
-    route: &str,
     admission: &Admission,
     database: &str,
     role: Option<&str>,
     upstream_role: &str,
-    max_session: Option<Duration>,
+    opened_on: &DatabaseSettings,
     mut generation: watch::Receiver<u64>,
     mut stop: watch::Receiver<bool>,
 ) -> (Reason, String) {
@@ -941,7 +939,7 @@ async fn control(
     tokio::pin!(expiry);
     // The route's `max_session`, counted from the session's start: a reload may shorten it.
     let opened = tokio::time::Instant::now();
-    let mut max_session = max_session;
+    let mut max_session = opened_on.max_session;
     let cap = tokio::time::sleep(max_session.unwrap_or(Duration::from_secs(100 * 365 * 86_400)));
     tokio::pin!(cap);
     let mut generation_open = true;
@@ -960,7 +958,7 @@ async fn control(
                 }
                 generation.borrow_and_update();
                 let (seen, cap_now) =
-                    match revoked(hub, route, admission, database, role, upstream_role) {
+                    match revoked(hub, opened_on, admission, database, role, upstream_role) {
                         Err(why) => return (Reason::AccessRevoked, why),
                         Ok(x) => x,
                     };
@@ -999,21 +997,33 @@ fn until(unix: u64) -> Duration {
 
 /// Re-evaluates an open session against the configuration now in force, as a new
 /// session with the same token would be: the route, the issuer's checks of the token
-/// ([`Admission::recheck`]), the policy and the upstream role it grants. The identity as
-/// the configuration now sees it and the route's `max_session` now, or why the session
-/// must end.
+/// ([`Admission::recheck`]), the policy and the upstream role it grants; and against the
+/// route's upstream now: a session whose route now names another server or other
+/// transport security (`upstream`, `upstream_tls`, `upstream_ca`) is on a connection the
+/// configuration no longer describes (the old server retired, plain TCP now refused), so
+/// it ends as if revoked, and its client reconnects to the upstream now configured. The
+/// identity as the configuration now sees it and the route's `max_session` now, or why
+/// the session must end.
 fn revoked(
     hub: &Hub,
-    route: &str,
+    opened_on: &DatabaseSettings,
     admission: &Admission,
     database: &str,
     role: Option<&str>,
     upstream_role: &str,
 ) -> Result<(Arc<Identity>, Option<Duration>), String> {
     let rt = hub.shared.runtime.load();
+    let route = &*opened_on.name;
     let Some(db) = rt.config.databases.iter().find(|d| &*d.name == route) else {
         return Err(format!("database route `{route}` removed (policy revision {})", rt.revision));
     };
+    if let Some(change) = opened_on.upstream_change(db) {
+        return Err(format!(
+            "database route `{route}` changed its upstream ({change}) under policy revision {}: \
+             the session's connection is the old one",
+            rt.revision
+        ));
+    }
     let identity = admission
         .recheck(&rt.config, rt.sessions.as_deref(), crate::util::unix_now())
         .map_err(|why| format!("{why} (policy revision {})", rt.revision))?;

@@ -26,13 +26,33 @@ pub mod pages;
 pub mod redirect;
 pub mod revoke;
 pub mod seal;
-/// Whether an `Origin` or `Referer` value names a page of `authority` (the request's
-/// host and port; the scheme is not compared). `null`, an opaque origin, is not.
+/// Whether an `Origin` or `Referer` value names a page of this origin: `https://`, the
+/// host and the port of `authority` (the request's `host[:port]`, 443 when it has none).
+/// An origin is scheme, host and port: `http://` on the same host is another origin (a
+/// page anyone on the path can write), and `http://host` is port 80, never 443. The
+/// scheme is `https` on either listener: browser sign-in works only over HTTPS as the
+/// browser sees it (the redirect URI is `https://`, the cookies `Secure`), and a plain
+/// listener (`listen.insecure_http`) serves browsers through a TLS-terminating balancer.
+/// `null`, an opaque origin, is not this origin, nor is a value with userinfo.
 fn of_this_origin(value: &[u8], authority: &str) -> bool {
     let Some(at) = value.windows(3).position(|w| w == b"://") else { return false };
+    if !value[..at].eq_ignore_ascii_case(b"https") {
+        return false;
+    }
     let rest = &value[at + 3..];
     let end = rest.iter().position(|b| matches!(b, b'/' | b'?' | b'#')).unwrap_or(rest.len());
-    rest[..end].eq_ignore_ascii_case(authority.as_bytes())
+    let page = &rest[..end];
+    if page.contains(&b'@') {
+        return false;
+    }
+    let parse = |a: &[u8]| {
+        let a = std::str::from_utf8(a).ok()?.parse::<http::uri::Authority>().ok()?;
+        Some((a.host().trim_end_matches('.').to_ascii_lowercase(), a.port_u16().unwrap_or(443)))
+    };
+    match (parse(page), parse(authority.as_bytes())) {
+        (Some(page), Some(own)) => page == own,
+        _ => false,
+    }
 }
 
 #[cfg(test)]

@@ -675,18 +675,33 @@ async fn sessions_revoked_past_the_cap_are_still_refused_and_the_overflow_counte
     Ok(())
 }
 
-/// `Origin`/`Referer` of a browser without Fetch Metadata: this host and port, whatever
-/// the scheme or path, is this origin; another host or port, `null` or no scheme is not.
+/// `Origin`/`Referer` of a browser without Fetch Metadata: `https://` with this host and
+/// port (443 written or not), whatever the path, is this origin; another scheme, host or
+/// port, `null`, userinfo or no scheme is not.
+///
+/// Attack (round 14): only the host and port were compared, as text, so `http://` on
+/// this host (a page anyone on the path can write, and port 80 besides) counted as this
+/// origin, and a sign-out planted there went through unconfirmed.
 #[test]
-fn an_origin_or_referer_names_this_origin_only_by_its_host_and_port() {
+fn an_origin_or_referer_names_this_origin_by_its_scheme_host_and_port() {
     use super::of_this_origin;
-    for v in ["https://app.example.com", "https://APP.example.com/x?y", "http://app.example.com#f"]
-    {
+    for v in [
+        "https://app.example.com",
+        "https://APP.example.com/x?y",
+        "HTTPS://app.example.com#f",
+        "https://app.example.com:443/",
+        "https://app.example.com./",
+    ] {
         assert!(of_this_origin(v.as_bytes(), "app.example.com"), "{v}");
     }
     for v in [
+        "http://app.example.com",
+        "http://app.example.com/logout",
+        "http://app.example.com:443",
+        "ws://app.example.com",
         "https://evil.example",
         "https://app.example.com:8443",
+        "https://user@app.example.com/",
         "null",
         "app.example.com",
         "https://app.example.com.evil.example/",
@@ -694,4 +709,7 @@ fn an_origin_or_referer_names_this_origin_only_by_its_host_and_port() {
         assert!(!of_this_origin(v.as_bytes(), "app.example.com"), "{v}");
     }
     assert!(of_this_origin(b"https://127.0.0.1:8443/", "127.0.0.1:8443"));
+    assert!(of_this_origin(b"https://app.example.com", "app.example.com:443"));
+    assert!(!of_this_origin(b"http://127.0.0.1:8443/", "127.0.0.1:8443"));
+    assert!(!of_this_origin(b"https://127.0.0.1/", "127.0.0.1:8443"));
 }

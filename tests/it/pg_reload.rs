@@ -424,3 +424,110 @@ async fn a_reload_that_shortens_max_session_ends_the_sessions_older_than_it() {
     assert_eq!(close["reason"], "session-expired", "{close}");
     assert!(close["detail"].as_str().is_some_and(|d| d.contains("max_session (1s)")), "{close}");
 }
+
+/// `current_user` by a simple Query: no prepared statement whose Close, sent when it is
+/// dropped, could still await its answer when the session is ended (the client then
+/// hands the FATAL to that request and reports only "connection closed").
+async fn simple_user(c: &tokio_postgres::Client) -> String {
+    let rows = c.simple_query("select current_user").await.unwrap_or_else(|e| panic!("{e}"));
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// A TCP relay to the PostgreSQL server: another upstream address for the same server.
+async fn relay_to(port: u16) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let relay = l.local_addr().unwrap_or_else(|e| panic!("{e}")).port();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut u) = TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                }
+            });
+        }
+    });
+    relay
+}
+
+/// Attack (round 14): a reload that moved a database route to another server
+/// (`upstream`) or changed how it is reached (`upstream_tls`: an operator moving off a
+/// retired or compromised server, or turning TLS on) left the sessions already open on
+/// their old connection, to the old server or in clear, for as long as their tokens
+/// lived. They now end, as a revocation ends them (57P01 `access-revoked`, the `close`
+/// event saying which setting changed); sessions of a route whose upstream did not
+/// change stay, and the same upstream spelt otherwise is no change.
+#[tokio::test]
+async fn a_reload_that_changes_a_databases_upstream_ends_its_sessions_only() {
+    let Some(w) = PgWorld::with_toml("", |t| {
+        format!("{t}\n{}", t.replace("name = \"appdb\"", "name = \"steady\""))
+    })
+    .await
+    else {
+        return;
+    };
+    let text = std::fs::read_to_string(w.w.config_path()).unwrap_or_else(|e| panic!("{e}"));
+    let upstream = format!("upstream = \"postgres://127.0.0.1:{}\"", w.pg.port);
+    assert_eq!(text.matches(&upstream).count(), 2, "both routes on the server");
+    let token = w.w.token("bb", &[]);
+    let steady = w.addr_of("steady");
+    let (s, _sconn) = connect_at(&w, steady, &token).await.unwrap_or_else(|e| panic!("{e}"));
+    let (a, aconn) = connect_at(&w, w.addr, &token).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(simple_user(&a).await, "migrator");
+
+    // The same host and port written otherwise: nothing ends.
+    let respelt = format!("upstream = \"postgresql://127.0.0.1:{}/\"", w.pg.port);
+    write(&w.w.config_path(), &text.replacen(&upstream, &respelt, 1));
+    assert!(w.w.server().reload().await, "reload with the upstream respelt");
+    assert_eq!(simple_user(&a).await, "migrator");
+
+    // Another address (the first route only): its session ends, the other route's stays.
+    let relay = relay_to(w.pg.port).await;
+    let moved = format!("upstream = \"postgres://127.0.0.1:{relay}\"");
+    write(&w.w.config_path(), &text.replacen(&upstream, &moved, 1));
+    assert!(w.w.server().reload().await, "reload with appdb's upstream moved");
+    let e = ended_with(aconn).await;
+    let db = e.as_db_error().unwrap_or_else(|| panic!("not a PostgreSQL error: {e}"));
+    assert_eq!(db.code().code(), "57P01", "{}", db.message());
+    assert!(db.message().contains("access-revoked"), "{}", db.message());
+    let close = w
+        .wait_event(|e| e["kind"] == "pg.session" && e["event"] == "close" && e["route"] == "appdb")
+        .await;
+    assert_eq!(close["reason"], "access-revoked", "{close}");
+    let detail = close["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains(&format!("127.0.0.1:{}` → `127.0.0.1:{relay}`", w.pg.port)), "{close}");
+    assert_eq!(
+        simple_user(&s).await,
+        "migrator",
+        "a route whose upstream stayed keeps its session"
+    );
+    // A new session goes to the upstream now configured.
+    let (a, aconn) = connect_at(&w, w.addr, &token).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(simple_user(&a).await, "migrator");
+
+    // TLS to the upstream turned on: the session made in clear ends.
+    let tls = format!("{moved}\nupstream_tls = \"require\"");
+    write(&w.w.config_path(), &text.replacen(&upstream, &tls, 1));
+    assert!(w.w.server().reload().await, "reload with upstream_tls = require");
+    let e = ended_with(aconn).await;
+    assert!(e.as_db_error().is_some_and(|d| d.code().code() == "57P01"), "{e}");
+    let close = w
+        .wait_event(|e| {
+            e["event"] == "close"
+                && e["route"] == "appdb"
+                && e["detail"].as_str().is_some_and(|d| d.contains("upstream_tls"))
+        })
+        .await;
+    assert_eq!(close["reason"], "access-revoked", "{close}");
+    assert!(
+        close["detail"].as_str().is_some_and(|d| d.contains("upstream_tls `disable` → `require`")),
+        "{close}"
+    );
+    assert_eq!(simple_user(&s).await, "migrator");
+    let (a, _aconn) = connect_at(&w, w.addr, &token).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(simple_user(&a).await, "migrator");
+}

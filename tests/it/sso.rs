@@ -850,12 +850,16 @@ async fn logout_clears_the_session_and_uses_the_end_session_endpoint() {
         assert!(r.headers.get("set-cookie").is_none(), "{from}");
     }
     // A browser without Fetch Metadata: another origin named in `Origin` (a form POST
-    // from there) or `Referer` (a link) is asked too.
+    // from there) or `Referer` (a link) is asked too, `http://` on this very host and
+    // port included (another scheme is another origin).
     let logout = w.url("/.portcullis/logout");
+    let plain = w.url("/").replacen("https://", "http://", 1);
     for h in [
         ("origin", "https://evil.example"),
         ("origin", "null"),
         ("referer", "https://evil.example/x"),
+        ("origin", plain.trim_end_matches('/')),
+        ("referer", plain.as_str()),
     ] {
         let r = b.request(&w, Method::POST, &logout, &[h], "").await;
         assert_eq!(r.status, StatusCode::OK, "{h:?}");
