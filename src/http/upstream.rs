@@ -6,9 +6,9 @@
 //! whose request carried body bytes and was answered with a status of 300 or more, or
 //! answered before its body was sent to its end, is poisoned (never handed out again), as
 //! the upstream may not have read that body and may read it next as a request of its own;
-//! so is one that answered a `HEAD` (or a request with a body with a 204 or 304 announcing
-//! one), whose body a broken upstream may write after the head, to be read as the next
-//! request's answer. HTTP/2 connections (by ALPN, or h2c) are left alone: streams are framed, an unread body
+//! so is one that answered a `HEAD`, or any request with a 204 or 304 announcing a body
+//! (a bodiless `GET` too: every HTTP/1.1 exchange is captured for this), whose body a
+//! broken upstream may write after the head, to be read as the next request's answer. HTTP/2 connections (by ALPN, or h2c) are left alone: streams are framed, an unread body
 //! is never read as a request. The poison comes when the answer's head is back; hyper-util
 //! puts a connection back as soon as its exchange is over, so an answer whose body is
 //! empty or fits in one read may be back in the pool a moment before: a request checking
@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, HeaderValue, Request, Response, Uri};
-use http_body::Body;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{capture_connection, HttpConnector};
 use hyper_util::client::legacy::Client;
@@ -92,11 +91,12 @@ impl UpstreamClient {
                 *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
                 let upgrade = req.headers().contains_key(header::UPGRADE);
                 let head = req.method() == http::Method::HEAD;
-                // Only a request with a body can leave one unread, and only a `HEAD` is
-                // answered with a head that every upstream, correct or not, may follow
-                // with a body: the others are not captured (no connection handle to set
-                // up and look at).
-                let watch = !upgrade && !client.h2c && (head || !req.body().is_end_stream());
+                // Every HTTP/1.1 exchange is captured, a bodiless `GET` too: any answer
+                // may be a 204 or 304 announcing a body (a conditional `GET`'s 304 with
+                // `Transfer-Encoding`), whose late body the next request would read, and
+                // which of them is only known once the head is back. (An upgrade's
+                // connection is never pooled; h2c is framed.)
+                let watch = !upgrade && !client.h2c;
                 let sent = Progress::default();
                 let mut req = req.map(|b| Sent::new(b, sent.clone()));
                 let conn = watch.then(|| capture_connection(&mut req));

@@ -672,7 +672,7 @@ pub async fn raw_answering(
 
 /// A raw upstream's read of a request head, up to its blank line (`None`: the connection
 /// ended first).
-pub async fn read_head(s: &mut tokio::net::TcpStream) -> Option<String> {
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<String> {
     use tokio::io::AsyncReadExt;
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];

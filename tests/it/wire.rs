@@ -119,32 +119,36 @@ async fn connect_is_refused_and_never_reaches_the_upstream() {
 /// upstream reflecting what a client sent could make it. Every other request gets `ok`.
 /// The second value counts the connections accepted.
 async fn late_body_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let (addr, _, conns) = raw_upstream(|mut s, _| async move {
-        let late = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nLEAKED";
-        while let Some(head) = read_head(&mut s).await {
-            let status = if head.starts_with("HEAD ") {
-                "200 OK"
-            } else if head.starts_with("GET /q/no-content ") {
-                "204 No Content"
-            } else {
-                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                if s.write_all(ok).await.is_err() {
-                    return;
-                }
-                continue;
-            };
-            let first = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n", late.len());
-            if s.write_all(first.as_bytes()).await.is_err() {
+    let (addr, _, conns) = raw_upstream(|s, _| serve_late_bodies(s)).await;
+    (addr, conns)
+}
+
+/// [`late_body_upstream`]'s answers on one connection (plain or TLS): a `HEAD`, and a
+/// `GET` of a path ending in `/no-content` (a 204), get their body after the next
+/// request's head.
+async fn serve_late_bodies<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S) {
+    let late = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nLEAKED";
+    while let Some(head) = read_head(&mut s).await {
+        let status = if head.starts_with("HEAD ") {
+            "200 OK"
+        } else if head.starts_with("GET ") && head.contains("/no-content ") {
+            "204 No Content"
+        } else {
+            let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+            if s.write_all(ok).await.is_err() {
                 return;
             }
-            // The body comes after the next request: none if the proxy closed.
-            let Some(_next) = read_head(&mut s).await else { return };
-            let _ = s.write_all(late.as_bytes()).await;
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+            continue;
+        };
+        let first = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n", late.len());
+        if s.write_all(first.as_bytes()).await.is_err() {
+            return;
         }
-    })
-    .await;
-    (addr, conns)
+        // The body comes after the next request: none if the proxy closed.
+        let Some(_next) = read_head(&mut s).await else { return };
+        let _ = s.write_all(late.as_bytes()).await;
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    }
 }
 
 /// Response queue poisoning by a late body: an upstream that answers `HEAD` by running
@@ -194,6 +198,53 @@ async fn an_https_upstream_connection_that_answered_a_head_is_not_reused() {
     assert_eq!(head.status, http::StatusCode::OK);
     for _ in 0..3 {
         assert_eq!(w.get("/tls/b", Some(&t)).await.text(), "2", "the HEAD's connection was reused");
+    }
+    server.abort();
+}
+
+/// The late body of a 204 from an HTTPS upstream speaking HTTP/1.1 (hyper-util's pool),
+/// to a `GET` without a body. Attack (round 14): only a `HEAD`, or a request with a body,
+/// had its connection captured to be poisoned, so a bodiless `GET` answered with a 204
+/// announcing a body (or a 304 with `Transfer-Encoding`, the everyday conditional `GET`)
+/// went back to the pool, and the late bytes answered the next client's request there,
+/// as they did over plain HTTP before the fix for it.
+#[tokio::test]
+async fn an_https_upstreams_late_body_after_a_204_never_answers_the_next_request() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let pki =
+        portcullis::tls::DevPki::load_or_create(dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let tls = portcullis::tls::server_config_with_alpn(
+        pki.key_source(),
+        vec![],
+        vec![b"http/1.1".to_vec()],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let port = listener.local_addr().unwrap_or_else(|e| panic!("{e}")).port();
+    let server = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(s) = acceptor.accept(s).await {
+                    serve_late_bodies(s).await;
+                }
+            });
+        }
+    });
+    let routes = format!(
+        "[[routes]]\nname = \"tls-up\"\nmatch = {{ path_prefix = \"/tls\" }}\nupstream = \"https://localhost:{port}\"\nupstream_ca = {:?}\npolicy = \"api\"\n",
+        pki.ca_path().to_string_lossy(),
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    assert_eq!(w.get("/tls/first", Some(&t)).await.text(), "ok");
+    let no_content = w.get("/tls/no-content", Some(&t)).await;
+    assert_eq!(no_content.status, http::StatusCode::NO_CONTENT);
+    for _ in 0..2 {
+        let next = w.get("/tls/next", Some(&t)).await;
+        assert_eq!(next.text(), "ok", "the 204's late body answered the next request");
     }
     server.abort();
 }
