@@ -1287,6 +1287,12 @@ async fn a_google_address_google_does_not_host_is_not_verified() {
     assert!(workspace.email_verified);
     let gmail = with(consumer.clone(), "email", json!("Jane.Doe@GMail.com"));
     assert!(v.verify_at(&rsa().sign(&google_header(), &gmail), NOW).await.unwrap().email_verified);
+    // Gmail's other domain (accounts opened in Germany and the UK): Google hosts it too.
+    let googlemail = with(consumer.clone(), "email", json!("jane.doe@googlemail.com"));
+    assert!(
+        v.verify_at(&rsa().sign(&google_header(), &googlemail), NOW).await.unwrap().email_verified,
+        "a @googlemail.com address is Gmail's"
+    );
     let lookalike = with(consumer, "email", json!("jane@gmail.com.evil.example"));
     assert!(
         !v.verify_at(&rsa().sign(&google_header(), &lookalike), NOW).await.unwrap().email_verified

@@ -628,17 +628,17 @@ pub(crate) fn identity_from_verified(
 const GOOGLE_ISSUERS: [&str; 2] = ["https://accounts.google.com", "accounts.google.com"];
 
 /// Whether the issuer is authoritative for `email`: always, except Google's, which
-/// vouches for an address only when it hosts it (a `@gmail.com` address, or a Workspace
-/// account, `hd` set). A consumer Google account may be made with any address its
+/// vouches for an address only when it hosts it (a `@gmail.com` or `@googlemail.com`
+/// address, Gmail's two domains, or a Workspace account, `hd` set). A consumer Google account may be made with any address its
 /// creator could read mail at once (an employee's work address, kept after they
 /// leave), and its `email_verified` stays `true`.
 fn google_hosts(s: &IssuerSettings, payload: &Map<String, Value>, email: Option<&str>) -> bool {
     if !GOOGLE_ISSUERS.contains(&s.issuer.as_str()) {
         return true;
     }
-    let gmail = email
-        .and_then(|e| e.rsplit_once('@'))
-        .is_some_and(|(_, domain)| domain.eq_ignore_ascii_case("gmail.com"));
+    let gmail = email.and_then(|e| e.rsplit_once('@')).is_some_and(|(_, domain)| {
+        domain.eq_ignore_ascii_case("gmail.com") || domain.eq_ignore_ascii_case("googlemail.com")
+    });
     gmail || matches!(payload.get("hd"), Some(Value::String(hd)) if !hd.is_empty())
 }
 
