@@ -1,7 +1,7 @@
 //! Body types. Bodies are streamed frame by frame in both directions, never buffered.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -263,39 +263,53 @@ async fn linger(mut body: Incoming, budget: u64) {
 pub struct RequestBody {
     inner: ClientBody,
     counter: Arc<AtomicU64>,
-    /// Set when the body has been read to its end; `None` for one empty from the start
-    /// (most requests: no allocation).
-    ended: Option<Arc<AtomicBool>>,
+    /// Who the body waits on (see [`BodyProgress`]); `None` for one empty from the
+    /// start (most requests: no allocation).
+    state: Option<Arc<AtomicU8>>,
 }
+
+/// [`RequestBody`] states: not yet polled, or the last frame polled not yet taken
+/// upstream (the upstream is not reading), the client's next frame awaited, the end.
+const WAITING_ON_UPSTREAM: u8 = 0;
+const WAITING_ON_CLIENT: u8 = 1;
+const ENDED: u8 = 2;
 
 impl RequestBody {
     pub fn new(inner: ClientBody, counter: Arc<AtomicU64>) -> Self {
-        let ended = (!inner.is_end_stream()).then(Arc::default);
-        Self { inner, counter, ended }
+        let state = (!inner.is_end_stream()).then(Arc::default);
+        Self { inner, counter, state }
     }
 
-    /// Whether the body has come to its end, for as long as the body lives upstream: a
-    /// request whose answer does not come in time may be waiting on its client's upload
-    /// rather than on the upstream.
+    /// Who the body waits on, for as long as it lives upstream: a request whose answer
+    /// does not come in time may be waiting on its client's upload rather than on the
+    /// upstream.
     pub fn progress(&self) -> BodyProgress {
-        BodyProgress(self.ended.clone())
+        BodyProgress(self.state.clone())
+    }
+
+    fn set(&self, state: u8) {
+        if let Some(s) = &self.state {
+            s.store(state, Ordering::Relaxed);
+        }
     }
 
     fn end(&self) {
-        if let Some(e) = &self.ended {
-            e.store(true, Ordering::Relaxed);
-        }
+        self.set(ENDED);
     }
 }
 
-/// Whether a [`RequestBody`] was read to its end (see [`RequestBody::progress`]).
+/// Who a [`RequestBody`] waits on (see [`RequestBody::progress`]).
 #[derive(Debug)]
-pub struct BodyProgress(Option<Arc<AtomicBool>>);
+pub struct BodyProgress(Option<Arc<AtomicU8>>);
 
 impl BodyProgress {
-    /// The body had nothing in it, or was read to its end.
-    pub fn ended(&self) -> bool {
-        self.0.as_ref().is_none_or(|e| e.load(Ordering::Relaxed))
+    /// The body's last poll found nothing from the client yet: its upload is what the
+    /// exchange waits on. Not when the body had nothing in it or came to its end, nor
+    /// when its last frame is still to be taken by the upstream (an upstream that reads
+    /// none of a body larger than the socket buffers leaves it unfinished, however
+    /// promptly the client sent it), nor before it was first polled.
+    pub fn waiting_on_client(&self) -> bool {
+        self.0.as_ref().is_some_and(|s| s.load(Ordering::Relaxed) == WAITING_ON_CLIENT)
     }
 }
 
@@ -318,6 +332,8 @@ impl Body for RequestBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Ok(frame))) => {
+                // Until the upstream side polls again, it holds this frame unsent.
+                this.set(WAITING_ON_UPSTREAM);
                 if frame.is_data() {
                     let (seen, limit) = (this.inner.seen, this.inner.limit());
                     this.counter.store(seen, Ordering::Relaxed);
@@ -332,7 +348,10 @@ impl Body for RequestBody {
                 this.end();
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                this.set(WAITING_ON_CLIENT);
+                Poll::Pending
+            }
         }
     }
 

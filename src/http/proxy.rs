@@ -869,11 +869,12 @@ pub async fn handle(
     // Nothing else takes it while this future lives.
     let mut out = parked.take().unwrap_or_else(|| Outcome::new(Some(rt.revision.clone())));
     let mut resp = match result {
-        Err(_) if !bodiless && !upload.ended() => {
+        Err(_) if !bodiless && upload.waiting_on_client() => {
             // The upstream (as most do) waited for a body that stopped coming: the
             // client's doing, not the upstream's (a slow upload, or one held open on
-            // purpose). Authorized and sent upstream, so still `allow`.
-            let detail = "the request body had not come to its end when the route's timeout passed";
+            // purpose). Authorized and sent upstream, so still `allow`. A body the
+            // upstream stopped taking is the upstream's (504 below).
+            let detail = "the request body was still awaited from the client when the route's timeout passed";
             let mut resp = rejection(out, Reason::RequestTimeout, detail, &rc);
             if let Some(o) = resp.extensions_mut().get_mut::<Outcome>() {
                 o.decision = "allow";

@@ -310,6 +310,20 @@ async fn a_request_body_that_stops_coming_is_a_request_timeout_not_the_upstreams
         .await;
     assert_eq!(r.status, http::StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
     assert_eq!(w.last_event().await["reason"], "upstream-timeout");
+    // Attack (round 14): a whole body too large for the socket buffers, and an upstream
+    // that reads none of it. The proxy cannot send it all, so it never reaches its end
+    // here: that was the client's 408, though the client had it all ready and the
+    // upstream was the one not taking it. The upstream's.
+    let r = w
+        .send(
+            http::Method::POST,
+            "/q/slow",
+            &[("authorization", &format!("Bearer {t}"))],
+            bytes::Bytes::from(vec![b'x'; 8 << 20]),
+        )
+        .await;
+    assert_eq!(r.status, http::StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
+    assert_eq!(w.last_event().await["reason"], "upstream-timeout");
     // A GET with a chunked body is sent upstream without it (hyper frames it as
     // bodiless): no upload to wait on either.
     let resp = exchange(
