@@ -621,6 +621,13 @@ impl<'a> Compiler<'a> {
                     );
                     return None;
                 }
+                if matches!(method, "CONNECT" | "TRACE") {
+                    self.err(
+                        r.span(),
+                        format!("bad request {text:?}: the proxy never forwards `{method}`: it refuses it on every route before any rule (405 method-not-allowed)"),
+                    );
+                    return None;
+                }
                 if !path.starts_with('/')
                     || path.contains(char::is_whitespace)
                     || path.contains(['?', '#'])

@@ -81,6 +81,7 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
             .filter_map(|i| catalog.issuers.get(i.as_str()).map(|p| (i.as_str(), *p)))
             .collect();
         unknown_claims(&mut out, rule, &presets);
+        never_forwarded(&mut out, rule);
         claim_types(&mut out, rule, &presets);
         contradictions(&mut out, rule, &presets);
         if rule.effect == Effect::Deny {
@@ -342,6 +343,25 @@ fn subject_pins(preset: Preset, g: &Glob) -> bool {
             prefix.starts_with('{') && prefix.contains('}')
         }
         Preset::Oidc => false,
+    }
+}
+
+/// `CONNECT` and `TRACE` in `methods` name requests the proxy refuses on every route
+/// before any policy (405): the rule reads in review as admitting (or refusing) what
+/// never reaches it.
+fn never_forwarded(out: &mut Lints<'_>, rule: &Rule) {
+    for c in rule.conditions() {
+        let Matcher::Methods(methods) = c.matcher() else { continue };
+        for m in methods.iter().filter(|m| matches!(m.as_str(), "CONNECT" | "TRACE")) {
+            out.push(
+                Severity::Warning,
+                c.loc(),
+                format!(
+                    "rule `{}` names `{m}`, which the proxy never forwards: it refuses it on every route before any rule (405 method-not-allowed)",
+                    rule.id()
+                ),
+            );
+        }
     }
 }
 

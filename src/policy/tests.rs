@@ -1914,3 +1914,31 @@ fn a_too_deeply_dotted_key_in_a_policy_is_reported_at_the_key() {
     assert_eq!(e.len(), 1, "{e:?}");
     assert!(e[0].starts_with("p.toml:4:1: recursion limit"), "{e:?}");
 }
+
+/// The proxy refuses `CONNECT` and `TRACE` on every route before any policy (405).
+/// Attack (round 14): `check` passed a `[[test]]` of `CONNECT /x` expecting `allow`
+/// (and `policy explain` would say allowed) while `serve` refuses every such request,
+/// and a rule naming either reads in review as admitting something. A test request
+/// with one is an error, as a path the proxy refuses is; a rule naming one is warned.
+#[test]
+fn methods_the_proxy_never_forwards_are_flagged() {
+    let never = |l: &String| l.contains("never forwards");
+    for m in ["CONNECT", "TRACE"] {
+        let rule = format!(
+            "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\nmethods = [\"GET\", \"{m}\"]\n"
+        );
+        let test = format!(
+            "\n[[test]]\nname = \"t\"\nidentity = {{ issuer = \"corp\" }}\nrequest = \"{m} /x\"\nexpect = \"allow\"\n"
+        );
+        let errors = parse(&format!("{rule}{test}")).err().unwrap_or_default();
+        assert!(errors.iter().any(|e| never(e) && e.contains(m)), "{m}: {errors:?}");
+        let lints: Vec<String> =
+            lint(&must_parse(&rule), &catalog()).iter().map(|l| l.to_string()).collect();
+        assert!(lints.iter().any(|l| never(l) && l.contains(m)), "{m}: {lints:?}");
+    }
+    // Near miss: the methods the proxy forwards.
+    let rule = "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\nmethods = [\"GET\", \"OPTIONS\"]\n\n[[test]]\nname = \"t\"\nidentity = { issuer = \"corp\" }\nrequest = \"OPTIONS /x\"\nexpect = \"allow\"\n";
+    let lints: Vec<String> =
+        lint(&must_parse(rule), &catalog()).iter().map(|l| l.to_string()).collect();
+    assert!(!lints.iter().any(never), "{lints:?}");
+}

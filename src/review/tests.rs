@@ -1587,3 +1587,15 @@ expect = \"deny\"
     // The deny names `bb` and `gh`, but nothing shows an anonymous caller is neither.
     assert_eq!(j["decision"]["reason"], "denied-by-rule", "{j}");
 }
+
+/// `policy explain --request` and `policy who --request` say what `serve` does with a
+/// method it never forwards: refused before any rule, never "allowed by rule …".
+#[test]
+fn a_request_line_with_a_method_never_forwarded_is_refused() {
+    for m in ["CONNECT", "TRACE", "TRACK"] {
+        let got = super::explain::RequestLine::parse(&format!("{m} https://app.example.com/x"));
+        let err = got.err().unwrap_or_default();
+        assert!(err.contains("never forwards") && err.contains("405"), "{m}: {err}");
+    }
+    assert!(super::explain::RequestLine::parse("OPTIONS https://app.example.com/x").is_ok());
+}
