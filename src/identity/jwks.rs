@@ -117,6 +117,10 @@ pub(crate) struct IssuerKeys {
 /// regular refresh wakes nothing.
 pub(crate) type Removals = tokio::sync::watch::Sender<()>;
 
+fn same_set(a: &[Algorithm], b: &[Algorithm]) -> bool {
+    a.iter().all(|x| b.contains(x)) && b.iter().all(|x| a.contains(x))
+}
+
 /// Whether `new` lacks a key of `old`: a `kid` gone, or new material under it.
 fn drops_a_key(old: &KeySet, new: &KeySet) -> bool {
     old.keys.iter().any(|(kid, key)| new.keys.get(kid).is_none_or(|k| k.material != key.material))
@@ -184,8 +188,10 @@ impl IssuerKeys {
             && a.discovery_url == b.discovery_url
             && a.ca_file == b.ca_file
             && a.insecure_http == b.insecure_http
-            // Keys are filtered and parsed against the allowlist.
-            && a.algorithms == b.algorithms
+            // Keys are filtered and parsed against the allowlist, a set: the same
+            // algorithms in another order parse the same keys (and an open tunnel or
+            // session, which a reordered allowlist does not end, keeps its key).
+            && same_set(&a.algorithms, &b.algorithms)
     }
 
     pub fn adopt(&self, old: &IssuerKeys) {

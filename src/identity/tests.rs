@@ -907,6 +907,22 @@ async fn the_key_that_verified_a_token_and_the_key_sets_that_drop_it() {
     }
 }
 
+/// A reload that only reorders an issuer's `algorithms` (which ends no open tunnel or
+/// session: the allowlist is a set) adopts its keys, so what they admitted keeps its key.
+#[test]
+fn a_reordered_allowlist_keeps_the_issuers_keys_across_a_reload() {
+    let now = crate::util::unix_now();
+    let payload = with(with(okta_payload(), "iat", json!(now)), "exp", json!(now + 3600));
+    let token = rsa().sign(&okta_header(), &payload);
+    let v = offline(vec![okta_settings()]);
+    let key = v.signing_key(&token).unwrap_or_else(|| panic!("no key"));
+    let mut reordered = okta_settings();
+    reordered.algorithms.reverse();
+    let reloaded = Verifier::new(vec![reordered]).unwrap();
+    reloaded.adopt_keys_from(&v);
+    assert!(reloaded.holds(&key));
+}
+
 /// One more RSA key under its own `kid`.
 fn forger_kid_2() -> &'static DevSigner {
     static K: OnceLock<DevSigner> = OnceLock::new();

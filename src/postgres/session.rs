@@ -673,7 +673,13 @@ async fn establish(
         Ok(i) => i,
         Err(e) => return refuse(&mut client, "28P01", e.reason, sid, e.detail.into_owned()).await,
     };
-    facts.signing_key = rt.verifier.signing_key(&token);
+    // What the session stays admitted by: a key gone since the verification (a refresh
+    // in between) refuses it, as it would end it.
+    let Some(key) = rt.verifier.signing_key(&token) else {
+        let detail = "the key that verified the token left the issuer's key set";
+        return refuse(&mut client, "28P01", Reason::UnknownKey, sid, detail).await;
+    };
+    facts.signing_key = Some(key);
     drop(token);
     facts.identity = Some(identity.clone());
     if identity.expires_at <= crate::util::unix_now() {
