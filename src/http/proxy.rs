@@ -789,6 +789,16 @@ pub async fn handle(
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     // What the tunnel re-checks at reloads (the request itself goes upstream).
     let upgrade_method = websocket.then(|| req.method().clone());
+    // The key that verified a tunnel's token: the tunnel ends once the issuer's key set
+    // drops it. Only for an upgrade (boxed: every request's future holds the variable).
+    let tunnel_key = match (websocket, source) {
+        (true, Some(_)) => extract_bearer(req.headers())
+            .ok()
+            .flatten()
+            .and_then(|(token, _)| rt.verifier.signing_key(token))
+            .map(Box::new),
+        _ => None,
+    };
 
     let uri = match super::upstream::origin_form(target) {
         Ok(u) => u,
@@ -956,7 +966,7 @@ pub async fn handle(
                     admission: Admission::new(
                         identity,
                         match source {
-                            Some(_) => Credential::Token,
+                            Some(_) => Credential::Token(tunnel_key.map(|k| *k)),
                             // No key (never so): a key no list holds, ended at a reload.
                             None => {
                                 let (key, revocation) = session_key.unwrap_or_default();

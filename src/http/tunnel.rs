@@ -4,7 +4,9 @@
 //! authorized it: it ends when the caller's credential expires, when a reload changes
 //! the configuration so that the upgrade request would now be denied — its policy
 //! denies it, or the request now matches another route or none (route matching runs
-//! again, as for a new request) — as a database session does, when a shutdown's grace
+//! again, as for a new request) — as a database session does, when the issuer's key set
+//! drops the key that verified the tunnel's token (checked again whenever a key set
+//! drops a key, and at every reload), when a shutdown's grace
 //! period is over (the drain's, as the server started: database sessions too), and after
 //! `server.idle_timeout` with no byte in either direction (as nginx's
 //! `proxy_read_timeout` ends an idle tunnel; applications keep theirs alive with
@@ -100,12 +102,18 @@ impl Grant {
         }
     }
 
-    /// Resolves when a reload, or for a tunnel a browser session opened a sign-out of
-    /// that session, revoked the access ([`End::AccessRevoked`]), or a reload brought the
-    /// credential's end forward (a lower `max_token_age`) and that time came
-    /// ([`End::CredentialExpired`]).
+    /// Resolves when a reload, for a tunnel a browser session opened a sign-out of that
+    /// session, or for one a token opened a key set that dropped a key (the one that
+    /// verified the token, a rotation after a compromise), revoked the access
+    /// ([`End::AccessRevoked`]), or a reload brought the credential's end forward (a
+    /// lower `max_token_age`) and that time came ([`End::CredentialExpired`]).
     async fn revoked(&self) -> End {
         let mut reloads = self.shared.reloads.subscribe();
+        // Key removals are announced by the verifier of each generation: subscribed to
+        // again at every reload. The check at the first pass covers a removal between
+        // the request and the switch to the tunnel.
+        let token = !self.admission.is_session();
+        let mut removals = token.then(|| self.shared.runtime.load().verifier.key_removals());
         // Sign-outs are counted by the list every generation's sessions share. Starting
         // from the count when the tunnel opened; the check at the first pass covers a
         // sign-out between the request and the switch to the tunnel.
@@ -118,10 +126,13 @@ impl Grant {
         let mut seen = self.generation;
         let mut expires_at = self.admission.identity.expires_at;
         let mut reloads_open = true;
-        let mut check = sign_outs.is_some();
+        let mut check = sign_outs.is_some() || removals.is_some();
         loop {
             let current = *reloads.borrow_and_update();
             if current != seen || check {
+                if current != seen && token {
+                    removals = Some(self.shared.runtime.load().verifier.key_removals());
+                }
                 seen = current;
                 check = false;
                 match self.still_allowed() {
@@ -146,6 +157,16 @@ impl Grant {
                 }, if sign_outs.is_some() => match changed {
                     Ok(()) => check = true,
                     Err(_) => sign_outs = None,
+                },
+                changed = async {
+                    match removals.as_mut() {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                }, if removals.is_some() => match changed {
+                    Ok(()) => check = true,
+                    // That generation's verifier is gone: the reload subscribes again.
+                    Err(_) => removals = None,
                 },
                 () = tokio::time::sleep(Duration::from_secs(left)), if sooner => {
                     return End::CredentialExpired;
@@ -182,8 +203,9 @@ impl Grant {
                 route.name, identity.issuer
             ));
         }
+        let now = crate::util::unix_now();
         let identity =
-            self.admission.recheck(&rt.config, rt.sessions.as_deref(), crate::util::unix_now())?;
+            self.admission.recheck(&rt.config, &rt.verifier, rt.sessions.as_deref(), now)?;
         let facts = crate::policy::RequestFacts {
             method: &self.method,
             path: &self.path,
@@ -273,8 +295,9 @@ pub struct TunnelEvent<'a> {
     /// [`End::label`]: `closed`, `idle`, `credential-expired`, `access-revoked`,
     /// `shutdown`.
     pub reason: &'static str,
-    /// Why a reload revoked the access (`access-revoked`): the route it goes to now,
-    /// the issuer check or the rule that denies it.
+    /// Why the access was revoked (`access-revoked`): the route it goes to now, the
+    /// issuer check, the key that verified the token gone from the issuer's key set, or
+    /// the rule that denies it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<&'a str>,
     /// The revision in force when the tunnel ended.

@@ -8,7 +8,10 @@
 //! audience added) ends none. What cannot be checked again without the token — its
 //! signature and header — is covered by [`Trust`]: a reload that changes where the
 //! issuer's keys come from or how a header is checked ends them, as the verifier then
-//! drops the keys it had. A browser session is admitted again as its cookie would be:
+//! drops the keys it had; and by the key that verified it ([`super::SigningKey`]): once
+//! the issuer's key set no longer holds it (a key rotation after a compromise), they
+//! end too — checked at every reload and whenever a key set drops a key
+//! ([`super::Verifier::key_removals`]). A browser session is admitted again as its cookie would be:
 //! while the issuer still has `login`, the key that sealed the cookie is still among the
 //! session keys (`[session] keys_file`/`keys_env`; rotating them signs everyone out) and
 //! its absolute lifetime, as reloaded, is not reached, and it was not signed out (checked
@@ -19,12 +22,15 @@ use std::sync::Arc;
 
 use super::{Algorithm, Identity, IssuerSettings, TokenType};
 use crate::config::Config;
+use crate::reason::Reason;
 
 /// How the identity was presented.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credential {
-    /// A bearer token (`Authorization`, `Proxy-Authorization`, a database password).
-    Token,
+    /// A bearer token (`Authorization`, `Proxy-Authorization`, a database password),
+    /// verified by this key ([`super::Verifier::signing_key`]; `None`: the issuer's set
+    /// no longer held it when the connection opened, which the first check ends).
+    Token(Option<super::SigningKey>),
     /// A browser session cookie, sealed with this one of the session keys
     /// (`[session] keys_file`/`keys_env`), of the session the sign-out list knows by
     /// `revocation`.
@@ -70,13 +76,15 @@ impl Admission {
         Admission { identity, credential, trust }
     }
 
-    /// Whether `config` (a reload's) still admits the identity as it would admit a new
-    /// request with the same credential, as far as that can be told without the token:
-    /// the identity as `config` sees it (its groups, its end: policies are evaluated on
-    /// it), or why not. Route and policy are the caller's to check.
+    /// Whether `config` (a reload's) and `verifier` (its keys as now fetched) still
+    /// admit the identity as they would admit a new request with the same credential,
+    /// as far as that can be told without the token: the identity as `config` sees it
+    /// (its groups, its end: policies are evaluated on it), or why not. Route and policy
+    /// are the caller's to check.
     pub fn recheck(
         &self,
         config: &Config,
+        verifier: &super::Verifier,
         sessions: Option<&crate::session::Sessions>,
         now: u64,
     ) -> Result<Arc<Identity>, String> {
@@ -84,8 +92,8 @@ impl Admission {
         let Some(issuer) = config.issuer(name.as_str()) else {
             return Err(format!("issuer `{name}` removed"));
         };
-        match self.credential {
-            Credential::Session { key, revocation } => {
+        match &self.credential {
+            &Credential::Session { key, revocation } => {
                 if config.login(name).is_none() {
                     return Err(format!("issuer `{name}` no longer has login configured"));
                 }
@@ -99,12 +107,30 @@ impl Admission {
                 }
                 Ok(self.identity.clone())
             }
-            Credential::Token => {
+            Credential::Token(key) => {
                 if Some(Trust::of(issuer)) != self.trust {
                     return Err(format!(
                         "issuer `{name}` changed where its keys come from or how tokens are checked \
                          (issuer, discovery_url, ca, insecure_http, algorithms or token_type)"
                     ));
+                }
+                match key {
+                    Some(k) if verifier.holds(k) => {}
+                    Some(k) => {
+                        return Err(format!(
+                            "{}: the key that verified the token (kid `{}`) is no longer in \
+                             issuer `{name}`'s key set",
+                            Reason::UnknownKey.code(),
+                            k.kid().escape_debug()
+                        ))
+                    }
+                    None => {
+                        return Err(format!(
+                            "{}: the key that verified the token was no longer in issuer \
+                             `{name}`'s key set when the connection opened",
+                            Reason::UnknownKey.code()
+                        ))
+                    }
                 }
                 super::verify::recheck(issuer, &self.identity, now).map(Arc::new).map_err(|e| {
                     format!("{} under issuer `{name}` as reloaded: {}", e.reason.code(), e.detail)

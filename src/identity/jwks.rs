@@ -106,13 +106,35 @@ pub(crate) struct IssuerKeys {
     last_kid_refresh: Mutex<Option<Instant>>,
     /// Fetch attempts (discovery + JWKS as one), for tests and logs.
     pub fetches: AtomicU64,
+    /// Told when a new set drops a key the previous one had (the verifier's
+    /// [`Removals`], shared by its issuers).
+    removals: Arc<Removals>,
+}
+
+/// Announces key sets that dropped a key: open WebSocket tunnels and database sessions
+/// admitted with a token that key verified then end (a token cache entry of it is dead
+/// already, checked on every hit). Not sent for a refresh that only adds keys, so the
+/// regular refresh wakes nothing.
+pub(crate) type Removals = tokio::sync::watch::Sender<()>;
+
+fn same_set(a: &[Algorithm], b: &[Algorithm]) -> bool {
+    a.iter().all(|x| b.contains(x)) && b.iter().all(|x| a.contains(x))
+}
+
+/// Whether `new` lacks a key of `old`: a `kid` gone, or new material under it.
+fn drops_a_key(old: &KeySet, new: &KeySet) -> bool {
+    old.keys.iter().any(|(kid, key)| new.keys.get(kid).is_none_or(|k| k.material != key.material))
 }
 
 // === impl IssuerKeys ===
 
 impl IssuerKeys {
     /// No network: only the TLS client is built (reading `ca_file`) and URLs checked.
-    pub fn new(settings: IssuerSettings, timing: Timing) -> Result<Self, String> {
+    pub fn new(
+        settings: IssuerSettings,
+        timing: Timing,
+        removals: Arc<Removals>,
+    ) -> Result<Self, String> {
         let id = settings.id.clone();
         check_fetch_url(&settings.discovery_url, settings.insecure_http)
             .map_err(|e| format!("issuer {id}: discovery_url {e}"))?;
@@ -130,7 +152,32 @@ impl IssuerKeys {
             refresh_lock: tokio::sync::Mutex::new(()),
             last_kid_refresh: Mutex::new(None),
             fetches: AtomicU64::new(0),
+            removals,
         })
+    }
+
+    /// Installs `set` in place of the current one; announces it when it drops a key.
+    fn store(&self, set: KeySet) {
+        let new = Arc::new(set);
+        let old = self.keys.swap(Some(new.clone()));
+        if let Some(old) = old {
+            if drops_a_key(&old, &new) {
+                tracing::info!(
+                    issuer = %self.label,
+                    "JWKS dropped a key: connections admitted with a token it verified end"
+                );
+                self.removals.send_replace(());
+            }
+        }
+    }
+
+    /// Whether the issuer's current key set (as last fetched, stale or not) holds the
+    /// key `kid` with `material`.
+    pub fn holds(&self, kid: &str, material: &[u8; 32]) -> bool {
+        self.keys
+            .load()
+            .as_deref()
+            .is_some_and(|s| s.get(kid).is_some_and(|(_, k)| k.material == *material))
     }
 
     /// Whether `self` may take over `old`'s keys on reload: the same keys would be
@@ -141,8 +188,10 @@ impl IssuerKeys {
             && a.discovery_url == b.discovery_url
             && a.ca_file == b.ca_file
             && a.insecure_http == b.insecure_http
-            // Keys are filtered and parsed against the allowlist.
-            && a.algorithms == b.algorithms
+            // Keys are filtered and parsed against the allowlist, a set: the same
+            // algorithms in another order parse the same keys (and an open tunnel or
+            // session, which a reordered allowlist does not end, keeps its key).
+            && same_set(&a.algorithms, &b.algorithms)
     }
 
     pub fn adopt(&self, old: &IssuerKeys) {
@@ -225,7 +274,7 @@ impl IssuerKeys {
         match self.fetch().await {
             Ok(set) => {
                 tracing::debug!(issuer = %self.label, keys = set.keys.len(), ttl = ?set.ttl, "JWKS loaded");
-                self.keys.store(Some(Arc::new(set)));
+                self.store(set);
                 metrics.inc(&(self.label.clone(), "ok"));
                 crate::metrics::global()
                     .jwks_last_success
@@ -316,7 +365,7 @@ impl IssuerKeys {
     pub fn install(&self, doc: &Value, ttl: Duration) -> Result<usize, String> {
         let keys = parse_jwks(doc, &self.settings.algorithms, &self.label)?;
         let n = keys.len();
-        self.keys.store(Some(Arc::new(KeySet { keys, fetched_at: Instant::now(), ttl })));
+        self.store(KeySet { keys, fetched_at: Instant::now(), ttl });
         Ok(n)
     }
 }

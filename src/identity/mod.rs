@@ -21,7 +21,9 @@ pub mod verify;
 pub use admission::{Admission, Credential};
 pub use cache::{LastToken, DEFAULT_CAPACITY as DEFAULT_TOKEN_CACHE_ENTRIES};
 pub use token::{MAX_KID_LEN, MAX_TOKEN_LEN};
-pub use verify::{extract_bearer, unverified_identity, CredentialSource, Verifier, MAX_LEEWAY};
+pub use verify::{
+    extract_bearer, unverified_identity, CredentialSource, SigningKey, Verifier, MAX_LEEWAY,
+};
 
 /// The configured name of an issuer (`[issuers.NAME]`), not its URL.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

@@ -865,6 +865,70 @@ async fn a_token_cache_of_zero_entries_verifies_every_request_and_a_small_one_is
     assert_eq!(small.signature_checks(), 5, "the fifth token is verified once, then a hit");
 }
 
+/// Session 14: what keeps an open tunnel or database session admitted besides its
+/// token's claims is the key that verified the token — its cache entry's, or with the
+/// cache off the one that verifies it again — while the issuer's set holds it. A set
+/// that drops it (or puts other material under its `kid`) announces a removal; one that
+/// changes nothing or only adds a key does not.
+#[tokio::test]
+async fn the_key_that_verified_a_token_and_the_key_sets_that_drop_it() {
+    let now = crate::util::unix_now();
+    let payload = with(with(okta_payload(), "iat", json!(now)), "exp", json!(now + 3600));
+    let token = rsa().sign(&okta_header(), &payload);
+    let corp = IssuerId("corp".into());
+    let install = |v: &Verifier, keys: &[&DevSigner]| {
+        assert!(v.install_jwks(&corp, &signer::jwks(keys), Duration::from_secs(600)).is_ok());
+    };
+    for (entries, signatures) in [(16, 1), (0, 2)] {
+        let v = offline(vec![okta_settings()]).with_token_cache(entries);
+        assert!(v.verify_at(&token, now).await.is_ok());
+        let key = v.signing_key(&token).unwrap_or_else(|| panic!("no key ({entries})"));
+        assert_eq!((key.issuer().as_str(), key.kid()), ("corp", "rsa-1"));
+        assert_eq!(v.signature_checks(), signatures, "cache of {entries}");
+        assert!(v.holds(&key));
+        // A token the issuer's keys do not verify has no key.
+        assert!(v.signing_key(&forger().sign(&okta_header(), &payload)).is_none());
+
+        let mut removals = v.key_removals();
+        install(&v, &[rsa(), ec()]);
+        install(&v, &[ec(), rsa(), forger_kid_2()]);
+        assert!(!removals.has_changed().unwrap_or(true), "no key dropped");
+        assert!(v.holds(&key));
+        install(&v, &[ec(), forger()]);
+        assert!(removals.has_changed().unwrap_or(false), "new material under the kid");
+        assert!(!v.holds(&key), "other material under the same kid is another key");
+        assert!(v.signing_key(&token).is_none());
+        removals.borrow_and_update();
+        install(&v, &[ec()]);
+        assert!(removals.has_changed().unwrap_or(false), "a kid dropped");
+        // A reload's verifier whose issuer is another holds none of its keys.
+        let other = offline(vec![settings("other", Preset::Oidc, OKTA, OKTA_CLIENT)]);
+        assert!(!other.holds(&key));
+    }
+}
+
+/// A reload that only reorders an issuer's `algorithms` (which ends no open tunnel or
+/// session: the allowlist is a set) adopts its keys, so what they admitted keeps its key.
+#[test]
+fn a_reordered_allowlist_keeps_the_issuers_keys_across_a_reload() {
+    let now = crate::util::unix_now();
+    let payload = with(with(okta_payload(), "iat", json!(now)), "exp", json!(now + 3600));
+    let token = rsa().sign(&okta_header(), &payload);
+    let v = offline(vec![okta_settings()]);
+    let key = v.signing_key(&token).unwrap_or_else(|| panic!("no key"));
+    let mut reordered = okta_settings();
+    reordered.algorithms.reverse();
+    let reloaded = Verifier::new(vec![reordered]).unwrap();
+    reloaded.adopt_keys_from(&v);
+    assert!(reloaded.holds(&key));
+}
+
+/// One more RSA key under its own `kid`.
+fn forger_kid_2() -> &'static DevSigner {
+    static K: OnceLock<DevSigner> = OnceLock::new();
+    K.get_or_init(|| DevSigner::generate_rs256("rsa-2").unwrap())
+}
+
 // === JWKS over the network ===
 
 fn fast_timing() -> Timing {
@@ -1235,7 +1299,9 @@ async fn a_failed_key_fetch_names_the_url_without_its_query() {
     s.discovery_url =
         format!("http://127.0.0.1:{port}/t/.well-known/openid-configuration?tenant_secret=hunter2");
     s.insecure_http = true;
-    let keys = super::jwks::IssuerKeys::new(s, fast_timing()).unwrap();
+    let keys =
+        super::jwks::IssuerKeys::new(s, fast_timing(), Arc::new(tokio::sync::watch::channel(()).0))
+            .unwrap();
     assert!(keys.refresh_for_kid("k1").await.is_none());
     let log = String::from_utf8_lossy(&buf.0.lock()).into_owned();
     assert!(log.contains("JWKS refresh failed"), "{log}");

@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 
 use super::cache::{self, Entry, TokenCache};
 pub(crate) use super::jwks::{chain, check_fetch_url, issuer_tls, url_for_log, url_str_for_log};
-use super::jwks::{IssuerKeys, Timing};
+use super::jwks::{IssuerKeys, Removals, Timing};
 use super::token::{self, MAX_TOKEN_LEN};
 use super::{AuthError, Claims, Identity, IssuerId, IssuerSettings, Preset, TokenType};
 use crate::reason::Reason;
@@ -44,6 +44,31 @@ pub struct Verifier {
     /// Signatures checked, so tests can prove a cache hit or an early rejection
     /// did no signature work.
     signature_checks: AtomicU64,
+    /// Sent when an issuer's new key set drops a key ([`Verifier::key_removals`]).
+    removals: Arc<Removals>,
+}
+
+/// The key that verified a token: its issuer, `kid` and key material. What keeps an open
+/// WebSocket tunnel or database session admitted besides the token's claims: once the
+/// issuer's key set no longer holds it ([`Verifier::holds`]), a new request with the
+/// token is refused, and the connection ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningKey {
+    issuer: IssuerId,
+    kid: Arc<str>,
+    material: [u8; 32],
+}
+
+impl SigningKey {
+    /// The configured name of the issuer whose key set held the key.
+    pub fn issuer(&self) -> &IssuerId {
+        &self.issuer
+    }
+
+    /// The key's `kid` (bounded by [`super::MAX_KID_LEN`]; from the issuer's JWKS).
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
 }
 
 impl std::fmt::Debug for Verifier {
@@ -156,6 +181,7 @@ impl Verifier {
     ) -> Result<Verifier, String> {
         let mut by_iss = HashMap::new();
         let mut keys = Vec::with_capacity(issuers.len());
+        let removals = Arc::new(tokio::sync::watch::channel(()).0);
         for settings in issuers {
             check_settings(&settings)?;
             if by_iss.insert(settings.issuer.clone(), keys.len()).is_some() {
@@ -164,7 +190,7 @@ impl Verifier {
                     settings.id, settings.issuer
                 ));
             }
-            keys.push(Arc::new(IssuerKeys::new(settings, timing)?));
+            keys.push(Arc::new(IssuerKeys::new(settings, timing, removals.clone())?));
         }
         Ok(Verifier {
             issuers: keys,
@@ -172,6 +198,7 @@ impl Verifier {
             cache: TokenCache::new(cache::DEFAULT_CAPACITY),
             tasks: Mutex::new(Vec::new()),
             signature_checks: AtomicU64::new(0),
+            removals,
         })
     }
 
@@ -235,6 +262,56 @@ impl Verifier {
         };
         crate::metrics::global().token_verifications.inc(&code);
         result
+    }
+
+    /// The key that verified `token`, a token [`Verifier::verify`] accepted just before:
+    /// the one its cache entry names, or (no entry: the cache is off or let it go) the
+    /// issuer's key by its `kid` that verifies its signature now. `None` when no key in
+    /// the issuer's set does any more. Run once by what a token opens for longer than a
+    /// request (a WebSocket tunnel, a database session), never per request.
+    pub fn signing_key(&self, token: &str) -> Option<SigningKey> {
+        let of = |issuer: &IssuerKeys, kid: Arc<str>, material: [u8; 32]| SigningKey {
+            issuer: issuer.settings.id.clone(),
+            kid,
+            material,
+        };
+        if let Some(hit) = self.cache.get(&cache::hash(token), crate::util::unix_now()) {
+            let issuer = self.issuers.get(hit.issuer)?;
+            if issuer.holds(&hit.kid, &hit.key_material) {
+                return Some(of(issuer, hit.kid, hit.key_material));
+            }
+        }
+        let parsed = token::parse(token).ok()?;
+        let header = token::check_header(&parsed.header).ok()?;
+        let iss = parsed.payload.get("iss").and_then(Value::as_str)?;
+        let issuer = self.issuers.get(*self.by_iss.get(iss)?)?;
+        if !issuer.settings.algorithms.contains(&header.alg) {
+            return None;
+        }
+        let set = issuer.usable()?;
+        let (kid, key) = set.get(header.kid)?;
+        self.signature_checks.fetch_add(1, Ordering::Relaxed);
+        key.for_alg(header.alg)?
+            .verify_sig(parsed.signing_input.as_bytes(), &parsed.signature)
+            .ok()?;
+        Some(of(issuer, kid.clone(), key.material))
+    }
+
+    /// Whether the key set of `key`'s issuer (as last fetched) still holds `key`: the
+    /// same `kid` with the same material. A verifier of a reload that removed or
+    /// renamed the issuer holds none of its keys.
+    pub fn holds(&self, key: &SigningKey) -> bool {
+        self.issuers
+            .iter()
+            .find(|i| i.settings.id == key.issuer)
+            .is_some_and(|i| i.holds(&key.kid, &key.material))
+    }
+
+    /// Changes each time one of the issuers' key sets drops a key (a refresh without
+    /// the `kid`, or with new material under it; not one that only adds keys). A new
+    /// verifier (a reload) has its own: subscribe again to the runtime's.
+    pub fn key_removals(&self) -> tokio::sync::watch::Receiver<()> {
+        self.removals.subscribe()
     }
 
     /// Every issuer has a usable key set.

@@ -38,6 +38,8 @@ struct Facts {
     /// What was forwarded upstream from the startup packet (see `startup`).
     startup_parameters: Vec<(String, String)>,
     identity: Option<Arc<Identity>>,
+    /// The key that verified the token ([`crate::identity::Verifier::signing_key`]).
+    signing_key: Option<crate::identity::SigningKey>,
     rule: Option<Arc<RuleRef>>,
     upstream_role: Option<String>,
 }
@@ -85,6 +87,8 @@ pub(super) async fn run(
     let mut generation = hub.subscribe();
     generation.borrow_and_update();
     let rt = hub.shared.runtime.load_full();
+    // Before the token is verified: a key set dropping its key from then on is seen.
+    let removals = rt.verifier.key_removals();
     let sid = crate::http::next_request_id();
     let started = Instant::now();
     let mut facts = Facts::default();
@@ -206,7 +210,8 @@ pub(super) async fn run(
         upstream_role: &upstream_role,
         identity: &identity,
     };
-    let admission = Admission::new(identity.clone(), Credential::Token, &rt.config);
+    let credential = Credential::Token(facts.signing_key.take());
+    let admission = Admission::new(identity.clone(), credential, &rt.config);
     let control = control(
         &hub,
         &admission,
@@ -214,7 +219,7 @@ pub(super) async fn run(
         facts.role.as_deref(),
         &upstream_role,
         &db,
-        generation,
+        (generation, removals),
         stop,
     );
     // Exactly one `close` per `open`: written below when the relay ends, or by this guard
@@ -668,6 +673,13 @@ async fn establish(
         Ok(i) => i,
         Err(e) => return refuse(&mut client, "28P01", e.reason, sid, e.detail.into_owned()).await,
     };
+    // What the session stays admitted by: a key gone since the verification (a refresh
+    // in between) refuses it, as it would end it.
+    let Some(key) = rt.verifier.signing_key(&token) else {
+        let detail = "the key that verified the token left the issuer's key set";
+        return refuse(&mut client, "28P01", Reason::UnknownKey, sid, detail).await;
+    };
+    facts.signing_key = Some(key);
     drop(token);
     facts.identity = Some(identity.clone());
     if identity.expires_at <= crate::util::unix_now() {
@@ -929,9 +941,12 @@ async fn control(
     role: Option<&str>,
     upstream_role: &str,
     opened_on: &DatabaseSettings,
-    mut generation: watch::Receiver<u64>,
+    (mut generation, removals): (watch::Receiver<u64>, watch::Receiver<()>),
     mut stop: watch::Receiver<bool>,
 ) -> (Reason, String) {
+    // Key sets that drop a key, announced by the verifier of each generation: subscribed
+    // to again at every reload (`None`: that generation's verifier is gone).
+    let mut removals = Some(removals);
     // Until when the credential admits the session: a reload may bring it forward (a
     // lower `max_token_age`).
     let mut expires_at = admission.identity.expires_at;
@@ -944,6 +959,7 @@ async fn control(
     tokio::pin!(cap);
     let mut generation_open = true;
     loop {
+        let recheck;
         tokio::select! {
             () = &mut expiry => {
                 return (Reason::SessionExpired, format!("the token expired (exp or max_token_age, at {})", rfc3339(expires_at)));
@@ -957,26 +973,41 @@ async fn control(
                     continue;
                 }
                 generation.borrow_and_update();
-                let (seen, cap_now) =
-                    match revoked(hub, opened_on, admission, database, role, upstream_role) {
-                        Err(why) => return (Reason::AccessRevoked, why),
-                        Ok(x) => x,
-                    };
-                if seen.expires_at < expires_at {
-                    expires_at = seen.expires_at;
-                    expiry.as_mut().reset(tokio::time::Instant::now() + until(expires_at));
+                removals = Some(hub.shared.runtime.load().verifier.key_removals());
+                recheck = true;
+            }
+            changed = async {
+                match removals.as_mut() {
+                    Some(rx) => rx.changed().await,
+                    None => std::future::pending().await,
                 }
-                // A shorter `max_session` ends an open session as it would a new one (a
-                // longer one extends none), as a shorter `max_token_age` does above.
-                if let Some(m) = cap_now.filter(|m| max_session.is_none_or(|c| *m < c)) {
-                    max_session = Some(m);
-                    cap.as_mut().reset(opened.checked_add(m).unwrap_or(opened));
+            }, if removals.is_some() => {
+                recheck = changed.is_ok();
+                if !recheck {
+                    removals = None;
                 }
             }
             () = super::stopped(&mut stop) => {
                 let grace = hub.grace();
                 tokio::time::sleep(grace).await;
                 return (Reason::ShuttingDown, format!("server shutting down; grace period ({grace:?}) over"));
+            }
+        }
+        if recheck {
+            let (seen, cap_now) =
+                match revoked(hub, opened_on, admission, database, role, upstream_role) {
+                    Err(why) => return (Reason::AccessRevoked, why),
+                    Ok(x) => x,
+                };
+            if seen.expires_at < expires_at {
+                expires_at = seen.expires_at;
+                expiry.as_mut().reset(tokio::time::Instant::now() + until(expires_at));
+            }
+            // A shorter `max_session` ends an open session as it would a new one (a
+            // longer one extends none), as a shorter `max_token_age` does above.
+            if let Some(m) = cap_now.filter(|m| max_session.is_none_or(|c| *m < c)) {
+                max_session = Some(m);
+                cap.as_mut().reset(opened.checked_add(m).unwrap_or(opened));
             }
         }
     }
@@ -1025,7 +1056,7 @@ fn revoked(
         ));
     }
     let identity = admission
-        .recheck(&rt.config, rt.sessions.as_deref(), crate::util::unix_now())
+        .recheck(&rt.config, &rt.verifier, rt.sessions.as_deref(), crate::util::unix_now())
         .map_err(|why| format!("{why} (policy revision {})", rt.revision))?;
     let d = db.policy.evaluate(&identity, &RequestFacts::database(database, role));
     if !d.allowed {

@@ -472,6 +472,71 @@ async fn a_reload_that_stops_trusting_a_tunnels_token_ends_the_tunnel() {
     assert!(detail.contains("audience-mismatch") && detail.contains("as reloaded"), "{e}");
 }
 
+/// A token of `issuer` (`gl`, ...) signed by `signer` under `kid`.
+pub fn token_by(
+    w: &World,
+    issuer: &str,
+    signer: &portcullis::dev::signer::DevSigner,
+    kid: &str,
+) -> String {
+    let (mut h, p) = w.parts(issuer, &[]);
+    h["kid"] = serde_json::json!(kid);
+    signer.sign_raw(&h.to_string(), &p.to_string())
+}
+
+/// Makes the proxy fetch `path`'s JWKS again now: a token with a `kid` it has never
+/// seen, after the issuers' 1 s `refresh_cooldown` since the last such refresh.
+pub async fn refresh_keys(w: &World, issuer: &str) {
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let never = token_by(w, issuer, &w.signer, "never-seen");
+    assert_eq!(w.get("/x", Some(&never)).await.status, StatusCode::UNAUTHORIZED);
+}
+
+/// Session 14 (identity attack round): an open tunnel ends when the issuer's key set
+/// drops the key that verified its token (a rotation after a key compromise: a forged
+/// token with a far-off `exp` kept its tunnel open until then), as a new upgrade with
+/// that token is refused. A refresh that only adds a key ends nothing, and tunnels whose
+/// key is still published (the new key of the same issuer, another issuer's) go on.
+#[tokio::test]
+async fn a_key_set_that_drops_a_tunnels_signing_key_ends_the_tunnel() {
+    let w = World::start().await;
+    let old = w.token("gl", &[]);
+    let mut ws = ws_connect_at(&w, "/ws", Some(&old)).await.unwrap_or_else(|e| panic!("{e}"));
+    let gh = w.token("gh", &[]);
+    let mut other = ws_connect_at(&w, "/ws", Some(&gh)).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(echo_once(&mut ws).await && echo_once(&mut other).await);
+
+    // The issuer publishes a second key: fetched on first sight, nothing ends.
+    let next = portcullis::dev::signer::DevSigner::generate_rs256("test-key-2")
+        .unwrap_or_else(|e| panic!("{e}"));
+    w.issuer.set_keys("/gitlab", &[&w.signer, &next]);
+    let new = token_by(&w, "gl", &next, "test-key-2");
+    let mut kept = ws_connect_at(&w, "/ws", Some(&new)).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(echo_once(&mut ws).await, "ended by a refresh that only added a key");
+
+    // The issuer retires the old key; the next refresh drops it.
+    w.issuer.set_keys("/gitlab", &[&next]);
+    refresh_keys(&w, "gl").await;
+    assert_eq!(w.get("/x", Some(&old)).await.status, StatusCode::UNAUTHORIZED);
+    let ended = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert!(ended.is_ok(), "the tunnel outlived the key that verified its token");
+    assert!(!echo_once(&mut ws).await, "the tunnel of the dropped key still relays");
+    assert!(echo_once(&mut kept).await, "the tunnel of the issuer's new key was ended");
+    assert!(echo_once(&mut other).await, "another issuer's tunnel was ended");
+    // The first upgrade to `/ws` is the old key's tunnel.
+    let e = tunnel_end_event(&w, "/ws").await;
+    assert_eq!(e["reason"], "access-revoked", "{e}");
+    let detail = e["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("unknown-key")
+            && detail.contains("`test-key-1`")
+            && detail.contains("`gl`"),
+        "{e}"
+    );
+    assert_eq!(tunnel_ends(&w).await, ["access-revoked"], "only the dropped key's tunnel ended");
+}
+
 #[tokio::test]
 async fn websocket_tunnels_work_through_the_shutdown_grace_period_then_end() {
     let mut w = World::start().await; // shutdown_grace = 5s

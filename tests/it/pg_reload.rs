@@ -531,3 +531,46 @@ async fn a_reload_that_changes_a_databases_upstream_ends_its_sessions_only() {
     let (a, _aconn) = connect_at(&w, w.addr, &token).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(simple_user(&a).await, "migrator");
 }
+
+/// Session 14 (identity attack round): a database session ends when the issuer's key set
+/// drops the key that verified its token (a rotation after a key compromise: a forged
+/// token with a far-off `exp` kept its session open until then), as a new session with
+/// that token is refused; a session whose token the issuer's new key verified goes on.
+#[tokio::test]
+async fn a_key_set_that_drops_a_sessions_signing_key_ends_the_session() {
+    use crate::forwarding::{refresh_keys, token_by};
+    let Some(w) = PgWorld::start().await else { return };
+    let old = w.w.token("bb", &[]);
+    let (c, conn) = connect_at(&w, w.addr, &old).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(simple_user(&c).await, "migrator");
+
+    // The issuer publishes a second key: fetched on first sight, nothing ends.
+    let next = portcullis::dev::signer::DevSigner::generate_rs256("test-key-2")
+        .unwrap_or_else(|e| panic!("{e}"));
+    w.w.issuer.set_keys("/bitbucket", &[&w.w.signer, &next]);
+    let new = token_by(&w.w, "bb", &next, "test-key-2");
+    let (kept, _kconn) = connect_at(&w, w.addr, &new).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(simple_user(&kept).await, "migrator");
+    assert_eq!(simple_user(&c).await, "migrator", "ended by a refresh that only added a key");
+
+    // The issuer retires the old key; the next refresh drops it.
+    w.w.issuer.set_keys("/bitbucket", &[&next]);
+    refresh_keys(&w.w, "bb").await;
+    assert!(connect_at(&w, w.addr, &old).await.is_err(), "a new session with the old key");
+    let err = ended_with(conn).await;
+    assert_eq!(err.code().map(|c| c.code()), Some("57P01"), "{err}");
+    let close = w
+        .wait_event(|e| {
+            e["kind"] == "pg.session" && e["event"] == "close" && e["decision"] == "terminated"
+        })
+        .await;
+    assert_eq!(close["reason"], "access-revoked", "{close}");
+    let detail = close["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("unknown-key")
+            && detail.contains("`test-key-1`")
+            && detail.contains("`bb`"),
+        "{close}"
+    );
+    assert_eq!(simple_user(&kept).await, "migrator", "the session of the new key was ended");
+}
