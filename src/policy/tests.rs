@@ -1015,6 +1015,12 @@ fn warnings_do_not_fail_the_load() {
         ("shadowed through groups",
          "[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"corp\"\ngroups_any = [\"x\", \"y\"]\n[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_all = [\"y\", \"z\"]\n",
          "p.toml:7:6: warning: allow rule `a` can never match: deny rule `d` (line 1)"),
+        ("CONNECT is refused on every route before any policy",
+         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\nmethods = [\"GET\", \"CONNECT\"]\n",
+         "p.toml:5:11: warning: allow rule `a` lists `CONNECT` in `methods`, which never reaches a policy: the proxy refuses CONNECT (405 method-not-allowed) on every route; that entry is dead"),
+        ("a deny on TRACE alone decides nothing",
+         "[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"corp\"\nmethods = \"TRACE\"\n",
+         "p.toml:5:11: warning: deny rule `d` lists `TRACE` in `methods`, which never reaches a policy: the proxy refuses TRACE (405 method-not-allowed) on every route; the rule never decides anything"),
     ];
     for (name, text, want) in cases {
         match parse(text) {
