@@ -856,10 +856,6 @@ pub async fn handle(
     }
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
-    // hyper sends a GET or HEAD without a Content-Length upstream as bodiless (a chunked
-    // body the client sent with one is never read), so no wait is on its upload.
-    let bodiless = matches!(parts.method, http::Method::GET | http::Method::HEAD)
-        && !parts.headers.contains_key(header::CONTENT_LENGTH);
     let body = RequestBody::new(body, out.bytes_in.clone());
     let upload = body.progress();
     let upstream_req = Request::from_parts(parts, body);
@@ -869,7 +865,7 @@ pub async fn handle(
     // Nothing else takes it while this future lives.
     let mut out = parked.take().unwrap_or_else(|| Outcome::new(Some(rt.revision.clone())));
     let mut resp = match result {
-        Err(_) if !bodiless && !upload.ended() => {
+        Err(_) if !upload.ended() => {
             // The upstream (as most do) waited for a body that stopped coming: the
             // client's doing, not the upstream's (a slow upload, or one held open on
             // purpose). Authorized and sent upstream, so still `allow`.

@@ -82,6 +82,9 @@ impl UpstreamClient {
         if !req.headers().contains_key(header::HOST) {
             req.headers_mut().insert(header::HOST, self.host.clone());
         }
+        if !matches!(&self.kind, Kind::General(g) if g.h2c) {
+            announce_chunked_body(&mut req);
+        }
         match &self.kind {
             Kind::H1(pool) => Ok(pool.send(req).await?),
             Kind::General(client) => {
@@ -114,6 +117,23 @@ impl UpstreamClient {
                 Ok(resp.map(PooledBody::unpooled))
             }
         }
+    }
+}
+
+/// hyper's HTTP/1.1 client frames a `GET` or `HEAD` whose body has no known length
+/// (a chunked HTTP/1.1 body, HTTP/2 DATA without `content-length`) as bodiless
+/// ("almost never have bodies"): it sent the head alone and never read the body, so
+/// Elasticsearch's `GET /_search` with a JSON query reached its upstream empty. Such a
+/// request is sent `Transfer-Encoding: chunked`, streamed as any other body; a request
+/// with a `Content-Length` is sent by it, one with no body at all stays bodiless (hyper
+/// drops the header when the body is empty from the start), and an HTTP/2 upstream never
+/// sees the header (hyper removes it; DATA frames carry the body).
+fn announce_chunked_body(req: &mut Request<RequestBody>) {
+    if matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+        && !req.body().is_end_stream()
+        && !req.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        req.headers_mut().insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     }
 }
 

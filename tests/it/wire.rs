@@ -368,3 +368,83 @@ async fn an_http2_requests_repeated_content_length_reaches_the_upstream_once() {
     assert_eq!(resp.status(), http::StatusCode::OK);
     assert_eq!(lengths.load(Ordering::SeqCst), 1, "the upstream got Content-Length more than once");
 }
+
+/// A `GET` with a body of no announced length (Elasticsearch's `GET /_search` with a
+/// JSON query, chunked over HTTP/1.1 or HTTP/2 DATA without `content-length`): hyper's
+/// client sent such a `GET` upstream as bodiless (`GET`, `HEAD` "almost never have
+/// bodies"), so the upstream got the head alone. It gets the body, chunked, and streamed:
+/// this upstream answers once it has read the first chunk, while the client still holds
+/// the rest, which a buffered body would never let it see.
+#[tokio::test]
+async fn a_get_with_a_chunked_or_unsized_body_reaches_the_upstream_streamed() {
+    let (addr, _, _) = raw_upstream(|mut s, _| async move {
+        let Some(mut seen) = read_head(&mut s).await else { return };
+        let chunked = seen.to_ascii_lowercase().contains("\r\ntransfer-encoding: chunked\r\n");
+        let mut buf = [0u8; 4096];
+        while chunked && !seen.contains("\r\n5\r\nhello\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        let answer = if chunked { "got-hello" } else { "no-body" };
+        let a = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+            answer.len()
+        );
+        let _ = s.write_all(a.as_bytes()).await;
+    })
+    .await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+
+    // HTTP/1.1, chunked: the answer comes while the body is still open.
+    let mut s = tls_alpn(&w, b"http/1.1").await;
+    let head = format!(
+        "GET /q/_search HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {t}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n")
+        || !(got.ends_with(b"got-hello") || got.ends_with(b"no-body"))
+    {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!("no answer while the body is open: {other:?}: {got:?}"),
+        }
+    }
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+    assert!(got.ends_with("got-hello"), "HTTP/1.1: the upstream got no body: {got}");
+    let _ = s.write_all(b"0\r\n\r\n").await;
+
+    // HTTP/2 DATA without content-length.
+    let tls = tls_alpn(&w, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .method("GET")
+        .uri(format!("https://localhost:{port}/q/_search"))
+        .header("authorization", format!("Bearer {t}"))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+    let (resp, mut stream) = send.send_request(req, false).unwrap_or_else(|e| panic!("{e}"));
+    stream.send_data(bytes::Bytes::from_static(b"hello"), false).unwrap_or_else(|e| panic!("{e}"));
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .unwrap_or_else(|_| panic!("HTTP/2: no answer while the body is open"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut text = Vec::new();
+    while let Some(d) = body.data().await {
+        text.extend_from_slice(&d.unwrap_or_else(|e| panic!("{e}")));
+    }
+    assert_eq!(String::from_utf8_lossy(&text), "got-hello", "HTTP/2: the upstream got no body");
+}
