@@ -810,7 +810,13 @@ pub async fn handle(
         (route.preserve_host || restore.is_some()).then(|| routed_authority(&req)).flatten();
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
+    let trailers = headers::accepts_trailers(h);
     headers::strip_hop_by_hop(h, websocket);
+    if trailers {
+        // Exactly this value, whatever else the client's `TE` said; the upstream client
+        // removes it again unless its hop is HTTP/2 (`http::upstream`).
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if parts.version == http::Version::HTTP_2
         && h.get_all(header::CONTENT_LENGTH).iter().nth(1).is_some()
     {
