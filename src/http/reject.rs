@@ -10,7 +10,7 @@ use crate::reason::Reason;
 
 /// The response for a rejection: `{"error": CODE, "request_id": ID}`.
 ///
-/// Every 401 carries `WWW-Authenticate` ([`challenge`]).
+/// Every 401 carries `WWW-Authenticate` (see `challenge`).
 pub fn response(reason: Reason, request_id: &str) -> Response<ProxyBody> {
     let body = format!(r#"{{"error":"{}","request_id":"{}"}}"#, reason.public_code(), request_id);
     let mut resp = Response::new(ProxyBody::Full(Some(Bytes::from(body))));
