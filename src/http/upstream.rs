@@ -3,8 +3,9 @@
 //! (HTTP/2 with prior knowledge) use hyper-util's pooled client.
 //!
 //! hyper-util's pool gets the reuse rule of [`super::pool`] for HTTP/1.1 connections: one
-//! whose request carried body bytes and was answered with a status of 300 or more, or
-//! answered before its body was sent to its end, is poisoned (never handed out again), as
+//! whose request carried body bytes and was answered with a status of 300 or more (any
+//! status, for a `GET`, `HEAD` or `DELETE`), or answered before its body was sent to its
+//! end, is poisoned (never handed out again), as
 //! the upstream may not have read that body and may read it next as a request of its own;
 //! so is one that answered a `HEAD` (or a request with a body with a 204 or 304 announcing
 //! one), whose body a broken upstream may write after the head, to be read as the next
@@ -128,7 +129,7 @@ impl UpstreamClient {
                 // up and look at).
                 let http2 = client.h2c || grpc.is_some();
                 let watch = !upgrade && !http2 && (head || !req.body().is_end_stream());
-                let sent = Progress::default();
+                let sent = Progress::of(req.method());
                 let mut req = req.map(|b| Sent::new(b, sent.clone()));
                 let conn = watch.then(|| capture_connection(&mut req));
                 let pool = match grpc {

@@ -448,3 +448,90 @@ async fn a_get_with_a_chunked_or_unsized_body_reaches_the_upstream_streamed() {
     }
     assert_eq!(String::from_utf8_lossy(&text), "got-hello", "HTTP/2: the upstream got no body");
 }
+
+/// An upstream that never reads a request body, as Python's `do_GET` (and most `GET`
+/// handlers) do: whatever follows a head is read as the next request. `/q/slow` is
+/// answered only once the next request has arrived (a slow endpoint), with `LEAKED`;
+/// every other request with `ok`. The second value counts the connections accepted.
+async fn body_ignoring_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let (addr, _, conns) = raw_upstream(|mut s, _| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let find = |b: &[u8]| b.windows(4).position(|w| w == b"\r\n\r\n");
+        loop {
+            while find(&buf).is_none() {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let end = find(&buf).map_or(0, |p| p + 4);
+            let head: Vec<u8> = buf.drain(..end).collect();
+            let answer: &[u8] = if head.starts_with(b"GET /q/slow ") {
+                while find(&buf).is_none() {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nLEAKED"
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            };
+            if s.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    (addr, conns)
+}
+
+/// A `GET` whose body is itself a request, to an upstream whose `GET` handler never
+/// reads a body and answers 200 (the early-answer rule closes connections only after an
+/// error answer): the upstream reads the body as a request of its own, unauthorized, and
+/// its answer, written late, went to the next client on the pooled connection. A
+/// connection whose `GET`, `HEAD` or `DELETE` carried body bytes is not reused,
+/// whatever the answer; a `GET` without a body keeps its connection.
+#[tokio::test]
+async fn a_get_bodys_connection_is_not_reused_even_after_a_success() {
+    let (addr, conns) = body_ignoring_upstream().await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let auth = format!("Bearer {t}");
+    let smuggled = bytes::Bytes::from_static(b"GET /q/slow HTTP/1.1\r\nHost: upstream\r\n\r\n");
+    for method in [http::Method::GET, http::Method::DELETE] {
+        let r = w.send(method.clone(), "/q/a", &[("authorization", &auth)], smuggled.clone()).await;
+        assert_eq!((r.status, r.text()), (http::StatusCode::OK, "ok".to_string()), "{method}");
+        let next = w.get("/q/next", Some(&t)).await;
+        assert_eq!(next.text(), "ok", "{method}: the smuggled request answered the next one");
+    }
+    // Ordinary answers keep their connection.
+    let before = conns.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(w.get("/q/again", Some(&t)).await.text(), "ok");
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), before, "a plain GET's connection was not reused");
+}
+
+/// The same rule over an HTTPS upstream speaking HTTP/1.1 (hyper-util's pool): the
+/// connection that carried a `GET` body is poisoned.
+#[tokio::test]
+async fn an_https_upstream_connection_that_carried_a_get_body_is_not_reused() {
+    // Every answer's body is the number of the connection it came on.
+    let (w, _dir, server) = crate::forwarding::world_with_http1_tls_upstream().await;
+    let t = w.token("bb", &[]);
+    let auth = format!("Bearer {t}");
+    assert_eq!(w.get("/tls/a", Some(&t)).await.text(), "1");
+    let body = bytes::Bytes::from_static(b"{\"query\":{}}");
+    let r = w.send(http::Method::GET, "/tls/_search", &[("authorization", &auth)], body).await;
+    assert_eq!(r.text(), "1");
+    for _ in 0..3 {
+        assert_eq!(
+            w.get("/tls/b", Some(&t)).await.text(),
+            "2",
+            "the GET body's connection was reused"
+        );
+    }
+    server.abort();
+}
