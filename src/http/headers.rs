@@ -91,6 +91,20 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Whether the client's `TE` says it accepts trailers (`trailers` among its codings, as
+/// gRPC clients send it): read before [`strip_hop_by_hop`] removes the field, so the
+/// proxy can say so to an HTTP/2 upstream as exactly `te: trailers` (RFC 9113 §8.2.2:
+/// the only `TE` HTTP/2 allows; gRPC servers expect it). Never any other value, and
+/// never to an HTTP/1.1 upstream (see [`crate::http::upstream`]).
+pub fn accepts_trailers(h: &HeaderMap) -> bool {
+    h.get_all(header::TE).iter().any(|v| {
+        v.as_bytes().split(|&b| b == b',').any(|t| {
+            let coding = t.split(|&b| b == b';').next().unwrap_or_default();
+            coding.trim_ascii().eq_ignore_ascii_case(b"trailers")
+        })
+    })
+}
+
 /// End-to-end headers that a `Connection` option never removes, because the proxy
 /// routes, authorizes or frames by them, or sets them itself: `Host` (a client's
 /// `Connection: host` would otherwise send a `preserve_host` upstream its own address),
@@ -798,6 +812,17 @@ mod tests {
         let long = HeaderValue::from_str(&"x".repeat(100)).unwrap_or_else(|e| panic!("{e}"));
         h.insert(header::TRANSFER_ENCODING, long);
         assert_eq!(unsupported_transfer_coding(&h).map(|v| v.len()), Some(64));
+    }
+
+    #[test]
+    fn trailers_are_accepted_only_when_te_lists_them() {
+        for yes in ["trailers", "Trailers", "deflate, trailers", "trailers;q=1", " trailers "] {
+            assert!(accepts_trailers(&map(&[("te", yes)])), "{yes}");
+        }
+        for no in ["", "gzip", "trailersx", "x-trailers", "deflate;trailers"] {
+            assert!(!accepts_trailers(&map(&[("te", no)])), "{no}");
+        }
+        assert!(!accepts_trailers(&map(&[("accept", "*/*")])));
     }
 
     #[test]

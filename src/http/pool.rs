@@ -24,9 +24,11 @@
 //! reads that body next as a request of its own, and its answer would reach the next
 //! client on the connection. So a connection whose request carried body bytes (at least
 //! one non-empty data frame, see [`Progress`]) is also closed when its answer is not a
-//! success (status 300 or more): that is where handlers bail out without reading. Requests
-//! without a body (GET, DELETE: most traffic) and successes to requests with one keep
-//! the connection. A `HEAD`'s connection is not kept either, nor one whose 204 or 304
+//! success (status 300 or more): that is where handlers bail out without reading; and,
+//! whatever the answer, when the method gives content no meaning (`GET`, `HEAD`,
+//! `DELETE`): such handlers (Python's `do_GET`) never read a body and answer 200.
+//! Requests without a body (most traffic) and successes to `POST`, `PUT` or `PATCH`
+//! bodies keep the connection. A `HEAD`'s connection is not kept either, nor one whose 204 or 304
 //! announced a body (`body_may_follow`): a body written after such a head would answer
 //! the next request. hyper-util's pool (HTTPS upstreams) gets the same rule in
 //! [`super::upstream`] by poisoning the connection; HTTP/2 streams are framed, so an
@@ -109,7 +111,7 @@ where
     /// Sends `req` (origin-form URI, Host set) and returns the response head; the
     /// connection returns to the pool when the body has been read to its end.
     pub async fn send(&self, req: Request<B>) -> Result<Response<PooledBody<B>>, PoolError> {
-        let sent = Progress::default();
+        let sent = Progress::of(req.method());
         // An upgrade the upstream declines leaves a connection whose state only the
         // upstream knows (a careless one may have switched anyway): never reused.
         let upgrade = req.headers().contains_key(http::header::UPGRADE);
@@ -327,8 +329,20 @@ pub struct Progress(Arc<AtomicU8>);
 const ENDED: u8 = 1;
 /// At least one non-empty data frame was sent.
 const CARRIED: u8 = 2;
+/// The request's method gives content no meaning (`GET`, `HEAD`, `DELETE`: RFC 9110
+/// §9.3.1, §9.3.2, §9.3.5), so its handler usually never reads a body it was sent.
+const UNREAD_METHOD: u8 = 4;
 
 impl Progress {
+    /// The progress of a request with this method's body.
+    pub fn of(method: &http::Method) -> Self {
+        let p = Self::default();
+        if matches!(*method, http::Method::GET | http::Method::HEAD | http::Method::DELETE) {
+            p.set(UNREAD_METHOD);
+        }
+        p
+    }
+
     fn set(&self, flag: u8) {
         self.0.fetch_or(flag, Ordering::Release);
     }
@@ -341,11 +355,13 @@ impl Progress {
     /// Whether the connection that carried this request may take another one, its answer
     /// having `status` (read when the answer's head arrives): not if the answer came
     /// before the body was sent to its end, nor if the body carried bytes and the answer
-    /// is not a success (the upstream may not have read them, and would read them next as
-    /// a request; see the module docs).
+    /// is not a success, or is any answer to a `GET`, `HEAD` or `DELETE` (the upstream
+    /// may not have read them, and would read them next as a request; a `GET` handler
+    /// that ignores its body, as Python's `do_GET` does, answers 200; see the module
+    /// docs).
     pub fn reusable_after(&self, status: http::StatusCode) -> bool {
         let s = self.0.load(Ordering::Acquire);
-        s & ENDED != 0 && (s & CARRIED == 0 || status.as_u16() < 300)
+        s & ENDED != 0 && (s & CARRIED == 0 || (status.as_u16() < 300 && s & UNREAD_METHOD == 0))
     }
 }
 

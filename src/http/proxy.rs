@@ -820,7 +820,13 @@ pub async fn handle(
         (route.preserve_host || restore.is_some()).then(|| routed_authority(&req)).flatten();
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
+    let trailers = headers::accepts_trailers(h);
     headers::strip_hop_by_hop(h, websocket);
+    if trailers {
+        // Exactly this value, whatever else the client's `TE` said; the upstream client
+        // removes it again unless its hop is HTTP/2 (`http::upstream`).
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if parts.version == http::Version::HTTP_2
         && h.get_all(header::CONTENT_LENGTH).iter().nth(1).is_some()
     {
@@ -866,10 +872,6 @@ pub async fn handle(
     }
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
-    // hyper sends a GET or HEAD without a Content-Length upstream as bodiless (a chunked
-    // body the client sent with one is never read), so no wait is on its upload.
-    let bodiless = matches!(parts.method, http::Method::GET | http::Method::HEAD)
-        && !parts.headers.contains_key(header::CONTENT_LENGTH);
     let body = RequestBody::new(body, out.bytes_in.clone());
     let upload = body.progress();
     let upstream_req = Request::from_parts(parts, body);
@@ -879,7 +881,7 @@ pub async fn handle(
     // Nothing else takes it while this future lives.
     let mut out = parked.take().unwrap_or_else(|| Outcome::new(Some(rt.revision.clone())));
     let mut resp = match result {
-        Err(_) if !bodiless && upload.waiting_on_client() => {
+        Err(_) if upload.waiting_on_client() => {
             // The upstream (as most do) waited for a body that stopped coming: the
             // client's doing, not the upstream's (a slow upload, or one held open on
             // purpose). Authorized and sent upstream, so still `allow`. A body the

@@ -11,6 +11,7 @@
 //! | deploy-style allow on a CI issuer without a branch/ref/environment restriction | warning |
 //! | public rule on every path of a route (`/**`, or `PREFIX/**` under its `path_prefix`): the whole route needs no credential; per route ([`public_everywhere`]) | warning |
 //! | public rule that a deny refuses to every caller without a credential | warning |
+//! | `CONNECT` or `TRACE` in `methods` (refused with 405 on every route, never decided) | warning |
 
 use std::fmt;
 use std::path::Path;
@@ -81,9 +82,9 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
             .filter_map(|i| catalog.issuers.get(i.as_str()).map(|p| (i.as_str(), *p)))
             .collect();
         unknown_claims(&mut out, rule, &presets);
-        never_forwarded(&mut out, rule);
         claim_types(&mut out, rule, &presets);
         contradictions(&mut out, rule, &presets);
+        refused_methods(&mut out, rule);
         if rule.effect == Effect::Deny {
             github_subject_by_name(&mut out, rule, &presets);
         }
@@ -346,25 +347,6 @@ fn subject_pins(preset: Preset, g: &Glob) -> bool {
     }
 }
 
-/// `CONNECT` and `TRACE` in `methods` name requests the proxy refuses on every route
-/// before any policy (405): the rule reads in review as admitting (or refusing) what
-/// never reaches it.
-fn never_forwarded(out: &mut Lints<'_>, rule: &Rule) {
-    for c in rule.conditions() {
-        let Matcher::Methods(methods) = c.matcher() else { continue };
-        for m in methods.iter().filter(|m| matches!(m.as_str(), "CONNECT" | "TRACE")) {
-            out.push(
-                Severity::Warning,
-                c.loc(),
-                format!(
-                    "rule `{}` names `{m}`, which the proxy never forwards: it refuses it on every route before any rule (405 method-not-allowed)",
-                    rule.id()
-                ),
-            );
-        }
-    }
-}
-
 /// `claims = { email = … }` reads the raw claim: an address the provider did not verify
 /// matches too (anyone can put any address on some providers' accounts), where `email`
 /// and `email_domain` take verified addresses only (V21).
@@ -381,6 +363,35 @@ fn unverified_email(out: &mut Lints<'_>, rule: &Rule) {
                     ),
                 );
             }
+        }
+    }
+}
+
+/// `CONNECT` and `TRACE` never reach a policy: the proxy refuses them (405
+/// `method-not-allowed`) on every route before routing, so naming them in `methods` is
+/// dead: an allow (or a `[[test]]` expecting one) for them never admits anything, a
+/// deny on them refuses nothing the proxy had not refused already.
+fn refused_methods(out: &mut Lints<'_>, rule: &Rule) {
+    for c in rule.conditions() {
+        let Matcher::Methods(methods) = c.matcher() else { continue };
+        for m in methods.iter().filter(|m| **m == Method::CONNECT || **m == Method::TRACE) {
+            let effect = match rule.effect {
+                Effect::Allow => "allow",
+                Effect::Deny => "deny",
+            };
+            let whole = if methods.len() == 1 {
+                "the rule never decides anything"
+            } else {
+                "that entry is dead"
+            };
+            out.push(
+                Severity::Warning,
+                c.loc(),
+                format!(
+                    "{effect} rule `{}` lists `{m}` in `methods`, which never reaches a policy: the proxy refuses {m} (405 method-not-allowed) on every route; {whole}",
+                    rule.id()
+                ),
+            );
         }
     }
 }

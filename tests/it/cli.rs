@@ -790,6 +790,31 @@ fn check_warns_about_strip_prefix_on_a_route_without_a_prefix() {
     assert!(out.contains("ok (1 warning(s))"), "{out}");
 }
 
+/// `CONNECT` (and `TRACE`) are refused with 405 on every route before any policy is
+/// asked: a rule listing them in `methods` is dead, and `check` says so at the rule's
+/// `methods`, `file:line:col: warning: …`, still exiting 0.
+#[test]
+fn check_warns_about_connect_in_a_rules_methods() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let p = dir.path();
+    std::fs::create_dir_all(p.join("policies")).ok();
+    write(
+        &p.join("portcullis.toml"),
+        "[listen]\ninsecure_http = \"127.0.0.1:0\"\n[issuers.corp]\nissuer = \"https://idp.example.com\"\naudiences = [\"x\"]\n[[routes]]\nname = \"api\"\nupstream = \"http://127.0.0.1:1\"\npolicy = \"api\"\nmatch = {}\n",
+    );
+    let policy = "[[rule]]\nid = \"tunnel\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"sre\"]\nmethods = [\"GET\", \"CONNECT\"]\n";
+    write(&p.join("policies/api.toml"), policy);
+    let cfg = p.join("portcullis.toml").to_string_lossy().to_string();
+    let (code, out, err) = run(&["check", "-c", &cfg]);
+    assert_eq!(code, 0, "{out}{err}");
+    let file = p.join("policies/api.toml").to_string_lossy().to_string();
+    let want = format!(
+        "{file}:6:11: warning: allow rule `tunnel` lists `CONNECT` in `methods`, which never reaches a policy"
+    );
+    assert!(err.lines().any(|l| l.starts_with(&want)), "{want}\nin:\n{err}");
+    assert!(out.contains("ok (1 warning(s))"), "{out}");
+}
+
 /// `name=value` from a URL's query.
 fn query_value(url: &str, name: &str) -> String {
     url.split(['?', '&'])

@@ -7,6 +7,8 @@
 //! - `checklist`: every token validation rule (V1–V27) end to end through the proxy.
 //! - `forwarding`: header hygiene, identity headers and the signed assertion, streaming,
 //!   WebSocket, HTTP/2 both sides, timeouts, upstream failures, size limits.
+//! - `grpc`: gRPC-style calls (HTTP/2 client, h2c and HTTPS upstreams) get `te: trailers`
+//!   through and their trailers back; no `TE` ever reaches an HTTP/1.1 upstream.
 //! - `claim_headers`: a route's `claim_headers` forward verified claims (every JSON
 //!   shape, cache hits, another token of the same principal, a browser session's kept
 //!   claims), and a client's own copies never reach the upstream (with and without the
@@ -60,6 +62,7 @@ mod checklist;
 mod claim_headers;
 mod cli;
 mod forwarding;
+mod grpc;
 mod hoarding;
 mod http2_abuse;
 mod interop;

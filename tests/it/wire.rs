@@ -433,3 +433,170 @@ async fn an_http2_requests_repeated_content_length_reaches_the_upstream_once() {
     assert_eq!(resp.status(), http::StatusCode::OK);
     assert_eq!(lengths.load(Ordering::SeqCst), 1, "the upstream got Content-Length more than once");
 }
+
+/// A `GET` with a body of no announced length (Elasticsearch's `GET /_search` with a
+/// JSON query, chunked over HTTP/1.1 or HTTP/2 DATA without `content-length`): hyper's
+/// client sent such a `GET` upstream as bodiless (`GET`, `HEAD` "almost never have
+/// bodies"), so the upstream got the head alone. It gets the body, chunked, and streamed:
+/// this upstream answers once it has read the first chunk, while the client still holds
+/// the rest, which a buffered body would never let it see.
+#[tokio::test]
+async fn a_get_with_a_chunked_or_unsized_body_reaches_the_upstream_streamed() {
+    let (addr, _, _) = raw_upstream(|mut s, _| async move {
+        let Some(mut seen) = read_head(&mut s).await else { return };
+        let chunked = seen.to_ascii_lowercase().contains("\r\ntransfer-encoding: chunked\r\n");
+        let mut buf = [0u8; 4096];
+        while chunked && !seen.contains("\r\n5\r\nhello\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        let answer = if chunked { "got-hello" } else { "no-body" };
+        let a = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+            answer.len()
+        );
+        let _ = s.write_all(a.as_bytes()).await;
+    })
+    .await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+
+    // HTTP/1.1, chunked: the answer comes while the body is still open.
+    let mut s = tls_alpn(&w, b"http/1.1").await;
+    let head = format!(
+        "GET /q/_search HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {t}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n")
+        || !(got.ends_with(b"got-hello") || got.ends_with(b"no-body"))
+    {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!("no answer while the body is open: {other:?}: {got:?}"),
+        }
+    }
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+    assert!(got.ends_with("got-hello"), "HTTP/1.1: the upstream got no body: {got}");
+    let _ = s.write_all(b"0\r\n\r\n").await;
+
+    // HTTP/2 DATA without content-length.
+    let tls = tls_alpn(&w, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .method("GET")
+        .uri(format!("https://localhost:{port}/q/_search"))
+        .header("authorization", format!("Bearer {t}"))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+    let (resp, mut stream) = send.send_request(req, false).unwrap_or_else(|e| panic!("{e}"));
+    stream.send_data(bytes::Bytes::from_static(b"hello"), false).unwrap_or_else(|e| panic!("{e}"));
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .unwrap_or_else(|_| panic!("HTTP/2: no answer while the body is open"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut text = Vec::new();
+    while let Some(d) = body.data().await {
+        text.extend_from_slice(&d.unwrap_or_else(|e| panic!("{e}")));
+    }
+    assert_eq!(String::from_utf8_lossy(&text), "got-hello", "HTTP/2: the upstream got no body");
+}
+
+/// An upstream that never reads a request body, as Python's `do_GET` (and most `GET`
+/// handlers) do: whatever follows a head is read as the next request. `/q/slow` is
+/// answered only once the next request has arrived (a slow endpoint), with `LEAKED`;
+/// every other request with `ok`. The second value counts the connections accepted.
+async fn body_ignoring_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let (addr, _, conns) = raw_upstream(|mut s, _| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let find = |b: &[u8]| b.windows(4).position(|w| w == b"\r\n\r\n");
+        loop {
+            while find(&buf).is_none() {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let end = find(&buf).map_or(0, |p| p + 4);
+            let head: Vec<u8> = buf.drain(..end).collect();
+            let answer: &[u8] = if head.starts_with(b"GET /q/slow ") {
+                while find(&buf).is_none() {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nLEAKED"
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            };
+            if s.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    (addr, conns)
+}
+
+/// A `GET` whose body is itself a request, to an upstream whose `GET` handler never
+/// reads a body and answers 200 (the early-answer rule closes connections only after an
+/// error answer): the upstream reads the body as a request of its own, unauthorized, and
+/// its answer, written late, went to the next client on the pooled connection. A
+/// connection whose `GET`, `HEAD` or `DELETE` carried body bytes is not reused,
+/// whatever the answer; a `GET` without a body keeps its connection.
+#[tokio::test]
+async fn a_get_bodys_connection_is_not_reused_even_after_a_success() {
+    let (addr, conns) = body_ignoring_upstream().await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let auth = format!("Bearer {t}");
+    let smuggled = bytes::Bytes::from_static(b"GET /q/slow HTTP/1.1\r\nHost: upstream\r\n\r\n");
+    for method in [http::Method::GET, http::Method::DELETE] {
+        let r = w.send(method.clone(), "/q/a", &[("authorization", &auth)], smuggled.clone()).await;
+        assert_eq!((r.status, r.text()), (http::StatusCode::OK, "ok".to_string()), "{method}");
+        let next = w.get("/q/next", Some(&t)).await;
+        assert_eq!(next.text(), "ok", "{method}: the smuggled request answered the next one");
+    }
+    // Ordinary answers keep their connection.
+    let before = conns.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(w.get("/q/again", Some(&t)).await.text(), "ok");
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), before, "a plain GET's connection was not reused");
+}
+
+/// The same rule over an HTTPS upstream speaking HTTP/1.1 (hyper-util's pool): the
+/// connection that carried a `GET` body is poisoned.
+#[tokio::test]
+async fn an_https_upstream_connection_that_carried_a_get_body_is_not_reused() {
+    // Every answer's body is the number of the connection it came on.
+    let (w, _dir, server) = crate::forwarding::world_with_http1_tls_upstream().await;
+    let t = w.token("bb", &[]);
+    let auth = format!("Bearer {t}");
+    assert_eq!(w.get("/tls/a", Some(&t)).await.text(), "1");
+    let body = bytes::Bytes::from_static(b"{\"query\":{}}");
+    let r = w.send(http::Method::GET, "/tls/_search", &[("authorization", &auth)], body).await;
+    assert_eq!(r.text(), "1");
+    for _ in 0..3 {
+        assert_eq!(
+            w.get("/tls/b", Some(&t)).await.text(),
+            "2",
+            "the GET body's connection was reused"
+        );
+    }
+    server.abort();
+}
