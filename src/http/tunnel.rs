@@ -149,21 +149,11 @@ impl Grant {
             let sooner = expires_at < self.admission.identity.expires_at;
             tokio::select! {
                 changed = reloads.changed(), if reloads_open => reloads_open = changed.is_ok(),
-                changed = async {
-                    match sign_outs.as_mut() {
-                        Some(rx) => rx.changed().await,
-                        None => std::future::pending().await,
-                    }
-                }, if sign_outs.is_some() => match changed {
+                changed = next_change(&mut sign_outs), if sign_outs.is_some() => match changed {
                     Ok(()) => check = true,
                     Err(_) => sign_outs = None,
                 },
-                changed = async {
-                    match removals.as_mut() {
-                        Some(rx) => rx.changed().await,
-                        None => std::future::pending().await,
-                    }
-                }, if removals.is_some() => match changed {
+                changed = next_change(&mut removals), if removals.is_some() => match changed {
                     Ok(()) => check = true,
                     // That generation's verifier is gone: the reload subscribes again.
                     Err(_) => removals = None,
@@ -428,6 +418,16 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Stamped<T> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The next change of a watch the tunnel may not have (`None`: never).
+async fn next_change<T>(
+    rx: &mut Option<tokio::sync::watch::Receiver<T>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match rx.as_mut() {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }
 
