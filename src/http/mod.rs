@@ -84,6 +84,16 @@ pub struct RequestId {
     pub over_limit: bool,
 }
 
+/// Methods the proxy refuses (405 `method-not-allowed`) on every route before routing,
+/// so no policy ever decides them: `TRACE` and `TRACK` (the upstream would reflect the
+/// identity headers and the assertion) and `CONNECT` (a tunnel request, meaningless to
+/// a reverse proxy, which an upstream's 2xx turned into a tunnel both HTTP layers took
+/// for one). `serve`, `[[test]]` requests, `policy explain` and the `methods` lint all
+/// ask this.
+pub fn never_forwarded(method: &str) -> bool {
+    matches!(method, "CONNECT" | "TRACE" | "TRACK")
+}
+
 /// Request ids: a per-process random prefix and a counter. Unique across replicas
 /// (the prefix), cheap (no syscall per request), sortable within a process.
 pub fn next_request_id() -> Arc<str> {

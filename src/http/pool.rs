@@ -115,14 +115,13 @@ where
         // An upgrade the upstream declines leaves a connection whose state only the
         // upstream knows (a careless one may have switched anyway): never reused.
         let upgrade = req.headers().contains_key(http::header::UPGRADE);
-        let head = req.method() == http::Method::HEAD;
         let mut req = req.map(|inner| Sent::new(inner, sent.clone()));
         // A reused connection may have been closed by the upstream while idle: the
         // request it refused (before sending anything) goes to the next idle one, and
         // at last to a new connection.
         while let Some(mut tx) = self.inner.checkout().await {
             match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(self.inner.wrap(resp, tx, sent, upgrade, head)),
+                Ok(resp) => return Ok(self.inner.wrap(resp, tx, sent, upgrade)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => return Err(PoolError::Http(e.into_error())),
@@ -133,7 +132,7 @@ where
         // largest part of this one, which every request's future carries.
         let mut tx = Box::pin(self.inner.connect()).await?;
         let resp = tx.send_request(req).await?;
-        Ok(self.inner.wrap(resp, tx, sent, upgrade, head))
+        Ok(self.inner.wrap(resp, tx, sent, upgrade))
     }
 
     /// Idle connections now (for tests).
@@ -184,30 +183,28 @@ where
         Ok(tx)
     }
 
-    /// `upgrade`: an upgrade was offered; `head`: the request was a `HEAD`.
+    /// `upgrade`: an upgrade was offered.
     fn wrap(
         self: &Arc<Self>,
         resp: Response<Incoming>,
         tx: http1::SendRequest<Sent<B>>,
         sent: Progress,
         upgrade: bool,
-        head: bool,
     ) -> Response<PooledBody<B>> {
         // After a 101 the connection belongs to the tunnel; after a declined upgrade, an
         // early answer, an error answer to a body or an answer whose body may still come,
         // to nobody.
         let reusable = !upgrade
             && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
-            && sent.reusable_after(resp.status())
-            && !body_may_follow(head, &resp);
+            && sent.reusable_after(&resp);
         let back = reusable.then(|| (self.clone(), tx, sent));
         resp.map(|inner| PooledBody { inner, done: false, back })
     }
 }
 
 /// Whether an answer that ends with its head (`head`: it answers a `HEAD`; or a 204 or
-/// 304) may still be followed by a body its upstream writes after the head: always for a
-/// `HEAD` (a server that runs the `GET` handler and writes its body, as Python's
+/// 304) may still be followed by a body its upstream writes after the head (read in
+/// [`Progress::reusable_after`]): always for a `HEAD` (a server that runs the `GET` handler and writes its body, as Python's
 /// `do_HEAD = do_GET` idiom does, announces the `GET`'s length, exactly as a correct one
 /// does), and for a 204 or 304 whose head announces one (`Transfer-Encoding`, or a
 /// `Content-Length` other than 0 on a 204, which may carry none). hyper reads no body
@@ -216,7 +213,7 @@ where
 /// where it would be read as the answer to the next request: another client's (as an
 /// `HTTP/1.1 …` body, that client gets it; otherwise a 502 and the rest of that
 /// connection out of step).
-pub(crate) fn body_may_follow<T>(head: bool, resp: &Response<T>) -> bool {
+fn body_may_follow<T>(head: bool, resp: &Response<T>) -> bool {
     use http::{header, StatusCode};
     let h = resp.headers();
     head || match resp.status() {
@@ -332,6 +329,8 @@ const CARRIED: u8 = 2;
 /// The request's method gives content no meaning (`GET`, `HEAD`, `DELETE`: RFC 9110
 /// §9.3.1, §9.3.2, §9.3.5), so its handler usually never reads a body it was sent.
 const UNREAD_METHOD: u8 = 4;
+/// The request is a `HEAD`: its answer ends with its head, whatever the head announces.
+const HEAD: u8 = 8;
 
 impl Progress {
     /// The progress of a request with this method's body.
@@ -339,6 +338,9 @@ impl Progress {
         let p = Self::default();
         if matches!(*method, http::Method::GET | http::Method::HEAD | http::Method::DELETE) {
             p.set(UNREAD_METHOD);
+        }
+        if *method == http::Method::HEAD {
+            p.set(HEAD);
         }
         p
     }
@@ -353,15 +355,18 @@ impl Progress {
     }
 
     /// Whether the connection that carried this request may take another one, its answer
-    /// having `status` (read when the answer's head arrives): not if the answer came
+    /// having `resp`'s head (read when it arrives): not if the answer came
     /// before the body was sent to its end, nor if the body carried bytes and the answer
     /// is not a success, or is any answer to a `GET`, `HEAD` or `DELETE` (the upstream
     /// may not have read them, and would read them next as a request; a `GET` handler
     /// that ignores its body, as Python's `do_GET` does, answers 200; see the module
-    /// docs).
-    pub fn reusable_after(&self, status: http::StatusCode) -> bool {
+    /// docs); nor if a body may still follow the answer's head (`body_may_follow`).
+    pub fn reusable_after<T>(&self, resp: &Response<T>) -> bool {
         let s = self.0.load(Ordering::Acquire);
-        s & ENDED != 0 && (s & CARRIED == 0 || (status.as_u16() < 300 && s & UNREAD_METHOD == 0))
+        let status = resp.status();
+        s & ENDED != 0
+            && (s & CARRIED == 0 || (status.as_u16() < 300 && s & UNREAD_METHOD == 0))
+            && !body_may_follow(s & HEAD != 0, resp)
     }
 }
 

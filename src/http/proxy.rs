@@ -488,20 +488,13 @@ pub async fn handle(
             &rc,
         );
     }
-    if req.method() == http::Method::TRACE || req.method().as_str() == "TRACK" {
-        return rejection(
-            out,
-            Reason::MethodNotAllowed,
-            "TRACE and TRACK are never forwarded",
-            &rc,
-        );
-    }
-    if req.method() == http::Method::CONNECT {
-        // A tunnel request, meaningless to a reverse proxy: an HTTP/1.1 `CONNECT /path`
-        // reached the upstream, whose 2xx (Go's net/rpc answers `CONNECT /_goRPC_` so)
-        // both HTTP layers take for a tunnel: the client got nothing at all while the
-        // event said 200. Only WebSocket upgrades are tunnelled.
-        return rejection(out, Reason::MethodNotAllowed, "CONNECT is never forwarded", &rc);
+    if super::never_forwarded(req.method().as_str()) {
+        // An HTTP/1.1 `CONNECT /path` reached the upstream, whose 2xx (Go's net/rpc
+        // answers `CONNECT /_goRPC_` so) both HTTP layers took for a tunnel: the client
+        // got nothing at all while the event said 200. Only WebSocket upgrades are
+        // tunnelled.
+        let detail = format!("{} is never forwarded", req.method());
+        return rejection(out, Reason::MethodNotAllowed, detail, &rc);
     }
     if let Some((name, what)) = override_header(req.headers()) {
         // Policies authorize the request's method and path; an upstream framework that

@@ -34,7 +34,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::RequestBody;
-use super::pool::{body_may_follow, H1Pool, PoolError, PooledBody, Progress, Sent};
+use super::pool::{H1Pool, PoolError, PooledBody, Progress, Sent};
 use crate::config::RouteSettings;
 
 type HyperClient = Client<HttpsConnector<HttpConnector>, Sent<RequestBody>>;
@@ -122,7 +122,6 @@ impl UpstreamClient {
                 parts.path_and_query = req.uri().path_and_query().cloned();
                 *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
                 let upgrade = req.headers().contains_key(header::UPGRADE);
-                let head = req.method() == http::Method::HEAD;
                 // Every HTTP/1.1 exchange is captured, a bodiless `GET` too: any answer
                 // may be a 204 or 304 announcing a body (a conditional `GET`'s 304 with
                 // `Transfer-Encoding`), whose late body the next request would read, and
@@ -140,7 +139,7 @@ impl UpstreamClient {
                 };
                 let resp = pool.request(req).await?;
                 if let Some(conn) = conn {
-                    if !sent.reusable_after(resp.status()) || body_may_follow(head, &resp) {
+                    if !sent.reusable_after(&resp) {
                         if let Some(c) = conn.connection_metadata().as_ref() {
                             if !c.is_negotiated_h2() {
                                 c.poison();

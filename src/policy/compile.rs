@@ -621,7 +621,7 @@ impl<'a> Compiler<'a> {
                     );
                     return None;
                 }
-                if matches!(method, "CONNECT" | "TRACE") {
+                if crate::http::never_forwarded(method) {
                     self.err(
                         r.span(),
                         format!("bad request {text:?}: the proxy never forwards `{method}`: it refuses it on every route before any rule (405 method-not-allowed)"),

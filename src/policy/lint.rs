@@ -374,7 +374,7 @@ fn unverified_email(out: &mut Lints<'_>, rule: &Rule) {
 fn refused_methods(out: &mut Lints<'_>, rule: &Rule) {
     for c in rule.conditions() {
         let Matcher::Methods(methods) = c.matcher() else { continue };
-        for m in methods.iter().filter(|m| **m == Method::CONNECT || **m == Method::TRACE) {
+        for m in methods.iter().filter(|m| crate::http::never_forwarded(m.as_str())) {
             let effect = match rule.effect {
                 Effect::Allow => "allow",
                 Effect::Deny => "deny",

@@ -111,7 +111,7 @@ impl RequestLine {
             .ok()
             .filter(|_| method.chars().all(|c| c.is_ascii_uppercase()))
             .ok_or_else(|| bad("unknown method (upper case, e.g. GET)"))?;
-        if matches!(method.as_str(), "CONNECT" | "TRACE" | "TRACK") {
+        if crate::http::never_forwarded(method.as_str()) {
             return Err(bad(&format!(
                 "the proxy never forwards `{method}`: it refuses it on every route before any rule (405 method-not-allowed)"
             )));
