@@ -70,17 +70,27 @@ impl<'a> ReplayKey<'a> {
     }
 }
 
+/// Until when a token whose identity expires at `exp` must be remembered: the verifier
+/// accepts it until `exp` plus the issuer's leeway (V19, at most
+/// [`MAX_LEEWAY`](crate::identity::verify::MAX_LEEWAY)), so forgotten at `exp` it could
+/// be replayed for that long.
+pub fn remembered_until(exp: u64) -> u64 {
+    exp.saturating_add(crate::identity::verify::MAX_LEEWAY.as_secs() + 1)
+}
+
 // === impl ReplayCache ===
 
 impl ReplayCache {
-    /// True the first time a token is presented; false on every later use before `exp`.
-    /// Fails closed when full of unexpired entries.
+    /// True the first time a token is presented; false on every later use while it
+    /// could still be accepted ([`remembered_until`]). Fails closed when full of
+    /// unexpired entries.
     pub fn first_use(&self, key: ReplayKey<'_>, exp: u64) -> bool {
         self.first_use_at(key, exp, crate::util::unix_now())
     }
 
     pub fn first_use_at(&self, key: ReplayKey<'_>, exp: u64, now: u64) -> bool {
         let key = key.digest();
+        let exp = remembered_until(exp);
         let mut seen = self.seen.lock();
         if seen.len() >= LIMIT {
             seen.retain(|_, e| *e > now);
@@ -118,13 +128,16 @@ mod tests {
     }
 
     #[test]
-    fn second_use_is_refused_until_expiry() {
+    fn second_use_is_refused_until_expiry_and_the_longest_leeway() {
         let c = ReplayCache::default();
         let (t1, t2) = (ReplayKey::SigningInput("h.p1"), ReplayKey::SigningInput("h.p2"));
         assert!(c.first_use_at(t1, 100, 10));
         assert!(!c.first_use_at(t1, 100, 20));
         assert!(c.first_use_at(t2, 100, 20));
-        assert!(c.first_use_at(t1, 200, 101), "expired entries may be reused");
+        // The verifier still accepts it within its leeway after `exp`.
+        assert!(!c.first_use_at(t1, 100, 160), "60 s after exp");
+        assert!(!c.first_use_at(t1, 100, 400), "300 s after exp: the longest leeway");
+        assert!(c.first_use_at(t1, 200, 402), "forgotten once no verifier accepts it");
     }
 
     #[test]

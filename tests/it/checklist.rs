@@ -321,6 +321,21 @@ async fn single_use_routes_refuse_replays_v27() {
     );
 }
 
+/// A token is accepted until `exp` plus the leeway (V19), so it must be remembered
+/// that long: forgotten at `exp`, it could be replayed for the leeway's 60 s.
+#[tokio::test]
+async fn single_use_routes_refuse_replays_within_the_leeway_after_exp_v27() {
+    let w =
+        World::with(Setup { route_extra: "single_use_tokens = true".into(), ..Setup::default() })
+            .await;
+    let now = portcullis::util::unix_now();
+    for (issuer, id) in [("bb", "stepUuid"), ("gh", "jti")] {
+        let t = w.token(issuer, &[&format!("exp:={}", now - 30), &format!("{id}=leeway-{issuer}")]);
+        assert_eq!(w.get("/x", Some(&t)).await.status, StatusCode::OK, "{issuer}: within leeway");
+        expect(&w, issuer, &t, StatusCode::UNAUTHORIZED, "token-replayed").await;
+    }
+}
+
 #[tokio::test]
 async fn unknown_kid_refreshes_once_then_rejects() {
     let w = World::start().await;
