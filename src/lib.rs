@@ -20,6 +20,7 @@
 //! - [`postgres`]: database routes: PostgreSQL wire protocol, token as password over TLS,
 //!   upstream SCRAM with credentials only the proxy holds, per-statement audit.
 //! - [`audit`]: the one JSON event per request, written off the hot path.
+//! - [`store`]: the optional store replicas share (Redis): single-use tokens and sign-outs.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on a separate listener.
 //! - [`config`]: raw serde types, compilation into typed values, `file:line:col` diagnostics.
 //! - [`dev`]: the embedded development issuer and echo upstream behind `portcullis demo`.
@@ -41,5 +42,6 @@ pub mod reason;
 pub mod review;
 pub mod server;
 pub mod session;
+pub mod store;
 pub mod tls;
 pub mod util;

@@ -174,6 +174,12 @@ pub struct Metrics {
     pub session_revocation_entries: AtomicU64,
     /// Config reloads by outcome (ok|error).
     pub config_reloads: Family<&'static str>,
+    /// Shared-store (`[redis]`) failures by operation: replay (a single-use check),
+    /// sign-out (sharing one), subscribe (receiving them), malformed (a stored or
+    /// published sign-out that could not be read).
+    pub redis_errors: Family<&'static str>,
+    /// Sign-outs made on other replicas and recorded here through the shared store.
+    pub redis_sign_outs_received: AtomicU64,
     /// Shadow-policy disagreements by route.
     pub shadow_disagreements: Family<Arc<str>>,
     pub connections_open: AtomicU64,
@@ -375,6 +381,26 @@ impl Metrics {
                 self.config_reloads.get(&outcome)
             );
         }
+        family(
+            &mut out,
+            "portcullis_redis_errors_total",
+            "counter",
+            "Shared-store ([redis]) failures by operation: replay (a single-use check, refused with 503), sign-out (not shared), subscribe (other replicas' sign-outs not received until it reconnects), malformed (an unreadable stored or published sign-out).",
+        );
+        for op in ["replay", "sign-out", "subscribe", "malformed"] {
+            let _ = writeln!(
+                out,
+                "portcullis_redis_errors_total{{op=\"{op}\"}} {}",
+                self.redis_errors.get(&op)
+            );
+        }
+        scalar(
+            &mut out,
+            "portcullis_redis_sign_outs_received_total",
+            "counter",
+            "Sign-outs made on other replicas and recorded here through the shared store.",
+            self.redis_sign_outs_received.load(Ordering::Relaxed),
+        );
         family(
             &mut out,
             "portcullis_tls_certificate_expiry_timestamp_seconds",

@@ -65,6 +65,9 @@ pub enum Reason {
     InvalidClaims,
     /// The token was already used on a route that demands single use.
     TokenReplayed,
+    /// A single-use route could not ask the shared store (`[redis]`) whether another
+    /// replica saw the token: refused (503) rather than risk a replay.
+    ReplayCheckUnavailable,
     /// Explicitly denied by a `deny` rule.
     DeniedByRule,
     /// No allow rule matched (default deny).
@@ -210,6 +213,7 @@ impl Reason {
             Reason::UnsupportedStartupParameter => "unsupported-startup-parameter",
             Reason::Overloaded => "overloaded",
             Reason::AuditUnavailable => "audit-unavailable",
+            Reason::ReplayCheckUnavailable => "replay-check-unavailable",
             Reason::RequestTimeout => "request-timeout",
             Reason::ClientClosed => "client-closed",
             Reason::UpstreamAborted => "upstream-aborted",
@@ -294,9 +298,10 @@ impl Reason {
             | Reason::UnsupportedEncoding
             | Reason::UnsupportedStartupParameter => StatusCode::BAD_REQUEST,
             Reason::AccessRevoked | Reason::CrossOrigin => StatusCode::FORBIDDEN,
-            Reason::ShuttingDown | Reason::Overloaded | Reason::AuditUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Reason::ShuttingDown
+            | Reason::Overloaded
+            | Reason::AuditUnavailable
+            | Reason::ReplayCheckUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Reason::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             // Never sent: the client is gone. (The log says 499.)
             Reason::ClientClosed => StatusCode::BAD_REQUEST,

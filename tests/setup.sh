@@ -23,6 +23,10 @@ if [ ! -d tests/node/node_modules/oidc-provider ] || [ tests/node/package-lock.j
   npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 fi
 
+# Redis for the shared-store tests (tests/it/redis.rs; each starts its own throwaway
+# redis-server on a free port).
+command -v redis-server >/dev/null || need_apt redis-server
+
 # PostgreSQL server, psql and pgbench for the database-route tests (tests/it/pg.rs) and
 # benches/pg.sh. pgbench ships in postgresql-contrib on older Debian releases.
 command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt postgresql

@@ -43,8 +43,11 @@ pub fn respond<B>(
                 .collect();
             // Audit events not reaching their output: take this replica out of rotation
             // rather than serve requests that leave no trace.
-            let ready = !draining && rt.verifier.ready() && audit == AuditStatus::Ok;
-            let body = serde_json::json!({
+            // With a shared store, not before the other replicas' sign-outs are read
+            // back once: a replica just started would otherwise accept their cookies.
+            let synced = shared.store.as_ref().is_none_or(|s| s.synced());
+            let ready = !draining && rt.verifier.ready() && audit == AuditStatus::Ok && synced;
+            let mut body = serde_json::json!({
                 "ready": ready,
                 "draining": draining,
                 "audit": audit.as_str(),
@@ -52,6 +55,9 @@ pub fn respond<B>(
                 "policy_revision": &*rt.revision,
                 "issuers_keys_loaded": issuers,
             });
+            if shared.store.is_some() {
+                body["shared_sign_outs_loaded"] = serde_json::Value::Bool(synced);
+            }
             let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             (status, "application/json", Bytes::from(body.to_string()))
         }

@@ -316,7 +316,7 @@ impl Compiler<'_> {
     /// the load, not the first session) unless the load is [`LoadMode::PolicyOnly`],
     /// which reads neither and leaves the password empty. Diagnostics never contain the
     /// value.
-    fn database_secret(
+    pub(super) fn database_secret(
         &mut self,
         at: &Spanned<String>,
         env: Option<&Spanned<String>>,

@@ -4,6 +4,7 @@
 
 mod database;
 pub mod raw;
+mod redis;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -22,6 +23,7 @@ use crate::identity::{Algorithm, IssuerId, IssuerSettings, Preset, PrincipalKind
 use crate::policy::{Catalog, Policy};
 
 pub use database::{DatabaseSettings, Secret, UpstreamTls};
+pub use redis::RedisSettings;
 
 /// The compiled configuration. Cheap to clone (`Arc`s inside).
 #[derive(Debug, Clone)]
@@ -51,6 +53,8 @@ pub struct Config {
     pub session: Option<SessionSettings>,
     /// Issuers the proxy can sign browsers in with (`[issuers.NAME] login = {...}`).
     pub logins: Vec<LoginSettings>,
+    /// `[redis]`: the store replicas share, if any ([`crate::store`]).
+    pub redis: Option<RedisSettings>,
     /// What the load read besides the configuration and its policies; a server starts
     /// only from a [`LoadMode::Serve`] load.
     pub mode: LoadMode,
@@ -684,8 +688,18 @@ const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600); // `"100y"
 /// (two per connection), and within what the slot semaphore can count (a larger value
 /// passed `check` and made `serve` panic at start).
 const MAX_CONNECTIONS: i64 = 1_000_000;
-const TOP_LEVEL: &[&str] =
-    &["listen", "tls", "server", "assertion", "audit", "session", "issuers", "routes", "databases"];
+const TOP_LEVEL: &[&str] = &[
+    "listen",
+    "tls",
+    "server",
+    "assertion",
+    "audit",
+    "session",
+    "redis",
+    "issuers",
+    "routes",
+    "databases",
+];
 
 impl Config {
     /// Loads and compiles a configuration and every policy it names, as `serve` does.
@@ -914,6 +928,7 @@ impl Compiler<'_> {
         let mut server = raw::Server::default();
         let mut assertion = raw::Assertion::default();
         let mut audit = raw::Audit::default();
+        let mut redis = None;
         let mut session: Option<(std::ops::Range<usize>, raw::Session)> = None;
         let mut issuers: Vec<(Spanned<String>, raw::Issuer)> = Vec::new();
         let mut broken_issuers: Vec<(String, Preset)> = Vec::new();
@@ -929,6 +944,7 @@ impl Compiler<'_> {
                 "server" => server = self.section(value).unwrap_or_default(),
                 "assertion" => assertion = self.section(value).unwrap_or_default(),
                 "audit" => audit = self.section(value).unwrap_or_default(),
+                "redis" => redis = self.section::<raw::Redis>(value).and_then(|r| self.redis(r)),
                 "session" => {
                     let vspan = value.span();
                     session = self.section(value).map(|s| (vspan, s));
@@ -1219,6 +1235,7 @@ impl Compiler<'_> {
             warnings,
             session,
             logins,
+            redis,
             mode: self.mode,
             policy_test_failures: Arc::default(),
         })

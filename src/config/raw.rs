@@ -49,6 +49,19 @@ pub struct Server {
     pub max_header_size: Option<S<toml::Value>>,
 }
 
+/// `[redis]`: the store replicas share (sign-outs, single-use tokens).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redis {
+    pub url: S<String>,
+    pub username: Option<S<String>>,
+    pub password_env: Option<S<String>>,
+    pub password_file: Option<S<String>>,
+    pub ca: Option<S<String>>,
+    pub key_prefix: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Assertion {

@@ -1515,3 +1515,42 @@ fn a_too_deeply_dotted_key_is_reported_at_its_line_and_column() {
     let e = compile(dir.path(), &text).err().unwrap_or_default();
     assert!(e.iter().all(|d| !d.contains("recursion")), "{e:?}");
 }
+
+#[test]
+fn redis_settings_default_and_every_mistake_is_reported_where_it_is_written() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("redis-pw"), "s3cret\n").ok();
+    let redis = |extra: &str| compile(dir.path(), &format!("{BASE}\n[redis]\n{extra}\n"));
+    let c = redis("url = \"redis://10.0.0.5\"").unwrap_or_else(|e| panic!("{e:?}"));
+    let r = c.redis.unwrap_or_else(|| panic!("no [redis]"));
+    assert_eq!((r.host.as_str(), r.port, r.db, r.tls), ("10.0.0.5", 6379, 0, false));
+    assert_eq!(r.key_prefix, "portcullis:");
+    assert_eq!(r.timeout, Duration::from_millis(500));
+    assert_eq!(r.password, None);
+    let c = redis(
+        "url = \"rediss://[::1]:6380/2\"\nusername = \"px\"\npassword_file = \"redis-pw\"\nkey_prefix = \"prod:\"\ntimeout = \"2s\"",
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let r = c.redis.unwrap_or_else(|| panic!("no [redis]"));
+    assert_eq!((r.host.as_str(), r.port, r.db, r.tls), ("::1", 6380, 2, true));
+    assert_eq!(r.password.as_ref().map(|p| p.expose()), Some("s3cret"));
+    assert_eq!(r.shown(), "rediss://::1:6380/2", "never a credential");
+    assert!(compile(dir.path(), BASE).is_ok_and(|c| c.redis.is_none()));
+    for (extra, error) in [
+        ("url = \"redis://u:s3cret@h\"", "15:7 the Redis URL must not carry credentials"),
+        ("url = \"http://h\"", "15:7 `url` must start with redis:// or rediss://"),
+        ("url = \"redis://h:0\"", "15:7 the Redis URL has a bad port"),
+        ("url = \"redis://h/x\"", "15:7 the URL's path is the database number"),
+        ("url = \"redis://h?db=1\"", "15:7 the Redis URL takes no query"),
+        ("url = \"redis://:6379\"", "15:7 the Redis URL names no host"),
+        ("url = \"redis://h\"\nusername = \"u\"", "16:12 `username` needs a password"),
+        ("url = \"redis://h\"\nca = \"redis-pw\"", "16:6 `ca` only applies to rediss://"),
+        ("url = \"redis://h\"\nkey_prefix = \"a b\"", "16:14 `key_prefix` is 1 to 64"),
+        ("url = \"redis://h\"\ntimeout = \"0s\"", "16:11 `timeout` must be longer than zero"),
+        ("url = \"redis://h\"\npassword = \"inline\"", "16:1 unknown field `password`"),
+    ] {
+        let errors = redis(extra).err().unwrap_or_default();
+        assert!(errors.iter().any(|e| e.starts_with(error)), "{extra}: {errors:?}");
+        assert!(!errors.iter().any(|e| e.contains("s3cret")), "{extra}: {errors:?}");
+    }
+}

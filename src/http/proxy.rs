@@ -132,6 +132,8 @@ impl Parked {
 pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
     pub replay: super::replay::ReplayCache,
+    /// The store replicas share (`[redis]`): single-use tokens are checked there too.
+    pub store: Option<Arc<crate::store::Store>>,
     /// The generation of the last reload, sent after `runtime` is swapped; open database
     /// sessions and WebSocket tunnels re-check their authorization on every change.
     pub reloads: tokio::sync::watch::Sender<u64>,
@@ -207,6 +209,36 @@ impl RejectCtx {
     fn here(&self) -> &str {
         self.here.as_deref().unwrap_or_default()
     }
+}
+
+/// Whether `token` is used here for the first time, on this replica and, with a shared
+/// store, on every other. Known by issuer and `jti`, or by what was signed: never by the
+/// signature, which ECDSA lets anyone re-make (`s` → `n − s`). The store is asked first,
+/// so a request it cannot check (503) leaves the token unused here.
+async fn first_use(
+    shared: &Shared,
+    token: &str,
+    identity: &Identity,
+) -> Result<(), (Reason, &'static str)> {
+    let key = super::replay::ReplayKey::of(token, identity);
+    if let Some(store) = &shared.store {
+        let until = super::replay::remembered_until(identity.expires_at);
+        match store.first_use(&key.digest(), until, crate::util::unix_now()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err((Reason::TokenReplayed, "token already used (shared store)"));
+            }
+            Err(e) => {
+                crate::metrics::global().redis_errors.inc(&"replay");
+                tracing::warn!(server = %store.shown(), error = %e, "single-use check failed");
+                return Err((Reason::ReplayCheckUnavailable, "the shared store did not answer"));
+            }
+        }
+    }
+    if !shared.replay.first_use(key, identity.expires_at) {
+        return Err((Reason::TokenReplayed, "token already used on a single-use route"));
+    }
+    Ok(())
 }
 
 fn rejection(
@@ -621,20 +653,10 @@ pub async fn handle(
                         &rc,
                     );
                 }
-                // Known by issuer and `jti`, or by what was signed: never by the signature,
-                // which ECDSA lets anyone re-make (`s` → `n − s`).
-                if route.single_use_tokens
-                    && !shared.replay.first_use(
-                        super::replay::ReplayKey::of(token, &identity),
-                        identity.expires_at,
-                    )
-                {
-                    return rejection(
-                        out,
-                        Reason::TokenReplayed,
-                        "token already used on a single-use route",
-                        &rc,
-                    );
+                if route.single_use_tokens {
+                    if let Err((reason, detail)) = first_use(&shared, token, &identity).await {
+                        return rejection(out, reason, detail, &rc);
+                    }
                 }
                 source = Some(src);
                 Some(identity)

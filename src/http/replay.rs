@@ -47,7 +47,7 @@ impl<'a> ReplayKey<'a> {
 
     /// SHA-256 over a tag and length-prefixed parts, so no key of one kind can equal
     /// one of the other, nor an issuer's name run into a `jti`.
-    fn digest(&self) -> [u8; 32] {
+    pub fn digest(&self) -> [u8; 32] {
         let mut ctx = Context::new(&SHA256);
         let mut part = |bytes: &[u8]| {
             ctx.update(&(bytes.len() as u64).to_be_bytes());

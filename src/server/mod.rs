@@ -255,6 +255,7 @@ struct Fixed {
     max_connections: usize,
     shutdown_grace: Duration,
     watch: bool,
+    redis: Option<crate::config::RedisSettings>,
 }
 
 impl Fixed {
@@ -268,6 +269,7 @@ impl Fixed {
             max_connections: c.server.max_connections,
             shutdown_grace: c.server.shutdown_grace,
             watch: c.server.watch,
+            redis: c.redis.clone(),
         }
     }
 
@@ -282,11 +284,56 @@ impl Fixed {
             ("server.max_connections", self.max_connections != new.max_connections),
             ("server.shutdown_grace", self.shutdown_grace != new.shutdown_grace),
             ("server.watch", self.watch != new.watch),
+            ("redis", self.redis != new.redis),
         ]
         .into_iter()
         .filter_map(|(name, differs)| differs.then_some(name))
         .collect()
     }
+}
+
+/// Shares this replica's sign-outs through `store` and records the other replicas'
+/// ([`crate::store`]), until shutdown.
+fn share_sign_outs(
+    tasks: &mut tokio::task::JoinSet<()>,
+    store: Arc<crate::store::Store>,
+    shared: &Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let revocations = shared.runtime.load().revocations.clone();
+    // Each sign-out takes a sign-in at the identity provider, so this fills only if
+    // Redis stays slower than people sign out; a full queue is counted, and the
+    // sign-out holds on this replica anyway.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::session::revoke::SignOut>(1024);
+    revocations.share_with(tx);
+    let sender = store.clone();
+    let mut stop = shutdown.clone();
+    tasks.spawn(async move {
+        loop {
+            // At shutdown what is queued is still sent; a sign-out made later in the
+            // drain is logged as not shared.
+            let next = tokio::select! {
+                s = rx.recv() => s,
+                _ = stop.changed() => {
+                    rx.close();
+                    rx.recv().await
+                }
+            };
+            let Some(s) = next else { return };
+            if let Err(e) = sender.share_sign_out(&s, crate::util::unix_now()).await {
+                crate::metrics::global().redis_errors.inc(&"sign-out");
+                tracing::error!(server = %sender.shown(), error = %e,
+                    "a sign-out was not shared with the other replicas (it holds on this one)");
+            }
+        }
+    });
+    let runtime = shared.clone();
+    // Sign-outs are kept for this replica's own absolute lifetime, read at each one so
+    // a reload's new lifetime applies.
+    let lifetime = Arc::new(move || {
+        runtime.runtime.load().sessions.as_ref().map(|s| s.settings.absolute_lifetime.as_secs())
+    });
+    tasks.spawn(store.follow_sign_outs(revocations, lifetime, shutdown));
 }
 
 /// Options that are not in the configuration file.
@@ -335,6 +382,7 @@ impl Server {
         for w in &config.warnings {
             tracing::warn!(target: "portcullis::config", "{w}");
         }
+        let store = config.redis.clone().map(crate::store::Store::new).transpose()?;
         let mut runtime = Runtime::build(config, None, 1)?;
         runtime.tls_certificates = certificates;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -343,6 +391,7 @@ impl Server {
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
             replay: Default::default(),
+            store: store.clone(),
             reloads: watch::channel(1).0,
             grace_over: cut_rx.clone(),
             sink: sink.clone(),
@@ -416,6 +465,9 @@ impl Server {
         if watch_files {
             tasks.spawn(watch_loop(state.clone(), shutdown_rx.clone()));
         }
+        if let Some(store) = store {
+            share_sign_outs(&mut tasks, store, &shared, shutdown_rx.clone());
+        }
         // The drain task: when shutdown is signalled, wait until every connection has
         // given its permit back (each holds one for its lifetime), up to the grace period.
         // Then those still open are closed, and their requests end, each with its audit
@@ -477,7 +529,9 @@ impl Server {
     }
 
     pub fn is_ready(&self) -> bool {
-        !self.state.draining.load(Ordering::Relaxed) && self.shared.runtime.load().verifier.ready()
+        !self.state.draining.load(Ordering::Relaxed)
+            && self.shared.runtime.load().verifier.ready()
+            && self.shared.store.as_ref().is_none_or(|s| s.synced())
     }
 
     /// Stops accepting, drains in-flight requests (up to the grace period; then the
@@ -1187,6 +1241,7 @@ mod tests {
             max_connections: 100,
             shutdown_grace: Duration::from_secs(30),
             watch: true,
+            redis: None,
         };
         assert!(started.differences(&started.clone()).is_empty());
         let new = Fixed {
@@ -1202,6 +1257,19 @@ mod tests {
         );
         let moved = Fixed { admin: None, ..started.clone() };
         assert_eq!(started.differences(&moved), ["listen.admin"]);
+        let shared = crate::config::RedisSettings {
+            host: "10.0.0.5".into(),
+            port: 6379,
+            tls: false,
+            ca: None,
+            db: 0,
+            username: None,
+            password: None,
+            key_prefix: "portcullis:".into(),
+            timeout: Duration::from_millis(500),
+        };
+        let with_redis = Fixed { redis: Some(shared), ..started.clone() };
+        assert_eq!(started.differences(&with_redis), ["redis"]);
     }
 
     const LIMITS: &str =

@@ -115,6 +115,18 @@ pub struct Revocations {
     /// what outlives a request (a WebSocket tunnel a session opened) watches it to
     /// check its session again.
     sign_outs: tokio::sync::watch::Sender<u64>,
+    /// Where this replica's own sign-outs go to be shared with the others (`[redis]`,
+    /// [`crate::store`]), once set.
+    outbox: std::sync::OnceLock<tokio::sync::mpsc::Sender<SignOut>>,
+}
+
+/// A sign-out as the replicas share it: the session, its sign-in time, and until when
+/// it must be remembered (Unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignOut {
+    pub key: [u8; 16],
+    pub created: u64,
+    pub until: u64,
 }
 
 #[derive(Debug, Default)]
@@ -145,7 +157,14 @@ impl Revocations {
             cap,
             inner: RwLock::new(Inner::default()),
             sign_outs: tokio::sync::watch::channel(0).0,
+            outbox: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sends every sign-out made here from now on to `outbox` as well, to be shared
+    /// with the other replicas. False if one was set already.
+    pub fn share_with(&self, outbox: tokio::sync::mpsc::Sender<SignOut>) -> bool {
+        self.outbox.set(outbox).is_ok()
     }
 
     /// Why the session known by `key` and signed in at `created` is refused, if it is:
@@ -164,7 +183,31 @@ impl Revocations {
     /// or longer if an earlier sign-out was made under a longer lifetime (a reload
     /// shortened it, and may lengthen it again). Entries and a floor whose sessions have
     /// all ended by `now` are dropped first.
+    /// With a shared store, the sign-out is then handed to it ([`Self::share_with`]);
+    /// a full hand-off queue is logged and counted, and the sign-out holds here anyway.
     pub fn revoke(&self, key: [u8; 16], created: u64, lifetime: u64, now: u64) -> Revoked {
+        let outcome = self.revoke_from_peer(key, created, lifetime, now);
+        if let (Some(outbox), Revoked::Recorded | Revoked::Overflow { .. }) =
+            (self.outbox.get(), outcome)
+        {
+            let until = created.saturating_add(lifetime);
+            if outbox.try_send(SignOut { key, created, until }).is_err() {
+                crate::metrics::global().redis_errors.inc(&"sign-out");
+                tracing::error!("a sign-out could not be queued for the other replicas");
+            }
+        }
+        outcome
+    }
+
+    /// [`Self::revoke`] for a sign-out another replica made (through the shared
+    /// store): recorded here, never handed back to the store.
+    pub fn revoke_from_peer(
+        &self,
+        key: [u8; 16],
+        created: u64,
+        lifetime: u64,
+        now: u64,
+    ) -> Revoked {
         let outcome = self.record(key, created, lifetime, now);
         if matches!(outcome, Revoked::Recorded | Revoked::Overflow { .. }) {
             self.sign_outs.send_modify(|n| *n = n.wrapping_add(1));

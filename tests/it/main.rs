@@ -75,6 +75,7 @@ mod pg_reload;
 mod pg_session;
 mod proxy;
 mod public;
+mod redis;
 mod review;
 mod sso;
 mod strip_prefix;

@@ -12,8 +12,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{Method, StatusCode};
-use portcullis::config::Config;
-use portcullis::server::{Options, Server};
 
 use crate::support::*;
 
@@ -1031,12 +1029,7 @@ async fn a_second_replica_with_the_same_key_accepts_the_session() {
     let w = sso_world("").await;
     let mut b = Browser::new();
     assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
-    let cfg = Config::load(&w.config_path()).unwrap_or_else(|e| panic!("{e}"));
-    let second = Server::start(cfg, Options { sink: Some(portcullis::audit::AuditSink::memory()) })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(second.shared.runtime.load().verifier.wait_ready(Duration::from_secs(10)).await);
-    let port = second.bound().https.map_or(0, |a| a.port());
+    let (second, port, _) = replica(&w).await;
     let r = send_with(
         &w.client,
         Method::GET,
@@ -1048,6 +1041,52 @@ async fn a_second_replica_with_the_same_key_accepts_the_session() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.upstream_header("x-portcullis-subject").as_deref(), Some("alice"));
     second.shutdown().await;
+}
+
+/// With `[redis]`, a sign-out on one replica ends the session on every replica: on one
+/// running (published), and on one started later (read back before it is ready).
+#[tokio::test]
+async fn a_sign_out_ends_the_session_on_every_replica_sharing_redis() {
+    let Some(redis) = RedisServer::start("sign-out across replicas").await else { return };
+    let w =
+        World::with(Setup { sso: Some(String::new()), redis: redis.config(), ..Setup::default() })
+            .await;
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let copy = b.cookie_header();
+    let (second, port, sink) = replica(&w).await;
+    let at = |port: u16| {
+        let copy = copy.clone();
+        let client = &w.client;
+        async move {
+            let url = format!("https://localhost:{port}/replica");
+            send_with(client, Method::GET, &url, &[("cookie", &copy)], Bytes::new()).await
+        }
+    };
+    assert_eq!(at(port).await.status, StatusCode::OK, "the copy works on the second replica");
+    let logout = w.url("/.portcullis/logout");
+    let r = b.request(&w, Method::GET, &logout, &[("sec-fetch-site", "same-origin")], "").await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    let mut refused = at(port).await;
+    for _ in 0..100 {
+        if refused.status != StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        refused = at(port).await;
+    }
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{}", refused.text());
+    assert_eq!(refused.json()["error"], "login-required");
+    let found = sink
+        .lines()
+        .into_iter()
+        .any(|l| l.contains(&request_id(&refused)) && l.contains("\"reason\":\"session-revoked\""));
+    assert!(found, "the second replica audits the copy as session-revoked");
+    // A replica started after the sign-out refuses the copy from its first request.
+    let (third, port3, _) = replica(&w).await;
+    assert_eq!(at(port3).await.status, StatusCode::UNAUTHORIZED);
+    second.shutdown().await;
+    third.shutdown().await;
 }
 
 #[tokio::test]

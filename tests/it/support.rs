@@ -159,6 +159,8 @@ pub struct Setup {
     pub watch: bool,
     /// `[assertion]` keys (the section is written when this is not empty).
     pub assertion: String,
+    /// `[redis]` keys (the section is written when this is not empty).
+    pub redis: String,
 }
 
 impl Default for Setup {
@@ -177,6 +179,7 @@ impl Default for Setup {
             sink: None,
             watch: false,
             assertion: String::new(),
+            redis: String::new(),
         }
     }
 }
@@ -289,6 +292,9 @@ impl World {
         );
         if !setup.assertion.is_empty() {
             c.push_str(&format!("[assertion]\n{}\n\n", setup.assertion));
+        }
+        if !setup.redis.is_empty() {
+            c.push_str(&format!("[redis]\n{}\n\n", setup.redis));
         }
         if let Some(extra) = &setup.sso {
             c.push_str(&format!(
@@ -683,4 +689,127 @@ pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<Str
         }
     }
     Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// A throwaway `redis-server` on a free loopback port, with a password, that keeps
+/// nothing on disk; killed on drop. `None` (the test skips) when redis-server is not
+/// installed, unless `PORTCULLIS_REQUIRE_INTEROP` is set (the test command installs it).
+pub struct RedisServer {
+    child: std::process::Child,
+    pub port: u16,
+    /// A `password_file` holding the password.
+    pub password_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub const PASSWORD: &'static str = "redis-test-password";
+
+    pub async fn start(what: &str) -> Option<RedisServer> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("free port: {e}"));
+        Self::start_on(what, port).await
+    }
+
+    /// On `port` (a server started again where an earlier one ran).
+    pub async fn start_on(what: &str, port: u16) -> Option<RedisServer> {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let password_file = dir.path().join("redis-password");
+        write(&password_file, &format!("{}\n", Self::PASSWORD));
+        let spawned = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no", "--requirepass", Self::PASSWORD])
+            .args(["--dir", &dir.path().to_string_lossy()])
+            .stdout(std::process::Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                assert!(
+                    std::env::var("PORTCULLIS_REQUIRE_INTEROP").is_err(),
+                    "{what}: redis-server cannot run ({e}) but PORTCULLIS_REQUIRE_INTEROP is set"
+                );
+                eprintln!("SKIPPED: {what} (apt-get install redis-server)");
+                return None;
+            }
+        };
+        let server = RedisServer { child, port, password_file, _dir: dir };
+        for _ in 0..100 {
+            if server.ping().await {
+                return Some(server);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{what}: redis-server did not answer on port {port}");
+    }
+
+    async fn ping(&self) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        let cmd = format!("AUTH {}\r\nPING\r\n", Self::PASSWORD);
+        if s.write_all(cmd.as_bytes()).await.is_err() {
+            return false;
+        }
+        let mut buf = vec![0u8; 64];
+        let mut got = Vec::new();
+        while !got.ends_with(b"+PONG\r\n") {
+            match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// The `[redis]` keys of a configuration using this server.
+    pub fn config(&self) -> String {
+        format!(
+            "url = \"redis://127.0.0.1:{}/3\"\npassword_file = {}\n",
+            self.port,
+            q(&self.password_file.to_string_lossy())
+        )
+    }
+
+    /// Stops the server (as an outage would).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Another replica of `w`'s configuration, serving on its own ports, once ready (its
+/// issuers' keys loaded and, with `[redis]`, the stored sign-outs read back): the
+/// server, its HTTPS port and its audit events.
+pub async fn replica(w: &World) -> (Server, u16, AuditSink) {
+    let (s, port, sink) = replica_unready(w).await;
+    for _ in 0..100 {
+        if s.is_ready() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(s.is_ready(), "the replica did not become ready");
+    (s, port, sink)
+}
+
+/// [`replica`] without waiting for more than its issuers' keys.
+pub async fn replica_unready(w: &World) -> (Server, u16, AuditSink) {
+    let cfg = Config::load(&w.config_path()).unwrap_or_else(|e| panic!("{e}"));
+    let sink = AuditSink::memory();
+    let s = Server::start(cfg, Options { sink: Some(sink.clone()) })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.shared.runtime.load().verifier.wait_ready(Duration::from_secs(10)).await);
+    let port = s.bound().https.map_or(0, |a| a.port());
+    (s, port, sink)
 }

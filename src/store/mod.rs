@@ -1,0 +1,420 @@
+//! The store replicas share, in Redis (`[redis]`, docs/configuration.md): the one place
+//! where what one replica learns must bind the others.
+//!
+//! - **Single-use tokens** (V27): a replica that sees a token for the first time
+//!   records it with `SET key 1 NX PX ttl`; a reply of nil means another replica (or
+//!   this one) saw it first, and the request is refused as a replay. A check that
+//!   cannot be made (Redis down, slow past `timeout`, refusing) fails closed: 503
+//!   `replay-check-unavailable`.
+//! - **Sign-outs**: a sign-out is recorded in this replica's list at once (as without
+//!   Redis), then stored under `signout:ID` until the session would have ended anyway
+//!   and published on the `signouts` channel. Every replica subscribes, and on each
+//!   (re)subscription first reads back every stored sign-out, so one that was published
+//!   while it was disconnected or not yet running is not missed.
+//!
+//! What Redis says can only *refuse* more: a sign-out it reports ends a session, a
+//! replay it reports refuses a token; nothing it answers lets a request through that
+//! this replica would refuse on its own (its own replay cache and sign-out list are
+//! still consulted first). Whoever can write to Redis can therefore sign people out or
+//! refuse single-use tokens, never sign in or replay (docs/threat-model.md).
+//!
+//! One connection for commands, serialized behind a lock (single-use checks and
+//! sign-outs are rare next to the requests that need neither), and one for the
+//! subscription. Either is dropped on any error or timeout and made again on next use.
+
+pub mod resp;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufStream};
+use tokio::net::TcpStream;
+
+use crate::config::RedisSettings;
+use crate::session::revoke::{Revocations, SignOut};
+use resp::Value;
+
+/// A connection to Redis: TCP, or TLS over it.
+type Conn = BufStream<Box<dyn Io>>;
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Why the store could not answer. Never holds a credential: Redis does not echo the
+/// password in its errors, and connection errors name only the address.
+#[derive(Debug)]
+pub enum StoreError {
+    Connect(String),
+    Io(String),
+    Protocol(&'static str),
+    /// Redis answered with an error (`-ERR …`, `-WRONGPASS …`, `-NOAUTH …`).
+    Refused(String),
+    /// An answer of a type the command never gives.
+    Unexpected,
+    Timeout,
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Connect(e) => write!(f, "cannot connect: {e}"),
+            StoreError::Io(e) => write!(f, "connection failed: {e}"),
+            StoreError::Protocol(why) => write!(f, "protocol error: {why}"),
+            StoreError::Refused(e) => write!(f, "Redis refused the command: {e}"),
+            StoreError::Unexpected => f.write_str("unexpected reply"),
+            StoreError::Timeout => f.write_str("timed out"),
+        }
+    }
+}
+
+impl From<resp::ReadError> for StoreError {
+    fn from(e: resp::ReadError) -> Self {
+        match e {
+            resp::ReadError::Io(e) => StoreError::Io(e.to_string()),
+            resp::ReadError::Protocol(why) => StoreError::Protocol(why),
+        }
+    }
+}
+
+/// The shared store of one server (it outlives reloads: `[redis]` changes take a
+/// restart).
+pub struct Store {
+    settings: RedisSettings,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// The command connection, taken out while a command runs: a command cut short by
+    /// the timeout drops it with whatever it had half written or half read.
+    conn: tokio::sync::Mutex<Option<Conn>>,
+    /// Set once the stored sign-outs were first read back (`/readyz` waits for it).
+    synced: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("server", &self.settings.shown()).finish_non_exhaustive()
+    }
+}
+
+/// How long the subscriber waits before connecting again, doubling from the first
+/// to the last.
+const RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+/// Keys asked for per `SCAN` page when reading the stored sign-outs back.
+const SCAN_PAGE: &str = "512";
+
+impl Store {
+    pub fn new(settings: RedisSettings) -> Result<Arc<Store>, String> {
+        let tls = if settings.tls {
+            let mut c = crate::tls::client_config(settings.ca.as_deref(), false)
+                .map_err(|e| format!("[redis]: {e}"))?;
+            // Redis speaks no ALPN protocol; offering `http/1.1` would be a lie.
+            Arc::make_mut(&mut c).alpn_protocols.clear();
+            Some(c)
+        } else {
+            None
+        };
+        Ok(Arc::new(Store {
+            settings,
+            tls,
+            conn: tokio::sync::Mutex::new(None),
+            synced: Default::default(),
+        }))
+    }
+
+    /// Whether the sign-outs stored in Redis were read back at least once since start.
+    pub fn synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The server, as logs name it.
+    pub fn shown(&self) -> String {
+        self.settings.shown()
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}{kind}:{id}", self.settings.key_prefix)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}signouts", self.settings.key_prefix)
+    }
+
+    /// Records a single-use token (by its replay digest) until `until`, Unix seconds:
+    /// `Ok(true)` if no replica had, `Ok(false)` if one had.
+    pub async fn first_use(
+        &self,
+        digest: &[u8; 32],
+        until: u64,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let key = self.key("replay", &hex(digest));
+        let ms = until.saturating_sub(now).max(1).saturating_mul(1000).to_string();
+        match self.command(&[b"SET", key.as_bytes(), b"1", b"NX", b"PX", ms.as_bytes()]).await? {
+            Value::Simple(ok) if ok == "OK" => Ok(true),
+            Value::Bulk(None) => Ok(false),
+            _ => Err(StoreError::Unexpected),
+        }
+    }
+
+    /// Stores a sign-out until its session would have ended and tells the other
+    /// replicas.
+    pub async fn share_sign_out(&self, s: &SignOut, now: u64) -> Result<(), StoreError> {
+        let id = URL_SAFE_NO_PAD.encode(s.key);
+        let value = s.created.to_string();
+        let ms = s.until.saturating_sub(now).max(1).saturating_mul(1000).to_string();
+        let key = self.key("signout", &id);
+        self.command(&[b"SET", key.as_bytes(), value.as_bytes(), b"PX", ms.as_bytes()]).await?;
+        let message = format!("{id} {value}");
+        self.command(&[b"PUBLISH", self.channel().as_bytes(), message.as_bytes()]).await?;
+        Ok(())
+    }
+
+    /// Runs one command on the command connection, connecting first if there is none,
+    /// all within `timeout`. A connection kept from earlier that fails at once (the
+    /// server closed it while idle) is replaced once.
+    pub async fn command(&self, args: &[&[u8]]) -> Result<Value, StoreError> {
+        let mut slot = self.conn.lock().await;
+        let attempt = |kept: Option<Conn>| async move {
+            let mut conn = match kept {
+                Some(c) => c,
+                None => self.connect().await?,
+            };
+            let v = call(&mut conn, args).await?;
+            Ok::<_, StoreError>((conn, v))
+        };
+        let timeout = self.settings.timeout;
+        let kept = slot.take();
+        let had = kept.is_some();
+        let result = match tokio::time::timeout(timeout, attempt(kept)).await {
+            Ok(Err(StoreError::Io(_))) if had => tokio::time::timeout(timeout, attempt(None)).await,
+            other => other,
+        };
+        match result {
+            Err(_) => Err(StoreError::Timeout),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok((conn, Value::Error(e)))) => {
+                *slot = Some(conn);
+                Err(StoreError::Refused(e))
+            }
+            Ok(Ok((conn, v))) => {
+                *slot = Some(conn);
+                Ok(v)
+            }
+        }
+    }
+
+    /// A new connection, authenticated and on the configured database.
+    async fn connect(&self) -> Result<Conn, StoreError> {
+        let s = &self.settings;
+        let tcp = TcpStream::connect((s.host.as_str(), s.port))
+            .await
+            .map_err(|e| StoreError::Connect(format!("{}: {e}", s.shown())))?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = match &self.tls {
+            None => Box::new(tcp),
+            Some(cfg) => {
+                let name = rustls::pki_types::ServerName::try_from(s.host.clone())
+                    .map_err(|_| StoreError::Connect(format!("{}: not a TLS name", s.host)))?;
+                let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| StoreError::Connect(format!("{}: TLS: {e}", s.shown())))?;
+                Box::new(tls)
+            }
+        };
+        let mut conn = BufStream::new(io);
+        if let Some(password) = &s.password {
+            let pw = password.expose().as_bytes();
+            let auth = match &s.username {
+                Some(user) => call(&mut conn, &[b"AUTH", user.as_bytes(), pw]).await?,
+                None => call(&mut conn, &[b"AUTH", pw]).await?,
+            };
+            expect_ok(auth)?;
+        }
+        if s.db != 0 {
+            expect_ok(call(&mut conn, &[b"SELECT", s.db.to_string().as_bytes()]).await?)?;
+        }
+        Ok(conn)
+    }
+
+    /// Keeps this replica's sign-out list in step with the other replicas' until
+    /// `shutdown`: subscribes, reads back every stored sign-out, then applies each one
+    /// published; on any failure connects again (backing off) and reads back again.
+    pub async fn follow_sign_outs(
+        self: Arc<Self>,
+        revocations: Arc<Revocations>,
+        lifetime: Arc<dyn Fn() -> Option<u64> + Send + Sync>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut wait = RETRY.0;
+        loop {
+            let run = self.subscribed(&revocations, &*lifetime, &mut wait);
+            tokio::select! {
+                e = run => {
+                    crate::metrics::global().redis_errors.inc(&"subscribe");
+                    tracing::warn!(server = %self.shown(), error = %e, retry_in = ?wait,
+                        "sign-outs from other replicas are not being received; retrying");
+                }
+                _ = shutdown.changed() => return,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+            wait = (wait * 2).min(RETRY.1);
+        }
+    }
+
+    /// One subscription, until it fails.
+    async fn subscribed(
+        &self,
+        revocations: &Revocations,
+        lifetime: &(dyn Fn() -> Option<u64> + Send + Sync),
+        wait: &mut Duration,
+    ) -> StoreError {
+        let channel = self.channel();
+        let subscribe = async {
+            let mut conn = self.connect().await?;
+            match call(&mut conn, &[b"SUBSCRIBE", channel.as_bytes()]).await? {
+                Value::Array(Some(v)) if v.first() == Some(&bulk("subscribe")) => Ok(conn),
+                Value::Error(e) => Err(StoreError::Refused(e)),
+                _ => Err(StoreError::Unexpected),
+            }
+        };
+        let mut conn = match tokio::time::timeout(self.settings.timeout, subscribe).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return e,
+            Err(_) => return StoreError::Timeout,
+        };
+        // Subscribed first, then read back: a sign-out published in between is seen
+        // twice, which is harmless, rather than not at all.
+        if let Err(e) = self.read_back(revocations, lifetime).await {
+            return e;
+        }
+        *wait = RETRY.0;
+        self.synced.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(server = %self.shown(), "following sign-outs of other replicas");
+        loop {
+            let message = match resp::read(&mut conn).await {
+                Ok(v) => v,
+                Err(e) => return e.into(),
+            };
+            let Value::Array(Some(parts)) = message else { return StoreError::Unexpected };
+            match parts.as_slice() {
+                [kind, _, Value::Bulk(Some(payload))] if *kind == bulk("message") => {
+                    match std::str::from_utf8(payload).ok().and_then(|p| p.split_once(' ')) {
+                        Some((id, created)) => apply(revocations, lifetime, id, created),
+                        None => ignored(),
+                    }
+                }
+                _ => return StoreError::Unexpected,
+            }
+        }
+    }
+
+    /// Applies every sign-out stored now (`SCAN` then `GET`, a page at a time).
+    async fn read_back(
+        &self,
+        revocations: &Revocations,
+        lifetime: &(dyn Fn() -> Option<u64> + Send + Sync),
+    ) -> Result<(), StoreError> {
+        let pattern = self.key("signout", "*");
+        let mut cursor = b"0".to_vec();
+        // A hostile server could answer cursors forever; a real one runs out of keys
+        // long before this many pages of 512.
+        for _ in 0..10_000 {
+            let page = self
+                .command(&[
+                    b"SCAN",
+                    &cursor,
+                    b"MATCH",
+                    pattern.as_bytes(),
+                    b"COUNT",
+                    SCAN_PAGE.as_bytes(),
+                ])
+                .await?;
+            let Value::Array(Some(page)) = page else { return Err(StoreError::Unexpected) };
+            let [Value::Bulk(Some(next)), Value::Array(Some(keys))] = page.as_slice() else {
+                return Err(StoreError::Unexpected);
+            };
+            for key in keys {
+                let Value::Bulk(Some(key)) = key else { return Err(StoreError::Unexpected) };
+                let prefix = pattern.trim_end_matches('*').as_bytes();
+                let Some(id) = key.strip_prefix(prefix) else { continue };
+                match self.command(&[b"GET", key]).await? {
+                    Value::Bulk(Some(created)) => {
+                        match (std::str::from_utf8(id), std::str::from_utf8(&created)) {
+                            (Ok(id), Ok(created)) => apply(revocations, lifetime, id, created),
+                            _ => ignored(),
+                        }
+                    }
+                    // Expired between the two commands.
+                    Value::Bulk(None) => {}
+                    _ => return Err(StoreError::Unexpected),
+                }
+            }
+            if next.as_slice() == b"0" {
+                return Ok(());
+            }
+            cursor = next.clone();
+        }
+        Err(StoreError::Protocol("SCAN did not finish"))
+    }
+}
+
+/// Records a sign-out another replica made: session `id` (base64url of 16 bytes),
+/// signed in at `created`, kept for this replica's own absolute lifetime (never a
+/// lifetime the message names, so a forged message cannot make the list hold entries
+/// for ever). Ignored without browser sessions.
+fn apply(
+    revocations: &Revocations,
+    lifetime: &(dyn Fn() -> Option<u64> + Send + Sync),
+    id: &str,
+    created: &str,
+) {
+    let mut key = [0u8; 16];
+    let decoded = URL_SAFE_NO_PAD.decode_slice(id, &mut key);
+    let (Ok(16), Ok(created), Some(lifetime)) = (decoded, created.parse::<u64>(), lifetime())
+    else {
+        return ignored();
+    };
+    let now = crate::util::unix_now();
+    if matches!(
+        revocations.revoke_from_peer(key, created, lifetime, now),
+        crate::session::revoke::Revoked::Recorded
+            | crate::session::revoke::Revoked::Overflow { .. }
+    ) {
+        crate::metrics::global()
+            .redis_sign_outs_received
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn ignored() {
+    crate::metrics::global().redis_errors.inc(&"malformed");
+}
+
+fn bulk(s: &str) -> Value {
+    Value::Bulk(Some(s.as_bytes().to_vec()))
+}
+
+fn expect_ok(v: Value) -> Result<(), StoreError> {
+    match v {
+        Value::Simple(ok) if ok == "OK" => Ok(()),
+        Value::Error(e) => Err(StoreError::Refused(e)),
+        _ => Err(StoreError::Unexpected),
+    }
+}
+
+async fn call(conn: &mut Conn, args: &[&[u8]]) -> Result<Value, StoreError> {
+    let mut out = Vec::with_capacity(64);
+    resp::encode(&mut out, args);
+    let io = |e: std::io::Error| StoreError::Io(e.to_string());
+    conn.write_all(&out).await.map_err(io)?;
+    conn.flush().await.map_err(io)?;
+    Ok(resp::read(conn).await?)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
