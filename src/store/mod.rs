@@ -418,3 +418,66 @@ async fn call(conn: &mut Conn, args: &[&[u8]]) -> Result<Value, StoreError> {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(port: u16) -> RedisSettings {
+        RedisSettings {
+            host: "127.0.0.1".into(),
+            port,
+            tls: false,
+            ca: None,
+            db: 0,
+            username: None,
+            password: None,
+            key_prefix: "t:".into(),
+            timeout: Duration::from_millis(200),
+        }
+    }
+
+    /// A server that answers `reply` to whatever it is sent (or nothing, when empty).
+    async fn fake(reply: &'static [u8]) -> u16 {
+        use tokio::io::AsyncReadExt;
+        let l =
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let port = l.local_addr().map_or(0, |a| a.port());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while s.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                        if !reply.is_empty() && s.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    /// A server that hangs, or answers what no command of the store expects, is a
+    /// failure (which a single-use check turns into a 503), never a yes.
+    #[tokio::test]
+    async fn a_silent_or_strange_server_is_an_error_never_a_first_use() {
+        for (reply, want) in [
+            (&b""[..], "timed out"),
+            (b"+QUEUED\r\n", "unexpected reply"),
+            (b":1\r\n", "unexpected reply"),
+            (b"-ERR nope\r\n", "Redis refused the command: ERR nope"),
+            (b"$99999999\r\n", "protocol error: bulk string length out of bounds"),
+        ] {
+            let store = Store::new(settings(fake(reply).await)).unwrap_or_else(|e| panic!("{e}"));
+            let started = std::time::Instant::now();
+            match store.first_use(&[7; 32], 100, 10).await {
+                Err(e) => assert_eq!(e.to_string(), want),
+                Ok(v) => panic!("{reply:?} answered {v}"),
+            }
+            assert!(started.elapsed() < Duration::from_secs(2), "bounded by the timeout");
+        }
+        let store = Store::new(settings(fake(b"$-1\r\n").await)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(store.first_use(&[7; 32], 100, 10).await, Ok(false)), "nil: seen");
+    }
+}
