@@ -151,11 +151,8 @@ async fn replication_startups_are_refused_before_the_token_is_asked_for() {
     }
     let token = w.w.token("bb", &[]);
     let t = tls_to(&w).await;
-    let startup = proto::startup_message(&[
-        ("user", "app"),
-        ("database", "appdb"),
-        ("replication", "false"),
-    ]);
+    let startup =
+        proto::startup_message(&[("user", "app"), ("database", "appdb"), ("replication", "false")]);
     let (mut t, _) = login_on(t, &token, &startup).await;
     send(&mut t, &[query(b"IDENTIFY_SYSTEM")]).await;
     let m = until_ready(&mut t).await;
@@ -209,4 +206,63 @@ async fn repeated_parameters_and_encryption_requests_and_long_startups_are_refus
         let (k, _) = next(&mut t).await.unwrap_or_else(|| panic!("closed"));
         assert_eq!(k == b'R', asked, "{} bytes", proto::MAX_STARTUP_LEN + extra);
     }
+}
+
+/// A TCP relay to the PostgreSQL server that closes each client connection 3 s after the
+/// server closed it: an upstream slow to end a cancel request's connection (PostgreSQL
+/// closes it once it has signalled the backend; a pooler or a loaded network may not).
+async fn slow_closing_relay(port: u16) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let relay = l.local_addr().unwrap_or_else(|e| panic!("{e}")).port();
+    tokio::spawn(async move {
+        while let Ok((c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(u) = TcpStream::connect(("127.0.0.1", port)).await else { return };
+                let ((mut cr, mut cw), (mut ur, mut uw)) = (c.into_split(), u.into_split());
+                let up = tokio::spawn(async move { tokio::io::copy(&mut cr, &mut uw).await });
+                let _ = tokio::io::copy(&mut ur, &mut cw).await;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                up.abort();
+            });
+        }
+    });
+    relay
+}
+
+/// Round 15: a CancelRequest was handled inside the session set-up's `startup_timeout`,
+/// which also bounds the wait for the upstream to close the cancel's connection. Past it,
+/// the cancel had reached the backend (the statement stopped) but its `pg.cancel` event
+/// was never written, and a `refused` event blamed the client for a set-up not finished.
+#[tokio::test]
+async fn a_cancel_the_upstream_is_slow_to_acknowledge_is_audited() {
+    let Some(pg) = crate::pg::pg() else { return };
+    let relay = slow_closing_relay(pg.port).await;
+    let upstream = format!("postgres://127.0.0.1:{}", pg.port);
+    // Set-up must finish within 1.5 s; the cancel's wait for the close is 2 s.
+    let Some(w) = PgWorld::with_toml("", |t| {
+        t.replace(&upstream, &format!("postgres://127.0.0.1:{relay}"))
+            .replace("startup_timeout = \"2s\"", "startup_timeout = \"1500ms\"")
+    })
+    .await
+    else {
+        return;
+    };
+    let token = w.w.token("bb", &[]);
+    let startup = proto::startup_message(&[("user", "app"), ("database", "appdb")]);
+    let (mut t, key) = login_on(tls_to(&w).await, &token, &startup).await;
+    send(&mut t, &[query(b"select pg_sleep(30)")]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = TcpStream::connect(w.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut cancel = 16u32.to_be_bytes().to_vec();
+    cancel.extend(proto::CANCEL_REQUEST.to_be_bytes());
+    cancel.extend(&key);
+    c.write_all(&cancel).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut sink)).await;
+    let m = until_ready(&mut t).await;
+    assert_eq!(error_code(&m).as_deref(), Some("57014"), "not cancelled: {m:?}");
+    let ev = w.wait_event(|e| e["kind"] == "pg.cancel").await;
+    assert_eq!(ev["forwarded"], true, "the cancel that stopped the statement: {ev}");
+    let refused = w.w.events().into_iter().filter(|e| e["event"] == "refused").count();
+    assert_eq!(refused, 0, "{:#?}", w.w.events());
 }

@@ -134,8 +134,7 @@ async fn login(
 ) -> (Conn, Vec<u8>) {
     let mut p = vec![("user", "app"), ("database", "appdb")];
     p.extend_from_slice(params);
-    login_on(tls_at(w, addr).await, token, &portcullis::postgres::proto::startup_message(&p))
-        .await
+    login_on(tls_at(w, addr).await, token, &portcullis::postgres::proto::startup_message(&p)).await
 }
 
 /// [`login`] over `t`, a connection already encrypted, with `startup` as its startup
