@@ -161,7 +161,8 @@ async fn replication_startups_are_refused_before_the_token_is_asked_for() {
 
 /// A parameter named twice (PostgreSQL keeps the last `user`, an audit reading the first
 /// would name another role), encryption asked for again inside TLS or twice in plaintext,
-/// and startup packets past PostgreSQL's length limit: refused, never asked for a token.
+/// a cancel key of protocol 3.2's length, and startup packets past PostgreSQL's length
+/// limit: refused, never asked for a token.
 #[tokio::test]
 async fn repeated_parameters_and_encryption_requests_and_long_startups_are_refused() {
     let Some(w) = PgWorld::start().await else { return };
@@ -190,6 +191,17 @@ async fn repeated_parameters_and_encryption_requests_and_long_startups_are_refus
     let r = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
     assert!(r.is_ok(), "not closed");
     assert!(!rest.contains(&b'R'), "asked for a password: {rest:?}");
+    // A protocol 3.2 cancel key (up to 256 bytes): never handed out (sessions speak 3.0),
+    // refused as malformed.
+    let mut long_key = 1u32.to_be_bytes().to_vec();
+    long_key.extend([7u8; 32]);
+    let mut tcp = TcpStream::connect(w.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let cancel = proto::startup_packet(proto::CANCEL_REQUEST, &long_key);
+    tcp.write_all(&cancel).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "not closed");
+    assert_eq!(rest.first(), Some(&b'E'), "{rest:?}");
     // At PostgreSQL's limit (10,000 bytes with the length word): read, the token asked
     // for. One byte more: refused.
     let base = startup_of(proto::PROTOCOL_3_0, &[("user", "app"), ("database", "appdb")]);
