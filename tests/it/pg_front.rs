@@ -57,7 +57,7 @@ async fn direct_tls_needs_alpn_postgresql_and_carries_sessions_and_cancels() {
 
     // Without ALPN: refused, never asked for the token.
     let mut t = direct_tls(&w, &[]).await.unwrap_or_else(|e| panic!("{e}"));
-    send(&mut t, &[startup.clone()]).await;
+    send(&mut t, std::slice::from_ref(&startup)).await;
     let got = all_until_close(&mut t).await;
     assert_eq!(kinds(&got), "E", "{got:?}");
     assert_eq!(error_code(&got).as_deref(), Some("08P01"));
