@@ -30,9 +30,11 @@
 //!         unanswered after that is audited with `outcome: "unknown"`.
 //! ```
 //!
-//! Everything before RELAY runs under the route's `startup_timeout`. Every connection
-//! ends in exactly one `pg.session` event with `event = "refused"` or one `open` and one
-//! `close`; each statement relayed in between is exactly one `pg.statement` event.
+//! Everything before RELAY runs under the route's `startup_timeout`, but forwarding a
+//! CancelRequest (bounded on its own, and always audited as one `pg.cancel` event). Every
+//! other connection ends in exactly one `pg.session` event with `event = "refused"` or one
+//! `open` and one `close`; each statement relayed in between is exactly one
+//! `pg.statement` event.
 //!
 //! The relay never reassembles messages. It reads up to 64 KiB, forwards it, and walks the
 //! message headers in what it forwarded ([`proto::Scanner`]); only Query, Parse, Bind,

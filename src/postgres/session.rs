@@ -72,7 +72,14 @@ struct Established {
 enum Outcome {
     Session(Established),
     Refused(Refusal),
-    /// A CancelRequest (audited on its own), or a connection that sent nothing at all.
+    /// A CancelRequest with the key it carries, to forward once the set-up's timeout is
+    /// no longer running (see [`cancel`]); the client's connection is closed after it.
+    Cancel {
+        client: Client,
+        pid: u32,
+        secret: u32,
+    },
+    /// A connection that sent nothing at all, or went away at once.
     Silent,
 }
 
@@ -140,7 +147,7 @@ pub(super) async fn run(
     }
     let outcome = match tokio::time::timeout(
         db.startup_timeout,
-        establish(&hub, &rt, &db, tcp, peer, &sid, &mut facts),
+        establish(&hub, &rt, &db, tcp, &sid, &mut facts),
     )
     .await
     {
@@ -154,6 +161,16 @@ pub(super) async fn run(
         Outcome::Session(e) => e,
         Outcome::Refused(r) => {
             emit_refused(&hub, &rt, &route, &db.upstream_display, peer, &sid, &facts, &r);
+            return;
+        }
+        Outcome::Cancel { client, pid, secret } => {
+            // Not under `startup_timeout`: forwarding has bounds of its own (the upstream
+            // connect, then 2 s for the server to close), and a cancel that reached the
+            // backend once that timeout had run out went unaudited, its client blamed
+            // for a set-up not finished. The client's connection closes after it, as
+            // PostgreSQL's does once the backend was signalled.
+            cancel(&hub, &db, peer, pid, secret).await;
+            drop(client);
             return;
         }
         Outcome::Silent => return,
@@ -430,7 +447,6 @@ async fn establish(
     rt: &Runtime,
     db: &Arc<DatabaseSettings>,
     tcp: TcpStream,
-    peer: SocketAddr,
     sid: &Arc<str>,
     facts: &mut Facts,
 ) -> Outcome {
@@ -522,8 +538,7 @@ async fn establish(
                     .await;
                 }
                 Ok(Initial::Cancel { pid, secret }) => {
-                    cancel(hub, db, peer, pid, secret).await;
-                    return Outcome::Silent;
+                    return Outcome::Cancel { client: c, pid, secret };
                 }
                 Ok(Initial::Startup { params, .. }) => {
                     facts.role = param(&params, "user").map(str::to_string);
@@ -539,10 +554,7 @@ async fn establish(
     // Phase 2: the StartupMessage, inside TLS.
     let (minor, params) = match proto::read_initial(&mut client).await {
         Ok(Initial::Startup { minor, params }) => (minor, params),
-        Ok(Initial::Cancel { pid, secret }) => {
-            cancel(hub, db, peer, pid, secret).await;
-            return Outcome::Silent;
-        }
+        Ok(Initial::Cancel { pid, secret }) => return Outcome::Cancel { client, pid, secret },
         Ok(Initial::Ssl | Initial::GssEnc) => {
             return refuse(
                 &mut client,

@@ -49,6 +49,9 @@
 //!   authentication (right and wrong passwords, cleartext refused off loopback without
 //!   TLS), upstream TLS `require`/`verify-full` (wrong CA, wrong name) and `disable`
 //!   against a `hostssl`-only role; impostor upstreams that skip or weaken authentication.
+//! - `pg_front`: the database front on raw bytes: PostgreSQL 17 direct TLS (ALPN
+//!   required), newer protocol versions and `_pq_.` options negotiated down to 3.0,
+//!   replication startups, repeated parameters and encryption requests, length limits.
 //! - `pg_session`: a session that leaves UTF8 is ended (and what it pipelined before is
 //!   audited as uncertain), clients that stop reading at expiry and at shutdown, cancel
 //!   keys across routes.
@@ -71,6 +74,7 @@ mod per_client;
 mod pg;
 mod pg_audit;
 mod pg_auth;
+mod pg_front;
 mod pg_reload;
 mod pg_session;
 mod proxy;

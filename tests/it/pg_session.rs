@@ -14,15 +14,15 @@ use tokio::net::TcpStream;
 
 use crate::pg::{assert_no_secrets, PgWorld};
 
-type Conn = tokio_rustls::client::TlsStream<TcpStream>;
+pub(crate) type Conn = tokio_rustls::client::TlsStream<TcpStream>;
 
-fn cstr(s: &[u8]) -> Vec<u8> {
+pub(crate) fn cstr(s: &[u8]) -> Vec<u8> {
     let mut b = s.to_vec();
     b.push(0);
     b
 }
 
-fn query(sql: &[u8]) -> Vec<u8> {
+pub(crate) fn query(sql: &[u8]) -> Vec<u8> {
     message(b'Q', &cstr(sql))
 }
 
@@ -71,13 +71,13 @@ async fn tls_at(w: &PgWorld, addr: SocketAddr) -> Conn {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-async fn send(t: &mut Conn, parts: &[Vec<u8>]) {
+pub(crate) async fn send(t: &mut Conn, parts: &[Vec<u8>]) {
     t.write_all(&parts.concat()).await.unwrap_or_else(|e| panic!("{e}"));
     t.flush().await.unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// One server message; `None` at EOF.
-async fn next(t: &mut Conn) -> Option<(u8, Vec<u8>)> {
+pub(crate) async fn next(t: &mut Conn) -> Option<(u8, Vec<u8>)> {
     let mut hdr = [0u8; 5];
     tokio::time::timeout(Duration::from_secs(15), t.read_exact(&mut hdr))
         .await
@@ -90,7 +90,7 @@ async fn next(t: &mut Conn) -> Option<(u8, Vec<u8>)> {
 }
 
 /// Messages up to and including ReadyForQuery (or up to EOF).
-async fn until_ready(t: &mut Conn) -> Vec<(u8, Vec<u8>)> {
+pub(crate) async fn until_ready(t: &mut Conn) -> Vec<(u8, Vec<u8>)> {
     let mut out = Vec::new();
     while let Some(m) = next(t).await {
         let ready = m.0 == b'Z';
@@ -116,11 +116,11 @@ async fn last_error_before_close(t: &mut Conn) -> std::collections::BTreeMap<u8,
         .unwrap_or_else(|| panic!("no error: {}", kinds(&all)))
 }
 
-fn kinds(m: &[(u8, Vec<u8>)]) -> String {
+pub(crate) fn kinds(m: &[(u8, Vec<u8>)]) -> String {
     m.iter().map(|(k, _)| *k as char).collect()
 }
 
-fn error_code(m: &[(u8, Vec<u8>)]) -> Option<String> {
+pub(crate) fn error_code(m: &[(u8, Vec<u8>)]) -> Option<String> {
     m.iter().find(|(k, _)| *k == b'E').and_then(|(_, b)| parse_fields(b).get(&b'C').cloned())
 }
 
@@ -132,10 +132,15 @@ async fn login(
     token: &str,
     params: &[(&str, &str)],
 ) -> (Conn, Vec<u8>) {
-    let mut t = tls_at(w, addr).await;
     let mut p = vec![("user", "app"), ("database", "appdb")];
     p.extend_from_slice(params);
-    send(&mut t, &[portcullis::postgres::proto::startup_message(&p)]).await;
+    login_on(tls_at(w, addr).await, token, &portcullis::postgres::proto::startup_message(&p)).await
+}
+
+/// [`login`] over `t`, a connection already encrypted, with `startup` as its startup
+/// packet: the session at its first ReadyForQuery, and its BackendKeyData.
+pub(crate) async fn login_on(mut t: Conn, token: &str, startup: &[u8]) -> (Conn, Vec<u8>) {
+    send(&mut t, &[startup.to_vec()]).await;
     let (k, _) = next(&mut t).await.unwrap_or_else(|| panic!("closed"));
     assert_eq!(k, b'R');
     send(&mut t, &[message(b'p', &cstr(token.as_bytes()))]).await;
@@ -527,7 +532,7 @@ async fn a_statement_that_outlives_its_client_is_cancelled() {
 }
 
 /// A refused startup: the messages the proxy sent before closing (it must close).
-async fn refused_startup(w: &PgWorld, params: &[(&str, &str)]) -> Vec<(u8, Vec<u8>)> {
+pub(crate) async fn refused_startup(w: &PgWorld, params: &[(&str, &str)]) -> Vec<(u8, Vec<u8>)> {
     let mut t = tls_at(w, w.addr).await;
     let mut p = vec![("user", "app"), ("database", "appdb")];
     p.extend_from_slice(params);

@@ -1,0 +1,280 @@
+//! The database front as an outside attacker, or a client with a valid token, meets it
+//! on raw bytes (psql 15 speaks none of the newer features): PostgreSQL 17 direct TLS and
+//! its mandatory ALPN, a newer protocol version and `_pq_.` options negotiated down to
+//! 3.0, replication startups, repeated parameters and encryption requests, startup packets
+//! at PostgreSQL's length limit, and cancel requests over direct TLS.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use portcullis::postgres::proto::{self, message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::pg::{assert_no_secrets, tls_to, PgWorld};
+use crate::pg_session::{
+    cstr, error_code, kinds, login_on, next, query, refused_startup, send, until_ready, Conn,
+};
+
+/// TLS from the first byte (libpq 17's `sslnegotiation=direct`), offering `alpn`.
+async fn direct_tls(w: &PgWorld, alpn: &[&[u8]]) -> std::io::Result<Conn> {
+    let tcp = TcpStream::connect(w.addr).await?;
+    let mut cfg = (*w.tls().config()).clone();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    let name =
+        rustls::pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
+    tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await
+}
+
+/// Every message the proxy sends until it closes the connection.
+async fn all_until_close(t: &mut Conn) -> Vec<(u8, Vec<u8>)> {
+    let mut got = Vec::new();
+    while let Some(m) = next(t).await {
+        got.push(m);
+    }
+    got
+}
+
+/// A startup packet of protocol `version` with `params`.
+fn startup_of(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (k, v) in params {
+        body.extend(cstr(k.as_bytes()));
+        body.extend(cstr(v.as_bytes()));
+    }
+    body.push(0);
+    proto::startup_packet(version, &body)
+}
+
+/// PostgreSQL 17 clients may start TLS at once, without SSLRequest; the server must then
+/// see ALPN `postgresql` (a TLS client of another protocol, such as a browser sent at the
+/// port, is refused before anything is read). Sessions and cancel requests work over it.
+#[tokio::test]
+async fn direct_tls_needs_alpn_postgresql_and_carries_sessions_and_cancels() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let startup = proto::startup_message(&[("user", "app"), ("database", "appdb")]);
+
+    // Without ALPN: refused, never asked for the token.
+    let mut t = direct_tls(&w, &[]).await.unwrap_or_else(|e| panic!("{e}"));
+    send(&mut t, std::slice::from_ref(&startup)).await;
+    let got = all_until_close(&mut t).await;
+    assert_eq!(kinds(&got), "E", "{got:?}");
+    assert_eq!(error_code(&got).as_deref(), Some("08P01"));
+    // Another protocol's ALPN: the handshake itself fails.
+    assert!(direct_tls(&w, &[b"http/1.1"]).await.is_err(), "ALPN http/1.1 accepted");
+
+    // ALPN `postgresql`: a session as after SSLRequest, with the proxy's own cancel key.
+    let t = direct_tls(&w, &[b"postgresql"]).await.unwrap_or_else(|e| panic!("{e}"));
+    let (mut t, key) = login_on(t, &token, &startup).await;
+    assert_eq!(key.len(), 8);
+    send(&mut t, &[query(b"select 'direct-tls-marker', pg_sleep(30)")]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The cancel request over direct TLS too.
+    let mut c = direct_tls(&w, &[b"postgresql"]).await.unwrap_or_else(|e| panic!("{e}"));
+    let pid = u32::from_be_bytes([key[0], key[1], key[2], key[3]]);
+    let secret = u32::from_be_bytes([key[4], key[5], key[6], key[7]]);
+    c.write_all(&proto::cancel_request(pid, secret)).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut sink)).await;
+    let m = until_ready(&mut t).await;
+    assert_eq!(error_code(&m).as_deref(), Some("57014"), "not cancelled: {m:?}");
+    let ev = w.wait_event(|e| e["kind"] == "pg.cancel" && e["forwarded"] == true).await;
+    assert_eq!(ev["route"], "appdb", "{ev}");
+    let open = w.wait_event(|e| e["kind"] == "pg.session" && e["event"] == "open").await;
+    assert_eq!(open["tls"]["version"], "TLSv1.3", "{open}");
+    let refused = w
+        .wait_event(|e| {
+            e["kind"] == "pg.session"
+                && e["detail"].as_str().is_some_and(|d| d.contains("without ALPN"))
+        })
+        .await;
+    assert_eq!(refused["event"], "refused", "{refused}");
+    assert_no_secrets(&w, &[&token]);
+}
+
+/// libpq 18 (`max_protocol_version=3.2`) and 19 ask for a newer protocol, and clients may
+/// send `_pq_.` protocol options: answered NegotiateProtocolVersion 3.0 naming the options
+/// ignored, before the token is asked for; the session goes on in 3.0, with a 4-byte
+/// cancel secret (3.2's are longer), and no option reaches the server.
+#[tokio::test]
+async fn a_newer_protocol_and_its_options_are_negotiated_down_to_3_0() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    for version in [(3 << 16) | 2, (3 << 16) | 0xffff] {
+        let mut t = tls_to(&w).await;
+        let params = [("user", "app"), ("database", "appdb"), ("_pq_.portcullis_probe", "on")];
+        send(&mut t, &[startup_of(version, &params)]).await;
+        let (k, body) = next(&mut t).await.unwrap_or_else(|| panic!("closed"));
+        assert_eq!(k, b'v', "NegotiateProtocolVersion first");
+        let mut want = proto::PROTOCOL_3_0.to_be_bytes().to_vec();
+        want.extend(1u32.to_be_bytes());
+        want.extend(cstr(b"_pq_.portcullis_probe"));
+        assert_eq!(body, want);
+        let (k, body) = next(&mut t).await.unwrap_or_else(|| panic!("closed"));
+        assert_eq!((k, body), (b'R', 3u32.to_be_bytes().to_vec()), "then the password");
+        send(&mut t, &[message(b'p', &cstr(token.as_bytes()))]).await;
+        let m = until_ready(&mut t).await;
+        let key = m.iter().find(|(k, _)| *k == b'K').map(|(_, b)| b.len());
+        assert_eq!(key, Some(8), "3.0's BackendKeyData: {m:?}");
+        send(&mut t, &[query(b"select 40 + 2")]).await;
+        let m = until_ready(&mut t).await;
+        assert_eq!(kinds(&m), "TDCZ", "{m:?}");
+    }
+    let open = w.wait_event(|e| e["kind"] == "pg.session" && e["event"] == "open").await;
+    let forwarded = open["startup_parameters"].as_object().map(|o| o.keys().cloned().collect());
+    assert_eq!(forwarded, Some(vec!["client_encoding".to_string()]), "{open}");
+}
+
+/// A replication connection (`replication=database` or `true`) runs replication commands
+/// and streams changes, none of them statements the audit sees: refused before the token
+/// is asked for, however the value or the name is spelt. `replication=false` is an
+/// ordinary session: the server gets no replication flag (a replication command is a
+/// syntax error there).
+#[tokio::test]
+async fn replication_startups_are_refused_before_the_token_is_asked_for() {
+    let Some(w) = PgWorld::start().await else { return };
+    for (name, value) in [
+        ("replication", "database"),
+        ("replication", "true"),
+        ("replication", "on"),
+        ("replication", "yes"),
+        ("replication", "1"),
+        ("replication", "t"),
+        ("replication", "TRUE"),
+        ("Replication", "database"),
+        ("REPLICATION", "true"),
+    ] {
+        let got = refused_startup(&w, &[(name, value)]).await;
+        assert_eq!(kinds(&got), "E", "{name}={value}: {got:?}");
+        assert_eq!(error_code(&got).as_deref(), Some("0A000"), "{name}={value}");
+    }
+    let token = w.w.token("bb", &[]);
+    let t = tls_to(&w).await;
+    let startup =
+        proto::startup_message(&[("user", "app"), ("database", "appdb"), ("replication", "false")]);
+    let (mut t, _) = login_on(t, &token, &startup).await;
+    send(&mut t, &[query(b"IDENTIFY_SYSTEM")]).await;
+    let m = until_ready(&mut t).await;
+    assert_eq!(error_code(&m).as_deref(), Some("42601"), "a walsender? {m:?}");
+}
+
+/// A parameter named twice (PostgreSQL keeps the last `user`, an audit reading the first
+/// would name another role), encryption asked for again inside TLS or twice in plaintext,
+/// a cancel key of protocol 3.2's length, and startup packets past PostgreSQL's length
+/// limit: refused, never asked for a token.
+#[tokio::test]
+async fn repeated_parameters_and_encryption_requests_and_long_startups_are_refused() {
+    let Some(w) = PgWorld::start().await else { return };
+    // `user` twice, and `database` twice.
+    for twice in ["user", "database"] {
+        let got = refused_startup(&w, &[(twice, "postgres")]).await;
+        assert_eq!(kinds(&got), "E", "{twice}: {got:?}");
+        assert_eq!(error_code(&got).as_deref(), Some("08P01"), "{twice}");
+    }
+    // SSLRequest or GSSENCRequest inside TLS.
+    for code in [proto::SSL_REQUEST, proto::GSSENC_REQUEST] {
+        let mut t = tls_to(&w).await;
+        send(&mut t, &[proto::startup_packet(code, &[])]).await;
+        let got = all_until_close(&mut t).await;
+        assert_eq!(error_code(&got).as_deref(), Some("08P01"), "{code}: {got:?}");
+    }
+    // A second SSLRequest where the TLS handshake should begin: closed, nothing asked.
+    let mut tcp = TcpStream::connect(w.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let ssl = proto::startup_packet(proto::SSL_REQUEST, &[]);
+    tcp.write_all(&ssl).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut s = [0u8; 1];
+    tcp.read_exact(&mut s).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(&s, b"S");
+    tcp.write_all(&ssl).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "not closed");
+    assert!(!rest.contains(&b'R'), "asked for a password: {rest:?}");
+    // A protocol 3.2 cancel key (up to 256 bytes): never handed out (sessions speak 3.0),
+    // refused as malformed.
+    let mut long_key = 1u32.to_be_bytes().to_vec();
+    long_key.extend([7u8; 32]);
+    let mut tcp = TcpStream::connect(w.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let cancel = proto::startup_packet(proto::CANCEL_REQUEST, &long_key);
+    tcp.write_all(&cancel).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "not closed");
+    assert_eq!(rest.first(), Some(&b'E'), "{rest:?}");
+    // At PostgreSQL's limit (10,000 bytes with the length word): read, the token asked
+    // for. One byte more: refused.
+    let base = startup_of(proto::PROTOCOL_3_0, &[("user", "app"), ("database", "appdb")]);
+    let fill = proto::MAX_STARTUP_LEN - base.len() - "application_name".len() - 2;
+    for (extra, asked) in [(0, true), (1, false)] {
+        let name = "x".repeat(fill + extra);
+        let packet = startup_of(
+            proto::PROTOCOL_3_0,
+            &[("user", "app"), ("database", "appdb"), ("application_name", &name)],
+        );
+        assert_eq!(packet.len(), proto::MAX_STARTUP_LEN + extra);
+        let mut t = tls_to(&w).await;
+        send(&mut t, &[packet]).await;
+        let (k, _) = next(&mut t).await.unwrap_or_else(|| panic!("closed"));
+        assert_eq!(k == b'R', asked, "{} bytes", proto::MAX_STARTUP_LEN + extra);
+    }
+}
+
+/// A TCP relay to the PostgreSQL server that closes each client connection 3 s after the
+/// server closed it: an upstream slow to end a cancel request's connection (PostgreSQL
+/// closes it once it has signalled the backend; a pooler or a loaded network may not).
+async fn slow_closing_relay(port: u16) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let relay = l.local_addr().unwrap_or_else(|e| panic!("{e}")).port();
+    tokio::spawn(async move {
+        while let Ok((c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(u) = TcpStream::connect(("127.0.0.1", port)).await else { return };
+                let ((mut cr, mut cw), (mut ur, mut uw)) = (c.into_split(), u.into_split());
+                let up = tokio::spawn(async move { tokio::io::copy(&mut cr, &mut uw).await });
+                let _ = tokio::io::copy(&mut ur, &mut cw).await;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                up.abort();
+            });
+        }
+    });
+    relay
+}
+
+/// Round 15: a CancelRequest was handled inside the session set-up's `startup_timeout`,
+/// which also bounds the wait for the upstream to close the cancel's connection. Past it,
+/// the cancel had reached the backend (the statement stopped) but its `pg.cancel` event
+/// was never written, and a `refused` event blamed the client for a set-up not finished.
+#[tokio::test]
+async fn a_cancel_the_upstream_is_slow_to_acknowledge_is_audited() {
+    let Some(pg) = crate::pg::pg() else { return };
+    let relay = slow_closing_relay(pg.port).await;
+    let upstream = format!("postgres://127.0.0.1:{}", pg.port);
+    // Set-up must finish within 1.5 s; the cancel's wait for the close is 2 s.
+    let Some(w) = PgWorld::with_toml("", |t| {
+        t.replace(&upstream, &format!("postgres://127.0.0.1:{relay}"))
+            .replace("startup_timeout = \"2s\"", "startup_timeout = \"1500ms\"")
+    })
+    .await
+    else {
+        return;
+    };
+    let token = w.w.token("bb", &[]);
+    let startup = proto::startup_message(&[("user", "app"), ("database", "appdb")]);
+    let (mut t, key) = login_on(tls_to(&w).await, &token, &startup).await;
+    send(&mut t, &[query(b"select pg_sleep(30)")]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = TcpStream::connect(w.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut cancel = 16u32.to_be_bytes().to_vec();
+    cancel.extend(proto::CANCEL_REQUEST.to_be_bytes());
+    cancel.extend(&key);
+    c.write_all(&cancel).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut sink)).await;
+    let m = until_ready(&mut t).await;
+    assert_eq!(error_code(&m).as_deref(), Some("57014"), "not cancelled: {m:?}");
+    let ev = w.wait_event(|e| e["kind"] == "pg.cancel").await;
+    assert_eq!(ev["forwarded"], true, "the cancel that stopped the statement: {ev}");
+    let refused = w.w.events().into_iter().filter(|e| e["event"] == "refused").count();
+    assert_eq!(refused, 0, "{:#?}", w.w.events());
+}
