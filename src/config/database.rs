@@ -141,6 +141,29 @@ impl UpstreamTls {
     }
 }
 
+/// What is wrong with a `host[:port]`.
+pub(super) enum HostPortError {
+    BadPort,
+    NoHost,
+}
+
+/// `host[:port]` (an IPv6 host in brackets) of a URL's authority; `default` when there is
+/// no port. A port must be 1–65535.
+pub(super) fn host_port(authority: &str, default: u16) -> Result<(String, u16), HostPortError> {
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+            Ok(p) if p > 0 => (h, p),
+            _ => return Err(HostPortError::BadPort),
+        },
+        _ => (authority, default),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(HostPortError::NoHost);
+    }
+    Ok((host.to_string(), port))
+}
+
 impl Compiler<'_> {
     pub(super) fn database(
         &mut self,
@@ -294,22 +317,17 @@ impl Compiler<'_> {
             self.err(u.span(), "upstream: no path or query (the client names the database)");
             return None;
         }
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
-                Ok(p) if p > 0 => (h, p),
-                _ => {
-                    self.err(u.span(), "upstream: bad port");
-                    return None;
-                }
-            },
-            _ => (authority, 5432),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            self.err(u.span(), "upstream: missing host");
-            return None;
+        match host_port(authority, 5432) {
+            Ok(hp) => Some(hp),
+            Err(HostPortError::BadPort) => {
+                self.err(u.span(), "upstream: bad port");
+                None
+            }
+            Err(HostPortError::NoHost) => {
+                self.err(u.span(), "upstream: missing host");
+                None
+            }
         }
-        Some((host.to_string(), port))
     }
 
     /// Exactly one of `password_env` / `password_file`, read now (so a missing secret fails

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::database::Secret;
+use super::database::{host_port, HostPortError, Secret};
 use super::{raw, Compiler};
 
 /// A compiled `[redis]` section.
@@ -120,21 +120,16 @@ impl Compiler<'_> {
                 }
             },
         };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
-                Ok(p) if p > 0 => (h, p),
-                _ => {
-                    self.err(u.span(), "the Redis URL has a bad port");
-                    return None;
-                }
-            },
-            _ => (authority, 6379),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            self.err(u.span(), "the Redis URL names no host");
-            return None;
+        match host_port(authority, 6379) {
+            Ok((host, port)) => Some((host, port, tls, db)),
+            Err(HostPortError::BadPort) => {
+                self.err(u.span(), "the Redis URL has a bad port");
+                None
+            }
+            Err(HostPortError::NoHost) => {
+                self.err(u.span(), "the Redis URL names no host");
+                None
+            }
         }
-        Some((host.to_string(), port, tls, db))
     }
 }
