@@ -170,10 +170,15 @@ impl Store {
     }
 
     /// Runs one command on the command connection, connecting first if there is none,
-    /// all within `timeout`. A connection kept from earlier that fails at once (the
-    /// server closed it while idle) is replaced once.
+    /// within `timeout`; waiting for the connection (another command running) is held
+    /// to `timeout` too, so a slow Redis cannot queue requests behind it for longer. A
+    /// connection kept from earlier that fails at once (the server closed it while
+    /// idle) is replaced once.
     pub async fn command(&self, args: &[&[u8]]) -> Result<Value, StoreError> {
-        let mut slot = self.conn.lock().await;
+        let timeout = self.settings.timeout;
+        let mut slot = tokio::time::timeout(timeout, self.conn.lock())
+            .await
+            .map_err(|_| StoreError::Timeout)?;
         let attempt = |kept: Option<Conn>| async move {
             let mut conn = match kept {
                 Some(c) => c,
@@ -182,7 +187,6 @@ impl Store {
             let v = call(&mut conn, args).await?;
             Ok::<_, StoreError>((conn, v))
         };
-        let timeout = self.settings.timeout;
         let kept = slot.take();
         let had = kept.is_some();
         let result = match tokio::time::timeout(timeout, attempt(kept)).await {
