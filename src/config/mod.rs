@@ -1049,7 +1049,10 @@ impl Compiler<'_> {
         let mut compiled_issuers = Vec::new();
         // Every declared issuer goes into the catalog, even one with errors of its own,
         // so its policies are still checked (and not drowned in "not declared" noise).
-        let mut catalog = Catalog { issuers: broken_issuers.into_iter().collect() };
+        let mut catalog = Catalog::default();
+        for (name, preset) in &broken_issuers {
+            catalog.declare(name, *preset);
+        }
         let mut logins = Vec::new();
         let mut first_login_span = None;
         for (name, mut raw) in issuers {
@@ -1061,15 +1064,18 @@ impl Compiler<'_> {
                 .as_ref()
                 .and_then(|p| Preset::parse(p.get_ref()))
                 .unwrap_or(Preset::Oidc);
-            catalog.issuers.insert(name.get_ref().clone(), preset);
             if let Some(login) = raw.login.take() {
                 first_login_span.get_or_insert(login.span());
                 if let Some(l) = self.login(&name, preset, login) {
                     logins.push(l);
                 }
             }
-            if let Some(i) = self.issuer(&name, raw) {
-                compiled_issuers.push(i);
+            match self.issuer(&name, raw) {
+                Some(i) => {
+                    catalog.insert(i.clone());
+                    compiled_issuers.push(i);
+                }
+                None => catalog.declare(name.get_ref(), preset),
             }
         }
         let session = match (session, first_login_span) {
@@ -2129,7 +2135,7 @@ impl Compiler<'_> {
                 list.get_ref()
                     .iter()
                     .filter_map(|i| {
-                        if !catalog.issuers.contains_key(i.get_ref()) {
+                        if catalog.settings(i.get_ref()).is_none() {
                             self.err(
                                 i.span(),
                                 format!("issuer `{}` is not declared in [issuers]", i.get_ref()),

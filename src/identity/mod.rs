@@ -210,6 +210,36 @@ pub struct IssuerSettings {
     pub refresh_cooldown: Duration,
 }
 
+// === impl IssuerSettings ===
+
+impl IssuerSettings {
+    /// An issuer known by its name and preset alone, every other setting at the default
+    /// docs/configuration.md gives (no `issuer` URL or audiences, so it verifies no
+    /// token): the catalog entry of an issuer whose section did not compile, whose
+    /// policies are still checked, and the start of a unit test's settings.
+    pub fn declared(id: &str, preset: Preset) -> IssuerSettings {
+        IssuerSettings {
+            id: IssuerId(Arc::from(id)),
+            preset,
+            issuer: String::new(),
+            discovery_url: String::new(),
+            audiences: Vec::new(),
+            algorithms: vec![Algorithm::RS256],
+            leeway: Duration::from_secs(60),
+            max_token_age: None,
+            kind: preset.default_kind(),
+            token_type: TokenType::Id,
+            client_id: None,
+            hosted_domain: None,
+            groups_claim: "groups".into(),
+            ca_file: None,
+            insecure_http: false,
+            stale_window: Duration::from_secs(24 * 3600),
+            refresh_cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
 /// A verified caller. Built only by the verifier (or the session layer), never from
 /// unverified input.
 #[derive(Debug, Clone, Serialize)]

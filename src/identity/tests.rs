@@ -41,23 +41,13 @@ fn forger() -> &'static DevSigner {
 /// An issuer's settings with the defaults tests start from (also the session tests').
 pub(crate) fn settings(id: &str, preset: Preset, issuer: &str, audience: &str) -> IssuerSettings {
     IssuerSettings {
-        id: IssuerId(id.into()),
-        preset,
         issuer: issuer.to_owned(),
         discovery_url: format!("{issuer}/.well-known/openid-configuration"),
         audiences: vec![audience.to_owned()],
         algorithms: vec![Algorithm::RS256, Algorithm::ES256],
-        leeway: Duration::from_secs(60),
-        max_token_age: None,
-        kind: preset.default_kind(),
-        token_type: TokenType::Id,
-        client_id: None,
-        hosted_domain: None,
-        groups_claim: "groups".into(),
-        ca_file: None,
-        insecure_http: false,
         stale_window: Duration::from_secs(3600),
         refresh_cooldown: Duration::from_secs(60),
+        ..IssuerSettings::declared(id, preset)
     }
 }
 

@@ -389,7 +389,7 @@ impl<'a> Compiler<'a> {
     }
 
     fn issuers(&mut self, v: &Spanned<OneOrMany>) -> Box<[IssuerId]> {
-        let known: Vec<&str> = self.catalog.issuers.keys().map(String::as_str).collect();
+        let known: Vec<&str> = self.catalog.names().collect();
         let names = self.strings(v, "issuer", |name| {
             if known.contains(&name) {
                 return None;
@@ -678,7 +678,7 @@ impl<'a> Compiler<'a> {
     }
 
     fn test_identity(&mut self, i: &raw::TestIdentity, span: Range<usize>) -> Option<Identity> {
-        let preset_of = |name: &str| self.catalog.issuers.get(name).copied();
+        let preset_of = |name: &str| self.catalog.preset(name);
         let named_preset = match &i.preset {
             None => None,
             Some(p) => match Preset::parse(p.get_ref()) {
@@ -721,10 +721,10 @@ impl<'a> Compiler<'a> {
                 (iss.get_ref().clone(), preset)
             }
             (None, Some((p, span))) => {
-                let candidates: Vec<&String> =
-                    self.catalog.issuers.iter().filter(|(_, q)| **q == p).map(|(n, _)| n).collect();
+                let candidates: Vec<&str> =
+                    self.catalog.names().filter(|n| self.catalog.preset(n) == Some(p)).collect();
                 match candidates.as_slice() {
-                    [one] => ((*one).clone(), p),
+                    [one] => ((*one).to_string(), p),
                     [] => {
                         self.err(
                             span,

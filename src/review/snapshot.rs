@@ -210,9 +210,10 @@ impl Tree {
 impl Snapshot {
     /// The routes of a loaded configuration.
     pub fn from_config(config: &Config) -> Snapshot {
-        let catalog = Catalog {
-            issuers: config.issuers.iter().map(|i| (i.id.to_string(), i.preset)).collect(),
-        };
+        let mut catalog = Catalog::default();
+        for issuer in &config.issuers {
+            catalog.insert(issuer.clone());
+        }
         let routes = config
             .routes
             .iter()
@@ -278,7 +279,7 @@ impl Snapshot {
                     Preset::Oidc
                 }),
             };
-            catalog.issuers.insert(name.clone(), preset);
+            catalog.declare(name, preset);
         }
         let issuers = raw
             .issuers

@@ -95,10 +95,10 @@ fn setup(policy: &str) -> (tempfile::TempDir, PathBuf) {
 
 fn catalog() -> Catalog {
     let mut c = Catalog::default();
-    c.issuers.insert("corp".into(), crate::identity::Preset::Oidc);
-    c.issuers.insert("bb".into(), crate::identity::Preset::BitbucketPipelines);
-    c.issuers.insert("gh".into(), crate::identity::Preset::GithubActions);
-    c.issuers.insert("gl".into(), crate::identity::Preset::GitlabCi);
+    c.declare("corp", crate::identity::Preset::Oidc);
+    c.declare("bb", crate::identity::Preset::BitbucketPipelines);
+    c.declare("gh", crate::identity::Preset::GithubActions);
+    c.declare("gl", crate::identity::Preset::GitlabCi);
     c
 }
 
@@ -1068,7 +1068,7 @@ fn every_matcher_example_in_the_reference_compiles() {
         ("github", crate::identity::Preset::GithubActions),
         ("gitlab", crate::identity::Preset::GitlabCi),
     ] {
-        catalog.issuers.insert(name.into(), preset);
+        catalog.declare(name, preset);
     }
     let blocks: Vec<&str> = readme[start..end]
         .split("```toml\n")
