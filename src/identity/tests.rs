@@ -1358,3 +1358,5 @@ async fn a_google_address_google_does_not_host_is_not_verified() {
     let id = okta.verify_at(&rsa().sign(&okta_header(), &okta_payload()), NOW).await.unwrap();
     assert_eq!(id.email_verified, okta_payload()["email_verified"] == json!(true));
 }
+
+mod parity;

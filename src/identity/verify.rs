@@ -669,9 +669,10 @@ pub(crate) fn recheck(
 }
 
 /// The identity the verifier would build from `payload` after the signature and the
-/// time and audience checks, **without** those checks: for `portcullis policy explain
-/// --no-verify`, which explains claims and says that they were not verified. Never
-/// use it to admit a request.
+/// time and audience checks, **without** those checks: for a policy's `[[test]]`
+/// identities, which must decide as a token with their claims would, and for
+/// `portcullis policy explain --no-verify`, which explains claims and says that they
+/// were not verified. Never use it to admit a request.
 pub fn unverified_identity(
     settings: &IssuerSettings,
     payload: Map<String, Value>,
