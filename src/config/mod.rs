@@ -18,7 +18,9 @@ use toml::Spanned;
 
 use crate::diag::{Diagnostic, Diagnostics, LoadError, Source};
 use crate::http::path;
-use crate::identity::{Algorithm, IssuerId, IssuerSettings, Preset, PrincipalKind, TokenType};
+use crate::identity::{
+    Algorithm, ClaimPath, IssuerId, IssuerSettings, Preset, PrincipalKind, TokenType,
+};
 use crate::policy::{Catalog, Policy};
 
 pub use database::{DatabaseSettings, Secret, UpstreamTls};
@@ -1607,6 +1609,20 @@ impl Compiler<'_> {
                 }
             },
         };
+        let groups_claim = match &r.groups_claim {
+            None => ClaimPath::default(),
+            Some(c) => ClaimPath::parse(c.get_ref()).unwrap_or_else(|e| {
+                self.err(
+                    c.span(),
+                    format!(
+                        "`groups_claim` {e}: write a top-level claim's name as it is \
+                         (`groups`, `https://example.com/groups`), or a JSON Pointer to a \
+                         nested one (`/realm_access/roles`)"
+                    ),
+                );
+                ClaimPath::default()
+            }),
+        };
         let settings = IssuerSettings {
             id: IssuerId(Arc::from(name.get_ref().as_str())),
             preset,
@@ -1620,7 +1636,7 @@ impl Compiler<'_> {
             token_type,
             client_id: r.client_id.map(Spanned::into_inner),
             hosted_domain: r.hosted_domain.map(Spanned::into_inner),
-            groups_claim: r.groups_claim.map_or_else(|| "groups".to_string(), Spanned::into_inner),
+            groups_claim,
             ca_file: r.ca.as_ref().map(|c| self.existing_file(c)),
             insecure_http,
             stale_window: r

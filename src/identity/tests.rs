@@ -51,6 +51,11 @@ pub(crate) fn settings(id: &str, preset: Preset, issuer: &str, audience: &str) -
     }
 }
 
+/// A `groups_claim` as configured.
+pub(crate) fn claim_path(text: &str) -> ClaimPath {
+    ClaimPath::parse(text).unwrap()
+}
+
 fn okta_settings() -> IssuerSettings {
     let mut s = settings("corp", Preset::Oidc, OKTA, OKTA_CLIENT);
     s.client_id = Some(OKTA_CLIENT.into());
@@ -1250,7 +1255,7 @@ fn a_reloaded_issuer_checks_an_admitted_tokens_claims_again() {
     let sooner = with(&|s| s.max_token_age = Some(Duration::from_secs(900)));
     assert_eq!(sooner.map(|i| i.expires_at).ok(), Some(now - 600 + 900));
     // Policies see the groups the reloaded issuer reads.
-    let teams = with(&|s| s.groups_claim = "teams".into());
+    let teams = with(&|s| s.groups_claim = claim_path("teams"));
     assert_eq!(teams.map(|i| i.groups).ok(), Some(vec!["blue".to_string()]));
 }
 

@@ -790,9 +790,9 @@ fn build_identity(
     // V25: overage means membership is unknown; `_claim_sources` is never fetched.
     let overage = payload.get("hasgroups").is_some_and(|v| *v != Value::Bool(false))
         || payload.get("_claim_names").and_then(Value::as_object).is_some_and(|names| {
-            names.contains_key(&s.groups_claim) || names.contains_key("groups")
+            names.contains_key(s.groups_claim.top()) || names.contains_key("groups")
         });
-    let groups = match payload.get(&s.groups_claim) {
+    let groups = match s.groups_claim.lookup(payload)? {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(items)) => items
             .iter()

@@ -799,7 +799,7 @@ impl<'a> Compiler<'a> {
         let settings = self.catalog.settings(&issuer)?;
         if let Some(groups) = &i.groups {
             let names = groups.get_ref().iter().map(|g| Value::String(g.get_ref().clone()));
-            claims.insert(settings.groups_claim.clone(), Value::Array(names.collect()));
+            settings.groups_claim.insert(&mut claims, Value::Array(names.collect()));
         }
         // The verifier's own identity of such a token (its CI normalization, groups,
         // Google's rule, overage, claim types), so a test decides as `serve` would, and a
@@ -821,11 +821,8 @@ impl<'a> Compiler<'a> {
         };
         // `groups_known = false`: an overage the claims do not spell (V25).
         let overage = i.groups_known.as_ref().is_some_and(|known| !*known.get_ref());
-        let (groups, groups_known) = if overage {
-            (Vec::new(), false)
-        } else {
-            (identity.groups, identity.groups_known)
-        };
+        let (groups, groups_known) =
+            if overage { (Vec::new(), false) } else { (identity.groups, identity.groups_known) };
         Some(Identity {
             groups,
             groups_known,

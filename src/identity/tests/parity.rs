@@ -97,15 +97,21 @@ async fn agree(what: &str, s: &IssuerSettings, claims: Value, want: Verdict) {
 /// so is the overage marker naming that claim (V25).
 #[tokio::test]
 async fn a_test_identity_reads_groups_from_the_issuers_groups_claim() {
-    let roles = corp(|s| s.groups_claim = "roles".into());
+    let roles = corp(|s| s.groups_claim = claim_path("roles"));
     let admin = json!({ "sub": "alice", "roles": ["admins"] });
     agree("groups in the configured claim", &roles, admin, Verdict::Allowed).await;
     let elsewhere = json!({ "sub": "alice", "groups": ["admins"] });
     let denied = Verdict::Denied(Reason::PolicyDenied);
     agree("groups in another claim", &roles, elsewhere, denied).await;
-    let overage = json!({ "sub": "alice", "roles": ["admins"], "_claim_names": { "roles": "src1" } });
-    agree("overage of the configured claim", &roles, overage, Verdict::Denied(Reason::GroupsUnknown))
-        .await;
+    let overage =
+        json!({ "sub": "alice", "roles": ["admins"], "_claim_names": { "roles": "src1" } });
+    agree(
+        "overage of the configured claim",
+        &roles,
+        overage,
+        Verdict::Denied(Reason::GroupsUnknown),
+    )
+    .await;
 }
 
 /// On Google's issuer an address Google does not host is not verified, for a test as
@@ -114,7 +120,13 @@ async fn a_test_identity_reads_groups_from_the_issuers_groups_claim() {
 async fn a_test_identity_on_google_follows_the_google_rule() {
     let google = corp(|s| s.issuer = "https://accounts.google.com".into());
     let consumer = json!({ "sub": "1", "email": "jane@acme.example", "email_verified": true });
-    agree("a consumer account's work address", &google, consumer.clone(), Verdict::Denied(Reason::PolicyDenied)).await;
+    agree(
+        "a consumer account's work address",
+        &google,
+        consumer.clone(),
+        Verdict::Denied(Reason::PolicyDenied),
+    )
+    .await;
     let workspace = with(consumer, "hd", json!("acme.example"));
     agree("a Workspace account", &google, workspace, Verdict::Allowed).await;
 }
@@ -145,4 +157,38 @@ async fn a_test_identity_the_verifier_would_refuse_is_an_error() {
         .await;
     let hd = with(staff, "hd", json!("acme.example"));
     agree("the Workspace's `hd`", &workspace, hd, Verdict::Allowed).await;
+}
+
+/// Keycloak's roles in nested claims (`groups_claim` a JSON Pointer, a client id with a
+/// dot included) and Okta's and Auth0's namespaced claims (dots and slashes in one
+/// top-level name) are read alike by `serve` and `check`; a member on the way that is
+/// not an object, or a role that is not a string, refuses the token in both.
+#[tokio::test]
+async fn a_test_identity_reads_groups_through_a_claim_path() {
+    let denied = Verdict::Denied(Reason::PolicyDenied);
+    let realm = corp(|s| s.groups_claim = claim_path("/realm_access/roles"));
+    let roles = |r: Value| json!({ "sub": "jdoe", "realm_access": { "roles": r } });
+    agree("a realm role", &realm, roles(json!(["offline_access", "admins"])), Verdict::Allowed)
+        .await;
+    agree("other realm roles", &realm, roles(json!(["offline_access"])), denied).await;
+    let beside = json!({ "sub": "jdoe", "groups": ["admins"] });
+    agree("a top-level `groups` claim", &realm, beside, denied).await;
+    let flat = json!({ "sub": "jdoe", "realm_access": ["admins"] });
+    agree("`realm_access` that is not an object", &realm, flat, Verdict::Refused).await;
+    agree("a role that is not a string", &realm, roles(json!(["admins", 1])), Verdict::Refused)
+        .await;
+    let overage = with(roles(json!(["admins"])), "_claim_names", json!({ "realm_access": "s" }));
+    agree("`realm_access` held elsewhere", &realm, overage, Verdict::Denied(Reason::GroupsUnknown))
+        .await;
+
+    let client = corp(|s| s.groups_claim = claim_path("/resource_access/edge.proxy/roles"));
+    let client_roles =
+        json!({ "sub": "jdoe", "resource_access": { "edge.proxy": { "roles": ["admins"] } } });
+    agree("a client role", &client, client_roles, Verdict::Allowed).await;
+
+    let namespaced = corp(|s| s.groups_claim = claim_path("https://example.com/groups"));
+    let okta = json!({ "sub": "jdoe", "https://example.com/groups": ["admins"] });
+    agree("a namespaced top-level claim", &namespaced, okta, Verdict::Allowed).await;
+    let nested = json!({ "sub": "jdoe", "https://example": { "com/groups": ["admins"] } });
+    agree("a namespaced claim is no path", &namespaced, nested, denied).await;
 }
