@@ -16,7 +16,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -65,7 +64,7 @@ fn settings() -> IssuerSettings {
         token_type: TokenType::Id,
         client_id: None,
         hosted_domain: None,
-        groups_claim: "groups".into(),
+        groups_claim: portcullis::identity::ClaimPath::default(),
         ca_file: None,
         insecure_http: false,
         stale_window: Duration::from_secs(3600),
@@ -175,12 +174,8 @@ fn repo(n: u32) -> String {
 
 fn bench_policy(c: &mut Criterion, signer: &DevSigner) {
     let rt = rt();
-    let catalog = Catalog {
-        issuers: BTreeMap::from([(
-            "bb".to_string(),
-            portcullis::identity::Preset::BitbucketPipelines,
-        )]),
-    };
+    let mut catalog = Catalog::default();
+    catalog.declare("bb", portcullis::identity::Preset::BitbucketPipelines);
     let policy = Policy::parse(&Source::new("bench.toml", policy_text()), &catalog)
         .unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(policy.rules().len(), 20);

@@ -30,7 +30,7 @@ fn world() -> &'static World {
             token_type: TokenType::Id,
             client_id: None,
             hosted_domain: None,
-            groups_claim: "groups".into(),
+            groups_claim: portcullis::identity::ClaimPath::default(),
             ca_file: None,
             insecure_http: false,
             stale_window: Duration::from_secs(3600),

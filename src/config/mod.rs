@@ -19,7 +19,9 @@ use toml::Spanned;
 
 use crate::diag::{Diagnostic, Diagnostics, LoadError, Source};
 use crate::http::path;
-use crate::identity::{Algorithm, IssuerId, IssuerSettings, Preset, PrincipalKind, TokenType};
+use crate::identity::{
+    Algorithm, ClaimPath, IssuerId, IssuerSettings, Preset, PrincipalKind, TokenType,
+};
 use crate::policy::{Catalog, Policy};
 
 pub use database::{DatabaseSettings, Secret, UpstreamTls};
@@ -1065,7 +1067,10 @@ impl Compiler<'_> {
         let mut compiled_issuers = Vec::new();
         // Every declared issuer goes into the catalog, even one with errors of its own,
         // so its policies are still checked (and not drowned in "not declared" noise).
-        let mut catalog = Catalog { issuers: broken_issuers.into_iter().collect() };
+        let mut catalog = Catalog::default();
+        for (name, preset) in &broken_issuers {
+            catalog.declare(name, *preset);
+        }
         let mut logins = Vec::new();
         let mut first_login_span = None;
         for (name, mut raw) in issuers {
@@ -1077,15 +1082,18 @@ impl Compiler<'_> {
                 .as_ref()
                 .and_then(|p| Preset::parse(p.get_ref()))
                 .unwrap_or(Preset::Oidc);
-            catalog.issuers.insert(name.get_ref().clone(), preset);
             if let Some(login) = raw.login.take() {
                 first_login_span.get_or_insert(login.span());
                 if let Some(l) = self.login(&name, preset, login) {
                     logins.push(l);
                 }
             }
-            if let Some(i) = self.issuer(&name, raw) {
-                compiled_issuers.push(i);
+            match self.issuer(&name, raw) {
+                Some(i) => {
+                    catalog.insert(i.clone());
+                    compiled_issuers.push(i);
+                }
+                None => catalog.declare(name.get_ref(), preset),
             }
         }
         let session = match (session, first_login_span) {
@@ -1618,6 +1626,20 @@ impl Compiler<'_> {
                 }
             },
         };
+        let groups_claim = match &r.groups_claim {
+            None => ClaimPath::default(),
+            Some(c) => ClaimPath::parse(c.get_ref()).unwrap_or_else(|e| {
+                self.err(
+                    c.span(),
+                    format!(
+                        "`groups_claim` {e}: write a top-level claim's name as it is \
+                         (`groups`, `https://example.com/groups`), or a JSON Pointer to a \
+                         nested one (`/realm_access/roles`)"
+                    ),
+                );
+                ClaimPath::default()
+            }),
+        };
         let settings = IssuerSettings {
             id: IssuerId(Arc::from(name.get_ref().as_str())),
             preset,
@@ -1631,7 +1653,7 @@ impl Compiler<'_> {
             token_type,
             client_id: r.client_id.map(Spanned::into_inner),
             hosted_domain: r.hosted_domain.map(Spanned::into_inner),
-            groups_claim: r.groups_claim.map_or_else(|| "groups".to_string(), Spanned::into_inner),
+            groups_claim,
             ca_file: r.ca.as_ref().map(|c| self.existing_file(c)),
             insecure_http,
             stale_window: r
@@ -2146,7 +2168,7 @@ impl Compiler<'_> {
                 list.get_ref()
                     .iter()
                     .filter_map(|i| {
-                        if !catalog.issuers.contains_key(i.get_ref()) {
+                        if catalog.settings(i.get_ref()).is_none() {
                             self.err(
                                 i.span(),
                                 format!("issuer `{}` is not declared in [issuers]", i.get_ref()),

@@ -12,6 +12,7 @@ use serde::Serialize;
 mod admission;
 mod cache;
 pub mod ci;
+mod claim_path;
 mod jwks;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -20,6 +21,7 @@ pub mod verify;
 
 pub use admission::{Admission, Credential};
 pub use cache::{LastToken, DEFAULT_CAPACITY as DEFAULT_TOKEN_CACHE_ENTRIES};
+pub use claim_path::ClaimPath;
 pub use token::{MAX_KID_LEN, MAX_TOKEN_LEN};
 pub use verify::{
     extract_bearer, unverified_identity, CredentialSource, SigningKey, Verifier, MAX_LEEWAY,
@@ -198,8 +200,9 @@ pub struct IssuerSettings {
     pub client_id: Option<String>,
     /// Google Workspace: require `hd` == this and `email_verified` == true (V24).
     pub hosted_domain: Option<String>,
-    /// Claim holding group names (default `groups`).
-    pub groups_claim: String,
+    /// Where group names are (default `groups`): a top-level claim, or a JSON Pointer
+    /// into nested ones (`/realm_access/roles`).
+    pub groups_claim: ClaimPath,
     /// Extra trust anchors for the discovery and JWKS fetches (PEM file).
     pub ca_file: Option<PathBuf>,
     /// Allow `http://` discovery/JWKS URLs; only honoured for loopback hosts.
@@ -208,6 +211,36 @@ pub struct IssuerSettings {
     pub stale_window: Duration,
     /// At most one refresh per this interval on an unknown `kid` (§11.3).
     pub refresh_cooldown: Duration,
+}
+
+// === impl IssuerSettings ===
+
+impl IssuerSettings {
+    /// An issuer known by its name and preset alone, every other setting at the default
+    /// docs/configuration.md gives (no `issuer` URL or audiences, so it verifies no
+    /// token): the catalog entry of an issuer whose section did not compile, whose
+    /// policies are still checked, and the start of a unit test's settings.
+    pub fn declared(id: &str, preset: Preset) -> IssuerSettings {
+        IssuerSettings {
+            id: IssuerId(Arc::from(id)),
+            preset,
+            issuer: String::new(),
+            discovery_url: String::new(),
+            audiences: Vec::new(),
+            algorithms: vec![Algorithm::RS256],
+            leeway: Duration::from_secs(60),
+            max_token_age: None,
+            kind: preset.default_kind(),
+            token_type: TokenType::Id,
+            client_id: None,
+            hosted_domain: None,
+            groups_claim: ClaimPath::default(),
+            ca_file: None,
+            insecure_http: false,
+            stale_window: Duration::from_secs(24 * 3600),
+            refresh_cooldown: Duration::from_secs(30),
+        }
+    }
 }
 
 /// A verified caller. Built only by the verifier (or the session layer), never from

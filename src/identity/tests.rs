@@ -41,24 +41,19 @@ fn forger() -> &'static DevSigner {
 /// An issuer's settings with the defaults tests start from (also the session tests').
 pub(crate) fn settings(id: &str, preset: Preset, issuer: &str, audience: &str) -> IssuerSettings {
     IssuerSettings {
-        id: IssuerId(id.into()),
-        preset,
         issuer: issuer.to_owned(),
         discovery_url: format!("{issuer}/.well-known/openid-configuration"),
         audiences: vec![audience.to_owned()],
         algorithms: vec![Algorithm::RS256, Algorithm::ES256],
-        leeway: Duration::from_secs(60),
-        max_token_age: None,
-        kind: preset.default_kind(),
-        token_type: TokenType::Id,
-        client_id: None,
-        hosted_domain: None,
-        groups_claim: "groups".into(),
-        ca_file: None,
-        insecure_http: false,
         stale_window: Duration::from_secs(3600),
         refresh_cooldown: Duration::from_secs(60),
+        ..IssuerSettings::declared(id, preset)
     }
+}
+
+/// A `groups_claim` as configured.
+pub(crate) fn claim_path(text: &str) -> ClaimPath {
+    ClaimPath::parse(text).unwrap()
 }
 
 fn okta_settings() -> IssuerSettings {
@@ -1260,7 +1255,7 @@ fn a_reloaded_issuer_checks_an_admitted_tokens_claims_again() {
     let sooner = with(&|s| s.max_token_age = Some(Duration::from_secs(900)));
     assert_eq!(sooner.map(|i| i.expires_at).ok(), Some(now - 600 + 900));
     // Policies see the groups the reloaded issuer reads.
-    let teams = with(&|s| s.groups_claim = "teams".into());
+    let teams = with(&|s| s.groups_claim = claim_path("teams"));
     assert_eq!(teams.map(|i| i.groups).ok(), Some(vec!["blue".to_string()]));
 }
 
@@ -1368,3 +1363,5 @@ async fn a_google_address_google_does_not_host_is_not_verified() {
     let id = okta.verify_at(&rsa().sign(&okta_header(), &okta_payload()), NOW).await.unwrap();
     assert_eq!(id.email_verified, okta_payload()["email_verified"] == json!(true));
 }
+
+mod parity;

@@ -669,9 +669,10 @@ pub(crate) fn recheck(
 }
 
 /// The identity the verifier would build from `payload` after the signature and the
-/// time and audience checks, **without** those checks: for `portcullis policy explain
-/// --no-verify`, which explains claims and says that they were not verified. Never
-/// use it to admit a request.
+/// time and audience checks, **without** those checks: for a policy's `[[test]]`
+/// identities, which must decide as a token with their claims would, and for
+/// `portcullis policy explain --no-verify`, which explains claims and says that they
+/// were not verified. Never use it to admit a request.
 pub fn unverified_identity(
     settings: &IssuerSettings,
     payload: Map<String, Value>,
@@ -789,9 +790,9 @@ fn build_identity(
     // V25: overage means membership is unknown; `_claim_sources` is never fetched.
     let overage = payload.get("hasgroups").is_some_and(|v| *v != Value::Bool(false))
         || payload.get("_claim_names").and_then(Value::as_object).is_some_and(|names| {
-            names.contains_key(&s.groups_claim) || names.contains_key("groups")
+            names.contains_key(s.groups_claim.top()) || names.contains_key("groups")
         });
-    let groups = match payload.get(&s.groups_claim) {
+    let groups = match s.groups_claim.lookup(payload)? {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(items)) => items
             .iter()

@@ -389,7 +389,7 @@ impl<'a> Compiler<'a> {
     }
 
     fn issuers(&mut self, v: &Spanned<OneOrMany>) -> Box<[IssuerId]> {
-        let known: Vec<&str> = self.catalog.issuers.keys().map(String::as_str).collect();
+        let known: Vec<&str> = self.catalog.names().collect();
         let names = self.strings(v, "issuer", |name| {
             if known.contains(&name) {
                 return None;
@@ -678,7 +678,7 @@ impl<'a> Compiler<'a> {
     }
 
     fn test_identity(&mut self, i: &raw::TestIdentity, span: Range<usize>) -> Option<Identity> {
-        let preset_of = |name: &str| self.catalog.issuers.get(name).copied();
+        let preset_of = |name: &str| self.catalog.preset(name);
         let named_preset = match &i.preset {
             None => None,
             Some(p) => match Preset::parse(p.get_ref()) {
@@ -721,10 +721,10 @@ impl<'a> Compiler<'a> {
                 (iss.get_ref().clone(), preset)
             }
             (None, Some((p, span))) => {
-                let candidates: Vec<&String> =
-                    self.catalog.issuers.iter().filter(|(_, q)| **q == p).map(|(n, _)| n).collect();
+                let candidates: Vec<&str> =
+                    self.catalog.names().filter(|n| self.catalog.preset(n) == Some(p)).collect();
                 match candidates.as_slice() {
-                    [one] => ((*one).clone(), p),
+                    [one] => ((*one).to_string(), p),
                     [] => {
                         self.err(
                             span,
@@ -784,56 +784,34 @@ impl<'a> Compiler<'a> {
                 }
             }
         }
-        let claim_str = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_string);
-        let subject = i
-            .subject
-            .as_ref()
-            .map(|s| s.get_ref().clone())
-            .or_else(|| claim_str("sub"))
-            .unwrap_or_else(|| "test-subject".to_string());
-        let email = i.email.as_ref().map(|s| s.get_ref().clone()).or_else(|| claim_str("email"));
-        let email_verified = i
-            .email_verified
-            .as_ref()
-            .map(|b| *b.get_ref())
-            .or_else(|| claims.get("email_verified").and_then(Value::as_bool))
-            .unwrap_or(false);
-        let groups: Vec<String> = match &i.groups {
-            Some(g) => g.get_ref().iter().map(|s| s.get_ref().clone()).collect(),
-            None => claims
-                .get("groups")
-                .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
-                .unwrap_or_default(),
-        };
-        // Overage in the claims (`hasgroups`, `groups` in `_claim_names`) makes the groups
-        // unknown, as the verifier makes them for such a token (V25).
-        let groups_known = i.groups_known.as_ref().is_none_or(|b| *b.get_ref())
-            && !crate::identity::held_elsewhere(&claims, "groups");
-        // A real token carries these as claims too: a `claims = { email = … }` matcher
-        // must see what the shortcut says, or a test could pass for a reason no token has.
-        claims.insert("sub".into(), Value::String(subject.clone()));
-        if let Some(e) = &email {
-            claims.insert("email".into(), Value::String(e.clone()));
+        // The shortcuts are the token's claims: `groups` where the issuer's tokens carry
+        // them (`groups_claim`), so a `claims` matcher sees what the shortcut says.
+        if let Some(subject) = &i.subject {
+            claims.insert("sub".into(), Value::String(subject.get_ref().clone()));
         }
-        if i.email_verified.is_some() || email.is_some() {
-            claims.insert("email_verified".into(), Value::Bool(email_verified));
+        claims.entry("sub").or_insert_with(|| Value::String("test-subject".into()));
+        if let Some(email) = &i.email {
+            claims.insert("email".into(), Value::String(email.get_ref().clone()));
         }
-        if i.groups.is_some() {
-            claims.insert(
-                "groups".into(),
-                Value::Array(groups.iter().cloned().map(Value::String).collect()),
-            );
+        if let Some(verified) = &i.email_verified {
+            claims.insert("email_verified".into(), Value::Bool(*verified.get_ref()));
         }
-        // The verifier's own normalization, so a test sees exactly what a request would,
-        // and a claim set the verifier would reject is reported here instead.
-        let ci = match crate::identity::ci::normalize(preset, &claims) {
-            Ok(ci) => ci,
+        let settings = self.catalog.settings(&issuer)?;
+        if let Some(groups) = &i.groups {
+            let names = groups.get_ref().iter().map(|g| Value::String(g.get_ref().clone()));
+            settings.groups_claim.insert(&mut claims, Value::Array(names.collect()));
+        }
+        // The verifier's own identity of such a token (its CI normalization, groups,
+        // Google's rule, overage, claim types), so a test decides as `serve` would, and a
+        // claim set the verifier would refuse is reported here instead.
+        let identity = match crate::identity::unverified_identity(settings, claims) {
+            Ok(identity) => identity,
             Err(e) => {
                 self.err(
                     span,
                     format!(
-                        "test identity is not a {} token the proxy would accept: {}",
+                        "test identity is not {} {} token the proxy would accept: {}",
+                        if preset == Preset::Oidc { "an" } else { "a" },
                         preset.name(),
                         e.detail
                     ),
@@ -841,20 +819,16 @@ impl<'a> Compiler<'a> {
                 return None;
             }
         };
+        // `groups_known = false`: an overage the claims do not spell (V25).
+        let overage = i.groups_known.as_ref().is_some_and(|known| !*known.get_ref());
+        let (groups, groups_known) =
+            if overage { (Vec::new(), false) } else { (identity.groups, identity.groups_known) };
         Some(Identity {
-            issuer: IssuerId(Arc::from(issuer.as_str())),
-            subject,
-            kind: preset.default_kind(),
-            email,
-            email_verified,
             groups,
             groups_known,
             // Far in the future: test identities never expire mid-run.
             expires_at: u64::from(u32::MAX),
-            issued_at: None,
-            ci,
-            claims: claims.into(),
-            audit: Default::default(),
+            ..identity
         })
     }
 }

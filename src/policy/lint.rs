@@ -79,7 +79,7 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
         let presets: Vec<(&str, Preset)> = rule
             .issuers()
             .iter()
-            .filter_map(|i| catalog.issuers.get(i.as_str()).map(|p| (i.as_str(), *p)))
+            .filter_map(|i| catalog.preset(i.as_str()).map(|p| (i.as_str(), p)))
             .collect();
         unknown_claims(&mut out, rule, &presets);
         claim_types(&mut out, rule, &presets);

@@ -27,7 +27,7 @@ use serde::ser::SerializeStruct;
 use serde::Serialize;
 
 use crate::diag::{Diagnostic, Diagnostics, Source};
-use crate::identity::{Identity, Preset};
+use crate::identity::{Identity, IssuerSettings, Preset};
 use crate::reason::Reason;
 
 mod claims;
@@ -55,11 +55,12 @@ pub use testcase::{
 
 use rule::Outcome;
 
-/// The issuers a configuration declares (`[issuers.NAME]`) and their presets: what a
-/// policy may name in `issuer = ...` and which claim vocabulary applies.
+/// The issuers a configuration declares (`[issuers.NAME]`) and their settings: what a
+/// policy may name in `issuer = ...`, which claim vocabulary applies, and how a
+/// `[[test]]` identity is built from its claims (as the verifier builds a token's).
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
-    pub issuers: BTreeMap<String, Preset>,
+    issuers: BTreeMap<String, IssuerSettings>,
 }
 
 /// A compiled policy file. Immutable; share it behind an `Arc`.
@@ -112,6 +113,37 @@ pub struct Decision {
     /// That claim was kept (a token's claims all are) but the provider holds it
     /// elsewhere (`_claim_names`, `hasgroups`): its value is not in the token.
     pub claim_held_elsewhere: bool,
+}
+
+// === impl Catalog ===
+
+impl Catalog {
+    /// Adds an issuer as compiled (replacing one of the same name).
+    pub fn insert(&mut self, settings: IssuerSettings) {
+        self.issuers.insert(settings.id.to_string(), settings);
+    }
+
+    /// Declares `name` with `preset` and every other setting at its default
+    /// ([`IssuerSettings::declared`]): an issuer whose section did not compile, so that
+    /// its policies are still checked, or a unit test's.
+    pub fn declare(&mut self, name: &str, preset: Preset) {
+        self.insert(IssuerSettings::declared(name, preset));
+    }
+
+    /// The settings of issuer `name`.
+    pub fn settings(&self, name: &str) -> Option<&IssuerSettings> {
+        self.issuers.get(name)
+    }
+
+    /// The preset of issuer `name`.
+    pub fn preset(&self, name: &str) -> Option<Preset> {
+        self.settings(name).map(|s| s.preset)
+    }
+
+    /// Every issuer's name, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.issuers.keys().map(String::as_str)
+    }
 }
 
 // === impl Policy ===

@@ -44,7 +44,7 @@ impl Rule {
         let issuers = self
             .issuers()
             .iter()
-            .map(|i| match catalog.issuers.get(i.as_str()) {
+            .map(|i| match catalog.preset(i.as_str()) {
                 Some(Preset::Oidc) => format!("people and services of `{i}` (oidc)"),
                 Some(p) => format!("pipelines of `{i}` ({})", p.name()),
                 None => format!("tokens of `{i}`"),

@@ -7,12 +7,12 @@ use serde_json::{json, Map, Value};
 const BB_REPO: &str = "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}";
 
 fn catalog() -> Catalog {
-    let mut issuers = BTreeMap::new();
-    issuers.insert("bitbucket".to_string(), Preset::BitbucketPipelines);
-    issuers.insert("github".to_string(), Preset::GithubActions);
-    issuers.insert("gitlab".to_string(), Preset::GitlabCi);
-    issuers.insert("corp".to_string(), Preset::Oidc);
-    Catalog { issuers }
+    let mut catalog = Catalog::default();
+    catalog.declare("bitbucket", Preset::BitbucketPipelines);
+    catalog.declare("github", Preset::GithubActions);
+    catalog.declare("gitlab", Preset::GitlabCi);
+    catalog.declare("corp", Preset::Oidc);
+    catalog
 }
 
 fn parse(text: &str) -> Result<Policy, Vec<String>> {
@@ -1141,12 +1141,11 @@ fn run_tests_reports_passes_and_failures() {
 
 #[test]
 fn demo_policy_compiles_cleanly_and_its_tests_pass() {
-    let mut issuers = BTreeMap::new();
-    issuers.insert("demo-bitbucket".to_string(), Preset::BitbucketPipelines);
-    issuers.insert("demo-github".to_string(), Preset::GithubActions);
-    issuers.insert("demo-gitlab".to_string(), Preset::GitlabCi);
-    issuers.insert("demo-human".to_string(), Preset::Oidc);
-    let catalog = Catalog { issuers };
+    let mut catalog = Catalog::default();
+    catalog.declare("demo-bitbucket", Preset::BitbucketPipelines);
+    catalog.declare("demo-github", Preset::GithubActions);
+    catalog.declare("demo-gitlab", Preset::GitlabCi);
+    catalog.declare("demo-human", Preset::Oidc);
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/demo.toml");
     let policy = match Policy::load(&path, &catalog) {
         Ok(p) => p,

@@ -120,7 +120,7 @@ fn test_db(dir: &std::path::Path) -> crate::config::DatabaseSettings {
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\ndatabases = \"app\"\n",
     );
     let mut cat = crate::policy::Catalog::default();
-    cat.issuers.insert("corp".into(), crate::identity::Preset::Oidc);
+    cat.declare("corp", crate::identity::Preset::Oidc);
     let policy = crate::policy::Policy::parse(&src, &cat).unwrap_or_else(|e| panic!("{e:?}"));
     crate::config::DatabaseSettings {
         name: "db".into(),

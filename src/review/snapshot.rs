@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::git;
 use crate::config::{Config, HostMatch};
 use crate::diag::{Diagnostic, Source};
-use crate::identity::Preset;
+use crate::identity::{ClaimPath, IssuerSettings, Preset, TokenType};
 use crate::policy::{Catalog, Policy, TestCase};
 
 /// Routes and policies at one point in history.
@@ -74,6 +74,35 @@ fn access_settings(rest: &BTreeMap<String, toml::Value>) -> Settings {
         .filter(|(k, _)| !NOT_ACCESS.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), render_value(k, v)))
         .collect()
+}
+
+/// The settings of issuer `name` that shape its tokens' identities, and so its
+/// `[[test]]`s' (the issuer URL, for Google's rule; `audiences`, `client_id`,
+/// `token_type` and `hosted_domain`, for the profile checks; `groups_claim`), read from
+/// its table, every other at its default: a test of a revision decides as `serve` of
+/// that revision would. Why a `groups_claim` names no claim, otherwise.
+fn identity_settings(
+    name: &str,
+    preset: Preset,
+    table: &BTreeMap<String, toml::Value>,
+) -> Result<IssuerSettings, String> {
+    let text = |key: &str| table.get(key).and_then(toml::Value::as_str).map(str::to_string);
+    let mut settings = IssuerSettings::declared(name, preset);
+    settings.issuer = text("issuer").unwrap_or_default();
+    if let Some(audiences) = table.get("audiences").and_then(toml::Value::as_array) {
+        settings.audiences =
+            audiences.iter().filter_map(toml::Value::as_str).map(str::to_string).collect();
+    }
+    settings.client_id = text("client_id");
+    settings.hosted_domain = text("hosted_domain");
+    if text("token_type").as_deref() == Some("access") {
+        settings.token_type = TokenType::Access;
+    }
+    if let Some(claim) = text("groups_claim") {
+        settings.groups_claim =
+            ClaimPath::parse(&claim).map_err(|e| format!("issuer `{name}`: `groups_claim` {e}"))?;
+    }
+    Ok(settings)
 }
 
 fn render_value(key: &str, v: &toml::Value) -> String {
@@ -210,9 +239,10 @@ impl Tree {
 impl Snapshot {
     /// The routes of a loaded configuration.
     pub fn from_config(config: &Config) -> Snapshot {
-        let catalog = Catalog {
-            issuers: config.issuers.iter().map(|i| (i.id.to_string(), i.preset)).collect(),
-        };
+        let mut catalog = Catalog::default();
+        for issuer in &config.issuers {
+            catalog.insert(issuer.clone());
+        }
         let routes = config
             .routes
             .iter()
@@ -278,7 +308,13 @@ impl Snapshot {
                     Preset::Oidc
                 }),
             };
-            catalog.issuers.insert(name.clone(), preset);
+            match identity_settings(name, preset, &issuer.rest) {
+                Ok(settings) => catalog.insert(settings),
+                Err(e) => {
+                    problems.push(format!("{}: {e}", at(config)));
+                    catalog.declare(name, preset);
+                }
+            }
         }
         let issuers = raw
             .issuers

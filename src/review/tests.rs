@@ -95,10 +95,10 @@ fn setup(policy: &str) -> (tempfile::TempDir, PathBuf) {
 
 fn catalog() -> Catalog {
     let mut c = Catalog::default();
-    c.issuers.insert("corp".into(), crate::identity::Preset::Oidc);
-    c.issuers.insert("bb".into(), crate::identity::Preset::BitbucketPipelines);
-    c.issuers.insert("gh".into(), crate::identity::Preset::GithubActions);
-    c.issuers.insert("gl".into(), crate::identity::Preset::GitlabCi);
+    c.declare("corp", crate::identity::Preset::Oidc);
+    c.declare("bb", crate::identity::Preset::BitbucketPipelines);
+    c.declare("gh", crate::identity::Preset::GithubActions);
+    c.declare("gl", crate::identity::Preset::GitlabCi);
     c
 }
 
@@ -949,6 +949,32 @@ fn diff_still_compares_when_a_change_deletes_a_rule_a_security_test_names() {
     assert!(errs.iter().any(|e| e.contains("test expects rule `no-deletes-from-ci`")), "{errs:?}");
 }
 
+/// `policy diff` builds each revision's `[[test]]` identities with that revision's issuer
+/// settings, as `check` and `serve` do: with `groups_claim = "/realm_access/roles"`, a
+/// test whose roles are in `realm_access` shows the allow a change adds. Read from the
+/// default `groups` claim, its caller had no groups, and the widening flipped nothing.
+#[test]
+fn policy_diff_reads_test_groups_where_the_issuer_puts_them() {
+    let test = |expect: &str| {
+        format!("\n[[test]]\nname = \"platform admins\"\nidentity = {{ issuer = \"corp\", claims = {{ realm_access = {{ roles = [\"platform-admin\"] }} }} }}\nrequest = \"GET /admin\"\nexpect = \"{expect}\"\n")
+    };
+    let (dir, cfg) = setup(&format!("{API}{}", test("deny")));
+    let root = dir.path();
+    let pointer = "audiences = [\"portcullis\"]\ngroups_claim = \"/realm_access/roles\"\n";
+    write(&cfg, &CONFIG.replacen("audiences = [\"portcullis\"]\n", pointer, 1));
+    git(root, &["init", "-q"]);
+    let c1 = commit(root, "initial");
+    let rule = "\n[[rule]]\nid = \"platform\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"platform-admin\"]\n";
+    write(&root.join("policies/api.toml"), &format!("{API}{rule}{}", test("allow")));
+    let c2 = commit(root, "platform admins");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    let flips = &d.routes[0].flipped_tests;
+    assert!(
+        flips.iter().any(|f| f.name == "platform admins" && !f.before.allowed && f.after.allowed),
+        "{flips:?}"
+    );
+}
+
 /// A pull request that widens deploys while rewriting the test that would have caught
 /// it, with a description crafted to forge or hide lines of the report: the old version
 /// of the test still shows as flipping, and the Markdown carries no HTML from the file.
@@ -1068,7 +1094,7 @@ fn every_matcher_example_in_the_reference_compiles() {
         ("github", crate::identity::Preset::GithubActions),
         ("gitlab", crate::identity::Preset::GitlabCi),
     ] {
-        catalog.issuers.insert(name.into(), preset);
+        catalog.declare(name, preset);
     }
     let blocks: Vec<&str> = readme[start..end]
         .split("```toml\n")

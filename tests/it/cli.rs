@@ -790,6 +790,32 @@ fn check_warns_about_strip_prefix_on_a_route_without_a_prefix() {
     assert!(out.contains("ok (1 warning(s))"), "{out}");
 }
 
+/// `groups_claim` as a JSON Pointer (Keycloak's `/realm_access/roles`) passes `check`
+/// with the policy's `[[test]]`s reading the roles there; one that names no claim is an
+/// error at its value, `file:line:col`, as `serve` would refuse to start.
+#[test]
+fn check_reads_groups_claim_pointers_and_reports_one_that_names_nothing() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let p = dir.path();
+    std::fs::create_dir_all(p.join("policies")).ok();
+    let config = |claim: &str| {
+        format!("[listen]\ninsecure_http = \"127.0.0.1:0\"\n[issuers.corp]\nissuer = \"https://sso.acme.example/realms/acme\"\naudiences = [\"edge-proxy\"]\ngroups_claim = \"{claim}\"\n[[routes]]\nname = \"api\"\nupstream = \"http://127.0.0.1:1\"\npolicy = \"api\"\nmatch = {{}}\n")
+    };
+    let policy = "[[rule]]\nid = \"route-admins\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"route-admin\"]\n\n[[test]]\nname = \"a client role admits\"\nidentity = { issuer = \"corp\", claims = { resource_access = { \"edge.proxy\" = { roles = [\"route-admin\"] } } } }\nrequest = \"GET /\"\nexpect = \"allow\"\n\n[[test]]\nname = \"a realm role does not\"\nidentity = { issuer = \"corp\", claims = { realm_access = { roles = [\"route-admin\"] } } }\nrequest = \"GET /\"\nexpect = \"deny\"\n";
+    write(&p.join("policies/api.toml"), policy);
+    let cfg = p.join("portcullis.toml").to_string_lossy().to_string();
+    write(Path::new(&cfg), &config("/resource_access/edge.proxy/roles"));
+    let (code, out, err) = run(&["check", "-c", &cfg]);
+    assert_eq!(code, 0, "{out}{err}");
+    for bad in ["/resource_access//roles", "/resource_access/edge~2proxy/roles"] {
+        write(Path::new(&cfg), &config(bad));
+        let (code, out, err) = run(&["check", "-c", &cfg]);
+        assert_eq!(code, 2, "{bad}: {out}{err}");
+        let want = format!("{cfg}:6:16: `groups_claim` has ");
+        assert!(err.lines().any(|l| l.starts_with(&want)), "{bad}: {want}\nin:\n{err}");
+    }
+}
+
 /// `CONNECT` (and `TRACE`) are refused with 405 on every route before any policy is
 /// asked: a rule listing them in `methods` is dead, and `check` says so at the rule's
 /// `methods`, `file:line:col: warning: …`, still exiting 0.

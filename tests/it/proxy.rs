@@ -108,6 +108,53 @@ async fn humans_outside_the_group_are_denied() {
     assert_eq!(r.status, StatusCode::OK);
 }
 
+/// Keycloak puts roles in nested claims (`realm_access.roles`): `groups_claim` reads them
+/// through a JSON Pointer, and the policy's own `[[test]]`s, run before the proxy serves,
+/// read them (and write the `groups` shortcut) there too. The value there must be a list
+/// of strings, as a `groups` claim must: anything else on the way refuses the token.
+#[tokio::test]
+async fn groups_in_nested_claims_are_read_through_a_json_pointer() {
+    let policy = r#"
+[[rule]]
+id = "platform-admins"
+effect = "allow"
+issuer = "corp"
+groups_any = ["platform-admin"]
+
+[[test]]
+name = "a realm role admits"
+identity = { issuer = "corp", claims = { realm_access = { roles = ["offline_access", "platform-admin"] } } }
+request = "GET /x"
+expect = "allow"
+rule = "platform-admins"
+
+[[test]]
+name = "the groups shortcut is a realm role"
+identity = { issuer = "corp", groups = ["platform-admin"] }
+request = "GET /x"
+expect = "allow"
+
+[[test]]
+name = "a top-level groups claim is not where the roles are"
+identity = { issuer = "corp", claims = { groups = ["platform-admin"], realm_access = { roles = ["offline_access"] } } }
+request = "GET /x"
+expect = "deny"
+"#;
+    let w = World::with(Setup {
+        policies: vec![("api".into(), policy.into())],
+        issuer_extra: "groups_claim = \"/realm_access/roles\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let roles = |r: &str| format!("realm_access:={{\"roles\":[{r}]}}");
+    let admin = w.token("corp", &[&roles("\"offline_access\",\"platform-admin\"")]);
+    assert_eq!(w.get("/x", Some(&admin)).await.status, StatusCode::OK);
+    let other = w.token("corp", &[&roles("\"offline_access\""), "groups:=[\"platform-admin\"]"]);
+    assert_eq!(w.get("/x", Some(&other)).await.status, StatusCode::FORBIDDEN);
+    let malformed = w.token("corp", &["realm_access:=[\"platform-admin\"]"]);
+    assert_eq!(w.get("/x", Some(&malformed)).await.status, StatusCode::UNAUTHORIZED);
+}
+
 /// The audit event says whether the address it records was verified by the issuer: a
 /// token claiming `ceo@…` with `email_verified: false` must not read as the CEO's.
 #[tokio::test]
