@@ -329,6 +329,7 @@ fn bench_request(c: &mut Criterion, signer: &DevSigner) {
     let shared = Arc::new(Shared {
         runtime: ArcSwap::from_pointee(runtime),
         replay: Default::default(),
+        store: None,
         reloads: tokio::sync::watch::channel(1).0,
         grace_over: tokio::sync::watch::channel(false).1,
         sink: sink.clone(),
