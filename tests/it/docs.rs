@@ -150,7 +150,11 @@ fn sets(name: &str, text: &str, bad: &mut Vec<String>) -> Vec<Set> {
                         continue;
                     }
                 };
-                sets.push(Set { at, config: format!("{LISTEN}{issuers}\n{body}"), policies: Vec::new() })
+                sets.push(Set {
+                    at,
+                    config: format!("{LISTEN}{issuers}\n{body}"),
+                    policies: Vec::new(),
+                })
             }
             "policy" if !arg.is_empty() => match sets.last_mut() {
                 Some(set) => set.policies.push((arg.to_string(), body)),
@@ -186,7 +190,8 @@ fn every_toml_snippet_of_the_documentation_passes_check() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let (mut bad, mut checked) = (Vec::new(), 0);
     for doc in documents(root) {
-        let text = std::fs::read_to_string(&doc).unwrap_or_else(|e| panic!("{}: {e}", doc.display()));
+        let text =
+            std::fs::read_to_string(&doc).unwrap_or_else(|e| panic!("{}: {e}", doc.display()));
         let name = doc.strip_prefix(root).unwrap_or(&doc).display().to_string();
         for set in sets(&name, &text, &mut bad) {
             checked += 1;
