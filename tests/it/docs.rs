@@ -212,3 +212,35 @@ fn an_unmarked_block_or_a_stray_policy_is_reported() {
     assert!(bad[0].starts_with("x.md:1: a ```toml block needs"), "{bad:?}");
     assert!(bad[1].starts_with("x.md:6: `policy p` with no config"), "{bad:?}");
 }
+
+/// The Kubernetes example's ConfigMaps: `portcullis.toml` and the policies, as the pod
+/// mounts them (its `policy_dir`, `/etc/portcullis/policies`, is where the policies are
+/// written here instead).
+#[test]
+fn the_kubernetes_configmaps_pass_check() {
+    use yaml_rust2::Yaml;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = root.join("examples/kubernetes/portcullis.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let docs = yaml_rust2::YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+    let data = |name: &str| {
+        docs.iter()
+            .find(|d| d["kind"].as_str() == Some("ConfigMap") && d["metadata"]["name"].as_str() == Some(name))
+            .and_then(|d| d["data"].as_hash().cloned())
+            .unwrap_or_else(|| panic!("no ConfigMap {name}"))
+    };
+    let config = data("portcullis-config");
+    let config = config[&Yaml::String("portcullis.toml".into())].as_str().unwrap_or_default();
+    assert!(config.contains("policy_dir = \"/etc/portcullis/policies\""), "{config}");
+    let policies = data("portcullis-policies")
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str()?.strip_suffix(".toml")?.to_string(), v.as_str()?.to_string())))
+        .collect::<Vec<_>>();
+    assert!(!policies.is_empty());
+    let set = Set {
+        at: "examples/kubernetes/portcullis.yaml".into(),
+        config: config.replace("/etc/portcullis/policies", "policies"),
+        policies,
+    };
+    assert_eq!(check(&set), None);
+}
