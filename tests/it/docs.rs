@@ -225,7 +225,10 @@ fn the_kubernetes_configmaps_pass_check() {
     let docs = yaml_rust2::YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{e}"));
     let data = |name: &str| {
         docs.iter()
-            .find(|d| d["kind"].as_str() == Some("ConfigMap") && d["metadata"]["name"].as_str() == Some(name))
+            .find(|d| {
+                d["kind"].as_str() == Some("ConfigMap")
+                    && d["metadata"]["name"].as_str() == Some(name)
+            })
             .and_then(|d| d["data"].as_hash().cloned())
             .unwrap_or_else(|| panic!("no ConfigMap {name}"))
     };
@@ -234,7 +237,9 @@ fn the_kubernetes_configmaps_pass_check() {
     assert!(config.contains("policy_dir = \"/etc/portcullis/policies\""), "{config}");
     let policies = data("portcullis-policies")
         .iter()
-        .filter_map(|(k, v)| Some((k.as_str()?.strip_suffix(".toml")?.to_string(), v.as_str()?.to_string())))
+        .filter_map(|(k, v)| {
+            Some((k.as_str()?.strip_suffix(".toml")?.to_string(), v.as_str()?.to_string()))
+        })
         .collect::<Vec<_>>();
     assert!(!policies.is_empty());
     let set = Set {
