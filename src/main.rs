@@ -34,12 +34,21 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the proxy with a configuration file.
+    ///
+    /// Refuses what `check` refuses, failing policy tests too (exit 2). SIGHUP or a
+    /// change to a file the configuration reads reloads it; SIGTERM drains and exits.
     Serve {
+        /// The configuration file; the paths in it are relative to its directory.
         #[arg(short, long, default_value = "portcullis.toml")]
         config: PathBuf,
     },
     /// Validate a configuration and every policy it names; print every problem.
+    ///
+    /// Problems are printed as `file:line:col: message`, all at once. Runs the policies'
+    /// [[test]] cases. Exit 0 when all is well (warnings allowed), 1 when a policy test
+    /// fails, 2 on any error in the configuration or a policy.
     Check {
+        /// The configuration file; the paths in it are relative to its directory.
         #[arg(short, long, default_value = "portcullis.toml")]
         config: PathBuf,
         /// Check the configuration and its policies only, as the `policy` commands do:
@@ -48,6 +57,7 @@ enum Command {
         /// which has neither.
         #[arg(long)]
         policy_only: bool,
+        /// Output: text for people, JSON for tools.
         #[arg(long, value_parser = ["text", "json"], default_value = "text")]
         format: String,
     },
@@ -67,6 +77,7 @@ enum Command {
 enum PolicyCommand {
     /// Run every [[test]] case of the policies (and of extra test files).
     Test {
+        /// The configuration file; the paths in it are relative to its directory.
         #[arg(short, long, default_value = "portcullis.toml")]
         config: PathBuf,
         /// A directory of extra test files; `NAME.toml` tests the policy (or route) NAME.
@@ -75,11 +86,13 @@ enum PolicyCommand {
         /// List passing cases too.
         #[arg(short, long)]
         verbose: bool,
+        /// Output: text for people, JSON for tools.
         #[arg(long, value_parser = ["text", "json"], default_value = "text")]
         format: String,
     },
     /// Explain the decision for one caller and one request, rule by rule.
     Explain {
+        /// The configuration file; the paths in it are relative to its directory.
         #[arg(short, long, default_value = "portcullis.toml")]
         config: PathBuf,
         /// A JWT (decoded; verified when the issuer is reachable). Never printed.
@@ -95,8 +108,9 @@ enum PolicyCommand {
         /// rules admit.
         #[arg(long, group = "caller", conflicts_with_all = ["issuer", "no_verify"])]
         anonymous: bool,
-        /// Override a preset claim: key=value (string) or key:=json (typed).
-        #[arg(long = "claim", requires = "preset")]
+        /// Override a claim of the preset: key=value (string) or key:=json (typed; key:=null
+        /// removes), as `dev token --claim` does.
+        #[arg(long = "claim", requires = "preset", value_name = "CLAIM")]
         claim: Vec<String>,
         /// The configured issuer name, when the token's `iss` or the preset is ambiguous.
         #[arg(long)]
@@ -119,11 +133,13 @@ enum PolicyCommand {
         /// Exit 1 unless the decision is this.
         #[arg(long, value_parser = ["allow", "deny"])]
         expect: Option<String>,
+        /// Output: text for people, JSON for tools.
         #[arg(long, value_parser = ["text", "json"], default_value = "text")]
         format: String,
     },
     /// Who can reach a route (or the route of a request), in plain words.
     Who {
+        /// The configuration file; the paths in it are relative to its directory.
         #[arg(short, long, default_value = "portcullis.toml")]
         config: PathBuf,
         /// A route by name: an HTTP route or a [[databases]] route.
@@ -132,19 +148,25 @@ enum PolicyCommand {
         /// "METHOD https://host/path": only the rules that apply to this request.
         #[arg(long)]
         request: Option<String>,
+        /// Output: text for people, JSON for tools, Markdown for a pull-request comment.
         #[arg(long, value_parser = ["text", "json", "markdown"], default_value = "text")]
         format: String,
     },
     /// Access gained and lost between two git revisions (default: merge-base with the
     /// default branch vs the working tree).
     Diff {
+        /// The revision to compare from (a commit, branch or tag) [default: the merge-base
+        /// with the default branch].
         from: Option<String>,
+        /// The revision to compare to [default: the working tree].
         to: Option<String>,
+        /// The configuration file; the paths in it are relative to its directory.
         #[arg(short, long, default_value = "portcullis.toml")]
         config: PathBuf,
         /// A directory of extra test files, read at each revision.
         #[arg(long = "tests")]
         tests: Vec<PathBuf>,
+        /// Output: text for people, JSON for tools, Markdown for a pull-request comment.
         #[arg(long, value_parser = ["text", "json", "markdown"], default_value = "text")]
         format: String,
     },
@@ -192,7 +214,7 @@ enum DevCommand {
         /// Overriding a claim the provider builds `sub` from (repositoryUuid, stepUuid;
         /// repository, ref, environment; project_path, ref_type, ref) builds `sub` again,
         /// unless --claim sub=... is given too.
-        #[arg(long = "claim")]
+        #[arg(long = "claim", value_name = "CLAIM")]
         claims: Vec<String>,
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 900)]
@@ -217,6 +239,7 @@ enum DevCommand {
     },
     /// Regenerate the committed development certificates.
     Certs {
+        /// Where to write the CA and the server certificate with their keys.
         #[arg(long, default_value = "certs/dev")]
         out: PathBuf,
     },
@@ -475,4 +498,31 @@ fn policy(cmd: PolicyCommand) -> ExitCode {
     print!("{}", report.stdout);
     eprint!("{}", report.stderr);
     ExitCode::from(report.code)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// The arguments of `cmd` and of its visible subcommands that `--help` shows with no
+    /// words, as `PATH ARG`.
+    fn undescribed(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+            if arg.get_help().is_none() && !builtin {
+                out.push(format!("{path} {}", arg.get_id()));
+            }
+        }
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            undescribed(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    /// Every option and argument a user can see in `--help` says what it is.
+    #[test]
+    fn every_argument_in_help_is_described() {
+        let mut out = Vec::new();
+        undescribed(&super::Cli::command(), "portcullis", &mut out);
+        assert!(out.is_empty(), "no help text: {out:?}");
+    }
 }

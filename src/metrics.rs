@@ -673,4 +673,68 @@ mod tests {
             assert!(out.lines().any(|l| l == line), "missing `{line}` in:\n{out}");
         }
     }
+
+    /// The families `/metrics` serves, as its `# HELP` lines name them.
+    fn families() -> std::collections::BTreeSet<String> {
+        Metrics::default()
+            .render()
+            .lines()
+            .filter_map(|l| l.strip_prefix("# HELP ")?.split_once(' '))
+            .map(|(name, _)| name.to_string())
+            .collect()
+    }
+
+    /// Every `portcullis_…` name in `text` (a cookie name prefix such as
+    /// `_portcullis_login_…` ends with `_` and is no metric).
+    fn names_in(text: &str) -> Vec<&str> {
+        text.match_indices("portcullis_")
+            .filter(|(at, _)| !text[..*at].ends_with('_'))
+            .map(|(at, _)| {
+                let rest = &text[at..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .filter(|name| !name.ends_with('_'))
+            .collect()
+    }
+
+    /// docs/metrics.md has a row for every family, and no document names a metric the
+    /// proxy does not serve (a histogram's `_bucket`, `_sum` and `_count` included).
+    #[test]
+    fn every_family_is_in_the_metrics_reference_and_every_documented_name_is_served() {
+        let families = families();
+        assert!(families.len() > 25, "{families:?}");
+        let reference = include_str!("../docs/metrics.md");
+        let rows: std::collections::BTreeSet<&str> = reference
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `")?.split_once('`'))
+            .map(|(name, _)| name)
+            .filter(|name| name.starts_with("portcullis_"))
+            .collect();
+        let missing: Vec<_> = families.iter().filter(|f| !rows.contains(f.as_str())).collect();
+        assert!(missing.is_empty(), "not in docs/metrics.md: {missing:?}");
+        let served = |name: &str| {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            families.contains(name) || families.contains(base)
+        };
+        for (doc, text) in [
+            ("README.md", include_str!("../README.md")),
+            ("docs/metrics.md", reference),
+            ("docs/configuration.md", include_str!("../docs/configuration.md")),
+            ("docs/postgres.md", include_str!("../docs/postgres.md")),
+            ("docs/sso.md", include_str!("../docs/sso.md")),
+            ("docs/audit.md", include_str!("../docs/audit.md")),
+            ("docs/architecture.md", include_str!("../docs/architecture.md")),
+            ("docs/threat-model.md", include_str!("../docs/threat-model.md")),
+            ("policies/README.md", include_str!("../policies/README.md")),
+        ] {
+            let unknown: Vec<_> = names_in(text).into_iter().filter(|n| !served(n)).collect();
+            assert!(unknown.is_empty(), "{doc} names metrics /metrics does not serve: {unknown:?}");
+        }
+    }
 }

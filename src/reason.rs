@@ -356,4 +356,37 @@ mod tests {
         assert_eq!(Reason::SessionRevoked.status(), StatusCode::UNAUTHORIZED);
         assert!(!Reason::SessionRevoked.is_token_problem());
     }
+
+    /// Every code [`Reason::code`] returns, read off its match arms (one per variant,
+    /// since the match is exhaustive): `Reason::X => "code",`.
+    fn codes() -> std::collections::BTreeSet<&'static str> {
+        let source = include_str!("reason.rs");
+        let body = source.split("pub const fn code(self)").nth(1).unwrap_or_default();
+        let body = body.split("pub const fn public_code").next().unwrap_or_default();
+        body.lines()
+            .filter_map(|l| l.trim().strip_prefix("Reason::")?.split_once(" => \""))
+            .filter_map(|(_, code)| code.strip_suffix("\","))
+            .collect()
+    }
+
+    /// Operators read `reason` in docs/audit.md: its table lists every code the proxy
+    /// can write, and no code it cannot.
+    #[test]
+    fn the_audit_reference_lists_every_reason_code_and_no_other() {
+        let doc = include_str!("../docs/audit.md");
+        let table = doc.split("\n## Reason codes\n").nth(1).unwrap_or_default();
+        let table = table.split("\n## ").next().unwrap_or_default();
+        let documented: std::collections::BTreeSet<&str> = table
+            .lines()
+            .skip_while(|l| !l.starts_with("|---"))
+            .filter_map(|l| l.strip_prefix("| `")?.split_once('`'))
+            .map(|(code, _)| code)
+            .collect();
+        let codes = codes();
+        assert!(codes.len() > 50, "the parse of Reason::code lost arms: {codes:?}");
+        let undocumented: Vec<_> = codes.difference(&documented).collect();
+        let unknown: Vec<_> = documented.difference(&codes).collect();
+        assert!(undocumented.is_empty(), "not in docs/audit.md's reason table: {undocumented:?}");
+        assert!(unknown.is_empty(), "in docs/audit.md but not a Reason code: {unknown:?}");
+    }
 }

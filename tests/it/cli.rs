@@ -31,7 +31,8 @@ impl Drop for Killed {
     }
 }
 
-fn run(args: &[&str]) -> (i32, String, String) {
+/// Runs the binary with `args`: its exit code, stdout and stderr.
+pub(crate) fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).output().unwrap_or_else(|e| panic!("run {args:?}: {e}"));
     (
         out.status.code().unwrap_or(-1),

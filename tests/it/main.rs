@@ -36,6 +36,8 @@
 //! - `lifecycle`: reload (good, bad, via file watcher), graceful drain, readiness, metrics.
 //! - `cli`: the real binary: `check` diagnostics, the shipped examples (configs, and CI
 //!   files parsed as YAML), and the README's demo flow.
+//! - `docs`: every ```toml snippet of the README, `docs/` and `policies/README.md`,
+//!   marked with what it is (a configuration, a part of one, a policy), passes `check`.
 //! - `review`: shadow policies through the proxy, policy revisions in audit events,
 //!   and `portcullis policy test/explain/who/diff` as a pipeline runs them.
 //! - `browser`: headless Chromium signs in at npm `oidc-provider` through the proxy.
@@ -64,6 +66,7 @@ mod browser;
 mod checklist;
 mod claim_headers;
 mod cli;
+mod docs;
 mod forwarding;
 mod grpc;
 mod hoarding;

@@ -1,0 +1,251 @@
+//! The documentation's TOML snippets, checked as a user who pastes them would check
+//! them: with `portcullis check --policy-only` (no certificate or secret needed).
+//!
+//! Every ```` ```toml ```` block of the README, `docs/*.md`, `policies/README.md` and the
+//! examples' READMEs carries a marker on the line before it, an HTML comment that
+//! GitHub does not render, saying what the block is:
+//!
+//! - `<!-- check: config -->`: a whole `portcullis.toml`;
+//! - `<!-- check: config-part -->`: sections added to a listener ([`LISTEN`]), or with
+//!   `config-part issuers` to a listener and [`ISSUERS`] (a `[[databases]]` route, say);
+//! - `<!-- check: policy NAME -->`: `policies/NAME.toml` of the last `config` or
+//!   `config-part` above it in the same file;
+//! - `<!-- check: rules -->`: a policy of its own, checked on an HTTP route and a
+//!   database route ([`ROUTES`]) of [`ISSUERS`];
+//! - `<!-- check: fragment -->`: a few keys or an elided excerpt (`…`), not checked.
+//!
+//! A block without a marker fails the test, so a new snippet is classified when it is
+//! written.
+
+use std::path::{Path, PathBuf};
+
+use super::cli::run;
+use crate::support::write;
+
+/// What a partial snippet leaves out: a listener and its certificate (never read by
+/// `--policy-only`).
+const LISTEN: &str = r#"[listen]
+https = "127.0.0.1:8443"
+
+[tls]
+cert = "tls/server.pem"
+key = "tls/server-key.pem"
+"#;
+
+/// The issuers the partial snippets refer to, one of each kind.
+const ISSUERS: &str = r#"
+[issuers.corp]
+issuer = "https://example.okta.com/oauth2/default"
+audiences = ["0oa1example"]
+
+[issuers.partners]
+issuer = "https://login.partners.example"
+audiences = ["portcullis"]
+
+[issuers.bitbucket]
+preset = "bitbucket-pipelines"
+issuer = "https://api.bitbucket.org/2.0/workspaces/acme/pipelines-config/identity/oidc"
+audiences = ["https://deploy.internal.example.com"]
+
+[issuers.github]
+preset = "github-actions"
+issuer = "https://token.actions.githubusercontent.com"
+audiences = ["https://deploy.internal.example.com"]
+
+[issuers.gitlab]
+preset = "gitlab-ci"
+issuer = "https://gitlab.com"
+audiences = ["https://deploy.internal.example.com"]
+"#;
+
+/// Where a `rules` snippet is put to work: an HTTP route and a database route.
+const ROUTES: &str = r#"
+[[routes]]
+name = "app"
+upstream = "http://10.0.0.12:8080"
+policy = "snippet"
+
+[[databases]]
+name = "app"
+listen = "127.0.0.1:6432"
+upstream = "postgres://10.0.0.13:5432"
+upstream_user = "app"
+password_env = "APP_DB_PASSWORD"
+policy = "snippet"
+
+[databases.upstream_roles.app_owner]
+password_env = "APP_OWNER_PASSWORD"
+"#;
+
+/// One configuration to check, built from the snippets of one file.
+struct Set {
+    /// `file:line` of the block that started it.
+    at: String,
+    config: String,
+    policies: Vec<(String, String)>,
+}
+
+/// The files whose snippets a user reads.
+fn documents(root: &Path) -> Vec<PathBuf> {
+    let mut files = vec![root.join("README.md"), root.join("policies/README.md")];
+    for dir in [root.join("docs"), root.join("examples")] {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = entry.path();
+            let doc = if p.is_dir() { p.join("README.md") } else { p };
+            if doc.extension().is_some_and(|e| e == "md") && doc.is_file() {
+                files.push(doc);
+            }
+        }
+    }
+    files
+}
+
+/// The ```toml blocks of `text`, each with its fence's line (from 1) and the marker
+/// before it.
+fn toml_blocks(text: &str) -> Vec<(usize, Option<String>, String)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut blocks = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let fence = lines[i].trim_start();
+        if fence != "```toml" {
+            i += 1;
+            continue;
+        }
+        let (start, indent) = (i, lines[i].len() - fence.len());
+        let marker = i
+            .checked_sub(1)
+            .and_then(|m| lines[m].trim().strip_prefix("<!-- check:"))
+            .and_then(|m| m.strip_suffix("-->"))
+            .map(|m| m.trim().to_string());
+        let mut body = String::new();
+        i += 1;
+        while i < lines.len() && lines[i].trim_start() != "```" {
+            body.push_str(lines[i].get(indent..).unwrap_or(lines[i].trim_start()));
+            body.push('\n');
+            i += 1;
+        }
+        blocks.push((start + 1, marker, body));
+        i += 1;
+    }
+    blocks
+}
+
+/// Groups the marked blocks of one file into configurations; unmarked blocks and
+/// unknown markers are reported in `bad`.
+fn sets(name: &str, text: &str, bad: &mut Vec<String>) -> Vec<Set> {
+    let mut sets: Vec<Set> = Vec::new();
+    for (line, marker, body) in toml_blocks(text) {
+        let at = format!("{name}:{line}");
+        let marker = marker.unwrap_or_default();
+        let (kind, arg) = marker.split_once(' ').unwrap_or((marker.as_str(), ""));
+        match kind {
+            "config" => sets.push(Set { at, config: body, policies: Vec::new() }),
+            "config-part" => {
+                let issuers = match arg {
+                    "" => "",
+                    "issuers" => ISSUERS,
+                    _ => {
+                        bad.push(format!("{at}: unknown `config-part {arg}`"));
+                        continue;
+                    }
+                };
+                sets.push(Set {
+                    at,
+                    config: format!("{LISTEN}{issuers}\n{body}"),
+                    policies: Vec::new(),
+                })
+            }
+            "policy" if !arg.is_empty() => match sets.last_mut() {
+                Some(set) => set.policies.push((arg.to_string(), body)),
+                None => bad.push(format!("{at}: `policy {arg}` with no config above it")),
+            },
+            "rules" => sets.push(Set {
+                at,
+                config: format!("{LISTEN}{ISSUERS}{ROUTES}"),
+                policies: vec![("snippet".into(), body)],
+            }),
+            "fragment" => {}
+            _ => bad.push(format!("{at}: a ```toml block needs a `<!-- check: … -->` marker")),
+        }
+    }
+    sets
+}
+
+/// Writes a set out and runs `check --policy-only` on it; the diagnostics if it fails.
+fn check(set: &Set) -> Option<String> {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir_all(dir.path().join("policies")).ok();
+    let config = dir.path().join("portcullis.toml");
+    write(&config, &set.config);
+    for (name, body) in &set.policies {
+        write(&dir.path().join("policies").join(format!("{name}.toml")), body);
+    }
+    let (code, out, err) = run(&["check", "--policy-only", "-c", &config.to_string_lossy()]);
+    (code != 0).then(|| format!("{} (exit {code}):\n{out}{err}", set.at))
+}
+
+#[test]
+fn every_toml_snippet_of_the_documentation_passes_check() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (mut bad, mut checked) = (Vec::new(), 0);
+    for doc in documents(root) {
+        let text =
+            std::fs::read_to_string(&doc).unwrap_or_else(|e| panic!("{}: {e}", doc.display()));
+        let name = doc.strip_prefix(root).unwrap_or(&doc).display().to_string();
+        for set in sets(&name, &text, &mut bad) {
+            checked += 1;
+            bad.extend(check(&set));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    assert!(checked >= 10, "only {checked} snippets checked: markers lost?");
+}
+
+/// The marker rules themselves: an unmarked block, a policy without its config.
+#[test]
+fn an_unmarked_block_or_a_stray_policy_is_reported() {
+    let text = "```toml\na = 1\n```\n\n<!-- check: policy p -->\n```toml\n[[rule]]\n```\n";
+    let mut bad = Vec::new();
+    assert!(sets("x.md", text, &mut bad).is_empty());
+    assert_eq!(bad.len(), 2, "{bad:?}");
+    assert!(bad[0].starts_with("x.md:1: a ```toml block needs"), "{bad:?}");
+    assert!(bad[1].starts_with("x.md:6: `policy p` with no config"), "{bad:?}");
+}
+
+/// The Kubernetes example's ConfigMaps: `portcullis.toml` and the policies, as the pod
+/// mounts them (its `policy_dir`, `/etc/portcullis/policies`, is where the policies are
+/// written here instead).
+#[test]
+fn the_kubernetes_configmaps_pass_check() {
+    use yaml_rust2::Yaml;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = root.join("examples/kubernetes/portcullis.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let docs = yaml_rust2::YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+    let data = |name: &str| {
+        docs.iter()
+            .find(|d| {
+                d["kind"].as_str() == Some("ConfigMap")
+                    && d["metadata"]["name"].as_str() == Some(name)
+            })
+            .and_then(|d| d["data"].as_hash().cloned())
+            .unwrap_or_else(|| panic!("no ConfigMap {name}"))
+    };
+    let config = data("portcullis-config");
+    let config = config[&Yaml::String("portcullis.toml".into())].as_str().unwrap_or_default();
+    assert!(config.contains("policy_dir = \"/etc/portcullis/policies\""), "{config}");
+    let policies = data("portcullis-policies")
+        .iter()
+        .filter_map(|(k, v)| {
+            Some((k.as_str()?.strip_suffix(".toml")?.to_string(), v.as_str()?.to_string()))
+        })
+        .collect::<Vec<_>>();
+    assert!(!policies.is_empty());
+    let set = Set {
+        at: "examples/kubernetes/portcullis.yaml".into(),
+        config: config.replace("/etc/portcullis/policies", "policies"),
+        policies,
+    };
+    assert_eq!(check(&set), None);
+}
