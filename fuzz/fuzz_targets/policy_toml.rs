@@ -9,9 +9,12 @@ use portcullis::policy::{Catalog, Policy};
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let catalog = Catalog {
-        issuers: [("bb".to_string(), Preset::BitbucketPipelines), ("corp".to_string(), Preset::Oidc)]
-            .into_iter()
-            .collect(),
+        issuers: [
+            ("bb".to_string(), Preset::BitbucketPipelines),
+            ("corp".to_string(), Preset::Oidc),
+        ]
+        .into_iter()
+        .collect(),
     };
     let _ = Policy::parse(&Source::new("fuzz.toml", text.to_string()), &catalog);
 });
