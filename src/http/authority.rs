@@ -60,7 +60,7 @@ pub fn host<B>(req: &Request<B>) -> Option<String> {
 }
 
 /// The request's `host[:port]` as the browser wrote it, in its routed form
-/// ([`routed_form`]), lower-cased (for redirect URIs).
+/// (`routed_form`: no empty port, no trailing dots), lower-cased (for redirect URIs).
 pub fn authority_with_port<B>(req: &Request<B>) -> Option<String> {
     match req.uri().authority() {
         Some(a) => Some(routed_form(a.as_str()).to_ascii_lowercase()),
@@ -73,7 +73,7 @@ pub fn authority_with_port<B>(req: &Request<B>) -> Option<String> {
 }
 
 /// The authority a request was routed by, as the client wrote it (Host, else the
-/// target's authority or HTTP/2 `:authority`), in its routed form ([`routed_form`]): the
+/// target's authority or HTTP/2 `:authority`), in its routed form (`routed_form`): the
 /// Host a `preserve_host` route forwards.
 pub fn routed_authority<B>(req: &Request<B>) -> Option<HeaderValue> {
     let host = req.headers().get(header::HOST);
