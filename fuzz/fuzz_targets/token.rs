@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use portcullis::dev::signer::DevSigner;
-use portcullis::identity::{Algorithm, IssuerId, IssuerSettings, Preset, PrincipalKind, TokenType, Verifier};
+use portcullis::identity::{
+    Algorithm, IssuerId, IssuerSettings, Preset, PrincipalKind, TokenType, Verifier,
+};
 
 struct World {
     rt: tokio::runtime::Runtime,
@@ -39,7 +41,9 @@ fn world() -> &'static World {
         let verifier = Verifier::new(vec![settings]).expect("verifier");
         let signer = DevSigner::generate_rs256("k1").expect("key");
         let jwks = portcullis::dev::signer::jwks(&[&signer]);
-        verifier.install_jwks(&IssuerId(Arc::from("bb")), &jwks, Duration::from_secs(3600)).expect("jwks");
+        verifier
+            .install_jwks(&IssuerId(Arc::from("bb")), &jwks, Duration::from_secs(3600))
+            .expect("jwks");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
         World { rt, verifier }
     })

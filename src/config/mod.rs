@@ -483,14 +483,14 @@ impl RouteSettings {
 }
 
 /// A route host (lower-cased) that a request's host can equal: dot-separated, non-empty
-/// labels of the bytes a request's name may hold (`http::proxy::host_label_byte`),
+/// labels of the bytes a request's name may hold (`http::authority::host_label_byte`),
 /// 253 bytes at most.
 fn route_host_name(h: &str) -> bool {
     h.len() <= 253
         && h.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(crate::http::proxy::host_label_byte)
+                && label.bytes().all(crate::http::authority::host_label_byte)
         })
 }
 

@@ -5,6 +5,7 @@ pub mod access_log;
 pub mod activity;
 pub mod assertion;
 pub mod audit_gate;
+pub mod authority;
 pub mod body;
 pub mod headers;
 pub mod path;

@@ -783,6 +783,11 @@ impl Tracker {
         if kind == b'C' && self.copy_in.is_some() && !self.copy_done(emit) {
             return;
         }
+        // While a COPY FROM STDIN reads, the server answers nothing but its end: any other
+        // answer would take the COPY's own entry off the queue.
+        if self.copy_in.is_some() && kind != b'E' {
+            return self.lose(emit);
+        }
         match kind {
             b'1' => match pop_front_parse(&mut self.pending) {
                 Some((name, mut text, unsure)) => {
@@ -1429,6 +1434,24 @@ mod tests {
         h.answer(&[m(b'Z'), m(b'1'), m(b'2'), m(b'Z')]);
         assert_eq!(h.take().pop(), Some(ran("s", "select 3")));
         assert!(h.t.settled() && !h.t.lost);
+    }
+
+    /// Found by the `pg_audit` fuzz target: while a COPY FROM STDIN reads, the server
+    /// answers nothing but its end (CommandComplete, ErrorResponse). An upstream that
+    /// answered something else (PortalSuspended, ReadyForQuery) took the COPY's own entry
+    /// off the queue, and the ErrorResponse that followed then panicked the relay
+    /// (`VecDeque::insert` past the end): the session was torn down without its audit
+    /// trail. Such answers are out of step: the audit is lost and the session ends.
+    #[test]
+    fn an_upstream_answering_out_of_step_during_a_copy_ends_the_session_without_a_panic() {
+        for (first, out_of_step) in [(m(b'D'), m(b's')), (query("copy t from stdin"), m(b'Z'))] {
+            let mut h = Harness::new();
+            h.send(&[first]);
+            h.answer(&[copy_in(), out_of_step]);
+            h.send(&[m(b'S')]);
+            h.answer(&[error()]);
+            assert!(h.t.lost && h.t.desync == Some(LOST));
+        }
     }
 
     /// The simple protocol: the server answers the COPY's ErrorResponse with
