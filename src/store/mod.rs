@@ -214,6 +214,15 @@ impl Store {
             .await
             .map_err(|e| StoreError::Connect(format!("{}: {e}", s.shown())))?;
         let _ = tcp.set_nodelay(true);
+        // The subscription only ever reads: without keepalive, a silently dropped
+        // connection (a partition, a failed-over address) would never be noticed and
+        // other replicas' sign-outs would stop arriving. Probes find it within about
+        // a minute, and the subscriber then reconnects and reads back.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(30))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
         let io: Box<dyn Io> = match &self.tls {
             None => Box::new(tcp),
             Some(cfg) => {
