@@ -45,7 +45,7 @@ pub fn respond<B>(
             // rather than serve requests that leave no trace.
             // With a shared store, not before the other replicas' sign-outs are read
             // back once: a replica just started would otherwise accept their cookies.
-            let synced = shared.store.as_ref().is_none_or(|s| s.synced());
+            let synced = shared.sign_outs_loaded();
             let ready = !draining && rt.verifier.ready() && audit == AuditStatus::Ok && synced;
             let mut body = serde_json::json!({
                 "ready": ready,

@@ -145,6 +145,14 @@ pub struct Shared {
     pub sink: crate::audit::AuditSink,
 }
 
+impl Shared {
+    /// Whether the other replicas' sign-outs were read back from the shared store once
+    /// (true without one): `/readyz` and [`crate::server::Server::is_ready`] wait for it.
+    pub fn sign_outs_loaded(&self) -> bool {
+        self.store.as_ref().is_none_or(|s| s.synced())
+    }
+}
+
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Shared")

@@ -531,7 +531,7 @@ impl Server {
     pub fn is_ready(&self) -> bool {
         !self.state.draining.load(Ordering::Relaxed)
             && self.shared.runtime.load().verifier.ready()
-            && self.shared.store.as_ref().is_none_or(|s| s.synced())
+            && self.shared.sign_outs_loaded()
     }
 
     /// Stops accepting, drains in-flight requests (up to the grace period; then the

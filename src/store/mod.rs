@@ -332,6 +332,7 @@ impl Store {
         lifetime: &(dyn Fn() -> Option<u64> + Send + Sync),
     ) -> Result<(), StoreError> {
         let pattern = self.key("signout", "*");
+        let prefix = pattern.trim_end_matches('*').as_bytes();
         let mut cursor = b"0".to_vec();
         // A hostile server could answer cursors forever; a real one runs out of keys
         // long before this many pages of 512.
@@ -352,7 +353,6 @@ impl Store {
             };
             for key in keys {
                 let Value::Bulk(Some(key)) = key else { return Err(StoreError::Unexpected) };
-                let prefix = pattern.trim_end_matches('*').as_bytes();
                 let Some(id) = key.strip_prefix(prefix) else { continue };
                 match self.command(&[b"GET", key]).await? {
                     Value::Bulk(Some(created)) => {
