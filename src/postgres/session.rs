@@ -1233,10 +1233,17 @@ async fn relay(
                 refused = t.desync;
                 relay_to = last_end;
             }
-            if let (Err(e), false) = (scanned, terminate) {
-                let _ = violation_tx.send(e.to_string()).await;
-                return std::future::pending().await;
-            }
+            // A header no message can have (a length below 4 or past 1 GiB): what came
+            // whole before it is relayed, as PostgreSQL itself would run it before
+            // reading the bad header, and it was audited as sent; the bad header and
+            // what follows it are not, and the session ends.
+            let violation = match (scanned, terminate) {
+                (Err(e), false) => {
+                    relay_to = last_end;
+                    Some(e)
+                }
+                _ => None,
+            };
             if relay_to > 0 {
                 upstream_writing = true;
                 if uw.write_all(&buf[..relay_to]).await.is_err() || uw.flush().await.is_err() {
@@ -1246,7 +1253,9 @@ async fn relay(
                 bytes_in.fetch_add(relay_to as u64, Ordering::Relaxed);
                 ctx.counters.bytes_in.fetch_add(relay_to as u64, Ordering::Relaxed);
             }
-            if let Some(why) = refused {
+            if let Some(why) = refused.or(violation) {
+                // The upstream was left inside a message when the one refused had begun
+                // in an earlier read (and so was partly relayed then).
                 upstream_partial = relay_to == 0 && !at_boundary;
                 let _ = violation_tx.send(why.to_string()).await;
                 return std::future::pending().await;

@@ -746,3 +746,43 @@ upstream_role = "readonly"
     let opened = w.w.events().into_iter().filter(|e| e["event"] == "open").count();
     assert_eq!(opened, 0, "no session opened");
 }
+
+/// Gap 1 of session 16: a Query and, in the same write, a header no message can have (a
+/// length below 4). The Query was audited as sent but never relayed: the audit log said
+/// the server ran a statement it never received. It is relayed now (PostgreSQL, read
+/// directly, would run it before reading the bad header), then the session ends with
+/// 08P01; the audit event and the server agree.
+#[tokio::test]
+async fn a_query_before_a_bad_header_is_relayed_as_audited_then_the_session_ends() {
+    let Some(w) = PgWorld::start().await else { return };
+    let table = format!("bad_header_s16_{}", std::process::id());
+    let token = w.w.token("bb", &[]);
+    let (mut t, _) = login(&w, w.addr, &token, &[]).await;
+    send(&mut t, &[query(format!("create table {table}(v text)").as_bytes())]).await;
+    assert_eq!(error_code(&until_ready(&mut t).await), None);
+    drop(t);
+
+    let (mut t, _) = login(&w, w.addr, &token, &[]).await;
+    let insert = format!("insert into {table} values ('bad-header-marker')");
+    send(&mut t, &[query(insert.as_bytes()), vec![b'Q', 0, 0, 0, 2]]).await;
+    let fatal = last_error_before_close(&mut t).await;
+    assert_eq!(fatal.get(&b'C').map(String::as_str), Some("08P01"), "{fatal:?}");
+    let sid = sid_of(&w, "bad-header-marker").await;
+    let close = w.wait_event(|e| e["session_id"] == sid.as_str() && e["event"] == "close").await;
+    assert_eq!(close["reason"], "protocol-violation", "{close}");
+    // What the audit says was sent, the server received.
+    let mut seen = 0;
+    for _ in 0..40 {
+        seen = rows(&w, &table);
+        if seen > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, 1, "the audited insert never reached the server");
+    let statements = session_events(&w, &sid).await;
+    let statements: Vec<&Value> =
+        statements.iter().filter(|e| e["kind"] == "pg.statement").collect();
+    assert_eq!(statements.len(), 1, "{statements:#?}");
+    assert_eq!(statements[0]["text"], insert.as_str(), "{statements:#?}");
+}
