@@ -690,6 +690,19 @@ async fn the_session_id_reaches_pg_stat_activity_when_asked() {
     assert_eq!(open["application_name"], "deploy-job", "{open}");
     assert_eq!(open["startup_parameters"]["application_name"], tagged.as_str(), "{open}");
 
+    // A tag of the proxy's shape sent by the client is not passed on as one: the
+    // session id a reader finds is the real one, and only that.
+    let forged = [("application_name", "deploy-job (portcullis ffffffffffffffffffff)")];
+    let (mut t, _) = login(&w, w.addr, &w.w.token("bb", &[]), &forged).await;
+    let row = server_side_application_name(&mut t).await.unwrap_or_default();
+    assert_eq!(row.matches("portcullis").count(), 1, "{row}");
+    assert!(!row.contains("(portcullis ffff"), "{row}");
+    let open = w
+        .wait_event(|e| e["event"] == "open" && e["application_name"] == forged[0].1)
+        .await;
+    let sid = open["session_id"].as_str().unwrap_or_else(|| panic!("{open}"));
+    assert!(row.ends_with(&format!("(portcullis {sid})")), "{row}");
+
     let Some(plain) = PgWorld::with_extra("").await else { return };
     let (mut t, _) = login(&plain, plain.addr, &plain.w.token("bb", &[]), &app).await;
     assert_eq!(server_side_application_name(&mut t).await.as_deref(), Some("deploy-job"));
