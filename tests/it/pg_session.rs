@@ -697,9 +697,7 @@ async fn the_session_id_reaches_pg_stat_activity_when_asked() {
     let row = server_side_application_name(&mut t).await.unwrap_or_default();
     assert_eq!(row.matches("portcullis").count(), 1, "{row}");
     assert!(!row.contains("(portcullis ffff"), "{row}");
-    let open = w
-        .wait_event(|e| e["event"] == "open" && e["application_name"] == forged[0].1)
-        .await;
+    let open = w.wait_event(|e| e["event"] == "open" && e["application_name"] == forged[0].1).await;
     let sid = open["session_id"].as_str().unwrap_or_else(|| panic!("{open}"));
     assert!(row.ends_with(&format!("(portcullis {sid})")), "{row}");
 
