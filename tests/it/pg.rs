@@ -372,14 +372,17 @@ impl PgWorld {
         Self::with_toml_and_policy("", |t| t, policy).await
     }
 
-    /// The route `appdb` with `server_extra` in `[server]`.
-    pub async fn with_server(server_extra: &str) -> Option<PgWorld> {
+    /// The route `appdb`, its TOML edited by `edit`, with `server_extra` in `[server]`.
+    pub async fn with_server(
+        server_extra: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Option<PgWorld> {
         let pg = pg()?;
         let secrets = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         for (n, p) in [("app", APP_PW), ("migrator", MIGRATOR_PW), ("readonly", READONLY_PW)] {
             write(&secrets.path().join(n), &format!("{p}\n"));
         }
-        let routes = database_toml(pg, secrets.path(), "");
+        let routes = edit(database_toml(pg, secrets.path(), ""));
         Some(Self::build_with(pg, secrets, routes, PG_POLICY, server_extra).await)
     }
 

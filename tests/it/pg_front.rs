@@ -305,7 +305,9 @@ fn psql_in_background(w: &PgWorld, token: &str, app: &str, sql: &str) -> tokio::
 /// waits for a slot (and gets the one the cancelled session gives back).
 #[tokio::test]
 async fn a_cancel_gets_through_when_every_slot_is_taken_and_a_session_still_waits() {
-    let Some(w) = PgWorld::with_server("max_connections = 2").await else { return };
+    // Time enough to wait for a slot on a loaded machine.
+    let longer = |t: String| t.replace("startup_timeout = \"2s\"", "startup_timeout = \"10s\"");
+    let Some(w) = PgWorld::with_server("max_connections = 2", longer).await else { return };
     let token = w.w.token("bb", &[]);
     let apps = ("full-s16-a", "full-s16-b");
     let reap = || {
@@ -368,7 +370,7 @@ async fn a_cancel_gets_through_when_every_slot_is_taken_and_a_session_still_wait
 /// here) runs out, each with an `overloaded` event.
 #[tokio::test]
 async fn sessions_waiting_for_a_slot_are_bounded_and_the_next_is_refused_53300() {
-    let Some(w) = PgWorld::with_server("max_connections = 1").await else { return };
+    let Some(w) = PgWorld::with_server("max_connections = 1", |t| t).await else { return };
     let token = w.w.token("bb", &[]);
     let startup = crate::pg::startup("app", "appdb");
     let (_holds_the_slot, _) = login_on(tls_to(&w).await, &token, &startup).await;
