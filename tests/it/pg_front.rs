@@ -416,3 +416,44 @@ async fn sessions_waiting_for_a_slot_are_bounded_and_the_next_is_refused_53300()
     }
     assert_eq!(timed_out, portcullis::postgres::WAITERS);
 }
+
+/// Pipelining across the authentication boundary: the startup packet, the token and a
+/// Query in one write, before the proxy asked for the token. The Query is relayed once
+/// the session is open, and audited; with a token the policy refuses, nothing of it
+/// reaches the server or the statement audit.
+#[tokio::test]
+async fn a_query_pipelined_before_authentication_runs_only_in_an_admitted_session() {
+    let Some(w) = PgWorld::start().await else { return };
+    let startup = crate::pg::startup("app", "appdb");
+    let pipelined = |token: &str, marker: &str| {
+        vec![
+            startup.clone(),
+            message(b'p', &cstr(token.as_bytes())),
+            query(format!("select '{marker}'").as_bytes()),
+        ]
+    };
+    let mut t = tls_to(&w).await;
+    send(&mut t, &pipelined(&w.w.token("bb", &[]), "pipelined-ok")).await;
+    let mut got = until_ready(&mut t).await;
+    got.extend(until_ready(&mut t).await);
+    let rows: Vec<&Vec<u8>> = got.iter().filter(|(k, _)| *k == b'D').map(|(_, b)| b).collect();
+    assert_eq!(rows.len(), 1, "{}", kinds(&got));
+    assert!(rows[0].ends_with(b"pipelined-ok"), "{}", kinds(&got));
+    let ev =
+        w.wait_event(|e| e["kind"] == "pg.statement" && e["text"] == "select 'pipelined-ok'").await;
+    assert_eq!(ev["upstream_role"], "migrator", "{ev}");
+
+    // A token of an identity the policy does not admit: refused, the Query dropped.
+    let stranger = w.w.token("bb", &["branchName=feature/x"]);
+    let mut t = tls_to(&w).await;
+    send(&mut t, &pipelined(&stranger, "pipelined-denied")).await;
+    let got = all_until_close(&mut t).await;
+    assert_eq!(error_code(&got).as_deref(), Some("28000"), "{}", kinds(&got));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let leaked = w.w.events().into_iter().any(|e| {
+        e["kind"] == "pg.statement"
+            && e["text"].as_str().is_some_and(|t| t.contains("pipelined-denied"))
+    });
+    assert!(!leaked, "a refused session's pipelined Query was audited");
+    assert_no_secrets(&w, &[]);
+}
