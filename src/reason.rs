@@ -133,6 +133,8 @@ pub enum Reason {
     UnsupportedStartupParameter,
     /// HTTP/2: a connection's concurrent request beyond its first found every
     /// `max_connections` slot taken (each in-flight request can hold an upstream socket).
+    /// PostgreSQL: a session found every slot taken and too many others already waiting
+    /// for one (`53300`), or waited for one longer than the route's `startup_timeout`.
     Overloaded,
     /// `[audit] on_failure = "reject"`: audit events are not being written (the output
     /// fails, stalls or the queue overflowed), so nothing new is let through.

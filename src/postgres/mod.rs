@@ -36,6 +36,11 @@
 //! `open` and one `close`; each statement relayed in between is exactly one
 //! `pg.statement` event.
 //!
+//! A session holds a `server.max_connections` slot; a CancelRequest needs none. With
+//! every slot taken, a connection is accepted on one of [`SEATS`] until its first packet
+//! says what it is: a cancel is served there, a StartupMessage waits for a slot off its
+//! seat (at most [`WAITERS`] of them; one more is refused `53300`).
+//!
 //! The relay never reassembles messages. It reads up to 64 KiB, forwards it, and walks the
 //! message headers in what it forwarded ([`proto::Scanner`]); only Query, Parse, Bind,
 //! Close and FunctionCall bodies from the client are looked into, and only as far as their
@@ -51,7 +56,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::audit::AuditSink;
 use crate::config::{Config, UpstreamTls};
@@ -77,6 +82,30 @@ pub use listeners::{ListenerPlan, Listeners};
 /// The ALPN id of PostgreSQL (direct TLS, PostgreSQL 17+ clients).
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
+/// Connections the database listeners accept, together, while every `max_connections`
+/// slot is taken: each until its first packet says what it is. A CancelRequest is then
+/// served on its seat (PostgreSQL serves cancels when full: a cancel is how an operator
+/// stops the runaway statement that may be holding the slots); a session waits for a
+/// slot off its seat (see [`WAITERS`]).
+pub const SEATS: usize = 8;
+/// Sessions that may wait for a slot at once, together, once their startup packet has
+/// come in on a seat; one more is refused with `53300` (reason `overloaded`), as
+/// PostgreSQL refuses a session when full. Waiting is bounded by the route's
+/// `startup_timeout`.
+pub const WAITERS: usize = 16;
+
+/// Where a connection stands against `server.max_connections`. The permits are held
+/// (given back when dropped), never read.
+#[allow(dead_code)]
+pub(crate) enum Place {
+    /// A slot: the connection may become a session.
+    Slot(OwnedSemaphorePermit),
+    /// A seat (see [`SEATS`]), taken when every slot was, and the slots to wait on.
+    Seat(OwnedSemaphorePermit, Arc<Semaphore>),
+    /// Waiting for a slot (see [`WAITERS`]), its seat given back.
+    Waiting(OwnedSemaphorePermit),
+}
+
 /// What every database listener and session shares, across reloads.
 pub struct Hub {
     pub(crate) shared: Arc<Shared>,
@@ -86,6 +115,9 @@ pub struct Hub {
     upstream_tls: ArcSwap<HashMap<Arc<str>, Arc<rustls::ClientConfig>>>,
     pub(crate) cancels: Arc<cancel::CancelMap>,
     pub(crate) keys: scram::KeyCache,
+    /// [`SEATS`] and [`WAITERS`], shared by every database listener.
+    seats: Arc<Semaphore>,
+    pub(crate) waiters: Arc<Semaphore>,
     /// `server.shutdown_grace` as the server started: the drain's, which a reload does
     /// not change (it warns that a restart is needed).
     grace: Duration,
@@ -139,6 +171,8 @@ impl Hub {
             upstream_tls: ArcSwap::from_pointee(prepared.upstream_tls),
             cancels: Arc::default(),
             keys: scram::KeyCache::default(),
+            seats: Arc::new(Semaphore::new(SEATS)),
+            waiters: Arc::new(Semaphore::new(WAITERS)),
             grace: prepared.grace,
         })
     }
@@ -219,19 +253,28 @@ impl Hub {
                 continue;
             };
             // The session's slot, taken once it is accepted (a loop waiting for clients
-            // holds none); with every slot taken it waits for one, unserved. The error
-            // says whether the listener was closed.
-            let permit = loop {
-                tokio::select! {
-                    p = limit.clone().acquire_owned() => break p.map_err(|_| false),
-                    _ = stopped(&mut shutdown) => break Err(false),
-                    r = route.changed() => match r {
-                        Ok(()) => { route.borrow_and_update(); }
-                        Err(_) => break Err(true),
-                    },
-                }
+            // holds none). With every slot taken it gets a seat, on which a cancel request
+            // is served; with every seat taken too it waits for either, unserved. The
+            // error says whether the listener was closed.
+            let place = match limit.clone().try_acquire_owned() {
+                Ok(p) => Ok(Place::Slot(p)),
+                Err(TryAcquireError::Closed) => Err(false),
+                Err(TryAcquireError::NoPermits) => loop {
+                    tokio::select! {
+                        biased;
+                        p = limit.clone().acquire_owned() => break p.map(Place::Slot).map_err(|_| false),
+                        s = self.seats.clone().acquire_owned() => {
+                            break s.map(|s| Place::Seat(s, limit.clone())).map_err(|_| false)
+                        }
+                        _ = stopped(&mut shutdown) => break Err(false),
+                        r = route.changed() => match r {
+                            Ok(()) => { route.borrow_and_update(); }
+                            Err(_) => break Err(true),
+                        },
+                    }
+                },
             };
-            let permit = match permit {
+            let place = match place {
                 Ok(p) => p,
                 Err(closed) => break closed,
             };
@@ -242,8 +285,8 @@ impl Hub {
             sessions.spawn(async move {
                 // Both given back however the session ends (its task is dropped when
                 // aborted at shutdown).
-                let _held = (permit, client);
-                session::run(hub, name, stream, peer, stop).await;
+                let _held = client;
+                session::run(hub, name, stream, peer, stop, place).await;
             });
             // Reap finished sessions so the set does not grow without bound.
             while sessions.try_join_next().is_some() {}

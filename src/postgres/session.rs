@@ -17,7 +17,7 @@ use super::proto::{self, Captured, Initial, ReadError, Scanner, Severity};
 use super::startup;
 use super::statements::{is_utf8, Record, Tracker};
 use super::upstream::{self, UpstreamError, UpstreamStream};
-use super::{Hub, ALPN_POSTGRESQL};
+use super::{Hub, Place, ALPN_POSTGRESQL};
 use crate::audit::{now_rfc3339, TlsInfo};
 use crate::config::{is_loopback_host, DatabaseSettings};
 use crate::identity::{Admission, Credential, Identity};
@@ -42,6 +42,8 @@ struct Facts {
     signing_key: Option<crate::identity::SigningKey>,
     rule: Option<Arc<RuleRef>>,
     upstream_role: Option<String>,
+    /// Set while the connection waits for a `max_connections` slot (see [`take_slot`]).
+    waiting_for_slot: bool,
 }
 
 /// Why the front end did not produce a session.
@@ -89,6 +91,7 @@ pub(super) async fn run(
     tcp: TcpStream,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
+    mut place: Place,
 ) {
     // Subscribe before loading the runtime: a reload in between is then seen as a change.
     let mut generation = hub.subscribe();
@@ -147,11 +150,18 @@ pub(super) async fn run(
     }
     let outcome = match tokio::time::timeout(
         db.startup_timeout,
-        establish(&hub, &rt, &db, tcp, &sid, &mut facts),
+        establish(&hub, &rt, &db, tcp, &sid, &mut facts, &mut place),
     )
     .await
     {
         Ok(o) => o,
+        Err(_) if facts.waiting_for_slot => Outcome::Refused(refusal(
+            Reason::Overloaded,
+            format!(
+                "every connection slot (server.max_connections) stayed taken for the route's startup_timeout ({:?})",
+                db.startup_timeout
+            ),
+        )),
         Err(_) => Outcome::Refused(refusal(
             Reason::ProtocolViolation,
             format!("session set-up not finished within {:?}", db.startup_timeout),
@@ -449,6 +459,7 @@ async fn establish(
     tcp: TcpStream,
     sid: &Arc<str>,
     facts: &mut Facts,
+    place: &mut Place,
 ) -> Outcome {
     // Phase 1: plaintext negotiation, up to TLS.
     let mut first = [0u8; 1];
@@ -570,6 +581,10 @@ async fn establish(
             return read_failed(&mut client, sid, e, Some(closed)).await;
         }
     };
+    // A session, not a cancel request: it needs a slot of its own.
+    if let Err(refused) = take_slot(hub, place, &mut client, sid, facts).await {
+        return refused;
+    }
     // An empty one too, as PostgreSQL refuses it: the policy would see the database as
     // "" (no rule naming a database matches it), while the server, given an empty
     // database, picks the one named like the upstream role.
@@ -903,6 +918,51 @@ async fn establish(
     })
 }
 
+/// Turns a seat (a connection accepted while every slot was taken, see
+/// [`super::SEATS`]) into a slot: the seat is given back at once, for cancel requests,
+/// and the connection waits off it, as one of at most [`super::WAITERS`]; one more is
+/// refused, as PostgreSQL refuses a session when full (`53300`). The wait is bounded by
+/// the route's `startup_timeout`, which runs around all of this.
+async fn take_slot(
+    hub: &Hub,
+    place: &mut Place,
+    client: &mut Client,
+    sid: &str,
+    facts: &mut Facts,
+) -> Result<(), Outcome> {
+    let Place::Seat(_, limit) = &*place else { return Ok(()) };
+    let limit = limit.clone();
+    if let Ok(p) = limit.clone().try_acquire_owned() {
+        *place = Place::Slot(p);
+        return Ok(());
+    }
+    let Ok(waiter) = hub.waiters.clone().try_acquire_owned() else {
+        let detail = format!(
+            "every connection slot (server.max_connections) taken, and {} sessions already waiting for one",
+            super::WAITERS
+        );
+        return Err(refuse_saying(
+            client,
+            "53300",
+            Reason::Overloaded,
+            sid,
+            Some("too many connections"),
+            detail,
+        )
+        .await);
+    };
+    *place = Place::Waiting(waiter);
+    facts.waiting_for_slot = true;
+    let Ok(p) = limit.acquire_owned().await else {
+        return Err(
+            refuse(client, "53300", Reason::Overloaded, sid, "connection slots closed").await
+        );
+    };
+    facts.waiting_for_slot = false;
+    *place = Place::Slot(p);
+    Ok(())
+}
+
 fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
     params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
@@ -1233,10 +1293,17 @@ async fn relay(
                 refused = t.desync;
                 relay_to = last_end;
             }
-            if let (Err(e), false) = (scanned, terminate) {
-                let _ = violation_tx.send(e.to_string()).await;
-                return std::future::pending().await;
-            }
+            // A header no message can have (a length below 4 or past 1 GiB): what came
+            // whole before it is relayed, as PostgreSQL itself would run it before
+            // reading the bad header, and it was audited as sent; the bad header and
+            // what follows it are not, and the session ends.
+            let violation = match (scanned, terminate) {
+                (Err(e), false) => {
+                    relay_to = last_end;
+                    Some(e)
+                }
+                _ => None,
+            };
             if relay_to > 0 {
                 upstream_writing = true;
                 if uw.write_all(&buf[..relay_to]).await.is_err() || uw.flush().await.is_err() {
@@ -1246,7 +1313,9 @@ async fn relay(
                 bytes_in.fetch_add(relay_to as u64, Ordering::Relaxed);
                 ctx.counters.bytes_in.fetch_add(relay_to as u64, Ordering::Relaxed);
             }
-            if let Some(why) = refused {
+            if let Some(why) = refused.or(violation) {
+                // The upstream was left inside a message when the one refused had begun
+                // in an earlier read (and so was partly relayed then).
                 upstream_partial = relay_to == 0 && !at_boundary;
                 let _ = violation_tx.send(why.to_string()).await;
                 return std::future::pending().await;

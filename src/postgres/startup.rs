@@ -142,11 +142,16 @@ pub fn forwarded(
 /// The server keeps only printable ASCII in `application_name`: PostgreSQL 16 and later
 /// write every other byte as a four-character `\xNN` escape (earlier versions as `?`)
 /// before cutting the name to 63 bytes, so each such byte counts four here.
+///
+/// The word `portcullis` (in any case) is taken out of the client's part: the tag is then
+/// the only place it appears, so a client cannot put a session id of its choosing in
+/// front of the real one (`x (portcullis FORGED)`) for a reader to take as its own.
 pub fn with_session_id(forwarded: &mut Vec<(String, String)>, sid: &str) {
     const MAX: usize = 63;
     let tag = format!("portcullis {sid}");
     let slot = forwarded.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case("application_name"));
-    let client = slot.as_ref().map(|(_, v)| v.trim_end()).filter(|v| !v.is_empty());
+    let client = slot.as_ref().map(|(_, v)| without_tag_word(v));
+    let client = client.as_deref().map(str::trim).filter(|v| !v.is_empty());
     let value = match client {
         None => tag,
         Some(app) => {
@@ -167,6 +172,18 @@ pub fn with_session_id(forwarded: &mut Vec<(String, String)>, sid: &str) {
         Some((_, v)) => *v = value,
         None => forwarded.push(("application_name".to_string(), value)),
     }
+}
+
+/// `s` without the word `portcullis` in any letter case, removed until none is left
+/// (taking one out may join the letters around it into another).
+fn without_tag_word(s: &str) -> String {
+    const WORD: &str = "portcullis";
+    let mut out = s.to_string();
+    // ASCII case folding keeps byte offsets, so a match in the folded copy is one in `out`.
+    while let Some(at) = out.to_ascii_lowercase().find(WORD) {
+        out.replace_range(at..at + WORD.len(), "");
+    }
+    out
 }
 
 /// Why a route may not add `name` to its `startup_parameters` (`None`: it may).
@@ -346,6 +363,25 @@ mod tests {
                 .collect();
             assert!(shown.len() <= 63, "{} bytes: {shown}", shown.len());
             assert!(shown.ends_with(&format!("(portcullis {sid})")), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_client_cannot_put_a_session_id_of_its_own_before_the_real_one() {
+        let sid = "0123456789abcdef0123";
+        let forged = "ffffffffffffffffffff";
+        for (app, expect) in [
+            (format!("job (portcullis {forged})"), format!("job ( {forged}) (portcullis {sid})")),
+            (format!("PortCullis {forged}"), format!("{forged} (portcullis {sid})")),
+            // Taking one word out joins the letters around it into another.
+            ("portportcullisCULLIS x".to_string(), format!("x (portcullis {sid})")),
+            ("portcullis".to_string(), format!("portcullis {sid}")),
+        ] {
+            let mut f = vec![("application_name".to_string(), app.clone())];
+            with_session_id(&mut f, sid);
+            assert_eq!(f[0].1, expect, "{app}");
+            let v = f[0].1.to_ascii_lowercase();
+            assert_eq!(v.matches("portcullis").count(), 1, "{app}: {}", f[0].1);
         }
     }
 }

@@ -53,7 +53,9 @@
 //!   against a `hostssl`-only role; impostor upstreams that skip or weaken authentication.
 //! - `pg_front`: the database front on raw bytes: PostgreSQL 17 direct TLS (ALPN
 //!   required), newer protocol versions and `_pq_.` options negotiated down to 3.0,
-//!   replication startups, repeated parameters and encryption requests, length limits.
+//!   replication startups, repeated parameters and encryption requests, length limits,
+//!   psql's cancel served while every `max_connections` slot is taken, and the bound on
+//!   sessions waiting for one.
 //! - `pg_session`: a session that leaves UTF8 is ended (and what it pipelined before is
 //!   audited as uncertain), clients that stop reading at expiry and at shutdown, cancel
 //!   keys across routes.

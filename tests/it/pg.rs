@@ -372,6 +372,20 @@ impl PgWorld {
         Self::with_toml_and_policy("", |t| t, policy).await
     }
 
+    /// The route `appdb`, its TOML edited by `edit`, with `server_extra` in `[server]`.
+    pub async fn with_server(
+        server_extra: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Option<PgWorld> {
+        let pg = pg()?;
+        let secrets = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        for (n, p) in [("app", APP_PW), ("migrator", MIGRATOR_PW), ("readonly", READONLY_PW)] {
+            write(&secrets.path().join(n), &format!("{p}\n"));
+        }
+        let routes = edit(database_toml(pg, secrets.path(), ""));
+        Some(Self::build_with(pg, secrets, routes, PG_POLICY, server_extra).await)
+    }
+
     async fn with_toml_and_policy(
         extra: &str,
         edit: impl FnOnce(String) -> String,
@@ -394,9 +408,20 @@ impl PgWorld {
         routes: String,
         policy: &str,
     ) -> PgWorld {
+        Self::build_with(pg, secrets, routes, policy, "").await
+    }
+
+    async fn build_with(
+        pg: &'static PgServer,
+        secrets: tempfile::TempDir,
+        routes: String,
+        policy: &str,
+        server_extra: &str,
+    ) -> PgWorld {
         let w = World::with(Setup {
             routes,
             policies: vec![("api".into(), ALLOW_ALL_PRESETS.into()), ("pg".into(), policy.into())],
+            server_extra: server_extra.into(),
             ..Setup::default()
         })
         .await;

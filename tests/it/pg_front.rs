@@ -2,7 +2,8 @@
 //! on raw bytes (psql 15 speaks none of the newer features): PostgreSQL 17 direct TLS and
 //! its mandatory ALPN, a newer protocol version and `_pq_.` options negotiated down to
 //! 3.0, replication startups, repeated parameters and encryption requests, startup packets
-//! at PostgreSQL's length limit, and cancel requests over direct TLS.
+//! at PostgreSQL's length limit, cancel requests over direct TLS, and cancel requests
+//! (psql's Ctrl-C) while every `max_connections` slot is taken.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -277,4 +278,182 @@ async fn a_cancel_the_upstream_is_slow_to_acknowledge_is_audited() {
     assert_eq!(ev["forwarded"], true, "the cancel that stopped the statement: {ev}");
     let refused = w.w.events().into_iter().filter(|e| e["event"] == "refused").count();
     assert_eq!(refused, 0, "{:#?}", w.w.events());
+}
+
+/// `psql -c sql` through the proxy as `application_name`, running in the background.
+fn psql_in_background(w: &PgWorld, token: &str, app: &str, sql: &str) -> tokio::process::Child {
+    let conn = format!(
+        "host=127.0.0.1 port={} sslmode=require dbname=appdb user=app connect_timeout=10 \
+         application_name={app}",
+        w.addr.port()
+    );
+    tokio::process::Command::new(w.pg.bin.join("psql"))
+        .env("PGPASSWORD", token)
+        .env_remove("PGSERVICE")
+        .args(["-X", "-A", "-t", "-w", &conn, "-c", sql])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("psql: {e}"))
+}
+
+/// Gap 2 of session 16: with every `server.max_connections` slot held by a running
+/// statement, psql's Ctrl-C (a CancelRequest on a new connection) waited for a slot, so
+/// the statements holding them could not be stopped. PostgreSQL serves cancels when
+/// full; so does the proxy now, on a few seats of their own, while a new session still
+/// waits for a slot (and gets the one the cancelled session gives back).
+#[tokio::test]
+async fn a_cancel_gets_through_when_every_slot_is_taken_and_a_session_still_waits() {
+    // Time enough to wait for a slot on a loaded machine.
+    let longer = |t: String| t.replace("startup_timeout = \"2s\"", "startup_timeout = \"10s\"");
+    let Some(w) = PgWorld::with_server("max_connections = 2", longer).await else { return };
+    let token = w.w.token("bb", &[]);
+    let apps = ("full-s16-a", "full-s16-b");
+    let reap = || {
+        let _ = w.pg.admin_sql(&format!(
+            "select pg_terminate_backend(pid) from pg_stat_activity \
+             where application_name in ('{}', '{}')",
+            apps.0, apps.1
+        ));
+    };
+    let a = psql_in_background(&w, &token, apps.0, "select pg_sleep(30)");
+    let _b = psql_in_background(&w, &token, apps.1, "select pg_sleep(30)");
+    let busy = format!(
+        "select count(*) from pg_stat_activity where application_name in ('{}', '{}') \
+         and state = 'active'",
+        apps.0, apps.1
+    );
+    let mut running = String::new();
+    for _ in 0..100 {
+        running = w.pg.admin_sql(&busy).unwrap_or_else(|e| panic!("{e}"));
+        if running == "2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(running, "2", "both slots taken by running statements");
+
+    // A third session waits: every slot is taken.
+    let mut third = psql_in_background(&w, &token, "full-s16-c", "select 'third'");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(third.try_wait().ok().flatten().is_none(), "the third session did not wait");
+
+    // Ctrl-C on the first: psql sends its cancel request on a new connection.
+    let pid = a.id().unwrap_or_else(|| panic!("psql exited")).to_string();
+    let killed = std::process::Command::new("kill").args(["-INT", &pid]).status();
+    assert!(killed.is_ok_and(|s| s.success()));
+    let out = tokio::time::timeout(Duration::from_secs(5), a.wait_with_output()).await;
+    let out = out.unwrap_or_else(|_| {
+        reap();
+        panic!("the cancel request did not get through while every slot was taken")
+    });
+    let out = out.unwrap_or_else(|e| panic!("{e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("canceling statement due to user request"), "{stderr}");
+    let ev = w.wait_event(|e| e["kind"] == "pg.cancel").await;
+    assert_eq!(ev["forwarded"], true, "{ev}");
+
+    // The slot the cancelled session gave back goes to the session that waited.
+    let out = tokio::time::timeout(Duration::from_secs(5), third.wait_with_output()).await;
+    reap();
+    let out = out.unwrap_or_else(|_| panic!("the waiting session never got a slot"));
+    let out = out.unwrap_or_else(|e| panic!("{e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "third");
+}
+
+/// The other side of the seats: sessions that come in while every slot is taken wait
+/// for one off their seat, but only `WAITERS` of them; the next is refused at once with
+/// PostgreSQL's own `53300`, and those waiting are refused when `startup_timeout` (2 s
+/// here) runs out, each with an `overloaded` event.
+#[tokio::test]
+async fn sessions_waiting_for_a_slot_are_bounded_and_the_next_is_refused_53300() {
+    let Some(w) = PgWorld::with_server("max_connections = 1", |t| t).await else { return };
+    let token = w.w.token("bb", &[]);
+    let startup = crate::pg::startup("app", "appdb");
+    let (_holds_the_slot, _) = login_on(tls_to(&w).await, &token, &startup).await;
+    let mut waiting = Vec::new();
+    for _ in 0..portcullis::postgres::WAITERS {
+        let mut t = tls_to(&w).await;
+        send(&mut t, std::slice::from_ref(&startup)).await;
+        waiting.push(t);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut t = tls_to(&w).await;
+    send(&mut t, std::slice::from_ref(&startup)).await;
+    let got = all_until_close(&mut t).await;
+    assert_eq!(error_code(&got).as_deref(), Some("53300"), "{}", kinds(&got));
+    let ev = w
+        .wait_event(|e| {
+            e["event"] == "refused"
+                && e["reason"] == "overloaded"
+                && e["detail"].as_str().is_some_and(|d| d.contains("already waiting"))
+        })
+        .await;
+    assert_eq!(ev["decision"], "deny", "{ev}");
+
+    // Those waiting were never asked for a token, and are refused at startup_timeout.
+    for t in &mut waiting {
+        assert_eq!(kinds(&all_until_close(t).await), "", "a waiting session was served");
+    }
+    let mut timed_out = 0;
+    for _ in 0..40 {
+        timed_out = w
+            .events_of("pg.session")
+            .await
+            .into_iter()
+            .filter(|e| {
+                e["reason"] == "overloaded"
+                    && e["detail"].as_str().is_some_and(|d| d.contains("stayed taken"))
+            })
+            .count();
+        if timed_out == portcullis::postgres::WAITERS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(timed_out, portcullis::postgres::WAITERS);
+}
+
+/// Pipelining across the authentication boundary: the startup packet, the token and a
+/// Query in one write, before the proxy asked for the token. The Query is relayed once
+/// the session is open, and audited; with a token the policy refuses, nothing of it
+/// reaches the server or the statement audit.
+#[tokio::test]
+async fn a_query_pipelined_before_authentication_runs_only_in_an_admitted_session() {
+    let Some(w) = PgWorld::start().await else { return };
+    let startup = crate::pg::startup("app", "appdb");
+    let pipelined = |token: &str, marker: &str| {
+        vec![
+            startup.clone(),
+            message(b'p', &cstr(token.as_bytes())),
+            query(format!("select '{marker}'").as_bytes()),
+        ]
+    };
+    let mut t = tls_to(&w).await;
+    send(&mut t, &pipelined(&w.w.token("bb", &[]), "pipelined-ok")).await;
+    let mut got = until_ready(&mut t).await;
+    got.extend(until_ready(&mut t).await);
+    let rows: Vec<&Vec<u8>> = got.iter().filter(|(k, _)| *k == b'D').map(|(_, b)| b).collect();
+    assert_eq!(rows.len(), 1, "{}", kinds(&got));
+    assert!(rows[0].ends_with(b"pipelined-ok"), "{}", kinds(&got));
+    let ev =
+        w.wait_event(|e| e["kind"] == "pg.statement" && e["text"] == "select 'pipelined-ok'").await;
+    assert_eq!(ev["upstream_role"], "migrator", "{ev}");
+
+    // A token of an identity the policy does not admit: refused, the Query dropped.
+    let stranger = w.w.token("bb", &["branchName=feature/x"]);
+    let mut t = tls_to(&w).await;
+    send(&mut t, &pipelined(&stranger, "pipelined-denied")).await;
+    let got = all_until_close(&mut t).await;
+    assert_eq!(error_code(&got).as_deref(), Some("28000"), "{}", kinds(&got));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let leaked = w.w.events().into_iter().any(|e| {
+        e["kind"] == "pg.statement"
+            && e["text"].as_str().is_some_and(|t| t.contains("pipelined-denied"))
+    });
+    assert!(!leaked, "a refused session's pipelined Query was audited");
+    assert_no_secrets(&w, &[]);
 }

@@ -690,6 +690,17 @@ async fn the_session_id_reaches_pg_stat_activity_when_asked() {
     assert_eq!(open["application_name"], "deploy-job", "{open}");
     assert_eq!(open["startup_parameters"]["application_name"], tagged.as_str(), "{open}");
 
+    // A tag of the proxy's shape sent by the client is not passed on as one: the
+    // session id a reader finds is the real one, and only that.
+    let forged = [("application_name", "deploy-job (portcullis ffffffffffffffffffff)")];
+    let (mut t, _) = login(&w, w.addr, &w.w.token("bb", &[]), &forged).await;
+    let row = server_side_application_name(&mut t).await.unwrap_or_default();
+    assert_eq!(row.matches("portcullis").count(), 1, "{row}");
+    assert!(!row.contains("(portcullis ffff"), "{row}");
+    let open = w.wait_event(|e| e["event"] == "open" && e["application_name"] == forged[0].1).await;
+    let sid = open["session_id"].as_str().unwrap_or_else(|| panic!("{open}"));
+    assert!(row.ends_with(&format!("(portcullis {sid})")), "{row}");
+
     let Some(plain) = PgWorld::with_extra("").await else { return };
     let (mut t, _) = login(&plain, plain.addr, &plain.w.token("bb", &[]), &app).await;
     assert_eq!(server_side_application_name(&mut t).await.as_deref(), Some("deploy-job"));
@@ -745,4 +756,44 @@ upstream_role = "readonly"
     }
     let opened = w.w.events().into_iter().filter(|e| e["event"] == "open").count();
     assert_eq!(opened, 0, "no session opened");
+}
+
+/// Gap 1 of session 16: a Query and, in the same write, a header no message can have (a
+/// length below 4). The Query was audited as sent but never relayed: the audit log said
+/// the server ran a statement it never received. It is relayed now (PostgreSQL, read
+/// directly, would run it before reading the bad header), then the session ends with
+/// 08P01; the audit event and the server agree.
+#[tokio::test]
+async fn a_query_before_a_bad_header_is_relayed_as_audited_then_the_session_ends() {
+    let Some(w) = PgWorld::start().await else { return };
+    let table = format!("bad_header_s16_{}", std::process::id());
+    let token = w.w.token("bb", &[]);
+    let (mut t, _) = login(&w, w.addr, &token, &[]).await;
+    send(&mut t, &[query(format!("create table {table}(v text)").as_bytes())]).await;
+    assert_eq!(error_code(&until_ready(&mut t).await), None);
+    drop(t);
+
+    let (mut t, _) = login(&w, w.addr, &token, &[]).await;
+    let insert = format!("insert into {table} values ('bad-header-marker')");
+    send(&mut t, &[query(insert.as_bytes()), vec![b'Q', 0, 0, 0, 2]]).await;
+    let fatal = last_error_before_close(&mut t).await;
+    assert_eq!(fatal.get(&b'C').map(String::as_str), Some("08P01"), "{fatal:?}");
+    let sid = sid_of(&w, "bad-header-marker").await;
+    let close = w.wait_event(|e| e["session_id"] == sid.as_str() && e["event"] == "close").await;
+    assert_eq!(close["reason"], "protocol-violation", "{close}");
+    // What the audit says was sent, the server received.
+    let mut seen = 0;
+    for _ in 0..40 {
+        seen = rows(&w, &table);
+        if seen > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, 1, "the audited insert never reached the server");
+    let statements = session_events(&w, &sid).await;
+    let statements: Vec<&Value> =
+        statements.iter().filter(|e| e["kind"] == "pg.statement").collect();
+    assert_eq!(statements.len(), 1, "{statements:#?}");
+    assert_eq!(statements[0]["text"], insert.as_str(), "{statements:#?}");
 }
