@@ -82,6 +82,45 @@ async fn spoofed_identity_and_hop_by_hop_headers_never_reach_the_upstream() {
     assert_eq!(r.upstream_header("x-portcullis-kind").as_deref(), Some("pipeline"));
 }
 
+/// Applications read the client's address from more headers than `X-Forwarded-For` and
+/// the CDN ones: the widespread PHP idiom checks `HTTP_CLIENT_IP` first (before
+/// `HTTP_X_FORWARDED_FOR`), django-ipware and npm `request-ip` read `X-Forwarded` and
+/// `Forwarded-For`, `request-ip` Fastly's, App Engine's and Cloudflare's pseudo-IPv4 one,
+/// WebLogic takes `WL-Proxy-Client-IP` as the remote address behind its plug-in. A caller
+/// (with a token, or on a public path) sending them forged its address to such an
+/// upstream: an IP allow-list passed, its log and rate limit fooled.
+#[tokio::test]
+async fn every_client_address_header_an_upstream_may_read_is_the_proxys_alone() {
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let auth = format!("Bearer {t}");
+    let forged = [
+        "client-ip",
+        "x-forwarded",
+        "forwarded-for",
+        "fastly-client-ip",
+        "x-appengine-user-ip",
+        "cf-pseudo-ipv4",
+        "proxy-client-ip",
+        "wl-proxy-client-ip",
+        // and in the spelling a CGI/WSGI server merges with the dashed one
+        "client_ip",
+        "x_forwarded",
+        "wl_proxy_client_ip",
+    ];
+    let mut headers: Vec<(&str, &str)> = forged.iter().map(|n| (*n, "10.0.0.1")).collect();
+    headers.push(("authorization", &auth));
+    headers.push(("x-app", "kept"));
+    let r = w.send(Method::GET, "/h", &headers, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let h = &r.json()["headers"];
+    for name in forged {
+        assert!(h.get(name).is_none(), "a client's `{name}` reached the upstream: {h}");
+    }
+    assert_eq!(r.upstream_header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.upstream_header("x-app").as_deref(), Some("kept"));
+}
+
 /// The test tokens are minted as `portcullis dev token --claim` mints them: a pipeline
 /// token for another repository or ref says so in its `sub` too, as the provider's would,
 /// so what the upstream is told is one consistent identity.
