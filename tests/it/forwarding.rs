@@ -1024,6 +1024,60 @@ async fn sni_selects_the_certificate_and_the_route() {
     assert_eq!(v["path"], "/named/x", "routed by Host to the named route");
 }
 
+/// HTTP/2 connection coalescing: a browser reuses a connection made for one name (SNI
+/// `localhost`) for another name its certificate covers and resolving to the same address,
+/// sending that name as `:authority`. The proxy answers 421 (the browser retries on a
+/// connection of its own, RFC 9113 §9.1.2), never serves the other route on it, and keeps
+/// the connection for the name it was made for; a `host` header that contradicts
+/// `:authority` is refused too (the proxy routes by one, an upstream might by the other).
+#[tokio::test]
+async fn an_http2_connection_serves_only_the_name_it_was_made_for() {
+    let routes = "[[routes]]\nname = \"other\"\nmatch = { host = \"api.example.test\" }\nupstream = \"http://{echo}/other\"\npolicy = \"api\"\n";
+    let w = World::with(Setup { routes: routes.into(), ..Setup::default() }).await;
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let tls = tls_alpn(&w, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let port = w.https.port();
+    let exchange = |authority: String, host: Option<&'static str>| {
+        let (mut send, auth) = (send.clone(), auth.clone());
+        async move {
+            let mut req =
+                http::Request::get(format!("https://{authority}/x")).header("authorization", auth);
+            if let Some(h) = host {
+                req = req.header("host", h);
+            }
+            let req = req.body(()).unwrap_or_else(|e| panic!("{e}"));
+            send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+            let (resp, _) = send.send_request(req, true).unwrap_or_else(|e| panic!("{e}"));
+            let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+                .await
+                .unwrap_or_else(|_| panic!("no answer"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let status = resp.status();
+            let mut body = resp.into_body();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap_or_else(|e| panic!("{e}"));
+                let _ = body.flow_control().release_capacity(chunk.len());
+                bytes.extend_from_slice(&chunk);
+            }
+            (status, String::from_utf8_lossy(&bytes).into_owned())
+        }
+    };
+    let (status, body) = exchange(format!("api.example.test:{port}"), None).await;
+    assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "{body}");
+    assert!(!body.contains("/other/x"), "the other route served on this connection: {body}");
+    // The connection still serves its own name.
+    let (status, body) = exchange(format!("localhost:{port}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("\"/x\""), "{body}");
+    let (status, body) = exchange(format!("localhost:{port}"), Some("api.example.test")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}
+
 /// Forwarded headers from a configured trusted proxy are kept and appended to.
 #[tokio::test]
 async fn trusted_proxies_keep_their_forwarded_headers() {
