@@ -123,13 +123,13 @@ fn end_to_end_for_the_proxy(n: &HeaderName) -> bool {
         || forwarding(name)
 }
 
-/// An upstream response's `Transfer-Encoding` when it is anything but `chunked` alone
-/// (`gzip, chunked`, `chunked, chunked`, `chunked;x=1`, `chunked,`, two fields): hyper
-/// decodes the chunked framing only, so the body would reach the client still in the
-/// other coding with nothing saying so (a corrupt answer logged as a success), or be
-/// read up to the connection's close. The proxy refuses such an answer as nginx does
-/// (`upstream sent unknown "Transfer-Encoding"`). The value is for the log, cut to 64
-/// bytes.
+/// A message's `Transfer-Encoding` (an upstream's answer, or a client's request) when it
+/// is anything but `chunked` alone (`gzip, chunked`, `chunked, chunked`, `chunked;x=1`,
+/// `chunked,`, two fields): hyper decodes the chunked framing only, so the body would
+/// reach the client (or the upstream) still in the other coding with nothing saying so
+/// (a corrupt answer logged as a success), or be read up to the connection's close. The
+/// proxy refuses such a message as nginx does (`upstream sent unknown
+/// "Transfer-Encoding"`; a request's, 501). The value is for the log, cut to 64 bytes.
 pub fn unsupported_transfer_coding(h: &HeaderMap) -> Option<String> {
     let mut fields = h.get_all(header::TRANSFER_ENCODING).iter();
     let first = fields.next()?;

@@ -3,8 +3,9 @@
 //! yes (fail closed).
 //!
 //! 1. own endpoints (`/.well-known/portcullis/jwks.json`)
-//! 2. authority + path: one Host that agrees with the target/`:authority` (else 400, and
-//!    the connection closed), no TRACE/TRACK/CONNECT (405), no method/path-override header (400),
+//! 2. authority + path: one Host that agrees with the target/`:authority`, no transfer
+//!    coding but `chunked` alone (else 400, and the connection closed), no
+//!    TRACE/TRACK/CONNECT (405), no method/path-override header (400),
 //!    SNI/Host agreement (421), canonical
 //!    path (ambiguous → 400)
 //! 3. route: host + path (+ method) → 404
@@ -380,6 +381,16 @@ pub async fn handle(
     // 2. Authority: what every hop must read the same way (RFC 9112 §3.2). Ambiguous
     //    requests are refused and the connection closed, never forwarded.
     if let Err(detail) = authority::unambiguous(&req) {
+        let mut resp = rejection(out, Reason::BadRequest, detail, &rc);
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
+    // The HTTP server decodes the `chunked` framing alone, and the body goes upstream
+    // framed anew without the client's Transfer-Encoding (hop-by-hop): another coding
+    // (`gzip, chunked`, `chunked` twice) would reach the upstream still applied, taken
+    // for the content with nothing saying so. Refused, as nginx refuses it (501).
+    if let Some(codings) = headers::unsupported_transfer_coding(req.headers()) {
+        let detail = format!("request Transfer-Encoding `{codings}` is not `chunked` alone");
         let mut resp = rejection(out, Reason::BadRequest, detail, &rc);
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return resp;
