@@ -682,7 +682,14 @@ pub async fn handle(
     if !base.is_empty() || stripped.is_some() {
         out.upstream_path = Some(target.clone());
     }
-    if let Some(q) = req.uri().query() {
+    // A CORS preflight admitted without a credential goes without its query, and its
+    // answer without its body (below): a browser reads only the answer's status and
+    // headers (Fetch, "CORS-preflight fetch"), and no CORS answer depends on the query.
+    // An upstream handler that does not check the method (a PHP script, a Go
+    // `HandleFunc`, a Django function view) runs on the preflight all the same: the
+    // query would be input of anyone's choosing, the body the resource given to anyone.
+    let preflight = identity.is_none() && out.reason == Reason::CorsPreflight;
+    if let Some(q) = req.uri().query().filter(|_| !preflight) {
         target.push('?');
         target.push_str(q);
     }
@@ -945,6 +952,12 @@ pub async fn handle(
         parts.headers.append(header::SET_COOKIE, c);
     }
     out.decision = "allow";
+    if preflight {
+        // Dropped unread (the upstream connection is not reused then).
+        drop(body);
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return finish(Response::from_parts(parts, ProxyBody::empty()), out);
+    }
     finish(Response::from_parts(parts, ProxyBody::Upstream(body)), out)
 }
 
