@@ -409,3 +409,36 @@ async fn on_failure_reject_refuses_public_requests_while_their_half_of_the_queue
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
     out.hold(false);
 }
+
+/// A WebSocket is never opened without a credential, even where a `public` rule admits
+/// the path and method of its handshake: a tunnel is re-checked against its credential
+/// (expiry, revocation, reloads) for as long as it lives, and there would be none. The
+/// handshake is asked for one (401) and never reaches the upstream; the same path
+/// without the upgrade is public, and a token opens the tunnel.
+#[tokio::test]
+async fn a_public_path_opens_no_websocket_without_a_credential() {
+    let policy = format!(
+        "{ALLOW_ALL_PRESETS}\n[[rule]]\nid = \"live\"\neffect = \"allow\"\npublic = true\nmethods = [\"GET\"]\npaths = [\"/ws\"]\n"
+    );
+    let w = World::with(Setup { policies: vec![("api".into(), policy)], ..Setup::default() }).await;
+    let refused = crate::forwarding::ws_connect_with(&w, "/ws", &[]).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED)
+        }
+        Err(e) => panic!("not refused with a status: {e}"),
+        Ok(_) => panic!("a WebSocket was opened without a credential"),
+    }
+    let ev = w.last_event().await;
+    assert_eq!(
+        (ev["status"].as_u64(), ev["reason"].as_str()),
+        (Some(401), Some("missing-token")),
+        "{ev}"
+    );
+    let r = w.get("/ws", None).await;
+    assert_ne!(r.status, StatusCode::UNAUTHORIZED, "the path is public: {}", r.text());
+    assert_eq!(w.last_event().await["reason"], "public");
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let opened = crate::forwarding::ws_connect_with(&w, "/ws", &[("authorization", &auth)]).await;
+    assert!(opened.is_ok(), "{:?}", opened.err());
+}
