@@ -123,13 +123,13 @@ fn end_to_end_for_the_proxy(n: &HeaderName) -> bool {
         || forwarding(name)
 }
 
-/// An upstream response's `Transfer-Encoding` when it is anything but `chunked` alone
-/// (`gzip, chunked`, `chunked, chunked`, `chunked;x=1`, `chunked,`, two fields): hyper
-/// decodes the chunked framing only, so the body would reach the client still in the
-/// other coding with nothing saying so (a corrupt answer logged as a success), or be
-/// read up to the connection's close. The proxy refuses such an answer as nginx does
-/// (`upstream sent unknown "Transfer-Encoding"`). The value is for the log, cut to 64
-/// bytes.
+/// A message's `Transfer-Encoding` (an upstream's answer, or a client's request) when it
+/// is anything but `chunked` alone (`gzip, chunked`, `chunked, chunked`, `chunked;x=1`,
+/// `chunked,`, two fields): hyper decodes the chunked framing only, so the body would
+/// reach the client (or the upstream) still in the other coding with nothing saying so
+/// (a corrupt answer logged as a success), or be read up to the connection's close. The
+/// proxy refuses such a message as nginx does (`upstream sent unknown
+/// "Transfer-Encoding"`; a request's, 501). The value is for the log, cut to 64 bytes.
 pub fn unsupported_transfer_coding(h: &HeaderMap) -> Option<String> {
     let mut fields = h.get_all(header::TRANSFER_ENCODING).iter();
     let first = fields.next()?;
@@ -489,16 +489,29 @@ fn one_port(v: &HeaderValue) -> bool {
 
 /// A header an upstream framework may read as the client's address or the request's
 /// original scheme, host, port or prefix (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`,
-/// CDN client-IP headers), in either spelling of `-`/`_`.
+/// CDN client-IP headers), in either spelling of `-`/`_`. The client-address names are
+/// those libraries and idioms read, often before `X-Forwarded-For` (so the proxy's own
+/// value there would not win): the PHP idiom's `HTTP_CLIENT_IP`, django-ipware's and npm
+/// `request-ip`'s `X-Forwarded` and `Forwarded-For`, `request-ip`'s Fastly, App Engine
+/// and Cloudflare pseudo-IPv4 headers, and WebLogic's `WL-Proxy-Client-IP` (its plug-in's,
+/// taken as the remote address) with the Java idiom's `Proxy-Client-IP`.
 fn forwarding(name: &str) -> bool {
     const PREFIX: &[u8] = b"x-forwarded-";
-    const NAMES: [&[u8]; 6] = [
+    const NAMES: [&[u8]; 14] = [
         b"forwarded",
+        b"x-forwarded",
+        b"forwarded-for",
         b"x-real-ip",
+        b"client-ip",
         b"x-client-ip",
         b"true-client-ip",
         b"x-cluster-client-ip",
         b"cf-connecting-ip",
+        b"cf-pseudo-ipv4",
+        b"fastly-client-ip",
+        b"x-appengine-user-ip",
+        b"proxy-client-ip",
+        b"wl-proxy-client-ip",
     ];
     let n = name.as_bytes();
     n.get(..PREFIX.len()).is_some_and(|p| cgi_eq(p, PREFIX)) || NAMES.iter().any(|f| cgi_eq(n, f))
@@ -1031,6 +1044,11 @@ mod tests {
             ("x-client-ip", "1.2.3.4"),
             ("true-client-ip", "1.2.3.4"),
             ("cf-connecting-ip", "1.2.3.4"),
+            ("client-ip", "1.2.3.4"),
+            ("x-forwarded", "for=1.2.3.4"),
+            ("forwarded-for", "1.2.3.4"),
+            ("fastly-client-ip", "1.2.3.4"),
+            ("wl-proxy-client-ip", "1.2.3.4"),
             ("x_forwarded_prefix", "/admin"),
             ("x_real_ip", "1.2.3.4"),
             ("x-app", "kept"),
@@ -1248,6 +1266,10 @@ mod tests {
             "forwarded",
             "x-real-ip",
             "cf-connecting-ip",
+            "client-ip",
+            "client_ip",
+            "forwarded-for",
+            "wl-proxy-client-ip",
         ] {
             let name = HeaderName::from_static(refused);
             assert!(claim_header_refusal(&name).is_some(), "{refused} accepted");

@@ -3,8 +3,9 @@
 //! yes (fail closed).
 //!
 //! 1. own endpoints (`/.well-known/portcullis/jwks.json`)
-//! 2. authority + path: one Host that agrees with the target/`:authority` (else 400, and
-//!    the connection closed), no TRACE/TRACK/CONNECT (405), no method/path-override header (400),
+//! 2. authority + path: one Host that agrees with the target/`:authority`, no transfer
+//!    coding but `chunked` alone (else 400, and the connection closed), no
+//!    TRACE/TRACK/CONNECT (405), no method/path-override header (400),
 //!    SNI/Host agreement (421), canonical
 //!    path (ambiguous → 400)
 //! 3. route: host + path (+ method) → 404
@@ -384,6 +385,16 @@ pub async fn handle(
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return resp;
     }
+    // The HTTP server decodes the `chunked` framing alone, and the body goes upstream
+    // framed anew without the client's Transfer-Encoding (hop-by-hop): another coding
+    // (`gzip, chunked`, `chunked` twice) would reach the upstream still applied, taken
+    // for the content with nothing saying so. Refused, as nginx refuses it (501).
+    if let Some(codings) = headers::unsupported_transfer_coding(req.headers()) {
+        let detail = format!("request Transfer-Encoding `{codings}` is not `chunked` alone");
+        let mut resp = rejection(out, Reason::BadRequest, detail, &rc);
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
     // Methods are case-sensitive (RFC 9110 §9.1) but frameworks upper-case them
     // (Werkzeug, Rails, Express routing), so `delete` would pass a rule on `DELETE`
     // and run as one. Refused as nginx does: no client sends them.
@@ -671,7 +682,14 @@ pub async fn handle(
     if !base.is_empty() || stripped.is_some() {
         out.upstream_path = Some(target.clone());
     }
-    if let Some(q) = req.uri().query() {
+    // A CORS preflight admitted without a credential goes without its query, and its
+    // answer without its body (below): a browser reads only the answer's status and
+    // headers (Fetch, "CORS-preflight fetch"), and no CORS answer depends on the query.
+    // An upstream handler that does not check the method (a PHP script, a Go
+    // `HandleFunc`, a Django function view) runs on the preflight all the same: the
+    // query would be input of anyone's choosing, the body the resource given to anyone.
+    let preflight = identity.is_none() && out.reason == Reason::CorsPreflight;
+    if let Some(q) = req.uri().query().filter(|_| !preflight) {
         target.push('?');
         target.push_str(q);
     }
@@ -934,6 +952,12 @@ pub async fn handle(
         parts.headers.append(header::SET_COOKIE, c);
     }
     out.decision = "allow";
+    if preflight {
+        // Dropped unread (the upstream connection is not reused then).
+        drop(body);
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return finish(Response::from_parts(parts, ProxyBody::empty()), out);
+    }
     finish(Response::from_parts(parts, ProxyBody::Upstream(body)), out)
 }
 

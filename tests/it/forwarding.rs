@@ -82,6 +82,45 @@ async fn spoofed_identity_and_hop_by_hop_headers_never_reach_the_upstream() {
     assert_eq!(r.upstream_header("x-portcullis-kind").as_deref(), Some("pipeline"));
 }
 
+/// Applications read the client's address from more headers than `X-Forwarded-For` and
+/// the CDN ones: the widespread PHP idiom checks `HTTP_CLIENT_IP` first (before
+/// `HTTP_X_FORWARDED_FOR`), django-ipware and npm `request-ip` read `X-Forwarded` and
+/// `Forwarded-For`, `request-ip` Fastly's, App Engine's and Cloudflare's pseudo-IPv4 one,
+/// WebLogic takes `WL-Proxy-Client-IP` as the remote address behind its plug-in. A caller
+/// (with a token, or on a public path) sending them forged its address to such an
+/// upstream: an IP allow-list passed, its log and rate limit fooled.
+#[tokio::test]
+async fn every_client_address_header_an_upstream_may_read_is_the_proxys_alone() {
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let auth = format!("Bearer {t}");
+    let forged = [
+        "client-ip",
+        "x-forwarded",
+        "forwarded-for",
+        "fastly-client-ip",
+        "x-appengine-user-ip",
+        "cf-pseudo-ipv4",
+        "proxy-client-ip",
+        "wl-proxy-client-ip",
+        // and in the spelling a CGI/WSGI server merges with the dashed one
+        "client_ip",
+        "x_forwarded",
+        "wl_proxy_client_ip",
+    ];
+    let mut headers: Vec<(&str, &str)> = forged.iter().map(|n| (*n, "10.0.0.1")).collect();
+    headers.push(("authorization", &auth));
+    headers.push(("x-app", "kept"));
+    let r = w.send(Method::GET, "/h", &headers, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let h = &r.json()["headers"];
+    for name in forged {
+        assert!(h.get(name).is_none(), "a client's `{name}` reached the upstream: {h}");
+    }
+    assert_eq!(r.upstream_header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.upstream_header("x-app").as_deref(), Some("kept"));
+}
+
 /// The test tokens are minted as `portcullis dev token --claim` mints them: a pipeline
 /// token for another repository or ref says so in its `sub` too, as the provider's would,
 /// so what the upstream is told is one consistent identity.
@@ -983,6 +1022,60 @@ async fn sni_selects_the_certificate_and_the_route() {
     let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     assert_eq!(v["path"], "/named/x", "routed by Host to the named route");
+}
+
+/// HTTP/2 connection coalescing: a browser reuses a connection made for one name (SNI
+/// `localhost`) for another name its certificate covers and resolving to the same address,
+/// sending that name as `:authority`. The proxy answers 421 (the browser retries on a
+/// connection of its own, RFC 9113 §9.1.2), never serves the other route on it, and keeps
+/// the connection for the name it was made for; a `host` header that contradicts
+/// `:authority` is refused too (the proxy routes by one, an upstream might by the other).
+#[tokio::test]
+async fn an_http2_connection_serves_only_the_name_it_was_made_for() {
+    let routes = "[[routes]]\nname = \"other\"\nmatch = { host = \"api.example.test\" }\nupstream = \"http://{echo}/other\"\npolicy = \"api\"\n";
+    let w = World::with(Setup { routes: routes.into(), ..Setup::default() }).await;
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let tls = tls_alpn(&w, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let port = w.https.port();
+    let exchange = |authority: String, host: Option<&'static str>| {
+        let (mut send, auth) = (send.clone(), auth.clone());
+        async move {
+            let mut req =
+                http::Request::get(format!("https://{authority}/x")).header("authorization", auth);
+            if let Some(h) = host {
+                req = req.header("host", h);
+            }
+            let req = req.body(()).unwrap_or_else(|e| panic!("{e}"));
+            send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+            let (resp, _) = send.send_request(req, true).unwrap_or_else(|e| panic!("{e}"));
+            let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+                .await
+                .unwrap_or_else(|_| panic!("no answer"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let status = resp.status();
+            let mut body = resp.into_body();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap_or_else(|e| panic!("{e}"));
+                let _ = body.flow_control().release_capacity(chunk.len());
+                bytes.extend_from_slice(&chunk);
+            }
+            (status, String::from_utf8_lossy(&bytes).into_owned())
+        }
+    };
+    let (status, body) = exchange(format!("api.example.test:{port}"), None).await;
+    assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "{body}");
+    assert!(!body.contains("/other/x"), "the other route served on this connection: {body}");
+    // The connection still serves its own name.
+    let (status, body) = exchange(format!("localhost:{port}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("\"/x\""), "{body}");
+    let (status, body) = exchange(format!("localhost:{port}"), Some("api.example.test")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 }
 
 /// Forwarded headers from a configured trusted proxy are kept and appended to.

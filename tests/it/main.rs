@@ -23,8 +23,8 @@
 //! - `hoarding`: clients that take nothing of what they are sent (HTTP/2 windows kept
 //!   closed, HTTP/1.1 never read, a close never finished) lose their slots in time; slow
 //!   but steady readers are not cut.
-//! - `http2_abuse`: HTTP/2 abuse the server refuses at the frame level (rapid reset) is
-//!   audited, one event per connection.
+//! - `http2_abuse`: HTTP/2 abuse the server refuses at the frame level (rapid reset,
+//!   streams it must reset itself) is audited, one event per connection.
 //! - `per_client`: `server.max_connections_per_client`: an address at its limit is reset
 //!   while another (127.0.0.2) is served, on the HTTP and database listeners alike, and a
 //!   closed connection, ended session or WebSocket tunnel frees its place.

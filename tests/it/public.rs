@@ -3,6 +3,8 @@
 //! else about such a request still goes through the proxy's hygiene, and no identity
 //! header or assertion reaches the upstream.
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 
@@ -67,10 +69,86 @@ fn assert_no_identity(r: &Resp) {
     }
 }
 
+/// The content of every answer of [`method_blind_upstream`].
+const CONTENT: &str = "the resource itself: no preflight's to read";
+
+/// A raw upstream that answers every request as a handler that does not check the
+/// method does (a PHP script, a Go `HandleFunc`, a Django function view, a Spring
+/// `@RequestMapping` without `method`): 200 with the resource's content, CORS headers
+/// as a CORS middleware adds them, and the request head it received (base64url, in
+/// `x-echo`: the head is what tests read, since the content may not reach the client).
+pub(crate) async fn method_blind_upstream() -> std::net::SocketAddr {
+    let (addr, _) = raw_answering(|head| {
+        format!(
+            "HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: https://app.example.com\r\nAccess-Control-Allow-Methods: POST\r\nX-Echo: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{CONTENT}",
+            URL_SAFE_NO_PAD.encode(head),
+            CONTENT.len()
+        )
+    })
+    .await;
+    addr
+}
+
+/// The request head [`method_blind_upstream`] received, and the values of one of its
+/// header fields (`name` in lower case).
+pub(crate) fn echoed(r: &Resp) -> String {
+    let echo = r.headers.get("x-echo").map(|v| v.as_bytes()).unwrap_or_default();
+    let head = URL_SAFE_NO_PAD.decode(echo).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+pub(crate) fn field(head: &str, name: &str) -> Vec<String> {
+    head.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim().to_string())
+        .collect()
+}
+
+/// A world whose route `pf` (`/pf…`) lets CORS preflights through to `upstream`.
+async fn preflight_world(upstream: std::net::SocketAddr, extra: &str) -> World {
+    let routes = format!(
+        "[[routes]]\nname = \"pf\"\nmatch = {{ path_prefix = \"/pf\" }}\nupstream = \"http://{upstream}\"\npolicy = \"api\"\ncors_preflight = true\n{extra}\n"
+    );
+    World::with(Setup { routes, ..Setup::default() }).await
+}
+
+/// A browser reads nothing of a preflight's answer but its status and headers (Fetch,
+/// "CORS-preflight fetch"), and nothing of its URL's query decides a CORS answer. Yet
+/// the preflight reached every path of the route without a credential, query and all,
+/// and its answer came back whole: to an upstream whose handlers do not check the method,
+/// anyone could read any resource of the route (`OPTIONS /pf/admin/users.php` with an
+/// `Origin` and an `Access-Control-Request-Method`) and hand it input in the query
+/// (`?delete=42`). The preflight now goes without its query, and its answer without
+/// its body; a request with a credential is unchanged.
+#[tokio::test]
+async fn a_preflight_reaches_the_upstream_without_its_query_and_its_answer_without_a_body() {
+    let w = preflight_world(method_blind_upstream().await, "").await;
+    let r = w.send(Method::OPTIONS, "/pf/admin/users.php?delete=42", PREFLIGHT, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.text(), "", "the answer's content reached a caller without a credential");
+    assert_eq!(
+        r.headers.get("access-control-allow-origin").map(|v| v.as_bytes()),
+        Some(&b"https://app.example.com"[..]),
+        "the CORS answer is the upstream's"
+    );
+    let head = echoed(&r);
+    assert!(head.starts_with("OPTIONS /pf/admin/users.php HTTP/1.1\r\n"), "{head}");
+    assert_eq!(w.last_event().await["reason"], "cors-preflight");
+    // With a credential it is an authenticated request like any other.
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let mut with_token = PREFLIGHT.to_vec();
+    with_token.push(("authorization", auth.as_str()));
+    let r =
+        w.send(Method::OPTIONS, "/pf/admin/users.php?delete=42", &with_token, Bytes::new()).await;
+    assert_eq!((r.status, r.text()), (StatusCode::OK, CONTENT.to_string()));
+    assert!(echoed(&r).starts_with("OPTIONS /pf/admin/users.php?delete=42 HTTP/1.1\r\n"));
+}
+
 #[tokio::test]
 async fn a_cors_preflight_is_forwarded_without_a_credential_when_the_route_opts_in() {
-    let w = World::with(Setup { route_extra: "cors_preflight = true".into(), ..Setup::default() })
-        .await;
+    let w = preflight_world(method_blind_upstream().await, "").await;
     let mut headers = PREFLIGHT.to_vec();
     headers.extend([
         ("x-portcullis-subject", "admin"),
@@ -80,17 +158,24 @@ async fn a_cors_preflight_is_forwarded_without_a_credential_when_the_route_opts_
         ("connection", "x-drop-me"),
         ("x-drop-me", "1"),
     ]);
-    let r = w.send(Method::OPTIONS, "/api/items", &headers, Bytes::new()).await;
+    let r = w.send(Method::OPTIONS, "/pf/items", &headers, Bytes::new()).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    let j = r.json();
-    assert_eq!(j["method"], "OPTIONS");
-    assert_eq!(j["path"], "/api/items");
-    assert_no_identity(&r);
-    assert!(j["headers"].get("x-drop-me").is_none(), "hop-by-hop hygiene still applies");
-    assert_eq!(r.upstream_header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
-    assert_eq!(r.upstream_header("origin").as_deref(), Some("https://app.example.com"));
-    assert_eq!(r.upstream_header("access-control-request-method").as_deref(), Some("POST"));
-    let rid = r.upstream_header("x-portcullis-request-id").unwrap_or_default();
+    let head = echoed(&r);
+    assert!(head.starts_with("OPTIONS /pf/items HTTP/1.1\r\n"), "{head}");
+    // No identity header and no assertion reached the upstream, forged ones included.
+    for line in head.lines().skip(1) {
+        let name = line.split(':').next().unwrap_or_default().to_ascii_lowercase();
+        assert!(
+            !name.starts_with("x-portcullis-") || name == "x-portcullis-request-id",
+            "{name} reached the upstream: {head}"
+        );
+        assert!(!name.starts_with("x_portcullis"), "{name} reached the upstream: {head}");
+    }
+    assert_eq!(field(&head, "x-drop-me"), Vec::<String>::new(), "hop-by-hop hygiene still applies");
+    assert_eq!(field(&head, "x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(field(&head, "origin"), ["https://app.example.com"]);
+    assert_eq!(field(&head, "access-control-request-method"), ["POST"]);
+    let rid = field(&head, "x-portcullis-request-id").concat();
     let ev = w.event_for(&rid).await;
     assert_eq!(ev["decision"], "allow", "{ev}");
     assert_eq!(ev["reason"], "cors-preflight", "{ev}");
@@ -99,7 +184,7 @@ async fn a_cors_preflight_is_forwarded_without_a_credential_when_the_route_opts_
     assert_eq!(w.events().iter().filter(|e| e["request_id"] == rid.as_str()).count(), 1);
 
     // Still the proxy's path checks: an ambiguous path is refused before anything.
-    let r = w.send(Method::OPTIONS, "/api/..%2Fadmin", PREFLIGHT, Bytes::new()).await;
+    let r = w.send(Method::OPTIONS, "/pf/..%2Fadmin", PREFLIGHT, Bytes::new()).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
 }
 
@@ -323,4 +408,37 @@ async fn on_failure_reject_refuses_public_requests_while_their_half_of_the_queue
     let ready = w.admin_get("/readyz").await;
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
     out.hold(false);
+}
+
+/// A WebSocket is never opened without a credential, even where a `public` rule admits
+/// the path and method of its handshake: a tunnel is re-checked against its credential
+/// (expiry, revocation, reloads) for as long as it lives, and there would be none. The
+/// handshake is asked for one (401) and never reaches the upstream; the same path
+/// without the upgrade is public, and a token opens the tunnel.
+#[tokio::test]
+async fn a_public_path_opens_no_websocket_without_a_credential() {
+    let policy = format!(
+        "{ALLOW_ALL_PRESETS}\n[[rule]]\nid = \"live\"\neffect = \"allow\"\npublic = true\nmethods = [\"GET\"]\npaths = [\"/ws\"]\n"
+    );
+    let w = World::with(Setup { policies: vec![("api".into(), policy)], ..Setup::default() }).await;
+    let refused = crate::forwarding::ws_connect_with(&w, "/ws", &[]).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED)
+        }
+        Err(e) => panic!("not refused with a status: {e}"),
+        Ok(_) => panic!("a WebSocket was opened without a credential"),
+    }
+    let ev = w.last_event().await;
+    assert_eq!(
+        (ev["status"].as_u64(), ev["reason"].as_str()),
+        (Some(401), Some("missing-token")),
+        "{ev}"
+    );
+    let r = w.get("/ws", None).await;
+    assert_ne!(r.status, StatusCode::UNAUTHORIZED, "the path is public: {}", r.text());
+    assert_eq!(w.last_event().await["reason"], "public");
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let opened = crate::forwarding::ws_connect_with(&w, "/ws", &[("authorization", &auth)]).await;
+    assert!(opened.is_ok(), "{:?}", opened.err());
 }

@@ -601,3 +601,63 @@ async fn plain_gets_keep_their_connection(w: &World, token: &str, conns: &Atomic
     }
     assert_eq!(conns.load(Ordering::SeqCst), before, "a plain GET's connection was not reused");
 }
+
+/// A raw upstream that counts request heads and answers each `ok` (reading a chunked
+/// body to its end first) on a connection of its own.
+async fn counting_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let (addr, heads, _) = raw_upstream(|mut s, heads| async move {
+        let Some(mut seen) = read_head(&mut s).await else { return };
+        heads.fetch_add(1, Ordering::SeqCst);
+        let chunked = seen.to_ascii_lowercase().contains("\r\ntransfer-encoding: chunked\r\n");
+        let mut buf = [0u8; 4096];
+        while chunked && !seen.ends_with("\r\n0\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+        let _ = s.write_all(ok).await;
+    })
+    .await;
+    (addr, heads)
+}
+
+/// A request `Transfer-Encoding` other than `chunked` alone (`gzip, chunked`, `chunked`
+/// twice, in one field or two): the HTTP server decodes the chunked framing only and
+/// the proxy frames the body anew without the client's `Transfer-Encoding` (hop-by-hop),
+/// so the upstream took the still-coded bytes (gzip, or a second layer of chunks) for
+/// the content with nothing saying so. Refused (400) before routing, as nginx refuses
+/// them (501), the connection closed; the same rule as for an upstream's answer.
+#[tokio::test]
+async fn a_request_transfer_coding_other_than_chunked_alone_is_refused() {
+    let (addr, heads) = counting_upstream().await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+    let post = |codings: &str| {
+        format!(
+            "POST /q/x HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n{codings}\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+    };
+    for codings in [
+        "Transfer-Encoding: gzip, chunked\r\n",
+        "Transfer-Encoding: chunked, chunked\r\n",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        "Transfer-Encoding: x-custom\r\nTransfer-Encoding: chunked\r\n",
+    ] {
+        let resp = exchange(&w, &post(codings)).await;
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{codings:?}: {resp}");
+        assert!(resp.contains("\"error\":\"bad-request\""), "{codings:?}: {resp}");
+        let ev = w.last_event().await;
+        assert_eq!(ev["reason"], "bad-request", "{codings:?}: {ev}");
+    }
+    assert_eq!(heads.load(Ordering::SeqCst), 0, "a request reached the upstream");
+    // `chunked` alone (any case) is the one coding a request may have.
+    for codings in ["Transfer-Encoding: chunked\r\n", "Transfer-Encoding: Chunked\r\n"] {
+        let resp = exchange(&w, &post(codings)).await;
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{codings:?}: {resp}");
+        assert!(resp.ends_with("ok"), "{codings:?}: {resp}");
+    }
+    assert_eq!(heads.load(Ordering::SeqCst), 2);
+}
