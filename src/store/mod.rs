@@ -10,7 +10,9 @@
 //!   Redis), then stored under `signout:ID` until the session would have ended anyway
 //!   and published on the `signouts` channel. Every replica subscribes, and on each
 //!   (re)subscription first reads back every stored sign-out, so one that was published
-//!   while it was disconnected or not yet running is not missed.
+//!   while it was disconnected or not yet running is not missed. One that Redis does
+//!   not take (unreachable, slow, refusing) is kept and tried again until it does, or
+//!   until its session would have ended anyway ([`outbox`]).
 //!
 //! What Redis says can only *refuse* more: a sign-out it reports ends a session, a
 //! replay it reports refuses a token; nothing it answers lets a request through that
@@ -22,6 +24,7 @@
 //! sign-outs are rare next to the requests that need neither), and one for the
 //! subscription. Either is dropped on any error or timeout and made again on next use.
 
+pub mod outbox;
 pub mod resp;
 
 use std::sync::Arc;
@@ -88,6 +91,9 @@ pub struct Store {
     conn: tokio::sync::Mutex<Option<Conn>>,
     /// Set once the stored sign-outs were first read back (`/readyz` waits for it).
     synced: std::sync::atomic::AtomicBool,
+    /// Told each time the subscription is back and read back: Redis answers again, so
+    /// the sign-outs waiting to be shared need not wait out their backoff.
+    subscribed_again: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Store {
@@ -118,6 +124,7 @@ impl Store {
             tls,
             conn: tokio::sync::Mutex::new(None),
             synced: Default::default(),
+            subscribed_again: tokio::sync::Notify::new(),
         }))
     }
 
@@ -251,13 +258,14 @@ impl Store {
     }
 
     /// Keeps this replica's sign-out list in step with the other replicas' until
-    /// `shutdown`: subscribes, reads back every stored sign-out, then applies each one
-    /// published; on any failure connects again (backing off) and reads back again.
+    /// `drained` (a shutdown's drain is over, or its sender gone): subscribes, reads
+    /// back every stored sign-out, then applies each one published; on any failure
+    /// connects again (backing off) and reads back again.
     pub async fn follow_sign_outs(
         self: Arc<Self>,
         revocations: Arc<Revocations>,
         lifetime: Arc<dyn Fn() -> Option<u64> + Send + Sync>,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        mut drained: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut wait = RETRY.0;
         loop {
@@ -268,11 +276,11 @@ impl Store {
                     tracing::warn!(server = %self.shown(), error = %e, retry_in = ?wait,
                         "sign-outs from other replicas are not being received; retrying");
                 }
-                _ = shutdown.changed() => return,
+                _ = drained.wait_for(|d| *d) => return,
             }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
+                _ = drained.wait_for(|d| *d) => return,
             }
             wait = (wait * 2).min(RETRY.1);
         }
@@ -306,6 +314,7 @@ impl Store {
         }
         *wait = RETRY.0;
         self.synced.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.subscribed_again.notify_waiters();
         tracing::info!(server = %self.shown(), "following sign-outs of other replicas");
         loop {
             let message = match resp::read(&mut conn).await {
