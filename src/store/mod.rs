@@ -340,8 +340,11 @@ impl Store {
         revocations: &Revocations,
         lifetime: &(dyn Fn() -> Option<u64> + Send + Sync),
     ) -> Result<(), StoreError> {
-        let pattern = self.key("signout", "*");
-        let prefix = pattern.trim_end_matches('*').as_bytes();
+        let prefix = self.key("signout", "");
+        // `key_prefix` may hold `?`, `[` or `\`, which `MATCH` would read as a pattern
+        // (`dep[1]:` matching `dep1:` and never itself): matched literally instead.
+        let pattern = format!("{}*", glob_literal(&prefix));
+        let prefix = prefix.as_bytes();
         let mut cursor = b"0".to_vec();
         // A hostile server could answer cursors forever; a real one runs out of keys
         // long before this many pages of 512.
@@ -435,6 +438,18 @@ async fn call(conn: &mut Conn, args: &[&[u8]]) -> Result<Value, StoreError> {
     conn.write_all(&out).await.map_err(io)?;
     conn.flush().await.map_err(io)?;
     Ok(resp::read(conn).await?)
+}
+
+/// `text` as a Redis glob pattern that matches it and nothing else.
+fn glob_literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 4);
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -1199,6 +1199,29 @@ async fn a_sign_out_made_during_a_shutdown_drain_is_still_shared() {
     second.shutdown().await;
 }
 
+/// `key_prefix` may hold characters `SCAN … MATCH` reads as a pattern: the stored
+/// sign-outs are read back all the same.
+#[tokio::test]
+async fn stored_sign_outs_are_read_back_whatever_characters_the_key_prefix_holds() {
+    let Some(redis) = RedisServer::start("key prefix with pattern characters").await else {
+        return;
+    };
+    let config = format!("{}key_prefix = 'dep[1]?\\:'\n", redis.config());
+    let w =
+        World::with(Setup { sso: Some(String::new()), redis: config, ..Setup::default() }).await;
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let copy = b.cookie_header();
+    sign_out(&w, &mut b).await;
+    // Stored and published before the replica below starts: only its read-back can
+    // tell it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (late, port, _) = replica(&w).await;
+    let r = copy_at(&w, port, &copy).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    late.shutdown().await;
+}
+
 #[tokio::test]
 async fn group_overage_fails_closed() {
     let w = sso_world("").await;
