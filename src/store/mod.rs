@@ -105,6 +105,8 @@ impl std::fmt::Debug for Store {
 /// How long the subscriber waits before connecting again, doubling from the first
 /// to the last.
 const RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+/// How long a subscription must have held for its loss to start the backoff over.
+const STABLE: Duration = Duration::from_secs(30);
 /// Keys asked for per `SCAN` page when reading the stored sign-outs back.
 const SCAN_PAGE: &str = "512";
 
@@ -269,9 +271,17 @@ impl Store {
     ) {
         let mut wait = RETRY.0;
         loop {
-            let run = self.subscribed(&revocations, &*lifetime, &mut wait);
+            let mut since = None;
+            let run = self.subscribed(&revocations, &*lifetime, &mut since);
             tokio::select! {
                 e = run => {
+                    // Only a subscription that held a while starts the backoff over: one
+                    // cut soon after it was made (a server or a proxy in front that drops
+                    // it) would otherwise have every replica read every stored sign-out
+                    // back ten times a second.
+                    if since.is_some_and(|t| t.elapsed() >= STABLE) {
+                        wait = RETRY.0;
+                    }
                     crate::metrics::global().redis_errors.inc(&"subscribe");
                     tracing::warn!(server = %self.shown(), error = %e, retry_in = ?wait,
                         "sign-outs from other replicas are not being received; retrying");
@@ -286,12 +296,13 @@ impl Store {
         }
     }
 
-    /// One subscription, until it fails.
+    /// One subscription, until it fails; `since` says from when it was followed (read
+    /// back), if it got so far.
     async fn subscribed(
         &self,
         revocations: &Revocations,
         lifetime: &(dyn Fn() -> Option<u64> + Send + Sync),
-        wait: &mut Duration,
+        since: &mut Option<tokio::time::Instant>,
     ) -> StoreError {
         let channel = self.channel();
         let subscribe = async {
@@ -312,7 +323,7 @@ impl Store {
         if let Err(e) = self.read_back(revocations, lifetime).await {
             return e;
         }
-        *wait = RETRY.0;
+        *since = Some(tokio::time::Instant::now());
         self.synced.store(true, std::sync::atomic::Ordering::Relaxed);
         self.subscribed_again.notify_waiters();
         tracing::info!(server = %self.shown(), "following sign-outs of other replicas");
@@ -493,6 +504,55 @@ mod tests {
             }
         });
         port
+    }
+
+    /// A server that accepts the subscription and the read-back, then drops the
+    /// subscription at once, again and again: the replica backs off rather than reading
+    /// everything back every 100 ms.
+    #[tokio::test]
+    async fn a_subscription_dropped_at_once_each_time_is_retried_backing_off() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::AsyncReadExt;
+        let l =
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let port = l.local_addr().map_or(0, |a| a.port());
+        let subscriptions = Arc::new(AtomicUsize::new(0));
+        let counted = subscriptions.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n @ 1..) = s.read(&mut buf).await {
+                        let command = &buf[..n];
+                        if command.windows(9).any(|w| w == b"SUBSCRIBE") {
+                            counted.fetch_add(1, Ordering::Relaxed);
+                            let _ =
+                                s.write_all(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n").await;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            return;
+                        }
+                        // SCAN: one page, no key.
+                        if s.write_all(b"*2\r\n$1\r\n0\r\n*0\r\n").await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let store = Store::new(settings(port)).unwrap_or_else(|e| panic!("{e}"));
+        let (_drained_tx, drained) = tokio::sync::watch::channel(false);
+        let follow = store.clone().follow_sign_outs(
+            Arc::new(Revocations::default()),
+            Arc::new(|| Some(3600)),
+            drained,
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), follow).await;
+        assert!(store.synced(), "it did subscribe and read back");
+        // 100 + 200 + 400 + 800 ms between them: at most five in two seconds (twenty
+        // when each read-back started the backoff over).
+        let n = subscriptions.load(Ordering::Relaxed);
+        assert!((2..=5).contains(&n), "{n} subscriptions in two seconds");
     }
 
     /// A server that hangs, or answers what no command of the store expects, is a
