@@ -345,7 +345,7 @@ impl Store {
         }
     }
 
-    /// Applies every sign-out stored now (`SCAN` then `GET`, a page at a time).
+    /// Applies every sign-out stored now (`SCAN` then `MGET`, a page at a time).
     async fn read_back(
         &self,
         revocations: &Revocations,
@@ -374,27 +374,60 @@ impl Store {
             let [Value::Bulk(Some(next)), Value::Array(Some(keys))] = page.as_slice() else {
                 return Err(StoreError::Unexpected);
             };
+            let mut found = Vec::with_capacity(keys.len());
             for key in keys {
                 let Value::Bulk(Some(key)) = key else { return Err(StoreError::Unexpected) };
-                let Some(id) = key.strip_prefix(prefix) else { continue };
-                match self.command(&[b"GET", key]).await? {
-                    Value::Bulk(Some(created)) => {
-                        match (std::str::from_utf8(id), std::str::from_utf8(&created)) {
-                            (Ok(id), Ok(created)) => apply(revocations, lifetime, id, created),
-                            _ => ignored(),
-                        }
-                    }
-                    // Expired between the two commands.
-                    Value::Bulk(None) => {}
-                    _ => return Err(StoreError::Unexpected),
+                if key.starts_with(prefix) {
+                    found.push(key.as_slice());
                 }
             }
+            self.apply_stored(&found, prefix.len(), revocations, lifetime).await?;
             if next.as_slice() == b"0" {
                 return Ok(());
             }
             cursor = next.clone();
         }
         Err(StoreError::Protocol("SCAN did not finish"))
+    }
+
+    /// Applies the sign-outs stored under `keys` (a `SCAN` page's, each the sign-out
+    /// prefix, `prefix_len` bytes, then the session id), read with one `MGET`: one round
+    /// trip a page, not one a sign-out, so a replica starting beside many stored
+    /// sign-outs is ready in a fraction of the time.
+    async fn apply_stored(
+        &self,
+        keys: &[&[u8]],
+        prefix_len: usize,
+        revocations: &Revocations,
+        lifetime: &(dyn Fn() -> Option<u64> + Send + Sync),
+    ) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut args: Vec<&[u8]> = Vec::with_capacity(keys.len() + 1);
+        args.push(b"MGET");
+        args.extend_from_slice(keys);
+        let Value::Array(Some(values)) = self.command(&args).await? else {
+            return Err(StoreError::Unexpected);
+        };
+        if values.len() != keys.len() {
+            return Err(StoreError::Unexpected);
+        }
+        for (key, value) in keys.iter().zip(values) {
+            let id = key.get(prefix_len..).unwrap_or_default();
+            match value {
+                Value::Bulk(Some(created)) => {
+                    match (std::str::from_utf8(id), std::str::from_utf8(&created)) {
+                        (Ok(id), Ok(created)) => apply(revocations, lifetime, id, created),
+                        _ => ignored(),
+                    }
+                }
+                // Expired between the two commands.
+                Value::Bulk(None) => {}
+                _ => return Err(StoreError::Unexpected),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -553,6 +586,58 @@ mod tests {
         // when each read-back started the backoff over).
         let n = subscriptions.load(Ordering::Relaxed);
         assert!((2..=5).contains(&n), "{n} subscriptions in two seconds");
+    }
+
+    /// The stored sign-outs are read back a page at a time, not a round trip each: a
+    /// replica starting beside 100 000 of them across a network would otherwise stay
+    /// unready for minutes.
+    #[tokio::test]
+    async fn stored_sign_outs_are_read_back_with_one_round_trip_a_page() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::AsyncReadExt;
+        let now = crate::util::unix_now();
+        let ids: Vec<String> = (1..=3u8).map(|n| URL_SAFE_NO_PAD.encode([n; 16])).collect();
+        let mut scan = b"*2\r\n$1\r\n0\r\n*3\r\n".to_vec();
+        let mut values = b"*3\r\n".to_vec();
+        for id in &ids {
+            let key = format!("t:signout:{id}");
+            scan.extend_from_slice(format!("${}\r\n{key}\r\n", key.len()).as_bytes());
+            let created = (now - 10).to_string();
+            values.extend_from_slice(format!("${}\r\n{created}\r\n", created.len()).as_bytes());
+        }
+        let one = format!("${}\r\n{}\r\n", (now - 10).to_string().len(), now - 10);
+        let l =
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let port = l.local_addr().map_or(0, |a| a.port());
+        let commands = Arc::new(AtomicUsize::new(0));
+        let counted = commands.clone();
+        tokio::spawn(async move {
+            let Ok((mut s, _)) = l.accept().await else { return };
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = s.read(&mut buf).await {
+                counted.fetch_add(1, Ordering::Relaxed);
+                let has = |w: &[u8]| buf[..n].windows(w.len()).any(|x| x == w);
+                let reply = if has(b"SCAN") {
+                    scan.as_slice()
+                } else if has(b"MGET") {
+                    values.as_slice()
+                } else {
+                    one.as_bytes()
+                };
+                if s.write_all(reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let store = Store::new(settings(port)).unwrap_or_else(|e| panic!("{e}"));
+        let revocations = Revocations::default();
+        let read = store.read_back(&revocations, &|| Some(3600)).await;
+        assert!(read.is_ok(), "{read:?}");
+        assert_eq!(revocations.len(), 3, "every stored sign-out applied");
+        for n in 1..=3u8 {
+            assert!(revocations.refused(&[n; 16], now - 10).is_some(), "{n}");
+        }
+        assert_eq!(commands.load(Ordering::Relaxed), 2, "SCAN, then one read of the page");
     }
 
     /// A server that hangs, or answers what no command of the store expects, is a
