@@ -434,7 +434,11 @@ impl Store {
 /// Records a sign-out another replica made: session `id` (base64url of 16 bytes),
 /// signed in at `created`, kept for this replica's own absolute lifetime (never a
 /// lifetime the message names, so a forged message cannot make the list hold entries
-/// for ever). Ignored without browser sessions.
+/// for ever). Ignored without browser sessions, and when `created` is later than now
+/// past the clock skew replicas are assumed to stay within: no session was signed in
+/// in the future, and a forged one would be kept until that future plus the lifetime
+/// (for ever, in effect), and once the list is full raise its floor there, refusing
+/// every session until a restart.
 fn apply(
     revocations: &Revocations,
     lifetime: &(dyn Fn() -> Option<u64> + Send + Sync),
@@ -448,6 +452,9 @@ fn apply(
         return ignored();
     };
     let now = crate::util::unix_now();
+    if created > now.saturating_add(crate::identity::verify::MAX_LEEWAY.as_secs()) {
+        return ignored();
+    }
     if matches!(
         revocations.revoke_from_peer(key, created, lifetime, now),
         crate::session::revoke::Revoked::Recorded
@@ -638,6 +645,25 @@ mod tests {
             assert!(revocations.refused(&[n; 16], now - 10).is_some(), "{n}");
         }
         assert_eq!(commands.load(Ordering::Relaxed), 2, "SCAN, then one read of the page");
+    }
+
+    /// What another replica (or whoever can write to Redis) says is a sign-out is
+    /// kept for this replica's own lifetime from a sign-in time that can have been:
+    /// never one in the future, which would be kept for ever.
+    #[test]
+    fn a_sign_out_of_a_session_signed_in_in_the_future_is_ignored() {
+        let revocations = Revocations::default();
+        let now = crate::util::unix_now();
+        let id = URL_SAFE_NO_PAD.encode([5u8; 16]);
+        for created in [now + 10 * 24 * 3600, u64::MAX - 1] {
+            apply(&revocations, &|| Some(3600), &id, &created.to_string());
+            assert!(revocations.is_empty(), "{created}");
+        }
+        // Within the clock skew replicas may have, and in the past: recorded.
+        let id2 = URL_SAFE_NO_PAD.encode([6u8; 16]);
+        apply(&revocations, &|| Some(3600), &id, &(now + 60).to_string());
+        apply(&revocations, &|| Some(3600), &id2, &(now - 60).to_string());
+        assert_eq!(revocations.len(), 2);
     }
 
     /// A server that hangs, or answers what no command of the store expects, is a
