@@ -179,13 +179,13 @@ impl Store {
     }
 
     /// Runs one command on the command connection, connecting first if there is none,
-    /// within `timeout`; waiting for the connection (another command running) is held
-    /// to `timeout` too, so a slow Redis cannot queue requests behind it for longer. A
-    /// connection kept from earlier that fails at once (the server closed it while
-    /// idle) is replaced once.
+    /// within `timeout` from when it is asked: waiting for the connection (another
+    /// command running) counts, so a slow Redis cannot hold a request for longer than
+    /// that however many queue behind it. A connection kept from earlier that fails at
+    /// once (the server closed it while idle) is replaced once, in the same time.
     pub async fn command(&self, args: &[&[u8]]) -> Result<Value, StoreError> {
-        let timeout = self.settings.timeout;
-        let mut slot = tokio::time::timeout(timeout, self.conn.lock())
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        let mut slot = tokio::time::timeout_at(deadline, self.conn.lock())
             .await
             .map_err(|_| StoreError::Timeout)?;
         let attempt = |kept: Option<Conn>| async move {
@@ -198,8 +198,10 @@ impl Store {
         };
         let kept = slot.take();
         let had = kept.is_some();
-        let result = match tokio::time::timeout(timeout, attempt(kept)).await {
-            Ok(Err(StoreError::Io(_))) if had => tokio::time::timeout(timeout, attempt(None)).await,
+        let result = match tokio::time::timeout_at(deadline, attempt(kept)).await {
+            Ok(Err(StoreError::Io(_))) if had => {
+                tokio::time::timeout_at(deadline, attempt(None)).await
+            }
             other => other,
         };
         match result {
@@ -664,6 +666,43 @@ mod tests {
         apply(&revocations, &|| Some(3600), &id, &(now + 60).to_string());
         apply(&revocations, &|| Some(3600), &id2, &(now - 60).to_string());
         assert_eq!(revocations.len(), 2);
+    }
+
+    /// `timeout` bounds a command from when it is asked, waiting for the connection
+    /// included: a single-use check behind a slow one gets its answer or its 503 within
+    /// `timeout`, not twice that.
+    #[tokio::test]
+    async fn a_command_queued_behind_a_slow_one_is_answered_within_the_timeout() {
+        use tokio::io::AsyncReadExt;
+        let l =
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let port = l.local_addr().map_or(0, |a| a.port());
+        // Answers each command "first use" after 300 ms.
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(1..) = s.read(&mut buf).await {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        if s.write_all(b"+OK\r\n").await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let store =
+            Store::new(RedisSettings { timeout: Duration::from_millis(400), ..settings(port) })
+                .unwrap_or_else(|e| panic!("{e}"));
+        let started = std::time::Instant::now();
+        let check = || async {
+            let r = store.first_use(&[7; 32], 100, 10).await;
+            (r.map_err(|e| e.to_string()), started.elapsed())
+        };
+        let (first, second) = tokio::join!(check(), check());
+        assert_eq!(first.0, Ok(true), "the first answered in 300 ms");
+        assert_eq!(second.0, Err("timed out".into()), "the second had 100 ms left");
+        assert!(second.1 < Duration::from_millis(550), "{:?}", second.1);
     }
 
     /// A server that hangs, or answers what no command of the store expects, is a
