@@ -31,6 +31,9 @@ pub const MAX_UNSHARED: usize = crate::session::revoke::MAX_REVOCATIONS;
 /// drain is over.
 pub const FINAL_FLUSH: Duration = Duration::from_secs(5);
 
+/// The longest wait between the last attempts ([`FINAL_FLUSH`]).
+const FINAL_RETRY: Duration = Duration::from_millis(500);
+
 /// The sign-outs not shared yet, first made first; their number is the
 /// `portcullis_redis_sign_outs_unshared` gauge (summed over the stores of a process).
 #[derive(Debug)]
@@ -165,12 +168,15 @@ impl Store {
         while let Some(s) = outbox.recv().await {
             self.keep(&mut unshared, s);
         }
+        // Tried again often in the little time left, whatever the backoff had grown
+        // to: Redis coming back a second into it must not wait out a 5 s retry.
+        let mut wait = RETRY.0;
         let last = async {
             while let Err(e) = self.flush(&mut unshared, &mut outbox).await {
                 crate::metrics::global().redis_errors.inc(&"sign-out");
                 tracing::debug!(error = %e, "sharing the last sign-outs before exit");
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(RETRY.1);
+                wait = (wait * 2).min(FINAL_RETRY);
             }
         };
         let _ = tokio::time::timeout(FINAL_FLUSH, last).await;

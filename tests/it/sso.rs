@@ -1199,6 +1199,43 @@ async fn a_sign_out_made_during_a_shutdown_drain_is_still_shared() {
     second.shutdown().await;
 }
 
+/// A replica shut down while Redis is unreachable after a long outage (its retries
+/// backed off to 5 s) still shares its waiting sign-outs when Redis comes back during
+/// the shutdown's last attempts.
+#[tokio::test]
+async fn a_replica_shut_down_during_an_outage_shares_its_sign_outs_if_redis_comes_back_in_time() {
+    use portcullis::session::revoke::Revoked;
+    let Some(mut redis) = RedisServer::start("sign-out shared at shutdown").await else { return };
+    let w =
+        World::with(Setup { sso: Some(String::new()), redis: redis.config(), ..Setup::default() })
+            .await;
+    let (first, _, _) = replica(&w).await;
+    let (second, _, _) = replica(&w).await;
+    let ours = first.shared.runtime.load().revocations.clone();
+    let theirs = second.shared.runtime.load().revocations.clone();
+    let redis_port = redis.port;
+    redis.stop();
+    let now = portcullis::util::unix_now();
+    let (key, created) = ([43u8; 16], now - 10);
+    assert_eq!(ours.revoke(key, created, 3600, now), Revoked::Recorded);
+    // Long enough for the retries to back off to 5 s apart.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let back_soon = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        RedisServer::start_on("sign-out shared at shutdown, Redis back", redis_port).await
+    };
+    let ((), back) = tokio::join!(first.shutdown(), back_soon);
+    let _back = back.unwrap_or_else(|| panic!("redis-server ran a moment ago"));
+    for _ in 0..100 {
+        if theirs.refused(&key, created).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(theirs.refused(&key, created).is_some(), "the other replica never heard of it");
+    second.shutdown().await;
+}
+
 /// `key_prefix` may hold characters `SCAN … MATCH` reads as a pattern: the stored
 /// sign-outs are read back all the same.
 #[tokio::test]
