@@ -105,6 +105,16 @@ impl std::fmt::Debug for Store {
 /// How long the subscriber waits before connecting again, doubling from the first
 /// to the last.
 const RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+/// `wait`, less up to half of it at random: replicas that lost Redis at the same
+/// moment (it restarted) do not all come back to it, and read everything back, in the
+/// same instant at every attempt.
+fn jittered(wait: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    let cut = wait.mul_f64(f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX) / 2.0);
+    wait.saturating_sub(cut)
+}
+
 /// How long a subscription must have held for its loss to start the backoff over.
 const STABLE: Duration = Duration::from_secs(30);
 /// Keys asked for per `SCAN` page when reading the stored sign-outs back.
@@ -291,7 +301,7 @@ impl Store {
                 _ = drained.wait_for(|d| *d) => return,
             }
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(jittered(wait)) => {}
                 _ = drained.wait_for(|d| *d) => return,
             }
             wait = (wait * 2).min(RETRY.1);
@@ -591,10 +601,10 @@ mod tests {
         );
         let _ = tokio::time::timeout(Duration::from_secs(2), follow).await;
         assert!(store.synced(), "it did subscribe and read back");
-        // 100 + 200 + 400 + 800 ms between them: at most five in two seconds (twenty
-        // when each read-back started the backoff over).
+        // At least 50 + 100 + 200 + 400 + 800 ms between them (jittered): at most six in
+        // two seconds (seventeen when each read-back started the backoff over).
         let n = subscriptions.load(Ordering::Relaxed);
-        assert!((2..=5).contains(&n), "{n} subscriptions in two seconds");
+        assert!((2..=6).contains(&n), "{n} subscriptions in two seconds");
     }
 
     /// The stored sign-outs are read back a page at a time, not a round trip each: a
@@ -703,6 +713,16 @@ mod tests {
         assert_eq!(first.0, Ok(true), "the first answered in 300 ms");
         assert_eq!(second.0, Err("timed out".into()), "the second had 100 ms left");
         assert!(second.1 < Duration::from_millis(550), "{:?}", second.1);
+    }
+
+    #[test]
+    fn retries_are_spread_over_the_second_half_of_the_backoff() {
+        let waits: std::collections::BTreeSet<Duration> =
+            (0..50).map(|_| jittered(Duration::from_secs(4))).collect();
+        assert!(waits.len() > 10, "spread: {waits:?}");
+        assert!(waits
+            .iter()
+            .all(|w| (Duration::from_secs(2)..=Duration::from_secs(4)).contains(w)));
     }
 
     /// A server that hangs, or answers what no command of the store expects, is a

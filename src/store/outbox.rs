@@ -159,7 +159,7 @@ impl Store {
                             unshared = unshared.len(), retry_in = ?wait,
                             "sign-outs are not shared with the other replicas yet (they hold on this one); retrying");
                     }
-                    retry_at = Some(Instant::now() + wait);
+                    retry_at = Some(Instant::now() + super::jittered(wait));
                     wait = (wait * 2).min(RETRY.1);
                 }
             }
