@@ -180,6 +180,9 @@ pub struct Metrics {
     pub redis_errors: Family<&'static str>,
     /// Sign-outs made on other replicas and recorded here through the shared store.
     pub redis_sign_outs_received: AtomicU64,
+    /// This replica's sign-outs Redis has not taken yet, kept to be tried again (a
+    /// gauge; [`crate::store::outbox`]).
+    pub redis_sign_outs_unshared: AtomicU64,
     /// Shadow-policy disagreements by route.
     pub shadow_disagreements: Family<Arc<str>>,
     pub connections_open: AtomicU64,
@@ -385,7 +388,7 @@ impl Metrics {
             &mut out,
             "portcullis_redis_errors_total",
             "counter",
-            "Shared-store ([redis]) failures by operation: replay (a single-use check, refused with 503), sign-out (not shared), subscribe (other replicas' sign-outs not received until it reconnects), malformed (an unreadable stored or published sign-out).",
+            "Shared-store ([redis]) failures by operation: replay (a single-use check, refused with 503), sign-out (an attempt to share sign-outs failed, tried again; or one given up), subscribe (other replicas' sign-outs not received until it reconnects), malformed (an unreadable stored or published sign-out).",
         );
         for op in ["replay", "sign-out", "subscribe", "malformed"] {
             let _ = writeln!(
@@ -400,6 +403,13 @@ impl Metrics {
             "counter",
             "Sign-outs made on other replicas and recorded here through the shared store.",
             self.redis_sign_outs_received.load(Ordering::Relaxed),
+        );
+        scalar(
+            &mut out,
+            "portcullis_redis_sign_outs_unshared",
+            "gauge",
+            "Sign-outs made here that Redis has not taken yet: they hold here and are tried again until shared or their sessions end.",
+            self.redis_sign_outs_unshared.load(Ordering::Relaxed),
         );
         family(
             &mut out,

@@ -29,8 +29,8 @@ pub struct RedisSettings {
     /// Put before every key and the sign-out channel, so replicas of several
     /// deployments can share one server.
     pub key_prefix: String,
-    /// Bounds connecting and each command; a single-use check that takes longer fails
-    /// closed.
+    /// Bounds each command from when it is asked (waiting for the connection and
+    /// connecting included); a single-use check that takes longer fails closed.
     pub timeout: Duration,
 }
 

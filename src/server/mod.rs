@@ -292,48 +292,31 @@ impl Fixed {
     }
 }
 
-/// Shares this replica's sign-outs through `store` and records the other replicas'
-/// ([`crate::store`]), until shutdown.
+/// Shares this replica's sign-outs through `store` (trying again those Redis does not
+/// take) and records the other replicas' ([`crate::store`]), until `drained`: sign-outs
+/// made by requests still in flight during a shutdown's drain are shared too, and
+/// other replicas' sign-outs still apply to those requests.
 fn share_sign_outs(
     tasks: &mut tokio::task::JoinSet<()>,
     store: Arc<crate::store::Store>,
     shared: &Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
+    drained: watch::Receiver<bool>,
 ) {
     let revocations = shared.runtime.load().revocations.clone();
-    // Each sign-out takes a sign-in at the identity provider, so this fills only if
-    // Redis stays slower than people sign out; a full queue is counted, and the
-    // sign-out holds on this replica anyway.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::session::revoke::SignOut>(1024);
+    // Each sign-out takes a sign-in at the identity provider, and the task takes them
+    // off the queue as they come (also while Redis is unreachable: those are kept and
+    // tried again there), so this fills only if sign-outs outpace it; a full queue is
+    // counted, and the sign-out holds on this replica anyway.
+    let (tx, rx) = tokio::sync::mpsc::channel::<crate::session::revoke::SignOut>(1024);
     revocations.share_with(tx);
-    let sender = store.clone();
-    let mut stop = shutdown.clone();
-    tasks.spawn(async move {
-        loop {
-            // At shutdown what is queued is still sent; a sign-out made later in the
-            // drain is logged as not shared.
-            let next = tokio::select! {
-                s = rx.recv() => s,
-                _ = stop.changed() => {
-                    rx.close();
-                    rx.recv().await
-                }
-            };
-            let Some(s) = next else { return };
-            if let Err(e) = sender.share_sign_out(&s, crate::util::unix_now()).await {
-                crate::metrics::global().redis_errors.inc(&"sign-out");
-                tracing::error!(server = %sender.shown(), error = %e,
-                    "a sign-out was not shared with the other replicas (it holds on this one)");
-            }
-        }
-    });
+    tasks.spawn(store.clone().share_sign_outs(rx, drained.clone()));
     let runtime = shared.clone();
     // Sign-outs are kept for this replica's own absolute lifetime, read at each one so
     // a reload's new lifetime applies.
     let lifetime = Arc::new(move || {
         runtime.runtime.load().sessions.as_ref().map(|s| s.settings.absolute_lifetime.as_secs())
     });
-    tasks.spawn(store.follow_sign_outs(revocations, lifetime, shutdown));
+    tasks.spawn(store.follow_sign_outs(revocations, lifetime, drained));
 }
 
 /// Options that are not in the configuration file.
@@ -465,8 +448,11 @@ impl Server {
         if watch_files {
             tasks.spawn(watch_loop(state.clone(), shutdown_rx.clone()));
         }
+        // True once the drain below is over (or dropped with it): no request is left
+        // that could sign out or open a session.
+        let (drained_tx, drained_rx) = watch::channel(false);
         if let Some(store) = store {
-            share_sign_outs(&mut tasks, store, &shared, shutdown_rx.clone());
+            share_sign_outs(&mut tasks, store, &shared, drained_rx);
         }
         // The drain task: when shutdown is signalled, wait until every connection has
         // given its permit back (each holds one for its lifetime), up to the grace period.
@@ -484,6 +470,7 @@ impl Server {
                     tracing::warn!("connection slots still taken after closing the connections");
                 }
             }
+            let _ = drained_tx.send(true);
         });
         Ok(Server {
             http_bound: bound,
@@ -540,7 +527,9 @@ impl Server {
     /// to be written; if any event was dropped during the process's lifetime or is left
     /// unwritten, one error line on stderr says how many. The admin listener serves until
     /// the drain is over, so `/readyz` is seen answering 503 `"draining": true` (and
-    /// `/healthz` 200) meanwhile.
+    /// `/healthz` 200) meanwhile. With `[redis]`, sign-outs are shared (and the other
+    /// replicas' received) until the drain is over, then those Redis has not taken yet
+    /// get up to [`crate::store::outbox::FINAL_FLUSH`] more.
     pub async fn shutdown(mut self) {
         self.state.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown_tx.send(true);

@@ -16,8 +16,9 @@
 //! their users sign in again. Each entry takes a signed-in session (an identity-provider
 //! sign-in) to make, which is what it would take to fill the list (docs/threat-model.md).
 //!
-//! Per process and in memory: a restart forgets it, and replicas do not share it
-//! (docs/sso.md). Rotating the `[session]` keys still signs everyone out everywhere.
+//! Per process and in memory: a restart forgets it, and replicas share it only through
+//! `[redis]` ([`crate::store`], docs/sso.md). Rotating the `[session]` keys still signs
+//! everyone out everywhere.
 
 use std::collections::{BTreeSet, HashMap};
 

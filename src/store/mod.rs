@@ -10,7 +10,9 @@
 //!   Redis), then stored under `signout:ID` until the session would have ended anyway
 //!   and published on the `signouts` channel. Every replica subscribes, and on each
 //!   (re)subscription first reads back every stored sign-out, so one that was published
-//!   while it was disconnected or not yet running is not missed.
+//!   while it was disconnected or not yet running is not missed. One that Redis does
+//!   not take (unreachable, slow, refusing) is kept and tried again until it does, or
+//!   until its session would have ended anyway ([`outbox`]).
 //!
 //! What Redis says can only *refuse* more: a sign-out it reports ends a session, a
 //! replay it reports refuses a token; nothing it answers lets a request through that
@@ -22,6 +24,7 @@
 //! sign-outs are rare next to the requests that need neither), and one for the
 //! subscription. Either is dropped on any error or timeout and made again on next use.
 
+pub mod outbox;
 pub mod resp;
 
 use std::sync::Arc;
@@ -88,6 +91,9 @@ pub struct Store {
     conn: tokio::sync::Mutex<Option<Conn>>,
     /// Set once the stored sign-outs were first read back (`/readyz` waits for it).
     synced: std::sync::atomic::AtomicBool,
+    /// Told each time the subscription is back and read back: Redis answers again, so
+    /// the sign-outs waiting to be shared need not wait out their backoff.
+    subscribed_again: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Store {
@@ -99,6 +105,18 @@ impl std::fmt::Debug for Store {
 /// How long the subscriber waits before connecting again, doubling from the first
 /// to the last.
 const RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+/// `wait`, less up to half of it at random: replicas that lost Redis at the same
+/// moment (it restarted) do not all come back to it, and read everything back, in the
+/// same instant at every attempt.
+fn jittered(wait: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    let cut = wait.mul_f64(f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX) / 2.0);
+    wait.saturating_sub(cut)
+}
+
+/// How long a subscription must have held for its loss to start the backoff over.
+const STABLE: Duration = Duration::from_secs(30);
 /// Keys asked for per `SCAN` page when reading the stored sign-outs back.
 const SCAN_PAGE: &str = "512";
 
@@ -118,6 +136,7 @@ impl Store {
             tls,
             conn: tokio::sync::Mutex::new(None),
             synced: Default::default(),
+            subscribed_again: tokio::sync::Notify::new(),
         }))
     }
 
@@ -170,13 +189,13 @@ impl Store {
     }
 
     /// Runs one command on the command connection, connecting first if there is none,
-    /// within `timeout`; waiting for the connection (another command running) is held
-    /// to `timeout` too, so a slow Redis cannot queue requests behind it for longer. A
-    /// connection kept from earlier that fails at once (the server closed it while
-    /// idle) is replaced once.
+    /// within `timeout` from when it is asked: waiting for the connection (another
+    /// command running) counts, so a slow Redis cannot hold a request for longer than
+    /// that however many queue behind it. A connection kept from earlier that fails at
+    /// once (the server closed it while idle) is replaced once, in the same time.
     pub async fn command(&self, args: &[&[u8]]) -> Result<Value, StoreError> {
-        let timeout = self.settings.timeout;
-        let mut slot = tokio::time::timeout(timeout, self.conn.lock())
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        let mut slot = tokio::time::timeout_at(deadline, self.conn.lock())
             .await
             .map_err(|_| StoreError::Timeout)?;
         let attempt = |kept: Option<Conn>| async move {
@@ -189,8 +208,10 @@ impl Store {
         };
         let kept = slot.take();
         let had = kept.is_some();
-        let result = match tokio::time::timeout(timeout, attempt(kept)).await {
-            Ok(Err(StoreError::Io(_))) if had => tokio::time::timeout(timeout, attempt(None)).await,
+        let result = match tokio::time::timeout_at(deadline, attempt(kept)).await {
+            Ok(Err(StoreError::Io(_))) if had => {
+                tokio::time::timeout_at(deadline, attempt(None)).await
+            }
             other => other,
         };
         match result {
@@ -251,39 +272,49 @@ impl Store {
     }
 
     /// Keeps this replica's sign-out list in step with the other replicas' until
-    /// `shutdown`: subscribes, reads back every stored sign-out, then applies each one
-    /// published; on any failure connects again (backing off) and reads back again.
+    /// `drained` (a shutdown's drain is over, or its sender gone): subscribes, reads
+    /// back every stored sign-out, then applies each one published; on any failure
+    /// connects again (backing off) and reads back again.
     pub async fn follow_sign_outs(
         self: Arc<Self>,
         revocations: Arc<Revocations>,
         lifetime: Arc<dyn Fn() -> Option<u64> + Send + Sync>,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        mut drained: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut wait = RETRY.0;
         loop {
-            let run = self.subscribed(&revocations, &*lifetime, &mut wait);
+            let mut since = None;
+            let run = self.subscribed(&revocations, &*lifetime, &mut since);
             tokio::select! {
                 e = run => {
+                    // Only a subscription that held a while starts the backoff over: one
+                    // cut soon after it was made (a server or a proxy in front that drops
+                    // it) would otherwise have every replica read every stored sign-out
+                    // back ten times a second.
+                    if since.is_some_and(|t| t.elapsed() >= STABLE) {
+                        wait = RETRY.0;
+                    }
                     crate::metrics::global().redis_errors.inc(&"subscribe");
                     tracing::warn!(server = %self.shown(), error = %e, retry_in = ?wait,
                         "sign-outs from other replicas are not being received; retrying");
                 }
-                _ = shutdown.changed() => return,
+                _ = drained.wait_for(|d| *d) => return,
             }
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(jittered(wait)) => {}
+                _ = drained.wait_for(|d| *d) => return,
             }
             wait = (wait * 2).min(RETRY.1);
         }
     }
 
-    /// One subscription, until it fails.
+    /// One subscription, until it fails; `since` says from when it was followed (read
+    /// back), if it got so far.
     async fn subscribed(
         &self,
         revocations: &Revocations,
         lifetime: &(dyn Fn() -> Option<u64> + Send + Sync),
-        wait: &mut Duration,
+        since: &mut Option<tokio::time::Instant>,
     ) -> StoreError {
         let channel = self.channel();
         let subscribe = async {
@@ -304,8 +335,9 @@ impl Store {
         if let Err(e) = self.read_back(revocations, lifetime).await {
             return e;
         }
-        *wait = RETRY.0;
+        *since = Some(tokio::time::Instant::now());
         self.synced.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.subscribed_again.notify_waiters();
         tracing::info!(server = %self.shown(), "following sign-outs of other replicas");
         loop {
             let message = match resp::read(&mut conn).await {
@@ -325,14 +357,17 @@ impl Store {
         }
     }
 
-    /// Applies every sign-out stored now (`SCAN` then `GET`, a page at a time).
+    /// Applies every sign-out stored now (`SCAN` then `MGET`, a page at a time).
     async fn read_back(
         &self,
         revocations: &Revocations,
         lifetime: &(dyn Fn() -> Option<u64> + Send + Sync),
     ) -> Result<(), StoreError> {
-        let pattern = self.key("signout", "*");
-        let prefix = pattern.trim_end_matches('*').as_bytes();
+        let prefix = self.key("signout", "");
+        // `key_prefix` may hold `?`, `[` or `\`, which `MATCH` would read as a pattern
+        // (`dep[1]:` matching `dep1:` and never itself): matched literally instead.
+        let pattern = format!("{}*", glob_literal(&prefix));
+        let prefix = prefix.as_bytes();
         let mut cursor = b"0".to_vec();
         // A hostile server could answer cursors forever; a real one runs out of keys
         // long before this many pages of 512.
@@ -351,21 +386,14 @@ impl Store {
             let [Value::Bulk(Some(next)), Value::Array(Some(keys))] = page.as_slice() else {
                 return Err(StoreError::Unexpected);
             };
+            let mut found = Vec::with_capacity(keys.len());
             for key in keys {
                 let Value::Bulk(Some(key)) = key else { return Err(StoreError::Unexpected) };
-                let Some(id) = key.strip_prefix(prefix) else { continue };
-                match self.command(&[b"GET", key]).await? {
-                    Value::Bulk(Some(created)) => {
-                        match (std::str::from_utf8(id), std::str::from_utf8(&created)) {
-                            (Ok(id), Ok(created)) => apply(revocations, lifetime, id, created),
-                            _ => ignored(),
-                        }
-                    }
-                    // Expired between the two commands.
-                    Value::Bulk(None) => {}
-                    _ => return Err(StoreError::Unexpected),
+                if key.starts_with(prefix) {
+                    found.push(key.as_slice());
                 }
             }
+            self.apply_stored(&found, prefix.len(), revocations, lifetime).await?;
             if next.as_slice() == b"0" {
                 return Ok(());
             }
@@ -373,12 +401,56 @@ impl Store {
         }
         Err(StoreError::Protocol("SCAN did not finish"))
     }
+
+    /// Applies the sign-outs stored under `keys` (a `SCAN` page's, each the sign-out
+    /// prefix, `prefix_len` bytes, then the session id), read with one `MGET`: one round
+    /// trip a page, not one a sign-out, so a replica starting beside many stored
+    /// sign-outs is ready in a fraction of the time.
+    async fn apply_stored(
+        &self,
+        keys: &[&[u8]],
+        prefix_len: usize,
+        revocations: &Revocations,
+        lifetime: &(dyn Fn() -> Option<u64> + Send + Sync),
+    ) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut args: Vec<&[u8]> = Vec::with_capacity(keys.len() + 1);
+        args.push(b"MGET");
+        args.extend_from_slice(keys);
+        let Value::Array(Some(values)) = self.command(&args).await? else {
+            return Err(StoreError::Unexpected);
+        };
+        if values.len() != keys.len() {
+            return Err(StoreError::Unexpected);
+        }
+        for (key, value) in keys.iter().zip(values) {
+            let id = key.get(prefix_len..).unwrap_or_default();
+            match value {
+                Value::Bulk(Some(created)) => {
+                    match (std::str::from_utf8(id), std::str::from_utf8(&created)) {
+                        (Ok(id), Ok(created)) => apply(revocations, lifetime, id, created),
+                        _ => ignored(),
+                    }
+                }
+                // Expired between the two commands.
+                Value::Bulk(None) => {}
+                _ => return Err(StoreError::Unexpected),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Records a sign-out another replica made: session `id` (base64url of 16 bytes),
 /// signed in at `created`, kept for this replica's own absolute lifetime (never a
 /// lifetime the message names, so a forged message cannot make the list hold entries
-/// for ever). Ignored without browser sessions.
+/// for ever). Ignored without browser sessions, and when `created` is later than now
+/// past the clock skew replicas are assumed to stay within: no session was signed in
+/// in the future, and a forged one would be kept until that future plus the lifetime
+/// (for ever, in effect), and once the list is full raise its floor there, refusing
+/// every session until a restart.
 fn apply(
     revocations: &Revocations,
     lifetime: &(dyn Fn() -> Option<u64> + Send + Sync),
@@ -392,6 +464,9 @@ fn apply(
         return ignored();
     };
     let now = crate::util::unix_now();
+    if created > now.saturating_add(crate::identity::verify::MAX_LEEWAY.as_secs()) {
+        return ignored();
+    }
     if matches!(
         revocations.revoke_from_peer(key, created, lifetime, now),
         crate::session::revoke::Revoked::Recorded
@@ -426,6 +501,18 @@ async fn call(conn: &mut Conn, args: &[&[u8]]) -> Result<Value, StoreError> {
     conn.write_all(&out).await.map_err(io)?;
     conn.flush().await.map_err(io)?;
     Ok(resp::read(conn).await?)
+}
+
+/// `text` as a Redis glob pattern that matches it and nothing else.
+fn glob_literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 4);
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -469,6 +556,173 @@ mod tests {
             }
         });
         port
+    }
+
+    /// A server that accepts the subscription and the read-back, then drops the
+    /// subscription at once, again and again: the replica backs off rather than reading
+    /// everything back every 100 ms.
+    #[tokio::test]
+    async fn a_subscription_dropped_at_once_each_time_is_retried_backing_off() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::AsyncReadExt;
+        let l =
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let port = l.local_addr().map_or(0, |a| a.port());
+        let subscriptions = Arc::new(AtomicUsize::new(0));
+        let counted = subscriptions.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n @ 1..) = s.read(&mut buf).await {
+                        let command = &buf[..n];
+                        if command.windows(9).any(|w| w == b"SUBSCRIBE") {
+                            counted.fetch_add(1, Ordering::Relaxed);
+                            let _ =
+                                s.write_all(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n").await;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            return;
+                        }
+                        // SCAN: one page, no key.
+                        if s.write_all(b"*2\r\n$1\r\n0\r\n*0\r\n").await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let store = Store::new(settings(port)).unwrap_or_else(|e| panic!("{e}"));
+        let (_drained_tx, drained) = tokio::sync::watch::channel(false);
+        let follow = store.clone().follow_sign_outs(
+            Arc::new(Revocations::default()),
+            Arc::new(|| Some(3600)),
+            drained,
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), follow).await;
+        assert!(store.synced(), "it did subscribe and read back");
+        // At least 50 + 100 + 200 + 400 + 800 ms between them (jittered): at most six in
+        // two seconds (seventeen when each read-back started the backoff over).
+        let n = subscriptions.load(Ordering::Relaxed);
+        assert!((2..=6).contains(&n), "{n} subscriptions in two seconds");
+    }
+
+    /// The stored sign-outs are read back a page at a time, not a round trip each: a
+    /// replica starting beside 100 000 of them across a network would otherwise stay
+    /// unready for minutes.
+    #[tokio::test]
+    async fn stored_sign_outs_are_read_back_with_one_round_trip_a_page() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::AsyncReadExt;
+        let now = crate::util::unix_now();
+        let ids: Vec<String> = (1..=3u8).map(|n| URL_SAFE_NO_PAD.encode([n; 16])).collect();
+        let mut scan = b"*2\r\n$1\r\n0\r\n*3\r\n".to_vec();
+        let mut values = b"*3\r\n".to_vec();
+        for id in &ids {
+            let key = format!("t:signout:{id}");
+            scan.extend_from_slice(format!("${}\r\n{key}\r\n", key.len()).as_bytes());
+            let created = (now - 10).to_string();
+            values.extend_from_slice(format!("${}\r\n{created}\r\n", created.len()).as_bytes());
+        }
+        let one = format!("${}\r\n{}\r\n", (now - 10).to_string().len(), now - 10);
+        let l =
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let port = l.local_addr().map_or(0, |a| a.port());
+        let commands = Arc::new(AtomicUsize::new(0));
+        let counted = commands.clone();
+        tokio::spawn(async move {
+            let Ok((mut s, _)) = l.accept().await else { return };
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = s.read(&mut buf).await {
+                counted.fetch_add(1, Ordering::Relaxed);
+                let has = |w: &[u8]| buf[..n].windows(w.len()).any(|x| x == w);
+                let reply = if has(b"SCAN") {
+                    scan.as_slice()
+                } else if has(b"MGET") {
+                    values.as_slice()
+                } else {
+                    one.as_bytes()
+                };
+                if s.write_all(reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let store = Store::new(settings(port)).unwrap_or_else(|e| panic!("{e}"));
+        let revocations = Revocations::default();
+        let read = store.read_back(&revocations, &|| Some(3600)).await;
+        assert!(read.is_ok(), "{read:?}");
+        assert_eq!(revocations.len(), 3, "every stored sign-out applied");
+        for n in 1..=3u8 {
+            assert!(revocations.refused(&[n; 16], now - 10).is_some(), "{n}");
+        }
+        assert_eq!(commands.load(Ordering::Relaxed), 2, "SCAN, then one read of the page");
+    }
+
+    /// What another replica (or whoever can write to Redis) says is a sign-out is
+    /// kept for this replica's own lifetime from a sign-in time that can have been:
+    /// never one in the future, which would be kept for ever.
+    #[test]
+    fn a_sign_out_of_a_session_signed_in_in_the_future_is_ignored() {
+        let revocations = Revocations::default();
+        let now = crate::util::unix_now();
+        let id = URL_SAFE_NO_PAD.encode([5u8; 16]);
+        for created in [now + 10 * 24 * 3600, u64::MAX - 1] {
+            apply(&revocations, &|| Some(3600), &id, &created.to_string());
+            assert!(revocations.is_empty(), "{created}");
+        }
+        // Within the clock skew replicas may have, and in the past: recorded.
+        let id2 = URL_SAFE_NO_PAD.encode([6u8; 16]);
+        apply(&revocations, &|| Some(3600), &id, &(now + 60).to_string());
+        apply(&revocations, &|| Some(3600), &id2, &(now - 60).to_string());
+        assert_eq!(revocations.len(), 2);
+    }
+
+    /// `timeout` bounds a command from when it is asked, waiting for the connection
+    /// included: a single-use check behind a slow one gets its answer or its 503 within
+    /// `timeout`, not twice that.
+    #[tokio::test]
+    async fn a_command_queued_behind_a_slow_one_is_answered_within_the_timeout() {
+        use tokio::io::AsyncReadExt;
+        let l =
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let port = l.local_addr().map_or(0, |a| a.port());
+        // Answers each command "first use" after 300 ms.
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(1..) = s.read(&mut buf).await {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        if s.write_all(b"+OK\r\n").await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let store =
+            Store::new(RedisSettings { timeout: Duration::from_millis(400), ..settings(port) })
+                .unwrap_or_else(|e| panic!("{e}"));
+        let started = std::time::Instant::now();
+        let check = || async {
+            let r = store.first_use(&[7; 32], 100, 10).await;
+            (r.map_err(|e| e.to_string()), started.elapsed())
+        };
+        let (first, second) = tokio::join!(check(), check());
+        assert_eq!(first.0, Ok(true), "the first answered in 300 ms");
+        assert_eq!(second.0, Err("timed out".into()), "the second had 100 ms left");
+        assert!(second.1 < Duration::from_millis(550), "{:?}", second.1);
+    }
+
+    #[test]
+    fn retries_are_spread_over_the_second_half_of_the_backoff() {
+        let waits: std::collections::BTreeSet<Duration> =
+            (0..50).map(|_| jittered(Duration::from_secs(4))).collect();
+        assert!(waits.len() > 10, "spread: {waits:?}");
+        assert!(waits
+            .iter()
+            .all(|w| (Duration::from_secs(2)..=Duration::from_secs(4)).contains(w)));
     }
 
     /// A server that hangs, or answers what no command of the store expects, is a

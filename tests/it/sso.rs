@@ -1089,6 +1089,176 @@ async fn a_sign_out_ends_the_session_on_every_replica_sharing_redis() {
     third.shutdown().await;
 }
 
+/// A copy of `cookie` sent to the replica on `port`.
+async fn copy_at(w: &World, port: u16, cookie: &str) -> Resp {
+    let url = format!("https://localhost:{port}/replica");
+    send_with(&w.client, Method::GET, &url, &[("cookie", cookie)], Bytes::new()).await
+}
+
+/// Asks the replica on `port` with `cookie` until it refuses it, for up to `within`.
+async fn refused_within(w: &World, port: u16, cookie: &str, within: Duration) -> Resp {
+    let started = std::time::Instant::now();
+    loop {
+        let r = copy_at(w, port, cookie).await;
+        if r.status != StatusCode::OK || started.elapsed() > within {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn sign_out(w: &World, b: &mut Browser) {
+    let logout = w.url("/.portcullis/logout");
+    let r = b.request(w, Method::GET, &logout, &[("sec-fetch-site", "same-origin")], "").await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+}
+
+/// Fail closed across replicas: a sign-out Redis could not take when it was made is
+/// kept and shared once Redis is back, so the other replicas refuse the cookie too
+/// (not only until the session's lifetime ends).
+#[tokio::test]
+async fn a_sign_out_made_while_redis_is_down_reaches_the_other_replicas_once_it_is_back() {
+    let Some(mut redis) = RedisServer::start("sign-out during a Redis outage").await else {
+        return;
+    };
+    let w =
+        World::with(Setup { sso: Some(String::new()), redis: redis.config(), ..Setup::default() })
+            .await;
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let copy = b.cookie_header();
+    let (second, port, sink) = replica(&w).await;
+    assert_eq!(copy_at(&w, port, &copy).await.status, StatusCode::OK);
+    let redis_port = redis.port;
+    redis.stop();
+    sign_out(&w, &mut b).await;
+    assert_eq!(copy_at(&w, w.https.port(), &copy).await.status, StatusCode::UNAUTHORIZED);
+    // While Redis is down the second replica cannot know.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(copy_at(&w, port, &copy).await.status, StatusCode::OK);
+    let metrics = w.admin_get("/metrics").await.text();
+    assert!(!metrics.contains("portcullis_redis_sign_outs_unshared 0\n"), "{metrics}");
+    let _redis = RedisServer::start_on("sign-out during a Redis outage, Redis back", redis_port)
+        .await
+        .unwrap_or_else(|| panic!("redis-server ran a moment ago"));
+    // Both sides back off at most 5 s between attempts.
+    let refused = refused_within(&w, port, &copy, Duration::from_secs(20)).await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{}", refused.text());
+    assert_eq!(refused.json()["error"], "login-required");
+    let found = sink
+        .lines()
+        .into_iter()
+        .any(|l| l.contains(&request_id(&refused)) && l.contains("\"reason\":\"session-revoked\""));
+    assert!(found, "the second replica audits the copy as session-revoked");
+    // Stored, not only published: a replica started now reads it back.
+    let (third, port3, _) = replica(&w).await;
+    assert_eq!(copy_at(&w, port3, &copy).await.status, StatusCode::UNAUTHORIZED);
+    second.shutdown().await;
+    third.shutdown().await;
+}
+
+/// A request still in flight when a shutdown begins may sign out (its connection is
+/// drained, not cut): that sign-out is shared before the replica exits.
+#[tokio::test]
+async fn a_sign_out_made_during_a_shutdown_drain_is_still_shared() {
+    use portcullis::session::revoke::Revoked;
+    let Some(redis) = RedisServer::start("sign-out during a drain").await else { return };
+    let w =
+        World::with(Setup { sso: Some(String::new()), redis: redis.config(), ..Setup::default() })
+            .await;
+    let (first, first_port, _) = replica(&w).await;
+    let (second, _, _) = replica(&w).await;
+    let ours = first.shared.runtime.load().revocations.clone();
+    let theirs = second.shared.runtime.load().revocations.clone();
+    // A connection the drain waits for (up to the 5 s grace).
+    let held = tokio::net::TcpStream::connect(("127.0.0.1", first_port))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Accepted (and holding its slot) before the shutdown stops the accept loop.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let now = portcullis::util::unix_now();
+    let (key, created) = ([42u8; 16], now - 10);
+    let during_drain = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(ours.revoke(key, created, 3600, now), Revoked::Recorded);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(held);
+    };
+    let started = std::time::Instant::now();
+    tokio::join!(first.shutdown(), during_drain);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(600), "the drain waited for the connection: {took:?}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    for _ in 0..50 {
+        if theirs.refused(&key, created).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(theirs.refused(&key, created).is_some(), "the other replica never heard of it");
+    second.shutdown().await;
+}
+
+/// A replica shut down while Redis is unreachable after a long outage (its retries
+/// backed off to 5 s) still shares its waiting sign-outs when Redis comes back during
+/// the shutdown's last attempts.
+#[tokio::test]
+async fn a_replica_shut_down_during_an_outage_shares_its_sign_outs_if_redis_comes_back_in_time() {
+    use portcullis::session::revoke::Revoked;
+    let Some(mut redis) = RedisServer::start("sign-out shared at shutdown").await else { return };
+    let w =
+        World::with(Setup { sso: Some(String::new()), redis: redis.config(), ..Setup::default() })
+            .await;
+    let (first, _, _) = replica(&w).await;
+    let (second, _, _) = replica(&w).await;
+    let ours = first.shared.runtime.load().revocations.clone();
+    let theirs = second.shared.runtime.load().revocations.clone();
+    let redis_port = redis.port;
+    redis.stop();
+    let now = portcullis::util::unix_now();
+    let (key, created) = ([43u8; 16], now - 10);
+    assert_eq!(ours.revoke(key, created, 3600, now), Revoked::Recorded);
+    // Long enough for the retries to back off to 5 s apart.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let back_soon = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        RedisServer::start_on("sign-out shared at shutdown, Redis back", redis_port).await
+    };
+    let ((), back) = tokio::join!(first.shutdown(), back_soon);
+    let _back = back.unwrap_or_else(|| panic!("redis-server ran a moment ago"));
+    for _ in 0..100 {
+        if theirs.refused(&key, created).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(theirs.refused(&key, created).is_some(), "the other replica never heard of it");
+    second.shutdown().await;
+}
+
+/// `key_prefix` may hold characters `SCAN … MATCH` reads as a pattern: the stored
+/// sign-outs are read back all the same.
+#[tokio::test]
+async fn stored_sign_outs_are_read_back_whatever_characters_the_key_prefix_holds() {
+    let Some(redis) = RedisServer::start("key prefix with pattern characters").await else {
+        return;
+    };
+    let config = format!("{}key_prefix = 'dep[1]?\\:'\n", redis.config());
+    let w =
+        World::with(Setup { sso: Some(String::new()), redis: config, ..Setup::default() }).await;
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let copy = b.cookie_header();
+    sign_out(&w, &mut b).await;
+    // Stored and published before the replica below starts: only its read-back can
+    // tell it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (late, port, _) = replica(&w).await;
+    let r = copy_at(&w, port, &copy).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    late.shutdown().await;
+}
+
 #[tokio::test]
 async fn group_overage_fails_closed() {
     let w = sso_world("").await;
