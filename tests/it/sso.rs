@@ -617,6 +617,50 @@ async fn acr_values_are_held_to_the_id_tokens_acr() {
     assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
 }
 
+/// The `acr_values` a login demands hold the issuer's bearer ID tokens too: a person
+/// barred from a session without the class asked for is not let in by sending a
+/// password-only ID token of the same issuer as a bearer token. Without an `acr`, or
+/// with another class: 401 (`acr-mismatch` in the log, `invalid-token` to the client).
+#[tokio::test]
+async fn a_bearer_id_token_is_held_to_the_acr_values_of_its_issuers_login() {
+    let setup = Setup {
+        sso: Some(String::new()),
+        login_extra: ", extra_params = { acr_values = \"phr urn:example:mfa\" }".into(),
+        ..Setup::default()
+    };
+    let w = World::with(setup).await;
+    for (acr, why) in [
+        (None, "no `acr`"),
+        (Some("acr=pwd"), "not one of"),
+        (Some("acr=phrx"), "not one of"),
+        (Some("acr=PHR"), "not one of"),
+    ] {
+        let token = w.token("corp", acr.as_slice());
+        let r = w.get("/", Some(&token)).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{acr:?}: {}", r.text());
+        assert!(r.text().contains("invalid-token"), "{acr:?}: {}", r.text());
+        let e = w.last_event().await;
+        assert_eq!(e["reason"], "acr-mismatch", "{acr:?}: {e}");
+        assert!(e["detail"].as_str().unwrap_or_default().contains(why), "{acr:?}: {e}");
+    }
+    // An `acr` that is no string is a malformed claim (V21).
+    let r = w.get("/", Some(&w.token("corp", &["acr:=2"]))).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert_eq!(w.last_event().await["reason"], "invalid-claims");
+    // Either class asked for: in, as the browser would be.
+    for acr in ["acr=phr", "acr=urn:example:mfa"] {
+        let r = w.get("/", Some(&w.token("corp", &[acr]))).await;
+        assert_eq!(r.status, StatusCode::OK, "{acr}: {}", r.text());
+    }
+    // A CI token is no person's ID token: the login's classes do not apply to it.
+    let r = w.get("/", Some(&w.token("gh", &[]))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // Without `acr_values`, a bearer ID token's `acr` is not looked at.
+    let w = sso_world("").await;
+    let r = w.get("/", Some(&w.token("corp", &[]))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
+
 /// RFC 9207: a provider that advertises `authorization_response_iss_parameter_supported`
 /// names itself in every authorization response, so one without `iss` (or with two) is
 /// not its own (the mix-up attack: another provider's code sent back with this sign-in's

@@ -151,6 +151,13 @@ async fn a_test_identity_the_verifier_would_refuse_is_an_error() {
     ] {
         agree(what, &plain, claims, Verdict::Refused).await;
     }
+    // The authentication context the issuer's login asks for (`acr_values`).
+    let mfa = corp(|s| s.acr_values = vec!["phr".into()]);
+    agree("no `acr` where the login asks for one", &mfa, admin.clone(), Verdict::Refused).await;
+    let pwd = with(admin.clone(), "acr", json!("pwd"));
+    agree("another `acr`", &mfa, pwd, Verdict::Refused).await;
+    agree("the `acr` asked for", &mfa, with(admin.clone(), "acr", json!("phr")), Verdict::Allowed)
+        .await;
     let workspace = corp(|s| s.hosted_domain = Some("acme.example".into()));
     let staff = json!({ "sub": "1", "email": "jane@acme.example", "email_verified": true });
     agree("no `hd` where `hosted_domain` is set", &workspace, staff.clone(), Verdict::Refused)
