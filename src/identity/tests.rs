@@ -585,6 +585,30 @@ async fn a_human_id_token_needs_an_acr_the_issuers_login_asks_for() {
         .is_ok());
 }
 
+/// A `[[test]]` identity (or `policy explain --no-verify`) is built only from claims
+/// of the types the verifier checks first: a time that is no number, an `aud` that is
+/// no string or non-empty list of strings, is refused as the verifier refuses it.
+#[test]
+fn an_unverified_identity_has_the_verifiers_time_and_audience_types() {
+    let build = |name: &str, value: Value| {
+        let Value::Object(claims) = with(okta_payload(), name, value) else { panic!("object") };
+        unverified_identity(&okta_settings(), claims).err().map(|e| e.reason)
+    };
+    for (name, value) in [
+        ("exp", json!("soon")),
+        ("nbf", json!([1])),
+        ("iat", json!(true)),
+        ("aud", json!(5)),
+        ("aud", json!([])),
+        ("aud", json!([OKTA_CLIENT, 5])),
+    ] {
+        assert_eq!(build(name, value.clone()), Some(Reason::InvalidClaims), "{name} = {value}");
+    }
+    assert_eq!(build("exp", json!(1767229200.5)), None);
+    let Value::Object(claims) = without(okta_payload(), "aud") else { panic!("object") };
+    assert!(unverified_identity(&okta_settings(), claims).is_ok(), "a test need not say `aud`");
+}
+
 #[tokio::test]
 async fn v20_ci_tokens_need_their_provider_claims() {
     let v = offline(vec![github_settings()]);

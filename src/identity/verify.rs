@@ -680,10 +680,16 @@ pub fn unverified_identity(
     settings: &IssuerSettings,
     payload: Map<String, Value>,
 ) -> Result<Identity, AuthError> {
-    let num = |k: &str| payload.get(k).and_then(Value::as_u64);
-    let exp = num("exp").unwrap_or(u64::MAX);
-    let window = Window { valid_from: 0, valid_until: exp, ends_at: exp, iat: num("iat") };
-    let audience_count = audiences(&payload).map_or(1, |a| a.len());
+    // The types the verifier checks before the rest (V21 times, V14 `aud`): a claim set
+    // it would refuse for them is refused here too, not read as some other token.
+    let exp = numeric_date(&payload, "exp")?.map_or(u64::MAX, secs);
+    numeric_date(&payload, "nbf")?;
+    let iat = numeric_date(&payload, "iat")?.map(secs);
+    let window = Window { valid_from: 0, valid_until: exp, ends_at: exp, iat };
+    let audience_count = match payload.get("aud") {
+        None => 1,
+        Some(_) => audiences(&payload)?.len(),
+    };
     check_acr(settings, &payload)?;
     build_identity(settings, &payload, Claims::default(), audience_count, &window)
         .map(|id| Identity { claims: payload.into(), ..id })
