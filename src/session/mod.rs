@@ -429,8 +429,9 @@ impl SessionData {
     }
 
     /// The identity policy sees. `claims` holds only what the session keeps, and knows
-    /// which names those are.
-    pub fn identity(&self, issuer: IssuerId, expires_at: u64) -> Identity {
+    /// which names those are. `kind` is the issuer's configured `kind`, as a bearer ID
+    /// token of the issuer gets (audit and identity headers say the same either way).
+    pub fn identity(&self, issuer: IssuerId, kind: PrincipalKind, expires_at: u64) -> Identity {
         let mut claims = self.base_claims();
         let kept: Vec<&str> = BASE_CLAIMS
             .iter()
@@ -453,7 +454,7 @@ impl SessionData {
         Identity {
             issuer,
             subject: self.subject.clone(),
-            kind: PrincipalKind::Human,
+            kind,
             email: self.email.clone(),
             email_verified: self.email_verified,
             groups: self.groups.clone(),
@@ -801,7 +802,11 @@ impl Sessions {
         let expires_at = data.expires.min(deadline);
         let ends_at = if data.refresh.is_some() { deadline } else { expires_at };
         Lookup::Valid {
-            identity: Arc::new(data.identity(provider.settings.id.clone(), expires_at)),
+            identity: Arc::new(data.identity(
+                provider.settings.id.clone(),
+                provider.settings.kind,
+                expires_at,
+            )),
             set_cookie,
             key,
             revocation,
@@ -1228,9 +1233,11 @@ impl Sessions {
             response: redirect(&return_to, set),
             reason: Reason::SignedIn,
             detail: "signed in".into(),
-            identity: Some(Arc::new(
-                data.identity(provider.settings.id.clone(), data.expires.min(deadline)),
-            )),
+            identity: Some(Arc::new(data.identity(
+                provider.settings.id.clone(),
+                provider.settings.kind,
+                data.expires.min(deadline),
+            ))),
         }
     }
 
@@ -1390,7 +1397,7 @@ impl Sessions {
         let identity = session
             .as_ref()
             .zip(provider.as_ref())
-            .map(|(s, p)| Arc::new(s.identity(p.settings.id.clone(), s.expires)));
+            .map(|(s, p)| Arc::new(s.identity(p.settings.id.clone(), p.settings.kind, s.expires)));
         if let Some(p) = &provider {
             if let Some(end) = p.end_session_endpoint().await {
                 let sep = if end.contains('?') { '&' } else { '?' };

@@ -392,7 +392,7 @@ fn a_claim_the_provider_holds_elsewhere_is_not_kept_by_the_session() {
         let token = token.as_object().cloned().unwrap_or_default();
         let mut d = data(1);
         d.keep_claims(&token, &wanted);
-        let id = d.identity(IssuerId(Arc::from("corp")), 0);
+        let id = d.identity(IssuerId(Arc::from("corp")), PrincipalKind::Human, 0);
         assert!(!id.claims.is_kept("groups"), "{token:?}");
         assert!(!id.claims.is_kept("wids"), "{token:?}");
         assert!(id.claims.is_kept("name") && id.claims.get("name").is_some(), "{token:?}");
@@ -402,7 +402,7 @@ fn a_claim_the_provider_holds_elsewhere_is_not_kept_by_the_session() {
     let token = token.as_object().cloned().unwrap_or_default();
     let mut d = data(1);
     d.keep_claims(&token, &wanted);
-    let id = d.identity(IssuerId(Arc::from("corp")), 0);
+    let id = d.identity(IssuerId(Arc::from("corp")), PrincipalKind::Human, 0);
     assert!(id.claims.is_kept("groups") && id.claims.is_kept("wids"));
 }
 
@@ -440,7 +440,7 @@ fn sessions_keep_the_claims_policies_name_and_know_which() -> Result<(), String>
         .open_session(&cookie::parse(&headers(&s.seal_session(&d, &[])?)))
         .map_err(str::to_string)?;
     assert_eq!(back.as_ref(), Some(&d));
-    let id = d.identity(IssuerId(Arc::from("corp")), 0);
+    let id = d.identity(IssuerId(Arc::from("corp")), PrincipalKind::Human, 0);
     assert_eq!(id.claims.get("name"), Some(&Value::String("Alice".into())));
     assert_eq!(id.claims.get("acct"), Some(&serde_json::json!(1)));
     assert_eq!(id.claims.get("sub"), Some(&Value::String("alice".into())));
@@ -461,7 +461,7 @@ fn sessions_keep_the_claims_policies_name_and_know_which() -> Result<(), String>
     let wanted: Vec<Arc<str>> =
         ["email_verified", "groups"].iter().map(|n| Arc::from(*n)).collect();
     d.keep_claims(&token, &wanted);
-    let id = d.identity(IssuerId(Arc::from("corp")), 0);
+    let id = d.identity(IssuerId(Arc::from("corp")), PrincipalKind::Human, 0);
     assert!(id.claims.is_kept("email_verified") && id.claims.get("email_verified").is_none());
     assert!(!id.claims.is_kept("groups") && id.claims.get("groups").is_none());
     assert_eq!(id.groups.len(), 1, "group rules still read the session's groups");
@@ -473,7 +473,7 @@ fn sessions_keep_the_claims_policies_name_and_know_which() -> Result<(), String>
     });
     let old: SessionData = serde_json::from_value(old).map_err(|e| e.to_string())?;
     assert_eq!(old.kept, None);
-    let id = old.identity(IssuerId(Arc::from("corp")), 0);
+    let id = old.identity(IssuerId(Arc::from("corp")), PrincipalKind::Human, 0);
     for known in BASE_CLAIMS {
         assert!(id.claims.is_kept(known), "{known}");
     }
@@ -521,7 +521,7 @@ fn sessions_keep_the_claims_routes_forward_as_headers() -> Result<(), String> {
         let token = serde_json::json!({ "sub": "alice", "team": team, "acct": "1" });
         let mut d = data(1);
         d.keep_claims(token.as_object().ok_or("not an object")?, &names_arc(&cfg));
-        let id = d.identity(IssuerId(Arc::from("corp")), 0);
+        let id = d.identity(IssuerId(Arc::from("corp")), PrincipalKind::Human, 0);
         let got: Vec<String> = crate::http::headers::claim_headers(&id, &route.claim_headers)
             .iter()
             .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap_or("?")))

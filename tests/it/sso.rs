@@ -661,6 +661,31 @@ async fn a_bearer_id_token_is_held_to_the_acr_values_of_its_issuers_login() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 }
 
+/// A browser session is of the kind its issuer is configured with (`kind`), as the
+/// issuer's bearer ID tokens are: the audit log and `X-Portcullis-Kind` say the same for
+/// one person either way (a session was always `human`).
+#[tokio::test]
+async fn a_session_is_of_its_issuers_kind_as_its_bearer_tokens_are() {
+    let setup = Setup {
+        sso: Some(String::new()),
+        issuer_extra: "kind = \"service\"".into(),
+        ..Setup::default()
+    };
+    let w = World::with(setup).await;
+    let mut b = Browser::new();
+    let r = b.sign_in(&w, "/", "alice", &["engineering"]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.upstream_header("x-portcullis-kind").as_deref(), Some("service"));
+    let e = last_event_at(&w, "/").await;
+    assert_eq!(e["identity"]["kind"], "service", "{e}");
+    let signed_in = last_event_at(&w, "/.portcullis/callback").await;
+    assert_eq!(signed_in["identity"]["kind"], "service", "{signed_in}");
+    // The same person's bearer ID token.
+    let r = w.get("/", Some(&w.token("corp", &["sub=alice"]))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.upstream_header("x-portcullis-kind").as_deref(), Some("service"));
+}
+
 /// RFC 9207: a provider that advertises `authorization_response_iss_parameter_supported`
 /// names itself in every authorization response, so one without `iss` (or with two) is
 /// not its own (the mix-up attack: another provider's code sent back with this sign-in's
