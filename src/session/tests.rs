@@ -234,6 +234,40 @@ fn proxy_cookie_names_with_and_without_prefix() {
     );
 }
 
+/// `cookie::read` reads a chunked value only as `cookie::write` lays it out: a count
+/// spelt another way (`c+2`, `c02`), one that needs no chunks (`c1`), or chunks cut
+/// elsewhere than every `CHUNK` bytes are refused, not reassembled.
+#[test]
+fn chunked_cookies_are_read_only_in_the_layout_they_are_written_in() {
+    let value = "A".repeat(cookie::CHUNK + 10);
+    let attrs = cookie::Attrs { domain: None, max_age: 60 };
+    let set = cookie::write(&[], "s", &value, &attrs).unwrap_or_default();
+    let written: Vec<(String, String)> = set
+        .iter()
+        .filter_map(|h| h.to_str().ok()?.split(';').next()?.split_once('='))
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(written.len(), 3, "{written:?}");
+    let read = |pairs: &[(String, String)]| {
+        let refs: Vec<(&str, &str)> = pairs.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        cookie::read(&refs, "s")
+    };
+    assert_eq!(read(&written), Some(Ok(value.clone())));
+    for head in ["c+2", "c02", "c1", "c0", "c9", "c", "c2 ", "c-2"] {
+        let mut pairs = written.clone();
+        pairs[0].1 = head.to_string();
+        assert_eq!(read(&pairs), Some(Err(())), "{head}");
+    }
+    // The same value cut elsewhere, or with an empty last chunk.
+    let (a, b) = value.split_at(10);
+    for (first, second) in [(a, b), (&value[..cookie::CHUNK], "")] {
+        let mut pairs = written.clone();
+        pairs[1].1 = first.to_string();
+        pairs[2].1 = second.to_string();
+        assert_eq!(read(&pairs), Some(Err(())), "{} + {}", first.len(), second.len());
+    }
+}
+
 #[test]
 fn cookie_parsing_finds_chunks_but_not_lookalikes() {
     let mut h = HeaderMap::new();
