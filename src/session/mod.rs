@@ -147,7 +147,17 @@ pub struct SessionData {
     /// subject and sign-in time ([`SessionData::revocation_key`]).
     #[serde(rename = "d", default, skip_serializing_if = "SessionId::is_none")]
     pub id: SessionId,
+    /// The sign-in ID token's `acr` (at most [`MAX_ACR_BYTES`]), kept by every renewal:
+    /// the authentication context of the sign-in, which the login's `acr_values` hold
+    /// on every request ([`Sessions::authenticate`]), as they hold each bearer ID token.
+    /// `None`: the token had none, or the cookie was sealed before sessions kept it.
+    #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
+    pub acr: Option<String>,
 }
+
+/// At most this many bytes of the sign-in's `acr` are kept (a longer one is not kept,
+/// and a login asking for `acr_values` then refuses the session).
+pub const MAX_ACR_BYTES: usize = 256;
 
 /// Claims every session knows, from its own fields (as sessions always have).
 pub const BASE_CLAIMS: [&str; 4] = ["sub", "email", "email_verified", "groups"];
@@ -468,6 +478,20 @@ impl SessionData {
     }
 }
 
+/// Why the login of `provider` no longer admits `data`: it asks for `acr_values`, and
+/// the session's sign-in showed none of them (signed in before a reload added or
+/// changed them, or sealed before sessions kept `acr`). Each request is held to the
+/// classes asked for now, as each bearer ID token of the issuer is; a refresh does not
+/// ask the provider for the context again, so the session signs in again instead.
+fn context_refused(provider: &Provider, data: &SessionData) -> Option<&'static str> {
+    let mut asked = provider.login.acr_values()?;
+    let shown = data.acr.as_deref();
+    if shown.is_some_and(|acr| asked.any(|a| a == acr)) {
+        return None;
+    }
+    Some("the session's sign-in showed no `acr` of the login's `acr_values`: sign in again")
+}
+
 /// The claim names that sessions of `issuer` need, sorted: those rules for `issuer`
 /// use (`claims.NAME`), in every policy of `config` (routes, shadow policies,
 /// databases), and those the `claim_headers` of routes accepting `issuer` forward. A
@@ -749,6 +773,9 @@ impl Sessions {
                 detail: "the route does not accept the session's issuer",
                 clear: Vec::new(),
             };
+        }
+        if let Some(detail) = context_refused(&provider, &data) {
+            return invalid(Reason::SessionExpired, detail);
         }
         let s = &self.settings;
         let deadline = data.created.saturating_add(s.absolute_lifetime.as_secs());
@@ -1194,6 +1221,12 @@ impl Sessions {
             Ok(v) => v,
             Err(e) => return fail(e.0.into(), clear),
         };
+        let acr = verified
+            .claims
+            .get("acr")
+            .and_then(Value::as_str)
+            .filter(|a| a.len() <= MAX_ACR_BYTES)
+            .map(str::to_owned);
         let identity = match crate::identity::verify::identity_from_verified(
             &provider.settings,
             verified.claims,
@@ -1220,6 +1253,7 @@ impl Sessions {
                 Ok(id) => id,
                 Err(e) => return fail(e.into(), clear),
             },
+            acr,
         };
         data.keep_claims(identity.claims.map(), self.kept_claims(&provider.settings.id));
         let mut set = match self.seal_session(&data, &cookies) {

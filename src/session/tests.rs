@@ -36,6 +36,7 @@ fn data(groups: usize) -> SessionData {
         claims: Default::default(),
         not_kept: Vec::new(),
         id: revoke::SessionId::random().unwrap_or_default(),
+        acr: None,
     }
 }
 

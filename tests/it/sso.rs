@@ -661,6 +661,49 @@ async fn a_bearer_id_token_is_held_to_the_acr_values_of_its_issuers_login() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 }
 
+/// The `acr_values` a login asks for hold each request of a session, as they hold each
+/// bearer ID token: a session whose sign-in showed none of the classes asked for now (a
+/// reload added or changed them) signs in again, instead of keeping its access until its
+/// absolute lifetime (a refresh does not ask the provider for the context again).
+#[tokio::test]
+async fn a_session_is_held_to_the_acr_values_a_reload_brings() {
+    let setup = Setup {
+        sso: Some(String::new()),
+        login_extra: ", extra_params = { acr_values = \"phr\" }".into(),
+        ..Setup::default()
+    };
+    let w = World::with(setup).await;
+    login(&w).set_acr(Some("phr"));
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK, "the class asked for");
+    let config = std::fs::read_to_string(w.config_path()).unwrap_or_default();
+    let reload = |from: &str, to: &str| {
+        assert!(config.contains(from), "{config}");
+        write(&w.config_path(), &config.replace(from, to));
+    };
+    reload("acr_values = \"phr\"", "acr_values = \"urn:example:mfa\"");
+    assert!(w.server().reload().await);
+    let cookie = b.cookie_header();
+    let headers = [("cookie", cookie.as_str())];
+    let r = send_with(&w.client, Method::GET, &w.url("/"), &headers, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    let e = w.last_event().await;
+    assert_eq!(e["reason"], "session-expired", "{e}");
+    assert!(e["detail"].as_str().unwrap_or_default().contains("acr"), "{e}");
+    let r = b.get(&w, &w.url("/")).await;
+    assert_eq!(r.status, StatusCode::FOUND, "a browser is sent to sign in: {}", r.text());
+    // Signed in with the class asked for now: in.
+    login(&w).set_acr(Some("urn:example:mfa"));
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK);
+    // A login that asks for no class any more does not look at the session's.
+    reload("acr_values = \"phr\"", "prompt = \"consent\"");
+    assert!(w.server().reload().await);
+    assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK);
+}
+
 /// A browser session is of the kind its issuer is configured with (`kind`), as the
 /// issuer's bearer ID tokens are: the audit log and `X-Portcullis-Kind` say the same for
 /// one person either way (a session was always `human`).
