@@ -224,6 +224,9 @@ pub enum Lookup {
         /// How the sign-out list knows the session ([`SessionData::revocation_key`]):
         /// what outlives the request ends when the session is signed out.
         revocation: [u8; 16],
+        /// The sign-in's `acr` ([`SessionData::acr`]): what outlives the request ends
+        /// when a reload's login asks for classes it is not one of.
+        acr: Option<Arc<str>>,
         /// Unix seconds when the session ends at the latest without a new sign-in: its
         /// absolute lifetime, or its ID token's expiry when there is no refresh token
         /// (the idle lifetime can end it sooner).
@@ -829,6 +832,7 @@ impl Sessions {
         let expires_at = data.expires.min(deadline);
         let ends_at = if data.refresh.is_some() { deadline } else { expires_at };
         Lookup::Valid {
+            acr: data.acr.as_deref().map(Arc::from),
             identity: Arc::new(data.identity(
                 provider.settings.id.clone(),
                 provider.settings.kind,

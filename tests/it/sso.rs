@@ -704,6 +704,44 @@ async fn a_session_is_held_to_the_acr_values_a_reload_brings() {
     assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK);
 }
 
+/// A WebSocket a session opened is held to the login's `acr_values` as reloaded, as the
+/// session's next request is: a reload asking for classes its sign-in did not show ends
+/// it; one that keeps the class the sign-in showed keeps it open.
+#[tokio::test]
+async fn a_reload_asking_for_another_acr_ends_the_tunnels_of_sessions_without_it() {
+    use crate::forwarding::{echo_once, tunnel_end_event, ws_connect_with};
+    let setup = Setup {
+        sso: Some(String::new()),
+        login_extra: ", extra_params = { acr_values = \"phr\" }".into(),
+        ..Setup::default()
+    };
+    let w = World::with(setup).await;
+    login(&w).set_acr(Some("phr"));
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let cookie = format!("__Host-_portcullis={}", b.session_cookie().cloned().unwrap_or_default());
+    let mut ws = ws_connect_with(&w, "/ws", &[("cookie", &cookie)])
+        .await
+        .unwrap_or_else(|e| panic!("ws with a session: {e}"));
+    assert!(echo_once(&mut ws).await);
+    let config = std::fs::read_to_string(w.config_path()).unwrap_or_default();
+    let reload = |to: &str| write(&w.config_path(), &config.replace("acr_values = \"phr\"", to));
+
+    reload("acr_values = \"urn:example:mfa phr\"");
+    assert!(w.server().reload().await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(echo_once(&mut ws).await, "a reload still asking for the sign-in's class ended it");
+
+    reload("acr_values = \"urn:example:mfa\"");
+    assert!(w.server().reload().await);
+    let ended = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert!(ended.is_ok(), "the tunnel outlived the reload that refuses its session");
+    assert!(!echo_once(&mut ws).await, "the tunnel still relays");
+    let e = tunnel_end_event(&w, "/ws").await;
+    assert_eq!(e["reason"], "access-revoked", "{e}");
+    assert!(e["detail"].as_str().unwrap_or_default().contains("acr"), "{e}");
+}
+
 /// A browser session is of the kind its issuer is configured with (`kind`), as the
 /// issuer's bearer ID tokens are: the audit log and `X-Portcullis-Kind` say the same for
 /// one person either way (a session was always `human`).
