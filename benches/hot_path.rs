@@ -63,6 +63,7 @@ fn settings() -> IssuerSettings {
         kind: PrincipalKind::Pipeline,
         token_type: TokenType::Id,
         client_id: None,
+        acr_values: Vec::new(),
         hosted_domain: None,
         groups_claim: portcullis::identity::ClaimPath::default(),
         ca_file: None,

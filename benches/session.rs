@@ -28,6 +28,7 @@ fn session(groups: usize) -> SessionData {
         claims: Default::default(),
         not_kept: Vec::new(),
         id: portcullis::session::revoke::SessionId::random().unwrap_or_default(),
+        acr: None,
     }
 }
 

@@ -63,6 +63,9 @@ pub enum Reason {
     AuthorizedPartyMismatch,
     /// A required claim is missing or has the wrong JSON type.
     InvalidClaims,
+    /// A person's ID token without an `acr` of the classes the issuer's `login` asks
+    /// for (`acr_values`): the authentication context a browser sign-in must show.
+    AcrMismatch,
     /// The token was already used on a route that demands single use.
     TokenReplayed,
     /// A single-use route could not ask the shared store (`[redis]`) whether another
@@ -190,6 +193,7 @@ impl Reason {
             Reason::AudienceMismatch => "audience-mismatch",
             Reason::AuthorizedPartyMismatch => "authorized-party-mismatch",
             Reason::InvalidClaims => "invalid-claims",
+            Reason::AcrMismatch => "acr-mismatch",
             Reason::TokenReplayed => "token-replayed",
             Reason::DeniedByRule => "denied-by-rule",
             Reason::PolicyDenied => "policy-denied",
@@ -241,6 +245,7 @@ impl Reason {
             | Reason::AudienceMismatch
             | Reason::AuthorizedPartyMismatch
             | Reason::InvalidClaims
+            | Reason::AcrMismatch
             | Reason::TokenReplayed => "invalid-token",
             Reason::DeniedByRule | Reason::PolicyDenied | Reason::GroupsUnknown => "policy-denied",
             // As if there were no session: whoever holds a copy of a signed-out cookie
@@ -286,6 +291,7 @@ impl Reason {
             | Reason::AudienceMismatch
             | Reason::AuthorizedPartyMismatch
             | Reason::InvalidClaims
+            | Reason::AcrMismatch
             | Reason::TokenReplayed => StatusCode::UNAUTHORIZED,
             Reason::DeniedByRule | Reason::PolicyDenied | Reason::GroupsUnknown => {
                 StatusCode::FORBIDDEN

@@ -46,6 +46,7 @@ fn data(subject: &str, groups: usize) -> SessionData {
         claims: Default::default(),
         not_kept: Vec::new(),
         id: SessionId([7; 16]),
+        acr: None,
     }
 }
 

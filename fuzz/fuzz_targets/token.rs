@@ -31,6 +31,7 @@ fn world() -> &'static World {
             kind: PrincipalKind::Pipeline,
             token_type: TokenType::Id,
             client_id: None,
+            acr_values: Vec::new(),
             hosted_domain: None,
             groups_claim: portcullis::identity::ClaimPath::default(),
             ca_file: None,

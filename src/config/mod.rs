@@ -1082,14 +1082,19 @@ impl Compiler<'_> {
                 .as_ref()
                 .and_then(|p| Preset::parse(p.get_ref()))
                 .unwrap_or(Preset::Oidc);
+            // The authentication context the login demands holds the issuer's bearer
+            // ID tokens to it too: one person, one bar, whichever way they come in.
+            let mut acr_values = Vec::new();
             if let Some(login) = raw.login.take() {
                 first_login_span.get_or_insert(login.span());
                 if let Some(l) = self.login(&name, preset, login) {
+                    acr_values = l.acr_values().into_iter().flatten().map(str::to_owned).collect();
                     logins.push(l);
                 }
             }
             match self.issuer(&name, raw) {
-                Some(i) => {
+                Some(mut i) => {
+                    i.acr_values = acr_values;
                     catalog.insert(i.clone());
                     compiled_issuers.push(i);
                 }
@@ -1652,6 +1657,8 @@ impl Compiler<'_> {
             kind,
             token_type,
             client_id: r.client_id.map(Spanned::into_inner),
+            // Set from the issuer's `login`, compiled beside it.
+            acr_values: Vec::new(),
             hosted_domain: r.hosted_domain.map(Spanned::into_inner),
             groups_claim,
             ca_file: r.ca.as_ref().map(|c| self.existing_file(c)),

@@ -433,8 +433,10 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
         return Err("the dev issuer's keys did not load within 15 s".into());
     }
 
+    // Every path printed into a command line is quoted for the shell: the binary's own
+    // and the state directory (`--state-dir`) may hold a space or a quote.
     let exe = std::env::current_exe()
-        .map(|p| p.display().to_string())
+        .map(|p| shell_quote(&p.to_string_lossy()))
         .unwrap_or_else(|_| "portcullis".into());
     let dir_flag = if opts.state_dir == default_state_dir() {
         String::new()
@@ -475,13 +477,8 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
             "PostgreSQL on {} -> {}:{} as {} (the client never sees that password):",
             opts.postgres_listen, pg.host, pg.port, pg.user
         );
-        let _ = writeln!(
-            out,
-            "  PGPASSWORD=$({exe} dev token{dir_flag}) psql \"host={} port={} sslmode=verify-full sslrootcert={} dbname={db} user=app\" -c 'select 1'",
-            opts.postgres_listen.ip(),
-            opts.postgres_listen.port(),
-            pki.ca_path().display()
-        );
+        let token = format!("{exe} dev token{dir_flag}");
+        let _ = writeln!(out, "  {}", psql_line(&token, opts.postgres_listen, &pki.ca_path(), &db));
     }
     let _ = writeln!(out);
     let _ = writeln!(
@@ -500,6 +497,31 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     let r = server.run_until_signalled().await;
     drop(issuer);
     r
+}
+
+/// The `psql` command the demo prints, for a POSIX shell: the password from `token`
+/// (a command line), the connection string one shell word, and in it the CA path and
+/// the database name quoted as libpq reads them, so that a state directory with a space
+/// or a quote in its name still connects when the line is pasted.
+fn psql_line(token: &str, listen: SocketAddr, ca: &Path, db: &str) -> String {
+    let conninfo = format!(
+        "host={} port={} sslmode=verify-full sslrootcert={} dbname={} user=app",
+        listen.ip(),
+        listen.port(),
+        conninfo_quote(&ca.to_string_lossy()),
+        conninfo_quote(db)
+    );
+    format!("PGPASSWORD=$({token}) psql {} -c 'select 1'", shell_quote(&conninfo))
+}
+
+/// A value of a libpq connection string: as it is when plain, otherwise in single quotes
+/// with `\` and `'` escaped by a backslash (libpq's keyword/value connection strings).
+fn conninfo_quote(v: &str) -> String {
+    if !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || "/._-:".contains(c)) {
+        v.to_string()
+    } else {
+        format!("'{}'", v.replace('\\', r"\\").replace('\'', r"\'"))
+    }
 }
 
 fn shell_quote(s: &str) -> String {
@@ -603,6 +625,48 @@ mod tests {
         );
         drop(first);
         assert!(StateLock::take(dir.path()).is_ok(), "released with its holder");
+    }
+
+    /// The printed `psql` line works pasted into a shell whatever the state directory is
+    /// called: run by `sh` with the real `psql`, libpq reads the CA path the demo put in
+    /// the line (a server that agrees to TLS makes it load the file, and its error names
+    /// the path it read). The path went into the connection string unquoted, and a
+    /// space split it (`missing "=" after "demo/pki/ca.pem"`).
+    #[test]
+    fn the_printed_psql_line_survives_a_state_dir_with_a_space_or_a_quote() {
+        use std::io::{Read as _, Write as _};
+        use std::process::Command;
+        let psql = Command::new("psql").arg("--version").output();
+        if !psql.is_ok_and(|o| o.status.success()) {
+            eprintln!("skipped: no psql on PATH");
+            return;
+        }
+        // Answers a client's SSLRequest with `S`, so that libpq goes on to its CA file.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                let mut request = [0u8; 8];
+                if s.read_exact(&mut request).is_ok() {
+                    let _ = s.write_all(b"S");
+                }
+            }
+        });
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        for name in ["my demo", "it's a $HOME demo", r"back\slash demo", "plain"] {
+            let ca = dir.path().join(name).join("pki").join("ca.pem");
+            let line = psql_line("true dev token", addr, &ca, "app db");
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(&line)
+                .env("PGCONNECT_TIMEOUT", "5")
+                .env("PGGSSENCMODE", "disable")
+                .output()
+                .unwrap_or_else(|e| panic!("sh: {e}"));
+            let err = String::from_utf8_lossy(&out.stderr);
+            let read = format!("root certificate file \"{}\" does not exist", ca.display());
+            assert!(err.contains(&read), "{line}\n{err}");
+        }
     }
 
     #[test]

@@ -511,7 +511,9 @@ pub async fn handle(
     // A browser on a route people sign in to is sent to the provider, not refused.
     let can_sign_in = sessions.is_some() && !rt.config.login_issuers(&route).is_empty();
     let navigation = can_sign_in && crate::session::is_navigation(req.method(), req.headers());
-    let mut session_key = None;
+    // Boxed: a session's credential is carried across every await of the request, and
+    // most requests have none (the future's size: `future_size` below).
+    let mut session_key: Option<Box<_>> = None;
     let mut source = None;
     // `None` once past this step: a request let through without any credential, as a
     // CORS preflight or by a `public` rule (its decision is then already made).
@@ -551,10 +553,15 @@ pub async fn handle(
                 match Box::pin(s.authenticate(&route, req.headers(), crate::util::unix_now())).await
                 {
                     crate::session::Lookup::Valid {
-                        identity, set_cookie, key, revocation, ..
+                        identity,
+                        set_cookie,
+                        key,
+                        revocation,
+                        acr,
+                        ..
                     } => {
                         rc.set_cookies = set_cookie;
-                        session_key = Some((key, revocation));
+                        session_key = Some(Box::new((key, revocation, acr)));
                         rc.session = Some(identity.clone());
                         // The browser sends the cookie with a WebSocket handshake from any
                         // page of the same site, and nothing like CORS keeps that page from
@@ -880,8 +887,9 @@ pub async fn handle(
                             Some(_) => Credential::Token(tunnel_key.map(|k| *k)),
                             // No key (never so): a key no list holds, ended at a reload.
                             None => {
-                                let (key, revocation) = session_key.unwrap_or_default();
-                                Credential::Session { key, revocation }
+                                let (key, revocation, acr) =
+                                    session_key.as_deref().cloned().unwrap_or_default();
+                                Credential::Session { key, revocation, acr }
                             }
                         },
                         &rt.config,

@@ -14,7 +14,8 @@
 //! ([`super::Verifier::key_removals`]). A browser session is admitted again as its cookie would be:
 //! while the issuer still has `login`, the key that sealed the cookie is still among the
 //! session keys (`[session] keys_file`/`keys_env`; rotating them signs everyone out) and
-//! its absolute lifetime, as reloaded, is not reached, and it was not signed out (checked
+//! its absolute lifetime, as reloaded, is not reached, its sign-in's `acr` is one of the
+//! login's `acr_values` (when it asks for them), and it was not signed out (checked
 //! at every sign-out too, see [`crate::session::revoke`]).
 
 use std::path::PathBuf;
@@ -33,8 +34,8 @@ pub enum Credential {
     Token(Option<super::SigningKey>),
     /// A browser session cookie, sealed with this one of the session keys
     /// (`[session] keys_file`/`keys_env`), of the session the sign-out list knows by
-    /// `revocation`.
-    Session { key: crate::session::seal::KeyId, revocation: [u8; 16] },
+    /// `revocation`, signed in with this `acr` (held to the login's `acr_values`).
+    Session { key: crate::session::seal::KeyId, revocation: [u8; 16], acr: Option<Arc<str>> },
 }
 
 /// An identity and what admitted it.
@@ -93,16 +94,24 @@ impl Admission {
             return Err(format!("issuer `{name}` removed"));
         };
         match &self.credential {
-            &Credential::Session { key, revocation } => {
-                if config.login(name).is_none() {
+            Credential::Session { key, revocation, acr } => {
+                let Some(login) = config.login(name) else {
                     return Err(format!("issuer `{name}` no longer has login configured"));
+                };
+                // As each request of the session is (`session::context_refused`).
+                if let Some(mut asked) = login.acr_values() {
+                    if !acr.as_deref().is_some_and(|acr| asked.any(|a| a == acr)) {
+                        return Err(format!(
+                            "the session's sign-in showed no `acr` of issuer `{name}`'s login `acr_values` as reloaded"
+                        ));
+                    }
                 }
                 let Some(sessions) = sessions else {
                     return Err("browser sessions are no longer configured".into());
                 };
                 let created = self.identity.issued_at.unwrap_or(0);
-                sessions.still_admits(&key, created, now).map_err(str::to_string)?;
-                if let Some(why) = sessions.revocations().refused(&revocation, created) {
+                sessions.still_admits(key, created, now).map_err(str::to_string)?;
+                if let Some(why) = sessions.revocations().refused(revocation, created) {
                     return Err(why.to_string());
                 }
                 Ok(self.identity.clone())

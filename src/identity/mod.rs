@@ -198,6 +198,10 @@ pub struct IssuerSettings {
     pub token_type: TokenType,
     /// For human ID tokens: `azp`, when present, must equal this (V15).
     pub client_id: Option<String>,
+    /// For human ID tokens: the authentication context classes the issuer's `login`
+    /// asks for (`extra_params.acr_values`), one of which the token's `acr` must be, as
+    /// at a browser sign-in. Empty: `acr` is not looked at.
+    pub acr_values: Vec<String>,
     /// Google Workspace: require `hd` == this and `email_verified` == true (V24).
     pub hosted_domain: Option<String>,
     /// Where group names are (default `groups`): a top-level claim, or a JSON Pointer
@@ -233,6 +237,7 @@ impl IssuerSettings {
             kind: preset.default_kind(),
             token_type: TokenType::Id,
             client_id: None,
+            acr_values: Vec::new(),
             hosted_domain: None,
             groups_claim: ClaimPath::default(),
             ca_file: None,

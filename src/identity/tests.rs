@@ -542,6 +542,73 @@ async fn v20_access_token_markers_on_an_id_token_issuer_are_rejected() {
         .await;
 }
 
+/// The `acr_values` of the issuer's `login` hold its bearer ID tokens as they hold the
+/// browser's: `acr` one of them, exactly; an access-token issuer and a CI issuer are
+/// not held to them; and an issuer without them does not look at `acr`.
+#[tokio::test]
+async fn a_human_id_token_needs_an_acr_the_issuers_login_asks_for() {
+    let mfa = || IssuerSettings { acr_values: vec!["phr".into(), "mfa".into()], ..okta_settings() };
+    let v = offline(vec![mfa()]);
+    for acr in ["phr", "mfa"] {
+        let token = rsa().sign(&okta_header(), &with(okta_payload(), "acr", json!(acr)));
+        assert!(v.verify_at(&token, NOW).await.is_ok(), "{acr}");
+    }
+    for (payload, want) in [
+        (okta_payload(), Reason::AcrMismatch),
+        (with(okta_payload(), "acr", json!("pwd")), Reason::AcrMismatch),
+        (with(okta_payload(), "acr", json!("Phr")), Reason::AcrMismatch),
+        (with(okta_payload(), "acr", json!("phr mfa")), Reason::AcrMismatch),
+        (with(okta_payload(), "acr", json!(["phr"])), Reason::InvalidClaims),
+    ] {
+        let token = rsa().sign(&okta_header(), &payload);
+        assert_eq!(reason(&v, &token).await, Some(want), "{payload}");
+    }
+    // Without `acr_values`, `acr` is not looked at.
+    let plain = offline(vec![okta_settings()]);
+    assert!(plain.verify_at(&rsa().sign(&okta_header(), &okta_payload()), NOW).await.is_ok());
+    // The same check for a `[[test]]` identity and for an admitted one after a reload.
+    let Value::Object(claims) = okta_payload() else { panic!("an object") };
+    let refused = unverified_identity(&mfa(), claims.clone()).err().map(|e| e.reason);
+    assert_eq!(refused, Some(Reason::AcrMismatch));
+    let admitted = unverified_identity(&okta_settings(), claims).unwrap();
+    let refused = verify::recheck(&mfa(), &admitted, NOW).err().map(|e| e.reason);
+    assert_eq!(refused, Some(Reason::AcrMismatch));
+    // Not a person's ID token: an access-token issuer, a CI issuer.
+    let access = IssuerSettings { token_type: TokenType::Access, ..mfa() };
+    let Value::Object(claims) = okta_payload() else { panic!("an object") };
+    assert!(unverified_identity(&access, claims).is_ok());
+    let ci = IssuerSettings { acr_values: vec!["phr".into()], ..github_settings() };
+    let ci_verifier = offline(vec![ci]);
+    assert!(ci_verifier
+        .verify_at(&rsa().sign(&github_header(), &github_payload()), NOW)
+        .await
+        .is_ok());
+}
+
+/// A `[[test]]` identity (or `policy explain --no-verify`) is built only from claims
+/// of the types the verifier checks first: a time that is no number, an `aud` that is
+/// no string or non-empty list of strings, is refused as the verifier refuses it.
+#[test]
+fn an_unverified_identity_has_the_verifiers_time_and_audience_types() {
+    let build = |name: &str, value: Value| {
+        let Value::Object(claims) = with(okta_payload(), name, value) else { panic!("object") };
+        unverified_identity(&okta_settings(), claims).err().map(|e| e.reason)
+    };
+    for (name, value) in [
+        ("exp", json!("soon")),
+        ("nbf", json!([1])),
+        ("iat", json!(true)),
+        ("aud", json!(5)),
+        ("aud", json!([])),
+        ("aud", json!([OKTA_CLIENT, 5])),
+    ] {
+        assert_eq!(build(name, value.clone()), Some(Reason::InvalidClaims), "{name} = {value}");
+    }
+    assert_eq!(build("exp", json!(1767229200.5)), None);
+    let Value::Object(claims) = without(okta_payload(), "aud") else { panic!("object") };
+    assert!(unverified_identity(&okta_settings(), claims).is_ok(), "a test need not say `aud`");
+}
+
 #[tokio::test]
 async fn v20_ci_tokens_need_their_provider_claims() {
     let v = offline(vec![github_settings()]);

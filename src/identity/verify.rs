@@ -7,7 +7,8 @@
 //! V1 size ─ V2/V3 strict parse ─ V8/V9/V10/V4/V7 header ─ V6 iss lookup (no fetch)
 //!   ─ V4 allowlist ─ V11 typ ─ V16–V19 times ─ V14 aud
 //!   ─ key by kid (one single-flight refresh per cooldown) ─ V5 key↔alg ─ V12 signature
-//!   ─ V15 azp ─ V20 profile ─ V21 claim types ─ V24 hd ─ V25 overage ─> Identity
+//!   ─ login's acr_values ─ V15 azp ─ V20 profile ─ V21 claim types ─ V24 hd ─ V25 overage
+//!   ─> Identity
 //! ```
 //!
 //! Claims are used unverified only to reject; an Identity is built only from a
@@ -471,6 +472,7 @@ impl Verifier {
             .verify_sig(parsed.signing_input.as_bytes(), &parsed.signature)
             .map_err(|_| AuthError::new(Reason::InvalidSignature, "signature does not verify"))?;
 
+        check_acr(settings, &parsed.payload)?;
         let claims = super::Claims::from_verified_json(parsed.payload_json);
         let identity =
             Arc::new(build_identity(settings, &parsed.payload, claims, audience_count, &window)?);
@@ -665,6 +667,7 @@ pub(crate) fn recheck(
     if !audiences.iter().any(|a| settings.audiences.iter().any(|c| c == a)) {
         return Err(AuthError::new(Reason::AudienceMismatch, "`aud` has no configured audience"));
     }
+    check_acr(settings, payload)?;
     build_identity(settings, payload, identity.claims.clone(), audiences.len(), &window)
 }
 
@@ -677,10 +680,17 @@ pub fn unverified_identity(
     settings: &IssuerSettings,
     payload: Map<String, Value>,
 ) -> Result<Identity, AuthError> {
-    let num = |k: &str| payload.get(k).and_then(Value::as_u64);
-    let exp = num("exp").unwrap_or(u64::MAX);
-    let window = Window { valid_from: 0, valid_until: exp, ends_at: exp, iat: num("iat") };
-    let audience_count = audiences(&payload).map_or(1, |a| a.len());
+    // The types the verifier checks before the rest (V21 times, V14 `aud`): a claim set
+    // it would refuse for them is refused here too, not read as some other token.
+    let exp = numeric_date(&payload, "exp")?.map_or(u64::MAX, secs);
+    numeric_date(&payload, "nbf")?;
+    let iat = numeric_date(&payload, "iat")?.map(secs);
+    let window = Window { valid_from: 0, valid_until: exp, ends_at: exp, iat };
+    let audience_count = match payload.get("aud") {
+        None => 1,
+        Some(_) => audiences(&payload)?.len(),
+    };
+    check_acr(settings, &payload)?;
     build_identity(settings, &payload, Claims::default(), audience_count, &window)
         .map(|id| Identity { claims: payload.into(), ..id })
 }
@@ -720,6 +730,39 @@ fn google_hosts(s: &IssuerSettings, payload: &Map<String, Value>, email: Option<
     gmail || matches!(payload.get("hd"), Some(Value::String(hd)) if !hd.is_empty())
 }
 
+/// Whether the issuer's tokens are a person's ID tokens (an `oidc` issuer whose
+/// `token_type` is `id`), held to the checks of the ID tokens a browser signs in with
+/// (V15 `azp`, V20, the login's `acr_values`).
+fn human_id_tokens(s: &IssuerSettings) -> bool {
+    s.preset == Preset::Oidc && s.token_type == TokenType::Id
+}
+
+/// The authentication context of a person's ID token: when the issuer's `login` asks
+/// for `acr_values`, the token's `acr` must be one of them, compared exactly, as the
+/// sign-in callback holds the browser's ID token (`session::oidc`). Otherwise the
+/// context the login demands (phishing-resistant MFA, say) would bar a person from a
+/// session and not from the same routes with a password-only ID token of the same
+/// issuer sent as a bearer token (from a CLI's client, or the provider's own session).
+/// Not for a session's refreshed ID token, which providers may send without `acr`: the
+/// context is that of the sign-in.
+fn check_acr(s: &IssuerSettings, payload: &Map<String, Value>) -> Result<(), AuthError> {
+    if s.acr_values.is_empty() || !human_id_tokens(s) {
+        return Ok(());
+    }
+    match payload.get("acr") {
+        Some(Value::String(acr)) if s.acr_values.iter().any(|a| a == acr) => Ok(()),
+        Some(Value::String(_)) => Err(AuthError::new(
+            Reason::AcrMismatch,
+            "`acr` is not one of the `acr_values` the issuer's login asks for",
+        )),
+        Some(_) => Err(claims("`acr` is not a string")),
+        None => Err(AuthError::new(
+            Reason::AcrMismatch,
+            "token has no `acr`, though the issuer's login asks for `acr_values`",
+        )),
+    }
+}
+
 /// After the signature: profile checks (V15, V20, V21, V24, V25) and the Identity.
 fn build_identity(
     s: &IssuerSettings,
@@ -728,7 +771,7 @@ fn build_identity(
     audience_count: usize,
     window: &Window,
 ) -> Result<Identity, AuthError> {
-    let human_id_token = s.preset == Preset::Oidc && s.token_type == TokenType::Id;
+    let human_id_token = human_id_tokens(s);
     if human_id_token {
         // V15: azp names the client the token was issued to.
         let expected = s.client_id.as_deref();

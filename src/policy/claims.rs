@@ -179,13 +179,14 @@ impl Shape {
 /// The JSON type `preset`'s tokens give claim `name`, when it is documented (see
 /// `shared/reference/tokens/*.json`): GitHub and Bitbucket send every custom claim as a
 /// string, numeric ids included; GitLab sends ids and its booleans (`ref_protected`)
-/// as strings, `runner_id` as an integer. `None` for `oidc` (any provider, any shape),
-/// unknown names, and claims whose type is not confirmed (Bitbucket `compliant`,
-/// GitHub `repo_property_*`).
+/// as strings, `runner_id` as an integer. The registered claims have the types RFC 7519
+/// gives them for every preset, `oidc` too: the verifier refuses any token with an
+/// `exp`, `nbf` or `iat` that is no number (V21) or an `aud` that is no string or list
+/// of strings (V14), so a `[[test]]` identity or a rule value of another type is one no
+/// token the proxy accepts has. `None` for an `oidc` provider's other claims (any
+/// provider, any shape), unknown names, and claims whose type is not confirmed
+/// (Bitbucket `compliant`, GitHub `repo_property_*`).
 pub fn shape(preset: Preset, name: &str) -> Option<Shape> {
-    if preset == Preset::Oidc {
-        return None;
-    }
     match name {
         "iss" | "sub" | "jti" => return Some(Shape::String),
         "aud" => return Some(Shape::StringOrStrings),

@@ -17,7 +17,7 @@ use super::testcase::{TestCase, TestRequest};
 use super::{Catalog, Glob, RuleRef};
 use crate::diag::{Diagnostics, Source};
 use crate::http::path;
-use crate::identity::{CiContext, Identity, IssuerId, Preset};
+use crate::identity::{CiContext, Identity, IssuerId, IssuerSettings, Preset};
 
 /// The methods a rule may name. Extension methods are refused: a misspelt `PSOT`
 /// would otherwise be a valid token that silently matches nothing.
@@ -797,6 +797,9 @@ impl<'a> Compiler<'a> {
             claims.insert("email_verified".into(), Value::Bool(*verified.get_ref()));
         }
         let settings = self.catalog.settings(&issuer)?;
+        if let Some(c) = &i.claims {
+            self.test_identity_names_its_issuer(settings, c.get_ref(), &claims);
+        }
         if let Some(groups) = &i.groups {
             let names = groups.get_ref().iter().map(|g| Value::String(g.get_ref().clone()));
             settings.groups_claim.insert(&mut claims, Value::Array(names.collect()));
@@ -830,6 +833,53 @@ impl<'a> Compiler<'a> {
             expires_at: u64::from(u32::MAX),
             ..identity
         })
+    }
+}
+
+impl Compiler<'_> {
+    /// A test identity's `iss` and `aud`, when its `claims` give them, are what the
+    /// verifier compares with the issuer's settings before anything else (V6, V14): an
+    /// `iss` other than the issuer's URL, or an `aud` naming none of its `audiences`, is
+    /// a token `serve` refuses (401 `unknown-issuer` or another issuer's policy;
+    /// `audience-mismatch`), whatever the policy says. Reported at the value. An issuer
+    /// whose own section did not compile has no URL or audiences to hold them to.
+    fn test_identity_names_its_issuer(
+        &mut self,
+        settings: &IssuerSettings,
+        written: &std::collections::BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+        claims: &Map<String, Value>,
+    ) {
+        let span =
+            |name: &str| written.iter().find(|(k, _)| k.get_ref() == name).map(|(_, v)| v.span());
+        if let (Some(span), Some(iss)) = (span("iss"), claims.get("iss")) {
+            if !settings.issuer.is_empty() && iss.as_str() != Some(settings.issuer.as_str()) {
+                self.err(
+                    span,
+                    format!(
+                        "test identity claim `iss` is not issuer `{}`'s `issuer` ({}): the proxy would take such a token for another issuer's, or refuse it",
+                        settings.id, settings.issuer
+                    ),
+                );
+            }
+        }
+        if let (Some(span), Some(aud)) = (span("aud"), claims.get("aud")) {
+            let named =
+                |a: &Value| a.as_str().is_some_and(|a| settings.audiences.iter().any(|c| c == a));
+            let fits = match aud {
+                Value::Array(items) => items.iter().any(named),
+                other => named(other),
+            };
+            if !settings.audiences.is_empty() && !fits {
+                self.err(
+                    span,
+                    format!(
+                        "test identity claim `aud` names none of issuer `{}`'s `audiences` ({}): the proxy would refuse such a token (audience-mismatch)",
+                        settings.id,
+                        settings.audiences.join(", ")
+                    ),
+                );
+            }
+        }
     }
 }
 

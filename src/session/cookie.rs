@@ -81,9 +81,12 @@ fn is_chunk_of(candidate: &str, name: &str) -> bool {
         .is_some_and(|i| !i.is_empty() && i.len() <= 2 && i.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// Reassemble a possibly chunked value. `None` when absent, duplicated (cookie
-/// tossing from a sibling domain sends a second cookie of the same name: refuse to
-/// guess which is ours), or incomplete.
+/// Reassemble a possibly chunked value. `None` when absent; an error when duplicated
+/// (cookie tossing from a sibling domain sends a second cookie of the same name: refuse
+/// to guess which is ours), incomplete, or not laid out as [`write()`] lays a value out.
+/// Only that one layout is read (`c2` to `c8`, never `c+2`, `c02` or `c1`; every chunk
+/// but the last exactly [`CHUNK`] long, the last not empty), so one value has one
+/// spelling on the wire, and a cookie no proxy wrote is refused before it is opened.
 pub fn read(cookies: &[(&str, &str)], name: &str) -> Option<Result<String, ()>> {
     let mut heads = cookies.iter().filter(|(n, _)| *n == name);
     let head = heads.next()?.1;
@@ -93,18 +96,31 @@ pub fn read(cookies: &[(&str, &str)], name: &str) -> Option<Result<String, ()>> 
     let Some(count) = head.strip_prefix('c') else {
         return Some(Ok(head.to_string()));
     };
-    let Ok(count) = count.parse::<usize>() else { return Some(Err(())) };
-    if count == 0 || count > MAX_CHUNKS {
-        return Some(Err(()));
-    }
+    let Some(count) = chunk_count(count) else { return Some(Err(())) };
     let mut out = String::with_capacity(count * CHUNK);
     for i in 0..count {
         let chunk_name = format!("{name}_{i}");
         let mut parts = cookies.iter().filter(|(n, _)| *n == chunk_name);
         let (Some(part), None) = (parts.next(), parts.next()) else { return Some(Err(())) };
+        let last = i + 1 == count;
+        let fits =
+            if last { !part.1.is_empty() && part.1.len() <= CHUNK } else { part.1.len() == CHUNK };
+        if !fits {
+            return Some(Err(()));
+        }
         out.push_str(part.1);
     }
     Some(Ok(out))
+}
+
+/// The chunk count of a head cookie's `c<N>` as [`write()`] spells it: decimal digits
+/// without sign or leading zero, 2 to [`MAX_CHUNKS`] (a value that fits one cookie is
+/// never chunked).
+fn chunk_count(text: &str) -> Option<usize> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) || text.starts_with('0') {
+        return None;
+    }
+    text.parse::<usize>().ok().filter(|n| (2..=MAX_CHUNKS).contains(n))
 }
 
 /// Cookie attributes shared by every cookie the proxy sets.

@@ -147,7 +147,17 @@ pub struct SessionData {
     /// subject and sign-in time ([`SessionData::revocation_key`]).
     #[serde(rename = "d", default, skip_serializing_if = "SessionId::is_none")]
     pub id: SessionId,
+    /// The sign-in ID token's `acr` (at most [`MAX_ACR_BYTES`]), kept by every renewal:
+    /// the authentication context of the sign-in, which the login's `acr_values` hold
+    /// on every request ([`Sessions::authenticate`]), as they hold each bearer ID token.
+    /// `None`: the token had none, or the cookie was sealed before sessions kept it.
+    #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
+    pub acr: Option<String>,
 }
+
+/// At most this many bytes of the sign-in's `acr` are kept (a longer one is not kept,
+/// and a login asking for `acr_values` then refuses the session).
+pub const MAX_ACR_BYTES: usize = 256;
 
 /// Claims every session knows, from its own fields (as sessions always have).
 pub const BASE_CLAIMS: [&str; 4] = ["sub", "email", "email_verified", "groups"];
@@ -214,6 +224,9 @@ pub enum Lookup {
         /// How the sign-out list knows the session ([`SessionData::revocation_key`]):
         /// what outlives the request ends when the session is signed out.
         revocation: [u8; 16],
+        /// The sign-in's `acr` ([`SessionData::acr`]): what outlives the request ends
+        /// when a reload's login asks for classes it is not one of.
+        acr: Option<Arc<str>>,
         /// Unix seconds when the session ends at the latest without a new sign-in: its
         /// absolute lifetime, or its ID token's expiry when there is no refresh token
         /// (the idle lifetime can end it sooner).
@@ -429,8 +442,9 @@ impl SessionData {
     }
 
     /// The identity policy sees. `claims` holds only what the session keeps, and knows
-    /// which names those are.
-    pub fn identity(&self, issuer: IssuerId, expires_at: u64) -> Identity {
+    /// which names those are. `kind` is the issuer's configured `kind`, as a bearer ID
+    /// token of the issuer gets (audit and identity headers say the same either way).
+    pub fn identity(&self, issuer: IssuerId, kind: PrincipalKind, expires_at: u64) -> Identity {
         let mut claims = self.base_claims();
         let kept: Vec<&str> = BASE_CLAIMS
             .iter()
@@ -453,7 +467,7 @@ impl SessionData {
         Identity {
             issuer,
             subject: self.subject.clone(),
-            kind: PrincipalKind::Human,
+            kind,
             email: self.email.clone(),
             email_verified: self.email_verified,
             groups: self.groups.clone(),
@@ -465,6 +479,20 @@ impl SessionData {
             audit: Default::default(),
         }
     }
+}
+
+/// Why the login of `provider` no longer admits `data`: it asks for `acr_values`, and
+/// the session's sign-in showed none of them (signed in before a reload added or
+/// changed them, or sealed before sessions kept `acr`). Each request is held to the
+/// classes asked for now, as each bearer ID token of the issuer is; a refresh does not
+/// ask the provider for the context again, so the session signs in again instead.
+fn context_refused(provider: &Provider, data: &SessionData) -> Option<&'static str> {
+    let mut asked = provider.login.acr_values()?;
+    let shown = data.acr.as_deref();
+    if shown.is_some_and(|acr| asked.any(|a| a == acr)) {
+        return None;
+    }
+    Some("the session's sign-in showed no `acr` of the login's `acr_values`: sign in again")
 }
 
 /// The claim names that sessions of `issuer` need, sorted: those rules for `issuer`
@@ -749,6 +777,9 @@ impl Sessions {
                 clear: Vec::new(),
             };
         }
+        if let Some(detail) = context_refused(&provider, &data) {
+            return invalid(Reason::SessionExpired, detail);
+        }
         let s = &self.settings;
         let deadline = data.created.saturating_add(s.absolute_lifetime.as_secs());
         if now >= deadline {
@@ -801,7 +832,12 @@ impl Sessions {
         let expires_at = data.expires.min(deadline);
         let ends_at = if data.refresh.is_some() { deadline } else { expires_at };
         Lookup::Valid {
-            identity: Arc::new(data.identity(provider.settings.id.clone(), expires_at)),
+            acr: data.acr.as_deref().map(Arc::from),
+            identity: Arc::new(data.identity(
+                provider.settings.id.clone(),
+                provider.settings.kind,
+                expires_at,
+            )),
             set_cookie,
             key,
             revocation,
@@ -1189,6 +1225,12 @@ impl Sessions {
             Ok(v) => v,
             Err(e) => return fail(e.0.into(), clear),
         };
+        let acr = verified
+            .claims
+            .get("acr")
+            .and_then(Value::as_str)
+            .filter(|a| a.len() <= MAX_ACR_BYTES)
+            .map(str::to_owned);
         let identity = match crate::identity::verify::identity_from_verified(
             &provider.settings,
             verified.claims,
@@ -1215,6 +1257,7 @@ impl Sessions {
                 Ok(id) => id,
                 Err(e) => return fail(e.into(), clear),
             },
+            acr,
         };
         data.keep_claims(identity.claims.map(), self.kept_claims(&provider.settings.id));
         let mut set = match self.seal_session(&data, &cookies) {
@@ -1228,9 +1271,11 @@ impl Sessions {
             response: redirect(&return_to, set),
             reason: Reason::SignedIn,
             detail: "signed in".into(),
-            identity: Some(Arc::new(
-                data.identity(provider.settings.id.clone(), data.expires.min(deadline)),
-            )),
+            identity: Some(Arc::new(data.identity(
+                provider.settings.id.clone(),
+                provider.settings.kind,
+                data.expires.min(deadline),
+            ))),
         }
     }
 
@@ -1390,7 +1435,7 @@ impl Sessions {
         let identity = session
             .as_ref()
             .zip(provider.as_ref())
-            .map(|(s, p)| Arc::new(s.identity(p.settings.id.clone(), s.expires)));
+            .map(|(s, p)| Arc::new(s.identity(p.settings.id.clone(), p.settings.kind, s.expires)));
         if let Some(p) = &provider {
             if let Some(end) = p.end_session_endpoint().await {
                 let sep = if end.contains('?') { '&' } else { '?' };

@@ -36,6 +36,7 @@ fn data(groups: usize) -> SessionData {
         claims: Default::default(),
         not_kept: Vec::new(),
         id: revoke::SessionId::random().unwrap_or_default(),
+        acr: None,
     }
 }
 
@@ -234,6 +235,40 @@ fn proxy_cookie_names_with_and_without_prefix() {
     );
 }
 
+/// `cookie::read` reads a chunked value only as `cookie::write` lays it out: a count
+/// spelt another way (`c+2`, `c02`), one that needs no chunks (`c1`), or chunks cut
+/// elsewhere than every `CHUNK` bytes are refused, not reassembled.
+#[test]
+fn chunked_cookies_are_read_only_in_the_layout_they_are_written_in() {
+    let value = "A".repeat(cookie::CHUNK + 10);
+    let attrs = cookie::Attrs { domain: None, max_age: 60 };
+    let set = cookie::write(&[], "s", &value, &attrs).unwrap_or_default();
+    let written: Vec<(String, String)> = set
+        .iter()
+        .filter_map(|h| h.to_str().ok()?.split(';').next()?.split_once('='))
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(written.len(), 3, "{written:?}");
+    let read = |pairs: &[(String, String)]| {
+        let refs: Vec<(&str, &str)> = pairs.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        cookie::read(&refs, "s")
+    };
+    assert_eq!(read(&written), Some(Ok(value.clone())));
+    for head in ["c+2", "c02", "c1", "c0", "c9", "c", "c2 ", "c-2"] {
+        let mut pairs = written.clone();
+        pairs[0].1 = head.to_string();
+        assert_eq!(read(&pairs), Some(Err(())), "{head}");
+    }
+    // The same value cut elsewhere, or with an empty last chunk.
+    let (a, b) = value.split_at(10);
+    for (first, second) in [(a, b), (&value[..cookie::CHUNK], "")] {
+        let mut pairs = written.clone();
+        pairs[1].1 = first.to_string();
+        pairs[2].1 = second.to_string();
+        assert_eq!(read(&pairs), Some(Err(())), "{} + {}", first.len(), second.len());
+    }
+}
+
 #[test]
 fn cookie_parsing_finds_chunks_but_not_lookalikes() {
     let mut h = HeaderMap::new();
@@ -392,7 +427,7 @@ fn a_claim_the_provider_holds_elsewhere_is_not_kept_by_the_session() {
         let token = token.as_object().cloned().unwrap_or_default();
         let mut d = data(1);
         d.keep_claims(&token, &wanted);
-        let id = d.identity(IssuerId(Arc::from("corp")), 0);
+        let id = d.identity(IssuerId(Arc::from("corp")), PrincipalKind::Human, 0);
         assert!(!id.claims.is_kept("groups"), "{token:?}");
         assert!(!id.claims.is_kept("wids"), "{token:?}");
         assert!(id.claims.is_kept("name") && id.claims.get("name").is_some(), "{token:?}");
@@ -402,7 +437,7 @@ fn a_claim_the_provider_holds_elsewhere_is_not_kept_by_the_session() {
     let token = token.as_object().cloned().unwrap_or_default();
     let mut d = data(1);
     d.keep_claims(&token, &wanted);
-    let id = d.identity(IssuerId(Arc::from("corp")), 0);
+    let id = d.identity(IssuerId(Arc::from("corp")), PrincipalKind::Human, 0);
     assert!(id.claims.is_kept("groups") && id.claims.is_kept("wids"));
 }
 
@@ -440,7 +475,7 @@ fn sessions_keep_the_claims_policies_name_and_know_which() -> Result<(), String>
         .open_session(&cookie::parse(&headers(&s.seal_session(&d, &[])?)))
         .map_err(str::to_string)?;
     assert_eq!(back.as_ref(), Some(&d));
-    let id = d.identity(IssuerId(Arc::from("corp")), 0);
+    let id = d.identity(IssuerId(Arc::from("corp")), PrincipalKind::Human, 0);
     assert_eq!(id.claims.get("name"), Some(&Value::String("Alice".into())));
     assert_eq!(id.claims.get("acct"), Some(&serde_json::json!(1)));
     assert_eq!(id.claims.get("sub"), Some(&Value::String("alice".into())));
@@ -461,7 +496,7 @@ fn sessions_keep_the_claims_policies_name_and_know_which() -> Result<(), String>
     let wanted: Vec<Arc<str>> =
         ["email_verified", "groups"].iter().map(|n| Arc::from(*n)).collect();
     d.keep_claims(&token, &wanted);
-    let id = d.identity(IssuerId(Arc::from("corp")), 0);
+    let id = d.identity(IssuerId(Arc::from("corp")), PrincipalKind::Human, 0);
     assert!(id.claims.is_kept("email_verified") && id.claims.get("email_verified").is_none());
     assert!(!id.claims.is_kept("groups") && id.claims.get("groups").is_none());
     assert_eq!(id.groups.len(), 1, "group rules still read the session's groups");
@@ -473,7 +508,7 @@ fn sessions_keep_the_claims_policies_name_and_know_which() -> Result<(), String>
     });
     let old: SessionData = serde_json::from_value(old).map_err(|e| e.to_string())?;
     assert_eq!(old.kept, None);
-    let id = old.identity(IssuerId(Arc::from("corp")), 0);
+    let id = old.identity(IssuerId(Arc::from("corp")), PrincipalKind::Human, 0);
     for known in BASE_CLAIMS {
         assert!(id.claims.is_kept(known), "{known}");
     }
@@ -521,7 +556,7 @@ fn sessions_keep_the_claims_routes_forward_as_headers() -> Result<(), String> {
         let token = serde_json::json!({ "sub": "alice", "team": team, "acct": "1" });
         let mut d = data(1);
         d.keep_claims(token.as_object().ok_or("not an object")?, &names_arc(&cfg));
-        let id = d.identity(IssuerId(Arc::from("corp")), 0);
+        let id = d.identity(IssuerId(Arc::from("corp")), PrincipalKind::Human, 0);
         let got: Vec<String> = crate::http::headers::claim_headers(&id, &route.claim_headers)
             .iter()
             .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap_or("?")))

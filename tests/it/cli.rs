@@ -817,6 +817,79 @@ fn check_reads_groups_claim_pointers_and_reports_one_that_names_nothing() {
     }
 }
 
+/// A `[[test]]` identity is a token the verifier would accept, or `check` says why at
+/// the value: a time claim that is no number (`exp = "soon"`) or an `aud` that is no
+/// string or list of strings (`aud = 5`), which the verifier refuses (V14, V21), of an
+/// `oidc` issuer as of a CI one; and, when the issuer's `login` asks for `acr_values`,
+/// a person's identity without one of those `acr`s, which serve refuses (401
+/// `acr-mismatch`) as the sign-in does.
+#[test]
+fn check_holds_test_identities_to_the_token_types_and_acr_the_verifier_does() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let p = dir.path();
+    std::fs::create_dir_all(p.join("policies")).ok();
+    write(&p.join("keys"), "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n");
+    let config = |login: &str| {
+        format!("[listen]\ninsecure_http = \"127.0.0.1:0\"\n[issuers.corp]\nissuer = \"https://idp.example.com\"\naudiences = [\"x\"]\n{login}[issuers.gh]\npreset = \"github-actions\"\nissuer = \"https://token.actions.githubusercontent.com\"\naudiences = [\"x\"]\n[[routes]]\nname = \"api\"\nupstream = \"http://127.0.0.1:1\"\npolicy = \"api\"\nmatch = {{}}\n")
+    };
+    let cfg = p.join("portcullis.toml").to_string_lossy().to_string();
+    let file = p.join("policies/api.toml").to_string_lossy().to_string();
+    let rules =
+        "[[rule]]\nid = \"sre\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"sre\"]\n";
+    let case = |name: &str, claims: &str| {
+        format!("\n[[test]]\nname = \"{name}\"\nidentity = {{ issuer = \"corp\", groups = [\"sre\"], claims = {{ {claims} }} }}\nrequest = \"GET /\"\nexpect = \"allow\"\n")
+    };
+    let policy = |cases: &[(&str, &str)]| {
+        rules.to_string() + &cases.iter().map(|(n, c)| case(n, c)).collect::<String>()
+    };
+    write(Path::new(&cfg), &config(""));
+    let bad = [
+        ("exp", "exp = \"soon\"", "is a string, but oidc tokens carry it as a number"),
+        ("aud", "aud = 5", "is an integer, but oidc tokens carry it as a string or a list"),
+        ("nbf", "nbf = [1]", "is a list, but"),
+        ("iat", "iat = true", "is a boolean, but"),
+        ("aud list", "aud = [\"x\", 5]", "is a list, but"),
+        ("other aud", "aud = [\"y\"]", "names none of issuer `corp`'s `audiences` (x)"),
+        ("other iss", "iss = \"https://elsewhere.example\"", "is not issuer `corp`'s `issuer`"),
+    ];
+    let text = policy(&bad.map(|(name, claims, _)| (name, claims)));
+    write(Path::new(&file), &text);
+    let (code, out, err) = run(&["check", "-c", &cfg]);
+    assert_eq!(code, 2, "{out}{err}");
+    for (name, claims, why) in bad {
+        let (claim, value) = claims.split_once(" = ").unwrap_or_default();
+        // Where the value is, counted as `check` counts (1-based).
+        let header = text.find(&format!("name = \"{name}\"")).unwrap_or_default();
+        let at = header + text[header..].find(claims).unwrap_or_default() + claim.len() + 3;
+        let line = text[..at].matches('\n').count() + 1;
+        let col = at - text[..at].rfind('\n').map_or(0, |n| n + 1) + 1;
+        let want = format!("{file}:{line}:{col}: test identity claim `{claim}` ");
+        let found = err.lines().any(|l| l.starts_with(&want) && l.contains(why));
+        assert!(found, "{value}: {want}…{why}\nin:\n{err}");
+    }
+    // Numbers and an audience of the verifier's types are fine.
+    let typed = "exp = 1767229200, iat = 1767225600.5, nbf = 0, aud = [\"y\", \"x\"], azp = \"x\", iss = \"https://idp.example.com\"";
+    write(Path::new(&file), &policy(&[("typed", typed)]));
+    let (code, out, err) = run(&["check", "-c", &cfg]);
+    assert_eq!(code, 0, "{out}{err}");
+    // A login that asks for `acr_values`: a person's identity needs one of them.
+    let login = "login = { client_id = \"x\", client_secret_env = \"S\", extra_params = { acr_values = \"phr mfa\" } }\n[session]\nkeys_file = \"keys\"\n";
+    write(Path::new(&cfg), &config(login));
+    write(
+        Path::new(&file),
+        &policy(&[("without acr", "email = \"a@b.example\""), ("pwd", "acr = \"pwd\"")]),
+    );
+    let (code, out, err) = run(&["check", "-c", &cfg]);
+    assert_eq!(code, 2, "{out}{err}");
+    let refused: Vec<&str> =
+        err.lines().filter(|l| l.contains("is not an oidc token the proxy would accept")).collect();
+    assert_eq!(refused.len(), 2, "{err}");
+    assert!(refused[0].contains("no `acr`") && refused[1].contains("not one of"), "{err}");
+    write(Path::new(&file), &policy(&[("mfa", "acr = \"mfa\""), ("phr", "acr = \"phr\"")]));
+    let (code, out, err) = run(&["check", "-c", &cfg]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
 /// `CONNECT` (and `TRACE`) are refused with 405 on every route before any policy is
 /// asked: a rule listing them in `methods` is dead, and `check` says so at the rule's
 /// `methods`, `file:line:col: warning: …`, still exiting 0.

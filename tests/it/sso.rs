@@ -617,6 +617,156 @@ async fn acr_values_are_held_to_the_id_tokens_acr() {
     assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
 }
 
+/// The `acr_values` a login demands hold the issuer's bearer ID tokens too: a person
+/// barred from a session without the class asked for is not let in by sending a
+/// password-only ID token of the same issuer as a bearer token. Without an `acr`, or
+/// with another class: 401 (`acr-mismatch` in the log, `invalid-token` to the client).
+#[tokio::test]
+async fn a_bearer_id_token_is_held_to_the_acr_values_of_its_issuers_login() {
+    let setup = Setup {
+        sso: Some(String::new()),
+        login_extra: ", extra_params = { acr_values = \"phr urn:example:mfa\" }".into(),
+        ..Setup::default()
+    };
+    let w = World::with(setup).await;
+    for (acr, why) in [
+        (None, "no `acr`"),
+        (Some("acr=pwd"), "not one of"),
+        (Some("acr=phrx"), "not one of"),
+        (Some("acr=PHR"), "not one of"),
+    ] {
+        let token = w.token("corp", acr.as_slice());
+        let r = w.get("/", Some(&token)).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{acr:?}: {}", r.text());
+        assert!(r.text().contains("invalid-token"), "{acr:?}: {}", r.text());
+        let e = w.last_event().await;
+        assert_eq!(e["reason"], "acr-mismatch", "{acr:?}: {e}");
+        assert!(e["detail"].as_str().unwrap_or_default().contains(why), "{acr:?}: {e}");
+    }
+    // An `acr` that is no string is a malformed claim (V21).
+    let r = w.get("/", Some(&w.token("corp", &["acr:=2"]))).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert_eq!(w.last_event().await["reason"], "invalid-claims");
+    // Either class asked for: in, as the browser would be.
+    for acr in ["acr=phr", "acr=urn:example:mfa"] {
+        let r = w.get("/", Some(&w.token("corp", &[acr]))).await;
+        assert_eq!(r.status, StatusCode::OK, "{acr}: {}", r.text());
+    }
+    // A CI token is no person's ID token: the login's classes do not apply to it.
+    let r = w.get("/", Some(&w.token("gh", &[]))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // Without `acr_values`, a bearer ID token's `acr` is not looked at.
+    let w = sso_world("").await;
+    let r = w.get("/", Some(&w.token("corp", &[]))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
+
+/// The `acr_values` a login asks for hold each request of a session, as they hold each
+/// bearer ID token: a session whose sign-in showed none of the classes asked for now (a
+/// reload added or changed them) signs in again, instead of keeping its access until its
+/// absolute lifetime (a refresh does not ask the provider for the context again).
+#[tokio::test]
+async fn a_session_is_held_to_the_acr_values_a_reload_brings() {
+    let setup = Setup {
+        sso: Some(String::new()),
+        login_extra: ", extra_params = { acr_values = \"phr\" }".into(),
+        ..Setup::default()
+    };
+    let w = World::with(setup).await;
+    login(&w).set_acr(Some("phr"));
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK, "the class asked for");
+    let config = std::fs::read_to_string(w.config_path()).unwrap_or_default();
+    let reload = |from: &str, to: &str| {
+        assert!(config.contains(from), "{config}");
+        write(&w.config_path(), &config.replace(from, to));
+    };
+    reload("acr_values = \"phr\"", "acr_values = \"urn:example:mfa\"");
+    assert!(w.server().reload().await);
+    let cookie = b.cookie_header();
+    let headers = [("cookie", cookie.as_str())];
+    let r = send_with(&w.client, Method::GET, &w.url("/"), &headers, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    let e = w.last_event().await;
+    assert_eq!(e["reason"], "session-expired", "{e}");
+    assert!(e["detail"].as_str().unwrap_or_default().contains("acr"), "{e}");
+    let r = b.get(&w, &w.url("/")).await;
+    assert_eq!(r.status, StatusCode::FOUND, "a browser is sent to sign in: {}", r.text());
+    // Signed in with the class asked for now: in.
+    login(&w).set_acr(Some("urn:example:mfa"));
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK);
+    // A login that asks for no class any more does not look at the session's.
+    reload("acr_values = \"phr\"", "prompt = \"consent\"");
+    assert!(w.server().reload().await);
+    assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK);
+}
+
+/// A WebSocket a session opened is held to the login's `acr_values` as reloaded, as the
+/// session's next request is: a reload asking for classes its sign-in did not show ends
+/// it; one that keeps the class the sign-in showed keeps it open.
+#[tokio::test]
+async fn a_reload_asking_for_another_acr_ends_the_tunnels_of_sessions_without_it() {
+    use crate::forwarding::{echo_once, tunnel_end_event, ws_connect_with};
+    let setup = Setup {
+        sso: Some(String::new()),
+        login_extra: ", extra_params = { acr_values = \"phr\" }".into(),
+        ..Setup::default()
+    };
+    let w = World::with(setup).await;
+    login(&w).set_acr(Some("phr"));
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let cookie = format!("__Host-_portcullis={}", b.session_cookie().cloned().unwrap_or_default());
+    let mut ws = ws_connect_with(&w, "/ws", &[("cookie", &cookie)])
+        .await
+        .unwrap_or_else(|e| panic!("ws with a session: {e}"));
+    assert!(echo_once(&mut ws).await);
+    let config = std::fs::read_to_string(w.config_path()).unwrap_or_default();
+    let reload = |to: &str| write(&w.config_path(), &config.replace("acr_values = \"phr\"", to));
+
+    reload("acr_values = \"urn:example:mfa phr\"");
+    assert!(w.server().reload().await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(echo_once(&mut ws).await, "a reload still asking for the sign-in's class ended it");
+
+    reload("acr_values = \"urn:example:mfa\"");
+    assert!(w.server().reload().await);
+    let ended = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert!(ended.is_ok(), "the tunnel outlived the reload that refuses its session");
+    assert!(!echo_once(&mut ws).await, "the tunnel still relays");
+    let e = tunnel_end_event(&w, "/ws").await;
+    assert_eq!(e["reason"], "access-revoked", "{e}");
+    assert!(e["detail"].as_str().unwrap_or_default().contains("acr"), "{e}");
+}
+
+/// A browser session is of the kind its issuer is configured with (`kind`), as the
+/// issuer's bearer ID tokens are: the audit log and `X-Portcullis-Kind` say the same for
+/// one person either way (a session was always `human`).
+#[tokio::test]
+async fn a_session_is_of_its_issuers_kind_as_its_bearer_tokens_are() {
+    let setup = Setup {
+        sso: Some(String::new()),
+        issuer_extra: "kind = \"service\"".into(),
+        ..Setup::default()
+    };
+    let w = World::with(setup).await;
+    let mut b = Browser::new();
+    let r = b.sign_in(&w, "/", "alice", &["engineering"]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.upstream_header("x-portcullis-kind").as_deref(), Some("service"));
+    let e = last_event_at(&w, "/").await;
+    assert_eq!(e["identity"]["kind"], "service", "{e}");
+    let signed_in = last_event_at(&w, "/.portcullis/callback").await;
+    assert_eq!(signed_in["identity"]["kind"], "service", "{signed_in}");
+    // The same person's bearer ID token.
+    let r = w.get("/", Some(&w.token("corp", &["sub=alice"]))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.upstream_header("x-portcullis-kind").as_deref(), Some("service"));
+}
+
 /// RFC 9207: a provider that advertises `authorization_response_iss_parameter_supported`
 /// names itself in every authorization response, so one without `iss` (or with two) is
 /// not its own (the mix-up attack: another provider's code sent back with this sign-in's

@@ -59,11 +59,18 @@ async fn verdicts(s: &IssuerSettings, claims: &Value) -> (Verdict, Verdict) {
     let get = Method::GET;
     let request = RequestFacts::http(&get, "/x");
 
+    // The registered claims a case does not give are those of a token valid now.
     let mut payload = claims.clone();
-    payload["iss"] = json!(s.issuer);
-    payload["aud"] = json!(s.audiences[0]);
-    payload["iat"] = json!(NOW - 100);
-    payload["exp"] = json!(NOW + 3600);
+    for (name, value) in [
+        ("iss", json!(s.issuer)),
+        ("aud", json!(s.audiences[0])),
+        ("iat", json!(NOW - 100)),
+        ("exp", json!(NOW + 3600)),
+    ] {
+        if payload.get(name).is_none() {
+            payload[name] = value;
+        }
+    }
     let token = rsa().sign(&json!({"alg": "RS256", "kid": "rsa-1"}), &payload);
     let serve = match offline(vec![s.clone()]).verify_at(&token, NOW).await {
         Ok(identity) => verdict(policy.decide(Some(&identity), &request)),
@@ -79,7 +86,12 @@ async fn verdicts(s: &IssuerSettings, claims: &Value) -> (Verdict, Verdict) {
         Ok(p) => verdict(decide_case(&p, &p.tests()[0], &|_| false)),
         Err(d) => {
             let d: Vec<String> = d.into_sorted().iter().map(ToString::to_string).collect();
-            assert!(d.iter().all(|m| m.contains("would accept")), "{text}\n{d:#?}");
+            let refused = |m: &String| {
+                m.contains("would accept")
+                    || m.contains("test identity claim")
+                    || m.contains("the proxy would refuse")
+            };
+            assert!(d.iter().all(refused), "{text}\n{d:#?}");
             Verdict::Refused
         }
     };
@@ -148,9 +160,21 @@ async fn a_test_identity_the_verifier_would_refuse_is_an_error() {
         ("another client's `azp`", with(admin.clone(), "azp", json!("someone-else"))),
         ("an access token's `scp`", with(admin.clone(), "scp", json!(["read"]))),
         ("Keycloak's access-token `typ`", with(admin.clone(), "typ", json!("Bearer"))),
+        ("an `exp` that is not a number", with(admin.clone(), "exp", json!("soon"))),
+        ("an `iat` that is not a number", with(admin.clone(), "iat", json!(true))),
+        ("an `aud` that is not a string", with(admin.clone(), "aud", json!(5))),
+        ("an empty `aud`", with(admin.clone(), "aud", json!([]))),
+        ("another audience", with(admin.clone(), "aud", json!("someone-else"))),
     ] {
         agree(what, &plain, claims, Verdict::Refused).await;
     }
+    // The authentication context the issuer's login asks for (`acr_values`).
+    let mfa = corp(|s| s.acr_values = vec!["phr".into()]);
+    agree("no `acr` where the login asks for one", &mfa, admin.clone(), Verdict::Refused).await;
+    let pwd = with(admin.clone(), "acr", json!("pwd"));
+    agree("another `acr`", &mfa, pwd, Verdict::Refused).await;
+    agree("the `acr` asked for", &mfa, with(admin.clone(), "acr", json!("phr")), Verdict::Allowed)
+        .await;
     let workspace = corp(|s| s.hosted_domain = Some("acme.example".into()));
     let staff = json!({ "sub": "1", "email": "jane@acme.example", "email_verified": true });
     agree("no `hd` where `hosted_domain` is set", &workspace, staff.clone(), Verdict::Refused)
