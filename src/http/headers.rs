@@ -349,6 +349,24 @@ fn directives(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     .filter(|d| !d.is_empty())
 }
 
+/// Keeps of the answer to a CORS preflight let through without a credential only what a
+/// browser reads of it: the `Access-Control-*` headers (Fetch, "CORS-preflight fetch":
+/// `-Allow-Origin`, `-Allow-Credentials`, `-Allow-Methods`, `-Allow-Headers`, `-Max-Age`,
+/// `-Allow-Private-Network`) and `Vary`. The status stays (a browser needs an ok status).
+/// An upstream whose handlers do not check the method answers an `OPTIONS` as it would a
+/// `GET`, and its `Location`, `X-Total-Count`, `Set-Cookie` (a CSRF token, a session of
+/// its own) or `Content-Disposition` would otherwise go to anyone, no credential needed.
+pub fn keep_preflight_answer(h: &mut HeaderMap) {
+    let other: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| *k != header::VARY && !k.as_str().starts_with("access-control-"))
+        .cloned()
+        .collect();
+    for n in other {
+        h.remove(n);
+    }
+}
+
 /// Removes the proxy's own cookies (`_portcullis*`, bare or behind `__Host-` /
 /// `__Secure-`: today's, those from before the prefixes, and any tossed from a sibling
 /// host), keeping the application's, byte for byte (a UTF-8 value included).
@@ -1090,6 +1108,34 @@ mod tests {
         );
         strip_proxy_cookies(&mut h);
         assert_eq!(h.get("cookie").map(|v| v.as_bytes()), Some("name=Jos\u{e9}; app=2".as_bytes()));
+    }
+
+    #[test]
+    fn a_preflights_answer_keeps_only_access_control_and_vary() {
+        let mut h = map(&[
+            ("access-control-allow-origin", "https://app.example.com"),
+            ("Access-Control-Allow-Headers", "authorization"),
+            ("vary", "Origin"),
+            ("vary", "Access-Control-Request-Headers"),
+            ("location", "/admin"),
+            ("set-cookie", "csrf=1"),
+            ("x-total-count", "42"),
+            ("access-control", "x"),
+            ("x-access-control-allow-origin", "*"),
+        ]);
+        keep_preflight_answer(&mut h);
+        let mut kept: Vec<String> =
+            h.iter().map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?"))).collect();
+        kept.sort();
+        assert_eq!(
+            kept,
+            [
+                "access-control-allow-headers: authorization",
+                "access-control-allow-origin: https://app.example.com",
+                "vary: Access-Control-Request-Headers",
+                "vary: Origin",
+            ]
+        );
     }
 
     /// A trusted proxy that passes its client's `X-Forwarded-Host` or `Forwarded: host=`
