@@ -14,8 +14,8 @@ use http_body_util::Full;
 use crate::audit::{AuditHealth, AuditStatus};
 use crate::http::proxy::{Shared, JWKS_PATH};
 
-/// Answers one admin request. On a loopback listener, a `Host` that is a DNS name of
-/// more than one label (other than `*.localhost`) is refused (see `local_host`).
+/// Answers one admin request. On a loopback listener, a `Host` that is a DNS name
+/// (other than `localhost` and `*.localhost`) is refused (see `local_host`).
 pub fn respond<B>(
     shared: &Arc<Shared>,
     draining: bool,
@@ -85,11 +85,14 @@ pub fn respond<B>(
     resp
 }
 
-/// Whether a `Host` names this machine by address, as `localhost` or by a one-label name:
-/// what a probe or a scrape of a loopback listener sends. A DNS name is what a DNS-rebinding page sends
-/// (a name of the attacker's that resolved to 127.0.0.1 a moment after the page loaded,
-/// so the browser lets the page read the answers): refused, so no page a person on this
-/// machine opens can read `/metrics` or `/readyz`.
+/// Whether a `Host` names this machine by address or as `localhost` (`*.localhost`):
+/// what a probe or a scrape of a loopback listener sends. A DNS name is what a
+/// DNS-rebinding page sends (a name of the attacker's that resolved to 127.0.0.1 a moment
+/// after the page loaded, so the browser lets the page read the answers): refused, so no
+/// page a person on this machine opens can read `/metrics` or `/readyz`. A name of one
+/// label (`metrics`, `wpad`) is refused too: a name the machine's DNS does not know is
+/// asked of the local network by LLMNR, mDNS or NetBIOS (Windows, macOS, many Linux
+/// desktops), where any host may answer it with its own address, then with 127.0.0.1.
 fn local_host(host: &[u8]) -> bool {
     let Ok(host) = std::str::from_utf8(host) else { return false };
     if let Some(v6) = host.strip_prefix('[') {
@@ -106,9 +109,6 @@ fn local_host(host: &[u8]) -> bool {
     name.parse::<std::net::Ipv4Addr>().is_ok()
         || name == "localhost"
         || name.ends_with(".localhost")
-        // A name of one label (`portcullis`, a container's own name) resolves only through
-        // the machine's own files and search domains, never through an attacker's zone.
-        || !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 /// Empty, or `:` and a port number.
@@ -205,14 +205,16 @@ mod tests {
             "localhost.",
             "app.localhost:9090",
             "10.0.0.7:9090",
-            "admin",
-            "portcullis:9090",
         ] {
             assert!(local_host(ok.as_bytes()), "{ok}");
         }
         for bad in [
             "evil.example",
             "evil.example:9090",
+            "metrics",
+            "wpad:9090",
+            "portcullis.:9090",
+            "2130706433",
             "127.0.0.1.nip.io",
             "localhost.evil.example",
             "127.0.0.1:",

@@ -349,6 +349,24 @@ fn directives(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     .filter(|d| !d.is_empty())
 }
 
+/// Keeps of the answer to a CORS preflight let through without a credential only what a
+/// browser reads of it: the `Access-Control-*` headers (Fetch, "CORS-preflight fetch":
+/// `-Allow-Origin`, `-Allow-Credentials`, `-Allow-Methods`, `-Allow-Headers`, `-Max-Age`,
+/// `-Allow-Private-Network`) and `Vary`. The status stays (a browser needs an ok status).
+/// An upstream whose handlers do not check the method answers an `OPTIONS` as it would a
+/// `GET`, and its `Location`, `X-Total-Count`, `Set-Cookie` (a CSRF token, a session of
+/// its own) or `Content-Disposition` would otherwise go to anyone, no credential needed.
+pub fn keep_preflight_answer(h: &mut HeaderMap) {
+    let other: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| *k != header::VARY && !k.as_str().starts_with("access-control-"))
+        .cloned()
+        .collect();
+    for n in other {
+        h.remove(n);
+    }
+}
+
 /// Removes the proxy's own cookies (`_portcullis*`, bare or behind `__Host-` /
 /// `__Secure-`: today's, those from before the prefixes, and any tossed from a sibling
 /// host), keeping the application's, byte for byte (a UTF-8 value included).
@@ -375,6 +393,13 @@ pub fn strip_proxy_cookies(h: &mut HeaderMap) {
 /// `Forwarded`/`X-Real-IP` from untrusted peers are dropped. `port` is the port of the
 /// proxy's listener the client connected to (`None`: unknown, none is set); a trusted
 /// proxy's `X-Forwarded-Port` is kept when it is one port number, else replaced by it.
+///
+/// The host is never a trusted proxy's: `X-Forwarded-Host` is always `host`, the name the
+/// request was routed and authorized by, and every `host=` of a trusted proxy's
+/// `Forwarded` is rewritten to it. Many proxies pass their client's `X-Forwarded-Host`
+/// (and `Forwarded`) through untouched (nginx's `proxy_pass` without `proxy_set_header`,
+/// balancers that set only `X-Forwarded-For`), so keeping it would let a client routed
+/// and authorized for `app` name `admin` to an upstream that serves both by that header.
 pub fn set_forwarded(
     h: &mut HeaderMap,
     peer: &HeaderValue,
@@ -420,11 +445,7 @@ pub fn set_forwarded(
         if !h.contains_key(&X_FORWARDED_PROTO) {
             h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
         }
-        if !h.contains_key(&X_FORWARDED_HOST) {
-            if let Ok(v) = HeaderValue::from_str(host) {
-                h.insert(X_FORWARDED_HOST.clone(), v);
-            }
-        }
+        rewrite_forwarded_hosts(h, host);
         let mut given = h.get_all(&X_FORWARDED_PORT).iter();
         let keep = matches!((given.next(), given.next()), (Some(v), None) if one_port(v));
         if !keep {
@@ -436,13 +457,70 @@ pub fn set_forwarded(
     } else {
         h.insert(X_FORWARDED_FOR.clone(), peer.clone());
         h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-        if let Ok(v) = HeaderValue::from_str(host) {
-            h.insert(X_FORWARDED_HOST.clone(), v);
-        }
         if let Some(p) = port {
             h.insert(X_FORWARDED_PORT.clone(), p.clone());
         }
     }
+    match HeaderValue::from_str(host) {
+        Ok(v) => h.insert(X_FORWARDED_HOST.clone(), v),
+        // Never so (a routed host is a valid header value): none rather than another's.
+        Err(_) => h.remove(&X_FORWARDED_HOST),
+    };
+}
+
+/// Rewrites every `host=` parameter of every `Forwarded` field (RFC 7239) to `host`,
+/// keeping the rest (`for=`, `proto=`, `by=`) as the trusted proxy sent it: Spring's
+/// `ForwardedHeaderFilter`, ASP.NET Core and Express read the host from `Forwarded`
+/// before (or instead of) `X-Forwarded-Host`. Commas and semicolons inside quoted
+/// strings separate nothing. A field the rewrite cannot express is removed.
+fn rewrite_forwarded_hosts(h: &mut HeaderMap, host: &str) {
+    if !h.contains_key(header::FORWARDED) {
+        return;
+    }
+    let quoted_host = (!host.contains(['"', '\\'])).then(|| format!("host=\"{host}\""));
+    let rewritten: Vec<HeaderValue> = h
+        .get_all(header::FORWARDED)
+        .iter()
+        .filter_map(|v| {
+            let out = forwarded_with_host(v.as_bytes(), quoted_host.as_deref()?);
+            HeaderValue::from_bytes(&out).ok()
+        })
+        .collect();
+    h.remove(header::FORWARDED);
+    for v in rewritten {
+        h.append(header::FORWARDED, v);
+    }
+}
+
+/// One `Forwarded` value with each `host=…` pair replaced by `pair` (`host="app"`).
+fn forwarded_with_host(v: &[u8], pair: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() + pair.len());
+    let (mut quoted, mut escaped, mut start) = (false, false, 0);
+    for i in 0..=v.len() {
+        let b = v.get(i).copied();
+        match (b, quoted, escaped) {
+            (Some(_), true, true) => escaped = false,
+            (Some(b'\\'), true, false) => escaped = true,
+            (Some(b'"'), _, false) => quoted = !quoted,
+            (Some(b',' | b';'), false, _) | (None, _, _) => {
+                let part = v.get(start..i).unwrap_or_default().trim_ascii();
+                let name = part.split(|c| *c == b'=').next().unwrap_or_default().trim_ascii();
+                if name.eq_ignore_ascii_case(b"host") {
+                    out.extend_from_slice(pair.as_bytes());
+                } else {
+                    out.extend_from_slice(part);
+                }
+                match b {
+                    Some(b',') => out.extend_from_slice(b", "),
+                    Some(sep) => out.push(sep),
+                    None => {}
+                }
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Sets `X-Forwarded-Prefix` to the path prefix a `strip_prefix` route removed
@@ -1030,6 +1108,67 @@ mod tests {
         );
         strip_proxy_cookies(&mut h);
         assert_eq!(h.get("cookie").map(|v| v.as_bytes()), Some("name=Jos\u{e9}; app=2".as_bytes()));
+    }
+
+    #[test]
+    fn a_preflights_answer_keeps_only_access_control_and_vary() {
+        let mut h = map(&[
+            ("access-control-allow-origin", "https://app.example.com"),
+            ("Access-Control-Allow-Headers", "authorization"),
+            ("vary", "Origin"),
+            ("vary", "Access-Control-Request-Headers"),
+            ("location", "/admin"),
+            ("set-cookie", "csrf=1"),
+            ("x-total-count", "42"),
+            ("access-control", "x"),
+            ("x-access-control-allow-origin", "*"),
+        ]);
+        keep_preflight_answer(&mut h);
+        let mut kept: Vec<String> =
+            h.iter().map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?"))).collect();
+        kept.sort();
+        assert_eq!(
+            kept,
+            [
+                "access-control-allow-headers: authorization",
+                "access-control-allow-origin: https://app.example.com",
+                "vary: Access-Control-Request-Headers",
+                "vary: Origin",
+            ]
+        );
+    }
+
+    /// A trusted proxy that passes its client's `X-Forwarded-Host` or `Forwarded: host=`
+    /// through cannot have the upstream told a host other than the one the request was
+    /// routed and authorized by; the rest of what it sent is kept.
+    #[test]
+    fn the_forwarded_host_is_the_routed_one_even_from_a_trusted_proxy() {
+        let peer = HeaderValue::from_static("10.0.0.9");
+        for trusted in [true, false] {
+            let mut h = map(&[
+                ("x-forwarded-host", "admin.example.com"),
+                ("x-forwarded-host", "other.example.com"),
+                ("x-forwarded-proto", "https"),
+                ("forwarded", "for=1.2.3.4;HOST=admin.example.com;proto=https"),
+                ("forwarded", r#"for="[2001:db8::1]:80";host="a,b;host=c", by=x ; host = y"#),
+            ]);
+            set_forwarded(&mut h, &peer, trusted, "http", "api.example.com", None);
+            let hosts: Vec<_> = h.get_all(&X_FORWARDED_HOST).iter().collect();
+            assert_eq!(hosts, ["api.example.com"], "trusted: {trusted}");
+            let fwd: Vec<_> = h.get_all(header::FORWARDED).iter().collect();
+            if trusted {
+                assert_eq!(
+                    fwd,
+                    [
+                        r#"for=1.2.3.4;host="api.example.com";proto=https"#,
+                        r#"for="[2001:db8::1]:80";host="api.example.com", by=x;host="api.example.com""#,
+                    ]
+                );
+                assert_eq!(h.get(&X_FORWARDED_PROTO).map(|v| v.as_bytes()), Some(&b"https"[..]));
+            } else {
+                assert!(fwd.is_empty());
+            }
+        }
     }
 
     #[test]

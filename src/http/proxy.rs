@@ -961,9 +961,10 @@ pub async fn handle(
     }
     out.decision = "allow";
     if preflight {
-        // Dropped unread (the upstream connection is not reused then).
+        // Dropped unread (the upstream connection is not reused then), with every header
+        // a browser does not read of a preflight's answer.
         drop(body);
-        parts.headers.remove(header::CONTENT_LENGTH);
+        headers::keep_preflight_answer(&mut parts.headers);
         return finish(Response::from_parts(parts, ProxyBody::empty()), out);
     }
     finish(Response::from_parts(parts, ProxyBody::Upstream(body)), out)

@@ -1118,6 +1118,46 @@ async fn trusted_proxies_keep_their_forwarded_headers() {
     }
 }
 
+/// Behind a trusted proxy that passes its client's `X-Forwarded-Host` and `Forwarded`
+/// through (nginx's `proxy_pass` without `proxy_set_header`), a client routed and
+/// authorized for one host named another to the upstream, which an upstream serving
+/// both by that header served. The upstream is now told the routed host, in both.
+#[tokio::test]
+async fn a_trusted_proxy_cannot_pass_on_a_host_the_request_was_not_routed_by() {
+    let w = World::with(Setup {
+        listen_extra: "trusted_proxies = [\"127.0.0.0/8\"]".into(),
+        ..Setup::default()
+    })
+    .await;
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    for h2 in [false, true] {
+        let c = client(&w.pki, h2);
+        let r = send_with(
+            &c,
+            Method::GET,
+            &w.url("/x"),
+            &[
+                ("authorization", &auth),
+                ("x-forwarded-host", "admin.example.com"),
+                ("x-forwarded-proto", "https"),
+                ("forwarded", "for=203.0.113.7;host=admin.example.com;proto=https"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let h = &r.json()["headers"];
+        assert_eq!(h["x-forwarded-host"], serde_json::json!(["localhost"]), "h2: {h2}");
+        assert_eq!(
+            h["forwarded"],
+            serde_json::json!(["for=203.0.113.7;host=\"localhost\";proto=https"]),
+            "h2: {h2}"
+        );
+        // The rest of what the trusted proxy says is kept.
+        assert_eq!(h["x-forwarded-proto"], serde_json::json!(["https"]), "h2: {h2}");
+    }
+}
+
 #[tokio::test]
 async fn preserve_host_forwards_the_clients_authority_for_http1_and_http2() {
     let w =

@@ -576,8 +576,8 @@ async fn certificate_expiry_series_follow_the_served_certificates() {
 
 /// DNS rebinding: a page on `evil.example` whose name then resolves to 127.0.0.1 reaches
 /// the loopback admin listener with `Host: evil.example` and could read what it answers.
-/// Such a `Host` gets 421 and nothing of `/metrics` or `/readyz`; an address or
-/// `localhost` (what probes and scrapes send) is served.
+/// Such a `Host` gets 421 and nothing of `/metrics` or `/readyz`, and so does a one-label
+/// name (LLMNR, mDNS); an address or `localhost` (what probes and scrapes send) is served.
 #[tokio::test]
 async fn a_loopback_admin_listener_serves_no_page_named_by_another_host() {
     use bytes::Bytes;
@@ -591,7 +591,13 @@ async fn a_loopback_admin_listener_serves_no_page_named_by_another_host() {
     let port = w.admin.port();
     for path in ["/metrics", "/readyz", "/healthz"] {
         let url = format!("http://{}{path}", w.admin);
-        for host in ["evil.example".to_string(), format!("127.0.0.1.nip.io:{port}")] {
+        // A one-label name is one LLMNR or mDNS lets any host on the local network answer.
+        for host in [
+            "evil.example".to_string(),
+            format!("127.0.0.1.nip.io:{port}"),
+            "metrics".to_string(),
+            format!("wpad:{port}"),
+        ] {
             let r = send_with(&c, Method::GET, &url, &[("host", &host)], Bytes::new()).await;
             assert_eq!(r.status, StatusCode::MISDIRECTED_REQUEST, "{host}{path}");
             assert!(!r.text().contains("portcullis_"), "{host}{path}: {}", r.text());

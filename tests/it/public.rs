@@ -75,12 +75,14 @@ const CONTENT: &str = "the resource itself: no preflight's to read";
 /// A raw upstream that answers every request as a handler that does not check the
 /// method does (a PHP script, a Go `HandleFunc`, a Django function view, a Spring
 /// `@RequestMapping` without `method`): 200 with the resource's content, CORS headers
-/// as a CORS middleware adds them, and the request head it received (base64url, in
-/// `x-echo`: the head is what tests read, since the content may not reach the client).
+/// as a CORS middleware adds them, the resource's other headers (`Location`,
+/// `X-Total-Count`, a cookie), and the request head it received (base64url, in
+/// `Access-Control-X-Echo`, a name a preflight's answer keeps: the head is what tests
+/// read, since neither the content nor the resource's headers reach a preflight).
 pub(crate) async fn method_blind_upstream() -> std::net::SocketAddr {
     let (addr, _) = raw_answering(|head| {
         format!(
-            "HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: https://app.example.com\r\nAccess-Control-Allow-Methods: POST\r\nX-Echo: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{CONTENT}",
+            "HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: https://app.example.com\r\nAccess-Control-Allow-Methods: POST\r\nAccess-Control-Max-Age: 600\r\nVary: Origin\r\nLocation: /admin/users/42\r\nX-Total-Count: 1337\r\nSet-Cookie: app_csrf=s3cr3t; Path=/\r\nAccess-Control-X-Echo: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{CONTENT}",
             URL_SAFE_NO_PAD.encode(head),
             CONTENT.len()
         )
@@ -92,7 +94,7 @@ pub(crate) async fn method_blind_upstream() -> std::net::SocketAddr {
 /// The request head [`method_blind_upstream`] received, and the values of one of its
 /// header fields (`name` in lower case).
 pub(crate) fn echoed(r: &Resp) -> String {
-    let echo = r.headers.get("x-echo").map(|v| v.as_bytes()).unwrap_or_default();
+    let echo = r.headers.get("access-control-x-echo").map(|v| v.as_bytes()).unwrap_or_default();
     let head = URL_SAFE_NO_PAD.decode(echo).unwrap_or_else(|e| panic!("{e}: {r:?}"));
     String::from_utf8_lossy(&head).into_owned()
 }
@@ -144,6 +146,36 @@ async fn a_preflight_reaches_the_upstream_without_its_query_and_its_answer_witho
         w.send(Method::OPTIONS, "/pf/admin/users.php?delete=42", &with_token, Bytes::new()).await;
     assert_eq!((r.status, r.text()), (StatusCode::OK, CONTENT.to_string()));
     assert!(echoed(&r).starts_with("OPTIONS /pf/admin/users.php?delete=42 HTTP/1.1\r\n"));
+}
+
+/// A browser reads only the status and the `Access-Control-*` headers of a preflight's
+/// answer (Fetch, "CORS-preflight fetch"), yet the upstream's whole header section came
+/// back to a caller without a credential: what a handler that does not check the method
+/// says of the resource (`Location`, `X-Total-Count`, a `Set-Cookie` with a CSRF token).
+/// Only `Access-Control-*` and `Vary` come back now; with a credential, everything.
+#[tokio::test]
+async fn a_preflights_answer_keeps_only_the_headers_a_browser_reads_of_it() {
+    let w = preflight_world(method_blind_upstream().await, "").await;
+    let r = w.send(Method::OPTIONS, "/pf/admin/users.php", PREFLIGHT, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    for (name, want) in [
+        ("access-control-allow-origin", "https://app.example.com"),
+        ("access-control-allow-methods", "POST"),
+        ("access-control-max-age", "600"),
+        ("vary", "Origin"),
+    ] {
+        assert_eq!(r.headers.get(name).map(|v| v.as_bytes()), Some(want.as_bytes()), "{name}");
+    }
+    for name in ["location", "x-total-count", "set-cookie", "content-type"] {
+        assert!(r.headers.get(name).is_none(), "{name} reached a caller without a credential");
+    }
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let mut with_token = PREFLIGHT.to_vec();
+    with_token.push(("authorization", auth.as_str()));
+    let r = w.send(Method::OPTIONS, "/pf/admin/users.php", &with_token, Bytes::new()).await;
+    for name in ["location", "x-total-count", "set-cookie", "content-type"] {
+        assert!(r.headers.get(name).is_some(), "{name} of an authenticated answer");
+    }
 }
 
 #[tokio::test]
