@@ -29,6 +29,7 @@ fn session(groups: usize) -> SessionData {
         not_kept: Vec::new(),
         id: portcullis::session::revoke::SessionId::random().unwrap_or_default(),
         acr: None,
+        hd: None,
     }
 }
 
