@@ -30,6 +30,7 @@ fn session(groups: usize) -> SessionData {
         id: portcullis::session::revoke::SessionId::random().unwrap_or_default(),
         acr: None,
         hd: None,
+        source: None,
     }
 }
 

@@ -48,6 +48,7 @@ fn data(subject: &str, groups: usize) -> SessionData {
         id: SessionId([7; 16]),
         acr: None,
         hd: None,
+        source: None,
     }
 }
 

@@ -159,6 +159,14 @@ pub struct SessionData {
     /// `None`: the token had none, or the cookie was sealed before sessions kept it.
     #[serde(rename = "h", default, skip_serializing_if = "Option::is_none")]
     pub hd: Option<String>,
+    /// What the session's identity was read under ([`identity_source`]), at the sign-in
+    /// or the latest refresh that re-read it: a reload that re-points the issuer, moves
+    /// its `groups_claim` or changes the login's `client_id` refuses the session at once
+    /// ([`sign_in_refused`]), as it would read a bearer token differently at once.
+    /// `None`: sealed before sessions kept it; such a session gets it at its next
+    /// refresh, and is not refused for it until then.
+    #[serde(rename = "o", default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// What a session keeps of its sign-in that the issuer's settings as now loaded hold it
@@ -174,6 +182,16 @@ pub struct SignIn {
     pub hd: Option<Arc<str>>,
     /// Whether the session's email is verified ([`SessionData::email_verified`]).
     pub email_verified: bool,
+    /// What its identity was read under ([`SessionData::source`]).
+    pub source: Option<Arc<str>>,
+}
+
+/// What an ID token of the issuer is read under: the provider (its `issuer` URL), the
+/// client its tokens are issued to (the login's `client_id`) and where its groups are
+/// (`groups_claim`); 8 bytes of their SHA-256, in hex (a cookie holds it).
+pub fn identity_source(settings: &IssuerSettings, login: &LoginSettings) -> String {
+    let text = format!("{}\n{}\n{}", settings.issuer, login.client_id, settings.groups_claim);
+    crate::util::sha256(text.as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Why the issuer `settings` with `login` no longer admits a session signed in as
@@ -184,7 +202,10 @@ pub struct SignIn {
 ///   before a reload added or changed them, or sealed before sessions kept `acr`);
 /// - the issuer has `hosted_domain` and the session's `hd` is another (or none: signed
 ///   in before a reload added it, or sealed before sessions kept `hd`), or its email is
-///   not verified (V24).
+///   not verified (V24);
+/// - the session's identity was read under another `issuer` URL, login `client_id` or
+///   `groups_claim` ([`identity_source`]): its groups, or the person, may not be those a
+///   token of the issuer as loaded gives.
 pub fn sign_in_refused(
     settings: &IssuerSettings,
     login: &LoginSettings,
@@ -203,6 +224,11 @@ pub fn sign_in_refused(
                 "the session's `hd` is not the issuer's `hosted_domain`, or its email is not verified: sign in again",
             );
         }
+    }
+    if sign_in.source.as_deref().is_some_and(|s| s != identity_source(settings, login)) {
+        return Some(
+            "the issuer's `issuer`, `groups_claim` or login `client_id` changed since the session's identity was read: sign in again",
+        );
     }
     None
 }
@@ -501,6 +527,7 @@ impl SessionData {
             acr: self.acr.as_deref().map(Arc::from),
             hd: self.hd.as_deref().map(Arc::from),
             email_verified: self.email_verified,
+            source: self.source.as_deref().map(Arc::from),
         }
     }
 
@@ -978,6 +1005,7 @@ impl Sessions {
                 new.email_verified = id.email_verified;
                 new.groups = id.groups;
                 new.groups_known = id.groups_known;
+                new.source = Some(identity_source(&provider.settings, &provider.login));
                 // What this configuration's policies name (a reload may have added
                 // claims since the sign-in), from the fresh ID token.
                 new.keep_claims(id.claims.map(), self.kept_claims(&provider.settings.id));
@@ -1317,6 +1345,7 @@ impl Sessions {
             },
             acr,
             hd,
+            source: Some(identity_source(&provider.settings, &provider.login)),
         };
         data.keep_claims(identity.claims.map(), self.kept_claims(&provider.settings.id));
         let mut set = match self.seal_session(&data, &cookies) {

@@ -38,6 +38,7 @@ fn data(groups: usize) -> SessionData {
         id: revoke::SessionId::random().unwrap_or_default(),
         acr: None,
         hd: None,
+        source: None,
     }
 }
 

@@ -783,6 +783,33 @@ async fn a_session_is_held_to_the_hosted_domain_a_reload_brings() {
     assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK);
 }
 
+/// A session's groups were read where the issuer's `groups_claim` said at its sign-in:
+/// a reload that moves it (say away from a claim users can edit) refuses the session at
+/// once, as a bearer token is read at once from the new claim, not at its next refresh.
+/// A reload that leaves it where it was keeps the session.
+#[tokio::test]
+async fn a_reload_moving_groups_claim_sends_sessions_to_sign_in_again() {
+    let w = World::with(Setup { sso: Some(String::new()), ..Setup::default() }).await;
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let config = std::fs::read_to_string(w.config_path()).unwrap_or_default();
+    write(&w.config_path(), &with_issuer_line(&config, "groups_claim = \"groups\""));
+    assert!(w.server().reload().await);
+    assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK, "the same claim");
+
+    write(&w.config_path(), &with_issuer_line(&config, "groups_claim = \"roles\""));
+    assert!(w.server().reload().await);
+    let cookie = b.cookie_header();
+    let headers = [("cookie", cookie.as_str())];
+    let r = send_with(&w.client, Method::GET, &w.url("/"), &headers, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    let e = w.last_event().await;
+    assert_eq!(e["reason"], "session-expired", "{e}");
+    assert!(e["detail"].as_str().unwrap_or_default().contains("groups_claim"), "{e}");
+    let r = b.get(&w, &w.url("/")).await;
+    assert_eq!(r.status, StatusCode::FOUND, "a browser is sent to sign in: {}", r.text());
+}
+
 /// A WebSocket a session opened is held to the issuer's `hosted_domain` as reloaded, as
 /// the session's next request is.
 #[tokio::test]
