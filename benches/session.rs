@@ -29,6 +29,8 @@ fn session(groups: usize) -> SessionData {
         not_kept: Vec::new(),
         id: portcullis::session::revoke::SessionId::random().unwrap_or_default(),
         acr: None,
+        hd: None,
+        source: None,
     }
 }
 

@@ -47,6 +47,8 @@ fn data(subject: &str, groups: usize) -> SessionData {
         not_kept: Vec::new(),
         id: SessionId([7; 16]),
         acr: None,
+        hd: None,
+        source: None,
     }
 }
 

@@ -72,6 +72,8 @@ struct Hooks {
     hs256: bool,
     /// The `acr` of ID tokens (none by default).
     acr: Option<String>,
+    /// The `hd` (Google Workspace domain) of ID tokens (none by default).
+    hd: Option<String>,
 }
 
 struct Inner {
@@ -239,6 +241,9 @@ impl DevLogin {
     }
     pub fn set_acr(&self, acr: Option<&str>) {
         self.inner.hooks.lock().acr = acr.map(str::to_string);
+    }
+    pub fn set_hd(&self, hd: Option<&str>) {
+        self.inner.hooks.lock().hd = hd.map(str::to_string);
     }
 
     fn handle(&self, req: &DevRequest) -> Option<Response<Full<Bytes>>> {
@@ -454,6 +459,9 @@ input[type=text]{{font-size:1em;padding:.3em;width:100%}}button{{font-size:1em;p
         }
         if let Some(acr) = &hooks.acr {
             claims["acr"] = Value::String(acr.clone());
+        }
+        if let Some(hd) = &hooks.hd {
+            claims["hd"] = Value::String(hd.clone());
         }
         if hooks.no_auth_time {
             if let Value::Object(m) = &mut claims {

@@ -557,11 +557,11 @@ pub async fn handle(
                         set_cookie,
                         key,
                         revocation,
-                        acr,
+                        sign_in,
                         ..
                     } => {
                         rc.set_cookies = set_cookie;
-                        session_key = Some(Box::new((key, revocation, acr)));
+                        session_key = Some(Box::new((key, revocation, sign_in)));
                         rc.session = Some(identity.clone());
                         // The browser sends the cookie with a WebSocket handshake from any
                         // page of the same site, and nothing like CORS keeps that page from
@@ -887,9 +887,9 @@ pub async fn handle(
                             Some(_) => Credential::Token(tunnel_key.map(|k| *k)),
                             // No key (never so): a key no list holds, ended at a reload.
                             None => {
-                                let (key, revocation, acr) =
+                                let (key, revocation, sign_in) =
                                     session_key.as_deref().cloned().unwrap_or_default();
-                                Credential::Session { key, revocation, acr }
+                                Credential::Session { key, revocation, sign_in }
                             }
                         },
                         &rt.config,

@@ -15,7 +15,8 @@
 //! while the issuer still has `login`, the key that sealed the cookie is still among the
 //! session keys (`[session] keys_file`/`keys_env`; rotating them signs everyone out) and
 //! its absolute lifetime, as reloaded, is not reached, its sign-in's `acr` is one of the
-//! login's `acr_values` (when it asks for them), and it was not signed out (checked
+//! login's `acr_values` (when it asks for them), its `hd` is the issuer's
+//! `hosted_domain` (when it has one, [`crate::session::sign_in_refused`]), and it was not signed out (checked
 //! at every sign-out too, see [`crate::session::revoke`]).
 
 use std::path::PathBuf;
@@ -34,8 +35,13 @@ pub enum Credential {
     Token(Option<super::SigningKey>),
     /// A browser session cookie, sealed with this one of the session keys
     /// (`[session] keys_file`/`keys_env`), of the session the sign-out list knows by
-    /// `revocation`, signed in with this `acr` (held to the login's `acr_values`).
-    Session { key: crate::session::seal::KeyId, revocation: [u8; 16], acr: Option<Arc<str>> },
+    /// `revocation`, signed in as `sign_in` (held to the login's `acr_values` and the
+    /// issuer's `hosted_domain`). Boxed: most credentials are tokens.
+    Session {
+        key: crate::session::seal::KeyId,
+        revocation: [u8; 16],
+        sign_in: Box<crate::session::SignIn>,
+    },
 }
 
 /// An identity and what admitted it.
@@ -94,17 +100,13 @@ impl Admission {
             return Err(format!("issuer `{name}` removed"));
         };
         match &self.credential {
-            Credential::Session { key, revocation, acr } => {
+            Credential::Session { key, revocation, sign_in } => {
                 let Some(login) = config.login(name) else {
                     return Err(format!("issuer `{name}` no longer has login configured"));
                 };
-                // As each request of the session is (`session::context_refused`).
-                if let Some(mut asked) = login.acr_values() {
-                    if !acr.as_deref().is_some_and(|acr| asked.any(|a| a == acr)) {
-                        return Err(format!(
-                            "the session's sign-in showed no `acr` of issuer `{name}`'s login `acr_values` as reloaded"
-                        ));
-                    }
+                // As each request of the session is.
+                if let Some(why) = crate::session::sign_in_refused(issuer, login, sign_in) {
+                    return Err(format!("issuer `{name}` as reloaded: {why}"));
                 }
                 let Some(sessions) = sessions else {
                     return Err("browser sessions are no longer configured".into());

@@ -585,6 +585,12 @@ fn secs(v: f64) -> u64 {
     }
 }
 
+/// Whether the issuer's tokens must carry `iat` (V18): CI tokens must say when they
+/// were minted; so must any token whose age matters (`max_token_age`).
+pub fn iat_required(s: &IssuerSettings) -> bool {
+    s.preset != Preset::Oidc || s.max_token_age.is_some()
+}
+
 /// V16 exp, V17 nbf, V18 iat/max age, with the issuer's leeway (V19).
 fn check_times(
     payload: &Map<String, Value>,
@@ -607,8 +613,7 @@ fn check_times(
         }
         valid_from = valid_from.max(secs((nbf - leewayf).ceil()));
     }
-    // CI tokens must say when they were minted; so must any token whose age matters.
-    if iat.is_none() && (s.preset != Preset::Oidc || s.max_token_age.is_some()) {
+    if iat.is_none() && iat_required(s) {
         return Err(AuthError::new(Reason::TokenIssuedAt, "token has no `iat`"));
     }
     if let Some(iat) = iat {
@@ -680,11 +685,15 @@ pub fn unverified_identity(
     settings: &IssuerSettings,
     payload: Map<String, Value>,
 ) -> Result<Identity, AuthError> {
-    // The types the verifier checks before the rest (V21 times, V14 `aud`): a claim set
-    // it would refuse for them is refused here too, not read as some other token.
+    // The types the verifier checks before the rest (V21 times, V14 `aud`), and `iat`
+    // where it must be there (V18): a claim set it would refuse for them is refused here
+    // too, not read as some other token.
     let exp = numeric_date(&payload, "exp")?.map_or(u64::MAX, secs);
     numeric_date(&payload, "nbf")?;
     let iat = numeric_date(&payload, "iat")?.map(secs);
+    if iat.is_none() && iat_required(settings) {
+        return Err(AuthError::new(Reason::TokenIssuedAt, "token has no `iat`"));
+    }
     let window = Window { valid_from: 0, valid_until: exp, ends_at: exp, iat };
     let audience_count = match payload.get("aud") {
         None => 1,

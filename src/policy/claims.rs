@@ -255,8 +255,19 @@ pub fn template(preset: Preset) -> Map<String, Value> {
         ],
         Preset::Oidc => &[("sub", "test-user")],
     };
-    pairs.iter().map(|(k, v)| ((*k).to_string(), Value::String((*v).to_string()))).collect()
+    let mut claims: Map<String, Value> =
+        pairs.iter().map(|(k, v)| ((*k).to_string(), Value::String((*v).to_string()))).collect();
+    // The verifier refuses a CI token that does not say when it was minted (V18).
+    if preset != Preset::Oidc {
+        claims.insert("iat".into(), Value::from(TEST_IAT));
+    }
+    claims
 }
+
+/// The `iat` of a `[[test]]` identity whose issuer's tokens must carry one (every CI
+/// preset's, and any issuer's with `max_token_age`), unless its `claims` give their
+/// own: 2026-01-01T00:00:00Z. Test identities are not held to any time.
+pub const TEST_IAT: u64 = 1_767_225_600;
 
 #[cfg(test)]
 mod tests {
@@ -289,6 +300,9 @@ mod tests {
                 matches!(ci, Ok(ref c) if c.is_some() == preset.is_shared()),
                 "{preset:?}: {ci:?}"
             );
+            let settings = crate::identity::IssuerSettings::declared("t", preset);
+            let identity = crate::identity::unverified_identity(&settings, template(preset));
+            assert!(identity.is_ok(), "{preset:?}: {identity:?}");
             for name in template(preset).keys() {
                 assert!(is_known(preset, name), "{preset:?}: {name}");
             }

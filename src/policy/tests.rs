@@ -1948,3 +1948,28 @@ fn methods_the_proxy_never_forwards_are_flagged() {
         lint(&must_parse(rule), &catalog()).iter().map(|l| l.to_string()).collect();
     assert!(!lints.iter().any(|l| l.contains("never reaches a policy")), "{lints:?}");
 }
+
+/// A `[[test]]` identity of a CI issuer says when its token was minted, as every CI
+/// token the verifier accepts does (V18): the preset's template and a test written with
+/// `issuer` alone get the fixed `iat`, one the `claims` give is kept, and a claim set
+/// without one is what `policy explain --claims` refuses, as `serve` does.
+#[test]
+fn ci_test_identities_carry_the_iat_serve_requires() {
+    let policy = |identity: &str| {
+        format!("[[rule]]\nid = \"ci\"\neffect = \"allow\"\nissuer = \"github\"\nci = {{ repository_id = \"1\" }}\n\n[[test]]\nname = \"t\"\nidentity = {identity}\nrequest = \"GET /\"\nexpect = \"allow\"\n")
+    };
+    let issued_at = |identity: &str| {
+        let p = must_parse(&policy(identity));
+        p.tests()[0].identity.as_ref().and_then(|i| i.issued_at)
+    };
+    let fixed = Some(claims::TEST_IAT);
+    assert_eq!(issued_at("{ preset = \"github-actions\" }"), fixed);
+    assert_eq!(issued_at("{ issuer = \"github\", claims = { repository_id = \"1\" } }"), fixed);
+    let own = "{ issuer = \"github\", claims = { repository_id = \"1\", iat = 1700000000 } }";
+    assert_eq!(issued_at(own), Some(1_700_000_000));
+    let settings = crate::identity::IssuerSettings::declared("github", Preset::GithubActions);
+    let mut no_iat = claims::template(Preset::GithubActions);
+    no_iat.remove("iat");
+    let refused = crate::identity::unverified_identity(&settings, no_iat).err();
+    assert_eq!(refused.map(|e| e.reason), Some(crate::reason::Reason::TokenIssuedAt));
+}

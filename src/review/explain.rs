@@ -537,6 +537,9 @@ fn caller_identity(
             let (_, mut payload) =
                 crate::dev::token::preset_claims(dev_name, &settings.issuer, &audience, now, 600)
                     .ok_or_else(|| format!("unknown preset `{name}`"))?;
+            if preset == Preset::Oidc {
+                fit_to_issuer(&settings, &mut payload);
+            }
             crate::dev::token::apply_preset_overrides(dev_name, &mut payload, overrides)?;
             let Value::Object(claims) = payload else {
                 return Err("preset claims are not an object".into());
@@ -560,6 +563,20 @@ fn caller_identity(
                 Err(v) => (settings, identity, v),
             })
         }
+    }
+}
+
+/// Makes the `human` preset's claims a token `settings` would accept, as the issuer's
+/// provider would send one: the first of the login's `acr_values` as `acr` (a person
+/// who signed in as the login asks), the `hosted_domain` as `hd`. `--claim` overrides
+/// still win (`--claim acr=pwd` explains a password-only token's refusal).
+fn fit_to_issuer(settings: &IssuerSettings, payload: &mut Value) {
+    let Some(claims) = payload.as_object_mut() else { return };
+    if let Some(acr) = settings.acr_values.first() {
+        claims.insert("acr".into(), Value::String(acr.clone()));
+    }
+    if let Some(domain) = &settings.hosted_domain {
+        claims.insert("hd".into(), Value::String(domain.clone()));
     }
 }
 

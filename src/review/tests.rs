@@ -435,6 +435,29 @@ fn explain_names_every_rule_with_its_line_and_every_failed_condition() {
     );
 }
 
+/// `--preset human` on an issuer whose login asks for `acr_values` (and that pins a
+/// `hosted_domain`) explains a token that issuer accepts: the first class asked for, the
+/// Workspace's `hd`; `--claim` still overrides them, and the refusal is then explained.
+#[test]
+fn explain_preset_human_fits_the_issuers_acr_values_and_hosted_domain() {
+    let (dir, cfg) = setup(API);
+    write(&dir.path().join("keys"), "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n");
+    let corp = "audiences = [\"portcullis\"]\n";
+    let login = "hosted_domain = \"acme.example\"\nlogin = { client_id = \"portcullis\", client_secret_env = \"S\", extra_params = { acr_values = \"phr mfa\" } }\n";
+    let config = CONFIG.replacen(corp, &format!("{corp}{login}"), 1);
+    write(&cfg, &format!("{config}\n[session]\nkeys_file = \"keys\"\n"));
+    let request = "GET https://api.example.com/";
+    let r = explain::run(&explain_args(&cfg, preset("human", &[]), request));
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    assert!(r.stdout.contains("decision: allow (allowed) by rule `engineers`"), "{}", r.stdout);
+    let r = explain::run(&explain_args(&cfg, preset("human", &["acr=pwd"]), request));
+    assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+    assert!(r.stderr.contains("acr-mismatch"), "{}", r.stderr);
+    let r = explain::run(&explain_args(&cfg, preset("human", &["hd=evil.example"]), request));
+    assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+    assert!(r.stderr.contains("hosted domain"), "{}", r.stderr);
+}
+
 #[test]
 fn explain_decodes_a_token_but_never_prints_it() {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;

@@ -73,9 +73,9 @@ use serde_json::{Map, Value};
 use self::oidc::Provider;
 use self::revoke::{Revocations, Revoked, SessionId};
 use self::seal::{Purpose, Sealer};
-use crate::config::{Config, RouteSettings, SessionSettings};
+use crate::config::{Config, LoginSettings, RouteSettings, SessionSettings};
 use crate::http::body::ProxyBody;
-use crate::identity::{Identity, IssuerId, PrincipalKind};
+use crate::identity::{Identity, IssuerId, IssuerSettings, PrincipalKind};
 use crate::reason::Reason;
 
 /// The sign-in chooser (and start of a login with `?issuer=`).
@@ -153,10 +153,89 @@ pub struct SessionData {
     /// `None`: the token had none, or the cookie was sealed before sessions kept it.
     #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
     pub acr: Option<String>,
+    /// The ID token's Google Workspace domain, `hd` (at most [`MAX_ACR_BYTES`]), from the
+    /// sign-in or the latest refresh that had one: the issuer's `hosted_domain` holds it
+    /// on every request ([`sign_in_refused`]), as it holds each bearer ID token (V24).
+    /// `None`: the token had none, or the cookie was sealed before sessions kept it.
+    #[serde(rename = "h", default, skip_serializing_if = "Option::is_none")]
+    pub hd: Option<String>,
+    /// What the session's identity was read under ([`identity_source`]), at the sign-in
+    /// or the latest refresh that re-read it: a reload that re-points the issuer, moves
+    /// its `groups_claim` or changes the login's `client_id` refuses the session at once
+    /// ([`sign_in_refused`]), as it would read a bearer token differently at once.
+    /// `None`: sealed before sessions kept it; such a session gets it at its next
+    /// refresh, and is not refused for it until then.
+    #[serde(rename = "o", default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
-/// At most this many bytes of the sign-in's `acr` are kept (a longer one is not kept,
-/// and a login asking for `acr_values` then refuses the session).
+/// What a session keeps of its sign-in that the issuer's settings as now loaded hold it
+/// to, on every request ([`Sessions::authenticate`]) and at every reload for what the
+/// session opened that outlives a request (a WebSocket tunnel,
+/// [`crate::identity::Admission::recheck`]): a reload that tightens them refuses the session at
+/// once, as it refuses a bearer ID token of the same person, not at its next refresh.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SignIn {
+    /// The sign-in's `acr` ([`SessionData::acr`]).
+    pub acr: Option<Arc<str>>,
+    /// The ID token's `hd` ([`SessionData::hd`]).
+    pub hd: Option<Arc<str>>,
+    /// Whether the session's email is verified ([`SessionData::email_verified`]).
+    pub email_verified: bool,
+    /// What its identity was read under ([`SessionData::source`]).
+    pub source: Option<Arc<str>>,
+}
+
+/// What an ID token of the issuer is read under: the provider (its `issuer` URL), the
+/// client its tokens are issued to (the login's `client_id`) and where its groups are
+/// (`groups_claim`); 8 bytes of their SHA-256, in hex (a cookie holds it).
+pub fn identity_source(settings: &IssuerSettings, login: &LoginSettings) -> String {
+    let text = format!("{}\n{}\n{}", settings.issuer, login.client_id, settings.groups_claim);
+    crate::util::sha256(text.as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Why the issuer `settings` with `login` no longer admits a session signed in as
+/// `sign_in`, or `None`. Each request is held to what the issuer asks for now, as each
+/// bearer ID token of the issuer is; a refresh does not ask the provider for the
+/// sign-in's context again, so the session signs in again instead:
+/// - the login asks for `acr_values` and the sign-in showed none of them (signed in
+///   before a reload added or changed them, or sealed before sessions kept `acr`);
+/// - the issuer has `hosted_domain` and the session's `hd` is another (or none: signed
+///   in before a reload added it, or sealed before sessions kept `hd`), or its email is
+///   not verified (V24);
+/// - the session's identity was read under another `issuer` URL, login `client_id` or
+///   `groups_claim` ([`identity_source`]): its groups, or the person, may not be those a
+///   token of the issuer as loaded gives.
+pub fn sign_in_refused(
+    settings: &IssuerSettings,
+    login: &LoginSettings,
+    sign_in: &SignIn,
+) -> Option<&'static str> {
+    if let Some(mut asked) = login.acr_values() {
+        if !sign_in.acr.as_deref().is_some_and(|acr| asked.any(|a| a == acr)) {
+            return Some(
+                "the session's sign-in showed no `acr` of the login's `acr_values`: sign in again",
+            );
+        }
+    }
+    if let Some(domain) = &settings.hosted_domain {
+        if sign_in.hd.as_deref() != Some(domain.as_str()) || !sign_in.email_verified {
+            return Some(
+                "the session's `hd` is not the issuer's `hosted_domain`, or its email is not verified: sign in again",
+            );
+        }
+    }
+    if sign_in.source.as_deref().is_some_and(|s| s != identity_source(settings, login)) {
+        return Some(
+            "the issuer's `issuer`, `groups_claim` or login `client_id` changed since the session's identity was read: sign in again",
+        );
+    }
+    None
+}
+
+/// At most this many bytes of the sign-in's `acr` (or `hd`) are kept (a longer one is
+/// not kept, and a login asking for `acr_values` (an issuer with `hosted_domain`) then
+/// refuses the session).
 pub const MAX_ACR_BYTES: usize = 256;
 
 /// Claims every session knows, from its own fields (as sessions always have).
@@ -224,9 +303,10 @@ pub enum Lookup {
         /// How the sign-out list knows the session ([`SessionData::revocation_key`]):
         /// what outlives the request ends when the session is signed out.
         revocation: [u8; 16],
-        /// The sign-in's `acr` ([`SessionData::acr`]): what outlives the request ends
-        /// when a reload's login asks for classes it is not one of.
-        acr: Option<Arc<str>>,
+        /// What the session keeps of its sign-in ([`SessionData::sign_in`]): what
+        /// outlives the request ends when a reload's issuer no longer admits it. Boxed:
+        /// the request's future holds the lookup (its size: `http::proxy`).
+        sign_in: Box<SignIn>,
         /// Unix seconds when the session ends at the latest without a new sign-in: its
         /// absolute lifetime, or its ID token's expiry when there is no refresh token
         /// (the idle lifetime can end it sooner).
@@ -441,6 +521,16 @@ impl SessionData {
         self.not_kept = not_kept;
     }
 
+    /// What the session keeps of its sign-in, which the issuer as loaded holds it to.
+    pub fn sign_in(&self) -> SignIn {
+        SignIn {
+            acr: self.acr.as_deref().map(Arc::from),
+            hd: self.hd.as_deref().map(Arc::from),
+            email_verified: self.email_verified,
+            source: self.source.as_deref().map(Arc::from),
+        }
+    }
+
     /// The identity policy sees. `claims` holds only what the session keeps, and knows
     /// which names those are. `kind` is the issuer's configured `kind`, as a bearer ID
     /// token of the issuer gets (audit and identity headers say the same either way).
@@ -481,18 +571,11 @@ impl SessionData {
     }
 }
 
-/// Why the login of `provider` no longer admits `data`: it asks for `acr_values`, and
-/// the session's sign-in showed none of them (signed in before a reload added or
-/// changed them, or sealed before sessions kept `acr`). Each request is held to the
-/// classes asked for now, as each bearer ID token of the issuer is; a refresh does not
-/// ask the provider for the context again, so the session signs in again instead.
-fn context_refused(provider: &Provider, data: &SessionData) -> Option<&'static str> {
-    let mut asked = provider.login.acr_values()?;
-    let shown = data.acr.as_deref();
-    if shown.is_some_and(|acr| asked.any(|a| a == acr)) {
-        return None;
-    }
-    Some("the session's sign-in showed no `acr` of the login's `acr_values`: sign in again")
+/// A string claim of an ID token that the session keeps of its sign-in ([`SignIn`]):
+/// at most [`MAX_ACR_BYTES`], else not kept (and a setting asking for it refuses the
+/// session).
+fn sign_in_claim(claims: &Map<String, Value>, name: &str) -> Option<String> {
+    claims.get(name).and_then(Value::as_str).filter(|v| v.len() <= MAX_ACR_BYTES).map(str::to_owned)
 }
 
 /// The claim names that sessions of `issuer` need, sorted: those rules for `issuer`
@@ -777,7 +860,8 @@ impl Sessions {
                 clear: Vec::new(),
             };
         }
-        if let Some(detail) = context_refused(&provider, &data) {
+        if let Some(detail) = sign_in_refused(&provider.settings, &provider.login, &data.sign_in())
+        {
             return invalid(Reason::SessionExpired, detail);
         }
         let s = &self.settings;
@@ -832,7 +916,7 @@ impl Sessions {
         let expires_at = data.expires.min(deadline);
         let ends_at = if data.refresh.is_some() { deadline } else { expires_at };
         Lookup::Valid {
-            acr: data.acr.as_deref().map(Arc::from),
+            sign_in: Box::new(data.sign_in()),
             identity: Arc::new(data.identity(
                 provider.settings.id.clone(),
                 provider.settings.kind,
@@ -898,6 +982,11 @@ impl Sessions {
             new.refresh = v.refresh_token;
             new.last_seen = now;
             if !v.claims.is_empty() {
+                // Google sends `hd` on a refresh too; a token without one keeps the
+                // sign-in's (the account's domain does not change).
+                if let Some(hd) = sign_in_claim(&v.claims, "hd") {
+                    new.hd = Some(hd);
+                }
                 let id = match crate::identity::verify::identity_from_verified(
                     &provider.settings,
                     v.claims,
@@ -916,6 +1005,7 @@ impl Sessions {
                 new.email_verified = id.email_verified;
                 new.groups = id.groups;
                 new.groups_known = id.groups_known;
+                new.source = Some(identity_source(&provider.settings, &provider.login));
                 // What this configuration's policies name (a reload may have added
                 // claims since the sign-in), from the fresh ID token.
                 new.keep_claims(id.claims.map(), self.kept_claims(&provider.settings.id));
@@ -1225,12 +1315,8 @@ impl Sessions {
             Ok(v) => v,
             Err(e) => return fail(e.0.into(), clear),
         };
-        let acr = verified
-            .claims
-            .get("acr")
-            .and_then(Value::as_str)
-            .filter(|a| a.len() <= MAX_ACR_BYTES)
-            .map(str::to_owned);
+        let acr = sign_in_claim(&verified.claims, "acr");
+        let hd = sign_in_claim(&verified.claims, "hd");
         let identity = match crate::identity::verify::identity_from_verified(
             &provider.settings,
             verified.claims,
@@ -1258,6 +1344,8 @@ impl Sessions {
                 Err(e) => return fail(e.into(), clear),
             },
             acr,
+            hd,
+            source: Some(identity_source(&provider.settings, &provider.login)),
         };
         data.keep_claims(identity.claims.map(), self.kept_claims(&provider.settings.id));
         let mut set = match self.seal_session(&data, &cookies) {

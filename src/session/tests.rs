@@ -37,6 +37,8 @@ fn data(groups: usize) -> SessionData {
         not_kept: Vec::new(),
         id: revoke::SessionId::random().unwrap_or_default(),
         acr: None,
+        hd: None,
+        source: None,
     }
 }
 

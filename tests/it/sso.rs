@@ -742,6 +742,105 @@ async fn a_reload_asking_for_another_acr_ends_the_tunnels_of_sessions_without_it
     assert!(e["detail"].as_str().unwrap_or_default().contains("acr"), "{e}");
 }
 
+/// The issuer's configuration with `line` added to the section of the issuer browsers
+/// sign in with (after its `login`).
+fn with_issuer_line(config: &str, line: &str) -> String {
+    let Some(at) = config.find("login = {") else { panic!("no login: {config}") };
+    let end = at + config[at..].find('\n').unwrap_or(0) + 1;
+    format!("{}{line}\n{}", &config[..end], &config[end..])
+}
+
+/// A reload that gives the issuer a `hosted_domain` holds every session to it on its
+/// next request, as it holds the same person's bearer ID token: a session whose sign-in
+/// had that `hd` stays; one of another Workspace is sent to sign in again at once, not
+/// at its next refresh (which would have refused it).
+#[tokio::test]
+async fn a_session_is_held_to_the_hosted_domain_a_reload_brings() {
+    let w = World::with(Setup { sso: Some(String::new()), ..Setup::default() }).await;
+    login(&w).set_hd(Some("example.test"));
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let config = std::fs::read_to_string(w.config_path()).unwrap_or_default();
+    write(&w.config_path(), &with_issuer_line(&config, "hosted_domain = \"example.test\""));
+    assert!(w.server().reload().await);
+    assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK, "the session's own domain");
+
+    write(&w.config_path(), &with_issuer_line(&config, "hosted_domain = \"acme.example\""));
+    assert!(w.server().reload().await);
+    let cookie = b.cookie_header();
+    let headers = [("cookie", cookie.as_str())];
+    let r = send_with(&w.client, Method::GET, &w.url("/"), &headers, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    let e = w.last_event().await;
+    assert_eq!(e["reason"], "session-expired", "{e}");
+    assert!(e["detail"].as_str().unwrap_or_default().contains("hosted_domain"), "{e}");
+    let r = b.get(&w, &w.url("/")).await;
+    assert_eq!(r.status, StatusCode::FOUND, "a browser is sent to sign in: {}", r.text());
+    // Signed in in that Workspace: in.
+    login(&w).set_hd(Some("acme.example"));
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK);
+}
+
+/// A session's groups were read where the issuer's `groups_claim` said at its sign-in:
+/// a reload that moves it (say away from a claim users can edit) refuses the session at
+/// once, as a bearer token is read at once from the new claim, not at its next refresh.
+/// A reload that leaves it where it was keeps the session.
+#[tokio::test]
+async fn a_reload_moving_groups_claim_sends_sessions_to_sign_in_again() {
+    let w = World::with(Setup { sso: Some(String::new()), ..Setup::default() }).await;
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let config = std::fs::read_to_string(w.config_path()).unwrap_or_default();
+    write(&w.config_path(), &with_issuer_line(&config, "groups_claim = \"groups\""));
+    assert!(w.server().reload().await);
+    assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK, "the same claim");
+
+    write(&w.config_path(), &with_issuer_line(&config, "groups_claim = \"roles\""));
+    assert!(w.server().reload().await);
+    let cookie = b.cookie_header();
+    let headers = [("cookie", cookie.as_str())];
+    let r = send_with(&w.client, Method::GET, &w.url("/"), &headers, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    let e = w.last_event().await;
+    assert_eq!(e["reason"], "session-expired", "{e}");
+    assert!(e["detail"].as_str().unwrap_or_default().contains("groups_claim"), "{e}");
+    let r = b.get(&w, &w.url("/")).await;
+    assert_eq!(r.status, StatusCode::FOUND, "a browser is sent to sign in: {}", r.text());
+}
+
+/// A WebSocket a session opened is held to the issuer's `hosted_domain` as reloaded, as
+/// the session's next request is.
+#[tokio::test]
+async fn a_reload_bringing_another_hosted_domain_ends_the_tunnels_of_sessions_outside_it() {
+    use crate::forwarding::{echo_once, tunnel_end_event, ws_connect_with};
+    let w = World::with(Setup { sso: Some(String::new()), ..Setup::default() }).await;
+    login(&w).set_hd(Some("example.test"));
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+    let cookie = format!("__Host-_portcullis={}", b.session_cookie().cloned().unwrap_or_default());
+    let mut ws = ws_connect_with(&w, "/ws", &[("cookie", &cookie)])
+        .await
+        .unwrap_or_else(|e| panic!("ws with a session: {e}"));
+    assert!(echo_once(&mut ws).await);
+    let config = std::fs::read_to_string(w.config_path()).unwrap_or_default();
+
+    write(&w.config_path(), &with_issuer_line(&config, "hosted_domain = \"example.test\""));
+    assert!(w.server().reload().await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(echo_once(&mut ws).await, "a reload pinning the session's own domain ended it");
+
+    write(&w.config_path(), &with_issuer_line(&config, "hosted_domain = \"acme.example\""));
+    assert!(w.server().reload().await);
+    let ended = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert!(ended.is_ok(), "the tunnel outlived the reload that refuses its session");
+    assert!(!echo_once(&mut ws).await, "the tunnel still relays");
+    let e = tunnel_end_event(&w, "/ws").await;
+    assert_eq!(e["reason"], "access-revoked", "{e}");
+    assert!(e["detail"].as_str().unwrap_or_default().contains("hosted_domain"), "{e}");
+}
+
 /// A browser session is of the kind its issuer is configured with (`kind`), as the
 /// issuer's bearer ID tokens are: the audit log and `X-Portcullis-Kind` say the same for
 /// one person either way (a session was always `human`).
