@@ -233,7 +233,6 @@ impl Provider {
     }
 
     async fn fetch_metadata(&self) -> Result<Metadata, LoginError> {
-        let http = Http(self);
         let req = http::Request::get(self.settings.discovery_url.as_str())
             .header(http::header::ACCEPT, "application/json")
             .body(Vec::new())
@@ -249,10 +248,25 @@ impl Provider {
         if meta.issuer().as_str() != self.settings.issuer {
             return Err(LoginError("discovery `issuer` differs from the configured issuer".into()));
         }
-        let jwks = JsonWebKeySet::fetch_async(meta.jwks_uri(), &http)
-            .await
-            .map_err(|e| LoginError(format!("JWKS: {e}")))?;
+        let jwks = self.fetch_jwks(meta.jwks_uri().url().as_str()).await?;
         Ok(meta.set_jwks(jwks))
+    }
+
+    /// The provider's key set, for verifying ID tokens: only its keys that a bearer
+    /// token of this issuer could be verified with ([`login_keys`]).
+    async fn fetch_jwks(&self, url: &str) -> Result<LoginKeys, LoginError> {
+        let req = http::Request::get(url)
+            .header(http::header::ACCEPT, "application/json")
+            .body(Vec::new())
+            .map_err(|_| LoginError("bad jwks_uri".into()))?;
+        let resp = self.call(req).await.map_err(|e| LoginError(format!("JWKS: {e}")))?;
+        if resp.status() != http::StatusCode::OK {
+            let url = crate::identity::verify::url_str_for_log(url);
+            return Err(LoginError(format!("JWKS {url} answered {}", resp.status())));
+        }
+        let doc: Value = serde_json::from_slice(resp.body())
+            .map_err(|e| LoginError(format!("JWKS is not JSON: {e}")))?;
+        login_keys(doc, &self.settings.algorithms)
     }
 
     fn client(
@@ -513,6 +527,32 @@ impl Provider {
     }
 }
 
+type LoginKeys = JsonWebKeySet<CoreJsonWebKey>;
+
+/// The keys of a JWKS document that pass the checks a bearer token's key passes
+/// ([`crate::identity::verify::fit_for_verifying`]). `openidconnect` would take every
+/// key it can parse: an RSA modulus of any size under 4096 bits (512 among them, which
+/// anyone can factor), and a key whose `key_ops` leave out `verify`.
+fn login_keys(
+    mut doc: Value,
+    allowlist: &[crate::identity::Algorithm],
+) -> Result<LoginKeys, LoginError> {
+    let Some(Value::Array(keys)) = doc.get_mut("keys") else {
+        return Err(LoginError("JWKS has no `keys` array".into()));
+    };
+    keys.retain(|key| {
+        let fit = match key {
+            Value::Object(jwk) => crate::identity::verify::fit_for_verifying(jwk, allowlist),
+            _ => Err("not an object"),
+        };
+        if let Err(why) = fit {
+            tracing::debug!(why, "JWK skipped for ID tokens");
+        }
+        fit.is_ok()
+    });
+    serde_json::from_value(doc).map_err(|e| LoginError(format!("JWKS: {e}")))
+}
+
 /// Token endpoint errors, without bodies (they can echo the code).
 fn token_error<E: std::error::Error + 'static>(
     e: openidconnect::RequestTokenError<
@@ -572,6 +612,46 @@ mod tests {
         assert_eq!(claims_kept_until(1_000, None), 1_300);
         assert_eq!(claims_kept_until(1_000, Some(Duration::from_secs(60))), 1_060);
         assert_eq!(claims_kept_until(1_000, Some(Duration::from_secs(u64::MAX))), u64::MAX);
+    }
+
+    /// A sign-in's ID tokens are verified only with keys a bearer token's could be:
+    /// `openidconnect` took a 1024-bit RSA modulus, a key whose `key_ops` leave out
+    /// `verify` and an EC point off its curve, and verified ID tokens with them.
+    #[test]
+    fn a_sign_in_verifies_with_no_key_a_bearer_token_could_not_verify_with() {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine as _;
+        use openidconnect::JsonWebKey as _;
+        let good = crate::dev::signer::DevSigner::generate_rs256("good")
+            .unwrap_or_else(|e| panic!("signer: {e}"))
+            .public_jwk();
+        let mut short = good.clone();
+        short["kid"] = "short".into();
+        // An odd 1024-bit modulus: top and bottom bits set.
+        let mut n = vec![0x5au8; 128];
+        n[0] = 0xc1;
+        n[127] = 0x01;
+        short["n"] = URL_SAFE_NO_PAD.encode(&n).into();
+        let mut encrypting = good.clone();
+        encrypting["kid"] = "encrypting".into();
+        encrypting["key_ops"] = serde_json::json!(["encrypt"]);
+        let mut unnamed = good.clone();
+        if let Value::Object(m) = &mut unnamed {
+            m.remove("kid");
+        }
+        let one = URL_SAFE_NO_PAD.encode([1u8; 32]);
+        let off_curve = serde_json::json!({
+            "kty": "EC", "crv": "P-256", "kid": "off-curve", "x": one, "y": one,
+        });
+        let doc = serde_json::json!({
+            "keys": [good, short, encrypting, off_curve, unnamed, "not a key"],
+        });
+        let allow = [crate::identity::Algorithm::RS256, crate::identity::Algorithm::ES256];
+        let keys = login_keys(doc, &allow).unwrap_or_else(|e| panic!("{e:?}"));
+        let kids: Vec<Option<&str>> =
+            keys.keys().iter().map(|k| k.key_id().map(|id| id.as_str())).collect();
+        assert_eq!(kids, [Some("good"), None]);
+        assert!(login_keys(serde_json::json!({}), &allow).is_err());
     }
 
     fn provider(issuer: &str, secret: &std::path::Path) -> Provider {

@@ -808,6 +808,34 @@ async fn an_authorization_response_without_the_iss_its_provider_promises_fails()
     assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
 }
 
+/// The keys a sign-in verifies its ID token with pass the checks a bearer token's key
+/// passes: a key its issuer published for something else than verifying (here
+/// `key_ops: ["encrypt"]`; `use: enc`, an RSA modulus under 2048 bits, a point off its
+/// curve alike: `session::oidc::tests`) verifies no sign-in. `openidconnect`, which
+/// verifies sign-in ID tokens, reads no `key_ops` and takes RSA keys of any size.
+#[tokio::test]
+async fn a_sign_in_id_token_is_verified_only_with_keys_fit_for_verifying() {
+    let w = sso_world("").await;
+    let mut jwks = portcullis::dev::signer::jwks(&[&w.signer]);
+    jwks["keys"][0]["key_ops"] = serde_json::json!(["encrypt"]);
+    w.issuer.set_jwks("/human", jwks);
+    let mut b = Browser::new();
+    let callback = b.through_provider(&w, "/", "alice", &["engineering"]).await;
+    let r = b.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(b.session_cookie().is_none(), "an ID token signed with an encryption key signed in");
+    let e = w.last_event().await;
+    assert_eq!(e["reason"], "login-failed", "{e}");
+
+    // The same key published for verifying signs in.
+    let w = sso_world("").await;
+    let mut jwks = portcullis::dev::signer::jwks(&[&w.signer]);
+    jwks["keys"][0]["key_ops"] = serde_json::json!(["verify"]);
+    w.issuer.set_jwks("/human", jwks);
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+}
+
 fn urlencode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
