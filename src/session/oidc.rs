@@ -671,6 +671,73 @@ mod tests {
         Provider::new(settings, login).unwrap_or_else(|e| panic!("provider: {e}"))
     }
 
+    /// The sign-in's own fetches (discovery, JWKS) follow no redirect (a `jwks_uri`
+    /// answering 302, to an internal address or anywhere, is a failure, not a second
+    /// request) and read at most `MAX_BODY` of an answer. The same JWKS served directly
+    /// loads, so each refusal is the redirect's or the size's.
+    #[tokio::test]
+    async fn the_sign_in_follows_no_redirect_and_reads_no_oversized_answer() {
+        use crate::dev::issuer::{DevIssuer, Handler};
+        let dev = DevIssuer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None)
+            .await
+            .unwrap_or_else(|e| panic!("dev issuer: {e}"));
+        let signer = crate::dev::signer::DevSigner::generate_rs256("k1")
+            .unwrap_or_else(|e| panic!("signer: {e}"));
+        let url = dev.add_issuer("/human", &[&signer]);
+        crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret")
+            .unwrap_or_else(|| panic!("dev login"));
+        let jwks = crate::dev::signer::jwks(&[&signer]).to_string();
+        let target = format!("{}/elsewhere/jwks.json", dev.base_url());
+        let followed = Arc::new(AtomicUsize::new(0));
+        let handler: Handler = Arc::new({
+            let (jwks, target, followed) = (jwks.clone(), target.clone(), followed.clone());
+            move |req| {
+                let answer = |status: http::StatusCode, body: String| {
+                    http::Response::builder()
+                        .status(status)
+                        .header(http::header::CONTENT_TYPE, "application/json")
+                        .header(http::header::LOCATION, target.as_str())
+                        .body(Full::new(Bytes::from(body)))
+                        .ok()
+                };
+                match req.uri.path() {
+                    "/elsewhere/moved" => answer(http::StatusCode::FOUND, String::new()),
+                    "/elsewhere/jwks.json" => {
+                        followed.fetch_add(1, Ordering::SeqCst);
+                        answer(http::StatusCode::OK, jwks.clone())
+                    }
+                    // Valid JSON, padded past the limit.
+                    "/elsewhere/big" => {
+                        answer(http::StatusCode::OK, format!("{jwks}{}", " ".repeat(MAX_BODY + 1)))
+                    }
+                    _ => None,
+                }
+            }
+        });
+        dev.add_handler("/elsewhere/", handler);
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret").unwrap_or_else(|e| panic!("secret: {e}"));
+        let metadata_with = |member: &str, value: Value| {
+            dev.set_discovery_member("/human", member, value);
+            // A new provider each time: nothing cached.
+            let p = provider(&url, &secret);
+            async move { p.metadata(false).await.map(|_| ()) }
+        };
+        let at = |path: &str| Value::String(format!("{}{path}", dev.base_url()));
+
+        let moved = metadata_with("jwks_uri", at("/elsewhere/moved")).await;
+        assert!(moved.is_err(), "a redirected JWKS was taken");
+        assert_eq!(followed.load(Ordering::SeqCst), 0, "the redirect was followed");
+        let big = metadata_with("jwks_uri", at("/elsewhere/big")).await;
+        assert!(big.is_err(), "a JWKS over the size limit was taken");
+        let direct = metadata_with("jwks_uri", at("/elsewhere/jwks.json")).await;
+        assert_eq!(direct, Ok(()), "the same JWKS served directly did not load");
+        // A discovery document over the limit.
+        let padded = metadata_with("padding", Value::String(" ".repeat(MAX_BODY))).await;
+        assert!(padded.is_err(), "a discovery document over the size limit was taken");
+    }
+
     /// Every algorithm an issuer may allow (V4) has its `openidconnect` name: none drops
     /// out of a login's allowlist.
     #[test]
