@@ -1591,6 +1591,46 @@ async fn two_issuers_with_login_get_the_chooser_and_either_signs_in() {
     assert_eq!(login(&w).code_exchanges(), 0, "the first issuer was never asked for a code");
 }
 
+/// The mix-up attack (RFC 9207 §2): a sign-in started with one provider (`partner`,
+/// here the malicious one) that sends the browser on to the honest provider with this
+/// sign-in's state gets the honest provider's code back, naming it in `iss`. The
+/// callback refuses it before the code goes anywhere: not to the token endpoint of the
+/// provider the sign-in began with (which would get the code and the PKCE verifier),
+/// nor to the honest one.
+#[tokio::test]
+async fn a_code_from_another_provider_than_the_sign_in_began_with_goes_nowhere() {
+    let w = World::with(Setup {
+        sso: Some(String::new()),
+        second_login: true,
+        policies: vec![("api".into(), PEOPLE_OF_BOTH.into())],
+        ..Setup::default()
+    })
+    .await;
+    let partner = w.login2.as_ref().unwrap_or_else(|| panic!("no second dev login"));
+    let mut b = Browser::new();
+    let rd = format!("rd={}", urlencode(&w.url("/app/page")));
+    let r = b.get(&w, &w.url(&format!("/.portcullis/sign_in?issuer=partner&{rd}"))).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    let to_partner = location(&r);
+    assert!(to_partner.starts_with(&w.urls["partner"]), "{to_partner}");
+    // The malicious provider forwards the request, state and all, to the honest one.
+    let to_corp = to_partner.replacen(&w.urls["partner"], &w.urls["corp"], 1);
+    let form = b.get(&w, &to_corp).await;
+    assert_eq!(form.status, StatusCode::OK, "{}", form.text());
+    let r = b.request(&w, Method::POST, &to_corp, &[], "username=alice").await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    let callback = location(&r);
+    assert!(callback.contains(&format!("iss={}", urlencode(&w.urls["corp"]))), "{callback}");
+    let r = b.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(b.session_cookie().is_none(), "a mixed-up code signed in");
+    let e = w.last_event().await;
+    assert_eq!(e["reason"], "login-failed", "{e}");
+    assert!(e["detail"].as_str().unwrap_or_default().contains("another issuer"), "{e}");
+    assert_eq!(partner.code_exchanges(), 0, "the code went to the provider the sign-in began with");
+    assert_eq!(login(&w).code_exchanges(), 0);
+}
+
 /// A valid session from an issuer one route does not accept is not cleared there: it
 /// still works on the routes that do (a link to the other route must not sign anyone out).
 #[tokio::test]
