@@ -532,7 +532,9 @@ type LoginKeys = JsonWebKeySet<CoreJsonWebKey>;
 /// The keys of a JWKS document that pass the checks a bearer token's key passes
 /// ([`crate::identity::verify::fit_for_verifying`]). `openidconnect` would take every
 /// key it can parse: an RSA modulus of any size under 4096 bits (512 among them, which
-/// anyone can factor), and a key whose `key_ops` leave out `verify`.
+/// anyone can factor), and a key whose `key_ops` leave out `verify`. Of keys under one
+/// `kid`, the first is kept, as for bearer tokens (`openidconnect` refuses a token
+/// naming a `kid` that several keys carry).
 fn login_keys(
     mut doc: Value,
     allowlist: &[crate::identity::Algorithm],
@@ -540,9 +542,14 @@ fn login_keys(
     let Some(Value::Array(keys)) = doc.get_mut("keys") else {
         return Err(LoginError("JWKS has no `keys` array".into()));
     };
+    let mut kids = std::collections::HashSet::new();
     keys.retain(|key| {
         let fit = match key {
-            Value::Object(jwk) => crate::identity::verify::fit_for_verifying(jwk, allowlist),
+            Value::Object(jwk) => crate::identity::verify::fit_for_verifying(jwk, allowlist)
+                .and_then(|()| match jwk.get("kid").and_then(Value::as_str) {
+                    Some(kid) if !kids.insert(kid.to_owned()) => Err("kid repeated"),
+                    _ => Ok(()),
+                }),
             _ => Err("not an object"),
         };
         if let Err(why) = fit {
@@ -643,14 +650,21 @@ mod tests {
         let off_curve = serde_json::json!({
             "kty": "EC", "crv": "P-256", "kid": "off-curve", "x": one, "y": one,
         });
+        // A second key under a kid already seen: the first is kept, as for bearer
+        // tokens (`openidconnect` refused every ID token naming that kid as ambiguous).
+        let again = crate::dev::signer::DevSigner::generate_rs256("good")
+            .unwrap_or_else(|e| panic!("signer: {e}"))
+            .public_jwk();
         let doc = serde_json::json!({
-            "keys": [good, short, encrypting, off_curve, unnamed, "not a key"],
+            "keys": [good.clone(), short, encrypting, off_curve, unnamed, again, "not a key"],
         });
         let allow = [crate::identity::Algorithm::RS256, crate::identity::Algorithm::ES256];
         let keys = login_keys(doc, &allow).unwrap_or_else(|e| panic!("{e:?}"));
         let kids: Vec<Option<&str>> =
             keys.keys().iter().map(|k| k.key_id().map(|id| id.as_str())).collect();
         assert_eq!(kids, [Some("good"), None]);
+        let kept = serde_json::to_value(&keys.keys()[0]).unwrap_or_default();
+        assert_eq!(kept["n"], good["n"], "not the first key under its kid");
         assert!(login_keys(serde_json::json!({}), &allow).is_err());
     }
 
