@@ -1432,3 +1432,65 @@ async fn a_google_address_google_does_not_host_is_not_verified() {
 }
 
 mod parity;
+
+/// The key fetcher follows no redirect (a `jwks_uri` answering 302 to wherever, an
+/// internal address among them, is a failure, not a second request) and reads no more
+/// than `max_body` of a JWKS: one over it is a failure, not memory spent. The same
+/// document served directly and within the limit loads, so the refusals are the
+/// redirect's and the size's.
+#[tokio::test]
+async fn a_jwks_that_redirects_or_is_too_large_is_not_taken() {
+    let dev = dev_issuer().await;
+    let url = dev.add_issuer("/human", &[rsa()]);
+    let jwks = signer::jwks(&[rsa()]).to_string();
+    let target = format!("{}/elsewhere/jwks.json", dev.base_url());
+    let followed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler: crate::dev::issuer::Handler = Arc::new({
+        let (jwks, target, followed) = (jwks.clone(), target.clone(), followed.clone());
+        move |req| {
+            let answer = |status: http::StatusCode, body: String| {
+                http::Response::builder()
+                    .status(status)
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .header(http::header::LOCATION, target.as_str())
+                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                    .ok()
+            };
+            match req.uri.path() {
+                "/elsewhere/moved" => answer(http::StatusCode::FOUND, String::new()),
+                "/elsewhere/jwks.json" => {
+                    followed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    answer(http::StatusCode::OK, jwks.clone())
+                }
+                // Valid JSON, padded past the limit.
+                "/elsewhere/big" => {
+                    answer(http::StatusCode::OK, format!("{jwks}{}", " ".repeat(1_100_000)))
+                }
+                _ => None,
+            }
+        }
+    });
+    dev.add_handler("/elsewhere/", handler);
+    let token = token_for(rsa(), &url);
+    let loads = |path: &str| {
+        dev.set_discovery_member("/human", "jwks_uri", json!(format!("{}{path}", dev.base_url())));
+        let v = Arc::new(
+            Verifier::with_timing(vec![dev_settings(&dev, "/human")], fast_timing()).unwrap(),
+        );
+        v.start();
+        async move { (v.wait_ready(Duration::from_millis(600)).await, v) }
+    };
+
+    let (ready, v) = loads("/elsewhere/moved").await;
+    assert!(!ready, "a redirected JWKS was taken");
+    assert_eq!(reason(&v, &token).await, Some(Reason::IssuerUnavailable));
+    assert_eq!(followed.load(std::sync::atomic::Ordering::SeqCst), 0, "the redirect was followed");
+
+    let (ready, v) = loads("/elsewhere/big").await;
+    assert!(!ready, "a JWKS over the size limit was taken");
+    assert_eq!(reason(&v, &token).await, Some(Reason::IssuerUnavailable));
+
+    let (ready, v) = loads("/elsewhere/jwks.json").await;
+    assert!(ready, "the same JWKS served directly did not load");
+    assert!(v.verify_at(&token, NOW).await.is_ok());
+}

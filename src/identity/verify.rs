@@ -25,7 +25,9 @@ use serde_json::{Map, Value};
 use tokio::task::JoinHandle;
 
 use super::cache::{self, Entry, TokenCache};
-pub(crate) use super::jwks::{chain, check_fetch_url, issuer_tls, url_for_log, url_str_for_log};
+pub(crate) use super::jwks::{
+    chain, check_fetch_url, fit_for_verifying, issuer_tls, url_for_log, url_str_for_log,
+};
 use super::jwks::{IssuerKeys, Removals, Timing};
 use super::token::{self, MAX_TOKEN_LEN};
 use super::{AuthError, Claims, Identity, IssuerId, IssuerSettings, Preset, TokenType};

@@ -233,7 +233,6 @@ impl Provider {
     }
 
     async fn fetch_metadata(&self) -> Result<Metadata, LoginError> {
-        let http = Http(self);
         let req = http::Request::get(self.settings.discovery_url.as_str())
             .header(http::header::ACCEPT, "application/json")
             .body(Vec::new())
@@ -249,10 +248,25 @@ impl Provider {
         if meta.issuer().as_str() != self.settings.issuer {
             return Err(LoginError("discovery `issuer` differs from the configured issuer".into()));
         }
-        let jwks = JsonWebKeySet::fetch_async(meta.jwks_uri(), &http)
-            .await
-            .map_err(|e| LoginError(format!("JWKS: {e}")))?;
+        let jwks = self.fetch_jwks(meta.jwks_uri().url().as_str()).await?;
         Ok(meta.set_jwks(jwks))
+    }
+
+    /// The provider's key set, for verifying ID tokens: only its keys that a bearer
+    /// token of this issuer could be verified with ([`login_keys`]).
+    async fn fetch_jwks(&self, url: &str) -> Result<LoginKeys, LoginError> {
+        let req = http::Request::get(url)
+            .header(http::header::ACCEPT, "application/json")
+            .body(Vec::new())
+            .map_err(|_| LoginError("bad jwks_uri".into()))?;
+        let resp = self.call(req).await.map_err(|e| LoginError(format!("JWKS: {e}")))?;
+        if resp.status() != http::StatusCode::OK {
+            let url = crate::identity::verify::url_str_for_log(url);
+            return Err(LoginError(format!("JWKS {url} answered {}", resp.status())));
+        }
+        let doc: Value = serde_json::from_slice(resp.body())
+            .map_err(|e| LoginError(format!("JWKS is not JSON: {e}")))?;
+        login_keys(doc, &self.settings.algorithms)
     }
 
     fn client(
@@ -513,6 +527,39 @@ impl Provider {
     }
 }
 
+type LoginKeys = JsonWebKeySet<CoreJsonWebKey>;
+
+/// The keys of a JWKS document that pass the checks a bearer token's key passes
+/// ([`crate::identity::verify::fit_for_verifying`]). `openidconnect` would take every
+/// key it can parse: an RSA modulus of any size under 4096 bits (512 among them, which
+/// anyone can factor), and a key whose `key_ops` leave out `verify`. Of keys under one
+/// `kid`, the first is kept, as for bearer tokens (`openidconnect` refuses a token
+/// naming a `kid` that several keys carry).
+fn login_keys(
+    mut doc: Value,
+    allowlist: &[crate::identity::Algorithm],
+) -> Result<LoginKeys, LoginError> {
+    let Some(Value::Array(keys)) = doc.get_mut("keys") else {
+        return Err(LoginError("JWKS has no `keys` array".into()));
+    };
+    let mut kids = std::collections::HashSet::new();
+    keys.retain(|key| {
+        let fit = match key {
+            Value::Object(jwk) => crate::identity::verify::fit_for_verifying(jwk, allowlist)
+                .and_then(|()| match jwk.get("kid").and_then(Value::as_str) {
+                    Some(kid) if !kids.insert(kid.to_owned()) => Err("kid repeated"),
+                    _ => Ok(()),
+                }),
+            _ => Err("not an object"),
+        };
+        if let Err(why) = fit {
+            tracing::debug!(why, "JWK skipped for ID tokens");
+        }
+        fit.is_ok()
+    });
+    serde_json::from_value(doc).map_err(|e| LoginError(format!("JWKS: {e}")))
+}
+
 /// Token endpoint errors, without bodies (they can echo the code).
 fn token_error<E: std::error::Error + 'static>(
     e: openidconnect::RequestTokenError<
@@ -574,6 +621,53 @@ mod tests {
         assert_eq!(claims_kept_until(1_000, Some(Duration::from_secs(u64::MAX))), u64::MAX);
     }
 
+    /// A sign-in's ID tokens are verified only with keys a bearer token's could be:
+    /// `openidconnect` took a 1024-bit RSA modulus, a key whose `key_ops` leave out
+    /// `verify` and an EC point off its curve, and verified ID tokens with them.
+    #[test]
+    fn a_sign_in_verifies_with_no_key_a_bearer_token_could_not_verify_with() {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine as _;
+        use openidconnect::JsonWebKey as _;
+        let good = crate::dev::signer::DevSigner::generate_rs256("good")
+            .unwrap_or_else(|e| panic!("signer: {e}"))
+            .public_jwk();
+        let mut short = good.clone();
+        short["kid"] = "short".into();
+        // An odd 1024-bit modulus: top and bottom bits set.
+        let mut n = vec![0x5au8; 128];
+        n[0] = 0xc1;
+        n[127] = 0x01;
+        short["n"] = URL_SAFE_NO_PAD.encode(&n).into();
+        let mut encrypting = good.clone();
+        encrypting["kid"] = "encrypting".into();
+        encrypting["key_ops"] = serde_json::json!(["encrypt"]);
+        let mut unnamed = good.clone();
+        if let Value::Object(m) = &mut unnamed {
+            m.remove("kid");
+        }
+        let one = URL_SAFE_NO_PAD.encode([1u8; 32]);
+        let off_curve = serde_json::json!({
+            "kty": "EC", "crv": "P-256", "kid": "off-curve", "x": one, "y": one,
+        });
+        // A second key under a kid already seen: the first is kept, as for bearer
+        // tokens (`openidconnect` refused every ID token naming that kid as ambiguous).
+        let again = crate::dev::signer::DevSigner::generate_rs256("good")
+            .unwrap_or_else(|e| panic!("signer: {e}"))
+            .public_jwk();
+        let doc = serde_json::json!({
+            "keys": [good.clone(), short, encrypting, off_curve, unnamed, again, "not a key"],
+        });
+        let allow = [crate::identity::Algorithm::RS256, crate::identity::Algorithm::ES256];
+        let keys = login_keys(doc, &allow).unwrap_or_else(|e| panic!("{e:?}"));
+        let kids: Vec<Option<&str>> =
+            keys.keys().iter().map(|k| k.key_id().map(|id| id.as_str())).collect();
+        assert_eq!(kids, [Some("good"), None]);
+        let kept = serde_json::to_value(&keys.keys()[0]).unwrap_or_default();
+        assert_eq!(kept["n"], good["n"], "not the first key under its kid");
+        assert!(login_keys(serde_json::json!({}), &allow).is_err());
+    }
+
     fn provider(issuer: &str, secret: &std::path::Path) -> Provider {
         let mut settings =
             crate::identity::tests::settings("idp", Preset::Oidc, issuer, "portcullis");
@@ -589,6 +683,73 @@ mod tests {
             post_logout_redirect: None,
         };
         Provider::new(settings, login).unwrap_or_else(|e| panic!("provider: {e}"))
+    }
+
+    /// The sign-in's own fetches (discovery, JWKS) follow no redirect (a `jwks_uri`
+    /// answering 302, to an internal address or anywhere, is a failure, not a second
+    /// request) and read at most `MAX_BODY` of an answer. The same JWKS served directly
+    /// loads, so each refusal is the redirect's or the size's.
+    #[tokio::test]
+    async fn the_sign_in_follows_no_redirect_and_reads_no_oversized_answer() {
+        use crate::dev::issuer::{DevIssuer, Handler};
+        let dev = DevIssuer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None)
+            .await
+            .unwrap_or_else(|e| panic!("dev issuer: {e}"));
+        let signer = crate::dev::signer::DevSigner::generate_rs256("k1")
+            .unwrap_or_else(|e| panic!("signer: {e}"));
+        let url = dev.add_issuer("/human", &[&signer]);
+        crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret")
+            .unwrap_or_else(|| panic!("dev login"));
+        let jwks = crate::dev::signer::jwks(&[&signer]).to_string();
+        let target = format!("{}/elsewhere/jwks.json", dev.base_url());
+        let followed = Arc::new(AtomicUsize::new(0));
+        let handler: Handler = Arc::new({
+            let (jwks, target, followed) = (jwks.clone(), target.clone(), followed.clone());
+            move |req| {
+                let answer = |status: http::StatusCode, body: String| {
+                    http::Response::builder()
+                        .status(status)
+                        .header(http::header::CONTENT_TYPE, "application/json")
+                        .header(http::header::LOCATION, target.as_str())
+                        .body(Full::new(Bytes::from(body)))
+                        .ok()
+                };
+                match req.uri.path() {
+                    "/elsewhere/moved" => answer(http::StatusCode::FOUND, String::new()),
+                    "/elsewhere/jwks.json" => {
+                        followed.fetch_add(1, Ordering::SeqCst);
+                        answer(http::StatusCode::OK, jwks.clone())
+                    }
+                    // Valid JSON, padded past the limit.
+                    "/elsewhere/big" => {
+                        answer(http::StatusCode::OK, format!("{jwks}{}", " ".repeat(MAX_BODY + 1)))
+                    }
+                    _ => None,
+                }
+            }
+        });
+        dev.add_handler("/elsewhere/", handler);
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret").unwrap_or_else(|e| panic!("secret: {e}"));
+        let metadata_with = |member: &str, value: Value| {
+            dev.set_discovery_member("/human", member, value);
+            // A new provider each time: nothing cached.
+            let p = provider(&url, &secret);
+            async move { p.metadata(false).await.map(|_| ()) }
+        };
+        let at = |path: &str| Value::String(format!("{}{path}", dev.base_url()));
+
+        let moved = metadata_with("jwks_uri", at("/elsewhere/moved")).await;
+        assert!(moved.is_err(), "a redirected JWKS was taken");
+        assert_eq!(followed.load(Ordering::SeqCst), 0, "the redirect was followed");
+        let big = metadata_with("jwks_uri", at("/elsewhere/big")).await;
+        assert!(big.is_err(), "a JWKS over the size limit was taken");
+        let direct = metadata_with("jwks_uri", at("/elsewhere/jwks.json")).await;
+        assert_eq!(direct, Ok(()), "the same JWKS served directly did not load");
+        // A discovery document over the limit.
+        let padded = metadata_with("padding", Value::String(" ".repeat(MAX_BODY))).await;
+        assert!(padded.is_err(), "a discovery document over the size limit was taken");
     }
 
     /// Every algorithm an issuer may allow (V4) has its `openidconnect` name: none drops

@@ -907,6 +907,34 @@ async fn an_authorization_response_without_the_iss_its_provider_promises_fails()
     assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
 }
 
+/// The keys a sign-in verifies its ID token with pass the checks a bearer token's key
+/// passes: a key its issuer published for something else than verifying (here
+/// `key_ops: ["encrypt"]`; `use: enc`, an RSA modulus under 2048 bits, a point off its
+/// curve alike: `session::oidc::tests`) verifies no sign-in. `openidconnect`, which
+/// verifies sign-in ID tokens, reads no `key_ops` and takes RSA keys of any size.
+#[tokio::test]
+async fn a_sign_in_id_token_is_verified_only_with_keys_fit_for_verifying() {
+    let w = sso_world("").await;
+    let mut jwks = portcullis::dev::signer::jwks(&[&w.signer]);
+    jwks["keys"][0]["key_ops"] = serde_json::json!(["encrypt"]);
+    w.issuer.set_jwks("/human", jwks);
+    let mut b = Browser::new();
+    let callback = b.through_provider(&w, "/", "alice", &["engineering"]).await;
+    let r = b.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(b.session_cookie().is_none(), "an ID token signed with an encryption key signed in");
+    let e = w.last_event().await;
+    assert_eq!(e["reason"], "login-failed", "{e}");
+
+    // The same key published for verifying signs in.
+    let w = sso_world("").await;
+    let mut jwks = portcullis::dev::signer::jwks(&[&w.signer]);
+    jwks["keys"][0]["key_ops"] = serde_json::json!(["verify"]);
+    w.issuer.set_jwks("/human", jwks);
+    let mut b = Browser::new();
+    assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
+}
+
 fn urlencode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
@@ -1663,6 +1691,46 @@ async fn two_issuers_with_login_get_the_chooser_and_either_signs_in() {
     assert_eq!(e["identity"]["subject"], "carol", "{e}");
     assert_eq!(partner.code_exchanges(), 1);
     assert_eq!(login(&w).code_exchanges(), 0, "the first issuer was never asked for a code");
+}
+
+/// The mix-up attack (RFC 9207 §2): a sign-in started with one provider (`partner`,
+/// here the malicious one) that sends the browser on to the honest provider with this
+/// sign-in's state gets the honest provider's code back, naming it in `iss`. The
+/// callback refuses it before the code goes anywhere: not to the token endpoint of the
+/// provider the sign-in began with (which would get the code and the PKCE verifier),
+/// nor to the honest one.
+#[tokio::test]
+async fn a_code_from_another_provider_than_the_sign_in_began_with_goes_nowhere() {
+    let w = World::with(Setup {
+        sso: Some(String::new()),
+        second_login: true,
+        policies: vec![("api".into(), PEOPLE_OF_BOTH.into())],
+        ..Setup::default()
+    })
+    .await;
+    let partner = w.login2.as_ref().unwrap_or_else(|| panic!("no second dev login"));
+    let mut b = Browser::new();
+    let rd = format!("rd={}", urlencode(&w.url("/app/page")));
+    let r = b.get(&w, &w.url(&format!("/.portcullis/sign_in?issuer=partner&{rd}"))).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    let to_partner = location(&r);
+    assert!(to_partner.starts_with(&w.urls["partner"]), "{to_partner}");
+    // The malicious provider forwards the request, state and all, to the honest one.
+    let to_corp = to_partner.replacen(&w.urls["partner"], &w.urls["corp"], 1);
+    let form = b.get(&w, &to_corp).await;
+    assert_eq!(form.status, StatusCode::OK, "{}", form.text());
+    let r = b.request(&w, Method::POST, &to_corp, &[], "username=alice").await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    let callback = location(&r);
+    assert!(callback.contains(&format!("iss={}", urlencode(&w.urls["corp"]))), "{callback}");
+    let r = b.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(b.session_cookie().is_none(), "a mixed-up code signed in");
+    let e = w.last_event().await;
+    assert_eq!(e["reason"], "login-failed", "{e}");
+    assert!(e["detail"].as_str().unwrap_or_default().contains("another issuer"), "{e}");
+    assert_eq!(partner.code_exchanges(), 0, "the code went to the provider the sign-in began with");
+    assert_eq!(login(&w).code_exchanges(), 0);
 }
 
 /// A valid session from an issuer one route does not accept is not cleared there: it
