@@ -241,7 +241,7 @@ async fn silent_admin_connections_are_closed_and_cannot_starve_the_probes() {
     }
     // One request per connection: the answer says so and the connection ends.
     let mut s = tokio::net::TcpStream::connect(w.admin).await.unwrap_or_else(|e| panic!("{e}"));
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let mut answer = Vec::new();
