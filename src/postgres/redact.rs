@@ -542,6 +542,9 @@ enum End {
 
 fn ends_value(b: &[u8], toks: &[Token], t: usize) -> End {
     match next_sig(toks, t) {
+        // A word glued to the closing quote (`''pw''`: a literal that was meant to hold
+        // quotes, closed too early) may be the secret itself.
+        Some(n) if toks[n].kind == Kind::Ident && toks[n].start == toks[t].end => End::Unsure,
         Some(n) => classify(b, toks[n]),
         None => End::Region,
     }
@@ -1070,6 +1073,19 @@ mod tests {
     /// `text` is masked from the end of `kept` on: `kept` followed by the backstop.
     fn masks_the_rest(text: &str, kept: &str, secret: &str) {
         masks(text, &format!("{kept}{BACKSTOP}"), &[secret]);
+    }
+
+    /// A literal closed too early (`''pw''` meant inside one, written outside it): the
+    /// value masked is the empty literal, and the password is the word glued to it. A
+    /// word right after a value's closing quote is no visible end of it.
+    #[test]
+    fn a_word_glued_to_a_value_masks_the_rest() {
+        let text = "'x dblink_connect('host=db password = ''Hunter2'' dbname=x')";
+        masks_the_rest(text, "'x dblink_connect('host=db password", "Hunter2");
+        let text = "ALTER ROLE app PASSWORD ''Hunter2'' LOGIN";
+        masks_the_rest(text, "ALTER ROLE app PASSWORD", "Hunter2");
+        // Separated from it, a word ends the value, as `LOGIN` or `VALID UNTIL` do.
+        masks("ALTER ROLE app PASSWORD '' LOGIN", "ALTER ROLE app PASSWORD *** LOGIN", &[]);
     }
 
     #[test]
