@@ -17,9 +17,10 @@
 //! quoted identifier), the value after it is masked when its end is certain: a string
 //! constant (`***`), or a connection-string value after `=`. When it is not certain (the
 //! value is built by `format()`, concatenated, a `%L` placeholder, the keyword ends a
-//! literal, an unknown token follows, …) everything after the keyword, to the end of the
-//! text, is replaced with [`BACKSTOP`]: masking fails closed. A password sent as a Bind
-//! parameter never reaches the log at all (parameters are not logged).
+//! literal, an unknown token follows, a word is glued to the value's closing quote, …)
+//! everything after the keyword, to the end of the text, is replaced with [`BACKSTOP`]:
+//! masking fails closed. A password sent as a Bind parameter never reaches the log at
+//! all (parameters are not logged).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
