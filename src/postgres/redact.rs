@@ -446,10 +446,13 @@ impl<'t> Scan<'t> {
 
     /// After a connection-string value ending at `j`: the next keyword, or the end.
     fn after_conninfo(&mut self, b: &[u8], mut j: usize, kw_end: usize) -> Option<usize> {
+        let value_end = j;
         while j < b.len() {
             let tok = token(b, j, false);
             if !matches!(tok.kind, Kind::Space | Kind::Comment { .. }) {
-                if let End::Unsure = classify(b, tok) {
+                // A word glued to a quoted value (`password=''pw''`) may be the secret.
+                let glued = tok.kind == Kind::Ident && tok.start == value_end;
+                if glued || matches!(classify(b, tok), End::Unsure) {
                     self.give_up_after(kw_end); // `password=''a'' || ''b''`
                 }
                 return None;
@@ -1085,6 +1088,9 @@ mod tests {
         masks_the_rest(text, "'x dblink_connect('host=db password", "Hunter2");
         let text = "ALTER ROLE app PASSWORD ''Hunter2'' LOGIN";
         masks_the_rest(text, "ALTER ROLE app PASSWORD", "Hunter2");
+        // The same in a literal, where `password =` starts a connection-string value.
+        let text = "$p$'x dblink_connect('host=db password = ''Hunter2'' dbname=x')";
+        masks_the_rest(text, "$p$'x dblink_connect('host=db password", "Hunter2");
         // Separated from it, a word ends the value, as `LOGIN` or `VALID UNTIL` do.
         masks("ALTER ROLE app PASSWORD '' LOGIN", "ALTER ROLE app PASSWORD *** LOGIN", &[]);
     }
