@@ -199,6 +199,23 @@ impl<'t> Scan<'t> {
                         }
                     }
                     let inner = self.region(&child, child_ctx, depth + 1);
+                    // A comment unterminated, or a line comment without its newline, runs
+                    // to the end of this region: in a literal, a keyword ending it ends
+                    // the literal.
+                    let comment_to_end = match tok.kind {
+                        Kind::Comment { block: true, closed } => !closed,
+                        Kind::Comment { block: false, .. } => tok.end == b.len(),
+                        _ => false,
+                    };
+                    if let (Some(kw_end), Ctx::Comment, true) = (inner, child_ctx, comment_to_end) {
+                        match ctx {
+                            Ctx::Literal => self.give_up_after(kw_end),
+                            Ctx::Comment => {
+                                open_end.get_or_insert(kw_end);
+                            }
+                            Ctx::Top => {}
+                        }
+                    }
                     if let (Some(kw_end), Ctx::Literal) = (inner, child_ctx) {
                         match ends_value(b, &toks, t) {
                             End::Clean => {}
@@ -286,7 +303,9 @@ impl<'t> Scan<'t> {
             if ctx == Ctx::Literal || toks[k + 1..].iter().any(|t| !t.kind.closed()) {
                 self.give_up_after(kw_end);
             }
-            return None;
+            // The keyword ends the comment: if the comment runs to the end of a literal,
+            // the value may follow the literal (the caller checks).
+            return (ctx == Ctx::Comment).then_some(kw_end);
         };
         let next = toks[n];
         let text = &b[next.start..next.end];
@@ -1093,6 +1112,20 @@ mod tests {
         masks_the_rest(text, "$p$'x dblink_connect('host=db password", "Hunter2");
         // Separated from it, a word ends the value, as `LOGIN` or `VALID UNTIL` do.
         masks("ALTER ROLE app PASSWORD '' LOGIN", "ALTER ROLE app PASSWORD *** LOGIN", &[]);
+    }
+
+    /// A comment that runs to the end of a literal ends with it: a keyword ending the
+    /// comment ends the literal, and the value may follow the literal.
+    #[test]
+    fn a_keyword_ending_a_comment_that_ends_a_literal_masks_the_rest() {
+        let text = "8/$$/*ALTER ROLE app PASSWORD $$Hunter2$$";
+        masks_the_rest(text, "8/$$/*ALTER ROLE app PASSWORD", "Hunter2");
+        let text = "SELECT 'x -- password ' || 'Hunter2'";
+        masks_the_rest(text, "SELECT 'x -- password", "Hunter2");
+        // A comment closed in the literal, or one in the statement itself, holds no value.
+        for text in ["SELECT '/* password */ x', 'y'", "SELECT 1 -- password"] {
+            assert!(matches!(passwords(text), Cow::Borrowed(_)), "{}", passwords(text));
+        }
     }
 
     #[test]
