@@ -1057,7 +1057,7 @@ fn is_cors_preflight(req: &Request<ClientBody>) -> bool {
 /// browsers without schemeful same-site), which could then read and write the tunnel as
 /// the signed-in user: cross-site WebSocket hijacking. No `Origin` is a client that is
 /// not a browser (one holding the cookie is its user), let through.
-fn websocket_origin<B>(
+pub fn websocket_origin<B>(
     req: &Request<B>,
     host: &str,
     cookie_domain: Option<&str>,
@@ -1080,11 +1080,11 @@ fn websocket_origin<B>(
         return Err(refused);
     };
     let page_host = page.host().trim_end_matches('.').to_ascii_lowercase();
+    let Some(page_port) = authority::https_port(&page) else { return Err(refused) };
     let own_port = authority::authority_with_port(req)
         .and_then(|a| a.parse::<http::uri::Authority>().ok())
-        .and_then(|a| a.port_u16())
-        .unwrap_or(443);
-    if page_host == host && page.port_u16().unwrap_or(443) == own_port {
+        .and_then(|a| authority::https_port(&a));
+    if page_host == host && Some(page_port) == own_port {
         return Ok(());
     }
     let shared = cookie_domain.is_some_and(|d| {
@@ -1153,7 +1153,30 @@ fn is_websocket(req: &Request<ClientBody>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::query_overrides_method;
+    use super::{query_overrides_method, websocket_origin};
+
+    /// An `Origin` whose port is no number is no page of this host's port 443 (found by
+    /// the `origin` fuzz target), however the authority it is checked against reads.
+    #[test]
+    fn a_websocket_origin_with_a_port_that_is_no_number_is_refused() {
+        let handshake = |host: &str, origin: &str| {
+            http::Request::builder()
+                .header(http::header::HOST, host)
+                .header(http::header::ORIGIN, origin)
+                .body(())
+                .unwrap_or_default()
+        };
+        let ok = handshake("app.example.com", "https://app.example.com");
+        assert!(websocket_origin(&ok, "app.example.com", None).is_ok());
+        for (host, origin) in [
+            ("app.example.com", "https://app.example.com:844A"),
+            ("app.example.com", "https://app.example.com:99999"),
+            ("app.example.com:-8443", "https://app.example.com"),
+        ] {
+            let req = handshake(host, origin);
+            assert!(websocket_origin(&req, "app.example.com", None).is_err(), "{origin}");
+        }
+    }
 
     #[test]
     fn a_method_override_in_the_query_is_found_however_it_is_spelled() {
