@@ -132,7 +132,7 @@ pub(crate) fn host_label_byte(b: u8) -> bool {
 
 /// `name[:port]` or `[ipv6][:port]`, where a name is letters, digits, `-`, `_` and `.`,
 /// and a port is a number up to 65535 or empty (`example.com:`, the default port).
-fn is_host_and_port(a: &[u8]) -> bool {
+pub(crate) fn is_host_and_port(a: &[u8]) -> bool {
     let (host_ok, rest) = if let Some(inner) = a.strip_prefix(b"[") {
         let Some(end) = inner.iter().position(|&b| b == b']') else { return false };
         let ip = &inner[..end];

@@ -1071,7 +1071,9 @@ pub fn websocket_origin<B>(
     // `scheme://host[:port]`, as browsers serialize it: nothing else (`null`, a path,
     // userinfo, another scheme) is a page of this host.
     let Some(rest) = origin.as_bytes().strip_prefix(b"https://") else { return Err(refused) };
-    if rest.iter().any(|b| matches!(b, b'/' | b'@' | b'?' | b'#')) {
+    // A host name or IP literal, as a browser serializes it: the `http` crate parses
+    // more (`a.com.P[&]b.example.com`), which a `cookie_domain` suffix could match.
+    if !authority::is_host_and_port(rest) {
         return Err(refused);
     }
     let Some(page) =
@@ -1155,10 +1157,11 @@ fn is_websocket(req: &Request<ClientBody>) -> bool {
 mod tests {
     use super::{query_overrides_method, websocket_origin};
 
-    /// An `Origin` whose port is no number is no page of this host's port 443 (found by
-    /// the `origin` fuzz target), however the authority it is checked against reads.
+    /// An `Origin` whose port is no number is no page of this host's port 443, and one
+    /// whose host is no host name is under no `cookie_domain` (both found by the `origin`
+    /// fuzz target).
     #[test]
-    fn a_websocket_origin_with_a_port_that_is_no_number_is_refused() {
+    fn a_websocket_origin_that_is_no_host_and_port_is_refused() {
         let handshake = |host: &str, origin: &str| {
             http::Request::builder()
                 .header(http::header::HOST, host)
@@ -1176,6 +1179,12 @@ mod tests {
             let req = handshake(host, origin);
             assert!(websocket_origin(&req, "app.example.com", None).is_err(), "{origin}");
         }
+        // Under `cookie_domain`, only a host name is a host under it: the `http` crate
+        // parses `a.com.P[&]b.example.com` as an authority, no browser as an origin.
+        let shared = handshake("app.example.com", "https://other.example.com");
+        assert!(websocket_origin(&shared, "app.example.com", Some("example.com")).is_ok());
+        let odd = handshake("app.example.com", "https://a.com.P[&]b.example.com");
+        assert!(websocket_origin(&odd, "app.example.com", Some("example.com")).is_err());
     }
 
     #[test]
