@@ -187,6 +187,16 @@ impl<'t> Scan<'t> {
                         continue;
                     }
                     let (child, child_ctx) = self.child(view, &toks, t);
+                    // A comment between continued constants (`'a' -- …\n'b'`) is whitespace
+                    // to PostgreSQL, not part of the decoded value: a keyword there (in the
+                    // token, in neither reading of the value) masks the rest.
+                    if matches!(tok.kind, Kind::Str { .. })
+                        && has_keyword(&b[tok.start..tok.end])
+                        && !has_keyword(&child.bytes)
+                        && !has_keyword(&decode_str(b, tok, Quote::E, b'\\').0)
+                    {
+                        self.give_up_after(raw_start);
+                    }
                     if let (Kind::Str { quote: Quote::Std, .. }, false) =
                         (tok.kind, self.scs_known(ctx))
                     {
@@ -1126,6 +1136,17 @@ mod tests {
         for text in ["SELECT '/* password */ x', 'y'", "SELECT 1 -- password"] {
             assert!(matches!(passwords(text), Cow::Borrowed(_)), "{}", passwords(text));
         }
+    }
+
+    /// PostgreSQL reads a comment in the whitespace between continued constants as
+    /// whitespace (`'a' -- …\n'b'` is `'ab'`): the comment is not in the decoded value,
+    /// so a keyword there masks the rest (found by the `pg_redact` fuzz target).
+    #[test]
+    fn a_keyword_in_a_comment_between_continued_constants_masks_the_rest() {
+        let text = "SELECT 'x' -- ALTER ROLE app PASSWORD 'Hunter2'\n'y'";
+        masks_the_rest(text, "SELECT ", "Hunter2");
+        let text = "'x'------'6ALTER ROLE app PASSWORD E'Hunter2'$t\n'----'-'y";
+        masks_the_rest(text, "", "Hunter2");
     }
 
     #[test]
