@@ -383,10 +383,11 @@ impl<'t> Scan<'t> {
             if !tok.kind.closed() {
                 if ctx == Ctx::Literal {
                     self.give_up_after(kw_end);
-                } else {
-                    self.mask(view.raw(toks[n].start), view.raw(b.len()));
+                    return None;
                 }
-                return None;
+                self.mask(view.raw(toks[n].start), view.raw(b.len()));
+                // In a comment, the value reaches its end: the caller checks what follows.
+                return (ctx == Ctx::Comment).then_some(kw_end);
             }
             if let (Kind::Str { quote: Quote::Std, prefix, .. }, false) =
                 (tok.kind, self.scs_known(ctx))
@@ -1132,6 +1133,9 @@ mod tests {
         masks_the_rest(text, "8/$$/*ALTER ROLE app PASSWORD", "Hunter2");
         let text = "SELECT 'x -- password ' || 'Hunter2'";
         masks_the_rest(text, "SELECT 'x -- password", "Hunter2");
+        // A value unterminated in such a comment runs to the end of the literal too.
+        let text = "SELECT '/*PASSWORD $$x' || 'Hunter2'";
+        masks_the_rest(text, "SELECT '/*PASSWORD", "Hunter2");
         // A comment closed in the literal, or one in the statement itself, holds no value.
         for text in ["SELECT '/* password */ x', 'y'", "SELECT 1 -- password"] {
             assert!(matches!(passwords(text), Cow::Borrowed(_)), "{}", passwords(text));
