@@ -188,12 +188,12 @@ impl<'t> Scan<'t> {
                     }
                     let (child, child_ctx) = self.child(view, &toks, t);
                     // A comment between continued constants (`'a' -- …\n'b'`) is whitespace
-                    // to PostgreSQL, not part of the decoded value: a keyword there (in the
-                    // token, in neither reading of the value) masks the rest.
+                    // to PostgreSQL, not part of the decoded value: a keyword there (more
+                    // in the token than in either reading of the value) masks the rest.
                     if matches!(tok.kind, Kind::Str { .. })
-                        && has_keyword(&b[tok.start..tok.end])
-                        && !has_keyword(&child.bytes)
-                        && !has_keyword(&decode_str(b, tok, Quote::E, b'\\').0)
+                        && keywords(&b[tok.start..tok.end])
+                            > keywords(&child.bytes)
+                                .max(keywords(&decode_str(b, tok, Quote::E, b'\\').0))
                     {
                         self.give_up_after(raw_start);
                     }
@@ -556,12 +556,19 @@ fn is_keyword(word: &[u8]) -> bool {
 
 /// Whether `bytes` hold `password` not inside a longer ASCII word.
 fn has_keyword(bytes: &[u8]) -> bool {
+    keywords(bytes) > 0
+}
+
+/// How many times the keyword stands as a whole word in `bytes`.
+fn keywords(bytes: &[u8]) -> usize {
     let word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_';
-    (0..bytes.len().saturating_sub(7)).any(|i| {
-        bytes[i..i + 8].eq_ignore_ascii_case(b"password")
-            && (i == 0 || !word(&bytes[i - 1]))
-            && bytes.get(i + 8).is_none_or(|b| !word(b))
-    })
+    (0..bytes.len().saturating_sub(7))
+        .filter(|&i| {
+            bytes[i..i + 8].eq_ignore_ascii_case(b"password")
+                && (i == 0 || !word(&bytes[i - 1]))
+                && bytes.get(i + 8).is_none_or(|b| !word(b))
+        })
+        .count()
 }
 
 /// How what follows token `t` bears on a value that ends with it.
@@ -1151,6 +1158,9 @@ mod tests {
         masks_the_rest(text, "SELECT ", "Hunter2");
         let text = "'x'------'6ALTER ROLE app PASSWORD E'Hunter2'$t\n'----'-'y";
         masks_the_rest(text, "", "Hunter2");
+        // Though the value itself names the keyword too.
+        let text = "SELECT 'x' -- ALTER ROLE app PASSWORD 'Hunter2'\n'y password'";
+        masks_the_rest(text, "SELECT ", "Hunter2");
     }
 
     #[test]
