@@ -559,13 +559,15 @@ fn has_keyword(bytes: &[u8]) -> bool {
     keywords(bytes) > 0
 }
 
-/// How many times the keyword stands as a whole word in `bytes`.
+/// How many times a keyword (`password`, `sslpassword`) stands as a whole word in `bytes`.
 fn keywords(bytes: &[u8]) -> usize {
     let word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_';
+    let starts_word = |i: usize| i == 0 || !word(&bytes[i - 1]);
     (0..bytes.len().saturating_sub(7))
         .filter(|&i| {
+            let ssl = i >= 3 && bytes[i - 3..i].eq_ignore_ascii_case(b"ssl") && starts_word(i - 3);
             bytes[i..i + 8].eq_ignore_ascii_case(b"password")
-                && (i == 0 || !word(&bytes[i - 1]))
+                && (starts_word(i) || ssl)
                 && bytes.get(i + 8).is_none_or(|b| !word(b))
         })
         .count()
@@ -1158,6 +1160,8 @@ mod tests {
         masks_the_rest(text, "SELECT ", "Hunter2");
         let text = "'x'------'6ALTER ROLE app PASSWORD E'Hunter2'$t\n'----'-'y";
         masks_the_rest(text, "", "Hunter2");
+        let text = "SELECT 'x' -- OPTIONS (sslpassword 'Hunter2')\n'y'";
+        masks_the_rest(text, "SELECT ", "Hunter2");
         // Though the value itself names the keyword too.
         let text = "SELECT 'x' -- ALTER ROLE app PASSWORD 'Hunter2'\n'y password'";
         masks_the_rest(text, "SELECT ", "Hunter2");
