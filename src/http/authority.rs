@@ -42,6 +42,20 @@ pub fn unambiguous<B>(req: &Request<B>) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The port an `https` authority names (443 when it names none), or `None` when what
+/// follows its host is no port: `http` accepts `host:844A` or `host:-1` and reads the
+/// port as absent, which is no reason to take it for 443.
+pub fn https_port(a: &http::uri::Authority) -> Option<u16> {
+    let s = a.as_str();
+    let host_and_port = s.rsplit_once('@').map_or(s, |(_, h)| h);
+    match host_and_port.strip_prefix(a.host())? {
+        "" => Some(443),
+        port => {
+            port.strip_prefix(':').filter(|p| p.bytes().all(|b| b.is_ascii_digit()))?.parse().ok()
+        }
+    }
+}
+
 /// The request's authority, lower-cased and without port or trailing dots: `:authority`
 /// (HTTP/2) or Host. The name the request is routed by, and held to the TLS SNI.
 pub fn host<B>(req: &Request<B>) -> Option<String> {
@@ -118,7 +132,7 @@ pub(crate) fn host_label_byte(b: u8) -> bool {
 
 /// `name[:port]` or `[ipv6][:port]`, where a name is letters, digits, `-`, `_` and `.`,
 /// and a port is a number up to 65535 or empty (`example.com:`, the default port).
-fn is_host_and_port(a: &[u8]) -> bool {
+pub(crate) fn is_host_and_port(a: &[u8]) -> bool {
     let (host_ok, rest) = if let Some(inner) = a.strip_prefix(b"[") {
         let Some(end) = inner.iter().position(|&b| b == b']') else { return false };
         let ip = &inner[..end];

@@ -1058,7 +1058,7 @@ fn is_cors_preflight(req: &Request<ClientBody>) -> bool {
 /// browsers without schemeful same-site), which could then read and write the tunnel as
 /// the signed-in user: cross-site WebSocket hijacking. No `Origin` is a client that is
 /// not a browser (one holding the cookie is its user), let through.
-fn websocket_origin<B>(
+pub fn websocket_origin<B>(
     req: &Request<B>,
     host: &str,
     cookie_domain: Option<&str>,
@@ -1072,7 +1072,9 @@ fn websocket_origin<B>(
     // `scheme://host[:port]`, as browsers serialize it: nothing else (`null`, a path,
     // userinfo, another scheme) is a page of this host.
     let Some(rest) = origin.as_bytes().strip_prefix(b"https://") else { return Err(refused) };
-    if rest.iter().any(|b| matches!(b, b'/' | b'@' | b'?' | b'#')) {
+    // A host name or IP literal, as a browser serializes it: the `http` crate parses
+    // more (`a.com.P[&]b.example.com`), which a `cookie_domain` suffix could match.
+    if !authority::is_host_and_port(rest) {
         return Err(refused);
     }
     let Some(page) =
@@ -1081,11 +1083,11 @@ fn websocket_origin<B>(
         return Err(refused);
     };
     let page_host = page.host().trim_end_matches('.').to_ascii_lowercase();
+    let Some(page_port) = authority::https_port(&page) else { return Err(refused) };
     let own_port = authority::authority_with_port(req)
         .and_then(|a| a.parse::<http::uri::Authority>().ok())
-        .and_then(|a| a.port_u16())
-        .unwrap_or(443);
-    if page_host == host && page.port_u16().unwrap_or(443) == own_port {
+        .and_then(|a| authority::https_port(&a));
+    if page_host == host && Some(page_port) == own_port {
         return Ok(());
     }
     let shared = cookie_domain.is_some_and(|d| {
@@ -1154,7 +1156,37 @@ fn is_websocket(req: &Request<ClientBody>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::query_overrides_method;
+    use super::{query_overrides_method, websocket_origin};
+
+    /// An `Origin` whose port is no number is no page of this host's port 443, and one
+    /// whose host is no host name is under no `cookie_domain` (both found by the `origin`
+    /// fuzz target).
+    #[test]
+    fn a_websocket_origin_that_is_no_host_and_port_is_refused() {
+        let handshake = |host: &str, origin: &str| {
+            http::Request::builder()
+                .header(http::header::HOST, host)
+                .header(http::header::ORIGIN, origin)
+                .body(())
+                .unwrap_or_default()
+        };
+        let ok = handshake("app.example.com", "https://app.example.com");
+        assert!(websocket_origin(&ok, "app.example.com", None).is_ok());
+        for (host, origin) in [
+            ("app.example.com", "https://app.example.com:844A"),
+            ("app.example.com", "https://app.example.com:99999"),
+            ("app.example.com:-8443", "https://app.example.com"),
+        ] {
+            let req = handshake(host, origin);
+            assert!(websocket_origin(&req, "app.example.com", None).is_err(), "{origin}");
+        }
+        // Under `cookie_domain`, only a host name is a host under it: the `http` crate
+        // parses `a.com.P[&]b.example.com` as an authority, no browser as an origin.
+        let shared = handshake("app.example.com", "https://other.example.com");
+        assert!(websocket_origin(&shared, "app.example.com", Some("example.com")).is_ok());
+        let odd = handshake("app.example.com", "https://a.com.P[&]b.example.com");
+        assert!(websocket_origin(&odd, "app.example.com", Some("example.com")).is_err());
+    }
 
     #[test]
     fn a_method_override_in_the_query_is_found_however_it_is_spelled() {

@@ -66,7 +66,7 @@ pub mod cancel;
 pub mod events;
 mod listeners;
 pub mod proto;
-mod redact;
+pub mod redact;
 pub mod scram;
 mod session;
 pub mod startup;

@@ -17,9 +17,10 @@
 //! quoted identifier), the value after it is masked when its end is certain: a string
 //! constant (`***`), or a connection-string value after `=`. When it is not certain (the
 //! value is built by `format()`, concatenated, a `%L` placeholder, the keyword ends a
-//! literal, an unknown token follows, …) everything after the keyword, to the end of the
-//! text, is replaced with [`BACKSTOP`]: masking fails closed. A password sent as a Bind
-//! parameter never reaches the log at all (parameters are not logged).
+//! literal, an unknown token follows, a word is glued to the value's closing quote, …)
+//! everything after the keyword, to the end of the text, is replaced with [`BACKSTOP`]:
+//! masking fails closed. A password sent as a Bind parameter never reaches the log at
+//! all (parameters are not logged).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -186,6 +187,16 @@ impl<'t> Scan<'t> {
                         continue;
                     }
                     let (child, child_ctx) = self.child(view, &toks, t);
+                    // A comment between continued constants (`'a' -- …\n'b'`) is whitespace
+                    // to PostgreSQL, not part of the decoded value: a keyword there (more
+                    // in the token than in either reading of the value) masks the rest.
+                    if matches!(tok.kind, Kind::Str { .. })
+                        && keywords(&b[tok.start..tok.end])
+                            > keywords(&child.bytes)
+                                .max(keywords(&decode_str(b, tok, Quote::E, b'\\').0))
+                    {
+                        self.give_up_after(raw_start);
+                    }
                     if let (Kind::Str { quote: Quote::Std, .. }, false) =
                         (tok.kind, self.scs_known(ctx))
                     {
@@ -198,6 +209,23 @@ impl<'t> Scan<'t> {
                         }
                     }
                     let inner = self.region(&child, child_ctx, depth + 1);
+                    // A comment unterminated, or a line comment without its newline, runs
+                    // to the end of this region: in a literal, a keyword ending it ends
+                    // the literal.
+                    let comment_to_end = match tok.kind {
+                        Kind::Comment { block: true, closed } => !closed,
+                        Kind::Comment { block: false, .. } => tok.end == b.len(),
+                        _ => false,
+                    };
+                    if let (Some(kw_end), Ctx::Comment, true) = (inner, child_ctx, comment_to_end) {
+                        match ctx {
+                            Ctx::Literal => self.give_up_after(kw_end),
+                            Ctx::Comment => {
+                                open_end.get_or_insert(kw_end);
+                            }
+                            Ctx::Top => {}
+                        }
+                    }
                     if let (Some(kw_end), Ctx::Literal) = (inner, child_ctx) {
                         match ends_value(b, &toks, t) {
                             End::Clean => {}
@@ -285,7 +313,9 @@ impl<'t> Scan<'t> {
             if ctx == Ctx::Literal || toks[k + 1..].iter().any(|t| !t.kind.closed()) {
                 self.give_up_after(kw_end);
             }
-            return None;
+            // The keyword ends the comment: if the comment runs to the end of a literal,
+            // the value may follow the literal (the caller checks).
+            return (ctx == Ctx::Comment).then_some(kw_end);
         };
         let next = toks[n];
         let text = &b[next.start..next.end];
@@ -353,10 +383,11 @@ impl<'t> Scan<'t> {
             if !tok.kind.closed() {
                 if ctx == Ctx::Literal {
                     self.give_up_after(kw_end);
-                } else {
-                    self.mask(view.raw(toks[n].start), view.raw(b.len()));
+                    return None;
                 }
-                return None;
+                self.mask(view.raw(toks[n].start), view.raw(b.len()));
+                // In a comment, the value reaches its end: the caller checks what follows.
+                return (ctx == Ctx::Comment).then_some(kw_end);
             }
             if let (Kind::Str { quote: Quote::Std, prefix, .. }, false) =
                 (tok.kind, self.scs_known(ctx))
@@ -445,10 +476,13 @@ impl<'t> Scan<'t> {
 
     /// After a connection-string value ending at `j`: the next keyword, or the end.
     fn after_conninfo(&mut self, b: &[u8], mut j: usize, kw_end: usize) -> Option<usize> {
+        let value_end = j;
         while j < b.len() {
             let tok = token(b, j, false);
             if !matches!(tok.kind, Kind::Space | Kind::Comment { .. }) {
-                if let End::Unsure = classify(b, tok) {
+                // A word glued to a quoted value (`password=''pw''`) may be the secret.
+                let glued = tok.kind == Kind::Ident && tok.start == value_end;
+                if glued || matches!(classify(b, tok), End::Unsure) {
                     self.give_up_after(kw_end); // `password=''a'' || ''b''`
                 }
                 return None;
@@ -522,12 +556,21 @@ fn is_keyword(word: &[u8]) -> bool {
 
 /// Whether `bytes` hold `password` not inside a longer ASCII word.
 fn has_keyword(bytes: &[u8]) -> bool {
+    keywords(bytes) > 0
+}
+
+/// How many times a keyword (`password`, `sslpassword`) stands as a whole word in `bytes`.
+fn keywords(bytes: &[u8]) -> usize {
     let word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_';
-    (0..bytes.len().saturating_sub(7)).any(|i| {
-        bytes[i..i + 8].eq_ignore_ascii_case(b"password")
-            && (i == 0 || !word(&bytes[i - 1]))
-            && bytes.get(i + 8).is_none_or(|b| !word(b))
-    })
+    let starts_word = |i: usize| i == 0 || !word(&bytes[i - 1]);
+    (0..bytes.len().saturating_sub(7))
+        .filter(|&i| {
+            let ssl = i >= 3 && bytes[i - 3..i].eq_ignore_ascii_case(b"ssl") && starts_word(i - 3);
+            bytes[i..i + 8].eq_ignore_ascii_case(b"password")
+                && (starts_word(i) || ssl)
+                && bytes.get(i + 8).is_none_or(|b| !word(b))
+        })
+        .count()
 }
 
 /// How what follows token `t` bears on a value that ends with it.
@@ -542,6 +585,9 @@ enum End {
 
 fn ends_value(b: &[u8], toks: &[Token], t: usize) -> End {
     match next_sig(toks, t) {
+        // A word glued to the closing quote (`''pw''`: a literal that was meant to hold
+        // quotes, closed too early) may be the secret itself.
+        Some(n) if toks[n].kind == Kind::Ident && toks[n].start == toks[t].end => End::Unsure,
         Some(n) => classify(b, toks[n]),
         None => End::Region,
     }
@@ -1070,6 +1116,55 @@ mod tests {
     /// `text` is masked from the end of `kept` on: `kept` followed by the backstop.
     fn masks_the_rest(text: &str, kept: &str, secret: &str) {
         masks(text, &format!("{kept}{BACKSTOP}"), &[secret]);
+    }
+
+    /// A literal closed too early (`''pw''` meant inside one, written outside it): the
+    /// value masked is the empty literal, and the password is the word glued to it. A
+    /// word right after a value's closing quote is no visible end of it.
+    #[test]
+    fn a_word_glued_to_a_value_masks_the_rest() {
+        let text = "'x dblink_connect('host=db password = ''Hunter2'' dbname=x')";
+        masks_the_rest(text, "'x dblink_connect('host=db password", "Hunter2");
+        let text = "ALTER ROLE app PASSWORD ''Hunter2'' LOGIN";
+        masks_the_rest(text, "ALTER ROLE app PASSWORD", "Hunter2");
+        // The same in a literal, where `password =` starts a connection-string value.
+        let text = "$p$'x dblink_connect('host=db password = ''Hunter2'' dbname=x')";
+        masks_the_rest(text, "$p$'x dblink_connect('host=db password", "Hunter2");
+        // Separated from it, a word ends the value, as `LOGIN` or `VALID UNTIL` do.
+        masks("ALTER ROLE app PASSWORD '' LOGIN", "ALTER ROLE app PASSWORD *** LOGIN", &[]);
+    }
+
+    /// A comment that runs to the end of a literal ends with it: a keyword ending the
+    /// comment ends the literal, and the value may follow the literal.
+    #[test]
+    fn a_keyword_ending_a_comment_that_ends_a_literal_masks_the_rest() {
+        let text = "8/$$/*ALTER ROLE app PASSWORD $$Hunter2$$";
+        masks_the_rest(text, "8/$$/*ALTER ROLE app PASSWORD", "Hunter2");
+        let text = "SELECT 'x -- password ' || 'Hunter2'";
+        masks_the_rest(text, "SELECT 'x -- password", "Hunter2");
+        // A value unterminated in such a comment runs to the end of the literal too.
+        let text = "SELECT '/*PASSWORD $$x' || 'Hunter2'";
+        masks_the_rest(text, "SELECT '/*PASSWORD", "Hunter2");
+        // A comment closed in the literal, or one in the statement itself, holds no value.
+        for text in ["SELECT '/* password */ x', 'y'", "SELECT 1 -- password"] {
+            assert!(matches!(passwords(text), Cow::Borrowed(_)), "{}", passwords(text));
+        }
+    }
+
+    /// PostgreSQL reads a comment in the whitespace between continued constants as
+    /// whitespace (`'a' -- …\n'b'` is `'ab'`): the comment is not in the decoded value,
+    /// so a keyword there masks the rest (found by the `pg_redact` fuzz target).
+    #[test]
+    fn a_keyword_in_a_comment_between_continued_constants_masks_the_rest() {
+        let text = "SELECT 'x' -- ALTER ROLE app PASSWORD 'Hunter2'\n'y'";
+        masks_the_rest(text, "SELECT ", "Hunter2");
+        let text = "'x'------'6ALTER ROLE app PASSWORD E'Hunter2'$t\n'----'-'y";
+        masks_the_rest(text, "", "Hunter2");
+        let text = "SELECT 'x' -- OPTIONS (sslpassword 'Hunter2')\n'y'";
+        masks_the_rest(text, "SELECT ", "Hunter2");
+        // Though the value itself names the keyword too.
+        let text = "SELECT 'x' -- ALTER ROLE app PASSWORD 'Hunter2'\n'y password'";
+        masks_the_rest(text, "SELECT ", "Hunter2");
     }
 
     #[test]

@@ -204,20 +204,8 @@ impl Exchange {
         password: &Secret,
         cache: &KeyCache,
     ) -> Result<String, ScramError> {
-        let mut nonce = None;
-        let mut salt = None;
-        let mut iterations = None;
-        for attr in server_first.split(',') {
-            match attr.split_at_checked(2) {
-                Some(("r=", v)) => nonce = Some(v),
-                Some(("s=", v)) => salt = B64.decode(v).ok(),
-                Some(("i=", v)) => iterations = v.parse::<u32>().ok(),
-                _ => {}
-            }
-        }
-        let (Some(nonce), Some(salt), Some(iterations)) = (nonce, salt, iterations) else {
-            return Err(ScramError::ServerFirst);
-        };
+        let (nonce, salt, iterations) =
+            read_server_first(server_first).ok_or(ScramError::ServerFirst)?;
         if !nonce.starts_with(&self.nonce) || nonce.len() <= self.nonce.len() {
             return Err(ScramError::Nonce);
         }
@@ -256,9 +244,10 @@ impl Exchange {
         if let Some(e) = server_final.strip_prefix("e=") {
             return Err(ScramError::ServerError(e.chars().take(100).collect()));
         }
+        // `v=` and nothing else, as libpq reads it.
         let v = server_final
-            .split(',')
-            .find_map(|a| a.strip_prefix("v="))
+            .strip_prefix("v=")
+            .filter(|v| !v.contains(','))
             .and_then(|v| B64.decode(v).ok())
             .ok_or(ScramError::ServerFinal)?;
         let expected = self.expected_server_signature.ok_or(ScramError::ServerFinal)?;
@@ -267,6 +256,18 @@ impl Exchange {
         }
         Ok(())
     }
+}
+
+/// The nonce, salt and iteration count of a server-first-message, read as libpq reads
+/// it: `r=…,s=…,i=…` in this order and nothing after (a reserved `m=` extension, which
+/// RFC 5802 §5.1 says must fail, is refused with the rest). A lax reading would answer
+/// messages no PostgreSQL server sends, picking one of duplicated attributes.
+fn read_server_first(server_first: &str) -> Option<(&str, Vec<u8>, u32)> {
+    let mut attrs = server_first.split(',');
+    let nonce = attrs.next()?.strip_prefix("r=")?;
+    let salt = B64.decode(attrs.next()?.strip_prefix("s=")?).ok()?;
+    let iterations = attrs.next()?.strip_prefix("i=")?.parse::<u32>().ok()?;
+    attrs.next().is_none().then_some((nonce, salt, iterations))
 }
 
 /// `tls-server-end-point` data (RFC 5929 §4.1): the certificate hashed with the hash of
@@ -445,6 +446,36 @@ mod tests {
             assert_eq!(x.client_final(server_first, &p, &cache).await, Err(want), "{server_first}");
         }
         assert_eq!(x.verify_server_final("v=AAAA"), Err(ScramError::ServerFinal));
+    }
+
+    /// libpq (`fe-auth-scram.c`) reads `r`, `s` and `i` in this order and nothing after
+    /// them, and `v` alone: a message in any other shape is refused (RFC 5802 §5.1: an
+    /// `m` attribute, reserved, must fail), not read for whichever attributes it holds.
+    #[tokio::test]
+    async fn server_messages_are_read_in_libpqs_shape_only() {
+        let cache = KeyCache::default();
+        let mut x = Exchange::with_nonce("abc".into(), Binding::None);
+        let p = Secret::new("p");
+        for server_first in [
+            "s=AAAA,r=abcd,i=1",
+            "i=1,s=AAAA,r=abcd",
+            "m=ext,r=abcd,s=AAAA,i=1",
+            "r=abcd,s=AAAA,i=1,x=y",
+            "r=abcd,s=AAAA,i=1,r=abcde",
+            "r=xyz,r=abcd,s=AAAA,i=1",
+        ] {
+            let got = x.client_final(server_first, &p, &cache).await;
+            assert_eq!(got, Err(ScramError::ServerFirst), "{server_first}");
+        }
+        let fin = x.client_final("r=abcd,s=AAAA,i=1", &p, &cache).await;
+        assert!(fin.is_ok(), "{fin:?}");
+        let signature = x.expected_server_signature.map(|s| B64.encode(s)).unwrap_or_default();
+        let v = format!("v={signature}");
+        assert_eq!(x.verify_server_final(&v), Ok(()));
+        for server_final in [format!("x=1,{v}"), format!("{v},x=1"), format!("{v},v=AAAA")] {
+            let got = x.verify_server_final(&server_final);
+            assert_eq!(got, Err(ScramError::ServerFinal), "{server_final}");
+        }
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub mod seal;
 /// browser sees it (the redirect URI is `https://`, the cookies `Secure`), and a plain
 /// listener (`listen.insecure_http`) serves browsers through a TLS-terminating balancer.
 /// `null`, an opaque origin, is not this origin, nor is a value with userinfo.
-fn of_this_origin(value: &[u8], authority: &str) -> bool {
+pub fn of_this_origin(value: &[u8], authority: &str) -> bool {
     let Some(at) = value.windows(3).position(|w| w == b"://") else { return false };
     if !value[..at].eq_ignore_ascii_case(b"https") {
         return false;
@@ -47,7 +47,8 @@ fn of_this_origin(value: &[u8], authority: &str) -> bool {
     }
     let parse = |a: &[u8]| {
         let a = std::str::from_utf8(a).ok()?.parse::<http::uri::Authority>().ok()?;
-        Some((a.host().trim_end_matches('.').to_ascii_lowercase(), a.port_u16().unwrap_or(443)))
+        let port = crate::http::authority::https_port(&a)?;
+        Some((a.host().trim_end_matches('.').to_ascii_lowercase(), port))
     };
     match (parse(page), parse(authority.as_bytes())) {
         (Some(page), Some(own)) => page == own,

@@ -749,4 +749,8 @@ fn an_origin_or_referer_names_this_origin_by_its_scheme_host_and_port() {
     assert!(of_this_origin(b"https://app.example.com", "app.example.com:443"));
     assert!(!of_this_origin(b"http://127.0.0.1:8443/", "127.0.0.1:8443"));
     assert!(!of_this_origin(b"https://127.0.0.1/", "127.0.0.1:8443"));
+    // A port that is no number is no port 443 (found by the `origin` fuzz target).
+    assert!(!of_this_origin(b"https://app.example.com:844A/", "app.example.com"));
+    assert!(!of_this_origin(b"https://app.example.com:99999", "app.example.com"));
+    assert!(!of_this_origin(b"https://app.example.com", "app.example.com:-8443"));
 }
