@@ -683,16 +683,7 @@ async fn a_session_is_held_to_the_acr_values_a_reload_brings() {
         write(&w.config_path(), &config.replace(from, to));
     };
     reload("acr_values = \"phr\"", "acr_values = \"urn:example:mfa\"");
-    assert!(w.server().reload().await);
-    let cookie = b.cookie_header();
-    let headers = [("cookie", cookie.as_str())];
-    let r = send_with(&w.client, Method::GET, &w.url("/"), &headers, Bytes::new()).await;
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
-    let e = w.last_event().await;
-    assert_eq!(e["reason"], "session-expired", "{e}");
-    assert!(e["detail"].as_str().unwrap_or_default().contains("acr"), "{e}");
-    let r = b.get(&w, &w.url("/")).await;
-    assert_eq!(r.status, StatusCode::FOUND, "a browser is sent to sign in: {}", r.text());
+    reloaded_session_expires(&w, &mut b, "acr").await;
     // Signed in with the class asked for now: in.
     login(&w).set_acr(Some("urn:example:mfa"));
     let mut b = Browser::new();
@@ -742,6 +733,22 @@ async fn a_reload_asking_for_another_acr_ends_the_tunnels_of_sessions_without_it
     assert!(e["detail"].as_str().unwrap_or_default().contains("acr"), "{e}");
 }
 
+/// Reloads `w` (its configuration file already changed) and checks that `b`'s session
+/// is refused at once for `setting`: 401 `session-expired` naming it to a client without
+/// a browser's `Accept`, and a browser sent to sign in again.
+async fn reloaded_session_expires(w: &World, b: &mut Browser, setting: &str) {
+    assert!(w.server().reload().await);
+    let cookie = b.cookie_header();
+    let headers = [("cookie", cookie.as_str())];
+    let r = send_with(&w.client, Method::GET, &w.url("/"), &headers, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    let e = w.last_event().await;
+    assert_eq!(e["reason"], "session-expired", "{e}");
+    assert!(e["detail"].as_str().unwrap_or_default().contains(setting), "{e}");
+    let r = b.get(w, &w.url("/")).await;
+    assert_eq!(r.status, StatusCode::FOUND, "a browser is sent to sign in: {}", r.text());
+}
+
 /// The issuer's configuration with `line` added to the section of the issuer browsers
 /// sign in with (after its `login`).
 fn with_issuer_line(config: &str, line: &str) -> String {
@@ -766,16 +773,7 @@ async fn a_session_is_held_to_the_hosted_domain_a_reload_brings() {
     assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK, "the session's own domain");
 
     write(&w.config_path(), &with_issuer_line(&config, "hosted_domain = \"acme.example\""));
-    assert!(w.server().reload().await);
-    let cookie = b.cookie_header();
-    let headers = [("cookie", cookie.as_str())];
-    let r = send_with(&w.client, Method::GET, &w.url("/"), &headers, Bytes::new()).await;
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
-    let e = w.last_event().await;
-    assert_eq!(e["reason"], "session-expired", "{e}");
-    assert!(e["detail"].as_str().unwrap_or_default().contains("hosted_domain"), "{e}");
-    let r = b.get(&w, &w.url("/")).await;
-    assert_eq!(r.status, StatusCode::FOUND, "a browser is sent to sign in: {}", r.text());
+    reloaded_session_expires(&w, &mut b, "hosted_domain").await;
     // Signed in in that Workspace: in.
     login(&w).set_hd(Some("acme.example"));
     let mut b = Browser::new();
@@ -798,16 +796,7 @@ async fn a_reload_moving_groups_claim_sends_sessions_to_sign_in_again() {
     assert_eq!(b.get(&w, &w.url("/")).await.status, StatusCode::OK, "the same claim");
 
     write(&w.config_path(), &with_issuer_line(&config, "groups_claim = \"roles\""));
-    assert!(w.server().reload().await);
-    let cookie = b.cookie_header();
-    let headers = [("cookie", cookie.as_str())];
-    let r = send_with(&w.client, Method::GET, &w.url("/"), &headers, Bytes::new()).await;
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
-    let e = w.last_event().await;
-    assert_eq!(e["reason"], "session-expired", "{e}");
-    assert!(e["detail"].as_str().unwrap_or_default().contains("groups_claim"), "{e}");
-    let r = b.get(&w, &w.url("/")).await;
-    assert_eq!(r.status, StatusCode::FOUND, "a browser is sent to sign in: {}", r.text());
+    reloaded_session_expires(&w, &mut b, "groups_claim").await;
 }
 
 /// A WebSocket a session opened is held to the issuer's `hosted_domain` as reloaded, as
