@@ -193,6 +193,45 @@ impl DevIssuer {
         self.shared.handlers.write().push((prefix.to_owned(), handler));
     }
 
+    /// For tests of the key fetchers: serves `jwks` under `/elsewhere/` three ways —
+    /// `moved` (302 to `jwks.json`), `jwks.json` itself (each request counted in the
+    /// returned counter) and `big` (the same JSON padded with `padding` spaces). A fetcher
+    /// that follows no redirect and reads a bounded body loads only `jwks.json`.
+    #[cfg(test)]
+    pub(crate) fn serve_jwks_elsewhere(
+        &self,
+        jwks: String,
+        padding: usize,
+    ) -> Arc<std::sync::atomic::AtomicUsize> {
+        let target = format!("{}/elsewhere/jwks.json", self.base_url());
+        let followed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = followed.clone();
+        let handler: Handler = Arc::new(move |req| {
+            let answer = |status: StatusCode, body: String| {
+                Response::builder()
+                    .status(status)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .header(header::LOCATION, target.as_str())
+                    .body(Full::new(Bytes::from(body)))
+                    .ok()
+            };
+            match req.uri.path() {
+                "/elsewhere/moved" => answer(StatusCode::FOUND, String::new()),
+                "/elsewhere/jwks.json" => {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    answer(StatusCode::OK, jwks.clone())
+                }
+                // Valid JSON, padded past a limit.
+                "/elsewhere/big" => {
+                    answer(StatusCode::OK, format!("{jwks}{}", " ".repeat(padding)))
+                }
+                _ => None,
+            }
+        });
+        self.add_handler("/elsewhere/", handler);
+        followed
+    }
+
     /// Discovery documents requested from this issuer so far (failed ones included).
     pub fn discovery_fetches(&self, path: &str) -> u64 {
         self.counters(path).map_or(0, |c| c.discovery.load(Ordering::SeqCst))

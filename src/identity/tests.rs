@@ -1443,34 +1443,7 @@ async fn a_jwks_that_redirects_or_is_too_large_is_not_taken() {
     let dev = dev_issuer().await;
     let url = dev.add_issuer("/human", &[rsa()]);
     let jwks = signer::jwks(&[rsa()]).to_string();
-    let target = format!("{}/elsewhere/jwks.json", dev.base_url());
-    let followed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let handler: crate::dev::issuer::Handler = Arc::new({
-        let (jwks, target, followed) = (jwks.clone(), target.clone(), followed.clone());
-        move |req| {
-            let answer = |status: http::StatusCode, body: String| {
-                http::Response::builder()
-                    .status(status)
-                    .header(http::header::CONTENT_TYPE, "application/json")
-                    .header(http::header::LOCATION, target.as_str())
-                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-                    .ok()
-            };
-            match req.uri.path() {
-                "/elsewhere/moved" => answer(http::StatusCode::FOUND, String::new()),
-                "/elsewhere/jwks.json" => {
-                    followed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    answer(http::StatusCode::OK, jwks.clone())
-                }
-                // Valid JSON, padded past the limit.
-                "/elsewhere/big" => {
-                    answer(http::StatusCode::OK, format!("{jwks}{}", " ".repeat(1_100_000)))
-                }
-                _ => None,
-            }
-        }
-    });
-    dev.add_handler("/elsewhere/", handler);
+    let followed = dev.serve_jwks_elsewhere(jwks, 1_100_000);
     let token = token_for(rsa(), &url);
     let loads = |path: &str| {
         dev.set_discovery_member("/human", "jwks_uri", json!(format!("{}{path}", dev.base_url())));

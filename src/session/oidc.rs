@@ -691,7 +691,7 @@ mod tests {
     /// loads, so each refusal is the redirect's or the size's.
     #[tokio::test]
     async fn the_sign_in_follows_no_redirect_and_reads_no_oversized_answer() {
-        use crate::dev::issuer::{DevIssuer, Handler};
+        use crate::dev::issuer::DevIssuer;
         let dev = DevIssuer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None)
             .await
             .unwrap_or_else(|e| panic!("dev issuer: {e}"));
@@ -701,34 +701,7 @@ mod tests {
         crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret")
             .unwrap_or_else(|| panic!("dev login"));
         let jwks = crate::dev::signer::jwks(&[&signer]).to_string();
-        let target = format!("{}/elsewhere/jwks.json", dev.base_url());
-        let followed = Arc::new(AtomicUsize::new(0));
-        let handler: Handler = Arc::new({
-            let (jwks, target, followed) = (jwks.clone(), target.clone(), followed.clone());
-            move |req| {
-                let answer = |status: http::StatusCode, body: String| {
-                    http::Response::builder()
-                        .status(status)
-                        .header(http::header::CONTENT_TYPE, "application/json")
-                        .header(http::header::LOCATION, target.as_str())
-                        .body(Full::new(Bytes::from(body)))
-                        .ok()
-                };
-                match req.uri.path() {
-                    "/elsewhere/moved" => answer(http::StatusCode::FOUND, String::new()),
-                    "/elsewhere/jwks.json" => {
-                        followed.fetch_add(1, Ordering::SeqCst);
-                        answer(http::StatusCode::OK, jwks.clone())
-                    }
-                    // Valid JSON, padded past the limit.
-                    "/elsewhere/big" => {
-                        answer(http::StatusCode::OK, format!("{jwks}{}", " ".repeat(MAX_BODY + 1)))
-                    }
-                    _ => None,
-                }
-            }
-        });
-        dev.add_handler("/elsewhere/", handler);
+        let followed = dev.serve_jwks_elsewhere(jwks, MAX_BODY + 1);
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let secret = dir.path().join("secret");
         std::fs::write(&secret, "s3cret").unwrap_or_else(|e| panic!("secret: {e}"));
