@@ -539,6 +539,11 @@ mod tests {
 
     /// A server that answers `reply` to whatever it is sent (or nothing, when empty).
     async fn fake(reply: &'static [u8]) -> u16 {
+        fake_after(reply, Duration::ZERO).await
+    }
+
+    /// [`fake`], answering each read `delay` after it came in.
+    async fn fake_after(reply: &'static [u8], delay: Duration) -> u16 {
         use tokio::io::AsyncReadExt;
         let l =
             tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
@@ -548,6 +553,7 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = [0u8; 1024];
                     while s.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                        tokio::time::sleep(delay).await;
                         if !reply.is_empty() && s.write_all(reply).await.is_err() {
                             return;
                         }
@@ -683,24 +689,8 @@ mod tests {
     /// `timeout`, not twice that.
     #[tokio::test]
     async fn a_command_queued_behind_a_slow_one_is_answered_within_the_timeout() {
-        use tokio::io::AsyncReadExt;
-        let l =
-            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
-        let port = l.local_addr().map_or(0, |a| a.port());
         // Answers each command "first use" after 300 ms.
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 1024];
-                    while let Ok(1..) = s.read(&mut buf).await {
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                        if s.write_all(b"+OK\r\n").await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
+        let port = fake_after(b"+OK\r\n", Duration::from_millis(300)).await;
         let store =
             Store::new(RedisSettings { timeout: Duration::from_millis(400), ..settings(port) })
                 .unwrap_or_else(|e| panic!("{e}"));
