@@ -126,6 +126,12 @@ async fn sso_world(session: &str) -> World {
     World::with(Setup { sso: Some(session.to_string()), ..Setup::default() }).await
 }
 
+/// [`sso_world`] whose issuer's `login` ends with `extra` (`", extra_params = { … }"`).
+async fn login_world(extra: &str) -> World {
+    World::with(Setup { sso: Some(String::new()), login_extra: extra.into(), ..Setup::default() })
+        .await
+}
+
 fn login(w: &World) -> &portcullis::dev::login::DevLogin {
     w.login.as_ref().unwrap_or_else(|| panic!("no dev login"))
 }
@@ -538,9 +544,7 @@ async fn max_age_and_prompt_login_are_held_to_the_id_tokens_auth_time() {
         (", extra_params = { max_age = \"300\" }", "max_age=300"),
         (", extra_params = { prompt = \"login consent\" }", "prompt=login"),
     ] {
-        let setup =
-            Setup { sso: Some(String::new()), login_extra: extra.into(), ..Setup::default() };
-        let w = World::with(setup).await;
+        let w = login_world(extra).await;
         let mut b = Browser::new();
         let r = b.get(&w, &w.url("/")).await;
         assert!(location(&r).contains(asked), "{asked}: {}", location(&r));
@@ -580,12 +584,7 @@ async fn max_age_and_prompt_login_are_held_to_the_id_tokens_auth_time() {
 /// otherwise.
 #[tokio::test]
 async fn acr_values_are_held_to_the_id_tokens_acr() {
-    let setup = Setup {
-        sso: Some(String::new()),
-        login_extra: ", extra_params = { acr_values = \"phr  urn:example:mfa\" }".into(),
-        ..Setup::default()
-    };
-    let w = World::with(setup).await;
+    let w = login_world(", extra_params = { acr_values = \"phr  urn:example:mfa\" }").await;
     let mut b = Browser::new();
     let r = b.get(&w, &w.url("/")).await;
     assert!(location(&r).contains("acr_values=phr"), "{}", location(&r));
@@ -623,12 +622,7 @@ async fn acr_values_are_held_to_the_id_tokens_acr() {
 /// with another class: 401 (`acr-mismatch` in the log, `invalid-token` to the client).
 #[tokio::test]
 async fn a_bearer_id_token_is_held_to_the_acr_values_of_its_issuers_login() {
-    let setup = Setup {
-        sso: Some(String::new()),
-        login_extra: ", extra_params = { acr_values = \"phr urn:example:mfa\" }".into(),
-        ..Setup::default()
-    };
-    let w = World::with(setup).await;
+    let w = login_world(", extra_params = { acr_values = \"phr urn:example:mfa\" }").await;
     for (acr, why) in [
         (None, "no `acr`"),
         (Some("acr=pwd"), "not one of"),
@@ -667,12 +661,7 @@ async fn a_bearer_id_token_is_held_to_the_acr_values_of_its_issuers_login() {
 /// absolute lifetime (a refresh does not ask the provider for the context again).
 #[tokio::test]
 async fn a_session_is_held_to_the_acr_values_a_reload_brings() {
-    let setup = Setup {
-        sso: Some(String::new()),
-        login_extra: ", extra_params = { acr_values = \"phr\" }".into(),
-        ..Setup::default()
-    };
-    let w = World::with(setup).await;
+    let w = login_world(", extra_params = { acr_values = \"phr\" }").await;
     login(&w).set_acr(Some("phr"));
     let mut b = Browser::new();
     assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
@@ -701,12 +690,7 @@ async fn a_session_is_held_to_the_acr_values_a_reload_brings() {
 #[tokio::test]
 async fn a_reload_asking_for_another_acr_ends_the_tunnels_of_sessions_without_it() {
     use crate::forwarding::{echo_once, tunnel_end_event, ws_connect_with};
-    let setup = Setup {
-        sso: Some(String::new()),
-        login_extra: ", extra_params = { acr_values = \"phr\" }".into(),
-        ..Setup::default()
-    };
-    let w = World::with(setup).await;
+    let w = login_world(", extra_params = { acr_values = \"phr\" }").await;
     login(&w).set_acr(Some("phr"));
     let mut b = Browser::new();
     assert_eq!(b.sign_in(&w, "/", "alice", &["engineering"]).await.status, StatusCode::OK);
