@@ -1587,16 +1587,25 @@ fn chooser_links(html: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-#[tokio::test]
-async fn two_issuers_with_login_get_the_chooser_and_either_signs_in() {
-    let w = World::with(Setup {
+/// Two issuers people sign in with (`corp` and `partner`), both let in by the policy.
+async fn two_logins_world() -> World {
+    World::with(Setup {
         sso: Some(String::new()),
         second_login: true,
         policies: vec![("api".into(), PEOPLE_OF_BOTH.into())],
         ..Setup::default()
     })
-    .await;
-    let partner = w.login2.as_ref().unwrap_or_else(|| panic!("no second dev login"));
+    .await
+}
+
+fn partner(w: &World) -> &portcullis::dev::login::DevLogin {
+    w.login2.as_ref().unwrap_or_else(|| panic!("no second dev login"))
+}
+
+#[tokio::test]
+async fn two_issuers_with_login_get_the_chooser_and_either_signs_in() {
+    let w = two_logins_world().await;
+    let partner = partner(&w);
     let mut b = Browser::new();
 
     // A protected page sends the browser to the chooser, not to one provider.
@@ -1674,14 +1683,8 @@ async fn two_issuers_with_login_get_the_chooser_and_either_signs_in() {
 /// nor to the honest one.
 #[tokio::test]
 async fn a_code_from_another_provider_than_the_sign_in_began_with_goes_nowhere() {
-    let w = World::with(Setup {
-        sso: Some(String::new()),
-        second_login: true,
-        policies: vec![("api".into(), PEOPLE_OF_BOTH.into())],
-        ..Setup::default()
-    })
-    .await;
-    let partner = w.login2.as_ref().unwrap_or_else(|| panic!("no second dev login"));
+    let w = two_logins_world().await;
+    let partner = partner(&w);
     let mut b = Browser::new();
     let rd = format!("rd={}", urlencode(&w.url("/app/page")));
     let r = b.get(&w, &w.url(&format!("/.portcullis/sign_in?issuer=partner&{rd}"))).await;
