@@ -400,6 +400,9 @@ pub fn strip_proxy_cookies(h: &mut HeaderMap) {
 /// (and `Forwarded`) through untouched (nginx's `proxy_pass` without `proxy_set_header`,
 /// balancers that set only `X-Forwarded-For`), so keeping it would let a client routed
 /// and authorized for `app` name `admin` to an upstream that serves both by that header.
+/// For the same reason the other headers applications read as the host
+/// (`X-Original-Host`, `X-Host`, `X-Forwarded-Server`, …) are removed
+/// from every peer.
 pub fn set_forwarded(
     h: &mut HeaderMap,
     peer: &HeaderValue,
@@ -412,9 +415,14 @@ pub fn set_forwarded(
     // client-address header goes (the proxy sets its own four below); from a trusted
     // one only their underscore spellings, which no proxy sends but a CGI/WSGI server
     // would merge with the real ones (`X_Forwarded_For` → `HTTP_X_FORWARDED_FOR`).
+    // The headers naming another host than `Host` go from every peer: a trusted proxy
+    // passes its client's copy through as it does `X-Forwarded-Host`.
     let spoofed: Vec<HeaderName> = h
         .keys()
-        .filter(|k| forwarding(k.as_str()) && (!trusted || k.as_str().contains('_')))
+        .filter(|k| {
+            let k = k.as_str();
+            (forwarding(k) && (!trusted || k.contains('_'))) || host_override(k)
+        })
         .cloned()
         .collect();
     for n in spoofed {
@@ -595,6 +603,32 @@ fn forwarding(name: &str) -> bool {
     n.get(..PREFIX.len()).is_some_and(|p| cgi_eq(p, PREFIX)) || NAMES.iter().any(|f| cgi_eq(n, f))
 }
 
+/// A header an upstream framework or application may read as the request's host
+/// instead of `Host` and `X-Forwarded-Host`, in either spelling of `-`/`_`:
+/// `X-Original-Host` (set by Azure Application Gateway and Front Door, IIS ARR rewrite
+/// rules and ngrok's `--host-header`, and read back as the host by PHP, Django and
+/// ASP.NET code behind them), `X-Host` (PHP libraries, Paste), `X-Forwarded-Server`
+/// (Apache `mod_proxy`'s own name, read as the host by PHP and Rails code, and by Jetty
+/// with `forwardedProxyAsAuthority`), and the names Host-header attack tooling tries
+/// because some application honours each (`X-HTTP-Host-Override`, `X-Host-Override`,
+/// `X-Proxy-Host`, `X-Real-Host`, `X-Origin-Host`). The proxy routes and authorizes by
+/// `Host` and sends the upstream that host as `X-Forwarded-Host`; none of these may
+/// name another, from any peer.
+fn host_override(name: &str) -> bool {
+    const NAMES: [&[u8]; 8] = [
+        b"x-original-host",
+        b"x-host",
+        b"x-forwarded-server",
+        b"x-http-host-override",
+        b"x-host-override",
+        b"x-proxy-host",
+        b"x-real-host",
+        b"x-origin-host",
+    ];
+    let n = name.as_bytes();
+    NAMES.iter().any(|f| cgi_eq(n, f))
+}
+
 /// Characters escaped in identity header values: controls, non-ASCII, `%` itself, `,`
 /// (the list separator of `X-Portcullis-Groups`), `"` and the space. An HTTP parser drops
 /// whitespace at a field value's edges and around list commas (RFC 9110 §5.5, §5.6.1),
@@ -708,6 +742,9 @@ pub fn claim_header_refusal(name: &HeaderName) -> Option<&'static str> {
     }
     if forwarding(name.as_str()) {
         return Some("the proxy sets the forwarding headers (`Forwarded`, `X-Forwarded-*`, client-address headers)");
+    }
+    if host_override(name.as_str()) {
+        return Some("upstream applications read it as the request's host, which the proxy routed and authorized by `Host`");
     }
     if is("host") || is("authorization") || is("cookie") || starts("content-") {
         return Some("the proxy routes, authenticates or frames the request by this header");
@@ -1437,6 +1474,30 @@ mod tests {
             assert!(claim_header_refusal(&name).is_some(), "{refused} accepted");
         }
         for allowed in ["x-method", "x-original", "x-url"] {
+            let name = HeaderName::from_static(allowed);
+            assert_eq!(claim_header_refusal(&name), None, "{allowed} refused");
+        }
+    }
+
+    /// A claim under a name applications read as the request's host would name a host
+    /// the request was not routed or authorized by (a user-editable profile field
+    /// `admin.example.com` behind `X-Original-Host`): refused as a client's copy is
+    /// removed.
+    #[test]
+    fn host_override_headers_cannot_carry_a_claim() {
+        for refused in [
+            "x-original-host",
+            "x_original_host",
+            "x-host",
+            "x-forwarded-server",
+            "x-http-host-override",
+            "x-proxy-host",
+            "x_proxy_host",
+        ] {
+            let name = HeaderName::from_static(refused);
+            assert!(claim_header_refusal(&name).is_some(), "{refused} accepted");
+        }
+        for allowed in ["x-hostname", "x-original", "x-server"] {
             let name = HeaderName::from_static(allowed);
             assert_eq!(claim_header_refusal(&name), None, "{allowed} refused");
         }

@@ -1158,6 +1158,58 @@ async fn a_trusted_proxy_cannot_pass_on_a_host_the_request_was_not_routed_by() {
     }
 }
 
+/// `Host` is what a request is routed and authorized by, and `X-Forwarded-Host` the
+/// proxy's own; but applications read the host from other headers too: `X-Original-Host`
+/// (Azure Application Gateway and Front Door, IIS ARR, ngrok's `--host-header`, PHP and
+/// Django middleware), `X-Host`, `X-Forwarded-Server` (Apache `mod_proxy`'s, read as the
+/// host by PHP and Rails code and by Jetty with `forwardedProxyAsAuthority`),
+/// `X-HTTP-Host-Override`, `X-Proxy-Host`. A client authorized for `app` sent one naming
+/// `admin` to an upstream that serves both by it. None reaches the upstream, from any
+/// peer (a trusted proxy passes its client's copy through), in either spelling.
+#[tokio::test]
+async fn host_override_headers_never_reach_the_upstream_from_any_peer() {
+    let overrides = [
+        "x-original-host",
+        "x-host",
+        "x-forwarded-server",
+        "x-http-host-override",
+        "x-proxy-host",
+        "x-host-override",
+        "x-real-host",
+        "x-origin-host",
+        // and in the spelling a CGI/WSGI server merges with the dashed one
+        "x_original_host",
+        "x_host",
+        "x_forwarded_server",
+        "x_http_host_override",
+        "x_proxy_host",
+    ];
+    for trusted in [false, true] {
+        let listen_extra =
+            if trusted { "trusted_proxies = [\"127.0.0.0/8\"]".into() } else { String::new() };
+        let w = World::with(Setup { listen_extra, ..Setup::default() }).await;
+        let auth = format!("Bearer {}", w.token("bb", &[]));
+        let mut headers: Vec<(&str, &str)> =
+            overrides.iter().map(|n| (*n, "admin.example.com")).collect();
+        headers.push(("authorization", &auth));
+        headers.push(("x-app", "kept"));
+        for h2 in [false, true] {
+            let c = client(&w.pki, h2);
+            let r = send_with(&c, Method::GET, &w.url("/x"), &headers, Bytes::new()).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+            let h = &r.json()["headers"];
+            for name in overrides {
+                assert!(
+                    h.get(name).is_none(),
+                    "a client's `{name}` reached the upstream (trusted: {trusted}, h2: {h2}): {h}"
+                );
+            }
+            assert_eq!(h["x-forwarded-host"], serde_json::json!(["localhost"]), "{h}");
+            assert_eq!(r.upstream_header("x-app").as_deref(), Some("kept"));
+        }
+    }
+}
+
 #[tokio::test]
 async fn preserve_host_forwards_the_clients_authority_for_http1_and_http2() {
     let w =
