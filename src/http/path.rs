@@ -32,6 +32,7 @@ pub enum PathError {
     MatrixDots,
     PathParameter,
     DoubleEncoded,
+    Overlong,
 }
 
 /// What a path pattern is matched against.
@@ -75,6 +76,9 @@ impl PathError {
             PathError::PathParameter => "`;` (path parameter) in path",
             PathError::DoubleEncoded => {
                 "doubly encoded `/`, `\\`, `.`, `;` or control character in path"
+            }
+            PathError::Overlong => {
+                "overlong UTF-8 escape in path (a lenient decoder reads it as ASCII)"
             }
         }
     }
@@ -150,6 +154,24 @@ fn double_encoded(mut rest: &[u8]) -> bool {
         },
         _ => false,
     }
+}
+
+/// Whether a canonical segment (escapes in upper-case hex) holds an overlong UTF-8
+/// sequence: `C0` or `C1` before a continuation byte (`%C0%AE` is `.`, `%C0%AF` is `/`
+/// to a lenient decoder), `E0` before `80`–`9F`, `F0` before `80`–`8F`. Valid UTF-8
+/// never holds one, so only a decoder that takes them (IIS's old Unicode traversal,
+/// Tomcat before 6.0.18, JBoss) reads them, and then as characters the escapes hid
+/// from every check here. The lead byte alone (a Latin-1 `À` before a letter) is none.
+fn overlong(seg: &[u8]) -> bool {
+    seg.windows(6).any(|w| {
+        let [b'%', l1, l2, b'%', c1, _] = *w else { return false };
+        match (l1, l2) {
+            (b'C', b'0' | b'1') => matches!(c1, b'8' | b'9' | b'A' | b'B'),
+            (b'E', b'0') => matches!(c1, b'8' | b'9'),
+            (b'F', b'0') => c1 == b'8',
+            _ => false,
+        }
+    })
 }
 
 /// Whether `raw` is canonical as it stands and holds nothing to refuse: only literal
@@ -276,8 +298,9 @@ fn canonical(raw: &str, mode: Mode) -> Result<Cow<'_, str>, PathError> {
         let start = out.len();
         out.push('/');
         let sb = seg.as_bytes();
-        // Whether the canonical segment holds a `%25` (an encoded `%`) to look behind.
-        let mut escaped_percent = false;
+        // Whether the canonical segment holds a `%25` (an encoded `%`) to look behind,
+        // or the escape of a byte that begins overlong UTF-8 when a continuation follows.
+        let (mut escaped_percent, mut overlong_lead) = (false, false);
         let mut i = 0;
         while i < sb.len() {
             let b = sb[i];
@@ -298,6 +321,7 @@ fn canonical(raw: &str, mode: Mode) -> Result<Cow<'_, str>, PathError> {
                         v if is_literal(v) => out.push(char::from(v)),
                         v => {
                             escaped_percent |= v == b'%';
+                            overlong_lead |= matches!(v, 0xC0 | 0xC1 | 0xE0 | 0xF0);
                             push_escape(&mut out, v);
                         }
                     }
@@ -330,6 +354,9 @@ fn canonical(raw: &str, mode: Mode) -> Result<Cow<'_, str>, PathError> {
             if double_encoded(rest) {
                 return Err(PathError::DoubleEncoded);
             }
+        }
+        if overlong_lead && overlong(decoded.as_bytes()) {
+            return Err(PathError::Overlong);
         }
         // Tomcat, Jetty, Spring and Shiro drop `;params` from each segment before
         // routing, so `/admin;x/secret` is `/admin/secret` to them but not to a path
@@ -460,6 +487,40 @@ mod tests {
         ];
         for (raw, want) in cases {
             assert_eq!(normalize(raw), Err(want), "{raw}");
+        }
+    }
+
+    /// An overlong UTF-8 sequence spells an ASCII character in two to four bytes:
+    /// `%C0%AE` is `.` and `%C0%AF` is `/` to a lenient decoder (IIS's Unicode
+    /// traversal, Tomcat before 6.0.18, JBoss), past every check made on the escapes.
+    /// Valid UTF-8 never holds one; a Latin-1 `%C0` before anything but a continuation
+    /// byte is no such sequence and passes.
+    #[test]
+    fn overlong_utf8_escapes_are_rejected() {
+        for raw in [
+            "/%C0%AE%C0%AE/admin",
+            "/public/%c0%ae%c0%ae/admin",
+            "/a%C0%AFb",
+            "/a%C1%9Cb",
+            "/a%C0%80b",
+            "/%E0%80%AE%E0%80%AE/x",
+            "/a%E0%80%AFb",
+            "/a%E0%9F%BFb",
+            "/%F0%80%80%AE",
+            "/a%F0%8F%BF%BFb",
+        ] {
+            assert_eq!(normalize(raw), Err(PathError::Overlong), "{raw}");
+        }
+        for (raw, want) in [
+            ("/caf%C3%A9", "/caf%C3%A9"),
+            ("/%C0x", "/%C0x"),
+            ("/%C0%20", "/%C0%20"),
+            ("/%E0%A0%80", "/%E0%A0%80"),
+            ("/%F0%90%80%80", "/%F0%90%80%80"),
+            ("/%E2%82%AC", "/%E2%82%AC"),
+            ("/%C2%A0", "/%C2%A0"),
+        ] {
+            assert_eq!(normalize(raw).as_deref(), Ok(want), "{raw}");
         }
     }
 

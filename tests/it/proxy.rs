@@ -258,6 +258,11 @@ async fn ambiguous_paths_are_400_before_anything_else() {
         "/a/../b",
         "/x%5cy",
         "/a/%2E/b",
+        // Overlong UTF-8 for `..` and `/`: what a lenient decoder (old IIS, Tomcat,
+        // JBoss) reads as the characters refused above.
+        "/public/%c0%ae%c0%ae/admin",
+        "/public%C0%AFadmin",
+        "/%E0%80%AE%E0%80%AE/admin",
     ] {
         let r = w.get(p, Some(&t)).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{p}");
