@@ -144,6 +144,48 @@ pub fn unsupported_transfer_coding(h: &HeaderMap) -> Option<String> {
     Some(String::from_utf8_lossy(text.get(..64).unwrap_or(&text)).into_owned())
 }
 
+/// Leaves a message's `Content-Length` in its one decimal spelling: a single field, no
+/// leading zeros, no list. The HTTP layers accept `0010`, a repeated equal field (an
+/// HTTP/2 request's two `content-length: 5`) and, in an upstream's answer, the list
+/// `2, 2` (RFC 9110 §8.6 lets a recipient take identical values as one), and frame the
+/// message by that one number, but the field went on as it was spelt: a receiver that
+/// reads a leading `0` as octal (`strtol(…, 0)`) takes `010` for 8, and the client's last
+/// bytes for the start of the next request on its connection; one that refuses a list or
+/// reads two fields as one (`5, 5`) has no length at all. Values that do not agree (which
+/// the HTTP layers refuse before this) leave no `Content-Length` rather than a guess.
+pub fn canonical_content_length(h: &mut HeaderMap) {
+    let mut fields = h.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = fields.next() else { return };
+    let b = first.as_bytes();
+    let canonical =
+        !b.is_empty() && b.iter().all(u8::is_ascii_digit) && (b.len() == 1 || b[0] != b'0');
+    if canonical && fields.next().is_none() {
+        return;
+    }
+    let mut agreed: Option<u64> = None;
+    let mut disagree = false;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        for element in v.as_bytes().split(|c| *c == b',') {
+            let n = std::str::from_utf8(element.trim_ascii()).ok().and_then(|t| {
+                t.bytes().all(|c| c.is_ascii_digit()).then(|| t.parse::<u64>().ok()).flatten()
+            });
+            match (n, agreed) {
+                (Some(n), None) => agreed = Some(n),
+                (Some(n), Some(a)) if n == a => {}
+                _ => disagree = true,
+            }
+        }
+    }
+    match agreed.filter(|_| !disagree) {
+        Some(n) => {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        None => {
+            h.remove(header::CONTENT_LENGTH);
+        }
+    }
+}
+
 /// Removes every `X-Portcullis-*` header and the route's configured extra names —
 /// also when spelled with `_` for `-`: CGI and WSGI servers (Python's wsgiref, gunicorn
 /// before 22, Puma before 6.4.3) present `X_Portcullis_Email` to the application as
@@ -863,6 +905,35 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn a_content_length_is_left_in_its_one_decimal_spelling() {
+        for (given, want) in [
+            (&["10"][..], Some("10")),
+            (&["0"], Some("0")),
+            (&["0010"], Some("10")),
+            (&["00"], Some("0")),
+            (&["5", "5"], Some("5")),
+            (&["2, 2"], Some("2")),
+            (&["2,2", "02"], Some("2")),
+            (&["2, 3"], None),
+            (&["2", "3"], None),
+            (&["+2"], None),
+            (&["2,"], None),
+        ] {
+            let mut h = HeaderMap::new();
+            for v in given {
+                h.append(header::CONTENT_LENGTH, HeaderValue::from_static(v));
+            }
+            canonical_content_length(&mut h);
+            let got: Vec<&str> =
+                h.get_all(header::CONTENT_LENGTH).iter().filter_map(|v| v.to_str().ok()).collect();
+            assert_eq!(got, want.into_iter().collect::<Vec<_>>(), "{given:?}");
+        }
+        let mut h = HeaderMap::new();
+        canonical_content_length(&mut h);
+        assert!(h.is_empty());
     }
 
     #[test]

@@ -743,17 +743,12 @@ pub async fn handle(
         // removes it again unless its hop is HTTP/2 (`http::upstream`).
         h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    if parts.version == http::Version::HTTP_2
-        && h.get_all(header::CONTENT_LENGTH).iter().nth(1).is_some()
-    {
-        // HTTP/2 lets a client repeat an equal `content-length` (the `h2` server checked
-        // that they agree); an HTTP/1.1 upstream would read the fields as the list `5, 5`,
-        // no valid length (RFC 9110 §8.6). One is kept (hyper's HTTP/1.1 server keeps
-        // one already).
-        if let Some(first) = h.get(header::CONTENT_LENGTH).cloned() {
-            h.insert(header::CONTENT_LENGTH, first);
-        }
-    }
+    // HTTP/2 lets a client repeat an equal `content-length` (the `h2` server checked that
+    // they agree), which an HTTP/1.1 upstream would read as the list `5, 5`, no valid
+    // length (RFC 9110 §8.6); and either server takes `0010` as 10, which an upstream
+    // reading a leading `0` as octal takes for 8, the rest of the body for the next
+    // request. The upstream gets one field, in decimal.
+    headers::canonical_content_length(h);
     headers::strip_identity_headers(h, &route.strip_headers);
     headers::strip_proxy_cookies(h);
     if source == Some(CredentialSource::Authorization) && !route.forward_token {
@@ -931,6 +926,9 @@ pub async fn handle(
     if parts.headers.contains_key(header::TRANSFER_ENCODING) {
         parts.headers.remove(header::CONTENT_LENGTH);
     }
+    // hyper's client takes `02` and the list `2, 2` as 2; the client (or a cache or
+    // balancer in front) is told 2, not a spelling it may read otherwise.
+    headers::canonical_content_length(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers, keep_upgrade);
     headers::strip_proxy_set_cookies(&mut parts.headers);
     if let (Some(prefix), Some(upstream_host)) = (restore, &upstream_host) {

@@ -661,3 +661,74 @@ async fn a_request_transfer_coding_other_than_chunked_alone_is_refused() {
     }
     assert_eq!(heads.load(Ordering::SeqCst), 2);
 }
+
+/// A `Content-Length` with leading zeros (`0010`) is valid HTTP and framed as 10 by the
+/// proxy's HTTP server, but was forwarded as the client spelt it: an upstream that reads
+/// a leading `0` as octal (`strtol(…, 0)`, as some hand-written and embedded servers
+/// parse numbers) takes 8 of the 10 bytes as the body and the last 2, the client's, as
+/// the start of the next request on a pooled connection. The upstream gets the length in
+/// its one decimal spelling, over HTTP/1.1 and HTTP/2; and so does a client an upstream
+/// answers with `02` or the list `2, 2` (hyper's client accepts both).
+#[tokio::test]
+async fn a_content_length_reaches_the_other_side_in_its_one_decimal_spelling() {
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+    let resp = exchange(
+        &w,
+        &format!("POST /x HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {t}\r\nContent-Length: 0010\r\nConnection: close\r\n\r\n0123456789"),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let echo: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {resp}"));
+    assert_eq!(echo["headers"]["content-length"], serde_json::json!(["10"]), "{echo}");
+    assert_eq!(echo["body_bytes"], 10, "{echo}");
+
+    let tls = tls_alpn(&w, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://localhost:{port}/x"))
+        .header("authorization", format!("Bearer {t}"))
+        .header("content-length", "010")
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+    let (resp, mut stream) = send.send_request(req, false).unwrap_or_else(|e| panic!("{e}"));
+    stream
+        .send_data(bytes::Bytes::from_static(b"0123456789"), true)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = resp.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        got.extend_from_slice(&chunk.unwrap_or_else(|e| panic!("{e}")));
+    }
+    let echo: serde_json::Value = serde_json::from_slice(&got).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(echo["headers"]["content-length"], serde_json::json!(["10"]), "h2: {echo}");
+
+    for given in ["02", "2, 2", "2,2"] {
+        let (addr, _task) = raw_answering(move |_| {
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {given}\r\nConnection: close\r\n\r\nok")
+        })
+        .await;
+        let w = world_to(addr).await;
+        let t = w.token("bb", &[]);
+        let resp = exchange(
+            &w,
+            &format!("GET /q HTTP/1.1\r\nHost: localhost:{}\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n", w.https.port()),
+        )
+        .await;
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{given}: {resp}");
+        let lengths: Vec<&str> =
+            resp.lines().filter_map(|l| l.strip_prefix("content-length:")).map(str::trim).collect();
+        assert_eq!(lengths, ["2"], "{given}: {resp}");
+        assert!(resp.ends_with("\r\n\r\nok"), "{given}: {resp}");
+    }
+}
