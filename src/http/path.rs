@@ -75,7 +75,7 @@ impl PathError {
             PathError::MatrixDots => "`..;` in path",
             PathError::PathParameter => "`;` (path parameter) in path",
             PathError::DoubleEncoded => {
-                "doubly encoded `/`, `\\`, `.`, `;` or control character in path"
+                "doubly encoded character in path (`%25` before two hex digits)"
             }
             PathError::Overlong => {
                 "overlong UTF-8 escape in path (a lenient decoder reads it as ASCII)"
@@ -139,21 +139,14 @@ fn push_escape(out: &mut String, v: u8) {
     out.push(char::from(HEX[usize::from(v & 15)]));
 }
 
-/// Whether the bytes after a `%25` (any more `25`s skipped) spell the hex of a byte that
-/// [`normalize`] refuses when it is encoded once: `/`, `\`, `.`, `;`, a control byte.
-fn double_encoded(mut rest: &[u8]) -> bool {
-    while let [b'2', b'5', tail @ ..] = rest {
-        rest = tail;
-    }
-    match rest {
-        [h, l, ..] => match (hex(*h), hex(*l)) {
-            (Some(h), Some(l)) => {
-                matches!(h << 4 | l, b'/' | b'\\' | b'.' | b';' | 0..=0x1f | 0x7f)
-            }
-            _ => false,
-        },
-        _ => false,
-    }
+/// Whether the bytes after a `%25` spell an escape's two hex digits: a second decoding
+/// hop (nginx's `proxy_pass` with a URI in front of the application, code that decodes
+/// `PATH_INFO` again) turns `%2561` into `a` and `%252F` into `/`, a spelling of the
+/// character the policy never saw (`/%2561dmin/` past a deny on `/admin/**`), so every
+/// such path is refused, as Spring's `StrictHttpFirewall` refuses every `%25`. A `%`
+/// before anything else (`/100%25`, `/100%25off`) reads the same to every hop.
+fn double_encoded(rest: &[u8]) -> bool {
+    matches!(rest, [h, l, ..] if hex(*h).is_some() && hex(*l).is_some())
 }
 
 /// Whether a canonical segment (escapes in upper-case hex) holds an overlong UTF-8
@@ -345,9 +338,9 @@ fn canonical(raw: &str, mode: Mode) -> Result<Cow<'_, str>, PathError> {
         if decoded == "." || decoded == ".." {
             return Err(PathError::DotSegment);
         }
-        // `%252F`, `%25252e`: what a second (third…) decoding hop would turn into `%2F`,
-        // `..` or `;`, refused like their single forms. Looked for in the canonical
-        // segment, where `%25%32%46` has become `%252F` too.
+        // `%252F`, `%2561`: what a second decoding hop would turn into another character
+        // (`%2F`, `a`), refused. Looked for in the canonical segment, where `%25%32%46`
+        // has become `%252F` too.
         let mut rest = if escaped_percent { decoded.as_bytes() } else { b"" };
         while let Some(at) = rest.windows(3).position(|w| w == b"%25") {
             rest = &rest[at + 3..];
@@ -393,10 +386,12 @@ mod tests {
             ("/deploy/42", "/deploy/42"),
             ("/.well-known/x", "/.well-known/x"),
             ("/a/...", "/a/..."),
-            // A literal `%` stays encoded; only the doubly encoded separators are refused.
+            // A literal `%` stays encoded; only a `%25` that a second decoding turns into
+            // another character (two hex digits after it) is refused.
             ("/100%25", "/100%25"),
             ("/a%25b", "/a%25b"),
-            ("/a%2541", "/a%2541"),
+            ("/100%25off", "/100%25off"),
+            ("/a%25%7D", "/a%25%7D"),
             // `:` and `@` and the sub-delims but `+` and `;` are what frameworks decode:
             // decoded, in either case of hex, so a rule on `k1:revoke` sees `k1%3Arevoke`.
             ("/v1/keys/k1%3Arevoke", "/v1/keys/k1:revoke"),
@@ -471,6 +466,15 @@ mod tests {
             ("/a%255Cb", PathError::DoubleEncoded),
             ("/a%25252Fb", PathError::DoubleEncoded),
             ("/a%2500", PathError::DoubleEncoded),
+            // Any character, not only separators: a second decoding hop (nginx's
+            // `proxy_pass` with a URI in front of the application, code that decodes
+            // `PATH_INFO` again) reads `%2561dmin` as `admin`, past a deny on `/admin/**`.
+            ("/%2561dmin/x", PathError::DoubleEncoded),
+            ("/a%2541", PathError::DoubleEncoded),
+            ("/my%2520docs", PathError::DoubleEncoded),
+            ("/caf%25C3%25A9", PathError::DoubleEncoded),
+            ("/a%2525", PathError::DoubleEncoded),
+            ("/a%25%36%31", PathError::DoubleEncoded),
             // The characters after `%25` encoded too: the canonical form is `%252F`.
             ("/a%25%32%46b", PathError::DoubleEncoded),
             ("/a/%25%32%65%25%32%65/x", PathError::DoubleEncoded),
@@ -611,7 +615,11 @@ mod tests {
         }
         // The wildcard matches the literal `*` requests decode `%2A` to.
         assert_eq!(normalize("/a%2Ab").as_deref(), Ok("/a*b"));
-        // `%252A` is an escaped `%` then `2A`, not an encoded `*`.
-        assert_eq!(check_pattern("/a%252A", Syntax::Glob), Ok(()));
+        // `%252A` is not an encoded `*` but a doubly encoded one: requests spelling it are
+        // refused (a second decoding hop reads `*`), so no pattern can match it.
+        assert_eq!(
+            check_pattern("/a%252A", Syntax::Glob),
+            Err(PatternError::Refused(PathError::DoubleEncoded))
+        );
     }
 }
