@@ -1467,3 +1467,96 @@ async fn a_jwks_that_redirects_or_is_too_large_is_not_taken() {
     assert!(ready, "the same JWKS served directly did not load");
     assert!(v.verify_at(&token, NOW).await.is_ok());
 }
+
+/// GitHub and GitLab names are case-insensitive: `Acme/Legacy` and `acme/legacy` are one
+/// repository, and the token spells it as its admins last renamed it (a case-only rename
+/// is allowed). A deny written in another case than the token's missed it, so a denied
+/// repository left its deny by renaming `legacy` to `Legacy`.
+#[tokio::test]
+async fn a_deny_on_a_repository_or_owner_name_holds_whatever_its_case() {
+    use crate::diag::Source;
+    use crate::policy::{Catalog, Policy, RequestFacts};
+    let v = offline(vec![github_settings(), settings("gitlab", Preset::GitlabCi, GITLAB, PROXY)]);
+    let mut catalog = Catalog::default();
+    catalog.declare("github", Preset::GithubActions);
+    catalog.declare("gitlab", Preset::GitlabCi);
+    let policy = Policy::parse(
+        &Source::new(
+            "p.toml",
+            r#"
+[[rule]]
+id = "org"
+effect = "allow"
+issuer = "github"
+methods = "GET"
+claims = { repository_owner_id = "65" }
+
+[[rule]]
+id = "group"
+effect = "allow"
+issuer = "gitlab"
+methods = "GET"
+claims = { namespace_id = "72" }
+
+[[rule]]
+id = "no-legacy"
+effect = "deny"
+issuer = "github"
+ci = { repository = "acme/legacy" }
+
+[[rule]]
+id = "no-contractors"
+effect = "deny"
+issuer = ["github", "gitlab"]
+ci = { workspace = ["acme-contractors", "acme/contractors"] }
+
+[[rule]]
+id = "no-old-api"
+effect = "deny"
+issuer = "gitlab"
+ci = { repository = "acme/platform/old-api" }
+"#,
+        ),
+        &catalog,
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let get = http::Method::GET;
+    let request = RequestFacts::http(&get, "/x");
+    let decide = |token: String| {
+        let (v, policy) = (&v, &policy);
+        async move {
+            let id = v.verify_at(&token, NOW).await.unwrap_or_else(|e| panic!("{e:?}"));
+            let d = policy.evaluate(&id, &request);
+            (d.allowed, d.rule.map(|r| r.id.to_string()).unwrap_or_default())
+        }
+    };
+    let github = |repository: &str, owner: &str| {
+        let p = with(github_payload(), "repository", json!(repository));
+        rsa().sign(&github_header(), &with(p, "repository_owner", json!(owner)))
+    };
+    let gitlab = |project: &str, namespace: &str| {
+        let payload = json!({
+            "iss": GITLAB, "aud": PROXY, "sub": format!("project_path:{project}:ref_type:branch:ref:main"),
+            "iat": 1767225600, "exp": 1767229200, "namespace_id": "72", "namespace_path": namespace,
+            "project_id": "20", "project_path": project, "ref": "main", "ref_type": "branch",
+        });
+        rsa().sign(&json!({"kid": "rsa-1", "typ": "JWT", "alg": "RS256"}), &payload)
+    };
+    // As written, and in every other case.
+    for (token, rule) in [
+        (github("acme/legacy", "acme"), "no-legacy"),
+        (github("Acme/Legacy", "Acme"), "no-legacy"),
+        (github("ACME/LEGACY", "ACME"), "no-legacy"),
+        (github("Acme-Contractors/api", "Acme-Contractors"), "no-contractors"),
+        (gitlab("Acme/Platform/Old-API", "Acme/Platform"), "no-old-api"),
+        (gitlab("ACME/Contractors/x", "ACME/Contractors"), "no-contractors"),
+    ] {
+        assert_eq!(decide(token).await, (false, rule.to_string()));
+    }
+    // Other names are still other names.
+    assert_eq!(decide(github("acme/legacy2", "acme")).await, (true, "org".to_string()));
+    assert_eq!(
+        decide(gitlab("acme/platform/api", "acme/platform")).await,
+        (true, "group".to_string())
+    );
+}

@@ -211,7 +211,13 @@ impl<'a> Compiler<'a> {
                     continue;
                 };
                 let label = format!("ci.{field}");
-                let globs = self.globs(value, &label, |_| None);
+                let mut globs = self.globs(value, &label, |_| None);
+                if super::rule::folds_case(field) {
+                    for g in globs.iter_mut() {
+                        *g = Glob::new(&g.as_str().to_ascii_lowercase())
+                            .unwrap_or_else(|_| g.clone());
+                    }
+                }
                 conditions.push(self.condition(&label, name.span(), Matcher::Ci { field, globs }));
             }
         }
