@@ -93,6 +93,7 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
             deploy_without_ref(&mut out, rule, &presets);
             branch_alone(&mut out, rule, &presets);
             gitlab_environment_alone(&mut out, rule, &presets);
+            gitlab_ref_without_type(&mut out, rule, &presets);
             unverified_email(&mut out, rule);
             shadowed(&mut out, rule, rules);
             redundant(&mut out, rule, rules);
@@ -480,6 +481,42 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
                 ),
             );
         }
+    }
+}
+
+/// A GitLab allow on the bare `ref` claim that does not say which kind of ref: GitLab
+/// sends a tag's name there too (`ref = "main"`, `ref_type = "tag"`), and a developer can
+/// push a tag named like a protected branch wherever tags are not protected (none are
+/// by default), so the tag's pipeline matched as the branch. `ci.branch`/`ci.tag` (read
+/// with `ref_type`), `ci.ref`, `claims.ref_path` (`refs/heads/…`) or a literal
+/// `claims.ref_type` say it. A deny matching both kinds is only wider.
+fn gitlab_ref_without_type(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let Some((issuer, _)) = presets.iter().find(|(_, p)| *p == Preset::GitlabCi) else {
+        return;
+    };
+    let mut bare_ref = None;
+    let mut kind_said = false;
+    for c in rule.conditions() {
+        match c.matcher() {
+            Matcher::Claim { name, .. } if &**name == "ref" => bare_ref = bare_ref.or(Some(c)),
+            Matcher::Claim { name, values } if &**name == "ref_type" => {
+                kind_said |=
+                    values.iter().all(|v| matches!(v, ClaimValue::Str(g) if g.is_literal()))
+            }
+            Matcher::Claim { name, .. } if &**name == "ref_path" => kind_said = true,
+            Matcher::Ci { field: "branch" | "tag" | "ref", .. } => kind_said = true,
+            _ => {}
+        }
+    }
+    if let (Some(at), false) = (bare_ref, kind_said) {
+        out.push(
+            Severity::Error,
+            at.loc(),
+            format!(
+                "allow rule `{}` reads GitLab's `ref` claim without `ref_type` (issuer `{issuer}`): it holds a tag's name as well as a branch's, so a tag named `main`, which developers can push where tags are not protected, matches `main`; use ci.branch or ci.tag, or add claims.ref_type = \"branch\"",
+                rule.id()
+            ),
+        );
     }
 }
 

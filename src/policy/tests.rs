@@ -1973,3 +1973,40 @@ fn ci_test_identities_carry_the_iat_serve_requires() {
     let refused = crate::identity::unverified_identity(&settings, no_iat).err();
     assert_eq!(refused.map(|e| e.reason), Some(crate::reason::Reason::TokenIssuedAt));
 }
+
+/// GitLab's `ref` claim is the bare name of a branch *or* a tag (`ref_type` tells which),
+/// so `claims.ref = "main"` also matches a pipeline of a tag named `main`, which any
+/// developer of the project can push where tags are not protected (GitLab protects none
+/// by default). Round 17: `claims = { project_id = "20", ref = "main", pipeline_source =
+/// "push" }` passed every lint (`pipeline_source` silences "branch alone") and let a tag
+/// push deploy as `main`. An allow naming `claims.ref` must say which kind of ref.
+#[test]
+fn a_gitlab_allow_on_the_bare_ref_claim_must_say_branch_or_tag() {
+    let allow = |extra: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ project_id = \"20\", ref = \"main\", pipeline_source = \"push\"{extra} }}\n")
+    };
+    let want = "p.toml:6:31: allow rule `a` reads GitLab's `ref` claim without `ref_type`";
+    let errors = parse(&allow("")).err().unwrap_or_default();
+    assert!(errors.iter().any(|e| e.starts_with(want)), "{errors:?}");
+    // What it let through: a tag named `main`.
+    let tag = gitlab(
+        json!({"project_id": "20", "ref": "main", "ref_type": "tag", "pipeline_source": "push"}),
+    );
+    let branch = gitlab(
+        json!({"project_id": "20", "ref": "main", "ref_type": "branch", "pipeline_source": "push"}),
+    );
+    let post = http::Method::POST;
+    let request = RequestFacts::http(&post, "/deploy");
+    let p = must_parse(&allow(", ref_type = \"branch\""));
+    assert!(p.warnings().is_empty(), "{:?}", p.warnings());
+    assert!(!p.evaluate(&tag, &request).allowed);
+    assert!(p.evaluate(&branch, &request).allowed);
+    // Saying the kind otherwise is enough; a deny naming `ref` (wider) is fine.
+    for other in
+        [", ref_path = \"refs/heads/main\" }\nci = { branch = \"main\"", " }\nci = { tag = \"v*\""]
+    {
+        let text = allow(other);
+        assert!(parse(&text).is_ok(), "{text}: {:?}", parse(&text).err());
+    }
+    assert!(parse(&allow("").replace("\"allow\"", "\"deny\"")).is_ok());
+}
