@@ -645,26 +645,49 @@ fn contradictions(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) 
             "a ref is either a branch or a tag, so `ci.branch` and `ci.tag` never both hold".into(),
         );
     }
-    // Bitbucket puts braced UUIDs in these fields: `environment = "production"` (the
-    // name shown in its UI) never matches, and a deny written so is dead.
+    // Bitbucket puts braced lower-case UUIDs in these fields and claims: `environment =
+    // "production"` (the name shown in its UI), a UUID copied without its braces or in
+    // upper case never matches, and a deny written so is dead. (`ci.workspace` and
+    // `ci.repository` match in any case, [`super::rule::folds_case`].)
     if !presets.is_empty() && presets.iter().all(|(_, p)| *p == Preset::BitbucketPipelines) {
+        let upper = |g: &Glob| g.as_str().bytes().any(|b| b.is_ascii_uppercase());
+        let unbraced = |g: &Glob| !g.as_str().starts_with(['{', '*', '?']);
         for c in rule.conditions() {
-            if let Matcher::Ci { field, globs } = c.matcher() {
-                let uuid_field = matches!(
-                    *field,
-                    "workspace" | "workspace_id" | "repository" | "repository_id" | "environment"
-                );
-                if let Some(g) =
-                    globs.iter().find(|g| uuid_field && !g.as_str().starts_with(['{', '*', '?']))
-                {
-                    never(
-                        c.loc(),
-                        format!(
-                            "Bitbucket sends `ci.{field}` as a braced UUID (`{{2e9e…}}`), so `{}` never matches; copy the UUID from the repository or deployment settings",
-                            g.as_str()
-                        ),
+            let (name, bad) = match c.matcher() {
+                Matcher::Ci { field, globs } => {
+                    let uuid_field = matches!(
+                        *field,
+                        "workspace"
+                            | "workspace_id"
+                            | "repository"
+                            | "repository_id"
+                            | "environment"
+                            | "pipeline"
+                            | "run"
+                            | "step"
                     );
+                    let bad = globs.iter().find(|g| {
+                        uuid_field && (unbraced(g) || (!super::rule::folds_case(field) && upper(g)))
+                    });
+                    (format!("ci.{field}"), bad)
                 }
+                Matcher::Claim { name, values } if name.ends_with("Uuid") => {
+                    let bad = values.iter().find_map(|v| match v {
+                        ClaimValue::Str(g) if unbraced(g) || upper(g) => Some(g),
+                        _ => None,
+                    });
+                    (format!("claims.{name}"), bad)
+                }
+                _ => continue,
+            };
+            if let Some(g) = bad {
+                never(
+                    c.loc(),
+                    format!(
+                        "Bitbucket sends `{name}` as a braced lower-case UUID (`{{2e9e…}}`), so `{}` never matches; copy the UUID from the repository or deployment settings",
+                        g.as_str()
+                    ),
+                );
             }
         }
     }

@@ -2010,3 +2010,43 @@ fn a_gitlab_allow_on_the_bare_ref_claim_must_say_branch_or_tag() {
     }
     assert!(parse(&allow("").replace("\"allow\"", "\"deny\"")).is_ok());
 }
+
+/// Bitbucket sends its UUIDs braced and in lower case (`{2e9e429c-…}`), in the claims and
+/// so in the `ci` fields read from them. A deny written with the UUID as another tool
+/// shows it — without braces, or in upper case — never matched: a hole that compiled.
+/// `ci.environment` (and the pipeline, run and step ids) in upper case, and any UUID
+/// claim without braces or in upper case, are errors now, as an unbraced `ci` field was.
+/// (`ci.repository` and `ci.workspace` match in any case.)
+#[test]
+fn a_bitbucket_uuid_written_unbraced_or_in_upper_case_is_an_error() {
+    let deny = |cond: &str| {
+        format!("[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"bitbucket\"\n{cond}\n")
+    };
+    for cond in [
+        "claims = { repositoryUuid = \"2e9e429c-7b8b-404f-8648-8c40c27c9ebd\" }",
+        "claims = { workspaceUuid = [\"{7baee083-4f25-4a97-8a9a-0fde1b623b45}\", \"{7BAEE083-4F25-4A97-8A9A-0FDE1B623B45}\"] }",
+        "claims = { deploymentEnvironmentUuid = \"{5C1F3D0A-1111-4A2B-9C3D-0E1F2A3B4C5D}\" }",
+        "ci = { environment = \"{5C1F3D0A-1111-4A2B-9C3D-0E1F2A3B4C5D}\" }",
+        "ci = { step = \"{9F8E7D6C-*\" }",
+    ] {
+        let errors = parse(&deny(cond)).err().unwrap_or_default();
+        assert!(
+            errors.iter().any(|e| e.contains("can never match") && e.contains("lower-case")),
+            "{cond}: {errors:?}"
+        );
+    }
+    for cond in [
+        "claims = { repositoryUuid = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\" }",
+        "claims = { deploymentEnvironmentUuid = [\"{5c1f3d0a-*\", \"*\"] }",
+        "ci = { environment = \"{5c1f3d0a-1111-4a2b-9c3d-0e1f2a3b4c5d}\" }",
+        "ci = { repository = \"{2E9E429C-7B8B-404F-8648-8C40C27C9EBD}\" }",
+        "claims = { branchName = \"Main\" }",
+    ] {
+        assert!(parse(&deny(cond)).is_ok(), "{cond}: {:?}", parse(&deny(cond)).err());
+    }
+    // The upper-case repository matches the token's lower-case UUID.
+    let p = must_parse(&deny("ci = { repository = \"{2E9E429C-7B8B-404F-8648-8C40C27C9EBD}\" }"));
+    let get = http::Method::GET;
+    let d = p.evaluate(&bitbucket(BB_REPO, "main"), &RequestFacts::http(&get, "/"));
+    assert_eq!(d.reason, Reason::DeniedByRule);
+}
