@@ -452,7 +452,9 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
                 Matcher::Claim { name, .. } if matches!(&**name, "ref" | "ref_path") => {
                     by_branch = by_branch.or(Some(c))
                 }
-                Matcher::Claim { name, .. } => by_more |= platform.pins.contains(&&**name),
+                Matcher::Claim { name, values } => {
+                    by_more |= platform.pins.contains(&&**name) && protection_pins(name, values)
+                }
                 Matcher::Subject(globs) => match platform.preset {
                     // `repo:OWNER/REPO:environment:NAME` names an environment.
                     Preset::GithubActions => {
@@ -482,6 +484,15 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
             );
         }
     }
+}
+
+/// Whether a `claims.NAME` condition pins what the lints above take it for: a
+/// `ref_protected` or `environment_protected` condition only when it holds for `"true"`
+/// alone (`"*"`, `"false"` or `["true", "false"]` read as a pin in review and match the
+/// unprotected ref too); any other claim as it is.
+fn protection_pins(name: &str, values: &[ClaimValue]) -> bool {
+    !matches!(name, "ref_protected" | "environment_protected")
+        || values.iter().all(|v| matches!(v, ClaimValue::Str(g) if g.as_str() == "true"))
 }
 
 /// A GitLab allow on the bare `ref` claim that does not say which kind of ref: GitLab
@@ -543,11 +554,11 @@ fn gitlab_environment_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, 
             {
                 return
             }
-            Matcher::Claim { name, .. }
+            Matcher::Claim { name, values }
                 if matches!(
                     &**name,
                     "ref" | "ref_path" | "ref_protected" | "environment_protected"
-                ) =>
+                ) && protection_pins(name, values) =>
             {
                 return
             }

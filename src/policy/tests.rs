@@ -2050,3 +2050,36 @@ fn a_bitbucket_uuid_written_unbraced_or_in_upper_case_is_an_error() {
     let d = p.evaluate(&bitbucket(BB_REPO, "main"), &RequestFacts::http(&get, "/"));
     assert_eq!(d.reason, Reason::DeniedByRule);
 }
+
+/// `ref_protected` and `environment_protected` tell a protected ref or environment from
+/// one any developer's pipeline may name only when the rule asks for `"true"`: a
+/// malicious policy change writing `ref_protected = "*"` (or `["true", "false"]`, or
+/// `"false"`) read in review as a pin, silenced the GitLab branch-alone and
+/// environment-alone warnings, and matched the unprotected fork branch or environment
+/// as well. Only a condition that holds for `"true"` alone counts as the pin.
+#[test]
+fn a_gitlab_protection_pin_counts_only_when_it_asks_for_true() {
+    let rule = |cond: &str, ci: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ project_id = \"20\"{cond} }}\nci = {{ {ci} }}\n")
+    };
+    let warned = |text: &str, what: &str| {
+        let p = must_parse(text);
+        p.warnings().iter().any(|d| d.to_string().contains(what))
+    };
+    for value in ["\"*\"", "[\"true\", \"false\"]", "\"false\"", "\"t*\""] {
+        for claim in ["ref_protected", "environment_protected"] {
+            let cond = format!(", {claim} = {value}");
+            let text = rule(&cond, "branch = \"main\"");
+            assert!(warned(&text, "trusts a GitLab branch alone"), "{cond}");
+            let text = rule(&cond, "environment = \"production\"");
+            assert!(warned(&text, "trusts a GitLab environment name alone"), "{cond}");
+        }
+    }
+    for claim in ["ref_protected", "environment_protected"] {
+        let cond = format!(", {claim} = \"true\"");
+        for ci in ["branch = \"main\"", "environment = \"production\""] {
+            let p = must_parse(&rule(&cond, ci));
+            assert!(p.warnings().is_empty(), "{cond} {ci}: {:?}", p.warnings());
+        }
+    }
+}
