@@ -600,7 +600,13 @@ fn deploy_without_ref(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset
             REF_CI_FIELDS.contains(field)
                 && !globs.iter().any(|g| g.matches_everything() || g.is_wildcards_only())
         }
-        Matcher::Claim { name, .. } => REF_CLAIMS.contains(&&**name),
+        // As for `ci`: a value of wildcards only (`**`, `*`) names no ref, and a
+        // protection claim restricts only when it asks for "true".
+        Matcher::Claim { name, values } => {
+            REF_CLAIMS.contains(&&**name)
+                && protection_pins(name, values)
+                && !values.iter().any(|v| matches!(v, ClaimValue::Str(g) if g.is_wildcards_only()))
+        }
         Matcher::Subject(globs) => globs.iter().all(|g| {
             g.literal_prefix().contains(":ref:") || g.literal_prefix().contains(":environment:")
         }),

@@ -2083,3 +2083,33 @@ fn a_gitlab_protection_pin_counts_only_when_it_asks_for_true() {
         }
     }
 }
+
+/// A `ci.branch` of wildcards only (`**`, `?**`) already counted as no restriction for
+/// the "from any branch" warning, but the same in `claims` did not: `claims.ref = "**"`,
+/// `branchName = "?**"`, `environment = "*"` or `ref_protected = "*"` silenced it while
+/// every branch matched (a malicious policy change that reads as a restriction).
+#[test]
+fn a_ref_claim_of_wildcards_only_restricts_no_branch() {
+    let any_branch = |issuer: &str, claims: &str| {
+        let text = format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"{issuer}\"\nmethods = \"POST\"\nclaims = {{ {claims} }}\n");
+        let p = must_parse(&text);
+        p.warnings().iter().any(|d| d.to_string().contains("from any branch"))
+    };
+    for (issuer, claims) in [
+        ("github", "repository_owner_id = \"65\", ref = \"**\""),
+        ("github", "repository_owner_id = \"65\", environment = [\"*\", \"prod\"]"),
+        ("bitbucket", "repositoryUuid = \"{r}\", branchName = \"?**\""),
+        ("gitlab", "project_id = \"20\", ref_protected = \"*\""),
+        ("gitlab", "project_id = \"20\", environment_protected = [\"true\", \"false\"]"),
+    ] {
+        assert!(any_branch(issuer, claims), "{issuer}: {claims}");
+    }
+    for (issuer, claims) in [
+        ("github", "repository_owner_id = \"65\", ref = \"refs/heads/main\""),
+        ("github", "repository_owner_id = \"65\", environment = \"prod*\""),
+        ("bitbucket", "repositoryUuid = \"{r}\", branchName = \"release/*\""),
+        ("gitlab", "project_id = \"20\", ref_protected = \"true\""),
+    ] {
+        assert!(!any_branch(issuer, claims), "{issuer}: {claims}");
+    }
+}
