@@ -448,12 +448,19 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
         for c in rule.conditions() {
             match c.matcher() {
                 Matcher::Ci { field: "branch" | "ref", .. } => by_branch = by_branch.or(Some(c)),
-                Matcher::Ci { field, .. } => by_more |= platform.ci_pins.contains(field),
+                Matcher::Ci { field, globs } => {
+                    by_more |= platform.ci_pins.contains(field)
+                        && !globs.iter().any(Glob::is_wildcards_only)
+                }
                 Matcher::Claim { name, .. } if matches!(&**name, "ref" | "ref_path") => {
                     by_branch = by_branch.or(Some(c))
                 }
                 Matcher::Claim { name, values } => {
-                    by_more |= platform.pins.contains(&&**name) && protection_pins(name, values)
+                    by_more |= platform.pins.contains(&&**name)
+                        && protection_pins(name, values)
+                        && !values
+                            .iter()
+                            .any(|v| matches!(v, ClaimValue::Str(g) if g.is_wildcards_only()))
                 }
                 Matcher::Subject(globs) => match platform.preset {
                     // `repo:OWNER/REPO:environment:NAME` names an environment.

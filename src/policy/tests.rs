@@ -2113,3 +2113,42 @@ fn a_ref_claim_of_wildcards_only_restricts_no_branch() {
         assert!(!any_branch(issuer, claims), "{issuer}: {claims}");
     }
 }
+
+/// The GitHub and GitLab branch-alone warnings took any condition on a pinning claim
+/// or `ci` field for the pin: `claims.event_name = "*"`, `claims.job_workflow_ref =
+/// "**"` or `ci.environment = "*"` beside `ci.branch = "main"` silenced the warning and
+/// still matched a `pull_request_target` run carrying `main`. A pattern of wildcards
+/// only pins nothing, as it restricts no branch.
+#[test]
+fn a_branch_alone_pin_of_wildcards_only_pins_nothing() {
+    let rule = |issuer: &str, pin: &str, more: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"{issuer}\"\nmethods = \"POST\"\nclaims = {{ {pin}{more} }}\nci = {{ branch = \"main\" }}\n")
+    };
+    let warned = |text: &str| {
+        must_parse(text).warnings().iter().any(|d| d.to_string().contains("branch alone"))
+    };
+    let gh = "repository_owner_id = \"65\"";
+    let gl = "project_id = \"20\"";
+    for (issuer, pin, more) in [
+        ("github", gh, ", event_name = \"*\""),
+        ("github", gh, ", job_workflow_ref = \"**\""),
+        ("github", gh, ", environment = [\"production\", \"?**\"]"),
+        ("gitlab", gl, ", pipeline_source = \"**\""),
+    ] {
+        assert!(warned(&rule(issuer, pin, more)), "{issuer}: {more}");
+    }
+    let text = rule("github", gh, "")
+        .replace("branch = \"main\"", "branch = \"main\", environment = \"*\"");
+    assert!(warned(&text), "{text}");
+    for (issuer, pin, more) in [
+        ("github", gh, ", event_name = \"push\""),
+        (
+            "github",
+            gh,
+            ", job_workflow_ref = \"acme/deploy/.github/workflows/d.yml@refs/heads/main\"",
+        ),
+        ("gitlab", gl, ", pipeline_source = \"push\""),
+    ] {
+        assert!(!warned(&rule(issuer, pin, more)), "{issuer}: {more}");
+    }
+}
