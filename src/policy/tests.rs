@@ -2152,3 +2152,36 @@ fn a_branch_alone_pin_of_wildcards_only_pins_nothing() {
         assert!(!warned(&rule(issuer, pin, more)), "{issuer}: {more}");
     }
 }
+
+/// Patterns that read like a pin but match every repository of a shared issuer (or
+/// every owner) are none (V22): a star for the whole value, a star on each side of the
+/// owner's `/`, a glob on the owner or on the start of an id or UUID, and a list with
+/// one such item beside a real pin. Pins what was sound; seen failing with `pins`
+/// taking any pattern.
+#[test]
+fn a_wildcard_shaped_like_a_pin_pins_nothing() {
+    for (issuer, cond) in [
+        ("bitbucket", "ci = { repository = \"*\" }"),
+        ("bitbucket", "ci = { repository = \"**\" }"),
+        ("bitbucket", "ci = { workspace = \"{*}\" }"),
+        ("bitbucket", "ci = { repository = \"{2e9e*\" }"),
+        ("bitbucket", "claims = { repositoryUuid = \"{?**\" }"),
+        ("bitbucket", "subject = \"{*}:**\""),
+        ("github", "ci = { repository_id = \"*\" }"),
+        ("github", "ci = { repository_id = \"*/*\" }"),
+        ("github", "ci = { workspace_id = \"6*\" }"),
+        ("github", "claims = { repository_owner_id = [\"65\", \"*\"] }"),
+        ("github", "claims = { repository_id = \"??\" }"),
+        ("github", "subject = \"repo:*@65/**\""),
+        ("github", "subject = \"repo:acme@*/**\""),
+        ("gitlab", "ci = { workspace_id = \"**\" }"),
+        ("gitlab", "claims = { project_id = \"2*\" }"),
+    ] {
+        let text = format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"{issuer}\"\nmethods = \"GET\"\n{cond}\n");
+        let errors = parse(&text).err().unwrap_or_default();
+        assert!(
+            errors.iter().any(|e| e.contains("does not pin a repository or owner")),
+            "{issuer}: {cond}: {errors:?}"
+        );
+    }
+}
