@@ -1667,3 +1667,82 @@ async fn a_tag_pull_request_or_merge_queue_run_named_like_the_branch_is_not_on_i
     assert_eq!(decide(gitlab(&[])).await, (true, "gitlab-branch".to_string()));
     assert_eq!(decide(bitbucket(Some("main"))).await, (true, "bb-branch".to_string()));
 }
+
+/// GitHub environment names are case-insensitive (`environment: Production` runs in the
+/// environment `production`, under its protection rules), and the token's `environment`
+/// claim need not be in the case the policy author wrote (pypi/warehouse lower-cases it
+/// for that reason). A deny on `ci.environment = "production"` missed a job that said
+/// `Production`. GitLab's environments are case-sensitive (`Production` may be another,
+/// unprotected one), so there `ci.environment` keeps matching exactly.
+#[tokio::test]
+async fn a_github_environment_matches_whatever_its_case_and_a_gitlab_one_exactly() {
+    use crate::diag::Source;
+    use crate::policy::{Catalog, Policy, RequestFacts};
+    let v = offline(vec![github_settings(), settings("gitlab", Preset::GitlabCi, GITLAB, PROXY)]);
+    let mut catalog = Catalog::default();
+    catalog.declare("github", Preset::GithubActions);
+    catalog.declare("gitlab", Preset::GitlabCi);
+    let policy = Policy::parse(
+        &Source::new(
+            "p.toml",
+            r#"
+[[rule]]
+id = "gh-staging"
+effect = "allow"
+issuer = "github"
+methods = "GET"
+claims = { repository_owner_id = "65" }
+ci = { environment = "Staging" }
+
+[[rule]]
+id = "gl-staging"
+effect = "allow"
+issuer = "gitlab"
+methods = "GET"
+claims = { namespace_id = "72", environment_protected = "true" }
+ci = { environment = "Staging" }
+
+[[rule]]
+id = "no-prod"
+effect = "deny"
+issuer = ["github", "gitlab"]
+ci = { environment = "production" }
+"#,
+        ),
+        &catalog,
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let get = http::Method::GET;
+    let request = RequestFacts::http(&get, "/x");
+    let decide = |token: String| {
+        let (v, policy) = (&v, &policy);
+        async move {
+            let id = v.verify_at(&token, NOW).await.unwrap_or_else(|e| panic!("{e:?}"));
+            let d = policy.evaluate(&id, &request);
+            (d.allowed, d.rule.map(|r| r.id.to_string()).unwrap_or_default())
+        }
+    };
+    let github = |env: &str| {
+        rsa().sign(&github_header(), &with(github_payload(), "environment", json!(env)))
+    };
+    let gitlab = |env: &str| {
+        let payload = json!({
+            "iss": GITLAB, "aud": PROXY, "sub": "project_path:acme/api:ref_type:branch:ref:main",
+            "iat": 1767225600, "exp": 1767229200, "namespace_id": "72", "namespace_path": "acme",
+            "project_id": "20", "project_path": "acme/api", "ref": "main", "ref_type": "branch",
+            "environment": env, "environment_protected": "true"
+        });
+        rsa().sign(&json!({"kid": "rsa-1", "typ": "JWT", "alg": "RS256"}), &payload)
+    };
+    let deny = (false, "no-prod".to_string());
+    for env in ["production", "Production", "PRODUCTION"] {
+        assert_eq!(decide(github(env)).await, deny, "github {env}");
+    }
+    for env in ["Staging", "staging", "STAGING"] {
+        assert_eq!(decide(github(env)).await, (true, "gh-staging".to_string()), "github {env}");
+    }
+    // GitLab: exact.
+    assert_eq!(decide(gitlab("production")).await, deny);
+    assert_eq!(decide(gitlab("Staging")).await, (true, "gl-staging".to_string()));
+    assert_eq!(decide(gitlab("staging")).await, (false, String::new()));
+}
