@@ -466,8 +466,7 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
                 Matcher::Subject(globs) => match platform.preset {
                     // `repo:OWNER/REPO:environment:NAME` names an environment.
                     Preset::GithubActions => {
-                        by_more |=
-                            globs.iter().all(|g| g.literal_prefix().contains(":environment:"))
+                        by_more |= globs.iter().all(|g| names_after(g, ":environment:"))
                     }
                     // `project_path:GROUP/PROJECT:ref_type:branch:ref:main` names a branch.
                     _ => {
@@ -531,6 +530,12 @@ fn github_environment_case(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, P
     }
 }
 
+/// Whether a subject pattern fixes something after `marker` (`:ref:`, `:environment:`)
+/// in its literal part: `…:ref:**` names no ref, `…:ref:refs/heads/main` does.
+fn names_after(g: &Glob, marker: &str) -> bool {
+    g.literal_prefix().split_once(marker).is_some_and(|(_, after)| !after.is_empty())
+}
+
 /// A GitLab allow on the bare `ref` claim that does not say which kind of ref: GitLab
 /// sends a tag's name there too (`ref = "main"`, `ref_type = "tag"`), and a developer can
 /// push a tag named like a protected branch wherever tags are not protected (none are
@@ -585,11 +590,7 @@ fn gitlab_environment_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, 
             }
             Matcher::Ci { field: "branch" | "ref" | "tag", .. } => return,
             // `project_path:GROUP/PROJECT:ref_type:branch:ref:main` names the ref.
-            Matcher::Subject(globs)
-                if globs.iter().all(|g| g.literal_prefix().contains(":ref:")) =>
-            {
-                return
-            }
+            Matcher::Subject(globs) if globs.iter().all(|g| names_after(g, ":ref:")) => return,
             Matcher::Claim { name, values }
                 if matches!(
                     &**name,
@@ -643,9 +644,9 @@ fn deploy_without_ref(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset
                 && protection_pins(name, values)
                 && !values.iter().any(|v| matches!(v, ClaimValue::Str(g) if g.is_wildcards_only()))
         }
-        Matcher::Subject(globs) => globs.iter().all(|g| {
-            g.literal_prefix().contains(":ref:") || g.literal_prefix().contains(":environment:")
-        }),
+        Matcher::Subject(globs) => {
+            globs.iter().all(|g| names_after(g, ":ref:") || names_after(g, ":environment:"))
+        }
         _ => false,
     });
     if restricted {

@@ -2208,3 +2208,36 @@ fn an_upper_case_environment_in_a_rule_for_github_and_another_provider_is_flagge
     assert!(!warned(&rule("\"github\"", "\"Production\"")));
     assert!(!warned(&rule("\"gitlab\"", "\"Production\"")));
 }
+
+/// A subject whose literal part ends at `:ref:` or `:environment:` names no ref or
+/// environment (`repo:acme@65/api@74:ref:**` matches every branch and tag), yet it
+/// counted as one: it silenced the "from any branch" warning, and `…:environment:*`
+/// the GitHub branch-alone one. Only a subject that fixes something after the marker
+/// restricts.
+#[test]
+fn a_subject_ending_at_its_ref_or_environment_marker_restricts_nothing() {
+    let rule = |subject: &str, more: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"POST\"\nsubject = \"{subject}\"\n{more}")
+    };
+    let warns = |text: &str, what: &str| {
+        must_parse(text).warnings().iter().any(|d| d.to_string().contains(what))
+    };
+    for subject in ["repo:acme@65/api@74:ref:**", "repo:acme@65/api@74:environment:*"] {
+        assert!(warns(&rule(subject, ""), "from any branch"), "{subject}");
+    }
+    let branch = "ci = { branch = \"main\" }\n";
+    assert!(warns(&rule("repo:acme@65/api@74:environment:*", branch), "branch alone"));
+    for subject in
+        ["repo:acme@65/api@74:ref:refs/heads/main", "repo:acme@65/api@74:environment:prod*"]
+    {
+        assert!(!warns(&rule(subject, ""), "from any branch"), "{subject}");
+    }
+    assert!(!warns(&rule("repo:acme@65/api@74:environment:prod", branch), "branch alone"));
+    // GitLab: a subject ending at `:ref:` does not take the environment warning's place.
+    let gitlab = |subject: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nsubject = \"{subject}\"\nclaims = {{ project_id = \"20\" }}\nci = {{ environment = \"production\" }}\n")
+    };
+    let alone = "trusts a GitLab environment name alone";
+    assert!(warns(&gitlab("project_path:acme/api:ref_type:branch:ref:*"), alone));
+    assert!(!warns(&gitlab("project_path:acme/api:ref_type:branch:ref:main"), alone));
+}
