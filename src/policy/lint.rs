@@ -88,6 +88,7 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
         github_environment_case(&mut out, rule, &presets);
         if rule.effect == Effect::Deny {
             github_subject_by_name(&mut out, rule, &presets);
+            deny_by_name(&mut out, rule, &presets);
         }
         if rule.effect == Effect::Allow {
             unpinned(&mut out, rule, &presets);
@@ -212,6 +213,46 @@ fn github_subject_by_name(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Pr
                 format!(
                     "deny rule `{}` matches GitHub subjects by name (`repo:{owner}/`): a repository with immutable subject claims (`repo:OWNER@ID/REPO@ID:…`) never matches it, and its own admins can turn those on (the default for repositories created or renamed since July 2026); deny on claims.repository_id or claims.repository_owner_id instead (issuer `{issuer}`)",
                     rule.id()
+                ),
+            );
+        }
+    }
+}
+
+/// A GitHub or GitLab deny on a repository or owner name (`ci.repository`,
+/// `ci.workspace`, the name claims): a rename, which the denied repository's own admins
+/// may make, gives its tokens the new name, out of the deny. (Bitbucket's `ci` names
+/// are UUIDs.)
+fn deny_by_name(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let Some((issuer, preset)) =
+        presets.iter().find(|(_, p)| matches!(p, Preset::GithubActions | Preset::GitlabCi))
+    else {
+        return;
+    };
+    const NAME_CLAIMS: &[&str] = &[
+        "repository",
+        "repository_owner",
+        "project_path",
+        "namespace_path",
+        "job_project_path",
+        "job_namespace_path",
+    ];
+    for c in rule.conditions() {
+        let named = match c.matcher() {
+            Matcher::Ci { field: "repository" | "workspace", .. } => true,
+            Matcher::Claim { name, .. } => {
+                NAME_CLAIMS.contains(&&**name) && claims::is_known(*preset, name)
+            }
+            _ => false,
+        };
+        if named {
+            out.push(
+                Severity::Warning,
+                c.loc(),
+                format!(
+                    "deny rule `{}` names a repository or owner by name (`{}`): a rename takes the repository out of it, and its own admins may make one (issuer `{issuer}`); deny on an id instead (ci.repository_id, ci.workspace_id, or the id claims)",
+                    rule.id(),
+                    c.label()
                 ),
             );
         }

@@ -2241,3 +2241,40 @@ fn a_subject_ending_at_its_ref_or_environment_marker_restricts_nothing() {
     assert!(warns(&gitlab("project_path:acme/api:ref_type:branch:ref:*"), alone));
     assert!(!warns(&gitlab("project_path:acme/api:ref_type:branch:ref:main"), alone));
 }
+
+/// A GitHub or GitLab deny on a repository or owner *name* (`ci.repository`,
+/// `ci.workspace`, `claims.repository`, `claims.project_path`, …) is left by a rename,
+/// which the denied repository's own admins may make: the token then carries the new
+/// name. Warned, as a deny on a name-form GitHub subject is; an id is what holds.
+#[test]
+fn a_github_or_gitlab_deny_by_name_is_flagged() {
+    let deny = |issuer: &str, cond: &str| {
+        format!("[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"{issuer}\"\n{cond}\n")
+    };
+    let warned = |text: &str| {
+        must_parse(text).warnings().iter().any(|d| {
+            let d = d.to_string();
+            d.starts_with("p.toml:5:") && d.contains("a rename takes the repository out of it")
+        })
+    };
+    for (issuer, cond) in [
+        ("github", "ci = { repository = \"acme/legacy\" }"),
+        ("github", "ci = { workspace = \"contractors\" }"),
+        ("github", "claims = { repository = \"acme/legacy\" }"),
+        ("github", "claims = { repository_owner = \"contractors\" }"),
+        ("gitlab", "ci = { repository = \"acme/old-api\" }"),
+        ("gitlab", "claims = { project_path = \"acme/old-api\" }"),
+        ("gitlab", "claims = { namespace_path = \"acme/contractors\" }"),
+    ] {
+        assert!(warned(&deny(issuer, cond)), "{issuer}: {cond}");
+    }
+    for (issuer, cond) in [
+        ("github", "ci = { repository_id = \"74\" }"),
+        ("github", "claims = { repository_owner_id = \"65\" }"),
+        ("gitlab", "claims = { project_id = \"20\" }"),
+        // Bitbucket's `repository` is its UUID.
+        ("bitbucket", "ci = { repository = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\" }"),
+    ] {
+        assert!(!warned(&deny(issuer, cond)), "{issuer}: {cond}");
+    }
+}
