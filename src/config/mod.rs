@@ -1528,6 +1528,24 @@ impl Compiler<'_> {
         let issuer = r.issuer.get_ref().clone();
         let insecure_http = r.insecure_http.unwrap_or(false);
         self.check_url(&r.issuer, insecure_http);
+        // A CI provider's issuer read with another preset (`oidc` when the key is
+        // left out) has no CI claims required, no CI context and no V22 pin lints:
+        // any repository on the platform that asks for the audience gets in.
+        // (An unknown preset has its error already.)
+        let preset_known = r.preset.as_ref().is_none_or(|p| Preset::parse(p.get_ref()).is_some());
+        if let Some(needs) =
+            ci_issuer_preset(&issuer).filter(|needs| *needs != preset && preset_known)
+        {
+            let at = r.preset.as_ref().map_or(r.issuer.span(), Spanned::span);
+            self.err(
+                at,
+                format!(
+                    "`{issuer}` issues {} tokens, which anyone on the platform can have minted with this audience: it needs `preset = \"{}\"` (its CI claims are then required and every allow must pin a repository or owner id, V22)",
+                    if needs == Preset::GithubActions { "GitHub Actions" } else { "Bitbucket Pipelines" },
+                    needs.name()
+                ),
+            );
+        }
         if issuer.ends_with('/') && preset != Preset::Oidc {
             self.err(r.issuer.span(), "issuer must not end with `/`: `iss` is compared exactly");
         }
@@ -2331,6 +2349,25 @@ impl Compiler<'_> {
         };
         policies.insert(path, loaded.clone());
         loaded
+    }
+}
+
+/// The preset an issuer URL needs when it is a CI provider's own, known by its URL:
+/// GitHub Actions' (`https://token.actions.githubusercontent.com`, with or without an
+/// enterprise's slug after it, or a GitHub Enterprise Server's `…/_services/token`)
+/// and Bitbucket Pipelines' (`https://api.bitbucket.org/2.0/workspaces/W/pipelines-config/identity/oidc`).
+/// Not gitlab.com: it is also an OpenID provider people sign in with, and a
+/// self-managed GitLab's URL is the instance's own.
+fn ci_issuer_preset(issuer: &str) -> Option<Preset> {
+    let uri = issuer.parse::<http::Uri>().ok()?;
+    let host = uri.host()?.trim_end_matches('.').to_ascii_lowercase();
+    let path = uri.path().trim_end_matches('/');
+    if host == "token.actions.githubusercontent.com" || path.ends_with("/_services/token") {
+        Some(Preset::GithubActions)
+    } else if host == "api.bitbucket.org" && path.ends_with("/pipelines-config/identity/oidc") {
+        Some(Preset::BitbucketPipelines)
+    } else {
+        None
     }
 }
 

@@ -1554,3 +1554,50 @@ fn redis_settings_default_and_every_mistake_is_reported_where_it_is_written() {
         assert!(!errors.iter().any(|e| e.contains("s3cret")), "{extra}: {errors:?}");
     }
 }
+
+/// A CI provider's issuer declared without its preset (the key is optional and
+/// defaults to `oidc`) was taken as a people's issuer: no CI claims required, no CI
+/// context, and none of the V22 pin lints, so `issuer = "gh"` with a
+/// `claims.repository = "acme/api"` or a `subject = "repo:acme/…"` rule (or nothing
+/// at all) admitted every repository on GitHub that asks for the proxy's audience.
+#[test]
+fn a_ci_providers_issuer_needs_its_preset() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let gh = "https://token.actions.githubusercontent.com";
+    let bb = "https://api.bitbucket.org/2.0/workspaces/acme/pipelines-config/identity/oidc";
+    let with = |preset: &str, issuer: &str| {
+        let preset =
+            if preset.is_empty() { String::new() } else { format!("preset = \"{preset}\"\n") };
+        let text = BASE.replace(
+            "[[routes]]",
+            &format!("[issuers.ci]\n{preset}issuer = \"{issuer}\"\naudiences = [\"https://proxy.example.com\"]\n\n[[routes]]"),
+        );
+        compile(dir.path(), &text).err().unwrap_or_default()
+    };
+    for (preset, issuer, needs) in [
+        ("", gh, "github-actions"),
+        ("oidc", gh, "github-actions"),
+        ("gitlab-ci", gh, "github-actions"),
+        ("", &format!("{gh}/acme-corp"), "github-actions"),
+        ("", "https://ghes.example.com/_services/token", "github-actions"),
+        ("", bb, "bitbucket-pipelines"),
+        ("github-actions", bb, "bitbucket-pipelines"),
+    ] {
+        let errs = with(preset, issuer);
+        assert!(
+            errs.iter().any(|e| e.contains(&format!("needs `preset = \"{needs}\"`"))),
+            "{preset:?} {issuer}: {errs:?}"
+        );
+    }
+    for (preset, issuer) in [
+        ("github-actions", gh),
+        ("github-actions", &*format!("{gh}/acme-corp")),
+        ("github-actions", "https://ghes.example.com/_services/token"),
+        ("bitbucket-pipelines", bb),
+        // gitlab.com is also an OpenID provider people sign in with.
+        ("", "https://gitlab.com"),
+        ("gitlab-ci", "https://gitlab.com"),
+    ] {
+        assert_eq!(with(preset, issuer), Vec::<String>::new(), "{preset:?} {issuer}");
+    }
+}

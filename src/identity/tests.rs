@@ -1467,3 +1467,282 @@ async fn a_jwks_that_redirects_or_is_too_large_is_not_taken() {
     assert!(ready, "the same JWKS served directly did not load");
     assert!(v.verify_at(&token, NOW).await.is_ok());
 }
+
+/// GitHub and GitLab names are case-insensitive: `Acme/Legacy` and `acme/legacy` are one
+/// repository, and the token spells it as its admins last renamed it (a case-only rename
+/// is allowed). A deny written in another case than the token's missed it, so a denied
+/// repository left its deny by renaming `legacy` to `Legacy`.
+#[tokio::test]
+async fn a_deny_on_a_repository_or_owner_name_holds_whatever_its_case() {
+    use crate::diag::Source;
+    use crate::policy::{Catalog, Policy, RequestFacts};
+    let v = offline(vec![github_settings(), settings("gitlab", Preset::GitlabCi, GITLAB, PROXY)]);
+    let mut catalog = Catalog::default();
+    catalog.declare("github", Preset::GithubActions);
+    catalog.declare("gitlab", Preset::GitlabCi);
+    let policy = Policy::parse(
+        &Source::new(
+            "p.toml",
+            r#"
+[[rule]]
+id = "org"
+effect = "allow"
+issuer = "github"
+methods = "GET"
+claims = { repository_owner_id = "65" }
+
+[[rule]]
+id = "group"
+effect = "allow"
+issuer = "gitlab"
+methods = "GET"
+claims = { namespace_id = "72" }
+
+[[rule]]
+id = "no-legacy"
+effect = "deny"
+issuer = "github"
+ci = { repository = "acme/legacy" }
+
+[[rule]]
+id = "no-contractors"
+effect = "deny"
+issuer = ["github", "gitlab"]
+ci = { workspace = ["acme-contractors", "acme/contractors"] }
+
+[[rule]]
+id = "no-old-api"
+effect = "deny"
+issuer = "gitlab"
+ci = { repository = "acme/platform/old-api" }
+"#,
+        ),
+        &catalog,
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let get = http::Method::GET;
+    let request = RequestFacts::http(&get, "/x");
+    let decide = |token: String| {
+        let (v, policy) = (&v, &policy);
+        async move {
+            let id = v.verify_at(&token, NOW).await.unwrap_or_else(|e| panic!("{e:?}"));
+            let d = policy.evaluate(&id, &request);
+            (d.allowed, d.rule.map(|r| r.id.to_string()).unwrap_or_default())
+        }
+    };
+    let github = |repository: &str, owner: &str| {
+        let p = with(github_payload(), "repository", json!(repository));
+        rsa().sign(&github_header(), &with(p, "repository_owner", json!(owner)))
+    };
+    let gitlab = |project: &str, namespace: &str| {
+        let payload = json!({
+            "iss": GITLAB, "aud": PROXY, "sub": format!("project_path:{project}:ref_type:branch:ref:main"),
+            "iat": 1767225600, "exp": 1767229200, "namespace_id": "72", "namespace_path": namespace,
+            "project_id": "20", "project_path": project, "ref": "main", "ref_type": "branch",
+        });
+        rsa().sign(&json!({"kid": "rsa-1", "typ": "JWT", "alg": "RS256"}), &payload)
+    };
+    // As written, and in every other case.
+    for (token, rule) in [
+        (github("acme/legacy", "acme"), "no-legacy"),
+        (github("Acme/Legacy", "Acme"), "no-legacy"),
+        (github("ACME/LEGACY", "ACME"), "no-legacy"),
+        (github("Acme-Contractors/api", "Acme-Contractors"), "no-contractors"),
+        (gitlab("Acme/Platform/Old-API", "Acme/Platform"), "no-old-api"),
+        (gitlab("ACME/Contractors/x", "ACME/Contractors"), "no-contractors"),
+    ] {
+        assert_eq!(decide(token).await, (false, rule.to_string()));
+    }
+    // Other names are still other names.
+    assert_eq!(decide(github("acme/legacy2", "acme")).await, (true, "org".to_string()));
+    assert_eq!(
+        decide(gitlab("acme/platform/api", "acme/platform")).await,
+        (true, "group".to_string())
+    );
+}
+
+/// A pipeline of the named repository that is not on the branch: a tag named like it
+/// (GitHub `refs/tags/main`; GitLab `ref = "main"` with `ref_type = "tag"`, with or
+/// without `ref_path`; a Bitbucket tag pipeline, which has no `branchName`), a pull
+/// request (`refs/pull/1/merge`, whose `head_ref` is `main`) or a merge-queue run
+/// (`refs/heads/gh-readonly-queue/main/…`). Each provider's genuine token shape, through
+/// the verifier: none is `ci.branch = "main"` or `ci.ref = "refs/heads/main"`.
+#[tokio::test]
+async fn a_tag_pull_request_or_merge_queue_run_named_like_the_branch_is_not_on_it() {
+    use crate::diag::Source;
+    use crate::policy::{Catalog, Policy, RequestFacts};
+    let v = offline(vec![
+        github_settings(),
+        settings("gitlab", Preset::GitlabCi, GITLAB, PROXY),
+        settings("bb", Preset::BitbucketPipelines, BITBUCKET, PROXY),
+    ]);
+    let mut catalog = Catalog::default();
+    catalog.declare("github", Preset::GithubActions);
+    catalog.declare("gitlab", Preset::GitlabCi);
+    catalog.declare("bb", Preset::BitbucketPipelines);
+    let mut text = String::new();
+    for (issuer, pin) in [
+        ("github", "claims = { repository_id = \"74\" }"),
+        ("gitlab", "claims = { project_id = \"20\" }"),
+        ("bb", "ci = { repository = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\" }"),
+    ] {
+        for (id, on) in [("branch", "branch = \"main\""), ("ref", "ref = \"refs/heads/main\"")] {
+            let on = if pin.starts_with("ci") {
+                pin.replace(" }", &format!(", {on} }}"))
+            } else {
+                format!("{pin}\nci = {{ {on} }}")
+            };
+            text.push_str(&format!("[[rule]]\nid = \"{issuer}-{id}\"\neffect = \"allow\"\nissuer = \"{issuer}\"\nmethods = \"GET\"\n{on}\n\n"));
+        }
+    }
+    let policy =
+        Policy::parse(&Source::new("p.toml", text), &catalog).unwrap_or_else(|e| panic!("{e:?}"));
+    let get = http::Method::GET;
+    let request = RequestFacts::http(&get, "/x");
+    let github = |changes: &[(&str, Value)]| {
+        let p = changes.iter().fold(github_payload(), |p, (k, val)| with(p, k, val.clone()));
+        rsa().sign(&github_header(), &p)
+    };
+    let gitlab = |changes: &[(&str, Value)]| {
+        let base = json!({
+            "iss": GITLAB, "aud": PROXY, "sub": "project_path:acme/api:ref_type:branch:ref:main",
+            "iat": 1767225600, "exp": 1767229200, "namespace_id": "72", "namespace_path": "acme",
+            "project_id": "20", "project_path": "acme/api", "ref": "main", "ref_type": "branch",
+            "ref_path": "refs/heads/main", "ref_protected": "true", "pipeline_source": "push"
+        });
+        let p = changes.iter().fold(base, |p, (k, val)| with(p, k, val.clone()));
+        rsa().sign(&json!({"kid": "rsa-1", "typ": "JWT", "alg": "RS256"}), &p)
+    };
+    let bitbucket = |branch: Option<&str>| {
+        let mut p = json!({
+            "iss": BITBUCKET, "aud": PROXY, "iat": 1767225600, "exp": 1767229200,
+            "sub": "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}:{9f8e7d6c-2222-4b3a-8d2c-1f0e9d8c7b6a}",
+            "workspaceUuid": "{7baee083-4f25-4a97-8a9a-0fde1b623b45}",
+            "repositoryUuid": "{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}",
+            "pipelineUuid": "{0a1b2c3d-3333-4c4d-8e5f-6a7b8c9d0e1f}",
+            "stepUuid": "{9f8e7d6c-2222-4b3a-8d2c-1f0e9d8c7b6a}"
+        });
+        if let Some(b) = branch {
+            p = with(p, "branchName", json!(b));
+        }
+        rsa().sign(&json!({"alg": "RS256", "kid": "rsa-1"}), &p)
+    };
+    let decide = |token: String| {
+        let (v, policy) = (&v, &policy);
+        async move {
+            let id = v.verify_at(&token, NOW).await.unwrap_or_else(|e| panic!("{e:?}"));
+            let d = policy.evaluate(&id, &request);
+            (d.allowed, d.rule.map(|r| r.id.to_string()).unwrap_or_default())
+        }
+    };
+    let off_branch = [
+        ("github tag", github(&[("ref", json!("refs/tags/main")), ("ref_type", json!("tag"))])),
+        (
+            "github pull request",
+            github(&[
+                ("ref", json!("refs/pull/1/merge")),
+                ("head_ref", json!("main")),
+                ("base_ref", json!("main")),
+                ("event_name", json!("pull_request")),
+            ]),
+        ),
+        (
+            "github merge queue",
+            github(&[
+                ("ref", json!("refs/heads/gh-readonly-queue/main/pr-1-714a629c0b401fdce83e847fc9589983fc6f46bc")),
+                ("event_name", json!("merge_group")),
+            ]),
+        ),
+        (
+            "gitlab tag",
+            gitlab(&[("ref_type", json!("tag")), ("ref_path", json!("refs/tags/main"))]),
+        ),
+        ("gitlab tag without ref_path", gitlab(&[("ref_type", json!("tag")), ("ref_path", Value::Null)])),
+        ("bitbucket tag", bitbucket(None)),
+    ];
+    for (what, token) in off_branch {
+        assert_eq!(decide(token).await, (false, String::new()), "{what}");
+    }
+    assert_eq!(decide(github(&[])).await, (true, "github-branch".to_string()));
+    assert_eq!(decide(gitlab(&[])).await, (true, "gitlab-branch".to_string()));
+    assert_eq!(decide(bitbucket(Some("main"))).await, (true, "bb-branch".to_string()));
+}
+
+/// GitHub environment names are case-insensitive (`environment: Production` runs in the
+/// environment `production`, under its protection rules), and the token's `environment`
+/// claim need not be in the case the policy author wrote (pypi/warehouse lower-cases it
+/// for that reason). A deny on `ci.environment = "production"` missed a job that said
+/// `Production`. GitLab's environments are case-sensitive (`Production` may be another,
+/// unprotected one), so there `ci.environment` keeps matching exactly.
+#[tokio::test]
+async fn a_github_environment_matches_whatever_its_case_and_a_gitlab_one_exactly() {
+    use crate::diag::Source;
+    use crate::policy::{Catalog, Policy, RequestFacts};
+    let v = offline(vec![github_settings(), settings("gitlab", Preset::GitlabCi, GITLAB, PROXY)]);
+    let mut catalog = Catalog::default();
+    catalog.declare("github", Preset::GithubActions);
+    catalog.declare("gitlab", Preset::GitlabCi);
+    let policy = Policy::parse(
+        &Source::new(
+            "p.toml",
+            r#"
+[[rule]]
+id = "gh-staging"
+effect = "allow"
+issuer = "github"
+methods = "GET"
+claims = { repository_owner_id = "65" }
+ci = { environment = "Staging" }
+
+[[rule]]
+id = "gl-staging"
+effect = "allow"
+issuer = "gitlab"
+methods = "GET"
+claims = { namespace_id = "72", environment_protected = "true" }
+ci = { environment = "Staging" }
+
+[[rule]]
+id = "no-prod"
+effect = "deny"
+issuer = ["github", "gitlab"]
+ci = { environment = "production" }
+"#,
+        ),
+        &catalog,
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let get = http::Method::GET;
+    let request = RequestFacts::http(&get, "/x");
+    let decide = |token: String| {
+        let (v, policy) = (&v, &policy);
+        async move {
+            let id = v.verify_at(&token, NOW).await.unwrap_or_else(|e| panic!("{e:?}"));
+            let d = policy.evaluate(&id, &request);
+            (d.allowed, d.rule.map(|r| r.id.to_string()).unwrap_or_default())
+        }
+    };
+    let github = |env: &str| {
+        rsa().sign(&github_header(), &with(github_payload(), "environment", json!(env)))
+    };
+    let gitlab = |env: &str| {
+        let payload = json!({
+            "iss": GITLAB, "aud": PROXY, "sub": "project_path:acme/api:ref_type:branch:ref:main",
+            "iat": 1767225600, "exp": 1767229200, "namespace_id": "72", "namespace_path": "acme",
+            "project_id": "20", "project_path": "acme/api", "ref": "main", "ref_type": "branch",
+            "environment": env, "environment_protected": "true"
+        });
+        rsa().sign(&json!({"kid": "rsa-1", "typ": "JWT", "alg": "RS256"}), &payload)
+    };
+    let deny = (false, "no-prod".to_string());
+    for env in ["production", "Production", "PRODUCTION"] {
+        assert_eq!(decide(github(env)).await, deny, "github {env}");
+    }
+    for env in ["Staging", "staging", "STAGING"] {
+        assert_eq!(decide(github(env)).await, (true, "gh-staging".to_string()), "github {env}");
+    }
+    // GitLab: exact.
+    assert_eq!(decide(gitlab("production")).await, deny);
+    assert_eq!(decide(gitlab("Staging")).await, (true, "gl-staging".to_string()));
+    assert_eq!(decide(gitlab("staging")).await, (false, String::new()));
+}

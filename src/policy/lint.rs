@@ -85,14 +85,17 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
         claim_types(&mut out, rule, &presets);
         contradictions(&mut out, rule, &presets);
         refused_methods(&mut out, rule);
+        github_environment_case(&mut out, rule, &presets);
         if rule.effect == Effect::Deny {
             github_subject_by_name(&mut out, rule, &presets);
+            deny_by_name(&mut out, rule, &presets);
         }
         if rule.effect == Effect::Allow {
             unpinned(&mut out, rule, &presets);
             deploy_without_ref(&mut out, rule, &presets);
             branch_alone(&mut out, rule, &presets);
             gitlab_environment_alone(&mut out, rule, &presets);
+            gitlab_ref_without_type(&mut out, rule, &presets);
             unverified_email(&mut out, rule);
             shadowed(&mut out, rule, rules);
             redundant(&mut out, rule, rules);
@@ -210,6 +213,46 @@ fn github_subject_by_name(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Pr
                 format!(
                     "deny rule `{}` matches GitHub subjects by name (`repo:{owner}/`): a repository with immutable subject claims (`repo:OWNER@ID/REPO@ID:…`) never matches it, and its own admins can turn those on (the default for repositories created or renamed since July 2026); deny on claims.repository_id or claims.repository_owner_id instead (issuer `{issuer}`)",
                     rule.id()
+                ),
+            );
+        }
+    }
+}
+
+/// A GitHub or GitLab deny on a repository or owner name (`ci.repository`,
+/// `ci.workspace`, the name claims): a rename, which the denied repository's own admins
+/// may make, gives its tokens the new name, out of the deny. (Bitbucket's `ci` names
+/// are UUIDs.)
+fn deny_by_name(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let Some((issuer, preset)) =
+        presets.iter().find(|(_, p)| matches!(p, Preset::GithubActions | Preset::GitlabCi))
+    else {
+        return;
+    };
+    const NAME_CLAIMS: &[&str] = &[
+        "repository",
+        "repository_owner",
+        "project_path",
+        "namespace_path",
+        "job_project_path",
+        "job_namespace_path",
+    ];
+    for c in rule.conditions() {
+        let named = match c.matcher() {
+            Matcher::Ci { field: "repository" | "workspace", .. } => true,
+            Matcher::Claim { name, .. } => {
+                NAME_CLAIMS.contains(&&**name) && claims::is_known(*preset, name)
+            }
+            _ => false,
+        };
+        if named {
+            out.push(
+                Severity::Warning,
+                c.loc(),
+                format!(
+                    "deny rule `{}` names a repository or owner by name (`{}`): a rename takes the repository out of it, and its own admins may make one (issuer `{issuer}`); deny on an id instead (ci.repository_id, ci.workspace_id, or the id claims)",
+                    rule.id(),
+                    c.label()
                 ),
             );
         }
@@ -447,16 +490,24 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
         for c in rule.conditions() {
             match c.matcher() {
                 Matcher::Ci { field: "branch" | "ref", .. } => by_branch = by_branch.or(Some(c)),
-                Matcher::Ci { field, .. } => by_more |= platform.ci_pins.contains(field),
+                Matcher::Ci { field, globs } => {
+                    by_more |= platform.ci_pins.contains(field)
+                        && !globs.iter().any(Glob::is_wildcards_only)
+                }
                 Matcher::Claim { name, .. } if matches!(&**name, "ref" | "ref_path") => {
                     by_branch = by_branch.or(Some(c))
                 }
-                Matcher::Claim { name, .. } => by_more |= platform.pins.contains(&&**name),
+                Matcher::Claim { name, values } => {
+                    by_more |= platform.pins.contains(&&**name)
+                        && protection_pins(name, values)
+                        && !values
+                            .iter()
+                            .any(|v| matches!(v, ClaimValue::Str(g) if g.is_wildcards_only()))
+                }
                 Matcher::Subject(globs) => match platform.preset {
                     // `repo:OWNER/REPO:environment:NAME` names an environment.
                     Preset::GithubActions => {
-                        by_more |=
-                            globs.iter().all(|g| g.literal_prefix().contains(":environment:"))
+                        by_more |= globs.iter().all(|g| names_after(g, ":environment:"))
                     }
                     // `project_path:GROUP/PROJECT:ref_type:branch:ref:main` names a branch.
                     _ => {
@@ -483,6 +534,85 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
     }
 }
 
+/// Whether a `claims.NAME` condition pins what the lints above take it for: a
+/// `ref_protected` or `environment_protected` condition only when it holds for `"true"`
+/// alone (`"*"`, `"false"` or `["true", "false"]` read as a pin in review and match the
+/// unprotected ref too); any other claim as it is.
+fn protection_pins(name: &str, values: &[ClaimValue]) -> bool {
+    !matches!(name, "ref_protected" | "environment_protected")
+        || values.iter().all(|v| matches!(v, ClaimValue::Str(g) if g.as_str() == "true"))
+}
+
+/// A GitHub token's `ci.environment` is matched in lower case (GitHub environment names
+/// are case-insensitive), but a rule that also names another provider keeps its
+/// patterns as written, GitLab's environments being case-sensitive: an upper-case one
+/// then misses GitHub's lower-case spelling of the same environment.
+fn github_environment_case(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let Some((issuer, _)) = presets.iter().find(|(_, p)| *p == Preset::GithubActions) else {
+        return;
+    };
+    if presets.iter().all(|(_, p)| *p == Preset::GithubActions) {
+        return;
+    }
+    for c in rule.conditions() {
+        let Matcher::Ci { field: "environment", globs } = c.matcher() else { continue };
+        if let Some(g) = globs.iter().find(|g| g.as_str().bytes().any(|b| b.is_ascii_uppercase())) {
+            out.push(
+                Severity::Warning,
+                c.loc(),
+                format!(
+                    "`ci.environment` `{}` in rule `{}` has upper case: GitHub environment names are case-insensitive, but a rule that also names another provider matches it as written, so a `{issuer}` token spelling it `{}` does not match; write it in lower case, or a rule for GitHub apart",
+                    g.as_str(),
+                    rule.id(),
+                    g.as_str().to_ascii_lowercase()
+                ),
+            );
+        }
+    }
+}
+
+/// Whether a subject pattern fixes something after `marker` (`:ref:`, `:environment:`)
+/// in its literal part: `…:ref:**` names no ref, `…:ref:refs/heads/main` does.
+fn names_after(g: &Glob, marker: &str) -> bool {
+    g.literal_prefix().split_once(marker).is_some_and(|(_, after)| !after.is_empty())
+}
+
+/// A GitLab allow on the bare `ref` claim that does not say which kind of ref: GitLab
+/// sends a tag's name there too (`ref = "main"`, `ref_type = "tag"`), and a developer can
+/// push a tag named like a protected branch wherever tags are not protected (none are
+/// by default), so the tag's pipeline matched as the branch. `ci.branch`/`ci.tag` (read
+/// with `ref_type`), `ci.ref`, `claims.ref_path` (`refs/heads/…`) or a literal
+/// `claims.ref_type` say it. A deny matching both kinds is only wider.
+fn gitlab_ref_without_type(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let Some((issuer, _)) = presets.iter().find(|(_, p)| *p == Preset::GitlabCi) else {
+        return;
+    };
+    let mut bare_ref = None;
+    let mut kind_said = false;
+    for c in rule.conditions() {
+        match c.matcher() {
+            Matcher::Claim { name, .. } if &**name == "ref" => bare_ref = bare_ref.or(Some(c)),
+            Matcher::Claim { name, values } if &**name == "ref_type" => {
+                kind_said |=
+                    values.iter().all(|v| matches!(v, ClaimValue::Str(g) if g.is_literal()))
+            }
+            Matcher::Claim { name, .. } if &**name == "ref_path" => kind_said = true,
+            Matcher::Ci { field: "branch" | "tag" | "ref", .. } => kind_said = true,
+            _ => {}
+        }
+    }
+    if let (Some(at), false) = (bare_ref, kind_said) {
+        out.push(
+            Severity::Error,
+            at.loc(),
+            format!(
+                "allow rule `{}` reads GitLab's `ref` claim without `ref_type` (issuer `{issuer}`): it holds a tag's name as well as a branch's, so a tag named `main`, which developers can push where tags are not protected, matches `main`; use ci.branch or ci.tag, or add claims.ref_type = \"branch\"",
+                rule.id()
+            ),
+        );
+    }
+}
+
 /// A GitLab allow that can write and trusts an environment's name alone: any developer's
 /// pipeline, from any branch, may say `environment: production`, and only a protected
 /// environment or ref tells the real deployment apart (`environment_protected`,
@@ -501,16 +631,12 @@ fn gitlab_environment_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, 
             }
             Matcher::Ci { field: "branch" | "ref" | "tag", .. } => return,
             // `project_path:GROUP/PROJECT:ref_type:branch:ref:main` names the ref.
-            Matcher::Subject(globs)
-                if globs.iter().all(|g| g.literal_prefix().contains(":ref:")) =>
-            {
-                return
-            }
-            Matcher::Claim { name, .. }
+            Matcher::Subject(globs) if globs.iter().all(|g| names_after(g, ":ref:")) => return,
+            Matcher::Claim { name, values }
                 if matches!(
                     &**name,
                     "ref" | "ref_path" | "ref_protected" | "environment_protected"
-                ) =>
+                ) && protection_pins(name, values) =>
             {
                 return
             }
@@ -552,10 +678,16 @@ fn deploy_without_ref(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset
             REF_CI_FIELDS.contains(field)
                 && !globs.iter().any(|g| g.matches_everything() || g.is_wildcards_only())
         }
-        Matcher::Claim { name, .. } => REF_CLAIMS.contains(&&**name),
-        Matcher::Subject(globs) => globs.iter().all(|g| {
-            g.literal_prefix().contains(":ref:") || g.literal_prefix().contains(":environment:")
-        }),
+        // As for `ci`: a value of wildcards only (`**`, `*`) names no ref, and a
+        // protection claim restricts only when it asks for "true".
+        Matcher::Claim { name, values } => {
+            REF_CLAIMS.contains(&&**name)
+                && protection_pins(name, values)
+                && !values.iter().any(|v| matches!(v, ClaimValue::Str(g) if g.is_wildcards_only()))
+        }
+        Matcher::Subject(globs) => {
+            globs.iter().all(|g| names_after(g, ":ref:") || names_after(g, ":environment:"))
+        }
         _ => false,
     });
     if restricted {
@@ -608,26 +740,49 @@ fn contradictions(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) 
             "a ref is either a branch or a tag, so `ci.branch` and `ci.tag` never both hold".into(),
         );
     }
-    // Bitbucket puts braced UUIDs in these fields: `environment = "production"` (the
-    // name shown in its UI) never matches, and a deny written so is dead.
+    // Bitbucket puts braced lower-case UUIDs in these fields and claims: `environment =
+    // "production"` (the name shown in its UI), a UUID copied without its braces or in
+    // upper case never matches, and a deny written so is dead. (`ci.workspace` and
+    // `ci.repository` match in any case, [`super::rule::folds_case`].)
     if !presets.is_empty() && presets.iter().all(|(_, p)| *p == Preset::BitbucketPipelines) {
+        let upper = |g: &Glob| g.as_str().bytes().any(|b| b.is_ascii_uppercase());
+        let unbraced = |g: &Glob| !g.as_str().starts_with(['{', '*', '?']);
         for c in rule.conditions() {
-            if let Matcher::Ci { field, globs } = c.matcher() {
-                let uuid_field = matches!(
-                    *field,
-                    "workspace" | "workspace_id" | "repository" | "repository_id" | "environment"
-                );
-                if let Some(g) =
-                    globs.iter().find(|g| uuid_field && !g.as_str().starts_with(['{', '*', '?']))
-                {
-                    never(
-                        c.loc(),
-                        format!(
-                            "Bitbucket sends `ci.{field}` as a braced UUID (`{{2e9e…}}`), so `{}` never matches; copy the UUID from the repository or deployment settings",
-                            g.as_str()
-                        ),
+            let (name, bad) = match c.matcher() {
+                Matcher::Ci { field, globs } => {
+                    let uuid_field = matches!(
+                        *field,
+                        "workspace"
+                            | "workspace_id"
+                            | "repository"
+                            | "repository_id"
+                            | "environment"
+                            | "pipeline"
+                            | "run"
+                            | "step"
                     );
+                    let bad = globs.iter().find(|g| {
+                        uuid_field && (unbraced(g) || (!super::rule::folds_case(field) && upper(g)))
+                    });
+                    (format!("ci.{field}"), bad)
                 }
+                Matcher::Claim { name, values } if name.ends_with("Uuid") => {
+                    let bad = values.iter().find_map(|v| match v {
+                        ClaimValue::Str(g) if unbraced(g) || upper(g) => Some(g),
+                        _ => None,
+                    });
+                    (format!("claims.{name}"), bad)
+                }
+                _ => continue,
+            };
+            if let Some(g) = bad {
+                never(
+                    c.loc(),
+                    format!(
+                        "Bitbucket sends `{name}` as a braced lower-case UUID (`{{2e9e…}}`), so `{}` never matches; copy the UUID from the repository or deployment settings",
+                        g.as_str()
+                    ),
+                );
             }
         }
     }

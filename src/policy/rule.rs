@@ -381,11 +381,19 @@ impl Matcher {
             Matcher::Claim { name, values } => {
                 identity.claims.get(name).is_some_and(|claim| claim_matches(values, claim))
             }
-            Matcher::Ci { field, globs } => identity
-                .ci
-                .as_ref()
-                .and_then(|c| c.field(field))
-                .is_some_and(|v| any_glob(globs, v)),
+            Matcher::Ci { field, globs } => identity.ci.as_ref().is_some_and(|ci| {
+                ci.field(field).is_some_and(|v| {
+                    let fold =
+                        folds_case(field) || (*field == "environment" && ci.provider == "github");
+                    // A GitHub environment pattern is in lower case only in a rule for
+                    // GitHub alone (a rule that also names GitLab keeps its case): the
+                    // value is tried as it is too.
+                    any_glob(globs, v)
+                        || (fold
+                            && v.bytes().any(|b| b.is_ascii_uppercase())
+                            && any_glob(globs, &v.to_ascii_lowercase()))
+                })
+            }),
             Matcher::Methods(_) | Matcher::Paths(_) | Matcher::Databases(_) | Matcher::Roles(_) => {
                 self.matches_request(effect, request)
             }
@@ -418,6 +426,18 @@ impl Matcher {
             _ => true,
         }
     }
+}
+
+/// Whether the `ci` field is matched ignoring ASCII case (its patterns are compiled in
+/// lower case): the repository and owner, by name or id. GitHub and GitLab names are
+/// case-insensitive (`Acme/Legacy` is `acme/legacy`, and a case-only rename is allowed,
+/// so a token spells the name as its admins last chose), and Bitbucket's UUIDs are hex,
+/// sent in lower case. Matched as written, a deny on `acme/legacy` missed `Acme/Legacy`.
+/// Branches and tags keep their case: git refs are case-sensitive. GitHub's
+/// `environment` is folded too, but only for GitHub tokens (GitLab's environments are
+/// case-sensitive): see [`Matcher::matches`].
+pub(crate) fn folds_case(field: &str) -> bool {
+    matches!(field, "workspace" | "workspace_id" | "repository" | "repository_id")
 }
 
 fn any_glob(globs: &[Glob], text: &str) -> bool {

@@ -1973,3 +1973,308 @@ fn ci_test_identities_carry_the_iat_serve_requires() {
     let refused = crate::identity::unverified_identity(&settings, no_iat).err();
     assert_eq!(refused.map(|e| e.reason), Some(crate::reason::Reason::TokenIssuedAt));
 }
+
+/// GitLab's `ref` claim is the bare name of a branch *or* a tag (`ref_type` tells which),
+/// so `claims.ref = "main"` also matches a pipeline of a tag named `main`, which any
+/// developer of the project can push where tags are not protected (GitLab protects none
+/// by default). Round 17: `claims = { project_id = "20", ref = "main", pipeline_source =
+/// "push" }` passed every lint (`pipeline_source` silences "branch alone") and let a tag
+/// push deploy as `main`. An allow naming `claims.ref` must say which kind of ref.
+#[test]
+fn a_gitlab_allow_on_the_bare_ref_claim_must_say_branch_or_tag() {
+    let allow = |extra: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ project_id = \"20\", ref = \"main\", pipeline_source = \"push\"{extra} }}\n")
+    };
+    let want = "p.toml:6:31: allow rule `a` reads GitLab's `ref` claim without `ref_type`";
+    let errors = parse(&allow("")).err().unwrap_or_default();
+    assert!(errors.iter().any(|e| e.starts_with(want)), "{errors:?}");
+    // What it let through: a tag named `main`.
+    let tag = gitlab(
+        json!({"project_id": "20", "ref": "main", "ref_type": "tag", "pipeline_source": "push"}),
+    );
+    let branch = gitlab(
+        json!({"project_id": "20", "ref": "main", "ref_type": "branch", "pipeline_source": "push"}),
+    );
+    let post = http::Method::POST;
+    let request = RequestFacts::http(&post, "/deploy");
+    let p = must_parse(&allow(", ref_type = \"branch\""));
+    assert!(p.warnings().is_empty(), "{:?}", p.warnings());
+    assert!(!p.evaluate(&tag, &request).allowed);
+    assert!(p.evaluate(&branch, &request).allowed);
+    // Saying the kind otherwise is enough; a deny naming `ref` (wider) is fine.
+    for other in
+        [", ref_path = \"refs/heads/main\" }\nci = { branch = \"main\"", " }\nci = { tag = \"v*\""]
+    {
+        let text = allow(other);
+        assert!(parse(&text).is_ok(), "{text}: {:?}", parse(&text).err());
+    }
+    assert!(parse(&allow("").replace("\"allow\"", "\"deny\"")).is_ok());
+}
+
+/// Bitbucket sends its UUIDs braced and in lower case (`{2e9e429c-…}`), in the claims and
+/// so in the `ci` fields read from them. A deny written with the UUID as another tool
+/// shows it — without braces, or in upper case — never matched: a hole that compiled.
+/// `ci.environment` (and the pipeline, run and step ids) in upper case, and any UUID
+/// claim without braces or in upper case, are errors now, as an unbraced `ci` field was.
+/// (`ci.repository` and `ci.workspace` match in any case.)
+#[test]
+fn a_bitbucket_uuid_written_unbraced_or_in_upper_case_is_an_error() {
+    let deny = |cond: &str| {
+        format!("[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"bitbucket\"\n{cond}\n")
+    };
+    for cond in [
+        "claims = { repositoryUuid = \"2e9e429c-7b8b-404f-8648-8c40c27c9ebd\" }",
+        "claims = { workspaceUuid = [\"{7baee083-4f25-4a97-8a9a-0fde1b623b45}\", \"{7BAEE083-4F25-4A97-8A9A-0FDE1B623B45}\"] }",
+        "claims = { deploymentEnvironmentUuid = \"{5C1F3D0A-1111-4A2B-9C3D-0E1F2A3B4C5D}\" }",
+        "ci = { environment = \"{5C1F3D0A-1111-4A2B-9C3D-0E1F2A3B4C5D}\" }",
+        "ci = { step = \"{9F8E7D6C-*\" }",
+    ] {
+        let errors = parse(&deny(cond)).err().unwrap_or_default();
+        assert!(
+            errors.iter().any(|e| e.contains("can never match") && e.contains("lower-case")),
+            "{cond}: {errors:?}"
+        );
+    }
+    for cond in [
+        "claims = { repositoryUuid = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\" }",
+        "claims = { deploymentEnvironmentUuid = [\"{5c1f3d0a-*\", \"*\"] }",
+        "ci = { environment = \"{5c1f3d0a-1111-4a2b-9c3d-0e1f2a3b4c5d}\" }",
+        "ci = { repository = \"{2E9E429C-7B8B-404F-8648-8C40C27C9EBD}\" }",
+        "claims = { branchName = \"Main\" }",
+    ] {
+        assert!(parse(&deny(cond)).is_ok(), "{cond}: {:?}", parse(&deny(cond)).err());
+    }
+    // The upper-case repository matches the token's lower-case UUID.
+    let p = must_parse(&deny("ci = { repository = \"{2E9E429C-7B8B-404F-8648-8C40C27C9EBD}\" }"));
+    let get = http::Method::GET;
+    let d = p.evaluate(&bitbucket(BB_REPO, "main"), &RequestFacts::http(&get, "/"));
+    assert_eq!(d.reason, Reason::DeniedByRule);
+}
+
+/// `ref_protected` and `environment_protected` tell a protected ref or environment from
+/// one any developer's pipeline may name only when the rule asks for `"true"`: a
+/// malicious policy change writing `ref_protected = "*"` (or `["true", "false"]`, or
+/// `"false"`) read in review as a pin, silenced the GitLab branch-alone and
+/// environment-alone warnings, and matched the unprotected fork branch or environment
+/// as well. Only a condition that holds for `"true"` alone counts as the pin.
+#[test]
+fn a_gitlab_protection_pin_counts_only_when_it_asks_for_true() {
+    let rule = |cond: &str, ci: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ project_id = \"20\"{cond} }}\nci = {{ {ci} }}\n")
+    };
+    let warned = |text: &str, what: &str| {
+        let p = must_parse(text);
+        p.warnings().iter().any(|d| d.to_string().contains(what))
+    };
+    for value in ["\"*\"", "[\"true\", \"false\"]", "\"false\"", "\"t*\""] {
+        for claim in ["ref_protected", "environment_protected"] {
+            let cond = format!(", {claim} = {value}");
+            let text = rule(&cond, "branch = \"main\"");
+            assert!(warned(&text, "trusts a GitLab branch alone"), "{cond}");
+            let text = rule(&cond, "environment = \"production\"");
+            assert!(warned(&text, "trusts a GitLab environment name alone"), "{cond}");
+        }
+    }
+    for claim in ["ref_protected", "environment_protected"] {
+        let cond = format!(", {claim} = \"true\"");
+        for ci in ["branch = \"main\"", "environment = \"production\""] {
+            let p = must_parse(&rule(&cond, ci));
+            assert!(p.warnings().is_empty(), "{cond} {ci}: {:?}", p.warnings());
+        }
+    }
+}
+
+/// A `ci.branch` of wildcards only (`**`, `?**`) already counted as no restriction for
+/// the "from any branch" warning, but the same in `claims` did not: `claims.ref = "**"`,
+/// `branchName = "?**"`, `environment = "*"` or `ref_protected = "*"` silenced it while
+/// every branch matched (a malicious policy change that reads as a restriction).
+#[test]
+fn a_ref_claim_of_wildcards_only_restricts_no_branch() {
+    let any_branch = |issuer: &str, claims: &str| {
+        let text = format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"{issuer}\"\nmethods = \"POST\"\nclaims = {{ {claims} }}\n");
+        let p = must_parse(&text);
+        p.warnings().iter().any(|d| d.to_string().contains("from any branch"))
+    };
+    for (issuer, claims) in [
+        ("github", "repository_owner_id = \"65\", ref = \"**\""),
+        ("github", "repository_owner_id = \"65\", environment = [\"*\", \"prod\"]"),
+        ("bitbucket", "repositoryUuid = \"{r}\", branchName = \"?**\""),
+        ("gitlab", "project_id = \"20\", ref_protected = \"*\""),
+        ("gitlab", "project_id = \"20\", environment_protected = [\"true\", \"false\"]"),
+    ] {
+        assert!(any_branch(issuer, claims), "{issuer}: {claims}");
+    }
+    for (issuer, claims) in [
+        ("github", "repository_owner_id = \"65\", ref = \"refs/heads/main\""),
+        ("github", "repository_owner_id = \"65\", environment = \"prod*\""),
+        ("bitbucket", "repositoryUuid = \"{r}\", branchName = \"release/*\""),
+        ("gitlab", "project_id = \"20\", ref_protected = \"true\""),
+    ] {
+        assert!(!any_branch(issuer, claims), "{issuer}: {claims}");
+    }
+}
+
+/// The GitHub and GitLab branch-alone warnings took any condition on a pinning claim
+/// or `ci` field for the pin: `claims.event_name = "*"`, `claims.job_workflow_ref =
+/// "**"` or `ci.environment = "*"` beside `ci.branch = "main"` silenced the warning and
+/// still matched a `pull_request_target` run carrying `main`. A pattern of wildcards
+/// only pins nothing, as it restricts no branch.
+#[test]
+fn a_branch_alone_pin_of_wildcards_only_pins_nothing() {
+    let rule = |issuer: &str, pin: &str, more: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"{issuer}\"\nmethods = \"POST\"\nclaims = {{ {pin}{more} }}\nci = {{ branch = \"main\" }}\n")
+    };
+    let warned = |text: &str| {
+        must_parse(text).warnings().iter().any(|d| d.to_string().contains("branch alone"))
+    };
+    let gh = "repository_owner_id = \"65\"";
+    let gl = "project_id = \"20\"";
+    for (issuer, pin, more) in [
+        ("github", gh, ", event_name = \"*\""),
+        ("github", gh, ", job_workflow_ref = \"**\""),
+        ("github", gh, ", environment = [\"production\", \"?**\"]"),
+        ("gitlab", gl, ", pipeline_source = \"**\""),
+    ] {
+        assert!(warned(&rule(issuer, pin, more)), "{issuer}: {more}");
+    }
+    let text = rule("github", gh, "")
+        .replace("branch = \"main\"", "branch = \"main\", environment = \"*\"");
+    assert!(warned(&text), "{text}");
+    for (issuer, pin, more) in [
+        ("github", gh, ", event_name = \"push\""),
+        (
+            "github",
+            gh,
+            ", job_workflow_ref = \"acme/deploy/.github/workflows/d.yml@refs/heads/main\"",
+        ),
+        ("gitlab", gl, ", pipeline_source = \"push\""),
+    ] {
+        assert!(!warned(&rule(issuer, pin, more)), "{issuer}: {more}");
+    }
+}
+
+/// Patterns that read like a pin but match every repository of a shared issuer (or
+/// every owner) are none (V22): a star for the whole value, a star on each side of the
+/// owner's `/`, a glob on the owner or on the start of an id or UUID, and a list with
+/// one such item beside a real pin. Pins what was sound; seen failing with `pins`
+/// taking any pattern.
+#[test]
+fn a_wildcard_shaped_like_a_pin_pins_nothing() {
+    for (issuer, cond) in [
+        ("bitbucket", "ci = { repository = \"*\" }"),
+        ("bitbucket", "ci = { repository = \"**\" }"),
+        ("bitbucket", "ci = { workspace = \"{*}\" }"),
+        ("bitbucket", "ci = { repository = \"{2e9e*\" }"),
+        ("bitbucket", "claims = { repositoryUuid = \"{?**\" }"),
+        ("bitbucket", "subject = \"{*}:**\""),
+        ("github", "ci = { repository_id = \"*\" }"),
+        ("github", "ci = { repository_id = \"*/*\" }"),
+        ("github", "ci = { workspace_id = \"6*\" }"),
+        ("github", "claims = { repository_owner_id = [\"65\", \"*\"] }"),
+        ("github", "claims = { repository_id = \"??\" }"),
+        ("github", "subject = \"repo:*@65/**\""),
+        ("github", "subject = \"repo:acme@*/**\""),
+        ("gitlab", "ci = { workspace_id = \"**\" }"),
+        ("gitlab", "claims = { project_id = \"2*\" }"),
+    ] {
+        let text = format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"{issuer}\"\nmethods = \"GET\"\n{cond}\n");
+        let errors = parse(&text).err().unwrap_or_default();
+        assert!(
+            errors.iter().any(|e| e.contains("does not pin a repository or owner")),
+            "{issuer}: {cond}: {errors:?}"
+        );
+    }
+}
+
+/// A GitHub token's environment is matched in lower case, but a rule that also names
+/// another provider keeps its `ci.environment` patterns as written (GitLab's names are
+/// case-sensitive), so an upper-case one there misses GitHub's lower-case spelling of
+/// the same environment: a deny with a hole for GitHub. Warned at the pattern.
+#[test]
+fn an_upper_case_environment_in_a_rule_for_github_and_another_provider_is_flagged() {
+    let rule = |issuer: &str, env: &str| {
+        format!("[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = {issuer}\nci = {{ environment = {env} }}\n")
+    };
+    let warned = |text: &str| {
+        must_parse(text).warnings().iter().any(|d| {
+            let d = d.to_string();
+            d.starts_with("p.toml:5:8: warning:")
+                && d.contains("GitHub environment names are case-insensitive")
+        })
+    };
+    assert!(warned(&rule("[\"github\", \"gitlab\"]", "\"Production\"")));
+    assert!(warned(&rule("[\"gitlab\", \"github\"]", "[\"staging\", \"Prod*\"]")));
+    assert!(!warned(&rule("[\"github\", \"gitlab\"]", "\"production\"")));
+    assert!(!warned(&rule("\"github\"", "\"Production\"")));
+    assert!(!warned(&rule("\"gitlab\"", "\"Production\"")));
+}
+
+/// A subject whose literal part ends at `:ref:` or `:environment:` names no ref or
+/// environment (`repo:acme@65/api@74:ref:**` matches every branch and tag), yet it
+/// counted as one: it silenced the "from any branch" warning, and `…:environment:*`
+/// the GitHub branch-alone one. Only a subject that fixes something after the marker
+/// restricts.
+#[test]
+fn a_subject_ending_at_its_ref_or_environment_marker_restricts_nothing() {
+    let rule = |subject: &str, more: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"POST\"\nsubject = \"{subject}\"\n{more}")
+    };
+    let warns = |text: &str, what: &str| {
+        must_parse(text).warnings().iter().any(|d| d.to_string().contains(what))
+    };
+    for subject in ["repo:acme@65/api@74:ref:**", "repo:acme@65/api@74:environment:*"] {
+        assert!(warns(&rule(subject, ""), "from any branch"), "{subject}");
+    }
+    let branch = "ci = { branch = \"main\" }\n";
+    assert!(warns(&rule("repo:acme@65/api@74:environment:*", branch), "branch alone"));
+    for subject in
+        ["repo:acme@65/api@74:ref:refs/heads/main", "repo:acme@65/api@74:environment:prod*"]
+    {
+        assert!(!warns(&rule(subject, ""), "from any branch"), "{subject}");
+    }
+    assert!(!warns(&rule("repo:acme@65/api@74:environment:prod", branch), "branch alone"));
+    // GitLab: a subject ending at `:ref:` does not take the environment warning's place.
+    let gitlab = |subject: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nsubject = \"{subject}\"\nclaims = {{ project_id = \"20\" }}\nci = {{ environment = \"production\" }}\n")
+    };
+    let alone = "trusts a GitLab environment name alone";
+    assert!(warns(&gitlab("project_path:acme/api:ref_type:branch:ref:*"), alone));
+    assert!(!warns(&gitlab("project_path:acme/api:ref_type:branch:ref:main"), alone));
+}
+
+/// A GitHub or GitLab deny on a repository or owner *name* (`ci.repository`,
+/// `ci.workspace`, `claims.repository`, `claims.project_path`, …) is left by a rename,
+/// which the denied repository's own admins may make: the token then carries the new
+/// name. Warned, as a deny on a name-form GitHub subject is; an id is what holds.
+#[test]
+fn a_github_or_gitlab_deny_by_name_is_flagged() {
+    let deny = |issuer: &str, cond: &str| {
+        format!("[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"{issuer}\"\n{cond}\n")
+    };
+    let warned = |text: &str| {
+        must_parse(text).warnings().iter().any(|d| {
+            let d = d.to_string();
+            d.starts_with("p.toml:5:") && d.contains("a rename takes the repository out of it")
+        })
+    };
+    for (issuer, cond) in [
+        ("github", "ci = { repository = \"acme/legacy\" }"),
+        ("github", "ci = { workspace = \"contractors\" }"),
+        ("github", "claims = { repository = \"acme/legacy\" }"),
+        ("github", "claims = { repository_owner = \"contractors\" }"),
+        ("gitlab", "ci = { repository = \"acme/old-api\" }"),
+        ("gitlab", "claims = { project_path = \"acme/old-api\" }"),
+        ("gitlab", "claims = { namespace_path = \"acme/contractors\" }"),
+    ] {
+        assert!(warned(&deny(issuer, cond)), "{issuer}: {cond}");
+    }
+    for (issuer, cond) in [
+        ("github", "ci = { repository_id = \"74\" }"),
+        ("github", "claims = { repository_owner_id = \"65\" }"),
+        ("gitlab", "claims = { project_id = \"20\" }"),
+        // Bitbucket's `repository` is its UUID.
+        ("bitbucket", "ci = { repository = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\" }"),
+    ] {
+        assert!(!warned(&deny(issuer, cond)), "{issuer}: {cond}");
+    }
+}
