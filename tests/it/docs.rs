@@ -249,3 +249,50 @@ fn the_kubernetes_configmaps_pass_check() {
     };
     assert_eq!(check(&set), None);
 }
+
+/// The text of a file of the repository.
+fn source(path: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The settings a reload cannot apply (`restart_required` in the reload's audit event)
+/// are listed both where operators read the event (docs/audit.md) and where they read
+/// what a reload does (docs/configuration.md).
+#[test]
+fn every_restart_required_setting_is_documented() {
+    let server = source("src/server/mod.rs");
+    let body = server
+        .split_once("fn differences(")
+        .and_then(|(_, rest)| rest.split_once(".into_iter()"))
+        .map(|(body, _)| body)
+        .unwrap_or_else(|| panic!("src/server/mod.rs: no `fn differences`"));
+    let settings: Vec<&str> =
+        body.lines().filter_map(|l| l.trim().strip_prefix("(\"")?.split('"').next()).collect();
+    assert!(settings.len() >= 9, "{settings:?}");
+    let audit = source("docs/audit.md");
+    let row = audit
+        .lines()
+        .find(|l| l.starts_with("| `restart_required` |"))
+        .unwrap_or_else(|| panic!("docs/audit.md: no `restart_required` row"));
+    let conf = source("docs/configuration.md");
+    let reload = conf
+        .split_once("### What a reload does not apply")
+        .and_then(|(_, rest)| rest.split_once("\n## "))
+        .map(|(section, _)| section)
+        .unwrap_or_else(|| panic!("docs/configuration.md: no `What a reload does not apply`"));
+    for s in settings {
+        let (table, key) = s.split_once('.').unwrap_or((s, ""));
+        assert!(
+            row.contains(&format!("`{s}`")),
+            "docs/audit.md's restart_required row lacks `{s}`"
+        );
+        // configuration.md names them as `listen` addresses, `[audit] output`, `[redis]`.
+        let named = reload.contains(&format!("`{s}`"))
+            || reload.contains(&format!("`[{table}] {key}`"))
+            || reload.contains(&format!("`[{table}]`"))
+            || (table == "listen" && reload.contains(&format!("`{key}`")))
+            || (table == "listen" && reload.contains("`listen` addresses"));
+        assert!(named, "docs/configuration.md's `What a reload does not apply` lacks `{s}`");
+    }
+}
