@@ -256,6 +256,80 @@ fn source(path: &str) -> String {
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
+/// The keys of each raw configuration table, `(struct, key)`, read from
+/// `src/config/raw.rs` as serde sees them (a `rename` wins over the field's name).
+fn raw_config_keys(raw: &str) -> Vec<(String, String)> {
+    let (mut keys, mut table, mut rename) = (Vec::new(), None::<String>, None::<String>);
+    for line in raw.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("pub struct ") {
+            table = rest.split_whitespace().next().map(str::to_string);
+        } else if line == "}" {
+            table = None;
+        } else if let Some(r) = line.strip_prefix("#[serde(rename = \"") {
+            rename = r.split('"').next().map(str::to_string);
+        } else if let (Some(t), Some(field)) = (&table, line.strip_prefix("pub ")) {
+            if let Some((name, _)) = field.split_once(':') {
+                keys.push((t.clone(), rename.take().unwrap_or_else(|| name.to_string())));
+            }
+        }
+    }
+    keys
+}
+
+/// Whether `word` occurs in `text` as a whole key name (not inside a longer one).
+fn has_word(text: &str, word: &str) -> bool {
+    let is_key = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    text.match_indices(word)
+        .any(|(i, _)| !text[..i].ends_with(is_key) && !text[i + word.len()..].starts_with(is_key))
+}
+
+/// Where a user looks a key up: configuration.md has a row per key (its first cell);
+/// sso.md and postgres.md name theirs in their example ```toml blocks, with the
+/// defaults in comments, or in prose as `` `key = …` `` (a key that is refused).
+fn documented(table: &str, key: &str, conf: &str, sso: &str, postgres: &str) -> bool {
+    let in_blocks = |doc: &str| {
+        toml_blocks(doc).iter().any(|(_, _, body)| has_word(body, key))
+            || doc.contains(&format!("`{key} = "))
+    };
+    let row = |name: &str| {
+        conf.lines().any(|l| {
+            l.strip_prefix("| ")
+                .and_then(|l| l.split(" |").next())
+                .is_some_and(|cell| cell.contains(&format!("`{name}`")))
+        })
+    };
+    match table {
+        "Session" | "Login" => in_blocks(sso),
+        "Database" | "UpstreamRole" => in_blocks(postgres),
+        "Match" => row(&format!("match.{key}")),
+        "Tls" if key == "sni" => row("[[tls.sni]]"),
+        // `[[tls.sni]]` entries: that row names their keys.
+        "Sni" => conf
+            .lines()
+            .any(|l| l.starts_with("| `[[tls.sni]]` |") && l.contains(&format!("`{key}"))),
+        _ => row(key),
+    }
+}
+
+/// Every key `portcullis.toml` accepts has its place in the reference: a row of
+/// docs/configuration.md, or a line of the example blocks of docs/sso.md (`[session]`,
+/// `login`) and docs/postgres.md (`[[databases]]`). A key added to `src/config/raw.rs`
+/// without its documentation fails here.
+#[test]
+fn every_configuration_key_is_in_the_reference() {
+    let keys = raw_config_keys(&source("src/config/raw.rs"));
+    assert!(keys.len() > 80, "only {} keys read from raw.rs: its shape changed?", keys.len());
+    assert!(keys.contains(&("Route".into(), "match".into())), "{keys:?}");
+    let (conf, sso, pg) =
+        (source("docs/configuration.md"), source("docs/sso.md"), source("docs/postgres.md"));
+    let missing: Vec<_> = keys
+        .iter()
+        .filter(|(table, key)| !documented(table, key, &conf, &sso, &pg))
+        .map(|(table, key)| format!("{table}.{key}"))
+        .collect();
+    assert!(missing.is_empty(), "keys of src/config/raw.rs not in the reference: {missing:?}");
+}
+
 /// The settings a reload cannot apply (`restart_required` in the reload's audit event)
 /// are listed both where operators read the event (docs/audit.md) and where they read
 /// what a reload does (docs/configuration.md).
