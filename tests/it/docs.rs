@@ -370,3 +370,31 @@ fn every_restart_required_setting_is_documented() {
         assert!(named, "docs/configuration.md's `What a reload does not apply` lacks `{s}`");
     }
 }
+
+/// The README's "Trying an example locally" runs an example beside `portcullis demo`,
+/// moving the example's listeners off the demo's by rewriting `0.0.0.0:8443` and
+/// `127.0.0.1:9090` in its `portcullis.toml`. An example that left its admin listener
+/// to the default (`127.0.0.1:9090`) would keep the demo's port and fail to start.
+#[test]
+fn every_example_writes_out_the_listeners_the_readme_moves() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = source("README.md");
+    assert!(readme
+        .contains("-e 's#0.0.0.0:8443#127.0.0.1:8444#' -e 's#127.0.0.1:9090#127.0.0.1:9091#'"));
+    let mut bad = Vec::new();
+    for entry in std::fs::read_dir(root.join("examples")).into_iter().flatten().flatten() {
+        let cfg = entry.path().join("portcullis.toml");
+        let Ok(text) = std::fs::read_to_string(&cfg) else { continue };
+        let name = cfg.strip_prefix(root).unwrap_or(&cfg).display().to_string();
+        if !text.lines().any(|l| l.starts_with("admin = \"127.0.0.1:9090\"")) {
+            bad.push(format!("{name}: no `admin = \"127.0.0.1:9090\"`"));
+        }
+        if text
+            .lines()
+            .any(|l| l.starts_with("https = ") && !l.starts_with("https = \"0.0.0.0:8443\""))
+        {
+            bad.push(format!("{name}: an `https` listener other than 0.0.0.0:8443"));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
