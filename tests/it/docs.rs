@@ -371,6 +371,104 @@ fn every_restart_required_setting_is_documented() {
     }
 }
 
+/// Every string of a YAML document (a CI file's commands, folded as the CI runs them).
+fn yaml_strings(y: &yaml_rust2::Yaml, out: &mut Vec<String>) {
+    use yaml_rust2::Yaml;
+    match y {
+        Yaml::String(s) => out.push(s.clone()),
+        Yaml::Array(items) => items.iter().for_each(|i| yaml_strings(i, out)),
+        Yaml::Hash(h) => h.iter().for_each(|(k, v)| {
+            yaml_strings(k, out);
+            yaml_strings(v, out);
+        }),
+        _ => {}
+    }
+}
+
+/// The `portcullis` commands written in `text` (`portcullis`, `…/portcullis` or `$PC`,
+/// then a subcommand), each as its subcommand and the `--flags` given to it, up to the
+/// end of the shell command (line, pipe, `;`, `&`, `)`, a backtick or a comment).
+fn portcullis_commands(text: &str) -> Vec<(String, Vec<String>)> {
+    let text = text.replace("\\\n", " ");
+    let mut found = Vec::new();
+    for (i, word) in text.match_indices("portcullis ").chain(text.match_indices("$PC ")) {
+        if word == "portcullis "
+            && text[..i].ends_with(|c: char| c.is_alphanumeric() || "-_.".contains(c))
+        {
+            continue;
+        }
+        let rest = &text[i + word.len()..];
+        let end = rest.find(['\n', '|', ';', '&', ')', '`', '#']).unwrap_or(rest.len());
+        let mut words = rest[..end].split_whitespace();
+        let sub = match (words.next(), words.clone().next()) {
+            (Some(w @ ("serve" | "check" | "demo")), _) => w.to_string(),
+            (Some("policy"), Some(w @ ("test" | "explain" | "who" | "diff")))
+            | (Some("dev"), Some(w @ ("token" | "certs"))) => {
+                let first = rest.split_whitespace().next().unwrap_or_default();
+                words.next();
+                format!("{first} {w}")
+            }
+            _ => continue,
+        };
+        let flags = words
+            .filter_map(|w| w.trim_start_matches(['"', '\'']).strip_prefix("--"))
+            .map(|f| f.split(['=', '"', '\'']).next().unwrap_or(f).to_string())
+            .collect();
+        found.push((sub, flags));
+    }
+    found
+}
+
+/// Every `portcullis` command the documentation and the examples' CI files show takes
+/// the flags it is given: each `--flag` is in that subcommand's `--help`. (Whether the
+/// command then does what the text says is the walk-through's business: README's demo
+/// in `cli`, the review commands in `review`.)
+#[test]
+fn every_documented_portcullis_command_uses_flags_the_binary_has() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut texts = Vec::new();
+    for doc in documents(root) {
+        let text =
+            std::fs::read_to_string(&doc).unwrap_or_else(|e| panic!("{}: {e}", doc.display()));
+        texts.push((doc, text));
+    }
+    let mut yaml = Vec::new();
+    super::cli::yaml_files(&root.join("examples"), &mut yaml);
+    for file in yaml {
+        let text =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let docs = yaml_rust2::YamlLoader::load_from_str(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let mut strings = Vec::new();
+        docs.iter().for_each(|d| yaml_strings(d, &mut strings));
+        texts.push((file, strings.join("\n")));
+    }
+    let (mut helps, mut bad, mut checked) = (std::collections::HashMap::new(), Vec::new(), 0);
+    for (file, text) in &texts {
+        for (sub, flags) in portcullis_commands(text) {
+            let help = helps.entry(sub.clone()).or_insert_with(|| {
+                let mut args: Vec<&str> = sub.split(' ').collect();
+                args.push("--help");
+                let (code, out, err) = run(&args);
+                assert_eq!(code, 0, "portcullis {sub} --help: {err}");
+                out
+            });
+            for flag in flags {
+                checked += 1;
+                let flag = format!("--{flag}");
+                if !help.contains(&format!("{flag} ")) && !help.contains(&format!("{flag}\n")) {
+                    bad.push(format!(
+                        "{}: `portcullis {sub} {flag}`",
+                        file.strip_prefix(root).unwrap_or(file).display()
+                    ));
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "flags the subcommand does not have:\n{}", bad.join("\n"));
+    assert!(checked >= 30, "only {checked} flags checked: commands no longer found?");
+}
+
 /// The README's "Trying an example locally" runs an example beside `portcullis demo`,
 /// moving the example's listeners off the demo's by rewriting `0.0.0.0:8443` and
 /// `127.0.0.1:9090` in its `portcullis.toml`. An example that left its admin listener
