@@ -496,3 +496,38 @@ fn every_example_writes_out_the_listeners_the_readme_moves() {
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
+
+/// Every error code a client can be sent (docs/audit.md's reason table, its second
+/// column: `401 `invalid-session``) is in the README's "What a caller sees", where a
+/// user who got one looks it up.
+#[test]
+fn every_error_a_client_can_get_is_in_the_readme_caller_table() {
+    let audit = source("docs/audit.md");
+    let reasons = audit
+        .split_once("## Reason codes")
+        .map(|(_, r)| r)
+        .unwrap_or_else(|| panic!("docs/audit.md: no `## Reason codes`"));
+    let mut codes: Vec<String> = Vec::new();
+    for row in reasons.lines().filter(|l| l.starts_with("| `")) {
+        let client = row.split('|').nth(2).unwrap_or_default();
+        // `401 `invalid-session``, `503 `audit-unavailable``: a status, then the body's code.
+        for (i, _) in client.match_indices(" `") {
+            let status = client[..i].rsplit(|c: char| !c.is_ascii_digit()).next();
+            if status.is_some_and(|s| s.len() == 3) {
+                let code = client[i + 2..].split('`').next().unwrap_or_default();
+                if !codes.iter().any(|c| c == code) {
+                    codes.push(code.to_string());
+                }
+            }
+        }
+    }
+    assert!(codes.len() >= 20, "only {} codes read from docs/audit.md: {codes:?}", codes.len());
+    let readme = source("README.md");
+    let section = readme
+        .split_once("## What a caller sees")
+        .and_then(|(_, s)| s.split_once("\n## "))
+        .map(|(s, _)| s)
+        .unwrap_or_else(|| panic!("README.md: no `## What a caller sees`"));
+    let missing: Vec<_> = codes.iter().filter(|c| !section.contains(&format!("`{c}`"))).collect();
+    assert!(missing.is_empty(), "README's `What a caller sees` lacks {missing:?}");
+}
