@@ -16,6 +16,11 @@
 //!
 //! A block without a marker fails the test, so a new snippet is classified when it is
 //! written.
+//!
+//! The other tests hold the reference to the code it describes, reading both as text:
+//! the keys of `src/config/raw.rs`, the restart-only settings of `src/server/mod.rs`,
+//! the client error codes of docs/audit.md in the README, and the flags of every
+//! `portcullis` command shown against that subcommand's `--help`.
 
 use std::path::{Path, PathBuf};
 
