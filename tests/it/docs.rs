@@ -536,3 +536,37 @@ fn every_error_a_client_can_get_is_in_the_readme_caller_table() {
     let missing: Vec<_> = codes.iter().filter(|c| !section.contains(&format!("`{c}`"))).collect();
     assert!(missing.is_empty(), "README's `What a caller sees` lacks {missing:?}");
 }
+
+/// The README's example audit event has the fields a real one has: the event of an
+/// allowed Bitbucket deployment step, compared object by object (the values are the
+/// README's own; the keys must be the proxy's).
+#[tokio::test]
+async fn the_readme_audit_example_has_the_fields_of_a_real_event() {
+    use serde_json::Value;
+    let readme = source("README.md");
+    let example = readme
+        .split_once("## The audit log")
+        .and_then(|(_, s)| s.split_once("```json\n"))
+        .and_then(|(_, s)| s.split_once("```"))
+        .map(|(json, _)| json)
+        .unwrap_or_else(|| panic!("README.md: no json block under `## The audit log`"));
+    let example: Value =
+        serde_json::from_str(example).unwrap_or_else(|e| panic!("README's audit example: {e}"));
+
+    let w = crate::support::World::start().await;
+    let t = w.token("bb", &["deploymentEnvironmentUuid={5c1f3d0a-1111-4a2b-9c3d-0e1f2a3b4c5d}"]);
+    let r = w.get("/deploy/42", Some(&t)).await;
+    assert_eq!(r.status, http::StatusCode::OK, "{}", r.text());
+    let real = w.last_event().await;
+    let keys = |v: &Value| -> Vec<String> {
+        let mut k: Vec<String> =
+            v.as_object().into_iter().flatten().map(|(k, _)| k.clone()).collect();
+        k.sort();
+        k
+    };
+    for part in ["", "tls", "rule", "identity", "ci"] {
+        let (ex, re) =
+            if part.is_empty() { (&example, &real) } else { (&example[part], &real[part]) };
+        assert_eq!(keys(ex), keys(re), "README's example `{part}` against a real event: {real}");
+    }
+}
