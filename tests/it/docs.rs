@@ -570,3 +570,31 @@ async fn the_readme_audit_example_has_the_fields_of_a_real_event() {
         assert_eq!(keys(ex), keys(re), "README's example `{part}` against a real event: {real}");
     }
 }
+
+/// A README command block run from the repository's root (it names `examples/…`) that
+/// calls the bare `portcullis` puts `target/release` on the `PATH` first: a user who
+/// built with `cargo build --release` or ran `cargo run --release -- demo` has no
+/// `portcullis` command otherwise (`command not found`).
+#[test]
+fn readme_blocks_run_from_the_repository_find_the_built_binary() {
+    let readme = source("README.md");
+    let mut bad = Vec::new();
+    let mut rest = readme.as_str();
+    while let Some((before, block)) = rest.split_once("```sh\n") {
+        let line = readme.len() - rest.len() + before.len();
+        let line = readme[..line].lines().count() + 1;
+        let Some((block, after)) = block.split_once("```") else { break };
+        rest = after;
+        // In command position: first on its line, or in a `$( … )`.
+        let calls_bare = block
+            .lines()
+            .any(|l| l.trim_start().starts_with("portcullis ") || l.contains("$(portcullis "));
+        if block.contains("examples/") && calls_bare && !block.contains("target/release:$PATH") {
+            bad.push(format!("README.md:{line}"));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "blocks that call `portcullis` without target/release on PATH: {bad:?}"
+    );
+}
