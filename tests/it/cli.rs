@@ -168,7 +168,7 @@ fn shipped_examples_pass_check() {
 }
 
 /// Every YAML file under `dir`, hidden directories (`.github`) included.
-fn yaml_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+pub(crate) fn yaml_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let p = entry.path();
         if p.is_dir() {

@@ -37,7 +37,10 @@
 //! - `cli`: the real binary: `check` diagnostics, the shipped examples (configs, and CI
 //!   files parsed as YAML), and the README's demo flow.
 //! - `docs`: every ```toml snippet of the README, `docs/` and `policies/README.md`,
-//!   marked with what it is (a configuration, a part of one, a policy), passes `check`.
+//!   marked with what it is (a configuration, a part of one, a policy), passes `check`;
+//!   and the documentation against the code: every configuration key, restart-only
+//!   setting and client error code is documented, every `portcullis` command shown in
+//!   the docs and the examples' CI files takes its flags.
 //! - `review`: shadow policies through the proxy, policy revisions in audit events,
 //!   and `portcullis policy test/explain/who/diff` as a pipeline runs them.
 //! - `browser`: headless Chromium signs in at npm `oidc-provider` through the proxy.
