@@ -38,8 +38,9 @@
 //!
 //! A session holds a `server.max_connections` slot; a CancelRequest needs none. With
 //! every slot taken, a connection is accepted on one of [`SEATS`] until its first packet
-//! says what it is: a cancel is served there, a StartupMessage waits for a slot off its
-//! seat (at most [`WAITERS`] of them; one more is refused `53300`).
+//! says what it is (within [`SEAT_WAIT`]): a cancel is served there, a StartupMessage
+//! waits for a slot off its seat (at most [`WAITERS`] of them; one more, or one still
+//! waiting at `startup_timeout`, is refused `53300`).
 //!
 //! The relay never reassembles messages. It reads up to 64 KiB, forwards it, and walks the
 //! message headers in what it forwarded ([`proto::Scanner`]); only Query, Parse, Bind,
@@ -88,6 +89,11 @@ pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 /// stops the runaway statement that may be holding the slots); a session waits for a
 /// slot off its seat (see [`WAITERS`]).
 pub const SEATS: usize = 8;
+/// How long a connection may hold a seat before its first packet (after `SSLRequest` and
+/// TLS, if it asks for them) has come in: psql sends it at once. A connection still silent
+/// then is refused (`overloaded`), so connections that send nothing cannot keep every
+/// seat, and a cancel out, for the route's whole `startup_timeout`.
+pub const SEAT_WAIT: Duration = Duration::from_secs(2);
 /// Sessions that may wait for a slot at once, together, once their startup packet has
 /// come in on a seat; one more is refused with `53300` (reason `overloaded`), as
 /// PostgreSQL refuses a session when full. Waiting is bounded by the route's

@@ -148,9 +148,13 @@ pub(super) async fn run(
         );
         return;
     }
-    let outcome = match tokio::time::timeout(
-        db.startup_timeout,
-        establish(&hub, &rt, &db, tcp, &sid, &mut facts, &mut place),
+    // One deadline for the whole set-up: a session waiting for a slot is refused at it
+    // by `take_slot` itself, with an ErrorResponse, just before this timeout would drop
+    // the connection without a word (`Timeout` polls the set-up before its timer).
+    let deadline = tokio::time::Instant::now() + db.startup_timeout;
+    let outcome = match tokio::time::timeout_at(
+        deadline,
+        establish(&hub, &rt, &db, tcp, &sid, &mut facts, &mut place, deadline),
     )
     .await
     {
@@ -451,40 +455,39 @@ async fn accept_tls(
         .map_err(|e| refusal(Reason::ProtocolViolation, format!("TLS handshake failed: {e}")))
 }
 
-#[allow(clippy::too_many_lines)]
-async fn establish(
+/// Up to the first packet that says what the connection is (after `SSLRequest` and TLS,
+/// if it asks for them): a StartupMessage, inside TLS, is returned with the client; any
+/// other end of it is the outcome.
+async fn first_packet(
     hub: &Hub,
-    rt: &Runtime,
-    db: &Arc<DatabaseSettings>,
     tcp: TcpStream,
     sid: &Arc<str>,
     facts: &mut Facts,
-    place: &mut Place,
-) -> Outcome {
+) -> Result<(Client, u16, Vec<(String, String)>), Outcome> {
     // Phase 1: plaintext negotiation, up to TLS.
     let mut first = [0u8; 1];
     match tcp.peek(&mut first).await {
-        Ok(0) | Err(_) => return Outcome::Silent,
+        Ok(0) | Err(_) => return Err(Outcome::Silent),
         Ok(_) => {}
     }
     let mut client = if first[0] == 0x16 {
         // Direct TLS (PostgreSQL 17 `sslnegotiation=direct`): ALPN is mandatory.
         let s = match accept_tls(hub, tcp).await {
             Ok(s) => s,
-            Err(r) => return Outcome::Refused(r),
+            Err(r) => return Err(Outcome::Refused(r)),
         };
         facts.tls = Some(tls_info(&s));
         let alpn_ok = s.get_ref().1.alpn_protocol() == Some(ALPN_POSTGRESQL);
         let mut c = Client::Tls(Box::new(s));
         if !alpn_ok {
-            return refuse(
+            return Err(refuse(
                 &mut c,
                 "08P01",
                 Reason::ProtocolViolation,
                 sid,
                 "direct TLS without ALPN `postgresql`",
             )
-            .await;
+            .await);
         }
         c
     } else {
@@ -495,7 +498,7 @@ async fn establish(
             let mut c = Client::Plain(tcp);
             match initial {
                 Ok(Initial::Ssl) => {
-                    let Client::Plain(t) = c else { return Outcome::Silent };
+                    let Client::Plain(t) = c else { return Err(Outcome::Silent) };
                     tcp = t;
                     // CVE-2021-23214: bytes sent before our answer would be taken as
                     // encrypted by a careless server. Refuse them, as PostgreSQL does.
@@ -503,86 +506,123 @@ async fn establish(
                     if let Ok(n) = tcp.try_read(&mut probe) {
                         let mut c = Client::Plain(tcp);
                         if n == 0 {
-                            return Outcome::Refused(refusal(
+                            return Err(Outcome::Refused(refusal(
                                 Reason::ProtocolViolation,
                                 "closed after SSLRequest",
-                            ));
+                            )));
                         }
-                        return refuse(
+                        return Err(refuse(
                             &mut c,
                             "08P01",
                             Reason::ProtocolViolation,
                             sid,
                             "received unencrypted data after SSL request",
                         )
-                        .await;
+                        .await);
                     }
                     if let Err(e) = tcp.write_all(b"S").await {
-                        return Outcome::Refused(refusal(
+                        return Err(Outcome::Refused(refusal(
                             Reason::ProtocolViolation,
                             format!("write: {e}"),
-                        ));
+                        )));
                     }
                     let s = match accept_tls(hub, tcp).await {
                         Ok(s) => s,
-                        Err(r) => return Outcome::Refused(r),
+                        Err(r) => return Err(Outcome::Refused(r)),
                     };
                     facts.tls = Some(tls_info(&s));
                     break Client::Tls(Box::new(s));
                 }
                 Ok(Initial::GssEnc) if !gss_declined => {
                     gss_declined = true;
-                    let Client::Plain(t) = c else { return Outcome::Silent };
+                    let Client::Plain(t) = c else { return Err(Outcome::Silent) };
                     tcp = t;
                     if tcp.write_all(b"N").await.is_err() {
-                        return Outcome::Silent;
+                        return Err(Outcome::Silent);
                     }
                 }
                 Ok(Initial::GssEnc) => {
-                    return refuse(
+                    return Err(refuse(
                         &mut c,
                         "08P01",
                         Reason::ProtocolViolation,
                         sid,
                         "GSSENCRequest repeated",
                     )
-                    .await;
+                    .await);
                 }
                 Ok(Initial::Cancel { pid, secret }) => {
-                    return Outcome::Cancel { client: c, pid, secret };
+                    return Err(Outcome::Cancel { client: c, pid, secret });
                 }
                 Ok(Initial::Startup { params, .. }) => {
-                    facts.role = param(&params, "user").map(str::to_string);
-                    facts.database =
-                        param(&params, "database").or(facts.role.as_deref()).map(str::to_string);
-                    return refuse(&mut c, "28000", Reason::PlaintextRefused, sid, "StartupMessage without TLS; the client must use sslmode=require (or stricter)").await;
+                    // Unchecked names, for the refused event: cut as the server cuts them.
+                    let user = param(&params, "user");
+                    facts.role = user.map(name_as_read);
+                    facts.database = param(&params, "database").or(user).map(name_as_read);
+                    return Err(refuse(&mut c, "28000", Reason::PlaintextRefused, sid, "StartupMessage without TLS; the client must use sslmode=require (or stricter)").await);
                 }
-                Err(e) => return read_failed(&mut c, sid, e, None).await,
+                Err(e) => return Err(read_failed(&mut c, sid, e, None).await),
             }
         }
     };
 
     // Phase 2: the StartupMessage, inside TLS.
-    let (minor, params) = match proto::read_initial(&mut client).await {
-        Ok(Initial::Startup { minor, params }) => (minor, params),
-        Ok(Initial::Cancel { pid, secret }) => return Outcome::Cancel { client, pid, secret },
-        Ok(Initial::Ssl | Initial::GssEnc) => {
-            return refuse(
-                &mut client,
-                "08P01",
-                Reason::ProtocolViolation,
-                sid,
-                "encryption requested inside TLS",
-            )
-            .await;
-        }
+    match proto::read_initial(&mut client).await {
+        Ok(Initial::Startup { minor, params }) => Ok((client, minor, params)),
+        Ok(Initial::Cancel { pid, secret }) => Err(Outcome::Cancel { client, pid, secret }),
+        Ok(Initial::Ssl | Initial::GssEnc) => Err(refuse(
+            &mut client,
+            "08P01",
+            Reason::ProtocolViolation,
+            sid,
+            "encryption requested inside TLS",
+        )
+        .await),
         Err(e) => {
             let closed = (Reason::ProtocolViolation, "closed before the startup message");
-            return read_failed(&mut client, sid, e, Some(closed)).await;
+            Err(read_failed(&mut client, sid, e, Some(closed)).await)
         }
+    }
+}
+
+#[allow(clippy::too_many_lines, clippy::too_many_arguments)]
+async fn establish(
+    hub: &Hub,
+    rt: &Runtime,
+    db: &Arc<DatabaseSettings>,
+    tcp: TcpStream,
+    sid: &Arc<str>,
+    facts: &mut Facts,
+    place: &mut Place,
+    deadline: tokio::time::Instant,
+) -> Outcome {
+    // On a seat (every slot was taken), only for `SEAT_WAIT`: connections that send
+    // nothing must not keep every seat, and cancels out, for the whole `startup_timeout`.
+    let first = first_packet(hub, tcp, sid, facts);
+    let first = if matches!(place, Place::Seat(..)) {
+        match tokio::time::timeout(super::SEAT_WAIT, first).await {
+            Ok(r) => r,
+            Err(_) => {
+                return Outcome::Refused(refusal(
+                    Reason::Overloaded,
+                    format!(
+                        "every connection slot (server.max_connections) taken, and no startup or cancel packet within {:?} on a seat",
+                        super::SEAT_WAIT
+                    ),
+                ))
+            }
+        }
+    } else {
+        first.await
+    };
+    let (mut client, minor, params) = match first {
+        Ok(f) => f,
+        Err(outcome) => return outcome,
     };
     // A session, not a cancel request: it needs a slot of its own.
-    if let Err(refused) = take_slot(hub, place, &mut client, sid, facts).await {
+    if let Err(refused) =
+        take_slot(hub, place, &mut client, sid, facts, (deadline, db.startup_timeout)).await
+    {
         return refused;
     }
     // An empty one too, as PostgreSQL refuses it: the policy would see the database as
@@ -921,14 +961,16 @@ async fn establish(
 /// Turns a seat (a connection accepted while every slot was taken, see
 /// [`super::SEATS`]) into a slot: the seat is given back at once, for cancel requests,
 /// and the connection waits off it, as one of at most [`super::WAITERS`]; one more is
-/// refused, as PostgreSQL refuses a session when full (`53300`). The wait is bounded by
-/// the route's `startup_timeout`, which runs around all of this.
+/// refused, as PostgreSQL refuses a session when full (`53300`). The wait ends at the
+/// set-up's `deadline` (the route's `startup_timeout`, which runs around all of this)
+/// with that same refusal, so the client is told why.
 async fn take_slot(
     hub: &Hub,
     place: &mut Place,
     client: &mut Client,
     sid: &str,
     facts: &mut Facts,
+    (deadline, startup_timeout): (tokio::time::Instant, Duration),
 ) -> Result<(), Outcome> {
     let Place::Seat(_, limit) = &*place else { return Ok(()) };
     let limit = limit.clone();
@@ -953,14 +995,45 @@ async fn take_slot(
     };
     *place = Place::Waiting(waiter);
     facts.waiting_for_slot = true;
-    let Ok(p) = limit.acquire_owned().await else {
-        return Err(
-            refuse(client, "53300", Reason::Overloaded, sid, "connection slots closed").await
-        );
+    let p = match tokio::time::timeout_at(deadline, limit.acquire_owned()).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => {
+            return Err(
+                refuse(client, "53300", Reason::Overloaded, sid, "connection slots closed").await
+            )
+        }
+        // Told as the 17th waiter is, as PostgreSQL tells a session it has no room for.
+        Err(_) => {
+            let detail = format!(
+                "every connection slot (server.max_connections) stayed taken for the route's startup_timeout ({:?})",
+                startup_timeout
+            );
+            return Err(refuse_saying(
+                client,
+                "53300",
+                Reason::Overloaded,
+                sid,
+                Some("too many connections"),
+                detail,
+            )
+            .await);
+        }
     };
     facts.waiting_for_slot = false;
     *place = Place::Slot(p);
     Ok(())
+}
+
+/// A name as PostgreSQL reads it: its first 63 bytes (NAMEDATALEN - 1), cut on a
+/// character boundary. For the audit of names not checked yet (a session refused before
+/// the check that refuses longer ones): the client's own text, otherwise up to the
+/// startup packet's 10,000 bytes on each event.
+fn name_as_read(name: &str) -> String {
+    let mut end = name.len().min(PG_NAME_MAX);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name.get(..end).unwrap_or_default().to_string()
 }
 
 fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {

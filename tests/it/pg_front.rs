@@ -364,10 +364,52 @@ async fn a_cancel_gets_through_when_every_slot_is_taken_and_a_session_still_wait
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "third");
 }
 
+/// Gap 3 of session 17: with every slot taken and every seat held by a connection that
+/// sends nothing, a CancelRequest waited in the kernel's backlog until `startup_timeout`
+/// (10 s here) freed a seat. A seat now holds its connection for `SEAT_WAIT` only (psql
+/// sends its packet at once): the cancel gets through within that, and the silent
+/// connections are refused `overloaded`.
+#[tokio::test]
+async fn silent_connections_on_every_seat_delay_a_cancel_only_briefly() {
+    let longer = |t: String| t.replace("startup_timeout = \"2s\"", "startup_timeout = \"10s\"");
+    let Some(w) = PgWorld::with_server("max_connections = 1", longer).await else { return };
+    let token = w.w.token("bb", &[]);
+    let startup = crate::pg::startup("app", "appdb");
+    let (mut t, key) = login_on(tls_to(&w).await, &token, &startup).await;
+    send(&mut t, &[query(b"select 'seat-marker', pg_sleep(30)")]).await;
+    let mut silent = Vec::new();
+    for _ in 0..portcullis::postgres::SEATS {
+        silent.push(TcpStream::connect(w.addr).await.unwrap_or_else(|e| panic!("{e}")));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let mut c = TcpStream::connect(w.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let pid = u32::from_be_bytes([key[0], key[1], key[2], key[3]]);
+    let secret = u32::from_be_bytes([key[4], key[5], key[6], key[7]]);
+    c.write_all(&proto::cancel_request(pid, secret)).await.unwrap_or_else(|e| panic!("{e}"));
+    let m = tokio::time::timeout(Duration::from_secs(6), until_ready(&mut t)).await;
+    let m = m.unwrap_or_else(|_| panic!("the cancel waited behind silent seats"));
+    assert_eq!(error_code(&m).as_deref(), Some("57014"), "not cancelled: {m:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited < portcullis::postgres::SEAT_WAIT + Duration::from_secs(2),
+        "the cancel took {waited:?}"
+    );
+    let ev = w.wait_event(|e| e["kind"] == "pg.cancel").await;
+    assert_eq!(ev["forwarded"], true, "{ev}");
+    let ev = w
+        .wait_event(|e| {
+            e["reason"] == "overloaded" && e["detail"].as_str().is_some_and(|d| d.contains("seat"))
+        })
+        .await;
+    assert_eq!(ev["event"], "refused", "{ev}");
+    drop(silent);
+}
+
 /// The other side of the seats: sessions that come in while every slot is taken wait
 /// for one off their seat, but only `WAITERS` of them; the next is refused at once with
-/// PostgreSQL's own `53300`, and those waiting are refused when `startup_timeout` (2 s
-/// here) runs out, each with an `overloaded` event.
+/// PostgreSQL's own `53300`, and those waiting are refused with it too when
+/// `startup_timeout` (2 s here) runs out, each with one `overloaded` event.
 #[tokio::test]
 async fn sessions_waiting_for_a_slot_are_bounded_and_the_next_is_refused_53300() {
     let Some(w) = PgWorld::with_server("max_connections = 1", |t| t).await else { return };
@@ -394,9 +436,14 @@ async fn sessions_waiting_for_a_slot_are_bounded_and_the_next_is_refused_53300()
         .await;
     assert_eq!(ev["decision"], "deny", "{ev}");
 
-    // Those waiting were never asked for a token, and are refused at startup_timeout.
+    // Those waiting were never asked for a token, and are refused at startup_timeout,
+    // told so as the 17th was (gap 1 of session 17: they were closed without a word).
     for t in &mut waiting {
-        assert_eq!(kinds(&all_until_close(t).await), "", "a waiting session was served");
+        let got = all_until_close(t).await;
+        assert_eq!(kinds(&got), "E", "a waiting session was served, or not told: {got:?}");
+        assert_eq!(error_code(&got).as_deref(), Some("53300"));
+        let text = String::from_utf8_lossy(&got[0].1).into_owned();
+        assert!(text.contains("overloaded: too many connections"), "{text}");
     }
     let mut timed_out = 0;
     for _ in 0..40 {
@@ -415,6 +462,32 @@ async fn sessions_waiting_for_a_slot_are_bounded_and_the_next_is_refused_53300()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(timed_out, portcullis::postgres::WAITERS);
+    // One event each, not one from the refusal and one from the set-up's timeout.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let overloaded = w.events_of("pg.session").await;
+    let overloaded = overloaded.iter().filter(|e| e["reason"] == "overloaded").count();
+    assert_eq!(overloaded, portcullis::postgres::WAITERS + 1);
+}
+
+/// Gap 2 of session 17: a refused startup's `user` and `database` are the client's own
+/// text, up to the startup packet's 10,000 bytes; the `refused` event (a plaintext
+/// startup's, before any name check) carried them whole. Cut to PostgreSQL's 63 bytes
+/// (NAMEDATALEN - 1), on a character boundary, as the server would read them.
+#[tokio::test]
+async fn a_refused_startups_user_and_database_are_cut_to_63_bytes_in_the_audit() {
+    let Some(w) = PgWorld::start().await else { return };
+    let user = format!("u{}", "é".repeat(2400));
+    let database = "d".repeat(4800);
+    let mut tcp = TcpStream::connect(w.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let startup = proto::startup_message(&[("user", &user), ("database", &database)]);
+    tcp.write_all(&startup).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut sink)).await;
+    let ev = w.wait_event(|e| e["reason"] == "plaintext-refused").await;
+    assert_eq!(ev["event"], "refused", "{ev}");
+    // `u` and 31 two-byte characters: the 32nd would end at byte 64.
+    assert_eq!(ev["role"].as_str(), Some(&user[..63]), "{ev}");
+    assert_eq!(ev["database"].as_str(), Some(&database[..63]), "{ev}");
 }
 
 /// Pipelining across the authentication boundary: the startup packet, the token and a
