@@ -1468,22 +1468,57 @@ async fn a_jwks_that_redirects_or_is_too_large_is_not_taken() {
     assert!(v.verify_at(&token, NOW).await.is_ok());
 }
 
+/// A GitHub Actions and a GitLab CI issuer, and one policy over both: what the case
+/// tests below decide tokens with.
+struct GithubAndGitlab {
+    verifier: Verifier,
+    policy: crate::policy::Policy,
+}
+
+impl GithubAndGitlab {
+    fn with_policy(toml: &str) -> Self {
+        use crate::policy::{Catalog, Policy};
+        let verifier =
+            offline(vec![github_settings(), settings("gitlab", Preset::GitlabCi, GITLAB, PROXY)]);
+        let mut catalog = Catalog::default();
+        catalog.declare("github", Preset::GithubActions);
+        catalog.declare("gitlab", Preset::GitlabCi);
+        let policy = Policy::parse(&crate::diag::Source::new("p.toml", toml), &catalog)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        Self { verifier, policy }
+    }
+
+    /// Whether `GET /x` with `token` is allowed, and by (or against) which rule.
+    async fn decide(&self, token: String) -> (bool, String) {
+        let id = self.verifier.verify_at(&token, NOW).await.unwrap_or_else(|e| panic!("{e:?}"));
+        let d =
+            self.policy.evaluate(&id, &crate::policy::RequestFacts::http(&http::Method::GET, "/x"));
+        (d.allowed, d.rule.map(|r| r.id.to_string()).unwrap_or_default())
+    }
+}
+
+/// A GitLab CI token of project `acme/api` (id 20) in group `acme` (id 72) on branch
+/// `main`, with `claims` set over those.
+fn gitlab_token(claims: Value) -> String {
+    let mut payload = json!({
+        "iss": GITLAB, "aud": PROXY, "sub": "project_path:acme/api:ref_type:branch:ref:main",
+        "iat": 1767225600, "exp": 1767229200, "namespace_id": "72", "namespace_path": "acme",
+        "project_id": "20", "project_path": "acme/api", "ref": "main", "ref_type": "branch",
+    });
+    if let (Some(p), Value::Object(extra)) = (payload.as_object_mut(), claims) {
+        p.extend(extra);
+    }
+    rsa().sign(&json!({"kid": "rsa-1", "typ": "JWT", "alg": "RS256"}), &payload)
+}
+
 /// GitHub and GitLab names are case-insensitive: `Acme/Legacy` and `acme/legacy` are one
 /// repository, and the token spells it as its admins last renamed it (a case-only rename
 /// is allowed). A deny written in another case than the token's missed it, so a denied
 /// repository left its deny by renaming `legacy` to `Legacy`.
 #[tokio::test]
 async fn a_deny_on_a_repository_or_owner_name_holds_whatever_its_case() {
-    use crate::diag::Source;
-    use crate::policy::{Catalog, Policy, RequestFacts};
-    let v = offline(vec![github_settings(), settings("gitlab", Preset::GitlabCi, GITLAB, PROXY)]);
-    let mut catalog = Catalog::default();
-    catalog.declare("github", Preset::GithubActions);
-    catalog.declare("gitlab", Preset::GitlabCi);
-    let policy = Policy::parse(
-        &Source::new(
-            "p.toml",
-            r#"
+    let world = GithubAndGitlab::with_policy(
+        r#"
 [[rule]]
 id = "org"
 effect = "allow"
@@ -1516,31 +1551,17 @@ effect = "deny"
 issuer = "gitlab"
 ci = { repository = "acme/platform/old-api" }
 "#,
-        ),
-        &catalog,
-    )
-    .unwrap_or_else(|e| panic!("{e:?}"));
-    let get = http::Method::GET;
-    let request = RequestFacts::http(&get, "/x");
-    let decide = |token: String| {
-        let (v, policy) = (&v, &policy);
-        async move {
-            let id = v.verify_at(&token, NOW).await.unwrap_or_else(|e| panic!("{e:?}"));
-            let d = policy.evaluate(&id, &request);
-            (d.allowed, d.rule.map(|r| r.id.to_string()).unwrap_or_default())
-        }
-    };
+    );
+    let decide = |token: String| world.decide(token);
     let github = |repository: &str, owner: &str| {
         let p = with(github_payload(), "repository", json!(repository));
         rsa().sign(&github_header(), &with(p, "repository_owner", json!(owner)))
     };
     let gitlab = |project: &str, namespace: &str| {
-        let payload = json!({
-            "iss": GITLAB, "aud": PROXY, "sub": format!("project_path:{project}:ref_type:branch:ref:main"),
-            "iat": 1767225600, "exp": 1767229200, "namespace_id": "72", "namespace_path": namespace,
-            "project_id": "20", "project_path": project, "ref": "main", "ref_type": "branch",
-        });
-        rsa().sign(&json!({"kid": "rsa-1", "typ": "JWT", "alg": "RS256"}), &payload)
+        gitlab_token(json!({
+            "sub": format!("project_path:{project}:ref_type:branch:ref:main"),
+            "namespace_path": namespace, "project_path": project,
+        }))
     };
     // As written, and in every other case.
     for (token, rule) in [
@@ -1676,16 +1697,8 @@ async fn a_tag_pull_request_or_merge_queue_run_named_like_the_branch_is_not_on_i
 /// unprotected one), so there `ci.environment` keeps matching exactly.
 #[tokio::test]
 async fn a_github_environment_matches_whatever_its_case_and_a_gitlab_one_exactly() {
-    use crate::diag::Source;
-    use crate::policy::{Catalog, Policy, RequestFacts};
-    let v = offline(vec![github_settings(), settings("gitlab", Preset::GitlabCi, GITLAB, PROXY)]);
-    let mut catalog = Catalog::default();
-    catalog.declare("github", Preset::GithubActions);
-    catalog.declare("gitlab", Preset::GitlabCi);
-    let policy = Policy::parse(
-        &Source::new(
-            "p.toml",
-            r#"
+    let world = GithubAndGitlab::with_policy(
+        r#"
 [[rule]]
 id = "gh-staging"
 effect = "allow"
@@ -1708,32 +1721,13 @@ effect = "deny"
 issuer = ["github", "gitlab"]
 ci = { environment = "production" }
 "#,
-        ),
-        &catalog,
-    )
-    .unwrap_or_else(|e| panic!("{e:?}"));
-    let get = http::Method::GET;
-    let request = RequestFacts::http(&get, "/x");
-    let decide = |token: String| {
-        let (v, policy) = (&v, &policy);
-        async move {
-            let id = v.verify_at(&token, NOW).await.unwrap_or_else(|e| panic!("{e:?}"));
-            let d = policy.evaluate(&id, &request);
-            (d.allowed, d.rule.map(|r| r.id.to_string()).unwrap_or_default())
-        }
-    };
+    );
+    let decide = |token: String| world.decide(token);
     let github = |env: &str| {
         rsa().sign(&github_header(), &with(github_payload(), "environment", json!(env)))
     };
-    let gitlab = |env: &str| {
-        let payload = json!({
-            "iss": GITLAB, "aud": PROXY, "sub": "project_path:acme/api:ref_type:branch:ref:main",
-            "iat": 1767225600, "exp": 1767229200, "namespace_id": "72", "namespace_path": "acme",
-            "project_id": "20", "project_path": "acme/api", "ref": "main", "ref_type": "branch",
-            "environment": env, "environment_protected": "true"
-        });
-        rsa().sign(&json!({"kid": "rsa-1", "typ": "JWT", "alg": "RS256"}), &payload)
-    };
+    let gitlab =
+        |env: &str| gitlab_token(json!({"environment": env, "environment_protected": "true"}));
     let deny = (false, "no-prod".to_string());
     for env in ["production", "Production", "PRODUCTION"] {
         assert_eq!(decide(github(env)).await, deny, "github {env}");
