@@ -983,15 +983,7 @@ async fn take_slot(
             "every connection slot (server.max_connections) taken, and {} sessions already waiting for one",
             super::WAITERS
         );
-        return Err(refuse_saying(
-            client,
-            "53300",
-            Reason::Overloaded,
-            sid,
-            Some("too many connections"),
-            detail,
-        )
-        .await);
+        return Err(too_many_connections(client, sid, detail).await);
     };
     *place = Place::Waiting(waiter);
     facts.waiting_for_slot = true;
@@ -1008,20 +1000,19 @@ async fn take_slot(
                 "every connection slot (server.max_connections) stayed taken for the route's startup_timeout ({:?})",
                 startup_timeout
             );
-            return Err(refuse_saying(
-                client,
-                "53300",
-                Reason::Overloaded,
-                sid,
-                Some("too many connections"),
-                detail,
-            )
-            .await);
+            return Err(too_many_connections(client, sid, detail).await);
         }
     };
     facts.waiting_for_slot = false;
     *place = Place::Slot(p);
     Ok(())
+}
+
+/// `FATAL 53300`, as PostgreSQL refuses a session it has no room for: the 17th waiter
+/// for a slot, and a waiter still waiting at `startup_timeout`.
+async fn too_many_connections(client: &mut Client, sid: &str, detail: String) -> Outcome {
+    let shown = Some("too many connections");
+    refuse_saying(client, "53300", Reason::Overloaded, sid, shown, detail).await
 }
 
 /// A name as PostgreSQL reads it: its first 63 bytes (NAMEDATALEN - 1), cut on a
