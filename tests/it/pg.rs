@@ -1360,3 +1360,74 @@ async fn the_demo_serves_a_database_route_for_psql() {
     );
     let _ = child.kill().await;
 }
+
+/// pgbench's `-M extended` and `-M prepared` in pipeline mode (`\startpipeline`): every
+/// Bind the server ran is audited exactly once, with the text of the statement its name
+/// stood for when it ran (pgbench parses a pipeline's statements up front, before any
+/// answer, then binds them by name, pipelined).
+#[tokio::test]
+async fn pgbench_pipelines_are_audited_exactly_once_with_their_text() {
+    let Some(w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let pid = std::process::id();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    for mode in ["extended", "prepared"] {
+        let texts = [
+            format!("select :v + 0 as a /* one-{mode}-{pid} */;"),
+            format!("select 'two-{mode}-{pid}', :v;"),
+            format!("select 'three-{mode}-{pid}';"),
+            format!("select 'four-{mode}-{pid}';"),
+        ];
+        let script = dir.path().join(format!("{mode}.sql"));
+        let body = format!(
+            "\\set v random(1, 1000)\n\\startpipeline\n{}\n{}\n\\endpipeline\n\\startpipeline\n{}\n\\endpipeline\n{}\n",
+            texts[0], texts[1], texts[2], texts[3]
+        );
+        std::fs::write(&script, body).unwrap_or_else(|e| panic!("{e}"));
+        let out = tokio::time::timeout(
+            Duration::from_secs(120),
+            tokio::process::Command::new(w.pg.bin.join("pgbench"))
+                .env("PGPASSWORD", &token)
+                .env("PGSSLMODE", "require")
+                .args(["-h", "127.0.0.1", "-p", &w.addr.port().to_string(), "-U", "app"])
+                .args(["-n", "-t", "7", "-c", "2", "-M", mode, "-f"])
+                .arg(&script)
+                .arg("appdb")
+                .output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("pgbench hung"))
+        .unwrap_or_else(|e| panic!("pgbench: {e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("number of transactions actually processed: 14/14"),
+            "{mode}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut seen = Vec::new();
+        for _ in 0..200 {
+            seen = w.events_of("pg.statement").await;
+            seen.retain(|e| e["outcome"] != "prepared");
+            seen.retain(|e| {
+                e["text"].as_str().is_some_and(|t| t.contains(&format!("-{mode}-{pid}")))
+            });
+            if seen.len() >= 4 * 14 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(seen.len(), 4 * 14, "{mode}: {seen:#?}");
+        for (i, text) in texts.iter().enumerate() {
+            let sql = text.replace(":v", "$1");
+            let mine: Vec<&Value> = seen.iter().filter(|e| e["text"] == sql.as_str()).collect();
+            assert_eq!(mine.len(), 14, "{mode} {sql}: {seen:#?}");
+            for e in mine {
+                assert_eq!(e["protocol"], "extended", "{e:#}");
+                assert!(e.get("outcome").is_none() && e.get("text_status").is_none(), "{e:#}");
+                let statement = if mode == "prepared" { Some(format!("P_{i}")) } else { None };
+                assert_eq!(e["statement"].as_str(), statement.as_deref(), "{e:#}");
+            }
+        }
+    }
+    assert_no_secrets(&w, &[&token]);
+}
