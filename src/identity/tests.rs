@@ -1694,7 +1694,8 @@ async fn a_tag_pull_request_or_merge_queue_run_named_like_the_branch_is_not_on_i
 /// claim need not be in the case the policy author wrote (pypi/warehouse lower-cases it
 /// for that reason). A deny on `ci.environment = "production"` missed a job that said
 /// `Production`. GitLab's environments are case-sensitive (`Production` may be another,
-/// unprotected one), so there `ci.environment` keeps matching exactly.
+/// unprotected one), so there `ci.environment` keeps matching exactly — in a rule that
+/// names both providers too, where the one pattern is read each provider's way.
 #[tokio::test]
 async fn a_github_environment_matches_whatever_its_case_and_a_gitlab_one_exactly() {
     let world = GithubAndGitlab::with_policy(
@@ -1719,7 +1720,7 @@ ci = { environment = "Staging" }
 id = "no-prod"
 effect = "deny"
 issuer = ["github", "gitlab"]
-ci = { environment = "production" }
+ci = { environment = "Production" }
 "#,
     );
     let decide = |token: String| world.decide(token);
@@ -1735,8 +1736,9 @@ ci = { environment = "production" }
     for env in ["Staging", "staging", "STAGING"] {
         assert_eq!(decide(github(env)).await, (true, "gh-staging".to_string()), "github {env}");
     }
-    // GitLab: exact.
-    assert_eq!(decide(gitlab("production")).await, deny);
+    // GitLab: exact, in the same rule.
+    assert_eq!(decide(gitlab("Production")).await, deny);
+    assert_eq!(decide(gitlab("production")).await, (false, String::new()));
     assert_eq!(decide(gitlab("Staging")).await, (true, "gl-staging".to_string()));
     assert_eq!(decide(gitlab("staging")).await, (false, String::new()));
 }

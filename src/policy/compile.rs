@@ -211,21 +211,9 @@ impl<'a> Compiler<'a> {
                     continue;
                 };
                 let label = format!("ci.{field}");
-                let mut globs = self.globs(value, &label, |_| None);
-                // GitHub environment names are case-insensitive (GitLab's are not): in
-                // a rule for GitHub tokens only, `environment` is compiled in lower case
-                // too, and a GitHub token's is compared in lower case as well.
-                let github_only = r.issuer.as_ref().is_some_and(|v| {
-                    OneOrMany::items(v)
-                        .iter()
-                        .all(|(name, _)| self.catalog.preset(name) == Some(Preset::GithubActions))
-                });
-                if super::rule::folds_case(field) || (*field == "environment" && github_only) {
-                    for g in globs.iter_mut() {
-                        *g = Glob::new(&g.as_str().to_ascii_lowercase())
-                            .unwrap_or_else(|_| g.clone());
-                    }
-                }
+                // Matched without case where the platform compares so (repository and
+                // owner names, a GitHub environment): [`super::rule::folds_case`].
+                let globs = self.globs(value, &label, |_| None);
                 conditions.push(self.condition(&label, name.span(), Matcher::Ci { field, globs }));
             }
         }

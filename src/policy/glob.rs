@@ -3,7 +3,9 @@
 //! - `*` matches any run of characters except `/` (possibly empty);
 //! - `**` matches any run of characters, `/` included (possibly empty);
 //! - `?` matches exactly one character except `/`;
-//! - every other character matches itself, case-sensitively.
+//! - every other character matches itself, case-sensitively
+//!   ([`Glob::matches_ignoring_ascii_case`] folds ASCII letters, for names the platform
+//!   compares without case).
 //!
 //! Three or more stars in a row, an empty pattern and control characters are
 //! rejected: they are typos far more often than intent.
@@ -240,7 +242,17 @@ impl Glob {
         match &self.kind {
             Kind::Literal => *self.source == *text,
             Kind::Prefix(p) => text.starts_with(&**p),
-            Kind::General(tokens) => match_tokens(tokens, text) == Step::Match,
+            Kind::General(tokens) => match_tokens(tokens, text, false) == Step::Match,
+        }
+    }
+
+    /// Whether `text` matches with ASCII letters compared without case (`Acme/API` for
+    /// `acme/api*`): for names the platform itself compares so. Never allocates.
+    pub fn matches_ignoring_ascii_case(&self, text: &str) -> bool {
+        match &self.kind {
+            Kind::Literal => self.source.eq_ignore_ascii_case(text),
+            Kind::Prefix(p) => strip_prefix(text, p, true).is_some(),
+            Kind::General(tokens) => match_tokens(tokens, text, true) == Step::Match,
         }
     }
 
@@ -276,12 +288,28 @@ impl std::str::FromStr for Glob {
     }
 }
 
-/// Matches `tokens` against `text`, recursing only at stars (git wildmatch's scheme).
-fn match_tokens(tokens: &[Token], mut text: &str) -> Step {
+/// `text` without its prefix `lit`, ASCII letters compared without case when `fold`.
+fn strip_prefix<'t>(text: &'t str, lit: &str, fold: bool) -> Option<&'t str> {
+    if !fold {
+        return text.strip_prefix(lit);
+    }
+    // ASCII case folding keeps every byte's length and leaves non-ASCII bytes alike, so
+    // an equal run ends on a character boundary of `text` as it does of `lit`.
+    let head = text.as_bytes().get(..lit.len())?;
+    if head.eq_ignore_ascii_case(lit.as_bytes()) {
+        text.get(lit.len()..)
+    } else {
+        None
+    }
+}
+
+/// Matches `tokens` against `text`, recursing only at stars (git wildmatch's scheme);
+/// literals compared without ASCII case when `fold`.
+fn match_tokens(tokens: &[Token], mut text: &str, fold: bool) -> Step {
     for (i, token) in tokens.iter().enumerate() {
         match token {
             Token::Literal(lit) => {
-                if let Some(rest) = text.strip_prefix(&**lit) {
+                if let Some(rest) = strip_prefix(text, lit, fold) {
                     text = rest;
                 } else if text.len() < lit.len() {
                     return Step::AbortAll;
@@ -309,7 +337,7 @@ fn match_tokens(tokens: &[Token], mut text: &str) -> Step {
                 }
                 let mut at = text;
                 loop {
-                    match match_tokens(rest, at) {
+                    match match_tokens(rest, at, fold) {
                         Step::NoMatch => {}
                         Step::AbortToDoubleStar if crosses => {}
                         other => return other,
@@ -501,10 +529,37 @@ mod tests {
             let Ok(g) = Glob::new(p) else { continue };
             for t in &texts {
                 assert_eq!(g.matches(t), reference(p, t), "{p:?} vs {t:?}");
+                let (upper, lower) = (t.to_ascii_uppercase(), p.to_ascii_lowercase());
+                let folded = reference(&lower, &t.to_ascii_lowercase());
+                assert_eq!(g.matches_ignoring_ascii_case(&upper), folded, "{p:?} ~ {upper:?}");
                 checked += 1;
             }
         }
         assert!(checked > 100_000, "{checked}");
+    }
+
+    /// Without case, for ASCII letters only, in each of the three compiled kinds; and
+    /// never cutting a character of the text.
+    #[test]
+    fn matching_ignoring_ascii_case() {
+        for (pattern, text, want) in [
+            ("acme/legacy", "Acme/Legacy", true),     // literal
+            ("Acme/**", "ACME/x/y", true),            // prefix
+            ("acme/*-api", "ACME/Billing-API", true), // general
+            ("acme/*", "acme/x/y", false),
+            ("acme/legacy", "acme/legacy2", false),
+            ("école/*", "École/x", false), // non-ASCII letters keep their case
+            ("école/*", "éCOLE/x", true),
+            ("é*", "É", false),
+            ("a?", "Aé", true),
+        ] {
+            let g = Glob::new(pattern).unwrap_or_else(|e| panic!("{pattern}: {e}"));
+            assert_eq!(g.matches_ignoring_ascii_case(text), want, "{pattern} ~ {text}");
+        }
+        // A literal that ends inside a multi-byte character of the text never matches
+        // (nor panics).
+        let g = Glob::new("a\u{e9}*").ok();
+        assert!(g.is_some_and(|g| !g.matches_ignoring_ascii_case("A\u{e8}")));
     }
 
     #[test]

@@ -85,7 +85,6 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
         claim_types(&mut out, rule, &presets);
         contradictions(&mut out, rule, &presets);
         refused_methods(&mut out, rule);
-        github_environment_case(&mut out, rule, &presets);
         if rule.effect == Effect::Deny {
             github_subject_by_name(&mut out, rule, &presets);
             deny_by_name(&mut out, rule, &presets);
@@ -541,34 +540,6 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
 fn protection_pins(name: &str, values: &[ClaimValue]) -> bool {
     !matches!(name, "ref_protected" | "environment_protected")
         || values.iter().all(|v| matches!(v, ClaimValue::Str(g) if g.as_str() == "true"))
-}
-
-/// A GitHub token's `ci.environment` is matched in lower case (GitHub environment names
-/// are case-insensitive), but a rule that also names another provider keeps its
-/// patterns as written, GitLab's environments being case-sensitive: an upper-case one
-/// then misses GitHub's lower-case spelling of the same environment.
-fn github_environment_case(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
-    let Some((issuer, _)) = presets.iter().find(|(_, p)| *p == Preset::GithubActions) else {
-        return;
-    };
-    if presets.iter().all(|(_, p)| *p == Preset::GithubActions) {
-        return;
-    }
-    for c in rule.conditions() {
-        let Matcher::Ci { field: "environment", globs } = c.matcher() else { continue };
-        if let Some(g) = globs.iter().find(|g| g.as_str().bytes().any(|b| b.is_ascii_uppercase())) {
-            out.push(
-                Severity::Warning,
-                c.loc(),
-                format!(
-                    "`ci.environment` `{}` in rule `{}` has upper case: GitHub environment names are case-insensitive, but a rule that also names another provider matches it as written, so a `{issuer}` token spelling it `{}` does not match; write it in lower case, or a rule for GitHub apart",
-                    g.as_str(),
-                    rule.id(),
-                    g.as_str().to_ascii_lowercase()
-                ),
-            );
-        }
-    }
 }
 
 /// Whether a subject pattern fixes something after `marker` (`:ref:`, `:environment:`)

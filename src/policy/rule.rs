@@ -383,15 +383,11 @@ impl Matcher {
             }
             Matcher::Ci { field, globs } => identity.ci.as_ref().is_some_and(|ci| {
                 ci.field(field).is_some_and(|v| {
-                    let fold =
-                        folds_case(field) || (*field == "environment" && ci.provider == "github");
-                    // A GitHub environment pattern is in lower case only in a rule for
-                    // GitHub alone (a rule that also names GitLab keeps its case): the
-                    // value is tried as it is too.
-                    any_glob(globs, v)
-                        || (fold
-                            && v.bytes().any(|b| b.is_ascii_uppercase())
-                            && any_glob(globs, &v.to_ascii_lowercase()))
+                    if folds_case(field) || (*field == "environment" && ci.provider == "github") {
+                        globs.iter().any(|g| g.matches_ignoring_ascii_case(v))
+                    } else {
+                        any_glob(globs, v)
+                    }
                 })
             }),
             Matcher::Methods(_) | Matcher::Paths(_) | Matcher::Databases(_) | Matcher::Roles(_) => {
@@ -428,8 +424,8 @@ impl Matcher {
     }
 }
 
-/// Whether the `ci` field is matched ignoring ASCII case (its patterns are compiled in
-/// lower case): the repository and owner, by name or id. GitHub and GitLab names are
+/// Whether the `ci` field is matched ignoring ASCII case
+/// ([`Glob::matches_ignoring_ascii_case`]): the repository and owner, by name or id. GitHub and GitLab names are
 /// case-insensitive (`Acme/Legacy` is `acme/legacy`, and a case-only rename is allowed,
 /// so a token spells the name as its admins last chose), and Bitbucket's UUIDs are hex,
 /// sent in lower case. Matched as written, a deny on `acme/legacy` missed `Acme/Legacy`.

@@ -2186,29 +2186,6 @@ fn a_wildcard_shaped_like_a_pin_pins_nothing() {
     }
 }
 
-/// A GitHub token's environment is matched in lower case, but a rule that also names
-/// another provider keeps its `ci.environment` patterns as written (GitLab's names are
-/// case-sensitive), so an upper-case one there misses GitHub's lower-case spelling of
-/// the same environment: a deny with a hole for GitHub. Warned at the pattern.
-#[test]
-fn an_upper_case_environment_in_a_rule_for_github_and_another_provider_is_flagged() {
-    let rule = |issuer: &str, env: &str| {
-        format!("[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = {issuer}\nci = {{ environment = {env} }}\n")
-    };
-    let warned = |text: &str| {
-        must_parse(text).warnings().iter().any(|d| {
-            let d = d.to_string();
-            d.starts_with("p.toml:5:8: warning:")
-                && d.contains("GitHub environment names are case-insensitive")
-        })
-    };
-    assert!(warned(&rule("[\"github\", \"gitlab\"]", "\"Production\"")));
-    assert!(warned(&rule("[\"gitlab\", \"github\"]", "[\"staging\", \"Prod*\"]")));
-    assert!(!warned(&rule("[\"github\", \"gitlab\"]", "\"production\"")));
-    assert!(!warned(&rule("\"github\"", "\"Production\"")));
-    assert!(!warned(&rule("\"gitlab\"", "\"Production\"")));
-}
-
 /// A subject whose literal part ends at `:ref:` or `:environment:` names no ref or
 /// environment (`repo:acme@65/api@74:ref:**` matches every branch and tag), yet it
 /// counted as one: it silenced the "from any branch" warning, and `…:environment:*`
