@@ -497,11 +497,7 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
                     by_branch = by_branch.or(Some(c))
                 }
                 Matcher::Claim { name, values } => {
-                    by_more |= platform.pins.contains(&&**name)
-                        && protection_pins(name, values)
-                        && !values
-                            .iter()
-                            .any(|v| matches!(v, ClaimValue::Str(g) if g.is_wildcards_only()))
+                    by_more |= platform.pins.contains(&&**name) && restricts(name, values)
                 }
                 Matcher::Subject(globs) => match platform.preset {
                     // `repo:OWNER/REPO:environment:NAME` names an environment.
@@ -531,6 +527,13 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
             );
         }
     }
+}
+
+/// Whether a `claims.NAME` condition restricts what the lints take it for: it
+/// [`protection_pins`], and no value is wildcards only (`**`, `*`), which names nothing.
+fn restricts(name: &str, values: &[ClaimValue]) -> bool {
+    protection_pins(name, values)
+        && !values.iter().any(|v| matches!(v, ClaimValue::Str(g) if g.is_wildcards_only()))
 }
 
 /// Whether a `claims.NAME` condition pins what the lints above take it for: a
@@ -651,11 +654,7 @@ fn deploy_without_ref(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset
         }
         // As for `ci`: a value of wildcards only (`**`, `*`) names no ref, and a
         // protection claim restricts only when it asks for "true".
-        Matcher::Claim { name, values } => {
-            REF_CLAIMS.contains(&&**name)
-                && protection_pins(name, values)
-                && !values.iter().any(|v| matches!(v, ClaimValue::Str(g) if g.is_wildcards_only()))
-        }
+        Matcher::Claim { name, values } => REF_CLAIMS.contains(&&**name) && restricts(name, values),
         Matcher::Subject(globs) => {
             globs.iter().all(|g| names_after(g, ":ref:") || names_after(g, ":environment:"))
         }
