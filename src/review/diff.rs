@@ -549,8 +549,13 @@ fn absolute(p: &Path) -> PathBuf {
     } else {
         std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
     };
-    if let Ok(c) = std::fs::canonicalize(&abs) {
-        return c;
+    // A link is not followed either: the revisions are read at the path given, and a
+    // link there is refused (`git::show`), not silently swapped for its target.
+    let link = std::fs::symlink_metadata(&abs).is_ok_and(|m| m.file_type().is_symlink());
+    if !link {
+        if let Ok(c) = std::fs::canonicalize(&abs) {
+            return c;
+        }
     }
     match (abs.parent(), abs.file_name()) {
         (Some(dir), Some(name)) => std::fs::canonicalize(dir).map_or(abs.clone(), |d| d.join(name)),

@@ -209,8 +209,7 @@ impl Tree {
         match &self.rev {
             None => std::fs::read_to_string(self.root.join(path))
                 .map_err(|e| format!("cannot read file: {e}")),
-            Some(rev) => git::show(&self.root, rev, path)
-                .map_err(|_| format!("does not exist at revision `{rev}`")),
+            Some(rev) => git::show(&self.root, rev, path),
         }
     }
 

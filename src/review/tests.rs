@@ -1648,3 +1648,59 @@ fn a_request_line_with_a_method_never_forwarded_is_refused() {
     }
     assert!(super::explain::RequestLine::parse("OPTIONS https://app.example.com/x").is_ok());
 }
+
+// === policy review evasion ===
+
+/// A pull request that commits the policy as a symbolic link: `serve` (and `check`, on
+/// the checked-out tree) read the file it points at, but `git show REV:path` gives the
+/// link's own text, its target. A target that reads as TOML (`#x` is a comment: an empty
+/// policy) made the diff compare the old rules with no rules at all: "access lost" for
+/// every allow, while the route now runs the permissive file the link points at. So is
+/// the configuration itself. A link at a revision is refused, naming it.
+#[test]
+fn diff_refuses_a_policy_or_configuration_committed_as_a_symbolic_link() {
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let api = root.join("policies/api.toml");
+    write(
+        &root.join("policies/#x"),
+        "[[rule]]\nid = \"everyone\"\neffect = \"allow\"\nissuer = \"corp\"\n",
+    );
+    std::fs::remove_file(&api).unwrap_or_else(|e| panic!("rm: {e}"));
+    std::os::unix::fs::symlink("#x", &api).unwrap_or_else(|e| panic!("symlink: {e}"));
+    // What `serve` reads: the permissive file.
+    assert!(std::fs::read_to_string(&api).unwrap_or_default().contains("everyone"));
+    let c2 = commit(root, "tidy the api policy");
+    let args = |to: &str| DiffArgs {
+        config: cfg.clone(),
+        from: Some(c1.clone()),
+        to: Some(to.to_string()),
+        tests: vec![],
+        format: Format::Markdown,
+    };
+    let r = diff::run(&args(&c2));
+    assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+    assert!(r.stderr.contains("policies/api.toml") && r.stderr.contains("symbolic link"), "{r:?}");
+    // The working tree, read as `serve` reads it, shows the access gained.
+    let d = diff_of(&cfg, Some(&c1), None);
+    assert!(changes(&d).contains(&("api".into(), Access::Gained, "added", "everyone".into())));
+
+    // The configuration as a link.
+    git(root, &["checkout", "-q", &c1]);
+    // `#cfg.toml` as the link's text is a TOML comment: a configuration without routes.
+    let real = root.join("#cfg.toml");
+    write(&real, &CONFIG.replace("policy = \"api\"", "policy = \"other\""));
+    write(
+        &root.join("policies/other.toml"),
+        "[[rule]]\nid = \"everyone\"\neffect = \"allow\"\nissuer = \"corp\"\n",
+    );
+    std::fs::remove_file(&cfg).unwrap_or_else(|e| panic!("rm: {e}"));
+    std::os::unix::fs::symlink("#cfg.toml", &cfg).unwrap_or_else(|e| panic!("symlink: {e}"));
+    let c3 = commit(root, "move the config");
+    let r = diff::run(&args(&c3));
+    assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+    assert!(r.stderr.contains("portcullis.toml") && r.stderr.contains("symbolic link"), "{r:?}");
+}
