@@ -15,8 +15,8 @@ use serde_json::json;
 
 use super::git;
 use super::snapshot::{RouteView, Settings, Snapshot, TestSet, Tree};
-use super::who::bullet;
 use super::{Format, Report, EXIT_OK};
+use crate::diag::Visible;
 use crate::policy::{
     decide_case, rule_covers, Decision, Effect, Policy, Rule, RuleSummary, TestCase,
 };
@@ -565,10 +565,16 @@ fn absolute(p: &Path) -> PathBuf {
 
 // === rendering ===
 
-fn decision_word(d: &Decision) -> String {
+/// `allow (`rule`, file:line)`; `md`: for a Markdown table cell (the rule id is a
+/// plain name; the file path is the files' text).
+fn decision_word(d: &Decision, md: bool) -> String {
     let verdict = if d.allowed { "allow" } else { "deny" };
     match &d.rule {
-        Some(r) => format!("{verdict} (`{}`, {}:{})", r.id, r.file.display(), r.line),
+        Some(r) => {
+            let file = shown(&r.file.display().to_string());
+            let file = if md { md_cell(&file) } else { file };
+            format!("{verdict} (`{}`, {file}:{})", r.id, r.line)
+        }
         None => format!("{verdict} ({})", d.reason),
     }
 }
@@ -589,15 +595,15 @@ fn text(d: &PolicyDiff) -> String {
         return o;
     }
     for sd in &d.sections {
-        let _ = writeln!(o, "\nsettings `[{}]` changed (every route):", sd.section);
+        let _ = writeln!(o, "\nsettings `[{}]` changed (every route):", Visible(&sd.section));
         for c in &sd.settings_changed {
             let _ = writeln!(o, "  {}", setting_line(c));
         }
     }
     for i in &d.issuers {
-        let _ = writeln!(o, "\nissuer `{}` ({})", i.issuer, i.status);
+        let _ = writeln!(o, "\nissuer `{}` ({})", Visible(&i.issuer), i.status);
         if !i.routes.is_empty() {
-            let names: Vec<String> = i.routes.iter().map(|r| format!("`{r}`")).collect();
+            let names: Vec<String> = i.routes.iter().map(|r| format!("`{}`", Visible(r))).collect();
             let _ = writeln!(o, "  named by the rules of: {}", names.join(", "));
         }
         for c in &i.settings_changed {
@@ -605,14 +611,15 @@ fn text(d: &PolicyDiff) -> String {
         }
     }
     for r in &d.routes {
-        let _ = writeln!(o, "\n{} `{}` ({})", route_word(r), r.route, r.status);
+        let _ = writeln!(o, "\n{} `{}` ({})", route_word(r), Visible(&r.route), r.status);
         if let (Some(b), Some(a)) = (&r.policy_before, &r.policy_after) {
             if b != a {
-                let _ = writeln!(o, "  policy file renamed: {} -> {}", b.display(), a.display());
+                let (b, a) = (shown(&b.display().to_string()), shown(&a.display().to_string()));
+                let _ = writeln!(o, "  policy file renamed: {b} -> {a}");
             }
         }
         if let Some((b, a)) = &r.match_changed {
-            let _ = writeln!(o, "  route match changed: {b} -> {a}");
+            let _ = writeln!(o, "  route match changed: {} -> {}", Visible(b), Visible(a));
         }
         if let Some((b, a)) = &r.order_changed {
             let _ = writeln!(
@@ -649,13 +656,13 @@ fn text(d: &PolicyDiff) -> String {
                 let _ = writeln!(
                     o,
                     "    {}:{}: {:?} ({} {}): {} -> {}",
-                    f.file.display(),
+                    shown(&f.file.display().to_string()),
                     f.line,
                     f.name,
-                    f.caller,
-                    f.request,
-                    decision_word(&f.before),
-                    decision_word(&f.after)
+                    shown(&f.caller),
+                    shown(&f.request),
+                    decision_word(&f.before, false),
+                    decision_word(&f.after, false)
                 );
             }
         }
@@ -682,13 +689,18 @@ fn names(v: &[String]) -> String {
     if v.is_empty() {
         return "(none)".into();
     }
-    v.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    v.iter().map(|n| format!("`{}`", Visible(n))).collect::<Vec<_>>().join(", ")
 }
 
 /// `upstream: "http://a" -> "http://b"`; an absent key reads `(not set)`.
 fn setting_line(c: &SettingChange) -> String {
     let side = |v: &Option<String>| v.clone().unwrap_or_else(|| "(not set)".into());
-    format!("{}: {} -> {}", c.setting, side(&c.before), side(&c.after))
+    format!(
+        "{}: {} -> {}",
+        Visible(&c.setting),
+        Visible(&side(&c.before)),
+        Visible(&side(&c.after))
+    )
 }
 
 /// Text from a configuration file, safe in a Markdown table cell: it opens no HTML
@@ -722,7 +734,7 @@ fn change_line(c: &RuleChange, md: bool) -> String {
     // In Markdown, text from a policy file never opens HTML (`<!--` would hide the rest
     // of a pull-request comment).
     let bullet = |s: &RuleSummary| {
-        let b = bullet(s);
+        let b = rule_words(s);
         if md {
             b.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
         } else {
@@ -743,6 +755,63 @@ fn change_line(c: &RuleChange, md: bool) -> String {
             bullet(a)
         ),
         (None, None) => c.kind.to_string(),
+    }
+}
+
+/// A rule in words (`policy who`'s bullet), with what decides access (its conditions,
+/// upstream role and file) [`shown`] in ASCII: a look-alike letter (`mallоry`, with a
+/// Cyrillic `о`) makes a value no token has, and the before and after of a changed rule
+/// must not read the same when they match different callers. The description says
+/// nothing about access and keeps its letters (it holds no hidden character).
+fn rule_words(s: &RuleSummary) -> String {
+    let mut b = format!(
+        "`{}` ({}:{}): {}; {}",
+        s.rule.id,
+        shown(&s.rule.file.display().to_string()),
+        s.rule.line,
+        shown(&s.who_phrase()),
+        shown(&s.what_phrase())
+    );
+    if let Some(r) = &s.upstream_role {
+        let _ = write!(b, "; as upstream role `{}`", shown(r));
+    }
+    if let Some(d) = &s.description {
+        let _ = write!(b, " — \"{}\"", Visible(d));
+    }
+    b
+}
+
+/// Text from the files in a report, in printable ASCII: every other character (a
+/// control such as an ANSI escape or a line break, an invisible or bidirectional one, a
+/// letter from another script that looks like a Latin one) as the TOML escape that
+/// spells it (`\u001B`, `\u043E`).
+fn shown(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_ascii() && !c.is_ascii_control() {
+            o.push(c);
+        } else {
+            let _ = match u32::from(c) {
+                n @ 0..=0xffff => write!(o, "\\u{n:04X}"),
+                n => write!(o, "\\U{n:08X}"),
+            };
+        }
+    }
+    o
+}
+
+/// Text from the files as a Markdown code span, [`shown`] in ASCII; in a table cell
+/// (`cell`) a `|` is escaped so it opens no new cell. Text holding a backtick, which
+/// would close the span, is written as escaped plain text instead ([`md_cell`]).
+fn md_code(s: &str, cell: bool) -> String {
+    let s = shown(s);
+    if s.contains('`') {
+        return md_cell(&s);
+    }
+    if cell {
+        format!("`{}`", s.replace('|', "\\|"))
+    } else {
+        format!("`{s}`")
     }
 }
 
@@ -774,11 +843,16 @@ fn markdown(d: &PolicyDiff) -> String {
         let _ = writeln!(o, "### {title} `{}` ({})\n", md_cell(&r.route), r.status);
         if let (Some(b), Some(a)) = (&r.policy_before, &r.policy_after) {
             if b != a {
-                let _ = writeln!(o, "Policy file renamed: `{}` → `{}`\n", b.display(), a.display());
+                let _ = writeln!(
+                    o,
+                    "Policy file renamed: {} → {}\n",
+                    md_code(&b.display().to_string(), false),
+                    md_code(&a.display().to_string(), false)
+                );
             }
         }
         if let Some((b, a)) = &r.match_changed {
-            let _ = writeln!(o, "Route match changed: {b} → {a}\n");
+            let _ = writeln!(o, "Route match changed: {} → {}\n", md_cell(b), md_cell(a));
         }
         if let Some((b, a)) = &r.order_changed {
             let md = |v: &[String]| -> String {
@@ -824,14 +898,13 @@ fn markdown(d: &PolicyDiff) -> String {
             for f in &r.flipped_tests {
                 let _ = writeln!(
                     o,
-                    "| {} (`{}:{}`) | `{}` | `{}` | {} | {} |",
-                    f.name.replace('|', "\\|"),
-                    f.file.display(),
-                    f.line,
-                    f.caller,
-                    f.request,
-                    decision_word(&f.before),
-                    decision_word(&f.after)
+                    "| {} ({}) | {} | {} | {} | {} |",
+                    md_cell(&f.name),
+                    md_code(&format!("{}:{}", f.file.display(), f.line), true),
+                    md_code(&f.caller, true),
+                    md_code(&f.request, true),
+                    decision_word(&f.before, true),
+                    decision_word(&f.after, true)
                 );
             }
             let _ = writeln!(o);

@@ -1704,3 +1704,66 @@ fn diff_refuses_a_policy_or_configuration_committed_as_a_symbolic_link() {
     assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
     assert!(r.stderr.contains("portcullis.toml") && r.stderr.contains("symbolic link"), "{r:?}");
 }
+
+/// The flipped-tests table of the Markdown report wrote a test's name, caller and
+/// request as the files spell them: a test named `… <!--` opened an HTML comment that
+/// hid the rest of the pull-request comment (the access gained on every route listed
+/// after it), a backtick in a test identity's subject closed its code span, and in the
+/// terminal report a subject could carry an ANSI escape. Each is escaped now, and a
+/// test's name is one visible line, as a rule's description is.
+#[test]
+fn a_test_name_or_caller_cannot_forge_or_hide_the_report() {
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let engineers = "[[rule]]\nid = \"engineers\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"engineering\"]\n";
+    let changed = API.replace(engineers, "")
+        + "\n[[test]]\nname = \"engineers keep reading | <!--\"\nidentity = { issuer = \"corp\", subject = \"al`ice <!-- \\u001b[2K\", groups = [\"engineering\"] }\nrequest = \"GET /x\"\nexpect = \"deny\"\n";
+    write(&root.join("policies/api.toml"), &changed);
+    let c2 = commit(root, "engineers read elsewhere");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    assert_eq!(d.routes[0].flipped_tests.len(), 1, "{d:?}");
+    let md = diff::render(&d, Format::Markdown);
+    assert!(!md.contains("<!--") && !md.contains("al`ice"), "{md}");
+    assert!(!md.contains('\u{1b}'), "{md}");
+    let row = md.lines().find(|l| l.starts_with("| engineers keep reading")).unwrap_or_default();
+    // Six cell separators, not one more: no cell was split.
+    assert_eq!(row.matches(" | ").count() + 2, 6, "{row}");
+    let text = diff::render(&d, Format::Text);
+    assert!(!text.contains('\u{1b}') && text.contains("\\u001B"), "{text}");
+
+    // A test name is one visible line.
+    for bad in ["one\\n\\nNo access changes.", "a \\u202e b", "a\\u001b[2Kb"] {
+        let text = format!("{API}\n[[test]]\nname = \"{bad}\"\nidentity = {{ issuer = \"corp\", groups = [\"engineering\"] }}\nrequest = \"GET /x\"\nexpect = \"allow\"\n");
+        let msgs = policy_messages(&text);
+        assert!(msgs.iter().any(|m| m.contains("test `name` is one line")), "{bad}: {msgs:?}");
+    }
+}
+
+/// A deny's value respelt with a look-alike letter (a Cyrillic `о` in `mallory`) no
+/// longer matches the caller it names, but the report's before and after read the same,
+/// so the change looked like a no-op reformat. Every character outside ASCII in a rule's
+/// conditions is shown as its escape in the report (`\u043E`), so the two differ on the
+/// page as they do to the proxy.
+#[test]
+fn a_look_alike_letter_in_a_changed_rule_shows_in_the_report() {
+    let deny = "\n[[rule]]\nid = \"no-mallory\"\neffect = \"deny\"\nissuer = \"corp\"\nemail = \"mallory@acme.example\"\n";
+    let (dir, cfg) = setup(&format!("{API}{deny}"));
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    write(
+        &root.join("policies/api.toml"),
+        &format!("{API}{}", deny.replace("mallory@", "mall\u{043e}ry@")),
+    );
+    let c2 = commit(root, "normalize the deny");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    assert_eq!(changes(&d), vec![("api".into(), Access::Changed, "changed", "no-mallory".into())]);
+    for format in [Format::Text, Format::Markdown] {
+        let out = diff::render(&d, format);
+        assert!(out.contains("mall\\u043Ery@acme.example") && !out.contains('\u{043e}'), "{out}");
+    }
+}
