@@ -95,6 +95,11 @@ pub struct RouteDiff {
     /// told (`upstream`, `issuers`, `preserve_host`, `forward_token`, …).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub settings_changed: Vec<SettingChange>,
+    /// The HTTP routes of the new configuration that can take requests this route took
+    /// (it is removed, or its match no longer covers what it did): a request no route
+    /// takes first goes to the next route that matches it, whose policy decides it now.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub taken_over_by: Vec<String>,
     /// `cors_preflight` turned on (`gained`: CORS preflights without any credential
     /// are forwarded without the policy; also for a route added with it) or off
     /// (`lost`).
@@ -291,6 +296,7 @@ pub fn compare(
                 policy_after: Some(n.policy.file().to_path_buf()),
                 match_changed: None,
                 order_changed: None,
+                taken_over_by: Vec::new(),
                 // What the new route is set to do (`forward_token`, its upstream, …).
                 settings_changed: setting_changes(&Settings::new(), &n.settings),
                 cors_preflight: n.cors_preflight.then_some(Access::Gained),
@@ -305,6 +311,7 @@ pub fn compare(
                 policy_after: None,
                 match_changed: None,
                 order_changed: None,
+                taken_over_by: taken_over_by(o, None, new),
                 settings_changed: Vec::new(),
                 cors_preflight: o.cors_preflight.then_some(Access::Lost),
                 rules: rule_changes(Some(&o.policy), None, old, new),
@@ -322,6 +329,7 @@ pub fn compare(
                     .is_none()
                     .then(|| (tried_before(old, o, new), tried_before(new, n, old)))
                     .filter(|(before, after)| before != after);
+                let taken_over_by = taken_over_by(o, Some(n), new);
                 if rules.is_empty()
                     && flipped_tests.is_empty()
                     && match_changed.is_none()
@@ -339,6 +347,7 @@ pub fn compare(
                     policy_after: Some(n.policy.file().to_path_buf()),
                     match_changed,
                     order_changed,
+                    taken_over_by,
                     settings_changed,
                     cors_preflight: match (o.cors_preflight, n.cors_preflight) {
                         (false, true) => Some(Access::Gained),
@@ -512,6 +521,38 @@ fn tried_before(snap: &Snapshot, r: &RouteView, other: &Snapshot) -> Vec<String>
     names
 }
 
+/// The HTTP routes of `snap` (the new side) other than `old` itself that can take
+/// requests `old` took and its new version `new` (if any) no longer takes, by name.
+fn taken_over_by(old: &RouteView, new: Option<&RouteView>, snap: &Snapshot) -> Vec<String> {
+    if old.database.is_some() || new.is_some_and(|n| match_covers(n, old)) {
+        return Vec::new();
+    }
+    let mut names: Vec<String> = snap
+        .routes
+        .iter()
+        .filter(|x| x.database.is_none() && x.name != old.name && overlap(x, old))
+        .map(|x| x.name.clone())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Whether route `a` matches every request route `b` matches (host, path prefix and
+/// method filter), conservatively.
+fn match_covers(a: &RouteView, b: &RouteView) -> bool {
+    let host = a.host == "*"
+        || a.host == b.host
+        || a.host.strip_prefix('*').is_some_and(|s| b.host != "*" && b.host.ends_with(s));
+    let methods = match (&a.methods, &b.methods) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(a), Some(b)) => {
+            b.iter().all(|m| a.contains(m) || (m == "HEAD" && a.iter().any(|x| x == "GET")))
+        }
+    };
+    host && crate::config::path_has_prefix(&b.path_prefix, &a.path_prefix) && methods
+}
+
 /// Whether two HTTP routes can match the same request: hosts that can be the same name
 /// (`*` any; `*.example.com` and a name under it; two suffixes one of which ends the
 /// other) and path prefixes one of which covers the other. Methods are left out: a
@@ -639,11 +680,13 @@ fn text(d: &PolicyDiff) -> String {
         ] {
             let items: Vec<&RuleChange> = r.rules.iter().filter(|c| c.access == access).collect();
             let preflight = preflight_line(r, access);
-            if items.is_empty() && preflight.is_none() {
+            let takeover = takeover_line(r, &|n| format!("`{}`", Visible(n)))
+                .filter(|_| access == Access::Gained);
+            if items.is_empty() && preflight.is_none() && takeover.is_none() {
                 continue;
             }
             let _ = writeln!(o, "  {title}:");
-            if let Some(line) = preflight {
+            for line in takeover.iter().map(String::as_str).chain(preflight) {
                 let _ = writeln!(o, "    {line}");
             }
             for c in items {
@@ -668,6 +711,20 @@ fn text(d: &PolicyDiff) -> String {
         }
     }
     o
+}
+
+/// Where the requests of a removed or narrowed route go now (access gained: whoever
+/// those routes' policies allow), in words; `code` spells a route name.
+fn takeover_line(r: &RouteDiff, code: &dyn Fn(&str) -> String) -> Option<String> {
+    if r.taken_over_by.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = r.taken_over_by.iter().map(|n| code(n)).collect();
+    let what = if r.status == "removed" { "it took" } else { "it no longer takes" };
+    Some(format!(
+        "requests {what} now go to route {}: its policy decides them (whoever it allows there gets in)",
+        names.join(" or route ")
+    ))
 }
 
 /// The access `cors_preflight` adds or removes, when it changed in the direction
@@ -879,11 +936,13 @@ fn markdown(d: &PolicyDiff) -> String {
         ] {
             let items: Vec<&RuleChange> = r.rules.iter().filter(|c| c.access == access).collect();
             let preflight = preflight_line(r, access);
-            if items.is_empty() && preflight.is_none() {
+            let takeover = takeover_line(r, &|n| format!("`{}`", md_cell(n)))
+                .filter(|_| access == Access::Gained);
+            if items.is_empty() && preflight.is_none() && takeover.is_none() {
                 continue;
             }
             let _ = writeln!(o, "{title}\n");
-            if let Some(line) = preflight {
+            for line in takeover.iter().map(String::as_str).chain(preflight) {
                 let _ = writeln!(o, "- {line}");
             }
             for c in items {

@@ -1767,3 +1767,54 @@ fn a_look_alike_letter_in_a_changed_rule_shows_in_the_report() {
         assert!(out.contains("mall\\u043Ery@acme.example") && !out.contains('\u{043e}'), "{out}");
     }
 }
+
+/// Routes are matched by name, so removing a route (or narrowing its match) read as
+/// "access lost: removed allow …": but its requests do not stop, they go to the next
+/// route that matches them, and that route's policy decides them now. Deleting a
+/// strict `/admin` route in front of a catch-all whose policy lets every engineer in
+/// opened `/admin` to every engineer, and the report said only "access lost". The
+/// routes that now take such requests are named, as access gained.
+#[test]
+fn diff_names_the_route_that_takes_the_requests_of_a_removed_or_narrowed_route() {
+    let admin_route = "\n[[routes]]\nname = \"admin\"\nmatch = { host = \"api.example.com\", path_prefix = \"/admin\" }\nupstream = \"http://127.0.0.1:1\"\npolicy = \"admin\"\n";
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    write(&cfg, &format!("{CONFIG}{admin_route}"));
+    write(
+        &root.join("policies/admin.toml"),
+        "[[rule]]\nid = \"admins\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"admins\"]\n",
+    );
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    write(&cfg, CONFIG);
+    let c2 = commit(root, "drop the admin route");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    let admin = d.routes.iter().find(|r| r.route == "admin").unwrap_or_else(|| panic!("{d:?}"));
+    assert_eq!(admin.status, "removed");
+    assert_eq!(admin.taken_over_by, vec!["api".to_string()], "{d:?}");
+    let text = diff::render(&d, Format::Text);
+    let gained = text.split("access gained:").nth(1).unwrap_or_default();
+    assert!(gained.contains("now go to route `api`"), "{text}");
+    let md = diff::render(&d, Format::Markdown);
+    assert!(md.contains(":unlock: **Access gained**"), "{md}");
+
+    // Narrowed to `POST`: its `GET`s go to `api` too. Widened: nothing leaves it.
+    write(
+        &cfg,
+        &format!(
+            "{CONFIG}{}",
+            admin_route.replace(
+                "path_prefix = \"/admin\" }",
+                "path_prefix = \"/admin\", methods = [\"POST\"] }"
+            )
+        ),
+    );
+    let c3 = commit(root, "admin route for writes only");
+    let d = diff_of(&cfg, Some(&c1), Some(&c3));
+    let admin = d.routes.iter().find(|r| r.route == "admin").unwrap_or_else(|| panic!("{d:?}"));
+    assert_eq!(admin.taken_over_by, vec!["api".to_string()], "{d:?}");
+    let d = diff_of(&cfg, Some(&c3), Some(&c1));
+    let admin = d.routes.iter().find(|r| r.route == "admin").unwrap_or_else(|| panic!("{d:?}"));
+    assert!(admin.taken_over_by.is_empty(), "{d:?}");
+}
