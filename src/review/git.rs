@@ -34,6 +34,9 @@ pub(crate) fn toplevel(dir: &Path) -> Result<PathBuf, String> {
 /// while `serve` and `check` read the file it points at, so a link whose target reads as
 /// TOML (`#x`, a comment: an empty policy) would be compared as something no proxy runs.
 pub(crate) fn show(root: &Path, rev: &str, path: &Path) -> Result<String, String> {
+    if !inside(path) {
+        return Err("is outside the repository".into());
+    }
     let p = slash_path(path);
     let entries = tree_entries(root, rev, &p)?;
     let Some(entry) = entries.iter().find(|e| e.path == p) else {
@@ -55,6 +58,9 @@ pub(crate) fn show(root: &Path, rev: &str, path: &Path) -> Result<String, String
 /// The `*.toml` files directly in `dir` at `rev`, sorted (none when the directory does
 /// not exist). A symbolic link among them is refused, as by [`show`].
 pub(crate) fn ls(root: &Path, rev: &str, dir: &Path) -> Result<Vec<PathBuf>, String> {
+    if !inside(dir) {
+        return Err(format!("{}: is outside the repository", dir.display()));
+    }
     let d = format!("{}/", slash_path(dir).trim_end_matches('/'));
     let mut out = Vec::new();
     for e in tree_entries(root, rev, &d)? {
@@ -134,6 +140,13 @@ pub(crate) fn default_base(root: &Path) -> Result<String, String> {
         }
     }
     Err("no default branch (origin/HEAD, main or master) to compare with: name FROM".into())
+}
+
+/// Whether `path` (relative to the top of the work tree) names a file in it: no root,
+/// no `..` ([`slash_path`] drops them, which would name another file).
+fn inside(path: &Path) -> bool {
+    path.components()
+        .all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
 }
 
 /// Git wants `/` separators and no `./`.

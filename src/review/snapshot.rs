@@ -338,6 +338,17 @@ impl Snapshot {
             if let Some(done) = compiled.get(&path) {
                 return done.clone();
             }
+            // `serve` reads such a file where it is (`/srv/…`, `../repo/…`); git holds no
+            // file there, and no other file may stand in for it.
+            if path.is_absolute() || path.starts_with("..") {
+                problems.push(format!(
+                    "{}: policy `{}` is outside the repository: `policy diff` compares the files git holds and cannot judge it",
+                    at(config),
+                    crate::diag::Visible(name)
+                ));
+                compiled.insert(path, None);
+                return None;
+            }
             let policy = match tree.read(&path) {
                 Err(e) => {
                     problems.push(format!("{}: {e}", at(&path)));

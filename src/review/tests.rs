@@ -1818,3 +1818,57 @@ fn diff_names_the_route_that_takes_the_requests_of_a_removed_or_narrowed_route()
     let admin = d.routes.iter().find(|r| r.route == "admin").unwrap_or_else(|| panic!("{d:?}"));
     assert!(admin.taken_over_by.is_empty(), "{d:?}");
 }
+
+/// `policy = "../repo/policies/open.toml"`, in a repository checked out as `repo`, is
+/// `policies/open.toml` to `serve`; the diff normalized the path to `../repo/…` and git
+/// was asked for `repo/policies/open.toml` (the `..` dropped): a decoy the pull request
+/// commits there, a copy of the old rules, so the report showed a rename and no access
+/// change while the route ran the permissive file. An absolute path did the same. A
+/// policy outside the repository is refused: the diff cannot judge it.
+#[test]
+fn diff_refuses_a_policy_path_that_leaves_the_repository() {
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    write(
+        &root.join("policies/open.toml"),
+        "[[rule]]\nid = \"everyone\"\neffect = \"allow\"\nissuer = \"corp\"\n",
+    );
+    write(&root.join(&name).join("policies/open.toml"), API);
+    let escaping = format!("../{name}/policies/open.toml");
+    write(&cfg, &CONFIG.replace("policy = \"api\"", &format!("policy = \"{escaping}\"")));
+    // `serve` reads the permissive file.
+    let config = Config::load(&cfg).unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(config.routes[0].policy.rules().iter().any(|r| r.id() == "everyone"));
+    let c2 = commit(root, "move the api policy");
+    for to in [Some(c2.as_str()), None] {
+        let r = diff::run(&DiffArgs {
+            config: cfg.clone(),
+            from: Some(c1.clone()),
+            to: to.map(str::to_string),
+            tests: vec![],
+            format: Format::Text,
+        });
+        assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+        assert!(r.stderr.contains("outside the repository"), "{r:?}");
+    }
+    // An absolute path too.
+    let abs = root.join("policies/open.toml");
+    write(
+        &cfg,
+        &CONFIG.replace("policy = \"api\"", &format!("policy = {:?}", abs.display().to_string())),
+    );
+    let c3 = commit(root, "absolute");
+    let r = diff::run(&DiffArgs {
+        config: cfg.clone(),
+        from: Some(c1.clone()),
+        to: Some(c3),
+        tests: vec![],
+        format: Format::Text,
+    });
+    assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+    assert!(r.stderr.contains("outside the repository"), "{r:?}");
+}
