@@ -88,7 +88,8 @@ pub struct RouteDiff {
     /// The routes tried before this one that can match some of the same requests
     /// (overlapping host and path prefix), before and after, when they changed: the
     /// first route that matches serves a request, so swapping two route blocks (or
-    /// respelling a prefix so it ranks higher) moves requests to another policy.
+    /// respelling a prefix so it ranks higher, or adding a route in front) moves
+    /// requests to another policy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub order_changed: Option<(Vec<String>, Vec<String>)>,
     /// Other settings of the route that may change access or what the upstream is
@@ -327,7 +328,7 @@ pub fn compare(
                 let order_changed = o
                     .database
                     .is_none()
-                    .then(|| (tried_before(old, o, new), tried_before(new, n, old)))
+                    .then(|| (tried_before(old, o, Some(new)), tried_before(new, n, None)))
                     .filter(|(before, after)| before != after);
                 let taken_over_by = taken_over_by(o, Some(n), new);
                 if rules.is_empty()
@@ -506,15 +507,18 @@ fn flips(
 }
 
 /// The names of the HTTP routes `snap` tries before `r` that can match some of the
-/// same requests and that `other` has too, sorted (which of them comes first among
-/// themselves is their own entries' business).
-fn tried_before(snap: &Snapshot, r: &RouteView, other: &Snapshot) -> Vec<String> {
+/// same requests (and, given `other`, that it has too), sorted (which of them comes
+/// first among themselves is their own entries' business). The old side counts only
+/// routes the new one still has (a removed route names where its requests go, in
+/// [`RouteDiff::taken_over_by`]); the new side counts every route, an added one too: it
+/// takes requests out of reach of this route's denies.
+fn tried_before(snap: &Snapshot, r: &RouteView, other: Option<&Snapshot>) -> Vec<String> {
     let mut names: Vec<String> = snap
         .routes
         .iter()
         .take_while(|x| x.name != r.name || x.database.is_some())
         .filter(|x| x.database.is_none() && overlap(x, r))
-        .filter(|x| other.route_of_kind(&x.name, false).is_some())
+        .filter(|x| other.is_none_or(|o| o.route_of_kind(&x.name, false).is_some()))
         .map(|x| x.name.clone())
         .collect();
     names.sort();

@@ -1872,3 +1872,30 @@ fn diff_refuses_a_policy_path_that_leaves_the_repository() {
     assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
     assert!(r.stderr.contains("outside the repository"), "{r:?}");
 }
+
+/// A route added in front of an existing one takes some of its requests, and with
+/// them out of reach of that route's denies: a new `/admin` route whose policy allows
+/// every engineer, in front of a catch-all whose deny kept contractors (engineers too)
+/// out of `/admin`, reported only "route `admin` added: engineers", which they already
+/// were. The routing order of the catch-all only counted routes both sides have, so the
+/// deny that no longer applies went unsaid. An added route tried first is named.
+#[test]
+fn diff_names_an_added_route_that_is_tried_before_an_existing_one() {
+    let deny = "\n[[rule]]\nid = \"no-contractors-on-admin\"\neffect = \"deny\"\nissuer = \"corp\"\ngroups_any = [\"contractors\"]\npaths = [\"/admin/**\"]\n";
+    let (dir, cfg) = setup(&format!("{API}{deny}"));
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    write(&cfg, &format!("{CONFIG}\n[[routes]]\nname = \"admin\"\nmatch = {{ host = \"api.example.com\", path_prefix = \"/admin\" }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"admin\"\n"));
+    write(
+        &root.join("policies/admin.toml"),
+        "[[rule]]\nid = \"engineers\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"engineering\"]\n",
+    );
+    let c2 = commit(root, "an admin route for engineers");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    let api = d.routes.iter().find(|r| r.route == "api").unwrap_or_else(|| panic!("{d:?}"));
+    assert_eq!(api.order_changed, Some((vec![], vec!["admin".to_string()])), "{d:?}");
+    let text = diff::render(&d, Format::Text);
+    assert!(text.contains("routing order changed"), "{text}");
+}
