@@ -765,14 +765,16 @@ fn setting_line(c: &SettingChange) -> String {
 }
 
 /// Text from a configuration file, safe in a Markdown table cell: it opens no HTML
-/// (`<!--` would hide the rest of the comment), no code span and no new cell.
+/// (`<!--` would hide the rest of the comment), no code span and no new cell, and
+/// shows a hidden character (a line break, a bidirectional override) as its escape.
 fn md_cell(s: &str) -> String {
-    s.replace('&', "&amp;")
+    Visible(s)
+        .to_string()
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('|', "\\|")
         .replace('`', "&#96;")
-        .replace(['\n', '\r'], " ")
 }
 
 fn md_settings(o: &mut String, changes: &[SettingChange]) {

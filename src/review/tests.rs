@@ -1899,3 +1899,26 @@ fn diff_names_an_added_route_that_is_tried_before_an_existing_one() {
     let text = diff::render(&d, Format::Text);
     assert!(text.contains("routing order changed"), "{text}");
 }
+
+/// A setting's key or value in the Markdown report shows a hidden character as its
+/// escape, as the text report and diagnostics do: a bidirectional override in a value
+/// (JSON escapes controls, not U+202E) reorders the cell it is in.
+#[test]
+fn markdown_settings_show_hidden_characters_as_escapes() {
+    let d = diff::PolicyDiff {
+        from: "a".into(),
+        to: "b".into(),
+        sections: vec![diff::SectionDiff {
+            section: "session".into(),
+            settings_changed: vec![diff::SettingChange {
+                setting: "cookie_domain".into(),
+                before: None,
+                after: Some("\"x\u{202e}moc.elpmaxe\"".into()),
+            }],
+        }],
+        issuers: vec![],
+        routes: vec![],
+    };
+    let md = diff::render(&d, Format::Markdown);
+    assert!(!md.contains('\u{202e}') && md.contains("x\\u202Emoc"), "{md}");
+}
