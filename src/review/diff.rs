@@ -402,7 +402,10 @@ fn rule_changes(
                         if a.effect() == Effect::Allow { Access::Gained } else { Access::Lost };
                     (access, "effect-changed")
                 } else {
-                    let narrowed = rule_covers(b, a) && !rule_covers(a, b);
+                    // Another upstream role for the callers it still admits is access
+                    // gained, whatever the conditions lost: never "narrowed".
+                    let same_role = b.upstream_role() == a.upstream_role();
+                    let narrowed = same_role && rule_covers(b, a) && !rule_covers(a, b);
                     let widened = rule_covers(a, b) && !rule_covers(b, a);
                     let allow = a.effect() == Effect::Allow;
                     match (narrowed, widened) {

@@ -1922,3 +1922,28 @@ fn markdown_settings_show_hidden_characters_as_escapes() {
     let md = diff::render(&d, Format::Markdown);
     assert!(!md.contains('\u{202e}') && md.contains("x\\u202Emoc"), "{md}");
 }
+
+/// An allow narrowed by a condition while its `upstream_role` moves to a stronger role
+/// was filed under "access lost" (narrowed): the callers it still admits now get
+/// another database role, which is access gained. A rule whose upstream role changes
+/// is never "narrowed": it may gain and lose access.
+#[test]
+fn diff_never_files_a_changed_upstream_role_under_access_lost() {
+    let (dir, cfg) = setup_db(ORDERS);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let escalated = ORDERS.replace(
+        "groups_any = [\"engineering\"]\ndatabases = [\"orders\"]\n",
+        "groups_any = [\"engineering\"]\ndatabases = [\"orders\"]\nroles = [\"reporting\"]\nupstream_role = \"migrator\"\n",
+    );
+    assert_ne!(escalated, ORDERS);
+    write(&root.join("policies/orders.toml"), &escalated);
+    let c2 = commit(root, "engineers read as reporting only");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    assert_eq!(
+        changes(&d),
+        vec![("orders".into(), Access::Changed, "changed", "engineers-read".into())]
+    );
+}
