@@ -1,7 +1,9 @@
 //! `portcullis policy diff [FROM [TO]] -c FILE`: the access a change adds and removes.
 //!
-//! Both sides are read from git (`git show REV:path`; the working tree when `TO` is
-//! omitted), never checked out. Routes are matched by name (so a renamed policy file
+//! Both sides are read from git (a file's own bytes, through `git ls-tree` and `git
+//! cat-file`; the working tree when `TO` is omitted), never checked out; what the diff
+//! cannot read as `serve` would (a symbolic link, a policy outside the repository) is
+//! an error, never a report that says less. Routes are matched by name (so a renamed policy file
 //! is still the same route) and rules by id. For each route the output lists the
 //! access gained and lost as `who` summaries, and every `[[test]]` case (of either
 //! side) whose decision flips between the two sides.
