@@ -1,5 +1,5 @@
-//! The few git commands `policy diff` needs. Revisions are read with `git show
-//! REV:path` and `git ls-tree`: nothing is ever checked out over the user's work.
+//! The few git commands `policy diff` needs. Revisions are read with `git ls-tree` and
+//! `git cat-file`: nothing is ever checked out over the user's work.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,6 +1,6 @@
 //! The routes of a configuration and their compiled policies, read from the working
 //! tree (through [`Config::load`], exactly as `serve` reads them) or from a git
-//! revision (config and policy text from `git show`, compiled with
+//! revision (config and policy text from git, compiled with
 //! [`Policy::parse`]), plus the `[[test]]` sets that go with them.
 
 use std::collections::BTreeMap;
