@@ -17,7 +17,8 @@ use serde_json::json;
 
 use super::git;
 use super::snapshot::{RouteView, Settings, Snapshot, TestSet, Tree};
-use super::{Format, Report, EXIT_OK};
+use super::who::bullet;
+use super::{shown, Format, Report, EXIT_OK};
 use crate::diag::Visible;
 use crate::policy::{
     decide_case, rule_covers, Decision, Effect, Policy, Rule, RuleSummary, TestCase,
@@ -802,7 +803,7 @@ fn change_line(c: &RuleChange, md: bool) -> String {
     // In Markdown, text from a policy file never opens HTML (`<!--` would hide the rest
     // of a pull-request comment).
     let bullet = |s: &RuleSummary| {
-        let b = rule_words(s);
+        let b = bullet(s);
         if md {
             b.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
         } else {
@@ -824,48 +825,6 @@ fn change_line(c: &RuleChange, md: bool) -> String {
         ),
         (None, None) => c.kind.to_string(),
     }
-}
-
-/// A rule in words (`policy who`'s bullet), with what decides access (its conditions,
-/// upstream role and file) [`shown`] in ASCII: a look-alike letter (`mallоry`, with a
-/// Cyrillic `о`) makes a value no token has, and the before and after of a changed rule
-/// must not read the same when they match different callers. The description says
-/// nothing about access and keeps its letters (it holds no hidden character).
-fn rule_words(s: &RuleSummary) -> String {
-    let mut b = format!(
-        "`{}` ({}:{}): {}; {}",
-        s.rule.id,
-        shown(&s.rule.file.display().to_string()),
-        s.rule.line,
-        shown(&s.who_phrase()),
-        shown(&s.what_phrase())
-    );
-    if let Some(r) = &s.upstream_role {
-        let _ = write!(b, "; as upstream role `{}`", shown(r));
-    }
-    if let Some(d) = &s.description {
-        let _ = write!(b, " — \"{}\"", Visible(d));
-    }
-    b
-}
-
-/// Text from the files in a report, in printable ASCII: every other character (a
-/// control such as an ANSI escape or a line break, an invisible or bidirectional one, a
-/// letter from another script that looks like a Latin one) as the TOML escape that
-/// spells it (`\u001B`, `\u043E`).
-fn shown(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c.is_ascii() && !c.is_ascii_control() {
-            o.push(c);
-        } else {
-            let _ = match u32::from(c) {
-                n @ 0..=0xffff => write!(o, "\\u{n:04X}"),
-                n => write!(o, "\\U{n:08X}"),
-            };
-        }
-    }
-    o
 }
 
 /// Text from the files as a Markdown code span, [`shown`] in ASCII; in a table cell

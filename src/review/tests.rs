@@ -1947,3 +1947,27 @@ fn diff_never_files_a_changed_upstream_role_under_access_lost() {
         vec![("orders".into(), Access::Changed, "changed", "engineers-read".into())]
     );
 }
+
+/// `policy who --format markdown` (a Markdown format is for pull-request comments)
+/// wrote each rule as the policy spells it: an allow whose description ends in `<!--`
+/// hid every allow listed after it, and with them who else gets in. Its bullets are
+/// escaped and shown in printable ASCII as `policy diff`'s are.
+#[test]
+fn who_markdown_cannot_hide_the_allows_after_a_crafted_description() {
+    let crafted = API.replace(
+        "groups_any = [\"engineering\"]\n",
+        "groups_any = [\"engineering\"]\ndescription = \"Engineers. <!--\"\n",
+    );
+    let (_dir, cfg) = setup(&format!(
+        "{crafted}\n[[rule]]\nid = \"everyone\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"\u{0435}ngineering\"]\n"
+    ));
+    let r = who::run(&WhoArgs {
+        config: cfg,
+        route: Some("api".into()),
+        request: None,
+        format: Format::Markdown,
+    });
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    assert!(!r.stdout.contains("<!--") && r.stdout.contains("&lt;!--"), "{}", r.stdout);
+    assert!(r.stdout.contains("`\\u0435ngineering`"), "{}", r.stdout);
+}
