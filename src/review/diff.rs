@@ -495,8 +495,16 @@ fn flips(
                 .as_ref()
                 .map_or_else(|| "anonymous (no credential)".to_string(), |i| i.principal()),
         );
-        // An unchanged test is in both versions: listed once.
-        if out.iter().any(|f| f.name == case.name && f.request == request && f.caller == caller) {
+        // An unchanged test is in both versions: listed once. Only when both versions
+        // decide alike, though: a rewritten test (same name, request and subject, other
+        // claims) that flips the other way must not hide its old version's flip.
+        if out.iter().any(|f| {
+            f.name == case.name
+                && f.request == request
+                && f.caller == caller
+                && f.before == before
+                && f.after == after
+        }) {
             continue;
         }
         out.push(Flip {

@@ -1971,3 +1971,35 @@ fn who_markdown_cannot_hide_the_allows_after_a_crafted_description() {
     assert!(!r.stdout.contains("<!--") && r.stdout.contains("&lt;!--"), "{}", r.stdout);
     assert!(r.stdout.contains("`\\u0435ngineering`"), "{}", r.stdout);
 }
+
+/// Both versions of an edited test are checked, but a flip was listed once per name,
+/// request and caller: a pull request that rewrote a test (same name, request and
+/// subject, other claims) so that its new version flips the other way had only that
+/// version listed, "allow -> deny", and the old version's "deny -> allow" (the access
+/// gained) went unsaid. Two flips are one only when they decide alike.
+#[test]
+fn a_rewritten_test_flipping_the_other_way_does_not_hide_the_old_flip() {
+    let deny = "\n[[rule]]\nid = \"no-contractors\"\neffect = \"deny\"\nissuer = \"corp\"\ngroups_any = [\"contractors\"]\npaths = [\"/admin/**\"]\n";
+    let test = |groups: &str, claims: &str, expect: &str| {
+        format!("\n[[test]]\nname = \"alice on admin\"\nidentity = {{ issuer = \"corp\", subject = \"alice\", groups = [{groups}]{claims} }}\nrequest = \"GET /admin/x\"\nexpect = \"{expect}\"\n")
+    };
+    let before = format!(
+        "{API}{deny}{}",
+        test("\"engineering\", \"contractors\"", ", claims = { team = \"x\" }", "deny")
+    );
+    let (dir, cfg) = setup(&before);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let after = API.replace(
+        "groups_any = [\"engineering\"]\n",
+        "groups_any = [\"engineering\"]\nclaims = { team = \"x\" }\n",
+    ) + &test("\"engineering\"", "", "deny");
+    write(&root.join("policies/api.toml"), &after);
+    let c2 = commit(root, "engineers of team x");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    let flips = &d.routes[0].flipped_tests;
+    assert!(flips.iter().any(|f| !f.before.allowed && f.after.allowed), "{flips:?}");
+    assert!(flips.iter().any(|f| f.before.allowed && !f.after.allowed), "{flips:?}");
+}
