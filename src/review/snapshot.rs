@@ -525,14 +525,36 @@ impl Snapshot {
             for file in files {
                 let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned());
                 let stem = stem.unwrap_or_default();
-                let target = self
+                // Every policy the name could mean: one named so (in any directory), and
+                // the live policy of a route named so. More than one is refused: a
+                // policy of the same name added elsewhere, on a route ranked first, would
+                // take the security team's cases, and the real policy go untested.
+                let mut targets: Vec<(Option<String>, Arc<Policy>)> = self
                     .policies()
                     .into_iter()
-                    .find(|(_, p)| p.name() == stem)
+                    .filter(|(_, p)| p.name() == stem)
                     .map(|(r, p)| (r.map(|r| r.name.clone()), p))
-                    .or_else(|| {
-                        self.route(&stem).map(|r| (Some(r.name.clone()), r.policy.clone()))
-                    });
+                    .collect();
+                if let Some(r) = self.route(&stem) {
+                    if !targets.iter().any(|(_, p)| p.file() == r.policy.file()) {
+                        targets.push((Some(r.name.clone()), r.policy.clone()));
+                    }
+                }
+                if targets.len() > 1 {
+                    let files: Vec<String> = targets
+                        .iter()
+                        .map(|(_, p)| {
+                            crate::diag::Visible(&p.file().display().to_string()).to_string()
+                        })
+                        .collect();
+                    problems.push(format!(
+                        "{}:1:1: `{stem}` names more than one policy ({}): an extra test file runs against one, named after it or its route; rename a policy",
+                        file.display(),
+                        files.join(", ")
+                    ));
+                    continue;
+                }
+                let target = targets.pop();
                 let Some((route, policy)) = target else {
                     let names: Vec<&str> = self.routes.iter().map(|r| r.name.as_str()).collect();
                     problems.push(format!(

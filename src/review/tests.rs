@@ -2003,3 +2003,33 @@ fn a_rewritten_test_flipping_the_other_way_does_not_hide_the_old_flip() {
     assert!(flips.iter().any(|f| !f.before.allowed && f.after.allowed), "{flips:?}");
     assert!(flips.iter().any(|f| f.before.allowed && !f.after.allowed), "{flips:?}");
 }
+
+/// An extra test file runs against the policy named after it: `security/api.toml`
+/// against `policies/api.toml`. A pull request that adds a route, ranked first, with a
+/// policy of the same name elsewhere (`decoy/api.toml`, written to pass every case) had
+/// the security team's file run against the decoy, so `policy test` stayed green while
+/// the real policy was never tested. A name that is more than one policy (or a policy
+/// and another policy's route) is refused.
+#[test]
+fn policy_test_refuses_a_test_file_whose_name_is_more_than_one_policy() {
+    let (dir, cfg) = setup(API);
+    let extra = dir.path().join("security");
+    write(
+        &extra.join("api.toml"),
+        "[[test]]\nname = \"people cannot deploy\"\nidentity = { issuer = \"corp\", groups = [\"engineering\"] }\nrequest = \"DELETE /deploy/1\"\nexpect = \"deny\"\n",
+    );
+    // The real policy fails the security team's case.
+    let r = test::run(&test_args(&cfg, vec![extra.clone()], Format::Text));
+    assert_eq!(r.code, EXIT_FAILED, "{r:?}");
+    write(
+        &cfg,
+        &format!("{CONFIG}\n[[routes]]\nname = \"decoy\"\nmatch = {{ host = \"zz.api.example.com\" }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"decoy/api.toml\"\n"),
+    );
+    write(&dir.path().join("decoy/api.toml"), "[[rule]]\nid = \"ci\"\neffect = \"allow\"\nissuer = \"bb\"\nci = { repository = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\", branch = \"main\" }\n");
+    let r = test::run(&test_args(&cfg, vec![extra.clone()], Format::Text));
+    assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+    assert!(
+        r.stderr.contains("security/api.toml:1:1") && r.stderr.contains("more than one"),
+        "{r:?}"
+    );
+}
