@@ -305,6 +305,26 @@ fn policy_review_pipelines_post_the_diff_when_check_or_tests_fail() {
     }
 }
 
+/// A route may name its policy anywhere in the repository (`policy = "teams/x.toml"`,
+/// `server.policy_dir`): the GitHub workflow's path filter (`portcullis.toml`,
+/// `policies/**`, `security-tests/**`) let a pull request that changed only such a file
+/// run no check, no test and post no diff. Both pipelines review every pull request.
+#[test]
+fn policy_review_pipelines_run_on_every_pull_request() {
+    use yaml_rust2::YamlLoader;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/policy-review");
+    let text = std::fs::read_to_string(dir.join(".github/workflows/policy-review.yml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let docs = YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+    let on = &docs[0]["on"]["pull_request"];
+    assert!(on["paths"].is_badvalue() && on["paths-ignore"].is_badvalue(), "{text}");
+    let text = std::fs::read_to_string(dir.join("bitbucket-pipelines.yml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let docs = YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!docs[0]["pipelines"]["pull-requests"]["**"].is_badvalue(), "{text}");
+    assert!(!text.contains("condition:") && !text.contains("changesets"), "{text}");
+}
+
 /// The audiences a Bitbucket Pipelines file's steps ask for in `oidc: audiences:` (the
 /// YAML subset the examples use; a commented-out block asks for nothing).
 fn bitbucket_step_audiences(yaml: &str) -> Vec<String> {
