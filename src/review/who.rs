@@ -161,7 +161,7 @@ fn to_json(a: &RouteAccess) -> serde_json::Value {
 }
 
 /// A bullet for a rule: `` `id` (file:line): who; what ``, what decides access (its
-/// conditions, upstream role and file) [`shown`] in printable ASCII: a look-alike letter
+/// conditions, upstream role and file) shown in printable ASCII: a look-alike letter
 /// (`mallоry`, with a Cyrillic `о`) makes a value no token has, and must not read as the
 /// value it imitates. The description says nothing about access and keeps its letters
 /// (it holds no hidden character).
