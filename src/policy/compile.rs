@@ -538,6 +538,11 @@ impl<'a> Compiler<'a> {
         let t = spanned.get_ref();
         let header = spanned.span();
         let name = match &t.name {
+            // Printed by `policy diff` into pull-request comments, as a description is.
+            Some(n) if n.get_ref().chars().any(super::glob::is_hidden) => {
+                self.err(n.span(), "test `name` is one line without control, invisible, bidirectional-override or non-ASCII space characters");
+                None
+            }
             Some(n) if !n.get_ref().trim().is_empty() => Some(n.get_ref().clone()),
             Some(n) => {
                 self.err(n.span(), "test `name` is empty");

@@ -1,7 +1,9 @@
 //! `portcullis policy diff [FROM [TO]] -c FILE`: the access a change adds and removes.
 //!
-//! Both sides are read from git (`git show REV:path`; the working tree when `TO` is
-//! omitted), never checked out. Routes are matched by name (so a renamed policy file
+//! Both sides are read from git (a file's own bytes, through `git ls-tree` and `git
+//! cat-file`; the working tree when `TO` is omitted), never checked out; what the diff
+//! cannot read as `serve` would (a symbolic link, a policy outside the repository) is
+//! an error, never a report that says less. Routes are matched by name (so a renamed policy file
 //! is still the same route) and rules by id. For each route the output lists the
 //! access gained and lost as `who` summaries, and every `[[test]]` case (of either
 //! side) whose decision flips between the two sides.
@@ -16,7 +18,8 @@ use serde_json::json;
 use super::git;
 use super::snapshot::{RouteView, Settings, Snapshot, TestSet, Tree};
 use super::who::bullet;
-use super::{Format, Report, EXIT_OK};
+use super::{shown, Format, Report, EXIT_OK};
+use crate::diag::Visible;
 use crate::policy::{
     decide_case, rule_covers, Decision, Effect, Policy, Rule, RuleSummary, TestCase,
 };
@@ -88,13 +91,19 @@ pub struct RouteDiff {
     /// The routes tried before this one that can match some of the same requests
     /// (overlapping host and path prefix), before and after, when they changed: the
     /// first route that matches serves a request, so swapping two route blocks (or
-    /// respelling a prefix so it ranks higher) moves requests to another policy.
+    /// respelling a prefix so it ranks higher, or adding a route in front) moves
+    /// requests to another policy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub order_changed: Option<(Vec<String>, Vec<String>)>,
     /// Other settings of the route that may change access or what the upstream is
     /// told (`upstream`, `issuers`, `preserve_host`, `forward_token`, …).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub settings_changed: Vec<SettingChange>,
+    /// The HTTP routes of the new configuration that can take requests this route took
+    /// (it is removed, or its match no longer covers what it did): a request no route
+    /// takes first goes to the next route that matches it, whose policy decides it now.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub taken_over_by: Vec<String>,
     /// `cors_preflight` turned on (`gained`: CORS preflights without any credential
     /// are forwarded without the policy; also for a route added with it) or off
     /// (`lost`).
@@ -291,6 +300,7 @@ pub fn compare(
                 policy_after: Some(n.policy.file().to_path_buf()),
                 match_changed: None,
                 order_changed: None,
+                taken_over_by: Vec::new(),
                 // What the new route is set to do (`forward_token`, its upstream, …).
                 settings_changed: setting_changes(&Settings::new(), &n.settings),
                 cors_preflight: n.cors_preflight.then_some(Access::Gained),
@@ -305,6 +315,7 @@ pub fn compare(
                 policy_after: None,
                 match_changed: None,
                 order_changed: None,
+                taken_over_by: taken_over_by(o, None, new),
                 settings_changed: Vec::new(),
                 cors_preflight: o.cors_preflight.then_some(Access::Lost),
                 rules: rule_changes(Some(&o.policy), None, old, new),
@@ -320,8 +331,9 @@ pub fn compare(
                 let order_changed = o
                     .database
                     .is_none()
-                    .then(|| (tried_before(old, o, new), tried_before(new, n, old)))
+                    .then(|| (tried_before(old, o, Some(new)), tried_before(new, n, None)))
                     .filter(|(before, after)| before != after);
+                let taken_over_by = taken_over_by(o, Some(n), new);
                 if rules.is_empty()
                     && flipped_tests.is_empty()
                     && match_changed.is_none()
@@ -339,6 +351,7 @@ pub fn compare(
                     policy_after: Some(n.policy.file().to_path_buf()),
                     match_changed,
                     order_changed,
+                    taken_over_by,
                     settings_changed,
                     cors_preflight: match (o.cors_preflight, n.cors_preflight) {
                         (false, true) => Some(Access::Gained),
@@ -392,7 +405,10 @@ fn rule_changes(
                         if a.effect() == Effect::Allow { Access::Gained } else { Access::Lost };
                     (access, "effect-changed")
                 } else {
-                    let narrowed = rule_covers(b, a) && !rule_covers(a, b);
+                    // Another upstream role for the callers it still admits is access
+                    // gained, whatever the conditions lost: never "narrowed".
+                    let same_role = b.upstream_role() == a.upstream_role();
+                    let narrowed = same_role && rule_covers(b, a) && !rule_covers(a, b);
                     let widened = rule_covers(a, b) && !rule_covers(b, a);
                     let allow = a.effect() == Effect::Allow;
                     match (narrowed, widened) {
@@ -479,8 +495,16 @@ fn flips(
                 .as_ref()
                 .map_or_else(|| "anonymous (no credential)".to_string(), |i| i.principal()),
         );
-        // An unchanged test is in both versions: listed once.
-        if out.iter().any(|f| f.name == case.name && f.request == request && f.caller == caller) {
+        // An unchanged test is in both versions: listed once. Only when both versions
+        // decide alike, though: a rewritten test (same name, request and subject, other
+        // claims) that flips the other way must not hide its old version's flip.
+        if out.iter().any(|f| {
+            f.name == case.name
+                && f.request == request
+                && f.caller == caller
+                && f.before == before
+                && f.after == after
+        }) {
             continue;
         }
         out.push(Flip {
@@ -497,19 +521,54 @@ fn flips(
 }
 
 /// The names of the HTTP routes `snap` tries before `r` that can match some of the
-/// same requests and that `other` has too, sorted (which of them comes first among
-/// themselves is their own entries' business).
-fn tried_before(snap: &Snapshot, r: &RouteView, other: &Snapshot) -> Vec<String> {
+/// same requests (and, given `other`, that it has too), sorted (which of them comes
+/// first among themselves is their own entries' business). The old side counts only
+/// routes the new one still has (a removed route names where its requests go, in
+/// [`RouteDiff::taken_over_by`]); the new side counts every route, an added one too: it
+/// takes requests out of reach of this route's denies.
+fn tried_before(snap: &Snapshot, r: &RouteView, other: Option<&Snapshot>) -> Vec<String> {
     let mut names: Vec<String> = snap
         .routes
         .iter()
         .take_while(|x| x.name != r.name || x.database.is_some())
         .filter(|x| x.database.is_none() && overlap(x, r))
-        .filter(|x| other.route_of_kind(&x.name, false).is_some())
+        .filter(|x| other.is_none_or(|o| o.route_of_kind(&x.name, false).is_some()))
         .map(|x| x.name.clone())
         .collect();
     names.sort();
     names
+}
+
+/// The HTTP routes of `snap` (the new side) other than `old` itself that can take
+/// requests `old` took and its new version `new` (if any) no longer takes, by name.
+fn taken_over_by(old: &RouteView, new: Option<&RouteView>, snap: &Snapshot) -> Vec<String> {
+    if old.database.is_some() || new.is_some_and(|n| match_covers(n, old)) {
+        return Vec::new();
+    }
+    let mut names: Vec<String> = snap
+        .routes
+        .iter()
+        .filter(|x| x.database.is_none() && x.name != old.name && overlap(x, old))
+        .map(|x| x.name.clone())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Whether route `a` matches every request route `b` matches (host, path prefix and
+/// method filter), conservatively.
+fn match_covers(a: &RouteView, b: &RouteView) -> bool {
+    let host = a.host == "*"
+        || a.host == b.host
+        || a.host.strip_prefix('*').is_some_and(|s| b.host != "*" && b.host.ends_with(s));
+    let methods = match (&a.methods, &b.methods) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(a), Some(b)) => {
+            b.iter().all(|m| a.contains(m) || (m == "HEAD" && a.iter().any(|x| x == "GET")))
+        }
+    };
+    host && crate::config::path_has_prefix(&b.path_prefix, &a.path_prefix) && methods
 }
 
 /// Whether two HTTP routes can match the same request: hosts that can be the same name
@@ -549,8 +608,13 @@ fn absolute(p: &Path) -> PathBuf {
     } else {
         std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
     };
-    if let Ok(c) = std::fs::canonicalize(&abs) {
-        return c;
+    // A link is not followed either: the revisions are read at the path given, and a
+    // link there is refused (`git::show`), not silently swapped for its target.
+    let link = std::fs::symlink_metadata(&abs).is_ok_and(|m| m.file_type().is_symlink());
+    if !link {
+        if let Ok(c) = std::fs::canonicalize(&abs) {
+            return c;
+        }
     }
     match (abs.parent(), abs.file_name()) {
         (Some(dir), Some(name)) => std::fs::canonicalize(dir).map_or(abs.clone(), |d| d.join(name)),
@@ -560,10 +624,16 @@ fn absolute(p: &Path) -> PathBuf {
 
 // === rendering ===
 
-fn decision_word(d: &Decision) -> String {
+/// `allow (`rule`, file:line)`; `md`: for a Markdown table cell (the rule id is a
+/// plain name; the file path is the files' text).
+fn decision_word(d: &Decision, md: bool) -> String {
     let verdict = if d.allowed { "allow" } else { "deny" };
     match &d.rule {
-        Some(r) => format!("{verdict} (`{}`, {}:{})", r.id, r.file.display(), r.line),
+        Some(r) => {
+            let file = shown(&r.file.display().to_string());
+            let file = if md { md_cell(&file) } else { file };
+            format!("{verdict} (`{}`, {file}:{})", r.id, r.line)
+        }
         None => format!("{verdict} ({})", d.reason),
     }
 }
@@ -584,15 +654,15 @@ fn text(d: &PolicyDiff) -> String {
         return o;
     }
     for sd in &d.sections {
-        let _ = writeln!(o, "\nsettings `[{}]` changed (every route):", sd.section);
+        let _ = writeln!(o, "\nsettings `[{}]` changed (every route):", Visible(&sd.section));
         for c in &sd.settings_changed {
             let _ = writeln!(o, "  {}", setting_line(c));
         }
     }
     for i in &d.issuers {
-        let _ = writeln!(o, "\nissuer `{}` ({})", i.issuer, i.status);
+        let _ = writeln!(o, "\nissuer `{}` ({})", Visible(&i.issuer), i.status);
         if !i.routes.is_empty() {
-            let names: Vec<String> = i.routes.iter().map(|r| format!("`{r}`")).collect();
+            let names: Vec<String> = i.routes.iter().map(|r| format!("`{}`", Visible(r))).collect();
             let _ = writeln!(o, "  named by the rules of: {}", names.join(", "));
         }
         for c in &i.settings_changed {
@@ -600,14 +670,15 @@ fn text(d: &PolicyDiff) -> String {
         }
     }
     for r in &d.routes {
-        let _ = writeln!(o, "\n{} `{}` ({})", route_word(r), r.route, r.status);
+        let _ = writeln!(o, "\n{} `{}` ({})", route_word(r), Visible(&r.route), r.status);
         if let (Some(b), Some(a)) = (&r.policy_before, &r.policy_after) {
             if b != a {
-                let _ = writeln!(o, "  policy file renamed: {} -> {}", b.display(), a.display());
+                let (b, a) = (shown(&b.display().to_string()), shown(&a.display().to_string()));
+                let _ = writeln!(o, "  policy file renamed: {b} -> {a}");
             }
         }
         if let Some((b, a)) = &r.match_changed {
-            let _ = writeln!(o, "  route match changed: {b} -> {a}");
+            let _ = writeln!(o, "  route match changed: {} -> {}", Visible(b), Visible(a));
         }
         if let Some((b, a)) = &r.order_changed {
             let _ = writeln!(
@@ -627,11 +698,13 @@ fn text(d: &PolicyDiff) -> String {
         ] {
             let items: Vec<&RuleChange> = r.rules.iter().filter(|c| c.access == access).collect();
             let preflight = preflight_line(r, access);
-            if items.is_empty() && preflight.is_none() {
+            let takeover = takeover_line(r, &|n| format!("`{}`", Visible(n)))
+                .filter(|_| access == Access::Gained);
+            if items.is_empty() && preflight.is_none() && takeover.is_none() {
                 continue;
             }
             let _ = writeln!(o, "  {title}:");
-            if let Some(line) = preflight {
+            for line in takeover.iter().map(String::as_str).chain(preflight) {
                 let _ = writeln!(o, "    {line}");
             }
             for c in items {
@@ -644,18 +717,32 @@ fn text(d: &PolicyDiff) -> String {
                 let _ = writeln!(
                     o,
                     "    {}:{}: {:?} ({} {}): {} -> {}",
-                    f.file.display(),
+                    shown(&f.file.display().to_string()),
                     f.line,
                     f.name,
-                    f.caller,
-                    f.request,
-                    decision_word(&f.before),
-                    decision_word(&f.after)
+                    shown(&f.caller),
+                    shown(&f.request),
+                    decision_word(&f.before, false),
+                    decision_word(&f.after, false)
                 );
             }
         }
     }
     o
+}
+
+/// Where the requests of a removed or narrowed route go now (access gained: whoever
+/// those routes' policies allow), in words; `code` spells a route name.
+fn takeover_line(r: &RouteDiff, code: &dyn Fn(&str) -> String) -> Option<String> {
+    if r.taken_over_by.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = r.taken_over_by.iter().map(|n| code(n)).collect();
+    let what = if r.status == "removed" { "it took" } else { "it no longer takes" };
+    Some(format!(
+        "requests {what} now go to route {}: its policy decides them (whoever it allows there gets in)",
+        names.join(" or route ")
+    ))
 }
 
 /// The access `cors_preflight` adds or removes, when it changed in the direction
@@ -677,24 +764,31 @@ fn names(v: &[String]) -> String {
     if v.is_empty() {
         return "(none)".into();
     }
-    v.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    v.iter().map(|n| format!("`{}`", Visible(n))).collect::<Vec<_>>().join(", ")
 }
 
 /// `upstream: "http://a" -> "http://b"`; an absent key reads `(not set)`.
 fn setting_line(c: &SettingChange) -> String {
     let side = |v: &Option<String>| v.clone().unwrap_or_else(|| "(not set)".into());
-    format!("{}: {} -> {}", c.setting, side(&c.before), side(&c.after))
+    format!(
+        "{}: {} -> {}",
+        Visible(&c.setting),
+        Visible(&side(&c.before)),
+        Visible(&side(&c.after))
+    )
 }
 
 /// Text from a configuration file, safe in a Markdown table cell: it opens no HTML
-/// (`<!--` would hide the rest of the comment), no code span and no new cell.
+/// (`<!--` would hide the rest of the comment), no code span and no new cell, and
+/// shows a hidden character (a line break, a bidirectional override) as its escape.
 fn md_cell(s: &str) -> String {
-    s.replace('&', "&amp;")
+    Visible(s)
+        .to_string()
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('|', "\\|")
         .replace('`', "&#96;")
-        .replace(['\n', '\r'], " ")
 }
 
 fn md_settings(o: &mut String, changes: &[SettingChange]) {
@@ -741,6 +835,21 @@ fn change_line(c: &RuleChange, md: bool) -> String {
     }
 }
 
+/// Text from the files as a Markdown code span, [`shown`] in ASCII; in a table cell
+/// (`cell`) a `|` is escaped so it opens no new cell. Text holding a backtick, which
+/// would close the span, is written as escaped plain text instead ([`md_cell`]).
+fn md_code(s: &str, cell: bool) -> String {
+    let s = shown(s);
+    if s.contains('`') {
+        return md_cell(&s);
+    }
+    if cell {
+        format!("`{}`", s.replace('|', "\\|"))
+    } else {
+        format!("`{s}`")
+    }
+}
+
 fn markdown(d: &PolicyDiff) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "## Policy access changes: `{}` → `{}`\n", d.from, d.to);
@@ -769,11 +878,16 @@ fn markdown(d: &PolicyDiff) -> String {
         let _ = writeln!(o, "### {title} `{}` ({})\n", md_cell(&r.route), r.status);
         if let (Some(b), Some(a)) = (&r.policy_before, &r.policy_after) {
             if b != a {
-                let _ = writeln!(o, "Policy file renamed: `{}` → `{}`\n", b.display(), a.display());
+                let _ = writeln!(
+                    o,
+                    "Policy file renamed: {} → {}\n",
+                    md_code(&b.display().to_string(), false),
+                    md_code(&a.display().to_string(), false)
+                );
             }
         }
         if let Some((b, a)) = &r.match_changed {
-            let _ = writeln!(o, "Route match changed: {b} → {a}\n");
+            let _ = writeln!(o, "Route match changed: {} → {}\n", md_cell(b), md_cell(a));
         }
         if let Some((b, a)) = &r.order_changed {
             let md = |v: &[String]| -> String {
@@ -800,11 +914,13 @@ fn markdown(d: &PolicyDiff) -> String {
         ] {
             let items: Vec<&RuleChange> = r.rules.iter().filter(|c| c.access == access).collect();
             let preflight = preflight_line(r, access);
-            if items.is_empty() && preflight.is_none() {
+            let takeover = takeover_line(r, &|n| format!("`{}`", md_cell(n)))
+                .filter(|_| access == Access::Gained);
+            if items.is_empty() && preflight.is_none() && takeover.is_none() {
                 continue;
             }
             let _ = writeln!(o, "{title}\n");
-            if let Some(line) = preflight {
+            for line in takeover.iter().map(String::as_str).chain(preflight) {
                 let _ = writeln!(o, "- {line}");
             }
             for c in items {
@@ -819,14 +935,13 @@ fn markdown(d: &PolicyDiff) -> String {
             for f in &r.flipped_tests {
                 let _ = writeln!(
                     o,
-                    "| {} (`{}:{}`) | `{}` | `{}` | {} | {} |",
-                    f.name.replace('|', "\\|"),
-                    f.file.display(),
-                    f.line,
-                    f.caller,
-                    f.request,
-                    decision_word(&f.before),
-                    decision_word(&f.after)
+                    "| {} ({}) | {} | {} | {} | {} |",
+                    md_cell(&f.name),
+                    md_code(&format!("{}:{}", f.file.display(), f.line), true),
+                    md_code(&f.caller, true),
+                    md_code(&f.request, true),
+                    decision_word(&f.before, true),
+                    decision_word(&f.after, true)
                 );
             }
             let _ = writeln!(o);

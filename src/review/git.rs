@@ -1,5 +1,5 @@
-//! The few git commands `policy diff` needs. Revisions are read with `git show
-//! REV:path` and `git ls-tree`: nothing is ever checked out over the user's work.
+//! The few git commands `policy diff` needs. Revisions are read with `git ls-tree` and
+//! `git cat-file`: nothing is ever checked out over the user's work.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,21 +27,95 @@ pub(crate) fn toplevel(dir: &Path) -> Result<PathBuf, String> {
     Ok(PathBuf::from(top))
 }
 
-/// The file at `rev`, as text.
+/// The file at `rev`, as text: a regular file's own bytes, which must be UTF-8 (as
+/// `serve` reads it).
+///
+/// A symbolic link is refused: `git show REV:link` gives the link's text (its target),
+/// while `serve` and `check` read the file it points at, so a link whose target reads as
+/// TOML (`#x`, a comment: an empty policy) would be compared as something no proxy runs.
 pub(crate) fn show(root: &Path, rev: &str, path: &Path) -> Result<String, String> {
-    let spec = format!("{rev}:{}", slash_path(path));
-    run(root, &["show", &spec]).map(|mut s| {
-        // `run` trims the final newline; put it back so line counts match the file.
-        s.push('\n');
-        s
-    })
+    if !inside(path) {
+        return Err("is outside the repository".into());
+    }
+    let p = slash_path(path);
+    let entries = tree_entries(root, rev, &p)?;
+    let Some(entry) = entries.iter().find(|e| e.path == p) else {
+        return Err(format!("does not exist at revision `{rev}`"));
+    };
+    let object = regular_file(entry, rev)?;
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["cat-file", "blob", object])
+        .output()
+        .map_err(|e| format!("cannot run git: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("cannot be read at revision `{rev}`"));
+    }
+    String::from_utf8(out.stdout).map_err(|_| format!("is not UTF-8 text at revision `{rev}`"))
 }
 
-/// The files directly in `dir` at `rev` (empty when the directory does not exist).
+/// The `*.toml` files directly in `dir` at `rev`, sorted (none when the directory does
+/// not exist). A symbolic link among them is refused, as by [`show`].
 pub(crate) fn ls(root: &Path, rev: &str, dir: &Path) -> Result<Vec<PathBuf>, String> {
+    if !inside(dir) {
+        return Err(format!("{}: is outside the repository", dir.display()));
+    }
     let d = format!("{}/", slash_path(dir).trim_end_matches('/'));
-    let out = run(root, &["ls-tree", "--name-only", rev, "--", &d])?;
-    Ok(out.lines().filter(|l| !l.is_empty()).map(PathBuf::from).collect())
+    let mut out = Vec::new();
+    for e in tree_entries(root, rev, &d)? {
+        if !e.path.ends_with(".toml") {
+            continue;
+        }
+        regular_file(&e, rev).map_err(|why| format!("{}: {why}", e.path))?;
+        out.push(PathBuf::from(&e.path));
+    }
+    Ok(out)
+}
+
+/// One line of `git ls-tree`: mode, object and path (as git stores it, unquoted).
+struct Entry {
+    mode: String,
+    object: String,
+    path: String,
+}
+
+/// `git ls-tree -z REV -- spec`: NUL-separated, so no path is quoted or split.
+fn tree_entries(root: &Path, rev: &str, spec: &str) -> Result<Vec<Entry>, String> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["ls-tree", "-z", rev, "--", spec])
+        .output()
+        .map_err(|e| format!("cannot run git: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("git ls-tree {rev}: {}", err.trim()));
+    }
+    let mut entries = Vec::new();
+    for record in out.stdout.split(|b| *b == 0).filter(|r| !r.is_empty()) {
+        let record = String::from_utf8_lossy(record);
+        let Some((meta, path)) = record.split_once('\t') else { continue };
+        let mut parts = meta.split(' ');
+        let (Some(mode), Some(_kind), Some(object)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        entries.push(Entry { mode: mode.into(), object: object.into(), path: path.into() });
+    }
+    Ok(entries)
+}
+
+/// The object of a regular file's entry; anything else (a symbolic link, a submodule,
+/// a directory) is an error saying what it is.
+fn regular_file<'a>(e: &'a Entry, rev: &str) -> Result<&'a str, String> {
+    match e.mode.as_str() {
+        "100644" | "100755" => Ok(&e.object),
+        "120000" => Err(format!(
+            "is a symbolic link at revision `{rev}`: `policy diff` reads the text git holds, not the file it points at, which `serve` would read; commit the file itself"
+        )),
+        _ => Err(format!("is not a regular file at revision `{rev}`")),
+    }
 }
 
 /// A commit id for display, short.
@@ -66,6 +140,13 @@ pub(crate) fn default_base(root: &Path) -> Result<String, String> {
         }
     }
     Err("no default branch (origin/HEAD, main or master) to compare with: name FROM".into())
+}
+
+/// Whether `path` (relative to the top of the work tree) names a file in it: no root,
+/// no `..` ([`slash_path`] drops them, which would name another file).
+fn inside(path: &Path) -> bool {
+    path.components()
+        .all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
 }
 
 /// Git wants `/` separators and no `./`.

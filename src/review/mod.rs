@@ -84,6 +84,25 @@ impl Report {
     }
 }
 
+/// Text from the files in a report, in printable ASCII: every other character (a
+/// control such as an ANSI escape or a line break, an invisible or bidirectional one, a
+/// letter from another script that looks like a Latin one) as the TOML escape that
+/// spells it (`\u001B`, `\u043E`).
+pub(crate) fn shown(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_ascii() && !c.is_ascii_control() {
+            o.push(c);
+        } else {
+            let _ = match u32::from(c) {
+                n @ 0..=0xffff => write!(o, "\\u{n:04X}"),
+                n => write!(o, "\\U{n:08X}"),
+            };
+        }
+    }
+    o
+}
+
 /// `serde_json` pretty output with a trailing newline.
 fn json(v: &serde_json::Value) -> String {
     let mut s = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());

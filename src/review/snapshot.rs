@@ -1,6 +1,6 @@
 //! The routes of a configuration and their compiled policies, read from the working
 //! tree (through [`Config::load`], exactly as `serve` reads them) or from a git
-//! revision (config and policy text from `git show`, compiled with
+//! revision (config and policy text from git, compiled with
 //! [`Policy::parse`]), plus the `[[test]]` sets that go with them.
 
 use std::collections::BTreeMap;
@@ -209,8 +209,7 @@ impl Tree {
         match &self.rev {
             None => std::fs::read_to_string(self.root.join(path))
                 .map_err(|e| format!("cannot read file: {e}")),
-            Some(rev) => git::show(&self.root, rev, path)
-                .map_err(|_| format!("does not exist at revision `{rev}`")),
+            Some(rev) => git::show(&self.root, rev, path),
         }
     }
 
@@ -338,6 +337,17 @@ impl Snapshot {
             };
             if let Some(done) = compiled.get(&path) {
                 return done.clone();
+            }
+            // `serve` reads such a file where it is (`/srv/…`, `../repo/…`); git holds no
+            // file there, and no other file may stand in for it.
+            if path.is_absolute() || path.starts_with("..") {
+                problems.push(format!(
+                    "{}: policy `{}` is outside the repository: `policy diff` compares the files git holds and cannot judge it",
+                    at(config),
+                    crate::diag::Visible(name)
+                ));
+                compiled.insert(path, None);
+                return None;
             }
             let policy = match tree.read(&path) {
                 Err(e) => {
@@ -515,14 +525,36 @@ impl Snapshot {
             for file in files {
                 let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned());
                 let stem = stem.unwrap_or_default();
-                let target = self
+                // Every policy the name could mean: one named so (in any directory), and
+                // the live policy of a route named so. More than one is refused: a
+                // policy of the same name added elsewhere, on a route ranked first, would
+                // take the security team's cases, and the real policy go untested.
+                let mut targets: Vec<(Option<String>, Arc<Policy>)> = self
                     .policies()
                     .into_iter()
-                    .find(|(_, p)| p.name() == stem)
+                    .filter(|(_, p)| p.name() == stem)
                     .map(|(r, p)| (r.map(|r| r.name.clone()), p))
-                    .or_else(|| {
-                        self.route(&stem).map(|r| (Some(r.name.clone()), r.policy.clone()))
-                    });
+                    .collect();
+                if let Some(r) = self.route(&stem) {
+                    if !targets.iter().any(|(_, p)| p.file() == r.policy.file()) {
+                        targets.push((Some(r.name.clone()), r.policy.clone()));
+                    }
+                }
+                if targets.len() > 1 {
+                    let files: Vec<String> = targets
+                        .iter()
+                        .map(|(_, p)| {
+                            crate::diag::Visible(&p.file().display().to_string()).to_string()
+                        })
+                        .collect();
+                    problems.push(format!(
+                        "{}:1:1: `{stem}` names more than one policy ({}): an extra test file runs against one, named after it or its route; rename a policy",
+                        file.display(),
+                        files.join(", ")
+                    ));
+                    continue;
+                }
+                let target = targets.pop();
                 let Some((route, policy)) = target else {
                     let names: Vec<&str> = self.routes.iter().map(|r| r.name.as_str()).collect();
                     problems.push(format!(

@@ -1648,3 +1648,388 @@ fn a_request_line_with_a_method_never_forwarded_is_refused() {
     }
     assert!(super::explain::RequestLine::parse("OPTIONS https://app.example.com/x").is_ok());
 }
+
+// === policy review evasion ===
+
+/// A pull request that commits the policy as a symbolic link: `serve` (and `check`, on
+/// the checked-out tree) read the file it points at, but `git show REV:path` gives the
+/// link's own text, its target. A target that reads as TOML (`#x` is a comment: an empty
+/// policy) made the diff compare the old rules with no rules at all: "access lost" for
+/// every allow, while the route now runs the permissive file the link points at. So is
+/// the configuration itself. A link at a revision is refused, naming it.
+#[test]
+fn diff_refuses_a_policy_or_configuration_committed_as_a_symbolic_link() {
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let api = root.join("policies/api.toml");
+    write(
+        &root.join("policies/#x"),
+        "[[rule]]\nid = \"everyone\"\neffect = \"allow\"\nissuer = \"corp\"\n",
+    );
+    std::fs::remove_file(&api).unwrap_or_else(|e| panic!("rm: {e}"));
+    std::os::unix::fs::symlink("#x", &api).unwrap_or_else(|e| panic!("symlink: {e}"));
+    // What `serve` reads: the permissive file.
+    assert!(std::fs::read_to_string(&api).unwrap_or_default().contains("everyone"));
+    let c2 = commit(root, "tidy the api policy");
+    let args = |to: &str| DiffArgs {
+        config: cfg.clone(),
+        from: Some(c1.clone()),
+        to: Some(to.to_string()),
+        tests: vec![],
+        format: Format::Markdown,
+    };
+    let r = diff::run(&args(&c2));
+    assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+    assert!(r.stderr.contains("policies/api.toml") && r.stderr.contains("symbolic link"), "{r:?}");
+    // The working tree, read as `serve` reads it, shows the access gained.
+    let d = diff_of(&cfg, Some(&c1), None);
+    assert!(changes(&d).contains(&("api".into(), Access::Gained, "added", "everyone".into())));
+
+    // The configuration as a link.
+    git(root, &["checkout", "-q", &c1]);
+    // `#cfg.toml` as the link's text is a TOML comment: a configuration without routes.
+    let real = root.join("#cfg.toml");
+    write(&real, &CONFIG.replace("policy = \"api\"", "policy = \"other\""));
+    write(
+        &root.join("policies/other.toml"),
+        "[[rule]]\nid = \"everyone\"\neffect = \"allow\"\nissuer = \"corp\"\n",
+    );
+    std::fs::remove_file(&cfg).unwrap_or_else(|e| panic!("rm: {e}"));
+    std::os::unix::fs::symlink("#cfg.toml", &cfg).unwrap_or_else(|e| panic!("symlink: {e}"));
+    let c3 = commit(root, "move the config");
+    let r = diff::run(&args(&c3));
+    assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+    assert!(r.stderr.contains("portcullis.toml") && r.stderr.contains("symbolic link"), "{r:?}");
+}
+
+/// The flipped-tests table of the Markdown report wrote a test's name, caller and
+/// request as the files spell them: a test named `… <!--` opened an HTML comment that
+/// hid the rest of the pull-request comment (the access gained on every route listed
+/// after it), a backtick in a test identity's subject closed its code span, and in the
+/// terminal report a subject could carry an ANSI escape. Each is escaped now, and a
+/// test's name is one visible line, as a rule's description is.
+#[test]
+fn a_test_name_or_caller_cannot_forge_or_hide_the_report() {
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let engineers = "[[rule]]\nid = \"engineers\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"engineering\"]\n";
+    let changed = API.replace(engineers, "")
+        + "\n[[test]]\nname = \"engineers keep reading | <!--\"\nidentity = { issuer = \"corp\", subject = \"al`ice <!-- \\u001b[2K\", groups = [\"engineering\"] }\nrequest = \"GET /x\"\nexpect = \"deny\"\n";
+    write(&root.join("policies/api.toml"), &changed);
+    let c2 = commit(root, "engineers read elsewhere");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    assert_eq!(d.routes[0].flipped_tests.len(), 1, "{d:?}");
+    let md = diff::render(&d, Format::Markdown);
+    assert!(!md.contains("<!--") && !md.contains("al`ice"), "{md}");
+    assert!(!md.contains('\u{1b}'), "{md}");
+    let row = md.lines().find(|l| l.starts_with("| engineers keep reading")).unwrap_or_default();
+    // Six cell separators, not one more: no cell was split.
+    assert_eq!(row.matches(" | ").count() + 2, 6, "{row}");
+    let text = diff::render(&d, Format::Text);
+    assert!(!text.contains('\u{1b}') && text.contains("\\u001B"), "{text}");
+
+    // A test name is one visible line.
+    for bad in ["one\\n\\nNo access changes.", "a \\u202e b", "a\\u001b[2Kb"] {
+        let text = format!("{API}\n[[test]]\nname = \"{bad}\"\nidentity = {{ issuer = \"corp\", groups = [\"engineering\"] }}\nrequest = \"GET /x\"\nexpect = \"allow\"\n");
+        let msgs = policy_messages(&text);
+        assert!(msgs.iter().any(|m| m.contains("test `name` is one line")), "{bad}: {msgs:?}");
+    }
+}
+
+/// A deny's value respelt with a look-alike letter (a Cyrillic `о` in `mallory`) no
+/// longer matches the caller it names, but the report's before and after read the same,
+/// so the change looked like a no-op reformat. Every character outside ASCII in a rule's
+/// conditions is shown as its escape in the report (`\u043E`), so the two differ on the
+/// page as they do to the proxy.
+#[test]
+fn a_look_alike_letter_in_a_changed_rule_shows_in_the_report() {
+    let deny = "\n[[rule]]\nid = \"no-mallory\"\neffect = \"deny\"\nissuer = \"corp\"\nemail = \"mallory@acme.example\"\n";
+    let (dir, cfg) = setup(&format!("{API}{deny}"));
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    write(
+        &root.join("policies/api.toml"),
+        &format!("{API}{}", deny.replace("mallory@", "mall\u{043e}ry@")),
+    );
+    let c2 = commit(root, "normalize the deny");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    assert_eq!(changes(&d), vec![("api".into(), Access::Changed, "changed", "no-mallory".into())]);
+    for format in [Format::Text, Format::Markdown] {
+        let out = diff::render(&d, format);
+        assert!(out.contains("mall\\u043Ery@acme.example") && !out.contains('\u{043e}'), "{out}");
+    }
+}
+
+/// Routes are matched by name, so removing a route (or narrowing its match) read as
+/// "access lost: removed allow …": but its requests do not stop, they go to the next
+/// route that matches them, and that route's policy decides them now. Deleting a
+/// strict `/admin` route in front of a catch-all whose policy lets every engineer in
+/// opened `/admin` to every engineer, and the report said only "access lost". The
+/// routes that now take such requests are named, as access gained.
+#[test]
+fn diff_names_the_route_that_takes_the_requests_of_a_removed_or_narrowed_route() {
+    let admin_route = "\n[[routes]]\nname = \"admin\"\nmatch = { host = \"api.example.com\", path_prefix = \"/admin\" }\nupstream = \"http://127.0.0.1:1\"\npolicy = \"admin\"\n";
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    write(&cfg, &format!("{CONFIG}{admin_route}"));
+    write(
+        &root.join("policies/admin.toml"),
+        "[[rule]]\nid = \"admins\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"admins\"]\n",
+    );
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    write(&cfg, CONFIG);
+    let c2 = commit(root, "drop the admin route");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    let admin = d.routes.iter().find(|r| r.route == "admin").unwrap_or_else(|| panic!("{d:?}"));
+    assert_eq!(admin.status, "removed");
+    assert_eq!(admin.taken_over_by, vec!["api".to_string()], "{d:?}");
+    let text = diff::render(&d, Format::Text);
+    let gained = text.split("access gained:").nth(1).unwrap_or_default();
+    assert!(gained.contains("now go to route `api`"), "{text}");
+    let md = diff::render(&d, Format::Markdown);
+    assert!(md.contains(":unlock: **Access gained**"), "{md}");
+
+    // Narrowed to `POST`: its `GET`s go to `api` too. Widened: nothing leaves it.
+    write(
+        &cfg,
+        &format!(
+            "{CONFIG}{}",
+            admin_route.replace(
+                "path_prefix = \"/admin\" }",
+                "path_prefix = \"/admin\", methods = [\"POST\"] }"
+            )
+        ),
+    );
+    let c3 = commit(root, "admin route for writes only");
+    let d = diff_of(&cfg, Some(&c1), Some(&c3));
+    let admin = d.routes.iter().find(|r| r.route == "admin").unwrap_or_else(|| panic!("{d:?}"));
+    assert_eq!(admin.taken_over_by, vec!["api".to_string()], "{d:?}");
+    let d = diff_of(&cfg, Some(&c3), Some(&c1));
+    let admin = d.routes.iter().find(|r| r.route == "admin").unwrap_or_else(|| panic!("{d:?}"));
+    assert!(admin.taken_over_by.is_empty(), "{d:?}");
+}
+
+/// `policy = "../repo/policies/open.toml"`, in a repository checked out as `repo`, is
+/// `policies/open.toml` to `serve`; the diff normalized the path to `../repo/…` and git
+/// was asked for `repo/policies/open.toml` (the `..` dropped): a decoy the pull request
+/// commits there, a copy of the old rules, so the report showed a rename and no access
+/// change while the route ran the permissive file. An absolute path did the same. A
+/// policy outside the repository is refused: the diff cannot judge it.
+#[test]
+fn diff_refuses_a_policy_path_that_leaves_the_repository() {
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    write(
+        &root.join("policies/open.toml"),
+        "[[rule]]\nid = \"everyone\"\neffect = \"allow\"\nissuer = \"corp\"\n",
+    );
+    write(&root.join(&name).join("policies/open.toml"), API);
+    let escaping = format!("../{name}/policies/open.toml");
+    write(&cfg, &CONFIG.replace("policy = \"api\"", &format!("policy = \"{escaping}\"")));
+    // `serve` reads the permissive file.
+    let config = Config::load(&cfg).unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(config.routes[0].policy.rules().iter().any(|r| r.id() == "everyone"));
+    let c2 = commit(root, "move the api policy");
+    for to in [Some(c2.as_str()), None] {
+        let r = diff::run(&DiffArgs {
+            config: cfg.clone(),
+            from: Some(c1.clone()),
+            to: to.map(str::to_string),
+            tests: vec![],
+            format: Format::Text,
+        });
+        assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+        assert!(r.stderr.contains("outside the repository"), "{r:?}");
+    }
+    // An absolute path too.
+    let abs = root.join("policies/open.toml");
+    write(
+        &cfg,
+        &CONFIG.replace("policy = \"api\"", &format!("policy = {:?}", abs.display().to_string())),
+    );
+    let c3 = commit(root, "absolute");
+    let r = diff::run(&DiffArgs {
+        config: cfg.clone(),
+        from: Some(c1.clone()),
+        to: Some(c3),
+        tests: vec![],
+        format: Format::Text,
+    });
+    assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+    assert!(r.stderr.contains("outside the repository"), "{r:?}");
+}
+
+/// A route added in front of an existing one takes some of its requests, and with
+/// them out of reach of that route's denies: a new `/admin` route whose policy allows
+/// every engineer, in front of a catch-all whose deny kept contractors (engineers too)
+/// out of `/admin`, reported only "route `admin` added: engineers", which they already
+/// were. The routing order of the catch-all only counted routes both sides have, so the
+/// deny that no longer applies went unsaid. An added route tried first is named.
+#[test]
+fn diff_names_an_added_route_that_is_tried_before_an_existing_one() {
+    let deny = "\n[[rule]]\nid = \"no-contractors-on-admin\"\neffect = \"deny\"\nissuer = \"corp\"\ngroups_any = [\"contractors\"]\npaths = [\"/admin/**\"]\n";
+    let (dir, cfg) = setup(&format!("{API}{deny}"));
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    write(&cfg, &format!("{CONFIG}\n[[routes]]\nname = \"admin\"\nmatch = {{ host = \"api.example.com\", path_prefix = \"/admin\" }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"admin\"\n"));
+    write(
+        &root.join("policies/admin.toml"),
+        "[[rule]]\nid = \"engineers\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"engineering\"]\n",
+    );
+    let c2 = commit(root, "an admin route for engineers");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    let api = d.routes.iter().find(|r| r.route == "api").unwrap_or_else(|| panic!("{d:?}"));
+    assert_eq!(api.order_changed, Some((vec![], vec!["admin".to_string()])), "{d:?}");
+    let text = diff::render(&d, Format::Text);
+    assert!(text.contains("routing order changed"), "{text}");
+}
+
+/// A setting's key or value in the Markdown report shows a hidden character as its
+/// escape, as the text report and diagnostics do: a bidirectional override in a value
+/// (JSON escapes controls, not U+202E) reorders the cell it is in.
+#[test]
+fn markdown_settings_show_hidden_characters_as_escapes() {
+    let d = diff::PolicyDiff {
+        from: "a".into(),
+        to: "b".into(),
+        sections: vec![diff::SectionDiff {
+            section: "session".into(),
+            settings_changed: vec![diff::SettingChange {
+                setting: "cookie_domain".into(),
+                before: None,
+                after: Some("\"x\u{202e}moc.elpmaxe\"".into()),
+            }],
+        }],
+        issuers: vec![],
+        routes: vec![],
+    };
+    let md = diff::render(&d, Format::Markdown);
+    assert!(!md.contains('\u{202e}') && md.contains("x\\u202Emoc"), "{md}");
+}
+
+/// An allow narrowed by a condition while its `upstream_role` moves to a stronger role
+/// was filed under "access lost" (narrowed): the callers it still admits now get
+/// another database role, which is access gained. A rule whose upstream role changes
+/// is never "narrowed": it may gain and lose access.
+#[test]
+fn diff_never_files_a_changed_upstream_role_under_access_lost() {
+    let (dir, cfg) = setup_db(ORDERS);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let escalated = ORDERS.replace(
+        "groups_any = [\"engineering\"]\ndatabases = [\"orders\"]\n",
+        "groups_any = [\"engineering\"]\ndatabases = [\"orders\"]\nroles = [\"reporting\"]\nupstream_role = \"migrator\"\n",
+    );
+    assert_ne!(escalated, ORDERS);
+    write(&root.join("policies/orders.toml"), &escalated);
+    let c2 = commit(root, "engineers read as reporting only");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    assert_eq!(
+        changes(&d),
+        vec![("orders".into(), Access::Changed, "changed", "engineers-read".into())]
+    );
+}
+
+/// `policy who --format markdown` (a Markdown format is for pull-request comments)
+/// wrote each rule as the policy spells it: an allow whose description ends in `<!--`
+/// hid every allow listed after it, and with them who else gets in. Its bullets are
+/// escaped and shown in printable ASCII as `policy diff`'s are.
+#[test]
+fn who_markdown_cannot_hide_the_allows_after_a_crafted_description() {
+    let crafted = API.replace(
+        "groups_any = [\"engineering\"]\n",
+        "groups_any = [\"engineering\"]\ndescription = \"Engineers. <!--\"\n",
+    );
+    let (_dir, cfg) = setup(&format!(
+        "{crafted}\n[[rule]]\nid = \"everyone\"\neffect = \"allow\"\nissuer = \"corp\"\ngroups_any = [\"\u{0435}ngineering\"]\n"
+    ));
+    let r = who::run(&WhoArgs {
+        config: cfg,
+        route: Some("api".into()),
+        request: None,
+        format: Format::Markdown,
+    });
+    assert_eq!(r.code, EXIT_OK, "{r:?}");
+    assert!(!r.stdout.contains("<!--") && r.stdout.contains("&lt;!--"), "{}", r.stdout);
+    assert!(r.stdout.contains("`\\u0435ngineering`"), "{}", r.stdout);
+}
+
+/// Both versions of an edited test are checked, but a flip was listed once per name,
+/// request and caller: a pull request that rewrote a test (same name, request and
+/// subject, other claims) so that its new version flips the other way had only that
+/// version listed, "allow -> deny", and the old version's "deny -> allow" (the access
+/// gained) went unsaid. Two flips are one only when they decide alike.
+#[test]
+fn a_rewritten_test_flipping_the_other_way_does_not_hide_the_old_flip() {
+    let deny = "\n[[rule]]\nid = \"no-contractors\"\neffect = \"deny\"\nissuer = \"corp\"\ngroups_any = [\"contractors\"]\npaths = [\"/admin/**\"]\n";
+    let test = |groups: &str, claims: &str, expect: &str| {
+        format!("\n[[test]]\nname = \"alice on admin\"\nidentity = {{ issuer = \"corp\", subject = \"alice\", groups = [{groups}]{claims} }}\nrequest = \"GET /admin/x\"\nexpect = \"{expect}\"\n")
+    };
+    let before = format!(
+        "{API}{deny}{}",
+        test("\"engineering\", \"contractors\"", ", claims = { team = \"x\" }", "deny")
+    );
+    let (dir, cfg) = setup(&before);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let after = API.replace(
+        "groups_any = [\"engineering\"]\n",
+        "groups_any = [\"engineering\"]\nclaims = { team = \"x\" }\n",
+    ) + &test("\"engineering\"", "", "deny");
+    write(&root.join("policies/api.toml"), &after);
+    let c2 = commit(root, "engineers of team x");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    let flips = &d.routes[0].flipped_tests;
+    assert!(flips.iter().any(|f| !f.before.allowed && f.after.allowed), "{flips:?}");
+    assert!(flips.iter().any(|f| f.before.allowed && !f.after.allowed), "{flips:?}");
+}
+
+/// An extra test file runs against the policy named after it: `security/api.toml`
+/// against `policies/api.toml`. A pull request that adds a route, ranked first, with a
+/// policy of the same name elsewhere (`decoy/api.toml`, written to pass every case) had
+/// the security team's file run against the decoy, so `policy test` stayed green while
+/// the real policy was never tested. A name that is more than one policy (or a policy
+/// and another policy's route) is refused.
+#[test]
+fn policy_test_refuses_a_test_file_whose_name_is_more_than_one_policy() {
+    let (dir, cfg) = setup(API);
+    let extra = dir.path().join("security");
+    write(
+        &extra.join("api.toml"),
+        "[[test]]\nname = \"people cannot deploy\"\nidentity = { issuer = \"corp\", groups = [\"engineering\"] }\nrequest = \"DELETE /deploy/1\"\nexpect = \"deny\"\n",
+    );
+    // The real policy fails the security team's case.
+    let r = test::run(&test_args(&cfg, vec![extra.clone()], Format::Text));
+    assert_eq!(r.code, EXIT_FAILED, "{r:?}");
+    write(
+        &cfg,
+        &format!("{CONFIG}\n[[routes]]\nname = \"decoy\"\nmatch = {{ host = \"zz.api.example.com\" }}\nupstream = \"http://127.0.0.1:1\"\npolicy = \"decoy/api.toml\"\n"),
+    );
+    write(&dir.path().join("decoy/api.toml"), "[[rule]]\nid = \"ci\"\neffect = \"allow\"\nissuer = \"bb\"\nci = { repository = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\", branch = \"main\" }\n");
+    let r = test::run(&test_args(&cfg, vec![extra.clone()], Format::Text));
+    assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+    assert!(
+        r.stderr.contains("security/api.toml:1:1") && r.stderr.contains("more than one"),
+        "{r:?}"
+    );
+}

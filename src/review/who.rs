@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::explain::{RequestLine, PREFLIGHT_NOTE};
 use super::snapshot::{RouteView, Snapshot};
-use super::{Format, Report, EXIT_OK};
+use super::{shown, Format, Report, EXIT_OK};
 use crate::config::{Config, LoadMode};
 use crate::policy::{Effect, Policy, RuleSummary};
 
@@ -160,21 +160,25 @@ fn to_json(a: &RouteAccess) -> serde_json::Value {
     })
 }
 
-/// A bullet for a rule: `` `id` (file:line): who; what ``.
+/// A bullet for a rule: `` `id` (file:line): who; what ``, what decides access (its
+/// conditions, upstream role and file) shown in printable ASCII: a look-alike letter
+/// (`mallоry`, with a Cyrillic `о`) makes a value no token has, and must not read as the
+/// value it imitates. The description says nothing about access and keeps its letters
+/// (it holds no hidden character).
 pub fn bullet(s: &RuleSummary) -> String {
     let mut b = format!(
         "`{}` ({}:{}): {}; {}",
         s.rule.id,
-        s.rule.file.display(),
+        shown(&s.rule.file.display().to_string()),
         s.rule.line,
-        s.who_phrase(),
-        s.what_phrase()
+        shown(&s.who_phrase()),
+        shown(&s.what_phrase())
     );
     if let Some(r) = &s.upstream_role {
-        let _ = write!(b, "; as upstream role `{r}`");
+        let _ = write!(b, "; as upstream role `{}`", shown(r));
     }
     if let Some(d) = &s.description {
-        let _ = write!(b, " — \"{d}\"");
+        let _ = write!(b, " — \"{}\"", crate::diag::Visible(d));
     }
     b
 }
@@ -206,10 +210,17 @@ fn kind(route: &RouteView) -> &'static str {
 
 fn text(a: &RouteAccess) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "{} `{}`: {}", kind(&a.route), a.route.name, a.route.describe());
-    let _ = writeln!(o, "  policy: {}", a.route.policy.file().display());
+    let _ = writeln!(
+        o,
+        "{} `{}`: {}",
+        kind(&a.route),
+        shown(&a.route.name),
+        shown(&a.route.describe())
+    );
+    let _ = writeln!(o, "  policy: {}", shown(&a.route.policy.file().display().to_string()));
     if let Some(s) = &a.route.shadow {
-        let _ = writeln!(o, "  shadow policy (evaluated, not enforced): {}", s.file().display());
+        let shadow = shown(&s.file().display().to_string());
+        let _ = writeln!(o, "  shadow policy (evaluated, not enforced): {shadow}");
     }
     if let Some(r) = &a.request {
         let _ = writeln!(o, "  only rules that apply to: {r}");
@@ -243,11 +254,22 @@ fn text(a: &RouteAccess) -> String {
     o
 }
 
+/// Text from the files, safe in a Markdown comment: it opens no HTML (`<!--` would
+/// hide the rest of it).
+fn md(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
 fn markdown(a: &RouteAccess) -> String {
     let mut o = String::new();
     let title = if a.route.database.is_some() { "Database route" } else { "Route" };
-    let _ = writeln!(o, "### {title} `{}`\n", a.route.name);
-    let _ = writeln!(o, "{}; policy `{}`\n", a.route.describe(), a.route.policy.file().display());
+    let _ = writeln!(o, "### {title} `{}`\n", md(&shown(&a.route.name)));
+    let _ = writeln!(
+        o,
+        "{}; policy `{}`\n",
+        md(&shown(&a.route.describe())),
+        md(&shown(&a.route.policy.file().display().to_string()))
+    );
     if let Some(r) = &a.request {
         let _ = writeln!(o, "Only rules that apply to `{r}`.\n");
     }
@@ -262,12 +284,12 @@ fn markdown(a: &RouteAccess) -> String {
         let _ = writeln!(o, "- nobody");
     }
     for s in &a.allows {
-        let _ = writeln!(o, "- {}", route_bullet(&a.route, s));
+        let _ = writeln!(o, "- {}", md(&route_bullet(&a.route, s)));
     }
     if !a.denies.is_empty() {
         let _ = writeln!(o, "\n**Always denied** (deny wins):\n");
         for s in &a.denies {
-            let _ = writeln!(o, "- {}", route_bullet(&a.route, s));
+            let _ = writeln!(o, "- {}", md(&route_bullet(&a.route, s)));
         }
     }
     if a.preflight {

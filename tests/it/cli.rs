@@ -305,6 +305,69 @@ fn policy_review_pipelines_post_the_diff_when_check_or_tests_fail() {
     }
 }
 
+/// A route may name its policy anywhere in the repository (`policy = "teams/x.toml"`,
+/// `server.policy_dir`): the GitHub workflow's path filter (`portcullis.toml`,
+/// `policies/**`, `security-tests/**`) let a pull request that changed only such a file
+/// run no check, no test and post no diff. Both pipelines review every pull request.
+#[test]
+fn policy_review_pipelines_run_on_every_pull_request() {
+    use yaml_rust2::YamlLoader;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/policy-review");
+    let text = std::fs::read_to_string(dir.join(".github/workflows/policy-review.yml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let docs = YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+    let on = &docs[0]["on"]["pull_request"];
+    assert!(on["paths"].is_badvalue() && on["paths-ignore"].is_badvalue(), "{text}");
+    let text = std::fs::read_to_string(dir.join("bitbucket-pipelines.yml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let docs = YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!docs[0]["pipelines"]["pull-requests"]["**"].is_badvalue(), "{text}");
+    assert!(!text.contains("condition:") && !text.contains("changesets"), "{text}");
+}
+
+/// The GitHub workflow's comment is sticky (one comment, updated on every push). When
+/// the diff failed (exit 2: a policy committed as a symbolic link, a path outside the
+/// repository), its step left `policy-diff.md` empty, and the comment from the previous
+/// push stayed: "No access changes." under the commit that changed them. The step is run
+/// here as the runner runs it (`sh -e`), with a `portcullis` that fails: the file says
+/// the diff failed, and the step fails.
+#[test]
+fn the_github_diff_step_replaces_the_comment_when_the_diff_fails() {
+    use yaml_rust2::YamlLoader;
+    let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/policy-review/.github/workflows/policy-review.yml");
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{e}"));
+    let docs = YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+    let steps = docs[0]["jobs"]["review"]["steps"].as_vec().cloned().unwrap_or_default();
+    let script = steps
+        .iter()
+        .filter_map(|s| s["run"].as_str())
+        .find(|r| r.contains("portcullis policy diff"))
+        .unwrap_or_else(|| panic!("no diff step: {text}"))
+        .replace("${{ github.base_ref }}", "main");
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap_or_else(|e| panic!("{e}"));
+    let fake = bin.join("portcullis");
+    std::fs::write(&fake, "#!/bin/sh\necho 'policies/api.toml: is a symbolic link' >&2\nexit 2\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let summary = dir.path().join("summary.md");
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let out = std::process::Command::new("sh")
+        .args(["-e", "-c", &script])
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .env("GITHUB_STEP_SUMMARY", &summary)
+        .output()
+        .unwrap_or_else(|e| panic!("sh: {e}"));
+    assert!(!out.status.success(), "the step must fail");
+    let posted = std::fs::read_to_string(dir.path().join("policy-diff.md")).unwrap_or_default();
+    assert!(posted.contains("policy diff` failed"), "{posted:?}");
+}
+
 /// The audiences a Bitbucket Pipelines file's steps ask for in `oidc: audiences:` (the
 /// YAML subset the examples use; a commented-out block asks for nothing).
 fn bitbucket_step_audiences(yaml: &str) -> Vec<String> {

@@ -413,6 +413,73 @@ async fn diff_comments_on_a_pull_request() {
     assert_eq!(code, 2);
 }
 
+/// A pull request against `examples/policy-review` that the diff cannot judge, run as
+/// its Bitbucket pipeline runs it (`policy diff origin/main HEAD --format markdown`):
+/// `check` on the checkout passes (so `serve` would run it), and the diff fails with
+/// exit 2 naming why, never a comment saying less than `serve` does. The policy is a
+/// symbolic link (git holds the link's text, `serve` reads its target), then a path
+/// that leaves the repository (git was asked for a decoy inside it).
+#[tokio::test]
+async fn diff_refuses_a_pull_request_it_cannot_judge() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let root = dir.path().join("repo");
+    let copy = |rel: &str| {
+        let text = std::fs::read_to_string(example().join(rel)).unwrap_or_default();
+        write(
+            &root.join(rel),
+            &text.replace("../../certs/", &format!("{}/certs/", env!("CARGO_MANIFEST_DIR"))),
+        );
+    };
+    std::fs::create_dir_all(root.join("policies")).ok();
+    for f in ["portcullis.toml", "policies/deploy-api.toml", "policies/admin-console.toml"] {
+        copy(f);
+    }
+    git(&root, &["init", "-q"]);
+    git(&root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    git(&root, &["add", "-A"]);
+    git(&root, &["commit", "-q", "-m", "base"]);
+    let open = "[[rule]]\nid = \"everyone\"\neffect = \"allow\"\nissuer = \"corp\"\n";
+    let cfg = root.join("portcullis.toml").to_string_lossy().to_string();
+    let diff = |cfg: String| async move {
+        run(args(&["policy", "diff", "main", "HEAD", "-c", &cfg, "--format", "markdown"])).await
+    };
+
+    // 1. `policies/admin-console.toml` -> `#x` (a TOML comment as git holds it).
+    git(&root, &["checkout", "-q", "-b", "link"]);
+    write(&root.join("policies/#x"), open);
+    let console = root.join("policies/admin-console.toml");
+    std::fs::remove_file(&console).unwrap_or_else(|e| panic!("{e}"));
+    std::os::unix::fs::symlink("#x", &console).unwrap_or_else(|e| panic!("{e}"));
+    git(&root, &["add", "-A"]);
+    git(&root, &["commit", "-q", "-m", "tidy"]);
+    let (code, out, err) = run(args(&["check", "-c", &cfg])).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = diff(cfg.clone()).await;
+    assert_eq!((code, out.as_str()), (2, ""), "{err}");
+    assert!(err.contains("policies/admin-console.toml") && err.contains("symbolic link"), "{err}");
+
+    // 2. `policy = "../repo/policies/open.toml"`, a decoy at `repo/policies/open.toml`.
+    git(&root, &["checkout", "-q", "main"]);
+    git(&root, &["checkout", "-q", "-b", "escape"]);
+    write(&root.join("policies/open.toml"), open);
+    let console =
+        std::fs::read_to_string(root.join("policies/admin-console.toml")).unwrap_or_default();
+    std::fs::create_dir_all(root.join("repo/policies")).ok();
+    write(&root.join("repo/policies/open.toml"), &console);
+    let config = std::fs::read_to_string(&cfg).unwrap_or_default();
+    let moved =
+        config.replace("policy = \"admin-console\"", "policy = \"../repo/policies/open.toml\"");
+    assert_ne!(moved, config);
+    write(Path::new(&cfg), &moved);
+    git(&root, &["add", "-A"]);
+    git(&root, &["commit", "-q", "-m", "move"]);
+    let (code, out, err) = run(args(&["check", "-c", &cfg])).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = diff(cfg.clone()).await;
+    assert_eq!((code, out.as_str()), (2, ""), "{err}");
+    assert!(err.contains("outside the repository"), "{err}");
+}
+
 /// `examples/postgres`: the review commands on a `[[databases]]` route.
 #[tokio::test]
 async fn policy_commands_cover_the_postgres_example() {
