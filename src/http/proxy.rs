@@ -965,7 +965,8 @@ pub async fn handle(
         headers::keep_preflight_answer(&mut parts.headers);
         return finish(Response::from_parts(parts, ProxyBody::empty()), out);
     }
-    finish(Response::from_parts(parts, ProxyBody::Upstream(body)), out)
+    let body = ProxyBody::upstream(body, Some(route.read_timeout));
+    finish(Response::from_parts(parts, body), out)
 }
 
 /// Whether a request that carries no credential at all (no bearer token, no session

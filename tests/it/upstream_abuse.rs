@@ -1,0 +1,152 @@
+//! A hostile or broken upstream behind one route, against the proxy, its other routes and
+//! callers, and the audit trail: a response body that stops coming.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::forwarding::tls_alpn;
+use crate::support::*;
+
+/// A raw upstream that answers each connection's first request with `answer(head)`: a
+/// list of writes, each after a pause (`Duration::ZERO`: at once); then it keeps the
+/// connection open for 60 s without a byte more (a hung upstream, not a closed one), and
+/// reads nothing more: an answer that ends says `connection: close`.
+async fn raw_stalling(
+    answer: impl Fn(&str) -> Vec<(Duration, Vec<u8>)> + Copy + Send + 'static,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Some(head) = read_head(&mut s).await else { return };
+                for (pause, bytes) in answer(&head) {
+                    tokio::time::sleep(pause).await;
+                    if s.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A world whose route `s` (`/s…`) goes to `addr` with `read_timeout = "1s"`.
+async fn world_to(addr: std::net::SocketAddr) -> World {
+    let routes = format!(
+        "[[routes]]\nname = \"s\"\nmatch = {{ path_prefix = \"/s\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\nread_timeout = \"1s\"\n"
+    );
+    World::with(Setup { routes, ..Setup::default() }).await
+}
+
+/// The one event of `path`, once written (`Null` if none comes within 3 s).
+async fn event_at(w: &World, path: &str) -> serde_json::Value {
+    for _ in 0..150 {
+        let same: Vec<serde_json::Value> =
+            w.events().into_iter().filter(|e| e["path"] == path).collect();
+        if let [one] = same.as_slice() {
+            return one.clone();
+        }
+        assert!(same.len() < 2, "more than one event: {same:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    serde_json::Value::Null
+}
+
+/// An upstream that sends its answer's head and part of its body, then nothing, while
+/// keeping the connection: the proxy waited on it for as long as the client did (a
+/// browser or an HTTP library without a read timeout: forever), holding the client's
+/// connection, its `max_connections` slot and the upstream socket, and the request had
+/// no audit event until the client gave up. The route's `read_timeout` now cuts the body
+/// (the client sees it broken off, never a complete answer: no closing chunk), and the
+/// event says `upstream-timeout` with the status and the bytes actually sent.
+#[tokio::test]
+async fn a_response_body_that_stops_coming_is_cut_after_read_timeout_and_audited() {
+    let (addr, upstream) = raw_stalling(|head| {
+        let answer: &[u8] = if head.starts_with("GET /s/chunked ") {
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello"
+        };
+        vec![(Duration::ZERO, answer.to_vec())]
+    })
+    .await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    for path in ["/s/length", "/s/chunked"] {
+        let mut s = tls_alpn(&w, b"http/1.1").await;
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+        let started = Instant::now();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(8), s.read_to_end(&mut out)).await;
+        let took = started.elapsed();
+        let text = String::from_utf8_lossy(&out);
+        assert!(read.is_ok(), "{path}: the proxy still waits on the upstream: {text}");
+        assert!(took < Duration::from_secs(4), "{path}: cut after {took:?}");
+        assert!(text.starts_with("HTTP/1.1 200 "), "{path}: {text}");
+        assert!(text.contains("hello"), "{path}: {text}");
+        assert!(!text.ends_with("0\r\n\r\n"), "{path}: a cut body framed as complete: {text}");
+        let ev = event_at(&w, path).await;
+        assert_eq!(ev["reason"], "upstream-timeout", "{path}: {ev}");
+        assert_eq!(ev["status"], 200, "{path}: the status sent: {ev}");
+        assert_eq!(ev["decision"], "allow", "{path}: {ev}");
+        assert_eq!(ev["bytes_out"], 5, "{path}: {ev}");
+        assert!(ev["detail"].as_str().unwrap_or_default().contains("read_timeout"), "{ev}");
+    }
+    upstream.abort();
+}
+
+/// `read_timeout` counts only time spent waiting on the upstream: a body whose parts come
+/// more often than that (a stream's heartbeats) goes through whole however long it lasts,
+/// and so does a body the client takes nothing of for longer than that before reading it.
+#[tokio::test]
+async fn read_timeout_cuts_neither_a_steady_stream_nor_a_slow_reader() {
+    const BIG: usize = 4 * 1024 * 1024;
+    let (addr, upstream) = raw_stalling(|head| {
+        if head.starts_with("GET /s/steady ") {
+            let mut parts = vec![(
+                Duration::ZERO,
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+                    .to_vec(),
+            )];
+            for _ in 0..5 {
+                parts.push((Duration::from_millis(500), b"4\r\ntick\r\n".to_vec()));
+            }
+            parts.push((Duration::ZERO, b"0\r\n\r\n".to_vec()));
+            parts
+        } else {
+            let mut answer =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\nconnection: close\r\n\r\n")
+                    .into_bytes();
+            answer.resize(answer.len() + BIG, b'x');
+            vec![(Duration::ZERO, answer)]
+        }
+    })
+    .await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let r = w.get("/s/steady", Some(&t)).await;
+    assert_eq!(r.status, http::StatusCode::OK);
+    assert_eq!(r.text(), "ticktickticktick".to_string() + "tick");
+    assert_eq!(event_at(&w, "/s/steady").await["reason"], "allowed");
+
+    let mut s = tls_alpn(&w, b"http/1.1").await;
+    let req =
+        format!("GET /s/big HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the answer did not end: {} bytes", out.len());
+    assert!(out.len() > BIG, "cut at {} bytes", out.len());
+    let ev = event_at(&w, "/s/big").await;
+    assert_eq!(ev["reason"], "allowed", "{ev}");
+    assert_eq!(ev["bytes_out"], BIG, "{ev}");
+    upstream.abort();
+}
