@@ -23,6 +23,8 @@ pub static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connect
 pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub static ASSERTION: HeaderName = HeaderName::from_static("x-portcullis-assertion");
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-portcullis-request-id");
+pub static ALT_SVC: HeaderName = HeaderName::from_static("alt-svc");
+pub static NEL: HeaderName = HeaderName::from_static("nel");
 
 /// The hop-by-hop headers (RFC 9110 §7.6.1) and `Expect`, in the order of the bits
 /// [`strip_hop_by_hop`] records them by.
@@ -242,6 +244,27 @@ pub fn strip_proxy_set_cookies(h: &mut HeaderMap) {
     h.remove(header::SET_COOKIE);
     for v in kept {
         h.append(header::SET_COOKIE, v);
+    }
+}
+
+/// Removes an upstream's `Alt-Svc` and `NEL`: each sets a policy a browser keeps for the
+/// proxy's whole origin (every route on the host, and with `includeSubDomains` /
+/// `include_subdomains` the hosts under it) for as long as the header's `ma` /
+/// `max_age` says, which one upstream among the routes of a host cannot own. `Alt-Svc`
+/// sends the browser's later connections to the origin elsewhere (`h2="other:443"`,
+/// `h3=":8443"`): any host with a certificate valid for the origin's name (a wildcard
+/// certificate's other holders) then gets every route's requests, session cookie
+/// included, without the proxy; and which protocols the proxy's own listener speaks is
+/// not the upstream's to say. `NEL` (Network Error Logging) has the browser report
+/// requests to the origin (every route's URL with its query, status and timing; with
+/// `success_fraction` every request, not only failures) to the endpoint its `Report-To`
+/// names. Neither is ever passed on (nor in trailers).
+pub fn strip_origin_policies(h: &mut HeaderMap) {
+    if h.contains_key(&ALT_SVC) {
+        h.remove(&ALT_SVC);
+    }
+    if h.contains_key(&NEL) {
+        h.remove(&NEL);
     }
 }
 

@@ -1,5 +1,6 @@
 //! A hostile or broken upstream behind one route, against the proxy, its other routes and
-//! callers, and the audit trail: a response body that stops coming.
+//! callers, and the audit trail: a response body that stops coming, and answer headers
+//! that would speak for the proxy's origin.
 
 use std::time::{Duration, Instant};
 
@@ -148,5 +149,72 @@ async fn read_timeout_cuts_neither_a_steady_stream_nor_a_slow_reader() {
     let ev = event_at(&w, "/s/big").await;
     assert_eq!(ev["reason"], "allowed", "{ev}");
     assert_eq!(ev["bytes_out"], BIG, "{ev}");
+    upstream.abort();
+}
+
+/// An upstream's `Alt-Svc` would send the browser's later connections to the proxy's
+/// origin (every route on the host) to another server: any holder of a certificate valid
+/// for the name (a wildcard certificate's other hosts) would get every route's requests,
+/// session cookie included, without the proxy; its `NEL` would have the browser report
+/// every request to the origin, each route's URL with its query, to the upstream's
+/// collector, for a year. One route's upstream owns neither: both are dropped (in
+/// trailers too). The application's other headers, `Strict-Transport-Security` and
+/// `Report-To` among them (the latter now names no `NEL` policy), pass.
+#[tokio::test]
+async fn an_upstream_cannot_set_origin_wide_alt_svc_or_nel() {
+    let (addr, upstream) = raw_answering(|_| {
+        concat!(
+            "HTTP/1.1 200 OK\r\n",
+            "Alt-Svc: h2=\"evil.example:443\"; ma=31536000, h3=\":8443\"\r\n",
+            "NEL: {\"report_to\":\"x\",\"max_age\":31536000,\"include_subdomains\":true,\"success_fraction\":1.0}\r\n",
+            "Report-To: {\"group\":\"x\",\"max_age\":31536000,\"endpoints\":[{\"url\":\"https://evil.example/r\"}]}\r\n",
+            "Strict-Transport-Security: max-age=63072000\r\n",
+            "X-App: 1\r\n",
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+            "2\r\nok\r\n0\r\nAlt-Svc: h2=\"evil.example:443\"\r\nNEL: {}\r\nX-Trailer: 1\r\n\r\n",
+        )
+        .into()
+    })
+    .await;
+    let routes = format!(
+        "[[routes]]\nname = \"o\"\nmatch = {{ path_prefix = \"/o\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    let r = w.get("/o/page", Some(&t)).await;
+    assert_eq!(r.status, http::StatusCode::OK, "{}", r.text());
+    assert_eq!(r.text(), "ok");
+    assert!(r.headers.get("alt-svc").is_none(), "{:?}", r.headers);
+    assert!(r.headers.get("nel").is_none(), "{:?}", r.headers);
+    for kept in ["x-app", "strict-transport-security", "report-to"] {
+        assert!(r.headers.get(kept).is_some(), "{kept}: {:?}", r.headers);
+    }
+
+    // The trailers, over HTTP/2 (the proxy's HTTP/1.1 server sends none).
+    let tls = tls_alpn(&w, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .uri(format!("https://localhost:{}/o/page", w.https.port()))
+        .header("authorization", format!("Bearer {t}"))
+        .header("te", "trailers")
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+    let (resp, _) = send.send_request(req, true).unwrap_or_else(|e| panic!("{e}"));
+    let resp = resp.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    assert!(resp.headers().get("alt-svc").is_none(), "{:?}", resp.headers());
+    let mut body = resp.into_body();
+    while let Some(d) = body.data().await {
+        d.unwrap_or_else(|e| panic!("the answer was cut: {e}"));
+    }
+    let trailers = body.trailers().await.unwrap_or_else(|e| panic!("the answer was cut: {e}"));
+    let trailers = trailers.unwrap_or_else(|| panic!("no trailers"));
+    assert!(trailers.get("x-trailer").is_some(), "{trailers:?}");
+    assert!(trailers.get("alt-svc").is_none(), "{trailers:?}");
+    assert!(trailers.get("nel").is_none(), "{trailers:?}");
     upstream.abort();
 }
