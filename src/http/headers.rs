@@ -25,6 +25,7 @@ pub static ASSERTION: HeaderName = HeaderName::from_static("x-portcullis-asserti
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-portcullis-request-id");
 pub static ALT_SVC: HeaderName = HeaderName::from_static("alt-svc");
 pub static NEL: HeaderName = HeaderName::from_static("nel");
+pub static SERVICE_WORKER_ALLOWED: HeaderName = HeaderName::from_static("service-worker-allowed");
 
 /// The hop-by-hop headers (RFC 9110 §7.6.1) and `Expect`, in the order of the bits
 /// [`strip_hop_by_hop`] records them by.
@@ -265,6 +266,47 @@ pub fn strip_origin_policies(h: &mut HeaderMap) {
     }
     if h.contains_key(&NEL) {
         h.remove(&NEL);
+    }
+}
+
+/// Drops an upstream's `Service-Worker-Allowed` that would let a service worker control
+/// pages outside the route's `path_prefix` (`prefix`; nothing to confine on a route at
+/// `/`). A service worker controls every page of its origin under its scope, which by
+/// default is its script's directory; this header widens the most a registration may ask
+/// for, so a route's upstream (one at `/a`, its script `/a/sw.js`) answering
+/// `Service-Worker-Allowed: /` could have a page of its own register a worker for the
+/// whole host: every other route's pages then load through that worker, which can answer
+/// for them or read them with the caller's session, on every later visit (it outlives a
+/// fix of the upstream until it is unregistered). Kept only when every value is an
+/// absolute path strictly under the prefix (`/a/` or deeper: the browser compares scopes
+/// as strings, so `/a` would also admit `/admin/`), in plain segments (no `.`/`..`, no
+/// escape, no `\`, not `//`); a `strip_prefix` route's value has had its prefix put back
+/// first ([`super::prefix::Restore`]).
+pub fn confine_service_worker_scope(h: &mut HeaderMap, prefix: &str) {
+    let prefix = prefix.trim_end_matches('/').as_bytes();
+    if prefix.is_empty() || !h.contains_key(&SERVICE_WORKER_ALLOWED) {
+        return;
+    }
+    let within = |v: &HeaderValue| {
+        let v = v.as_bytes().trim_ascii();
+        let path = v.split(|b| matches!(b, b'?' | b'#')).next().unwrap_or_default();
+        let Some(rest) = path.strip_prefix(prefix).and_then(|r| r.strip_prefix(b"/")) else {
+            return false;
+        };
+        if path.iter().any(|b| matches!(b, b'%' | b'\\')) {
+            return false;
+        }
+        // Every segment plain; only the last may be empty (a trailing `/`).
+        let mut segments = rest.split(|b| *b == b'/').peekable();
+        while let Some(seg) = segments.next() {
+            if matches!(seg, b"." | b"..") || (seg.is_empty() && segments.peek().is_some()) {
+                return false;
+            }
+        }
+        true
+    };
+    if !h.get_all(&SERVICE_WORKER_ALLOWED).iter().all(within) {
+        h.remove(&SERVICE_WORKER_ALLOWED);
     }
 }
 
@@ -1664,5 +1706,51 @@ mod tests {
             assert_eq!(got, Some(format!("v-{name}").as_bytes()), "{header}");
         }
         assert_eq!(headers.len(), 3 + 1 + CiContext::FIELDS.len());
+    }
+
+    /// A service worker scope an upstream may widen to stays inside its route's prefix:
+    /// strictly under it (`/a` would admit `/admin/` by string comparison), in plain
+    /// segments; on a route at `/` anything goes.
+    #[test]
+    fn a_service_worker_scope_stays_under_the_routes_prefix() {
+        let kept = |prefix: &str, values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(
+                    &SERVICE_WORKER_ALLOWED,
+                    HeaderValue::from_str(v).unwrap_or_else(|e| panic!("{e}")),
+                );
+            }
+            confine_service_worker_scope(&mut h, prefix);
+            h.get_all(&SERVICE_WORKER_ALLOWED).iter().count()
+        };
+        for ok in ["/a/", "/a/x", "/a/x/", "/a/x?y", " /a/b/ "] {
+            assert_eq!(kept("/a", &[ok]), 1, "{ok}");
+            assert_eq!(kept("/a/", &[ok]), 1, "{ok}");
+        }
+        for bad in [
+            "/",
+            "/a",
+            "/ab/",
+            "/admin/",
+            "/a/../",
+            "/a/./",
+            "/a//",
+            "/a/x/../../",
+            "/a/%2e%2e/",
+            "/a\\..\\",
+            "//evil/a/",
+            "https://app.example.com/",
+            "../",
+            "x/",
+            "",
+            "*",
+        ] {
+            assert_eq!(kept("/a", &[bad]), 0, "{bad}");
+        }
+        // One value outside the prefix takes every one with it.
+        assert_eq!(kept("/a", &["/a/", "/"]), 0);
+        // A route at `/` owns the whole origin.
+        assert_eq!(kept("/", &["/"]), 1);
     }
 }

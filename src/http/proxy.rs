@@ -941,6 +941,7 @@ pub async fn handle(
         };
         restore.apply(&mut parts.headers);
     }
+    headers::confine_service_worker_scope(&mut parts.headers, &route.path_prefix);
     // A refreshed or touched session goes back to the browser with the response, which
     // then is the browser's alone: no shared cache may keep it with the session.
     if !rc.set_cookies.is_empty() {

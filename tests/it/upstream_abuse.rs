@@ -218,3 +218,46 @@ async fn an_upstream_cannot_set_origin_wide_alt_svc_or_nel() {
     assert!(trailers.get("nel").is_none(), "{trailers:?}");
     upstream.abort();
 }
+
+/// `Service-Worker-Allowed` widens the scope a service worker may be registered for. An
+/// upstream behind the prefix `/a` answering `Service-Worker-Allowed: /` for its script
+/// lets one of its pages register a worker for the whole host, through which every other
+/// route's pages then load (answered or read by it, with the caller's session, on every
+/// later visit). Only a scope strictly under the route's prefix passes; a `strip_prefix`
+/// route's upstream, which knows nothing of its prefix, has its `/` mapped under it.
+#[tokio::test]
+async fn a_service_worker_scope_never_reaches_past_the_routes_prefix() {
+    let (addr, upstream) = raw_answering(|head| {
+        let scope = head
+            .lines()
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|p| p.split_once("scope="))
+            .map_or("/", |(_, s)| s)
+            .to_string();
+        format!("HTTP/1.1 200 OK\r\nService-Worker-Allowed: {scope}\r\nContent-Type: text/javascript\r\nContent-Length: 2\r\nConnection: close\r\n\r\n//")
+    })
+    .await;
+    let routes = format!(
+        "[[routes]]\nname = \"a\"\nmatch = {{ path_prefix = \"/a\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n\n\
+         [[routes]]\nname = \"billing\"\nmatch = {{ path_prefix = \"/billing\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\nstrip_prefix = true\n"
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    for (path, want) in [
+        ("/a/sw.js?scope=/", None),
+        ("/a/sw.js?scope=/admin/", None),
+        ("/a/sw.js?scope=/a", None),
+        ("/a/sw.js?scope=/a/../", None),
+        ("/a/sw.js?scope=/a/", Some("/a/")),
+        ("/a/sw.js?scope=/a/app/", Some("/a/app/")),
+        ("/billing/sw.js?scope=/", Some("/billing/")),
+        ("/billing/sw.js?scope=/app/", Some("/billing/app/")),
+    ] {
+        let r = w.get(path, Some(&t)).await;
+        assert_eq!(r.status, http::StatusCode::OK, "{path}: {}", r.text());
+        let got = r.headers.get("service-worker-allowed").and_then(|v| v.to_str().ok());
+        assert_eq!(got, want, "{path}");
+    }
+    upstream.abort();
+}
