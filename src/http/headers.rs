@@ -269,6 +269,33 @@ pub fn strip_origin_policies(h: &mut HeaderMap) {
     }
 }
 
+/// The response headers by which a web server in front asks its own proxy to serve
+/// something else in place of the answer: nginx's `X-Accel-Redirect` (an internal
+/// redirect, honoured by default from any `proxy_pass` upstream), Apache's
+/// `mod_xsendfile` and lighttpd's `X-Sendfile`, `X-Sendfile2`, `X-LIGHTTPD-send-file` (a
+/// file of that server's disk).
+const FRONT_SERVER_DIRECTIVES: [&str; 4] =
+    ["x-accel-redirect", "x-sendfile", "x-sendfile2", "x-lighttpd-send-file"];
+
+/// Removes `X-Accel-Redirect`, `X-Sendfile`, `X-Sendfile2` and `X-LIGHTTPD-send-file`
+/// from an upstream's answer. Behind a web server in front of the proxy (nginx
+/// terminating TLS, listed in `trusted_proxies`), they reached that server as the
+/// proxy's own instructions: any route's upstream could have nginx answer its client
+/// from an `internal` location (one kept for another application's protected files, or
+/// proxying to a service the proxy guards) or a named `@location`, none of which the
+/// proxy's routes or policies cover, and audited as this route's answer. Such a
+/// redirect belongs to the server the upstream answers directly.
+pub fn strip_front_server_directives(h: &mut HeaderMap) {
+    let found: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-") && FRONT_SERVER_DIRECTIVES.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    for n in found {
+        h.remove(n);
+    }
+}
+
 /// Drops an upstream's `Service-Worker-Allowed` that would let a service worker control
 /// pages outside the route's `path_prefix` (`prefix`; nothing to confine on a route at
 /// `/`). A service worker controls every page of its origin under its scope, which by

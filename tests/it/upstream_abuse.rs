@@ -261,3 +261,130 @@ async fn a_service_worker_scope_never_reaches_past_the_routes_prefix() {
     }
     upstream.abort();
 }
+
+/// nginx in front of the proxy (terminating TLS; a `trusted_proxies` set-up), started for
+/// the test on a free loopback port with `extra` in its `server` block, passing every
+/// other path to the proxy at `https`. `None` (the test skips) without an `nginx` binary,
+/// unless `PORTCULLIS_REQUIRE_INTEROP` is set. Killed on drop.
+struct Nginx {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Nginx {
+    async fn start(https: std::net::SocketAddr, extra: &str) -> Option<Nginx> {
+        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists());
+        let Some(bin) = bin else {
+            assert!(
+                std::env::var("PORTCULLIS_REQUIRE_INTEROP").is_err(),
+                "nginx missing but PORTCULLIS_REQUIRE_INTEROP is set"
+            );
+            eprintln!("SKIPPED: nginx in front (apt-get install nginx)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let d = dir.path().display().to_string();
+        let conf = format!(
+            "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+             events {{}}\n\
+             http {{\n access_log off;\n client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
+             server {{\n  listen 127.0.0.1:{port};\n\
+               location / {{ proxy_pass https://{https}; proxy_http_version 1.1; proxy_set_header Host localhost; proxy_ssl_server_name on; proxy_ssl_name localhost; proxy_ssl_verify off; }}\n\
+               {extra}\n }}\n}}\n"
+        );
+        let path = dir.path().join("nginx.conf");
+        write(&path, &conf);
+        let child = std::process::Command::new(bin)
+            .args(["-p", &d, "-e", &format!("{d}/error.log"), "-c"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("nginx: {e}"));
+        let log = dir.path().join("error.log");
+        let nginx = Nginx { child, port, _dir: dir };
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Some(nginx);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("nginx did not start: {}", std::fs::read_to_string(log).unwrap_or_default());
+    }
+
+    /// One plain HTTP/1.1 exchange through nginx: everything it sends back.
+    async fn exchange(&self, req: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// With nginx in front of the proxy, a route's upstream answering
+/// `X-Accel-Redirect: /internal/…` had nginx serve its client from an `internal` location
+/// instead (nginx honours the header from any `proxy_pass` upstream, and the proxy passed
+/// it on): one kept for another application's protected files, or proxying to a service
+/// the proxy guards, outside every route and policy, audited as this route's answer.
+/// The proxy drops `X-Accel-Redirect` and the `X-Sendfile` family; the upstream's own
+/// answer reaches the client, and its other `X-Accel-*` hints (`X-Accel-Buffering: no`
+/// for an event stream) still reach nginx.
+#[tokio::test]
+async fn an_upstream_cannot_redirect_a_web_server_in_front_of_the_proxy() {
+    let (addr, upstream) = raw_answering(|_| {
+        concat!(
+            "HTTP/1.1 200 OK\r\n",
+            "X-Accel-Redirect: /internal/files\r\n",
+            "X-Sendfile: /etc/passwd\r\n",
+            "X-LIGHTTPD-send-file: /etc/passwd\r\n",
+            "X-Accel-Buffering: no\r\n",
+            "Content-Length: 3\r\nConnection: close\r\n\r\napp",
+        )
+        .into()
+    })
+    .await;
+    let routes = format!(
+        "[[routes]]\nname = \"x\"\nmatch = {{ path_prefix = \"/x\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
+    );
+    let w = World::with(Setup {
+        routes,
+        listen_extra: "trusted_proxies = [\"127.0.0.1/32\"]".into(),
+        ..Setup::default()
+    })
+    .await;
+    let t = w.token("bb", &[]);
+    let internal = "location /internal/ { internal; return 200 \"INTERNAL-SECRET\"; }";
+    let Some(nginx) = Nginx::start(w.https, internal).await else { return };
+    let resp = nginx
+        .exchange(&format!(
+            "GET /x/page HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    assert!(!resp.contains("INTERNAL-SECRET"), "nginx served its internal location: {resp}");
+    assert!(resp.ends_with("app"), "{resp}");
+    // And straight from the proxy: none of them, the buffering hint kept.
+    let r = w.get("/x/page", Some(&t)).await;
+    for gone in ["x-accel-redirect", "x-sendfile", "x-lighttpd-send-file"] {
+        assert!(r.headers.get(gone).is_none(), "{gone}: {:?}", r.headers);
+    }
+    assert_eq!(r.headers.get("x-accel-buffering").map(|v| v.as_bytes()), Some(&b"no"[..]));
+    upstream.abort();
+}
