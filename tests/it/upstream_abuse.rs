@@ -100,6 +100,48 @@ async fn a_response_body_that_stops_coming_is_cut_after_read_timeout_and_audited
         assert_eq!(ev["bytes_out"], 5, "{path}: {ev}");
         assert!(ev["detail"].as_str().unwrap_or_default().contains("read_timeout"), "{ev}");
     }
+
+    // HTTP/2: the stream is reset, the connection and its other streams live on.
+    let tls = tls_alpn(&w, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+    let req = |path: &str| {
+        http::Request::builder()
+            .uri(format!("https://localhost:{}{path}", w.https.port()))
+            .header("authorization", format!("Bearer {t}"))
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (resp, _) = send.send_request(req("/s/h2"), true).unwrap_or_else(|e| panic!("{e}"));
+    let started = Instant::now();
+    let resp = resp.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(8), async {
+        while let Some(d) = body.data().await {
+            match d {
+                Ok(d) => got.extend_from_slice(&d),
+                Err(e) => return Some(e),
+            }
+        }
+        None
+    })
+    .await;
+    let reset = ended.unwrap_or_else(|_| panic!("HTTP/2: the proxy still waits on the upstream"));
+    assert!(reset.is_some_and(|e| e.is_reset()), "HTTP/2: the cut body ended cleanly");
+    assert_eq!(got, b"hello");
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    let ev = event_at(&w, "/s/h2").await;
+    assert_eq!(ev["reason"], "upstream-timeout", "{ev}");
+    assert_eq!((ev["status"].as_u64(), ev["bytes_out"].as_u64()), (Some(200), Some(5)), "{ev}");
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+    let (resp, _) = send.send_request(req("/s/length"), true).unwrap_or_else(|e| panic!("{e}"));
+    let resp = resp.await.unwrap_or_else(|e| panic!("the connection went with the stream: {e}"));
+    assert_eq!(resp.status(), http::StatusCode::OK);
     upstream.abort();
 }
 
