@@ -25,6 +25,7 @@ pub static ASSERTION: HeaderName = HeaderName::from_static("x-portcullis-asserti
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-portcullis-request-id");
 pub static ALT_SVC: HeaderName = HeaderName::from_static("alt-svc");
 pub static NEL: HeaderName = HeaderName::from_static("nel");
+pub static SERVICE_WORKER: HeaderName = HeaderName::from_static("service-worker");
 pub static SERVICE_WORKER_ALLOWED: HeaderName = HeaderName::from_static("service-worker-allowed");
 
 /// The hop-by-hop headers (RFC 9110 §7.6.1) and `Expect`, in the order of the bits
@@ -309,32 +310,53 @@ pub fn strip_front_server_directives(h: &mut HeaderMap) {
 /// as strings, so `/a` would also admit `/admin/`), in plain segments (no `.`/`..`, no
 /// escape, no `\`, not `//`); a `strip_prefix` route's value has had its prefix put back
 /// first ([`super::prefix::Restore`]).
-pub fn confine_service_worker_scope(h: &mut HeaderMap, prefix: &str) {
+///
+/// Without the header a worker may take its script's directory, which is outside the
+/// route for a script served at the prefix itself (`/a`, whose directory is `/`): so the
+/// answer to a script fetch (`script`: the client's path of a request with
+/// `Service-Worker: script`, which browsers send for every worker script they fetch)
+/// whose directory is not under the prefix is given `Service-Worker-Allowed: /a/` (the
+/// header narrows as well as widens), unless it has a value of its own inside the route.
+pub fn confine_service_worker_scope(h: &mut HeaderMap, prefix: &str, script: Option<&str>) {
     let prefix = prefix.trim_end_matches('/').as_bytes();
-    if prefix.is_empty() || !h.contains_key(&SERVICE_WORKER_ALLOWED) {
+    if prefix.is_empty() {
         return;
     }
-    let within = |v: &HeaderValue| {
-        let v = v.as_bytes().trim_ascii();
-        let path = v.split(|b| matches!(b, b'?' | b'#')).next().unwrap_or_default();
-        let Some(rest) = path.strip_prefix(prefix).and_then(|r| r.strip_prefix(b"/")) else {
-            return false;
-        };
-        if path.iter().any(|b| matches!(b, b'%' | b'\\')) {
-            return false;
-        }
-        // Every segment plain; only the last may be empty (a trailing `/`).
-        let mut segments = rest.split(|b| *b == b'/').peekable();
-        while let Some(seg) = segments.next() {
-            if matches!(seg, b"." | b"..") || (seg.is_empty() && segments.peek().is_some()) {
-                return false;
-            }
-        }
-        true
-    };
-    if !h.get_all(&SERVICE_WORKER_ALLOWED).iter().all(within) {
+    if h.contains_key(&SERVICE_WORKER_ALLOWED)
+        && !h.get_all(&SERVICE_WORKER_ALLOWED).iter().all(|v| scope_within(v.as_bytes(), prefix))
+    {
         h.remove(&SERVICE_WORKER_ALLOWED);
     }
+    let Some(path) = script.filter(|_| !h.contains_key(&SERVICE_WORKER_ALLOWED)) else {
+        return;
+    };
+    let dir = &path.as_bytes()[..path.rfind('/').map_or(0, |i| i + 1)];
+    if !dir.strip_prefix(prefix).is_some_and(|r| r.starts_with(b"/")) {
+        if let Ok(v) = HeaderValue::from_bytes(&[prefix, b"/"].concat()) {
+            h.insert(&SERVICE_WORKER_ALLOWED, v);
+        }
+    }
+}
+
+/// Whether a `Service-Worker-Allowed` value is an absolute path strictly under `prefix`
+/// (given without its trailing `/`), in plain segments.
+fn scope_within(v: &[u8], prefix: &[u8]) -> bool {
+    let v = v.trim_ascii();
+    let path = v.split(|b| matches!(b, b'?' | b'#')).next().unwrap_or_default();
+    let Some(rest) = path.strip_prefix(prefix).and_then(|r| r.strip_prefix(b"/")) else {
+        return false;
+    };
+    if path.iter().any(|b| matches!(b, b'%' | b'\\')) {
+        return false;
+    }
+    // Every segment plain; only the last may be empty (a trailing `/`).
+    let mut segments = rest.split(|b| *b == b'/').peekable();
+    while let Some(seg) = segments.next() {
+        if matches!(seg, b"." | b"..") || (seg.is_empty() && segments.peek().is_some()) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Makes a response to which the proxy adds its own `Set-Cookie` (a touched or refreshed
@@ -1748,7 +1770,7 @@ mod tests {
                     HeaderValue::from_str(v).unwrap_or_else(|e| panic!("{e}")),
                 );
             }
-            confine_service_worker_scope(&mut h, prefix);
+            confine_service_worker_scope(&mut h, prefix, None);
             h.get_all(&SERVICE_WORKER_ALLOWED).iter().count()
         };
         for ok in ["/a/", "/a/x", "/a/x/", "/a/x?y", " /a/b/ "] {
@@ -1779,5 +1801,25 @@ mod tests {
         assert_eq!(kept("/a", &["/a/", "/"]), 0);
         // A route at `/` owns the whole origin.
         assert_eq!(kept("/", &["/"]), 1);
+
+        // A script fetch whose directory is outside the route (a script at the prefix
+        // itself) is held to the route; one inside it, or with a scope of its own inside
+        // it, is left alone.
+        let scope = |prefix: &str, path: &str, value: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(v) = value {
+                h.insert(
+                    &SERVICE_WORKER_ALLOWED,
+                    HeaderValue::from_str(v).unwrap_or_else(|e| panic!("{e}")),
+                );
+            }
+            confine_service_worker_scope(&mut h, prefix, Some(path));
+            h.get(&SERVICE_WORKER_ALLOWED).map(|v| v.to_str().unwrap_or_default().to_string())
+        };
+        assert_eq!(scope("/a", "/a", None).as_deref(), Some("/a/"));
+        assert_eq!(scope("/a/", "/a", Some("/")).as_deref(), Some("/a/"));
+        assert_eq!(scope("/a", "/a/sw.js", None), None);
+        assert_eq!(scope("/a", "/a/x/sw.js", Some("/a/")).as_deref(), Some("/a/"));
+        assert_eq!(scope("/", "/sw.js", Some("/")).as_deref(), Some("/"));
     }
 }

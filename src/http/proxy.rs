@@ -701,6 +701,9 @@ pub async fn handle(
         target.push_str(q);
     }
     let websocket = is_websocket(&req);
+    // A service worker's script (browsers fetch it with `Service-Worker: script`): its
+    // path decides the scope the worker may take, kept inside the route below.
+    let sw_script = req.headers().get(&headers::SERVICE_WORKER).is_some_and(|v| v == "script");
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     // What the tunnel re-checks at reloads (the request itself goes upstream).
     let upgrade_method = websocket.then(|| req.method().clone());
@@ -942,7 +945,8 @@ pub async fn handle(
         };
         restore.apply(&mut parts.headers);
     }
-    headers::confine_service_worker_scope(&mut parts.headers, &route.path_prefix);
+    let script = out.path.as_deref().filter(|_| sw_script);
+    headers::confine_service_worker_scope(&mut parts.headers, &route.path_prefix, script);
     // A refreshed or touched session goes back to the browser with the response, which
     // then is the browser's alone: no shared cache may keep it with the session.
     if !rc.set_cookies.is_empty() {

@@ -266,7 +266,9 @@ async fn an_upstream_cannot_set_origin_wide_alt_svc_or_nel() {
 /// lets one of its pages register a worker for the whole host, through which every other
 /// route's pages then load (answered or read by it, with the caller's session, on every
 /// later visit). Only a scope strictly under the route's prefix passes; a `strip_prefix`
-/// route's upstream, which knows nothing of its prefix, has its `/` mapped under it.
+/// route's upstream, which knows nothing of its prefix, has its `/` mapped under it. A
+/// script served at the prefix itself (`/a`, whose directory is `/`) is held to the route
+/// by a `Service-Worker-Allowed: /a/` of the proxy's.
 #[tokio::test]
 async fn a_service_worker_scope_never_reaches_past_the_routes_prefix() {
     let (addr, upstream) = raw_answering(|head| {
@@ -277,7 +279,11 @@ async fn a_service_worker_scope_never_reaches_past_the_routes_prefix() {
             .and_then(|p| p.split_once("scope="))
             .map_or("/", |(_, s)| s)
             .to_string();
-        format!("HTTP/1.1 200 OK\r\nService-Worker-Allowed: {scope}\r\nContent-Type: text/javascript\r\nContent-Length: 2\r\nConnection: close\r\n\r\n//")
+        let allowed = match scope.as_str() {
+            "none" => String::new(),
+            scope => format!("Service-Worker-Allowed: {scope}\r\n"),
+        };
+        format!("HTTP/1.1 200 OK\r\n{allowed}Content-Type: text/javascript\r\nContent-Length: 2\r\nConnection: close\r\n\r\n//")
     })
     .await;
     let routes = format!(
@@ -300,6 +306,27 @@ async fn a_service_worker_scope_never_reaches_past_the_routes_prefix() {
         assert_eq!(r.status, http::StatusCode::OK, "{path}: {}", r.text());
         let got = r.headers.get("service-worker-allowed").and_then(|v| v.to_str().ok());
         assert_eq!(got, want, "{path}");
+    }
+
+    // A script served at the prefix itself may take its directory, `/`, by default: a
+    // script fetch (`Service-Worker: script`) whose directory is outside the route is
+    // held to it; other answers, and scripts inside the route, are left alone.
+    let auth = format!("Bearer {t}");
+    for (path, script, want) in [
+        ("/a?scope=none", true, Some("/a/")),
+        ("/a?scope=/", true, Some("/a/")),
+        ("/a/?scope=none", true, None),
+        ("/a/sw.js?scope=none", true, None),
+        ("/a?scope=none", false, None),
+    ] {
+        let mut h = vec![("authorization", auth.as_str())];
+        if script {
+            h.push(("service-worker", "script"));
+        }
+        let r = w.send(http::Method::GET, path, &h, bytes::Bytes::new()).await;
+        assert_eq!(r.status, http::StatusCode::OK, "{path}: {}", r.text());
+        let got = r.headers.get("service-worker-allowed").and_then(|v| v.to_str().ok());
+        assert_eq!(got, want, "{path} (script fetch: {script})");
     }
     upstream.abort();
 }
