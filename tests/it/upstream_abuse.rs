@@ -457,3 +457,137 @@ async fn an_upstream_cannot_redirect_a_web_server_in_front_of_the_proxy() {
     assert_eq!(r.headers.get("x-accel-buffering").map(|v| v.as_bytes()), Some(&b"no"[..]));
     upstream.abort();
 }
+
+/// A keep-alive upstream answering `/m/<case>` with the malformed or hostile answer of
+/// that name ([`malformed`]) and anything else with `ok`, reading requests on each
+/// connection for as long as it stays open.
+async fn malformed_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                while let Some(head) = read_head(&mut s).await {
+                    let path = head.split(' ').nth(1).unwrap_or_default();
+                    let answer = malformed(path.trim_start_matches("/m/"));
+                    if s.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// The answer of each case: `LEAKED` marks bytes that must never reach any client.
+fn malformed(case: &str) -> Vec<u8> {
+    let head = |h: &str| format!("HTTP/1.1 200 OK\r\n{h}\r\n\r\n").into_bytes();
+    match case {
+        // A second answer queued behind a complete one, for the next caller.
+        "queued" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nLEAKED".to_vec(),
+        "informational-body" => b"HTTP/1.1 103 Early Hints\r\ncontent-length: 6\r\n\r\nLEAKEDHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+        "informational-after" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 100 Continue\r\n\r\n".to_vec(),
+        "length-list" => [head("content-length: 2, 8"), b"okLEAKED".to_vec()].concat(),
+        "length-twice" => [head("content-length: 2\r\ncontent-length: 8"), b"okLEAKED".to_vec()].concat(),
+        "length-negative" => [head("content-length: -1"), b"LEAKED".to_vec()].concat(),
+        "length-huge" => [head("content-length: 99999999999999999999999"), b"LEAKED".to_vec()].concat(),
+        "length-plus" => [head("content-length: +6"), b"LEAKED".to_vec()].concat(),
+        "chunked-http10" => b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nLEAKED\r\n0\r\n\r\n".to_vec(),
+        "obs-fold" => [head("x-a: 1\r\n x-b: 2\r\ncontent-length: 6"), b"LEAKED".to_vec()].concat(),
+        "bare-cr" => b"HTTP/1.1 200 OK\rx-a: 1\r\ncontent-length: 6\r\n\r\nLEAKED".to_vec(),
+        "nul" => [head("x-a: a\0b\r\ncontent-length: 6"), b"LEAKED".to_vec()].concat(),
+        "control-in-location" => b"HTTP/1.1 302 Found\r\nlocation: /x\x0b/y\r\ncontent-length: 6\r\n\r\nLEAKED".to_vec(),
+        "many-headers" => {
+            let fields: Vec<String> = (0..200).map(|i| format!("x-h{i}: 1")).collect();
+            [head(&(fields.join("\r\n") + "\r\ncontent-length: 6")), b"LEAKED".to_vec()].concat()
+        }
+        "huge-header" => {
+            [head(&format!("x-big: {}\r\ncontent-length: 6", "a".repeat(600_000))), b"LEAKED".to_vec()]
+                .concat()
+        }
+        "switching-unasked" => b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nLEAKED".to_vec(),
+        "chunk-overflow" => [head("transfer-encoding: chunked"), b"FFFFFFFFFFFFFFFFF1\r\nLEAKED\r\n0\r\n\r\n".to_vec()].concat(),
+        "chunk-bare-lf" => [head("transfer-encoding: chunked"), b"6\nLEAKED\n0\n\n".to_vec()].concat(),
+        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+    }
+}
+
+/// Malformed and hostile answers from a keep-alive upstream on the proxy's own pool: each
+/// is refused (502 `upstream-unavailable`, the cause in the event), or, its head already
+/// relayed, cut (`upstream-aborted`), or read as the one answer it frames; none of its
+/// bytes (`LEAKED`) reaches its client or the callers after it on the route, which get
+/// their own answers at once and a moment later. Pins what the HTTP layer refuses (a
+/// `Content-Length` list or pair that disagrees, a sign, a `Transfer-Encoding` in an
+/// HTTP/1.0 answer, obs-fold, a bare CR, a NUL or other control byte in a value, more
+/// than 100 fields or a head over 400 KB, a chunk size over 64 bits, a chunk line without
+/// its CR) and what it drops (1xx answers, bytes after an answer).
+#[tokio::test]
+async fn malformed_upstream_answers_never_reach_a_caller() {
+    let (addr, upstream) = malformed_upstream().await;
+    let routes = format!(
+        "[[routes]]\nname = \"m\"\nmatch = {{ path_prefix = \"/m\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    let refused = [
+        "informational-body",
+        "length-list",
+        "length-twice",
+        "length-negative",
+        "length-huge",
+        "length-plus",
+        "chunked-http10",
+        "obs-fold",
+        "bare-cr",
+        "nul",
+        "control-in-location",
+        "many-headers",
+        "huge-header",
+        "switching-unasked",
+    ];
+    let cut = ["chunk-overflow", "chunk-bare-lf"];
+    let read = ["queued", "informational-after"];
+    for case in refused.iter().chain(&cut).chain(&read) {
+        let path = format!("/m/{case}");
+        let resp = raw_h1(&w, &path, &t).await;
+        assert!(!resp.contains("LEAKED"), "{case}: {resp}");
+        let ev = event_at(&w, &path).await;
+        let (status, reason) = (ev["status"].as_u64(), ev["reason"].as_str());
+        if refused.contains(case) {
+            assert!(resp.starts_with("HTTP/1.1 502 "), "{case}: {resp}");
+            assert_eq!((status, reason), (Some(502), Some("upstream-unavailable")), "{case}: {ev}");
+        } else if cut.contains(case) {
+            // The head may not have left before the body failed: then the client gets
+            // the connection closed, and no answer at all.
+            assert!(resp.is_empty() || resp.starts_with("HTTP/1.1 200 "), "{case}: {resp}");
+            assert_eq!((status, reason), (Some(200), Some("upstream-aborted")), "{case}: {ev}");
+        } else {
+            assert!(
+                resp.starts_with("HTTP/1.1 200 ") && resp.ends_with("\r\n\r\nok"),
+                "{case}: {resp}"
+            );
+            assert_eq!((status, reason), (Some(200), Some("allowed")), "{case}: {ev}");
+        }
+        for wait in [0, 0, 50] {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let next = w.get("/m/ok", Some(&t)).await;
+            assert_eq!(next.text(), "ok", "{case}: the next caller got another answer");
+        }
+    }
+    upstream.abort();
+}
+
+/// One HTTP/1.1 request for `path` over TLS with `Connection: close`: everything the
+/// proxy sends back until it closes the connection (or 5 s pass).
+async fn raw_h1(w: &World, path: &str, token: &str) -> String {
+    let mut s = tls_alpn(w, b"http/1.1").await;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
