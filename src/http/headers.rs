@@ -21,6 +21,9 @@ pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-p
 pub static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 pub static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// Like `Proxy-Authenticate`, for the next client on the chain alone (RFC 9110 §11.7.3).
+pub static PROXY_AUTHENTICATION_INFO: HeaderName =
+    HeaderName::from_static("proxy-authentication-info");
 pub static ASSERTION: HeaderName = HeaderName::from_static("x-portcullis-assertion");
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-portcullis-request-id");
 pub static ALT_SVC: HeaderName = HeaderName::from_static("alt-svc");
@@ -30,7 +33,7 @@ pub static SERVICE_WORKER_ALLOWED: HeaderName = HeaderName::from_static("service
 
 /// The hop-by-hop headers (RFC 9110 §7.6.1) and `Expect`, in the order of the bits
 /// [`strip_hop_by_hop`] records them by.
-fn hop_by_hop() -> [&'static HeaderName; 10] {
+fn hop_by_hop() -> [&'static HeaderName; 11] {
     [
         &header::CONNECTION,
         &header::UPGRADE,
@@ -39,6 +42,7 @@ fn hop_by_hop() -> [&'static HeaderName; 10] {
         &header::TRANSFER_ENCODING,
         &header::PROXY_AUTHORIZATION,
         &header::PROXY_AUTHENTICATE,
+        &PROXY_AUTHENTICATION_INFO,
         &header::EXPECT,
         &KEEP_ALIVE,
         &PROXY_CONNECTION,

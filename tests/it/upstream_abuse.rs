@@ -591,3 +591,38 @@ async fn raw_h1(w: &World, path: &str, token: &str) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// An upstream's proxy-authentication fields are for the next client on its chain, the
+/// proxy, alone (RFC 9110 §11.7): `Proxy-Authenticate` was removed, but its companion
+/// `Proxy-Authentication-Info` reached the client, which takes `Proxy-Authorization`
+/// for the proxy's own credential. Both stay with the proxy; the application's own
+/// `WWW-Authenticate` and `Authentication-Info` pass.
+#[tokio::test]
+async fn an_upstreams_proxy_authentication_fields_stay_with_the_proxy() {
+    let (addr, upstream) = raw_answering(|_| {
+        concat!(
+            "HTTP/1.1 401 Unauthorized\r\n",
+            "WWW-Authenticate: Basic realm=\"app\"\r\n",
+            "Authentication-Info: nextnonce=\"a\"\r\n",
+            "Proxy-Authenticate: Basic realm=\"proxy\"\r\n",
+            "Proxy-Authentication-Info: nextnonce=\"b\"\r\n",
+            "Content-Length: 2\r\nConnection: close\r\n\r\nno",
+        )
+        .into()
+    })
+    .await;
+    let routes = format!(
+        "[[routes]]\nname = \"pa\"\nmatch = {{ path_prefix = \"/pa\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
+    );
+    let w = World::with(Setup { routes, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    let r = w.get("/pa/x", Some(&t)).await;
+    assert_eq!(r.status, http::StatusCode::UNAUTHORIZED);
+    for gone in ["proxy-authenticate", "proxy-authentication-info"] {
+        assert!(r.headers.get(gone).is_none(), "{gone}: {:?}", r.headers);
+    }
+    for kept in ["www-authenticate", "authentication-info"] {
+        assert!(r.headers.get(kept).is_some(), "{kept}: {:?}", r.headers);
+    }
+    upstream.abort();
+}
