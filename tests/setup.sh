@@ -27,6 +27,10 @@ fi
 # redis-server on a free port).
 command -v redis-server >/dev/null || need_apt redis-server
 
+# nginx, put in front of the proxy by tests/it/upstream_abuse.rs (a web server in front
+# must not take an upstream's X-Accel-Redirect as the proxy's).
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt nginx
+
 # PostgreSQL server, psql and pgbench for the database-route tests (tests/it/pg.rs) and
 # benches/pg.sh. pgbench ships in postgresql-contrib on older Debian releases.
 command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt postgresql

@@ -377,7 +377,11 @@ pub struct RouteSettings {
     /// Send the signed `X-Portcullis-Assertion` (default). Off, the upstream gets the
     /// plain identity headers only, and a new identity costs no ES256 signature.
     pub identity_assertion: bool,
+    /// Until the upstream's response head.
     pub timeout: Duration,
+    /// The longest the upstream may send nothing while its response body is relayed
+    /// (time spent waiting on the client does not count).
+    pub read_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_request_body: u64,
     pub preserve_host: bool,
@@ -2170,6 +2174,11 @@ impl Compiler<'_> {
             forward_token: r.forward_token.unwrap_or(false),
             identity_assertion: r.identity_assertion.unwrap_or(true),
             timeout: self.positive_duration(&r.timeout, "timeout", Duration::from_secs(30)),
+            read_timeout: self.positive_duration(
+                &r.read_timeout,
+                "read_timeout",
+                Duration::from_secs(60),
+            ),
             connect_timeout: self.positive_duration(
                 &r.connect_timeout,
                 "connect_timeout",

@@ -145,6 +145,8 @@ pub struct Route {
     pub forward_token: Option<bool>,
     pub identity_assertion: Option<bool>,
     pub timeout: Option<S<String>>,
+    /// The longest the upstream may send nothing of its response body.
+    pub read_timeout: Option<S<String>>,
     pub connect_timeout: Option<S<String>>,
     pub max_request_body: Option<S<toml::Value>>,
     pub preserve_host: Option<bool>,

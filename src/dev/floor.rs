@@ -72,7 +72,7 @@ async fn forward(
     parts.version = http::Version::HTTP_11;
     let body = RequestBody::new(ClientBody::new(body, h2), Default::default());
     match client.send(Request::from_parts(parts, body)).await {
-        Ok(resp) => resp.map(ProxyBody::Upstream),
+        Ok(resp) => resp.map(|b| ProxyBody::upstream(b, None)),
         Err(_) => status(StatusCode::BAD_GATEWAY),
     }
 }

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use tower::{Layer, Service};
 
 use super::activity::InFlight;
-use super::body::{ClientBody, ProxyBody};
+use super::body::{ClientBody, ProxyBody, ResponseBodyError};
 use super::proxy::{Outcome, Parked};
 use super::{ConnInfo, RequestId};
 use crate::audit::{AuditSink, HttpEvent, ShadowSummary};
@@ -431,12 +431,12 @@ impl Drop for AuditBody {
 
 impl Body for AuditBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ResponseBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
         let this = self.get_mut();
         let r = match this.rest.take() {
             Some(rest) => Poll::Ready(Some(Ok(this.piece(Frame::data(rest))))),
@@ -459,12 +459,19 @@ impl Body for AuditBody {
                     this.done();
                 }
             }
-            Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(Some(Err(e))) => {
                 // Only an upstream's body can fail; the client sees it cut short.
-                this.cut_short(
-                    Reason::UpstreamAborted,
-                    "the upstream's response body broke off before its end",
-                );
+                match e {
+                    ResponseBodyError::Upstream(_) => this.cut_short(
+                        Reason::UpstreamAborted,
+                        "the upstream's response body broke off before its end",
+                    ),
+                    ResponseBodyError::Stalled(_) => this.cut_short(
+                        Reason::UpstreamTimeout,
+                        "the upstream sent nothing of its response body for the route's \
+                         read_timeout; the body was cut there",
+                    ),
+                }
                 this.done();
             }
             Poll::Ready(None) => {

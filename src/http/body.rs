@@ -1,5 +1,6 @@
 //! Body types. Bodies are streamed frame by frame in both directions, never buffered.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use hyper::body::Incoming;
 #[derive(Debug)]
 pub enum ProxyBody {
     Full(Option<Bytes>),
-    Upstream(super::pool::PooledBody),
+    Upstream(UpstreamBody),
 }
 
 impl ProxyBody {
@@ -24,11 +25,84 @@ impl ProxyBody {
     pub fn full(b: impl Into<Bytes>) -> Self {
         ProxyBody::Full(Some(b.into()))
     }
+    /// The upstream's body, cut with [`ResponseBodyError::Stalled`] when the upstream
+    /// sends nothing of it for `read_timeout` while the proxy waits on it (`None`: never).
+    pub fn upstream(inner: super::pool::PooledBody, read_timeout: Option<Duration>) -> Self {
+        ProxyBody::Upstream(UpstreamBody { inner, read_timeout, stall: None })
+    }
+}
+
+/// Why a response body the proxy relays ended before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseBodyError {
+    /// The upstream's body broke off (a reset, a close before its length, bad framing).
+    #[error("upstream body: {0}")]
+    Upstream(#[from] hyper::Error),
+    /// The upstream sent nothing of its body for the route's `read_timeout`.
+    #[error("the upstream sent nothing of its response body for {0:?}")]
+    Stalled(Duration),
+}
+
+/// An upstream's response body with the route's `read_timeout`: the longest the proxy
+/// waits on the upstream for the body's next frame. Only time spent waiting on the
+/// upstream counts: the clock starts when a poll finds nothing ready and stops at the
+/// next frame, so a client that reads slowly (the body not polled meanwhile) is never
+/// the upstream's fault (`server.send_timeout` is for that). Without it, an upstream that
+/// sends its head and then nothing (hung, or on purpose) held the client's connection,
+/// its `max_connections` slot and the upstream socket for as long as the client waited,
+/// and the request had no audit event until the client gave up (nginx's
+/// `proxy_read_timeout`, 60 s, cuts it).
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: super::pool::PooledBody,
+    read_timeout: Option<Duration>,
+    /// Armed at the first `Pending` after a frame (allocated once per body, reset after).
+    stall: Option<(bool, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = ResponseBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(r) => {
+                if let Some((armed, _)) = this.stall.as_mut() {
+                    *armed = false;
+                }
+                Poll::Ready(r.map(|r| r.map_err(ResponseBodyError::from)))
+            }
+            Poll::Pending => {
+                let Some(limit) = this.read_timeout else { return Poll::Pending };
+                let (armed, sleep) =
+                    this.stall.get_or_insert_with(|| (true, Box::pin(tokio::time::sleep(limit))));
+                if !std::mem::replace(armed, true) {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + limit);
+                }
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(ResponseBodyError::Stalled(limit)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ResponseBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -66,11 +140,12 @@ impl Body for ProxyBody {
 
 /// An upstream answer's trailers get its head's hygiene: no hop-by-hop field (the
 /// HTTP/2 server refuses a trailer section holding `Connection` and resets the stream
-/// under an answer already logged as sent whole) and no `Set-Cookie` for the proxy's own
-/// cookies.
+/// under an answer already logged as sent whole), no `Set-Cookie` for the proxy's own
+/// cookies, no origin-wide policy (`Alt-Svc`, `NEL`).
 fn clean_trailers(mut t: http::HeaderMap) -> http::HeaderMap {
     super::headers::strip_hop_by_hop(&mut t, false);
     super::headers::strip_proxy_set_cookies(&mut t);
+    super::headers::strip_origin_policies(&mut t);
     t
 }
 

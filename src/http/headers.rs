@@ -21,12 +21,19 @@ pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-p
 pub static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 pub static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// Like `Proxy-Authenticate`, for the next client on the chain alone (RFC 9110 §11.7.3).
+pub static PROXY_AUTHENTICATION_INFO: HeaderName =
+    HeaderName::from_static("proxy-authentication-info");
 pub static ASSERTION: HeaderName = HeaderName::from_static("x-portcullis-assertion");
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-portcullis-request-id");
+pub static ALT_SVC: HeaderName = HeaderName::from_static("alt-svc");
+pub static NEL: HeaderName = HeaderName::from_static("nel");
+pub static SERVICE_WORKER: HeaderName = HeaderName::from_static("service-worker");
+pub static SERVICE_WORKER_ALLOWED: HeaderName = HeaderName::from_static("service-worker-allowed");
 
 /// The hop-by-hop headers (RFC 9110 §7.6.1) and `Expect`, in the order of the bits
 /// [`strip_hop_by_hop`] records them by.
-fn hop_by_hop() -> [&'static HeaderName; 10] {
+fn hop_by_hop() -> [&'static HeaderName; 11] {
     [
         &header::CONNECTION,
         &header::UPGRADE,
@@ -35,6 +42,7 @@ fn hop_by_hop() -> [&'static HeaderName; 10] {
         &header::TRANSFER_ENCODING,
         &header::PROXY_AUTHORIZATION,
         &header::PROXY_AUTHENTICATE,
+        &PROXY_AUTHENTICATION_INFO,
         &header::EXPECT,
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
@@ -243,6 +251,116 @@ pub fn strip_proxy_set_cookies(h: &mut HeaderMap) {
     for v in kept {
         h.append(header::SET_COOKIE, v);
     }
+}
+
+/// Removes an upstream's `Alt-Svc` and `NEL`: each sets a policy a browser keeps for the
+/// proxy's whole origin (every route on the host, and with `includeSubDomains` /
+/// `include_subdomains` the hosts under it) for as long as the header's `ma` /
+/// `max_age` says, which one upstream among the routes of a host cannot own. `Alt-Svc`
+/// sends the browser's later connections to the origin elsewhere (`h2="other:443"`,
+/// `h3=":8443"`): any host with a certificate valid for the origin's name (a wildcard
+/// certificate's other holders) then gets every route's requests, session cookie
+/// included, without the proxy; and which protocols the proxy's own listener speaks is
+/// not the upstream's to say. `NEL` (Network Error Logging) has the browser report
+/// requests to the origin (every route's URL with its query, status and timing; with
+/// `success_fraction` every request, not only failures) to the endpoint its `Report-To`
+/// names. Neither is ever passed on (nor in trailers).
+pub fn strip_origin_policies(h: &mut HeaderMap) {
+    if h.contains_key(&ALT_SVC) {
+        h.remove(&ALT_SVC);
+    }
+    if h.contains_key(&NEL) {
+        h.remove(&NEL);
+    }
+}
+
+/// The response headers by which a web server in front asks its own proxy to serve
+/// something else in place of the answer: nginx's `X-Accel-Redirect` (an internal
+/// redirect, honoured by default from any `proxy_pass` upstream), Apache's
+/// `mod_xsendfile` and lighttpd's `X-Sendfile`, `X-Sendfile2`, `X-LIGHTTPD-send-file` (a
+/// file of that server's disk).
+const FRONT_SERVER_DIRECTIVES: [&str; 4] =
+    ["x-accel-redirect", "x-sendfile", "x-sendfile2", "x-lighttpd-send-file"];
+
+/// Removes `X-Accel-Redirect`, `X-Sendfile`, `X-Sendfile2` and `X-LIGHTTPD-send-file`
+/// from an upstream's answer. Behind a web server in front of the proxy (nginx
+/// terminating TLS, listed in `trusted_proxies`), they reached that server as the
+/// proxy's own instructions: any route's upstream could have nginx answer its client
+/// from an `internal` location (one kept for another application's protected files, or
+/// proxying to a service the proxy guards) or a named `@location`, none of which the
+/// proxy's routes or policies cover, and audited as this route's answer. Such a
+/// redirect belongs to the server the upstream answers directly.
+pub fn strip_front_server_directives(h: &mut HeaderMap) {
+    let found: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-") && FRONT_SERVER_DIRECTIVES.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    for n in found {
+        h.remove(n);
+    }
+}
+
+/// Drops an upstream's `Service-Worker-Allowed` that would let a service worker control
+/// pages outside the route's `path_prefix` (`prefix`; nothing to confine on a route at
+/// `/`). A service worker controls every page of its origin under its scope, which by
+/// default is its script's directory; this header widens the most a registration may ask
+/// for, so a route's upstream (one at `/a`, its script `/a/sw.js`) answering
+/// `Service-Worker-Allowed: /` could have a page of its own register a worker for the
+/// whole host: every other route's pages then load through that worker, which can answer
+/// for them or read them with the caller's session, on every later visit (it outlives a
+/// fix of the upstream until it is unregistered). Kept only when every value is an
+/// absolute path strictly under the prefix (`/a/` or deeper: the browser compares scopes
+/// as strings, so `/a` would also admit `/admin/`), in plain segments (no `.`/`..`, no
+/// escape, no `\`, not `//`); a `strip_prefix` route's value has had its prefix put back
+/// first ([`super::prefix::Restore`]).
+///
+/// Without the header a worker may take its script's directory, which is outside the
+/// route for a script served at the prefix itself (`/a`, whose directory is `/`): so the
+/// answer to a script fetch (`script`: the client's path of a request with
+/// `Service-Worker: script`, which browsers send for every worker script they fetch)
+/// whose directory is not under the prefix is given `Service-Worker-Allowed: /a/` (the
+/// header narrows as well as widens), unless it has a value of its own inside the route.
+pub fn confine_service_worker_scope(h: &mut HeaderMap, prefix: &str, script: Option<&str>) {
+    let prefix = prefix.trim_end_matches('/').as_bytes();
+    if prefix.is_empty() {
+        return;
+    }
+    if h.contains_key(&SERVICE_WORKER_ALLOWED)
+        && !h.get_all(&SERVICE_WORKER_ALLOWED).iter().all(|v| scope_within(v.as_bytes(), prefix))
+    {
+        h.remove(&SERVICE_WORKER_ALLOWED);
+    }
+    let Some(path) = script.filter(|_| !h.contains_key(&SERVICE_WORKER_ALLOWED)) else {
+        return;
+    };
+    let dir = &path.as_bytes()[..path.rfind('/').map_or(0, |i| i + 1)];
+    if !dir.strip_prefix(prefix).is_some_and(|r| r.starts_with(b"/")) {
+        if let Ok(v) = HeaderValue::from_bytes(&[prefix, b"/"].concat()) {
+            h.insert(&SERVICE_WORKER_ALLOWED, v);
+        }
+    }
+}
+
+/// Whether a `Service-Worker-Allowed` value is an absolute path strictly under `prefix`
+/// (given without its trailing `/`), in plain segments.
+fn scope_within(v: &[u8], prefix: &[u8]) -> bool {
+    let v = v.trim_ascii();
+    let path = v.split(|b| matches!(b, b'?' | b'#')).next().unwrap_or_default();
+    let Some(rest) = path.strip_prefix(prefix).and_then(|r| r.strip_prefix(b"/")) else {
+        return false;
+    };
+    if path.iter().any(|b| matches!(b, b'%' | b'\\')) {
+        return false;
+    }
+    // Every segment plain; only the last may be empty (a trailing `/`).
+    let mut segments = rest.split(|b| *b == b'/').peekable();
+    while let Some(seg) = segments.next() {
+        if matches!(seg, b"." | b"..") || (seg.is_empty() && segments.peek().is_some()) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Makes a response to which the proxy adds its own `Set-Cookie` (a touched or refreshed
@@ -1641,5 +1759,71 @@ mod tests {
             assert_eq!(got, Some(format!("v-{name}").as_bytes()), "{header}");
         }
         assert_eq!(headers.len(), 3 + 1 + CiContext::FIELDS.len());
+    }
+
+    /// A service worker scope an upstream may widen to stays inside its route's prefix:
+    /// strictly under it (`/a` would admit `/admin/` by string comparison), in plain
+    /// segments; on a route at `/` anything goes.
+    #[test]
+    fn a_service_worker_scope_stays_under_the_routes_prefix() {
+        let kept = |prefix: &str, values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(
+                    &SERVICE_WORKER_ALLOWED,
+                    HeaderValue::from_str(v).unwrap_or_else(|e| panic!("{e}")),
+                );
+            }
+            confine_service_worker_scope(&mut h, prefix, None);
+            h.get_all(&SERVICE_WORKER_ALLOWED).iter().count()
+        };
+        for ok in ["/a/", "/a/x", "/a/x/", "/a/x?y", " /a/b/ "] {
+            assert_eq!(kept("/a", &[ok]), 1, "{ok}");
+            assert_eq!(kept("/a/", &[ok]), 1, "{ok}");
+        }
+        for bad in [
+            "/",
+            "/a",
+            "/ab/",
+            "/admin/",
+            "/a/../",
+            "/a/./",
+            "/a//",
+            "/a/x/../../",
+            "/a/%2e%2e/",
+            "/a\\..\\",
+            "//evil/a/",
+            "https://app.example.com/",
+            "../",
+            "x/",
+            "",
+            "*",
+        ] {
+            assert_eq!(kept("/a", &[bad]), 0, "{bad}");
+        }
+        // One value outside the prefix takes every one with it.
+        assert_eq!(kept("/a", &["/a/", "/"]), 0);
+        // A route at `/` owns the whole origin.
+        assert_eq!(kept("/", &["/"]), 1);
+
+        // A script fetch whose directory is outside the route (a script at the prefix
+        // itself) is held to the route; one inside it, or with a scope of its own inside
+        // it, is left alone.
+        let scope = |prefix: &str, path: &str, value: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(v) = value {
+                h.insert(
+                    &SERVICE_WORKER_ALLOWED,
+                    HeaderValue::from_str(v).unwrap_or_else(|e| panic!("{e}")),
+                );
+            }
+            confine_service_worker_scope(&mut h, prefix, Some(path));
+            h.get(&SERVICE_WORKER_ALLOWED).map(|v| v.to_str().unwrap_or_default().to_string())
+        };
+        assert_eq!(scope("/a", "/a", None).as_deref(), Some("/a/"));
+        assert_eq!(scope("/a/", "/a", Some("/")).as_deref(), Some("/a/"));
+        assert_eq!(scope("/a", "/a/sw.js", None), None);
+        assert_eq!(scope("/a", "/a/x/sw.js", Some("/a/")).as_deref(), Some("/a/"));
+        assert_eq!(scope("/", "/sw.js", Some("/")).as_deref(), Some("/"));
     }
 }

@@ -26,11 +26,14 @@ pub struct Restore<'a> {
 }
 
 impl Restore<'_> {
-    /// Puts the prefix back into `Location`, `Content-Location` and every `Set-Cookie`'s
+    /// Puts the prefix back into `Location`, `Content-Location`, `Service-Worker-Allowed`
+    /// (a service worker scope's path, read as a `Location`'s) and every `Set-Cookie`'s
     /// `Path` of an upstream's answer; anything else is left as it is.
     pub fn apply(&self, h: &mut HeaderMap) {
         self.rewrite(h, header::LOCATION, Self::location);
         self.rewrite(h, header::CONTENT_LOCATION, Self::location);
+        let sw = super::headers::SERVICE_WORKER_ALLOWED.clone();
+        self.rewrite(h, sw, Self::location);
         self.rewrite(h, header::SET_COOKIE, Self::set_cookie);
     }
 

@@ -701,6 +701,9 @@ pub async fn handle(
         target.push_str(q);
     }
     let websocket = is_websocket(&req);
+    // A service worker's script (browsers fetch it with `Service-Worker: script`): its
+    // path decides the scope the worker may take, kept inside the route below.
+    let sw_script = req.headers().get(&headers::SERVICE_WORKER).is_some_and(|v| v == "script");
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     // What the tunnel re-checks at reloads (the request itself goes upstream).
     let upgrade_method = websocket.then(|| req.method().clone());
@@ -931,6 +934,8 @@ pub async fn handle(
     headers::canonical_content_length(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers, keep_upgrade);
     headers::strip_proxy_set_cookies(&mut parts.headers);
+    headers::strip_origin_policies(&mut parts.headers);
+    headers::strip_front_server_directives(&mut parts.headers);
     if let (Some(prefix), Some(upstream_host)) = (restore, &upstream_host) {
         let restore = super::prefix::Restore {
             prefix,
@@ -940,6 +945,8 @@ pub async fn handle(
         };
         restore.apply(&mut parts.headers);
     }
+    let script = out.path.as_deref().filter(|_| sw_script);
+    headers::confine_service_worker_scope(&mut parts.headers, &route.path_prefix, script);
     // A refreshed or touched session goes back to the browser with the response, which
     // then is the browser's alone: no shared cache may keep it with the session.
     if !rc.set_cookies.is_empty() {
@@ -965,7 +972,8 @@ pub async fn handle(
         headers::keep_preflight_answer(&mut parts.headers);
         return finish(Response::from_parts(parts, ProxyBody::empty()), out);
     }
-    finish(Response::from_parts(parts, ProxyBody::Upstream(body)), out)
+    let body = ProxyBody::upstream(body, Some(route.read_timeout));
+    finish(Response::from_parts(parts, body), out)
 }
 
 /// Whether a request that carries no credential at all (no bearer token, no session

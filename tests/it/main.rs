@@ -31,6 +31,11 @@
 //! - `unread_bodies`: HTTP/2 requests the proxy refuses while their body is still arriving
 //!   get their answer without a stream reset (the raw `h2` client and the system `curl`);
 //!   what is left of the body is discarded only up to 1 MiB and 3 s.
+//! - `upstream_abuse`: a hostile or broken upstream: a response body that stops coming
+//!   is cut after the route's `read_timeout` and audited (a steady stream and a slow
+//!   reader are not cut); answer headers that would speak for the proxy's origin (a
+//!   service worker's scope, `Alt-Svc`, `NEL`) or instruct a web server in front of it
+//!   (a real nginx, `X-Accel-Redirect`).
 //! - `wire`: raw bytes between a client, the proxy and a raw upstream: methods and
 //!   framings the proxy must not carry, upstream answers it must not misread.
 //! - `lifecycle`: reload (good, bad, via file watcher), graceful drain, readiness, metrics.
@@ -93,4 +98,5 @@ mod sso;
 mod strip_prefix;
 mod support;
 mod unread_bodies;
+mod upstream_abuse;
 mod wire;
