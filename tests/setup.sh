@@ -11,7 +11,20 @@ need_apt() { # need_apt PACKAGE... : install the Debian packages that are missin
   [ ${#missing[@]} -eq 0 ] && return 0
   local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   if [ $apt_updated -eq 0 ]; then $sudo apt-get update -qq; apt_updated=1; fi
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # The tests start their own throwaway servers: keep the packages' services (nginx on
+  # port 80, PostgreSQL on 5432, redis-server) from being started by their install,
+  # which also fails the install when such a port is taken (policy-rc.d, exit 101: no
+  # service starts), unless the machine already has a policy (container images do).
+  local policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod 755 "$policy"
+  fi
+  local rc=0
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" || rc=$?
+  [ -z "$policy" ] || $sudo rm -f "$policy"
+  return $rc
 }
 
 # Chromium for the browser SSO test (tests/e2e/browser.mjs drives it with playwright-core).
