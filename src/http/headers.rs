@@ -532,12 +532,13 @@ pub fn set_forwarded(
         // §5.3), and HAProxy's `option forwardfor` adds its own field after the client's
         // rather than appending to it, so the first field alone would be the one the
         // client wrote and the address the proxy saw would be lost.
+        // Each element trimmed, empty ones (`a,,`, a field of commas) left out: one
+        // list of addresses, whatever the client of the trusted proxy wrote around them.
         let mut chain = String::new();
         for v in h.get_all(&X_FORWARDED_FOR) {
             let Ok(v) = v.to_str() else { continue };
-            let v = v.trim();
-            if !v.is_empty() {
-                chain.push_str(v);
+            for element in v.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                chain.push_str(element);
                 chain.push_str(", ");
             }
         }
@@ -1333,6 +1334,29 @@ mod tests {
             } else {
                 assert!(fwd.is_empty());
             }
+        }
+    }
+
+    /// A trusted proxy's `X-Forwarded-For` goes on as one list of addresses: empty
+    /// elements its client wrote (`a,,`, `, a`, a field of commas) are left out rather
+    /// than forwarded as `a,,, 10.0.0.9`, which a parser that counts or validates the
+    /// elements reads otherwise (found by the `request_headers` fuzz target).
+    #[test]
+    fn a_trusted_chain_is_forwarded_without_empty_elements() {
+        let peer = HeaderValue::from_static("10.0.0.9");
+        for (given, forwarded) in [
+            (&["1.2.3.4,,"][..], "1.2.3.4, 10.0.0.9"),
+            (&[", 1.2.3.4 ,  ,5.6.7.8"], "1.2.3.4, 5.6.7.8, 10.0.0.9"),
+            (&[",,", "1.2.3.4"], "1.2.3.4, 10.0.0.9"),
+            (&[" , "], "10.0.0.9"),
+        ] {
+            let mut h = HeaderMap::new();
+            for v in given {
+                h.append(&X_FORWARDED_FOR, HeaderValue::from_static(v));
+            }
+            set_forwarded(&mut h, &peer, true, "https", "api.example.com", None);
+            let got: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
+            assert_eq!(got, [forwarded], "{given:?}");
         }
     }
 
