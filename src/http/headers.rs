@@ -49,6 +49,63 @@ fn hop_by_hop() -> [&'static HeaderName; 11] {
     ]
 }
 
+/// What the request header hygiene ([`clean_request`]) needs to know of one request's
+/// hop: the route's settings and the connection the request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct Hop<'a> {
+    /// A WebSocket handshake: `Upgrade: websocket` and `Connection: upgrade` stay.
+    pub websocket: bool,
+    /// The route's `strip_headers`.
+    pub strip_headers: &'a [HeaderName],
+    /// The credential came in `Authorization` and the route does not `forward_token`.
+    pub drop_authorization: bool,
+    /// The TCP peer's address, as `X-Forwarded-For` names it.
+    pub peer: &'a HeaderValue,
+    /// The peer is one of `server.trusted_proxies`.
+    pub trusted: bool,
+    /// `https` or `http`: the listener's scheme.
+    pub proto: &'static str,
+    /// The name the request was routed and authorized by.
+    pub host: &'a str,
+    /// The port of the listener the client connected to.
+    pub port: Option<&'a HeaderValue>,
+    /// The prefix a `strip_prefix` route removed from the path.
+    pub prefix: Option<&'a str>,
+}
+
+/// A client's request headers made fit for the upstream, in the fixed order the module
+/// documents: hop-by-hop and `Connection`-listed headers out (a `TE: trailers` said
+/// again as exactly that), `Content-Length` in its one decimal spelling, every
+/// `X-Portcullis-*` (in either spelling of `-`/`_`) and the route's `strip_headers` out,
+/// the proxy's cookies out, the token out unless forwarded, the forwarding headers set
+/// ([`set_forwarded`], [`add_forwarded_prefix`]) and `host_sent` as the one `Host`. The
+/// identity headers come after this ([`add_identity`]).
+pub fn clean_request(h: &mut HeaderMap, hop: &Hop<'_>, host_sent: HeaderValue) {
+    let trailers = accepts_trailers(h);
+    strip_hop_by_hop(h, hop.websocket);
+    if trailers {
+        // Exactly this value, whatever else the client's `TE` said; the upstream client
+        // removes it again unless its hop is HTTP/2 (`http::upstream`).
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    // HTTP/2 lets a client repeat an equal `content-length` (the `h2` server checked that
+    // they agree), which an HTTP/1.1 upstream would read as the list `5, 5`, no valid
+    // length (RFC 9110 §8.6); and either server takes `0010` as 10, which an upstream
+    // reading a leading `0` as octal takes for 8, the rest of the body for the next
+    // request. The upstream gets one field, in decimal.
+    canonical_content_length(h);
+    strip_identity_headers(h, hop.strip_headers);
+    strip_proxy_cookies(h);
+    if hop.drop_authorization {
+        h.remove(header::AUTHORIZATION);
+    }
+    set_forwarded(h, hop.peer, hop.trusted, hop.proto, hop.host, hop.port);
+    if let Some(prefix) = hop.prefix {
+        add_forwarded_prefix(h, prefix, hop.trusted);
+    }
+    h.insert(header::HOST, host_sent);
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in
 /// `Connection`, and `Expect` (as nginx does): the proxy's HTTP server already answered a
 /// client's `Expect: 100-continue` itself, and an upstream that answers such a request
@@ -593,12 +650,13 @@ pub fn set_forwarded(
         // §5.3), and HAProxy's `option forwardfor` adds its own field after the client's
         // rather than appending to it, so the first field alone would be the one the
         // client wrote and the address the proxy saw would be lost.
+        // Each element trimmed, empty ones (`a,,`, a field of commas) left out: one
+        // list of addresses, whatever the client of the trusted proxy wrote around them.
         let mut chain = String::new();
         for v in h.get_all(&X_FORWARDED_FOR) {
             let Ok(v) = v.to_str() else { continue };
-            let v = v.trim();
-            if !v.is_empty() {
-                chain.push_str(v);
+            for element in v.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                chain.push_str(element);
                 chain.push_str(", ");
             }
         }
@@ -1394,6 +1452,29 @@ mod tests {
             } else {
                 assert!(fwd.is_empty());
             }
+        }
+    }
+
+    /// A trusted proxy's `X-Forwarded-For` goes on as one list of addresses: empty
+    /// elements its client wrote (`a,,`, `, a`, a field of commas) are left out rather
+    /// than forwarded as `a,,, 10.0.0.9`, which a parser that counts or validates the
+    /// elements reads otherwise (found by the `request_headers` fuzz target).
+    #[test]
+    fn a_trusted_chain_is_forwarded_without_empty_elements() {
+        let peer = HeaderValue::from_static("10.0.0.9");
+        for (given, forwarded) in [
+            (&["1.2.3.4,,"][..], "1.2.3.4, 10.0.0.9"),
+            (&[", 1.2.3.4 ,  ,5.6.7.8"], "1.2.3.4, 5.6.7.8, 10.0.0.9"),
+            (&[",,", "1.2.3.4"], "1.2.3.4, 10.0.0.9"),
+            (&[" , "], "10.0.0.9"),
+        ] {
+            let mut h = HeaderMap::new();
+            for v in given {
+                h.append(&X_FORWARDED_FOR, HeaderValue::from_static(v));
+            }
+            set_forwarded(&mut h, &peer, true, "https", "api.example.com", None);
+            let got: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
+            assert_eq!(got, [forwarded], "{given:?}");
         }
     }
 

@@ -739,35 +739,27 @@ pub async fn handle(
         .flatten();
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
-    let trailers = headers::accepts_trailers(h);
-    headers::strip_hop_by_hop(h, websocket);
-    if trailers {
-        // Exactly this value, whatever else the client's `TE` said; the upstream client
-        // removes it again unless its hop is HTTP/2 (`http::upstream`).
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-    // HTTP/2 lets a client repeat an equal `content-length` (the `h2` server checked that
-    // they agree), which an HTTP/1.1 upstream would read as the list `5, 5`, no valid
-    // length (RFC 9110 §8.6); and either server takes `0010` as 10, which an upstream
-    // reading a leading `0` as octal takes for 8, the rest of the body for the next
-    // request. The upstream gets one field, in decimal.
-    headers::canonical_content_length(h);
-    headers::strip_identity_headers(h, &route.strip_headers);
-    headers::strip_proxy_cookies(h);
-    if source == Some(CredentialSource::Authorization) && !route.forward_token {
-        h.remove(header::AUTHORIZATION);
-    }
-    let port = conn.local_port.as_ref();
-    headers::set_forwarded(h, &conn.peer_ip, conn.trusted_peer, conn.proto(), &host, port);
-    if let Some(prefix) = stripped {
-        headers::add_forwarded_prefix(h, prefix, conn.trusted_peer);
-    }
     let host_sent = match &client_host {
         Some(h) if route.preserve_host => h.clone(),
         _ => client.host().clone(),
     };
     let upstream_host = restore.is_some().then(|| host_sent.clone());
-    h.insert(header::HOST, host_sent);
+    headers::clean_request(
+        h,
+        &headers::Hop {
+            websocket,
+            strip_headers: &route.strip_headers,
+            drop_authorization: source == Some(CredentialSource::Authorization)
+                && !route.forward_token,
+            peer: &conn.peer_ip,
+            trusted: conn.trusted_peer,
+            proto: conn.proto(),
+            host: &host,
+            port: conn.local_port.as_ref(),
+            prefix: stripped,
+        },
+        host_sent,
+    );
     // Identity headers, claim headers and assertion come prebuilt, cached per identity
     // and route. A request without a credential gets none of them: only its request id
     // (a client's own copies of them all went above, with `strip_headers`).

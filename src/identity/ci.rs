@@ -86,14 +86,23 @@ pub fn normalize(
         }
         Preset::GitlabCi => {
             let name = s("ref")?;
-            let (branch, tag, prefix) = match s("ref_type")?.as_deref() {
+            let (mut branch, mut tag, prefix) = match s("ref_type")?.as_deref() {
                 Some("branch") => (name.clone(), None, Some("refs/heads/")),
                 Some("tag") => (None, name.clone(), Some("refs/tags/")),
                 _ => (None, None, None),
             };
+            let named = prefix.zip(name).map(|(p, n)| format!("{p}{n}"));
             let git_ref = match s("ref_path")? {
+                // GitLab writes `ref_path` as the ref `ref` and `ref_type` name (a merge
+                // request pipeline's too: its source branch). One that is another ref
+                // makes the token neither a branch's nor a tag's: a branch rule and a
+                // tag or ref rule must not both read it as theirs.
+                Some(path) if named.as_deref() != Some(path.as_str()) => {
+                    (branch, tag) = (None, None);
+                    Some(path)
+                }
                 Some(path) => Some(path),
-                None => prefix.zip(name).map(|(p, n)| format!("{p}{n}")),
+                None => named,
             };
             CiContext {
                 provider: "gitlab",
@@ -180,6 +189,42 @@ mod tests {
         assert_eq!(ci.field("tag"), Some("v2"));
         assert_eq!(ci.field("ref"), Some("refs/tags/v2"));
         assert_eq!(ci.field("pipeline"), None);
+        Ok(())
+    }
+
+    /// A GitLab token whose `ref_path` is not the ref `ref` and `ref_type` name (GitLab
+    /// writes it as `refs/heads/` or `refs/tags/` + `ref`, a merge request pipeline's
+    /// too): neither a branch nor a tag, only the `ref_path` as `ci.ref`. It was
+    /// `ci.branch = "main"` beside `ci.ref = "refs/tags/main"` (or a merge request's
+    /// ref), a branch rule and a tag rule both matching (found by the `ci_claims` fuzz
+    /// target).
+    #[test]
+    fn a_gitlab_ref_path_that_is_not_the_named_ref_sets_no_branch_or_tag() -> Result<(), AuthError>
+    {
+        for (ref_type, path) in [
+            ("branch", "refs/tags/main"),
+            ("branch", "refs/merge-requests/1/head"),
+            ("branch", ""),
+            ("tag", "refs/heads/main"),
+        ] {
+            let c = claims(json!({
+                "project_id": "20", "ref": "main", "ref_type": ref_type, "ref_path": path
+            }));
+            let ci = normalize(Preset::GitlabCi, &c)?.unwrap_or_default();
+            assert_eq!((ci.field("branch"), ci.field("tag")), (None, None), "{ref_type} {path}");
+            assert_eq!(ci.field("ref"), Some(path));
+        }
+        // As GitLab writes them: the branch or tag, and its ref.
+        for (ref_type, path, field) in
+            [("branch", "refs/heads/main", "branch"), ("tag", "refs/tags/main", "tag")]
+        {
+            let c = claims(json!({
+                "project_id": "20", "ref": "main", "ref_type": ref_type, "ref_path": path
+            }));
+            let ci = normalize(Preset::GitlabCi, &c)?.unwrap_or_default();
+            assert_eq!(ci.field(field), Some("main"));
+            assert_eq!(ci.field("ref"), Some(path));
+        }
         Ok(())
     }
 
