@@ -141,11 +141,12 @@ impl Body for ProxyBody {
 /// An upstream answer's trailers get its head's hygiene: no hop-by-hop field (the
 /// HTTP/2 server refuses a trailer section holding `Connection` and resets the stream
 /// under an answer already logged as sent whole), no `Set-Cookie` for the proxy's own
-/// cookies, no origin-wide policy (`Alt-Svc`, `NEL`).
+/// cookies, no origin-wide policy (`Alt-Svc`, `NEL`) and no front server directive
+/// (`X-Accel-Redirect`…).
 fn clean_trailers(mut t: http::HeaderMap) -> http::HeaderMap {
     super::headers::strip_hop_by_hop(&mut t, false);
     super::headers::strip_proxy_set_cookies(&mut t);
-    super::headers::strip_origin_policies(&mut t);
+    super::headers::strip_upstream_directives(&mut t);
     t
 }
 

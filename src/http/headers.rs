@@ -26,8 +26,6 @@ pub static PROXY_AUTHENTICATION_INFO: HeaderName =
     HeaderName::from_static("proxy-authentication-info");
 pub static ASSERTION: HeaderName = HeaderName::from_static("x-portcullis-assertion");
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-portcullis-request-id");
-pub static ALT_SVC: HeaderName = HeaderName::from_static("alt-svc");
-pub static NEL: HeaderName = HeaderName::from_static("nel");
 pub static SERVICE_WORKER: HeaderName = HeaderName::from_static("service-worker");
 pub static SERVICE_WORKER_ALLOWED: HeaderName = HeaderName::from_static("service-worker-allowed");
 
@@ -310,24 +308,43 @@ pub fn strip_proxy_set_cookies(h: &mut HeaderMap) {
     }
 }
 
-/// Removes an upstream's `Alt-Svc` and `NEL`: each sets a policy a browser keeps for the
-/// proxy's whole origin (every route on the host, and with `includeSubDomains` /
-/// `include_subdomains` the hosts under it) for as long as the header's `ma` /
-/// `max_age` says, which one upstream among the routes of a host cannot own. `Alt-Svc`
-/// sends the browser's later connections to the origin elsewhere (`h2="other:443"`,
-/// `h3=":8443"`): any host with a certificate valid for the origin's name (a wildcard
-/// certificate's other holders) then gets every route's requests, session cookie
-/// included, without the proxy; and which protocols the proxy's own listener speaks is
-/// not the upstream's to say. `NEL` (Network Error Logging) has the browser report
-/// requests to the origin (every route's URL with its query, status and timing; with
-/// `success_fraction` every request, not only failures) to the endpoint its `Report-To`
-/// names. Neither is ever passed on (nor in trailers).
-pub fn strip_origin_policies(h: &mut HeaderMap) {
-    if h.contains_key(&ALT_SVC) {
-        h.remove(&ALT_SVC);
+/// Removes what an upstream may not say for the proxy or the server in front of it, in
+/// one pass over the answer's names (each is rare: most answers lose nothing):
+///
+/// - `Alt-Svc` and `NEL`: each sets a policy a browser keeps for the proxy's whole origin
+///   (every route on the host, and with `includeSubDomains` / `include_subdomains` the
+///   hosts under it) for as long as the header's `ma` / `max_age` says, which one
+///   upstream among the routes of a host cannot own. `Alt-Svc` sends the browser's later
+///   connections to the origin elsewhere (`h2="other:443"`, `h3=":8443"`): any host with
+///   a certificate valid for the origin's name (a wildcard certificate's other holders)
+///   then gets every route's requests, session cookie included, without the proxy; and
+///   which protocols the proxy's own listener speaks is not the upstream's to say. `NEL`
+///   (Network Error Logging) has the browser report requests to the origin (every
+///   route's URL with its query, status and timing; with `success_fraction` every
+///   request, not only failures) to the endpoint its `Report-To` names.
+/// - `X-Accel-Redirect`, `X-Sendfile`, `X-Sendfile2` and `X-LIGHTTPD-send-file`
+///   ([`FRONT_SERVER_DIRECTIVES`]): behind a web server in front of the proxy (nginx
+///   terminating TLS, listed in `trusted_proxies`), they reached that server as the
+///   proxy's own instructions: any route's upstream could have nginx answer its client
+///   from an `internal` location (one kept for another application's protected files,
+///   or proxying to a service the proxy guards) or a named `@location`, none of which
+///   the proxy's routes or policies cover, and audited as this route's answer. Such a
+///   redirect belongs to the server the upstream answers directly.
+///
+/// Neither kind is ever passed on, in the head or in trailers.
+pub fn strip_upstream_directives(h: &mut HeaderMap) {
+    fn dropped(name: &HeaderName) -> bool {
+        let n = name.as_str();
+        n == "alt-svc"
+            || n == "nel"
+            || (n.starts_with("x-") && FRONT_SERVER_DIRECTIVES.contains(&n))
     }
-    if h.contains_key(&NEL) {
-        h.remove(&NEL);
+    if !h.keys().any(dropped) {
+        return;
+    }
+    let found: Vec<HeaderName> = h.keys().filter(|k| dropped(k)).cloned().collect();
+    for n in found {
+        h.remove(n);
     }
 }
 
@@ -338,25 +355,6 @@ pub fn strip_origin_policies(h: &mut HeaderMap) {
 /// file of that server's disk).
 const FRONT_SERVER_DIRECTIVES: [&str; 4] =
     ["x-accel-redirect", "x-sendfile", "x-sendfile2", "x-lighttpd-send-file"];
-
-/// Removes `X-Accel-Redirect`, `X-Sendfile`, `X-Sendfile2` and `X-LIGHTTPD-send-file`
-/// from an upstream's answer. Behind a web server in front of the proxy (nginx
-/// terminating TLS, listed in `trusted_proxies`), they reached that server as the
-/// proxy's own instructions: any route's upstream could have nginx answer its client
-/// from an `internal` location (one kept for another application's protected files, or
-/// proxying to a service the proxy guards) or a named `@location`, none of which the
-/// proxy's routes or policies cover, and audited as this route's answer. Such a
-/// redirect belongs to the server the upstream answers directly.
-pub fn strip_front_server_directives(h: &mut HeaderMap) {
-    let found: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-") && FRONT_SERVER_DIRECTIVES.contains(&k.as_str()))
-        .cloned()
-        .collect();
-    for n in found {
-        h.remove(n);
-    }
-}
 
 /// Drops an upstream's `Service-Worker-Allowed` that would let a service worker control
 /// pages outside the route's `path_prefix` (`prefix`; nothing to confine on a route at
@@ -1845,6 +1843,36 @@ mod tests {
     /// A service worker scope an upstream may widen to stays inside its route's prefix:
     /// strictly under it (`/a` would admit `/admin/` by string comparison), in plain
     /// segments; on a route at `/` anything goes.
+    #[test]
+    fn an_upstreams_origin_policies_and_front_server_directives_are_dropped_and_nothing_else() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("alt-svc", "h3=\":8443\""),
+            ("nel", "{\"report_to\":\"x\",\"max_age\":31536000}"),
+            ("x-accel-redirect", "/internal/secret"),
+            ("x-sendfile", "/etc/shadow"),
+            ("x-sendfile2", "/etc/shadow 0-"),
+            ("x-lighttpd-send-file", "/etc/shadow"),
+            ("x-accel-buffering", "no"),
+            ("x-accel-redirects", "kept: another name"),
+            ("content-type", "text/plain"),
+            ("server", "up"),
+        ] {
+            h.append(
+                HeaderName::from_static(n),
+                HeaderValue::from_str(v).unwrap_or_else(|e| panic!("{e}")),
+            );
+        }
+        strip_upstream_directives(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "server", "x-accel-buffering", "x-accel-redirects"]);
+        // An answer with none of them is left as it is.
+        let before = h.clone();
+        strip_upstream_directives(&mut h);
+        assert_eq!(h, before);
+    }
+
     #[test]
     fn a_service_worker_scope_stays_under_the_routes_prefix() {
         let kept = |prefix: &str, values: &[&str]| {

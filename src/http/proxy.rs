@@ -926,8 +926,7 @@ pub async fn handle(
     headers::canonical_content_length(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers, keep_upgrade);
     headers::strip_proxy_set_cookies(&mut parts.headers);
-    headers::strip_origin_policies(&mut parts.headers);
-    headers::strip_front_server_directives(&mut parts.headers);
+    headers::strip_upstream_directives(&mut parts.headers);
     if let (Some(prefix), Some(upstream_host)) = (restore, &upstream_host) {
         let restore = super::prefix::Restore {
             prefix,
