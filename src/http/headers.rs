@@ -323,7 +323,7 @@ pub fn strip_proxy_set_cookies(h: &mut HeaderMap) {
 ///   route's URL with its query, status and timing; with `success_fraction` every
 ///   request, not only failures) to the endpoint its `Report-To` names.
 /// - `X-Accel-Redirect`, `X-Sendfile`, `X-Sendfile2` and `X-LIGHTTPD-send-file`
-///   ([`FRONT_SERVER_DIRECTIVES`]): behind a web server in front of the proxy (nginx
+///   (`FRONT_SERVER_DIRECTIVES`): behind a web server in front of the proxy (nginx
 ///   terminating TLS, listed in `trusted_proxies`), they reached that server as the
 ///   proxy's own instructions: any route's upstream could have nginx answer its client
 ///   from an `internal` location (one kept for another application's protected files,
