@@ -125,7 +125,7 @@ impl View<'_> {
     }
 
     /// The first `k` whose byte came from statement offset `raw` or later (`len` if
-    /// none): the inverse of [`View::raw`], which never decreases.
+    /// none): the inverse of `View::raw`, which never decreases.
     fn local(&self, raw: usize) -> usize {
         let k = match &self.map {
             Map::Shift(n) => raw.saturating_sub(*n),
