@@ -493,6 +493,7 @@ impl<'t> Scan<'t> {
                 match b[j] {
                     b'\\' => j += 2,
                     b'\'' if b[i..j].contains(&b'%') => break, // a format() template
+                    b'\'' if self.ends_masked(view, j + 1) => break,
                     b'\'' => {
                         self.mask_value(view.raw(i), view.raw(j + 1), kw_end);
                         return self.after_conninfo(b, j + 1, kw_end);
@@ -508,7 +509,9 @@ impl<'t> Scan<'t> {
             j += if b[j] == b'\\' { 2 } else { 1 };
         }
         let j = j.min(b.len());
-        if b[i..j].iter().any(|c| matches!(c, b'(' | b')' | b'|' | b'%')) {
+        if b[i..j].iter().any(|c| matches!(c, b'(' | b')' | b'|' | b'%'))
+            || self.ends_masked(view, j)
+        {
             // SQL rather than a connection string (`password = crypt('…', …)`), or a
             // format() template (`password=%s`).
             self.give_up_after(kw_end);
@@ -516,6 +519,12 @@ impl<'t> Scan<'t> {
         }
         self.mask_value(view.raw(i), view.raw(j), kw_end);
         self.after_conninfo(b, j, kw_end)
+    }
+
+    /// Whether what ends a connection-string value, the byte at `j`, is inside a URI's
+    /// password already masked: masked with it, the value would run on past it.
+    fn ends_masked(&self, view: &View<'_>, j: usize) -> bool {
+        j < view.bytes.len() && self.covered(view.raw(j), view.raw(j) + 1)
     }
 
     /// After a connection-string value ending at `j`: the next keyword, or the end.
@@ -1249,6 +1258,21 @@ mod tests {
         // A value clear of delimiters in a comment is masked as anywhere.
         masks("SELECT 1 /* password=Hunter2 */", "SELECT 1 /* password=*** */", &["Hunter2"]);
         masks("/* PASSWORD 'Hunter2' */ SELECT 1", "/* PASSWORD *** */ SELECT 1", &["Hunter2"]);
+    }
+
+    /// A URI's password masked from its colon to its `@` can swallow the whitespace that
+    /// ended a connection-string value before it (`password= a$://:\tb= c:@d`): masked,
+    /// the value ran on to the next whitespace, and each pass masked more. Such a value,
+    /// whose end is masked away, masks the rest (found by the `pg_redact` fuzz target:
+    /// `fuzz/regressions/pg_redact/crash-7771…`, mode byte `0x2a`).
+    #[test]
+    fn a_value_ended_inside_a_uri_password_masks_the_rest() {
+        let input = include_bytes!(
+            "../../fuzz/regressions/pg_redact/crash-77710b1d8c04ffeccb0cb199a7f9a305e3d33cf4"
+        );
+        let text = std::str::from_utf8(&input[1..]).unwrap_or_default();
+        assert!(!text.is_empty() && input[0] % 3 == 0 && input[0] & 0x80 == 0);
+        settles(text, None);
     }
 
     #[test]
