@@ -1273,6 +1273,9 @@ mod tests {
         let text = std::str::from_utf8(&input[1..]).unwrap_or_default();
         assert!(!text.is_empty() && input[0] % 3 == 0 && input[0] & 0x80 == 0);
         settles(text, None);
+        // The same, short: the space that ends `x://:` is the URI's password.
+        let text = "SELECT dblink_connect('password=x://: y@d')";
+        masks_the_rest(text, "SELECT dblink_connect('password", "x://");
     }
 
     #[test]
