@@ -530,6 +530,12 @@ impl<'t> Scan<'t> {
     /// After a connection-string value ending at `j`: the next keyword, or the end.
     fn after_conninfo(&mut self, b: &[u8], mut j: usize, kw_end: usize) -> Option<usize> {
         let value_end = j;
+        // Anything glued to a quoted value (`password='',x`) reads, once the value is
+        // `***`, as part of a bare value: its end would move.
+        if b.get(j).is_some_and(|c| !is_space(*c)) {
+            self.give_up_after(kw_end);
+            return None;
+        }
         while j < b.len() {
             let tok = token(b, j, false);
             if !matches!(tok.kind, Kind::Space | Kind::Comment { .. }) {
@@ -1276,6 +1282,24 @@ mod tests {
         // The same, short: the space that ends `x://:` is the URI's password.
         let text = "SELECT dblink_connect('password=x://: y@d')";
         masks_the_rest(text, "SELECT dblink_connect('password", "x://");
+    }
+
+    /// A quoted connection-string value with something glued to it (`password='',x`):
+    /// masked, `***,x` read as one bare value, and each pass masked more. Such a value
+    /// masks the rest (found by the `pg_redact` fuzz target: `fuzz/regressions/pg_redact/
+    /// minimized-from-f104…`, mode byte `0x2b`).
+    #[test]
+    fn a_quoted_connection_string_value_with_something_glued_masks_the_rest() {
+        let text = "$$PASSWORD= '','\nPASSWORD= \0'";
+        for scs in [None, Some(true), Some(false)] {
+            settles(text, scs);
+        }
+        masks_the_rest(text, "$$PASSWORD", "''");
+        masks_the_rest(
+            "SELECT dblink_connect('password=''Hunter2'',x')",
+            "SELECT dblink_connect('password",
+            "Hunter2",
+        );
     }
 
     #[test]
