@@ -813,3 +813,16 @@ pub async fn replica_unready(w: &World) -> (Server, u16, AuditSink) {
     let port = s.bound().https.map_or(0, |a| a.port());
     (s, port, sink)
 }
+
+/// Writes `req` on `s` as it is and returns everything sent back until the peer closes
+/// (or 5 s pass), as text: one raw HTTP/1.1 exchange.
+pub async fn raw_exchange<S>(mut s: S, req: &str) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -397,13 +397,10 @@ impl Nginx {
 
     /// One plain HTTP/1.1 exchange through nginx: everything it sends back.
     async fn exchange(&self, req: &str) -> String {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
-        let mut out = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-        String::from_utf8_lossy(&out).into_owned()
+        raw_exchange(s, req).await
     }
 }
 
@@ -582,14 +579,10 @@ async fn malformed_upstream_answers_never_reach_a_caller() {
 /// One HTTP/1.1 request for `path` over TLS with `Connection: close`: everything the
 /// proxy sends back until it closes the connection (or 5 s pass).
 async fn raw_h1(w: &World, path: &str, token: &str) -> String {
-    let mut s = tls_alpn(w, b"http/1.1").await;
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
     );
-    s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
+    raw_exchange(tls_alpn(w, b"http/1.1").await, &req).await
 }
 
 /// An upstream's proxy-authentication fields are for the next client on its chain, the

@@ -46,11 +46,7 @@ async fn world_to(addr: std::net::SocketAddr) -> World {
 /// `req` as written on a new HTTP/1.1 TLS connection, and everything the proxy sends
 /// back until it closes the connection (or 5 s pass).
 async fn exchange(w: &World, req: &str) -> String {
-    let mut s = tls_alpn(w, b"http/1.1").await;
-    s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
+    raw_exchange(tls_alpn(w, b"http/1.1").await, req).await
 }
 
 /// `CONNECT` asks an intermediary for a tunnel, which a reverse proxy never offers (only
