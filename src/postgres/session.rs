@@ -1557,11 +1557,18 @@ async fn relay(
     // What was relayed may still be running, or be answered: read the server's answers
     // (never forwarded: the client is gone, or has been told the session is over) so that
     // each Bind gets its event with the server's outcome. A session portcullis ended has
-    // its statement cancelled at once; one whose client went away, once the statement
-    // has outlived it by ORPHAN_GRACE (past the session, its token's expiry or a
-    // revocation could no longer stop it).
+    // its statement cancelled at once: its permission ended (expiry, revocation,
+    // shutdown) or the audit can no longer read it (an encoding change). One whose client
+    // went away, or broke the protocol, once the statement has outlived it by
+    // ORPHAN_GRACE (past the session, its token's expiry or a revocation could no longer
+    // stop it): what a client relayed before its bad message was allowed and audited as
+    // sent, and PostgreSQL read directly would run it before reading the bad message, so
+    // it is not cut short by a race between the server and the cancel.
     let backend = session.backend.as_ref().filter(|b| b.is_known());
-    let cancel_after = if terminated.is_some() { Duration::ZERO } else { ORPHAN_GRACE };
+    let cancel_after = match &terminated {
+        Some((Reason::ProtocolViolation, _)) | None => ORPHAN_GRACE,
+        Some(_) => Duration::ZERO,
+    };
     let settled = match by {
         // The upstream closed or failed: there is nothing more to read from it.
         "upstream" => Settled::default(),
