@@ -248,8 +248,35 @@ impl Provider {
         if meta.issuer().as_str() != self.settings.issuer {
             return Err(LoginError("discovery `issuer` differs from the configured issuer".into()));
         }
+        self.check_endpoints(&meta)?;
         let jwks = self.fetch_jwks(meta.jwks_uri().url().as_str()).await?;
         Ok(meta.set_jwks(jwks))
+    }
+
+    /// The endpoints of `meta` the proxy sends a browser to (authorization, end-session)
+    /// or the code and client secret to (token) are https, as the key fetches are
+    /// ([`crate::identity::verify::check_fetch_url`]: plain http only on loopback with
+    /// `insecure_http`, no `user:password@`; RFC 6749 §3.1 requires TLS there). The token
+    /// endpoint is checked again at each call, but only after the browser went to the
+    /// authorization endpoint: a provider behind a TLS-terminating proxy that advertises
+    /// `http://` had people type their password over plain http first. The whole
+    /// document is refused (fail closed): ignoring a bad end-session endpoint would make
+    /// sign-outs silently local.
+    fn check_endpoints(&self, meta: &Metadata) -> Result<(), LoginError> {
+        let endpoints = [
+            ("authorization_endpoint", Some(meta.authorization_endpoint().url())),
+            ("token_endpoint", meta.token_endpoint().map(|u| u.url())),
+            (
+                "end_session_endpoint",
+                meta.additional_metadata().end_session_endpoint.as_ref().map(|u| u.url()),
+            ),
+        ];
+        for (name, url) in endpoints {
+            let Some(url) = url else { continue };
+            crate::identity::verify::check_fetch_url(url.as_str(), self.settings.insecure_http)
+                .map_err(|e| LoginError(format!("discovery `{name}` {e}")))?;
+        }
+        Ok(())
     }
 
     /// The provider's key set, for verifying ID tokens: only its keys that a bearer
@@ -560,7 +587,17 @@ fn login_keys(
     serde_json::from_value(doc).map_err(|e| LoginError(format!("JWKS: {e}")))
 }
 
-/// Token endpoint errors, without bodies (they can echo the code).
+/// What of a provider's OAuth `error` (an authorization response's or the token
+/// endpoint's) may be logged: the characters registered error codes are made of (RFC 6749
+/// §5.2, §11.4: small letters and `_`), at most 40. The provider chooses the text, and
+/// the text log writes it as it is: a newline in it would start a log line the provider
+/// wrote, and nothing else bounds it but the 1 MiB answer.
+pub(crate) fn error_code(error: &str) -> String {
+    error.chars().filter(|c| c.is_ascii_lowercase() || *c == '_').take(40).collect()
+}
+
+/// Token endpoint errors, without bodies (they can echo the code), and of the error
+/// code only what [`error_code`] keeps.
 fn token_error<E: std::error::Error + 'static>(
     e: openidconnect::RequestTokenError<
         E,
@@ -569,7 +606,9 @@ fn token_error<E: std::error::Error + 'static>(
 ) -> LoginError {
     use openidconnect::RequestTokenError as R;
     LoginError(match e {
-        R::ServerResponse(r) => format!("token endpoint refused: {}", r.error().as_ref()),
+        R::ServerResponse(r) => {
+            format!("token endpoint refused: {}", error_code(r.error().as_ref()))
+        }
         R::Request(e) => format!("token endpoint: {e}"),
         R::Parse(_, _) => "token endpoint answer did not parse".into(),
         R::Other(_) => "token endpoint: unexpected answer".into(),
@@ -723,6 +762,107 @@ mod tests {
         // A discovery document over the limit.
         let padded = metadata_with("padding", Value::String(" ".repeat(MAX_BODY))).await;
         assert!(padded.is_err(), "a discovery document over the size limit was taken");
+    }
+
+    /// The endpoints a browser is sent to (authorization, end-session) and the token
+    /// endpoint must be https, as the key fetches must (plain http only on loopback with
+    /// `insecure_http`): a provider behind a TLS-terminating proxy that advertises
+    /// `http://` (a common Keycloak mistake) had the browser sent there, the password
+    /// typed over plain http, before the token endpoint's own check refused the code.
+    /// `javascript:` and credentials (`user:pw@`) are no better.
+    #[tokio::test]
+    async fn a_discovery_document_sending_the_browser_to_plain_http_is_refused() {
+        use crate::dev::issuer::DevIssuer;
+        let dev = DevIssuer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None)
+            .await
+            .unwrap_or_else(|e| panic!("dev issuer: {e}"));
+        let signer = crate::dev::signer::DevSigner::generate_rs256("k1")
+            .unwrap_or_else(|e| panic!("signer: {e}"));
+        let url = dev.add_issuer("/human", &[&signer]);
+        crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret")
+            .unwrap_or_else(|| panic!("dev login"));
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret").unwrap_or_else(|e| panic!("secret: {e}"));
+        // The dev issuer's own (loopback http, which the test issuer allows) load.
+        let fresh = provider(&url, &secret);
+        assert_eq!(fresh.metadata(false).await.map(|_| ()), Ok(()));
+
+        for member in ["authorization_endpoint", "end_session_endpoint", "token_endpoint"] {
+            for bad in [
+                "http://idp.example/endpoint",
+                "javascript:alert(1)",
+                "https://user:pw@idp.example/endpoint",
+            ] {
+                dev.set_discovery_member("/human", member, Value::String(bad.into()));
+                let p = provider(&url, &secret);
+                assert!(p.metadata(false).await.is_err(), "{member} = {bad} was taken");
+                assert!(p.authorize("https://proxy.example/cb").await.is_err());
+                assert_eq!(p.end_session_endpoint().await, None);
+            }
+            dev.set_discovery_member(
+                "/human",
+                member,
+                Value::String(format!("https://idp.example/{member}")),
+            );
+        }
+        let https = provider(&url, &secret);
+        assert_eq!(https.metadata(false).await.map(|_| ()), Ok(()));
+    }
+
+    /// A token endpoint's error answer is the provider's text: its `error` reached the
+    /// log of a failed code exchange or refresh whole (a refresh's in the text log, where
+    /// a newline starts a line the provider wrote, up to the 1 MiB answer). Only what an
+    /// OAuth error code is made of (RFC 6749 §5.2's registered codes: small letters and
+    /// `_`), at most 40 characters, is shown.
+    #[tokio::test]
+    async fn a_token_endpoint_error_reaches_the_log_only_as_an_error_code() {
+        use crate::dev::issuer::DevIssuer;
+        let dev = DevIssuer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None)
+            .await
+            .unwrap_or_else(|e| panic!("dev issuer: {e}"));
+        let signer = crate::dev::signer::DevSigner::generate_rs256("k1")
+            .unwrap_or_else(|e| panic!("signer: {e}"));
+        let url = dev.add_issuer("/human", &[&signer]);
+        crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret")
+            .unwrap_or_else(|| panic!("dev login"));
+        let forged = format!(
+            "invalid_grant\n2026-11-27T12:00:00Z  INFO portcullis: ADMIN SIGNED IN\u{1b}[2K{}",
+            "x".repeat(100_000)
+        );
+        let body = serde_json::json!({ "error": forged, "error_description": "DESCRIBED" });
+        dev.add_handler(
+            "/refusing-token",
+            Arc::new(move |_| {
+                http::Response::builder()
+                    .status(http::StatusCode::BAD_REQUEST)
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .ok()
+            }),
+        );
+        dev.set_discovery_member(
+            "/human",
+            "token_endpoint",
+            Value::String(format!("{}/refusing-token", dev.base_url())),
+        );
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret").unwrap_or_else(|e| panic!("secret: {e}"));
+        let p = provider(&url, &secret);
+        let exchanged = p
+            .exchange("code".into(), "v".repeat(43), "nonce", "https://proxy.example/cb", 0)
+            .await
+            .map(|_| ());
+        let refreshed = p.refresh("refresh-token").await.map(|_| ());
+        for result in [exchanged, refreshed] {
+            let Err(LoginError(text)) = result else {
+                panic!("a refusing token endpoint gave a session: {result:?}")
+            };
+            assert!(text.starts_with("token endpoint refused: invalid_grant"), "{text}");
+            assert!(text.len() < 100, "{} bytes of the provider's text", text.len());
+            assert!(text.chars().all(|c| !c.is_control() && !c.is_ascii_uppercase()), "{text:?}");
+        }
     }
 
     /// Every algorithm an issuer may allow (V4) has its `openidconnect` name: none drops
