@@ -699,6 +699,19 @@ mod tests {
         assert_eq!(ttl(&h, &t), Duration::from_secs(300));
         h.insert(header::CACHE_CONTROL, http::HeaderValue::from_static("MAX-AGE=999999"));
         assert_eq!(ttl(&h, &t), Duration::from_secs(86_400));
+        // A provider asking for no caching at all gets the floor, not a fetch per token;
+        // one that asks for ever, or for what no integer holds, the ceiling or default.
+        for (header, secs) in [
+            ("max-age=0", 300),
+            ("no-store", 600),
+            ("no-cache, max-age=0, must-revalidate", 300),
+            ("max-age=18446744073709551615", 86_400),
+            ("max-age=18446744073709551616", 600),
+            ("max-age=-1", 600),
+        ] {
+            h.insert(header::CACHE_CONTROL, http::HeaderValue::from_static(header));
+            assert_eq!(ttl(&h, &t), Duration::from_secs(secs), "{header}");
+        }
     }
 
     #[test]
@@ -745,6 +758,28 @@ mod tests {
         assert_eq!(unnamed, Some(true));
         assert!(parse_jwks(&signer::jwks(&[&ec]), &[Algorithm::RS256], "t").is_err());
         assert!(parse_jwks(&json!({"keys": {}}), &[Algorithm::RS256], "t").is_err());
+        Ok(())
+    }
+
+    /// A provider publishing two keys under one `kid` (a botched rotation, or a planted
+    /// second key): the first is kept, whatever the second is, so a token naming that
+    /// `kid` is checked against one key, never each in turn.
+    #[test]
+    fn of_keys_repeating_a_kid_only_the_first_is_kept() -> Result<(), Box<dyn std::error::Error>> {
+        let first = DevSigner::generate_rs256("dup")?;
+        let second = DevSigner::generate_rs256("dup")?;
+        let alone = |s: &DevSigner| -> Result<[u8; 32], String> {
+            let keys = parse_jwks(&signer::jwks(&[s]), &[Algorithm::RS256], "t")?;
+            keys.get("dup").map(|k| k.material).ok_or_else(|| "no dup".into())
+        };
+        for (doc, kept) in [
+            (signer::jwks(&[&first, &second]), alone(&first)?),
+            (signer::jwks(&[&second, &first]), alone(&second)?),
+        ] {
+            let keys = parse_jwks(&doc, &[Algorithm::RS256], "t")?;
+            assert_eq!(keys.len(), 1);
+            assert_eq!(keys.get("dup").map(|k| k.material), Some(kept));
+        }
         Ok(())
     }
 
@@ -800,9 +835,13 @@ mod tests {
         if let Some(last) = even.last_mut() {
             *last &= 0xfe;
         }
+        // 16 384 bits, odd: each forged token would cost a verification with it.
+        let mut huge = vec![0xffu8; 2048];
+        huge[2047] = 0x01;
         let doc = json!({"keys": [
             with("ok", &n, &[1, 0, 1]),
             with("small", &n[..128], &[1, 0, 1]),
+            with("huge", &huge, &[1, 0, 1]),
             with("e1", &n, &[1]),
             with("e2", &n, &[2]),
             with("e-huge", &n, &[1, 0, 0, 0, 0, 1]),

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -1741,4 +1742,103 @@ ci = { environment = "Production" }
     assert_eq!(decide(gitlab("production")).await, (false, String::new()));
     assert_eq!(decide(gitlab("Staging")).await, (true, "gl-staging".to_string()));
     assert_eq!(decide(gitlab("staging")).await, (false, String::new()));
+}
+
+// === A hostile or broken identity provider: the fetch side ===
+
+/// An issuer whose key endpoint accepts the request and then hangs (a provider down
+/// behind a load balancer that keeps connections open): the background refresh waits
+/// for its whole fetch timeout, and meanwhile tokens whose key is already held verify
+/// at once and the issuer stays ready. Only a token naming an unknown `kid` waits for
+/// that refresh (`requests_queued_behind_a_slow_refresh_do_not_each_fetch_again`).
+#[tokio::test]
+async fn a_hung_key_refresh_blocks_neither_verification_with_held_keys_nor_readiness() {
+    let dev = dev_issuer().await;
+    let k1 = DevSigner::generate_es256("k1").unwrap();
+    let url = dev.add_issuer("/human", &[&k1]);
+    // Every answer is stale at once, so the background task refetches right away.
+    dev.set_cache_control("/human", Some("max-age=0"));
+    let timing = Timing { fetch_timeout: Duration::from_secs(600), ..fast_timing() };
+    let v = Arc::new(Verifier::with_timing(vec![dev_settings(&dev, "/human")], timing).unwrap());
+    v.start();
+    assert!(v.wait_ready(Duration::from_secs(5)).await);
+    dev.set_failure("/human", Failure::Slow(Duration::from_secs(600)));
+    // Wait until a refresh is at the hanging endpoint (it holds the refresh lock).
+    let asked = dev.jwks_fetches("/human");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while dev.jwks_fetches("/human") == asked {
+        assert!(tokio::time::Instant::now() < deadline, "no refresh started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let verified =
+        tokio::time::timeout(Duration::from_secs(30), v.verify_at(&token_for(&k1, &url), NOW))
+            .await
+            .expect("verification with a held key waited for the hung refresh");
+    assert!(verified.is_ok(), "{verified:?}");
+    assert!(v.ready(), "a refresh in flight made the issuer unready");
+}
+
+/// Serves on loopback, as a provider that dribbles: the answer's status line and
+/// headers one byte at a time, or a body under the size cap one byte at a time; counts
+/// the connections and the ones the client closed before the answer was complete.
+async fn dribbling_server(headers_too: bool) -> (String, Arc<(AtomicU64, AtomicU64)>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    let counts = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let seen = counts.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            seen.0.fetch_add(1, SeqCst);
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n";
+                let (slow, fast): (&[u8], &[u8]) =
+                    if headers_too { (head, b"") } else { (b"", head) };
+                if s.write_all(fast).await.is_err() {
+                    return;
+                }
+                for b in slow.iter().chain(std::iter::repeat_n(&b' ', 1000)) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if s.write_all(&[*b]).await.is_err() || s.flush().await.is_err() {
+                        seen.1.fetch_add(1, SeqCst);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, counts)
+}
+
+/// A key endpoint that dribbles its headers, or a body under the size cap, a byte at a
+/// time never finishes a fetch: the fetch timeout bounds the whole exchange, connect to
+/// last byte (not each read), so the fetch is given up with the answer unfinished, the
+/// connection closed, and the issuer tried again.
+#[tokio::test]
+async fn a_key_endpoint_that_dribbles_its_answer_is_given_up_at_the_fetch_timeout() {
+    for headers_too in [true, false] {
+        let dev = dev_issuer().await;
+        let url = dev.add_issuer("/human", &[rsa()]);
+        let (jwks_uri, counts) = dribbling_server(headers_too).await;
+        dev.set_discovery_member("/human", "jwks_uri", json!(jwks_uri));
+        let timing = Timing { fetch_timeout: Duration::from_millis(300), ..fast_timing() };
+        let v =
+            Arc::new(Verifier::with_timing(vec![dev_settings(&dev, "/human")], timing).unwrap());
+        v.start();
+        // Each answer takes 20 s to dribble out: seeing a second connection means the
+        // first fetch was given up long before.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while counts.1.load(SeqCst) < 1 || counts.0.load(SeqCst) < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "headers_too {headers_too}: the dribbled fetch was not given up and retried"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!v.ready(), "headers_too {headers_too}: a dribbled answer was taken");
+        assert_eq!(reason(&v, &token_for(rsa(), &url)).await, Some(Reason::IssuerUnavailable));
+    }
 }
