@@ -514,10 +514,18 @@ pub(crate) fn parse_jwks(
         match parse_jwk(jwk, allowlist) {
             Ok((kid, key)) => {
                 if keys.contains_key(kid.as_str()) {
-                    tracing::warn!(issuer, kid = %kid, "JWKS repeats a kid; keeping the first");
+                    // Debug: the provider's text, escaped (a newline in it would start a log
+                    // line of its own in the text log).
+                    tracing::warn!(issuer, kid = ?kid, "JWKS repeats a kid; keeping the first");
                     continue;
                 }
                 keys.insert(Arc::from(kid), Arc::new(key));
+            }
+            Err(PRIVATE_PART) => {
+                // The provider's signing key is public: every token it signed may be forged.
+                let kid = jwk.get("kid").and_then(Value::as_str).filter(|k| k.len() <= MAX_KID_LEN);
+                let kid = kid.unwrap_or_default();
+                tracing::warn!(issuer, kid = ?kid, "JWKS publishes a private key; it verifies nothing");
             }
             Err(why) => tracing::debug!(issuer, why, "JWK skipped"),
         }
@@ -544,10 +552,23 @@ pub(crate) fn fit_for_verifying(
     parse_jwk(&named, allowlist).map(|_| ())
 }
 
+/// Why [`parse_jwk`] refuses a key published with its private part: logged as a warning,
+/// not as a routine skip.
+const PRIVATE_PART: &str = "the JWK carries private key material: anyone who fetched the \
+                            JWKS can sign with it";
+
+/// The JWK members that hold private key material: `d` of EC (RFC 7518 §6.2.2), RSA
+/// (§6.3.2, with its CRT members) and OKP keys (RFC 8037 §2), and a symmetric key's `k`
+/// (§6.4). A key set is public: a key published with one of these is known to everyone.
+const PRIVATE_MEMBERS: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
+
 fn parse_jwk(
     jwk: &Map<String, Value>,
     allowlist: &[Algorithm],
 ) -> Result<(String, VerifyKey), &'static str> {
+    if PRIVATE_MEMBERS.iter().any(|m| jwk.contains_key(*m)) {
+        return Err(PRIVATE_PART);
+    }
     let text = |name: &str| match jwk.get(name) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.as_str())),
@@ -780,6 +801,39 @@ mod tests {
             assert_eq!(keys.len(), 1);
             assert_eq!(keys.get("dup").map(|k| k.material), Some(kept));
         }
+        Ok(())
+    }
+
+    /// A JWKS entry carrying private key material (RFC 7518 §6.2.2, §6.3.2, §6.4, RFC
+    /// 8037 `d`; RSA's CRT members; a symmetric `k`): whoever fetched the public JWKS can
+    /// sign with that key, so it verifies nothing, for bearer tokens and sign-ins alike.
+    /// A provider that published a whole key pair (an exported private JWK pasted into the
+    /// set) had tokens anyone could forge accepted.
+    #[test]
+    fn a_key_published_with_its_private_part_verifies_nothing(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let rsa = DevSigner::generate_rs256("rsa")?;
+        let ec = DevSigner::generate_es256("ec")?;
+        let some = json!(URL_SAFE_NO_PAD.encode([7u8; 32]));
+        let mut entries = vec![rsa.public_jwk(), ec.public_jwk()];
+        for member in ["d", "p", "q", "dp", "dq", "qi", "oth", "k"] {
+            for (i, base) in [rsa.public_jwk(), ec.public_jwk()].into_iter().enumerate() {
+                let mut jwk = base;
+                jwk["kid"] = json!(format!("{member}-{i}"));
+                jwk[member] = if member == "oth" { json!([]) } else { some.clone() };
+                let Value::Object(map) = &jwk else { unreachable!() };
+                assert!(
+                    fit_for_verifying(map, &[Algorithm::RS256, Algorithm::ES256]).is_err(),
+                    "`{member}`: a sign-in would verify with it"
+                );
+                entries.push(jwk);
+            }
+        }
+        let keys =
+            parse_jwks(&json!({ "keys": entries }), &[Algorithm::RS256, Algorithm::ES256], "t")?;
+        let mut kids: Vec<&str> = keys.keys().map(|k| &**k).collect();
+        kids.sort_unstable();
+        assert_eq!(kids, ["ec", "rsa"]);
         Ok(())
     }
 

@@ -1842,3 +1842,34 @@ async fn a_key_endpoint_that_dribbles_its_answer_is_given_up_at_the_fetch_timeou
         assert_eq!(reason(&v, &token_for(rsa(), &url)).await, Some(Reason::IssuerUnavailable));
     }
 }
+
+/// A provider's `kid` is its text: a key set repeating a `kid` holding a newline wrote
+/// a log line of the provider's making into the text log ("JWKS repeats a kid"). Every
+/// `kid` a key-set warning names is written escaped, on the warning's own line.
+#[test]
+fn a_kid_in_a_key_set_warning_cannot_start_a_log_line() {
+    let buf = LogBuf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let forged = "k\n2026-11-27T12:00:00.000000Z  INFO portcullis: FORGED";
+    let mut first = rsa().public_jwk();
+    first["kid"] = json!(forged);
+    let mut second = forger().public_jwk();
+    second["kid"] = json!(forged);
+    let mut private = forger_kid_2().public_jwk();
+    private["kid"] = json!(format!("{forged} private"));
+    private["d"] = json!("AQAB");
+    let doc = json!({ "keys": [first, second, private] });
+    let keys = super::jwks::parse_jwks(&doc, &[Algorithm::RS256], "corp").unwrap();
+    assert_eq!(keys.len(), 1);
+    let log = String::from_utf8_lossy(&buf.0.lock()).into_owned();
+    assert!(log.contains("JWKS repeats a kid"), "{log}");
+    assert!(log.contains("JWKS publishes a private key"), "{log}");
+    assert_eq!(log.lines().count(), 2, "{log}");
+    assert!(log.lines().all(|l| l.contains(" WARN ")), "{log}");
+}
