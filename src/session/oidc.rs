@@ -134,11 +134,22 @@ pub struct Provider {
     http: HttpClient,
     /// Held across a fetch: concurrent callers wait for that one fetch (single flight).
     metadata: tokio::sync::Mutex<MetadataSlot>,
+    /// Clients built from a discovery document so far (tests: once per fetch).
+    client_builds: std::sync::atomic::AtomicU64,
+}
+
+/// A provider's discovery document (with its key set) and the client built from it,
+/// once per fetch: building one is a JSON round trip of the whole document and a copy of
+/// its keys, too much to do for each sign-in started (anyone's request for a protected
+/// page). Each request sets its own `redirect_uri`.
+pub struct Loaded {
+    pub meta: Metadata,
+    client: LoginClient,
 }
 
 #[derive(Default)]
 struct MetadataSlot {
-    current: Option<(Arc<Metadata>, Instant)>,
+    current: Option<(Arc<Loaded>, Instant)>,
     failed: Option<(LoginError, Instant)>,
 }
 
@@ -165,7 +176,7 @@ impl Provider {
             .build();
         let http = Client::builder(TokioExecutor::new()).build(connector);
         let metadata = tokio::sync::Mutex::new(MetadataSlot::default());
-        Ok(Provider { settings, login, secret, http, metadata })
+        Ok(Provider { settings, login, secret, http, metadata, client_builds: Default::default() })
     }
 
     /// One request to the provider: refuses non-https (unless the issuer allows loopback
@@ -203,7 +214,7 @@ impl Provider {
     /// signing key: the provider rotated). One fetch at a time; after a failure, the
     /// failure (or the previous metadata, up to `METADATA_MAX_STALE` old) is returned
     /// without fetching for `METADATA_RETRY`.
-    pub async fn metadata(&self, force: bool) -> Result<Arc<Metadata>, LoginError> {
+    pub async fn metadata(&self, force: bool) -> Result<Arc<Loaded>, LoginError> {
         let mut slot = self.metadata.lock().await;
         let stale = match &slot.current {
             Some((m, at)) if !force && at.elapsed() < METADATA_TTL => return Ok(m.clone()),
@@ -217,12 +228,16 @@ impl Provider {
                 return stale.ok_or_else(|| e.clone());
             }
         }
-        match self.fetch_metadata().await {
-            Ok(meta) => {
-                let meta = Arc::new(meta);
+        let loaded = self.fetch_metadata().await.and_then(|meta| {
+            let client = self.client(&meta)?;
+            Ok(Loaded { meta, client })
+        });
+        match loaded {
+            Ok(loaded) => {
+                let loaded = Arc::new(loaded);
                 *slot =
-                    MetadataSlot { current: Some((meta.clone(), Instant::now())), failed: None };
-                Ok(meta)
+                    MetadataSlot { current: Some((loaded.clone(), Instant::now())), failed: None };
+                Ok(loaded)
             }
             Err(e) => {
                 tracing::warn!(issuer = %self.settings.id, error = %e.0, stale = stale.is_some(), "provider metadata fetch failed");
@@ -296,58 +311,52 @@ impl Provider {
         login_keys(doc, &self.settings.algorithms)
     }
 
-    fn client(
-        &self,
-        meta: &Metadata,
-        redirect_uri: Option<&str>,
-    ) -> Result<LoginClient, LoginError> {
+    /// The client of `meta`, without a redirect URI (each request sets its own).
+    fn client(&self, meta: &Metadata) -> Result<LoginClient, LoginError> {
+        self.client_builds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // `from_provider_metadata` wants the core metadata type; rebuild it from ours.
         let core: openidconnect::core::CoreProviderMetadata = serde_json::to_value(meta)
             .and_then(serde_json::from_value)
             .map_err(|e| LoginError(format!("metadata: {e}")))?;
         let core = core.set_jwks(meta.jwks().clone());
-        let client = CoreClient::from_provider_metadata(
+        Ok(CoreClient::from_provider_metadata(
             core,
             ClientId::new(self.login.client_id.clone()),
             Some(ClientSecret::new(self.secret.clone())),
-        );
-        Ok(match redirect_uri {
-            Some(r) => client.set_redirect_uri(
-                RedirectUrl::new(r.to_string())
-                    .map_err(|_| LoginError("bad redirect URI".into()))?,
-            ),
-            None => client,
-        })
+        ))
     }
 
     /// The provider's end-session endpoint, if it advertises one.
     pub async fn end_session_endpoint(&self) -> Option<String> {
-        let meta = self.metadata(false).await.ok()?;
-        meta.additional_metadata().end_session_endpoint.as_ref().map(|u| u.url().to_string())
+        let loaded = self.metadata(false).await.ok()?;
+        loaded.meta.additional_metadata().end_session_endpoint.as_ref().map(|u| u.url().to_string())
     }
 
     /// Whether the provider says it names itself in every authorization response
     /// (RFC 9207): then a response without `iss` is not its own.
     pub async fn names_itself(&self) -> Result<bool, LoginError> {
-        let meta = self.metadata(false).await?;
+        let loaded = self.metadata(false).await?;
+        let meta = &loaded.meta;
         Ok(meta.additional_metadata().authorization_response_iss_parameter_supported == Some(true))
     }
 
     /// The authorization request: code flow, PKCE S256, fresh state and nonce.
     pub async fn authorize(&self, redirect_uri: &str) -> Result<AuthRequest, LoginError> {
-        let meta = self.metadata(false).await?;
-        let client = self.client(&meta, Some(redirect_uri))?;
+        let loaded = self.metadata(false).await?;
+        let redirect = redirect_url(redirect_uri)?;
         let rnd = || super::seal::random_token().map_err(LoginError);
         let (state, nonce, verifier) = (rnd()?, rnd()?, rnd()?);
         let challenge =
             PkceCodeChallenge::from_code_verifier_sha256(&PkceCodeVerifier::new(verifier.clone()));
         let (s2, n2) = (state.clone(), nonce.clone());
-        let mut req = client
+        let mut req = loaded
+            .client
             .authorize_url(
                 CoreAuthenticationFlow::AuthorizationCode,
                 move || CsrfToken::new(s2),
                 move || Nonce::new(n2),
             )
+            .set_redirect_uri(std::borrow::Cow::Owned(redirect))
             .set_pkce_challenge(challenge);
         for scope in self.login.scopes.iter().filter(|s| *s != "openid") {
             req = req.add_scope(Scope::new(scope.clone()));
@@ -445,23 +454,24 @@ impl Provider {
         nonce: &str,
         redirect_uri: &str,
     ) -> Result<Verified, LoginError> {
-        let meta = self.metadata(false).await?;
-        let client = self.client(&meta, Some(redirect_uri))?;
+        let loaded = self.metadata(false).await?;
+        let redirect = redirect_url(redirect_uri)?;
         let http = Http(self);
-        let response = client
+        let response = loaded
+            .client
             .exchange_code(AuthorizationCode::new(code))
             .map_err(|_| LoginError("provider has no token endpoint".into()))?
+            .set_redirect_uri(std::borrow::Cow::Owned(redirect))
             .set_pkce_verifier(PkceCodeVerifier::new(pkce_verifier))
             .request_async(&http)
             .await
             .map_err(token_error)?;
         let nonce = Nonce::new(nonce.to_string());
-        match self.verify(&client, &response, Some(&nonce)) {
+        match self.verify(&loaded.client, &response, Some(&nonce)) {
             Err(e) if e.0.contains("signing key") => {
                 // The provider rotated its keys: fetch them once more and retry.
-                let meta = self.metadata(true).await?;
-                let client = self.client(&meta, Some(redirect_uri))?;
-                self.verify(&client, &response, Some(&nonce))
+                let loaded = self.metadata(true).await?;
+                self.verify(&loaded.client, &response, Some(&nonce))
             }
             other => other,
         }
@@ -470,11 +480,11 @@ impl Provider {
     /// Use a refresh token. The new ID token, when the provider sends one, is verified
     /// like the first (no nonce: OIDC Core §12.2).
     pub async fn refresh(&self, refresh_token: &str) -> Result<Verified, LoginError> {
-        let meta = self.metadata(false).await?;
-        let client = self.client(&meta, None)?;
+        let loaded = self.metadata(false).await?;
         let http = Http(self);
         let rt = RefreshToken::new(refresh_token.to_string());
-        let response = client
+        let response = loaded
+            .client
             .exchange_refresh_token(&rt)
             .map_err(|_| LoginError("provider has no token endpoint".into()))?
             .request_async(&http)
@@ -490,7 +500,7 @@ impl Provider {
                 refresh_token: refresh.or_else(|| Some(refresh_token.to_string())),
             });
         }
-        let mut v = self.verify(&client, &response, None)?;
+        let mut v = self.verify(&loaded.client, &response, None)?;
         v.refresh_token = v.refresh_token.or_else(|| Some(refresh_token.to_string()));
         Ok(v)
     }
@@ -555,6 +565,11 @@ impl Provider {
 }
 
 type LoginKeys = JsonWebKeySet<CoreJsonWebKey>;
+
+/// The redirect URI a sign-in's requests carry.
+fn redirect_url(uri: &str) -> Result<RedirectUrl, LoginError> {
+    RedirectUrl::new(uri.to_string()).map_err(|_| LoginError("bad redirect URI".into()))
+}
 
 /// The keys of a JWKS document that pass the checks a bearer token's key passes
 /// ([`crate::identity::verify::fit_for_verifying`]). `openidconnect` would take every
@@ -863,6 +878,42 @@ mod tests {
             assert!(text.len() < 100, "{} bytes of the provider's text", text.len());
             assert!(text.chars().all(|c| !c.is_control() && !c.is_ascii_uppercase()), "{text:?}");
         }
+    }
+
+    /// Each sign-in started (anyone's request for a protected page, no credential
+    /// needed) built the client from the provider's document anew: a JSON round trip of
+    /// the whole discovery document and a copy of its key set. A provider with a large
+    /// document (a 1 MiB `claims_supported`, a key set of 2 000 keys) made each such
+    /// request cost some 40 times a usual one. The client is built once per fetch of the
+    /// document; each request sets only its own `redirect_uri`.
+    #[tokio::test]
+    async fn a_sign_in_start_does_not_rebuild_the_client_from_the_providers_document() {
+        use crate::dev::issuer::DevIssuer;
+        let dev = DevIssuer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None)
+            .await
+            .unwrap_or_else(|e| panic!("dev issuer: {e}"));
+        let signer = crate::dev::signer::DevSigner::generate_rs256("k1")
+            .unwrap_or_else(|e| panic!("signer: {e}"));
+        let url = dev.add_issuer("/human", &[&signer]);
+        crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret")
+            .unwrap_or_else(|| panic!("dev login"));
+        let claims: Vec<Value> = (0..1000).map(|i| Value::String(format!("claim{i}"))).collect();
+        dev.set_discovery_member("/human", "claims_supported", Value::Array(claims));
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret").unwrap_or_else(|e| panic!("secret: {e}"));
+        let p = provider(&url, &secret);
+        for host in ["a.example", "b.example", "a.example", "c.example"] {
+            let auth = p
+                .authorize(&format!("https://{host}/cb"))
+                .await
+                .unwrap_or_else(|e| panic!("authorize: {e:?}"));
+            let wanted = format!("redirect_uri=https%3A%2F%2F{host}%2Fcb");
+            assert!(auth.url.contains(&wanted), "{} lacks {wanted}", auth.url);
+            assert_eq!(auth.url.matches("redirect_uri=").count(), 1, "{}", auth.url);
+        }
+        assert_eq!(p.end_session_endpoint().await.map(|e| e.ends_with("/logout")), Some(true));
+        assert_eq!(p.client_builds.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     /// Every algorithm an issuer may allow (V4) has its `openidconnect` name: none drops
