@@ -1873,3 +1873,72 @@ fn a_kid_in_a_key_set_warning_cannot_start_a_log_line() {
     assert_eq!(log.lines().count(), 2, "{log}");
     assert!(log.lines().all(|l| l.contains(" WARN ")), "{log}");
 }
+
+/// A discovery document whose `jwks_uri` carries credentials, names another scheme, is
+/// plain http to a host that is not loopback, or is not a string at all, or whose
+/// `issuer` is not a string: no key set is fetched, and the issuer stays unavailable
+/// (fail closed) instead of taking keys from wherever the document points.
+#[tokio::test]
+async fn a_discovery_document_with_an_unusable_jwks_uri_or_issuer_fetches_no_keys() {
+    let dev = dev_issuer().await;
+    let url = dev.add_issuer("/human", &[rsa()]);
+    let own = format!("{url}/jwks.json");
+    let with_userinfo = own.replacen("http://", "http://user:pw@", 1);
+    let cases = [
+        ("jwks_uri", json!(with_userinfo)),
+        ("jwks_uri", json!(own.replacen("http://", "ftp://", 1))),
+        ("jwks_uri", json!(own.replacen("http://127.0.0.1", "http://idp.example", 1))),
+        ("jwks_uri", json!("file:///etc/passwd")),
+        ("jwks_uri", json!(5)),
+        ("jwks_uri", json!([own])),
+        ("jwks_uri", Value::Null),
+        ("issuer", json!([url])),
+        ("issuer", json!(5)),
+    ];
+    let token = token_for(rsa(), &url);
+    for (member, value) in cases {
+        dev.set_discovery_member("/human", member, value.clone());
+        let v = Arc::new(
+            Verifier::with_timing(vec![dev_settings(&dev, "/human")], fast_timing()).unwrap(),
+        );
+        v.start();
+        assert!(!v.wait_ready(Duration::from_millis(300)).await, "{member} = {value}: ready");
+        assert_eq!(reason(&v, &token).await, Some(Reason::IssuerUnavailable), "{member} = {value}");
+        assert_eq!(dev.jwks_fetches("/human"), 0, "{member} = {value}: keys fetched");
+    }
+    // The document's own values again: keys load.
+    dev.set_discovery_member("/human", "jwks_uri", json!(own));
+    dev.set_discovery_member("/human", "issuer", json!(url));
+    let v =
+        Arc::new(Verifier::with_timing(vec![dev_settings(&dev, "/human")], fast_timing()).unwrap());
+    v.start();
+    assert!(v.wait_ready(Duration::from_secs(5)).await);
+    assert!(v.verify_at(&token, NOW).await.is_ok());
+}
+
+/// A key set of thousands of keys (within the 1 MiB cap) costs one signature check per
+/// token: a token must name its key by `kid`, and no key is tried in turn.
+#[tokio::test]
+async fn a_key_set_of_thousands_of_keys_costs_one_signature_check_per_token() {
+    let mut keys: Vec<Value> = (0..5000)
+        .map(|i| {
+            let mut k = ec().public_jwk();
+            k["kid"] = json!(format!("decoy-{i}"));
+            k
+        })
+        .collect();
+    keys.push(rsa().public_jwk());
+    let mut s = okta_settings();
+    s.algorithms = vec![Algorithm::RS256, Algorithm::ES256];
+    let v = Verifier::new(vec![s]).unwrap().with_token_cache(0);
+    v.install_jwks(&IssuerId("corp".into()), &json!({ "keys": keys }), Duration::from_secs(600))
+        .unwrap();
+    let good = rsa().sign(&okta_header(), &okta_payload());
+    assert!(v.verify_at(&good, NOW).await.is_ok());
+    assert_eq!(v.signature_checks(), 1);
+    // A forgery naming a decoy: one check, refused.
+    let forger = DevSigner::generate_es256("decoy-7").unwrap();
+    let forged = forger.sign(&json!({"alg": "ES256", "kid": "decoy-7"}), &okta_payload());
+    assert_eq!(reason(&v, &forged).await, Some(Reason::InvalidSignature));
+    assert_eq!(v.signature_checks(), 2);
+}
