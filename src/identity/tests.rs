@@ -1942,3 +1942,34 @@ async fn a_key_set_of_thousands_of_keys_costs_one_signature_check_per_token() {
     assert_eq!(reason(&v, &forged).await, Some(Reason::InvalidSignature));
     assert_eq!(v.signature_checks(), 2);
 }
+
+/// A key fetch asks for no compression and decompresses nothing: a provider cannot send
+/// a small gzip bomb that inflates past the 1 MiB cap; a compressed answer is not JSON.
+#[tokio::test]
+async fn a_key_fetch_asks_for_no_compression_and_takes_no_compressed_answer() {
+    let dev = dev_issuer().await;
+    let url = dev.add_issuer("/human", &[rsa()]);
+    let asked = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    let handler: crate::dev::issuer::Handler = Arc::new(move |req| {
+        seen.lock().push(req.headers.get(http::header::ACCEPT_ENCODING).cloned());
+        http::Response::builder()
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_ENCODING, "gzip")
+            // A gzip member's header: what a compressed key set starts with.
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03",
+            )))
+            .ok()
+    });
+    dev.add_handler("/gzip/", handler);
+    dev.set_discovery_member("/human", "jwks_uri", json!(format!("{}/gzip/jwks", dev.base_url())));
+    let v =
+        Arc::new(Verifier::with_timing(vec![dev_settings(&dev, "/human")], fast_timing()).unwrap());
+    v.start();
+    assert!(!v.wait_ready(Duration::from_millis(300)).await, "a compressed key set was taken");
+    assert_eq!(reason(&v, &token_for(rsa(), &url)).await, Some(Reason::IssuerUnavailable));
+    let asked = asked.lock();
+    assert!(!asked.is_empty(), "the key set was never asked for");
+    assert!(asked.iter().all(Option::is_none), "asked for an encoding: {asked:?}");
+}
