@@ -306,9 +306,13 @@ impl IssuerKeys {
         };
         let result = async {
             let (body, headers) = self.get(&jwks_uri).await?;
-            let doc: Value =
-                serde_json::from_slice(&body).map_err(|e| format!("JWKS is not JSON: {e}"))?;
-            let keys = parse_jwks(&doc, &self.settings.algorithms, &self.label)?;
+            let (allowlist, label) = (self.settings.algorithms.clone(), self.label.clone());
+            let keys = off_the_runtime(move || {
+                let doc: Value =
+                    serde_json::from_slice(&body).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+                parse_jwks(&doc, &allowlist, &label)
+            })
+            .await?;
             Ok(KeySet { keys, fetched_at: Instant::now(), ttl: ttl(&headers, &self.timing) })
         }
         .await;
@@ -478,6 +482,17 @@ pub(crate) fn issuer_tls(settings: &IssuerSettings) -> Result<rustls::ClientConf
         .with_no_client_auth())
 }
 
+/// Runs `read` (reading a fetched key set: JSON, then every key's parse) on the blocking
+/// pool. The provider chooses how costly it is — a 1 MiB set holds some 2 500 RSA keys,
+/// a tenth of a second of CPU — and on a runtime thread it held up every request that
+/// thread serves (all of them on a one-CPU host, whose runtime is current-thread), at
+/// each refresh and at each refetch a junk token's unknown `kid` brings.
+pub(crate) async fn off_the_runtime<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(read).await.map_err(|e| format!("reading the key set: {e}"))?
+}
+
 /// `Cache-Control: max-age` clamped (§11.2); the default when absent.
 fn ttl(headers: &http::HeaderMap, timing: &Timing) -> Duration {
     let max_age = headers
@@ -562,10 +577,19 @@ const PRIVATE_PART: &str = "the JWK carries private key material: anyone who fet
 /// (§6.4). A key set is public: a key published with one of these is known to everyone.
 const PRIVATE_MEMBERS: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
 
+#[cfg(test)]
+thread_local! {
+    /// Keys read ([`parse_jwk`]) on this thread: a test's current-thread runtime must
+    /// read none of a fetched key set itself.
+    pub(crate) static KEYS_READ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 fn parse_jwk(
     jwk: &Map<String, Value>,
     allowlist: &[Algorithm],
 ) -> Result<(String, VerifyKey), &'static str> {
+    #[cfg(test)]
+    KEYS_READ.with(|n| n.set(n.get() + 1));
     if PRIVATE_MEMBERS.iter().any(|m| jwk.contains_key(*m)) {
         return Err(PRIVATE_PART);
     }

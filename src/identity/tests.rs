@@ -1973,3 +1973,45 @@ async fn a_key_fetch_asks_for_no_compression_and_takes_no_compressed_answer() {
     assert!(!asked.is_empty(), "the key set was never asked for");
     assert!(asked.iter().all(Option::is_none), "asked for an encoding: {asked:?}");
 }
+
+/// Reading a key set is the provider's to make costly (a 1 MiB set of RSA keys is some
+/// 2 500 keys to parse, a tenth of a second of CPU): it is read on the blocking pool,
+/// never on a runtime thread (here the test's, current-thread, as the proxy's runtime
+/// is on a one-CPU host), where it held up every request that thread serves, at each
+/// refresh and at each refetch a junk token's unknown `kid` brings. The bearer path's
+/// fetch and the browser sign-in's alike.
+#[tokio::test]
+async fn a_fetched_key_set_is_read_off_the_runtime_thread() {
+    let dev = dev_issuer().await;
+    let signer = DevSigner::generate_rs256("k1").unwrap();
+    let url = dev.add_issuer("/human", &[&signer]);
+    crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret").unwrap();
+    let v =
+        Arc::new(Verifier::with_timing(vec![dev_settings(&dev, "/human")], fast_timing()).unwrap());
+    v.start();
+    assert!(v.wait_ready(Duration::from_secs(5)).await);
+    assert!(v.verify_at(&token_for(&signer, &url), NOW).await.is_ok());
+    assert_eq!(super::jwks::KEYS_READ.with(|n| n.get()), 0, "a key set read on the runtime thread");
+
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret").unwrap();
+    let mut settings = dev_settings(&dev, "/human");
+    settings.audiences = vec!["portcullis".into()];
+    let login = crate::config::LoginSettings {
+        issuer: settings.id.clone(),
+        client_id: "portcullis".into(),
+        client_secret: crate::config::SecretSource::File(secret),
+        scopes: vec!["openid".into()],
+        redirect_path: "/.portcullis/callback".into(),
+        extra_params: Vec::new(),
+        post_logout_redirect: None,
+    };
+    let provider = crate::session::oidc::Provider::new(settings, login).unwrap();
+    assert!(provider.metadata(false).await.is_ok());
+    assert_eq!(
+        super::jwks::KEYS_READ.with(|n| n.get()),
+        0,
+        "a sign-in's key set read on the runtime thread"
+    );
+}

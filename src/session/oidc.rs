@@ -306,9 +306,16 @@ impl Provider {
             let url = crate::identity::verify::url_str_for_log(url);
             return Err(LoginError(format!("JWKS {url} answered {}", resp.status())));
         }
-        let doc: Value = serde_json::from_slice(resp.body())
-            .map_err(|e| LoginError(format!("JWKS is not JSON: {e}")))?;
-        login_keys(doc, &self.settings.algorithms)
+        let allowlist = self.settings.algorithms.clone();
+        let body = resp.into_body();
+        // Off the runtime thread, as the bearer path's ([`crate::identity::verify::off_the_runtime`]).
+        crate::identity::verify::off_the_runtime(move || {
+            let doc: Value =
+                serde_json::from_slice(&body).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+            login_keys(doc, &allowlist).map_err(|e| e.0)
+        })
+        .await
+        .map_err(LoginError)
     }
 
     /// The client of `meta`, without a redirect URI (each request sets its own).
