@@ -74,6 +74,24 @@ struct Hooks {
     acr: Option<String>,
     /// The `hd` (Google Workspace domain) of ID tokens (none by default).
     hd: Option<String>,
+    /// Members set in every ID token's claims last (`null`: removed): a provider that
+    /// signs for another audience or issuer.
+    claims: serde_json::Map<String, Value>,
+    /// Members set in every token response last (`null`: removed): a provider whose
+    /// `token_type` or `expires_in` is off.
+    response: serde_json::Map<String, Value>,
+}
+
+/// Sets each member of `with` in `target`, removing those set to `null`.
+fn overlay(target: &mut Value, with: &serde_json::Map<String, Value>) {
+    if let Value::Object(m) = target {
+        for (k, v) in with {
+            match v {
+                Value::Null => m.remove(k),
+                v => m.insert(k.clone(), v.clone()),
+            };
+        }
+    }
 }
 
 struct Inner {
@@ -244,6 +262,16 @@ impl DevLogin {
     }
     pub fn set_hd(&self, hd: Option<&str>) {
         self.inner.hooks.lock().hd = hd.map(str::to_string);
+    }
+    /// Sets these members in every ID token's claims from now on (`null` removes one);
+    /// an empty map: none.
+    pub fn set_claim_overrides(&self, claims: serde_json::Map<String, Value>) {
+        self.inner.hooks.lock().claims = claims;
+    }
+    /// Sets these members in every token response from now on (`null` removes one); an
+    /// empty map: none.
+    pub fn set_response_overrides(&self, members: serde_json::Map<String, Value>) {
+        self.inner.hooks.lock().response = members;
     }
 
     fn handle(&self, req: &DevRequest) -> Option<Response<Full<Bytes>>> {
@@ -478,6 +506,7 @@ input[type=text]{{font-size:1em;padding:.3em;width:100%}}button{{font-size:1em;p
                 );
             }
         }
+        overlay(&mut claims, &hooks.claims);
         let id_token = if hooks.hs256 {
             if let Value::Object(m) = &mut claims {
                 m.remove("at_hash");
@@ -510,6 +539,7 @@ input[type=text]{{font-size:1em;padding:.3em;width:100%}}button{{font-size:1em;p
                 .insert(rt.clone(), (user.to_string(), groups.to_vec(), access));
             body["refresh_token"] = Value::String(rt);
         }
+        overlay(&mut body, &hooks.response);
         respond(StatusCode::OK, "application/json", body.to_string())
     }
 

@@ -306,9 +306,13 @@ impl IssuerKeys {
         };
         let result = async {
             let (body, headers) = self.get(&jwks_uri).await?;
-            let doc: Value =
-                serde_json::from_slice(&body).map_err(|e| format!("JWKS is not JSON: {e}"))?;
-            let keys = parse_jwks(&doc, &self.settings.algorithms, &self.label)?;
+            let (allowlist, label) = (self.settings.algorithms.clone(), self.label.clone());
+            let keys = off_the_runtime(move || {
+                let doc: Value =
+                    serde_json::from_slice(&body).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+                parse_jwks(&doc, &allowlist, &label)
+            })
+            .await?;
             Ok(KeySet { keys, fetched_at: Instant::now(), ttl: ttl(&headers, &self.timing) })
         }
         .await;
@@ -478,6 +482,17 @@ pub(crate) fn issuer_tls(settings: &IssuerSettings) -> Result<rustls::ClientConf
         .with_no_client_auth())
 }
 
+/// Runs `read` (reading a fetched key set: JSON, then every key's parse) on the blocking
+/// pool. The provider chooses how costly it is — a 1 MiB set holds some 2 500 RSA keys,
+/// a tenth of a second of CPU — and on a runtime thread it held up every request that
+/// thread serves (all of them on a one-CPU host, whose runtime is current-thread), at
+/// each refresh and at each refetch a junk token's unknown `kid` brings.
+pub(crate) async fn off_the_runtime<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(read).await.map_err(|e| format!("reading the key set: {e}"))?
+}
+
 /// `Cache-Control: max-age` clamped (§11.2); the default when absent.
 fn ttl(headers: &http::HeaderMap, timing: &Timing) -> Duration {
     let max_age = headers
@@ -514,10 +529,18 @@ pub(crate) fn parse_jwks(
         match parse_jwk(jwk, allowlist) {
             Ok((kid, key)) => {
                 if keys.contains_key(kid.as_str()) {
-                    tracing::warn!(issuer, kid = %kid, "JWKS repeats a kid; keeping the first");
+                    // Debug: the provider's text, escaped (a newline in it would start a log
+                    // line of its own in the text log).
+                    tracing::warn!(issuer, kid = ?kid, "JWKS repeats a kid; keeping the first");
                     continue;
                 }
                 keys.insert(Arc::from(kid), Arc::new(key));
+            }
+            Err(PRIVATE_PART) => {
+                // The provider's signing key is public: every token it signed may be forged.
+                let kid = jwk.get("kid").and_then(Value::as_str).filter(|k| k.len() <= MAX_KID_LEN);
+                let kid = kid.unwrap_or_default();
+                tracing::warn!(issuer, kid = ?kid, "JWKS publishes a private key; it verifies nothing");
             }
             Err(why) => tracing::debug!(issuer, why, "JWK skipped"),
         }
@@ -544,10 +567,32 @@ pub(crate) fn fit_for_verifying(
     parse_jwk(&named, allowlist).map(|_| ())
 }
 
+/// Why [`parse_jwk`] refuses a key published with its private part: logged as a warning,
+/// not as a routine skip.
+const PRIVATE_PART: &str = "the JWK carries private key material: anyone who fetched the \
+                            JWKS can sign with it";
+
+/// The JWK members that hold private key material: `d` of EC (RFC 7518 §6.2.2), RSA
+/// (§6.3.2, with its CRT members) and OKP keys (RFC 8037 §2), and a symmetric key's `k`
+/// (§6.4). A key set is public: a key published with one of these is known to everyone.
+const PRIVATE_MEMBERS: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
+
+#[cfg(test)]
+thread_local! {
+    /// Keys read ([`parse_jwk`]) on this thread: a test's current-thread runtime must
+    /// read none of a fetched key set itself.
+    pub(crate) static KEYS_READ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 fn parse_jwk(
     jwk: &Map<String, Value>,
     allowlist: &[Algorithm],
 ) -> Result<(String, VerifyKey), &'static str> {
+    #[cfg(test)]
+    KEYS_READ.with(|n| n.set(n.get() + 1));
+    if PRIVATE_MEMBERS.iter().any(|m| jwk.contains_key(*m)) {
+        return Err(PRIVATE_PART);
+    }
     let text = |name: &str| match jwk.get(name) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.as_str())),
@@ -699,6 +744,19 @@ mod tests {
         assert_eq!(ttl(&h, &t), Duration::from_secs(300));
         h.insert(header::CACHE_CONTROL, http::HeaderValue::from_static("MAX-AGE=999999"));
         assert_eq!(ttl(&h, &t), Duration::from_secs(86_400));
+        // A provider asking for no caching at all gets the floor, not a fetch per token;
+        // one that asks for ever, or for what no integer holds, the ceiling or default.
+        for (header, secs) in [
+            ("max-age=0", 300),
+            ("no-store", 600),
+            ("no-cache, max-age=0, must-revalidate", 300),
+            ("max-age=18446744073709551615", 86_400),
+            ("max-age=18446744073709551616", 600),
+            ("max-age=-1", 600),
+        ] {
+            h.insert(header::CACHE_CONTROL, http::HeaderValue::from_static(header));
+            assert_eq!(ttl(&h, &t), Duration::from_secs(secs), "{header}");
+        }
     }
 
     #[test]
@@ -745,6 +803,61 @@ mod tests {
         assert_eq!(unnamed, Some(true));
         assert!(parse_jwks(&signer::jwks(&[&ec]), &[Algorithm::RS256], "t").is_err());
         assert!(parse_jwks(&json!({"keys": {}}), &[Algorithm::RS256], "t").is_err());
+        Ok(())
+    }
+
+    /// A provider publishing two keys under one `kid` (a botched rotation, or a planted
+    /// second key): the first is kept, whatever the second is, so a token naming that
+    /// `kid` is checked against one key, never each in turn.
+    #[test]
+    fn of_keys_repeating_a_kid_only_the_first_is_kept() -> Result<(), Box<dyn std::error::Error>> {
+        let first = DevSigner::generate_rs256("dup")?;
+        let second = DevSigner::generate_rs256("dup")?;
+        let alone = |s: &DevSigner| -> Result<[u8; 32], String> {
+            let keys = parse_jwks(&signer::jwks(&[s]), &[Algorithm::RS256], "t")?;
+            keys.get("dup").map(|k| k.material).ok_or_else(|| "no dup".into())
+        };
+        for (doc, kept) in [
+            (signer::jwks(&[&first, &second]), alone(&first)?),
+            (signer::jwks(&[&second, &first]), alone(&second)?),
+        ] {
+            let keys = parse_jwks(&doc, &[Algorithm::RS256], "t")?;
+            assert_eq!(keys.len(), 1);
+            assert_eq!(keys.get("dup").map(|k| k.material), Some(kept));
+        }
+        Ok(())
+    }
+
+    /// A JWKS entry carrying private key material (RFC 7518 §6.2.2, §6.3.2, §6.4, RFC
+    /// 8037 `d`; RSA's CRT members; a symmetric `k`): whoever fetched the public JWKS can
+    /// sign with that key, so it verifies nothing, for bearer tokens and sign-ins alike.
+    /// A provider that published a whole key pair (an exported private JWK pasted into the
+    /// set) had tokens anyone could forge accepted.
+    #[test]
+    fn a_key_published_with_its_private_part_verifies_nothing(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let rsa = DevSigner::generate_rs256("rsa")?;
+        let ec = DevSigner::generate_es256("ec")?;
+        let some = json!(URL_SAFE_NO_PAD.encode([7u8; 32]));
+        let mut entries = vec![rsa.public_jwk(), ec.public_jwk()];
+        for member in ["d", "p", "q", "dp", "dq", "qi", "oth", "k"] {
+            for (i, base) in [rsa.public_jwk(), ec.public_jwk()].into_iter().enumerate() {
+                let mut jwk = base;
+                jwk["kid"] = json!(format!("{member}-{i}"));
+                jwk[member] = if member == "oth" { json!([]) } else { some.clone() };
+                let Value::Object(map) = &jwk else { unreachable!() };
+                assert!(
+                    fit_for_verifying(map, &[Algorithm::RS256, Algorithm::ES256]).is_err(),
+                    "`{member}`: a sign-in would verify with it"
+                );
+                entries.push(jwk);
+            }
+        }
+        let keys =
+            parse_jwks(&json!({ "keys": entries }), &[Algorithm::RS256, Algorithm::ES256], "t")?;
+        let mut kids: Vec<&str> = keys.keys().map(|k| &**k).collect();
+        kids.sort_unstable();
+        assert_eq!(kids, ["ec", "rsa"]);
         Ok(())
     }
 
@@ -800,9 +913,13 @@ mod tests {
         if let Some(last) = even.last_mut() {
             *last &= 0xfe;
         }
+        // 16 384 bits, odd: each forged token would cost a verification with it.
+        let mut huge = vec![0xffu8; 2048];
+        huge[2047] = 0x01;
         let doc = json!({"keys": [
             with("ok", &n, &[1, 0, 1]),
             with("small", &n[..128], &[1, 0, 1]),
+            with("huge", &huge, &[1, 0, 1]),
             with("e1", &n, &[1]),
             with("e2", &n, &[2]),
             with("e-huge", &n, &[1, 0, 0, 0, 0, 1]),

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -1741,4 +1742,276 @@ ci = { environment = "Production" }
     assert_eq!(decide(gitlab("production")).await, (false, String::new()));
     assert_eq!(decide(gitlab("Staging")).await, (true, "gl-staging".to_string()));
     assert_eq!(decide(gitlab("staging")).await, (false, String::new()));
+}
+
+// === A hostile or broken identity provider: the fetch side ===
+
+/// An issuer whose key endpoint accepts the request and then hangs (a provider down
+/// behind a load balancer that keeps connections open): the background refresh waits
+/// for its whole fetch timeout, and meanwhile tokens whose key is already held verify
+/// at once and the issuer stays ready. Only a token naming an unknown `kid` waits for
+/// that refresh (`requests_queued_behind_a_slow_refresh_do_not_each_fetch_again`).
+#[tokio::test]
+async fn a_hung_key_refresh_blocks_neither_verification_with_held_keys_nor_readiness() {
+    let dev = dev_issuer().await;
+    let k1 = DevSigner::generate_es256("k1").unwrap();
+    let url = dev.add_issuer("/human", &[&k1]);
+    // Every answer is stale at once, so the background task refetches right away.
+    dev.set_cache_control("/human", Some("max-age=0"));
+    let timing = Timing { fetch_timeout: Duration::from_secs(600), ..fast_timing() };
+    let v = Arc::new(Verifier::with_timing(vec![dev_settings(&dev, "/human")], timing).unwrap());
+    v.start();
+    assert!(v.wait_ready(Duration::from_secs(5)).await);
+    dev.set_failure("/human", Failure::Slow(Duration::from_secs(600)));
+    // Wait until a refresh is at the hanging endpoint (it holds the refresh lock).
+    let asked = dev.jwks_fetches("/human");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while dev.jwks_fetches("/human") == asked {
+        assert!(tokio::time::Instant::now() < deadline, "no refresh started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let verified =
+        tokio::time::timeout(Duration::from_secs(30), v.verify_at(&token_for(&k1, &url), NOW))
+            .await
+            .expect("verification with a held key waited for the hung refresh");
+    assert!(verified.is_ok(), "{verified:?}");
+    assert!(v.ready(), "a refresh in flight made the issuer unready");
+}
+
+/// Serves on loopback, as a provider that dribbles: the answer's status line and
+/// headers one byte at a time, or a body under the size cap one byte at a time; counts
+/// the connections and the ones the client closed before the answer was complete.
+async fn dribbling_server(headers_too: bool) -> (String, Arc<(AtomicU64, AtomicU64)>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    let counts = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let seen = counts.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            seen.0.fetch_add(1, SeqCst);
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n";
+                let (slow, fast): (&[u8], &[u8]) =
+                    if headers_too { (head, b"") } else { (b"", head) };
+                if s.write_all(fast).await.is_err() {
+                    return;
+                }
+                for b in slow.iter().chain(std::iter::repeat_n(&b' ', 1000)) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if s.write_all(&[*b]).await.is_err() || s.flush().await.is_err() {
+                        seen.1.fetch_add(1, SeqCst);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, counts)
+}
+
+/// A key endpoint that dribbles its headers, or a body under the size cap, a byte at a
+/// time never finishes a fetch: the fetch timeout bounds the whole exchange, connect to
+/// last byte (not each read), so the fetch is given up with the answer unfinished, the
+/// connection closed, and the issuer tried again.
+#[tokio::test]
+async fn a_key_endpoint_that_dribbles_its_answer_is_given_up_at_the_fetch_timeout() {
+    for headers_too in [true, false] {
+        let dev = dev_issuer().await;
+        let url = dev.add_issuer("/human", &[rsa()]);
+        let (jwks_uri, counts) = dribbling_server(headers_too).await;
+        dev.set_discovery_member("/human", "jwks_uri", json!(jwks_uri));
+        let timing = Timing { fetch_timeout: Duration::from_millis(300), ..fast_timing() };
+        let v =
+            Arc::new(Verifier::with_timing(vec![dev_settings(&dev, "/human")], timing).unwrap());
+        v.start();
+        // Each answer takes 20 s to dribble out: seeing a second connection means the
+        // first fetch was given up long before.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while counts.1.load(SeqCst) < 1 || counts.0.load(SeqCst) < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "headers_too {headers_too}: the dribbled fetch was not given up and retried"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!v.ready(), "headers_too {headers_too}: a dribbled answer was taken");
+        assert_eq!(reason(&v, &token_for(rsa(), &url)).await, Some(Reason::IssuerUnavailable));
+    }
+}
+
+/// A provider's `kid` is its text: a key set repeating a `kid` holding a newline wrote
+/// a log line of the provider's making into the text log ("JWKS repeats a kid"). Every
+/// `kid` a key-set warning names is written escaped, on the warning's own line.
+#[test]
+fn a_kid_in_a_key_set_warning_cannot_start_a_log_line() {
+    let buf = LogBuf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let forged = "k\n2026-11-27T12:00:00.000000Z  INFO portcullis: FORGED";
+    let mut first = rsa().public_jwk();
+    first["kid"] = json!(forged);
+    let mut second = forger().public_jwk();
+    second["kid"] = json!(forged);
+    let mut private = forger_kid_2().public_jwk();
+    private["kid"] = json!(format!("{forged} private"));
+    private["d"] = json!("AQAB");
+    let doc = json!({ "keys": [first, second, private] });
+    let keys = super::jwks::parse_jwks(&doc, &[Algorithm::RS256], "corp").unwrap();
+    assert_eq!(keys.len(), 1);
+    let log = String::from_utf8_lossy(&buf.0.lock()).into_owned();
+    assert!(log.contains("JWKS repeats a kid"), "{log}");
+    assert!(log.contains("JWKS publishes a private key"), "{log}");
+    assert_eq!(log.lines().count(), 2, "{log}");
+    assert!(log.lines().all(|l| l.contains(" WARN ")), "{log}");
+}
+
+/// A discovery document whose `jwks_uri` carries credentials, names another scheme, is
+/// plain http to a host that is not loopback, or is not a string at all, or whose
+/// `issuer` is not a string: no key set is fetched, and the issuer stays unavailable
+/// (fail closed) instead of taking keys from wherever the document points.
+#[tokio::test]
+async fn a_discovery_document_with_an_unusable_jwks_uri_or_issuer_fetches_no_keys() {
+    let dev = dev_issuer().await;
+    let url = dev.add_issuer("/human", &[rsa()]);
+    let own = format!("{url}/jwks.json");
+    let with_userinfo = own.replacen("http://", "http://user:pw@", 1);
+    let cases = [
+        ("jwks_uri", json!(with_userinfo)),
+        ("jwks_uri", json!(own.replacen("http://", "ftp://", 1))),
+        ("jwks_uri", json!(own.replacen("http://127.0.0.1", "http://idp.example", 1))),
+        ("jwks_uri", json!("file:///etc/passwd")),
+        ("jwks_uri", json!(5)),
+        ("jwks_uri", json!([own])),
+        ("jwks_uri", Value::Null),
+        ("issuer", json!([url])),
+        ("issuer", json!(5)),
+    ];
+    let token = token_for(rsa(), &url);
+    for (member, value) in cases {
+        dev.set_discovery_member("/human", member, value.clone());
+        let v = Arc::new(
+            Verifier::with_timing(vec![dev_settings(&dev, "/human")], fast_timing()).unwrap(),
+        );
+        v.start();
+        assert!(!v.wait_ready(Duration::from_millis(300)).await, "{member} = {value}: ready");
+        assert_eq!(reason(&v, &token).await, Some(Reason::IssuerUnavailable), "{member} = {value}");
+        assert_eq!(dev.jwks_fetches("/human"), 0, "{member} = {value}: keys fetched");
+    }
+    // The document's own values again: keys load.
+    dev.set_discovery_member("/human", "jwks_uri", json!(own));
+    dev.set_discovery_member("/human", "issuer", json!(url));
+    let v =
+        Arc::new(Verifier::with_timing(vec![dev_settings(&dev, "/human")], fast_timing()).unwrap());
+    v.start();
+    assert!(v.wait_ready(Duration::from_secs(5)).await);
+    assert!(v.verify_at(&token, NOW).await.is_ok());
+}
+
+/// A key set of thousands of keys (within the 1 MiB cap) costs one signature check per
+/// token: a token must name its key by `kid`, and no key is tried in turn.
+#[tokio::test]
+async fn a_key_set_of_thousands_of_keys_costs_one_signature_check_per_token() {
+    let mut keys: Vec<Value> = (0..5000)
+        .map(|i| {
+            let mut k = ec().public_jwk();
+            k["kid"] = json!(format!("decoy-{i}"));
+            k
+        })
+        .collect();
+    keys.push(rsa().public_jwk());
+    let mut s = okta_settings();
+    s.algorithms = vec![Algorithm::RS256, Algorithm::ES256];
+    let v = Verifier::new(vec![s]).unwrap().with_token_cache(0);
+    v.install_jwks(&IssuerId("corp".into()), &json!({ "keys": keys }), Duration::from_secs(600))
+        .unwrap();
+    let good = rsa().sign(&okta_header(), &okta_payload());
+    assert!(v.verify_at(&good, NOW).await.is_ok());
+    assert_eq!(v.signature_checks(), 1);
+    // A forgery naming a decoy: one check, refused.
+    let forger = DevSigner::generate_es256("decoy-7").unwrap();
+    let forged = forger.sign(&json!({"alg": "ES256", "kid": "decoy-7"}), &okta_payload());
+    assert_eq!(reason(&v, &forged).await, Some(Reason::InvalidSignature));
+    assert_eq!(v.signature_checks(), 2);
+}
+
+/// A key fetch asks for no compression and decompresses nothing: a provider cannot send
+/// a small gzip bomb that inflates past the 1 MiB cap; a compressed answer is not JSON.
+#[tokio::test]
+async fn a_key_fetch_asks_for_no_compression_and_takes_no_compressed_answer() {
+    let dev = dev_issuer().await;
+    let url = dev.add_issuer("/human", &[rsa()]);
+    let asked = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    let handler: crate::dev::issuer::Handler = Arc::new(move |req| {
+        seen.lock().push(req.headers.get(http::header::ACCEPT_ENCODING).cloned());
+        http::Response::builder()
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_ENCODING, "gzip")
+            // A gzip member's header: what a compressed key set starts with.
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03",
+            )))
+            .ok()
+    });
+    dev.add_handler("/gzip/", handler);
+    dev.set_discovery_member("/human", "jwks_uri", json!(format!("{}/gzip/jwks", dev.base_url())));
+    let v =
+        Arc::new(Verifier::with_timing(vec![dev_settings(&dev, "/human")], fast_timing()).unwrap());
+    v.start();
+    assert!(!v.wait_ready(Duration::from_millis(300)).await, "a compressed key set was taken");
+    assert_eq!(reason(&v, &token_for(rsa(), &url)).await, Some(Reason::IssuerUnavailable));
+    let asked = asked.lock();
+    assert!(!asked.is_empty(), "the key set was never asked for");
+    assert!(asked.iter().all(Option::is_none), "asked for an encoding: {asked:?}");
+}
+
+/// Reading a key set is the provider's to make costly (a 1 MiB set of RSA keys is some
+/// 2 500 keys to parse, a tenth of a second of CPU): it is read on the blocking pool,
+/// never on a runtime thread (here the test's, current-thread, as the proxy's runtime
+/// is on a one-CPU host), where it held up every request that thread serves, at each
+/// refresh and at each refetch a junk token's unknown `kid` brings. The bearer path's
+/// fetch and the browser sign-in's alike.
+#[tokio::test]
+async fn a_fetched_key_set_is_read_off_the_runtime_thread() {
+    let dev = dev_issuer().await;
+    let signer = DevSigner::generate_rs256("k1").unwrap();
+    let url = dev.add_issuer("/human", &[&signer]);
+    crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret").unwrap();
+    let v =
+        Arc::new(Verifier::with_timing(vec![dev_settings(&dev, "/human")], fast_timing()).unwrap());
+    v.start();
+    assert!(v.wait_ready(Duration::from_secs(5)).await);
+    assert!(v.verify_at(&token_for(&signer, &url), NOW).await.is_ok());
+    assert_eq!(super::jwks::KEYS_READ.with(|n| n.get()), 0, "a key set read on the runtime thread");
+
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret").unwrap();
+    let mut settings = dev_settings(&dev, "/human");
+    settings.audiences = vec!["portcullis".into()];
+    let login = crate::config::LoginSettings {
+        issuer: settings.id.clone(),
+        client_id: "portcullis".into(),
+        client_secret: crate::config::SecretSource::File(secret),
+        scopes: vec!["openid".into()],
+        redirect_path: "/.portcullis/callback".into(),
+        extra_params: Vec::new(),
+        post_logout_redirect: None,
+    };
+    let provider = crate::session::oidc::Provider::new(settings, login).unwrap();
+    assert!(provider.metadata(false).await.is_ok());
+    assert_eq!(
+        super::jwks::KEYS_READ.with(|n| n.get()),
+        0,
+        "a sign-in's key set read on the runtime thread"
+    );
 }

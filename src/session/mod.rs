@@ -1267,8 +1267,7 @@ impl Sessions {
             return fail("callback on another path or host than the sign-in started".into(), clear);
         }
         if let Some(err) = query_param(query, "error") {
-            let code: String =
-                err.chars().filter(|c| c.is_ascii_lowercase() || *c == '_').take(40).collect();
+            let code = oidc::error_code(&err);
             return fail(format!("provider answered error `{code}`").into(), clear);
         }
         // RFC 9207: when the provider names itself, it must be the one we asked; when it

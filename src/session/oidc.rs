@@ -134,11 +134,22 @@ pub struct Provider {
     http: HttpClient,
     /// Held across a fetch: concurrent callers wait for that one fetch (single flight).
     metadata: tokio::sync::Mutex<MetadataSlot>,
+    /// Clients built from a discovery document so far (tests: once per fetch).
+    client_builds: std::sync::atomic::AtomicU64,
+}
+
+/// A provider's discovery document (with its key set) and the client built from it,
+/// once per fetch: building one is a JSON round trip of the whole document and a copy of
+/// its keys, too much to do for each sign-in started (anyone's request for a protected
+/// page). Each request sets its own `redirect_uri`.
+pub struct Loaded {
+    pub meta: Metadata,
+    client: LoginClient,
 }
 
 #[derive(Default)]
 struct MetadataSlot {
-    current: Option<(Arc<Metadata>, Instant)>,
+    current: Option<(Arc<Loaded>, Instant)>,
     failed: Option<(LoginError, Instant)>,
 }
 
@@ -165,7 +176,7 @@ impl Provider {
             .build();
         let http = Client::builder(TokioExecutor::new()).build(connector);
         let metadata = tokio::sync::Mutex::new(MetadataSlot::default());
-        Ok(Provider { settings, login, secret, http, metadata })
+        Ok(Provider { settings, login, secret, http, metadata, client_builds: Default::default() })
     }
 
     /// One request to the provider: refuses non-https (unless the issuer allows loopback
@@ -203,7 +214,7 @@ impl Provider {
     /// signing key: the provider rotated). One fetch at a time; after a failure, the
     /// failure (or the previous metadata, up to `METADATA_MAX_STALE` old) is returned
     /// without fetching for `METADATA_RETRY`.
-    pub async fn metadata(&self, force: bool) -> Result<Arc<Metadata>, LoginError> {
+    pub async fn metadata(&self, force: bool) -> Result<Arc<Loaded>, LoginError> {
         let mut slot = self.metadata.lock().await;
         let stale = match &slot.current {
             Some((m, at)) if !force && at.elapsed() < METADATA_TTL => return Ok(m.clone()),
@@ -217,12 +228,16 @@ impl Provider {
                 return stale.ok_or_else(|| e.clone());
             }
         }
-        match self.fetch_metadata().await {
-            Ok(meta) => {
-                let meta = Arc::new(meta);
+        let loaded = self.fetch_metadata().await.and_then(|meta| {
+            let client = self.client(&meta)?;
+            Ok(Loaded { meta, client })
+        });
+        match loaded {
+            Ok(loaded) => {
+                let loaded = Arc::new(loaded);
                 *slot =
-                    MetadataSlot { current: Some((meta.clone(), Instant::now())), failed: None };
-                Ok(meta)
+                    MetadataSlot { current: Some((loaded.clone(), Instant::now())), failed: None };
+                Ok(loaded)
             }
             Err(e) => {
                 tracing::warn!(issuer = %self.settings.id, error = %e.0, stale = stale.is_some(), "provider metadata fetch failed");
@@ -248,8 +263,35 @@ impl Provider {
         if meta.issuer().as_str() != self.settings.issuer {
             return Err(LoginError("discovery `issuer` differs from the configured issuer".into()));
         }
+        self.check_endpoints(&meta)?;
         let jwks = self.fetch_jwks(meta.jwks_uri().url().as_str()).await?;
         Ok(meta.set_jwks(jwks))
+    }
+
+    /// The endpoints of `meta` the proxy sends a browser to (authorization, end-session)
+    /// or the code and client secret to (token) are https, as the key fetches are
+    /// ([`crate::identity::verify::check_fetch_url`]: plain http only on loopback with
+    /// `insecure_http`, no `user:password@`; RFC 6749 §3.1 requires TLS there). The token
+    /// endpoint is checked again at each call, but only after the browser went to the
+    /// authorization endpoint: a provider behind a TLS-terminating proxy that advertises
+    /// `http://` had people type their password over plain http first. The whole
+    /// document is refused (fail closed): ignoring a bad end-session endpoint would make
+    /// sign-outs silently local.
+    fn check_endpoints(&self, meta: &Metadata) -> Result<(), LoginError> {
+        let endpoints = [
+            ("authorization_endpoint", Some(meta.authorization_endpoint().url())),
+            ("token_endpoint", meta.token_endpoint().map(|u| u.url())),
+            (
+                "end_session_endpoint",
+                meta.additional_metadata().end_session_endpoint.as_ref().map(|u| u.url()),
+            ),
+        ];
+        for (name, url) in endpoints {
+            let Some(url) = url else { continue };
+            crate::identity::verify::check_fetch_url(url.as_str(), self.settings.insecure_http)
+                .map_err(|e| LoginError(format!("discovery `{name}` {e}")))?;
+        }
+        Ok(())
     }
 
     /// The provider's key set, for verifying ID tokens: only its keys that a bearer
@@ -264,63 +306,64 @@ impl Provider {
             let url = crate::identity::verify::url_str_for_log(url);
             return Err(LoginError(format!("JWKS {url} answered {}", resp.status())));
         }
-        let doc: Value = serde_json::from_slice(resp.body())
-            .map_err(|e| LoginError(format!("JWKS is not JSON: {e}")))?;
-        login_keys(doc, &self.settings.algorithms)
+        let allowlist = self.settings.algorithms.clone();
+        let body = resp.into_body();
+        // Off the runtime thread, as the bearer path's ([`crate::identity::verify::off_the_runtime`]).
+        crate::identity::verify::off_the_runtime(move || {
+            let doc: Value =
+                serde_json::from_slice(&body).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+            login_keys(doc, &allowlist).map_err(|e| e.0)
+        })
+        .await
+        .map_err(LoginError)
     }
 
-    fn client(
-        &self,
-        meta: &Metadata,
-        redirect_uri: Option<&str>,
-    ) -> Result<LoginClient, LoginError> {
+    /// The client of `meta`, without a redirect URI (each request sets its own).
+    fn client(&self, meta: &Metadata) -> Result<LoginClient, LoginError> {
+        self.client_builds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // `from_provider_metadata` wants the core metadata type; rebuild it from ours.
         let core: openidconnect::core::CoreProviderMetadata = serde_json::to_value(meta)
             .and_then(serde_json::from_value)
             .map_err(|e| LoginError(format!("metadata: {e}")))?;
         let core = core.set_jwks(meta.jwks().clone());
-        let client = CoreClient::from_provider_metadata(
+        Ok(CoreClient::from_provider_metadata(
             core,
             ClientId::new(self.login.client_id.clone()),
             Some(ClientSecret::new(self.secret.clone())),
-        );
-        Ok(match redirect_uri {
-            Some(r) => client.set_redirect_uri(
-                RedirectUrl::new(r.to_string())
-                    .map_err(|_| LoginError("bad redirect URI".into()))?,
-            ),
-            None => client,
-        })
+        ))
     }
 
     /// The provider's end-session endpoint, if it advertises one.
     pub async fn end_session_endpoint(&self) -> Option<String> {
-        let meta = self.metadata(false).await.ok()?;
-        meta.additional_metadata().end_session_endpoint.as_ref().map(|u| u.url().to_string())
+        let loaded = self.metadata(false).await.ok()?;
+        loaded.meta.additional_metadata().end_session_endpoint.as_ref().map(|u| u.url().to_string())
     }
 
     /// Whether the provider says it names itself in every authorization response
     /// (RFC 9207): then a response without `iss` is not its own.
     pub async fn names_itself(&self) -> Result<bool, LoginError> {
-        let meta = self.metadata(false).await?;
+        let loaded = self.metadata(false).await?;
+        let meta = &loaded.meta;
         Ok(meta.additional_metadata().authorization_response_iss_parameter_supported == Some(true))
     }
 
     /// The authorization request: code flow, PKCE S256, fresh state and nonce.
     pub async fn authorize(&self, redirect_uri: &str) -> Result<AuthRequest, LoginError> {
-        let meta = self.metadata(false).await?;
-        let client = self.client(&meta, Some(redirect_uri))?;
+        let loaded = self.metadata(false).await?;
+        let redirect = redirect_url(redirect_uri)?;
         let rnd = || super::seal::random_token().map_err(LoginError);
         let (state, nonce, verifier) = (rnd()?, rnd()?, rnd()?);
         let challenge =
             PkceCodeChallenge::from_code_verifier_sha256(&PkceCodeVerifier::new(verifier.clone()));
         let (s2, n2) = (state.clone(), nonce.clone());
-        let mut req = client
+        let mut req = loaded
+            .client
             .authorize_url(
                 CoreAuthenticationFlow::AuthorizationCode,
                 move || CsrfToken::new(s2),
                 move || Nonce::new(n2),
             )
+            .set_redirect_uri(std::borrow::Cow::Owned(redirect))
             .set_pkce_challenge(challenge);
         for scope in self.login.scopes.iter().filter(|s| *s != "openid") {
             req = req.add_scope(Scope::new(scope.clone()));
@@ -418,23 +461,24 @@ impl Provider {
         nonce: &str,
         redirect_uri: &str,
     ) -> Result<Verified, LoginError> {
-        let meta = self.metadata(false).await?;
-        let client = self.client(&meta, Some(redirect_uri))?;
+        let loaded = self.metadata(false).await?;
+        let redirect = redirect_url(redirect_uri)?;
         let http = Http(self);
-        let response = client
+        let response = loaded
+            .client
             .exchange_code(AuthorizationCode::new(code))
             .map_err(|_| LoginError("provider has no token endpoint".into()))?
+            .set_redirect_uri(std::borrow::Cow::Owned(redirect))
             .set_pkce_verifier(PkceCodeVerifier::new(pkce_verifier))
             .request_async(&http)
             .await
             .map_err(token_error)?;
         let nonce = Nonce::new(nonce.to_string());
-        match self.verify(&client, &response, Some(&nonce)) {
+        match self.verify(&loaded.client, &response, Some(&nonce)) {
             Err(e) if e.0.contains("signing key") => {
                 // The provider rotated its keys: fetch them once more and retry.
-                let meta = self.metadata(true).await?;
-                let client = self.client(&meta, Some(redirect_uri))?;
-                self.verify(&client, &response, Some(&nonce))
+                let loaded = self.metadata(true).await?;
+                self.verify(&loaded.client, &response, Some(&nonce))
             }
             other => other,
         }
@@ -443,11 +487,11 @@ impl Provider {
     /// Use a refresh token. The new ID token, when the provider sends one, is verified
     /// like the first (no nonce: OIDC Core §12.2).
     pub async fn refresh(&self, refresh_token: &str) -> Result<Verified, LoginError> {
-        let meta = self.metadata(false).await?;
-        let client = self.client(&meta, None)?;
+        let loaded = self.metadata(false).await?;
         let http = Http(self);
         let rt = RefreshToken::new(refresh_token.to_string());
-        let response = client
+        let response = loaded
+            .client
             .exchange_refresh_token(&rt)
             .map_err(|_| LoginError("provider has no token endpoint".into()))?
             .request_async(&http)
@@ -463,7 +507,7 @@ impl Provider {
                 refresh_token: refresh.or_else(|| Some(refresh_token.to_string())),
             });
         }
-        let mut v = self.verify(&client, &response, None)?;
+        let mut v = self.verify(&loaded.client, &response, None)?;
         v.refresh_token = v.refresh_token.or_else(|| Some(refresh_token.to_string()));
         Ok(v)
     }
@@ -529,6 +573,11 @@ impl Provider {
 
 type LoginKeys = JsonWebKeySet<CoreJsonWebKey>;
 
+/// The redirect URI a sign-in's requests carry.
+fn redirect_url(uri: &str) -> Result<RedirectUrl, LoginError> {
+    RedirectUrl::new(uri.to_string()).map_err(|_| LoginError("bad redirect URI".into()))
+}
+
 /// The keys of a JWKS document that pass the checks a bearer token's key passes
 /// ([`crate::identity::verify::fit_for_verifying`]). `openidconnect` would take every
 /// key it can parse: an RSA modulus of any size under 4096 bits (512 among them, which
@@ -560,7 +609,17 @@ fn login_keys(
     serde_json::from_value(doc).map_err(|e| LoginError(format!("JWKS: {e}")))
 }
 
-/// Token endpoint errors, without bodies (they can echo the code).
+/// What of a provider's OAuth `error` (an authorization response's or the token
+/// endpoint's) may be logged: the characters registered error codes are made of (RFC 6749
+/// §5.2, §11.4: small letters and `_`), at most 40. The provider chooses the text, and
+/// the text log writes it as it is: a newline in it would start a log line the provider
+/// wrote, and nothing else bounds it but the 1 MiB answer.
+pub(crate) fn error_code(error: &str) -> String {
+    error.chars().filter(|c| c.is_ascii_lowercase() || *c == '_').take(40).collect()
+}
+
+/// Token endpoint errors, without bodies (they can echo the code), and of the error
+/// code only what [`error_code`] keeps.
 fn token_error<E: std::error::Error + 'static>(
     e: openidconnect::RequestTokenError<
         E,
@@ -569,7 +628,9 @@ fn token_error<E: std::error::Error + 'static>(
 ) -> LoginError {
     use openidconnect::RequestTokenError as R;
     LoginError(match e {
-        R::ServerResponse(r) => format!("token endpoint refused: {}", r.error().as_ref()),
+        R::ServerResponse(r) => {
+            format!("token endpoint refused: {}", error_code(r.error().as_ref()))
+        }
         R::Request(e) => format!("token endpoint: {e}"),
         R::Parse(_, _) => "token endpoint answer did not parse".into(),
         R::Other(_) => "token endpoint: unexpected answer".into(),
@@ -723,6 +784,143 @@ mod tests {
         // A discovery document over the limit.
         let padded = metadata_with("padding", Value::String(" ".repeat(MAX_BODY))).await;
         assert!(padded.is_err(), "a discovery document over the size limit was taken");
+    }
+
+    /// The endpoints a browser is sent to (authorization, end-session) and the token
+    /// endpoint must be https, as the key fetches must (plain http only on loopback with
+    /// `insecure_http`): a provider behind a TLS-terminating proxy that advertises
+    /// `http://` (a common Keycloak mistake) had the browser sent there, the password
+    /// typed over plain http, before the token endpoint's own check refused the code.
+    /// `javascript:` and credentials (`user:pw@`) are no better.
+    #[tokio::test]
+    async fn a_discovery_document_sending_the_browser_to_plain_http_is_refused() {
+        use crate::dev::issuer::DevIssuer;
+        let dev = DevIssuer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None)
+            .await
+            .unwrap_or_else(|e| panic!("dev issuer: {e}"));
+        let signer = crate::dev::signer::DevSigner::generate_rs256("k1")
+            .unwrap_or_else(|e| panic!("signer: {e}"));
+        let url = dev.add_issuer("/human", &[&signer]);
+        crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret")
+            .unwrap_or_else(|| panic!("dev login"));
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret").unwrap_or_else(|e| panic!("secret: {e}"));
+        // The dev issuer's own (loopback http, which the test issuer allows) load.
+        let fresh = provider(&url, &secret);
+        assert_eq!(fresh.metadata(false).await.map(|_| ()), Ok(()));
+
+        for member in ["authorization_endpoint", "end_session_endpoint", "token_endpoint"] {
+            for bad in [
+                "http://idp.example/endpoint",
+                "javascript:alert(1)",
+                "https://user:pw@idp.example/endpoint",
+            ] {
+                dev.set_discovery_member("/human", member, Value::String(bad.into()));
+                let p = provider(&url, &secret);
+                assert!(p.metadata(false).await.is_err(), "{member} = {bad} was taken");
+                assert!(p.authorize("https://proxy.example/cb").await.is_err());
+                assert_eq!(p.end_session_endpoint().await, None);
+            }
+            dev.set_discovery_member(
+                "/human",
+                member,
+                Value::String(format!("https://idp.example/{member}")),
+            );
+        }
+        let https = provider(&url, &secret);
+        assert_eq!(https.metadata(false).await.map(|_| ()), Ok(()));
+    }
+
+    /// A token endpoint's error answer is the provider's text: its `error` reached the
+    /// log of a failed code exchange or refresh whole (a refresh's in the text log, where
+    /// a newline starts a line the provider wrote, up to the 1 MiB answer). Only what an
+    /// OAuth error code is made of (RFC 6749 §5.2's registered codes: small letters and
+    /// `_`), at most 40 characters, is shown.
+    #[tokio::test]
+    async fn a_token_endpoint_error_reaches_the_log_only_as_an_error_code() {
+        use crate::dev::issuer::DevIssuer;
+        let dev = DevIssuer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None)
+            .await
+            .unwrap_or_else(|e| panic!("dev issuer: {e}"));
+        let signer = crate::dev::signer::DevSigner::generate_rs256("k1")
+            .unwrap_or_else(|e| panic!("signer: {e}"));
+        let url = dev.add_issuer("/human", &[&signer]);
+        crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret")
+            .unwrap_or_else(|| panic!("dev login"));
+        let forged = format!(
+            "invalid_grant\n2026-11-27T12:00:00Z  INFO portcullis: ADMIN SIGNED IN\u{1b}[2K{}",
+            "x".repeat(100_000)
+        );
+        let body = serde_json::json!({ "error": forged, "error_description": "DESCRIBED" });
+        dev.add_handler(
+            "/refusing-token",
+            Arc::new(move |_| {
+                http::Response::builder()
+                    .status(http::StatusCode::BAD_REQUEST)
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .ok()
+            }),
+        );
+        dev.set_discovery_member(
+            "/human",
+            "token_endpoint",
+            Value::String(format!("{}/refusing-token", dev.base_url())),
+        );
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret").unwrap_or_else(|e| panic!("secret: {e}"));
+        let p = provider(&url, &secret);
+        let exchanged = p
+            .exchange("code".into(), "v".repeat(43), "nonce", "https://proxy.example/cb", 0)
+            .await
+            .map(|_| ());
+        let refreshed = p.refresh("refresh-token").await.map(|_| ());
+        for result in [exchanged, refreshed] {
+            let Err(LoginError(text)) = result else {
+                panic!("a refusing token endpoint gave a session: {result:?}")
+            };
+            assert!(text.starts_with("token endpoint refused: invalid_grant"), "{text}");
+            assert!(text.len() < 100, "{} bytes of the provider's text", text.len());
+            assert!(text.chars().all(|c| !c.is_control() && !c.is_ascii_uppercase()), "{text:?}");
+        }
+    }
+
+    /// Each sign-in started (anyone's request for a protected page, no credential
+    /// needed) built the client from the provider's document anew: a JSON round trip of
+    /// the whole discovery document and a copy of its key set. A provider with a large
+    /// document (a 1 MiB `claims_supported`, a key set of 2 000 keys) made each such
+    /// request cost some 40 times a usual one. The client is built once per fetch of the
+    /// document; each request sets only its own `redirect_uri`.
+    #[tokio::test]
+    async fn a_sign_in_start_does_not_rebuild_the_client_from_the_providers_document() {
+        use crate::dev::issuer::DevIssuer;
+        let dev = DevIssuer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None)
+            .await
+            .unwrap_or_else(|e| panic!("dev issuer: {e}"));
+        let signer = crate::dev::signer::DevSigner::generate_rs256("k1")
+            .unwrap_or_else(|e| panic!("signer: {e}"));
+        let url = dev.add_issuer("/human", &[&signer]);
+        crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret")
+            .unwrap_or_else(|| panic!("dev login"));
+        let claims: Vec<Value> = (0..1000).map(|i| Value::String(format!("claim{i}"))).collect();
+        dev.set_discovery_member("/human", "claims_supported", Value::Array(claims));
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret").unwrap_or_else(|e| panic!("secret: {e}"));
+        let p = provider(&url, &secret);
+        for host in ["a.example", "b.example", "a.example", "c.example"] {
+            let auth = p
+                .authorize(&format!("https://{host}/cb"))
+                .await
+                .unwrap_or_else(|e| panic!("authorize: {e:?}"));
+            let wanted = format!("redirect_uri=https%3A%2F%2F{host}%2Fcb");
+            assert!(auth.url.contains(&wanted), "{} lacks {wanted}", auth.url);
+            assert_eq!(auth.url.matches("redirect_uri=").count(), 1, "{}", auth.url);
+        }
+        assert_eq!(p.end_session_endpoint().await.map(|e| e.ends_with("/logout")), Some(true));
+        assert_eq!(p.client_builds.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     /// Every algorithm an issuer may allow (V4) has its `openidconnect` name: none drops

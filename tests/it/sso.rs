@@ -511,6 +511,73 @@ async fn nonce_mismatch_creates_no_session() {
     assert!(e["detail"].as_str().unwrap_or_default().contains("nonce"), "{e}");
 }
 
+/// A provider (compromised, or confused between its clients or tenants) whose token
+/// endpoint answers with an ID token for another client, from another issuer, naming
+/// another authorized party, or for this client and others it does not trust (OIDC Core
+/// §3.1.3.7 steps 2–5): no session, each refusal audited with its cause.
+#[tokio::test]
+async fn an_id_token_for_another_client_or_from_another_issuer_creates_no_session() {
+    let w = sso_world("").await;
+    let cases = [
+        (serde_json::json!({ "aud": "another-client" }), "audience"),
+        (serde_json::json!({ "aud": ["portcullis", "another-client"] }), "audience"),
+        (serde_json::json!({ "azp": "another-client" }), "authorized-party"),
+        (serde_json::json!({ "iss": "https://evil.example" }), "issuer"),
+        (serde_json::json!({ "aud": null }), "ID token"),
+    ];
+    for (claims, cause) in cases {
+        let serde_json::Value::Object(claims) = claims else { unreachable!() };
+        login(&w).set_claim_overrides(claims.clone());
+        let mut b = Browser::new();
+        let callback = b.through_provider(&w, "/", "alice", &["engineering"]).await;
+        let r = b.get(&w, &callback).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{claims:?}");
+        assert!(b.session_cookie().is_none(), "{claims:?}: a session");
+        let e = w.last_event().await;
+        assert_eq!(e["reason"], "login-failed", "{claims:?}");
+        assert!(e["detail"].as_str().unwrap_or_default().contains(cause), "{claims:?}: {e}");
+    }
+    login(&w).set_claim_overrides(serde_json::Map::new());
+    let mut b = Browser::new();
+    let callback = b.through_provider(&w, "/", "alice", &["engineering"]).await;
+    b.get(&w, &callback).await;
+    assert!(b.session_cookie().is_some(), "the same sign-in without the overrides failed");
+}
+
+/// A token response whose `token_type` is not `Bearer`, or whose `expires_in` is
+/// negative or beyond any time: the proxy never presents the access token (it only
+/// checks `at_hash` against it), so another `token_type` changes nothing; a negative
+/// `expires_in` is not a number of seconds, and the answer is refused as malformed; an
+/// enormous one is only the access token's business, and the session keeps its own
+/// lifetimes.
+#[tokio::test]
+async fn a_token_response_with_an_odd_token_type_or_expires_in() {
+    let w = sso_world("").await;
+    let cases = [
+        (serde_json::json!({ "token_type": "N_A" }), true),
+        (serde_json::json!({ "token_type": "DPoP" }), true),
+        (serde_json::json!({ "expires_in": u64::MAX }), true),
+        (serde_json::json!({ "expires_in": -1 }), false),
+        (serde_json::json!({ "token_type": null }), false),
+    ];
+    for (members, signs_in) in cases {
+        let serde_json::Value::Object(members) = members else { unreachable!() };
+        login(&w).set_response_overrides(members.clone());
+        let mut b = Browser::new();
+        let callback = b.through_provider(&w, "/", "alice", &["engineering"]).await;
+        let r = b.get(&w, &callback).await;
+        assert_eq!(b.session_cookie().is_some(), signs_in, "{members:?}: {}", r.status);
+        if !signs_in {
+            let e = w.last_event().await;
+            assert_eq!(e["reason"], "login-failed", "{members:?}");
+            assert!(
+                e["detail"].as_str().unwrap_or_default().contains("did not parse"),
+                "{members:?}: {e}"
+            );
+        }
+    }
+}
+
 /// The issuer's `algorithms` (V4: RS256 by default, `HS*` never) hold for the ID token a
 /// sign-in gets, as for its bearer tokens. The sign-in used whatever the provider's
 /// discovery document advertised, HS256 keyed by the client secret among them.
