@@ -220,6 +220,7 @@ async fn http1_clients_that_pipeline_and_never_read_cannot_hold_the_slots() {
 /// PING before it ends; a client that never answers (nor reads) kept its slot forever.
 #[tokio::test]
 async fn a_closing_connection_the_client_never_lets_end_is_dropped() {
+    let _idle = IDLE_CLOSES.lock().await;
     let w = World::with(Setup {
         server_extra: "max_connections = 1\nidle_timeout = \"1s\"".into(),
         ..Setup::default()

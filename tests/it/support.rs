@@ -27,6 +27,12 @@ use serde_json::Value;
 
 pub const AUD: &str = "portcullis-test";
 
+/// Held by every test whose world closes HTTPS connections as idle (`idle_timeout` of a
+/// second): `portcullis_idle_connections_closed_total` is the process's, and the tests
+/// run in parallel in one process, so a test that counts its own idle closes would also
+/// count another's (seen under load: 4 where the test closed 3).
+pub static IDLE_CLOSES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A response, fully read.
 #[derive(Debug)]
 pub struct Resp {
