@@ -38,12 +38,12 @@ async fn counter(w: &World, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The HTTP events of one client address, once `n` of them are written (at most 5 s).
+/// The HTTP events of one client address, once `n` of them are written (at most 10 s).
 async fn events_of(w: &World, addr: &str, n: usize) -> Vec<Value> {
     let of = || -> Vec<Value> {
         w.events().into_iter().filter(|e| e["kind"] == "http" && e["client_addr"] == addr).collect()
     };
-    for _ in 0..250 {
+    for _ in 0..500 {
         if of().len() >= n {
             break;
         }

@@ -515,9 +515,10 @@ impl PgWorld {
         self.w.events().into_iter().filter(|e| e["kind"] == kind).collect()
     }
 
-    /// Waits until an event matching `pred` is written.
+    /// Waits until an event matching `pred` is written (at most 15 s: some come after
+    /// the product's own 2 s bounds, on a loaded machine).
     pub async fn wait_event(&self, pred: impl Fn(&Value) -> bool) -> Value {
-        for _ in 0..200 {
+        for _ in 0..600 {
             if let Some(e) = self.w.events().into_iter().find(|e| pred(e)) {
                 return e;
             }

@@ -422,8 +422,9 @@ impl World {
 
     /// The last HTTP audit event.
     pub async fn last_event(&self) -> Value {
-        // The event is written when the response body ends; give the writer a moment.
-        for _ in 0..50 {
+        // The event is written when the response body ends; give the writer a moment
+        // (up to 10 s: a loaded machine may hold the server's task that long).
+        for _ in 0..500 {
             if let Some(e) = self.events().into_iter().rev().find(|e| e["kind"] == "http") {
                 return e;
             }
@@ -434,7 +435,7 @@ impl World {
 
     /// The audit event of a request id (from a rejection body or upstream header).
     pub async fn event_for(&self, request_id: &str) -> Value {
-        for _ in 0..100 {
+        for _ in 0..500 {
             if let Some(e) = self.events().into_iter().find(|e| e["request_id"] == request_id) {
                 return e;
             }
