@@ -121,13 +121,6 @@ fn as_pg_user(program: &Path) -> Command {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("free port: {e}"))
-}
-
 impl PgServer {
     fn start(bin: PathBuf) -> Result<PgServer, String> {
         let dir = std::env::temp_dir().join(format!(
