@@ -508,6 +508,23 @@ impl PgWorld {
         self.w.events().into_iter().filter(|e| e["kind"] == kind).collect()
     }
 
+    /// Waits (at most 20 s) until the server executes a statement whose text holds
+    /// `marker`: a cancel request that reaches a backend before its statement runs is
+    /// ignored, so a test sending one after a fixed pause raced the proxy's relay.
+    pub async fn until_running(&self, marker: &str) {
+        let q = format!(
+            "select count(*) from pg_stat_activity where state = 'active' \
+             and pid <> pg_backend_pid() and query like '%{marker}%'"
+        );
+        for _ in 0..400 {
+            if self.pg.admin_sql(&q).is_ok_and(|n| n != "0") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no statement with {marker} ran within 20 s");
+    }
+
     /// Waits until an event matching `pred` is written (at most 15 s: some come after
     /// the product's own 2 s bounds, on a loaded machine).
     pub async fn wait_event(&self, pred: impl Fn(&Value) -> bool) -> Value {
@@ -976,9 +993,10 @@ async fn tokio_postgres_extended_protocol_copy_notifications_large_results_and_c
     let cancel = c.cancel_token();
     let tls = w.tls();
     let started = std::time::Instant::now();
-    let sleeper =
-        tokio::spawn(async move { c.simple_query("select pg_sleep(30)").await.map(|_| c) });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sleeper = tokio::spawn(async move {
+        c.simple_query("select pg_sleep(30) /* cancel-tp */").await.map(|_| c)
+    });
+    w.until_running("cancel-tp").await;
     cancel.cancel_query(tls).await.unwrap_or_else(|e| panic!("cancel: {e}"));
     let r = tokio::time::timeout(Duration::from_secs(10), sleeper)
         .await
