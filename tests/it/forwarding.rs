@@ -397,7 +397,6 @@ pub async fn echo_once(ws: &mut Ws) -> bool {
 #[tokio::test]
 async fn websocket_tunnels_end_when_idle_and_when_the_credential_expires() {
     use tokio_tungstenite::tungstenite::Message;
-    let _idle = IDLE_CLOSES.lock().await;
     let w = World::with(Setup { server_extra: "idle_timeout = \"1s\"".into(), ..Setup::default() })
         .await;
     // Quiet after one exchange: ended after about the idle timeout.
