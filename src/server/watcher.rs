@@ -167,6 +167,10 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
+    /// The tests run on a paused clock (`start_paused`): their writes 100 ms apart
+    /// against a 150 ms quiet period, on the real clock, were a race with the scheduler
+    /// of a loaded machine (a stall of the thread longer than the gap reads as a quiet
+    /// file); paused, the clock moves only when every task waits.
     const FAST: Timing = Timing {
         poll: Duration::from_millis(20),
         quiet: Duration::from_millis(150),
@@ -241,7 +245,7 @@ mod tests {
     /// F2: a write that lands while a reload runs (after it read the file) is loaded by
     /// another reload, whether the watcher knows the digest of what was read (config,
     /// policies) or only the file's state before the reload (certificates, secrets).
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_write_during_a_reload_is_loaded_by_another_reload() {
         for digest_known in [true, false] {
             let fake = start("v1", digest_known, Some("v3-revoked"));
@@ -262,7 +266,7 @@ mod tests {
 
     /// F2b: a file written in several writes with pauses shorter than the quiet period
     /// is loaded once, whole.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_file_still_being_written_is_loaded_once_it_is_quiet() {
         let fake = start("v1", true, None);
         tokio::time::sleep(Duration::from_millis(60)).await;
@@ -283,7 +287,7 @@ mod tests {
     }
 
     /// A refused reload is not retried at every poll, only at the next change.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_refused_reload_waits_for_the_next_change() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let file = dir.path().join("portcullis.toml");

@@ -28,10 +28,7 @@ async fn chromium_signs_in_at_oidc_provider_and_signs_out() {
         portcullis::tls::DevPki::load_or_create(dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
     // The proxy's port first: the provider must know the redirect URI. Provider and
     // proxy get different host names (127.0.0.1 vs localhost): cookies ignore ports.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let port = free_port();
     let provider = start_provider(
         &pki,
         &[

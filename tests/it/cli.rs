@@ -16,13 +16,6 @@ use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {

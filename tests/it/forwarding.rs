@@ -416,22 +416,32 @@ async fn websocket_tunnels_end_when_idle_and_when_the_credential_expires() {
         assert!(start.elapsed() < Duration::from_secs(8), "the tunnel outlived the token");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert!(start.elapsed() >= Duration::from_millis(1500), "ended too early");
+    // Not before `exp` (a bound on the time since the connect could not say so: a
+    // connect slowed by load leaves less than 2 s of the token).
+    assert!(portcullis::util::unix_now() >= exp, "ended before the token expired");
 
     // This world's tunnels by their end events; the metrics are the process's (other
     // tests' tunnels add to them).
-    assert_eq!(tunnel_ends(&w).await, ["idle", "credential-expired"]);
+    assert_eq!(tunnel_ends(&w, 2).await, ["idle", "credential-expired"]);
     for reason in ["idle", "credential-expired"] {
         assert!(tunnels_closed(&w, reason).await >= 1, "{reason}");
     }
 }
 
-/// Why each of this world's tunnels ended, in order, from their audit events (waiting
-/// a moment for the last to be written).
-async fn tunnel_ends(w: &World) -> Vec<String> {
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let ends = w.events().into_iter().filter(|e| e["kind"] == "websocket");
-    ends.map(|e| e["reason"].as_str().unwrap_or_default().to_string()).collect()
+/// Why each of this world's tunnels ended, in order, from their audit events, once at
+/// least `n` are written (a tunnel's event follows the end its client saw; at most 10 s).
+async fn tunnel_ends(w: &World, n: usize) -> Vec<String> {
+    let ends = || {
+        let ends = w.events().into_iter().filter(|e| e["kind"] == "websocket");
+        ends.map(|e| e["reason"].as_str().unwrap_or_default().to_string()).collect::<Vec<_>>()
+    };
+    for _ in 0..200 {
+        if ends().len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ends()
 }
 
 /// The process-wide count of tunnels closed for `reason`.
@@ -463,7 +473,7 @@ async fn a_reload_that_revokes_access_ends_open_websocket_tunnels_and_only_those
     assert!(matches!(ended, Ok(None | Some(Err(_)) | Some(Ok(_)))), "{ended:?}");
     assert!(!echo_once(&mut ws).await, "the revoked tunnel still relays");
     assert!(echo_once(&mut gh).await, "the still-allowed tunnel was ended");
-    assert_eq!(tunnel_ends(&w).await, ["access-revoked"]);
+    assert_eq!(tunnel_ends(&w, 1).await, ["access-revoked"]);
     assert!(tunnels_closed(&w, "access-revoked").await >= 1);
     // The event says why: the default deny, as no rule allows Bitbucket any more.
     let e = tunnel_end_event(&w, "/ws").await;
@@ -573,7 +583,7 @@ async fn a_key_set_that_drops_a_tunnels_signing_key_ends_the_tunnel() {
             && detail.contains("`gl`"),
         "{e}"
     );
-    assert_eq!(tunnel_ends(&w).await, ["access-revoked"], "only the dropped key's tunnel ended");
+    assert_eq!(tunnel_ends(&w, 1).await, ["access-revoked"], "only the dropped key's tunnel ended");
 }
 
 #[tokio::test]
@@ -596,7 +606,7 @@ async fn websocket_tunnels_work_through_the_shutdown_grace_period_then_end() {
 /// The `websocket` `close` event of the tunnel opened at `path` (the upgrade's `http`
 /// event gives its request id), once written.
 pub async fn tunnel_end_event(w: &World, path: &str) -> serde_json::Value {
-    for _ in 0..100 {
+    for _ in 0..200 {
         let events = w.events();
         let upgrade =
             events.iter().find(|e| e["kind"] == "http" && e["path"] == path && e["status"] == 101);
@@ -670,7 +680,7 @@ async fn a_reload_that_routes_a_tunnels_path_elsewhere_or_nowhere_ends_the_tunne
     let ended = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
     assert!(ended.is_ok(), "the unrouted tunnel still relays");
     assert!(!echo_once(&mut ws).await, "the unrouted tunnel still relays");
-    assert_eq!(tunnel_ends(&w).await, ["access-revoked", "access-revoked"]);
+    assert_eq!(tunnel_ends(&w, 2).await, ["access-revoked", "access-revoked"]);
 }
 
 /// F5: every tunnel's end is audited: its upgrade's request id, route, identity, the
@@ -1454,8 +1464,10 @@ async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, limit: Durati
 #[tokio::test]
 async fn idle_connections_are_closed_but_never_with_a_request_in_flight() {
     use tokio::io::AsyncWriteExt;
+    let _alone = IDLE_CLOSES.lock().await;
     let w = World::with(Setup { server_extra: "idle_timeout = \"1s\"".into(), ..Setup::default() })
         .await;
+    let before = idle_closes(&w).await;
     let t = w.token("bb", &[]);
     let port = w.https.port();
     let limit = Duration::from_secs(6);
@@ -1500,12 +1512,18 @@ async fn idle_connections_are_closed_but_never_with_a_request_in_flight() {
     let ended = tokio::time::timeout(limit, conn).await;
     assert!(ended.is_ok(), "the idle HTTP/2 connection was still open after {limit:?}");
 
+    // The process's count: only this test adds to it now ([`IDLE_CLOSES`]).
+    assert_eq!(idle_closes(&w).await - before, 3);
+}
+
+/// The process-wide `portcullis_idle_connections_closed_total`.
+async fn idle_closes(w: &World) -> u64 {
     let metrics = w.admin_get("/metrics").await.text();
     let closed = metrics
         .lines()
         .find_map(|l| l.strip_prefix("portcullis_idle_connections_closed_total "))
         .and_then(|v| v.trim().parse::<u64>().ok());
-    assert_eq!(closed, Some(3), "{metrics}");
+    closed.unwrap_or_else(|| panic!("no idle_connections_closed_total:\n{metrics}"))
 }
 
 #[tokio::test]
@@ -2049,7 +2067,7 @@ async fn expect_100_continue_is_answered_by_the_proxy_and_never_forwarded() {
 
 /// The one event of the request to `path`, once written.
 async fn event_at(w: &World, path: &str) -> serde_json::Value {
-    for _ in 0..150 {
+    for _ in 0..500 {
         let same: Vec<serde_json::Value> =
             w.events().into_iter().filter(|e| e["path"] == path).collect();
         if let [one] = same.as_slice() {

@@ -38,12 +38,12 @@ async fn counter(w: &World, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The HTTP events of one client address, once `n` of them are written (at most 5 s).
+/// The HTTP events of one client address, once `n` of them are written (at most 10 s).
 async fn events_of(w: &World, addr: &str, n: usize) -> Vec<Value> {
     let of = || -> Vec<Value> {
         w.events().into_iter().filter(|e| e["kind"] == "http" && e["client_addr"] == addr).collect()
     };
-    for _ in 0..250 {
+    for _ in 0..500 {
         if of().len() >= n {
             break;
         }
@@ -220,6 +220,7 @@ async fn http1_clients_that_pipeline_and_never_read_cannot_hold_the_slots() {
 /// PING before it ends; a client that never answers (nor reads) kept its slot forever.
 #[tokio::test]
 async fn a_closing_connection_the_client_never_lets_end_is_dropped() {
+    let _idle = IDLE_CLOSES.lock().await;
     let w = World::with(Setup {
         server_extra: "max_connections = 1\nidle_timeout = \"1s\"".into(),
         ..Setup::default()

@@ -8,10 +8,10 @@ use serde_json::Value;
 use crate::forwarding::tls_alpn;
 use crate::support::*;
 
-/// The events of the connection from `addr` once one has come (at most 2 s).
+/// The events of the connection from `addr` once one has come (at most 10 s).
 async fn events_from(w: &World, addr: &str) -> Vec<Value> {
     let mut events = Vec::new();
-    for _ in 0..100 {
+    for _ in 0..500 {
         events = w
             .events()
             .into_iter()

@@ -353,10 +353,26 @@ async fn signed_by(w: &World, token: &str) -> (String, String) {
     let r = w.get("/h", Some(token)).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let jwt = r.upstream_header("x-portcullis-assertion").unwrap_or_default();
-    let jwks = w.get("/.well-known/portcullis/jwks.json", None).await.json();
-    assert_eq!(jwks, w.admin_get("/.well-known/portcullis/jwks.json").await.json());
+    let jwks = same_jwks(w).await;
     let kid = verified_kid(&jwt, &jwks).unwrap_or_else(|| panic!("does not verify: {jwt}"));
     (kid, jwt)
+}
+
+/// The JWKS the proxy and the admin listener both serve. Asked of each in turn: with the
+/// file watcher on, a reload can land between the two answers (seen under load: the
+/// admin listener already had the new key), so a differing pair is asked again, and a
+/// pair that never agrees fails.
+async fn same_jwks(w: &World) -> serde_json::Value {
+    let path = "/.well-known/portcullis/jwks.json";
+    let mut pair = (serde_json::Value::Null, serde_json::Value::Null);
+    for _ in 0..5 {
+        pair = (w.get(path, None).await.json(), w.admin_get(path).await.json());
+        if pair.0 == pair.1 {
+            break;
+        }
+    }
+    assert_eq!(pair.0, pair.1, "the proxy and the admin listener serve different key sets");
+    pair.0
 }
 
 /// `[assertion] key` rotates on reload: new assertions carry the new `kid` at once, the

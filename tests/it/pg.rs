@@ -121,13 +121,6 @@ fn as_pg_user(program: &Path) -> Command {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("free port: {e}"))
-}
-
 impl PgServer {
     fn start(bin: PathBuf) -> Result<PgServer, String> {
         let dir = std::env::temp_dir().join(format!(
@@ -515,9 +508,27 @@ impl PgWorld {
         self.w.events().into_iter().filter(|e| e["kind"] == kind).collect()
     }
 
-    /// Waits until an event matching `pred` is written.
+    /// Waits (at most 20 s) until the server executes a statement whose text holds
+    /// `marker`: a cancel request that reaches a backend before its statement runs is
+    /// ignored, so a test sending one after a fixed pause raced the proxy's relay.
+    pub async fn until_running(&self, marker: &str) {
+        let q = format!(
+            "select count(*) from pg_stat_activity where state = 'active' \
+             and pid <> pg_backend_pid() and query like '%{marker}%'"
+        );
+        for _ in 0..400 {
+            if self.pg.admin_sql(&q).is_ok_and(|n| n != "0") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no statement with {marker} ran within 20 s");
+    }
+
+    /// Waits until an event matching `pred` is written (at most 15 s: some come after
+    /// the product's own 2 s bounds, on a loaded machine).
     pub async fn wait_event(&self, pred: impl Fn(&Value) -> bool) -> Value {
-        for _ in 0..200 {
+        for _ in 0..600 {
             if let Some(e) = self.w.events().into_iter().find(|e| pred(e)) {
                 return e;
             }
@@ -982,9 +993,10 @@ async fn tokio_postgres_extended_protocol_copy_notifications_large_results_and_c
     let cancel = c.cancel_token();
     let tls = w.tls();
     let started = std::time::Instant::now();
-    let sleeper =
-        tokio::spawn(async move { c.simple_query("select pg_sleep(30)").await.map(|_| c) });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sleeper = tokio::spawn(async move {
+        c.simple_query("select pg_sleep(30) /* cancel-tp */").await.map(|_| c)
+    });
+    w.until_running("cancel-tp").await;
     cancel.cancel_query(tls).await.unwrap_or_else(|e| panic!("cancel: {e}"));
     let r = tokio::time::timeout(Duration::from_secs(10), sleeper)
         .await

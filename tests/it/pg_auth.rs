@@ -414,8 +414,10 @@ async fn upstream_tls_require_and_verify_full_work_and_fail_closed_against_a_rea
     let (c, conn) = config.connect(w.tls()).await.unwrap_or_else(|e| panic!("{e}"));
     let conn = tokio::spawn(conn);
     let cancel = c.cancel_token();
-    let sleeper = tokio::spawn(async move { c.simple_query("select pg_sleep(30)").await.err() });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sleeper = tokio::spawn(async move {
+        c.simple_query("select pg_sleep(30) /* cancel-tls-verify */").await.err()
+    });
+    w.until_running("cancel-tls-verify").await;
     cancel.cancel_query(w.tls()).await.unwrap_or_else(|e| panic!("cancel: {e}"));
     let err = tokio::time::timeout(Duration::from_secs(10), sleeper)
         .await

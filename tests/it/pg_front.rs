@@ -70,7 +70,7 @@ async fn direct_tls_needs_alpn_postgresql_and_carries_sessions_and_cancels() {
     let (mut t, key) = login_on(t, &token, &startup).await;
     assert_eq!(key.len(), 8);
     send(&mut t, &[query(b"select 'direct-tls-marker', pg_sleep(30)")]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.until_running("direct-tls-marker").await;
     // The cancel request over direct TLS too.
     let mut c = direct_tls(&w, &[b"postgresql"]).await.unwrap_or_else(|e| panic!("{e}"));
     let pid = u32::from_be_bytes([key[0], key[1], key[2], key[3]]);
@@ -263,8 +263,8 @@ async fn a_cancel_the_upstream_is_slow_to_acknowledge_is_audited() {
     let token = w.w.token("bb", &[]);
     let startup = proto::startup_message(&[("user", "app"), ("database", "appdb")]);
     let (mut t, key) = login_on(tls_to(&w).await, &token, &startup).await;
-    send(&mut t, &[query(b"select pg_sleep(30)")]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    send(&mut t, &[query(b"select pg_sleep(30) /* slow-ack-marker */")]).await;
+    w.until_running("slow-ack-marker").await;
     let mut c = TcpStream::connect(w.addr).await.unwrap_or_else(|e| panic!("{e}"));
     let mut cancel = 16u32.to_be_bytes().to_vec();
     cancel.extend(proto::CANCEL_REQUEST.to_be_bytes());
@@ -377,6 +377,7 @@ async fn silent_connections_on_every_seat_delay_a_cancel_only_briefly() {
     let startup = crate::pg::startup("app", "appdb");
     let (mut t, key) = login_on(tls_to(&w).await, &token, &startup).await;
     send(&mut t, &[query(b"select 'seat-marker', pg_sleep(30)")]).await;
+    w.until_running("seat-marker").await;
     let mut silent = Vec::new();
     for _ in 0..portcullis::postgres::SEATS {
         silent.push(TcpStream::connect(w.addr).await.unwrap_or_else(|e| panic!("{e}")));

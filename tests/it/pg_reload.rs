@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::net::TcpStream;
 
-use crate::pg::{free_port, PgWorld, PG_POLICY};
+use crate::pg::{PgWorld, PG_POLICY};
 use crate::support::*;
 
 /// The configuration's text before its `[[databases]]` routes, and the first route's block.

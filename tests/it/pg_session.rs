@@ -399,8 +399,8 @@ async fn a_cancel_key_is_refused_on_another_route_s_listener() {
     assert_eq!(ev["listener_route"], "appdb", "{ev}");
     assert_eq!(ev["forwarded"], false, "{ev}");
     // On its own route's listener: forwarded.
-    send(&mut t, &[query(b"select pg_sleep(30)")]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    send(&mut t, &[query(b"select pg_sleep(30) /* own-route-cancel */")]).await;
+    w.until_running("own-route-cancel").await;
     cancel(w.addr_of("second")).await;
     let m = until_ready(&mut t).await;
     assert_eq!(error_code(&m).as_deref(), Some("57014"), "{m:?}");

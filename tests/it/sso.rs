@@ -2241,7 +2241,7 @@ async fn a_websocket_from_a_page_of_another_origin_does_not_ride_the_session() {
 
 /// The first audit event `pred` picks (waiting for the writer a moment).
 async fn event_where(w: &World, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    for _ in 0..100 {
+    for _ in 0..500 {
         if let Some(e) = w.events().into_iter().find(|e| e["kind"] == "http" && pred(e)) {
             return e;
         }

@@ -27,6 +27,47 @@ use serde_json::Value;
 
 pub const AUD: &str = "portcullis-test";
 
+/// A loopback port free now, for a listener that binds it later (a child process, a
+/// PostgreSQL server, a reload). Picked below the kernel's ephemeral range: a port from
+/// `bind(0)`, once released, could be given to another test's listener on port 0 before
+/// the child bound it ("Address already in use", seen under load); no port is handed out
+/// twice in this process. Falls back to `bind(0)` where that range starts too low.
+pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    const FROM: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|l| l.parse::<u32>().ok()))
+        .unwrap_or(32_768);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    if ephemeral >= FROM + 1_000 {
+        let span = ephemeral - FROM;
+        // Where to start looking: differs between processes (two test runs at once).
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let mut at = (nanos ^ std::process::id().wrapping_mul(2_654_435_761)) % span;
+        for _ in 0..span {
+            at = (at + 7_919) % span; // a prime step: every port of the span in turn
+            let Ok(port) = u16::try_from(FROM + at) else { continue };
+            if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.push(port);
+                return port;
+            }
+        }
+    }
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("free port: {e}"))
+}
+
+/// Held by every test whose world closes HTTPS connections as idle (`idle_timeout` of a
+/// second): `portcullis_idle_connections_closed_total` is the process's, and the tests
+/// run in parallel in one process, so a test that counts its own idle closes would also
+/// count another's (seen under load: 4 where the test closed 3).
+pub static IDLE_CLOSES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A response, fully read.
 #[derive(Debug)]
 pub struct Resp {
@@ -416,8 +457,9 @@ impl World {
 
     /// The last HTTP audit event.
     pub async fn last_event(&self) -> Value {
-        // The event is written when the response body ends; give the writer a moment.
-        for _ in 0..50 {
+        // The event is written when the response body ends; give the writer a moment
+        // (up to 10 s: a loaded machine may hold the server's task that long).
+        for _ in 0..500 {
             if let Some(e) = self.events().into_iter().rev().find(|e| e["kind"] == "http") {
                 return e;
             }
@@ -428,7 +470,7 @@ impl World {
 
     /// The audit event of a request id (from a rejection body or upstream header).
     pub async fn event_for(&self, request_id: &str) -> Value {
-        for _ in 0..100 {
+        for _ in 0..500 {
             if let Some(e) = self.events().into_iter().find(|e| e["request_id"] == request_id) {
                 return e;
             }
@@ -706,11 +748,7 @@ impl RedisServer {
     pub const PASSWORD: &'static str = "redis-test-password";
 
     pub async fn start(what: &str) -> Option<RedisServer> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap_or_else(|e| panic!("free port: {e}"));
-        Self::start_on(what, port).await
+        Self::start_on(what, free_port()).await
     }
 
     /// On `port` (a server started again where an earlier one ran).

@@ -44,9 +44,9 @@ async fn world_to(addr: std::net::SocketAddr) -> World {
     World::with(Setup { routes, ..Setup::default() }).await
 }
 
-/// The one event of `path`, once written (`Null` if none comes within 3 s).
+/// The one event of `path`, once written (`Null` if none comes within 10 s).
 async fn event_at(w: &World, path: &str) -> serde_json::Value {
-    for _ in 0..150 {
+    for _ in 0..500 {
         let same: Vec<serde_json::Value> =
             w.events().into_iter().filter(|e| e["path"] == path).collect();
         if let [one] = same.as_slice() {
@@ -362,10 +362,7 @@ impl Nginx {
             return None;
         };
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let port = free_port();
         let d = dir.path().display().to_string();
         let conf = format!(
             "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;\n\
