@@ -1,10 +1,18 @@
 //! Small helpers shared across modules.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// How long from now until `unix` (seconds since the epoch), to the nanosecond; zero
+/// once it has passed. For timers that end something at a credential's `exp`:
+/// `unix - unix_now()` counts whole seconds from the last one begun, up to a second late.
+pub fn until_unix(unix: u64) -> Duration {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    Duration::from_secs(unix).saturating_sub(now)
 }
 
 /// Whether diagnostics on stderr may carry ANSI colour codes: only when stderr is a

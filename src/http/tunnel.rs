@@ -144,7 +144,7 @@ impl Grant {
                     }
                 }
             }
-            let left = expires_at.saturating_sub(crate::util::unix_now());
+            let left = crate::util::until_unix(expires_at);
             // The relay's own timer ends the tunnel at the end it was admitted with.
             let sooner = expires_at < self.admission.identity.expires_at;
             tokio::select! {
@@ -158,7 +158,7 @@ impl Grant {
                     // That generation's verifier is gone: the reload subscribes again.
                     Err(_) => removals = None,
                 },
-                () = tokio::time::sleep(Duration::from_secs(left)), if sooner => {
+                () = tokio::time::sleep(left), if sooner => {
                     return End::CredentialExpired;
                 }
                 else => std::future::pending::<()>().await,
@@ -350,8 +350,8 @@ where
     let mut c = Stamped { inner: client, opened, last: last.clone(), bytes: 0 };
     let mut u = Stamped { inner: upstream, opened, last: last.clone(), bytes: 0 };
     let end = {
-        let left = expires_at.saturating_sub(crate::util::unix_now());
-        let expiry = opened + Duration::from_secs(left.min(u64::from(u32::MAX)));
+        let left = crate::util::until_unix(expires_at);
+        let expiry = opened + left.min(Duration::from_secs(u64::from(u32::MAX)));
         let copy = tokio::io::copy_bidirectional(&mut c, &mut u);
         tokio::pin!(copy);
         tokio::pin!(ended);
@@ -486,5 +486,33 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(3600), async { tokio::join!(relay, chatter) });
         let (end, ()) = both.await.unwrap_or_else(|_| panic!("the tunnel outlived the credential"));
         assert_eq!(end.unwrap_or_else(|e| panic!("{e}")).end, End::CredentialExpired);
+    }
+
+    /// `exp` is whole seconds, the clock is not: the tunnel ends at `exp` itself, not up
+    /// to a second past it (the time left was counted from the last whole second begun).
+    /// On tokio's paused clock the relay's timer fires when it was set for.
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_ends_at_the_credentials_exp_not_the_second_after() {
+        let unix = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        // Away from a whole second, where both ways of counting agree.
+        while !(100..900).contains(&unix().subsec_millis()) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let before = unix();
+        let exp = before.as_secs() + 1;
+        let opened = tokio::time::Instant::now();
+        let (client, _client_peer) = tokio::io::duplex(64);
+        let (upstream, _upstream_peer) = tokio::io::duplex(64);
+        let never = std::future::pending();
+        let relayed = relay(client, upstream, exp, Duration::from_secs(60), never).await;
+        assert_eq!(relayed.end, End::CredentialExpired);
+        let lived = opened.elapsed();
+        // Tokio's timers round up to the millisecond.
+        let to_exp = Duration::from_secs(exp) - before + Duration::from_millis(1);
+        assert!(lived <= to_exp, "ended {:?} past exp", lived - to_exp);
     }
 }

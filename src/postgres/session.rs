@@ -5,7 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -1086,7 +1086,7 @@ async fn control(
     // Until when the credential admits the session: a reload may bring it forward (a
     // lower `max_token_age`).
     let mut expires_at = admission.identity.expires_at;
-    let expiry = tokio::time::sleep(until(expires_at));
+    let expiry = tokio::time::sleep(crate::util::until_unix(expires_at));
     tokio::pin!(expiry);
     // The route's `max_session`, counted from the session's start: a reload may shorten it.
     let opened = tokio::time::Instant::now();
@@ -1137,7 +1137,9 @@ async fn control(
                 };
             if seen.expires_at < expires_at {
                 expires_at = seen.expires_at;
-                expiry.as_mut().reset(tokio::time::Instant::now() + until(expires_at));
+                expiry
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + crate::util::until_unix(expires_at));
             }
             // A shorter `max_session` ends an open session as it would a new one (a
             // longer one extends none), as a shorter `max_token_age` does above.
@@ -1154,12 +1156,6 @@ fn rfc3339(unix: u64) -> String {
     UNIX_EPOCH
         .checked_add(Duration::from_secs(unix))
         .map_or_else(|| unix.to_string(), |t| humantime::format_rfc3339_seconds(t).to_string())
-}
-
-/// How long until `unix` (seconds), from now.
-fn until(unix: u64) -> Duration {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    Duration::from_secs(unix).saturating_sub(now)
 }
 
 /// Re-evaluates an open session against the configuration now in force, as a new
