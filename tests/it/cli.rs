@@ -673,28 +673,48 @@ async fn serve_reloads_on_sighup_and_file_change_and_drains_on_sigterm() {
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));
     let mut child = Killed(child);
+    // Its stderr, line by line, as it comes: the reloads are waited for by their lines.
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    if let Some(err) = child.0.stderr.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let mut stderr = Vec::new();
     let url = format!("https://localhost:{port}/slow/1500");
     let c = client(&w.pki, false);
     let feature = w.token("bb", &["branchName=feature/x"]);
     let auth = format!("Bearer {feature}");
-    // Wait until it serves.
+    // Wait until it serves: a main-branch token is let through once the issuer's keys
+    // are loaded.
+    let main = format!("Bearer {}", w.token("bb", &[]));
     let mut status = StatusCode::SERVICE_UNAVAILABLE;
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            status = send_with(
-                &c,
-                Method::GET,
-                &format!("https://localhost:{port}/x"),
-                &[("authorization", &auth)],
-                Bytes::new(),
-            )
-            .await
-            .status;
-            break;
+            let x = format!("https://localhost:{port}/x");
+            status = send_with(&c, Method::GET, &x, &[("authorization", &main)], Bytes::new())
+                .await
+                .status;
+            if status == StatusCode::OK {
+                break;
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(status, StatusCode::OK, "serving");
+    let status = send_with(
+        &c,
+        Method::GET,
+        &format!("https://localhost:{port}/x"),
+        &[("authorization", &auth)],
+        Bytes::new(),
+    )
+    .await
+    .status;
     assert_eq!(status, StatusCode::FORBIDDEN);
     // File watcher: widen the policy on disk.
     write(&w.policy_path("api"), FEATURE_TOO);
@@ -715,11 +735,18 @@ async fn serve_reloads_on_sighup_and_file_change_and_drains_on_sigterm() {
         }
     }
     assert!(allowed, "the watcher reloaded the widened policy");
-    // SIGHUP with a broken policy: rejected, the good one keeps serving.
-    write(&w.policy_path("api"), "[[rule]]\nid = 1\n");
+    // SIGHUP with a broken policy: rejected, the good one keeps serving. The watcher
+    // tries the broken file once and SIGHUP once, in either order: two rejections.
+    replace(&w.policy_path("api"), "[[rule]]\nid = 1\n");
     let pid = child.0.id().to_string();
     let _ = Command::new("kill").args(["-HUP", &pid]).status();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rejected = |l: &String| l.contains("reload rejected");
+    while stderr.iter().filter(|l| rejected(l)).count() < 2 {
+        match lines.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => stderr.push(line),
+            Err(_) => panic!("no second `reload rejected` within 20 s: {stderr:#?}"),
+        }
+    }
     let r = send_with(
         &c,
         Method::GET,
@@ -735,7 +762,7 @@ async fn serve_reloads_on_sighup_and_file_change_and_drains_on_sigterm() {
     let slow = tokio::spawn(async move {
         send_with(&c2, Method::GET, &url, &[("authorization", &a2)], Bytes::new()).await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(w.echo.slow_arrived(1, Duration::from_secs(20)).await, "the request never arrived");
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
     let r = slow.await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status, StatusCode::OK, "in-flight request drained");
@@ -748,11 +775,9 @@ async fn serve_reloads_on_sighup_and_file_change_and_drains_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(code, Some(0));
-    let mut stderr = String::new();
-    if let Some(mut e) = child.0.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut stderr);
-    }
+    // The process has exited: the rest of its stderr is there to the end.
+    stderr.extend(lines.iter());
+    let stderr = stderr.join("\n");
     assert!(stderr.contains("api.toml:2:6"), "reload diagnostics name file:line:col: {stderr}");
     let log = std::fs::read_to_string(&audit).unwrap_or_default();
     assert!(log.lines().count() >= 3, "{log}");
@@ -1319,7 +1344,7 @@ async fn serve_exits_promptly_once_shutdown_is_complete() {
         async move { send_with(&c, Method::GET, &url, &[("authorization", &auth)], Bytes::new()).await }
     };
     let slow = tokio::spawn(get(served.url("/slow/1000")));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(w.echo.slow_arrived(1, Duration::from_secs(20)).await, "the request never arrived");
     served.terminate();
     assert_eq!(
         slow.await.map(|r| r.status).ok(),
@@ -1365,7 +1390,7 @@ async fn requests_cut_by_the_end_of_the_grace_period_are_audited() {
             c.request(req).await.map(|r| r.status())
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(w.echo.slow_arrived(2, Duration::from_secs(20)).await, "the requests never arrived");
     let start = std::time::Instant::now();
     served.terminate();
     for request in cut {

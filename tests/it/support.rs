@@ -666,6 +666,31 @@ pub fn replace(path: &Path, text: &str) {
     }
 }
 
+/// A connection to the TLS listener on `port` that the server has accepted (it answered
+/// the ClientHello) and that stays in the handshake, holding its slot, until dropped:
+/// what a drain must wait for, known to be accepted before the shutdown stops accepting.
+pub async fn accepted_mid_handshake(pki: &DevPki, port: u16) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tls = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(pki.root_store()).with_no_client_auth())
+        .unwrap_or_else(|e| panic!("client TLS: {e}"));
+    let name =
+        rustls_pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
+    let mut hello = Vec::new();
+    rustls::ClientConnection::new(Arc::new(tls), name)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .write_tls(&mut hello)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut s =
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(&hello).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut first = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(20), s.read(&mut first)).await;
+    assert!(matches!(read, Ok(Ok(1))), "the ClientHello was not answered: {read:?}");
+    s
+}
+
 /// The `kid`s of a JWKS document, in its order.
 pub fn jwks_kids(jwks: &Value) -> Vec<String> {
     let keys = jwks["keys"].as_array().cloned().unwrap_or_default();
