@@ -1502,12 +1502,9 @@ async fn a_sign_out_made_during_a_shutdown_drain_is_still_shared() {
     let (second, _, _) = replica(&w).await;
     let ours = first.shared.runtime.load().revocations.clone();
     let theirs = second.shared.runtime.load().revocations.clone();
-    // A connection the drain waits for (up to the 5 s grace).
-    let held = tokio::net::TcpStream::connect(("127.0.0.1", first_port))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    // Accepted (and holding its slot) before the shutdown stops the accept loop.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A connection the drain waits for (up to the 5 s grace), accepted (and holding its
+    // slot) before the shutdown stops the accept loop.
+    let held = accepted_mid_handshake(&w.pki, first_port).await;
     let now = portcullis::util::unix_now();
     let (key, created) = ([42u8; 16], now - 10);
     let during_drain = async {
