@@ -673,17 +673,8 @@ async fn serve_reloads_on_sighup_and_file_change_and_drains_on_sigterm() {
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));
     let mut child = Killed(child);
-    // Its stderr, line by line, as it comes: the reloads are waited for by their lines.
-    let (tx, lines) = std::sync::mpsc::channel::<String>();
-    if let Some(err) = child.0.stderr.take() {
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-    }
+    // The reloads are waited for by their lines.
+    let lines = stderr_lines(&mut child.0);
     let mut stderr = Vec::new();
     let url = format!("https://localhost:{port}/slow/1500");
     let c = client(&w.pki, false);
@@ -740,13 +731,7 @@ async fn serve_reloads_on_sighup_and_file_change_and_drains_on_sigterm() {
     replace(&w.policy_path("api"), "[[rule]]\nid = 1\n");
     let pid = child.0.id().to_string();
     let _ = Command::new("kill").args(["-HUP", &pid]).status();
-    let rejected = |l: &String| l.contains("reload rejected");
-    while stderr.iter().filter(|l| rejected(l)).count() < 2 {
-        match lines.recv_timeout(Duration::from_secs(20)) {
-            Ok(line) => stderr.push(line),
-            Err(_) => panic!("no second `reload rejected` within 20 s: {stderr:#?}"),
-        }
-    }
+    wait_for_line(&lines, &mut stderr, "reload rejected", 2);
     let r = send_with(
         &c,
         Method::GET,
@@ -783,6 +768,37 @@ async fn serve_reloads_on_sighup_and_file_change_and_drains_on_sigterm() {
     assert!(log.lines().count() >= 3, "{log}");
     for part in feature.split('.') {
         assert!(!log.contains(part) && !stderr.contains(part), "token material in logs");
+    }
+}
+
+/// `child`'s stderr, line by line as it comes (read on a thread of its own).
+fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let (tx, lines) = std::sync::mpsc::channel();
+    if let Some(err) = child.stderr.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    lines
+}
+
+/// Reads `lines` into `seen` until `n` of those seen contain `what`: a reload is waited
+/// for by what it logs, not by a guess at how long it takes (each line within 20 s).
+fn wait_for_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    what: &str,
+    n: usize,
+) {
+    while seen.iter().filter(|l| l.contains(what)).count() < n {
+        match lines.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("fewer than {n} `{what}` lines after 20 s: {seen:#?}"),
+        }
     }
 }
 
@@ -1540,6 +1556,8 @@ async fn serve_rotates_the_assertion_key_on_sighup_and_refuses_a_bad_one_by_name
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));
     let mut child = Killed(child);
+    let lines = stderr_lines(&mut child.0);
+    let mut stderr = Vec::new();
     let c = client(&w.pki, false);
     let get = |path: &str, token: Option<String>| {
         let (c, url) = (c.clone(), format!("https://localhost:{port}{path}"));
@@ -1591,7 +1609,7 @@ async fn serve_rotates_the_assertion_key_on_sighup_and_refuses_a_bad_one_by_name
 
     replace(&key, &pem_rsa);
     let _ = Command::new("kill").args(["-HUP", &pid]).status();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_for_line(&lines, &mut stderr, "reload rejected", 1);
     assert_eq!(signed().await, Some(b.clone()), "the last good key signs on");
     assert_eq!(jwks_kids(&jwks().await), [b.clone(), a.clone()]);
 
@@ -1602,11 +1620,9 @@ async fn serve_rotates_the_assertion_key_on_sighup_and_refuses_a_bad_one_by_name
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut stderr = String::new();
-    if let Some(mut e) = child.0.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut stderr);
-    }
+    // The process has exited: the rest of its stderr is there to the end.
+    stderr.extend(lines.iter());
+    let stderr = stderr.join("\n");
     let refused = format!("{}: assertion key: not a P-256", key.display());
     assert!(stderr.contains(&refused), "the bad key file is named: {stderr}");
     assert!(
