@@ -829,6 +829,29 @@ impl RedisServer {
     }
 
     /// The `[redis]` keys of a configuration using this server.
+    /// How many sign-outs the worlds' database (3) holds, read with a connection of
+    /// its own (`KEYS *signout:*`; a test's Redis holds a handful of keys at most).
+    pub async fn stored_sign_outs(&self) -> usize {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap_or_else(|e| panic!("redis: {e}"));
+        let mut s = tokio::io::BufReader::new(s);
+        let mut reply = String::new();
+        for command in [&["AUTH", Self::PASSWORD][..], &["SELECT", "3"], &["KEYS", "*signout:*"]] {
+            let mut req = format!("*{}\r\n", command.len());
+            for arg in command {
+                req.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+            }
+            s.get_mut().write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("redis: {e}"));
+            reply.clear();
+            s.read_line(&mut reply).await.unwrap_or_else(|e| panic!("redis: {e}"));
+        }
+        // The last reply's first line: `*N`, the number of keys.
+        let n = reply.trim_end().strip_prefix('*').and_then(|n| n.parse().ok());
+        n.unwrap_or_else(|| panic!("redis: not a KEYS answer: {reply:?}"))
+    }
+
     pub fn config(&self) -> String {
         format!(
             "url = \"redis://127.0.0.1:{}/3\"\npassword_file = {}\n",
