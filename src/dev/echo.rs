@@ -11,7 +11,7 @@
 //! |                     | [`stream_byte`]`(i)`                                               |
 //! | `POST /echo-body`   | the request body, streamed straight back as it arrives             |
 //! | `/status/{code}`    | that status (200–599)                                              |
-//! | `/slow/{ms}`        | sleeps, then the JSON echo                                         |
+//! | `/slow/{ms}`        | sleeps, then the JSON echo (counted as it arrives: [`EchoServer::slow_arrived`]) |
 //! | `GET /ws`           | WebSocket (HTTP/1.1 upgrade) that echoes text and binary messages  |
 //! | `/close`            | drops the connection without answering (HTTP/2: resets the stream) |
 //! | `/set-cookie/{a,b}` | 200 with one `Set-Cookie: {name}=upstream; Path=/` per listed name    |
@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -57,6 +58,8 @@ pub struct EchoServer {
     addr: SocketAddr,
     /// Dropped with the server: every task waits on a receiver and ends when this goes.
     _shutdown: watch::Sender<()>,
+    /// How many `/slow/{ms}` requests have arrived so far ([`EchoServer::slow_arrived`]).
+    slow: watch::Receiver<u64>,
 }
 
 /// The JSON echo of one request.
@@ -94,8 +97,19 @@ impl EchoServer {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (shutdown, stopped) = watch::channel(());
-        tokio::spawn(accept_loop(listener, stopped));
-        Ok(EchoServer { addr, _shutdown: shutdown })
+        let (arrived, slow) = watch::channel(0);
+        tokio::spawn(accept_loop(listener, stopped, Arc::new(arrived)));
+        Ok(EchoServer { addr, _shutdown: shutdown, slow })
+    }
+
+    /// Waits, at most `within`, until `n` `/slow/{ms}` requests in all have arrived (each
+    /// counted before its sleep); false if fewer came in time. A test that acts while a
+    /// request is in flight (a reload, a shutdown, a signal) waits on this rather than on a
+    /// guess at how long the request takes to get here, which load makes wrong.
+    pub async fn slow_arrived(&self, n: u64, within: Duration) -> bool {
+        let mut slow = self.slow.clone();
+        let arrived = tokio::time::timeout(within, slow.wait_for(|c| *c >= n)).await;
+        matches!(arrived, Ok(Ok(_)))
     }
 
     /// The bound address.
@@ -109,7 +123,11 @@ impl EchoServer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, mut stopped: watch::Receiver<()>) {
+async fn accept_loop(
+    listener: TcpListener,
+    mut stopped: watch::Receiver<()>,
+    slow: Arc<watch::Sender<u64>>,
+) {
     loop {
         let stream = tokio::select! {
             // Err: the server was dropped (nothing is ever sent).
@@ -124,15 +142,19 @@ async fn accept_loop(listener: TcpListener, mut stopped: watch::Receiver<()>) {
                 }
             },
         };
-        tokio::spawn(serve_connection(stream, stopped.clone()));
+        tokio::spawn(serve_connection(stream, stopped.clone(), slow.clone()));
     }
 }
 
-async fn serve_connection(stream: TcpStream, mut stopped: watch::Receiver<()>) {
+async fn serve_connection(
+    stream: TcpStream,
+    mut stopped: watch::Receiver<()>,
+    slow: Arc<watch::Sender<u64>>,
+) {
     // Latency over throughput: tests time small responses.
     let _ = stream.set_nodelay(true);
     let ws_stopped = stopped.clone();
-    let service = service_fn(move |req| handle(req, ws_stopped.clone()));
+    let service = service_fn(move |req| handle(req, ws_stopped.clone(), slow.clone()));
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::select! {
@@ -148,6 +170,7 @@ async fn serve_connection(stream: TcpStream, mut stopped: watch::Receiver<()>) {
 async fn handle(
     req: Request<Incoming>,
     stopped: watch::Receiver<()>,
+    slow: Arc<watch::Sender<u64>>,
 ) -> Result<Response<EchoBody>, CloseConnection> {
     let path = req.uri().path().to_owned();
     let mut segments = path.trim_start_matches('/').splitn(2, '/');
@@ -162,6 +185,7 @@ async fn handle(
         (_, "status", Some(code)) => status(code),
         (_, "slow", Some(ms)) => match ms.parse::<u64>() {
             Ok(ms) => {
+                slow.send_modify(|c| *c += 1);
                 tokio::time::sleep(Duration::from_millis(ms).min(MAX_SLOW)).await;
                 echo(req).await?
             }

@@ -673,28 +673,39 @@ async fn serve_reloads_on_sighup_and_file_change_and_drains_on_sigterm() {
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));
     let mut child = Killed(child);
+    // The reloads are waited for by their lines.
+    let lines = stderr_lines(&mut child.0);
+    let mut stderr = Vec::new();
     let url = format!("https://localhost:{port}/slow/1500");
     let c = client(&w.pki, false);
     let feature = w.token("bb", &["branchName=feature/x"]);
     let auth = format!("Bearer {feature}");
-    // Wait until it serves.
+    // Wait until it serves: a main-branch token is let through once the issuer's keys
+    // are loaded.
+    let main = format!("Bearer {}", w.token("bb", &[]));
     let mut status = StatusCode::SERVICE_UNAVAILABLE;
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            status = send_with(
-                &c,
-                Method::GET,
-                &format!("https://localhost:{port}/x"),
-                &[("authorization", &auth)],
-                Bytes::new(),
-            )
-            .await
-            .status;
-            break;
+            let x = format!("https://localhost:{port}/x");
+            status = send_with(&c, Method::GET, &x, &[("authorization", &main)], Bytes::new())
+                .await
+                .status;
+            if status == StatusCode::OK {
+                break;
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(status, StatusCode::OK, "serving");
+    let status = send_with(
+        &c,
+        Method::GET,
+        &format!("https://localhost:{port}/x"),
+        &[("authorization", &auth)],
+        Bytes::new(),
+    )
+    .await
+    .status;
     assert_eq!(status, StatusCode::FORBIDDEN);
     // File watcher: widen the policy on disk.
     write(&w.policy_path("api"), FEATURE_TOO);
@@ -715,11 +726,12 @@ async fn serve_reloads_on_sighup_and_file_change_and_drains_on_sigterm() {
         }
     }
     assert!(allowed, "the watcher reloaded the widened policy");
-    // SIGHUP with a broken policy: rejected, the good one keeps serving.
-    write(&w.policy_path("api"), "[[rule]]\nid = 1\n");
+    // SIGHUP with a broken policy: rejected, the good one keeps serving. The watcher
+    // tries the broken file once and SIGHUP once, in either order: two rejections.
+    replace(&w.policy_path("api"), "[[rule]]\nid = 1\n");
     let pid = child.0.id().to_string();
     let _ = Command::new("kill").args(["-HUP", &pid]).status();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_for_line(&lines, &mut stderr, "reload rejected", 2);
     let r = send_with(
         &c,
         Method::GET,
@@ -735,7 +747,7 @@ async fn serve_reloads_on_sighup_and_file_change_and_drains_on_sigterm() {
     let slow = tokio::spawn(async move {
         send_with(&c2, Method::GET, &url, &[("authorization", &a2)], Bytes::new()).await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(w.echo.slow_arrived(1, Duration::from_secs(20)).await, "the request never arrived");
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
     let r = slow.await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status, StatusCode::OK, "in-flight request drained");
@@ -748,16 +760,45 @@ async fn serve_reloads_on_sighup_and_file_change_and_drains_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(code, Some(0));
-    let mut stderr = String::new();
-    if let Some(mut e) = child.0.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut stderr);
-    }
+    // The process has exited: the rest of its stderr is there to the end.
+    stderr.extend(lines.iter());
+    let stderr = stderr.join("\n");
     assert!(stderr.contains("api.toml:2:6"), "reload diagnostics name file:line:col: {stderr}");
     let log = std::fs::read_to_string(&audit).unwrap_or_default();
     assert!(log.lines().count() >= 3, "{log}");
     for part in feature.split('.') {
         assert!(!log.contains(part) && !stderr.contains(part), "token material in logs");
+    }
+}
+
+/// `child`'s stderr, line by line as it comes (read on a thread of its own).
+fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let (tx, lines) = std::sync::mpsc::channel();
+    if let Some(err) = child.stderr.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    lines
+}
+
+/// Reads `lines` into `seen` until `n` of those seen contain `what`: a reload is waited
+/// for by what it logs, not by a guess at how long it takes (each line within 20 s).
+fn wait_for_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    what: &str,
+    n: usize,
+) {
+    while seen.iter().filter(|l| l.contains(what)).count() < n {
+        match lines.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("fewer than {n} `{what}` lines after 20 s: {seen:#?}"),
+        }
     }
 }
 
@@ -1319,7 +1360,7 @@ async fn serve_exits_promptly_once_shutdown_is_complete() {
         async move { send_with(&c, Method::GET, &url, &[("authorization", &auth)], Bytes::new()).await }
     };
     let slow = tokio::spawn(get(served.url("/slow/1000")));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(w.echo.slow_arrived(1, Duration::from_secs(20)).await, "the request never arrived");
     served.terminate();
     assert_eq!(
         slow.await.map(|r| r.status).ok(),
@@ -1365,7 +1406,7 @@ async fn requests_cut_by_the_end_of_the_grace_period_are_audited() {
             c.request(req).await.map(|r| r.status())
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(w.echo.slow_arrived(2, Duration::from_secs(20)).await, "the requests never arrived");
     let start = std::time::Instant::now();
     served.terminate();
     for request in cut {
@@ -1515,6 +1556,8 @@ async fn serve_rotates_the_assertion_key_on_sighup_and_refuses_a_bad_one_by_name
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));
     let mut child = Killed(child);
+    let lines = stderr_lines(&mut child.0);
+    let mut stderr = Vec::new();
     let c = client(&w.pki, false);
     let get = |path: &str, token: Option<String>| {
         let (c, url) = (c.clone(), format!("https://localhost:{port}{path}"));
@@ -1566,7 +1609,7 @@ async fn serve_rotates_the_assertion_key_on_sighup_and_refuses_a_bad_one_by_name
 
     replace(&key, &pem_rsa);
     let _ = Command::new("kill").args(["-HUP", &pid]).status();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_for_line(&lines, &mut stderr, "reload rejected", 1);
     assert_eq!(signed().await, Some(b.clone()), "the last good key signs on");
     assert_eq!(jwks_kids(&jwks().await), [b.clone(), a.clone()]);
 
@@ -1577,11 +1620,9 @@ async fn serve_rotates_the_assertion_key_on_sighup_and_refuses_a_bad_one_by_name
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut stderr = String::new();
-    if let Some(mut e) = child.0.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut stderr);
-    }
+    // The process has exited: the rest of its stderr is there to the end.
+    stderr.extend(lines.iter());
+    let stderr = stderr.join("\n");
     let refused = format!("{}: assertion key: not a P-256", key.display());
     assert!(stderr.contains(&refused), "the bad key file is named: {stderr}");
     assert!(

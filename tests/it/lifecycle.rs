@@ -131,7 +131,7 @@ async fn in_flight_requests_finish_during_a_reload_and_a_drain() {
         send_with(&c, http::Method::GET, &url, &[("authorization", &auth)], bytes::Bytes::new())
             .await
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(w.echo.slow_arrived(1, Duration::from_secs(20)).await, "the request never arrived");
     assert!(w.server().reload().await, "reload while a request is in flight");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let server = w.server.take().unwrap_or_else(|| panic!("server"));
@@ -159,15 +159,25 @@ async fn readyz_answers_draining_while_in_flight_requests_finish() {
         send_with(&c, http::Method::GET, &url, &[("authorization", &auth)], bytes::Bytes::new())
             .await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(w.echo.slow_arrived(1, Duration::from_secs(20)).await, "the request never arrived");
     let ready = w.admin_get("/readyz").await;
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
     let server = w.server.take().unwrap_or_else(|| panic!("server"));
     let drained = tokio::spawn(server.shutdown());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let during = tokio::time::timeout(Duration::from_secs(2), w.admin_get("/readyz"))
-        .await
-        .unwrap_or_else(|_| panic!("/readyz unanswered during the drain"));
+    // The shutdown task runs when the runtime gets to it: asked until it has begun.
+    let readyz = || async {
+        tokio::time::timeout(Duration::from_secs(2), w.admin_get("/readyz"))
+            .await
+            .unwrap_or_else(|_| panic!("/readyz unanswered during the drain"))
+    };
+    let mut during = readyz().await;
+    for _ in 0..100 {
+        if during.status != StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        during = readyz().await;
+    }
     assert!(!slow.is_finished(), "the slow request ended before /readyz was asked");
     assert_eq!(during.status, StatusCode::SERVICE_UNAVAILABLE, "{}", during.text());
     assert_eq!(during.json()["draining"], true, "{}", during.text());

@@ -1223,10 +1223,18 @@ async fn shutdown_lets_sessions_finish_then_terminates_them_politely() {
     let sink = w.w.sink.clone();
     let started = std::time::Instant::now();
     let down = tokio::spawn(server.shutdown());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // Within the grace period (5 s) the session still works, new ones are not accepted.
+    // Within the grace period (5 s) new sessions are not accepted (tried until the
+    // shutdown task has begun), and the session still works.
+    let mut refused = false;
+    for _ in 0..40 {
+        if TcpStream::connect(w.addr).await.is_err() || w.connect(&token, "app").await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "a new session was accepted during the grace period");
     assert!(c.simple_query("select 1").await.is_ok(), "session works during the grace period");
-    assert!(TcpStream::connect(w.addr).await.is_err() || w.connect(&token, "app").await.is_err());
     let ended = tokio::time::timeout(Duration::from_secs(10), conn)
         .await
         .unwrap_or_else(|_| panic!("not terminated"));

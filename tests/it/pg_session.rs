@@ -268,7 +268,12 @@ async fn a_statement_replaced_under_another_encoding_is_never_logged_as_the_old_
         m.iter().find(|(k, _)| *k == b'C').map(|(_, b)| String::from_utf8_lossy(b).into_owned());
     assert_eq!(tag.as_deref(), Some("DELETE 3\0"), "the server ran the DELETE: {m:?}");
     let sid = sid_of(&w, &table).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.wait_event(|e| {
+        e["session_id"] == sid.as_str()
+            && e["kind"] == "pg.statement"
+            && e["statement"] == "\u{2160}"
+    })
+    .await;
     let binds: Vec<Value> = session_events(&w, &sid)
         .await
         .into_iter()
@@ -517,7 +522,13 @@ async fn a_statement_that_outlives_its_client_is_cancelled() {
     assert_eq!(error_code(&until_ready(&mut t).await), None);
     send(&mut t, &[endless_loop(&table, app)]).await;
     let sid = sid_of(&w, app).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The loop has committed a row: it runs when the client goes.
+    for _ in 0..100 {
+        if rows(&w, &table) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(t);
 
     assert_eq!(wait_idle(&w, app).await, "", "the backend still executes the loop");

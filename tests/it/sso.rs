@@ -1502,12 +1502,9 @@ async fn a_sign_out_made_during_a_shutdown_drain_is_still_shared() {
     let (second, _, _) = replica(&w).await;
     let ours = first.shared.runtime.load().revocations.clone();
     let theirs = second.shared.runtime.load().revocations.clone();
-    // A connection the drain waits for (up to the 5 s grace).
-    let held = tokio::net::TcpStream::connect(("127.0.0.1", first_port))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    // Accepted (and holding its slot) before the shutdown stops the accept loop.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A connection the drain waits for (up to the 5 s grace), accepted (and holding its
+    // slot) before the shutdown stops the accept loop.
+    let held = accepted_mid_handshake(&w.pki, first_port).await;
     let now = portcullis::util::unix_now();
     let (key, created) = ([42u8; 16], now - 10);
     let during_drain = async {
@@ -1572,7 +1569,15 @@ async fn stored_sign_outs_are_read_back_whatever_characters_the_key_prefix_holds
     sign_out(&w, &mut b).await;
     // Stored and published before the replica below starts: only its read-back can
     // tell it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut stored = 0;
+    for _ in 0..200 {
+        stored = redis.stored_sign_outs().await;
+        if stored > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored, 1, "the sign-out was not stored in Redis");
     let (late, port, _) = replica(&w).await;
     let r = copy_at(&w, port, &copy).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
@@ -2496,9 +2501,15 @@ async fn signing_out_ends_the_websocket_tunnels_the_session_opened() {
     }
     assert!(echo_once(&mut kept).await, "another session's tunnel was ended");
     assert!(echo_once(&mut bearer).await, "a bearer token's tunnel was ended");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let ends: Vec<serde_json::Value> =
-        w.events().into_iter().filter(|e| e["kind"] == "websocket").collect();
+    // Each end is audited as its relay stops, which may be after the client saw it.
+    let mut ends = Vec::new();
+    for _ in 0..250 {
+        ends = w.events().into_iter().filter(|e| e["kind"] == "websocket").collect();
+        if ends.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(ends.len(), 2, "{ends:#?}");
     for e in &ends {
         assert_eq!(e["reason"], "access-revoked", "{e}");

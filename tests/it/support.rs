@@ -666,6 +666,31 @@ pub fn replace(path: &Path, text: &str) {
     }
 }
 
+/// A connection to the TLS listener on `port` that the server has accepted (it answered
+/// the ClientHello) and that stays in the handshake, holding its slot, until dropped:
+/// what a drain must wait for, known to be accepted before the shutdown stops accepting.
+pub async fn accepted_mid_handshake(pki: &DevPki, port: u16) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tls = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(pki.root_store()).with_no_client_auth())
+        .unwrap_or_else(|e| panic!("client TLS: {e}"));
+    let name =
+        rustls_pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
+    let mut hello = Vec::new();
+    rustls::ClientConnection::new(Arc::new(tls), name)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .write_tls(&mut hello)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut s =
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(&hello).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut first = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(20), s.read(&mut first)).await;
+    assert!(matches!(read, Ok(Ok(1))), "the ClientHello was not answered: {read:?}");
+    s
+}
+
 /// The `kid`s of a JWKS document, in its order.
 pub fn jwks_kids(jwks: &Value) -> Vec<String> {
     let keys = jwks["keys"].as_array().cloned().unwrap_or_default();
@@ -804,6 +829,29 @@ impl RedisServer {
     }
 
     /// The `[redis]` keys of a configuration using this server.
+    /// How many sign-outs the worlds' database (3) holds, read with a connection of
+    /// its own (`KEYS *signout:*`; a test's Redis holds a handful of keys at most).
+    pub async fn stored_sign_outs(&self) -> usize {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap_or_else(|e| panic!("redis: {e}"));
+        let mut s = tokio::io::BufReader::new(s);
+        let mut reply = String::new();
+        for command in [&["AUTH", Self::PASSWORD][..], &["SELECT", "3"], &["KEYS", "*signout:*"]] {
+            let mut req = format!("*{}\r\n", command.len());
+            for arg in command {
+                req.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+            }
+            s.get_mut().write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("redis: {e}"));
+            reply.clear();
+            s.read_line(&mut reply).await.unwrap_or_else(|e| panic!("redis: {e}"));
+        }
+        // The last reply's first line: `*N`, the number of keys.
+        let n = reply.trim_end().strip_prefix('*').and_then(|n| n.parse().ok());
+        n.unwrap_or_else(|| panic!("redis: not a KEYS answer: {reply:?}"))
+    }
+
     pub fn config(&self) -> String {
         format!(
             "url = \"redis://127.0.0.1:{}/3\"\npassword_file = {}\n",
