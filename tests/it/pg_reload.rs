@@ -356,7 +356,14 @@ async fn postgres_metrics_count_sessions_statements_terminations_and_bytes() {
         PG_POLICY.split("[[rule]]").nth(1).map(|r| format!("[[rule]]{r}")).unwrap_or_default();
     write(&w.w.policy_path("pg"), &only_pipelines);
     assert!(w.w.server().reload().await);
-    assert_eq!(ended_with(hconn).await.code().map(|c| c.code()), Some("57P01"));
+    let e = ended_with(hconn).await;
+    if e.code().map(|c| c.code()) != Some("57P01") {
+        // Failed once in CI (session 19) with no code, not reproduced since (27 runs, 12
+        // of them loaded): the session's close events say what ended it.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let closes: Vec<_> = w.w.events().into_iter().filter(|e| e["event"] == "close").collect();
+        panic!("the session ended with `{e}` ({e:?}), not 57P01; close events: {closes:#?}");
+    }
     let terminations = "portcullis_pg_session_terminations_total";
     assert_eq!(metric(&w, &series(terminations, ",reason=\"access-revoked\""), 1).await, Some(1));
     assert_eq!(metric(&w, &series("portcullis_pg_sessions_open", ""), 0).await, Some(0));
