@@ -1331,6 +1331,21 @@ fn a_reloaded_issuer_checks_an_admitted_tokens_claims_again() {
 #[derive(Clone, Default)]
 struct LogBuf(Arc<parking_lot::Mutex<Vec<u8>>>);
 
+impl LogBuf {
+    /// A buffer, and the guard that writes this thread's warnings (and worse) to it
+    /// until it is dropped.
+    fn capture() -> (LogBuf, tracing::subscriber::DefaultGuard) {
+        let buf = LogBuf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        (buf, tracing::subscriber::set_default(subscriber))
+    }
+}
+
 impl std::io::Write for LogBuf {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         self.0.lock().extend_from_slice(b);
@@ -1343,14 +1358,7 @@ impl std::io::Write for LogBuf {
 
 #[tokio::test]
 async fn a_failed_key_fetch_names_the_url_without_its_query() {
-    let buf = LogBuf::default();
-    let writer = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (buf, _guard) = LogBuf::capture();
     // Nothing listens there: the connection is refused.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -1848,14 +1856,7 @@ async fn a_key_endpoint_that_dribbles_its_answer_is_given_up_at_the_fetch_timeou
 /// `kid` a key-set warning names is written escaped, on the warning's own line.
 #[test]
 fn a_kid_in_a_key_set_warning_cannot_start_a_log_line() {
-    let buf = LogBuf::default();
-    let writer = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (buf, _guard) = LogBuf::capture();
     let forged = "k\n2026-11-27T12:00:00.000000Z  INFO portcullis: FORGED";
     let mut first = rsa().public_jwk();
     first["kid"] = json!(forged);

@@ -729,6 +729,31 @@ mod tests {
         assert!(login_keys(serde_json::json!({}), &allow).is_err());
     }
 
+    /// A development issuer at `/human` with one RS256 key and a login client
+    /// `portcullis` / `s3cret`: what a sign-in test starts from. Its key and issuer URL.
+    async fn dev_login() -> (crate::dev::issuer::DevIssuer, crate::dev::signer::DevSigner, String) {
+        let dev = crate::dev::issuer::DevIssuer::start(
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("dev issuer: {e}"));
+        let signer = crate::dev::signer::DevSigner::generate_rs256("k1")
+            .unwrap_or_else(|e| panic!("signer: {e}"));
+        let url = dev.add_issuer("/human", &[&signer]);
+        crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret")
+            .unwrap_or_else(|| panic!("dev login"));
+        (dev, signer, url)
+    }
+
+    /// The login client's secret in a file (the directory lives as long as the guard).
+    fn secret_file() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret").unwrap_or_else(|e| panic!("secret: {e}"));
+        (dir, secret)
+    }
+
     fn provider(issuer: &str, secret: &std::path::Path) -> Provider {
         let mut settings =
             crate::identity::tests::settings("idp", Preset::Oidc, issuer, "portcullis");
@@ -752,20 +777,10 @@ mod tests {
     /// loads, so each refusal is the redirect's or the size's.
     #[tokio::test]
     async fn the_sign_in_follows_no_redirect_and_reads_no_oversized_answer() {
-        use crate::dev::issuer::DevIssuer;
-        let dev = DevIssuer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None)
-            .await
-            .unwrap_or_else(|e| panic!("dev issuer: {e}"));
-        let signer = crate::dev::signer::DevSigner::generate_rs256("k1")
-            .unwrap_or_else(|e| panic!("signer: {e}"));
-        let url = dev.add_issuer("/human", &[&signer]);
-        crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret")
-            .unwrap_or_else(|| panic!("dev login"));
+        let (dev, signer, url) = dev_login().await;
         let jwks = crate::dev::signer::jwks(&[&signer]).to_string();
         let followed = dev.serve_jwks_elsewhere(jwks, MAX_BODY + 1);
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let secret = dir.path().join("secret");
-        std::fs::write(&secret, "s3cret").unwrap_or_else(|e| panic!("secret: {e}"));
+        let (_dir, secret) = secret_file();
         let metadata_with = |member: &str, value: Value| {
             dev.set_discovery_member("/human", member, value);
             // A new provider each time: nothing cached.
@@ -794,18 +809,8 @@ mod tests {
     /// `javascript:` and credentials (`user:pw@`) are no better.
     #[tokio::test]
     async fn a_discovery_document_sending_the_browser_to_plain_http_is_refused() {
-        use crate::dev::issuer::DevIssuer;
-        let dev = DevIssuer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None)
-            .await
-            .unwrap_or_else(|e| panic!("dev issuer: {e}"));
-        let signer = crate::dev::signer::DevSigner::generate_rs256("k1")
-            .unwrap_or_else(|e| panic!("signer: {e}"));
-        let url = dev.add_issuer("/human", &[&signer]);
-        crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret")
-            .unwrap_or_else(|| panic!("dev login"));
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let secret = dir.path().join("secret");
-        std::fs::write(&secret, "s3cret").unwrap_or_else(|e| panic!("secret: {e}"));
+        let (dev, _, url) = dev_login().await;
+        let (_dir, secret) = secret_file();
         // The dev issuer's own (loopback http, which the test issuer allows) load.
         let fresh = provider(&url, &secret);
         assert_eq!(fresh.metadata(false).await.map(|_| ()), Ok(()));
@@ -839,15 +844,7 @@ mod tests {
     /// `_`), at most 40 characters, is shown.
     #[tokio::test]
     async fn a_token_endpoint_error_reaches_the_log_only_as_an_error_code() {
-        use crate::dev::issuer::DevIssuer;
-        let dev = DevIssuer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None)
-            .await
-            .unwrap_or_else(|e| panic!("dev issuer: {e}"));
-        let signer = crate::dev::signer::DevSigner::generate_rs256("k1")
-            .unwrap_or_else(|e| panic!("signer: {e}"));
-        let url = dev.add_issuer("/human", &[&signer]);
-        crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret")
-            .unwrap_or_else(|| panic!("dev login"));
+        let (dev, _, url) = dev_login().await;
         let forged = format!(
             "invalid_grant\n2026-11-27T12:00:00Z  INFO portcullis: ADMIN SIGNED IN\u{1b}[2K{}",
             "x".repeat(100_000)
@@ -868,9 +865,7 @@ mod tests {
             "token_endpoint",
             Value::String(format!("{}/refusing-token", dev.base_url())),
         );
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let secret = dir.path().join("secret");
-        std::fs::write(&secret, "s3cret").unwrap_or_else(|e| panic!("secret: {e}"));
+        let (_dir, secret) = secret_file();
         let p = provider(&url, &secret);
         let exchanged = p
             .exchange("code".into(), "v".repeat(43), "nonce", "https://proxy.example/cb", 0)
@@ -895,20 +890,10 @@ mod tests {
     /// document; each request sets only its own `redirect_uri`.
     #[tokio::test]
     async fn a_sign_in_start_does_not_rebuild_the_client_from_the_providers_document() {
-        use crate::dev::issuer::DevIssuer;
-        let dev = DevIssuer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None)
-            .await
-            .unwrap_or_else(|e| panic!("dev issuer: {e}"));
-        let signer = crate::dev::signer::DevSigner::generate_rs256("k1")
-            .unwrap_or_else(|e| panic!("signer: {e}"));
-        let url = dev.add_issuer("/human", &[&signer]);
-        crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret")
-            .unwrap_or_else(|| panic!("dev login"));
+        let (dev, _, url) = dev_login().await;
         let claims: Vec<Value> = (0..1000).map(|i| Value::String(format!("claim{i}"))).collect();
         dev.set_discovery_member("/human", "claims_supported", Value::Array(claims));
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let secret = dir.path().join("secret");
-        std::fs::write(&secret, "s3cret").unwrap_or_else(|e| panic!("secret: {e}"));
+        let (_dir, secret) = secret_file();
         let p = provider(&url, &secret);
         for host in ["a.example", "b.example", "a.example", "c.example"] {
             let auth = p
@@ -943,9 +928,7 @@ mod tests {
     /// timeout behind the others (three callers took 3 × 10 s before).
     #[tokio::test(start_paused = true)]
     async fn a_silent_provider_is_asked_once_and_every_waiting_caller_fails_with_it() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let secret = dir.path().join("secret");
-        std::fs::write(&secret, "s3cret").unwrap_or_else(|e| panic!("secret: {e}"));
+        let (_dir, secret) = secret_file();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("bind: {e}"));
