@@ -24,7 +24,6 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -98,7 +97,7 @@ impl EchoServer {
         let addr = listener.local_addr()?;
         let (shutdown, stopped) = watch::channel(());
         let (arrived, slow) = watch::channel(0);
-        tokio::spawn(accept_loop(listener, stopped, Arc::new(arrived)));
+        tokio::spawn(accept_loop(listener, stopped, arrived));
         Ok(EchoServer { addr, _shutdown: shutdown, slow })
     }
 
@@ -126,7 +125,7 @@ impl EchoServer {
 async fn accept_loop(
     listener: TcpListener,
     mut stopped: watch::Receiver<()>,
-    slow: Arc<watch::Sender<u64>>,
+    slow: watch::Sender<u64>,
 ) {
     loop {
         let stream = tokio::select! {
@@ -149,7 +148,7 @@ async fn accept_loop(
 async fn serve_connection(
     stream: TcpStream,
     mut stopped: watch::Receiver<()>,
-    slow: Arc<watch::Sender<u64>>,
+    slow: watch::Sender<u64>,
 ) {
     // Latency over throughput: tests time small responses.
     let _ = stream.set_nodelay(true);
@@ -170,7 +169,7 @@ async fn serve_connection(
 async fn handle(
     req: Request<Incoming>,
     stopped: watch::Receiver<()>,
-    slow: Arc<watch::Sender<u64>>,
+    slow: watch::Sender<u64>,
 ) -> Result<Response<EchoBody>, CloseConnection> {
     let path = req.uri().path().to_owned();
     let mut segments = path.trim_start_matches('/').splitn(2, '/');

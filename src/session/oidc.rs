@@ -135,6 +135,7 @@ pub struct Provider {
     /// Held across a fetch: concurrent callers wait for that one fetch (single flight).
     metadata: tokio::sync::Mutex<MetadataSlot>,
     /// Clients built from a discovery document so far (tests: once per fetch).
+    #[cfg(test)]
     client_builds: std::sync::atomic::AtomicU64,
 }
 
@@ -176,7 +177,15 @@ impl Provider {
             .build();
         let http = Client::builder(TokioExecutor::new()).build(connector);
         let metadata = tokio::sync::Mutex::new(MetadataSlot::default());
-        Ok(Provider { settings, login, secret, http, metadata, client_builds: Default::default() })
+        Ok(Provider {
+            settings,
+            login,
+            secret,
+            http,
+            metadata,
+            #[cfg(test)]
+            client_builds: Default::default(),
+        })
     }
 
     /// One request to the provider: refuses non-https (unless the issuer allows loopback
@@ -320,6 +329,7 @@ impl Provider {
 
     /// The client of `meta`, without a redirect URI (each request sets its own).
     fn client(&self, meta: &Metadata) -> Result<LoginClient, LoginError> {
+        #[cfg(test)]
         self.client_builds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // `from_provider_metadata` wants the core metadata type; rebuild it from ours.
         let core: openidconnect::core::CoreProviderMetadata = serde_json::to_value(meta)
