@@ -512,9 +512,28 @@ fn ttl(headers: &http::HeaderMap, timing: &Timing) -> Duration {
     })
 }
 
+/// The most entries a key set may hold, usable or not. Providers publish 2 to 10 (the
+/// current key, the next and the last few, per algorithm); a set over this is refused
+/// whole, never cut to some of its keys: which keys a cut kept would be the order's
+/// choice, the key signing today's tokens among the dropped ones as likely as not (and a
+/// dropped key ends the tunnels and sessions it admitted). Refused, the previous set
+/// serves on (within `stale_window`) and the refresh counts as failed, with a warning.
+pub(crate) const MAX_JWKS_KEYS: usize = 100;
+
+/// Refuses a key set of more than [`MAX_JWKS_KEYS`] entries, before any is read.
+pub(crate) fn check_key_count(entries: usize) -> Result<(), String> {
+    if entries > MAX_JWKS_KEYS {
+        return Err(format!(
+            "JWKS holds {entries} keys, more than the {MAX_JWKS_KEYS} taken: refused whole"
+        ));
+    }
+    Ok(())
+}
+
 /// §11.5: keep only signing keys with a `kid`, a supported `kty` and an allowlisted
-/// algorithm. Fails when nothing usable is left, so a broken publication keeps the
-/// last good set (within the stale window) instead of wiping it.
+/// algorithm. Fails when nothing usable is left, or when the set holds more than
+/// [`MAX_JWKS_KEYS`] entries, so a broken publication keeps the last good set (within
+/// the stale window) instead of wiping it.
 pub(crate) fn parse_jwks(
     doc: &Value,
     allowlist: &[Algorithm],
@@ -523,6 +542,7 @@ pub(crate) fn parse_jwks(
     let Some(Value::Array(entries)) = doc.get("keys") else {
         return Err("JWKS has no `keys` array".into());
     };
+    check_key_count(entries.len())?;
     let mut keys = HashMap::new();
     for entry in entries {
         let Value::Object(jwk) = entry else { continue };
@@ -803,6 +823,36 @@ mod tests {
         assert_eq!(unnamed, Some(true));
         assert!(parse_jwks(&signer::jwks(&[&ec]), &[Algorithm::RS256], "t").is_err());
         assert!(parse_jwks(&json!({"keys": {}}), &[Algorithm::RS256], "t").is_err());
+        Ok(())
+    }
+
+    /// A key set of more than 100 entries is refused whole, whatever the entries are:
+    /// the count bounds what is parsed and held, so unusable entries count too; 100
+    /// entries are read as usual.
+    #[test]
+    fn a_key_set_of_more_than_100_entries_is_refused_whole(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let ec = DevSigner::generate_es256("ec")?;
+        let entries = |n: usize| -> Vec<Value> {
+            (0..n)
+                .map(|i| {
+                    let mut k = ec.public_jwk();
+                    k["kid"] = json!(format!("k{i}"));
+                    k
+                })
+                .collect()
+        };
+        let at_cap = parse_jwks(&json!({ "keys": entries(100) }), &[Algorithm::ES256], "t")?;
+        assert_eq!(at_cap.len(), 100);
+        let over = parse_jwks(&json!({ "keys": entries(101) }), &[Algorithm::ES256], "t");
+        assert!(
+            over.as_ref().is_err_and(|e| e.contains("101 keys")),
+            "{:?}",
+            over.map(|k| k.len())
+        );
+        let mut junk = entries(1);
+        junk.extend(std::iter::repeat_n(json!("not a key"), 100));
+        assert!(parse_jwks(&json!({ "keys": junk }), &[Algorithm::ES256], "t").is_err());
         Ok(())
     }
 

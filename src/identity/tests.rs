@@ -1917,11 +1917,11 @@ async fn a_discovery_document_with_an_unusable_jwks_uri_or_issuer_fetches_no_key
     assert!(v.verify_at(&token, NOW).await.is_ok());
 }
 
-/// A key set of thousands of keys (within the 1 MiB cap) costs one signature check per
-/// token: a token must name its key by `kid`, and no key is tried in turn.
+/// A key set as large as is taken (100 keys) costs one signature check per token: a
+/// token must name its key by `kid`, and no key is tried in turn.
 #[tokio::test]
 async fn a_key_set_of_thousands_of_keys_costs_one_signature_check_per_token() {
-    let mut keys: Vec<Value> = (0..5000)
+    let mut keys: Vec<Value> = (0..super::jwks::MAX_JWKS_KEYS - 1)
         .map(|i| {
             let mut k = ec().public_jwk();
             k["kid"] = json!(format!("decoy-{i}"));
@@ -1942,6 +1942,43 @@ async fn a_key_set_of_thousands_of_keys_costs_one_signature_check_per_token() {
     let forged = forger.sign(&json!({"alg": "ES256", "kid": "decoy-7"}), &okta_payload());
     assert_eq!(reason(&v, &forged).await, Some(Reason::InvalidSignature));
     assert_eq!(v.signature_checks(), 2);
+}
+
+/// A provider (or whoever answers for it) publishing more keys than any provider needs
+/// (100; they publish 2 to 10), each to be parsed and held: the whole set is refused,
+/// not cut to some of its keys. The previous set serves on (its key still verifies, the
+/// issuer stays ready), a key only the oversized set holds verifies nothing, and the
+/// refresh is a failure that says why.
+#[tokio::test]
+async fn a_key_set_of_more_than_100_keys_is_refused_whole_and_the_previous_one_serves_on() {
+    let (buf, _guard) = LogBuf::capture();
+    let dev = dev_issuer().await;
+    let k1 = DevSigner::generate_es256("k1").unwrap();
+    let k2 = DevSigner::generate_es256("k2").unwrap();
+    let url = dev.add_issuer("/human", &[&k1]);
+    let v =
+        Arc::new(Verifier::with_timing(vec![dev_settings(&dev, "/human")], fast_timing()).unwrap());
+    v.start();
+    assert!(v.wait_ready(Duration::from_secs(5)).await);
+    assert!(v.verify_at(&token_for(&k1, &url), NOW).await.is_ok());
+
+    let mut keys: Vec<Value> = vec![k1.public_jwk(), k2.public_jwk()];
+    keys.extend((keys.len()..=super::jwks::MAX_JWKS_KEYS).map(|i| {
+        let mut k = ec().public_jwk();
+        k["kid"] = json!(format!("decoy-{i}"));
+        k
+    }));
+    assert_eq!(keys.len(), 101);
+    dev.set_jwks("/human", json!({ "keys": keys }));
+    let asked = dev.jwks_fetches("/human");
+    // k2 is unknown: its token brings a refetch, which gets the oversized set.
+    assert_eq!(reason(&v, &token_for(&k2, &url)).await, Some(Reason::UnknownKey));
+    assert_eq!(dev.jwks_fetches("/human"), asked + 1, "no refetch for the unknown kid");
+    assert!(v.verify_at(&token_for(&k1, &url), NOW).await.is_ok(), "the previous set was lost");
+    assert!(v.ready());
+    let log = String::from_utf8_lossy(&buf.0.lock()).into_owned();
+    assert!(log.contains("JWKS refresh failed"), "{log}");
+    assert!(log.contains("JWKS holds 101 keys, more than the 100 taken"), "{log}");
 }
 
 /// A key fetch asks for no compression and decompresses nothing: a provider cannot send

@@ -26,8 +26,8 @@ use tokio::task::JoinHandle;
 
 use super::cache::{self, Entry, TokenCache};
 pub(crate) use super::jwks::{
-    chain, check_fetch_url, fit_for_verifying, issuer_tls, off_the_runtime, url_for_log,
-    url_str_for_log,
+    chain, check_fetch_url, check_key_count, fit_for_verifying, issuer_tls, off_the_runtime,
+    url_for_log, url_str_for_log,
 };
 use super::jwks::{IssuerKeys, Removals, Timing};
 use super::token::{self, MAX_TOKEN_LEN};

@@ -593,7 +593,9 @@ fn redirect_url(uri: &str) -> Result<RedirectUrl, LoginError> {
 /// key it can parse: an RSA modulus of any size under 4096 bits (512 among them, which
 /// anyone can factor), and a key whose `key_ops` leave out `verify`. Of keys under one
 /// `kid`, the first is kept, as for bearer tokens (`openidconnect` refuses a token
-/// naming a `kid` that several keys carry).
+/// naming a `kid` that several keys carry). A set of more than
+/// [`crate::identity::verify::check_key_count`]'s cap is refused whole, as for bearer
+/// tokens.
 fn login_keys(
     mut doc: Value,
     allowlist: &[crate::identity::Algorithm],
@@ -601,6 +603,7 @@ fn login_keys(
     let Some(Value::Array(keys)) = doc.get_mut("keys") else {
         return Err(LoginError("JWKS has no `keys` array".into()));
     };
+    crate::identity::verify::check_key_count(keys.len()).map_err(LoginError)?;
     let mut kids = std::collections::HashSet::new();
     keys.retain(|key| {
         let fit = match key {
@@ -737,6 +740,16 @@ mod tests {
         let kept = serde_json::to_value(&keys.keys()[0]).unwrap_or_default();
         assert_eq!(kept["n"], good["n"], "not the first key under its kid");
         assert!(login_keys(serde_json::json!({}), &allow).is_err());
+        // More than 100 entries: refused whole, as for bearer tokens.
+        let many: Vec<Value> = (0..101)
+            .map(|i| {
+                let mut k = good.clone();
+                k["kid"] = format!("k{i}").into();
+                k
+            })
+            .collect();
+        let refused = login_keys(serde_json::json!({ "keys": many }), &allow);
+        assert!(refused.is_err_and(|e| e.0.contains("101 keys")), "a set of 101 keys was taken");
     }
 
     /// A development issuer at `/human` with one RS256 key and a login client
