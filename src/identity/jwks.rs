@@ -327,16 +327,8 @@ impl IssuerKeys {
     async fn discover(&self) -> Result<Uri, String> {
         let url = check_fetch_url(&self.settings.discovery_url, self.settings.insecure_http)?;
         let (body, _) = self.get(&url).await?;
-        let doc: Value =
-            serde_json::from_slice(&body).map_err(|e| format!("discovery is not JSON: {e}"))?;
-        match doc.get("issuer") {
-            Some(Value::String(iss)) if *iss == self.settings.issuer => {}
-            _ => return Err("discovery `issuer` differs from the configured issuer".into()),
-        }
-        let Some(Value::String(jwks_uri)) = doc.get("jwks_uri") else {
-            return Err("discovery has no `jwks_uri` string".into());
-        };
-        check_fetch_url(jwks_uri, self.settings.insecure_http).map_err(|e| format!("jwks_uri {e}"))
+        let (issuer, insecure_http) = (self.settings.issuer.clone(), self.settings.insecure_http);
+        off_the_runtime(move || read_discovery(&body, &issuer, insecure_http)).await
     }
 
     /// A bare GET: no cookies, no credentials, no redirects followed, bounded in time
@@ -482,15 +474,36 @@ pub(crate) fn issuer_tls(settings: &IssuerSettings) -> Result<rustls::ClientConf
         .with_no_client_auth())
 }
 
-/// Runs `read` (reading a fetched key set: JSON, then every key's parse) on the blocking
-/// pool. The provider chooses how costly it is — a 1 MiB set holds some 2 500 RSA keys,
-/// a tenth of a second of CPU — and on a runtime thread it held up every request that
-/// thread serves (all of them on a one-CPU host, whose runtime is current-thread), at
-/// each refresh and at each refetch a junk token's unknown `kid` brings.
+/// Runs `read` (reading what a provider sent: a key set, JSON then every key's parse; a
+/// discovery document) on the blocking pool. The provider chooses how costly it is — a
+/// key set of 100 RSA keys takes a few milliseconds of CPU, a 1 MiB discovery document
+/// of a million tiny members tens of them — and on a runtime thread it held up every
+/// request that thread serves (all of them on a one-CPU host, whose runtime is
+/// current-thread), at each refresh and at each refetch a junk token's unknown `kid`
+/// brings (each failed key fetch brings a rediscovery too).
 pub(crate) async fn off_the_runtime<T: Send + 'static>(
     read: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, String> {
-    tokio::task::spawn_blocking(read).await.map_err(|e| format!("reading the key set: {e}"))?
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| format!("reading the provider's answer: {e}"))?
+}
+
+/// §11.1: the `jwks_uri` of a discovery document, which must name exactly `issuer`; the
+/// URI must be https ([`check_fetch_url`]). Run by [`off_the_runtime`].
+fn read_discovery(body: &[u8], issuer: &str, insecure_http: bool) -> Result<Uri, String> {
+    #[cfg(test)]
+    DOCUMENTS_READ.with(|n| n.set(n.get() + 1));
+    let doc: Value =
+        serde_json::from_slice(body).map_err(|e| format!("discovery is not JSON: {e}"))?;
+    match doc.get("issuer") {
+        Some(Value::String(iss)) if iss == issuer => {}
+        _ => return Err("discovery `issuer` differs from the configured issuer".into()),
+    }
+    let Some(Value::String(jwks_uri)) = doc.get("jwks_uri") else {
+        return Err("discovery has no `jwks_uri` string".into());
+    };
+    check_fetch_url(jwks_uri, insecure_http).map_err(|e| format!("jwks_uri {e}"))
 }
 
 /// `Cache-Control: max-age` clamped (§11.2); the default when absent.
@@ -602,6 +615,9 @@ thread_local! {
     /// Keys read ([`parse_jwk`]) on this thread: a test's current-thread runtime must
     /// read none of a fetched key set itself.
     pub(crate) static KEYS_READ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// Discovery documents read on this thread (the bearer path's and the sign-in's):
+    /// as for [`KEYS_READ`], a test's runtime thread must read none.
+    pub(crate) static DOCUMENTS_READ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 fn parse_jwk(

@@ -2012,6 +2012,54 @@ async fn a_key_fetch_asks_for_no_compression_and_takes_no_compressed_answer() {
     assert!(asked.iter().all(Option::is_none), "asked for an encoding: {asked:?}");
 }
 
+/// A browser sign-in client of the issuer `settings` describe, its secret written in `dir`.
+fn sign_in_provider(
+    mut settings: IssuerSettings,
+    dir: &std::path::Path,
+) -> crate::session::oidc::Provider {
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "s3cret").unwrap();
+    settings.audiences = vec!["portcullis".into()];
+    let login = crate::config::LoginSettings {
+        issuer: settings.id.clone(),
+        client_id: "portcullis".into(),
+        client_secret: crate::config::SecretSource::File(secret),
+        scopes: vec!["openid".into()],
+        redirect_path: "/.portcullis/callback".into(),
+        extra_params: Vec::new(),
+        post_logout_redirect: None,
+    };
+    crate::session::oidc::Provider::new(settings, login).unwrap()
+}
+
+/// A discovery document is the provider's too, up to the 1 MiB every fetch reads: read
+/// as JSON, and for a sign-in read again into the client (a JSON round trip of the whole
+/// document), tens of milliseconds of a runtime thread for one of a million tiny
+/// members, at each rediscovery (every failed key fetch brings one, so the provider can
+/// ask for one per retry or per `refresh_cooldown`). It is read on the blocking pool,
+/// the bearer path's and the sign-in's alike, as key sets are.
+#[tokio::test]
+async fn a_fetched_discovery_document_is_read_off_the_runtime_thread() {
+    let dev = dev_issuer().await;
+    let signer = DevSigner::generate_rs256("k1").unwrap();
+    let url = dev.add_issuer("/human", &[&signer]);
+    crate::dev::login::DevLogin::install(&dev, "/human", &signer, "portcullis", "s3cret").unwrap();
+    let v =
+        Arc::new(Verifier::with_timing(vec![dev_settings(&dev, "/human")], fast_timing()).unwrap());
+    v.start();
+    assert!(v.wait_ready(Duration::from_secs(5)).await);
+    assert!(v.verify_at(&token_for(&signer, &url), NOW).await.is_ok());
+    assert_eq!(dev.discovery_fetches("/human"), 1);
+    let read_here = || super::verify::DOCUMENTS_READ.with(|n| n.get());
+    assert_eq!(read_here(), 0, "a discovery document read on the runtime thread");
+
+    let dir = tempfile::tempdir().unwrap();
+    let provider = sign_in_provider(dev_settings(&dev, "/human"), dir.path());
+    assert!(provider.metadata(false).await.is_ok());
+    assert_eq!(dev.discovery_fetches("/human"), 2);
+    assert_eq!(read_here(), 0, "a sign-in's discovery document read on the runtime thread");
+}
+
 /// Reading a key set is the provider's to make costly (a 1 MiB set of RSA keys is some
 /// 2 500 keys to parse, a tenth of a second of CPU): it is read on the blocking pool,
 /// never on a runtime thread (here the test's, current-thread, as the proxy's runtime
@@ -2032,20 +2080,7 @@ async fn a_fetched_key_set_is_read_off_the_runtime_thread() {
     assert_eq!(super::jwks::KEYS_READ.with(|n| n.get()), 0, "a key set read on the runtime thread");
 
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "s3cret").unwrap();
-    let mut settings = dev_settings(&dev, "/human");
-    settings.audiences = vec!["portcullis".into()];
-    let login = crate::config::LoginSettings {
-        issuer: settings.id.clone(),
-        client_id: "portcullis".into(),
-        client_secret: crate::config::SecretSource::File(secret),
-        scopes: vec!["openid".into()],
-        redirect_path: "/.portcullis/callback".into(),
-        extra_params: Vec::new(),
-        post_logout_redirect: None,
-    };
-    let provider = crate::session::oidc::Provider::new(settings, login).unwrap();
+    let provider = sign_in_provider(dev_settings(&dev, "/human"), dir.path());
     assert!(provider.metadata(false).await.is_ok());
     assert_eq!(
         super::jwks::KEYS_READ.with(|n| n.get()),

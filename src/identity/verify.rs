@@ -25,6 +25,8 @@ use serde_json::{Map, Value};
 use tokio::task::JoinHandle;
 
 use super::cache::{self, Entry, TokenCache};
+#[cfg(test)]
+pub(crate) use super::jwks::DOCUMENTS_READ;
 pub(crate) use super::jwks::{
     chain, check_fetch_url, check_key_count, fit_for_verifying, issuer_tls, off_the_runtime,
     url_for_log, url_str_for_log,

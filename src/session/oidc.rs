@@ -237,10 +237,10 @@ impl Provider {
                 return stale.ok_or_else(|| e.clone());
             }
         }
-        let loaded = self.fetch_metadata().await.and_then(|meta| {
-            let client = self.client(&meta)?;
-            Ok(Loaded { meta, client })
-        });
+        let loaded = match self.fetch_metadata().await {
+            Ok(meta) => self.load(meta).await,
+            Err(e) => Err(e),
+        };
         match loaded {
             Ok(loaded) => {
                 let loaded = Arc::new(loaded);
@@ -266,8 +266,16 @@ impl Provider {
             let url = crate::identity::verify::url_str_for_log(&self.settings.discovery_url);
             return Err(LoginError(format!("discovery {url} answered {}", resp.status())));
         }
-        let meta: Metadata = serde_json::from_slice(resp.body())
-            .map_err(|e| LoginError(format!("discovery document: {e}")))?;
+        let body = resp.into_body();
+        // Off the runtime thread, as the key set: the provider chooses what 1 MiB holds.
+        let meta = crate::identity::verify::off_the_runtime(move || {
+            #[cfg(test)]
+            crate::identity::verify::DOCUMENTS_READ.with(|n| n.set(n.get() + 1));
+            serde_json::from_slice::<Metadata>(&body)
+                .map_err(|e| format!("discovery document: {e}"))
+        })
+        .await
+        .map_err(LoginError)?;
         // OIDC Discovery §4.3: the document's issuer is exactly the configured one.
         if meta.issuer().as_str() != self.settings.issuer {
             return Err(LoginError("discovery `issuer` differs from the configured issuer".into()));
@@ -327,20 +335,27 @@ impl Provider {
         .map_err(LoginError)
     }
 
-    /// The client of `meta`, without a redirect URI (each request sets its own).
-    fn client(&self, meta: &Metadata) -> Result<LoginClient, LoginError> {
+    /// `meta` with its client, without a redirect URI (each request sets its own). Built
+    /// on the blocking pool: it is a JSON round trip of the whole document, which the
+    /// provider chooses (up to 1 MiB).
+    async fn load(&self, meta: Metadata) -> Result<Loaded, LoginError> {
         #[cfg(test)]
         self.client_builds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // `from_provider_metadata` wants the core metadata type; rebuild it from ours.
-        let core: openidconnect::core::CoreProviderMetadata = serde_json::to_value(meta)
-            .and_then(serde_json::from_value)
-            .map_err(|e| LoginError(format!("metadata: {e}")))?;
-        let core = core.set_jwks(meta.jwks().clone());
-        Ok(CoreClient::from_provider_metadata(
-            core,
-            ClientId::new(self.login.client_id.clone()),
-            Some(ClientSecret::new(self.secret.clone())),
-        ))
+        let id = ClientId::new(self.login.client_id.clone());
+        let secret = ClientSecret::new(self.secret.clone());
+        crate::identity::verify::off_the_runtime(move || {
+            #[cfg(test)]
+            crate::identity::verify::DOCUMENTS_READ.with(|n| n.set(n.get() + 1));
+            // `from_provider_metadata` wants the core metadata type; rebuild it from ours.
+            let core: openidconnect::core::CoreProviderMetadata = serde_json::to_value(&meta)
+                .and_then(serde_json::from_value)
+                .map_err(|e| format!("metadata: {e}"))?;
+            let core = core.set_jwks(meta.jwks().clone());
+            let client = CoreClient::from_provider_metadata(core, id, Some(secret));
+            Ok(Loaded { meta, client })
+        })
+        .await
+        .map_err(LoginError)
     }
 
     /// The provider's end-session endpoint, if it advertises one.
