@@ -283,6 +283,9 @@ impl IssuerKeys {
             }
             Err((url, e)) => {
                 let stale = self.loaded();
+                // Escaped: the error can quote the provider's text, such as the names of
+                // its TLS certificate (rustls's "certificate not valid for name …").
+                let e = crate::diag::Visible(&e);
                 tracing::warn!(issuer = %self.label, url = %url, error = %e, serving_stale = stale, "JWKS refresh failed");
                 metrics.inc(&(self.label.clone(), "error"));
                 Err(())

@@ -2060,6 +2060,46 @@ async fn a_fetched_discovery_document_is_read_off_the_runtime_thread() {
     assert_eq!(read_here(), 0, "a sign-in's discovery document read on the runtime thread");
 }
 
+/// rustls quotes a certificate's names as they are when none fits the host asked for
+/// ("certificate not valid for name …; certificate is only valid for DnsName(\"…\")"),
+/// and a certificate a private CA signed (or any CA that signs what it is sent) can hold
+/// a newline followed by a line of the log's shape, an ANSI escape or a bidi override.
+/// The key fetch's and the sign-in's failures write that text escaped, each on its own
+/// line.
+#[tokio::test]
+async fn a_tls_error_quoting_a_certificates_names_reaches_the_log_escaped() {
+    let (buf, _guard) = LogBuf::capture();
+    let odd = crate::tls::odd_names::odd_names();
+    let dev = DevIssuer::start(SocketAddr::from(([127, 0, 0, 1], 0)), Some(odd.server.clone()))
+        .await
+        .unwrap();
+    dev.add_issuer("/human", &[rsa()]);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &odd.ca_pem).unwrap();
+    let mut s = dev_settings(&dev, "/human");
+    s.insecure_http = false;
+    s.ca_file = Some(ca_file);
+    let removals = Arc::new(tokio::sync::watch::channel(()).0);
+    let keys = super::jwks::IssuerKeys::new(s.clone(), fast_timing(), removals).unwrap();
+    assert!(keys.refresh_for_kid("k1").await.is_none());
+    let provider = sign_in_provider(s, dir.path());
+    assert!(provider.metadata(false).await.is_err());
+
+    let log = String::from_utf8_lossy(&buf.0.lock()).into_owned();
+    assert!(log.contains("JWKS refresh failed"), "{log}");
+    assert!(log.contains("provider metadata fetch failed"), "{log}");
+    assert_eq!(log.lines().count(), 2, "{log}");
+    let forged = format!("x\\u000A{}", crate::tls::odd_names::FORGED);
+    for line in log.lines() {
+        assert!(line.contains(" WARN "), "{log}");
+        assert!(line.contains("certificate not valid for name"), "{log}");
+        assert!(line.contains(&forged), "{log}");
+        assert!(line.contains("y\\u001B[2K") && line.contains("z\\u202Elmth"), "{log}");
+    }
+    assert!(!log.contains('\u{1b}') && !log.contains('\u{202e}'), "{log}");
+}
+
 /// Reading a key set is the provider's to make costly (a 1 MiB set of RSA keys is some
 /// 2 500 keys to parse, a tenth of a second of CPU): it is read on the blocking pool,
 /// never on a runtime thread (here the test's, current-thread, as the proxy's runtime

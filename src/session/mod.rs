@@ -974,7 +974,9 @@ impl Sessions {
             let v = match provider.refresh(rt).await {
                 Ok(v) => v,
                 Err(e) => {
-                    tracing::info!(issuer = %provider.settings.id, error = %e.0, "session refresh failed");
+                    // Escaped: the error can quote the provider's certificate names.
+                    let error = crate::diag::Visible(&e.0);
+                    tracing::info!(issuer = %provider.settings.id, %error, "session refresh failed");
                     return None;
                 }
             };

@@ -249,7 +249,9 @@ impl Provider {
                 Ok(loaded)
             }
             Err(e) => {
-                tracing::warn!(issuer = %self.settings.id, error = %e.0, stale = stale.is_some(), "provider metadata fetch failed");
+                // Escaped: the error can quote the provider's certificate names.
+                let error = crate::diag::Visible(&e.0);
+                tracing::warn!(issuer = %self.settings.id, %error, stale = stale.is_some(), "provider metadata fetch failed");
                 slot.failed = Some((e.clone(), Instant::now()));
                 stale.ok_or(e)
             }

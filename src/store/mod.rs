@@ -36,6 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufStream};
 use tokio::net::TcpStream;
 
 use crate::config::RedisSettings;
+use crate::diag::Visible;
 use crate::session::revoke::{Revocations, SignOut};
 use resp::Value;
 
@@ -62,10 +63,13 @@ pub enum StoreError {
 impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StoreError::Connect(e) => write!(f, "cannot connect: {e}"),
-            StoreError::Io(e) => write!(f, "connection failed: {e}"),
+            // The server's text (its certificate's names in a TLS error, its own error
+            // replies) escaped: logs write these as they are, and a newline in them
+            // would start a log line of the server's making.
+            StoreError::Connect(e) => write!(f, "cannot connect: {}", Visible(e)),
+            StoreError::Io(e) => write!(f, "connection failed: {}", Visible(e)),
             StoreError::Protocol(why) => write!(f, "protocol error: {why}"),
-            StoreError::Refused(e) => write!(f, "Redis refused the command: {e}"),
+            StoreError::Refused(e) => write!(f, "Redis refused the command: {}", Visible(e)),
             StoreError::Unexpected => f.write_str("unexpected reply"),
             StoreError::Timeout => f.write_str("timed out"),
         }
@@ -713,6 +717,40 @@ mod tests {
         assert!(waits
             .iter()
             .all(|w| (Duration::from_secs(2)..=Duration::from_secs(4)).contains(w)));
+    }
+
+    /// A Redis server whose TLS certificate (signed by the `ca` trusted) holds names of
+    /// its own making: rustls quotes them in the connection error ("certificate not valid
+    /// for name …"), and the error, as every log line naming it writes it (the
+    /// subscription's, the sign-outs', the single-use check's warnings), holds them
+    /// escaped: no newline starting a line of the server's making, no ANSI escape, no
+    /// bidi override.
+    #[tokio::test]
+    async fn a_tls_error_quoting_the_servers_certificate_names_is_escaped() {
+        use crate::tls::odd_names::{odd_names, FORGED};
+        let odd = odd_names();
+        let server = crate::dev::issuer::DevIssuer::start(
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            Some(odd.server.clone()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, &odd.ca_pem).unwrap_or_else(|e| panic!("{e}"));
+        let mut s = settings(server.local_addr().port());
+        s.tls = true;
+        s.ca = Some(ca);
+        s.timeout = Duration::from_secs(10);
+        let store = Store::new(s).unwrap_or_else(|e| panic!("{e}"));
+        let e = match store.command(&[b"PING"]).await {
+            Err(e) => e.to_string(),
+            Ok(v) => panic!("answered {v:?}"),
+        };
+        assert!(e.contains("certificate not valid for name"), "{e}");
+        assert!(e.contains(&format!("x\\u000A{FORGED}")), "{e}");
+        assert!(e.contains("y\\u001B[2K") && e.contains("z\\u202Elmth"), "{e}");
+        assert!(!e.contains(['\n', '\u{1b}', '\u{202e}']), "{e}");
     }
 
     /// A server that hangs, or answers what no command of the store expects, is a

@@ -25,6 +25,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 mod dev_pki;
+#[cfg(test)]
+pub(crate) mod odd_names;
 mod resolver;
 
 pub use dev_pki::{write_dev_certs, DevPki};
