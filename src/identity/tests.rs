@@ -1851,6 +1851,51 @@ async fn a_key_endpoint_that_dribbles_its_answer_is_given_up_at_the_fetch_timeou
     }
 }
 
+/// A key endpoint whose answer's head is huge — 200 headers, or one header of 1 MiB —
+/// is refused as soon as hyper's client limits are passed (HTTP/1: 100 headers, about
+/// 400 KiB of head), not read on until the fetch times out: nothing is held beyond them.
+#[tokio::test]
+async fn a_key_endpoint_answering_with_huge_headers_is_refused_at_once() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    for many in [true, false] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let jwks_uri = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let mut head =
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n".to_vec();
+                    if many {
+                        for i in 0..200 {
+                            head.extend_from_slice(format!("X-Pad-{i}: a\r\n").as_bytes());
+                        }
+                    } else {
+                        head.extend_from_slice(b"X-Pad: ");
+                        head.extend(std::iter::repeat_n(b'a', 1 << 20));
+                        head.extend_from_slice(b"\r\n");
+                    }
+                    // Then the head is never finished: only the limits can end the fetch.
+                    let _ = s.write_all(&head).await;
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                });
+            }
+        });
+        let dev = dev_issuer().await;
+        dev.add_issuer("/human", &[rsa()]);
+        dev.set_discovery_member("/human", "jwks_uri", json!(jwks_uri));
+        let timing = Timing { fetch_timeout: Duration::from_secs(60), ..fast_timing() };
+        let removals = Arc::new(tokio::sync::watch::channel(()).0);
+        let keys =
+            super::jwks::IssuerKeys::new(dev_settings(&dev, "/human"), timing, removals).unwrap();
+        let refreshed = tokio::time::timeout(Duration::from_secs(20), keys.refresh_for_kid("k1"))
+            .await
+            .unwrap_or_else(|_| panic!("many {many}: read on until the fetch timeout"));
+        assert!(refreshed.is_none() && !keys.loaded(), "many {many}: a key set was taken");
+    }
+}
+
 /// A provider's `kid` is its text: a key set repeating a `kid` holding a newline wrote
 /// a log line of the provider's making into the text log ("JWKS repeats a kid"). Every
 /// `kid` a key-set warning names is written escaped, on the warning's own line.
