@@ -37,10 +37,12 @@
 //! `pg.statement` event.
 //!
 //! A session holds a `server.max_connections` slot; a CancelRequest needs none. With
-//! every slot taken, a connection is accepted on one of [`SEATS`] until its first packet
-//! says what it is (within [`SEAT_WAIT`]): a cancel is served there, a StartupMessage
-//! waits for a slot off its seat (at most [`WAITERS`] of them; one more, or one still
-//! waiting at `startup_timeout`, is refused `53300`).
+//! every slot taken, a connection is accepted on one of its listener's [`SEATS`] until its
+//! first packet says what it is (within [`SEAT_WAIT`]): a cancel is served there, a
+//! StartupMessage waits for a slot off its seat (at most [`WAITERS`] of them per listener;
+//! one more, or one still waiting at `startup_timeout`, is refused `53300`). Seats and
+//! waiting places are each listener's own, so a flood on one database listener cannot
+//! keep another route's cancels or sessions out.
 //!
 //! The relay never reassembles messages. It reads up to 64 KiB, forwards it, and walks the
 //! message headers in what it forwarded ([`proto::Scanner`]); only Query, Parse, Bind,
@@ -83,21 +85,25 @@ pub use listeners::{ListenerPlan, Listeners};
 /// The ALPN id of PostgreSQL (direct TLS, PostgreSQL 17+ clients).
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
-/// Connections the database listeners accept, together, while every `max_connections`
-/// slot is taken: each until its first packet says what it is. A CancelRequest is then
-/// served on its seat (PostgreSQL serves cancels when full: a cancel is how an operator
-/// stops the runaway statement that may be holding the slots); a session waits for a
-/// slot off its seat (see [`WAITERS`]).
+/// Connections each database listener accepts while every `max_connections` slot is
+/// taken: each until its first packet says what it is. A CancelRequest is then served on
+/// its seat (PostgreSQL serves cancels when full: a cancel is how an operator stops the
+/// runaway statement that may be holding the slots); a session waits for a slot off its
+/// seat (see [`WAITERS`]). Each listener has seats of its own: anyone who can reach one
+/// route's port can fill its seats (with silent connections, or cancels its upstream is
+/// slow to take), and that must not delay another route's cancels.
 pub const SEATS: usize = 8;
 /// How long a connection may hold a seat before its first packet (after `SSLRequest` and
 /// TLS, if it asks for them) has come in: psql sends it at once. A connection still silent
 /// then is refused (`overloaded`), so connections that send nothing cannot keep every
 /// seat, and a cancel out, for the route's whole `startup_timeout`.
 pub const SEAT_WAIT: Duration = Duration::from_secs(2);
-/// Sessions that may wait for a slot at once, together, once their startup packet has
-/// come in on a seat; one more is refused with `53300` (reason `overloaded`), as
-/// PostgreSQL refuses a session when full. Waiting is bounded by the route's
-/// `startup_timeout`.
+/// Sessions that may wait for a slot at once on each database listener, once their
+/// startup packet has come in on a seat; one more is refused with `53300` (reason
+/// `overloaded`), as PostgreSQL refuses a session when full. Waiting is bounded by the
+/// route's `startup_timeout`. Per listener, as the seats are: startup packets flooding
+/// one route's port (no token is asked for before a slot) must not get another route's
+/// sessions refused at once.
 pub const WAITERS: usize = 16;
 
 /// Where a connection stands against `server.max_connections`. The permits are held
@@ -106,9 +112,11 @@ pub const WAITERS: usize = 16;
 pub(crate) enum Place {
     /// A slot: the connection may become a session.
     Slot(OwnedSemaphorePermit),
-    /// A seat (see [`SEATS`]), taken when every slot was, and the slots to wait on.
-    Seat(OwnedSemaphorePermit, Arc<Semaphore>),
-    /// Waiting for a slot (see [`WAITERS`]), its seat given back.
+    /// A seat of the listener the connection came in on (see [`SEATS`]), taken when
+    /// every slot was; the slots to wait on, and that listener's places to wait in.
+    Seat { seat: OwnedSemaphorePermit, slots: Arc<Semaphore>, waiters: Arc<Semaphore> },
+    /// Waiting for a slot in one of its listener's places (see [`WAITERS`]), its seat
+    /// given back.
     Waiting(OwnedSemaphorePermit),
 }
 
@@ -121,9 +129,6 @@ pub struct Hub {
     upstream_tls: ArcSwap<HashMap<Arc<str>, Arc<rustls::ClientConfig>>>,
     pub(crate) cancels: Arc<cancel::CancelMap>,
     pub(crate) keys: scram::KeyCache,
-    /// [`SEATS`] and [`WAITERS`], shared by every database listener.
-    seats: Arc<Semaphore>,
-    pub(crate) waiters: Arc<Semaphore>,
     /// `server.shutdown_grace` as the server started: the drain's, which a reload does
     /// not change (it warns that a restart is needed).
     grace: Duration,
@@ -177,8 +182,6 @@ impl Hub {
             upstream_tls: ArcSwap::from_pointee(prepared.upstream_tls),
             cancels: Arc::default(),
             keys: scram::KeyCache::default(),
-            seats: Arc::new(Semaphore::new(SEATS)),
-            waiters: Arc::new(Semaphore::new(WAITERS)),
             grace: prepared.grace,
         })
     }
@@ -233,6 +236,11 @@ impl Hub {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut sessions = tokio::task::JoinSet::new();
+        // This listener's own seats and waiting places (see `SEATS`, `WAITERS`): a
+        // flood on another database listener takes none of them. They stay with the
+        // listener (its port) when a reload hands it to another route.
+        let seats = Arc::new(Semaphore::new(SEATS));
+        let waiters = Arc::new(Semaphore::new(WAITERS));
         let closed = loop {
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -259,9 +267,9 @@ impl Hub {
                 continue;
             };
             // The session's slot, taken once it is accepted (a loop waiting for clients
-            // holds none). With every slot taken it gets a seat, on which a cancel request
-            // is served; with every seat taken too it waits for either, unserved. The
-            // error says whether the listener was closed.
+            // holds none). With every slot taken it gets one of this listener's seats, on
+            // which a cancel request is served; with every seat taken too it waits for
+            // either, unserved. The error says whether the listener was closed.
             let place = match limit.clone().try_acquire_owned() {
                 Ok(p) => Ok(Place::Slot(p)),
                 Err(TryAcquireError::Closed) => Err(false),
@@ -269,8 +277,13 @@ impl Hub {
                     tokio::select! {
                         biased;
                         p = limit.clone().acquire_owned() => break p.map(Place::Slot).map_err(|_| false),
-                        s = self.seats.clone().acquire_owned() => {
-                            break s.map(|s| Place::Seat(s, limit.clone())).map_err(|_| false)
+                        s = seats.clone().acquire_owned() => {
+                            let seat = |seat| Place::Seat {
+                                seat,
+                                slots: limit.clone(),
+                                waiters: waiters.clone(),
+                            };
+                            break s.map(seat).map_err(|_| false)
                         }
                         _ = stopped(&mut shutdown) => break Err(false),
                         r = route.changed() => match r {

@@ -599,7 +599,7 @@ async fn establish(
     // On a seat (every slot was taken), only for `SEAT_WAIT`: connections that send
     // nothing must not keep every seat, and cancels out, for the whole `startup_timeout`.
     let first = first_packet(hub, tcp, sid, facts);
-    let first = if matches!(place, Place::Seat(..)) {
+    let first = if matches!(place, Place::Seat { .. }) {
         match tokio::time::timeout(super::SEAT_WAIT, first).await {
             Ok(r) => r,
             Err(_) => {
@@ -621,7 +621,7 @@ async fn establish(
     };
     // A session, not a cancel request: it needs a slot of its own.
     if let Err(refused) =
-        take_slot(hub, place, &mut client, sid, facts, (deadline, db.startup_timeout)).await
+        take_slot(place, &mut client, sid, facts, (deadline, db.startup_timeout)).await
     {
         return refused;
     }
@@ -960,27 +960,26 @@ async fn establish(
 
 /// Turns a seat (a connection accepted while every slot was taken, see
 /// [`super::SEATS`]) into a slot: the seat is given back at once, for cancel requests,
-/// and the connection waits off it, as one of at most [`super::WAITERS`]; one more is
-/// refused, as PostgreSQL refuses a session when full (`53300`). The wait ends at the
-/// set-up's `deadline` (the route's `startup_timeout`, which runs around all of this)
-/// with that same refusal, so the client is told why.
+/// and the connection waits off it, as one of at most [`super::WAITERS`] on its
+/// listener; one more is refused, as PostgreSQL refuses a session when full (`53300`).
+/// The wait ends at the set-up's `deadline` (the route's `startup_timeout`, which runs
+/// around all of this) with that same refusal, so the client is told why.
 async fn take_slot(
-    hub: &Hub,
     place: &mut Place,
     client: &mut Client,
     sid: &str,
     facts: &mut Facts,
     (deadline, startup_timeout): (tokio::time::Instant, Duration),
 ) -> Result<(), Outcome> {
-    let Place::Seat(_, limit) = &*place else { return Ok(()) };
-    let limit = limit.clone();
+    let Place::Seat { slots: limit, waiters, .. } = &*place else { return Ok(()) };
+    let (limit, waiters) = (limit.clone(), waiters.clone());
     if let Ok(p) = limit.clone().try_acquire_owned() {
         *place = Place::Slot(p);
         return Ok(());
     }
-    let Ok(waiter) = hub.waiters.clone().try_acquire_owned() else {
+    let Ok(waiter) = waiters.try_acquire_owned() else {
         let detail = format!(
-            "every connection slot (server.max_connections) taken, and {} sessions already waiting for one",
+            "every connection slot (server.max_connections) taken, and {} sessions already waiting for one on this listener",
             super::WAITERS
         );
         return Err(too_many_connections(client, sid, detail).await);

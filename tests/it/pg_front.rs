@@ -14,7 +14,8 @@ use tokio::net::TcpStream;
 
 use crate::pg::{assert_no_secrets, tls_to, PgWorld};
 use crate::pg_session::{
-    cstr, error_code, kinds, login_on, next, query, refused_startup, send, until_ready, Conn,
+    cstr, error_code, kinds, login_on, next, query, refused_startup, send, tls_at, until_ready,
+    Conn,
 };
 
 /// TLS from the first byte (libpq 17's `sslnegotiation=direct`), offering `alpn`.
@@ -468,6 +469,108 @@ async fn sessions_waiting_for_a_slot_are_bounded_and_the_next_is_refused_53300()
     let overloaded = w.events_of("pg.session").await;
     let overloaded = overloaded.iter().filter(|e| e["reason"] == "overloaded").count();
     assert_eq!(overloaded, portcullis::postgres::WAITERS + 1);
+}
+
+/// The routes `appdb` and `second` (the same but for the name), each on its own
+/// listener, with `startup_timeout`s of `a` and `b`, and `server` in `[server]`.
+async fn two_routes(server: &str, a: &str, b: &str) -> Option<PgWorld> {
+    PgWorld::with_server(server, |t| {
+        let timeout = |s: &str| format!("startup_timeout = \"{s}\"");
+        let second = t
+            .replacen("name = \"appdb\"", "name = \"second\"", 1)
+            .replace(&timeout("2s"), &timeout(b));
+        format!("{}\n{second}", t.replace(&timeout("2s"), &timeout(a)))
+    })
+    .await
+}
+
+/// Gap 1 of session 20: the seats were shared by every database listener, so silent
+/// connections flooding one route's port (anyone who can reach it) took the seats a
+/// cancel on another route needed: psql's Ctrl-C on `second` waited until a connection
+/// of the flood on `appdb` was refused at `SEAT_WAIT` and gave its seat back (and with
+/// more routes flooded, or cancels `appdb`'s upstream is slow to take, longer). Each
+/// listener now has seats of its own: the cancel on `second` is served at once.
+#[tokio::test]
+async fn a_flood_on_one_database_listener_does_not_hold_up_a_cancel_on_another() {
+    let Some(w) = two_routes("max_connections = 1", "10s", "10s").await else { return };
+    let token = w.w.token("bb", &[]);
+    let startup = crate::pg::startup("app", "appdb");
+    let (mut t, key) = login_on(tls_at(&w, w.addr_of("second")).await, &token, &startup).await;
+    send(&mut t, &[query(b"select 'flood-marker', pg_sleep(30)")]).await;
+    w.until_running("flood-marker").await;
+    // Twice as many silent connections on `appdb` as it has seats.
+    let mut flood = Vec::new();
+    for _ in 0..2 * portcullis::postgres::SEATS {
+        flood.push(TcpStream::connect(w.addr_of("appdb")).await.unwrap_or_else(|e| panic!("{e}")));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let mut c = TcpStream::connect(w.addr_of("second")).await.unwrap_or_else(|e| panic!("{e}"));
+    let pid = u32::from_be_bytes([key[0], key[1], key[2], key[3]]);
+    let secret = u32::from_be_bytes([key[4], key[5], key[6], key[7]]);
+    c.write_all(&proto::cancel_request(pid, secret)).await.unwrap_or_else(|e| panic!("{e}"));
+    let m = tokio::time::timeout(Duration::from_secs(8), until_ready(&mut t)).await;
+    let m = m.unwrap_or_else(|_| panic!("the cancel on `second` never got through"));
+    assert_eq!(error_code(&m).as_deref(), Some("57014"), "not cancelled: {m:?}");
+    let waited = started.elapsed();
+    let ev = w.wait_event(|e| e["kind"] == "pg.cancel").await;
+    assert_eq!((&ev["route"], &ev["forwarded"]), (&"second".into(), &true.into()), "{ev}");
+    // The flood did hold `appdb`'s seats: its connections are refused at `SEAT_WAIT`.
+    let seat_refusal = |e: &serde_json::Value| {
+        e["reason"] == "overloaded" && e["detail"].as_str().is_some_and(|d| d.contains("seat"))
+    };
+    let ev = w.wait_event(seat_refusal).await;
+    assert_eq!(ev["route"], "appdb", "{ev}");
+    // The cancel did not wait for one of them to give its seat back.
+    let events = w.w.events();
+    let cancelled = events.iter().position(|e| e["kind"] == "pg.cancel");
+    let first_refused = events.iter().position(seat_refusal);
+    assert!(
+        cancelled < first_refused,
+        "the cancel on `second` waited {waited:?}, for a seat the flood on `appdb` gave back"
+    );
+    assert!(events.iter().filter(|e| seat_refusal(e)).all(|e| e["route"] == "appdb"));
+    drop(flood);
+}
+
+/// Gap 2 of session 20, the same for sessions: the places to wait for a slot were shared
+/// too, so startup packets flooding `appdb`'s port (no token is asked for before a
+/// slot) got a session on `second` refused at once with `53300` while the proxy was
+/// full. Each listener now has its own: the session on `second` waits, and gets the slot
+/// that frees once the flood's sessions have given up (`appdb`'s `startup_timeout`).
+#[tokio::test]
+async fn startups_flooding_one_database_listener_leave_another_route_room_to_wait() {
+    let Some(w) = two_routes("max_connections = 1", "2s", "10s").await else { return };
+    let token = w.w.token("bb", &[]);
+    let startup = crate::pg::startup("app", "appdb");
+    let (holds_the_slot, _) =
+        login_on(tls_at(&w, w.addr_of("second")).await, &token, &startup).await;
+    let mut flood = Vec::new();
+    for _ in 0..portcullis::postgres::WAITERS {
+        let mut f = tls_at(&w, w.addr_of("appdb")).await;
+        send(&mut f, std::slice::from_ref(&startup)).await;
+        flood.push(f);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut t = tls_at(&w, w.addr_of("second")).await;
+    send(&mut t, std::slice::from_ref(&startup)).await;
+    // Every waiting place on `appdb` was taken: its sessions give up at its 2 s.
+    for f in &mut flood {
+        let got = all_until_close(f).await;
+        assert_eq!(error_code(&got).as_deref(), Some("53300"), "{got:?}");
+    }
+    drop(holds_the_slot);
+    let first = tokio::time::timeout(Duration::from_secs(6), next(&mut t)).await;
+    let first = first.unwrap_or_else(|_| panic!("the session on `second` never got the slot"));
+    let (k, body) = first.unwrap_or_else(|| panic!("the session on `second` was closed"));
+    assert_eq!(k, b'R', "the session on `second` was refused: {}", String::from_utf8_lossy(&body));
+    send(&mut t, &[message(b'p', &cstr(token.as_bytes()))]).await;
+    let m = until_ready(&mut t).await;
+    assert!(kinds(&m).ends_with('Z'), "{m:?}");
+    let refused = w.events_of("pg.session").await;
+    let refused: Vec<_> =
+        refused.iter().filter(|e| e["event"] == "refused" && e["route"] == "second").collect();
+    assert!(refused.is_empty(), "{refused:?}");
 }
 
 /// Gap 2 of session 17: a refused startup's `user` and `database` are the client's own

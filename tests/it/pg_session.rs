@@ -55,7 +55,7 @@ fn sync() -> Vec<u8> {
 }
 
 /// TLS to the database listener at `addr`.
-async fn tls_at(w: &PgWorld, addr: SocketAddr) -> Conn {
+pub(crate) async fn tls_at(w: &PgWorld, addr: SocketAddr) -> Conn {
     let mut tcp = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("{e}"));
     let ssl =
         portcullis::postgres::proto::startup_packet(portcullis::postgres::proto::SSL_REQUEST, &[]);
