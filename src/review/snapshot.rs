@@ -106,7 +106,14 @@ fn identity_settings(
 }
 
 fn render_value(key: &str, v: &toml::Value) -> String {
-    let secret = |k: &str| k.contains("secret") || k.contains("password");
+    // A key naming a secret holds it, unless it holds where the secret is: a file's
+    // path (`password_file`) or a variable's name (`client_secret_env`), shown so a
+    // reviewer sees which credential a route now uses, unless it reads like the secret
+    // pasted by mistake (`pasted`, below).
+    let secret = |k: &str| {
+        (k.contains("secret") || k.contains("password"))
+            && !(k.ends_with("_file") || k.ends_with("_env"))
+    };
     // A `*_env` key holds a variable's name; one that does not read like a name may be
     // the secret itself, pasted by mistake (`keys_env = "<hex key>"`).
     // So may a path that reads like a secret ([`crate::config::reads_like_secret`]).
@@ -130,6 +137,12 @@ fn render_value(key: &str, v: &toml::Value) -> String {
                 })
                 .collect();
             format!("{{{}}}", parts.join(", "))
+        }
+        // Each item as a value of the key: an array of tables (`[[tls.sni]]`) holds keys
+        // of its own, each judged as above.
+        toml::Value::Array(items) => {
+            let parts: Vec<String> = items.iter().map(|item| render_value(key, item)).collect();
+            format!("[{}]", parts.join(","))
         }
         // The digest tells a change apart without showing the value.
         _ if secret(key) || pasted(key, v) => {

@@ -2033,3 +2033,32 @@ fn policy_test_refuses_a_test_file_whose_name_is_more_than_one_policy() {
         "{r:?}"
     );
 }
+
+/// A value under a key of an array of tables (`[[tls.sni]]`'s `key`) was printed as JSON
+/// without being judged: a private key pasted there by mistake, in an old revision,
+/// reached the pull-request comment. Each table of an array is judged as any other. A
+/// credential key's path or variable name (`password_file`, `password_env`) is shown, so
+/// a reviewer sees which credential is used, unless it reads like the secret itself.
+#[test]
+fn diff_never_shows_a_secret_pasted_in_an_array_of_tables_or_a_credential_key() {
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let pem = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----";
+    let config = format!(
+        "{CONFIG}\n[tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server-key.pem\"\n\n[[tls.sni]]\nserver_names = [\"api.example.com\"]\ncert = \"certs/api.pem\"\nkey = \"\"\"{pem}\"\"\"\n\n[redis]\nurl = \"redis://127.0.0.1\"\nusername = \"portcullis\"\npassword_file = \"/run/secrets/redis\"\n\n[issuers.corp.login]\nclient_id = \"portcullis\"\nclient_secret_env = \"hunter2hunter2\"\n"
+    );
+    write(&cfg, &config);
+    let c2 = commit(root, "tls, redis, login");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    for format in [Format::Text, Format::Markdown, Format::Json] {
+        let report = diff::render(&d, format);
+        assert!(!report.contains("MIGHAgEA") && !report.contains("BEGIN"), "{report}");
+        assert!(!report.contains("hunter2"), "{report}");
+        assert!(report.contains("certs/api.pem"), "the array is listed: {report}");
+        assert!(report.contains("/run/secrets/redis"), "a file's path is shown: {report}");
+        assert!(report.contains("(hidden, "), "{report}");
+    }
+}
