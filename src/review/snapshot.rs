@@ -45,8 +45,7 @@ pub type Settings = BTreeMap<String, String>;
 
 /// Keys that tune availability or limits only, never who gets in.
 const NOT_ACCESS: &[&str] = &[
-    // issuers
-    "stale_window",
+    // issuers (`stale_window` is access: a longer one trusts a withdrawn key longer)
     "refresh_cooldown",
     // [server] limits and timeouts
     "max_connections",
@@ -62,7 +61,6 @@ const NOT_ACCESS: &[&str] = &[
     "connect_timeout",
     "startup_timeout",
     "max_request_body",
-    "max_session",
 ];
 
 /// The settings in `rest` (the keys a snapshot does not read otherwise) that may
@@ -419,6 +417,18 @@ impl Snapshot {
             };
             let mut route = RouteView::database(d.name.clone(), policy, view);
             route.settings = access_settings(&d.rest);
+            // Where each role a rule may grant gets its password (a variable's name or a
+            // file's path, [`render_value`]; never the password): a change of credentials
+            // changes which upstream identity sessions log in as.
+            for (role, credentials) in &d.upstream_roles {
+                // A role written as anything but a table (the load refuses it) may be
+                // its password itself.
+                let shown = match credentials {
+                    toml::Value::Table(_) => render_value("upstream_roles", credentials),
+                    other => render_value("password", other),
+                };
+                route.settings.insert(format!("upstream_roles.{role}"), shown);
+            }
             databases.push(route);
         }
         if !problems.is_empty() {

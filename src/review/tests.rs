@@ -1914,6 +1914,7 @@ fn markdown_settings_show_hidden_characters_as_escapes() {
                 setting: "cookie_domain".into(),
                 before: None,
                 after: Some("\"x\u{202e}moc.elpmaxe\"".into()),
+                reach: None,
             }],
         }],
         issuers: vec![],
@@ -2032,6 +2033,155 @@ fn policy_test_refuses_a_test_file_whose_name_is_more_than_one_policy() {
         r.stderr.contains("security/api.toml:1:1") && r.stderr.contains("more than one"),
         "{r:?}"
     );
+}
+
+/// The value of `setting` in the `settings_changed` of the JSON report's `list` entry
+/// whose `field` is `name`: `(before, after, reach.access)`.
+fn json_setting(
+    v: &serde_json::Value,
+    list: &str,
+    field: &str,
+    name: &str,
+    setting: &str,
+) -> (Option<String>, Option<String>, Option<String>) {
+    let text = |x: &serde_json::Value| x.as_str().map(str::to_string);
+    v[list]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e[field] == name)
+        .flat_map(|e| e["settings_changed"].as_array().into_iter().flatten())
+        .find(|c| c["setting"] == setting)
+        .map(|c| (text(&c["before"]), text(&c["after"]), text(&c["reach"]["access"])))
+        .unwrap_or_else(|| panic!("no {setting} for {list} {name}: {v:#}"))
+}
+
+/// How long access lasts and which upstream identity a database route logs in as were
+/// missing from the report: `stale_window` and `max_session` were filed as availability,
+/// an upstream role's credentials were not compared, and a `password_file`'s path was
+/// hidden like a password. Each is a setting line now, followed by whether access widened
+/// or narrowed where that is decidable (longer is wider; not set is no limit for
+/// `max_token_age` and `max_session`, the default for the others), in every format; the
+/// password files themselves are never read.
+#[test]
+fn diff_reports_how_long_access_lasts_and_which_credentials_a_database_route_uses() {
+    let (dir, cfg) = setup_db(ORDERS);
+    let root = dir.path();
+    let initial = std::fs::read_to_string(&cfg)
+        .unwrap_or_default()
+        .replace(
+            "audiences = [\"portcullis\"]",
+            "audiences = [\"portcullis\"]\nmax_token_age = \"1h\"",
+        )
+        .replace("policy = \"orders\"\n", "policy = \"orders\"\nmax_session = \"8h\"\n")
+        .replace("policy = \"api\"\n", "policy = \"api\"\nsingle_use_tokens = true\n")
+        + "\n[session]\nkeys_env = \"PORTCULLIS_SESSION_KEYS\"\n";
+    write(&cfg, &initial);
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    write(&root.join("secrets/admin"), "admin-password\n");
+    let longer = initial
+        .replace("max_token_age = \"1h\"", "stale_window = \"30d\"")
+        .replace("max_session = \"8h\"", "max_session = \"24h\"")
+        .replace("password_file = \"secrets/readonly\"", "password_file = \"secrets/admin\"")
+        .replace(
+            "[databases.upstream_roles.migrator]\npassword_file = \"secrets/migrator\"",
+            "[databases.upstream_roles.migrator]\npassword_env = \"ORDERS_MIGRATOR_PASSWORD\"",
+        )
+        .replace("single_use_tokens = true\n", "")
+        .replace(
+            "PORTCULLIS_SESSION_KEYS\"\n",
+            "PORTCULLIS_SESSION_KEYS\"\nabsolute_lifetime = \"7d\"\n",
+        );
+    assert_eq!(longer.matches("secrets/admin").count(), 1, "{longer}");
+    write(&cfg, &longer);
+    let c2 = commit(root, "longer, other credentials");
+
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    let text = diff::render(&d, Format::Text);
+    for line in [
+        "  stale_window: (not set) -> \"30d\"\n    access widened: how long the issuer's last fetched keys stay trusted while it cannot be reached (one it has withdrawn meanwhile included): 24h (default) -> 30d\n",
+        "  max_token_age: \"1h\" -> (not set)\n    access widened: how long after it was issued a token is accepted, and what it opened (a WebSocket tunnel, a database session, its assertion) goes on: 1h -> no limit (not set)\n",
+        "  setting max_session: \"8h\" -> \"24h\"\n    access widened: how long a database session may stay open, whatever its token's lifetime: 8h -> 24h\n",
+        "  setting password_file: \"secrets/readonly\" -> \"secrets/admin\"\n",
+        "  setting upstream_roles.migrator: {\"password_file\": \"secrets/migrator\"} -> {\"password_env\": \"ORDERS_MIGRATOR_PASSWORD\"}\n",
+        "  setting single_use_tokens: true -> (not set)\n    access widened: single_use_tokens off: a token may be presented again (replayed) for as long as it is valid\n",
+        "  absolute_lifetime: (not set) -> \"7d\"\n    access widened: how long a browser session lasts before its user signs in again: 12h (default) -> 7d\n",
+    ] {
+        assert!(text.contains(line), "{line}\n---\n{text}");
+    }
+    let md = diff::render(&d, Format::Markdown);
+    for line in [
+        "| max_session | \"8h\" | \"24h\" |\n| password_file | \"secrets/readonly\" | \"secrets/admin\" |\n| upstream_roles.migrator | {\"password_file\": \"secrets/migrator\"} | {\"password_env\": \"ORDERS_MIGRATOR_PASSWORD\"} |\n\n- :unlock: **Access widened**: how long a database session may stay open, whatever its token's lifetime: 8h → 24h\n",
+        "- :unlock: **Access widened**: how long the issuer's last fetched keys stay trusted while it cannot be reached (one it has withdrawn meanwhile included): 24h (default) → 30d\n",
+        "- :unlock: **Access widened**: single_use_tokens off: a token may be presented again (replayed) for as long as it is valid\n",
+        "- :unlock: **Access widened**: how long a browser session lasts before its user signs in again: 12h (default) → 7d\n",
+    ] {
+        assert!(md.contains(line), "{line}\n---\n{md}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&diff::render(&d, Format::Json)).unwrap_or_default();
+    let some = |s: &str| Some(s.to_string());
+    assert_eq!(
+        json_setting(&json, "routes", "route", "orders", "max_session"),
+        (some("\"8h\""), some("\"24h\""), some("widened"))
+    );
+    assert_eq!(
+        json_setting(&json, "issuers", "issuer", "corp", "stale_window"),
+        (None, some("\"30d\""), some("widened"))
+    );
+    assert_eq!(
+        json_setting(&json, "routes", "route", "orders", "upstream_roles.migrator"),
+        (
+            some("{\"password_file\": \"secrets/migrator\"}"),
+            some("{\"password_env\": \"ORDERS_MIGRATOR_PASSWORD\"}"),
+            None
+        )
+    );
+    for report in [&text, &md, &json.to_string()] {
+        for password in ["ro-password", "mig-password", "admin-password"] {
+            assert!(!report.contains(password), "{password}: {report}");
+        }
+    }
+
+    // The other way: every one narrowed.
+    let d = diff_of(&cfg, Some(&c2), Some(&c1));
+    let text = diff::render(&d, Format::Text);
+    for line in [
+        "    access narrowed: how long the issuer's last fetched keys stay trusted while it cannot be reached (one it has withdrawn meanwhile included): 30d -> 24h (default)\n",
+        "    access narrowed: how long after it was issued a token is accepted, and what it opened (a WebSocket tunnel, a database session, its assertion) goes on: no limit (not set) -> 1h\n",
+        "    access narrowed: how long a database session may stay open, whatever its token's lifetime: 24h -> 8h\n",
+        "    access narrowed: single_use_tokens on: a token seen before is refused on the route (no replay)\n",
+        "    access narrowed: how long a browser session lasts before its user signs in again: 7d -> 12h (default)\n",
+    ] {
+        assert!(text.contains(line), "{line}\n---\n{text}");
+    }
+    assert!(!text.contains("access widened"), "{text}");
+    let md = diff::render(&d, Format::Markdown);
+    assert!(
+        md.contains("- :lock: **Access narrowed**: how long a database session may stay open, whatever its token's lifetime: 24h → 8h\n"),
+        "{md}"
+    );
+
+    // A role written as a value instead of a table may be its password: never shown.
+    let inline = initial.replace(
+        "[databases.upstream_roles.migrator]\n",
+        "[databases.upstream_roles]\nreporter = \"hunter2-inline\"\n\n[databases.upstream_roles.migrator]\n",
+    );
+    assert_ne!(inline, initial);
+    write(&cfg, &inline);
+    let d = diff_of(&cfg, Some(&c1), None);
+    let text = diff::render(&d, Format::Text);
+    assert!(text.contains("  setting upstream_roles.reporter: (not set) -> (hidden, "), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+
+    // The same length respelt: a setting line, no direction.
+    write(&cfg, &initial.replace("max_session = \"8h\"", "max_session = \"480m\""));
+    let d = diff_of(&cfg, Some(&c1), None);
+    let text = diff::render(&d, Format::Text);
+    assert!(text.contains("  setting max_session: \"8h\" -> \"480m\"\n"), "{text}");
+    assert!(!text.contains("access widened") && !text.contains("access narrowed"), "{text}");
 }
 
 /// A value under a key of an array of tables (`[[tls.sni]]`'s `key`) was printed as JSON
