@@ -103,6 +103,13 @@ fn identity_settings(
     Ok(settings)
 }
 
+/// Whether `s` is a URL that carries a credential: an `@` anywhere (the load refuses
+/// it in every URL: `http://u:pa/ss@host` parses as host `u`, yet holds a password), or
+/// a password in its query (`postgres://db/app?password=…`). Never shown by the diff.
+fn url_with_credentials(s: &str) -> bool {
+    s.contains("://") && (s.contains('@') || s.to_ascii_lowercase().contains("password"))
+}
+
 fn render_value(key: &str, v: &toml::Value) -> String {
     // A key naming a secret holds it, unless it holds where the secret is: a file's
     // path (`password_file`) or a variable's name (`client_secret_env`), shown so a
@@ -116,6 +123,7 @@ fn render_value(key: &str, v: &toml::Value) -> String {
     // the secret itself, pasted by mistake (`keys_env = "<hex key>"`).
     // So may a path that reads like a secret ([`crate::config::reads_like_secret`]).
     let pasted = |k: &str, v: &toml::Value| match v.as_str() {
+        Some(url) if url_with_credentials(url) => true,
         Some(name) if k.ends_with("_env") => !crate::config::env_name_shown(name).contains(name),
         Some(path)
             if k.ends_with("_file") || matches!(k, "key" | "cert" | "ca" | "upstream_ca") =>
@@ -409,9 +417,14 @@ impl Snapshot {
             };
             let upstream = d.upstream.strip_prefix("postgres://").unwrap_or(&d.upstream);
             let upstream = upstream.strip_prefix("postgresql://").unwrap_or(upstream);
+            let upstream = if url_with_credentials(&d.upstream) {
+                render_value("upstream", &d.upstream.clone().into())
+            } else {
+                upstream.trim_end_matches('/').to_string()
+            };
             let view = DatabaseView {
                 listen: d.listen.clone(),
-                upstream: upstream.trim_end_matches('/').to_string(),
+                upstream,
                 upstream_user: d.upstream_user.clone(),
                 upstream_roles: d.upstream_roles.keys().cloned().collect(),
             };

@@ -2212,3 +2212,40 @@ fn diff_never_shows_a_secret_pasted_in_an_array_of_tables_or_a_credential_key() 
         assert!(report.contains("(hidden, "), "{report}");
     }
 }
+
+/// A credential written into a URL (`user:password@` in a route's or a database route's
+/// upstream, an issuer's discovery URL, the Redis URL; a password in a PostgreSQL URL's
+/// query) is refused at load and never quoted by a diagnostic, but `policy diff` printed
+/// it as the setting's or the database route's value, into the pull-request comment. It
+/// is shown as a digest, as every secret is.
+#[test]
+fn diff_never_shows_a_credential_written_into_a_url() {
+    let (dir, cfg) = setup_db(ORDERS);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let initial = std::fs::read_to_string(&cfg).unwrap_or_default();
+    let urls = initial
+        .replace("http://127.0.0.1:1", "http://admin:S3cretHttp@127.0.0.1:1")
+        .replace(
+            "audiences = [\"portcullis\"]",
+            "audiences = [\"portcullis\"]\ndiscovery_url = \"https://svc:S3cretIdp/x@idp.example.com/.well-known/openid-configuration\"",
+        )
+        .replace("postgres://db.internal", "postgres://app:S3cretPg@db.internal")
+        + "\n[redis]\nurl = \"redis://u:S3cretRedis@127.0.0.1\"\n";
+    write(&cfg, &urls);
+    let d = diff_of(&cfg, Some(&c1), None);
+    for format in [Format::Text, Format::Markdown, Format::Json] {
+        let report = diff::render(&d, format);
+        assert!(!report.contains("S3cret"), "{report}");
+        for what in ["upstream", "discovery_url", "url", "to (hidden, "] {
+            assert!(report.contains(what), "{what}: {report}");
+        }
+    }
+    let query = initial.replace(":5432\"", ":5432/app?sslmode=disable&password=S3cretQuery\"");
+    assert_ne!(query, initial);
+    write(&cfg, &query);
+    let report = diff::render(&diff_of(&cfg, Some(&c1), None), Format::Text);
+    assert!(!report.contains("S3cret") && report.contains("to (hidden, "), "{report}");
+}
