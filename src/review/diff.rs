@@ -122,7 +122,8 @@ pub struct SettingChange {
     pub before: Option<String>,
     pub after: Option<String>,
     /// Whether the change widens or narrows access, where that is decidable (a longer
-    /// `stale_window`, `max_token_age` or `max_session` widens it); `None` for a setting
+    /// `stale_window`, `max_token_age` or `max_session`, more `audiences`, a
+    /// `hosted_domain` removed, `single_use_tokens` off widen it); `None` for a setting
     /// added or removed with its issuer, route or section, and for one whose direction
     /// is not known (another `upstream`, a changed `issuer`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -235,6 +236,75 @@ const SWITCHES: &[(&str, bool, bool, &str, &str)] = &[
     ),
 ];
 
+/// Lists whose larger set widens access: where each is set, its key, its default
+/// (`None`: every value, as a route without `issuers` accepts every issuer; `Some(&[])`
+/// for a required list, which decides nothing when absent) and what it holds.
+const LARGER_WIDENS: &[(Scope, &str, Option<&[&str]>, &str)] = &[
+    (Scope::Issuer, "audiences", Some(&[]), "the audiences a token may be issued for"),
+    (Scope::Issuer, "algorithms", Some(&["RS256"]), "the algorithms a token may be signed with"),
+    (Scope::Http, "issuers", None, "the issuers whose tokens and sessions the route accepts"),
+];
+
+/// Issuer settings that add a check to every token: removing one widens access, adding
+/// one narrows it (another value is neither).
+const CHECKS: &[(&str, &str, &str)] = &[
+    (
+        "hosted_domain",
+        "a Google token need no longer carry the Workspace domain (hd) nor a verified email",
+        "a Google token must carry this Workspace domain (hd) and a verified email",
+    ),
+    (
+        "client_id",
+        "a token issued to another client (azp) is accepted",
+        "a token's authorized party (azp), when present, must be this client",
+    ),
+];
+
+/// A list setting grown (widened) or shrunk (narrowed), with the values added or
+/// removed; another set, or one not a list of strings, decides nothing.
+fn larger(
+    default: Option<&[&str]>,
+    what: &str,
+    before: Option<&str>,
+    after: Option<&str>,
+) -> Option<Reach> {
+    use std::collections::BTreeSet;
+    // `None`: every value.
+    let set = |v: Option<&str>| -> Option<Option<BTreeSet<String>>> {
+        match v {
+            None => match default {
+                Some([]) => None,
+                Some(d) => Some(Some(d.iter().map(|x| x.to_string()).collect())),
+                None => Some(None),
+            },
+            Some(v) => {
+                serde_json::from_str::<Vec<String>>(v).ok().map(|l| Some(l.into_iter().collect()))
+            }
+        }
+    };
+    let (b, a) = (set(before)?, set(after)?);
+    let quoted = |v: &BTreeSet<String>| -> String {
+        v.iter()
+            .map(|x| serde_json::to_string(x).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (access, change) = match (&b, &a) {
+        (None, None) => return None,
+        (Some(b), None) => ("widened", format!("every one (not set), was {}", quoted(b))),
+        (None, Some(a)) => ("narrowed", format!("only {}, was every one (not set)", quoted(a))),
+        (Some(b), Some(a)) if b == a => return None,
+        (Some(b), Some(a)) if b.is_subset(a) => {
+            ("widened", format!("added {}", quoted(&a.difference(b).cloned().collect())))
+        }
+        (Some(b), Some(a)) if a.is_subset(b) => {
+            ("narrowed", format!("removed {}", quoted(&b.difference(a).cloned().collect())))
+        }
+        _ => return None,
+    };
+    Some(Reach { access, what: format!("{what}: {change}") })
+}
+
 /// A setting's value as written (compact JSON) as the text it holds: `"8h"` → `8h`.
 fn unquoted(v: &str) -> Option<String> {
     serde_json::from_str::<String>(v).ok()
@@ -275,6 +345,23 @@ fn reach(scope: Scope, key: &str, before: Option<&str>, after: Option<&str>) -> 
             access: if longer { "widened" } else { "narrowed" },
             what: format!("{what}: {bt} -> {at}"),
         });
+    }
+    if let Some(&(_, _, default, what)) =
+        LARGER_WIDENS.iter().find(|(s, k, ..)| *s == scope && *k == key)
+    {
+        return larger(default, what, before, after);
+    }
+    if scope == Scope::Issuer {
+        let &(_, removed, added) = CHECKS.iter().find(|(k, ..)| *k == key)?;
+        return match (before, after) {
+            (Some(_), None) => {
+                Some(Reach { access: "widened", what: format!("{key} removed: {removed}") })
+            }
+            (None, Some(_)) => {
+                Some(Reach { access: "narrowed", what: format!("{key} set: {added}") })
+            }
+            _ => None,
+        };
     }
     if scope == Scope::Http {
         let &(_, default, on_widens, on, off) = SWITCHES.iter().find(|(k, ..)| *k == key)?;

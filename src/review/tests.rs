@@ -2249,3 +2249,62 @@ fn diff_never_shows_a_credential_written_into_a_url() {
     let report = diff::render(&diff_of(&cfg, Some(&c1), None), Format::Text);
     assert!(!report.contains("S3cret") && report.contains("to (hidden, "), "{report}");
 }
+
+/// The settings that decide whose tokens count say which way they moved, where that is
+/// decidable: an issuer's `audiences` or `algorithms` grown (widened) or shrunk
+/// (narrowed), its `hosted_domain` or `client_id` check removed (widened) or added
+/// (narrowed), a route's `issuers` grown, shrunk, or removed (every issuer: widened).
+/// Another set, or another value, is a setting line alone.
+#[test]
+fn diff_says_whether_an_issuers_checks_or_a_routes_issuers_widened_or_narrowed() {
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    let initial = CONFIG
+        .replace(
+            "audiences = [\"portcullis\"]",
+            "audiences = [\"portcullis\"]\nhosted_domain = \"example.com\"",
+        )
+        .replace("policy = \"api\"\n", "policy = \"api\"\nissuers = [\"corp\", \"bb\"]\n");
+    write(&cfg, &initial);
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let wider = initial
+        .replace(
+            "audiences = [\"portcullis\"]\nhosted_domain = \"example.com\"",
+            "audiences = [\"portcullis\", \"other-app\"]\nalgorithms = [\"RS256\", \"ES256\"]\nclient_id = \"portcullis\"",
+        )
+        .replace("issuers = [\"corp\", \"bb\"]\n", "");
+    write(&cfg, &wider);
+    let c2 = commit(root, "wider");
+    let text = diff::render(&diff_of(&cfg, Some(&c1), Some(&c2)), Format::Text);
+    for line in [
+        "  algorithms: (not set) -> [\"RS256\",\"ES256\"]\n    access widened: the algorithms a token may be signed with: added \"ES256\"\n",
+        "  audiences: [\"portcullis\"] -> [\"portcullis\",\"other-app\"]\n    access widened: the audiences a token may be issued for: added \"other-app\"\n",
+        "  client_id: (not set) -> \"portcullis\"\n    access narrowed: client_id set: a token's authorized party (azp), when present, must be this client\n",
+        "  hosted_domain: \"example.com\" -> (not set)\n    access widened: hosted_domain removed: a Google token need no longer carry the Workspace domain (hd) nor a verified email\n",
+        "  setting issuers: [\"corp\",\"bb\"] -> (not set)\n    access widened: the issuers whose tokens and sessions the route accepts: every one (not set), was \"bb\", \"corp\"\n",
+    ] {
+        assert!(text.contains(line), "{line}\n---\n{text}");
+    }
+    let md = diff::render(&diff_of(&cfg, Some(&c2), Some(&c1)), Format::Markdown);
+    for line in [
+        "- :lock: **Access narrowed**: the algorithms a token may be signed with: removed \"ES256\"\n",
+        "- :lock: **Access narrowed**: the audiences a token may be issued for: removed \"other-app\"\n",
+        "- :unlock: **Access widened**: client_id removed: a token issued to another client (azp) is accepted\n",
+        "- :lock: **Access narrowed**: hosted_domain set: a Google token must carry this Workspace domain (hd) and a verified email\n",
+        "- :lock: **Access narrowed**: the issuers whose tokens and sessions the route accepts: only \"bb\", \"corp\", was every one (not set)\n",
+    ] {
+        assert!(md.contains(line), "{line}\n---\n{md}");
+    }
+
+    // Another audience instead of one, one route issuer for another: no direction.
+    let other = initial
+        .replace("audiences = [\"portcullis\"]", "audiences = [\"other-app\"]")
+        .replace("issuers = [\"corp\", \"bb\"]", "issuers = [\"corp\", \"gh\"]");
+    write(&cfg, &other);
+    let text = diff::render(&diff_of(&cfg, Some(&c1), None), Format::Text);
+    assert!(text.contains("  audiences: [\"portcullis\"] -> [\"other-app\"]\n"), "{text}");
+    assert!(text.contains("  setting issuers: [\"corp\",\"bb\"] -> [\"corp\",\"gh\"]\n"), "{text}");
+    assert!(!text.contains("access widened") && !text.contains("access narrowed"), "{text}");
+}
