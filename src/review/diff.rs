@@ -135,8 +135,22 @@ pub struct SettingChange {
 pub struct Reach {
     /// `widened` or `narrowed`.
     pub access: &'static str,
-    /// `how long a database session may stay open, whatever its token's lifetime: 8h -> 24h`.
+    /// `how long a database session may stay open, whatever its token's lifetime`.
     pub what: String,
+    /// The lengths before and after, for a duration (`8h`, `24h (default)`, `no limit
+    /// (not set)`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lengths: Option<(String, String)>,
+}
+
+impl Reach {
+    /// `what: 8h -> 24h` (`arrow` between the lengths).
+    fn line(&self, arrow: &str) -> String {
+        match &self.lengths {
+            Some((b, a)) => format!("{}: {b} {arrow} {a}", self.what),
+            None => self.what.clone(),
+        }
+    }
 }
 
 /// Where a setting is written, which decides what it means.
@@ -302,7 +316,7 @@ fn larger(
         }
         _ => return None,
     };
-    Some(Reach { access, what: format!("{what}: {change}") })
+    Some(Reach { access, what: format!("{what}: {change}"), lengths: None })
 }
 
 /// A setting's value as written (compact JSON) as the text it holds: `"8h"` → `8h`.
@@ -343,7 +357,8 @@ fn reach(scope: Scope, key: &str, before: Option<&str>, after: Option<&str>) -> 
         };
         return Some(Reach {
             access: if longer { "widened" } else { "narrowed" },
-            what: format!("{what}: {bt} -> {at}"),
+            what: what.to_string(),
+            lengths: Some((bt, at)),
         });
     }
     if let Some(&(_, _, default, what)) =
@@ -354,12 +369,16 @@ fn reach(scope: Scope, key: &str, before: Option<&str>, after: Option<&str>) -> 
     if scope == Scope::Issuer {
         let &(_, removed, added) = CHECKS.iter().find(|(k, ..)| *k == key)?;
         return match (before, after) {
-            (Some(_), None) => {
-                Some(Reach { access: "widened", what: format!("{key} removed: {removed}") })
-            }
-            (None, Some(_)) => {
-                Some(Reach { access: "narrowed", what: format!("{key} set: {added}") })
-            }
+            (Some(_), None) => Some(Reach {
+                access: "widened",
+                what: format!("{key} removed: {removed}"),
+                lengths: None,
+            }),
+            (None, Some(_)) => Some(Reach {
+                access: "narrowed",
+                what: format!("{key} set: {added}"),
+                lengths: None,
+            }),
             _ => None,
         };
     }
@@ -376,6 +395,7 @@ fn reach(scope: Scope, key: &str, before: Option<&str>, after: Option<&str>) -> 
         return Some(Reach {
             access: if a == on_widens { "widened" } else { "narrowed" },
             what: (if a { on } else { off }).to_string(),
+            lengths: None,
         });
     }
     None
@@ -1054,7 +1074,7 @@ fn setting_line(c: &SettingChange) -> String {
 /// change's direction is decidable.
 fn reach_line(o: &mut String, c: &SettingChange) {
     if let Some(r) = &c.reach {
-        let _ = writeln!(o, "    access {}: {}", r.access, Visible(&r.what));
+        let _ = writeln!(o, "    access {}: {}", r.access, Visible(&r.line("->")));
     }
 }
 
@@ -1087,9 +1107,7 @@ fn md_settings(o: &mut String, changes: &[SettingChange]) {
             "widened" => ":unlock: **Access widened**",
             _ => ":lock: **Access narrowed**",
         };
-        // `8h -> 24h` as the rest of the Markdown report writes it (the values are
-        // durations: no other `->` is in them).
-        let _ = writeln!(o, "- {title}: {}", md_cell(&r.what).replace(" -&gt; ", " → "));
+        let _ = writeln!(o, "- {title}: {}", md_cell(&r.line("→")));
         any = true;
     }
     if any {
