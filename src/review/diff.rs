@@ -11,6 +11,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::json;
@@ -120,6 +121,284 @@ pub struct SettingChange {
     pub setting: String,
     pub before: Option<String>,
     pub after: Option<String>,
+    /// Whether the change widens or narrows access, where that is decidable (a longer
+    /// `stale_window`, `max_token_age` or `max_session`, more `audiences`, a
+    /// `hosted_domain` removed, `single_use_tokens` off widen it); `None` for a setting
+    /// added or removed with its issuer, route or section, and for one whose direction
+    /// is not known (another `upstream`, a changed `issuer`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reach: Option<Reach>,
+}
+
+/// What a setting change does to access, in words.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reach {
+    /// `widened` or `narrowed`.
+    pub access: &'static str,
+    /// `how long a database session may stay open, whatever its token's lifetime`.
+    pub what: String,
+    /// The lengths before and after, for a duration (`8h`, `24h (default)`, `no limit
+    /// (not set)`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lengths: Option<(String, String)>,
+}
+
+impl Reach {
+    /// `what: 8h -> 24h` (`arrow` between the lengths).
+    fn line(&self, arrow: &str) -> String {
+        match &self.lengths {
+            Some((b, a)) => format!("{}: {b} {arrow} {a}", self.what),
+            None => self.what.clone(),
+        }
+    }
+}
+
+/// Where a setting is written, which decides what it means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Issuer,
+    Http,
+    Database,
+    /// A top-level section, by name (`session`, `assertion`).
+    Section(&'static str),
+    /// The setting comes or goes with its issuer, route or section: what it was or is
+    /// set to is listed, with no direction.
+    Whole,
+}
+
+/// A duration setting whose longer value widens access.
+struct Longer {
+    scope: Scope,
+    key: &'static str,
+    /// Seconds, as the reference writes them; `None`: no limit.
+    default: Option<(u64, &'static str)>,
+    /// Seconds; a longer value counts as this.
+    cap: Option<u64>,
+    /// What it bounds, in words.
+    what: &'static str,
+}
+
+/// The durations whose longer value widens access.
+const LONGER_WIDENS: &[Longer] = &[
+    Longer {
+        scope: Scope::Issuer,
+        key: "stale_window",
+        default: Some((24 * 3600, "24h")),
+        cap: None,
+        what: "how long the issuer's last fetched keys stay trusted while it cannot be reached (one it has withdrawn meanwhile included)",
+    },
+    Longer {
+        scope: Scope::Issuer,
+        key: "max_token_age",
+        default: None,
+        cap: None,
+        what: "how long after it was issued a token is accepted, and what it opened (a WebSocket tunnel, a database session, its assertion) goes on",
+    },
+    Longer {
+        scope: Scope::Issuer,
+        key: "leeway",
+        default: Some((60, "60s")),
+        cap: Some(300),
+        what: "the clock skew allowed past a token's expiry and before its start",
+    },
+    Longer {
+        scope: Scope::Database,
+        key: "max_session",
+        default: None,
+        cap: None,
+        what: "how long a database session may stay open, whatever its token's lifetime",
+    },
+    Longer {
+        scope: Scope::Section("session"),
+        key: "absolute_lifetime",
+        default: Some((12 * 3600, "12h")),
+        cap: None,
+        what: "how long a browser session lasts before its user signs in again",
+    },
+    Longer {
+        scope: Scope::Section("session"),
+        key: "idle_lifetime",
+        default: Some((3600, "1h")),
+        cap: None,
+        what: "how long an unused browser session lasts",
+    },
+    Longer {
+        scope: Scope::Section("assertion"),
+        key: "ttl",
+        default: Some((60, "60s")),
+        cap: None,
+        what: "how long the identity assertion sent upstream is valid (never past the caller's token)",
+    },
+];
+
+/// Switches of an HTTP route: the key, its default, and what turning it on and off
+/// does, (`true` widens access?, on, off).
+const SWITCHES: &[(&str, bool, bool, &str, &str)] = &[
+    (
+        "single_use_tokens",
+        false,
+        false,
+        "single_use_tokens on: a token seen before is refused on the route (no replay)",
+        "single_use_tokens off: a token may be presented again (replayed) for as long as it is valid",
+    ),
+    (
+        "forward_token",
+        false,
+        true,
+        "forward_token on: the upstream receives the caller's own token (its Authorization header) and can use it as the caller wherever it is accepted",
+        "forward_token off: the upstream no longer receives the caller's token",
+    ),
+];
+
+/// Lists whose larger set widens access: where each is set, its key, its default
+/// (`None`: every value, as a route without `issuers` accepts every issuer; `Some(&[])`
+/// for a required list, which decides nothing when absent) and what it holds.
+const LARGER_WIDENS: &[(Scope, &str, Option<&[&str]>, &str)] = &[
+    (Scope::Issuer, "audiences", Some(&[]), "the audiences a token may be issued for"),
+    (Scope::Issuer, "algorithms", Some(&["RS256"]), "the algorithms a token may be signed with"),
+    (Scope::Http, "issuers", None, "the issuers whose tokens and sessions the route accepts"),
+];
+
+/// Issuer settings that add a check to every token: removing one widens access, adding
+/// one narrows it (another value is neither).
+const CHECKS: &[(&str, &str, &str)] = &[
+    (
+        "hosted_domain",
+        "a Google token need no longer carry the Workspace domain (hd) nor a verified email",
+        "a Google token must carry this Workspace domain (hd) and a verified email",
+    ),
+    (
+        "client_id",
+        "a token issued to another client (azp) is accepted",
+        "a token's authorized party (azp), when present, must be this client",
+    ),
+];
+
+/// A list setting grown (widened) or shrunk (narrowed), with the values added or
+/// removed; another set, or one not a list of strings, decides nothing.
+fn larger(
+    default: Option<&[&str]>,
+    what: &str,
+    before: Option<&str>,
+    after: Option<&str>,
+) -> Option<Reach> {
+    use std::collections::BTreeSet;
+    // `None`: every value.
+    let set = |v: Option<&str>| -> Option<Option<BTreeSet<String>>> {
+        match v {
+            None => match default {
+                Some([]) => None,
+                Some(d) => Some(Some(d.iter().map(|x| x.to_string()).collect())),
+                None => Some(None),
+            },
+            Some(v) => {
+                serde_json::from_str::<Vec<String>>(v).ok().map(|l| Some(l.into_iter().collect()))
+            }
+        }
+    };
+    let (b, a) = (set(before)?, set(after)?);
+    let quoted = |v: &BTreeSet<String>| -> String {
+        v.iter()
+            .map(|x| serde_json::to_string(x).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (access, change) = match (&b, &a) {
+        (None, None) => return None,
+        (Some(b), None) => ("widened", format!("every one (not set), was {}", quoted(b))),
+        (None, Some(a)) => ("narrowed", format!("only {}, was every one (not set)", quoted(a))),
+        (Some(b), Some(a)) if b == a => return None,
+        (Some(b), Some(a)) if b.is_subset(a) => {
+            ("widened", format!("added {}", quoted(&a.difference(b).cloned().collect())))
+        }
+        (Some(b), Some(a)) if a.is_subset(b) => {
+            ("narrowed", format!("removed {}", quoted(&b.difference(a).cloned().collect())))
+        }
+        _ => return None,
+    };
+    Some(Reach { access, what: format!("{what}: {change}"), lengths: None })
+}
+
+/// A setting's value as written (compact JSON) as the text it holds: `"8h"` → `8h`.
+fn unquoted(v: &str) -> Option<String> {
+    serde_json::from_str::<String>(v).ok()
+}
+
+/// Whether changing `key` (in `scope`) from `before` to `after` (`None`: not set, its
+/// default applies) widens or narrows access, and how, in words.
+fn reach(scope: Scope, key: &str, before: Option<&str>, after: Option<&str>) -> Option<Reach> {
+    if let Some(&Longer { default, cap, what, .. }) =
+        LONGER_WIDENS.iter().find(|l| l.scope == scope && l.key == key)
+    {
+        // `None`: no limit. A value that is not a duration (the load refuses it) decides
+        // nothing.
+        let value = |v: Option<&str>| -> Option<(Option<Duration>, String)> {
+            let Some(v) = v else {
+                return Some(match default {
+                    Some((secs, text)) => {
+                        (Some(Duration::from_secs(secs)), format!("{text} (default)"))
+                    }
+                    None => (None, "no limit (not set)".to_string()),
+                });
+            };
+            let text = unquoted(v)?;
+            let d = humantime::parse_duration(&text).ok()?;
+            let d = cap.map_or(d, |c| d.min(Duration::from_secs(c)));
+            Some((Some(d), text))
+        };
+        let ((b, bt), (a, at)) = (value(before)?, value(after)?);
+        // `None` (no limit) is the longest.
+        let longer = match (a, b) {
+            (None, None) => return None,
+            (None, Some(_)) => true,
+            (Some(_), None) => false,
+            (Some(a), Some(b)) if a == b => return None,
+            (Some(a), Some(b)) => a > b,
+        };
+        return Some(Reach {
+            access: if longer { "widened" } else { "narrowed" },
+            what: what.to_string(),
+            lengths: Some((bt, at)),
+        });
+    }
+    if let Some(&(_, _, default, what)) =
+        LARGER_WIDENS.iter().find(|(s, k, ..)| *s == scope && *k == key)
+    {
+        return larger(default, what, before, after);
+    }
+    if scope == Scope::Issuer {
+        let &(_, removed, added) = CHECKS.iter().find(|(k, ..)| *k == key)?;
+        return match (before, after) {
+            (Some(_), None) => Some(Reach {
+                access: "widened",
+                what: format!("{key} removed: {removed}"),
+                lengths: None,
+            }),
+            (None, Some(_)) => Some(Reach {
+                access: "narrowed",
+                what: format!("{key} set: {added}"),
+                lengths: None,
+            }),
+            _ => None,
+        };
+    }
+    if scope == Scope::Http {
+        let &(_, default, on_widens, on, off) = SWITCHES.iter().find(|(k, ..)| *k == key)?;
+        let value = |v: Option<&str>| match v {
+            None => Some(default),
+            Some(v) => v.parse::<bool>().ok(),
+        };
+        let (b, a) = (value(before)?, value(after)?);
+        if a == b {
+            return None;
+        }
+        return Some(Reach {
+            access: if a == on_widens { "widened" } else { "narrowed" },
+            what: (if a { on } else { off }).to_string(),
+            lengths: None,
+        });
+    }
+    None
 }
 
 /// An issuer whose settings changed: every rule naming it now admits other tokens,
@@ -172,27 +451,35 @@ fn section_changes(old: &Snapshot, new: &Snapshot) -> Vec<SectionDiff> {
     names
         .into_iter()
         .filter_map(|name| {
-            let settings_changed = setting_changes(
-                old.sections.get(name).unwrap_or(&empty),
-                new.sections.get(name).unwrap_or(&empty),
-            );
+            let (b, a) = (old.sections.get(name), new.sections.get(name));
+            let scope = match (b.is_some() && a.is_some(), name.as_str()) {
+                (true, "session") => Scope::Section("session"),
+                (true, "assertion") => Scope::Section("assertion"),
+                _ => Scope::Whole,
+            };
+            let settings_changed = setting_changes(scope, b.unwrap_or(&empty), a.unwrap_or(&empty));
             (!settings_changed.is_empty())
                 .then(|| SectionDiff { section: name.clone(), settings_changed })
         })
         .collect()
 }
 
-/// The settings whose values differ between `before` and `after`, by key.
-fn setting_changes(before: &Settings, after: &Settings) -> Vec<SettingChange> {
+/// The settings whose values differ between `before` and `after`, by key, each with
+/// what it does to access where that is decidable ([`reach`]).
+fn setting_changes(scope: Scope, before: &Settings, after: &Settings) -> Vec<SettingChange> {
     let mut keys: Vec<&String> = before.keys().chain(after.keys()).collect();
     keys.sort();
     keys.dedup();
     keys.into_iter()
         .filter(|k| before.get(*k) != after.get(*k))
-        .map(|k| SettingChange {
-            setting: k.clone(),
-            before: before.get(k).cloned(),
-            after: after.get(k).cloned(),
+        .map(|k| {
+            let (b, a) = (before.get(k).cloned(), after.get(k).cloned());
+            SettingChange {
+                setting: k.clone(),
+                reach: reach(scope, k, b.as_deref(), a.as_deref()),
+                before: b,
+                after: a,
+            }
         })
         .collect()
 }
@@ -211,7 +498,8 @@ fn issuer_changes(old: &Snapshot, new: &Snapshot) -> Vec<IssuerDiff> {
             (Some(_), None) => "removed",
             _ => "changed",
         };
-        let settings_changed = setting_changes(b.unwrap_or(&empty), a.unwrap_or(&empty));
+        let scope = if status == "changed" { Scope::Issuer } else { Scope::Whole };
+        let settings_changed = setting_changes(scope, b.unwrap_or(&empty), a.unwrap_or(&empty));
         if settings_changed.is_empty() && status == "changed" {
             continue;
         }
@@ -302,7 +590,7 @@ pub fn compare(
                 order_changed: None,
                 taken_over_by: Vec::new(),
                 // What the new route is set to do (`forward_token`, its upstream, …).
-                settings_changed: setting_changes(&Settings::new(), &n.settings),
+                settings_changed: setting_changes(Scope::Whole, &Settings::new(), &n.settings),
                 cors_preflight: n.cors_preflight.then_some(Access::Gained),
                 rules: rule_changes(None, Some(&n.policy), old, new),
                 flipped_tests: Vec::new(),
@@ -327,7 +615,8 @@ pub fn compare(
                 let match_changed =
                     (o.describe() != n.describe()).then(|| (o.describe(), n.describe()));
                 let renamed = o.policy.file() != n.policy.file();
-                let settings_changed = setting_changes(&o.settings, &n.settings);
+                let scope = if database { Scope::Database } else { Scope::Http };
+                let settings_changed = setting_changes(scope, &o.settings, &n.settings);
                 let order_changed = o
                     .database
                     .is_none()
@@ -657,6 +946,7 @@ fn text(d: &PolicyDiff) -> String {
         let _ = writeln!(o, "\nsettings `[{}]` changed (every route):", Visible(&sd.section));
         for c in &sd.settings_changed {
             let _ = writeln!(o, "  {}", setting_line(c));
+            reach_line(&mut o, c);
         }
     }
     for i in &d.issuers {
@@ -667,6 +957,7 @@ fn text(d: &PolicyDiff) -> String {
         }
         for c in &i.settings_changed {
             let _ = writeln!(o, "  {}", setting_line(c));
+            reach_line(&mut o, c);
         }
     }
     for r in &d.routes {
@@ -690,6 +981,7 @@ fn text(d: &PolicyDiff) -> String {
         }
         for c in &r.settings_changed {
             let _ = writeln!(o, "  setting {}", setting_line(c));
+            reach_line(&mut o, c);
         }
         for (access, title) in [
             (Access::Gained, "access gained"),
@@ -778,6 +1070,14 @@ fn setting_line(c: &SettingChange) -> String {
     )
 }
 
+/// `    access widened: how long … : 8h -> 24h`, under the setting line, when the
+/// change's direction is decidable.
+fn reach_line(o: &mut String, c: &SettingChange) {
+    if let Some(r) = &c.reach {
+        let _ = writeln!(o, "    access {}: {}", r.access, Visible(&r.line("->")));
+    }
+}
+
 /// Text from a configuration file, safe in a Markdown table cell: it opens no HTML
 /// (`<!--` would hide the rest of the comment), no code span and no new cell, and
 /// shows a hidden character (a line break, a bidirectional override) as its escape.
@@ -800,6 +1100,19 @@ fn md_settings(o: &mut String, changes: &[SettingChange]) {
             writeln!(o, "| {} | {} | {} |", md_cell(&c.setting), side(&c.before), side(&c.after));
     }
     let _ = writeln!(o);
+    // What the changes whose direction is decidable do, under the table.
+    let mut any = false;
+    for r in changes.iter().filter_map(|c| c.reach.as_ref()) {
+        let title = match r.access {
+            "widened" => ":unlock: **Access widened**",
+            _ => ":lock: **Access narrowed**",
+        };
+        let _ = writeln!(o, "- {title}: {}", md_cell(&r.line("→")));
+        any = true;
+    }
+    if any {
+        let _ = writeln!(o);
+    }
 }
 
 fn change_line(c: &RuleChange, md: bool) -> String {

@@ -45,8 +45,7 @@ pub type Settings = BTreeMap<String, String>;
 
 /// Keys that tune availability or limits only, never who gets in.
 const NOT_ACCESS: &[&str] = &[
-    // issuers
-    "stale_window",
+    // issuers (`stale_window` is access: a longer one trusts a withdrawn key longer)
     "refresh_cooldown",
     // [server] limits and timeouts
     "max_connections",
@@ -62,7 +61,6 @@ const NOT_ACCESS: &[&str] = &[
     "connect_timeout",
     "startup_timeout",
     "max_request_body",
-    "max_session",
 ];
 
 /// The settings in `rest` (the keys a snapshot does not read otherwise) that may
@@ -105,12 +103,27 @@ fn identity_settings(
     Ok(settings)
 }
 
+/// Whether `s` is a URL that carries a credential: an `@` anywhere (the load refuses
+/// it in every URL: `http://u:pa/ss@host` parses as host `u`, yet holds a password), or
+/// a password in its query (`postgres://db/app?password=…`). Never shown by the diff.
+fn url_with_credentials(s: &str) -> bool {
+    s.contains("://") && (s.contains('@') || s.to_ascii_lowercase().contains("password"))
+}
+
 fn render_value(key: &str, v: &toml::Value) -> String {
-    let secret = |k: &str| k.contains("secret") || k.contains("password");
+    // A key naming a secret holds it, unless it holds where the secret is: a file's
+    // path (`password_file`) or a variable's name (`client_secret_env`), shown so a
+    // reviewer sees which credential a route now uses, unless it reads like the secret
+    // pasted by mistake (`pasted`, below).
+    let secret = |k: &str| {
+        (k.contains("secret") || k.contains("password"))
+            && !(k.ends_with("_file") || k.ends_with("_env"))
+    };
     // A `*_env` key holds a variable's name; one that does not read like a name may be
     // the secret itself, pasted by mistake (`keys_env = "<hex key>"`).
     // So may a path that reads like a secret ([`crate::config::reads_like_secret`]).
     let pasted = |k: &str, v: &toml::Value| match v.as_str() {
+        Some(url) if url_with_credentials(url) => true,
         Some(name) if k.ends_with("_env") => !crate::config::env_name_shown(name).contains(name),
         Some(path)
             if k.ends_with("_file") || matches!(k, "key" | "cert" | "ca" | "upstream_ca") =>
@@ -130,6 +143,12 @@ fn render_value(key: &str, v: &toml::Value) -> String {
                 })
                 .collect();
             format!("{{{}}}", parts.join(", "))
+        }
+        // Each item as a value of the key: an array of tables (`[[tls.sni]]`) holds keys
+        // of its own, each judged as above.
+        toml::Value::Array(items) => {
+            let parts: Vec<String> = items.iter().map(|item| render_value(key, item)).collect();
+            format!("[{}]", parts.join(","))
         }
         // The digest tells a change apart without showing the value.
         _ if secret(key) || pasted(key, v) => {
@@ -398,14 +417,31 @@ impl Snapshot {
             };
             let upstream = d.upstream.strip_prefix("postgres://").unwrap_or(&d.upstream);
             let upstream = upstream.strip_prefix("postgresql://").unwrap_or(upstream);
+            let upstream = if url_with_credentials(&d.upstream) {
+                render_value("upstream", &d.upstream.clone().into())
+            } else {
+                upstream.trim_end_matches('/').to_string()
+            };
             let view = DatabaseView {
                 listen: d.listen.clone(),
-                upstream: upstream.trim_end_matches('/').to_string(),
+                upstream,
                 upstream_user: d.upstream_user.clone(),
                 upstream_roles: d.upstream_roles.keys().cloned().collect(),
             };
             let mut route = RouteView::database(d.name.clone(), policy, view);
             route.settings = access_settings(&d.rest);
+            // Where each role a rule may grant gets its password (a variable's name or a
+            // file's path, [`render_value`]; never the password): a change of credentials
+            // changes which upstream identity sessions log in as.
+            for (role, credentials) in &d.upstream_roles {
+                // A role written as anything but a table (the load refuses it) may be
+                // its password itself.
+                let shown = match credentials {
+                    toml::Value::Table(_) => render_value("upstream_roles", credentials),
+                    other => render_value("password", other),
+                };
+                route.settings.insert(format!("upstream_roles.{role}"), shown);
+            }
             databases.push(route);
         }
         if !problems.is_empty() {

@@ -1914,6 +1914,7 @@ fn markdown_settings_show_hidden_characters_as_escapes() {
                 setting: "cookie_domain".into(),
                 before: None,
                 after: Some("\"x\u{202e}moc.elpmaxe\"".into()),
+                reach: None,
             }],
         }],
         issuers: vec![],
@@ -2032,4 +2033,278 @@ fn policy_test_refuses_a_test_file_whose_name_is_more_than_one_policy() {
         r.stderr.contains("security/api.toml:1:1") && r.stderr.contains("more than one"),
         "{r:?}"
     );
+}
+
+/// The value of `setting` in the `settings_changed` of the JSON report's `list` entry
+/// whose `field` is `name`: `(before, after, reach.access)`.
+fn json_setting(
+    v: &serde_json::Value,
+    list: &str,
+    field: &str,
+    name: &str,
+    setting: &str,
+) -> (Option<String>, Option<String>, Option<String>) {
+    let text = |x: &serde_json::Value| x.as_str().map(str::to_string);
+    v[list]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e[field] == name)
+        .flat_map(|e| e["settings_changed"].as_array().into_iter().flatten())
+        .find(|c| c["setting"] == setting)
+        .map(|c| (text(&c["before"]), text(&c["after"]), text(&c["reach"]["access"])))
+        .unwrap_or_else(|| panic!("no {setting} for {list} {name}: {v:#}"))
+}
+
+/// How long access lasts and which upstream identity a database route logs in as were
+/// missing from the report: `stale_window` and `max_session` were filed as availability,
+/// an upstream role's credentials were not compared, and a `password_file`'s path was
+/// hidden like a password. Each is a setting line now, followed by whether access widened
+/// or narrowed where that is decidable (longer is wider; not set is no limit for
+/// `max_token_age` and `max_session`, the default for the others), in every format; the
+/// password files themselves are never read.
+#[test]
+fn diff_reports_how_long_access_lasts_and_which_credentials_a_database_route_uses() {
+    let (dir, cfg) = setup_db(ORDERS);
+    let root = dir.path();
+    let initial = std::fs::read_to_string(&cfg)
+        .unwrap_or_default()
+        .replace(
+            "audiences = [\"portcullis\"]",
+            "audiences = [\"portcullis\"]\nmax_token_age = \"1h\"",
+        )
+        .replace("policy = \"orders\"\n", "policy = \"orders\"\nmax_session = \"8h\"\n")
+        .replace("policy = \"api\"\n", "policy = \"api\"\nsingle_use_tokens = true\n")
+        + "\n[session]\nkeys_env = \"PORTCULLIS_SESSION_KEYS\"\n";
+    write(&cfg, &initial);
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    write(&root.join("secrets/admin"), "admin-password\n");
+    let longer = initial
+        .replace("max_token_age = \"1h\"", "stale_window = \"30d\"")
+        .replace("max_session = \"8h\"", "max_session = \"24h\"")
+        .replace("password_file = \"secrets/readonly\"", "password_file = \"secrets/admin\"")
+        .replace(
+            "[databases.upstream_roles.migrator]\npassword_file = \"secrets/migrator\"",
+            "[databases.upstream_roles.migrator]\npassword_env = \"ORDERS_MIGRATOR_PASSWORD\"",
+        )
+        .replace("single_use_tokens = true\n", "")
+        .replace(
+            "PORTCULLIS_SESSION_KEYS\"\n",
+            "PORTCULLIS_SESSION_KEYS\"\nabsolute_lifetime = \"7d\"\n",
+        );
+    assert_eq!(longer.matches("secrets/admin").count(), 1, "{longer}");
+    write(&cfg, &longer);
+    let c2 = commit(root, "longer, other credentials");
+
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    let text = diff::render(&d, Format::Text);
+    for line in [
+        "  stale_window: (not set) -> \"30d\"\n    access widened: how long the issuer's last fetched keys stay trusted while it cannot be reached (one it has withdrawn meanwhile included): 24h (default) -> 30d\n",
+        "  max_token_age: \"1h\" -> (not set)\n    access widened: how long after it was issued a token is accepted, and what it opened (a WebSocket tunnel, a database session, its assertion) goes on: 1h -> no limit (not set)\n",
+        "  setting max_session: \"8h\" -> \"24h\"\n    access widened: how long a database session may stay open, whatever its token's lifetime: 8h -> 24h\n",
+        "  setting password_file: \"secrets/readonly\" -> \"secrets/admin\"\n",
+        "  setting upstream_roles.migrator: {\"password_file\": \"secrets/migrator\"} -> {\"password_env\": \"ORDERS_MIGRATOR_PASSWORD\"}\n",
+        "  setting single_use_tokens: true -> (not set)\n    access widened: single_use_tokens off: a token may be presented again (replayed) for as long as it is valid\n",
+        "  absolute_lifetime: (not set) -> \"7d\"\n    access widened: how long a browser session lasts before its user signs in again: 12h (default) -> 7d\n",
+    ] {
+        assert!(text.contains(line), "{line}\n---\n{text}");
+    }
+    let md = diff::render(&d, Format::Markdown);
+    for line in [
+        "| max_session | \"8h\" | \"24h\" |\n| password_file | \"secrets/readonly\" | \"secrets/admin\" |\n| upstream_roles.migrator | {\"password_file\": \"secrets/migrator\"} | {\"password_env\": \"ORDERS_MIGRATOR_PASSWORD\"} |\n\n- :unlock: **Access widened**: how long a database session may stay open, whatever its token's lifetime: 8h → 24h\n",
+        "- :unlock: **Access widened**: how long the issuer's last fetched keys stay trusted while it cannot be reached (one it has withdrawn meanwhile included): 24h (default) → 30d\n",
+        "- :unlock: **Access widened**: single_use_tokens off: a token may be presented again (replayed) for as long as it is valid\n",
+        "- :unlock: **Access widened**: how long a browser session lasts before its user signs in again: 12h (default) → 7d\n",
+    ] {
+        assert!(md.contains(line), "{line}\n---\n{md}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&diff::render(&d, Format::Json)).unwrap_or_default();
+    let some = |s: &str| Some(s.to_string());
+    assert_eq!(
+        json_setting(&json, "routes", "route", "orders", "max_session"),
+        (some("\"8h\""), some("\"24h\""), some("widened"))
+    );
+    assert_eq!(
+        json_setting(&json, "issuers", "issuer", "corp", "stale_window"),
+        (None, some("\"30d\""), some("widened"))
+    );
+    assert_eq!(
+        json_setting(&json, "routes", "route", "orders", "upstream_roles.migrator"),
+        (
+            some("{\"password_file\": \"secrets/migrator\"}"),
+            some("{\"password_env\": \"ORDERS_MIGRATOR_PASSWORD\"}"),
+            None
+        )
+    );
+    for report in [&text, &md, &json.to_string()] {
+        for password in ["ro-password", "mig-password", "admin-password"] {
+            assert!(!report.contains(password), "{password}: {report}");
+        }
+    }
+
+    // The other way: every one narrowed.
+    let d = diff_of(&cfg, Some(&c2), Some(&c1));
+    let text = diff::render(&d, Format::Text);
+    for line in [
+        "    access narrowed: how long the issuer's last fetched keys stay trusted while it cannot be reached (one it has withdrawn meanwhile included): 30d -> 24h (default)\n",
+        "    access narrowed: how long after it was issued a token is accepted, and what it opened (a WebSocket tunnel, a database session, its assertion) goes on: no limit (not set) -> 1h\n",
+        "    access narrowed: how long a database session may stay open, whatever its token's lifetime: 24h -> 8h\n",
+        "    access narrowed: single_use_tokens on: a token seen before is refused on the route (no replay)\n",
+        "    access narrowed: how long a browser session lasts before its user signs in again: 7d -> 12h (default)\n",
+    ] {
+        assert!(text.contains(line), "{line}\n---\n{text}");
+    }
+    assert!(!text.contains("access widened"), "{text}");
+    let md = diff::render(&d, Format::Markdown);
+    assert!(
+        md.contains("- :lock: **Access narrowed**: how long a database session may stay open, whatever its token's lifetime: 24h → 8h\n"),
+        "{md}"
+    );
+
+    // A role written as a value instead of a table may be its password: never shown.
+    let inline = initial.replace(
+        "[databases.upstream_roles.migrator]\n",
+        "[databases.upstream_roles]\nreporter = \"hunter2-inline\"\n\n[databases.upstream_roles.migrator]\n",
+    );
+    assert_ne!(inline, initial);
+    write(&cfg, &inline);
+    let d = diff_of(&cfg, Some(&c1), None);
+    let text = diff::render(&d, Format::Text);
+    assert!(text.contains("  setting upstream_roles.reporter: (not set) -> (hidden, "), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+
+    // The same length respelt: a setting line, no direction.
+    write(&cfg, &initial.replace("max_session = \"8h\"", "max_session = \"480m\""));
+    let d = diff_of(&cfg, Some(&c1), None);
+    let text = diff::render(&d, Format::Text);
+    assert!(text.contains("  setting max_session: \"8h\" -> \"480m\"\n"), "{text}");
+    assert!(!text.contains("access widened") && !text.contains("access narrowed"), "{text}");
+}
+
+/// A value under a key of an array of tables (`[[tls.sni]]`'s `key`) was printed as JSON
+/// without being judged: a private key pasted there by mistake, in an old revision,
+/// reached the pull-request comment. Each table of an array is judged as any other. A
+/// credential key's path or variable name (`password_file`, `password_env`) is shown, so
+/// a reviewer sees which credential is used, unless it reads like the secret itself.
+#[test]
+fn diff_never_shows_a_secret_pasted_in_an_array_of_tables_or_a_credential_key() {
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let pem = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----";
+    let config = format!(
+        "{CONFIG}\n[tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server-key.pem\"\n\n[[tls.sni]]\nserver_names = [\"api.example.com\"]\ncert = \"certs/api.pem\"\nkey = \"\"\"{pem}\"\"\"\n\n[redis]\nurl = \"redis://127.0.0.1\"\nusername = \"portcullis\"\npassword_file = \"/run/secrets/redis\"\n\n[issuers.corp.login]\nclient_id = \"portcullis\"\nclient_secret_env = \"hunter2hunter2\"\n"
+    );
+    write(&cfg, &config);
+    let c2 = commit(root, "tls, redis, login");
+    let d = diff_of(&cfg, Some(&c1), Some(&c2));
+    for format in [Format::Text, Format::Markdown, Format::Json] {
+        let report = diff::render(&d, format);
+        assert!(!report.contains("MIGHAgEA") && !report.contains("BEGIN"), "{report}");
+        assert!(!report.contains("hunter2"), "{report}");
+        assert!(report.contains("certs/api.pem"), "the array is listed: {report}");
+        assert!(report.contains("/run/secrets/redis"), "a file's path is shown: {report}");
+        assert!(report.contains("(hidden, "), "{report}");
+    }
+}
+
+/// A credential written into a URL (`user:password@` in a route's or a database route's
+/// upstream, an issuer's discovery URL, the Redis URL; a password in a PostgreSQL URL's
+/// query) is refused at load and never quoted by a diagnostic, but `policy diff` printed
+/// it as the setting's or the database route's value, into the pull-request comment. It
+/// is shown as a digest, as every secret is.
+#[test]
+fn diff_never_shows_a_credential_written_into_a_url() {
+    let (dir, cfg) = setup_db(ORDERS);
+    let root = dir.path();
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let initial = std::fs::read_to_string(&cfg).unwrap_or_default();
+    let urls = initial
+        .replace("http://127.0.0.1:1", "http://admin:S3cretHttp@127.0.0.1:1")
+        .replace(
+            "audiences = [\"portcullis\"]",
+            "audiences = [\"portcullis\"]\ndiscovery_url = \"https://svc:S3cretIdp/x@idp.example.com/.well-known/openid-configuration\"",
+        )
+        .replace("postgres://db.internal", "postgres://app:S3cretPg@db.internal")
+        + "\n[redis]\nurl = \"redis://u:S3cretRedis@127.0.0.1\"\n";
+    write(&cfg, &urls);
+    let d = diff_of(&cfg, Some(&c1), None);
+    for format in [Format::Text, Format::Markdown, Format::Json] {
+        let report = diff::render(&d, format);
+        assert!(!report.contains("S3cret"), "{report}");
+        for what in ["upstream", "discovery_url", "url", "to (hidden, "] {
+            assert!(report.contains(what), "{what}: {report}");
+        }
+    }
+    let query = initial.replace(":5432\"", ":5432/app?sslmode=disable&password=S3cretQuery\"");
+    assert_ne!(query, initial);
+    write(&cfg, &query);
+    let report = diff::render(&diff_of(&cfg, Some(&c1), None), Format::Text);
+    assert!(!report.contains("S3cret") && report.contains("to (hidden, "), "{report}");
+}
+
+/// The settings that decide whose tokens count say which way they moved, where that is
+/// decidable: an issuer's `audiences` or `algorithms` grown (widened) or shrunk
+/// (narrowed), its `hosted_domain` or `client_id` check removed (widened) or added
+/// (narrowed), a route's `issuers` grown, shrunk, or removed (every issuer: widened).
+/// Another set, or another value, is a setting line alone.
+#[test]
+fn diff_says_whether_an_issuers_checks_or_a_routes_issuers_widened_or_narrowed() {
+    let (dir, cfg) = setup(API);
+    let root = dir.path();
+    let initial = CONFIG
+        .replace(
+            "audiences = [\"portcullis\"]",
+            "audiences = [\"portcullis\"]\nhosted_domain = \"example.com\"",
+        )
+        .replace("policy = \"api\"\n", "policy = \"api\"\nissuers = [\"corp\", \"bb\"]\n");
+    write(&cfg, &initial);
+    git(root, &["init", "-q"]);
+    git(root, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+    let c1 = commit(root, "initial");
+    let wider = initial
+        .replace(
+            "audiences = [\"portcullis\"]\nhosted_domain = \"example.com\"",
+            "audiences = [\"portcullis\", \"other-app\"]\nalgorithms = [\"RS256\", \"ES256\"]\nclient_id = \"portcullis\"",
+        )
+        .replace("issuers = [\"corp\", \"bb\"]\n", "");
+    write(&cfg, &wider);
+    let c2 = commit(root, "wider");
+    let text = diff::render(&diff_of(&cfg, Some(&c1), Some(&c2)), Format::Text);
+    for line in [
+        "  algorithms: (not set) -> [\"RS256\",\"ES256\"]\n    access widened: the algorithms a token may be signed with: added \"ES256\"\n",
+        "  audiences: [\"portcullis\"] -> [\"portcullis\",\"other-app\"]\n    access widened: the audiences a token may be issued for: added \"other-app\"\n",
+        "  client_id: (not set) -> \"portcullis\"\n    access narrowed: client_id set: a token's authorized party (azp), when present, must be this client\n",
+        "  hosted_domain: \"example.com\" -> (not set)\n    access widened: hosted_domain removed: a Google token need no longer carry the Workspace domain (hd) nor a verified email\n",
+        "  setting issuers: [\"corp\",\"bb\"] -> (not set)\n    access widened: the issuers whose tokens and sessions the route accepts: every one (not set), was \"bb\", \"corp\"\n",
+    ] {
+        assert!(text.contains(line), "{line}\n---\n{text}");
+    }
+    let md = diff::render(&diff_of(&cfg, Some(&c2), Some(&c1)), Format::Markdown);
+    for line in [
+        "- :lock: **Access narrowed**: the algorithms a token may be signed with: removed \"ES256\"\n",
+        "- :lock: **Access narrowed**: the audiences a token may be issued for: removed \"other-app\"\n",
+        "- :unlock: **Access widened**: client_id removed: a token issued to another client (azp) is accepted\n",
+        "- :lock: **Access narrowed**: hosted_domain set: a Google token must carry this Workspace domain (hd) and a verified email\n",
+        "- :lock: **Access narrowed**: the issuers whose tokens and sessions the route accepts: only \"bb\", \"corp\", was every one (not set)\n",
+    ] {
+        assert!(md.contains(line), "{line}\n---\n{md}");
+    }
+
+    // Another audience instead of one, one route issuer for another: no direction.
+    let other = initial
+        .replace("audiences = [\"portcullis\"]", "audiences = [\"other-app\"]")
+        .replace("issuers = [\"corp\", \"bb\"]", "issuers = [\"corp\", \"gh\"]");
+    write(&cfg, &other);
+    let text = diff::render(&diff_of(&cfg, Some(&c1), None), Format::Text);
+    assert!(text.contains("  audiences: [\"portcullis\"] -> [\"other-app\"]\n"), "{text}");
+    assert!(text.contains("  setting issuers: [\"corp\",\"bb\"] -> [\"corp\",\"gh\"]\n"), "{text}");
+    assert!(!text.contains("access widened") && !text.contains("access narrowed"), "{text}");
 }
