@@ -2,13 +2,15 @@
 //! arbitrary chunks.
 //!
 //! Properties: the scanner finds the boundaries a plain reading of the stream finds, and
-//! fails exactly at the first impossible length; how the stream was cut into reads
-//! changes nothing it reports; a kept body is never longer than the message's, and is the
-//! message's own bytes (names cut to 63 bytes, then a prefix of the rest).
+//! fails exactly at the first impossible length (for the client's scanner, also at the
+//! first type byte no client message has, and at a length past PostgreSQL's limit for its
+//! type); how the stream was cut into reads changes nothing it reports; a kept body is
+//! never longer than the message's, and is the message's own bytes (names cut to 63
+//! bytes, then a prefix of the rest).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::postgres::proto::{Scanner, MAX_RELAY_MESSAGE_LEN, NAME_MAX};
+use portcullis::postgres::proto::{client_message_limit, Scanner, MAX_RELAY_MESSAGE_LEN, NAME_MAX};
 
 /// One message as reported: type, what was kept of it, and where it ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -20,11 +22,15 @@ struct Seen {
 
 fuzz_target!(|data: &[u8]| {
     let Some((&seed, stream)) = data.split_first() else { return };
-    for scanner in [Scanner::client, Scanner::server] {
+    let server_limit: fn(u8) -> Option<usize> = |_| Some(MAX_RELAY_MESSAGE_LEN);
+    for (scanner, limit) in [
+        (Scanner::client as fn() -> Scanner, client_message_limit as fn(u8) -> Option<usize>),
+        (Scanner::server, server_limit),
+    ] {
         let whole = scan(scanner(), stream, &[stream.len()]);
         let cuts = cuts(seed, stream.len());
         assert_eq!(scan(scanner(), stream, &cuts), whole, "cut at {cuts:?}");
-        check_against_plain_reading(stream, &whole);
+        check_against_plain_reading(stream, &whole, limit);
     }
 });
 
@@ -68,14 +74,26 @@ fn scan(mut s: Scanner, stream: &[u8], ends: &[usize]) -> (Vec<Seen>, bool, Opti
     )
 }
 
-/// The stream read message by message, without a scanner.
+/// The stream read message by message, without a scanner; `limit` is the longest length
+/// each type may have (`None`: a type refused at its first byte).
 fn check_against_plain_reading(
     stream: &[u8],
     (seen, failed, partial, needed): &(Vec<Seen>, bool, Option<u8>, usize),
+    limit: fn(u8) -> Option<usize>,
 ) {
     let mut at = 0;
     let mut messages = seen.iter();
     loop {
+        let max = match stream.get(at) {
+            Some(&kind) => match limit(kind) {
+                Some(max) => max.min(MAX_RELAY_MESSAGE_LEN),
+                None => {
+                    assert!(*failed && messages.next().is_none(), "type {kind} at {at} accepted");
+                    return;
+                }
+            },
+            None => MAX_RELAY_MESSAGE_LEN,
+        };
         let Some(hdr) = stream.get(at..at + 5) else {
             // A header not all there: no failure, and the scanner says what is missing.
             assert!(!failed && messages.next().is_none());
@@ -85,7 +103,7 @@ fn check_against_plain_reading(
             return;
         };
         let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
-        if !(4..=MAX_RELAY_MESSAGE_LEN).contains(&len) {
+        if !(4..=max).contains(&len) {
             assert!(*failed && messages.next().is_none(), "length {len} at {at} accepted");
             return;
         }

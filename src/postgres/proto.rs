@@ -24,6 +24,28 @@ pub const MAX_PASSWORD_LEN: usize = 16 * 1024 + 16;
 pub const MAX_STARTUP_MESSAGE_LEN: usize = 64 * 1024;
 /// Relayed messages: PostgreSQL's own ceiling (1 GiB - 1).
 pub const MAX_RELAY_MESSAGE_LEN: usize = 0x3FFF_FFFF;
+/// The longest length word PostgreSQL 14+ reads for a client message that carries no
+/// data (Close, Describe, Execute, Flush, Sync, Terminate, CopyDone, CopyFail):
+/// `PQ_SMALL_MESSAGE_LIMIT`.
+pub const MAX_SMALL_CLIENT_MESSAGE_LEN: usize = 10_000;
+/// The longest length word PostgreSQL reads for any other client message
+/// (`PQ_LARGE_MESSAGE_LIMIT`, `MaxAllocSize - 1`).
+pub const MAX_LARGE_CLIENT_MESSAGE_LEN: usize = 0x3FFF_FFFE;
+
+/// The longest length word (itself included) PostgreSQL reads for a client message of
+/// type `kind` once the session has started (`SocketBackend`); `None` for a type no
+/// client message has, at which the backend ends the session (FATAL "invalid frontend
+/// message type"). Past its limit the backend stops reading and exits ("invalid message
+/// length"). Either way it never reads what follows, so the relay must not pass it on
+/// (nor audit what follows as sent). A password message (`p`) is accepted here: the
+/// relay refuses it itself, at its first byte.
+pub fn client_message_limit(kind: u8) -> Option<usize> {
+    match kind {
+        b'Q' | b'F' | b'B' | b'P' | b'd' | b'p' => Some(MAX_LARGE_CLIENT_MESSAGE_LEN),
+        b'C' | b'D' | b'E' | b'H' | b'S' | b'X' | b'c' | b'f' => Some(MAX_SMALL_CLIENT_MESSAGE_LEN),
+        _ => None,
+    }
+}
 
 /// Why reading from a peer failed.
 #[derive(Debug, thiserror::Error)]
@@ -293,11 +315,20 @@ pub struct Scanner {
     capture_left: usize,
     /// Which message types to capture, and how much of each.
     capture_for: fn(u8) -> Capture,
+    /// The longest length word a message of each type may have; `None`: a type the
+    /// stream may not carry (see [`client_message_limit`]).
+    limit_for: fn(u8) -> Option<usize>,
 }
 
 impl Scanner {
     /// A scanner that keeps `capture_for(type)` of each message's body.
     pub fn new(capture_for: fn(u8) -> Capture) -> Self {
+        Scanner::with_limits(capture_for, |_| Some(MAX_RELAY_MESSAGE_LEN))
+    }
+
+    /// [`Scanner::new`], failing at a message of a type `limit_for` refuses (at its type
+    /// byte) or longer than it allows (at its header).
+    pub fn with_limits(capture_for: fn(u8) -> Capture, limit_for: fn(u8) -> Option<usize>) -> Self {
         Scanner {
             hdr: [0; 5],
             hdr_len: 0,
@@ -308,21 +339,27 @@ impl Scanner {
             name_len: 0,
             capture_left: 0,
             capture_for,
+            limit_for,
         }
     }
 
-    /// Client → server: statements and their names, function calls.
+    /// Client → server: statements and their names, function calls; only the message
+    /// types PostgreSQL reads from a client, each within PostgreSQL's length limit for it
+    /// ([`client_message_limit`]).
     pub fn client() -> Self {
-        Scanner::new(|k| match k {
-            b'Q' => Capture::Prefix(MAX_AUDIT_TEXT + 256),
-            b'P' => Capture::Names { names: 1, then: MAX_AUDIT_TEXT + 1 },
-            b'B' => Capture::Names { names: 2, then: 0 },
-            b'C' => Capture::Prefix(CLOSE_PREFIX),
-            b'F' => Capture::Prefix(FUNCTION_CALL_PREFIX),
-            // Flush: whether it has a body (PostgreSQL fails one that does).
-            b'H' => Capture::Prefix(1),
-            _ => Capture::Nothing,
-        })
+        Scanner::with_limits(
+            |k| match k {
+                b'Q' => Capture::Prefix(MAX_AUDIT_TEXT + 256),
+                b'P' => Capture::Names { names: 1, then: MAX_AUDIT_TEXT + 1 },
+                b'B' => Capture::Names { names: 2, then: 0 },
+                b'C' => Capture::Prefix(CLOSE_PREFIX),
+                b'F' => Capture::Prefix(FUNCTION_CALL_PREFIX),
+                // Flush: whether it has a body (PostgreSQL fails one that does).
+                b'H' => Capture::Prefix(1),
+                _ => Capture::Nothing,
+            },
+            client_message_limit,
+        )
     }
 
     /// Server → client: boundaries, and the tags of CommandComplete.
@@ -387,7 +424,8 @@ impl Scanner {
 
     /// Type of each completed message is reported through `done` (captured ones with what
     /// was kept of their body). Fails on a length below 4 or above
-    /// [`MAX_RELAY_MESSAGE_LEN`].
+    /// [`MAX_RELAY_MESSAGE_LEN`], or what the scanner's limits refuse (a type at its first
+    /// byte, a length at its header).
     pub fn feed(
         &mut self,
         data: &[u8],
@@ -411,13 +449,18 @@ impl Scanner {
                     self.hdr[self.hdr_len..self.hdr_len + take].copy_from_slice(&data[..take]);
                     self.hdr_len += take;
                     data = &data[take..];
+                    // Refused at its type byte, so not even that is relayed.
+                    if (self.limit_for)(self.hdr[0]).is_none() {
+                        return Err("invalid message type");
+                    }
                     if self.hdr_len < 5 {
                         return Ok(());
                     }
                 }
                 let len = u32::from_be_bytes([self.hdr[1], self.hdr[2], self.hdr[3], self.hdr[4]])
                     as usize;
-                if !(4..=MAX_RELAY_MESSAGE_LEN).contains(&len) {
+                let max = (self.limit_for)(self.hdr[0]).unwrap_or(0).min(MAX_RELAY_MESSAGE_LEN);
+                if !(4..=max).contains(&len) {
                     return Err("invalid message length");
                 }
                 let kind = self.hdr[0];

@@ -1352,7 +1352,9 @@ async fn relay(
                 refused = t.desync;
                 relay_to = last_end;
             }
-            // A header no message can have (a length below 4 or past 1 GiB): what came
+            // A header no message can have (a length below 4 or past 1 GiB), or one
+            // PostgreSQL never reads from a client (another type, a length past its
+            // type's limit: the backend ends the session there): what came
             // whole before it is relayed, as PostgreSQL itself would run it before
             // reading the bad header, and it was audited as sent; the bad header and
             // what follows it are not, and the session ends.

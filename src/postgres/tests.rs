@@ -50,6 +50,42 @@ fn the_scanner_rejects_bad_lengths_and_caps_captures() {
     assert_eq!(s.needed(), 2);
 }
 
+#[test]
+fn the_client_scanner_refuses_what_postgres_never_reads_from_a_client() {
+    // A type no frontend message has: refused at its type byte, before its length.
+    for kind in [b'z', b'V', b'R', b'T', 0] {
+        let mut s = Scanner::client();
+        assert!(s.feed(&[kind], |_, _| {}).is_err(), "type {kind}");
+        // The server's scanner relays any type.
+        let mut s = Scanner::server();
+        assert!(s.feed(&msg(kind, b""), |_, _| {}).is_ok(), "type {kind}");
+    }
+    // What came whole before it is reported, with where it ended.
+    let mut s = Scanner::client();
+    let mut seen = Vec::new();
+    let q = msg(b'Q', b"select 1\0");
+    let stream = [q.clone(), msg(b'z', b""), msg(b'Q', b"select 2\0")].concat();
+    assert!(s.feed_at(&stream, |k, _, end| seen.push((k, end))).is_err());
+    assert_eq!(seen, vec![(b'Q', q.len())]);
+    // PostgreSQL's limits per type: 10,000 for the messages that carry no data.
+    for kind in [b'C', b'D', b'E', b'H', b'S', b'X', b'c', b'f'] {
+        let mut s = Scanner::client();
+        assert!(s.feed(&msg(kind, &[0; 9_996]), |_, _| {}).is_ok(), "type {kind}");
+        let mut s = Scanner::client();
+        assert!(s.feed(&msg(kind, &[0; 9_997]), |_, _| {}).is_err(), "type {kind}");
+    }
+    for kind in [b'Q', b'F', b'B', b'P', b'd'] {
+        let mut s = Scanner::client();
+        let mut hdr = vec![kind];
+        hdr.extend_from_slice(&(20_000u32).to_be_bytes());
+        assert!(s.feed(&hdr, |_, _| {}).is_ok(), "type {kind}");
+        let mut s = Scanner::client();
+        let mut hdr = vec![kind];
+        hdr.extend_from_slice(&(0x3FFF_FFFFu32).to_be_bytes());
+        assert!(s.feed(&hdr, |_, _| {}).is_err(), "type {kind}: over PostgreSQL's 1 GiB - 2");
+    }
+}
+
 #[tokio::test]
 async fn startup_packets_parse_and_bad_ones_fail() {
     let m = proto::startup_message(&[("user", "app"), ("database", "db")]);

@@ -818,3 +818,58 @@ async fn a_query_before_a_bad_header_is_relayed_as_audited_then_the_session_ends
     assert_eq!(statements.len(), 1, "{statements:#?}");
     assert_eq!(statements[0]["text"], insert.as_str(), "{statements:#?}");
 }
+
+/// Session 20 (pgout): a message PostgreSQL never reads as a client message — a type
+/// byte no frontend message has (`z`), or a Sync longer than the 10,000 bytes
+/// PostgreSQL 14+ accepts for it (`PQ_SMALL_MESSAGE_LIMIT`) — ends the backend there
+/// (FATAL "invalid frontend message type", or a silent exit after "invalid message
+/// length"). Relayed, it left what followed it in the same write audited as sent while
+/// the server never read it, and the `close` event said the upstream closed a session
+/// the client had broken. Now it is refused like a bad header: what came before is
+/// relayed, the session ends `08P01`, `protocol-violation`, and nothing after it is
+/// relayed or audited.
+#[tokio::test]
+async fn a_message_postgres_never_reads_ends_the_session_before_what_follows_is_audited() {
+    let Some(w) = PgWorld::start().await else { return };
+    let table = format!("bad_type_s20_{}", std::process::id());
+    let token = w.w.token("bb", &[]);
+    let (mut t, _) = login(&w, w.addr, &token, &[]).await;
+    send(&mut t, &[query(format!("create table {table}(v text)").as_bytes())]).await;
+    assert_eq!(error_code(&until_ready(&mut t).await), None);
+    drop(t);
+
+    let over_long_sync = message(b'S', &[b'x'; 10_001]);
+    for (case, bad) in [("type", message(b'z', b"")), ("sync", over_long_sync)] {
+        let (mut t, _) = login(&w, w.addr, &token, &[]).await;
+        let before = format!("insert into {table} values ('before-{case}')");
+        let after = format!("insert into {table} values ('after-{case}')");
+        send(&mut t, &[query(before.as_bytes()), bad, query(after.as_bytes())]).await;
+        let fatal = last_error_before_close(&mut t).await;
+        assert_eq!(fatal.get(&b'C').map(String::as_str), Some("08P01"), "{case}: {fatal:?}");
+        let sid = sid_of(&w, &format!("before-{case}")).await;
+        let close =
+            w.wait_event(|e| e["session_id"] == sid.as_str() && e["event"] == "close").await;
+        assert_eq!(close["reason"], "protocol-violation", "{case}: {close}");
+        assert_eq!(close["ended_by"], "portcullis", "{case}: {close}");
+        let events = session_events(&w, &sid).await;
+        let texts: Vec<&str> = events
+            .iter()
+            .filter(|e| e["kind"] == "pg.statement")
+            .filter_map(|e| e["text"].as_str())
+            .collect();
+        assert_eq!(texts, vec![before.as_str()], "{case}: only what the server read is audited");
+    }
+    // What the audit says was sent, the server ran; nothing after the bad message.
+    let mut got = String::new();
+    for _ in 0..40 {
+        got = w
+            .pg
+            .admin_sql_in("appdb", &format!("select string_agg(v, ',' order by v) from {table}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        if got.matches("before").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(got, "before-sync,before-type");
+}
