@@ -1200,7 +1200,7 @@ impl Compiler<'_> {
             if let Some(db) =
                 self.database(d, &server.policy_dir, &catalog, &mut policies, &mut warnings)
             {
-                if db.listen.port() != 0 && db_listens.contains(&db.listen) {
+                if db_listens.iter().any(|l| same_socket(*l, db.listen)) {
                     self.err(
                         listen_span,
                         format!("`{}` is already used by another listener", db.listen),
@@ -1304,6 +1304,40 @@ impl Compiler<'_> {
             },
             trusted_proxies: Vec::new(),
         };
+        // Two listeners on one socket: `serve` would fail at start ("Address already in
+        // use"), so `check` says so where the second one is written.
+        let named = [
+            ("https", l.https.as_ref(), out.https),
+            ("insecure_http", l.insecure_http.as_ref(), out.insecure_http),
+            ("admin", l.admin.as_ref(), out.admin),
+        ];
+        for (i, (_, written, addr)) in named.iter().enumerate() {
+            let Some(addr) = addr else { continue };
+            for (first, first_written, other) in &named[..i] {
+                if !other.is_some_and(|o| same_socket(o, *addr)) {
+                    continue;
+                }
+                match written {
+                    Some(w) => self.err(
+                        w.span(),
+                        format!("`{addr}` is already used by another listener (`{first}`)"),
+                    ),
+                    // The admin listener by default: point at the one written.
+                    None => {
+                        if let Some(w) = first_written {
+                            self.err(
+                                w.span(),
+                                format!(
+                                    "`{addr}` is also the admin listener's address (by default): \
+                                     set `admin` to another one, or \"off\""
+                                ),
+                            );
+                        }
+                    }
+                }
+                break;
+            }
+        }
         for p in l.trusted_proxies.unwrap_or_default() {
             match IpNet::parse(p.get_ref()) {
                 Some(n) => out.trusted_proxies.push(n),
@@ -2378,6 +2412,16 @@ fn ci_issuer_preset(issuer: &str) -> Option<Preset> {
     } else {
         None
     }
+}
+
+/// Whether binding `b` fails while `a` is bound (Linux): the same port (not 0, which
+/// picks a free one each time) on the same address, or on a wildcard address that
+/// covers the other (`0.0.0.0` every IPv4 address, `[::]` every address: the listener
+/// does not set `IPV6_V6ONLY`).
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers =
+        |w: SocketAddr, x: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || x.is_ipv4());
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
 pub fn is_loopback_host(host: &str) -> bool {

@@ -1601,3 +1601,54 @@ fn a_ci_providers_issuer_needs_its_preset() {
         assert_eq!(with(preset, issuer), Vec::<String>::new(), "{preset:?} {issuer}");
     }
 }
+
+/// Two listeners on one socket passed `check` and then failed `serve` at start
+/// ("cannot listen on …: Address already in use"): the admin listener's default
+/// `127.0.0.1:9090` taken by another listener, two listeners alike, or a wildcard
+/// address and a specific one on the same port (Linux refuses the second bind; `[::]`
+/// takes IPv4 too). Refused where the second one is written.
+#[test]
+fn two_listeners_on_one_socket_are_refused() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let listen = |lines: &str| {
+        compile(dir.path(), &BASE.replace("insecure_http = \"127.0.0.1:8080\"", lines)).map(|_| ())
+    };
+    assert_eq!(
+        listen("insecure_http = \"127.0.0.1:9090\"").err().unwrap_or_default(),
+        ["2:17 `127.0.0.1:9090` is also the admin listener's address (by default): set `admin` to another one, or \"off\""]
+    );
+    assert_eq!(
+        listen("insecure_http = \"0.0.0.0:8080\"\nadmin = \"127.0.0.1:8080\"")
+            .err()
+            .unwrap_or_default(),
+        ["3:9 `127.0.0.1:8080` is already used by another listener (`insecure_http`)"]
+    );
+    assert_eq!(
+        listen("insecure_http = \"127.0.0.1:8080\"\nadmin = \"[::]:8080\"")
+            .err()
+            .unwrap_or_default(),
+        ["3:9 `[::]:8080` is already used by another listener (`insecure_http`)"]
+    );
+    let db = "\n[[databases]]\nname = \"db\"\nlisten = \"127.0.0.1:8080\"\nupstream = \"postgres://127.0.0.1:5432\"\nupstream_user = \"app\"\npassword_file = \"pw\"\npolicy = \"p\"\n";
+    std::fs::write(dir.path().join("pw"), "x\n").ok();
+    let with_db = |listen_line: &str| {
+        compile(
+            dir.path(),
+            &format!("{}{db}", BASE.replace("insecure_http = \"127.0.0.1:8080\"", listen_line)),
+        )
+        .map(|_| ())
+    };
+    assert!(with_db("insecure_http = \"0.0.0.0:8080\"")
+        .err()
+        .unwrap_or_default()
+        .iter()
+        .any(|e| e.ends_with("`127.0.0.1:8080` is already used by another listener")));
+    // Other ports, other specific addresses, and port 0 (each its own) are fine.
+    for ok in [
+        "insecure_http = \"127.0.0.1:8080\"\nadmin = \"127.0.0.2:8080\"",
+        "insecure_http = \"0.0.0.0:8443\"\nadmin = \"[::1]:8443\"",
+        "insecure_http = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"",
+    ] {
+        assert_eq!(listen(ok), Ok(()), "{ok}");
+    }
+}
