@@ -1365,6 +1365,7 @@ impl Compiler<'_> {
         let cert = self.existing_file(&t.cert);
         self.expiry_warning(&t.cert, &cert, &mut warnings);
         let key = self.existing_file(&t.key);
+        self.usable_pair((&t.cert, &cert), (&t.key, &key));
         let mut sni = Vec::new();
         for s in t.sni {
             let cert = self.existing_file(&s.cert);
@@ -1372,6 +1373,8 @@ impl Compiler<'_> {
             if s.server_names.get_ref().is_empty() {
                 self.err(s.server_names.span(), "`server_names` must not be empty");
             }
+            let key = self.existing_file(&s.key);
+            self.usable_pair((&s.cert, &cert), (&s.key, &key));
             sni.push(SniCert {
                 server_names: s
                     .server_names
@@ -1380,10 +1383,37 @@ impl Compiler<'_> {
                     .map(|n| n.into_inner().to_ascii_lowercase())
                     .collect(),
                 cert,
-                key: self.existing_file(&s.key),
+                key,
             });
         }
         (TlsSettings { cert, key, sni }, warnings)
+    }
+
+    /// When serving, a certificate and key that exist must load as the listener loads
+    /// them (a chain, a private key, the two a pair): `check` passed a key file given as
+    /// `cert`, or another certificate's key, and `serve` then refused to start. The
+    /// problem is reported where the file at fault is named; never its contents.
+    fn usable_pair(&mut self, cert: (&Spanned<String>, &Path), key: (&Spanned<String>, &Path)) {
+        if self.mode != LoadMode::Serve || !cert.1.is_file() || !key.1.is_file() {
+            return;
+        }
+        if let Err(e) = crate::tls::load_certified_key(cert.1, key.1) {
+            use crate::tls::TlsError;
+            let at = match e {
+                TlsError::NoPrivateKey { .. }
+                | TlsError::UnsupportedKey { .. }
+                | TlsError::KeyMismatch { .. } => key.0.span(),
+                TlsError::Missing { ref path }
+                | TlsError::Read { ref path, .. }
+                | TlsError::Pem { ref path, .. }
+                    if path == key.1 =>
+                {
+                    key.0.span()
+                }
+                _ => cert.0.span(),
+            };
+            self.err(at, e.to_string());
+        }
     }
 
     /// Warns when the leaf of the certificate file `path` (named at `at`) has expired,

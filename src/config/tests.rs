@@ -1652,3 +1652,69 @@ fn two_listeners_on_one_socket_are_refused() {
         assert_eq!(listen(ok), Ok(()), "{ok}");
     }
 }
+
+/// A certificate and key that exist but cannot serve passed `check` (which looked for
+/// the files only) and then failed `serve` at start: a key file given as `cert`, a
+/// certificate given as `key`, another certificate's key. Refused where the file at
+/// fault is named, for `[[tls.sni]]` entries too.
+#[test]
+fn a_certificate_and_key_that_cannot_serve_are_refused_where_named() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    for name in ["a", "b"] {
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let params = rcgen::CertificateParams::new(vec![format!("{name}.example.com")])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(d.join(format!("{name}.pem")), cert.pem()).ok();
+        std::fs::write(d.join(format!("{name}-key.pem")), key.serialize_pem()).ok();
+    }
+    let tls = |cert: &str, key: &str| {
+        compile(d, &format!("{BASE}\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n")).map(|_| ())
+    };
+    let shown = |f: &str| d.join(f).display().to_string();
+    assert_eq!(tls("a.pem", "a-key.pem"), Ok(()));
+    assert_eq!(
+        tls("a-key.pem", "a-key.pem").err().unwrap_or_default(),
+        [format!(
+            "15:8 {}: no certificate (expected a PEM `BEGIN CERTIFICATE` section)",
+            shown("a-key.pem")
+        )]
+    );
+    assert_eq!(
+        tls("a.pem", "a.pem").err().unwrap_or_default(),
+        [format!(
+            "16:7 {}: no private key (expected a PEM section holding a PKCS#8, SEC1 EC or PKCS#1 RSA key)",
+            shown("a.pem")
+        )]
+    );
+    assert_eq!(
+        tls("a.pem", "b-key.pem").err().unwrap_or_default(),
+        [format!(
+            "16:7 {}: private key does not match the certificate in {}",
+            shown("b-key.pem"),
+            shown("a.pem")
+        )]
+    );
+    let sni = compile(
+        d,
+        &format!(
+            "{BASE}\n[tls]\ncert = \"a.pem\"\nkey = \"a-key.pem\"\n\n[[tls.sni]]\n\
+             server_names = [\"b.example.com\"]\ncert = \"b.pem\"\nkey = \"a-key.pem\"\n"
+        ),
+    );
+    assert_eq!(
+        sni.err().unwrap_or_default(),
+        [format!(
+            "21:7 {}: private key does not match the certificate in {}",
+            shown("a-key.pem"),
+            shown("b.pem")
+        )]
+    );
+    // `check --policy-only` opens no certificate or key.
+    let src = Source::new(
+        d.join("portcullis.toml"),
+        format!("{BASE}\n[tls]\ncert = \"a-key.pem\"\nkey = \"b.pem\"\n"),
+    );
+    assert!(Config::compile_attempt(&src, LoadMode::PolicyOnly).result.is_ok());
+}
