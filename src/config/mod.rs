@@ -1389,6 +1389,19 @@ impl Compiler<'_> {
         (TlsSettings { cert, key, sni }, warnings)
     }
 
+    /// A CA file ([`Self::existing_file`]) that, when serving, must hold certificates
+    /// rustls takes as roots, as the client that uses it will: `check` looked for the
+    /// file only, and `serve` refused a file of anything else at start.
+    fn existing_ca(&mut self, s: &Spanned<String>) -> PathBuf {
+        let p = self.existing_file(s);
+        if self.mode == LoadMode::Serve && p.is_file() {
+            if let Err(e) = crate::tls::client_config(Some(&p), false) {
+                self.err(s.span(), format!("CA file: {e}"));
+            }
+        }
+        p
+    }
+
     /// When serving, a certificate and key that exist must load as the listener loads
     /// them (a chain, a private key, the two a pair): `check` passed a key file given as
     /// `cert`, or another certificate's key, and `serve` then refused to start. The
@@ -1566,12 +1579,22 @@ impl Compiler<'_> {
     }
 
     fn assertion(&mut self, a: raw::Assertion) -> AssertionSettings {
-        AssertionSettings {
+        let settings = AssertionSettings {
             issuer: a.issuer.map_or_else(|| "portcullis".to_string(), |s| s.into_inner()),
             // JWT times are whole seconds: a shorter assertion expires as it is signed.
             ttl: self.timeout_of_a_second_or_more(&a.ttl, "ttl", 60),
             key_file: a.key.as_ref().map(|k| self.existing_file(k)),
+        };
+        // A key file `serve` cannot sign with fails `check` too, where it is named (its
+        // errors are the signer's own words, never a line of the file).
+        if let (Some(k), Some(path)) = (&a.key, &settings.key_file) {
+            if self.mode == LoadMode::Serve && path.is_file() {
+                if let Err(e) = crate::http::assertion::AssertionSigner::new(&settings) {
+                    self.err(k.span(), e.to_string());
+                }
+            }
         }
+        settings
     }
 
     fn issuer(&mut self, name: &Spanned<String>, r: raw::Issuer) -> Option<IssuerSettings> {
@@ -1747,7 +1770,7 @@ impl Compiler<'_> {
             acr_values: Vec::new(),
             hosted_domain: r.hosted_domain.map(Spanned::into_inner),
             groups_claim,
-            ca_file: r.ca.as_ref().map(|c| self.existing_file(c)),
+            ca_file: r.ca.as_ref().map(|c| self.existing_ca(c)),
             insecure_http,
             stale_window: r
                 .stale_window
@@ -2369,7 +2392,7 @@ impl Compiler<'_> {
         if u.get_ref().contains(['@', '#']) {
             return bad(self, "must not carry credentials (user:password@) or a fragment");
         }
-        let ca = ca.map(|c| self.existing_file(c));
+        let ca = ca.map(|c| self.existing_ca(c));
         if ca.is_some() && scheme != http::uri::Scheme::HTTPS {
             self.err(u.span(), "`upstream_ca` only applies to https upstreams");
         }

@@ -711,9 +711,19 @@ fn issuer_urls_with_credentials_are_refused_and_never_quoted_back() {
 #[test]
 fn every_file_the_configuration_names_is_watched() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    for f in ["idp-ca.pem", "upstream-ca.pem", "assertion.pem", "client-secret", "keys"] {
+    for f in ["client-secret", "keys"] {
         std::fs::write(dir.path().join(f), "x").unwrap_or_else(|e| panic!("{e}"));
     }
+    // The CAs and the assertion key must be usable ones: a serving load reads them.
+    let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+    let ca = rcgen::CertificateParams::new(vec!["ca.example.com".to_string()])
+        .and_then(|p| p.self_signed(&key))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for f in ["idp-ca.pem", "upstream-ca.pem"] {
+        std::fs::write(dir.path().join(f), ca.pem()).unwrap_or_else(|e| panic!("{e}"));
+    }
+    std::fs::write(dir.path().join("assertion.pem"), key.serialize_pem())
+        .unwrap_or_else(|e| panic!("{e}"));
     let text = BASE
         .replace(
             "audiences = [\"portcullis\"]\n",
@@ -1717,4 +1727,50 @@ fn a_certificate_and_key_that_cannot_serve_are_refused_where_named() {
         format!("{BASE}\n[tls]\ncert = \"a-key.pem\"\nkey = \"b.pem\"\n"),
     );
     assert!(Config::compile_attempt(&src, LoadMode::PolicyOnly).result.is_ok());
+}
+
+/// A CA file or assertion key that exists but cannot be used passed `check` (which
+/// looked for the file only) and then failed `serve` at start: an issuer's `ca`, a
+/// route's or a database's `upstream_ca`, `[assertion] key`. Refused where named.
+#[test]
+fn ca_files_and_the_assertion_key_that_cannot_be_used_are_refused_where_named() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    std::fs::write(d.join("junk.pem"), "not PEM at all\n").ok();
+    std::fs::write(d.join("pw"), "x\n").ok();
+    let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+    let params = rcgen::CertificateParams::new(vec!["ca.example.com".to_string()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(d.join("ca.pem"), cert.pem()).ok();
+    std::fs::write(d.join("key.pem"), key.serialize_pem()).ok();
+    let errs = |text: String| compile(d, &text).err().unwrap_or_default();
+    let issuer = |ca: &str| BASE.replace("audiences = [", &format!("ca = \"{ca}\"\naudiences = ["));
+    assert_eq!(compile(d, &issuer("ca.pem")).map(|_| ()), Ok(()));
+    let e = errs(issuer("junk.pem"));
+    assert!(e.len() == 1 && e[0].starts_with("6:6 CA file: "), "{e:?}");
+    let route = |ca: &str| {
+        BASE.replace(
+            "http://127.0.0.1:9000\"",
+            &format!("https://127.0.0.1:9000\"\nupstream_ca = \"{ca}\""),
+        )
+    };
+    assert_eq!(compile(d, &route("ca.pem")).map(|_| ()), Ok(()));
+    let e = errs(route("key.pem"));
+    assert!(e.len() == 1 && e[0].starts_with("12:15 CA file: "), "{e:?}");
+    let assertion = |k: &str| format!("{BASE}\n[assertion]\nkey = \"{k}\"\n");
+    assert_eq!(compile(d, &assertion("key.pem")).map(|_| ()), Ok(()));
+    let e = errs(assertion("ca.pem"));
+    assert!(e.len() == 1 && e[0].starts_with("15:7 ") && e[0].contains("assertion key: "), "{e:?}");
+    let db = |ca: &str| {
+        format!(
+            "{BASE}\n[[databases]]\nname = \"db\"\nlisten = \"127.0.0.1:0\"\n\
+             upstream = \"postgres://127.0.0.1:5432\"\nupstream_user = \"app\"\n\
+             password_file = \"pw\"\npolicy = \"p\"\nupstream_tls = \"verify-full\"\n\
+             upstream_ca = \"{ca}\"\n\n[tls]\ncert = \"ca.pem\"\nkey = \"key.pem\"\n"
+        )
+    };
+    assert_eq!(compile(d, &db("ca.pem")).map(|_| ()), Ok(()));
+    let e = errs(db("junk.pem"));
+    assert!(e.len() == 1 && e[0].starts_with("22:15 CA file: "), "{e:?}");
 }
