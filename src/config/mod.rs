@@ -1782,6 +1782,25 @@ impl Compiler<'_> {
         (self.diags.len() == start).then_some(settings)
     }
 
+    /// When serving, a secret file that is there must be usable: `check` passed a
+    /// session-keys file of anything and an empty client-secret file, which `serve`
+    /// refused at start. (A variable or a file not there yet is left to `serve`, as
+    /// before.) Errors name the source, never the value.
+    fn readable_secret(
+        &mut self,
+        source: Option<&SecretSource>,
+        at: Option<std::ops::Range<usize>>,
+        usable: impl Fn(&str) -> Result<(), String>,
+    ) {
+        let (Some(source @ SecretSource::File(path)), Some(at)) = (source, at) else { return };
+        if self.mode != LoadMode::Serve || !path.is_file() {
+            return;
+        }
+        if let Err(e) = source.read().and_then(|v| usable(&v)) {
+            self.err(at, e);
+        }
+    }
+
     fn secret(
         &mut self,
         what: &str,
@@ -1848,6 +1867,8 @@ impl Compiler<'_> {
             l.client_secret_env.as_ref(),
             l.client_secret_file.as_ref(),
         );
+        let at = l.client_secret_env.as_ref().or(l.client_secret_file.as_ref()).map(|s| s.span());
+        self.readable_secret(client_secret.as_ref(), at, |_| Ok(()));
         let scopes: Vec<String> = match &l.scopes {
             None => vec!["openid".into(), "email".into(), "profile".into()],
             Some(list) => {
@@ -1984,6 +2005,10 @@ impl Compiler<'_> {
             v
         });
         let keys = self.secret("keys", span, s.keys_env.as_ref(), s.keys_file.as_ref());
+        let at = s.keys_env.as_ref().or(s.keys_file.as_ref()).map(|k| k.span());
+        self.readable_secret(keys.as_ref(), at, |k| {
+            crate::session::seal::Sealer::from_text(k).map(|_| ())
+        });
         let dur = |c: &mut Self, d: &Option<Spanned<String>>, default: u64| {
             d.as_ref().and_then(|d| c.duration(d)).unwrap_or(Duration::from_secs(default))
         };

@@ -711,9 +711,9 @@ fn issuer_urls_with_credentials_are_refused_and_never_quoted_back() {
 #[test]
 fn every_file_the_configuration_names_is_watched() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    for f in ["client-secret", "keys"] {
-        std::fs::write(dir.path().join(f), "x").unwrap_or_else(|e| panic!("{e}"));
-    }
+    std::fs::write(dir.path().join("client-secret"), "x").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("keys"), "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=")
+        .unwrap_or_else(|e| panic!("{e}"));
     // The CAs and the assertion key must be usable ones: a serving load reads them.
     let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
     let ca = rcgen::CertificateParams::new(vec!["ca.example.com".to_string()])
@@ -1773,4 +1773,30 @@ fn ca_files_and_the_assertion_key_that_cannot_be_used_are_refused_where_named() 
     assert_eq!(compile(d, &db("ca.pem")).map(|_| ()), Ok(()));
     let e = errs(db("junk.pem"));
     assert!(e.len() == 1 && e[0].starts_with("22:15 CA file: "), "{e:?}");
+}
+
+/// A session-keys file that holds no key and an empty client-secret file passed `check`
+/// and then failed `serve` at start (`[session] keys: session key #1 is not base64`,
+/// `client secret: … is empty`). Refused where named; the value is never quoted.
+#[test]
+fn secret_files_serve_cannot_use_are_refused_where_named() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    let text = |keys: &str, secret: &str| {
+        std::fs::write(d.join("keys"), keys).ok();
+        std::fs::write(d.join("secret"), secret).ok();
+        BASE.replace(
+            "audiences = [\"portcullis\"]\n",
+            "audiences = [\"portcullis\"]\nlogin = { client_id = \"p\", client_secret_file = \"secret\" }\n",
+        ) + "\n[session]\nkeys_file = \"keys\"\n"
+    };
+    let good = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    assert_eq!(compile(d, &text(good, "s3cret")).map(|_| ()), Ok(()));
+    let e = compile(d, &text("hunter2 not a key", "s3cret")).err().unwrap_or_default();
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("16:13 session key #1 is not base64"), "{e:?}");
+    assert!(!e[0].contains("hunter2"), "{e:?}");
+    let e = compile(d, &text(good, " \n")).err().unwrap_or_default();
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("7:49 secret file `") && e[0].ends_with("is empty"), "{e:?}");
 }
