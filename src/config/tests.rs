@@ -1773,6 +1773,11 @@ fn ca_files_and_the_assertion_key_that_cannot_be_used_are_refused_where_named() 
     assert_eq!(compile(d, &db("ca.pem")).map(|_| ()), Ok(()));
     let e = errs(db("junk.pem"));
     assert!(e.len() == 1 && e[0].starts_with("22:15 CA file: "), "{e:?}");
+    let redis =
+        |ca: &str| format!("{BASE}\n[redis]\nurl = \"rediss://127.0.0.1:6379\"\nca = \"{ca}\"\n");
+    assert_eq!(compile(d, &redis("ca.pem")).map(|_| ()), Ok(()));
+    let e = errs(redis("junk.pem"));
+    assert!(e.len() == 1 && e[0].starts_with("16:6 CA file: "), "{e:?}");
 }
 
 /// A session-keys file that holds no key and an empty client-secret file passed `check`
