@@ -1367,7 +1367,21 @@ impl Compiler<'_> {
         let key = self.existing_file(&t.key);
         self.usable_pair((&t.cert, &cert), (&t.key, &key));
         let mut sni = Vec::new();
+        let mut names_seen = HashSet::new();
         for s in t.sni {
+            // As the listener will key them: `serve` refused a bad or repeated name at start.
+            for n in s.server_names.get_ref() {
+                match crate::tls::server_name_key(n.get_ref()) {
+                    Err(e) => self.err(n.span(), e.to_string()),
+                    Ok(key) => {
+                        if !names_seen.insert(key) {
+                            let name = n.get_ref().clone();
+                            let e = crate::tls::TlsError::DuplicateServerName { name };
+                            self.err(n.span(), e.to_string());
+                        }
+                    }
+                }
+            }
             let cert = self.existing_file(&s.cert);
             self.expiry_warning(&s.cert, &cert, &mut warnings);
             if s.server_names.get_ref().is_empty() {

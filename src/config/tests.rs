@@ -1805,3 +1805,54 @@ fn secret_files_serve_cannot_use_are_refused_where_named() {
     assert_eq!(e.len(), 1, "{e:?}");
     assert!(e[0].starts_with("7:49 secret file `") && e[0].ends_with("is empty"), "{e:?}");
 }
+
+/// `[[tls.sni]] server_names` that the listener refuses (not a DNS name, a wildcard
+/// elsewhere than the whole leftmost label, an IP address, a name twice, whatever its
+/// case) passed `check`, `--policy-only` too, and then failed `serve` at start. Refused
+/// where the name is written.
+#[test]
+fn sni_server_names_the_listener_refuses_are_refused_where_written() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+    let cert = rcgen::CertificateParams::new(vec!["a.example.com".to_string()])
+        .and_then(|p| p.self_signed(&key))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(d.join("a.pem"), cert.pem()).ok();
+    std::fs::write(d.join("a-key.pem"), key.serialize_pem()).ok();
+    let names = |first: &str, second: &str| {
+        let sni = |names: &str| {
+            format!(
+                "[[tls.sni]]\nserver_names = {names}\ncert = \"a.pem\"\nkey = \"a-key.pem\"\n\n"
+            )
+        };
+        compile(
+            d,
+            &format!(
+                "{BASE}\n[tls]\ncert = \"a.pem\"\nkey = \"a-key.pem\"\n\n{}{}",
+                sni(first),
+                sni(second)
+            ),
+        )
+        .map(|_| ())
+    };
+    assert_eq!(names("[\"a.example.com\", \"*.b.example.com\"]", "[\"c.example.com.\"]"), Ok(()));
+    let one = |first: &str| names(first, "[\"z.example.com\"]").err().unwrap_or_default();
+    assert_eq!(
+        one("[\"ok.example.com\", \"*.*.example.com\"]"),
+        ["19:35 invalid TLS server name \"*.*.example.com\": a wildcard must be the whole leftmost label, as in *.example.com"]
+    );
+    assert_eq!(one("[\"a..b\"]"), ["19:17 invalid TLS server name \"a..b\": not a DNS name"]);
+    assert_eq!(
+        one("[\"10.0.0.1\"]"),
+        ["19:17 invalid TLS server name \"10.0.0.1\": an IP address is never sent in SNI"]
+    );
+    assert_eq!(
+        names("[\"x.example.com\"]", "[\"X.example.com.\"]").err().unwrap_or_default(),
+        ["24:17 TLS server name \"X.example.com.\" is configured more than once"]
+    );
+    assert_eq!(
+        one("[\"*.example.com\", \"*.EXAMPLE.com\"]"),
+        ["19:34 TLS server name \"*.EXAMPLE.com\" is configured more than once"]
+    );
+}
