@@ -1064,7 +1064,30 @@ impl Compiler<'_> {
         let audit = match audit.output {
             None => AuditOutput::Stdout,
             Some(o) if o.get_ref() == "stdout" => AuditOutput::Stdout,
-            Some(o) => AuditOutput::File(self.path(o.get_ref())),
+            Some(o) => {
+                // What `serve` opens for appending at start: refused here, where written,
+                // rather than there (nothing is created by a load).
+                let p = self.path(o.get_ref());
+                if o.get_ref().is_empty() {
+                    self.err(o.span(), "`output` is \"stdout\" or the path of a file to append to");
+                } else if self.mode == LoadMode::Serve && p.is_dir() {
+                    self.err(
+                        o.span(),
+                        format!(
+                            "{} is a directory: `output` is the file events are appended to",
+                            file_shown(&p)
+                        ),
+                    );
+                } else if self.mode == LoadMode::Serve
+                    && !p.parent().is_some_and(|d| d.as_os_str().is_empty() || d.is_dir())
+                {
+                    self.err(
+                        o.span(),
+                        format!("the directory of {} does not exist", file_shown(&p)),
+                    );
+                }
+                AuditOutput::File(p)
+            }
         };
 
         let mut seen = HashSet::new();

@@ -1856,3 +1856,34 @@ fn sni_server_names_the_listener_refuses_are_refused_where_written() {
         ["19:34 TLS server name \"*.EXAMPLE.com\" is configured more than once"]
     );
 }
+
+/// An `[audit] output` that cannot be opened for appending (empty, a directory, a file
+/// in a directory that does not exist) passed `check` and failed `serve` at start.
+/// Refused where written; `check` creates nothing.
+#[test]
+fn an_audit_output_serve_cannot_open_is_refused_where_written() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    let output = |o: &str| {
+        compile(d, &format!("{BASE}\n[audit]\noutput = \"{o}\"\n")).err().unwrap_or_default()
+    };
+    assert!(output("audit.log").is_empty());
+    assert!(output("stdout").is_empty());
+    assert!(!d.join("audit.log").exists(), "check created the audit file");
+    assert_eq!(output(""), ["15:10 `output` is \"stdout\" or the path of a file to append to"]);
+    std::fs::create_dir_all(d.join("logs")).ok();
+    assert_eq!(
+        output("logs"),
+        [format!(
+            "15:10 `{}` is a directory: `output` is the file events are appended to",
+            d.join("logs").display()
+        )]
+    );
+    assert_eq!(
+        output("missing/audit.log"),
+        [format!(
+            "15:10 the directory of `{}` does not exist",
+            d.join("missing/audit.log").display()
+        )]
+    );
+}
