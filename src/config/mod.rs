@@ -2445,6 +2445,9 @@ impl Compiler<'_> {
         let Some(authority) = uri.authority().cloned() else {
             return bad(self, "missing host");
         };
+        if authority.port_u16() == Some(0) {
+            return bad(self, "port 0 is no port to connect to");
+        }
         if uri.query().is_some() {
             return bad(self, "must not have a query");
         }

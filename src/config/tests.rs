@@ -1887,3 +1887,15 @@ fn an_audit_output_serve_cannot_open_is_refused_where_written() {
         )]
     );
 }
+
+/// An upstream on port 0 passed `check`, and every request to the route was a 502:
+/// port 0 names no port to connect to.
+#[test]
+fn an_upstream_on_port_zero_is_refused() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let errs = compile(dir.path(), &BASE.replace("127.0.0.1:9000", "127.0.0.1:0"))
+        .err()
+        .unwrap_or_default();
+    assert_eq!(errs, ["11:12 upstream: port 0 is no port to connect to"]);
+    assert!(compile(dir.path(), &BASE.replace("127.0.0.1:9000", "127.0.0.1:00080")).is_ok());
+}
