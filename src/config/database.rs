@@ -201,7 +201,7 @@ impl Compiler<'_> {
                     "`upstream_ca` only applies with upstream_tls = \"verify-full\"",
                 );
             }
-            self.existing_file(c)
+            self.existing_ca(c)
         });
         let user = d.upstream_user.get_ref().clone();
         if user.is_empty() || user.contains('\0') {

@@ -1064,7 +1064,30 @@ impl Compiler<'_> {
         let audit = match audit.output {
             None => AuditOutput::Stdout,
             Some(o) if o.get_ref() == "stdout" => AuditOutput::Stdout,
-            Some(o) => AuditOutput::File(self.path(o.get_ref())),
+            Some(o) => {
+                // What `serve` opens for appending at start: refused here, where written,
+                // rather than there (nothing is created by a load).
+                let p = self.path(o.get_ref());
+                if o.get_ref().is_empty() {
+                    self.err(o.span(), "`output` is \"stdout\" or the path of a file to append to");
+                } else if self.mode == LoadMode::Serve && p.is_dir() {
+                    self.err(
+                        o.span(),
+                        format!(
+                            "{} is a directory: `output` is the file events are appended to",
+                            file_shown(&p)
+                        ),
+                    );
+                } else if self.mode == LoadMode::Serve
+                    && !p.parent().is_some_and(|d| d.as_os_str().is_empty() || d.is_dir())
+                {
+                    self.err(
+                        o.span(),
+                        format!("the directory of {} does not exist", file_shown(&p)),
+                    );
+                }
+                AuditOutput::File(p)
+            }
         };
 
         let mut seen = HashSet::new();
@@ -1200,7 +1223,7 @@ impl Compiler<'_> {
             if let Some(db) =
                 self.database(d, &server.policy_dir, &catalog, &mut policies, &mut warnings)
             {
-                if db.listen.port() != 0 && db_listens.contains(&db.listen) {
+                if db_listens.iter().any(|l| same_socket(*l, db.listen)) {
                     self.err(
                         listen_span,
                         format!("`{}` is already used by another listener", db.listen),
@@ -1304,6 +1327,40 @@ impl Compiler<'_> {
             },
             trusted_proxies: Vec::new(),
         };
+        // Two listeners on one socket: `serve` would fail at start ("Address already in
+        // use"), so `check` says so where the second one is written.
+        let named = [
+            ("https", l.https.as_ref(), out.https),
+            ("insecure_http", l.insecure_http.as_ref(), out.insecure_http),
+            ("admin", l.admin.as_ref(), out.admin),
+        ];
+        for (i, (_, written, addr)) in named.iter().enumerate() {
+            let Some(addr) = addr else { continue };
+            for (first, first_written, other) in &named[..i] {
+                if !other.is_some_and(|o| same_socket(o, *addr)) {
+                    continue;
+                }
+                match written {
+                    Some(w) => self.err(
+                        w.span(),
+                        format!("`{addr}` is already used by another listener (`{first}`)"),
+                    ),
+                    // The admin listener by default: point at the one written.
+                    None => {
+                        if let Some(w) = first_written {
+                            self.err(
+                                w.span(),
+                                format!(
+                                    "`{addr}` is also the admin listener's address (by default): \
+                                     set `admin` to another one, or \"off\""
+                                ),
+                            );
+                        }
+                    }
+                }
+                break;
+            }
+        }
         for p in l.trusted_proxies.unwrap_or_default() {
             match IpNet::parse(p.get_ref()) {
                 Some(n) => out.trusted_proxies.push(n),
@@ -1331,13 +1388,30 @@ impl Compiler<'_> {
         let cert = self.existing_file(&t.cert);
         self.expiry_warning(&t.cert, &cert, &mut warnings);
         let key = self.existing_file(&t.key);
+        self.usable_pair((&t.cert, &cert), (&t.key, &key));
         let mut sni = Vec::new();
+        let mut names_seen = HashSet::new();
         for s in t.sni {
+            // As the listener will key them: `serve` refused a bad or repeated name at start.
+            for n in s.server_names.get_ref() {
+                match crate::tls::server_name_key(n.get_ref()) {
+                    Err(e) => self.err(n.span(), e.to_string()),
+                    Ok(key) => {
+                        if !names_seen.insert(key) {
+                            let name = n.get_ref().clone();
+                            let e = crate::tls::TlsError::DuplicateServerName { name };
+                            self.err(n.span(), e.to_string());
+                        }
+                    }
+                }
+            }
             let cert = self.existing_file(&s.cert);
             self.expiry_warning(&s.cert, &cert, &mut warnings);
             if s.server_names.get_ref().is_empty() {
                 self.err(s.server_names.span(), "`server_names` must not be empty");
             }
+            let key = self.existing_file(&s.key);
+            self.usable_pair((&s.cert, &cert), (&s.key, &key));
             sni.push(SniCert {
                 server_names: s
                     .server_names
@@ -1346,10 +1420,50 @@ impl Compiler<'_> {
                     .map(|n| n.into_inner().to_ascii_lowercase())
                     .collect(),
                 cert,
-                key: self.existing_file(&s.key),
+                key,
             });
         }
         (TlsSettings { cert, key, sni }, warnings)
+    }
+
+    /// A CA file ([`Self::existing_file`]) that, when serving, must hold certificates
+    /// rustls takes as roots, as the client that uses it will: `check` looked for the
+    /// file only, and `serve` refused a file of anything else at start.
+    fn existing_ca(&mut self, s: &Spanned<String>) -> PathBuf {
+        let p = self.existing_file(s);
+        if self.mode == LoadMode::Serve && p.is_file() {
+            if let Err(e) = crate::tls::client_config(Some(&p), false) {
+                self.err(s.span(), format!("CA file: {e}"));
+            }
+        }
+        p
+    }
+
+    /// When serving, a certificate and key that exist must load as the listener loads
+    /// them (a chain, a private key, the two a pair): `check` passed a key file given as
+    /// `cert`, or another certificate's key, and `serve` then refused to start. The
+    /// problem is reported where the file at fault is named; never its contents.
+    fn usable_pair(&mut self, cert: (&Spanned<String>, &Path), key: (&Spanned<String>, &Path)) {
+        if self.mode != LoadMode::Serve || !cert.1.is_file() || !key.1.is_file() {
+            return;
+        }
+        if let Err(e) = crate::tls::load_certified_key(cert.1, key.1) {
+            use crate::tls::TlsError;
+            let at = match e {
+                TlsError::NoPrivateKey { .. }
+                | TlsError::UnsupportedKey { .. }
+                | TlsError::KeyMismatch { .. } => key.0.span(),
+                TlsError::Missing { ref path }
+                | TlsError::Read { ref path, .. }
+                | TlsError::Pem { ref path, .. }
+                    if path == key.1 =>
+                {
+                    key.0.span()
+                }
+                _ => cert.0.span(),
+            };
+            self.err(at, e.to_string());
+        }
     }
 
     /// Warns when the leaf of the certificate file `path` (named at `at`) has expired,
@@ -1502,12 +1616,22 @@ impl Compiler<'_> {
     }
 
     fn assertion(&mut self, a: raw::Assertion) -> AssertionSettings {
-        AssertionSettings {
+        let settings = AssertionSettings {
             issuer: a.issuer.map_or_else(|| "portcullis".to_string(), |s| s.into_inner()),
             // JWT times are whole seconds: a shorter assertion expires as it is signed.
             ttl: self.timeout_of_a_second_or_more(&a.ttl, "ttl", 60),
             key_file: a.key.as_ref().map(|k| self.existing_file(k)),
+        };
+        // A key file `serve` cannot sign with fails `check` too, where it is named (its
+        // errors are the signer's own words, never a line of the file).
+        if let (Some(k), Some(path)) = (&a.key, &settings.key_file) {
+            if self.mode == LoadMode::Serve && path.is_file() {
+                if let Err(e) = crate::http::assertion::AssertionSigner::new(&settings) {
+                    self.err(k.span(), e.to_string());
+                }
+            }
         }
+        settings
     }
 
     fn issuer(&mut self, name: &Spanned<String>, r: raw::Issuer) -> Option<IssuerSettings> {
@@ -1683,7 +1807,7 @@ impl Compiler<'_> {
             acr_values: Vec::new(),
             hosted_domain: r.hosted_domain.map(Spanned::into_inner),
             groups_claim,
-            ca_file: r.ca.as_ref().map(|c| self.existing_file(c)),
+            ca_file: r.ca.as_ref().map(|c| self.existing_ca(c)),
             insecure_http,
             stale_window: r
                 .stale_window
@@ -1693,6 +1817,25 @@ impl Compiler<'_> {
             refresh_cooldown,
         };
         (self.diags.len() == start).then_some(settings)
+    }
+
+    /// When serving, a secret file that is there must be usable: `check` passed a
+    /// session-keys file of anything and an empty client-secret file, which `serve`
+    /// refused at start. (A variable or a file not there yet is left to `serve`, as
+    /// before.) Errors name the source, never the value.
+    fn readable_secret(
+        &mut self,
+        source: Option<&SecretSource>,
+        at: Option<std::ops::Range<usize>>,
+        usable: impl Fn(&str) -> Result<(), String>,
+    ) {
+        let (Some(source @ SecretSource::File(path)), Some(at)) = (source, at) else { return };
+        if self.mode != LoadMode::Serve || !path.is_file() {
+            return;
+        }
+        if let Err(e) = source.read().and_then(|v| usable(&v)) {
+            self.err(at, e);
+        }
     }
 
     fn secret(
@@ -1761,6 +1904,8 @@ impl Compiler<'_> {
             l.client_secret_env.as_ref(),
             l.client_secret_file.as_ref(),
         );
+        let at = l.client_secret_env.as_ref().or(l.client_secret_file.as_ref()).map(|s| s.span());
+        self.readable_secret(client_secret.as_ref(), at, |_| Ok(()));
         let scopes: Vec<String> = match &l.scopes {
             None => vec!["openid".into(), "email".into(), "profile".into()],
             Some(list) => {
@@ -1897,6 +2042,10 @@ impl Compiler<'_> {
             v
         });
         let keys = self.secret("keys", span, s.keys_env.as_ref(), s.keys_file.as_ref());
+        let at = s.keys_env.as_ref().or(s.keys_file.as_ref()).map(|k| k.span());
+        self.readable_secret(keys.as_ref(), at, |k| {
+            crate::session::seal::Sealer::from_text(k).map(|_| ())
+        });
         let dur = |c: &mut Self, d: &Option<Spanned<String>>, default: u64| {
             d.as_ref().and_then(|d| c.duration(d)).unwrap_or(Duration::from_secs(default))
         };
@@ -2296,6 +2445,9 @@ impl Compiler<'_> {
         let Some(authority) = uri.authority().cloned() else {
             return bad(self, "missing host");
         };
+        if authority.port_u16() == Some(0) {
+            return bad(self, "port 0 is no port to connect to");
+        }
         if uri.query().is_some() {
             return bad(self, "must not have a query");
         }
@@ -2305,7 +2457,7 @@ impl Compiler<'_> {
         if u.get_ref().contains(['@', '#']) {
             return bad(self, "must not carry credentials (user:password@) or a fragment");
         }
-        let ca = ca.map(|c| self.existing_file(c));
+        let ca = ca.map(|c| self.existing_ca(c));
         if ca.is_some() && scheme != http::uri::Scheme::HTTPS {
             self.err(u.span(), "`upstream_ca` only applies to https upstreams");
         }
@@ -2378,6 +2530,16 @@ fn ci_issuer_preset(issuer: &str) -> Option<Preset> {
     } else {
         None
     }
+}
+
+/// Whether binding `b` fails while `a` is bound (Linux): the same port (not 0, which
+/// picks a free one each time) on the same address, or on a wildcard address that
+/// covers the other (`0.0.0.0` every IPv4 address, `[::]` every address: the listener
+/// does not set `IPV6_V6ONLY`).
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers =
+        |w: SocketAddr, x: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || x.is_ipv4());
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
 pub fn is_loopback_host(host: &str) -> bool {

@@ -53,7 +53,7 @@ impl Compiler<'_> {
         if let (Some(u), None) = (&r.username, &password) {
             self.err(u.span(), "`username` needs a password (`password_env` or `password_file`)");
         }
-        let ca = r.ca.as_ref().map(|c| self.existing_file(c));
+        let ca = r.ca.as_ref().map(|c| self.existing_ca(c));
         if let (Some(c), Some((_, _, false, _))) = (&r.ca, &url) {
             self.err(c.span(), "`ca` only applies to rediss:// (TLS) URLs");
         }

@@ -711,9 +711,19 @@ fn issuer_urls_with_credentials_are_refused_and_never_quoted_back() {
 #[test]
 fn every_file_the_configuration_names_is_watched() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    for f in ["idp-ca.pem", "upstream-ca.pem", "assertion.pem", "client-secret", "keys"] {
-        std::fs::write(dir.path().join(f), "x").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("client-secret"), "x").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("keys"), "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=")
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The CAs and the assertion key must be usable ones: a serving load reads them.
+    let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+    let ca = rcgen::CertificateParams::new(vec!["ca.example.com".to_string()])
+        .and_then(|p| p.self_signed(&key))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for f in ["idp-ca.pem", "upstream-ca.pem"] {
+        std::fs::write(dir.path().join(f), ca.pem()).unwrap_or_else(|e| panic!("{e}"));
     }
+    std::fs::write(dir.path().join("assertion.pem"), key.serialize_pem())
+        .unwrap_or_else(|e| panic!("{e}"));
     let text = BASE
         .replace(
             "audiences = [\"portcullis\"]\n",
@@ -1600,4 +1610,292 @@ fn a_ci_providers_issuer_needs_its_preset() {
     ] {
         assert_eq!(with(preset, issuer), Vec::<String>::new(), "{preset:?} {issuer}");
     }
+}
+
+/// Two listeners on one socket passed `check` and then failed `serve` at start
+/// ("cannot listen on …: Address already in use"): the admin listener's default
+/// `127.0.0.1:9090` taken by another listener, two listeners alike, or a wildcard
+/// address and a specific one on the same port (Linux refuses the second bind; `[::]`
+/// takes IPv4 too). Refused where the second one is written.
+#[test]
+fn two_listeners_on_one_socket_are_refused() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let listen = |lines: &str| {
+        compile(dir.path(), &BASE.replace("insecure_http = \"127.0.0.1:8080\"", lines)).map(|_| ())
+    };
+    assert_eq!(
+        listen("insecure_http = \"127.0.0.1:9090\"").err().unwrap_or_default(),
+        ["2:17 `127.0.0.1:9090` is also the admin listener's address (by default): set `admin` to another one, or \"off\""]
+    );
+    assert_eq!(
+        listen("insecure_http = \"0.0.0.0:8080\"\nadmin = \"127.0.0.1:8080\"")
+            .err()
+            .unwrap_or_default(),
+        ["3:9 `127.0.0.1:8080` is already used by another listener (`insecure_http`)"]
+    );
+    assert_eq!(
+        listen("insecure_http = \"127.0.0.1:8080\"\nadmin = \"[::]:8080\"")
+            .err()
+            .unwrap_or_default(),
+        ["3:9 `[::]:8080` is already used by another listener (`insecure_http`)"]
+    );
+    let db = "\n[[databases]]\nname = \"db\"\nlisten = \"127.0.0.1:8080\"\nupstream = \"postgres://127.0.0.1:5432\"\nupstream_user = \"app\"\npassword_file = \"pw\"\npolicy = \"p\"\n";
+    std::fs::write(dir.path().join("pw"), "x\n").ok();
+    let with_db = |listen_line: &str| {
+        compile(
+            dir.path(),
+            &format!("{}{db}", BASE.replace("insecure_http = \"127.0.0.1:8080\"", listen_line)),
+        )
+        .map(|_| ())
+    };
+    assert!(with_db("insecure_http = \"0.0.0.0:8080\"")
+        .err()
+        .unwrap_or_default()
+        .iter()
+        .any(|e| e.ends_with("`127.0.0.1:8080` is already used by another listener")));
+    // Other ports, other specific addresses, and port 0 (each its own) are fine.
+    for ok in [
+        "insecure_http = \"127.0.0.1:8080\"\nadmin = \"127.0.0.2:8080\"",
+        "insecure_http = \"0.0.0.0:8443\"\nadmin = \"[::1]:8443\"",
+        "insecure_http = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"",
+    ] {
+        assert_eq!(listen(ok), Ok(()), "{ok}");
+    }
+}
+
+/// A certificate and key that exist but cannot serve passed `check` (which looked for
+/// the files only) and then failed `serve` at start: a key file given as `cert`, a
+/// certificate given as `key`, another certificate's key. Refused where the file at
+/// fault is named, for `[[tls.sni]]` entries too.
+#[test]
+fn a_certificate_and_key_that_cannot_serve_are_refused_where_named() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    for name in ["a", "b"] {
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let params = rcgen::CertificateParams::new(vec![format!("{name}.example.com")])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(d.join(format!("{name}.pem")), cert.pem()).ok();
+        std::fs::write(d.join(format!("{name}-key.pem")), key.serialize_pem()).ok();
+    }
+    let tls = |cert: &str, key: &str| {
+        compile(d, &format!("{BASE}\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n")).map(|_| ())
+    };
+    let shown = |f: &str| d.join(f).display().to_string();
+    assert_eq!(tls("a.pem", "a-key.pem"), Ok(()));
+    assert_eq!(
+        tls("a-key.pem", "a-key.pem").err().unwrap_or_default(),
+        [format!(
+            "15:8 {}: no certificate (expected a PEM `BEGIN CERTIFICATE` section)",
+            shown("a-key.pem")
+        )]
+    );
+    assert_eq!(
+        tls("a.pem", "a.pem").err().unwrap_or_default(),
+        [format!(
+            "16:7 {}: no private key (expected a PEM section holding a PKCS#8, SEC1 EC or PKCS#1 RSA key)",
+            shown("a.pem")
+        )]
+    );
+    assert_eq!(
+        tls("a.pem", "b-key.pem").err().unwrap_or_default(),
+        [format!(
+            "16:7 {}: private key does not match the certificate in {}",
+            shown("b-key.pem"),
+            shown("a.pem")
+        )]
+    );
+    let sni = compile(
+        d,
+        &format!(
+            "{BASE}\n[tls]\ncert = \"a.pem\"\nkey = \"a-key.pem\"\n\n[[tls.sni]]\n\
+             server_names = [\"b.example.com\"]\ncert = \"b.pem\"\nkey = \"a-key.pem\"\n"
+        ),
+    );
+    assert_eq!(
+        sni.err().unwrap_or_default(),
+        [format!(
+            "21:7 {}: private key does not match the certificate in {}",
+            shown("a-key.pem"),
+            shown("b.pem")
+        )]
+    );
+    // `check --policy-only` opens no certificate or key.
+    let src = Source::new(
+        d.join("portcullis.toml"),
+        format!("{BASE}\n[tls]\ncert = \"a-key.pem\"\nkey = \"b.pem\"\n"),
+    );
+    assert!(Config::compile_attempt(&src, LoadMode::PolicyOnly).result.is_ok());
+}
+
+/// A CA file or assertion key that exists but cannot be used passed `check` (which
+/// looked for the file only) and then failed `serve` at start: an issuer's `ca`, a
+/// route's or a database's `upstream_ca`, `[assertion] key`. Refused where named.
+#[test]
+fn ca_files_and_the_assertion_key_that_cannot_be_used_are_refused_where_named() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    std::fs::write(d.join("junk.pem"), "not PEM at all\n").ok();
+    std::fs::write(d.join("pw"), "x\n").ok();
+    let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+    let params = rcgen::CertificateParams::new(vec!["ca.example.com".to_string()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(d.join("ca.pem"), cert.pem()).ok();
+    std::fs::write(d.join("key.pem"), key.serialize_pem()).ok();
+    let errs = |text: String| compile(d, &text).err().unwrap_or_default();
+    let issuer = |ca: &str| BASE.replace("audiences = [", &format!("ca = \"{ca}\"\naudiences = ["));
+    assert_eq!(compile(d, &issuer("ca.pem")).map(|_| ()), Ok(()));
+    let e = errs(issuer("junk.pem"));
+    assert!(e.len() == 1 && e[0].starts_with("6:6 CA file: "), "{e:?}");
+    let route = |ca: &str| {
+        BASE.replace(
+            "http://127.0.0.1:9000\"",
+            &format!("https://127.0.0.1:9000\"\nupstream_ca = \"{ca}\""),
+        )
+    };
+    assert_eq!(compile(d, &route("ca.pem")).map(|_| ()), Ok(()));
+    let e = errs(route("key.pem"));
+    assert!(e.len() == 1 && e[0].starts_with("12:15 CA file: "), "{e:?}");
+    let assertion = |k: &str| format!("{BASE}\n[assertion]\nkey = \"{k}\"\n");
+    assert_eq!(compile(d, &assertion("key.pem")).map(|_| ()), Ok(()));
+    let e = errs(assertion("ca.pem"));
+    assert!(e.len() == 1 && e[0].starts_with("15:7 ") && e[0].contains("assertion key: "), "{e:?}");
+    let db = |ca: &str| {
+        format!(
+            "{BASE}\n[[databases]]\nname = \"db\"\nlisten = \"127.0.0.1:0\"\n\
+             upstream = \"postgres://127.0.0.1:5432\"\nupstream_user = \"app\"\n\
+             password_file = \"pw\"\npolicy = \"p\"\nupstream_tls = \"verify-full\"\n\
+             upstream_ca = \"{ca}\"\n\n[tls]\ncert = \"ca.pem\"\nkey = \"key.pem\"\n"
+        )
+    };
+    assert_eq!(compile(d, &db("ca.pem")).map(|_| ()), Ok(()));
+    let e = errs(db("junk.pem"));
+    assert!(e.len() == 1 && e[0].starts_with("22:15 CA file: "), "{e:?}");
+    let redis =
+        |ca: &str| format!("{BASE}\n[redis]\nurl = \"rediss://127.0.0.1:6379\"\nca = \"{ca}\"\n");
+    assert_eq!(compile(d, &redis("ca.pem")).map(|_| ()), Ok(()));
+    let e = errs(redis("junk.pem"));
+    assert!(e.len() == 1 && e[0].starts_with("16:6 CA file: "), "{e:?}");
+}
+
+/// A session-keys file that holds no key and an empty client-secret file passed `check`
+/// and then failed `serve` at start (`[session] keys: session key #1 is not base64`,
+/// `client secret: … is empty`). Refused where named; the value is never quoted.
+#[test]
+fn secret_files_serve_cannot_use_are_refused_where_named() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    let text = |keys: &str, secret: &str| {
+        std::fs::write(d.join("keys"), keys).ok();
+        std::fs::write(d.join("secret"), secret).ok();
+        BASE.replace(
+            "audiences = [\"portcullis\"]\n",
+            "audiences = [\"portcullis\"]\nlogin = { client_id = \"p\", client_secret_file = \"secret\" }\n",
+        ) + "\n[session]\nkeys_file = \"keys\"\n"
+    };
+    let good = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    assert_eq!(compile(d, &text(good, "s3cret")).map(|_| ()), Ok(()));
+    let e = compile(d, &text("hunter2 not a key", "s3cret")).err().unwrap_or_default();
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("16:13 session key #1 is not base64"), "{e:?}");
+    assert!(!e[0].contains("hunter2"), "{e:?}");
+    let e = compile(d, &text(good, " \n")).err().unwrap_or_default();
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("7:49 secret file `") && e[0].ends_with("is empty"), "{e:?}");
+}
+
+/// `[[tls.sni]] server_names` that the listener refuses (not a DNS name, a wildcard
+/// elsewhere than the whole leftmost label, an IP address, a name twice, whatever its
+/// case) passed `check`, `--policy-only` too, and then failed `serve` at start. Refused
+/// where the name is written.
+#[test]
+fn sni_server_names_the_listener_refuses_are_refused_where_written() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+    let cert = rcgen::CertificateParams::new(vec!["a.example.com".to_string()])
+        .and_then(|p| p.self_signed(&key))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(d.join("a.pem"), cert.pem()).ok();
+    std::fs::write(d.join("a-key.pem"), key.serialize_pem()).ok();
+    let names = |first: &str, second: &str| {
+        let sni = |names: &str| {
+            format!(
+                "[[tls.sni]]\nserver_names = {names}\ncert = \"a.pem\"\nkey = \"a-key.pem\"\n\n"
+            )
+        };
+        compile(
+            d,
+            &format!(
+                "{BASE}\n[tls]\ncert = \"a.pem\"\nkey = \"a-key.pem\"\n\n{}{}",
+                sni(first),
+                sni(second)
+            ),
+        )
+        .map(|_| ())
+    };
+    assert_eq!(names("[\"a.example.com\", \"*.b.example.com\"]", "[\"c.example.com.\"]"), Ok(()));
+    let one = |first: &str| names(first, "[\"z.example.com\"]").err().unwrap_or_default();
+    assert_eq!(
+        one("[\"ok.example.com\", \"*.*.example.com\"]"),
+        ["19:35 invalid TLS server name \"*.*.example.com\": a wildcard must be the whole leftmost label, as in *.example.com"]
+    );
+    assert_eq!(one("[\"a..b\"]"), ["19:17 invalid TLS server name \"a..b\": not a DNS name"]);
+    assert_eq!(
+        one("[\"10.0.0.1\"]"),
+        ["19:17 invalid TLS server name \"10.0.0.1\": an IP address is never sent in SNI"]
+    );
+    assert_eq!(
+        names("[\"x.example.com\"]", "[\"X.example.com.\"]").err().unwrap_or_default(),
+        ["24:17 TLS server name \"X.example.com.\" is configured more than once"]
+    );
+    assert_eq!(
+        one("[\"*.example.com\", \"*.EXAMPLE.com\"]"),
+        ["19:34 TLS server name \"*.EXAMPLE.com\" is configured more than once"]
+    );
+}
+
+/// An `[audit] output` that cannot be opened for appending (empty, a directory, a file
+/// in a directory that does not exist) passed `check` and failed `serve` at start.
+/// Refused where written; `check` creates nothing.
+#[test]
+fn an_audit_output_serve_cannot_open_is_refused_where_written() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    let output = |o: &str| {
+        compile(d, &format!("{BASE}\n[audit]\noutput = \"{o}\"\n")).err().unwrap_or_default()
+    };
+    assert!(output("audit.log").is_empty());
+    assert!(output("stdout").is_empty());
+    assert!(!d.join("audit.log").exists(), "check created the audit file");
+    assert_eq!(output(""), ["15:10 `output` is \"stdout\" or the path of a file to append to"]);
+    std::fs::create_dir_all(d.join("logs")).ok();
+    assert_eq!(
+        output("logs"),
+        [format!(
+            "15:10 `{}` is a directory: `output` is the file events are appended to",
+            d.join("logs").display()
+        )]
+    );
+    assert_eq!(
+        output("missing/audit.log"),
+        [format!(
+            "15:10 the directory of `{}` does not exist",
+            d.join("missing/audit.log").display()
+        )]
+    );
+}
+
+/// An upstream on port 0 passed `check`, and every request to the route was a 502:
+/// port 0 names no port to connect to.
+#[test]
+fn an_upstream_on_port_zero_is_refused() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let errs = compile(dir.path(), &BASE.replace("127.0.0.1:9000", "127.0.0.1:0"))
+        .err()
+        .unwrap_or_default();
+    assert_eq!(errs, ["11:12 upstream: port 0 is no port to connect to"]);
+    assert!(compile(dir.path(), &BASE.replace("127.0.0.1:9000", "127.0.0.1:00080")).is_ok());
 }

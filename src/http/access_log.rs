@@ -2,6 +2,7 @@
 //! emitted when the response body ends (or is dropped, if the client went away), so
 //! `bytes_out` and `duration_ms` cover the whole exchange.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -253,11 +254,17 @@ enum LogHost {
 }
 
 impl LogHost {
-    fn as_str(&self) -> &str {
-        match self {
+    /// As the event shows it: userinfo (`user:password@`, refused with 400) masked, as
+    /// no log line may hold a password; the rest as sent.
+    fn text(&self) -> Cow<'_, str> {
+        let sent = match self {
             LogHost::Authority(a) => a.as_str(),
             LogHost::Header(v) => v.to_str().unwrap_or_default(),
             LogHost::None => "",
+        };
+        match sent.rsplit_once('@') {
+            Some((_, host)) => Cow::Owned(format!("***@{host}")),
+            None => Cow::Borrowed(sent),
         }
     }
 }
@@ -297,6 +304,7 @@ impl Pending {
             rule: s.rule.as_deref(),
         });
         let audit = identity.map(|i| i.audit_fields());
+        let host = self.host.text();
         // Where a request went (or was on its way to): not for a refusal.
         let forwarded = o.filter(|o| o.decision != "deny");
         let ev = HttpEvent {
@@ -306,7 +314,7 @@ impl Pending {
             client_addr: &self.conn.peer_text,
             tls: self.conn.tls.as_deref(),
             method: self.method.as_str(),
-            host: self.host.as_str(),
+            host: &host,
             path: o.and_then(|o| o.path.as_deref()).unwrap_or("-"),
             route: o.and_then(|o| o.route.as_deref()),
             decision,

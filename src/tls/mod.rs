@@ -30,7 +30,7 @@ pub(crate) mod odd_names;
 mod resolver;
 
 pub use dev_pki::{write_dev_certs, DevPki};
-pub use resolver::SniResolver;
+pub use resolver::{server_name_key, SniResolver};
 
 /// ALPN protocol id for HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";

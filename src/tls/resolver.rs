@@ -71,6 +71,16 @@ enum Name {
     Wildcard(String),
 }
 
+/// A configured SNI name as the resolver keys it (`*.suffix` for a wildcard, the exact
+/// name otherwise, lower-case without a trailing dot), or why the listener refuses it:
+/// what `check` reports where the name is written, so `serve` never fails on it at start.
+pub fn server_name_key(raw: &str) -> Result<String, TlsError> {
+    Ok(match parse_name(raw)? {
+        Name::Exact(n) => n,
+        Name::Wildcard(suffix) => format!("*.{suffix}"),
+    })
+}
+
 /// Normalizes a configured name; a wildcard is allowed only as the whole leftmost label, and
 /// never directly above a top-level domain (`*.com` would be a mistake, not a configuration).
 fn parse_name(raw: &str) -> Result<Name, TlsError> {

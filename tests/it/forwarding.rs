@@ -1310,6 +1310,37 @@ pub(crate) async fn raw_exchange(w: &World, request: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Userinfo in the Host or in an absolute-form target is refused (400), and the
+/// audit event of the refusal names the host without it: `user:password@` is a
+/// password, which no log line may hold. The event's `host` quoted it as sent
+/// (`"host":"user:hunter2@localhost:…"`) until tested.
+#[tokio::test]
+async fn userinfo_in_the_authority_never_reaches_the_audit_log() {
+    let w = World::start().await;
+    let port = w.https.port();
+    let cases = [
+        ("Host", format!("GET /x HTTP/1.1\r\nHost: alice:hunter2@localhost:{port}\r\n\r\n")),
+        (
+            "absolute-form target",
+            format!("GET https://alice:hunter2@localhost:{port}/x HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n"),
+        ),
+        ("target without Host", format!("GET https://hunter2@localhost:{port}/x HTTP/1.1\r\n\r\n")),
+    ];
+    for (what, request) in cases {
+        let resp = raw_exchange(&w, &request).await;
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{what}: {resp}");
+        let id = resp
+            .split("\"request_id\":\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or_else(|| panic!("{what}: no request id: {resp}"));
+        let ev = w.event_for(id).await;
+        assert_eq!(ev["reason"], "bad-request", "{what}: {ev}");
+        assert!(!ev.to_string().contains("hunter2"), "{what}: the password was logged: {ev}");
+        assert_eq!(ev["host"], format!("***@localhost:{port}"), "{what}: {ev}");
+    }
+}
+
 #[tokio::test]
 async fn ambiguous_authority_is_refused_and_framing_is_never_forwarded_ambiguously() {
     let w = World::start().await;
