@@ -122,10 +122,11 @@ enum PolicyCommand {
         #[arg(long, requires = "role")]
         database: Option<String>,
         /// With --database: the role (user name) the client connects as.
-        #[arg(long, requires = "database")]
+        #[arg(long, requires = "database", conflicts_with = "request")]
         role: Option<String>,
-        /// With --database: the [[databases]] route (optional when there is only one).
-        #[arg(long, requires = "database")]
+        /// With --database: the [[databases]] route (optional when there is only one). An
+        /// HTTP request is routed by its host and path, as the proxy routes it.
+        #[arg(long, requires = "database", conflicts_with = "request")]
         route: Option<String>,
         /// Explain the token's claims without checking its signature.
         #[arg(long)]
@@ -524,5 +525,26 @@ mod tests {
         let mut out = Vec::new();
         undescribed(&super::Cli::command(), "portcullis", &mut out);
         assert!(out.is_empty(), "no help text: {out:?}");
+    }
+
+    /// `policy explain --request … --route NAME` asked for `--role` and `--database`, as
+    /// if the request were a database session: `--route` and `--role` name a database
+    /// session's route and role, and with a request the error says they do not go together.
+    #[test]
+    fn explain_names_a_database_route_or_role_only_for_a_database_session() {
+        use clap::Parser as _;
+        let explain = |extra: &[&str]| {
+            let base = ["portcullis", "policy", "explain", "--preset", "human"];
+            super::Cli::try_parse_from(base.iter().chain(extra)).map(|_| ())
+        };
+        let request = ["--request", "GET https://localhost/"];
+        for (arg, value) in [("--route", "orders"), ("--role", "app")] {
+            let e = explain(&[request[0], request[1], arg, value]).err();
+            let kind = e.as_ref().map(clap::Error::kind);
+            assert_eq!(kind, Some(clap::error::ErrorKind::ArgumentConflict), "{arg}: {e:?}");
+        }
+        let session = ["--database", "orders", "--role", "app", "--route", "orders"];
+        assert!(explain(&session).is_ok());
+        assert!(explain(&request).is_ok());
     }
 }
