@@ -197,6 +197,21 @@ async fn browser_signs_in_and_reuses_the_session() {
     assert_eq!(e["identity"]["subject"], "alice");
 }
 
+/// A deep link whose path holds an encoded space (a file name, a wiki page:
+/// `/docs/Q3%20report.pdf`) or other encoded text comes back to itself after sign-in.
+/// The return target's decoded path was refused for the space, at the callback, after
+/// the person had typed their password: `invalid-redirect` and no session, on every try.
+#[tokio::test]
+async fn a_deep_link_with_an_encoded_space_in_its_path_survives_sign_in() {
+    let w = sso_world("").await;
+    for path in ["/docs/Q3%20report.pdf?v=2", "/wiki/Caf%C3%A9%20menu"] {
+        let mut b = Browser::new();
+        let r = b.sign_in(&w, path, "alice", &["engineering"]).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
+        assert!(b.session_cookie().is_some(), "{path}: signed in");
+    }
+}
+
 /// A cookie with a UTF-8 value beside the proxy's (set by the application, or tossed by
 /// a sibling host with `Domain=`: browsers send its bytes as they are, in the one
 /// `Cookie` header that carries the session too) hid the session and the sign-in
