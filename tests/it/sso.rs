@@ -513,6 +513,38 @@ async fn wrong_state_missing_login_cookie_and_replayed_code_fail() {
     assert!(e["detail"].as_str().unwrap_or_default().contains("invalid_grant"), "{e}");
 }
 
+/// The Back button after signing in returns to the provider's page of that sign-in,
+/// which (the provider's own session still open) answers the callback again: same
+/// `state`, a new code. That sign-in has ended, so its cookie is gone, and the person,
+/// signed in, got a `login-failed` page. A browser whose session is valid goes on to
+/// this host's root instead, with no code exchanged and its session unchanged; one
+/// without a session still gets `login-failed`.
+#[tokio::test]
+async fn a_callback_for_an_ended_sign_in_sends_a_signed_in_browser_on() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    let callback = b.through_provider(&w, "/app/x", "alice", &["engineering"]).await;
+    let r = b.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    let session = b.session_cookie().cloned();
+    assert!(session.is_some());
+    let exchanges = login(&w).code_exchanges();
+    let r = b.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    assert_eq!(location(&r), w.url("/"));
+    assert_eq!(b.session_cookie(), session.as_ref(), "the session is kept");
+    assert_eq!(login(&w).code_exchanges(), exchanges, "no code exchanged");
+    let e = w.last_event().await;
+    assert_eq!(e["identity"]["subject"], "alice", "{e}");
+    let r = b.get(&w, &w.url("/app/x")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    // Without a session, the same callback is a failed sign-in.
+    let mut other = Browser::new();
+    let r = other.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.text().contains("login-failed"), "{}", r.text());
+}
+
 #[tokio::test]
 async fn nonce_mismatch_creates_no_session() {
     let w = sso_world("").await;
