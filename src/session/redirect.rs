@@ -101,13 +101,14 @@ pub fn check(target: &str, authority: &str, cfg: &Config) -> Result<String, Refu
     ))
 }
 
-/// `decoded`: `s` is a percent-decoded form of the target. An ASCII space is then
-/// allowed: a deep link's path holds `%20` (`/docs/Q3%20report.pdf`), and a decoded space,
-/// unlike a tab or a newline (which URL parsers delete, joining `/\t/` into `//`), cannot
-/// make two slashes one, nor lead the target (it starts with `/` or `https://` as sent).
+/// `decoded`: `s` is a percent-decoded form of the target. Whitespace that is not a
+/// control character is then allowed: a deep link's path holds `%20`
+/// (`/docs/Q3%20report.pdf`), a no-break space or an ideographic space (U+3000, common in
+/// Japanese file names), and none of them, unlike a tab or a newline (which URL parsers
+/// delete, joining `/\t/` into `//`), can make two slashes one, nor lead the target (it
+/// starts with `/` or `https://` as sent).
 fn suspicious(s: &str, decoded: bool) -> Result<(), Refused> {
-    let space_ok = |c: char| decoded && c == ' ';
-    if s.chars().any(|c| c.is_control() || (c.is_whitespace() && !space_ok(c)) || c == '\\') {
+    if s.chars().any(|c| c.is_control() || (c.is_whitespace() && !decoded) || c == '\\') {
         return Err("control character, space or backslash");
     }
     if s.starts_with("//") || s.starts_with("/\\") {

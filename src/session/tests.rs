@@ -351,7 +351,9 @@ fn redirect_targets() -> Result<(), String> {
         ok("https://app.example.com:8443/docs/Q3%20report.pdf?v=2").as_deref(),
         Ok("https://app.example.com:8443/docs/Q3%20report.pdf?v=2")
     );
-    assert_eq!(ok("/a%20b").as_deref(), Ok("https://app.example.com:8443/a%20b"));
+    for spaced in ["/a%20b", "/a%C2%A0b", "/%E8%B3%87%E6%96%99%E3%80%802024.pdf"] {
+        assert_eq!(ok(spaced), Ok(format!("https://app.example.com:8443{spaced}")), "{spaced}");
+    }
     assert_eq!(
         ok("https://app.example.com:8443/s?q=a%20b").as_deref(),
         Ok("https://app.example.com:8443/s?q=a%20b")
@@ -392,7 +394,7 @@ fn redirect_targets() -> Result<(), String> {
         "https://evil.example%2F.internal.example.com:8443/",
         "/a%09/evil.example",
         "/a%0A/b",
-        "/a%C2%A0b",
+        "/a%C2%85b",
         "",
     ] {
         assert!(ok(bad).is_err(), "{bad} must be refused");

@@ -198,13 +198,19 @@ async fn browser_signs_in_and_reuses_the_session() {
 }
 
 /// A deep link whose path holds an encoded space (a file name, a wiki page:
-/// `/docs/Q3%20report.pdf`) or other encoded text comes back to itself after sign-in.
+/// `/docs/Q3%20report.pdf`; a no-break or ideographic space, U+3000, common in Japanese
+/// file names) comes back to itself after sign-in.
 /// The return target's decoded path was refused for the space, at the callback, after
 /// the person had typed their password: `invalid-redirect` and no session, on every try.
 #[tokio::test]
 async fn a_deep_link_with_an_encoded_space_in_its_path_survives_sign_in() {
     let w = sso_world("").await;
-    for path in ["/docs/Q3%20report.pdf?v=2", "/wiki/Caf%C3%A9%20menu"] {
+    for path in [
+        "/docs/Q3%20report.pdf?v=2",
+        "/wiki/Caf%C3%A9%20menu",
+        "/files/%E8%B3%87%E6%96%99%E3%80%802024.pdf",
+        "/notes/a%C2%A0b",
+    ] {
         let mut b = Browser::new();
         let r = b.sign_in(&w, path, "alice", &["engineering"]).await;
         assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
