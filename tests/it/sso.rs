@@ -218,6 +218,20 @@ async fn a_deep_link_with_an_encoded_space_in_its_path_survives_sign_in() {
     }
 }
 
+/// A deep link the return-target check would refuse (here an encoded C1 control in its
+/// path, which the path check lets through) signs in and lands on the host's root,
+/// as an overlong one does, instead of failing at the callback after the password.
+#[tokio::test]
+async fn a_deep_link_that_cannot_be_returned_to_still_signs_in_to_the_root() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    let callback = b.through_provider(&w, "/a%C2%85b?x=1", "alice", &["engineering"]).await;
+    let r = b.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    assert_eq!(location(&r), w.url("/"));
+    assert!(b.session_cookie().is_some(), "signed in");
+}
+
 /// A cookie with a UTF-8 value beside the proxy's (set by the application, or tossed by
 /// a sibling host with `Domain=`: browsers send its bytes as they are, in the one
 /// `Cookie` header that carries the session too) hid the session and the sign-in
