@@ -78,6 +78,7 @@ where
             over_limit,
         });
         let method = req.method().clone();
+        let head = method == http::Method::HEAD;
         // The raw authority for the log (validated or not); never the query string.
         // Both are cheap clones of the parsed request's bytes, not copies.
         let host = match req.uri().authority() {
@@ -111,7 +112,21 @@ where
                 Ok(r) => r,
                 Err(never) => match never {},
             };
-            let (mut parts, body) = resp.into_parts();
+            let (mut parts, mut body) = resp.into_parts();
+            // A `HEAD` the proxy answers itself (a rejection, its own pages) gets the
+            // head a `GET` would, without the bytes: hyper leaves them out over HTTP/1.1,
+            // but over HTTP/2 sent them as DATA frames, which a response to `HEAD` may not
+            // carry (RFC 9113 §8.1.1): the stream was reset and the client got nothing.
+            // An upstream's answer to `HEAD` has no body to take.
+            if head {
+                if let ProxyBody::Full(Some(bytes)) = &body {
+                    parts
+                        .headers
+                        .entry(http::header::CONTENT_LENGTH)
+                        .or_insert_with(|| http::HeaderValue::from(bytes.len()));
+                    body = ProxyBody::empty();
+                }
+            }
             let mut pending = unanswered.pending.take();
             if let Some(p) = pending.as_mut() {
                 p.outcome = parts.extensions.remove::<Outcome>();

@@ -1107,6 +1107,15 @@ async fn sign_in_redirect(
     req: &Request<ClientBody>,
 ) -> Response<ProxyBody> {
     let here = crate::session::redirect::shorten(rc.here());
+    // A URL the callback's check of the return target would refuse (an encoded control
+    // character in its path) returns to the host's root, as an overlong one does,
+    // rather than failing at the callback after the person has signed in.
+    let here: std::borrow::Cow<'_, str> =
+        if crate::session::redirect::check(&here, authority, config).is_ok() {
+            here
+        } else {
+            format!("https://{authority}/").into()
+        };
     let issuers = config.login_issuers(route);
     if let [only] = issuers.as_slice() {
         // Boxed: the provider's metadata fetch is large, and this future sits in every

@@ -40,14 +40,26 @@ fn challenge(reason: Reason) -> Option<HeaderValue> {
     }
 }
 
-/// Whether the client asked for HTML (a browser): its `Accept` names `text/html`.
+/// Whether the client asked for HTML (a browser): its `Accept` names `text/html`, and
+/// not with `q=0`, which says HTML is not acceptable (RFC 9110 §12.4.2): an API client
+/// writing `Accept: application/json, text/html;q=0` gets JSON, and is not sent to sign in.
 pub fn wants_html(headers: &http::HeaderMap) -> bool {
     headers
         .get_all(http::header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().to_ascii_lowercase().starts_with("text/html"))
+        .any(|t| {
+            let mut parts = t.split(';');
+            let media = parts.next().unwrap_or_default().trim();
+            media.eq_ignore_ascii_case("text/html")
+                && !parts.any(|p| {
+                    p.trim().split_once('=').is_some_and(|(k, v)| {
+                        k.trim().eq_ignore_ascii_case("q")
+                            && v.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+                    })
+                })
+        })
 }
 
 /// The rejection for a browser: a small HTML page with the public reason code, the
@@ -121,6 +133,25 @@ mod tests {
             ProxyBody::Full(Some(b)) => String::from_utf8_lossy(b).into_owned(),
             _ => panic!("expected a full body"),
         }
+    }
+
+    #[test]
+    fn html_is_wanted_when_accept_names_it_and_not_with_q_0() {
+        let wants = |accept: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                http::header::ACCEPT,
+                HeaderValue::from_str(accept).unwrap_or_else(|e| panic!("{e}")),
+            );
+            wants_html(&h)
+        };
+        assert!(wants("text/html,application/xhtml+xml,*/*;q=0.8"));
+        assert!(wants("application/json, TEXT/HTML ; q=0.5"));
+        assert!(!wants("application/json, text/html;q=0"));
+        assert!(!wants("application/json, text/html; q=0.000"));
+        assert!(!wants("application/json"));
+        assert!(!wants("*/*"));
+        assert!(!wants("text/htmlx"));
     }
 
     #[test]

@@ -1242,6 +1242,27 @@ impl Sessions {
         let sealed: Vec<&str> =
             cookies.iter().filter(|(n, _)| *n == cookie_name).map(|(_, v)| *v).collect();
         let [sealed] = sealed.as_slice() else {
+            // The Back button after a sign-in returns to the provider's page of it, which
+            // (its own session open) answers this callback again with the ended sign-in's
+            // state. A browser signed in meanwhile goes on to this host's root rather than
+            // to an error page: no code is exchanged, nothing about its session changes.
+            if sealed.is_empty() {
+                let now = crate::util::unix_now();
+                if let Lookup::Valid { identity, set_cookie, .. } =
+                    self.check(None, headers, now).await
+                {
+                    let mut set = set_cookie;
+                    set.extend(clear);
+                    return Answer {
+                        response: redirect(&format!("https://{authority}/"), set),
+                        reason: Reason::Internal,
+                        detail: "callback of a sign-in no longer in progress, from a signed-in \
+                                 browser (Back button): sent to /"
+                            .into(),
+                        identity: Some(identity),
+                    };
+                }
+            }
             return fail(
                 "no sign-in in progress for this state (forged, replayed or expired)".into(),
                 clear,

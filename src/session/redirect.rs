@@ -45,7 +45,7 @@ pub fn check(target: &str, authority: &str, cfg: &Config) -> Result<String, Refu
     if tail.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err("control character or space");
     }
-    suspicious(head)?;
+    suspicious(head, false)?;
     // Encoded variants: decode a few times and apply the same checks.
     let mut decoded = head.to_string();
     for _ in 0..3 {
@@ -53,7 +53,7 @@ pub fn check(target: &str, authority: &str, cfg: &Config) -> Result<String, Refu
         if next == decoded {
             break;
         }
-        suspicious(&next)?;
+        suspicious(&next, true)?;
         decoded = next;
     }
     if let Some(rest) = target.strip_prefix('/') {
@@ -69,6 +69,10 @@ pub fn check(target: &str, authority: &str, cfg: &Config) -> Result<String, Refu
     let auth = &rest[..end];
     if auth.is_empty() || auth.contains('@') {
         return Err("userinfo or empty host");
+    }
+    // A host is never percent-encoded as the proxy writes one; a browser would decode it.
+    if auth.contains('%') {
+        return Err("percent-encoded host");
     }
     let parsed: http::uri::Authority = auth.parse().map_err(|_| "bad host")?;
     let host = parsed.host().trim_end_matches('.').to_ascii_lowercase();
@@ -97,8 +101,14 @@ pub fn check(target: &str, authority: &str, cfg: &Config) -> Result<String, Refu
     ))
 }
 
-fn suspicious(s: &str) -> Result<(), Refused> {
-    if s.chars().any(|c| c.is_control() || c.is_whitespace() || c == '\\') {
+/// `decoded`: `s` is a percent-decoded form of the target. Whitespace that is not a
+/// control character is then allowed: a deep link's path holds `%20`
+/// (`/docs/Q3%20report.pdf`), a no-break space or an ideographic space (U+3000, common in
+/// Japanese file names), and none of them, unlike a tab or a newline (which URL parsers
+/// delete, joining `/\t/` into `//`), can make two slashes one, nor lead the target (it
+/// starts with `/` or `https://` as sent).
+fn suspicious(s: &str, decoded: bool) -> Result<(), Refused> {
+    if s.chars().any(|c| c.is_control() || (c.is_whitespace() && !decoded) || c == '\\') {
         return Err("control character, space or backslash");
     }
     if s.starts_with("//") || s.starts_with("/\\") {

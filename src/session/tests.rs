@@ -346,6 +346,14 @@ fn redirect_targets() -> Result<(), String> {
     {
         assert_eq!(ok(deep), Ok(format!("https://app.example.com:8443{deep}")), "{deep}");
     }
+    // An encoded space in a deep link's path (a file name) is a path like any other.
+    assert_eq!(
+        ok("https://app.example.com:8443/docs/Q3%20report.pdf?v=2").as_deref(),
+        Ok("https://app.example.com:8443/docs/Q3%20report.pdf?v=2")
+    );
+    for spaced in ["/a%20b", "/a%C2%A0b", "/%E8%B3%87%E6%96%99%E3%80%802024.pdf"] {
+        assert_eq!(ok(spaced), Ok(format!("https://app.example.com:8443{spaced}")), "{spaced}");
+    }
     assert_eq!(
         ok("https://app.example.com:8443/s?q=a%20b").as_deref(),
         Ok("https://app.example.com:8443/s?q=a%20b")
@@ -382,6 +390,11 @@ fn redirect_targets() -> Result<(), String> {
         "https://evil.example?@app.example.com:8443/",
         "https://evil.example#@app.example.com:8443/",
         "https://internal.example.com.evil.example/",
+        "https://a%20b.internal.example.com:8443/",
+        "https://evil.example%2F.internal.example.com:8443/",
+        "/a%09/evil.example",
+        "/a%0A/b",
+        "/a%C2%85b",
         "",
     ] {
         assert!(ok(bad).is_err(), "{bad} must be refused");

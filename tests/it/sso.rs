@@ -197,6 +197,41 @@ async fn browser_signs_in_and_reuses_the_session() {
     assert_eq!(e["identity"]["subject"], "alice");
 }
 
+/// A deep link whose path holds an encoded space (a file name, a wiki page:
+/// `/docs/Q3%20report.pdf`; a no-break or ideographic space, U+3000, common in Japanese
+/// file names) comes back to itself after sign-in.
+/// The return target's decoded path was refused for the space, at the callback, after
+/// the person had typed their password: `invalid-redirect` and no session, on every try.
+#[tokio::test]
+async fn a_deep_link_with_an_encoded_space_in_its_path_survives_sign_in() {
+    let w = sso_world("").await;
+    for path in [
+        "/docs/Q3%20report.pdf?v=2",
+        "/wiki/Caf%C3%A9%20menu",
+        "/files/%E8%B3%87%E6%96%99%E3%80%802024.pdf",
+        "/notes/a%C2%A0b",
+    ] {
+        let mut b = Browser::new();
+        let r = b.sign_in(&w, path, "alice", &["engineering"]).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
+        assert!(b.session_cookie().is_some(), "{path}: signed in");
+    }
+}
+
+/// A deep link the return-target check would refuse (here an encoded C1 control in its
+/// path, which the path check lets through) signs in and lands on the host's root,
+/// as an overlong one does, instead of failing at the callback after the password.
+#[tokio::test]
+async fn a_deep_link_that_cannot_be_returned_to_still_signs_in_to_the_root() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    let callback = b.through_provider(&w, "/a%C2%85b?x=1", "alice", &["engineering"]).await;
+    let r = b.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    assert_eq!(location(&r), w.url("/"));
+    assert!(b.session_cookie().is_some(), "signed in");
+}
+
 /// A cookie with a UTF-8 value beside the proxy's (set by the application, or tossed by
 /// a sibling host with `Domain=`: browsers send its bytes as they are, in the one
 /// `Cookie` header that carries the session too) hid the session and the sign-in
@@ -496,6 +531,38 @@ async fn wrong_state_missing_login_cookie_and_replayed_code_fail() {
     let e = w.last_event().await;
     assert_eq!(e["reason"], "login-failed");
     assert!(e["detail"].as_str().unwrap_or_default().contains("invalid_grant"), "{e}");
+}
+
+/// The Back button after signing in returns to the provider's page of that sign-in,
+/// which (the provider's own session still open) answers the callback again: same
+/// `state`, a new code. That sign-in has ended, so its cookie is gone, and the person,
+/// signed in, got a `login-failed` page. A browser whose session is valid goes on to
+/// this host's root instead, with no code exchanged and its session unchanged; one
+/// without a session still gets `login-failed`.
+#[tokio::test]
+async fn a_callback_for_an_ended_sign_in_sends_a_signed_in_browser_on() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    let callback = b.through_provider(&w, "/app/x", "alice", &["engineering"]).await;
+    let r = b.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    let session = b.session_cookie().cloned();
+    assert!(session.is_some());
+    let exchanges = login(&w).code_exchanges();
+    let r = b.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{}", r.text());
+    assert_eq!(location(&r), w.url("/"));
+    assert_eq!(b.session_cookie(), session.as_ref(), "the session is kept");
+    assert_eq!(login(&w).code_exchanges(), exchanges, "no code exchanged");
+    let e = w.last_event().await;
+    assert_eq!(e["identity"]["subject"], "alice", "{e}");
+    let r = b.get(&w, &w.url("/app/x")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    // Without a session, the same callback is a failed sign-in.
+    let mut other = Browser::new();
+    let r = other.get(&w, &callback).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.text().contains("login-failed"), "{}", r.text());
 }
 
 #[tokio::test]

@@ -728,3 +728,46 @@ async fn a_content_length_reaches_the_other_side_in_its_one_decimal_spelling() {
         assert!(resp.ends_with("\r\n\r\nok"), "{given}: {resp}");
     }
 }
+
+/// A `HEAD` answered by the proxy itself (a 401, a rejection page, the sign-in
+/// endpoints' pages) over HTTP/2: the page's bytes went out as DATA frames, which a
+/// response to `HEAD` may not carry (RFC 9110 §9.3.2, RFC 9113 §8.1.1), and the stream
+/// was reset (curl: `PROTOCOL_ERROR`), so a monitor's or a link checker's `HEAD` got no
+/// answer at all. It gets the status and headers, with the `Content-Length` a `GET` gets.
+#[tokio::test]
+async fn a_head_the_proxy_answers_itself_over_http2_gets_its_head_and_no_body() {
+    let w = World::with(Setup { sso: Some(String::new()), ..Setup::default() }).await;
+    let h2 = client(&w.pki, true);
+    for (path, accept, status) in [
+        ("/secret", "application/json", http::StatusCode::UNAUTHORIZED),
+        ("/%2e%2e/x", "text/html", http::StatusCode::BAD_REQUEST),
+        ("/.portcullis/sign_in?rd=//evil.example", "text/html", http::StatusCode::BAD_REQUEST),
+        ("/.portcullis/userinfo", "application/json", http::StatusCode::UNAUTHORIZED),
+    ] {
+        let get = send_with(
+            &h2,
+            http::Method::GET,
+            &w.url(path),
+            &[("accept", accept)],
+            Default::default(),
+        )
+        .await;
+        assert_eq!(get.status, status, "GET {path}");
+        assert!(!get.body.is_empty(), "GET {path} has a body");
+        let head = send_with(
+            &h2,
+            http::Method::HEAD,
+            &w.url(path),
+            &[("accept", accept)],
+            Default::default(),
+        )
+        .await;
+        assert_eq!(head.status, status, "HEAD {path}");
+        assert!(head.body.is_empty(), "HEAD {path}: no body");
+        assert_eq!(
+            head.headers.get("content-length").and_then(|v| v.to_str().ok()),
+            Some(get.body.len().to_string().as_str()),
+            "HEAD {path}: the GET's length"
+        );
+    }
+}
