@@ -365,6 +365,23 @@ pub async fn handle(
         );
     }
 
+    // HTTP/1.1 heads of more fields are refused by the HTTP server (431); HTTP/2 header
+    // lists only by size (`max_header_size`): the same rule for both.
+    if req.headers().len() > headers::MAX_HEADER_FIELDS {
+        let fields = headers::field_count(req.headers());
+        if fields > headers::MAX_HEADER_FIELDS {
+            out.reason = Reason::BadRequest;
+            out.decision = "deny";
+            out.detail = Some(Cow::Owned(format!(
+                "{fields} request header fields, more than {}",
+                headers::MAX_HEADER_FIELDS
+            )));
+            let mut resp = reject::response(Reason::BadRequest, &rid);
+            *resp.status_mut() = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+            return finish(resp, out);
+        }
+    }
+
     // 1. Our own endpoints.
     if req.uri().path() == JWKS_PATH && req.method() == http::Method::GET {
         out.reason = Reason::Internal;
