@@ -696,6 +696,14 @@ async fn a_tunnels_end_is_audited_with_its_bytes_duration_and_reason() {
     let e = tunnel_end_event(&w, "/ws").await;
     assert_eq!(e["event"], "close", "{e}");
     assert_eq!(e["route"], "api");
+    // The host as the upgrade's `http` event shows it (as sent, port included).
+    let upgrade = w
+        .events()
+        .into_iter()
+        .find(|u| u["kind"] == "http" && u["request_id"] == e["request_id"])
+        .unwrap_or_default();
+    assert_eq!(e["host"], format!("localhost:{}", w.https.port()), "{e}");
+    assert_eq!(e["host"], upgrade["host"], "{upgrade}");
     assert_eq!(e["reason"], "closed");
     assert_eq!(e["decision"], "closed");
     assert_eq!(e["identity"]["issuer"], "bb");
