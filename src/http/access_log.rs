@@ -81,14 +81,7 @@ where
         let head = method == http::Method::HEAD;
         // The raw authority for the log (validated or not); never the query string.
         // Both are cheap clones of the parsed request's bytes, not copies.
-        let host = match req.uri().authority() {
-            Some(a) => LogHost::Authority(a.clone()),
-            None => req
-                .headers()
-                .get(http::header::HOST)
-                .cloned()
-                .map_or(LogHost::None, LogHost::Header),
-        };
+        let host = LogHost::of(&req);
         // From here on the body is one that, left unread by an HTTP/2 answer, is read
         // and discarded (bounded) rather than reset under the client ([`ClientBody`]).
         let fut = self.inner.call(req.map(|b| ClientBody::new(b, h2)));
@@ -269,6 +262,17 @@ enum LogHost {
 }
 
 impl LogHost {
+    fn of<B>(req: &http::Request<B>) -> LogHost {
+        match req.uri().authority() {
+            Some(a) => LogHost::Authority(a.clone()),
+            None => req
+                .headers()
+                .get(http::header::HOST)
+                .cloned()
+                .map_or(LogHost::None, LogHost::Header),
+        }
+    }
+
     /// As the event shows it: userinfo (`user:password@`, refused with 400) masked, as
     /// no log line may hold a password; the rest as sent.
     fn text(&self) -> Cow<'_, str> {
@@ -282,6 +286,12 @@ impl LogHost {
             None => Cow::Borrowed(sent),
         }
     }
+}
+
+/// The request's host as its `http` event shows it: the `Host` / `:authority` as sent,
+/// port included (a WebSocket tunnel's `close` event says the same).
+pub(crate) fn shown_host<B>(req: &http::Request<B>) -> String {
+    LogHost::of(req).text().into_owned()
 }
 
 struct Pending {

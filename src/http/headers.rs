@@ -29,6 +29,23 @@ pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-portcullis-reques
 pub static SERVICE_WORKER: HeaderName = HeaderName::from_static("service-worker");
 pub static SERVICE_WORKER_ALLOWED: HeaderName = HeaderName::from_static("service-worker-allowed");
 
+/// The most header fields a request may carry, over HTTP/1.1 and HTTP/2 alike (431
+/// beyond). It is hyper's HTTP/1 parser's own limit, kept by not setting `max_headers`
+/// (which moves the parser's 100 slots from the stack to a heap allocation per
+/// request); the proxy holds HTTP/2 requests to it ([`field_count`]). Apache's
+/// `LimitRequestFields` and Envoy's `max_headers_count` default to 100 too, HAProxy's
+/// `tune.http.maxhdr` to 101.
+pub const MAX_HEADER_FIELDS: usize = 100;
+
+/// The request's header fields as an HTTP/1.1 head would carry them: a `cookie` field
+/// split in crumbs counted once, as HTTP/2 lets a client send it (RFC 9113 §8.2.3) and
+/// browsers do, one crumb per cookie, where HTTP/1.1 has one `Cookie` line. Pseudo-header
+/// fields are not in the map (HTTP/1.1's `Host`, which is, counts).
+pub fn field_count(h: &HeaderMap) -> usize {
+    let cookies = h.get_all(header::COOKIE).iter().count();
+    h.len() - cookies.saturating_sub(1)
+}
+
 /// The hop-by-hop headers (RFC 9110 §7.6.1) and `Expect`, in the order of the bits
 /// [`strip_hop_by_hop`] records them by.
 fn hop_by_hop() -> [&'static HeaderName; 11] {

@@ -365,6 +365,23 @@ pub async fn handle(
         );
     }
 
+    // HTTP/1.1 heads of more fields are refused by the HTTP server (431); HTTP/2 header
+    // lists only by size (`max_header_size`): the same rule for both.
+    if req.headers().len() > headers::MAX_HEADER_FIELDS {
+        let fields = headers::field_count(req.headers());
+        if fields > headers::MAX_HEADER_FIELDS {
+            out.reason = Reason::BadRequest;
+            out.decision = "deny";
+            out.detail = Some(Cow::Owned(format!(
+                "{fields} request header fields, more than {}",
+                headers::MAX_HEADER_FIELDS
+            )));
+            let mut resp = reject::response(Reason::BadRequest, &rid);
+            *resp.status_mut() = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+            return finish(resp, out);
+        }
+    }
+
     // 1. Our own endpoints.
     if req.uri().path() == JWKS_PATH && req.method() == http::Method::GET {
         out.reason = Reason::Internal;
@@ -705,8 +722,11 @@ pub async fn handle(
     // path decides the scope the worker may take, kept inside the route below.
     let sw_script = req.headers().get(&headers::SERVICE_WORKER).is_some_and(|v| v == "script");
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
-    // What the tunnel re-checks at reloads (the request itself goes upstream).
-    let upgrade_method = websocket.then(|| req.method().clone());
+    // What the tunnel re-checks at reloads (the request itself goes upstream), and the
+    // host as the upgrade's `http` event shows it (as sent, with its port) for the
+    // tunnel's `close` event. Boxed: every request's future holds the variable.
+    let upgrade =
+        websocket.then(|| Box::new((req.method().clone(), super::access_log::shown_host(&req))));
     // The key that verified a tunnel's token: the tunnel ends once the issuer's key set
     // drops it. Only for an upgrade (boxed: every request's future holds the variable).
     let tunnel_key = match (websocket, source) {
@@ -868,6 +888,7 @@ pub async fn handle(
                     );
                 };
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                let (method, shown_host) = upgrade.map(|u| *u).unwrap_or_default();
                 let grant = super::tunnel::Grant {
                     shared: shared.clone(),
                     route: route.name.clone(),
@@ -884,8 +905,9 @@ pub async fn handle(
                         },
                         &rt.config,
                     ),
-                    method: upgrade_method.unwrap_or_default(),
+                    method,
                     host: host.clone(),
+                    shown_host,
                     path: out.path.clone().unwrap_or_default(),
                     idle: rt.config.server.idle_timeout,
                     generation: rt.generation,

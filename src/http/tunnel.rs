@@ -66,6 +66,9 @@ pub struct Grant {
     pub method: http::Method,
     /// The upgrade request's host (lower case, no port), as routing read it.
     pub host: String,
+    /// The upgrade request's host as sent, port included, as its `http` event shows it
+    /// (and so the `close` event).
+    pub shown_host: String,
     /// The normalized path the upgrade request was authorized for.
     pub path: String,
     pub idle: Duration,
@@ -228,7 +231,7 @@ impl Grant {
     /// The tunnel's end event: one per tunnel, after the upgrade's `http` event (same
     /// `request_id`); shaped as a database session's `close`.
     fn emit_end(&self, relayed: &Relayed, duration: Duration) {
-        let host = &self.host[..crate::audit::bounded_len(&self.host)];
+        let host = &self.shown_host[..crate::audit::bounded_len(&self.shown_host)];
         let path = &self.path[..crate::audit::bounded_len(&self.path)];
         let upstream_path =
             self.upstream_path.as_deref().map(|p| &p[..crate::audit::bounded_len(p)]);
@@ -256,7 +259,7 @@ impl Grant {
             duration_ms: crate::util::millis(duration),
             bytes_in: relayed.bytes_in,
             bytes_out: relayed.bytes_out,
-            truncated: host.len() < self.host.len()
+            truncated: host.len() < self.shown_host.len()
                 || path.len() < self.path.len()
                 || upstream_path.map(str::len) != self.upstream_path.as_deref().map(str::len),
         });

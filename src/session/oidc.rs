@@ -41,7 +41,15 @@ const METADATA_RETRY: Duration = Duration::from_secs(5);
 const METADATA_MAX_STALE: Duration = Duration::from_secs(60 * 60);
 /// Whole exchange with the provider, connect to last byte.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most of a discovery document or key set read.
 const MAX_BODY: usize = 1024 * 1024;
+/// The most of a token endpoint's answer read (a code exchange's or a refresh's). Real
+/// ones are a few KiB (an ID token, an access token, a refresh token; an Entra ID token
+/// with 200 groups is about 10 KiB, and Entra sends a group overage claim past 200), so
+/// 256 KiB leaves room for any of them 25 times over, while the `openidconnect` crate's
+/// parse of it, on a runtime thread once per sign-in callback or refresh (linear in its
+/// size), stays a quarter of what the 1 MiB read before allowed.
+const TOKEN_MAX_BODY: usize = 256 * 1024;
 
 /// The discovery members beyond the core set that the proxy uses.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -100,7 +108,8 @@ impl<'c> openidconnect::AsyncHttpClient<'c> for Http<'_> {
         >,
     >;
     fn call(&'c self, request: openidconnect::HttpRequest) -> Self::Future {
-        Box::pin(self.0.call(request))
+        // Only the token endpoint is asked through this client.
+        Box::pin(self.0.call(request, TOKEN_MAX_BODY))
     }
 }
 
@@ -189,10 +198,11 @@ impl Provider {
     }
 
     /// One request to the provider: refuses non-https (unless the issuer allows loopback
-    /// http), follows no redirects, bounded in time and size.
+    /// http), follows no redirects, bounded in time and to `max_body` bytes of answer.
     async fn call(
         &self,
         req: openidconnect::HttpRequest,
+        max_body: usize,
     ) -> Result<openidconnect::HttpResponse, HttpError> {
         let uri = req.uri().to_string();
         let checked = crate::identity::verify::check_fetch_url(&uri, self.settings.insecure_http)
@@ -207,10 +217,16 @@ impl Provider {
                 HttpError(format!("request to {shown} failed: {e}"))
             })?;
             let (parts, body) = resp.into_parts();
-            let body = Limited::new(body, MAX_BODY)
+            let body = Limited::new(body, max_body)
                 .collect()
                 .await
-                .map_err(|_| HttpError(format!("response body of {shown} failed or too large")))?
+                .map_err(|e| {
+                    HttpError(if e.is::<http_body_util::LengthLimitError>() {
+                        format!("response body of {shown} larger than {} KiB", max_body / 1024)
+                    } else {
+                        format!("response body of {shown} failed")
+                    })
+                })?
                 .to_bytes();
             Ok(http::Response::from_parts(parts, body.to_vec()))
         };
@@ -263,7 +279,8 @@ impl Provider {
             .header(http::header::ACCEPT, "application/json")
             .body(Vec::new())
             .map_err(|_| LoginError("bad discovery URL".into()))?;
-        let resp = self.call(req).await.map_err(|e| LoginError(format!("discovery: {e}")))?;
+        let resp =
+            self.call(req, MAX_BODY).await.map_err(|e| LoginError(format!("discovery: {e}")))?;
         if resp.status() != http::StatusCode::OK {
             let url = crate::identity::verify::url_str_for_log(&self.settings.discovery_url);
             return Err(LoginError(format!("discovery {url} answered {}", resp.status())));
@@ -320,7 +337,7 @@ impl Provider {
             .header(http::header::ACCEPT, "application/json")
             .body(Vec::new())
             .map_err(|_| LoginError("bad jwks_uri".into()))?;
-        let resp = self.call(req).await.map_err(|e| LoginError(format!("JWKS: {e}")))?;
+        let resp = self.call(req, MAX_BODY).await.map_err(|e| LoginError(format!("JWKS: {e}")))?;
         if resp.status() != http::StatusCode::OK {
             let url = crate::identity::verify::url_str_for_log(url);
             return Err(LoginError(format!("JWKS {url} answered {}", resp.status())));
@@ -919,6 +936,52 @@ mod tests {
             assert!(text.starts_with("token endpoint refused: invalid_grant"), "{text}");
             assert!(text.len() < 100, "{} bytes of the provider's text", text.len());
             assert!(text.chars().all(|c| !c.is_control() && !c.is_ascii_uppercase()), "{text:?}");
+        }
+    }
+
+    /// A token endpoint's answer is parsed by the `openidconnect` crate on a runtime
+    /// thread: it was read up to the 1 MiB of a discovery document, where real ones are a
+    /// few KiB. One over 256 KiB is refused before any parse, for a code exchange and a
+    /// refresh alike, and the log says so (not "did not parse").
+    #[tokio::test]
+    async fn a_token_endpoint_answer_over_256_kib_is_refused_before_it_is_parsed() {
+        let (dev, _, url) = dev_login().await;
+        let body = serde_json::json!({
+            "access_token": "at",
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "id_token": "e30.e30.sig",
+            "padding": "x".repeat(256 * 1024),
+        })
+        .to_string();
+        assert!(body.len() < MAX_BODY, "within the discovery limit, over the token one");
+        dev.add_handler(
+            "/huge-token",
+            Arc::new(move |_| {
+                http::Response::builder()
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(Bytes::from(body.clone())))
+                    .ok()
+            }),
+        );
+        dev.set_discovery_member(
+            "/human",
+            "token_endpoint",
+            Value::String(format!("{}/huge-token", dev.base_url())),
+        );
+        let (_dir, secret) = secret_file();
+        let p = provider(&url, &secret);
+        let exchanged = p
+            .exchange("code".into(), "v".repeat(43), "nonce", "https://proxy.example/cb", 0)
+            .await
+            .map(|_| ());
+        let refreshed = p.refresh("refresh-token").await.map(|_| ());
+        for result in [exchanged, refreshed] {
+            let Err(LoginError(text)) = result else {
+                panic!("an oversized token answer gave a session: {result:?}")
+            };
+            assert!(text.starts_with("token endpoint: response body of "), "{text}");
+            assert!(text.ends_with("larger than 256 KiB"), "{text}");
         }
     }
 

@@ -250,6 +250,33 @@ async fn a_cookie_with_a_utf8_value_does_not_hide_the_session_or_the_sign_in() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 }
 
+/// A browser's cached `Basic` credentials for the host (the upstream's own login) reach
+/// the upstream beside the session's identity, as they do beside a token sent in
+/// `Proxy-Authorization` (docs/sso.md, "What a request meets"); the event names the
+/// session's person.
+#[tokio::test]
+async fn a_browsers_basic_credentials_reach_the_upstream_beside_the_sessions_identity() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    let r = b.sign_in(&w, "/app", "alice", &["engineering"]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let basic = [("authorization", "Basic Ym9iOmh1bnRlcjI=")];
+    let r = b.request(&w, Method::GET, &w.url("/app/basic"), &basic, "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.upstream_header("authorization").as_deref(), Some("Basic Ym9iOmh1bnRlcjI="));
+    assert_eq!(r.upstream_header("x-portcullis-subject").as_deref(), Some("alice"));
+    assert!(r.upstream_header("x-portcullis-assertion").is_some(), "{}", r.text());
+    let mut e = serde_json::Value::Null;
+    for _ in 0..200 {
+        if let Some(found) = w.events().into_iter().find(|e| e["path"] == "/app/basic") {
+            e = found;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(e["identity"]["subject"], "alice", "{e}");
+}
+
 #[tokio::test]
 async fn api_requests_get_401_and_browsers_get_html_rejections() {
     let w = sso_world("").await;
