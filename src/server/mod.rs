@@ -1171,8 +1171,14 @@ async fn grace_over(rx: &mut watch::Receiver<bool>) {
 }
 
 /// Loads a configuration to serve, printing every diagnostic and every failing policy
-/// test (either refuses it); for `serve`. The error is the number of problems.
+/// test (either refuses it) on stderr; for `serve`. The error is the number of problems.
 pub fn load_or_report(path: &Path) -> Result<Config, usize> {
+    load_or_report_to(path, &mut |line| eprintln!("{line}"))
+}
+
+/// [`load_or_report`], each line handed to `emit` (`serve --log-format json` logs them
+/// as JSON objects).
+pub fn load_or_report_to(path: &Path, emit: &mut dyn FnMut(&str)) -> Result<Config, usize> {
     match Config::load(path) {
         Ok(c) => {
             let failures = c.failing_policy_tests();
@@ -1180,14 +1186,18 @@ pub fn load_or_report(path: &Path) -> Result<Config, usize> {
                 return Ok(c);
             }
             for o in &failures {
-                eprintln!("{}", o.failure_report());
+                emit(&o.failure_report());
             }
-            eprintln!("{}: {} policy test(s) failed; not serving", path.display(), failures.len());
+            emit(&format!(
+                "{}: {} policy test(s) failed; not serving",
+                path.display(),
+                failures.len()
+            ));
             Err(failures.len())
         }
         Err(e) => {
             for d in &e.0 {
-                eprintln!("{d}");
+                emit(&d.to_string());
             }
             Err(e.0.len())
         }
