@@ -1735,3 +1735,44 @@ fn serve_reports_why_it_cannot_start_as_json_lines_under_log_format_json() {
     }
     drop(busy);
 }
+
+/// A second SIGTERM (or SIGINT: Ctrl-C twice) during the drain ends the grace period at
+/// once, as the first SIGTERM's grace running out would: the request still in flight is
+/// cut and audited (`client-closed`, 499), the audit log flushed, and the process exits
+/// 0. It was ignored, so `serve` could not be stopped short of SIGKILL (which loses
+/// the queued audit events) before `shutdown_grace` (30 s by default) was over.
+#[tokio::test]
+async fn a_second_signal_during_the_drain_ends_the_grace_period_at_once() {
+    let w = World::start().await;
+    let mut served = Served::start(&w, "60s").await;
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let (c, url) = (client(&w.pki, false), served.url("/slow/30000"));
+    let slow = tokio::spawn(async move {
+        let req = http::Request::get(url)
+            .header("authorization", auth)
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        c.request(req).await.map(|r| r.status())
+    });
+    assert!(w.echo.slow_arrived(1, Duration::from_secs(20)).await, "the request never arrived");
+    let start = std::time::Instant::now();
+    served.terminate();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!slow.is_finished(), "the first SIGTERM drains: the request goes on");
+    served.terminate();
+    let answer = tokio::time::timeout(Duration::from_secs(10), slow).await;
+    assert!(matches!(answer, Ok(Ok(Err(_)))), "not cut: {answer:?}");
+    let (_, code) = served.exit_after_shutdown_complete();
+    let took = start.elapsed();
+    assert_eq!(code, Some(0));
+    assert!(took < Duration::from_secs(8), "the exit took {took:?} (grace 60 s)");
+    let events = served.events_for("/slow/30000");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["reason"], "client-closed");
+    assert_eq!(events[0]["status"], 499);
+    assert!(
+        served.log.iter().any(|l| l.contains("second signal")),
+        "the log says why the drain ended early: {:#?}",
+        served.log
+    );
+}
