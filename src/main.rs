@@ -270,6 +270,7 @@ fn init_logging(format: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
+    let json = cli.log_format == "json";
     match cli.command {
         Command::Check { config, policy_only, format } => {
             let mode = if policy_only {
@@ -280,11 +281,19 @@ fn main() -> ExitCode {
             check(&config, mode, &format)
         }
         Command::Serve { config } => {
-            let cfg = match portcullis::server::load_or_report(&config) {
+            let loaded = if json {
+                // One JSON object per line, as every other diagnostic of `serve`.
+                portcullis::server::load_or_report_to(&config, &mut |line| {
+                    tracing::error!(target: "portcullis::config", "{line}");
+                })
+            } else {
+                portcullis::server::load_or_report(&config)
+            };
+            let cfg = match loaded {
                 Ok(c) => c,
                 Err(_) => return ExitCode::from(2),
             };
-            runtime(|| async move {
+            runtime(json, || async move {
                 let server = portcullis::server::Server::start(cfg, Default::default()).await?;
                 server.log_serving();
                 server.run_until_signalled().await
@@ -302,7 +311,7 @@ fn main() -> ExitCode {
                 postgres: a.postgres,
                 postgres_listen: a.postgres_listen,
             };
-            runtime(|| portcullis::dev::demo::run(opts))
+            runtime(json, || portcullis::dev::demo::run(opts))
         }
         Command::Dev(DevCommand::Token { preset, claims, ttl, count, state_dir }) => {
             let dir = state_dir.unwrap_or_else(portcullis::dev::demo::default_state_dir);
@@ -326,7 +335,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Dev(DevCommand::Floor { listen, upstream }) => {
-            runtime(|| async move { portcullis::dev::floor::run(listen, &upstream).await })
+            runtime(json, || async move { portcullis::dev::floor::run(listen, &upstream).await })
         }
         Command::Dev(DevCommand::Certs { out }) => match portcullis::tls::write_dev_certs(&out) {
             Ok(pki) => {
@@ -341,7 +350,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime<F, Fut>(f: F) -> ExitCode
+/// Runs a long-running command; its error (a listener it cannot bind, …) ends it with
+/// exit 1, said on stderr as `error: …`, or as a JSON log line under `--log-format json`.
+fn runtime<F, Fut>(json: bool, f: F) -> ExitCode
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<(), String>>,
@@ -349,6 +360,10 @@ where
     // The runtime's choice and its prompt end: `portcullis::server::process`.
     match portcullis::server::process::run(f) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if json => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

@@ -215,6 +215,8 @@ pub struct Server {
     /// answers 503 `"draining": true` meanwhile) and stops once the drain is over.
     admin: tokio::task::JoinSet<()>,
     admin_stop: watch::Sender<bool>,
+    /// Turns true to end a shutdown's grace period at once (a second SIGTERM/SIGINT).
+    hurry: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Server {
@@ -461,9 +463,15 @@ impl Server {
         let mut rx = shutdown_rx.clone();
         let all = u32::try_from(max_conns).unwrap_or(u32::MAX);
         let drain_limit = limit.clone();
+        // A second signal ends the grace period early ([`Server::hurry`]).
+        let (hurry, mut hurried) = watch::channel(false);
         tasks.spawn(async move {
             stopped(&mut rx).await;
-            if tokio::time::timeout(grace, drain_limit.acquire_many(all)).await.is_err() {
+            let drained = tokio::select! {
+                r = tokio::time::timeout(grace, drain_limit.acquire_many(all)) => r.is_ok(),
+                () = grace_over(&mut hurried) => false,
+            };
+            if !drained {
                 tracing::warn!(grace = ?grace, "shutdown grace period over; closing remaining connections");
                 let _ = cut_tx.send(true);
                 if tokio::time::timeout(CLOSE_WAIT, drain_limit.acquire_many(all)).await.is_err() {
@@ -482,6 +490,7 @@ impl Server {
             tasks,
             admin,
             admin_stop,
+            hurry,
         })
     }
 
@@ -548,7 +557,15 @@ impl Server {
         }
     }
 
-    /// Runs until SIGTERM/SIGINT (drain, then return), reloading on SIGHUP.
+    /// Ends a shutdown's grace period now: the connections still open are closed as when
+    /// it runs out (their requests audited as `client-closed`). Before [`Server::shutdown`]
+    /// it takes effect as soon as the drain begins.
+    pub fn hurry(&self) {
+        let _ = self.hurry.send(true);
+    }
+
+    /// Runs until SIGTERM/SIGINT (drain, then return), reloading on SIGHUP. A second
+    /// SIGTERM or SIGINT during the drain ends its grace period at once ([`Server::hurry`]).
     pub async fn run_until_signalled(self) -> Result<(), String> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
@@ -562,7 +579,19 @@ impl Server {
             }
         }
         tracing::info!("shutting down: draining in-flight requests");
-        self.shutdown().await;
+        let hurry = self.hurry.clone();
+        let shutdown = self.shutdown();
+        tokio::pin!(shutdown);
+        let mut hurried = false;
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                _ = term.recv(), if !hurried => hurried = true,
+                _ = int.recv(), if !hurried => hurried = true,
+            }
+            tracing::warn!("second signal: ending the shutdown grace period now");
+            let _ = hurry.send(true);
+        }
         tracing::info!("shutdown complete");
         Ok(())
     }
@@ -1171,8 +1200,14 @@ async fn grace_over(rx: &mut watch::Receiver<bool>) {
 }
 
 /// Loads a configuration to serve, printing every diagnostic and every failing policy
-/// test (either refuses it); for `serve`. The error is the number of problems.
+/// test (either refuses it) on stderr; for `serve`. The error is the number of problems.
 pub fn load_or_report(path: &Path) -> Result<Config, usize> {
+    load_or_report_to(path, &mut |line| eprintln!("{line}"))
+}
+
+/// [`load_or_report`], each line handed to `emit` (`serve --log-format json` logs them
+/// as JSON objects).
+pub fn load_or_report_to(path: &Path, emit: &mut dyn FnMut(&str)) -> Result<Config, usize> {
     match Config::load(path) {
         Ok(c) => {
             let failures = c.failing_policy_tests();
@@ -1180,14 +1215,18 @@ pub fn load_or_report(path: &Path) -> Result<Config, usize> {
                 return Ok(c);
             }
             for o in &failures {
-                eprintln!("{}", o.failure_report());
+                emit(&o.failure_report());
             }
-            eprintln!("{}: {} policy test(s) failed; not serving", path.display(), failures.len());
+            emit(&format!(
+                "{}: {} policy test(s) failed; not serving",
+                path.display(),
+                failures.len()
+            ));
             Err(failures.len())
         }
         Err(e) => {
             for d in &e.0 {
-                eprintln!("{d}");
+                emit(&d.to_string());
             }
             Err(e.0.len())
         }

@@ -1687,3 +1687,92 @@ async fn serve_runs_the_policy_tests_once_at_start() {
     assert_eq!(runs.len(), 1, "{logged}");
     assert!(runs[0].contains("cases=1") && runs[0].contains("failed=0"), "{}", runs[0]);
 }
+
+/// `serve --log-format json` (the Kubernetes example's) writes every diagnostic on
+/// stderr as one JSON object per line, those that stop it from starting too: a
+/// configuration error (exit 2), a failing policy test (exit 2) and a listener it
+/// cannot bind (exit 1). They were written as plain text, which a log pipeline parsing
+/// JSON drops or mangles exactly when the pod is crash-looping.
+#[test]
+fn serve_reports_why_it_cannot_start_as_json_lines_under_log_format_json() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let p = dir.path();
+    std::fs::create_dir_all(p.join("policies")).ok();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let port = busy.local_addr().map(|a| a.port()).unwrap_or_default();
+    let config = |extra: &str| {
+        format!(
+            "[listen]\ninsecure_http = \"127.0.0.1:{port}\"\nadmin = \"off\"\n[issuers.corp]\n\
+             issuer = \"https://idp.invalid\"\naudiences = [\"x\"]\n[[routes]]\nname = \"api\"\n\
+             upstream = \"http://127.0.0.1:1\"\npolicy = \"api\"\n{extra}"
+        )
+    };
+    let policy = |expect: &str| {
+        format!(
+            "[[rule]]\nid = \"health\"\neffect = \"allow\"\npublic = true\nmethods = [\"GET\"]\n\
+             paths = [\"/healthz\"]\n\n[[test]]\nname = \"health is open\"\nidentity = \"anonymous\"\n\
+             request = \"GET /healthz\"\nexpect = \"{expect}\"\n"
+        )
+    };
+    let cfg = p.join("portcullis.toml");
+    let cases = [
+        (config("audiance = 1\n"), policy("allow"), 2, "portcullis.toml:11:1: unknown field"),
+        (config(""), policy("deny"), 2, "api.toml:8: test failed: health is open"),
+        (config(""), policy("allow"), 1, "cannot listen on 127.0.0.1"),
+    ];
+    for (text, pol, code, what) in cases {
+        write(&cfg, &text);
+        write(&p.join("policies/api.toml"), &pol);
+        let (got, _, err) = run(&["serve", "--log-format", "json", "-c", &cfg.to_string_lossy()]);
+        assert_eq!(got, code, "{what}: {err}");
+        let mut messages = Vec::new();
+        for line in err.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{what}: not a JSON line ({e}): {line:?}\n{err}"));
+            messages.push(v["fields"]["message"].as_str().unwrap_or_default().to_string());
+        }
+        assert!(messages.iter().any(|m| m.contains(what)), "{what}: {err}");
+    }
+    drop(busy);
+}
+
+/// A second SIGTERM (or SIGINT: Ctrl-C twice) during the drain ends the grace period at
+/// once, as the first SIGTERM's grace running out would: the request still in flight is
+/// cut and audited (`client-closed`, 499), the audit log flushed, and the process exits
+/// 0. It was ignored, so `serve` could not be stopped short of SIGKILL (which loses
+/// the queued audit events) before `shutdown_grace` (30 s by default) was over.
+#[tokio::test]
+async fn a_second_signal_during_the_drain_ends_the_grace_period_at_once() {
+    let w = World::start().await;
+    let mut served = Served::start(&w, "60s").await;
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let (c, url) = (client(&w.pki, false), served.url("/slow/30000"));
+    let slow = tokio::spawn(async move {
+        let req = http::Request::get(url)
+            .header("authorization", auth)
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        c.request(req).await.map(|r| r.status())
+    });
+    assert!(w.echo.slow_arrived(1, Duration::from_secs(20)).await, "the request never arrived");
+    let start = std::time::Instant::now();
+    served.terminate();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!slow.is_finished(), "the first SIGTERM drains: the request goes on");
+    served.terminate();
+    let answer = tokio::time::timeout(Duration::from_secs(10), slow).await;
+    assert!(matches!(answer, Ok(Ok(Err(_)))), "not cut: {answer:?}");
+    let (_, code) = served.exit_after_shutdown_complete();
+    let took = start.elapsed();
+    assert_eq!(code, Some(0));
+    assert!(took < Duration::from_secs(8), "the exit took {took:?} (grace 60 s)");
+    let events = served.events_for("/slow/30000");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["reason"], "client-closed");
+    assert_eq!(events[0]["status"], 499);
+    assert!(
+        served.log.iter().any(|l| l.contains("second signal")),
+        "the log says why the drain ended early: {:#?}",
+        served.log
+    );
+}
