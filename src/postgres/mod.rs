@@ -132,6 +132,8 @@ pub struct Hub {
     /// `server.shutdown_grace` as the server started: the drain's, which a reload does
     /// not change (it warns that a restart is needed).
     grace: Duration,
+    /// Turns true when a second SIGTERM/SIGINT ends the grace period early.
+    hurried: watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -174,7 +176,14 @@ pub fn prepare(config: &Config, keys: Option<&crate::tls::KeySet>) -> Result<Pre
 }
 
 impl Hub {
-    pub fn new(shared: Arc<Shared>, sink: AuditSink, prepared: Prepared) -> Arc<Hub> {
+    /// `hurried` turns true when the shutdown's grace period is cut short (a second
+    /// SIGTERM/SIGINT): open sessions are then ended at once, as when it runs out.
+    pub fn new(
+        shared: Arc<Shared>,
+        sink: AuditSink,
+        prepared: Prepared,
+        hurried: watch::Receiver<bool>,
+    ) -> Arc<Hub> {
         Arc::new(Hub {
             shared,
             sink,
@@ -183,7 +192,21 @@ impl Hub {
             cancels: Arc::default(),
             keys: scram::KeyCache::default(),
             grace: prepared.grace,
+            hurried,
         })
+    }
+
+    /// Waits out the shutdown's grace period, or less if it is cut short; the words say
+    /// which, for the session's `close` event.
+    pub(crate) async fn grace_over(&self) -> String {
+        let grace = self.grace;
+        let mut hurried = self.hurried.clone();
+        tokio::select! {
+            () = tokio::time::sleep(grace) => format!("server shutting down; grace period ({grace:?}) over"),
+            Ok(_) = hurried.wait_for(|h| *h) => {
+                "server shutting down; grace period ended early by a second signal".to_string()
+            }
+        }
     }
 
     /// Called after a reload swapped the runtime in, before the new generation is

@@ -1123,9 +1123,7 @@ async fn control(
                 }
             }
             () = super::stopped(&mut stop) => {
-                let grace = hub.grace();
-                tokio::time::sleep(grace).await;
-                return (Reason::ShuttingDown, format!("server shutting down; grace period ({grace:?}) over"));
+                return (Reason::ShuttingDown, hub.grace_over().await);
             }
         }
         if recheck {

@@ -381,7 +381,11 @@ impl Server {
             grace_over: cut_rx.clone(),
             sink: sink.clone(),
         });
-        let pg = crate::postgres::Hub::new(shared.clone(), sink.clone(), pg_prepared);
+        // A second signal ends the grace period early ([`Server::hurry`]), for HTTP
+        // connections (the drain task below) and database sessions alike.
+        let (hurry, hurried) = watch::channel(false);
+        let pg =
+            crate::postgres::Hub::new(shared.clone(), sink.clone(), pg_prepared, hurried.clone());
         let limit = Arc::new(Semaphore::new(max_conns));
         let per_client = per_client::PerClient::new(listen.trusted_proxies.clone());
         let state = Arc::new(State {
@@ -463,8 +467,7 @@ impl Server {
         let mut rx = shutdown_rx.clone();
         let all = u32::try_from(max_conns).unwrap_or(u32::MAX);
         let drain_limit = limit.clone();
-        // A second signal ends the grace period early ([`Server::hurry`]).
-        let (hurry, mut hurried) = watch::channel(false);
+        let mut hurried = hurried;
         tasks.spawn(async move {
             stopped(&mut rx).await;
             let drained = tokio::select! {
@@ -558,8 +561,9 @@ impl Server {
     }
 
     /// Ends a shutdown's grace period now: the connections still open are closed as when
-    /// it runs out (their requests audited as `client-closed`). Before [`Server::shutdown`]
-    /// it takes effect as soon as the drain begins.
+    /// it runs out (their requests audited as `client-closed`, database sessions told
+    /// `57P01` and ended `shutting-down`). Before [`Server::shutdown`] it takes effect as
+    /// soon as the drain begins.
     pub fn hurry(&self) {
         let _ = self.hurry.send(true);
     }

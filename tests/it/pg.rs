@@ -1249,6 +1249,34 @@ async fn shutdown_lets_sessions_finish_then_terminates_them_politely() {
     assert!(lines.contains("\"reason\":\"shutting-down\""));
 }
 
+/// A second SIGTERM or SIGINT during the drain ([`Server::hurry`]) ends the grace period
+/// for database sessions too: an open session is told `57P01` at once rather than when
+/// the grace period (5 s here) runs out, and its `close` event says why.
+#[tokio::test]
+async fn a_second_signal_ends_database_sessions_at_once() {
+    let Some(mut w) = PgWorld::start().await else { return };
+    let token = w.w.token("bb", &[]);
+    let (c, conn) = w.connect(&token, "app").await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.simple_query("select 1").await.is_ok());
+    let server = w.w.server.take().unwrap_or_else(|| panic!("server"));
+    let sink = w.w.sink.clone();
+    let started = std::time::Instant::now();
+    server.hurry();
+    let down = tokio::spawn(server.shutdown());
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .unwrap_or_else(|_| panic!("not terminated"));
+    let err = match ended {
+        Ok(Err(e)) => e,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    assert_eq!(err.code().map(|c| c.code()), Some("57P01"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(4), "waited for the grace period");
+    tokio::time::timeout(Duration::from_secs(10), down).await.ok();
+    let lines = sink.lines().join("");
+    assert!(lines.contains("grace period ended early by a second signal"), "{lines}");
+}
+
 #[tokio::test]
 async fn pgbench_initializes_and_runs_through_the_proxy() {
     let Some(w) = PgWorld::start().await else { return };
