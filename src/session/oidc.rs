@@ -894,6 +894,40 @@ mod tests {
         assert_eq!(https.metadata(false).await.map(|_| ()), Ok(()));
     }
 
+    /// A code exchange and a refresh against the provider's token endpoint replaced by
+    /// one answering `status` and `body` (JSON) at `path`: their errors.
+    async fn token_endpoint_answering(
+        dev: &crate::dev::issuer::DevIssuer,
+        url: &str,
+        path: &str,
+        status: http::StatusCode,
+        body: String,
+    ) -> [Result<(), LoginError>; 2] {
+        dev.add_handler(
+            path,
+            Arc::new(move |_| {
+                http::Response::builder()
+                    .status(status)
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(Bytes::from(body.clone())))
+                    .ok()
+            }),
+        );
+        dev.set_discovery_member(
+            "/human",
+            "token_endpoint",
+            Value::String(format!("{}{path}", dev.base_url())),
+        );
+        let (_dir, secret) = secret_file();
+        let p = provider(url, &secret);
+        let exchanged = p
+            .exchange("code".into(), "v".repeat(43), "nonce", "https://proxy.example/cb", 0)
+            .await
+            .map(|_| ());
+        let refreshed = p.refresh("refresh-token").await.map(|_| ());
+        [exchanged, refreshed]
+    }
+
     /// A token endpoint's error answer is the provider's text: its `error` reached the
     /// log of a failed code exchange or refresh whole (a refresh's in the text log, where
     /// a newline starts a line the provider wrote, up to the 1 MiB answer). Only what an
@@ -907,29 +941,10 @@ mod tests {
             "x".repeat(100_000)
         );
         let body = serde_json::json!({ "error": forged, "error_description": "DESCRIBED" });
-        dev.add_handler(
-            "/refusing-token",
-            Arc::new(move |_| {
-                http::Response::builder()
-                    .status(http::StatusCode::BAD_REQUEST)
-                    .header(http::header::CONTENT_TYPE, "application/json")
-                    .body(Full::new(Bytes::from(body.to_string())))
-                    .ok()
-            }),
-        );
-        dev.set_discovery_member(
-            "/human",
-            "token_endpoint",
-            Value::String(format!("{}/refusing-token", dev.base_url())),
-        );
-        let (_dir, secret) = secret_file();
-        let p = provider(&url, &secret);
-        let exchanged = p
-            .exchange("code".into(), "v".repeat(43), "nonce", "https://proxy.example/cb", 0)
-            .await
-            .map(|_| ());
-        let refreshed = p.refresh("refresh-token").await.map(|_| ());
-        for result in [exchanged, refreshed] {
+        let status = http::StatusCode::BAD_REQUEST;
+        let results =
+            token_endpoint_answering(&dev, &url, "/refusing-token", status, body.to_string()).await;
+        for result in results {
             let Err(LoginError(text)) = result else {
                 panic!("a refusing token endpoint gave a session: {result:?}")
             };
@@ -955,28 +970,9 @@ mod tests {
         })
         .to_string();
         assert!(body.len() < MAX_BODY, "within the discovery limit, over the token one");
-        dev.add_handler(
-            "/huge-token",
-            Arc::new(move |_| {
-                http::Response::builder()
-                    .header(http::header::CONTENT_TYPE, "application/json")
-                    .body(Full::new(Bytes::from(body.clone())))
-                    .ok()
-            }),
-        );
-        dev.set_discovery_member(
-            "/human",
-            "token_endpoint",
-            Value::String(format!("{}/huge-token", dev.base_url())),
-        );
-        let (_dir, secret) = secret_file();
-        let p = provider(&url, &secret);
-        let exchanged = p
-            .exchange("code".into(), "v".repeat(43), "nonce", "https://proxy.example/cb", 0)
-            .await
-            .map(|_| ());
-        let refreshed = p.refresh("refresh-token").await.map(|_| ());
-        for result in [exchanged, refreshed] {
+        let results =
+            token_endpoint_answering(&dev, &url, "/huge-token", http::StatusCode::OK, body).await;
+        for result in results {
             let Err(LoginError(text)) = result else {
                 panic!("an oversized token answer gave a session: {result:?}")
             };

@@ -618,6 +618,20 @@ pub fn startup(user: &str, db: &str) -> Vec<u8> {
     portcullis::postgres::proto::startup_message(&[("user", user), ("database", db)])
 }
 
+/// The error a tokio-postgres connection task ended with, within `within`.
+pub async fn ended_with(
+    conn: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    within: Duration,
+) -> tokio_postgres::Error {
+    let ended = tokio::time::timeout(within, conn)
+        .await
+        .unwrap_or_else(|_| panic!("session still open after {within:?}"));
+    match ended {
+        Ok(Err(e)) => e,
+        other => panic!("expected the session to end with an error, got {other:?}"),
+    }
+}
+
 fn ssl_request() -> Vec<u8> {
     portcullis::postgres::proto::startup_packet(portcullis::postgres::proto::SSL_REQUEST, &[])
 }
@@ -1074,13 +1088,7 @@ async fn an_expired_token_ends_its_session_with_57p01_and_an_audit_event() {
     let (c, conn) = w.connect(&token, "app").await.unwrap_or_else(|e| panic!("{e}"));
     let r = c.simple_query("select 1").await;
     assert!(r.is_ok(), "works before exp");
-    let ended = tokio::time::timeout(Duration::from_secs(8), conn)
-        .await
-        .unwrap_or_else(|_| panic!("session not ended at exp"));
-    let err = match ended {
-        Ok(Err(e)) => e,
-        other => panic!("expected an error from the connection, got {other:?}"),
-    };
+    let err = ended_with(conn, Duration::from_secs(8)).await;
     assert_eq!(err.code().map(|c| c.code()), Some("57P01"), "{err}");
     let msg = err.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
     assert!(msg.contains("session-expired") && msg.contains("request id"), "{msg}");
@@ -1200,13 +1208,8 @@ async fn a_reload_that_stops_trusting_a_sessions_token_ends_the_session() {
     let narrower = crate::forwarding::with_audiences(&config, "\"another\"", &other);
     write(&w.w.config_path(), &narrower);
     assert!(w.w.server().reload().await);
-    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await.unwrap_or_else(|_| {
-        panic!("the session outlived the reload that stopped trusting its token")
-    });
-    let err = match ended {
-        Ok(Err(e)) => e,
-        other => panic!("expected an error, got {other:?}"),
-    };
+    // Not outliving the reload that stopped trusting its token.
+    let err = ended_with(conn, Duration::from_secs(5)).await;
     assert_eq!(err.code().map(|c| c.code()), Some("57P01"));
     let close = w.wait_event(|e| e["event"] == "close" && e["reason"] == "access-revoked").await;
     assert_eq!(close["decision"], "terminated", "{close}");
@@ -1235,13 +1238,7 @@ async fn shutdown_lets_sessions_finish_then_terminates_them_politely() {
     }
     assert!(refused, "a new session was accepted during the grace period");
     assert!(c.simple_query("select 1").await.is_ok(), "session works during the grace period");
-    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
-        .await
-        .unwrap_or_else(|_| panic!("not terminated"));
-    let err = match ended {
-        Ok(Err(e)) => e,
-        other => panic!("expected an error, got {other:?}"),
-    };
+    let err = ended_with(conn, Duration::from_secs(10)).await;
     assert_eq!(err.code().map(|c| c.code()), Some("57P01"));
     assert!(started.elapsed() >= Duration::from_secs(4), "not before the grace period");
     tokio::time::timeout(Duration::from_secs(10), down).await.ok();
@@ -1263,13 +1260,7 @@ async fn a_second_signal_ends_database_sessions_at_once() {
     let started = std::time::Instant::now();
     server.hurry();
     let down = tokio::spawn(server.shutdown());
-    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
-        .await
-        .unwrap_or_else(|_| panic!("not terminated"));
-    let err = match ended {
-        Ok(Err(e)) => e,
-        other => panic!("expected an error, got {other:?}"),
-    };
+    let err = ended_with(conn, Duration::from_secs(10)).await;
     assert_eq!(err.code().map(|c| c.code()), Some("57P01"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(4), "waited for the grace period");
     tokio::time::timeout(Duration::from_secs(10), down).await.ok();

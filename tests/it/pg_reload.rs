@@ -8,8 +8,11 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::net::TcpStream;
 
-use crate::pg::{PgWorld, PG_POLICY};
+use crate::pg::{ended_with, PgWorld, PG_POLICY};
 use crate::support::*;
+
+/// How long a session a reload ends may take to end.
+const SESSION_END: Duration = Duration::from_secs(5);
 
 /// The configuration's text before its `[[databases]]` routes, and the first route's block.
 fn config_parts(w: &PgWorld) -> (String, String) {
@@ -57,19 +60,6 @@ fn last_reload(w: &PgWorld) -> Value {
         .rev()
         .find(|e| e["kind"] == "reload" && e["outcome"] == "loaded")
         .unwrap_or(Value::Null)
-}
-
-/// The error a tokio-postgres connection task ended with (bounded wait).
-async fn ended_with(
-    conn: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
-) -> tokio_postgres::Error {
-    let ended = tokio::time::timeout(Duration::from_secs(5), conn)
-        .await
-        .unwrap_or_else(|_| panic!("session still open"));
-    match ended {
-        Ok(Err(e)) => e,
-        other => panic!("expected the session to end with an error, got {other:?}"),
-    }
 }
 
 type Conn = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
@@ -145,7 +135,7 @@ async fn removing_a_database_route_closes_its_listener_and_ends_its_sessions_wit
     assert!(w.w.server().reload().await);
     assert_eq!(last_reload(&w)["routes_changed"], serde_json::json!(["doomed"]));
 
-    let err = ended_with(dconn).await;
+    let err = ended_with(dconn, SESSION_END).await;
     assert_eq!(err.code().map(|c| c.code()), Some("57P01"), "{err}");
     let msg = err.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
     assert!(msg.contains("access-revoked") && msg.contains("request id"), "{msg}");
@@ -214,7 +204,7 @@ async fn renaming_a_route_on_a_fixed_port_hands_its_listener_over() {
     );
     assert!(w.w.server().reload().await, "rename on the same port");
     assert_eq!(bound_now(&w), vec![("renamed".to_string(), w.addr)]);
-    let err = ended_with(conn).await;
+    let err = ended_with(conn, SESSION_END).await;
     assert_eq!(err.code().map(|c| c.code()), Some("57P01"), "{err}");
     let (c, _conn) = connect_at(&w, w.addr, &token).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(current_user(&c).await, "migrator");
@@ -275,7 +265,7 @@ async fn a_reload_whose_database_listener_cannot_bind_is_rejected_and_nothing_ch
     let names: Vec<String> = bound_now(&w).into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, vec!["appdb", "first", "second"]);
     assert_eq!(addr_now(&w, "second"), taken);
-    assert_eq!(ended_with(conn).await.code().map(|c| c.code()), Some("57P01"));
+    assert_eq!(ended_with(conn, SESSION_END).await.code().map(|c| c.code()), Some("57P01"));
     let human = w.w.token("corp", &[]);
     let (h, _hconn) = w
         .pg_config_at(taken, &human, "alice")
@@ -356,7 +346,7 @@ async fn postgres_metrics_count_sessions_statements_terminations_and_bytes() {
         PG_POLICY.split("[[rule]]").nth(1).map(|r| format!("[[rule]]{r}")).unwrap_or_default();
     write(&w.w.policy_path("pg"), &only_pipelines);
     assert!(w.w.server().reload().await);
-    let e = ended_with(hconn).await;
+    let e = ended_with(hconn, SESSION_END).await;
     if e.code().map(|c| c.code()) != Some("57P01") {
         // Failed once in CI (session 19) with no code, not reproduced since (27 runs, 12
         // of them loaded): the session's close events say what ended it.
@@ -423,7 +413,7 @@ async fn a_reload_that_shortens_max_session_ends_the_sessions_older_than_it() {
 
     write(&w.w.config_path(), &format!("{head}{}", block.replace("\"1h\"", "\"1s\"")));
     assert!(w.w.server().reload().await, "reload with a shorter max_session");
-    let e = ended_with(conn).await;
+    let e = ended_with(conn, SESSION_END).await;
     let db = e.as_db_error().unwrap_or_else(|| panic!("not a PostgreSQL error: {e}"));
     assert_eq!(db.code().code(), "57P01", "{}", db.message());
     assert!(db.message().contains("session-expired"), "{}", db.message());
@@ -497,7 +487,7 @@ async fn a_reload_that_changes_a_databases_upstream_ends_its_sessions_only() {
     let moved = format!("upstream = \"postgres://127.0.0.1:{relay}\"");
     write(&w.w.config_path(), &text.replacen(&upstream, &moved, 1));
     assert!(w.w.server().reload().await, "reload with appdb's upstream moved");
-    let e = ended_with(aconn).await;
+    let e = ended_with(aconn, SESSION_END).await;
     let db = e.as_db_error().unwrap_or_else(|| panic!("not a PostgreSQL error: {e}"));
     assert_eq!(db.code().code(), "57P01", "{}", db.message());
     assert!(db.message().contains("access-revoked"), "{}", db.message());
@@ -520,7 +510,7 @@ async fn a_reload_that_changes_a_databases_upstream_ends_its_sessions_only() {
     let tls = format!("{moved}\nupstream_tls = \"require\"");
     write(&w.w.config_path(), &text.replacen(&upstream, &tls, 1));
     assert!(w.w.server().reload().await, "reload with upstream_tls = require");
-    let e = ended_with(aconn).await;
+    let e = ended_with(aconn, SESSION_END).await;
     assert!(e.as_db_error().is_some_and(|d| d.code().code() == "57P01"), "{e}");
     let close = w
         .wait_event(|e| {
@@ -564,7 +554,7 @@ async fn a_key_set_that_drops_a_sessions_signing_key_ends_the_session() {
     w.w.issuer.set_keys("/bitbucket", &[&next]);
     refresh_keys(&w.w, "bb").await;
     assert!(connect_at(&w, w.addr, &old).await.is_err(), "a new session with the old key");
-    let err = ended_with(conn).await;
+    let err = ended_with(conn, SESSION_END).await;
     assert_eq!(err.code().map(|c| c.code()), Some("57P01"), "{err}");
     let close = w
         .wait_event(|e| {
