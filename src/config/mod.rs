@@ -677,7 +677,19 @@ const MIN_HEADER_SIZE: u64 = 8 * 1024;
 const SESSION_HEADER_ROOM: usize = 40 * 1024;
 const MAX_HEADER_SIZE: u64 = 1024 * 1024;
 const DEFAULT_BODY_LIMIT: u64 = 10 * 1024 * 1024;
-const MAX_LEEWAY: Duration = Duration::from_secs(300);
+/// The longest `leeway` (V19).
+pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
+/// Defaults of the durations that bound how long access lasts, as the load applies them
+/// when a setting is not written (`policy diff` reads them to say what a change does).
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(60);
+/// An issuer's `stale_window`.
+pub const DEFAULT_STALE_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// `[session] absolute_lifetime`.
+pub const DEFAULT_ABSOLUTE_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+/// `[session] idle_lifetime`.
+pub const DEFAULT_IDLE_LIFETIME: Duration = Duration::from_secs(3600);
+/// `[assertion] ttl`.
+pub const DEFAULT_ASSERTION_TTL: Duration = Duration::from_secs(60);
 /// The shortest `refresh_cooldown`: an unknown `kid` needs no valid signature, so the
 /// cooldown is all that stands between junk tokens and a JWKS fetch per request (an
 /// unauthenticated amplifier towards the identity provider, which may rate-limit us).
@@ -1619,7 +1631,7 @@ impl Compiler<'_> {
         let settings = AssertionSettings {
             issuer: a.issuer.map_or_else(|| "portcullis".to_string(), |s| s.into_inner()),
             // JWT times are whole seconds: a shorter assertion expires as it is signed.
-            ttl: self.timeout_of_a_second_or_more(&a.ttl, "ttl", 60),
+            ttl: self.timeout_of_a_second_or_more(&a.ttl, "ttl", DEFAULT_ASSERTION_TTL.as_secs()),
             key_file: a.key.as_ref().map(|k| self.existing_file(k)),
         };
         // A key file `serve` cannot sign with fails `check` too, where it is named (its
@@ -1727,8 +1739,7 @@ impl Compiler<'_> {
                 }
             }
         }
-        let leeway =
-            r.leeway.as_ref().and_then(|d| self.duration(d)).unwrap_or(Duration::from_secs(60));
+        let leeway = r.leeway.as_ref().and_then(|d| self.duration(d)).unwrap_or(DEFAULT_LEEWAY);
         if leeway > MAX_LEEWAY {
             if let Some(l) = &r.leeway {
                 self.err(l.span(), "`leeway` is capped at 300s (V19)");
@@ -1813,7 +1824,7 @@ impl Compiler<'_> {
                 .stale_window
                 .as_ref()
                 .and_then(|d| self.duration(d))
-                .unwrap_or(Duration::from_secs(24 * 3600)),
+                .unwrap_or(DEFAULT_STALE_WINDOW),
             refresh_cooldown,
         };
         (self.diags.len() == start).then_some(settings)
@@ -2046,12 +2057,12 @@ impl Compiler<'_> {
         self.readable_secret(keys.as_ref(), at, |k| {
             crate::session::seal::Sealer::from_text(k).map(|_| ())
         });
-        let dur = |c: &mut Self, d: &Option<Spanned<String>>, default: u64| {
-            d.as_ref().and_then(|d| c.duration(d)).unwrap_or(Duration::from_secs(default))
+        let dur = |c: &mut Self, d: &Option<Spanned<String>>, default: Duration| {
+            d.as_ref().and_then(|d| c.duration(d)).unwrap_or(default)
         };
-        let absolute_lifetime = dur(self, &s.absolute_lifetime, 12 * 3600);
-        let idle_lifetime = dur(self, &s.idle_lifetime, 3600);
-        let refresh_before = dur(self, &s.refresh_before, 60);
+        let absolute_lifetime = dur(self, &s.absolute_lifetime, DEFAULT_ABSOLUTE_LIFETIME);
+        let idle_lifetime = dur(self, &s.idle_lifetime, DEFAULT_IDLE_LIFETIME);
+        let refresh_before = dur(self, &s.refresh_before, Duration::from_secs(60));
         if idle_lifetime > absolute_lifetime {
             if let Some(i) = &s.idle_lifetime {
                 self.err(i.span(), "`idle_lifetime` is longer than `absolute_lifetime`");

@@ -20,6 +20,7 @@ use super::git;
 use super::snapshot::{RouteView, Settings, Snapshot, TestSet, Tree};
 use super::who::bullet;
 use super::{shown, Format, Report, EXIT_OK};
+use crate::config;
 use crate::diag::Visible;
 use crate::policy::{
     decide_case, rule_covers, Decision, Effect, Policy, Rule, RuleSummary, TestCase,
@@ -170,10 +171,11 @@ enum Scope {
 struct Longer {
     scope: Scope,
     key: &'static str,
-    /// Seconds, as the reference writes them; `None`: no limit.
-    default: Option<(u64, &'static str)>,
-    /// Seconds; a longer value counts as this.
-    cap: Option<u64>,
+    /// What the load applies when it is not written (the configuration's own
+    /// constants); `None`: no limit.
+    default: Option<Duration>,
+    /// A longer value counts as this.
+    cap: Option<Duration>,
     /// What it bounds, in words.
     what: &'static str,
 }
@@ -183,7 +185,7 @@ const LONGER_WIDENS: &[Longer] = &[
     Longer {
         scope: Scope::Issuer,
         key: "stale_window",
-        default: Some((24 * 3600, "24h")),
+        default: Some(config::DEFAULT_STALE_WINDOW),
         cap: None,
         what: "how long the issuer's last fetched keys stay trusted while it cannot be reached (one it has withdrawn meanwhile included)",
     },
@@ -197,8 +199,8 @@ const LONGER_WIDENS: &[Longer] = &[
     Longer {
         scope: Scope::Issuer,
         key: "leeway",
-        default: Some((60, "60s")),
-        cap: Some(300),
+        default: Some(config::DEFAULT_LEEWAY),
+        cap: Some(config::MAX_LEEWAY),
         what: "the clock skew allowed past a token's expiry and before its start",
     },
     Longer {
@@ -211,21 +213,21 @@ const LONGER_WIDENS: &[Longer] = &[
     Longer {
         scope: Scope::Section("session"),
         key: "absolute_lifetime",
-        default: Some((12 * 3600, "12h")),
+        default: Some(config::DEFAULT_ABSOLUTE_LIFETIME),
         cap: None,
         what: "how long a browser session lasts before its user signs in again",
     },
     Longer {
         scope: Scope::Section("session"),
         key: "idle_lifetime",
-        default: Some((3600, "1h")),
+        default: Some(config::DEFAULT_IDLE_LIFETIME),
         cap: None,
         what: "how long an unused browser session lasts",
     },
     Longer {
         scope: Scope::Section("assertion"),
         key: "ttl",
-        default: Some((60, "60s")),
+        default: Some(config::DEFAULT_ASSERTION_TTL),
         cap: None,
         what: "how long the identity assertion sent upstream is valid (never past the caller's token)",
     },
@@ -319,6 +321,15 @@ fn larger(
     Some(Reach { access, what: format!("{what}: {change}"), lengths: None })
 }
 
+/// A default duration as a configuration writes it: whole hours as hours (`24h`), else
+/// seconds (`60s`).
+fn written(d: Duration) -> String {
+    match d.as_secs() {
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s => format!("{s}s"),
+    }
+}
+
 /// A setting's value as written (compact JSON) as the text it holds: `"8h"` → `8h`.
 fn unquoted(v: &str) -> Option<String> {
     serde_json::from_str::<String>(v).ok()
@@ -335,15 +346,13 @@ fn reach(scope: Scope, key: &str, before: Option<&str>, after: Option<&str>) -> 
         let value = |v: Option<&str>| -> Option<(Option<Duration>, String)> {
             let Some(v) = v else {
                 return Some(match default {
-                    Some((secs, text)) => {
-                        (Some(Duration::from_secs(secs)), format!("{text} (default)"))
-                    }
+                    Some(d) => (Some(d), format!("{} (default)", written(d))),
                     None => (None, "no limit (not set)".to_string()),
                 });
             };
             let text = unquoted(v)?;
             let d = humantime::parse_duration(&text).ok()?;
-            let d = cap.map_or(d, |c| d.min(Duration::from_secs(c)));
+            let d = cap.map_or(d, |c| d.min(c));
             Some((Some(d), text))
         };
         let ((b, bt), (a, at)) = (value(before)?, value(after)?);
