@@ -203,7 +203,7 @@ impl Hub {
         let mut hurried = self.hurried.clone();
         tokio::select! {
             () = tokio::time::sleep(grace) => format!("server shutting down; grace period ({grace:?}) over"),
-            Ok(_) = hurried.wait_for(|h| *h) => {
+            () = crate::server::grace_over(&mut hurried) => {
                 "server shutting down; grace period ended early by a second signal".to_string()
             }
         }

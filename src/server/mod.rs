@@ -1195,9 +1195,10 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await.map(|_| ());
 }
 
-/// Resolves once a shutdown's grace period is over (never when the server is dropped
-/// without a shutdown: its connections then go on as before).
-async fn grace_over(rx: &mut watch::Receiver<bool>) {
+/// Resolves once a shutdown's grace period is over, or is cut short ([`Server::hurry`])
+/// (never when the server is dropped without a shutdown: its connections then go on as
+/// before).
+pub(crate) async fn grace_over(rx: &mut watch::Receiver<bool>) {
     if rx.wait_for(|over| *over).await.is_err() {
         std::future::pending::<()>().await;
     }
