@@ -744,24 +744,12 @@ async fn a_head_the_proxy_answers_itself_over_http2_gets_its_head_and_no_body() 
         ("/.portcullis/sign_in?rd=//evil.example", "text/html", http::StatusCode::BAD_REQUEST),
         ("/.portcullis/userinfo", "application/json", http::StatusCode::UNAUTHORIZED),
     ] {
-        let get = send_with(
-            &h2,
-            http::Method::GET,
-            &w.url(path),
-            &[("accept", accept)],
-            Default::default(),
-        )
-        .await;
+        let (url, headers) = (w.url(path), [("accept", accept)]);
+        let send = |method| send_with(&h2, method, &url, &headers, Default::default());
+        let get = send(http::Method::GET).await;
         assert_eq!(get.status, status, "GET {path}");
         assert!(!get.body.is_empty(), "GET {path} has a body");
-        let head = send_with(
-            &h2,
-            http::Method::HEAD,
-            &w.url(path),
-            &[("accept", accept)],
-            Default::default(),
-        )
-        .await;
+        let head = send(http::Method::HEAD).await;
         assert_eq!(head.status, status, "HEAD {path}");
         assert!(head.body.is_empty(), "HEAD {path}: no body");
         assert_eq!(
