@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use portcullis::postgres::proto::{self, message};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::pg::{assert_no_secrets, tls_to, PgWorld};
@@ -38,6 +38,13 @@ async fn all_until_close(t: &mut Conn) -> Vec<(u8, Vec<u8>)> {
 }
 
 /// A startup packet of protocol `version` with `params`.
+/// Writes a CancelRequest for the session whose BackendKeyData body is `key`.
+async fn send_cancel<S: AsyncWrite + Unpin>(c: &mut S, key: &[u8]) {
+    let pid = u32::from_be_bytes([key[0], key[1], key[2], key[3]]);
+    let secret = u32::from_be_bytes([key[4], key[5], key[6], key[7]]);
+    c.write_all(&proto::cancel_request(pid, secret)).await.unwrap_or_else(|e| panic!("{e}"));
+}
+
 fn startup_of(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
     let mut body = Vec::new();
     for (k, v) in params {
@@ -74,9 +81,7 @@ async fn direct_tls_needs_alpn_postgresql_and_carries_sessions_and_cancels() {
     w.until_running("direct-tls-marker").await;
     // The cancel request over direct TLS too.
     let mut c = direct_tls(&w, &[b"postgresql"]).await.unwrap_or_else(|e| panic!("{e}"));
-    let pid = u32::from_be_bytes([key[0], key[1], key[2], key[3]]);
-    let secret = u32::from_be_bytes([key[4], key[5], key[6], key[7]]);
-    c.write_all(&proto::cancel_request(pid, secret)).await.unwrap_or_else(|e| panic!("{e}"));
+    send_cancel(&mut c, &key).await;
     let mut sink = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut sink)).await;
     let m = until_ready(&mut t).await;
@@ -386,9 +391,7 @@ async fn silent_connections_on_every_seat_delay_a_cancel_only_briefly() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = std::time::Instant::now();
     let mut c = TcpStream::connect(w.addr).await.unwrap_or_else(|e| panic!("{e}"));
-    let pid = u32::from_be_bytes([key[0], key[1], key[2], key[3]]);
-    let secret = u32::from_be_bytes([key[4], key[5], key[6], key[7]]);
-    c.write_all(&proto::cancel_request(pid, secret)).await.unwrap_or_else(|e| panic!("{e}"));
+    send_cancel(&mut c, &key).await;
     let m = tokio::time::timeout(Duration::from_secs(6), until_ready(&mut t)).await;
     let m = m.unwrap_or_else(|_| panic!("the cancel waited behind silent seats"));
     assert_eq!(error_code(&m).as_deref(), Some("57014"), "not cancelled: {m:?}");
@@ -506,9 +509,7 @@ async fn a_flood_on_one_database_listener_does_not_hold_up_a_cancel_on_another()
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = std::time::Instant::now();
     let mut c = TcpStream::connect(w.addr_of("second")).await.unwrap_or_else(|e| panic!("{e}"));
-    let pid = u32::from_be_bytes([key[0], key[1], key[2], key[3]]);
-    let secret = u32::from_be_bytes([key[4], key[5], key[6], key[7]]);
-    c.write_all(&proto::cancel_request(pid, secret)).await.unwrap_or_else(|e| panic!("{e}"));
+    send_cancel(&mut c, &key).await;
     let m = tokio::time::timeout(Duration::from_secs(8), until_ready(&mut t)).await;
     let m = m.unwrap_or_else(|_| panic!("the cancel on `second` never got through"));
     assert_eq!(error_code(&m).as_deref(), Some("57014"), "not cancelled: {m:?}");

@@ -139,6 +139,13 @@ async fn login(
 
 /// [`login`] over `t`, a connection already encrypted, with `startup` as its startup
 /// packet: the session at its first ReadyForQuery, and its BackendKeyData.
+/// Creates `table_and_columns` (`t(v text)`) through a session of its own.
+async fn create_table(w: &PgWorld, token: &str, table_and_columns: &str) {
+    let (mut t, _) = login(w, w.addr, token, &[]).await;
+    send(&mut t, &[query(format!("create table {table_and_columns}").as_bytes())]).await;
+    assert_eq!(error_code(&until_ready(&mut t).await), None);
+}
+
 pub(crate) async fn login_on(mut t: Conn, token: &str, startup: &[u8]) -> (Conn, Vec<u8>) {
     send(&mut t, &[startup.to_vec()]).await;
     let (k, _) = next(&mut t).await.unwrap_or_else(|| panic!("closed"));
@@ -785,10 +792,7 @@ async fn a_query_before_a_bad_header_is_relayed_as_audited_then_the_session_ends
     let Some(w) = PgWorld::start().await else { return };
     let table = format!("bad_header_s16_{}", std::process::id());
     let token = w.w.token("bb", &[]);
-    let (mut t, _) = login(&w, w.addr, &token, &[]).await;
-    send(&mut t, &[query(format!("create table {table}(v text)").as_bytes())]).await;
-    assert_eq!(error_code(&until_ready(&mut t).await), None);
-    drop(t);
+    create_table(&w, &token, &format!("{table}(v text)")).await;
 
     let (mut t, _) = login(&w, w.addr, &token, &[]).await;
     let insert = format!("insert into {table} select 'bad-header-marker' from pg_sleep(0.3)");
@@ -833,10 +837,7 @@ async fn a_message_postgres_never_reads_ends_the_session_before_what_follows_is_
     let Some(w) = PgWorld::start().await else { return };
     let table = format!("bad_type_s20_{}", std::process::id());
     let token = w.w.token("bb", &[]);
-    let (mut t, _) = login(&w, w.addr, &token, &[]).await;
-    send(&mut t, &[query(format!("create table {table}(v text)").as_bytes())]).await;
-    assert_eq!(error_code(&until_ready(&mut t).await), None);
-    drop(t);
+    create_table(&w, &token, &format!("{table}(v text)")).await;
 
     let over_long_sync = message(b'S', &[b'x'; 10_001]);
     for (case, bad) in [("type", message(b'z', b"")), ("sync", over_long_sync)] {
