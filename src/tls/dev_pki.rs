@@ -244,9 +244,12 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         let range = || io::Error::other("clock out of range");
-        params.not_before = offset(now.checked_sub(DAY).ok_or_else(range)?).ok_or_else(range)?;
+        // A day back for clock skew; the validity (notAfter - notBefore, as macOS counts
+        // it) stays SERVER_VALIDITY.
+        let start = now.checked_sub(DAY).ok_or_else(range)?;
+        params.not_before = offset(start).ok_or_else(range)?;
         params.not_after =
-            offset(now.checked_add(SERVER_VALIDITY).ok_or_else(range)?).ok_or_else(range)?;
+            offset(start.checked_add(SERVER_VALIDITY).ok_or_else(range)?).ok_or_else(range)?;
         let issuer = Issuer::from_params(&self.params, &self.key);
         params.signed_by(key, &issuer).map_err(rcgen_error)
     }
