@@ -340,6 +340,16 @@ struct Preflight {
 
 pub(super) const PREFLIGHT_NOTE: &str = "this route has `cors_preflight = true`: a CORS preflight without a credential (OPTIONS with Origin and Access-Control-Request-Method; no Authorization, Proxy-Authorization or Cookie; no body) is forwarded on this route without consulting the policy";
 
+/// Why a request written as a `[[test]]` writes it, `POST /deploy/1`, finds no route: it
+/// names no host, and only a route for any host takes that.
+pub(super) const NO_HOST_HINT: &str = "a request without a host (\"METHOD /path\") reaches only a route for any host; name it: \"METHOD https://HOST/path\"";
+
+fn no_host_hint(o: &mut String, req: &Asked<'_>) {
+    if matches!(req, Asked::Http(r) if r.host.is_empty()) {
+        let _ = writeln!(o, "  ({NO_HOST_HINT})");
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn text(
     req: &Asked<'_>,
@@ -383,6 +393,7 @@ fn text(
             }
             _ => {
                 let _ = writeln!(o, "route: none takes this request");
+                no_host_hint(&mut o, req);
                 let _ = writeln!(o, "decision: deny ({reason})");
             }
         }
@@ -427,6 +438,7 @@ fn text(
         }
         _ => {
             let _ = writeln!(o, "route: none takes this request");
+            no_host_hint(&mut o, req);
         }
     }
     match (verification, explanation) {

@@ -493,6 +493,42 @@ fn explain_decodes_a_token_but_never_prints_it() {
     assert_eq!(r.code, EXIT_BAD_INPUT);
 }
 
+/// A request written as a `[[test]]` writes it, `POST /deploy/1`, has no host, so it
+/// reaches only a route for any host: `explain` and `who` say so and how to name the
+/// host, rather than a bare `no-route` that reads as if the policy had no such path.
+#[test]
+fn a_request_without_a_host_is_told_to_name_one_when_no_route_takes_it() {
+    let (_dir, cfg) = setup(API);
+    let hint = "a request without a host (\"METHOD /path\") reaches only a route for any host; name it: \"METHOD https://HOST/path\"";
+    let caller = preset("bitbucket-pipelines", &[&format!("repositoryUuid={REPO}")]);
+    let r = explain::run(&explain_args(&cfg, caller, "POST /deploy/1"));
+    assert!(r.stdout.contains("decision: deny (no-route)"), "{}", r.stdout);
+    assert!(r.stdout.contains(hint), "{}", r.stdout);
+    let r = explain::run(&explain_args(&cfg, Caller::Anonymous, "GET /"));
+    assert!(r.stdout.contains(hint), "{}", r.stdout);
+    // With a host, no such hint: the host is the one asked for.
+    let r = explain::run(&explain_args(&cfg, Caller::Anonymous, "GET https://other.example.com/"));
+    assert!(
+        r.stdout.contains("decision: deny (no-route)") && !r.stdout.contains(hint),
+        "{}",
+        r.stdout
+    );
+
+    let who = |request: &str| {
+        who::run(&WhoArgs {
+            config: cfg.clone(),
+            route: None,
+            request: Some(request.into()),
+            format: Format::Text,
+        })
+    };
+    let r = who("POST /deploy/1");
+    assert_eq!(r.code, EXIT_BAD_INPUT, "{r:?}");
+    assert!(r.stderr.contains(hint), "{r:?}");
+    let r = who("GET https://nowhere.example/");
+    assert!(!r.stderr.contains(hint), "{r:?}");
+}
+
 // === who ===
 
 #[test]

@@ -61,10 +61,11 @@ pub fn run(args: &WhoArgs) -> Report {
                 Err(e) => return Report::bad_input(args.format, &[e]),
             };
             let Some(r) = config.route(&req.host, &req.path, &req.method) else {
-                return Report::bad_input(
-                    args.format,
-                    &[format!("no route takes {line} (the proxy answers `no-route`)")],
-                );
+                let mut why = format!("no route takes {line} (the proxy answers `no-route`)");
+                if req.host.is_empty() {
+                    why = format!("{why}: {}", super::explain::NO_HOST_HINT);
+                }
+                return Report::bad_input(args.format, &[why]);
             };
             let Some(view) = snapshot.route(&r.name) else {
                 return Report::bad_input(args.format, &[format!("route `{}` vanished", r.name)]);

@@ -161,6 +161,15 @@ impl DevPki {
         if load_certified_key(&self.cert_path(), &self.key_path()).is_err() {
             return false;
         }
+        // Valid longer than macOS accepts (826 days, as issued before the fix): re-issued.
+        let validity = chain
+            .first()
+            .and_then(|leaf| x509_parser::parse_x509_certificate(leaf.as_ref()).ok())
+            .map(|(_, c)| c.validity().not_after.timestamp() - c.validity().not_before.timestamp());
+        let max = i64::try_from(SERVER_VALIDITY.as_secs()).unwrap_or(i64::MAX);
+        if validity.is_none_or(|v| v > max) {
+            return false;
+        }
         verify_chain(&self.ca_cert, &chain, &self.names, now + RENEW_BEFORE)
     }
 
@@ -244,9 +253,12 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         let range = || io::Error::other("clock out of range");
-        params.not_before = offset(now.checked_sub(DAY).ok_or_else(range)?).ok_or_else(range)?;
+        // A day back for clock skew; the validity (notAfter - notBefore, as macOS counts
+        // it) stays SERVER_VALIDITY.
+        let start = now.checked_sub(DAY).ok_or_else(range)?;
+        params.not_before = offset(start).ok_or_else(range)?;
         params.not_after =
-            offset(now.checked_add(SERVER_VALIDITY).ok_or_else(range)?).ok_or_else(range)?;
+            offset(start.checked_add(SERVER_VALIDITY).ok_or_else(range)?).ok_or_else(range)?;
         let issuer = Issuer::from_params(&self.params, &self.key);
         params.signed_by(key, &issuer).map_err(rcgen_error)
     }
@@ -360,4 +372,36 @@ fn write_file(path: &Path, contents: &[u8], secret: bool) -> io::Result<()> {
     file.write_all(contents)?;
     file.sync_all()?;
     fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A server certificate issued before its validity was counted from the backdated
+    /// notBefore (826 days, which macOS refuses) is re-issued at the next start, so a demo
+    /// state directory made then does not keep it for two years.
+    #[test]
+    fn a_server_certificate_valid_longer_than_825_days_is_reissued() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::load_or_create(dir.path(), &[]).unwrap();
+        let now = SystemTime::now();
+        let ca = pki.load_ca(now).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(pki.names.clone()).unwrap();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = offset(now - DAY).unwrap();
+        params.not_after = offset(now + SERVER_VALIDITY).unwrap();
+        let cert = params.signed_by(&key, &Issuer::from_params(&ca.params, &ca.key)).unwrap();
+        write_file(&pki.key_path(), key.serialize_pem().as_bytes(), true).unwrap();
+        let chain = format!("{}{}", cert.pem(), ca.cert_pem);
+        write_file(&pki.cert_path(), chain.as_bytes(), false).unwrap();
+        assert!(!pki.server_is_valid(now), "an 826-day certificate is kept");
+
+        DevPki::load_or_create(dir.path(), &[]).unwrap();
+        assert_ne!(fs::read_to_string(pki.cert_path()).unwrap(), chain);
+        assert!(pki.server_is_valid(now));
+    }
 }

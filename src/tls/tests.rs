@@ -346,6 +346,34 @@ fn write_dev_certs_discards_the_ca_key() {
     load_certified_key(&pki.cert_path(), &pki.key_path()).unwrap();
 }
 
+/// A development server certificate is valid for at most 825 days, counted as macOS
+/// counts it (notAfter - notBefore), or a Mac refuses the demo's certificate
+/// (`NET::ERR_CERT_VALIDITY_TOO_LONG`) even with its CA trusted. Its notBefore lies a day
+/// back for clock skew, so the end is 825 days after that, not after now.
+#[test]
+fn dev_server_certificates_are_valid_for_at_most_825_days() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = write_dev_certs(&dir.path().join("committed")).unwrap();
+    let kept = DevPki::load_or_create(&dir.path().join("demo"), &[]).unwrap();
+    for pki in [written, kept] {
+        let leaf = read_certs(&pki.cert_path()).unwrap().remove(0);
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
+        let validity = cert.validity();
+        let days = (validity.not_after.timestamp() - validity.not_before.timestamp()) / 86_400;
+        let left = validity.not_after.timestamp()
+            - i64::try_from(
+                SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            )
+            .unwrap();
+        assert!(
+            (validity.not_after.timestamp() - validity.not_before.timestamp()) <= 825 * 86_400,
+            "{}: {days} days",
+            pki.cert_path().display()
+        );
+        assert!(left > 823 * 86_400, "{}: ends too soon", pki.cert_path().display());
+    }
+}
+
 /// The committed `certs/dev` material loads and matches (regenerate with
 /// `cargo run -- dev certs --out certs/dev` if this fails).
 #[test]

@@ -9,7 +9,7 @@
 // Usage (all flags optional except --cert/--key):
 //   node provider.mjs --cert server.pem --key server-key.pem [--port 0] [--host 127.0.0.1]
 //     [--public-host 127.0.0.1] [--control-port 0] [--audience https://portcullis.test]...
-//     [--redirect-uri https://127.0.0.1:8443/callback]... [--accounts accounts.json]
+//     [--redirect-uri https://127.0.0.1:8443/.portcullis/callback]... [--accounts accounts.json]
 //     [--stdin-control]
 //
 // Stdout, one line each, in this order (everything else goes to stderr):
@@ -61,7 +61,7 @@ const keyPath = args.key ?? process.env.PORTCULLIS_OIDC_KEY;
 if (!certPath || !keyPath) fail('--cert and --key (PEM files) are required');
 
 const audiences = args.audience ?? ['https://portcullis.test'];
-const redirectUris = args['redirect-uri'] ?? ['https://127.0.0.1:8443/_portcullis/callback'];
+const redirectUris = args['redirect-uri'] ?? ['https://127.0.0.1:8443/.portcullis/callback'];
 
 // Test accounts for the dev login pages (any login name works; these get groups).
 const accounts = {
