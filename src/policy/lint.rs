@@ -486,6 +486,8 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
         };
         let mut by_branch = None;
         let mut by_more = false;
+        // A pin on the event that admits one an outsider can set off: it pins nothing.
+        let mut outsider = None;
         for c in rule.conditions() {
             match c.matcher() {
                 Matcher::Ci { field: "branch" | "ref", .. } => by_branch = by_branch.or(Some(c)),
@@ -497,7 +499,11 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
                     by_branch = by_branch.or(Some(c))
                 }
                 Matcher::Claim { name, values } => {
-                    by_more |= platform.pins.contains(&&**name) && restricts(name, values)
+                    let pin = platform.pins.contains(&&**name) && restricts(name, values);
+                    match outsider_event(name, values).filter(|_| pin) {
+                        Some(event) => outsider = outsider.or(Some((c, event))),
+                        None => by_more |= pin,
+                    }
                 }
                 Matcher::Subject(globs) => match platform.preset {
                     // `repo:OWNER/REPO:environment:NAME` names an environment.
@@ -515,11 +521,17 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
             }
         }
         if let (Some(at), false) = (by_branch, by_more) {
+            let event = outsider.map_or_else(String::new, |(c, event)| {
+                format!(
+                    " (`{}` admits `{event}`, an event an outsider can set off, so it pins nothing)",
+                    c.label()
+                )
+            });
             out.push(
                 Severity::Warning,
                 at.loc(),
                 format!(
-                    "allow rule `{}` trusts a {} branch alone (issuer `{issuer}`): {}",
+                    "allow rule `{}` trusts a {} branch alone (issuer `{issuer}`): {}{event}",
                     rule.id(),
                     platform.name,
                     platform.why
@@ -527,6 +539,38 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
             );
         }
     }
+}
+
+/// The first event of an outsider's choosing that a `claims.event_name` (GitHub) or
+/// `claims.pipeline_source` (GitLab) condition admits. On GitHub, runs of these events
+/// carry the base or default branch's ref, yet anyone who can open a pull request, an
+/// issue or a comment, or fork or star the repository, or edit an open wiki, sets them
+/// off (`workflow_run` follows a workflow a fork's pull request ran). On GitLab, a
+/// merge-request pipeline (and its `parent_pipeline` children, and an external pull
+/// request's) from a fork carries the fork's own branch name.
+fn outsider_event(name: &str, values: &[ClaimValue]) -> Option<&'static str> {
+    const GITHUB: &[&str] = &[
+        "pull_request_target",
+        "workflow_run",
+        "issue_comment",
+        "issues",
+        "discussion",
+        "discussion_comment",
+        "fork",
+        "watch",
+        "gollum",
+    ];
+    const GITLAB: &[&str] =
+        &["merge_request_event", "external_pull_request_event", "parent_pipeline"];
+    let events = match name {
+        "event_name" => GITHUB,
+        "pipeline_source" => GITLAB,
+        _ => return None,
+    };
+    events
+        .iter()
+        .copied()
+        .find(|event| values.iter().any(|v| matches!(v, ClaimValue::Str(g) if g.matches(event))))
 }
 
 /// Whether a `claims.NAME` condition restricts what the lints take it for: it

@@ -2255,3 +2255,54 @@ fn a_github_or_gitlab_deny_by_name_is_flagged() {
         assert!(!warned(&deny(issuer, cond)), "{issuer}: {cond}");
     }
 }
+
+/// `claims.event_name` (GitHub) and `claims.pipeline_source` (GitLab) pin what an
+/// outsider cannot choose only when they name no event an outsider can set off: a
+/// `pull_request_target`, `workflow_run`, `issue_comment` (…) run carries the base
+/// branch's ref, and a GitLab merge-request pipeline (`merge_request_event`, and the
+/// `parent_pipeline` children of one) from a fork carries the fork's branch name.
+/// `event_name = "pull_request_target"`, `["push", "workflow_run"]` or `"pull_request*"`
+/// beside `ci.branch = "main"` silenced the branch-alone warning while admitting
+/// exactly the runs it warns about.
+#[test]
+fn a_branch_alone_pin_naming_an_outsiders_event_pins_nothing() {
+    let rule = |issuer: &str, pin: &str, more: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"{issuer}\"\nmethods = \"POST\"\nclaims = {{ {pin}{more} }}\nci = {{ branch = \"main\" }}\n")
+    };
+    let warned = |text: &str| {
+        must_parse(text).warnings().iter().any(|d| {
+            let d = d.to_string();
+            d.contains("branch alone") && d.contains("an outsider can set off")
+        })
+    };
+    let gh = "repository_id = \"74\"";
+    let gl = "project_id = \"20\"";
+    for (issuer, pin, more) in [
+        ("github", gh, ", event_name = \"pull_request_target\""),
+        ("github", gh, ", event_name = [\"push\", \"workflow_run\"]"),
+        ("github", gh, ", event_name = \"issue_comment\""),
+        ("github", gh, ", event_name = \"pull_request*\""),
+        ("github", gh, ", event_name = \"workflow_?un\""),
+        ("gitlab", gl, ", pipeline_source = \"merge_request_event\""),
+        ("gitlab", gl, ", pipeline_source = [\"push\", \"parent_pipeline\"]"),
+        ("gitlab", gl, ", pipeline_source = \"merge_request*\""),
+        ("gitlab", gl, ", pipeline_source = \"external_pull_request_event\""),
+    ] {
+        assert!(warned(&rule(issuer, pin, more)), "{issuer}: {more}");
+    }
+    for (issuer, pin, more) in [
+        ("github", gh, ", event_name = \"push\""),
+        ("github", gh, ", event_name = [\"push\", \"workflow_dispatch\", \"schedule\"]"),
+        ("github", gh, ", event_name = \"release\""),
+        ("gitlab", gl, ", pipeline_source = [\"push\", \"web\"]"),
+        // A protected ref pins it whatever else the rule says.
+        ("gitlab", gl, ", pipeline_source = \"merge_request_event\", ref_protected = \"true\""),
+    ] {
+        let text = rule(issuer, pin, more);
+        let p = must_parse(&text);
+        assert!(
+            !p.warnings().iter().any(|d| d.to_string().contains("branch alone")),
+            "{issuer}: {more}"
+        );
+    }
+}
