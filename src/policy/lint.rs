@@ -799,6 +799,77 @@ fn contradictions(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) 
                 );
             }
         }
+        // Bitbucket tokens name no tag, commit or actor, and their only ref is the
+        // branch's: a deny on a tag pipeline written so was dead.
+        for c in rule.conditions() {
+            let why = match c.matcher() {
+                Matcher::Ci { field: "tag", .. } => {
+                    "Bitbucket tokens name no tag (a tag pipeline's has no `branchName` at all), so `ci.tag` never holds; restrict allows with `ci.branch`, which a tag pipeline never matches".to_string()
+                }
+                Matcher::Ci { field: field @ ("commit" | "actor"), .. } => {
+                    format!("Bitbucket tokens carry no {field}, so `ci.{field}` never holds")
+                }
+                Matcher::Ci { field: "ref", globs } => {
+                    let heads = "refs/heads/";
+                    let Some(g) = globs.iter().find(|g| {
+                        let p = g.literal_prefix();
+                        !(p.starts_with(heads) || heads.starts_with(p))
+                    }) else {
+                        continue;
+                    };
+                    format!(
+                        "Bitbucket's `ci.ref` is always `refs/heads/` + `branchName`, so `{}` never matches (a tag pipeline's token has no ref at all); restrict allows with `ci.branch`",
+                        g.as_str()
+                    )
+                }
+                _ => continue,
+            };
+            never(c.loc(), why);
+        }
+    }
+    // GitHub and GitLab ids are decimal numbers in strings (`"74"`): a GraphQL node id
+    // (`R_kgDO…`), a GitLab global id (`gid://gitlab/Project/20`), a name, full-width
+    // digits or a leading zero never match, and a deny written so is dead.
+    let numeric: Vec<Preset> = presets
+        .iter()
+        .map(|(_, p)| *p)
+        .filter(|p| matches!(p, Preset::GithubActions | Preset::GitlabCi))
+        .collect();
+    if let Some(&preset) = numeric.first() {
+        let all_numeric = numeric.len() == presets.len();
+        for c in rule.conditions() {
+            let (label, bad) = match c.matcher() {
+                Matcher::Ci { field: field @ ("repository_id" | "workspace_id"), globs }
+                    if all_numeric =>
+                {
+                    (format!("ci.{field}"), globs.iter().find(|g| !decimal_shaped(g)))
+                }
+                Matcher::Claim { name, values }
+                    if ID_CLAIMS.contains(&&**name)
+                        && numeric.iter().any(|p| claims::is_known(*p, name)) =>
+                {
+                    let bad = values.iter().find_map(|v| match v {
+                        ClaimValue::Str(g) if !decimal_shaped(g) => Some(g),
+                        _ => None,
+                    });
+                    (format!("claims.{name}"), bad)
+                }
+                _ => continue,
+            };
+            if let Some(g) = bad {
+                let (provider, hint) = match preset {
+                    Preset::GitlabCi => ("GitLab", "the ID a project's or group's page shows, not a `gid://gitlab/…` global id"),
+                    _ => ("GitHub", "the REST API's `id` (`gh api repos/OWNER/REPO --jq .id`, `.owner.id`), not its `node_id`"),
+                };
+                never(
+                    c.loc(),
+                    format!(
+                        "{provider} ids are decimal numbers, sent as strings (`\"74\"`), so `{}` in `{label}` never matches; write {hint}",
+                        g.as_str()
+                    ),
+                );
+            }
+        }
     }
     if !presets.is_empty() && presets.iter().all(|(_, p)| *p == Preset::Oidc) {
         if let Some(c) = find(&|m| matches!(m, Matcher::Ci { .. })) {
@@ -829,6 +900,28 @@ fn contradictions(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) 
             }
         }
     }
+}
+
+/// GitHub and GitLab claims that hold a decimal id.
+const ID_CLAIMS: &[&str] = &[
+    "repository_id",
+    "repository_owner_id",
+    "actor_id",
+    "enterprise_id",
+    "project_id",
+    "namespace_id",
+    "job_project_id",
+    "job_namespace_id",
+    "user_id",
+    "pipeline_id",
+    "job_id",
+];
+
+/// Whether a pattern can match a decimal id: ASCII digits and wildcards only, and no
+/// leading zero.
+fn decimal_shaped(g: &Glob) -> bool {
+    g.as_str().chars().all(|c| c.is_ascii_digit() || c == '*' || c == '?')
+        && !g.as_str().starts_with('0')
 }
 
 /// An allow that a deny fully covers never decides anything, because deny wins.

@@ -2306,3 +2306,88 @@ fn a_branch_alone_pin_naming_an_outsiders_event_pins_nothing() {
         );
     }
 }
+
+/// GitHub and GitLab ids are decimal numbers sent as strings (`"74"`): a value that
+/// cannot be one (GitHub's GraphQL `node_id` `R_kgDO…`, GitLab's global id
+/// `gid://gitlab/Project/20`, a name in an id field, full-width digits, a space, a
+/// leading zero) never matches, and a deny written so is dead: the repository it names
+/// went through. Like a Bitbucket UUID's spelling, a load error.
+#[test]
+fn a_github_or_gitlab_id_that_is_not_a_decimal_number_is_an_error() {
+    let deny = |issuer: &str, cond: &str| {
+        format!("[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"{issuer}\"\n{cond}\n")
+    };
+    for (issuer, cond) in [
+        ("github", "claims = { repository_id = \"R_kgDOGx1234\" }"),
+        ("github", "claims = { repository_owner_id = [\"65\", \"MDEyOk9yZ2FuaXphdGlvbjY1\"] }"),
+        ("github", "claims = { repository_owner_id = \"\u{ff16}\u{ff15}\" }"),
+        ("github", "claims = { repository_id = \" 74\" }"),
+        ("github", "claims = { repository_id = \"074\" }"),
+        ("github", "ci = { repository_id = \"acme/legacy\" }"),
+        ("github", "ci = { workspace_id = \"acme\" }"),
+        ("gitlab", "claims = { project_id = \"gid://gitlab/Project/20\" }"),
+        ("gitlab", "claims = { namespace_id = \"acme/*\" }"),
+        ("gitlab", "ci = { repository_id = \"acme/api\" }"),
+    ] {
+        let errors = parse(&deny(issuer, cond)).err().unwrap_or_default();
+        assert!(
+            errors.iter().any(|e| e.starts_with("p.toml:5:")
+                && e.contains("can never match")
+                && e.contains("decimal")),
+            "{issuer}: {cond}: {errors:?}"
+        );
+    }
+    for (issuer, cond) in [
+        ("github", "claims = { repository_id = \"74\" }"),
+        ("github", "claims = { repository_owner_id = [\"65\", \"1*\"] }"),
+        ("github", "ci = { repository_id = \"7?\" }"),
+        ("github", "ci = { workspace_id = \"**\" }"),
+        ("gitlab", "claims = { project_id = \"20\", namespace_id = \"72\" }"),
+        ("gitlab", "ci = { workspace_id = \"72\" }"),
+        // Bitbucket's ids are its UUIDs.
+        ("bitbucket", "ci = { repository_id = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\" }"),
+    ] {
+        assert!(
+            parse(&deny(issuer, cond)).is_ok(),
+            "{issuer}: {cond}: {:?}",
+            parse(&deny(issuer, cond)).err()
+        );
+    }
+}
+
+/// Bitbucket tokens name no tag, commit or actor, and their `ci.ref` is always
+/// `refs/heads/` + the branch: a Bitbucket deny on `ci.tag = "v*"`, `ci.ref =
+/// "refs/tags/**"`, `ci.commit` or `ci.actor` never matched, so the tag pipelines (or
+/// the commit, the person) it was written against went through.
+#[test]
+fn a_ci_field_bitbucket_never_sets_is_an_error() {
+    let deny = |cond: &str| {
+        format!("[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"bitbucket\"\nmethods = \"POST\"\n{cond}\n")
+    };
+    for cond in [
+        "ci = { tag = \"v*\" }",
+        "ci = { ref = \"refs/tags/**\" }",
+        "ci = { ref = [\"refs/heads/main\", \"refs/tags/v*\"] }",
+        "ci = { commit = \"714a629c0b401fdce83e847fc9589983fc6f46bc\" }",
+        "ci = { actor = \"mallory\" }",
+    ] {
+        let errors = parse(&deny(cond)).err().unwrap_or_default();
+        assert!(
+            errors.iter().any(|e| e.starts_with("p.toml:6:")
+                && e.contains("can never match")
+                && e.contains("Bitbucket")),
+            "{cond}: {errors:?}"
+        );
+    }
+    for cond in [
+        "ci = { ref = \"refs/heads/release/*\" }",
+        "ci = { ref = \"refs/*/main\" }",
+        "ci = { ref = \"**\" }",
+        "ci = { branch = \"main\" }",
+    ] {
+        assert!(parse(&deny(cond)).is_ok(), "{cond}: {:?}", parse(&deny(cond)).err());
+    }
+    // Beside another provider, the field is that one's.
+    let both = "[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = [\"bitbucket\", \"github\"]\nci = { tag = \"v*\" }\n";
+    assert!(parse(both).is_ok(), "{:?}", parse(both).err());
+}
