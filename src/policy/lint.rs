@@ -91,6 +91,7 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
         }
         if rule.effect == Effect::Allow {
             unpinned(&mut out, rule, &presets);
+            repository_without_owner(&mut out, rule, &presets);
             deploy_without_ref(&mut out, rule, &presets);
             branch_alone(&mut out, rule, &presets);
             gitlab_environment_alone(&mut out, rule, &presets);
@@ -308,6 +309,47 @@ fn unpinned(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
         };
         out.push(Severity::Error, at, message);
     }
+}
+
+/// A GitHub or GitLab allow that pins a repository id but not its owner's: a
+/// repository keeps its id when its admins transfer it to another account,
+/// organization or group (GitHub lets a repository's admins do so by default), and the
+/// new owner's pipelines then mint tokens that still match, a former admin's own
+/// account's included. The owner id (or GitHub's immutable subject, which names both)
+/// ends that at the transfer. Bitbucket's issuer is the workspace's own: a repository
+/// moved out of it is another issuer's.
+fn repository_without_owner(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let Some((issuer, preset)) =
+        presets.iter().find(|(_, p)| matches!(p, Preset::GithubActions | Preset::GitlabCi))
+    else {
+        return;
+    };
+    let (repository, owner) = match preset {
+        Preset::GithubActions => ("repository_id", "repository_owner_id"),
+        _ => ("project_id", "namespace_id"),
+    };
+    let pin = |c: &Condition, field: &str, claim: &str| match c.matcher() {
+        Matcher::Ci { field: f, globs } => *f == field && globs.iter().all(pins),
+        Matcher::Claim { name, values } => {
+            &**name == claim && values.iter().all(|v| matches!(v, ClaimValue::Str(g) if pins(g)))
+        }
+        Matcher::Subject(globs) => globs.iter().all(|g| subject_pins(*preset, g)),
+        _ => false,
+    };
+    let Some(at) = rule.conditions().find(|c| pin(c, "repository_id", repository)) else {
+        return;
+    };
+    if rule.conditions().any(|c| pin(c, "workspace_id", owner)) {
+        return;
+    }
+    out.push(
+        Severity::Warning,
+        at.loc(),
+        format!(
+            "allow rule `{}` pins the repository id but not its owner's (issuer `{issuer}`): a repository keeps its id when its admins transfer it to another account or organization, whose pipelines then still match; add claims.{owner} (or ci.workspace_id)",
+            rule.id()
+        ),
+    );
 }
 
 /// Whether `rule` pins a repository or owner of `preset` by an immutable id (V22).

@@ -979,7 +979,7 @@ fn clean_files_have_no_diagnostics() {
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = \"GET\"\nclaims = { workspaceUuid = \"{w}\" }\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nsubject = \"repo:acme@65/*\"\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nci = { workspace_id = \"65\", repository = \"acme/*\" }\n",
-        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"GET\"\nclaims = { project_id = \"20\" }\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"GET\"\nclaims = { namespace_id = \"72\", project_id = \"20\" }\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nclaims = { namespace_id = \"72\", ref_protected = \"true\" }\n",
         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"bitbucket\"\nmethods = \"DELETE\"\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\nemail = \"*@a.example\"\nemail_domain = \"A.example\"\n",
@@ -1893,7 +1893,7 @@ expect = "allow"
 #[test]
 fn a_gitlab_allow_trusting_an_environment_name_alone_is_flagged() {
     let allow = |extra: &str| {
-        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ project_id = \"20\"{extra} }}\nci = {{ environment = \"production\" }}\n")
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ namespace_id = \"72\", project_id = \"20\"{extra} }}\nci = {{ environment = \"production\" }}\n")
     };
     let want = "p.toml:7:8: warning: allow rule `a` trusts a GitLab environment name alone (issuer `gitlab`)";
     let p = must_parse(&allow(""));
@@ -1983,17 +1983,17 @@ fn ci_test_identities_carry_the_iat_serve_requires() {
 #[test]
 fn a_gitlab_allow_on_the_bare_ref_claim_must_say_branch_or_tag() {
     let allow = |extra: &str| {
-        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ project_id = \"20\", ref = \"main\", pipeline_source = \"push\"{extra} }}\n")
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ namespace_id = \"72\", project_id = \"20\", ref = \"main\", pipeline_source = \"push\"{extra} }}\n")
     };
-    let want = "p.toml:6:31: allow rule `a` reads GitLab's `ref` claim without `ref_type`";
+    let want = "p.toml:6:52: allow rule `a` reads GitLab's `ref` claim without `ref_type`";
     let errors = parse(&allow("")).err().unwrap_or_default();
     assert!(errors.iter().any(|e| e.starts_with(want)), "{errors:?}");
     // What it let through: a tag named `main`.
     let tag = gitlab(
-        json!({"project_id": "20", "ref": "main", "ref_type": "tag", "pipeline_source": "push"}),
+        json!({"namespace_id": "72", "project_id": "20", "ref": "main", "ref_type": "tag", "pipeline_source": "push"}),
     );
     let branch = gitlab(
-        json!({"project_id": "20", "ref": "main", "ref_type": "branch", "pipeline_source": "push"}),
+        json!({"namespace_id": "72", "project_id": "20", "ref": "main", "ref_type": "branch", "pipeline_source": "push"}),
     );
     let post = http::Method::POST;
     let request = RequestFacts::http(&post, "/deploy");
@@ -2060,7 +2060,7 @@ fn a_bitbucket_uuid_written_unbraced_or_in_upper_case_is_an_error() {
 #[test]
 fn a_gitlab_protection_pin_counts_only_when_it_asks_for_true() {
     let rule = |cond: &str, ci: &str| {
-        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ project_id = \"20\"{cond} }}\nci = {{ {ci} }}\n")
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ namespace_id = \"72\", project_id = \"20\"{cond} }}\nci = {{ {ci} }}\n")
     };
     let warned = |text: &str, what: &str| {
         let p = must_parse(text);
@@ -2390,4 +2390,47 @@ fn a_ci_field_bitbucket_never_sets_is_an_error() {
     // Beside another provider, the field is that one's.
     let both = "[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = [\"bitbucket\", \"github\"]\nci = { tag = \"v*\" }\n";
     assert!(parse(both).is_ok(), "{:?}", parse(both).err());
+}
+
+/// A GitHub repository or GitLab project keeps its id when its admins transfer it to
+/// another account, organization or group (GitHub lets a repository's admins do so by
+/// default), where its new owner's pipelines mint tokens carrying that id: an allow
+/// pinning the repository id alone went on admitting it, the former admin's own account
+/// included. Pinning the owner id too (or GitHub's immutable subject, which names both)
+/// ends that at the transfer.
+#[test]
+fn a_repository_id_pinned_without_its_owner_is_flagged() {
+    let rule = |issuer: &str, cond: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"{issuer}\"\nmethods = \"GET\"\n{cond}\n")
+    };
+    let warned = |text: &str| {
+        must_parse(text).warnings().iter().any(|d| {
+            let d = d.to_string();
+            d.starts_with("p.toml:6:") && d.contains("transfer")
+        })
+    };
+    for (issuer, cond) in [
+        ("github", "claims = { repository_id = \"74\" }"),
+        ("github", "ci = { repository_id = \"74\" }"),
+        ("github", "claims = { repository_id = \"74\", repository_owner_id = \"6*\" }"),
+        ("gitlab", "claims = { project_id = \"20\" }"),
+        ("gitlab", "ci = { repository_id = \"20\", workspace = \"acme\" }"),
+    ] {
+        assert!(warned(&rule(issuer, cond)), "{issuer}: {cond}");
+    }
+    for (issuer, cond) in [
+        ("github", "claims = { repository_owner_id = \"65\", repository_id = \"74\" }"),
+        ("github", "ci = { workspace_id = \"65\", repository_id = \"74\" }"),
+        ("github", "claims = { repository_owner_id = \"65\" }"),
+        ("github", "subject = \"repo:acme@65/api@74:**\""),
+        ("gitlab", "claims = { namespace_id = \"72\", project_id = \"20\" }"),
+        ("bitbucket", "ci = { repository = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\" }"),
+    ] {
+        let text = rule(issuer, cond);
+        assert!(!warned(&text), "{issuer}: {cond}");
+        assert!(parse(&text).is_ok(), "{issuer}: {cond}");
+    }
+    // A deny on the repository id alone is the narrower deny, rightly.
+    let deny = "[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"github\"\nclaims = { repository_id = \"74\" }\n";
+    assert!(must_parse(deny).warnings().is_empty());
 }
