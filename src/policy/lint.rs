@@ -95,6 +95,7 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
             deploy_without_ref(&mut out, rule, &presets);
             branch_alone(&mut out, rule, &presets);
             gitlab_environment_alone(&mut out, rule, &presets);
+            bitbucket_environment_alone(&mut out, rule, &presets);
             gitlab_ref_without_type(&mut out, rule, &presets);
             unverified_email(&mut out, rule);
             shadowed(&mut out, rule, rules);
@@ -709,6 +710,50 @@ fn gitlab_environment_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, 
             at.loc(),
             format!(
                 "allow rule `{}` trusts a GitLab environment name alone (issuer `{issuer}`): any developer's pipeline, from any branch, can name an environment that is not protected; pin claims.environment_protected = \"true\" (or claims.ref_protected = \"true\")",
+                rule.id()
+            ),
+        );
+    }
+}
+
+/// A Bitbucket allow that can write and trusts a deployment environment alone: a step
+/// on any branch may name the environment (`deployment: production` in the branch's
+/// own `bitbucket-pipelines.yml`) unless its deployment permissions, a Premium feature,
+/// restrict branches, and the token carries nothing that says they do. A branch pins
+/// it (with the repository's branch restrictions).
+fn bitbucket_environment_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let Some((issuer, _)) = presets.iter().find(|(_, p)| *p == Preset::BitbucketPipelines) else {
+        return;
+    };
+    if can_write(rule).is_none() {
+        return;
+    }
+    let names = |globs: &[Glob]| !globs.iter().any(Glob::is_wildcards_only);
+    let mut by_environment = None;
+    for c in rule.conditions() {
+        match c.matcher() {
+            Matcher::Ci { field: "environment", .. } => by_environment = by_environment.or(Some(c)),
+            Matcher::Claim { name, .. } if &**name == "deploymentEnvironmentUuid" => {
+                by_environment = by_environment.or(Some(c))
+            }
+            Matcher::Ci { field: "branch" | "ref", globs } if names(globs) => return,
+            Matcher::Claim { name, values }
+                if &**name == "branchName"
+                    && !values
+                        .iter()
+                        .any(|v| matches!(v, ClaimValue::Str(g) if g.is_wildcards_only())) =>
+            {
+                return
+            }
+            _ => {}
+        }
+    }
+    if let Some(at) = by_environment {
+        out.push(
+            Severity::Warning,
+            at.loc(),
+            format!(
+                "allow rule `{}` trusts a Bitbucket deployment environment alone (issuer `{issuer}`): a step on any branch may name it unless its deployment permissions (a Premium feature) restrict branches; pin ci.branch too",
                 rule.id()
             ),
         );

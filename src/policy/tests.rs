@@ -2434,3 +2434,37 @@ fn a_repository_id_pinned_without_its_owner_is_flagged() {
     let deny = "[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"github\"\nclaims = { repository_id = \"74\" }\n";
     assert!(must_parse(deny).warnings().is_empty());
 }
+
+/// Bitbucket lets a step on any branch name a deployment environment (`deployment:
+/// production`) unless the environment's deployment permissions, a Premium feature,
+/// restrict branches: any developer pushing a branch could deploy through an allow
+/// that trusts the environment alone, as a GitLab one that trusts an unprotected
+/// environment (already warned about). `check` said nothing.
+#[test]
+fn a_bitbucket_allow_trusting_a_deployment_environment_alone_is_flagged() {
+    let env = "{5c1f3d0a-1111-4a2b-9c3d-0e1f2a3b4c5d}";
+    let rule = |methods: &str, more: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = {methods}\nci = {{ repository = \"{BB_REPO}\"{more} }}\n")
+    };
+    let warned = |text: &str| {
+        must_parse(text).warnings().iter().any(|d| {
+            let d = d.to_string();
+            d.starts_with("p.toml:6:") && d.contains("deployment environment alone")
+        })
+    };
+    for (methods, more) in [
+        ("\"POST\"", format!(", environment = \"{env}\"")),
+        ("[\"GET\", \"PUT\"]", format!(", environment = \"{env}\", branch = \"**\"")),
+    ] {
+        assert!(warned(&rule(methods, &more)), "{methods} {more}");
+    }
+    let claim = format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = \"POST\"\nclaims = {{ repositoryUuid = \"{BB_REPO}\", deploymentEnvironmentUuid = \"{env}\" }}\n");
+    assert!(warned(&claim), "{claim}");
+    for (methods, more) in [
+        ("\"POST\"", format!(", environment = \"{env}\", branch = \"main\"")),
+        ("\"POST\"", format!(", environment = \"{env}\", ref = \"refs/heads/main\"")),
+        ("\"GET\"", format!(", environment = \"{env}\"")),
+    ] {
+        assert!(!warned(&rule(methods, &more)), "{methods} {more}");
+    }
+}
