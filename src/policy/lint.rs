@@ -91,9 +91,11 @@ pub(crate) fn lint_rules(file: &Arc<Path>, rules: &[Rule], catalog: &Catalog) ->
         }
         if rule.effect == Effect::Allow {
             unpinned(&mut out, rule, &presets);
+            repository_without_owner(&mut out, rule, &presets);
             deploy_without_ref(&mut out, rule, &presets);
             branch_alone(&mut out, rule, &presets);
             gitlab_environment_alone(&mut out, rule, &presets);
+            bitbucket_environment_alone(&mut out, rule, &presets);
             gitlab_ref_without_type(&mut out, rule, &presets);
             unverified_email(&mut out, rule);
             shadowed(&mut out, rule, rules);
@@ -310,6 +312,47 @@ fn unpinned(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
     }
 }
 
+/// A GitHub or GitLab allow that pins a repository id but not its owner's: a
+/// repository keeps its id when its admins transfer it to another account,
+/// organization or group (GitHub lets a repository's admins do so by default), and the
+/// new owner's pipelines then mint tokens that still match, a former admin's own
+/// account's included. The owner id (or GitHub's immutable subject, which names both)
+/// ends that at the transfer. Bitbucket's issuer is the workspace's own: a repository
+/// moved out of it is another issuer's.
+fn repository_without_owner(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let Some((issuer, preset)) =
+        presets.iter().find(|(_, p)| matches!(p, Preset::GithubActions | Preset::GitlabCi))
+    else {
+        return;
+    };
+    let (repository, owner) = match preset {
+        Preset::GithubActions => ("repository_id", "repository_owner_id"),
+        _ => ("project_id", "namespace_id"),
+    };
+    let pin = |c: &Condition, field: &str, claim: &str| match c.matcher() {
+        Matcher::Ci { field: f, globs } => *f == field && globs.iter().all(pins),
+        Matcher::Claim { name, values } => {
+            &**name == claim && values.iter().all(|v| matches!(v, ClaimValue::Str(g) if pins(g)))
+        }
+        Matcher::Subject(globs) => globs.iter().all(|g| subject_pins(*preset, g)),
+        _ => false,
+    };
+    let Some(at) = rule.conditions().find(|c| pin(c, "repository_id", repository)) else {
+        return;
+    };
+    if rule.conditions().any(|c| pin(c, "workspace_id", owner)) {
+        return;
+    }
+    out.push(
+        Severity::Warning,
+        at.loc(),
+        format!(
+            "allow rule `{}` pins the repository id but not its owner's (issuer `{issuer}`): a repository keeps its id when its admins transfer it to another account or organization, whose pipelines then still match; add claims.{owner} (or ci.workspace_id)",
+            rule.id()
+        ),
+    );
+}
+
 /// Whether `rule` pins a repository or owner of `preset` by an immutable id (V22).
 /// Bitbucket's `ci.repository` and `ci.workspace` are its UUIDs; GitHub's and GitLab's
 /// are names (`acme/api`), which a rename or deletion frees for anyone to register,
@@ -486,6 +529,8 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
         };
         let mut by_branch = None;
         let mut by_more = false;
+        // A pin on the event that admits one an outsider can set off: it pins nothing.
+        let mut outsider = None;
         for c in rule.conditions() {
             match c.matcher() {
                 Matcher::Ci { field: "branch" | "ref", .. } => by_branch = by_branch.or(Some(c)),
@@ -497,7 +542,11 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
                     by_branch = by_branch.or(Some(c))
                 }
                 Matcher::Claim { name, values } => {
-                    by_more |= platform.pins.contains(&&**name) && restricts(name, values)
+                    let pin = platform.pins.contains(&&**name) && restricts(name, values);
+                    match outsider_event(name, values).filter(|_| pin) {
+                        Some(event) => outsider = outsider.or(Some((c, event))),
+                        None => by_more |= pin,
+                    }
                 }
                 Matcher::Subject(globs) => match platform.preset {
                     // `repo:OWNER/REPO:environment:NAME` names an environment.
@@ -515,11 +564,17 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
             }
         }
         if let (Some(at), false) = (by_branch, by_more) {
+            let event = outsider.map_or_else(String::new, |(c, event)| {
+                format!(
+                    " (`{}` admits `{event}`, an event an outsider can set off, so it pins nothing)",
+                    c.label()
+                )
+            });
             out.push(
                 Severity::Warning,
                 at.loc(),
                 format!(
-                    "allow rule `{}` trusts a {} branch alone (issuer `{issuer}`): {}",
+                    "allow rule `{}` trusts a {} branch alone (issuer `{issuer}`): {}{event}",
                     rule.id(),
                     platform.name,
                     platform.why
@@ -527,6 +582,38 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
             );
         }
     }
+}
+
+/// The first event of an outsider's choosing that a `claims.event_name` (GitHub) or
+/// `claims.pipeline_source` (GitLab) condition admits. On GitHub, runs of these events
+/// carry the base or default branch's ref, yet anyone who can open a pull request, an
+/// issue or a comment, or fork or star the repository, or edit an open wiki, sets them
+/// off (`workflow_run` follows a workflow a fork's pull request ran). On GitLab, a
+/// merge-request pipeline (and its `parent_pipeline` children, and an external pull
+/// request's) from a fork carries the fork's own branch name.
+fn outsider_event(name: &str, values: &[ClaimValue]) -> Option<&'static str> {
+    const GITHUB: &[&str] = &[
+        "pull_request_target",
+        "workflow_run",
+        "issue_comment",
+        "issues",
+        "discussion",
+        "discussion_comment",
+        "fork",
+        "watch",
+        "gollum",
+    ];
+    const GITLAB: &[&str] =
+        &["merge_request_event", "external_pull_request_event", "parent_pipeline"];
+    let events = match name {
+        "event_name" => GITHUB,
+        "pipeline_source" => GITLAB,
+        _ => return None,
+    };
+    events
+        .iter()
+        .copied()
+        .find(|event| values.iter().any(|v| matches!(v, ClaimValue::Str(g) if g.matches(event))))
 }
 
 /// Whether a `claims.NAME` condition restricts what the lints take it for: it
@@ -623,6 +710,50 @@ fn gitlab_environment_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, 
             at.loc(),
             format!(
                 "allow rule `{}` trusts a GitLab environment name alone (issuer `{issuer}`): any developer's pipeline, from any branch, can name an environment that is not protected; pin claims.environment_protected = \"true\" (or claims.ref_protected = \"true\")",
+                rule.id()
+            ),
+        );
+    }
+}
+
+/// A Bitbucket allow that can write and trusts a deployment environment alone: a step
+/// on any branch may name the environment (`deployment: production` in the branch's
+/// own `bitbucket-pipelines.yml`) unless its deployment permissions, a Premium feature,
+/// restrict branches, and the token carries nothing that says they do. A branch pins
+/// it (with the repository's branch restrictions).
+fn bitbucket_environment_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
+    let Some((issuer, _)) = presets.iter().find(|(_, p)| *p == Preset::BitbucketPipelines) else {
+        return;
+    };
+    if can_write(rule).is_none() {
+        return;
+    }
+    let names = |globs: &[Glob]| !globs.iter().any(Glob::is_wildcards_only);
+    let mut by_environment = None;
+    for c in rule.conditions() {
+        match c.matcher() {
+            Matcher::Ci { field: "environment", .. } => by_environment = by_environment.or(Some(c)),
+            Matcher::Claim { name, .. } if &**name == "deploymentEnvironmentUuid" => {
+                by_environment = by_environment.or(Some(c))
+            }
+            Matcher::Ci { field: "branch" | "ref", globs } if names(globs) => return,
+            Matcher::Claim { name, values }
+                if &**name == "branchName"
+                    && !values
+                        .iter()
+                        .any(|v| matches!(v, ClaimValue::Str(g) if g.is_wildcards_only())) =>
+            {
+                return
+            }
+            _ => {}
+        }
+    }
+    if let Some(at) = by_environment {
+        out.push(
+            Severity::Warning,
+            at.loc(),
+            format!(
+                "allow rule `{}` trusts a Bitbucket deployment environment alone (issuer `{issuer}`): a step on any branch may name it unless its deployment permissions (a Premium feature) restrict branches; pin ci.branch too",
                 rule.id()
             ),
         );
@@ -755,6 +886,77 @@ fn contradictions(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) 
                 );
             }
         }
+        // Bitbucket tokens name no tag, commit or actor, and their only ref is the
+        // branch's: a deny on a tag pipeline written so was dead.
+        for c in rule.conditions() {
+            let why = match c.matcher() {
+                Matcher::Ci { field: "tag", .. } => {
+                    "Bitbucket tokens name no tag (a tag pipeline's has no `branchName` at all), so `ci.tag` never holds; restrict allows with `ci.branch`, which a tag pipeline never matches".to_string()
+                }
+                Matcher::Ci { field: field @ ("commit" | "actor"), .. } => {
+                    format!("Bitbucket tokens carry no {field}, so `ci.{field}` never holds")
+                }
+                Matcher::Ci { field: "ref", globs } => {
+                    let heads = "refs/heads/";
+                    let Some(g) = globs.iter().find(|g| {
+                        let p = g.literal_prefix();
+                        !(p.starts_with(heads) || heads.starts_with(p))
+                    }) else {
+                        continue;
+                    };
+                    format!(
+                        "Bitbucket's `ci.ref` is always `refs/heads/` + `branchName`, so `{}` never matches (a tag pipeline's token has no ref at all); restrict allows with `ci.branch`",
+                        g.as_str()
+                    )
+                }
+                _ => continue,
+            };
+            never(c.loc(), why);
+        }
+    }
+    // GitHub and GitLab ids are decimal numbers in strings (`"74"`): a GraphQL node id
+    // (`R_kgDO…`), a GitLab global id (`gid://gitlab/Project/20`), a name, full-width
+    // digits or a leading zero never match, and a deny written so is dead.
+    let numeric: Vec<Preset> = presets
+        .iter()
+        .map(|(_, p)| *p)
+        .filter(|p| matches!(p, Preset::GithubActions | Preset::GitlabCi))
+        .collect();
+    if let Some(&preset) = numeric.first() {
+        let all_numeric = numeric.len() == presets.len();
+        for c in rule.conditions() {
+            let (label, bad) = match c.matcher() {
+                Matcher::Ci { field: field @ ("repository_id" | "workspace_id"), globs }
+                    if all_numeric =>
+                {
+                    (format!("ci.{field}"), globs.iter().find(|g| !decimal_shaped(g)))
+                }
+                Matcher::Claim { name, values }
+                    if ID_CLAIMS.contains(&&**name)
+                        && numeric.iter().any(|p| claims::is_known(*p, name)) =>
+                {
+                    let bad = values.iter().find_map(|v| match v {
+                        ClaimValue::Str(g) if !decimal_shaped(g) => Some(g),
+                        _ => None,
+                    });
+                    (format!("claims.{name}"), bad)
+                }
+                _ => continue,
+            };
+            if let Some(g) = bad {
+                let (provider, hint) = match preset {
+                    Preset::GitlabCi => ("GitLab", "the ID a project's or group's page shows, not a `gid://gitlab/…` global id"),
+                    _ => ("GitHub", "the REST API's `id` (`gh api repos/OWNER/REPO --jq .id`, `.owner.id`), not its `node_id`"),
+                };
+                never(
+                    c.loc(),
+                    format!(
+                        "{provider} ids are decimal numbers, sent as strings (`\"74\"`), so `{}` in `{label}` never matches; write {hint}",
+                        g.as_str()
+                    ),
+                );
+            }
+        }
     }
     if !presets.is_empty() && presets.iter().all(|(_, p)| *p == Preset::Oidc) {
         if let Some(c) = find(&|m| matches!(m, Matcher::Ci { .. })) {
@@ -785,6 +987,28 @@ fn contradictions(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) 
             }
         }
     }
+}
+
+/// GitHub and GitLab claims that hold a decimal id.
+const ID_CLAIMS: &[&str] = &[
+    "repository_id",
+    "repository_owner_id",
+    "actor_id",
+    "enterprise_id",
+    "project_id",
+    "namespace_id",
+    "job_project_id",
+    "job_namespace_id",
+    "user_id",
+    "pipeline_id",
+    "job_id",
+];
+
+/// Whether a pattern can match a decimal id: ASCII digits and wildcards only, and no
+/// leading zero.
+fn decimal_shaped(g: &Glob) -> bool {
+    g.as_str().chars().all(|c| c.is_ascii_digit() || c == '*' || c == '?')
+        && !g.as_str().starts_with('0')
 }
 
 /// An allow that a deny fully covers never decides anything, because deny wins.

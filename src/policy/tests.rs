@@ -979,7 +979,7 @@ fn clean_files_have_no_diagnostics() {
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = \"GET\"\nclaims = { workspaceUuid = \"{w}\" }\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nsubject = \"repo:acme@65/*\"\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nci = { workspace_id = \"65\", repository = \"acme/*\" }\n",
-        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"GET\"\nclaims = { project_id = \"20\" }\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"GET\"\nclaims = { namespace_id = \"72\", project_id = \"20\" }\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nclaims = { namespace_id = \"72\", ref_protected = \"true\" }\n",
         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"bitbucket\"\nmethods = \"DELETE\"\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"corp\"\nemail = \"*@a.example\"\nemail_domain = \"A.example\"\n",
@@ -1893,7 +1893,7 @@ expect = "allow"
 #[test]
 fn a_gitlab_allow_trusting_an_environment_name_alone_is_flagged() {
     let allow = |extra: &str| {
-        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ project_id = \"20\"{extra} }}\nci = {{ environment = \"production\" }}\n")
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ namespace_id = \"72\", project_id = \"20\"{extra} }}\nci = {{ environment = \"production\" }}\n")
     };
     let want = "p.toml:7:8: warning: allow rule `a` trusts a GitLab environment name alone (issuer `gitlab`)";
     let p = must_parse(&allow(""));
@@ -1983,17 +1983,17 @@ fn ci_test_identities_carry_the_iat_serve_requires() {
 #[test]
 fn a_gitlab_allow_on_the_bare_ref_claim_must_say_branch_or_tag() {
     let allow = |extra: &str| {
-        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ project_id = \"20\", ref = \"main\", pipeline_source = \"push\"{extra} }}\n")
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ namespace_id = \"72\", project_id = \"20\", ref = \"main\", pipeline_source = \"push\"{extra} }}\n")
     };
-    let want = "p.toml:6:31: allow rule `a` reads GitLab's `ref` claim without `ref_type`";
+    let want = "p.toml:6:52: allow rule `a` reads GitLab's `ref` claim without `ref_type`";
     let errors = parse(&allow("")).err().unwrap_or_default();
     assert!(errors.iter().any(|e| e.starts_with(want)), "{errors:?}");
     // What it let through: a tag named `main`.
     let tag = gitlab(
-        json!({"project_id": "20", "ref": "main", "ref_type": "tag", "pipeline_source": "push"}),
+        json!({"namespace_id": "72", "project_id": "20", "ref": "main", "ref_type": "tag", "pipeline_source": "push"}),
     );
     let branch = gitlab(
-        json!({"project_id": "20", "ref": "main", "ref_type": "branch", "pipeline_source": "push"}),
+        json!({"namespace_id": "72", "project_id": "20", "ref": "main", "ref_type": "branch", "pipeline_source": "push"}),
     );
     let post = http::Method::POST;
     let request = RequestFacts::http(&post, "/deploy");
@@ -2060,7 +2060,7 @@ fn a_bitbucket_uuid_written_unbraced_or_in_upper_case_is_an_error() {
 #[test]
 fn a_gitlab_protection_pin_counts_only_when_it_asks_for_true() {
     let rule = |cond: &str, ci: &str| {
-        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ project_id = \"20\"{cond} }}\nci = {{ {ci} }}\n")
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"POST\"\nclaims = {{ namespace_id = \"72\", project_id = \"20\"{cond} }}\nci = {{ {ci} }}\n")
     };
     let warned = |text: &str, what: &str| {
         let p = must_parse(text);
@@ -2253,5 +2253,218 @@ fn a_github_or_gitlab_deny_by_name_is_flagged() {
         ("bitbucket", "ci = { repository = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\" }"),
     ] {
         assert!(!warned(&deny(issuer, cond)), "{issuer}: {cond}");
+    }
+}
+
+/// `claims.event_name` (GitHub) and `claims.pipeline_source` (GitLab) pin what an
+/// outsider cannot choose only when they name no event an outsider can set off: a
+/// `pull_request_target`, `workflow_run`, `issue_comment` (…) run carries the base
+/// branch's ref, and a GitLab merge-request pipeline (`merge_request_event`, and the
+/// `parent_pipeline` children of one) from a fork carries the fork's branch name.
+/// `event_name = "pull_request_target"`, `["push", "workflow_run"]` or `"pull_request*"`
+/// beside `ci.branch = "main"` silenced the branch-alone warning while admitting
+/// exactly the runs it warns about.
+#[test]
+fn a_branch_alone_pin_naming_an_outsiders_event_pins_nothing() {
+    let rule = |issuer: &str, pin: &str, more: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"{issuer}\"\nmethods = \"POST\"\nclaims = {{ {pin}{more} }}\nci = {{ branch = \"main\" }}\n")
+    };
+    let warned = |text: &str| {
+        must_parse(text).warnings().iter().any(|d| {
+            let d = d.to_string();
+            d.contains("branch alone") && d.contains("an outsider can set off")
+        })
+    };
+    let gh = "repository_id = \"74\"";
+    let gl = "project_id = \"20\"";
+    for (issuer, pin, more) in [
+        ("github", gh, ", event_name = \"pull_request_target\""),
+        ("github", gh, ", event_name = [\"push\", \"workflow_run\"]"),
+        ("github", gh, ", event_name = \"issue_comment\""),
+        ("github", gh, ", event_name = \"pull_request*\""),
+        ("github", gh, ", event_name = \"workflow_?un\""),
+        ("gitlab", gl, ", pipeline_source = \"merge_request_event\""),
+        ("gitlab", gl, ", pipeline_source = [\"push\", \"parent_pipeline\"]"),
+        ("gitlab", gl, ", pipeline_source = \"merge_request*\""),
+        ("gitlab", gl, ", pipeline_source = \"external_pull_request_event\""),
+    ] {
+        assert!(warned(&rule(issuer, pin, more)), "{issuer}: {more}");
+    }
+    for (issuer, pin, more) in [
+        ("github", gh, ", event_name = \"push\""),
+        ("github", gh, ", event_name = [\"push\", \"workflow_dispatch\", \"schedule\"]"),
+        ("github", gh, ", event_name = \"release\""),
+        ("gitlab", gl, ", pipeline_source = [\"push\", \"web\"]"),
+        // A protected ref pins it whatever else the rule says.
+        ("gitlab", gl, ", pipeline_source = \"merge_request_event\", ref_protected = \"true\""),
+    ] {
+        let text = rule(issuer, pin, more);
+        let p = must_parse(&text);
+        assert!(
+            !p.warnings().iter().any(|d| d.to_string().contains("branch alone")),
+            "{issuer}: {more}"
+        );
+    }
+}
+
+/// GitHub and GitLab ids are decimal numbers sent as strings (`"74"`): a value that
+/// cannot be one (GitHub's GraphQL `node_id` `R_kgDO…`, GitLab's global id
+/// `gid://gitlab/Project/20`, a name in an id field, full-width digits, a space, a
+/// leading zero) never matches, and a deny written so is dead: the repository it names
+/// went through. Like a Bitbucket UUID's spelling, a load error.
+#[test]
+fn a_github_or_gitlab_id_that_is_not_a_decimal_number_is_an_error() {
+    let deny = |issuer: &str, cond: &str| {
+        format!("[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"{issuer}\"\n{cond}\n")
+    };
+    for (issuer, cond) in [
+        ("github", "claims = { repository_id = \"R_kgDOGx1234\" }"),
+        ("github", "claims = { repository_owner_id = [\"65\", \"MDEyOk9yZ2FuaXphdGlvbjY1\"] }"),
+        ("github", "claims = { repository_owner_id = \"\u{ff16}\u{ff15}\" }"),
+        ("github", "claims = { repository_id = \" 74\" }"),
+        ("github", "claims = { repository_id = \"074\" }"),
+        ("github", "ci = { repository_id = \"acme/legacy\" }"),
+        ("github", "ci = { workspace_id = \"acme\" }"),
+        ("gitlab", "claims = { project_id = \"gid://gitlab/Project/20\" }"),
+        ("gitlab", "claims = { namespace_id = \"acme/*\" }"),
+        ("gitlab", "ci = { repository_id = \"acme/api\" }"),
+    ] {
+        let errors = parse(&deny(issuer, cond)).err().unwrap_or_default();
+        assert!(
+            errors.iter().any(|e| e.starts_with("p.toml:5:")
+                && e.contains("can never match")
+                && e.contains("decimal")),
+            "{issuer}: {cond}: {errors:?}"
+        );
+    }
+    for (issuer, cond) in [
+        ("github", "claims = { repository_id = \"74\" }"),
+        ("github", "claims = { repository_owner_id = [\"65\", \"1*\"] }"),
+        ("github", "ci = { repository_id = \"7?\" }"),
+        ("github", "ci = { workspace_id = \"**\" }"),
+        ("gitlab", "claims = { project_id = \"20\", namespace_id = \"72\" }"),
+        ("gitlab", "ci = { workspace_id = \"72\" }"),
+        // Bitbucket's ids are its UUIDs.
+        ("bitbucket", "ci = { repository_id = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\" }"),
+    ] {
+        assert!(
+            parse(&deny(issuer, cond)).is_ok(),
+            "{issuer}: {cond}: {:?}",
+            parse(&deny(issuer, cond)).err()
+        );
+    }
+}
+
+/// Bitbucket tokens name no tag, commit or actor, and their `ci.ref` is always
+/// `refs/heads/` + the branch: a Bitbucket deny on `ci.tag = "v*"`, `ci.ref =
+/// "refs/tags/**"`, `ci.commit` or `ci.actor` never matched, so the tag pipelines (or
+/// the commit, the person) it was written against went through.
+#[test]
+fn a_ci_field_bitbucket_never_sets_is_an_error() {
+    let deny = |cond: &str| {
+        format!("[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"bitbucket\"\nmethods = \"POST\"\n{cond}\n")
+    };
+    for cond in [
+        "ci = { tag = \"v*\" }",
+        "ci = { ref = \"refs/tags/**\" }",
+        "ci = { ref = [\"refs/heads/main\", \"refs/tags/v*\"] }",
+        "ci = { commit = \"714a629c0b401fdce83e847fc9589983fc6f46bc\" }",
+        "ci = { actor = \"mallory\" }",
+    ] {
+        let errors = parse(&deny(cond)).err().unwrap_or_default();
+        assert!(
+            errors.iter().any(|e| e.starts_with("p.toml:6:")
+                && e.contains("can never match")
+                && e.contains("Bitbucket")),
+            "{cond}: {errors:?}"
+        );
+    }
+    for cond in [
+        "ci = { ref = \"refs/heads/release/*\" }",
+        "ci = { ref = \"refs/*/main\" }",
+        "ci = { ref = \"**\" }",
+        "ci = { branch = \"main\" }",
+    ] {
+        assert!(parse(&deny(cond)).is_ok(), "{cond}: {:?}", parse(&deny(cond)).err());
+    }
+    // Beside another provider, the field is that one's.
+    let both = "[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = [\"bitbucket\", \"github\"]\nci = { tag = \"v*\" }\n";
+    assert!(parse(both).is_ok(), "{:?}", parse(both).err());
+}
+
+/// A GitHub repository or GitLab project keeps its id when its admins transfer it to
+/// another account, organization or group (GitHub lets a repository's admins do so by
+/// default), where its new owner's pipelines mint tokens carrying that id: an allow
+/// pinning the repository id alone went on admitting it, the former admin's own account
+/// included. Pinning the owner id too (or GitHub's immutable subject, which names both)
+/// ends that at the transfer.
+#[test]
+fn a_repository_id_pinned_without_its_owner_is_flagged() {
+    let rule = |issuer: &str, cond: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"{issuer}\"\nmethods = \"GET\"\n{cond}\n")
+    };
+    let warned = |text: &str| {
+        must_parse(text).warnings().iter().any(|d| {
+            let d = d.to_string();
+            d.starts_with("p.toml:6:") && d.contains("transfer")
+        })
+    };
+    for (issuer, cond) in [
+        ("github", "claims = { repository_id = \"74\" }"),
+        ("github", "ci = { repository_id = \"74\" }"),
+        ("github", "claims = { repository_id = \"74\", repository_owner_id = \"6*\" }"),
+        ("gitlab", "claims = { project_id = \"20\" }"),
+        ("gitlab", "ci = { repository_id = \"20\", workspace = \"acme\" }"),
+    ] {
+        assert!(warned(&rule(issuer, cond)), "{issuer}: {cond}");
+    }
+    for (issuer, cond) in [
+        ("github", "claims = { repository_owner_id = \"65\", repository_id = \"74\" }"),
+        ("github", "ci = { workspace_id = \"65\", repository_id = \"74\" }"),
+        ("github", "claims = { repository_owner_id = \"65\" }"),
+        ("github", "subject = \"repo:acme@65/api@74:**\""),
+        ("gitlab", "claims = { namespace_id = \"72\", project_id = \"20\" }"),
+        ("bitbucket", "ci = { repository = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\" }"),
+    ] {
+        let text = rule(issuer, cond);
+        assert!(!warned(&text), "{issuer}: {cond}");
+        assert!(parse(&text).is_ok(), "{issuer}: {cond}");
+    }
+    // A deny on the repository id alone is the narrower deny, rightly.
+    let deny = "[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"github\"\nclaims = { repository_id = \"74\" }\n";
+    assert!(must_parse(deny).warnings().is_empty());
+}
+
+/// Bitbucket lets a step on any branch name a deployment environment (`deployment:
+/// production`) unless the environment's deployment permissions, a Premium feature,
+/// restrict branches: any developer pushing a branch could deploy through an allow
+/// that trusts the environment alone, as a GitLab one that trusts an unprotected
+/// environment (already warned about). `check` said nothing.
+#[test]
+fn a_bitbucket_allow_trusting_a_deployment_environment_alone_is_flagged() {
+    let env = "{5c1f3d0a-1111-4a2b-9c3d-0e1f2a3b4c5d}";
+    let rule = |methods: &str, more: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = {methods}\nci = {{ repository = \"{BB_REPO}\"{more} }}\n")
+    };
+    let warned = |text: &str| {
+        must_parse(text).warnings().iter().any(|d| {
+            let d = d.to_string();
+            d.starts_with("p.toml:6:") && d.contains("deployment environment alone")
+        })
+    };
+    for (methods, more) in [
+        ("\"POST\"", format!(", environment = \"{env}\"")),
+        ("[\"GET\", \"PUT\"]", format!(", environment = \"{env}\", branch = \"**\"")),
+    ] {
+        assert!(warned(&rule(methods, &more)), "{methods} {more}");
+    }
+    let claim = format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = \"POST\"\nclaims = {{ repositoryUuid = \"{BB_REPO}\", deploymentEnvironmentUuid = \"{env}\" }}\n");
+    assert!(warned(&claim), "{claim}");
+    for (methods, more) in [
+        ("\"POST\"", format!(", environment = \"{env}\", branch = \"main\"")),
+        ("\"POST\"", format!(", environment = \"{env}\", ref = \"refs/heads/main\"")),
+        ("\"GET\"", format!(", environment = \"{env}\"")),
+    ] {
+        assert!(!warned(&rule(methods, &more)), "{methods} {more}");
     }
 }
