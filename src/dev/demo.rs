@@ -461,7 +461,16 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     let _ = writeln!(out, "Try it (one JSON audit event per request follows on this terminal):");
     let _ = writeln!(out, "  # no token: 401");
     let _ = writeln!(out, "  curl -si --cacert {ca} {url}/hello");
-    let _ = writeln!(out, "  # a Bitbucket Pipelines token for the demo repository on main: 200, the upstream echoes the verified identity");
+    // With `--upstream` the user's own service answers: it receives the identity, it
+    // need not echo it.
+    let sees = match opts.upstream {
+        Some(_) => "your upstream receives the verified identity (X-Portcullis-* headers, the signed assertion)",
+        None => "the upstream echoes the verified identity",
+    };
+    let _ = writeln!(
+        out,
+        "  # a Bitbucket Pipelines token for the demo repository on main: 200, {sees}"
+    );
     let _ = writeln!(out, "  curl -s --cacert {ca} -H \"Authorization: Bearer $({exe} dev token{dir_flag})\" {url}/hello");
     let _ = writeln!(out, "  # the same token from a feature branch: 403 policy-denied");
     let _ = writeln!(
@@ -487,7 +496,11 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     );
     let _ = writeln!(
         out,
-        "the demo policy admits the engineering group, and the upstream echoes who you are. Sign out: {url}/.portcullis/logout"
+        "the demo policy admits the engineering group, and {}. Sign out: {url}/.portcullis/logout",
+        match opts.upstream {
+            Some(_) => "your upstream receives who you are",
+            None => "the upstream echoes who you are",
+        }
     );
     let _ = writeln!(out);
     let _ = out.flush();

@@ -445,7 +445,7 @@ fn dev_token_help_names_the_demo_state_dir_and_its_environment_variable() {
 
 /// Starts the demo like the README does and returns it with what it printed so far.
 fn start_demo(dir: &Path, port: u16, cpus: Cpus) -> (Killed, String) {
-    let (demo, out) = start_demo_with(dir, port, &[], cpus);
+    let (demo, out) = start_demo_with(dir, port, &[], &[], cpus);
     let seen = out.stdout();
     (demo, seen)
 }
@@ -479,7 +479,8 @@ impl Captured {
     }
 }
 
-/// Starts the demo with extra environment variables; waits for its `ready` banner.
+/// Starts the demo with extra environment variables and arguments; waits for its `ready`
+/// banner.
 /// On how many CPUs the demo may run: with one it uses a current-thread runtime.
 #[derive(Clone, Copy)]
 enum Cpus {
@@ -487,7 +488,13 @@ enum Cpus {
     One,
 }
 
-fn start_demo_with(dir: &Path, port: u16, env: &[(&str, &str)], cpus: Cpus) -> (Killed, Captured) {
+fn start_demo_with(
+    dir: &Path,
+    port: u16,
+    env: &[(&str, &str)],
+    args: &[&str],
+    cpus: Cpus,
+) -> (Killed, Captured) {
     let admin = free_port();
     let mut command = match cpus {
         Cpus::All => Command::new(BIN),
@@ -506,6 +513,7 @@ fn start_demo_with(dir: &Path, port: u16, env: &[(&str, &str)], cpus: Cpus) -> (
             &format!("127.0.0.1:{admin}"),
         ])
         .args(["--state-dir", &dir.to_string_lossy()])
+        .args(args)
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -593,6 +601,34 @@ async fn demo_flow(cpus: Cpus) {
         assert_eq!(r.status, StatusCode::OK, "{preset}: {}", r.text());
     }
     drop(demo);
+}
+
+/// With `--upstream` the user's own service answers, not the echo server: the banner
+/// says what it receives and promises no echo.
+#[test]
+fn the_demo_banner_promises_an_echo_only_from_its_own_echo_server() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (demo, out) = start_demo_with(
+        dir.path(),
+        free_port(),
+        &[],
+        &["--upstream", "http://127.0.0.1:9"],
+        Cpus::All,
+    );
+    // The browser hint follows the `ready-to-paste` lines the start waits for.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !out.stdout().contains("Sign out") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let banner = out.stdout();
+    drop(demo);
+    assert!(banner.contains("Sign out"), "{banner}");
+    assert!(!banner.contains("echo"), "{banner}");
+    assert!(banner.contains("your upstream receives the verified identity"), "{banner}");
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (demo, banner) = start_demo(dir.path(), free_port(), Cpus::All);
+    drop(demo);
+    assert!(banner.contains("the upstream echoes the verified identity"), "{banner}");
 }
 
 /// A second demo on the same state directory leaves the first alone: it stops before
@@ -1072,7 +1108,8 @@ async fn a_browser_sign_in_leaves_no_secret_on_stdout_or_stderr() {
 
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let port = free_port();
-    let (demo, out) = start_demo_with(dir.path(), port, &[("PORTCULLIS_LOG", "debug")], Cpus::All);
+    let (demo, out) =
+        start_demo_with(dir.path(), port, &[("PORTCULLIS_LOG", "debug")], &[], Cpus::All);
     let pki =
         portcullis::tls::DevPki::load_or_create(dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
     let c = client(&pki, false);
