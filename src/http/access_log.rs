@@ -265,6 +265,8 @@ impl Drop for Unanswered {
         if let Some(mut p) = self.pending.take() {
             p.outcome = Some(if p.conn.activity.abandoned() {
                 Outcome::connection_abandoned(self.parked.take())
+            } else if p.conn.activity.was_shut() {
+                Outcome::shutting_down(self.parked.take())
             } else {
                 Outcome::client_closed(self.parked.take())
             });
@@ -474,8 +476,19 @@ impl Drop for AuditBody {
                 self.undelivered();
             }
         } else if self.pending.is_some() && !self.is_end_stream() && self.has_body() {
-            // Dropped before its end: the server stopped sending, the client having gone.
-            self.cut_short(Reason::ClientClosed, "the client went away during the response body");
+            if self.in_flight.activity().was_shut() {
+                // Dropped at the end of the shutdown's grace period.
+                self.cut_short(
+                    Reason::ShuttingDown,
+                    "the shutdown's grace period ended during the response body; the body was cut there",
+                );
+            } else {
+                // Dropped before its end: the server stopped sending, the client having gone.
+                self.cut_short(
+                    Reason::ClientClosed,
+                    "the client went away during the response body",
+                );
+            }
         }
         self.done();
     }

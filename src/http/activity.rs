@@ -46,6 +46,9 @@ pub struct Activity {
     /// The connection began with the HTTP/2 preface: a client gone without a request
     /// head of its own is then no cut-short request ([`Activity::http1`]).
     http2: AtomicBool,
+    /// The shutdown's grace period ended with the connection still open: what it had in
+    /// flight was cut by the proxy, not by the client.
+    shut: AtomicBool,
     /// The connection's `max_connections` slot, released when the last holder (the
     /// connection task, its service, a WebSocket tunnel) lets go.
     _slot: Option<OwnedSemaphorePermit>,
@@ -96,6 +99,7 @@ impl Activity {
             bytes_read: AtomicU64::new(0),
             read_at_idle: AtomicU64::new(0),
             http2: AtomicBool::new(false),
+            shut: AtomicBool::new(false),
             _slot: slot,
             _client: client,
             slots,
@@ -207,6 +211,17 @@ impl Activity {
     /// Whether the connection was closed for holding up what it was sent.
     pub fn abandoned(&self) -> bool {
         self.abandoned.load(Ordering::Acquire)
+    }
+
+    /// Marks the connection cut at the end of the shutdown's grace period (before its
+    /// requests are dropped, so their events say so).
+    pub fn shut(&self) {
+        self.shut.store(true, Ordering::Release);
+    }
+
+    /// Whether the connection was cut at the end of the shutdown's grace period.
+    pub fn was_shut(&self) -> bool {
+        self.shut.load(Ordering::Acquire)
     }
 }
 
