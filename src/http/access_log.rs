@@ -146,7 +146,8 @@ where
 /// Writes the event of a request the HTTP/1 server refused before the proxy saw it: a
 /// malformed request line or header (400), a head over the size limit (431), or a head
 /// not finished within `server.header_timeout` (408, as nginx logs it; hyper closes
-/// without an answer); and of an HTTP/2 connection the server closed on the client's
+/// without an answer), or one the client closed its connection part-way through (499);
+/// and of an HTTP/2 connection the server closed on the client's
 /// error or abuse (400: rapid reset, a CONTINUATION flood, an undecodable header block).
 /// Without this, such requests would leave no trace in the audit log.
 pub fn refused_by_server(
@@ -163,6 +164,18 @@ pub fn refused_by_server(
         // hyper runs this timer between requests too: without a byte since the last
         // one, it closed an idle keep-alive connection, and there was no request.
         (408, Reason::RequestTimeout, "request head not received within the header-read timeout")
+    } else if (e.is_incomplete_message() || io_failed(e))
+        && conn.activity.http1()
+        && conn.activity.read_since_idle()
+    {
+        // The client closed the connection part-way through a request head, cleanly or
+        // not (a TLS client gone without `close_notify`, a reset): a request cut
+        // mid-body has its own event, and marks the connection idle when it ends.
+        (
+            CLIENT_CLOSED,
+            Reason::ClientClosed,
+            "the client went away before its request head was complete",
+        )
     } else if let Some(detail) = http2_refusal(e) {
         (400, Reason::BadRequest, detail)
     } else {
@@ -206,6 +219,12 @@ pub fn refused_by_server(
     });
 }
 
+/// Whether the connection failed on its socket (reset, a TLS peer gone without
+/// `close_notify`) rather than on what the client sent.
+fn io_failed(e: &hyper::Error) -> bool {
+    std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+}
+
 /// Why the HTTP/2 server closed a connection with a GOAWAY of its own (`None`: it did
 /// not, or with `NO_ERROR`, or the client closed it). The streams such a client opened
 /// never reached the proxy: one event per connection says what happened to them.
@@ -246,6 +265,8 @@ impl Drop for Unanswered {
         if let Some(mut p) = self.pending.take() {
             p.outcome = Some(if p.conn.activity.abandoned() {
                 Outcome::connection_abandoned(self.parked.take())
+            } else if p.conn.activity.was_shut() {
+                Outcome::shutting_down(self.parked.take())
             } else {
                 Outcome::client_closed(self.parked.take())
             });
@@ -455,8 +476,19 @@ impl Drop for AuditBody {
                 self.undelivered();
             }
         } else if self.pending.is_some() && !self.is_end_stream() && self.has_body() {
-            // Dropped before its end: the server stopped sending, the client having gone.
-            self.cut_short(Reason::ClientClosed, "the client went away during the response body");
+            if self.in_flight.activity().was_shut() {
+                // Dropped at the end of the shutdown's grace period.
+                self.cut_short(
+                    Reason::ShuttingDown,
+                    "the shutdown's grace period ended during the response body; the body was cut there",
+                );
+            } else {
+                // Dropped before its end: the server stopped sending, the client having gone.
+                self.cut_short(
+                    Reason::ClientClosed,
+                    "the client went away during the response body",
+                );
+            }
         }
         self.done();
     }

@@ -43,6 +43,12 @@ pub struct Activity {
     /// HTTP/1 connection, and only one with bytes read since was sending a request.
     bytes_read: AtomicU64,
     read_at_idle: AtomicU64,
+    /// The connection began with the HTTP/2 preface: a client gone without a request
+    /// head of its own is then no cut-short request ([`Activity::http1`]).
+    http2: AtomicBool,
+    /// The shutdown's grace period ended with the connection still open: what it had in
+    /// flight was cut by the proxy, not by the client.
+    shut: AtomicBool,
     /// The connection's `max_connections` slot, released when the last holder (the
     /// connection task, its service, a WebSocket tunnel) lets go.
     _slot: Option<OwnedSemaphorePermit>,
@@ -92,6 +98,8 @@ impl Activity {
             idle_since_ms: AtomicU64::new(0),
             bytes_read: AtomicU64::new(0),
             read_at_idle: AtomicU64::new(0),
+            http2: AtomicBool::new(false),
+            shut: AtomicBool::new(false),
             _slot: slot,
             _client: client,
             slots,
@@ -122,6 +130,21 @@ impl Activity {
     /// Counts bytes read from the client ([`Counted`]).
     pub fn note_read(&self, n: usize) {
         self.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Notes the first bytes the client sent: HTTP/2's preface, or a request line.
+    fn note_first_read(&self, first: &[u8]) {
+        if first.starts_with(b"PRI * HTTP/2.0") {
+            self.http2.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether the client sent something other than the HTTP/2 preface first: an
+    /// HTTP/1 connection (or one that never said), where bytes read since the last
+    /// request ended are a request head begun. On HTTP/2 they are frames of any kind
+    /// (`SETTINGS`, `PING`, `WINDOW_UPDATE`) that begin no request.
+    pub fn http1(&self) -> bool {
+        !self.http2.load(Ordering::Acquire)
     }
 
     /// Whether the client sent anything since its last request ended (or since the
@@ -188,6 +211,17 @@ impl Activity {
     /// Whether the connection was closed for holding up what it was sent.
     pub fn abandoned(&self) -> bool {
         self.abandoned.load(Ordering::Acquire)
+    }
+
+    /// Marks the connection cut at the end of the shutdown's grace period (before its
+    /// requests are dropped, so their events say so).
+    pub fn shut(&self) {
+        self.shut.store(true, Ordering::Release);
+    }
+
+    /// Whether the connection was cut at the end of the shutdown's grace period.
+    pub fn was_shut(&self) -> bool {
+        self.shut.load(Ordering::Acquire)
     }
 }
 
@@ -271,6 +305,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
         let before = buf.filled().len();
         let r = Pin::new(&mut this.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
+            if this.activity.bytes_read.load(Ordering::Relaxed) == 0 {
+                this.activity.note_first_read(&buf.filled()[before..]);
+            }
             this.activity.note_read(buf.filled().len() - before);
         }
         r

@@ -95,6 +95,16 @@ impl Outcome {
         o
     }
 
+    /// A request without its response head yet when the shutdown's grace period ended.
+    pub(crate) fn shutting_down(parked: Option<Outcome>) -> Self {
+        let mut o = Self::client_closed(parked);
+        o.reason = Reason::ShuttingDown;
+        o.detail = Some(Cow::Borrowed(
+            "the shutdown's grace period ended before the response; the connection was closed",
+        ));
+        o
+    }
+
     /// A request without its response head yet when its connection was closed because
     /// the client took nothing of another response for `send_timeout`.
     pub(crate) fn connection_abandoned(parked: Option<Outcome>) -> Self {

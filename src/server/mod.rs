@@ -890,7 +890,11 @@ async fn accept_loop(
             // it the requests still in flight (each writes its event as it goes).
             tokio::select! {
                 () = serve => {}
-                () = grace_over(&mut cut) => {}
+                () = async {
+                    grace_over(&mut cut).await;
+                    // Said before `serve` (and its requests) is dropped.
+                    activity.shut();
+                } => {}
             }
             m.connections_open.fetch_sub(1, Ordering::Relaxed);
         });

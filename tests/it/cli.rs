@@ -1425,13 +1425,22 @@ async fn serve_exits_promptly_once_shutdown_is_complete() {
 }
 
 /// A request still running when the grace period ends is cut, and still gets its audit
-/// event (`client-closed`, 499) in the log before the process exits; over HTTP/1.1 and
-/// HTTP/2.
+/// event in the log before the process exits, `shutting-down` (the proxy cut it, not the
+/// client: found by probing, such requests were logged `client-closed`), 499 before its
+/// response head, the status sent with its body cut; over HTTP/1.1 and HTTP/2.
 #[tokio::test]
 async fn requests_cut_by_the_end_of_the_grace_period_are_audited() {
     let w = World::start().await;
     let mut served = Served::start(&w, "1s").await;
     let auth = format!("Bearer {}", w.token("bb", &[]));
+    // A response whose head came and whose body the client is not reading yet.
+    let (c, url) = (client(&w.pki, false), served.url("/stream/100000000"));
+    let req = http::Request::get(url)
+        .header("authorization", auth.clone())
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let streaming = c.request(req).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(streaming.status(), 200);
     let mut cut = Vec::new();
     for (h2, path) in [(false, "/slow/8000"), (true, "/slow/8001")] {
         let (c, auth, url) = (client(&w.pki, h2), auth.clone(), served.url(path));
@@ -1458,10 +1467,16 @@ async fn requests_cut_by_the_end_of_the_grace_period_are_audited() {
     for path in ["/slow/8000", "/slow/8001"] {
         let events = served.events_for(path);
         assert_eq!(events.len(), 1, "{path}: {events:?}");
-        assert_eq!(events[0]["reason"], "client-closed", "{path}");
+        assert_eq!(events[0]["reason"], "shutting-down", "{path}");
         assert_eq!(events[0]["status"], 499, "{path}");
         assert_eq!(events[0]["decision"], "allow", "{path}");
     }
+    drop(streaming);
+    let events = served.events_for("/stream/100000000");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["reason"], "shutting-down", "{events:?}");
+    assert_eq!(events[0]["status"], 200, "{events:?}");
+    assert_eq!(events[0]["decision"], "allow", "{events:?}");
 }
 
 /// An audit output that cannot be written (here `/dev/full`; a full disk or a closed
@@ -1775,7 +1790,7 @@ fn serve_reports_why_it_cannot_start_as_json_lines_under_log_format_json() {
 
 /// A second SIGTERM (or SIGINT: Ctrl-C twice) during the drain ends the grace period at
 /// once, as the first SIGTERM's grace running out would: the request still in flight is
-/// cut and audited (`client-closed`, 499), the audit log flushed, and the process exits
+/// cut and audited (`shutting-down`, 499), the audit log flushed, and the process exits
 /// 0. It was ignored, so `serve` could not be stopped short of SIGKILL (which loses
 /// the queued audit events) before `shutdown_grace` (30 s by default) was over.
 #[tokio::test]
@@ -1805,7 +1820,7 @@ async fn a_second_signal_during_the_drain_ends_the_grace_period_at_once() {
     assert!(took < Duration::from_secs(8), "the exit took {took:?} (grace 60 s)");
     let events = served.events_for("/slow/30000");
     assert_eq!(events.len(), 1, "{events:?}");
-    assert_eq!(events[0]["reason"], "client-closed");
+    assert_eq!(events[0]["reason"], "shutting-down");
     assert_eq!(events[0]["status"], 499);
     assert!(
         served.log.iter().any(|l| l.contains("second signal")),

@@ -1839,6 +1839,101 @@ async fn an_unfinished_request_head_is_closed_after_header_timeout_and_audited()
     assert_eq!(timeouts, 1, "a false 408 for an idle keep-alive connection");
 }
 
+/// A client that closes its connection part-way through a request head (here, a bearer
+/// token sent, the blank line never) leaves an event, 499 `client-closed`, as one cut by
+/// `header_timeout` does; a connection closed between requests, or after a request cut
+/// mid-body (that request has its own event), or an HTTP/2 connection without a request,
+/// adds none (found by probing: a partial head closed by the client, with or without TLS
+/// `close_notify`, left no trace at all).
+#[tokio::test]
+async fn a_request_head_the_client_abandons_is_audited_once() {
+    use tokio::io::AsyncWriteExt;
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let mut s = tls_h1(&w).await;
+    let partial =
+        format!("GET /abandoned-head HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\n");
+    s.write_all(partial.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    s.flush().await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.shutdown().await.unwrap_or_else(|e| panic!("{e}"));
+    drop(s);
+    let mut event = serde_json::Value::Null;
+    for _ in 0..100 {
+        if let Some(e) = w.events().into_iter().find(|e| e["status"] == 499) {
+            event = e;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(event["method"], "-", "no event for the abandoned head: {event}");
+    assert_eq!(event["path"], "-", "{event}");
+    assert_eq!(event["reason"], "client-closed", "{event}");
+    assert_eq!(event["decision"], "error", "{event}");
+    assert!(!event.to_string().contains(&t), "the token reached the log: {event}");
+    // The same, the client gone without TLS `close_notify` (a crash, a reset).
+    let mut s = tls_h1(&w).await;
+    s.write_all(partial.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    s.flush().await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(s);
+    for _ in 0..100 {
+        if w.events().iter().filter(|e| e["status"] == 499).count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A keep-alive connection closed after its answered request, and one closed
+    // mid-body, each with and without `close_notify`: one event each, for its request.
+    for clean in [true, false] {
+        let answered = format!("/answered-{clean}");
+        let request = format!(
+            "GET {answered} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\n\r\n"
+        );
+        let mut s = tls_h1(&w).await;
+        s.write_all(request.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+        let _ = read_response(&mut s, Duration::from_secs(5)).await;
+        if clean {
+            s.shutdown().await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        drop(s);
+        let cut_path = format!("/cut-body-{clean}");
+        let cut = format!("POST {cut_path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\nContent-Length: 100\r\n\r\nabc");
+        let mut s = tls_h1(&w).await;
+        s.write_all(cut.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if clean {
+            s.shutdown().await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        drop(s);
+        for _ in 0..100 {
+            if w.events().iter().any(|e| e["path"] == cut_path.as_str()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // An HTTP/2 connection's frames after its preface (SETTINGS, a PING) begin no
+    // request: one dropped without a GOAWAY adds no event.
+    let mut s = tls_alpn(&w, b"h2").await;
+    let mut frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frames.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    frames.extend_from_slice(&[0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
+    s.write_all(&frames).await.unwrap_or_else(|e| panic!("{e}"));
+    s.flush().await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events = w.events();
+    let count = |path: &str| events.iter().filter(|e| e["path"] == path).count();
+    for clean in [true, false] {
+        assert_eq!(count(&format!("/answered-{clean}")), 1, "{events:?}");
+        assert_eq!(count(&format!("/cut-body-{clean}")), 1, "{events:?}");
+    }
+    assert_eq!(count("-"), 2, "one event for each abandoned head alone: {events:?}");
+}
+
 /// Client trailers never reach the upstream: header hygiene only sees the head, and an
 /// HTTP/2 upstream takes an identity or credential from a trailer as it would from a
 /// header (found by probing: `X-Portcullis-Email` in a chunked trailer arrived at an
