@@ -18,7 +18,7 @@
 use libfuzzer_sys::fuzz_target;
 use portcullis::diag::Source;
 use portcullis::http::path::{check_pattern, normalize, Syntax};
-use portcullis::identity::{Identity, IssuerId, PrincipalKind, Preset};
+use portcullis::identity::{Identity, IssuerId, Preset, PrincipalKind};
 use portcullis::policy::{Catalog, Policy, RequestFacts};
 use portcullis::reason::Reason;
 use std::sync::Arc;
@@ -64,9 +64,9 @@ fn glob(pattern: &str, text: &str) -> bool {
         match p {
             [] => t.is_empty(),
             ['*', '*', rest @ ..] => (0..=t.len()).any(|k| go(rest, &t[k..])),
-            ['*', rest @ ..] => (0..=t.len())
-                .take_while(|&k| k == 0 || t[k - 1] != '/')
-                .any(|k| go(rest, &t[k..])),
+            ['*', rest @ ..] => {
+                (0..=t.len()).take_while(|&k| k == 0 || t[k - 1] != '/').any(|k| go(rest, &t[k..]))
+            }
             ['?', rest @ ..] => t.first().is_some_and(|&c| c != '/') && go(rest, &t[1..]),
             [c, rest @ ..] => t.first() == Some(c) && go(rest, &t[1..]),
         }
@@ -95,13 +95,14 @@ fn path_matches(pattern: &str, path: &str, deny: bool) -> bool {
 
 impl RefRule {
     fn admits_request(&self, method: &str, path: &str) -> bool {
-        let methods = self.methods.as_ref().map_or(true, |m| {
-            m.iter().any(|&m| m == method || (m == "GET" && method == "HEAD"))
-        });
+        let methods = self
+            .methods
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|&m| m == method || (m == "GET" && method == "HEAD")));
         let paths = self
             .paths
             .as_ref()
-            .map_or(true, |ps| ps.iter().any(|p| path_matches(p, path, self.deny)));
+            .is_none_or(|ps| ps.iter().any(|p| path_matches(p, path, self.deny)));
         methods && paths
     }
     fn holds(&self, subject: Option<&str>, method: &str, path: &str) -> bool {
@@ -110,7 +111,7 @@ impl RefRule {
         }
         match subject {
             // The issuer is always the caller's; the subject patterns read it.
-            Some(s) => self.subject.as_ref().map_or(true, |g| g.iter().any(|g| glob(g, s))),
+            Some(s) => self.subject.as_ref().is_none_or(|g| g.iter().any(|g| glob(g, s))),
             // Without a credential: a deny's identity conditions all hold, an allow's
             // (its issuer) never; a public rule has none.
             None => self.deny || self.public,
@@ -133,7 +134,12 @@ fuzz_target!(|data: &[u8]| {
         let public = !deny && flags & 2 != 0;
         let methods = (flags & 4 != 0 || public).then(|| {
             let mask = b.byte() % 63 + 1;
-            METHODS.iter().enumerate().filter(|(j, _)| mask & (1 << j) != 0).map(|(_, m)| *m).collect()
+            METHODS
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| mask & (1 << j) != 0)
+                .map(|(_, m)| *m)
+                .collect()
         });
         let paths = (flags & 8 != 0 || public).then(|| {
             let k = 1 + b.byte() % 3;
