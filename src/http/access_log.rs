@@ -122,7 +122,10 @@ where
             }
             let mut pending = unanswered.pending.take();
             if let Some(p) = pending.as_mut() {
-                p.outcome = parts.extensions.remove::<Outcome>();
+                // A forwarded answer's outcome waits in the parked slot, the proxy's own
+                // answers carry theirs.
+                p.outcome =
+                    parts.extensions.remove::<Outcome>().or_else(|| unanswered.parked.take());
                 // A client gone mid-request body is answered, if at all, into the void:
                 // logged 499 like one gone before the response.
                 let gone = p.outcome.as_ref().is_some_and(|o| o.reason == Reason::ClientClosed);

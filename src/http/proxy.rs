@@ -44,7 +44,8 @@ use crate::server::Runtime;
 /// The path of the assertion JWKS, served on every host before routing.
 pub const JWKS_PATH: &str = "/.well-known/portcullis/jwks.json";
 
-/// What the proxy decided, handed to the access log through response extensions.
+/// What the proxy decided, handed to the access log through response extensions, or
+/// for a forwarded answer through the request's [`Parked`] slot.
 #[derive(Debug, Clone)]
 pub struct Outcome {
     /// The client's canonical path: what was routed and authorized.
@@ -120,7 +121,9 @@ impl Outcome {
 
 /// Where a request's [`Outcome`] waits while the proxy waits on the upstream, so the
 /// access log can still write the event (identity, rule, upstream) if the client goes
-/// away meanwhile and the request's future is dropped.
+/// away meanwhile and the request's future is dropped; and where a forwarded answer's
+/// outcome is left for the access log (an answer of the proxy's own carries it in its
+/// extensions).
 #[derive(Clone, Default)]
 pub struct Parked(Arc<parking_lot::Mutex<Option<Outcome>>>);
 
@@ -996,7 +999,11 @@ pub async fn handle(
         return finish(Response::from_parts(parts, ProxyBody::empty()), out);
     }
     let body = ProxyBody::upstream(body, Some(route.read_timeout));
-    finish(Response::from_parts(parts, body), out)
+    // A forwarded answer's outcome goes back where it waited for the upstream, for the
+    // access log to take there ([`Parked`]): no extension map and box to allocate, hash
+    // and free on the path every forwarded request takes.
+    parked.park(out);
+    Response::from_parts(parts, body)
 }
 
 /// Whether a request that carries no credential at all (no bearer token, no session
