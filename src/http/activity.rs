@@ -127,14 +127,11 @@ impl Activity {
         InFlight { activity: self.clone(), extra, owing: false }
     }
 
-    /// Counts bytes read from the client ([`Counted`]).
-    pub fn note_read(&self, n: usize) {
-        self.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    /// Notes the first bytes the client sent: HTTP/2's preface, or a request line.
-    fn note_first_read(&self, first: &[u8]) {
-        if first.starts_with(b"PRI * HTTP/2.0") {
+    /// Counts bytes read from the client ([`Counted`]); of the connection's first read,
+    /// notes whether it began with HTTP/2's preface.
+    fn note_read(&self, read: &[u8]) {
+        let before = self.bytes_read.fetch_add(read.len() as u64, Ordering::Relaxed);
+        if before == 0 && read.starts_with(b"PRI * HTTP/2.0") {
             self.http2.store(true, Ordering::Release);
         }
     }
@@ -305,10 +302,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
         let before = buf.filled().len();
         let r = Pin::new(&mut this.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
-            if this.activity.bytes_read.load(Ordering::Relaxed) == 0 {
-                this.activity.note_first_read(&buf.filled()[before..]);
-            }
-            this.activity.note_read(buf.filled().len() - before);
+            this.activity.note_read(&buf.filled()[before..]);
         }
         r
     }
