@@ -1211,7 +1211,7 @@ pub(crate) async fn grace_over(rx: &mut watch::Receiver<bool>) {
 /// Loads a configuration to serve, printing every diagnostic and every failing policy
 /// test (either refuses it) on stderr; for `serve`. The error is the number of problems.
 pub fn load_or_report(path: &Path) -> Result<Config, usize> {
-    load_or_report_to(path, &mut |line| eprintln!("{line}"))
+    load_or_report_to(path, &mut |line| crate::util::stderr_line(&line))
 }
 
 /// [`load_or_report`], each line handed to `emit` (`serve --log-format json` logs them

@@ -807,6 +807,87 @@ async fn serve_reloads_on_sighup_and_file_change_and_drains_on_sigterm() {
     }
 }
 
+/// A log shipper that goes away (the reader of a `serve 2>&1 | shipper` pipe restarted,
+/// a sidecar killed) leaves stderr a pipe with no reader: every diagnostic then fails
+/// with EPIPE. That must cost the diagnostics, never the proxy: it starts, serves,
+/// reloads and drains as before, and exits 0. (`eprintln!`, and tracing's own report of
+/// a failed write, panic on EPIPE: the process exited 101 at its first line.)
+#[tokio::test]
+async fn serve_outlives_the_reader_of_its_stderr() {
+    for format in ["text", "json"] {
+        let w = World::with(Setup {
+            policies: vec![("api".into(), ONLY_MAIN.into())],
+            ..Setup::default()
+        })
+        .await;
+        let port = free_port();
+        let cfg = std::fs::read_to_string(w.config_path())
+            .unwrap_or_default()
+            .replace("https = \"127.0.0.1:0\"", &format!("https = \"127.0.0.1:{port}\""));
+        let path = w.dir.path().join("served.toml");
+        write(&path, &cfg);
+        let child = Command::new(BIN)
+            .args(["serve", "-c", &path.to_string_lossy(), "--log-format", format])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut child = Killed(child);
+        // The reader is gone before the process has logged anything it did not buffer.
+        drop(child.0.stderr.take());
+        let c = client(&w.pki, false);
+        let get = |token: String| {
+            let (c, url) = (c.clone(), format!("https://localhost:{port}/x"));
+            async move {
+                let auth = format!("Bearer {token}");
+                send_with(&c, Method::GET, &url, &[("authorization", &auth)], Bytes::new())
+                    .await
+                    .status
+            }
+        };
+        let mut status = StatusCode::SERVICE_UNAVAILABLE;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                status = get(w.token("bb", &[])).await;
+                if status == StatusCode::OK {
+                    break;
+                }
+            }
+            if let Ok(Some(s)) = child.0.try_wait() {
+                panic!("{format}: serve exited ({s}) with its stderr unread");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(status, StatusCode::OK, "{format}: serving");
+        // A reload (SIGHUP) logs as it applies the widened policy.
+        let feature = w.token("bb", &["branchName=feature/x"]);
+        assert_eq!(get(feature.clone()).await, StatusCode::FORBIDDEN);
+        write(&w.policy_path("api"), FEATURE_TOO);
+        let pid = child.0.id().to_string();
+        let _ = Command::new("kill").args(["-HUP", &pid]).status();
+        let mut allowed = false;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if get(feature.clone()).await == StatusCode::OK {
+                allowed = true;
+                break;
+            }
+        }
+        assert!(allowed, "{format}: the reload was applied");
+        // The drain logs too, and the exit is a clean one.
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let mut code = None;
+        for _ in 0..100 {
+            if let Ok(Some(s)) = child.0.try_wait() {
+                code = s.code();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(code, Some(0), "{format}: serve exits 0 after a drain with stderr unread");
+    }
+}
+
 /// `child`'s stderr, line by line as it comes (read on a thread of its own).
 fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     let (tx, lines) = std::sync::mpsc::channel();
