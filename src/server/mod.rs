@@ -1010,11 +1010,17 @@ fn descriptor_warning(max_connections: usize, open_files: Option<u64>) -> Option
     let limit = open_files?;
     let needed = 2 * max_connections as u64 + 256;
     (limit < needed).then(|| {
+        let fits = limit.saturating_sub(256) / 2;
+        let advice = if fits == 0 {
+            " (this limit leaves no room for connections beyond the process's own files)"
+                .to_string()
+        } else {
+            format!(" or lower max_connections to {fits}")
+        };
         format!(
             "server.max_connections = {max_connections} may need about {needed} file descriptors, and the \
-             open-files limit is {limit}: raise it (`ulimit -n`, systemd `LimitNOFILE=`) or lower \
-             max_connections to {}, or accepting fails with EMFILE under load",
-            limit.saturating_sub(256) / 2
+             open-files limit is {limit}: raise it (`ulimit -n`, systemd `LimitNOFILE=`){advice}, \
+             or accepting fails with EMFILE under load"
         )
     })
 }
@@ -1323,5 +1329,10 @@ Max open files            1024                 524288               files     \n
         assert!(w.contains("20256") && w.contains("is 1024") && w.contains("to 384"), "{w}");
         assert_eq!(descriptor_warning(10_000, Some(1 << 20)), None);
         assert_eq!(descriptor_warning(10_000, None), None);
+        // A limit that leaves no room for connections: no `max_connections` fits, and 0
+        // (which is no valid value) is not offered as one.
+        let w = descriptor_warning(10_000, Some(64)).unwrap_or_default();
+        assert!(w.contains("is 64") && !w.contains("to 0") && w.contains("raise it"), "{w}");
+        assert!(w.contains("leaves no room"), "{w}");
     }
 }
