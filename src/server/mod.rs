@@ -814,6 +814,37 @@ fn rejected(state: &State, stage: &'static str, problems: Vec<String>) -> bool {
     false
 }
 
+/// How long a listener waits after a failed `accept` before it tries again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A listener's failed `accept`: out of file descriptors (EMFILE, ENFILE: more clients
+/// than `ulimit -n` allows), or out of kernel memory. The connection stays in the kernel's
+/// backlog; the listener waits [`ACCEPT_BACKOFF`] (it neither spins nor stops: it accepts
+/// again as soon as a descriptor is free), counts the failure in
+/// `portcullis_accept_errors_total`, and reports on stderr at most once per
+/// [`per_client::REPORT_EVERY`] with the number since its last report, never a line per
+/// retry (20 a second for as long as the clients stay).
+pub(crate) async fn accept_failed(
+    listener: &str,
+    error: &std::io::Error,
+    report: &mut per_client::Throttle,
+) {
+    crate::metrics::global().accept_errors.fetch_add(1, Ordering::Relaxed);
+    if let Some(n) = report.note(std::time::Instant::now()) {
+        tracing::warn!(
+            listener,
+            %error,
+            failed = n,
+            "{listener}: accept failed {n} time(s) since the last report ({error}); retried \
+             every {}ms, reported at most every {}s (portcullis_accept_errors_total counts \
+             each); out of file descriptors: raise `ulimit -n` or lower server.max_connections",
+            ACCEPT_BACKOFF.as_millis(),
+            per_client::REPORT_EVERY.as_secs()
+        );
+    }
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+}
+
 async fn accept_loop(
     listener: TcpListener,
     tls: bool,
@@ -825,13 +856,18 @@ async fn accept_loop(
 ) {
     // The port clients connect to (`X-Forwarded-Port`): the listener's, read once.
     let local_port = listener.local_addr().ok().map(|a| a.port());
+    let name = match listener.local_addr() {
+        Ok(a) if tls => format!("https listener {a}"),
+        Ok(a) => format!("plain HTTP listener {a}"),
+        Err(_) => "listener".to_string(),
+    };
+    let mut failures = per_client::Throttle::default();
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_failed(&name, &e, &mut failures).await;
                     continue;
                 }
             },
@@ -1060,6 +1096,11 @@ async fn admin_loop(listener: TcpListener, state: Arc<State>, mut stop: watch::R
     use crate::admin::Slot;
     // Oldest first; a slot is gone once its connection's task has ended.
     let mut slots: std::collections::VecDeque<std::sync::Weak<Slot>> = Default::default();
+    let name = match listener.local_addr() {
+        Ok(a) => format!("admin listener {a}"),
+        Err(_) => "admin listener".to_string(),
+    };
+    let mut failures = per_client::Throttle::default();
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -1068,8 +1109,7 @@ async fn admin_loop(listener: TcpListener, state: Arc<State>, mut stop: watch::R
         let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                accept_failed(&name, &e, &mut failures).await;
                 continue;
             }
         };
