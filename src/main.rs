@@ -256,10 +256,14 @@ fn init_logging(format: &str) {
         std::io::stderr().is_terminal(),
         std::env::var_os("NO_COLOR").as_deref(),
     );
+    // A failed write to stderr (EPIPE: the reader of the pipe is gone) loses the line and
+    // nothing else: tracing's own report of the failure would go to stderr with
+    // `eprintln!`, which panics there, in whichever thread was logging.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+        .with_ansi(ansi)
+        .log_internal_errors(false);
     if format == "json" {
         b.json().init();
     } else {
@@ -365,7 +369,7 @@ where
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            portcullis::util::stderr_line(&format_args!("error: {e}"));
             ExitCode::FAILURE
         }
     }

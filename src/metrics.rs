@@ -191,6 +191,8 @@ pub struct Metrics {
     /// Client connections dropped because the client took nothing of what it was sent
     /// for `server.send_timeout`, or did not finish closing.
     pub stalled_connections_closed: AtomicU64,
+    /// Failed `accept` calls on the client, admin and database listeners.
+    pub accept_errors: AtomicU64,
     /// Client connections closed at accept, unserved, by reason (`per-client-limit`:
     /// `server.max_connections_per_client`, [`crate::server::per_client`]).
     pub connections_refused: Family<&'static str>,
@@ -455,6 +457,13 @@ impl Metrics {
             "counter",
             "Client connections dropped because the client took nothing of what it was sent for send_timeout, or did not finish closing.",
             self.stalled_connections_closed.load(Ordering::Relaxed),
+        );
+        scalar(
+            &mut out,
+            "portcullis_accept_errors_total",
+            "counter",
+            "Failed accepts on the client, admin and database listeners (EMFILE: out of file descriptors), each retried after 50 ms.",
+            self.accept_errors.load(Ordering::Relaxed),
         );
         family(
             &mut out,

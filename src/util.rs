@@ -22,6 +22,14 @@ pub fn stderr_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr
     stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
+/// Writes one line to stderr, ignoring a failure: a closed or reader-less stderr (a log
+/// shipper that went away: EPIPE) costs the line, never the process, where `eprintln!`
+/// panics.
+pub fn stderr_line(line: &dyn std::fmt::Display) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// Reads a file the operator named (configuration, policy, secret), refusing what would
 /// hang or exhaust memory: more than `limit` bytes (`/dev/zero`), and, when
 /// `regular_only`, anything but a regular file after following symlinks (a FIFO would

@@ -264,13 +264,17 @@ impl Hub {
         // listener (its port) when a reload hands it to another route.
         let seats = Arc::new(Semaphore::new(SEATS));
         let waiters = Arc::new(Semaphore::new(WAITERS));
+        let name = match listener.local_addr() {
+            Ok(a) => format!("database listener {a}"),
+            Err(_) => "database listener".to_string(),
+        };
+        let mut failures = crate::server::per_client::Throttle::default();
         let closed = loop {
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        crate::server::accept_failed(&name, &e, &mut failures).await;
                         continue;
                     }
                 },

@@ -814,6 +814,37 @@ fn rejected(state: &State, stage: &'static str, problems: Vec<String>) -> bool {
     false
 }
 
+/// How long a listener waits after a failed `accept` before it tries again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A listener's failed `accept`: out of file descriptors (EMFILE, ENFILE: more clients
+/// than `ulimit -n` allows), or out of kernel memory. The connection stays in the kernel's
+/// backlog; the listener waits [`ACCEPT_BACKOFF`] (it neither spins nor stops: it accepts
+/// again as soon as a descriptor is free), counts the failure in
+/// `portcullis_accept_errors_total`, and reports on stderr at most once per
+/// [`per_client::REPORT_EVERY`] with the number since its last report, never a line per
+/// retry (20 a second for as long as the clients stay).
+pub(crate) async fn accept_failed(
+    listener: &str,
+    error: &std::io::Error,
+    report: &mut per_client::Throttle,
+) {
+    crate::metrics::global().accept_errors.fetch_add(1, Ordering::Relaxed);
+    if let Some(n) = report.note(std::time::Instant::now()) {
+        tracing::warn!(
+            listener,
+            %error,
+            failed = n,
+            "{listener}: accept failed {n} time(s) since the last report ({error}); retried \
+             every {}ms, reported at most every {}s (portcullis_accept_errors_total counts \
+             each); out of file descriptors: raise `ulimit -n` or lower server.max_connections",
+            ACCEPT_BACKOFF.as_millis(),
+            per_client::REPORT_EVERY.as_secs()
+        );
+    }
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+}
+
 async fn accept_loop(
     listener: TcpListener,
     tls: bool,
@@ -825,13 +856,18 @@ async fn accept_loop(
 ) {
     // The port clients connect to (`X-Forwarded-Port`): the listener's, read once.
     let local_port = listener.local_addr().ok().map(|a| a.port());
+    let name = match listener.local_addr() {
+        Ok(a) if tls => format!("https listener {a}"),
+        Ok(a) => format!("plain HTTP listener {a}"),
+        Err(_) => "listener".to_string(),
+    };
+    let mut failures = per_client::Throttle::default();
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_failed(&name, &e, &mut failures).await;
                     continue;
                 }
             },
@@ -1010,11 +1046,17 @@ fn descriptor_warning(max_connections: usize, open_files: Option<u64>) -> Option
     let limit = open_files?;
     let needed = 2 * max_connections as u64 + 256;
     (limit < needed).then(|| {
+        let fits = limit.saturating_sub(256) / 2;
+        let advice = if fits == 0 {
+            " (this limit leaves no room for connections beyond the process's own files)"
+                .to_string()
+        } else {
+            format!(" or lower max_connections to {fits}")
+        };
         format!(
             "server.max_connections = {max_connections} may need about {needed} file descriptors, and the \
-             open-files limit is {limit}: raise it (`ulimit -n`, systemd `LimitNOFILE=`) or lower \
-             max_connections to {}, or accepting fails with EMFILE under load",
-            limit.saturating_sub(256) / 2
+             open-files limit is {limit}: raise it (`ulimit -n`, systemd `LimitNOFILE=`){advice}, \
+             or accepting fails with EMFILE under load"
         )
     })
 }
@@ -1054,6 +1096,11 @@ async fn admin_loop(listener: TcpListener, state: Arc<State>, mut stop: watch::R
     use crate::admin::Slot;
     // Oldest first; a slot is gone once its connection's task has ended.
     let mut slots: std::collections::VecDeque<std::sync::Weak<Slot>> = Default::default();
+    let name = match listener.local_addr() {
+        Ok(a) => format!("admin listener {a}"),
+        Err(_) => "admin listener".to_string(),
+    };
+    let mut failures = per_client::Throttle::default();
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -1062,8 +1109,7 @@ async fn admin_loop(listener: TcpListener, state: Arc<State>, mut stop: watch::R
         let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                accept_failed(&name, &e, &mut failures).await;
                 continue;
             }
         };
@@ -1211,7 +1257,7 @@ pub(crate) async fn grace_over(rx: &mut watch::Receiver<bool>) {
 /// Loads a configuration to serve, printing every diagnostic and every failing policy
 /// test (either refuses it) on stderr; for `serve`. The error is the number of problems.
 pub fn load_or_report(path: &Path) -> Result<Config, usize> {
-    load_or_report_to(path, &mut |line| eprintln!("{line}"))
+    load_or_report_to(path, &mut |line| crate::util::stderr_line(&line))
 }
 
 /// [`load_or_report`], each line handed to `emit` (`serve --log-format json` logs them
@@ -1323,5 +1369,10 @@ Max open files            1024                 524288               files     \n
         assert!(w.contains("20256") && w.contains("is 1024") && w.contains("to 384"), "{w}");
         assert_eq!(descriptor_warning(10_000, Some(1 << 20)), None);
         assert_eq!(descriptor_warning(10_000, None), None);
+        // A limit that leaves no room for connections: no `max_connections` fits, and 0
+        // (which is no valid value) is not offered as one.
+        let w = descriptor_warning(10_000, Some(64)).unwrap_or_default();
+        assert!(w.contains("is 64") && !w.contains("to 0") && w.contains("raise it"), "{w}");
+        assert!(w.contains("leaves no room"), "{w}");
     }
 }

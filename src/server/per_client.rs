@@ -66,7 +66,7 @@ struct Table {
 /// Counts events and says when a report of them is due: the first at once, then at
 /// most one per [`REPORT_EVERY`], each with the number since the last.
 #[derive(Debug, Default)]
-struct Throttle {
+pub(crate) struct Throttle {
     unreported: u64,
     last: Option<Instant>,
 }
@@ -185,7 +185,7 @@ impl Drop for ClientGuard {
 
 impl Throttle {
     /// Notes one event at `now`; `Some(events since the last report)` when a report is due.
-    fn note(&mut self, now: Instant) -> Option<u64> {
+    pub(crate) fn note(&mut self, now: Instant) -> Option<u64> {
         self.unreported = self.unreported.saturating_add(1);
         let due = self.last.is_none_or(|at| now.saturating_duration_since(at) >= REPORT_EVERY);
         due.then(|| {

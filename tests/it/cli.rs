@@ -807,6 +807,172 @@ async fn serve_reloads_on_sighup_and_file_change_and_drains_on_sigterm() {
     }
 }
 
+/// A log shipper that goes away (the reader of a `serve 2>&1 | shipper` pipe restarted,
+/// a sidecar killed) leaves stderr a pipe with no reader: every diagnostic then fails
+/// with EPIPE. That must cost the diagnostics, never the proxy: it starts, serves,
+/// reloads and drains as before, and exits 0. (`eprintln!`, and tracing's own report of
+/// a failed write, panic on EPIPE: the process exited 101 at its first line.)
+#[tokio::test]
+async fn serve_outlives_the_reader_of_its_stderr() {
+    for format in ["text", "json"] {
+        let w = World::with(Setup {
+            policies: vec![("api".into(), ONLY_MAIN.into())],
+            ..Setup::default()
+        })
+        .await;
+        let port = free_port();
+        let cfg = std::fs::read_to_string(w.config_path())
+            .unwrap_or_default()
+            .replace("https = \"127.0.0.1:0\"", &format!("https = \"127.0.0.1:{port}\""));
+        let path = w.dir.path().join("served.toml");
+        write(&path, &cfg);
+        let child = Command::new(BIN)
+            .args(["serve", "-c", &path.to_string_lossy(), "--log-format", format])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut child = Killed(child);
+        // The reader is gone before the process has logged anything it did not buffer.
+        drop(child.0.stderr.take());
+        let c = client(&w.pki, false);
+        let get = |token: String| {
+            let (c, url) = (c.clone(), format!("https://localhost:{port}/x"));
+            async move {
+                let auth = format!("Bearer {token}");
+                send_with(&c, Method::GET, &url, &[("authorization", &auth)], Bytes::new())
+                    .await
+                    .status
+            }
+        };
+        let mut status = StatusCode::SERVICE_UNAVAILABLE;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                status = get(w.token("bb", &[])).await;
+                if status == StatusCode::OK {
+                    break;
+                }
+            }
+            if let Ok(Some(s)) = child.0.try_wait() {
+                panic!("{format}: serve exited ({s}) with its stderr unread");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(status, StatusCode::OK, "{format}: serving");
+        // A reload (SIGHUP) logs as it applies the widened policy.
+        let feature = w.token("bb", &["branchName=feature/x"]);
+        assert_eq!(get(feature.clone()).await, StatusCode::FORBIDDEN);
+        write(&w.policy_path("api"), FEATURE_TOO);
+        let pid = child.0.id().to_string();
+        let _ = Command::new("kill").args(["-HUP", &pid]).status();
+        let mut allowed = false;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if get(feature.clone()).await == StatusCode::OK {
+                allowed = true;
+                break;
+            }
+        }
+        assert!(allowed, "{format}: the reload was applied");
+        // The drain logs too, and the exit is a clean one.
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let mut code = None;
+        for _ in 0..100 {
+            if let Ok(Some(s)) = child.0.try_wait() {
+                code = s.code();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(code, Some(0), "{format}: serve exits 0 after a drain with stderr unread");
+    }
+}
+
+/// One plain HTTP/1.0 GET to the admin listener on `port`: the response, or `None`
+/// when it cannot be had within 2 s.
+fn admin_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.starts_with("HTTP/1.0 200").then_some(out)
+}
+
+/// Out of file descriptors (`ulimit -n` low, more clients than descriptors), each
+/// listener's accept fails with EMFILE until one is free. It must back off (not spin),
+/// count the failures in `/metrics`, report them on stderr at most every 10 s (not one
+/// line per retry: 20 a second per listener, for as long as the clients stay), and serve
+/// again once descriptors are free.
+#[tokio::test]
+async fn accept_failures_out_of_descriptors_are_counted_and_reported_sparingly() {
+    let w =
+        World::with(Setup { policies: vec![("api".into(), ONLY_MAIN.into())], ..Setup::default() })
+            .await;
+    let (port, admin) = (free_port(), free_port());
+    let cfg = std::fs::read_to_string(w.config_path())
+        .unwrap_or_default()
+        .replace("https = \"127.0.0.1:0\"", &format!("https = \"127.0.0.1:{port}\""))
+        .replace("admin = \"127.0.0.1:0\"", &format!("admin = \"127.0.0.1:{admin}\""))
+        .replace("[server]", "[server]\nmax_connections = 1000");
+    let path = w.dir.path().join("served.toml");
+    write(&path, &cfg);
+    let script = format!("ulimit -n 64 && exec {BIN} serve -c \"$1\"");
+    let child = Command::new("sh")
+        .args(["-c", &script, "sh", &path.to_string_lossy()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut child = Killed(child);
+    let lines = stderr_lines(&mut child.0);
+    let mut stderr = Vec::new();
+    let mut up = false;
+    for _ in 0..100 {
+        if admin_get(admin, "/healthz").is_some() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "the admin listener answers");
+    // More clients than descriptors: the kernel completes their handshakes (backlog),
+    // the process cannot accept them.
+    let held: Vec<std::net::TcpStream> =
+        (0..120).filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok()).collect();
+    assert!(held.len() > 64, "connected {}", held.len());
+    wait_for_line(&lines, &mut stderr, "accept failed", 1);
+    // Held a while longer: retried every 50 ms, reported once.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(held);
+    let mut metrics = None;
+    for _ in 0..100 {
+        metrics = admin_get(admin, "/metrics");
+        if metrics.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = metrics.unwrap_or_else(|| panic!("/metrics answers again"));
+    let failed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_accept_errors_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("portcullis_accept_errors_total in {metrics}"));
+    stderr.extend(lines.try_iter());
+    let reported = stderr.iter().filter(|l| l.contains("accept failed")).count();
+    assert!(failed >= 1, "{failed}");
+    // One per listener (the https one, and the admin one if a scrape met EMFILE too).
+    assert!(reported <= 2, "one report per listener per 10 s, not one per retry: {stderr:#?}");
+    // Descriptors free again: it serves.
+    let c = client(&w.pki, false);
+    let auth = format!("Bearer {}", w.token("bb", &[]));
+    let url = format!("https://localhost:{port}/x");
+    let r = send_with(&c, Method::GET, &url, &[("authorization", &auth)], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
 /// `child`'s stderr, line by line as it comes (read on a thread of its own).
 fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     let (tx, lines) = std::sync::mpsc::channel();
