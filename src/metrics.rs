@@ -185,6 +185,9 @@ pub struct Metrics {
     pub redis_sign_outs_unshared: AtomicU64,
     /// Shadow-policy disagreements by route.
     pub shadow_disagreements: Family<Arc<str>>,
+    /// Client connections open now, HTTP and database: each counted by an
+    /// [`OpenConnection`] held as long as the connection (after a WebSocket upgrade, its
+    /// tunnel) lasts.
     pub connections_open: AtomicU64,
     /// Client connections closed after `server.idle_timeout` with no request in flight.
     pub idle_connections_closed: AtomicU64,
@@ -625,6 +628,33 @@ fn escape(s: &str) -> String {
 pub fn global() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::default)
+}
+
+/// One client connection in `portcullis_connections_open`, from when it is made until it
+/// is dropped: held by whatever holds the connection's `max_connections` place (an HTTP
+/// connection's [`crate::http::activity::Activity`], which a WebSocket tunnel keeps; a
+/// database connection's task), so the gauge ends when the connection does, not when
+/// the HTTP server hands an upgraded one to its tunnel.
+#[derive(Debug)]
+pub struct OpenConnection(());
+
+impl OpenConnection {
+    pub fn new() -> Self {
+        global().connections_open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(())
+    }
+}
+
+impl Default for OpenConnection {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        global().connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]

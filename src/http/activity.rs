@@ -55,6 +55,9 @@ pub struct Activity {
     /// The connection's place in its client's count (`max_connections_per_client`), held
     /// exactly as long as the slot.
     _client: Option<ClientGuard>,
+    /// The connection in `portcullis_connections_open`, counted as long as its slot is
+    /// held (a WebSocket tunnel outlives the HTTP connection it came from).
+    _open: Option<crate::metrics::OpenConnection>,
     /// Where the slot came from: a request beyond the connection's first in flight
     /// (HTTP/2 streams) takes one more, as it can hold an upstream socket of its own.
     slots: Option<Arc<Semaphore>>,
@@ -100,6 +103,7 @@ impl Activity {
             read_at_idle: AtomicU64::new(0),
             http2: AtomicBool::new(false),
             shut: AtomicBool::new(false),
+            _open: slot.as_ref().map(|_| crate::metrics::OpenConnection::new()),
             _slot: slot,
             _client: client,
             slots,

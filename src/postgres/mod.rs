@@ -329,9 +329,10 @@ impl Hub {
             let name = route.borrow_and_update().clone();
             let stop = shutdown.clone();
             sessions.spawn(async move {
-                // Both given back however the session ends (its task is dropped when
-                // aborted at shutdown).
+                // Both given back, and the connection no longer counted open, however
+                // the session ends (its task is dropped when aborted at shutdown).
                 let _held = client;
+                let _open = crate::metrics::OpenConnection::new();
                 session::run(hub, name, stream, peer, stop, place).await;
             });
             // Reap finished sessions so the set does not grow without bound.

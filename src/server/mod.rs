@@ -905,11 +905,10 @@ async fn accept_loop(
         let mut cut = cut.clone();
         let slots = limit.clone();
         tokio::spawn(async move {
-            // The slot (and the client's count) is held by the connection and, after a
+            // The slot (and the client's count, and the connection's place in
+            // `portcullis_connections_open`) is held by the connection and, after a
             // WebSocket upgrade, by its tunnel.
             let activity = Activity::new(Some(permit), Some(client), Some(slots));
-            let m = crate::metrics::global();
-            m.connections_open.fetch_add(1, Ordering::Relaxed);
             let conn = |tls| ConnInfo::new(peer, local_port, tls, trusted_peer, activity.clone());
             let http = Http { builder: &builder, shared, sink, timeouts };
             let serve = async {
@@ -932,7 +931,6 @@ async fn accept_loop(
                     activity.shut();
                 } => {}
             }
-            m.connections_open.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }

@@ -1318,71 +1318,123 @@ async fn pgbench_initializes_and_runs_through_the_proxy() {
     assert_no_secrets(&w, &[&token]);
 }
 
+/// `portcullis demo --postgres URL` as a process of its own (its metrics its own, not
+/// shared with the tests running in this one), ready: its banner printed.
+struct DemoProcess {
+    child: tokio::process::Child,
+    dir: tempfile::TempDir,
+    https: u16,
+    admin: u16,
+    db: u16,
+    token: String,
+}
+
+impl DemoProcess {
+    async fn start(pg: &PgServer) -> DemoProcess {
+        const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (https, admin, db) = (free_port(), free_port(), free_port());
+        let url = format!("postgres://app:{APP_PW}@127.0.0.1:{}/appdb", pg.port);
+        let mut child = tokio::process::Command::new(BIN)
+            .args([
+                "demo",
+                "--listen",
+                &format!("127.0.0.1:{https}"),
+                "--admin",
+                &format!("127.0.0.1:{admin}"),
+            ])
+            .args([
+                "--postgres-listen",
+                &format!("127.0.0.1:{db}"),
+                "--state-dir",
+                &dir.path().to_string_lossy(),
+            ])
+            .env("PORTCULLIS_DEMO_POSTGRES", &url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("demo: {e}"));
+        let stdout = child.stdout.take().unwrap_or_else(|| panic!("stdout"));
+        let mut lines = tokio::io::BufReader::new(stdout);
+        let mut banner = String::new();
+        let ready = tokio::time::timeout(Duration::from_secs(60), async {
+            use tokio::io::AsyncBufReadExt;
+            let mut line = String::new();
+            while lines.read_line(&mut line).await.unwrap_or(0) > 0 {
+                banner.push_str(&line);
+                if line.contains("sslmode=verify-full") {
+                    return true;
+                }
+                line.clear();
+            }
+            false
+        })
+        .await;
+        assert!(matches!(ready, Ok(true)), "demo banner: {banner}");
+        assert!(!banner.contains(APP_PW), "the banner never shows the upstream password");
+        // The audit events go on to stdout: read them away so the demo never blocks.
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut lines, &mut tokio::io::sink()).await;
+        });
+        let token = Command::new(BIN)
+            .args(["dev", "token", "--state-dir", &dir.path().to_string_lossy()])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        DemoProcess { child, dir, https, admin, db, token }
+    }
+
+    /// `psql` to the demo's database route as `user`, verifying the demo's CA.
+    fn psql(&self, pg: &PgServer, user: &str, args: &[&str]) -> tokio::process::Command {
+        let ca = self.dir.path().join("ca.pem");
+        let conn = format!(
+            "host=127.0.0.1 port={} sslmode=verify-full sslrootcert={} dbname=appdb user={user}",
+            self.db,
+            ca.to_string_lossy()
+        );
+        let mut c = tokio::process::Command::new(pg.bin.join("psql"));
+        c.env("PGPASSWORD", &self.token).args(["-X", "-A", "-t", "-w", &conn]).args(args);
+        c.kill_on_drop(true);
+        c
+    }
+
+    /// A sample of the demo's `/metrics` (no labels), polled until it reads `want` (at
+    /// most 5 s); what it read last.
+    async fn metric(&self, name: &str, want: u64) -> Option<u64> {
+        let mut last = None;
+        for _ in 0..100 {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.admin))
+                .await
+                .unwrap_or_else(|e| panic!("admin: {e}"));
+            let text = raw_exchange(
+                tcp,
+                "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            last = text
+                .lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+                .and_then(|v| v.trim().parse().ok());
+            if last == Some(want) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        last
+    }
+}
+
 /// The README flow: `portcullis demo --postgres URL`, a token from `portcullis dev token`,
 /// and stock `psql` with `sslmode=verify-full` against the demo's CA, as the banner prints it.
 #[tokio::test]
 async fn the_demo_serves_a_database_route_for_psql() {
     let Some(pg) = pg() else { return };
-    const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let (https, admin, db) = (free_port(), free_port(), free_port());
-    let url = format!("postgres://app:{APP_PW}@127.0.0.1:{}/appdb", pg.port);
-    let mut child = tokio::process::Command::new(BIN)
-        .args([
-            "demo",
-            "--listen",
-            &format!("127.0.0.1:{https}"),
-            "--admin",
-            &format!("127.0.0.1:{admin}"),
-        ])
-        .args([
-            "--postgres-listen",
-            &format!("127.0.0.1:{db}"),
-            "--state-dir",
-            &dir.path().to_string_lossy(),
-        ])
-        .env("PORTCULLIS_DEMO_POSTGRES", &url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("demo: {e}"));
-    let stdout = child.stdout.take().unwrap_or_else(|| panic!("stdout"));
-    let mut lines = tokio::io::BufReader::new(stdout);
-    let mut banner = String::new();
-    let ready = tokio::time::timeout(Duration::from_secs(60), async {
-        use tokio::io::AsyncBufReadExt;
-        let mut line = String::new();
-        while lines.read_line(&mut line).await.unwrap_or(0) > 0 {
-            banner.push_str(&line);
-            if line.contains("sslmode=verify-full") {
-                return true;
-            }
-            line.clear();
-        }
-        false
-    })
-    .await;
-    assert!(matches!(ready, Ok(true)), "demo banner: {banner}");
-    assert!(!banner.contains(APP_PW), "the banner never shows the upstream password");
-    let config = std::fs::read_to_string(dir.path().join("portcullis.toml")).unwrap_or_default();
+    let mut demo = DemoProcess::start(pg).await;
+    let config =
+        std::fs::read_to_string(demo.dir.path().join("portcullis.toml")).unwrap_or_default();
     assert!(config.contains("[[databases]]") && !config.contains(APP_PW), "{config}");
-    let token = Command::new(BIN)
-        .args(["dev", "token", "--state-dir", &dir.path().to_string_lossy()])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let psql = |user: &'static str| {
-        let ca = dir.path().join("ca.pem");
-        let ca = ca.to_string_lossy();
-        let conn = format!(
-            "host=127.0.0.1 port={db} sslmode=verify-full sslrootcert={ca} dbname=appdb user={user}"
-        );
-        tokio::process::Command::new(pg.bin.join("psql"))
-            .env("PGPASSWORD", &token)
-            .args(["-X", "-A", "-t", "-w", &conn, "-c", "select 1"])
-            .output()
-    };
+    let psql = |user: &'static str| demo.psql(pg, user, &["-c", "select 1"]).output();
     let out = tokio::time::timeout(Duration::from_secs(30), psql("app")).await;
     let out = out.unwrap_or_else(|_| panic!("psql hung")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
@@ -1397,7 +1449,81 @@ async fn the_demo_serves_a_database_route_for_psql() {
         String::from_utf8_lossy(&out.stderr).contains("policy-denied"),
         "the demo policy keeps everyone off the postgres role"
     );
-    let _ = child.kill().await;
+    let _ = demo.child.kill().await;
+}
+
+/// `portcullis_connections_open` counts every client connection open, as metrics.md says:
+/// a database session and a WebSocket tunnel too, for as long as they last. It counted
+/// HTTP connections only, and only until a WebSocket upgrade handed the connection to its
+/// tunnel (which keeps its `max_connections` slot): with every slot held by sessions and
+/// tunnels, the gauge said 0. In a demo process of its own: the gauge is process-wide,
+/// and the tests of this binary run side by side.
+#[tokio::test]
+async fn connections_open_counts_database_sessions_and_websocket_tunnels() {
+    use futures_util::{SinkExt, StreamExt};
+    use rustls_pki_types::pem::PemObject as _;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    let Some(pg) = pg() else { return };
+    let mut demo = DemoProcess::start(pg).await;
+    const OPEN: &str = "portcullis_connections_open";
+    assert_eq!(demo.metric(OPEN, 0).await, Some(0));
+
+    // A database session, held open by psql waiting on its stdin.
+    let mut psql = demo
+        .psql(pg, "app", &["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("psql: {e}"));
+    let mut stdin = psql.stdin.take().unwrap_or_else(|| panic!("stdin"));
+    let mut out = tokio::io::BufReader::new(psql.stdout.take().unwrap_or_else(|| panic!("out")));
+    stdin.write_all(b"select 'session-open';\n").await.unwrap_or_else(|e| panic!("{e}"));
+    stdin.flush().await.unwrap_or_else(|e| panic!("{e}"));
+    let mut line = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), out.read_line(&mut line)).await;
+    assert!(matches!(read, Ok(Ok(n)) if n > 0) && line.trim() == "session-open", "{line:?}");
+    assert_eq!(demo.metric(OPEN, 1).await, Some(1), "the database session");
+
+    // A WebSocket tunnel to the demo's echo upstream.
+    let ca = rustls_pki_types::CertificateDer::from_pem_file(demo.dir.path().join("ca.pem"))
+        .unwrap_or_else(|e| panic!("ca.pem: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap_or_else(|e| panic!("{e}"));
+    let mut tls = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+        .unwrap_or_else(|e| panic!("{e}"));
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", demo.https))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let name =
+        rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap_or_else(|e| panic!("{e}"));
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .unwrap_or_else(|e| panic!("TLS: {e}"));
+    let mut req = format!("wss://127.0.0.1:{}/ws", demo.https)
+        .into_client_request()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let bearer = format!("Bearer {}", demo.token);
+    req.headers_mut().insert("authorization", bearer.parse().unwrap_or_else(|e| panic!("{e:?}")));
+    let (mut ws, _) = tokio_tungstenite::client_async(req, stream)
+        .await
+        .unwrap_or_else(|e| panic!("ws connect: {e}"));
+    ws.send(Message::text("hi")).await.unwrap_or_else(|e| panic!("{e}"));
+    let echoed = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    assert!(matches!(echoed, Ok(Some(Ok(Message::Text(_))))), "{echoed:?}");
+    assert_eq!(demo.metric(OPEN, 2).await, Some(2), "the session and the tunnel");
+
+    // Each ends, and the gauge follows.
+    drop(ws);
+    assert_eq!(demo.metric(OPEN, 1).await, Some(1), "the tunnel closed");
+    drop(stdin);
+    let _ = tokio::time::timeout(Duration::from_secs(30), psql.wait()).await;
+    assert_eq!(demo.metric(OPEN, 0).await, Some(0), "the session closed");
+    let _ = demo.child.kill().await;
 }
 
 /// pgbench's `-M extended` and `-M prepared` in pipeline mode (`\startpipeline`): every
