@@ -172,12 +172,14 @@ pub fn refused_by_server(
         && conn.activity.read_since_idle()
     {
         // The client closed the connection part-way through a request head, cleanly or
-        // not (a TLS client gone without `close_notify`, a reset): a request cut
-        // mid-body has its own event, and marks the connection idle when it ends.
+        // not (a TLS client gone without `close_notify`, a reset), or right after a
+        // whole one, before hyper handed it on (HTTP/1 half-closes are not supported:
+        // the EOF ends the connection): a request cut mid-body has its own event, and
+        // marks the connection idle when it ends.
         (
             CLIENT_CLOSED,
             Reason::ClientClosed,
-            "the client went away before its request head was complete",
+            "the client went away before its request head was read",
         )
     } else if let Some(detail) = http2_refusal(e) {
         (400, Reason::BadRequest, detail)
