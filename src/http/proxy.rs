@@ -36,7 +36,9 @@ use tower::Service;
 
 use super::body::{ClientBody, ProxyBody, RequestBody, RequestBodyError};
 use super::{authority, headers, path, reject, ConnInfo, RequestId};
-use crate::identity::{extract_bearer, Admission, Credential, CredentialSource, Identity};
+use crate::identity::{
+    authorization_holds_a_token, extract_bearer, Admission, Credential, CredentialSource, Identity,
+};
 use crate::policy::{Decision, RequestFacts, RuleRef};
 use crate::reason::Reason;
 use crate::server::Runtime;
@@ -554,6 +556,16 @@ pub async fn handle(
                     out,
                     Reason::AmbiguousCredentials,
                     "both a session cookie and a bearer token",
+                    &rc,
+                )
+            }
+            // A token the upstream may read as its caller's, beside the session's
+            // identity (`authorization_holds_a_token`).
+            (None, Some(_)) if authorization_holds_a_token(req.headers()) => {
+                return rejection(
+                    out,
+                    Reason::AmbiguousCredentials,
+                    "both a session cookie and a JSON Web Token in Authorization",
                     &rc,
                 )
             }

@@ -24,8 +24,8 @@ pub use cache::{LastToken, DEFAULT_CAPACITY as DEFAULT_TOKEN_CACHE_ENTRIES};
 pub use claim_path::ClaimPath;
 pub use token::{MAX_KID_LEN, MAX_TOKEN_LEN};
 pub use verify::{
-    extract_bearer, iat_required, unverified_identity, CredentialSource, SigningKey, Verifier,
-    MAX_LEEWAY,
+    authorization_holds_a_token, extract_bearer, iat_required, unverified_identity,
+    CredentialSource, SigningKey, Verifier, MAX_LEEWAY,
 };
 
 /// The configured name of an issuer (`[issuers.NAME]`), not its URL.

@@ -231,6 +231,43 @@ fn v1_bearer_extraction() {
     assert_eq!(raw(b"Bearer \xff"), Err(Reason::MalformedToken));
     assert_eq!(raw(b"Basic \xff"), Err(Reason::MalformedToken));
     assert_eq!(raw(b"Bearer abc"), Ok(Some("abc".to_owned())));
+    // A token under another scheme, or none, beside a Proxy-Authorization bearer token:
+    // an upstream that verifies tokens itself acts on it (`TrimPrefix(h, "Bearer ")`
+    // returns a bare token whole; `JWT <token>` is djangorestframework-jwt's scheme).
+    for app in [
+        "JWT eyJh.eyJi.c",
+        "Token eyJh.eyJi.c",
+        "eyJh.eyJi.c",
+        "Token token=\"eyJh.eyJi.c\"",
+        "Basic x, Bearer eyJh.eyJi.c",
+        "jwe eyJh.b.c.d.e",
+        "JWT\teyJh.b-_.",
+    ] {
+        assert_eq!(
+            err(&[("authorization", app), ("proxy-authorization", "Bearer t")]),
+            ambiguous,
+            "{app}"
+        );
+        // Alone it is no credential for the proxy.
+        assert_eq!(ok(&[("authorization", app)]), Ok(None), "{app}");
+    }
+    // The application's own credentials are no token: they pass beside it.
+    for app in [
+        "Basic dXNlcjpwdw==",
+        "Digest username=\"u\", realm=\"r\", nonce=\"n.o.n\", uri=\"/\", response=\"x\"",
+        "Negotiate YIIB+w==",
+        "AWS4-HMAC-SHA256 Credential=AKIA/20261127/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=abc",
+        "Token abc",
+        "eyJh.b",
+        "eyJh..c",
+        "a.b.c",
+    ] {
+        assert_eq!(
+            ok(&[("authorization", app), ("proxy-authorization", "Bearer t")]),
+            some("t", ProxyAuthorization),
+            "{app}"
+        );
+    }
 }
 
 #[tokio::test]

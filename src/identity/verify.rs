@@ -117,6 +117,12 @@ pub fn extract_bearer(
             AuthError::new(Reason::MalformedToken, "Proxy-Authorization is not Bearer")
         })?),
     };
+    if authorization.is_none() && proxy.is_some() && authorization_holds_a_token(headers) {
+        return Err(AuthError::new(
+            Reason::AmbiguousCredentials,
+            "a JSON Web Token in Authorization (under another scheme than Bearer, or none) beside a Proxy-Authorization bearer token",
+        ));
+    }
     match (authorization, proxy) {
         (Some(_), Some(_)) => Err(AuthError::new(
             Reason::AmbiguousCredentials,
@@ -126,6 +132,46 @@ pub fn extract_bearer(
         (None, Some(t)) => Ok(Some((t, CredentialSource::ProxyAuthorization))),
         (None, None) => Ok(None),
     }
+}
+
+/// Whether `Authorization` carries a JSON Web Token outside the `Bearer` scheme: a bare
+/// token (`Authorization: eyJ…`), one under a scheme of the application's naming (`JWT`,
+/// `Token`, Rails' `Token token="…"`) or an element of a list (`Basic x, Bearer eyJ…`).
+///
+/// Such a header is not a credential for the proxy, but upstreams that verify tokens
+/// themselves read it as one: Go's `strings.TrimPrefix(h, "Bearer ")` and JavaScript's
+/// `h.replace("Bearer ", "")` return a bare token whole, and djangorestframework-jwt,
+/// Flask-JWT and many configurations of djangorestframework-simplejwt take `JWT <token>`.
+/// Beside a bearer token the proxy verified (in `Proxy-Authorization`, or a session), the
+/// upstream would act on the other token while the proxy authorized and audited the
+/// first, as with `Bearer<TAB>token`. The application's own credentials (`Basic`,
+/// `Digest`, `Negotiate`, AWS signatures) are not three or five base64url segments joined
+/// by dots beginning with an encoded JSON object, so they are not taken for one.
+pub fn authorization_holds_a_token(headers: &http::HeaderMap) -> bool {
+    headers.get_all(AUTHORIZATION).iter().any(|value| {
+        value.as_bytes().split(|b| matches!(b, b' ' | b'\t' | b',')).any(|element| {
+            // `token="eyJ…"` (an auth-param): its value. base64url has no `=`.
+            let value = match element.iter().position(|b| *b == b'=') {
+                Some(i) => &element[i + 1..],
+                None => element,
+            };
+            let value = value.strip_prefix(b"\"").unwrap_or(value);
+            let value = value.strip_suffix(b"\"").unwrap_or(value);
+            compact_jose(value)
+        })
+    })
+}
+
+/// Three (JWS) or five (JWE) base64url segments joined by dots, the first a JSON object
+/// (`eyJ`, base64url of `{"`, as every issuer writes its header) and the second not empty.
+fn compact_jose(s: &[u8]) -> bool {
+    let b64url = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
+    let segments = s.split(|b| *b == b'.');
+    let count = segments.clone().count();
+    matches!(count, 3 | 5)
+        && s.starts_with(b"eyJ")
+        && segments.clone().nth(1).is_some_and(|payload| !payload.is_empty())
+        && segments.into_iter().all(|seg| seg.iter().all(b64url))
 }
 
 /// `Bearer <token68>` → the token; another scheme → `None`.

@@ -392,6 +392,38 @@ async fn proxy_authorization_carries_the_token_and_authorization_stays_the_apps(
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }
 
+/// A token the proxy verified in `Proxy-Authorization` beside another in `Authorization`
+/// under a scheme of the application's naming (`JWT`, `Token`, Rails' `Token token="…"`),
+/// none (a bare token, which Go's `strings.TrimPrefix(h, "Bearer ")` returns whole) or in
+/// a list: the upstream, verifying tokens itself, would act as the second token's holder
+/// while the proxy authorized and audited the first. Refused as ambiguous (400), nothing
+/// forwarded; the application's own `Basic` credentials still pass (above).
+#[tokio::test]
+async fn a_second_token_under_another_scheme_beside_proxy_authorization_is_ambiguous() {
+    let w = World::start().await;
+    let t = w.token("bb", &[]);
+    let other = w.token("bb", &["branchName=feature/x"]);
+    let proxy = format!("Bearer {t}");
+    for value in [
+        format!("JWT {other}"),
+        format!("Token {other}"),
+        other.clone(),
+        format!("Token token=\"{other}\""),
+        format!("Basic eDp5, Bearer {other}"),
+    ] {
+        let headers = [("proxy-authorization", proxy.as_str()), ("authorization", value.as_str())];
+        let r = w.send(Method::GET, "/x", &headers, Bytes::new()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{value}: {}", r.text());
+        assert_eq!(r.json()["error"], "ambiguous-credentials", "{}", r.text());
+        assert_eq!(r.upstream_header("authorization"), None);
+    }
+    // Without a token of the proxy's, such a header is not a credential: 401.
+    let r = w
+        .send(Method::GET, "/x", &[("authorization", &format!("JWT {other}"))], Bytes::new())
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+}
+
 #[tokio::test]
 async fn the_assertion_jwks_is_served() {
     let w = World::start().await;

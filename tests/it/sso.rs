@@ -277,6 +277,27 @@ async fn a_browsers_basic_credentials_reach_the_upstream_beside_the_sessions_ide
     assert_eq!(e["identity"]["subject"], "alice", "{e}");
 }
 
+/// A JSON Web Token in `Authorization` under another scheme than `Bearer` (`JWT`, a bare
+/// token) is no credential for the proxy, but an upstream that verifies tokens itself
+/// takes it for its caller's: beside the session, the upstream would act as the token's
+/// holder while the proxy authorized and audited the session's person. Ambiguous, as a
+/// bearer token beside a session is; `Basic` still passes (above).
+#[tokio::test]
+async fn a_token_under_another_scheme_beside_a_session_is_ambiguous() {
+    let w = sso_world("").await;
+    let mut b = Browser::new();
+    let r = b.sign_in(&w, "/app", "alice", &["engineering"]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let other = w.token("corp", &["sub=mallory"]);
+    for value in [format!("JWT {other}"), other.clone()] {
+        let h = [("authorization", value.as_str())];
+        let r = b.request(&w, Method::GET, &w.url("/app/jwt"), &h, "").await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+        assert!(r.text().contains("ambiguous-credentials"), "{}", r.text());
+        assert_eq!(r.upstream_header("authorization"), None);
+    }
+}
+
 #[tokio::test]
 async fn api_requests_get_401_and_browsers_get_html_rejections() {
     let w = sso_world("").await;
