@@ -679,8 +679,12 @@ fn parse_jwk(
             let components = RsaPublicKeyComponents { n: strip_zeros(&n), e: strip_zeros(&e) };
             // Refused here rather than at every verification, so /readyz and the audit
             // reason tell the truth about a key that could never verify anything.
-            let bits = components.n.len() * 8
-                - components.n.first().map_or(8, |b| b.leading_zeros() as usize);
+            // Zeros stripped, the first byte is not 0; an empty (or all-zero) modulus
+            // has no bits, not a size below zero.
+            let bits = components
+                .n
+                .first()
+                .map_or(0, |b| components.n.len() * 8 - b.leading_zeros() as usize);
             if !(2048..=8192).contains(&bits) {
                 return Err("RSA modulus outside 2048–8192 bits");
             }
@@ -872,6 +876,29 @@ mod tests {
         let mut junk = entries(1);
         junk.extend(std::iter::repeat_n(json!("not a key"), 100));
         assert!(parse_jwks(&json!({ "keys": junk }), &[Algorithm::ES256], "t").is_err());
+        Ok(())
+    }
+
+    /// An RSA JWK whose modulus is empty, or nothing but zero bytes (`"n": ""`,
+    /// `"n": "AA"`): refused as outside 2048–8192 bits, for bearer tokens and sign-ins
+    /// alike. Reading its size subtracted from zero: a panic where arithmetic is checked
+    /// (a debug build, the fuzz build), a wrapped size refused by luck in a release build
+    /// (found by the `jwks` fuzz target).
+    #[test]
+    fn an_rsa_key_with_an_empty_modulus_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let rsa = DevSigner::generate_rs256("rsa")?;
+        for n in ["", "AA", "AAAA"] {
+            let mut jwk = rsa.public_jwk();
+            jwk["n"] = json!(n);
+            let Value::Object(map) = &jwk else { unreachable!() };
+            assert_eq!(
+                parse_jwk(map, &[Algorithm::RS256]).err(),
+                Some("RSA modulus outside 2048–8192 bits"),
+                "n = {n:?}"
+            );
+            assert!(fit_for_verifying(map, &[Algorithm::RS256]).is_err(), "n = {n:?}");
+            assert!(parse_jwks(&json!({ "keys": [jwk] }), &[Algorithm::RS256], "t").is_err());
+        }
         Ok(())
     }
 
