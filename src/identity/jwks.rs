@@ -76,6 +76,11 @@ impl VerifyKey {
     pub fn for_alg(&self, alg: Algorithm) -> Option<&ParsedPublicKey> {
         self.by_alg.iter().find(|(a, _)| *a == alg).map(|(_, k)| k)
     }
+
+    /// The algorithms the key verifies, in the allowlist's order.
+    pub fn algorithms(&self) -> Vec<Algorithm> {
+        self.by_alg.iter().map(|(a, _)| *a).collect()
+    }
 }
 
 /// A complete key set as fetched at one time.
@@ -310,12 +315,7 @@ impl IssuerKeys {
         let result = async {
             let (body, headers) = self.get(&jwks_uri).await?;
             let (allowlist, label) = (self.settings.algorithms.clone(), self.label.clone());
-            let keys = off_the_runtime(move || {
-                let doc: Value =
-                    serde_json::from_slice(&body).map_err(|e| format!("JWKS is not JSON: {e}"))?;
-                parse_jwks(&doc, &allowlist, &label)
-            })
-            .await?;
+            let keys = off_the_runtime(move || read_jwks(&body, &allowlist, &label)).await?;
             Ok(KeySet { keys, fetched_at: Instant::now(), ttl: ttl(&headers, &self.timing) })
         }
         .await;
@@ -494,7 +494,11 @@ pub(crate) async fn off_the_runtime<T: Send + 'static>(
 
 /// §11.1: the `jwks_uri` of a discovery document, which must name exactly `issuer`; the
 /// URI must be https ([`check_fetch_url`]). Run by [`off_the_runtime`].
-fn read_discovery(body: &[u8], issuer: &str, insecure_http: bool) -> Result<Uri, String> {
+pub(crate) fn read_discovery(
+    body: &[u8],
+    issuer: &str,
+    insecure_http: bool,
+) -> Result<Uri, String> {
     #[cfg(test)]
     DOCUMENTS_READ.with(|n| n.set(n.get() + 1));
     let doc: Value =
@@ -509,8 +513,19 @@ fn read_discovery(body: &[u8], issuer: &str, insecure_http: bool) -> Result<Uri,
     check_fetch_url(jwks_uri, insecure_http).map_err(|e| format!("jwks_uri {e}"))
 }
 
+/// A fetched key set document, read: JSON, then [`parse_jwks`]. Run by
+/// [`off_the_runtime`].
+pub(crate) fn read_jwks(
+    body: &[u8],
+    allowlist: &[Algorithm],
+    issuer: &str,
+) -> Result<HashMap<Arc<str>, Arc<VerifyKey>>, String> {
+    let doc: Value = serde_json::from_slice(body).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+    parse_jwks(&doc, allowlist, issuer)
+}
+
 /// `Cache-Control: max-age` clamped (§11.2); the default when absent.
-fn ttl(headers: &http::HeaderMap, timing: &Timing) -> Duration {
+pub(crate) fn ttl(headers: &http::HeaderMap, timing: &Timing) -> Duration {
     let max_age = headers
         .get_all(header::CACHE_CONTROL)
         .iter()
@@ -679,8 +694,12 @@ fn parse_jwk(
             let components = RsaPublicKeyComponents { n: strip_zeros(&n), e: strip_zeros(&e) };
             // Refused here rather than at every verification, so /readyz and the audit
             // reason tell the truth about a key that could never verify anything.
-            let bits = components.n.len() * 8
-                - components.n.first().map_or(8, |b| b.leading_zeros() as usize);
+            // Zeros stripped, the first byte is not 0; an empty (or all-zero) modulus
+            // has no bits, not a size below zero.
+            let bits = components
+                .n
+                .first()
+                .map_or(0, |b| components.n.len() * 8 - b.leading_zeros() as usize);
             if !(2048..=8192).contains(&bits) {
                 return Err("RSA modulus outside 2048–8192 bits");
             }
@@ -872,6 +891,29 @@ mod tests {
         let mut junk = entries(1);
         junk.extend(std::iter::repeat_n(json!("not a key"), 100));
         assert!(parse_jwks(&json!({ "keys": junk }), &[Algorithm::ES256], "t").is_err());
+        Ok(())
+    }
+
+    /// An RSA JWK whose modulus is empty, or nothing but zero bytes (`"n": ""`,
+    /// `"n": "AA"`): refused as outside 2048–8192 bits, for bearer tokens and sign-ins
+    /// alike. Reading its size subtracted from zero: a panic where arithmetic is checked
+    /// (a debug build, the fuzz build), a wrapped size refused by luck in a release build
+    /// (found by the `jwks` fuzz target).
+    #[test]
+    fn an_rsa_key_with_an_empty_modulus_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let rsa = DevSigner::generate_rs256("rsa")?;
+        for n in ["", "AA", "AAAA"] {
+            let mut jwk = rsa.public_jwk();
+            jwk["n"] = json!(n);
+            let Value::Object(map) = &jwk else { unreachable!() };
+            assert_eq!(
+                parse_jwk(map, &[Algorithm::RS256]).err(),
+                Some("RSA modulus outside 2048–8192 bits"),
+                "n = {n:?}"
+            );
+            assert!(fit_for_verifying(map, &[Algorithm::RS256]).is_err(), "n = {n:?}");
+            assert!(parse_jwks(&json!({ "keys": [jwk] }), &[Algorithm::RS256], "t").is_err());
+        }
         Ok(())
     }
 

@@ -727,6 +727,35 @@ pub(crate) fn recheck(
     build_identity(settings, payload, identity.claims.clone(), audiences.len(), &window)
 }
 
+/// What the key set document `body` yields for an issuer whose `algorithms` are
+/// `allowlist`, read as a fetched one is: each key kept, by `kid`, with the algorithms
+/// it verifies (sorted by `kid`), or why the whole set is refused. For the `jwks` fuzz
+/// target; the verifier installs the keys it fetches itself.
+pub fn read_key_set(
+    body: &[u8],
+    allowlist: &[super::Algorithm],
+) -> Result<Vec<(String, Vec<super::Algorithm>)>, String> {
+    let keys = super::jwks::read_jwks(body, allowlist, "-")?;
+    let mut out: Vec<_> =
+        keys.iter().map(|(kid, key)| (kid.to_string(), key.algorithms())).collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The `jwks_uri` a discovery document `body` gives for `issuer` (as the key fetch
+/// reads it: the document names exactly `issuer`, the URI is https, or plain http to a
+/// loopback host with `insecure_http`), or why it is refused. For the `jwks` fuzz target.
+pub fn read_discovery(body: &[u8], issuer: &str, insecure_http: bool) -> Result<String, String> {
+    super::jwks::read_discovery(body, issuer, insecure_http).map(|uri| uri.to_string())
+}
+
+/// How long a key set fetched with the response headers `headers` is fresh: its
+/// `Cache-Control: max-age`, clamped to 5 minutes – 24 hours, or 10 minutes without one.
+/// For the `jwks` fuzz target.
+pub fn key_set_ttl(headers: &http::HeaderMap) -> Duration {
+    super::jwks::ttl(headers, &Timing::default())
+}
+
 /// The identity the verifier would build from `payload` after the signature and the
 /// time and audience checks, **without** those checks: for a policy's `[[test]]`
 /// identities, which must decide as a token with their claims would, and for

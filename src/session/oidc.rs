@@ -345,13 +345,9 @@ impl Provider {
         let allowlist = self.settings.algorithms.clone();
         let body = resp.into_body();
         // Off the runtime thread, as the bearer path's ([`crate::identity::verify::off_the_runtime`]).
-        crate::identity::verify::off_the_runtime(move || {
-            let doc: Value =
-                serde_json::from_slice(&body).map_err(|e| format!("JWKS is not JSON: {e}"))?;
-            login_keys(doc, &allowlist).map_err(|e| e.0)
-        })
-        .await
-        .map_err(LoginError)
+        crate::identity::verify::off_the_runtime(move || read_login_keys(&body, &allowlist))
+            .await
+            .map_err(LoginError)
     }
 
     /// `meta` with its client, without a redirect URI (each request sets its own). Built
@@ -654,6 +650,29 @@ fn login_keys(
         fit.is_ok()
     });
     serde_json::from_value(doc).map_err(|e| LoginError(format!("JWKS: {e}")))
+}
+
+/// A fetched key set document, read for ID tokens: JSON, then [`login_keys`]. Run by
+/// [`crate::identity::verify::off_the_runtime`].
+fn read_login_keys(
+    body: &[u8],
+    allowlist: &[crate::identity::Algorithm],
+) -> Result<LoginKeys, String> {
+    let doc: Value = serde_json::from_slice(body).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+    login_keys(doc, allowlist).map_err(|e| e.0)
+}
+
+/// The `kid`s of the keys the browser sign-in verifies ID tokens with, read from the
+/// key set document `body` as a fetched one is (`None` for a key without one), in the
+/// document's order, or why the whole set is refused. For the `jwks` fuzz target, which
+/// holds them to the keys a bearer token's verification keeps.
+pub fn sign_in_key_ids(
+    body: &[u8],
+    allowlist: &[crate::identity::Algorithm],
+) -> Result<Vec<Option<String>>, String> {
+    use openidconnect::JsonWebKey as _;
+    let keys = read_login_keys(body, allowlist)?;
+    Ok(keys.keys().iter().map(|k| k.key_id().map(|id| id.to_string())).collect())
 }
 
 /// What of a provider's OAuth `error` (an authorization response's or the token
