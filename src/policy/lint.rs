@@ -492,7 +492,11 @@ fn refused_methods(out: &mut Lints<'_>, rule: &Rule) {
 ///   it from the project's protected `main`.
 ///
 /// Pinning what an outsider cannot choose (the event, the workflow file, a protected
-/// ref or environment) closes that.
+/// ref or environment) closes that. On GitHub the workflow file is `workflow_ref`, the
+/// run's top-level (calling) workflow; `job_workflow_ref` names the file the job runs,
+/// which for a reusable workflow is the called one, whatever workflow and event called
+/// it (a `pull_request_target` workflow of the same repository may call it too), so it
+/// pins no caller and does not count.
 fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
     struct Platform {
         preset: Preset,
@@ -508,9 +512,9 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
         Platform {
             preset: Preset::GithubActions,
             name: "GitHub",
-            pins: &["event_name", "environment", "job_workflow_ref", "workflow_ref", "ref_protected"],
+            pins: &["event_name", "environment", "workflow_ref", "ref_protected"],
             ci_pins: &["environment", "tag"],
-            why: "pull_request_target, workflow_run and schedule runs carry the base branch too, so a fork's pull request can set one off; pin claims.event_name, claims.job_workflow_ref or ci.environment",
+            why: "pull_request_target, workflow_run and schedule runs carry the base branch too, so a fork's pull request can set one off; pin claims.event_name, claims.workflow_ref or ci.environment",
         },
         Platform {
             preset: Preset::GitlabCi,
@@ -531,6 +535,8 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
         let mut by_more = false;
         // A pin on the event that admits one an outsider can set off: it pins nothing.
         let mut outsider = None;
+        // A GitHub `claims.job_workflow_ref` pin: the called workflow, not its caller.
+        let mut called = None;
         for c in rule.conditions() {
             match c.matcher() {
                 Matcher::Ci { field: "branch" | "ref", .. } => by_branch = by_branch.or(Some(c)),
@@ -542,6 +548,12 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
                     by_branch = by_branch.or(Some(c))
                 }
                 Matcher::Claim { name, values } => {
+                    if platform.preset == Preset::GithubActions
+                        && &**name == "job_workflow_ref"
+                        && restricts(name, values)
+                    {
+                        called = called.or(Some(c));
+                    }
                     let pin = platform.pins.contains(&&**name) && restricts(name, values);
                     match outsider_event(name, values).filter(|_| pin) {
                         Some(event) => outsider = outsider.or(Some((c, event))),
@@ -570,11 +582,17 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
                     c.label()
                 )
             });
+            let called = called.map_or_else(String::new, |c| {
+                format!(
+                    " (`{}` names the workflow the job runs, which for a reusable workflow is the called one, whatever workflow and event called it, so it pins no caller)",
+                    c.label()
+                )
+            });
             out.push(
                 Severity::Warning,
                 at.loc(),
                 format!(
-                    "allow rule `{}` trusts a {} branch alone (issuer `{issuer}`): {}{event}",
+                    "allow rule `{}` trusts a {} branch alone (issuer `{issuer}`): {}{event}{called}",
                     rule.id(),
                     platform.name,
                     platform.why

@@ -2142,15 +2142,43 @@ fn a_branch_alone_pin_of_wildcards_only_pins_nothing() {
     assert!(warned(&text), "{text}");
     for (issuer, pin, more) in [
         ("github", gh, ", event_name = \"push\""),
-        (
-            "github",
-            gh,
-            ", job_workflow_ref = \"acme/deploy/.github/workflows/d.yml@refs/heads/main\"",
-        ),
+        ("github", gh, ", workflow_ref = \"acme/deploy/.github/workflows/d.yml@refs/heads/main\""),
         ("gitlab", gl, ", pipeline_source = \"push\""),
     ] {
         assert!(!warned(&rule(issuer, pin, more)), "{issuer}: {more}");
     }
+}
+
+/// `claims.job_workflow_ref` silenced the GitHub branch-alone warning, yet for a job of
+/// a reusable workflow it names the called workflow (`acme/automation/.github/workflows/
+/// deploy.yml@refs/heads/main`), whatever workflow and event called it: a
+/// `pull_request_target` workflow of the same repository that calls it gets a token
+/// with `ref = refs/heads/main` and that `job_workflow_ref`. The caller is
+/// `workflow_ref`, which still pins; the warning says why the other does not.
+#[test]
+fn a_called_workflow_pin_does_not_pin_the_caller() {
+    let rule = |pin: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"POST\"\nclaims = {{ repository_owner_id = \"65\", {pin} }}\nci = {{ branch = \"main\" }}\n")
+    };
+    let called = "acme/automation/.github/workflows/deploy.yml@refs/heads/main";
+    let policy = must_parse(&rule(&format!("job_workflow_ref = \"{called}\"")));
+    let warning = policy
+        .warnings()
+        .iter()
+        .map(ToString::to_string)
+        .find(|d| d.contains("branch alone"))
+        .unwrap_or_default();
+    assert!(warning.contains("claims.workflow_ref"), "{warning}");
+    assert!(
+        warning.contains("`claims.job_workflow_ref` names the workflow the job runs"),
+        "{warning}"
+    );
+    let caller = must_parse(&rule(&format!("workflow_ref = \"{called}\"")));
+    assert!(
+        !caller.warnings().iter().any(|d| d.to_string().contains("branch alone")),
+        "{:?}",
+        caller.warnings()
+    );
 }
 
 /// Patterns that read like a pin but match every repository of a shared issuer (or
