@@ -1006,7 +1006,7 @@ fn check_holds_test_identities_to_the_token_types_and_acr_the_verifier_does() {
     let (code, out, err) = run(&["check", "-c", &cfg]);
     assert_eq!(code, 0, "{out}{err}");
     // A login that asks for `acr_values`: a person's identity needs one of them.
-    let login = "login = { client_id = \"x\", client_secret_env = \"S\", extra_params = { acr_values = \"phr mfa\" } }\n[session]\nkeys_file = \"keys\"\n";
+    let login = "login = { client_id = \"x\", client_secret_env = \"PATH\", extra_params = { acr_values = \"phr mfa\" } }\n[session]\nkeys_file = \"keys\"\n";
     write(Path::new(&cfg), &config(login));
     write(
         Path::new(&file),
