@@ -2058,6 +2058,15 @@ async fn a_request_may_carry_100_header_fields_over_either_protocol() {
     assert_eq!(e["reason"], "bad-request", "{e}");
     assert_eq!(e["detail"], "101 request header fields, more than 100", "{e}");
     assert!(e["identity"].is_null(), "refused before authentication: {e}");
+    // A browser gets the HTML page every other refusal gives it, not JSON.
+    let mut html = fields(100);
+    html.push(("accept", "text/html,application/xhtml+xml,*/*;q=0.8"));
+    html.remove(1);
+    let r = send_with(&c, Method::GET, &w.url("/h2-101-html"), &html, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    let ct = r.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(ct.starts_with("text/html"), "{ct}: {}", r.text());
+    assert!(r.text().contains("431") && r.text().contains("bad-request"), "{}", r.text());
 
     // 150 cookie crumbs are one field.
     let crumbs: Vec<String> = (0..150).map(|i| format!("c{i}=v")).collect();
