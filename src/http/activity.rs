@@ -138,7 +138,7 @@ impl Activity {
 
     /// The TLS handshake chose HTTP/2 (ALPN `h2`): the connection speaks HTTP/2 whatever
     /// its first read holds. A client may send the preface a few bytes at a time, and the
-    /// first read's check ([`Activity::note_read`]) then missed it, so one that left
+    /// first read's check (`note_read`) then missed it, so one that left
     /// before a request was audited as an HTTP/1 head cut short (499 `client-closed`).
     /// Without ALPN (cleartext, or a client that offered none) that check is all there is.
     pub fn negotiated_http2(&self) {
