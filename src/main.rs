@@ -217,8 +217,8 @@ enum DevCommand {
         /// unless --claim sub=... is given too.
         #[arg(long = "claim", value_name = "CLAIM")]
         claims: Vec<String>,
-        /// Lifetime in seconds.
-        #[arg(long, default_value_t = 900)]
+        /// Lifetime in seconds, 1 to 86400.
+        #[arg(long, default_value = "900", value_parser = portcullis::dev::token::parse_ttl)]
         ttl: u64,
         /// Print this many distinct tokens, one per line (load tests).
         #[arg(long, default_value_t = 1)]

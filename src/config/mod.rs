@@ -92,8 +92,9 @@ pub struct Attempt {
     pub files: Vec<PathBuf>,
 }
 
-/// Where a secret comes from. Resolved when a server starts, never at `check`, so a
-/// config can be checked where the secret does not exist (CI).
+/// Where a secret comes from. Read when a server starts; a [`LoadMode::Serve`] load
+/// (`check`) also reads a variable, and a file that is there, to refuse one `serve`
+/// could not use; `check --policy-only` reads neither (CI without the secrets).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretSource {
     Env(String),
@@ -1830,19 +1831,25 @@ impl Compiler<'_> {
         (self.diags.len() == start).then_some(settings)
     }
 
-    /// When serving, a secret file that is there must be usable: `check` passed a
-    /// session-keys file of anything and an empty client-secret file, which `serve`
-    /// refused at start. (A variable or a file not there yet is left to `serve`, as
-    /// before.) Errors name the source, never the value.
+    /// When serving, a secret file that is there, and a variable, must be usable: `check`
+    /// passed a session-keys file of anything and an empty client-secret file, and a
+    /// `*_env` variable unset, empty or holding no keys, which `serve` refused at start.
+    /// (A file not there yet is left to `serve`, as before; a [`LoadMode::PolicyOnly`]
+    /// load reads neither.) Errors name the source, never the value.
     fn readable_secret(
         &mut self,
         source: Option<&SecretSource>,
         at: Option<std::ops::Range<usize>>,
         usable: impl Fn(&str) -> Result<(), String>,
     ) {
-        let (Some(source @ SecretSource::File(path)), Some(at)) = (source, at) else { return };
-        if self.mode != LoadMode::Serve || !path.is_file() {
+        let (Some(source), Some(at)) = (source, at) else { return };
+        if self.mode != LoadMode::Serve {
             return;
+        }
+        if let SecretSource::File(path) = source {
+            if !path.is_file() {
+                return;
+            }
         }
         if let Err(e) = source.read().and_then(|v| usable(&v)) {
             self.err(at, e);

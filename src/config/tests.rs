@@ -567,7 +567,7 @@ fn login_and_session_compile_with_defaults() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let text = BASE.replace(
         "audiences = [\"portcullis\"]\n",
-        "audiences = [\"portcullis\"]\nlogin = { client_id = \"portcullis\", client_secret_env = \"OKTA_SECRET\", scopes = [\"openid\", \"email\", \"groups\"] }\n",
+        "audiences = [\"portcullis\"]\nlogin = { client_id = \"portcullis\", client_secret_env = \"PATH\", scopes = [\"openid\", \"email\", \"groups\"] }\n",
     ) + "issuers = [\"corp\"]\n\n[session]\nkeys_file = \"keys\"\ncookie_domain = \".example.com\"\n";
     let c = compile(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
     let s = c.session.as_ref().unwrap_or_else(|| panic!("session"));
@@ -578,7 +578,7 @@ fn login_and_session_compile_with_defaults() {
     assert_eq!(s.keys, SecretSource::File(dir.path().join("keys")));
     let l = &c.logins[0];
     assert_eq!(l.redirect_path, DEFAULT_REDIRECT_PATH);
-    assert_eq!(l.client_secret, SecretSource::Env("OKTA_SECRET".into()));
+    assert_eq!(l.client_secret, SecretSource::Env("PATH".into()));
     assert_eq!(c.routes[0].issuers.as_ref().map(Vec::len), Some(1));
     assert_eq!(c.login_issuers(&c.routes[0]).len(), 1);
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
@@ -1321,7 +1321,7 @@ fn a_sign_in_route_outside_the_cookie_domain_is_a_warning() {
     let warnings = |host: &str| {
         let text = BASE.replace("api.example.com", host).replace(
             "audiences = [\"portcullis\"]\n",
-            "audiences = [\"portcullis\"]\nlogin = { client_id = \"p\", client_secret_env = \"S\", scopes = [\"openid\"] }\n",
+            "audiences = [\"portcullis\"]\nlogin = { client_id = \"p\", client_secret_env = \"PATH\", scopes = [\"openid\"] }\n",
         ) + "\n[session]\nkeys_file = \"keys\"\ncookie_domain = \"example.com\"\n";
         let c = compile(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
         c.warnings.iter().map(|d| format!("{}:{} {}", d.line, d.col, d.message)).collect::<Vec<_>>()
@@ -1804,6 +1804,42 @@ fn secret_files_serve_cannot_use_are_refused_where_named() {
     let e = compile(d, &text(good, " \n")).err().unwrap_or_default();
     assert_eq!(e.len(), 1, "{e:?}");
     assert!(e[0].starts_with("7:49 secret file `") && e[0].ends_with("is empty"), "{e:?}");
+}
+
+/// A `*_env` secret was never looked at before `serve` started: `check` passed a
+/// `client_secret_env` or `[session] keys_env` naming a variable that is not set (or
+/// holds no keys), and `serve` failed at start. Refused where named, as an unusable
+/// secret file is; the value is never quoted. (`check --policy-only` reads none.)
+#[test]
+fn secret_variables_serve_cannot_use_are_refused_where_named() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.path();
+    let unset = "PORTCULLIS_TEST_VARIABLE_NOBODY_SETS";
+    assert!(std::env::var_os(unset).is_none());
+    let text = |keys: &str, secret: &str| {
+        BASE.replace(
+            "audiences = [\"portcullis\"]\n",
+            &format!("audiences = [\"portcullis\"]\nlogin = {{ client_id = \"p\", client_secret_env = \"{secret}\" }}\n"),
+        ) + &format!("\n[session]\nkeys_env = \"{keys}\"\n")
+    };
+    let e = compile(d, &text(unset, unset)).err().unwrap_or_default();
+    assert_eq!(
+        e,
+        [
+            format!("7:48 environment variable `{unset}` is not set"),
+            format!("16:12 environment variable `{unset}` is not set"),
+        ]
+    );
+    // PATH is set, and is no session key: refused, its value not shown.
+    let path = std::env::var("PATH").unwrap_or_default();
+    assert!(!path.is_empty());
+    let e = compile(d, &text("PATH", "PATH")).err().unwrap_or_default();
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("16:12 session key #1 is not base64"), "{e:?}");
+    assert!(!e[0].contains(&path), "{e:?}");
+    // `--policy-only` reads no variable.
+    let src = Source::new(d.join("portcullis.toml"), text(unset, unset));
+    assert!(Config::compile_attempt(&src, LoadMode::PolicyOnly).result.is_ok());
 }
 
 /// `[[tls.sni]] server_names` that the listener refuses (not a DNS name, a wildcard

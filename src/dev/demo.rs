@@ -91,11 +91,14 @@ pub fn parse_postgres_url(url: &str) -> Result<PostgresUrl, String> {
     })
 }
 
+/// The name of the `[[databases]]` route `--postgres` adds.
+pub const DEMO_DATABASE_ROUTE: &str = "demo-db";
+
 /// The `[[databases]]` route the demo adds for `--postgres`; the password is in a file
 /// next to the configuration (mode 0600), never in it.
 pub fn demo_database_config(listen: SocketAddr, pg: &PostgresUrl, password_file: &str) -> String {
     format!(
-        "\n[[databases]]\nname = \"demo-db\"\nlisten = {}\nupstream = {}\nupstream_user = {}\npassword_file = {}\npolicy = \"demo\"\nsession_id_in_application_name = true\n",
+        "\n[[databases]]\nname = \"{DEMO_DATABASE_ROUTE}\"\nlisten = {}\nupstream = {}\nupstream_user = {}\npassword_file = {}\npolicy = \"demo\"\nsession_id_in_application_name = true\n",
         toml_str(&listen.to_string()),
         toml_str(&format!("postgres://{}:{}", pg.host, pg.port)),
         toml_str(&pg.user),
@@ -431,6 +434,17 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     let verifier = server.shared.runtime.load().verifier.clone();
     if !verifier.wait_ready(Duration::from_secs(15)).await {
         return Err("the dev issuer's keys did not load within 15 s".into());
+    }
+    // A wrong password (or a server not there) showed only at the first `psql`, as a
+    // refused session: log in once now, and say so. Never with the password.
+    if let Some(pg) = &postgres {
+        let db = pg.database.clone().unwrap_or_else(|| pg.user.clone());
+        if let Err(e) = server.postgres.check_upstream_login(DEMO_DATABASE_ROUTE, &db).await {
+            return Err(format!(
+                "--postgres: cannot log in to {}:{} as {} (database {db}): {e}; check the user, password and database in the URL",
+                pg.host, pg.port, pg.user
+            ));
+        }
     }
 
     // Every path printed into a command line is quoted for the shell: the binary's own

@@ -271,6 +271,30 @@ pub fn apply_preset_overrides(
     Ok(())
 }
 
+/// The longest lifetime `dev token --ttl` takes: a day. CI tokens live minutes to
+/// hours; a longer one is a typo (or a stand-in for a credential the demo does not
+/// mean to model).
+pub const MAX_TTL: u64 = 24 * 60 * 60;
+
+/// `dev token --ttl`: whole seconds from 1 to [`MAX_TTL`], else why not. `0` read as
+/// "no limit" or "a token that expires at once" and minted one whose `exp` was its
+/// `iat` (the demo's 60 s leeway still took it); a number past `u64` (or `now` + it)
+/// overflowed.
+pub fn parse_ttl(text: &str) -> Result<u64, String> {
+    let secs: u64 = text.parse().map_err(|_| {
+        format!("`{text}` is not a whole number of seconds (1 to {MAX_TTL}; `15m` is written 900)")
+    })?;
+    match secs {
+        0 => Err(format!(
+            "a token must live at least 1 s: 0 mints one expired when it is issued (there is no \"never expires\"); give 1 to {MAX_TTL} seconds"
+        )),
+        s if s > MAX_TTL => Err(format!(
+            "{s} s is longer than a day: the demo's tokens stand in for CI and sign-in tokens, which live minutes to hours; give 1 to {MAX_TTL} seconds"
+        )),
+        s => Ok(s),
+    }
+}
+
 /// Mints one token for a preset from the demo state.
 pub fn mint(
     state: &DemoState,
@@ -300,6 +324,27 @@ pub fn preset_payload(preset: &str) -> Option<Map<String, Value>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--ttl 0` minted a token that expired as it was issued, silently; a huge value
+    /// overflowed `now + ttl`. Each nonsense value is refused with its reason.
+    #[test]
+    fn a_ttl_of_zero_or_beyond_a_day_or_not_a_number_is_refused_with_why() {
+        assert_eq!(parse_ttl("1"), Ok(1));
+        assert_eq!(parse_ttl("3600"), Ok(3600));
+        assert_eq!(parse_ttl("86400"), Ok(MAX_TTL));
+        for (text, why) in [
+            ("0", "expired when it is issued"),
+            ("86401", "longer than a day"),
+            ("18446744073709551615", "longer than a day"),
+            ("18446744073709551616", "not a whole number of seconds"),
+            ("15m", "`15m` is written 900"),
+            ("-5", "not a whole number"),
+            ("", "not a whole number"),
+        ] {
+            let e = parse_ttl(text).err().unwrap_or_default();
+            assert!(e.contains(why), "{text}: {e}");
+        }
+    }
 
     #[test]
     fn overrides_are_strings_unless_typed() {

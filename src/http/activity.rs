@@ -140,6 +140,15 @@ impl Activity {
         }
     }
 
+    /// The TLS handshake chose HTTP/2 (ALPN `h2`): the connection speaks HTTP/2 whatever
+    /// its first read holds. A client may send the preface a few bytes at a time, and the
+    /// first read's check (`note_read`) then missed it, so one that left
+    /// before a request was audited as an HTTP/1 head cut short (499 `client-closed`).
+    /// Without ALPN (cleartext, or a client that offered none) that check is all there is.
+    pub fn negotiated_http2(&self) {
+        self.http2.store(true, Ordering::Release);
+    }
+
     /// Whether the client sent something other than the HTTP/2 preface first: an
     /// HTTP/1 connection (or one that never said), where bytes read since the last
     /// request ended are a request head begun. On HTTP/2 they are frames of any kind

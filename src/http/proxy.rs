@@ -266,6 +266,17 @@ async fn first_use(
 }
 
 fn rejection(
+    outcome: Outcome,
+    reason: Reason,
+    detail: impl Into<Cow<'static, str>>,
+    rc: &RejectCtx,
+) -> Response<ProxyBody> {
+    rejection_as(reason.status(), outcome, reason, detail, rc)
+}
+
+/// [`rejection`] with a status other than the reason's own.
+fn rejection_as(
+    status: StatusCode,
     mut outcome: Outcome,
     reason: Reason,
     detail: impl Into<Cow<'static, str>>,
@@ -284,10 +295,11 @@ fn rejection(
             issuer: id.issuer.as_str(),
             sign_out: crate::session::LOGOUT_PATH,
         });
-        reject::html_response(reason, &rc.rid, sign_in.as_deref(), signed_in)
+        reject::html_response_as(status, reason, &rc.rid, sign_in.as_deref(), signed_in)
     } else {
         reject::response(reason, &rc.rid)
     };
+    *resp.status_mut() = status;
     // Answers carrying a session are `no-store` already: no shared cache keeps them.
     for c in &rc.set_cookies {
         resp.headers_mut().append(header::SET_COOKIE, c.clone());
@@ -385,15 +397,11 @@ pub async fn handle(
     if req.headers().len() > headers::MAX_HEADER_FIELDS {
         let fields = headers::field_count(req.headers());
         if fields > headers::MAX_HEADER_FIELDS {
-            out.reason = Reason::BadRequest;
-            out.decision = "deny";
-            out.detail = Some(Cow::Owned(format!(
-                "{fields} request header fields, more than {}",
-                headers::MAX_HEADER_FIELDS
-            )));
-            let mut resp = reject::response(Reason::BadRequest, &rid);
-            *resp.status_mut() = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
-            return finish(resp, out);
+            // A browser gets the HTML page, as for every other refusal.
+            let detail =
+                format!("{fields} request header fields, more than {}", headers::MAX_HEADER_FIELDS);
+            let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+            return rejection_as(status, out, Reason::BadRequest, detail, &rc);
         }
     }
 

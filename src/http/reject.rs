@@ -73,7 +73,18 @@ pub fn html_response(
     sign_in: Option<&str>,
     signed_in: Option<crate::session::pages::SignedIn<'_>>,
 ) -> Response<ProxyBody> {
-    let status = reason.status();
+    html_response_as(reason.status(), reason, request_id, sign_in, signed_in)
+}
+
+/// [`html_response`] with a status other than the reason's own (431 for a request of
+/// too many header fields, whose reason is `bad-request`).
+pub fn html_response_as(
+    status: http::StatusCode,
+    reason: Reason,
+    request_id: &str,
+    sign_in: Option<&str>,
+    signed_in: Option<crate::session::pages::SignedIn<'_>>,
+) -> Response<ProxyBody> {
     let title = match status.as_u16() {
         400 => "Bad request",
         401 => "Sign-in required",

@@ -492,7 +492,11 @@ fn refused_methods(out: &mut Lints<'_>, rule: &Rule) {
 ///   it from the project's protected `main`.
 ///
 /// Pinning what an outsider cannot choose (the event, the workflow file, a protected
-/// ref or environment) closes that.
+/// ref or environment) closes that. On GitHub the workflow file is `workflow_ref`, the
+/// run's top-level (calling) workflow; `job_workflow_ref` names the file the job runs,
+/// which for a reusable workflow is the called one, whatever workflow and event called
+/// it (a `pull_request_target` workflow of the same repository may call it too), so it
+/// pins no caller and does not count.
 fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
     struct Platform {
         preset: Preset,
@@ -508,9 +512,9 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
         Platform {
             preset: Preset::GithubActions,
             name: "GitHub",
-            pins: &["event_name", "environment", "job_workflow_ref", "workflow_ref", "ref_protected"],
+            pins: &["event_name", "environment", "workflow_ref", "ref_protected"],
             ci_pins: &["environment", "tag"],
-            why: "pull_request_target, workflow_run and schedule runs carry the base branch too, so a fork's pull request can set one off; pin claims.event_name, claims.job_workflow_ref or ci.environment",
+            why: "pull_request_target, workflow_run and schedule runs carry the base branch too, so a fork's pull request can set one off; pin claims.event_name, claims.workflow_ref or ci.environment",
         },
         Platform {
             preset: Preset::GitlabCi,
@@ -531,6 +535,8 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
         let mut by_more = false;
         // A pin on the event that admits one an outsider can set off: it pins nothing.
         let mut outsider = None;
+        // A GitHub `claims.job_workflow_ref` pin: the called workflow, not its caller.
+        let mut called = None;
         for c in rule.conditions() {
             match c.matcher() {
                 Matcher::Ci { field: "branch" | "ref", .. } => by_branch = by_branch.or(Some(c)),
@@ -542,6 +548,12 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
                     by_branch = by_branch.or(Some(c))
                 }
                 Matcher::Claim { name, values } => {
+                    if platform.preset == Preset::GithubActions
+                        && &**name == "job_workflow_ref"
+                        && restricts(name, values)
+                    {
+                        called = called.or(Some(c));
+                    }
                     let pin = platform.pins.contains(&&**name) && restricts(name, values);
                     match outsider_event(name, values).filter(|_| pin) {
                         Some(event) => outsider = outsider.or(Some((c, event))),
@@ -570,11 +582,17 @@ fn branch_alone(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) {
                     c.label()
                 )
             });
+            let called = called.map_or_else(String::new, |c| {
+                format!(
+                    " (`{}` names the workflow the job runs, which for a reusable workflow is the called one, whatever workflow and event called it, so it pins no caller)",
+                    c.label()
+                )
+            });
             out.push(
                 Severity::Warning,
                 at.loc(),
                 format!(
-                    "allow rule `{}` trusts a {} branch alone (issuer `{issuer}`): {}{event}",
+                    "allow rule `{}` trusts a {} branch alone (issuer `{issuer}`): {}{event}{called}",
                     rule.id(),
                     platform.name,
                     platform.why
@@ -843,11 +861,10 @@ fn contradictions(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) 
     }
     // Bitbucket puts braced lower-case UUIDs in these fields and claims: `environment =
     // "production"` (the name shown in its UI), a UUID copied without its braces or in
-    // upper case never matches, and a deny written so is dead. (`ci.workspace` and
+    // upper case, or a look-alike (`{repo}`, a digit short) never matches, and a deny
+    // written so is dead. (`ci.workspace` and
     // `ci.repository` match in any case, [`super::rule::folds_case`].)
     if !presets.is_empty() && presets.iter().all(|(_, p)| *p == Preset::BitbucketPipelines) {
-        let upper = |g: &Glob| g.as_str().bytes().any(|b| b.is_ascii_uppercase());
-        let unbraced = |g: &Glob| !g.as_str().starts_with(['{', '*', '?']);
         for c in rule.conditions() {
             let (name, bad) = match c.matcher() {
                 Matcher::Ci { field, globs } => {
@@ -862,14 +879,13 @@ fn contradictions(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) 
                             | "run"
                             | "step"
                     );
-                    let bad = globs.iter().find(|g| {
-                        uuid_field && (unbraced(g) || (!super::rule::folds_case(field) && upper(g)))
-                    });
+                    let fold = super::rule::folds_case(field);
+                    let bad = globs.iter().find(|g| uuid_field && !uuid_shaped(g, fold));
                     (format!("ci.{field}"), bad)
                 }
                 Matcher::Claim { name, values } if name.ends_with("Uuid") => {
                     let bad = values.iter().find_map(|v| match v {
-                        ClaimValue::Str(g) if unbraced(g) || upper(g) => Some(g),
+                        ClaimValue::Str(g) if !uuid_shaped(g, false) => Some(g),
                         _ => None,
                     });
                     (format!("claims.{name}"), bad)
@@ -987,6 +1003,45 @@ fn contradictions(out: &mut Lints<'_>, rule: &Rule, presets: &[(&str, Preset)]) 
             }
         }
     }
+}
+
+/// Whether a pattern can match a Bitbucket UUID as its tokens send one: braced,
+/// 8-4-4-4-12 lower-case hexadecimal digits (`{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}`).
+/// `fold` reads the pattern's letters in lower case (a field matched without case).
+/// A look-alike (`{repo}`, `{2e9e429c}`, a digit too many, a `g`) never matches.
+fn uuid_shaped(g: &Glob, fold: bool) -> bool {
+    /// What each of a UUID's 38 characters may be: `{`, a hex digit (`x`), `-`, `}`.
+    const SHAPE: &[u8; 38] = b"{xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx}";
+    let fits = |c: char, at: u8| match at {
+        b'x' => matches!(c, '0'..='9' | 'a'..='f'),
+        _ => c == char::from(at),
+    };
+    // `reach[i]`: the pattern read so far can match the shape's first `i` characters.
+    let mut reach = [false; 39];
+    reach[0] = true;
+    let mut chars = g.as_str().chars().peekable();
+    while let Some(c) = chars.next() {
+        let c = if fold { c.to_ascii_lowercase() } else { c };
+        let mut next = [false; 39];
+        match c {
+            // `*` and `**` alike: a UUID holds no `/`.
+            '*' => {
+                while chars.next_if_eq(&'*').is_some() {}
+                let mut on = false;
+                for (n, r) in next.iter_mut().zip(reach) {
+                    on |= r;
+                    *n = on;
+                }
+            }
+            _ => {
+                for (i, at) in SHAPE.iter().enumerate() {
+                    next[i + 1] = reach[i] && (c == '?' || fits(c, *at));
+                }
+            }
+        }
+        reach = next;
+    }
+    reach[38]
 }
 
 /// GitHub and GitLab claims that hold a decimal id.

@@ -975,8 +975,8 @@ fn clean_files_have_no_diagnostics() {
     #[rustfmt::skip]
     let clean = [
         "[[rule]]\nid = \"a\"\neffect = \"deny\"\nissuer = \"corp\"\nmethods = [\"GET\", \"POST\"]\npaths = [\"/deploy/**\"]\n",
-        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = \"GET\"\nci = { repository = \"{r}\" }\n",
-        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = \"GET\"\nclaims = { workspaceUuid = \"{w}\" }\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = \"GET\"\nci = { repository = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\" }\n",
+        "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = \"GET\"\nclaims = { workspaceUuid = \"{7baee083-4f25-4a97-8a9a-0fde1b623b45}\" }\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nsubject = \"repo:acme@65/*\"\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"GET\"\nci = { workspace_id = \"65\", repository = \"acme/*\" }\n",
         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"gitlab\"\nmethods = \"GET\"\nclaims = { namespace_id = \"72\", project_id = \"20\" }\n",
@@ -1001,7 +1001,7 @@ fn warnings_do_not_fail_the_load() {
     #[rustfmt::skip]
     let cases: &[(&str, &str, &str)] = &[
         ("deploy-style allow without a branch restriction",
-         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = [\"GET\", \"POST\"]\nci = { repository = \"{r}\" }\n",
+         "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"bitbucket\"\nmethods = [\"GET\", \"POST\"]\nci = { repository = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\" }\n",
          "p.toml:5:11: warning: allow rule `a` lets bitbucket-pipelines tokens (issuer `bitbucket`) use write methods from any branch"),
         ("no method restriction at all",
          "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nclaims = { repository_owner_id = \"65\" }\n",
@@ -1672,7 +1672,7 @@ fn a_name_does_not_pin_a_github_or_gitlab_repository() {
         ("github", "ci = { repository = \"acme/api\", repository_id = \"74\" }"),
         ("github", "claims = { repository_owner_id = \"65\" }"),
         ("gitlab", "ci = { workspace_id = \"72\", repository = \"acme/platform/api\" }"),
-        ("bitbucket", "ci = { workspace = \"{w}\" }"),
+        ("bitbucket", "ci = { workspace = \"{7baee083-4f25-4a97-8a9a-0fde1b623b45}\" }"),
     ] {
         must_parse(&format!(
             "[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"{issuer}\"\nmethods = \"GET\"\n{pin}\n"
@@ -2051,6 +2051,47 @@ fn a_bitbucket_uuid_written_unbraced_or_in_upper_case_is_an_error() {
     assert_eq!(d.reason, Reason::DeniedByRule);
 }
 
+/// A braced, lower-case value that is not a UUID's shape (`{repo}`, a group short, a
+/// digit too many, a letter past `f`) passed `check`, yet Bitbucket sends UUIDs only, so
+/// it never matched: a deny written so let the repository through. It is an error at
+/// the condition, as an unbraced or upper-case one is; a pattern that can still match
+/// some UUID (`{5c1f3d0a-*`, `{????????-*}`) is not.
+#[test]
+fn a_bitbucket_uuid_look_alike_is_an_error() {
+    let deny = |cond: &str| {
+        format!("[[rule]]\nid = \"d\"\neffect = \"deny\"\nissuer = \"bitbucket\"\n{cond}\n")
+    };
+    for cond in [
+        "claims = { repositoryUuid = \"{repo}\" }",
+        "claims = { repositoryUuid = \"{2e9e429c-7b8b-404f-8648}\" }",
+        "claims = { workspaceUuid = \"{7baee083-4f25-4a97-8a9a-0fde1b623b450}\" }",
+        "claims = { stepUuid = \"{7baee083-4f25-4a97-8a9a-0fde1b623g45}\" }",
+        "claims = { deploymentEnvironmentUuid = [\"{5c1f3d0a-1111-4a2b-9c3d-0e1f2a3b4c5d}\", \"{production}\"] }",
+        "ci = { repository = \"{ACME-API}\" }",
+        "ci = { environment = \"{5c1f3d0a-1111-4a2b-9c3d-0e1f2a3b4c5d}*x\" }",
+        "ci = { workspace_id = \"{7baee083-4f25-4a97-8a9a-0fde1b623b45}}\" }",
+        "ci = { pipeline = \"{*}-\" }",
+    ] {
+        let errors = parse(&deny(cond)).err().unwrap_or_default();
+        assert!(
+            errors.iter().any(|e| e.starts_with("p.toml:5:")
+                && e.contains("can never match")
+                && e.contains("braced lower-case UUID")),
+            "{cond}: {errors:?}"
+        );
+    }
+    for cond in [
+        "claims = { repositoryUuid = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\" }",
+        "claims = { deploymentEnvironmentUuid = [\"{5c1f3d0a-*\", \"*\"] }",
+        "claims = { stepUuid = \"{????????-*}\" }",
+        "claims = { pipelineUuid = \"*-8c40c27c9ebd}\" }",
+        "ci = { repository = \"{2E9E429C-7B8B-404F-8648-8C40C27C9EBD}\" }",
+        "ci = { run = \"**\" }",
+    ] {
+        assert!(parse(&deny(cond)).is_ok(), "{cond}: {:?}", parse(&deny(cond)).err());
+    }
+}
+
 /// `ref_protected` and `environment_protected` tell a protected ref or environment from
 /// one any developer's pipeline may name only when the rule asks for `"true"`: a
 /// malicious policy change writing `ref_protected = "*"` (or `["true", "false"]`, or
@@ -2098,7 +2139,10 @@ fn a_ref_claim_of_wildcards_only_restricts_no_branch() {
     for (issuer, claims) in [
         ("github", "repository_owner_id = \"65\", ref = \"**\""),
         ("github", "repository_owner_id = \"65\", environment = [\"*\", \"prod\"]"),
-        ("bitbucket", "repositoryUuid = \"{r}\", branchName = \"?**\""),
+        (
+            "bitbucket",
+            "repositoryUuid = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\", branchName = \"?**\"",
+        ),
         ("gitlab", "project_id = \"20\", ref_protected = \"*\""),
         ("gitlab", "project_id = \"20\", environment_protected = [\"true\", \"false\"]"),
     ] {
@@ -2107,7 +2151,7 @@ fn a_ref_claim_of_wildcards_only_restricts_no_branch() {
     for (issuer, claims) in [
         ("github", "repository_owner_id = \"65\", ref = \"refs/heads/main\""),
         ("github", "repository_owner_id = \"65\", environment = \"prod*\""),
-        ("bitbucket", "repositoryUuid = \"{r}\", branchName = \"release/*\""),
+        ("bitbucket", "repositoryUuid = \"{2e9e429c-7b8b-404f-8648-8c40c27c9ebd}\", branchName = \"release/*\""),
         ("gitlab", "project_id = \"20\", ref_protected = \"true\""),
     ] {
         assert!(!any_branch(issuer, claims), "{issuer}: {claims}");
@@ -2142,15 +2186,43 @@ fn a_branch_alone_pin_of_wildcards_only_pins_nothing() {
     assert!(warned(&text), "{text}");
     for (issuer, pin, more) in [
         ("github", gh, ", event_name = \"push\""),
-        (
-            "github",
-            gh,
-            ", job_workflow_ref = \"acme/deploy/.github/workflows/d.yml@refs/heads/main\"",
-        ),
+        ("github", gh, ", workflow_ref = \"acme/deploy/.github/workflows/d.yml@refs/heads/main\""),
         ("gitlab", gl, ", pipeline_source = \"push\""),
     ] {
         assert!(!warned(&rule(issuer, pin, more)), "{issuer}: {more}");
     }
+}
+
+/// `claims.job_workflow_ref` silenced the GitHub branch-alone warning, yet for a job of
+/// a reusable workflow it names the called workflow (`acme/automation/.github/workflows/
+/// deploy.yml@refs/heads/main`), whatever workflow and event called it: a
+/// `pull_request_target` workflow of the same repository that calls it gets a token
+/// with `ref = refs/heads/main` and that `job_workflow_ref`. The caller is
+/// `workflow_ref`, which still pins; the warning says why the other does not.
+#[test]
+fn a_called_workflow_pin_does_not_pin_the_caller() {
+    let rule = |pin: &str| {
+        format!("[[rule]]\nid = \"a\"\neffect = \"allow\"\nissuer = \"github\"\nmethods = \"POST\"\nclaims = {{ repository_owner_id = \"65\", {pin} }}\nci = {{ branch = \"main\" }}\n")
+    };
+    let called = "acme/automation/.github/workflows/deploy.yml@refs/heads/main";
+    let policy = must_parse(&rule(&format!("job_workflow_ref = \"{called}\"")));
+    let warning = policy
+        .warnings()
+        .iter()
+        .map(ToString::to_string)
+        .find(|d| d.contains("branch alone"))
+        .unwrap_or_default();
+    assert!(warning.contains("claims.workflow_ref"), "{warning}");
+    assert!(
+        warning.contains("`claims.job_workflow_ref` names the workflow the job runs"),
+        "{warning}"
+    );
+    let caller = must_parse(&rule(&format!("workflow_ref = \"{called}\"")));
+    assert!(
+        !caller.warnings().iter().any(|d| d.to_string().contains("branch alone")),
+        "{:?}",
+        caller.warnings()
+    );
 }
 
 /// Patterns that read like a pin but match every repository of a shared issuer (or

@@ -220,6 +220,42 @@ impl Hub {
         self.keys.clear();
     }
 
+    /// Logs in to database route `route`'s upstream as its `upstream_user`, on
+    /// `database`, with the password the configuration holds, then ends that session:
+    /// `demo --postgres` checks its password at start rather than at the first `psql`.
+    /// The error names the route, the server and the role, never the password.
+    pub async fn check_upstream_login(&self, route: &str, database: &str) -> Result<(), String> {
+        let rt = self.shared.runtime.load_full();
+        let db = rt
+            .config
+            .databases
+            .iter()
+            .find(|d| &*d.name == route)
+            .ok_or_else(|| format!("no database route `{route}`"))?;
+        let role = db.upstream_user.as_str();
+        let password = db.password_for(role).ok_or_else(|| format!("no password for `{role}`"))?;
+        let tls = self.upstream_tls(route);
+        let mut up = upstream::connect(db, tls.as_ref()).await.map_err(|e| e.to_string())?;
+        let loopback = crate::config::is_loopback_host(&db.host);
+        let login = upstream::authenticate(
+            &mut up,
+            role,
+            password,
+            database,
+            &[],
+            loopback,
+            &self.keys,
+            db.upstream_tls,
+        );
+        tokio::time::timeout(db.connect_timeout, login)
+            .await
+            .map_err(|_| format!("{} did not finish the login in time", db.upstream_display))?
+            .map_err(|e| e.to_string())?;
+        // Terminate: the server ends the session at once.
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut up, &[b'X', 0, 0, 0, 4]).await;
+        Ok(())
+    }
+
     /// Open sessions (those that got a cancel key).
     pub fn open_sessions(&self) -> usize {
         self.cancels.len()

@@ -915,6 +915,9 @@ async fn accept_loop(
                 match tls_cfg {
                     Some(cfg) => {
                         if let Some((stream, tls)) = tls_handshake(cfg, stream, peer).await {
+                            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                                activity.negotiated_http2();
+                            }
                             http.serve(stream, conn(Some(tls)), &mut stop).await;
                         }
                     }

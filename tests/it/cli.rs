@@ -1172,7 +1172,7 @@ fn check_holds_test_identities_to_the_token_types_and_acr_the_verifier_does() {
     let (code, out, err) = run(&["check", "-c", &cfg]);
     assert_eq!(code, 0, "{out}{err}");
     // A login that asks for `acr_values`: a person's identity needs one of them.
-    let login = "login = { client_id = \"x\", client_secret_env = \"S\", extra_params = { acr_values = \"phr mfa\" } }\n[session]\nkeys_file = \"keys\"\n";
+    let login = "login = { client_id = \"x\", client_secret_env = \"PATH\", extra_params = { acr_values = \"phr mfa\" } }\n[session]\nkeys_file = \"keys\"\n";
     write(Path::new(&cfg), &config(login));
     write(
         Path::new(&file),
@@ -1993,4 +1993,22 @@ async fn a_second_signal_during_the_drain_ends_the_grace_period_at_once() {
         "the log says why the drain ended early: {:#?}",
         served.log
     );
+}
+
+/// `dev token --ttl 0` was accepted without a word (a token whose `exp` is its `iat`);
+/// it is refused before any demo state is read, saying why, as is a day and more.
+#[test]
+fn dev_token_refuses_a_nonsense_ttl_saying_why() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let state = dir.path().to_string_lossy().to_string();
+    for (ttl, why) in [
+        ("0", "expired when it is issued"),
+        ("90000", "longer than a day"),
+        ("15m", "not a whole number of seconds"),
+    ] {
+        let (code, out, err) = run(&["dev", "token", "--state-dir", &state, "--ttl", ttl]);
+        assert_eq!(code, 2, "{ttl}: {out}{err}");
+        assert!(out.is_empty(), "{ttl}: {out}");
+        assert!(err.contains("--ttl") && err.contains(why), "{ttl}: {err}");
+    }
 }

@@ -1924,6 +1924,16 @@ async fn a_request_head_the_client_abandons_is_audited_once() {
     s.flush().await.unwrap_or_else(|e| panic!("{e}"));
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(s);
+    // Nor does one whose ALPN chose h2 and that sends its preface a byte at a time, then
+    // leaves: it began no HTTP/1 head (the first read's preface check missed it, and it
+    // was audited 499 `client-closed`).
+    let mut s = tls_alpn(&w, b"h2").await;
+    for b in b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" {
+        s.write_all(&[*b]).await.unwrap_or_else(|e| panic!("{e}"));
+        s.flush().await.unwrap_or_else(|e| panic!("{e}"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(s);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let events = w.events();
     let count = |path: &str| events.iter().filter(|e| e["path"] == path).count();
@@ -2048,6 +2058,15 @@ async fn a_request_may_carry_100_header_fields_over_either_protocol() {
     assert_eq!(e["reason"], "bad-request", "{e}");
     assert_eq!(e["detail"], "101 request header fields, more than 100", "{e}");
     assert!(e["identity"].is_null(), "refused before authentication: {e}");
+    // A browser gets the HTML page every other refusal gives it, not JSON.
+    let mut html = fields(100);
+    html.push(("accept", "text/html,application/xhtml+xml,*/*;q=0.8"));
+    html.remove(1);
+    let r = send_with(&c, Method::GET, &w.url("/h2-101-html"), &html, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    let ct = r.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(ct.starts_with("text/html"), "{ct}: {}", r.text());
+    assert!(r.text().contains("431") && r.text().contains("bad-request"), "{}", r.text());
 
     // 150 cookie crumbs are one field.
     let crumbs: Vec<String> = (0..150).map(|i| format!("c{i}=v")).collect();

@@ -1526,6 +1526,46 @@ async fn connections_open_counts_database_sessions_and_websocket_tunnels() {
     let _ = demo.child.kill().await;
 }
 
+/// `demo --postgres` with a wrong password started, printed its `psql` line, and the
+/// mistake showed only there, as a refused session. It now logs in once at start and
+/// stops, saying which server and role refused it, never with the password.
+#[tokio::test]
+async fn the_demo_checks_its_database_password_at_start() {
+    let Some(pg) = pg() else { return };
+    const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (https, admin, db) = (free_port(), free_port(), free_port());
+    let wrong = "not-the-app-password-7f3c";
+    let url = format!("postgres://app:{wrong}@127.0.0.1:{}/appdb", pg.port);
+    let child = tokio::process::Command::new(BIN)
+        .args(["demo", "--listen", &format!("127.0.0.1:{https}")])
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .args(["--postgres-listen", &format!("127.0.0.1:{db}")])
+        .args(["--state-dir", &dir.path().to_string_lossy()])
+        .env("PORTCULLIS_DEMO_POSTGRES", &url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("demo: {e}"));
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await;
+    let out =
+        out.unwrap_or_else(|_| panic!("the demo did not stop")).unwrap_or_else(|e| panic!("{e}"));
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(
+        !stdout.contains("sslmode=verify-full"),
+        "no psql line for a route that cannot log in: {stdout}"
+    );
+    assert!(
+        stderr.contains(&format!("--postgres: cannot log in to 127.0.0.1:{} as app", pg.port))
+            && stderr.contains("28P01"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains(wrong) && !stderr.contains(wrong), "{stdout}{stderr}");
+}
+
 /// pgbench's `-M extended` and `-M prepared` in pipeline mode (`\startpipeline`): every
 /// Bind the server ran is audited exactly once, with the text of the statement its name
 /// stood for when it ran (pgbench parses a pipeline's statements up front, before any
