@@ -53,6 +53,10 @@ impl CancelTarget {
     }
 }
 
+/// How many draws [`CancelMap::register`] makes before it gives up: with 2³¹ pids, 64
+/// collisions in a row mean a broken random source, not bad luck.
+const MINT_ATTEMPTS: usize = 64;
+
 /// Client keys of open sessions.
 #[derive(Debug, Default)]
 pub struct CancelMap {
@@ -74,20 +78,34 @@ impl Drop for CancelGuard {
 }
 
 impl CancelMap {
-    /// Mints a fresh client key (pid unique among open sessions, positive as PostgreSQL's).
-    pub fn register(self: &Arc<Self>, target: CancelTarget) -> CancelGuard {
+    /// Mints a fresh client key (pid unique among open sessions, positive as PostgreSQL's),
+    /// or `None` when the system's random source fails: the session is then refused, as
+    /// a key that is not random would let others cancel its statements.
+    pub fn register(self: &Arc<Self>, target: CancelTarget) -> Option<CancelGuard> {
+        self.register_with(target, |b| aws_lc_rs::rand::fill(b).map_err(|_| ()))
+    }
+
+    /// [`CancelMap::register`] with the random source given. A draw that fails ends it at
+    /// once, and so do [`MINT_ATTEMPTS`] draws that each collide with an open session's pid
+    /// (or are 0), rather than retrying under the lock for ever.
+    pub(super) fn register_with(
+        self: &Arc<Self>,
+        target: CancelTarget,
+        mut fill: impl FnMut(&mut [u8]) -> Result<(), ()>,
+    ) -> Option<CancelGuard> {
         let mut map = self.map.lock();
-        loop {
+        for _ in 0..MINT_ATTEMPTS {
             let mut b = [0u8; 8];
-            let _ = aws_lc_rs::rand::fill(&mut b);
+            fill(&mut b).ok()?;
             let pid = u32::from_be_bytes([b[0] & 0x7f, b[1], b[2], b[3]]);
             let secret = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
             if pid == 0 || map.contains_key(&pid) {
                 continue;
             }
             map.insert(pid, (secret, target));
-            return CancelGuard { map: self.clone(), pid, secret };
+            return Some(CancelGuard { map: self.clone(), pid, secret });
         }
+        None
     }
 
     /// The target of a client key; the secret is compared in constant time.

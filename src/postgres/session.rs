@@ -870,7 +870,9 @@ async fn establish(
                     secret: u32::from_be_bytes([body[4], body[5], body[6], body[7]]),
                     session_id: sid.clone(),
                 };
-                let g = hub.cancels.register(target.clone());
+                let Some(g) = hub.cancels.register(target.clone()) else {
+                    return refuse(&mut client, "08006", Reason::InternalError, sid, NO_KEY).await;
+                };
                 backend = Some(target);
                 out.extend_from_slice(&proto::backend_key_data(g.pid, g.secret));
                 guard = Some(g);
@@ -933,13 +935,14 @@ async fn establish(
     let guard = match guard {
         Some(g) => g,
         // No BackendKeyData (poolers may omit it): a key nothing maps to a backend.
-        None => hub.cancels.register(CancelTarget {
-            db: db.clone(),
-            tls,
-            pid: 0,
-            secret: 0,
-            session_id: sid.clone(),
-        }),
+        None => {
+            let none =
+                CancelTarget { db: db.clone(), tls, pid: 0, secret: 0, session_id: sid.clone() };
+            let Some(g) = hub.cancels.register(none) else {
+                return refuse(&mut client, "08006", Reason::InternalError, sid, NO_KEY).await;
+            };
+            g
+        }
     };
     if client.write_all(&out).await.is_err() || client.flush().await.is_err() {
         return Outcome::Refused(refusal(
@@ -1235,6 +1238,9 @@ struct Totals {
     bytes_out: AtomicU64,
     statements: AtomicU64,
 }
+
+/// Why a session was refused when no cancel key could be minted for it.
+const NO_KEY: &str = "the system's random source failed: no cancel key could be minted";
 
 const BUF: usize = 64 * 1024;
 /// The most the server may send between AuthenticationOk and ReadyForQuery (held until

@@ -136,18 +136,68 @@ fn cancel_keys_map_to_their_session_only_with_the_right_secret() {
     let map = Arc::new(super::cancel::CancelMap::default());
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let db = Arc::new(test_db(dir.path()));
-    let g = map.register(super::cancel::CancelTarget {
-        db,
-        tls: None,
-        pid: 42,
-        secret: 43,
-        session_id: Arc::from("s1"),
-    });
+    let g = map
+        .register(super::cancel::CancelTarget {
+            db,
+            tls: None,
+            pid: 42,
+            secret: 43,
+            session_id: Arc::from("s1"),
+        })
+        .unwrap_or_else(|| panic!("no key minted"));
     assert!(map.lookup(g.pid, g.secret).is_some_and(|t| t.pid == 42 && t.secret == 43));
     assert!(map.lookup(g.pid, g.secret ^ 1).is_none());
     assert_eq!(map.len(), 1);
     drop(g);
     assert!(map.is_empty());
+}
+
+/// A random source that fails, or that keeps giving a pid already taken (or 0), ends the
+/// minting of a cancel key with `None` (the session is refused) instead of spinning under
+/// the map's lock for ever, which stalled every session's start and every cancel.
+#[test]
+fn a_broken_random_source_mints_no_cancel_key_and_does_not_spin() {
+    use std::sync::Arc;
+    let map = Arc::new(super::cancel::CancelMap::default());
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let db = Arc::new(test_db(dir.path()));
+    let target = || super::cancel::CancelTarget {
+        db: db.clone(),
+        tls: None,
+        pid: 42,
+        secret: 43,
+        session_id: Arc::from("s1"),
+    };
+    let mut draws = 0;
+    let failing = map.register_with(target(), |_| {
+        draws += 1;
+        Err(())
+    });
+    assert!(failing.is_none());
+    assert_eq!(draws, 1, "a failed draw is not retried");
+    // All zeros: pid 0, never a key; the same bytes each time.
+    let mut draws = 0;
+    let zeros = map.register_with(target(), |b| {
+        draws += 1;
+        b.fill(0);
+        Ok(())
+    });
+    assert!(zeros.is_none());
+    assert!((2..=1000).contains(&draws), "{draws} draws");
+    // Always the pid of an open session.
+    let open = map.register_with(target(), |b| {
+        b.copy_from_slice(&[0, 0, 0, 7, 1, 2, 3, 4]);
+        Ok(())
+    });
+    let open = open.unwrap_or_else(|| panic!("the first draw of pid 7 is free"));
+    assert_eq!((open.pid, open.secret), (7, 0x0102_0304));
+    let again = map.register_with(target(), |b| {
+        b.copy_from_slice(&[0, 0, 0, 7, 9, 9, 9, 9]);
+        Ok(())
+    });
+    assert!(again.is_none());
+    assert_eq!(map.len(), 1);
+    assert!(map.register(target()).is_some(), "the real source mints a key");
 }
 
 fn test_db(dir: &std::path::Path) -> crate::config::DatabaseSettings {
