@@ -759,3 +759,91 @@ async fn a_head_the_proxy_answers_itself_over_http2_gets_its_head_and_no_body() 
         );
     }
 }
+
+/// A raw upstream that answers every request head with `200 ok` and counts the heads.
+async fn head_counting_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let (addr, heads, _) = raw_upstream(|mut s, heads| async move {
+        while read_head(&mut s).await.is_some() {
+            heads.fetch_add(1, Ordering::SeqCst);
+            if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    (addr, heads)
+}
+
+/// An HTTP/1 absolute-form target names `http` or `https` (RFC 9112 §3.2.2), and an
+/// HTTP/1.1 request carries a Host (§3.2). `GET ftp://…` was routed like `http`, and an
+/// HTTP/1.1 absolute-form request without Host was served; both are a 400 with the fixed
+/// body now (as nginx answers), one `bad-request` event each, and nothing reaches the
+/// upstream.
+#[tokio::test]
+async fn an_absolute_form_target_of_another_scheme_or_without_host_is_refused() {
+    let (addr, heads) = head_counting_upstream().await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+    let auth = format!("Authorization: Bearer {t}\r\nConnection: close\r\n");
+    let scheme = "the request target's scheme is not http or https";
+    let no_host = "an HTTP/1.1 absolute-form request without a Host header";
+    let cases = [
+        (
+            format!(
+                "GET ftp://localhost:{port}/q/x HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}\r\n"
+            ),
+            scheme,
+        ),
+        (
+            format!(
+                "GET ws://localhost:{port}/q/x HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}\r\n"
+            ),
+            scheme,
+        ),
+        (
+            format!(
+                "GET ftp://localhost:{port}/q/x HTTP/1.0\r\nHost: localhost:{port}\r\n{auth}\r\n"
+            ),
+            scheme,
+        ),
+        (format!("GET https://localhost:{port}/q/x HTTP/1.1\r\n{auth}\r\n"), no_host),
+        (format!("GET http://localhost:{port}/q/x HTTP/1.1\r\n{auth}\r\n"), no_host),
+    ];
+    for (request, detail) in &cases {
+        let resp = exchange(&w, request).await;
+        assert!(
+            resp.starts_with("HTTP/1.1 400 ") || resp.starts_with("HTTP/1.0 400 "),
+            "{request}: {resp}"
+        );
+        let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let body: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {resp}"));
+        assert_eq!(body["error"], "bad-request", "{request}: {resp}");
+        assert_eq!(body.as_object().map(|o| o.len()), Some(2), "{request}: {resp}");
+        let id = body["request_id"].as_str().unwrap_or_else(|| panic!("no id: {resp}"));
+        let ev = w.event_for(id).await;
+        assert_eq!(ev["status"], 400, "{request}: {ev}");
+        assert_eq!(ev["reason"], "bad-request", "{request}: {ev}");
+        assert_eq!(ev["detail"], *detail, "{request}: {ev}");
+        assert!(!ev.to_string().contains(&t), "the token was logged: {ev}");
+        let events = w.events().into_iter().filter(|e| e["request_id"] == id).count();
+        assert_eq!(events, 1, "{request}: one event per refusal");
+    }
+    assert_eq!(heads.load(Ordering::SeqCst), 0, "a refused request reached the upstream");
+    // What stays: absolute-form `https` with its Host, and HTTP/1.0, which has no Host
+    // to require, in absolute form without one.
+    for request in [
+        format!(
+            "GET https://localhost:{port}/q/x HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}\r\n"
+        ),
+        format!("GET https://localhost:{port}/q/x HTTP/1.0\r\n{auth}\r\n"),
+    ] {
+        let resp = exchange(&w, &request).await;
+        assert!(
+            resp.starts_with("HTTP/1.1 200 ") || resp.starts_with("HTTP/1.0 200 "),
+            "{request}: {resp}"
+        );
+    }
+    assert_eq!(heads.load(Ordering::SeqCst), 2);
+}
