@@ -847,3 +847,94 @@ async fn an_absolute_form_target_of_another_scheme_or_without_host_is_refused() 
     }
     assert_eq!(heads.load(Ordering::SeqCst), 2);
 }
+
+/// Extended CONNECT (RFC 8441: `:method CONNECT` with `:protocol websocket`, a WebSocket
+/// over HTTP/2) and `OPTIONS *` over HTTP/2 never reach the upstream. The server does not
+/// advertise `SETTINGS_ENABLE_CONNECT_PROTOCOL`, and the `h2` server resets a stream that
+/// carries `:protocol` anyway; `OPTIONS *` names no path a route could authorize (400
+/// `ambiguous-path`, as over HTTP/1.1). Either one forwarded would be a request the
+/// policy never saw as it is: a tunnel, or the upstream's server-wide `*`.
+#[tokio::test]
+async fn extended_connect_and_options_star_over_http2_never_reach_the_upstream() {
+    let (addr, heads) = head_counting_upstream().await;
+    // Every path goes to the counting upstream: whatever a refused request were taken for.
+    let routes = format!(
+        "[[routes]]\nname = \"q\"\nmatch = {{ path_prefix = \"/\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
+    );
+    let w = World::with(Setup { routes, default_route: false, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+    let tls = tls_alpn(&w, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+
+    // OPTIONS *: `:path *` (the `h2` client writes it for an OPTIONS with no path).
+    let uri = http::Uri::builder()
+        .scheme("https")
+        .authority(format!("localhost:{port}"))
+        .path_and_query("*")
+        .build();
+    let uri = uri.unwrap_or_else(|e| panic!("{e}"));
+    let req = http::Request::builder()
+        .method("OPTIONS")
+        .uri(uri)
+        .header("authorization", format!("Bearer {t}"))
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (resp, _) = send.send_request(req, true).unwrap_or_else(|e| panic!("{e}"));
+    let resp = resp.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), http::StatusCode::BAD_REQUEST);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(d) = body.data().await {
+        got.extend_from_slice(&d.unwrap_or_else(|e| panic!("{e}")));
+    }
+    let got: serde_json::Value =
+        serde_json::from_slice(&got).unwrap_or_else(|e| panic!("{e}: {got:?}"));
+    assert_eq!(got["error"], "ambiguous-path", "{got}");
+    let ev = w.event_for(got["request_id"].as_str().unwrap_or_default()).await;
+    assert_eq!(
+        (ev["method"].as_str(), ev["status"].as_u64()),
+        (Some("OPTIONS"), Some(400)),
+        "{ev}"
+    );
+
+    // And over HTTP/1.1 (asterisk-form, RFC 9112 §3.2.4).
+    let resp = exchange(
+        &w,
+        &format!("OPTIONS * HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 400 "), "{resp}");
+    assert!(resp.contains("\"error\":\"ambiguous-path\""), "{resp}");
+
+    // The server's SETTINGS (read by now) do not enable extended CONNECT.
+    assert!(!send.is_extended_connect_protocol_enabled(), "SETTINGS_ENABLE_CONNECT_PROTOCOL");
+    // A client that sends `:protocol websocket` regardless gets its stream reset.
+    let mut req = http::Request::builder()
+        .method("CONNECT")
+        .uri(format!("https://localhost:{port}/q/socket"))
+        .header("authorization", format!("Bearer {t}"))
+        .header("sec-websocket-version", "13")
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    req.extensions_mut().insert(h2::ext::Protocol::from_static("websocket"));
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+    let (resp, _stream) = send.send_request(req, false).unwrap_or_else(|e| panic!("{e}"));
+    match resp.await {
+        Err(e) => assert_eq!(e.reason(), Some(h2::Reason::PROTOCOL_ERROR), "{e}"),
+        Ok(r) => panic!("extended CONNECT was answered: {r:?}"),
+    }
+
+    // The route itself works, so nothing above was the upstream's to see.
+    let r = w.get("/q/plain", Some(&t)).await;
+    assert_eq!(r.text(), "ok");
+    assert_eq!(
+        heads.load(Ordering::SeqCst),
+        1,
+        "OPTIONS * or extended CONNECT reached the upstream"
+    );
+}
