@@ -938,3 +938,56 @@ async fn extended_connect_and_options_star_over_http2_never_reach_the_upstream()
         "OPTIONS * or extended CONNECT reached the upstream"
     );
 }
+
+/// Informational answers (`103 Early Hints` with `Link` and a `Set-Cookie`, then `100
+/// Continue`) from an HTTP/1.1 upstream, to an HTTP/2 client: skipped, as for an HTTP/1.1
+/// client. The client gets the final answer alone, with none of the 1xx fields in it (a
+/// `Set-Cookie` there would have passed no response hygiene).
+#[tokio::test]
+async fn an_upstreams_informational_answers_never_reach_an_http2_client() {
+    let (addr, _, _) = raw_upstream(|mut s, _| async move {
+        while read_head(&mut s).await.is_some() {
+            let a = b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\nset-cookie: _portcullis=planted; Path=/\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+            if s.write_all(a).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let tls = tls_alpn(&w, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .uri(format!("https://localhost:{}/q/hints", w.https.port()))
+        .header("authorization", format!("Bearer {t}"))
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+    let (mut resp, _) = send.send_request(req, true).unwrap_or_else(|e| panic!("{e}"));
+    // Every 1xx HEADERS the stream got before its final answer.
+    let mut interim = Vec::new();
+    while let Some(r) = std::future::poll_fn(|cx| resp.poll_informational(cx)).await {
+        interim.push(r.map(|r| r.status()).unwrap_or_else(|e| panic!("{e}")));
+    }
+    assert!(interim.is_empty(), "informational answers reached the client: {interim:?}");
+    let resp = resp.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    assert!(resp.headers().get("link").is_none(), "{:?}", resp.headers());
+    assert!(resp.headers().get("set-cookie").is_none(), "{:?}", resp.headers());
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(d) = body.data().await {
+        got.extend_from_slice(&d.unwrap_or_else(|e| panic!("{e}")));
+    }
+    assert_eq!(got, b"ok");
+    let ev = w.last_event().await;
+    assert_eq!(
+        (ev["status"].as_u64(), ev["decision"].as_str()),
+        (Some(200), Some("allow")),
+        "{ev}"
+    );
+}
