@@ -11,7 +11,8 @@ use http::Request;
 
 /// Refuses what two hops could read differently: more than one Host, a Host that
 /// contradicts the absolute-form target or HTTP/2 `:authority` (the proxy routes by one,
-/// the upstream might route by the other). (Content-Length beside Transfer-Encoding never
+/// the upstream might route by the other), and an HTTP/1 target that is no `http(s)` URL
+/// or comes without the Host HTTP/1.1 requires (RFC 9112 §3.2). (Content-Length beside Transfer-Encoding never
 /// gets here: hyper frames such a request by Transfer-Encoding alone and drops the
 /// Content-Length, so the upstream is sent one unambiguous framing; tested.)
 pub fn unambiguous<B>(req: &Request<B>) -> Result<(), &'static str> {
@@ -24,6 +25,22 @@ pub fn unambiguous<B>(req: &Request<B>) -> Result<(), &'static str> {
         return Err("Host carries userinfo");
     }
     let target = req.uri().authority();
+    if req.version() < http::Version::HTTP_2 {
+        // An HTTP/1 absolute-form target is `http://` or `https://` (RFC 9112 §3.2.2): a
+        // reverse proxy has no business with `ftp://`, and routing one like `http` would
+        // take a request no client of this server sends. nginx answers 400 alike.
+        if req
+            .uri()
+            .scheme()
+            .is_some_and(|s| *s != http::uri::Scheme::HTTP && *s != http::uri::Scheme::HTTPS)
+        {
+            return Err("the request target's scheme is not http or https");
+        }
+        // RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400, absolute-form or not.
+        if target.is_some() && host.is_none() && req.version() == http::Version::HTTP_11 {
+            return Err("an HTTP/1.1 absolute-form request without a Host header");
+        }
+    }
     if target.is_some_and(|t| t.as_str().contains('@')) {
         return Err("the request target's authority carries userinfo");
     }

@@ -68,6 +68,15 @@ async fn grpc_upstream(
                             if let Ok(v) = http::HeaderValue::from_str(&message) {
                                 trailers.insert("grpc-message", v);
                             }
+                            // What no upstream may say to the proxy's clients, in
+                            // trailers as in the head.
+                            for (name, value) in [
+                                ("set-cookie", "_portcullis=planted; Path=/"),
+                                ("alt-svc", "h2=\"other.example:443\"; ma=86400"),
+                                ("x-accel-redirect", "/internal/secret"),
+                            ] {
+                                trailers.append(name, http::HeaderValue::from_static(value));
+                            }
                             let frames = vec![
                                 Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(body)),
                                 Ok(hyper::body::Frame::trailers(trailers)),
@@ -163,6 +172,10 @@ async fn grpc_calls_reach_http2_upstreams_with_te_trailers_and_get_their_trailer
         assert_eq!(&body[..], b"\x00\x00\x00\x00\x03abc", "{path}");
         let trailers = trailers.unwrap_or_else(|| panic!("{path}: no trailers"));
         assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]), "{path}");
+        // An HTTP/2 upstream's trailers get the head's hygiene too.
+        for name in ["set-cookie", "alt-svc", "x-accel-redirect"] {
+            assert!(trailers.get(name).is_none(), "{path}: {name} passed: {trailers:?}");
+        }
         assert_eq!(
             trailers.get("grpc-message").map(|v| v.as_bytes()),
             Some(&b"trailers"[..]),

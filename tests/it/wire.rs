@@ -759,3 +759,235 @@ async fn a_head_the_proxy_answers_itself_over_http2_gets_its_head_and_no_body() 
         );
     }
 }
+
+/// A raw upstream that answers every request head with `200 ok` and counts the heads.
+async fn head_counting_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let (addr, heads, _) = raw_upstream(|mut s, heads| async move {
+        while read_head(&mut s).await.is_some() {
+            heads.fetch_add(1, Ordering::SeqCst);
+            if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    (addr, heads)
+}
+
+/// An HTTP/1 absolute-form target names `http` or `https` (RFC 9112 §3.2.2), and an
+/// HTTP/1.1 request carries a Host (§3.2). `GET ftp://…` was routed like `http`, and an
+/// HTTP/1.1 absolute-form request without Host was served; both are a 400 with the fixed
+/// body now (as nginx answers), one `bad-request` event each, and nothing reaches the
+/// upstream.
+#[tokio::test]
+async fn an_absolute_form_target_of_another_scheme_or_without_host_is_refused() {
+    let (addr, heads) = head_counting_upstream().await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+    let auth = format!("Authorization: Bearer {t}\r\nConnection: close\r\n");
+    let scheme = "the request target's scheme is not http or https";
+    let no_host = "an HTTP/1.1 absolute-form request without a Host header";
+    let cases = [
+        (
+            format!(
+                "GET ftp://localhost:{port}/q/x HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}\r\n"
+            ),
+            scheme,
+        ),
+        (
+            format!(
+                "GET ws://localhost:{port}/q/x HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}\r\n"
+            ),
+            scheme,
+        ),
+        (
+            format!(
+                "GET ftp://localhost:{port}/q/x HTTP/1.0\r\nHost: localhost:{port}\r\n{auth}\r\n"
+            ),
+            scheme,
+        ),
+        (format!("GET https://localhost:{port}/q/x HTTP/1.1\r\n{auth}\r\n"), no_host),
+        (format!("GET http://localhost:{port}/q/x HTTP/1.1\r\n{auth}\r\n"), no_host),
+    ];
+    for (request, detail) in &cases {
+        let resp = exchange(&w, request).await;
+        assert!(
+            resp.starts_with("HTTP/1.1 400 ") || resp.starts_with("HTTP/1.0 400 "),
+            "{request}: {resp}"
+        );
+        let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let body: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {resp}"));
+        assert_eq!(body["error"], "bad-request", "{request}: {resp}");
+        assert_eq!(body.as_object().map(|o| o.len()), Some(2), "{request}: {resp}");
+        let id = body["request_id"].as_str().unwrap_or_else(|| panic!("no id: {resp}"));
+        let ev = w.event_for(id).await;
+        assert_eq!(ev["status"], 400, "{request}: {ev}");
+        assert_eq!(ev["reason"], "bad-request", "{request}: {ev}");
+        assert_eq!(ev["detail"], *detail, "{request}: {ev}");
+        assert!(!ev.to_string().contains(&t), "the token was logged: {ev}");
+        let events = w.events().into_iter().filter(|e| e["request_id"] == id).count();
+        assert_eq!(events, 1, "{request}: one event per refusal");
+    }
+    assert_eq!(heads.load(Ordering::SeqCst), 0, "a refused request reached the upstream");
+    // What stays: absolute-form `https` with its Host, and HTTP/1.0, which has no Host
+    // to require, in absolute form without one.
+    for request in [
+        format!(
+            "GET https://localhost:{port}/q/x HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}\r\n"
+        ),
+        format!("GET https://localhost:{port}/q/x HTTP/1.0\r\n{auth}\r\n"),
+    ] {
+        let resp = exchange(&w, &request).await;
+        assert!(
+            resp.starts_with("HTTP/1.1 200 ") || resp.starts_with("HTTP/1.0 200 "),
+            "{request}: {resp}"
+        );
+    }
+    assert_eq!(heads.load(Ordering::SeqCst), 2);
+}
+
+/// Extended CONNECT (RFC 8441: `:method CONNECT` with `:protocol websocket`, a WebSocket
+/// over HTTP/2) and `OPTIONS *` over HTTP/2 never reach the upstream. The server does not
+/// advertise `SETTINGS_ENABLE_CONNECT_PROTOCOL`, and the `h2` server resets a stream that
+/// carries `:protocol` anyway; `OPTIONS *` names no path a route could authorize (400
+/// `ambiguous-path`, as over HTTP/1.1). Either one forwarded would be a request the
+/// policy never saw as it is: a tunnel, or the upstream's server-wide `*`.
+#[tokio::test]
+async fn extended_connect_and_options_star_over_http2_never_reach_the_upstream() {
+    let (addr, heads) = head_counting_upstream().await;
+    // Every path goes to the counting upstream: whatever a refused request were taken for.
+    let routes = format!(
+        "[[routes]]\nname = \"q\"\nmatch = {{ path_prefix = \"/\" }}\nupstream = \"http://{addr}\"\npolicy = \"api\"\n"
+    );
+    let w = World::with(Setup { routes, default_route: false, ..Setup::default() }).await;
+    let t = w.token("bb", &[]);
+    let port = w.https.port();
+    let tls = tls_alpn(&w, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+
+    // OPTIONS *: `:path *` (the `h2` client writes it for an OPTIONS with no path).
+    let uri = http::Uri::builder()
+        .scheme("https")
+        .authority(format!("localhost:{port}"))
+        .path_and_query("*")
+        .build();
+    let uri = uri.unwrap_or_else(|e| panic!("{e}"));
+    let req = http::Request::builder()
+        .method("OPTIONS")
+        .uri(uri)
+        .header("authorization", format!("Bearer {t}"))
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (resp, _) = send.send_request(req, true).unwrap_or_else(|e| panic!("{e}"));
+    let resp = resp.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), http::StatusCode::BAD_REQUEST);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(d) = body.data().await {
+        got.extend_from_slice(&d.unwrap_or_else(|e| panic!("{e}")));
+    }
+    let got: serde_json::Value =
+        serde_json::from_slice(&got).unwrap_or_else(|e| panic!("{e}: {got:?}"));
+    assert_eq!(got["error"], "ambiguous-path", "{got}");
+    let ev = w.event_for(got["request_id"].as_str().unwrap_or_default()).await;
+    assert_eq!(
+        (ev["method"].as_str(), ev["status"].as_u64()),
+        (Some("OPTIONS"), Some(400)),
+        "{ev}"
+    );
+
+    // And over HTTP/1.1 (asterisk-form, RFC 9112 §3.2.4).
+    let resp = exchange(
+        &w,
+        &format!("OPTIONS * HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 400 "), "{resp}");
+    assert!(resp.contains("\"error\":\"ambiguous-path\""), "{resp}");
+
+    // The server's SETTINGS (read by now) do not enable extended CONNECT.
+    assert!(!send.is_extended_connect_protocol_enabled(), "SETTINGS_ENABLE_CONNECT_PROTOCOL");
+    // A client that sends `:protocol websocket` regardless gets its stream reset.
+    let mut req = http::Request::builder()
+        .method("CONNECT")
+        .uri(format!("https://localhost:{port}/q/socket"))
+        .header("authorization", format!("Bearer {t}"))
+        .header("sec-websocket-version", "13")
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    req.extensions_mut().insert(h2::ext::Protocol::from_static("websocket"));
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+    let (resp, _stream) = send.send_request(req, false).unwrap_or_else(|e| panic!("{e}"));
+    match resp.await {
+        Err(e) => assert_eq!(e.reason(), Some(h2::Reason::PROTOCOL_ERROR), "{e}"),
+        Ok(r) => panic!("extended CONNECT was answered: {r:?}"),
+    }
+
+    // The route itself works, so nothing above was the upstream's to see.
+    let r = w.get("/q/plain", Some(&t)).await;
+    assert_eq!(r.text(), "ok");
+    assert_eq!(
+        heads.load(Ordering::SeqCst),
+        1,
+        "OPTIONS * or extended CONNECT reached the upstream"
+    );
+}
+
+/// Informational answers (`103 Early Hints` with `Link` and a `Set-Cookie`, then `100
+/// Continue`) from an HTTP/1.1 upstream, to an HTTP/2 client: skipped, as for an HTTP/1.1
+/// client. The client gets the final answer alone, with none of the 1xx fields in it (a
+/// `Set-Cookie` there would have passed no response hygiene).
+#[tokio::test]
+async fn an_upstreams_informational_answers_never_reach_an_http2_client() {
+    let (addr, _, _) = raw_upstream(|mut s, _| async move {
+        while read_head(&mut s).await.is_some() {
+            let a = b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\nset-cookie: _portcullis=planted; Path=/\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+            if s.write_all(a).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let w = world_to(addr).await;
+    let t = w.token("bb", &[]);
+    let tls = tls_alpn(&w, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .uri(format!("https://localhost:{}/q/hints", w.https.port()))
+        .header("authorization", format!("Bearer {t}"))
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+    let (mut resp, _) = send.send_request(req, true).unwrap_or_else(|e| panic!("{e}"));
+    // Every 1xx HEADERS the stream got before its final answer.
+    let mut interim = Vec::new();
+    while let Some(r) = std::future::poll_fn(|cx| resp.poll_informational(cx)).await {
+        interim.push(r.map(|r| r.status()).unwrap_or_else(|e| panic!("{e}")));
+    }
+    assert!(interim.is_empty(), "informational answers reached the client: {interim:?}");
+    let resp = resp.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    assert!(resp.headers().get("link").is_none(), "{:?}", resp.headers());
+    assert!(resp.headers().get("set-cookie").is_none(), "{:?}", resp.headers());
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(d) = body.data().await {
+        got.extend_from_slice(&d.unwrap_or_else(|e| panic!("{e}")));
+    }
+    assert_eq!(got, b"ok");
+    let ev = w.last_event().await;
+    assert_eq!(
+        (ev["status"].as_u64(), ev["decision"].as_str()),
+        (Some(200), Some("allow")),
+        "{ev}"
+    );
+}
