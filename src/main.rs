@@ -1,5 +1,10 @@
 //! The `portcullis` command line. The only place that uses `anyhow`; exit codes:
 //! 0 success, 1 failure (or a failed test/expectation), 2 bad configuration or input.
+//!
+//! Nothing here writes with `println!`/`eprintln!`, which panic (exit 101) when the
+//! stream is a pipe whose reader is gone (EPIPE): what a command cannot write to stdout,
+//! its product (a report, a token), makes it exit 1 unless its code says worse already;
+//! a line it cannot write to stderr is lost and changes nothing.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -271,6 +276,24 @@ fn init_logging(format: &str) {
     }
 }
 
+/// Writes `text` to stdout and flushes it; false when it could not (EPIPE).
+fn out(text: &dyn std::fmt::Display) -> bool {
+    use std::io::Write as _;
+    let mut o = std::io::stdout().lock();
+    write!(o, "{text}").and_then(|()| o.flush()).is_ok()
+}
+
+/// Writes `text` to stderr, ignoring a failure: the line is lost, nothing else.
+fn err(text: &dyn std::fmt::Display) {
+    use std::io::Write as _;
+    let _ = write!(std::io::stderr().lock(), "{text}");
+}
+
+/// `code`, or 1 when it is a success but the output could not be written.
+fn unless_unwritten(code: u8, written: bool) -> ExitCode {
+    ExitCode::from(if code == 0 && !written { 1 } else { code })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
@@ -322,16 +345,20 @@ fn main() -> ExitCode {
             let (state, signer) = match portcullis::dev::token::DemoState::load(&dir) {
                 Ok(s) => s,
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    portcullis::util::stderr_line(&format_args!("error: {e}"));
                     return ExitCode::from(2);
                 }
             };
             let now = portcullis::util::unix_now();
             for _ in 0..count.max(1) {
                 match portcullis::dev::token::mint(&state, &signer, &preset, &claims, now, ttl) {
-                    Ok(t) => println!("{t}"),
+                    Ok(t) => {
+                        if !out(&format_args!("{t}\n")) {
+                            return ExitCode::FAILURE;
+                        }
+                    }
                     Err(e) => {
-                        eprintln!("error: {e}");
+                        portcullis::util::stderr_line(&format_args!("error: {e}"));
                         return ExitCode::from(2);
                     }
                 }
@@ -343,11 +370,11 @@ fn main() -> ExitCode {
         }
         Command::Dev(DevCommand::Certs { out }) => match portcullis::tls::write_dev_certs(&out) {
             Ok(pki) => {
-                println!("wrote {} (CA {})", out.display(), pki.ca_path().display());
-                ExitCode::SUCCESS
+                let line = format!("wrote {} (CA {})\n", out.display(), pki.ca_path().display());
+                unless_unwritten(0, self::out(&line))
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                portcullis::util::stderr_line(&format_args!("error: {e}"));
                 ExitCode::FAILURE
             }
         },
@@ -386,6 +413,7 @@ fn check(path: &std::path::Path, mode: portcullis::config::LoadMode, format: &st
         }
         Err(e) => (e.0, Vec::new(), Vec::new()),
     };
+    let mut written = true;
     if format == "json" {
         let item = |d: &portcullis::diag::Diagnostic, sev: &str| serde_json::json!({"file": d.file, "line": d.line, "col": d.col, "severity": sev, "message": d.message});
         let all: Vec<_> = errors
@@ -400,38 +428,41 @@ fn check(path: &std::path::Path, mode: portcullis::config::LoadMode, format: &st
                     "failure": o.failure, "decision": o.decision})
             })
             .collect();
-        println!(
-            "{}",
-            serde_json::json!({"ok": errors.is_empty() && failures.is_empty(), "problems": all, "failed_tests": failed})
-        );
+        let doc = serde_json::json!({"ok": errors.is_empty() && failures.is_empty(), "problems": all, "failed_tests": failed});
+        written = out(&format_args!("{doc}\n"));
     } else {
         for d in &errors {
-            eprintln!("{d}");
+            err(&format_args!("{d}\n"));
         }
         for d in &warnings {
             // Policy lints come labelled already; say it once.
             let message = d.message.strip_prefix("warning: ").unwrap_or(&d.message);
             let labelled = format!("warning: {message}");
-            eprintln!("{}", portcullis::diag::Diagnostic { message: labelled, ..d.clone() });
+            err(&format_args!(
+                "{}\n",
+                portcullis::diag::Diagnostic { message: labelled, ..d.clone() }
+            ));
         }
         for o in &failures {
-            eprintln!("{}", o.failure_report());
+            err(&format_args!("{}\n", o.failure_report()));
         }
         if !errors.is_empty() {
-            eprintln!("{}: {} problem(s)", path.display(), errors.len());
+            err(&format_args!("{}: {} problem(s)\n", path.display(), errors.len()));
         } else if !failures.is_empty() {
-            eprintln!("{}: {} policy test(s) failed", path.display(), failures.len());
+            err(&format_args!("{}: {} policy test(s) failed\n", path.display(), failures.len()));
         } else {
-            println!("{}: ok ({} warning(s))", path.display(), warnings.len());
+            written =
+                out(&format_args!("{}: ok ({} warning(s))\n", path.display(), warnings.len()));
         }
     }
-    if !errors.is_empty() {
-        ExitCode::from(2)
+    let code = if !errors.is_empty() {
+        2
     } else if !failures.is_empty() {
-        ExitCode::from(1)
+        1
     } else {
-        ExitCode::SUCCESS
-    }
+        0
+    };
+    unless_unwritten(code, written)
 }
 
 /// `policy ...`: parse flags, call the library, print its report, exit with its code.
@@ -470,8 +501,8 @@ fn policy(cmd: PolicyCommand) -> ExitCode {
                 (_, _, Some(name)) => Caller::Preset { name, overrides: claim },
                 _ if anonymous => Caller::Anonymous,
                 _ => {
-                    eprintln!(
-                        "error: give the caller as --token, --claims, --preset or --anonymous"
+                    portcullis::util::stderr_line(
+                        &"error: give the caller as --token, --claims, --preset or --anonymous",
                     );
                     return ExitCode::from(review::EXIT_BAD_INPUT);
                 }
@@ -487,7 +518,9 @@ fn policy(cmd: PolicyCommand) -> ExitCode {
                 (Some(line), _, _) => Target::Http(line),
                 (None, Some(database), Some(role)) => Target::Database { route, database, role },
                 _ => {
-                    eprintln!("error: give --request, or --database with --role");
+                    portcullis::util::stderr_line(
+                        &"error: give --request, or --database with --role",
+                    );
                     return ExitCode::from(review::EXIT_BAD_INPUT);
                 }
             };
@@ -515,9 +548,9 @@ fn policy(cmd: PolicyCommand) -> ExitCode {
             })
         }
     };
-    print!("{}", report.stdout);
-    eprint!("{}", report.stderr);
-    ExitCode::from(report.code)
+    let written = out(&report.stdout);
+    err(&report.stderr);
+    unless_unwritten(report.code, written)
 }
 
 #[cfg(test)]

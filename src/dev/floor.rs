@@ -33,7 +33,16 @@ pub async fn run(listen: SocketAddr, upstream: &str) -> Result<(), String> {
         crate::http::upstream::client(&scheme, &authority, None, false, Duration::from_secs(5))?;
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("bind {listen}: {e}"))?;
-    println!("ready floor on http://{}", listener.local_addr().map_err(|e| e.to_string())?);
+    let ready =
+        format!("ready floor on http://{}\n", listener.local_addr().map_err(|e| e.to_string())?);
+    // `println!` would panic on a stdout whose reader is gone: say so and exit 1.
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        out.write_all(ready.as_bytes())
+            .and_then(|()| out.flush())
+            .map_err(|e| format!("stdout: {e}"))?;
+    }
     let builder = Arc::new(crate::server::http_server_builder(
         Duration::from_secs(75),
         crate::config::DEFAULT_MAX_HEADER_SIZE,

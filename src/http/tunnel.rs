@@ -15,7 +15,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -252,6 +252,7 @@ impl Grant {
             upstream_path,
             decision: if relayed.end == End::Closed { "closed" } else { "terminated" },
             reason: relayed.end.label(),
+            ended_by: relayed.ended_by(),
             detail: detail.as_deref(),
             policy_revision: &revision,
             identity,
@@ -288,6 +289,11 @@ pub struct TunnelEvent<'a> {
     /// [`End::label`]: `closed`, `idle`, `credential-expired`, `access-revoked`,
     /// `shutdown`.
     pub reason: &'static str,
+    /// Which end ended the tunnel: `client` or `upstream` (`closed`: the one that sent
+    /// the first close frame, else the first whose connection ended, by a close or an
+    /// error), `portcullis` (every other `reason`). As a database session's `close`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_by: Option<&'static str>,
     /// Why the access was revoked (`access-revoked`): the route it goes to now, the
     /// issuer check, the key that verified the token gone from the issuer's key set, or
     /// the rule that denies it.
@@ -331,11 +337,32 @@ pub async fn run(client: OnUpgrade, upstream: OnUpgrade, grant: Grant) {
 #[derive(Debug)]
 struct Relayed {
     end: End,
+    /// The side whose connection ended first ([`CLIENT`], [`UPSTREAM`]; 0: neither).
+    first_gone: u8,
+    /// The side that sent the first WebSocket close frame (0: neither).
+    first_close: u8,
     /// From the client (to the upstream).
     bytes_in: u64,
     /// From the upstream (to the client).
     bytes_out: u64,
 }
+
+impl Relayed {
+    /// The `close` event's `ended_by`.
+    fn ended_by(&self) -> Option<&'static str> {
+        let first = if self.first_close != 0 { self.first_close } else { self.first_gone };
+        match (self.end, first) {
+            (End::Closed, CLIENT) => Some("client"),
+            (End::Closed, UPSTREAM) => Some("upstream"),
+            (End::Closed, _) => None,
+            _ => Some("portcullis"),
+        }
+    }
+}
+
+/// The sides of a tunnel, as [`Stamped::side`] and [`Relayed::first_gone`] say them.
+const CLIENT: u8 = 1;
+const UPSTREAM: u8 = 2;
 
 async fn relay<C, U>(
     client: C,
@@ -350,8 +377,30 @@ where
 {
     let opened = Instant::now();
     let last = Arc::new(AtomicU64::new(0));
-    let mut c = Stamped { inner: client, opened, last: last.clone(), bytes: 0 };
-    let mut u = Stamped { inner: upstream, opened, last: last.clone(), bytes: 0 };
+    let gone = Arc::new(AtomicU8::new(0));
+    let (l, g) = (last.clone(), gone.clone());
+    let close = Arc::new(AtomicU8::new(0));
+    let mut c = Stamped {
+        inner: client,
+        opened,
+        last: l,
+        bytes: 0,
+        side: CLIENT,
+        first_gone: g,
+        frames: Frames::default(),
+        first_close: close.clone(),
+    };
+    let (l, g) = (last.clone(), gone.clone());
+    let mut u = Stamped {
+        inner: upstream,
+        opened,
+        last: l,
+        bytes: 0,
+        side: UPSTREAM,
+        first_gone: g,
+        frames: Frames::default(),
+        first_close: close.clone(),
+    };
     let end = {
         let left = crate::util::until_unix(expires_at);
         let expiry = opened + left.min(Duration::from_secs(u64::from(u32::MAX)));
@@ -378,7 +427,13 @@ where
             }
         }
     };
-    Relayed { end, bytes_in: c.bytes, bytes_out: u.bytes }
+    Relayed {
+        end,
+        first_gone: gone.load(Ordering::Relaxed),
+        first_close: close.load(Ordering::Relaxed),
+        bytes_in: c.bytes,
+        bytes_out: u.bytes,
+    }
 }
 
 /// Records when bytes last arrived from this side (every byte relayed is read first).
@@ -389,6 +444,81 @@ struct Stamped<T> {
     last: Arc<AtomicU64>,
     /// Read from this side so far.
     bytes: u64,
+    /// [`CLIENT`] or [`UPSTREAM`].
+    side: u8,
+    /// Set, once, to the side of the first end of file or error on a read, or error on
+    /// a write or a shutdown.
+    first_gone: Arc<AtomicU8>,
+    /// Where this side's byte stream is among WebSocket frames.
+    frames: Frames,
+    /// Set, once, to the side of the first close frame.
+    first_close: Arc<AtomicU8>,
+}
+
+/// Follows a WebSocket byte stream frame by frame (RFC 6455 §5.2), only as far as
+/// telling a close frame (opcode 8) from the others: payloads are skipped, never read.
+#[derive(Debug, Default)]
+struct Frames {
+    /// The frame head read so far (at most 14 bytes).
+    head: Vec<u8>,
+    /// Payload bytes still to skip.
+    skip: u64,
+}
+
+impl Frames {
+    /// Takes the next bytes of the stream; true when one of them begins a close frame's
+    /// payload (the frame head was whole).
+    fn feed(&mut self, mut bytes: &[u8]) -> bool {
+        let mut close = false;
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = usize::try_from(self.skip).unwrap_or(usize::MAX).min(bytes.len());
+                self.skip -= n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            self.head.push(bytes[0]);
+            bytes = &bytes[1..];
+            let Some(need) = self.head_len() else { continue };
+            if self.head.len() < need {
+                continue;
+            }
+            close |= self.head[0] & 0x0f == 8;
+            let len7 = self.head[1] & 0x7f;
+            self.skip = match len7 {
+                126 => u64::from(u16::from_be_bytes([self.head[2], self.head[3]])),
+                127 => self.head[2..10].iter().fold(0u64, |n, b| (n << 8) | u64::from(*b)),
+                n => u64::from(n),
+            };
+            self.head.clear();
+        }
+        close
+    }
+
+    /// The whole head's length, once its first two bytes tell it.
+    fn head_len(&self) -> Option<usize> {
+        let b1 = *self.head.get(1)?;
+        let ext = match b1 & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        Some(2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 })
+    }
+}
+
+impl<T> Stamped<T> {
+    /// This side's connection ended (unless the other's did first).
+    fn gone<R>(&self, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if let Poll::Ready(Err(_)) = r {
+            self.mark_gone();
+        }
+        r
+    }
+    fn mark_gone(&self) {
+        let _ =
+            self.first_gone.compare_exchange(0, self.side, Ordering::Relaxed, Ordering::Relaxed);
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Stamped<T> {
@@ -398,8 +528,19 @@ impl<T: AsyncRead + Unpin> AsyncRead for Stamped<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
+        let room = buf.remaining() > 0;
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        // Nothing read into room for it: the end of the stream.
+        if matches!(r, Poll::Ready(Ok(()))) && room && buf.filled().len() == before {
+            self.mark_gone();
+        }
+        let r = self.gone(r);
         if buf.filled().len() > before {
+            let this = &mut *self;
+            if this.frames.feed(&buf.filled()[before..]) {
+                let first = &this.first_close;
+                let _ = first.compare_exchange(0, this.side, Ordering::Relaxed, Ordering::Relaxed);
+            }
             self.bytes += (buf.filled().len() - before) as u64;
             let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
             self.last.store(ms, Ordering::Relaxed);
@@ -414,13 +555,16 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Stamped<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.gone(r)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.gone(r)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.gone(r)
     }
 }
 
@@ -468,6 +612,73 @@ mod tests {
         assert_eq!(relayed.end, End::Idle);
         // What the end event reports: six pings from the client, nothing back.
         assert_eq!((relayed.bytes_in, relayed.bytes_out), (24, 0));
+    }
+
+    /// The `close` event says which end closed the tunnel: the first whose side ended
+    /// (the other then closes in turn, as a WebSocket close handshake goes), or the
+    /// proxy when it ended it.
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_says_which_end_closed_it() {
+        for first in ["client", "upstream"] {
+            let (relay, mut client_peer, mut upstream_peer) = relay_for(3600);
+            // A masked binary frame "hi".
+            let hi = [0x82u8, 0x82, 0, 0, 0, 0, b'h', b'i'];
+            client_peer.write_all(&hi).await.unwrap_or_else(|e| panic!("{e}"));
+            let mut got = [0u8; 8];
+            upstream_peer.read_exact(&mut got).await.unwrap_or_else(|e| panic!("{e}"));
+            let (closer, other) = if first == "client" {
+                (client_peer, upstream_peer)
+            } else {
+                (upstream_peer, client_peer)
+            };
+            drop(closer);
+            // The other end reads the end of the stream, then closes too.
+            let mut other = other;
+            let mut rest = Vec::new();
+            other.read_to_end(&mut rest).await.unwrap_or_else(|e| panic!("{e}"));
+            drop(other);
+            let relayed = relay.await.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(relayed.end, End::Closed, "{first}");
+            assert_eq!(relayed.ended_by(), Some(first));
+        }
+        // A close handshake: whoever sends the first close frame closed the tunnel, even
+        // though the server closes its connection first (RFC 6455 §7.1.1). The client's
+        // frames are masked, its close frame split across writes after a 300-byte one.
+        for (first, client_first) in [("client", true), ("upstream", false)] {
+            let (relay, mut client_peer, mut upstream_peer) = relay_for(3600);
+            let mut big = vec![0x82, 0x80 | 126, 0x01, 0x2c, 1, 2, 3, 4];
+            big.extend([0u8; 300]);
+            let client_close = [0x88u8, 0x82, 9, 9, 9, 9, 0x0b, 0xe1];
+            let upstream_close = [0x88u8, 0x02, 0x03, 0xe8];
+            client_peer.write_all(&big).await.unwrap_or_else(|e| panic!("{e}"));
+            let mut got = vec![0u8; big.len()];
+            upstream_peer.read_exact(&mut got).await.unwrap_or_else(|e| panic!("{e}"));
+            if client_first {
+                client_peer.write_all(&client_close[..3]).await.unwrap_or_else(|e| panic!("{e}"));
+                tokio::task::yield_now().await;
+                client_peer.write_all(&client_close[3..]).await.unwrap_or_else(|e| panic!("{e}"));
+                let mut c = [0u8; 8];
+                upstream_peer.read_exact(&mut c).await.unwrap_or_else(|e| panic!("{e}"));
+                upstream_peer.write_all(&upstream_close).await.unwrap_or_else(|e| panic!("{e}"));
+            } else {
+                upstream_peer.write_all(&upstream_close).await.unwrap_or_else(|e| panic!("{e}"));
+                let mut c = [0u8; 4];
+                client_peer.read_exact(&mut c).await.unwrap_or_else(|e| panic!("{e}"));
+                client_peer.write_all(&client_close).await.unwrap_or_else(|e| panic!("{e}"));
+                let mut c = [0u8; 8];
+                upstream_peer.read_exact(&mut c).await.unwrap_or_else(|e| panic!("{e}"));
+            }
+            // The server closes its connection first, then the client.
+            drop(upstream_peer);
+            let mut rest = Vec::new();
+            client_peer.read_to_end(&mut rest).await.unwrap_or_else(|e| panic!("{e}"));
+            drop(client_peer);
+            let relayed = relay.await.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!((relayed.end, relayed.ended_by()), (End::Closed, Some(first)));
+        }
+        let (relay, _client_peer, _upstream_peer) = relay_for(3600);
+        let relayed = relay.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((relayed.end, relayed.ended_by()), (End::Idle, Some("portcullis")));
     }
 
     #[tokio::test(start_paused = true)]

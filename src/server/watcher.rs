@@ -51,7 +51,9 @@ const SETTLE_POLL: Duration = Duration::from_millis(250);
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Seen {
     Content([u8; 32]),
-    /// It could not be read (missing, not a regular file, too large): the kind of error.
+    /// It could not be read (missing, not readable, not a regular file, too large): the
+    /// kind of error. Errors that are not the file's (out of descriptors) are not a
+    /// state: see [`about_the_file`].
     Unreadable(std::io::ErrorKind),
     /// Not known from before a reload: differs from whatever is on disk, so the next
     /// poll reloads once more (a file a reload named for the first time).
@@ -64,19 +66,64 @@ type Snapshot = BTreeMap<PathBuf, Seen>;
 /// that is known (the configuration file and the policies).
 pub(crate) type Watched = Vec<(PathBuf, Option<[u8; 32]>)>;
 
-fn read(path: &std::path::Path) -> Seen {
-    // A file that is not a regular one (a FIFO, a device) is never opened: the load
-    // refuses it anyway.
-    match crate::util::read_bounded(path, crate::util::MAX_CONFIG_FILE, true) {
-        Ok(b) => Seen::Content(crate::util::sha256(&b)),
-        Err(e) => Seen::Unreadable(e.kind()),
+/// How the watcher reads a file: the server's is [`read_file`]; tests give their own to
+/// inject errors.
+pub(crate) type Reader = fn(&std::path::Path) -> std::io::Result<Vec<u8>>;
+
+/// The server's [`Reader`]. A file that is not a regular one (a FIFO, a device) is never
+/// opened: the load refuses it anyway.
+fn read_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    crate::util::read_bounded(path, crate::util::MAX_CONFIG_FILE, true)
+}
+
+/// Whether a read error says something about the file (it is not there, not readable by
+/// us, not a regular file, too large: a state to compare), rather than about the
+/// process or the machine at this moment (out of descriptors or memory, interrupted,
+/// an I/O error): those say nothing of the file and are not taken for a change.
+fn about_the_file(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    // ELOOP (a symlink loop) and ENAMETOOLONG have no stable kind to match.
+    const ELOOP: i32 = 40;
+    const ENAMETOOLONG: i32 = 36;
+    matches!(
+        e.kind(),
+        NotFound | PermissionDenied | InvalidInput | InvalidData | NotADirectory | IsADirectory
+    ) || (cfg!(target_os = "linux") && matches!(e.raw_os_error(), Some(ELOOP | ENAMETOOLONG)))
+}
+
+/// A file's state, or `None` when the read failed for a reason that is not the file's
+/// ([`about_the_file`]).
+fn read(reader: Reader, path: &std::path::Path) -> Option<Seen> {
+    match reader(path) {
+        Ok(b) => Some(Seen::Content(crate::util::sha256(&b))),
+        Err(e) if about_the_file(&e) => Some(Seen::Unreadable(e.kind())),
+        Err(e) => {
+            tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "could not read a watched configuration file; not taken for a change"
+            );
+            None
+        }
     }
 }
 
-/// The files' states now. File reads block: they run off the runtime's threads.
-async fn snapshot(watched: &Watched) -> Snapshot {
+/// The files' states now. A file whose read failed for a reason that is not the file's
+/// keeps its state in `last` (no change seen in it this poll), or is [`Seen::Unknown`]
+/// when `last` has none. File reads block: they run off the runtime's threads.
+async fn snapshot(reader: Reader, watched: &Watched, last: &Snapshot) -> Snapshot {
     let paths: Vec<PathBuf> = watched.iter().map(|(p, _)| p.clone()).collect();
-    let read_all = move || paths.into_iter().map(|p| (p.clone(), read(&p))).collect();
+    let last = last.clone();
+    let read_all = move || {
+        paths
+            .into_iter()
+            .map(|p| {
+                let seen = read(reader, &p)
+                    .unwrap_or_else(|| last.get(&p).cloned().unwrap_or(Seen::Unknown));
+                (p, seen)
+            })
+            .collect()
+    };
     // A hashing task that panicked leaves an empty snapshot: it differs, so a reload
     // follows (never a change taken for no change).
     tokio::task::spawn_blocking(read_all).await.unwrap_or_default()
@@ -112,6 +159,21 @@ async fn pause(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
 pub(crate) async fn run<W, R, F>(
     timing: Timing,
     watched: W,
+    reload: R,
+    shutdown: watch::Receiver<bool>,
+) where
+    W: Fn() -> Watched,
+    R: FnMut() -> F,
+    F: Future<Output = bool>,
+{
+    run_with(read_file, timing, watched, reload, shutdown).await;
+}
+
+/// [`run`], reading the files with `reader`.
+async fn run_with<W, R, F>(
+    reader: Reader,
+    timing: Timing,
+    watched: W,
     mut reload: R,
     mut shutdown: watch::Receiver<bool>,
 ) where
@@ -120,7 +182,9 @@ pub(crate) async fn run<W, R, F>(
     F: Future<Output = bool>,
 {
     let files = watched();
-    let now = snapshot(&files).await;
+    // A file not read at start for a reason that is not its own is `Unknown`: one more
+    // reload once it reads, never a change missed.
+    let now = snapshot(reader, &files, &Snapshot::new()).await;
     // The generation in force at start was loaded before this snapshot: what it read of
     // the configuration and the policies is compared, not what is there now.
     let mut last = remembered(&files, &now, true);
@@ -129,7 +193,7 @@ pub(crate) async fn run<W, R, F>(
             return;
         }
         let files = watched();
-        let mut now = snapshot(&files).await;
+        let mut now = snapshot(reader, &files, &last).await;
         if now == last {
             continue;
         }
@@ -148,7 +212,7 @@ pub(crate) async fn run<W, R, F>(
             if !pause(SETTLE_POLL.min(timing.quiet), &mut shutdown).await {
                 return;
             }
-            let again = snapshot(&files).await;
+            let again = snapshot(reader, &files, &now).await;
             if again != now {
                 now = again;
                 quiet_since = Instant::now();
@@ -317,6 +381,64 @@ mod tests {
         std::fs::write(&file, "still broken").unwrap_or_else(|e| panic!("{e}"));
         tokio::time::sleep(Duration::from_millis(800)).await;
         assert_eq!(calls.lock().map(|n| *n).unwrap_or_default(), 2);
+        let _ = tx.send(true);
+        let _ = task.await;
+    }
+
+    /// While the process is out of descriptors (EMFILE) or memory (ENOMEM), a read fails
+    /// with an error that says nothing of the file: the poll sees no change in it, so no
+    /// reload starts then, nor another once reads work again. A file that goes missing
+    /// is still a change.
+    #[tokio::test(start_paused = true)]
+    async fn a_read_that_fails_for_want_of_descriptors_is_not_a_change() {
+        use std::sync::atomic::{AtomicI32, Ordering};
+        // The errno the reader fails with; 0: it reads.
+        static FAIL: AtomicI32 = AtomicI32::new(0);
+        fn reader(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+            match FAIL.load(Ordering::SeqCst) {
+                0 => read_file(path),
+                errno => Err(std::io::Error::from_raw_os_error(errno)),
+            }
+        }
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.path().join("portcullis.toml");
+        std::fs::write(&file, "good").unwrap_or_else(|e| panic!("{e}"));
+        let cert = dir.path().join("cert.pem");
+        std::fs::write(&cert, "cert").unwrap_or_else(|e| panic!("{e}"));
+        let digest = crate::util::sha256(b"good");
+        let calls = Arc::new(Mutex::new(0u32));
+        let count = || calls.lock().map(|n| *n).unwrap_or_default();
+        let (tx, rx) = watch::channel(false);
+        let (f, c, k) = (file.clone(), calls.clone(), cert.clone());
+        let task = tokio::spawn(run_with(
+            reader,
+            FAST,
+            move || vec![(f.clone(), Some(digest)), (k.clone(), None)],
+            move || {
+                let c = c.clone();
+                async move {
+                    if let Ok(mut n) = c.lock() {
+                        *n += 1;
+                    }
+                    true
+                }
+            },
+            rx,
+        ));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        for errno in
+            [24 /* EMFILE */, 12 /* ENOMEM */, 23 /* ENFILE */, 5 /* EIO */]
+        {
+            FAIL.store(errno, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            assert_eq!(count(), 0, "errno {errno}: a failed read was taken for a change");
+            FAIL.store(0, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            assert_eq!(count(), 0, "errno {errno}: reads working again were a change");
+        }
+        std::fs::remove_file(&cert).unwrap_or_else(|e| panic!("{e}"));
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(count(), 1, "a file gone missing is a change");
         let _ = tx.send(true);
         let _ = task.await;
     }

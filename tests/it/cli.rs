@@ -2012,3 +2012,80 @@ fn dev_token_refuses_a_nonsense_ttl_saying_why() {
         assert!(err.contains("--ttl") && err.contains(why), "{ttl}: {err}");
     }
 }
+
+/// A pipe whose reader is gone before the process starts: every write fails with EPIPE.
+fn readerless_pipe() -> Stdio {
+    let (tx, rx) = tokio::net::unix::pipe::pipe().unwrap_or_else(|e| panic!("pipe: {e}"));
+    drop(rx);
+    Stdio::from(tx.into_blocking_fd().unwrap_or_else(|e| panic!("pipe: {e}")))
+}
+
+/// `check`, `policy …` and `dev …` wrote with `println!`/`eprintln!`, which panic on a
+/// pipe whose reader is gone (a CI step piped into a `head` that has exited): they exited
+/// 101 instead of their documented codes. Now a line that cannot go to stderr is lost and
+/// the code is the command's own; output that cannot go to stdout (the report, the
+/// token) makes a success exit 1.
+#[tokio::test]
+async fn cli_commands_keep_their_exit_codes_when_the_reader_of_their_output_is_gone() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ok = root.join("examples/quickstart/portcullis.toml").to_string_lossy().to_string();
+    let bad = dir.path().join("bad.toml");
+    write(&bad, "[listen]\nhttps = 42\n");
+    let bad = bad.to_string_lossy().to_string();
+    // A demo's state without the demo: `dev token` only signs.
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap_or_else(|e| panic!("{e}"));
+    let signer =
+        portcullis::dev::signer::DevSigner::generate_rs256("k1").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(state.join("key.der"), signer.pkcs8_der()).unwrap_or_else(|e| panic!("{e}"));
+    let issuers: BTreeMap<&str, &str> =
+        [("bitbucket-pipelines", "https://localhost:1/bb")].into_iter().collect();
+    let demo = serde_json::json!({"issuers": issuers, "audience": "portcullis-demo",
+        "kid": "k1", "key_file": "key.der", "proxy_url": "https://localhost:1",
+        "ca_file": state.join("ca.pem")});
+    write(&state.join("demo.json"), &demo.to_string());
+    let state = state.to_string_lossy().to_string();
+    let empty = dir.path().to_string_lossy().to_string();
+    let certs = dir.path().join("certs").to_string_lossy().to_string();
+    let (code, out, err) = run(&["dev", "token", "--state-dir", &state]);
+    assert_eq!((code, out.split('.').count()), (0, 3), "the state works: {out}{err}");
+    let cases: &[(&[&str], &str, i32)] = &[
+        (&["check", "-c", &ok], "stdout", 1),
+        (&["check", "-c", &ok, "--format", "json"], "stdout", 1),
+        (&["check", "-c", &bad], "stderr", 2),
+        (&["check", "-c", &bad, "--format", "json"], "stdout", 2),
+        (&["policy", "test", "-c", &ok], "stdout", 1),
+        (&["policy", "test", "-c", &bad], "stderr", 2),
+        (&["policy", "explain", "-c", &ok, "--request", "GET /"], "stderr", 2),
+        (&["dev", "token", "--state-dir", &state], "stdout", 1),
+        (&["dev", "token", "--state-dir", &empty], "stderr", 2),
+        (&["dev", "certs", "--out", &certs], "stdout", 1),
+        // Its ready line goes unread: it says so and exits rather than serve.
+        (
+            &["dev", "floor", "--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:9"],
+            "stdout",
+            1,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (args, stream, expected) in cases {
+        let mut cmd = Command::new(BIN);
+        cmd.args(*args).stdin(Stdio::null());
+        if *stream == "stdout" {
+            cmd.stdout(readerless_pipe()).stderr(Stdio::piped());
+        } else {
+            cmd.stdout(Stdio::piped()).stderr(readerless_pipe());
+        }
+        let done = cmd.output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        let said = [done.stdout, done.stderr].concat();
+        if done.status.code() != Some(*expected) {
+            wrong.push(format!(
+                "{args:?} with its {stream} unread: exit {:?}, not {expected}: {}",
+                done.status.code(),
+                String::from_utf8_lossy(&said).lines().next().unwrap_or_default()
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}

@@ -706,6 +706,8 @@ async fn a_tunnels_end_is_audited_with_its_bytes_duration_and_reason() {
     assert_eq!(e["host"], upgrade["host"], "{upgrade}");
     assert_eq!(e["reason"], "closed");
     assert_eq!(e["decision"], "closed");
+    // The client sent the close frame; the echo server closed its connection first.
+    assert_eq!(e["ended_by"], "client", "{e}");
     assert_eq!(e["identity"]["issuer"], "bb");
     assert_eq!(e["ci"]["branch"], "main");
     assert_eq!(e["upstream"].as_str(), Some(format!("http://{}", w.echo.addr()).as_str()));
