@@ -284,10 +284,7 @@ fn out(text: &dyn std::fmt::Display) -> bool {
 }
 
 /// Writes `text` to stderr, ignoring a failure: the line is lost, nothing else.
-fn err(text: &dyn std::fmt::Display) {
-    use std::io::Write as _;
-    let _ = write!(std::io::stderr().lock(), "{text}");
-}
+use portcullis::util::stderr_text as err;
 
 /// `code`, or 1 when it is a success but the output could not be written.
 fn unless_unwritten(code: u8, written: bool) -> ExitCode {

@@ -26,8 +26,13 @@ pub fn stderr_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr
 /// shipper that went away: EPIPE) costs the line, never the process, where `eprintln!`
 /// panics.
 pub fn stderr_line(line: &dyn std::fmt::Display) {
+    stderr_text(&format_args!("{line}\n"));
+}
+
+/// [`stderr_line`] without the line end: `text` as it is (several lines, or none).
+pub fn stderr_text(text: &dyn std::fmt::Display) {
     use std::io::Write as _;
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
+    let _ = write!(std::io::stderr().lock(), "{text}");
 }
 
 /// Reads a file the operator named (configuration, policy, secret), refusing what would
